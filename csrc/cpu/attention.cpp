@@ -1,0 +1,131 @@
+// CPU reference: causal attention with GQA over the paged KV cache.
+//
+// Prefill (ragged batch): sequence b owns query rows cu_seqlens_q[b] .. cu_seqlens_q[b+1]; they are
+// the LAST q_len tokens of a context of seq_lens[b] tokens already written to the cache, so query
+// j sits at position seq_lens[b] - q_len + j and sees keys 0 .. that position. Chunked prefill and
+// prefix-cache hits are the case q_len < seq_len. Decode is q_len = 1 for every sequence.
+// Query head h reads KV head h / (num_heads / num_kv_heads).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/ops.h"
+
+namespace fastinfer::cpu {
+
+namespace {
+
+struct PagedKV {
+  const void* cache;
+  int64_t block_size, num_kv_heads, head_dim, num_blocks;
+};
+
+// One query row attends to keys [0, num_keys) of one sequence: softmax(q.k * scale) @ v in fp32.
+template <typename T>
+void attend_row(T* out, const T* q, const PagedKV& kv, const int32_t* block_table, int64_t kv_head,
+                int64_t num_keys, float scale, std::vector<float>& scores, std::vector<float>& acc) {
+  const int64_t D = kv.head_dim, row = kv.num_kv_heads * D;
+  const T* cache = static_cast<const T*>(kv.cache);
+  auto key_at = [&](int64_t pos) {
+    const int64_t block = block_table[pos / kv.block_size], offset = pos % kv.block_size;
+    return cache + (block * 2 * kv.block_size + offset) * row + kv_head * D;
+  };
+  scores.resize(num_keys);
+  float max_score = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < num_keys; ++j) {
+    const T* k = key_at(j);
+    float dot = 0.0f;
+    for (int64_t d = 0; d < D; ++d) dot += static_cast<float>(q[d]) * static_cast<float>(k[d]);
+    scores[j] = dot * scale;
+    max_score = std::max(max_score, scores[j]);
+  }
+  acc.assign(D, 0.0f);
+  float denom = 0.0f;
+  for (int64_t j = 0; j < num_keys; ++j) {
+    const float p = std::exp(scores[j] - max_score);
+    denom += p;
+    const T* v = key_at(j) + kv.block_size * row;
+    for (int64_t d = 0; d < D; ++d) acc[d] += p * static_cast<float>(v[d]);
+  }
+  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(acc[d] / denom);
+}
+
+PagedKV paged_kv(const at::Tensor& kv_cache) {
+  return {kv_cache.data_ptr(), kv_cache.size(2), kv_cache.size(3), kv_cache.size(4), kv_cache.size(0)};
+}
+
+// Every block a sequence of num_keys tokens uses must exist; checked before any row is read.
+void check_block_table(const int32_t* block_table, int64_t num_keys, const PagedKV& kv, int64_t seq) {
+  const int64_t used = (num_keys + kv.block_size - 1) / kv.block_size;
+  for (int64_t i = 0; i < used; ++i) {
+    TORCH_CHECK(block_table[i] >= 0 && block_table[i] < kv.num_blocks, "attention: block_tables[", seq,
+                ", ", i, "] = ", block_table[i], " outside the cache's ", kv.num_blocks, " blocks");
+  }
+}
+
+}  // namespace
+
+void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
+                             const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
+                             const at::Tensor& block_tables, double scale) {
+  const PagedKV kv = paged_kv(kv_cache);
+  const int64_t batch = seq_lens.size(0), heads = query.size(1), group = heads / kv.num_kv_heads;
+  const int32_t* cu = cu_seqlens_q.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int64_t table_stride = block_tables.stride(0);
+  std::vector<int64_t> seq_of_row(query.size(0));
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t q_len = cu[b + 1] - cu[b];
+    TORCH_CHECK(q_len >= 0 && q_len <= lens[b], "paged_prefill_attention: sequence ", b, " has ", q_len,
+                " query tokens but a context of ", lens[b]);
+    TORCH_CHECK(lens[b] <= block_tables.size(1) * kv.block_size, "paged_prefill_attention: seq_lens[", b,
+                "] = ", lens[b], " exceeds its block table");
+    check_block_table(tables + b * table_stride, lens[b], kv, b);
+    for (int64_t r = cu[b]; r < cu[b + 1]; ++r) seq_of_row[r] = b;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "paged_prefill_attention", [&] {
+    at::parallel_for(0, query.size(0) * heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores, acc;
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t r = i / heads, h = i % heads, b = seq_of_row[r];
+        const int64_t position = lens[b] - (cu[b + 1] - cu[b]) + (r - cu[b]);
+        attend_row(out.data_ptr<scalar_t>() + r * out.stride(0) + h * out.stride(1),
+                   query.data_ptr<scalar_t>() + r * query.stride(0) + h * query.stride(1), kv,
+                   tables + b * table_stride, h / group, position + 1, static_cast<float>(scale), scores, acc);
+      }
+    });
+  });
+}
+
+void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
+                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+  const PagedKV kv = paged_kv(kv_cache);
+  const int64_t batch = query.size(0), heads = query.size(1), group = heads / kv.num_kv_heads;
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int64_t table_stride = block_tables.stride(0);
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(lens[b] >= 1 && lens[b] <= block_tables.size(1) * kv.block_size,
+                "paged_decode_attention: seq_lens[", b, "] = ", lens[b], " outside [1, block table capacity]");
+    check_block_table(tables + b * table_stride, lens[b], kv, b);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "paged_decode_attention", [&] {
+    at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores, acc;
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / heads, h = i % heads;
+        attend_row(out.data_ptr<scalar_t>() + b * out.stride(0) + h * out.stride(1),
+                   query.data_ptr<scalar_t>() + b * query.stride(0) + h * query.stride(1), kv,
+                   tables + b * table_stride, h / group, lens[b], static_cast<float>(scale), scores, acc);
+      }
+    });
+  });
+}
+
+}  // namespace fastinfer::cpu

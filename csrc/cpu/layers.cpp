@@ -1,0 +1,118 @@
+// CPU reference: RMSNorm (+ fused residual add), NeoX rotary embedding, SiLU-and-mul.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include <cmath>
+
+#include "cpu/ops.h"
+
+namespace fastinfer::cpu {
+
+namespace {
+
+constexpr int64_t kRowsPerTask = 16;
+
+template <typename T>
+void rms_norm_row(T* out, const T* in, T* residual, const T* weight, int64_t hidden, float eps) {
+  float sum_sq = 0.0f;
+  for (int64_t i = 0; i < hidden; ++i) {
+    float x = static_cast<float>(in[i]);
+    if (residual != nullptr) {
+      const T r = static_cast<T>(x + static_cast<float>(residual[i]));  // stored rounded, as unfused
+      residual[i] = r;
+      x = static_cast<float>(r);
+    }
+    sum_sq += x * x;
+  }
+  const float inv_rms = 1.0f / std::sqrt(sum_sq / static_cast<float>(hidden) + eps);
+  const T* src = residual != nullptr ? residual : in;
+  for (int64_t i = 0; i < hidden; ++i) {
+    out[i] = static_cast<T>(static_cast<float>(src[i]) * inv_rms * static_cast<float>(weight[i]));
+  }
+}
+
+template <typename T>
+void rms_norm_rows(T* out, int64_t out_stride, const T* in, int64_t in_stride, T* residual,
+                   int64_t res_stride, const T* weight, int64_t rows, int64_t hidden, float eps) {
+  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      rms_norm_row(out + r * out_stride, in + r * in_stride,
+                   residual ? residual + r * res_stride : nullptr, weight, hidden, eps);
+    }
+  });
+}
+
+}  // namespace
+
+void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double eps) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "rms_norm", [&] {
+    rms_norm_rows<scalar_t>(out.data_ptr<scalar_t>(), out.stride(0), input.data_ptr<scalar_t>(),
+                            input.stride(0), nullptr, 0, weight.data_ptr<scalar_t>(), input.size(0),
+                            input.size(1), static_cast<float>(eps));
+  });
+}
+
+void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double eps) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_add_rms_norm", [&] {
+    scalar_t* in = input.data_ptr<scalar_t>();
+    rms_norm_rows<scalar_t>(in, input.stride(0), in, input.stride(0), residual.data_ptr<scalar_t>(),
+                            residual.stride(0), weight.data_ptr<scalar_t>(), input.size(0),
+                            input.size(1), static_cast<float>(eps));
+  });
+}
+
+void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
+                      const at::Tensor& cos_sin_cache) {
+  const int64_t num_tokens = query.size(0);
+  const int64_t rotary_dim = cos_sin_cache.size(1), half = rotary_dim / 2;
+  const int64_t max_position = cos_sin_cache.size(0);
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const float* cache = cos_sin_cache.data_ptr<float>();
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < max_position, "rotary_embedding: positions[", t, "] = ", pos[t],
+                " outside the cos_sin_cache of ", max_position, " positions");
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "rotary_embedding", [&] {
+    auto rotate_heads = [&](at::Tensor& x) {
+      scalar_t* base = x.data_ptr<scalar_t>();
+      const int64_t heads = x.size(1), ts = x.stride(0), hs = x.stride(1);
+      at::parallel_for(0, num_tokens, kRowsPerTask, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const float* cos = cache + pos[t] * rotary_dim;
+          const float* sin = cos + half;
+          for (int64_t h = 0; h < heads; ++h) {
+            scalar_t* v = base + t * ts + h * hs;
+            for (int64_t i = 0; i < half; ++i) {
+              const float x1 = static_cast<float>(v[i]), x2 = static_cast<float>(v[i + half]);
+              v[i] = static_cast<scalar_t>(x1 * cos[i] - x2 * sin[i]);
+              v[i + half] = static_cast<scalar_t>(x2 * cos[i] + x1 * sin[i]);
+            }
+          }
+        }
+      });
+    };
+    rotate_heads(query);
+    rotate_heads(key);
+  });
+}
+
+void silu_and_mul(at::Tensor& out, const at::Tensor& input) {
+  const int64_t rows = input.size(0), d = out.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "silu_and_mul", [&] {
+    const scalar_t* in = input.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const int64_t is = input.stride(0), os = out.stride(0);
+    at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        for (int64_t i = 0; i < d; ++i) {
+          const float gate = static_cast<float>(in[r * is + i]);
+          const float up = static_cast<float>(in[r * is + d + i]);
+          o[r * os + i] = static_cast<scalar_t>(gate / (1.0f + std::exp(-gate)) * up);
+        }
+      }
+    });
+  });
+}
+
+}  // namespace fastinfer::cpu

@@ -1,0 +1,21 @@
+// CPU reference implementations of every fastinfer op. They are the executable spec of the CUDA
+// kernels: plain loops, fp32 arithmetic, one rounding to the storage dtype at the end.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+namespace fastinfer::cpu {
+
+void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double eps);
+void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double eps);
+void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
+                      const at::Tensor& cos_sin_cache);
+void silu_and_mul(at::Tensor& out, const at::Tensor& input);
+void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& kv_cache,
+                       const at::Tensor& slot_mapping);
+void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
+                             const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
+                             const at::Tensor& block_tables, double scale);
+void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
+                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale);
+
+}  // namespace fastinfer::cpu

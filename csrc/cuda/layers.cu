@@ -1,0 +1,12 @@
+// Instantiates the layer kernels for every dtype behind the non-template launchers of layers.h.
+#include "fastinfer/layers/rmsnorm.cuh"
+#include "fastinfer/layers/rope.cuh"
+#include "fastinfer/layers/silu_mul.cuh"
+
+namespace fastinfer {
+cudaError_t launch_rms_norm(const RMSNormParams& p, cudaStream_t s) { return launch_rms_norm_impl(p, s); }
+cudaError_t launch_rotary_embedding(const RotaryParams& p, cudaStream_t s) {
+  return launch_rotary_embedding_impl(p, s);
+}
+cudaError_t launch_silu_and_mul(const SiluMulParams& p, cudaStream_t s) { return launch_silu_and_mul_impl(p, s); }
+}  // namespace fastinfer

@@ -1,0 +1,26 @@
+// Params and launcher of the paged KV-cache write. Host-compiler safe.
+//
+// KV cache of one layer: [num_blocks, 2, block_size, num_kv_heads, head_dim] (K then V),
+// contiguous. Token t goes to slot slot_mapping[t] = block * block_size + offset; -1 is skipped.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "fastinfer/types.h"
+
+namespace fastinfer {
+
+struct ReshapeAndCacheParams {
+  const void* key;             // [num_tokens, num_kv_heads, head_dim]
+  const void* value;           // [num_tokens, num_kv_heads, head_dim]
+  void* kv_cache;              // [num_blocks, 2, block_size, num_kv_heads, head_dim]
+  const int64_t* slot_mapping; // [num_tokens]
+  int64_t num_tokens;
+  int num_kv_heads, head_dim, block_size;
+  int64_t key_token_stride, key_head_stride, value_token_stride, value_head_stride;
+  DType dtype;
+};
+cudaError_t launch_reshape_and_cache(const ReshapeAndCacheParams& p, cudaStream_t stream);
+
+}  // namespace fastinfer

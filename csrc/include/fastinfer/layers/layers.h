@@ -1,0 +1,53 @@
+// Params and launchers of the fused small layers (RMSNorm, rotary embedding, SiLU-and-mul).
+// Host-compiler safe: the bindings include this; the kernels live in the matching .cuh files.
+// Strides are in elements; the last dimension of every tensor is contiguous.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "fastinfer/types.h"
+
+namespace fastinfer {
+
+// out[t] = input[t] / rms(input[t]) * weight                         (residual == nullptr)
+// residual[t] += input[t]; input[t] = residual[t] / rms(residual[t]) * weight  (fused add)
+struct RMSNormParams {
+  void* out;             // [num_tokens, hidden]; equals input for the fused add
+  const void* input;     // [num_tokens, hidden]
+  void* residual;        // [num_tokens, hidden] or nullptr
+  const void* weight;    // [hidden]
+  int64_t num_tokens;
+  int hidden;
+  int64_t out_stride, input_stride, residual_stride;
+  float eps;
+  DType dtype;
+};
+cudaError_t launch_rms_norm(const RMSNormParams& p, cudaStream_t stream);
+
+// NeoX-style rotary embedding, in place, from a precomputed fp32 cache whose row p holds
+// cos(p * inv_freq) then sin(p * inv_freq) ([max_position, rotary_dim]).
+struct RotaryParams {
+  const int64_t* positions;  // [num_tokens]
+  void* query;               // [num_tokens, num_heads, head_dim]
+  void* key;                 // [num_tokens, num_kv_heads, head_dim]
+  const float* cos_sin_cache;
+  int64_t num_tokens;
+  int num_heads, num_kv_heads, head_dim, rotary_dim;
+  int64_t query_token_stride, query_head_stride, key_token_stride, key_head_stride;
+  DType dtype;
+};
+cudaError_t launch_rotary_embedding(const RotaryParams& p, cudaStream_t stream);
+
+// out[t, i] = silu(input[t, i]) * input[t, d + i]
+struct SiluMulParams {
+  void* out;          // [num_tokens, d]
+  const void* input;  // [num_tokens, 2 * d]
+  int64_t num_tokens;
+  int d;
+  int64_t out_stride, input_stride;
+  DType dtype;
+};
+cudaError_t launch_silu_and_mul(const SiluMulParams& p, cudaStream_t stream);
+
+}  // namespace fastinfer

@@ -1,0 +1,53 @@
+// NeoX-style rotary embedding applied in place to query and key.
+//
+//   for i < rotary_dim / 2:  (x[i], x[i + r/2]) <- (x[i] c - x[i + r/2] s, x[i + r/2] c + x[i] s)
+//   with c, s = cache[position][i], cache[position][r/2 + i] (fp32).
+// Llama-3 / linear / dynamic rope scaling only changes the cache, never this kernel.
+//
+// Parallelisation: one block per token; threads stride over (head, pair) for query heads, then
+// key heads. Pure bandwidth: each element is read and written once.
+#pragma once
+#include "fastinfer/common.cuh"
+#include "fastinfer/dispatch.cuh"
+#include "fastinfer/layers/layers.h"
+
+namespace fastinfer {
+namespace rope {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+__device__ __forceinline__ void rotate(T* x, const float* cos, const float* sin, int half, int i) {
+  const float x1 = to_float(x[i]);
+  const float x2 = to_float(x[i + half]);
+  x[i] = from_float<T>(x1 * cos[i] - x2 * sin[i]);
+  x[i + half] = from_float<T>(x2 * cos[i] + x1 * sin[i]);
+}
+
+template <typename T>
+__global__ void rotary_kernel(RotaryParams p) {
+  const int64_t t = blockIdx.x;
+  const int half = p.rotary_dim / 2;
+  const float* cos = p.cos_sin_cache + p.positions[t] * p.rotary_dim;
+  const float* sin = cos + half;
+  T* q = static_cast<T*>(p.query) + t * p.query_token_stride;
+  T* k = static_cast<T*>(p.key) + t * p.key_token_stride;
+  for (int idx = threadIdx.x; idx < p.num_heads * half; idx += blockDim.x) {
+    rotate(q + (idx / half) * p.query_head_stride, cos, sin, half, idx % half);
+  }
+  for (int idx = threadIdx.x; idx < p.num_kv_heads * half; idx += blockDim.x) {
+    rotate(k + (idx / half) * p.key_head_stride, cos, sin, half, idx % half);
+  }
+}
+
+}  // namespace rope
+
+inline cudaError_t launch_rotary_embedding_impl(const RotaryParams& p, cudaStream_t stream) {
+  if (p.num_tokens == 0) return cudaSuccess;
+  return FI_DISPATCH_DTYPE(p.dtype, T, [&] {
+    rope::rotary_kernel<T><<<p.num_tokens, rope::kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace fastinfer

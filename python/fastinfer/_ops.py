@@ -1,0 +1,241 @@
+"""Validating wrappers around ``torch.ops.fastinfer.*``.
+
+Every public op checks dtypes, devices, shapes, strides and index ranges here and raises a
+``ValueError`` naming the offending argument before any kernel runs, so a kernel never sees an
+input that can index out of bounds. Index checks (slots, block tables) read the index tensors on
+the host; the model runner validates its metadata once per step and passes ``check_indices=False``
+to skip the per-layer device sync.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (loads the extension: registers torch.ops.fastinfer.*)
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ops = torch.ops.fastinfer
+
+
+def _fail(op: str, msg: str) -> None:
+    raise ValueError(f"fastinfer.{op}: {msg}")
+
+
+def _check(op: str, name: str, t, *, ndim: int | None = None, dtype=None, device=None,
+           contiguous: bool = False) -> None:
+    if not isinstance(t, torch.Tensor):
+        _fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        _fail(op, f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtype is not None:
+        allowed = dtype if isinstance(dtype, tuple) else (dtype,)
+        if t.dtype not in allowed:
+            _fail(op, f"{name} must have dtype {' or '.join(map(str, allowed))}, got {t.dtype}")
+    if device is not None and t.device != device:
+        _fail(op, f"{name} must be on {device} (like the other inputs), got {t.device}")
+    if contiguous and not t.is_contiguous():
+        _fail(op, f"{name} must be contiguous")
+    if t.dim() > 0 and t.numel() > 0 and t.stride(-1) != 1:
+        _fail(op, f"{name} must have a contiguous last dimension, got strides {t.stride()}")
+
+
+def _check_shape(op: str, name: str, t: torch.Tensor, shape: tuple) -> None:
+    if tuple(t.shape) != tuple(shape):
+        _fail(op, f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _check_float(op: str, name: str, t, like: torch.Tensor | None = None, ndim: int | None = None) -> None:
+    _check(op, name, t, ndim=ndim, dtype=FLOAT_DTYPES if like is None else like.dtype,
+           device=None if like is None else like.device)
+
+
+def _check_kv_cache(op: str, kv_cache, like: torch.Tensor) -> None:
+    _check(op, "kv_cache", kv_cache, ndim=5, dtype=like.dtype, device=like.device, contiguous=True)
+    if kv_cache.shape[1] != 2:
+        _fail(op, f"kv_cache must be [num_blocks, 2, block_size, num_kv_heads, head_dim], got {tuple(kv_cache.shape)}")
+    bs = kv_cache.shape[2]
+    if bs <= 0 or bs & (bs - 1):
+        _fail(op, f"kv_cache block_size must be a power of two, got {bs}")
+
+
+# ---- layers ---------------------------------------------------------------------------------------
+
+def rms_norm(input: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out = input * rsqrt(mean(input^2) + eps) * weight, per row. input: [num_tokens, hidden]."""
+    op = "rms_norm"
+    _check_float(op, "input", input, ndim=2)
+    _check_float(op, "weight", weight, like=input, ndim=1)
+    _check_shape(op, "weight", weight, (input.shape[1],))
+    if out is None:
+        out = torch.empty_like(input, memory_format=torch.contiguous_format)
+    _check_float(op, "out", out, like=input, ndim=2)
+    _check_shape(op, "out", out, input.shape)
+    _ops.rms_norm(out, input, weight, float(eps))
+    return out
+
+
+def fused_add_rms_norm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    """In place: residual += input; input = rms_norm(residual) * weight. Both [num_tokens, hidden]."""
+    op = "fused_add_rms_norm"
+    _check_float(op, "input", input, ndim=2)
+    _check_float(op, "residual", residual, like=input, ndim=2)
+    _check_shape(op, "residual", residual, input.shape)
+    _check_float(op, "weight", weight, like=input, ndim=1)
+    _check_shape(op, "weight", weight, (input.shape[1],))
+    _ops.fused_add_rms_norm(input, residual, weight, float(eps))
+
+
+def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, check_indices: bool = True) -> None:
+    """NeoX-style rotary embedding in place on query [T, H, D] and key [T, Hkv, D].
+
+    cos_sin_cache: fp32 [max_position, rotary_dim], cos in the first half of a row, sin in the second.
+    """
+    op = "rotary_embedding"
+    _check_float(op, "query", query, ndim=3)
+    _check_float(op, "key", key, like=query, ndim=3)
+    _check(op, "positions", positions, ndim=1, dtype=torch.int64, device=query.device)
+    _check(op, "cos_sin_cache", cos_sin_cache, ndim=2, dtype=torch.float32, device=query.device, contiguous=True)
+    num_tokens, _, head_dim = query.shape
+    if key.shape[0] != num_tokens or key.shape[2] != head_dim:
+        _fail(op, f"key must be [{num_tokens}, num_kv_heads, {head_dim}], got {tuple(key.shape)}")
+    _check_shape(op, "positions", positions, (num_tokens,))
+    rotary_dim = cos_sin_cache.shape[1]
+    if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
+        _fail(op, f"cos_sin_cache rotary_dim must be even and in (0, head_dim={head_dim}], got {rotary_dim}")
+    if check_indices and num_tokens:
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= cos_sin_cache.shape[0]:
+            _fail(op, f"positions must lie in [0, {cos_sin_cache.shape[0]}) (the cos_sin_cache length), got [{lo}, {hi}]")
+    _ops.rotary_embedding(positions, query, key, cos_sin_cache)
+
+
+def silu_and_mul(input: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out = silu(input[:, :d]) * input[:, d:]. input: [num_tokens, 2 d]."""
+    op = "silu_and_mul"
+    _check_float(op, "input", input, ndim=2)
+    if input.shape[1] % 2:
+        _fail(op, f"input's last dimension must be even ([gate | up]), got {input.shape[1]}")
+    shape = (input.shape[0], input.shape[1] // 2)
+    if out is None:
+        out = torch.empty(shape, dtype=input.dtype, device=input.device)
+    _check_float(op, "out", out, like=input, ndim=2)
+    _check_shape(op, "out", out, shape)
+    _ops.silu_and_mul(out, input)
+    return out
+
+
+# ---- paged KV cache -------------------------------------------------------------------------------
+
+def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                      check_indices: bool = True) -> None:
+    """Write key/value [num_tokens, num_kv_heads, head_dim] into their slots; slot -1 is skipped."""
+    op = "reshape_and_cache"
+    _check_float(op, "key", key, ndim=3)
+    _check_float(op, "value", value, like=key, ndim=3)
+    _check_shape(op, "value", value, key.shape)
+    _check_kv_cache(op, kv_cache, key)
+    if tuple(kv_cache.shape[3:]) != tuple(key.shape[1:]):
+        _fail(op, f"kv_cache heads/head_dim {tuple(kv_cache.shape[3:])} do not match key's {tuple(key.shape[1:])}")
+    _check(op, "slot_mapping", slot_mapping, ndim=1, dtype=torch.int64, device=key.device)
+    _check_shape(op, "slot_mapping", slot_mapping, (key.shape[0],))
+    if check_indices and slot_mapping.numel():
+        num_slots = kv_cache.shape[0] * kv_cache.shape[2]
+        lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
+        if lo < -1 or hi >= num_slots:
+            _fail(op, f"slot_mapping values must be -1 or in [0, {num_slots}), got [{lo}, {hi}]")
+    _ops.reshape_and_cache(key, value, kv_cache, slot_mapping)
+
+
+# ---- attention ------------------------------------------------------------------------------------
+
+def _check_attention_common(op: str, query, kv_cache, block_tables, seq_lens, batch: int) -> None:
+    _check_kv_cache(op, kv_cache, query)
+    heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = kv_cache.shape[3]
+    if kv_cache.shape[4] != head_dim:
+        _fail(op, f"kv_cache head_dim {kv_cache.shape[4]} does not match query's {head_dim}")
+    if heads % num_kv_heads:
+        _fail(op, f"query heads ({heads}) must be a multiple of kv_cache's num_kv_heads ({num_kv_heads})")
+    _check(op, "block_tables", block_tables, ndim=2, dtype=torch.int32, device=query.device)
+    _check(op, "seq_lens", seq_lens, ndim=1, dtype=torch.int32, device=query.device)
+    _check_shape(op, "seq_lens", seq_lens, (batch,))
+    if block_tables.shape[0] != batch:
+        _fail(op, f"block_tables must have {batch} rows (one per sequence), got {block_tables.shape[0]}")
+
+
+def _check_attention_indices(op: str, kv_cache, block_tables, seq_lens, min_len: int) -> None:
+    """Host-side: each sequence's length fits its table, and every block it uses exists."""
+    lens = seq_lens.cpu()
+    block_size, num_blocks = kv_cache.shape[2], kv_cache.shape[0]
+    capacity = block_tables.shape[1] * block_size
+    if lens.numel() and (int(lens.min()) < min_len or int(lens.max()) > capacity):
+        _fail(op, f"seq_lens must lie in [{min_len}, {capacity}] (block table capacity), "
+                  f"got [{int(lens.min())}, {int(lens.max())}]")
+    used = (lens.to(torch.int64) + block_size - 1) // block_size
+    mask = torch.arange(block_tables.shape[1]) < used[:, None]
+    tables = block_tables.cpu()[mask]
+    if tables.numel() and (int(tables.min()) < 0 or int(tables.max()) >= num_blocks):
+        _fail(op, f"block_tables entries in use must lie in [0, {num_blocks}), got "
+                  f"[{int(tables.min())}, {int(tables.max())}]")
+
+
+def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                            seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                            out: torch.Tensor | None = None, check_indices: bool = True) -> torch.Tensor:
+    """Causal varlen attention over the paged cache (K/V already written for every position).
+
+    query: [num_tokens, num_heads, head_dim]; sequence b owns rows cu_seqlens_q[b]:cu_seqlens_q[b+1],
+    which are the last tokens of its seq_lens[b]-token context. Returns [num_tokens, num_heads, head_dim].
+    """
+    op = "paged_prefill_attention"
+    _check_float(op, "query", query, ndim=3)
+    _check(op, "cu_seqlens_q", cu_seqlens_q, ndim=1, dtype=torch.int32, device=query.device)
+    batch = cu_seqlens_q.shape[0] - 1
+    if batch < 0:
+        _fail(op, "cu_seqlens_q must have batch + 1 entries, got 0")
+    _check_attention_common(op, query, kv_cache, block_tables, seq_lens, batch)
+    if check_indices:
+        cu = cu_seqlens_q.cpu().to(torch.int64)
+        q_lens = cu[1:] - cu[:-1]
+        if int(cu[0]) != 0 or int(cu[-1]) != query.shape[0] or (q_lens < 0).any():
+            _fail(op, f"cu_seqlens_q must rise from 0 to num_tokens={query.shape[0]}, got {cu.tolist()[:8]}...")
+        if (q_lens > seq_lens.cpu().to(torch.int64)).any():
+            _fail(op, "seq_lens must be >= each sequence's query length (cu_seqlens_q differences)")
+        _check_attention_indices(op, kv_cache, block_tables, seq_lens, min_len=0)
+    if out is None:
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    _check_float(op, "out", out, like=query, ndim=3)
+    _check_shape(op, "out", out, query.shape)
+    _ops.paged_prefill_attention(out, query, kv_cache, cu_seqlens_q, seq_lens, block_tables, float(scale))
+    return out
+
+
+def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
+                           check_indices: bool = True) -> torch.Tensor:
+    """One query token per sequence over its seq_lens[b] cached tokens. query: [batch, num_heads, head_dim]."""
+    op = "paged_decode_attention"
+    _check_float(op, "query", query, ndim=3)
+    _check_attention_common(op, query, kv_cache, block_tables, seq_lens, query.shape[0])
+    if check_indices:
+        _check_attention_indices(op, kv_cache, block_tables, seq_lens, min_len=1)
+    if out is None:
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    _check_float(op, "out", out, like=query, ndim=3)
+    _check_shape(op, "out", out, query.shape)
+    _ops.paged_decode_attention(out, query, kv_cache, block_tables, seq_lens, float(scale))
+    return out
+
+
+# ---- fake (meta) implementations: every op writes its outputs in place and returns nothing --------
+
+OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "reshape_and_cache",
+            "paged_prefill_attention", "paged_decode_attention")
+
+
+def _register_fakes() -> None:
+    for name in OP_NAMES:
+        torch.library.register_fake(f"fastinfer::{name}")(lambda *args, **kwargs: None)
+
+
+_register_fakes()
