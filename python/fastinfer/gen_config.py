@@ -1,0 +1,114 @@
+"""HF-style generation arguments -> fastinfer settings, with HF's precedence and defaults.
+
+Precedence (as in transformers): explicit keyword > ``generation_config`` argument > the model's
+own generation config > transformers' global defaults. A keyword fastinfer does not implement is
+an error unless it holds the neutral (default) value: nothing is silently ignored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .sampling_params import SamplingParams
+
+# transformers' GenerationConfig._get_default_generation_params (5.x), for the keys that matter here.
+HF_DEFAULTS: dict[str, Any] = {
+    "max_length": 20, "max_new_tokens": None, "min_length": 0, "min_new_tokens": None, "do_sample": False,
+    "temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": None, "repetition_penalty": 1.0,
+    "num_return_sequences": 1, "eos_token_id": None, "pad_token_id": None,
+}
+# Unsupported features, allowed only at these neutral values.
+NEUTRAL: dict[str, Any] = {
+    "num_beams": 1, "num_beam_groups": 1, "early_stopping": False, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0, "length_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+    "encoder_repetition_penalty": 1.0, "bad_words_ids": None, "force_words_ids": None, "constraints": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "sequence_bias": None, "stop_strings": None, "diversity_penalty": 0.0,
+    "penalty_alpha": None, "guidance_scale": None, "output_scores": False, "output_logits": False,
+    "output_attentions": False, "output_hidden_states": False, "return_dict_in_generate": False,
+    "renormalize_logits": False, "remove_invalid_values": False, "exponential_decay_length_penalty": None,
+    "watermarking_config": None, "max_time": None, "prompt_lookup_num_tokens": None, "dola_layers": None,
+    "top_h": None, "token_healing": False, "low_memory": None, "use_mtp": None,
+}
+# Accepted and without effect here (caching and compilation are fastinfer's own business).
+IGNORED = {"use_cache", "cache_implementation", "cache_config", "max_cache_len", "bos_token_id",
+           "decoder_start_token_id", "transformers_version", "_from_model_config", "compile_config",
+           "disable_compile", "is_assistant", "num_assistant_tokens", "num_assistant_tokens_schedule",
+           "assistant_confidence_threshold", "assistant_lookbehind", "target_lookbehind", "assistant_early_exit",
+           "assistant_ensemble_weight", "speculation_type", "max_matching_ngram_size", "prefill_chunk_size",
+           "continuous_batching_config", "tokenizer", "_commit_hash", "trust_remote_code", "generation_kwargs"}
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int
+    min_new_tokens: int
+    sampling: SamplingParams      # per-row sampling; n handled by the caller (num_return_sequences)
+    eos_token_ids: list[int]
+    pad_token_id: int
+    num_return_sequences: int
+
+
+def _layer(source: dict | None, where: str, merged: dict) -> None:
+    for key, value in (source or {}).items():
+        if value is None or key in IGNORED:
+            continue
+        if key in NEUTRAL:
+            if value != NEUTRAL[key]:
+                raise ValueError(f"generate(): {key}={value!r} is not supported by fastinfer (from {where})")
+            continue
+        if key not in HF_DEFAULTS:
+            raise ValueError(f"generate(): unsupported argument {key!r} (from {where})")
+        merged[key] = value
+
+
+def resolve(model_defaults: dict | None, generation_config, kwargs: dict, prompt_width: int,
+            config_eos: list[int], config_pad: int | None) -> GenerationSettings:
+    merged = dict(HF_DEFAULTS)
+    _layer({k: v for k, v in (model_defaults or {}).items() if k in HF_DEFAULTS or k in NEUTRAL},
+           "the model's generation config", merged)
+    if generation_config is not None:
+        gc = generation_config if isinstance(generation_config, dict) else generation_config.to_dict()
+        _layer(gc, "generation_config", merged)
+    _layer(kwargs, "keyword arguments", merged)
+
+    if merged["max_new_tokens"] is not None:
+        max_new = merged["max_new_tokens"]
+    else:
+        max_new = merged["max_length"] - prompt_width
+    if not isinstance(max_new, int) or max_new < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new!r} "
+                         f"(max_length={merged['max_length']}, prompt width {prompt_width})")
+    min_new = merged["min_new_tokens"]
+    if min_new is None:
+        min_new = max(0, (merged["min_length"] or 0) - prompt_width)
+    if not isinstance(min_new, int) or min_new < 0:
+        raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new!r}")
+
+    eos = merged["eos_token_id"]
+    eos = config_eos if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    pad = merged["pad_token_id"]
+    if pad is None:
+        pad = config_pad if config_pad is not None else (eos[0] if eos else 0)
+    n = merged["num_return_sequences"]
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"num_return_sequences must be an integer >= 1, got {n!r}")
+
+    temperature, top_k = merged["temperature"], merged["top_k"]
+    if temperature is not None and temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if n > 1 and not merged["do_sample"]:  # as HF: n greedy copies would be identical
+        raise ValueError(f"num_return_sequences={n} needs do_sample=True (greedy rows would be identical)")
+    if merged["do_sample"] and temperature == 0:
+        raise ValueError("temperature must be > 0 when do_sample=True (use do_sample=False for greedy)")
+    if merged["do_sample"]:
+        sampling = SamplingParams(
+            temperature=float(temperature), top_k=int(top_k or 0), top_p=float(merged["top_p"]),
+            min_p=float(merged["min_p"] or 0.0), repetition_penalty=float(merged["repetition_penalty"]),
+            max_tokens=None)
+    else:  # greedy: HF ignores the sampling warpers, keeps the penalties
+        sampling = SamplingParams(temperature=0.0, repetition_penalty=float(merged["repetition_penalty"]),
+                                  top_p=float(merged["top_p"]), max_tokens=None)
+    return GenerationSettings(max_new, min_new, sampling, eos, pad, n)

@@ -1,0 +1,130 @@
+"""``fastinfer.generate``: a drop-in for HF ``model.generate`` on decoder-only models.
+
+Takes what HF takes (input_ids with left padding and attention_mask, generation_config, the usual
+keywords) and returns what it returns: a LongTensor [batch * num_return_sequences, width + new]
+holding the prompts as given, then the new tokens, finished rows padded with pad_token_id.
+"""
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+
+import torch
+
+from . import gen_config
+from .loader import LoadedModel, load_model
+from .metadata import SeqChunk
+from .runner import ModelRunner
+from .sampling import sample
+
+_hf_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_path_cache: dict[tuple, LoadedModel] = {}
+
+
+def _fingerprint(hf_model) -> tuple:
+    """Changes when any parameter is replaced or modified in place, so a cached copy is never stale."""
+    return tuple((p.data_ptr(), p._version) for p in hf_model.parameters())
+
+
+def get_loaded(model, dtype=None, device=None) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, (str, Path)):
+        key = (str(Path(model).resolve()), str(dtype), str(device))
+        if key not in _path_cache:
+            _path_cache.clear()  # keep one model resident
+            _path_cache[key] = load_model(model, dtype, device)
+        return _path_cache[key]
+    entry = _hf_cache.get(model)
+    fp = _fingerprint(model)
+    if entry is None or entry[0] != fp:
+        entry = (fp, load_model(model, dtype, device))
+        _hf_cache[model] = entry
+    return entry[1]
+
+
+def _prompts(input_ids, attention_mask, pad_token_id, eos_ids, vocab_size) -> list[list[int]]:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError("input_ids must be an integer torch.Tensor [batch, length]")
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be a non-empty [batch, length] tensor, got shape {tuple(input_ids.shape)}")
+    if attention_mask is None:  # HF: infer from the pad token when it is not also the EOS token
+        if pad_token_id is not None and (input_ids == pad_token_id).any() and pad_token_id not in eos_ids:
+            attention_mask = input_ids != pad_token_id
+        else:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
+    prompts = []
+    for row, (ids, mask) in enumerate(zip(input_ids.tolist(), attention_mask.bool().tolist())):
+        prompt = [t for t, m in zip(ids, mask) if m]
+        if not prompt:
+            raise ValueError(f"prompt {row} is empty (attention_mask has no ones)")
+        bad = [t for t in prompt if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {row} has token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+        prompts.append(prompt)
+    return prompts
+
+
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             generation_config=None, streamer=None, **kwargs) -> torch.LongTensor:
+    """Greedy or sampled generation with HF semantics; ``model`` is an HF model, a path or a LoadedModel."""
+    loaded = get_loaded(model, kwargs.pop("dtype", None), kwargs.pop("device", None))
+    cfg = loaded.model.config
+    input_ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+    settings = gen_config.resolve(loaded.generation_defaults, generation_config, kwargs, input_ids.shape[1],
+                                  cfg.eos_token_id, cfg.pad_token_id)
+    prompts = _prompts(input_ids, attention_mask, settings.pad_token_id, settings.eos_token_ids, cfg.vocab_size)
+    n = settings.num_return_sequences
+    rows = [p for p in prompts for _ in range(n)]
+    padded_rows = [r for r in input_ids.tolist() for _ in range(n)]
+    longest = max(map(len, rows)) + settings.max_new_tokens
+    if longest > cfg.max_model_len:
+        raise ValueError(f"prompt + max_new_tokens = {longest} tokens exceeds the model's maximum length {cfg.max_model_len}")
+    if streamer is not None:
+        if len(rows) != 1:
+            raise ValueError("streamer supports a single sequence (batch 1, num_return_sequences 1)")
+        streamer.put(input_ids.cpu())
+    new_tokens = _decode_loop(loaded, rows, padded_rows, settings, streamer)
+    if streamer is not None:
+        streamer.end()
+    width = max(map(len, new_tokens), default=0)
+    out = torch.full((len(rows), input_ids.shape[1] + width), settings.pad_token_id, dtype=torch.long)
+    out[:, :input_ids.shape[1]] = input_ids.cpu().repeat_interleave(n, dim=0)
+    for i, toks in enumerate(new_tokens):
+        out[i, input_ids.shape[1]:input_ids.shape[1] + len(toks)] = torch.tensor(toks, dtype=torch.long)
+    return out.to(input_ids.device)
+
+
+def _decode_loop(loaded: LoadedModel, rows: list[list[int]], padded_rows: list[list[int]],
+                 settings: gen_config.GenerationSettings, streamer) -> list[list[int]]:
+    """Prefill every row, then decode the unfinished ones a token per step. Returns the new tokens."""
+    block_size = 16
+    blocks_per_row = -(-(max(map(len, rows)) + settings.max_new_tokens) // block_size)
+    runner = ModelRunner(loaded.model, num_blocks=max(1, blocks_per_row * len(rows)), block_size=block_size)
+    tables = [list(range(i * blocks_per_row, (i + 1) * blocks_per_row)) for i in range(len(rows))]
+    outputs: list[list[int]] = [[] for _ in rows]
+    if settings.max_new_tokens == 0:
+        return outputs
+    eos = set(settings.eos_token_ids)
+    params = settings.sampling
+    active = list(range(len(rows)))
+    chunks = [SeqChunk(rows[i], 0, tables[i]) for i in active]
+    while active:
+        logits = runner.run(chunks)
+        suppress = [sorted(eos) if len(outputs[i]) < settings.min_new_tokens else [] for i in active]
+        tokens = sample(logits, [params] * len(active), [padded_rows[i] + outputs[i] for i in active],
+                        [outputs[i] for i in active], suppress).tolist()
+        if streamer is not None:
+            streamer.put(torch.tensor(tokens))
+        still = []
+        for i, tok in zip(active, tokens):
+            outputs[i].append(tok)
+            if tok not in eos and len(outputs[i]) < settings.max_new_tokens:
+                still.append(i)
+        active = still
+        chunks = [SeqChunk([outputs[i][-1]], len(rows[i]) + len(outputs[i]) - 1, tables[i]) for i in active]
+    return outputs

@@ -1,0 +1,46 @@
+"""Small random-initialised HF models for parity tests (no download)."""
+from __future__ import annotations
+
+import torch
+
+SMALL = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+VARIANTS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama-tied": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True}),
+    "llama3-rope": ("LlamaConfig", "LlamaForCausalLM", {"rope_scaling": LLAMA3_ROPE, "rope_theta": 500000.0}),
+    "llama-mha-hd32": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 2, "num_attention_heads": 2}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+}
+
+
+def make_hf_model(variant: str, seed: int = 0, **overrides):
+    import transformers
+    cfg_cls, model_cls, extra = VARIANTS[variant]
+    cfg = getattr(transformers, cfg_cls)(**{**SMALL, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(cfg).eval()
+    # Random init (std 0.02) gives near-uniform logits; larger weights make greedy choices decisive.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2 if p.shape[0] != cfg.vocab_size else 0.5)
+            elif "norm" not in str(p):
+                p.normal_(0, 0.1)
+    return model
+
+
+def left_padded_batch(lengths: list[int], vocab: int, pad: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, width - n:] = torch.randint(3, vocab, (n,), generator=g)
+        mask[i, width - n:] = 1
+    return ids, mask
