@@ -1,0 +1,223 @@
+"""fp32 sampler: logits processors (mirroring HF transformers) and token draws.
+
+Processor order, as in transformers' `GenerationMixin._get_logits_processor`:
+repetition penalty -> presence/frequency penalties -> suppression (min_tokens EOS)
+-> temperature -> top-k -> top-p -> min-p. Greedy rows get only the first three.
+Each processor works on the whole batch with per-row parameters; a row for which a
+processor is disabled gets a parameter value that makes it a no-op, so no row is
+ever selected with a host-side mask.
+"""
+from __future__ import annotations
+
+from itertools import chain
+
+import torch
+
+from .sampling_params import SamplingParams
+
+kNegInf = float("-inf")
+# exponential_ may return exactly 0; the clamp keeps masked tokens (prob 0) at score 0
+# instead of 0 / 0 = NaN, which argmax would pick.
+kMinExponential = 1e-10
+
+
+def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    """A torch.Generator on `device` seeded with `seed`, or None when seed is None."""
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def _row_values(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    """Per-row parameters as an fp32 column `[B, 1]` on the device of `like`."""
+    return torch.tensor(values, dtype=torch.float32, device=like.device).unsqueeze(1)
+
+
+def _scatter_index(id_lists: list[list[int]], vocab_size: int, device: torch.device):
+    """(rows, cols) LongTensors `[num_ids]` for indexing a `[B, V + 1]` tensor.
+
+    Ids outside [0, V) go to the extra column V, which callers drop, as HF does for
+    ids past the lm_head's vocabulary.
+    """
+    lengths = torch.tensor([len(ids) for ids in id_lists], dtype=torch.long)
+    rows = torch.repeat_interleave(torch.arange(len(id_lists)), lengths)
+    cols = torch.tensor(list(chain.from_iterable(id_lists)), dtype=torch.long)
+    cols = torch.where((cols < 0) | (cols >= vocab_size), vocab_size, cols)
+    return rows.to(device), cols.to(device)
+
+
+def id_mask(id_lists: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """BoolTensor `[B, V]`: True where the token id appears in that row's list."""
+    rows, cols = _scatter_index(id_lists, vocab_size, device)
+    mask = torch.zeros(len(id_lists), vocab_size + 1, dtype=torch.bool, device=device)
+    mask[rows, cols] = True
+    return mask[:, :vocab_size]
+
+
+def id_counts(id_lists: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """FloatTensor `[B, V]`: how often each token id appears in that row's list."""
+    rows, cols = _scatter_index(id_lists, vocab_size, device)
+    counts = torch.zeros(len(id_lists), vocab_size + 1, dtype=torch.float32, device=device)
+    counts.index_put_((rows, cols), torch.ones_like(cols, dtype=torch.float32), accumulate=True)
+    return counts[:, :vocab_size]
+
+
+def apply_repetition_penalty(logits, penalty, seen_mask):
+    """HF RepetitionPenaltyLogitsProcessor: seen tokens' logits shrink toward -inf.
+
+    logits `[B, V]`, penalty `[B, 1]`, seen_mask `[B, V]` bool.
+    """
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen_mask, penalized, logits)
+
+
+def apply_presence_frequency(logits, presence, frequency, output_counts):
+    """OpenAI/vLLM: logit -= frequency * count + presence * [count > 0].
+
+    logits `[B, V]`, presence and frequency `[B, 1]`, output_counts `[B, V]` fp32.
+    """
+    return logits - frequency * output_counts - presence * (output_counts > 0).float()
+
+
+def apply_top_k(logits, top_k, max_k: int):
+    """HF TopKLogitsWarper: keep logits >= the k-th largest (ties at the boundary all kept).
+
+    logits `[B, V]`, top_k LongTensor `[B]` in [1, V], or 0 for "disabled";
+    max_k = max(top_k), passed from the host to avoid a sync.
+    """
+    kth_index = (top_k - 1).clamp(min=0).unsqueeze(1)  # [B, 1]
+    kth_value = torch.topk(logits, max_k, dim=-1).values.gather(1, kth_index)
+    kth_value = torch.where(top_k.unsqueeze(1) > 0, kth_value, kNegInf)
+    return logits.masked_fill(logits < kth_value, kNegInf)
+
+
+def apply_top_p(logits, removal_threshold):
+    """HF TopPLogitsWarper: drop the low tail whose cumulative probability is <= 1 - top_p.
+
+    logits `[B, V]`, removal_threshold `[B, 1]` = 1 - top_p (computed in float64 as HF
+    does), or -1 for "disabled". The largest token is always kept (min_tokens_to_keep=1).
+    """
+    sorted_logits, sorted_indices = torch.sort(logits, descending=False)
+    cumulative_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    sorted_to_remove = cumulative_probs <= removal_threshold
+    sorted_to_remove[:, -1] = False
+    to_remove = sorted_to_remove.scatter(1, sorted_indices, sorted_to_remove)
+    return logits.masked_fill(to_remove, kNegInf)
+
+
+def apply_min_p(logits, min_p):
+    """HF MinPLogitsWarper: drop tokens with prob < min_p * max prob; keep the top one.
+
+    logits `[B, V]`, min_p `[B, 1]` (0 means disabled).
+    """
+    probs = torch.softmax(logits, dim=-1)
+    to_remove = probs < min_p * probs.amax(dim=-1, keepdim=True)
+    to_remove.scatter_(1, probs.argmax(dim=-1, keepdim=True), False)
+    return logits.masked_fill(to_remove, kNegInf)
+
+
+def _check_batch(logits, params, seen_ids, output_ids, suppress_ids, generators=None) -> None:
+    if logits.dim() != 2 or logits.dtype != torch.float32:
+        raise ValueError(
+            f"logits must be a 2-D float32 tensor [B, V], got {tuple(logits.shape)} {logits.dtype}")
+    batch_size = logits.shape[0]
+    for name, value in [("params", params), ("seen_ids", seen_ids), ("output_ids", output_ids),
+                        ("suppress_ids", suppress_ids), ("generators", generators)]:
+        if value is not None and len(value) != batch_size:
+            raise ValueError(f"{name} must have one entry per logits row ({batch_size}), "
+                             f"got {len(value)}")
+
+
+def _apply_penalties(logits, params, seen_ids, output_ids, suppress_ids):
+    """Repetition, presence/frequency penalties and suppression: every row, greedy or not."""
+    vocab_size, device = logits.shape[1], logits.device
+    if any(p.repetition_penalty != 1.0 for p in params):
+        penalty = _row_values([p.repetition_penalty for p in params], logits)
+        logits = apply_repetition_penalty(logits, penalty, id_mask(seen_ids, vocab_size, device))
+    if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params):
+        presence = _row_values([p.presence_penalty for p in params], logits)
+        frequency = _row_values([p.frequency_penalty for p in params], logits)
+        counts = id_counts(output_ids, vocab_size, device)
+        logits = apply_presence_frequency(logits, presence, frequency, counts)
+    if suppress_ids is not None and any(suppress_ids):
+        logits = logits.masked_fill(id_mask(suppress_ids, vocab_size, device), kNegInf)
+    return logits
+
+
+def _apply_warpers(logits, params):
+    """Temperature, top-k, top-p, min-p for sampling rows; no-op values for greedy rows."""
+    vocab_size = logits.shape[1]
+    sampling = [p for p in params if not p.greedy]
+    if any(p.temperature != 1.0 for p in sampling):
+        temperature = [1.0 if p.greedy else p.temperature for p in params]
+        logits = logits / _row_values(temperature, logits)
+    if any(p.top_k > 0 for p in sampling):
+        top_k = [0 if p.greedy else min(max(p.top_k, 0), vocab_size) for p in params]
+        top_k_rows = torch.tensor(top_k, dtype=torch.long, device=logits.device)
+        logits = apply_top_k(logits, top_k_rows, max(top_k))
+    if any(p.top_p < 1.0 for p in sampling):
+        threshold = [-1.0 if p.greedy or p.top_p >= 1.0 else 1.0 - p.top_p for p in params]
+        logits = apply_top_p(logits, _row_values(threshold, logits))
+    if any(p.min_p > 0.0 for p in sampling):
+        min_p = [0.0 if p.greedy else p.min_p for p in params]
+        logits = apply_min_p(logits, _row_values(min_p, logits))
+    return logits
+
+
+def process_logits(
+    logits: torch.Tensor,  # [B, V] float32
+    params: list[SamplingParams],
+    seen_ids: list[list[int]],  # prompt + output ids per row (repetition penalty)
+    output_ids: list[list[int]],  # output ids per row (presence / frequency)
+    suppress_ids: list[list[int]] | None = None,  # ids masked to -inf per row
+) -> torch.Tensor:
+    """Processed logits `[B, V]` (masked entries -inf); `logits` is not modified."""
+    _check_batch(logits, params, seen_ids, output_ids, suppress_ids)
+    logits = _apply_penalties(logits, params, seen_ids, output_ids, suppress_ids)
+    return _apply_warpers(logits, params)
+
+
+def _exponential_noise(probs, params, generators):
+    """Exp(1) noise `[B, V]`: seeded rows from their own generator, the rest in one call."""
+    noise = torch.ones_like(probs)
+    generators = generators or [None] * len(params)
+    default_rows = [i for i, (p, g) in enumerate(zip(params, generators))
+                    if g is None and not p.greedy]
+    if len(default_rows) == len(params):
+        noise.exponential_()
+    elif default_rows:
+        rows = torch.tensor(default_rows, device=probs.device)
+        noise[rows] = torch.empty(len(default_rows), probs.shape[1], device=probs.device).exponential_()
+    for row, (p, generator) in enumerate(zip(params, generators)):
+        if generator is not None and not p.greedy:
+            noise[row].exponential_(generator=generator)
+    return noise.clamp_min_(kMinExponential)
+
+
+def sample(
+    logits: torch.Tensor,  # [B, V] float32
+    params: list[SamplingParams],
+    seen_ids: list[list[int]],
+    output_ids: list[list[int]],
+    suppress_ids: list[list[int]] | None = None,
+    generators: list[torch.Generator | None] | None = None,
+) -> torch.Tensor:
+    """Next token per row, LongTensor `[B]`; see `process_logits` for the arguments.
+
+    Greedy rows take the first argmax. Sampling rows use the exponential race:
+    argmax(p / E) with E ~ Exp(1) i.i.d. picks token i with probability p_i, and
+    needs no host sync (unlike a cumulative-sum search with a CPU-side draw).
+    """
+    _check_batch(logits, params, seen_ids, output_ids, suppress_ids, generators)
+    processed = process_logits(logits, params, seen_ids, output_ids, suppress_ids)
+    is_greedy = [p.greedy for p in params]
+    if all(is_greedy):
+        return processed.argmax(dim=-1)
+    probs = torch.softmax(processed, dim=-1)
+    sampled = (probs / _exponential_noise(probs, params, generators)).argmax(dim=-1)
+    if not any(is_greedy):
+        return sampled
+    greedy_rows = torch.tensor(is_greedy, device=logits.device)
+    return torch.where(greedy_rows, processed.argmax(dim=-1), sampled)

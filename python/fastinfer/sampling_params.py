@@ -1,0 +1,105 @@
+"""Per-request sampling settings (vLLM-like), validated on construction."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+kMaxSeed = 2**64  # torch.Generator.manual_seed accepts seeds below this
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_optional_int(name: str, value, minimum: int) -> None:
+    if value is not None:
+        _check_int(name, value, minimum)
+
+
+def _check_number(name: str, value, low: float, high: float, rule: str) -> None:
+    # Written as `not (low <= value <= high)` so that NaN fails too.
+    if not _is_number(value) or not (low <= value <= high):
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    n: int = 1
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 or -1: disabled
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF semantics: every token in prompt + output
+    presence_penalty: float = 0.0  # OpenAI semantics: output tokens only
+    frequency_penalty: float = 0.0  # OpenAI semantics: output tokens only
+    seed: int | None = None
+    stop: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("n", self.n, 1)
+        _check_optional_int("max_tokens", self.max_tokens, 1)
+        _check_int("min_tokens", self.min_tokens, 0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
+        _check_number("temperature", self.temperature, 0.0, math.inf, ">= 0")
+        if self.temperature == math.inf:
+            raise ValueError(f"temperature must be finite, got {self.temperature!r}")
+        _check_int("top_k", self.top_k, -1)
+        if not _is_number(self.top_p) or not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        _check_number("min_p", self.min_p, 0.0, 1.0, "in [0, 1]")
+        if not _is_number(self.repetition_penalty) or not (0.0 < self.repetition_penalty < math.inf):
+            raise ValueError(
+                f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty!r}")
+        _check_number("presence_penalty", self.presence_penalty, -2.0, 2.0, "in [-2, 2]")
+        _check_number("frequency_penalty", self.frequency_penalty, -2.0, 2.0, "in [-2, 2]")
+        if self.seed is not None and (not _is_int(self.seed) or not (0 <= self.seed < kMaxSeed)):
+            raise ValueError(f"seed must be None or an int in [0, 2**64), got {self.seed!r}")
+        self.stop = self._validated_stop(self.stop)
+        self.stop_token_ids = self._validated_stop_token_ids(self.stop_token_ids)
+        _check_bool("ignore_eos", self.ignore_eos)
+        _check_optional_int("logprobs", self.logprobs, 0)
+        _check_bool("skip_special_tokens", self.skip_special_tokens)
+
+    @staticmethod
+    def _validated_stop(stop) -> list[str] | None:
+        if stop is None:
+            return None
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be None, a non-empty str or a list of them, got {stop!r}")
+        return list(stop)
+
+    @staticmethod
+    def _validated_stop_token_ids(ids) -> list[int] | None:
+        if ids is None:
+            return None
+        if not isinstance(ids, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in ids):
+            raise ValueError(f"stop_token_ids must be None or a list of ints >= 0, got {ids!r}")
+        return list(ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
