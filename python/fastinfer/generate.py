@@ -83,7 +83,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     padded_rows = [r for r in input_ids.tolist() for _ in range(n)]
     longest = max(map(len, rows)) + settings.max_new_tokens
     if longest > cfg.max_model_len:
-        raise ValueError(f"prompt + max_new_tokens = {longest} tokens exceeds the model's maximum length {cfg.max_model_len}")
+        why = (f" (its sliding_window: fastinfer runs full attention, so a sequence must fit the window)"
+               if cfg.sliding_window is not None and cfg.sliding_window < cfg.max_position_embeddings else "")
+        raise ValueError(f"prompt + max_new_tokens = {longest} tokens exceeds the model's maximum length "
+                         f"{cfg.max_model_len}{why}")
     if streamer is not None:
         if len(rows) != 1:
             raise ValueError("streamer supports a single sequence (batch 1, num_return_sequences 1)")
