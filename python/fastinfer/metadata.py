@@ -17,6 +17,7 @@ class SeqChunk:
     start: int                 # their first position == number of tokens already in the cache
     block_table: list[int]     # physical blocks holding positions 0 .. start + num_new - 1
     need_logits: bool = True   # False for a prefill chunk that does not reach the prompt's end
+    all_logits: bool = False   # logits for every token of the chunk (prompt logprobs, perplexity)
 
 
 @dataclass(slots=True)
@@ -56,7 +57,9 @@ class AttnMetadata:
             cu.append(cu[-1] + n)
             lens.append(end)
             tables[b, :len(c.block_table)] = torch.tensor(c.block_table, dtype=torch.int32)
-            if c.need_logits:
+            if c.all_logits:
+                logits_idx += range(cu[-2], cu[-1])
+            elif c.need_logits:
                 logits_idx.append(cu[-1] - 1)
         def to(x, dtype):
             return torch.tensor(x, dtype=dtype).to(device, non_blocking=True)
