@@ -43,7 +43,9 @@ def novel(name: str = "prideprejudice") -> str:
     with open(data / "Rdata.rdb", "rb") as f:
         f.seek(offset)
         blob = f.read(length)
-    lines = rdata.conversion.convert(rdata.parser.parse_data(zlib.decompress(blob[4:])))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lines = rdata.conversion.convert(rdata.parser.parse_data(zlib.decompress(blob[4:])))
     return "\n".join(str(line) for line in lines)
 
 
