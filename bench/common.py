@@ -1,0 +1,143 @@
+"""Shared helpers for the Python benchmarks (bench/bench_*.py).
+
+Contract with bench/gpu_check.sh and bench/report.py: every benchmark script
+  - accepts `--out PATH` (default: `$OUT/bench/<name>.json`, see `default_out`),
+  - exits with code 2 and one clear line on stderr when it cannot run (no GPU, no CUDA kernels),
+  - writes one JSON fragment (`write_fragment`) holding its own table spec, so report.py renders
+    any benchmark without knowing it.
+
+Timing (`time_cuda`): CUDA events around each call, warmup first, the L2 cache flushed before every
+timed call (a 256 MB write, larger than the 50 MB L2 of an H100/H200) so that every call reads its
+operands from HBM, as it does inside a model; the median of the calls is reported. The flush also
+keeps the GPU busy while the host queues the timed call, so a call's launch overhead on the host
+(Python validation, several torch launches) is not counted: the numbers are device time, which is
+what a CUDA-graph decode step pays.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+EXIT_CANNOT_RUN = 2
+L2_FLUSH_BYTES = 256 * 2**20
+COPY_BYTES = 1 * 2**30  # one direction; a copy moves twice this (read + write)
+
+
+# ---- can we run at all ----------------------------------------------------------------------------
+
+def cannot_run(message: str) -> None:
+    print(f"{Path(sys.argv[0]).name}: cannot run: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_CANNOT_RUN)
+
+
+def require_cuda_build():
+    """Import fastinfer and return it; exit with EXIT_CANNOT_RUN unless a GPU and the kernels are there."""
+    if not torch.cuda.is_available():
+        cannot_run(f"no CUDA GPU visible to torch {torch.__version__} "
+                   f"(CUDA build: {torch.version.cuda or 'no'}); run it on the GPU machine")
+    try:
+        import fastinfer
+    except Exception as exc:  # a broken or missing build: say so, do not print a traceback
+        cannot_run(f"import fastinfer failed: {type(exc).__name__}: {exc}")
+    if not fastinfer.ops._C.with_cuda:
+        cannot_run(f"fastinfer at {Path(fastinfer.__file__).parent} was built without CUDA kernels")
+    return fastinfer
+
+
+# ---- timing ---------------------------------------------------------------------------------------
+
+class L2Flusher:
+    """Writes a buffer larger than L2 so that the next kernel finds none of its operands there."""
+
+    def __init__(self, nbytes: int = L2_FLUSH_BYTES, device: str = "cuda"):
+        self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    def __call__(self) -> None:
+        self.buffer.fill_(0)
+
+
+def time_cuda(fn: Callable[[], object], *, warmup: int = 5, iters: int = 30,
+              flush: L2Flusher | None = None) -> dict:
+    """Median / min / max device time of `fn()` in microseconds over `iters` timed calls."""
+    for _ in range(warmup):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    torch.cuda.synchronize()
+    for start, end in zip(starts, ends):
+        if flush is not None:
+            flush()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    times_us = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
+    return {"us": statistics.median(times_us), "min_us": min(times_us), "max_us": max(times_us),
+            "iters": iters}
+
+
+def gbps(nbytes: int, us: float) -> float:
+    return nbytes / (us * 1e-6) / 1e9
+
+
+def copy_bandwidth_gbps(nbytes: int = COPY_BYTES, iters: int = 20, flush: L2Flusher | None = None) -> dict:
+    """Measured device-to-device copy bandwidth: dst.copy_(src), bytes = read nbytes + write nbytes."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").fill_(1)
+    dst = torch.empty_like(src)
+    t = time_cuda(lambda: dst.copy_(src), warmup=3, iters=iters, flush=flush)
+    return {"bytes": 2 * nbytes, "us": t["us"], "gbps": gbps(2 * nbytes, t["us"])}
+
+
+# ---- where results go -----------------------------------------------------------------------------
+
+def today() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+
+
+def default_out(name: str) -> Path:
+    """$OUT/bench/<name>.json, or bench/results/tmp-<date>/bench/<name>.json like gpu_check.sh."""
+    out = os.environ.get("OUT") or str(Path(__file__).resolve().parent / "results" / f"tmp-{today()}")
+    return Path(out) / "bench" / f"{name}.json"
+
+
+def device_info() -> dict:
+    props = torch.cuda.get_device_properties(0)
+    return {"name": props.name, "capability": f"sm_{props.major}{props.minor}",
+            "sms": props.multi_processor_count, "memory_gib": round(props.total_memory / 2**30, 1),
+            "torch": torch.__version__, "cuda": torch.version.cuda}
+
+
+def write_fragment(path: Path, *, name: str, title: str, columns: Sequence[tuple[str, str, str]],
+                   rows: list[dict], notes: Sequence[str] = (), extra: dict | None = None) -> None:
+    """One benchmark's results. columns: (row key, header, format spec such as '.2f' or '')."""
+    fragment = {"name": name, "title": title, "device": device_info(), "notes": list(notes),
+                "columns": [list(c) for c in columns], "rows": rows, **(extra or {})}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(fragment, indent=1) + "\n")
+
+
+# ---- tables ---------------------------------------------------------------------------------------
+
+def _cell(value, spec: str) -> str:
+    if value is None:
+        return "-"
+    if spec and isinstance(value, (int, float)):
+        return format(value, spec)
+    return str(value)
+
+
+def markdown_table(columns: Sequence[Sequence[str]], rows: list[dict]) -> str:
+    """A markdown table; numeric columns right-aligned. columns: (key, header, format spec)."""
+    head = "| " + " | ".join(c[1] for c in columns) + " |"
+    numeric = [any(isinstance(r.get(c[0]), (int, float)) for r in rows) for c in columns]
+    rule = "|" + "|".join("---:" if n else "---" for n in numeric) + "|"
+    body = ["| " + " | ".join(_cell(r.get(c[0]), c[2]) for c in columns) + " |" for r in rows]
+    return "\n".join([head, rule, *body])

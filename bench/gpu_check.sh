@@ -1,0 +1,198 @@
+#!/usr/bin/env bash
+# Everything a GPU visit is for, in one command that ends well inside 8 minutes:
+#   environment -> build + install (ptxas -v report) -> spill check -> `python -m fastinfer env`
+#   -> pytest -m cuda -> every bench/bench_*.py -> report.json + report.md (the table is printed last).
+#
+#   OUT=/some/dir COMMIT=<sha> bash bench/gpu_check.sh
+#
+# OUT     where results go (build.log, env.txt, pytest.xml, bench/*.json, report.{json,md}). Unset:
+#         bench/results/tmp-<date>, and the report is also copied to bench/results/<date>-<card>.{json,md}.
+# COMMIT  the commit this tree is, used when the tree is not a git checkout (a copied working tree).
+# GPU_CHECK_BUDGET_S  seconds all steps may take together (default 420); GPU_CHECK_CLEAN=1: fresh build dir.
+#
+# Exit status: nonzero when the build, the spill check, the env check (CUDA kernels built, a GPU
+# visible, the installed package imported) or the tests failed. Benchmarks are reported, not judged.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"  # the tree has no fastinfer/ at its root, so `import fastinfer` here finds the installed package
+DATE=$(date -u +%F)
+RESULTS_DIR=""
+if [[ -z "${OUT:-}" ]]; then
+  OUT="$REPO/bench/results/tmp-$DATE"
+  RESULTS_DIR="$REPO/bench/results"
+fi
+mkdir -p "$OUT/bench"
+OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-$(command -v python || command -v python3)}
+BUILD_DIR=build/gpu_check
+BUDGET=${GPU_CHECK_BUDGET_S:-420}
+START=$SECONDS
+: > "$OUT/steps.tsv"
+
+section() { printf '\n==== %s (%ds elapsed)\n' "$1" $((SECONDS - START)); }
+record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "${4:-}" >> "$OUT/steps.tsv"; }
+# A step's time limit: what it wants, cut to the budget left (keeping 20 s for the report), at least 10 s.
+limit() {
+  local left=$((BUDGET - (SECONDS - START) - 20))
+  if ((left > $1)); then left=$1; fi
+  if ((left < 10)); then left=10; fi
+  echo "$left"
+}
+
+commit_id() {  # git when this tree is a checkout of its own, else $COMMIT, else "unknown"
+  local top
+  if top=$(git -C "$REPO" rev-parse --show-toplevel 2>/dev/null) && [[ "$top" -ef "$REPO" ]]; then
+    local sha
+    sha=$(git -C "$REPO" rev-parse HEAD)
+    if [[ -n "$(git -C "$REPO" status --porcelain 2>/dev/null)" ]]; then sha="$sha-dirty"; fi
+    echo "$sha"
+  else
+    echo "${COMMIT:-unknown}"
+  fi
+}
+COMMIT_ID=$(commit_id)
+
+print_env() {
+  echo "date     $(date -u '+%F %T UTC')"
+  echo "host     $(hostname), $(nproc) CPUs"
+  echo "commit   $COMMIT_ID"
+  echo "repo     $REPO"
+  echo "out      $OUT"
+  if command -v nvidia-smi > /dev/null; then
+    nvidia-smi -L
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit --format=csv
+  else
+    echo "nvidia-smi: not found"
+  fi
+  "$PY" -c 'import sys, torch
+print("python  ", sys.version.split()[0], sys.executable)
+print("torch   ", torch.__version__, "CUDA", torch.version.cuda, "cuDNN", torch.backends.cudnn.version())
+print("gpu     ", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible to torch")'
+  local nvcc=${CUDACXX:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
+  echo "nvcc     $nvcc: $("$nvcc" --version 2>&1 | grep -i release || echo 'not found')"
+  echo "cmake    $(cmake --version 2>&1 | head -n 1)"
+  echo "ninja    $(ninja --version 2>&1)"
+}
+
+section environment
+print_env 2>&1 | tee "$OUT/env.txt" || true
+
+# ---- build and install ---------------------------------------------------------------------------
+section "build and install (log: $OUT/build.log)"
+CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
+export CMAKE_BUILD_PARALLEL_LEVEL
+if [[ "${GPU_CHECK_CLEAN:-0}" == 1 ]]; then rm -rf "$BUILD_DIR"; fi
+# ptxas reports only what it compiles: drop the CUDA objects of an earlier run (the build dir stays
+# on a warm machine) so that every kernel is compiled, and reported, again.
+if [[ -d "$BUILD_DIR" ]]; then find "$BUILD_DIR" -name '*.cu.o' -delete; fi
+pip_install() {
+  FASTINFER_CUDA=ON PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 timeout -k 10 "$(limit 300)" \
+    "$PY" -m pip install --no-build-isolation --no-deps -v . \
+    -Ccmake.define.FASTINFER_PTXAS_VERBOSE=ON -Cbuild-dir="$BUILD_DIR" "$@"
+}
+t0=$SECONDS
+build_rc=0
+pip_install > "$OUT/build.log" 2>&1 || build_rc=$?
+if ((build_rc != 0)) && grep -q externally-managed-environment "$OUT/build.log"; then
+  echo "pip refused to install into an externally managed Python; retrying with --break-system-packages"
+  build_rc=0
+  pip_install --break-system-packages >> "$OUT/build.log" 2>&1 || build_rc=$?
+fi
+record build "$build_rc" $((SECONDS - t0))
+if ((build_rc == 0)); then
+  grep -E "^ *\[[0-9]+/[0-9]+\]|Successfully installed" "$OUT/build.log" || true
+  grep -iE "ptxas (warning|error)|spill" "$OUT/build.log" | grep -v " 0 bytes spill stores, 0 bytes spill loads" || true
+else
+  echo "BUILD FAILED (exit $build_rc); end of the log:"
+  tail -n 60 "$OUT/build.log"
+fi
+
+# ---- env check: kernels built, GPU visible, installed package imported (not python/fastinfer) ---
+section "python -m fastinfer env"
+if ((build_rc == 0)); then
+  t0=$SECONDS
+  env_rc=0
+  "$PY" -m fastinfer env 2>&1 | tee "$OUT/fastinfer_env.txt" || env_rc=$?
+  "$PY" - "$REPO" "$OUT/fastinfer_env.json" <<'EOF' || env_rc=$?
+import json, os, sys
+
+repo, out = (os.path.realpath(p) for p in sys.argv[1:3])
+import fastinfer
+from fastinfer.env import env_info
+
+info = env_info()
+info["package_dir"] = os.path.dirname(os.path.realpath(fastinfer.__file__))
+info["extension"] = os.path.realpath(fastinfer.ops._C.__file__)
+with open(out, "w") as f:
+    json.dump(info, f, indent=1)
+print(f"imported fastinfer from {info['package_dir']}\n  extension {info['extension']}")
+problems = []
+for key, tree in (("package_dir", "python"), ("extension", "build")):
+    if (info[key] + os.sep).startswith(os.path.join(repo, tree) + os.sep):
+        problems.append(f"{key} {info[key]} lies in the source tree (an editable install or PYTHONPATH), "
+                        "not in the package just installed")
+if not info["cuda_kernels_built"]:
+    problems.append("the extension was built without CUDA kernels")
+if info["gpu"] is None:
+    problems.append("torch sees no GPU")
+for problem in problems:
+    print("ERROR:", problem)
+sys.exit(1 if problems else 0)
+EOF
+  record env "$env_rc" $((SECONDS - t0))
+else
+  record env skip 0 "build failed"
+fi
+
+# ---- tests ---------------------------------------------------------------------------------------
+section "pytest -m cuda"
+if ((build_rc == 0)); then
+  t0=$SECONDS
+  test_rc=0
+  # SIGINT on timeout: pytest stops like on Ctrl-C and still writes the junit xml of what ran.
+  timeout -s INT -k 20 "$(limit 200)" "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider \
+    --junitxml="$OUT/pytest.xml" tests 2>&1 | tee "$OUT/pytest.log" || test_rc=$?
+  record pytest "$test_rc" $((SECONDS - t0)) "$(tail -n 1 "$OUT/pytest.log" | tr -d '=\t' | sed 's/^ *//')"
+else
+  record pytest skip 0 "build failed"
+fi
+
+# ---- benchmarks ----------------------------------------------------------------------------------
+for script in bench/bench_*.py; do
+  [[ -e "$script" ]] || continue
+  name=$(basename "$script" .py)
+  name=${name#bench_}
+  section "benchmark $name"
+  if ((build_rc != 0)); then
+    record "bench:$name" skip 0 "build failed"
+    continue
+  fi
+  if ((BUDGET - (SECONDS - START) < 45)); then
+    echo "skipped: the time budget (${BUDGET}s) is spent"
+    record "bench:$name" skip 0 "no time left"
+    continue
+  fi
+  t0=$SECONDS
+  bench_rc=0
+  timeout -s INT -k 10 "$(limit 150)" "$PY" "$script" --out "$OUT/bench/$name.json" 2>&1 \
+    | tee "$OUT/bench/$name.log" || bench_rc=$?
+  record "bench:$name" "$bench_rc" $((SECONDS - t0))
+done
+
+# ---- report --------------------------------------------------------------------------------------
+section report
+report_rc=0
+"$PY" bench/report.py --out "$OUT" --commit "$COMMIT_ID" --date "$DATE" \
+  ${RESULTS_DIR:+--results-dir "$RESULTS_DIR"} || report_rc=$?
+# report.py judges the steps (and alone the spills); this is the fallback should it break.
+status=$report_rc
+if ((build_rc != 0)) || [[ "${env_rc:-0}" != 0 ]] || [[ ! "${test_rc:-0}" =~ ^(0|5)$ ]]; then status=1; fi
+if [[ ! -f "$OUT/report.md" ]]; then
+  echo "bench/report.py failed (exit $report_rc) before writing $OUT/report.md"
+  exit 1
+fi
+echo "gpu_check: $((SECONDS - START)) s, results in $OUT, exit status $status"
+echo
+cat "$OUT/report.md"
+exit "$status"
