@@ -1,0 +1,122 @@
+"""A `transformers.PreTrainedTokenizerFast` rebuilt from a GGUF file's tokenizer metadata.
+
+llama.cpp's converter stores the vocabulary (`tokenizer.ggml.tokens`, byte-level spelling), the
+merges, a type per token (3 = control, 4 = user defined), special token ids, add_bos/add_eos and the
+chat template; the pre-tokenizer is only a name (`tokenizer.ggml.pre`) that llama.cpp maps to split
+regexes in `llama-vocab.cpp`. We map that name to the same splits in `tokenizers`.
+
+Built directly with `tokenizers` rather than transformers' GGUF converter, whose module moved and
+changed signature between 4.x and 5.x, and which ignores the "smollm" pre-tokenizer (digits split
+one by one). Only byte-level BPE vocabularies (`tokenizer.ggml.model == "gpt2"`) are supported.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED = 3, 4
+# llama.cpp's regexes for the pre-tokenizer names it writes (llama-vocab.cpp); GPT-2's own regex is
+# what `ByteLevel(use_regex=True)` applies.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def _byte_level(split: str | None = None, digits: bool = False) -> pre_tokenizers.PreTokenizer:
+    steps = []
+    if digits:
+        steps.append(pre_tokenizers.Digits(individual_digits=True))
+    if split is not None:
+        steps.append(pre_tokenizers.Split(Regex(split), behavior="isolated"))
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None))
+    return pre_tokenizers.Sequence(steps) if len(steps) > 1 else steps[0]
+
+
+# name -> (pre-tokenizer, ignore_merges: a pre-token that is itself in the vocabulary stays whole,
+# as llama.cpp does for Llama 3)
+_PRE_TOKENIZERS = {
+    "default": (lambda: _byte_level(), False),
+    "gpt2": (lambda: _byte_level(), False),
+    "smollm": (lambda: _byte_level(digits=True), False),
+    "starcoder": (lambda: _byte_level(digits=True), False),
+    "llama-bpe": (lambda: _byte_level(_LLAMA3_SPLIT), True),
+    "llama3": (lambda: _byte_level(_LLAMA3_SPLIT), True),
+    "qwen2": (lambda: _byte_level(_QWEN2_SPLIT), False),
+}
+
+
+def build_tokenizer(metadata: dict[str, Any], path: Path):
+    """A PreTrainedTokenizerFast equivalent to the one the GGUF was converted from."""
+    from transformers import PreTrainedTokenizerFast
+
+    kind = metadata.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"{path}: tokenizer model {kind!r} is not supported; only byte-level BPE ('gpt2') is")
+    pre = metadata.get("tokenizer.ggml.pre", "default")
+    if pre not in _PRE_TOKENIZERS:
+        raise ValueError(f"{path}: pre-tokenizer {pre!r} is not supported; supported: {sorted(_PRE_TOKENIZERS)}")
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    merges = metadata.get("tokenizer.ggml.merges")
+    if not _is_str_list(tokens) or not _is_str_list(merges):
+        raise ValueError(f"{path}: tokenizer.ggml.tokens and tokenizer.ggml.merges must be lists of strings")
+    vocab = {token: index for index, token in enumerate(tokens)}
+    pairs = [tuple(merge.split(" ", 1)) for merge in merges]
+    bad = [m for m, pair in zip(merges, pairs) if len(pair) != 2 or not all(p in vocab for p in (*pair, "".join(pair)))]
+    if bad:  # `tokenizers` would panic (a BaseException) on these
+        raise ValueError(f"{path}: {len(bad)} merge(s) use tokens outside the vocabulary, e.g. {bad[:3]}")
+    make_pre_tokenizer, ignore_merges = _PRE_TOKENIZERS[pre]
+    backend = Tokenizer(models.BPE(vocab, pairs, ignore_merges=ignore_merges))
+    backend.pre_tokenizer = make_pre_tokenizer()
+    backend.decoder = decoders.ByteLevel()
+    _add_special_tokens(backend, tokens, metadata.get("tokenizer.ggml.token_type") or [])
+
+    special = {name: _token(metadata, tokens, f"tokenizer.ggml.{key}_token_id", path)
+               for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))}
+    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
+    add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
+    backend.post_processor = _post_processor(special["bos"] if add_bos else None,
+                                             special["eos"] if add_eos else None, vocab)
+    context_length = metadata.get(f"{metadata.get('general.architecture')}.context_length")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        **{f"{name}_token": token for name, token in special.items() if token is not None},
+        chat_template=metadata.get("tokenizer.chat_template"),
+        clean_up_tokenization_spaces=False,
+        model_max_length=int(context_length) if context_length else int(1e30),
+    )
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _add_special_tokens(backend: Tokenizer, tokens: list[str], token_types: list[int]) -> None:
+    """Control tokens (<|im_start|>) become special, user-defined ones plain added tokens: both are
+    matched whole in the text, as llama.cpp does, instead of being cut into byte pieces."""
+    typed = list(zip(tokens, token_types))
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, kind in typed if kind == _TOKEN_TYPE_CONTROL])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t, kind in typed if kind == _TOKEN_TYPE_USER_DEFINED])
+
+
+def _token(metadata: dict[str, Any], tokens: list[str], key: str, path: Path) -> str | None:
+    index = metadata.get(key)
+    if index is None:
+        return None
+    if not isinstance(index, int) or not 0 <= index < len(tokens):
+        raise ValueError(f"{path}: {key} = {index} is outside the vocabulary of {len(tokens)} tokens")
+    return tokens[index]
+
+
+def _post_processor(bos: str | None, eos: str | None, vocab: dict[str, int]):
+    """BOS/EOS added around every sequence only when the GGUF asks for it (SmolLM2 does not)."""
+    if bos is None and eos is None:
+        return None
+    prefix, suffix = ([bos] if bos else []), ([eos] if eos else [])
+    single = " ".join(prefix + ["$A"] + suffix)
+    pair = " ".join(prefix + ["$A"] + suffix + prefix + ["$B"] + suffix)
+    return processors.TemplateProcessing(single=single, pair=pair,
+                                         special_tokens=list({t: vocab[t] for t in prefix + suffix}.items()))
