@@ -13,9 +13,6 @@ import torch
 
 from . import gen_config
 from .loader import LoadedModel, load_model
-from .metadata import SeqChunk
-from .runner import ModelRunner
-from .sampling import sample
 
 _hf_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _path_cache: dict[tuple, LoadedModel] = {}
@@ -104,30 +101,27 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 
 def _decode_loop(loaded: LoadedModel, rows: list[list[int]], padded_rows: list[list[int]],
                  settings: gen_config.GenerationSettings, streamer) -> list[list[int]]:
-    """Prefill every row, then decode the unfinished ones a token per step. Returns the new tokens."""
-    block_size = 16
-    blocks_per_row = -(-(max(map(len, rows)) + settings.max_new_tokens) // block_size)
-    runner = ModelRunner(loaded.model, num_blocks=max(1, blocks_per_row * len(rows)), block_size=block_size)
-    tables = [list(range(i * blocks_per_row, (i + 1) * blocks_per_row)) for i in range(len(rows))]
-    outputs: list[list[int]] = [[] for _ in rows]
+    """Run every row as a request of the continuous-batching engine. Returns the new tokens."""
+    from dataclasses import replace
+
+    from .engine import Engine, EngineConfig
     if settings.max_new_tokens == 0:
-        return outputs
-    eos = set(settings.eos_token_ids)
-    params = settings.sampling
-    active = list(range(len(rows)))
-    chunks = [SeqChunk(rows[i], 0, tables[i]) for i in active]
-    while active:
-        logits = runner.run(chunks)
-        suppress = [sorted(eos) if len(outputs[i]) < settings.min_new_tokens else [] for i in active]
-        tokens = sample(logits, [params] * len(active), [padded_rows[i] + outputs[i] for i in active],
-                        [outputs[i] for i in active], suppress).tolist()
-        if streamer is not None:
-            streamer.put(torch.tensor(tokens))
-        still = []
-        for i, tok in zip(active, tokens):
-            outputs[i].append(tok)
-            if tok not in eos and len(outputs[i]) < settings.max_new_tokens:
-                still.append(i)
-        active = still
-        chunks = [SeqChunk([outputs[i][-1]], len(rows[i]) + len(outputs[i]) - 1, tables[i]) for i in active]
+        return [[] for _ in rows]
+    block_size = 16
+    num_blocks = sum(-(-(len(r) + settings.max_new_tokens) // block_size) for r in rows)
+    engine = Engine(loaded, EngineConfig(num_blocks=num_blocks, block_size=block_size, max_num_seqs=len(rows),
+                                         max_num_batched_tokens=max(8192, max(map(len, rows))),
+                                         enable_prefix_caching=False))
+    # HF semantics: EOS ids end a row (after min_new_tokens); the model config's EOS plays no part.
+    params = replace(settings.sampling, max_tokens=settings.max_new_tokens, min_tokens=settings.min_new_tokens,
+                     stop_token_ids=list(settings.eos_token_ids), ignore_eos=True)
+    for i, (row, padded) in enumerate(zip(rows, padded_rows)):
+        engine.add_request(str(i), row, params, extra_seen_ids=tuple(padded[:len(padded) - len(row)]))
+    outputs: list[list[int]] = [[] for _ in rows]
+    while engine.has_unfinished():
+        for out in engine.step():
+            row, tokens = int(out.request_id), out.outputs[0].token_ids
+            if streamer is not None and len(tokens) > len(outputs[row]):
+                streamer.put(torch.tensor(tokens[len(outputs[row]):]))
+            outputs[row] = tokens
     return outputs

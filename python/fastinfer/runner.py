@@ -27,3 +27,8 @@ class ModelRunner:
         meta = AttnMetadata.build(chunks, self.block_size, self.num_blocks,
                                   self.model.config.max_position_embeddings, self.device)
         return self.model.forward(meta, self.kv_caches)
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy one block's K and V in every layer (copy-on-write of a shared partial block)."""
+        for cache in self.kv_caches:
+            cache[dst].copy_(cache[src])

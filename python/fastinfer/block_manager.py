@@ -1,0 +1,175 @@
+"""Paged KV block manager with prefix caching.
+
+Blocks are in exactly one of three states: free (no content worth keeping), cached (ref count 0
+but holding a full block whose chained hash is registered, reusable by a later prompt, evicted LRU
+first when free blocks run out) and in use (ref count > 0). free + cached + in use == total always.
+
+The hash of block i chains the hash of block i - 1 with block i's tokens, so a hit on block i
+implies the whole prefix matches. A prompt's last token is never served from the cache (its logits
+are needed), so at most (len - 1) // block_size leading blocks hit.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from .sequence import Sequence
+
+
+def chain_hash(prev: int | None, tokens: list[int]) -> int:
+    return hash((prev, tuple(tokens)))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out 0, 1, 2, ...
+        self.cached: OrderedDict[int, None] = OrderedDict()        # ref 0, hashed; LRU order
+        self.hash_to_block: dict[int, int] = {}
+        self.num_prefix_queries = 0   # prompt blocks looked up
+        self.num_prefix_hits = 0      # of which served from the cache
+
+    # ---- accounting ------------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self.cached)
+
+    @property
+    def num_in_use(self) -> int:
+        return sum(1 for r in self.ref_counts if r > 0)
+
+    @property
+    def num_available(self) -> int:
+        return len(self.free) + len(self.cached)
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.num_prefix_hits / self.num_prefix_queries if self.num_prefix_queries else 0.0
+
+    def check_invariants(self) -> None:
+        assert self.num_free + self.num_cached + self.num_in_use == self.num_blocks, \
+            (self.num_free, self.num_cached, self.num_in_use, self.num_blocks)
+        assert all(self.ref_counts[b] == 0 for b in self.free)
+        assert all(self.ref_counts[b] == 0 and self.block_hash[b] is not None for b in self.cached)
+
+    # ---- allocation ------------------------------------------------------------------------------
+    def _take_block(self) -> int:
+        if self.free:
+            block = self.free.pop()
+        else:  # evict the least recently used cached block
+            block, _ = self.cached.popitem(last=False)
+            self._unregister(block)
+        self.ref_counts[block] = 1
+        return block
+
+    def _unregister(self, block: int) -> None:
+        h = self.block_hash[block]
+        if h is not None and self.hash_to_block.get(h) == block:
+            del self.hash_to_block[h]
+        self.block_hash[block] = None
+
+    def _prefix_hits(self, seq: Sequence) -> list[int]:
+        """Cached blocks holding the longest reusable prefix of seq's tokens."""
+        if not self.enable_prefix_caching:
+            return []
+        tokens, bs, hits, h = seq.all_token_ids, self.block_size, [], None
+        for i in range((len(tokens) - 1) // bs):
+            h = chain_hash(h, tokens[i * bs:(i + 1) * bs])
+            block = self.hash_to_block.get(h)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        """Room to place seq's cached prefix plus num_tokens new tokens."""
+        hits = self._prefix_hits(seq)
+        reusable_free = sum(1 for b in hits if self.ref_counts[b] == 0)  # taken out of `cached`
+        needed = seq.num_blocks_for(len(hits) * self.block_size + num_tokens, self.block_size) - len(hits)
+        return needed <= self.num_available - reusable_free
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> None:
+        """Give a waiting seq its prefix hits and blocks for its first num_tokens computed tokens.
+        Sets seq.num_computed_tokens to the number of tokens served from the cache."""
+        assert not seq.block_table
+        hits = self._prefix_hits(seq)
+        if self.enable_prefix_caching:
+            self.num_prefix_queries += (len(seq) - 1) // self.block_size
+            self.num_prefix_hits += len(hits)
+        h = None
+        for block in hits:
+            if self.ref_counts[block] == 0:
+                del self.cached[block]
+            self.ref_counts[block] += 1
+            seq.block_table.append(block)
+            h = self.block_hash[block]
+            seq.block_hashes.append(h)
+        seq.num_hashed_blocks = len(hits)
+        seq.num_computed_tokens = seq.num_prefix_hit_tokens = len(hits) * self.block_size
+        self.grow(seq, num_tokens)
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        """New blocks seq needs to compute num_tokens more tokens."""
+        total = seq.num_blocks_for(seq.num_computed_tokens + num_tokens, self.block_size)
+        return max(0, total - len(seq.block_table))
+
+    def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
+        return self.blocks_needed(seq, num_tokens) <= self.num_available
+
+    def grow(self, seq: Sequence, num_tokens: int) -> None:
+        for _ in range(self.blocks_needed(seq, num_tokens)):
+            seq.block_table.append(self._take_block())
+
+    def fork(self, parent: Sequence, child: Sequence) -> int | None:
+        """Child shares parent's full blocks. Returns the parent's partial last block, which the
+        caller copies into the child's own new last block (copy on write); None if there is none."""
+        full = parent.num_computed_tokens // self.block_size
+        for block in parent.block_table[:full]:
+            self.ref_counts[block] += 1
+        child.block_table = parent.block_table[:full]
+        child.block_hashes = parent.block_hashes[:parent.num_hashed_blocks]
+        child.num_hashed_blocks = parent.num_hashed_blocks
+        child.num_computed_tokens = parent.num_computed_tokens
+        if full < len(parent.block_table):
+            child.block_table.append(self._take_block())
+            return parent.block_table[full]
+        return None
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """Record the hashes of seq's newly completed blocks, so later prompts can reuse them."""
+        if not self.enable_prefix_caching:
+            return
+        full = seq.num_computed_tokens // self.block_size
+        tokens, bs = seq.all_token_ids, self.block_size
+        while seq.num_hashed_blocks < full:
+            i = seq.num_hashed_blocks
+            prev = seq.block_hashes[i - 1] if i else None
+            h = chain_hash(prev, tokens[i * bs:(i + 1) * bs])
+            block = seq.block_table[i]
+            if h not in self.hash_to_block and self.block_hash[block] is None:
+                self.hash_to_block[h] = block
+                self.block_hash[block] = h
+            seq.block_hashes.append(h)
+            seq.num_hashed_blocks += 1
+
+    def free_seq(self, seq: Sequence) -> None:
+        """Release seq's blocks (last first, so a prompt's tail is evicted before its head)."""
+        for block in reversed(seq.block_table):
+            self.ref_counts[block] -= 1
+            assert self.ref_counts[block] >= 0
+            if self.ref_counts[block] == 0:
+                if self.block_hash[block] is not None:
+                    self.cached[block] = None  # most recent; a prompt's head, freed last, outlives its tail
+                else:
+                    self.free.append(block)
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_hashed_blocks = 0
+        seq.num_computed_tokens = 0

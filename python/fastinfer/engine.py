@@ -1,0 +1,218 @@
+"""Engine: add_request / abort / step / has_unfinished over the scheduler, block manager and runner."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from .block_manager import BlockManager
+from .loader import LoadedModel
+from .metadata import SeqChunk
+from .outputs import CompletionOutput, RequestOutput
+from .runner import ModelRunner
+from .sampling import make_generator, sample
+from .sampling_params import SamplingParams
+from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+from .sequence import Sequence, SeqStatus
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    num_blocks: int
+    block_size: int = 16
+    max_model_len: int | None = None      # default: the model's
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig):
+        cfg = loaded.model.config
+        self.loaded, self.config, self.tokenizer = loaded, config, loaded.tokenizer
+        self.max_model_len = min(config.max_model_len or cfg.max_model_len, cfg.max_model_len)
+        if config.max_model_len is not None and config.max_model_len > cfg.max_model_len:
+            raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's {cfg.max_model_len}")
+        self.runner = ModelRunner(loaded.model, config.num_blocks, config.block_size)
+        self.blocks = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
+        self.eos_ids = set(cfg.eos_token_id)
+        self.requests: dict[str, _Request] = {}
+        self._arrivals = itertools.count()
+        self.num_prompt_tokens = self.num_output_tokens = 0
+
+    # ---- requests ----------------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; this model has none, pass token ids")
+            return self.tokenizer(prompt)["input_ids"]
+        return list(prompt)
+
+    def validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        vocab = self.loaded.model.config.vocab_size
+        if not token_ids:
+            raise ValueError("prompt is empty")
+        bad = next((t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt has token id {bad!r} outside the vocabulary [0, {vocab})")
+        total = len(token_ids) + (params.max_tokens or 0)
+        if len(token_ids) >= self.max_model_len or total > self.max_model_len:
+            raise ValueError(f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                             f"max_model_len={self.max_model_len}")
+        need = -(-max(total, len(token_ids) + 1) // self.config.block_size)
+        if need > self.config.num_blocks:
+            raise ValueError(f"the request needs {need} KV blocks at its longest but the pool holds "
+                             f"{self.config.num_blocks}; raise num_blocks or lower max_tokens")
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    extra_seen_ids: tuple[int, ...] = ()) -> None:
+        """Queue a request; a bad one raises ValueError here and never reaches the others."""
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        params = params or SamplingParams()
+        token_ids = self.tokenize(prompt)
+        if params.max_tokens is None:
+            params = _with_max_tokens(params, self.max_model_len - len(token_ids))
+        self.validate(token_ids, params)
+        gen = make_generator(params.seed, self.runner.device)
+        seq = Sequence(request_id, 0, token_ids, params, gen, next(self._arrivals), extra_seen_ids)
+        self.requests[request_id] = _Request(request_id, prompt if isinstance(prompt, str) else None,
+                                             token_ids, params, [seq])
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def pop_finished(self, request_id: str) -> RequestOutput:
+        return self._output(self.requests.pop(request_id))
+
+    # ---- one step ----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; returns the outputs of the requests it advanced."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("scheduler could not place any sequence: KV pool too small")
+            return []
+        chunks = [SeqChunk(s.seq.all_token_ids[s.seq.num_computed_tokens:s.seq.num_computed_tokens + s.num_tokens],
+                           s.seq.num_computed_tokens, list(s.seq.block_table),
+                           need_logits=s.seq.num_computed_tokens + s.num_tokens == len(s.seq)) for s in batch]
+        logits = self.runner.run(chunks)
+        ready: list[Sequence] = []
+        for s, chunk in zip(batch, chunks):
+            s.seq.num_computed_tokens += s.num_tokens
+            self.blocks.register_full_blocks(s.seq)
+            if chunk.need_logits:
+                ready.append(s.seq)
+            if s.seq.num_computed_tokens <= len(s.seq.prompt_token_ids):
+                self.num_prompt_tokens += s.num_tokens
+        rows, row_logits = self._expand_forks(ready, logits)
+        if rows:
+            self._sample_and_append(rows, row_logits)
+        touched = {s.seq.request_id for s in batch}
+        return [self._output(self.requests[r]) for r in touched if r in self.requests]
+
+    def _expand_forks(self, ready: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
+        """A request with n > 1 splits into n sequences once its prompt is computed; they share the
+        prompt's full blocks and each samples its own first token from the same logits."""
+        rows, index = [], []
+        for i, seq in enumerate(ready):
+            rows.append(seq)
+            index.append(i)
+            if seq.params.n > 1 and not seq.forked:
+                seq.forked = True
+                req = self.requests[seq.request_id]
+                for k in range(1, seq.params.n):
+                    child = Sequence(seq.request_id, k, seq.prompt_token_ids, seq.params,
+                                     make_generator(_child_seed(seq.params.seed, k), self.runner.device),
+                                     seq.arrival, seq.extra_seen_ids)
+                    child.forked = True
+                    partial = self.blocks.fork(seq, child)
+                    if partial is not None:
+                        self.runner.copy_block(partial, child.block_table[-1])
+                    child.status = SeqStatus.RUNNING
+                    self.scheduler.running.append(child)
+                    req.seqs.append(child)
+                    rows.append(child)
+                    index.append(i)
+        return rows, logits[torch.tensor(index, device=logits.device)] if rows else logits
+
+    def _sample_and_append(self, rows: list[Sequence], logits: torch.Tensor) -> None:
+        suppress = [sorted(self._stop_ids(s)) if len(s.output_token_ids) < s.params.min_tokens else [] for s in rows]
+        tokens = sample(logits, [s.params for s in rows], [list(s.extra_seen_ids) + s.all_token_ids for s in rows],
+                        [s.output_token_ids for s in rows], suppress, [s.generator for s in rows]).tolist()
+        want_logprobs = [i for i, s in enumerate(rows) if s.logprobs is not None]
+        logprobs = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
+        for j, i in enumerate(want_logprobs):
+            seq, k = rows[i], rows[i].params.logprobs
+            top = torch.topk(logprobs[j], k) if k else None
+            entry = {tokens[i]: float(logprobs[j, tokens[i]])}
+            if top is not None:
+                entry.update(zip(top.indices.tolist(), top.values.tolist()))
+            seq.logprobs.append(entry)
+        for seq, tok in zip(rows, tokens):
+            seq.output_token_ids.append(tok)
+            self.num_output_tokens += 1
+            self._check_stop(seq, tok)
+
+    def _stop_ids(self, seq: Sequence) -> set[int]:
+        ids = set(seq.params.stop_token_ids or ())
+        return ids if seq.params.ignore_eos else ids | self.eos_ids
+
+    def _check_stop(self, seq: Sequence, tok: int) -> None:
+        p = seq.params
+        if self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=p.skip_special_tokens)
+        if len(seq.output_token_ids) > p.min_tokens - 1:
+            if not p.ignore_eos and tok in self.eos_ids:
+                return self._finish(seq, "stop", None)
+            if tok in (p.stop_token_ids or ()):
+                return self._finish(seq, "stop", tok)
+            for stop in p.stop or ():
+                at = seq.text.find(stop)
+                if at >= 0:
+                    seq.text = seq.text[:at]
+                    return self._finish(seq, "stop", stop)
+        if len(seq.output_token_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
+            self._finish(seq, "length", None)
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.scheduler.finish(seq)
+
+    def _output(self, req: _Request) -> RequestOutput:
+        outs = [CompletionOutput(s.index, s.text, list(s.output_token_ids), s.finish_reason, s.stop_reason,
+                                 s.logprobs) for s in sorted(req.seqs, key=lambda s: s.index)]
+        done = all(s.is_finished for s in req.seqs) and (req.params.n == 1 or req.seqs[0].forked
+                                                         or req.seqs[0].finish_reason == "abort")
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, done,
+                             req.seqs[0].num_prefix_hit_tokens)
+
+
+def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
+    from dataclasses import replace
+    return replace(params, max_tokens=max(1, max_tokens))
+
+
+def _child_seed(seed: int | None, index: int) -> int | None:
+    return None if seed is None else hash((seed, index)) & (2**63 - 1)

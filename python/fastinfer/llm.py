@@ -1,0 +1,166 @@
+"""``LLM``: the offline batch API (vLLM-style) over the continuous-batching engine."""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence as Seq
+
+import torch
+
+from .engine import Engine, EngineConfig
+from .generate import get_loaded
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+DEFAULT_CPU_KV_BYTES = 1 << 30
+
+
+@dataclass
+class StreamDelta:
+    index: int            # the prompt's position in the call
+    completion: int       # which of its n completions
+    text: str             # text added since the previous delta
+    token_ids: list[int]  # tokens added since the previous delta
+    finish_reason: str | None
+
+
+class LLM:
+    def __init__(self, model, dtype=None, device=None, max_model_len: int | None = None,
+                 num_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
+                 kv_cache_memory_bytes: int | None = None, block_size: int = 16, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 8192, enable_prefix_caching: bool = True):
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        if num_blocks is not None and num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.loaded = get_loaded(model, dtype, device)
+        if num_blocks is None:
+            num_blocks = self._size_kv_pool(block_size, gpu_memory_utilization, kv_cache_memory_bytes,
+                                            max_num_batched_tokens, max_model_len)
+        self.engine = Engine(self.loaded, EngineConfig(num_blocks, block_size, max_model_len, max_num_seqs,
+                                                       max_num_batched_tokens, enable_prefix_caching))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    def _block_bytes(self, block_size: int) -> int:
+        m = self.loaded.model
+        cfg = m.config
+        return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * m.embed.element_size()
+
+    def _size_kv_pool(self, block_size, utilization, budget, max_tokens, max_model_len) -> int:
+        """CPU: a byte budget. GPU: what is left of utilization * total memory after a warm-up
+        forward at the largest batch, so an out-of-memory shows here, never mid-request."""
+        model = self.loaded.model
+        if model.device.type == "cpu":
+            return max(1, (budget or DEFAULT_CPU_KV_BYTES) // self._block_bytes(block_size))
+        from .metadata import SeqChunk
+        from .runner import ModelRunner
+        seq_len = min(max_tokens, max_model_len or model.config.max_model_len)
+        num_seqs = -(-max_tokens // seq_len)
+        blocks_per_seq = -(-seq_len // block_size)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(model.device)
+        probe = ModelRunner(model, num_seqs * blocks_per_seq, block_size)
+        chunks = [SeqChunk([0] * seq_len, 0, list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)))
+                  for i in range(num_seqs)]
+        probe.run(chunks)
+        torch.cuda.synchronize(model.device)
+        peak = torch.cuda.max_memory_allocated(model.device) - probe.num_blocks * self._block_bytes(block_size)
+        del probe
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(model.device).total_memory
+        free_for_kv = int(total * utilization) - peak
+        blocks = free_for_kv // self._block_bytes(block_size)
+        if blocks < 1:
+            raise ValueError(f"no GPU memory left for the KV cache at gpu_memory_utilization={utilization}")
+        return int(blocks)
+
+    # ---- generation --------------------------------------------------------------------------------
+    def _requests(self, prompts, sampling_params) -> tuple[list, list[SamplingParams]]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("prompts is empty")
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
+        for i, (prompt, p) in enumerate(zip(prompts, params)):  # every request checked before any runs
+            try:
+                if not isinstance(p, SamplingParams):
+                    raise ValueError(f"expected SamplingParams, got {type(p).__name__}")
+                ids = self.engine.tokenize(prompt)
+                if p.max_tokens is not None:
+                    self.engine.validate(ids, p)
+                else:
+                    self.engine.validate(ids, SamplingParams(max_tokens=max(1, self.engine.max_model_len - len(ids))))
+            except ValueError as e:
+                raise ValueError(f"prompts[{i}]: {e}") from None
+        return prompts, params
+
+    def _submit(self, prompts, params) -> list[str]:
+        ids = []
+        for prompt, p in zip(prompts, params):
+            rid = str(next(self._ids))
+            self.engine.add_request(rid, prompt, p)
+            ids.append(rid)
+        return ids
+
+    def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in input order."""
+        prompts, params = self._requests(prompts, sampling_params)
+        ids = self._submit(prompts, params)
+        pending = set(ids)
+        bar = _progress(len(ids)) if use_tqdm else None
+        start, tokens0 = time.perf_counter(), (self.engine.num_prompt_tokens, self.engine.num_output_tokens)
+        results: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                if out.finished and out.request_id in pending:
+                    pending.discard(out.request_id)
+                    results[out.request_id] = self.engine.pop_finished(out.request_id)
+                    if bar is not None:
+                        elapsed = max(time.perf_counter() - start, 1e-9)
+                        bar.set_postfix_str(f"in: {(self.engine.num_prompt_tokens - tokens0[0]) / elapsed:.0f} tok/s, "
+                                            f"out: {(self.engine.num_output_tokens - tokens0[1]) / elapsed:.0f} tok/s")
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [results[r] for r in ids]
+
+    def stream(self, prompts, sampling_params=None) -> Iterator[StreamDelta]:
+        """Yield incremental text per request and completion as the engine produces it."""
+        prompts, params = self._requests(prompts, sampling_params)
+        ids = self._submit(prompts, params)
+        position = {r: i for i, r in enumerate(ids)}
+        sent: dict[tuple[str, int], tuple[int, int, bool]] = {}
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                for c in out.outputs:
+                    n_text, n_tok, done = sent.get((out.request_id, c.index), (0, 0, False))
+                    if done:
+                        continue
+                    text = c.text if c.finished else c.text.rstrip("\ufffd")  # hold back partial UTF-8
+                    if len(text) > n_text or len(c.token_ids) > n_tok or c.finished:
+                        sent[(out.request_id, c.index)] = (len(text), len(c.token_ids), c.finished)
+                        yield StreamDelta(position[out.request_id], c.index, text[n_text:],
+                                          c.token_ids[n_tok:], c.finish_reason)
+                if out.finished:
+                    self.engine.pop_finished(out.request_id)
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.engine.blocks.prefix_hit_rate
+
+
+def _progress(total: int):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)

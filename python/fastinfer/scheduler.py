@@ -1,0 +1,102 @@
+"""Scheduler: which sequences run this step, and how many tokens each feeds.
+
+Per step, within ``max_num_batched_tokens`` tokens and ``max_num_seqs`` sequences:
+1. running sequences first, oldest first: a decode feeds one token, an unfinished prefill feeds the
+   next chunk that fits the budget; when blocks run out the newest running sequence is preempted
+   (its blocks freed, its tokens recomputed later: preemption by recompute);
+2. then waiting sequences in arrival order (preempted ones first), each feeding as much of its
+   prompt as the remaining budget allows (chunked prefill), admitted only if its blocks fit.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SeqStatus
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.config.max_num_batched_tokens
+        preemptions_before = self.num_preemptions
+        scheduled: list[ScheduledSeq] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num = min(seq.num_uncomputed_tokens, budget)
+            while not self.blocks.can_grow(seq, num):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                self.blocks.grow(seq, num)
+                scheduled.append(ScheduledSeq(seq, num))
+                budget -= num
+                i += 1
+                continue
+            break  # seq itself was preempted: nothing after it remains
+        if self.num_preemptions != preemptions_before:
+            return scheduled  # memory is short: admitting more would only be preempted again
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            num = min(len(seq), budget)  # an upper bound: prefix hits lower it
+            if not self.blocks.can_allocate(seq, num):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq, 0)
+            num = min(seq.num_uncomputed_tokens, budget)
+            self.blocks.grow(seq, num)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSeq(seq, num))
+            budget -= num
+        return scheduled
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free seq's blocks; it re-enters the waiting queue at the front and is recomputed."""
+        self.running.remove(seq)
+        self.blocks.free_seq(seq)
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free_seq(seq)
+        seq.status = SeqStatus.FINISHED

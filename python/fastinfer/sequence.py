@@ -1,0 +1,67 @@
+"""A sequence in the engine: its tokens, how many are cached, its blocks, its sampling state."""
+from __future__ import annotations
+
+import enum
+import itertools
+
+import torch
+
+from .sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_ids = itertools.count()
+
+
+class Sequence:
+    """One completion of one request. ``n > 1`` requests fork into several after their prefill."""
+
+    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
+                 generator: torch.Generator | None, arrival: int, extra_seen_ids: tuple[int, ...] = ()):
+        self.seq_id = next(_ids)
+        self.request_id = request_id
+        self.index = index                      # which of the request's n completions
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.params = params
+        self.generator = generator
+        self.arrival = arrival                  # admission order: preemption takes the newest first
+        self.extra_seen_ids = extra_seen_ids    # counted by the repetition penalty (HF's padding)
+        self.status = SeqStatus.WAITING
+        self.block_table: list[int] = []
+        self.num_computed_tokens = 0            # tokens whose KV is in the cache
+        self.num_hashed_blocks = 0              # leading full blocks registered for prefix reuse
+        self.block_hashes: list[int] = []
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.text = ""                          # detokenized output (engine with a tokenizer)
+        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.num_prefix_hit_tokens = 0
+        self.forked = False                     # True once an n > 1 request has split into n sequences
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    def num_blocks_for(self, num_tokens: int, block_size: int) -> int:
+        return -(-num_tokens // block_size)
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id}#{self.index}, len={len(self)}, computed={self.num_computed_tokens}, "
+                f"{self.status.value})")
