@@ -1,0 +1,89 @@
+"""The LLM batch API on the real default model: text, stop strings, streaming, logprobs, bad input."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from fastinfer.llm import LLM
+from fastinfer.sampling_params import SamplingParams
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def llm():
+    from fastinfer.loader.gguf import default_model_path
+    return LLM(str(default_model_path()), kv_cache_memory_bytes=64 << 20, max_num_seqs=8)
+
+
+def test_kv_pool_sized_from_byte_budget(llm):
+    cfg = llm.loaded.model.config
+    block_bytes = cfg.num_layers * 2 * 16 * cfg.num_kv_heads * cfg.head_dim * 4  # fp32 on the CPU
+    assert llm.engine.config.num_blocks == (64 << 20) // block_bytes
+
+
+def test_text_outputs_in_input_order(llm):
+    prompts = ["The capital of France is", "1, 2, 3, 4,", "The capital of France is"]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6), use_tqdm=True)
+    assert [o.prompt for o in outs] == prompts
+    assert "Paris" in outs[0].outputs[0].text
+    assert outs[0].outputs[0].token_ids == outs[2].outputs[0].token_ids
+    assert all(o.finished and o.outputs[0].finish_reason in ("stop", "length") for o in outs)
+    assert llm.tokenizer.decode(outs[1].outputs[0].token_ids) == outs[1].outputs[0].text
+
+
+def test_stop_string_and_stop_token(llm):
+    free = llm.generate(["1, 2, 3, 4,"], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0].outputs[0]
+    assert " 6" in free.text
+    out = llm.generate(["1, 2, 3, 4,"], SamplingParams(temperature=0, max_tokens=12, stop=[" 6"]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == " 6" and out.text == free.text[:free.text.index(" 6")]
+    tok = free.token_ids[2]
+    out = llm.generate(["1, 2, 3, 4,"], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[tok]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == tok and out.token_ids == free.token_ids[:3]
+
+
+def test_streaming_deltas_add_up(llm):
+    prompts = ["Once upon a time", "The capital of France is"]
+    params = SamplingParams(temperature=0, max_tokens=10)
+    final = llm.generate(prompts, params, use_tqdm=False)
+    texts, tokens, reasons = ["", ""], [[], []], [None, None]
+    for delta in llm.stream(prompts, params):
+        texts[delta.index] += delta.text
+        tokens[delta.index] += delta.token_ids
+        reasons[delta.index] = delta.finish_reason
+    assert texts == [o.outputs[0].text for o in final]
+    assert tokens == [o.outputs[0].token_ids for o in final]
+    assert reasons == [o.outputs[0].finish_reason for o in final]
+
+
+def test_logprobs(llm):
+    out = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=3, logprobs=2),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.logprobs) == 3
+    for tok, entry in zip(out.token_ids, out.logprobs):
+        assert tok in entry and max(entry.values()) == entry[tok]  # greedy picks the most likely
+        assert all(v <= 0 for v in entry.values()) and 2 <= len(entry) <= 3
+        assert math.isfinite(entry[tok])
+
+
+@pytest.mark.parametrize("prompts, params, match", [
+    (["ok", ""], None, r"prompts\[1\]: prompt is empty"),
+    ([[1, 2, 10**6]], None, "outside the vocabulary"),
+    (["ok"], [SamplingParams(), SamplingParams()], "2 entries for 1 prompts"),
+    (["ok"], SamplingParams(max_tokens=10**6), "max_model_len"),
+    ([], None, "prompts is empty"),
+])
+def test_bad_requests_fail_before_anything_runs(llm, prompts, params, match):
+    with pytest.raises(ValueError, match=match):
+        llm.generate(prompts, params, use_tqdm=False)
+    assert not llm.engine.has_unfinished()
+
+
+@pytest.mark.parametrize("field, value", [("temperature", -1.0), ("top_p", 0.0), ("top_k", -2), ("max_tokens", 0),
+                                          ("n", 0), ("min_p", 2.0)])
+def test_sampling_params_validated_on_construction(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
