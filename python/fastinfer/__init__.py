@@ -1,7 +1,7 @@
 """fastinfer: fast inference of Llama-family LLMs with hand-written CUDA kernels.
 
-Public API: ``fastinfer.generate`` (drop-in for HF ``model.generate``), ``fastinfer.load_model``,
-``fastinfer.SamplingParams``, ``fastinfer.env``. Ops live in ``fastinfer.ops`` (validated wrappers
+Public API: ``fastinfer.generate`` (drop-in for HF ``model.generate``), ``fastinfer.LLM`` and
+``fastinfer.SamplingParams`` (batch API), ``fastinfer.load_model``, ``fastinfer.env``. Ops live in ``fastinfer.ops`` (validated wrappers
 of ``torch.ops.fastinfer.*``).
 """
 __version__ = "0.1.0"
@@ -11,7 +11,10 @@ import torch  # noqa: F401  (must load before the extension)
 from . import _ops as ops
 from .env import env
 from .generate import generate
+from .llm import LLM
 from .loader import load_model
+from .outputs import CompletionOutput, RequestOutput
 from .sampling_params import SamplingParams
 
-__all__ = ["__version__", "env", "generate", "load_model", "ops", "SamplingParams"]
+__all__ = ["__version__", "CompletionOutput", "env", "generate", "LLM", "load_model", "ops", "RequestOutput",
+           "SamplingParams"]
