@@ -80,7 +80,10 @@ void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at:
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const int64_t table_stride = block_tables.stride(0);
   std::vector<int64_t> seq_of_row(query.size(0));
+  TORCH_CHECK(cu[0] == 0 && cu[batch] == query.size(0), "paged_prefill_attention: cu_seqlens_q must run from 0 to ",
+              query.size(0), " (num_tokens), got ", cu[0], " .. ", cu[batch]);
   for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(cu[b + 1] >= cu[b], "paged_prefill_attention: cu_seqlens_q must be non-decreasing");
     const int64_t q_len = cu[b + 1] - cu[b];
     TORCH_CHECK(q_len >= 0 && q_len <= lens[b], "paged_prefill_attention: sequence ", b, " has ", q_len,
                 " query tokens but a context of ", lens[b]);

@@ -1,0 +1,127 @@
+"""Independent torch references for the fastinfer ops; they never call a fastinfer op.
+
+Every reference takes ``dtype``, the precision it computes in: fp32 (fp64 when the inputs are
+already fp32) gives the reference the kernels are judged against; the inputs' own dtype gives the
+"same-dtype torch implementation" whose error sets the tolerance (DESIGN.md, Tests).
+They are written the way the model codebases write them (HF transformers' Llama), not the way the
+kernels do, so that a shared misunderstanding shows up as a failure.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """x: [num_tokens, hidden], weight: [hidden] -> [num_tokens, hidden] in ``dtype``."""
+    x = x.to(dtype)
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return x * torch.rsqrt(variance + eps) * weight.to(dtype)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (rms_norm(x + residual), x + residual); the sum is rounded to the storage dtype first,
+    as an unfused model stores it before normalising."""
+    new_residual = x + residual  # storage dtype, like `hidden_states = residual + hidden_states`
+    return rms_norm(new_residual, weight, eps, dtype), new_residual
+
+
+def rope_inv_freq(rotary_dim: int, theta: float) -> torch.Tensor:
+    """fp32 [rotary_dim / 2] inverse frequencies, as HF's default rope init computes them."""
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    return 1.0 / (theta ** exponents)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos, sin [num_tokens, rotary_dim] for positions [num_tokens], as HF's LlamaRotaryEmbedding."""
+    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """NeoX rotation of the first rotary_dim features of x [num_tokens, heads, head_dim]; the rest
+    pass through. cos, sin: [num_tokens, rotary_dim]."""
+    rotary_dim = cos.shape[-1]
+    x = x.to(dtype)
+    cos, sin = cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+
+
+def silu_and_mul(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x: [num_tokens, 2 d] = [gate | up] -> silu(gate) * up, [num_tokens, d]."""
+    gate, up = x.to(dtype).chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Returns a copy of kv_cache [num_blocks, 2, block_size, num_kv_heads, head_dim] with token t's
+    key/value [num_tokens, num_kv_heads, head_dim] in slot slot_mapping[t]; slot -1 is skipped."""
+    out = kv_cache.clone()
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    block_size = kv_cache.shape[2]
+    blocks, offsets = slots // block_size, slots % block_size
+    out[blocks, 0, offsets] = key[keep]
+    out[blocks, 1, offsets] = value[keep]
+    return out
+
+
+def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's contiguous key, value [seq_len, num_kv_heads, head_dim] read through its
+    block table row [max_blocks]."""
+    block_size = kv_cache.shape[2]
+    num_used = -(-seq_len // block_size)
+    blocks = kv_cache[block_table[:num_used].long()]  # [num_used, 2, block_size, kv_heads, head_dim]
+    keys = blocks[:, 0].flatten(0, 1)[:seq_len]
+    values = blocks[:, 1].flatten(0, 1)[:seq_len]
+    return keys, values
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+              dtype: torch.dtype) -> torch.Tensor:
+    """Causal masked-softmax attention of the LAST q_len positions of a seq_len context.
+
+    query: [q_len, num_heads, head_dim]; key, value: [seq_len, num_kv_heads, head_dim].
+    Query j sits at position seq_len - q_len + j and sees keys 0 ..= that position.
+    """
+    q_len, num_heads, _ = query.shape
+    seq_len, num_kv_heads, _ = key.shape
+    group = num_heads // num_kv_heads
+    q = query.to(dtype).transpose(0, 1)                                       # [H, q_len, D]
+    k = key.to(dtype).repeat_interleave(group, dim=1).transpose(0, 1)         # [H, seq_len, D]
+    v = value.to(dtype).repeat_interleave(group, dim=1).transpose(0, 1)
+    scores = torch.matmul(q, k.transpose(1, 2)) * scale                      # [H, q_len, seq_len]
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
+    k_pos = torch.arange(seq_len, device=query.device)
+    scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, v).transpose(0, 1)                             # [q_len, H, D]
+
+
+def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                            seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                            dtype: torch.dtype) -> torch.Tensor:
+    """query: [num_tokens, num_heads, head_dim], sequence b owning rows cu_seqlens_q[b]:[b+1]."""
+    out = torch.zeros(query.shape, dtype=dtype, device=query.device)
+    cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
+    for b, seq_len in enumerate(lens):
+        if cu[b + 1] == cu[b]:
+            continue
+        key, value = gather_kv(kv_cache, block_tables[b], seq_len)
+        out[cu[b]:cu[b + 1]] = attention(query[cu[b]:cu[b + 1]], key, value, scale, dtype)
+    return out
+
+
+def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """One query token per sequence, query: [batch, num_heads, head_dim]."""
+    cu_seqlens_q = torch.arange(query.shape[0] + 1, dtype=torch.int32)
+    return paged_prefill_attention(query, kv_cache, cu_seqlens_q, seq_lens, block_tables, scale, dtype)
