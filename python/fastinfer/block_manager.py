@@ -127,6 +127,16 @@ class BlockManager:
         for _ in range(self.blocks_needed(seq, num_tokens)):
             seq.block_table.append(self._take_block())
 
+    def trim(self, seq: Sequence) -> None:
+        """Release blocks past seq's computed tokens (speculative slots that were rejected)."""
+        keep = max(seq.num_blocks_for(seq.num_computed_tokens, self.block_size), seq.num_hashed_blocks)
+        while len(seq.block_table) > keep:
+            block = seq.block_table.pop()
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self._unregister(block)
+                self.free.append(block)
+
     def fork(self, parent: Sequence, child: Sequence) -> int | None:
         """Child shares parent's full blocks. Returns the parent's partial last block, which the
         caller copies into the child's own new last block (copy on write); None if there is none."""

@@ -15,6 +15,7 @@ from .sampling import make_generator, sample
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from .sequence import Sequence, SeqStatus
+from .spec_decode import SpecStats, lookahead, verify_rows
 
 
 @dataclass(slots=True)
@@ -25,6 +26,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     enable_prefix_caching: bool = True
+    speculative: dict | None = None       # {"method": "ngram" | "draft", "num_tokens": k, ...}
 
 
 @dataclass
@@ -44,8 +46,23 @@ class Engine:
         if config.max_model_len is not None and config.max_model_len > cfg.max_model_len:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's {cfg.max_model_len}")
         self.runner = ModelRunner(loaded.model, config.num_blocks, config.block_size)
-        self.blocks = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.proposer, self.spec_stats = None, SpecStats()
+        prefix_caching = config.enable_prefix_caching
+        if config.speculative is not None:
+            from .proposers import make_proposer
+            self.proposer = make_proposer(config.speculative, config.num_blocks, config.block_size,
+                                          loaded.model.device, loaded.model.dtype)
+            if getattr(self.proposer, "runner", None) is not None:
+                draft_vocab = self.proposer.runner.model.config.vocab_size
+                if draft_vocab != cfg.vocab_size:
+                    raise ValueError(f"the draft model's vocabulary ({draft_vocab}) differs from the target's "
+                                     f"({cfg.vocab_size}): it needs the same tokenizer")
+                prefix_caching = False  # reused blocks would lack the draft's KV
+        self.blocks = BlockManager(config.num_blocks, config.block_size, prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
+        if self.proposer is not None:
+            k = self.proposer.k
+            self.scheduler.lookahead = lambda seq: lookahead(seq, k, self.max_model_len)
         self.eos_ids = set(cfg.eos_token_id)
         self.requests: dict[str, _Request] = {}
         self._arrivals = itertools.count()
@@ -81,6 +98,8 @@ class Engine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = params or SamplingParams()
+        if self.proposer is not None and params.logprobs is not None:
+            raise ValueError("logprobs are not supported with speculative decoding")
         token_ids = self.tokenize(prompt)
         if params.max_tokens is None:
             params = _with_max_tokens(params, self.max_model_len - len(token_ids))
@@ -114,23 +133,75 @@ class Engine:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler could not place any sequence: KV pool too small")
             return []
-        chunks = [SeqChunk(s.seq.all_token_ids[s.seq.num_computed_tokens:s.seq.num_computed_tokens + s.num_tokens],
-                           s.seq.num_computed_tokens, list(s.seq.block_table),
-                           need_logits=s.seq.num_computed_tokens + s.num_tokens == len(s.seq)) for s in batch]
+        proposals, draft_probs = self._propose(batch)
+        chunks = []
+        for i, s in enumerate(batch):
+            seq, start = s.seq, s.seq.num_computed_tokens
+            if i in proposals:
+                chunks.append(SeqChunk(seq.all_token_ids[start:] + proposals[i], start, list(seq.block_table),
+                                       all_logits=True))
+            else:
+                n = min(s.num_tokens, seq.num_uncomputed_tokens)
+                chunks.append(SeqChunk(seq.all_token_ids[start:start + n], start, list(seq.block_table),
+                                       need_logits=start + n == len(seq)))
         logits = self.runner.run(chunks)
-        ready: list[Sequence] = []
-        for s, chunk in zip(batch, chunks):
-            s.seq.num_computed_tokens += s.num_tokens
-            self.blocks.register_full_blocks(s.seq)
-            if chunk.need_logits:
+        ready, ready_rows, spec, spec_rows, row = [], [], [], [], 0
+        for i, (s, chunk) in enumerate(zip(batch, chunks)):
+            rows = len(chunk.token_ids) if chunk.all_logits else int(chunk.need_logits)
+            fed = 1 if i in proposals else len(chunk.token_ids)
+            if s.seq.num_computed_tokens + fed <= len(s.seq.prompt_token_ids):
+                self.num_prompt_tokens += fed
+            s.seq.num_computed_tokens += fed
+            if i in proposals:
+                spec.append(i)
+                spec_rows.append(logits[row:row + rows])
+            elif rows:
                 ready.append(s.seq)
-            if s.seq.num_computed_tokens <= len(s.seq.prompt_token_ids):
-                self.num_prompt_tokens += s.num_tokens
-        rows, row_logits = self._expand_forks(ready, logits)
-        if rows:
-            self._sample_and_append(rows, row_logits)
+                ready_rows.append(row)
+            row += rows
+        if ready:
+            seqs, row_logits = self._expand_forks(ready, logits[torch.tensor(ready_rows, device=logits.device)])
+            self._sample_and_append(seqs, row_logits)
+        if spec:
+            self._verify(batch, spec, proposals, draft_probs, torch.cat(spec_rows))
+        for s in batch:
+            if not s.seq.is_finished:
+                self.blocks.register_full_blocks(s.seq)
         touched = {s.seq.request_id for s in batch}
         return [self._output(self.requests[r]) for r in touched if r in self.requests]
+
+    def _propose(self, batch: list[ScheduledSeq]) -> tuple[dict[int, list[int]], torch.Tensor | None]:
+        """Proposals for the decode sequences scheduled with lookahead, keyed by batch index."""
+        if self.proposer is None:
+            return {}, None
+        cand = [i for i, s in enumerate(batch) if s.seq.num_uncomputed_tokens == 1 and s.num_tokens > 1]
+        if not cand:
+            return {}, None
+        props, probs = self.proposer.propose([batch[i].seq for i in cand], [batch[i].num_tokens - 1 for i in cand])
+        keep = {i: p for i, p in zip(cand, props) if p}
+        if probs is not None:
+            probs = probs[torch.tensor([j for j, i in enumerate(cand) if i in keep], device=probs.device)]
+        return keep, probs
+
+    def _verify(self, batch, spec: list[int], proposals: dict[int, list[int]], draft_probs, logits) -> None:
+        seqs = [batch[i].seq for i in spec]
+        props = [proposals[i] for i in spec]
+        emitted = verify_rows(logits, seqs, props, draft_probs, [self._stop_ids(s) for s in seqs])
+        for seq, prop, toks in zip(seqs, props, emitted):
+            accepted = len(toks) - 1
+            self.spec_stats.num_steps += 1
+            self.spec_stats.num_proposed += len(prop)
+            self.spec_stats.num_accepted += accepted
+            self.spec_stats.num_emitted += len(toks)
+            seq.num_computed_tokens += accepted  # the fed token was counted; rejected slots are dropped
+            self.blocks.trim(seq)
+            self.proposer.rollback(seq)
+            for tok in toks:
+                seq.output_token_ids.append(tok)
+                self.num_output_tokens += 1
+                self._check_stop(seq, tok)
+                if seq.is_finished:
+                    break
 
     def _expand_forks(self, ready: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
         """A request with n > 1 splits into n sequences once its prompt is computed; they share the

@@ -23,11 +23,14 @@ def _fingerprint(hf_model) -> tuple:
     return tuple((p.data_ptr(), p._version) for p in hf_model.parameters())
 
 
-def get_loaded(model, dtype=None, device=None) -> LoadedModel:
+def get_loaded(model, dtype=None, device=None, cache: bool = True) -> LoadedModel:
+    """A LoadedModel for a path, an HF model object or a LoadedModel; cache=False never evicts."""
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, (str, Path)):
         key = (str(Path(model).resolve()), str(dtype), str(device))
+        if not cache:
+            return _path_cache.get(key) or load_model(model, dtype, device)
         if key not in _path_cache:
             _path_cache.clear()  # keep one model resident
             _path_cache[key] = load_model(model, dtype, device)

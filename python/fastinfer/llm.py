@@ -29,7 +29,8 @@ class LLM:
     def __init__(self, model, dtype=None, device=None, max_model_len: int | None = None,
                  num_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
                  kv_cache_memory_bytes: int | None = None, block_size: int = 16, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 8192, enable_prefix_caching: bool = True):
+                 max_num_batched_tokens: int = 8192, enable_prefix_caching: bool = True,
+                 speculative: dict | None = None):
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if num_blocks is not None and num_blocks < 1:
@@ -39,7 +40,7 @@ class LLM:
             num_blocks = self._size_kv_pool(block_size, gpu_memory_utilization, kv_cache_memory_bytes,
                                             max_num_batched_tokens, max_model_len)
         self.engine = Engine(self.loaded, EngineConfig(num_blocks, block_size, max_model_len, max_num_seqs,
-                                                       max_num_batched_tokens, enable_prefix_caching))
+                                                       max_num_batched_tokens, enable_prefix_caching, speculative))
         self._ids = itertools.count()
 
     @property
@@ -155,6 +156,11 @@ class LLM:
                                           c.token_ids[n_tok:], c.finish_reason)
                 if out.finished:
                     self.engine.pop_finished(out.request_id)
+
+    @property
+    def speculative_stats(self):
+        """SpecStats: acceptance_rate and mean_acceptance_length (tokens per verifying step)."""
+        return self.engine.spec_stats
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -41,6 +41,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.lookahead = lambda seq: 0  # speculative proposals a decode step may add (engine sets it)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -55,7 +56,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num = min(seq.num_uncomputed_tokens, budget)
+            num = seq.num_uncomputed_tokens
+            if num == 1:
+                num += self.lookahead(seq)
+            num = min(num, budget)
             while not self.blocks.can_grow(seq, num):
                 victim = self.running[-1]
                 self._preempt(victim)
