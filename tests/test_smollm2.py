@@ -67,3 +67,24 @@ def test_cli_generates_real_text():
                           "--max-new-tokens", "4", "--no-stream"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
+
+
+@pytest.mark.slow
+def test_prompt_lookup_on_a_summary_prompt(smollm2):
+    from text_data import novel
+
+    from fastinfer import LLM, SamplingParams
+    path, _, tok = smollm2
+    passage = novel("prideprejudice").split("Chapter 1", 1)[1][:1200]
+    ids = tok.apply_chat_template([{"role": "user", "content": f"Summarize, quoting key sentences:\n\n{passage}"}],
+                                  add_generation_prompt=True, return_dict=True)["input_ids"]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    plain = LLM(str(path), kv_cache_memory_bytes=64 << 20).generate([ids], params, use_tqdm=False)[0]
+    spec = LLM(str(path), kv_cache_memory_bytes=64 << 20,
+               speculative={"method": "ngram", "num_tokens": 4})
+    out = spec.generate([ids], params, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == plain.outputs[0].token_ids
+    stats = spec.speculative_stats
+    print(f"prompt lookup: mean acceptance length {stats.mean_acceptance_length:.2f}, "
+          f"acceptance rate {stats.acceptance_rate:.2f}")
+    assert stats.mean_acceptance_length > 1.0

@@ -1,0 +1,92 @@
+"""Speculative decoding in the engine never changes greedy output; draft == target accepts all."""
+from __future__ import annotations
+
+import pytest
+
+from fastinfer.engine import Engine, EngineConfig
+from fastinfer.generate import get_loaded
+from fastinfer.sampling_params import SamplingParams
+from models import make_hf_model
+from test_engine import make_prompts
+
+pytest.importorskip("transformers")
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return get_loaded(make_hf_model("llama", seed=21))
+
+
+@pytest.fixture(scope="module")
+def draft():
+    # Same vocabulary, a different (weaker) model: proposals are often rejected.
+    return get_loaded(make_hf_model("llama", seed=22, num_hidden_layers=1))
+
+
+def repetitive_prompts(count: int, seed: int) -> list[list[int]]:
+    """Prompts that repeat a motif, so prompt lookup finds matches."""
+    out = []
+    for i, base in enumerate(make_prompts(count, seed, lo=3, hi=9)):
+        out.append((base * 6)[: 10 + 5 * (i % 7)])
+    return out
+
+
+def run(loaded, prompts, max_tokens, num_blocks, speculative=None, max_num_seqs=16, budget=64):
+    engine = Engine(loaded, EngineConfig(num_blocks=num_blocks, max_num_seqs=max_num_seqs,
+                                         max_num_batched_tokens=budget, speculative=speculative))
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, SamplingParams(max_tokens=max_tokens, **GREEDY))
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = engine.pop_finished(out.request_id).outputs[0].token_ids
+        engine.blocks.check_invariants()
+    assert engine.blocks.num_in_use == 0
+    return [done[str(i)] for i in range(len(prompts))], engine
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("batch", [1, 16])
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_greedy_speculation_matches_plain_greedy(target, draft, method, k, batch):
+    prompts = repetitive_prompts(batch, seed=k)
+    expected, _ = run(target, prompts, 20, num_blocks=256)
+    spec = {"method": method, "num_tokens": k}
+    if method == "draft":
+        spec["model"] = draft
+    # 14 blocks cannot hold 16 sequences of up to ~65 tokens: preemption is forced at batch 16.
+    got, engine = run(target, prompts, 20, num_blocks=14 if batch > 1 else 256, speculative=spec)
+    assert got == expected
+    stats = engine.spec_stats
+    assert stats.num_proposed > 0 and 1.0 <= stats.mean_acceptance_length <= k + 1
+    if batch > 1:
+        assert engine.scheduler.num_preemptions > 0
+
+
+def test_draft_equal_to_target_accepts_everything(target):
+    prompts = repetitive_prompts(4, seed=9)
+    _, engine = run(target, prompts, 16, num_blocks=128,
+                    speculative={"method": "draft", "model": target, "num_tokens": 3})
+    assert engine.spec_stats.acceptance_rate == 1.0
+
+
+def test_sampled_draft_equal_to_target_accepts_everything(target):
+    engine = Engine(target, EngineConfig(num_blocks=128, speculative={"method": "draft", "model": target,
+                                                                      "num_tokens": 4}))
+    for i, p in enumerate(repetitive_prompts(4, seed=10)):
+        engine.add_request(str(i), p, SamplingParams(max_tokens=12, temperature=0.8, seed=i, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.spec_stats.num_proposed > 0 and engine.spec_stats.acceptance_rate == 1.0
+
+
+def test_bad_speculative_configs(target):
+    with pytest.raises(ValueError, match="num_tokens"):
+        Engine(target, EngineConfig(num_blocks=8, speculative={"method": "ngram", "num_tokens": 0}))
+    with pytest.raises(ValueError, match="method"):
+        Engine(target, EngineConfig(num_blocks=8, speculative={"method": "medusa", "num_tokens": 2}))
+    other = get_loaded(make_hf_model("llama", seed=1, vocab_size=100))
+    with pytest.raises(ValueError, match="vocabulary"):
+        Engine(target, EngineConfig(num_blocks=8, speculative={"method": "draft", "model": other, "num_tokens": 2}))
