@@ -1,0 +1,54 @@
+// Params, plan and launcher of paged decode attention (one query token per sequence).
+// Host-compiler safe: the torch binding includes this; the kernels live in decode.cuh / merge.cuh.
+// Strides are in elements; the last dimension of every tensor is contiguous.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "fastinfer/types.h"
+
+namespace fastinfer {
+
+// out[b, h] = softmax(scale * q[b, h] . K[b, 0:seq_lens[b]]) @ V[b, 0:seq_lens[b]], with query head
+// h reading KV head h / (num_heads / num_kv_heads) through block_tables[b].
+struct DecodeParams {
+  void* out;                    // [batch, num_heads, head_dim]
+  const void* query;            // [batch, num_heads, head_dim]
+  const void* kv_cache;         // [num_blocks, 2, block_size, num_kv_heads, head_dim], contiguous
+  const int32_t* block_tables;  // [batch, max_blocks], rows block_table_stride apart
+  const int32_t* seq_lens;      // [batch], each in [1, max_blocks * block_size]
+  int64_t out_batch_stride, out_head_stride;
+  int64_t query_batch_stride, query_head_stride;
+  int64_t block_table_stride;
+  int batch, num_heads, num_kv_heads, head_dim;
+  int block_size;  // a power of two
+  int max_blocks;  // block_tables.shape[1]: max_blocks * block_size is the longest context a launch plans for
+  float scale;     // softmax scale, usually head_dim ** -0.5
+  DType dtype;     // of out, query and kv_cache
+  int num_sms;     // SMs of the device: the split heuristic's only hardware input
+};
+
+// How a launch is cut up. A function of DecodeParams' shapes and num_sms alone, never of the
+// seq_lens values (they live on the device), so one plan serves every replay of a captured CUDA
+// graph; splits past a sequence's end write an empty state that the merge skips.
+struct DecodePlan {
+  int num_splits;          // CTAs along the context of one (sequence, kv head); 1 = no merge step
+  int split_tokens;        // context tokens per split, a multiple of the kernel's key tile
+  int num_head_chunks;     // CTAs along the query heads of one kv head: 1 unless the group is > 32
+  int heads_per_cta;       // query heads per CTA
+  size_t workspace_bytes;  // fp32 partial outputs + log-sum-exps of the splits; 0 when num_splits == 1
+};
+
+// Head dims with a compiled kernel; anything else is refused with cudaErrorInvalidValue.
+inline bool decode_head_dim_supported(int head_dim) { return head_dim == 64 || head_dim == 128; }
+
+// Fills *plan; cudaErrorInvalidValue for parameters the kernel does not support.
+cudaError_t plan_paged_decode(const DecodeParams& p, DecodePlan* plan);
+
+// workspace: plan.workspace_bytes bytes of device memory (nullptr allowed when that is 0), 16-byte
+// aligned, owned by the caller for the duration of the launch. Never synchronizes.
+cudaError_t launch_paged_decode_attention(const DecodeParams& p, void* workspace, cudaStream_t stream);
+
+}  // namespace fastinfer

@@ -1,0 +1,76 @@
+// Merge of split-KV partial attention outputs (FlashDecoding's second pass).
+//
+//   out[b, h] = sum_s w_s * o_s / sum_s w_s,  w_s = exp2(lse_s - max_s lse_s)
+// over the splits s of row (b, h), where o_s is split s's normalised output and lse_s its
+// log-sum-exp (log2 domain). Splits that saw no key (past the sequence's end) carry lse = -inf and
+// are skipped without reading their o_s, which was never written.
+//
+// Layout (workspace, fp32): partial_o [batch, num_heads, num_splits, head_dim], then
+// partial_lse [batch, num_heads, num_splits].
+// Parallelisation: one warp per (b, h) row, each lane owning head_dim / 32 consecutive features
+// (one 8- or 16-byte load per split); 4 rows per CTA.
+// Cost: reads num_splits * (head_dim + 1) * 4 bytes per row; the plan keeps splits long enough that
+// this stays a few percent of the KV bytes the splits read.
+#pragma once
+#include "fastinfer/attention/decode.h"
+#include "fastinfer/attention/state.cuh"
+#include "fastinfer/common.cuh"
+
+namespace fastinfer {
+namespace decode {
+
+constexpr int kMergeThreads = 128;
+constexpr int kMergeRowsPerCta = kMergeThreads / kWarpSize;
+
+template <int kN>
+__device__ __forceinline__ void load_floats(float (&dst)[kN], const float* src) {
+  static_assert(kN == 2 || kN == 4, "a lane loads 8 or 16 bytes");
+  if constexpr (kN == 4) {
+    const float4 v = *reinterpret_cast<const float4*>(src);
+    dst[0] = v.x, dst[1] = v.y, dst[2] = v.z, dst[3] = v.w;
+  } else {
+    const float2 v = *reinterpret_cast<const float2*>(src);
+    dst[0] = v.x, dst[1] = v.y;
+  }
+}
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kMergeThreads)
+    merge_splits_kernel(const DecodeParams p, const float* __restrict__ partial_o,
+                        const float* __restrict__ partial_lse, int num_splits) {
+  constexpr int kPerLane = kHeadDim / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeRowsPerCta + threadIdx.x / kWarpSize;
+  if (row >= static_cast<int64_t>(p.batch) * p.num_heads) return;
+  const int64_t seq = row / p.num_heads;
+  const int64_t head = row % p.num_heads;
+
+  const float* lse = partial_lse + row * num_splits;
+  const float* o = partial_o + row * num_splits * kHeadDim + lane * kPerLane;
+  attention::AttentionState<kPerLane> state;
+  state.init();
+  for (int s = 0; s < num_splits; ++s) {
+    const float lse_s = lse[s];
+    if (lse_s == attention::neg_inf()) continue;  // an empty split: its o was never written
+    float o_s[kPerLane];
+    load_floats(o_s, o + static_cast<int64_t>(s) * kHeadDim);
+    state.merge(o_s, lse_s, 1.0f);
+  }
+  T* dst = static_cast<T*>(p.out) + seq * p.out_batch_stride + head * p.out_head_stride + lane * kPerLane;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) dst[i] = from_float<T>(state.normalized(i));
+}
+
+template <typename T, int kHeadDim>
+cudaError_t launch_merge_splits(const DecodeParams& p, const float* partial_o, const float* partial_lse,
+                                int num_splits, cudaStream_t stream) {
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.num_heads;
+  const int64_t ctas = ceil_div<int64_t>(rows, kMergeRowsPerCta);
+  if (ctas > 0x7fffffff) return cudaErrorInvalidValue;
+  merge_splits_kernel<T, kHeadDim>
+      <<<static_cast<unsigned>(ctas), kMergeThreads, 0, stream>>>(p, partial_o, partial_lse, num_splits);
+  return cudaGetLastError();
+}
+
+}  // namespace decode
+}  // namespace fastinfer

@@ -1,0 +1,493 @@
+// Paged prefill attention: causal, GQA, ragged batch, K/V read through block tables.
+//
+// Computes, for every query row r of sequence b and head h (spec: csrc/cpu/attention.cpp),
+//   out[r, h] = softmax(scale * q[r, h] . K[0 ..= pos(r)]^T) @ V[0 ..= pos(r)],
+//   pos(r) = seq_lens[b] - q_len(b) + (r - cu_seqlens_q[b]),  K/V of kv head h / (H / H_kv).
+//
+// Layout: query / out [num_tokens, H, D] with the last dim contiguous (token and head strides are
+// free, so a view into a fused qkv tensor works); kv_cache [num_blocks, 2, block_size, H_kv, D]
+// contiguous; key k of sequence b lives in block block_tables[b, k / block_size], slot
+// k % block_size. Offsets into query, out and the cache are 64-bit.
+//
+// bf16 / fp16: FlashAttention-2 on mma.sync.m16n8k16 (fp32 accumulate).
+//   CTA = 64 query rows of one (sequence, head), 4 warps; warp w owns rows 16w .. 16w + 15 and
+//   keeps its Q fragments, its 16 x D output accumulator and its softmax state in registers, so the
+//   warps never exchange data. grid = (query tiles of the whole ragged batch, H). The host cannot
+//   know the tiles per sequence without a sync, so grid.x is the bound
+//   sum_b ceil(q_len_b / 64) <= (num_tokens + 63 * batch) / 64, and each CTA finds its (sequence,
+//   tile) with a warp-wide prefix sum over cu_seqlens_q (32 sequences per step); CTAs past the
+//   last tile exit. Within a sequence the last (longest-context) tiles are scheduled first.
+//   K/V tiles of 64 keys go global -> shared with 16-byte cp.async, row by row through the block
+//   table (a 64-key tile spans 64 / block_size blocks, or part of one when block_size >= 64); keys
+//   past the tile's causal end are zero-filled in shared memory instead of read, so NaN in unused
+//   cache slots never meets a 0 probability (0 * NaN = NaN). Pipeline (FA2): V_n is fetched
+//   while S = Q K_n^T runs, K_{n+1} while softmax and O += P V_n run; one buffer each for Q, K, V:
+//   3 * 64 * D * 2 bytes = 24 KiB (D = 64) / 48 KiB (D = 128) of dynamic shared memory.
+//   Shared rows are D * 2 bytes (a multiple of 128); 16-byte chunk c of row r is stored at chunk
+//   c ^ (r % 8), so the 8 row addresses of every ldmatrix phase (8 consecutive rows, same chunk)
+//   hit 8 different bank groups: conflict-free, no padding. Q and K feed ldmatrix (K needs no
+//   transpose: B of Q K^T is K row-major), V feeds ldmatrix.trans; P goes from the S accumulators
+//   straight into A fragments (the m16n8 C layout of two key blocks is the m16k16 A layout).
+//   Causal masking runs only on tiles that reach past the tile's first query position; tiles past
+//   its last query position are never loaded.
+// fp32: a plain CUDA-core kernel (one warp per query row and head, one key at a time, online
+//   softmax), for fp32 end-to-end checks; not tuned.
+//
+// Roofline, B4 H32 S4096 D128 causal bf16: FLOPs = 4 * B * H * S^2 * D / 2 = 5.50e11. At the H200's
+// ~990 TFLOP/s dense bf16 peak that is 0.56 ms; mma.sync (not wgmma) tops out well below that
+// peak on Hopper, and torch's FA2 (SDPA flash) reaches 317 TFLOP/s here (GPU.md), i.e. ~1.7 ms.
+// Bytes: Q + O + K + V = 4 * 4 * 4096 * 32 * 128 * 2 = 0.54 GB (K/V re-reads hit L2) = 0.13 ms at
+// 4.28 TB/s, so the kernel is compute bound (~1000 FLOP/byte).
+#pragma once
+#include <climits>
+
+#include "fastinfer/attention/prefill.h"
+#include "fastinfer/attention/prefill_softmax.cuh"
+#include "fastinfer/common.cuh"
+
+namespace fastinfer {
+namespace prefill {
+
+constexpr int kBlockM = 64;                    // query rows per CTA
+constexpr int kBlockN = 64;                    // keys per K/V tile
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * kWarpSize;
+constexpr int kWarpRows = kBlockM / kWarps;    // 16: one mma row block per warp
+constexpr int kChunk = 8;                      // 16-bit elements per 16-byte chunk
+constexpr int kKeyBlocks = kBlockN / 8;        // n8 blocks of S
+constexpr float kLog2e = 1.4426950408889634f;
+
+// ---- PTX wrappers ------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, bypassing L1 (.cg); completes at cp_async_wait_all.
+__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* global_src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem_dst)), "l"(global_src)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// Four 8x8 b16 matrices; lanes 8i .. 8i + 7 give the row addresses of matrix i, and lane l
+// receives from matrix i the pair (row l / 4, cols 2 (l % 4), +1) in r[i] (.trans: the pair
+// (rows 2 (l % 4), +1; col l / 4)).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(smem_row)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(smem_row)));
+}
+
+// d += a (16x16, row major) * b (16x8, col major), fp32 accumulate.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two fp32 -> one register of two 16-bit values, the first in the low half (mma operand order).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// ---- shared-memory tiles -----------------------------------------------------------------------
+
+// Element offset of 16-byte chunk `chunk` of row `row` in a [rows][kHeadDim] swizzled tile.
+template <int kHeadDim>
+__device__ __forceinline__ int swizzle(int row, int chunk) {
+  return row * kHeadDim + ((chunk ^ (row & 7)) * kChunk);
+}
+
+template <typename T, int kHeadDim>
+constexpr size_t smem_bytes() {
+  return static_cast<size_t>(kBlockM + 2 * kBlockN) * kHeadDim * sizeof(T);  // Q, K, V
+}
+
+// The query rows [row0, row0 + num_rows) of head h into sQ; missing rows of the tile are zeroed.
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void load_query_tile(T* sQ, const PrefillParams& p, int64_t row0, int num_rows,
+                                                int head) {
+  constexpr int kChunks = kHeadDim / kChunk;
+  const T* query = static_cast<const T*>(p.query) + head * p.query_head_stride;
+#pragma unroll
+  for (int it = 0; it < kBlockM * kChunks / kThreads; ++it) {
+    const int i = it * kThreads + threadIdx.x;
+    const int r = i / kChunks, c = i % kChunks;
+    T* dst = sQ + swizzle<kHeadDim>(r, c);
+    if (r < num_rows) {
+      cp_async_16(dst, query + (row0 + r) * p.query_token_stride + c * kChunk);
+    } else {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+    }
+  }
+}
+
+// Keys [key0, key0 + 64) of K (kv = 0) or V (kv = 1) into a tile; keys >= key_end are zeroed, never
+// read (their slots may be unwritten, and their block-table entries meaningless).
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void load_kv_tile(T* tile, const T* cache_head, const int32_t* block_table,
+                                             int block_shift, int64_t token_stride, int kv, int key0,
+                                             int key_end) {
+  constexpr int kChunks = kHeadDim / kChunk;
+  const int block_mask = (1 << block_shift) - 1;
+  const int64_t block_stride = (token_stride << block_shift) * 2;  // one block: K and V halves
+#pragma unroll
+  for (int it = 0; it < kBlockN * kChunks / kThreads; ++it) {
+    const int i = it * kThreads + threadIdx.x;
+    const int r = i / kChunks, c = i % kChunks;
+    const int key = key0 + r;
+    T* dst = tile + swizzle<kHeadDim>(r, c);
+    if (key < key_end) {
+      const int64_t block = block_table[key >> block_shift];
+      const int64_t slot = (kv << block_shift) + (key & block_mask);
+      cp_async_16(dst, cache_head + block * block_stride + slot * token_stride + c * kChunk);
+    } else {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+    }
+  }
+}
+
+// ---- ragged batch: which (sequence, query tile) a CTA owns -------------------------------------
+
+struct TileCoord {
+  int seq;        // sequence index
+  int tile;       // query tile within the sequence
+};
+
+// Tile t of the batch's concatenated per-sequence tile lists (ceil(q_len / 64) tiles each). Every
+// warp computes the same answer (no shared memory, no barrier). Returns false past the last tile.
+__device__ __forceinline__ bool locate_tile(const int32_t* cu_seqlens_q, int batch, int t, TileCoord& coord) {
+  const int lane = threadIdx.x % kWarpSize;
+  int tiles_before = 0;  // tiles of the sequences preceding this 32-sequence chunk
+  for (int b0 = 0; b0 < batch; b0 += kWarpSize) {
+    const int b = b0 + lane;
+    const int n = b < batch ? ceil_div(cu_seqlens_q[b + 1] - cu_seqlens_q[b], kBlockM) : 0;
+    int inclusive = n;
+#pragma unroll
+    for (int offset = 1; offset < kWarpSize; offset *= 2) {
+      const int v = __shfl_up_sync(kFullMask, inclusive, offset);
+      if (lane >= offset) inclusive += v;
+    }
+    const int chunk_tiles = __shfl_sync(kFullMask, inclusive, kWarpSize - 1);
+    if (t < tiles_before + chunk_tiles) {
+      // The first lane whose running total passes t owns it (a lane with 0 tiles never does).
+      const int owner = __ffs(__ballot_sync(kFullMask, tiles_before + inclusive > t)) - 1;
+      const int owner_inclusive = __shfl_sync(kFullMask, inclusive, owner);
+      const int owner_tiles = __shfl_sync(kFullMask, n, owner);
+      const int index = t - (tiles_before + owner_inclusive - owner_tiles);
+      coord.seq = b0 + owner;
+      coord.tile = owner_tiles - 1 - index;  // longest-context tiles first
+      return true;
+    }
+    tiles_before += chunk_tiles;
+  }
+  return false;
+}
+
+// ---- bf16 / fp16 tensor-core kernel ------------------------------------------------------------
+
+// S (16 x 64 per warp) = Q (16 x D, A fragments in registers) * K_tile^T.
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void compute_scores(float (&s)[kKeyBlocks][4], const uint32_t (&q)[kHeadDim / 16][4],
+                                               const T* sK, int lane) {
+#pragma unroll
+  for (int nb = 0; nb < kKeyBlocks; ++nb) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) s[nb][j] = 0.0f;
+  }
+  // Matrices of one ldmatrix.x4: (keys +0..7, d +0..7), (keys +0..7, d +8..15),
+  // (keys +8..15, d +0..7), (keys +8..15, d +8..15) -> B fragments of two n8 key blocks.
+  const int key_in_pair = (lane / 16) * 8 + lane % 8;
+  const int chunk_in_step = (lane / 8) % 2;
+#pragma unroll
+  for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+#pragma unroll
+    for (int np = 0; np < kKeyBlocks / 2; ++np) {
+      uint32_t b[4];
+      ldmatrix_x4(b, sK + swizzle<kHeadDim>(np * 16 + key_in_pair, kk * 2 + chunk_in_step));
+      mma_16816<T>(s[2 * np], q[kk], b[0], b[1]);
+      mma_16816<T>(s[2 * np + 1], q[kk], b[2], b[3]);
+    }
+  }
+}
+
+// O (16 x D per warp) += P (16 x 64, from the S accumulators) * V_tile.
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void accumulate_pv(float (&o)[kHeadDim / 8][4], const float (&s)[kKeyBlocks][4],
+                                              const T* sV, int lane) {
+  // Matrices of one ldmatrix.x4.trans: (keys +0..7, d +0..7), (keys +8..15, d +0..7),
+  // (keys +0..7, d +8..15), (keys +8..15, d +8..15) -> B fragments of two n8 head-dim blocks.
+  const int key_in_step = ((lane / 8) % 2) * 8 + lane % 8;
+  const int chunk_in_pair = lane / 16;
+#pragma unroll
+  for (int kk = 0; kk < kBlockN / 16; ++kk) {
+    // The C fragments of key blocks 2kk, 2kk+1 are, element for element, the A fragment of k-step kk.
+    const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                           pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                           pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+    for (int dp = 0; dp < kHeadDim / 16; ++dp) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, sV + swizzle<kHeadDim>(kk * 16 + key_in_step, dp * 2 + chunk_in_pair));
+      mma_16816<T>(o[2 * dp], a, b[0], b[1]);
+      mma_16816<T>(o[2 * dp + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kThreads) paged_prefill_mma_kernel(const PrefillParams p) {
+  constexpr int kDimBlocks = kHeadDim / 8;
+  extern __shared__ uint4 smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK = sQ + kBlockM * kHeadDim;
+  T* sV = sK + kBlockN * kHeadDim;
+
+  TileCoord coord;
+  if (!locate_tile(p.cu_seqlens_q, p.batch, blockIdx.x, coord)) return;  // uniform over the CTA
+  const int head = blockIdx.y;
+  const int kv_head = head / (p.num_heads / p.num_kv_heads);
+  const int q_begin = p.cu_seqlens_q[coord.seq];
+  const int q_len = p.cu_seqlens_q[coord.seq + 1] - q_begin;
+  const int m0 = coord.tile * kBlockM;                   // first query row of the tile, in the sequence
+  const int num_rows = min(kBlockM, q_len - m0);
+  const int first_pos = p.seq_lens[coord.seq] - q_len + m0;  // position of query row m0
+  const int key_end = first_pos + num_rows;              // keys any row of the tile can see
+  const int num_kv_tiles = ceil_div(key_end, kBlockN);
+
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int block_shift = __ffs(p.block_size) - 1;
+  const int64_t token_stride = static_cast<int64_t>(p.num_kv_heads) * kHeadDim;
+  const T* cache_head = static_cast<const T*>(p.kv_cache) + static_cast<int64_t>(kv_head) * kHeadDim;
+  const int32_t* block_table = p.block_tables + coord.seq * p.block_table_stride;
+  const float scale_log2 = p.scale * kLog2e;
+
+  load_query_tile<T, kHeadDim>(sQ, p, static_cast<int64_t>(q_begin) + m0, num_rows, head);
+  load_kv_tile<T, kHeadDim>(sK, cache_head, block_table, block_shift, token_stride, 0, 0, key_end);
+  cp_async_commit();
+  cp_async_wait_all();
+  __syncthreads();
+
+  // This warp's 16 query rows as A fragments, one per 16-wide head-dim step (see ldmatrix_x4:
+  // matrices (rows +0..7, d +0..7), (rows +8..15, d +0..7), (rows +0..7, d +8..15), (+8..15, +8..15)).
+  uint32_t q_frag[kHeadDim / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+    ldmatrix_x4(q_frag[kk], sQ + swizzle<kHeadDim>(warp * kWarpRows + lane % 16, kk * 2 + lane / 16));
+  }
+
+  float o[kDimBlocks][4];
+#pragma unroll
+  for (int db = 0; db < kDimBlocks; ++db) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) o[db][j] = 0.0f;
+  }
+  OnlineSoftmax<kKeyBlocks, kDimBlocks> softmax;
+  softmax.init();
+  // Accumulator element j of a lane sits at row (lane / 4) + 8 (j / 2), column 2 (lane % 4) + j % 2.
+  const int row_pos = first_pos + warp * kWarpRows + lane / 4;  // position of this lane's first row
+
+  for (int n = 0; n < num_kv_tiles; ++n) {
+    const int key0 = n * kBlockN;
+    load_kv_tile<T, kHeadDim>(sV, cache_head, block_table, block_shift, token_stride, 1, key0, key_end);
+    cp_async_commit();
+
+    float s[kKeyBlocks][4];
+    compute_scores<T, kHeadDim>(s, q_frag, sK, lane);
+    const bool diagonal = key0 + kBlockN - 1 > first_pos;  // some key here is later than some row
+#pragma unroll
+    for (int nb = 0; nb < kKeyBlocks; ++nb) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        s[nb][j] *= scale_log2;
+        const int key = key0 + nb * 8 + (lane % 4) * 2 + j % 2;
+        if (diagonal && key > row_pos + (j / 2) * 8) s[nb][j] = -INFINITY;
+      }
+    }
+
+    cp_async_wait_all();
+    __syncthreads();  // V_n landed; every warp is done reading sK
+    if (n + 1 < num_kv_tiles) {
+      load_kv_tile<T, kHeadDim>(sK, cache_head, block_table, block_shift, token_stride, 0, key0 + kBlockN,
+                                key_end);
+      cp_async_commit();
+    }
+    softmax.update(s, o);
+    accumulate_pv<T, kHeadDim>(o, s, sV, lane);
+    cp_async_wait_all();
+    __syncthreads();  // K_{n+1} landed; every warp is done reading sV
+  }
+
+  // Normalise, stage this warp's rows in its own (no longer read) rows of sQ, then write 16-byte
+  // chunks of the rows that exist.
+  float inv_sum[2];
+  softmax.inverse_sums(inv_sum);
+#pragma unroll
+  for (int db = 0; db < kDimBlocks; ++db) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int row = warp * kWarpRows + lane / 4 + i * 8;
+      *reinterpret_cast<uint32_t*>(sQ + swizzle<kHeadDim>(row, db) + (lane % 4) * 2) =
+          pack2<T>(o[db][2 * i] * inv_sum[i], o[db][2 * i + 1] * inv_sum[i]);
+    }
+  }
+  __syncwarp();
+  constexpr int kChunks = kHeadDim / kChunk;
+  T* out = static_cast<T*>(p.out) + head * p.out_head_stride;
+#pragma unroll
+  for (int it = 0; it < kWarpRows * kChunks / kWarpSize; ++it) {
+    const int i = it * kWarpSize + lane;
+    const int row = warp * kWarpRows + i / kChunks, c = i % kChunks;
+    if (row < num_rows) {
+      *reinterpret_cast<uint4*>(out + (static_cast<int64_t>(q_begin) + m0 + row) * p.out_token_stride + c * kChunk) =
+          *reinterpret_cast<const uint4*>(sQ + swizzle<kHeadDim>(row, c));
+    }
+  }
+}
+
+// ---- fp32 CUDA-core kernel ---------------------------------------------------------------------
+
+// Sequence owning query row `token`: the last b with cu_seqlens_q[b] <= token (skips empty ones).
+__device__ __forceinline__ int sequence_of(const int32_t* cu_seqlens_q, int batch, int64_t token) {
+  int lo = 0, hi = batch;  // cu[lo] <= token < cu[hi]
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (cu_seqlens_q[mid] <= token) lo = mid;
+    else hi = mid;
+  }
+  return lo;
+}
+
+// One warp per (query row, head); lane l holds head-dim elements l, l + 32, ...
+template <int kHeadDim>
+__global__ void __launch_bounds__(kThreads) paged_prefill_fp32_kernel(const PrefillParams p) {
+  constexpr int kPerLane = kHeadDim / kWarpSize;
+  const int64_t token = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize;
+  if (token >= p.num_tokens) return;  // whole warps; the kernel has no block-wide barrier
+  const int lane = threadIdx.x % kWarpSize, head = blockIdx.y;
+  const int kv_head = head / (p.num_heads / p.num_kv_heads);
+  const int seq = sequence_of(p.cu_seqlens_q, p.batch, token);
+  const int q_begin = p.cu_seqlens_q[seq], q_len = p.cu_seqlens_q[seq + 1] - q_begin;
+  const int num_keys = p.seq_lens[seq] - q_len + static_cast<int>(token - q_begin) + 1;
+  const int block_shift = __ffs(p.block_size) - 1, block_mask = p.block_size - 1;
+  const int64_t token_stride = static_cast<int64_t>(p.num_kv_heads) * kHeadDim;
+  const int64_t block_stride = (token_stride << block_shift) * 2;
+  const float* cache_head = static_cast<const float*>(p.kv_cache) + static_cast<int64_t>(kv_head) * kHeadDim;
+  const int32_t* block_table = p.block_tables + seq * p.block_table_stride;
+
+  const float* q = static_cast<const float*>(p.query) + token * p.query_token_stride + head * p.query_head_stride;
+  const float scale_log2 = p.scale * kLog2e;
+  float q_reg[kPerLane], acc[kPerLane];
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    q_reg[i] = q[lane + i * kWarpSize] * scale_log2;
+    acc[i] = 0.0f;
+  }
+  float row_max = -INFINITY, row_sum = 0.0f;
+  for (int key = 0; key < num_keys; ++key) {
+    const float* k = cache_head + block_table[key >> block_shift] * block_stride + (key & block_mask) * token_stride;
+    const float* v = k + (token_stride << block_shift);
+    float dot = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) dot += q_reg[i] * k[lane + i * kWarpSize];
+    dot = warp_reduce_sum(dot);
+    const float new_max = fmaxf(row_max, dot);
+    const float correction = exp2f(row_max - new_max), prob = exp2f(dot - new_max);
+    row_max = new_max;
+    row_sum = row_sum * correction + prob;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) acc[i] = acc[i] * correction + prob * v[lane + i * kWarpSize];
+  }
+  float* out = static_cast<float*>(p.out) + token * p.out_token_stride + head * p.out_head_stride;
+  const float inv_sum = 1.0f / row_sum;  // num_keys >= 1: key 0 is always visible
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) out[lane + i * kWarpSize] = acc[i] * inv_sum;
+}
+
+// ---- launch ------------------------------------------------------------------------------------
+
+template <typename T, int kHeadDim>
+cudaError_t launch_mma(const PrefillParams& p, cudaStream_t stream) {
+  // Sum over sequences of ceil(q_len / 64) <= (num_tokens + 63 * batch) / 64, without reading
+  // cu_seqlens_q on the host.
+  const int64_t max_tiles = (p.num_tokens + static_cast<int64_t>(kBlockM - 1) * p.batch) / kBlockM;
+  if (max_tiles > INT_MAX) return cudaErrorInvalidValue;
+  constexpr size_t kSmem = smem_bytes<T, kHeadDim>();
+  auto kernel = paged_prefill_mma_kernel<T, kHeadDim>;
+  FI_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem)));
+  kernel<<<dim3(static_cast<unsigned>(max_tiles), p.num_heads), kThreads, kSmem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <int kHeadDim>
+cudaError_t launch_fp32(const PrefillParams& p, cudaStream_t stream) {
+  const int64_t blocks = ceil_div<int64_t>(p.num_tokens, kWarps);
+  if (blocks > INT_MAX) return cudaErrorInvalidValue;
+  paged_prefill_fp32_kernel<kHeadDim><<<dim3(static_cast<unsigned>(blocks), p.num_heads), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <int kHeadDim>
+cudaError_t launch_for_head_dim(const PrefillParams& p, cudaStream_t stream) {
+  switch (p.dtype) {
+    case DType::kFloat32: return launch_fp32<kHeadDim>(p, stream);
+    case DType::kFloat16: return launch_mma<__half, kHeadDim>(p, stream);
+    case DType::kBFloat16: return launch_mma<__nv_bfloat16, kHeadDim>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+// The 16-byte cp.async / vector stores of the tensor-core kernel need 16-byte aligned rows.
+inline bool rows_are_16_byte_aligned(const PrefillParams& p) {
+  auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  return aligned(p.query) && aligned(p.out) && aligned(p.kv_cache) && p.query_token_stride % kChunk == 0 &&
+         p.query_head_stride % kChunk == 0 && p.out_token_stride % kChunk == 0 && p.out_head_stride % kChunk == 0;
+}
+
+}  // namespace prefill
+
+inline cudaError_t launch_paged_prefill_attention_impl(const PrefillParams& p, cudaStream_t stream) {
+  if (p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;
+  if (p.batch <= 0 || p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads != 0 || p.num_heads > 65535 ||
+      p.block_size <= 0 || (p.block_size & (p.block_size - 1)) != 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.dtype != DType::kFloat32 && !prefill::rows_are_16_byte_aligned(p)) return cudaErrorMisalignedAddress;
+  switch (p.head_dim) {
+    case 64: return prefill::launch_for_head_dim<64>(p, stream);
+    case 128: return prefill::launch_for_head_dim<128>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace fastinfer

@@ -1,0 +1,44 @@
+// Params and launcher of the paged prefill attention kernel. Host-compiler safe: the binding
+// includes this; the kernels live in attention/prefill.cuh.
+//
+// Causal attention of a ragged batch of query rows over the paged KV cache (the CPU reference,
+// csrc/cpu/attention.cpp, is the spec): sequence b owns query rows cu_seqlens_q[b] ..
+// cu_seqlens_q[b+1]; they are the LAST q_len tokens of a seq_lens[b]-token context already in the
+// cache, so query j sits at position seq_lens[b] - q_len + j and sees keys 0 ..= that position.
+// Query head h reads KV head h / (num_heads / num_kv_heads). Strides are in elements.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "fastinfer/types.h"
+
+namespace fastinfer {
+
+struct PrefillParams {
+  void* out;                    // [num_tokens, num_heads, head_dim], last dim contiguous
+  const void* query;            // [num_tokens, num_heads, head_dim], last dim contiguous
+  const void* kv_cache;         // [num_blocks, 2, block_size, num_kv_heads, head_dim], contiguous
+  const int32_t* cu_seqlens_q;  // [batch + 1]
+  const int32_t* seq_lens;      // [batch]
+  const int32_t* block_tables;  // [batch, max_blocks], row stride block_table_stride
+  int64_t num_tokens;
+  int batch;
+  int num_heads, num_kv_heads, head_dim;
+  int block_size;               // a power of two
+  int64_t query_token_stride, query_head_stride;
+  int64_t out_token_stride, out_head_stride;
+  int64_t block_table_stride;
+  float scale;                  // softmax scale (usually head_dim^-0.5)
+  DType dtype;
+};
+
+// Head dims the kernels are compiled for; anything else is refused with cudaErrorInvalidValue.
+inline bool prefill_supports_head_dim(int head_dim) { return head_dim == 64 || head_dim == 128; }
+
+// The bf16/fp16 tensor-core kernel copies 16-byte chunks: query, out and kv_cache must start on
+// 16-byte boundaries and their token / head strides must be multiples of 8 elements. Unmet:
+// cudaErrorMisalignedAddress, before anything is launched.
+cudaError_t launch_paged_prefill_attention(const PrefillParams& p, cudaStream_t stream);
+
+}  // namespace fastinfer

@@ -1,0 +1,73 @@
+// Online softmax over the mma.m16n8k16 accumulator fragments of one warp (used by prefill.cuh).
+//
+// A warp owns 16 query rows. In an m16n8 fp32 accumulator (c0, c1, c2, c3) lane l holds row
+// l / 4 in c0, c1 and row l / 4 + 8 in c2, c3, so each lane carries two rows (index i = 0, 1) and
+// the four lanes of a quad (l / 4 equal) share them: row reductions are two xor-shuffles (1, 2).
+// Scores arrive already multiplied by scale * log2(e), so exp(x * scale) = exp2(score): one ex2
+// per element, and the running max is kept in the same log2 units.
+#pragma once
+#include "fastinfer/common.cuh"
+
+namespace fastinfer {
+namespace prefill {
+
+template <int kKeyBlocks, int kDimBlocks>  // 8-wide blocks of keys (scores) and of head_dim (output)
+struct OnlineSoftmax {
+  float row_max[2];  // running max of the scaled scores, -inf before any visible key
+  float row_sum[2];  // this lane's share of the running denominator (quad-reduced in finalize)
+
+  __device__ __forceinline__ void init() {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      row_max[i] = -INFINITY;
+      row_sum[i] = 0.0f;
+    }
+  }
+
+  // scores[kKeyBlocks][4] (scaled, -inf where masked) become the unnormalised probabilities
+  // exp2(score - max); the output accumulator is rescaled to the new max.
+  __device__ __forceinline__ void update(float (&scores)[kKeyBlocks][4], float (&out)[kDimBlocks][4]) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float new_max = row_max[i];
+#pragma unroll
+      for (int nb = 0; nb < kKeyBlocks; ++nb) {
+        new_max = fmaxf(new_max, fmaxf(scores[nb][2 * i], scores[nb][2 * i + 1]));
+      }
+      new_max = fmaxf(new_max, __shfl_xor_sync(kFullMask, new_max, 1));
+      new_max = fmaxf(new_max, __shfl_xor_sync(kFullMask, new_max, 2));
+      // A row that has seen only masked keys keeps max -inf; subtracting 0 instead keeps
+      // exp2(-inf - base) = 0 rather than exp2(-inf + inf) = NaN.
+      const float base = new_max == -INFINITY ? 0.0f : new_max;
+      const float correction = exp2f(row_max[i] - base);
+      row_max[i] = new_max;
+      float sum = 0.0f;
+#pragma unroll
+      for (int nb = 0; nb < kKeyBlocks; ++nb) {
+        scores[nb][2 * i] = exp2f(scores[nb][2 * i] - base);
+        scores[nb][2 * i + 1] = exp2f(scores[nb][2 * i + 1] - base);
+        sum += scores[nb][2 * i] + scores[nb][2 * i + 1];
+      }
+      row_sum[i] = row_sum[i] * correction + sum;
+#pragma unroll
+      for (int db = 0; db < kDimBlocks; ++db) {
+        out[db][2 * i] *= correction;
+        out[db][2 * i + 1] *= correction;
+      }
+    }
+  }
+
+  // 1 / denominator of rows l / 4 (i = 0) and l / 4 + 8 (i = 1); 0 for a row without any key.
+  __device__ __forceinline__ void inverse_sums(float (&inv)[2]) const {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float sum = row_sum[i];
+      sum += __shfl_xor_sync(kFullMask, sum, 1);
+      sum += __shfl_xor_sync(kFullMask, sum, 2);
+      inv[i] = sum > 0.0f ? 1.0f / sum : 0.0f;
+    }
+  }
+};
+
+}  // namespace prefill
+}  // namespace fastinfer

@@ -1,0 +1,81 @@
+// CUDA binding of paged decode attention: tensors -> DecodeParams, plan, workspace, launch.
+// The workspace (split partials) comes from torch's caching allocator on the current stream, so the
+// op also works inside CUDA-graph capture (the graph's private pool holds it).
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "fastinfer/attention/decode.h"
+#include "common.h"  // csrc/torch/common.h
+
+namespace fastinfer::torch_glue {
+namespace {
+
+constexpr const char* kOp = "paged_decode_attention";
+
+void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
+                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+  // Second line of defence behind python/fastinfer/_ops.py, which checks all of this with ValueErrors.
+  TORCH_CHECK(query.dim() == 3 && out.sizes() == query.sizes() && kv_cache.dim() == 5 && kv_cache.size(1) == 2,
+              "fastinfer.", kOp, ": expected query/out [batch, num_heads, head_dim] and kv_cache "
+              "[num_blocks, 2, block_size, num_kv_heads, head_dim]");
+  for (const at::Tensor* t : {static_cast<const at::Tensor*>(&out), &kv_cache, &block_tables, &seq_lens}) {
+    TORCH_CHECK(t->device() == query.device(), "fastinfer.", kOp, ": all tensors must be on ", query.device());
+  }
+  TORCH_CHECK(out.scalar_type() == query.scalar_type() && kv_cache.scalar_type() == query.scalar_type(),
+              "fastinfer.", kOp, ": out, query and kv_cache must share a dtype");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt, "fastinfer.", kOp,
+              ": block_tables and seq_lens must be int32");
+  TORCH_CHECK(kv_cache.is_contiguous() && seq_lens.is_contiguous() && block_tables.dim() == 2 &&
+                  block_tables.stride(1) == 1 && query.stride(2) == 1 && out.stride(2) == 1,
+              "fastinfer.", kOp, ": kv_cache and seq_lens must be contiguous, and block_tables, query and out "
+              "contiguous in their last dimension");
+  const int64_t head_dim = query.size(2);
+  TORCH_CHECK(decode_head_dim_supported(static_cast<int>(head_dim)), "fastinfer.", kOp,
+              ": the CUDA kernel supports head_dim 64 and 128, got ", head_dim);
+  TORCH_CHECK(kv_cache.size(4) == head_dim && query.size(1) % kv_cache.size(3) == 0, "fastinfer.", kOp,
+              ": kv_cache [.., num_kv_heads, head_dim] must match query (heads a multiple of num_kv_heads)");
+  TORCH_CHECK(block_tables.size(0) == query.size(0) && seq_lens.numel() == query.size(0), "fastinfer.", kOp,
+              ": block_tables and seq_lens need one row per sequence");
+
+  const c10::cuda::CUDAGuard guard(query.device());
+  DecodeParams p{};
+  p.out = out.data_ptr();
+  p.query = query.data_ptr();
+  p.kv_cache = kv_cache.data_ptr();
+  p.block_tables = block_tables.data_ptr<int32_t>();
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.out_batch_stride = out.stride(0);
+  p.out_head_stride = out.stride(1);
+  p.query_batch_stride = query.stride(0);
+  p.query_head_stride = query.stride(1);
+  p.block_table_stride = block_tables.stride(0);
+  p.batch = static_cast<int>(query.size(0));
+  p.num_heads = static_cast<int>(query.size(1));
+  p.num_kv_heads = static_cast<int>(kv_cache.size(3));
+  p.head_dim = static_cast<int>(head_dim);
+  p.block_size = static_cast<int>(kv_cache.size(2));
+  p.max_blocks = static_cast<int>(block_tables.size(1));
+  p.scale = static_cast<float>(scale);
+  p.dtype = to_dtype(query, kOp);
+  const cudaError_t sm_err = cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, query.get_device());
+  TORCH_CHECK(sm_err == cudaSuccess, "fastinfer.", kOp, ": cudaDeviceGetAttribute failed: ", cudaGetErrorString(sm_err));
+
+  DecodePlan plan{};
+  TORCH_CHECK(plan_paged_decode(p, &plan) == cudaSuccess, "fastinfer.", kOp, ": unsupported shape (batch ", p.batch,
+              ", heads ", p.num_heads, "/", p.num_kv_heads, ", head_dim ", p.head_dim, ", block_size ", p.block_size,
+              ", max_blocks ", p.max_blocks, ")");
+  at::Tensor workspace;
+  if (plan.workspace_bytes > 0) {
+    workspace = at::empty({static_cast<int64_t>(plan.workspace_bytes)}, query.options().dtype(at::kByte));
+  }
+  check_launch(launch_paged_decode_attention(p, workspace.defined() ? workspace.data_ptr() : nullptr,
+                                             stream_of(query)),
+               kOp);
+}
+
+}  // namespace
+}  // namespace fastinfer::torch_glue
+
+TORCH_LIBRARY_IMPL(fastinfer, CUDA, m) {
+  m.impl("paged_decode_attention", &fastinfer::torch_glue::paged_decode_attention);
+}

@@ -1,0 +1,68 @@
+// CUDA binding of paged_prefill_attention: tensors -> PrefillParams, current stream, launch.
+// _ops.py has validated shapes, dtypes, devices and indices; the checks here cover what only the
+// CUDA kernel needs (head_dim 64 / 128, 16-byte aligned rows) and turn them into clear messages.
+#include <torch/library.h>
+
+#include "fastinfer/attention/prefill.h"
+#include "common.h"  // csrc/torch/common.h
+
+namespace fastinfer::torch_glue {
+namespace {
+
+constexpr const char* kOp = "paged_prefill_attention";
+
+bool is_16_byte_aligned(const at::Tensor& t) {
+  const int64_t elements_per_16_bytes = 16 / t.element_size();
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % elements_per_16_bytes == 0 &&
+         t.stride(1) % elements_per_16_bytes == 0;
+}
+
+void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
+                             const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
+                             const at::Tensor& block_tables, double scale) {
+  TORCH_CHECK(query.dim() == 3 && out.dim() == 3 && kv_cache.dim() == 5 && block_tables.dim() == 2, kOp,
+              ": query/out must be [num_tokens, num_heads, head_dim], kv_cache 5-d, block_tables 2-d");
+  TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1 && kv_cache.is_contiguous() && block_tables.stride(1) == 1,
+              kOp, ": query and out need a contiguous last dimension, kv_cache must be contiguous");
+  TORCH_CHECK(cu_seqlens_q.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
+                  block_tables.scalar_type() == at::kInt,
+              kOp, ": cu_seqlens_q, seq_lens and block_tables must be int32");
+  const int64_t head_dim = query.size(2);
+  TORCH_CHECK(prefill_supports_head_dim(static_cast<int>(head_dim)), kOp,
+              ": the CUDA kernel supports head_dim 64 and 128, got ", head_dim);
+  if (query.scalar_type() != at::kFloat) {
+    TORCH_CHECK(is_16_byte_aligned(query) && is_16_byte_aligned(out) &&
+                    reinterpret_cast<uintptr_t>(kv_cache.data_ptr()) % 16 == 0,
+                kOp, ": the CUDA kernel reads and writes 16-byte rows: query, out and kv_cache must start on "
+                "16-byte boundaries and the token / head strides of query and out must be multiples of 8 elements");
+  }
+  const c10::cuda::CUDAGuard guard(query.device());
+  PrefillParams p{};
+  p.out = out.data_ptr();
+  p.query = query.data_ptr();
+  p.kv_cache = kv_cache.data_ptr();
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.block_tables = block_tables.data_ptr<int32_t>();
+  p.num_tokens = query.size(0);
+  p.batch = static_cast<int>(seq_lens.size(0));
+  p.num_heads = static_cast<int>(query.size(1));
+  p.num_kv_heads = static_cast<int>(kv_cache.size(3));
+  p.head_dim = static_cast<int>(head_dim);
+  p.block_size = static_cast<int>(kv_cache.size(2));
+  p.query_token_stride = query.stride(0);
+  p.query_head_stride = query.stride(1);
+  p.out_token_stride = out.stride(0);
+  p.out_head_stride = out.stride(1);
+  p.block_table_stride = block_tables.stride(0);
+  p.scale = static_cast<float>(scale);
+  p.dtype = to_dtype(query, kOp);
+  check_launch(launch_paged_prefill_attention(p, stream_of(query)), kOp);
+}
+
+}  // namespace
+}  // namespace fastinfer::torch_glue
+
+TORCH_LIBRARY_IMPL(fastinfer, CUDA, m) {
+  m.impl("paged_prefill_attention", &fastinfer::torch_glue::paged_prefill_attention);
+}

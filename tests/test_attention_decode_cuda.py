@@ -1,0 +1,186 @@
+"""paged_decode_attention on the GPU against the independent references in tests/reference.py.
+
+Tolerance as in test_ops.py (DESIGN.md): max abs error(ours vs fp32 reference) <= 2 x that of the
+same-dtype torch implementation + 1e-5; the references run on the GPU too (fp64 for fp32 inputs).
+The kernel walks each split in tiles of 32 keys and splits the context over CTAs by shapes alone
+(batch, kv heads, block_tables.shape[1] * block_size, SM count): no split when
+batch * num_kv_heads >= 3 x SMs or the table holds at most 7 tiles (224 keys), otherwise splits of
+>= 4 tiles (128 keys) until about 3 CTAs per SM exist.
+The cases below straddle those edges: lengths 1 / 31 / 32 / 33 and odd ones, tables much wider than
+the sequences (most splits empty), more than 32 query heads per KV head (two head chunks).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reference as ref
+from fastinfer import ops
+from test_ops import BLOCK_SIZES, DTYPES, HEAD_DIMS, HEADS, assert_within_tolerance, build_paged_kv, randn, ref_dtype
+
+pytestmark = pytest.mark.cuda
+CUDA = torch.device("cuda")
+
+# test_ops.HEADS (GQA 1, 4, 8, five heads on one KV head) plus 32 heads on one KV head (one CTA's
+# maximum) and 40 on one (two head chunks of 20).
+GQA_HEADS = HEADS + [(32, 1), (40, 1)]
+SEQ_LENS = [1, 7, 113, 1023, 16, 65]
+
+
+def make_query(batch, num_heads, num_kv_heads, head_dim, layout, dtype, gen) -> torch.Tensor:
+    """[batch, num_heads, head_dim] on the GPU: contiguous, a view into a fused qkv tensor, or heads
+    padded (head stride > head_dim). Sliced on the GPU so that the view's strides survive."""
+    kw = dict(dtype=dtype, device=CUDA, gen=gen)
+    if layout == "qkv":
+        return randn(batch, num_heads + 2 * num_kv_heads, head_dim, **kw)[:, :num_heads]
+    if layout == "padded":
+        return randn(batch, num_heads, head_dim + 16, **kw)[..., :head_dim]
+    return randn(batch, num_heads, head_dim, **kw)
+
+
+def make_case(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, layout="qkv", poison=True,
+              extra_blocks=0, seed=2):
+    """Arguments of ops.paged_decode_attention on the GPU. The block table is a column slice of a
+    wider one (strided rows) whose last `extra_blocks` columns hold -1: a longer planned context (more
+    splits) whose entries must never be read."""
+    gen = torch.Generator().manual_seed(seed)
+    kv_cache, block_tables, lens = build_paged_kv(seq_lens, num_kv_heads, head_dim, block_size, dtype, gen, poison)
+    query = make_query(len(seq_lens), num_heads, num_kv_heads, head_dim, layout, dtype, gen)
+    width = block_tables.shape[1] + extra_blocks
+    wide = torch.full((block_tables.shape[0], width + 3), -1, dtype=torch.int32, device=CUDA)
+    wide[:, :block_tables.shape[1]] = block_tables.to(CUDA)
+    return query, kv_cache.to(CUDA), wide[:, :width], lens.to(CUDA), head_dim ** -0.5
+
+
+def check(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, out=None, **kw):
+    args = make_case(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, **kw)
+    ours = ops.paged_decode_attention(*args, out=out)
+    assert_within_tolerance(ours, ref.paged_decode_attention(*args, dtype),
+                            ref.paged_decode_attention(*args, ref_dtype(dtype)))
+    return ours
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("num_heads,num_kv_heads", GQA_HEADS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sweep(dtype, num_heads, num_kv_heads, head_dim, block_size):
+    check(SEQ_LENS, num_heads, num_kv_heads, head_dim, block_size, dtype)
+
+
+@pytest.mark.parametrize("seq_len", [1, 7, 31, 32, 33, 113, 1023, 4097])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lengths(dtype, seq_len):
+    check([seq_len], 8, 2, 128, 16, dtype, layout="contiguous")
+
+
+@pytest.mark.parametrize("block_size", [1, 8, 128])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_other_block_sizes(dtype, block_size):
+    """Any power of two works: the kernel only indexes through the block table."""
+    check([1, 33, 300], 8, 2, 64, block_size, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch1_context_8192(dtype):
+    """Llama-3-8B heads at batch 1: one CTA per kv head would leave the GPU idle, so many splits."""
+    check([8192], 32, 8, 128, 16, dtype, layout="contiguous")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch3(dtype):
+    check([4097, 1, 2048], 8, 1, 128, 16, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch64(dtype):
+    """64 sequences x 8 kv heads = 512 CTAs: no split on a 132-SM Hopper."""
+    lens = torch.randint(1, 700, (64,), generator=torch.Generator().manual_seed(5)).tolist()
+    check(lens, 32, 8, 128, 16, dtype, layout="contiguous")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_many_splits(dtype):
+    """A table planned for 16384 keys, 4 sequences x 1 kv head: dozens of splits (86 of 192 keys on
+    132 SMs), most of them past the sequences' ends (empty states the merge must skip)."""
+    check([7, 1, 129, 3000], 4, 1, 128, 16, dtype, extra_blocks=1024 - 189)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_split(dtype):
+    """One split both ways: a table of 144 keys (5 tiles), and batch x kv heads >= 3 x SMs."""
+    check([100, 7, 128], 8, 2, 128, 16, dtype)
+    num_sms = torch.cuda.get_device_properties(CUDA).multi_processor_count
+    lens = torch.randint(1, 300, (3 * num_sms,), generator=torch.Generator().manual_seed(6)).tolist()
+    check(lens, 4, 1, 64, 32, dtype, extra_blocks=200)
+
+
+@pytest.mark.parametrize("extra_blocks", [0, 1000])
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ignores_nan_padding(dtype, block_size, extra_blocks):
+    """NaN in unused slots, in the tails of last blocks and in blocks that unused table entries name
+    changes nothing, with and without splits: the output is finite and bitwise identical."""
+    case = ([7, 113, 1, 50, 31, 33], 8, 2, 64, block_size, dtype)
+    poisoned = ops.paged_decode_attention(*make_case(*case, poison=True, extra_blocks=extra_blocks))
+    clean = ops.paged_decode_attention(*make_case(*case, poison=False, extra_blocks=extra_blocks))
+    assert torch.isfinite(poisoned).all() and torch.equal(poisoned, clean)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "qkv", "padded"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_query_and_out(dtype, layout):
+    """Query and out as views with row strides > their widths; out's neighbours stay untouched."""
+    seq_lens, num_heads, head_dim = [7, 500, 1], 8, 128
+    base = randn(len(seq_lens), num_heads + 2, head_dim + 8, dtype=dtype, device=CUDA, gen=torch.Generator())
+    before = base.clone()
+    out = base[:, 1:num_heads + 1, 8:]
+    check(seq_lens, num_heads, 2, head_dim, 16, dtype, out=out, layout=layout)
+    outside = torch.ones_like(base, dtype=torch.bool)
+    outside[:, 1:num_heads + 1, 8:] = False
+    assert torch.equal(base[outside], before[outside])
+
+
+def test_deterministic():
+    args = make_case([3000, 17], 16, 2, 128, 16, torch.bfloat16, extra_blocks=100)
+    assert torch.equal(ops.paged_decode_attention(*args), ops.paged_decode_attention(*args))
+
+
+def test_cuda_graph_replay_with_new_lengths():
+    """The split plan depends on shapes only: a graph captured once replays correctly after seq_lens,
+    block tables and query change in place (the workspace comes from the graph's pool)."""
+    seq_lens, dtype = [900, 5, 2000], torch.bfloat16
+    query, kv_cache, block_tables, lens, scale = make_case(seq_lens, 8, 2, 128, 16, dtype, extra_blocks=50)
+    out = torch.empty_like(query)
+    run = lambda: ops.paged_decode_attention(query, kv_cache, block_tables, lens, scale, out=out,  # noqa: E731
+                                             check_indices=False)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # warm-up outside capture, as torch recommends
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    # The table rows swap places each time; each row's new length stays within what it was built for.
+    for new_lens in ([1999, 1, 33], [1, 5, 2000]):
+        block_tables.copy_(block_tables.flip(0))
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        query.copy_(torch.randn(query.shape, generator=torch.Generator().manual_seed(sum(new_lens))).to(query))
+        out.fill_(float("nan"))
+        graph.replay()
+        args = (query, kv_cache, block_tables, lens, scale)
+        assert_within_tolerance(out, ref.paged_decode_attention(*args, dtype), ref.paged_decode_attention(*args, torch.float32))
+
+
+def test_opcheck():
+    query, kv_cache, block_tables, lens, scale = make_case([5, 200], 4, 2, 64, 16, torch.float32, poison=False,
+                                                           extra_blocks=300)
+    torch.library.opcheck(torch.ops.fastinfer.paged_decode_attention.default,
+                          (torch.empty_like(query), query, kv_cache, block_tables, lens, scale))
+
+
+def test_unsupported_head_dim_is_refused():
+    args = make_case([5, 20], 4, 2, 96, 16, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="head_dim 64 and 128, got 96"):
+        ops.paged_decode_attention(*args)

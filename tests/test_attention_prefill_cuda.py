@@ -1,0 +1,171 @@
+"""paged_prefill_attention on the GPU against the independent references in tests/reference.py.
+
+Tolerance as in test_ops.py (DESIGN.md): max abs error(ours vs fp32 reference) <= 2 x that of the
+same-dtype torch implementation + 1e-5. Inputs are drawn on the CPU with a seeded generator and
+moved; the references run on the GPU too (fp64 for fp32 inputs). The bf16/fp16 kernel tiles 64 query
+rows x 64 keys, so the cases straddle those edges: 63/64/65-row chunks, contexts that are not a
+multiple of 64 in front of the chunk, more than 32 sequences (the tile lookup scans 32 at a time).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reference as ref
+from fastinfer import ops
+from test_ops import BLOCK_SIZES, DTYPES, HEAD_DIMS, HEADS, assert_within_tolerance, build_paged_kv, randn, ref_dtype
+
+pytestmark = pytest.mark.cuda
+CUDA = torch.device("cuda")
+
+
+def make_query(num_tokens, num_heads, num_kv_heads, head_dim, layout, dtype, gen) -> torch.Tensor:
+    """[num_tokens, num_heads, head_dim] on the GPU: contiguous, a view into a fused qkv tensor, or
+    heads padded (head stride > head_dim). Built on the GPU as a whole, then sliced, so the view's
+    strides survive (moving a view copies it into a contiguous tensor)."""
+    kw = dict(dtype=dtype, device=CUDA, gen=gen)
+    if layout == "qkv":
+        return randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, **kw)[:, :num_heads]
+    if layout == "padded":
+        return randn(num_tokens, num_heads, head_dim + 16, **kw)[..., :head_dim]
+    return randn(num_tokens, num_heads, head_dim, **kw)
+
+
+def make_case(seq_lens, q_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, layout="qkv",
+              poison=True, seed=1):
+    """Arguments of ops.paged_prefill_attention on the GPU: a shuffled block table (rows strided,
+    as a column slice of a wider table) over a cache whose unused slots hold NaN (poison)."""
+    gen = torch.Generator().manual_seed(seed)
+    kv_cache, block_tables, lens = build_paged_kv(seq_lens, num_kv_heads, head_dim, block_size, dtype, gen, poison)
+    query = make_query(sum(q_lens), num_heads, num_kv_heads, head_dim, layout, dtype, gen)
+    cu_seqlens_q = torch.tensor([0] + list(q_lens), dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    wide = torch.full((block_tables.shape[0], block_tables.shape[1] + 3), -1, dtype=torch.int32, device=CUDA)
+    wide[:, :block_tables.shape[1]] = block_tables.to(CUDA)
+    return (query, kv_cache.to(CUDA), cu_seqlens_q.to(CUDA), lens.to(CUDA), wide[:, :block_tables.shape[1]],
+            head_dim ** -0.5)
+
+
+def check(seq_lens, q_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, layout="qkv", out=None):
+    args = make_case(seq_lens, q_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, layout)
+    ours = ops.paged_prefill_attention(*args, out=out)
+    assert_within_tolerance(ours, ref.paged_prefill_attention(*args, dtype),
+                            ref.paged_prefill_attention(*args, ref_dtype(dtype)))
+    return ours
+
+
+# A full prompt, one token, a chunk continuing a context, an empty sequence, and a 65-row chunk of a
+# context of 200 (two query tiles, the chunk starting 135 keys in: not tile aligned).
+RAGGED = ([7, 1, 113, 0, 200], [7, 1, 40, 0, 65])
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("num_heads,num_kv_heads", HEADS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sweep(dtype, num_heads, num_kv_heads, head_dim, block_size):
+    check(*RAGGED, num_heads, num_kv_heads, head_dim, block_size, dtype)
+
+
+@pytest.mark.parametrize("seq_len,q_len", [
+    pytest.param(1, 1, id="1"), pytest.param(7, 7, id="7"), pytest.param(64, 64, id="64"),
+    pytest.param(113, 113, id="113"), pytest.param(1023, 1023, id="1023"), pytest.param(4097, 4097, id="4097"),
+    pytest.param(113, 50, id="113-chunk50"), pytest.param(1023, 1, id="1023-last1"),
+    pytest.param(1023, 63, id="1023-chunk63"), pytest.param(4097, 1000, id="4097-chunk1000"),
+])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lengths(dtype, seq_len, q_len):
+    check([seq_len], [q_len], 8, 2, 128, 16, dtype, layout="contiguous")
+
+
+@pytest.mark.parametrize("case", [  # test_ops.py's CPU cases, and the 4097 one it marks slow there
+    pytest.param(([1023], [1023], 3, 1, 128, 16), id="1023-full-heads3:1-d128-bs16"),
+    pytest.param(([1023, 300], [64, 300], 8, 2, 64, 32), id="1023-chunk64+300-heads8:2-d64-bs32"),
+    pytest.param(([4097, 33], [4097, 1], 8, 2, 128, 16), id="4097+33-last1-heads8:2-d128-bs16"),
+    pytest.param(([4097, 2048], [1000, 2048], 32, 8, 64, 64), id="4097-chunk1000+2048-heads32:8-d64-bs64"),
+])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_long(dtype, case):
+    check(*case, dtype, layout="contiguous")
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_many_sequences(dtype, head_dim):
+    """70 sequences (three 32-sequence steps of the tile lookup), random lengths and chunk sizes,
+    some empty chunks."""
+    gen = torch.Generator().manual_seed(7)
+    seq_lens = torch.randint(1, 300, (70,), generator=gen)
+    q_lens = (torch.rand(70, generator=gen) * (seq_lens + 1)).long().clamp(max=seq_lens)
+    q_lens[::9] = 0
+    q_lens[1::7] = seq_lens[1::7]
+    check(seq_lens.tolist(), q_lens.tolist(), 8, 1, head_dim, 32, dtype)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "qkv", "padded"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layouts_and_strided_out(dtype, layout):
+    seq_lens, q_lens = [130, 70], [130, 6]
+    # out: a view with a head stride of 88 and rows starting 8 elements in; NaN where it is not written
+    out = torch.full((sum(q_lens), 4, 64 + 24), float("nan"), dtype=dtype, device=CUDA)[..., 8:72]
+    ours = check(seq_lens, q_lens, 4, 4, 64, 64, dtype, layout=layout, out=out)
+    assert ours.data_ptr() == out.data_ptr()
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ignores_nan_padding(dtype, block_size):
+    """NaN in unused slots and in the blocks named by unused table entries changes nothing."""
+    case = ([7, 113, 1, 50, 200], [7, 20, 1, 50, 131], 8, 2, 128, block_size, dtype)
+    poisoned = ops.paged_prefill_attention(*make_case(*case, poison=True))
+    clean = ops.paged_prefill_attention(*make_case(*case, poison=False))
+    assert torch.isfinite(poisoned).all() and torch.equal(poisoned, clean)
+
+
+@pytest.mark.parametrize("split", [1, 63, 64, 128, 300])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chunked_prefill_matches_full_prefill(dtype, split):
+    """A 301-token prefill == a prefill of `split` tokens then one of the rest. Each row sees the same
+    64-key tiles in the same order wherever its query tile starts (tiles past its position add exact
+    zeros), so equality is exact."""
+    seq_len, num_kv_heads, head_dim, block_size = 301, 2, 64, 16
+    query, kv_cache, _, _, block_tables, scale = make_case([seq_len], [seq_len], 8, num_kv_heads, head_dim,
+                                                           block_size, dtype, seed=3)
+
+    def prefill(rows, context_len, cache):
+        cu = torch.tensor([0, rows.shape[0]], dtype=torch.int32, device=CUDA)
+        lens = torch.tensor([context_len], dtype=torch.int32, device=CUDA)
+        return ops.paged_prefill_attention(rows, cache, cu, lens, block_tables, scale)
+
+    full = prefill(query, seq_len, kv_cache)
+    first_cache = kv_cache.clone()  # the first chunk runs before the rest is written: NaN there
+    later = torch.arange(split, seq_len, device=CUDA)
+    first_cache[block_tables[0, later // block_size].long(), :, later % block_size] = float("nan")
+    chunked = torch.cat((prefill(query[:split], split, first_cache), prefill(query[split:], seq_len, kv_cache)))
+    assert torch.equal(chunked, full)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_no_query_rows(dtype):
+    args = make_case([5, 9], [0, 0], 4, 2, 64, 16, dtype)
+    assert ops.paged_prefill_attention(*args).shape == (0, 4, 64)
+
+
+def test_opcheck():
+    args = make_case([5, 20], [3, 20], 4, 2, 64, 16, torch.bfloat16, layout="contiguous", poison=False)
+    names = ("query", "kv_cache", "cu_seqlens_q", "seq_lens", "block_tables", "scale")
+    kwargs = dict(zip(names, args), out=torch.empty_like(args[0]))
+    torch.library.opcheck(torch.ops.fastinfer.paged_prefill_attention.default, (), kwargs)
+
+
+def test_unsupported_head_dim_is_a_clear_error():
+    args = make_case([5], [5], 4, 2, 96, 16, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="head_dim 64 and 128, got 96"):
+        ops.paged_prefill_attention(*args)
+
+
+def test_misaligned_query_is_a_clear_error():
+    query, *rest = make_case([5], [5], 4, 2, 64, 16, torch.bfloat16)
+    shifted = torch.zeros(5, 4, 72, dtype=torch.bfloat16, device=CUDA)[..., 1:65]  # rows start 2 bytes in
+    shifted.copy_(query)
+    with pytest.raises(RuntimeError, match="16-byte"):
+        ops.paged_prefill_attention(shifted, *rest)
