@@ -1,6 +1,7 @@
 """Speculative verify: bit-exact parity with an independent torch reference of the rule, chi-square
 tests that the emitted tokens follow the target (first token, and the first two jointly), full
-acceptance when draft == target, greedy semantics, ragged batches, bad input and opcheck."""
+acceptance when draft == target, greedy semantics, ragged batches, the `verify` helper, bad
+input and opcheck."""
 import math
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from scipy.stats import chisquare
 
 from fastinfer import ops
+from fastinfer.spec import verify
 
 kNumDraws = 100_000
 kMinPValue = 1e-3
@@ -365,6 +367,26 @@ def test_no_proposals_at_all(device):
     assert tokens[:, 0].tolist() == [reference_draw(target[b, 0], torch.zeros(16), float(u[b])) for b in range(5)]
     empty = {name: t[:0] for name, t in case.items()}
     assert run_op(to_device(empty, device))[0].shape == (0, 1)
+
+
+def test_verify_helper_is_reproducible_per_request(device):
+    gen = torch.Generator().manual_seed(4)
+    case = to_device(random_case(6, 3, 32, gen), device)
+    args = [case[name] for name in ("draft_token_ids", "num_draft_tokens", "target_probs", "draft_probs")]
+
+    def generators(seeds):
+        return [None if s is None else torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    first = verify(*args, generators=generators(range(6)))
+    assert all(torch.equal(a, b) for a, b in zip(first, verify(*args, generators=generators(range(6)))))
+    mixed = verify(*args, generators=generators([0, None, 2, None, 4, None]))
+    for b in (0, 2, 4):  # seeded requests do not depend on the unseeded ones
+        assert torch.equal(mixed[0][b], first[0][b])
+    alone = verify(*[a[2:3] for a in args], generators=generators([2]))
+    assert torch.equal(alone[0][0], first[0][2])
+    greedy = verify(*args, greedy=True)
+    assert torch.equal(greedy[0].cpu(), reference_verify(**{name: case[name].cpu() if case[name] is not None else None
+                                                             for name in case}, greedy=True)[0])
 
 
 # ----------------------------------------------------------------------------- (f) bad input, (g) opcheck
