@@ -18,6 +18,12 @@ TORCH_LIBRARY(fastinfer, m) {
   m.def(
       "paged_decode_attention(Tensor(a!) out, Tensor query, Tensor kv_cache, Tensor block_tables, "
       "Tensor seq_lens, float scale) -> ()");
+  // Speculative decoding: accept a prefix of each request's proposals, then emit one more token
+  // (python/fastinfer/_ops.py: speculative_verify documents the arguments).
+  m.def(
+      "speculative_verify(Tensor(a!) output_token_ids, Tensor(b!) num_accepted, Tensor draft_token_ids, "
+      "Tensor num_draft_tokens, Tensor target_probs, Tensor? draft_probs, Tensor? uniform_accept, "
+      "Tensor? uniform_sample, bool greedy) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {
@@ -28,4 +34,5 @@ TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {
   m.impl("reshape_and_cache", &fastinfer::cpu::reshape_and_cache);
   m.impl("paged_prefill_attention", &fastinfer::cpu::paged_prefill_attention);
   m.impl("paged_decode_attention", &fastinfer::cpu::paged_decode_attention);
+  m.impl("speculative_verify", &fastinfer::cpu::speculative_verify);
 }

@@ -3,6 +3,8 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+
 namespace fastinfer::cpu {
 
 void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double eps);
@@ -17,5 +19,10 @@ void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at:
                              const at::Tensor& block_tables, double scale);
 void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                             const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale);
+
+void speculative_verify(at::Tensor& output_token_ids, at::Tensor& num_accepted, const at::Tensor& draft_token_ids,
+                        const at::Tensor& num_draft_tokens, const at::Tensor& target_probs,
+                        const std::optional<at::Tensor>& draft_probs, const std::optional<at::Tensor>& uniform_accept,
+                        const std::optional<at::Tensor>& uniform_sample, bool greedy);
 
 }  // namespace fastinfer::cpu
