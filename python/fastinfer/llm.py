@@ -130,8 +130,11 @@ class LLM:
                     results[out.request_id] = self.engine.pop_finished(out.request_id)
                     if bar is not None:
                         elapsed = max(time.perf_counter() - start, 1e-9)
-                        bar.set_postfix_str(f"in: {(self.engine.num_prompt_tokens - tokens0[0]) / elapsed:.0f} tok/s, "
-                                            f"out: {(self.engine.num_output_tokens - tokens0[1]) / elapsed:.0f} tok/s")
+                        postfix = (f"in: {(self.engine.num_prompt_tokens - tokens0[0]) / elapsed:.0f} tok/s, "
+                                   f"out: {(self.engine.num_output_tokens - tokens0[1]) / elapsed:.0f} tok/s")
+                        if self.engine.proposer is not None:
+                            postfix += f", accept len: {self.engine.spec_stats.mean_acceptance_length:.2f}"
+                        bar.set_postfix_str(postfix)
                         bar.update(1)
         if bar is not None:
             bar.close()
