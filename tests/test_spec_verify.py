@@ -162,12 +162,25 @@ def test_matches_reference_exactly(device, vocab, mode):
     assert torch.equal(tokens.cpu(), expected[0])
 
 
-def test_strided_probabilities_match_contiguous(device):
+@pytest.mark.parametrize("vocab", [40000, 40001], ids=["V40000", "V40001"])  # 79 chunks: 3 per lane of the scan
+@pytest.mark.parametrize("mode", ["draft_probs", "greedy"])
+def test_large_vocabulary_matches_reference(device, vocab, mode):
+    gen = torch.Generator().manual_seed(vocab)
+    case = random_case(12, 3, vocab, gen, with_draft_probs=mode == "draft_probs")
+    expected = reference_verify(**case, greedy=mode == "greedy")
+    tokens, accepted = run_op(to_device(case, device), greedy=mode == "greedy")
+    assert torch.equal(tokens.cpu(), expected[0]) and torch.equal(accepted.cpu(), expected[1])
+
+
+@pytest.mark.parametrize("offset", [8, 9], ids=["aligned", "misaligned"])  # 16-byte vector loads or not
+def test_strided_probabilities_match_contiguous(device, offset):
     gen = torch.Generator().manual_seed(1)
     case = random_case(16, 3, 64, gen)
-    wide = torch.rand(16, 6, 80, generator=gen)
-    wide[:, 1:5, 8:72] = case["target_probs"]
-    strided = dict(case, target_probs=wide[:, 1:5, 8:72])  # row strides 480 / 80, offset 88 floats
+    wide_target, wide_draft = torch.rand(16, 6, 80, generator=gen), torch.rand(16, 5, 80, generator=gen)
+    wide_target[:, 1:5, offset:offset + 64] = case["target_probs"]
+    wide_draft[:, 2:5, offset:offset + 64] = case["draft_probs"]
+    strided = dict(case, target_probs=wide_target[:, 1:5, offset:offset + 64],
+                   draft_probs=wide_draft[:, 2:5, offset:offset + 64])
     expected = reference_verify(**case)
     for c in (case, strided):
         tokens, accepted = run_op(to_device(c, device))

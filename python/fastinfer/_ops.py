@@ -229,7 +229,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
 
 # ---- speculative decoding -------------------------------------------------------------------------
 
-# Largest vocabulary of speculative_verify (the CUDA kernel's chunk table; csrc/.../spec/verify_math.h).
+# Largest vocabulary of speculative_verify: the CUDA kernel's chunk table (kMaxVocab in
+# csrc/include/fastinfer/spec/verify_math.h).
 SPEC_MAX_VOCAB = 1 << 20
 
 
