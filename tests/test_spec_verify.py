@@ -121,9 +121,15 @@ def poison(case, gen):
     case["uniform_accept"][3, 0] = float("nan")
     case["uniform_sample"][:4] = torch.tensor([0.0, 1.0 - 2 ** -24, 1.0, float("nan")])
     ids = case["draft_token_ids"]
-    case["num_draft_tokens"][:5] = k1 - 1
-    ids[:5] = torch.randint(vocab, (5, k1 - 1), generator=gen)
+    case["num_draft_tokens"][:10] = k1 - 1
+    ids[:10] = torch.randint(vocab, (10, k1 - 1), generator=gen)
     ids[4, 0] = int(target[4, 0].argmin())  # a proposal the target gives probability 0 (sparse rows)
+    # Edge values exactly at the proposals, where the accept test reads them.
+    for row, value in [(5, 1e-40), (6, float("nan")), (7, 5.0)]:
+        target[row, 0, ids[row, 0]] = value
+    if draft is not None:
+        draft[8, 0, ids[8, 0]] = 3e-39  # subnormal q(x): q = 0 accepts whenever p(x) > 0
+    case["uniform_accept"][9, 0] = 1e-45  # subnormal uniform
     return case
 
 
@@ -162,12 +168,25 @@ def test_matches_reference_exactly(device, vocab, mode):
     assert torch.equal(tokens.cpu(), expected[0])
 
 
-def test_strided_probabilities_match_contiguous(device):
+@pytest.mark.parametrize("vocab", [40000, 40001], ids=["V40000", "V40001"])  # 79 chunks: 3 per lane of the scan
+@pytest.mark.parametrize("mode", ["draft_probs", "greedy"])
+def test_large_vocabulary_matches_reference(device, vocab, mode):
+    gen = torch.Generator().manual_seed(vocab)
+    case = random_case(12, 3, vocab, gen, with_draft_probs=mode == "draft_probs")
+    expected = reference_verify(**case, greedy=mode == "greedy")
+    tokens, accepted = run_op(to_device(case, device), greedy=mode == "greedy")
+    assert torch.equal(tokens.cpu(), expected[0]) and torch.equal(accepted.cpu(), expected[1])
+
+
+@pytest.mark.parametrize("offset", [8, 9], ids=["aligned", "misaligned"])  # 16-byte vector loads or not
+def test_strided_probabilities_match_contiguous(device, offset):
     gen = torch.Generator().manual_seed(1)
     case = random_case(16, 3, 64, gen)
-    wide = torch.rand(16, 6, 80, generator=gen)
-    wide[:, 1:5, 8:72] = case["target_probs"]
-    strided = dict(case, target_probs=wide[:, 1:5, 8:72])  # row strides 480 / 80, offset 88 floats
+    wide_target, wide_draft = torch.rand(16, 6, 80, generator=gen), torch.rand(16, 5, 80, generator=gen)
+    wide_target[:, 1:5, offset:offset + 64] = case["target_probs"]
+    wide_draft[:, 2:5, offset:offset + 64] = case["draft_probs"]
+    strided = dict(case, target_probs=wide_target[:, 1:5, offset:offset + 64],
+                   draft_probs=wide_draft[:, 2:5, offset:offset + 64])
     expected = reference_verify(**case)
     for c in (case, strided):
         tokens, accepted = run_op(to_device(c, device))
@@ -178,7 +197,8 @@ def test_large_mass_threshold_is_exact():
     # All-ones rows: total mass V * 2^32 (> 2^32, the split 64-bit product) at every uniform.
     vocab = 5000
     u = torch.tensor([0.0, 0.3, 0.5, 0.9999, 1.0 - 2 ** -24])
-    case = dict(draft_token_ids=torch.zeros(5, 0, dtype=torch.int64), num_draft_tokens=torch.zeros(5, dtype=torch.int32),
+    case = dict(draft_token_ids=torch.zeros(5, 0, dtype=torch.int64),
+                num_draft_tokens=torch.zeros(5, dtype=torch.int32),
                 target_probs=torch.ones(5, 1, vocab), uniform_accept=torch.zeros(5, 0), uniform_sample=u)
     tokens, _ = run_op(case)
     assert tokens[:, 0].tolist() == [math.floor(float(x) * vocab) for x in u]
@@ -305,7 +325,8 @@ def test_known_answers_at_the_edges(device):
     case = dict(draft_token_ids=torch.tensor([[0], [2], [1], [-1]]),
                 num_draft_tokens=torch.tensor([1, 1, 1, 0], dtype=torch.int32), target_probs=target,
                 draft_probs=torch.stack([p, torch.eye(3)[2], p, p])[:, None],
-                uniform_accept=torch.tensor([[1.0], [1.0], [0.0], [0.5]]), uniform_sample=torch.tensor([0.6, 0.6, 0.6, 0.9]))
+                uniform_accept=torch.tensor([[1.0], [1.0], [0.0], [0.5]]),
+                uniform_sample=torch.tensor([0.6, 0.6, 0.6, 0.9]))
     for draft_probs, first in [(case["draft_probs"], 1), (None, 2)]:
         tokens, accepted = run_op(to_device(dict(case, draft_probs=draft_probs), device))
         assert tokens.tolist() == [[first, -1], [2, -1], [0, -1], [2, -1]]
@@ -360,7 +381,8 @@ def test_no_proposals_at_all(device):
     gen = torch.Generator().manual_seed(2)
     target = normalized(torch.rand(5, 1, 16, generator=gen))
     u = torch.rand(5, generator=gen)
-    case = dict(draft_token_ids=torch.zeros(5, 0, dtype=torch.int64), num_draft_tokens=torch.zeros(5, dtype=torch.int32),
+    case = dict(draft_token_ids=torch.zeros(5, 0, dtype=torch.int64),
+                num_draft_tokens=torch.zeros(5, dtype=torch.int32),
                 target_probs=target, uniform_accept=torch.zeros(5, 0), uniform_sample=u)
     tokens, accepted = run_op(to_device(case, device))
     assert accepted.tolist() == [0] * 5

@@ -229,7 +229,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
 
 # ---- speculative decoding -------------------------------------------------------------------------
 
-# Largest vocabulary of speculative_verify (the CUDA kernel's chunk table; csrc/.../spec/verify_math.h).
+# Largest vocabulary of speculative_verify: the CUDA kernel's chunk table (kMaxVocab in
+# csrc/include/fastinfer/spec/verify_math.h).
 SPEC_MAX_VOCAB = 1 << 20
 
 
@@ -247,7 +248,8 @@ def _check_spec_indices(op: str, draft_token_ids, num_draft_tokens, vocab: int) 
 
 def _check_spec_uniforms(op: str, uniform_accept, uniform_sample, greedy: bool, batch: int, k: int, like) -> None:
     """Both required unless greedy (then ignored, but checked when given)."""
-    for name, t, shape in [("uniform_accept", uniform_accept, (batch, k)), ("uniform_sample", uniform_sample, (batch,))]:
+    for name, t, shape in [("uniform_accept", uniform_accept, (batch, k)),
+                           ("uniform_sample", uniform_sample, (batch,))]:
         if t is None:
             if not greedy:
                 _fail(op, f"{name} is required unless greedy, got None")

@@ -24,9 +24,10 @@
 //  - greedy: argmax of up to k + 1 rows: at most 5 x 0.51 MB = 2.57 MB per request, 41.0 MB
 //    (9.6 us) when everything is accepted.
 // With one CTA per request only 16 of 132 SMs stream at B = 16; 32 warps x 4 KiB in flight per
-// SM at ~1 us DRAM latency is ~130 GB/s per SM, so expect ~8 us (sampling), latency-bound, and
-// bandwidth-bound only from B ~ 132. Splitting the vocabulary over several CTAs per request
-// would close that gap (estimate; not measured).
+// SM at ~1 us DRAM latency is ~130 GB/s per SM, so expect ~8 us (sampling; greedy streams one row
+// at a time with half that in flight: up to ~40 us when all k + 1 rows are read), latency-bound,
+// and bandwidth-bound only from B ~ 132. Splitting the vocabulary over several CTAs per request
+// would close that gap (estimates; not measured).
 #pragma once
 #include <climits>
 
