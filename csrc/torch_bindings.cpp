@@ -18,6 +18,9 @@ TORCH_LIBRARY(fastinfer, m) {
   m.def(
       "paged_decode_attention(Tensor(a!) out, Tensor query, Tensor kv_cache, Tensor block_tables, "
       "Tensor seq_lens, float scale) -> ()");
+  m.def(
+      "int4_linear(Tensor(a!) out, Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? mins, "
+      "int group_size) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {
@@ -28,4 +31,5 @@ TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {
   m.impl("reshape_and_cache", &fastinfer::cpu::reshape_and_cache);
   m.impl("paged_prefill_attention", &fastinfer::cpu::paged_prefill_attention);
   m.impl("paged_decode_attention", &fastinfer::cpu::paged_decode_attention);
+  m.impl("int4_linear", &fastinfer::cpu::int4_linear);
 }

@@ -3,6 +3,8 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+
 namespace fastinfer::cpu {
 
 void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double eps);
@@ -17,5 +19,7 @@ void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at:
                              const at::Tensor& block_tables, double scale);
 void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                             const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale);
+void int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                 const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& mins, int64_t group_size);
 
 }  // namespace fastinfer::cpu

@@ -1,0 +1,52 @@
+"""Shared fixtures and marker handling (markers are declared in pyproject.toml).
+
+`cuda` tests are skipped unless a GPU is visible and the extension was built with CUDA; `sm90`
+tests unless that GPU is a Hopper (capability 9.0). The `device` fixture runs one test body on
+CPU and, marked `cuda`, on the GPU.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastinfer
+
+
+def _cuda_skip_reason() -> str | None:
+    if not fastinfer.ops._C.with_cuda:
+        return "fastinfer was built without CUDA"
+    if not torch.cuda.is_available():
+        return "no CUDA device visible to torch"
+    return None
+
+
+def _sm90_skip_reason() -> str | None:
+    reason = _cuda_skip_reason()
+    if reason is None and torch.cuda.get_device_capability() != (9, 0):
+        reason = f"needs a Hopper GPU (sm_90), got capability {torch.cuda.get_device_capability()}"
+    return reason
+
+
+def pytest_collection_modifyitems(config, items):
+    cuda_reason, sm90_reason = _cuda_skip_reason(), _sm90_skip_reason()
+    for item in items:
+        if item.get_closest_marker("sm90") and sm90_reason:
+            item.add_marker(pytest.mark.skip(reason=sm90_reason))
+        elif item.get_closest_marker("cuda") and cuda_reason:
+            item.add_marker(pytest.mark.skip(reason=cuda_reason))
+
+
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """The device a test's tensors live on: CPU always, the GPU for `cuda`-marked runs."""
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A CPU generator with a fixed seed: tensors are drawn on the CPU, then moved, so a test sees
+    the same numbers on every device."""
+    return torch.Generator().manual_seed(0)
