@@ -126,12 +126,11 @@ def _codes_to_words(codes: torch.Tensor) -> torch.Tensor:
     """uint8 [N, K] -> int32 [N / 64, 8 K] (see the module docstring for the index formulas)."""
     n, k = codes.shape
     # codes[n, k] with n = 64 s + 8 (2 i + h) + g and k = 16 t + 8 r + 2 c + hi
-    x = codes.to(torch.int64).reshape(n // 64, 4, 2, 8, k // 16, 2, 4, 2)  # s i h g t r c hi
-    x = x.permute(0, 4, 3, 6, 1, 7, 2, 5)                                   # s t g c i hi h r
-    x = x.reshape(n // 64, k // 16, 32, 4, 8)                               # s t L i p
-    words = (x << (4 * torch.arange(8, dtype=torch.int64))).sum(-1)
-    words = torch.where(words >= 2**31, words - 2**32, words)  # uint32 bit pattern as int32
-    return words.to(torch.int32).reshape(n // 64, 8 * k)
+    x = codes.reshape(n // 64, 4, 2, 8, k // 16, 2, 4, 2)  # s i h g t r c hi
+    x = x.permute(0, 4, 3, 6, 1, 7, 2, 5)                  # s t g c i hi h r
+    x = x.reshape(n // 64, k // 16, 32, 4, 8)              # s t L i p   (one uint8 copy)
+    nibble_pairs = (x[..., 0::2] | (x[..., 1::2] << 4)).contiguous()  # byte b = nibbles 2b, 2b + 1
+    return nibble_pairs.view(torch.int32).reshape(n // 64, 8 * k)  # little-endian bytes = the word
 
 
 def _words_to_codes(qweight: torch.Tensor) -> torch.Tensor:
