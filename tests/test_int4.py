@@ -170,6 +170,17 @@ def test_int4_linear_shapes(device, n, k):
         check_against_reference(run_int4_linear(x, w), x, w)
 
 
+@pytest.mark.parametrize("m", [1, 16, 64, 257])
+def test_int4_linear_many_tiles_is_deterministic(device, m):
+    """N = 4096: a GPU splits K for small M and not for large M; both reductions are deterministic."""
+    gen = torch.Generator().manual_seed(m)
+    w = random_weight(4096, 1024, 128, "symmetric", gen)
+    x = torch.randn(m, 1024, generator=gen).to(torch.bfloat16).to(device)
+    first = run_int4_linear(x, w)
+    check_against_reference(first, x, w)
+    assert torch.equal(first, run_int4_linear(x, w))
+
+
 def test_int4_linear_strided_rows_and_out(device):
     dtype = torch.bfloat16
     gen = torch.Generator().manual_seed(5)
