@@ -24,6 +24,9 @@ TORCH_LIBRARY(fastinfer, m) {
       "speculative_verify(Tensor(a!) output_token_ids, Tensor(b!) num_accepted, Tensor draft_token_ids, "
       "Tensor num_draft_tokens, Tensor target_probs, Tensor? draft_probs, Tensor? uniform_accept, "
       "Tensor? uniform_sample, bool greedy) -> ()");
+  m.def(
+      "int4_linear(Tensor(a!) out, Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? mins, "
+      "int group_size) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {
@@ -35,4 +38,5 @@ TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {
   m.impl("paged_prefill_attention", &fastinfer::cpu::paged_prefill_attention);
   m.impl("paged_decode_attention", &fastinfer::cpu::paged_decode_attention);
   m.impl("speculative_verify", &fastinfer::cpu::speculative_verify);
+  m.impl("int4_linear", &fastinfer::cpu::int4_linear);
 }

@@ -314,10 +314,56 @@ def speculative_verify(draft_token_ids: torch.Tensor, num_draft_tokens: torch.Te
     return output_token_ids, num_accepted
 
 
+# ---- 4-bit weight-only linear --------------------------------------------------------------------
+
+INT4_GROUP_SIZES = (32, 64, 128)
+
+
+def _check_aligned_rows(op: str, name: str, t: torch.Tensor) -> None:
+    """The CUDA kernel moves rows in 16-byte pieces."""
+    if t.device.type == "cuda" and (t.stride(0) % 8 or t.data_ptr() % 16):
+        _fail(op, f"{name} rows must start on 16-byte boundaries on CUDA (row stride a multiple of 8 "
+                  f"elements), got stride {t.stride()}")
+
+
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+                zeros: torch.Tensor | None = None, mins: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """out [M, N] = x [M, K] @ W^T, W a 4-bit [N, K] in the packed layout of fastinfer.quant.int4:
+    qweight int32 [N / 64, 8 K]; scales and (optionally) zeros or mins [K / group_size, N] in x's
+    dtype. w = (q - 8) s, (q - zeros) s or q s + mins."""
+    op = "int4_linear"
+    _check_float(op, "x", x, ndim=2)
+    if x.device.type == "cuda" and x.dtype == torch.float32:
+        _fail(op, "x must be float16 or bfloat16 on CUDA (the tensor cores take 16-bit inputs), got float32")
+    m, k = x.shape
+    if group_size not in INT4_GROUP_SIZES:
+        _fail(op, f"group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    if k == 0 or k % 64 or k % group_size:
+        _fail(op, f"x's last dimension K must be a positive multiple of 64 and of group_size={group_size}, got {k}")
+    _check(op, "qweight", qweight, ndim=2, dtype=torch.int32, device=x.device, contiguous=True)
+    n = qweight.shape[0] * 64
+    _check_shape(op, "qweight", qweight, (n // 64, 8 * k))
+    if zeros is not None and mins is not None:
+        _fail(op, "pass zeros (w = (q - z) s) or mins (w = q s + m), not both")
+    for name, t in (("scales", scales), ("zeros", zeros), ("mins", mins)):
+        if t is not None:
+            _check(op, name, t, ndim=2, dtype=x.dtype, device=x.device, contiguous=True)
+            _check_shape(op, name, t, (k // group_size, n))
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    _check_float(op, "out", out, like=x, ndim=2)
+    _check_shape(op, "out", out, (m, n))
+    _check_aligned_rows(op, "x", x)
+    _check_aligned_rows(op, "out", out)
+    _ops.int4_linear(out, x, qweight, scales, zeros, mins, int(group_size))
+    return out
+
+
 # ---- fake (meta) implementations: every op writes its outputs in place and returns nothing --------
 
 OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "reshape_and_cache",
-            "paged_prefill_attention", "paged_decode_attention", "speculative_verify")
+            "paged_prefill_attention", "paged_decode_attention", "speculative_verify", "int4_linear")
 
 
 def _register_fakes() -> None:

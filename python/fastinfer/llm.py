@@ -30,12 +30,14 @@ class LLM:
                  num_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
                  kv_cache_memory_bytes: int | None = None, block_size: int = 16, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192, enable_prefix_caching: bool = True,
-                 speculative: dict | None = None):
+                 speculative: dict | None = None, quantization: str | None = None):
+        """quantization: None, "int4" (round-to-nearest at load), "gptq", "awq" or "gguf" (4-bit
+        projections on the fused W4A16 kernel; see fastinfer.load_model). speculative: see README."""
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if num_blocks is not None and num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
-        self.loaded = get_loaded(model, dtype, device)
+        self.loaded = get_loaded(model, dtype, device, quantization)
         if num_blocks is None:
             num_blocks = self._size_kv_pool(block_size, gpu_memory_utilization, kv_cache_memory_bytes,
                                             max_num_batched_tokens, max_model_len)
