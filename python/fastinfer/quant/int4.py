@@ -173,12 +173,37 @@ def unpack(packed: PackedInt4) -> QuantizedWeight:
 
 # ---- round-to-nearest -----------------------------------------------------------------------------
 
+def group_params(w: torch.Tensor, mode: str, scale_dtype: torch.dtype):
+    """(scales, zeros or None, mins or None) [...] of the groups w [..., group_size] (fp32).
+    symmetric: s = max|w| / 7 (q = round(w / s) + 8 is never clipped); zeros (asymmetric, GPTQ's
+    convention): the range is widened to include 0, s = (max - min) / 15, z = round(-min / s);
+    mins (Q4_1's): s = (max - min) / 15, m = min."""
+    lo, hi = w.amin(-1), w.amax(-1)
+    if mode == "symmetric":
+        return (torch.maximum(lo.abs(), hi.abs()) / 7).to(scale_dtype), None, None
+    if mode == "zeros":
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    scales = ((hi - lo) / MAX_CODE).to(scale_dtype)
+    if mode == "zeros":
+        return scales, torch.round(-lo / _nonzero(scales)).clamp(0, MAX_CODE).to(scale_dtype), None
+    return scales, None, lo.to(scale_dtype)
+
+
+def quantize_values(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
+                    mins: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 codes in 0..15 of w [..., c] under one set of parameters [...] per row."""
+    s = _nonzero(scales)[..., None]
+    if mins is not None:
+        q = torch.round((w - mins.float()[..., None]) / s)
+    else:
+        q = torch.round(w / s) + (zeros.float()[..., None] if zeros is not None else SYMMETRIC_ZERO)
+    return q.clamp(0, MAX_CODE)
+
+
 def quantize_rtn(weight: torch.Tensor, group_size: int = 128, mode: str = "zeros",
                  scale_dtype: torch.dtype | None = None) -> QuantizedWeight:
-    """Round-to-nearest 4-bit quantization of W [N, K] with one scale per group of `group_size`
-    inputs. symmetric: s = max|w| / 7, q = round(w / s) + 8 (never clipped); zeros (asymmetric,
-    GPTQ's convention): the range is widened to include 0, s = (max - min) / 15, z = round(-min / s),
-    q = clamp(round(w / s) + z); mins (Q4_1's): s = (max - min) / 15, m = min, q = round((w - m) / s)."""
+    """Round-to-nearest 4-bit quantization of W [N, K], one parameter set per `group_size` inputs
+    (see group_params for the three modes)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if weight.dim() != 2:
@@ -187,25 +212,8 @@ def quantize_rtn(weight: torch.Tensor, group_size: int = 128, mode: str = "zeros
     check_shape(n, k, group_size)
     scale_dtype = scale_dtype or (weight.dtype if weight.dtype != torch.float64 else torch.float32)
     w = weight.float().reshape(n, k // group_size, group_size)
-    lo, hi = w.amin(-1), w.amax(-1)
-    zeros = mins = None
-    if mode == "symmetric":
-        scales = (torch.maximum(lo.abs(), hi.abs()) / 7).to(scale_dtype)
-    else:
-        if mode == "zeros":
-            lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-        scales = ((hi - lo) / MAX_CODE).to(scale_dtype)
-    s = _nonzero(scales)[..., None]
-    if mode == "symmetric":
-        codes = torch.round(w / s) + SYMMETRIC_ZERO
-    elif mode == "zeros":
-        zeros = torch.round(-lo[..., None] / s).clamp(0, MAX_CODE)
-        codes = torch.round(w / s) + zeros
-        zeros = zeros[..., 0].to(scale_dtype)
-    else:
-        mins = lo.to(scale_dtype)
-        codes = torch.round((w - mins.float()[..., None]) / s)
-    codes = codes.clamp(0, MAX_CODE).to(torch.uint8).reshape(n, k)
+    scales, zeros, mins = group_params(w, mode, scale_dtype)
+    codes = quantize_values(w, scales, zeros, mins).to(torch.uint8).reshape(n, k)
     return QuantizedWeight(codes, scales, group_size, zeros, mins)
 
 
