@@ -3,6 +3,8 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+
 namespace fastinfer::cpu {
 
 void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double eps);
@@ -17,5 +19,20 @@ void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at:
                              const at::Tensor& block_tables, double scale);
 void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                             const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale);
+
+
+// FP8 (csrc/include/fastinfer/fp8.h): quantization, scaled matmul, FP8 KV cache.
+void fp8_quantize_per_token(at::Tensor& out, at::Tensor& scales, const at::Tensor& input);
+void fp8_quantize_per_tensor(at::Tensor& out, at::Tensor& scale, const at::Tensor& input, bool dynamic);
+void fp8_scaled_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_a,
+                   const at::Tensor& scale_b, const std::optional<at::Tensor>& bias);
+void reshape_and_cache_fp8(const at::Tensor& key, const at::Tensor& value, at::Tensor& kv_cache,
+                           const at::Tensor& slot_mapping, const at::Tensor& kv_scale);
+void paged_prefill_attention_fp8(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
+                                 const at::Tensor& kv_scale, const at::Tensor& cu_seqlens_q,
+                                 const at::Tensor& seq_lens, const at::Tensor& block_tables, double scale);
+void paged_decode_attention_fp8(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
+                                const at::Tensor& kv_scale, const at::Tensor& block_tables,
+                                const at::Tensor& seq_lens, double scale);
 
 }  // namespace fastinfer::cpu

@@ -24,11 +24,13 @@ class LoadedModel:
     generation_defaults: dict = field(default_factory=dict)
 
 
-def _default_device() -> torch.device:
+def _default_device(quantization: str | None = None) -> torch.device:
     """The GPU when CUDA kernels exist for every op the model runs, else the CPU."""
+    from .. import _ops
     from ..env import env_info
     info = env_info()
-    if info["gpu"] is not None and all("CUDA" in impls for impls in info["ops"].values()):
+    needed = _ops.MODEL_OP_NAMES + (("fp8_quantize_per_token", "fp8_scaled_mm") if quantization == "fp8" else ())
+    if info["gpu"] is not None and all("CUDA" in info["ops"][op] for op in needed):
         return torch.device("cuda")
     return torch.device("cpu")
 
