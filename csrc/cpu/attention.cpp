@@ -49,7 +49,7 @@ void attend_row(T* out, const T* q, const PagedKV& kv, const int32_t* block_tabl
   for (int64_t j = 0; j < num_keys; ++j) {
     const C* k = key_at(j);
     float dot = 0.0f;
-    for (int64_t d = 0; d < D; ++d) dot += static_cast<float>(q[d]) * static_cast<float>(k[d]);
+    for (int64_t d = 0; d < D; ++d) dot += static_cast<float>(q[d]) * load_float(k[d]);
     scores[j] = dot * score_scale;
     max_score = std::max(max_score, scores[j]);
   }
@@ -59,7 +59,7 @@ void attend_row(T* out, const T* q, const PagedKV& kv, const int32_t* block_tabl
     const float p = std::exp(scores[j] - max_score);
     denom += p;
     const C* v = key_at(j) + kv.block_size * row;
-    for (int64_t d = 0; d < D; ++d) acc[d] += p * static_cast<float>(v[d]);
+    for (int64_t d = 0; d < D; ++d) acc[d] += p * load_float(v[d]);
   }
   for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(acc[d] / denom * kv.v_scale);
 }

@@ -9,7 +9,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
-#include <array>
 #include <cmath>
 #include <optional>
 #include <vector>
@@ -29,16 +28,6 @@ float row_amax(const T* row, int64_t n) {
     amax = (a > amax || std::isnan(a)) ? a : amax;
   }
   return amax;
-}
-
-// e4m3 byte -> float, all 256 patterns.
-const std::array<float, 256>& e4m3_table() {
-  static const std::array<float, 256> table = [] {
-    std::array<float, 256> t{};
-    for (int i = 0; i < 256; ++i) t[i] = static_cast<float>(e4m3(static_cast<uint8_t>(i), e4m3::from_bits()));
-    return t;
-  }();
-  return table;
 }
 
 }  // namespace
@@ -82,22 +71,21 @@ void fp8_quantize_per_tensor(at::Tensor& out, at::Tensor& scale, const at::Tenso
 void fp8_scaled_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_a,
                    const at::Tensor& scale_b, const std::optional<at::Tensor>& bias) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
-  const auto& table = e4m3_table();
-  const uint8_t* a_bits = static_cast<const uint8_t*>(a.data_ptr());
-  const uint8_t* b_bits = static_cast<const uint8_t*>(b.data_ptr());
+  const e4m3* a8 = static_cast<const e4m3*>(a.data_ptr());
+  const e4m3* b8 = static_cast<const e4m3*>(b.data_ptr());
   const float* sa = scale_a.data_ptr<float>();
   const float* sb = scale_b.data_ptr<float>();
   const bool per_token = scale_a.numel() != 1;    // else per tensor ([1])
   const bool per_channel = scale_b.numel() != 1;
   // b decoded once: K contiguous floats per output channel.
   std::vector<float> b_float(N * K);
-  for (int64_t i = 0; i < N * K; ++i) b_float[i] = table[b_bits[(i / K) * b.stride(0) + i % K]];
+  for (int64_t i = 0; i < N * K; ++i) b_float[i] = fp8_to_float(b8[(i / K) * b.stride(0) + i % K]);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fp8_scaled_mm", [&] {
     const scalar_t* bias_ptr = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> a_row(K);
       for (int64_t m = begin; m < end; ++m) {
-        for (int64_t k = 0; k < K; ++k) a_row[k] = table[a_bits[m * a.stride(0) + k]];
+        for (int64_t k = 0; k < K; ++k) a_row[k] = fp8_to_float(a8[m * a.stride(0) + k]);
         const float row_scale = sa[per_token ? m : 0];
         scalar_t* o = out.data_ptr<scalar_t>() + m * out.stride(0);
         for (int64_t n = 0; n < N; ++n) {

@@ -23,22 +23,25 @@ def _fingerprint(hf_model) -> tuple:
     return tuple((p.data_ptr(), p._version) for p in hf_model.parameters())
 
 
-def get_loaded(model, dtype=None, device=None, cache: bool = True) -> LoadedModel:
+def get_loaded(model, dtype=None, device=None, cache: bool = True, quantization: str | None = None) -> LoadedModel:
     """A LoadedModel for a path, an HF model object or a LoadedModel; cache=False never evicts."""
     if isinstance(model, LoadedModel):
+        if quantization is not None and model.model.quantization != quantization:
+            raise ValueError(f"quantization={quantization!r} was asked for a model already loaded with "
+                             f"{model.model.quantization!r}")
         return model
     if isinstance(model, (str, Path)):
-        key = (str(Path(model).resolve()), str(dtype), str(device))
+        key = (str(Path(model).resolve()), str(dtype), str(device), quantization)
         if not cache:
-            return _path_cache.get(key) or load_model(model, dtype, device)
+            return _path_cache.get(key) or load_model(model, dtype, device, quantization)
         if key not in _path_cache:
             _path_cache.clear()  # keep one model resident
-            _path_cache[key] = load_model(model, dtype, device)
+            _path_cache[key] = load_model(model, dtype, device, quantization)
         return _path_cache[key]
     entry = _hf_cache.get(model)
-    fp = _fingerprint(model)
+    fp = (_fingerprint(model), quantization)
     if entry is None or entry[0] != fp:
-        entry = (fp, load_model(model, dtype, device))
+        entry = (fp, load_model(model, dtype, device, quantization))
         _hf_cache[model] = entry
     return entry[1]
 

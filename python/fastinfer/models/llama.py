@@ -2,7 +2,8 @@
 
 Weights are fused at load time: q/k/v projections into one [(H + 2 Hkv) D, hidden] matrix and
 gate/up into one [2 F, hidden] matrix, so a layer runs two GEMMs where HF runs five. GEMMs are
-torch (cuBLAS on GPU); everything else is a fastinfer op.
+torch (cuBLAS on GPU), or with quantization="fp8" fastinfer's FP8 GEMM (models/linear.py);
+everything else is a fastinfer op.
 """
 from __future__ import annotations
 
@@ -12,27 +13,36 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ops as ops
+from .._checks import FP8
 from ..config import ModelConfig
 from ..metadata import AttnMetadata
+from ..quant import fp8
+from .linear import Linear, LinearRows
 from .rope import cos_sin_cache
+
+QUANTIZATIONS = (None, "fp8")
 
 
 class LlamaLayer:
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, fp8_weights: bool = False):
         def empty(*shape):
             return torch.empty(shape, dtype=dtype, device=device)
+
+        def linear(n_in, n_out, bias=False):
+            return Linear(n_in, n_out, dtype, device, bias=bias, fp8=fp8_weights)
         h, d = cfg.hidden_size, cfg.head_dim
         self.q_size, self.kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         self.eps = cfg.rms_norm_eps
         self.scale = d ** -0.5
         self.input_norm = empty(h)
-        self.qkv = empty(self.q_size + 2 * self.kv_size, h)
-        self.qkv_bias = empty(self.q_size + 2 * self.kv_size) if cfg.attention_bias else None
-        self.o_proj = empty(h, self.q_size)
+        self.qkv = linear(h, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = linear(self.q_size, h)
         self.post_attn_norm = empty(h)
-        self.gate_up = empty(2 * cfg.intermediate_size, h)
-        self.down = empty(h, cfg.intermediate_size)
+        self.gate_up = linear(h, 2 * cfg.intermediate_size)
+        self.down = linear(cfg.intermediate_size, h)
+        # [k_scale, v_scale] of an FP8 KV cache (unused otherwise); see make_kv_caches.
+        self.kv_scale = torch.ones(2, dtype=torch.float32, device=device)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
                 meta: AttnMetadata, cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,36 +54,44 @@ class LlamaLayer:
             ops.fused_add_rms_norm(hidden, residual, self.input_norm, self.eps)
         hidden = self.o_proj_out(self.attention(hidden, kv_cache, meta, cos_sin))
         ops.fused_add_rms_norm(hidden, residual, self.post_attn_norm, self.eps)
-        hidden = F.linear(ops.silu_and_mul(F.linear(hidden, self.gate_up)), self.down)
+        hidden = self.down(ops.silu_and_mul(self.gate_up(hidden)))
         return hidden, residual
 
     def attention(self, hidden: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata,
                   cos_sin: torch.Tensor) -> torch.Tensor:
         t = hidden.shape[0]
-        qkv = F.linear(hidden, self.qkv, self.qkv_bias)  # [T, (H + 2 Hkv) D]
+        qkv = self.qkv(hidden)  # [T, (H + 2 Hkv) D]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         ops.rotary_embedding(meta.positions, q, k, cos_sin, check_indices=False)
-        ops.reshape_and_cache(k, v, kv_cache, meta.slot_mapping, check_indices=False)
+        kv_scale = self.kv_scale if kv_cache.dtype == FP8 else None
+        ops.reshape_and_cache(k, v, kv_cache, meta.slot_mapping, check_indices=False, kv_scale=kv_scale)
         if meta.is_decode:
             return ops.paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, self.scale,
-                                              check_indices=False)
+                                              check_indices=False, kv_scale=kv_scale)
         return ops.paged_prefill_attention(q, kv_cache, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables,
-                                           self.scale, check_indices=False)
+                                           self.scale, check_indices=False, kv_scale=kv_scale)
 
     def o_proj_out(self, attn: torch.Tensor) -> torch.Tensor:
-        return F.linear(attn.reshape(attn.shape[0], self.q_size), self.o_proj)
+        return self.o_proj(attn.reshape(attn.shape[0], self.q_size))
 
 
 class LlamaForCausalLM:
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+                 quantization: str | None = None):
+        """quantization: None (the checkpoint's: its quantization_config, or none) or "fp8" (FP8
+        linear layers; a float checkpoint is quantized while loading)."""
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be None or 'fp8', got {quantization!r}")
         self.config = cfg
         self.dtype = dtype or cfg.dtype
         self.device = torch.device(device)
+        self.quantization = quantization or cfg.quantization
         self.embed = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, device=self.device)
-        self.layers = [LlamaLayer(cfg, self.dtype, self.device) for _ in range(cfg.num_layers)]
+        self.layers = [LlamaLayer(cfg, self.dtype, self.device, self.quantization == "fp8")
+                       for _ in range(cfg.num_layers)]
         self.norm = torch.empty(cfg.hidden_size, dtype=self.dtype, device=self.device)
         self.lm_head = self.embed if cfg.tie_word_embeddings else torch.empty_like(self.embed)
         self.cos_sin = cos_sin_cache(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
@@ -92,50 +110,106 @@ class LlamaForCausalLM:
     # ---- weights ---------------------------------------------------------------------------------
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors into the fused parameters; every parameter must be filled exactly."""
-        targets = self._weight_targets()
+        """Copy HF-named tensors into the fused parameters; every parameter must be filled exactly.
+        FP8 layers take float weights (quantized here) or FP8 ones with their scales (quant/fp8.py)."""
+        targets, kv_scales = self._weight_targets(), self._kv_scale_targets()
+        fp8_parts = fp8.Fp8Parts(self.config.fp8_weight_block_size)
         filled: set[str] = set()
         for name, tensor in weights:
-            if name not in targets:
-                if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.config.tie_word_embeddings):
-                    continue
+            module, _, leaf = name.rpartition(".")
+            dest = targets.get(name, targets.get(module + ".weight"))
+            fp8_layer = isinstance(dest, LinearRows) and dest.is_fp8
+            if name in kv_scales:
+                kv_scales[name].copy_(tensor.reshape(1))
+            elif fp8_layer and (leaf in fp8.AUX_NAMES or tensor.dtype == FP8):
+                if fp8_parts.add(module, leaf, tensor, dest):
+                    filled.add(module + ".weight")
+            elif isinstance(dest, LinearRows) and leaf in fp8.AUX_NAMES:
+                raise ValueError(f"{name!r} belongs to an FP8 checkpoint but its layer is not FP8 (config.json has "
+                                 f"no FP8 quantization_config: load with quantization='fp8')")
+            elif name in targets:
+                _copy_weight(name, tensor, dest)
+                filled.add(name)
+            elif not (name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.config.tie_word_embeddings)):
                 raise ValueError(f"unexpected weight {name!r} for {self.config.architecture}")
-            dest = targets[name]
-            if tuple(tensor.shape) != tuple(dest.shape):
-                raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
-            with torch.no_grad():
-                dest.copy_(tensor)
-            filled.add(name)
+        fp8_parts.check_complete()
         missing = sorted(set(targets) - filled)
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} weight(s), e.g. {missing[:3]}")
 
-    def _weight_targets(self) -> dict[str, torch.Tensor]:
-        """HF name -> the (view of the) fastinfer tensor it fills."""
-        t = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
+    def _weight_targets(self) -> dict[str, torch.Tensor | LinearRows]:
+        """HF name -> the (view of the) fastinfer tensor, or the rows of a Linear, it fills."""
+        t: dict[str, torch.Tensor | LinearRows] = {"model.embed_tokens.weight": self.embed,
+                                                   "model.norm.weight": self.norm}
         if not self.config.tie_word_embeddings:
             t["lm_head.weight"] = self.lm_head
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             q, kv = layer.q_size, layer.kv_size
-            ffn = layer.gate_up.shape[0] // 2
+            ffn = layer.gate_up.weight.shape[0] // 2
             t[p + "input_layernorm.weight"] = layer.input_norm
             t[p + "post_attention_layernorm.weight"] = layer.post_attn_norm
-            t[p + "self_attn.q_proj.weight"] = layer.qkv[:q]
-            t[p + "self_attn.k_proj.weight"] = layer.qkv[q:q + kv]
-            t[p + "self_attn.v_proj.weight"] = layer.qkv[q + kv:]
-            if layer.qkv_bias is not None:
-                t[p + "self_attn.q_proj.bias"] = layer.qkv_bias[:q]
-                t[p + "self_attn.k_proj.bias"] = layer.qkv_bias[q:q + kv]
-                t[p + "self_attn.v_proj.bias"] = layer.qkv_bias[q + kv:]
-            t[p + "self_attn.o_proj.weight"] = layer.o_proj
-            t[p + "mlp.gate_proj.weight"] = layer.gate_up[:ffn]
-            t[p + "mlp.up_proj.weight"] = layer.gate_up[ffn:]
-            t[p + "mlp.down_proj.weight"] = layer.down
+            t[p + "self_attn.q_proj.weight"] = layer.qkv.rows(0, q)
+            t[p + "self_attn.k_proj.weight"] = layer.qkv.rows(q, q + kv)
+            t[p + "self_attn.v_proj.weight"] = layer.qkv.rows(q + kv)
+            if layer.qkv.bias is not None:
+                t[p + "self_attn.q_proj.bias"] = layer.qkv.bias[:q]
+                t[p + "self_attn.k_proj.bias"] = layer.qkv.bias[q:q + kv]
+                t[p + "self_attn.v_proj.bias"] = layer.qkv.bias[q + kv:]
+            t[p + "self_attn.o_proj.weight"] = layer.o_proj.rows()
+            t[p + "mlp.gate_proj.weight"] = layer.gate_up.rows(0, ffn)
+            t[p + "mlp.up_proj.weight"] = layer.gate_up.rows(ffn)
+            t[p + "mlp.down_proj.weight"] = layer.down.rows()
         return t
 
-    def make_kv_caches(self, num_blocks: int, block_size: int) -> list[torch.Tensor]:
-        """One [num_blocks, 2, block_size, num_kv_heads, head_dim] cache per layer."""
+    def _kv_scale_targets(self) -> dict[str, torch.Tensor]:
+        """Optional FP8 KV-cache scales a checkpoint may ship (compressed-tensors kv_cache_scheme)."""
+        t = {}
+        for i, layer in enumerate(self.layers):
+            t[f"model.layers.{i}.self_attn.k_scale"] = layer.kv_scale[0:1]
+            t[f"model.layers.{i}.self_attn.v_scale"] = layer.kv_scale[1:2]
+        return t
+
+    def make_kv_caches(self, num_blocks: int, block_size: int, kv_cache_dtype: str | None = None) -> list[torch.Tensor]:
+        """One [num_blocks, 2, block_size, num_kv_heads, head_dim] cache per layer.
+
+        kv_cache_dtype "fp8": float8_e4m3fn storage, each layer's K and V scaled by its kv_scale
+        (1.0 unless the checkpoint ships k_scale / v_scale, see fastinfer.quant.fp8).
+        """
         cfg = self.config
         shape = (num_blocks, 2, block_size, cfg.num_kv_heads, cfg.head_dim)
-        return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
+        dtype = kv_cache_storage_dtype(kv_cache_dtype, self.dtype, self.device)
+        return [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.num_layers)]
+
+
+def _copy_weight(name: str, tensor: torch.Tensor, dest: torch.Tensor | LinearRows) -> None:
+    """A float checkpoint tensor into its destination; into an FP8 layer's rows it is quantized."""
+    dest_shape = dest.weight.shape if isinstance(dest, LinearRows) else dest.shape
+    if tuple(tensor.shape) != tuple(dest_shape):
+        raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest_shape)}")
+    if tensor.dtype == FP8:
+        raise ValueError(f"weight {name!r} is {FP8} but its layer is not FP8 (load the checkpoint with its "
+                         f"quantization_config or quantization='fp8')")
+    with torch.no_grad():
+        if isinstance(dest, LinearRows) and dest.is_fp8:
+            fp8.quantize_rows(dest.weight, dest.weight_scale, tensor)
+        else:
+            (dest.weight if isinstance(dest, LinearRows) else dest).copy_(tensor)
+
+
+KV_CACHE_DTYPES = ("auto", "fp8")
+
+
+def kv_cache_storage_dtype(kv_cache_dtype: str | None, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The cache tensors' dtype for a kv_cache_dtype name ("auto"/None: the model's dtype)."""
+    if kv_cache_dtype in (None, "auto"):
+        return model_dtype
+    if kv_cache_dtype != "fp8":
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+    if device.type == "cuda":
+        from ..env import has_kernel
+        missing = [op for op in ("reshape_and_cache_fp8", "paged_prefill_attention_fp8", "paged_decode_attention_fp8")
+                   if not has_kernel(op, "CUDA")]
+        if missing:
+            raise ValueError(f"kv_cache_dtype='fp8' on CUDA needs kernels this build lacks: {', '.join(missing)}")
+    return FP8

@@ -1,0 +1,1 @@
+"""Weight quantization formats: fp8 (e4m3, per-channel scales)."""
