@@ -90,7 +90,11 @@ def fp8_operands(m, n, k, scales, device, gen):
     return [t.to(device) for t in (a8, b8, sa, sb)]
 
 
-SHAPES = [(1, 24, 64), (7, 40, 128), (113, 72, 256), (64, 256, 4096), (200, 136, 512)]
+# On the sm_90a kernel: M <= 64 swaps operands (tiles of 8/16/32/64 tokens), larger M uses 128 x 128
+# tiles; K = 208 leaves a partial k-tile, N = 37 odd columns; (64, 256, 4096) and (113, 72, 2048)
+# split K (swapped and not).
+SHAPES = [(1, 24, 64), (7, 40, 208), (16, 128, 256), (33, 37, 96), (64, 256, 4096), (113, 72, 2048),
+          (200, 136, 512)]
 
 
 @pytest.mark.parametrize("bias", [False, True])
