@@ -31,6 +31,15 @@ TORCH_LIBRARY(fastinfer, m) {
   m.def(
       "paged_decode_attention_fp8(Tensor(a!) out, Tensor query, Tensor kv_cache, Tensor kv_scale, "
       "Tensor block_tables, Tensor seq_lens, float scale) -> ()");
+  // Speculative decoding: accept a prefix of each request's proposals, then emit one more token
+  // (python/fastinfer/_ops.py: speculative_verify documents the arguments).
+  m.def(
+      "speculative_verify(Tensor(a!) output_token_ids, Tensor(b!) num_accepted, Tensor draft_token_ids, "
+      "Tensor num_draft_tokens, Tensor target_probs, Tensor? draft_probs, Tensor? uniform_accept, "
+      "Tensor? uniform_sample, bool greedy) -> ()");
+  m.def(
+      "int4_linear(Tensor(a!) out, Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? mins, "
+      "int group_size) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {
@@ -47,4 +56,6 @@ TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {
   m.impl("reshape_and_cache_fp8", &fastinfer::cpu::reshape_and_cache_fp8);
   m.impl("paged_prefill_attention_fp8", &fastinfer::cpu::paged_prefill_attention_fp8);
   m.impl("paged_decode_attention_fp8", &fastinfer::cpu::paged_decode_attention_fp8);
+  m.impl("speculative_verify", &fastinfer::cpu::speculative_verify);
+  m.impl("int4_linear", &fastinfer::cpu::int4_linear);
 }

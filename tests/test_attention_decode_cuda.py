@@ -170,7 +170,8 @@ def test_cuda_graph_replay_with_new_lengths():
         out.fill_(float("nan"))
         graph.replay()
         args = (query, kv_cache, block_tables, lens, scale)
-        assert_within_tolerance(out, ref.paged_decode_attention(*args, dtype), ref.paged_decode_attention(*args, torch.float32))
+        assert_within_tolerance(out, ref.paged_decode_attention(*args, dtype),
+                                ref.paged_decode_attention(*args, ref_dtype(dtype)))
 
 
 def test_opcheck():

@@ -198,7 +198,7 @@ def test_llm_with_fp8_weights_and_kv_cache(tmp_path, hf_pair):
     ("scale-only", "no FP8 weight"),
     ("fp8-without-config", "not FP8"),
     ("int8-compressed-tensors", "compressed-tensors weights int8"),
-    ("gptq", "unsupported quantization method 'gptq'"),
+    ("bitsandbytes", "unsupported quantization method 'bitsandbytes'"),
     ("group-scales", "unsupported weight scale shape"),
     ("e5m2", "e4m3"),
 ])
@@ -215,8 +215,8 @@ def test_bad_fp8_checkpoints(tmp_path, what, match):
     elif what == "int8-compressed-tensors":
         config = json.loads(json.dumps(CT_CONFIG))
         config["config_groups"]["group_0"]["weights"].update(type="int", num_bits=8)
-    elif what == "gptq":
-        config = {"quant_method": "gptq", "bits": 4}
+    elif what == "bitsandbytes":  # (4-bit gptq / awq checkpoints load: tests/test_quant_loaders.py)
+        config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     elif what == "group-scales":
         edit = lambda t: (fp8_tensors(t, channel_scales), t.__setitem__(key + "_scale", torch.ones(160, 2, 2)))  # noqa: E731
     elif what == "e5m2":

@@ -52,12 +52,12 @@ def run(loaded, prompts, max_tokens, num_blocks, speculative=None, max_num_seqs=
 @pytest.mark.parametrize("method", ["ngram", "draft"])
 def test_greedy_speculation_matches_plain_greedy(target, draft, method, k, batch):
     prompts = repetitive_prompts(batch, seed=k)
-    expected, _ = run(target, prompts, 20, num_blocks=256)
+    expected, _ = run(target, prompts, 32, num_blocks=256)
     spec = {"method": method, "num_tokens": k}
     if method == "draft":
         spec["model"] = draft
-    # 14 blocks cannot hold 16 sequences of up to ~65 tokens: preemption is forced at batch 16.
-    got, engine = run(target, prompts, 20, num_blocks=14 if batch > 1 else 256, speculative=spec)
+    # 16 blocks cannot hold 16 sequences of up to ~75 tokens: preemption is forced at batch 16.
+    got, engine = run(target, prompts, 32, num_blocks=16 if batch > 1 else 256, speculative=spec)
     assert got == expected
     stats = engine.spec_stats
     assert stats.num_proposed > 0 and 1.0 <= stats.mean_acceptance_length <= k + 1

@@ -19,6 +19,13 @@ void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at:
                              const at::Tensor& block_tables, double scale);
 void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                             const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale);
+void int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                 const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& mins, int64_t group_size);
+
+void speculative_verify(at::Tensor& output_token_ids, at::Tensor& num_accepted, const at::Tensor& draft_token_ids,
+                        const at::Tensor& num_draft_tokens, const at::Tensor& target_probs,
+                        const std::optional<at::Tensor>& draft_probs, const std::optional<at::Tensor>& uniform_accept,
+                        const std::optional<at::Tensor>& uniform_sample, bool greedy);
 
 
 // FP8 (csrc/include/fastinfer/fp8.h): quantization, scaled matmul, FP8 KV cache.

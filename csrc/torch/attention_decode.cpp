@@ -32,10 +32,16 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
   const int64_t head_dim = query.size(2);
   TORCH_CHECK(decode_head_dim_supported(static_cast<int>(head_dim)), "fastinfer.", kOp,
               ": the CUDA kernel supports head_dim 64 and 128, got ", head_dim);
-  TORCH_CHECK(kv_cache.size(4) == head_dim && query.size(1) % kv_cache.size(3) == 0, "fastinfer.", kOp,
+  TORCH_CHECK(kv_cache.size(4) == head_dim && kv_cache.size(3) > 0 && query.size(1) % kv_cache.size(3) == 0,
+              "fastinfer.", kOp,
               ": kv_cache [.., num_kv_heads, head_dim] must match query (heads a multiple of num_kv_heads)");
   TORCH_CHECK(block_tables.size(0) == query.size(0) && seq_lens.numel() == query.size(0), "fastinfer.", kOp,
               ": block_tables and seq_lens need one row per sequence");
+  TORCH_CHECK(query.size(0) <= 65535 && block_tables.size(1) * kv_cache.size(2) < (int64_t{1} << 30), "fastinfer.",
+              kOp, ": at most 65535 sequences and 2^30 planned context tokens (block_tables.shape[1] * block_size)");
+
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(kv_cache.data_ptr()) % 16 == 0, "fastinfer.", kOp,
+              ": kv_cache must be 16-byte aligned (the kernel copies K/V rows in 16-byte chunks)");
 
   const c10::cuda::CUDAGuard guard(query.device());
   DecodeParams p{};
@@ -57,8 +63,8 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
   p.max_blocks = static_cast<int>(block_tables.size(1));
   p.scale = static_cast<float>(scale);
   p.dtype = to_dtype(query, kOp);
-  const cudaError_t sm_err = cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, query.get_device());
-  TORCH_CHECK(sm_err == cudaSuccess, "fastinfer.", kOp, ": cudaDeviceGetAttribute failed: ", cudaGetErrorString(sm_err));
+  const cudaError_t err = cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, query.get_device());
+  TORCH_CHECK(err == cudaSuccess, "fastinfer.", kOp, ": cudaDeviceGetAttribute failed: ", cudaGetErrorString(err));
 
   DecodePlan plan{};
   TORCH_CHECK(plan_paged_decode(p, &plan) == cudaSuccess, "fastinfer.", kOp, ": unsupported shape (batch ", p.batch,

@@ -221,13 +221,147 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     return out
 
 
+# ---- speculative decoding -------------------------------------------------------------------------
+
+# Largest vocabulary of speculative_verify: the CUDA kernel's chunk table (kMaxVocab in
+# csrc/include/fastinfer/spec/verify_math.h).
+SPEC_MAX_VOCAB = 1 << 20
+
+
+def _check_spec_indices(op: str, draft_token_ids, num_draft_tokens, vocab: int) -> None:
+    """Host-side: each count in [0, k], each id in use (position < its count) in [0, vocab)."""
+    k = draft_token_ids.shape[1]
+    counts = num_draft_tokens.cpu()
+    if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > k):
+        _fail(op, f"num_draft_tokens must lie in [0, k={k}], got [{int(counts.min())}, {int(counts.max())}]")
+    in_use = draft_token_ids.cpu()[torch.arange(k) < counts[:, None].to(torch.int64)]
+    if in_use.numel() and (int(in_use.min()) < 0 or int(in_use.max()) >= vocab):
+        _fail(op, f"draft_token_ids in use must lie in [0, {vocab}) (the vocabulary), "
+                  f"got [{int(in_use.min())}, {int(in_use.max())}]")
+
+
+def _check_spec_uniforms(op: str, uniform_accept, uniform_sample, greedy: bool, batch: int, k: int, like) -> None:
+    """Both required unless greedy (then ignored, but checked when given)."""
+    for name, t, shape in [("uniform_accept", uniform_accept, (batch, k)),
+                           ("uniform_sample", uniform_sample, (batch,))]:
+        if t is None:
+            if not greedy:
+                _fail(op, f"{name} is required unless greedy, got None")
+            continue
+        _check(op, name, t, ndim=len(shape), dtype=torch.float32, device=like.device, contiguous=True)
+        _check_shape(op, name, t, shape)
+
+
+def speculative_verify(draft_token_ids: torch.Tensor, num_draft_tokens: torch.Tensor, target_probs: torch.Tensor,
+                       draft_probs: torch.Tensor | None = None, uniform_accept: torch.Tensor | None = None,
+                       uniform_sample: torch.Tensor | None = None, greedy: bool = False,
+                       output_token_ids: torch.Tensor | None = None, num_accepted: torch.Tensor | None = None,
+                       check_indices: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Verify k_b <= k proposed tokens per request; returns (output_token_ids, num_accepted).
+
+    draft_token_ids int64 [B, k]: request b proposes draft_token_ids[b, :num_draft_tokens[b]];
+        later entries are ignored (pad with -1).
+    num_draft_tokens int32 [B], each in [0, k].
+    target_probs fp32 [B, k + 1, V]: the target's processed probabilities at every proposed
+        position, then the bonus position (row k_b is request b's bonus row).
+    draft_probs fp32 [B, k, V], or None: the draft is a point mass on each proposal (n-gram).
+    uniform_accept fp32 [B, k] and uniform_sample fp32 [B], U[0, 1): the randomness of the accept
+        tests and of the residual / bonus draw (inverse CDF); required unless greedy.
+    greedy: accept while the proposal is argmax(target_probs) (first index on ties), then emit the
+        target argmax; draft_probs and the uniforms are ignored.
+    Rule: accept x_i with probability min(1, p(x_i) / q(x_i)); at the first rejection draw from
+    norm(max(0, p - q)) (from p if that has no mass); if all k_b are accepted, draw the bonus
+    token from p at position k_b. Probabilities are sanitized first (NaN, negative -> 0, > 1 -> 1).
+    Returns output_token_ids int64 [B, k + 1] (the num_accepted[b] accepted proposals, the one
+    residual / bonus token, then -1) and num_accepted int32 [B]; num_accepted + 1 tokens are
+    emitted. check_indices=False skips the host sync of the count / id range checks (CUDA graphs).
+    """
+    op = "speculative_verify"
+    _check(op, "target_probs", target_probs, ndim=3, dtype=torch.float32)
+    device = target_probs.device
+    _check(op, "draft_token_ids", draft_token_ids, ndim=2, dtype=torch.int64, device=device, contiguous=True)
+    batch, k = draft_token_ids.shape
+    vocab = target_probs.shape[2]
+    if not 1 <= vocab <= SPEC_MAX_VOCAB:
+        _fail(op, f"target_probs vocabulary must lie in [1, {SPEC_MAX_VOCAB}], got {vocab}")
+    _check_shape(op, "target_probs", target_probs, (batch, k + 1, vocab))
+    _check(op, "num_draft_tokens", num_draft_tokens, ndim=1, dtype=torch.int32, device=device, contiguous=True)
+    _check_shape(op, "num_draft_tokens", num_draft_tokens, (batch,))
+    if draft_probs is not None:
+        _check(op, "draft_probs", draft_probs, ndim=3, dtype=torch.float32, device=device)
+        _check_shape(op, "draft_probs", draft_probs, (batch, k, vocab))
+    if not isinstance(greedy, bool):
+        _fail(op, f"greedy must be a bool, got {type(greedy).__name__}")
+    _check_spec_uniforms(op, uniform_accept, uniform_sample, greedy, batch, k, target_probs)
+    if output_token_ids is None:
+        output_token_ids = torch.empty(batch, k + 1, dtype=torch.int64, device=device)
+    if num_accepted is None:
+        num_accepted = torch.empty(batch, dtype=torch.int32, device=device)
+    _check(op, "output_token_ids", output_token_ids, ndim=2, dtype=torch.int64, device=device, contiguous=True)
+    _check_shape(op, "output_token_ids", output_token_ids, (batch, k + 1))
+    _check(op, "num_accepted", num_accepted, ndim=1, dtype=torch.int32, device=device, contiguous=True)
+    _check_shape(op, "num_accepted", num_accepted, (batch,))
+    if check_indices:
+        _check_spec_indices(op, draft_token_ids, num_draft_tokens, vocab)
+    _ops.speculative_verify(output_token_ids, num_accepted, draft_token_ids, num_draft_tokens, target_probs,
+                            draft_probs, uniform_accept, uniform_sample, greedy)
+    return output_token_ids, num_accepted
+
+
+# ---- 4-bit weight-only linear --------------------------------------------------------------------
+
+INT4_GROUP_SIZES = (32, 64, 128)
+
+
+def _check_aligned_rows(op: str, name: str, t: torch.Tensor) -> None:
+    """The CUDA kernel moves rows in 16-byte pieces."""
+    if t.device.type == "cuda" and (t.stride(0) % 8 or t.data_ptr() % 16):
+        _fail(op, f"{name} rows must start on 16-byte boundaries on CUDA (row stride a multiple of 8 "
+                  f"elements), got stride {t.stride()}")
+
+
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+                zeros: torch.Tensor | None = None, mins: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """out [M, N] = x [M, K] @ W^T, W a 4-bit [N, K] in the packed layout of fastinfer.quant.int4:
+    qweight int32 [N / 64, 8 K]; scales and (optionally) zeros or mins [K / group_size, N] in x's
+    dtype. w = (q - 8) s, (q - zeros) s or q s + mins."""
+    op = "int4_linear"
+    _check_float(op, "x", x, ndim=2)
+    if x.device.type == "cuda" and x.dtype == torch.float32:
+        _fail(op, "x must be float16 or bfloat16 on CUDA (the tensor cores take 16-bit inputs), got float32")
+    m, k = x.shape
+    if group_size not in INT4_GROUP_SIZES:
+        _fail(op, f"group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    if k == 0 or k % 64 or k % group_size:
+        _fail(op, f"x's last dimension K must be a positive multiple of 64 and of group_size={group_size}, got {k}")
+    _check(op, "qweight", qweight, ndim=2, dtype=torch.int32, device=x.device, contiguous=True)
+    n = qweight.shape[0] * 64
+    _check_shape(op, "qweight", qweight, (n // 64, 8 * k))
+    if zeros is not None and mins is not None:
+        _fail(op, "pass zeros (w = (q - z) s) or mins (w = q s + m), not both")
+    for name, t in (("scales", scales), ("zeros", zeros), ("mins", mins)):
+        if t is not None:
+            _check(op, name, t, ndim=2, dtype=x.dtype, device=x.device, contiguous=True)
+            _check_shape(op, name, t, (k // group_size, n))
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    _check_float(op, "out", out, like=x, ndim=2)
+    _check_shape(op, "out", out, (m, n))
+    _check_aligned_rows(op, "x", x)
+    _check_aligned_rows(op, "out", out)
+    _ops.int4_linear(out, x, qweight, scales, zeros, mins, int(group_size))
+    return out
+
+
 # ---- fake (meta) implementations: every op writes its outputs in place and returns nothing --------
 
 # MODEL_OP_NAMES: what the default (unquantized) model runs; a device is used by default only when
-# it implements all of them. The FP8 ops serve `quantization="fp8"` and `kv_cache_dtype="fp8"`.
+# it implements all of them. The FP8 ops serve `quantization="fp8"` and `kv_cache_dtype="fp8"`,
+# int4_linear the 4-bit quantizations, speculative_verify the engine's speculative decoding.
 MODEL_OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "reshape_and_cache",
                   "paged_prefill_attention", "paged_decode_attention")
-OP_NAMES = MODEL_OP_NAMES + FP8_OP_NAMES
+OP_NAMES = MODEL_OP_NAMES + ("speculative_verify", "int4_linear") + FP8_OP_NAMES
 
 
 def _register_fakes() -> None:

@@ -165,9 +165,11 @@ class Engine:
             self._sample_and_append(seqs, row_logits)
         if spec:
             self._verify(batch, spec, proposals, draft_probs, torch.cat(spec_rows))
-        for s in batch:
+        for i, s in enumerate(batch):
             if not s.seq.is_finished:
                 self.blocks.register_full_blocks(s.seq)
+                if self.proposer is not None and i not in proposals:
+                    self.blocks.trim(s.seq)  # lookahead blocks reserved for proposals that never came
         touched = {s.seq.request_id for s in batch}
         return [self._output(self.requests[r]) for r in touched if r in self.requests]
 

@@ -23,7 +23,7 @@ def _fingerprint(hf_model) -> tuple:
     return tuple((p.data_ptr(), p._version) for p in hf_model.parameters())
 
 
-def get_loaded(model, dtype=None, device=None, cache: bool = True, quantization: str | None = None) -> LoadedModel:
+def get_loaded(model, dtype=None, device=None, quantization: str | None = None, cache: bool = True) -> LoadedModel:
     """A LoadedModel for a path, an HF model object or a LoadedModel; cache=False never evicts."""
     if isinstance(model, LoadedModel):
         if quantization is not None and model.model.quantization != quantization:
@@ -75,7 +75,7 @@ def _prompts(input_ids, attention_mask, pad_token_id, eos_ids, vocab_size) -> li
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              generation_config=None, streamer=None, **kwargs) -> torch.LongTensor:
     """Greedy or sampled generation with HF semantics; ``model`` is an HF model, a path or a LoadedModel."""
-    loaded = get_loaded(model, kwargs.pop("dtype", None), kwargs.pop("device", None))
+    loaded = get_loaded(model, kwargs.pop("dtype", None), kwargs.pop("device", None), kwargs.pop("quantization", None))
     cfg = loaded.model.config
     input_ids = input_ids if input_ids.dim() == 2 else input_ids[None]
     settings = gen_config.resolve(loaded.generation_defaults, generation_config, kwargs, input_ids.shape[1],

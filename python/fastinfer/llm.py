@@ -31,17 +31,19 @@ class LLM:
                  num_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
                  kv_cache_memory_bytes: int | None = None, block_size: int = 16, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192, enable_prefix_caching: bool = True,
-                 speculative: dict | None = None, kv_cache_dtype: str = "auto", quantization: str | None = None):
-        """kv_cache_dtype "fp8": an e4m3 KV cache (half the bytes of bf16) with per-layer scales.
-        quantization "fp8": e4m3 linear weights with per-channel scales, activations quantized per
-        token; a bf16/fp32 checkpoint is quantized on load, an FP8 checkpoint is detected from its
-        config.json (see fastinfer.quant.fp8)."""
+                 speculative: dict | None = None, quantization: str | None = None, kv_cache_dtype: str = "auto"):
+        """quantization: None (the checkpoint's own format), "int4" (round-to-nearest at load),
+        "gptq", "awq" or "gguf" (4-bit projections on the fused W4A16 kernel), or "fp8" (e4m3
+        linear weights with per-channel scales, activations quantized per token; a bf16/fp32
+        checkpoint is quantized on load, an FP8 checkpoint is detected from its config.json); see
+        fastinfer.load_model. kv_cache_dtype "fp8": an e4m3 KV cache (half the bytes of bf16) with
+        per-layer scales. speculative: see README."""
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if num_blocks is not None and num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.kv_cache_dtype = kv_cache_dtype
-        self.loaded = get_loaded(model, dtype, device, quantization=quantization)
+        self.loaded = get_loaded(model, dtype, device, quantization)
         m = self.loaded.model
         kv_cache_storage_dtype(kv_cache_dtype, m.dtype, m.device)  # an unknown or unsupported name fails here
         if num_blocks is None:
@@ -140,8 +142,11 @@ class LLM:
                     results[out.request_id] = self.engine.pop_finished(out.request_id)
                     if bar is not None:
                         elapsed = max(time.perf_counter() - start, 1e-9)
-                        bar.set_postfix_str(f"in: {(self.engine.num_prompt_tokens - tokens0[0]) / elapsed:.0f} tok/s, "
-                                            f"out: {(self.engine.num_output_tokens - tokens0[1]) / elapsed:.0f} tok/s")
+                        postfix = (f"in: {(self.engine.num_prompt_tokens - tokens0[0]) / elapsed:.0f} tok/s, "
+                                   f"out: {(self.engine.num_output_tokens - tokens0[1]) / elapsed:.0f} tok/s")
+                        if self.engine.proposer is not None:
+                            postfix += f", accept len: {self.engine.spec_stats.mean_acceptance_length:.2f}"
+                        bar.set_postfix_str(postfix)
                         bar.update(1)
         if bar is not None:
             bar.close()

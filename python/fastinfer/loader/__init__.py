@@ -1,7 +1,11 @@
 """Model loaders: an HF checkpoint directory (safetensors), an in-memory HF model, or a GGUF file.
 
 ``load_model`` returns the fastinfer model, a tokenizer when one is available, and the
-generation defaults the checkpoint ships (HF ``generation_config``).
+generation defaults the checkpoint ships (HF ``generation_config``). ``quantization`` picks the
+projections' kind (models/linear.py): 4-bit (fastinfer.quant): GPTQ / AWQ checkpoints are converted
+to the packed layout as they load, a GGUF file's Q4_0 / Q4_1 blocks are repacked without ever
+becoming floats ("gguf"), and "int4" quantizes dense weights with round-to-nearest; or FP8
+("fp8", or an FP8 checkpoint's quantization_config; fastinfer.quant.fp8).
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ import torch
 
 from ..config import ModelConfig, parse_dtype
 from ..models.llama import LlamaForCausalLM
+from ..models.linear import QUANTIZATIONS
+from ..quant.linear import QuantConfig
 from .safetensors import iter_safetensors
 
 
@@ -42,12 +48,14 @@ def _default_dtype(device: torch.device) -> torch.dtype:
 def load_model(source, dtype=None, device=None, quantization: str | None = None) -> LoadedModel:
     """source: a checkpoint directory, a .gguf file, or a transformers PreTrainedModel.
 
-    quantization: None keeps the checkpoint's own format (an FP8 checkpoint loads as FP8); "fp8"
-    also quantizes a float checkpoint's linear weights on load (fastinfer.quant.fp8).
-    """
+    quantization: None keeps the checkpoint's own format (a GPTQ / AWQ checkpoint stays 4-bit, an
+    FP8 checkpoint loads as FP8, a GGUF file is dequantized); "gptq" / "awq" (the checkpoint must be
+    one), "gguf" (a .gguf file's Q4_0 / Q4_1 projections run as 4-bit), "int4" (round-to-nearest
+    4-bit of the dense weights at load) or "fp8" (FP8 projections; a float checkpoint's weights
+    are quantized on load, fastinfer.quant.fp8)."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     device = torch.device(device) if device is not None else None
-    if quantization not in (None, "fp8"):
-        raise ValueError(f"quantization must be None or 'fp8', got {quantization!r}")
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.suffix == ".gguf":
@@ -60,7 +68,8 @@ def load_model(source, dtype=None, device=None, quantization: str | None = None)
     raise TypeError(f"model must be a path or a transformers PreTrainedModel, got {type(source).__name__}")
 
 
-def _build(cfg: ModelConfig, dtype, device, weights, quantization=None) -> LlamaForCausalLM:
+def _build(cfg: ModelConfig, dtype, device, weights, quantization: str | QuantConfig | None = None) -> LlamaForCausalLM:
+    """quantization: None (the checkpoint's own), "fp8" or a 4-bit QuantConfig."""
     quantization = quantization or cfg.quantization
     device = device or _default_device(quantization)
     dtype = parse_dtype(dtype) if dtype is not None else _default_dtype(device)
@@ -69,9 +78,37 @@ def _build(cfg: ModelConfig, dtype, device, weights, quantization=None) -> Llama
     return model
 
 
+def rtn_config(cfg: ModelConfig) -> QuantConfig:
+    """quantization="int4": asymmetric round-to-nearest, the largest group dividing every projection's K."""
+    ks = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim)
+    group = next((g for g in (128, 64, 32) if all(k % g == 0 for k in ks)), None)
+    if group is None:
+        raise ValueError(f"quantization='int4' needs projection input sizes {ks} divisible by 32")
+    return QuantConfig("int4", group, "zeros")
+
+
+def _dense_kind(cfg: ModelConfig, quantization: str | None) -> str | QuantConfig | None:
+    """The projection kind for weights stored dense (or FP8): None, "fp8" or int4's QuantConfig."""
+    return rtn_config(cfg) if quantization == "int4" else quantization
+
+
 def _from_directory(path: Path, dtype, device, quantization) -> LoadedModel:
     cfg = ModelConfig.from_file(path / "config.json")
-    model = _build(cfg, dtype, device, iter_safetensors(path), quantization)
+    raw = json.loads((path / "config.json").read_text())
+    weights = iter_safetensors(path)
+    from ..quant.checkpoints import checkpoint_quant_config, convert_checkpoint
+    stored = None if cfg.quantization == "fp8" else checkpoint_quant_config(raw)
+    stored_method = stored.method if stored is not None else cfg.quantization
+    if stored_method is not None and quantization not in (None, stored_method):
+        raise ValueError(f"{path} is a {stored_method} checkpoint; it cannot load with quantization={quantization!r}")
+    if stored is not None:
+        weights, kind = convert_checkpoint(weights, raw), stored
+    elif quantization in ("gptq", "awq", "gguf"):
+        raise ValueError(f"quantization={quantization!r}, but {path}/config.json has no {quantization} "
+                         f"quantization_config (a .gguf file is needed for 'gguf')")
+    else:
+        kind = _dense_kind(cfg, quantization)
+    model = _build(cfg, dtype, device, weights, kind)
     gen_file = path / "generation_config.json"
     defaults = json.loads(gen_file.read_text()) if gen_file.exists() else {}
     return LoadedModel(model, _tokenizer_from_dir(path), defaults)
@@ -80,23 +117,36 @@ def _from_directory(path: Path, dtype, device, quantization) -> LoadedModel:
 def _from_hf_model(hf_model, dtype, device, quantization) -> LoadedModel:
     cfg_dict = hf_model.config.to_dict()
     cfg = ModelConfig.from_hf(cfg_dict)
+    if quantization not in (None, "int4", "fp8"):
+        raise ValueError(f"a transformers model object loads with quantization=None, 'int4' or 'fp8', "
+                         f"got {quantization!r}")
     if dtype is None:
         dtype = next(hf_model.parameters()).dtype
         dtype = cfg.dtype if dtype == torch.float8_e4m3fn else dtype
     if device is None:
         device = next(hf_model.parameters()).device
-    model = _build(cfg, dtype, device, hf_model.state_dict().items(), quantization)
+    kind = _dense_kind(cfg, quantization)
+    model = _build(cfg, dtype, device, hf_model.state_dict().items(), kind)
     gen = getattr(hf_model, "generation_config", None)
     return LoadedModel(model, None, gen.to_dict() if gen is not None else {})
 
 
 def _from_gguf(path: Path, dtype, device, quantization) -> LoadedModel:
-    from .gguf import read_gguf
-    device = device or _default_device(quantization)
+    device = device or _default_device("fp8" if quantization == "fp8" else None)
     target = parse_dtype(dtype) if dtype is not None else _default_dtype(device)
-    cfg_dict, state_dict, tokenizer = read_gguf(path, target)
+    if quantization in ("gptq", "awq"):
+        raise ValueError(f"{path} is a GGUF file; quantization={quantization!r} needs a {quantization} checkpoint directory")
+    if quantization == "gguf":
+        from ..quant.gguf import read_gguf_int4
+        cfg_dict, state_dict, tokenizer, quant = read_gguf_int4(path, target)
+    else:
+        from .gguf import read_gguf
+        cfg_dict, state_dict, tokenizer = read_gguf(path, target)
+        quant = None
     cfg = ModelConfig.from_hf(cfg_dict)
-    model = _build(cfg, target, device, state_dict.items(), quantization)
+    if quant is None:
+        quant = _dense_kind(cfg, quantization)
+    model = _build(cfg, target, device, state_dict.items(), quant)
     return LoadedModel(model, tokenizer, {"eos_token_id": cfg.eos_token_id})
 
 

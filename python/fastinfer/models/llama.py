@@ -1,9 +1,9 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2) on fastinfer ops and the paged KV cache.
 
 Weights are fused at load time: q/k/v projections into one [(H + 2 Hkv) D, hidden] matrix and
-gate/up into one [2 F, hidden] matrix, so a layer runs two GEMMs where HF runs five. GEMMs are
-torch (cuBLAS on GPU), or with quantization="fp8" fastinfer's FP8 GEMM (models/linear.py);
-everything else is a fastinfer op.
+gate/up into one [2 F, hidden] matrix, so a layer runs two GEMMs where HF runs five. Each
+projection is dense (torch GEMM, cuBLAS on GPU), FP8 (quantization="fp8") or 4-bit (a QuantConfig:
+int4 / gptq / awq / gguf); models/linear.py decides which. Everything else is a fastinfer op.
 """
 from __future__ import annotations
 
@@ -17,19 +17,20 @@ from .._checks import FP8
 from ..config import ModelConfig
 from ..metadata import AttnMetadata
 from ..quant import fp8
-from .linear import Linear, LinearRows
+from ..quant.int4 import QuantizedWeight
+from ..quant.linear import Int4Rows, QuantConfig
+from .linear import LinearRows, linear_kind, make_linear
 from .rope import cos_sin_cache
-
-QUANTIZATIONS = (None, "fp8")
 
 
 class LlamaLayer:
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, fp8_weights: bool = False):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                 kind: str | QuantConfig | None = None):
         def empty(*shape):
             return torch.empty(shape, dtype=dtype, device=device)
 
         def linear(n_in, n_out, bias=False):
-            return Linear(n_in, n_out, dtype, device, bias=bias, fp8=fp8_weights)
+            return make_linear(n_in, n_out, dtype, device, kind, bias=bias)
         h, d = cfg.hidden_size, cfg.head_dim
         self.q_size, self.kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
@@ -80,18 +81,21 @@ class LlamaLayer:
 
 class LlamaForCausalLM:
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-                 quantization: str | None = None):
-        """quantization: None (the checkpoint's: its quantization_config, or none) or "fp8" (FP8
-        linear layers; a float checkpoint is quantized while loading)."""
-        if quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be None or 'fp8', got {quantization!r}")
+                 quantization: str | QuantConfig | None = None):
+        """quantization: None (the checkpoint's: an FP8 quantization_config, or dense), "fp8" (FP8
+        linear layers; a float checkpoint is quantized while loading) or a QuantConfig (4-bit
+        projections; fastinfer.load_model builds it from "int4" / "gptq" / "awq" / "gguf")."""
+        kind = linear_kind(quantization if quantization is not None else cfg.quantization)
+        if cfg.quantization == "fp8" and kind != "fp8":
+            raise ValueError(f"the checkpoint is FP8 (config.json quantization_config); it cannot load with "
+                             f"quantization={getattr(kind, 'method', kind)!r}")
         self.config = cfg
+        self.quant = kind if isinstance(kind, QuantConfig) else None  # the 4-bit config, else None
         self.dtype = dtype or cfg.dtype
         self.device = torch.device(device)
-        self.quantization = quantization or cfg.quantization
+        self.quantization = kind.method if isinstance(kind, QuantConfig) else kind  # None, "fp8" or a 4-bit method
         self.embed = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, device=self.device)
-        self.layers = [LlamaLayer(cfg, self.dtype, self.device, self.quantization == "fp8")
-                       for _ in range(cfg.num_layers)]
+        self.layers = [LlamaLayer(cfg, self.dtype, self.device, kind) for _ in range(cfg.num_layers)]
         self.norm = torch.empty(cfg.hidden_size, dtype=self.dtype, device=self.device)
         self.lm_head = self.embed if cfg.tie_word_embeddings else torch.empty_like(self.embed)
         self.cos_sin = cos_sin_cache(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
@@ -111,20 +115,23 @@ class LlamaForCausalLM:
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into the fused parameters; every parameter must be filled exactly.
-        FP8 layers take float weights (quantized here) or FP8 ones with their scales (quant/fp8.py)."""
+        FP8 layers take float weights (quantized here) or FP8 ones with their scales (quant/fp8.py);
+        4-bit layers take float weights (round-to-nearest) or a QuantizedWeight (packed as copied);
+        a dense or FP8 layer takes a QuantizedWeight dequantized."""
         targets, kv_scales = self._weight_targets(), self._kv_scale_targets()
         fp8_parts = fp8.Fp8Parts(self.config.fp8_weight_block_size)
         filled: set[str] = set()
         for name, tensor in weights:
             module, _, leaf = name.rpartition(".")
             dest = targets.get(name, targets.get(module + ".weight"))
+            is_dense_tensor = isinstance(tensor, torch.Tensor)
             fp8_layer = isinstance(dest, LinearRows) and dest.is_fp8
             if name in kv_scales:
                 kv_scales[name].copy_(tensor.reshape(1))
-            elif fp8_layer and (leaf in fp8.AUX_NAMES or tensor.dtype == FP8):
+            elif fp8_layer and is_dense_tensor and (leaf in fp8.AUX_NAMES or tensor.dtype == FP8):
                 if fp8_parts.add(module, leaf, tensor, dest):
                     filled.add(module + ".weight")
-            elif isinstance(dest, LinearRows) and leaf in fp8.AUX_NAMES:
+            elif isinstance(dest, (LinearRows, Int4Rows)) and leaf in fp8.AUX_NAMES:
                 raise ValueError(f"{name!r} belongs to an FP8 checkpoint but its layer is not FP8 (config.json has "
                                  f"no FP8 quantization_config: load with quantization='fp8')")
             elif name in targets:
@@ -137,16 +144,16 @@ class LlamaForCausalLM:
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} weight(s), e.g. {missing[:3]}")
 
-    def _weight_targets(self) -> dict[str, torch.Tensor | LinearRows]:
-        """HF name -> the (view of the) fastinfer tensor, or the rows of a Linear, it fills."""
-        t: dict[str, torch.Tensor | LinearRows] = {"model.embed_tokens.weight": self.embed,
+    def _weight_targets(self) -> dict[str, torch.Tensor | LinearRows | Int4Rows]:
+        """HF name -> the (view of the) fastinfer tensor, or the rows of a projection, it fills."""
+        t: dict[str, torch.Tensor | LinearRows | Int4Rows] = {"model.embed_tokens.weight": self.embed,
                                                    "model.norm.weight": self.norm}
         if not self.config.tie_word_embeddings:
             t["lm_head.weight"] = self.lm_head
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             q, kv = layer.q_size, layer.kv_size
-            ffn = layer.gate_up.weight.shape[0] // 2
+            ffn = layer.gate_up.out_features // 2
             t[p + "input_layernorm.weight"] = layer.input_norm
             t[p + "post_attention_layernorm.weight"] = layer.post_attn_norm
             t[p + "self_attn.q_proj.weight"] = layer.qkv.rows(0, q)
@@ -182,19 +189,26 @@ class LlamaForCausalLM:
         return [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.num_layers)]
 
 
-def _copy_weight(name: str, tensor: torch.Tensor, dest: torch.Tensor | LinearRows) -> None:
-    """A float checkpoint tensor into its destination; into an FP8 layer's rows it is quantized."""
-    dest_shape = dest.weight.shape if isinstance(dest, LinearRows) else dest.shape
-    if tuple(tensor.shape) != tuple(dest_shape):
-        raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest_shape)}")
-    if tensor.dtype == FP8:
+def _copy_weight(name: str, tensor: torch.Tensor | QuantizedWeight, dest: torch.Tensor | LinearRows | Int4Rows) -> None:
+    """A checkpoint tensor into its destination: into an FP8 layer's rows it is quantized, into a
+    4-bit layer's rows packed (a QuantizedWeight) or quantized (round-to-nearest); a QuantizedWeight
+    into a dense or FP8 layer is dequantized first."""
+    if tuple(tensor.shape) != tuple(dest.shape):
+        raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+    if isinstance(tensor, torch.Tensor) and tensor.dtype == FP8:
         raise ValueError(f"weight {name!r} is {FP8} but its layer is not FP8 (load the checkpoint with its "
                          f"quantization_config or quantization='fp8')")
     with torch.no_grad():
+        if isinstance(dest, Int4Rows):
+            dest.copy_(tensor)
+            return
+        target = dest.weight if isinstance(dest, LinearRows) else dest
+        if isinstance(tensor, QuantizedWeight):  # a 4-bit checkpoint into a dense or FP8 model
+            tensor = tensor.dequantize(target.dtype if target.dtype != FP8 else torch.float32)
         if isinstance(dest, LinearRows) and dest.is_fp8:
             fp8.quantize_rows(dest.weight, dest.weight_scale, tensor)
         else:
-            (dest.weight if isinstance(dest, LinearRows) else dest).copy_(tensor)
+            target.copy_(tensor)
 
 
 KV_CACHE_DTYPES = ("auto", "fp8")

@@ -29,12 +29,14 @@ from .._checks import FP8
 
 SCALE_NAMES = ("weight_scale", "weight_scale_inv")
 IGNORED_NAMES = ("input_scale",)
+FOUR_BIT_METHODS = ("gptq", "awq")
 AUX_NAMES = SCALE_NAMES + IGNORED_NAMES  # per-layer tensors an FP8 checkpoint ships besides `weight`
 
 
 def parse_quantization_config(qc: dict | None) -> tuple[str | None, tuple[int, int] | None]:
     """(quantization, weight_block_size) of an HF config's quantization_config: (None, None) when
-    absent, ("fp8", None | (bn, bk)) for a supported FP8 checkpoint; anything else is a ValueError."""
+    absent or 4-bit (GPTQ / AWQ: quant.checkpoints reads those), ("fp8", None | (bn, bk)) for a
+    supported FP8 checkpoint; anything else is a ValueError."""
     if not qc:
         return None, None
     method = qc.get("quant_method")
@@ -57,8 +59,11 @@ def parse_quantization_config(qc: dict | None) -> tuple[str | None, tuple[int, i
             if w.get("strategy") == "block":
                 block = _block_size(w.get("block_structure"))
         return "fp8", block
-    raise ValueError(f"unsupported quantization method {method!r}; fastinfer loads fp8 and compressed-tensors "
-                     f"FP8 checkpoints")
+    if str(method).lower() in FOUR_BIT_METHODS:  # read by fastinfer.quant.checkpoints
+        return None, None
+    raise ValueError(f"unsupported quantization method {method!r} (config.json quantization_config quant_method); "
+                     f"fastinfer loads fp8 and compressed-tensors "
+                     f"FP8 checkpoints, and 4-bit {' and '.join(FOUR_BIT_METHODS)} checkpoints")
 
 
 def _block_size(value) -> tuple[int, int] | None:

@@ -203,12 +203,10 @@ __device__ __forceinline__ void score_tile(const Smem& s, const unsigned char* k
 // o[i] = o[i] * alpha + sum over this thread's keys j of p[j] * V[j][its features], for the
 // (head, partition) pairs of this row: p_offset[i] is the head's probability row in s.p, < 0 for a
 // pair slot the row does not own.
-template <typename T, int kHeadDim>
-__device__ __forceinline__ void accumulate_pv(float (&o)[Geometry<T, kHeadDim>::kMaxPairsPerRow][Geometry<T, kHeadDim>::kVec],
-                                              const Smem& s, const int (&p_offset)[Geometry<T, kHeadDim>::kMaxPairsPerRow],
-                                              const unsigned char* v_tile, int chunk, int first_key,
-                                              int key_stride, int valid) {
-  using G = Geometry<T, kHeadDim>;
+template <typename T, typename G>  // G: the Geometry<T, head_dim>
+__device__ __forceinline__ void accumulate_pv(float (&o)[G::kMaxPairsPerRow][G::kVec], const Smem& s,
+                                              const int (&p_offset)[G::kMaxPairsPerRow], const unsigned char* v_tile,
+                                              int chunk, int first_key, int key_stride, int valid) {
 #pragma unroll
   for (int i = 0; i < G::kMaxPairsPerRow; ++i) {
     if (p_offset[i] >= 0) {
@@ -360,7 +358,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
     cp_async_commit();                         // possibly empty: keeps the group count uniform
     __syncthreads();                           // probabilities and alpha of every head are in s
     if (row < num_pairs) {
-      accumulate_pv<T, kHeadDim>(o, s, p_offset, k_tile + G::kTileBytes, chunk, part, parts, valid);
+      accumulate_pv<T, G>(o, s, p_offset, k_tile + G::kTileBytes, chunk, part, parts, valid);
     }
   }
   cp_async_wait<0>();
@@ -373,7 +371,9 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
     if (pair < num_pairs) {
       float4* dst = reinterpret_cast<float4*>(o_sum + pair * kHeadDim + chunk * G::kVec);
 #pragma unroll
-      for (int v = 0; v < G::kVec / 4; ++v) dst[v] = make_float4(o[i][4 * v], o[i][4 * v + 1], o[i][4 * v + 2], o[i][4 * v + 3]);
+      for (int v = 0; v < G::kVec / 4; ++v) {
+        dst[v] = make_float4(o[i][4 * v], o[i][4 * v + 1], o[i][4 * v + 2], o[i][4 * v + 3]);
+      }
     }
   }
   __syncthreads();
@@ -461,7 +461,10 @@ cudaError_t launch_paged_decode_for_dtype(const DecodeParams& p, const DecodePla
 inline cudaError_t launch_paged_decode_attention_impl(const DecodeParams& p, void* workspace, cudaStream_t stream) {
   DecodePlan plan;
   FI_CUDA_TRY(decode::plan_paged_decode_impl(p, &plan));
-  if (plan.workspace_bytes > 0 && workspace == nullptr) return cudaErrorInvalidValue;
+  if (plan.workspace_bytes > 0 && (workspace == nullptr || reinterpret_cast<uintptr_t>(workspace) % 16 != 0)) {
+    return cudaErrorInvalidValue;
+  }
+  if (reinterpret_cast<uintptr_t>(p.kv_cache) % decode::kChunkBytes != 0) return cudaErrorInvalidValue;
   if (p.batch == 0) return cudaSuccess;
   switch (p.dtype) {
     case DType::kFloat32: return decode::launch_paged_decode_for_dtype<float>(p, plan, workspace, stream);

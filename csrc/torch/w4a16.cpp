@@ -1,0 +1,56 @@
+// CUDA binding of int4_linear: tensors -> W4A16Params, current stream, launch. Registered only
+// when the build has the Hopper kernels (FASTINFER_HAS_SM90); python/fastinfer/_ops.py validates.
+#include <torch/library.h>
+
+#include <optional>
+
+#include "common.h"  // csrc/torch/common.h
+#include "fastinfer/gemm/w4a16.h"
+
+#ifdef FASTINFER_HAS_SM90
+namespace fastinfer::torch_glue {
+namespace {
+
+void check_aligned(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "int4_linear: ", name,
+              " must start on a 16-byte boundary");
+}
+
+void int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                 const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& mins, int64_t group_size) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(!(zeros.has_value() && mins.has_value()), "int4_linear: pass zeros or mins, not both");
+  const at::Tensor* offsets = zeros.has_value() ? &*zeros : mins.has_value() ? &*mins : nullptr;
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "int4_linear on CUDA takes float16 or bfloat16 x, got ", x.scalar_type());
+  TORCH_CHECK(qweight.is_contiguous() && scales.is_contiguous() && (!offsets || offsets->is_contiguous()),
+              "int4_linear: qweight, scales, zeros / mins must be contiguous");
+  check_aligned(x, "x");
+  check_aligned(out, "out");
+  check_aligned(qweight, "qweight");
+  check_aligned(scales, "scales");
+  if (offsets) check_aligned(*offsets, zeros.has_value() ? "zeros" : "mins");
+  W4A16Params p{};
+  p.out = out.data_ptr();
+  p.x = x.data_ptr();
+  p.qweight = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
+  p.scales = scales.data_ptr();
+  p.offsets = offsets ? offsets->data_ptr() : nullptr;
+  p.m = x.size(0);
+  p.k = static_cast<int>(x.size(1));
+  p.n = static_cast<int>(out.size(1));
+  p.group_size = static_cast<int>(group_size);
+  p.x_stride = x.stride(0);
+  p.out_stride = out.stride(0);
+  p.mode = zeros.has_value() ? Int4Mode::kZeros : mins.has_value() ? Int4Mode::kMins : Int4Mode::kSymmetric;
+  p.dtype = to_dtype(x, "int4_linear");
+  const cudaError_t err = cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, x.get_device());
+  check_launch(err, "int4_linear (SM count)");
+  check_launch(launch_w4a16_gemm(p, stream_of(x)), "int4_linear");
+}
+
+}  // namespace
+}  // namespace fastinfer::torch_glue
+
+TORCH_LIBRARY_IMPL(fastinfer, CUDA, m) { m.impl("int4_linear", &fastinfer::torch_glue::int4_linear); }
+#endif  // FASTINFER_HAS_SM90

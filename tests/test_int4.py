@@ -1,0 +1,233 @@
+"""4-bit weights: the packed layout (pack / unpack), round-to-nearest, and the int4_linear op.
+
+The op is judged against an fp64 matmul on weights dequantized here from the logical codes (never
+through fastinfer's own dequantization), with two bounds: the issue's mean relative error
+(||ours - ref||_1 / ||ref||_1 < 1e-3 for fp16 activations) and DESIGN.md's max-abs rule against
+a same-dtype torch matmul on the same dequantized weights.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastinfer import ops
+from fastinfer.quant.int4 import (GROUP_SIZES, PackedInt4, QuantizedWeight, pack, permute_group_params,
+                                  quantize_rtn, unpack, unpermute_group_params)
+
+MODES = ["symmetric", "zeros", "mins"]
+NUM_ROWS = [1, 3, 7, 16, 67, 257]
+MEAN_REL_ERROR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def random_weight(n: int, k: int, group_size: int, mode: str, gen: torch.Generator,
+                  dtype: torch.dtype = torch.float32) -> QuantizedWeight:
+    groups = (n, k // group_size)
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    scales = (torch.rand(groups, generator=gen) * 0.02 + 0.005).to(dtype)
+    zeros = torch.randint(0, 16, groups, generator=gen).to(dtype) if mode == "zeros" else None
+    mins = (-8 * scales.float() + torch.randn(groups, generator=gen) * 0.01).to(dtype) if mode == "mins" else None
+    return QuantizedWeight(codes, scales, group_size, zeros, mins)
+
+
+def reference_weight(w: QuantizedWeight) -> torch.Tensor:
+    """fp64 [N, K] straight from the definitions, group by group."""
+    q = w.codes.double()
+    s = w.scales.double().repeat_interleave(w.group_size, 1)
+    if w.mins is not None:
+        return q * s + w.mins.double().repeat_interleave(w.group_size, 1)
+    z = w.zeros.double().repeat_interleave(w.group_size, 1) if w.zeros is not None else 8.0
+    return (q - z) * s
+
+
+# ---- layout ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+def test_pack_unpack_round_trip(group_size, mode):
+    w = random_weight(192, 384, group_size, mode, torch.Generator().manual_seed(group_size))
+    packed = pack(w)
+    assert packed.qweight.dtype == torch.int32 and packed.qweight.shape == (3, 8 * 384)
+    assert packed.scales.shape == (384 // group_size, 192) and packed.shape == (192, 384)
+    back = unpack(packed)
+    assert torch.equal(back.codes, w.codes) and torch.equal(back.scales, w.scales)
+    for name in ("zeros", "mins"):
+        a, b = getattr(back, name), getattr(w, name)
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_packed_words_follow_the_documented_formula():
+    """Every nibble of the packed words against the index formulas of w4a16.h, one by one."""
+    gen = torch.Generator().manual_seed(1)
+    n, k = 128, 64
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    words = pack(QuantizedWeight(codes, torch.ones(n, 1), 64)).qweight.view(torch.int32).tolist()
+    for s in range(n // 64):
+        for t in range(k // 16):
+            for lane in range(32):
+                g, c = divmod(lane, 4)
+                for i in range(4):
+                    word = words[s][(t * 32 + lane) * 4 + i] & 0xFFFFFFFF
+                    for p in range(8):
+                        hi, h, r = p // 4, (p // 2) % 2, p % 2
+                        nn, kk = 64 * s + 8 * (2 * i + h) + g, 16 * t + 8 * r + 2 * c + hi
+                        assert (word >> (4 * p)) & 0xF == codes[nn, kk], (s, t, lane, i, p)
+
+
+def test_group_params_are_transposed_inside_64_column_blocks():
+    logical = torch.arange(2 * 128, dtype=torch.float32).reshape(128, 2)  # [N, groups]
+    packed = permute_group_params(logical)
+    for col in range(128):
+        block, within = divmod(col, 64)
+        j, g = divmod(within, 8)  # column 8 j + g sits at position 8 g + j
+        assert torch.equal(packed[:, 64 * block + 8 * g + j], logical[col])
+    assert torch.equal(unpermute_group_params(packed), logical)
+
+
+def test_fused_matrices_pack_as_concatenation():
+    gen = torch.Generator().manual_seed(2)
+    a, b = random_weight(64, 128, 32, "mins", gen), random_weight(128, 128, 32, "mins", gen)
+    fused = QuantizedWeight(torch.cat([a.codes, b.codes]), torch.cat([a.scales, b.scales]), 32,
+                            mins=torch.cat([a.mins, b.mins]))
+    pa, pb, pf = pack(a), pack(b), pack(fused)
+    assert torch.equal(pf.qweight, torch.cat([pa.qweight, pb.qweight]))
+    assert torch.equal(pf.scales, torch.cat([pa.scales, pb.scales], 1))
+    assert torch.equal(pf.mins, torch.cat([pa.mins, pb.mins], 1))
+
+
+@pytest.mark.parametrize("n, k, group_size, match", [(96, 128, 32, "out_features"), (64, 96, 32, "in_features"),
+                                                     (64, 192, 128, "in_features"), (64, 128, 16, "group_size")])
+def test_pack_rejects_shapes_outside_the_layout(n, k, group_size, match):
+    with pytest.raises(ValueError, match=match):
+        quantize_rtn(torch.randn(n, k), group_size)
+
+
+# ---- round-to-nearest -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+def test_rtn_error_is_at_most_half_a_step(group_size, mode):
+    w = torch.randn(128, 256, generator=torch.Generator().manual_seed(3))
+    w[0, :group_size] = 0.25  # a constant group: scale 0 must not divide by zero
+    q = quantize_rtn(w, group_size, mode)
+    assert q.mode == mode and q.codes.max() <= 15
+    step = q.scales.float().repeat_interleave(group_size, 1)
+    err = (q.dequantize() - w).abs()
+    assert (err <= step / 2 + 1e-6).all(), float((err - step / 2).max())
+    assert torch.allclose(q.dequantize()[0, :group_size], w[0, :group_size])
+
+
+def test_mode_conversions_keep_the_weight():
+    w = random_weight(64, 128, 64, "symmetric", torch.Generator().manual_seed(4))
+    assert torch.equal(w.with_mode("zeros").zeros, torch.full_like(w.scales, 8))
+    assert torch.equal(w.with_mode("mins").mins, -8 * w.scales)  # exact: a power of two
+    for mode in ("zeros", "mins"):  # equal up to the rounding of q * s + m evaluated unfused
+        torch.testing.assert_close(w.with_mode(mode).dequantize(), w.dequantize(), rtol=1e-6, atol=1e-7)
+
+
+# ---- the op ---------------------------------------------------------------------------------------
+
+def run_int4_linear(x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+    p = pack(w.to(x.dtype))
+    dev = lambda t: None if t is None else t.to(x.device)  # noqa: E731
+    return ops.int4_linear(x, p.qweight.to(x.device), p.scales.to(x.device), w.group_size,
+                           zeros=dev(p.zeros), mins=dev(p.mins), out=out)
+
+
+def check_against_reference(ours: torch.Tensor, x: torch.Tensor, w: QuantizedWeight) -> None:
+    weight = reference_weight(w.to(x.dtype))  # the parameters as the op sees them
+    ref = x.double().cpu() @ weight.t()
+    same_dtype = (x @ weight.to(x.dtype).to(x.device).t()).double().cpu()
+    ours = ours.double().cpu()
+    assert torch.isfinite(ours).all()
+    rel = ((ours - ref).abs().sum() / ref.abs().sum()).item()
+    assert rel < MEAN_REL_ERROR[x.dtype], f"mean relative error {rel:.3g}"
+    err, baseline = (ours - ref).abs().max().item(), (same_dtype - ref).abs().max().item()
+    assert err <= 2 * baseline + 1e-5, f"max abs error {err:.3g} > 2 x same-dtype torch {baseline:.3g} + 1e-5"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+@pytest.mark.parametrize("m", NUM_ROWS)
+def test_int4_linear_matches_fp32_matmul(device, m, group_size, mode, dtype):
+    if device.type == "cuda" and dtype == torch.float32:
+        pytest.skip("the CUDA kernel takes 16-bit activations")
+    gen = torch.Generator().manual_seed(m * 1000 + group_size)
+    n, k = 192, 512
+    w = random_weight(n, k, group_size, mode, gen)
+    x = torch.randn(m, k, generator=gen).to(dtype).to(device)
+    check_against_reference(run_int4_linear(x, w), x, w)
+
+
+@pytest.mark.parametrize("n, k", [(64, 64), (576, 576), (960, 576), (576, 1536), (320, 14336)])
+def test_int4_linear_shapes(device, n, k):
+    """Odd strip counts (N / 128 not whole), K of one stage, a long K (split along K on a GPU)."""
+    dtype = torch.float16
+    gen = torch.Generator().manual_seed(n + k)
+    w = random_weight(n, k, 32, "mins", gen)
+    for m in (1, 5, 33):
+        x = torch.randn(m, k, generator=gen).to(dtype).to(device)
+        check_against_reference(run_int4_linear(x, w), x, w)
+
+
+@pytest.mark.parametrize("m", [1, 16, 64, 257])
+def test_int4_linear_many_tiles_is_deterministic(device, m):
+    """N = 4096: a GPU splits K for small M and not for large M; both reductions are deterministic."""
+    gen = torch.Generator().manual_seed(m)
+    w = random_weight(4096, 1024, 128, "symmetric", gen)
+    x = torch.randn(m, 1024, generator=gen).to(torch.bfloat16).to(device)
+    first = run_int4_linear(x, w)
+    check_against_reference(first, x, w)
+    assert torch.equal(first, run_int4_linear(x, w))
+
+
+def test_int4_linear_strided_rows_and_out(device):
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(5)
+    w = random_weight(128, 256, 64, "zeros", gen)
+    x = torch.randn(9, 256 + 64, generator=gen).to(dtype).to(device)[:, 64:]
+    out = torch.full((9, 128 + 8), float("nan"), dtype=dtype, device=device)[:, 8:]
+    run_int4_linear(x, w, out=out)
+    check_against_reference(out, x, w)
+
+
+def test_int4_linear_empty_batch(device):
+    w = random_weight(64, 64, 32, "symmetric", torch.Generator().manual_seed(6))
+    x = torch.empty(0, 64, dtype=torch.float16, device=device)
+    assert run_int4_linear(x, w).shape == (0, 64)
+
+
+def test_int4_linear_opcheck(device):
+    w = random_weight(128, 128, 32, "zeros", torch.Generator().manual_seed(7))
+    p = pack(w.to(torch.float16))
+    x = torch.randn(3, 128, dtype=torch.float16, device=device)
+    out = torch.empty(3, 128, dtype=torch.float16, device=device)
+    args = (out, x, p.qweight.to(device), p.scales.to(device), p.zeros.to(device), None, 32)
+    torch.library.opcheck(torch.ops.fastinfer.int4_linear.default, args)
+
+
+def _valid_args():
+    w = random_weight(128, 128, 32, "zeros", torch.Generator().manual_seed(8))
+    p = pack(w)
+    return dict(x=torch.randn(2, 128), qweight=p.qweight, scales=p.scales, group_size=32, zeros=p.zeros)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(x=torch.randn(2, 96)), "x's last dimension"),
+    (dict(x=torch.randn(2, 128, dtype=torch.float64)), "x must have dtype"),
+    (dict(qweight=torch.zeros(2, 1024, dtype=torch.int64)), "qweight must have dtype"),
+    (dict(qweight=torch.zeros(2, 512, dtype=torch.int32)), "qweight must have shape"),
+    (dict(scales=torch.zeros(4, 128, dtype=torch.float16)), "scales must have dtype"),
+    (dict(scales=torch.zeros(2, 128)), "scales must have shape"),
+    (dict(group_size=48), "group_size"),
+    (dict(mins=torch.zeros(4, 128)), "zeros .* or mins .*, not both"),
+    (dict(out=torch.zeros(2, 64)), "out must have shape"),
+])
+def test_int4_linear_errors_name_the_argument(change, match):
+    with pytest.raises(ValueError, match=match):
+        ops.int4_linear(**{**_valid_args(), **change})
+
+
+def test_packed_int4_shape_property():
+    p = PackedInt4(torch.zeros(3, 8 * 128, dtype=torch.int32), torch.zeros(4, 192), 32)
+    assert p.shape == (192, 128)
