@@ -18,6 +18,19 @@ TORCH_LIBRARY(fastinfer, m) {
   m.def(
       "paged_decode_attention(Tensor(a!) out, Tensor query, Tensor kv_cache, Tensor block_tables, "
       "Tensor seq_lens, float scale) -> ()");
+  // FP8 e4m3 (csrc/include/fastinfer/fp8.h). scale_a: [1] or [M]; scale_b: [1] or [N]; kv_scale: [2].
+  m.def("fp8_quantize_per_token(Tensor(a!) out, Tensor(b!) scales, Tensor input) -> ()");
+  m.def("fp8_quantize_per_tensor(Tensor(a!) out, Tensor(b!) scale, Tensor input, bool dynamic) -> ()");
+  m.def("fp8_scaled_mm(Tensor(a!) out, Tensor a, Tensor b, Tensor scale_a, Tensor scale_b, Tensor? bias) -> ()");
+  m.def(
+      "reshape_and_cache_fp8(Tensor key, Tensor value, Tensor(a!) kv_cache, Tensor slot_mapping, "
+      "Tensor kv_scale) -> ()");
+  m.def(
+      "paged_prefill_attention_fp8(Tensor(a!) out, Tensor query, Tensor kv_cache, Tensor kv_scale, "
+      "Tensor cu_seqlens_q, Tensor seq_lens, Tensor block_tables, float scale) -> ()");
+  m.def(
+      "paged_decode_attention_fp8(Tensor(a!) out, Tensor query, Tensor kv_cache, Tensor kv_scale, "
+      "Tensor block_tables, Tensor seq_lens, float scale) -> ()");
   // Speculative decoding: accept a prefix of each request's proposals, then emit one more token
   // (python/fastinfer/_ops.py: speculative_verify documents the arguments).
   m.def(
@@ -37,6 +50,12 @@ TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {
   m.impl("reshape_and_cache", &fastinfer::cpu::reshape_and_cache);
   m.impl("paged_prefill_attention", &fastinfer::cpu::paged_prefill_attention);
   m.impl("paged_decode_attention", &fastinfer::cpu::paged_decode_attention);
+  m.impl("fp8_quantize_per_token", &fastinfer::cpu::fp8_quantize_per_token);
+  m.impl("fp8_quantize_per_tensor", &fastinfer::cpu::fp8_quantize_per_tensor);
+  m.impl("fp8_scaled_mm", &fastinfer::cpu::fp8_scaled_mm);
+  m.impl("reshape_and_cache_fp8", &fastinfer::cpu::reshape_and_cache_fp8);
+  m.impl("paged_prefill_attention_fp8", &fastinfer::cpu::paged_prefill_attention_fp8);
+  m.impl("paged_decode_attention_fp8", &fastinfer::cpu::paged_decode_attention_fp8);
   m.impl("speculative_verify", &fastinfer::cpu::speculative_verify);
   m.impl("int4_linear", &fastinfer::cpu::int4_linear);
 }

@@ -125,3 +125,40 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     """One query token per sequence, query: [batch, num_heads, head_dim]."""
     cu_seqlens_q = torch.arange(query.shape[0] + 1, dtype=torch.int32)
     return paged_prefill_attention(query, kv_cache, cu_seqlens_q, seq_lens, block_tables, scale, dtype)
+
+
+# ---- FP8 e4m3 (the format: csrc/include/fastinfer/fp8.h) ------------------------------------------
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+FP8_MIN_SCALE = 1.0 / (448.0 * 512.0)
+
+
+def fp8_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """e4m3(clamp(x / scale, +-448)); scale broadcasts against x (e.g. [M, 1] per row, [1] per tensor)."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def fp8_dynamic_scale(x: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """fp32 max(amax / 448, floor) over `dim` (None: the whole tensor, shape [1])."""
+    amax = x.float().abs().amax() if dim is None else x.float().abs().amax(dim)
+    return torch.clamp(amax / FP8_MAX, min=FP8_MIN_SCALE).reshape(-1)
+
+
+def fp8_scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+                  bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize a [M, K] and b [N, K] (e4m3, scales [1] or per row), then a @ b.T (+ bias) in ``dtype``.
+
+    fp32 gives the "same-dtype torch" baseline of an fp32-accumulating kernel; fp64 the reference.
+    """
+    a_real = a.to(dtype) * scale_a.to(dtype).reshape(-1, 1)
+    b_real = b.to(dtype) * scale_b.to(dtype).reshape(-1, 1)
+    out = a_real @ b_real.T
+    return out if bias is None else out + bias.to(dtype)
+
+
+def fp8_dequantize_kv(kv_cache: torch.Tensor, kv_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An e4m3 cache [num_blocks, 2, block_size, heads, head_dim] as real K/V values in ``dtype``
+    (dequantized in fp32 or fp64, then rounded to ``dtype``)."""
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    return (kv_cache.to(wide) * kv_scale.to(wide).reshape(1, 2, 1, 1, 1)).to(dtype)

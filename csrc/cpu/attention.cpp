@@ -5,6 +5,11 @@
 // j sits at position seq_lens[b] - q_len + j and sees keys 0 .. that position. Chunked prefill and
 // prefix-cache hits are the case q_len < seq_len. Decode is q_len = 1 for every sequence.
 // Query head h reads KV head h / (num_heads / num_kv_heads).
+//
+// FP8 KV cache (the *_fp8 ops): the cache holds e4m3 values and kv_scale = [k_scale, v_scale], so
+// K = k_scale * k8 and V = v_scale * v8. The scales are folded where they cost nothing: scores are
+// (q . k8) * (scale * k_scale) and the output is (sum p v8 / sum p) * v_scale. With both scales 1
+// (a plain cache) this is exactly the unscaled computation.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -14,6 +19,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/fp8_convert.h"
 #include "cpu/ops.h"
 
 namespace fastinfer::cpu {
@@ -23,14 +29,17 @@ namespace {
 struct PagedKV {
   const void* cache;
   int64_t block_size, num_kv_heads, head_dim, num_blocks;
+  float k_scale = 1.0f, v_scale = 1.0f;
 };
 
 // One query row attends to keys [0, num_keys) of one sequence: softmax(q.k * scale) @ v in fp32.
-template <typename T>
+// T: the query / output dtype; C: the cache's (T, or e4m3 for an FP8 cache).
+template <typename T, typename C>
 void attend_row(T* out, const T* q, const PagedKV& kv, const int32_t* block_table, int64_t kv_head,
                 int64_t num_keys, float scale, std::vector<float>& scores, std::vector<float>& acc) {
   const int64_t D = kv.head_dim, row = kv.num_kv_heads * D;
-  const T* cache = static_cast<const T*>(kv.cache);
+  const C* cache = static_cast<const C*>(kv.cache);
+  const float score_scale = scale * kv.k_scale;
   auto key_at = [&](int64_t pos) {
     const int64_t block = block_table[pos / kv.block_size], offset = pos % kv.block_size;
     return cache + (block * 2 * kv.block_size + offset) * row + kv_head * D;
@@ -38,10 +47,10 @@ void attend_row(T* out, const T* q, const PagedKV& kv, const int32_t* block_tabl
   scores.resize(num_keys);
   float max_score = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < num_keys; ++j) {
-    const T* k = key_at(j);
+    const C* k = key_at(j);
     float dot = 0.0f;
-    for (int64_t d = 0; d < D; ++d) dot += static_cast<float>(q[d]) * static_cast<float>(k[d]);
-    scores[j] = dot * scale;
+    for (int64_t d = 0; d < D; ++d) dot += static_cast<float>(q[d]) * load_float(k[d]);
+    scores[j] = dot * score_scale;
     max_score = std::max(max_score, scores[j]);
   }
   acc.assign(D, 0.0f);
@@ -49,14 +58,33 @@ void attend_row(T* out, const T* q, const PagedKV& kv, const int32_t* block_tabl
   for (int64_t j = 0; j < num_keys; ++j) {
     const float p = std::exp(scores[j] - max_score);
     denom += p;
-    const T* v = key_at(j) + kv.block_size * row;
-    for (int64_t d = 0; d < D; ++d) acc[d] += p * static_cast<float>(v[d]);
+    const C* v = key_at(j) + kv.block_size * row;
+    for (int64_t d = 0; d < D; ++d) acc[d] += p * load_float(v[d]);
   }
-  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(acc[d] / denom);
+  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(acc[d] / denom * kv.v_scale);
 }
 
-PagedKV paged_kv(const at::Tensor& kv_cache) {
-  return {kv_cache.data_ptr(), kv_cache.size(2), kv_cache.size(3), kv_cache.size(4), kv_cache.size(0)};
+PagedKV paged_kv(const at::Tensor& kv_cache, const at::Tensor* kv_scale) {
+  PagedKV kv{kv_cache.data_ptr(), kv_cache.size(2), kv_cache.size(3), kv_cache.size(4), kv_cache.size(0)};
+  if (kv_scale != nullptr) {
+    kv.k_scale = kv_scale->data_ptr<float>()[0];
+    kv.v_scale = kv_scale->data_ptr<float>()[1];
+  }
+  return kv;
+}
+
+// Calls fn.template operator()<T, C>() for the query dtype T and the cache element type C.
+template <typename Fn>
+void dispatch_query_and_cache(const at::Tensor& query, const at::Tensor& kv_cache, const char* op, Fn fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "paged_attention", [&] {
+    if (kv_cache.scalar_type() == at::kFloat8_e4m3fn) {
+      fn.template operator()<scalar_t, e4m3>();
+    } else {
+      TORCH_CHECK(kv_cache.scalar_type() == query.scalar_type(), op, ": kv_cache dtype ", kv_cache.scalar_type(),
+                  " differs from query's ", query.scalar_type());
+      fn.template operator()<scalar_t, scalar_t>();
+    }
+  });
 }
 
 // Every block a sequence of num_keys tokens uses must exist; checked before any row is read.
@@ -68,12 +96,10 @@ void check_block_table(const int32_t* block_table, int64_t num_keys, const Paged
   }
 }
 
-}  // namespace
-
-void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
-                             const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
-                             const at::Tensor& block_tables, double scale) {
-  const PagedKV kv = paged_kv(kv_cache);
+void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor* kv_scale,
+             const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, const at::Tensor& block_tables,
+             double scale) {
+  const PagedKV kv = paged_kv(kv_cache, kv_scale);
   const int64_t batch = seq_lens.size(0), heads = query.size(1), group = heads / kv.num_kv_heads;
   const int32_t* cu = cu_seqlens_q.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
@@ -92,23 +118,23 @@ void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at:
     check_block_table(tables + b * table_stride, lens[b], kv, b);
     for (int64_t r = cu[b]; r < cu[b + 1]; ++r) seq_of_row[r] = b;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "paged_prefill_attention", [&] {
+  dispatch_query_and_cache(query, kv_cache, "paged_prefill_attention", [&]<typename T, typename C>() {
     at::parallel_for(0, query.size(0) * heads, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores, acc;
       for (int64_t i = begin; i < end; ++i) {
         const int64_t r = i / heads, h = i % heads, b = seq_of_row[r];
         const int64_t position = lens[b] - (cu[b + 1] - cu[b]) + (r - cu[b]);
-        attend_row(out.data_ptr<scalar_t>() + r * out.stride(0) + h * out.stride(1),
-                   query.data_ptr<scalar_t>() + r * query.stride(0) + h * query.stride(1), kv,
-                   tables + b * table_stride, h / group, position + 1, static_cast<float>(scale), scores, acc);
+        attend_row<T, C>(out.data_ptr<T>() + r * out.stride(0) + h * out.stride(1),
+                         query.data_ptr<T>() + r * query.stride(0) + h * query.stride(1), kv,
+                         tables + b * table_stride, h / group, position + 1, static_cast<float>(scale), scores, acc);
       }
     });
   });
 }
 
-void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
-                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
-  const PagedKV kv = paged_kv(kv_cache);
+void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor* kv_scale,
+            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+  const PagedKV kv = paged_kv(kv_cache, kv_scale);
   const int64_t batch = query.size(0), heads = query.size(1), group = heads / kv.num_kv_heads;
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int32_t* tables = block_tables.data_ptr<int32_t>();
@@ -118,17 +144,42 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
                 "paged_decode_attention: seq_lens[", b, "] = ", lens[b], " outside [1, block table capacity]");
     check_block_table(tables + b * table_stride, lens[b], kv, b);
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "paged_decode_attention", [&] {
+  dispatch_query_and_cache(query, kv_cache, "paged_decode_attention", [&]<typename T, typename C>() {
     at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores, acc;
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / heads, h = i % heads;
-        attend_row(out.data_ptr<scalar_t>() + b * out.stride(0) + h * out.stride(1),
-                   query.data_ptr<scalar_t>() + b * query.stride(0) + h * query.stride(1), kv,
-                   tables + b * table_stride, h / group, lens[b], static_cast<float>(scale), scores, acc);
+        attend_row<T, C>(out.data_ptr<T>() + b * out.stride(0) + h * out.stride(1),
+                         query.data_ptr<T>() + b * query.stride(0) + h * query.stride(1), kv,
+                         tables + b * table_stride, h / group, lens[b], static_cast<float>(scale), scores, acc);
       }
     });
   });
+}
+
+}  // namespace
+
+void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
+                             const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
+                             const at::Tensor& block_tables, double scale) {
+  prefill(out, query, kv_cache, nullptr, cu_seqlens_q, seq_lens, block_tables, scale);
+}
+
+void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
+                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+  decode(out, query, kv_cache, nullptr, block_tables, seq_lens, scale);
+}
+
+void paged_prefill_attention_fp8(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
+                                 const at::Tensor& kv_scale, const at::Tensor& cu_seqlens_q,
+                                 const at::Tensor& seq_lens, const at::Tensor& block_tables, double scale) {
+  prefill(out, query, kv_cache, &kv_scale, cu_seqlens_q, seq_lens, block_tables, scale);
+}
+
+void paged_decode_attention_fp8(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
+                                const at::Tensor& kv_scale, const at::Tensor& block_tables,
+                                const at::Tensor& seq_lens, double scale) {
+  decode(out, query, kv_cache, &kv_scale, block_tables, seq_lens, scale);
 }
 
 }  // namespace fastinfer::cpu

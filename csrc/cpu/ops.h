@@ -27,4 +27,19 @@ void speculative_verify(at::Tensor& output_token_ids, at::Tensor& num_accepted, 
                         const std::optional<at::Tensor>& draft_probs, const std::optional<at::Tensor>& uniform_accept,
                         const std::optional<at::Tensor>& uniform_sample, bool greedy);
 
+
+// FP8 (csrc/include/fastinfer/fp8.h): quantization, scaled matmul, FP8 KV cache.
+void fp8_quantize_per_token(at::Tensor& out, at::Tensor& scales, const at::Tensor& input);
+void fp8_quantize_per_tensor(at::Tensor& out, at::Tensor& scale, const at::Tensor& input, bool dynamic);
+void fp8_scaled_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_a,
+                   const at::Tensor& scale_b, const std::optional<at::Tensor>& bias);
+void reshape_and_cache_fp8(const at::Tensor& key, const at::Tensor& value, at::Tensor& kv_cache,
+                           const at::Tensor& slot_mapping, const at::Tensor& kv_scale);
+void paged_prefill_attention_fp8(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
+                                 const at::Tensor& kv_scale, const at::Tensor& cu_seqlens_q,
+                                 const at::Tensor& seq_lens, const at::Tensor& block_tables, double scale);
+void paged_decode_attention_fp8(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
+                                const at::Tensor& kv_scale, const at::Tensor& block_tables,
+                                const at::Tensor& seq_lens, double scale);
+
 }  // namespace fastinfer::cpu

@@ -4,57 +4,33 @@ Every public op checks dtypes, devices, shapes, strides and index ranges here an
 ``ValueError`` naming the offending argument before any kernel runs, so a kernel never sees an
 input that can index out of bounds. Index checks (slots, block tables) read the index tensors on
 the host; the model runner validates its metadata once per step and passes ``check_indices=False``
-to skip the per-layer device sync.
+to skip the per-layer device sync. The FP8 GEMM ops live in _ops_fp8.py and are re-exported here.
 """
 from __future__ import annotations
 
 import torch
 
 from . import _C  # noqa: F401  (loads the extension: registers torch.ops.fastinfer.*)
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_ops = torch.ops.fastinfer
-
-
-def _fail(op: str, msg: str) -> None:
-    raise ValueError(f"fastinfer.{op}: {msg}")
+from ._checks import FLOAT_DTYPES, FP8, _check, _check_float, _check_shape, _fail, _ops
+from ._ops_fp8 import (FP8_MAX, FP8_MIN_SCALE, FP8_OP_NAMES, fp8_linear,  # noqa: F401  (re-exported)
+                       fp8_quantize_per_tensor, fp8_quantize_per_token, fp8_scaled_mm)
 
 
-def _check(op: str, name: str, t, *, ndim: int | None = None, dtype=None, device=None,
-           contiguous: bool = False) -> None:
-    if not isinstance(t, torch.Tensor):
-        _fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if ndim is not None and t.dim() != ndim:
-        _fail(op, f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
-    if dtype is not None:
-        allowed = dtype if isinstance(dtype, tuple) else (dtype,)
-        if t.dtype not in allowed:
-            _fail(op, f"{name} must have dtype {' or '.join(map(str, allowed))}, got {t.dtype}")
-    if device is not None and t.device != device:
-        _fail(op, f"{name} must be on {device} (like the other inputs), got {t.device}")
-    if contiguous and not t.is_contiguous():
-        _fail(op, f"{name} must be contiguous")
-    if t.dim() > 0 and t.numel() > 0 and t.stride(-1) != 1:
-        _fail(op, f"{name} must have a contiguous last dimension, got strides {t.stride()}")
-
-
-def _check_shape(op: str, name: str, t: torch.Tensor, shape: tuple) -> None:
-    if tuple(t.shape) != tuple(shape):
-        _fail(op, f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-
-
-def _check_float(op: str, name: str, t, like: torch.Tensor | None = None, ndim: int | None = None) -> None:
-    _check(op, name, t, ndim=ndim, dtype=FLOAT_DTYPES if like is None else like.dtype,
-           device=None if like is None else like.device)
-
-
-def _check_kv_cache(op: str, kv_cache, like: torch.Tensor) -> None:
-    _check(op, "kv_cache", kv_cache, ndim=5, dtype=like.dtype, device=like.device, contiguous=True)
+def _check_kv_cache(op: str, kv_cache, like: torch.Tensor, kv_scale) -> bool:
+    """True for an FP8 cache (float8_e4m3fn, with kv_scale = fp32 [k_scale, v_scale] on its device)."""
+    _check(op, "kv_cache", kv_cache, ndim=5, dtype=(like.dtype, FP8), device=like.device, contiguous=True)
     if kv_cache.shape[1] != 2:
         _fail(op, f"kv_cache must be [num_blocks, 2, block_size, num_kv_heads, head_dim], got {tuple(kv_cache.shape)}")
     bs = kv_cache.shape[2]
     if bs <= 0 or bs & (bs - 1):
         _fail(op, f"kv_cache block_size must be a power of two, got {bs}")
+    fp8 = kv_cache.dtype == FP8
+    if fp8:
+        _check(op, "kv_scale", kv_scale, ndim=1, dtype=torch.float32, device=like.device, contiguous=True)
+        _check_shape(op, "kv_scale", kv_scale, (2,))
+    elif kv_scale is not None:
+        _fail(op, f"kv_scale is only for a {FP8} kv_cache, got a {kv_cache.dtype} one")
+    return fp8
 
 
 # ---- layers ---------------------------------------------------------------------------------------
@@ -127,13 +103,17 @@ def silu_and_mul(input: torch.Tensor, out: torch.Tensor | None = None) -> torch.
 # ---- paged KV cache -------------------------------------------------------------------------------
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                      check_indices: bool = True) -> None:
-    """Write key/value [num_tokens, num_kv_heads, head_dim] into their slots; slot -1 is skipped."""
+                      check_indices: bool = True, kv_scale: torch.Tensor | None = None) -> None:
+    """Write key/value [num_tokens, num_kv_heads, head_dim] into their slots; slot -1 is skipped.
+
+    An FP8 (float8_e4m3fn) kv_cache needs kv_scale, fp32 [k_scale, v_scale]: it stores
+    e4m3(clamp(key / k_scale, +-448)) and likewise for value.
+    """
     op = "reshape_and_cache"
     _check_float(op, "key", key, ndim=3)
     _check_float(op, "value", value, like=key, ndim=3)
     _check_shape(op, "value", value, key.shape)
-    _check_kv_cache(op, kv_cache, key)
+    fp8 = _check_kv_cache(op, kv_cache, key, kv_scale)
     if tuple(kv_cache.shape[3:]) != tuple(key.shape[1:]):
         _fail(op, f"kv_cache heads/head_dim {tuple(kv_cache.shape[3:])} do not match key's {tuple(key.shape[1:])}")
     _check(op, "slot_mapping", slot_mapping, ndim=1, dtype=torch.int64, device=key.device)
@@ -143,13 +123,16 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
         lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
         if lo < -1 or hi >= num_slots:
             _fail(op, f"slot_mapping values must be -1 or in [0, {num_slots}), got [{lo}, {hi}]")
-    _ops.reshape_and_cache(key, value, kv_cache, slot_mapping)
+    if fp8:
+        _ops.reshape_and_cache_fp8(key, value, kv_cache, slot_mapping, kv_scale)
+    else:
+        _ops.reshape_and_cache(key, value, kv_cache, slot_mapping)
 
 
 # ---- attention ------------------------------------------------------------------------------------
 
-def _check_attention_common(op: str, query, kv_cache, block_tables, seq_lens, batch: int) -> None:
-    _check_kv_cache(op, kv_cache, query)
+def _check_attention_common(op: str, query, kv_cache, kv_scale, block_tables, seq_lens, batch: int) -> bool:
+    fp8 = _check_kv_cache(op, kv_cache, query, kv_scale)
     heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = kv_cache.shape[3]
     if kv_cache.shape[4] != head_dim:
@@ -161,6 +144,7 @@ def _check_attention_common(op: str, query, kv_cache, block_tables, seq_lens, ba
     _check_shape(op, "seq_lens", seq_lens, (batch,))
     if block_tables.shape[0] != batch:
         _fail(op, f"block_tables must have {batch} rows (one per sequence), got {block_tables.shape[0]}")
+    return fp8
 
 
 def _check_attention_indices(op: str, kv_cache, block_tables, seq_lens, min_len: int) -> None:
@@ -181,11 +165,13 @@ def _check_attention_indices(op: str, kv_cache, block_tables, seq_lens, min_len:
 
 def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                             seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
-                            out: torch.Tensor | None = None, check_indices: bool = True) -> torch.Tensor:
+                            out: torch.Tensor | None = None, check_indices: bool = True,
+                            kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal varlen attention over the paged cache (K/V already written for every position).
 
     query: [num_tokens, num_heads, head_dim]; sequence b owns rows cu_seqlens_q[b]:cu_seqlens_q[b+1],
     which are the last tokens of its seq_lens[b]-token context. Returns [num_tokens, num_heads, head_dim].
+    An FP8 kv_cache is read as e4m3 * kv_scale ([k_scale, v_scale], fp32).
     """
     op = "paged_prefill_attention"
     _check_float(op, "query", query, ndim=3)
@@ -193,7 +179,7 @@ def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, cu_seql
     batch = cu_seqlens_q.shape[0] - 1
     if batch < 0:
         _fail(op, "cu_seqlens_q must have batch + 1 entries, got 0")
-    _check_attention_common(op, query, kv_cache, block_tables, seq_lens, batch)
+    fp8 = _check_attention_common(op, query, kv_cache, kv_scale, block_tables, seq_lens, batch)
     if check_indices:
         cu = cu_seqlens_q.cpu().to(torch.int64)
         q_lens = cu[1:] - cu[:-1]
@@ -206,24 +192,32 @@ def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, cu_seql
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     _check_float(op, "out", out, like=query, ndim=3)
     _check_shape(op, "out", out, query.shape)
-    _ops.paged_prefill_attention(out, query, kv_cache, cu_seqlens_q, seq_lens, block_tables, float(scale))
+    if fp8:
+        _ops.paged_prefill_attention_fp8(out, query, kv_cache, kv_scale, cu_seqlens_q, seq_lens, block_tables,
+                                         float(scale))
+    else:
+        _ops.paged_prefill_attention(out, query, kv_cache, cu_seqlens_q, seq_lens, block_tables, float(scale))
     return out
 
 
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
-                           check_indices: bool = True) -> torch.Tensor:
-    """One query token per sequence over its seq_lens[b] cached tokens. query: [batch, num_heads, head_dim]."""
+                           check_indices: bool = True, kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """One query token per sequence over its seq_lens[b] cached tokens. query: [batch, num_heads, head_dim].
+    An FP8 kv_cache is read as e4m3 * kv_scale ([k_scale, v_scale], fp32)."""
     op = "paged_decode_attention"
     _check_float(op, "query", query, ndim=3)
-    _check_attention_common(op, query, kv_cache, block_tables, seq_lens, query.shape[0])
+    fp8 = _check_attention_common(op, query, kv_cache, kv_scale, block_tables, seq_lens, query.shape[0])
     if check_indices:
         _check_attention_indices(op, kv_cache, block_tables, seq_lens, min_len=1)
     if out is None:
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     _check_float(op, "out", out, like=query, ndim=3)
     _check_shape(op, "out", out, query.shape)
-    _ops.paged_decode_attention(out, query, kv_cache, block_tables, seq_lens, float(scale))
+    if fp8:
+        _ops.paged_decode_attention_fp8(out, query, kv_cache, kv_scale, block_tables, seq_lens, float(scale))
+    else:
+        _ops.paged_decode_attention(out, query, kv_cache, block_tables, seq_lens, float(scale))
     return out
 
 
@@ -362,8 +356,12 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gr
 
 # ---- fake (meta) implementations: every op writes its outputs in place and returns nothing --------
 
-OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "reshape_and_cache",
-            "paged_prefill_attention", "paged_decode_attention", "speculative_verify", "int4_linear")
+# MODEL_OP_NAMES: what the default (unquantized) model runs; a device is used by default only when
+# it implements all of them. The FP8 ops serve `quantization="fp8"` and `kv_cache_dtype="fp8"`,
+# int4_linear the 4-bit quantizations, speculative_verify the engine's speculative decoding.
+MODEL_OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "reshape_and_cache",
+                  "paged_prefill_attention", "paged_decode_attention")
+OP_NAMES = MODEL_OP_NAMES + ("speculative_verify", "int4_linear") + FP8_OP_NAMES
 
 
 def _register_fakes() -> None:

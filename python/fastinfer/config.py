@@ -44,6 +44,8 @@ class ModelConfig:
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
     dtype: torch.dtype = torch.float32
+    quantization: str | None = None                        # "fp8" for an FP8 checkpoint (quant/fp8.py)
+    fp8_weight_block_size: tuple[int, int] | None = None   # its [bn, bk] when its scales are per block
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -78,6 +80,8 @@ class ModelConfig:
             raise ValueError("unsupported mlp_bias=True")
         heads = cfg["num_attention_heads"]
         rope_theta, rope_scaling = _rope(cfg)
+        from .quant.fp8 import parse_quantization_config
+        quantization, block_size = parse_quantization_config(cfg.get("quantization_config"))
         eos = cfg.get("eos_token_id")
         return cls(
             architecture=arch,
@@ -99,6 +103,8 @@ class ModelConfig:
             eos_token_id=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
             pad_token_id=cfg.get("pad_token_id"),
             dtype=parse_dtype(cfg.get("dtype") or cfg.get("torch_dtype") or "float32", "config dtype"),
+            quantization=quantization,
+            fp8_weight_block_size=block_size,
         )
 
     @classmethod

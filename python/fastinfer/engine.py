@@ -27,6 +27,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192
     enable_prefix_caching: bool = True
     speculative: dict | None = None       # {"method": "ngram" | "draft", "num_tokens": k, ...}
+    kv_cache_dtype: str = "auto"          # "auto" (the model's dtype) or "fp8" (e4m3, per-layer scales)
 
 
 @dataclass
@@ -45,7 +46,7 @@ class Engine:
         self.max_model_len = min(config.max_model_len or cfg.max_model_len, cfg.max_model_len)
         if config.max_model_len is not None and config.max_model_len > cfg.max_model_len:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's {cfg.max_model_len}")
-        self.runner = ModelRunner(loaded.model, config.num_blocks, config.block_size)
+        self.runner = ModelRunner(loaded.model, config.num_blocks, config.block_size, config.kv_cache_dtype)
         self.proposer, self.spec_stats = None, SpecStats()
         prefix_caching = config.enable_prefix_caching
         if config.speculative is not None:

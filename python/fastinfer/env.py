@@ -9,7 +9,8 @@ import torch
 from . import _C, _ops
 
 
-def _has_kernel(op: str, key: str) -> bool:
+def has_kernel(op: str, key: str) -> bool:
+    """Whether fastinfer::op has an implementation for dispatch key "CPU" or "CUDA" in this build."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastinfer::{op}", key)
 
 
@@ -28,7 +29,7 @@ def env_info() -> dict:
         "cuda_kernels_built": bool(_C.with_cuda),
         "cuda_archs": [a for a in _C.cuda_archs.split(";") if a],
         "gpu": gpu,
-        "ops": {op: [k for k in ("CPU", "CUDA") if _has_kernel(op, k)] for op in _ops.OP_NAMES},
+        "ops": {op: [k for k in ("CPU", "CUDA") if has_kernel(op, k)] for op in _ops.OP_NAMES},
     }
 
 

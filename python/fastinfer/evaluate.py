@@ -18,13 +18,14 @@ def window_nll(runner: ModelRunner, window: list[int]) -> tuple[float, int]:
     return float(-logprobs.gather(1, targets[:, None]).sum()), len(window) - 1
 
 
-def perplexity(model, token_ids: list[int], window: int = 512) -> float:
-    """exp(mean NLL) over windows of `window` tokens; `model` is anything fastinfer.generate accepts."""
+def perplexity(model, token_ids: list[int], window: int = 512, kv_cache_dtype: str = "auto") -> float:
+    """exp(mean NLL) over windows of `window` tokens; `model` is anything fastinfer.generate accepts
+    (a LoadedModel too, e.g. one loaded with quantization="fp8")."""
     from .generate import get_loaded
     if window < 2 or len(token_ids) < 2:
         raise ValueError(f"perplexity needs window >= 2 and >= 2 tokens, got window={window}, {len(token_ids)} tokens")
     loaded = get_loaded(model)
-    runner = ModelRunner(loaded.model, num_blocks=-(-window // 16), block_size=16)
+    runner = ModelRunner(loaded.model, num_blocks=-(-window // 16), block_size=16, kv_cache_dtype=kv_cache_dtype)
     total, count = 0.0, 0
     for start in range(0, len(token_ids) - 1, window):
         chunk = token_ids[start:start + window]

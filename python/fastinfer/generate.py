@@ -26,6 +26,9 @@ def _fingerprint(hf_model) -> tuple:
 def get_loaded(model, dtype=None, device=None, quantization: str | None = None, cache: bool = True) -> LoadedModel:
     """A LoadedModel for a path, an HF model object or a LoadedModel; cache=False never evicts."""
     if isinstance(model, LoadedModel):
+        if quantization is not None and model.model.quantization != quantization:
+            raise ValueError(f"quantization={quantization!r} was asked for a model already loaded with "
+                             f"{model.model.quantization!r}")
         return model
     if isinstance(model, (str, Path)):
         key = (str(Path(model).resolve()), str(dtype), str(device), quantization)

@@ -10,6 +10,7 @@ import torch
 
 from .engine import Engine, EngineConfig
 from .generate import get_loaded
+from .models.llama import kv_cache_storage_dtype
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -30,19 +31,27 @@ class LLM:
                  num_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
                  kv_cache_memory_bytes: int | None = None, block_size: int = 16, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192, enable_prefix_caching: bool = True,
-                 speculative: dict | None = None, quantization: str | None = None):
-        """quantization: None, "int4" (round-to-nearest at load), "gptq", "awq" or "gguf" (4-bit
-        projections on the fused W4A16 kernel; see fastinfer.load_model). speculative: see README."""
+                 speculative: dict | None = None, quantization: str | None = None, kv_cache_dtype: str = "auto"):
+        """quantization: None (the checkpoint's own format), "int4" (round-to-nearest at load),
+        "gptq", "awq" or "gguf" (4-bit projections on the fused W4A16 kernel), or "fp8" (e4m3
+        linear weights with per-channel scales, activations quantized per token; a bf16/fp32
+        checkpoint is quantized on load, an FP8 checkpoint is detected from its config.json); see
+        fastinfer.load_model. kv_cache_dtype "fp8": an e4m3 KV cache (half the bytes of bf16) with
+        per-layer scales. speculative: see README."""
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if num_blocks is not None and num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.kv_cache_dtype = kv_cache_dtype
         self.loaded = get_loaded(model, dtype, device, quantization)
+        m = self.loaded.model
+        kv_cache_storage_dtype(kv_cache_dtype, m.dtype, m.device)  # an unknown or unsupported name fails here
         if num_blocks is None:
             num_blocks = self._size_kv_pool(block_size, gpu_memory_utilization, kv_cache_memory_bytes,
                                             max_num_batched_tokens, max_model_len)
         self.engine = Engine(self.loaded, EngineConfig(num_blocks, block_size, max_model_len, max_num_seqs,
-                                                       max_num_batched_tokens, enable_prefix_caching, speculative))
+                                                       max_num_batched_tokens, enable_prefix_caching, speculative,
+                                                       kv_cache_dtype))
         self._ids = itertools.count()
 
     @property
@@ -52,7 +61,8 @@ class LLM:
     def _block_bytes(self, block_size: int) -> int:
         m = self.loaded.model
         cfg = m.config
-        return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * m.embed.element_size()
+        itemsize = kv_cache_storage_dtype(self.kv_cache_dtype, m.dtype, m.device).itemsize
+        return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * itemsize
 
     def _size_kv_pool(self, block_size, utilization, budget, max_tokens, max_model_len) -> int:
         """CPU: a byte budget. GPU: what is left of utilization * total memory after a warm-up
@@ -67,7 +77,7 @@ class LLM:
         blocks_per_seq = -(-seq_len // block_size)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(model.device)
-        probe = ModelRunner(model, num_seqs * blocks_per_seq, block_size)
+        probe = ModelRunner(model, num_seqs * blocks_per_seq, block_size, self.kv_cache_dtype)
         chunks = [SeqChunk([0] * seq_len, 0, list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)))
                   for i in range(num_seqs)]
         probe.run(chunks)

@@ -8,7 +8,8 @@ from .models.llama import LlamaForCausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int = 16):
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int = 16,
+                 kv_cache_dtype: str | None = None):
         if block_size <= 0 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {block_size}")
         if num_blocks <= 0:
@@ -16,7 +17,7 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.kv_caches = model.make_kv_caches(num_blocks, block_size)
+        self.kv_caches = model.make_kv_caches(num_blocks, block_size, kv_cache_dtype)
 
     @property
     def device(self) -> torch.device:

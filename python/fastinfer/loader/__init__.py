@@ -1,10 +1,11 @@
 """Model loaders: an HF checkpoint directory (safetensors), an in-memory HF model, or a GGUF file.
 
 ``load_model`` returns the fastinfer model, a tokenizer when one is available, and the
-generation defaults the checkpoint ships (HF ``generation_config``). ``quantization`` picks 4-bit
-projections (fastinfer.quant): GPTQ / AWQ checkpoints are converted to the packed layout as they
-load, a GGUF file's Q4_0 / Q4_1 blocks are repacked without ever becoming floats ("gguf"), and
-"int4" quantizes dense weights with round-to-nearest.
+generation defaults the checkpoint ships (HF ``generation_config``). ``quantization`` picks the
+projections' kind (models/linear.py): 4-bit (fastinfer.quant): GPTQ / AWQ checkpoints are converted
+to the packed layout as they load, a GGUF file's Q4_0 / Q4_1 blocks are repacked without ever
+becoming floats ("gguf"), and "int4" quantizes dense weights with round-to-nearest; or FP8
+("fp8", or an FP8 checkpoint's quantization_config; fastinfer.quant.fp8).
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import torch
 
 from ..config import ModelConfig, parse_dtype
 from ..models.llama import LlamaForCausalLM
-from ..quant.linear import METHODS, QuantConfig
+from ..models.linear import QUANTIZATIONS
+from ..quant.linear import QuantConfig
 from .safetensors import iter_safetensors
 
 
@@ -28,11 +30,13 @@ class LoadedModel:
     generation_defaults: dict = field(default_factory=dict)
 
 
-def _default_device() -> torch.device:
+def _default_device(quantization: str | None = None) -> torch.device:
     """The GPU when CUDA kernels exist for every op the model runs, else the CPU."""
+    from .. import _ops
     from ..env import env_info
     info = env_info()
-    if info["gpu"] is not None and all("CUDA" in impls for impls in info["ops"].values()):
+    needed = _ops.MODEL_OP_NAMES + (("fp8_quantize_per_token", "fp8_scaled_mm") if quantization == "fp8" else ())
+    if info["gpu"] is not None and all("CUDA" in info["ops"][op] for op in needed):
         return torch.device("cuda")
     return torch.device("cpu")
 
@@ -44,11 +48,13 @@ def _default_dtype(device: torch.device) -> torch.dtype:
 def load_model(source, dtype=None, device=None, quantization: str | None = None) -> LoadedModel:
     """source: a checkpoint directory, a .gguf file, or a transformers PreTrainedModel.
 
-    quantization: None (weights as stored: a GPTQ / AWQ checkpoint stays 4-bit, a GGUF file is
-    dequantized), "gptq" / "awq" (the checkpoint must be one), "gguf" (a .gguf file's Q4_0 / Q4_1
-    projections run as 4-bit) or "int4" (round-to-nearest 4-bit of the dense weights at load)."""
-    if quantization is not None and quantization not in METHODS:
-        raise ValueError(f"quantization must be None or one of {METHODS}, got {quantization!r}")
+    quantization: None keeps the checkpoint's own format (a GPTQ / AWQ checkpoint stays 4-bit, an
+    FP8 checkpoint loads as FP8, a GGUF file is dequantized); "gptq" / "awq" (the checkpoint must be
+    one), "gguf" (a .gguf file's Q4_0 / Q4_1 projections run as 4-bit), "int4" (round-to-nearest
+    4-bit of the dense weights at load) or "fp8" (FP8 projections; a float checkpoint's weights
+    are quantized on load, fastinfer.quant.fp8)."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     device = torch.device(device) if device is not None else None
     if isinstance(source, (str, Path)):
         path = Path(source)
@@ -62,10 +68,12 @@ def load_model(source, dtype=None, device=None, quantization: str | None = None)
     raise TypeError(f"model must be a path or a transformers PreTrainedModel, got {type(source).__name__}")
 
 
-def _build(cfg: ModelConfig, dtype, device, weights, quant: QuantConfig | None = None) -> LlamaForCausalLM:
-    device = device or _default_device()
+def _build(cfg: ModelConfig, dtype, device, weights, quantization: str | QuantConfig | None = None) -> LlamaForCausalLM:
+    """quantization: None (the checkpoint's own), "fp8" or a 4-bit QuantConfig."""
+    quantization = quantization or cfg.quantization
+    device = device or _default_device(quantization)
     dtype = parse_dtype(dtype) if dtype is not None else _default_dtype(device)
-    model = LlamaForCausalLM(cfg, dtype, device, quant)
+    model = LlamaForCausalLM(cfg, dtype, device, quantization)
     model.load_weights(weights)
     return model
 
@@ -79,22 +87,28 @@ def rtn_config(cfg: ModelConfig) -> QuantConfig:
     return QuantConfig("int4", group, "zeros")
 
 
+def _dense_kind(cfg: ModelConfig, quantization: str | None) -> str | QuantConfig | None:
+    """The projection kind for weights stored dense (or FP8): None, "fp8" or int4's QuantConfig."""
+    return rtn_config(cfg) if quantization == "int4" else quantization
+
+
 def _from_directory(path: Path, dtype, device, quantization) -> LoadedModel:
     cfg = ModelConfig.from_file(path / "config.json")
     raw = json.loads((path / "config.json").read_text())
-    weights, quant = iter_safetensors(path), None
+    weights = iter_safetensors(path)
     from ..quant.checkpoints import checkpoint_quant_config, convert_checkpoint
-    stored = checkpoint_quant_config(raw)
+    stored = None if cfg.quantization == "fp8" else checkpoint_quant_config(raw)
+    stored_method = stored.method if stored is not None else cfg.quantization
+    if stored_method is not None and quantization not in (None, stored_method):
+        raise ValueError(f"{path} is a {stored_method} checkpoint; it cannot load with quantization={quantization!r}")
     if stored is not None:
-        if quantization not in (None, stored.method):
-            raise ValueError(f"{path} is a {stored.method} checkpoint; it cannot load with quantization={quantization!r}")
-        weights, quant = convert_checkpoint(weights, raw), stored
+        weights, kind = convert_checkpoint(weights, raw), stored
     elif quantization in ("gptq", "awq", "gguf"):
         raise ValueError(f"quantization={quantization!r}, but {path}/config.json has no {quantization} "
                          f"quantization_config (a .gguf file is needed for 'gguf')")
-    elif quantization == "int4":
-        quant = rtn_config(cfg)
-    model = _build(cfg, dtype, device, weights, quant)
+    else:
+        kind = _dense_kind(cfg, quantization)
+    model = _build(cfg, dtype, device, weights, kind)
     gen_file = path / "generation_config.json"
     defaults = json.loads(gen_file.read_text()) if gen_file.exists() else {}
     return LoadedModel(model, _tokenizer_from_dir(path), defaults)
@@ -103,20 +117,22 @@ def _from_directory(path: Path, dtype, device, quantization) -> LoadedModel:
 def _from_hf_model(hf_model, dtype, device, quantization) -> LoadedModel:
     cfg_dict = hf_model.config.to_dict()
     cfg = ModelConfig.from_hf(cfg_dict)
-    if quantization not in (None, "int4"):
-        raise ValueError(f"a transformers model object loads with quantization=None or 'int4', got {quantization!r}")
+    if quantization not in (None, "int4", "fp8"):
+        raise ValueError(f"a transformers model object loads with quantization=None, 'int4' or 'fp8', "
+                         f"got {quantization!r}")
     if dtype is None:
         dtype = next(hf_model.parameters()).dtype
+        dtype = cfg.dtype if dtype == torch.float8_e4m3fn else dtype
     if device is None:
         device = next(hf_model.parameters()).device
-    quant = rtn_config(cfg) if quantization == "int4" else None
-    model = _build(cfg, dtype, device, hf_model.state_dict().items(), quant)
+    kind = _dense_kind(cfg, quantization)
+    model = _build(cfg, dtype, device, hf_model.state_dict().items(), kind)
     gen = getattr(hf_model, "generation_config", None)
     return LoadedModel(model, None, gen.to_dict() if gen is not None else {})
 
 
 def _from_gguf(path: Path, dtype, device, quantization) -> LoadedModel:
-    device = device or _default_device()
+    device = device or _default_device("fp8" if quantization == "fp8" else None)
     target = parse_dtype(dtype) if dtype is not None else _default_dtype(device)
     if quantization in ("gptq", "awq"):
         raise ValueError(f"{path} is a GGUF file; quantization={quantization!r} needs a {quantization} checkpoint directory")
@@ -128,8 +144,8 @@ def _from_gguf(path: Path, dtype, device, quantization) -> LoadedModel:
         cfg_dict, state_dict, tokenizer = read_gguf(path, target)
         quant = None
     cfg = ModelConfig.from_hf(cfg_dict)
-    if quantization == "int4":
-        quant = rtn_config(cfg)
+    if quant is None:
+        quant = _dense_kind(cfg, quantization)
     model = _build(cfg, target, device, state_dict.items(), quant)
     return LoadedModel(model, tokenizer, {"eos_token_id": cfg.eos_token_id})
 

@@ -1,9 +1,9 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2) on fastinfer ops and the paged KV cache.
 
 Weights are fused at load time: q/k/v projections into one [(H + 2 Hkv) D, hidden] matrix and
-gate/up into one [2 F, hidden] matrix, so a layer runs two GEMMs where HF runs five. Dense GEMMs
-are torch (cuBLAS on GPU); with a QuantConfig the four projections are ``Int4Linear`` (the fused
-4-bit GEMM, fastinfer.ops.int4_linear); everything else is a fastinfer op.
+gate/up into one [2 F, hidden] matrix, so a layer runs two GEMMs where HF runs five. Each
+projection is dense (torch GEMM, cuBLAS on GPU), FP8 (quantization="fp8") or 4-bit (a QuantConfig:
+int4 / gptq / awq / gguf); models/linear.py decides which. Everything else is a fastinfer op.
 """
 from __future__ import annotations
 
@@ -13,42 +13,37 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ops as ops
+from .._checks import FP8
 from ..config import ModelConfig
 from ..metadata import AttnMetadata
+from ..quant import fp8
 from ..quant.int4 import QuantizedWeight
-from ..quant.linear import Int4Linear, QuantConfig
+from ..quant.linear import Int4Rows, QuantConfig
+from .linear import LinearRows, linear_kind, make_linear
 from .rope import cos_sin_cache
 
 
-def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [num_tokens, in] @ weight^T (+ bias); weight is a dense [out, in] tensor or an Int4Linear."""
-    if isinstance(weight, torch.Tensor):
-        return F.linear(x, weight, bias)
-    out = weight(x)
-    return out if bias is None else out.add_(bias)
-
-
 class LlamaLayer:
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, quant: QuantConfig | None = None):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                 kind: str | QuantConfig | None = None):
         def empty(*shape):
             return torch.empty(shape, dtype=dtype, device=device)
 
-        def projection(out_features: int, in_features: int):
-            if quant is None:
-                return empty(out_features, in_features)
-            return Int4Linear(out_features, in_features, quant, dtype, device)
+        def linear(n_in, n_out, bias=False):
+            return make_linear(n_in, n_out, dtype, device, kind, bias=bias)
         h, d = cfg.hidden_size, cfg.head_dim
         self.q_size, self.kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         self.eps = cfg.rms_norm_eps
         self.scale = d ** -0.5
         self.input_norm = empty(h)
-        self.qkv = projection(self.q_size + 2 * self.kv_size, h)
-        self.qkv_bias = empty(self.q_size + 2 * self.kv_size) if cfg.attention_bias else None
-        self.o_proj = projection(h, self.q_size)
+        self.qkv = linear(h, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = linear(self.q_size, h)
         self.post_attn_norm = empty(h)
-        self.gate_up = projection(2 * cfg.intermediate_size, h)
-        self.down = projection(h, cfg.intermediate_size)
+        self.gate_up = linear(h, 2 * cfg.intermediate_size)
+        self.down = linear(cfg.intermediate_size, h)
+        # [k_scale, v_scale] of an FP8 KV cache (unused otherwise); see make_kv_caches.
+        self.kv_scale = torch.ones(2, dtype=torch.float32, device=device)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
                 meta: AttnMetadata, cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,38 +55,47 @@ class LlamaLayer:
             ops.fused_add_rms_norm(hidden, residual, self.input_norm, self.eps)
         hidden = self.o_proj_out(self.attention(hidden, kv_cache, meta, cos_sin))
         ops.fused_add_rms_norm(hidden, residual, self.post_attn_norm, self.eps)
-        hidden = linear(ops.silu_and_mul(linear(hidden, self.gate_up)), self.down)
+        hidden = self.down(ops.silu_and_mul(self.gate_up(hidden)))
         return hidden, residual
 
     def attention(self, hidden: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata,
                   cos_sin: torch.Tensor) -> torch.Tensor:
         t = hidden.shape[0]
-        qkv = linear(hidden, self.qkv, self.qkv_bias)  # [T, (H + 2 Hkv) D]
+        qkv = self.qkv(hidden)  # [T, (H + 2 Hkv) D]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         ops.rotary_embedding(meta.positions, q, k, cos_sin, check_indices=False)
-        ops.reshape_and_cache(k, v, kv_cache, meta.slot_mapping, check_indices=False)
+        kv_scale = self.kv_scale if kv_cache.dtype == FP8 else None
+        ops.reshape_and_cache(k, v, kv_cache, meta.slot_mapping, check_indices=False, kv_scale=kv_scale)
         if meta.is_decode:
             return ops.paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, self.scale,
-                                              check_indices=False)
+                                              check_indices=False, kv_scale=kv_scale)
         return ops.paged_prefill_attention(q, kv_cache, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables,
-                                           self.scale, check_indices=False)
+                                           self.scale, check_indices=False, kv_scale=kv_scale)
 
     def o_proj_out(self, attn: torch.Tensor) -> torch.Tensor:
-        return linear(attn.reshape(attn.shape[0], self.q_size), self.o_proj)
+        return self.o_proj(attn.reshape(attn.shape[0], self.q_size))
 
 
 class LlamaForCausalLM:
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-                 quant: QuantConfig | None = None):
+                 quantization: str | QuantConfig | None = None):
+        """quantization: None (the checkpoint's: an FP8 quantization_config, or dense), "fp8" (FP8
+        linear layers; a float checkpoint is quantized while loading) or a QuantConfig (4-bit
+        projections; fastinfer.load_model builds it from "int4" / "gptq" / "awq" / "gguf")."""
+        kind = linear_kind(quantization if quantization is not None else cfg.quantization)
+        if cfg.quantization == "fp8" and kind != "fp8":
+            raise ValueError(f"the checkpoint is FP8 (config.json quantization_config); it cannot load with "
+                             f"quantization={getattr(kind, 'method', kind)!r}")
         self.config = cfg
-        self.quant = quant
+        self.quant = kind if isinstance(kind, QuantConfig) else None  # the 4-bit config, else None
         self.dtype = dtype or cfg.dtype
         self.device = torch.device(device)
+        self.quantization = kind.method if isinstance(kind, QuantConfig) else kind  # None, "fp8" or a 4-bit method
         self.embed = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, device=self.device)
-        self.layers = [LlamaLayer(cfg, self.dtype, self.device, quant) for _ in range(cfg.num_layers)]
+        self.layers = [LlamaLayer(cfg, self.dtype, self.device, kind) for _ in range(cfg.num_layers)]
         self.norm = torch.empty(cfg.hidden_size, dtype=self.dtype, device=self.device)
         self.lm_head = self.embed if cfg.tie_word_embeddings else torch.empty_like(self.embed)
         self.cos_sin = cos_sin_cache(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
@@ -111,52 +115,115 @@ class LlamaForCausalLM:
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into the fused parameters; every parameter must be filled exactly.
-        A projection of a quantized model also takes a QuantizedWeight (packed as it is copied)."""
-        targets = self._weight_targets()
+        FP8 layers take float weights (quantized here) or FP8 ones with their scales (quant/fp8.py);
+        4-bit layers take float weights (round-to-nearest) or a QuantizedWeight (packed as copied);
+        a dense or FP8 layer takes a QuantizedWeight dequantized."""
+        targets, kv_scales = self._weight_targets(), self._kv_scale_targets()
+        fp8_parts = fp8.Fp8Parts(self.config.fp8_weight_block_size)
         filled: set[str] = set()
         for name, tensor in weights:
-            if name not in targets:
-                if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.config.tie_word_embeddings):
-                    continue
+            module, _, leaf = name.rpartition(".")
+            dest = targets.get(name, targets.get(module + ".weight"))
+            is_dense_tensor = isinstance(tensor, torch.Tensor)
+            fp8_layer = isinstance(dest, LinearRows) and dest.is_fp8
+            if name in kv_scales:
+                kv_scales[name].copy_(tensor.reshape(1))
+            elif fp8_layer and is_dense_tensor and (leaf in fp8.AUX_NAMES or tensor.dtype == FP8):
+                if fp8_parts.add(module, leaf, tensor, dest):
+                    filled.add(module + ".weight")
+            elif isinstance(dest, (LinearRows, Int4Rows)) and leaf in fp8.AUX_NAMES:
+                raise ValueError(f"{name!r} belongs to an FP8 checkpoint but its layer is not FP8 (config.json has "
+                                 f"no FP8 quantization_config: load with quantization='fp8')")
+            elif name in targets:
+                _copy_weight(name, tensor, dest)
+                filled.add(name)
+            elif not (name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.config.tie_word_embeddings)):
                 raise ValueError(f"unexpected weight {name!r} for {self.config.architecture}")
-            dest = targets[name]
-            if tuple(tensor.shape) != tuple(dest.shape):
-                raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
-            if isinstance(tensor, QuantizedWeight) and isinstance(dest, torch.Tensor):
-                tensor = tensor.dequantize(dest.dtype)  # a 4-bit checkpoint into a dense model
-            with torch.no_grad():
-                dest.copy_(tensor)
-            filled.add(name)
+        fp8_parts.check_complete()
         missing = sorted(set(targets) - filled)
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} weight(s), e.g. {missing[:3]}")
 
-    def _weight_targets(self) -> dict[str, torch.Tensor]:
-        """HF name -> the (view of the) fastinfer tensor it fills."""
-        t = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
+    def _weight_targets(self) -> dict[str, torch.Tensor | LinearRows | Int4Rows]:
+        """HF name -> the (view of the) fastinfer tensor, or the rows of a projection, it fills."""
+        t: dict[str, torch.Tensor | LinearRows | Int4Rows] = {"model.embed_tokens.weight": self.embed,
+                                                   "model.norm.weight": self.norm}
         if not self.config.tie_word_embeddings:
             t["lm_head.weight"] = self.lm_head
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             q, kv = layer.q_size, layer.kv_size
-            ffn = layer.gate_up.shape[0] // 2
+            ffn = layer.gate_up.out_features // 2
             t[p + "input_layernorm.weight"] = layer.input_norm
             t[p + "post_attention_layernorm.weight"] = layer.post_attn_norm
-            t[p + "self_attn.q_proj.weight"] = layer.qkv[:q]
-            t[p + "self_attn.k_proj.weight"] = layer.qkv[q:q + kv]
-            t[p + "self_attn.v_proj.weight"] = layer.qkv[q + kv:]
-            if layer.qkv_bias is not None:
-                t[p + "self_attn.q_proj.bias"] = layer.qkv_bias[:q]
-                t[p + "self_attn.k_proj.bias"] = layer.qkv_bias[q:q + kv]
-                t[p + "self_attn.v_proj.bias"] = layer.qkv_bias[q + kv:]
-            t[p + "self_attn.o_proj.weight"] = layer.o_proj
-            t[p + "mlp.gate_proj.weight"] = layer.gate_up[:ffn]
-            t[p + "mlp.up_proj.weight"] = layer.gate_up[ffn:]
-            t[p + "mlp.down_proj.weight"] = layer.down
+            t[p + "self_attn.q_proj.weight"] = layer.qkv.rows(0, q)
+            t[p + "self_attn.k_proj.weight"] = layer.qkv.rows(q, q + kv)
+            t[p + "self_attn.v_proj.weight"] = layer.qkv.rows(q + kv)
+            if layer.qkv.bias is not None:
+                t[p + "self_attn.q_proj.bias"] = layer.qkv.bias[:q]
+                t[p + "self_attn.k_proj.bias"] = layer.qkv.bias[q:q + kv]
+                t[p + "self_attn.v_proj.bias"] = layer.qkv.bias[q + kv:]
+            t[p + "self_attn.o_proj.weight"] = layer.o_proj.rows()
+            t[p + "mlp.gate_proj.weight"] = layer.gate_up.rows(0, ffn)
+            t[p + "mlp.up_proj.weight"] = layer.gate_up.rows(ffn)
+            t[p + "mlp.down_proj.weight"] = layer.down.rows()
         return t
 
-    def make_kv_caches(self, num_blocks: int, block_size: int) -> list[torch.Tensor]:
-        """One [num_blocks, 2, block_size, num_kv_heads, head_dim] cache per layer."""
+    def _kv_scale_targets(self) -> dict[str, torch.Tensor]:
+        """Optional FP8 KV-cache scales a checkpoint may ship (compressed-tensors kv_cache_scheme)."""
+        t = {}
+        for i, layer in enumerate(self.layers):
+            t[f"model.layers.{i}.self_attn.k_scale"] = layer.kv_scale[0:1]
+            t[f"model.layers.{i}.self_attn.v_scale"] = layer.kv_scale[1:2]
+        return t
+
+    def make_kv_caches(self, num_blocks: int, block_size: int, kv_cache_dtype: str | None = None) -> list[torch.Tensor]:
+        """One [num_blocks, 2, block_size, num_kv_heads, head_dim] cache per layer.
+
+        kv_cache_dtype "fp8": float8_e4m3fn storage, each layer's K and V scaled by its kv_scale
+        (1.0 unless the checkpoint ships k_scale / v_scale, see fastinfer.quant.fp8).
+        """
         cfg = self.config
         shape = (num_blocks, 2, block_size, cfg.num_kv_heads, cfg.head_dim)
-        return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
+        dtype = kv_cache_storage_dtype(kv_cache_dtype, self.dtype, self.device)
+        return [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.num_layers)]
+
+
+def _copy_weight(name: str, tensor: torch.Tensor | QuantizedWeight, dest: torch.Tensor | LinearRows | Int4Rows) -> None:
+    """A checkpoint tensor into its destination: into an FP8 layer's rows it is quantized, into a
+    4-bit layer's rows packed (a QuantizedWeight) or quantized (round-to-nearest); a QuantizedWeight
+    into a dense or FP8 layer is dequantized first."""
+    if tuple(tensor.shape) != tuple(dest.shape):
+        raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+    if isinstance(tensor, torch.Tensor) and tensor.dtype == FP8:
+        raise ValueError(f"weight {name!r} is {FP8} but its layer is not FP8 (load the checkpoint with its "
+                         f"quantization_config or quantization='fp8')")
+    with torch.no_grad():
+        if isinstance(dest, Int4Rows):
+            dest.copy_(tensor)
+            return
+        target = dest.weight if isinstance(dest, LinearRows) else dest
+        if isinstance(tensor, QuantizedWeight):  # a 4-bit checkpoint into a dense or FP8 model
+            tensor = tensor.dequantize(target.dtype if target.dtype != FP8 else torch.float32)
+        if isinstance(dest, LinearRows) and dest.is_fp8:
+            fp8.quantize_rows(dest.weight, dest.weight_scale, tensor)
+        else:
+            target.copy_(tensor)
+
+
+KV_CACHE_DTYPES = ("auto", "fp8")
+
+
+def kv_cache_storage_dtype(kv_cache_dtype: str | None, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The cache tensors' dtype for a kv_cache_dtype name ("auto"/None: the model's dtype)."""
+    if kv_cache_dtype in (None, "auto"):
+        return model_dtype
+    if kv_cache_dtype != "fp8":
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+    if device.type == "cuda":
+        from ..env import has_kernel
+        missing = [op for op in ("reshape_and_cache_fp8", "paged_prefill_attention_fp8", "paged_decode_attention_fp8")
+                   if not has_kernel(op, "CUDA")]
+        if missing:
+            raise ValueError(f"kv_cache_dtype='fp8' on CUDA needs kernels this build lacks: {', '.join(missing)}")
+    return FP8

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 
 from ..metadata import SeqChunk
 from ..models.llama import LlamaForCausalLM
@@ -106,19 +105,19 @@ def _dequantize_column(q, scales, zeros, mins) -> torch.Tensor:
 # ---- calibration on a model -----------------------------------------------------------------------
 
 class _HessianRecorder:
-    """Stands in for a dense projection weight (models.llama.linear calls it): accumulates
-    sum x^T x over the rows it sees, then computes x @ W^T as before."""
+    """Stands in for a dense projection (a models.linear.Linear): accumulates sum x^T x over the
+    rows it sees, then computes the projection as before."""
 
-    def __init__(self, weight: torch.Tensor):
-        self.weight = weight
-        self.sum = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64)
+    def __init__(self, linear):
+        self.linear = linear
+        self.sum = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64)
         self.rows = 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.detach().to("cpu", torch.float64)
         self.sum += xf.t() @ xf
         self.rows += x.shape[0]
-        return F.linear(x, self.weight)
+        return self.linear(x)
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -128,8 +127,9 @@ class _HessianRecorder:
 def collect_hessians(model: LlamaForCausalLM, sequences: list[list[int]]) -> dict[tuple[int, str], torch.Tensor]:
     """H = 2 X^T X / n for every projection of a dense model, X its inputs over the sequences."""
     from ..runner import ModelRunner
-    if model.quant is not None:
-        raise ValueError("collect_hessians needs the dense model (loaded without quantization)")
+    if model.quantization is not None:
+        raise ValueError(f"collect_hessians needs the dense model (loaded without quantization), "
+                         f"got quantization={model.quantization!r}")
     recorders = {}
     for i, layer in enumerate(model.layers):
         for name in PROJECTIONS:
@@ -142,25 +142,32 @@ def collect_hessians(model: LlamaForCausalLM, sequences: list[list[int]]) -> dic
             runner.run([SeqChunk(list(seq), 0, list(range(-(-len(seq) // 16))))])
     finally:
         for (i, name), rec in recorders.items():
-            setattr(model.layers[i], name, rec.weight)
+            setattr(model.layers[i], name, rec.linear)
     return {key: rec.hessian for key, rec in recorders.items()}
 
 
 def gptq_quantize_model(model: LlamaForCausalLM, hessians: dict[tuple[int, str], torch.Tensor],
                         group_size: int = 128, mode: str = "symmetric", damp: float = DEFAULT_DAMP) -> LlamaForCausalLM:
     """A new model sharing the dense model's embeddings and norms, its projections GPTQ-quantized."""
+    if model.quantization is not None:
+        raise ValueError(f"gptq_quantize_model needs the dense model, got quantization={model.quantization!r}")
     quant = QuantConfig("gptq", group_size, mode)
     out = LlamaForCausalLM.__new__(LlamaForCausalLM)
     out.__dict__.update(model.__dict__)
-    out.quant = quant
+    out.quant, out.quantization = quant, quant.method
     out.layers = []
     for i, layer in enumerate(model.layers):
         new = type(layer).__new__(type(layer))
         new.__dict__.update(layer.__dict__)
         for name in PROJECTIONS:
-            weight = getattr(layer, name)
+            dense = getattr(layer, name)
+            weight = dense.weight
             q = gptq_quantize(weight.cpu(), hessians[(i, name)], group_size, mode,
                               scale_dtype=model.dtype if model.dtype != torch.float32 else torch.float16, damp=damp)
-            setattr(new, name, Int4Linear(*weight.shape, quant, model.dtype, model.device).copy_(q))
+            projection = Int4Linear(*weight.shape, quant, model.dtype, model.device, bias=dense.bias is not None)
+            projection.copy_(q)
+            if dense.bias is not None:
+                projection.bias.copy_(dense.bias)
+            setattr(new, name, projection)
         out.layers.append(new)
     return out

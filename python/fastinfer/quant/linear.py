@@ -38,7 +38,7 @@ class Int4Linear:
     """y = x @ W^T for a 4-bit W [out_features, in_features]; x: [num_tokens, in_features]."""
 
     def __init__(self, out_features: int, in_features: int, quant: QuantConfig, dtype: torch.dtype,
-                 device: torch.device | str):
+                 device: torch.device | str, bias: bool = False):
         check_shape(out_features, in_features, quant.group_size)
         device = torch.device(device)
         if device.type == "cuda" and dtype not in (torch.float16, torch.bfloat16):
@@ -53,13 +53,19 @@ class Int4Linear:
             self.zeros = torch.zeros_like(self.scales)
         elif quant.mode == "mins":
             self.mins = torch.zeros_like(self.scales)
+        self.bias = torch.zeros(out_features, dtype=dtype, device=device) if bias else None
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.out_features, self.in_features
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.int4_linear(x, self.qweight, self.scales, self.quant.group_size, zeros=self.zeros, mins=self.mins)
+        out = ops.int4_linear(x, self.qweight, self.scales, self.quant.group_size, zeros=self.zeros, mins=self.mins)
+        return out if self.bias is None else out.add_(self.bias)
+
+    def rows(self, start: int = 0, stop: int | None = None) -> "Int4Rows":
+        """Rows start:stop, as models.linear.Linear.rows: what one checkpoint tensor fills."""
+        return self[start:stop]
 
     def __getitem__(self, rows: slice) -> "Int4Rows":
         start, stop, step = rows.indices(self.out_features)

@@ -22,5 +22,8 @@ struct ReshapeAndCacheParams {
   DType dtype;
 };
 cudaError_t launch_reshape_and_cache(const ReshapeAndCacheParams& p, cudaStream_t stream);
+// FP8 cache (kv_cache holds e4m3): stored = e4m3(clamp(x / kv_scale[0 for K, 1 for V])), kv_scale
+// fp32 [2] on the device; p.dtype is the dtype of key and value.
+cudaError_t launch_reshape_and_cache_fp8(const ReshapeAndCacheParams& p, const float* kv_scale, cudaStream_t stream);
 
 }  // namespace fastinfer

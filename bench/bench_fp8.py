@@ -1,0 +1,136 @@
+"""FP8 GEMM (sm_90a) against torch._scaled_mm and bf16 cuBLAS, 8192^3 and Llama-3-8B decode/prefill shapes.
+
+    python bench/bench_fp8.py [--out PATH] [--iters N] [--m 1 16 64 256 4096]
+
+out[M, N] = x[M, K] @ w[N, K]^T. Implementations, all on the same fp8 inputs (bf16 output):
+  fastinfer rowwise   fastinfer.ops.fp8_scaled_mm, per-token x per-channel scales
+  fastinfer tensor    the same kernel with per-tensor scales
+  fastinfer linear    fastinfer.ops.fp8_linear: per-token quantization of bf16 x + the GEMM
+  _scaled_mm tensor   torch._scaled_mm, per-tensor scales (cuBLAS)
+  _scaled_mm rowwise  torch._scaled_mm, row-wise scales
+  bf16 cuBLAS         F.linear on the bf16 operands
+"vs bf16" is bf16 time / this time; "vs peer" compares with _scaled_mm at the same scale granularity.
+Decode shapes (M <= 64) are bound by the weight bytes: "of copy BW" is N*K bytes (fp8) or 2*N*K
+(bf16) over the time, as a fraction of the device-to-device copy bandwidth measured in the run.
+"mean rel err" is sum |out - ref| / sum |ref| against an fp32 matmul of the same fp8-rounded inputs
+(issue 7: at most 3x that of _scaled_mm). Timing and L2 flushing: bench/common.py.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+import common
+
+# (name, K, N): a Llama-3-8B layer's projections (q/k/v and gate/up fused, as fastinfer runs them)
+LLAMA3_8B = [("qkv 4096->6144", 4096, 6144), ("o 4096->4096", 4096, 4096),
+             ("gate_up 4096->28672", 4096, 28672), ("down 14336->4096", 14336, 4096)]
+M_VALUES = (1, 16, 64, 256, 4096)
+FP8 = torch.float8_e4m3fn
+
+
+def operands(m: int, k: int, n: int, seed: int = 0) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(m, k, generator=g, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(n, k, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
+    return {"x": x, "w": w}
+
+
+def quantized(ops, d: dict) -> dict:
+    """fp8 operands at both granularities, from fastinfer's quantization (bit-exact with the spec)."""
+    xr, sxr = ops.fp8_quantize_per_token(d["x"])
+    wr, swr = ops.fp8_quantize_per_token(d["w"])
+    xt, sxt = ops.fp8_quantize_per_tensor(d["x"])
+    wt, swt = ops.fp8_quantize_per_tensor(d["w"])
+    return {"row": (xr, wr, sxr, swr), "tensor": (xt, wt, sxt, swt)}
+
+
+def implementations(ops, d: dict, q: dict) -> dict:
+    xr, wr, sxr, swr = q["row"]
+    xt, wt, sxt, swt = q["tensor"]
+    return {
+        "fastinfer rowwise": lambda: ops.fp8_scaled_mm(xr, wr, sxr, swr),
+        "fastinfer tensor": lambda: ops.fp8_scaled_mm(xt, wt, sxt, swt),
+        "fastinfer linear": lambda: ops.fp8_linear(d["x"], wr, swr),
+        "_scaled_mm tensor": lambda: torch._scaled_mm(xt, wt.T, sxt[0], swt[0], out_dtype=torch.bfloat16),
+        "_scaled_mm rowwise": lambda: torch._scaled_mm(xr, wr.T, sxr[:, None], swr[None, :], out_dtype=torch.bfloat16),
+        "bf16 cuBLAS": lambda: F.linear(d["x"], d["w"]),
+    }
+
+
+PEER = {"fastinfer rowwise": "_scaled_mm rowwise", "fastinfer linear": "_scaled_mm rowwise",
+        "fastinfer tensor": "_scaled_mm tensor"}
+GRANULARITY = {"fastinfer rowwise": "row", "fastinfer linear": "row", "_scaled_mm rowwise": "row",
+               "fastinfer tensor": "tensor", "_scaled_mm tensor": "tensor"}
+
+
+def mean_rel_err(out: torch.Tensor, a, b, sa, sb) -> float:
+    ref = (a.float() * sa.reshape(-1, 1)) @ (b.float() * sb.reshape(-1, 1)).T
+    return float((out.float() - ref).abs().sum() / ref.abs().sum())
+
+
+def run_shape(ops, shape: str, m: int, k: int, n: int, args, flush, copy_gbps: float) -> list[dict]:
+    d = operands(m, k, n)
+    q = quantized(ops, d)
+    rows = []
+    for impl, fn in implementations(ops, d, q).items():
+        t = common.time_cuda(fn, warmup=args.warmup, iters=args.iters, flush=flush)
+        weight_bytes = n * k * (2 if impl == "bf16 cuBLAS" else 1)
+        row = {"shape": shape, "M": m, "impl": impl, "us": t["us"], "tflops": 2 * m * n * k / (t["us"] * 1e6),
+               "frac_copy": common.gbps(weight_bytes, t["us"]) / copy_gbps if m <= 64 else None}
+        if impl in GRANULARITY and m * n * k <= 2**36:  # fp32 reference matmul; skip only 8192^3-size ones
+            row["mean_rel_err"] = mean_rel_err(fn(), *q[GRANULARITY[impl]])
+        rows.append(row)
+    by_impl = {r["impl"]: r for r in rows}
+    for r in rows:
+        r["vs_bf16"] = by_impl["bf16 cuBLAS"]["us"] / r["us"]
+        if r["impl"] in PEER:
+            r["vs_peer"] = by_impl[PEER[r["impl"]]]["us"] / r["us"]
+    return rows
+
+
+COLUMNS = [("shape", "shape (K->N)", ""), ("M", "M", "d"), ("impl", "impl", ""), ("us", "time (us)", ".1f"),
+           ("tflops", "TFLOP/s", ".0f"), ("vs_bf16", "vs bf16", ".2f"), ("vs_peer", "vs _scaled_mm", ".2f"),
+           ("frac_copy", "of copy BW", ".0%"), ("mean_rel_err", "mean rel err", ".2e")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="JSON path (default $OUT/bench/fp8.json)")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--m", type=int, nargs="+", default=list(M_VALUES))
+    args = parser.parse_args(argv)
+    fastinfer = common.require_cuda_build()
+    if torch.cuda.get_device_capability() != (9, 0):
+        common.cannot_run(f"the FP8 GEMM needs a Hopper GPU, got {torch.cuda.get_device_name()}")
+    flush = common.L2Flusher()
+    copy = common.copy_bandwidth_gbps(flush=flush)
+    info = common.device_info()
+    print(f"{info['name']} ({info['capability']}, {info['sms']} SMs), torch {info['torch']}, CUDA {info['cuda']}; "
+          f"copy {copy['gbps']:.0f} GB/s")
+
+    cases = [("8192^3", 8192, 8192, 8192)] + [(name, m, k, n) for name, k, n in LLAMA3_8B for m in args.m]
+    rows, errors = [], []
+    for shape, m, k, n in cases:
+        try:
+            rows += run_shape(fastinfer.ops, shape, m, k, n, args, flush, copy["gbps"])
+        except Exception as exc:  # report and carry on
+            errors.append(f"{shape} M={m}: {type(exc).__name__}: {exc}")
+            print(f"ERROR {errors[-1]}")
+        torch.cuda.empty_cache()
+    print(common.markdown_table(COLUMNS, rows))
+    out = args.out or common.default_out("fp8")
+    notes = [f"bf16 output; L2 flushed before each of {args.iters} calls; copy {copy['gbps']:.0f} GB/s",
+             "targets (issue 7): 8192^3 >= _scaled_mm tensor; M <= 64 >= 1.8x bf16; mean rel err <= 3x _scaled_mm"]
+    notes += [f"ERROR {e}" for e in errors]
+    common.write_fragment(out, name="fp8", title="FP8 GEMM vs torch._scaled_mm and bf16 cuBLAS",
+                          columns=COLUMNS, rows=rows, notes=notes, extra={"copy": copy, "errors": errors})
+    print(f"wrote {out}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,51 @@
+// Params and launchers of the FP8 kernels: activation quantization (every architecture) and the
+// scaled FP8 GEMM (sm_90a: wgmma + TMA). Host-compiler safe. The format is fastinfer/fp8.h.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "fastinfer/fp8.h"
+#include "fastinfer/types.h"
+
+namespace fastinfer {
+
+// out[r, c] = e4m3(clamp(input[r, c] / scale)), scale per row (per token) or one for the tensor.
+struct Fp8QuantParams {
+  void* out;           // e4m3 [rows, cols], rows out_stride apart
+  float* scale;        // fp32 [rows] (per token) or [1] (per tensor)
+  const void* input;   // [rows, cols] in dtype, rows input_stride apart, last dim contiguous
+  int64_t rows;
+  int cols;
+  int64_t out_stride, input_stride;  // elements
+  DType dtype;                       // of input
+};
+// Dynamic per-token scales, written to p.scale[r]: one kernel, one CTA per row.
+cudaError_t launch_fp8_quantize_per_token(const Fp8QuantParams& p, cudaStream_t stream);
+// dynamic: p.scale[0] <- max(amax(input) / 448, floor) first (amax kernel + quantize kernel);
+// else p.scale[0] is read. Never synchronizes.
+cudaError_t launch_fp8_quantize_per_tensor(const Fp8QuantParams& p, bool dynamic, cudaStream_t stream);
+
+// out[m, n] = (sum_k a[m, k] b[n, k]) * scale_a[m] * scale_b[n] + bias[n], fp32 accumulation.
+struct Fp8GemmParams {
+  void* out;              // [M, N] in out_dtype, rows out_stride apart
+  const void* a;          // e4m3 [M, K], contiguous, 16-byte aligned (TMA)
+  const void* b;          // e4m3 [N, K], contiguous, 16-byte aligned (the weight, as F.linear takes it)
+  const float* scale_a;   // [M] when scale_a_per_token, else [1]
+  const float* scale_b;   // [N] when scale_b_per_channel, else [1]
+  const void* bias;       // [N] in out_dtype, or nullptr
+  int64_t M;
+  int N, K;               // K a multiple of 16 (TMA row strides are multiples of 16 bytes)
+  int64_t out_stride;
+  bool scale_a_per_token, scale_b_per_channel;
+  DType out_dtype;        // kBFloat16 or kFloat16
+  int num_sms;            // of the device: sizes the persistent grid and the split-K factor
+};
+// Bytes of fp32 split-K workspace a launch needs (0 when it does not split K); 16-byte aligned,
+// contents irrelevant (the launch clears it).
+size_t fp8_gemm_workspace_bytes(const Fp8GemmParams& p);
+// sm_90a only (built when FASTINFER_HAS_SM90). cudaErrorInvalidValue for unsupported parameters.
+cudaError_t launch_fp8_gemm_sm90(const Fp8GemmParams& p, void* workspace, cudaStream_t stream);
+
+}  // namespace fastinfer

@@ -1,0 +1,379 @@
+// FP8 e4m3 GEMM for Hopper (sm_90a): out = (a @ b^T) * scale_a[m] * scale_b[n] + bias[n], bf16/fp16.
+//
+// Operands: a [M, K] (activations) and b [N, K] (weights), both row-major = K-major, which is the
+// only layout wgmma takes for 8-bit inputs. The kernel computes D[P, Q] = X[P, K] @ Y[Q, K]^T with
+// (X, Y) = (a, b), or for small M (decode) swapped, (X, Y) = (b, a): wgmma's M side is at least 64
+// rows, so with M <= 64 tokens the weights take that side and the tokens sit on wgmma's N side,
+// which goes down to 8 (a 64 x 8 tile instead of a 64 x 128 one wastes no weight bandwidth).
+//
+// Structure (one CTA per SM, persistent):
+//   warpgroup 0 (producer, 40 registers): one thread walks the CTA's work units and, per k-tile
+//     of 128 bytes of K, waits for a free stage of the shared-memory ring (`empty` mbarrier) and
+//     issues two TMA loads (X tile [kBlockP x 128], Y tile [kBlockQ x 128], 128-byte swizzle) that
+//     complete on the stage's `full` mbarrier (expect_tx of the stage's bytes).
+//   warpgroups 1..2 (consumers, 232 registers): each owns 64 rows of X. Per k-tile it waits on
+//     `full`, issues 4 wgmma m64nQk32 (fp32 accumulators in registers), waits for them, releases
+//     the stage (`empty`) and adds the k-tile's partial sums into a second fp32 accumulator.
+//     That promotion matters: Hopper's FP8 tensor cores keep only ~14 mantissa bits while they
+//     accumulate, so summing all of K inside wgmma loses accuracy that torch._scaled_mm (cuBLAS,
+//     without fast accumulation) keeps; promoting every 128 of K stays as accurate.
+//   Epilogue: scales (per token x per channel, or per tensor), bias, bf16, straight from registers.
+// Work units: output tiles in a grouped raster (kGroup tiles of P share each sweep over Q, so the
+// CTAs running together reuse Y panels from L2), times a split of K when tiles alone cannot fill
+// the SMs (decode shapes such as N = 4096, K = 14336): split partials are added with fp32 atomics
+// into a workspace that a small kernel then scales into the output.
+// Shared memory: 128-byte swizzle (TMA writes it, wgmma's descriptors read it): 8 rows x 128 B
+// atoms, 1024-byte aligned. Per stage (kBlockP + kBlockQ) x 128 B: 32 KiB for 128 x 128 tiles
+// (7 stages), 17 KiB for 128 x 8 (12 stages, ~200 KiB in flight per SM for decode).
+// Roofline: 8192^3 is 1.1 PFLOP, ~0.8 ms at the H200's measured 1269 TFLOP/s (torch._scaled_mm);
+// decode (M <= 64, 4096 -> 14336) is 58.7 MB of weights, 13.7 us at 4.28 TB/s.
+#pragma once
+#include <cuda.h>           // CUtensorMap and its enums (types only: the driver is reached at run time)
+#include <cudaTypedefs.h>   // PFN_cuTensorMapEncodeTiled_v12000
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cuda/ptx>
+
+#include "fastinfer/common.cuh"
+#include "fastinfer/gemm/fp8.h"
+#include "fastinfer/gemm/wgmma_fp8.cuh"
+
+namespace fastinfer {
+namespace fp8gemm {
+
+namespace ptx = cuda::ptx;
+
+constexpr int kBlockK = 128;             // K per stage: 128 e4m3 bytes = one 128-byte swizzle row
+constexpr int kMmaK = 32;                // K of one wgmma on 8-bit inputs
+constexpr int kWarpgroup = 128;
+constexpr int kSwizzleAtom = 1024;       // 8 rows x 128 B: the swizzle pattern's period and alignment
+constexpr int kSmemLimit = 232448;       // 227 KiB of opt-in dynamic shared memory per CTA on sm_90
+constexpr int kMaxStages = 12;
+constexpr int kGroup = 8;                // P-tiles per raster group
+constexpr int kMinKTilesPerSplit = 4;
+constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 x 40 + 256 x 232 <= 64 Ki registers
+
+template <int kBlockQ_, bool kSwapAB_>
+struct Config {
+  static constexpr int kConsumers = 2;
+  static constexpr int kBlockP = 64 * kConsumers;  // X rows per tile: 64 per consumer warpgroup
+  static constexpr int kBlockQ = kBlockQ_;         // Y rows per tile = wgmma N
+  static constexpr bool kSwapAB = kSwapAB_;
+  static constexpr int kThreads = (kConsumers + 1) * kWarpgroup;
+  static constexpr int kXBytes = kBlockP * kBlockK;
+  static constexpr int kStageBytes = (kBlockP + kBlockQ) * kBlockK;
+  static constexpr int kBarrierBytes = 2 * kMaxStages * 8;
+  static constexpr int kStages = (kSmemLimit - kSwizzleAtom - kBarrierBytes) / kStageBytes < kMaxStages
+                                     ? (kSmemLimit - kSwizzleAtom - kBarrierBytes) / kStageBytes
+                                     : kMaxStages;
+  static constexpr int kSmemBytes = kStages * kStageBytes + kBarrierBytes + kSwizzleAtom;
+  static_assert(kBlockQ % 8 == 0 && kBlockQ <= 256 && kStages >= 2, "unsupported tile");
+};
+
+// How the output is cut into work units; shared by host (grid size) and device (unit -> tile).
+struct Schedule {
+  int tiles_p, tiles_q, splits, k_tiles;
+  __host__ __device__ int num_units() const { return tiles_p * tiles_q * splits; }
+};
+
+struct Unit {
+  int p, q;              // tile coordinates
+  int k_begin, k_end;    // k-tiles of this unit's split
+};
+
+__device__ __forceinline__ Unit unit_at(const Schedule& s, int u) {
+  const int tiles = s.tiles_p * s.tiles_q;
+  const int split = u / tiles, t = u % tiles;
+  const int group_size = kGroup * s.tiles_q;
+  const int first_p = t / group_size * kGroup;
+  const int rows = min(s.tiles_p - first_p, kGroup);
+  const int local = t % group_size;
+  Unit w;
+  w.p = first_p + local % rows;
+  w.q = local / rows;
+  w.k_begin = static_cast<int>(static_cast<int64_t>(split) * s.k_tiles / s.splits);
+  w.k_end = static_cast<int>(static_cast<int64_t>(split + 1) * s.k_tiles / s.splits);
+  return w;
+}
+
+// wgmma matrix descriptor of a K-major tile with 128-byte swizzle: start address (>> 4), leading
+// byte offset unused for swizzled K-major (1), stride byte offset 1024 (between 8-row atoms),
+// layout type 1 = SWIZZLE_128B. Stepping K by 32 bytes inside the 128-byte row adds 2 to the start.
+__device__ __forceinline__ uint64_t smem_desc(const void* smem) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1) << 16) |
+         (static_cast<uint64_t>(kSwizzleAtom >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
+}
+
+__device__ __forceinline__ void wait_barrier(uint64_t* bar, uint32_t parity) {
+  while (!ptx::mbarrier_try_wait_parity(bar, parity)) {
+  }
+}
+
+template <typename OutT>
+__device__ __forceinline__ OutT to_out(float v);
+template <>
+__device__ __forceinline__ __nv_bfloat16 to_out<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __forceinline__ __half to_out<__half>(float v) { return __float2half_rn(v); }
+
+// Scales, bias and the store of one consumer thread's accumulators (wgmma's D fragment: register
+// 4j + 2h + e holds row 16 warp + lane / 4 + 8 h, column 8 j + 2 (lane % 4) + e of the 64 x Q tile).
+template <class Cfg, typename OutT>
+__device__ __forceinline__ void epilogue(const float (&acc)[Cfg::kBlockQ / 2], const Fp8GemmParams& p, const Unit& w,
+                                         int consumer, float* workspace) {
+  const int lane = threadIdx.x % kWarpSize, warp = (threadIdx.x / kWarpSize) % 4;
+  const int64_t p0 = static_cast<int64_t>(w.p) * Cfg::kBlockP + consumer * 64 + warp * 16 + lane / 4;
+  const int64_t q0 = static_cast<int64_t>(w.q) * Cfg::kBlockQ + (lane % 4) * 2;
+  OutT* out = static_cast<OutT*>(p.out);
+  const OutT* bias = static_cast<const OutT*>(p.bias);
+#pragma unroll
+  for (int j = 0; j < Cfg::kBlockQ / 8; ++j) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t pp = p0 + 8 * h, qq = q0 + 8 * j;
+      float v[2] = {acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]};
+      int64_t m[2], n[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        m[e] = Cfg::kSwapAB ? qq + e : pp;
+        n[e] = Cfg::kSwapAB ? pp : qq + e;
+      }
+      if (m[0] >= p.M || n[0] >= p.N) continue;  // pairs share the row (or column) that can overflow
+      const bool pair = m[1] < p.M && n[1] < p.N;
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        v[e] *= p.scale_a[p.scale_a_per_token ? m[e] : 0] * p.scale_b[p.scale_b_per_channel ? n[e] : 0];
+      }
+      if (workspace != nullptr) {  // split K: partial sums, scaled; the finalize kernel adds the bias
+        atomicAdd(workspace + m[0] * p.N + n[0], v[0]);
+        if (pair) atomicAdd(workspace + m[1] * p.N + n[1], v[1]);
+        continue;
+      }
+      if (bias != nullptr) {
+        v[0] += to_float(bias[n[0]]);
+        if (pair) v[1] += to_float(bias[n[1]]);
+      }
+      OutT* dst = out + m[0] * p.out_stride + n[0];
+      if (!Cfg::kSwapAB && pair && reinterpret_cast<uintptr_t>(dst) % (2 * sizeof(OutT)) == 0) {
+        OutT two[2] = {to_out<OutT>(v[0]), to_out<OutT>(v[1])};
+        *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(two);
+      } else {
+        *dst = to_out<OutT>(v[0]);
+        if (pair) out[m[1] * p.out_stride + n[1]] = to_out<OutT>(v[1]);
+      }
+    }
+  }
+}
+
+template <class Cfg, typename OutT>
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
+    fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_y,
+                    const Fp8GemmParams p, const Schedule s, float* workspace) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Mma = wgmma::MmaFp8<Cfg::kBlockQ>;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + kSwizzleAtom - 1) / kSwizzleAtom * kSwizzleAtom);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + Cfg::kStages * Cfg::kStageBytes);
+  uint64_t* empty = full + kMaxStages;
+  const int warpgroup = threadIdx.x / kWarpgroup;
+
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < Cfg::kStages; ++i) {
+      ptx::mbarrier_init(&full[i], 1);                       // the producer's arrive_expect_tx
+      ptx::mbarrier_init(&empty[i], Cfg::kConsumers * 4);    // one arrival per consumer warp
+    }
+    ptx::fence_mbarrier_init(ptx::sem_release, ptx::scope_cluster);  // visible to the TMA unit
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {  // producer
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
+    if (threadIdx.x != 0) return;
+    int stage = 0;
+    uint32_t phase = 0;
+    for (int u = blockIdx.x; u < s.num_units(); u += gridDim.x) {
+      const Unit w = unit_at(s, u);
+      for (int kt = w.k_begin; kt < w.k_end; ++kt) {
+        wait_barrier(&empty[stage], phase ^ 1);  // a fresh barrier counts as released once
+        ptx::mbarrier_arrive_expect_tx(ptx::sem_release, ptx::scope_cta, ptx::space_shared, &full[stage],
+                                       static_cast<uint32_t>(Cfg::kStageBytes));
+        uint8_t* x = smem + stage * Cfg::kStageBytes;
+        const int32_t x_coords[2] = {kt * kBlockK, w.p * Cfg::kBlockP};
+        const int32_t y_coords[2] = {kt * kBlockK, w.q * Cfg::kBlockQ};
+        ptx::cp_async_bulk_tensor(ptx::space_cluster, ptx::space_global, x, &map_x, x_coords, &full[stage]);
+        ptx::cp_async_bulk_tensor(ptx::space_cluster, ptx::space_global, x + Cfg::kXBytes, &map_y, y_coords,
+                                  &full[stage]);
+        if (++stage == Cfg::kStages) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+    }
+    return;
+  }
+
+  // consumers
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
+  const int consumer = warpgroup - 1;
+  const int lane = threadIdx.x % kWarpSize;
+  int stage = 0;
+  uint32_t phase = 0;
+  float acc[Mma::kRegs], part[Mma::kRegs];
+#pragma unroll
+  for (int i = 0; i < Mma::kRegs; ++i) part[i] = 0.0f;
+  for (int u = blockIdx.x; u < s.num_units(); u += gridDim.x) {
+    const Unit w = unit_at(s, u);
+#pragma unroll
+    for (int i = 0; i < Mma::kRegs; ++i) acc[i] = 0.0f;
+    for (int kt = w.k_begin; kt < w.k_end; ++kt) {
+      wait_barrier(&full[stage], phase);
+      const uint8_t* x = smem + stage * Cfg::kStageBytes + consumer * 64 * kBlockK;
+      const uint8_t* y = smem + stage * Cfg::kStageBytes + Cfg::kXBytes;
+      const uint64_t desc_x = smem_desc(x), desc_y = smem_desc(y);
+#pragma unroll
+      for (int i = 0; i < Mma::kRegs; ++i) wgmma::fence_operand(part[i]);
+      wgmma::fence();
+#pragma unroll
+      for (int k = 0; k < kBlockK / kMmaK; ++k) {
+        Mma::run(part, desc_x + 2 * k, desc_y + 2 * k, k > 0);  // +32 bytes of K = +2 in the >> 4 address
+      }
+      wgmma::commit_group();
+      wgmma::wait_group<0>();
+#pragma unroll
+      for (int i = 0; i < Mma::kRegs; ++i) wgmma::fence_operand(part[i]);
+      __syncwarp();
+      if (lane == 0) ptx::mbarrier_arrive(&empty[stage]);
+#pragma unroll
+      for (int i = 0; i < Mma::kRegs; ++i) acc[i] += part[i];
+      if (++stage == Cfg::kStages) {
+        stage = 0;
+        phase ^= 1;
+      }
+    }
+    epilogue<Cfg, OutT>(acc, p, w, consumer, s.splits > 1 ? workspace : nullptr);
+  }
+#else
+  __trap();  // built for sm_90a only; launch_fp8_gemm_sm90 never launches it elsewhere
+#endif
+}
+
+// Split K: out = workspace (already scaled) + bias, in the output dtype.
+template <typename OutT>
+__global__ void finalize_kernel(const Fp8GemmParams p, const float* workspace) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= p.M * p.N) return;
+  const int64_t m = i / p.N, n = i % p.N;
+  float v = workspace[i];
+  if (p.bias != nullptr) v += to_float(static_cast<const OutT*>(p.bias)[n]);
+  static_cast<OutT*>(p.out)[m * p.out_stride + n] = to_out<OutT>(v);
+}
+
+// ---- host ----------------------------------------------------------------------------------------
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no link against libcuda).
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &status) !=
+            cudaSuccess ||
+        status != cudaDriverEntryPointSuccess) {
+      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// A [rows, K] e4m3 matrix read in [box_rows x 128-byte] boxes with 128-byte swizzle; rows and K
+// beyond the matrix read as zeros (they add nothing to the dot products).
+inline cudaError_t make_tensor_map(CUtensorMap* map, const void* ptr, int64_t rows, int K, int box_rows) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(K)};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(kBlockK), static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(ptr), dims, strides, box,
+                            element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+template <class Cfg>
+Schedule make_schedule(const Fp8GemmParams& p) {
+  const int64_t rows_x = Cfg::kSwapAB ? p.N : p.M, rows_y = Cfg::kSwapAB ? p.M : p.N;
+  Schedule s;
+  s.tiles_p = static_cast<int>(ceil_div<int64_t>(rows_x, Cfg::kBlockP));
+  s.tiles_q = static_cast<int>(ceil_div<int64_t>(rows_y, Cfg::kBlockQ));
+  s.k_tiles = ceil_div(p.K, kBlockK);
+  const int tiles = s.tiles_p * s.tiles_q;
+  const int by_sms = p.num_sms / tiles, by_k = s.k_tiles / kMinKTilesPerSplit;
+  s.splits = std::max(1, std::min(by_sms, by_k));
+  return s;
+}
+
+template <class Cfg, typename OutT>
+cudaError_t run(const Fp8GemmParams& p, float* workspace, cudaStream_t stream) {
+  const Schedule s = make_schedule<Cfg>(p);
+  CUtensorMap map_x, map_y;
+  FI_CUDA_TRY(make_tensor_map(&map_x, Cfg::kSwapAB ? p.b : p.a, Cfg::kSwapAB ? p.N : p.M, p.K, Cfg::kBlockP));
+  FI_CUDA_TRY(make_tensor_map(&map_y, Cfg::kSwapAB ? p.a : p.b, Cfg::kSwapAB ? p.M : p.N, p.K, Cfg::kBlockQ));
+  auto* kernel = fp8_gemm_kernel<Cfg, OutT>;
+  FI_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
+  if (s.splits > 1) FI_CUDA_TRY(cudaMemsetAsync(workspace, 0, sizeof(float) * p.M * p.N, stream));
+  const int grid = std::min(s.num_units(), p.num_sms);
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(map_x, map_y, p, s, workspace);
+  FI_CUDA_TRY(cudaGetLastError());
+  if (s.splits > 1) {
+    constexpr int kThreads = 256;
+    finalize_kernel<OutT><<<static_cast<unsigned>(ceil_div<int64_t>(p.M * p.N, kThreads)), kThreads, 0, stream>>>(
+        p, workspace);
+    FI_CUDA_TRY(cudaGetLastError());
+  }
+  return cudaSuccess;
+}
+
+// The tile shape for a problem: M <= 64 swaps (tokens on wgmma's N side, rounded up to 8/16/32/64),
+// anything larger uses 128 x 128 tiles. Calls fn.template operator()<Cfg>().
+template <typename Fn>
+cudaError_t with_config(const Fp8GemmParams& p, Fn&& fn) {
+  if (p.M <= 8) return fn.template operator()<Config<8, true>>();
+  if (p.M <= 16) return fn.template operator()<Config<16, true>>();
+  if (p.M <= 32) return fn.template operator()<Config<32, true>>();
+  if (p.M <= 64) return fn.template operator()<Config<64, true>>();
+  return fn.template operator()<Config<128, false>>();
+}
+
+}  // namespace fp8gemm
+
+inline size_t fp8_gemm_workspace_bytes_impl(const Fp8GemmParams& p) {
+  size_t bytes = 0;
+  fp8gemm::with_config(p, [&]<class Cfg>() {
+    if (fp8gemm::make_schedule<Cfg>(p).splits > 1) bytes = sizeof(float) * static_cast<size_t>(p.M) * p.N;
+    return cudaSuccess;
+  });
+  return bytes;
+}
+
+inline cudaError_t launch_fp8_gemm_sm90_impl(const Fp8GemmParams& p, void* workspace, cudaStream_t stream) {
+  if (p.M == 0 || p.N == 0) return cudaSuccess;
+  if (p.K <= 0 || p.K % 16 || p.num_sms <= 0 || reinterpret_cast<uintptr_t>(p.a) % 16 ||
+      reinterpret_cast<uintptr_t>(p.b) % 16) {
+    return cudaErrorInvalidValue;
+  }
+  return fp8gemm::with_config(p, [&]<class Cfg>() {
+    float* ws = static_cast<float*>(workspace);
+    switch (p.out_dtype) {
+      case DType::kBFloat16: return fp8gemm::run<Cfg, __nv_bfloat16>(p, ws, stream);
+      case DType::kFloat16: return fp8gemm::run<Cfg, __half>(p, ws, stream);
+      default: return cudaErrorInvalidValue;
+    }
+  });
+}
+
+}  // namespace fastinfer

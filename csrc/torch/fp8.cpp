@@ -1,0 +1,111 @@
+// CUDA bindings of the FP8 ops: activation quantization and the FP8 KV-cache write (every
+// architecture), and the scaled FP8 GEMM (sm_90a builds, Hopper GPUs).
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <utility>
+
+#include "common.h"  // csrc/torch/common.h
+#include "fastinfer/gemm/fp8.h"
+#include "fastinfer/kv/kv.h"
+
+namespace fastinfer::torch_glue {
+namespace {
+
+Fp8QuantParams quant_params(at::Tensor& out, at::Tensor& scale, const at::Tensor& input, const char* op) {
+  Fp8QuantParams p{};
+  p.out = out.data_ptr();
+  p.scale = scale.data_ptr<float>();
+  p.input = input.data_ptr();
+  p.rows = input.size(0);
+  p.cols = static_cast<int>(input.size(1));
+  p.out_stride = out.stride(0);
+  p.input_stride = input.stride(0);
+  p.dtype = to_dtype(input, op);
+  return p;
+}
+
+void fp8_quantize_per_token(at::Tensor& out, at::Tensor& scales, const at::Tensor& input) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  check_launch(launch_fp8_quantize_per_token(quant_params(out, scales, input, "fp8_quantize_per_token"),
+                                             stream_of(input)),
+               "fp8_quantize_per_token");
+}
+
+void fp8_quantize_per_tensor(at::Tensor& out, at::Tensor& scale, const at::Tensor& input, bool dynamic) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  check_launch(launch_fp8_quantize_per_tensor(quant_params(out, scale, input, "fp8_quantize_per_tensor"), dynamic,
+                                              stream_of(input)),
+               "fp8_quantize_per_tensor");
+}
+
+void reshape_and_cache_fp8(const at::Tensor& key, const at::Tensor& value, at::Tensor& kv_cache,
+                           const at::Tensor& slot_mapping, const at::Tensor& kv_scale) {
+  const c10::cuda::CUDAGuard guard(key.device());
+  ReshapeAndCacheParams p{};
+  p.key = key.data_ptr();
+  p.value = value.data_ptr();
+  p.kv_cache = kv_cache.data_ptr();
+  p.slot_mapping = slot_mapping.data_ptr<int64_t>();
+  p.num_tokens = key.size(0);
+  p.num_kv_heads = static_cast<int>(key.size(1));
+  p.head_dim = static_cast<int>(key.size(2));
+  p.block_size = static_cast<int>(kv_cache.size(2));
+  p.key_token_stride = key.stride(0);
+  p.key_head_stride = key.stride(1);
+  p.value_token_stride = value.stride(0);
+  p.value_head_stride = value.stride(1);
+  p.dtype = to_dtype(key, "reshape_and_cache_fp8");
+  check_launch(launch_reshape_and_cache_fp8(p, kv_scale.data_ptr<float>(), stream_of(key)), "reshape_and_cache_fp8");
+}
+
+#ifdef FASTINFER_HAS_SM90
+void fp8_scaled_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_a,
+                   const at::Tensor& scale_b, const std::optional<at::Tensor>& bias) {
+  const c10::cuda::CUDAGuard guard(a.device());
+  int major = 0, minor = 0, num_sms = 0;
+  const int device = a.get_device();
+  for (auto [attr, value] : {std::pair{cudaDevAttrComputeCapabilityMajor, &major},
+                             std::pair{cudaDevAttrComputeCapabilityMinor, &minor},
+                             std::pair{cudaDevAttrMultiProcessorCount, &num_sms}}) {
+    const cudaError_t err = cudaDeviceGetAttribute(value, attr, device);
+    TORCH_CHECK(err == cudaSuccess, "fastinfer.fp8_scaled_mm: cudaDeviceGetAttribute failed: ", cudaGetErrorString(err));
+  }
+  TORCH_CHECK(major == 9 && minor == 0, "fastinfer.fp8_scaled_mm: the CUDA kernel needs a Hopper (sm_90) GPU, got sm_",
+              major, minor);
+  Fp8GemmParams p{};
+  p.out = out.data_ptr();
+  p.a = a.data_ptr();
+  p.b = b.data_ptr();
+  p.scale_a = scale_a.data_ptr<float>();
+  p.scale_b = scale_b.data_ptr<float>();
+  p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  p.M = a.size(0);
+  p.N = static_cast<int>(b.size(0));
+  p.K = static_cast<int>(a.size(1));
+  p.out_stride = out.stride(0);
+  p.scale_a_per_token = scale_a.numel() != 1;
+  p.scale_b_per_channel = scale_b.numel() != 1;
+  p.out_dtype = to_dtype(out, "fp8_scaled_mm");
+  p.num_sms = num_sms;
+  const size_t workspace_bytes = fp8_gemm_workspace_bytes(p);
+  at::Tensor workspace;
+  if (workspace_bytes > 0) {
+    workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, a.options().dtype(at::kByte));
+  }
+  check_launch(launch_fp8_gemm_sm90(p, workspace_bytes ? workspace.data_ptr() : nullptr, stream_of(a)),
+               "fp8_scaled_mm");
+}
+#endif
+
+}  // namespace
+}  // namespace fastinfer::torch_glue
+
+TORCH_LIBRARY_IMPL(fastinfer, CUDA, m) {
+  m.impl("fp8_quantize_per_token", &fastinfer::torch_glue::fp8_quantize_per_token);
+  m.impl("fp8_quantize_per_tensor", &fastinfer::torch_glue::fp8_quantize_per_tensor);
+  m.impl("reshape_and_cache_fp8", &fastinfer::torch_glue::reshape_and_cache_fp8);
+#ifdef FASTINFER_HAS_SM90
+  m.impl("fp8_scaled_mm", &fastinfer::torch_glue::fp8_scaled_mm);
+#endif
+}

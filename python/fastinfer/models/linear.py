@@ -1,0 +1,86 @@
+"""Linear layers of the model, and the one place that decides each projection's kind.
+
+A projection is one of three kinds, picked by ``make_linear`` from the model's quantization:
+  dense   (None)          weight [out, in] in the model dtype; torch GEMM (cuBLAS on GPU).
+  FP8     ("fp8")         weight e4m3 [out, in] with one fp32 scale per output channel; the
+                          activations are quantized per token on the fly and multiplied by
+                          fastinfer's scaled FP8 GEMM (fastinfer.ops.fp8_linear).
+  4-bit   (a QuantConfig) quant.linear.Int4Linear: the packed 4-bit layout of the fused W4A16 GEMM
+                          (fastinfer.ops.int4_linear); int4 / gptq / awq / gguf.
+A fused matrix (q/k/v, gate/up) is one layer; each checkpoint tensor fills a row range of it
+(``rows``): a LinearRows (dense / FP8: per-channel scales make the range self-contained) or an
+Int4Rows (packed as it is copied, in strips of 64 rows).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import _ops as ops
+from .._checks import FP8
+from ..quant.linear import METHODS, Int4Linear, QuantConfig
+
+QUANTIZATIONS = (None,) + METHODS + ("fp8",)
+
+
+@dataclass
+class LinearRows:
+    """Rows [start, stop) of a Linear: what one checkpoint tensor (e.g. k_proj in qkv) fills."""
+    weight: torch.Tensor               # [rows, in]: model dtype, or e4m3
+    weight_scale: torch.Tensor | None  # fp32 [rows] for an FP8 layer, else None
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.weight_scale is not None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+
+class Linear:
+    """y = x @ weight.T (+ bias), x: [num_tokens, in_features]; a dense or an FP8 weight."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device,
+                 bias: bool = False, fp8: bool = False):
+        self.weight = torch.empty(out_features, in_features, dtype=FP8 if fp8 else dtype, device=device)
+        self.weight_scale = torch.empty(out_features, dtype=torch.float32, device=device) if fp8 else None
+        self.bias = torch.empty(out_features, dtype=dtype, device=device) if bias else None
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_scale is None:
+            return F.linear(x, self.weight, self.bias)
+        return ops.fp8_linear(x, self.weight, self.weight_scale, self.bias)
+
+    def rows(self, start: int = 0, stop: int | None = None) -> LinearRows:
+        stop = self.weight.shape[0] if stop is None else stop
+        scale = None if self.weight_scale is None else self.weight_scale[start:stop]
+        return LinearRows(self.weight[start:stop], scale)
+
+
+def linear_kind(quantization: str | QuantConfig | None) -> str | QuantConfig | None:
+    """None (dense), "fp8" or a QuantConfig (4-bit) from a model's quantization argument."""
+    if quantization is None or quantization == "fp8" or isinstance(quantization, QuantConfig):
+        return quantization
+    if quantization in METHODS:
+        raise ValueError(f"quantization={quantization!r} needs a QuantConfig (group size and mode): load the model "
+                         f"with fastinfer.load_model(..., quantization={quantization!r}) or pass a QuantConfig")
+    raise ValueError(f"quantization must be one of {QUANTIZATIONS} or a QuantConfig, got {quantization!r}")
+
+
+def make_linear(in_features: int, out_features: int, dtype: torch.dtype, device: torch.device,
+                kind: str | QuantConfig | None, bias: bool = False) -> Linear | Int4Linear:
+    """The projection of the given kind (see linear_kind)."""
+    if isinstance(kind, QuantConfig):
+        return Int4Linear(out_features, in_features, kind, dtype, device, bias=bias)
+    return Linear(in_features, out_features, dtype, device, bias=bias, fp8=linear_kind(kind) == "fp8")
