@@ -11,7 +11,7 @@ def _generate(args) -> int:
     from .generate import generate, get_loaded
     from .loader.gguf import default_model_path
 
-    loaded = get_loaded(args.model or default_model_path(), args.dtype, args.device)
+    loaded = get_loaded(args.model or default_model_path(), args.dtype, args.device, args.quantization)
     tok = loaded.tokenizer
     if tok is None:
         print(f"error: no tokenizer found with {args.model}", file=sys.stderr)
@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on GPU)")
     g.add_argument("--device", default=None, help="cpu | cuda (default: the GPU when all ops have CUDA kernels)")
+    g.add_argument("--quantization", default=None, choices=["int4", "gptq", "awq", "gguf", "fp8"],
+                   help="4-bit projections (gguf: a .gguf file's Q4_0 / Q4_1 weights run natively) or fp8")
     g.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
     args = parser.parse_args(argv)
     if args.command == "env":

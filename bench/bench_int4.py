@@ -1,0 +1,126 @@
+"""W4A16 GEMM (fastinfer.ops.int4_linear) against torch bf16 matmul (cuBLAS) and torch's int4 mm.
+
+    python bench/bench_int4.py [--out PATH] [--iters N] [--m 1 4 16 64 256]
+
+Shapes: the four projections of a Llama-3-8B layer, y = x @ W^T with W [N, K]: qkv 4096 -> 6144,
+o 4096 -> 4096, gate_up 4096 -> 28672, down 14336 -> 4096; M = tokens. Every implementation runs
+the same weight: random 4-bit codes with group-128 scales and minimums (w = q s + m, GGUF Q4_1's
+form and the one torch's _weight_int4pack_mm computes), dequantized to bf16 for cuBLAS.
+Bytes moved at least: the weight as each implementation stores it (4-bit codes + 2 x bf16 per group
+of 128, or bf16) plus x and out; GB/s = bytes / median device time, and that as a fraction of the
+device-to-device copy bandwidth measured in the same run. "vs bf16" = cuBLAS time / this time.
+Issue 6 asks for >= 3x vs bf16 at M <= 16 and >= 1.5x at M = 64 on the down projection.
+Timing and L2 flushing: see bench/common.py.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import common
+
+SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}  # (K, N)
+TOKENS = (1, 4, 16, 64, 256)
+GROUP = 128
+DTYPE = torch.bfloat16
+BF16, TORCH_INT4, OURS = "torch bf16 (cuBLAS)", "torch _weight_int4pack_mm", "fastinfer int4_linear"
+TORCH_INNER_K_TILES = 8
+
+
+def make_weight(k: int, n: int, seed: int):
+    """(codes uint8 [N, K], scales, mins [N, K / 128] bf16, dense bf16 [N, K]) on the GPU."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=g, device="cuda", dtype=torch.uint8)
+    scales = (torch.rand(n, k // GROUP, generator=g, device="cuda") * 0.01 + 0.002).to(DTYPE)
+    mins = (-8 * scales.float() + torch.randn(n, k // GROUP, generator=g, device="cuda") * 1e-3).to(DTYPE)
+    dense = (codes.float() * scales.float().repeat_interleave(GROUP, 1) +
+             mins.float().repeat_interleave(GROUP, 1)).to(DTYPE)
+    return codes, scales, mins, dense
+
+
+def torch_int4_operands(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor):
+    """torch's tinygemm format: w = (q - 8) * s + z with z = m + 8 s; codes two per byte."""
+    packed = ((codes[:, ::2] << 4) | codes[:, 1::2]).contiguous()  # uint8 [N, K / 2]
+    weight = torch.ops.aten._convert_weight_to_int4pack(packed, TORCH_INNER_K_TILES)
+    zeros = (mins.float() + 8 * scales.float()).to(DTYPE)
+    scales_and_zeros = torch.stack([scales, zeros], dim=2).transpose(0, 1).contiguous()  # [K / 128, N, 2]
+    return weight, scales_and_zeros
+
+
+def run_shape(ops, name: str, k: int, n: int, tokens, args, flush, copy_gbps: float, errors: list) -> list[dict]:
+    from fastinfer.quant.int4 import QuantizedWeight, pack
+    codes, scales, mins, dense = make_weight(k, n, seed=k + n)
+    p = pack(QuantizedWeight(codes, scales, GROUP, mins=mins))
+    weight_bytes = {OURS: n * k // 2 + 2 * (k // GROUP) * n * 2, TORCH_INT4: n * k // 2 + 2 * (k // GROUP) * n * 2,
+                    BF16: n * k * 2}
+    impls = {BF16: lambda x: torch.matmul(x, dense.t()),
+             OURS: lambda x: ops.int4_linear(x, p.qweight, p.scales, GROUP, mins=p.mins)}
+    try:
+        tw, tsz = torch_int4_operands(codes, scales, mins)
+        impls[TORCH_INT4] = lambda x: torch.ops.aten._weight_int4pack_mm(x, tw, GROUP, tsz)
+    except Exception as exc:  # an older / newer torch without this format: report, keep going
+        errors.append(f"{name}: torch int4 setup: {type(exc).__name__}: {exc}")
+    rows, dense_t = [], dense.float().t()
+    for m in tokens:
+        x = torch.randn(m, k, device="cuda", dtype=torch.float32).to(DTYPE)
+        reference = x.float() @ dense_t
+        times = {}
+        for impl, fn in impls.items():
+            try:
+                out = fn(x)
+                err = float((out.float() - reference).abs().sum() / reference.abs().sum())
+                t = common.time_cuda(lambda: fn(x), warmup=args.warmup, iters=args.iters, flush=flush)
+            except Exception as exc:
+                errors.append(f"{name} M={m} {impl}: {type(exc).__name__}: {exc}")
+                print(f"ERROR {errors[-1]}")
+                continue
+            nbytes = weight_bytes[impl] + 2 * m * (k + n)
+            bw = common.gbps(nbytes, t["us"])
+            times[impl] = t["us"]
+            rows.append({"shape": f"{name} {k}->{n}", "m": m, "impl": impl, "us": t["us"], "min_us": t["min_us"],
+                         "bytes": nbytes, "gbps": bw, "frac_copy": bw / copy_gbps, "rel_err": err})
+        for r in rows[-len(times):]:
+            r["vs_bf16"] = times[BF16] / r["us"] if BF16 in times else None
+            r["vs_torch_int4"] = times[TORCH_INT4] / r["us"] if TORCH_INT4 in times else None
+    return rows
+
+
+COLUMNS = [("shape", "shape (K->N)", ""), ("m", "M", "d"), ("impl", "impl", ""), ("us", "time (us)", ".1f"),
+           ("gbps", "GB/s", ".0f"), ("frac_copy", "of copy BW", ".1%"), ("vs_bf16", "vs bf16", ".2f"),
+           ("vs_torch_int4", "vs torch int4", ".2f"), ("rel_err", "mean rel err vs fp32", ".1e")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="JSON path (default $OUT/bench/int4.json)")
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--m", type=int, nargs="+", default=list(TOKENS))
+    args = parser.parse_args(argv)
+    fastinfer = common.require_cuda_build()
+
+    flush = common.L2Flusher()
+    copy = common.copy_bandwidth_gbps(flush=flush)
+    info = common.device_info()
+    print(f"{info['name']} ({info['capability']}, {info['sms']} SMs), torch {info['torch']}, CUDA {info['cuda']}")
+    print(f"device-to-device copy: {copy['gbps']:.0f} GB/s")
+
+    rows, errors = [], []
+    for name, (k, n) in SHAPES.items():
+        rows += run_shape(fastinfer.ops, name, k, n, args.m, args, flush, copy["gbps"], errors)
+        torch.cuda.empty_cache()
+    print(common.markdown_table(COLUMNS, rows))
+
+    out = args.out or common.default_out("int4")
+    notes = [f"device-to-device copy {copy['gbps']:.0f} GB/s (read + write); bf16 activations, group 128 "
+             f"scales + minimums; L2 flushed before each of {args.iters} calls; Llama-3-8B projection shapes"]
+    notes += [f"ERROR {e}" for e in errors]
+    common.write_fragment(out, name="int4", title="W4A16 GEMM vs cuBLAS bf16 and torch int4 (Llama-3-8B shapes)",
+                          columns=COLUMNS, rows=rows, notes=notes, extra={"copy": copy, "errors": errors})
+    print(f"wrote {out}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
