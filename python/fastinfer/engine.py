@@ -10,7 +10,7 @@ from .block_manager import BlockManager
 from .loader import LoadedModel
 from .metadata import SeqChunk
 from .outputs import CompletionOutput, RequestOutput
-from .runner import ModelRunner
+from .runner import ModelRunner, default_graph_sizes
 from .sampling import make_generator, sample
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig
@@ -28,6 +28,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     speculative: dict | None = None       # {"method": "ngram" | "draft", "num_tokens": k, ...}
     kv_cache_dtype: str = "auto"          # "auto" (the model's dtype) or "fp8" (e4m3, per-layer scales)
+    decode_graphs: bool = False           # decode steps from static buffers: CUDA graphs on a GPU (runner.py)
+    graph_sizes: list[int] | None = None  # their batch-size buckets; default runner.default_graph_sizes
 
 
 @dataclass
@@ -47,6 +49,9 @@ class Engine:
         if config.max_model_len is not None and config.max_model_len > cfg.max_model_len:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's {cfg.max_model_len}")
         self.runner = ModelRunner(loaded.model, config.num_blocks, config.block_size, config.kv_cache_dtype)
+        if config.decode_graphs:
+            sizes = config.graph_sizes or default_graph_sizes(config.max_num_seqs)
+            self.runner.enable_decode_graphs(sizes, self.max_model_len)
         self.proposer, self.spec_stats = None, SpecStats()
         prefix_caching = config.enable_prefix_caching
         if config.speculative is not None:

@@ -31,17 +31,23 @@ class LLM:
                  num_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
                  kv_cache_memory_bytes: int | None = None, block_size: int = 16, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192, enable_prefix_caching: bool = True,
-                 speculative: dict | None = None, quantization: str | None = None, kv_cache_dtype: str = "auto"):
+                 speculative: dict | None = None, quantization: str | None = None, kv_cache_dtype: str = "auto",
+                 enforce_eager: bool = False, cuda_graph_sizes: list[int] | None = None):
         """quantization: None (the checkpoint's own format), "int4" (round-to-nearest at load),
         "gptq", "awq" or "gguf" (4-bit projections on the fused W4A16 kernel), or "fp8" (e4m3
         linear weights with per-channel scales, activations quantized per token; a bf16/fp32
         checkpoint is quantized on load, an FP8 checkpoint is detected from its config.json); see
         fastinfer.load_model. kv_cache_dtype "fp8": an e4m3 KV cache (half the bytes of bf16) with
-        per-layer scales. speculative: see README."""
+        per-layer scales. speculative: see README. On a GPU, decode steps of up to
+        max(cuda_graph_sizes) sequences (default: buckets up to max_num_seqs) replay CUDA graphs
+        captured here; enforce_eager=True runs every step eagerly."""
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if num_blocks is not None and num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        if cuda_graph_sizes is not None and (not cuda_graph_sizes or any(
+                not isinstance(b, int) or b < 1 for b in cuda_graph_sizes)):
+            raise ValueError(f"cuda_graph_sizes must be a non-empty list of positive ints, got {cuda_graph_sizes!r}")
         self.kv_cache_dtype = kv_cache_dtype
         self.loaded = get_loaded(model, dtype, device, quantization)
         m = self.loaded.model
@@ -51,8 +57,12 @@ class LLM:
                                             max_num_batched_tokens, max_model_len)
         self.engine = Engine(self.loaded, EngineConfig(num_blocks, block_size, max_model_len, max_num_seqs,
                                                        max_num_batched_tokens, enable_prefix_caching, speculative,
-                                                       kv_cache_dtype))
+                                                       kv_cache_dtype, decode_graphs=self._use_graphs(enforce_eager),
+                                                       graph_sizes=cuda_graph_sizes))
         self._ids = itertools.count()
+
+    def _use_graphs(self, enforce_eager: bool) -> bool:
+        return not enforce_eager and self.loaded.model.device.type == "cuda"
 
     @property
     def tokenizer(self):

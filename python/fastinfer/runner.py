@@ -1,10 +1,26 @@
-"""ModelRunner: owns the model and its paged KV caches, runs one step of SeqChunks."""
+"""ModelRunner: owns the model and its paged KV caches, runs one step of SeqChunks.
+
+Decode steps (one token per sequence) can run as CUDA graphs, one per batch-size bucket: the
+metadata lives in static device buffers, a step pads its batch to the next bucket (padding rows
+write no KV, slot -1, and attend to one key of block 0), copies its metadata in with two
+host-to-device copies and replays the graph. The decode kernels plan their work from shapes alone
+(csrc/include/fastinfer/attention/decode.h), so the width of the static block table, enough for
+max_model_len, fixes one plan that serves every context length. Prefill and mixed steps run eagerly.
+"""
 from __future__ import annotations
 
 import torch
 
 from .metadata import AttnMetadata, SeqChunk
 from .models.llama import LlamaForCausalLM
+
+
+def default_graph_sizes(max_num_seqs: int) -> list[int]:
+    """Batch-size buckets for decode graphs: 1, 2, 4, 8, then multiples of 16 up to max_num_seqs
+    (capped at 512), the largest always covering max_num_seqs."""
+    cap = min(max_num_seqs, 512)
+    sizes = [b for b in (1, 2, 4, 8) if b < cap] + list(range(16, cap, 16))
+    return sorted(set(sizes + [cap]))
 
 
 class ModelRunner:
@@ -18,13 +34,27 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.kv_caches = model.make_kv_caches(num_blocks, block_size, kv_cache_dtype)
+        self.graphs: DecodeGraphs | None = None
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
+    def enable_decode_graphs(self, sizes: list[int], max_model_len: int, capture: bool | None = None) -> None:
+        """Run decode steps of up to max(sizes) sequences from static buffers, padded to a bucket.
+        capture (default: on CUDA) records one CUDA graph per bucket now; without it the same static
+        path runs eagerly (how the CPU tests check the padding and the buffers)."""
+        if capture is None:
+            capture = self.device.type == "cuda"
+        if capture and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        self.graphs = DecodeGraphs(self, sizes, max_model_len, capture)
+
     def run(self, chunks: list[SeqChunk]) -> torch.Tensor:
-        """fp32 logits [number of chunks with need_logits, vocab], in chunk order."""
+        """fp32 logits [number of chunks with need_logits, vocab], in chunk order. From a graph
+        replay the result is a view of a static buffer, valid until the next run."""
+        if self.graphs is not None and self.graphs.accepts(chunks):
+            return self.graphs.run(chunks)
         meta = AttnMetadata.build(chunks, self.block_size, self.num_blocks,
                                   self.model.config.max_position_embeddings, self.device)
         return self.model.forward(meta, self.kv_caches)
@@ -33,3 +63,116 @@ class ModelRunner:
         """Copy one block's K and V in every layer (copy-on-write of a shared partial block)."""
         for cache in self.kv_caches:
             cache[dst].copy_(cache[src])
+
+
+class DecodeGraphs:
+    """Static metadata buffers and, on CUDA, one captured decode graph per batch-size bucket."""
+
+    def __init__(self, runner: ModelRunner, sizes: list[int], max_model_len: int, capture: bool):
+        if not sizes or any(b < 1 for b in sizes):
+            raise ValueError(f"graph batch sizes must be positive, got {sizes}")
+        self.runner, self.capture = runner, capture
+        self.sizes = sorted(set(sizes))
+        self.max_batch = self.sizes[-1]
+        self.max_len = min(max_model_len, runner.model.config.max_position_embeddings)
+        self.width = -(-self.max_len // runner.block_size)  # block-table columns: max_model_len's blocks
+        dev, b = runner.device, self.max_batch
+        # Host staging (pinned on CUDA) -> device, three copies per step: [input_ids, positions,
+        # slot_mapping] as int64 [3, b], then int32 seq_lens [b] and block tables [b, width], which
+        # share one buffer (seq_lens first) so that each stays contiguous in a bucket's view.
+        pin = dev.type == "cuda"
+        self.host64 = torch.zeros(3, b, dtype=torch.int64, pin_memory=pin)
+        self.host32 = torch.zeros(b * (1 + self.width), dtype=torch.int32, pin_memory=pin)
+        self.dev64 = torch.zeros(3, b, dtype=torch.int64, device=dev)
+        self.dev32 = torch.zeros(b * (1 + self.width), dtype=torch.int32, device=dev)
+        self.cu_seqlens = torch.arange(b + 1, dtype=torch.int32, device=dev)
+        self.rows = torch.arange(b, dtype=torch.int64, device=dev)
+        self.np64 = self.host64.numpy()  # cheap element and row writes from Python lists
+        self.np_lens, self.np_tables = self._split32(self.host32.numpy())
+        self.copied = torch.cuda.Event() if pin else None  # the staging buffers are free again
+        self._pad(0)
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.num_steps = 0  # decode steps this path ran (replays when captured)
+        if capture:
+            self._capture()
+
+    def _split32(self, flat):
+        """(seq_lens [max_batch], block tables [max_batch, width]) views of an int32 buffer."""
+        b = self.max_batch
+        return flat[:b], flat[b:].reshape(b, self.width)
+
+    def meta(self, b: int) -> AttnMetadata:
+        """Views of the static buffers for a bucket of b rows."""
+        lens, tables = self._split32(self.dev32)
+        return AttnMetadata(input_ids=self.dev64[0, :b], positions=self.dev64[1, :b], slot_mapping=self.dev64[2, :b],
+                            cu_seqlens_q=self.cu_seqlens[:b + 1], seq_lens=lens[:b], block_tables=tables[:b],
+                            logits_indices=self.rows[:b], is_decode=True)
+
+    def bucket(self, batch: int) -> int:
+        return next(b for b in self.sizes if b >= batch)
+
+    def accepts(self, chunks: list[SeqChunk]) -> bool:
+        return (len(chunks) <= self.max_batch
+                and all(len(c.token_ids) == 1 and c.need_logits and not c.all_logits for c in chunks))
+
+    def _pad(self, first: int) -> None:
+        """Rows from `first` on are padding: token 0 at position 0, no KV write, one key of block 0."""
+        self.np64[:, first:] = 0
+        self.np64[2, first:] = -1
+        self.np_lens[first:] = 1
+        self.np_tables[first:] = 0
+
+    def run(self, chunks: list[SeqChunk]) -> torch.Tensor:
+        n, bs, nb = len(chunks), self.runner.block_size, self.runner.num_blocks
+        if self.copied is not None:
+            self.copied.synchronize()  # the previous step's copies have left the staging buffers
+        np64, lens, tables = self.np64, self.np_lens, self.np_tables
+        for i, c in enumerate(chunks):
+            table, p = c.block_table, c.start
+            if p >= self.max_len:
+                raise ValueError(f"sequence {i} reaches position {p}, beyond max_model_len={self.max_len}")
+            if p >= len(table) * bs:
+                raise ValueError(f"sequence {i} needs {p + 1} slots but its block table holds {len(table)} "
+                                 f"blocks of {bs}")
+            used = table[:p // bs + 1]
+            if any(not 0 <= blk < nb for blk in used):
+                raise ValueError(f"sequence {i}'s block table has a block outside [0, {nb})")
+            np64[0, i], np64[1, i], np64[2, i] = c.token_ids[0], p, table[p // bs] * bs + p % bs
+            lens[i] = p + 1
+            tables[i, :len(used)] = used
+            tables[i, len(used):] = 0
+        b = self.bucket(n)
+        self._pad(n)
+        self.dev64.copy_(self.host64, non_blocking=True)  # whole (contiguous): 24 bytes a row
+        w, m = self.width, self.max_batch
+        self.dev32[:b].copy_(self.host32[:b], non_blocking=True)
+        self.dev32[m:m + b * w].copy_(self.host32[m:m + b * w], non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+        self.num_steps += 1
+        if not self.capture:
+            return self.runner.model.forward(self.meta(b), self.runner.kv_caches)[:n]
+        self.graphs[b].replay()
+        return self.outputs[b][:n]
+
+    def _capture(self) -> None:
+        """Largest bucket first so that the smaller graphs reuse its memory pool. The padding rows
+        write no KV, so capturing leaves the cache untouched."""
+        model, caches = self.runner.model, self.runner.kv_caches
+        self.dev64.copy_(self.host64)
+        self.dev32.copy_(self.host32)
+        pool = None
+        for b in reversed(self.sizes):
+            meta = self.meta(b)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: lazy initialisation (cuBLAS handles) outside capture
+                model.forward(meta, caches)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[b] = model.forward(meta, caches)
+            pool = graph.pool()
+            self.graphs[b] = graph
+        torch.cuda.synchronize()

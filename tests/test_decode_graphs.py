@@ -1,0 +1,126 @@
+"""Decode steps from static buffers (runner.DecodeGraphs): the CPU runs the static path eagerly, which
+checks the padding to buckets, the block-table staging and the slot arithmetic; the `cuda` tests
+capture real CUDA graphs and compare them with eager steps."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastinfer.engine import Engine, EngineConfig
+from fastinfer.generate import get_loaded
+from fastinfer.llm import LLM
+from fastinfer.metadata import SeqChunk
+from fastinfer.runner import ModelRunner, default_graph_sizes
+from fastinfer.sampling_params import SamplingParams
+from models import make_hf_model
+from test_engine import GREEDY, drain, make_prompts, run_alone
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return get_loaded(make_hf_model("llama", seed=11))
+
+
+def test_default_graph_sizes():
+    assert default_graph_sizes(1) == [1]
+    assert default_graph_sizes(8) == [1, 2, 4, 8]
+    assert default_graph_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
+    assert default_graph_sizes(256)[-3:] == [224, 240, 256]
+    assert default_graph_sizes(4096)[-1] == 512
+
+
+def test_static_decode_matches_eager_logits(loaded):
+    """Same chunks through the eager metadata path and the padded static path: equal logits."""
+    model = loaded.model
+    eager = ModelRunner(model, num_blocks=32, block_size=16)
+    static = ModelRunner(model, num_blocks=32, block_size=16)
+    static.enable_decode_graphs([2, 5], max_model_len=200, capture=False)
+    prompts = make_prompts(3, seed=3, lo=10, hi=28)
+    tables = [[7, 3, 30], [0, 12], [31, 4, 5]]  # scattered blocks, some unused
+    prefill = [SeqChunk(p, 0, t) for p, t in zip(prompts, tables)]
+    eager.run(prefill)
+    static.run(prefill)
+    assert static.graphs.num_steps == 0  # prefill stays eager
+    for step in range(3):
+        chunks = [SeqChunk([5 + step + i], len(p) + step, t) for i, (p, t) in enumerate(zip(prompts, tables))]
+        want = eager.run(chunks)
+        got = static.run(chunks)  # 3 rows padded to the bucket of 5
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert static.graphs.num_steps == 3
+    for a, b in zip(eager.kv_caches, static.kv_caches):  # padding rows wrote nothing
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_static_decode_rejects_bad_chunks(loaded):
+    runner = ModelRunner(loaded.model, num_blocks=8, block_size=16)
+    runner.enable_decode_graphs([4], max_model_len=64, capture=False)
+    with pytest.raises(ValueError, match="block table holds 1 blocks"):
+        runner.run([SeqChunk([1], 16, [0])])
+    with pytest.raises(ValueError, match=r"outside \[0, 8\)"):
+        runner.run([SeqChunk([1], 3, [8])])
+    with pytest.raises(ValueError, match="max_model_len=64"):
+        runner.run([SeqChunk([1], 64, list(range(5)))])
+    # more rows than the largest bucket, or a multi-token chunk: the eager path takes them
+    assert not runner.graphs.accepts([SeqChunk([1], 0, [0])] * 5)
+    assert not runner.graphs.accepts([SeqChunk([1, 2], 0, [0])])
+
+
+def test_engine_with_static_decode_matches_alone(loaded):
+    """The staggered, preempting batch of test_engine through buckets 1, 3, 8 (odd padding)."""
+    prompts = make_prompts(24, seed=0)
+    lengths = [5 + i % 13 for i in range(24)]
+    alone = [run_alone(loaded, p, n) for p, n in zip(prompts, lengths)]
+    engine = Engine(loaded, EngineConfig(num_blocks=12, max_num_seqs=8, max_num_batched_tokens=64,
+                                         decode_graphs=True, graph_sizes=[1, 3, 8]))
+    assert not engine.runner.graphs.capture  # the CPU runs the static path eagerly
+    done = drain(engine, [(str(i), p, n) for i, (p, n) in enumerate(zip(prompts, lengths))], arrivals_per_step=3)
+    assert [done[str(i)] for i in range(24)] == alone
+    assert engine.runner.graphs.num_steps > 10
+    assert engine.blocks.num_in_use == 0
+
+
+def test_llm_graph_options(loaded):
+    with pytest.raises(ValueError, match="cuda_graph_sizes"):
+        LLM(loaded, num_blocks=8, cuda_graph_sizes=[0])
+    llm = LLM(loaded, num_blocks=8)
+    assert llm.engine.runner.graphs is None  # CPU: no graphs unless asked
+
+
+# ---- CUDA ------------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_graph_decode_matches_eager(dtype):
+    hf = make_hf_model("llama", seed=4, head_dim=64, hidden_size=256, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=512)
+    loaded = get_loaded(hf, dtype=dtype, device="cuda")
+    prompts = make_prompts(11, seed=9, lo=3, hi=90)
+    params = SamplingParams(max_tokens=40, **GREEDY)
+    eager = LLM(loaded, num_blocks=128, max_num_seqs=16, enforce_eager=True)
+    graphed = LLM(loaded, num_blocks=128, max_num_seqs=16)
+    graphs = graphed.engine.runner.graphs
+    assert graphs is not None and graphs.capture and sorted(graphs.graphs) == [1, 2, 4, 8, 16]
+    want = [o.outputs[0].token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
+    got = [o.outputs[0].token_ids for o in graphed.generate(prompts, params, use_tqdm=False)]
+    assert graphs.num_steps > 20
+    assert got == want
+
+
+@pytest.mark.cuda
+def test_cuda_graph_logits_match_eager_step():
+    """One decode step, replayed vs eager, on the same cache: logits within bf16 noise (the padded
+    bucket may pick a different GEMM tile than the eager batch)."""
+    loaded = get_loaded(make_hf_model("llama", seed=5), dtype=torch.bfloat16, device="cuda")
+    runner = ModelRunner(loaded.model, num_blocks=16, block_size=16)
+    prompts = make_prompts(3, seed=1, lo=20, hi=40)
+    tables = [[2, 9, 4], [11, 0, 7], [5, 13, 1]]
+    runner.run([SeqChunk(p, 0, t) for p, t in zip(prompts, tables)])
+    chunks = [SeqChunk([9], len(p), t) for p, t in zip(prompts, tables)]
+    want = runner.run(chunks).clone()
+    runner.enable_decode_graphs([4], max_model_len=48)
+    got = runner.run(chunks)
+    assert runner.graphs.num_steps == 1
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
