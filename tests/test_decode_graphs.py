@@ -112,7 +112,8 @@ def test_cuda_graph_decode_matches_eager(dtype):
 def test_cuda_graph_logits_match_eager_step():
     """One decode step, replayed vs eager, on the same cache: logits within bf16 noise (the padded
     bucket may pick a different GEMM tile than the eager batch)."""
-    loaded = get_loaded(make_hf_model("llama", seed=5), dtype=torch.bfloat16, device="cuda")
+    hf = make_hf_model("llama", seed=5, head_dim=128, hidden_size=256, num_attention_heads=4, num_key_value_heads=1)
+    loaded = get_loaded(hf, dtype=torch.bfloat16, device="cuda")  # the CUDA kernels take head_dim 64 / 128
     runner = ModelRunner(loaded.model, num_blocks=16, block_size=16)
     prompts = make_prompts(3, seed=1, lo=20, hi=40)
     tables = [[2, 9, 4], [11, 0, 7], [5, 13, 1]]
