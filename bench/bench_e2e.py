@@ -1,0 +1,411 @@
+"""End-to-end decode speed of a Llama-3-8B-shaped model: fastinfer against HF transformers, one run.
+
+    python bench/bench_e2e.py [--out PATH] [--mode short|full] [--batches 1 8 32 128] [--quant bf16 int4 fp8]
+
+Model: random weights (HF's own initialisation), Llama-3-8B's shape (hidden 4096, 32 layers, 32 query
+/ 8 KV heads, FFN 14336, vocab 128256), bf16, built on the GPU; fastinfer loads the same weights
+from the HF object (quantizing them for int4 / fp8). No download, no tokenizer: prompts are random
+token ids and every request ignores EOS.
+
+Decode tokens/s at batch B: B prompts of --prompt-len tokens are prefilled, a few decode steps
+warm up, then --steps decode steps are timed on the host clock (each ends with the sampled tokens
+back on the host, so launch gaps, sampling and Python are inside the figure). fastinfer runs through
+its engine (LLM.engine.step), with CUDA graphs (the default) and with enforce_eager=True. HF runs
+model.generate twice per batch, for 1 and for 1 + steps new tokens (min_new_tokens = max), and the
+difference is its decode time: eager (dynamic cache), and in full mode static cache + torch.compile
+(mode reduce-overhead), warmed up (compiled) before timing.
+Roofline: a decode step must read every weight once (embedding rows aside) and each sequence's KV:
+tokens/s <= B * copy bandwidth / (weight bytes + B * KV bytes per sequence), the copy bandwidth
+measured in the same run; "of roofline" is the measured rate over that.
+Offline throughput: --requests requests with ShareGPT-like lengths (log-normal, input median 200
+clipped to [4, 1024], output median 150 clipped to [4, 512], seeded), all submitted at once to the
+engine (max_num_seqs 256); TTFT = first token time - submit time; TPOT = (finish - first token) /
+(output tokens - 1). fastinfer only (HF generate has no continuous batching to compare with).
+short mode (bench/gpu_check.sh): 4 batch sizes, 16 timed steps, HF eager at batches 1 and 32 only,
+no torch.compile peer, 200 offline requests. full mode: 64 steps, HF eager and compile at 1 and 32
+(--hf-batches), 1000 requests; minutes of compilation. --tiny: a 2-layer small model (CPU smoke test).
+Writes the JSON fragment, and a PNG chart (tokens/s against batch, with the roofline) beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import common
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                 rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+TINY = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=64, max_position_embeddings=2048)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_hf_model(shape: dict, device: torch.device, dtype: torch.dtype):
+    import transformers
+    cfg = transformers.LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    return model
+
+
+def read_bytes(model) -> int:
+    """Bytes a decode step reads of the fastinfer model's weights: every tensor of every layer, the
+    final norm and the LM head (the embedding is read a row per token; a tied head counts once)."""
+    seen, total = set(), 0
+
+    def add(obj, depth=0):
+        nonlocal total
+        if isinstance(obj, torch.Tensor):
+            if obj.data_ptr() not in seen:
+                seen.add(obj.data_ptr())
+                total += obj.numel() * obj.element_size()
+        elif depth < 3 and hasattr(obj, "__dict__"):
+            for value in vars(obj).values():
+                add(value, depth + 1)
+    for layer in model.layers:
+        add(layer)
+    add(model.norm)
+    add(model.lm_head)
+    return total
+
+
+def random_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(count)]
+
+
+# ---- fastinfer --------------------------------------------------------------------------------------
+
+def fastinfer_decode(llm, batch: int, prompt_len: int, steps: int, warm: int) -> dict:
+    from fastinfer.sampling_params import SamplingParams
+    engine = llm.engine
+    vocab = engine.loaded.model.config.vocab_size
+    params = SamplingParams(max_tokens=steps + warm + 4, temperature=0.0, ignore_eos=True)
+    ids = [f"decode-{batch}-{i}" for i in range(batch)]
+    for rid, prompt in zip(ids, random_prompts(batch, prompt_len, vocab, seed=batch)):
+        engine.add_request(rid, prompt, params)
+    seqs = [engine.requests[r].seqs[0] for r in ids]
+    while any(not s.output_token_ids for s in seqs):  # prefill (chunked by the token budget)
+        engine.step()
+    for _ in range(warm):
+        engine.step()
+    graphs = engine.runner.graphs
+    replays = graphs.num_steps if graphs is not None else 0
+    device = engine.runner.device
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    sync(device)
+    seconds = time.perf_counter() - t0
+    graphed = (graphs.num_steps - replays) if graphs is not None else 0
+    if any(len(s.output_token_ids) != 1 + warm + steps for s in seqs):
+        raise RuntimeError("a timed step was not a decode step of every sequence (preempted or finished early)")
+    for rid in ids:
+        engine.abort(rid)
+        engine.pop_finished(rid)
+    return {"seconds": seconds, "tok_s": batch * steps / seconds, "tpot_ms": 1e3 * seconds / steps,
+            "graph_steps": graphed}
+
+
+def offline_throughput(llm, num_requests: int, seed: int = 0) -> dict:
+    """All requests submitted at once; per-request TTFT / TPOT from the step loop's clock."""
+    from fastinfer.sampling_params import SamplingParams
+    engine = llm.engine
+    vocab = engine.loaded.model.config.vocab_size
+    rng = random.Random(seed)
+
+    def lognormal(median, sigma, lo, hi):
+        return int(min(hi, max(lo, round(rng.lognormvariate(math.log(median), sigma)))))
+    lengths = [(lognormal(200, 0.9, 4, 1024), lognormal(150, 0.9, 4, 512)) for _ in range(num_requests)]
+    device = engine.runner.device
+    sync(device)
+    t0 = time.perf_counter()
+    for i, (n_in, n_out) in enumerate(lengths):
+        engine.add_request(f"offline-{i}", [rng.randrange(3, vocab) for _ in range(n_in)],
+                           SamplingParams(max_tokens=n_out, temperature=0.0, ignore_eos=True))
+    first: dict[str, float] = {}
+    finish: dict[str, float] = {}
+    while engine.has_unfinished():
+        outputs = engine.step()
+        now = time.perf_counter() - t0
+        for out in outputs:
+            if out.outputs[0].token_ids and out.request_id not in first:
+                first[out.request_id] = now
+            if out.finished:
+                finish[out.request_id] = now
+                engine.pop_finished(out.request_id)
+    seconds = time.perf_counter() - t0
+    if len(finish) != num_requests:
+        raise RuntimeError(f"{num_requests - len(finish)} requests never finished")
+    tpot = [(finish[r] - first[r]) / (n_out - 1) for r, (_, n_out) in
+            zip((f"offline-{i}" for i in range(num_requests)), lengths) if n_out > 1]
+    ttft = list(first.values())
+    out_tokens, in_tokens = sum(o for _, o in lengths), sum(i for i, _ in lengths)
+    return {"requests": num_requests, "seconds": seconds, "req_s": num_requests / seconds,
+            "out_tok_s": out_tokens / seconds, "total_tok_s": (in_tokens + out_tokens) / seconds,
+            "ttft_ms_median": 1e3 * statistics.median(ttft), "ttft_ms_p90": 1e3 * _quantile(ttft, 0.9),
+            "tpot_ms_median": 1e3 * statistics.median(tpot), "tpot_ms_p90": 1e3 * _quantile(tpot, 0.9),
+            "input_tokens": in_tokens, "output_tokens": out_tokens}
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# ---- HF transformers --------------------------------------------------------------------------------
+
+def hf_decode(model, batch: int, prompt_len: int, steps: int, compiled: bool) -> dict:
+    vocab = model.config.vocab_size
+    ids = torch.tensor(random_prompts(batch, prompt_len, vocab, seed=batch), device=model.device)
+    mask = torch.ones_like(ids)
+    extra = {"cache_implementation": "static"} if compiled else {}
+
+    def run(new_tokens: int) -> float:
+        sync(model.device)
+        t0 = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, pad_token_id=0, **extra)
+        sync(model.device)
+        return time.perf_counter() - t0
+    run(1 + steps)  # warm-up (and, compiled, the compilation for this batch size)
+    if compiled:
+        run(1 + steps)
+    seconds = run(1 + steps) - run(1)
+    return {"seconds": seconds, "tok_s": batch * steps / seconds, "tpot_ms": 1e3 * seconds / steps}
+
+
+# ---- chart ------------------------------------------------------------------------------------------
+
+def write_chart(path: Path, rows: list[dict], roofline: dict[str, dict[int, float]], title: str) -> str | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as exc:  # the chart is optional; the table is the result
+        return f"no chart: matplotlib unavailable ({type(exc).__name__})"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for impl in dict.fromkeys(r["impl"] for r in rows if r.get("tok_s")):
+        pts = sorted((r["batch"], r["tok_s"]) for r in rows if r["impl"] == impl and r.get("tok_s"))
+        ax.plot(*zip(*pts), marker="o", label=impl)
+    for quant, curve in roofline.items():
+        pts = sorted(curve.items())
+        ax.plot(*zip(*pts), linestyle="--", color="gray", label=f"roofline ({quant})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch (sequences decoding)")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+# ---- main -------------------------------------------------------------------------------------------
+
+COLUMNS = [("impl", "impl", ""), ("batch", "batch", "d"), ("tok_s", "tokens/s", ".1f"), ("tpot_ms", "ms / step", ".2f"),
+           ("roofline_tok_s", "roofline tok/s", ".1f"), ("of_roofline", "of roofline", ".1%"),
+           ("vs_hf_eager", "vs HF eager", ".2f"), ("vs_hf_compile", "vs HF compile", ".2f"), ("note", "note", "")]
+OFFLINE_COLUMNS = [("impl", "impl", ""), ("requests", "requests", "d"), ("seconds", "s", ".1f"),
+                   ("req_s", "req/s", ".2f"), ("out_tok_s", "output tok/s", ".0f"), ("total_tok_s", "total tok/s", ".0f"),
+                   ("ttft_ms_median", "TTFT p50 ms", ".0f"), ("ttft_ms_p90", "TTFT p90 ms", ".0f"),
+                   ("tpot_ms_median", "TPOT p50 ms", ".1f"), ("tpot_ms_p90", "TPOT p90 ms", ".1f")]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=None, help="JSON path (default $OUT/bench/e2e.json)")
+    p.add_argument("--mode", choices=("short", "full"), default="short")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
+    p.add_argument("--hf-batches", type=int, nargs="+", default=[1, 32], help="batches the HF peers run")
+    p.add_argument("--quant", nargs="+", default=None, choices=("bf16", "int4", "fp8"),
+                   help="fastinfer weight formats (default: bf16 in short mode, all in full mode)")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--requests", type=int, default=None)
+    p.add_argument("--no-hf", action="store_true", help="skip the HF peers")
+    p.add_argument("--tiny", action="store_true", help="2-layer small model: a smoke test, also on CPU")
+    p.add_argument("--device", default="cuda")
+    args = p.parse_args(argv)
+    full = args.mode == "full"
+    args.steps = args.steps or (64 if full else 16)
+    args.requests = args.requests if args.requests is not None else (1000 if full else 200)
+    args.quant = args.quant or (["bf16", "int4", "fp8"] if full else ["bf16"])
+    args.hf_compile = full
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        common.require_cuda_build()
+    elif not args.tiny:
+        common.cannot_run("the Llama-3-8B shape needs a GPU (--tiny runs on the CPU)")
+    from fastinfer.generate import get_loaded
+    from fastinfer.llm import LLM
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        common.cannot_run("transformers is not installed (the model is built as an HF object)")
+
+    shape = TINY if args.tiny else LLAMA3_8B
+    dtype = torch.bfloat16
+    copy = common.copy_bandwidth_gbps(flush=common.L2Flusher()) if device.type == "cuda" else None
+    bw = copy["gbps"] * 1e9 if copy else None
+    if copy:
+        print(f"device-to-device copy: {copy['gbps']:.0f} GB/s")
+    t_build = time.perf_counter()
+    hf = make_hf_model(shape, device, dtype)
+    loaded = {q: get_loaded(hf, dtype=dtype, device=device, quantization=None if q == "bf16" else q, cache=False)
+              for q in args.quant}
+    print(f"models built in {time.perf_counter() - t_build:.1f} s: HF bf16 + fastinfer {', '.join(args.quant)}")
+
+    rows, errors, notes = [], [], []
+    warm = 3
+
+    def record(impl, batch, result=None, error=None):
+        row = {"impl": impl, "batch": batch, **(result or {})}
+        if error is not None:
+            row["note"] = f"error: {error}"[:120]
+            errors.append(f"{impl} batch {batch}: {error}")
+            print("ERROR", errors[-1])
+        else:
+            print(f"{impl:28s} batch {batch:4d}: {row['tok_s']:9.1f} tok/s  {row['tpot_ms']:7.2f} ms/step")
+        rows.append(row)
+
+    # HF peers first: they need the HF object, which is freed before fastinfer sizes its KV pools.
+    if not args.no_hf:
+        peers = [("HF eager", False)] + ([("HF static+compile", True)] if args.hf_compile else [])
+        for impl, compiled in peers:
+            for b in args.hf_batches:
+                try:
+                    record(impl, b, hf_decode(hf, b, args.prompt_len, args.steps, compiled))
+                except Exception as exc:
+                    record(impl, b, error=f"{type(exc).__name__}: {exc}")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    else:
+        notes.append("HF peers skipped (--no-hf)")
+    del hf
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    roofline: dict[str, dict[int, float]] = {}
+    offline = []
+    max_batch = max(args.batches)
+    for q in args.quant:
+        model = loaded[q].model
+        weights = read_bytes(model)
+        cfg = model.config
+        kv_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize
+        context = args.prompt_len + warm + args.steps // 2  # mean context over the timed steps
+        if bw:
+            roofline[q] = {b: b * bw / (weights + b * context * kv_token) for b in args.batches}
+        notes.append(f"fastinfer {q}: {weights / 1e9:.2f} GB of weights read per decode step")
+        for eager in (False, True):
+            impl = f"fastinfer {q}" + (" eager" if eager else "")
+            max_len = args.prompt_len + args.steps + warm + 8
+            if eager and q != "bf16":
+                continue  # the eager baseline once, for bf16
+            try:
+                blocks = max_batch * -(-max_len // 16) + 64
+                llm = LLM(loaded[q], num_blocks=blocks, max_num_seqs=max_batch, max_model_len=max_len,
+                          max_num_batched_tokens=max(8192, args.prompt_len), enforce_eager=eager,
+                          cuda_graph_sizes=sorted(set(args.batches)))
+            except Exception as exc:
+                record(impl, max_batch, error=f"LLM: {type(exc).__name__}: {exc}")
+                continue
+            for b in args.batches:
+                try:
+                    r = fastinfer_decode(llm, b, args.prompt_len, args.steps, warm)
+                    if bw:
+                        r["roofline_tok_s"] = roofline[q][b]
+                        r["of_roofline"] = r["tok_s"] / roofline[q][b]
+                    if not eager and device.type == "cuda" and r["graph_steps"] != args.steps:
+                        r["note"] = f"only {r['graph_steps']} of {args.steps} steps replayed a graph"
+                    record(impl, b, r)
+                except Exception as exc:
+                    record(impl, b, error=f"{type(exc).__name__}: {exc}")
+            del llm
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if args.requests and q == "bf16":
+            try:
+                free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 2 << 30
+                blocks = int(0.6 * free) // (16 * kv_token)
+                llm = LLM(loaded[q], num_blocks=blocks, max_num_seqs=256, max_model_len=2048)
+                r = offline_throughput(llm, args.requests)
+                offline.append({"impl": f"fastinfer {q}", **r})
+                print(f"offline: {r['requests']} requests in {r['seconds']:.1f} s, {r['out_tok_s']:.0f} output tok/s")
+                del llm
+            except Exception as exc:
+                errors.append(f"offline {q}: {type(exc).__name__}: {exc}")
+                print("ERROR", errors[-1])
+        del model
+        loaded[q] = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    hf_rates = {(r["impl"], r["batch"]): r.get("tok_s") for r in rows}
+    for r in rows:
+        if r["impl"].startswith("fastinfer") and r.get("tok_s"):
+            for key, peer in (("vs_hf_eager", "HF eager"), ("vs_hf_compile", "HF static+compile")):
+                if hf_rates.get((peer, r["batch"])):
+                    r[key] = r["tok_s"] / hf_rates[(peer, r["batch"])]
+
+    title = (f"{'tiny 2-layer' if args.tiny else 'Llama-3-8B-shaped'} decode, prompt {args.prompt_len}, "
+             f"{args.steps} timed steps ({args.mode} mode)")
+    print(common.markdown_table(COLUMNS, rows))
+    if offline:
+        print(common.markdown_table(OFFLINE_COLUMNS, offline))
+    out = Path(args.out) if args.out else common.default_out("e2e")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    chart = out.with_suffix(".png")
+    problem = write_chart(chart, rows, roofline, title)
+    notes.append(problem or f"chart: {chart.name}")
+    if copy:
+        notes.insert(0, f"device-to-device copy {copy['gbps']:.0f} GB/s (read + write), the roofline's bandwidth")
+    notes += [f"offline: {o['impl']}: {o['requests']} requests, {o['seconds']:.1f} s, {o['req_s']:.2f} req/s, "
+              f"{o['out_tok_s']:.0f} output tok/s, {o['total_tok_s']:.0f} total tok/s, TTFT p50 {o['ttft_ms_median']:.0f} "
+              f"ms / p90 {o['ttft_ms_p90']:.0f} ms, TPOT p50 {o['tpot_ms_median']:.1f} ms / p90 {o['tpot_ms_p90']:.1f} ms"
+              for o in offline]
+    notes += [f"ERROR {e}" for e in errors]
+    extra = {"copy": copy, "errors": errors, "offline": offline, "offline_columns": [list(c) for c in OFFLINE_COLUMNS],
+             "mode": args.mode, "chart": chart.name if problem is None else None}
+    if device.type == "cuda":
+        common.write_fragment(out, name="e2e", title=title, columns=COLUMNS, rows=rows, notes=notes, extra=extra)
+    else:
+        import json
+        out.write_text(json.dumps({"name": "e2e", "title": title, "device": {"name": "cpu"}, "notes": notes,
+                                   "columns": [list(c) for c in COLUMNS], "rows": rows, **extra}, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

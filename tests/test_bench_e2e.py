@@ -1,0 +1,31 @@
+"""bench/bench_e2e.py's code path on a tiny model on the CPU: decode timing through the engine,
+the HF peer, offline throughput, the fragment and the chart (figures are not judged here)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import bench_e2e  # noqa: E402
+
+
+def test_bench_e2e_tiny_cpu(tmp_path):
+    out = tmp_path / "e2e.json"
+    rc = bench_e2e.main(["--tiny", "--device", "cpu", "--out", str(out), "--batches", "1", "3",
+                         "--hf-batches", "3", "--steps", "2", "--requests", "3", "--prompt-len", "9"])
+    assert rc == 0
+    frag = json.loads(out.read_text())
+    assert frag["errors"] == []
+    rates = {(r["impl"], r["batch"]): r for r in frag["rows"]}
+    assert set(rates) == {("HF eager", 3), ("fastinfer bf16", 1), ("fastinfer bf16", 3),
+                          ("fastinfer bf16 eager", 1), ("fastinfer bf16 eager", 3)}
+    assert all(r["tok_s"] > 0 for r in frag["rows"])
+    assert rates[("fastinfer bf16", 3)]["vs_hf_eager"] > 0
+    offline = frag["offline"][0]
+    assert offline["requests"] == 3 and offline["output_tokens"] > 0 and offline["tpot_ms_median"] > 0
+    if frag["chart"] is not None:
+        assert (tmp_path / frag["chart"]).stat().st_size > 1000
