@@ -156,12 +156,11 @@ class BlockManager:
         """Record the hashes of seq's newly completed blocks, so later prompts can reuse them."""
         if not self.enable_prefix_caching:
             return
-        full = seq.num_computed_tokens // self.block_size
-        tokens, bs = seq.all_token_ids, self.block_size
+        full, bs = seq.num_computed_tokens // self.block_size, self.block_size
         while seq.num_hashed_blocks < full:
             i = seq.num_hashed_blocks
             prev = seq.block_hashes[i - 1] if i else None
-            h = chain_hash(prev, tokens[i * bs:(i + 1) * bs])
+            h = chain_hash(prev, seq.token_slice(i * bs, (i + 1) * bs))
             block = seq.block_table[i]
             if h not in self.hash_to_block and self.block_hash[block] is None:
                 self.hash_to_block[h] = block

@@ -144,11 +144,11 @@ class Engine:
         for i, s in enumerate(batch):
             seq, start = s.seq, s.seq.num_computed_tokens
             if i in proposals:
-                chunks.append(SeqChunk(seq.all_token_ids[start:] + proposals[i], start, list(seq.block_table),
+                chunks.append(SeqChunk(seq.token_slice(start, len(seq)) + proposals[i], start, list(seq.block_table),
                                        all_logits=True))
             else:
                 n = min(s.num_tokens, seq.num_uncomputed_tokens)
-                chunks.append(SeqChunk(seq.all_token_ids[start:start + n], start, list(seq.block_table),
+                chunks.append(SeqChunk(seq.token_slice(start, start + n), start, seq.block_table,
                                        need_logits=start + n == len(seq)))
         logits = self.runner.run(chunks)
         ready, ready_rows, spec, spec_rows, row = [], [], [], [], 0
@@ -238,8 +238,11 @@ class Engine:
 
     def _sample_and_append(self, rows: list[Sequence], logits: torch.Tensor) -> None:
         suppress = [sorted(self._stop_ids(s)) if len(s.output_token_ids) < s.params.min_tokens else [] for s in rows]
-        tokens = sample(logits, [s.params for s in rows], [list(s.extra_seen_ids) + s.all_token_ids for s in rows],
-                        [s.output_token_ids for s in rows], suppress, [s.generator for s in rows]).tolist()
+        # the prompt + output lists only when a repetition penalty reads them (O(length) per row)
+        penalised = any(s.params.repetition_penalty != 1.0 for s in rows)
+        seen = [list(s.extra_seen_ids) + s.all_token_ids if penalised else [] for s in rows]
+        tokens = sample(logits, [s.params for s in rows], seen, [s.output_token_ids for s in rows], suppress,
+                        [s.generator for s in rows]).tolist()
         want_logprobs = [i for i, s in enumerate(rows) if s.logprobs is not None]
         logprobs = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
         for j, i in enumerate(want_logprobs):
@@ -260,15 +263,16 @@ class Engine:
 
     def _check_stop(self, seq: Sequence, tok: int) -> None:
         p = seq.params
+        searched = len(seq.text)
         if self.tokenizer is not None:
-            seq.text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=p.skip_special_tokens)
+            detokenize(self.tokenizer, seq)
         if len(seq.output_token_ids) > p.min_tokens - 1:
             if not p.ignore_eos and tok in self.eos_ids:
                 return self._finish(seq, "stop", None)
             if tok in (p.stop_token_ids or ()):
                 return self._finish(seq, "stop", tok)
             for stop in p.stop or ():
-                at = seq.text.find(stop)
+                at = seq.text.find(stop, max(0, searched - len(stop) + 1))  # only text that can hold a new match
                 if at >= 0:
                     seq.text = seq.text[:at]
                     return self._finish(seq, "stop", stop)
@@ -286,6 +290,19 @@ class Engine:
                                                          or req.seqs[0].finish_reason == "abort")
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, done,
                              req.seqs[0].num_prefix_hit_tokens)
+
+
+def detokenize(tokenizer, seq: Sequence) -> None:
+    """Append the text of seq's new output tokens to seq.text, decoding a window that starts a few
+    tokens back (prefix_offset): the text a token adds depends on its neighbours (byte-level BPE
+    pieces of one character, SentencePiece's leading space), and a window ending in an incomplete
+    UTF-8 character (U+FFFD) waits for the next token. O(window) per token, not O(length)."""
+    ids, skip = seq.output_token_ids, seq.params.skip_special_tokens
+    prefix = tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip)
+    full = tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=skip)
+    if len(full) > len(prefix) and not full.endswith("\ufffd"):
+        seq.text += full[len(prefix):]
+        seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
 
 
 def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:

@@ -40,6 +40,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.text = ""                          # detokenized output (engine with a tokenizer)
+        self.prefix_offset = self.read_offset = 0  # incremental detokenization window (Detokenizer)
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.num_prefix_hit_tokens = 0
         self.forked = False                     # True once an n > 1 request has split into n sequences
@@ -47,6 +48,13 @@ class Sequence:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        """all_token_ids[start:stop] without building the whole list (a decode step needs one token)."""
+        p = len(self.prompt_token_ids)
+        if start >= p:
+            return self.output_token_ids[start - p:stop - p]
+        return self.prompt_token_ids[start:stop] + self.output_token_ids[:max(0, stop - p)]
 
     def __len__(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
