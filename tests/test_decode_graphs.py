@@ -98,14 +98,16 @@ def test_cuda_graph_decode_matches_eager(dtype):
     loaded = get_loaded(hf, dtype=dtype, device="cuda")
     prompts = make_prompts(11, seed=9, lo=3, hi=90)
     params = SamplingParams(max_tokens=40, **GREEDY)
-    eager = LLM(loaded, num_blocks=128, max_num_seqs=16, enforce_eager=True)
-    graphed = LLM(loaded, num_blocks=128, max_num_seqs=16)
-    graphs = graphed.engine.runner.graphs
-    assert graphs is not None and graphs.capture and sorted(graphs.graphs) == [1, 2, 4, 8, 16]
-    want = [o.outputs[0].token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
-    got = [o.outputs[0].token_ids for o in graphed.generate(prompts, params, use_tqdm=False)]
-    assert graphs.num_steps > 20
-    assert got == want
+    want, _ = run_engine(loaded, prompts, [params] * 11, num_blocks=128, max_num_seqs=16)  # eager, unpipelined
+    for eager in (True, False):
+        llm = LLM(loaded, num_blocks=128, max_num_seqs=16, enforce_eager=eager)
+        graphs, engine = llm.engine.runner.graphs, llm.engine
+        assert engine.config.pipelined_decode
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert got == [o.token_ids for o in want], f"enforce_eager={eager}"
+        assert engine.num_pipelined_steps > 20
+        if not eager:
+            assert graphs.capture and sorted(graphs.graphs) == [1, 2, 4, 8, 16] and graphs.num_steps > 20
 
 
 @pytest.mark.cuda
@@ -125,3 +127,59 @@ def test_cuda_graph_logits_match_eager_step():
     assert runner.graphs.num_steps == 1
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+# ---- pipelined decode (step n + 1 launched before step n is read back) --------------------------
+
+def run_engine(loaded, prompts, params, **config):
+    engine = Engine(loaded, EngineConfig(**{"num_blocks": 64, "max_num_seqs": 8, **config}))
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        engine.add_request(str(i), p, sp)
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = engine.pop_finished(out.request_id).outputs[0]
+        engine.blocks.check_invariants()
+    assert engine.blocks.num_in_use == 0
+    return [done[str(i)] for i in range(len(prompts))], engine
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_pipelined_decode_matches_plain(loaded, graphs):
+    """Greedy and seeded sampling, stop tokens, min_tokens and max_tokens of every length: the same
+    tokens and finish reasons as the unpipelined engine; most decode steps were launched ahead."""
+    prompts = make_prompts(10, seed=21, lo=2, hi=30)
+    plain_greedy, _ = run_engine(loaded, prompts, [SamplingParams(max_tokens=30, **GREEDY)] * 10)
+    stops = [out.token_ids[4 + i] for i, out in enumerate(plain_greedy)]  # a token each greedy run emits
+    params = [SamplingParams(max_tokens=5 + 3 * i, temperature=0.0 if i % 2 else 0.9, seed=i,
+                             stop_token_ids=[stops[i]] if i % 3 else None, min_tokens=2 if i == 4 else 0)
+              for i in range(10)]
+    want, _ = run_engine(loaded, prompts, params)
+    got, engine = run_engine(loaded, prompts, params, pipelined_decode=True, decode_graphs=graphs,
+                             graph_sizes=[2, 8] if graphs else None)
+    assert [(o.token_ids, o.finish_reason) for o in got] == [(o.token_ids, o.finish_reason) for o in want]
+    assert any(o.finish_reason == "stop" for o in got)
+    assert engine.num_pipelined_steps > 20
+
+
+def test_pipelined_decode_with_arrivals_preemption_and_abort(loaded):
+    prompts = make_prompts(24, seed=0)
+    lengths = [5 + i % 13 for i in range(24)]
+    alone = [run_alone(loaded, p, n) for p, n in zip(prompts, lengths)]
+    engine = Engine(loaded, EngineConfig(num_blocks=12, max_num_seqs=8, max_num_batched_tokens=64,
+                                         pipelined_decode=True))
+    done = drain(engine, [(str(i), p, n) for i, (p, n) in enumerate(zip(prompts, lengths))], arrivals_per_step=3)
+    assert [done[str(i)] for i in range(24)] == alone
+    assert engine.num_pipelined_steps > 0
+    # abort while a step is in flight: nothing of the aborted request is lost or leaked
+    engine.add_request("a", prompts[0], SamplingParams(max_tokens=40, **GREEDY))
+    engine.add_request("b", prompts[1], SamplingParams(max_tokens=40, **GREEDY))
+    while engine._inflight is None:
+        engine.step()
+    engine.abort("a")
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.pop_finished("a").outputs[0].finish_reason == "abort"
+    assert engine.pop_finished("b").outputs[0].token_ids == run_alone(loaded, prompts[1], 40)
+    assert engine.blocks.num_in_use == 0

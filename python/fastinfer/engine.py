@@ -30,6 +30,16 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"          # "auto" (the model's dtype) or "fp8" (e4m3, per-layer scales)
     decode_graphs: bool = False           # decode steps from static buffers: CUDA graphs on a GPU (runner.py)
     graph_sizes: list[int] | None = None  # their batch-size buckets; default runner.default_graph_sizes
+    pipelined_decode: bool = False        # launch decode step n+1 before step n's tokens reach the host
+
+
+@dataclass
+class _InFlight:
+    """A decode step launched but not yet read back: its sequences (in row order) and their tokens."""
+    seqs: list[Sequence]
+    tokens: torch.Tensor       # int64 [B] on the device: the sampled tokens (the next step's input)
+    host: torch.Tensor         # their copy on the host (pinned on a GPU), valid once `ready` is reached
+    ready: torch.cuda.Event | None
 
 
 @dataclass
@@ -73,6 +83,8 @@ class Engine:
         self.requests: dict[str, _Request] = {}
         self._arrivals = itertools.count()
         self.num_prompt_tokens = self.num_output_tokens = 0
+        self._inflight: _InFlight | None = None
+        self.num_pipelined_steps = 0  # decode steps launched before the previous one was read back
 
     # ---- requests ----------------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -126,6 +138,8 @@ class Engine:
                 self.scheduler.finish(seq)
 
     def has_unfinished(self) -> bool:
+        if self._inflight is not None and not self.scheduler.has_unfinished():
+            self._inflight = None  # a step launched ahead for sequences that have all finished since
         return self.scheduler.has_unfinished()
 
     def pop_finished(self, request_id: str) -> RequestOutput:
@@ -133,12 +147,25 @@ class Engine:
 
     # ---- one step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; returns the outputs of the requests it advanced."""
+        """Run one scheduled batch; returns the outputs of the requests it advanced.
+
+        Pipelined decode (EngineConfig.pipelined_decode): while every running sequence decodes and
+        nothing waits, step n + 1 is launched, fed with step n's sampled tokens on the device, before
+        step n's tokens are read back and processed (stop checks, detokenization), so that host work
+        overlaps the GPU. A sequence that stops at step n drops its token of step n + 1. Each call
+        still returns the outputs of one step."""
+        if self._inflight is not None:
+            return self._step_pipelined()
         batch = self.scheduler.schedule()
         if not batch:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler could not place any sequence: KV pool too small")
             return []
+        seqs = [s.seq for s in batch]
+        if (len(batch) == len(self.scheduler.running) and all(s.num_tokens == 1 and s.seq.num_uncomputed_tokens == 1
+                                                              for s in batch) and self._can_pipeline(seqs, 0)):
+            self._inflight = self._launch_decode(seqs, None)
+            return self._step_pipelined()
         proposals, draft_probs = self._propose(batch)
         chunks = []
         for i, s in enumerate(batch):
@@ -176,6 +203,75 @@ class Engine:
                 if self.proposer is not None and i not in proposals:
                     self.blocks.trim(s.seq)  # lookahead blocks reserved for proposals that never came
         touched = {s.seq.request_id for s in batch}
+        return [self._output(self.requests[r]) for r in touched if r in self.requests]
+
+    # ---- pipelined decode ----------------------------------------------------------------------------
+    def _can_pipeline(self, seqs: list[Sequence], pending: int) -> bool:
+        """Whether a decode step of seqs may be launched (and sampled) on the device while each
+        still has `pending` sampled tokens the host has not seen: the step's inputs and sampling
+        must not depend on their values, and none may be certain to stop before it."""
+        if not self.config.pipelined_decode or self.proposer is not None or self.scheduler.waiting:
+            return False
+        if len(seqs) != len(self.scheduler.running) or any(a is not b for a, b in zip(seqs, self.scheduler.running)):
+            return False
+        for s in seqs:
+            p, out = s.params, len(s.output_token_ids) + pending
+            if (s.is_finished or p.logprobs is not None or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+                    or p.frequency_penalty != 0.0 or (p.n > 1 and not s.forked) or out < p.min_tokens
+                    or (pending and (out >= p.max_tokens or len(s) + pending >= self.max_model_len))):
+                return False
+        if pending:
+            need = sum(self.blocks.blocks_needed(s, 1) for s in seqs)
+            return need <= self.blocks.num_available
+        return True
+
+    def _launch_decode(self, seqs: list[Sequence], prev: _InFlight | None) -> _InFlight:
+        """Run a decode step of seqs and sample it on the device; with prev, each sequence feeds its
+        token of prev (still on the device) at the position after its known tokens."""
+        chunks = []
+        for seq in seqs:
+            if prev is not None:
+                self.blocks.grow(seq, 1)
+            start = seq.num_computed_tokens
+            token = [0] if prev is not None else seq.token_slice(start, start + 1)
+            chunks.append(SeqChunk(token, start, seq.block_table))
+        input_ids = None
+        if prev is not None:  # prev's rows of these sequences (some of prev's may have stopped)
+            input_ids = prev.tokens
+            if len(seqs) != len(prev.seqs):
+                row = {id(s): i for i, s in enumerate(prev.seqs)}
+                input_ids = prev.tokens[torch.tensor([row[id(s)] for s in seqs], device=prev.tokens.device)]
+        logits = self.runner.run(chunks, input_ids=input_ids)
+        tokens = sample(logits, [s.params for s in seqs], [[] for _ in seqs], [s.output_token_ids for s in seqs],
+                        None, [s.generator for s in seqs])
+        for seq in seqs:
+            seq.num_computed_tokens += 1
+        if tokens.device.type == "cuda":
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host, ready = tokens, None
+        if prev is not None:
+            self.num_pipelined_steps += 1
+        return _InFlight(seqs, tokens, host, ready)
+
+    def _step_pipelined(self) -> list[RequestOutput]:
+        cur = self._inflight
+        live = [s for s in cur.seqs if not s.is_finished]
+        self._inflight = self._launch_decode(live, cur) if live and self._can_pipeline(live, 1) else None
+        if cur.ready is not None:
+            cur.ready.synchronize()
+        for seq, tok in zip(cur.seqs, cur.host.tolist()):
+            if seq.is_finished:
+                continue  # stopped (or aborted) after this step was launched
+            seq.output_token_ids.append(tok)
+            self.num_output_tokens += 1
+            self._check_stop(seq, tok)
+            if not seq.is_finished:
+                self.blocks.register_full_blocks(seq)
+        touched = {s.request_id for s in cur.seqs}
         return [self._output(self.requests[r]) for r in touched if r in self.requests]
 
     def _propose(self, batch: list[ScheduledSeq]) -> tuple[dict[int, list[int]], torch.Tensor | None]:

@@ -40,7 +40,9 @@ class LLM:
         fastinfer.load_model. kv_cache_dtype "fp8": an e4m3 KV cache (half the bytes of bf16) with
         per-layer scales. speculative: see README. On a GPU, decode steps of up to
         max(cuda_graph_sizes) sequences (default: buckets up to max_num_seqs) replay CUDA graphs
-        captured here; enforce_eager=True runs every step eagerly."""
+        captured here; enforce_eager=True runs every step eagerly. On a GPU, decode steps are
+        also pipelined (the next launched before the host reads the last one's tokens, see
+        Engine.step)."""
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if num_blocks is not None and num_blocks < 1:
@@ -58,7 +60,8 @@ class LLM:
         self.engine = Engine(self.loaded, EngineConfig(num_blocks, block_size, max_model_len, max_num_seqs,
                                                        max_num_batched_tokens, enable_prefix_caching, speculative,
                                                        kv_cache_dtype, decode_graphs=self._use_graphs(enforce_eager),
-                                                       graph_sizes=cuda_graph_sizes))
+                                                       graph_sizes=cuda_graph_sizes,
+                                                       pipelined_decode=m.device.type == "cuda"))
         self._ids = itertools.count()
 
     def _use_graphs(self, enforce_eager: bool) -> bool:

@@ -50,13 +50,20 @@ class ModelRunner:
             raise ValueError("CUDA graphs need the model on a CUDA device")
         self.graphs = DecodeGraphs(self, sizes, max_model_len, capture)
 
-    def run(self, chunks: list[SeqChunk]) -> torch.Tensor:
+    def run(self, chunks: list[SeqChunk], input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 logits [number of chunks with need_logits, vocab], in chunk order. From a graph
-        replay the result is a view of a static buffer, valid until the next run."""
+        replay the result is a view of a static buffer, valid until the next run.
+        input_ids (decode steps only): int64 [len(chunks)] on the device, the tokens to feed in
+        place of the chunks' token_ids, e.g. those the previous step sampled and the host has not
+        seen yet (the engine's pipelined decode)."""
+        if input_ids is not None and (len(input_ids) != len(chunks) or any(len(c.token_ids) != 1 for c in chunks)):
+            raise ValueError("input_ids replaces the tokens of a decode step: one per single-token chunk")
         if self.graphs is not None and self.graphs.accepts(chunks):
-            return self.graphs.run(chunks)
+            return self.graphs.run(chunks, input_ids)
         meta = AttnMetadata.build(chunks, self.block_size, self.num_blocks,
                                   self.model.config.max_position_embeddings, self.device)
+        if input_ids is not None:
+            meta.input_ids = input_ids
         return self.model.forward(meta, self.kv_caches)
 
     def copy_block(self, src: int, dst: int) -> None:
@@ -123,7 +130,7 @@ class DecodeGraphs:
         self.np_lens[first:] = 1
         self.np_tables[first:] = 0
 
-    def run(self, chunks: list[SeqChunk]) -> torch.Tensor:
+    def run(self, chunks: list[SeqChunk], input_ids: torch.Tensor | None = None) -> torch.Tensor:
         n, bs, nb = len(chunks), self.runner.block_size, self.runner.num_blocks
         if self.copied is not None:
             self.copied.synchronize()  # the previous step's copies have left the staging buffers
@@ -148,6 +155,8 @@ class DecodeGraphs:
         w, m = self.width, self.max_batch
         self.dev32[:b].copy_(self.host32[:b], non_blocking=True)
         self.dev32[m:m + b * w].copy_(self.host32[m:m + b * w], non_blocking=True)
+        if input_ids is not None:
+            self.dev64[0, :n].copy_(input_ids, non_blocking=True)  # after the staging copy, in stream order
         if self.copied is not None:
             self.copied.record()
         self.num_steps += 1
