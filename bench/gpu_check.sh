@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a GPU visit is for, in one command that ends well inside 8 minutes:
 #   environment -> build + install (ptxas -v report) -> spill check -> `python -m fastinfer env`
-#   -> pytest -m cuda -> every bench/bench_*.py -> report.json + report.md (the table is printed last).
+#   -> pytest -m cuda -> C++ microbenchmarks (bench/bench_*.cu) -> every bench/bench_*.py
+#   -> report.json + report.md (the table is printed last).
 #
 #   OUT=/some/dir COMMIT=<sha> bash bench/gpu_check.sh
 #
@@ -89,7 +90,8 @@ if [[ -d "$BUILD_DIR" ]]; then find "$BUILD_DIR" -name '*.cu.o' -delete; fi
 pip_install() {
   FASTINFER_CUDA=ON PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 timeout -k 10 "$(limit 300)" \
     "$PY" -m pip install --no-build-isolation --no-deps -v . \
-    -Ccmake.define.FASTINFER_PTXAS_VERBOSE=ON -Cbuild-dir="$BUILD_DIR" "$@"
+    -Ccmake.define.FASTINFER_PTXAS_VERBOSE=ON -Ccmake.define.FASTINFER_BUILD_BENCH=OFF \
+    -Cbuild-dir="$BUILD_DIR" "$@"
 }
 t0=$SECONDS
 build_rc=0
@@ -157,6 +159,46 @@ if ((build_rc == 0)); then
 else
   record pytest skip 0 "build failed"
 fi
+
+# ---- C++ microbenchmarks: bench_*.cu, kernel objects + cudart, no torch ---------------------------
+# The package above is built without them (a bench compile error must not cost the tests); here the
+# same build dir is reconfigured with FASTINFER_BUILD_BENCH=ON, so only bench/*.cu are compiled.
+section "C++ microbenchmarks (log: $OUT/bench_build.log)"
+cpp_build_rc=skip
+if ((build_rc != 0)); then
+  record build:bench skip 0 "build failed"
+elif ((BUDGET - (SECONDS - START) < 60)); then
+  echo "skipped: the time budget (${BUDGET}s) is spent"
+  record build:bench skip 0 "no time left"
+else
+  t0=$SECONDS
+  cpp_build_rc=0
+  { timeout -k 10 "$(limit 60)" cmake -S . -B "$BUILD_DIR" -DFASTINFER_BUILD_BENCH=ON &&
+    timeout -k 10 "$(limit 150)" cmake --build "$BUILD_DIR" --target bench_prefill bench_decode; } \
+    > "$OUT/bench_build.log" 2>&1 || cpp_build_rc=$?
+  record build:bench "$cpp_build_rc" $((SECONDS - t0))
+  if ((cpp_build_rc != 0)); then
+    echo "C++ benchmark build failed (exit $cpp_build_rc); end of the log:"
+    tail -n 30 "$OUT/bench_build.log"
+  fi
+fi
+for name in prefill decode; do
+  step="bench:${name}_cpp"
+  if [[ "$cpp_build_rc" != 0 ]]; then
+    record "$step" skip 0 "C++ benchmarks not built"
+    continue
+  fi
+  if ((BUDGET - (SECONDS - START) < 45)); then
+    record "$step" skip 0 "no time left"
+    continue
+  fi
+  section "benchmark ${name}_cpp"
+  t0=$SECONDS
+  bench_rc=0
+  timeout -s INT -k 10 "$(limit 60)" "$BUILD_DIR/bench_$name" --json "$OUT/bench/${name}_cpp.json" 2>&1 \
+    | tee "$OUT/bench/${name}_cpp.log" || bench_rc=$?
+  record "$step" "$bench_rc" $((SECONDS - t0))
+done
 
 # ---- benchmarks ----------------------------------------------------------------------------------
 for script in bench/bench_*.py; do
