@@ -10,6 +10,9 @@
 #         bench/results/tmp-<date>, and the report is also copied to bench/results/<date>-<card>.{json,md}.
 # COMMIT  the commit this tree is, used when the tree is not a git checkout (a copied working tree).
 # GPU_CHECK_BUDGET_S  seconds all steps may take together (default 420); GPU_CHECK_CLEAN=1: fresh build dir.
+# GPU_CHECK_TESTS=0   skip pytest (a second visit that only benchmarks).
+# GPU_CHECK_BENCH     the benchmarks to run, in order, e.g. "attention e2e" (names: bench_<name>.py and
+#                     prefill_cpp / decode_cpp); default all, by priority: $BENCH_ORDER then the rest.
 #
 # Exit status: nonzero when the build, the spill check, the env check (CUDA kernels built, a GPU
 # visible, the installed package imported) or the tests failed. Benchmarks are reported, not judged.
@@ -28,6 +31,17 @@ OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-$(command -v python || command -v python3)}
 BUILD_DIR=build/gpu_check
 BUDGET=${GPU_CHECK_BUDGET_S:-420}
+BENCH_ORDER="layers prefill_cpp decode_cpp attention int4 fp8 fp8_kv spec_verify e2e"
+if [[ -n "${GPU_CHECK_BENCH:-}" ]]; then
+  SELECTED=" $GPU_CHECK_BENCH "
+else
+  SELECTED=" $BENCH_ORDER "
+  for script in bench/bench_*.py; do
+    n=$(basename "$script" .py); n=${n#bench_}
+    [[ "$SELECTED" == *" $n "* ]] || SELECTED="$SELECTED$n "
+  done
+fi
+selected() { [[ "$SELECTED" == *" $1 "* ]]; }
 START=$SECONDS
 : > "$OUT/steps.tsv"
 
@@ -149,7 +163,9 @@ fi
 
 # ---- tests ---------------------------------------------------------------------------------------
 section "pytest -m cuda"
-if ((build_rc == 0)); then
+if [[ "${GPU_CHECK_TESTS:-1}" == 0 ]]; then
+  record pytest skip 0 "GPU_CHECK_TESTS=0"
+elif ((build_rc == 0)); then
   t0=$SECONDS
   test_rc=0
   # SIGINT on timeout: pytest stops like on Ctrl-C and still writes the junit xml of what ran.
@@ -165,7 +181,9 @@ fi
 # same build dir is reconfigured with FASTINFER_BUILD_BENCH=ON, so only bench/*.cu are compiled.
 section "C++ microbenchmarks (log: $OUT/bench_build.log)"
 cpp_build_rc=skip
-if ((build_rc != 0)); then
+if ! selected prefill_cpp && ! selected decode_cpp; then
+  record build:bench skip 0 "not selected"
+elif ((build_rc != 0)); then
   record build:bench skip 0 "build failed"
 elif ((BUDGET - (SECONDS - START) < 60)); then
   echo "skipped: the time budget (${BUDGET}s) is spent"
@@ -184,6 +202,7 @@ else
 fi
 for name in prefill decode; do
   step="bench:${name}_cpp"
+  selected "${name}_cpp" || continue
   if [[ "$cpp_build_rc" != 0 ]]; then
     record "$step" skip 0 "C++ benchmarks not built"
     continue
@@ -201,10 +220,9 @@ for name in prefill decode; do
 done
 
 # ---- benchmarks ----------------------------------------------------------------------------------
-for script in bench/bench_*.py; do
+for name in $SELECTED; do
+  script=bench/bench_$name.py
   [[ -e "$script" ]] || continue
-  name=$(basename "$script" .py)
-  name=${name#bench_}
   section "benchmark $name"
   if ((build_rc != 0)); then
     record "bench:$name" skip 0 "build failed"
