@@ -143,12 +143,12 @@ class DecodeGraphs:
                 raise ValueError(f"sequence {i} needs {p + 1} slots but its block table holds {len(table)} "
                                  f"blocks of {bs}")
             used = table[:p // bs + 1]
-            if any(not 0 <= blk < nb for blk in used):
-                raise ValueError(f"sequence {i}'s block table has a block outside [0, {nb})")
             np64[0, i], np64[1, i], np64[2, i] = c.token_ids[0], p, table[p // bs] * bs + p % bs
             lens[i] = p + 1
             tables[i, :len(used)] = used
             tables[i, len(used):] = 0
+        if n and (tables[:n].min() < 0 or tables[:n].max() >= nb):  # one vectorised check of every used block
+            raise ValueError(f"a block table has a block outside [0, {nb})")
         b = self.bucket(n)
         self._pad(n)
         self.dev64.copy_(self.host64, non_blocking=True)  # whole (contiguous): 24 bytes a row
