@@ -1,4 +1,5 @@
-// CUDA binding of paged decode attention: tensors -> DecodeParams, plan, workspace, launch.
+// CUDA bindings of paged decode attention over a plain or an FP8 (e4m3 + kv_scale) cache:
+// tensors -> DecodeParams, plan, workspace, launch.
 // The workspace (split partials) comes from torch's caching allocator on the current stream, so the
 // op also works inside CUDA-graph capture (the graph's private pool holds it).
 #include <ATen/ops/empty.h>
@@ -10,10 +11,9 @@
 namespace fastinfer::torch_glue {
 namespace {
 
-constexpr const char* kOp = "paged_decode_attention";
-
-void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
-                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+// kOp names the op in messages; kv_scale nullptr for the plain op.
+void decode(const char* kOp, at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
+            const at::Tensor* kv_scale, const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
   // Second line of defence behind python/fastinfer/_ops.py, which checks all of this with ValueErrors.
   TORCH_CHECK(query.dim() == 3 && out.sizes() == query.sizes() && kv_cache.dim() == 5 && kv_cache.size(1) == 2,
               "fastinfer.", kOp, ": expected query/out [batch, num_heads, head_dim] and kv_cache "
@@ -21,8 +21,8 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
   for (const at::Tensor* t : {static_cast<const at::Tensor*>(&out), &kv_cache, &block_tables, &seq_lens}) {
     TORCH_CHECK(t->device() == query.device(), "fastinfer.", kOp, ": all tensors must be on ", query.device());
   }
-  TORCH_CHECK(out.scalar_type() == query.scalar_type() && kv_cache.scalar_type() == query.scalar_type(),
-              "fastinfer.", kOp, ": out, query and kv_cache must share a dtype");
+  TORCH_CHECK(out.scalar_type() == query.scalar_type(), "fastinfer.", kOp, ": out and query must share a dtype");
+  const float* kv_scale_ptr = check_kv_cache_dtype(kOp, query, kv_cache, kv_scale);
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt, "fastinfer.", kOp,
               ": block_tables and seq_lens must be int32");
   TORCH_CHECK(kv_cache.is_contiguous() && seq_lens.is_contiguous() && block_tables.dim() == 2 &&
@@ -48,6 +48,7 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
   p.out = out.data_ptr();
   p.query = query.data_ptr();
   p.kv_cache = kv_cache.data_ptr();
+  p.kv_scale = kv_scale_ptr;
   p.block_tables = block_tables.data_ptr<int32_t>();
   p.seq_lens = seq_lens.data_ptr<int32_t>();
   p.out_batch_stride = out.stride(0);
@@ -79,9 +80,21 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
                kOp);
 }
 
+void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
+                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+  decode("paged_decode_attention", out, query, kv_cache, nullptr, block_tables, seq_lens, scale);
+}
+
+void paged_decode_attention_fp8(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
+                                const at::Tensor& kv_scale, const at::Tensor& block_tables,
+                                const at::Tensor& seq_lens, double scale) {
+  decode("paged_decode_attention_fp8", out, query, kv_cache, &kv_scale, block_tables, seq_lens, scale);
+}
+
 }  // namespace
 }  // namespace fastinfer::torch_glue
 
 TORCH_LIBRARY_IMPL(fastinfer, CUDA, m) {
   m.impl("paged_decode_attention", &fastinfer::torch_glue::paged_decode_attention);
+  m.impl("paged_decode_attention_fp8", &fastinfer::torch_glue::paged_decode_attention_fp8);
 }

@@ -1,4 +1,5 @@
-// CUDA binding of paged_prefill_attention: tensors -> PrefillParams, current stream, launch.
+// CUDA bindings of paged_prefill_attention over a plain or an FP8 (e4m3 + kv_scale) cache:
+// tensors -> PrefillParams, current stream, launch.
 // _ops.py has validated shapes, dtypes, devices and indices; the checks here cover what only the
 // CUDA kernel needs (head_dim 64 / 128, 16-byte aligned rows) and turn them into clear messages.
 #include <torch/library.h>
@@ -9,17 +10,16 @@
 namespace fastinfer::torch_glue {
 namespace {
 
-constexpr const char* kOp = "paged_prefill_attention";
-
 bool is_16_byte_aligned(const at::Tensor& t) {
   const int64_t elements_per_16_bytes = 16 / t.element_size();
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % elements_per_16_bytes == 0 &&
          t.stride(1) % elements_per_16_bytes == 0;
 }
 
-void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
-                             const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
-                             const at::Tensor& block_tables, double scale) {
+// kOp names the op in messages; kv_scale nullptr for the plain op.
+void prefill(const char* kOp, at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
+             const at::Tensor* kv_scale, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
+             const at::Tensor& block_tables, double scale) {
   TORCH_CHECK(query.dim() == 3 && out.dim() == 3 && kv_cache.dim() == 5 && block_tables.dim() == 2, kOp,
               ": query/out must be [num_tokens, num_heads, head_dim], kv_cache 5-d, block_tables 2-d");
   TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1 && kv_cache.is_contiguous() && block_tables.stride(1) == 1,
@@ -27,6 +27,11 @@ void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at:
   TORCH_CHECK(cu_seqlens_q.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
                   block_tables.scalar_type() == at::kInt,
               kOp, ": cu_seqlens_q, seq_lens and block_tables must be int32");
+  for (const at::Tensor* t : {static_cast<const at::Tensor*>(&out), &kv_cache, &cu_seqlens_q, &seq_lens, &block_tables}) {
+    TORCH_CHECK(t->device() == query.device(), "fastinfer.", kOp, ": all tensors must be on ", query.device());
+  }
+  TORCH_CHECK(out.scalar_type() == query.scalar_type(), "fastinfer.", kOp, ": out and query must share a dtype");
+  const float* kv_scale_ptr = check_kv_cache_dtype(kOp, query, kv_cache, kv_scale);
   const int64_t head_dim = query.size(2);
   TORCH_CHECK(prefill_supports_head_dim(static_cast<int>(head_dim)), kOp,
               ": the CUDA kernel supports head_dim 64 and 128, got ", head_dim);
@@ -41,6 +46,7 @@ void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at:
   p.out = out.data_ptr();
   p.query = query.data_ptr();
   p.kv_cache = kv_cache.data_ptr();
+  p.kv_scale = kv_scale_ptr;
   p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
   p.seq_lens = seq_lens.data_ptr<int32_t>();
   p.block_tables = block_tables.data_ptr<int32_t>();
@@ -60,9 +66,23 @@ void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at:
   check_launch(launch_paged_prefill_attention(p, stream_of(query)), kOp);
 }
 
+void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
+                             const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
+                             const at::Tensor& block_tables, double scale) {
+  prefill("paged_prefill_attention", out, query, kv_cache, nullptr, cu_seqlens_q, seq_lens, block_tables, scale);
+}
+
+void paged_prefill_attention_fp8(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
+                                 const at::Tensor& kv_scale, const at::Tensor& cu_seqlens_q,
+                                 const at::Tensor& seq_lens, const at::Tensor& block_tables, double scale) {
+  prefill("paged_prefill_attention_fp8", out, query, kv_cache, &kv_scale, cu_seqlens_q, seq_lens, block_tables,
+          scale);
+}
+
 }  // namespace
 }  // namespace fastinfer::torch_glue
 
 TORCH_LIBRARY_IMPL(fastinfer, CUDA, m) {
   m.impl("paged_prefill_attention", &fastinfer::torch_glue::paged_prefill_attention);
+  m.impl("paged_prefill_attention_fp8", &fastinfer::torch_glue::paged_prefill_attention_fp8);
 }

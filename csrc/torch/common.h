@@ -26,4 +26,25 @@ inline void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "fastinfer.", op, " CUDA launch failed: ", cudaGetErrorString(err));
 }
 
+// The cache / scale pairing of the attention ops: kv_scale == nullptr (the plain op) needs a cache of
+// query's dtype; otherwise (the *_fp8 op) an float8_e4m3fn cache, a bf16 / fp16 query (the CUDA
+// kernels' instantiations) and kv_scale fp32 [2] = (k_scale, v_scale), contiguous, on query's device.
+// Returns kv_scale's device pointer (nullptr for the plain op), read by the kernels, never the host.
+inline const float* check_kv_cache_dtype(const char* op, const at::Tensor& query, const at::Tensor& kv_cache,
+                                         const at::Tensor* kv_scale) {
+  if (kv_scale == nullptr) {
+    TORCH_CHECK(kv_cache.scalar_type() == query.scalar_type(), "fastinfer.", op, ": kv_cache dtype ",
+                kv_cache.scalar_type(), " differs from query's ", query.scalar_type());
+    return nullptr;
+  }
+  TORCH_CHECK(kv_cache.scalar_type() == at::kFloat8_e4m3fn, "fastinfer.", op,
+              ": kv_cache must be float8_e4m3fn, got ", kv_cache.scalar_type());
+  TORCH_CHECK(query.scalar_type() == at::kBFloat16 || query.scalar_type() == at::kHalf, "fastinfer.", op,
+              ": the CUDA kernel over an FP8 kv_cache needs a bfloat16 or float16 query, got ", query.scalar_type());
+  TORCH_CHECK(kv_scale->scalar_type() == at::kFloat && kv_scale->dim() == 1 && kv_scale->numel() == 2 &&
+                  kv_scale->is_contiguous() && kv_scale->device() == query.device(),
+              "fastinfer.", op, ": kv_scale must be a contiguous float32 [2] (k_scale, v_scale) on ", query.device());
+  return kv_scale->data_ptr<float>();
+}
+
 }  // namespace fastinfer::torch_glue

@@ -1,5 +1,6 @@
-// CUDA bindings of the FP8 ops: activation quantization and the FP8 KV-cache write (every
-// architecture), and the scaled FP8 GEMM (sm_90a builds, Hopper GPUs).
+// CUDA bindings of the FP8 ops: activation quantization (every architecture) and the scaled FP8
+// GEMM (sm_90a builds, Hopper GPUs). The FP8 KV-cache write and attention bind with their plain
+// counterparts (kv_cache.cpp, attention_*.cpp).
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -7,7 +8,6 @@
 
 #include "common.h"  // csrc/torch/common.h
 #include "fastinfer/gemm/fp8.h"
-#include "fastinfer/kv/kv.h"
 
 namespace fastinfer::torch_glue {
 namespace {
@@ -37,26 +37,6 @@ void fp8_quantize_per_tensor(at::Tensor& out, at::Tensor& scale, const at::Tenso
   check_launch(launch_fp8_quantize_per_tensor(quant_params(out, scale, input, "fp8_quantize_per_tensor"), dynamic,
                                               stream_of(input)),
                "fp8_quantize_per_tensor");
-}
-
-void reshape_and_cache_fp8(const at::Tensor& key, const at::Tensor& value, at::Tensor& kv_cache,
-                           const at::Tensor& slot_mapping, const at::Tensor& kv_scale) {
-  const c10::cuda::CUDAGuard guard(key.device());
-  ReshapeAndCacheParams p{};
-  p.key = key.data_ptr();
-  p.value = value.data_ptr();
-  p.kv_cache = kv_cache.data_ptr();
-  p.slot_mapping = slot_mapping.data_ptr<int64_t>();
-  p.num_tokens = key.size(0);
-  p.num_kv_heads = static_cast<int>(key.size(1));
-  p.head_dim = static_cast<int>(key.size(2));
-  p.block_size = static_cast<int>(kv_cache.size(2));
-  p.key_token_stride = key.stride(0);
-  p.key_head_stride = key.stride(1);
-  p.value_token_stride = value.stride(0);
-  p.value_head_stride = value.stride(1);
-  p.dtype = to_dtype(key, "reshape_and_cache_fp8");
-  check_launch(launch_reshape_and_cache_fp8(p, kv_scale.data_ptr<float>(), stream_of(key)), "reshape_and_cache_fp8");
 }
 
 #ifdef FASTINFER_HAS_SM90
@@ -104,7 +84,6 @@ void fp8_scaled_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, co
 TORCH_LIBRARY_IMPL(fastinfer, CUDA, m) {
   m.impl("fp8_quantize_per_token", &fastinfer::torch_glue::fp8_quantize_per_token);
   m.impl("fp8_quantize_per_tensor", &fastinfer::torch_glue::fp8_quantize_per_tensor);
-  m.impl("reshape_and_cache_fp8", &fastinfer::torch_glue::reshape_and_cache_fp8);
 #ifdef FASTINFER_HAS_SM90
   m.impl("fp8_scaled_mm", &fastinfer::torch_glue::fp8_scaled_mm);
 #endif

@@ -1,4 +1,4 @@
-// CUDA binding of the paged KV-cache write.
+// CUDA bindings of the paged KV-cache write, into a plain cache or (quantizing) an FP8 one.
 #include <torch/library.h>
 
 #include "fastinfer/kv/kv.h"
@@ -7,14 +7,40 @@
 namespace fastinfer::torch_glue {
 namespace {
 
-void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& kv_cache,
-                       const at::Tensor& slot_mapping) {
+// kv_scale nullptr: the plain op (cache of key's dtype); else fp32 [2] and an e4m3 cache.
+void write_cache(const char* op, const at::Tensor& key, const at::Tensor& value, at::Tensor& kv_cache,
+                 const at::Tensor& slot_mapping, const at::Tensor* kv_scale) {
+  // Second line of defence behind python/fastinfer/_ops.py (reshape_and_cache), which raises
+  // ValueErrors naming the argument and checks the slot range.
+  TORCH_CHECK(key.dim() == 3 && value.sizes() == key.sizes() && kv_cache.dim() == 5 && kv_cache.size(1) == 2 &&
+                  kv_cache.size(3) == key.size(1) && kv_cache.size(4) == key.size(2),
+              "fastinfer.", op, ": expected key/value [num_tokens, num_kv_heads, head_dim] and kv_cache "
+              "[num_blocks, 2, block_size, num_kv_heads, head_dim]");
+  for (const at::Tensor* t : {&value, static_cast<const at::Tensor*>(&kv_cache), &slot_mapping}) {
+    TORCH_CHECK(t->device() == key.device(), "fastinfer.", op, ": all tensors must be on ", key.device());
+  }
+  TORCH_CHECK(value.scalar_type() == key.scalar_type() && slot_mapping.scalar_type() == at::kLong &&
+                  slot_mapping.dim() == 1 && slot_mapping.size(0) == key.size(0) && kv_cache.is_contiguous() &&
+                  (key.numel() == 0 || (key.stride(2) == 1 && value.stride(2) == 1)),
+              "fastinfer.", op, ": value must share key's dtype, slot_mapping must be int64 [num_tokens], "
+              "kv_cache contiguous, key and value contiguous in their last dimension");
+  if (kv_scale == nullptr) {
+    TORCH_CHECK(kv_cache.scalar_type() == key.scalar_type(), "fastinfer.", op, ": kv_cache dtype ",
+                kv_cache.scalar_type(), " differs from key's ", key.scalar_type());
+  } else {
+    TORCH_CHECK(kv_cache.scalar_type() == at::kFloat8_e4m3fn, "fastinfer.", op,
+                ": kv_cache must be float8_e4m3fn, got ", kv_cache.scalar_type());
+    TORCH_CHECK(kv_scale->scalar_type() == at::kFloat && kv_scale->dim() == 1 && kv_scale->numel() == 2 &&
+                    kv_scale->is_contiguous() && kv_scale->device() == key.device(),
+                "fastinfer.", op, ": kv_scale must be a contiguous float32 [2] (k_scale, v_scale) on ", key.device());
+  }
   const c10::cuda::CUDAGuard guard(key.device());
   ReshapeAndCacheParams p{};
   p.key = key.data_ptr();
   p.value = value.data_ptr();
   p.kv_cache = kv_cache.data_ptr();
   p.slot_mapping = slot_mapping.data_ptr<int64_t>();
+  p.kv_scale = kv_scale == nullptr ? nullptr : kv_scale->data_ptr<float>();
   p.num_tokens = key.size(0);
   p.num_kv_heads = static_cast<int>(key.size(1));
   p.head_dim = static_cast<int>(key.size(2));
@@ -23,8 +49,18 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
   p.key_head_stride = key.stride(1);
   p.value_token_stride = value.stride(0);
   p.value_head_stride = value.stride(1);
-  p.dtype = to_dtype(key, "reshape_and_cache");
-  check_launch(launch_reshape_and_cache(p, stream_of(key)), "reshape_and_cache");
+  p.dtype = to_dtype(key, op);
+  check_launch(launch_reshape_and_cache(p, stream_of(key)), op);
+}
+
+void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& kv_cache,
+                       const at::Tensor& slot_mapping) {
+  write_cache("reshape_and_cache", key, value, kv_cache, slot_mapping, nullptr);
+}
+
+void reshape_and_cache_fp8(const at::Tensor& key, const at::Tensor& value, at::Tensor& kv_cache,
+                           const at::Tensor& slot_mapping, const at::Tensor& kv_scale) {
+  write_cache("reshape_and_cache_fp8", key, value, kv_cache, slot_mapping, &kv_scale);
 }
 
 }  // namespace
@@ -32,4 +68,5 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
 
 TORCH_LIBRARY_IMPL(fastinfer, CUDA, m) {
   m.impl("reshape_and_cache", &fastinfer::torch_glue::reshape_and_cache);
+  m.impl("reshape_and_cache_fp8", &fastinfer::torch_glue::reshape_and_cache_fp8);
 }

@@ -133,6 +133,8 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
 
 def _check_attention_common(op: str, query, kv_cache, kv_scale, block_tables, seq_lens, batch: int) -> bool:
     fp8 = _check_kv_cache(op, kv_cache, query, kv_scale)
+    if fp8 and query.device.type == "cuda" and query.dtype not in (torch.bfloat16, torch.float16):
+        _fail(op, f"query must be torch.bfloat16 or torch.float16 over an {FP8} kv_cache on CUDA, got {query.dtype}")
     heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = kv_cache.shape[3]
     if kv_cache.shape[4] != head_dim:

@@ -39,7 +39,17 @@
 //   per KV byte on the fp32 CUDA cores, well under their ~14 FLOP/byte ridge; bandwidth-bound.
 //   Larger groups raise the FLOP per byte linearly (group 8: 8 FLOP/B); tensor cores would be the
 //   next step for group >= 8.
+//
+// FP8 KV cache (p.kv_scale != nullptr; query / out bf16 or fp16): the cache holds float8_e4m3fn and
+// K = k_scale * k8, V = v_scale * v8 with kv_scale = [k_scale, v_scale] read on the device. The
+// pipeline is the same with 1-byte elements (16 features per 16-byte chunk, so a tile is half the
+// bytes); a 16-byte chunk is converted e4m3x2 -> f16x2 -> fp32 (exact) where it is read from shared
+// memory. The scales cost nothing: k_scale joins q's prescale (scores = (q . k8) * scale * k_scale)
+// and v_scale the final normalisation (out = sum p v8 / sum p * v_scale), as in csrc/cpu/attention.cpp.
+// Same roofline with half the KV bytes (B64 ctx 4096: 0.54 GB -> 125 us at 4.28 TB/s).
 #pragma once
+#include <cuda_fp8.h>
+
 #include <algorithm>
 
 #include "fastinfer/attention/decode.h"
@@ -64,12 +74,12 @@ constexpr int kTargetCtasPerSm = 3;     // split until this many CTAs exist
 constexpr int kMinSplitTiles = 4;       // ... but never below 4 tiles (128 keys) per split
 constexpr int kMinCtasPerSm = 4;        // register cap (128 per thread): 4 CTAs keep 4 tiles in flight per SM
 
-// Compile-time geometry of one (dtype, head_dim) instantiation.
-template <typename T, int kHeadDim>
+// Compile-time geometry of one (cache element C, head_dim) instantiation.
+template <typename C, int kHeadDim>
 struct Geometry {
-  static constexpr int kVec = kChunkBytes / static_cast<int>(sizeof(T));  // features per 16-byte chunk
+  static constexpr int kVec = kChunkBytes / static_cast<int>(sizeof(C));  // features per 16-byte chunk
   static constexpr int kChunks = kHeadDim / kVec;                          // chunks per K or V row
-  static constexpr int kRowBytes = kHeadDim * static_cast<int>(sizeof(T)) + kChunkBytes;  // padded
+  static constexpr int kRowBytes = kHeadDim * static_cast<int>(sizeof(C)) + kChunkBytes;  // padded
   static constexpr int kTileBytes = kTileTokens * kRowBytes;  // K (or V) of one tile
   static constexpr int kStageBytes = 2 * kTileBytes;          // K then V
   static constexpr int kRows = kThreads / kChunks;            // P @ V rows; also keys copied per pass
@@ -100,9 +110,9 @@ struct Smem {
   float* d;               // [heads] running denominator
 };
 
-template <typename T, int kHeadDim>
+template <typename C, int kHeadDim>
 __device__ __forceinline__ Smem carve_smem(unsigned char* base, int heads) {
-  using G = Geometry<T, kHeadDim>;
+  using G = Geometry<C, kHeadDim>;
   Smem s;
   s.stages = base;
   s.q = reinterpret_cast<float*>(base + static_cast<size_t>(kStages) * G::kStageBytes);
@@ -156,6 +166,21 @@ __device__ __forceinline__ void unpack16<__nv_bfloat16>(const uint4& raw, float 
     f[2 * i] = v.x, f[2 * i + 1] = v.y;
   }
 }
+// e4m3 -> f16 (cvt.rn.f16x2.e4m3x2) -> fp32: both steps exact, so f is the stored value itself.
+template <>
+__device__ __forceinline__ void unpack16<__nv_fp8_e4m3>(const uint4& raw, float (&f)[16]) {
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const __half2_raw pair =
+          __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(words[w] >> (16 * h)), __NV_E4M3);
+      const float2 v = __half22float2(__half2(pair));
+      f[4 * w + 2 * h] = v.x, f[4 * w + 2 * h + 1] = v.y;
+    }
+  }
+}
 
 // ---- the phases of one tile ---------------------------------------------------------------------------
 
@@ -163,10 +188,10 @@ __device__ __forceinline__ void unpack16<__nv_bfloat16>(const uint4& raw, float 
 // s.p[g][j] = exp2(s_gj - m_g) with m_g, d_g raised to cover the tile, s.p[g][kAlphaSlot] the factor
 // that rescales head g's outputs accumulated so far.
 // Keys j >= valid (past the split's end) score -inf, so their probability is exactly 0.
-template <typename T, int kHeadDim>
+template <typename C, int kHeadDim>  // C: the cache element
 __device__ __forceinline__ void score_tile(const Smem& s, const unsigned char* k_tile, int num_heads, int valid,
                                            int warp, int lane) {
-  using G = Geometry<T, kHeadDim>;
+  using G = Geometry<C, kHeadDim>;
   const unsigned char* k_row = k_tile + lane * G::kRowBytes;
   for (int g = warp; g < num_heads; g += kWarps) {
     const float4* q = reinterpret_cast<const float4*>(s.q + g * kHeadDim);
@@ -174,7 +199,7 @@ __device__ __forceinline__ void score_tile(const Smem& s, const unsigned char* k
 #pragma unroll 4  // enough loads in flight; full unrolling hoists every q and k load into registers
     for (int c = 0; c < G::kChunks; ++c) {
       float k[G::kVec];
-      unpack16<T>(*reinterpret_cast<const uint4*>(k_row + c * kChunkBytes), k);
+      unpack16<C>(*reinterpret_cast<const uint4*>(k_row + c * kChunkBytes), k);
 #pragma unroll
       for (int v = 0; v < G::kVec / 4; ++v) {
         const float4 qv = q[c * (G::kVec / 4) + v];  // the same address in every lane: a broadcast
@@ -203,7 +228,7 @@ __device__ __forceinline__ void score_tile(const Smem& s, const unsigned char* k
 // o[i] = o[i] * alpha + sum over this thread's keys j of p[j] * V[j][its features], for the
 // (head, partition) pairs of this row: p_offset[i] is the head's probability row in s.p, < 0 for a
 // pair slot the row does not own.
-template <typename T, typename G>  // G: the Geometry<T, head_dim>
+template <typename C, typename G>  // C: the cache element, G: the Geometry<C, head_dim>
 __device__ __forceinline__ void accumulate_pv(float (&o)[G::kMaxPairsPerRow][G::kVec], const Smem& s,
                                               const int (&p_offset)[G::kMaxPairsPerRow], const unsigned char* v_tile,
                                               int chunk, int first_key, int key_stride, int valid) {
@@ -217,7 +242,7 @@ __device__ __forceinline__ void accumulate_pv(float (&o)[G::kMaxPairsPerRow][G::
   }
   for (int j = first_key; j < valid; j += key_stride) {
     float v[G::kVec];
-    unpack16<T>(*reinterpret_cast<const uint4*>(v_tile + j * G::kRowBytes + chunk * kChunkBytes), v);
+    unpack16<C>(*reinterpret_cast<const uint4*>(v_tile + j * G::kRowBytes + chunk * kChunkBytes), v);
 #pragma unroll
     for (int i = 0; i < G::kMaxPairsPerRow; ++i) {
       if (p_offset[i] >= 0) {
@@ -232,11 +257,13 @@ __device__ __forceinline__ void accumulate_pv(float (&o)[G::kMaxPairsPerRow][G::
 // ---- the kernel ----------------------------------------------------------------------------------------
 
 // grid: (num_splits, num_kv_heads * num_head_chunks, batch); block: kThreads.
-template <typename T, int kHeadDim>
+// T: the query / out dtype; C: the cache element (T, or __nv_fp8_e4m3 with p.kv_scale).
+template <typename T, typename C, int kHeadDim>
 __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
     paged_decode_kernel(const DecodeParams p, const DecodePlan plan, float* __restrict__ partial_o,
                         float* __restrict__ partial_lse) {
-  using G = Geometry<T, kHeadDim>;
+  using G = Geometry<C, kHeadDim>;
+  constexpr bool kFp8 = sizeof(C) == 1;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
 
@@ -268,10 +295,10 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
     return;
   }
 
-  const Smem s = carve_smem<T, kHeadDim>(smem_raw, plan.heads_per_cta);
+  const Smem s = carve_smem<C, kHeadDim>(smem_raw, plan.heads_per_cta);
   {
     const T* q = static_cast<const T*>(p.query) + seq * p.query_batch_stride + first_head * p.query_head_stride;
-    const float q_scale = p.scale * attention::kLog2e;
+    const float q_scale = p.scale * attention::kLog2e * (kFp8 ? p.kv_scale[0] : 1.0f);  // k_scale folded in
     for (int i = threadIdx.x; i < num_heads * kHeadDim; i += kThreads) {
       s.q[i] = to_float(q[(i / kHeadDim) * p.query_head_stride + i % kHeadDim]) * q_scale;
     }
@@ -289,7 +316,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
   const int64_t token_stride = static_cast<int64_t>(p.num_kv_heads) * kHeadDim;  // elements per token
   const int64_t block_stride = 2 * p.block_size * token_stride;                  // elements per block
   const int64_t v_offset = p.block_size * token_stride;                          // K -> V in a block
-  const T* cache = static_cast<const T*>(p.kv_cache) + kv_head * kHeadDim + chunk * G::kVec;
+  const C* cache = static_cast<const C*>(p.kv_cache) + kv_head * kHeadDim + chunk * G::kVec;
   const int32_t* block_table = p.block_tables + seq * p.block_table_stride;
   const int num_tiles = ceil_div(end - begin, kTileTokens);
 
@@ -311,7 +338,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
       unsigned char* k_dst = k_stage + key * G::kRowBytes + chunk * kChunkBytes;
       unsigned char* v_dst = k_dst + G::kTileBytes;
       if (pos < end) {
-        const T* k_src = cache + blocks[i] * block_stride + (pos & (p.block_size - 1)) * token_stride;
+        const C* k_src = cache + blocks[i] * block_stride + (pos & (p.block_size - 1)) * token_stride;
         cp_async_16(k_dst, k_src);
         cp_async_16(v_dst, k_src + v_offset);
       } else {  // past the split: never read, zeros so that P @ V stays finite whatever was there
@@ -353,12 +380,12 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
     fetch_blocks(tile + kStages - 1, blocks);
     const unsigned char* k_tile = s.stages + (tile % kStages) * G::kStageBytes;
     const int valid = min(kTileTokens, end - begin - tile * kTileTokens);  // keys of this tile in the split
-    score_tile<T, kHeadDim>(s, k_tile, num_heads, valid, warp, lane);
+    score_tile<C, kHeadDim>(s, k_tile, num_heads, valid, warp, lane);
     issue_copies(tile + kStages - 1, blocks);  // into the stage tile - 1 used
     cp_async_commit();                         // possibly empty: keeps the group count uniform
     __syncthreads();                           // probabilities and alpha of every head are in s
     if (row < num_pairs) {
-      accumulate_pv<T, G>(o, s, p_offset, k_tile + G::kTileBytes, chunk, part, parts, valid);
+      accumulate_pv<C, G>(o, s, p_offset, k_tile + G::kTileBytes, chunk, part, parts, valid);
     }
   }
   cp_async_wait<0>();
@@ -377,11 +404,12 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
     }
   }
   __syncthreads();
+  const float v_scale = kFp8 ? p.kv_scale[1] : 1.0f;
   for (int i = threadIdx.x; i < num_heads * kHeadDim; i += kThreads) {
     const int g = i / kHeadDim, feature = i % kHeadDim;
     float acc = 0.0f;
     for (int k = 0; k < parts; ++k) acc += o_sum[(g * parts + k) * kHeadDim + feature];
-    const float value = acc / s.d[g];  // d >= 1: the split holds at least one key
+    const float value = acc / s.d[g] * v_scale;  // d >= 1: the split holds at least one key
     if (direct) {
       static_cast<T*>(p.out)[seq * p.out_batch_stride + (first_head + g) * p.out_head_stride + feature] =
           from_float<T>(value);
@@ -427,11 +455,11 @@ inline cudaError_t plan_paged_decode_impl(const DecodeParams& p, DecodePlan* pla
   return cudaSuccess;
 }
 
-template <typename T, int kHeadDim>
+template <typename T, typename C, int kHeadDim>
 cudaError_t launch_paged_decode(const DecodeParams& p, const DecodePlan& plan, void* workspace, cudaStream_t stream) {
-  using G = Geometry<T, kHeadDim>;
+  using G = Geometry<C, kHeadDim>;
   const size_t smem = G::smem_bytes(plan.heads_per_cta);
-  auto* kernel = paged_decode_kernel<T, kHeadDim>;
+  auto* kernel = paged_decode_kernel<T, C, kHeadDim>;
   if (smem > 48 * 1024) {
     FI_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
@@ -446,12 +474,12 @@ cudaError_t launch_paged_decode(const DecodeParams& p, const DecodePlan& plan, v
   return launch_merge_splits<T, kHeadDim>(p, partial_o, partial_lse, plan.num_splits, stream);
 }
 
-template <typename T>
+template <typename T, typename C = T>
 cudaError_t launch_paged_decode_for_dtype(const DecodeParams& p, const DecodePlan& plan, void* workspace,
                                           cudaStream_t stream) {
   switch (p.head_dim) {
-    case 64: return launch_paged_decode<T, 64>(p, plan, workspace, stream);
-    case 128: return launch_paged_decode<T, 128>(p, plan, workspace, stream);
+    case 64: return launch_paged_decode<T, C, 64>(p, plan, workspace, stream);
+    case 128: return launch_paged_decode<T, C, 128>(p, plan, workspace, stream);
   }
   return cudaErrorInvalidValue;  // unreachable after the plan's check; never a fallback
 }
@@ -466,6 +494,15 @@ inline cudaError_t launch_paged_decode_attention_impl(const DecodeParams& p, voi
   }
   if (reinterpret_cast<uintptr_t>(p.kv_cache) % decode::kChunkBytes != 0) return cudaErrorInvalidValue;
   if (p.batch == 0) return cudaSuccess;
+  if (p.kv_scale != nullptr) {  // an e4m3 cache: bf16 / fp16 queries only (few instantiations)
+    switch (p.dtype) {
+      case DType::kFloat16: return decode::launch_paged_decode_for_dtype<__half, __nv_fp8_e4m3>(p, plan, workspace, stream);
+      case DType::kBFloat16:
+        return decode::launch_paged_decode_for_dtype<__nv_bfloat16, __nv_fp8_e4m3>(p, plan, workspace, stream);
+      case DType::kFloat32: break;
+    }
+    return cudaErrorInvalidValue;
+  }
   switch (p.dtype) {
     case DType::kFloat32: return decode::launch_paged_decode_for_dtype<float>(p, plan, workspace, stream);
     case DType::kFloat16: return decode::launch_paged_decode_for_dtype<__half>(p, plan, workspace, stream);

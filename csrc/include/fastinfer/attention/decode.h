@@ -17,6 +17,9 @@ struct DecodeParams {
   void* out;                    // [batch, num_heads, head_dim]
   const void* query;            // [batch, num_heads, head_dim]
   const void* kv_cache;         // [num_blocks, 2, block_size, num_kv_heads, head_dim], contiguous
+  // nullptr: kv_cache has dtype's elements. Otherwise fp32 [2] = (k_scale, v_scale) on the device and
+  // kv_cache holds float8_e4m3fn: K = k_scale * k8, V = v_scale * v8 (dtype bf16 or fp16 only).
+  const float* kv_scale;
   const int32_t* block_tables;  // [batch, max_blocks], rows block_table_stride apart
   const int32_t* seq_lens;      // [batch], each in [1, max_blocks * block_size]
   int64_t out_batch_stride, out_head_stride;
@@ -26,7 +29,7 @@ struct DecodeParams {
   int block_size;  // a power of two
   int max_blocks;  // block_tables.shape[1]: max_blocks * block_size is the longest context a launch plans for
   float scale;     // softmax scale, usually head_dim ** -0.5
-  DType dtype;     // of out, query and kv_cache
+  DType dtype;     // of out and query (and kv_cache unless kv_scale is set)
   int num_sms;     // SMs of the device: the split heuristic's only hardware input
 };
 

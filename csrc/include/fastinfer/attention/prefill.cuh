@@ -30,6 +30,14 @@
 //   straight into A fragments (the m16n8 C layout of two key blocks is the m16k16 A layout).
 //   Causal masking runs only on tiles that reach past the tile's first query position; tiles past
 //   its last query position are never loaded.
+// FP8 KV cache (p.kv_scale != nullptr, query / out bf16 or fp16): the cache holds float8_e4m3fn,
+//   K = k_scale * k8 and V = v_scale * v8 (kv_scale = [k_scale, v_scale] read on the device). The
+//   same mma kernel, with one more shared buffer of 64 x D bytes that K/V tiles are copied into
+//   (16-byte cp.async of 16 e4m3 values); each thread converts exactly the chunks it copied (so no
+//   barrier sits between its cp.async wait and the conversion) e4m3x2 -> f16x2 (-> bf16x2), which is
+//   exact in both, into the swizzled 16-bit K / V tiles that ldmatrix reads as before. The scales
+//   are applied in fp32 where they cost nothing: k_scale joins the softmax scale, v_scale the final
+//   1 / sum (as in csrc/cpu/attention.cpp). Shared memory: 28 KiB (D = 64) / 56 KiB (D = 128).
 // fp32: a plain CUDA-core kernel (one warp per query row and head, one key at a time, online
 //   softmax), for fp32 end-to-end checks; not tuned.
 //
@@ -39,6 +47,8 @@
 // Bytes: Q + O + K + V = 4 * 4 * 4096 * 32 * 128 * 2 = 0.54 GB (K/V re-reads hit L2) = 0.13 ms at
 // 4.28 TB/s, so the kernel is compute bound (~1000 FLOP/byte).
 #pragma once
+#include <cuda_fp8.h>
+
 #include <climits>
 
 #include "fastinfer/attention/prefill.h"
@@ -128,9 +138,11 @@ __device__ __forceinline__ int swizzle(int row, int chunk) {
   return row * kHeadDim + ((chunk ^ (row & 7)) * kChunk);
 }
 
-template <typename T, int kHeadDim>
+// Q, K, V tiles of T; for an e4m3 cache (C of 1 byte) also the staging tile the copies land in.
+template <typename T, typename C, int kHeadDim>
 constexpr size_t smem_bytes() {
-  return static_cast<size_t>(kBlockM + 2 * kBlockN) * kHeadDim * sizeof(T);  // Q, K, V
+  return static_cast<size_t>(kBlockM + 2 * kBlockN) * kHeadDim * sizeof(T) +
+         (sizeof(C) == 1 ? static_cast<size_t>(kBlockN) * kHeadDim : 0);
 }
 
 // The query rows [row0, row0 + num_rows) of head h into sQ; missing rows of the tile are zeroed.
@@ -174,6 +186,70 @@ __device__ __forceinline__ void load_kv_tile(T* tile, const T* cache_head, const
     } else {
       *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
     }
+  }
+}
+
+// FP8 cache: keys [key0, key0 + 64) of K (kv = 0) or V (kv = 1) as raw e4m3 into the unswizzled
+// staging tile [64][kHeadDim] bytes, 16 values per chunk; keys >= key_end are zeroed, never read.
+// Chunk i of the tile is always copied by thread i % kThreads, which later converts it itself.
+template <int kHeadDim>
+__device__ __forceinline__ void load_kv_tile_fp8(uint8_t* stage, const uint8_t* cache_head, const int32_t* block_table,
+                                                 int block_shift, int64_t token_stride, int kv, int key0,
+                                                 int key_end) {
+  constexpr int kChunks = kHeadDim / 16;
+  const int block_mask = (1 << block_shift) - 1;
+  const int64_t block_stride = (token_stride << block_shift) * 2;
+#pragma unroll
+  for (int it = 0; it < kBlockN * kChunks / kThreads; ++it) {
+    const int i = it * kThreads + threadIdx.x;
+    const int r = i / kChunks, c = i % kChunks;
+    const int key = key0 + r;
+    uint8_t* dst = stage + r * kHeadDim + c * 16;
+    if (key < key_end) {
+      const int64_t block = block_table[key >> block_shift];
+      const int64_t slot = (kv << block_shift) + (key & block_mask);
+      cp_async_16(dst, cache_head + block * block_stride + slot * token_stride + c * 16);
+    } else {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+    }
+  }
+}
+
+// Two e4m3 values (low byte first) -> one register of two T, exactly.
+template <typename T>
+__device__ __forceinline__ uint32_t fp8x2_to(uint32_t two);
+template <>
+__device__ __forceinline__ uint32_t fp8x2_to<__half>(uint32_t two) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two), __NV_E4M3);
+  return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
+}
+template <>
+__device__ __forceinline__ uint32_t fp8x2_to<__nv_bfloat16>(uint32_t two) {
+  const float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two), __NV_E4M3)));
+  return pack2<__nv_bfloat16>(f.x, f.y);
+}
+
+// The chunks this thread copied with load_kv_tile_fp8 (after its own cp.async wait), converted into
+// the swizzled T tile: 16 e4m3 of row r, chunk c become T chunks 2c and 2c + 1 of row r.
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void convert_kv_tile_fp8(T* tile, const uint8_t* stage) {
+  constexpr int kChunks = kHeadDim / 16;
+#pragma unroll
+  for (int it = 0; it < kBlockN * kChunks / kThreads; ++it) {
+    const int i = it * kThreads + threadIdx.x;
+    const int r = i / kChunks, c = i % kChunks;
+    const uint4 raw = *reinterpret_cast<const uint4*>(stage + r * kHeadDim + c * 16);
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+    uint32_t converted[8];
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      converted[2 * w] = fp8x2_to<T>(words[w] & 0xffffu);
+      converted[2 * w + 1] = fp8x2_to<T>(words[w] >> 16);
+    }
+    *reinterpret_cast<uint4*>(tile + swizzle<kHeadDim>(r, 2 * c)) =
+        make_uint4(converted[0], converted[1], converted[2], converted[3]);
+    *reinterpret_cast<uint4*>(tile + swizzle<kHeadDim>(r, 2 * c + 1)) =
+        make_uint4(converted[4], converted[5], converted[6], converted[7]);
   }
 }
 
@@ -265,13 +341,16 @@ __device__ __forceinline__ void accumulate_pv(float (&o)[kHeadDim / 8][4], const
   }
 }
 
-template <typename T, int kHeadDim>
+// T: the query / out dtype; C: the cache element (T, or __nv_fp8_e4m3 with p.kv_scale).
+template <typename T, typename C, int kHeadDim>
 __global__ void __launch_bounds__(kThreads) paged_prefill_mma_kernel(const PrefillParams p) {
   constexpr int kDimBlocks = kHeadDim / 8;
+  constexpr bool kFp8 = sizeof(C) == 1;
   extern __shared__ uint4 smem[];
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = sQ + kBlockM * kHeadDim;
   T* sV = sK + kBlockN * kHeadDim;
+  uint8_t* stage = reinterpret_cast<uint8_t*>(sV + kBlockN * kHeadDim);  // FP8 only: e4m3 K or V tile
 
   TileCoord coord;
   if (!locate_tile(p.cu_seqlens_q, p.batch, blockIdx.x, coord)) return;  // uniform over the CTA
@@ -288,14 +367,28 @@ __global__ void __launch_bounds__(kThreads) paged_prefill_mma_kernel(const Prefi
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int block_shift = __ffs(p.block_size) - 1;
   const int64_t token_stride = static_cast<int64_t>(p.num_kv_heads) * kHeadDim;
-  const T* cache_head = static_cast<const T*>(p.kv_cache) + static_cast<int64_t>(kv_head) * kHeadDim;
+  const C* cache_head = static_cast<const C*>(p.kv_cache) + static_cast<int64_t>(kv_head) * kHeadDim;
   const int32_t* block_table = p.block_tables + coord.seq * p.block_table_stride;
-  const float scale_log2 = p.scale * kLog2e;
+  const float scale_log2 = p.scale * kLog2e * (kFp8 ? p.kv_scale[0] : 1.0f);  // k_scale folded in
+  // K (kv = 0) or V (kv = 1) tile starting at key0 into `tile`: directly, or for an e4m3 cache into
+  // the staging tile, which finish_tile (after this thread's cp.async wait) converts into `tile`.
+  auto start_tile = [&](T* tile, int kv, int key0) {
+    if constexpr (kFp8) {
+      load_kv_tile_fp8<kHeadDim>(stage, reinterpret_cast<const uint8_t*>(cache_head), block_table, block_shift,
+                                 token_stride, kv, key0, key_end);
+    } else {
+      load_kv_tile<T, kHeadDim>(tile, cache_head, block_table, block_shift, token_stride, kv, key0, key_end);
+    }
+  };
+  auto finish_tile = [&](T* tile) {
+    if constexpr (kFp8) convert_kv_tile_fp8<T, kHeadDim>(tile, stage);
+  };
 
   load_query_tile<T, kHeadDim>(sQ, p, static_cast<int64_t>(q_begin) + m0, num_rows, head);
-  load_kv_tile<T, kHeadDim>(sK, cache_head, block_table, block_shift, token_stride, 0, 0, key_end);
+  start_tile(sK, 0, 0);
   cp_async_commit();
   cp_async_wait_all();
+  finish_tile(sK);
   __syncthreads();
 
   // This warp's 16 query rows as A fragments, one per 16-wide head-dim step (see ldmatrix_x4:
@@ -319,7 +412,7 @@ __global__ void __launch_bounds__(kThreads) paged_prefill_mma_kernel(const Prefi
 
   for (int n = 0; n < num_kv_tiles; ++n) {
     const int key0 = n * kBlockN;
-    load_kv_tile<T, kHeadDim>(sV, cache_head, block_table, block_shift, token_stride, 1, key0, key_end);
+    start_tile(sV, 1, key0);  // FP8: this thread's staging chunks were converted into sK already
     cp_async_commit();
 
     float s[kKeyBlocks][4];
@@ -336,15 +429,16 @@ __global__ void __launch_bounds__(kThreads) paged_prefill_mma_kernel(const Prefi
     }
 
     cp_async_wait_all();
+    finish_tile(sV);  // sV is free: every warp passed the previous iteration's last barrier
     __syncthreads();  // V_n landed; every warp is done reading sK
     if (n + 1 < num_kv_tiles) {
-      load_kv_tile<T, kHeadDim>(sK, cache_head, block_table, block_shift, token_stride, 0, key0 + kBlockN,
-                                key_end);
+      start_tile(sK, 0, key0 + kBlockN);
       cp_async_commit();
     }
     softmax.update(s, o);
     accumulate_pv<T, kHeadDim>(o, s, sV, lane);
     cp_async_wait_all();
+    if (n + 1 < num_kv_tiles) finish_tile(sK);  // sK is free since the barrier above
     __syncthreads();  // K_{n+1} landed; every warp is done reading sV
   }
 
@@ -352,6 +446,11 @@ __global__ void __launch_bounds__(kThreads) paged_prefill_mma_kernel(const Prefi
   // chunks of the rows that exist.
   float inv_sum[2];
   softmax.inverse_sums(inv_sum);
+  if constexpr (kFp8) {
+    const float v_scale = p.kv_scale[1];
+    inv_sum[0] *= v_scale;
+    inv_sum[1] *= v_scale;
+  }
 #pragma unroll
   for (int db = 0; db < kDimBlocks; ++db) {
 #pragma unroll
@@ -436,14 +535,14 @@ __global__ void __launch_bounds__(kThreads) paged_prefill_fp32_kernel(const Pref
 
 // ---- launch ------------------------------------------------------------------------------------
 
-template <typename T, int kHeadDim>
+template <typename T, typename C, int kHeadDim>
 cudaError_t launch_mma(const PrefillParams& p, cudaStream_t stream) {
   // Sum over sequences of ceil(q_len / 64) <= (num_tokens + 63 * batch) / 64, without reading
   // cu_seqlens_q on the host.
   const int64_t max_tiles = (p.num_tokens + static_cast<int64_t>(kBlockM - 1) * p.batch) / kBlockM;
   if (max_tiles > INT_MAX) return cudaErrorInvalidValue;
-  constexpr size_t kSmem = smem_bytes<T, kHeadDim>();
-  auto kernel = paged_prefill_mma_kernel<T, kHeadDim>;
+  constexpr size_t kSmem = smem_bytes<T, C, kHeadDim>();
+  auto kernel = paged_prefill_mma_kernel<T, C, kHeadDim>;
   FI_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem)));
   kernel<<<dim3(static_cast<unsigned>(max_tiles), p.num_heads), kThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
@@ -459,10 +558,18 @@ cudaError_t launch_fp32(const PrefillParams& p, cudaStream_t stream) {
 
 template <int kHeadDim>
 cudaError_t launch_for_head_dim(const PrefillParams& p, cudaStream_t stream) {
+  if (p.kv_scale != nullptr) {  // an e4m3 cache: bf16 / fp16 queries only (few instantiations)
+    switch (p.dtype) {
+      case DType::kFloat16: return launch_mma<__half, __nv_fp8_e4m3, kHeadDim>(p, stream);
+      case DType::kBFloat16: return launch_mma<__nv_bfloat16, __nv_fp8_e4m3, kHeadDim>(p, stream);
+      case DType::kFloat32: break;
+    }
+    return cudaErrorInvalidValue;
+  }
   switch (p.dtype) {
     case DType::kFloat32: return launch_fp32<kHeadDim>(p, stream);
-    case DType::kFloat16: return launch_mma<__half, kHeadDim>(p, stream);
-    case DType::kBFloat16: return launch_mma<__nv_bfloat16, kHeadDim>(p, stream);
+    case DType::kFloat16: return launch_mma<__half, __half, kHeadDim>(p, stream);
+    case DType::kBFloat16: return launch_mma<__nv_bfloat16, __nv_bfloat16, kHeadDim>(p, stream);
   }
   return cudaErrorInvalidValue;
 }

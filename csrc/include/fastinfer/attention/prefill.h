@@ -19,6 +19,9 @@ struct PrefillParams {
   void* out;                    // [num_tokens, num_heads, head_dim], last dim contiguous
   const void* query;            // [num_tokens, num_heads, head_dim], last dim contiguous
   const void* kv_cache;         // [num_blocks, 2, block_size, num_kv_heads, head_dim], contiguous
+  // nullptr: kv_cache has dtype's elements. Otherwise fp32 [2] = (k_scale, v_scale) on the device and
+  // kv_cache holds float8_e4m3fn: K = k_scale * k8, V = v_scale * v8 (dtype bf16 or fp16 only).
+  const float* kv_scale;
   const int32_t* cu_seqlens_q;  // [batch + 1]
   const int32_t* seq_lens;      // [batch]
   const int32_t* block_tables;  // [batch, max_blocks], row stride block_table_stride
@@ -30,7 +33,7 @@ struct PrefillParams {
   int64_t out_token_stride, out_head_stride;
   int64_t block_table_stride;
   float scale;                  // softmax scale (usually head_dim^-0.5)
-  DType dtype;
+  DType dtype;                  // of query and out (and kv_cache unless kv_scale is set)
 };
 
 // Head dims the kernels are compiled for; anything else is refused with cudaErrorInvalidValue.

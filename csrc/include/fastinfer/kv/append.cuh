@@ -1,10 +1,16 @@
-// Paged KV-cache write: copies each token's K and V rows into its slot of the paged cache.
+// Paged KV-cache write: copies each token's K and V rows into its slot of the paged cache, or for an
+// FP8 cache (p.kv_scale set) quantizes them: stored = e4m3(clamp(x / scale)) with scale = kv_scale[0]
+// for K, kv_scale[1] for V (fastinfer/fp8.h), bit-exact with the CPU reference (IEEE division, round
+// to nearest even, saturating). kv_scale lives on the device, so a captured graph reads its current value.
 //
 // Layout: cache [num_blocks, 2, block_size, num_kv_heads, head_dim]; slot = block * block_size +
 // offset; slot -1 marks padding and is skipped. Offsets use 64-bit arithmetic (a cache of
 // num_blocks * 2 * block_size * heads * head_dim elements passes 2^31 easily).
-// Parallelisation: one block per token, threads over (head, dim). Pure bandwidth.
+// Parallelisation: one block per token, threads over (head, dim). Pure bandwidth: 2 x row x
+// sizeof(T) read, 2 x row x sizeof(cache element) written per token.
 #pragma once
+#include <cuda_fp8.h>
+
 #include "fastinfer/common.cuh"
 #include "fastinfer/dispatch.cuh"
 #include "fastinfer/kv/kv.h"
@@ -14,22 +20,34 @@ namespace kv {
 
 constexpr int kThreads = 256;
 
-template <typename T>
+// One element as the cache stores it: a copy, or quantized with its scale.
+template <typename T, bool kFp8>
+__device__ __forceinline__ auto cache_element(T x, float scale) {
+  if constexpr (kFp8) {
+    return __nv_cvt_float_to_fp8(__fdiv_rn(to_float(x), scale), __NV_SATFINITE, __NV_E4M3);
+  } else {
+    return x;
+  }
+}
+
+template <typename T, bool kFp8>
 __global__ void reshape_and_cache_kernel(ReshapeAndCacheParams p) {
+  using C = decltype(cache_element<T, kFp8>(T{}, 1.0f));
   const int64_t t = blockIdx.x;
   const int64_t slot = p.slot_mapping[t];
   if (slot < 0) return;
+  const float k_scale = kFp8 ? p.kv_scale[0] : 1.0f, v_scale = kFp8 ? p.kv_scale[1] : 1.0f;
   const int64_t block = slot / p.block_size;
   const int64_t offset = slot % p.block_size;
   const int64_t row = static_cast<int64_t>(p.num_kv_heads) * p.head_dim;  // one token's K or V
-  T* k_dst = static_cast<T*>(p.kv_cache) + (block * 2 * p.block_size + offset) * row;
-  T* v_dst = k_dst + p.block_size * row;
+  C* k_dst = static_cast<C*>(p.kv_cache) + (block * 2 * p.block_size + offset) * row;
+  C* v_dst = k_dst + p.block_size * row;
   const T* k_src = static_cast<const T*>(p.key) + t * p.key_token_stride;
   const T* v_src = static_cast<const T*>(p.value) + t * p.value_token_stride;
   for (int idx = threadIdx.x; idx < row; idx += blockDim.x) {
     const int h = idx / p.head_dim, d = idx % p.head_dim;
-    k_dst[idx] = k_src[h * p.key_head_stride + d];
-    v_dst[idx] = v_src[h * p.value_head_stride + d];
+    k_dst[idx] = cache_element<T, kFp8>(k_src[h * p.key_head_stride + d], k_scale);
+    v_dst[idx] = cache_element<T, kFp8>(v_src[h * p.value_head_stride + d], v_scale);
   }
 }
 
@@ -38,7 +56,11 @@ __global__ void reshape_and_cache_kernel(ReshapeAndCacheParams p) {
 inline cudaError_t launch_reshape_and_cache_impl(const ReshapeAndCacheParams& p, cudaStream_t stream) {
   if (p.num_tokens == 0) return cudaSuccess;
   return FI_DISPATCH_DTYPE(p.dtype, T, [&] {
-    kv::reshape_and_cache_kernel<T><<<p.num_tokens, kv::kThreads, 0, stream>>>(p);
+    if (p.kv_scale != nullptr) {
+      kv::reshape_and_cache_kernel<T, true><<<p.num_tokens, kv::kThreads, 0, stream>>>(p);
+    } else {
+      kv::reshape_and_cache_kernel<T, false><<<p.num_tokens, kv::kThreads, 0, stream>>>(p);
+    }
     return cudaGetLastError();
   });
 }

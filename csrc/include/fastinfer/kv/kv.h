@@ -16,14 +16,14 @@ struct ReshapeAndCacheParams {
   const void* value;           // [num_tokens, num_kv_heads, head_dim]
   void* kv_cache;              // [num_blocks, 2, block_size, num_kv_heads, head_dim]
   const int64_t* slot_mapping; // [num_tokens]
+  // nullptr: kv_cache has dtype's elements. Otherwise fp32 [2] = (k_scale, v_scale) on the device and
+  // kv_cache holds float8_e4m3fn: stored = e4m3(clamp(x / kv_scale[0 for K, 1 for V])).
+  const float* kv_scale;
   int64_t num_tokens;
   int num_kv_heads, head_dim, block_size;
   int64_t key_token_stride, key_head_stride, value_token_stride, value_head_stride;
-  DType dtype;
+  DType dtype;                  // of key and value
 };
 cudaError_t launch_reshape_and_cache(const ReshapeAndCacheParams& p, cudaStream_t stream);
-// FP8 cache (kv_cache holds e4m3): stored = e4m3(clamp(x / kv_scale[0 for K, 1 for V])), kv_scale
-// fp32 [2] on the device; p.dtype is the dtype of key and value.
-cudaError_t launch_reshape_and_cache_fp8(const ReshapeAndCacheParams& p, const float* kv_scale, cudaStream_t stream);
 
 }  // namespace fastinfer
