@@ -1,5 +1,6 @@
 """Paged prefill / decode attention over an FP8 (e4m3) KV cache, on every device (the `device`
 fixture: the CPU half runs everywhere, the CUDA half is marked `cuda`), against tests/reference.py.
+The full shape sweeps run on the GPU only (tests/test_fp8_kv.py sweeps the CPU op).
 
 The reference dequantizes the same e4m3 cache (e4m3 * scale, exact in fp32 / fp64) and runs plain
 attention; DESIGN.md's rule compares ours with the fp32 (fp64 for fp32 queries) reference against
@@ -17,6 +18,7 @@ import reference as ref
 from fastinfer import ops
 from test_ops import BLOCK_SIZES, HEAD_DIMS, HEADS, assert_within_tolerance, build_paged_kv, make_query, ref_dtype
 
+CUDA = torch.device("cuda")
 DTYPES16 = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
 # (k_scale, v_scale): typical; small values (many e4m3 subnormals); large ones (K saturates at 448).
 SCALES = [pytest.param((0.05, 0.02), id="s-typical"), pytest.param((3.0, 0.7), id="s-subnormal"),
@@ -83,9 +85,10 @@ def check(result):
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("num_heads,num_kv_heads", GQA_HEADS)
 @pytest.mark.parametrize("dtype", DTYPES16)
-def test_decode_sweep(device, dtype, num_heads, num_kv_heads, head_dim, block_size):
+@pytest.mark.cuda
+def test_decode_sweep(dtype, num_heads, num_kv_heads, head_dim, block_size):
     check(run_decode(make_fp8_case(DECODE_LENS, num_heads, num_kv_heads, head_dim, block_size, dtype, (0.05, 0.02),
-                                   device)))
+                                   CUDA)))
 
 
 @pytest.mark.parametrize("scales", SCALES)
@@ -115,8 +118,9 @@ def test_decode_big_group(device, dtype):
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("num_heads,num_kv_heads", GQA_HEADS)
 @pytest.mark.parametrize("dtype", DTYPES16)
-def test_prefill_sweep(device, dtype, num_heads, num_kv_heads, head_dim, block_size):
-    case = make_fp8_case(PREFILL_LENS, num_heads, num_kv_heads, head_dim, block_size, dtype, (0.05, 0.02), device,
+@pytest.mark.cuda
+def test_prefill_sweep(dtype, num_heads, num_kv_heads, head_dim, block_size):
+    case = make_fp8_case(PREFILL_LENS, num_heads, num_kv_heads, head_dim, block_size, dtype, (0.05, 0.02), CUDA,
                          q_rows=sum(PREFILL_Q_LENS))
     check(run_prefill(case, PREFILL_Q_LENS))
 

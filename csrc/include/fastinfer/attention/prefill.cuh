@@ -342,8 +342,11 @@ __device__ __forceinline__ void accumulate_pv(float (&o)[kHeadDim / 8][4], const
 }
 
 // T: the query / out dtype; C: the cache element (T, or __nv_fp8_e4m3 with p.kv_scale).
+// Min. 1 CTA per SM in the launch bounds: without it ptxas held the head_dim 64 kernel to 128
+// registers and spilled 8 bytes; it now takes ~166 (3 CTAs of 128 threads per SM, as the 131 it
+// used before the FP8 path did; shared memory, 24 KiB a CTA, is not the limit).
 template <typename T, typename C, int kHeadDim>
-__global__ void __launch_bounds__(kThreads) paged_prefill_mma_kernel(const PrefillParams p) {
+__global__ void __launch_bounds__(kThreads, 1) paged_prefill_mma_kernel(const PrefillParams p) {
   constexpr int kDimBlocks = kHeadDim / 8;
   constexpr bool kFp8 = sizeof(C) == 1;
   extern __shared__ uint4 smem[];
