@@ -12,6 +12,10 @@ TORCH_LIBRARY(fastinfer, m) {
   m.def("rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor cos_sin_cache) -> ()");
   m.def("silu_and_mul(Tensor(a!) out, Tensor input) -> ()");
   m.def("reshape_and_cache(Tensor key, Tensor value, Tensor(a!) kv_cache, Tensor slot_mapping) -> ()");
+  // rotary_embedding then reshape_and_cache (or reshape_and_cache_fp8 with kv_scale) in one pass.
+  m.def(
+      "rotary_embedding_and_cache(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor value, "
+      "Tensor cos_sin_cache, Tensor(c!) kv_cache, Tensor slot_mapping, Tensor? kv_scale=None) -> ()");
   m.def(
       "paged_prefill_attention(Tensor(a!) out, Tensor query, Tensor kv_cache, Tensor cu_seqlens_q, "
       "Tensor seq_lens, Tensor block_tables, float scale) -> ()");
@@ -48,6 +52,7 @@ TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {
   m.impl("rotary_embedding", &fastinfer::cpu::rotary_embedding);
   m.impl("silu_and_mul", &fastinfer::cpu::silu_and_mul);
   m.impl("reshape_and_cache", &fastinfer::cpu::reshape_and_cache);
+  m.impl("rotary_embedding_and_cache", &fastinfer::cpu::rotary_embedding_and_cache);
   m.impl("paged_prefill_attention", &fastinfer::cpu::paged_prefill_attention);
   m.impl("paged_decode_attention", &fastinfer::cpu::paged_decode_attention);
   m.impl("fp8_quantize_per_token", &fastinfer::cpu::fp8_quantize_per_token);

@@ -161,6 +161,42 @@ def test_reshape_and_cache_padding_only(device, gen):
     assert torch.equal(kv_cache, before)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("head_dim,rotary_dim", [(64, 64), (128, 128), (128, 64)])
+@pytest.mark.parametrize("num_tokens", NUM_TOKENS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_embedding_and_cache_equals_the_two_ops(device, gen, dtype, num_tokens, head_dim, rotary_dim, fp8):
+    """The fused op is, bit for bit, rotary_embedding followed by reshape_and_cache(_fp8), query,
+    key and cache alike, on views into one fused qkv tensor with padding slots."""
+    if fp8 and dtype == torch.float32 and device.type == "cuda":
+        pytest.skip("no fp32 queries over an FP8 cache on CUDA")
+    kw = dict(dtype=dtype, device=device, gen=gen)
+    num_heads, num_kv_heads, block_size = 8, 2, 16
+    num_blocks = -(-num_tokens // block_size) + 2
+    qkv = randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, **kw)
+    positions = torch.randint(4096, (num_tokens,), generator=gen).to(device)
+    cos_sin_cache, _ = make_cos_sin(rotary_dim, 4096, 10000.0, device)
+    slot_mapping = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slot_mapping[1::4] = -1
+    slot_mapping = slot_mapping.to(device)
+    cache_dtype = torch.float8_e4m3fn if fp8 else dtype
+    cache = randn(num_blocks, 2, block_size, num_kv_heads, head_dim, **kw).to(cache_dtype)
+    kv_scale = torch.tensor([0.05, 0.02], device=device) if fp8 else None
+    results = []
+    for fused in (False, True):
+        qkv_i, cache_i = qkv.clone(), cache.clone()
+        q, k, v = qkv_i[:, :num_heads], qkv_i[:, num_heads:num_heads + num_kv_heads], qkv_i[:, num_heads + num_kv_heads:]
+        if fused:
+            ops.rotary_embedding_and_cache(positions, q, k, v, cos_sin_cache, cache_i, slot_mapping, kv_scale=kv_scale)
+        else:
+            ops.rotary_embedding(positions, q, k, cos_sin_cache)
+            ops.reshape_and_cache(k, v, cache_i, slot_mapping, kv_scale=kv_scale)
+        results.append((qkv_i, cache_i.view(torch.uint8) if fp8 else cache_i))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    assert not torch.equal(results[1][0], qkv) or num_tokens == 0
+
+
 # ---- attention -----------------------------------------------------------------------------------
 # TODO(issue 5, CUDA attention kernels): paged_prefill_attention and paged_decode_attention only have
 # CPU implementations; when the CUDA kernels land, these tests take the `device` fixture like the
@@ -327,6 +363,8 @@ def valid_args(op: str, device) -> dict:
     if op == "reshape_and_cache":
         return dict(key=randn(5, 2, 64, **kw), value=randn(5, 2, 64, **kw), kv_cache=randn(4, 2, 16, 2, 64, **kw),
                     slot_mapping=torch.tensor([0, 17, -1, 63, 5], device=device))
+    if op == "rotary_embedding_and_cache":
+        return {**valid_args("rotary_embedding", device), **valid_args("reshape_and_cache", device)}
     kv_cache, block_tables, seq_lens = build_paged_kv([5, 20], 2, 64, 16, torch.float32, gen, poison=False)
     common = dict(kv_cache=kv_cache, block_tables=block_tables, seq_lens=seq_lens, scale=0.125)
     if op == "paged_prefill_attention":
@@ -335,7 +373,8 @@ def valid_args(op: str, device) -> dict:
     return dict(out=randn(2, 4, 64, **kw), query=randn(2, 4, 64, **kw), **common)
 
 
-LAYER_OPS = ["rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "reshape_and_cache"]
+LAYER_OPS = ["rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "reshape_and_cache",
+             "rotary_embedding_and_cache"]
 ATTENTION_OPS = ["paged_prefill_attention", "paged_decode_attention"]
 
 
@@ -411,6 +450,13 @@ LAYER_CASES = [
     ("reshape_and_cache", "slot_mapping", "shape", replace("slot_mapping", drop_row)),
     ("reshape_and_cache", "slot_mapping", "beyond-cache", set_item("slot_mapping", 1, 64)),
     ("reshape_and_cache", "slot_mapping", "below-minus-1", set_item("slot_mapping", 1, -2)),
+    # the fused op validates both halves: a sample of each
+    ("rotary_embedding_and_cache", "positions", "beyond-cache", set_item("positions", 2, 32)),
+    ("rotary_embedding_and_cache", "cos_sin_cache", "dtype", replace("cos_sin_cache", to(torch.float16))),
+    ("rotary_embedding_and_cache", "key", "dtype", replace("key", to(torch.float16))),
+    ("rotary_embedding_and_cache", "value", "shape", replace("value", drop_row)),
+    ("rotary_embedding_and_cache", "kv_cache", "dtype", replace("kv_cache", to(torch.float16))),
+    ("rotary_embedding_and_cache", "slot_mapping", "beyond-cache", set_item("slot_mapping", 1, 64)),
 ]
 
 ATTENTION_CASES = [

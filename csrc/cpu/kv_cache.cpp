@@ -59,4 +59,15 @@ void reshape_and_cache_fp8(const at::Tensor& key, const at::Tensor& value, at::T
   });
 }
 
+void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
+                                const at::Tensor& value, const at::Tensor& cos_sin_cache, at::Tensor& kv_cache,
+                                const at::Tensor& slot_mapping, const std::optional<at::Tensor>& kv_scale) {
+  rotary_embedding(positions, query, key, cos_sin_cache);
+  if (kv_scale.has_value()) {
+    reshape_and_cache_fp8(key, value, kv_cache, slot_mapping, *kv_scale);
+  } else {
+    reshape_and_cache(key, value, kv_cache, slot_mapping);
+  }
+}
+
 }  // namespace fastinfer::cpu

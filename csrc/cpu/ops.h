@@ -12,6 +12,11 @@ void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tenso
 void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
                       const at::Tensor& cos_sin_cache);
 void silu_and_mul(at::Tensor& out, const at::Tensor& input);
+// Exactly rotary_embedding(positions, query, key, cos_sin_cache), then reshape_and_cache (or
+// reshape_and_cache_fp8 when kv_scale is given) of the rotated key and value.
+void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
+                                const at::Tensor& value, const at::Tensor& cos_sin_cache, at::Tensor& kv_cache,
+                                const at::Tensor& slot_mapping, const std::optional<at::Tensor>& kv_scale);
 void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& kv_cache,
                        const at::Tensor& slot_mapping);
 void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,

@@ -8,8 +8,16 @@ namespace fastinfer::torch_glue {
 namespace {
 
 // kv_scale nullptr: the plain op (cache of key's dtype); else fp32 [2] and an e4m3 cache.
+// Rotary embedding fused in front of the write (rotary_embedding_and_cache): query and key rotated in
+// place from positions and cos_sin_cache (the checks of csrc/torch/layers.cpp's rotary binding).
+struct FusedRotary {
+  const at::Tensor& positions;
+  at::Tensor& query;
+  const at::Tensor& cos_sin_cache;
+};
+
 void write_cache(const char* op, const at::Tensor& key, const at::Tensor& value, at::Tensor& kv_cache,
-                 const at::Tensor& slot_mapping, const at::Tensor* kv_scale) {
+                 const at::Tensor& slot_mapping, const at::Tensor* kv_scale, const FusedRotary* rotary = nullptr) {
   // Second line of defence behind python/fastinfer/_ops.py (reshape_and_cache), which raises
   // ValueErrors naming the argument and checks the slot range.
   TORCH_CHECK(key.dim() == 3 && value.sizes() == key.sizes() && kv_cache.dim() == 5 && kv_cache.size(1) == 2 &&
@@ -34,8 +42,31 @@ void write_cache(const char* op, const at::Tensor& key, const at::Tensor& value,
                     kv_scale->is_contiguous() && kv_scale->device() == key.device(),
                 "fastinfer.", op, ": kv_scale must be a contiguous float32 [2] (k_scale, v_scale) on ", key.device());
   }
+  if (rotary != nullptr) {
+    const at::Tensor &q = rotary->query, &pos = rotary->positions, &cs = rotary->cos_sin_cache;
+    TORCH_CHECK(q.dim() == 3 && q.size(0) == key.size(0) && q.size(2) == key.size(2) && q.scalar_type() ==
+                    key.scalar_type() && q.device() == key.device() && (q.numel() == 0 || q.stride(2) == 1),
+                "fastinfer.", op, ": query must be [num_tokens, num_heads, head_dim] of key's dtype and device, "
+                "contiguous in its last dimension");
+    TORCH_CHECK(pos.scalar_type() == at::kLong && pos.dim() == 1 && pos.size(0) == key.size(0) &&
+                    pos.is_contiguous() && pos.device() == key.device(),
+                "fastinfer.", op, ": positions must be a contiguous int64 [num_tokens] on ", key.device());
+    TORCH_CHECK(cs.scalar_type() == at::kFloat && cs.dim() == 2 && cs.is_contiguous() && cs.device() == key.device() &&
+                    cs.size(1) % 2 == 0 && cs.size(1) > 0 && cs.size(1) <= key.size(2),
+                "fastinfer.", op, ": cos_sin_cache must be a contiguous float32 [max_position, rotary_dim] with an "
+                "even rotary_dim <= head_dim on ", key.device());
+  }
   const c10::cuda::CUDAGuard guard(key.device());
   ReshapeAndCacheParams p{};
+  if (rotary != nullptr) {
+    p.positions = rotary->positions.data_ptr<int64_t>();
+    p.cos_sin_cache = rotary->cos_sin_cache.data_ptr<float>();
+    p.query = rotary->query.data_ptr();
+    p.num_heads = static_cast<int>(rotary->query.size(1));
+    p.rotary_dim = static_cast<int>(rotary->cos_sin_cache.size(1));
+    p.query_token_stride = rotary->query.stride(0);
+    p.query_head_stride = rotary->query.stride(1);
+  }
   p.key = key.data_ptr();
   p.value = value.data_ptr();
   p.kv_cache = kv_cache.data_ptr();
@@ -63,10 +94,19 @@ void reshape_and_cache_fp8(const at::Tensor& key, const at::Tensor& value, at::T
   write_cache("reshape_and_cache_fp8", key, value, kv_cache, slot_mapping, &kv_scale);
 }
 
+void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query, at::Tensor& key, const at::Tensor& value,
+                                const at::Tensor& cos_sin_cache, at::Tensor& kv_cache, const at::Tensor& slot_mapping,
+                                const std::optional<at::Tensor>& kv_scale) {
+  const FusedRotary rotary{positions, query, cos_sin_cache};
+  write_cache("rotary_embedding_and_cache", key, value, kv_cache, slot_mapping,
+              kv_scale.has_value() ? &*kv_scale : nullptr, &rotary);
+}
+
 }  // namespace
 }  // namespace fastinfer::torch_glue
 
 TORCH_LIBRARY_IMPL(fastinfer, CUDA, m) {
   m.impl("reshape_and_cache", &fastinfer::torch_glue::reshape_and_cache);
   m.impl("reshape_and_cache_fp8", &fastinfer::torch_glue::reshape_and_cache_fp8);
+  m.impl("rotary_embedding_and_cache", &fastinfer::torch_glue::rotary_embedding_and_cache);
 }

@@ -66,7 +66,11 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
 
     cos_sin_cache: fp32 [max_position, rotary_dim], cos in the first half of a row, sin in the second.
     """
-    op = "rotary_embedding"
+    _check_rotary("rotary_embedding", positions, query, key, cos_sin_cache, check_indices)
+    _ops.rotary_embedding(positions, query, key, cos_sin_cache)
+
+
+def _check_rotary(op: str, positions, query, key, cos_sin_cache, check_indices: bool) -> None:
     _check_float(op, "query", query, ndim=3)
     _check_float(op, "key", key, like=query, ndim=3)
     _check(op, "positions", positions, ndim=1, dtype=torch.int64, device=query.device)
@@ -82,7 +86,6 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
         lo, hi = int(positions.min()), int(positions.max())
         if lo < 0 or hi >= cos_sin_cache.shape[0]:
             _fail(op, f"positions must lie in [0, {cos_sin_cache.shape[0]}) (the cos_sin_cache length), got [{lo}, {hi}]")
-    _ops.rotary_embedding(positions, query, key, cos_sin_cache)
 
 
 def silu_and_mul(input: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -109,7 +112,26 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
     An FP8 (float8_e4m3fn) kv_cache needs kv_scale, fp32 [k_scale, v_scale]: it stores
     e4m3(clamp(key / k_scale, +-448)) and likewise for value.
     """
-    op = "reshape_and_cache"
+    if _check_cache_write("reshape_and_cache", key, value, kv_cache, slot_mapping, check_indices, kv_scale):
+        _ops.reshape_and_cache_fp8(key, value, kv_cache, slot_mapping, kv_scale)
+    else:
+        _ops.reshape_and_cache(key, value, kv_cache, slot_mapping)
+
+
+def rotary_embedding_and_cache(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                               check_indices: bool = True, kv_scale: torch.Tensor | None = None) -> None:
+    """rotary_embedding(positions, query, key, cos_sin_cache) then reshape_and_cache(key, value, ...)
+    in one kernel: query and key are rotated in place, the rotated key and value are cached."""
+    op = "rotary_embedding_and_cache"
+    _check_rotary(op, positions, query, key, cos_sin_cache, check_indices)
+    fp8 = _check_cache_write(op, key, value, kv_cache, slot_mapping, check_indices, kv_scale)
+    _ops.rotary_embedding_and_cache(positions, query, key, value, cos_sin_cache, kv_cache, slot_mapping,
+                                    kv_scale if fp8 else None)
+
+
+def _check_cache_write(op: str, key, value, kv_cache, slot_mapping, check_indices: bool, kv_scale) -> bool:
+    """Validates a KV write; True for an FP8 cache."""
     _check_float(op, "key", key, ndim=3)
     _check_float(op, "value", value, like=key, ndim=3)
     _check_shape(op, "value", value, key.shape)
@@ -123,10 +145,7 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
         lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
         if lo < -1 or hi >= num_slots:
             _fail(op, f"slot_mapping values must be -1 or in [0, {num_slots}), got [{lo}, {hi}]")
-    if fp8:
-        _ops.reshape_and_cache_fp8(key, value, kv_cache, slot_mapping, kv_scale)
-    else:
-        _ops.reshape_and_cache(key, value, kv_cache, slot_mapping)
+    return fp8
 
 
 # ---- attention ------------------------------------------------------------------------------------
@@ -362,7 +381,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gr
 # it implements all of them. The FP8 ops serve `quantization="fp8"` and `kv_cache_dtype="fp8"`,
 # int4_linear the 4-bit quantizations, speculative_verify the engine's speculative decoding.
 MODEL_OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "reshape_and_cache",
-                  "paged_prefill_attention", "paged_decode_attention")
+                  "rotary_embedding_and_cache", "paged_prefill_attention", "paged_decode_attention")
 OP_NAMES = MODEL_OP_NAMES + ("speculative_verify", "int4_linear") + FP8_OP_NAMES
 
 

@@ -66,9 +66,9 @@ class LlamaLayer:
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        ops.rotary_embedding(meta.positions, q, k, cos_sin, check_indices=False)
         kv_scale = self.kv_scale if kv_cache.dtype == FP8 else None
-        ops.reshape_and_cache(k, v, kv_cache, meta.slot_mapping, check_indices=False, kv_scale=kv_scale)
+        ops.rotary_embedding_and_cache(meta.positions, q, k, v, cos_sin, kv_cache, meta.slot_mapping,
+                                       check_indices=False, kv_scale=kv_scale)
         if meta.is_decode:
             return ops.paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, self.scale,
                                               check_indices=False, kv_scale=kv_scale)

@@ -14,6 +14,7 @@
 #include "fastinfer/common.cuh"
 #include "fastinfer/dispatch.cuh"
 #include "fastinfer/kv/kv.h"
+#include "fastinfer/layers/rope.cuh"
 
 namespace fastinfer {
 namespace kv {
@@ -30,10 +31,26 @@ __device__ __forceinline__ auto cache_element(T x, float scale) {
   }
 }
 
-template <typename T, bool kFp8>
+// kRope: rotate query and key in place first (every token, padding too, as rotary_embedding does),
+// then write the rotated key: one launch and one pass over key instead of two.
+template <typename T, bool kFp8, bool kRope>
 __global__ void reshape_and_cache_kernel(ReshapeAndCacheParams p) {
   using C = decltype(cache_element<T, kFp8>(T{}, 1.0f));
   const int64_t t = blockIdx.x;
+  if constexpr (kRope) {
+    const int half = p.rotary_dim / 2;
+    const float* cos = p.cos_sin_cache + p.positions[t] * p.rotary_dim;
+    const float* sin = cos + half;
+    T* q = static_cast<T*>(p.query) + t * p.query_token_stride;
+    T* k = static_cast<T*>(p.key) + t * p.key_token_stride;
+    for (int idx = threadIdx.x; idx < p.num_heads * half; idx += blockDim.x) {
+      rope::rotate(q + (idx / half) * p.query_head_stride, cos, sin, half, idx % half);
+    }
+    for (int idx = threadIdx.x; idx < p.num_kv_heads * half; idx += blockDim.x) {
+      rope::rotate(k + (idx / half) * p.key_head_stride, cos, sin, half, idx % half);
+    }
+    __syncthreads();  // the copy below reads key elements other threads rotated
+  }
   const int64_t slot = p.slot_mapping[t];
   if (slot < 0) return;
   const float k_scale = kFp8 ? p.kv_scale[0] : 1.0f, v_scale = kFp8 ? p.kv_scale[1] : 1.0f;
@@ -55,11 +72,13 @@ __global__ void reshape_and_cache_kernel(ReshapeAndCacheParams p) {
 
 inline cudaError_t launch_reshape_and_cache_impl(const ReshapeAndCacheParams& p, cudaStream_t stream) {
   if (p.num_tokens == 0) return cudaSuccess;
+  const bool rope = p.positions != nullptr;
   return FI_DISPATCH_DTYPE(p.dtype, T, [&] {
+    auto launch = [&](auto kernel) { kernel<<<p.num_tokens, kv::kThreads, 0, stream>>>(p); };
     if (p.kv_scale != nullptr) {
-      kv::reshape_and_cache_kernel<T, true><<<p.num_tokens, kv::kThreads, 0, stream>>>(p);
+      rope ? launch(kv::reshape_and_cache_kernel<T, true, true>) : launch(kv::reshape_and_cache_kernel<T, true, false>);
     } else {
-      kv::reshape_and_cache_kernel<T, false><<<p.num_tokens, kv::kThreads, 0, stream>>>(p);
+      rope ? launch(kv::reshape_and_cache_kernel<T, false, true>) : launch(kv::reshape_and_cache_kernel<T, false, false>);
     }
     return cudaGetLastError();
   });

@@ -12,7 +12,7 @@
 namespace fastinfer {
 
 struct ReshapeAndCacheParams {
-  const void* key;             // [num_tokens, num_kv_heads, head_dim]
+  void* key;                   // [num_tokens, num_kv_heads, head_dim]; written only with positions set
   const void* value;           // [num_tokens, num_kv_heads, head_dim]
   void* kv_cache;              // [num_blocks, 2, block_size, num_kv_heads, head_dim]
   const int64_t* slot_mapping; // [num_tokens]
@@ -23,6 +23,13 @@ struct ReshapeAndCacheParams {
   int num_kv_heads, head_dim, block_size;
   int64_t key_token_stride, key_head_stride, value_token_stride, value_head_stride;
   DType dtype;                  // of key and value
+  // Optional fused rotary embedding (rotary_embedding_and_cache): with positions set, query and key
+  // are first rotated in place exactly as layers.h's RotaryParams describes, then key is written.
+  const int64_t* positions;     // [num_tokens] or nullptr
+  const float* cos_sin_cache;   // [max_position, rotary_dim]
+  void* query;                  // [num_tokens, num_heads, head_dim]
+  int num_heads, rotary_dim;
+  int64_t query_token_stride, query_head_stride;
 };
 cudaError_t launch_reshape_and_cache(const ReshapeAndCacheParams& p, cudaStream_t stream);
 
