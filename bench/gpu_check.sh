@@ -11,6 +11,8 @@
 # COMMIT  the commit this tree is, used when the tree is not a git checkout (a copied working tree).
 # GPU_CHECK_BUDGET_S  seconds all steps may take together (default 420); GPU_CHECK_CLEAN=1: fresh build dir.
 # GPU_CHECK_TESTS=0   skip pytest (a second visit that only benchmarks).
+# GPU_CHECK_REUSE_BUILD=1  keep the CUDA objects of an earlier run in build/gpu_check (a second visit on a
+#                     warm machine: the install takes seconds, but there is no ptxas report this time).
 # GPU_CHECK_BENCH     the benchmarks to run, in order, e.g. "attention e2e" (names: bench_<name>.py and
 #                     prefill_cpp / decode_cpp); default all, by priority: $BENCH_ORDER then the rest.
 #
@@ -100,7 +102,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL
 if [[ "${GPU_CHECK_CLEAN:-0}" == 1 ]]; then rm -rf "$BUILD_DIR"; fi
 # ptxas reports only what it compiles: drop the CUDA objects of an earlier run (the build dir stays
 # on a warm machine) so that every kernel is compiled, and reported, again.
-if [[ -d "$BUILD_DIR" ]]; then find "$BUILD_DIR" -name '*.cu.o' -delete; fi
+if [[ -d "$BUILD_DIR" && "${GPU_CHECK_REUSE_BUILD:-0}" != 1 ]]; then find "$BUILD_DIR" -name '*.cu.o' -delete; fi
 pip_install() {
   FASTINFER_CUDA=ON PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 timeout -k 10 "$(limit 300)" \
     "$PY" -m pip install --no-build-isolation --no-deps -v . \
@@ -169,7 +171,7 @@ elif ((build_rc == 0)); then
   t0=$SECONDS
   test_rc=0
   # SIGINT on timeout: pytest stops like on Ctrl-C and still writes the junit xml of what ran.
-  timeout -s INT -k 20 "$(limit 200)" "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider \
+  timeout -s INT -k 20 "$(limit 200)" "$PY" -m pytest -m cuda -q -rs --durations=25 -p no:cacheprovider \
     --junitxml="$OUT/pytest.xml" tests 2>&1 | tee "$OUT/pytest.log" || test_rc=$?
   record pytest "$test_rc" $((SECONDS - t0)) "$(tail -n 1 "$OUT/pytest.log" | tr -d '=\t' | sed 's/^ *//')"
 else
