@@ -39,7 +39,7 @@ def get_loaded(model, dtype=None, device=None, quantization: str | None = None, 
             _path_cache[key] = load_model(model, dtype, device, quantization)
         return _path_cache[key]
     entry = _hf_cache.get(model)
-    fp = (_fingerprint(model), quantization)
+    fp = (_fingerprint(model), quantization, str(dtype), str(device))
     if entry is None or entry[0] != fp:
         entry = (fp, load_model(model, dtype, device, quantization))
         _hf_cache[model] = entry
