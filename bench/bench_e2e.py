@@ -21,6 +21,8 @@ Offline throughput: --requests requests with ShareGPT-like lengths (log-normal, 
 clipped to [4, 1024], output median 150 clipped to [4, 512], seeded), all submitted at once to the
 engine (max_num_seqs 256); TTFT = first token time - submit time; TPOT = (finish - first token) /
 (output tokens - 1). fastinfer only (HF generate has no continuous batching to compare with).
+Weight formats: bf16, int4 (round-to-nearest, group 128, quantized on the GPU while loading) and
+fp8 (per-channel e4m3, the sm_90a GEMM); the eager baseline and the offline run use bf16.
 short mode (bench/gpu_check.sh): 4 batch sizes, 16 timed steps, HF eager at batches 1 and 32 only,
 no torch.compile peer, 200 offline requests. full mode: 64 steps, HF eager and compile at 1 and 32
 (--hf-batches), 1000 requests; minutes of compilation. --tiny: a 2-layer small model (CPU smoke test).
@@ -240,7 +242,7 @@ def parse_args(argv):
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
     p.add_argument("--hf-batches", type=int, nargs="+", default=[1, 32], help="batches the HF peers run")
     p.add_argument("--quant", nargs="+", default=None, choices=("bf16", "int4", "fp8"),
-                   help="fastinfer weight formats (default: bf16 in short mode, all in full mode)")
+                   help="fastinfer weight formats (default: all three; the eager baseline and the offline run use bf16)")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--requests", type=int, default=None)
@@ -251,7 +253,7 @@ def parse_args(argv):
     full = args.mode == "full"
     args.steps = args.steps or (64 if full else 16)
     args.requests = args.requests if args.requests is not None else (1000 if full else 200)
-    args.quant = args.quant or (["bf16", "int4", "fp8"] if full else ["bf16"])
+    args.quant = args.quant or ["bf16", "int4", "fp8"]
     args.hf_compile = full
     return args
 

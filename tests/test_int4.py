@@ -231,3 +231,18 @@ def test_int4_linear_errors_name_the_argument(change, match):
 def test_packed_int4_shape_property():
     p = PackedInt4(torch.zeros(3, 8 * 128, dtype=torch.int32), torch.zeros(4, 192), 32)
     assert p.shape == (192, 128)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["zeros", "mins", "symmetric"])
+def test_rtn_and_pack_on_the_gpu_equal_the_cpu(mode):
+    """Int4Rows quantizes a dense checkpoint on the weight's device: the GPU must give the CPU's bytes."""
+    from fastinfer.quant.int4 import pack, quantize_rtn
+    w = torch.randn(192, 512, generator=torch.Generator().manual_seed(3)) * 0.05
+    cpu = pack(quantize_rtn(w, 128, mode).to(torch.bfloat16))
+    gpu = pack(quantize_rtn(w.cuda(), 128, mode).to(torch.bfloat16))
+    for name in ("qweight", "scales", "zeros", "mins"):
+        a, b = getattr(cpu, name), getattr(gpu, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert torch.equal(a, b.cpu()), name

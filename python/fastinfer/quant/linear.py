@@ -94,7 +94,7 @@ class Int4Rows:
     def copy_(self, weight: QuantizedWeight | torch.Tensor) -> None:
         lin, quant = self.linear, self.linear.quant
         if isinstance(weight, torch.Tensor):  # dense: round-to-nearest here
-            weight = quantize_rtn(weight.to("cpu", torch.float32), quant.group_size, quant.mode)
+            weight = quantize_rtn(weight.float(), quant.group_size, quant.mode)  # on the weight's device
         if weight.group_size != quant.group_size:
             raise ValueError(f"weight has group_size {weight.group_size}, the model was built for {quant.group_size}")
         packed = pack(weight.with_mode(quant.mode).to(lin.dtype))
