@@ -21,8 +21,8 @@ def test_bench_e2e_tiny_cpu(tmp_path):
     frag = json.loads(out.read_text())
     assert frag["errors"] == []
     rates = {(r["impl"], r["batch"]): r for r in frag["rows"]}
-    assert set(rates) == {("HF eager", 3), ("fastinfer bf16", 1), ("fastinfer bf16", 3),
-                          ("fastinfer bf16 eager", 1), ("fastinfer bf16 eager", 3)}
+    assert set(rates) == {("HF eager", 3), ("fastinfer bf16 eager", 1), ("fastinfer bf16 eager", 3),
+                          *((f"fastinfer {q}", b) for q in ("bf16", "int4", "fp8") for b in (1, 3))}
     assert all(r["tok_s"] > 0 for r in frag["rows"])
     assert rates[("fastinfer bf16", 3)]["vs_hf_eager"] > 0
     offline = frag["offline"][0]
