@@ -38,17 +38,9 @@ __global__ void reshape_and_cache_kernel(ReshapeAndCacheParams p) {
   using C = decltype(cache_element<T, kFp8>(T{}, 1.0f));
   const int64_t t = blockIdx.x;
   if constexpr (kRope) {
-    const int half = p.rotary_dim / 2;
-    const float* cos = p.cos_sin_cache + p.positions[t] * p.rotary_dim;
-    const float* sin = cos + half;
-    T* q = static_cast<T*>(p.query) + t * p.query_token_stride;
-    T* k = static_cast<T*>(p.key) + t * p.key_token_stride;
-    for (int idx = threadIdx.x; idx < p.num_heads * half; idx += blockDim.x) {
-      rope::rotate(q + (idx / half) * p.query_head_stride, cos, sin, half, idx % half);
-    }
-    for (int idx = threadIdx.x; idx < p.num_kv_heads * half; idx += blockDim.x) {
-      rope::rotate(k + (idx / half) * p.key_head_stride, cos, sin, half, idx % half);
-    }
+    rope::rotate_token(static_cast<T*>(p.query) + t * p.query_token_stride, static_cast<T*>(p.key) + t * p.key_token_stride,
+                       p.cos_sin_cache + p.positions[t] * p.rotary_dim, p.rotary_dim, p.num_heads, p.num_kv_heads,
+                       p.query_head_stride, p.key_head_stride);
     __syncthreads();  // the copy below reads key elements other threads rotated
   }
   const int64_t slot = p.slot_mapping[t];

@@ -24,20 +24,27 @@ __device__ __forceinline__ void rotate(T* x, const float* cos, const float* sin,
   x[i + half] = from_float<T>(x2 * cos[i] + x1 * sin[i]);
 }
 
+// Rotates every query and key head of one token; the block's threads stride over (head, pair).
+// Also the first half of kv/append.cuh's fused rotary + KV write.
+template <typename T>
+__device__ __forceinline__ void rotate_token(T* q, T* k, const float* cos, int rotary_dim, int num_heads,
+                                             int num_kv_heads, int64_t q_head_stride, int64_t k_head_stride) {
+  const int half = rotary_dim / 2;
+  const float* sin = cos + half;
+  for (int idx = threadIdx.x; idx < num_heads * half; idx += blockDim.x) {
+    rotate(q + (idx / half) * q_head_stride, cos, sin, half, idx % half);
+  }
+  for (int idx = threadIdx.x; idx < num_kv_heads * half; idx += blockDim.x) {
+    rotate(k + (idx / half) * k_head_stride, cos, sin, half, idx % half);
+  }
+}
+
 template <typename T>
 __global__ void rotary_kernel(RotaryParams p) {
   const int64_t t = blockIdx.x;
-  const int half = p.rotary_dim / 2;
-  const float* cos = p.cos_sin_cache + p.positions[t] * p.rotary_dim;
-  const float* sin = cos + half;
-  T* q = static_cast<T*>(p.query) + t * p.query_token_stride;
-  T* k = static_cast<T*>(p.key) + t * p.key_token_stride;
-  for (int idx = threadIdx.x; idx < p.num_heads * half; idx += blockDim.x) {
-    rotate(q + (idx / half) * p.query_head_stride, cos, sin, half, idx % half);
-  }
-  for (int idx = threadIdx.x; idx < p.num_kv_heads * half; idx += blockDim.x) {
-    rotate(k + (idx / half) * p.key_head_stride, cos, sin, half, idx % half);
-  }
+  rotate_token(static_cast<T*>(p.query) + t * p.query_token_stride, static_cast<T*>(p.key) + t * p.key_token_stride,
+               p.cos_sin_cache + p.positions[t] * p.rotary_dim, p.rotary_dim, p.num_heads, p.num_kv_heads,
+               p.query_head_stride, p.key_head_stride);
 }
 
 }  // namespace rope
