@@ -376,6 +376,8 @@ class Engine:
             self._finish(seq, "length", None)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
+        if self.tokenizer is not None and not isinstance(stop_reason, str):  # a stop string cut the text already
+            detokenize(self.tokenizer, seq, final=True)  # characters held back for an incomplete UTF-8 tail
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self.scheduler.finish(seq)
 
@@ -388,15 +390,20 @@ class Engine:
                              req.seqs[0].num_prefix_hit_tokens)
 
 
-def detokenize(tokenizer, seq: Sequence) -> None:
+def detokenize(tokenizer, seq: Sequence, final: bool = False) -> None:
     """Append the text of seq's new output tokens to seq.text, decoding a window that starts a few
     tokens back (prefix_offset): the text a token adds depends on its neighbours (byte-level BPE
     pieces of one character, SentencePiece's leading space), and a window ending in an incomplete
-    UTF-8 character (U+FFFD) waits for the next token. O(window) per token, not O(length)."""
+    UTF-8 character (U+FFFD) waits for the next token, unless `final` (the sequence has finished:
+    the text ends as the whole output's decode does). O(window) per token, not O(length).
+    The text is tokenizer.decode(output, clean_up_tokenization_spaces=False): that clean-up (" 's"
+    -> "'s", " ." -> ".") can delete characters on either side of a window's edge, so a windowed
+    decode with it on would lose characters that the full decode keeps."""
     ids, skip = seq.output_token_ids, seq.params.skip_special_tokens
-    prefix = tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip)
-    full = tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=skip)
-    if len(full) > len(prefix) and not full.endswith("\ufffd"):
+    prefix = tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip,
+                              clean_up_tokenization_spaces=False)
+    full = tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+    if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
         seq.text += full[len(prefix):]
         seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
 
