@@ -183,3 +183,18 @@ def test_pipelined_decode_with_arrivals_preemption_and_abort(loaded):
     assert engine.pop_finished("a").outputs[0].finish_reason == "abort"
     assert engine.pop_finished("b").outputs[0].token_ids == run_alone(loaded, prompts[1], 40)
     assert engine.blocks.num_in_use == 0
+
+
+def test_static_tables_clear_stale_blocks(loaded):
+    """A row whose table shrinks (a new, shorter sequence in that row) or turns into padding keeps
+    no block of the previous step in its staging row: the copied table is exactly the used blocks."""
+    runner = ModelRunner(loaded.model, num_blocks=16, block_size=16)
+    runner.enable_decode_graphs([1, 4], max_model_len=128, capture=False)
+    g = runner.graphs
+    runner.run([SeqChunk([1], 40, [3, 4, 5]), SeqChunk([1], 20, [6, 7])])
+    assert g.np_tables[0, :3].tolist() == [3, 4, 5] and g.np_tables[1, :2].tolist() == [6, 7]
+    runner.run([SeqChunk([2], 5, [9])])  # bucket 1: row 0 shrinks to one block
+    assert g.np_tables[0].tolist() == [9] + [0] * (g.width - 1)
+    runner.run([SeqChunk([2], 5, [9]), SeqChunk([3], 5, [8])])  # bucket 4: rows 2, 3 padding
+    assert not g.np_tables[1, 1:].any() and not g.np_tables[2:4].any()
+    assert g.np_lens[:4].tolist() == [6, 6, 1, 1] and g.np64[2, 2:4].tolist() == [-1, -1]

@@ -11,7 +11,7 @@ from .loader import LoadedModel
 from .metadata import SeqChunk
 from .outputs import CompletionOutput, RequestOutput
 from .runner import ModelRunner, default_graph_sizes
-from .sampling import make_generator, sample
+from .sampling import make_generator, sample, to_device
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from .sequence import Sequence, SeqStatus
@@ -240,7 +240,7 @@ class Engine:
             input_ids = prev.tokens
             if len(seqs) != len(prev.seqs):
                 row = {id(s): i for i, s in enumerate(prev.seqs)}
-                input_ids = prev.tokens[torch.tensor([row[id(s)] for s in seqs], device=prev.tokens.device)]
+                input_ids = prev.tokens[to_device([row[id(s)] for s in seqs], torch.long, prev.tokens.device)]
         logits = self.runner.run(chunks, input_ids=input_ids)
         tokens = sample(logits, [s.params for s in seqs], [[] for _ in seqs], [s.output_token_ids for s in seqs],
                         None, [s.generator for s in seqs])
@@ -250,7 +250,7 @@ class Engine:
             host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             host.copy_(tokens, non_blocking=True)
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(tokens.device))  # the copy's stream, not the current device's
         else:
             host, ready = tokens, None
         if prev is not None:
