@@ -198,3 +198,22 @@ def test_static_tables_clear_stale_blocks(loaded):
     runner.run([SeqChunk([2], 5, [9]), SeqChunk([3], 5, [8])])  # bucket 4: rows 2, 3 padding
     assert not g.np_tables[1, 1:].any() and not g.np_tables[2:4].any()
     assert g.np_lens[:4].tolist() == [6, 6, 1, 1] and g.np64[2, 2:4].tolist() == [-1, -1]
+
+
+def test_pipelined_decode_reports_a_finished_request_once(loaded):
+    """A request that finishes while the next step is in flight is not reported again by that step
+    (an Engine user who pops later, or never, saw its final output twice)."""
+    prompts = make_prompts(3, seed=5, lo=4, hi=12)
+    greedy, _ = run_engine(loaded, prompts, [SamplingParams(max_tokens=20, **GREEDY)] * 3)
+    params = [SamplingParams(max_tokens=20, stop_token_ids=[o.token_ids[3 + 2 * i]], **GREEDY)  # unforeseeable stops
+              for i, o in enumerate(greedy)]
+    finals = {}
+    for pipelined in (False, True):
+        engine = Engine(loaded, EngineConfig(num_blocks=64, max_num_seqs=8, pipelined_decode=pipelined))
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            engine.add_request(str(i), p, sp)
+        reports = []
+        while engine.has_unfinished():
+            reports += [o.request_id for o in engine.step() if o.finished]  # nothing popped
+        finals[pipelined] = sorted(reports)
+    assert finals[True] == finals[False] == ["0", "1", "2"]

@@ -263,15 +263,16 @@ class Engine:
         self._inflight = self._launch_decode(live, cur) if live and self._can_pipeline(live, 1) else None
         if cur.ready is not None:
             cur.ready.synchronize()
+        touched = set()  # requests this step advanced: not those whose sequences all stopped meanwhile
         for seq, tok in zip(cur.seqs, cur.host.tolist()):
             if seq.is_finished:
                 continue  # stopped (or aborted) after this step was launched
+            touched.add(seq.request_id)
             seq.output_token_ids.append(tok)
             self.num_output_tokens += 1
             self._check_stop(seq, tok)
             if not seq.is_finished:
                 self.blocks.register_full_blocks(seq)
-        touched = {s.request_id for s in cur.seqs}
         return [self._output(self.requests[r]) for r in touched if r in self.requests]
 
     def _propose(self, batch: list[ScheduledSeq]) -> tuple[dict[int, list[int]], torch.Tensor | None]:
