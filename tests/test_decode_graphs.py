@@ -183,3 +183,37 @@ def test_pipelined_decode_with_arrivals_preemption_and_abort(loaded):
     assert engine.pop_finished("a").outputs[0].finish_reason == "abort"
     assert engine.pop_finished("b").outputs[0].token_ids == run_alone(loaded, prompts[1], 40)
     assert engine.blocks.num_in_use == 0
+
+
+def test_static_tables_clear_stale_blocks(loaded):
+    """A row whose table shrinks (a new, shorter sequence in that row) or turns into padding keeps
+    no block of the previous step in its staging row: the copied table is exactly the used blocks."""
+    runner = ModelRunner(loaded.model, num_blocks=16, block_size=16)
+    runner.enable_decode_graphs([1, 4], max_model_len=128, capture=False)
+    g = runner.graphs
+    runner.run([SeqChunk([1], 40, [3, 4, 5]), SeqChunk([1], 20, [6, 7])])
+    assert g.np_tables[0, :3].tolist() == [3, 4, 5] and g.np_tables[1, :2].tolist() == [6, 7]
+    runner.run([SeqChunk([2], 5, [9])])  # bucket 1: row 0 shrinks to one block
+    assert g.np_tables[0].tolist() == [9] + [0] * (g.width - 1)
+    runner.run([SeqChunk([2], 5, [9]), SeqChunk([3], 5, [8])])  # bucket 4: rows 2, 3 padding
+    assert not g.np_tables[1, 1:].any() and not g.np_tables[2:4].any()
+    assert g.np_lens[:4].tolist() == [6, 6, 1, 1] and g.np64[2, 2:4].tolist() == [-1, -1]
+
+
+def test_pipelined_decode_reports_a_finished_request_once(loaded):
+    """A request that finishes while the next step is in flight is not reported again by that step
+    (an Engine user who pops later, or never, saw its final output twice)."""
+    prompts = make_prompts(3, seed=5, lo=4, hi=12)
+    greedy, _ = run_engine(loaded, prompts, [SamplingParams(max_tokens=20, **GREEDY)] * 3)
+    params = [SamplingParams(max_tokens=20, stop_token_ids=[o.token_ids[3 + 2 * i]], **GREEDY)  # unforeseeable stops
+              for i, o in enumerate(greedy)]
+    finals = {}
+    for pipelined in (False, True):
+        engine = Engine(loaded, EngineConfig(num_blocks=64, max_num_seqs=8, pipelined_decode=pipelined))
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            engine.add_request(str(i), p, sp)
+        reports = []
+        while engine.has_unfinished():
+            reports += [o.request_id for o in engine.step() if o.finished]  # nothing popped
+        finals[pipelined] = sorted(reports)
+    assert finals[True] == finals[False] == ["0", "1", "2"]

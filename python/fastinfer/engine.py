@@ -11,7 +11,7 @@ from .loader import LoadedModel
 from .metadata import SeqChunk
 from .outputs import CompletionOutput, RequestOutput
 from .runner import ModelRunner, default_graph_sizes
-from .sampling import make_generator, sample
+from .sampling import make_generator, sample, to_device
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from .sequence import Sequence, SeqStatus
@@ -240,7 +240,7 @@ class Engine:
             input_ids = prev.tokens
             if len(seqs) != len(prev.seqs):
                 row = {id(s): i for i, s in enumerate(prev.seqs)}
-                input_ids = prev.tokens[torch.tensor([row[id(s)] for s in seqs], device=prev.tokens.device)]
+                input_ids = prev.tokens[to_device([row[id(s)] for s in seqs], torch.long, prev.tokens.device)]
         logits = self.runner.run(chunks, input_ids=input_ids)
         tokens = sample(logits, [s.params for s in seqs], [[] for _ in seqs], [s.output_token_ids for s in seqs],
                         None, [s.generator for s in seqs])
@@ -250,7 +250,7 @@ class Engine:
             host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             host.copy_(tokens, non_blocking=True)
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(tokens.device))  # the copy's stream, not the current device's
         else:
             host, ready = tokens, None
         if prev is not None:
@@ -263,15 +263,16 @@ class Engine:
         self._inflight = self._launch_decode(live, cur) if live and self._can_pipeline(live, 1) else None
         if cur.ready is not None:
             cur.ready.synchronize()
+        touched = set()  # requests this step advanced: not those whose sequences all stopped meanwhile
         for seq, tok in zip(cur.seqs, cur.host.tolist()):
             if seq.is_finished:
                 continue  # stopped (or aborted) after this step was launched
+            touched.add(seq.request_id)
             seq.output_token_ids.append(tok)
             self.num_output_tokens += 1
             self._check_stop(seq, tok)
             if not seq.is_finished:
                 self.blocks.register_full_blocks(seq)
-        touched = {s.request_id for s in cur.seqs}
         return [self._output(self.requests[r]) for r in touched if r in self.requests]
 
     def _propose(self, batch: list[ScheduledSeq]) -> tuple[dict[int, list[int]], torch.Tensor | None]:
@@ -376,6 +377,8 @@ class Engine:
             self._finish(seq, "length", None)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
+        if self.tokenizer is not None and not isinstance(stop_reason, str):  # a stop string cut the text already
+            detokenize(self.tokenizer, seq, final=True)  # characters held back for an incomplete UTF-8 tail
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self.scheduler.finish(seq)
 
@@ -388,15 +391,20 @@ class Engine:
                              req.seqs[0].num_prefix_hit_tokens)
 
 
-def detokenize(tokenizer, seq: Sequence) -> None:
+def detokenize(tokenizer, seq: Sequence, final: bool = False) -> None:
     """Append the text of seq's new output tokens to seq.text, decoding a window that starts a few
     tokens back (prefix_offset): the text a token adds depends on its neighbours (byte-level BPE
     pieces of one character, SentencePiece's leading space), and a window ending in an incomplete
-    UTF-8 character (U+FFFD) waits for the next token. O(window) per token, not O(length)."""
+    UTF-8 character (U+FFFD) waits for the next token, unless `final` (the sequence has finished:
+    the text ends as the whole output's decode does). O(window) per token, not O(length).
+    The text is tokenizer.decode(output, clean_up_tokenization_spaces=False): that clean-up (" 's"
+    -> "'s", " ." -> ".") can delete characters on either side of a window's edge, so a windowed
+    decode with it on would lose characters that the full decode keeps."""
     ids, skip = seq.output_token_ids, seq.params.skip_special_tokens
-    prefix = tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip)
-    full = tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=skip)
-    if len(full) > len(prefix) and not full.endswith("\ufffd"):
+    prefix = tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip,
+                              clean_up_tokenization_spaces=False)
+    full = tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+    if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
         seq.text += full[len(prefix):]
         seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
 

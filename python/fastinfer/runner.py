@@ -97,7 +97,10 @@ class DecodeGraphs:
         self.np64 = self.host64.numpy()  # cheap element and row writes from Python lists
         self.np_lens, self.np_tables = self._split32(self.host32.numpy())
         self.copied = torch.cuda.Event() if pin else None  # the staging buffers are free again
-        self._pad(0)
+        # per row of np_tables: columns that may be non-zero (the rest are 0), so that a step writes
+        # O(blocks in use) host entries, not rows * width (width ~ max_model_len / block_size)
+        self.row_blocks = [0] * b
+        self._pad(0, b)
         self.outputs: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.num_steps = 0  # decode steps this path ran (replays when captured)
@@ -123,18 +126,21 @@ class DecodeGraphs:
         return (len(chunks) <= self.max_batch
                 and all(len(c.token_ids) == 1 and c.need_logits and not c.all_logits for c in chunks))
 
-    def _pad(self, first: int) -> None:
-        """Rows from `first` on are padding: token 0 at position 0, no KV write, one key of block 0."""
-        self.np64[:, first:] = 0
-        self.np64[2, first:] = -1
-        self.np_lens[first:] = 1
-        self.np_tables[first:] = 0
+    def _pad(self, first: int, last: int) -> None:
+        """Rows first .. last - 1 are padding: token 0 at position 0, no KV write, one key of block 0."""
+        self.np64[:, first:last] = 0
+        self.np64[2, first:last] = -1
+        self.np_lens[first:last] = 1
+        dirty = max(self.row_blocks[first:last], default=0)
+        if dirty:
+            self.np_tables[first:last, :dirty] = 0
+            self.row_blocks[first:last] = [0] * (last - first)
 
     def run(self, chunks: list[SeqChunk], input_ids: torch.Tensor | None = None) -> torch.Tensor:
         n, bs, nb = len(chunks), self.runner.block_size, self.runner.num_blocks
         if self.copied is not None:
             self.copied.synchronize()  # the previous step's copies have left the staging buffers
-        np64, lens, tables = self.np64, self.np_lens, self.np_tables
+        np64, lens, tables, widest = self.np64, self.np_lens, self.np_tables, 0
         for i, c in enumerate(chunks):
             table, p = c.block_table, c.start
             if p >= self.max_len:
@@ -145,20 +151,24 @@ class DecodeGraphs:
             used = table[:p // bs + 1]
             np64[0, i], np64[1, i], np64[2, i] = c.token_ids[0], p, table[p // bs] * bs + p % bs
             lens[i] = p + 1
-            tables[i, :len(used)] = used
-            tables[i, len(used):] = 0
-        if n and (tables[:n].min() < 0 or tables[:n].max() >= nb):  # one vectorised check of every used block
+            k, dirty = len(used), self.row_blocks[i]
+            tables[i, :k] = used
+            if dirty > k:
+                tables[i, k:dirty] = 0
+            self.row_blocks[i] = k
+            widest = max(widest, k)
+        if n and (tables[:n, :widest].min() < 0 or tables[:n, :widest].max() >= nb):  # every used block at once
             raise ValueError(f"a block table has a block outside [0, {nb})")
         b = self.bucket(n)
-        self._pad(n)
+        self._pad(n, b)  # rows past b are neither copied nor read
         self.dev64.copy_(self.host64, non_blocking=True)  # whole (contiguous): 24 bytes a row
         w, m = self.width, self.max_batch
         self.dev32[:b].copy_(self.host32[:b], non_blocking=True)
         self.dev32[m:m + b * w].copy_(self.host32[m:m + b * w], non_blocking=True)
         if input_ids is not None:
             self.dev64[0, :n].copy_(input_ids, non_blocking=True)  # after the staging copy, in stream order
-        if self.copied is not None:
-            self.copied.record()
+        if self.copied is not None:  # on the copies' stream: the model's device need not be the current one
+            self.copied.record(torch.cuda.current_stream(self.runner.device))
         self.num_steps += 1
         if not self.capture:
             return self.runner.model.forward(self.meta(b), self.runner.kv_caches)[:n]
@@ -168,10 +178,16 @@ class DecodeGraphs:
     def _capture(self) -> None:
         """Largest bucket first so that the smaller graphs reuse its memory pool. The padding rows
         write no KV, so capturing leaves the cache untouched."""
+        with torch.cuda.device(self.runner.device):  # streams, capture and sync on the model's device
+            self._capture_all()
+
+    def _capture_all(self) -> None:
         model, caches = self.runner.model, self.runner.kv_caches
         self.dev64.copy_(self.host64)
         self.dev32.copy_(self.host32)
-        pool = None
+        # one capture stream for every bucket: the caching allocator reuses a pool's freed blocks only
+        # on the stream that freed them (torch's shared default stream may live on another device)
+        pool, capture_stream = None, torch.cuda.Stream()
         for b in reversed(self.sizes):
             meta = self.meta(b)
             side = torch.cuda.Stream()
@@ -180,7 +196,7 @@ class DecodeGraphs:
                 model.forward(meta, caches)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, stream=capture_stream):
                 self.outputs[b] = model.forward(meta, caches)
             pool = graph.pool()
             self.graphs[b] = graph

@@ -30,9 +30,19 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
     return generator
 
 
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a tensor on `device` without a host sync: torch.tensor(values, device=cuda)
+    copies from pageable memory and waits for the stream to drain, which would stall the engine's
+    pipelined decode until the step it just launched has finished. Pinned + non_blocking does not
+    wait (the pinned block is kept until the copy has run)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 def _row_values(values: list[float], like: torch.Tensor) -> torch.Tensor:
     """Per-row parameters as an fp32 column `[B, 1]` on the device of `like`."""
-    return torch.tensor(values, dtype=torch.float32, device=like.device).unsqueeze(1)
+    return to_device(values, torch.float32, like.device).unsqueeze(1)
 
 
 def _scatter_index(id_lists: list[list[int]], vocab_size: int, device: torch.device):
@@ -155,7 +165,7 @@ def _apply_warpers(logits, params):
         logits = logits / _row_values(temperature, logits)
     if any(p.top_k > 0 for p in sampling):
         top_k = [0 if p.greedy else min(max(p.top_k, 0), vocab_size) for p in params]
-        top_k_rows = torch.tensor(top_k, dtype=torch.long, device=logits.device)
+        top_k_rows = to_device(top_k, torch.long, logits.device)
         logits = apply_top_k(logits, top_k_rows, max(top_k))
     if any(p.top_p < 1.0 for p in sampling):
         threshold = [-1.0 if p.greedy or p.top_p >= 1.0 else 1.0 - p.top_p for p in params]
@@ -188,7 +198,7 @@ def _exponential_noise(probs, params, generators):
     if len(default_rows) == len(params):
         noise.exponential_()
     elif default_rows:
-        rows = torch.tensor(default_rows, device=probs.device)
+        rows = to_device(default_rows, torch.long, probs.device)
         noise[rows] = torch.empty(len(default_rows), probs.shape[1], device=probs.device).exponential_()
     for row, (p, generator) in enumerate(zip(params, generators)):
         if generator is not None and not p.greedy:
@@ -219,5 +229,5 @@ def sample(
     sampled = (probs / _exponential_noise(probs, params, generators)).argmax(dim=-1)
     if not any(is_greedy):
         return sampled
-    greedy_rows = torch.tensor(is_greedy, device=logits.device)
+    greedy_rows = to_device(is_greedy, torch.bool, logits.device)
     return torch.where(greedy_rows, processed.argmax(dim=-1), sampled)
