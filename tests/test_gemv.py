@@ -12,6 +12,8 @@ import torch
 
 import reference as ref
 from fastinfer import ops
+from fastinfer.models import linear as linear_mod
+from fastinfer.models.linear import Linear, use_dense_gemv
 
 DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
 
@@ -131,3 +133,38 @@ def _valid_args() -> dict:
 def test_errors_name_the_argument(change, match):
     with pytest.raises(ValueError, match=match):
         ops.dense_gemv(**{**_valid_args(), **change})
+
+
+# ---- the model's dispatch --------------------------------------------------------------------------------
+
+CUDA = torch.device("cuda")  # a device object only: no GPU needed to ask the decision
+
+
+@pytest.mark.parametrize("device, m, k, dtype, expected", [
+    (CUDA, 1, 4096, torch.bfloat16, True),
+    (CUDA, 8, 14336, torch.float16, True),
+    (CUDA, 9, 4096, torch.bfloat16, False),      # prefill / large batches: cuBLAS
+    (CUDA, 0, 4096, torch.bfloat16, False),
+    (CUDA, 4, 4100, torch.bfloat16, False),      # rows not 16-byte multiples
+    (CUDA, 1, 4096, torch.float32, False),
+    (torch.device("cpu"), 1, 4096, torch.bfloat16, False),  # the CPU keeps F.linear
+])
+def test_use_dense_gemv(device, m, k, dtype, expected):
+    assert use_dense_gemv(device, m, k, dtype) is expected
+
+
+def test_linear_routes_by_the_decision(monkeypatch):
+    """Linear calls ops.dense_gemv exactly when use_dense_gemv says so (forced here on the CPU)."""
+    layer = Linear(64, 16, torch.float32, torch.device("cpu"), bias=True)
+    layer.weight.copy_(torch.randn(16, 64))
+    layer.bias.copy_(torch.randn(16))
+    x = torch.randn(3, 64)
+    calls = []
+    real = ops.dense_gemv
+    monkeypatch.setattr(ops, "dense_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    plain = layer(x)
+    assert calls == [] and torch.allclose(plain, torch.nn.functional.linear(x, layer.weight, layer.bias))
+    monkeypatch.setattr(linear_mod, "use_dense_gemv", lambda *a: True)
+    routed = layer(x)
+    assert calls == [1]
+    check_close(routed, x, layer.weight, layer.bias)

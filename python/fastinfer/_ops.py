@@ -416,9 +416,10 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 # MODEL_OP_NAMES: what the default (unquantized) model runs; a device is used by default only when
 # it implements all of them. The FP8 ops serve `quantization="fp8"` and `kv_cache_dtype="fp8"`,
 # int4_linear the 4-bit quantizations, speculative_verify the engine's speculative decoding.
+# dense_gemv runs the dense projections of decode steps on CUDA (models/linear.py: use_dense_gemv).
 MODEL_OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "reshape_and_cache",
-                  "rotary_embedding_and_cache", "paged_prefill_attention", "paged_decode_attention")
-OP_NAMES = MODEL_OP_NAMES + ("speculative_verify", "int4_linear", "dense_gemv") + FP8_OP_NAMES
+                  "rotary_embedding_and_cache", "paged_prefill_attention", "paged_decode_attention", "dense_gemv")
+OP_NAMES = MODEL_OP_NAMES + ("speculative_verify", "int4_linear") + FP8_OP_NAMES
 
 
 def _register_fakes() -> None:
