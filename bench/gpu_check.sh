@@ -33,7 +33,7 @@ OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-$(command -v python || command -v python3)}
 BUILD_DIR=build/gpu_check
 BUDGET=${GPU_CHECK_BUDGET_S:-420}
-BENCH_ORDER="layers prefill_cpp decode_cpp attention int4 fp8 fp8_kv spec_verify e2e"
+BENCH_ORDER="layers gemv prefill_cpp decode_cpp attention int4 fp8 fp8_kv spec_verify e2e"
 if [[ -n "${GPU_CHECK_BENCH:-}" ]]; then
   SELECTED=" $GPU_CHECK_BENCH "
 else

@@ -44,6 +44,8 @@ TORCH_LIBRARY(fastinfer, m) {
   m.def(
       "int4_linear(Tensor(a!) out, Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? mins, "
       "int group_size) -> ()");
+  // Decode-sized dense linear: out [M <= 8, N] = x [M, K] @ weight [N, K]^T (+ bias [N]).
+  m.def("dense_gemv(Tensor(a!) out, Tensor x, Tensor weight, Tensor? bias) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {
@@ -63,4 +65,5 @@ TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {
   m.impl("paged_decode_attention_fp8", &fastinfer::cpu::paged_decode_attention_fp8);
   m.impl("speculative_verify", &fastinfer::cpu::speculative_verify);
   m.impl("int4_linear", &fastinfer::cpu::int4_linear);
+  m.impl("dense_gemv", &fastinfer::cpu::dense_gemv);
 }

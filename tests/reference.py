@@ -162,3 +162,8 @@ def fp8_dequantize_kv(kv_cache: torch.Tensor, kv_scale: torch.Tensor, dtype: tor
     (dequantized in fp32 or fp64, then rounded to ``dtype``)."""
     wide = torch.float64 if dtype == torch.float64 else torch.float32
     return (kv_cache.to(wide) * kv_scale.to(wide).reshape(1, 2, 1, 1, 1)).to(dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T (+ bias [N]) in ``dtype``, as torch.nn.Linear computes it."""
+    return torch.nn.functional.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))

@@ -375,13 +375,50 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gr
     return out
 
 
+# ---- decode-sized dense linear -------------------------------------------------------------------
+
+GEMV_MAX_M = 8  # rows of x the kernel takes (kGemvMaxM in csrc/include/fastinfer/gemm/gemv.h)
+
+
+def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """out [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N]) for 1 <= M <= 8, K a multiple of 8:
+    the weight-streaming kernel of decode steps. fp32 accumulation, one rounding to x's dtype;
+    float16 / bfloat16 on CUDA (any float dtype on the CPU). x and out rows may be strided."""
+    op = "dense_gemv"
+    _check_float(op, "x", x, ndim=2)
+    if x.device.type == "cuda" and x.dtype == torch.float32:
+        _fail(op, "x must be float16 or bfloat16 on CUDA (the kernel multiplies on the tensor cores), got float32")
+    m, k = x.shape
+    if not 1 <= m <= GEMV_MAX_M:
+        _fail(op, f"x must have 1 to {GEMV_MAX_M} rows (M), got {m}: use a GEMM for larger M")
+    if k == 0 or k % 8:
+        _fail(op, f"x's last dimension K must be a positive multiple of 8 (16-byte rows), got {k}")
+    _check(op, "weight", weight, ndim=2, dtype=x.dtype, device=x.device, contiguous=True)
+    n = weight.shape[0]
+    _check_shape(op, "weight", weight, (n, k))
+    if bias is not None:
+        _check(op, "bias", bias, ndim=1, dtype=x.dtype, device=x.device, contiguous=True)
+        _check_shape(op, "bias", bias, (n,))
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    _check_float(op, "out", out, like=x, ndim=2)
+    _check_shape(op, "out", out, (m, n))
+    _check_aligned_rows(op, "x", x)
+    if weight.device.type == "cuda" and weight.data_ptr() % 16:
+        _fail(op, "weight must start on a 16-byte boundary on CUDA")
+    _ops.dense_gemv(out, x, weight, bias)
+    return out
+
+
 # ---- fake (meta) implementations: every op writes its outputs in place and returns nothing --------
 
 # MODEL_OP_NAMES: what the default (unquantized) model runs; a device is used by default only when
 # it implements all of them. The FP8 ops serve `quantization="fp8"` and `kv_cache_dtype="fp8"`,
 # int4_linear the 4-bit quantizations, speculative_verify the engine's speculative decoding.
+# dense_gemv runs the dense projections of decode steps on CUDA (models/linear.py: use_dense_gemv).
 MODEL_OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "reshape_and_cache",
-                  "rotary_embedding_and_cache", "paged_prefill_attention", "paged_decode_attention")
+                  "rotary_embedding_and_cache", "paged_prefill_attention", "paged_decode_attention", "dense_gemv")
 OP_NAMES = MODEL_OP_NAMES + ("speculative_verify", "int4_linear") + FP8_OP_NAMES
 
 

@@ -1,7 +1,10 @@
 """Linear layers of the model, and the one place that decides each projection's kind.
 
 A projection is one of three kinds, picked by ``make_linear`` from the model's quantization:
-  dense   (None)          weight [out, in] in the model dtype; torch GEMM (cuBLAS on GPU).
+  dense   (None)          weight [out, in] in the model dtype; torch GEMM (cuBLAS on GPU), except
+                          decode-sized inputs on CUDA (``use_dense_gemv``): fastinfer.ops.dense_gemv,
+                          built to stream the weight at the memory's rate (cuBLAS reaches ~2/3
+                          of it at M = 1 on an H200).
   FP8     ("fp8")         weight e4m3 [out, in] with one fp32 scale per output channel; the
                           activations are quantized per token on the fly and multiplied by
                           fastinfer's scaled FP8 GEMM (fastinfer.ops.fp8_linear).
@@ -59,13 +62,31 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_scale is None:
-            return F.linear(x, self.weight, self.bias)
+            return dense_linear(x, self.weight, self.bias)
         return ops.fp8_linear(x, self.weight, self.weight_scale, self.bias)
 
     def rows(self, start: int = 0, stop: int | None = None) -> LinearRows:
         stop = self.weight.shape[0] if stop is None else stop
         scale = None if self.weight_scale is None else self.weight_scale[start:stop]
         return LinearRows(self.weight[start:stop], scale)
+
+
+GEMV_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def use_dense_gemv(device: torch.device, num_tokens: int, in_features: int, dtype: torch.dtype) -> bool:
+    """Whether a dense projection of x [num_tokens, in_features] runs fastinfer's decode GEMV: on
+    CUDA, for 1..8 tokens, 16-byte rows (in_features % 8 == 0) and a 16-bit dtype. Everything
+    else (prefill, the CPU, fp32) takes F.linear."""
+    return (device.type == "cuda" and 1 <= num_tokens <= ops.GEMV_MAX_M and in_features % 8 == 0
+            and dtype in GEMV_DTYPES)
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [num_tokens, in] @ weight [out, in]^T (+ bias): dense_gemv where use_dense_gemv says so, else F.linear."""
+    if x.dim() == 2 and weight.dtype == x.dtype and use_dense_gemv(x.device, x.shape[0], x.shape[1], x.dtype):
+        return ops.dense_gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def linear_kind(quantization: str | QuantConfig | None) -> str | QuantConfig | None:

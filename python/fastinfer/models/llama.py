@@ -2,8 +2,9 @@
 
 Weights are fused at load time: q/k/v projections into one [(H + 2 Hkv) D, hidden] matrix and
 gate/up into one [2 F, hidden] matrix, so a layer runs two GEMMs where HF runs five. Each
-projection is dense (torch GEMM, cuBLAS on GPU), FP8 (quantization="fp8") or 4-bit (a QuantConfig:
-int4 / gptq / awq / gguf); models/linear.py decides which. Everything else is a fastinfer op.
+projection is dense (torch GEMM, cuBLAS on GPU; fastinfer's dense_gemv for decode steps of <= 8
+tokens on CUDA, the LM head too), FP8 (quantization="fp8") or 4-bit (a QuantConfig: int4 / gptq /
+awq / gguf); models/linear.py decides which. Everything else is a fastinfer op.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from ..metadata import AttnMetadata
 from ..quant import fp8
 from ..quant.int4 import QuantizedWeight
 from ..quant.linear import Int4Rows, QuantConfig
-from .linear import LinearRows, linear_kind, make_linear
+from .linear import LinearRows, dense_linear, linear_kind, make_linear
 from .rope import cos_sin_cache
 
 
@@ -109,7 +110,7 @@ class LlamaForCausalLM:
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer.forward(hidden, residual, kv_cache, meta, self.cos_sin)
         ops.fused_add_rms_norm(hidden, residual, self.norm, self.config.rms_norm_eps)
-        return F.linear(hidden[meta.logits_indices], self.lm_head).float()
+        return dense_linear(hidden[meta.logits_indices], self.lm_head).float()
 
     # ---- weights ---------------------------------------------------------------------------------
 

@@ -1,0 +1,198 @@
+// Dense decode GEMM: out[M, N] = x[M, K] @ W[N, K]^T (+ bias[N]), M = 1..8, bf16 / fp16 in and out,
+// fp32 accumulation. At decode sizes the product is a pure weight stream: 2 N K bytes of W against
+// 2 M (N + K) bytes of everything else, so the only goal is to read W at the memory's full rate.
+//
+// Why tensor cores in a GEMV. x^T [K, M <= 8] is exactly the n8 B operand of mma.sync.m16n8k16,
+// with W as the row-major A operand (16 rows of W x 16 k). One mma per 512 bytes of W is far
+// below the tensor cores' rate, and it replaces what CUDA cores would spend at M = 8 (8 FMAs plus
+// conversions per weight, close to the SM's FP32 issue rate at 4 TB/s) and the final warp-shuffle
+// reductions: the mma sums over k itself, so one kernel with one code path serves every M. Columns
+// m >= M of the B fragment are zero; the garbage they would not produce is simply not stored.
+//
+// Fragment order without shuffles. A dot product does not care in which order k is summed, so the
+// kernel maps the mma's k index to memory such that every operand is one 16-byte load per lane.
+// Lane L = 4 g + c loads 8 consecutive k (k = 8 c .. 8 c + 7 of a 32-k step) from W rows g and
+// g + 8 and from x row g. Its words (.x .y .z .w = k pairs 0-1, 2-3, 4-5, 6-7) feed two mmas:
+//     mma 0: a = {wl.x, wh.x, wl.y, wh.y}, b = {xv.x, xv.y}    (mma k 2c, 2c+1 <-> 8c, 8c+1;
+//     mma 1: a = {wl.z, wh.z, wl.w, wh.w}, b = {xv.z, xv.w}     mma k 2c+8, 2c+9 <-> 8c+2, 8c+3; ...)
+// The mapping depends on the mma k index only, so A and B agree and the sum is exact as written.
+// A warp instruction reads 64 contiguous bytes from each of 8 rows: whole 32-byte sectors.
+//
+// Parallelisation. A CTA (8 warps) owns 16 rows of W (one mma tile) and the whole of K; its warps
+// split K into 128-k chunks taken round-robin (warp w: chunks w, w + 8, ...), so together they
+// stream each row front to back. A warp issues all loads of a chunk (4 steps x 2 rows of W = 8
+// x 16 B per lane, 4 KiB per warp, plus 4 x 16 B of x) before its first mma. Partial 16 x 8 tiles
+// of the 8 warps are added through 4 KiB of shared memory in a fixed order (deterministic), then
+// bias is added in fp32 and each output rounded once. Rows past N re-read row N - 1 (no branch in
+// the loop) and are not stored; a partial last chunk predicates its loads (K % 8 == 0 keeps every
+// 16-byte piece wholly inside or outside the row).
+//
+// Registers. __launch_bounds__(256, 2) lets ptxas use 128 registers a thread; with that budget it
+// hoists the loads of two chunks (its 2x unroll of the K loop: 16 x 16 B of W per lane, 8 KiB per
+// warp) above their mmas. At the default budget it chose ~70 registers and interleaved loads with
+// mmas, leaving ~6 loads in flight. 2 CTAs x 8 warps x 8 KiB = 128 KiB in flight per SM.
+//
+// Loads. W is read exactly once: ld.global.nc.L1::no_allocate (no L1 pollution) with a 256-byte
+// L2 prefetch hint. x (<= 8 x K x 2 bytes) is read by every CTA: ld.global.nc, served by L1 / L2.
+//
+// Roofline (H200, 132 SMs, 4.28 TB/s copy bandwidth; GPU.md). Llama-3-8B gate_up 4096 -> 28672:
+// 235 MB of weights = 55 us at 4.28 TB/s; 14336 -> 4096: 117 MB = 27.5 us (cuBLAS: 41 us, 67%).
+// Little's law: ~4 TB/s x ~1 us loaded latency = ~4 MB in flight = ~30 KiB per SM. With 128
+// registers a thread, 2 CTAs (16 warps) fit an SM, each warp holding 8 KiB of W in flight:
+// 128 KiB per SM, ample headroom for ~90% of copy bandwidth on the large shapes. Small N has
+// few CTAs (N / 16): at N = 4096 that is 256 CTAs, ~2 per SM, still ~128 KiB in flight per SM;
+// below N ~ 2048 (fewer CTAs than SMs) the kernel is correct but cannot fill the machine
+// (there is no split-K across CTAs).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "fastinfer/common.cuh"
+#include "fastinfer/gemm/gemv.h"
+
+namespace fastinfer {
+namespace gemv {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * kWarpSize;
+constexpr int kTileN = 16;                          // rows of W per CTA: the mma's M dimension
+constexpr int kVecElems = 8;                        // 16-byte loads of 16-bit elements
+constexpr int kStepK = 4 * kVecElems;               // k per step: 4 lanes (c) x 8 elements, two mmas
+constexpr int kStepsPerChunk = 4;                   // steps whose loads are in flight together
+constexpr int kChunkK = kStepK * kStepsPerChunk;    // 128 k per chunk
+
+// d += a (16x16 row major) * b (16x8 col major), fp32 accumulate. Needs sm_80 (bf16 mma).
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // not built for pre-Ampere targets (FASTINFER_CUDA_ARCHS is 80 or newer)
+#else
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+#endif
+}
+
+// Loads and mmas are volatile asm so that the PTX keeps their program order (all loads of a chunk,
+// then its mmas); the SASS order is ptxas's, see "Registers" above.
+
+// 16 bytes of a read-once stream: bypass L1, ask L2 to fetch the surrounding 256 bytes.
+__device__ __forceinline__ uint4 load_stream(const void* ptr) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(ptr));
+  return v;
+}
+
+// 16 bytes of x, which every CTA reads: cached in L1.
+__device__ __forceinline__ uint4 load_shared_input(const void* ptr) {
+  uint4 v;
+  asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(ptr));
+  return v;
+}
+
+// One 128-k chunk starting at k0: issue every load, then the 2 x kStepsPerChunk mmas. The lane's
+// pointers already include its 8 c offset; k_left = K - 8 c - k0 elements remain from its first piece.
+template <typename T, bool kPartial>
+__device__ __forceinline__ void chunk_mma(float (&acc0)[4], float (&acc1)[4], const T* w_lo, const T* w_hi,
+                                          const T* x_row, bool has_x, int64_t k0, int64_t k_left) {
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  uint4 wl[kStepsPerChunk], wh[kStepsPerChunk], xv[kStepsPerChunk];
+#pragma unroll
+  for (int s = 0; s < kStepsPerChunk; ++s) {
+    const bool in_row = !kPartial || s * kStepK < k_left;
+    const int64_t k = k0 + s * kStepK;
+    wl[s] = in_row ? load_stream(w_lo + k) : zero;
+    wh[s] = in_row ? load_stream(w_hi + k) : zero;
+    // Unconditional load (lanes past M read row 0: the same sectors as the lanes of row 0), then a
+    // select: a conditional load here became a branch that ptxas would not hoist the next loads over.
+    const uint4 v = kPartial && !in_row ? zero : load_shared_input(x_row + k);
+    xv[s] = has_x ? v : zero;
+  }
+#pragma unroll
+  for (int s = 0; s < kStepsPerChunk; ++s) {
+    mma_16816<T>(acc0, wl[s].x, wh[s].x, wl[s].y, wh[s].y, xv[s].x, xv[s].y);
+    mma_16816<T>(acc1, wl[s].z, wh[s].z, wl[s].w, wh[s].w, xv[s].z, xv[s].w);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams p) {
+  __shared__ float4 partial[kWarps][kWarpSize];  // each warp's 16 x 8 tile in D-fragment order
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int g = lane / 4, c = lane % 4;
+  const int row0 = blockIdx.x * kTileN;
+  // Rows past N (last tile only) re-read row N - 1; their sums are never stored.
+  const int64_t row_lo = min(row0 + g, p.n - 1), row_hi = min(row0 + g + 8, p.n - 1);
+  const T* weight = static_cast<const T*>(p.weight);
+  const T* w_lo = weight + row_lo * p.k + kVecElems * c;
+  const T* w_hi = weight + row_hi * p.k + kVecElems * c;
+  const bool has_x = g < p.m;  // B column g = x row g; zero beyond M
+  const T* x_row = static_cast<const T*>(p.x) + (has_x ? g : 0) * p.x_stride + kVecElems * c;
+
+  float acc0[4] = {0.f, 0.f, 0.f, 0.f}, acc1[4] = {0.f, 0.f, 0.f, 0.f};
+  const int64_t num_full = p.k / kChunkK;
+  int64_t chunk = warp;
+  for (; chunk < num_full; chunk += kWarps) {
+    chunk_mma<T, false>(acc0, acc1, w_lo, w_hi, x_row, has_x, chunk * kChunkK, 0);
+  }
+  if (chunk == num_full && p.k % kChunkK != 0) {  // the partial last chunk falls to this warp
+    const int64_t k0 = chunk * kChunkK;
+    chunk_mma<T, true>(acc0, acc1, w_lo, w_hi, x_row, has_x, k0, p.k - k0 - kVecElems * c);
+  }
+  partial[warp][lane] = make_float4(acc0[0] + acc1[0], acc0[1] + acc1[1], acc0[2] + acc1[2], acc0[3] + acc1[3]);
+  __syncthreads();
+
+  // Thread t < 128 finishes fragment value j = t % 4 of lane t / 4: D row g (+ 8 for j >= 2), column 2 c + j % 2.
+  if (threadIdx.x >= kWarpSize * 4) return;
+  const int src = threadIdx.x / 4, j = threadIdx.x % 4;
+  const float* flat = reinterpret_cast<const float*>(&partial[0][0]);
+  float sum = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) sum += flat[(w * kWarpSize) * 4 + threadIdx.x];  // fixed order
+  const int n = row0 + src / 4 + (j >= 2 ? 8 : 0);
+  const int m = 2 * (src % 4) + (j % 2);
+  if (n >= p.n || m >= p.m) return;
+  if (p.bias != nullptr) sum += to_float(static_cast<const T*>(p.bias)[n]);
+  static_cast<T*>(p.out)[m * p.out_stride + n] = from_float<T>(sum);
+}
+
+template <typename T>
+cudaError_t launch_typed(const DenseGemvParams& p, cudaStream_t stream) {
+  const unsigned tiles = static_cast<unsigned>(ceil_div(p.n, kTileN));
+  dense_gemv_kernel<T><<<tiles, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace gemv
+
+inline cudaError_t launch_dense_gemv_impl(const DenseGemvParams& p, cudaStream_t stream) {
+  const auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  if (p.m < 0 || p.m > kGemvMaxM || p.n < 0 || p.k <= 0 || p.k % gemv::kVecElems != 0 ||
+      p.x_stride % gemv::kVecElems != 0 || !aligned16(p.x) || !aligned16(p.weight)) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.m == 0 || p.n == 0) return cudaSuccess;
+  switch (p.dtype) {
+    case DType::kBFloat16: return gemv::launch_typed<__nv_bfloat16>(p, stream);
+    case DType::kFloat16: return gemv::launch_typed<__half>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace fastinfer

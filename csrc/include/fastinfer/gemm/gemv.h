@@ -1,0 +1,31 @@
+// Dense decode GEMM ("GEMV"): out[M, N] = x[M, K] @ W[N, K]^T (+ bias[N]) for M = 1..8.
+// Host-compiler safe: the torch binding includes this; the kernel lives in gemm/gemv.cuh, whose
+// header comment explains the design and the bandwidth arithmetic.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "fastinfer/types.h"
+
+namespace fastinfer {
+
+constexpr int kGemvMaxM = 8;  // rows of x: one mma n8 tile
+
+struct DenseGemvParams {
+  void* out;            // [M, N], rows out_stride elements apart
+  const void* x;        // [M, K], rows x_stride elements apart (x_stride % 8 == 0, 16-byte aligned)
+  const void* weight;   // [N, K], contiguous, 16-byte aligned
+  const void* bias;     // [N] or nullptr
+  int m;                // 1..kGemvMaxM
+  int n;                // >= 1
+  int64_t k;            // multiple of 8 (16-byte rows)
+  int64_t x_stride, out_stride;
+  DType dtype;          // of out, x, weight, bias: kFloat16 or kBFloat16
+};
+
+// cudaErrorInvalidValue for shapes, alignments or dtypes the kernel does not support. Never
+// synchronizes; M == 0 or N == 0 launches nothing.
+cudaError_t launch_dense_gemv(const DenseGemvParams& p, cudaStream_t stream);
+
+}  // namespace fastinfer

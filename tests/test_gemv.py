@@ -1,0 +1,170 @@
+"""dense_gemv: out [M <= 8, N] = x [M, K] @ weight [N, K]^T (+ bias), the decode-step dense linear.
+
+Judged by DESIGN.md's rule against tests/reference.py's linear: max |ours - fp64 (fp32 on the GPU)
+reference| <= 2 x that of the same-dtype torch linear + 1e-5. The GPU sweep samples awkward shapes
+(N not a multiple of the 16-row tile, K with a partial 128-k chunk, Llama-3-8B's projections)
+rather than their full product, to stay fast.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reference as ref
+from fastinfer import ops
+from fastinfer.models import linear as linear_mod
+from fastinfer.models.linear import Linear, use_dense_gemv
+
+DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
+
+
+def make_inputs(m: int, n: int, k: int, dtype: torch.dtype, device, bias: bool, seed: int):
+    """x, weight, bias drawn on device (a seeded generator there: the GPU shapes reach 1 GB)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(m, k, generator=gen, device=device).to(dtype)
+    weight = (torch.randn(n, k, generator=gen, device=device) * k ** -0.5).to(dtype)
+    b = torch.randn(n, generator=gen, device=device).to(dtype) if bias else None
+    return x, weight, b
+
+
+def check_close(ours: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    wide = torch.float64 if x.device.type == "cpu" else torch.float32
+    expected = ref.linear(x, weight, bias, wide)
+    same_dtype = ref.linear(x, weight, bias, x.dtype).to(wide)
+    assert torch.isfinite(ours).all()
+    err = (ours.to(wide) - expected).abs().max().item()
+    baseline = (same_dtype - expected).abs().max().item()
+    assert err <= 2 * baseline + 1e-5, f"max abs error {err:.3g} > 2 x same-dtype torch {baseline:.3g} + 1e-5"
+
+
+# ---- the CPU reference -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("m, n, k", [(1, 1, 8), (3, 7, 64), (8, 113, 1000), (5, 64, 520)])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_cpu_matches_reference(m, n, k, dtype, bias):
+    x, weight, b = make_inputs(m, n, k, dtype, "cpu", bias, seed=m * 100 + n)
+    check_close(ops.dense_gemv(x, weight, b), x, weight, b)
+
+
+def test_strided_rows_and_poisoned_out(device):
+    """x rows 64 elements apart beyond K, out a NaN-filled wider buffer: only out's [M, N] is written."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    m, n, k = 5, 37, 192
+    x_full, weight, b = make_inputs(m, n, k + 64, dtype, device, True, seed=3)
+    x, weight = x_full[:, 64:], weight[:, :k].contiguous()
+    buf = torch.full((m, n + 8), float("nan"), dtype=dtype, device=device)
+    out = buf[:, 8:]
+    ops.dense_gemv(x, weight, b, out=out)
+    check_close(out, x, weight, b)
+    assert torch.isnan(buf[:, :8]).all()
+
+
+def test_opcheck(device):
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    x, weight, b = make_inputs(3, 40, 64, dtype, device, True, seed=4)
+    out = torch.empty(3, 40, dtype=dtype, device=device)
+    torch.library.opcheck(torch.ops.fastinfer.dense_gemv.default, (out, x, weight, b))
+    torch.library.opcheck(torch.ops.fastinfer.dense_gemv.default, (out, x, weight, None))
+
+
+# ---- the CUDA kernel ---------------------------------------------------------------------------------
+
+# (M, N, K): every M in 1..8; N below / at / above the 16-row tile, Llama-3-8B's N (6144 qkv, 4096 o /
+# down, 28672 gate_up, 128256 lm_head); K of one partial chunk (8, 64), a partial last chunk (1000,
+# 4104) and whole chunks (4096, 14336).
+GPU_SHAPES = [(1, 1, 8), (2, 7, 64), (3, 64, 4096), (4, 113, 1000), (5, 7, 14336), (6, 4096, 8),
+              (7, 6144, 4096), (8, 4096, 14336), (1, 28672, 4096), (2, 128256, 4096), (8, 17, 4104),
+              (3, 28672, 64), (5, 1, 14336)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m, n, k", GPU_SHAPES)
+def test_cuda_shapes(m, n, k, dtype):
+    bias = (m + n) % 2 == 1
+    x, weight, b = make_inputs(m, n, k, dtype, "cuda", bias, seed=m * 7 + n)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+    ops.dense_gemv(x, weight, b, out=out)
+    check_close(out, x, weight, b)
+    again = ops.dense_gemv(x, weight, b)
+    assert torch.equal(out, again), "two runs differ: the cross-warp sum must be in a fixed order"
+
+
+@pytest.mark.cuda
+def test_cuda_agrees_with_cpu_reference():
+    """The kernel and the CPU spec on the same bf16 inputs: equal up to the last bit of rounding."""
+    x, weight, b = make_inputs(4, 300, 2048, torch.bfloat16, "cpu", True, seed=9)
+    cpu = ops.dense_gemv(x, weight, b)
+    gpu = ops.dense_gemv(x.cuda(), weight.cuda(), b.cuda()).cpu()
+    check_close(gpu, x, weight, b)
+    ulp = cpu.float().abs() * 2.0 ** -7
+    assert ((gpu.float() - cpu.float()).abs() <= ulp + 1e-6).all()
+
+
+@pytest.mark.cuda
+def test_cuda_rejects_float32():
+    x = torch.randn(1, 64, device="cuda")
+    with pytest.raises(ValueError, match="x must be float16 or bfloat16 on CUDA"):
+        ops.dense_gemv(x, torch.randn(8, 64, device="cuda"))
+
+
+# ---- input validation ----------------------------------------------------------------------------------
+
+def _valid_args() -> dict:
+    return dict(x=torch.randn(2, 64), weight=torch.randn(16, 64), bias=torch.randn(16))
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(x=torch.randn(0, 64)), "x must have 1 to 8 rows"),
+    (dict(x=torch.randn(9, 64)), "x must have 1 to 8 rows"),
+    (dict(x=torch.randn(2, 60), weight=torch.randn(16, 60)), "K must be a positive multiple of 8"),
+    (dict(x=torch.randn(2, 64, 1)), "x must have 2 dimensions"),
+    (dict(x=torch.randn(2, 64, dtype=torch.float64)), "x must have dtype"),
+    (dict(x=torch.randn(64, 2).t()), "x must have a contiguous last dimension"),
+    (dict(weight=torch.randn(16, 64, dtype=torch.float16)), "weight must have dtype"),
+    (dict(weight=torch.randn(16, 72)), "weight must have shape"),
+    (dict(weight=torch.randn(64, 16).t()), "weight must be contiguous"),
+    (dict(bias=torch.randn(15)), "bias must have shape"),
+    (dict(bias=torch.randn(16, dtype=torch.bfloat16)), "bias must have dtype"),
+    (dict(out=torch.empty(2, 15)), "out must have shape"),
+    (dict(out=torch.empty(2, 16, dtype=torch.float16)), "out must have dtype"),
+])
+def test_errors_name_the_argument(change, match):
+    with pytest.raises(ValueError, match=match):
+        ops.dense_gemv(**{**_valid_args(), **change})
+
+
+# ---- the model's dispatch --------------------------------------------------------------------------------
+
+CUDA = torch.device("cuda")  # a device object only: no GPU needed to ask the decision
+
+
+@pytest.mark.parametrize("device, m, k, dtype, expected", [
+    (CUDA, 1, 4096, torch.bfloat16, True),
+    (CUDA, 8, 14336, torch.float16, True),
+    (CUDA, 9, 4096, torch.bfloat16, False),      # prefill / large batches: cuBLAS
+    (CUDA, 0, 4096, torch.bfloat16, False),
+    (CUDA, 4, 4100, torch.bfloat16, False),      # rows not 16-byte multiples
+    (CUDA, 1, 4096, torch.float32, False),
+    (torch.device("cpu"), 1, 4096, torch.bfloat16, False),  # the CPU keeps F.linear
+])
+def test_use_dense_gemv(device, m, k, dtype, expected):
+    assert use_dense_gemv(device, m, k, dtype) is expected
+
+
+def test_linear_routes_by_the_decision(monkeypatch):
+    """Linear calls ops.dense_gemv exactly when use_dense_gemv says so (forced here on the CPU)."""
+    layer = Linear(64, 16, torch.float32, torch.device("cpu"), bias=True)
+    layer.weight.copy_(torch.randn(16, 64))
+    layer.bias.copy_(torch.randn(16))
+    x = torch.randn(3, 64)
+    calls = []
+    real = ops.dense_gemv
+    monkeypatch.setattr(ops, "dense_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    plain = layer(x)
+    assert calls == [] and torch.allclose(plain, torch.nn.functional.linear(x, layer.weight, layer.bias))
+    monkeypatch.setattr(linear_mod, "use_dense_gemv", lambda *a: True)
+    routed = layer(x)
+    assert calls == [1]
+    check_close(routed, x, layer.weight, layer.bias)
