@@ -16,6 +16,7 @@ Int4Rows (packed as it is copied, in strips of 64 rows).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -74,12 +75,17 @@ class Linear:
 GEMV_DTYPES = (torch.float16, torch.bfloat16)
 
 
+# FASTINFER_DENSE_GEMV=0 sends every dense projection to F.linear (cuBLAS): a switch to tell a
+# GEMV problem from anything else on a GPU.
+DENSE_GEMV_ENABLED = os.environ.get("FASTINFER_DENSE_GEMV", "1") != "0"
+
+
 def use_dense_gemv(device: torch.device, num_tokens: int, in_features: int, dtype: torch.dtype) -> bool:
     """Whether a dense projection of x [num_tokens, in_features] runs fastinfer's decode GEMV: on
     CUDA, for 1..8 tokens, 16-byte rows (in_features % 8 == 0) and a 16-bit dtype. Everything
     else (prefill, the CPU, fp32) takes F.linear."""
-    return (device.type == "cuda" and 1 <= num_tokens <= ops.GEMV_MAX_M and in_features % 8 == 0
-            and dtype in GEMV_DTYPES)
+    return (DENSE_GEMV_ENABLED and device.type == "cuda" and 1 <= num_tokens <= ops.GEMV_MAX_M
+            and in_features % 8 == 0 and dtype in GEMV_DTYPES)
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
