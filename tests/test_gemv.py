@@ -1,9 +1,10 @@
-"""dense_gemv: out [M <= 8, N] = x [M, K] @ weight [N, K]^T (+ bias), the decode-step dense linear.
+"""dense_gemv: out [M <= 32, N] = x [M, K] @ weight [N, K]^T (+ bias), the decode-step dense linear.
 
 Judged by DESIGN.md's rule against tests/reference.py's linear: max |ours - fp64 (fp32 on the GPU)
 reference| <= 2 x that of the same-dtype torch linear + 1e-5. The GPU sweep samples awkward shapes
 (N not a multiple of the 16-row tile, K with a partial 128-k chunk, Llama-3-8B's projections)
-rather than their full product, to stay fast.
+rather than their full product, to stay fast. M covers each x-tile count of the kernel (1..8: one n8
+tile, 9..16: two, 17..32: four) and its edges (8, 9, 16, 17, 31, 32).
 """
 from __future__ import annotations
 
@@ -40,17 +41,19 @@ def check_close(ours: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias:
 # ---- the CPU reference -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("m, n, k", [(1, 1, 8), (3, 7, 64), (8, 113, 1000), (5, 64, 520)])
+@pytest.mark.parametrize("m, n, k", [(1, 1, 8), (3, 7, 64), (8, 113, 1000), (5, 64, 520), (9, 17, 72),
+                                     (16, 33, 520), (17, 5, 1000), (32, 40, 264)])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_cpu_matches_reference(m, n, k, dtype, bias):
     x, weight, b = make_inputs(m, n, k, dtype, "cpu", bias, seed=m * 100 + n)
     check_close(ops.dense_gemv(x, weight, b), x, weight, b)
 
 
-def test_strided_rows_and_poisoned_out(device):
+@pytest.mark.parametrize("m", [5, 13, 27])
+def test_strided_rows_and_poisoned_out(device, m):
     """x rows 64 elements apart beyond K, out a NaN-filled wider buffer: only out's [M, N] is written."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    m, n, k = 5, 37, 192
+    n, k = 37, 192
     x_full, weight, b = make_inputs(m, n, k + 64, dtype, device, True, seed=3)
     x, weight = x_full[:, 64:], weight[:, :k].contiguous()
     buf = torch.full((m, n + 8), float("nan"), dtype=dtype, device=device)
@@ -60,22 +63,26 @@ def test_strided_rows_and_poisoned_out(device):
     assert torch.isnan(buf[:, :8]).all()
 
 
-def test_opcheck(device):
+@pytest.mark.parametrize("m", [3, 32])
+def test_opcheck(device, m):
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    x, weight, b = make_inputs(3, 40, 64, dtype, device, True, seed=4)
-    out = torch.empty(3, 40, dtype=dtype, device=device)
+    x, weight, b = make_inputs(m, 40, 64, dtype, device, True, seed=4)
+    out = torch.empty(m, 40, dtype=dtype, device=device)
     torch.library.opcheck(torch.ops.fastinfer.dense_gemv.default, (out, x, weight, b))
     torch.library.opcheck(torch.ops.fastinfer.dense_gemv.default, (out, x, weight, None))
 
 
 # ---- the CUDA kernel ---------------------------------------------------------------------------------
 
-# (M, N, K): every M in 1..8; N below / at / above the 16-row tile, Llama-3-8B's N (6144 qkv, 4096 o /
-# down, 28672 gate_up, 128256 lm_head); K of one partial chunk (8, 64), a partial last chunk (1000,
-# 4104) and whole chunks (4096, 14336).
+# (M, N, K): every M in 1..8 and 9, 12, 16, 17, 24, 31, 32 (each x-tile count and its edges); N below /
+# at / above the 16-row tile, Llama-3-8B's N (6144 qkv, 4096 o / down, 28672 gate_up, 128256 lm_head);
+# K of one partial chunk (8, 64), a partial last chunk (1000, 4104) and whole chunks (4096, 14336).
 GPU_SHAPES = [(1, 1, 8), (2, 7, 64), (3, 64, 4096), (4, 113, 1000), (5, 7, 14336), (6, 4096, 8),
               (7, 6144, 4096), (8, 4096, 14336), (1, 28672, 4096), (2, 128256, 4096), (8, 17, 4104),
-              (3, 28672, 64), (5, 1, 14336)]
+              (3, 28672, 64), (5, 1, 14336),
+              (9, 113, 1000), (9, 6144, 4096), (12, 1, 8), (16, 4096, 14336), (16, 17, 4104),
+              (17, 7, 64), (17, 28672, 4096), (24, 113, 1000), (31, 6144, 4104), (31, 1, 14336),
+              (32, 4096, 14336), (32, 128256, 4096), (32, 17, 8)]
 
 
 @pytest.mark.cuda
@@ -116,8 +123,8 @@ def _valid_args() -> dict:
 
 
 @pytest.mark.parametrize("change, match", [
-    (dict(x=torch.randn(0, 64)), "x must have 1 to 8 rows"),
-    (dict(x=torch.randn(9, 64)), "x must have 1 to 8 rows"),
+    (dict(x=torch.randn(0, 64)), "x must have 1 to 32 rows"),
+    (dict(x=torch.randn(33, 64)), "x must have 1 to 32 rows"),
     (dict(x=torch.randn(2, 60), weight=torch.randn(16, 60)), "K must be a positive multiple of 8"),
     (dict(x=torch.randn(2, 64, 1)), "x must have 2 dimensions"),
     (dict(x=torch.randn(2, 64, dtype=torch.float64)), "x must have dtype"),
@@ -143,7 +150,11 @@ CUDA = torch.device("cuda")  # a device object only: no GPU needed to ask the de
 @pytest.mark.parametrize("device, m, k, dtype, expected", [
     (CUDA, 1, 4096, torch.bfloat16, True),
     (CUDA, 8, 14336, torch.float16, True),
-    (CUDA, 9, 4096, torch.bfloat16, False),      # prefill / large batches: cuBLAS
+    (CUDA, 9, 4096, torch.bfloat16, True),       # two x tiles
+    (CUDA, 16, 4096, torch.float16, True),
+    (CUDA, 17, 14336, torch.bfloat16, True),     # four x tiles
+    (CUDA, 32, 4096, torch.bfloat16, True),      # batch-32 decode
+    (CUDA, 33, 4096, torch.bfloat16, False),     # prefill / larger batches: cuBLAS
     (CUDA, 0, 4096, torch.bfloat16, False),
     (CUDA, 4, 4100, torch.bfloat16, False),      # rows not 16-byte multiples
     (CUDA, 1, 4096, torch.float32, False),

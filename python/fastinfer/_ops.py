@@ -377,12 +377,12 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gr
 
 # ---- decode-sized dense linear -------------------------------------------------------------------
 
-GEMV_MAX_M = 8  # rows of x the kernel takes (kGemvMaxM in csrc/include/fastinfer/gemm/gemv.h)
+GEMV_MAX_M = 32  # rows of x the kernel takes (kGemvMaxM in csrc/include/fastinfer/gemm/gemv.h)
 
 
 def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                out: torch.Tensor | None = None) -> torch.Tensor:
-    """out [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N]) for 1 <= M <= 8, K a multiple of 8:
+    """out [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N]) for 1 <= M <= 32, K a multiple of 8:
     the weight-streaming kernel of decode steps. fp32 accumulation, one rounding to x's dtype;
     float16 / bfloat16 on CUDA (any float dtype on the CPU). x and out rows may be strided."""
     op = "dense_gemv"

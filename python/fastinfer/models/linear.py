@@ -82,7 +82,7 @@ DENSE_GEMV_ENABLED = os.environ.get("FASTINFER_DENSE_GEMV", "1") != "0"
 
 def use_dense_gemv(device: torch.device, num_tokens: int, in_features: int, dtype: torch.dtype) -> bool:
     """Whether a dense projection of x [num_tokens, in_features] runs fastinfer's decode GEMV: on
-    CUDA, for 1..8 tokens, 16-byte rows (in_features % 8 == 0) and a 16-bit dtype. Everything
+    CUDA, for 1..ops.GEMV_MAX_M (32) tokens, 16-byte rows (in_features % 8 == 0) and a 16-bit dtype. Everything
     else (prefill, the CPU, fp32) takes F.linear."""
     return (DENSE_GEMV_ENABLED and device.type == "cuda" and 1 <= num_tokens <= ops.GEMV_MAX_M
             and in_features % 8 == 0 and dtype in GEMV_DTYPES)

@@ -2,7 +2,7 @@
 
 Weights are fused at load time: q/k/v projections into one [(H + 2 Hkv) D, hidden] matrix and
 gate/up into one [2 F, hidden] matrix, so a layer runs two GEMMs where HF runs five. Each
-projection is dense (torch GEMM, cuBLAS on GPU; fastinfer's dense_gemv for decode steps of <= 8
+projection is dense (torch GEMM, cuBLAS on GPU; fastinfer's dense_gemv for decode steps of <= 32
 tokens on CUDA, the LM head too), FP8 (quantization="fp8") or 4-bit (a QuantConfig: int4 / gptq /
 awq / gguf); models/linear.py decides which. Everything else is a fastinfer op.
 """

@@ -1,18 +1,24 @@
-// Dense decode GEMM: out[M, N] = x[M, K] @ W[N, K]^T (+ bias[N]), M = 1..8, bf16 / fp16 in and out,
+// Dense decode GEMM: out[M, N] = x[M, K] @ W[N, K]^T (+ bias[N]), M = 1..32, bf16 / fp16 in and out,
 // fp32 accumulation. At decode sizes the product is a pure weight stream: 2 N K bytes of W against
 // 2 M (N + K) bytes of everything else, so the only goal is to read W at the memory's full rate.
 //
-// Why tensor cores in a GEMV. x^T [K, M <= 8] is exactly the n8 B operand of mma.sync.m16n8k16,
-// with W as the row-major A operand (16 rows of W x 16 k). One mma per 512 bytes of W is far
-// below the tensor cores' rate, and it replaces what CUDA cores would spend at M = 8 (8 FMAs plus
-// conversions per weight, close to the SM's FP32 issue rate at 4 TB/s) and the final warp-shuffle
-// reductions: the mma sums over k itself, so one kernel with one code path serves every M. Columns
-// m >= M of the B fragment are zero; the garbage they would not produce is simply not stored.
+// Why tensor cores in a GEMV. x^T [K, 8] is exactly the n8 B operand of mma.sync.m16n8k16, with
+// W as the row-major A operand (16 rows of W x 16 k). One mma per 512 bytes of W is far below the
+// tensor cores' rate, and it replaces what CUDA cores would spend at M = 8 (8 FMAs plus conversions
+// per weight, close to the SM's FP32 issue rate at 4 TB/s) and the final warp-shuffle reductions:
+// the mma sums over k itself, so one kernel with one code path serves every M. Columns m >= M of
+// the B fragment are zero; the garbage they would produce is simply not stored.
+//
+// M up to 32: x tiles. Rows 8 t .. 8 t + 7 of x form B tile t; a warp multiplies each A (W)
+// fragment it loaded by kTiles = 1, 2 or 4 B tiles (M = 1..8, 9..16, 17..32: tiles_for), so W is
+// still read once whatever M is. The kernel is a template on kTiles (x {bf16, fp16}: 6 kernels),
+// picked at launch from M. Tile t's B column g is x row 8 t + g (zero past M).
 //
 // Fragment order without shuffles. A dot product does not care in which order k is summed, so the
 // kernel maps the mma's k index to memory such that every operand is one 16-byte load per lane.
 // Lane L = 4 g + c loads 8 consecutive k (k = 8 c .. 8 c + 7 of a 32-k step) from W rows g and
-// g + 8 and from x row g. Its words (.x .y .z .w = k pairs 0-1, 2-3, 4-5, 6-7) feed two mmas:
+// g + 8 and from x row g (of each tile). Its words (.x .y .z .w = k pairs 0-1, 2-3, 4-5, 6-7)
+// feed two mmas (per tile):
 //     mma 0: a = {wl.x, wh.x, wl.y, wh.y}, b = {xv.x, xv.y}    (mma k 2c, 2c+1 <-> 8c, 8c+1;
 //     mma 1: a = {wl.z, wh.z, wl.w, wh.w}, b = {xv.z, xv.w}     mma k 2c+8, 2c+9 <-> 8c+2, 8c+3; ...)
 // The mapping depends on the mma k index only, so A and B agree and the sum is exact as written.
@@ -21,27 +27,54 @@
 // Parallelisation. A CTA (8 warps) owns 16 rows of W (one mma tile) and the whole of K; its warps
 // split K into 128-k chunks taken round-robin (warp w: chunks w, w + 8, ...), so together they
 // stream each row front to back. A warp issues all loads of a chunk (4 steps x 2 rows of W = 8
-// x 16 B per lane, 4 KiB per warp, plus 4 x 16 B of x) before its first mma. Partial 16 x 8 tiles
-// of the 8 warps are added through 4 KiB of shared memory in a fixed order (deterministic), then
-// bias is added in fp32 and each output rounded once. Rows past N re-read row N - 1 (no branch in
+// x 16 B per lane, 4 KiB per warp, plus 4 kTiles x 16 B of x) before its first mma. Partial 16 x 8
+// tiles of the 8 warps (kTiles each) are added through 4 kTiles KiB of shared memory in a fixed
+// order (deterministic), then bias is added in fp32 and each output rounded once. Rows past N re-read row N - 1 (no branch in
 // the loop) and are not stored; a partial last chunk predicates its loads (K % 8 == 0 keeps every
 // 16-byte piece wholly inside or outside the row).
 //
-// Registers. __launch_bounds__(256, 2) lets ptxas use 128 registers a thread; with that budget it
+// Registers. __launch_bounds__(256, 2) lets ptxas use 128 registers a thread. With one tile it
 // hoists the loads of two chunks (its 2x unroll of the K loop: 16 x 16 B of W per lane, 8 KiB per
-// warp) above their mmas. At the default budget it chose ~70 registers and interleaved loads with
-// mmas, leaving ~6 loads in flight. 2 CTAs x 8 warps x 8 KiB = 128 KiB in flight per SM.
+// warp) above their mmas; at the default budget it chose ~70 registers and interleaved loads with
+// mmas, leaving ~6 loads in flight. x costs 16 registers per tile per chunk, so with 2 tiles (108
+// registers) the loop is not unrolled: one chunk, 8 W + 8 x loads, then 16 mmas (4 KiB of W per
+// warp in flight); with 4 tiles (128 registers) 7 of the 8 W loads and most of the 16 x loads
+// precede the first mma (~3.5 KiB per warp). At no tile count are the next chunk's loads issued
+// before the current chunk's mmas (no pipelining across iterations; with 1 tile the 2x unroll
+// puts two chunks' loads before their 16 mmas): in-flight bytes per warp drop to zero while it
+// does its mmas, and the other 15 warps of the SM cover that. 2 CTAs x 8 warps: 128 KiB in flight per SM at
+// M <= 8, ~64 KiB at 9..16, ~56 KiB at 17..32, against ~30 KiB needed (Little's law below).
+// No spills in any of the 6 kernels (sm_90a, nvcc 13.0). One accumulator set per tile when
+// kTiles >= 2 (the tiles already give independent mma chains), two when kTiles == 1.
 //
 // Loads. W is read exactly once: ld.global.nc.L1::no_allocate (no L1 pollution) with a 256-byte
-// L2 prefetch hint. x (<= 8 x K x 2 bytes) is read by every CTA: ld.global.nc, served by L1 / L2.
+// L2 prefetch hint. x (M x K x 2 bytes) is read by every CTA: ld.global.nc, served by L1 / L2.
+//
+// x traffic. A CTA streams 16 K 2 bytes of W and reads M K 2 bytes of x, so x is M / 16 of the W
+// bytes the SMs request: 1/2 at M = 8, 1 at 16, 2 at 32. At M = 32, K = 4096 a CTA reads 128 KiB
+// of W and 256 KiB of x: x is 2/3 of the L2 -> SM traffic (M / (M + 16)) though under 1% of the
+// DRAM traffic (x comes from DRAM once: 256 KiB against N x 8 KiB of W). Whatever L1 does not
+// catch (W bypasses L1, so x has it to itself: at K = 4096, M = 32, x is about the L1's size; at
+// K = 14336 it is 3.5 x larger) the L2 serves, up to 3 x the DRAM rate in all at M = 32: ~11 TB/s
+// at 88% of copy bandwidth, likely more than the L2 delivers (not measured here). M = 17..32 may
+// therefore be L2-bound rather than DRAM-bound; bench/bench_gemv.py at M = 16 and 32 will say.
+// Staging x in shared memory per CTA would not help: each x element is already read once per CTA
+// (its warps split K, so no two warps of a CTA use the same x), and staging adds a shared-memory
+// round trip for the same L2 bytes. What would help is more W rows per read of x: 32 rows per CTA
+// halve x's share (but N / 32 CTAs is 128 at N = 4096, under 2 per SM), or a cluster of CTAs
+// sharing x by TMA multicast / distributed shared memory (x / cluster size, grid unchanged).
+// Neither is done: measure first.
 //
 // Roofline (H200, 132 SMs, 4.28 TB/s copy bandwidth; GPU.md). Llama-3-8B gate_up 4096 -> 28672:
 // 235 MB of weights = 55 us at 4.28 TB/s; 14336 -> 4096: 117 MB = 27.5 us (cuBLAS: 41 us, 67%).
 // Little's law: ~4 TB/s x ~1 us loaded latency = ~4 MB in flight = ~30 KiB per SM. With 128
-// registers a thread, 2 CTAs (16 warps) fit an SM, each warp holding 8 KiB of W in flight:
-// 128 KiB per SM, ample headroom for ~90% of copy bandwidth on the large shapes. Small N has
-// few CTAs (N / 16): at N = 4096 that is 256 CTAs, ~2 per SM, still ~128 KiB in flight per SM;
-// below N ~ 2048 (fewer CTAs than SMs) the kernel is correct but cannot fill the machine
+// registers a thread, 2 CTAs (16 warps) fit an SM, each warp holding 8 KiB of W in flight at
+// M <= 8 (128 KiB per SM), ~3.5-4 KiB at M = 9..32 (56-64 KiB per SM): headroom for ~90% of copy
+// bandwidth on the large shapes as far as DRAM latency goes (for M > 16 see "x traffic"). The
+// mma count per byte of W grows with the tiles (32 mmas per 4 KiB chunk at 4 tiles: one per ~8
+// SM cycles at 88% of 4.28 TB/s, an estimated quarter to half of the mma.sync rate; unmeasured).
+// Small N has few CTAs (N / 16): at N = 4096 that is 256 CTAs, ~2 per SM, still all the bytes in
+// flight above; below N ~ 2048 (fewer CTAs than SMs) the kernel is correct but cannot fill the machine
 // (there is no split-K across CTAs).
 #pragma once
 #include <cuda_bf16.h>
@@ -106,34 +139,63 @@ __device__ __forceinline__ uint4 load_shared_input(const void* ptr) {
   return v;
 }
 
-// One 128-k chunk starting at k0: issue every load, then the 2 x kStepsPerChunk mmas. The lane's
-// pointers already include its 8 c offset; k_left = K - 8 c - k0 elements remain from its first piece.
-template <typename T, bool kPartial>
-__device__ __forceinline__ void chunk_mma(float (&acc0)[4], float (&acc1)[4], const T* w_lo, const T* w_hi,
-                                          const T* x_row, bool has_x, int64_t k0, int64_t k_left) {
+// x^T tiles (n8 B operands) a warp multiplies by each 16-row W fragment: M = 1..8 -> 1, 9..16 -> 2,
+// 17..32 -> 4. Host and device agree through this one function.
+__host__ __device__ constexpr int tiles_for(int m) { return m <= 8 ? 1 : m <= 16 ? 2 : 4; }
+
+// One tile keeps two accumulator sets (the two mmas of a step feed different ones, two dependency
+// chains); with 2 or 4 tiles the tiles already give 2 or 4 chains, and registers go to x instead.
+template <int kTiles>
+constexpr int kAccSets = kTiles == 1 ? 2 : 1;
+
+template <int kTiles>
+struct Acc {
+  float v[kAccSets<kTiles>][kTiles][4];
+};
+
+// One 128-k chunk starting at k0: issue every load (W, then x of every tile), then the 2 x kTiles x
+// kStepsPerChunk mmas, each W fragment feeding all kTiles mmas. The lane's pointers already include
+// its 8 c offset; k_left = K - 8 c - k0 elements remain from its first piece. x_rows[t] is the lane's
+// row 8 t + g of x, or row 0 where that is past M (has_x bit t clear: the value is replaced by zeros).
+template <typename T, int kTiles, bool kPartial>
+__device__ __forceinline__ void chunk_mma(Acc<kTiles>& acc, const T* w_lo, const T* w_hi,
+                                          const T* const (&x_rows)[kTiles], unsigned has_x, int64_t k0,
+                                          int64_t k_left) {
   const uint4 zero = make_uint4(0, 0, 0, 0);
-  uint4 wl[kStepsPerChunk], wh[kStepsPerChunk], xv[kStepsPerChunk];
+  uint4 wl[kStepsPerChunk], wh[kStepsPerChunk], xv[kStepsPerChunk][kTiles];
 #pragma unroll
   for (int s = 0; s < kStepsPerChunk; ++s) {
     const bool in_row = !kPartial || s * kStepK < k_left;
     const int64_t k = k0 + s * kStepK;
     wl[s] = in_row ? load_stream(w_lo + k) : zero;
     wh[s] = in_row ? load_stream(w_hi + k) : zero;
-    // Unconditional load (lanes past M read row 0: the same sectors as the lanes of row 0), then a
-    // select: a conditional load here became a branch that ptxas would not hoist the next loads over.
-    const uint4 v = kPartial && !in_row ? zero : load_shared_input(x_row + k);
-    xv[s] = has_x ? v : zero;
   }
 #pragma unroll
   for (int s = 0; s < kStepsPerChunk; ++s) {
-    mma_16816<T>(acc0, wl[s].x, wh[s].x, wl[s].y, wh[s].y, xv[s].x, xv[s].y);
-    mma_16816<T>(acc1, wl[s].z, wh[s].z, wl[s].w, wh[s].w, xv[s].z, xv[s].w);
+    const bool in_row = !kPartial || s * kStepK < k_left;
+    const int64_t k = k0 + s * kStepK;
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) {
+      // Unconditional load (lanes past M read row 0: the same sectors as the lanes of row 0), then a
+      // select: a conditional load here became a branch that ptxas would not hoist the next loads over.
+      const uint4 v = kPartial && !in_row ? zero : load_shared_input(x_rows[t] + k);
+      xv[s][t] = (has_x >> t) & 1u ? v : zero;
+    }
+  }
+#pragma unroll
+  for (int s = 0; s < kStepsPerChunk; ++s) {
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) {
+      mma_16816<T>(acc.v[0][t], wl[s].x, wh[s].x, wl[s].y, wh[s].y, xv[s][t].x, xv[s][t].y);
+      mma_16816<T>(acc.v[kAccSets<kTiles> - 1][t], wl[s].z, wh[s].z, wl[s].w, wh[s].w, xv[s][t].z, xv[s][t].w);
+    }
   }
 }
 
-template <typename T>
+template <typename T, int kTiles>
 __global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams p) {
-  __shared__ float4 partial[kWarps][kWarpSize];  // each warp's 16 x 8 tile in D-fragment order
+  // Each warp's 16 x 8 tiles in D-fragment order: partial[warp][tile][lane].
+  __shared__ float4 partial[kWarps][kTiles][kWarpSize];
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int g = lane / 4, c = lane % 4;
   const int row0 = blockIdx.x * kTileN;
@@ -142,40 +204,66 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams
   const T* weight = static_cast<const T*>(p.weight);
   const T* w_lo = weight + row_lo * p.k + kVecElems * c;
   const T* w_hi = weight + row_hi * p.k + kVecElems * c;
-  const bool has_x = g < p.m;  // B column g = x row g; zero beyond M
-  const T* x_row = static_cast<const T*>(p.x) + (has_x ? g : 0) * p.x_stride + kVecElems * c;
+  const T* x_rows[kTiles];
+  unsigned has_x = 0;  // bit t: B column g of tile t = x row 8 t + g exists (zero beyond M)
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+    const int row = 8 * t + g;
+    has_x |= (row < p.m ? 1u : 0u) << t;
+    x_rows[t] = static_cast<const T*>(p.x) + (row < p.m ? row : 0) * p.x_stride + kVecElems * c;
+  }
 
-  float acc0[4] = {0.f, 0.f, 0.f, 0.f}, acc1[4] = {0.f, 0.f, 0.f, 0.f};
+  Acc<kTiles> acc;
+#pragma unroll
+  for (int a = 0; a < kAccSets<kTiles>; ++a)
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc.v[a][t][j] = 0.f;
   const int64_t num_full = p.k / kChunkK;
   int64_t chunk = warp;
   for (; chunk < num_full; chunk += kWarps) {
-    chunk_mma<T, false>(acc0, acc1, w_lo, w_hi, x_row, has_x, chunk * kChunkK, 0);
+    chunk_mma<T, kTiles, false>(acc, w_lo, w_hi, x_rows, has_x, chunk * kChunkK, 0);
   }
   if (chunk == num_full && p.k % kChunkK != 0) {  // the partial last chunk falls to this warp
     const int64_t k0 = chunk * kChunkK;
-    chunk_mma<T, true>(acc0, acc1, w_lo, w_hi, x_row, has_x, k0, p.k - k0 - kVecElems * c);
+    chunk_mma<T, kTiles, true>(acc, w_lo, w_hi, x_rows, has_x, k0, p.k - k0 - kVecElems * c);
   }
-  partial[warp][lane] = make_float4(acc0[0] + acc1[0], acc0[1] + acc1[1], acc0[2] + acc1[2], acc0[3] + acc1[3]);
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+    const auto& a0 = acc.v[0][t];
+    const auto& a1 = acc.v[kAccSets<kTiles> - 1][t];
+    partial[warp][t][lane] = kAccSets<kTiles> == 1 ? make_float4(a0[0], a0[1], a0[2], a0[3])
+                                                   : make_float4(a0[0] + a1[0], a0[1] + a1[1], a0[2] + a1[2],
+                                                                 a0[3] + a1[3]);
+  }
   __syncthreads();
 
-  // Thread t < 128 finishes fragment value j = t % 4 of lane t / 4: D row g (+ 8 for j >= 2), column 2 c + j % 2.
-  if (threadIdx.x >= kWarpSize * 4) return;
-  const int src = threadIdx.x / 4, j = threadIdx.x % 4;
-  const float* flat = reinterpret_cast<const float*>(&partial[0][0]);
-  float sum = 0.f;
+  // Value i < 128 kTiles of a warp's tiles: tile t = i / 128, fragment value j = i % 4 of lane
+  // (i % 128) / 4, i.e. D row g (+ 8 for j >= 2), column 2 c + j % 2 of tile t (x row 8 t + that).
+  const float* flat = reinterpret_cast<const float*>(&partial[0][0][0]);
+  constexpr int kValuesPerWarp = kTiles * kWarpSize * 4;
+  for (int i = threadIdx.x; i < kValuesPerWarp; i += kThreads) {
+    float sum = 0.f;
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) sum += flat[(w * kWarpSize) * 4 + threadIdx.x];  // fixed order
-  const int n = row0 + src / 4 + (j >= 2 ? 8 : 0);
-  const int m = 2 * (src % 4) + (j % 2);
-  if (n >= p.n || m >= p.m) return;
-  if (p.bias != nullptr) sum += to_float(static_cast<const T*>(p.bias)[n]);
-  static_cast<T*>(p.out)[m * p.out_stride + n] = from_float<T>(sum);
+    for (int w = 0; w < kWarps; ++w) sum += flat[w * kValuesPerWarp + i];  // fixed order
+    const int src = (i % (kWarpSize * 4)) / 4, j = i % 4, t = i / (kWarpSize * 4);
+    const int n = row0 + src / 4 + (j >= 2 ? 8 : 0);
+    const int m = 8 * t + 2 * (src % 4) + (j % 2);
+    if (n >= p.n || m >= p.m) continue;
+    if (p.bias != nullptr) sum += to_float(static_cast<const T*>(p.bias)[n]);
+    static_cast<T*>(p.out)[m * p.out_stride + n] = from_float<T>(sum);
+  }
 }
 
 template <typename T>
 cudaError_t launch_typed(const DenseGemvParams& p, cudaStream_t stream) {
   const unsigned tiles = static_cast<unsigned>(ceil_div(p.n, kTileN));
-  dense_gemv_kernel<T><<<tiles, kThreads, 0, stream>>>(p);
+  switch (tiles_for(p.m)) {
+    case 1: dense_gemv_kernel<T, 1><<<tiles, kThreads, 0, stream>>>(p); break;
+    case 2: dense_gemv_kernel<T, 2><<<tiles, kThreads, 0, stream>>>(p); break;
+    default: dense_gemv_kernel<T, 4><<<tiles, kThreads, 0, stream>>>(p); break;
+  }
   return cudaGetLastError();
 }
 

@@ -1,4 +1,4 @@
-// Dense decode GEMM ("GEMV"): out[M, N] = x[M, K] @ W[N, K]^T (+ bias[N]) for M = 1..8.
+// Dense decode GEMM ("GEMV"): out[M, N] = x[M, K] @ W[N, K]^T (+ bias[N]) for M = 1..32.
 // Host-compiler safe: the torch binding includes this; the kernel lives in gemm/gemv.cuh, whose
 // header comment explains the design and the bandwidth arithmetic.
 #pragma once
@@ -10,7 +10,7 @@
 
 namespace fastinfer {
 
-constexpr int kGemvMaxM = 8;  // rows of x: one mma n8 tile
+constexpr int kGemvMaxM = 32;  // rows of x: up to four mma n8 tiles
 
 struct DenseGemvParams {
   void* out;            // [M, N], rows out_stride elements apart
