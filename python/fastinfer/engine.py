@@ -164,6 +164,7 @@ class Engine:
         seqs = [s.seq for s in batch]
         if (len(batch) == len(self.scheduler.running) and all(s.num_tokens == 1 and s.seq.num_uncomputed_tokens == 1
                                                               for s in batch) and self._can_pipeline(seqs, 0)):
+            self.num_prompt_tokens += sum(s.num_computed_tokens < len(s.prompt_token_ids) for s in seqs)  # 1-token prompts
             self._inflight = self._launch_decode(seqs, None)
             return self._step_pipelined()
         proposals, draft_probs = self._propose(batch)
