@@ -17,8 +17,6 @@ Timing and L2 flushing: see bench/common.py.
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -159,34 +157,20 @@ COLUMNS = [("kind", "phase", ""), ("shape", "shape", ""), ("impl", "impl", ""), 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="JSON path (default $OUT/bench/attention.json)")
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser = common.parser("attention", __doc__, iters=20, warmup=3)
     args = parser.parse_args(argv)
-    fastinfer = common.require_cuda_build()
-
-    flush = common.L2Flusher()
-    copy = common.copy_bandwidth_gbps(flush=flush)
-    info = common.device_info()
-    print(f"{info['name']} ({info['capability']}, {info['sms']} SMs), torch {info['torch']}, CUDA {info['cuda']}")
-    print(f"device-to-device copy: {copy['gbps']:.0f} GB/s")
+    fastinfer, flush, copy = common.start()
 
     errors: list[str] = []
     rows = prefill_rows(fastinfer.ops, args, flush, errors)
     rows += decode_rows(fastinfer.ops, args, flush, copy["gbps"], errors)
-    print(common.markdown_table(COLUMNS, rows))
-
-    out = args.out or common.default_out("attention")
     notes = [f"device-to-device copy {copy['gbps']:.0f} GB/s (read + write); bf16; fastinfer block {BLOCK}, "
              f"contiguous block table; prefill causal, FLOPs 2*2*B*H*S*S*D/2; decode bytes = K + V of the "
              f"context; L2 flushed before each of {args.iters} calls",
              "K/V: enable_gqa = SDPA's native GQA; expanded = K/V repeated to all query heads; "
              "max |diff| = largest elementwise difference from fastinfer's output"]
-    notes += [f"ERROR {e}" for e in errors]
-    common.write_fragment(out, name="attention", title="Paged attention vs torch SDPA (flash, cuDNN)",
-                          columns=COLUMNS, rows=rows, notes=notes, extra={"copy": copy, "errors": errors})
-    print(f"wrote {out}")
+    common.finish(args.out, name="attention", title="Paged attention vs torch SDPA (flash, cuDNN)",
+                  columns=COLUMNS, rows=rows, notes=notes, errors=errors, copy=copy)
     return 1 if any(e.split(": ")[0].endswith(OURS) for e in errors) else 0  # a peer's failure is reported only
 
 

@@ -17,8 +17,6 @@ Decode shapes (M <= 64) are bound by the weight bytes: "of copy BW" is N*K bytes
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
@@ -97,20 +95,13 @@ COLUMNS = [("shape", "shape (K->N)", ""), ("M", "M", "d"), ("impl", "impl", ""),
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="JSON path (default $OUT/bench/fp8.json)")
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser = common.parser("fp8", __doc__, iters=20, warmup=3)
     parser.add_argument("--m", type=int, nargs="+", default=list(M_VALUES))
     args = parser.parse_args(argv)
-    fastinfer = common.require_cuda_build()
+    common.require_cuda_build()
     if torch.cuda.get_device_capability() != (9, 0):
         common.cannot_run(f"the FP8 GEMM needs a Hopper GPU, got {torch.cuda.get_device_name()}")
-    flush = common.L2Flusher()
-    copy = common.copy_bandwidth_gbps(flush=flush)
-    info = common.device_info()
-    print(f"{info['name']} ({info['capability']}, {info['sms']} SMs), torch {info['torch']}, CUDA {info['cuda']}; "
-          f"copy {copy['gbps']:.0f} GB/s")
+    fastinfer, flush, copy = common.start()
 
     cases = [("8192^3", 8192, 8192, 8192)] + [(name, m, k, n) for name, k, n in LLAMA3_8B for m in args.m]
     rows, errors = [], []
@@ -121,15 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             errors.append(f"{shape} M={m}: {type(exc).__name__}: {exc}")
             print(f"ERROR {errors[-1]}")
         torch.cuda.empty_cache()
-    print(common.markdown_table(COLUMNS, rows))
-    out = args.out or common.default_out("fp8")
     notes = [f"bf16 output; L2 flushed before each of {args.iters} calls; copy {copy['gbps']:.0f} GB/s",
              "targets (issue 7): 8192^3 >= _scaled_mm tensor; M <= 64 >= 1.8x bf16; mean rel err <= 3x _scaled_mm"]
-    notes += [f"ERROR {e}" for e in errors]
-    common.write_fragment(out, name="fp8", title="FP8 GEMM vs torch._scaled_mm and bf16 cuBLAS",
-                          columns=COLUMNS, rows=rows, notes=notes, extra={"copy": copy, "errors": errors})
-    print(f"wrote {out}")
-    return 1 if errors else 0
+    return common.finish(args.out, name="fp8", title="FP8 GEMM vs torch._scaled_mm and bf16 cuBLAS",
+                         columns=COLUMNS, rows=rows, notes=notes, errors=errors, copy=copy)
 
 
 if __name__ == "__main__":

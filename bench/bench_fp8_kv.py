@@ -13,8 +13,6 @@ e4m3 rounding of K and V is the difference). Timing and L2 flushing: bench/commo
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 import common
@@ -73,19 +71,11 @@ COLUMNS = [("batch", "batch", ""), ("context", "context", ""), ("bf16_us", "bf16
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="JSON path (default $OUT/bench/fp8_kv.json)")
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser = common.parser("fp8_kv", __doc__, iters=20, warmup=3)
     parser.add_argument("--batch", type=int, nargs="+", default=[8, 32, 64])
     parser.add_argument("--context", type=int, default=8192)
     args = parser.parse_args(argv)
-    fastinfer = common.require_cuda_build()
-    flush = common.L2Flusher()
-    copy = common.copy_bandwidth_gbps(flush=flush)
-    info = common.device_info()
-    print(f"{info['name']} ({info['capability']}, {info['sms']} SMs), torch {info['torch']}, CUDA {info['cuda']}; "
-          f"copy {copy['gbps']:.0f} GB/s")
+    fastinfer, flush, copy = common.start()
     rows, errors = [], []
     for batch in args.batch:
         try:
@@ -94,16 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             errors.append(f"B{batch}: {type(exc).__name__}: {exc}")
             print(f"ERROR {errors[-1]}")
         torch.cuda.empty_cache()
-    print(common.markdown_table(COLUMNS, rows))
-    out = args.out or common.default_out("fp8_kv")
     notes = [f"{NUM_HEADS}/{NUM_KV_HEADS} heads, head_dim {HEAD_DIM}, block_size {BLOCK_SIZE}, bf16 query; "
              f"L2 flushed before each of {args.iters} calls; copy {copy['gbps']:.0f} GB/s",
              "target (issue 7): fp8 speedup >= 1.6x at context 8192"]
-    notes += [f"ERROR {e}" for e in errors]
-    common.write_fragment(out, name="fp8_kv", title="Decode attention: FP8 vs bf16 KV cache",
-                          columns=COLUMNS, rows=rows, notes=notes, extra={"copy": copy, "errors": errors})
-    print(f"wrote {out}")
-    return 1 if errors else 0
+    return common.finish(args.out, name="fp8_kv", title="Decode attention: FP8 vs bf16 KV cache",
+                         columns=COLUMNS, rows=rows, notes=notes, errors=errors, copy=copy)
 
 
 if __name__ == "__main__":

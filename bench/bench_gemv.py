@@ -15,8 +15,6 @@ Timing and L2 flushing: see bench/common.py.
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 import common
@@ -62,34 +60,19 @@ COLUMNS = [("shape", "shape (K->N)", ""), ("m", "M", "d"), ("impl", "impl", ""),
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="JSON path (default $OUT/bench/gemv.json)")
-    parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser = common.parser("gemv", __doc__, iters=30, warmup=5)
     parser.add_argument("--m", type=int, nargs="+", default=list(TOKENS))
     args = parser.parse_args(argv)
-    fastinfer = common.require_cuda_build()
-
-    flush = common.L2Flusher()
-    copy = common.copy_bandwidth_gbps(flush=flush)
-    info = common.device_info()
-    print(f"{info['name']} ({info['capability']}, {info['sms']} SMs), torch {info['torch']}, CUDA {info['cuda']}")
-    print(f"device-to-device copy: {copy['gbps']:.0f} GB/s")
+    fastinfer, flush, copy = common.start()
 
     rows, errors = [], []
     for name, (k, n) in SHAPES.items():
         rows += run_shape(fastinfer.ops, name, k, n, args.m, args, flush, copy["gbps"], errors)
         torch.cuda.empty_cache()
-    print(common.markdown_table(COLUMNS, rows))
-
-    out = args.out or common.default_out("gemv")
     notes = [f"device-to-device copy {copy['gbps']:.0f} GB/s (read + write); bf16 weights and activations; "
              f"L2 flushed before each of {args.iters} calls; Llama-3-8B projection shapes"]
-    notes += [f"ERROR {e}" for e in errors]
-    common.write_fragment(out, name="gemv", title="Decode GEMV vs cuBLAS bf16 (Llama-3-8B shapes, M = 1..32)",
-                          columns=COLUMNS, rows=rows, notes=notes, extra={"copy": copy, "errors": errors})
-    print(f"wrote {out}")
-    return 1 if errors else 0
+    return common.finish(args.out, name="gemv", title="Decode GEMV vs cuBLAS bf16 (Llama-3-8B shapes, M = 1..32)",
+                         columns=COLUMNS, rows=rows, notes=notes, errors=errors, copy=copy)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ Timing and L2 flushing: see bench/common.py.
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from typing import Callable
 
@@ -174,20 +173,10 @@ COLUMNS = [("op", "op", ""), ("tokens", "tokens", "d"), ("impl", "impl", ""), ("
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="JSON path (default $OUT/bench/layers.json)")
-    parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser = common.parser("layers", __doc__, iters=30, warmup=5)
     parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
     args = parser.parse_args(argv)
-    fastinfer = common.require_cuda_build()
-
-    flush = common.L2Flusher()
-    copy = common.copy_bandwidth_gbps(flush=flush)
-    info = common.device_info()
-    print(f"{info['name']} ({info['capability']}, {info['sms']} SMs), torch {info['torch']}, CUDA {info['cuda']}")
-    print(f"device-to-device copy: {copy['gbps']:.0f} GB/s (read + write of {copy['bytes'] // 2 // 2**20} MiB, "
-          f"{copy['us']:.1f} us)")
+    fastinfer, flush, copy = common.start()
 
     rows, errors = [], []
     for case in make_cases(fastinfer.ops):
@@ -198,16 +187,10 @@ def main(argv: list[str] | None = None) -> int:
                 errors.append(f"{case.op} tokens={T}: {type(exc).__name__}: {exc}")
                 print(f"ERROR {errors[-1]}")
             torch.cuda.empty_cache()
-    print(common.markdown_table(COLUMNS, rows))
-
-    out = args.out or common.default_out("layers")
     notes = [f"device-to-device copy {copy['gbps']:.0f} GB/s (read + write); GB/s = minimum bytes moved / "
              f"median device time, L2 flushed before each of {args.iters} calls; bf16, Llama-3-8B shapes"]
-    notes += [f"ERROR {e}" for e in errors]
-    common.write_fragment(out, name="layers", title="Layer ops vs torch eager (Llama-3-8B, bf16)",
-                          columns=COLUMNS, rows=rows, notes=notes, extra={"copy": copy, "errors": errors})
-    print(f"wrote {out}")
-    return 1 if errors else 0
+    return common.finish(args.out, name="layers", title="Layer ops vs torch eager (Llama-3-8B, bf16)",
+                         columns=COLUMNS, rows=rows, notes=notes, errors=errors, copy=copy)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,44 @@ def copy_bandwidth_gbps(nbytes: int = COPY_BYTES, iters: int = 20, flush: L2Flus
     return {"bytes": 2 * nbytes, "us": t["us"], "gbps": gbps(2 * nbytes, t["us"])}
 
 
+# ---- the frame every kernel benchmark shares --------------------------------------------------------
+
+def parser(name: str, doc: str, iters: int = 30, warmup: int = 5):
+    """argparse with --out (default $OUT/bench/<name>.json), --iters and --warmup."""
+    import argparse
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--out", default=None, help=f"JSON path (default $OUT/bench/{name}.json)")
+    p.add_argument("--iters", type=int, default=iters)
+    p.add_argument("--warmup", type=int, default=warmup)
+    return p
+
+
+def start():
+    """(fastinfer, L2Flusher, copy bandwidth) once the GPU and the kernels are known to be there;
+    prints the device and the measured copy bandwidth."""
+    fastinfer = require_cuda_build()
+    flush = L2Flusher()
+    copy = copy_bandwidth_gbps(flush=flush)
+    info = device_info()
+    print(f"{info['name']} ({info['capability']}, {info['sms']} SMs), torch {info['torch']}, CUDA {info['cuda']}")
+    print(f"device-to-device copy: {copy['gbps']:.0f} GB/s (read + write of {copy['bytes'] // 2 // 2**20} MiB, "
+          f"{copy['us']:.1f} us)")
+    return fastinfer, flush, copy
+
+
+def finish(out, *, name: str, title: str, columns, rows: list[dict], notes: Sequence[str], errors: list[str],
+           copy: dict | None = None, extra: dict | None = None) -> int:
+    """Prints the table, writes the fragment (notes, then one ERROR line per error) to `out` or
+    $OUT/bench/<name>.json; exit status 1 when there were errors."""
+    print(markdown_table(columns, rows))
+    out = out or default_out(name)
+    write_fragment(out, name=name, title=title, columns=columns, rows=rows,
+                   notes=[*notes, *(f"ERROR {e}" for e in errors)],
+                   extra={"copy": copy, "errors": errors, **(extra or {})})
+    print(f"wrote {out}")
+    return 1 if errors else 0
+
+
 # ---- where results go -----------------------------------------------------------------------------
 
 def today() -> str:
