@@ -117,7 +117,8 @@ def _decode_loop(loaded: LoadedModel, rows: list[list[int]], padded_rows: list[l
     num_blocks = sum(-(-(len(r) + settings.max_new_tokens) // block_size) for r in rows)
     engine = Engine(loaded, EngineConfig(num_blocks=num_blocks, block_size=block_size, max_num_seqs=len(rows),
                                          max_num_batched_tokens=max(8192, max(map(len, rows))),
-                                         enable_prefix_caching=False))
+                                         enable_prefix_caching=False,
+                                         pipelined_decode=loaded.model.device.type == "cuda"))
     # HF semantics: EOS ids end a row (after min_new_tokens); the model config's EOS plays no part.
     params = replace(settings.sampling, max_tokens=settings.max_new_tokens, min_tokens=settings.min_new_tokens,
                      stop_token_ids=list(settings.eos_token_ids), ignore_eos=True)
