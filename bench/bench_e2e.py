@@ -13,7 +13,8 @@ back on the host, so launch gaps, sampling and Python are inside the figure). fa
 its engine (LLM.engine.step), with CUDA graphs (the default) and with enforce_eager=True. HF runs
 model.generate twice per batch, for 1 and for 1 + steps new tokens (min_new_tokens = max), and the
 difference is its decode time: eager (dynamic cache), and in full mode static cache + torch.compile
-(mode reduce-overhead), warmed up (compiled) before timing.
+(generate compiles the forward itself when the cache is static: transformers' automatic compilation
+with its default CompileConfig), warmed up (compiled) before timing.
 Roofline: a decode step must read every weight once (embedding rows aside) and each sequence's KV:
 tokens/s <= B * copy bandwidth / (weight bytes + B * KV bytes per sequence), the copy bandwidth
 measured in the same run; "of roofline" is the measured rate over that.
