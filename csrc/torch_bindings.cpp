@@ -44,8 +44,10 @@ TORCH_LIBRARY(fastinfer, m) {
   m.def(
       "int4_linear(Tensor(a!) out, Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? mins, "
       "int group_size) -> ()");
-  // Decode-sized dense linear: out [M <= 8, N] = x [M, K] @ weight [N, K]^T (+ bias [N]).
+  // Decode-sized dense linear: out [M <= 32, N] = x [M, K] @ weight [N, K]^T (+ bias [N]).
   m.def("dense_gemv(Tensor(a!) out, Tensor x, Tensor weight, Tensor? bias) -> ()");
+  // Fused gate / up projection: out [M, F] = silu(x @ weight[:F]^T) * (x @ weight[F:]^T), weight [2 F, K].
+  m.def("dense_gemv_silu_mul(Tensor(a!) out, Tensor x, Tensor weight) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {
@@ -66,4 +68,5 @@ TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {
   m.impl("speculative_verify", &fastinfer::cpu::speculative_verify);
   m.impl("int4_linear", &fastinfer::cpu::int4_linear);
   m.impl("dense_gemv", &fastinfer::cpu::dense_gemv);
+  m.impl("dense_gemv_silu_mul", &fastinfer::cpu::dense_gemv_silu_mul);
 }

@@ -179,3 +179,127 @@ def test_linear_routes_by_the_decision(monkeypatch):
     routed = layer(x)
     assert calls == [1]
     check_close(routed, x, layer.weight, layer.bias)
+
+
+# ---- dense_gemv_silu_mul: the SwiGLU in the GEMV's epilogue --------------------------------------------
+# Its contract is bitwise: silu_and_mul(dense_gemv(x, W)) on the same device and dtype, W = [gate; up].
+
+def swiglu_inputs(m: int, f: int, k: int, dtype: torch.dtype, device, seed: int):
+    x, weight, _ = make_inputs(m, 2 * f, k, dtype, device, False, seed)
+    return x, weight * 4  # gate / up values of a few units: silu's curved part, not just its tails
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("m", [1, 5, 17, 32])
+def test_silu_mul_cpu_is_the_composition(m, dtype):
+    x, weight = swiglu_inputs(m, 24, 200, dtype, "cpu", seed=m)
+    fused = ops.dense_gemv_silu_mul(x, weight)
+    assert fused.shape == (m, 24) and fused.dtype == dtype
+    assert torch.equal(fused, ops.silu_and_mul(ops.dense_gemv(x, weight)))
+
+
+def test_silu_mul_strided_rows_and_poisoned_out(device):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    m, f, k = 7, 40, 192
+    x_full, weight = swiglu_inputs(m, f, k + 64, dtype, device, seed=5)
+    x, weight = x_full[:, 64:], weight[:, :k].contiguous()
+    buf = torch.full((m, f + 8), float("nan"), dtype=dtype, device=device)
+    ops.dense_gemv_silu_mul(x, weight, out=buf[:, 8:])
+    assert torch.equal(buf[:, 8:], ops.silu_and_mul(ops.dense_gemv(x, weight)))
+    assert torch.isnan(buf[:, :8]).all()
+
+
+@pytest.mark.parametrize("m", [3, 32])
+def test_silu_mul_opcheck(device, m):
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    x, weight = swiglu_inputs(m, 24, 64, dtype, device, seed=6)
+    out = torch.empty(m, 24, dtype=dtype, device=device)
+    torch.library.opcheck(torch.ops.fastinfer.dense_gemv_silu_mul.default, (out, x, weight))
+
+
+# (M, F, K): F of one CTA (8), an odd number of CTAs (24: 3), Llama-3-8B's 14336; M over every x-tile
+# count, odd; K with a partial chunk (1000) and whole chunks (4096).
+SILU_MUL_SHAPES = [(1, 8, 4096), (3, 24, 4096), (5, 14336, 4096), (7, 8, 1000), (9, 24, 4096),
+                   (13, 14336, 4096), (17, 24, 1000), (31, 14336, 4096), (32, 8, 4096)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m, f, k", SILU_MUL_SHAPES)
+def test_silu_mul_cuda_is_the_composition(m, f, k, dtype):
+    """Bitwise equal to the unfused pair on the GPU: the row pairing does not change any row's sum."""
+    x, weight = swiglu_inputs(m, f, k, dtype, "cuda", seed=m * 11 + f)
+    out = torch.full((m, f), float("nan"), dtype=dtype, device="cuda")
+    ops.dense_gemv_silu_mul(x, weight, out=out)
+    assert torch.equal(out, ops.silu_and_mul(ops.dense_gemv(x, weight)))
+
+
+@pytest.mark.cuda
+def test_silu_mul_cuda_agrees_with_cpu():
+    x, weight = swiglu_inputs(4, 48, 2048, torch.bfloat16, "cpu", seed=12)
+    cpu = ops.dense_gemv_silu_mul(x, weight)
+    gpu = ops.dense_gemv_silu_mul(x.cuda(), weight.cuda()).cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=2 ** -6, atol=1e-3)
+
+
+@pytest.mark.cuda
+def test_silu_mul_cuda_rejects_float32():
+    with pytest.raises(ValueError, match="x must be float16 or bfloat16 on CUDA"):
+        ops.dense_gemv_silu_mul(torch.randn(1, 64, device="cuda"), torch.randn(16, 64, device="cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows, wdtype, match", [(24, torch.bfloat16, "F a multiple of 8, and no bias"),
+                                                 (16, torch.float16, "must share one dtype")], ids=["F=12", "dtype"])
+def test_silu_mul_cuda_binding_checks(rows, wdtype, match):
+    """The binding's own checks, past the Python wrapper: the kernel never sees such a weight."""
+    x = torch.randn(2, 64, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(rows, 64, device="cuda", dtype=wdtype)
+    out = torch.empty(2, rows // 2, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.fastinfer.dense_gemv_silu_mul(out, x, weight)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(weight=torch.randn(24, 64)), "weight must have 2 F rows"),     # F = 12: not a multiple of 8
+    (dict(weight=torch.randn(15, 64)), "weight must have 2 F rows"),
+    (dict(weight=torch.randn(0, 64)), "weight must have 2 F rows"),
+    (dict(weight=torch.randn(16, 64, dtype=torch.float16)), "weight must have dtype"),
+    (dict(weight=torch.randn(16, 72)), "weight must have shape"),
+    (dict(x=torch.randn(33, 64)), "x must have 1 to 32 rows"),
+    (dict(x=torch.randn(2, 60), weight=torch.randn(16, 60)), "K must be a positive multiple of 8"),
+    (dict(out=torch.empty(2, 16)), "out must have shape"),
+    (dict(out=torch.empty(2, 8, dtype=torch.float16)), "out must have dtype"),
+])
+def test_silu_mul_errors_name_the_argument(change, match):
+    with pytest.raises(ValueError, match=match):
+        ops.dense_gemv_silu_mul(**{**dict(x=torch.randn(2, 64), weight=torch.randn(16, 64)), **change})
+
+
+def test_silu_mul_takes_no_bias():
+    with pytest.raises(TypeError):
+        ops.dense_gemv_silu_mul(torch.randn(2, 64), torch.randn(16, 64), bias=torch.randn(16))
+
+
+def _silu_mul_layer(bias: bool, out_features: int = 32) -> Linear:
+    layer = Linear(64, out_features, torch.float32, torch.device("cpu"), bias=bias)
+    layer.weight.copy_(torch.randn(out_features, 64))
+    if bias:
+        layer.bias.copy_(torch.randn(out_features))
+    return layer
+
+
+@pytest.mark.parametrize("bias, out_features, fused", [(False, 32, True), (True, 32, False), (False, 24, False)])
+def test_linear_silu_mul_routes(monkeypatch, bias, out_features, fused):
+    """Linear.silu_mul fuses exactly for a bias-free layer of 2 F rows (F % 8 == 0) where use_dense_gemv
+    holds (forced here on the CPU), and equals silu_and_mul(layer(x)) either way."""
+    layer = _silu_mul_layer(bias, out_features)
+    x = torch.randn(3, 64)
+    calls = []
+    real = ops.dense_gemv_silu_mul
+    monkeypatch.setattr(ops, "dense_gemv_silu_mul", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    assert torch.equal(layer.silu_mul(x), ops.silu_and_mul(layer(x))) and calls == []
+    monkeypatch.setattr(linear_mod, "use_dense_gemv", lambda *a: True)
+    routed = layer.silu_mul(x)
+    assert calls == ([1] if fused else [])
+    assert torch.equal(routed, ops.silu_and_mul(layer(x)))

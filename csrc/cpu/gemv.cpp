@@ -1,8 +1,10 @@
 // CPU reference: dense_gemv, out[M, N] = x[M, K] @ W[N, K]^T (+ bias[N]). Plain loops: each output
-// is one fp32 dot product (k in order), plus bias in fp32, rounded once to out's dtype.
+// is one fp32 dot product (k in order), plus bias in fp32, rounded once to out's dtype. And
+// dense_gemv_silu_mul, defined as silu_and_mul(dense_gemv(x, W)).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <optional>
 
@@ -42,6 +44,14 @@ void dense_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, 
     gemv_rows<scalar_t>(out.data_ptr<scalar_t>(), out.stride(0), x.data_ptr<scalar_t>(), x.stride(0),
                         weight.data_ptr<scalar_t>(), bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, m, n, k);
   });
+}
+
+// dense_gemv_silu_mul's spec: the composition, through an [M, 2 F] intermediate in x's dtype.
+void dense_gemv_silu_mul(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(weight.size(0) == 2 * out.size(1), "dense_gemv_silu_mul: weight must have 2 F rows for out [M, F]");
+  at::Tensor gate_up = at::empty({x.size(0), weight.size(0)}, x.options());
+  dense_gemv(gate_up, x, weight, std::nullopt);
+  silu_and_mul(out, gate_up);
 }
 
 }  // namespace fastinfer::cpu

@@ -28,6 +28,7 @@ void int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight
                  const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& mins, int64_t group_size);
 // out [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N]); x / out rows may be strided.
 void dense_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+void dense_gemv_silu_mul(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight);
 
 void speculative_verify(at::Tensor& output_token_ids, at::Tensor& num_accepted, const at::Tensor& draft_token_ids,
                         const at::Tensor& num_draft_tokens, const at::Tensor& target_probs,

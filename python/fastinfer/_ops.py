@@ -380,12 +380,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gr
 GEMV_MAX_M = 32  # rows of x the kernel takes (kGemvMaxM in csrc/include/fastinfer/gemm/gemv.h)
 
 
-def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
-    """out [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N]) for 1 <= M <= 32, K a multiple of 8:
-    the weight-streaming kernel of decode steps. fp32 accumulation, one rounding to x's dtype;
-    float16 / bfloat16 on CUDA (any float dtype on the CPU). x and out rows may be strided."""
-    op = "dense_gemv"
+def _check_gemv_x(op: str, x: torch.Tensor) -> None:
     _check_float(op, "x", x, ndim=2)
     if x.device.type == "cuda" and x.dtype == torch.float32:
         _fail(op, "x must be float16 or bfloat16 on CUDA (the kernel multiplies on the tensor cores), got float32")
@@ -394,6 +389,16 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         _fail(op, f"x must have 1 to {GEMV_MAX_M} rows (M), got {m}: use a GEMM for larger M")
     if k == 0 or k % 8:
         _fail(op, f"x's last dimension K must be a positive multiple of 8 (16-byte rows), got {k}")
+
+
+def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """out [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N]) for 1 <= M <= 32, K a multiple of 8:
+    the weight-streaming kernel of decode steps. fp32 accumulation, one rounding to x's dtype;
+    float16 / bfloat16 on CUDA (any float dtype on the CPU). x and out rows may be strided."""
+    op = "dense_gemv"
+    _check_gemv_x(op, x)
+    m, k = x.shape
     _check(op, "weight", weight, ndim=2, dtype=x.dtype, device=x.device, contiguous=True)
     n = weight.shape[0]
     _check_shape(op, "weight", weight, (n, k))
@@ -411,14 +416,39 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return out
 
 
+def dense_gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out [M, F] = silu(x @ weight[:F]^T) * (x @ weight[F:]^T): the fused gate / up projection of a
+    decode step, weight [2 F, K] (gate rows, then up rows), F a multiple of 8, no bias. Bit for bit
+    silu_and_mul(dense_gemv(x, weight)) (each half rounded to x's dtype before the SwiGLU)."""
+    op = "dense_gemv_silu_mul"
+    _check_gemv_x(op, x)
+    m, k = x.shape
+    _check(op, "weight", weight, ndim=2, dtype=x.dtype, device=x.device, contiguous=True)
+    n = weight.shape[0]
+    _check_shape(op, "weight", weight, (n, k))
+    if n == 0 or n % 16:
+        _fail(op, f"weight must have 2 F rows ([gate; up]) with F a positive multiple of 8, got {n} rows")
+    if out is None:
+        out = torch.empty((m, n // 2), dtype=x.dtype, device=x.device)
+    _check_float(op, "out", out, like=x, ndim=2)
+    _check_shape(op, "out", out, (m, n // 2))
+    _check_aligned_rows(op, "x", x)
+    if weight.device.type == "cuda" and weight.data_ptr() % 16:
+        _fail(op, "weight must start on a 16-byte boundary on CUDA")
+    _ops.dense_gemv_silu_mul(out, x, weight)
+    return out
+
+
 # ---- fake (meta) implementations: every op writes its outputs in place and returns nothing --------
 
 # MODEL_OP_NAMES: what the default (unquantized) model runs; a device is used by default only when
 # it implements all of them. The FP8 ops serve `quantization="fp8"` and `kv_cache_dtype="fp8"`,
 # int4_linear the 4-bit quantizations, speculative_verify the engine's speculative decoding.
-# dense_gemv runs the dense projections of decode steps on CUDA (models/linear.py: use_dense_gemv).
+# dense_gemv (and dense_gemv_silu_mul for gate / up) runs the dense projections of decode steps on
+# CUDA (models/linear.py: use_dense_gemv).
 MODEL_OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "reshape_and_cache",
-                  "rotary_embedding_and_cache", "paged_prefill_attention", "paged_decode_attention", "dense_gemv")
+                  "rotary_embedding_and_cache", "paged_prefill_attention", "paged_decode_attention", "dense_gemv",
+                  "dense_gemv_silu_mul")
 OP_NAMES = MODEL_OP_NAMES + ("speculative_verify", "int4_linear") + FP8_OP_NAMES
 
 

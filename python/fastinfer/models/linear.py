@@ -4,7 +4,8 @@ A projection is one of three kinds, picked by ``make_linear`` from the model's q
   dense   (None)          weight [out, in] in the model dtype; torch GEMM (cuBLAS on GPU), except
                           decode-sized inputs on CUDA (``use_dense_gemv``): fastinfer.ops.dense_gemv,
                           built to stream the weight at the memory's rate (cuBLAS reaches ~2/3
-                          of it at M = 1 on an H200).
+                          of it at M = 1 on an H200); the gate / up projection's SwiGLU then
+                          runs in that kernel's epilogue (Linear.silu_mul: ops.dense_gemv_silu_mul).
   FP8     ("fp8")         weight e4m3 [out, in] with one fp32 scale per output channel; the
                           activations are quantized per token on the fly and multiplied by
                           fastinfer's scaled FP8 GEMM (fastinfer.ops.fp8_linear).
@@ -65,6 +66,15 @@ class Linear:
         if self.weight_scale is None:
             return dense_linear(x, self.weight, self.bias)
         return ops.fp8_linear(x, self.weight, self.weight_scale, self.bias)
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu_and_mul(self(x)) for a fused [gate; up] projection. A dense, bias-free layer whose
+        x takes the decode GEMV (use_dense_gemv) runs it with the SwiGLU in the GEMV's epilogue
+        (ops.dense_gemv_silu_mul, bit for bit the same result); anything else runs the two ops."""
+        if self.weight_scale is None and self.bias is None and self.out_features % 16 == 0 and x.dim() == 2 \
+                and self.weight.dtype == x.dtype and use_dense_gemv(x.device, x.shape[0], x.shape[1], x.dtype):
+            return ops.dense_gemv_silu_mul(x, self.weight)
+        return ops.silu_and_mul(self(x))
 
     def rows(self, start: int = 0, stop: int | None = None) -> LinearRows:
         stop = self.weight.shape[0] if stop is None else stop

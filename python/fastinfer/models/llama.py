@@ -56,7 +56,7 @@ class LlamaLayer:
             ops.fused_add_rms_norm(hidden, residual, self.input_norm, self.eps)
         hidden = self.o_proj_out(self.attention(hidden, kv_cache, meta, cos_sin))
         ops.fused_add_rms_norm(hidden, residual, self.post_attn_norm, self.eps)
-        hidden = self.down(ops.silu_and_mul(self.gate_up(hidden)))
+        hidden = self.down(self.gate_up.silu_mul(hidden))  # silu_and_mul(gate_up(hidden)), fused on decode
         return hidden, residual
 
     def attention(self, hidden: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata,

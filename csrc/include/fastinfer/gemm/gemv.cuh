@@ -33,6 +33,18 @@
 // the loop) and are not stored; a partial last chunk predicates its loads (K % 8 == 0 keeps every
 // 16-byte piece wholly inside or outside the row).
 //
+// SwiGLU epilogue (p.swiglu, dense_gemv_silu_mul). For the fused gate / up projection W = [gate; up]
+// ([2 F, K], F % 8 == 0, no bias), CTA b takes gate rows 8 b .. 8 b + 7 as A rows g = 0..7 and the
+// matching up rows F + 8 b + g as A rows g + 8 (the grid is still N / 16 CTAs). After the cross-warp
+// sum a lane's D values j and j + 2 are then gate and up of one output (m, 8 b + g): each is rounded
+// to T, then silu(gate) * up is computed as silu_mul.cuh does and rounded once more. This equals
+// silu_and_mul(dense_gemv(x, W)) bit for bit because nothing in a row's sum depends on which rows
+// share its CTA: the k split (warp chunks, lane c, mma k index, accumulator set) follows k and M
+// alone, the cross-warp sum is in a fixed order, and an mma computes each D element from its own A
+// row and B column (an assumption about the tensor cores, checked bitwise by the cuda tests). It
+// saves the [M, 2 F] intermediate's write and read and one launch; the weight stream is unchanged.
+// It is a runtime branch of the epilogue only (no extra kernels).
+//
 // Registers. __launch_bounds__(256, 2) lets ptxas use 128 registers a thread. With one tile it
 // hoists the loads of two chunks (its 2x unroll of the K loop: 16 x 16 B of W per lane, 8 KiB per
 // warp) above their mmas; at the default budget it chose ~70 registers and interleaved loads with
@@ -199,8 +211,11 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int g = lane / 4, c = lane % 4;
   const int row0 = blockIdx.x * kTileN;
-  // Rows past N (last tile only) re-read row N - 1; their sums are never stored.
-  const int64_t row_lo = min(row0 + g, p.n - 1), row_hi = min(row0 + g + 8, p.n - 1);
+  // Rows past N (last tile only) re-read row N - 1; their sums are never stored. SwiGLU: A rows g
+  // and g + 8 are gate row 8 b + g and up row F + 8 b + g (F = N / 2, N % 16 == 0: no rows past N).
+  const int gate_row = blockIdx.x * (kTileN / 2) + g;
+  const int64_t row_lo = p.swiglu ? gate_row : min(row0 + g, p.n - 1);
+  const int64_t row_hi = p.swiglu ? p.n / 2 + gate_row : min(row0 + g + 8, p.n - 1);
   const T* weight = static_cast<const T*>(p.weight);
   const T* w_lo = weight + row_lo * p.k + kVecElems * c;
   const T* w_hi = weight + row_hi * p.k + kVecElems * c;
@@ -243,14 +258,31 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams
   // (i % 128) / 4, i.e. D row g (+ 8 for j >= 2), column 2 c + j % 2 of tile t (x row 8 t + that).
   const float* flat = reinterpret_cast<const float*>(&partial[0][0][0]);
   constexpr int kValuesPerWarp = kTiles * kWarpSize * 4;
-  for (int i = threadIdx.x; i < kValuesPerWarp; i += kThreads) {
+  // Each value's sum over the warps is the same expression in both modes, so a row's result does not
+  // depend on which rows share its CTA (nor does its k order: chunks and lanes follow k alone).
+  const auto warp_sum = [&](int i) {
     float sum = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) sum += flat[w * kValuesPerWarp + i];  // fixed order
+    return sum;
+  };
+  for (int i = threadIdx.x; i < kValuesPerWarp; i += kThreads) {
     const int src = (i % (kWarpSize * 4)) / 4, j = i % 4, t = i / (kWarpSize * 4);
-    const int n = row0 + src / 4 + (j >= 2 ? 8 : 0);
     const int m = 8 * t + 2 * (src % 4) + (j % 2);
-    if (n >= p.n || m >= p.m) continue;
+    if (m >= p.m) continue;
+    if (p.swiglu) {
+      // Value j < 2 is gate row g (output column 8 b + g), value j + 2 the up row paired with it. Each
+      // is rounded to T first and the product once more: silu_mul.cuh's formula on dense_gemv's output.
+      if (j >= 2) continue;
+      const float gate = to_float(from_float<T>(warp_sum(i)));
+      const float up = to_float(from_float<T>(warp_sum(i + 2)));
+      static_cast<T*>(p.out)[m * p.out_stride + blockIdx.x * (kTileN / 2) + src / 4] =
+          from_float<T>(gate / (1.0f + __expf(-gate)) * up);
+      continue;
+    }
+    const int n = row0 + src / 4 + (j >= 2 ? 8 : 0);
+    if (n >= p.n) continue;
+    float sum = warp_sum(i);
     if (p.bias != nullptr) sum += to_float(static_cast<const T*>(p.bias)[n]);
     static_cast<T*>(p.out)[m * p.out_stride + n] = from_float<T>(sum);
   }
@@ -272,7 +304,8 @@ cudaError_t launch_typed(const DenseGemvParams& p, cudaStream_t stream) {
 inline cudaError_t launch_dense_gemv_impl(const DenseGemvParams& p, cudaStream_t stream) {
   const auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   if (p.m < 0 || p.m > kGemvMaxM || p.n < 0 || p.k <= 0 || p.k % gemv::kVecElems != 0 ||
-      p.x_stride % gemv::kVecElems != 0 || !aligned16(p.x) || !aligned16(p.weight)) {
+      p.x_stride % gemv::kVecElems != 0 || !aligned16(p.x) || !aligned16(p.weight) ||
+      (p.swiglu && (p.n % gemv::kTileN != 0 || p.bias != nullptr))) {
     return cudaErrorInvalidValue;
   }
   if (p.m == 0 || p.n == 0) return cudaSuccess;
