@@ -49,12 +49,12 @@
 // hoists the loads of two chunks (its 2x unroll of the K loop: 16 x 16 B of W per lane, 8 KiB per
 // warp) above their mmas; at the default budget it chose ~70 registers and interleaved loads with
 // mmas, leaving ~6 loads in flight. x costs 16 registers per tile per chunk, so with 2 tiles (108
-// registers) the loop is not unrolled: one chunk, 8 W + 8 x loads, then 16 mmas (4 KiB of W per
-// warp in flight); with 4 tiles (128 registers) 7 of the 8 W loads and most of the 16 x loads
-// precede the first mma (~3.5 KiB per warp). At no tile count are the next chunk's loads issued
-// before the current chunk's mmas (no pipelining across iterations; with 1 tile the 2x unroll
-// puts two chunks' loads before their 16 mmas): in-flight bytes per warp drop to zero while it
-// does its mmas, and the other 15 warps of the SM cover that. 2 CTAs x 8 warps: 128 KiB in flight per SM at
+// registers; 112 since the SwiGLU epilogue, SASS schedule not re-read) the loop is not unrolled:
+// one chunk, 8 W + 8 x loads, then 16 mmas (4 KiB of W per warp in flight); with 4 tiles (128
+// registers) 7 of the 8 W loads and most of the 16 x loads precede the first mma (~3.5 KiB per
+// warp). At no tile count are the next chunk's loads issued before the current chunk's mmas (no
+// pipelining across iterations; with 1 tile the 2x unroll puts two chunks' loads before their 16
+// mmas): in-flight bytes per warp drop to zero while it does its mmas, and the other 15 warps of the SM cover that. 2 CTAs x 8 warps: 128 KiB in flight per SM at
 // M <= 8, ~64 KiB at 9..16, ~56 KiB at 17..32, against ~30 KiB needed (Little's law below).
 // No spills in any of the 6 kernels (sm_90a, nvcc 13.0). One accumulator set per tile when
 // kTiles >= 2 (the tiles already give independent mma chains), two when kTiles == 1.
