@@ -1,11 +1,11 @@
-"""Incremental detokenization (engine.detokenize) equals decoding the whole output at every step."""
+"""Incremental detokenization (fastinfer.detokenize) equals decoding the whole output at every step."""
 from __future__ import annotations
 
 import random
 
 import pytest
 
-from fastinfer.engine import detokenize
+from fastinfer.detokenize import detokenize
 from fastinfer.sampling_params import SamplingParams
 from fastinfer.sequence import Sequence
 

@@ -4,7 +4,8 @@ Every public op checks dtypes, devices, shapes, strides and index ranges here an
 ``ValueError`` naming the offending argument before any kernel runs, so a kernel never sees an
 input that can index out of bounds. Index checks (slots, block tables) read the index tensors on
 the host; the model runner validates its metadata once per step and passes ``check_indices=False``
-to skip the per-layer device sync. The FP8 GEMM ops live in _ops_fp8.py and are re-exported here.
+to skip the per-layer device sync. The FP8 ops live in _ops_fp8.py, the 4-bit and decode-sized
+dense linear ops in _ops_linear.py; both are re-exported here.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from . import _C  # noqa: F401  (loads the extension: registers torch.ops.fastin
 from ._checks import FLOAT_DTYPES, FP8, _check, _check_float, _check_shape, _fail, _ops
 from ._ops_fp8 import (FP8_MAX, FP8_MIN_SCALE, FP8_OP_NAMES, fp8_linear,  # noqa: F401  (re-exported)
                        fp8_quantize_per_tensor, fp8_quantize_per_token, fp8_scaled_mm)
+from ._ops_linear import (GEMV_MAX_M, INT4_GROUP_SIZES, dense_gemv, dense_gemv_silu_mul,  # noqa: F401  (re-exported)
+                          int4_linear)
 
 
 def _check_kv_cache(op: str, kv_cache, like: torch.Tensor, kv_scale) -> bool:
@@ -327,116 +330,6 @@ def speculative_verify(draft_token_ids: torch.Tensor, num_draft_tokens: torch.Te
     _ops.speculative_verify(output_token_ids, num_accepted, draft_token_ids, num_draft_tokens, target_probs,
                             draft_probs, uniform_accept, uniform_sample, greedy)
     return output_token_ids, num_accepted
-
-
-# ---- 4-bit weight-only linear --------------------------------------------------------------------
-
-INT4_GROUP_SIZES = (32, 64, 128)
-
-
-def _check_aligned_rows(op: str, name: str, t: torch.Tensor) -> None:
-    """The CUDA kernel moves rows in 16-byte pieces."""
-    if t.device.type == "cuda" and (t.stride(0) % 8 or t.data_ptr() % 16):
-        _fail(op, f"{name} rows must start on 16-byte boundaries on CUDA (row stride a multiple of 8 "
-                  f"elements), got stride {t.stride()}")
-
-
-def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
-                zeros: torch.Tensor | None = None, mins: torch.Tensor | None = None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-    """out [M, N] = x [M, K] @ W^T, W a 4-bit [N, K] in the packed layout of fastinfer.quant.int4:
-    qweight int32 [N / 64, 8 K]; scales and (optionally) zeros or mins [K / group_size, N] in x's
-    dtype. w = (q - 8) s, (q - zeros) s or q s + mins."""
-    op = "int4_linear"
-    _check_float(op, "x", x, ndim=2)
-    if x.device.type == "cuda" and x.dtype == torch.float32:
-        _fail(op, "x must be float16 or bfloat16 on CUDA (the tensor cores take 16-bit inputs), got float32")
-    m, k = x.shape
-    if group_size not in INT4_GROUP_SIZES:
-        _fail(op, f"group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
-    if k == 0 or k % 64 or k % group_size:
-        _fail(op, f"x's last dimension K must be a positive multiple of 64 and of group_size={group_size}, got {k}")
-    _check(op, "qweight", qweight, ndim=2, dtype=torch.int32, device=x.device, contiguous=True)
-    n = qweight.shape[0] * 64
-    _check_shape(op, "qweight", qweight, (n // 64, 8 * k))
-    if zeros is not None and mins is not None:
-        _fail(op, "pass zeros (w = (q - z) s) or mins (w = q s + m), not both")
-    for name, t in (("scales", scales), ("zeros", zeros), ("mins", mins)):
-        if t is not None:
-            _check(op, name, t, ndim=2, dtype=x.dtype, device=x.device, contiguous=True)
-            _check_shape(op, name, t, (k // group_size, n))
-    if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    _check_float(op, "out", out, like=x, ndim=2)
-    _check_shape(op, "out", out, (m, n))
-    _check_aligned_rows(op, "x", x)
-    _check_aligned_rows(op, "out", out)
-    _ops.int4_linear(out, x, qweight, scales, zeros, mins, int(group_size))
-    return out
-
-
-# ---- decode-sized dense linear -------------------------------------------------------------------
-
-GEMV_MAX_M = 32  # rows of x the kernel takes (kGemvMaxM in csrc/include/fastinfer/gemm/gemv.h)
-
-
-def _check_gemv_x(op: str, x: torch.Tensor) -> None:
-    _check_float(op, "x", x, ndim=2)
-    if x.device.type == "cuda" and x.dtype == torch.float32:
-        _fail(op, "x must be float16 or bfloat16 on CUDA (the kernel multiplies on the tensor cores), got float32")
-    m, k = x.shape
-    if not 1 <= m <= GEMV_MAX_M:
-        _fail(op, f"x must have 1 to {GEMV_MAX_M} rows (M), got {m}: use a GEMM for larger M")
-    if k == 0 or k % 8:
-        _fail(op, f"x's last dimension K must be a positive multiple of 8 (16-byte rows), got {k}")
-
-
-def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
-    """out [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N]) for 1 <= M <= 32, K a multiple of 8:
-    the weight-streaming kernel of decode steps. fp32 accumulation, one rounding to x's dtype;
-    float16 / bfloat16 on CUDA (any float dtype on the CPU). x and out rows may be strided."""
-    op = "dense_gemv"
-    _check_gemv_x(op, x)
-    m, k = x.shape
-    _check(op, "weight", weight, ndim=2, dtype=x.dtype, device=x.device, contiguous=True)
-    n = weight.shape[0]
-    _check_shape(op, "weight", weight, (n, k))
-    if bias is not None:
-        _check(op, "bias", bias, ndim=1, dtype=x.dtype, device=x.device, contiguous=True)
-        _check_shape(op, "bias", bias, (n,))
-    if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    _check_float(op, "out", out, like=x, ndim=2)
-    _check_shape(op, "out", out, (m, n))
-    _check_aligned_rows(op, "x", x)
-    if weight.device.type == "cuda" and weight.data_ptr() % 16:
-        _fail(op, "weight must start on a 16-byte boundary on CUDA")
-    _ops.dense_gemv(out, x, weight, bias)
-    return out
-
-
-def dense_gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """out [M, F] = silu(x @ weight[:F]^T) * (x @ weight[F:]^T): the fused gate / up projection of a
-    decode step, weight [2 F, K] (gate rows, then up rows), F a multiple of 8, no bias. Bit for bit
-    silu_and_mul(dense_gemv(x, weight)) (each half rounded to x's dtype before the SwiGLU)."""
-    op = "dense_gemv_silu_mul"
-    _check_gemv_x(op, x)
-    m, k = x.shape
-    _check(op, "weight", weight, ndim=2, dtype=x.dtype, device=x.device, contiguous=True)
-    n = weight.shape[0]
-    _check_shape(op, "weight", weight, (n, k))
-    if n == 0 or n % 16:
-        _fail(op, f"weight must have 2 F rows ([gate; up]) with F a positive multiple of 8, got {n} rows")
-    if out is None:
-        out = torch.empty((m, n // 2), dtype=x.dtype, device=x.device)
-    _check_float(op, "out", out, like=x, ndim=2)
-    _check_shape(op, "out", out, (m, n // 2))
-    _check_aligned_rows(op, "x", x)
-    if weight.device.type == "cuda" and weight.data_ptr() % 16:
-        _fail(op, "weight must start on a 16-byte boundary on CUDA")
-    _ops.dense_gemv_silu_mul(out, x, weight)
-    return out
 
 
 # ---- fake (meta) implementations: every op writes its outputs in place and returns nothing --------

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .block_manager import BlockManager
+from .detokenize import detokenize
 from .loader import LoadedModel
 from .metadata import SeqChunk
 from .outputs import CompletionOutput, RequestOutput
@@ -120,7 +121,7 @@ class Engine:
             raise ValueError("logprobs are not supported with speculative decoding")
         token_ids = self.tokenize(prompt)
         if params.max_tokens is None:
-            params = _with_max_tokens(params, self.max_model_len - len(token_ids))
+            params = replace(params, max_tokens=max(1, self.max_model_len - len(token_ids)))
         self.validate(token_ids, params)
         gen = make_generator(params.seed, self.runner.device)
         seq = Sequence(request_id, 0, token_ids, params, gen, next(self._arrivals), extra_seen_ids)
@@ -269,9 +270,7 @@ class Engine:
             if seq.is_finished:
                 continue  # stopped (or aborted) after this step was launched
             touched.add(seq.request_id)
-            seq.output_token_ids.append(tok)
-            self.num_output_tokens += 1
-            self._check_stop(seq, tok)
+            self._append_token(seq, tok)
             if not seq.is_finished:
                 self.blocks.register_full_blocks(seq)
         return [self._output(self.requests[r]) for r in touched if r in self.requests]
@@ -303,9 +302,7 @@ class Engine:
             self.blocks.trim(seq)
             self.proposer.rollback(seq)
             for tok in toks:
-                seq.output_token_ids.append(tok)
-                self.num_output_tokens += 1
-                self._check_stop(seq, tok)
+                self._append_token(seq, tok)
                 if seq.is_finished:
                     break
 
@@ -351,9 +348,12 @@ class Engine:
                 entry.update(zip(top.indices.tolist(), top.values.tolist()))
             seq.logprobs.append(entry)
         for seq, tok in zip(rows, tokens):
-            seq.output_token_ids.append(tok)
-            self.num_output_tokens += 1
-            self._check_stop(seq, tok)
+            self._append_token(seq, tok)
+
+    def _append_token(self, seq: Sequence, tok: int) -> None:
+        seq.output_token_ids.append(tok)
+        self.num_output_tokens += 1
+        self._check_stop(seq, tok)
 
     def _stop_ids(self, seq: Sequence) -> set[int]:
         ids = set(seq.params.stop_token_ids or ())
@@ -390,29 +390,6 @@ class Engine:
                                                          or req.seqs[0].finish_reason == "abort")
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, done,
                              req.seqs[0].num_prefix_hit_tokens)
-
-
-def detokenize(tokenizer, seq: Sequence, final: bool = False) -> None:
-    """Append the text of seq's new output tokens to seq.text, decoding a window that starts a few
-    tokens back (prefix_offset): the text a token adds depends on its neighbours (byte-level BPE
-    pieces of one character, SentencePiece's leading space), and a window ending in an incomplete
-    UTF-8 character (U+FFFD) waits for the next token, unless `final` (the sequence has finished:
-    the text ends as the whole output's decode does). O(window) per token, not O(length).
-    The text is tokenizer.decode(output, clean_up_tokenization_spaces=False): that clean-up (" 's"
-    -> "'s", " ." -> ".") can delete characters on either side of a window's edge, so a windowed
-    decode with it on would lose characters that the full decode keeps."""
-    ids, skip = seq.output_token_ids, seq.params.skip_special_tokens
-    prefix = tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip,
-                              clean_up_tokenization_spaces=False)
-    full = tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=skip, clean_up_tokenization_spaces=False)
-    if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
-        seq.text += full[len(prefix):]
-        seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
-
-
-def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
-    from dataclasses import replace
-    return replace(params, max_tokens=max(1, max_tokens))
 
 
 def _child_seed(seed: int | None, index: int) -> int | None:
