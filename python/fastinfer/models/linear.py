@@ -98,6 +98,12 @@ def use_dense_gemv(device: torch.device, num_tokens: int, in_features: int, dtyp
             and in_features % 8 == 0 and dtype in GEMV_DTYPES)
 
 
+def gate_up_silu_mul(gate_up, x: torch.Tensor) -> torch.Tensor:
+    """silu_and_mul(gate_up(x)) for a model's fused [gate; up] projection of any kind (or a stand-in
+    such as GPTQ's input recorder): a dense Linear may fuse it (Linear.silu_mul), the rest run the two ops."""
+    return gate_up.silu_mul(x) if isinstance(gate_up, Linear) else ops.silu_and_mul(gate_up(x))
+
+
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [num_tokens, in] @ weight [out, in]^T (+ bias): dense_gemv where use_dense_gemv says so, else F.linear."""
     if x.dim() == 2 and weight.dtype == x.dtype and use_dense_gemv(x.device, x.shape[0], x.shape[1], x.dtype):

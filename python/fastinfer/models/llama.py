@@ -20,7 +20,7 @@ from ..metadata import AttnMetadata
 from ..quant import fp8
 from ..quant.int4 import QuantizedWeight
 from ..quant.linear import Int4Rows, QuantConfig
-from .linear import LinearRows, dense_linear, linear_kind, make_linear
+from .linear import LinearRows, dense_linear, gate_up_silu_mul, linear_kind, make_linear
 from .rope import cos_sin_cache
 
 
@@ -56,7 +56,7 @@ class LlamaLayer:
             ops.fused_add_rms_norm(hidden, residual, self.input_norm, self.eps)
         hidden = self.o_proj_out(self.attention(hidden, kv_cache, meta, cos_sin))
         ops.fused_add_rms_norm(hidden, residual, self.post_attn_norm, self.eps)
-        hidden = self.down(self.gate_up.silu_mul(hidden))  # silu_and_mul(gate_up(hidden)), fused on decode
+        hidden = self.down(gate_up_silu_mul(self.gate_up, hidden))  # silu_and_mul(gate_up(hidden)), fused on decode
         return hidden, residual
 
     def attention(self, hidden: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata,

@@ -18,7 +18,6 @@ import contextlib
 
 import torch
 
-from .. import _ops as ops
 from ..metadata import SeqChunk
 from ..models.llama import LlamaForCausalLM
 from .int4 import QuantizedWeight, check_shape, group_params, quantize_values
@@ -119,10 +118,6 @@ class _HessianRecorder:
         self.sum += xf.t() @ xf
         self.rows += x.shape[0]
         return self.linear(x)
-
-    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """The model's gate / up call (Linear.silu_mul): recorded like any other input."""
-        return ops.silu_and_mul(self(x))
 
     @property
     def hessian(self) -> torch.Tensor:

@@ -63,10 +63,6 @@ class Int4Linear:
         out = ops.int4_linear(x, self.qweight, self.scales, self.quant.group_size, zeros=self.zeros, mins=self.mins)
         return out if self.bias is None else out.add_(self.bias)
 
-    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """silu_and_mul of this (gate / up) projection, as models.linear.Linear.silu_mul; not fused here."""
-        return ops.silu_and_mul(self(x))
-
     def rows(self, start: int = 0, stop: int | None = None) -> "Int4Rows":
         """Rows start:stop, as models.linear.Linear.rows: what one checkpoint tensor fills."""
         return self[start:stop]
