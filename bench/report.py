@@ -5,7 +5,7 @@
     python bench/report.py --save DIR --results-dir bench/results   # file a finished report (as is)
 
 Reads from DIR: steps.tsv (step, rc, seconds, note per line), build.log (ptxas -v output),
-fastinfer_env.json, pytest.xml (junit) and bench/*.json (fragments of bench/common.py).
+fastinfer_env.json, tests.json (bench/run_tests.py; else pytest.xml, junit) and bench/*.json (fragments of bench/common.py).
 Exit status: 0 when the build, the spill check, the env check and the tests passed, 1 otherwise.
 """
 from __future__ import annotations
@@ -181,7 +181,8 @@ def build_report(out: Path, commit: str, date: str) -> dict:
     kernels = parse_ptxas(build_log.read_text(errors="replace")) if build_log.is_file() else []
     build_ok = _ok(steps.get("build"))
     env_path = out / "fastinfer_env.json"
-    tests = parse_junit(out / "pytest.xml")
+    tests_json = out / "tests.json"  # bench/run_tests.py; a plain pytest run leaves only pytest.xml
+    tests = json.loads(tests_json.read_text()) if tests_json.is_file() else parse_junit(out / "pytest.xml")
     # pytest exit 5: no test was selected by -m cuda: reported, not a failure
     tests_ok = _ok(steps.get("pytest"), passing=(0, 5))
     if tests_ok and tests and tests.get("failures"):
@@ -249,7 +250,10 @@ def render_markdown(report: dict) -> str:
         lines.append(tests["error"])
     else:
         lines.append(f"passed {tests['passed']}, failed {tests['failed']}, errors {tests['errors']}, "
-                     f"skipped {tests['skipped']}")
+                     + (f"crashed {tests['crashed']}, " if tests.get("crashed") else "")
+                     + f"skipped {tests['skipped']}"
+                     + (f"; {len(tests['runs'])} pytest runs (exit {[r['rc'] for r in tests['runs']]})"
+                        if len(tests.get("runs", [])) > 1 else ""))
         lines += [f"- FAILED {t}" for t in tests["failures"]]
         lines += [f"- skipped x{n}: {why}" for why, n in tests["skip_reasons"].items()]
     lines += ["", "## Benchmarks"]

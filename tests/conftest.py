@@ -10,6 +10,10 @@ import pytest
 import torch
 
 import fastinfer
+# Crash-tolerant GPU runs (FASTINFER_TEST_LEDGER, bench/run_tests.py); inert when the variable is unset.
+from ledger_plugin import (  # noqa: F401 - hooks and an autouse fixture, registered by being here
+    _cuda_context_check, pytest_runtest_logfinish, pytest_runtest_logreport, pytest_runtest_logstart)
+from ledger_plugin import pytest_collection_modifyitems as _skip_done_tests
 
 
 def _cuda_skip_reason() -> str | None:
@@ -34,6 +38,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=sm90_reason))
         elif item.get_closest_marker("cuda") and cuda_reason:
             item.add_marker(pytest.mark.skip(reason=cuda_reason))
+    _skip_done_tests(config, items)
 
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]

@@ -1,0 +1,134 @@
+"""Keep a GPU test run going past a kernel that breaks the CUDA context or kills the process.
+
+A faulting kernel (illegal address, trap) leaves the CUDA context unusable: every later GPU test of
+the same process then fails with the same error, and a crash loses the whole run's junit xml. On a
+GPU visit of a few minutes that would hide which other kernels work. With FASTINFER_TEST_LEDGER set:
+
+- every test's start and end (outcome, short message) are appended to the ledger file, flushed at once,
+  so a run that dies still leaves what it did;
+- tests already started in the ledger are deselected, so a rerun goes on after the culprit;
+- after each test the device is synchronized; an error there means the context is broken: the test
+  is reported as an error and pytest stops with exit status 3 (EXIT_CUDA_BROKEN).
+
+bench/run_tests.py reruns pytest while it stops that way (or crashes) and merges the ledger.
+The conftest imports these hooks; `-p ledger_plugin` registers them elsewhere (its own tests).
+FASTINFER_TEST_FAKE_CUDA_FAULT=<text> treats tests whose id contains <text> as breaking the context
+(to test all this without a GPU).
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+EXIT_CUDA_BROKEN = 3
+_state: dict = {"broken": None, "outcomes": {}}
+
+
+def _ledger_path() -> str | None:
+    return os.environ.get("FASTINFER_TEST_LEDGER") or None
+
+
+def _clean(text: str, limit: int = 400) -> str:
+    return re.sub(r"\s+", " ", text).strip()[:limit]
+
+
+def append(path: str, *fields: str) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("\t".join(_clean(x) for x in fields) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_ledger(path: str) -> dict[str, dict]:
+    """nodeid -> {"outcome": passed|failed|error|skipped|crashed, "message": str}, in run order. A test
+    that started but never ended crashed its process."""
+    tests: dict[str, dict] = {}
+    if not os.path.exists(path):
+        return tests
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            kind, nodeid, *rest = line.rstrip("\n").split("\t") + [""]
+            if kind == "start":
+                tests[nodeid] = {"outcome": "crashed", "message": "the test process died during this test"}
+            elif kind == "end" and nodeid:
+                tests[nodeid] = {"outcome": rest[0] or "passed", "message": rest[1] if len(rest) > 1 else ""}
+    return tests
+
+
+def _device_error(nodeid: str) -> str | None:
+    fake = os.environ.get("FASTINFER_TEST_FAKE_CUDA_FAULT")
+    if fake and fake in nodeid:
+        return "FASTINFER_TEST_FAKE_CUDA_FAULT"
+    import torch
+
+    if not torch.cuda.is_initialized():
+        return None
+    try:
+        torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001 - any error surfacing here is an asynchronous kernel fault
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _cuda_context_check(request):
+    """Errors of kernels a test left running surface here, charged to that test."""
+    yield
+    if _ledger_path() is None:
+        return
+    error = _device_error(request.node.nodeid)
+    if error is not None:
+        _state["broken"] = f"{request.node.nodeid}: {error}"
+        raise RuntimeError(f"the CUDA context is broken after this test: {error}")
+
+
+def pytest_collection_modifyitems(config, items):
+    path = _ledger_path()
+    if path is None:
+        return
+    done = read_ledger(path)
+    keep = [item for item in items if item.nodeid not in done]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item.nodeid in done])
+        items[:] = keep
+
+
+def pytest_runtest_logstart(nodeid, location):
+    if (path := _ledger_path()) is not None:
+        append(path, "start", nodeid)
+
+
+def _message(report) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple):  # a skip: (path, line, reason)
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    crash = getattr(longrepr, "reprcrash", None)
+    if crash is not None:
+        return crash.message
+    return str(longrepr or "").strip().splitlines()[-1] if longrepr else ""
+
+
+def pytest_runtest_logreport(report):
+    if _ledger_path() is None:
+        return
+    outcomes = _state["outcomes"]
+    previous = outcomes.get(report.nodeid, ("passed", ""))
+    if report.failed:
+        outcome = ("failed" if report.when == "call" else "error", _message(report))
+        if previous[0] not in ("failed", "error"):
+            outcomes[report.nodeid] = outcome
+    elif report.skipped and previous[0] == "passed":
+        outcomes[report.nodeid] = ("skipped", _message(report))
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    path = _ledger_path()
+    if path is None:
+        return
+    outcome, message = _state["outcomes"].pop(nodeid, ("passed", ""))
+    append(path, "end", nodeid, outcome, message)
+    if _state["broken"] is not None:
+        pytest.exit(f"CUDA context broken by {_state['broken']}; rerun to go on past it",
+                    returncode=EXIT_CUDA_BROKEN)
