@@ -55,3 +55,18 @@ def gen() -> torch.Generator:
     """A CPU generator with a fixed seed: tensors are drawn on the CPU, then moved, so a test sees
     the same numbers on every device."""
     return torch.Generator().manual_seed(0)
+
+
+DECODE_KERNELS = ["tensor_cores", "cuda_cores"]
+
+
+@pytest.fixture(params=DECODE_KERNELS)
+def decode_kernel(request, monkeypatch) -> str:
+    """The CUDA paged-decode kernel a test runs (FASTINFER_DECODE_KERNEL, read by the op at every
+    call): tensor cores (the default for bf16 / fp16) and CUDA cores (fp32's only one). The CPU op has
+    one implementation, so a test's CPU half runs once."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("device") == "cpu" and request.param != DECODE_KERNELS[0]:
+        pytest.skip("the CPU op has a single implementation")
+    monkeypatch.setenv("FASTINFER_DECODE_KERNEL", request.param)
+    return request.param

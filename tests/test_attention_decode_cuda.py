@@ -2,12 +2,14 @@
 
 Tolerance as in test_ops.py (DESIGN.md): max abs error(ours vs fp32 reference) <= 2 x that of the
 same-dtype torch implementation + 1e-5; the references run on the GPU too (fp64 for fp32 inputs).
-The kernel walks each split in tiles of 32 keys and splits the context over CTAs by shapes alone
-(batch, kv heads, block_tables.shape[1] * block_size, SM count): no split when
-batch * num_kv_heads >= 3 x SMs or the table holds at most 7 tiles (224 keys), otherwise splits of
->= 4 tiles (128 keys) until about 3 CTAs per SM exist.
-The cases below straddle those edges: lengths 1 / 31 / 32 / 33 and odd ones, tables much wider than
-the sequences (most splits empty), more than 32 query heads per KV head (two head chunks).
+Every test runs both CUDA kernels (the `decode_kernel` fixture): the tensor-core one walks each split
+in tiles of 64 keys (16 per warp) with up to 16 query heads per CTA, the CUDA-core one in tiles of
+32 keys with up to 32 heads. Both split the context over CTAs by shapes alone (batch, kv heads,
+block_tables.shape[1] * block_size, SM count): no split when batch * num_kv_heads >= 3 x SMs or the
+table holds too few tiles, otherwise splits of >= 128 keys until about 3 CTAs per SM exist.
+The cases below straddle those edges: lengths 1 / 15 / 16 / 17 / 31 / 32 / 33 / 63 / 64 / 65 / 129 and
+odd ones, tables much wider than the sequences (most splits empty), more query heads per KV head
+than a CTA takes (two or three head chunks).
 """
 from __future__ import annotations
 
@@ -20,6 +22,12 @@ from test_ops import BLOCK_SIZES, DTYPES, HEAD_DIMS, HEADS, assert_within_tolera
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _both_kernels(decode_kernel):
+    """Runs every test of this module once per decode kernel (conftest.decode_kernel)."""
+    return decode_kernel
 
 # test_ops.HEADS (GQA 1, 4, 8, five heads on one KV head) plus 32 heads on one KV head (one CTA's
 # maximum) and 40 on one (two head chunks of 20).
@@ -68,7 +76,7 @@ def test_sweep(dtype, num_heads, num_kv_heads, head_dim, block_size):
     check(SEQ_LENS, num_heads, num_kv_heads, head_dim, block_size, dtype)
 
 
-@pytest.mark.parametrize("seq_len", [1, 7, 31, 32, 33, 113, 1023, 4097])
+@pytest.mark.parametrize("seq_len", [1, 7, 15, 16, 17, 31, 32, 33, 63, 64, 65, 113, 129, 1023, 4097])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_lengths(dtype, seq_len):
     check([seq_len], 8, 2, 128, 16, dtype, layout="contiguous")
@@ -185,3 +193,21 @@ def test_unsupported_head_dim_is_refused():
     args = make_case([5, 20], 4, 2, 96, 16, torch.bfloat16)
     with pytest.raises(RuntimeError, match="head_dim 64 and 128, got 96"):
         ops.paged_decode_attention(*args)
+
+
+def test_unknown_kernel_name_is_refused(monkeypatch):
+    args = make_case([5, 20], 4, 2, 64, 16, torch.bfloat16)
+    monkeypatch.setenv("FASTINFER_DECODE_KERNEL", "tensorcores")
+    with pytest.raises(RuntimeError, match="FASTINFER_DECODE_KERNEL must be auto, cuda_cores or tensor_cores"):
+        ops.paged_decode_attention(*args)
+
+
+def test_both_kernels_agree_closely(monkeypatch):
+    """The two kernels round differently (P in the query dtype for the tensor cores' P @ V, fp32 on the
+    CUDA cores) but compute the same thing: they agree far inside the tolerance rule."""
+    args = make_case([700, 3, 4096, 64], 32, 8, 128, 16, torch.bfloat16, extra_blocks=20)
+    outs = {}
+    for kernel in ("tensor_cores", "cuda_cores"):
+        monkeypatch.setenv("FASTINFER_DECODE_KERNEL", kernel)
+        outs[kernel] = ops.paged_decode_attention(*args).float()
+    assert (outs["tensor_cores"] - outs["cuda_cores"]).abs().max().item() < 2e-2

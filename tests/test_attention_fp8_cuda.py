@@ -1,5 +1,6 @@
 """Paged prefill / decode attention over an FP8 (e4m3) KV cache, on every device (the `device`
 fixture: the CPU half runs everywhere, the CUDA half is marked `cuda`), against tests/reference.py.
+The CUDA decode tests run both decode kernels (conftest.decode_kernel: tensor cores, CUDA cores).
 The full shape sweeps run on the GPU only (tests/test_fp8_kv.py sweeps the CPU op).
 
 The reference dequantizes the same e4m3 cache (e4m3 * scale, exact in fp32 / fp64) and runs plain
@@ -86,20 +87,20 @@ def check(result):
 @pytest.mark.parametrize("num_heads,num_kv_heads", GQA_HEADS)
 @pytest.mark.parametrize("dtype", DTYPES16)
 @pytest.mark.cuda
-def test_decode_sweep(dtype, num_heads, num_kv_heads, head_dim, block_size):
+def test_decode_sweep(dtype, num_heads, num_kv_heads, head_dim, block_size, decode_kernel):
     check(run_decode(make_fp8_case(DECODE_LENS, num_heads, num_kv_heads, head_dim, block_size, dtype, (0.05, 0.02),
                                    CUDA)))
 
 
 @pytest.mark.parametrize("scales", SCALES)
 @pytest.mark.parametrize("dtype", DTYPES16)
-def test_decode_scales(device, dtype, scales):
+def test_decode_scales(device, dtype, scales, decode_kernel):
     check(run_decode(make_fp8_case(DECODE_LENS, 8, 2, 128, 16, dtype, scales, device)))
 
 
 @pytest.mark.parametrize("extra_blocks", [0, 40])
-@pytest.mark.parametrize("seq_len", [1, 31, 32, 33, 4097])
-def test_decode_lengths_and_splits(device, seq_len, extra_blocks):
+@pytest.mark.parametrize("seq_len", [1, 31, 32, 33, 63, 64, 65, 4097])
+def test_decode_lengths_and_splits(device, seq_len, extra_blocks, decode_kernel):
     """One or two long sequences: the CUDA plan splits the context over CTAs (more so with a wider
     block table whose extra entries, -1, are never read)."""
     check(run_decode(make_fp8_case([seq_len, 300], 32, 8, 128, 16, torch.bfloat16, (0.05, 0.02), device,
@@ -107,8 +108,9 @@ def test_decode_lengths_and_splits(device, seq_len, extra_blocks):
 
 
 @pytest.mark.parametrize("dtype", DTYPES16)
-def test_decode_big_group(device, dtype):
-    """40 query heads on one KV head: more than one CTA's 32 (two head chunks on CUDA)."""
+def test_decode_big_group(device, dtype, decode_kernel):
+    """40 query heads on one KV head: more than one CTA takes (CUDA: two chunks of 20 on the CUDA
+    cores, three of 14 on the tensor cores)."""
     check(run_decode(make_fp8_case([5, 77], 40, 1, 64, 32, dtype, (0.05, 0.02), device)))
 
 

@@ -1,5 +1,8 @@
 // Paged decode attention: one query token per sequence over its paged KV cache, with GQA and
-// split-KV (FlashDecoding).
+// split-KV (FlashDecoding). Two kernels share the contract, the grid, the plan and the merge: the
+// CUDA-core kernel below (every dtype; fp32 queries always take it) and the tensor-core kernel of
+// decode_mma.cuh, which the plan picks for bf16 / fp16 queries unless DecodeParams.kernel asks for
+// the CUDA cores.
 //
 //   out[b, h] = softmax(scale * q[b, h] . K_b^T) @ V_b over the seq_lens[b] cached tokens of
 //   sequence b, read through block_tables[b]; query head h uses KV head h / (num_heads / num_kv_heads).
@@ -30,7 +33,8 @@
 //
 // Split heuristic (plan_paged_decode): shapes only (batch, kv heads, block_tables.shape[1] *
 // block_size, SM count), so a captured CUDA graph replays with any seq_lens. Splits are added until
-// about 3 CTAs per SM exist, keeping every split at >= 4 tiles (128 keys) and more for big groups.
+// about 3 CTAs per SM exist, keeping every split at >= 4 tiles (128 keys) and more for big groups
+// (tensor cores: tiles of 64 keys, splits of >= 2 tiles, at most 16 query heads per CTA).
 //
 // Roofline, B64, 32 query / 8 kv heads, ctx 4096, head_dim 128, bf16:
 //   KV bytes = 64 seq * 4096 tok * 8 heads * 128 * 2 (K, V) * 2 B = 1.07 GB -> 251 us at 4.28 TB/s
@@ -51,8 +55,11 @@
 #include <cuda_fp8.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "fastinfer/attention/decode.h"
+#include "fastinfer/attention/decode_mma.cuh"
+#include "fastinfer/attention/decode_work.cuh"
 #include "fastinfer/attention/merge.cuh"
 #include "fastinfer/attention/state.cuh"
 #include "fastinfer/common.cuh"
@@ -129,10 +136,6 @@ __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* global_s
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(global_src) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
 
 __device__ __forceinline__ float warp_reduce_max(float v) {
 #pragma unroll
@@ -267,37 +270,18 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
 
-  // ---- what this CTA owns
-  const int split = blockIdx.x;
-  const int kv_head = blockIdx.y / plan.num_head_chunks;
-  const int head_chunk = blockIdx.y % plan.num_head_chunks;
-  const int64_t seq = blockIdx.z;
-  const int group = p.num_heads / p.num_kv_heads;
-  const int first_head = kv_head * group + head_chunk * plan.heads_per_cta;  // global query head index
-  const int num_heads = min(plan.heads_per_cta, group - head_chunk * plan.heads_per_cta);  // >= 1 (plan)
-  const int capacity = p.max_blocks * p.block_size;  // fits an int (plan)
-  const int seq_len = min(max(p.seq_lens[seq], 0), capacity);  // defensive: never index past the table
-  const int begin = split * plan.split_tokens;
-  const int end = min(seq_len, begin + plan.split_tokens);
-  const bool direct = plan.num_splits == 1;  // write out[] here, no merge step
-  // partial row (seq, head) of split: ((seq * num_heads + head) * num_splits + split)
-  const int64_t partial_row0 = (seq * p.num_heads + first_head) * plan.num_splits + split;
-
-  if (begin >= end) {  // the split lies past the sequence's end (or the sequence is empty)
-    if (direct) {
-      for (int i = threadIdx.x; i < num_heads * kHeadDim; i += kThreads) {
-        static_cast<T*>(p.out)[seq * p.out_batch_stride + (first_head + i / kHeadDim) * p.out_head_stride +
-                               i % kHeadDim] = from_float<T>(0.0f);
-      }
-    } else if (threadIdx.x < num_heads) {
-      partial_lse[partial_row0 + static_cast<int64_t>(threadIdx.x) * plan.num_splits] = attention::neg_inf();
-    }
+  const CtaWork w = cta_work(p, plan);
+  if (w.begin >= w.end) {
+    write_empty_split<T, kHeadDim, kThreads>(p, plan, w, partial_lse);
     return;
   }
+  const int64_t seq = w.seq;
+  const int kv_head = w.kv_head, num_heads = w.num_heads;
+  const int begin = w.begin, end = w.end;
 
   const Smem s = carve_smem<C, kHeadDim>(smem_raw, plan.heads_per_cta);
   {
-    const T* q = static_cast<const T*>(p.query) + seq * p.query_batch_stride + first_head * p.query_head_stride;
+    const T* q = static_cast<const T*>(p.query) + seq * p.query_batch_stride + w.first_head * p.query_head_stride;
     const float q_scale = p.scale * attention::kLog2e * (kFp8 ? p.kv_scale[0] : 1.0f);  // k_scale folded in
     for (int i = threadIdx.x; i < num_heads * kHeadDim; i += kThreads) {
       s.q[i] = to_float(q[(i / kHeadDim) * p.query_head_stride + i % kHeadDim]) * q_scale;
@@ -409,17 +393,12 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
     const int g = i / kHeadDim, feature = i % kHeadDim;
     float acc = 0.0f;
     for (int k = 0; k < parts; ++k) acc += o_sum[(g * parts + k) * kHeadDim + feature];
-    const float value = acc / s.d[g] * v_scale;  // d >= 1: the split holds at least one key
-    if (direct) {
-      static_cast<T*>(p.out)[seq * p.out_batch_stride + (first_head + g) * p.out_head_stride + feature] =
-          from_float<T>(value);
-    } else {
-      partial_o[(partial_row0 + static_cast<int64_t>(g) * plan.num_splits) * kHeadDim + feature] = value;
-    }
+    // d >= 1: the split holds at least one key
+    write_output<T, kHeadDim>(p, plan, w, partial_o, g, feature, acc / s.d[g] * v_scale);
   }
-  if (!direct && threadIdx.x < num_heads) {
+  if (!w.direct && threadIdx.x < num_heads) {
     const attention::SoftmaxStats stats{s.m[threadIdx.x], s.d[threadIdx.x]};
-    partial_lse[partial_row0 + static_cast<int64_t>(threadIdx.x) * plan.num_splits] = stats.lse();
+    partial_lse[w.partial_row0 + static_cast<int64_t>(threadIdx.x) * plan.num_splits] = stats.lse();
   }
 }
 
@@ -429,26 +408,29 @@ inline cudaError_t plan_paged_decode_impl(const DecodeParams& p, DecodePlan* pla
   const bool valid = p.batch >= 0 && p.num_heads > 0 && p.num_kv_heads > 0 && p.num_heads % p.num_kv_heads == 0 &&
                      decode_head_dim_supported(p.head_dim) && p.block_size > 0 &&
                      (p.block_size & (p.block_size - 1)) == 0 && p.max_blocks >= 0 && p.num_sms > 0 &&
-                     static_cast<int64_t>(p.max_blocks) * p.block_size <= 0x7fffffff - kTileTokens;
+                     static_cast<int64_t>(p.max_blocks) * p.block_size <= 0x7fffffff - mma::kTileKeys;
   if (!valid || plan == nullptr) return cudaErrorInvalidValue;
+  const bool tensor_cores = p.dtype != DType::kFloat32 && p.kernel != DecodeKernel::kCudaCores;
+  const int tile_tokens = tensor_cores ? mma::kTileKeys : kTileTokens;
   const int group = p.num_heads / p.num_kv_heads;
-  int chunks = ceil_div(group, kMaxHeadsPerCta);
+  int chunks = ceil_div(group, tensor_cores ? mma::kRows : kMaxHeadsPerCta);
   const int heads_per_cta = ceil_div(group, chunks);
   chunks = ceil_div(group, heads_per_cta);  // every chunk non-empty
   if (static_cast<int64_t>(p.num_kv_heads) * chunks > 65535 || p.batch > 65535) return cudaErrorInvalidValue;
 
-  const int max_tiles = std::max(1, ceil_div(p.max_blocks * p.block_size, kTileTokens));
+  const int max_tiles = std::max(1, ceil_div(p.max_blocks * p.block_size, tile_tokens));
   const int64_t ctas = std::max<int64_t>(1, static_cast<int64_t>(p.batch) * p.num_kv_heads * chunks);
   // A split writes heads * head_dim * 4 bytes of partial output: big groups get longer splits.
-  const int min_tiles = std::max(kMinSplitTiles, ceil_div(heads_per_cta, 4));
+  const int min_tiles = tensor_cores ? mma::kMinSplitTiles : std::max(kMinSplitTiles, ceil_div(heads_per_cta, 4));
   const int64_t wanted = ceil_div<int64_t>(static_cast<int64_t>(kTargetCtasPerSm) * p.num_sms, ctas);
   const int splits = static_cast<int>(std::min<int64_t>(wanted, std::max(1, max_tiles / min_tiles)));
   const int tiles_per_split = ceil_div(max_tiles, splits);
 
   plan->num_splits = ceil_div(max_tiles, tiles_per_split);  // drop splits that would always be empty
-  plan->split_tokens = tiles_per_split * kTileTokens;
+  plan->split_tokens = tiles_per_split * tile_tokens;
   plan->num_head_chunks = chunks;
   plan->heads_per_cta = heads_per_cta;
+  plan->tensor_cores = tensor_cores;
   plan->workspace_bytes = plan->num_splits == 1 ? 0
                                                 : static_cast<size_t>(p.batch) * p.num_heads * plan->num_splits *
                                                       (p.head_dim + 1) * sizeof(float);
@@ -458,18 +440,25 @@ inline cudaError_t plan_paged_decode_impl(const DecodeParams& p, DecodePlan* pla
 template <typename T, typename C, int kHeadDim>
 cudaError_t launch_paged_decode(const DecodeParams& p, const DecodePlan& plan, void* workspace, cudaStream_t stream) {
   using G = Geometry<C, kHeadDim>;
-  const size_t smem = G::smem_bytes(plan.heads_per_cta);
-  auto* kernel = paged_decode_kernel<T, C, kHeadDim>;
-  if (smem > 48 * 1024) {
-    FI_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
   float* partial_o = static_cast<float*>(workspace);
   float* partial_lse =
       plan.num_splits == 1 ? nullptr
                            : partial_o + static_cast<size_t>(p.batch) * p.num_heads * plan.num_splits * kHeadDim;
-  const dim3 grid(plan.num_splits, p.num_kv_heads * plan.num_head_chunks, p.batch);
-  kernel<<<grid, kThreads, smem, stream>>>(p, plan, partial_o, partial_lse);
-  FI_CUDA_TRY(cudaGetLastError());
+  if constexpr (!std::is_same_v<T, float>) {
+    if (plan.tensor_cores) {
+      FI_CUDA_TRY((mma::launch<T, C, kHeadDim>(p, plan, partial_o, partial_lse, stream)));
+    }
+  }
+  if (!plan.tensor_cores) {
+    const size_t smem = G::smem_bytes(plan.heads_per_cta);
+    auto* kernel = paged_decode_kernel<T, C, kHeadDim>;
+    if (smem > 48 * 1024) {
+      FI_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    }
+    const dim3 grid(plan.num_splits, p.num_kv_heads * plan.num_head_chunks, p.batch);
+    kernel<<<grid, kThreads, smem, stream>>>(p, plan, partial_o, partial_lse);
+    FI_CUDA_TRY(cudaGetLastError());
+  }
   if (plan.num_splits == 1) return cudaSuccess;
   return launch_merge_splits<T, kHeadDim>(p, partial_o, partial_lse, plan.num_splits, stream);
 }

@@ -11,6 +11,11 @@
 
 namespace fastinfer {
 
+// Which decode kernel a launch may use. kAuto and kTensorCores pick the tensor-core kernel
+// (decode_mma.cuh) for bf16 / fp16 queries; fp32 queries always take the CUDA-core kernel
+// (decode.cuh), which kCudaCores selects for every dtype (a comparison point for benchmarks and tests).
+enum class DecodeKernel : int { kAuto = 0, kCudaCores = 1, kTensorCores = 2 };
+
 // out[b, h] = softmax(scale * q[b, h] . K[b, 0:seq_lens[b]]) @ V[b, 0:seq_lens[b]], with query head
 // h reading KV head h / (num_heads / num_kv_heads) through block_tables[b].
 struct DecodeParams {
@@ -31,6 +36,7 @@ struct DecodeParams {
   float scale;     // softmax scale, usually head_dim ** -0.5
   DType dtype;     // of out and query (and kv_cache unless kv_scale is set)
   int num_sms;     // SMs of the device: the split heuristic's only hardware input
+  DecodeKernel kernel;  // zero-initialised: kAuto
 };
 
 // How a launch is cut up. A function of DecodeParams' shapes and num_sms alone, never of the
@@ -39,8 +45,9 @@ struct DecodeParams {
 struct DecodePlan {
   int num_splits;          // CTAs along the context of one (sequence, kv head); 1 = no merge step
   int split_tokens;        // context tokens per split, a multiple of the kernel's key tile
-  int num_head_chunks;     // CTAs along the query heads of one kv head: 1 unless the group is > 32
+  int num_head_chunks;     // CTAs along the query heads of one kv head: 1 unless the group is > 32 (16)
   int heads_per_cta;       // query heads per CTA
+  bool tensor_cores;       // the tensor-core kernel (64-key tiles, <= 16 heads per CTA) runs
   size_t workspace_bytes;  // fp32 partial outputs + log-sum-exps of the splits; 0 when num_splits == 1
 };
 

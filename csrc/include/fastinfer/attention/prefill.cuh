@@ -52,6 +52,7 @@
 #include <climits>
 
 #include "fastinfer/attention/prefill.h"
+#include "fastinfer/attention/prefill_tiles.cuh"
 #include "fastinfer/attention/prefill_softmax.cuh"
 #include "fastinfer/common.cuh"
 
@@ -59,84 +60,7 @@ namespace fastinfer {
 namespace prefill {
 
 constexpr int kBlockM = 64;                    // query rows per CTA
-constexpr int kBlockN = 64;                    // keys per K/V tile
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * kWarpSize;
 constexpr int kWarpRows = kBlockM / kWarps;    // 16: one mma row block per warp
-constexpr int kChunk = 8;                      // 16-bit elements per 16-byte chunk
-constexpr int kKeyBlocks = kBlockN / 8;        // n8 blocks of S
-constexpr float kLog2e = 1.4426950408889634f;
-
-// ---- PTX wrappers ------------------------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, bypassing L1 (.cg); completes at cp_async_wait_all.
-__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* global_src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem_dst)), "l"(global_src)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
-// Four 8x8 b16 matrices; lanes 8i .. 8i + 7 give the row addresses of matrix i, and lane l
-// receives from matrix i the pair (row l / 4, cols 2 (l % 4), +1) in r[i] (.trans: the pair
-// (rows 2 (l % 4), +1; col l / 4)).
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(smem_row)));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(smem_row)));
-}
-
-// d += a (16x16, row major) * b (16x8, col major), fp32 accumulate.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                         uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two fp32 -> one register of two 16-bit values, the first in the low half (mma operand order).
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  const __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-// ---- shared-memory tiles -----------------------------------------------------------------------
-
-// Element offset of 16-byte chunk `chunk` of row `row` in a [rows][kHeadDim] swizzled tile.
-template <int kHeadDim>
-__device__ __forceinline__ int swizzle(int row, int chunk) {
-  return row * kHeadDim + ((chunk ^ (row & 7)) * kChunk);
-}
 
 // Q, K, V tiles of T; for an e4m3 cache (C of 1 byte) also the staging tile the copies land in.
 template <typename T, typename C, int kHeadDim>
@@ -161,95 +85,6 @@ __device__ __forceinline__ void load_query_tile(T* sQ, const PrefillParams& p, i
     } else {
       *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
     }
-  }
-}
-
-// Keys [key0, key0 + 64) of K (kv = 0) or V (kv = 1) into a tile; keys >= key_end are zeroed, never
-// read (their slots may be unwritten, and their block-table entries meaningless).
-template <typename T, int kHeadDim>
-__device__ __forceinline__ void load_kv_tile(T* tile, const T* cache_head, const int32_t* block_table,
-                                             int block_shift, int64_t token_stride, int kv, int key0,
-                                             int key_end) {
-  constexpr int kChunks = kHeadDim / kChunk;
-  const int block_mask = (1 << block_shift) - 1;
-  const int64_t block_stride = (token_stride << block_shift) * 2;  // one block: K and V halves
-#pragma unroll
-  for (int it = 0; it < kBlockN * kChunks / kThreads; ++it) {
-    const int i = it * kThreads + threadIdx.x;
-    const int r = i / kChunks, c = i % kChunks;
-    const int key = key0 + r;
-    T* dst = tile + swizzle<kHeadDim>(r, c);
-    if (key < key_end) {
-      const int64_t block = block_table[key >> block_shift];
-      const int64_t slot = (kv << block_shift) + (key & block_mask);
-      cp_async_16(dst, cache_head + block * block_stride + slot * token_stride + c * kChunk);
-    } else {
-      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-    }
-  }
-}
-
-// FP8 cache: keys [key0, key0 + 64) of K (kv = 0) or V (kv = 1) as raw e4m3 into the unswizzled
-// staging tile [64][kHeadDim] bytes, 16 values per chunk; keys >= key_end are zeroed, never read.
-// Chunk i of the tile is always copied by thread i % kThreads, which later converts it itself.
-template <int kHeadDim>
-__device__ __forceinline__ void load_kv_tile_fp8(uint8_t* stage, const uint8_t* cache_head, const int32_t* block_table,
-                                                 int block_shift, int64_t token_stride, int kv, int key0,
-                                                 int key_end) {
-  constexpr int kChunks = kHeadDim / 16;
-  const int block_mask = (1 << block_shift) - 1;
-  const int64_t block_stride = (token_stride << block_shift) * 2;
-#pragma unroll
-  for (int it = 0; it < kBlockN * kChunks / kThreads; ++it) {
-    const int i = it * kThreads + threadIdx.x;
-    const int r = i / kChunks, c = i % kChunks;
-    const int key = key0 + r;
-    uint8_t* dst = stage + r * kHeadDim + c * 16;
-    if (key < key_end) {
-      const int64_t block = block_table[key >> block_shift];
-      const int64_t slot = (kv << block_shift) + (key & block_mask);
-      cp_async_16(dst, cache_head + block * block_stride + slot * token_stride + c * 16);
-    } else {
-      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-    }
-  }
-}
-
-// Two e4m3 values (low byte first) -> one register of two T, exactly.
-template <typename T>
-__device__ __forceinline__ uint32_t fp8x2_to(uint32_t two);
-template <>
-__device__ __forceinline__ uint32_t fp8x2_to<__half>(uint32_t two) {
-  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two), __NV_E4M3);
-  return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
-}
-template <>
-__device__ __forceinline__ uint32_t fp8x2_to<__nv_bfloat16>(uint32_t two) {
-  const float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two), __NV_E4M3)));
-  return pack2<__nv_bfloat16>(f.x, f.y);
-}
-
-// The chunks this thread copied with load_kv_tile_fp8 (after its own cp.async wait), converted into
-// the swizzled T tile: 16 e4m3 of row r, chunk c become T chunks 2c and 2c + 1 of row r.
-template <typename T, int kHeadDim>
-__device__ __forceinline__ void convert_kv_tile_fp8(T* tile, const uint8_t* stage) {
-  constexpr int kChunks = kHeadDim / 16;
-#pragma unroll
-  for (int it = 0; it < kBlockN * kChunks / kThreads; ++it) {
-    const int i = it * kThreads + threadIdx.x;
-    const int r = i / kChunks, c = i % kChunks;
-    const uint4 raw = *reinterpret_cast<const uint4*>(stage + r * kHeadDim + c * 16);
-    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-    uint32_t converted[8];
-#pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      converted[2 * w] = fp8x2_to<T>(words[w] & 0xffffu);
-      converted[2 * w + 1] = fp8x2_to<T>(words[w] >> 16);
-    }
-    *reinterpret_cast<uint4*>(tile + swizzle<kHeadDim>(r, 2 * c)) =
-        make_uint4(converted[0], converted[1], converted[2], converted[3]);
-    *reinterpret_cast<uint4*>(tile + swizzle<kHeadDim>(r, 2 * c + 1)) =
-        make_uint4(converted[4], converted[5], converted[6], converted[7]);
   }
 }
 
@@ -291,55 +126,6 @@ __device__ __forceinline__ bool locate_tile(const int32_t* cu_seqlens_q, int bat
 }
 
 // ---- bf16 / fp16 tensor-core kernel ------------------------------------------------------------
-
-// S (16 x 64 per warp) = Q (16 x D, A fragments in registers) * K_tile^T.
-template <typename T, int kHeadDim>
-__device__ __forceinline__ void compute_scores(float (&s)[kKeyBlocks][4], const uint32_t (&q)[kHeadDim / 16][4],
-                                               const T* sK, int lane) {
-#pragma unroll
-  for (int nb = 0; nb < kKeyBlocks; ++nb) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) s[nb][j] = 0.0f;
-  }
-  // Matrices of one ldmatrix.x4: (keys +0..7, d +0..7), (keys +0..7, d +8..15),
-  // (keys +8..15, d +0..7), (keys +8..15, d +8..15) -> B fragments of two n8 key blocks.
-  const int key_in_pair = (lane / 16) * 8 + lane % 8;
-  const int chunk_in_step = (lane / 8) % 2;
-#pragma unroll
-  for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-#pragma unroll
-    for (int np = 0; np < kKeyBlocks / 2; ++np) {
-      uint32_t b[4];
-      ldmatrix_x4(b, sK + swizzle<kHeadDim>(np * 16 + key_in_pair, kk * 2 + chunk_in_step));
-      mma_16816<T>(s[2 * np], q[kk], b[0], b[1]);
-      mma_16816<T>(s[2 * np + 1], q[kk], b[2], b[3]);
-    }
-  }
-}
-
-// O (16 x D per warp) += P (16 x 64, from the S accumulators) * V_tile.
-template <typename T, int kHeadDim>
-__device__ __forceinline__ void accumulate_pv(float (&o)[kHeadDim / 8][4], const float (&s)[kKeyBlocks][4],
-                                              const T* sV, int lane) {
-  // Matrices of one ldmatrix.x4.trans: (keys +0..7, d +0..7), (keys +8..15, d +0..7),
-  // (keys +0..7, d +8..15), (keys +8..15, d +8..15) -> B fragments of two n8 head-dim blocks.
-  const int key_in_step = ((lane / 8) % 2) * 8 + lane % 8;
-  const int chunk_in_pair = lane / 16;
-#pragma unroll
-  for (int kk = 0; kk < kBlockN / 16; ++kk) {
-    // The C fragments of key blocks 2kk, 2kk+1 are, element for element, the A fragment of k-step kk.
-    const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                           pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                           pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-    for (int dp = 0; dp < kHeadDim / 16; ++dp) {
-      uint32_t b[4];
-      ldmatrix_x4_trans(b, sV + swizzle<kHeadDim>(kk * 16 + key_in_step, dp * 2 + chunk_in_pair));
-      mma_16816<T>(o[2 * dp], a, b[0], b[1]);
-      mma_16816<T>(o[2 * dp + 1], a, b[2], b[3]);
-    }
-  }
-}
 
 // T: the query / out dtype; C: the cache element (T, or __nv_fp8_e4m3 with p.kv_scale).
 // Min. 1 CTA per SM in the launch bounds: without it ptxas held the head_dim 64 kernel to 128
@@ -439,7 +225,7 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_mma_kernel(const Pr
       cp_async_commit();
     }
     softmax.update(s, o);
-    accumulate_pv<T, kHeadDim>(o, s, sV, lane);
+    accumulate_pv<T, kHeadDim>(o, s, sV, 0, lane);
     cp_async_wait_all();
     if (n + 1 < num_kv_tiles) finish_tile(sK);  // sK is free since the barrier above
     __syncthreads();  // K_{n+1} landed; every warp is done reading sV

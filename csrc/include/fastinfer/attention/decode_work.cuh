@@ -1,0 +1,74 @@
+// What one CTA of a paged decode kernel owns, shared by the CUDA-core (decode.cuh) and the
+// tensor-core (decode_mma.cuh) kernels: grid (num_splits, num_kv_heads * num_head_chunks, batch), a
+// CTA takes the context tokens [begin, end) of split blockIdx.x of one sequence, for a chunk of the
+// query heads that share one KV head. Also the empty split's output and the cp.async group wait.
+#pragma once
+#include "fastinfer/attention/decode.h"
+#include "fastinfer/attention/state.cuh"
+#include "fastinfer/common.cuh"
+
+namespace fastinfer {
+namespace decode {
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+struct CtaWork {
+  int64_t seq;
+  int kv_head;
+  int first_head;           // global index of the CTA's first query head
+  int num_heads;            // query heads of the CTA, >= 1 (the plan)
+  int begin, end;           // context tokens of the split; begin >= end: the split is empty
+  bool direct;              // one split: write out[] here, no merge step
+  int64_t partial_row0;     // workspace row of (seq, first_head, split); head g adds g * num_splits
+};
+
+__device__ __forceinline__ CtaWork cta_work(const DecodeParams& p, const DecodePlan& plan) {
+  CtaWork w;
+  const int split = blockIdx.x;
+  w.kv_head = blockIdx.y / plan.num_head_chunks;
+  const int head_chunk = blockIdx.y % plan.num_head_chunks;
+  w.seq = blockIdx.z;
+  const int group = p.num_heads / p.num_kv_heads;
+  w.first_head = w.kv_head * group + head_chunk * plan.heads_per_cta;
+  w.num_heads = min(plan.heads_per_cta, group - head_chunk * plan.heads_per_cta);
+  const int capacity = p.max_blocks * p.block_size;  // fits an int (plan)
+  const int seq_len = min(max(p.seq_lens[w.seq], 0), capacity);  // defensive: never index past the table
+  w.begin = split * plan.split_tokens;
+  w.end = min(seq_len, w.begin + plan.split_tokens);
+  w.direct = plan.num_splits == 1;
+  w.partial_row0 = (w.seq * p.num_heads + w.first_head) * plan.num_splits + split;
+  return w;
+}
+
+// A split past its sequence's end (or an empty sequence): zeros into out[] when it is the only split,
+// else lse = -inf, which the merge skips without reading the partial output.
+template <typename T, int kHeadDim, int kThreads>
+__device__ __forceinline__ void write_empty_split(const DecodeParams& p, const DecodePlan& plan, const CtaWork& w,
+                                                  float* partial_lse) {
+  if (w.direct) {
+    for (int i = threadIdx.x; i < w.num_heads * kHeadDim; i += kThreads) {
+      static_cast<T*>(p.out)[w.seq * p.out_batch_stride + (w.first_head + i / kHeadDim) * p.out_head_stride +
+                             i % kHeadDim] = from_float<T>(0.0f);
+    }
+  } else if (threadIdx.x < w.num_heads) {
+    partial_lse[w.partial_row0 + static_cast<int64_t>(threadIdx.x) * plan.num_splits] = attention::neg_inf();
+  }
+}
+
+// One finished value of query head g (of the CTA), feature `feature`: into out[] or the workspace.
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void write_output(const DecodeParams& p, const DecodePlan& plan, const CtaWork& w,
+                                             float* partial_o, int g, int feature, float value) {
+  if (w.direct) {
+    static_cast<T*>(p.out)[w.seq * p.out_batch_stride + (w.first_head + g) * p.out_head_stride + feature] =
+        from_float<T>(value);
+  } else {
+    partial_o[(w.partial_row0 + static_cast<int64_t>(g) * plan.num_splits) * kHeadDim + feature] = value;
+  }
+}
+
+}  // namespace decode
+}  // namespace fastinfer
