@@ -9,13 +9,16 @@ accepts it, else with K/V expanded to all query heads (the "K/V" column says whi
 what a model would have to materialise). FLOPs: 2*2*B*H*S*S*D/2 (causal). "fastinfer speedup" = this
 row's time / fastinfer's time on the same shape.
 Decode: one query token per sequence, 32 / 8 heads, D128: B64 ctx 4096 and B8 ctx 8192. SDPA flash
-gets a [B, H, 1, D] query and contiguous [B, H_kv, ctx, D] K/V. Bytes = K and V of the context (the
+gets a [B, H, 1, D] query and contiguous [B, H_kv, ctx, D] K/V. fastinfer runs its default
+tensor-core decode kernel and, as a second row, the CUDA-core one (FASTINFER_DECODE_KERNEL=cuda_cores). Bytes = K and V of the context (the
 unexpanded KV heads, whatever an implementation reads), as TB/s and as a fraction of the
 device-to-device copy bandwidth measured in the same run.
 A backend that fails on a shape is reported as "n/a (error)" and listed in the notes.
 Timing and L2 flushing: see bench/common.py.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +29,7 @@ import common
 DTYPE = torch.bfloat16
 BLOCK = 16
 OURS = "fastinfer paged"
+OURS_CUDA_CORES = "fastinfer paged, CUDA-core decode"  # FASTINFER_DECODE_KERNEL=cuda_cores, for comparison
 SDPA = {"SDPA flash": SDPBackend.FLASH_ATTENTION, "SDPA cuDNN": SDPBackend.CUDNN_ATTENTION}
 PREFILL = [(4, 32, 8, 4096, 128), (4, 32, 32, 4096, 128), (1, 32, 8, 1024, 128)]  # B, H, H_kv, S, D
 DECODE = [(64, 32, 8, 4096, 128), (8, 32, 8, 8192, 128)]  # B, H, H_kv, ctx, D
@@ -127,15 +131,19 @@ def decode_rows(ops, args, flush, copy_gbps: float, errors: list) -> list[dict]:
         cache, tables = paged_cache(k, v)
         q3 = q.reshape(b, h, d)
         lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
-        out = torch.empty_like(q3)
         scale = d ** -0.5
-        ops.paged_decode_attention(q3, cache, tables, lens, scale, out=out)
+        ops.paged_decode_attention(q3, cache, tables, lens, scale)  # validates the indices once
 
-        def ours():
-            return (lambda: ops.paged_decode_attention(q3, cache, tables, lens, scale, out=out,
-                                                       check_indices=False).reshape(b, h, 1, d)), "paged"
+        def ours(kernel):
+            def make():  # the op reads FASTINFER_DECODE_KERNEL at each call; measure() times one impl at a time
+                os.environ["FASTINFER_DECODE_KERNEL"] = kernel
+                out = torch.empty_like(q3)
+                return (lambda: ops.paged_decode_attention(q3, cache, tables, lens, scale, out=out,
+                                                           check_indices=False).reshape(b, h, 1, d)), "paged"
+            return make
 
-        impls = {OURS: ours, "SDPA flash": lambda: sdpa_call(SDPA["SDPA flash"], q, k, v, False)}
+        impls = {OURS: ours("tensor_cores"), OURS_CUDA_CORES: ours("cuda_cores"),
+                 "SDPA flash": lambda: sdpa_call(SDPA["SDPA flash"], q, k, v, False)}
         label = f"B{b} H{h}/{hkv} ctx{ctx} D{d}"
         nbytes = 2 * 2 * b * hkv * ctx * d
         results = measure(impls, OURS, args, flush, errors, f"decode {label}")
@@ -147,6 +155,7 @@ def decode_rows(ops, args, flush, copy_gbps: float, errors: list) -> list[dict]:
                          "speedup": t["us"] / base["us"] if t and base else None, "max_diff": diff})
         del q, k, v, cache
         torch.cuda.empty_cache()
+    os.environ.pop("FASTINFER_DECODE_KERNEL", None)
     return rows
 
 

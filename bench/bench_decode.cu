@@ -7,7 +7,8 @@
 // permutation of the cache's blocks. Decode reads the whole KV context once, so its ceiling is
 // memory bandwidth: bytes = K and V of the context (batch * context * kv_heads * head_dim * 2 * 2),
 // reported as TB/s and as a fraction of the device-to-device copy bandwidth (cudaMemcpy of 1 GiB,
-// read + write counted) measured in the same run. Timing: bench/bench_common.cuh.
+// read + write counted) measured in the same run. Each case runs both kernels (DecodeParams.kernel):
+// tensor cores (the default for bf16) and CUDA cores. Timing: bench/bench_common.cuh.
 #include "bench_common.cuh"
 #include "fastinfer/attention/decode.h"
 
@@ -35,7 +36,12 @@ std::string case_name(const Case& c) {
   return buf;
 }
 
-Row run_case(const Case& c, const Device& dev, double copy_gbps, const Args& args, unsigned long long* nonfinite) {
+const char* kernel_name(fastinfer::DecodeKernel k) {
+  return k == fastinfer::DecodeKernel::kCudaCores ? "CUDA cores" : "tensor cores";
+}
+
+Row run_case(const Case& c, fastinfer::DecodeKernel kernel, const Device& dev, double copy_gbps, const Args& args,
+             unsigned long long* nonfinite) {
   const int max_blocks = (c.context + c.block_size - 1) / c.block_size;
   const size_t num_blocks = size_t(c.batch) * max_blocks;
   Buffer kv(num_blocks * 2 * c.block_size * c.kv_heads * c.head_dim * 2);
@@ -66,6 +72,7 @@ Row run_case(const Case& c, const Device& dev, double copy_gbps, const Args& arg
   p.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
   p.dtype = fastinfer::DType::kBFloat16;
   p.num_sms = dev.prop.multiProcessorCount;
+  p.kernel = kernel;
   fastinfer::DecodePlan plan{};
   BENCH_CHECK(fastinfer::plan_paged_decode(p, &plan));
   Buffer workspace(plan.workspace_bytes);
@@ -76,6 +83,7 @@ Row run_case(const Case& c, const Device& dev, double copy_gbps, const Args& arg
   *nonfinite += bad;
   const double gbps = kv_bytes(c) / (t.us * 1e-6) / 1e9;
   return {{"case", case_name(c)},
+          {"kernel", std::string(kernel_name(kernel))},
           {"batch", (long long)c.batch},
           {"heads", (long long)c.heads},
           {"kv_heads", (long long)c.kv_heads},
@@ -104,12 +112,15 @@ int main(int argc, char** argv) {
   std::vector<Row> rows;
   unsigned long long nonfinite = 0;
   for (const Case& c : kCases) {
-    rows.push_back(run_case(c, dev, copy.gbps, args, &nonfinite));
-    std::printf("  %-28s block %2d %9.1f us %6.2f TB/s\n", case_name(c).c_str(), c.block_size,
-                std::get<double>(*find(rows.back(), "us")), std::get<double>(*find(rows.back(), "tbps")));
-    std::fflush(stdout);
+    for (const auto kernel : {fastinfer::DecodeKernel::kTensorCores, fastinfer::DecodeKernel::kCudaCores}) {
+      rows.push_back(run_case(c, kernel, dev, copy.gbps, args, &nonfinite));
+      std::printf("  %-28s block %2d %-12s %9.1f us %6.2f TB/s\n", case_name(c).c_str(), c.block_size,
+                  kernel_name(kernel), std::get<double>(*find(rows.back(), "us")),
+                  std::get<double>(*find(rows.back(), "tbps")));
+      std::fflush(stdout);
+    }
   }
-  const std::vector<Column> cols = {{"case", "case", ""},         {"block", "block", "d"},
+  const std::vector<Column> cols = {{"case", "case", ""},         {"kernel", "kernel", ""}, {"block", "block", "d"},
                                     {"splits", "splits", "d"},    {"us", "time (us)", ".1f"},
                                     {"kv_mb", "KV read (MB)", ".1f"}, {"tbps", "TB/s", ".2f"},
                                     {"frac_copy", "of copy BW", ".1%"}};

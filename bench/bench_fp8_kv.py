@@ -9,9 +9,13 @@ k 0.05 / v 0.02); the query is bf16 in both. Decode reads the whole cache once p
 bound by the KV bytes: "of copy BW" is those bytes over the time, as a fraction of the
 device-to-device copy bandwidth measured in the run. "fp8 speedup" is bf16 time / fp8 time (issue 7:
 at least 1.6x at 8k contexts). "max |fp8 - bf16|" compares the two outputs (information only: the
-e4m3 rounding of K and V is the difference). Timing and L2 flushing: bench/common.py.
+e4m3 rounding of K and V is the difference). Both decode kernels run (FASTINFER_DECODE_KERNEL):
+the default tensor-core one, then the CUDA-core one for comparison. Timing and L2 flushing:
+bench/common.py.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -20,6 +24,7 @@ import common
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 KV_SCALE = (0.05, 0.02)
 FP8 = torch.float8_e4m3fn
+KERNELS = ("tensor_cores", "cuda_cores")
 
 
 def make_inputs(batch: int, context: int, seed: int = 0) -> dict:
@@ -38,7 +43,8 @@ def make_inputs(batch: int, context: int, seed: int = 0) -> dict:
             "seq_lens": torch.full((batch,), context, dtype=torch.int32, device="cuda")}
 
 
-def run_case(ops, batch: int, context: int, args, flush, copy_gbps: float) -> dict:
+def run_case(ops, batch: int, context: int, kernel: str, args, flush, copy_gbps: float) -> dict:
+    os.environ["FASTINFER_DECODE_KERNEL"] = kernel  # read by the op at each call
     d = make_inputs(batch, context)
     scale = HEAD_DIM ** -0.5
     out_bf16, out_fp8 = torch.empty_like(d["query"]), torch.empty_like(d["query"])
@@ -54,17 +60,17 @@ def run_case(ops, batch: int, context: int, args, flush, copy_gbps: float) -> di
     t_bf16 = common.time_cuda(bf16, warmup=args.warmup, iters=args.iters, flush=flush)
     t_fp8 = common.time_cuda(fp8, warmup=args.warmup, iters=args.iters, flush=flush)
     kv_elems = batch * context * NUM_KV_HEADS * HEAD_DIM * 2  # K and V
-    row = {"batch": batch, "context": context, "bf16_us": t_bf16["us"], "fp8_us": t_fp8["us"],
+    row = {"kernel": kernel.replace("_", " "), "batch": batch, "context": context, "bf16_us": t_bf16["us"], "fp8_us": t_fp8["us"],
            "speedup": t_bf16["us"] / t_fp8["us"],
            "bf16_frac": common.gbps(2 * kv_elems, t_bf16["us"]) / copy_gbps,
            "fp8_frac": common.gbps(kv_elems, t_fp8["us"]) / copy_gbps,
            "max_diff": (out_fp8.float() - out_bf16.float()).abs().max().item()}
-    print(f"B{batch} ctx {context}: bf16 {row['bf16_us']:.1f} us, fp8 {row['fp8_us']:.1f} us, "
+    print(f"{kernel} B{batch} ctx {context}: bf16 {row['bf16_us']:.1f} us, fp8 {row['fp8_us']:.1f} us, "
           f"{row['speedup']:.2f}x")
     return row
 
 
-COLUMNS = [("batch", "batch", ""), ("context", "context", ""), ("bf16_us", "bf16 KV us", ".1f"),
+COLUMNS = [("kernel", "decode kernel", ""), ("batch", "batch", ""), ("context", "context", ""), ("bf16_us", "bf16 KV us", ".1f"),
            ("fp8_us", "fp8 KV us", ".1f"), ("speedup", "fp8 speedup", ".2f"),
            ("bf16_frac", "bf16 of copy BW", ".0%"), ("fp8_frac", "fp8 of copy BW", ".0%"),
            ("max_diff", "max |fp8 - bf16|", ".2e")]
@@ -77,13 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     fastinfer, flush, copy = common.start()
     rows, errors = [], []
-    for batch in args.batch:
-        try:
-            rows.append(run_case(fastinfer.ops, batch, args.context, args, flush, copy["gbps"]))
-        except Exception as exc:  # report and carry on
-            errors.append(f"B{batch}: {type(exc).__name__}: {exc}")
-            print(f"ERROR {errors[-1]}")
-        torch.cuda.empty_cache()
+    for kernel in KERNELS:
+        for batch in args.batch:
+            try:
+                rows.append(run_case(fastinfer.ops, batch, args.context, kernel, args, flush, copy["gbps"]))
+            except Exception as exc:  # report and carry on
+                errors.append(f"{kernel} B{batch}: {type(exc).__name__}: {exc}")
+                print(f"ERROR {errors[-1]}")
+            torch.cuda.empty_cache()
+    os.environ.pop("FASTINFER_DECODE_KERNEL", None)
     notes = [f"{NUM_HEADS}/{NUM_KV_HEADS} heads, head_dim {HEAD_DIM}, block_size {BLOCK_SIZE}, bf16 query; "
              f"L2 flushed before each of {args.iters} calls; copy {copy['gbps']:.0f} GB/s",
              "target (issue 7): fp8 speedup >= 1.6x at context 8192"]
