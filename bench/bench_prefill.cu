@@ -6,7 +6,8 @@
 // table is a random permutation of the cache's blocks. Each case: batch sequences of `context`
 // tokens of which the last q_len are queries (q_len == context: a whole prompt; q_len < context: one
 // chunk of a chunked prefill). FLOPs counted: 4 * head_dim * num_heads per (query, visible key), i.e.
-// 2*2*B*H*S*S*D/2 for a whole causal prompt (the usual convention). Timing: bench/bench_common.cuh.
+// 2*2*B*H*S*S*D/2 for a whole causal prompt (the usual convention). Each case runs both query tile
+// heights of the kernel (PrefillParams.block_m 128 and 64). Timing: bench/bench_common.cuh.
 #include "bench_common.cuh"
 #include "fastinfer/attention/prefill.h"
 
@@ -43,7 +44,7 @@ std::string case_name(const Case& c) {
   return buf;
 }
 
-Row run_case(const Case& c, const Args& args, unsigned long long* nonfinite) {
+Row run_case(const Case& c, int block_m, const Args& args, unsigned long long* nonfinite) {
   const int max_blocks = (c.context + c.block_size - 1) / c.block_size;
   const size_t num_blocks = size_t(c.batch) * max_blocks;
   const size_t tokens = size_t(c.batch) * c.q_len;
@@ -78,12 +79,13 @@ Row run_case(const Case& c, const Args& args, unsigned long long* nonfinite) {
   p.block_table_stride = max_blocks;
   p.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
   p.dtype = fastinfer::DType::kBFloat16;
+  p.block_m = block_m;
 
   const Timing t = time_cuda([&] { BENCH_CHECK(fastinfer::launch_paged_prefill_attention(p, nullptr)); }, args);
   const unsigned long long bad = count_nonfinite_bf16(out);
   *nonfinite += bad;
   const double tflops = causal_flops(c) / (t.us * 1e-6) / 1e12;
-  return {{"case", case_name(c)},      {"batch", (long long)c.batch},     {"heads", (long long)c.heads},
+  return {{"case", case_name(c)},      {"rows", (long long)block_m},      {"batch", (long long)c.batch},     {"heads", (long long)c.heads},
           {"kv_heads", (long long)c.kv_heads}, {"head_dim", (long long)c.head_dim}, {"q_len", (long long)c.q_len},
           {"context", (long long)c.context},   {"block", (long long)c.block_size},  {"us", t.us},
           {"min_us", t.min_us},        {"flops", causal_flops(c)},        {"tflops", tflops},
@@ -101,12 +103,14 @@ int main(int argc, char** argv) {
   std::vector<Row> rows;
   unsigned long long nonfinite = 0;
   for (const Case& c : kCases) {
-    rows.push_back(run_case(c, args, &nonfinite));
-    std::printf("  %-36s %10.1f us %8.1f TFLOP/s\n", case_name(c).c_str(), std::get<double>(*find(rows.back(), "us")),
-                std::get<double>(*find(rows.back(), "tflops")));
-    std::fflush(stdout);
+    for (const int block_m : {128, 64}) {
+      rows.push_back(run_case(c, block_m, args, &nonfinite));
+      std::printf("  %-36s rows %3d %10.1f us %8.1f TFLOP/s\n", case_name(c).c_str(), block_m,
+                  std::get<double>(*find(rows.back(), "us")), std::get<double>(*find(rows.back(), "tflops")));
+      std::fflush(stdout);
+    }
   }
-  const std::vector<Column> cols = {{"case", "case", ""},       {"block", "block", "d"},
+  const std::vector<Column> cols = {{"case", "case", ""},       {"rows", "query rows / CTA", "d"}, {"block", "block", "d"},
                                     {"us", "time (us)", ".1f"}, {"min_us", "min (us)", ".1f"},
                                     {"tflops", "TFLOP/s", ".1f"}};
   std::printf("\n");

@@ -70,3 +70,17 @@ def decode_kernel(request, monkeypatch) -> str:
         pytest.skip("the CPU op has a single implementation")
     monkeypatch.setenv("FASTINFER_DECODE_KERNEL", request.param)
     return request.param
+
+
+PREFILL_BLOCK_MS = ["64", "128"]
+
+
+@pytest.fixture(params=PREFILL_BLOCK_MS)
+def prefill_block_m(request, monkeypatch) -> str:
+    """Query rows per CTA of the CUDA prefill kernel (FASTINFER_PREFILL_BLOCK_M, read at every call):
+    64 (a warp owns 16 rows) and 128 (two row blocks per warp). CPU halves run once, as above."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("device") == "cpu" and request.param != PREFILL_BLOCK_MS[0]:
+        pytest.skip("the CPU op has a single implementation")
+    monkeypatch.setenv("FASTINFER_PREFILL_BLOCK_M", request.param)
+    return request.param

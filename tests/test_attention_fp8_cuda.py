@@ -1,6 +1,7 @@
 """Paged prefill / decode attention over an FP8 (e4m3) KV cache, on every device (the `device`
 fixture: the CPU half runs everywhere, the CUDA half is marked `cuda`), against tests/reference.py.
-The CUDA decode tests run both decode kernels (conftest.decode_kernel: tensor cores, CUDA cores).
+The CUDA decode tests run both decode kernels (conftest.decode_kernel: tensor cores, CUDA cores), the
+CUDA prefill tests both query tile heights (conftest.prefill_block_m: 64, 128).
 The full shape sweeps run on the GPU only (tests/test_fp8_kv.py sweeps the CPU op).
 
 The reference dequantizes the same e4m3 cache (e4m3 * scale, exact in fp32 / fp64) and runs plain
@@ -121,7 +122,7 @@ def test_decode_big_group(device, dtype, decode_kernel):
 @pytest.mark.parametrize("num_heads,num_kv_heads", GQA_HEADS)
 @pytest.mark.parametrize("dtype", DTYPES16)
 @pytest.mark.cuda
-def test_prefill_sweep(dtype, num_heads, num_kv_heads, head_dim, block_size):
+def test_prefill_sweep(dtype, num_heads, num_kv_heads, head_dim, block_size, prefill_block_m):
     case = make_fp8_case(PREFILL_LENS, num_heads, num_kv_heads, head_dim, block_size, dtype, (0.05, 0.02), CUDA,
                          q_rows=sum(PREFILL_Q_LENS))
     check(run_prefill(case, PREFILL_Q_LENS))
@@ -129,7 +130,7 @@ def test_prefill_sweep(dtype, num_heads, num_kv_heads, head_dim, block_size):
 
 @pytest.mark.parametrize("scales", SCALES)
 @pytest.mark.parametrize("dtype", DTYPES16)
-def test_prefill_scales(device, dtype, scales):
+def test_prefill_scales(device, dtype, scales, prefill_block_m):
     case = make_fp8_case(PREFILL_LENS, 8, 2, 64, 16, dtype, scales, device, q_rows=sum(PREFILL_Q_LENS))
     check(run_prefill(case, PREFILL_Q_LENS))
 
@@ -137,7 +138,7 @@ def test_prefill_scales(device, dtype, scales):
 @pytest.mark.cuda
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES16)
-def test_prefill_long_cuda(dtype, head_dim):
+def test_prefill_long_cuda(dtype, head_dim, prefill_block_m):
     """Odd long lengths (1023, 4097 query rows) on the GPU only: the CPU op would take minutes."""
     lens, q_lens = [1023, 4097, 300], [1023, 4097, 77]
     case = make_fp8_case(lens, 8, 2, head_dim, 32, dtype, (0.05, 0.02), "cuda", q_rows=sum(q_lens))

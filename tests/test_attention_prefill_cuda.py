@@ -2,9 +2,11 @@
 
 Tolerance as in test_ops.py (DESIGN.md): max abs error(ours vs fp32 reference) <= 2 x that of the
 same-dtype torch implementation + 1e-5. Inputs are drawn on the CPU with a seeded generator and
-moved; the references run on the GPU too (fp64 for fp32 inputs). The bf16/fp16 kernel tiles 64 query
-rows x 64 keys, so the cases straddle those edges: 63/64/65-row chunks, contexts that are not a
-multiple of 64 in front of the chunk, more than 32 sequences (the tile lookup scans 32 at a time).
+moved; the references run on the GPU too (fp64 for fp32 inputs). Every test runs both tile shapes of
+the bf16/fp16 kernel (the `prefill_block_m` fixture): 64 query rows x 64 keys, and 128 rows x 64 keys
+(x 32 keys at head_dim 128), so the cases straddle those edges: 31/32/33, 63/64/65 and 127/128/129-row
+chunks, contexts that are not a multiple of the tile in front of the chunk, more than 32 sequences
+(the tile lookup scans 32 at a time).
 """
 from __future__ import annotations
 
@@ -17,6 +19,12 @@ from test_ops import BLOCK_SIZES, DTYPES, HEAD_DIMS, HEADS, assert_within_tolera
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _both_tiles(prefill_block_m):
+    """Runs every test of this module once per query tile height (conftest.prefill_block_m)."""
+    return prefill_block_m
 
 
 def make_query(num_tokens, num_heads, num_kv_heads, head_dim, layout, dtype, gen) -> torch.Tensor:
@@ -71,6 +79,9 @@ def test_sweep(dtype, num_heads, num_kv_heads, head_dim, block_size):
     pytest.param(113, 113, id="113"), pytest.param(1023, 1023, id="1023"), pytest.param(4097, 4097, id="4097"),
     pytest.param(113, 50, id="113-chunk50"), pytest.param(1023, 1, id="1023-last1"),
     pytest.param(1023, 63, id="1023-chunk63"), pytest.param(4097, 1000, id="4097-chunk1000"),
+    pytest.param(33, 33, id="33"), pytest.param(65, 65, id="65"), pytest.param(127, 127, id="127"),
+    pytest.param(128, 128, id="128"), pytest.param(129, 129, id="129"), pytest.param(300, 129, id="300-chunk129"),
+    pytest.param(300, 127, id="300-chunk127"), pytest.param(257, 31, id="257-chunk31"),
 ])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_lengths(dtype, seq_len, q_len):
@@ -169,3 +180,23 @@ def test_misaligned_query_is_a_clear_error():
     shifted.copy_(query)
     with pytest.raises(RuntimeError, match="16-byte"):
         ops.paged_prefill_attention(shifted, *rest)
+
+
+def test_unknown_block_m_is_refused(monkeypatch):
+    args = make_case([70], [70], 4, 2, 64, 16, torch.bfloat16)
+    monkeypatch.setenv("FASTINFER_PREFILL_BLOCK_M", "96")
+    with pytest.raises(RuntimeError, match="FASTINFER_PREFILL_BLOCK_M must be auto, 64 or 128"):
+        ops.paged_prefill_attention(*args)
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_tile_heights_agree_closely(monkeypatch, head_dim):
+    """64- and 128-row tiles (and the automatic choice) compute the same thing; only the order of the
+    fp32 online-softmax updates differs (32- or 64-key tiles at head_dim 128)."""
+    args = make_case([1500, 40, 700], [1500, 40, 300], 8, 2, head_dim, 16, torch.bfloat16)
+    outs = {}
+    for block_m in ("64", "128", "auto"):
+        monkeypatch.setenv("FASTINFER_PREFILL_BLOCK_M", block_m)
+        outs[block_m] = ops.paged_prefill_attention(*args).float()
+    assert (outs["64"] - outs["128"]).abs().max().item() < 2e-2
+    assert torch.equal(outs["auto"], outs["128"])  # 1840 rows over 3 sequences: >= 128 on average

@@ -12,7 +12,13 @@
 // bf16 / fp16: FlashAttention-2 on mma.sync.m16n8k16 (fp32 accumulate).
 //   CTA = 64 query rows of one (sequence, head), 4 warps; warp w owns rows 16w .. 16w + 15 and
 //   keeps its Q fragments, its 16 x D output accumulator and its softmax state in registers, so the
-//   warps never exchange data. grid = (query tiles of the whole ragged batch, H). The host cannot
+//   warps never exchange data. Or (kMB = 2, PrefillParams.block_m) CTA = 128 query rows, warp w owning
+//   rows 32w .. 32w + 31 as two row blocks: every K / V fragment read from shared memory feeds two
+//   mma instead of one (shared-memory traffic per mma 192 instead of 256 bytes in S = Q K^T, 128
+//   instead of 256 in P V), Q fragments are read from shared memory at each head-dim step, and at
+//   head_dim 128 the K/V tiles hold 32 keys (the two blocks' outputs take 128 registers). The
+//   launcher takes 128 rows when the sequences average >= 128 query rows.
+//   grid = (query tiles of the whole ragged batch, H). The host cannot
 //   know the tiles per sequence without a sync, so grid.x is the bound
 //   sum_b ceil(q_len_b / 64) <= (num_tokens + 63 * batch) / 64, and each CTA finds its (sequence,
 //   tile) with a warp-wide prefix sum over cu_seqlens_q (32 sequences per step); CTAs past the
@@ -28,7 +34,7 @@
 //   hit 8 different bank groups: conflict-free, no padding. Q and K feed ldmatrix (K needs no
 //   transpose: B of Q K^T is K row-major), V feeds ldmatrix.trans; P goes from the S accumulators
 //   straight into A fragments (the m16n8 C layout of two key blocks is the m16k16 A layout).
-//   Causal masking runs only on tiles that reach past the tile's first query position; tiles past
+//   Causal masking runs only on tiles that reach past the warp's first query position; tiles past
 //   its last query position are never loaded.
 // FP8 KV cache (p.kv_scale != nullptr, query / out bf16 or fp16): the cache holds float8_e4m3fn,
 //   K = k_scale * k8 and V = v_scale * v8 (kv_scale = [k_scale, v_scale] read on the device). The
@@ -59,18 +65,27 @@
 namespace fastinfer {
 namespace prefill {
 
-constexpr int kBlockM = 64;                    // query rows per CTA
-constexpr int kWarpRows = kBlockM / kWarps;    // 16: one mma row block per warp
+// Query rows per CTA: 64 (kMB = 1: a warp owns one m16 row block, its Q fragments in registers) or
+// 128 (kMB = 2: a warp owns two row blocks, rows 32w .. 32w + 31, and every K / V fragment it reads
+// from shared memory feeds two mma instead of one; Q fragments are read from shared memory at each
+// head-dim step, as FlashAttention-2 does for head_dim 128).
+template <int kMB>
+constexpr int block_m() { return 64 * kMB; }
+// Keys per K / V tile: 64, or 32 for 128-row tiles at head_dim 128 (as FlashAttention-2 picks for
+// that shape), which keeps the two row blocks' scores and outputs (32 + 128 registers) from spilling.
+template <int kHeadDim, int kMB>
+constexpr int block_n() { return kMB == 2 && kHeadDim == 128 ? 32 : kBlockN; }
 
 // Q, K, V tiles of T; for an e4m3 cache (C of 1 byte) also the staging tile the copies land in.
-template <typename T, typename C, int kHeadDim>
+template <typename T, typename C, int kHeadDim, int kMB>
 constexpr size_t smem_bytes() {
-  return static_cast<size_t>(kBlockM + 2 * kBlockN) * kHeadDim * sizeof(T) +
-         (sizeof(C) == 1 ? static_cast<size_t>(kBlockN) * kHeadDim : 0);
+  constexpr int kKeys = block_n<kHeadDim, kMB>();
+  return static_cast<size_t>(block_m<kMB>() + 2 * kKeys) * kHeadDim * sizeof(T) +
+         (sizeof(C) == 1 ? static_cast<size_t>(kKeys) * kHeadDim : 0);
 }
 
 // The query rows [row0, row0 + num_rows) of head h into sQ; missing rows of the tile are zeroed.
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, int kBlockM>
 __device__ __forceinline__ void load_query_tile(T* sQ, const PrefillParams& p, int64_t row0, int num_rows,
                                                 int head) {
   constexpr int kChunks = kHeadDim / kChunk;
@@ -95,8 +110,9 @@ struct TileCoord {
   int tile;       // query tile within the sequence
 };
 
-// Tile t of the batch's concatenated per-sequence tile lists (ceil(q_len / 64) tiles each). Every
-// warp computes the same answer (no shared memory, no barrier). Returns false past the last tile.
+// Tile t of the batch's concatenated per-sequence tile lists (ceil(q_len / kBlockM) tiles each).
+// Every warp computes the same answer (no shared memory, no barrier). Returns false past the last tile.
+template <int kBlockM>
 __device__ __forceinline__ bool locate_tile(const int32_t* cu_seqlens_q, int batch, int t, TileCoord& coord) {
   const int lane = threadIdx.x % kWarpSize;
   int tiles_before = 0;  // tiles of the sequences preceding this 32-sequence chunk
@@ -127,22 +143,93 @@ __device__ __forceinline__ bool locate_tile(const int32_t* cu_seqlens_q, int bat
 
 // ---- bf16 / fp16 tensor-core kernel ------------------------------------------------------------
 
-// T: the query / out dtype; C: the cache element (T, or __nv_fp8_e4m3 with p.kv_scale).
+// S (kMB row blocks x 8 kNB keys per warp) = Q K_tile^T with Q's A fragments read from sQ at every
+// 16-wide head-dim step (kMB = 2; kMB = 1 keeps them in registers: compute_scores).
+template <typename T, int kHeadDim, int kMB, int kNB>
+__device__ __forceinline__ void compute_scores_smem_q(float (&s)[kMB][kNB][4], const T* sQ, int q_row0,
+                                                      const T* sK, int lane) {
+#pragma unroll
+  for (int mb = 0; mb < kMB; ++mb) {
+#pragma unroll
+    for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) s[mb][nb][j] = 0.0f;
+    }
+  }
+  const int key_in_pair = (lane / 16) * 8 + lane % 8;
+  const int chunk_in_step = (lane / 8) % 2;
+  // Not fully unrolled: kk indexes shared memory only, and a rolled loop keeps ptxas from holding
+  // every step's fragment addresses in registers (the two row blocks' outputs take 128 of them).
+#pragma unroll 2
+  for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+    uint32_t a[kMB][4];
+#pragma unroll
+    for (int mb = 0; mb < kMB; ++mb) {
+      ldmatrix_x4(a[mb], sQ + swizzle<kHeadDim>(q_row0 + mb * 16 + lane % 16, kk * 2 + lane / 16));
+    }
+#pragma unroll
+    for (int np = 0; np < kNB / 2; ++np) {
+      uint32_t b[4];
+      ldmatrix_x4(b, sK + swizzle<kHeadDim>(np * 16 + key_in_pair, kk * 2 + chunk_in_step));
+#pragma unroll
+      for (int mb = 0; mb < kMB; ++mb) {
+        mma_16816<T>(s[mb][2 * np], a[mb], b[0], b[1]);
+        mma_16816<T>(s[mb][2 * np + 1], a[mb], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// O (kMB row blocks x D per warp) += P (from the S accumulators) * V_tile; each V fragment feeds kMB mma.
+template <typename T, int kHeadDim, int kMB, int kNB>
+__device__ __forceinline__ void accumulate_pv_blocks(float (&o)[kMB][kHeadDim / 8][4],
+                                                     const float (&s)[kMB][kNB][4], const T* sV, int lane) {
+  const int key_in_step = ((lane / 8) % 2) * 8 + lane % 8;
+  const int chunk_in_pair = lane / 16;
+#pragma unroll
+  for (int kk = 0; kk < kNB / 2; ++kk) {
+    uint32_t a[kMB][4];
+#pragma unroll
+    for (int mb = 0; mb < kMB; ++mb) {
+      a[mb][0] = pack2<T>(s[mb][2 * kk][0], s[mb][2 * kk][1]);
+      a[mb][1] = pack2<T>(s[mb][2 * kk][2], s[mb][2 * kk][3]);
+      a[mb][2] = pack2<T>(s[mb][2 * kk + 1][0], s[mb][2 * kk + 1][1]);
+      a[mb][3] = pack2<T>(s[mb][2 * kk + 1][2], s[mb][2 * kk + 1][3]);
+    }
+#pragma unroll
+    for (int dp = 0; dp < kHeadDim / 16; ++dp) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, sV + swizzle<kHeadDim>(kk * 16 + key_in_step, dp * 2 + chunk_in_pair));
+#pragma unroll
+      for (int mb = 0; mb < kMB; ++mb) {
+        mma_16816<T>(o[mb][2 * dp], a[mb], b[0], b[1]);
+        mma_16816<T>(o[mb][2 * dp + 1], a[mb], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// T: the query / out dtype; C: the cache element (T, or __nv_fp8_e4m3 with p.kv_scale); kMB: m16
+// row blocks per warp (64 or 128 query rows per CTA, see block_m).
 // Min. 1 CTA per SM in the launch bounds: without it ptxas held the head_dim 64 kernel to 128
 // registers and spilled 8 bytes; it now takes ~166 (3 CTAs of 128 threads per SM, as the 131 it
 // used before the FP8 path did; shared memory, 24 KiB a CTA, is not the limit).
-template <typename T, typename C, int kHeadDim>
+template <typename T, typename C, int kHeadDim, int kMB>
 __global__ void __launch_bounds__(kThreads, 1) paged_prefill_mma_kernel(const PrefillParams p) {
+  constexpr int kBlockM = block_m<kMB>();
+  constexpr int kKeys = block_n<kHeadDim, kMB>();  // keys per K / V tile
+  constexpr int kNB = kKeys / 8;                    // n8 key blocks of S
+  constexpr int kWarpRows = 16 * kMB;
   constexpr int kDimBlocks = kHeadDim / 8;
   constexpr bool kFp8 = sizeof(C) == 1;
   extern __shared__ uint4 smem[];
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = sQ + kBlockM * kHeadDim;
-  T* sV = sK + kBlockN * kHeadDim;
-  uint8_t* stage = reinterpret_cast<uint8_t*>(sV + kBlockN * kHeadDim);  // FP8 only: e4m3 K or V tile
+  T* sV = sK + kKeys * kHeadDim;
+  uint8_t* stage = reinterpret_cast<uint8_t*>(sV + kKeys * kHeadDim);  // FP8 only: e4m3 K or V tile
 
   TileCoord coord;
-  if (!locate_tile(p.cu_seqlens_q, p.batch, blockIdx.x, coord)) return;  // uniform over the CTA
+  if (!locate_tile<kBlockM>(p.cu_seqlens_q, p.batch, blockIdx.x, coord)) return;  // uniform over the CTA
   const int head = blockIdx.y;
   const int kv_head = head / (p.num_heads / p.num_kv_heads);
   const int q_begin = p.cu_seqlens_q[coord.seq];
@@ -151,7 +238,7 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_mma_kernel(const Pr
   const int num_rows = min(kBlockM, q_len - m0);
   const int first_pos = p.seq_lens[coord.seq] - q_len + m0;  // position of query row m0
   const int key_end = first_pos + num_rows;              // keys any row of the tile can see
-  const int num_kv_tiles = ceil_div(key_end, kBlockN);
+  const int num_kv_tiles = ceil_div(key_end, kKeys);
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int block_shift = __ffs(p.block_size) - 1;
@@ -163,57 +250,72 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_mma_kernel(const Pr
   // the staging tile, which finish_tile (after this thread's cp.async wait) converts into `tile`.
   auto start_tile = [&](T* tile, int kv, int key0) {
     if constexpr (kFp8) {
-      load_kv_tile_fp8<kHeadDim>(stage, reinterpret_cast<const uint8_t*>(cache_head), block_table, block_shift,
+      load_kv_tile_fp8<kHeadDim, kKeys>(stage, reinterpret_cast<const uint8_t*>(cache_head), block_table, block_shift,
                                  token_stride, kv, key0, key_end);
     } else {
-      load_kv_tile<T, kHeadDim>(tile, cache_head, block_table, block_shift, token_stride, kv, key0, key_end);
+      load_kv_tile<T, kHeadDim, kKeys>(tile, cache_head, block_table, block_shift, token_stride, kv, key0, key_end);
     }
   };
   auto finish_tile = [&](T* tile) {
-    if constexpr (kFp8) convert_kv_tile_fp8<T, kHeadDim>(tile, stage);
+    if constexpr (kFp8) convert_kv_tile_fp8<T, kHeadDim, kKeys>(tile, stage);
   };
 
-  load_query_tile<T, kHeadDim>(sQ, p, static_cast<int64_t>(q_begin) + m0, num_rows, head);
+  load_query_tile<T, kHeadDim, kBlockM>(sQ, p, static_cast<int64_t>(q_begin) + m0, num_rows, head);
   start_tile(sK, 0, 0);
   cp_async_commit();
   cp_async_wait_all();
   finish_tile(sK);
   __syncthreads();
 
-  // This warp's 16 query rows as A fragments, one per 16-wide head-dim step (see ldmatrix_x4:
+  const int q_row0 = warp * kWarpRows;  // this warp's first row in the tile
+  // kMB = 1: the warp's 16 query rows as A fragments, one per 16-wide head-dim step (see ldmatrix_x4:
   // matrices (rows +0..7, d +0..7), (rows +8..15, d +0..7), (rows +0..7, d +8..15), (+8..15, +8..15)).
-  uint32_t q_frag[kHeadDim / 16][4];
+  uint32_t q_frag[kMB == 1 ? kHeadDim / 16 : 1][4];
+  if constexpr (kMB == 1) {
 #pragma unroll
-  for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-    ldmatrix_x4(q_frag[kk], sQ + swizzle<kHeadDim>(warp * kWarpRows + lane % 16, kk * 2 + lane / 16));
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      ldmatrix_x4(q_frag[kk], sQ + swizzle<kHeadDim>(q_row0 + lane % 16, kk * 2 + lane / 16));
+    }
   }
 
-  float o[kDimBlocks][4];
+  float o[kMB][kDimBlocks][4];
 #pragma unroll
-  for (int db = 0; db < kDimBlocks; ++db) {
+  for (int mb = 0; mb < kMB; ++mb) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) o[db][j] = 0.0f;
+    for (int db = 0; db < kDimBlocks; ++db) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) o[mb][db][j] = 0.0f;
+    }
   }
-  OnlineSoftmax<kKeyBlocks, kDimBlocks> softmax;
-  softmax.init();
-  // Accumulator element j of a lane sits at row (lane / 4) + 8 (j / 2), column 2 (lane % 4) + j % 2.
-  const int row_pos = first_pos + warp * kWarpRows + lane / 4;  // position of this lane's first row
+  OnlineSoftmax<kNB, kDimBlocks> softmax[kMB];
+#pragma unroll
+  for (int mb = 0; mb < kMB; ++mb) softmax[mb].init();
+  // Accumulator element j of a lane sits at row (lane / 4) + 8 (j / 2), column 2 (lane % 4) + j % 2
+  // of its row block; row block mb of the warp starts at tile row q_row0 + 16 mb.
+  const int row_pos = first_pos + q_row0 + lane / 4;  // position of this lane's first row
 
   for (int n = 0; n < num_kv_tiles; ++n) {
-    const int key0 = n * kBlockN;
+    const int key0 = n * kKeys;
     start_tile(sV, 1, key0);  // FP8: this thread's staging chunks were converted into sK already
     cp_async_commit();
 
-    float s[kKeyBlocks][4];
-    compute_scores<T, kHeadDim>(s, q_frag, sK, lane);
-    const bool diagonal = key0 + kBlockN - 1 > first_pos;  // some key here is later than some row
+    float s[kMB][kNB][4];
+    if constexpr (kMB == 1) {
+      compute_scores<T, kHeadDim>(s[0], q_frag, sK, lane);
+    } else {
+      compute_scores_smem_q<T, kHeadDim, kMB, kNB>(s, sQ, q_row0, sK, lane);
+    }
+    const bool diagonal = key0 + kKeys - 1 > first_pos + q_row0;  // some key here is later than some row
 #pragma unroll
-    for (int nb = 0; nb < kKeyBlocks; ++nb) {
+    for (int mb = 0; mb < kMB; ++mb) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        s[nb][j] *= scale_log2;
-        const int key = key0 + nb * 8 + (lane % 4) * 2 + j % 2;
-        if (diagonal && key > row_pos + (j / 2) * 8) s[nb][j] = -INFINITY;
+      for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          s[mb][nb][j] *= scale_log2;
+          const int key = key0 + nb * 8 + (lane % 4) * 2 + j % 2;
+          if (diagonal && key > row_pos + mb * 16 + (j / 2) * 8) s[mb][nb][j] = -INFINITY;
+        }
       }
     }
 
@@ -221,32 +323,37 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_mma_kernel(const Pr
     finish_tile(sV);  // sV is free: every warp passed the previous iteration's last barrier
     __syncthreads();  // V_n landed; every warp is done reading sK
     if (n + 1 < num_kv_tiles) {
-      start_tile(sK, 0, key0 + kBlockN);
+      start_tile(sK, 0, key0 + kKeys);
       cp_async_commit();
     }
-    softmax.update(s, o);
-    accumulate_pv<T, kHeadDim>(o, s, sV, 0, lane);
+#pragma unroll
+    for (int mb = 0; mb < kMB; ++mb) softmax[mb].update(s[mb], o[mb]);
+    if constexpr (kMB == 1) {
+      accumulate_pv<T, kHeadDim>(o[0], s[0], sV, 0, lane);
+    } else {
+      accumulate_pv_blocks<T, kHeadDim, kMB, kNB>(o, s, sV, lane);
+    }
     cp_async_wait_all();
     if (n + 1 < num_kv_tiles) finish_tile(sK);  // sK is free since the barrier above
     __syncthreads();  // K_{n+1} landed; every warp is done reading sV
   }
 
-  // Normalise, stage this warp's rows in its own (no longer read) rows of sQ, then write 16-byte
+  // Normalise, stage this warp's rows in its own rows of sQ (kMB = 2: every warp read all of its own
+  // rows, and only those, for the last time before the loop's last barrier), then write 16-byte
   // chunks of the rows that exist.
-  float inv_sum[2];
-  softmax.inverse_sums(inv_sum);
-  if constexpr (kFp8) {
-    const float v_scale = p.kv_scale[1];
-    inv_sum[0] *= v_scale;
-    inv_sum[1] *= v_scale;
-  }
+  const float v_scale = kFp8 ? p.kv_scale[1] : 1.0f;
 #pragma unroll
-  for (int db = 0; db < kDimBlocks; ++db) {
+  for (int mb = 0; mb < kMB; ++mb) {
+    float inv_sum[2];
+    softmax[mb].inverse_sums(inv_sum);
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int row = warp * kWarpRows + lane / 4 + i * 8;
-      *reinterpret_cast<uint32_t*>(sQ + swizzle<kHeadDim>(row, db) + (lane % 4) * 2) =
-          pack2<T>(o[db][2 * i] * inv_sum[i], o[db][2 * i + 1] * inv_sum[i]);
+    for (int db = 0; db < kDimBlocks; ++db) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int row = q_row0 + mb * 16 + lane / 4 + i * 8;
+        *reinterpret_cast<uint32_t*>(sQ + swizzle<kHeadDim>(row, db) + (lane % 4) * 2) =
+            pack2<T>(o[mb][db][2 * i] * inv_sum[i] * v_scale, o[mb][db][2 * i + 1] * inv_sum[i] * v_scale);
+      }
     }
   }
   __syncwarp();
@@ -255,7 +362,7 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_mma_kernel(const Pr
 #pragma unroll
   for (int it = 0; it < kWarpRows * kChunks / kWarpSize; ++it) {
     const int i = it * kWarpSize + lane;
-    const int row = warp * kWarpRows + i / kChunks, c = i % kChunks;
+    const int row = q_row0 + i / kChunks, c = i % kChunks;
     if (row < num_rows) {
       *reinterpret_cast<uint4*>(out + (static_cast<int64_t>(q_begin) + m0 + row) * p.out_token_stride + c * kChunk) =
           *reinterpret_cast<const uint4*>(sQ + swizzle<kHeadDim>(row, c));
@@ -324,17 +431,26 @@ __global__ void __launch_bounds__(kThreads) paged_prefill_fp32_kernel(const Pref
 
 // ---- launch ------------------------------------------------------------------------------------
 
-template <typename T, typename C, int kHeadDim>
-cudaError_t launch_mma(const PrefillParams& p, cudaStream_t stream) {
-  // Sum over sequences of ceil(q_len / 64) <= (num_tokens + 63 * batch) / 64, without reading
-  // cu_seqlens_q on the host.
+template <typename T, typename C, int kHeadDim, int kMB>
+cudaError_t launch_mma_tiles(const PrefillParams& p, cudaStream_t stream) {
+  constexpr int kBlockM = block_m<kMB>();
+  // Sum over sequences of ceil(q_len / kBlockM) <= (num_tokens + (kBlockM - 1) * batch) / kBlockM,
+  // without reading cu_seqlens_q on the host.
   const int64_t max_tiles = (p.num_tokens + static_cast<int64_t>(kBlockM - 1) * p.batch) / kBlockM;
   if (max_tiles > INT_MAX) return cudaErrorInvalidValue;
-  constexpr size_t kSmem = smem_bytes<T, C, kHeadDim>();
-  auto kernel = paged_prefill_mma_kernel<T, C, kHeadDim>;
+  constexpr size_t kSmem = smem_bytes<T, C, kHeadDim, kMB>();
+  auto kernel = paged_prefill_mma_kernel<T, C, kHeadDim, kMB>;
   FI_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem)));
   kernel<<<dim3(static_cast<unsigned>(max_tiles), p.num_heads), kThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
+}
+
+// 128-row tiles when asked for, or (block_m = 0) when the sequences average >= 128 query rows (a
+// prompt, not a decode-sized chunk or a speculative verify); 64-row tiles otherwise.
+template <typename T, typename C, int kHeadDim>
+cudaError_t launch_mma(const PrefillParams& p, cudaStream_t stream) {
+  const bool rows128 = p.block_m == 128 || (p.block_m == 0 && p.num_tokens >= int64_t{128} * p.batch);
+  return rows128 ? launch_mma_tiles<T, C, kHeadDim, 2>(p, stream) : launch_mma_tiles<T, C, kHeadDim, 1>(p, stream);
 }
 
 template <int kHeadDim>
@@ -375,7 +491,8 @@ inline bool rows_are_16_byte_aligned(const PrefillParams& p) {
 inline cudaError_t launch_paged_prefill_attention_impl(const PrefillParams& p, cudaStream_t stream) {
   if (p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;
   if (p.batch <= 0 || p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads != 0 || p.num_heads > 65535 ||
-      p.block_size <= 0 || (p.block_size & (p.block_size - 1)) != 0) {
+      p.block_size <= 0 || (p.block_size & (p.block_size - 1)) != 0 ||
+      (p.block_m != 0 && p.block_m != 64 && p.block_m != 128)) {
     return cudaErrorInvalidValue;
   }
   if (p.dtype != DType::kFloat32 && !prefill::rows_are_16_byte_aligned(p)) return cudaErrorMisalignedAddress;

@@ -34,6 +34,9 @@ struct PrefillParams {
   int64_t block_table_stride;
   float scale;                  // softmax scale (usually head_dim^-0.5)
   DType dtype;                  // of query and out (and kv_cache unless kv_scale is set)
+  // Query rows per CTA of the bf16 / fp16 kernel: 64, 128, or 0 (zero-initialised) = 128 when the
+  // sequences average >= 128 query rows, else 64. Anything else: cudaErrorInvalidValue.
+  int block_m;
 };
 
 // Head dims the kernels are compiled for; anything else is refused with cudaErrorInvalidValue.

@@ -91,9 +91,9 @@ __device__ __forceinline__ int swizzle(int row, int chunk) {
   return row * kHeadDim + ((chunk ^ (row & 7)) * kChunk);
 }
 
-// Keys [key0, key0 + 64) of K (kv = 0) or V (kv = 1) into a tile; keys >= key_end are zeroed, never
+// Keys [key0, key0 + kKeys) of K (kv = 0) or V (kv = 1) into a tile; keys >= key_end are zeroed, never
 // read (their slots may be unwritten, and their block-table entries meaningless).
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, int kKeys = kBlockN>
 __device__ __forceinline__ void load_kv_tile(T* tile, const T* cache_head, const int32_t* block_table,
                                              int block_shift, int64_t token_stride, int kv, int key0,
                                              int key_end) {
@@ -101,7 +101,7 @@ __device__ __forceinline__ void load_kv_tile(T* tile, const T* cache_head, const
   const int block_mask = (1 << block_shift) - 1;
   const int64_t block_stride = (token_stride << block_shift) * 2;  // one block: K and V halves
 #pragma unroll
-  for (int it = 0; it < kBlockN * kChunks / kThreads; ++it) {
+  for (int it = 0; it < kKeys * kChunks / kThreads; ++it) {
     const int i = it * kThreads + threadIdx.x;
     const int r = i / kChunks, c = i % kChunks;
     const int key = key0 + r;
@@ -116,10 +116,10 @@ __device__ __forceinline__ void load_kv_tile(T* tile, const T* cache_head, const
   }
 }
 
-// FP8 cache: keys [key0, key0 + 64) of K (kv = 0) or V (kv = 1) as raw e4m3 into the unswizzled
-// staging tile [64][kHeadDim] bytes, 16 values per chunk; keys >= key_end are zeroed, never read.
+// FP8 cache: keys [key0, key0 + kKeys) of K (kv = 0) or V (kv = 1) as raw e4m3 into the unswizzled
+// staging tile [kKeys][kHeadDim] bytes, 16 values per chunk; keys >= key_end are zeroed, never read.
 // Chunk i of the tile is always copied by thread i % kThreads, which later converts it itself.
-template <int kHeadDim>
+template <int kHeadDim, int kKeys = kBlockN>
 __device__ __forceinline__ void load_kv_tile_fp8(uint8_t* stage, const uint8_t* cache_head, const int32_t* block_table,
                                                  int block_shift, int64_t token_stride, int kv, int key0,
                                                  int key_end) {
@@ -127,7 +127,7 @@ __device__ __forceinline__ void load_kv_tile_fp8(uint8_t* stage, const uint8_t* 
   const int block_mask = (1 << block_shift) - 1;
   const int64_t block_stride = (token_stride << block_shift) * 2;
 #pragma unroll
-  for (int it = 0; it < kBlockN * kChunks / kThreads; ++it) {
+  for (int it = 0; it < kKeys * kChunks / kThreads; ++it) {
     const int i = it * kThreads + threadIdx.x;
     const int r = i / kChunks, c = i % kChunks;
     const int key = key0 + r;
@@ -158,11 +158,11 @@ __device__ __forceinline__ uint32_t fp8x2_to<__nv_bfloat16>(uint32_t two) {
 
 // The chunks this thread copied with load_kv_tile_fp8 (after its own cp.async wait), converted into
 // the swizzled T tile: 16 e4m3 of row r, chunk c become T chunks 2c and 2c + 1 of row r.
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, int kKeys = kBlockN>
 __device__ __forceinline__ void convert_kv_tile_fp8(T* tile, const uint8_t* stage) {
   constexpr int kChunks = kHeadDim / 16;
 #pragma unroll
-  for (int it = 0; it < kBlockN * kChunks / kThreads; ++it) {
+  for (int it = 0; it < kKeys * kChunks / kThreads; ++it) {
     const int i = it * kThreads + threadIdx.x;
     const int r = i / kChunks, c = i % kChunks;
     const uint4 raw = *reinterpret_cast<const uint4*>(stage + r * kHeadDim + c * 16);
