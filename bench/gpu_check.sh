@@ -34,6 +34,9 @@ PY=${PYTHON:-$(command -v python || command -v python3)}
 BUILD_DIR=build/gpu_check
 BUDGET=${GPU_CHECK_BUDGET_S:-420}
 BENCH_ORDER="layers gemv prefill_cpp decode_cpp attention int4 fp8 fp8_kv spec_verify e2e"
+TEST_ORDER="tests/test_ops.py tests/test_e2e_cuda.py tests/test_generate.py tests/test_decode_graphs.py
+  tests/test_spec_verify.py tests/test_gemv.py tests/test_int4.py tests/test_fp8.py tests/test_fp8_kv.py
+  tests/test_attention_prefill_cuda.py tests/test_attention_decode_cuda.py tests/test_attention_fp8_cuda.py"
 if [[ -n "${GPU_CHECK_BENCH:-}" ]]; then
   SELECTED=" $GPU_CHECK_BENCH "
 else
@@ -172,8 +175,14 @@ elif ((build_rc == 0)); then
   test_rc=0
   # run_tests.py: a test that breaks the CUDA context or kills pytest costs that test only (pytest
   # runs again on the tests not yet started); outcomes in $OUT/tests.json, each run's junit xml.
+  # Files in priority order, should the budget run out: the basic ops and the model checks first, the
+  # big attention sweeps last (pytest keeps the order of files named one by one, not of a directory).
+  test_files=()
+  for f in $TEST_ORDER tests/test_*.py; do
+    [[ -e "$f" && " ${test_files[*]} " != *" $f "* ]] && test_files+=("$f")
+  done
   "$PY" bench/run_tests.py --out "$OUT" --budget-s "$(limit 200)" -- \
-    -m cuda -q -rs --durations=25 -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.log" || test_rc=$?
+    -m cuda -q -rs --durations=25 -p no:cacheprovider "${test_files[@]}" 2>&1 | tee "$OUT/pytest.log" || test_rc=$?
   record pytest "$test_rc" $((SECONDS - t0)) "$(grep '^==== run_tests: .* run(s)' "$OUT/pytest.log" | tail -n 1 | cut -c 17-)"
 else
   record pytest skip 0 "build failed"

@@ -22,8 +22,12 @@ CUDA = torch.device("cuda")
 
 
 @pytest.fixture(autouse=True)
-def _both_tiles(prefill_block_m):
-    """Runs every test of this module once per query tile height (conftest.prefill_block_m)."""
+def _both_tiles(request, prefill_block_m):
+    """Runs every test of this module once per query tile height (conftest.prefill_block_m); the fp32
+    kernel has no tiles, so its second run would repeat the first."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("dtype") == torch.float32 and prefill_block_m != "64":
+        pytest.skip("the fp32 kernel has one shape (its 64-row run covers it)")
     return prefill_block_m
 
 
