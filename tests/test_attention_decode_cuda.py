@@ -33,9 +33,11 @@ def _both_kernels(request, decode_kernel):
         pytest.skip("fp32 queries always take the CUDA-core kernel (its run covers them)")
     return decode_kernel
 
-# test_ops.HEADS (GQA 1, 4, 8, five heads on one KV head) plus 32 heads on one KV head (one CTA's
-# maximum) and 40 on one (two head chunks of 20).
-GQA_HEADS = HEADS + [(32, 1), (40, 1)]
+
+# test_ops.HEADS (GQA 1, 4, 8, five heads on one KV head) plus 16, 17, 32 and 40 heads on one KV head:
+# the CUDA-core kernel takes up to 32 per CTA (40: two chunks of 20), the tensor-core one up to 16
+# (17: 9 + 8, 32: 16 + 16, 40: three chunks of 14 / 14 / 12).
+GQA_HEADS = HEADS + [(16, 1), (17, 1), (32, 1), (40, 1)]
 SEQ_LENS = [1, 7, 113, 1023, 16, 65]
 
 
