@@ -10,7 +10,9 @@ token ids and every request ignores EOS.
 Decode tokens/s at batch B: B prompts of --prompt-len tokens are prefilled, a few decode steps
 warm up, then --steps decode steps are timed on the host clock (each ends with the sampled tokens
 back on the host, so launch gaps, sampling and Python are inside the figure). fastinfer runs through
-its engine (LLM.engine.step), with CUDA graphs (the default) and with enforce_eager=True. HF runs
+its engine (LLM.engine.step), with CUDA graphs (the default) and with enforce_eager=True, and for bf16
+on a GPU also with FASTINFER_PDL=1 (programmatic dependent launch, csrc/include/fastinfer/common.cuh:
+off by default until this row shows it helps). HF runs
 model.generate twice per batch, for 1 and for 1 + steps new tokens (min_new_tokens = max), and the
 difference is its decode time: eager (dynamic cache), and in full mode static cache + torch.compile
 (generate compiles the forward itself when the cache is static: transformers' automatic compilation
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import os
 import random
 import statistics
 import time
@@ -328,11 +331,15 @@ def main(argv: list[str] | None = None) -> int:
         if bw:
             roofline[q] = {b: b * bw / (weights + b * context * kv_token) for b in args.batches}
         notes.append(f"fastinfer {q}: {weights / 1e9:.2f} GB of weights read per decode step")
-        for eager in (False, True):
-            impl = f"fastinfer {q}" + (" eager" if eager else "")
+        # (enforce_eager, FASTINFER_PDL): graphs; for bf16 on a GPU also graphs with programmatic dependent
+        # launch of the decode-path kernels (common.cuh; off by default until measured here) and the eager baseline.
+        variants = [(False, False)] + ([(False, True), (True, False)] if q == "bf16" else [])
+        for eager, pdl in variants:
+            if pdl and device.type != "cuda":
+                continue
+            impl = f"fastinfer {q}" + (" eager" if eager else "") + (" + PDL" if pdl else "")
             max_len = args.prompt_len + args.steps + warm + 8
-            if eager and q != "bf16":
-                continue  # the eager baseline once, for bf16
+            os.environ["FASTINFER_PDL"] = "1" if pdl else "0"  # read by the extension at every launch
             try:
                 blocks = max_batch * -(-max_len // 16) + 64
                 llm = LLM(loaded[q], num_blocks=blocks, max_num_seqs=max_batch, max_model_len=max_len,
@@ -353,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as exc:
                     record(impl, b, error=f"{type(exc).__name__}: {exc}")
             del llm
+            os.environ.pop("FASTINFER_PDL", None)
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

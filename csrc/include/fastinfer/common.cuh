@@ -6,6 +6,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <utility>
 
 #include "fastinfer/types.h"
 
@@ -60,6 +62,53 @@ __device__ __forceinline__ float block_reduce_sum(float v) {
   const int num_warps = blockDim.x / kWarpSize;
   v = lane < num_warps ? partial[lane] : 0.0f;
   return warp_reduce_sum(v);
+}
+
+// ---- programmatic dependent launch (PDL, sm_90) ----------------------------------------------------
+// With FASTINFER_PDL=1 the decode-path kernels (RMSNorm, rotary / KV write, decode attention and its
+// merge, dense GEMV) are launched with cudaLaunchAttributeProgrammaticStreamSerialization: such a
+// launch may be scheduled while the kernel before it in the stream is still running, once every CTA
+// of that kernel has called pdl_launch_dependents(); it then runs up to its pdl_wait(), which returns
+// when the previous kernel has completed and its memory is visible. Every kernel launched this way
+// calls pdl_wait() before it reads or writes anything another kernel touches (the GEMV first asks L2
+// for its first weights, which no kernel writes), then pdl_launch_dependents(): so at most the next
+// kernel waits resident, and the gap between two kernels' launches is hidden. Without the attribute
+// (FASTINFER_PDL unset or 0, the default until measured on a GPU: bench/bench_e2e.py) both are no-ops.
+// Read at every launch, so a test or a benchmark can compare the two in one process.
+inline bool pdl_requested() {
+  const char* value = std::getenv("FASTINFER_PDL");
+  return value != nullptr && value[0] == '1' && value[1] == '\0';
+}
+
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when pdl_requested().
+template <typename... KernelArgs, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                          Args&&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  if (pdl_requested()) {
+    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[0].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+  }
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
 }  // namespace fastinfer

@@ -270,6 +270,8 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
 
+  pdl_wait();  // common.cuh: PDL (FASTINFER_PDL=1)
+  pdl_launch_dependents();
   const CtaWork w = cta_work(p, plan);
   if (w.begin >= w.end) {
     write_empty_split<T, kHeadDim, kThreads>(p, plan, w, partial_lse);
@@ -456,8 +458,7 @@ cudaError_t launch_paged_decode(const DecodeParams& p, const DecodePlan& plan, v
       FI_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     }
     const dim3 grid(plan.num_splits, p.num_kv_heads * plan.num_head_chunks, p.batch);
-    kernel<<<grid, kThreads, smem, stream>>>(p, plan, partial_o, partial_lse);
-    FI_CUDA_TRY(cudaGetLastError());
+    FI_CUDA_TRY(launch_kernel(kernel, grid, dim3(kThreads), smem, stream, p, plan, partial_o, partial_lse));
   }
   if (plan.num_splits == 1) return cudaSuccess;
   return launch_merge_splits<T, kHeadDim>(p, partial_o, partial_lse, plan.num_splits, stream);

@@ -107,6 +107,8 @@ __global__ void __launch_bounds__(kThreads, 3)
   float* stat_l = stat_m + kWarps * kRows;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
 
+  pdl_wait();  // common.cuh: PDL (FASTINFER_PDL=1)
+  pdl_launch_dependents();
   const CtaWork w = cta_work(p, plan);
   if (w.begin >= w.end) {
     write_empty_split<T, kHeadDim, kThreads>(p, plan, w, partial_lse);
@@ -256,8 +258,7 @@ cudaError_t launch(const DecodeParams& p, const DecodePlan& plan, float* partial
   auto* kernel = paged_decode_mma_kernel<T, C, kHeadDim>;
   FI_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem)));
   const dim3 grid(plan.num_splits, p.num_kv_heads * plan.num_head_chunks, p.batch);
-  kernel<<<grid, kThreads, kSmem, stream>>>(p, plan, partial_o, partial_lse);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, dim3(kThreads), kSmem, stream, p, plan, partial_o, partial_lse);
 }
 
 }  // namespace mma

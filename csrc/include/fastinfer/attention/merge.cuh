@@ -39,6 +39,8 @@ __global__ void __launch_bounds__(kMergeThreads)
     merge_splits_kernel(const DecodeParams p, const float* __restrict__ partial_o,
                         const float* __restrict__ partial_lse, int num_splits) {
   constexpr int kPerLane = kHeadDim / kWarpSize;
+  pdl_wait();  // common.cuh: PDL (FASTINFER_PDL=1)
+  pdl_launch_dependents();
   const int lane = threadIdx.x % kWarpSize;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeRowsPerCta + threadIdx.x / kWarpSize;
   if (row >= static_cast<int64_t>(p.batch) * p.num_heads) return;
@@ -67,9 +69,8 @@ cudaError_t launch_merge_splits(const DecodeParams& p, const float* partial_o, c
   const int64_t rows = static_cast<int64_t>(p.batch) * p.num_heads;
   const int64_t ctas = ceil_div<int64_t>(rows, kMergeRowsPerCta);
   if (ctas > 0x7fffffff) return cudaErrorInvalidValue;
-  merge_splits_kernel<T, kHeadDim>
-      <<<static_cast<unsigned>(ctas), kMergeThreads, 0, stream>>>(p, partial_o, partial_lse, num_splits);
-  return cudaGetLastError();
+  return launch_kernel(merge_splits_kernel<T, kHeadDim>, dim3(static_cast<unsigned>(ctas)), dim3(kMergeThreads), 0,
+                       stream, p, partial_o, partial_lse, num_splits);
 }
 
 }  // namespace decode

@@ -228,6 +228,19 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams
     x_rows[t] = static_cast<const T*>(p.x) + (row < p.m ? row : 0) * p.x_stride + kVecElems * c;
   }
 
+  // PDL (common.cuh, FASTINFER_PDL=1): ask L2 for this warp's first chunk of W, which no kernel
+  // writes, while the kernel before this one may still be running; then wait for it (x is its output).
+  const int64_t num_full = p.k / kChunkK;
+  if (warp < num_full) {
+#pragma unroll
+    for (int s = 0; s < kStepsPerChunk; ++s) {
+      asm volatile("prefetch.global.L2 [%0];\n" ::"l"(w_lo + warp * kChunkK + s * kStepK));
+      asm volatile("prefetch.global.L2 [%0];\n" ::"l"(w_hi + warp * kChunkK + s * kStepK));
+    }
+  }
+  pdl_wait();
+  pdl_launch_dependents();
+
   Acc<kTiles> acc;
 #pragma unroll
   for (int a = 0; a < kAccSets<kTiles>; ++a)
@@ -235,7 +248,6 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams
     for (int t = 0; t < kTiles; ++t)
 #pragma unroll
       for (int j = 0; j < 4; ++j) acc.v[a][t][j] = 0.f;
-  const int64_t num_full = p.k / kChunkK;
   int64_t chunk = warp;
   for (; chunk < num_full; chunk += kWarps) {
     chunk_mma<T, kTiles, false>(acc, w_lo, w_hi, x_rows, has_x, chunk * kChunkK, 0);
@@ -291,12 +303,10 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams
 template <typename T>
 cudaError_t launch_typed(const DenseGemvParams& p, cudaStream_t stream) {
   const unsigned tiles = static_cast<unsigned>(ceil_div(p.n, kTileN));
-  switch (tiles_for(p.m)) {
-    case 1: dense_gemv_kernel<T, 1><<<tiles, kThreads, 0, stream>>>(p); break;
-    case 2: dense_gemv_kernel<T, 2><<<tiles, kThreads, 0, stream>>>(p); break;
-    default: dense_gemv_kernel<T, 4><<<tiles, kThreads, 0, stream>>>(p); break;
-  }
-  return cudaGetLastError();
+  const auto kernel = tiles_for(p.m) == 1   ? dense_gemv_kernel<T, 1>
+                      : tiles_for(p.m) == 2 ? dense_gemv_kernel<T, 2>
+                                            : dense_gemv_kernel<T, 4>;
+  return launch_kernel(kernel, dim3(tiles), dim3(kThreads), 0, stream, p);
 }
 
 }  // namespace gemv

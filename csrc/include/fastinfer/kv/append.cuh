@@ -35,6 +35,8 @@ __device__ __forceinline__ auto cache_element(T x, float scale) {
 // then write the rotated key: one launch and one pass over key instead of two.
 template <typename T, bool kFp8, bool kRope>
 __global__ void reshape_and_cache_kernel(ReshapeAndCacheParams p) {
+  pdl_wait();  // common.cuh: PDL (FASTINFER_PDL=1)
+  pdl_launch_dependents();
   using C = decltype(cache_element<T, kFp8>(T{}, 1.0f));
   const int64_t t = blockIdx.x;
   if constexpr (kRope) {
@@ -66,13 +68,15 @@ inline cudaError_t launch_reshape_and_cache_impl(const ReshapeAndCacheParams& p,
   if (p.num_tokens == 0) return cudaSuccess;
   const bool rope = p.positions != nullptr;
   return FI_DISPATCH_DTYPE(p.dtype, T, [&] {
-    auto launch = [&](auto kernel) { kernel<<<p.num_tokens, kv::kThreads, 0, stream>>>(p); };
+    auto launch = [&](auto kernel) {
+      return launch_kernel(kernel, dim3(static_cast<unsigned>(p.num_tokens)), dim3(kv::kThreads), 0, stream, p);
+    };
     if (p.kv_scale != nullptr) {
-      rope ? launch(kv::reshape_and_cache_kernel<T, true, true>) : launch(kv::reshape_and_cache_kernel<T, true, false>);
-    } else {
-      rope ? launch(kv::reshape_and_cache_kernel<T, false, true>) : launch(kv::reshape_and_cache_kernel<T, false, false>);
+      return rope ? launch(kv::reshape_and_cache_kernel<T, true, true>)
+                  : launch(kv::reshape_and_cache_kernel<T, true, false>);
     }
-    return cudaGetLastError();
+    return rope ? launch(kv::reshape_and_cache_kernel<T, false, true>)
+                : launch(kv::reshape_and_cache_kernel<T, false, false>);
   });
 }
 

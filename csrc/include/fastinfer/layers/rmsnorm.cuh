@@ -19,6 +19,8 @@ constexpr int kMaxThreads = 1024;
 
 template <typename T, bool kFusedAdd>
 __global__ void rms_norm_kernel(RMSNormParams p) {
+  pdl_wait();  // common.cuh: PDL (FASTINFER_PDL=1)
+  pdl_launch_dependents();
   const int64_t row = blockIdx.x;
   const T* in = static_cast<const T*>(p.input) + row * p.input_stride;
   T* out = static_cast<T*>(p.out) + row * p.out_stride;
@@ -49,12 +51,8 @@ inline cudaError_t launch_rms_norm_impl(const RMSNormParams& p, cudaStream_t str
   int threads = ((p.hidden + kWarpSize - 1) / kWarpSize) * kWarpSize;
   threads = threads > rmsnorm::kMaxThreads ? rmsnorm::kMaxThreads : threads;
   return FI_DISPATCH_DTYPE(p.dtype, T, [&] {
-    if (p.residual != nullptr) {
-      rmsnorm::rms_norm_kernel<T, true><<<p.num_tokens, threads, 0, stream>>>(p);
-    } else {
-      rmsnorm::rms_norm_kernel<T, false><<<p.num_tokens, threads, 0, stream>>>(p);
-    }
-    return cudaGetLastError();
+    const auto kernel = p.residual != nullptr ? rmsnorm::rms_norm_kernel<T, true> : rmsnorm::rms_norm_kernel<T, false>;
+    return launch_kernel(kernel, dim3(static_cast<unsigned>(p.num_tokens)), dim3(threads), 0, stream, p);
   });
 }
 
