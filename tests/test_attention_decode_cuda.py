@@ -31,6 +31,8 @@ def _both_kernels(request, decode_kernel):
     callspec = getattr(request.node, "callspec", None)
     if callspec is not None and callspec.params.get("dtype") == torch.float32 and decode_kernel == "tensor_cores":
         pytest.skip("fp32 queries always take the CUDA-core kernel (its run covers them)")
+    if request.node.get_closest_marker("own_decode_kernel") and decode_kernel != "tensor_cores":
+        pytest.skip("the test sets FASTINFER_DECODE_KERNEL itself (its tensor_cores run covers it)")
     return decode_kernel
 
 
@@ -201,6 +203,7 @@ def test_unsupported_head_dim_is_refused():
         ops.paged_decode_attention(*args)
 
 
+@pytest.mark.own_decode_kernel
 def test_unknown_kernel_name_is_refused(monkeypatch):
     args = make_case([5, 20], 4, 2, 64, 16, torch.bfloat16)
     monkeypatch.setenv("FASTINFER_DECODE_KERNEL", "tensorcores")
@@ -208,6 +211,7 @@ def test_unknown_kernel_name_is_refused(monkeypatch):
         ops.paged_decode_attention(*args)
 
 
+@pytest.mark.own_decode_kernel
 def test_both_kernels_agree_closely(monkeypatch):
     """The two kernels round differently (P in the query dtype for the tensor cores' P @ V, fp32 on the
     CUDA cores) but compute the same thing: they agree far inside the tolerance rule."""

@@ -19,16 +19,17 @@
 //   head_dim 128 the K/V tiles hold 32 keys (the two blocks' outputs take 128 registers). The
 //   launcher takes 128 rows when the sequences average >= 128 query rows.
 //   grid = (query tiles of the whole ragged batch, H). The host cannot
-//   know the tiles per sequence without a sync, so grid.x is the bound
-//   sum_b ceil(q_len_b / 64) <= (num_tokens + 63 * batch) / 64, and each CTA finds its (sequence,
+//   know the tiles per sequence without a sync, so grid.x is the bound (M = 64 or 128 rows)
+//   sum_b ceil(q_len_b / M) <= (num_tokens + (M - 1) * batch) / M, and each CTA finds its (sequence,
 //   tile) with a warp-wide prefix sum over cu_seqlens_q (32 sequences per step); CTAs past the
 //   last tile exit. Within a sequence the last (longest-context) tiles are scheduled first.
-//   K/V tiles of 64 keys go global -> shared with 16-byte cp.async, row by row through the block
-//   table (a 64-key tile spans 64 / block_size blocks, or part of one when block_size >= 64); keys
+//   K/V tiles of N = 64 keys (32 for 128 rows at D = 128) go global -> shared with 16-byte cp.async,
+//   row by row through the block table (a tile spans N / block_size blocks, or part of one); keys
 //   past the tile's causal end are zero-filled in shared memory instead of read, so NaN in unused
 //   cache slots never meets a 0 probability (0 * NaN = NaN). Pipeline (FA2): V_n is fetched
 //   while S = Q K_n^T runs, K_{n+1} while softmax and O += P V_n run; one buffer each for Q, K, V:
-//   3 * 64 * D * 2 bytes = 24 KiB (D = 64) / 48 KiB (D = 128) of dynamic shared memory.
+//   (M + 2 N) * D * 2 bytes of dynamic shared memory: 24 / 48 KiB at 64 rows (D = 64 / 128), 32 / 48
+//   KiB at 128 rows.
 //   Shared rows are D * 2 bytes (a multiple of 128); 16-byte chunk c of row r is stored at chunk
 //   c ^ (r % 8), so the 8 row addresses of every ldmatrix phase (8 consecutive rows, same chunk)
 //   hit 8 different bank groups: conflict-free, no padding. Q and K feed ldmatrix (K needs no
@@ -38,12 +39,13 @@
 //   its last query position are never loaded.
 // FP8 KV cache (p.kv_scale != nullptr, query / out bf16 or fp16): the cache holds float8_e4m3fn,
 //   K = k_scale * k8 and V = v_scale * v8 (kv_scale = [k_scale, v_scale] read on the device). The
-//   same mma kernel, with one more shared buffer of 64 x D bytes that K/V tiles are copied into
+//   same mma kernel, with one more shared buffer of N x D bytes that K/V tiles are copied into
 //   (16-byte cp.async of 16 e4m3 values); each thread converts exactly the chunks it copied (so no
 //   barrier sits between its cp.async wait and the conversion) e4m3x2 -> f16x2 (-> bf16x2), which is
 //   exact in both, into the swizzled 16-bit K / V tiles that ldmatrix reads as before. The scales
 //   are applied in fp32 where they cost nothing: k_scale joins the softmax scale, v_scale the final
-//   1 / sum (as in csrc/cpu/attention.cpp). Shared memory: 28 KiB (D = 64) / 56 KiB (D = 128).
+//   1 / sum (as in csrc/cpu/attention.cpp). Shared memory: 28 / 56 KiB at 64 rows (D = 64 / 128),
+//   36 / 52 KiB at 128 rows.
 // fp32: a plain CUDA-core kernel (one warp per query row and head, one key at a time, online
 //   softmax), for fp32 end-to-end checks; not tuned.
 //
@@ -212,8 +214,8 @@ __device__ __forceinline__ void accumulate_pv_blocks(float (&o)[kMB][kHeadDim / 
 // T: the query / out dtype; C: the cache element (T, or __nv_fp8_e4m3 with p.kv_scale); kMB: m16
 // row blocks per warp (64 or 128 query rows per CTA, see block_m).
 // Min. 1 CTA per SM in the launch bounds: without it ptxas held the head_dim 64 kernel to 128
-// registers and spilled 8 bytes; it now takes ~166 (3 CTAs of 128 threads per SM, as the 131 it
-// used before the FP8 path did; shared memory, 24 KiB a CTA, is not the limit).
+// registers and spilled 8 bytes. With it (sm_90a, nvcc 13.0): 172-180 registers at 64 rows and
+// D = 64 (3 CTAs of 128 threads per SM), 243-254 at D = 128 or 128 rows (2 CTAs per SM), no spills.
 template <typename T, typename C, int kHeadDim, int kMB>
 __global__ void __launch_bounds__(kThreads, 1) paged_prefill_mma_kernel(const PrefillParams p) {
   constexpr int kBlockM = block_m<kMB>();
