@@ -13,6 +13,9 @@
 # GPU_CHECK_TESTS=0   skip pytest (a second visit that only benchmarks).
 # GPU_CHECK_REUSE_BUILD=1  keep the CUDA objects of an earlier run in build/gpu_check (a second visit on a
 #                     warm machine: the install takes seconds, but there is no ptxas report this time).
+# GPU_CHECK_BENCH_LIMIT_S  seconds one Python benchmark may take (default 150; within the budget).
+# GPU_CHECK_E2E_ARGS  extra arguments of bench_e2e.py, e.g. "--mode full" (HF static cache + torch.compile,
+#                     1000 offline requests: a visit of its own, GPU_CHECK_BENCH=e2e GPU_CHECK_BENCH_LIMIT_S=500).
 # GPU_CHECK_BENCH     the benchmarks to run, in order, e.g. "attention e2e" (names: bench_<name>.py and
 #                     prefill_cpp / decode_cpp); default all, by priority: $BENCH_ORDER then the rest.
 #
@@ -247,7 +250,9 @@ for name in $SELECTED; do
   fi
   t0=$SECONDS
   bench_rc=0
-  timeout -s INT -k 10 "$(limit 150)" "$PY" "$script" --out "$OUT/bench/$name.json" 2>&1 \
+  extra=()  # e.g. GPU_CHECK_E2E_ARGS="--mode full" for the HF static-cache + torch.compile peer
+  if [[ "$name" == e2e && -n "${GPU_CHECK_E2E_ARGS:-}" ]]; then read -ra extra <<< "$GPU_CHECK_E2E_ARGS"; fi
+  timeout -s INT -k 10 "$(limit "${GPU_CHECK_BENCH_LIMIT_S:-150}")" "$PY" "$script" --out "$OUT/bench/$name.json" "${extra[@]}" 2>&1 \
     | tee "$OUT/bench/$name.log" || bench_rc=$?
   record "bench:$name" "$bench_rc" $((SECONDS - t0))
 done
