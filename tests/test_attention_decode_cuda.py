@@ -5,8 +5,9 @@ same-dtype torch implementation + 1e-5; the references run on the GPU too (fp64 
 Every test runs both CUDA kernels (the `decode_kernel` fixture): the tensor-core one walks each split
 in tiles of 64 keys (16 per warp) with up to 16 query heads per CTA, the CUDA-core one in tiles of
 32 keys with up to 32 heads. Both split the context over CTAs by shapes alone (batch, kv heads,
-block_tables.shape[1] * block_size, SM count): no split when batch * num_kv_heads >= 3 x SMs or the
-table holds too few tiles, otherwise splits of >= 128 keys until about 3 CTAs per SM exist.
+block_tables.shape[1] * block_size, SM count): no split when batch * num_kv_heads >= 3 x SMs (CUDA
+cores; 6 x SMs on tensor cores) or the table holds too few tiles, otherwise splits of >= 128 keys until
+about that many CTAs exist.
 The cases below straddle those edges: lengths 1 / 15 / 16 / 17 / 31 / 32 / 33 / 63 / 64 / 65 / 129 and
 odd ones, tables much wider than the sequences (most splits empty), more query heads per KV head
 than a CTA takes (two or three head chunks).
@@ -110,7 +111,7 @@ def test_batch3(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_batch64(dtype):
-    """64 sequences x 8 kv heads = 512 CTAs: no split on a 132-SM Hopper."""
+    """64 sequences x 8 kv heads = 512 CTAs: no split on a 132-SM Hopper on CUDA cores, 2 on tensor cores."""
     lens = torch.randint(1, 700, (64,), generator=torch.Generator().manual_seed(5)).tolist()
     check(lens, 32, 8, 128, 16, dtype, layout="contiguous")
 
@@ -124,7 +125,8 @@ def test_many_splits(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_one_split(dtype):
-    """One split both ways: a table of 144 keys (5 tiles), and batch x kv heads >= 3 x SMs."""
+    """Few splits both ways: a table of 144 keys (one split: 5 CUDA-core tiles, 3 tensor-core tiles), and
+    batch x kv heads = 3 x SMs (one split on CUDA cores, two on tensor cores)."""
     check([100, 7, 128], 8, 2, 128, 16, dtype)
     num_sms = torch.cuda.get_device_properties(CUDA).multi_processor_count
     lens = torch.randint(1, 300, (3 * num_sms,), generator=torch.Generator().manual_seed(6)).tolist()

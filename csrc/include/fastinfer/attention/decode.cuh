@@ -34,7 +34,9 @@
 // Split heuristic (plan_paged_decode): shapes only (batch, kv heads, block_tables.shape[1] *
 // block_size, SM count), so a captured CUDA graph replays with any seq_lens. Splits are added until
 // about 3 CTAs per SM exist, keeping every split at >= 4 tiles (128 keys) and more for big groups
-// (tensor cores: tiles of 64 keys, splits of >= 2 tiles, at most 16 query heads per CTA).
+// (tensor cores: tiles of 64 keys, splits of >= 2 tiles, at most 16 query heads per CTA, and about
+// 6 CTAs per SM: two waves of its 3 (2 for an e4m3 cache) resident CTAs, so the last wave's tail
+// is short; B64 x 8 kv heads at 4096 tokens then takes 2 splits).
 //
 // Roofline, B64, 32 query / 8 kv heads, ctx 4096, head_dim 128, bf16:
 //   KV bytes = 64 seq * 4096 tok * 8 heads * 128 * 2 (K, V) * 2 B = 1.07 GB -> 251 us at 4.28 TB/s
@@ -424,7 +426,8 @@ inline cudaError_t plan_paged_decode_impl(const DecodeParams& p, DecodePlan* pla
   const int64_t ctas = std::max<int64_t>(1, static_cast<int64_t>(p.batch) * p.num_kv_heads * chunks);
   // A split writes heads * head_dim * 4 bytes of partial output: big groups get longer splits.
   const int min_tiles = tensor_cores ? mma::kMinSplitTiles : std::max(kMinSplitTiles, ceil_div(heads_per_cta, 4));
-  const int64_t wanted = ceil_div<int64_t>(static_cast<int64_t>(kTargetCtasPerSm) * p.num_sms, ctas);
+  const int target = tensor_cores ? mma::kTargetCtasPerSm : kTargetCtasPerSm;
+  const int64_t wanted = ceil_div<int64_t>(static_cast<int64_t>(target) * p.num_sms, ctas);
   const int splits = static_cast<int>(std::min<int64_t>(wanted, std::max(1, max_tiles / min_tiles)));
   const int tiles_per_split = ceil_div(max_tiles, splits);
 

@@ -48,6 +48,7 @@ constexpr int kTileKeys = prefill::kBlockN;    // 64 keys per K/V tile
 constexpr int kWarpKeys = kTileKeys / kWarps;  // 16: one k16 step of P @ V per warp and tile
 constexpr int kRows = 16;                      // query heads per CTA: one m16 row block
 constexpr int kMinSplitTiles = 2;              // splits of at least 128 keys
+constexpr int kTargetCtasPerSm = 6;            // split until this many CTAs exist (decode.cuh's plan)
 static_assert(prefill::kThreads == kThreads && prefill::kBlockN == kTileKeys,
               "prefill_tiles.cuh's tile loaders map a 64-key tile onto 128 threads");
 
