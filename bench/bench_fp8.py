@@ -6,6 +6,7 @@ out[M, N] = x[M, K] @ w[N, K]^T. Implementations, all on the same fp8 inputs (bf
   fastinfer rowwise   fastinfer.ops.fp8_scaled_mm, per-token x per-channel scales
   fastinfer tensor    the same kernel with per-tensor scales
   fastinfer linear    fastinfer.ops.fp8_linear: per-token quantization of bf16 x + the GEMM
+  ... 128x256         M > 64: the same with 128 x 256 tiles and no fp32 promotion (FASTINFER_FP8_GEMM_TILE)
   _scaled_mm tensor   torch._scaled_mm, per-tensor scales (cuBLAS)
   _scaled_mm rowwise  torch._scaled_mm, row-wise scales
   bf16 cuBLAS         F.linear on the bf16 operands
@@ -16,6 +17,8 @@ Decode shapes (M <= 64) are bound by the weight bytes: "of copy BW" is N*K bytes
 (issue 7: at most 3x that of _scaled_mm). Timing and L2 flushing: bench/common.py.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +51,13 @@ def quantized(ops, d: dict) -> dict:
 def implementations(ops, d: dict, q: dict) -> dict:
     xr, wr, sxr, swr = q["row"]
     xt, wt, sxt, swt = q["tensor"]
+    wide = {} if d["x"].shape[0] <= 64 else {  # M > 64: the 128 x 256 tiles too (FASTINFER_FP8_GEMM_TILE)
+        "fastinfer rowwise 128x256": lambda: ops.fp8_scaled_mm(xr, wr, sxr, swr),
+        "fastinfer tensor 128x256": lambda: ops.fp8_scaled_mm(xt, wt, sxt, swt)}
     return {
         "fastinfer rowwise": lambda: ops.fp8_scaled_mm(xr, wr, sxr, swr),
         "fastinfer tensor": lambda: ops.fp8_scaled_mm(xt, wt, sxt, swt),
+        **wide,
         "fastinfer linear": lambda: ops.fp8_linear(d["x"], wr, swr),
         "_scaled_mm tensor": lambda: torch._scaled_mm(xt, wt.T, sxt[0], swt[0], out_dtype=torch.bfloat16),
         "_scaled_mm rowwise": lambda: torch._scaled_mm(xr, wr.T, sxr[:, None], swr[None, :], out_dtype=torch.bfloat16),
@@ -59,9 +66,11 @@ def implementations(ops, d: dict, q: dict) -> dict:
 
 
 PEER = {"fastinfer rowwise": "_scaled_mm rowwise", "fastinfer linear": "_scaled_mm rowwise",
-        "fastinfer tensor": "_scaled_mm tensor"}
+        "fastinfer tensor": "_scaled_mm tensor", "fastinfer rowwise 128x256": "_scaled_mm rowwise",
+        "fastinfer tensor 128x256": "_scaled_mm tensor"}
 GRANULARITY = {"fastinfer rowwise": "row", "fastinfer linear": "row", "_scaled_mm rowwise": "row",
-               "fastinfer tensor": "tensor", "_scaled_mm tensor": "tensor"}
+               "fastinfer tensor": "tensor", "_scaled_mm tensor": "tensor", "fastinfer rowwise 128x256": "row",
+               "fastinfer tensor 128x256": "tensor"}
 
 
 def mean_rel_err(out: torch.Tensor, a, b, sa, sb) -> float:
@@ -74,13 +83,16 @@ def run_shape(ops, shape: str, m: int, k: int, n: int, args, flush, copy_gbps: f
     q = quantized(ops, d)
     rows = []
     for impl, fn in implementations(ops, d, q).items():
+        # the op reads FASTINFER_FP8_GEMM_TILE at every call: set for the timing of one impl at a time
+        os.environ["FASTINFER_FP8_GEMM_TILE"] = "128x256" if impl.endswith("128x256") else "128x128"
         t = common.time_cuda(fn, warmup=args.warmup, iters=args.iters, flush=flush)
         weight_bytes = n * k * (2 if impl == "bf16 cuBLAS" else 1)
         row = {"shape": shape, "M": m, "impl": impl, "us": t["us"], "tflops": 2 * m * n * k / (t["us"] * 1e6),
                "frac_copy": common.gbps(weight_bytes, t["us"]) / copy_gbps if m <= 64 else None}
-        if impl in GRANULARITY and m * n * k <= 2**36:  # fp32 reference matmul; skip only 8192^3-size ones
+        if impl in GRANULARITY and m * n * k <= 2**40:  # fp32 reference matmul (8192^3: ~20 ms on an H100)
             row["mean_rel_err"] = mean_rel_err(fn(), *q[GRANULARITY[impl]])
         rows.append(row)
+    os.environ.pop("FASTINFER_FP8_GEMM_TILE", None)
     by_impl = {r["impl"]: r for r in rows}
     for r in rows:
         r["vs_bf16"] = by_impl["bf16 cuBLAS"]["us"] / r["us"]

@@ -91,10 +91,21 @@ def fp8_operands(m, n, k, scales, device, gen):
 
 
 # On the sm_90a kernel: M <= 64 swaps operands (tiles of 8/16/32/64 tokens), larger M uses 128 x 128
-# tiles; K = 208 leaves a partial k-tile, N = 37 odd columns; (64, 256, 4096) and (113, 72, 2048)
-# split K (swapped and not).
+# tiles (or 128 x 256 with FASTINFER_FP8_GEMM_TILE=128x256: the `fp8_tile` fixture runs both);
+# K = 208 leaves a partial k-tile, N = 37 odd columns; (64, 256, 4096) and (113, 72, 2048) split K
+# (swapped and not); (300, 520, 384) has N past one and a half 256-wide tiles.
 SHAPES = [(1, 24, 64), (7, 40, 208), (16, 128, 256), (33, 37, 96), (64, 256, 4096), (113, 72, 2048),
-          (200, 136, 512)]
+          (200, 136, 512), (300, 520, 384)]
+
+
+@pytest.fixture(params=["128x128", "128x256"])
+def fp8_tile(request, monkeypatch, gemm_device):
+    """FASTINFER_FP8_GEMM_TILE for the sm_90a GEMM (read at every call; only M > 64 differs). The CPU op
+    has one implementation, so its run happens once."""
+    if gemm_device.type == "cpu" and request.param != "128x128":
+        pytest.skip("the CPU op has a single implementation")
+    monkeypatch.setenv("FASTINFER_FP8_GEMM_TILE", request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -102,9 +113,11 @@ SHAPES = [(1, 24, 64), (7, 40, 208), (16, 128, 256), (33, 37, 96), (64, 256, 409
 @pytest.mark.parametrize("m,n,k", SHAPES)
 @pytest.mark.parametrize("out_dtype", [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16"),
                                        pytest.param(torch.float32, id="fp32")])
-def test_fp8_scaled_mm(gemm_device, gen, out_dtype, m, n, k, scales, bias):
+def test_fp8_scaled_mm(gemm_device, gen, out_dtype, m, n, k, scales, bias, fp8_tile):
     if gemm_device.type == "cuda" and out_dtype == torch.float32:
         pytest.skip("the CUDA GEMM writes bf16 or fp16")
+    if fp8_tile != "128x128" and m <= 64:
+        pytest.skip("M <= 64 takes the swapped tiles whatever FASTINFER_FP8_GEMM_TILE says")
     a, b, sa, sb = fp8_operands(m, n, k, scales, gemm_device, gen)
     bias_t = randn(n, dtype=out_dtype, device=gemm_device, gen=gen) if bias else None
     out = ops.fp8_scaled_mm(a, b, sa, sb, bias_t, out_dtype=out_dtype)
@@ -115,10 +128,16 @@ def test_fp8_scaled_mm(gemm_device, gen, out_dtype, m, n, k, scales, bias):
 
 @pytest.mark.cuda
 @pytest.mark.sm90
+@pytest.mark.parametrize("tile", ["128x128", "128x256"])
 @pytest.mark.parametrize("scales", ["tensor", "row"])
-@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (16, 14336, 4096), (256, 4096, 14336), (1000, 3000, 1024)])
-def test_fp8_scaled_mm_error_vs_torch_scaled_mm(gen, m, n, k, scales):
-    """Issue 7: mean relative error at most 3x torch._scaled_mm's against fp32 of the same inputs."""
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (16, 14336, 4096), (256, 4096, 14336), (1000, 3000, 1024),
+                                   (2048, 2048, 8192)])
+def test_fp8_scaled_mm_error_vs_torch_scaled_mm(monkeypatch, gen, m, n, k, scales, tile):
+    """Issue 7: mean relative error at most 3x torch._scaled_mm's against fp32 of the same inputs, for
+    both tile shapes of M > 64 (128 x 256 accumulates all of K inside wgmma, without promotion)."""
+    if tile != "128x128" and m <= 64:
+        pytest.skip("M <= 64 takes the swapped tiles whatever FASTINFER_FP8_GEMM_TILE says")
+    monkeypatch.setenv("FASTINFER_FP8_GEMM_TILE", tile)
     a, b, sa, sb = fp8_operands(m, n, k, scales, "cuda", gen)
     reference = ref.fp8_scaled_mm(a, b, sa, sb, None, torch.float32)
     ours = ops.fp8_scaled_mm(a, b, sa, sb)
@@ -232,3 +251,12 @@ def test_bad_input_raises_value_error(op, arg, what, mutate):
     mutate(args)
     with pytest.raises(ValueError, match=rf"fastinfer\.{op}: .*{arg}"):
         call_wrapper(op, args)
+
+
+@pytest.mark.cuda
+@pytest.mark.sm90
+def test_unknown_fp8_tile_is_refused(monkeypatch, gen):
+    a, b, sa, sb = fp8_operands(100, 64, 128, "row", "cuda", gen)
+    monkeypatch.setenv("FASTINFER_FP8_GEMM_TILE", "256x128")
+    with pytest.raises(RuntimeError, match="FASTINFER_FP8_GEMM_TILE must be 128x128 or 128x256"):
+        ops.fp8_scaled_mm(a, b, sa, sb)
