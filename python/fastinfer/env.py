@@ -9,6 +9,28 @@ import torch
 from . import _C, _ops
 
 
+# Environment variables that pick between kernel variants (read at each call unless noted), so that
+# one process can compare them and a report can say which ran: name -> (default, choices, what it does).
+SETTINGS = {
+    "FASTINFER_DECODE_KERNEL": ("auto", "auto | tensor_cores | cuda_cores",
+                                "paged decode attention for bf16 / fp16 queries (auto = tensor cores)"),
+    "FASTINFER_PREFILL_BLOCK_M": ("auto", "auto | 64 | 128",
+                                  "query rows per CTA of the prefill kernel (auto = 128 when sequences "
+                                  "average >= 128 rows)"),
+    "FASTINFER_FP8_GEMM_TILE": ("128x128", "128x128 | 128x256",
+                                "FP8 GEMM tiles for M > 64 (128x256: no fp32 promotion)"),
+    "FASTINFER_PDL": ("0", "0 | 1", "programmatic dependent launch of the decode-path kernels"),
+    "FASTINFER_DENSE_GEMV": ("1", "1 | 0", "decode projections on dense_gemv (0: cuBLAS); read at import"),
+}
+
+
+def settings() -> dict:
+    """SETTINGS with the value each variable has in this process."""
+    import os
+    return {name: {"value": os.environ.get(name) or default, "set": name in os.environ, "choices": choices,
+                   "meaning": meaning} for name, (default, choices, meaning) in SETTINGS.items()}
+
+
 def has_kernel(op: str, key: str) -> bool:
     """Whether fastinfer::op has an implementation for dispatch key "CPU" or "CUDA" in this build."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastinfer::{op}", key)
@@ -30,6 +52,7 @@ def env_info() -> dict:
         "cuda_archs": [a for a in _C.cuda_archs.split(";") if a],
         "gpu": gpu,
         "ops": {op: [k for k in ("CPU", "CUDA") if has_kernel(op, k)] for op in _ops.OP_NAMES},
+        "settings": settings(),
     }
 
 
@@ -47,4 +70,9 @@ def env() -> str:
     ]
     width = max(map(len, info["ops"]))
     lines += [f"  {op:<{width}}  {' + '.join(impls) or 'NO IMPLEMENTATION'}" for op, impls in info["ops"].items()]
+    lines.append("kernel settings (environment):")
+    width = max(map(len, info["settings"]))
+    for name, s in info["settings"].items():
+        value = f"{s['value']}{'' if s['set'] else ' (default)'}"
+        lines.append(f"  {name:<{width}}  {value:<18} {s['choices']}: {s['meaning']}")
     return "\n".join(lines)

@@ -1,0 +1,22 @@
+"""`python -m fastinfer env` reports the kernel-variant settings with their values in this process."""
+from __future__ import annotations
+
+from fastinfer.env import SETTINGS, env, env_info
+
+
+def test_settings_are_reported_with_their_values(monkeypatch):
+    for name in SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FASTINFER_DECODE_KERNEL", "cuda_cores")
+    info = env_info()["settings"]
+    assert set(info) == set(SETTINGS)
+    assert info["FASTINFER_DECODE_KERNEL"] == {**info["FASTINFER_DECODE_KERNEL"], "value": "cuda_cores", "set": True}
+    assert info["FASTINFER_PDL"]["value"] == "0" and not info["FASTINFER_PDL"]["set"]
+    text = env()
+    assert "FASTINFER_DECODE_KERNEL" in text and "cuda_cores" in text
+    assert "FASTINFER_PREFILL_BLOCK_M" in text and "auto (default)" in text
+
+
+def test_env_lists_every_op():
+    info = env_info()
+    assert info["ops"] and all("CPU" in impls for impls in info["ops"].values())
