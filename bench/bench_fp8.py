@@ -6,7 +6,7 @@ out[M, N] = x[M, K] @ w[N, K]^T. Implementations, all on the same fp8 inputs (bf
   fastinfer rowwise   fastinfer.ops.fp8_scaled_mm, per-token x per-channel scales
   fastinfer tensor    the same kernel with per-tensor scales
   fastinfer linear    fastinfer.ops.fp8_linear: per-token quantization of bf16 x + the GEMM
-  ... 128x256         M > 64: the same with 128 x 256 tiles and no fp32 promotion (FASTINFER_FP8_GEMM_TILE)
+  ... 128x256         M > 64: the same with 128 x 256 tiles (FASTINFER_FP8_GEMM_TILE)
   _scaled_mm tensor   torch._scaled_mm, per-tensor scales (cuBLAS)
   _scaled_mm rowwise  torch._scaled_mm, row-wise scales
   bf16 cuBLAS         F.linear on the bf16 operands

@@ -11,8 +11,29 @@ constexpr int kWithCuda = 1;
 constexpr int kWithCuda = 0;
 #endif
 
+#ifdef FASTINFER_WITH_CUDA
+namespace fastinfer {
+long long pdl_launch_count();  // csrc/include/fastinfer/common.cuh
+}
+#endif
+
+// pdl_launches(): kernel launches so far that carried the programmatic-dependent-launch attribute
+// (FASTINFER_PDL=1); 0 in a CPU-only build.
+static PyObject* pdl_launches(PyObject*, PyObject*) {
+#ifdef FASTINFER_WITH_CUDA
+  return PyLong_FromLongLong(fastinfer::pdl_launch_count());
+#else
+  return PyLong_FromLongLong(0);
+#endif
+}
+
+static PyMethodDef fastinfer_methods[] = {
+    {"pdl_launches", pdl_launches, METH_NOARGS, "kernel launches with the PDL attribute so far (FASTINFER_PDL=1)"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
 static PyModuleDef fastinfer_module = {
-    PyModuleDef_HEAD_INIT, "_C", "fastinfer native ops, registered as torch.ops.fastinfer.*", -1, nullptr,
+    PyModuleDef_HEAD_INIT, "_C", "fastinfer native ops, registered as torch.ops.fastinfer.*", -1, fastinfer_methods,
 };
 
 PyMODINIT_FUNC PyInit__C(void) {

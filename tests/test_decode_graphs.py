@@ -222,18 +222,22 @@ def test_pipelined_decode_reports_a_finished_request_once(loaded):
 # ---- programmatic dependent launch (FASTINFER_PDL=1) ------------------------------------------------
 
 @pytest.mark.cuda
+@pytest.mark.sm90
 @pytest.mark.parametrize("enforce_eager", [True, False])
 def test_pdl_decode_matches_plain_launches(monkeypatch, enforce_eager):
     """With FASTINFER_PDL=1 the decode-path kernels may start before the previous one ends (and wait for
-    it inside): the same logits, bit for bit, and the same tokens as plain launches, eager and graphed."""
+    it inside): the same logits, bit for bit, and the same tokens as plain launches, eager and graphed;
+    and the launches did carry the attribute (fastinfer._C.pdl_launches counts them)."""
+    from fastinfer import _C
     hf = make_hf_model("llama", seed=4, head_dim=128, hidden_size=256, num_attention_heads=4,
                        num_key_value_heads=2, intermediate_size=512)
     loaded = get_loaded(hf, dtype=torch.bfloat16, device="cuda")
     prompts = make_prompts(11, seed=9, lo=3, hi=90)
     params = SamplingParams(max_tokens=40, **GREEDY)
-    tokens, logits = {}, {}
+    tokens, logits, launches = {}, {}, {}
     for pdl in ("0", "1"):
         monkeypatch.setenv("FASTINFER_PDL", pdl)
+        before = _C.pdl_launches()
         llm = LLM(loaded, num_blocks=128, max_num_seqs=16, enforce_eager=enforce_eager)
         tokens[pdl] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         runner = ModelRunner(loaded.model, num_blocks=16, block_size=16)
@@ -243,5 +247,7 @@ def test_pdl_decode_matches_plain_launches(monkeypatch, enforce_eager):
         if not enforce_eager:
             runner.enable_decode_graphs([4], max_model_len=48)
         logits[pdl] = runner.run(chunks).clone()
+        launches[pdl] = _C.pdl_launches() - before
+    assert launches["0"] == 0 and launches["1"] > 10, launches
     assert torch.equal(logits["1"], logits["0"])
     assert tokens["1"] == tokens["0"]

@@ -20,3 +20,8 @@ def test_settings_are_reported_with_their_values(monkeypatch):
 def test_env_lists_every_op():
     info = env_info()
     assert info["ops"] and all("CPU" in impls for impls in info["ops"].values())
+
+
+def test_pdl_launch_counter_exists():
+    from fastinfer import _C
+    assert isinstance(_C.pdl_launches(), int) and _C.pdl_launches() >= 0

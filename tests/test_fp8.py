@@ -134,7 +134,7 @@ def test_fp8_scaled_mm(gemm_device, gen, out_dtype, m, n, k, scales, bias, fp8_t
                                    (2048, 2048, 8192)])
 def test_fp8_scaled_mm_error_vs_torch_scaled_mm(monkeypatch, gen, m, n, k, scales, tile):
     """Issue 7: mean relative error at most 3x torch._scaled_mm's against fp32 of the same inputs, for
-    both tile shapes of M > 64 (128 x 256 accumulates all of K inside wgmma, without promotion)."""
+    both tile shapes of M > 64 (128 x 256 runs each k-tile as two m64n128 halves, each promoted)."""
     if tile != "128x128" and m <= 64:
         pytest.skip("M <= 64 takes the swapped tiles whatever FASTINFER_FP8_GEMM_TILE says")
     monkeypatch.setenv("FASTINFER_FP8_GEMM_TILE", tile)

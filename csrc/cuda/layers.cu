@@ -9,4 +9,5 @@ cudaError_t launch_rotary_embedding(const RotaryParams& p, cudaStream_t s) {
   return launch_rotary_embedding_impl(p, s);
 }
 cudaError_t launch_silu_and_mul(const SiluMulParams& p, cudaStream_t s) { return launch_silu_and_mul_impl(p, s); }
+long long pdl_launch_count() { return pdl_launches.load(std::memory_order_relaxed); }  // common.cuh
 }  // namespace fastinfer

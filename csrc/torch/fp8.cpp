@@ -42,8 +42,8 @@ void fp8_quantize_per_tensor(at::Tensor& out, at::Tensor& scale, const at::Tenso
 }
 
 #ifdef FASTINFER_HAS_SM90
-// FASTINFER_FP8_GEMM_TILE: unset, "" or "128x128" (the default: M > 64 in 128 x 128 tiles with fp32
-// promotion every 128 of K), or "128x256" (wide tiles, wgmma accumulates all of K); read at every call.
+// FASTINFER_FP8_GEMM_TILE: unset, "" or "128x128" (the default for M > 64), or "128x256" (wide tiles);
+// read at every call.
 bool fp8_wide_tiles_from_env() {
   const char* value = std::getenv("FASTINFER_FP8_GEMM_TILE");
   if (value == nullptr || std::strcmp(value, "") == 0 || std::strcmp(value, "128x128") == 0) return false;

@@ -18,7 +18,7 @@ SETTINGS = {
                                   "query rows per CTA of the prefill kernel (auto = 128 when sequences "
                                   "average >= 128 rows)"),
     "FASTINFER_FP8_GEMM_TILE": ("128x128", "128x128 | 128x256",
-                                "FP8 GEMM tiles for M > 64 (128x256: no fp32 promotion)"),
+                                "FP8 GEMM output tiles for M > 64"),
     "FASTINFER_PDL": ("0", "0 | 1", "programmatic dependent launch of the decode-path kernels"),
     "FASTINFER_DENSE_GEMV": ("1", "1 | 0", "decode projections on dense_gemv (0: cuBLAS); read at import"),
 }

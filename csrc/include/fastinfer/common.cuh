@@ -5,8 +5,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <mutex>
+#include <unordered_map>
 #include <utility>
 
 #include "fastinfer/types.h"
@@ -92,7 +95,29 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
-// kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when pdl_requested().
+// Launches that carried the PDL attribute, process-wide (fastinfer._C.pdl_launches(): tests check
+// that FASTINFER_PDL=1 is in effect, not only that results agree).
+inline std::atomic<long long> pdl_launches{0};
+
+// Whether `kernel`, as loaded on the current device, executes griddepcontrol: its PTX must target
+// sm_90 or newer. A kernel JIT-compiled from compute_80 PTX (a "80;90a" build on a GPU the sm_90a code
+// does not run on) has pdl_wait compiled out, so it must never get the attribute. Cached per kernel.
+template <typename Kernel>
+bool pdl_capable(Kernel* kernel) {
+  static std::mutex mutex;
+  static std::unordered_map<const void*, bool> capable;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto it = capable.find(reinterpret_cast<const void*>(kernel));
+  if (it != capable.end()) return it->second;
+  cudaFuncAttributes attributes{};
+  const bool ok = cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess && attributes.ptxVersion >= 90;
+  if (!ok) (void)cudaGetLastError();  // a failed query is not the launch's error
+  capable.emplace(reinterpret_cast<const void*>(kernel), ok);
+  return ok;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when pdl_requested() and the
+// kernel can honour it. Returns the launch's error, like cudaGetLastError() after <<<>>> (and clears it).
 template <typename... KernelArgs, typename... Args>
 cudaError_t launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                           Args&&... args) {
@@ -102,13 +127,19 @@ cudaError_t launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, 
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   cudaLaunchAttribute attribute[1];
-  if (pdl_requested()) {
+  if (pdl_requested() && pdl_capable(kernel)) {
     attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attribute[0].val.programmaticStreamSerializationAllowed = 1;
     config.attrs = attribute;
     config.numAttrs = 1;
+    pdl_launches.fetch_add(1, std::memory_order_relaxed);
   }
-  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  const cudaError_t launched = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  const cudaError_t last = cudaGetLastError();
+  return launched != cudaSuccess ? launched : last;
 }
+
+// For fastinfer._C (module.cpp, a host-only translation unit); defined in csrc/cuda/layers.cu.
+long long pdl_launch_count();
 
 }  // namespace fastinfer

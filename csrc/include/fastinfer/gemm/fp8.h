@@ -41,8 +41,8 @@ struct Fp8GemmParams {
   bool scale_a_per_token, scale_b_per_channel;
   DType out_dtype;        // kBFloat16 or kFloat16
   int num_sms;            // of the device: sizes the persistent grid and the split-K factor
-  // M > 64: 128 x 256 output tiles whose wgmma accumulates all of K, instead of 128 x 128 tiles that
-  // promote every 128 of K into fp32 (the default; zero-initialised false).
+  // M > 64: 128 x 256 output tiles instead of 128 x 128 (the default; zero-initialised false); both
+  // promote wgmma's partial sums into fp32 every 128 of K.
   bool wide_tiles;
 };
 // Bytes of fp32 split-K workspace a launch needs (0 when it does not split K); 16-byte aligned,

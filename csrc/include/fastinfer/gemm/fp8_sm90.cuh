@@ -55,13 +55,13 @@ constexpr int kGroup = 8;                // P-tiles per raster group
 constexpr int kMinKTilesPerSplit = 4;
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 x 40 + 256 x 232 <= 64 Ki registers
 
-// kPromote: wgmma accumulates one k-tile (128 of K) into `part`, which is then added into `acc` in
-// fp32 (see the header); off (the 128 x 256 tiles of Fp8GemmParams.wide_tiles, whose 128 accumulators
-// per thread leave no room for a second set), wgmma accumulates all of K in `acc` itself.
-template <int kBlockQ_, bool kSwapAB_, bool kPromote_ = true>
+// kBlockQ = 256 (Fp8GemmParams.wide_tiles): 128 accumulators per thread leave no room for a second
+// set of 128, so each k-tile runs as two m64n128 halves (columns 0..127, then 128..255 of the Y tile),
+// each accumulated into one 64-register `part` and promoted into its half of `acc`.
+template <int kBlockQ_, bool kSwapAB_>
 struct Config {
   static constexpr int kConsumers = 2;
-  static constexpr bool kPromote = kPromote_;
+  static constexpr int kHalves = kBlockQ_ == 256 ? 2 : 1;  // wgmma issues per k-step
   static constexpr int kBlockP = 64 * kConsumers;  // X rows per tile: 64 per consumer warpgroup
   static constexpr int kBlockQ = kBlockQ_;         // Y rows per tile = wgmma N
   static constexpr bool kSwapAB = kSwapAB_;
@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_y,
                     const Fp8GemmParams p, const Schedule s, float* workspace) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Mma = wgmma::MmaFp8<Cfg::kBlockQ>;
+  using Mma = wgmma::MmaFp8<Cfg::kBlockQ / Cfg::kHalves>;  // one half's wgmma
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + kSwizzleAtom - 1) / kSwizzleAtom * kSwizzleAtom);
@@ -226,47 +226,39 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int lane = threadIdx.x % kWarpSize;
   int stage = 0;
   uint32_t phase = 0;
-  float acc[Mma::kRegs], part[Cfg::kPromote ? Mma::kRegs : 1];
+  float acc[Cfg::kBlockQ / 2], part[Mma::kRegs];
 #pragma unroll
-  for (int i = 0; i < (Cfg::kPromote ? Mma::kRegs : 1); ++i) part[i] = 0.0f;
+  for (int i = 0; i < Mma::kRegs; ++i) part[i] = 0.0f;
   for (int u = blockIdx.x; u < s.num_units(); u += gridDim.x) {
     const Unit w = unit_at(s, u);
 #pragma unroll
-    for (int i = 0; i < Mma::kRegs; ++i) acc[i] = 0.0f;
+    for (int i = 0; i < Cfg::kBlockQ / 2; ++i) acc[i] = 0.0f;
     for (int kt = w.k_begin; kt < w.k_end; ++kt) {
       wait_barrier(&full[stage], phase);
       const uint8_t* x = smem + stage * Cfg::kStageBytes + consumer * 64 * kBlockK;
       const uint8_t* y = smem + stage * Cfg::kStageBytes + Cfg::kXBytes;
       const uint64_t desc_x = smem_desc(x), desc_y = smem_desc(y);
-      if constexpr (Cfg::kPromote) {
+#pragma unroll
+      for (int half = 0; half < Cfg::kHalves; ++half) {
+        // Half h reads Y rows 128 h .. : 128 rows x 128 B = 16 KiB further, + 1024 in the >> 4 address.
+        const uint64_t desc_y_half = desc_y + half * ((128 * kBlockK) >> 4);
 #pragma unroll
         for (int i = 0; i < Mma::kRegs; ++i) wgmma::fence_operand(part[i]);
         wgmma::fence();
 #pragma unroll
         for (int k = 0; k < kBlockK / kMmaK; ++k) {
-          Mma::run(part, desc_x + 2 * k, desc_y + 2 * k, k > 0);  // +32 bytes of K = +2 in the >> 4 address
+          Mma::run(part, desc_x + 2 * k, desc_y_half + 2 * k, k > 0);  // +32 bytes of K = +2 in the >> 4 address
         }
         wgmma::commit_group();
         wgmma::wait_group<0>();
 #pragma unroll
         for (int i = 0; i < Mma::kRegs; ++i) wgmma::fence_operand(part[i]);
-      } else {
+        // Register 4 j + 2 h + e of a half is column 8 j + .. of it: acc's layout for the whole tile.
 #pragma unroll
-        for (int i = 0; i < Mma::kRegs; ++i) wgmma::fence_operand(acc[i]);
-        wgmma::fence();
-#pragma unroll
-        for (int k = 0; k < kBlockK / kMmaK; ++k) Mma::run(acc, desc_x + 2 * k, desc_y + 2 * k, 1);
-        wgmma::commit_group();
-        wgmma::wait_group<0>();
-#pragma unroll
-        for (int i = 0; i < Mma::kRegs; ++i) wgmma::fence_operand(acc[i]);
+        for (int i = 0; i < Mma::kRegs; ++i) acc[half * Mma::kRegs + i] += part[i];
       }
       __syncwarp();
       if (lane == 0) ptx::mbarrier_arrive(&empty[stage]);
-      if constexpr (Cfg::kPromote) {
-#pragma unroll
-        for (int i = 0; i < Mma::kRegs; ++i) acc[i] += part[i];
-      }
       if (++stage == Cfg::kStages) {
         stage = 0;
         phase ^= 1;
@@ -357,17 +349,17 @@ cudaError_t run(const Fp8GemmParams& p, float* workspace, cudaStream_t stream) {
 }
 
 // The tile shape for a problem: M <= 64 swaps (tokens on wgmma's N side, rounded up to 8/16/32/64),
-// anything larger uses 128 x 128 tiles, or with p.wide_tiles 128 x 256 without promotion (each X tile
-// feeds twice the columns: 3/4 of the L2 -> SM bytes per FLOP, for large GEMMs, where the 128 x 128
-// tiles' 1/64 byte per multiply-add needs ~10 TB/s from L2 at 1.27 PFLOP/s; which is faster and how
-// much accuracy the promotion buys is for bench/bench_fp8.py to show). Calls fn.template operator()<Cfg>().
+// anything larger uses 128 x 128 tiles, or with p.wide_tiles 128 x 256 (each X tile feeds twice the
+// columns: 3/4 of the L2 -> SM bytes per FLOP, for large GEMMs, where the 128 x 128 tiles' 1/64 byte
+// per multiply-add needs ~10 TB/s from L2 at 1.27 PFLOP/s; same promotion, so the same accuracy;
+// bench/bench_fp8.py shows which is faster). Calls fn.template operator()<Cfg>().
 template <typename Fn>
 cudaError_t with_config(const Fp8GemmParams& p, Fn&& fn) {
   if (p.M <= 8) return fn.template operator()<Config<8, true>>();
   if (p.M <= 16) return fn.template operator()<Config<16, true>>();
   if (p.M <= 32) return fn.template operator()<Config<32, true>>();
   if (p.M <= 64) return fn.template operator()<Config<64, true>>();
-  if (p.wide_tiles) return fn.template operator()<Config<256, false, false>>();
+  if (p.wide_tiles) return fn.template operator()<Config<256, false>>();
   return fn.template operator()<Config<128, false>>();
 }
 
