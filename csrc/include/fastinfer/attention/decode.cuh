@@ -272,13 +272,8 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
 
-  pdl_wait();  // common.cuh: PDL (FASTINFER_PDL=1)
-  pdl_launch_dependents();
-  const CtaWork w = cta_work(p, plan);
-  if (w.begin >= w.end) {
-    write_empty_split<T, kHeadDim, kThreads>(p, plan, w, partial_lse);
-    return;
-  }
+  CtaWork w;
+  if (!start_cta<T, kHeadDim, kThreads>(p, plan, partial_lse, w)) return;
   const int64_t seq = w.seq;
   const int kv_head = w.kv_head, num_heads = w.num_heads;
   const int begin = w.begin, end = w.end;

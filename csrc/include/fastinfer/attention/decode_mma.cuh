@@ -25,6 +25,7 @@
 // against 32 KB of bf16 K/V: ~0.01 warp instructions per byte, so the kernel streams at the memory
 // system's rate whatever the group size. Shared memory (D = 128): 68.5 KiB (16-bit, 2 stages,
 // 3 CTAs per SM), 100.5 KiB (e4m3, 4 raw stages, 2 CTAs per SM): 64 to 96 KiB in flight per SM.
+// Registers (sm_90a, nvcc 13.0): 153 / 143 (16-bit / e4m3) at D = 128, ~105 at D = 64, no spills.
 //
 // Numerics as the prefill kernel: scores and softmax in fp32 (log2 domain), P rounded to the query
 // dtype for P @ V, fp32 accumulation; k_scale joins the softmax scale, v_scale the final 1 / l.
@@ -68,28 +69,6 @@ struct Geometry {
   static_assert(kScratchBytes <= kRingBytes, "the final merge reuses the idle ring");
 };
 
-// S (16 query heads x this warp's 16 keys key_row0 ..) = Q K^T. Q's A fragments are read from sQ at
-// every 16-wide step instead of living in registers (8 more ldmatrix per tile, 32 fewer registers:
-// 3 CTAs per SM without spills at head_dim 128). Fragment layouts as prefill_tiles.cuh's compute_scores.
-template <typename T, int kHeadDim>
-__device__ __forceinline__ void warp_scores(float (&s)[2][4], const T* sQ, const T* sK, int key_row0, int lane) {
-#pragma unroll
-  for (int nb = 0; nb < 2; ++nb) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) s[nb][j] = 0.0f;
-  }
-  const int key_in_pair = (lane / 16) * 8 + lane % 8;
-  const int chunk_in_step = (lane / 8) % 2;
-#pragma unroll
-  for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-    uint32_t a[4], b[4];
-    prefill::ldmatrix_x4(a, sQ + prefill::swizzle<kHeadDim>(lane % 16, kk * 2 + lane / 16));
-    prefill::ldmatrix_x4(b, sK + prefill::swizzle<kHeadDim>(key_row0 + key_in_pair, kk * 2 + chunk_in_step));
-    prefill::mma_16816<T>(s[0], a, b[0], b[1]);
-    prefill::mma_16816<T>(s[1], a, b[2], b[3]);
-  }
-}
-
 // grid: (num_splits, num_kv_heads * num_head_chunks, batch); block: kThreads.
 // T: the query / out dtype (bf16, fp16); C: the cache element (T, or __nv_fp8_e4m3 with p.kv_scale).
 template <typename T, typename C, int kHeadDim>
@@ -108,13 +87,8 @@ __global__ void __launch_bounds__(kThreads, 3)
   float* stat_l = stat_m + kWarps * kRows;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
 
-  pdl_wait();  // common.cuh: PDL (FASTINFER_PDL=1)
-  pdl_launch_dependents();
-  const CtaWork w = cta_work(p, plan);
-  if (w.begin >= w.end) {
-    write_empty_split<T, kHeadDim, kThreads>(p, plan, w, partial_lse);
-    return;
-  }
+  CtaWork w;
+  if (!start_cta<T, kHeadDim, kThreads>(p, plan, partial_lse, w)) return;
 
   // The CTA's query heads as the 16 rows of sQ (element loads: any head stride works).
   {
@@ -156,11 +130,11 @@ __global__ void __launch_bounds__(kThreads, 3)
   for (int t = 0; t < G::kStages - 1; ++t) issue(t);
   // sQ is complete at the first tile's barrier.
 
-  float o[kDimBlocks][4];
+  float o[1][kDimBlocks][4];  // one m16 row block: the CTA's query heads
 #pragma unroll
   for (int db = 0; db < kDimBlocks; ++db) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) o[db][j] = 0.0f;
+    for (int j = 0; j < 4; ++j) o[0][db][j] = 0.0f;
   }
   prefill::OnlineSoftmax<2, kDimBlocks> softmax;
   softmax.init();
@@ -185,19 +159,22 @@ __global__ void __launch_bounds__(kThreads, 3)
     if constexpr (kFp8) __syncthreads();  // the converted tile is complete
     const T* sV = sK + G::kTileElems;
 
-    float s[2][4];
-    warp_scores<T, kHeadDim>(s, sQ, sK, warp_key0, lane);
+    // This warp's 16 keys: rows warp_key0 .. of the tile, folded into the tile pointers (multiples of
+    // 8 rows leave the swizzle unchanged). Q's fragments come from sQ at each step (32 fewer registers
+    // than holding them: 3 CTAs per SM without spills at head_dim 128).
+    float s[1][2][4];
+    prefill::compute_scores_smem_q<T, kHeadDim, 1, 2>(s, sQ, 0, sK + warp_key0 * kHeadDim, lane);
     // Accumulator element j of a lane: row lane / 4 + 8 (j / 2), key 2 (lane % 4) + j % 2 of block nb.
     const int key_base = w.begin + tile * kTileKeys + warp_key0 + (lane % 4) * 2;
 #pragma unroll
     for (int nb = 0; nb < 2; ++nb) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        s[nb][j] = key_base + nb * 8 + j % 2 < w.end ? s[nb][j] * scale_log2 : -INFINITY;
+        s[0][nb][j] = key_base + nb * 8 + j % 2 < w.end ? s[0][nb][j] * scale_log2 : -INFINITY;
       }
     }
-    softmax.update(s, o);
-    prefill::accumulate_pv<T, kHeadDim, 2>(o, s, sV, warp_key0, lane);
+    softmax.update(s[0], o[0]);
+    prefill::accumulate_pv_blocks<T, kHeadDim, 1, 2>(o, s, sV + warp_key0 * kHeadDim, lane);
   }
 
   // ---- merge the four warps' (m, l, o): o = sum_w o_w 2^(m_w - M) / L, L = sum_w l_w 2^(m_w - M)
@@ -231,7 +208,7 @@ __global__ void __launch_bounds__(kThreads, 3)
     float* dst = scratch + (warp * kRows + row) * G::kScratchStride + (lane % 4) * 2;
 #pragma unroll
     for (int db = 0; db < kDimBlocks; ++db) {
-      *reinterpret_cast<float2*>(dst + db * 8) = make_float2(o[db][2 * i] * mine, o[db][2 * i + 1] * mine);
+      *reinterpret_cast<float2*>(dst + db * 8) = make_float2(o[0][db][2 * i] * mine, o[0][db][2 * i + 1] * mine);
     }
   }
   __syncthreads();

@@ -58,6 +58,19 @@ __device__ __forceinline__ void write_empty_split(const DecodeParams& p, const D
   }
 }
 
+// The start of both decode kernels: PDL (common.cuh: wait for the previous kernel, then let the next
+// one launch), the CTA's work, and an empty split written out. False: the CTA has nothing more to do.
+template <typename T, int kHeadDim, int kThreads>
+__device__ __forceinline__ bool start_cta(const DecodeParams& p, const DecodePlan& plan, float* partial_lse,
+                                          CtaWork& w) {
+  pdl_wait();
+  pdl_launch_dependents();
+  w = cta_work(p, plan);
+  if (w.begin < w.end) return true;
+  write_empty_split<T, kHeadDim, kThreads>(p, plan, w, partial_lse);
+  return false;
+}
+
 // One finished value of query head g (of the CTA), feature `feature`: into out[] or the workspace.
 template <typename T, int kHeadDim>
 __device__ __forceinline__ void write_output(const DecodeParams& p, const DecodePlan& plan, const CtaWork& w,

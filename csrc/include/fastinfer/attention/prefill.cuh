@@ -145,72 +145,6 @@ __device__ __forceinline__ bool locate_tile(const int32_t* cu_seqlens_q, int bat
 
 // ---- bf16 / fp16 tensor-core kernel ------------------------------------------------------------
 
-// S (kMB row blocks x 8 kNB keys per warp) = Q K_tile^T with Q's A fragments read from sQ at every
-// 16-wide head-dim step (kMB = 2; kMB = 1 keeps them in registers: compute_scores).
-template <typename T, int kHeadDim, int kMB, int kNB>
-__device__ __forceinline__ void compute_scores_smem_q(float (&s)[kMB][kNB][4], const T* sQ, int q_row0,
-                                                      const T* sK, int lane) {
-#pragma unroll
-  for (int mb = 0; mb < kMB; ++mb) {
-#pragma unroll
-    for (int nb = 0; nb < kNB; ++nb) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) s[mb][nb][j] = 0.0f;
-    }
-  }
-  const int key_in_pair = (lane / 16) * 8 + lane % 8;
-  const int chunk_in_step = (lane / 8) % 2;
-  // Not fully unrolled: kk indexes shared memory only, and a rolled loop keeps ptxas from holding
-  // every step's fragment addresses in registers (the two row blocks' outputs take 128 of them).
-#pragma unroll 2
-  for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-    uint32_t a[kMB][4];
-#pragma unroll
-    for (int mb = 0; mb < kMB; ++mb) {
-      ldmatrix_x4(a[mb], sQ + swizzle<kHeadDim>(q_row0 + mb * 16 + lane % 16, kk * 2 + lane / 16));
-    }
-#pragma unroll
-    for (int np = 0; np < kNB / 2; ++np) {
-      uint32_t b[4];
-      ldmatrix_x4(b, sK + swizzle<kHeadDim>(np * 16 + key_in_pair, kk * 2 + chunk_in_step));
-#pragma unroll
-      for (int mb = 0; mb < kMB; ++mb) {
-        mma_16816<T>(s[mb][2 * np], a[mb], b[0], b[1]);
-        mma_16816<T>(s[mb][2 * np + 1], a[mb], b[2], b[3]);
-      }
-    }
-  }
-}
-
-// O (kMB row blocks x D per warp) += P (from the S accumulators) * V_tile; each V fragment feeds kMB mma.
-template <typename T, int kHeadDim, int kMB, int kNB>
-__device__ __forceinline__ void accumulate_pv_blocks(float (&o)[kMB][kHeadDim / 8][4],
-                                                     const float (&s)[kMB][kNB][4], const T* sV, int lane) {
-  const int key_in_step = ((lane / 8) % 2) * 8 + lane % 8;
-  const int chunk_in_pair = lane / 16;
-#pragma unroll
-  for (int kk = 0; kk < kNB / 2; ++kk) {
-    uint32_t a[kMB][4];
-#pragma unroll
-    for (int mb = 0; mb < kMB; ++mb) {
-      a[mb][0] = pack2<T>(s[mb][2 * kk][0], s[mb][2 * kk][1]);
-      a[mb][1] = pack2<T>(s[mb][2 * kk][2], s[mb][2 * kk][3]);
-      a[mb][2] = pack2<T>(s[mb][2 * kk + 1][0], s[mb][2 * kk + 1][1]);
-      a[mb][3] = pack2<T>(s[mb][2 * kk + 1][2], s[mb][2 * kk + 1][3]);
-    }
-#pragma unroll
-    for (int dp = 0; dp < kHeadDim / 16; ++dp) {
-      uint32_t b[4];
-      ldmatrix_x4_trans(b, sV + swizzle<kHeadDim>(kk * 16 + key_in_step, dp * 2 + chunk_in_pair));
-#pragma unroll
-      for (int mb = 0; mb < kMB; ++mb) {
-        mma_16816<T>(o[mb][2 * dp], a[mb], b[0], b[1]);
-        mma_16816<T>(o[mb][2 * dp + 1], a[mb], b[2], b[3]);
-      }
-    }
-  }
-}
-
 // T: the query / out dtype; C: the cache element (T, or __nv_fp8_e4m3 with p.kv_scale); kMB: m16
 // row blocks per warp (64 or 128 query rows per CTA, see block_m).
 // Min. 1 CTA per SM in the launch bounds: without it ptxas held the head_dim 64 kernel to 128
@@ -331,7 +265,7 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_mma_kernel(const Pr
 #pragma unroll
     for (int mb = 0; mb < kMB; ++mb) softmax[mb].update(s[mb], o[mb]);
     if constexpr (kMB == 1) {
-      accumulate_pv<T, kHeadDim>(o[0], s[0], sV, 0, lane);
+      accumulate_pv<T, kHeadDim>(o[0], s[0], sV, lane);
     } else {
       accumulate_pv_blocks<T, kHeadDim, kMB, kNB>(o, s, sV, lane);
     }

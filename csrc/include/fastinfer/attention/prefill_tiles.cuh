@@ -205,17 +205,16 @@ __device__ __forceinline__ void compute_scores(float (&s)[kKeyBlocks][4], const 
   }
 }
 
-// O (16 x D per warp) += P (16 x 8 kNB, from the S accumulators) * V over the tile's keys
-// key_row0 .. key_row0 + 8 kNB - 1, as in compute_scores.
-template <typename T, int kHeadDim, int kNB = kKeyBlocks>
-__device__ __forceinline__ void accumulate_pv(float (&o)[kHeadDim / 8][4], const float (&s)[kNB][4],
-                                              const T* sV, int key_row0, int lane) {
+// O (16 x D per warp) += P (16 x 64, from the S accumulators) * V_tile.
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void accumulate_pv(float (&o)[kHeadDim / 8][4], const float (&s)[kKeyBlocks][4],
+                                              const T* sV, int lane) {
   // Matrices of one ldmatrix.x4.trans: (keys +0..7, d +0..7), (keys +8..15, d +0..7),
   // (keys +0..7, d +8..15), (keys +8..15, d +8..15) -> B fragments of two n8 head-dim blocks.
   const int key_in_step = ((lane / 8) % 2) * 8 + lane % 8;
   const int chunk_in_pair = lane / 16;
 #pragma unroll
-  for (int kk = 0; kk < kNB / 2; ++kk) {
+  for (int kk = 0; kk < kBlockN / 16; ++kk) {
     // The C fragments of key blocks 2kk, 2kk+1 are, element for element, the A fragment of k-step kk.
     const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
                            pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
@@ -223,9 +222,79 @@ __device__ __forceinline__ void accumulate_pv(float (&o)[kHeadDim / 8][4], const
 #pragma unroll
     for (int dp = 0; dp < kHeadDim / 16; ++dp) {
       uint32_t b[4];
-      ldmatrix_x4_trans(b, sV + swizzle<kHeadDim>(key_row0 + kk * 16 + key_in_step, dp * 2 + chunk_in_pair));
+      ldmatrix_x4_trans(b, sV + swizzle<kHeadDim>(kk * 16 + key_in_step, dp * 2 + chunk_in_pair));
       mma_16816<T>(o[2 * dp], a, b[0], b[1]);
       mma_16816<T>(o[2 * dp + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// S (kMB row blocks x 8 kNB keys per warp) = Q K_tile^T with Q's A fragments read from sQ at every
+// 16-wide head-dim step (the 128-row prefill tiles and the tensor-core decode kernel; the 64-row
+// prefill keeps them in registers: compute_scores). Rows q_row0 + 16 mb of sQ, keys 0 .. 8 kNB - 1 of
+// sK: a caller's key offset that is a multiple of 8 rows may be folded into sK (the swizzle only
+// depends on row % 8).
+template <typename T, int kHeadDim, int kMB, int kNB>
+__device__ __forceinline__ void compute_scores_smem_q(float (&s)[kMB][kNB][4], const T* sQ, int q_row0,
+                                                      const T* sK, int lane) {
+#pragma unroll
+  for (int mb = 0; mb < kMB; ++mb) {
+#pragma unroll
+    for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) s[mb][nb][j] = 0.0f;
+    }
+  }
+  const int key_in_pair = (lane / 16) * 8 + lane % 8;
+  const int chunk_in_step = (lane / 8) % 2;
+  // Not fully unrolled: kk indexes shared memory only, and a rolled loop keeps ptxas from holding
+  // every step's fragment addresses in registers (the two row blocks' outputs take 128 of them).
+#pragma unroll 2
+  for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+    uint32_t a[kMB][4];
+#pragma unroll
+    for (int mb = 0; mb < kMB; ++mb) {
+      ldmatrix_x4(a[mb], sQ + swizzle<kHeadDim>(q_row0 + mb * 16 + lane % 16, kk * 2 + lane / 16));
+    }
+#pragma unroll
+    for (int np = 0; np < kNB / 2; ++np) {
+      uint32_t b[4];
+      ldmatrix_x4(b, sK + swizzle<kHeadDim>(np * 16 + key_in_pair, kk * 2 + chunk_in_step));
+#pragma unroll
+      for (int mb = 0; mb < kMB; ++mb) {
+        mma_16816<T>(s[mb][2 * np], a[mb], b[0], b[1]);
+        mma_16816<T>(s[mb][2 * np + 1], a[mb], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// O (kMB row blocks x D per warp) += P (from the S accumulators) * V_tile; each V fragment feeds kMB mma.
+// Keys 0 .. 8 kNB - 1 of sV (an offset of a multiple of 8 rows may be folded into sV, as above).
+template <typename T, int kHeadDim, int kMB, int kNB>
+__device__ __forceinline__ void accumulate_pv_blocks(float (&o)[kMB][kHeadDim / 8][4],
+                                                     const float (&s)[kMB][kNB][4], const T* sV, int lane) {
+  const int key_in_step = ((lane / 8) % 2) * 8 + lane % 8;
+  const int chunk_in_pair = lane / 16;
+#pragma unroll
+  for (int kk = 0; kk < kNB / 2; ++kk) {
+    uint32_t a[kMB][4];
+#pragma unroll
+    for (int mb = 0; mb < kMB; ++mb) {
+      a[mb][0] = pack2<T>(s[mb][2 * kk][0], s[mb][2 * kk][1]);
+      a[mb][1] = pack2<T>(s[mb][2 * kk][2], s[mb][2 * kk][3]);
+      a[mb][2] = pack2<T>(s[mb][2 * kk + 1][0], s[mb][2 * kk + 1][1]);
+      a[mb][3] = pack2<T>(s[mb][2 * kk + 1][2], s[mb][2 * kk + 1][3]);
+    }
+#pragma unroll
+    for (int dp = 0; dp < kHeadDim / 16; ++dp) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, sV + swizzle<kHeadDim>(kk * 16 + key_in_step, dp * 2 + chunk_in_pair));
+#pragma unroll
+      for (int mb = 0; mb < kMB; ++mb) {
+        mma_16816<T>(o[mb][2 * dp], a[mb], b[0], b[1]);
+        mma_16816<T>(o[mb][2 * dp + 1], a[mb], b[2], b[3]);
+      }
     }
   }
 }
