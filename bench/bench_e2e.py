@@ -13,8 +13,8 @@ back on the host, so launch gaps, sampling and Python are inside the figure). fa
 its engine (LLM.engine.step), with CUDA graphs (the default) and with enforce_eager=True, and for bf16
 on a GPU also with FASTINFER_PDL=1 (programmatic dependent launch, csrc/include/fastinfer/common.cuh:
 off by default until this row shows it helps). HF runs
-model.generate twice per batch, for 1 and for 1 + steps new tokens (min_new_tokens = max), and the
-difference is its decode time: eager (dynamic cache), and in full mode static cache + torch.compile
+model.generate for 1 and for 1 + steps new tokens (min_new_tokens = max), each twice, and the
+difference of the faster runs is its decode time: eager (dynamic cache), and in full mode static cache + torch.compile
 (generate compiles the forward itself when the cache is static: transformers' automatic compilation
 with its default CompileConfig), warmed up (compiled) before timing.
 Roofline: a decode step must read every weight once (embedding rows aside) and each sequence's KV:
@@ -195,7 +195,16 @@ def hf_decode(model, batch: int, prompt_len: int, steps: int, compiled: bool) ->
     run(1 + steps)  # warm-up (and, compiled, the compilation for this batch size)
     if compiled:
         run(1 + steps)
-    seconds = run(1 + steps) - run(1)
+    # The decode time is a difference of two timings: the faster of two runs of each, interleaved, so
+    # that host noise (a busy CPU) does not make it small or negative.
+    long_runs, short_runs = [], []
+    for _ in range(2):
+        short_runs.append(run(1))
+        long_runs.append(run(1 + steps))
+    seconds = min(long_runs) - min(short_runs)
+    if seconds <= 0:
+        raise RuntimeError(f"HF decode time not measurable: {steps} more tokens took {seconds * 1e3:.2f} ms "
+                           f"(runs {long_runs} vs {short_runs}); use more --steps")
     return {"seconds": seconds, "tok_s": batch * steps / seconds, "tpot_ms": 1e3 * seconds / steps}
 
 

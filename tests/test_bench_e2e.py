@@ -16,7 +16,7 @@ import bench_e2e  # noqa: E402
 def test_bench_e2e_tiny_cpu(tmp_path):
     out = tmp_path / "e2e.json"
     rc = bench_e2e.main(["--tiny", "--device", "cpu", "--out", str(out), "--batches", "1", "3",
-                         "--hf-batches", "3", "--steps", "2", "--requests", "3", "--prompt-len", "9"])
+                         "--hf-batches", "3", "--steps", "6", "--requests", "3", "--prompt-len", "9"])
     assert rc == 0
     frag = json.loads(out.read_text())
     assert frag["errors"] == []
