@@ -26,6 +26,8 @@ const Case kCases[] = {
     {64, 32, 8, 4096, 128, 64},
     {1, 32, 8, 8192, 128, 16},   // one long sequence: only split-KV fills the GPU
     {8, 32, 8, 8192, 128, 16},
+    {16, 64, 8, 4096, 128, 16},   // group 8 (Llama-3-70B's heads): twice the FLOP per KV byte
+    {16, 32, 32, 2048, 128, 16},  // MHA (group 1): 15 of the tensor-core kernel's 16 mma rows are padding
 };
 
 double kv_bytes(const Case& c) { return 2.0 * 2.0 * c.batch * double(c.context) * c.kv_heads * c.head_dim; }
