@@ -21,7 +21,8 @@
 // one shared 16-bit K/V tile (so a raw stage is reused by the same thread that read it: no barrier
 // for that), with a second barrier per tile before the converted tile is read.
 //
-// Cost per 64-key tile and warp (D = 128): 32 mma + 16 ldmatrix.x4 + the softmax of 16 x 16 scores,
+// Cost per 64-key tile and warp (D = 128): 32 mma + 24 ldmatrix.x4 (8 of them re-reading Q's
+// fragments, which are not held in registers) + the softmax of 16 x 16 scores,
 // against 32 KB of bf16 K/V: ~0.01 warp instructions per byte, so the kernel streams at the memory
 // system's rate whatever the group size. Shared memory (D = 128): 68.5 KiB (16-bit, 2 stages,
 // 3 CTAs per SM), 100.5 KiB (e4m3, 4 raw stages, 2 CTAs per SM): 64 to 96 KiB in flight per SM.
