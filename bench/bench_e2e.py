@@ -310,86 +310,92 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{impl:28s} batch {batch:4d}: {row['tok_s']:9.1f} tok/s  {row['tpot_ms']:7.2f} ms/step")
         rows.append(row)
 
-    # HF peers first: they need the HF object, which is freed before fastinfer sizes its KV pools.
-    if not args.no_hf:
-        peers = [("HF eager", False)] + ([("HF static+compile", True)] if args.hf_compile else [])
-        for impl, compiled in peers:
-            for b in args.hf_batches:
-                try:
-                    record(impl, b, hf_decode(hf, b, args.prompt_len, args.steps, compiled))
-                except Exception as exc:
-                    record(impl, b, error=f"{type(exc).__name__}: {exc}")
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-    else:
-        notes.append("HF peers skipped (--no-hf)")
-    del hf
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
     roofline: dict[str, dict[int, float]] = {}
     offline = []
     max_batch = max(args.batches)
-    for q in args.quant:
-        model = loaded[q].model
-        weights = read_bytes(model)
-        cfg = model.config
-        kv_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize
-        context = args.prompt_len + warm + args.steps // 2  # mean context over the timed steps
-        if bw:
-            roofline[q] = {b: b * bw / (weights + b * context * kv_token) for b in args.batches}
-        notes.append(f"fastinfer {q}: {weights / 1e9:.2f} GB of weights read per decode step")
-        # (enforce_eager, FASTINFER_PDL): graphs; for bf16 on a GPU also graphs with programmatic dependent
-        # launch of the decode-path kernels (common.cuh; off by default until measured here) and the eager baseline.
-        variants = [(False, False)] + ([(False, True), (True, False)] if q == "bf16" else [])
-        for eager, pdl in variants:
-            if pdl and device.type != "cuda":
-                continue
-            impl = f"fastinfer {q}" + (" eager" if eager else "") + (" + PDL" if pdl else "")
-            max_len = args.prompt_len + args.steps + warm + 8
-            os.environ["FASTINFER_PDL"] = "1" if pdl else "0"  # read by the extension at every launch
-            try:
-                blocks = max_batch * -(-max_len // 16) + 64
-                llm = LLM(loaded[q], num_blocks=blocks, max_num_seqs=max_batch, max_model_len=max_len,
-                          max_num_batched_tokens=max(8192, args.prompt_len), enforce_eager=eager,
-                          cuda_graph_sizes=sorted(set(args.batches)))
-            except Exception as exc:
-                record(impl, max_batch, error=f"LLM: {type(exc).__name__}: {exc}")
-                continue
-            for b in args.batches:
-                try:
-                    r = fastinfer_decode(llm, b, args.prompt_len, args.steps, warm)
-                    if bw:
-                        r["roofline_tok_s"] = roofline[q][b]
-                        r["of_roofline"] = r["tok_s"] / roofline[q][b]
-                    if not eager and device.type == "cuda" and r["graph_steps"] != args.steps:
-                        r["note"] = f"only {r['graph_steps']} of {args.steps} steps replayed a graph"
-                    record(impl, b, r)
-                except Exception as exc:
-                    record(impl, b, error=f"{type(exc).__name__}: {exc}")
-            del llm
-            os.environ.pop("FASTINFER_PDL", None)
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        if args.requests and q == "bf16":
-            try:
-                free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 2 << 30
-                blocks = int(0.6 * free) // (16 * kv_token)
-                llm = LLM(loaded[q], num_blocks=blocks, max_num_seqs=256, max_model_len=2048)
-                r = offline_throughput(llm, args.requests)
-                offline.append({"impl": f"fastinfer {q}", **r})
-                print(f"offline: {r['requests']} requests in {r['seconds']:.1f} s, {r['out_tok_s']:.0f} output tok/s")
-                del llm
-            except Exception as exc:
-                errors.append(f"offline {q}: {type(exc).__name__}: {exc}")
-                print("ERROR", errors[-1])
-        del model
-        loaded[q] = None
+    # SIGINT (gpu_check's time limit) stops the measuring, not the report: what was measured is written.
+    try:
+        # HF peers first: they need the HF object, which is freed before fastinfer sizes its KV pools.
+        if not args.no_hf:
+            peers = [("HF eager", False)] + ([("HF static+compile", True)] if args.hf_compile else [])
+            for impl, compiled in peers:
+                for b in args.hf_batches:
+                    try:
+                        record(impl, b, hf_decode(hf, b, args.prompt_len, args.steps, compiled))
+                    except Exception as exc:
+                        record(impl, b, error=f"{type(exc).__name__}: {exc}")
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+        else:
+            notes.append("HF peers skipped (--no-hf)")
+        del hf
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+        for q in args.quant:
+            model = loaded[q].model
+            weights = read_bytes(model)
+            cfg = model.config
+            kv_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize
+            context = args.prompt_len + warm + args.steps // 2  # mean context over the timed steps
+            if bw:
+                roofline[q] = {b: b * bw / (weights + b * context * kv_token) for b in args.batches}
+            notes.append(f"fastinfer {q}: {weights / 1e9:.2f} GB of weights read per decode step")
+            # (enforce_eager, FASTINFER_PDL): graphs; for bf16 on a GPU also graphs with programmatic dependent
+            # launch of the decode-path kernels (common.cuh; off by default until measured here) and the eager baseline.
+            variants = [(False, False)] + ([(False, True), (True, False)] if q == "bf16" else [])
+            for eager, pdl in variants:
+                if pdl and device.type != "cuda":
+                    continue
+                impl = f"fastinfer {q}" + (" eager" if eager else "") + (" + PDL" if pdl else "")
+                max_len = args.prompt_len + args.steps + warm + 8
+                os.environ["FASTINFER_PDL"] = "1" if pdl else "0"  # read by the extension at every launch
+                try:
+                    blocks = max_batch * -(-max_len // 16) + 64
+                    llm = LLM(loaded[q], num_blocks=blocks, max_num_seqs=max_batch, max_model_len=max_len,
+                              max_num_batched_tokens=max(8192, args.prompt_len), enforce_eager=eager,
+                              cuda_graph_sizes=sorted(set(args.batches)))
+                except Exception as exc:
+                    record(impl, max_batch, error=f"LLM: {type(exc).__name__}: {exc}")
+                    continue
+                for b in args.batches:
+                    try:
+                        r = fastinfer_decode(llm, b, args.prompt_len, args.steps, warm)
+                        if bw:
+                            r["roofline_tok_s"] = roofline[q][b]
+                            r["of_roofline"] = r["tok_s"] / roofline[q][b]
+                        if not eager and device.type == "cuda" and r["graph_steps"] != args.steps:
+                            r["note"] = f"only {r['graph_steps']} of {args.steps} steps replayed a graph"
+                        record(impl, b, r)
+                    except Exception as exc:
+                        record(impl, b, error=f"{type(exc).__name__}: {exc}")
+                del llm
+                os.environ.pop("FASTINFER_PDL", None)
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            if args.requests and q == "bf16":
+                try:
+                    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 2 << 30
+                    blocks = int(0.6 * free) // (16 * kv_token)
+                    llm = LLM(loaded[q], num_blocks=blocks, max_num_seqs=256, max_model_len=2048)
+                    r = offline_throughput(llm, args.requests)
+                    offline.append({"impl": f"fastinfer {q}", **r})
+                    print(f"offline: {r['requests']} requests in {r['seconds']:.1f} s, {r['out_tok_s']:.0f} output tok/s")
+                    del llm
+                except Exception as exc:
+                    errors.append(f"offline {q}: {type(exc).__name__}: {exc}")
+                    print("ERROR", errors[-1])
+            del model
+            loaded[q] = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    except KeyboardInterrupt:
+        errors.append("interrupted (SIGINT, e.g. gpu_check's time limit): the rows are what was measured by then")
+        print("ERROR", errors[-1])
+        os.environ.pop("FASTINFER_PDL", None)
 
     hf_rates = {(r["impl"], r["batch"]): r.get("tok_s") for r in rows}
     for r in rows:

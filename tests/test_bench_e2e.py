@@ -29,3 +29,23 @@ def test_bench_e2e_tiny_cpu(tmp_path):
     assert offline["requests"] == 3 and offline["output_tokens"] > 0 and offline["tpot_ms_median"] > 0
     if frag["chart"] is not None:
         assert (tmp_path / frag["chart"]).stat().st_size > 1000
+
+
+def test_bench_e2e_writes_what_it_measured_when_interrupted(tmp_path, monkeypatch):
+    """gpu_check stops a benchmark over its time limit with SIGINT: the rows measured so far still land."""
+    calls = {"n": 0}
+    real = bench_e2e.fastinfer_decode
+
+    def decode_then_interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench_e2e, "fastinfer_decode", decode_then_interrupt)
+    out = tmp_path / "e2e.json"
+    bench_e2e.main(["--tiny", "--device", "cpu", "--out", str(out), "--batches", "1", "3", "--no-hf",
+                    "--steps", "2", "--requests", "0", "--prompt-len", "9", "--quant", "bf16"])
+    frag = json.loads(out.read_text())
+    assert [(r["impl"], r["batch"]) for r in frag["rows"]] == [("fastinfer bf16", 1)]
+    assert any("interrupted" in e for e in frag["errors"])
