@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 import common
+import targets
 
 # ---- ptxas -v ------------------------------------------------------------------------------------
 # ptxas info    : Compiling entry function '_ZN...' for 'sm_90a'
@@ -201,7 +202,7 @@ def build_report(out: Path, commit: str, date: str) -> dict:
         "ok": all(v is True for v in checks.values()), "checks": checks, "steps": steps,
         "build": {"kernels": kernels, **spill_summary(kernels, build_ok)},
         "fastinfer_env": json.loads(env_path.read_text()) if env_path.is_file() else None,
-        "tests": tests, "benchmarks": benchmarks,
+        "tests": tests, "benchmarks": benchmarks, "targets": targets.evaluate(benchmarks),
     }
 
 
@@ -210,6 +211,8 @@ def build_report(out: Path, commit: str, date: str) -> dict:
 KERNEL_COLUMNS = [("name", "kernel", ""), ("arch", "arch", ""), ("registers", "registers", "d"),
                   ("stack", "stack B", "d"), ("spill_stores", "spill stores B", "d"),
                   ("spill_loads", "spill loads B", "d"), ("smem", "static smem B", "d")]
+TARGET_COLUMNS = [("issue", "issue", "d"), ("target", "target", ""), ("bar", "bar", ""), ("measured", "measured", ""),
+                  ("verdict", "verdict", "")]
 STEP_COLUMNS = [("step", "step", ""), ("result", "result", ""), ("seconds", "seconds", "d"), ("note", "note", "")]
 
 
@@ -232,7 +235,9 @@ def render_markdown(report: dict) -> str:
              f"| card | {gpu}, driver {card.get('driver') or '?'} |",
              f"| torch | {card.get('torch', '?')} (CUDA {card.get('cuda') or 'none'}) |",
              f"| commit | {report['commit']} |", f"| date | {report['date']} |", "",
-             "## Steps", ""]
+             "## Issue targets (from this run's benchmarks; bench/targets.py)", ""]
+    lines.append(common.markdown_table(TARGET_COLUMNS, report.get("targets") or []))
+    lines += ["", "## Steps", ""]
     lines.append(common.markdown_table(STEP_COLUMNS, [
         {"step": name, "result": _step_result(name, s["rc"]), "seconds": s["seconds"], "note": s["note"]}
         for name, s in report["steps"].items()]))

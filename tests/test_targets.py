@@ -1,0 +1,88 @@
+"""bench/targets.py judges the issues' targets from benchmark fragments (fabricated here); report.py
+puts the table in report.md."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import targets  # noqa: E402
+
+
+def fragments(prefill_ours=350.0, decode_frac=0.83, int4_m16=3.2, fp8_err=1.1e-3, kv_speedup=1.7) -> dict:
+    attention = [
+        {"kind": "prefill", "shape": "B4 H32/8 S4096 D128", "impl": "fastinfer paged", "tflops": prefill_ours},
+        {"kind": "prefill", "shape": "B4 H32/8 S4096 D128", "impl": "fastinfer paged, 64-row tiles", "tflops": 300.0},
+        {"kind": "prefill", "shape": "B4 H32/8 S4096 D128", "impl": "SDPA flash", "tflops": 317.0},
+        {"kind": "decode", "shape": "B64 H32/8 ctx4096 D128", "impl": "fastinfer paged", "frac_copy": decode_frac},
+        {"kind": "decode", "shape": "B64 H32/8 ctx4096 D128", "impl": "SDPA flash", "frac_copy": 0.59}]
+    int4 = [{"shape": "down 14336->4096", "m": m, "impl": "fastinfer int4_linear", "vs_bf16": v}
+            for m, v in ((1, 3.6), (4, 3.4), (16, int4_m16), (64, 1.7), (256, 1.1))]
+    fp8 = [{"shape": "8192^3", "M": 8192, "impl": "fastinfer tensor", "tflops": 1100.0, "vs_bf16": 1.6},
+           {"shape": "8192^3", "M": 8192, "impl": "fastinfer tensor 128x256", "tflops": 1300.0},
+           {"shape": "8192^3", "M": 8192, "impl": "_scaled_mm tensor", "tflops": 1269.0},
+           {"shape": "o 4096->4096", "M": 16, "impl": "fastinfer rowwise", "vs_bf16": 2.1, "mean_rel_err": fp8_err},
+           {"shape": "o 4096->4096", "M": 16, "impl": "_scaled_mm rowwise", "vs_bf16": 1.2, "mean_rel_err": 1.0e-3}]
+    kv = [{"kernel": "tensor cores", "batch": b, "context": 8192, "speedup": kv_speedup} for b in (8, 32)] + \
+         [{"kernel": "cuda cores", "batch": 8, "context": 8192, "speedup": 1.2}]
+    spec = [{"what": "speculative_verify, probabilistic", "of_step": 0.004},
+            {"what": "speculative_verify, greedy", "of_step": 0.002}]
+    e2e = [{"impl": "fastinfer bf16", "batch": 1, "of_roofline": 0.81, "tok_s": 215.0},
+           {"impl": "fastinfer bf16 + PDL", "batch": 1, "of_roofline": 0.87, "tok_s": 231.0},
+           {"impl": "fastinfer bf16 eager", "batch": 1, "of_roofline": 0.2, "tok_s": 50.0}]
+    return {"attention": {"rows": attention}, "int4": {"rows": int4}, "fp8": {"rows": fp8},
+            "fp8_kv": {"rows": kv}, "spec_verify": {"rows": spec}, "e2e": {"rows": e2e}}
+
+
+def verdicts(benchmarks: dict) -> dict:
+    return {(t["issue"], t["target"]): t for t in targets.evaluate(benchmarks)}
+
+
+def test_each_target_judged_from_the_rows():
+    v = verdicts(fragments())
+    by_target = {k[1]: t for k, t in v.items()}
+    assert by_target["prefill bf16 causal B4 H32/8 S4096 D128"]["verdict"] == "met"
+    assert "fastinfer paged" in by_target["prefill bf16 causal B4 H32/8 S4096 D128"]["measured"]
+    assert by_target["decode B64 32/8 heads ctx 4096"]["verdict"] == "met"
+    assert by_target["INT4 down-proj 14336->4096, M <= 16"]["verdict"] == "met"
+    assert by_target["INT4 down-proj 14336->4096, M = 64"]["verdict"] == "met"
+    big = by_target["FP8 GEMM 8192^3, per-tensor scales"]
+    assert big["verdict"] == "met" and "128x256" in big["measured"]  # the better variant is named
+    assert by_target["FP8 GEMM mean relative error"]["verdict"] == "met"
+    assert by_target["decode attention, FP8 vs bf16 KV, ctx 8192"]["verdict"] == "met"
+    assert by_target["speculative_verify, B16 k4, Llama-3-8B step"]["verdict"] == "met"
+    roof = by_target["batch-1 bf16 decode, Llama-3-8B shape"]
+    assert roof["verdict"] == "met" and "PDL" in roof["measured"]
+    assert by_target["batch-32 bf16 decode"]["verdict"] == "not measured"  # no HF compile rows
+
+
+def test_misses_and_missing_benchmarks():
+    v = {k[1]: t["verdict"] for k, t in verdicts(fragments(prefill_ours=250.0, decode_frac=0.7, int4_m16=2.5,
+                                                             fp8_err=4e-3, kv_speedup=1.5)).items()}
+    assert v["prefill bf16 causal B4 H32/8 S4096 D128"] == "MISSED"
+    assert v["decode B64 32/8 heads ctx 4096"] == "MISSED"
+    assert v["INT4 down-proj 14336->4096, M <= 16"] == "MISSED"
+    assert v["FP8 GEMM mean relative error"] == "MISSED"
+    assert v["decode attention, FP8 vs bf16 KV, ctx 8192"] == "MISSED"
+    empty = targets.evaluate({})
+    assert all(t["verdict"] == "not measured" for t in empty) and len(empty) == len(targets.TARGETS)
+    broken = targets.evaluate({"attention": {"rows": [{"kind": "prefill", "shape": "B4 H32/8 S4096 D128",
+                                                       "impl": "fastinfer paged", "tflops": "n/a (error)"}]}})
+    assert broken[0]["verdict"] == "not measured"
+
+
+def test_report_shows_the_targets(tmp_path):
+    out = tmp_path / "out"
+    (out / "bench").mkdir(parents=True)
+    for name, frag in fragments().items():
+        (out / "bench" / f"{name}.json").write_text(json.dumps({"title": name, "columns": [], **frag}))
+    (out / "steps.tsv").write_text("build\t0\t60\t\n")
+    subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), "--out", str(out)], capture_output=True,
+                   text=True, timeout=120)
+    md = (out / "report.md").read_text()
+    assert "## Issue targets" in md and "| 5 | prefill bf16 causal B4 H32/8 S4096 D128 |" in md
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["targets"]) == len(targets.TARGETS)
