@@ -114,21 +114,24 @@ def spec_verify_fraction(b: dict):
     return f"{worst['of_step']:.1%} of the step ({worst['what']})", worst["of_step"] < 0.05
 
 
+def _e2e_bf16_graphed(b: dict, batch: int, key: str) -> dict | None:
+    """The best graphed bf16 fastinfer row (plain or + PDL) at `batch` with a figure for `key`."""
+    rows = [r for r in _rows(b, "e2e") if r.get("batch") == batch and str(r.get("impl", "")).startswith("fastinfer bf16")
+            and "eager" not in str(r.get("impl")) and _num(r.get(key))]
+    return max(rows, key=lambda r: r[key]) if rows else None
+
+
 def e2e_roofline(b: dict):
-    rows = [r for r in _rows(b, "e2e") if r.get("batch") == 1 and str(r.get("impl", "")).startswith("fastinfer bf16")
-            and "eager" not in str(r.get("impl")) and _num(r.get("of_roofline"))]
-    if not rows:
+    best = _e2e_bf16_graphed(b, 1, "of_roofline")
+    if best is None:
         return "not measured", None
-    best = max(rows, key=lambda r: r["of_roofline"])
     return f"{best['of_roofline']:.0%} of roofline, {best['tok_s']:.0f} tok/s ({best['impl']})", best["of_roofline"] >= 0.85
 
 
 def e2e_vs_compile(b: dict):
-    rows = [r for r in _rows(b, "e2e") if r.get("batch") == 32 and str(r.get("impl", "")).startswith("fastinfer bf16")
-            and "eager" not in str(r.get("impl")) and _num(r.get("vs_hf_compile"))]
-    if not rows:
+    best = _e2e_bf16_graphed(b, 32, "vs_hf_compile")
+    if best is None:
         return "not measured (HF static cache + compile runs in bench_e2e --mode full)", None
-    best = max(rows, key=lambda r: r["vs_hf_compile"])
     return f"{best['vs_hf_compile']:.2f}x HF static+compile ({best['impl']})", best["vs_hf_compile"] >= 3.0
 
 
