@@ -186,7 +186,9 @@ elif ((build_rc == 0)); then
   for f in $TEST_ORDER tests/test_*.py; do
     [[ -e "$f" && " ${test_files[*]} " != *" $f "* ]] && test_files+=("$f")
   done
-  "$PY" bench/run_tests.py --out "$OUT" --budget-s "$(limit 200)" -- \
+  # --test-timeout: a hung kernel costs its test and 120 s, not the rest of the run (pytest-timeout,
+  # which the GPU machine's image has; without it there is no per-test limit, and run_tests says so).
+  "$PY" bench/run_tests.py --out "$OUT" --budget-s "$(limit 200)" --test-timeout 120 -- \
     -m cuda -q -rs --durations=25 -p no:cacheprovider "${test_files[@]}" 2>&1 | tee "$OUT/pytest.log" || test_rc=$?
   record pytest "$test_rc" $((SECONDS - t0)) "$(grep '^==== run_tests: .* run(s)' "$OUT/pytest.log" | tail -n 1 | cut -c 17-)"
 else
