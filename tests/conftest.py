@@ -57,19 +57,25 @@ def gen() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
+def select_variant(request, monkeypatch, variable: str, variants: list[str]) -> str:
+    """Sets the kernel-variant environment variable (read by the op at every call) to this run's
+    variant; a test's CPU half (`device` == "cpu") runs once, with the first variant, since the CPU op
+    has a single implementation."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("device") == "cpu" and request.param != variants[0]:
+        pytest.skip("the CPU op has a single implementation")
+    monkeypatch.setenv(variable, request.param)
+    return request.param
+
+
 DECODE_KERNELS = ["tensor_cores", "cuda_cores"]
 
 
 @pytest.fixture(params=DECODE_KERNELS)
 def decode_kernel(request, monkeypatch) -> str:
-    """The CUDA paged-decode kernel a test runs (FASTINFER_DECODE_KERNEL, read by the op at every
-    call): tensor cores (the default for bf16 / fp16) and CUDA cores (fp32's only one). The CPU op has
-    one implementation, so a test's CPU half runs once."""
-    callspec = getattr(request.node, "callspec", None)
-    if callspec is not None and callspec.params.get("device") == "cpu" and request.param != DECODE_KERNELS[0]:
-        pytest.skip("the CPU op has a single implementation")
-    monkeypatch.setenv("FASTINFER_DECODE_KERNEL", request.param)
-    return request.param
+    """The CUDA paged-decode kernel a test runs (FASTINFER_DECODE_KERNEL): tensor cores (the default
+    for bf16 / fp16) and CUDA cores (fp32's only one)."""
+    return select_variant(request, monkeypatch, "FASTINFER_DECODE_KERNEL", DECODE_KERNELS)
 
 
 PREFILL_BLOCK_MS = ["64", "128"]
@@ -77,10 +83,6 @@ PREFILL_BLOCK_MS = ["64", "128"]
 
 @pytest.fixture(params=PREFILL_BLOCK_MS)
 def prefill_block_m(request, monkeypatch) -> str:
-    """Query rows per CTA of the CUDA prefill kernel (FASTINFER_PREFILL_BLOCK_M, read at every call):
-    64 (a warp owns 16 rows) and 128 (two row blocks per warp). CPU halves run once, as above."""
-    callspec = getattr(request.node, "callspec", None)
-    if callspec is not None and callspec.params.get("device") == "cpu" and request.param != PREFILL_BLOCK_MS[0]:
-        pytest.skip("the CPU op has a single implementation")
-    monkeypatch.setenv("FASTINFER_PREFILL_BLOCK_M", request.param)
-    return request.param
+    """Query rows per CTA of the CUDA prefill kernel (FASTINFER_PREFILL_BLOCK_M): 64 (a warp owns 16
+    rows) and 128 (two row blocks per warp)."""
+    return select_variant(request, monkeypatch, "FASTINFER_PREFILL_BLOCK_M", PREFILL_BLOCK_MS)

@@ -5,25 +5,12 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 
 #include "fastinfer/attention/decode.h"
 #include "common.h"  // csrc/torch/common.h
 
 namespace fastinfer::torch_glue {
 namespace {
-
-// FASTINFER_DECODE_KERNEL: unset, "" or "auto" (tensor cores for bf16 / fp16 queries), "cuda_cores"
-// or "tensor_cores"; read at every call, so a benchmark or a test can compare the two kernels.
-DecodeKernel decode_kernel_from_env(const char* kOp) {
-  const char* value = std::getenv("FASTINFER_DECODE_KERNEL");
-  if (value == nullptr || std::strcmp(value, "") == 0 || std::strcmp(value, "auto") == 0) return DecodeKernel::kAuto;
-  if (std::strcmp(value, "cuda_cores") == 0) return DecodeKernel::kCudaCores;
-  if (std::strcmp(value, "tensor_cores") == 0) return DecodeKernel::kTensorCores;
-  TORCH_CHECK(false, "fastinfer.", kOp, ": environment variable FASTINFER_DECODE_KERNEL must be auto, cuda_cores or "
-              "tensor_cores, got '", value, "'");
-}
 
 // kOp names the op in messages; kv_scale nullptr for the plain op.
 void decode(const char* kOp, at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
@@ -78,7 +65,9 @@ void decode(const char* kOp, at::Tensor& out, const at::Tensor& query, const at:
   p.max_blocks = static_cast<int>(block_tables.size(1));
   p.scale = static_cast<float>(scale);
   p.dtype = to_dtype(query, kOp);
-  p.kernel = decode_kernel_from_env(kOp);
+  // auto: tensor cores for bf16 / fp16 queries (the choices' order is DecodeKernel's)
+  p.kernel = static_cast<DecodeKernel>(
+      env_choice(kOp, "FASTINFER_DECODE_KERNEL", {"auto", "cuda_cores", "tensor_cores"}));
   const cudaError_t err = cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, query.get_device());
   TORCH_CHECK(err == cudaSuccess, "fastinfer.", kOp, ": cudaDeviceGetAttribute failed: ", cudaGetErrorString(err));
 

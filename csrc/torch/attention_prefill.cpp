@@ -4,8 +4,6 @@
 // CUDA kernel needs (head_dim 64 / 128, 16-byte aligned rows) and turn them into clear messages.
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 
 #include "fastinfer/attention/prefill.h"
 #include "common.h"  // csrc/torch/common.h
@@ -17,17 +15,6 @@ bool is_16_byte_aligned(const at::Tensor& t) {
   const int64_t elements_per_16_bytes = 16 / t.element_size();
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % elements_per_16_bytes == 0 &&
          t.stride(1) % elements_per_16_bytes == 0;
-}
-
-// FASTINFER_PREFILL_BLOCK_M: unset, "" or "auto" (128 query rows per CTA when the sequences average
-// >= 128 rows, else 64), "64" or "128"; read at every call, so benchmarks and tests can compare.
-int prefill_block_m_from_env(const char* kOp) {
-  const char* value = std::getenv("FASTINFER_PREFILL_BLOCK_M");
-  if (value == nullptr || std::strcmp(value, "") == 0 || std::strcmp(value, "auto") == 0) return 0;
-  if (std::strcmp(value, "64") == 0) return 64;
-  if (std::strcmp(value, "128") == 0) return 128;
-  TORCH_CHECK(false, "fastinfer.", kOp, ": environment variable FASTINFER_PREFILL_BLOCK_M must be auto, 64 or 128, "
-              "got '", value, "'");
 }
 
 // kOp names the op in messages; kv_scale nullptr for the plain op.
@@ -77,7 +64,9 @@ void prefill(const char* kOp, at::Tensor& out, const at::Tensor& query, const at
   p.block_table_stride = block_tables.stride(0);
   p.scale = static_cast<float>(scale);
   p.dtype = to_dtype(query, kOp);
-  p.block_m = prefill_block_m_from_env(kOp);
+  // auto (0): 128 query rows per CTA when the sequences average >= 128 rows, else 64
+  constexpr int kBlockM[] = {0, 64, 128};
+  p.block_m = kBlockM[env_choice(kOp, "FASTINFER_PREFILL_BLOCK_M", {"auto", "64", "128"})];
   check_launch(launch_paged_prefill_attention(p, stream_of(query)), kOp);
 }
 

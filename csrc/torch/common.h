@@ -5,6 +5,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <initializer_list>
+#include <string>
+
 #include "fastinfer/types.h"
 
 namespace fastinfer::torch_glue {
@@ -20,6 +25,24 @@ inline DType to_dtype(const at::Tensor& t, const char* what) {
 
 inline cudaStream_t stream_of(const at::Tensor& t) {
   return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
+
+// Which of `choices` the environment variable `name` holds: unset or "" is choices[0] (the default);
+// anything not listed is refused with a message naming the op, the variable and the choices. Read at
+// every call (the kernel-variant settings, listed by `python -m fastinfer env`), so one process can
+// compare variants.
+inline int env_choice(const char* op, const char* name, std::initializer_list<const char*> choices) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return 0;
+  std::string listed;
+  int index = 0;
+  for (const char* choice : choices) {
+    if (std::strcmp(value, choice) == 0) return index;
+    listed += index == 0 ? "" : (index + 1 == static_cast<int>(choices.size()) ? " or " : ", ");
+    listed += choice;
+    ++index;
+  }
+  TORCH_CHECK(false, "fastinfer.", op, ": environment variable ", name, " must be ", listed, ", got '", value, "'");
 }
 
 inline void check_launch(cudaError_t err, const char* op) {

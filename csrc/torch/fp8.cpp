@@ -4,8 +4,6 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <utility>
 
 #include "common.h"  // csrc/torch/common.h
@@ -42,17 +40,6 @@ void fp8_quantize_per_tensor(at::Tensor& out, at::Tensor& scale, const at::Tenso
 }
 
 #ifdef FASTINFER_HAS_SM90
-// FASTINFER_FP8_GEMM_TILE: unset, "" or "128x128" (the default for M > 64), or "128x256" (wide tiles);
-// read at every call.
-bool fp8_wide_tiles_from_env() {
-  const char* value = std::getenv("FASTINFER_FP8_GEMM_TILE");
-  if (value == nullptr || std::strcmp(value, "") == 0 || std::strcmp(value, "128x128") == 0) return false;
-  TORCH_CHECK(std::strcmp(value, "128x256") == 0,
-              "fastinfer.fp8_scaled_mm: environment variable FASTINFER_FP8_GEMM_TILE must be 128x128 or 128x256, got '",
-              value, "'");
-  return true;
-}
-
 void fp8_scaled_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_a,
                    const at::Tensor& scale_b, const std::optional<at::Tensor>& bias) {
   const c10::cuda::CUDAGuard guard(a.device());
@@ -81,7 +68,7 @@ void fp8_scaled_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, co
   p.scale_b_per_channel = scale_b.numel() != 1;
   p.out_dtype = to_dtype(out, "fp8_scaled_mm");
   p.num_sms = num_sms;
-  p.wide_tiles = fp8_wide_tiles_from_env();
+  p.wide_tiles = env_choice("fp8_scaled_mm", "FASTINFER_FP8_GEMM_TILE", {"128x128", "128x256"}) == 1;
   const size_t workspace_bytes = fp8_gemm_workspace_bytes(p);
   at::Tensor workspace;
   if (workspace_bytes > 0) {
