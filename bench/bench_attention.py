@@ -8,7 +8,9 @@ that SDPA gets as [B, H_kv, S, D] tensors. SDPA runs GQA with enable_gqa=True wh
 accepts it, else with K/V expanded to all query heads (the "K/V" column says which; expanded K/V is
 what a model would have to materialise). FLOPs: 2*2*B*H*S*S*D/2 (causal). "fastinfer speedup" = this
 row's time / fastinfer's time on the same shape. fastinfer runs its default (128 query rows per CTA
-for these shapes) and, as a second row, 64-row tiles (FASTINFER_PREFILL_BLOCK_M=64).
+for these shapes), as a second row 64-row tiles (FASTINFER_PREFILL_BLOCK_M=64) and, as a third, the
+sm_90a wgmma kernel (FASTINFER_PREFILL_KERNEL=wgmma; on other GPUs that setting runs the default
+kernel, and the row says so).
 Decode: one query token per sequence, 32 / 8 heads, D128: B64 ctx 4096 and B8 ctx 8192. SDPA flash
 gets a [B, H, 1, D] query and contiguous [B, H_kv, ctx, D] K/V. fastinfer runs its default
 tensor-core decode kernel and, as a second row, the CUDA-core one (FASTINFER_DECODE_KERNEL=cuda_cores). Bytes = K and V of the context (the
@@ -32,6 +34,7 @@ BLOCK = 16
 OURS = "fastinfer paged"
 OURS_CUDA_CORES = "fastinfer paged, CUDA-core decode"  # FASTINFER_DECODE_KERNEL=cuda_cores, for comparison
 OURS_64_ROWS = "fastinfer paged, 64-row tiles"  # FASTINFER_PREFILL_BLOCK_M=64 (the default here is 128)
+OURS_WGMMA = "fastinfer paged, wgmma (sm_90a)"  # FASTINFER_PREFILL_KERNEL=wgmma
 SDPA = {"SDPA flash": SDPBackend.FLASH_ATTENTION, "SDPA cuDNN": SDPBackend.CUDNN_ATTENTION}
 PREFILL = [(4, 32, 8, 4096, 128), (4, 32, 32, 4096, 128), (1, 32, 8, 1024, 128)]  # B, H, H_kv, S, D
 DECODE = [(64, 32, 8, 4096, 128), (8, 32, 8, 8192, 128)]  # B, H, H_kv, ctx, D
@@ -106,15 +109,17 @@ def prefill_rows(ops, args, flush, errors: list) -> list[dict]:
         scale = d ** -0.5
         ops.paged_prefill_attention(q_tok, cache, cu, lens, tables, scale, out=out)  # validates the indices once
 
-        def ours(block_m):
-            def make():  # the op reads FASTINFER_PREFILL_BLOCK_M at each call; measure() times one impl at a time
+        def ours(block_m, kernel="mma"):
+            def make():  # the op reads these settings at each call; measure() times one impl at a time
                 os.environ["FASTINFER_PREFILL_BLOCK_M"] = block_m
+                os.environ["FASTINFER_PREFILL_KERNEL"] = kernel
                 out_m = torch.empty_like(q_tok)
                 return (lambda: ops.paged_prefill_attention(q_tok, cache, cu, lens, tables, scale, out=out_m,
                                                             check_indices=False).reshape(b, s, h, d).transpose(1, 2)), "paged"
             return make
 
-        impls = {OURS: ours("auto"), OURS_64_ROWS: ours("64"),
+        wgmma_name = OURS_WGMMA if torch.cuda.get_device_capability() == (9, 0) else OURS_WGMMA + " = default here"
+        impls = {OURS: ours("auto"), OURS_64_ROWS: ours("64"), wgmma_name: ours("auto", "wgmma"),
                  **{n: (lambda be=be: sdpa_call(be, q, k, v, True)) for n, be in SDPA.items()}}
         label = f"B{b} H{h}/{hkv} S{s} D{d}"
         flops = 2 * 2 * b * h * s * s * d / 2
@@ -127,6 +132,7 @@ def prefill_rows(ops, args, flush, errors: list) -> list[dict]:
         del q, k, v, cache, q_tok, out
         torch.cuda.empty_cache()
     os.environ.pop("FASTINFER_PREFILL_BLOCK_M", None)
+    os.environ.pop("FASTINFER_PREFILL_KERNEL", None)
     return rows
 
 

@@ -7,7 +7,8 @@
 // tokens of which the last q_len are queries (q_len == context: a whole prompt; q_len < context: one
 // chunk of a chunked prefill). FLOPs counted: 4 * head_dim * num_heads per (query, visible key), i.e.
 // 2*2*B*H*S*S*D/2 for a whole causal prompt (the usual convention). Each case runs both query tile
-// heights of the kernel (PrefillParams.block_m 128 and 64). Timing: bench/bench_common.cuh.
+// heights of the mma kernel (PrefillParams.block_m 128 and 64) and, in a build with 90a
+// (FASTINFER_HAS_SM90), the sm_90a wgmma kernel. Timing: bench/bench_common.cuh.
 #include "bench_common.cuh"
 #include "fastinfer/attention/prefill.h"
 
@@ -44,6 +45,7 @@ std::string case_name(const Case& c) {
   return buf;
 }
 
+// block_m 0: the wgmma kernel (128 rows per CTA).
 Row run_case(const Case& c, int block_m, const Args& args, unsigned long long* nonfinite) {
   const int max_blocks = (c.context + c.block_size - 1) / c.block_size;
   const size_t num_blocks = size_t(c.batch) * max_blocks;
@@ -81,11 +83,23 @@ Row run_case(const Case& c, int block_m, const Args& args, unsigned long long* n
   p.dtype = fastinfer::DType::kBFloat16;
   p.block_m = block_m;
 
-  const Timing t = time_cuda([&] { BENCH_CHECK(fastinfer::launch_paged_prefill_attention(p, nullptr)); }, args);
+  const bool wgmma = block_m == 0;
+  const Timing t = time_cuda(
+      [&] {
+#ifdef FASTINFER_HAS_SM90
+        if (wgmma) {
+          BENCH_CHECK(fastinfer::launch_paged_prefill_wgmma(p, nullptr));
+          return;
+        }
+#endif
+        BENCH_CHECK(fastinfer::launch_paged_prefill_attention(p, nullptr));
+      },
+      args);
   const unsigned long long bad = count_nonfinite_bf16(out);
   *nonfinite += bad;
   const double tflops = causal_flops(c) / (t.us * 1e-6) / 1e12;
-  return {{"case", case_name(c)},      {"rows", (long long)block_m},      {"batch", (long long)c.batch},     {"heads", (long long)c.heads},
+  return {{"case", case_name(c)},      {"kernel", std::string(wgmma ? "wgmma" : "mma")},
+          {"rows", (long long)(wgmma ? 128 : block_m)},      {"batch", (long long)c.batch},     {"heads", (long long)c.heads},
           {"kv_heads", (long long)c.kv_heads}, {"head_dim", (long long)c.head_dim}, {"q_len", (long long)c.q_len},
           {"context", (long long)c.context},   {"block", (long long)c.block_size},  {"us", t.us},
           {"min_us", t.min_us},        {"flops", causal_flops(c)},        {"tflops", tflops},
@@ -103,21 +117,27 @@ int main(int argc, char** argv) {
   std::vector<Row> rows;
   unsigned long long nonfinite = 0;
   for (const Case& c : kCases) {
-    for (const int block_m : {128, 64}) {
+#ifdef FASTINFER_HAS_SM90
+    const std::vector<int> variants = {128, 64, 0};  // 0: the wgmma kernel
+#else
+    const std::vector<int> variants = {128, 64};
+#endif
+    for (const int block_m : variants) {
       rows.push_back(run_case(c, block_m, args, &nonfinite));
-      std::printf("  %-36s rows %3d %10.1f us %8.1f TFLOP/s\n", case_name(c).c_str(), block_m,
+      std::printf("  %-36s %-5s rows %3d %10.1f us %8.1f TFLOP/s\n", case_name(c).c_str(), block_m ? "mma" : "wgmma",
+                  block_m ? block_m : 128,
                   std::get<double>(*find(rows.back(), "us")), std::get<double>(*find(rows.back(), "tflops")));
       std::fflush(stdout);
     }
   }
-  const std::vector<Column> cols = {{"case", "case", ""},       {"rows", "query rows / CTA", "d"}, {"block", "block", "d"},
+  const std::vector<Column> cols = {{"case", "case", ""},       {"kernel", "kernel", ""}, {"rows", "query rows / CTA", "d"}, {"block", "block", "d"},
                                     {"us", "time (us)", ".1f"}, {"min_us", "min (us)", ".1f"},
                                     {"tflops", "TFLOP/s", ".1f"}};
   std::printf("\n");
   print_table(cols, rows);
 
   std::vector<std::string> notes = {
-      "fastinfer launch_paged_prefill_attention from C++ (no torch): bf16, causal, random paged KV cache with a "
+      "fastinfer launch_paged_prefill_attention (mma) and launch_paged_prefill_wgmma (sm_90a) from C++ (no torch): bf16, causal, random paged KV cache with a "
       "shuffled block table; median of " + std::to_string(args.iters) +
       " launches, L2 flushed (256 MB write) before each; FLOPs 2*2*B*H*S*S*D/2 for a whole causal prompt, exact "
       "visible-key count for a chunk"};

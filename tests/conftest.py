@@ -86,3 +86,30 @@ def prefill_block_m(request, monkeypatch) -> str:
     """Query rows per CTA of the CUDA prefill kernel (FASTINFER_PREFILL_BLOCK_M): 64 (a warp owns 16
     rows) and 128 (two row blocks per warp)."""
     return select_variant(request, monkeypatch, "FASTINFER_PREFILL_BLOCK_M", PREFILL_BLOCK_MS)
+
+
+# The CUDA prefill kernels of a 16-bit query over a plain cache: the mma.sync kernel with 64- and
+# 128-row tiles, and the sm_90a wgmma kernel (FASTINFER_PREFILL_KERNEL=wgmma).
+PREFILL_VARIANTS = ["64", "128", "wgmma"]
+
+
+def wgmma_prefill_runs() -> bool:
+    """Whether FASTINFER_PREFILL_KERNEL=wgmma runs the sm_90a kernel here: a build with 90a and an
+    sm_90 GPU (elsewhere it falls back to the mma kernel)."""
+    import torch
+    from fastinfer import _C
+    return ("90a" in _C.cuda_archs.split(";") and torch.cuda.is_available()
+            and torch.cuda.get_device_capability() == (9, 0))
+
+
+@pytest.fixture(params=PREFILL_VARIANTS)
+def prefill_variant(request, monkeypatch) -> str:
+    """Sets FASTINFER_PREFILL_KERNEL (mma or wgmma) and, for mma, FASTINFER_PREFILL_BLOCK_M; the
+    wgmma variant is skipped where that kernel would not run (it would repeat an mma run)."""
+    variant = select_variant(request, monkeypatch, "FASTINFER_PREFILL_BLOCK_M", PREFILL_VARIANTS)
+    if variant == "wgmma":
+        monkeypatch.delenv("FASTINFER_PREFILL_BLOCK_M")
+        if not wgmma_prefill_runs():
+            pytest.skip("the wgmma prefill kernel needs an sm_90 GPU and a build for 90a")
+    monkeypatch.setenv("FASTINFER_PREFILL_KERNEL", "wgmma" if variant == "wgmma" else "mma")
+    return variant

@@ -3,8 +3,9 @@
 Tolerance as in test_ops.py (DESIGN.md): max abs error(ours vs fp32 reference) <= 2 x that of the
 same-dtype torch implementation + 1e-5. Inputs are drawn on the CPU with a seeded generator and
 moved; the references run on the GPU too (fp64 for fp32 inputs). Every test runs both tile shapes of
-the bf16/fp16 kernel (the `prefill_block_m` fixture): 64 query rows x 64 keys, and 128 rows x 64 keys
-(x 32 keys at head_dim 128), so the cases straddle those edges: 31/32/33, 63/64/65 and 127/128/129-row
+each bf16/fp16 kernel (the `prefill_variant` fixture): mma.sync with 64 query rows x 64 keys and with 128
+rows x 64 keys (x 32 keys at head_dim 128), and on a Hopper GPU the wgmma kernel (128 rows x 128 keys, two
+64-row warpgroups), so the cases straddle those edges: 31/32/33, 63/64/65 and 127/128/129-row
 chunks, contexts that are not a multiple of the tile in front of the chunk, more than 32 sequences
 (the tile lookup scans 32 at a time).
 """
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import reference as ref
+from conftest import wgmma_prefill_runs
 from fastinfer import ops
 from test_ops import BLOCK_SIZES, DTYPES, HEAD_DIMS, HEADS, assert_within_tolerance, build_paged_kv, randn, ref_dtype
 
@@ -22,15 +24,16 @@ CUDA = torch.device("cuda")
 
 
 @pytest.fixture(autouse=True)
-def _both_tiles(request, prefill_block_m):
-    """Runs every test of this module once per query tile height (conftest.prefill_block_m); the fp32
-    kernel has no tiles, so its second run would repeat the first."""
+def _every_kernel(request, prefill_variant):
+    """Runs every test of this module once per bf16 / fp16 prefill kernel (conftest.prefill_variant:
+    mma with 64- and 128-row tiles, and the sm_90a wgmma kernel on a Hopper GPU); fp32 has one
+    kernel, so its other runs would repeat the first."""
     callspec = getattr(request.node, "callspec", None)
-    if callspec is not None and callspec.params.get("dtype") == torch.float32 and prefill_block_m != "64":
-        pytest.skip("the fp32 kernel has one shape (its 64-row run covers it)")
-    if request.node.get_closest_marker("own_block_m") and prefill_block_m != "64":
-        pytest.skip("the test sets FASTINFER_PREFILL_BLOCK_M itself (its 64 run covers it)")
-    return prefill_block_m
+    if callspec is not None and callspec.params.get("dtype") == torch.float32 and prefill_variant != "64":
+        pytest.skip("fp32 has one kernel (its first run covers it)")
+    if request.node.get_closest_marker("own_block_m") and prefill_variant != "64":
+        pytest.skip("the test picks the kernels itself (its first run covers it)")
+    return prefill_variant
 
 
 def make_query(num_tokens, num_heads, num_kv_heads, head_dim, layout, dtype, gen) -> torch.Tensor:
@@ -208,3 +211,29 @@ def test_tile_heights_agree_closely(monkeypatch, head_dim):
         outs[block_m] = ops.paged_prefill_attention(*args).float()
     assert (outs["64"] - outs["128"]).abs().max().item() < 2e-2
     assert torch.equal(outs["auto"], outs["128"])  # 1840 rows over 3 sequences: >= 128 on average
+
+
+@pytest.mark.own_block_m
+def test_unknown_prefill_kernel_is_refused(monkeypatch):
+    args = make_case([70], [70], 4, 2, 64, 16, torch.bfloat16)
+    monkeypatch.setenv("FASTINFER_PREFILL_KERNEL", "fa3")
+    with pytest.raises(RuntimeError, match="FASTINFER_PREFILL_KERNEL must be auto, mma or wgmma"):
+        ops.paged_prefill_attention(*args)
+
+
+@pytest.mark.own_block_m
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_wgmma_agrees_with_mma_closely(monkeypatch, head_dim, dtype):
+    """The sm_90a kernel and the mma kernel compute the same thing (only the fp32 summation order and
+    the 128-key tiles differ): close, not bit-equal. auto runs mma."""
+    if not wgmma_prefill_runs():
+        pytest.skip("the wgmma prefill kernel needs an sm_90 GPU and a build for 90a")
+    args = make_case([1500, 40, 700, 129], [1500, 40, 300, 129], 8, 2, head_dim, 16, dtype)
+    outs = {}
+    for kernel in ("mma", "wgmma", "auto"):
+        monkeypatch.setenv("FASTINFER_PREFILL_KERNEL", kernel)
+        outs[kernel] = ops.paged_prefill_attention(*args).float()
+    assert torch.isfinite(outs["wgmma"]).all()
+    assert (outs["mma"] - outs["wgmma"]).abs().max().item() < 2e-2
+    assert torch.equal(outs["auto"], outs["mma"])

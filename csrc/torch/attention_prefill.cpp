@@ -4,7 +4,6 @@
 // CUDA kernel needs (head_dim 64 / 128, 16-byte aligned rows) and turn them into clear messages.
 #include <torch/library.h>
 
-
 #include "fastinfer/attention/prefill.h"
 #include "common.h"  // csrc/torch/common.h
 
@@ -15,6 +14,22 @@ bool is_16_byte_aligned(const at::Tensor& t) {
   const int64_t elements_per_16_bytes = 16 / t.element_size();
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % elements_per_16_bytes == 0 &&
          t.stride(1) % elements_per_16_bytes == 0;
+}
+
+// The sm_90a kernel: built (FASTINFER_HAS_SM90), a Hopper GPU, 16-bit query over a plain cache.
+bool wgmma_applies(const at::Tensor& query, const float* kv_scale) {
+#ifdef FASTINFER_HAS_SM90
+  if (kv_scale != nullptr || query.scalar_type() == at::kFloat) return false;
+  int major = 0, minor = 0;
+  const int device = query.get_device();
+  return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess && major == 9 &&
+         minor == 0;
+#else
+  (void)query;
+  (void)kv_scale;
+  return false;
+#endif
 }
 
 // kOp names the op in messages; kv_scale nullptr for the plain op.
@@ -67,6 +82,14 @@ void prefill(const char* kOp, at::Tensor& out, const at::Tensor& query, const at
   // auto (0): 128 query rows per CTA when the sequences average >= 128 rows, else 64
   constexpr int kBlockM[] = {0, 64, 128};
   p.block_m = kBlockM[env_choice(kOp, "FASTINFER_PREFILL_BLOCK_M", {"auto", "64", "128"})];
+  // auto = mma (the FlashAttention-2 kernel of prefill.cuh) until a GPU report shows which is faster;
+  // wgmma = the sm_90a kernel of prefill_sm90.cuh wherever it applies (a bf16 / fp16 plain cache on an
+  // sm_90 GPU, in a build with 90a), mma elsewhere.
+  const bool wgmma = env_choice(kOp, "FASTINFER_PREFILL_KERNEL", {"auto", "mma", "wgmma"}) == 2;
+  if (wgmma && wgmma_applies(query, kv_scale_ptr)) {
+    check_launch(launch_paged_prefill_wgmma(p, stream_of(query)), kOp);
+    return;
+  }
   check_launch(launch_paged_prefill_attention(p, stream_of(query)), kOp);
 }
 

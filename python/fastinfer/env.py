@@ -17,6 +17,9 @@ SETTINGS = {
     "FASTINFER_PREFILL_BLOCK_M": ("auto", "auto | 64 | 128",
                                   "query rows per CTA of the prefill kernel (auto = 128 when sequences "
                                   "average >= 128 rows)"),
+    "FASTINFER_PREFILL_KERNEL": ("auto", "auto | mma | wgmma",
+                                 "prefill attention kernel for bf16 / fp16 over a plain cache (auto = mma; "
+                                 "wgmma = the sm_90a kernel, Hopper only)"),
     "FASTINFER_FP8_GEMM_TILE": ("128x128", "128x128 | 128x256",
                                 "FP8 GEMM output tiles for M > 64"),
     "FASTINFER_PDL": ("0", "0 | 1", "programmatic dependent launch of the decode-path kernels"),

@@ -105,44 +105,6 @@ __device__ __forceinline__ void load_query_tile(T* sQ, const PrefillParams& p, i
   }
 }
 
-// ---- ragged batch: which (sequence, query tile) a CTA owns -------------------------------------
-
-struct TileCoord {
-  int seq;        // sequence index
-  int tile;       // query tile within the sequence
-};
-
-// Tile t of the batch's concatenated per-sequence tile lists (ceil(q_len / kBlockM) tiles each).
-// Every warp computes the same answer (no shared memory, no barrier). Returns false past the last tile.
-template <int kBlockM>
-__device__ __forceinline__ bool locate_tile(const int32_t* cu_seqlens_q, int batch, int t, TileCoord& coord) {
-  const int lane = threadIdx.x % kWarpSize;
-  int tiles_before = 0;  // tiles of the sequences preceding this 32-sequence chunk
-  for (int b0 = 0; b0 < batch; b0 += kWarpSize) {
-    const int b = b0 + lane;
-    const int n = b < batch ? ceil_div(cu_seqlens_q[b + 1] - cu_seqlens_q[b], kBlockM) : 0;
-    int inclusive = n;
-#pragma unroll
-    for (int offset = 1; offset < kWarpSize; offset *= 2) {
-      const int v = __shfl_up_sync(kFullMask, inclusive, offset);
-      if (lane >= offset) inclusive += v;
-    }
-    const int chunk_tiles = __shfl_sync(kFullMask, inclusive, kWarpSize - 1);
-    if (t < tiles_before + chunk_tiles) {
-      // The first lane whose running total passes t owns it (a lane with 0 tiles never does).
-      const int owner = __ffs(__ballot_sync(kFullMask, tiles_before + inclusive > t)) - 1;
-      const int owner_inclusive = __shfl_sync(kFullMask, inclusive, owner);
-      const int owner_tiles = __shfl_sync(kFullMask, n, owner);
-      const int index = t - (tiles_before + owner_inclusive - owner_tiles);
-      coord.seq = b0 + owner;
-      coord.tile = owner_tiles - 1 - index;  // longest-context tiles first
-      return true;
-    }
-    tiles_before += chunk_tiles;
-  }
-  return false;
-}
-
 // ---- bf16 / fp16 tensor-core kernel ------------------------------------------------------------
 
 // T: the query / out dtype; C: the cache element (T, or __nv_fp8_e4m3 with p.kv_scale); kMB: m16
@@ -413,13 +375,6 @@ cudaError_t launch_for_head_dim(const PrefillParams& p, cudaStream_t stream) {
     case DType::kBFloat16: return launch_mma<__nv_bfloat16, __nv_bfloat16, kHeadDim>(p, stream);
   }
   return cudaErrorInvalidValue;
-}
-
-// The 16-byte cp.async / vector stores of the tensor-core kernel need 16-byte aligned rows.
-inline bool rows_are_16_byte_aligned(const PrefillParams& p) {
-  auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  return aligned(p.query) && aligned(p.out) && aligned(p.kv_cache) && p.query_token_stride % kChunk == 0 &&
-         p.query_head_stride % kChunk == 0 && p.out_token_stride % kChunk == 0 && p.out_head_stride % kChunk == 0;
 }
 
 }  // namespace prefill

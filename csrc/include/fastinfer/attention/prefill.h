@@ -47,4 +47,9 @@ inline bool prefill_supports_head_dim(int head_dim) { return head_dim == 64 || h
 // cudaErrorMisalignedAddress, before anything is launched.
 cudaError_t launch_paged_prefill_attention(const PrefillParams& p, cudaStream_t stream);
 
+// The sm_90a kernel (wgmma; attention/prefill_sm90.cuh), built only when FASTINFER_CUDA_ARCHS has 90a
+// (FASTINFER_HAS_SM90 in the bindings) and run only on an sm_90 GPU: bf16 / fp16 query and cache (no
+// kv_scale), head_dim 64 or 128; other inputs get cudaErrorInvalidValue (block_m is not read).
+cudaError_t launch_paged_prefill_wgmma(const PrefillParams& p, cudaStream_t stream);
+
 }  // namespace fastinfer

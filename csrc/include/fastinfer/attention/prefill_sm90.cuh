@@ -1,0 +1,387 @@
+// Paged prefill attention for Hopper (sm_90a): the same op as prefill.cuh (causal, GQA, ragged
+// batch, K/V through block tables, bf16 / fp16, plain cache), on wgmma instead of mma.sync.
+//
+// Why: mma.sync runs at roughly two thirds of Hopper's dense tensor-core rate at best, and the
+// FlashAttention-2 structure of prefill.cuh also feeds every mma from registers loaded with ldmatrix.
+// wgmma reads its B operand (and here also Q, the A of S = Q K^T) straight from shared memory and
+// runs asynchronously, so the softmax of one warpgroup overlaps the matrix products of the other.
+//
+// CTA = 128 query rows of one (sequence, head), 3 warpgroups (384 threads, one CTA per SM):
+//   warpgroup 0, producer (40 registers after setmaxnreg): per key tile n, 16-byte cp.async of
+//     K_n then V_n (128 keys each) through the block table into stage n % 2 of a two-stage ring,
+//     zero-filling keys >= key_end (never read: unused slots may hold NaN, and 0 * NaN = NaN);
+//     each thread waits for its own copies, fences them for the async proxy (wgmma reads shared
+//     memory through it) and arrives on the stage's `full` mbarrier (count 128). A stage is refilled
+//     after both consumers arrived on its `empty` mbarrier (one arrival per consumer warp).
+//   warpgroups 1 and 2, consumers (232 registers): consumer c owns query rows 64 c .. 64 c + 63,
+//     loads them once into shared memory, then per key tile:
+//       S[64 x 128] = Q K_n^T   head_dim / 16 wgmma m64n128k16, both operands in shared memory;
+//       mask (causal, only on tiles that reach past the warp's first row), online softmax in fp32
+//       (prefill_softmax.cuh: the wgmma accumulator layout is mma.sync's m16n8 layout, per warp);
+//       O[64 x D] += P V_n      8 wgmma m64nDk16, P from registers (the S accumulators rounded to
+//       16 bits are the A fragments), V from shared memory read MN-major (transposed: V rows are
+//       keys, head_dim contiguous, as the cache stores them).
+//     A consumer whose rows cannot see a tile (its last row precedes the tile's first key) or that
+//     has no rows (a short last tile) still waits for and releases the stage, and skips the math.
+//   Epilogue: O / row sum, rounded, stored from registers (4 bytes per thread and row block).
+// Shared memory: Q, K and V tiles are [D / 64 column blocks][128 rows][128 bytes] with the 128-byte
+// swizzle (16-byte chunk c of row r stored at chunk c ^ (r % 8) of its 128-byte row, atoms of 8 rows
+// = 1024 bytes, every tile 1024-byte aligned), the layout wgmma's matrix descriptors take: K-major
+// for Q and K (stride byte offset 1024 between 8-row groups; a k-step of 16 elements = 32 bytes
+// advances the start address inside the row), MN-major for V (8-key groups 1024 bytes apart, the
+// two 64-column blocks at D = 128 one tile-block (16 KiB) apart as the leading byte offset).
+// D = 128: Q 32 KiB + 2 x (K 32 + V 32) KiB = 160 KiB; D = 64: 80 KiB.
+// Grid and tile lookup as prefill.cuh (grid.x bounds the 128-row tiles of the ragged batch, each CTA
+// finds its (sequence, tile) with locate_tile, longest-context tiles first; blockIdx.y = head).
+// Not covered here (prefill.cuh runs them): fp32, an e4m3 cache, other head dims, GPUs other than
+// sm_90.
+#pragma once
+#include <cuda/ptx>
+
+#include <climits>
+
+#include "fastinfer/attention/prefill_softmax.cuh"
+#include "fastinfer/attention/prefill_tiles.cuh"  // locate_tile, cp.async, pack2, rows_are_16_byte_aligned
+#include "fastinfer/gemm/wgmma_16bit.cuh"
+#include "fastinfer/gemm/wgmma_fp8.cuh"  // fence / commit_group / wait_group / fence_operand
+
+namespace fastinfer {
+namespace prefill {
+namespace sm90 {
+
+namespace ptx = cuda::ptx;
+
+constexpr int kRows = 128;            // query rows per CTA, and keys per K / V tile
+constexpr int kStages = 2;
+constexpr int kConsumers = 2;         // warpgroups of 64 query rows
+constexpr int kWarpgroup = 128;
+constexpr int kThreadsWs = (kConsumers + 1) * kWarpgroup;
+constexpr int kRowBytes = 128;        // one swizzled row of a column block: 64 16-bit elements
+constexpr int kAtom = 1024;           // 8 rows x 128 bytes: the swizzle period and the tiles' alignment
+constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 x 40 + 256 x 232 <= 64 Ki registers
+constexpr int kFullArrivals = kWarpgroup;               // every producer thread, after its own copies
+constexpr int kEmptyArrivals = kConsumers * 4;          // one per consumer warp
+
+template <int kHeadDim>
+struct Smem {
+  static constexpr int kTileBytes = kRows * kHeadDim * 2;     // Q, or one K or V stage
+  static constexpr int kBlockBytes = kRows * kRowBytes;       // one 64-column block of a tile
+  static constexpr int kQ = 0;
+  static constexpr int kK = kTileBytes;                       // + stage * kTileBytes
+  static constexpr int kV = kK + kStages * kTileBytes;
+  static constexpr int kBarriers = kV + kStages * kTileBytes; // full_k, full_v, empty_k, empty_v
+  static constexpr int kBytes = kBarriers + 4 * kStages * 8 + kAtom;  // + slack to align the base
+  static_assert(kHeadDim % 64 == 0 && kTileBytes % kAtom == 0, "tiles must be whole swizzle atoms");
+};
+
+// Byte offset of 16-byte chunk c of row r (r < 128) in a swizzled tile.
+__device__ __forceinline__ uint32_t tile_offset(int r, int c) {
+  return (c / 8) * (kRows * kRowBytes) + r * kRowBytes + (((c % 8) ^ (r % 8)) << 4);
+}
+
+// wgmma matrix descriptor, 128-byte swizzle: start address, leading / stride byte offsets (>> 4
+// each), layout type 1 (bits 62-63).
+__device__ __forceinline__ uint64_t make_desc(uint32_t smem_address, uint32_t leading_bytes, uint32_t stride_bytes) {
+  return static_cast<uint64_t>((smem_address & 0x3FFFF) >> 4) | (static_cast<uint64_t>(leading_bytes >> 4) << 16) |
+         (static_cast<uint64_t>(stride_bytes >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
+}
+
+__device__ __forceinline__ void wait_barrier(uint64_t* bar, uint32_t parity) {
+  while (!ptx::mbarrier_try_wait_parity(bar, parity)) {
+  }
+}
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// This thread's completed generic-proxy writes to shared memory (cp.async, st.shared) become visible
+// to async-proxy reads (wgmma) ordered after it.
+__device__ __forceinline__ void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void warpgroup_barrier(int id) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(kWarpgroup) : "memory");
+}
+
+// Keys [key0, key0 + 128) of K (kv = 0) or V (kv = 1) into a swizzled tile, by the 128 producer
+// threads (t = 0 .. 127; 16 consecutive threads copy one 256-byte key row at D = 128).
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void load_kv(uint8_t* tile, const T* cache_head, const int32_t* block_table,
+                                        int block_shift, int64_t token_stride, int kv, int key0, int key_end,
+                                        int t) {
+  constexpr int kChunks = kHeadDim / kChunk;
+  const int block_mask = (1 << block_shift) - 1;
+  const int64_t block_stride = (token_stride << block_shift) * 2;  // one block: K and V halves
+#pragma unroll 4
+  for (int it = 0; it < kRows * kChunks / kWarpgroup; ++it) {
+    const int i = it * kWarpgroup + t;
+    const int r = i / kChunks, c = i % kChunks;
+    const int key = key0 + r;
+    uint8_t* dst = tile + tile_offset(r, c);
+    if (key < key_end) {
+      const int64_t block = block_table[key >> block_shift];
+      const int64_t slot = (kv << block_shift) + (key & block_mask);
+      cp_async_16(dst, cache_head + block * block_stride + slot * token_stride + c * kChunk);
+    } else {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+    }
+  }
+}
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kThreadsWs, 1) paged_prefill_wgmma_kernel(const PrefillParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using L = Smem<kHeadDim>;
+  constexpr int kDimBlocks = kHeadDim / 8;   // n8 blocks of O
+  constexpr int kKeyBlocks = kRows / 8;      // n8 blocks of S
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem =
+      reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + kAtom - 1) / kAtom * kAtom);
+  uint64_t* full_k = reinterpret_cast<uint64_t*>(smem + L::kBarriers);
+  uint64_t* full_v = full_k + kStages;
+  uint64_t* empty_k = full_v + kStages;
+  uint64_t* empty_v = empty_k + kStages;
+
+  TileCoord coord;
+  if (!locate_tile<kRows>(p.cu_seqlens_q, p.batch, blockIdx.x, coord)) return;  // uniform over the CTA
+  const int head = blockIdx.y;
+  const int kv_head = head / (p.num_heads / p.num_kv_heads);
+  const int q_begin = p.cu_seqlens_q[coord.seq];
+  const int q_len = p.cu_seqlens_q[coord.seq + 1] - q_begin;
+  const int m0 = coord.tile * kRows;
+  const int num_rows = min(kRows, q_len - m0);
+  const int first_pos = p.seq_lens[coord.seq] - q_len + m0;  // position of query row m0
+  const int key_end = first_pos + num_rows;                  // keys any row of the tile can see
+  const int num_kv_tiles = ceil_div(key_end, kRows);
+
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kStages; ++i) {
+      ptx::mbarrier_init(&full_k[i], kFullArrivals);
+      ptx::mbarrier_init(&full_v[i], kFullArrivals);
+      ptx::mbarrier_init(&empty_k[i], kEmptyArrivals);
+      ptx::mbarrier_init(&empty_v[i], kEmptyArrivals);
+    }
+    ptx::fence_mbarrier_init(ptx::sem_release, ptx::scope_cluster);
+  }
+  __syncthreads();
+
+  const int warpgroup = threadIdx.x / kWarpgroup;
+  const int t = threadIdx.x % kWarpgroup;
+  if (warpgroup == 0) {  // producer
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
+    const int block_shift = __ffs(p.block_size) - 1;
+    const int64_t token_stride = static_cast<int64_t>(p.num_kv_heads) * kHeadDim;
+    const T* cache_head = static_cast<const T*>(p.kv_cache) + static_cast<int64_t>(kv_head) * kHeadDim;
+    const int32_t* block_table = p.block_tables + coord.seq * p.block_table_stride;
+    // Copies complete in commit order; each tile's `full` arrival waits for its own group, one group
+    // behind the newest, so K_n is announced once V_n is in flight and V_n once K_{n+1} is.
+    for (int n = 0; n < num_kv_tiles; ++n) {
+      const int s = n % kStages;
+      const uint32_t parity = ((n / kStages) & 1) ^ 1;  // a fresh barrier counts as released once
+      wait_barrier(&empty_k[s], parity);
+      load_kv<T, kHeadDim>(smem + L::kK + s * L::kTileBytes, cache_head, block_table, block_shift, token_stride, 0,
+                           n * kRows, key_end, t);
+      cp_async_commit();
+      if (n > 0) {
+        cp_async_wait<1>();  // V_{n-1}
+        fence_proxy_async_smem();
+        ptx::mbarrier_arrive(&full_v[(n - 1) % kStages]);
+      }
+      wait_barrier(&empty_v[s], parity);
+      load_kv<T, kHeadDim>(smem + L::kV + s * L::kTileBytes, cache_head, block_table, block_shift, token_stride, 1,
+                           n * kRows, key_end, t);
+      cp_async_commit();
+      cp_async_wait<1>();  // K_n
+      fence_proxy_async_smem();
+      ptx::mbarrier_arrive(&full_k[s]);
+    }
+    cp_async_wait<0>();  // V of the last tile
+    fence_proxy_async_smem();
+    ptx::mbarrier_arrive(&full_v[(num_kv_tiles - 1) % kStages]);
+    return;
+  }
+
+  // consumers
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
+  const int consumer = warpgroup - 1;
+  const int warp = t / kWarpSize, lane = t % kWarpSize;
+  const int wg_row0 = consumer * 64;                 // this warpgroup's first row in the tile
+  const bool has_rows = wg_row0 < num_rows;
+  const int wg_last_pos = first_pos + wg_row0 + 63;  // position of its last row
+  const int warp_first_pos = first_pos + wg_row0 + warp * 16;
+  const int row_pos = warp_first_pos + lane / 4;     // this lane's first row (the second is + 8)
+
+  {  // this warpgroup's 64 query rows (zeros past num_rows)
+    constexpr int kChunks = kHeadDim / kChunk;
+    const T* query = static_cast<const T*>(p.query) + head * p.query_head_stride;
+#pragma unroll
+    for (int it = 0; it < 64 * kChunks / kWarpgroup; ++it) {
+      const int i = it * kWarpgroup + t;
+      const int r = wg_row0 + i / kChunks, c = i % kChunks;
+      uint8_t* dst = smem + L::kQ + tile_offset(r, c);
+      if (r < num_rows) {
+        cp_async_16(dst, query + (static_cast<int64_t>(q_begin) + m0 + r) * p.query_token_stride + c * kChunk);
+      } else {
+        *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+      }
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_proxy_async_smem();
+    warpgroup_barrier(1 + consumer);
+  }
+  const uint32_t smem_base = smem_addr(smem);
+  const uint32_t q_base = smem_base + L::kQ + wg_row0 * kRowBytes;
+
+  const float scale_log2 = p.scale * kLog2e;
+  float o[kDimBlocks][4];
+#pragma unroll
+  for (int db = 0; db < kDimBlocks; ++db) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) o[db][j] = 0.0f;
+  }
+  OnlineSoftmax<kKeyBlocks, kDimBlocks> softmax;
+  softmax.init();
+
+  for (int n = 0; n < num_kv_tiles; ++n) {
+    const int s = n % kStages;
+    const uint32_t parity = (n / kStages) & 1;
+    const int key0 = n * kRows;
+    const bool needed = has_rows && key0 <= wg_last_pos;  // uniform over the warpgroup
+    float sc[kKeyBlocks][4];
+
+    wait_barrier(&full_k[s], parity);
+    if (needed) {
+      const uint32_t k_base = smem_base + L::kK + s * L::kTileBytes;
+#pragma unroll
+      for (int nb = 0; nb < kKeyBlocks; ++nb) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) wgmma::fence_operand(sc[nb][j]);
+      }
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+        // 16 elements = 32 bytes of each row: column block kk / 4, offset 32 (kk % 4) inside it.
+        const uint32_t offset = (kk / 4) * L::kBlockBytes + (kk % 4) * 32;
+        wgmma::mma_ss<kRows, T>(sc, make_desc(q_base + offset, 16, kAtom), make_desc(k_base + offset, 16, kAtom),
+                                kk > 0);
+      }
+      wgmma::commit_group();
+      wgmma::wait_group<0>();
+#pragma unroll
+      for (int nb = 0; nb < kKeyBlocks; ++nb) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) wgmma::fence_operand(sc[nb][j]);
+      }
+    }
+    __syncwarp();
+    if (lane == 0) ptx::mbarrier_arrive(&empty_k[s]);
+
+    uint32_t pa[kRows / 16][4];  // P as the A fragments of the k-steps of O += P V
+    if (needed) {
+      const bool diagonal = key0 + kRows - 1 > warp_first_pos;  // some key here is later than some row
+#pragma unroll
+      for (int nb = 0; nb < kKeyBlocks; ++nb) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          sc[nb][j] *= scale_log2;
+          const int key = key0 + nb * 8 + (lane % 4) * 2 + j % 2;
+          if (diagonal && key > row_pos + (j / 2) * 8) sc[nb][j] = -INFINITY;
+        }
+      }
+      softmax.update(sc, o);
+#pragma unroll
+      for (int kk = 0; kk < kRows / 16; ++kk) {
+        pa[kk][0] = pack2<T>(sc[2 * kk][0], sc[2 * kk][1]);
+        pa[kk][1] = pack2<T>(sc[2 * kk][2], sc[2 * kk][3]);
+        pa[kk][2] = pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+        pa[kk][3] = pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+      }
+    }
+
+    wait_barrier(&full_v[s], parity);
+    if (needed) {
+      const uint32_t v_base = smem_base + L::kV + s * L::kTileBytes;
+#pragma unroll
+      for (int db = 0; db < kDimBlocks; ++db) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) wgmma::fence_operand(o[db][j]);
+      }
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < kRows / 16; ++kk) {
+        // Keys 16 kk .. 16 kk + 15: two 8-row groups from 16 kk * 128 bytes on; head_dim blocks of 64
+        // columns kBlockBytes apart (the leading byte offset), 8-key groups kAtom apart (the stride).
+        wgmma::mma_rs_tb<kHeadDim, T>(o, pa[kk], make_desc(v_base + kk * 16 * kRowBytes, L::kBlockBytes, kAtom), 1);
+      }
+      wgmma::commit_group();
+      wgmma::wait_group<0>();
+#pragma unroll
+      for (int db = 0; db < kDimBlocks; ++db) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) wgmma::fence_operand(o[db][j]);
+      }
+    }
+    __syncwarp();
+    if (lane == 0) ptx::mbarrier_arrive(&empty_v[s]);
+  }
+
+  if (!has_rows) return;
+  float inv_sum[2];
+  softmax.inverse_sums(inv_sum);
+  T* out = static_cast<T*>(p.out) + head * p.out_head_stride;
+  const int row = wg_row0 + warp * 16 + lane / 4;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    if (row + 8 * i >= num_rows) continue;
+    T* dst = out + (static_cast<int64_t>(q_begin) + m0 + row + 8 * i) * p.out_token_stride + (lane % 4) * 2;
+#pragma unroll
+    for (int db = 0; db < kDimBlocks; ++db) {
+      *reinterpret_cast<uint32_t*>(dst + db * 8) = pack2<T>(o[db][2 * i] * inv_sum[i], o[db][2 * i + 1] * inv_sum[i]);
+    }
+  }
+#else
+  __trap();  // built for sm_90a only; launch_paged_prefill_wgmma is only compiled there
+#endif
+}
+
+template <typename T, int kHeadDim>
+cudaError_t launch(const PrefillParams& p, cudaStream_t stream) {
+  const int64_t max_tiles = (p.num_tokens + static_cast<int64_t>(kRows - 1) * p.batch) / kRows;
+  if (max_tiles > INT_MAX) return cudaErrorInvalidValue;
+  auto kernel = paged_prefill_wgmma_kernel<T, kHeadDim>;
+  constexpr int kSmem = Smem<kHeadDim>::kBytes;
+  FI_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+  kernel<<<dim3(static_cast<unsigned>(max_tiles), p.num_heads), kThreadsWs, kSmem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace sm90
+}  // namespace prefill
+
+// bf16 / fp16 query and cache (no kv_scale), head_dim 64 or 128; anything else cudaErrorInvalidValue
+// (the caller runs launch_paged_prefill_attention for those).
+inline cudaError_t launch_paged_prefill_wgmma_impl(const PrefillParams& p, cudaStream_t stream) {
+  if (p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;
+  if (p.kv_scale != nullptr || p.batch <= 0 || p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads != 0 ||
+      p.num_heads > 65535 || p.block_size <= 0 || (p.block_size & (p.block_size - 1)) != 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (!prefill::rows_are_16_byte_aligned(p)) return cudaErrorMisalignedAddress;
+  const bool d128 = p.head_dim == 128;
+  if (!d128 && p.head_dim != 64) return cudaErrorInvalidValue;
+  switch (p.dtype) {
+    case DType::kBFloat16:
+      return d128 ? prefill::sm90::launch<__nv_bfloat16, 128>(p, stream)
+                  : prefill::sm90::launch<__nv_bfloat16, 64>(p, stream);
+    case DType::kFloat16:
+      return d128 ? prefill::sm90::launch<__half, 128>(p, stream) : prefill::sm90::launch<__half, 64>(p, stream);
+    case DType::kFloat32: break;
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace fastinfer
