@@ -198,9 +198,11 @@ __global__ void __launch_bounds__(kThreadsWs, 1) paged_prefill_wgmma_kernel(cons
       fence_proxy_async_smem();
       ptx::mbarrier_arrive(&full_k[s]);
     }
-    cp_async_wait<0>();  // V of the last tile
-    fence_proxy_async_smem();
-    ptx::mbarrier_arrive(&full_v[(num_kv_tiles - 1) % kStages]);
+    if (num_kv_tiles > 0) {  // always, for valid input (seq_lens >= q_len)
+      cp_async_wait<0>();  // V of the last tile
+      fence_proxy_async_smem();
+      ptx::mbarrier_arrive(&full_v[(num_kv_tiles - 1) % kStages]);
+    }
     return;
   }
 
@@ -310,6 +312,11 @@ __global__ void __launch_bounds__(kThreadsWs, 1) paged_prefill_wgmma_kernel(cons
 #pragma unroll
         for (int j = 0; j < 4; ++j) wgmma::fence_operand(o[db][j]);
       }
+#pragma unroll
+      for (int kk = 0; kk < kRows / 16; ++kk) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) wgmma::fence_operand(pa[kk][j]);  // packed before the fence
+      }
       wgmma::fence();
 #pragma unroll
       for (int kk = 0; kk < kRows / 16; ++kk) {
@@ -323,6 +330,11 @@ __global__ void __launch_bounds__(kThreadsWs, 1) paged_prefill_wgmma_kernel(cons
       for (int db = 0; db < kDimBlocks; ++db) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) wgmma::fence_operand(o[db][j]);
+      }
+#pragma unroll
+      for (int kk = 0; kk < kRows / 16; ++kk) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) wgmma::fence_operand(pa[kk][j]);  // read by the wgmma until here
       }
     }
     __syncwarp();

@@ -11,6 +11,7 @@ namespace fastinfer::wgmma {
 // Orders register accesses of the accumulators around the asynchronous wgmma (as CUTLASS's
 // warpgroup_fence_operand does): the compiler may not move reads or writes of `reg` across it.
 __device__ __forceinline__ void fence_operand(float& reg) { asm volatile("" : "+f"(reg)::"memory"); }
+__device__ __forceinline__ void fence_operand(uint32_t& reg) { asm volatile("" : "+r"(reg)::"memory"); }
 
 __device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void commit_group() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
