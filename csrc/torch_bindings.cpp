@@ -18,7 +18,7 @@ TORCH_LIBRARY(fastinfer, m) {
       "Tensor cos_sin_cache, Tensor(c!) kv_cache, Tensor slot_mapping, Tensor? kv_scale=None) -> ()");
   m.def(
       "paged_prefill_attention(Tensor(a!) out, Tensor query, Tensor kv_cache, Tensor cu_seqlens_q, "
-      "Tensor seq_lens, Tensor block_tables, float scale) -> ()");
+      "Tensor seq_lens, Tensor block_tables, float scale, Tensor(b!)? lse=None) -> ()");
   m.def(
       "paged_decode_attention(Tensor(a!) out, Tensor query, Tensor kv_cache, Tensor block_tables, "
       "Tensor seq_lens, float scale) -> ()");
@@ -31,7 +31,7 @@ TORCH_LIBRARY(fastinfer, m) {
       "Tensor kv_scale) -> ()");
   m.def(
       "paged_prefill_attention_fp8(Tensor(a!) out, Tensor query, Tensor kv_cache, Tensor kv_scale, "
-      "Tensor cu_seqlens_q, Tensor seq_lens, Tensor block_tables, float scale) -> ()");
+      "Tensor cu_seqlens_q, Tensor seq_lens, Tensor block_tables, float scale, Tensor(b!)? lse=None) -> ()");
   m.def(
       "paged_decode_attention_fp8(Tensor(a!) out, Tensor query, Tensor kv_cache, Tensor kv_scale, "
       "Tensor block_tables, Tensor seq_lens, float scale) -> ()");

@@ -120,6 +120,28 @@ def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, cu_seql
     return out
 
 
+def paged_prefill_lse(query: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                      seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+    """log(sum over visible keys of exp(scale * q . k)) per query row and head, in fp64:
+    [num_tokens, num_heads] (rows of empty sequences do not exist; every row sees key 0)."""
+    lse = torch.full(query.shape[:2], float("nan"), dtype=torch.float64, device=query.device)
+    cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
+    group = query.shape[1] // kv_cache.shape[3]
+    for b, seq_len in enumerate(lens):
+        q_len = cu[b + 1] - cu[b]
+        if q_len == 0:
+            continue
+        key, _ = gather_kv(kv_cache, block_tables[b], seq_len)
+        q = query[cu[b]:cu[b + 1]].double().transpose(0, 1)                          # [H, q_len, D]
+        k = key.double().repeat_interleave(group, dim=1).transpose(0, 1)             # [H, seq_len, D]
+        scores = torch.matmul(q, k.transpose(1, 2)) * scale
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
+        k_pos = torch.arange(seq_len, device=query.device)
+        scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+        lse[cu[b]:cu[b + 1]] = torch.logsumexp(scores, dim=-1).transpose(0, 1)
+    return lse
+
+
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """One query token per sequence, query: [batch, num_heads, head_dim]."""

@@ -18,7 +18,8 @@ import torch
 
 import reference as ref
 from fastinfer import ops
-from test_ops import BLOCK_SIZES, HEAD_DIMS, HEADS, assert_within_tolerance, build_paged_kv, make_query, ref_dtype
+from test_ops import (BLOCK_SIZES, HEAD_DIMS, HEADS, assert_lse_close, assert_within_tolerance, build_paged_kv,
+                      make_query, ref_dtype)
 
 CUDA = torch.device("cuda")
 DTYPES16 = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
@@ -133,6 +134,19 @@ def test_prefill_sweep(dtype, num_heads, num_kv_heads, head_dim, block_size, pre
 def test_prefill_scales(device, dtype, scales, prefill_block_m):
     case = make_fp8_case(PREFILL_LENS, 8, 2, 64, 16, dtype, scales, device, q_rows=sum(PREFILL_Q_LENS))
     check(run_prefill(case, PREFILL_Q_LENS))
+
+
+@pytest.mark.parametrize("dtype", DTYPES16)
+def test_prefill_lse(device, dtype, prefill_block_m):
+    """return_lse over an e4m3 cache: the log-sum-exp of scale * q . (k_scale * k8)."""
+    query, kv8, block_tables, lens, kv_scale = make_fp8_case(PREFILL_LENS, 8, 2, 64, 16, dtype, (3.0, 0.7), device,
+                                                             q_rows=sum(PREFILL_Q_LENS))
+    cu = torch.tensor([0] + PREFILL_Q_LENS, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+    out, lse = ops.paged_prefill_attention(query, kv8, cu, lens, block_tables, 0.125, kv_scale=kv_scale,
+                                           return_lse=True)
+    assert torch.equal(out, ops.paged_prefill_attention(query, kv8, cu, lens, block_tables, 0.125, kv_scale=kv_scale))
+    dequantized = ref.fp8_dequantize_kv(kv8, kv_scale, torch.float64)
+    assert_lse_close(lse, ref.paged_prefill_lse(query, dequantized, cu, lens, block_tables, 0.125))
 
 
 @pytest.mark.cuda

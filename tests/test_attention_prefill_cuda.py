@@ -17,7 +17,8 @@ import torch
 import reference as ref
 from conftest import wgmma_prefill_runs
 from fastinfer import ops
-from test_ops import BLOCK_SIZES, DTYPES, HEAD_DIMS, HEADS, assert_within_tolerance, build_paged_kv, randn, ref_dtype
+from test_ops import (BLOCK_SIZES, DTYPES, HEAD_DIMS, HEADS, assert_lse_close, assert_within_tolerance, build_paged_kv,
+                      randn, ref_dtype)
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")
@@ -211,6 +212,16 @@ def test_tile_heights_agree_closely(monkeypatch, head_dim):
         outs[block_m] = ops.paged_prefill_attention(*args).float()
     assert (outs["64"] - outs["128"]).abs().max().item() < 2e-2
     assert torch.equal(outs["auto"], outs["128"])  # 1840 rows over 3 sequences: >= 128 on average
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lse(dtype, head_dim):
+    """return_lse leaves the output as it was and gives log(sum exp(scale q.k)) per row and head."""
+    args = make_case(*RAGGED, 8, 2, head_dim, 16, dtype)
+    out, lse = ops.paged_prefill_attention(*args, return_lse=True)
+    assert torch.equal(out, ops.paged_prefill_attention(*args))
+    assert_lse_close(lse, ref.paged_prefill_lse(*args))
 
 
 @pytest.mark.own_block_m

@@ -243,6 +243,15 @@ def run_prefill(seq_lens, q_lens, num_heads, num_kv_heads, head_dim, block_size,
     return ops.paged_prefill_attention(*args), args
 
 
+def assert_lse_close(lse: torch.Tensor, reference: torch.Tensor) -> None:
+    """lse is computed in fp32 from the inputs as given (no 16-bit rounding enters it, unlike the
+    output), so it must match the fp64 reference to fp32 accuracy of the scores' magnitude."""
+    assert lse.dtype == torch.float32 and lse.shape == reference.shape
+    err = (lse.double().cpu() - reference.cpu()).abs()
+    bound = 1e-4 + 1e-5 * reference.cpu().abs()
+    assert bool((err <= bound).all()), f"lse max error {err.max().item():.3g}"
+
+
 def check_prefill(*case, dtype, layout="contiguous"):
     out, args = run_prefill(*case, dtype=dtype, layout=layout)
     assert_within_tolerance(out, ref.paged_prefill_attention(*args, dtype),
@@ -268,6 +277,29 @@ def test_paged_prefill_attention(dtype, num_heads, num_kv_heads, head_dim, block
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_paged_prefill_attention_long(dtype, case):
     check_prefill(*case, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paged_prefill_attention_lse(dtype):
+    """return_lse: the output is unchanged, and lse = log(sum exp(scale q.k)) over each row's keys."""
+    out, args = run_prefill([7, 1, 113, 0, 200], [7, 1, 40, 0, 65], 8, 2, 64, 16, dtype, "qkv")
+    out2, lse = ops.paged_prefill_attention(*args, return_lse=True)
+    assert torch.equal(out, out2)
+    assert_lse_close(lse, ref.paged_prefill_lse(*args))
+    filled = torch.full_like(lse, float("nan"))
+    assert ops.paged_prefill_attention(*args, lse=filled)[1] is filled
+    assert torch.equal(filled, lse)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda lse: lse.double(), "lse"),
+    (lambda lse: lse[:-1], "lse"),
+    (lambda lse: lse.t().contiguous().t(), "lse must be contiguous"),
+])
+def test_paged_prefill_attention_lse_is_validated(bad, match):
+    _, args = run_prefill([7, 20], [7, 5], 4, 2, 64, 16, torch.float32, "contiguous")
+    with pytest.raises(ValueError, match=match):
+        ops.paged_prefill_attention(*args, lse=bad(torch.empty(12, 4)))
 
 
 @pytest.mark.slow
@@ -386,6 +418,11 @@ def test_opcheck(device, op):
 @pytest.mark.parametrize("op", ATTENTION_OPS)  # CPU only: see the TODO above the attention tests
 def test_opcheck_attention(op):
     torch.library.opcheck(getattr(torch.ops.fastinfer, op).default, (), valid_args(op, "cpu"))
+
+
+def test_opcheck_prefill_with_lse():
+    args = {**valid_args("paged_prefill_attention", "cpu"), "lse": torch.empty(23, 4)}
+    torch.library.opcheck(torch.ops.fastinfer.paged_prefill_attention.default, (), args)
 
 
 def replace(name, fn):

@@ -32,10 +32,11 @@ struct PagedKV {
   float k_scale = 1.0f, v_scale = 1.0f;
 };
 
-// One query row attends to keys [0, num_keys) of one sequence: softmax(q.k * scale) @ v in fp32.
+// One query row attends to keys [0, num_keys) of one sequence: softmax(q.k * scale) @ v in fp32;
+// lse (if not null) receives log(sum_j exp(q.k_j * scale)).
 // T: the query / output dtype; C: the cache's (T, or e4m3 for an FP8 cache).
 template <typename T, typename C>
-void attend_row(T* out, const T* q, const PagedKV& kv, const int32_t* block_table, int64_t kv_head,
+void attend_row(T* out, float* lse, const T* q, const PagedKV& kv, const int32_t* block_table, int64_t kv_head,
                 int64_t num_keys, float scale, std::vector<float>& scores, std::vector<float>& acc) {
   const int64_t D = kv.head_dim, row = kv.num_kv_heads * D;
   const C* cache = static_cast<const C*>(kv.cache);
@@ -62,6 +63,7 @@ void attend_row(T* out, const T* q, const PagedKV& kv, const int32_t* block_tabl
     for (int64_t d = 0; d < D; ++d) acc[d] += p * load_float(v[d]);
   }
   for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(acc[d] / denom * kv.v_scale);
+  if (lse != nullptr) *lse = max_score + std::log(denom);
 }
 
 PagedKV paged_kv(const at::Tensor& kv_cache, const at::Tensor* kv_scale) {
@@ -98,7 +100,7 @@ void check_block_table(const int32_t* block_table, int64_t num_keys, const Paged
 
 void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor* kv_scale,
              const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, const at::Tensor& block_tables,
-             double scale) {
+             double scale, const std::optional<at::Tensor>& lse) {
   const PagedKV kv = paged_kv(kv_cache, kv_scale);
   const int64_t batch = seq_lens.size(0), heads = query.size(1), group = heads / kv.num_kv_heads;
   const int32_t* cu = cu_seqlens_q.data_ptr<int32_t>();
@@ -106,6 +108,12 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cach
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const int64_t table_stride = block_tables.stride(0);
   std::vector<int64_t> seq_of_row(query.size(0));
+  if (lse.has_value()) {
+    TORCH_CHECK(lse->scalar_type() == at::kFloat && lse->is_contiguous() && lse->dim() == 2 &&
+                    lse->size(0) == query.size(0) && lse->size(1) == heads,
+                "paged_prefill_attention: lse must be a contiguous fp32 [num_tokens, num_heads] tensor");
+  }
+  float* lse_data = lse.has_value() ? lse->data_ptr<float>() : nullptr;
   TORCH_CHECK(cu[0] == 0 && cu[batch] == query.size(0), "paged_prefill_attention: cu_seqlens_q must run from 0 to ",
               query.size(0), " (num_tokens), got ", cu[0], " .. ", cu[batch]);
   for (int64_t b = 0; b < batch; ++b) {
@@ -125,6 +133,7 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cach
         const int64_t r = i / heads, h = i % heads, b = seq_of_row[r];
         const int64_t position = lens[b] - (cu[b + 1] - cu[b]) + (r - cu[b]);
         attend_row<T, C>(out.data_ptr<T>() + r * out.stride(0) + h * out.stride(1),
+                         lse_data != nullptr ? lse_data + i : nullptr,  // i = r * heads + h
                          query.data_ptr<T>() + r * query.stride(0) + h * query.stride(1), kv,
                          tables + b * table_stride, h / group, position + 1, static_cast<float>(scale), scores, acc);
       }
@@ -149,7 +158,7 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache
       std::vector<float> scores, acc;
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / heads, h = i % heads;
-        attend_row<T, C>(out.data_ptr<T>() + b * out.stride(0) + h * out.stride(1),
+        attend_row<T, C>(out.data_ptr<T>() + b * out.stride(0) + h * out.stride(1), nullptr,
                          query.data_ptr<T>() + b * query.stride(0) + h * query.stride(1), kv,
                          tables + b * table_stride, h / group, lens[b], static_cast<float>(scale), scores, acc);
       }
@@ -161,8 +170,8 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache
 
 void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                              const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
-                             const at::Tensor& block_tables, double scale) {
-  prefill(out, query, kv_cache, nullptr, cu_seqlens_q, seq_lens, block_tables, scale);
+                             const at::Tensor& block_tables, double scale, const std::optional<at::Tensor>& lse) {
+  prefill(out, query, kv_cache, nullptr, cu_seqlens_q, seq_lens, block_tables, scale, lse);
 }
 
 void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
@@ -172,8 +181,9 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
 
 void paged_prefill_attention_fp8(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                                  const at::Tensor& kv_scale, const at::Tensor& cu_seqlens_q,
-                                 const at::Tensor& seq_lens, const at::Tensor& block_tables, double scale) {
-  prefill(out, query, kv_cache, &kv_scale, cu_seqlens_q, seq_lens, block_tables, scale);
+                                 const at::Tensor& seq_lens, const at::Tensor& block_tables, double scale,
+                                 const std::optional<at::Tensor>& lse) {
+  prefill(out, query, kv_cache, &kv_scale, cu_seqlens_q, seq_lens, block_tables, scale, lse);
 }
 
 void paged_decode_attention_fp8(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,

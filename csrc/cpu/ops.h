@@ -19,9 +19,11 @@ void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query, 
                                 const at::Tensor& slot_mapping, const std::optional<at::Tensor>& kv_scale);
 void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& kv_cache,
                        const at::Tensor& slot_mapping);
+// lse (optional): fp32 [num_tokens, num_heads], contiguous: per query row and head, the natural log of
+// the softmax denominator, log(sum over visible keys of exp(scale * q . k)).
 void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                              const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
-                             const at::Tensor& block_tables, double scale);
+                             const at::Tensor& block_tables, double scale, const std::optional<at::Tensor>& lse);
 void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                             const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale);
 void int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -45,7 +47,8 @@ void reshape_and_cache_fp8(const at::Tensor& key, const at::Tensor& value, at::T
                            const at::Tensor& slot_mapping, const at::Tensor& kv_scale);
 void paged_prefill_attention_fp8(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                                  const at::Tensor& kv_scale, const at::Tensor& cu_seqlens_q,
-                                 const at::Tensor& seq_lens, const at::Tensor& block_tables, double scale);
+                                 const at::Tensor& seq_lens, const at::Tensor& block_tables, double scale,
+                                 const std::optional<at::Tensor>& lse);
 void paged_decode_attention_fp8(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                                 const at::Tensor& kv_scale, const at::Tensor& block_tables,
                                 const at::Tensor& seq_lens, double scale);

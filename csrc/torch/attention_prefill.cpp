@@ -35,7 +35,7 @@ bool wgmma_applies(const at::Tensor& query, const float* kv_scale) {
 // kOp names the op in messages; kv_scale nullptr for the plain op.
 void prefill(const char* kOp, at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
              const at::Tensor* kv_scale, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
-             const at::Tensor& block_tables, double scale) {
+             const at::Tensor& block_tables, double scale, const std::optional<at::Tensor>& lse) {
   TORCH_CHECK(query.dim() == 3 && out.dim() == 3 && kv_cache.dim() == 5 && block_tables.dim() == 2, kOp,
               ": query/out must be [num_tokens, num_heads, head_dim], kv_cache 5-d, block_tables 2-d");
   TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1 && kv_cache.is_contiguous() && block_tables.stride(1) == 1,
@@ -57,8 +57,14 @@ void prefill(const char* kOp, at::Tensor& out, const at::Tensor& query, const at
                 kOp, ": the CUDA kernel reads and writes 16-byte rows: query, out and kv_cache must start on "
                 "16-byte boundaries and the token / head strides of query and out must be multiples of 8 elements");
   }
+  if (lse.has_value()) {
+    TORCH_CHECK(lse->scalar_type() == at::kFloat && lse->is_contiguous() && lse->dim() == 2 &&
+                    lse->size(0) == query.size(0) && lse->size(1) == query.size(1) && lse->device() == query.device(),
+                "fastinfer.", kOp, ": lse must be a contiguous fp32 [num_tokens, num_heads] tensor on ", query.device());
+  }
   const c10::cuda::CUDAGuard guard(query.device());
   PrefillParams p{};
+  p.lse = lse.has_value() ? lse->data_ptr<float>() : nullptr;
   p.out = out.data_ptr();
   p.query = query.data_ptr();
   p.kv_cache = kv_cache.data_ptr();
@@ -95,15 +101,17 @@ void prefill(const char* kOp, at::Tensor& out, const at::Tensor& query, const at
 
 void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                              const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
-                             const at::Tensor& block_tables, double scale) {
-  prefill("paged_prefill_attention", out, query, kv_cache, nullptr, cu_seqlens_q, seq_lens, block_tables, scale);
+                             const at::Tensor& block_tables, double scale, const std::optional<at::Tensor>& lse) {
+  prefill("paged_prefill_attention", out, query, kv_cache, nullptr, cu_seqlens_q, seq_lens, block_tables, scale,
+          lse);
 }
 
 void paged_prefill_attention_fp8(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                                  const at::Tensor& kv_scale, const at::Tensor& cu_seqlens_q,
-                                 const at::Tensor& seq_lens, const at::Tensor& block_tables, double scale) {
+                                 const at::Tensor& seq_lens, const at::Tensor& block_tables, double scale,
+                                 const std::optional<at::Tensor>& lse) {
   prefill("paged_prefill_attention_fp8", out, query, kv_cache, &kv_scale, cu_seqlens_q, seq_lens, block_tables,
-          scale);
+          scale, lse);
 }
 
 }  // namespace

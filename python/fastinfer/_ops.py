@@ -190,12 +190,16 @@ def _check_attention_indices(op: str, kv_cache, block_tables, seq_lens, min_len:
 def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                             seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                             out: torch.Tensor | None = None, check_indices: bool = True,
-                            kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+                            kv_scale: torch.Tensor | None = None, return_lse: bool = False,
+                            lse: torch.Tensor | None = None):
     """Causal varlen attention over the paged cache (K/V already written for every position).
 
     query: [num_tokens, num_heads, head_dim]; sequence b owns rows cu_seqlens_q[b]:cu_seqlens_q[b+1],
     which are the last tokens of its seq_lens[b]-token context. Returns [num_tokens, num_heads, head_dim].
     An FP8 kv_cache is read as e4m3 * kv_scale ([k_scale, v_scale], fp32).
+    return_lse (or an `lse` tensor to fill): also the log-sum-exp of each row's scaled scores,
+    log(sum_j exp(scale * q . k_j)) over its visible keys, fp32 [num_tokens, num_heads] (what merging
+    the outputs of attention over disjoint key ranges needs); then returns (out, lse).
     """
     op = "paged_prefill_attention"
     _check_float(op, "query", query, ndim=3)
@@ -216,12 +220,17 @@ def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, cu_seql
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     _check_float(op, "out", out, like=query, ndim=3)
     _check_shape(op, "out", out, query.shape)
+    if return_lse and lse is None:
+        lse = torch.empty(query.shape[:2], dtype=torch.float32, device=query.device)
+    if lse is not None:
+        _check(op, "lse", lse, ndim=2, dtype=torch.float32, device=query.device, contiguous=True)
+        _check_shape(op, "lse", lse, query.shape[:2])
     if fp8:
         _ops.paged_prefill_attention_fp8(out, query, kv_cache, kv_scale, cu_seqlens_q, seq_lens, block_tables,
-                                         float(scale))
+                                         float(scale), lse)
     else:
-        _ops.paged_prefill_attention(out, query, kv_cache, cu_seqlens_q, seq_lens, block_tables, float(scale))
-    return out
+        _ops.paged_prefill_attention(out, query, kv_cache, cu_seqlens_q, seq_lens, block_tables, float(scale), lse)
+    return (out, lse) if lse is not None else out
 
 
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -244,6 +244,17 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_mma_kernel(const Pr
   for (int mb = 0; mb < kMB; ++mb) {
     float inv_sum[2];
     softmax[mb].inverse_sums(inv_sum);
+    if (p.lse != nullptr) {
+      float lse[2];
+      softmax[mb].log_sum_exp(lse);
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int row = q_row0 + mb * 16 + lane / 4 + i * 8;
+        if (lane % 4 == 0 && row < num_rows) {
+          p.lse[(static_cast<int64_t>(q_begin) + m0 + row) * p.num_heads + head] = lse[i];
+        }
+      }
+    }
 #pragma unroll
     for (int db = 0; db < kDimBlocks; ++db) {
 #pragma unroll
@@ -323,6 +334,7 @@ __global__ void __launch_bounds__(kThreads) paged_prefill_fp32_kernel(const Pref
   }
   float* out = static_cast<float*>(p.out) + token * p.out_token_stride + head * p.out_head_stride;
   const float inv_sum = 1.0f / row_sum;  // num_keys >= 1: key 0 is always visible
+  if (p.lse != nullptr && lane == 0) p.lse[token * p.num_heads + head] = (row_max + __log2f(row_sum)) * kLn2;
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) out[lane + i * kWarpSize] = acc[i] * inv_sum;
 }

@@ -37,6 +37,9 @@ struct PrefillParams {
   // Query rows per CTA of the bf16 / fp16 kernel: 64, 128, or 0 (zero-initialised) = 128 when the
   // sequences average >= 128 query rows, else 64. Anything else: cudaErrorInvalidValue.
   int block_m;
+  // nullptr, or fp32 [num_tokens, num_heads] contiguous: each query row's natural-log softmax
+  // denominator log(sum over visible keys of exp(scale * q . k)) (k = k_scale * k8 for an e4m3 cache).
+  float* lse;
 };
 
 // Head dims the kernels are compiled for; anything else is refused with cudaErrorInvalidValue.

@@ -346,6 +346,16 @@ __global__ void __launch_bounds__(kThreadsWs, 1) paged_prefill_wgmma_kernel(cons
   softmax.inverse_sums(inv_sum);
   T* out = static_cast<T*>(p.out) + head * p.out_head_stride;
   const int row = wg_row0 + warp * 16 + lane / 4;
+  if (p.lse != nullptr) {
+    float lse[2];
+    softmax.log_sum_exp(lse);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      if (lane % 4 == 0 && row + 8 * i < num_rows) {
+        p.lse[(static_cast<int64_t>(q_begin) + m0 + row + 8 * i) * p.num_heads + head] = lse[i];
+      }
+    }
+  }
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     if (row + 8 * i >= num_rows) continue;

@@ -11,6 +11,8 @@
 namespace fastinfer {
 namespace prefill {
 
+constexpr float kLn2 = 0.6931471805599453f;
+
 template <int kKeyBlocks, int kDimBlocks>  // 8-wide blocks of keys (scores) and of head_dim (output)
 struct OnlineSoftmax {
   float row_max[2];  // running max of the scaled scores, -inf before any visible key
@@ -54,6 +56,18 @@ struct OnlineSoftmax {
         out[db][2 * i] *= correction;
         out[db][2 * i + 1] *= correction;
       }
+    }
+  }
+
+  // log(sum over keys of exp(scale * q . k)) of rows l / 4 (i = 0) and l / 4 + 8 (i = 1): the scores
+  // are in log2 units, so it is ln 2 * (max + log2(sum exp2(score - max))); -inf for a row without a key.
+  __device__ __forceinline__ void log_sum_exp(float (&lse)[2]) const {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float sum = row_sum[i];
+      sum += __shfl_xor_sync(kFullMask, sum, 1);
+      sum += __shfl_xor_sync(kFullMask, sum, 2);
+      lse[i] = sum > 0.0f ? (row_max[i] + __log2f(sum)) * kLn2 : -INFINITY;
     }
   }
 
