@@ -255,6 +255,31 @@ def test_bad_input_raises_value_error(op, arg, what, mutate):
 
 @pytest.mark.cuda
 @pytest.mark.sm90
+@pytest.mark.parametrize("scales", ["tensor", "row"])
+@pytest.mark.parametrize("m,n,k", [(1, 512, 4096), (7, 256, 2048), (33, 1024, 14336), (64, 256, 4096),
+                                   (113, 72, 2048)])
+def test_fp8_scaled_mm_without_split_k(monkeypatch, gen, m, n, k, scales):
+    """FASTINFER_FP8_SPLIT_K=off: shapes that split K by default (few output tiles, long K) run as one
+    launch, within the same tolerance of the reference as the split launch."""
+    a, b, sa, sb = fp8_operands(m, n, k, scales, "cuda", gen)
+    same = ref.fp8_scaled_mm(a, b, sa, sb, None, torch.float32).to(torch.bfloat16)
+    wide = ref.fp8_scaled_mm(a, b, sa, sb, None, torch.float64)
+    for split_k in ("auto", "off"):
+        monkeypatch.setenv("FASTINFER_FP8_SPLIT_K", split_k)
+        assert_within_tolerance(ops.fp8_scaled_mm(a, b, sa, sb), same, wide)
+
+
+@pytest.mark.cuda
+@pytest.mark.sm90
+def test_unknown_fp8_split_k_is_refused(monkeypatch, gen):
+    a, b, sa, sb = fp8_operands(1, 64, 128, "row", "cuda", gen)
+    monkeypatch.setenv("FASTINFER_FP8_SPLIT_K", "never")
+    with pytest.raises(RuntimeError, match="FASTINFER_FP8_SPLIT_K must be auto or off"):
+        ops.fp8_scaled_mm(a, b, sa, sb)
+
+
+@pytest.mark.cuda
+@pytest.mark.sm90
 def test_unknown_fp8_tile_is_refused(monkeypatch, gen):
     a, b, sa, sb = fp8_operands(100, 64, 128, "row", "cuda", gen)
     monkeypatch.setenv("FASTINFER_FP8_GEMM_TILE", "256x128")

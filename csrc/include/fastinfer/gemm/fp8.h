@@ -44,6 +44,10 @@ struct Fp8GemmParams {
   // M > 64: 128 x 256 output tiles instead of 128 x 128 (the default; zero-initialised false); both
   // promote wgmma's partial sums into fp32 every 128 of K.
   bool wide_tiles;
+  // Never split K (zero-initialised false: split when output tiles alone cannot fill the SMs). A split
+  // launch adds a workspace memset and a finalize kernel; a decode-sized GEMM that does not split
+  // streams its weights from fewer SMs through deeper pipelines. bench/bench_fp8.py runs both.
+  bool no_split_k;
 };
 // Bytes of fp32 split-K workspace a launch needs (0 when it does not split K); 16-byte aligned,
 // contents irrelevant (the launch clears it).

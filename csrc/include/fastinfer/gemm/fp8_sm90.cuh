@@ -323,7 +323,7 @@ Schedule make_schedule(const Fp8GemmParams& p) {
   s.k_tiles = ceil_div(p.K, kBlockK);
   const int tiles = s.tiles_p * s.tiles_q;
   const int by_sms = p.num_sms / tiles, by_k = s.k_tiles / kMinKTilesPerSplit;
-  s.splits = std::max(1, std::min(by_sms, by_k));
+  s.splits = p.no_split_k ? 1 : std::max(1, std::min(by_sms, by_k));
   return s;
 }
 
