@@ -72,6 +72,16 @@ def test_draft_equal_to_target_accepts_everything(target):
     assert engine.spec_stats.acceptance_rate == 1.0
 
 
+def test_draft_equal_to_target_accepts_everything_through_preemption(target):
+    """A preempted sequence loses its blocks, and with them the draft's KV: the draft must recompute
+    it (a stale draft cache after preemption lowered this acceptance rate to ~0.87)."""
+    prompts = repetitive_prompts(16, seed=11)
+    _, engine = run(target, prompts, 32, num_blocks=16,
+                    speculative={"method": "draft", "model": target, "num_tokens": 3})
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.spec_stats.acceptance_rate == 1.0
+
+
 def test_sampled_draft_equal_to_target_accepts_everything(target):
     engine = Engine(target, EngineConfig(num_blocks=128, speculative={"method": "draft", "model": target,
                                                                       "num_tokens": 4}))

@@ -182,3 +182,4 @@ class BlockManager:
         seq.block_hashes = []
         seq.num_hashed_blocks = 0
         seq.num_computed_tokens = 0
+        seq.draft_computed = 0  # the draft model's KV lived in the same blocks

@@ -64,7 +64,7 @@ class DraftModelProposer:
             for i in live:
                 s = seqs[i]
                 tokens = s.all_token_ids + proposals[i]
-                start = getattr(s, "draft_computed", 0)
+                start = s.draft_computed
                 chunks.append(SeqChunk(tokens[start:], start, list(s.block_table)))
                 s.draft_computed = len(tokens)
             logits = self.runner.run(chunks)
@@ -95,7 +95,7 @@ class DraftModelProposer:
 
     def rollback(self, seq: Sequence) -> None:
         """The draft's cache is valid only up to what the target accepted."""
-        seq.draft_computed = min(getattr(seq, "draft_computed", 0), seq.num_computed_tokens)
+        seq.draft_computed = min(seq.draft_computed, seq.num_computed_tokens)
 
 
 def make_proposer(spec: dict, num_blocks: int, block_size: int, device, dtype):

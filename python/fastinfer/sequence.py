@@ -35,6 +35,7 @@ class Sequence:
         self.status = SeqStatus.WAITING
         self.block_table: list[int] = []
         self.num_computed_tokens = 0            # tokens whose KV is in the cache
+        self.draft_computed = 0                 # ... in the draft model's cache (speculative decoding)
         self.num_hashed_blocks = 0              # leading full blocks registered for prefix reuse
         self.block_hashes: list[int] = []
         self.finish_reason: str | None = None
