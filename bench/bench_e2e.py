@@ -30,6 +30,9 @@ short mode (bench/gpu_check.sh): 4 batch sizes, 16 timed steps, HF eager at batc
 no torch.compile peer, 200 offline requests. full mode: 64 steps, HF eager and compile at 1 and 32
 (--hf-batches), 1000 requests; minutes of compilation. --tiny: a 2-layer small model (CPU smoke test).
 Writes the JSON fragment, and a PNG chart (tokens/s against batch, with the roofline) beside it.
+Where matplotlib is missing (the GPU machine), the fragment keeps what the chart needs (rows and the
+roofline) and `python bench/bench_e2e.py --chart-from PATH/e2e.json` draws it later, on any machine
+with matplotlib (the test extra installs it), and records it in the fragment.
 """
 from __future__ import annotations
 
@@ -248,8 +251,28 @@ OFFLINE_COLUMNS = [("impl", "impl", ""), ("requests", "requests", "d"), ("second
                    ("tpot_ms_median", "TPOT p50 ms", ".1f"), ("tpot_ms_p90", "TPOT p90 ms", ".1f")]
 
 
+def chart_from(path: Path) -> int:
+    """Draws the chart of a saved e2e fragment (e.g. a GPU run without matplotlib) beside it and records
+    it in the fragment; 1 if it cannot."""
+    import json
+    frag = json.loads(path.read_text())
+    roofline = {q: {int(b): v for b, v in curve.items()} for q, curve in (frag.get("roofline") or {}).items()}
+    chart = path.with_suffix(".png")
+    problem = write_chart(chart, frag["rows"], roofline, frag.get("title", "decode"))
+    if problem:
+        print(problem)
+        return 1
+    frag["chart"] = chart.name
+    frag["notes"] = [n for n in frag.get("notes", []) if not n.startswith("no chart")] + [f"chart: {chart.name}"]
+    path.write_text(json.dumps(frag, indent=1) + "\n")
+    print(f"wrote {chart}")
+    return 0
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--chart-from", type=Path, default=None,
+                   help="draw the chart of a saved e2e JSON fragment and exit (no benchmark runs)")
     p.add_argument("--out", default=None, help="JSON path (default $OUT/bench/e2e.json)")
     p.add_argument("--mode", choices=("short", "full"), default="short")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
@@ -273,6 +296,8 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.chart_from is not None:
+        return chart_from(args.chart_from)
     device = torch.device(args.device)
     if device.type == "cuda":
         common.require_cuda_build()
@@ -422,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
               for o in offline]
     notes += [f"ERROR {e}" for e in errors]
     extra = {"copy": copy, "errors": errors, "offline": offline, "offline_columns": [list(c) for c in OFFLINE_COLUMNS],
-             "mode": args.mode, "chart": chart.name if problem is None else None}
+             "mode": args.mode, "chart": chart.name if problem is None else None,
+             "roofline": {q: {str(b): v for b, v in curve.items()} for q, curve in roofline.items()}}
     if device.type == "cuda":
         common.write_fragment(out, name="e2e", title=title, columns=COLUMNS, rows=rows, notes=notes, extra=extra)
     else:

@@ -27,8 +27,22 @@ def test_bench_e2e_tiny_cpu(tmp_path):
     assert rates[("fastinfer bf16", 3)]["vs_hf_eager"] > 0
     offline = frag["offline"][0]
     assert offline["requests"] == 3 and offline["output_tokens"] > 0 and offline["tpot_ms_median"] > 0
-    if frag["chart"] is not None:
-        assert (tmp_path / frag["chart"]).stat().st_size > 1000
+    assert frag["chart"] == "e2e.png" and (tmp_path / "e2e.png").stat().st_size > 1000  # matplotlib: test extra
+
+
+def test_chart_from_a_saved_fragment(tmp_path):
+    """A GPU run without matplotlib leaves "chart": null; --chart-from draws it from the fragment."""
+    rows = [{"impl": impl, "batch": b, "tok_s": rate * b} for impl, rate in (("fastinfer bf16", 200.0),
+                                                                            ("HF static+compile", 50.0))
+            for b in (1, 8, 32, 128)]
+    frag = {"name": "e2e", "title": "t", "rows": rows, "chart": None, "notes": ["no chart: matplotlib unavailable"],
+            "roofline": {"bf16": {"1": 266.0, "8": 2100.0, "32": 8000.0, "128": 25000.0}}}
+    path = tmp_path / "e2e.json"
+    path.write_text(json.dumps(frag))
+    assert bench_e2e.main(["--chart-from", str(path)]) == 0
+    saved = json.loads(path.read_text())
+    assert saved["chart"] == "e2e.png" and (tmp_path / "e2e.png").stat().st_size > 1000
+    assert saved["notes"] == ["chart: e2e.png"] and saved["rows"] == rows
 
 
 def test_bench_e2e_writes_what_it_measured_when_interrupted(tmp_path, monkeypatch):
