@@ -1,0 +1,72 @@
+"""The sm_90a kernels are built from Hopper's instructions: the SASS of the installed extension, read
+with cuobjdump on the CPU (issue 7: "the SASS of the GEMM shows QGMMA"; the wgmma prefill likewise).
+
+cuobjdump comes with the CUDA toolkit and inside triton's wheel (a torch dependency); the test skips
+when neither is there or the build has no sm_90a code. One dump of the whole library (~10 s) serves
+every test. Local-memory loads / stores (LDL / STL) in these kernels would be register spills.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from fastinfer import _C
+
+
+def find_cuobjdump() -> str | None:
+    candidates = [shutil.which("cuobjdump"), "/usr/local/cuda/bin/cuobjdump"]
+    try:
+        import triton
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+@pytest.fixture(scope="module")
+def sass() -> dict[str, str]:
+    """Mangled kernel name -> its sm_90a SASS text."""
+    if "90a" not in _C.cuda_archs.split(";"):
+        pytest.skip("the extension was built without sm_90a kernels")
+    tool = find_cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or triton's wheel)")
+    text = subprocess.run([tool, "-sass", _C.__file__], check=True, capture_output=True, text=True,
+                          timeout=300).stdout
+    kernels = {}
+    for part in re.split(r"\n\s*Function : ", text)[1:]:
+        name, _, body = part.partition("\n")
+        kernels[name.strip()] = body
+    assert kernels, "cuobjdump printed no functions"
+    return kernels
+
+
+def kernels_named(sass: dict[str, str], fragment: str) -> dict[str, str]:
+    return {name: body for name, body in sass.items() if fragment in name}
+
+
+def test_fp8_gemm_is_qgmma_fed_by_tma(sass):
+    gemms = kernels_named(sass, "fp8_gemm_kernel")
+    # 6 tile configurations (8, 16, 32, 64 swapped; 128 x 128; 128 x 256) x 2 output dtypes
+    assert len(gemms) == 12, sorted(gemms)
+    for name, body in gemms.items():
+        for instruction in ("QGMMA", "UTMALDG", "SYNCS", "USETMAXREG"):
+            assert instruction in body, f"{instruction} missing in {name}"
+        assert not re.search(r"\b(LDL|STL)\b", body), f"local memory (spills) in {name}"
+
+
+def test_wgmma_prefill_is_hgmma(sass):
+    kernels = kernels_named(sass, "paged_prefill_wgmma_kernel")
+    assert len(kernels) == 4, sorted(kernels)  # bf16 / fp16 x head_dim 64 / 128
+    for name, body in kernels.items():
+        hgmma = re.findall(r"HGMMA\.64x(\d+)x16\.F32\b[^;]*;", body)  # fp16: no type suffix
+        transposed = [h for h in re.findall(r"HGMMA[^;]*;", body) if ".tnspB" in h]
+        head_dim = 128 if "Li128E" in name else 64
+        # S = Q K^T: head_dim / 16 wgmma of 128 keys; O += P V: 8 wgmma (128 keys / 16), N = head_dim, V transposed
+        assert hgmma.count("128") >= head_dim // 16 and len(transposed) == 8, (name, hgmma)
+        assert "USETMAXREG" in body and "LDGSTS" in body, name
+        assert not re.search(r"\b(LDL|STL)\b", body), f"local memory (spills) in {name}"
