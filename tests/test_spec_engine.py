@@ -92,6 +92,39 @@ def test_sampled_draft_equal_to_target_accepts_everything(target):
     assert engine.spec_stats.num_proposed > 0 and engine.spec_stats.acceptance_rate == 1.0
 
 
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_different_k_per_request_in_one_step(target, draft, method):
+    """Requests near their max_tokens propose fewer tokens than the others (their lookahead shrinks),
+    so one verify step mixes k = 0 .. 4 across the batch; output still equals plain greedy."""
+    prompts = repetitive_prompts(6, seed=12)
+    max_tokens = [3, 4, 5, 6, 20, 20]
+
+    def run_with(speculative):
+        engine = Engine(target, EngineConfig(num_blocks=256, max_num_seqs=16, speculative=speculative))
+        for i, (p, m) in enumerate(zip(prompts, max_tokens)):
+            engine.add_request(str(i), p, SamplingParams(max_tokens=m, **GREEDY))
+        ks_seen = []
+        if engine.proposer is not None:
+            real = engine.proposer.propose
+
+            def spy(seqs, ks):
+                ks_seen.append(list(ks))
+                return real(seqs, ks)
+            engine.proposer.propose = spy
+        done = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = engine.pop_finished(out.request_id).outputs[0].token_ids
+        return [done[str(i)] for i in range(len(prompts))], ks_seen
+
+    expected, _ = run_with(None)
+    spec = {"method": method, "num_tokens": 4, **({"model": draft} if method == "draft" else {})}
+    got, ks_seen = run_with(spec)
+    assert got == expected
+    assert any(len(set(ks)) >= 3 for ks in ks_seen), ks_seen  # one step, three different k
+
+
 def test_bad_speculative_configs(target):
     with pytest.raises(ValueError, match="num_tokens"):
         Engine(target, EngineConfig(num_blocks=8, speculative={"method": "ngram", "num_tokens": 0}))
