@@ -114,13 +114,33 @@ def test_quantize_on_load_matches_fp8_reference(tmp_path, hf_pair):
     assert 0 < quant_err and err <= 0.01 * quant_err, (err, quant_err)  # we emulate fp8, not fp32
 
 
-@pytest.mark.parametrize("layout", ["compressed-tensors-channel", "fp8-per-tensor", "fp8-block"])
+def ct_config(strategy: str, **weights) -> dict:
+    """CT_CONFIG with another weight strategy (compressed-tensors "tensor" or "block")."""
+    cfg = json.loads(json.dumps(CT_CONFIG))
+    cfg["config_groups"]["group_0"]["weights"].update(strategy=strategy, **weights)
+    return cfg
+
+
+def ct_block_scales(name, w):
+    """compressed-tensors "block": the per-block multiplier is stored as weight_scale."""
+    out = block_scales(name, w)
+    out[name + "_scale"] = out.pop(name + "_scale_inv")
+    return out
+
+
+@pytest.mark.parametrize("layout", ["compressed-tensors-channel", "compressed-tensors-tensor",
+                                    "compressed-tensors-block", "fp8-per-tensor", "fp8-block"])
 def test_fp8_checkpoints_load(tmp_path, hf_pair, layout):
     model, emulated = hf_pair
     if layout == "compressed-tensors-channel":  # the same bits as quantize-on-load: identical logits
         write_checkpoint(tmp_path / "bf16", model)
         expected = fastinfer_logits(fastinfer.load_model(tmp_path / "bf16", torch.float32, "cpu", "fp8"))
         write_checkpoint(tmp_path / "ckpt", model, CT_CONFIG, lambda t: fp8_tensors(t, channel_scales))
+    elif layout == "compressed-tensors-tensor":
+        write_checkpoint(tmp_path / "ckpt", model, ct_config("tensor"), lambda t: fp8_tensors(t, tensor_scales))
+    elif layout == "compressed-tensors-block":
+        write_checkpoint(tmp_path / "ckpt", model, ct_config("block", block_structure=[32, 32]),
+                         lambda t: fp8_tensors(t, ct_block_scales))
     elif layout == "fp8-per-tensor":
         write_checkpoint(tmp_path / "ckpt", model, {"quant_method": "fp8", "activation_scheme": "dynamic"},
                          lambda t: fp8_tensors(t, tensor_scales))
@@ -136,7 +156,7 @@ def test_fp8_checkpoints_load(tmp_path, hf_pair, layout):
     else:  # scales differ from per-channel ones: close to the fp8 reference, far closer than to nothing
         unquantized = hf_logits(model)
         assert (ours - hf_logits(emulated)).abs().max() < 2 * (hf_logits(emulated) - unquantized).abs().max() + 1e-3
-    if layout == "fp8-per-tensor":  # every row of a layer's q_proj carries that tensor's scale
+    if layout in ("fp8-per-tensor", "compressed-tensors-tensor"):  # every q_proj row carries its tensor's scale
         w = model.model.layers[1].self_attn.q_proj.weight.detach().float()
         q_rows = loaded.model.layers[1].qkv.weight_scale[:w.shape[0]]
         assert torch.equal(q_rows, ref.fp8_dynamic_scale(w, dim=None).expand(w.shape[0]))
