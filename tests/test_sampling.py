@@ -339,3 +339,29 @@ def test_sampling_params_defaults_and_normalisation():
     assert not params.greedy
     assert SamplingParams(temperature=0).greedy and SamplingParams(top_k=1).greedy
     assert SamplingParams(max_tokens=None, min_tokens=100).min_tokens == 100
+
+
+@pytest.mark.cuda
+def test_cuda_sampling_never_syncs_the_host():
+    """The engine samples step n while step n + 1 is being launched: nothing in sample() may wait for
+    the GPU (no .item(), no pageable copies), for every kind of row at once. The ids come back
+    through the caller's own copy; torch raises on any synchronizing call in "error" mode."""
+    device = torch.device("cuda")
+    vocab = 300
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(5)).to(device)
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_k=20),
+              SamplingParams(top_p=0.8, min_p=0.02), SamplingParams(temperature=1.3, seed=11),
+              SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2),
+              SamplingParams(temperature=0.9, top_k=5, top_p=0.9, seed=12)]
+    seen = [[1, 2, 3, 3], [7], [], [250, 299, 5], [1, 1, 2, 600], [8, 9]]
+    outs = [[3], [], [], [5], [1, 2], [9]]
+    suppress = [[0], [], [4, 5], [], [], []]
+    gens = [None, None, None, make_generator(11, device), None, make_generator(12, device)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ids = sample(logits, params, seen, outs, suppress, gens)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert ids.device.type == "cuda" and ids.shape == (6,)
+    assert int(ids[0]) == int(logits[0].masked_fill(torch.arange(vocab, device=device) == 0, -1e30).argmax())

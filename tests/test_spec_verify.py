@@ -481,3 +481,36 @@ def opcheck_args(mode, device):
 @pytest.mark.parametrize("mode", ["draft_probs", "one_hot", "greedy"])
 def test_opcheck(device, mode):
     torch.library.opcheck(torch.ops.fastinfer.speculative_verify.default, (), opcheck_args(mode, device))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["draft_probs", "greedy"])
+def test_captured_in_a_cuda_graph(mode):
+    """One launch for the whole batch, no host sync (check_indices=False): the op captures into a CUDA
+    graph, and replays over new inputs written into the same buffers give the eager answers."""
+    gen = torch.Generator().manual_seed(31)
+    cases = [to_device(random_case(16, 4, 300, gen), "cuda") for _ in range(3)]
+    static = {name: t.clone() if isinstance(t, torch.Tensor) else t for name, t in cases[0].items()}
+    tokens = torch.empty(16, 5, dtype=torch.int64, device="cuda")
+    accepted = torch.empty(16, dtype=torch.int32, device="cuda")
+
+    def verify():
+        ops.speculative_verify(**static, greedy=mode == "greedy", output_token_ids=tokens, num_accepted=accepted,
+                               check_indices=False)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        verify()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        verify()
+    for case in cases[1:]:
+        for name, t in case.items():
+            if isinstance(t, torch.Tensor):
+                static[name].copy_(t)
+        graph.replay()
+        expected_tokens, expected_accepted = run_op(case, greedy=mode == "greedy")
+        torch.cuda.synchronize()
+        assert torch.equal(tokens, expected_tokens) and torch.equal(accepted, expected_accepted)

@@ -55,7 +55,10 @@ def _scatter_index(id_lists: list[list[int]], vocab_size: int, device: torch.dev
     rows = torch.repeat_interleave(torch.arange(len(id_lists)), lengths)
     cols = torch.tensor(list(chain.from_iterable(id_lists)), dtype=torch.long)
     cols = torch.where((cols < 0) | (cols >= vocab_size), vocab_size, cols)
-    return rows.to(device), cols.to(device)
+    if device.type != "cuda":
+        return rows.to(device), cols.to(device)
+    # pinned + non_blocking: no host sync (see to_device)
+    return rows.pin_memory().to(device, non_blocking=True), cols.pin_memory().to(device, non_blocking=True)
 
 
 def id_mask(id_lists: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -70,7 +73,8 @@ def id_counts(id_lists: list[list[int]], vocab_size: int, device: torch.device) 
     """FloatTensor `[B, V]`: how often each token id appears in that row's list."""
     rows, cols = _scatter_index(id_lists, vocab_size, device)
     counts = torch.zeros(len(id_lists), vocab_size + 1, dtype=torch.float32, device=device)
-    counts.index_put_((rows, cols), torch.ones_like(cols, dtype=torch.float32), accumulate=True)
+    # index_add_ (atomics on CUDA) rather than index_put_(accumulate=True), whose CUDA path sorts
+    counts.view(-1).index_add_(0, rows * (vocab_size + 1) + cols, torch.ones_like(cols, dtype=torch.float32))
     return counts[:, :vocab_size]
 
 
