@@ -7,8 +7,8 @@ out[M, N] = x[M, K] @ w[N, K]^T. Implementations, all on the same fp8 inputs (bf
   fastinfer tensor    the same kernel with per-tensor scales
   fastinfer linear    fastinfer.ops.fp8_linear: per-token quantization of bf16 x + the GEMM
   ... 128x256         M > 64: the same with 128 x 256 tiles (FASTINFER_FP8_GEMM_TILE)
-  ... no split-K      M <= 64: the same without splitting K (FASTINFER_FP8_SPLIT_K=off; one launch
-                      instead of memset + GEMM + finalize, fewer SMs streaming)
+  ... no split-K      M <= 64: the same without splitting K (FASTINFER_FP8_SPLIT_K=off: fewer SMs
+                      stream the weights, no cluster reduction at the end)
   _scaled_mm tensor   torch._scaled_mm, per-tensor scales (cuBLAS)
   _scaled_mm rowwise  torch._scaled_mm, row-wise scales
   bf16 cuBLAS         F.linear on the bf16 operands

@@ -3,8 +3,5 @@
 #include "fastinfer/gemm/fp8_sm90.cuh"
 
 namespace fastinfer {
-size_t fp8_gemm_workspace_bytes(const Fp8GemmParams& p) { return fp8_gemm_workspace_bytes_impl(p); }
-cudaError_t launch_fp8_gemm_sm90(const Fp8GemmParams& p, void* workspace, cudaStream_t s) {
-  return launch_fp8_gemm_sm90_impl(p, workspace, s);
-}
+cudaError_t launch_fp8_gemm_sm90(const Fp8GemmParams& p, cudaStream_t s) { return launch_fp8_gemm_sm90_impl(p, s); }
 }  // namespace fastinfer

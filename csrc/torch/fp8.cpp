@@ -70,13 +70,7 @@ void fp8_scaled_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, co
   p.num_sms = num_sms;
   p.wide_tiles = env_choice("fp8_scaled_mm", "FASTINFER_FP8_GEMM_TILE", {"128x128", "128x256"}) == 1;
   p.no_split_k = env_choice("fp8_scaled_mm", "FASTINFER_FP8_SPLIT_K", {"auto", "off"}) == 1;
-  const size_t workspace_bytes = fp8_gemm_workspace_bytes(p);
-  at::Tensor workspace;
-  if (workspace_bytes > 0) {
-    workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, a.options().dtype(at::kByte));
-  }
-  check_launch(launch_fp8_gemm_sm90(p, workspace_bytes ? workspace.data_ptr() : nullptr, stream_of(a)),
-               "fp8_scaled_mm");
+  check_launch(launch_fp8_gemm_sm90(p, stream_of(a)), "fp8_scaled_mm");
 }
 #endif
 

@@ -23,7 +23,7 @@ SETTINGS = {
     "FASTINFER_FP8_GEMM_TILE": ("128x128", "128x128 | 128x256",
                                 "FP8 GEMM output tiles for M > 64"),
     "FASTINFER_FP8_SPLIT_K": ("auto", "auto | off",
-                              "FP8 GEMM split-K when output tiles cannot fill the SMs (off: never)"),
+                              "FP8 GEMM split-K (cluster reduction) when output tiles cannot fill the SMs (off: never)"),
     "FASTINFER_PDL": ("0", "0 | 1", "programmatic dependent launch of the decode-path kernels"),
     "FASTINFER_DENSE_GEMV": ("1", "1 | 0", "decode projections on dense_gemv (0: cuBLAS); read at import"),
 }

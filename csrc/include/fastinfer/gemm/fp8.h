@@ -45,14 +45,12 @@ struct Fp8GemmParams {
   // promote wgmma's partial sums into fp32 every 128 of K.
   bool wide_tiles;
   // Never split K (zero-initialised false: split when output tiles alone cannot fill the SMs). A split
-  // launch adds a workspace memset and a finalize kernel; a decode-sized GEMM that does not split
-  // streams its weights from fewer SMs through deeper pipelines. bench/bench_fp8.py runs both.
+  // launch runs clusters of CTAs and reduces through distributed shared memory; a decode-sized GEMM
+  // that does not split streams its weights from fewer SMs. bench/bench_fp8.py runs both.
   bool no_split_k;
 };
-// Bytes of fp32 split-K workspace a launch needs (0 when it does not split K); 16-byte aligned,
-// contents irrelevant (the launch clears it).
-size_t fp8_gemm_workspace_bytes(const Fp8GemmParams& p);
 // sm_90a only (built when FASTINFER_HAS_SM90). cudaErrorInvalidValue for unsupported parameters.
-cudaError_t launch_fp8_gemm_sm90(const Fp8GemmParams& p, void* workspace, cudaStream_t stream);
+// One kernel launch, no workspace (split K reduces inside a thread-block cluster).
+cudaError_t launch_fp8_gemm_sm90(const Fp8GemmParams& p, cudaStream_t stream);
 
 }  // namespace fastinfer

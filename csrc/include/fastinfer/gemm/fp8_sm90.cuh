@@ -20,8 +20,11 @@
 //   Epilogue: scales (per token x per channel, or per tensor), bias, bf16, straight from registers.
 // Work units: output tiles in a grouped raster (kGroup tiles of P share each sweep over Q, so the
 // CTAs running together reuse Y panels from L2), times a split of K when tiles alone cannot fill
-// the SMs (decode shapes such as N = 4096, K = 14336): split partials are added with fp32 atomics
-// into a workspace that a small kernel then scales into the output.
+// the SMs (decode shapes such as N = 4096, K = 14336). A split launch has one CTA per (tile, split),
+// the splits of a tile forming a thread-block cluster (<= 8, portable): after the K loop each CTA
+// leaves its fp32 partial tile in its shared memory, and the cluster reduces them through
+// distributed shared memory in a fixed order (deterministic; no workspace, memset or second kernel),
+// each CTA scaling and storing 1 / splits of the tile. (As the W4A16 kernel does.)
 // Shared memory: 128-byte swizzle (TMA writes it, wgmma's descriptors read it): 8 rows x 128 B
 // atoms, 1024-byte aligned. Per stage (kBlockP + kBlockQ) x 128 B: 32 KiB for 128 x 128 tiles
 // (7 stages), 17 KiB for 128 x 8 (12 stages, ~200 KiB in flight per SM for decode).
@@ -32,6 +35,8 @@
 #include <cudaTypedefs.h>   // PFN_cuTensorMapEncodeTiled_v12000
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <cooperative_groups.h>
 
 #include <algorithm>
 #include <cuda/ptx>
@@ -53,6 +58,7 @@ constexpr int kSmemLimit = 232448;       // 227 KiB of opt-in dynamic shared mem
 constexpr int kMaxStages = 12;
 constexpr int kGroup = 8;                // P-tiles per raster group
 constexpr int kMinKTilesPerSplit = 4;
+constexpr int kMaxSplits = 8;            // portable thread-block cluster size
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 x 40 + 256 x 232 <= 64 Ki registers
 
 // kBlockQ = 256 (Fp8GemmParams.wide_tiles): 128 accumulators per thread leave no room for a second
@@ -88,8 +94,9 @@ struct Unit {
 };
 
 __device__ __forceinline__ Unit unit_at(const Schedule& s, int u) {
-  const int tiles = s.tiles_p * s.tiles_q;
-  const int split = u / tiles, t = u % tiles;
+  // Unit u < tiles_p * tiles_q * splits. Split launches: the splits of a tile are consecutive CTAs
+  // (one cluster), one unit per CTA.
+  const int split = s.splits > 1 ? u % s.splits : 0, t = s.splits > 1 ? u / s.splits : u;
   const int group_size = kGroup * s.tiles_q;
   const int first_p = t / group_size * kGroup;
   const int rows = min(s.tiles_p - first_p, kGroup);
@@ -127,7 +134,7 @@ __device__ __forceinline__ __half to_out<__half>(float v) { return __float2half_
 // 4j + 2h + e holds row 16 warp + lane / 4 + 8 h, column 8 j + 2 (lane % 4) + e of the 64 x Q tile).
 template <class Cfg, typename OutT>
 __device__ __forceinline__ void epilogue(const float (&acc)[Cfg::kBlockQ / 2], const Fp8GemmParams& p, const Unit& w,
-                                         int consumer, float* workspace) {
+                                         int consumer) {
   const int lane = threadIdx.x % kWarpSize, warp = (threadIdx.x / kWarpSize) % 4;
   const int64_t p0 = static_cast<int64_t>(w.p) * Cfg::kBlockP + consumer * 64 + warp * 16 + lane / 4;
   const int64_t q0 = static_cast<int64_t>(w.q) * Cfg::kBlockQ + (lane % 4) * 2;
@@ -151,11 +158,6 @@ __device__ __forceinline__ void epilogue(const float (&acc)[Cfg::kBlockQ / 2], c
       for (int e = 0; e < 2; ++e) {
         v[e] *= p.scale_a[p.scale_a_per_token ? m[e] : 0] * p.scale_b[p.scale_b_per_channel ? n[e] : 0];
       }
-      if (workspace != nullptr) {  // split K: partial sums, scaled; the finalize kernel adds the bias
-        atomicAdd(workspace + m[0] * p.N + n[0], v[0]);
-        if (pair) atomicAdd(workspace + m[1] * p.N + n[1], v[1]);
-        continue;
-      }
       if (bias != nullptr) {
         v[0] += to_float(bias[n[0]]);
         if (pair) v[1] += to_float(bias[n[1]]);
@@ -172,10 +174,66 @@ __device__ __forceinline__ void epilogue(const float (&acc)[Cfg::kBlockQ / 2], c
   }
 }
 
+// barrier.cluster (arrive.release + wait.acquire): every thread of every CTA of the cluster, each warp
+// converged (.aligned); orders shared-memory writes before other CTAs' distributed shared-memory reads.
+__device__ __forceinline__ void cluster_barrier() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+
+// Split K (s.splits > 1, one unit per CTA, the tile's splits one cluster): both consumer warpgroups
+// write their fp32 partial sums into this CTA's shared memory (the pipeline ring, drained: every TMA
+// load has been consumed and every wgmma waited for), [kBlockP][kBlockQ + 1] (odd row stride: the
+// column-wise reads below hit distinct banks); after a cluster barrier CTA `rank` sums elements
+// rank, rank + splits, .. of the tile over the cluster's partials in rank order (deterministic),
+// scales, adds the bias and stores; a second barrier keeps every CTA's shared memory alive until all
+// have read it. Consecutive threads take consecutive output columns n (contiguous in out): rows P of
+// the tile when operands are swapped (P = n), columns Q otherwise.
+template <class Cfg, typename OutT>
+__device__ __forceinline__ void reduce_split_k(const float (&acc)[Cfg::kBlockQ / 2], uint8_t* smem,
+                                               const Fp8GemmParams& p, const Unit& w, int consumer, int splits) {
+  constexpr int kStride = Cfg::kBlockQ + 1;
+  static_assert(Cfg::kBlockP * kStride * 4 <= Cfg::kStages * Cfg::kStageBytes, "the partial tile fits the ring");
+  float* tile = reinterpret_cast<float*>(smem);
+  const int t = threadIdx.x - kWarpgroup;  // 0 .. 255 over both consumer warpgroups
+  asm volatile("bar.sync 1, %0;\n" ::"n"(Cfg::kConsumers * kWarpgroup) : "memory");  // both done with the ring
+  const int lane = t % kWarpSize, warp = (t / kWarpSize) % 4;
+#pragma unroll
+  for (int j = 0; j < Cfg::kBlockQ / 8; ++j) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int row = consumer * 64 + warp * 16 + lane / 4 + 8 * h, col = 8 * j + 2 * (lane % 4) + e;
+        tile[row * kStride + col] = acc[4 * j + 2 * h + e];
+      }
+    }
+  }
+  cluster_barrier();
+  const int rank = static_cast<int>(cooperative_groups::this_cluster().block_rank());
+  OutT* out = static_cast<OutT*>(p.out);
+  const OutT* bias = static_cast<const OutT*>(p.bias);
+  for (int idx = rank * Cfg::kConsumers * kWarpgroup + t; idx < Cfg::kBlockP * Cfg::kBlockQ;
+       idx += splits * Cfg::kConsumers * kWarpgroup) {
+    const int row = Cfg::kSwapAB ? idx % Cfg::kBlockP : idx / Cfg::kBlockQ;
+    const int col = Cfg::kSwapAB ? idx / Cfg::kBlockP : idx % Cfg::kBlockQ;
+    const int64_t pp = static_cast<int64_t>(w.p) * Cfg::kBlockP + row, qq = static_cast<int64_t>(w.q) * Cfg::kBlockQ + col;
+    const int64_t m = Cfg::kSwapAB ? qq : pp, n = Cfg::kSwapAB ? pp : qq;
+    if (m >= p.M || n >= p.N) continue;
+    float sum = 0.0f;
+    for (int r = 0; r < splits; ++r) {
+      sum += cooperative_groups::this_cluster().map_shared_rank(tile, r)[row * kStride + col];
+    }
+    float v = sum * p.scale_a[p.scale_a_per_token ? m : 0] * p.scale_b[p.scale_b_per_channel ? n : 0];
+    if (bias != nullptr) v += to_float(bias[n]);
+    out[m * p.out_stride + n] = to_out<OutT>(v);
+  }
+  cluster_barrier();
+}
+
 template <class Cfg, typename OutT>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_y,
-                    const Fp8GemmParams p, const Schedule s, float* workspace) {
+                    const Fp8GemmParams p, const Schedule s) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Mma = wgmma::MmaFp8<Cfg::kBlockQ / Cfg::kHalves>;  // one half's wgmma
   extern __shared__ uint8_t smem_raw[];
@@ -196,26 +254,32 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
   if (warpgroup == 0) {  // producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
-    if (threadIdx.x != 0) return;
-    int stage = 0;
-    uint32_t phase = 0;
-    for (int u = blockIdx.x; u < s.num_units(); u += gridDim.x) {
-      const Unit w = unit_at(s, u);
-      for (int kt = w.k_begin; kt < w.k_end; ++kt) {
-        wait_barrier(&empty[stage], phase ^ 1);  // a fresh barrier counts as released once
-        ptx::mbarrier_arrive_expect_tx(ptx::sem_release, ptx::scope_cta, ptx::space_shared, &full[stage],
-                                       static_cast<uint32_t>(Cfg::kStageBytes));
-        uint8_t* x = smem + stage * Cfg::kStageBytes;
-        const int32_t x_coords[2] = {kt * kBlockK, w.p * Cfg::kBlockP};
-        const int32_t y_coords[2] = {kt * kBlockK, w.q * Cfg::kBlockQ};
-        ptx::cp_async_bulk_tensor(ptx::space_cluster, ptx::space_global, x, &map_x, x_coords, &full[stage]);
-        ptx::cp_async_bulk_tensor(ptx::space_cluster, ptx::space_global, x + Cfg::kXBytes, &map_y, y_coords,
-                                  &full[stage]);
-        if (++stage == Cfg::kStages) {
-          stage = 0;
-          phase ^= 1;
+    if (threadIdx.x == 0) {
+      int stage = 0;
+      uint32_t phase = 0;
+      for (int u = blockIdx.x; u < s.num_units(); u += gridDim.x) {
+        const Unit w = unit_at(s, u);
+        for (int kt = w.k_begin; kt < w.k_end; ++kt) {
+          wait_barrier(&empty[stage], phase ^ 1);  // a fresh barrier counts as released once
+          ptx::mbarrier_arrive_expect_tx(ptx::sem_release, ptx::scope_cta, ptx::space_shared, &full[stage],
+                                         static_cast<uint32_t>(Cfg::kStageBytes));
+          uint8_t* x = smem + stage * Cfg::kStageBytes;
+          const int32_t x_coords[2] = {kt * kBlockK, w.p * Cfg::kBlockP};
+          const int32_t y_coords[2] = {kt * kBlockK, w.q * Cfg::kBlockQ};
+          ptx::cp_async_bulk_tensor(ptx::space_cluster, ptx::space_global, x, &map_x, x_coords, &full[stage]);
+          ptx::cp_async_bulk_tensor(ptx::space_cluster, ptx::space_global, x + Cfg::kXBytes, &map_y, y_coords,
+                                    &full[stage]);
+          if (++stage == Cfg::kStages) {
+            stage = 0;
+            phase ^= 1;
+          }
         }
       }
+    }
+    if (s.splits > 1) {  // the cluster barriers of the split-K reduction count every thread
+      __syncwarp();
+      cluster_barrier();
+      cluster_barrier();
     }
     return;
   }
@@ -264,22 +328,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         phase ^= 1;
       }
     }
-    epilogue<Cfg, OutT>(acc, p, w, consumer, s.splits > 1 ? workspace : nullptr);
+    if (s.splits == 1) {
+      epilogue<Cfg, OutT>(acc, p, w, consumer);
+    } else {  // one unit per CTA: reduce the cluster's partial tiles (the loop runs once)
+      reduce_split_k<Cfg, OutT>(acc, smem, p, w, consumer, s.splits);
+    }
   }
 #else
   __trap();  // built for sm_90a only; launch_fp8_gemm_sm90 never launches it elsewhere
 #endif
-}
-
-// Split K: out = workspace (already scaled) + bias, in the output dtype.
-template <typename OutT>
-__global__ void finalize_kernel(const Fp8GemmParams p, const float* workspace) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= p.M * p.N) return;
-  const int64_t m = i / p.N, n = i % p.N;
-  float v = workspace[i];
-  if (p.bias != nullptr) v += to_float(static_cast<const OutT*>(p.bias)[n]);
-  static_cast<OutT*>(p.out)[m * p.out_stride + n] = to_out<OutT>(v);
 }
 
 // ---- host ----------------------------------------------------------------------------------------
@@ -314,8 +371,44 @@ inline cudaError_t make_tensor_map(CUtensorMap* map, const void* ptr, int64_t ro
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
+// Largest cluster size <= kMaxSplits the device can schedule for this kernel (one CTA per SM with
+// its ring of shared memory; a cluster's CTAs share a GPC), queried once per configuration.
+template <class Cfg, typename OutT>
+int schedulable_splits() {
+  static const int limit = [] {
+    auto* kernel = fp8_gemm_kernel<Cfg, OutT>;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 1;
+    }
+    for (int splits = kMaxSplits; splits > 1; --splits) {
+      cudaLaunchConfig_t config = {};
+      config.gridDim = dim3(splits, 1, 1);
+      config.blockDim = dim3(Cfg::kThreads, 1, 1);
+      config.dynamicSmemBytes = Cfg::kSmemBytes;
+      cudaLaunchAttribute attribute[1];
+      attribute[0].id = cudaLaunchAttributeClusterDimension;
+      attribute[0].val.clusterDim.x = splits;
+      attribute[0].val.clusterDim.y = 1;
+      attribute[0].val.clusterDim.z = 1;
+      config.attrs = attribute;
+      config.numAttrs = 1;
+      int clusters = 0;
+      if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+        (void)cudaGetLastError();  // an unschedulable size is an answer here, not an error for the next launch
+        clusters = 0;
+      }
+      if (clusters > 0) return splits;
+    }
+    return 1;
+  }();
+  return limit;
+}
+
+// max_splits: 1 (p.no_split_k, or no cluster schedulable) .. kMaxSplits. A split schedule has
+// tiles * splits <= num_sms CTAs, one unit each.
 template <class Cfg>
-Schedule make_schedule(const Fp8GemmParams& p) {
+Schedule make_schedule(const Fp8GemmParams& p, int max_splits) {
   const int64_t rows_x = Cfg::kSwapAB ? p.N : p.M, rows_y = Cfg::kSwapAB ? p.M : p.N;
   Schedule s;
   s.tiles_p = static_cast<int>(ceil_div<int64_t>(rows_x, Cfg::kBlockP));
@@ -323,28 +416,32 @@ Schedule make_schedule(const Fp8GemmParams& p) {
   s.k_tiles = ceil_div(p.K, kBlockK);
   const int tiles = s.tiles_p * s.tiles_q;
   const int by_sms = p.num_sms / tiles, by_k = s.k_tiles / kMinKTilesPerSplit;
-  s.splits = p.no_split_k ? 1 : std::max(1, std::min(by_sms, by_k));
+  s.splits = p.no_split_k ? 1 : std::max(1, std::min({by_sms, by_k, max_splits}));
   return s;
 }
 
 template <class Cfg, typename OutT>
-cudaError_t run(const Fp8GemmParams& p, float* workspace, cudaStream_t stream) {
-  const Schedule s = make_schedule<Cfg>(p);
+cudaError_t run(const Fp8GemmParams& p, cudaStream_t stream) {
+  const Schedule s = make_schedule<Cfg>(p, p.no_split_k ? 1 : schedulable_splits<Cfg, OutT>());
   CUtensorMap map_x, map_y;
   FI_CUDA_TRY(make_tensor_map(&map_x, Cfg::kSwapAB ? p.b : p.a, Cfg::kSwapAB ? p.N : p.M, p.K, Cfg::kBlockP));
   FI_CUDA_TRY(make_tensor_map(&map_y, Cfg::kSwapAB ? p.a : p.b, Cfg::kSwapAB ? p.M : p.N, p.K, Cfg::kBlockQ));
   auto* kernel = fp8_gemm_kernel<Cfg, OutT>;
   FI_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
-  if (s.splits > 1) FI_CUDA_TRY(cudaMemsetAsync(workspace, 0, sizeof(float) * p.M * p.N, stream));
-  const int grid = std::min(s.num_units(), p.num_sms);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(map_x, map_y, p, s, workspace);
-  FI_CUDA_TRY(cudaGetLastError());
-  if (s.splits > 1) {
-    constexpr int kThreads = 256;
-    finalize_kernel<OutT><<<static_cast<unsigned>(ceil_div<int64_t>(p.M * p.N, kThreads)), kThreads, 0, stream>>>(
-        p, workspace);
-    FI_CUDA_TRY(cudaGetLastError());
-  }
+  cudaLaunchConfig_t config = {};
+  // Persistent (one CTA per SM at most) without a split; one CTA per unit, clusters of `splits`, with.
+  config.gridDim = dim3(static_cast<unsigned>(s.splits > 1 ? s.num_units() : std::min(s.num_units(), p.num_sms)));
+  config.blockDim = dim3(Cfg::kThreads, 1, 1);
+  config.dynamicSmemBytes = Cfg::kSmemBytes;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = static_cast<unsigned>(s.splits);
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = s.splits > 1 ? 1 : 0;  // a plain launch without a split
+  FI_CUDA_TRY(cudaLaunchKernelEx(&config, kernel, map_x, map_y, p, s));
   return cudaSuccess;
 }
 
@@ -365,26 +462,16 @@ cudaError_t with_config(const Fp8GemmParams& p, Fn&& fn) {
 
 }  // namespace fp8gemm
 
-inline size_t fp8_gemm_workspace_bytes_impl(const Fp8GemmParams& p) {
-  size_t bytes = 0;
-  fp8gemm::with_config(p, [&]<class Cfg>() {
-    if (fp8gemm::make_schedule<Cfg>(p).splits > 1) bytes = sizeof(float) * static_cast<size_t>(p.M) * p.N;
-    return cudaSuccess;
-  });
-  return bytes;
-}
-
-inline cudaError_t launch_fp8_gemm_sm90_impl(const Fp8GemmParams& p, void* workspace, cudaStream_t stream) {
+inline cudaError_t launch_fp8_gemm_sm90_impl(const Fp8GemmParams& p, cudaStream_t stream) {
   if (p.M == 0 || p.N == 0) return cudaSuccess;
   if (p.K <= 0 || p.K % 16 || p.num_sms <= 0 || reinterpret_cast<uintptr_t>(p.a) % 16 ||
       reinterpret_cast<uintptr_t>(p.b) % 16) {
     return cudaErrorInvalidValue;
   }
   return fp8gemm::with_config(p, [&]<class Cfg>() {
-    float* ws = static_cast<float*>(workspace);
     switch (p.out_dtype) {
-      case DType::kBFloat16: return fp8gemm::run<Cfg, __nv_bfloat16>(p, ws, stream);
-      case DType::kFloat16: return fp8gemm::run<Cfg, __half>(p, ws, stream);
+      case DType::kBFloat16: return fp8gemm::run<Cfg, __nv_bfloat16>(p, stream);
+      case DType::kFloat16: return fp8gemm::run<Cfg, __half>(p, stream);
       default: return cudaErrorInvalidValue;
     }
   });
