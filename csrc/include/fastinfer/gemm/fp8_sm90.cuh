@@ -371,17 +371,23 @@ inline cudaError_t make_tensor_map(CUtensorMap* map, const void* ptr, int64_t ro
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-// Largest cluster size <= kMaxSplits the device can schedule for this kernel (one CTA per SM with
-// its ring of shared memory; a cluster's CTAs share a GPC), queried once per configuration.
+// How many clusters of each size (2 .. kMaxSplits) can be resident at once for this kernel (one CTA
+// per SM with its ring of shared memory; a cluster's CTAs share a GPC, and GPCs are uneven, so e.g.
+// 132 SMs hold fewer than 132 / 8 clusters of 8), queried once per configuration; 0 = unschedulable.
+struct ClusterLimits {
+  int max_clusters[kMaxSplits + 1];
+};
+
 template <class Cfg, typename OutT>
-int schedulable_splits() {
-  static const int limit = [] {
+const ClusterLimits& cluster_limits() {
+  static const ClusterLimits limits = [] {
+    ClusterLimits l{};
     auto* kernel = fp8_gemm_kernel<Cfg, OutT>;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes) != cudaSuccess) {
       (void)cudaGetLastError();
-      return 1;
+      return l;
     }
-    for (int splits = kMaxSplits; splits > 1; --splits) {
+    for (int splits = 2; splits <= kMaxSplits; ++splits) {
       cudaLaunchConfig_t config = {};
       config.gridDim = dim3(splits, 1, 1);
       config.blockDim = dim3(Cfg::kThreads, 1, 1);
@@ -398,17 +404,18 @@ int schedulable_splits() {
         (void)cudaGetLastError();  // an unschedulable size is an answer here, not an error for the next launch
         clusters = 0;
       }
-      if (clusters > 0) return splits;
+      l.max_clusters[splits] = clusters;
     }
-    return 1;
+    return l;
   }();
-  return limit;
+  return limits;
 }
 
-// max_splits: 1 (p.no_split_k, or no cluster schedulable) .. kMaxSplits. A split schedule has
-// tiles * splits <= num_sms CTAs, one unit each.
+// limits: nullptr (never split: p.no_split_k) or the resident-cluster counts. A split schedule has
+// tiles * splits <= num_sms CTAs, one unit each, and at most as many clusters (tiles) as fit at once,
+// so it runs in a single wave.
 template <class Cfg>
-Schedule make_schedule(const Fp8GemmParams& p, int max_splits) {
+Schedule make_schedule(const Fp8GemmParams& p, const ClusterLimits* limits) {
   const int64_t rows_x = Cfg::kSwapAB ? p.N : p.M, rows_y = Cfg::kSwapAB ? p.M : p.N;
   Schedule s;
   s.tiles_p = static_cast<int>(ceil_div<int64_t>(rows_x, Cfg::kBlockP));
@@ -416,13 +423,15 @@ Schedule make_schedule(const Fp8GemmParams& p, int max_splits) {
   s.k_tiles = ceil_div(p.K, kBlockK);
   const int tiles = s.tiles_p * s.tiles_q;
   const int by_sms = p.num_sms / tiles, by_k = s.k_tiles / kMinKTilesPerSplit;
-  s.splits = p.no_split_k ? 1 : std::max(1, std::min({by_sms, by_k, max_splits}));
+  int splits = limits == nullptr ? 1 : std::max(1, std::min({by_sms, by_k, kMaxSplits}));
+  while (splits > 1 && tiles > limits->max_clusters[splits]) --splits;
+  s.splits = splits;
   return s;
 }
 
 template <class Cfg, typename OutT>
 cudaError_t run(const Fp8GemmParams& p, cudaStream_t stream) {
-  const Schedule s = make_schedule<Cfg>(p, p.no_split_k ? 1 : schedulable_splits<Cfg, OutT>());
+  const Schedule s = make_schedule<Cfg>(p, p.no_split_k ? nullptr : &cluster_limits<Cfg, OutT>());
   CUtensorMap map_x, map_y;
   FI_CUDA_TRY(make_tensor_map(&map_x, Cfg::kSwapAB ? p.b : p.a, Cfg::kSwapAB ? p.N : p.M, p.K, Cfg::kBlockP));
   FI_CUDA_TRY(make_tensor_map(&map_y, Cfg::kSwapAB ? p.a : p.b, Cfg::kSwapAB ? p.M : p.N, p.K, Cfg::kBlockQ));
