@@ -8,10 +8,11 @@
 //
 // CTA = 128 query rows of one (sequence, head), 3 warpgroups (384 threads, one CTA per SM):
 //   warpgroup 0, producer (40 registers after setmaxnreg): per key tile n, 16-byte cp.async of
-//     K_n then V_n (128 keys each) through the block table into stage n % 2 of a two-stage ring,
-//     zero-filling keys >= key_end (never read: unused slots may hold NaN, and 0 * NaN = NaN);
-//     each thread waits for its own copies, fences them for the async proxy (wgmma reads shared
-//     memory through it) and arrives on the stage's `full` mbarrier (count 128). A stage is refilled
+//     K_n then V_n (128 keys each) through the block table into stage n % kStages of a ring (3
+//     stages at D = 128, 4 at D = 64), zero-filling keys >= key_end (never read: unused slots may
+//     hold NaN, and 0 * NaN = NaN); each thread waits for its own copies two groups behind the
+//     newest (cp.async.wait_group 2), fences them for the async proxy (wgmma reads shared memory
+//     through it) and arrives on the stage's `full` mbarrier (count 128). A stage is refilled
 //     after both consumers arrived on its `empty` mbarrier (one arrival per consumer warp).
 //   warpgroups 1 and 2, consumers (232 registers): consumer c owns query rows 64 c .. 64 c + 63,
 //     loads them once into shared memory, then per key tile:
@@ -30,7 +31,7 @@
 // for Q and K (stride byte offset 1024 between 8-row groups; a k-step of 16 elements = 32 bytes
 // advances the start address inside the row), MN-major for V (8-key groups 1024 bytes apart, the
 // two 64-column blocks at D = 128 one tile-block (16 KiB) apart as the leading byte offset).
-// D = 128: Q 32 KiB + 2 x (K 32 + V 32) KiB = 160 KiB; D = 64: 80 KiB.
+// D = 128: Q 32 KiB + 3 x (K 32 + V 32) KiB = 224 KiB (of 227); D = 64: 16 + 4 x 32 KiB = 144 KiB.
 // Grid and tile lookup as prefill.cuh (grid.x bounds the 128-row tiles of the ragged batch, each CTA
 // finds its (sequence, tile) with locate_tile, longest-context tiles first; blockIdx.y = head).
 // Not covered here (prefill.cuh runs them): fp32, an e4m3 cache, other head dims, GPUs other than
@@ -52,7 +53,7 @@ namespace sm90 {
 namespace ptx = cuda::ptx;
 
 constexpr int kRows = 128;            // query rows per CTA, and keys per K / V tile
-constexpr int kStages = 2;
+constexpr int kLag = 2;               // cp.async groups a producer thread leaves in flight (see below)
 constexpr int kConsumers = 2;         // warpgroups of 64 query rows
 constexpr int kWarpgroup = 128;
 constexpr int kThreadsWs = (kConsumers + 1) * kWarpgroup;
@@ -64,6 +65,8 @@ constexpr int kEmptyArrivals = kConsumers * 4;          // one per consumer warp
 
 template <int kHeadDim>
 struct Smem {
+  // Ring depth: D = 128 as deep as 227 KiB allow (32 + 3 x 64 KiB); D = 64: 16 + 4 x 32 KiB.
+  static constexpr int kStages = kHeadDim == 128 ? 3 : 4;
   static constexpr int kTileBytes = kRows * kHeadDim * 2;     // Q, or one K or V stage
   static constexpr int kBlockBytes = kRows * kRowBytes;       // one 64-column block of a tile
   static constexpr int kQ = 0;
@@ -72,6 +75,7 @@ struct Smem {
   static constexpr int kBarriers = kV + kStages * kTileBytes; // full_k, full_v, empty_k, empty_v
   static constexpr int kBytes = kBarriers + 4 * kStages * 8 + kAtom;  // + slack to align the base
   static_assert(kHeadDim % 64 == 0 && kTileBytes % kAtom == 0, "tiles must be whole swizzle atoms");
+  static_assert(kBytes <= 232448, "227 KiB of dynamic shared memory per CTA");
 };
 
 // Byte offset of 16-byte chunk c of row r (r < 128) in a swizzled tile.
@@ -135,6 +139,7 @@ template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kThreadsWs, 1) paged_prefill_wgmma_kernel(const PrefillParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = Smem<kHeadDim>;
+  constexpr int kStages = L::kStages;
   constexpr int kDimBlocks = kHeadDim / 8;   // n8 blocks of O
   constexpr int kKeyBlocks = kRows / 8;      // n8 blocks of S
   extern __shared__ uint8_t smem_raw[];
@@ -176,8 +181,21 @@ __global__ void __launch_bounds__(kThreadsWs, 1) paged_prefill_wgmma_kernel(cons
     const int64_t token_stride = static_cast<int64_t>(p.num_kv_heads) * kHeadDim;
     const T* cache_head = static_cast<const T*>(p.kv_cache) + static_cast<int64_t>(kv_head) * kHeadDim;
     const int32_t* block_table = p.block_tables + coord.seq * p.block_table_stride;
-    // Copies complete in commit order; each tile's `full` arrival waits for its own group, one group
-    // behind the newest, so K_n is announced once V_n is in flight and V_n once K_{n+1} is.
+    // Copy groups in commit order: 2 n = K_n, 2 n + 1 = V_n. After committing group g a thread waits
+    // until at most kLag groups are pending (cp.async.wait_group kLag: groups <= g - kLag have
+    // landed), fences its copies for the async proxy and announces every landed group in order on
+    // its tile's `full` barrier. So up to kLag + 1 tiles' worth of K / V (~96 KiB at D = 128) are in
+    // flight per CTA while the thread waits. No deadlock for kStages >= 2: announcing group 2 c (K_c)
+    // needs group 2 c + kLag committed, i.e. the stage of K_{c+1} (V_c) free, which the consumers
+    // released at tile c + 1 - kStages < c.
+    int announced = 0;  // next group to announce
+    auto announce_landed = [&](int last) {
+      fence_proxy_async_smem();
+      for (; announced <= last; ++announced) {
+        const int tile = announced / 2;
+        ptx::mbarrier_arrive(announced % 2 == 0 ? &full_k[tile % kStages] : &full_v[tile % kStages]);
+      }
+    };
     for (int n = 0; n < num_kv_tiles; ++n) {
       const int s = n % kStages;
       const uint32_t parity = ((n / kStages) & 1) ^ 1;  // a fresh barrier counts as released once
@@ -185,24 +203,17 @@ __global__ void __launch_bounds__(kThreadsWs, 1) paged_prefill_wgmma_kernel(cons
       load_kv<T, kHeadDim>(smem + L::kK + s * L::kTileBytes, cache_head, block_table, block_shift, token_stride, 0,
                            n * kRows, key_end, t);
       cp_async_commit();
-      if (n > 0) {
-        cp_async_wait<1>();  // V_{n-1}
-        fence_proxy_async_smem();
-        ptx::mbarrier_arrive(&full_v[(n - 1) % kStages]);
-      }
+      cp_async_wait<kLag>();
+      announce_landed(2 * n - kLag);
       wait_barrier(&empty_v[s], parity);
       load_kv<T, kHeadDim>(smem + L::kV + s * L::kTileBytes, cache_head, block_table, block_shift, token_stride, 1,
                            n * kRows, key_end, t);
       cp_async_commit();
-      cp_async_wait<1>();  // K_n
-      fence_proxy_async_smem();
-      ptx::mbarrier_arrive(&full_k[s]);
+      cp_async_wait<kLag>();
+      announce_landed(2 * n + 1 - kLag);
     }
-    if (num_kv_tiles > 0) {  // always, for valid input (seq_lens >= q_len)
-      cp_async_wait<0>();  // V of the last tile
-      fence_proxy_async_smem();
-      ptx::mbarrier_arrive(&full_v[(num_kv_tiles - 1) % kStages]);
-    }
+    cp_async_wait<0>();
+    announce_landed(2 * num_kv_tiles - 1);
     return;
   }
 
