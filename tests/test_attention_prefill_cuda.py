@@ -193,10 +193,12 @@ def test_misaligned_query_is_a_clear_error():
 
 
 @pytest.mark.own_block_m
-def test_unknown_block_m_is_refused(monkeypatch):
+@pytest.mark.parametrize("variable, value, choices", [("FASTINFER_PREFILL_BLOCK_M", "96", "auto, 64 or 128"),
+                                                      ("FASTINFER_PREFILL_KERNEL", "fa3", "auto, mma or wgmma")])
+def test_unknown_setting_is_refused(monkeypatch, variable, value, choices):
     args = make_case([70], [70], 4, 2, 64, 16, torch.bfloat16)
-    monkeypatch.setenv("FASTINFER_PREFILL_BLOCK_M", "96")
-    with pytest.raises(RuntimeError, match="FASTINFER_PREFILL_BLOCK_M must be auto, 64 or 128"):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(RuntimeError, match=f"{variable} must be {choices}"):
         ops.paged_prefill_attention(*args)
 
 
@@ -222,14 +224,6 @@ def test_lse(dtype, head_dim):
     out, lse = ops.paged_prefill_attention(*args, return_lse=True)
     assert torch.equal(out, ops.paged_prefill_attention(*args))
     assert_lse_close(lse, ref.paged_prefill_lse(*args))
-
-
-@pytest.mark.own_block_m
-def test_unknown_prefill_kernel_is_refused(monkeypatch):
-    args = make_case([70], [70], 4, 2, 64, 16, torch.bfloat16)
-    monkeypatch.setenv("FASTINFER_PREFILL_KERNEL", "fa3")
-    with pytest.raises(RuntimeError, match="FASTINFER_PREFILL_KERNEL must be auto, mma or wgmma"):
-        ops.paged_prefill_attention(*args)
 
 
 @pytest.mark.own_block_m

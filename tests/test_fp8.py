@@ -271,17 +271,10 @@ def test_fp8_scaled_mm_without_split_k(monkeypatch, gen, m, n, k, scales):
 
 @pytest.mark.cuda
 @pytest.mark.sm90
-def test_unknown_fp8_split_k_is_refused(monkeypatch, gen):
-    a, b, sa, sb = fp8_operands(1, 64, 128, "row", "cuda", gen)
-    monkeypatch.setenv("FASTINFER_FP8_SPLIT_K", "never")
-    with pytest.raises(RuntimeError, match="FASTINFER_FP8_SPLIT_K must be auto or off"):
-        ops.fp8_scaled_mm(a, b, sa, sb)
-
-
-@pytest.mark.cuda
-@pytest.mark.sm90
-def test_unknown_fp8_tile_is_refused(monkeypatch, gen):
+@pytest.mark.parametrize("variable, value, choices", [("FASTINFER_FP8_GEMM_TILE", "256x128", "128x128 or 128x256"),
+                                                      ("FASTINFER_FP8_SPLIT_K", "never", "auto or off")])
+def test_unknown_fp8_setting_is_refused(monkeypatch, gen, variable, value, choices):
     a, b, sa, sb = fp8_operands(100, 64, 128, "row", "cuda", gen)
-    monkeypatch.setenv("FASTINFER_FP8_GEMM_TILE", "256x128")
-    with pytest.raises(RuntimeError, match="FASTINFER_FP8_GEMM_TILE must be 128x128 or 128x256"):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(RuntimeError, match=f"{variable} must be {choices}"):
         ops.fp8_scaled_mm(a, b, sa, sb)

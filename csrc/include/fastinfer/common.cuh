@@ -142,4 +142,41 @@ cudaError_t launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, 
 // For fastinfer._C (module.cpp, a host-only translation unit); defined in csrc/cuda/layers.cu.
 long long pdl_launch_count();
 
+// ---- thread-block clusters (split-K reductions through distributed shared memory) -------------
+
+// A launch configuration whose CTAs form 1-D clusters of cluster_x (no cluster attribute for 1).
+// Holds the attribute it points to: not copyable.
+struct ClusterLaunch {
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute attribute[1] = {};
+  ClusterLaunch(dim3 grid, int threads, size_t smem, cudaStream_t stream, int cluster_x) {
+    config.gridDim = grid;
+    config.blockDim = dim3(static_cast<unsigned>(threads), 1, 1);
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = static_cast<unsigned>(cluster_x);
+    attribute[0].val.clusterDim.y = 1;
+    attribute[0].val.clusterDim.z = 1;
+    config.attrs = attribute;
+    config.numAttrs = cluster_x > 1 ? 1 : 0;
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;
+  ClusterLaunch& operator=(const ClusterLaunch&) = delete;
+};
+
+// How many clusters of cluster_x CTAs of `kernel` (threads, smem bytes of dynamic shared memory, whose
+// attribute the caller has set) can be resident at once; 0 when that size cannot be scheduled.
+template <typename Kernel>
+int max_active_clusters(Kernel kernel, int threads, size_t smem, int cluster_x) {
+  ClusterLaunch launch(dim3(static_cast<unsigned>(cluster_x)), threads, smem, nullptr, cluster_x);
+  launch.config.numAttrs = 1;
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.config) != cudaSuccess) {
+    (void)cudaGetLastError();  // an unschedulable size is an answer here, not an error for the next launch
+    return 0;
+  }
+  return clusters;
+}
+
 }  // namespace fastinfer

@@ -126,23 +126,19 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_mma_kernel(const Pr
   T* sV = sK + kKeys * kHeadDim;
   uint8_t* stage = reinterpret_cast<uint8_t*>(sV + kKeys * kHeadDim);  // FP8 only: e4m3 K or V tile
 
-  TileCoord coord;
-  if (!locate_tile<kBlockM>(p.cu_seqlens_q, p.batch, blockIdx.x, coord)) return;  // uniform over the CTA
+  QueryTile qt;
+  if (!locate_query_tile<kBlockM>(p, blockIdx.x, qt)) return;  // uniform over the CTA
   const int head = blockIdx.y;
   const int kv_head = head / (p.num_heads / p.num_kv_heads);
-  const int q_begin = p.cu_seqlens_q[coord.seq];
-  const int q_len = p.cu_seqlens_q[coord.seq + 1] - q_begin;
-  const int m0 = coord.tile * kBlockM;                   // first query row of the tile, in the sequence
-  const int num_rows = min(kBlockM, q_len - m0);
-  const int first_pos = p.seq_lens[coord.seq] - q_len + m0;  // position of query row m0
-  const int key_end = first_pos + num_rows;              // keys any row of the tile can see
+  const int64_t row0 = qt.row0;                          // the tile's first query row in the batch
+  const int num_rows = qt.num_rows, first_pos = qt.first_pos, key_end = qt.key_end;
   const int num_kv_tiles = ceil_div(key_end, kKeys);
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int block_shift = __ffs(p.block_size) - 1;
   const int64_t token_stride = static_cast<int64_t>(p.num_kv_heads) * kHeadDim;
   const C* cache_head = static_cast<const C*>(p.kv_cache) + static_cast<int64_t>(kv_head) * kHeadDim;
-  const int32_t* block_table = p.block_tables + coord.seq * p.block_table_stride;
+  const int32_t* block_table = p.block_tables + qt.seq * p.block_table_stride;
   const float scale_log2 = p.scale * kLog2e * (kFp8 ? p.kv_scale[0] : 1.0f);  // k_scale folded in
   // K (kv = 0) or V (kv = 1) tile starting at key0 into `tile`: directly, or for an e4m3 cache into
   // the staging tile, which finish_tile (after this thread's cp.async wait) converts into `tile`.
@@ -158,7 +154,7 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_mma_kernel(const Pr
     if constexpr (kFp8) convert_kv_tile_fp8<T, kHeadDim, kKeys>(tile, stage);
   };
 
-  load_query_tile<T, kHeadDim, kBlockM>(sQ, p, static_cast<int64_t>(q_begin) + m0, num_rows, head);
+  load_query_tile<T, kHeadDim, kBlockM>(sQ, p, row0, num_rows, head);
   start_tile(sK, 0, 0);
   cp_async_commit();
   cp_async_wait_all();
@@ -251,7 +247,7 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_mma_kernel(const Pr
       for (int i = 0; i < 2; ++i) {
         const int row = q_row0 + mb * 16 + lane / 4 + i * 8;
         if (lane % 4 == 0 && row < num_rows) {
-          p.lse[(static_cast<int64_t>(q_begin) + m0 + row) * p.num_heads + head] = lse[i];
+          p.lse[(row0 + row) * p.num_heads + head] = lse[i];
         }
       }
     }
@@ -273,7 +269,7 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_mma_kernel(const Pr
     const int i = it * kWarpSize + lane;
     const int row = q_row0 + i / kChunks, c = i % kChunks;
     if (row < num_rows) {
-      *reinterpret_cast<uint4*>(out + (static_cast<int64_t>(q_begin) + m0 + row) * p.out_token_stride + c * kChunk) =
+      *reinterpret_cast<uint4*>(out + (row0 + row) * p.out_token_stride + c * kChunk) =
           *reinterpret_cast<const uint4*>(sQ + swizzle<kHeadDim>(row, c));
     }
   }

@@ -150,16 +150,12 @@ __global__ void __launch_bounds__(kThreadsWs, 1) paged_prefill_wgmma_kernel(cons
   uint64_t* empty_k = full_v + kStages;
   uint64_t* empty_v = empty_k + kStages;
 
-  TileCoord coord;
-  if (!locate_tile<kRows>(p.cu_seqlens_q, p.batch, blockIdx.x, coord)) return;  // uniform over the CTA
+  QueryTile qt;
+  if (!locate_query_tile<kRows>(p, blockIdx.x, qt)) return;  // uniform over the CTA
   const int head = blockIdx.y;
   const int kv_head = head / (p.num_heads / p.num_kv_heads);
-  const int q_begin = p.cu_seqlens_q[coord.seq];
-  const int q_len = p.cu_seqlens_q[coord.seq + 1] - q_begin;
-  const int m0 = coord.tile * kRows;
-  const int num_rows = min(kRows, q_len - m0);
-  const int first_pos = p.seq_lens[coord.seq] - q_len + m0;  // position of query row m0
-  const int key_end = first_pos + num_rows;                  // keys any row of the tile can see
+  const int64_t row0 = qt.row0;  // the tile's first query row in the batch
+  const int num_rows = qt.num_rows, first_pos = qt.first_pos, key_end = qt.key_end;
   const int num_kv_tiles = ceil_div(key_end, kRows);
 
   if (threadIdx.x == 0) {
@@ -180,7 +176,7 @@ __global__ void __launch_bounds__(kThreadsWs, 1) paged_prefill_wgmma_kernel(cons
     const int block_shift = __ffs(p.block_size) - 1;
     const int64_t token_stride = static_cast<int64_t>(p.num_kv_heads) * kHeadDim;
     const T* cache_head = static_cast<const T*>(p.kv_cache) + static_cast<int64_t>(kv_head) * kHeadDim;
-    const int32_t* block_table = p.block_tables + coord.seq * p.block_table_stride;
+    const int32_t* block_table = p.block_tables + qt.seq * p.block_table_stride;
     // Copy groups in commit order: 2 n = K_n, 2 n + 1 = V_n. After committing group g a thread waits
     // until at most kLag groups are pending (cp.async.wait_group kLag: groups <= g - kLag have
     // landed), fences its copies for the async proxy and announces every landed group in order on
@@ -236,7 +232,7 @@ __global__ void __launch_bounds__(kThreadsWs, 1) paged_prefill_wgmma_kernel(cons
       const int r = wg_row0 + i / kChunks, c = i % kChunks;
       uint8_t* dst = smem + L::kQ + tile_offset(r, c);
       if (r < num_rows) {
-        cp_async_16(dst, query + (static_cast<int64_t>(q_begin) + m0 + r) * p.query_token_stride + c * kChunk);
+        cp_async_16(dst, query + (row0 + r) * p.query_token_stride + c * kChunk);
       } else {
         *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
       }
@@ -269,11 +265,7 @@ __global__ void __launch_bounds__(kThreadsWs, 1) paged_prefill_wgmma_kernel(cons
     wait_barrier(&full_k[s], parity);
     if (needed) {
       const uint32_t k_base = smem_base + L::kK + s * L::kTileBytes;
-#pragma unroll
-      for (int nb = 0; nb < kKeyBlocks; ++nb) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) wgmma::fence_operand(sc[nb][j]);
-      }
+      wgmma::fence_operands(sc);
       wgmma::fence();
 #pragma unroll
       for (int kk = 0; kk < kHeadDim / 16; ++kk) {
@@ -284,11 +276,7 @@ __global__ void __launch_bounds__(kThreadsWs, 1) paged_prefill_wgmma_kernel(cons
       }
       wgmma::commit_group();
       wgmma::wait_group<0>();
-#pragma unroll
-      for (int nb = 0; nb < kKeyBlocks; ++nb) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) wgmma::fence_operand(sc[nb][j]);
-      }
+      wgmma::fence_operands(sc);
     }
     __syncwarp();
     if (lane == 0) ptx::mbarrier_arrive(&empty_k[s]);
@@ -318,16 +306,8 @@ __global__ void __launch_bounds__(kThreadsWs, 1) paged_prefill_wgmma_kernel(cons
     wait_barrier(&full_v[s], parity);
     if (needed) {
       const uint32_t v_base = smem_base + L::kV + s * L::kTileBytes;
-#pragma unroll
-      for (int db = 0; db < kDimBlocks; ++db) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) wgmma::fence_operand(o[db][j]);
-      }
-#pragma unroll
-      for (int kk = 0; kk < kRows / 16; ++kk) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) wgmma::fence_operand(pa[kk][j]);  // packed before the fence
-      }
+      wgmma::fence_operands(o);
+      wgmma::fence_operands(pa);  // packed before the fence
       wgmma::fence();
 #pragma unroll
       for (int kk = 0; kk < kRows / 16; ++kk) {
@@ -337,16 +317,8 @@ __global__ void __launch_bounds__(kThreadsWs, 1) paged_prefill_wgmma_kernel(cons
       }
       wgmma::commit_group();
       wgmma::wait_group<0>();
-#pragma unroll
-      for (int db = 0; db < kDimBlocks; ++db) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) wgmma::fence_operand(o[db][j]);
-      }
-#pragma unroll
-      for (int kk = 0; kk < kRows / 16; ++kk) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) wgmma::fence_operand(pa[kk][j]);  // read by the wgmma until here
-      }
+      wgmma::fence_operands(o);
+      wgmma::fence_operands(pa);  // read by the wgmma until here
     }
     __syncwarp();
     if (lane == 0) ptx::mbarrier_arrive(&empty_v[s]);
@@ -363,14 +335,14 @@ __global__ void __launch_bounds__(kThreadsWs, 1) paged_prefill_wgmma_kernel(cons
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       if (lane % 4 == 0 && row + 8 * i < num_rows) {
-        p.lse[(static_cast<int64_t>(q_begin) + m0 + row + 8 * i) * p.num_heads + head] = lse[i];
+        p.lse[(row0 + row + 8 * i) * p.num_heads + head] = lse[i];
       }
     }
   }
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     if (row + 8 * i >= num_rows) continue;
-    T* dst = out + (static_cast<int64_t>(q_begin) + m0 + row + 8 * i) * p.out_token_stride + (lane % 4) * 2;
+    T* dst = out + (row0 + row + 8 * i) * p.out_token_stride + (lane % 4) * 2;
 #pragma unroll
     for (int db = 0; db < kDimBlocks; ++db) {
       *reinterpret_cast<uint32_t*>(dst + db * 8) = pack2<T>(o[db][2 * i] * inv_sum[i], o[db][2 * i + 1] * inv_sum[i]);

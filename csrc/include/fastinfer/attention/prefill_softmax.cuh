@@ -59,14 +59,19 @@ struct OnlineSoftmax {
     }
   }
 
+  // The denominator of row i (l / 4 or l / 4 + 8): the quad's shares summed.
+  __device__ __forceinline__ float row_total(int i) const {
+    float sum = row_sum[i];
+    sum += __shfl_xor_sync(kFullMask, sum, 1);
+    return sum + __shfl_xor_sync(kFullMask, sum, 2);
+  }
+
   // log(sum over keys of exp(scale * q . k)) of rows l / 4 (i = 0) and l / 4 + 8 (i = 1): the scores
   // are in log2 units, so it is ln 2 * (max + log2(sum exp2(score - max))); -inf for a row without a key.
   __device__ __forceinline__ void log_sum_exp(float (&lse)[2]) const {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      float sum = row_sum[i];
-      sum += __shfl_xor_sync(kFullMask, sum, 1);
-      sum += __shfl_xor_sync(kFullMask, sum, 2);
+      const float sum = row_total(i);
       lse[i] = sum > 0.0f ? (row_max[i] + __log2f(sum)) * kLn2 : -INFINITY;
     }
   }
@@ -75,9 +80,7 @@ struct OnlineSoftmax {
   __device__ __forceinline__ void inverse_sums(float (&inv)[2]) const {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      float sum = row_sum[i];
-      sum += __shfl_xor_sync(kFullMask, sum, 1);
-      sum += __shfl_xor_sync(kFullMask, sum, 2);
+      const float sum = row_total(i);
       inv[i] = sum > 0.0f ? 1.0f / sum : 0.0f;
     }
   }

@@ -339,6 +339,30 @@ __device__ __forceinline__ bool locate_tile(const int32_t* cu_seqlens_q, int bat
   return false;
 }
 
+// The query tile CTA t owns (locate_tile) and what follows from it. Returns false past the last tile.
+struct QueryTile {
+  int seq;          // sequence index
+  int64_t row0;     // the tile's first query row in the batch: cu_seqlens_q[seq] + its offset in the sequence
+  int num_rows;     // rows of the tile that exist (<= kBlockM; fewer in a sequence's last tile)
+  int first_pos;    // position of row row0 in its sequence (its context precedes it in the cache)
+  int key_end;      // keys any row of the tile can see: [0, key_end)
+};
+
+template <int kBlockM>
+__device__ __forceinline__ bool locate_query_tile(const PrefillParams& p, int t, QueryTile& q) {
+  TileCoord coord;
+  if (!locate_tile<kBlockM>(p.cu_seqlens_q, p.batch, t, coord)) return false;
+  const int q_begin = p.cu_seqlens_q[coord.seq];
+  const int q_len = p.cu_seqlens_q[coord.seq + 1] - q_begin;
+  const int m0 = coord.tile * kBlockM;
+  q.seq = coord.seq;
+  q.row0 = static_cast<int64_t>(q_begin) + m0;
+  q.num_rows = min(kBlockM, q_len - m0);
+  q.first_pos = p.seq_lens[coord.seq] - q_len + m0;
+  q.key_end = q.first_pos + q.num_rows;
+  return true;
+}
+
 // The 16-byte cp.async / vector stores of the tensor-core kernel need 16-byte aligned rows.
 inline bool rows_are_16_byte_aligned(const PrefillParams& p) {
   auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };

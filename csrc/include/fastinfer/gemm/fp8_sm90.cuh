@@ -388,23 +388,7 @@ const ClusterLimits& cluster_limits() {
       return l;
     }
     for (int splits = 2; splits <= kMaxSplits; ++splits) {
-      cudaLaunchConfig_t config = {};
-      config.gridDim = dim3(splits, 1, 1);
-      config.blockDim = dim3(Cfg::kThreads, 1, 1);
-      config.dynamicSmemBytes = Cfg::kSmemBytes;
-      cudaLaunchAttribute attribute[1];
-      attribute[0].id = cudaLaunchAttributeClusterDimension;
-      attribute[0].val.clusterDim.x = splits;
-      attribute[0].val.clusterDim.y = 1;
-      attribute[0].val.clusterDim.z = 1;
-      config.attrs = attribute;
-      config.numAttrs = 1;
-      int clusters = 0;
-      if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
-        (void)cudaGetLastError();  // an unschedulable size is an answer here, not an error for the next launch
-        clusters = 0;
-      }
-      l.max_clusters[splits] = clusters;
+      l.max_clusters[splits] = max_active_clusters(kernel, Cfg::kThreads, Cfg::kSmemBytes, splits);
     }
     return l;
   }();
@@ -437,20 +421,10 @@ cudaError_t run(const Fp8GemmParams& p, cudaStream_t stream) {
   FI_CUDA_TRY(make_tensor_map(&map_y, Cfg::kSwapAB ? p.a : p.b, Cfg::kSwapAB ? p.M : p.N, p.K, Cfg::kBlockQ));
   auto* kernel = fp8_gemm_kernel<Cfg, OutT>;
   FI_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
-  cudaLaunchConfig_t config = {};
   // Persistent (one CTA per SM at most) without a split; one CTA per unit, clusters of `splits`, with.
-  config.gridDim = dim3(static_cast<unsigned>(s.splits > 1 ? s.num_units() : std::min(s.num_units(), p.num_sms)));
-  config.blockDim = dim3(Cfg::kThreads, 1, 1);
-  config.dynamicSmemBytes = Cfg::kSmemBytes;
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = static_cast<unsigned>(s.splits);
-  attribute[0].val.clusterDim.y = 1;
-  attribute[0].val.clusterDim.z = 1;
-  config.attrs = attribute;
-  config.numAttrs = s.splits > 1 ? 1 : 0;  // a plain launch without a split
-  FI_CUDA_TRY(cudaLaunchKernelEx(&config, kernel, map_x, map_y, p, s));
+  const ClusterLaunch launch(dim3(static_cast<unsigned>(s.splits > 1 ? s.num_units() : std::min(s.num_units(), p.num_sms))),
+                             Cfg::kThreads, Cfg::kSmemBytes, stream, s.splits);
+  FI_CUDA_TRY(cudaLaunchKernelEx(&launch.config, kernel, map_x, map_y, p, s));
   return cudaSuccess;
 }
 

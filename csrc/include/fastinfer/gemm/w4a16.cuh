@@ -380,23 +380,7 @@ cudaError_t query_occupancy(Occupancy* occ) {
   }
   FI_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ->blocks_per_sm, kernel, kThreads, C::kSmemBytes));
   for (int splits = 1; splits <= kMaxSplits; ++splits) {
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(splits, 1, 1);
-    config.blockDim = dim3(kThreads, 1, 1);
-    config.dynamicSmemBytes = C::kSmemBytes;
-    cudaLaunchAttribute attribute[1];
-    attribute[0].id = cudaLaunchAttributeClusterDimension;
-    attribute[0].val.clusterDim.x = splits;
-    attribute[0].val.clusterDim.y = 1;
-    attribute[0].val.clusterDim.z = 1;
-    config.attrs = attribute;
-    config.numAttrs = 1;
-    int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
-      (void)cudaGetLastError();  // an unschedulable size is an answer here, not an error for the next launch
-      clusters = 0;
-    }
-    occ->splits_ok[splits] = splits == 1 || clusters > 0;
+    occ->splits_ok[splits] = splits == 1 || max_active_clusters(kernel, kThreads, C::kSmemBytes, splits) > 0;
   }
   return cudaSuccess;
 }
@@ -424,19 +408,9 @@ cudaError_t launch_tiles(const W4A16Params& p, int m_blocks, cudaStream_t stream
   splits = max(1, min(splits, min(kMaxSplits, shape.total_stages)));
   while (splits > 1 && !occ.splits_ok[splits]) --splits;
 
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(splits, m_blocks, n_tiles);
-  config.blockDim = dim3(kThreads, 1, 1);
-  config.dynamicSmemBytes = C::kSmemBytes;
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = splits;
-  attribute[0].val.clusterDim.y = 1;
-  attribute[0].val.clusterDim.z = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, w4a16_kernel<T, MT, kMode>, p, shape);
+  ClusterLaunch launch(dim3(splits, m_blocks, n_tiles), kThreads, C::kSmemBytes, stream, splits);
+  launch.config.numAttrs = 1;  // a cluster launch even for 1 split: the kernel's cluster.sync() always runs
+  return cudaLaunchKernelEx(&launch.config, w4a16_kernel<T, MT, kMode>, p, shape);
 }
 
 template <typename T, Int4Mode kMode>

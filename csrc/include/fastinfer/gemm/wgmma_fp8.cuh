@@ -12,6 +12,15 @@ namespace fastinfer::wgmma {
 // warpgroup_fence_operand does): the compiler may not move reads or writes of `reg` across it.
 __device__ __forceinline__ void fence_operand(float& reg) { asm volatile("" : "+f"(reg)::"memory"); }
 __device__ __forceinline__ void fence_operand(uint32_t& reg) { asm volatile("" : "+r"(reg)::"memory"); }
+// Every register of a fragment array (accumulators [N / 8][4], A fragments [k-steps][4]).
+template <typename R, int kRows, int kCols>
+__device__ __forceinline__ void fence_operands(R (&regs)[kRows][kCols]) {
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+#pragma unroll
+    for (int j = 0; j < kCols; ++j) fence_operand(regs[i][j]);
+  }
+}
 
 __device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void commit_group() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
