@@ -70,3 +70,13 @@ def test_wgmma_prefill_is_hgmma(sass):
         assert hgmma.count("128") >= head_dim // 16 and len(transposed) == 8, (name, hgmma)
         assert "USETMAXREG" in body and "LDGSTS" in body, name
         assert not re.search(r"\b(LDL|STL)\b", body), f"local memory (spills) in {name}"
+
+
+def test_no_kernel_touches_local_memory(sass):
+    """No register spills (nor local arrays) anywhere: a spill shows in SASS as STL / LDL. Issue 5
+    asks this of the attention kernels; it holds for every kernel of the extension (127 at the
+    time of writing), so a change that starts spilling fails CI, not only a GPU visit's ptxas check."""
+    spilling = sorted(name for name, body in sass.items() if re.search(r"\b(LDL|STL)\b", body))
+    assert not spilling, spilling
+    attention = [n for n in sass if "prefill" in n or "decode" in n]
+    assert len(attention) >= 20, sorted(sass)  # the attention kernels are among those checked
