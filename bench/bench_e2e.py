@@ -263,7 +263,8 @@ def chart_from(path: Path) -> int:
         print(problem)
         return 1
     frag["chart"] = chart.name
-    frag["notes"] = [n for n in frag.get("notes", []) if not n.startswith("no chart")] + [f"chart: {chart.name}"]
+    frag["notes"] = [n for n in frag.get("notes", []) if not n.startswith(("no chart", "chart:"))] + \
+        [f"chart: {chart.name}"]
     path.write_text(json.dumps(frag, indent=1) + "\n")
     print(f"wrote {chart}")
     return 0

@@ -16,21 +16,17 @@ bool is_16_byte_aligned(const at::Tensor& t) {
          t.stride(1) % elements_per_16_bytes == 0;
 }
 
-// The sm_90a kernel: built (FASTINFER_HAS_SM90), a Hopper GPU, 16-bit query over a plain cache.
-bool wgmma_applies(const at::Tensor& query, const float* kv_scale) {
 #ifdef FASTINFER_HAS_SM90
+// The sm_90a kernel applies: a Hopper GPU, a 16-bit query over a plain cache.
+bool wgmma_applies(const at::Tensor& query, const float* kv_scale) {
   if (kv_scale != nullptr || query.scalar_type() == at::kFloat) return false;
   int major = 0, minor = 0;
   const int device = query.get_device();
   return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
          cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess && major == 9 &&
          minor == 0;
-#else
-  (void)query;
-  (void)kv_scale;
-  return false;
-#endif
 }
+#endif
 
 // kOp names the op in messages; kv_scale nullptr for the plain op.
 void prefill(const char* kOp, at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
@@ -92,10 +88,14 @@ void prefill(const char* kOp, at::Tensor& out, const at::Tensor& query, const at
   // wgmma = the sm_90a kernel of prefill_sm90.cuh wherever it applies (a bf16 / fp16 plain cache on an
   // sm_90 GPU, in a build with 90a), mma elsewhere.
   const bool wgmma = env_choice(kOp, "FASTINFER_PREFILL_KERNEL", {"auto", "mma", "wgmma"}) == 2;
+#ifdef FASTINFER_HAS_SM90  // launch_paged_prefill_wgmma exists only in builds with 90a
   if (wgmma && wgmma_applies(query, kv_scale_ptr)) {
     check_launch(launch_paged_prefill_wgmma(p, stream_of(query)), kOp);
     return;
   }
+#else
+  (void)wgmma;
+#endif
   check_launch(launch_paged_prefill_attention(p, stream_of(query)), kOp);
 }
 
