@@ -241,15 +241,8 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_mma_kernel(const Pr
     float inv_sum[2];
     softmax[mb].inverse_sums(inv_sum);
     if (p.lse != nullptr) {
-      float lse[2];
-      softmax[mb].log_sum_exp(lse);
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int row = q_row0 + mb * 16 + lane / 4 + i * 8;
-        if (lane % 4 == 0 && row < num_rows) {
-          p.lse[(row0 + row) * p.num_heads + head] = lse[i];
-        }
-      }
+      softmax[mb].store_log_sum_exp(p.lse + row0 * p.num_heads + head, p.num_heads, q_row0 + mb * 16 + lane / 4,
+                                    num_rows, lane);
     }
 #pragma unroll
     for (int db = 0; db < kDimBlocks; ++db) {
@@ -389,9 +382,7 @@ cudaError_t launch_for_head_dim(const PrefillParams& p, cudaStream_t stream) {
 
 inline cudaError_t launch_paged_prefill_attention_impl(const PrefillParams& p, cudaStream_t stream) {
   if (p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;
-  if (p.batch <= 0 || p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads != 0 || p.num_heads > 65535 ||
-      p.block_size <= 0 || (p.block_size & (p.block_size - 1)) != 0 ||
-      (p.block_m != 0 && p.block_m != 64 && p.block_m != 128)) {
+  if (prefill::invalid_shape(p) || (p.block_m != 0 && p.block_m != 64 && p.block_m != 128)) {
     return cudaErrorInvalidValue;
   }
   if (p.dtype != DType::kFloat32 && !prefill::rows_are_16_byte_aligned(p)) return cudaErrorMisalignedAddress;

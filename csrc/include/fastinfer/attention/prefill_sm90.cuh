@@ -83,13 +83,6 @@ __device__ __forceinline__ uint32_t tile_offset(int r, int c) {
   return (c / 8) * (kRows * kRowBytes) + r * kRowBytes + (((c % 8) ^ (r % 8)) << 4);
 }
 
-// wgmma matrix descriptor, 128-byte swizzle: start address, leading / stride byte offsets (>> 4
-// each), layout type 1 (bits 62-63).
-__device__ __forceinline__ uint64_t make_desc(uint32_t smem_address, uint32_t leading_bytes, uint32_t stride_bytes) {
-  return static_cast<uint64_t>((smem_address & 0x3FFFF) >> 4) | (static_cast<uint64_t>(leading_bytes >> 4) << 16) |
-         (static_cast<uint64_t>(stride_bytes >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
-}
-
 __device__ __forceinline__ void wait_barrier(uint64_t* bar, uint32_t parity) {
   while (!ptx::mbarrier_try_wait_parity(bar, parity)) {
   }
@@ -271,7 +264,8 @@ __global__ void __launch_bounds__(kThreadsWs, 1) paged_prefill_wgmma_kernel(cons
       for (int kk = 0; kk < kHeadDim / 16; ++kk) {
         // 16 elements = 32 bytes of each row: column block kk / 4, offset 32 (kk % 4) inside it.
         const uint32_t offset = (kk / 4) * L::kBlockBytes + (kk % 4) * 32;
-        wgmma::mma_ss<kRows, T>(sc, make_desc(q_base + offset, 16, kAtom), make_desc(k_base + offset, 16, kAtom),
+        wgmma::mma_ss<kRows, T>(sc, wgmma::smem_desc_sw128(q_base + offset, 16, kAtom),
+                                wgmma::smem_desc_sw128(k_base + offset, 16, kAtom),
                                 kk > 0);
       }
       wgmma::commit_group();
@@ -295,12 +289,7 @@ __global__ void __launch_bounds__(kThreadsWs, 1) paged_prefill_wgmma_kernel(cons
       }
       softmax.update(sc, o);
 #pragma unroll
-      for (int kk = 0; kk < kRows / 16; ++kk) {
-        pa[kk][0] = pack2<T>(sc[2 * kk][0], sc[2 * kk][1]);
-        pa[kk][1] = pack2<T>(sc[2 * kk][2], sc[2 * kk][3]);
-        pa[kk][2] = pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-        pa[kk][3] = pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
-      }
+      for (int kk = 0; kk < kRows / 16; ++kk) c_to_a_fragment<T>(pa[kk], sc[2 * kk], sc[2 * kk + 1]);
     }
 
     wait_barrier(&full_v[s], parity);
@@ -313,7 +302,8 @@ __global__ void __launch_bounds__(kThreadsWs, 1) paged_prefill_wgmma_kernel(cons
       for (int kk = 0; kk < kRows / 16; ++kk) {
         // Keys 16 kk .. 16 kk + 15: two 8-row groups from 16 kk * 128 bytes on; head_dim blocks of 64
         // columns kBlockBytes apart (the leading byte offset), 8-key groups kAtom apart (the stride).
-        wgmma::mma_rs_tb<kHeadDim, T>(o, pa[kk], make_desc(v_base + kk * 16 * kRowBytes, L::kBlockBytes, kAtom), 1);
+        wgmma::mma_rs_tb<kHeadDim, T>(o, pa[kk],
+                                      wgmma::smem_desc_sw128(v_base + kk * 16 * kRowBytes, L::kBlockBytes, kAtom), 1);
       }
       wgmma::commit_group();
       wgmma::wait_group<0>();
@@ -329,16 +319,7 @@ __global__ void __launch_bounds__(kThreadsWs, 1) paged_prefill_wgmma_kernel(cons
   softmax.inverse_sums(inv_sum);
   T* out = static_cast<T*>(p.out) + head * p.out_head_stride;
   const int row = wg_row0 + warp * 16 + lane / 4;
-  if (p.lse != nullptr) {
-    float lse[2];
-    softmax.log_sum_exp(lse);
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      if (lane % 4 == 0 && row + 8 * i < num_rows) {
-        p.lse[(row0 + row + 8 * i) * p.num_heads + head] = lse[i];
-      }
-    }
-  }
+  if (p.lse != nullptr) softmax.store_log_sum_exp(p.lse + row0 * p.num_heads + head, p.num_heads, row, num_rows, lane);
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     if (row + 8 * i >= num_rows) continue;
@@ -371,10 +352,7 @@ cudaError_t launch(const PrefillParams& p, cudaStream_t stream) {
 // (the caller runs launch_paged_prefill_attention for those).
 inline cudaError_t launch_paged_prefill_wgmma_impl(const PrefillParams& p, cudaStream_t stream) {
   if (p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;
-  if (p.kv_scale != nullptr || p.batch <= 0 || p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads != 0 ||
-      p.num_heads > 65535 || p.block_size <= 0 || (p.block_size & (p.block_size - 1)) != 0) {
-    return cudaErrorInvalidValue;
-  }
+  if (p.kv_scale != nullptr || prefill::invalid_shape(p)) return cudaErrorInvalidValue;
   if (!prefill::rows_are_16_byte_aligned(p)) return cudaErrorMisalignedAddress;
   const bool d128 = p.head_dim == 128;
   if (!d128 && p.head_dim != 64) return cudaErrorInvalidValue;

@@ -76,6 +76,18 @@ struct OnlineSoftmax {
     }
   }
 
+  // lse[r * stride] <- log_sum_exp of the rows r = row, row + 8 (this lane's two, row = l / 4 of its
+  // row block) that are < num_rows; one lane of each quad stores.
+  __device__ __forceinline__ void store_log_sum_exp(float* lse, int64_t stride, int row, int num_rows,
+                                                    int lane) const {
+    float value[2];
+    log_sum_exp(value);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      if (lane % 4 == 0 && row + 8 * i < num_rows) lse[(row + 8 * i) * stride] = value[i];
+    }
+  }
+
   // 1 / denominator of rows l / 4 (i = 0) and l / 4 + 8 (i = 1); 0 for a row without any key.
   __device__ __forceinline__ void inverse_sums(float (&inv)[2]) const {
 #pragma unroll

@@ -85,6 +85,16 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
+// The C fragments (fp32) of two consecutive n8 key blocks are, element for element, the A fragment
+// (16-bit) of one k16 step: mma.m16n8k16's and wgmma m64k16's register layout alike.
+template <typename T>
+__device__ __forceinline__ void c_to_a_fragment(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
+  a[0] = pack2<T>(lo[0], lo[1]);
+  a[1] = pack2<T>(lo[2], lo[3]);
+  a[2] = pack2<T>(hi[0], hi[1]);
+  a[3] = pack2<T>(hi[2], hi[3]);
+}
+
 // ---- shared-memory tiles -----------------------------------------------------------------------
 
 // Element offset of 16-byte chunk `chunk` of row `row` in a [rows][kHeadDim] swizzled tile.
@@ -217,10 +227,8 @@ __device__ __forceinline__ void accumulate_pv(float (&o)[kHeadDim / 8][4], const
   const int chunk_in_pair = lane / 16;
 #pragma unroll
   for (int kk = 0; kk < kBlockN / 16; ++kk) {
-    // The C fragments of key blocks 2kk, 2kk+1 are, element for element, the A fragment of k-step kk.
-    const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                           pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                           pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+    uint32_t a[4];
+    c_to_a_fragment<T>(a, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
     for (int dp = 0; dp < kHeadDim / 16; ++dp) {
       uint32_t b[4];
@@ -282,12 +290,7 @@ __device__ __forceinline__ void accumulate_pv_blocks(float (&o)[kMB][kHeadDim / 
   for (int kk = 0; kk < kNB / 2; ++kk) {
     uint32_t a[kMB][4];
 #pragma unroll
-    for (int mb = 0; mb < kMB; ++mb) {
-      a[mb][0] = pack2<T>(s[mb][2 * kk][0], s[mb][2 * kk][1]);
-      a[mb][1] = pack2<T>(s[mb][2 * kk][2], s[mb][2 * kk][3]);
-      a[mb][2] = pack2<T>(s[mb][2 * kk + 1][0], s[mb][2 * kk + 1][1]);
-      a[mb][3] = pack2<T>(s[mb][2 * kk + 1][2], s[mb][2 * kk + 1][3]);
-    }
+    for (int mb = 0; mb < kMB; ++mb) c_to_a_fragment<T>(a[mb], s[mb][2 * kk], s[mb][2 * kk + 1]);
 #pragma unroll
     for (int dp = 0; dp < kHeadDim / 16; ++dp) {
       uint32_t b[4];
@@ -361,6 +364,12 @@ __device__ __forceinline__ bool locate_query_tile(const PrefillParams& p, int t,
   q.first_pos = p.seq_lens[coord.seq] - q_len + m0;
   q.key_end = q.first_pos + q.num_rows;
   return true;
+}
+
+// Parameters no prefill kernel takes (block_m is the mma kernel's own).
+inline bool invalid_shape(const PrefillParams& p) {
+  return p.batch <= 0 || p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads != 0 || p.num_heads > 65535 ||
+         p.block_size <= 0 || (p.block_size & (p.block_size - 1)) != 0;
 }
 
 // The 16-byte cp.async / vector stores of the tensor-core kernel need 16-byte aligned rows.

@@ -113,9 +113,7 @@ __device__ __forceinline__ Unit unit_at(const Schedule& s, int u) {
 // byte offset unused for swizzled K-major (1), stride byte offset 1024 (between 8-row atoms),
 // layout type 1 = SWIZZLE_128B. Stepping K by 32 bytes inside the 128-byte row adds 2 to the start.
 __device__ __forceinline__ uint64_t smem_desc(const void* smem) {
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1) << 16) |
-         (static_cast<uint64_t>(kSwizzleAtom >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
+  return wgmma::smem_desc_sw128(static_cast<uint32_t>(__cvta_generic_to_shared(smem)), 16, kSwizzleAtom);
 }
 
 __device__ __forceinline__ void wait_barrier(uint64_t* bar, uint32_t parity) {
@@ -209,19 +207,21 @@ __device__ __forceinline__ void reduce_split_k(const float (&acc)[Cfg::kBlockQ /
     }
   }
   cluster_barrier();
-  const int rank = static_cast<int>(cooperative_groups::this_cluster().block_rank());
+  const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
   OutT* out = static_cast<OutT*>(p.out);
   const OutT* bias = static_cast<const OutT*>(p.bias);
   for (int idx = rank * Cfg::kConsumers * kWarpgroup + t; idx < Cfg::kBlockP * Cfg::kBlockQ;
        idx += splits * Cfg::kConsumers * kWarpgroup) {
     const int row = Cfg::kSwapAB ? idx % Cfg::kBlockP : idx / Cfg::kBlockQ;
     const int col = Cfg::kSwapAB ? idx / Cfg::kBlockP : idx % Cfg::kBlockQ;
-    const int64_t pp = static_cast<int64_t>(w.p) * Cfg::kBlockP + row, qq = static_cast<int64_t>(w.q) * Cfg::kBlockQ + col;
+    const int64_t pp = static_cast<int64_t>(w.p) * Cfg::kBlockP + row;
+    const int64_t qq = static_cast<int64_t>(w.q) * Cfg::kBlockQ + col;
     const int64_t m = Cfg::kSwapAB ? qq : pp, n = Cfg::kSwapAB ? pp : qq;
     if (m >= p.M || n >= p.N) continue;
     float sum = 0.0f;
     for (int r = 0; r < splits; ++r) {
-      sum += cooperative_groups::this_cluster().map_shared_rank(tile, r)[row * kStride + col];
+      sum += cluster.map_shared_rank(tile, r)[row * kStride + col];
     }
     float v = sum * p.scale_a[p.scale_a_per_token ? m : 0] * p.scale_b[p.scale_b_per_channel ? n : 0];
     if (bias != nullptr) v += to_float(bias[n]);
@@ -422,8 +422,8 @@ cudaError_t run(const Fp8GemmParams& p, cudaStream_t stream) {
   auto* kernel = fp8_gemm_kernel<Cfg, OutT>;
   FI_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
   // Persistent (one CTA per SM at most) without a split; one CTA per unit, clusters of `splits`, with.
-  const ClusterLaunch launch(dim3(static_cast<unsigned>(s.splits > 1 ? s.num_units() : std::min(s.num_units(), p.num_sms))),
-                             Cfg::kThreads, Cfg::kSmemBytes, stream, s.splits);
+  const int grid = s.splits > 1 ? s.num_units() : std::min(s.num_units(), p.num_sms);
+  const ClusterLaunch launch(dim3(static_cast<unsigned>(grid)), Cfg::kThreads, Cfg::kSmemBytes, stream, s.splits);
   FI_CUDA_TRY(cudaLaunchKernelEx(&launch.config, kernel, map_x, map_y, p, s));
   return cudaSuccess;
 }

@@ -1,6 +1,6 @@
 // wgmma.mma_async for 16-bit inputs (bf16 / fp16, fp32 accumulators) as the sm_90a prefill uses it:
 //   mma_ss<N, T>:    D[64 x N] (+)= A[64 x 16] * B[16 x N], A and B in shared memory, both K-major
-//                    (S = Q K^T: Q rows and K rows have head_dim contiguous).
+//                    (S = Q K^T over 128 keys: N = 128 only; Q rows and K rows have head_dim contiguous).
 //   mma_rs_tb<N, T>: D[64 x N] (+)= A[64 x 16] * B[16 x N], A in registers (the m64k16 fragment: warp
 //                    w of the warpgroup holds rows 16 w .. 16 w + 15 exactly as mma.m16n8k16's A), B in
 //                    shared memory MN-major ("transposed": O += P V with V rows = keys, head_dim
@@ -25,24 +25,6 @@ __device__ __forceinline__ void mma_rs_tb(float (&d)[N / 8][4], const uint32_t (
                                           int scale_d);
 
 template <>
-__device__ __forceinline__ void mma_ss<64, __nv_bfloat16>(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b,
-                                               int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "
-        "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31 "
-      "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
-        "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
-        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),
-        "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
-        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
-        "+f"(d[7][2]), "+f"(d[7][3])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-}
-
-template <>
 __device__ __forceinline__ void mma_rs_tb<64, __nv_bfloat16>(float (&d)[8][4], const uint32_t (&a)[4],
                                                   uint64_t desc_b, int scale_d) {
   asm volatile(
@@ -58,24 +40,6 @@ __device__ __forceinline__ void mma_rs_tb<64, __nv_bfloat16>(float (&d)[8][4], c
         "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
         "+f"(d[7][2]), "+f"(d[7][3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
-}
-
-template <>
-__device__ __forceinline__ void mma_ss<64, __half>(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b,
-                                               int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "
-        "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31 "
-      "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
-        "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
-        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),
-        "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
-        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
-        "+f"(d[7][2]), "+f"(d[7][3])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
 
 template <>

@@ -22,6 +22,15 @@ __device__ __forceinline__ void fence_operands(R (&regs)[kRows][kCols]) {
   }
 }
 
+// Matrix descriptor of a shared-memory operand with the 128-byte swizzle: start address, leading and
+// stride byte offsets (each >> 4), layout type 1 (bits 62-63). K-major: leading unused (16), stride
+// = 1024 between 8-row atoms; MN-major: leading = bytes between 64-element column blocks.
+__device__ __forceinline__ uint64_t smem_desc_sw128(uint32_t smem_address, uint32_t leading_bytes,
+                                                    uint32_t stride_bytes) {
+  return static_cast<uint64_t>((smem_address & 0x3FFFF) >> 4) | (static_cast<uint64_t>(leading_bytes >> 4) << 16) |
+         (static_cast<uint64_t>(stride_bytes >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
+}
+
 __device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void commit_group() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int kPending>
