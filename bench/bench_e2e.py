@@ -12,7 +12,8 @@ warm up, then --steps decode steps are timed on the host clock (each ends with t
 back on the host, so launch gaps, sampling and Python are inside the figure). fastinfer runs through
 its engine (LLM.engine.step), with CUDA graphs (the default) and with enforce_eager=True, and for bf16
 on a GPU also with FASTINFER_PDL=1 (programmatic dependent launch, csrc/include/fastinfer/common.cuh:
-off by default until this row shows it helps). HF runs
+off by default until this row shows it helps) and, at batches <= 16, with FASTINFER_FUSED_NORM=0 (a
+kernel per residual add + RMSNorm instead of their fusion into the GEMVs: what that fusion saves). HF runs
 model.generate for 1 and for 1 + steps new tokens (min_new_tokens = max), each twice, and the
 difference of the faster runs is its decode time: eager (dynamic cache), and in full mode static cache + torch.compile
 (generate compiles the forward itself when the cache is static: transformers' automatic compilation
@@ -368,24 +369,32 @@ def main(argv: list[str] | None = None) -> int:
             if bw:
                 roofline[q] = {b: b * bw / (weights + b * context * kv_token) for b in args.batches}
             notes.append(f"fastinfer {q}: {weights / 1e9:.2f} GB of weights read per decode step")
-            # (enforce_eager, FASTINFER_PDL): graphs; for bf16 on a GPU also graphs with programmatic dependent
-            # launch of the decode-path kernels (common.cuh; off by default until measured here) and the eager baseline.
-            variants = [(False, False)] + ([(False, True), (True, False)] if q == "bf16" else [])
-            for eager, pdl in variants:
-                if pdl and device.type != "cuda":
+            # (name suffix, enforce_eager, environment): graphs; for bf16 on a GPU also graphs with programmatic
+            # dependent launch of the decode-path kernels (common.cuh; off by default until measured here),
+            # graphs without the norms fused into the GEMVs (models/llama.py; batches <= 16 only, the
+            # others never fuse) and the eager baseline.
+            variants = [("", False, {})]
+            if q == "bf16":
+                variants += [(" + PDL", False, {"FASTINFER_PDL": "1"}), (" unfused norms", False, {"FASTINFER_FUSED_NORM": "0"}),
+                             (" eager", True, {})]
+            for suffix, eager, env in variants:
+                if env and device.type != "cuda":
                     continue
-                impl = f"fastinfer {q}" + (" eager" if eager else "") + (" + PDL" if pdl else "")
+                batches = [b for b in args.batches if b <= 16] if "FASTINFER_FUSED_NORM" in env else args.batches
+                if not batches:
+                    continue
+                impl = f"fastinfer {q}{suffix}"
                 max_len = args.prompt_len + args.steps + warm + 8
-                os.environ["FASTINFER_PDL"] = "1" if pdl else "0"  # read by the extension at every launch
+                os.environ.update({"FASTINFER_PDL": "0", **env})  # read at every launch / every forward
                 try:
                     blocks = max_batch * -(-max_len // 16) + 64
                     llm = LLM(loaded[q], num_blocks=blocks, max_num_seqs=max_batch, max_model_len=max_len,
                               max_num_batched_tokens=max(8192, args.prompt_len), enforce_eager=eager,
-                              cuda_graph_sizes=sorted(set(args.batches)))
+                              cuda_graph_sizes=sorted(set(batches)))
                 except Exception as exc:
                     record(impl, max_batch, error=f"LLM: {type(exc).__name__}: {exc}")
                     continue
-                for b in args.batches:
+                for b in batches:
                     try:
                         r = fastinfer_decode(llm, b, args.prompt_len, args.steps, warm)
                         if bw:
@@ -397,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                     except Exception as exc:
                         record(impl, b, error=f"{type(exc).__name__}: {exc}")
                 del llm
-                os.environ.pop("FASTINFER_PDL", None)
+                for name in ("FASTINFER_PDL", *env):
+                    os.environ.pop(name, None)
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -421,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         errors.append("interrupted (SIGINT, e.g. gpu_check's time limit): the rows are what was measured by then")
         print("ERROR", errors[-1])
-        os.environ.pop("FASTINFER_PDL", None)
+        for name in ("FASTINFER_PDL", "FASTINFER_FUSED_NORM"):
+            os.environ.pop(name, None)
 
     hf_rates = {(r["impl"], r["batch"]): r.get("tok_s") for r in rows}
     for r in rows:

@@ -11,6 +11,10 @@ run (a copy reads and writes, so a read-mostly stream can exceed 100%). "vs cuBL
 this time. Issue 9 needs >= 85% of the weight-bandwidth roofline for batch-1 decode, and batch-32
 decode needs ~88% at M = 32 (cuBLAS: ~67%). At M = 16 / 32 x is 1 / 2 x the W bytes each CTA
 reads (from L1 / L2, not DRAM): see the x-traffic note in csrc/include/fastinfer/gemm/gemv.cuh.
+Fused norms (models/llama.py, steps of <= 16 tokens): the q/k/v and gate / up rows also time
+rms_norm_dense_gemv (the RMSNorm applied while x is loaded; gate / up with its SwiGLU epilogue)
+against the pair it replaces, rms_norm then dense_gemv; the o and down rows dense_gemv_add_residual
+against dense_gemv then fused_add_rms_norm. "vs unfused" = the pair's time / the fused kernel's.
 Timing and L2 flushing: see bench/common.py.
 """
 from __future__ import annotations
@@ -24,21 +28,56 @@ SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "dow
 TOKENS = (1, 2, 4, 8, 16, 32)
 DTYPE = torch.bfloat16
 CUBLAS, OURS = "torch.matmul (cuBLAS)", "fastinfer dense_gemv"
+EPS = 1e-5
+# shape -> (fused impl, the unfused pair it replaces) for steps of <= 16 tokens (ops.GEMV_NORM_MAX_M)
+NORM_IMPLS = {"qkv": ("fastinfer rms_norm_dense_gemv", "rms_norm + dense_gemv"),
+              "gate_up": ("fastinfer rms_norm_dense_gemv (SwiGLU)", "rms_norm + dense_gemv_silu_mul"),
+              "o": ("fastinfer dense_gemv_add_residual", "dense_gemv + fused_add_rms_norm"),
+              "down": ("fastinfer dense_gemv_add_residual", "dense_gemv + fused_add_rms_norm")}
+
+
+def norm_impls(ops, name: str, weight: torch.Tensor, x: torch.Tensor, g: torch.Generator) -> dict:
+    """The fused-norm kernel of this projection and the unfused pair, as fn(x) for this x (else {})."""
+    m = x.shape[0]
+    if name not in NORM_IMPLS or m > ops.GEMV_NORM_MAX_M:
+        return {}
+    fused, pair = NORM_IMPLS[name]
+    n, k = weight.shape
+    if name in ("o", "down"):  # x: the attention / MLP output, added to a residual of N columns
+        residual = torch.randn(m, n, generator=g, device="cuda").to(DTYPE)
+        norm_w = torch.ones(n, dtype=DTYPE, device="cuda")
+
+        def unfused_residual(x):
+            hidden = ops.dense_gemv(x, weight)
+            ops.fused_add_rms_norm(hidden, residual, norm_w, EPS)
+            return hidden
+        return {fused: lambda x: ops.dense_gemv_add_residual(x, weight, residual), pair: unfused_residual}
+    # x: the residual stream; its sums of squares per 16 columns, as the previous projection leaves them
+    sums = x.float().pow(2).reshape(m, -1, ops.SQ_SUM_GROUP).sum(-1)
+    norm_w = torch.ones(k, dtype=DTYPE, device="cuda")
+    silu = name == "gate_up"
+
+    def unfused_norm(x):
+        normed = ops.rms_norm(x, norm_w, EPS)
+        return ops.dense_gemv_silu_mul(normed, weight) if silu else ops.dense_gemv(normed, weight)
+    return {fused: lambda x: ops.rms_norm_dense_gemv(x, sums, norm_w, EPS, weight, silu_mul=silu), pair: unfused_norm}
 
 
 def run_shape(ops, name: str, k: int, n: int, tokens, args, flush, copy_gbps: float, errors: list) -> list[dict]:
     g = torch.Generator(device="cuda").manual_seed(k + n)
     weight = (torch.randn(n, k, generator=g, device="cuda") * k ** -0.5).to(DTYPE)
-    impls = {CUBLAS: lambda x: torch.matmul(x, weight.t()), OURS: lambda x: ops.dense_gemv(x, weight)}
+    plain = {CUBLAS: lambda x: torch.matmul(x, weight.t()), OURS: lambda x: ops.dense_gemv(x, weight)}
     rows = []
     for m in tokens:
         x = torch.randn(m, k, generator=g, device="cuda").to(DTYPE)
         reference = x.float() @ weight.float().t()
+        fused = norm_impls(ops, name, weight, x, g)
+        impls = {**plain, **fused}
         times = {}
         for impl, fn in impls.items():
             try:
                 out = fn(x)
-                err = float((out.float() - reference).abs().max())
+                err = float((out.float() - reference).abs().max()) if impl in plain else None
                 t = common.time_cuda(lambda: fn(x), warmup=args.warmup, iters=args.iters, flush=flush)
             except Exception as exc:  # report and carry on: one failure must not hide the other rows
                 errors.append(f"{name} M={m} {impl}: {type(exc).__name__}: {exc}")
@@ -51,12 +90,17 @@ def run_shape(ops, name: str, k: int, n: int, tokens, args, flush, copy_gbps: fl
                          "bytes": nbytes, "gbps": bw, "frac_copy": bw / copy_gbps, "max_abs_err": err})
         for r in rows[-len(times):]:
             r["vs_cublas"] = times[CUBLAS] / r["us"] if CUBLAS in times else None
+        if fused:
+            fused_impl, pair = NORM_IMPLS[name]
+            for r in rows[-len(times):]:
+                if r["impl"] == fused_impl and pair in times:
+                    r["vs_unfused"] = times[pair] / r["us"]
     return rows
 
 
 COLUMNS = [("shape", "shape (K->N)", ""), ("m", "M", "d"), ("impl", "impl", ""), ("us", "time (us)", ".1f"),
            ("gbps", "GB/s", ".0f"), ("frac_copy", "of copy BW", ".1%"), ("vs_cublas", "vs cuBLAS", ".2f"),
-           ("max_abs_err", "max abs err vs fp32", ".2e")]
+           ("vs_unfused", "vs unfused", ".2f"), ("max_abs_err", "max abs err vs fp32", ".2e")]
 
 
 def main(argv: list[str] | None = None) -> int:

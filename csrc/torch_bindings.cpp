@@ -48,6 +48,15 @@ TORCH_LIBRARY(fastinfer, m) {
   m.def("dense_gemv(Tensor(a!) out, Tensor x, Tensor weight, Tensor? bias) -> ()");
   // Fused gate / up projection: out [M, F] = silu(x @ weight[:F]^T) * (x @ weight[F:]^T), weight [2 F, K].
   m.def("dense_gemv_silu_mul(Tensor(a!) out, Tensor x, Tensor weight) -> ()");
+  // A decode step's residual add + RMSNorm, split across the GEMVs around it. dense_gemv_add_residual:
+  // residual [M, N] += x @ weight^T (+ bias), and sq_sums [M, ceil(N / 16)] fp32 = the new residual's
+  // sums of squares per 16 columns. rms_norm_dense_gemv: dense_gemv (or, silu_mul, dense_gemv_silu_mul)
+  // of rms_norm(x, norm_weight, eps), with x's sums of squares taken from sq_sums.
+  m.def(
+      "dense_gemv_add_residual(Tensor(a!) residual, Tensor(b!) sq_sums, Tensor x, Tensor weight, Tensor? bias) -> ()");
+  m.def(
+      "rms_norm_dense_gemv(Tensor(a!) out, Tensor x, Tensor sq_sums, Tensor norm_weight, float eps, Tensor weight, "
+      "Tensor? bias, bool silu_mul) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {
@@ -69,4 +78,6 @@ TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {
   m.impl("int4_linear", &fastinfer::cpu::int4_linear);
   m.impl("dense_gemv", &fastinfer::cpu::dense_gemv);
   m.impl("dense_gemv_silu_mul", &fastinfer::cpu::dense_gemv_silu_mul);
+  m.impl("dense_gemv_add_residual", &fastinfer::cpu::dense_gemv_add_residual);
+  m.impl("rms_norm_dense_gemv", &fastinfer::cpu::rms_norm_dense_gemv);
 }

@@ -1,11 +1,16 @@
 // CPU reference: dense_gemv, out[M, N] = x[M, K] @ W[N, K]^T (+ bias[N]). Plain loops: each output
 // is one fp32 dot product (k in order), plus bias in fp32, rounded once to out's dtype. And
-// dense_gemv_silu_mul, defined as silu_and_mul(dense_gemv(x, W)).
+// dense_gemv_silu_mul, defined as silu_and_mul(dense_gemv(x, W)). And the two halves of a residual
+// add + RMSNorm split across the GEMVs around it: dense_gemv_add_residual (residual += dense_gemv,
+// plus sums of squares of the new residual per 16 columns) and rms_norm_dense_gemv (dense_gemv or
+// dense_gemv_silu_mul of rms_norm(x), 1 / rms taken from those sums).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
+#include <cmath>
 #include <optional>
 
 #include "cpu/ops.h"
@@ -52,6 +57,67 @@ void dense_gemv_silu_mul(at::Tensor& out, const at::Tensor& x, const at::Tensor&
   at::Tensor gate_up = at::empty({x.size(0), weight.size(0)}, x.options());
   dense_gemv(gate_up, x, weight, std::nullopt);
   silu_and_mul(out, gate_up);
+}
+
+constexpr int64_t kSqSumGroup = 16;  // kGemvSqSumGroup in gemm/gemv.h
+
+// residual[m, n] = round(residual + round(x @ W^T + bias)); sq_sums[m, j] = sum over columns
+// 16 j .. 16 j + 15 (in order) of the new residual squared, in fp32.
+void dense_gemv_add_residual(at::Tensor& residual, at::Tensor& sq_sums, const at::Tensor& x, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias) {
+  const int64_t m = x.size(0), n = weight.size(0);
+  const int64_t groups = (n + kSqSumGroup - 1) / kSqSumGroup;
+  TORCH_CHECK(residual.size(0) == m && residual.size(1) == n && residual.stride(1) == 1 && sq_sums.size(0) == m &&
+                  sq_sums.size(1) == groups && sq_sums.stride(1) == 1 && sq_sums.scalar_type() == at::kFloat,
+              "dense_gemv_add_residual: inconsistent shapes (validate with fastinfer.ops.dense_gemv_add_residual)");
+  at::Tensor y = at::empty({m, n}, x.options());
+  dense_gemv(y, x, weight, bias);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_gemv_add_residual", [&] {
+    for (int64_t i = 0; i < m; ++i) {
+      scalar_t* r = residual.data_ptr<scalar_t>() + i * residual.stride(0);
+      const scalar_t* yi = y.data_ptr<scalar_t>() + i * n;
+      float* sums = sq_sums.data_ptr<float>() + i * sq_sums.stride(0);
+      for (int64_t j = 0; j < groups; ++j) {
+        float sum = 0.0f;
+        for (int64_t col = j * kSqSumGroup; col < std::min(n, (j + 1) * kSqSumGroup); ++col) {
+          const scalar_t updated = static_cast<scalar_t>(static_cast<float>(r[col]) + static_cast<float>(yi[col]));
+          r[col] = updated;
+          sum += static_cast<float>(updated) * static_cast<float>(updated);
+        }
+        sums[j] = sum;
+      }
+    }
+  });
+}
+
+// dense_gemv (silu_mul: dense_gemv_silu_mul) of x' = round(x * inv_rms * norm_weight), rms_norm's
+// formula with inv_rms[m] = 1 / sqrt(sum_j sq_sums[m, j] / K + eps) (the sums in index order).
+void rms_norm_dense_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& sq_sums, const at::Tensor& norm_weight,
+                         double eps, const at::Tensor& weight, const std::optional<at::Tensor>& bias, bool silu_mul) {
+  const int64_t m = x.size(0), k = x.size(1);
+  TORCH_CHECK(sq_sums.size(0) == m && sq_sums.stride(1) == 1 && sq_sums.scalar_type() == at::kFloat &&
+                  norm_weight.numel() == k && norm_weight.is_contiguous() && (!silu_mul || !bias.has_value()),
+              "rms_norm_dense_gemv: inconsistent shapes (validate with fastinfer.ops.rms_norm_dense_gemv)");
+  at::Tensor normed = at::empty({m, k}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm_dense_gemv", [&] {
+    const scalar_t* w = norm_weight.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < m; ++i) {
+      const float* sums = sq_sums.data_ptr<float>() + i * sq_sums.stride(0);
+      float sum = 0.0f;
+      for (int64_t j = 0; j < sq_sums.size(1); ++j) sum += sums[j];
+      const float inv_rms = 1.0f / std::sqrt(sum / static_cast<float>(k) + static_cast<float>(eps));
+      const scalar_t* xi = x.data_ptr<scalar_t>() + i * x.stride(0);
+      scalar_t* dst = normed.data_ptr<scalar_t>() + i * k;
+      for (int64_t kk = 0; kk < k; ++kk) {
+        dst[kk] = static_cast<scalar_t>(static_cast<float>(xi[kk]) * inv_rms * static_cast<float>(w[kk]));
+      }
+    }
+  });
+  if (silu_mul) {
+    dense_gemv_silu_mul(out, normed, weight);
+  } else {
+    dense_gemv(out, normed, weight, bias);
+  }
 }
 
 }  // namespace fastinfer::cpu

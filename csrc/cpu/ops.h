@@ -31,6 +31,10 @@ void int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight
 // out [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N]); x / out rows may be strided.
 void dense_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 void dense_gemv_silu_mul(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight);
+void dense_gemv_add_residual(at::Tensor& residual, at::Tensor& sq_sums, const at::Tensor& x, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias);
+void rms_norm_dense_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& sq_sums, const at::Tensor& norm_weight,
+                         double eps, const at::Tensor& weight, const std::optional<at::Tensor>& bias, bool silu_mul);
 
 void speculative_verify(at::Tensor& output_token_ids, at::Tensor& num_accepted, const at::Tensor& draft_token_ids,
                         const at::Tensor& num_draft_tokens, const at::Tensor& target_probs,

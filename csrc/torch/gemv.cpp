@@ -1,4 +1,6 @@
-// CUDA binding of dense_gemv and dense_gemv_silu_mul (its SwiGLU epilogue): tensors -> DenseGemvParams, current stream, launch.
+// CUDA binding of dense_gemv, dense_gemv_silu_mul (its SwiGLU epilogue), dense_gemv_add_residual (its
+// residual epilogue) and rms_norm_dense_gemv (its RMSNorm prologue): tensors -> DenseGemvParams, current
+// stream, launch.
 // python/fastinfer/_ops.py validates; the checks here are the second line of defence.
 #include <torch/library.h>
 
@@ -59,10 +61,51 @@ void dense_gemv_silu_mul(at::Tensor& out, const at::Tensor& x, const at::Tensor&
   check_launch(launch_dense_gemv(p, stream_of(x)), "dense_gemv_silu_mul");
 }
 
+void dense_gemv_add_residual(at::Tensor& residual, at::Tensor& sq_sums, const at::Tensor& x, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const char* op = "dense_gemv_add_residual";
+  DenseGemvParams p = make_params(op, residual, x, weight, bias, false);  // residual has out's shape
+  TORCH_CHECK(sq_sums.scalar_type() == at::kFloat && sq_sums.dim() == 2 && sq_sums.size(0) == x.size(0) &&
+                  sq_sums.size(1) == (weight.size(0) + kGemvSqSumGroup - 1) / kGemvSqSumGroup &&
+                  sq_sums.stride(1) == 1 && sq_sums.device() == x.device(),
+              op, ": sq_sums must be float32 [M, ceil(N / ", kGemvSqSumGroup, ")] on x's device");
+  p.out = nullptr;
+  p.residual = residual.data_ptr();
+  p.residual_stride = residual.stride(0);
+  p.sq_sums_out = sq_sums.data_ptr<float>();
+  p.sq_sums_out_stride = sq_sums.stride(0);
+  check_launch(launch_dense_gemv(p, stream_of(x)), op);
+}
+
+void rms_norm_dense_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& sq_sums, const at::Tensor& norm_weight,
+                         double eps, const at::Tensor& weight, const std::optional<at::Tensor>& bias, bool silu_mul) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const char* op = "rms_norm_dense_gemv";
+  DenseGemvParams p = make_params(op, out, x, weight, bias, silu_mul);
+  TORCH_CHECK(x.size(0) <= kGemvNormMaxM, op, ": x may have at most ", kGemvNormMaxM, " rows, got ", x.size(0));
+  TORCH_CHECK(sq_sums.scalar_type() == at::kFloat && sq_sums.dim() == 2 && sq_sums.size(0) == x.size(0) &&
+                  sq_sums.size(1) >= 1 && sq_sums.stride(1) == 1 && sq_sums.device() == x.device(),
+              op, ": sq_sums must be float32 [M, groups] on x's device");
+  TORCH_CHECK(norm_weight.scalar_type() == x.scalar_type() && norm_weight.dim() == 1 &&
+                  norm_weight.size(0) == x.size(1) && norm_weight.is_contiguous(),
+              op, ": norm_weight must be [K], contiguous, in x's dtype");
+  TORCH_CHECK(sq_sums.size(1) <= std::numeric_limits<int>::max(), op, ": too many sq_sums groups");
+  p.norm_weight = norm_weight.data_ptr();
+  p.sq_sums_in = sq_sums.data_ptr<float>();
+  p.sq_sums_in_stride = sq_sums.stride(0);
+  p.sq_groups = static_cast<int>(sq_sums.size(1));
+  p.eps = static_cast<float>(eps);
+  // cudaErrorInvalidValue here also means a norm_weight not 16-byte aligned.
+  check_launch(launch_dense_gemv(p, stream_of(x)), op);
+}
+
 }  // namespace
 }  // namespace fastinfer::torch_glue
 
 TORCH_LIBRARY_IMPL(fastinfer, CUDA, m) {
   m.impl("dense_gemv", &fastinfer::torch_glue::dense_gemv);
   m.impl("dense_gemv_silu_mul", &fastinfer::torch_glue::dense_gemv_silu_mul);
+  m.impl("dense_gemv_add_residual", &fastinfer::torch_glue::dense_gemv_add_residual);
+  m.impl("rms_norm_dense_gemv", &fastinfer::torch_glue::rms_norm_dense_gemv);
 }

@@ -60,6 +60,8 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gr
 # ---- decode-sized dense linear -------------------------------------------------------------------
 
 GEMV_MAX_M = 32  # rows of x the kernel takes (kGemvMaxM in csrc/include/fastinfer/gemm/gemv.h)
+GEMV_NORM_MAX_M = 16  # rows of x rms_norm_dense_gemv takes (kGemvNormMaxM)
+SQ_SUM_GROUP = 16  # columns per sum of squares of dense_gemv_add_residual (kGemvSqSumGroup)
 
 
 def _check_gemv_x(op: str, x: torch.Tensor) -> None:
@@ -84,12 +86,12 @@ def _check_gemv_operands(op: str, x: torch.Tensor, weight: torch.Tensor) -> tupl
 
 
 def _check_gemv_out(op: str, out: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
-                    shape: tuple[int, int]) -> torch.Tensor:
+                    shape: tuple[int, int], name: str = "out") -> torch.Tensor:
     """out (allocated when None) of the given shape, then the CUDA kernel's 16-byte alignments."""
     if out is None:
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
-    _check_float(op, "out", out, like=x, ndim=2)
-    _check_shape(op, "out", out, shape)
+    _check_float(op, name, out, like=x, ndim=2)
+    _check_shape(op, name, out, shape)
     _check_aligned_rows(op, "x", x)
     if weight.device.type == "cuda" and weight.data_ptr() % 16:
         _fail(op, "weight must start on a 16-byte boundary on CUDA")
@@ -121,4 +123,72 @@ def dense_gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor
         _fail(op, f"weight must have 2 F rows ([gate; up]) with F a positive multiple of 8, got {n} rows")
     out = _check_gemv_out(op, out, x, weight, (m, n // 2))
     _ops.dense_gemv_silu_mul(out, x, weight)
+    return out
+
+
+def sq_sum_groups(n: int) -> int:
+    """Columns of the sq_sums that dense_gemv_add_residual writes for N = n outputs: ceil(n / 16)."""
+    return -(-n // SQ_SUM_GROUP)
+
+
+def dense_gemv_add_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+                            bias: torch.Tensor | None = None, sq_sums: torch.Tensor | None = None) -> torch.Tensor:
+    """residual [M, N] += x [M, K] @ weight [N, K]^T (+ bias) in place (the projection's output and
+    the sum each rounded to x's dtype, as dense_gemv then the add of fused_add_rms_norm store them),
+    and returns sq_sums: float32 [M, ceil(N / 16)], the sums of squares of the new residual over each
+    16 consecutive columns, which rms_norm_dense_gemv turns into the next RMSNorm's 1 / rms. The
+    first half of a decode step's residual add + RMSNorm, in the o / down projection's epilogue."""
+    op = "dense_gemv_add_residual"
+    m, _, n = _check_gemv_operands(op, x, weight)
+    if bias is not None:
+        _check(op, "bias", bias, ndim=1, dtype=x.dtype, device=x.device, contiguous=True)
+        _check_shape(op, "bias", bias, (n,))
+    _check_gemv_out(op, residual, x, weight, (m, n), name="residual")  # residual takes dense_gemv's out
+    if residual.stride(1) != 1:
+        _fail(op, "residual rows must be contiguous (stride 1 along N)")
+    if residual.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        _fail(op, "residual must not share memory with x (the kernel writes it while other CTAs read x)")
+    shape = (m, sq_sum_groups(n))
+    if sq_sums is None:
+        sq_sums = torch.empty(shape, dtype=torch.float32, device=x.device)
+    _check(op, "sq_sums", sq_sums, ndim=2, dtype=torch.float32, device=x.device)
+    _check_shape(op, "sq_sums", sq_sums, shape)
+    if sq_sums.stride(1) != 1:
+        _fail(op, "sq_sums rows must be contiguous")
+    _ops.dense_gemv_add_residual(residual, sq_sums, x, weight, bias)
+    return sq_sums
+
+
+def rms_norm_dense_gemv(x: torch.Tensor, sq_sums: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                        weight: torch.Tensor, bias: torch.Tensor | None = None, silu_mul: bool = False,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """dense_gemv(rms_norm(x, norm_weight, eps), weight, bias), or with silu_mul
+    dense_gemv_silu_mul(rms_norm(x, norm_weight, eps), weight), in one kernel that normalizes x as it
+    loads it: x [M <= 16, K] is a residual stream and sq_sums [M, groups] float32 the sums of squares
+    of its rows over groups of columns (what dense_gemv_add_residual returned when it wrote x), so
+    1 / rms = rsqrt(sum(sq_sums[m]) / K + eps) needs no pass over x. The second half of a decode
+    step's residual add + RMSNorm, in the q/k/v or gate / up projection's prologue."""
+    op = "rms_norm_dense_gemv"
+    m, k, n = _check_gemv_operands(op, x, weight)
+    if m > GEMV_NORM_MAX_M:
+        _fail(op, f"x must have 1 to {GEMV_NORM_MAX_M} rows (M), got {m}: use rms_norm then dense_gemv")
+    _check(op, "sq_sums", sq_sums, ndim=2, dtype=torch.float32, device=x.device)
+    if sq_sums.shape[0] != m or sq_sums.shape[1] < 1:
+        _fail(op, f"sq_sums must be [M = {m}, groups >= 1], got {tuple(sq_sums.shape)}")
+    if sq_sums.stride(1) != 1:
+        _fail(op, "sq_sums rows must be contiguous")
+    _check(op, "norm_weight", norm_weight, ndim=1, dtype=x.dtype, device=x.device, contiguous=True)
+    _check_shape(op, "norm_weight", norm_weight, (k,))
+    if norm_weight.device.type == "cuda" and norm_weight.data_ptr() % 16:
+        _fail(op, "norm_weight must start on a 16-byte boundary on CUDA")
+    if silu_mul:
+        if n == 0 or n % 16:
+            _fail(op, f"weight must have 2 F rows ([gate; up]) with F a positive multiple of 8, got {n} rows")
+        if bias is not None:
+            _fail(op, "bias must be None with silu_mul")
+    elif bias is not None:
+        _check(op, "bias", bias, ndim=1, dtype=x.dtype, device=x.device, contiguous=True)
+        _check_shape(op, "bias", bias, (n,))
+    out = _check_gemv_out(op, out, x, weight, (m, n // 2 if silu_mul else n))
+    _ops.rms_norm_dense_gemv(out, x, sq_sums, norm_weight, float(eps), weight, bias, bool(silu_mul))
     return out

@@ -5,9 +5,17 @@ gate/up into one [2 F, hidden] matrix, so a layer runs two GEMMs where HF runs f
 projection is dense (torch GEMM, cuBLAS on GPU; fastinfer's dense_gemv for decode steps of <= 32
 tokens on CUDA, the LM head too), FP8 (quantization="fp8") or 4-bit (a QuantConfig: int4 / gptq /
 awq / gguf); models/linear.py decides which. Everything else is a fastinfer op.
+
+Fused norms (LlamaForCausalLM.fuse_norms): a step of <= 16 tokens whose projections all take the
+dense GEMV runs no RMSNorm kernel after the first layer's. The o and down projections add their
+output to the residual stream in their epilogue (ops.dense_gemv_add_residual, which also leaves the
+new residual's sums of squares per 16 columns), and the q/k/v and gate / up projections normalize
+the residual as they load it (ops.rms_norm_dense_gemv): 4 kernels per layer instead of 6 around
+attention, the same roundings as the unfused ops (the sum of squares is added in another order).
 """
 from __future__ import annotations
 
+import os
 from typing import Iterable
 
 import torch
@@ -20,8 +28,15 @@ from ..metadata import AttnMetadata
 from ..quant import fp8
 from ..quant.int4 import QuantizedWeight
 from ..quant.linear import Int4Rows, QuantConfig
-from .linear import LinearRows, dense_linear, gate_up_silu_mul, linear_kind, make_linear
+from . import linear as _linear
+from .linear import Linear, LinearRows, dense_linear, gate_up_silu_mul, linear_kind, make_linear
 from .rope import cos_sin_cache
+
+
+def fused_norms_enabled() -> bool:
+    """FASTINFER_FUSED_NORM (default 1; read at every forward, so a CUDA graph keeps what it was
+    captured with): 0 runs every residual add + RMSNorm as its own kernel."""
+    return os.environ.get("FASTINFER_FUSED_NORM", "1") != "0"
 
 
 class LlamaLayer:
@@ -59,10 +74,38 @@ class LlamaLayer:
         hidden = self.down(gate_up_silu_mul(self.gate_up, hidden))  # silu_and_mul(gate_up(hidden)), fused on decode
         return hidden, residual
 
+    def forward_fused(self, residual: torch.Tensor, sq_sums: torch.Tensor | None, normed: torch.Tensor | None,
+                      kv_cache: torch.Tensor, meta: AttnMetadata, cos_sin: torch.Tensor) -> torch.Tensor:
+        """forward() with the residual adds and RMSNorms inside the GEMVs (the module docstring):
+        residual [T, hidden] is updated in place; returns the sums of squares of its new rows. The
+        first layer takes its input norm's output as normed (no sums exist yet), the others sq_sums."""
+        if sq_sums is None:
+            qkv = self.qkv(normed)
+        else:
+            qkv = ops.rms_norm_dense_gemv(residual, sq_sums, self.input_norm, self.eps, self.qkv.weight, self.qkv.bias)
+        attn = self.attend(qkv, kv_cache, meta, cos_sin)
+        sq_sums = ops.dense_gemv_add_residual(attn.reshape(attn.shape[0], self.q_size), self.o_proj.weight, residual,
+                                              self.o_proj.bias)
+        act = ops.rms_norm_dense_gemv(residual, sq_sums, self.post_attn_norm, self.eps, self.gate_up.weight,
+                                      silu_mul=True)
+        return ops.dense_gemv_add_residual(act, self.down.weight, residual, self.down.bias)
+
+    @property
+    def fusable_norms(self) -> bool:
+        """Whether forward_fused can run this layer: dense 16-bit projections, gate / up without bias."""
+        projections = (self.qkv, self.o_proj, self.gate_up, self.down)
+        return (all(isinstance(p, Linear) and p.weight_scale is None for p in projections)
+                and self.gate_up.bias is None and self.gate_up.out_features % 16 == 0
+                and all(p.in_features % 8 == 0 for p in projections))
+
     def attention(self, hidden: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata,
                   cos_sin: torch.Tensor) -> torch.Tensor:
-        t = hidden.shape[0]
-        qkv = self.qkv(hidden)  # [T, (H + 2 Hkv) D]
+        return self.attend(self.qkv(hidden), kv_cache, meta, cos_sin)
+
+    def attend(self, qkv: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata,
+               cos_sin: torch.Tensor) -> torch.Tensor:
+        """Rotary, KV-cache write and attention of the q/k/v projection's output qkv [T, (H + 2 Hkv) D]."""
+        t = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
@@ -106,11 +149,30 @@ class LlamaForCausalLM:
     def forward(self, meta: AttnMetadata, kv_caches: list[torch.Tensor]) -> torch.Tensor:
         """fp32 logits [num_logits, vocab] for the rows in meta.logits_indices."""
         hidden = F.embedding(meta.input_ids, self.embed)
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden, residual = layer.forward(hidden, residual, kv_cache, meta, self.cos_sin)
-        ops.fused_add_rms_norm(hidden, residual, self.norm, self.config.rms_norm_eps)
+        if self.fuse_norms(hidden):
+            residual, eps = hidden, self.config.rms_norm_eps  # F.embedding's output, updated in place
+            normed, sq_sums = ops.rms_norm(hidden, self.layers[0].input_norm, eps), None
+            for layer, kv_cache in zip(self.layers, kv_caches):
+                sq_sums = layer.forward_fused(residual, sq_sums, normed, kv_cache, meta, self.cos_sin)
+            hidden = ops.rms_norm(residual, self.norm, eps)
+        else:
+            residual = None
+            for layer, kv_cache in zip(self.layers, kv_caches):
+                hidden, residual = layer.forward(hidden, residual, kv_cache, meta, self.cos_sin)
+            ops.fused_add_rms_norm(hidden, residual, self.norm, self.config.rms_norm_eps)
         return dense_linear(hidden[meta.logits_indices], self.lm_head).float()
+
+    def fuse_norms(self, hidden: torch.Tensor) -> bool:
+        """Whether this step runs the layers' forward_fused (the module docstring): FASTINFER_FUSED_NORM
+        is not 0, at most ops.GEMV_NORM_MAX_M tokens, every projection dense and on the decode GEMV.
+        Checked at every call: GPTQ calibration swaps projections for recorders (quant/gptq.py)."""
+        t, h = hidden.shape
+        if not (1 <= t <= ops.GEMV_NORM_MAX_M and fused_norms_enabled()):
+            return False
+        cfg = self.config
+        return (all(_linear.use_dense_gemv(hidden.device, t, k, hidden.dtype)
+                    for k in (h, cfg.num_heads * cfg.head_dim, cfg.intermediate_size))
+                and all(layer.fusable_norms for layer in self.layers))
 
     # ---- weights ---------------------------------------------------------------------------------
 

@@ -45,6 +45,29 @@
 // saves the [M, 2 F] intermediate's write and read and one launch; the weight stream is unchanged.
 // It is a runtime branch of the epilogue only (no extra kernels).
 //
+// Residual and RMSNorm (dense_gemv_add_residual, rms_norm_dense_gemv; models/llama.py fuse_norms).
+// A Llama layer's decode step runs residual add + RMSNorm twice, each a kernel that reads and writes
+// two [M, hidden] rows and moves no weight: at batch 1, ~2-3 us of launch and latency per kernel for
+// 16 KiB of traffic, 64 kernels of an 8B model's ~290. The add moves into the epilogue of the GEMV
+// before it (o, down: p.residual): a CTA owns its 16 output columns, so it updates those residual
+// entries in place (residual + round(x W^T), rounded: fused_add_rms_norm's add) and writes the fp32
+// sum of their squares per x row, sq_sums[m, blockIdx.x] (summed in column order through shared
+// memory). The norm moves into the prologue of the GEMV after it (q/k/v, gate / up: template kNorm):
+// 1 / rms[m] = rsqrt(sum of row m's sq_sums / K + eps), summed by one warp per row in the same order
+// in every CTA, and each 16-byte piece of x is normalized as it is loaded, round(x * inv_rms * w)
+// (layers/rmsnorm.cuh's formula, its weight w read like x). Rounded values are the unfused ops' except 1 /
+// rms: the same squares added in another order (a last-bit difference of fp32, rarely visible after
+// the rounding to 16 bits). Cost: a residual read + write per output and one barrier (epilogue); a
+// [M, K / 16] fp32 read, a warp reduction and a barrier before the K loop (after the L2 prefetch of the
+// first W chunk), and 2 FMUL + 2 conversions per x element (prologue), x being M / 16 of the W bytes
+// a CTA reads. Expected: each GEMV <= 1% slower, and a batch-1 step 3-6% faster (64 kernels and their
+// gaps gone); bench_gemv.py times each fused kernel against the pair it replaces and bench_e2e.py the
+// step with and without (FASTINFER_FUSED_NORM=0). M <= 16 only (kGemvNormMaxM): with 4 x tiles
+// the prologue's registers (norm weight, 1 / rms per tile) made ptxas spill, so batches of 17..32
+// keep the separate norm kernels. 4 more kernels (kNorm x 1, 2 tiles x 2 dtypes), no spills. With
+// one tile, kNorm's K loop is not unrolled (~120 registers; SASS: 8 W + 4 x + 4 norm-weight loads,
+// then 8 mmas): 4 KiB of W in flight per warp, 64 KiB per SM, against the ~30 KiB needed (below).
+//
 // Registers. __launch_bounds__(256, 2) lets ptxas use 128 registers a thread. With one tile it
 // hoists the loads of two chunks (its 2x unroll of the K loop: 16 x 16 B of W per lane, 8 KiB per
 // warp) above their mmas; at the default budget it chose ~70 registers and interleaved loads with
@@ -93,6 +116,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "fastinfer/common.cuh"
@@ -169,10 +193,31 @@ struct Acc {
 // kStepsPerChunk mmas, each W fragment feeding all kTiles mmas. The lane's pointers already include
 // its 8 c offset; k_left = K - 8 c - k0 elements remain from its first piece. x_rows[t] is the lane's
 // row 8 t + g of x, or row 0 where that is past M (has_x bit t clear: the value is replaced by zeros).
-template <typename T, int kTiles, bool kPartial>
+// rms_norm's formula on two packed elements: round(x * inv_rms * w) each.
+template <typename T>
+__device__ __forceinline__ uint32_t normalize_pair(uint32_t x, uint32_t w, float inv_rms) {
+  T xs[2], ws[2], ys[2];
+  memcpy(xs, &x, sizeof(xs));
+  memcpy(ws, &w, sizeof(ws));
+#pragma unroll
+  for (int i = 0; i < 2; ++i) ys[i] = from_float<T>(to_float(xs[i]) * inv_rms * to_float(ws[i]));
+  uint32_t y;
+  memcpy(&y, ys, sizeof(y));
+  return y;
+}
+
+// The RMSNorm prologue's per-lane state (kNorm): the norm weight at the lane's 8 c offset, and the
+// 1 / rms of x row 8 t + g for each tile t (0 past M).
+template <typename T, int kTiles>
+struct NormState {
+  const T* weight;
+  float inv_rms[kTiles];
+};
+
+template <typename T, int kTiles, bool kPartial, bool kNorm>
 __device__ __forceinline__ void chunk_mma(Acc<kTiles>& acc, const T* w_lo, const T* w_hi,
                                           const T* const (&x_rows)[kTiles], unsigned has_x, int64_t k0,
-                                          int64_t k_left) {
+                                          int64_t k_left, const NormState<T, kTiles>& norm) {
   const uint4 zero = make_uint4(0, 0, 0, 0);
   uint4 wl[kStepsPerChunk], wh[kStepsPerChunk], xv[kStepsPerChunk][kTiles];
 #pragma unroll
@@ -186,11 +231,17 @@ __device__ __forceinline__ void chunk_mma(Acc<kTiles>& acc, const T* w_lo, const
   for (int s = 0; s < kStepsPerChunk; ++s) {
     const bool in_row = !kPartial || s * kStepK < k_left;
     const int64_t k = k0 + s * kStepK;
+    uint4 nw = zero;
+    if constexpr (kNorm) nw = kPartial && !in_row ? zero : load_shared_input(norm.weight + k);
 #pragma unroll
     for (int t = 0; t < kTiles; ++t) {
       // Unconditional load (lanes past M read row 0: the same sectors as the lanes of row 0), then a
       // select: a conditional load here became a branch that ptxas would not hoist the next loads over.
-      const uint4 v = kPartial && !in_row ? zero : load_shared_input(x_rows[t] + k);
+      uint4 v = kPartial && !in_row ? zero : load_shared_input(x_rows[t] + k);
+      if constexpr (kNorm) {
+        v = make_uint4(normalize_pair<T>(v.x, nw.x, norm.inv_rms[t]), normalize_pair<T>(v.y, nw.y, norm.inv_rms[t]),
+                       normalize_pair<T>(v.z, nw.z, norm.inv_rms[t]), normalize_pair<T>(v.w, nw.w, norm.inv_rms[t]));
+      }
       xv[s][t] = (has_x >> t) & 1u ? v : zero;
     }
   }
@@ -204,10 +255,13 @@ __device__ __forceinline__ void chunk_mma(Acc<kTiles>& acc, const T* w_lo, const
   }
 }
 
-template <typename T, int kTiles>
+template <typename T, int kTiles, bool kNorm>
 __global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams p) {
   // Each warp's 16 x 8 tiles in D-fragment order: partial[warp][tile][lane].
   __shared__ float4 partial[kWarps][kTiles][kWarpSize];
+  // RMSNorm prologue: 1 / rms of each x row. Residual epilogue: squares of the CTA's new residuals.
+  __shared__ float inv_rms_s[kNorm ? kGemvMaxM : 1];
+  __shared__ float squares[kGemvMaxM][kTileN];
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int g = lane / 4, c = lane % 4;
   const int row0 = blockIdx.x * kTileN;
@@ -241,6 +295,23 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams
   pdl_wait();
   pdl_launch_dependents();
 
+  NormState<T, kTiles> norm{};
+  if constexpr (kNorm) {
+    // 1 / rms of x row m from its sums of squares (written by the kernel that wrote x): warp w takes
+    // rows w, w + 8, ..., each summed in the same order in every CTA, so all CTAs agree.
+    for (int m = warp; m < p.m; m += kWarps) {
+      const float* sums = p.sq_sums_in + m * p.sq_sums_in_stride;
+      float sum = 0.f;
+      for (int j = lane; j < p.sq_groups; j += kWarpSize) sum += sums[j];
+      sum = warp_reduce_sum(sum);
+      if (lane == 0) inv_rms_s[m] = rsqrtf(sum / static_cast<float>(p.k) + p.eps);
+    }
+    __syncthreads();
+    norm.weight = static_cast<const T*>(p.norm_weight) + kVecElems * c;
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) norm.inv_rms[t] = 8 * t + g < p.m ? inv_rms_s[8 * t + g] : 0.f;
+  }
+
   Acc<kTiles> acc;
 #pragma unroll
   for (int a = 0; a < kAccSets<kTiles>; ++a)
@@ -250,11 +321,11 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams
       for (int j = 0; j < 4; ++j) acc.v[a][t][j] = 0.f;
   int64_t chunk = warp;
   for (; chunk < num_full; chunk += kWarps) {
-    chunk_mma<T, kTiles, false>(acc, w_lo, w_hi, x_rows, has_x, chunk * kChunkK, 0);
+    chunk_mma<T, kTiles, false, kNorm>(acc, w_lo, w_hi, x_rows, has_x, chunk * kChunkK, 0, norm);
   }
   if (chunk == num_full && p.k % kChunkK != 0) {  // the partial last chunk falls to this warp
     const int64_t k0 = chunk * kChunkK;
-    chunk_mma<T, kTiles, true>(acc, w_lo, w_hi, x_rows, has_x, k0, p.k - k0 - kVecElems * c);
+    chunk_mma<T, kTiles, true, kNorm>(acc, w_lo, w_hi, x_rows, has_x, k0, p.k - k0 - kVecElems * c, norm);
   }
 #pragma unroll
   for (int t = 0; t < kTiles; ++t) {
@@ -263,6 +334,10 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams
     partial[warp][t][lane] = kAccSets<kTiles> == 1 ? make_float4(a0[0], a0[1], a0[2], a0[3])
                                                    : make_float4(a0[0] + a1[0], a0[1] + a1[1], a0[2] + a1[2],
                                                                  a0[3] + a1[3]);
+  }
+  const bool add_residual = p.residual != nullptr;
+  if (add_residual) {  // columns past N keep 0
+    for (int i = threadIdx.x; i < kGemvMaxM * kTileN; i += kThreads) squares[i / kTileN][i % kTileN] = 0.f;
   }
   __syncthreads();
 
@@ -296,16 +371,34 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams
     if (n >= p.n) continue;
     float sum = warp_sum(i);
     if (p.bias != nullptr) sum += to_float(static_cast<const T*>(p.bias)[n]);
+    if (add_residual) {
+      // fused_add_rms_norm's first half on this output: residual + round(x @ W^T), rounded.
+      T& r = static_cast<T*>(p.residual)[m * p.residual_stride + n];
+      const float updated = to_float(from_float<T>(to_float(r) + to_float(from_float<T>(sum))));
+      r = from_float<T>(updated);
+      squares[m][n - row0] = updated * updated;
+      continue;
+    }
     static_cast<T*>(p.out)[m * p.out_stride + n] = from_float<T>(sum);
+  }
+  if (add_residual) {
+    __syncthreads();
+    if (threadIdx.x < p.m) {
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < kTileN; ++j) sum += squares[threadIdx.x][j];  // column order
+      p.sq_sums_out[threadIdx.x * p.sq_sums_out_stride + blockIdx.x] = sum;
+    }
   }
 }
 
 template <typename T>
 cudaError_t launch_typed(const DenseGemvParams& p, cudaStream_t stream) {
   const unsigned tiles = static_cast<unsigned>(ceil_div(p.n, kTileN));
-  const auto kernel = tiles_for(p.m) == 1   ? dense_gemv_kernel<T, 1>
-                      : tiles_for(p.m) == 2 ? dense_gemv_kernel<T, 2>
-                                            : dense_gemv_kernel<T, 4>;
+  const bool norm = p.norm_weight != nullptr;
+  const auto kernel = tiles_for(p.m) == 1   ? (norm ? dense_gemv_kernel<T, 1, true> : dense_gemv_kernel<T, 1, false>)
+                      : tiles_for(p.m) == 2 ? (norm ? dense_gemv_kernel<T, 2, true> : dense_gemv_kernel<T, 2, false>)
+                                            : dense_gemv_kernel<T, 4, false>;  // norm: M <= kGemvNormMaxM
   return launch_kernel(kernel, dim3(tiles), dim3(kThreads), 0, stream, p);
 }
 
@@ -315,7 +408,10 @@ inline cudaError_t launch_dense_gemv_impl(const DenseGemvParams& p, cudaStream_t
   const auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   if (p.m < 0 || p.m > kGemvMaxM || p.n < 0 || p.k <= 0 || p.k % gemv::kVecElems != 0 ||
       p.x_stride % gemv::kVecElems != 0 || !aligned16(p.x) || !aligned16(p.weight) ||
-      (p.swiglu && (p.n % gemv::kTileN != 0 || p.bias != nullptr))) {
+      (p.swiglu && (p.n % gemv::kTileN != 0 || p.bias != nullptr)) ||
+      (p.residual != nullptr && (p.swiglu || p.sq_sums_out == nullptr)) ||
+      (p.norm_weight != nullptr && (p.m > kGemvNormMaxM || p.sq_sums_in == nullptr || p.sq_groups <= 0 ||
+                                    !aligned16(p.norm_weight)))) {
     return cudaErrorInvalidValue;
   }
   if (p.m == 0 || p.n == 0) return cudaSuccess;

@@ -1,5 +1,8 @@
 // Dense decode GEMM ("GEMV"): out[M, N] = x[M, K] @ W[N, K]^T (+ bias[N]) for M = 1..32, or with
 // swiglu set, out[M, N / 2] = silu(x @ W[:N/2]^T) * (x @ W[N/2:]^T) (the fused gate / up projection).
+// Two more options fuse a decode step's residual add + RMSNorm into the GEMVs around it (gemv.cuh,
+// "Residual and RMSNorm"): a residual epilogue (the o / down projections) and an RMSNorm prologue
+// (the q/k/v and gate / up projections).
 // Host-compiler safe: the torch binding includes this; the kernel lives in gemm/gemv.cuh, whose
 // header comment explains the design and the bandwidth arithmetic.
 #pragma once
@@ -27,7 +30,28 @@ struct DenseGemvParams {
   // out [M, F] = silu(round(x @ gate^T)) * round(x @ up^T), rounded once more: bit for bit
   // silu_and_mul(dense_gemv(x, W)).
   bool swiglu;
+  // Residual epilogue (dense_gemv_add_residual), when residual != nullptr: out is not written;
+  // residual[m, n] = round(residual[m, n] + round(x @ W^T + bias)), and
+  // sq_sums_out[m * sq_sums_out_stride + n / 16] = the fp32 sum of residual[m, n']^2 (the new,
+  // rounded values) over the 16 columns n' of n's group, in column order. Not with swiglu.
+  void* residual;       // [M, N], rows residual_stride elements apart
+  int64_t residual_stride;
+  float* sq_sums_out;   // [M, ceil(N / 16)]
+  int64_t sq_sums_out_stride;
+  // RMSNorm prologue (rms_norm_dense_gemv), when norm_weight != nullptr: x is normalized as it is
+  // loaded, x'[m, k] = round(x[m, k] * inv_rms[m] * norm_weight[k]) (rms_norm's formula), with
+  // inv_rms[m] = rsqrt(sum(sq_sums_in[m, 0 .. sq_groups - 1]) / K + eps): the sums of squares of x's
+  // row m over groups of its columns (sq_sums_out of the residual epilogue that wrote x).
+  const void* norm_weight;   // [K], dtype
+  const float* sq_sums_in;   // [M, sq_groups], rows sq_sums_in_stride apart
+  int64_t sq_sums_in_stride;
+  int sq_groups;
+  float eps;
 };
+
+constexpr int kGemvSqSumGroup = 16;  // columns per sum of squares of the residual epilogue (a CTA's rows)
+// Rows of x the RMSNorm prologue takes: with 4 x tiles (M > 16) its registers would spill.
+constexpr int kGemvNormMaxM = 16;
 
 // cudaErrorInvalidValue for shapes, alignments or dtypes the kernel does not support. Never
 // synchronizes; M == 0 or N == 0 launches nothing.
