@@ -13,7 +13,8 @@ back on the host, so launch gaps, sampling and Python are inside the figure). fa
 its engine (LLM.engine.step), with CUDA graphs (the default) and with enforce_eager=True, and for bf16
 on a GPU also with FASTINFER_PDL=1 (programmatic dependent launch, csrc/include/fastinfer/common.cuh:
 off by default until this row shows it helps) and, at batches <= 16, with FASTINFER_FUSED_NORM=0 (a
-kernel per residual add + RMSNorm instead of their fusion into the GEMVs: what that fusion saves). HF runs
+kernel per residual add + RMSNorm and per rotary + KV write instead of their fusion into the GEMVs:
+what that fusion saves). HF runs
 model.generate for 1 and for 1 + steps new tokens (min_new_tokens = max), each twice, and the
 difference of the faster runs is its decode time: eager (dynamic cache), and in full mode static cache + torch.compile
 (generate compiles the forward itself when the cache is static: transformers' automatic compilation
@@ -371,11 +372,11 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"fastinfer {q}: {weights / 1e9:.2f} GB of weights read per decode step")
             # (name suffix, enforce_eager, environment): graphs; for bf16 on a GPU also graphs with programmatic
             # dependent launch of the decode-path kernels (common.cuh; off by default until measured here),
-            # graphs without the norms fused into the GEMVs (models/llama.py; batches <= 16 only, the
-            # others never fuse) and the eager baseline.
+            # graphs without the norms and rotary fused into the GEMVs (models/llama.py; batches <= 16 only,
+            # the others never fuse) and the eager baseline.
             variants = [("", False, {})]
             if q == "bf16":
-                variants += [(" + PDL", False, {"FASTINFER_PDL": "1"}), (" unfused norms", False, {"FASTINFER_FUSED_NORM": "0"}),
+                variants += [(" + PDL", False, {"FASTINFER_PDL": "1"}), (" unfused norm + rotary", False, {"FASTINFER_FUSED_NORM": "0"}),
                              (" eager", True, {})]
             for suffix, eager, env in variants:
                 if env and device.type != "cuda":

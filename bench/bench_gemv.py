@@ -14,7 +14,9 @@ reads (from L1 / L2, not DRAM): see the x-traffic note in csrc/include/fastinfer
 Fused norms (models/llama.py, steps of <= 16 tokens): the q/k/v and gate / up rows also time
 rms_norm_dense_gemv (the RMSNorm applied while x is loaded; gate / up with its SwiGLU epilogue)
 against the pair it replaces, rms_norm then dense_gemv; the o and down rows dense_gemv_add_residual
-against dense_gemv then fused_add_rms_norm. "vs unfused" = the pair's time / the fused kernel's.
+against dense_gemv then fused_add_rms_norm; and at qkv, dense_gemv_rope_cache (norm prologue, rotary and
+the KV-cache write in the epilogue) against rms_norm, dense_gemv and rotary_embedding_and_cache.
+"vs unfused" = the unfused ops' time / the fused kernel's.
 Timing and L2 flushing: see bench/common.py.
 """
 from __future__ import annotations
@@ -29,19 +31,21 @@ TOKENS = (1, 2, 4, 8, 16, 32)
 DTYPE = torch.bfloat16
 CUBLAS, OURS = "torch.matmul (cuBLAS)", "fastinfer dense_gemv"
 EPS = 1e-5
-# shape -> (fused impl, the unfused pair it replaces) for steps of <= 16 tokens (ops.GEMV_NORM_MAX_M)
-NORM_IMPLS = {"qkv": ("fastinfer rms_norm_dense_gemv", "rms_norm + dense_gemv"),
-              "gate_up": ("fastinfer rms_norm_dense_gemv (SwiGLU)", "rms_norm + dense_gemv_silu_mul"),
-              "o": ("fastinfer dense_gemv_add_residual", "dense_gemv + fused_add_rms_norm"),
-              "down": ("fastinfer dense_gemv_add_residual", "dense_gemv + fused_add_rms_norm")}
+# shape -> [(fused impl, the unfused ops it replaces)] for steps of <= 16 tokens (ops.GEMV_NORM_MAX_M)
+NORM_IMPLS = {"qkv": [("fastinfer rms_norm_dense_gemv", "rms_norm + dense_gemv"),
+                      ("fastinfer dense_gemv_rope_cache (+ norm)", "rms_norm + dense_gemv + rotary_embedding_and_cache")],
+              "gate_up": [("fastinfer rms_norm_dense_gemv (SwiGLU)", "rms_norm + dense_gemv_silu_mul")],
+              "o": [("fastinfer dense_gemv_add_residual", "dense_gemv + fused_add_rms_norm")],
+              "down": [("fastinfer dense_gemv_add_residual", "dense_gemv + fused_add_rms_norm")]}
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # Llama-3-8B: qkv N = (32 + 2 x 8) x 128 = 6144
 
 
 def norm_impls(ops, name: str, weight: torch.Tensor, x: torch.Tensor, g: torch.Generator) -> dict:
-    """The fused-norm kernel of this projection and the unfused pair, as fn(x) for this x (else {})."""
+    """The fused kernels of this projection and the unfused ops they replace, as fn(x) for this x."""
     m = x.shape[0]
     if name not in NORM_IMPLS or m > ops.GEMV_NORM_MAX_M:
         return {}
-    fused, pair = NORM_IMPLS[name]
+    (fused, pair), *more = NORM_IMPLS[name]
     n, k = weight.shape
     if name in ("o", "down"):  # x: the attention / MLP output, added to a residual of N columns
         residual = torch.randn(m, n, generator=g, device="cuda").to(DTYPE)
@@ -60,7 +64,27 @@ def norm_impls(ops, name: str, weight: torch.Tensor, x: torch.Tensor, g: torch.G
     def unfused_norm(x):
         normed = ops.rms_norm(x, norm_w, EPS)
         return ops.dense_gemv_silu_mul(normed, weight) if silu else ops.dense_gemv(normed, weight)
-    return {fused: lambda x: ops.rms_norm_dense_gemv(x, sums, norm_w, EPS, weight, silu_mul=silu), pair: unfused_norm}
+    impls = {fused: lambda x: ops.rms_norm_dense_gemv(x, sums, norm_w, EPS, weight, silu_mul=silu), pair: unfused_norm}
+    if name == "qkv" and n == (HEADS + 2 * KV_HEADS) * HEAD_DIM:  # + rotary and the KV-cache write of a decode step
+        from fastinfer.models.rope import cos_sin_cache
+        (rope_fused, rope_pair), = more
+        cos_sin = cos_sin_cache(HEAD_DIM, 8192, 500000.0, None, "cuda")
+        cache = torch.zeros(m, 2, 16, KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")  # a block per token
+        positions = torch.arange(m, device="cuda") + 1000
+        slots = torch.arange(m, device="cuda") * 16
+
+        def unfused_rope(x):
+            qkv = unfused_norm(x)
+            q, kk, v = qkv.split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], dim=-1)
+            q = q.view(m, HEADS, HEAD_DIM)
+            ops.rotary_embedding_and_cache(positions, q, kk.view(m, KV_HEADS, HEAD_DIM), v.view(m, KV_HEADS, HEAD_DIM),
+                                           cos_sin, cache, slots, check_indices=False)
+            return q
+        impls[rope_fused] = lambda x: ops.dense_gemv_rope_cache(x, weight, positions, cos_sin, cache, slots, HEADS,
+                                                                sq_sums=sums, norm_weight=norm_w, eps=EPS,
+                                                                check_indices=False)
+        impls[rope_pair] = unfused_rope
+    return impls
 
 
 def run_shape(ops, name: str, k: int, n: int, tokens, args, flush, copy_gbps: float, errors: list) -> list[dict]:
@@ -90,8 +114,7 @@ def run_shape(ops, name: str, k: int, n: int, tokens, args, flush, copy_gbps: fl
                          "bytes": nbytes, "gbps": bw, "frac_copy": bw / copy_gbps, "max_abs_err": err})
         for r in rows[-len(times):]:
             r["vs_cublas"] = times[CUBLAS] / r["us"] if CUBLAS in times else None
-        if fused:
-            fused_impl, pair = NORM_IMPLS[name]
+        for fused_impl, pair in NORM_IMPLS.get(name, []) if fused else []:
             for r in rows[-len(times):]:
                 if r["impl"] == fused_impl and pair in times:
                     r["vs_unfused"] = times[pair] / r["us"]

@@ -57,6 +57,12 @@ TORCH_LIBRARY(fastinfer, m) {
   m.def(
       "rms_norm_dense_gemv(Tensor(a!) out, Tensor x, Tensor sq_sums, Tensor norm_weight, float eps, Tensor weight, "
       "Tensor? bias, bool silu_mul) -> ()");
+  // The q/k/v projection of a decode step with rotary_embedding_and_cache in its epilogue (and, given
+  // sq_sums and norm_weight, rms_norm_dense_gemv's prologue): query [M, H, D] receives the rotated q.
+  m.def(
+      "dense_gemv_rope_cache(Tensor(a!) query, Tensor(b!) kv_cache, Tensor x, Tensor weight, Tensor? bias, "
+      "Tensor positions, Tensor cos_sin_cache, Tensor slot_mapping, Tensor? sq_sums, Tensor? norm_weight, "
+      "float eps) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {
@@ -80,4 +86,5 @@ TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {
   m.impl("dense_gemv_silu_mul", &fastinfer::cpu::dense_gemv_silu_mul);
   m.impl("dense_gemv_add_residual", &fastinfer::cpu::dense_gemv_add_residual);
   m.impl("rms_norm_dense_gemv", &fastinfer::cpu::rms_norm_dense_gemv);
+  m.impl("dense_gemv_rope_cache", &fastinfer::cpu::dense_gemv_rope_cache);
 }

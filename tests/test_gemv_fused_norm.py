@@ -11,9 +11,14 @@ SwiGLU): max error <= 2 x the error of the unfused same-dtype ops (rms_norm, the
 and against the unfused ops themselves, which it equals except where the two sums of squares (added
 in different orders) round 1 / rms differently.
 
+dense_gemv_rope_cache: the q/k/v projection (optionally with the norm prologue) with
+rotary_embedding_and_cache in its epilogue. On the CPU it is that composition, bit for bit; the CUDA
+kernel is judged against an fp64 reference of projection + rotation with the same rule, and against
+the unfused ops on the GPU (nearly all values equal), the cache rows it must not touch NaN-poisoned.
+
 The model (models/llama.py, fuse_norms) takes this path for steps of <= 16 tokens on the decode GEMV:
 its greedy output must stay HF's (forced here on the CPU), and on the GPU a decode step must run two
-RMSNorm kernels whatever the depth.
+RMSNorm kernels and no rotary / KV-write kernel whatever the depth.
 """
 from __future__ import annotations
 
@@ -21,8 +26,10 @@ import pytest
 import torch
 
 import fastinfer
+import reference as ref
 from fastinfer import ops
 from fastinfer.models import linear as linear_mod
+from fastinfer.models.rope import cos_sin_cache
 from models import left_padded_batch, make_hf_model
 
 DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
@@ -208,8 +215,8 @@ def _norm_args() -> dict:
 
 @pytest.mark.parametrize("change, match", [
     (dict(x=torch.randn(17, 64), sq_sums=torch.rand(17, 4)), "x must have 1 to 16 rows"),
-    (dict(sq_sums=torch.rand(3, 4)), r"sq_sums must be \[M = 2, groups >= 1\]"),
-    (dict(sq_sums=torch.rand(2, 0)), r"sq_sums must be \[M = 2, groups >= 1\]"),
+    (dict(sq_sums=torch.rand(3, 4)), r"sq_sums must be \[M = 2, ceil\(K / 16\) = 4\]"),
+    (dict(sq_sums=torch.rand(2, 3)), r"sq_sums must be \[M = 2, ceil\(K / 16\) = 4\]"),
     (dict(sq_sums=torch.rand(2, 4, dtype=torch.float64)), "sq_sums must have dtype"),
     (dict(norm_weight=torch.randn(60)), "norm_weight must have shape"),
     (dict(norm_weight=torch.randn(64, dtype=torch.float16)), "norm_weight must have dtype"),
@@ -223,24 +230,164 @@ def test_rms_norm_gemv_errors_name_the_argument(change, match):
         ops.rms_norm_dense_gemv(**{**_norm_args(), **change})
 
 
+# ---- dense_gemv_rope_cache --------------------------------------------------------------------------------
+
+def rope_inputs(m, heads, kv_heads, d, k, dtype, device, bias, norm, seed, block_size=16, num_blocks=8):
+    """x, W, bias, positions, cos_sin, a NaN-poisoned cache, slots (one -1), sq_sums, norm weight."""
+    gen = torch.Generator().manual_seed(seed)
+    n = (heads + 2 * kv_heads) * d
+    x = draw((m, k), device, gen, 3.0 if norm else 1.0, dtype)
+    weight = draw((n, k), device, gen, k ** -0.5, dtype)
+    b = draw((n,), device, gen, dtype=dtype) if bias else None
+    positions = torch.randint(0, 500, (m,), generator=gen).to(device)
+    cos_sin = cos_sin_cache(d, 512, 10000.0, None, device)
+    kv_cache = torch.full((num_blocks, 2, block_size, kv_heads, d), float("nan"), dtype=dtype, device=device)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:m]
+    if m > 1:
+        slots[m // 2] = -1  # a padding row: computed, not cached
+    sq_sums = group_sq_sums(x).float() if norm else None
+    norm_w = (1 + draw((k,), device, gen, 0.3)).to(dtype) if norm else None
+    return x, weight, b, positions, cos_sin, kv_cache, slots.to(device), sq_sums, norm_w
+
+
+def rope_unfused(x, weight, b, positions, cos_sin, kv_cache, slots, sq_sums, norm_w, heads):
+    """The same step on the unfused ops: returns (q, cache)."""
+    kv_heads, d = kv_cache.shape[3], kv_cache.shape[4]
+    if sq_sums is None:
+        qkv = ops.dense_gemv(x, weight, b)
+    else:
+        qkv = ops.rms_norm_dense_gemv(x, sq_sums, norm_w, EPS, weight, b)
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q, k, v = q.view(-1, heads, d), k.view(-1, kv_heads, d), v.view(-1, kv_heads, d)
+    cache = kv_cache.clone()
+    ops.rotary_embedding_and_cache(positions, q, k, v, cos_sin, cache, slots)
+    return q.contiguous(), cache
+
+
+def rope_reference(x, weight, b, positions, cos_sin, kv_cache, slots, norm_w, heads):
+    """fp64: (norm,) projection, rotation of q and k, the cache with k / v in their slots."""
+    kv_heads, d = kv_cache.shape[3], kv_cache.shape[4]
+    x64 = x.double()
+    if norm_w is not None:
+        x64 = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + EPS) * norm_w.double()
+    qkv = torch.nn.functional.linear(x64, weight.double(), None if b is None else b.double())
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    cs = cos_sin[positions].double()
+    cos, sin = cs[:, : d // 2].repeat(1, 2), cs[:, d // 2:].repeat(1, 2)
+    q = ref.rotary_embedding(q.reshape(-1, heads, d), cos, sin, torch.float64)
+    k = ref.rotary_embedding(k.reshape(-1, kv_heads, d), cos, sin, torch.float64)
+    cache = ref.reshape_and_cache(k, v.reshape(-1, kv_heads, d), kv_cache.double(), slots)
+    return q, cache
+
+
+def check_rope(args, heads, device_exact: bool):
+    x, weight, b, positions, cos_sin, kv_cache, slots, sq_sums, norm_w = args
+    cache = kv_cache.clone()
+    q = ops.dense_gemv_rope_cache(x, weight, positions, cos_sin, cache, slots, heads, b, sq_sums, norm_w, EPS)
+    q_unfused, cache_unfused = rope_unfused(*args, heads)
+    q_ref, cache_ref = rope_reference(x, weight, b, positions, cos_sin, kv_cache, slots, norm_w, heads)
+    written = ~torch.isnan(cache_ref)
+    assert torch.equal(torch.isnan(cache), ~written), "cache slots written != the slot_mapping's"
+    for ours, unfused, expected in ((q, q_unfused, q_ref), (cache[written], cache_unfused[written], cache_ref[written])):
+        err = (ours.double() - expected).abs().max().item()
+        baseline = (unfused.double() - expected).abs().max().item()
+        assert err <= 2 * baseline + 1e-5, f"max abs error {err:.3g} > 2 x unfused {baseline:.3g} + 1e-5"
+        if device_exact:
+            assert torch.equal(ours, unfused)
+        else:
+            same = (ours == unfused).float().mean().item()
+            assert same >= 0.99, f"only {same:.1%} of the values equal the unfused ops'"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("m, heads, kv_heads, d, k", [(1, 4, 2, 16, 64), (3, 2, 2, 32, 72), (16, 4, 1, 16, 200),
+                                                      (5, 3, 1, 64, 136)])
+@pytest.mark.parametrize("mode", ["plain", "bias", "norm", "norm+bias"])
+def test_rope_cache_cpu_is_the_composition(m, heads, kv_heads, d, k, dtype, mode):
+    args = rope_inputs(m, heads, kv_heads, d, k, dtype, "cpu", "bias" in mode, "norm" in mode, seed=m * 5 + d)
+    check_rope(args, heads, device_exact=True)
+
+
+@pytest.mark.parametrize("m", [17, 32])
+def test_rope_cache_cpu_large_m_without_norm(m):
+    check_rope(rope_inputs(m, 2, 1, 16, 64, torch.float32, "cpu", True, False, seed=m), 2, device_exact=True)
+
+
+def _rope_args(**change) -> dict:
+    x, weight, b, positions, cos_sin, kv_cache, slots, sq_sums, norm_w = rope_inputs(2, 2, 1, 16, 64, torch.float32,
+                                                                                     "cpu", False, True, seed=0)
+    args = dict(x=x, weight=weight, positions=positions, cos_sin_cache=cos_sin, kv_cache=kv_cache, slot_mapping=slots,
+                num_heads=2, sq_sums=sq_sums, norm_weight=norm_w)
+    return {**args, **change}
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(num_heads=3), r"weight must have \(num_heads \+ 2 num_kv_heads\) head_dim"),
+    (dict(kv_cache=torch.zeros(8, 2, 16, 1, 16, dtype=torch.float8_e4m3fn)), "an FP8 cache takes rotary_embedding_and_cache"),
+    (dict(kv_cache=torch.zeros(8, 2, 16, 1, 16, dtype=torch.float16)), "kv_cache must have dtype"),
+    (dict(kv_cache=torch.zeros(8, 2, 16, 4, 8), weight=torch.randn(64, 64)), "head_dim must be a multiple of 16"),
+    (dict(cos_sin_cache=cos_sin_cache(8, 512, 10000.0, None)), "cos_sin_cache must rotate the whole head"),
+    (dict(positions=torch.tensor([0, 512])), r"positions must lie in \[0, 512\)"),
+    (dict(positions=torch.tensor([0, 1], dtype=torch.int32)), "positions must have dtype"),
+    (dict(slot_mapping=torch.tensor([0, 128])), "slot_mapping values must be -1 or in"),
+    (dict(slot_mapping=torch.tensor([0])), "slot_mapping must have shape"),
+    (dict(norm_weight=None), "sq_sums and norm_weight come together"),
+    (dict(sq_sums=torch.rand(2, 3)), r"sq_sums must be \[M = 2, ceil\(K / 16\) = 4\]"),
+    (dict(bias=torch.randn(63)), "bias must have shape"),
+    (dict(out=torch.empty(2, 2, 16).transpose(0, 1)), "out must have"),
+])
+def test_rope_cache_errors_name_the_argument(change, match):
+    with pytest.raises(ValueError, match=match):
+        ops.dense_gemv_rope_cache(**_rope_args(**change))
+
+
+def test_rope_cache_opcheck(device):
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    x, weight, b, positions, cos_sin, kv_cache, slots, sq_sums, norm_w = rope_inputs(3, 2, 1, 16, 64, dtype, device,
+                                                                                     True, True, seed=8)
+    q = torch.empty(3, 2, 16, dtype=dtype, device=device)
+    torch.library.opcheck(torch.ops.fastinfer.dense_gemv_rope_cache.default,
+                          (q, kv_cache.nan_to_num(0.0), x, weight, b, positions, cos_sin, slots, sq_sums, norm_w, EPS))
+
+
+ROPE_SHAPES = [  # (M, heads, kv_heads, head_dim, K, mode): Llama-3-8B, Qwen2-style bias, head_dim 64
+    (1, 32, 8, 128, 4096, "norm"), (8, 32, 8, 128, 4096, "norm"), (16, 32, 8, 128, 4096, "plain"),
+    (3, 14, 2, 64, 896, "norm+bias"), (5, 4, 4, 64, 1000, "bias"), (17, 8, 2, 128, 1024, "plain"),
+    (32, 8, 1, 64, 512, "bias"), (9, 4, 2, 128, 4104, "norm")]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m, heads, kv_heads, d, k, mode", ROPE_SHAPES)
+def test_rope_cache_cuda(m, heads, kv_heads, d, k, mode, dtype):
+    args = rope_inputs(m, heads, kv_heads, d, k, dtype, "cuda", "bias" in mode, "norm" in mode, seed=m + heads + d,
+                       num_blocks=max(8, m))
+    check_rope(args, heads, device_exact=False)
+
+
 # ---- the model -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("variant", ["llama", "qwen2", "llama-tied"])
-def test_model_fused_norms_greedy_matches_hf(monkeypatch, variant):
-    """With the decode GEMV forced on the CPU, steps of <= 16 tokens take the fused path (the spy sees
-    it) and greedy output is still HF's token for token (fp32, left-padded batch)."""
+@pytest.mark.parametrize("variant, rope", [("llama", "1"), ("qwen2", "1"), ("llama-tied", "1"), ("llama", "0"),
+                                           ("qwen2", "0")])
+def test_model_fused_norms_greedy_matches_hf(monkeypatch, variant, rope):
+    """With the decode GEMV forced on the CPU, steps of <= 16 tokens take the fused path (the spies see
+    it: with FASTINFER_FUSED_ROPE=0 the rotary stays a separate op) and greedy output is still HF's
+    token for token (fp32, left-padded batch)."""
     transformers = pytest.importorskip("transformers")  # noqa: F841
-    model = make_hf_model(variant, seed=5)
+    monkeypatch.setenv("FASTINFER_FUSED_ROPE", rope)
+    model = make_hf_model(variant, seed=5, head_dim=16)
     ids, mask = left_padded_batch([5, 17, 1, 9], model.config.vocab_size, 0, seed=2)
     kw = dict(max_new_tokens=12, do_sample=False, eos_token_id=None)
     with torch.no_grad():
         expected = model.generate(ids, attention_mask=mask, pad_token_id=0, **kw)
     monkeypatch.setattr(linear_mod, "use_dense_gemv", lambda device, n, k, dtype: 1 <= n <= ops.GEMV_MAX_M)
     calls = []
-    real = ops.rms_norm_dense_gemv
-    monkeypatch.setattr(ops, "rms_norm_dense_gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("rms_norm_dense_gemv", "dense_gemv_rope_cache"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     ours = fastinfer.generate(model, ids, attention_mask=mask, pad_token_id=0, **kw)
-    assert calls, "the fused path did not run"
+    assert "rms_norm_dense_gemv" in calls, "the fused path did not run"
+    assert ("dense_gemv_rope_cache" in calls) == (rope == "1")
     assert torch.equal(ours, expected)
 
 
@@ -306,9 +453,9 @@ def test_cuda_agrees_with_cpu():
 
 
 @pytest.mark.cuda
-def test_cuda_model_step_runs_two_norm_kernels():
-    """A decode step of the fused path runs the first layer's and the final RMSNorm only, at any depth,
-    and its logits agree with the unfused path's (FASTINFER_FUSED_NORM=0)."""
+def test_cuda_model_step_runs_two_norm_kernels_and_no_cache_write():
+    """A decode step of the fused path runs the first layer's and the final RMSNorm only and no rotary /
+    KV-write kernel, and its logits agree with the unfused path's (FASTINFER_FUSED_NORM=0)."""
     import os
 
     from fastinfer.generate import get_loaded
@@ -331,5 +478,7 @@ def test_cuda_model_step_runs_two_norm_kernels():
             os.environ.pop("FASTINFER_FUSED_NORM", None)
         norms = [n for n in names if "rms_norm" in n]
         assert len(norms) == (2 if fused == "1" else 2 * 4 + 1), (fused, names)
+        cache_writes = [n for n in names if "cache" in n]  # kv::reshape_and_cache_kernel (rotary + KV write)
+        assert len(cache_writes) == (0 if fused == "1" else 4), (fused, names)
     torch.testing.assert_close(logits["1"], logits["0"], rtol=0.05, atol=0.05)
     assert torch.equal(logits["1"].argmax(-1), logits["0"].argmax(-1))

@@ -120,4 +120,28 @@ void rms_norm_dense_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor&
   }
 }
 
+// The composition: the q/k/v projection (dense_gemv, or rms_norm_dense_gemv with sq_sums), then
+// rotary_embedding_and_cache of its q / k / v parts; query receives the rotated q.
+void dense_gemv_rope_cache(at::Tensor& query, at::Tensor& kv_cache, const at::Tensor& x, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& positions,
+                           const at::Tensor& cos_sin_cache, const at::Tensor& slot_mapping,
+                           const std::optional<at::Tensor>& sq_sums, const std::optional<at::Tensor>& norm_weight,
+                           double eps) {
+  const int64_t m = x.size(0), heads = query.size(1), head_dim = query.size(2), kv_heads = kv_cache.size(3);
+  TORCH_CHECK(query.size(0) == m && weight.size(0) == (heads + 2 * kv_heads) * head_dim &&
+                  sq_sums.has_value() == norm_weight.has_value(),
+              "dense_gemv_rope_cache: inconsistent shapes (validate with fastinfer.ops.dense_gemv_rope_cache)");
+  at::Tensor qkv = at::empty({m, weight.size(0)}, x.options());
+  if (sq_sums.has_value()) {
+    rms_norm_dense_gemv(qkv, x, *sq_sums, *norm_weight, eps, weight, bias, false);
+  } else {
+    dense_gemv(qkv, x, weight, bias);
+  }
+  at::Tensor q = qkv.narrow(1, 0, heads * head_dim).view({m, heads, head_dim});
+  at::Tensor k = qkv.narrow(1, heads * head_dim, kv_heads * head_dim).view({m, kv_heads, head_dim});
+  at::Tensor v = qkv.narrow(1, (heads + kv_heads) * head_dim, kv_heads * head_dim).view({m, kv_heads, head_dim});
+  rotary_embedding_and_cache(positions, q, k, v, cos_sin_cache, kv_cache, slot_mapping, std::nullopt);
+  query.copy_(q);
+}
+
 }  // namespace fastinfer::cpu

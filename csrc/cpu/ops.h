@@ -35,6 +35,11 @@ void dense_gemv_add_residual(at::Tensor& residual, at::Tensor& sq_sums, const at
                              const std::optional<at::Tensor>& bias);
 void rms_norm_dense_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& sq_sums, const at::Tensor& norm_weight,
                          double eps, const at::Tensor& weight, const std::optional<at::Tensor>& bias, bool silu_mul);
+void dense_gemv_rope_cache(at::Tensor& query, at::Tensor& kv_cache, const at::Tensor& x, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& positions,
+                           const at::Tensor& cos_sin_cache, const at::Tensor& slot_mapping,
+                           const std::optional<at::Tensor>& sq_sums, const std::optional<at::Tensor>& norm_weight,
+                           double eps);
 
 void speculative_verify(at::Tensor& output_token_ids, at::Tensor& num_accepted, const at::Tensor& draft_token_ids,
                         const at::Tensor& num_draft_tokens, const at::Tensor& target_probs,

@@ -1,6 +1,6 @@
 // CUDA binding of dense_gemv, dense_gemv_silu_mul (its SwiGLU epilogue), dense_gemv_add_residual (its
-// residual epilogue) and rms_norm_dense_gemv (its RMSNorm prologue): tensors -> DenseGemvParams, current
-// stream, launch.
+// residual epilogue), rms_norm_dense_gemv (its RMSNorm prologue) and dense_gemv_rope_cache (its rotary +
+// KV-cache epilogue): tensors -> DenseGemvParams, current stream, launch.
 // python/fastinfer/_ops.py validates; the checks here are the second line of defence.
 #include <torch/library.h>
 
@@ -13,15 +13,16 @@
 namespace fastinfer::torch_glue {
 namespace {
 
-// The checks and Params both ops share; out has N columns (dense_gemv) or N / 2 (swiglu).
+// The checks and Params the ops share; out has N columns (dense_gemv), N / 2 (swiglu) or query_cols.
 DenseGemvParams make_params(const char* op, at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, bool swiglu) {
+                            const std::optional<at::Tensor>& bias, bool swiglu, int64_t query_cols = -1) {
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               op, " on CUDA takes float16 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(weight.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type() &&
                   (!bias.has_value() || bias->scalar_type() == x.scalar_type()),
               op, ": x, weight, bias and out must share one dtype");
-  const int64_t out_cols = swiglu ? weight.size(0) / 2 : weight.size(0);
+  // out: N columns, N / 2 (swiglu) or the query's (the rotary epilogue writes only q there).
+  const int64_t out_cols = query_cols >= 0 ? query_cols : swiglu ? weight.size(0) / 2 : weight.size(0);
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && out.dim() == 2 && weight.size(1) == x.size(1) &&
                   out.size(0) == x.size(0) && out.size(1) == out_cols &&
                   (!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0))),
@@ -33,6 +34,9 @@ DenseGemvParams make_params(const char* op, at::Tensor& out, const at::Tensor& x
                   (!bias.has_value() || bias->is_contiguous()),
               op, ": weight and bias must be contiguous, x and out rows contiguous");
   TORCH_CHECK(weight.size(0) <= std::numeric_limits<int>::max(), op, ": too many weight rows");
+  TORCH_CHECK(weight.device() == x.device() && out.device() == x.device() &&
+                  (!bias.has_value() || bias->device() == x.device()),
+              op, ": every tensor must be on x's device (", x.device(), ")");
   DenseGemvParams p{};
   p.out = out.data_ptr();
   p.x = x.data_ptr();
@@ -68,8 +72,11 @@ void dense_gemv_add_residual(at::Tensor& residual, at::Tensor& sq_sums, const at
   DenseGemvParams p = make_params(op, residual, x, weight, bias, false);  // residual has out's shape
   TORCH_CHECK(sq_sums.scalar_type() == at::kFloat && sq_sums.dim() == 2 && sq_sums.size(0) == x.size(0) &&
                   sq_sums.size(1) == (weight.size(0) + kGemvSqSumGroup - 1) / kGemvSqSumGroup &&
-                  sq_sums.stride(1) == 1 && sq_sums.device() == x.device(),
-              op, ": sq_sums must be float32 [M, ceil(N / ", kGemvSqSumGroup, ")] on x's device");
+                  sq_sums.stride(1) == 1 && (sq_sums.size(0) == 1 || sq_sums.stride(0) >= sq_sums.size(1)) &&
+                  sq_sums.device() == x.device(),
+              op, ": sq_sums must be float32 [M, ceil(N / ", kGemvSqSumGroup, ")] with distinct rows on x's device");
+  TORCH_CHECK(!residual.is_alias_of(x) && !sq_sums.is_alias_of(x) && !sq_sums.is_alias_of(residual),
+              op, ": residual, sq_sums and x must not share memory");
   p.out = nullptr;
   p.residual = residual.data_ptr();
   p.residual_stride = residual.stride(0);
@@ -78,25 +85,75 @@ void dense_gemv_add_residual(at::Tensor& residual, at::Tensor& sq_sums, const at
   check_launch(launch_dense_gemv(p, stream_of(x)), op);
 }
 
-void rms_norm_dense_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& sq_sums, const at::Tensor& norm_weight,
-                         double eps, const at::Tensor& weight, const std::optional<at::Tensor>& bias, bool silu_mul) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  const char* op = "rms_norm_dense_gemv";
-  DenseGemvParams p = make_params(op, out, x, weight, bias, silu_mul);
+// The RMSNorm prologue's fields of p (rms_norm_dense_gemv, dense_gemv_rope_cache with sq_sums).
+void set_norm(const char* op, DenseGemvParams& p, const at::Tensor& x, const at::Tensor& sq_sums,
+              const at::Tensor& norm_weight, double eps) {
   TORCH_CHECK(x.size(0) <= kGemvNormMaxM, op, ": x may have at most ", kGemvNormMaxM, " rows, got ", x.size(0));
   TORCH_CHECK(sq_sums.scalar_type() == at::kFloat && sq_sums.dim() == 2 && sq_sums.size(0) == x.size(0) &&
-                  sq_sums.size(1) >= 1 && sq_sums.stride(1) == 1 && sq_sums.device() == x.device(),
-              op, ": sq_sums must be float32 [M, groups] on x's device");
+                  sq_sums.size(1) == (x.size(1) + kGemvSqSumGroup - 1) / kGemvSqSumGroup && sq_sums.stride(1) == 1 &&
+                  sq_sums.device() == x.device(),
+              op, ": sq_sums must be float32 [M, ceil(K / ", kGemvSqSumGroup, ")] on x's device");
   TORCH_CHECK(norm_weight.scalar_type() == x.scalar_type() && norm_weight.dim() == 1 &&
-                  norm_weight.size(0) == x.size(1) && norm_weight.is_contiguous(),
-              op, ": norm_weight must be [K], contiguous, in x's dtype");
+                  norm_weight.size(0) == x.size(1) && norm_weight.is_contiguous() && norm_weight.device() == x.device(),
+              op, ": norm_weight must be [K], contiguous, in x's dtype, on x's device");
   TORCH_CHECK(sq_sums.size(1) <= std::numeric_limits<int>::max(), op, ": too many sq_sums groups");
   p.norm_weight = norm_weight.data_ptr();
   p.sq_sums_in = sq_sums.data_ptr<float>();
   p.sq_sums_in_stride = sq_sums.stride(0);
   p.sq_groups = static_cast<int>(sq_sums.size(1));
   p.eps = static_cast<float>(eps);
+}
+
+void rms_norm_dense_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& sq_sums, const at::Tensor& norm_weight,
+                         double eps, const at::Tensor& weight, const std::optional<at::Tensor>& bias, bool silu_mul) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const char* op = "rms_norm_dense_gemv";
+  DenseGemvParams p = make_params(op, out, x, weight, bias, silu_mul);
+  set_norm(op, p, x, sq_sums, norm_weight, eps);
+  TORCH_CHECK(!out.is_alias_of(x) && !out.is_alias_of(sq_sums), op, ": out must not share memory with x or sq_sums");
   // cudaErrorInvalidValue here also means a norm_weight not 16-byte aligned.
+  check_launch(launch_dense_gemv(p, stream_of(x)), op);
+}
+
+void dense_gemv_rope_cache(at::Tensor& query, at::Tensor& kv_cache, const at::Tensor& x, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& positions,
+                           const at::Tensor& cos_sin_cache, const at::Tensor& slot_mapping,
+                           const std::optional<at::Tensor>& sq_sums, const std::optional<at::Tensor>& norm_weight,
+                           double eps) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const char* op = "dense_gemv_rope_cache";
+  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && query.stride(1) == query.size(2) && query.size(0) == x.size(0),
+              op, ": query must be [M, num_heads, head_dim] with contiguous heads");
+  const int64_t heads = query.size(1), head_dim = query.size(2);
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(1) == 2 && kv_cache.size(4) == head_dim && kv_cache.is_contiguous() &&
+                  kv_cache.scalar_type() == x.scalar_type() && kv_cache.device() == x.device(),
+              op, ": kv_cache must be a contiguous [num_blocks, 2, block_size, num_kv_heads, ", head_dim, "] in x's dtype");
+  const int64_t kv_heads = kv_cache.size(3);
+  TORCH_CHECK(head_dim % 16 == 0 && weight.size(0) == (heads + 2 * kv_heads) * head_dim,
+              op, ": weight must have (num_heads + 2 num_kv_heads) head_dim rows, head_dim a multiple of 16");
+  TORCH_CHECK(cos_sin_cache.scalar_type() == at::kFloat && cos_sin_cache.dim() == 2 &&
+                  cos_sin_cache.size(1) == head_dim && cos_sin_cache.is_contiguous() &&
+                  cos_sin_cache.device() == x.device(),
+              op, ": cos_sin_cache must be a contiguous float32 [max_position, head_dim] (rotary over the whole head)");
+  for (const at::Tensor* t : {&positions, &slot_mapping}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->size(0) == x.size(0) && t->is_contiguous() &&
+                    t->device() == x.device(),
+                op, ": positions and slot_mapping must be contiguous int64 [M] on x's device");
+  }
+  at::Tensor out2d = query.view({query.size(0), heads * head_dim});
+  DenseGemvParams p = make_params(op, out2d, x, weight, bias, false, heads * head_dim);
+  TORCH_CHECK(sq_sums.has_value() == norm_weight.has_value(), op, ": sq_sums and norm_weight come together");
+  if (sq_sums.has_value()) set_norm(op, p, x, *sq_sums, *norm_weight, eps);
+  TORCH_CHECK(!query.is_alias_of(x) && !kv_cache.is_alias_of(x) && !query.is_alias_of(kv_cache),
+              op, ": query, kv_cache and x must not share memory");
+  p.kv_cache = kv_cache.data_ptr();
+  p.positions = positions.data_ptr<int64_t>();
+  p.cos_sin_cache = cos_sin_cache.data_ptr<float>();
+  p.slot_mapping = slot_mapping.data_ptr<int64_t>();
+  p.num_heads = static_cast<int>(heads);
+  p.num_kv_heads = static_cast<int>(kv_heads);
+  p.head_dim = static_cast<int>(head_dim);
+  p.block_size = static_cast<int>(kv_cache.size(2));
   check_launch(launch_dense_gemv(p, stream_of(x)), op);
 }
 
@@ -108,4 +165,5 @@ TORCH_LIBRARY_IMPL(fastinfer, CUDA, m) {
   m.impl("dense_gemv_silu_mul", &fastinfer::torch_glue::dense_gemv_silu_mul);
   m.impl("dense_gemv_add_residual", &fastinfer::torch_glue::dense_gemv_add_residual);
   m.impl("rms_norm_dense_gemv", &fastinfer::torch_glue::rms_norm_dense_gemv);
+  m.impl("dense_gemv_rope_cache", &fastinfer::torch_glue::dense_gemv_rope_cache);
 }

@@ -16,7 +16,7 @@ from ._checks import FLOAT_DTYPES, FP8, _check, _check_float, _check_shape, _fai
 from ._ops_fp8 import (FP8_MAX, FP8_MIN_SCALE, FP8_OP_NAMES, fp8_linear,  # noqa: F401  (re-exported)
                        fp8_quantize_per_tensor, fp8_quantize_per_token, fp8_scaled_mm)
 from ._ops_linear import (GEMV_MAX_M, GEMV_NORM_MAX_M, INT4_GROUP_SIZES, SQ_SUM_GROUP,  # noqa: F401  (re-exported)
-                          dense_gemv, dense_gemv_add_residual, dense_gemv_silu_mul, int4_linear,
+                          dense_gemv, dense_gemv_add_residual, dense_gemv_rope_cache, dense_gemv_silu_mul, int4_linear,
                           rms_norm_dense_gemv, sq_sum_groups)
 
 
@@ -348,11 +348,12 @@ def speculative_verify(draft_token_ids: torch.Tensor, num_draft_tokens: torch.Te
 # it implements all of them. The FP8 ops serve `quantization="fp8"` and `kv_cache_dtype="fp8"`,
 # int4_linear the 4-bit quantizations, speculative_verify the engine's speculative decoding.
 # dense_gemv (and dense_gemv_silu_mul for gate / up) runs the dense projections of decode steps on
-# CUDA (models/linear.py: use_dense_gemv); dense_gemv_add_residual and rms_norm_dense_gemv the same
-# with the residual add + RMSNorm between them fused in (models/llama.py: fuse_norms).
+# CUDA (models/linear.py: use_dense_gemv); dense_gemv_add_residual, rms_norm_dense_gemv and
+# dense_gemv_rope_cache the same with the residual add + RMSNorm and the rotary + KV write fused in
+# (models/llama.py: fuse_norms).
 MODEL_OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "reshape_and_cache",
                   "rotary_embedding_and_cache", "paged_prefill_attention", "paged_decode_attention", "dense_gemv",
-                  "dense_gemv_silu_mul", "dense_gemv_add_residual", "rms_norm_dense_gemv")
+                  "dense_gemv_silu_mul", "dense_gemv_add_residual", "rms_norm_dense_gemv", "dense_gemv_rope_cache")
 OP_NAMES = MODEL_OP_NAMES + ("speculative_verify", "int4_linear") + FP8_OP_NAMES
 
 

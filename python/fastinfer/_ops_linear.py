@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import _check, _check_float, _check_shape, _fail, _ops
+from ._checks import FP8, _check, _check_float, _check_shape, _fail, _ops
 
 
 # ---- 4-bit weight-only linear --------------------------------------------------------------------
@@ -131,6 +131,17 @@ def sq_sum_groups(n: int) -> int:
     return -(-n // SQ_SUM_GROUP)
 
 
+def _check_sq_sums_in(op: str, sq_sums: torch.Tensor, x: torch.Tensor) -> None:
+    """The sums of squares of x's rows an RMSNorm prologue reads: float32 [M, ceil(K / 16)]."""
+    m, k = x.shape
+    _check(op, "sq_sums", sq_sums, ndim=2, dtype=torch.float32, device=x.device)
+    if tuple(sq_sums.shape) != (m, sq_sum_groups(k)):
+        _fail(op, f"sq_sums must be [M = {m}, ceil(K / {SQ_SUM_GROUP}) = {sq_sum_groups(k)}] (dense_gemv_add_residual's "
+                  f"output for x), got {tuple(sq_sums.shape)}")
+    if sq_sums.stride(1) != 1:
+        _fail(op, "sq_sums rows must be contiguous")
+
+
 def dense_gemv_add_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
                             bias: torch.Tensor | None = None, sq_sums: torch.Tensor | None = None) -> torch.Tensor:
     """residual [M, N] += x [M, K] @ weight [N, K]^T (+ bias) in place (the projection's output and
@@ -153,8 +164,10 @@ def dense_gemv_add_residual(x: torch.Tensor, weight: torch.Tensor, residual: tor
         sq_sums = torch.empty(shape, dtype=torch.float32, device=x.device)
     _check(op, "sq_sums", sq_sums, ndim=2, dtype=torch.float32, device=x.device)
     _check_shape(op, "sq_sums", sq_sums, shape)
-    if sq_sums.stride(1) != 1:
-        _fail(op, "sq_sums rows must be contiguous")
+    if sq_sums.stride(1) != 1 or (m > 1 and sq_sums.stride(0) < shape[1]):
+        _fail(op, "sq_sums rows must be contiguous and distinct")
+    if sq_sums.untyped_storage().data_ptr() in (x.untyped_storage().data_ptr(), residual.untyped_storage().data_ptr()):
+        _fail(op, "sq_sums must not share memory with x or residual")
     _ops.dense_gemv_add_residual(residual, sq_sums, x, weight, bias)
     return sq_sums
 
@@ -172,11 +185,7 @@ def rms_norm_dense_gemv(x: torch.Tensor, sq_sums: torch.Tensor, norm_weight: tor
     m, k, n = _check_gemv_operands(op, x, weight)
     if m > GEMV_NORM_MAX_M:
         _fail(op, f"x must have 1 to {GEMV_NORM_MAX_M} rows (M), got {m}: use rms_norm then dense_gemv")
-    _check(op, "sq_sums", sq_sums, ndim=2, dtype=torch.float32, device=x.device)
-    if sq_sums.shape[0] != m or sq_sums.shape[1] < 1:
-        _fail(op, f"sq_sums must be [M = {m}, groups >= 1], got {tuple(sq_sums.shape)}")
-    if sq_sums.stride(1) != 1:
-        _fail(op, "sq_sums rows must be contiguous")
+    _check_sq_sums_in(op, sq_sums, x)
     _check(op, "norm_weight", norm_weight, ndim=1, dtype=x.dtype, device=x.device, contiguous=True)
     _check_shape(op, "norm_weight", norm_weight, (k,))
     if norm_weight.device.type == "cuda" and norm_weight.data_ptr() % 16:
@@ -190,5 +199,73 @@ def rms_norm_dense_gemv(x: torch.Tensor, sq_sums: torch.Tensor, norm_weight: tor
         _check(op, "bias", bias, ndim=1, dtype=x.dtype, device=x.device, contiguous=True)
         _check_shape(op, "bias", bias, (n,))
     out = _check_gemv_out(op, out, x, weight, (m, n // 2 if silu_mul else n))
+    if out.untyped_storage().data_ptr() in (x.untyped_storage().data_ptr(), sq_sums.untyped_storage().data_ptr()):
+        _fail(op, "out must not share memory with x or sq_sums")
     _ops.rms_norm_dense_gemv(out, x, sq_sums, norm_weight, float(eps), weight, bias, bool(silu_mul))
+    return out
+
+
+def dense_gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                          kv_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int,
+                          bias: torch.Tensor | None = None, sq_sums: torch.Tensor | None = None,
+                          norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                          check_indices: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The q/k/v projection of a decode step with rotary and the KV-cache write in its epilogue:
+    qkv = dense_gemv(x, weight, bias) (or, given sq_sums and norm_weight, rms_norm_dense_gemv's
+    normalized x), split into q [M, num_heads, D], k and v [M, num_kv_heads, D], then
+    rotary_embedding_and_cache(positions, q, k, v, cos_sin_cache, kv_cache, slot_mapping). Returns
+    the rotated q (out, [M, num_heads, D] with contiguous heads). weight: [(num_heads + 2 num_kv_heads)
+    D, K]; kv_cache a 16-bit cache of x's dtype (not FP8) whose num_kv_heads and D it takes;
+    cos_sin_cache [max_position, D] (rotary over the whole head), D a multiple of 16."""
+    from ._ops import _check_kv_cache
+    op = "dense_gemv_rope_cache"
+    m, k, n = _check_gemv_operands(op, x, weight)
+    if isinstance(kv_cache, torch.Tensor) and kv_cache.dtype == FP8:
+        _fail(op, "kv_cache must hold x's dtype: an FP8 cache takes rotary_embedding_and_cache with kv_scale")
+    _check_kv_cache(op, kv_cache, x, None)
+    kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
+    if head_dim % 16:
+        _fail(op, f"kv_cache head_dim must be a multiple of 16, got {head_dim}")
+    if num_heads <= 0 or n != (num_heads + 2 * kv_heads) * head_dim:
+        _fail(op, f"weight must have (num_heads + 2 num_kv_heads) head_dim = ({num_heads} + 2 x {kv_heads}) x "
+                  f"{head_dim} rows, got {n}")
+    if bias is not None:
+        _check(op, "bias", bias, ndim=1, dtype=x.dtype, device=x.device, contiguous=True)
+        _check_shape(op, "bias", bias, (n,))
+    _check(op, "positions", positions, ndim=1, dtype=torch.int64, device=x.device, contiguous=True)
+    _check_shape(op, "positions", positions, (m,))
+    _check(op, "cos_sin_cache", cos_sin_cache, ndim=2, dtype=torch.float32, device=x.device, contiguous=True)
+    if cos_sin_cache.shape[1] != head_dim:
+        _fail(op, f"cos_sin_cache must rotate the whole head ([max_position, {head_dim}]), got rotary_dim "
+                  f"{cos_sin_cache.shape[1]}: use rotary_embedding_and_cache")
+    _check(op, "slot_mapping", slot_mapping, ndim=1, dtype=torch.int64, device=x.device, contiguous=True)
+    _check_shape(op, "slot_mapping", slot_mapping, (m,))
+    if check_indices:
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= cos_sin_cache.shape[0]:
+            _fail(op, f"positions must lie in [0, {cos_sin_cache.shape[0]}) (the cos_sin_cache length), got [{lo}, {hi}]")
+        num_slots = kv_cache.shape[0] * kv_cache.shape[2]
+        lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
+        if lo < -1 or hi >= num_slots:
+            _fail(op, f"slot_mapping values must be -1 or in [0, {num_slots}), got [{lo}, {hi}]")
+    if (sq_sums is None) != (norm_weight is None):
+        _fail(op, "sq_sums and norm_weight come together (the RMSNorm prologue) or not at all")
+    if sq_sums is not None:
+        if m > GEMV_NORM_MAX_M:
+            _fail(op, f"x must have 1 to {GEMV_NORM_MAX_M} rows (M) with the RMSNorm prologue, got {m}")
+        _check_sq_sums_in(op, sq_sums, x)
+        _check(op, "norm_weight", norm_weight, ndim=1, dtype=x.dtype, device=x.device, contiguous=True)
+        _check_shape(op, "norm_weight", norm_weight, (k,))
+        if norm_weight.device.type == "cuda" and norm_weight.data_ptr() % 16:
+            _fail(op, "norm_weight must start on a 16-byte boundary on CUDA")
+    shape = (m, num_heads, head_dim)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    _check_float(op, "out", out, like=x, ndim=3)
+    _check_shape(op, "out", out, shape)
+    if out.stride(2) != 1 or out.stride(1) != head_dim:
+        _fail(op, f"out must have contiguous heads (strides (*, {head_dim}, 1)), got {out.stride()}")
+    _check_gemv_out(op, out.view(m, num_heads * head_dim), x, weight, (m, num_heads * head_dim))
+    _ops.dense_gemv_rope_cache(out, kv_cache, x, weight, bias, positions, cos_sin_cache, slot_mapping, sq_sums,
+                               norm_weight, float(eps))
     return out

@@ -27,7 +27,9 @@ SETTINGS = {
     "FASTINFER_PDL": ("0", "0 | 1", "programmatic dependent launch of the decode-path kernels"),
     "FASTINFER_DENSE_GEMV": ("1", "1 | 0", "decode projections on dense_gemv (0: cuBLAS); read at import"),
     "FASTINFER_FUSED_NORM": ("1", "1 | 0", "steps of <= 16 tokens add the residual and apply RMSNorm inside the "
-                             "dense GEMVs (0: separate fused_add_rms_norm kernels)"),
+                             "dense GEMVs (0: separate fused_add_rms_norm kernels, and no FASTINFER_FUSED_ROPE)"),
+    "FASTINFER_FUSED_ROPE": ("1", "1 | 0", "with FASTINFER_FUSED_NORM, the q/k/v GEMV also applies rotary and writes "
+                             "K / V to a 16-bit cache (0: rotary_embedding_and_cache kernel)"),
 }
 
 

@@ -12,6 +12,9 @@ output to the residual stream in their epilogue (ops.dense_gemv_add_residual, wh
 new residual's sums of squares per 16 columns), and the q/k/v and gate / up projections normalize
 the residual as they load it (ops.rms_norm_dense_gemv): 4 kernels per layer instead of 6 around
 attention, the same roundings as the unfused ops (the sum of squares is added in another order).
+Over a 16-bit cache with rotary over whole heads, the q/k/v projection also rotates q and k and
+writes k and v to the cache in its epilogue (ops.dense_gemv_rope_cache): 3 kernels per layer around
+attention.
 """
 from __future__ import annotations
 
@@ -37,6 +40,12 @@ def fused_norms_enabled() -> bool:
     """FASTINFER_FUSED_NORM (default 1; read at every forward, so a CUDA graph keeps what it was
     captured with): 0 runs every residual add + RMSNorm as its own kernel."""
     return os.environ.get("FASTINFER_FUSED_NORM", "1") != "0"
+
+
+def fused_rope_enabled() -> bool:
+    """FASTINFER_FUSED_ROPE (default 1, read like FASTINFER_FUSED_NORM): 0 keeps rotary + KV write
+    as its own kernel on the fused-norm path."""
+    return os.environ.get("FASTINFER_FUSED_ROPE", "1") != "0"
 
 
 class LlamaLayer:
@@ -79,11 +88,20 @@ class LlamaLayer:
         """forward() with the residual adds and RMSNorms inside the GEMVs (the module docstring):
         residual [T, hidden] is updated in place; returns the sums of squares of its new rows. The
         first layer takes its input norm's output as normed (no sums exist yet), the others sq_sums."""
-        if sq_sums is None:
-            qkv = self.qkv(normed)
+        x, norm_weight = (normed, None) if sq_sums is None else (residual, self.input_norm)
+        if kv_cache.dtype != FP8 and self.head_dim % 16 == 0 and cos_sin.shape[1] == self.head_dim \
+                and fused_rope_enabled():
+            q = ops.dense_gemv_rope_cache(x, self.qkv.weight, meta.positions, cos_sin, kv_cache, meta.slot_mapping,
+                                          self.num_heads, self.qkv.bias, sq_sums, norm_weight, self.eps,
+                                          check_indices=False)
+            attn = self.attend_rotated(q, kv_cache, meta, None)
         else:
-            qkv = ops.rms_norm_dense_gemv(residual, sq_sums, self.input_norm, self.eps, self.qkv.weight, self.qkv.bias)
-        attn = self.attend(qkv, kv_cache, meta, cos_sin)
+            if sq_sums is None:
+                qkv = self.qkv(normed)
+            else:
+                qkv = ops.rms_norm_dense_gemv(residual, sq_sums, self.input_norm, self.eps, self.qkv.weight,
+                                              self.qkv.bias)
+            attn = self.attend(qkv, kv_cache, meta, cos_sin)
         sq_sums = ops.dense_gemv_add_residual(attn.reshape(attn.shape[0], self.q_size), self.o_proj.weight, residual,
                                               self.o_proj.bias)
         act = ops.rms_norm_dense_gemv(residual, sq_sums, self.post_attn_norm, self.eps, self.gate_up.weight,
@@ -113,6 +131,11 @@ class LlamaLayer:
         kv_scale = self.kv_scale if kv_cache.dtype == FP8 else None
         ops.rotary_embedding_and_cache(meta.positions, q, k, v, cos_sin, kv_cache, meta.slot_mapping,
                                        check_indices=False, kv_scale=kv_scale)
+        return self.attend_rotated(q, kv_cache, meta, kv_scale)
+
+    def attend_rotated(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata,
+                       kv_scale: torch.Tensor | None) -> torch.Tensor:
+        """Attention of rotated queries q [T, H, D] over kv_cache, which holds this step's K / V."""
         if meta.is_decode:
             return ops.paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, self.scale,
                                               check_indices=False, kv_scale=kv_scale)

@@ -68,6 +68,20 @@
 // one tile, kNorm's K loop is not unrolled (~120 registers; SASS: 8 W + 4 x + 4 norm-weight loads,
 // then 8 mmas): 4 KiB of W in flight per warp, 64 KiB per SM, against the ~30 KiB needed (below).
 //
+// Rotary + KV-cache epilogue (dense_gemv_rope_cache; p.kv_cache). The q/k/v projection of a decode
+// step is followed by rotary_embedding_and_cache, one more kernel per layer (32 of an 8B model's
+// step) that re-reads the projection's output. Rotation pairs dim d with d + head_dim / 2 of a head,
+// so, as the SwiGLU epilogue pairs gate and up rows, CTA b takes A rows g = dims 8 j + g and g + 8 =
+// dims 8 j + g + head_dim / 2 of head b / (head_dim / 16), j = b % (head_dim / 16): a lane's D values
+// j and j + 2 are then one pair. Each is rounded to T (with its bias: the projection's output), query
+// and key heads are rotated by rope::rotate_pair (the formula of the rotary kernel; fp32 cos / sin at
+// the token's position) and rounded again, and the pair is stored: query heads to out, key and value
+// heads to the paged cache at slot_mapping[m] (-1: padding, not stored), as kv/append.cuh does for
+// a 16-bit cache (an FP8 cache keeps the separate kernel). Stores are 2-byte and scattered (a warp
+// writes 8 dims x 2 halves of one head for 4 tokens), ~M (H + 2 Hkv) D 2 bytes in all: noise next
+// to the weight. The rows' sums do not depend on this pairing (see the SwiGLU epilogue), so the
+// outputs equal the unfused pair's up to the contraction of the rotation's multiply-adds.
+//
 // Registers. __launch_bounds__(256, 2) lets ptxas use 128 registers a thread. With one tile it
 // hoists the loads of two chunks (its 2x unroll of the K loop: 16 x 16 B of W per lane, 8 KiB per
 // warp) above their mmas; at the default budget it chose ~70 registers and interleaved loads with
@@ -121,6 +135,7 @@
 
 #include "fastinfer/common.cuh"
 #include "fastinfer/gemm/gemv.h"
+#include "fastinfer/layers/rope.cuh"
 
 namespace fastinfer {
 namespace gemv {
@@ -268,8 +283,21 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams
   // Rows past N (last tile only) re-read row N - 1; their sums are never stored. SwiGLU: A rows g
   // and g + 8 are gate row 8 b + g and up row F + 8 b + g (F = N / 2, N % 16 == 0: no rows past N).
   const int gate_row = blockIdx.x * (kTileN / 2) + g;
-  const int64_t row_lo = p.swiglu ? gate_row : min(row0 + g, p.n - 1);
-  const int64_t row_hi = p.swiglu ? p.n / 2 + gate_row : min(row0 + g + 8, p.n - 1);
+  // Rotary: A rows g and g + 8 are dims d and d + head_dim / 2 of one head, d = 8 j + g for the
+  // CTA's j-th of the head_dim / 16 CTAs of that head (head_dim % 16 == 0: no rows past N).
+  // Recomputed in the epilogue (from a fresh read of %ctaid.x, which the compiler cannot merge with
+  // this one) rather than kept live across the K loop, where it cost the one-tile kernel a spill.
+  const auto cta = [] {
+    unsigned b;
+    asm volatile("mov.u32 %0, %%ctaid.x;\n" : "=r"(b));
+    return static_cast<int>(b);
+  };
+  const auto rope_head = [&] { return cta() / (p.head_dim / kTileN); };
+  const auto rope_d0 = [&] { return cta() % (p.head_dim / kTileN) * (kTileN / 2); };
+  const bool rope = p.kv_cache != nullptr;
+  const int rope_row = rope ? rope_head() * p.head_dim + rope_d0() + g : 0;
+  const int64_t row_lo = p.swiglu ? gate_row : rope ? rope_row : min(row0 + g, p.n - 1);
+  const int64_t row_hi = p.swiglu ? p.n / 2 + gate_row : rope ? rope_row + p.head_dim / 2 : min(row0 + g + 8, p.n - 1);
   const T* weight = static_cast<const T*>(p.weight);
   const T* w_lo = weight + row_lo * p.k + kVecElems * c;
   const T* w_hi = weight + row_hi * p.k + kVecElems * c;
@@ -357,6 +385,37 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams
     const int src = (i % (kWarpSize * 4)) / 4, j = i % 4, t = i / (kWarpSize * 4);
     const int m = 8 * t + 2 * (src % 4) + (j % 2);
     if (m >= p.m) continue;
+    if (rope) {
+      // Values j < 2 are dims d = rope_d0() + src / 4 and (j + 2) d + head_dim / 2 of the head,
+      // each with its bias and rounded to T (the q/k/v projection's output), then rotated and stored.
+      if (j >= 2) continue;
+      const int head = rope_head(), half = p.head_dim / 2, d = rope_d0() + src / 4;
+      const int64_t n_lo = static_cast<int64_t>(head) * p.head_dim + d;
+      const T* bias = static_cast<const T*>(p.bias);
+      const float x1 = to_float(from_float<T>(warp_sum(i) + (bias ? to_float(bias[n_lo]) : 0.f)));
+      const float x2 = to_float(from_float<T>(warp_sum(i + 2) + (bias ? to_float(bias[n_lo + half]) : 0.f)));
+      T out1 = from_float<T>(x1), out2 = from_float<T>(x2);
+      if (head < p.num_heads + p.num_kv_heads) {  // query or key: rotate
+        const float* cos = p.cos_sin_cache + p.positions[m] * p.head_dim;
+        rope::rotate_pair<T>(x1, x2, cos[d], cos[half + d], out1, out2);
+      }
+      T* dst;
+      if (head < p.num_heads) {
+        dst = static_cast<T*>(p.out) + m * p.out_stride + head * p.head_dim;
+      } else {
+        const int64_t slot = p.slot_mapping[m];
+        if (slot < 0) continue;
+        const bool value = head >= p.num_heads + p.num_kv_heads;
+        const int kv_head = head - p.num_heads - (value ? p.num_kv_heads : 0);
+        const int64_t row = static_cast<int64_t>(p.num_kv_heads) * p.head_dim;  // one token's K or V
+        const int64_t block = slot / p.block_size, offset = slot % p.block_size;
+        dst = static_cast<T*>(p.kv_cache) + ((block * 2 + (value ? 1 : 0)) * p.block_size + offset) * row +
+              static_cast<int64_t>(kv_head) * p.head_dim;
+      }
+      dst[d] = out1;
+      dst[d + half] = out2;
+      continue;
+    }
     if (p.swiglu) {
       // Value j < 2 is gate row g (output column 8 b + g), value j + 2 the up row paired with it. Each
       // is rounded to T first and the product once more: silu_mul.cuh's formula on dense_gemv's output.
@@ -392,10 +451,13 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams
   }
 }
 
+static_assert(kTileN == kGemvSqSumGroup, "the residual epilogue writes one sum of squares per CTA");
+
 template <typename T>
 cudaError_t launch_typed(const DenseGemvParams& p, cudaStream_t stream) {
   const unsigned tiles = static_cast<unsigned>(ceil_div(p.n, kTileN));
   const bool norm = p.norm_weight != nullptr;
+  if (norm && tiles_for(p.m) > 2) return cudaErrorInvalidValue;  // kGemvNormMaxM (also checked by the caller)
   const auto kernel = tiles_for(p.m) == 1   ? (norm ? dense_gemv_kernel<T, 1, true> : dense_gemv_kernel<T, 1, false>)
                       : tiles_for(p.m) == 2 ? (norm ? dense_gemv_kernel<T, 2, true> : dense_gemv_kernel<T, 2, false>)
                                             : dense_gemv_kernel<T, 4, false>;  // norm: M <= kGemvNormMaxM
@@ -410,6 +472,10 @@ inline cudaError_t launch_dense_gemv_impl(const DenseGemvParams& p, cudaStream_t
       p.x_stride % gemv::kVecElems != 0 || !aligned16(p.x) || !aligned16(p.weight) ||
       (p.swiglu && (p.n % gemv::kTileN != 0 || p.bias != nullptr)) ||
       (p.residual != nullptr && (p.swiglu || p.sq_sums_out == nullptr)) ||
+      (p.kv_cache != nullptr &&
+       (p.swiglu || p.residual != nullptr || p.head_dim <= 0 || p.head_dim % gemv::kTileN != 0 || p.num_heads <= 0 ||
+        p.num_kv_heads <= 0 || p.block_size <= 0 || p.positions == nullptr || p.cos_sin_cache == nullptr ||
+        p.slot_mapping == nullptr || static_cast<int64_t>(p.n) != static_cast<int64_t>(p.num_heads + 2 * p.num_kv_heads) * p.head_dim)) ||
       (p.norm_weight != nullptr && (p.m > kGemvNormMaxM || p.sq_sums_in == nullptr || p.sq_groups <= 0 ||
                                     !aligned16(p.norm_weight)))) {
     return cudaErrorInvalidValue;

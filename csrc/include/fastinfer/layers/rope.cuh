@@ -16,12 +16,17 @@ namespace rope {
 
 constexpr int kThreads = 256;
 
+// One rotated pair (x1, x2) = (x[i], x[i + half]) with c, s = cos[i], sin[i], each rounded to T. The
+// one formula of rotate() and of the dense GEMV's rotary epilogue (gemm/gemv.cuh).
+template <typename T>
+__device__ __forceinline__ void rotate_pair(float x1, float x2, float c, float s, T& out1, T& out2) {
+  out1 = from_float<T>(x1 * c - x2 * s);
+  out2 = from_float<T>(x2 * c + x1 * s);
+}
+
 template <typename T>
 __device__ __forceinline__ void rotate(T* x, const float* cos, const float* sin, int half, int i) {
-  const float x1 = to_float(x[i]);
-  const float x2 = to_float(x[i + half]);
-  x[i] = from_float<T>(x1 * cos[i] - x2 * sin[i]);
-  x[i + half] = from_float<T>(x2 * cos[i] + x1 * sin[i]);
+  rotate_pair<T>(to_float(x[i]), to_float(x[i + half]), cos[i], sin[i], x[i], x[i + half]);
 }
 
 // Rotates every query and key head of one token; the block's threads stride over (head, pair).
