@@ -335,10 +335,19 @@ def _rope_args(**change) -> dict:
     (dict(sq_sums=torch.rand(2, 3)), r"sq_sums must be \[M = 2, ceil\(K / 16\) = 4\]"),
     (dict(bias=torch.randn(63)), "bias must have shape"),
     (dict(out=torch.empty(2, 2, 16).transpose(0, 1)), "out must have"),
+    (dict(kv_cache=torch.zeros(0, 2, 16, 1, 16)), "kv_cache must have blocks"),
 ])
 def test_rope_cache_errors_name_the_argument(change, match):
     with pytest.raises(ValueError, match=match):
         ops.dense_gemv_rope_cache(**_rope_args(**change))
+
+
+def test_rope_cache_rejects_shared_memory():
+    """out carved from x's buffer would be written while other CTAs still read x."""
+    buf = torch.randn(2, 96)
+    args = _rope_args(x=buf[:, :64])
+    with pytest.raises(ValueError, match="must not share memory"):
+        ops.dense_gemv_rope_cache(**args, out=buf[:, 64:].view(2, 2, 16))
 
 
 def test_rope_cache_opcheck(device):

@@ -126,7 +126,7 @@ void dense_gemv_rope_cache(at::Tensor& query, at::Tensor& kv_cache, const at::Te
               op, ": query must be [M, num_heads, head_dim] with contiguous heads");
   const int64_t heads = query.size(1), head_dim = query.size(2);
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(1) == 2 && kv_cache.size(4) == head_dim && kv_cache.is_contiguous() &&
-                  kv_cache.scalar_type() == x.scalar_type() && kv_cache.device() == x.device(),
+                  kv_cache.numel() > 0 && kv_cache.scalar_type() == x.scalar_type() && kv_cache.device() == x.device(),
               op, ": kv_cache must be a contiguous [num_blocks, 2, block_size, num_kv_heads, ", head_dim, "] in x's dtype");
   const int64_t kv_heads = kv_cache.size(3);
   TORCH_CHECK(head_dim % 16 == 0 && weight.size(0) == (heads + 2 * kv_heads) * head_dim,
@@ -144,8 +144,14 @@ void dense_gemv_rope_cache(at::Tensor& query, at::Tensor& kv_cache, const at::Te
   DenseGemvParams p = make_params(op, out2d, x, weight, bias, false, heads * head_dim);
   TORCH_CHECK(sq_sums.has_value() == norm_weight.has_value(), op, ": sq_sums and norm_weight come together");
   if (sq_sums.has_value()) set_norm(op, p, x, *sq_sums, *norm_weight, eps);
-  TORCH_CHECK(!query.is_alias_of(x) && !kv_cache.is_alias_of(x) && !query.is_alias_of(kv_cache),
-              op, ": query, kv_cache and x must not share memory");
+  for (const at::Tensor* input : {&x, &positions, &slot_mapping}) {
+    TORCH_CHECK(!query.is_alias_of(*input) && !kv_cache.is_alias_of(*input),
+                op, ": query and kv_cache must not share memory with x, positions or slot_mapping");
+  }
+  TORCH_CHECK(!query.is_alias_of(kv_cache) &&
+                  (!sq_sums.has_value() || (!query.is_alias_of(*sq_sums) && !kv_cache.is_alias_of(*sq_sums))),
+              op, ": query, kv_cache and sq_sums must not share memory");
+  p.rope = true;
   p.kv_cache = kv_cache.data_ptr();
   p.positions = positions.data_ptr<int64_t>();
   p.cos_sin_cache = cos_sin_cache.data_ptr<float>();

@@ -223,6 +223,8 @@ def dense_gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, positions: torc
     if isinstance(kv_cache, torch.Tensor) and kv_cache.dtype == FP8:
         _fail(op, "kv_cache must hold x's dtype: an FP8 cache takes rotary_embedding_and_cache with kv_scale")
     _check_kv_cache(op, kv_cache, x, None)
+    if kv_cache.shape[0] == 0 or kv_cache.shape[2] == 0 or kv_cache.shape[3] == 0:
+        _fail(op, f"kv_cache must have blocks, slots and kv heads, got shape {tuple(kv_cache.shape)}")
     kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
     if head_dim % 16:
         _fail(op, f"kv_cache head_dim must be a multiple of 16, got {head_dim}")
@@ -266,6 +268,11 @@ def dense_gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, positions: torc
     if out.stride(2) != 1 or out.stride(1) != head_dim:
         _fail(op, f"out must have contiguous heads (strides (*, {head_dim}, 1)), got {out.stride()}")
     _check_gemv_out(op, out.view(m, num_heads * head_dim), x, weight, (m, num_heads * head_dim))
+    inputs = [x, positions, slot_mapping] + ([sq_sums] if sq_sums is not None else [])
+    storages = {t.untyped_storage().data_ptr() for t in inputs}
+    if out.untyped_storage().data_ptr() in storages | {kv_cache.untyped_storage().data_ptr()} \
+            or kv_cache.untyped_storage().data_ptr() in storages:
+        _fail(op, "out and kv_cache must not share memory with each other or with x, positions, slot_mapping, sq_sums")
     _ops.dense_gemv_rope_cache(out, kv_cache, x, weight, bias, positions, cos_sin_cache, slot_mapping, sq_sums,
                                norm_weight, float(eps))
     return out

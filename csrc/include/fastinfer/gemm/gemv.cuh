@@ -68,7 +68,7 @@
 // one tile, kNorm's K loop is not unrolled (~120 registers; SASS: 8 W + 4 x + 4 norm-weight loads,
 // then 8 mmas): 4 KiB of W in flight per warp, 64 KiB per SM, against the ~30 KiB needed (below).
 //
-// Rotary + KV-cache epilogue (dense_gemv_rope_cache; p.kv_cache). The q/k/v projection of a decode
+// Rotary + KV-cache epilogue (dense_gemv_rope_cache; p.rope). The q/k/v projection of a decode
 // step is followed by rotary_embedding_and_cache, one more kernel per layer (32 of an 8B model's
 // step) that re-reads the projection's output. Rotation pairs dim d with d + head_dim / 2 of a head,
 // so, as the SwiGLU epilogue pairs gate and up rows, CTA b takes A rows g = dims 8 j + g and g + 8 =
@@ -294,7 +294,7 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams
   };
   const auto rope_head = [&] { return cta() / (p.head_dim / kTileN); };
   const auto rope_d0 = [&] { return cta() % (p.head_dim / kTileN) * (kTileN / 2); };
-  const bool rope = p.kv_cache != nullptr;
+  const bool rope = p.rope;
   const int rope_row = rope ? rope_head() * p.head_dim + rope_d0() + g : 0;
   const int64_t row_lo = p.swiglu ? gate_row : rope ? rope_row : min(row0 + g, p.n - 1);
   const int64_t row_hi = p.swiglu ? p.n / 2 + gate_row : rope ? rope_row + p.head_dim / 2 : min(row0 + g + 8, p.n - 1);
@@ -472,8 +472,8 @@ inline cudaError_t launch_dense_gemv_impl(const DenseGemvParams& p, cudaStream_t
       p.x_stride % gemv::kVecElems != 0 || !aligned16(p.x) || !aligned16(p.weight) ||
       (p.swiglu && (p.n % gemv::kTileN != 0 || p.bias != nullptr)) ||
       (p.residual != nullptr && (p.swiglu || p.sq_sums_out == nullptr)) ||
-      (p.kv_cache != nullptr &&
-       (p.swiglu || p.residual != nullptr || p.head_dim <= 0 || p.head_dim % gemv::kTileN != 0 || p.num_heads <= 0 ||
+      (p.rope &&
+       (p.swiglu || p.residual != nullptr || p.kv_cache == nullptr || p.head_dim <= 0 || p.head_dim % gemv::kTileN != 0 || p.num_heads <= 0 ||
         p.num_kv_heads <= 0 || p.block_size <= 0 || p.positions == nullptr || p.cos_sin_cache == nullptr ||
         p.slot_mapping == nullptr || static_cast<int64_t>(p.n) != static_cast<int64_t>(p.num_heads + 2 * p.num_kv_heads) * p.head_dim)) ||
       (p.norm_weight != nullptr && (p.m > kGemvNormMaxM || p.sq_sums_in == nullptr || p.sq_groups <= 0 ||

@@ -47,13 +47,14 @@ struct DenseGemvParams {
   int64_t sq_sums_in_stride;
   int sq_groups;
   float eps;
-  // Rotary + KV-cache epilogue (dense_gemv_rope_cache), when kv_cache != nullptr: W = [Wq; Wk; Wv],
+  // Rotary + KV-cache epilogue (dense_gemv_rope_cache), when rope is set: W = [Wq; Wk; Wv],
   // N = (num_heads + 2 num_kv_heads) head_dim rows (head_dim % 16 == 0, rotary over the whole head,
   // bias allowed, not with swiglu or residual). Each output is rounded to dtype, then query and key
   // heads are rotated as rotary_embedding does (layers/rope.cuh, fp32 cos / sin, rounded once more):
   // query to out ([M, num_heads, head_dim], token rows out_stride apart, heads head_dim apart), key
   // and value to the 16-bit cache slot slot_mapping[m] (-1: not written), as reshape_and_cache.
-  void* kv_cache;               // [num_blocks, 2, block_size, num_kv_heads, head_dim], dtype
+  bool rope;
+  void* kv_cache;               // [num_blocks >= 1, 2, block_size, num_kv_heads, head_dim], dtype
   const int64_t* positions;     // [M]
   const float* cos_sin_cache;   // [max_position, head_dim]: cos then sin, head_dim / 2 each
   const int64_t* slot_mapping;  // [M]
