@@ -12,9 +12,10 @@ warm up, then --steps decode steps are timed on the host clock (each ends with t
 back on the host, so launch gaps, sampling and Python are inside the figure). fastinfer runs through
 its engine (LLM.engine.step), with CUDA graphs (the default) and with enforce_eager=True, and for bf16
 on a GPU also with FASTINFER_PDL=1 (programmatic dependent launch, csrc/include/fastinfer/common.cuh:
-off by default until this row shows it helps) and, at batches <= 16, with FASTINFER_FUSED_NORM=0 (a
-kernel per residual add + RMSNorm and per rotary + KV write instead of their fusion into the GEMVs:
-what that fusion saves). HF runs
+off by default until this row shows it helps) and, at batches <= 16, "unfused": FASTINFER_FUSED_NORM=0
+and FASTINFER_DECODE_MERGE=kernel (a kernel per residual add + RMSNorm, per rotary + KV write and
+per split-KV merge instead of their fusion into the GEMVs and the attention kernel: what the fusions
+save). HF runs
 model.generate for 1 and for 1 + steps new tokens (min_new_tokens = max), each twice, and the
 difference of the faster runs is its decode time: eager (dynamic cache), and in full mode static cache + torch.compile
 (generate compiles the forward itself when the cache is static: transformers' automatic compilation
@@ -372,11 +373,12 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"fastinfer {q}: {weights / 1e9:.2f} GB of weights read per decode step")
             # (name suffix, enforce_eager, environment): graphs; for bf16 on a GPU also graphs with programmatic
             # dependent launch of the decode-path kernels (common.cuh; off by default until measured here),
-            # graphs without the norms and rotary fused into the GEMVs (models/llama.py; batches <= 16 only,
-            # the others never fuse) and the eager baseline.
+            # graphs without the fusions (norms and rotary into the GEMVs, models/llama.py, batches <= 16
+            # only; the split merge into decode attention) and the eager baseline.
             variants = [("", False, {})]
             if q == "bf16":
-                variants += [(" + PDL", False, {"FASTINFER_PDL": "1"}), (" unfused norm + rotary", False, {"FASTINFER_FUSED_NORM": "0"}),
+                unfused = {"FASTINFER_FUSED_NORM": "0", "FASTINFER_DECODE_MERGE": "kernel"}
+                variants += [(" + PDL", False, {"FASTINFER_PDL": "1"}), (" unfused", False, unfused),
                              (" eager", True, {})]
             for suffix, eager, env in variants:
                 if env and device.type != "cuda":
@@ -432,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         errors.append("interrupted (SIGINT, e.g. gpu_check's time limit): the rows are what was measured by then")
         print("ERROR", errors[-1])
-        for name in ("FASTINFER_PDL", "FASTINFER_FUSED_NORM"):
+        for name in ("FASTINFER_PDL", "FASTINFER_FUSED_NORM", "FASTINFER_DECODE_MERGE"):
             os.environ.pop(name, None)
 
     hf_rates = {(r["impl"], r["batch"]): r.get("tok_s") for r in rows}

@@ -19,9 +19,11 @@ TORCH_LIBRARY(fastinfer, m) {
   m.def(
       "paged_prefill_attention(Tensor(a!) out, Tensor query, Tensor kv_cache, Tensor cu_seqlens_q, "
       "Tensor seq_lens, Tensor block_tables, float scale, Tensor(b!)? lse=None) -> ()");
+  // semaphores: int32 [>= batch * num_heads] zeros, left zero; with them the CUDA kernel merges its
+  // split-KV partials itself instead of launching a merge kernel (python/fastinfer/_ops.py).
   m.def(
       "paged_decode_attention(Tensor(a!) out, Tensor query, Tensor kv_cache, Tensor block_tables, "
-      "Tensor seq_lens, float scale) -> ()");
+      "Tensor seq_lens, float scale, Tensor(b!)? semaphores=None) -> ()");
   // FP8 e4m3 (csrc/include/fastinfer/fp8.h). scale_a: [1] or [M]; scale_b: [1] or [N]; kv_scale: [2].
   m.def("fp8_quantize_per_token(Tensor(a!) out, Tensor(b!) scales, Tensor input) -> ()");
   m.def("fp8_quantize_per_tensor(Tensor(a!) out, Tensor(b!) scale, Tensor input, bool dynamic) -> ()");
@@ -34,7 +36,7 @@ TORCH_LIBRARY(fastinfer, m) {
       "Tensor cu_seqlens_q, Tensor seq_lens, Tensor block_tables, float scale, Tensor(b!)? lse=None) -> ()");
   m.def(
       "paged_decode_attention_fp8(Tensor(a!) out, Tensor query, Tensor kv_cache, Tensor kv_scale, "
-      "Tensor block_tables, Tensor seq_lens, float scale) -> ()");
+      "Tensor block_tables, Tensor seq_lens, float scale, Tensor(b!)? semaphores=None) -> ()");
   // Speculative decoding: accept a prefix of each request's proposals, then emit one more token
   // (python/fastinfer/_ops.py: speculative_verify documents the arguments).
   m.def(

@@ -74,7 +74,19 @@ def check(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, out=No
     ours = ops.paged_decode_attention(*args, out=out)
     assert_within_tolerance(ours, ref.paged_decode_attention(*args, dtype),
                             ref.paged_decode_attention(*args, ref_dtype(dtype)))
+    check_fused_merge(args, ours)
     return ours
+
+
+def check_fused_merge(args, expected: torch.Tensor, kv_scale=None) -> None:
+    """With semaphores the kernel merges its splits in the last CTA of each group, through the merge
+    kernel's own code: the same output bit for bit, and every semaphore back at 0 (twice in a row)."""
+    query = args[0]
+    semaphores = torch.zeros(query.shape[0] * query.shape[1] + 3, dtype=torch.int32, device=CUDA)
+    for _ in range(2):
+        fused = ops.paged_decode_attention(*args, kv_scale=kv_scale, semaphores=semaphores)
+        assert torch.equal(fused, expected), "the fused merge differs from the merge kernel"
+        assert not semaphores.any(), "a launch left a semaphore non-zero"
 
 
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
@@ -190,6 +202,39 @@ def test_cuda_graph_replay_with_new_lengths():
         args = (query, kv_cache, block_tables, lens, scale)
         assert_within_tolerance(out, ref.paged_decode_attention(*args, dtype),
                                 ref.paged_decode_attention(*args, ref_dtype(dtype)))
+
+
+def test_cuda_graph_replay_with_fused_merge():
+    """The decode graphs' setting: semaphores in a static buffer, captured once, replayed with new
+    lengths; each replay equals an eager launch without them (the merge kernel) and leaves them 0."""
+    seq_lens, dtype = [900, 5, 2000, 77], torch.bfloat16
+    query, kv_cache, block_tables, lens, scale = make_case(seq_lens, 8, 2, 128, 16, dtype, extra_blocks=50)
+    out = torch.empty_like(query)
+    semaphores = torch.zeros(query.shape[0] * query.shape[1], dtype=torch.int32, device=CUDA)
+    run = lambda: ops.paged_decode_attention(query, kv_cache, block_tables, lens, scale, out=out,  # noqa: E731
+                                             check_indices=False, semaphores=semaphores)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    for new_lens in ([1999, 1, 33, 900], [1, 5, 2000, 2], [16, 16, 16, 16]):
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert not semaphores.any()
+        assert torch.equal(out, ops.paged_decode_attention(query, kv_cache, block_tables, lens, scale))
+
+
+def test_semaphores_too_small_are_refused():
+    query, kv_cache, block_tables, lens, scale = make_case([5, 9], 4, 2, 64, 16, torch.bfloat16)
+    with pytest.raises(ValueError, match="semaphores must have >= batch \\* num_heads = 8 elements"):
+        ops.paged_decode_attention(query, kv_cache, block_tables, lens, scale,
+                                   semaphores=torch.zeros(7, dtype=torch.int32, device=CUDA))
 
 
 def test_opcheck():

@@ -64,6 +64,9 @@ def run_decode(case, out=None):
     query, kv8, block_tables, lens, kv_scale = case
     scale = query.shape[2] ** -0.5
     ours = ops.paged_decode_attention(query, kv8, block_tables, lens, scale, out=out, kv_scale=kv_scale)
+    if query.device.type == "cuda":  # the fused split merge (semaphores): the same output bit for bit
+        from test_attention_decode_cuda import check_fused_merge
+        check_fused_merge((query, kv8, block_tables, lens, scale), ours, kv_scale=kv_scale)
     return ours, lambda: references(ref.paged_decode_attention, query, kv8, kv_scale, block_tables, lens, scale)
 
 

@@ -330,6 +330,18 @@ def test_paged_decode_attention(dtype, num_heads, num_kv_heads, head_dim, block_
     check_decode([1, 7, 113, 1023, 16, 65], num_heads, num_kv_heads, head_dim, block_size, dtype=dtype, layout="qkv")
 
 
+def test_paged_decode_attention_semaphores_checked_then_ignored_on_cpu():
+    """The fused split merge's semaphores (CUDA): validated like every argument, and the CPU, which
+    has no splits, gives the same result with them and leaves them untouched."""
+    out, args = run_decode([5, 40], 4, 2, 64, 16, torch.float32)
+    semaphores = torch.zeros(8, dtype=torch.int32)
+    assert torch.equal(ops.paged_decode_attention(*args, semaphores=semaphores), out) and not semaphores.any()
+    with pytest.raises(ValueError, match="semaphores must have dtype torch.int32"):
+        ops.paged_decode_attention(*args, semaphores=torch.zeros(8, dtype=torch.int64))
+    with pytest.raises(ValueError, match="semaphores must have >= batch"):
+        ops.paged_decode_attention(*args, semaphores=torch.zeros(7, dtype=torch.int32))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_paged_decode_attention_4097(dtype):

@@ -175,7 +175,8 @@ void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at:
 }
 
 void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
-                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
+                            const std::optional<at::Tensor>& /*semaphores: the CPU has no splits to merge*/) {
   decode(out, query, kv_cache, nullptr, block_tables, seq_lens, scale);
 }
 
@@ -188,7 +189,8 @@ void paged_prefill_attention_fp8(at::Tensor& out, const at::Tensor& query, const
 
 void paged_decode_attention_fp8(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                                 const at::Tensor& kv_scale, const at::Tensor& block_tables,
-                                const at::Tensor& seq_lens, double scale) {
+                                const at::Tensor& seq_lens, double scale,
+                                const std::optional<at::Tensor>& /*semaphores: the CPU has no splits to merge*/) {
   decode(out, query, kv_cache, &kv_scale, block_tables, seq_lens, scale);
 }
 

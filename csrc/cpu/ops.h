@@ -25,7 +25,8 @@ void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at:
                              const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
                              const at::Tensor& block_tables, double scale, const std::optional<at::Tensor>& lse);
 void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
-                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale);
+                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
+                            const std::optional<at::Tensor>& semaphores);
 void int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                  const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& mins, int64_t group_size);
 // out [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N]); x / out rows may be strided.
@@ -60,6 +61,6 @@ void paged_prefill_attention_fp8(at::Tensor& out, const at::Tensor& query, const
                                  const std::optional<at::Tensor>& lse);
 void paged_decode_attention_fp8(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                                 const at::Tensor& kv_scale, const at::Tensor& block_tables,
-                                const at::Tensor& seq_lens, double scale);
+                                const at::Tensor& seq_lens, double scale, const std::optional<at::Tensor>& semaphores);
 
 }  // namespace fastinfer::cpu

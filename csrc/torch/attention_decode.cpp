@@ -5,6 +5,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <optional>
 
 #include "fastinfer/attention/decode.h"
 #include "common.h"  // csrc/torch/common.h
@@ -14,7 +15,8 @@ namespace {
 
 // kOp names the op in messages; kv_scale nullptr for the plain op.
 void decode(const char* kOp, at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
-            const at::Tensor* kv_scale, const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+            const at::Tensor* kv_scale, const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
+            const std::optional<at::Tensor>& semaphores) {
   // Second line of defence behind python/fastinfer/_ops.py, which checks all of this with ValueErrors.
   TORCH_CHECK(query.dim() == 3 && out.sizes() == query.sizes() && kv_cache.dim() == 5 && kv_cache.size(1) == 2,
               "fastinfer.", kOp, ": expected query/out [batch, num_heads, head_dim] and kv_cache "
@@ -75,6 +77,14 @@ void decode(const char* kOp, at::Tensor& out, const at::Tensor& query, const at:
   TORCH_CHECK(plan_paged_decode(p, &plan) == cudaSuccess, "fastinfer.", kOp, ": unsupported shape (batch ", p.batch,
               ", heads ", p.num_heads, "/", p.num_kv_heads, ", head_dim ", p.head_dim, ", block_size ", p.block_size,
               ", max_blocks ", p.max_blocks, ")");
+  // The fused merge (decode_work.cuh: merge_if_last) unless FASTINFER_DECODE_MERGE=kernel.
+  if (semaphores.has_value() && env_choice(kOp, "FASTINFER_DECODE_MERGE", {"auto", "kernel"}) == 0) {
+    TORCH_CHECK(semaphores->scalar_type() == at::kInt && semaphores->is_contiguous() &&
+                    semaphores->device() == query.device() && semaphores->numel() >= query.size(0) * query.size(1),
+                "fastinfer.", kOp, ": semaphores must be a contiguous int32 tensor of >= batch * num_heads = ",
+                query.size(0) * query.size(1), " zeros on ", query.device());
+    p.semaphores = semaphores->data_ptr<int32_t>();
+  }
   at::Tensor workspace;
   if (plan.workspace_bytes > 0) {
     workspace = at::empty({static_cast<int64_t>(plan.workspace_bytes)}, query.options().dtype(at::kByte));
@@ -85,14 +95,15 @@ void decode(const char* kOp, at::Tensor& out, const at::Tensor& query, const at:
 }
 
 void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
-                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
-  decode("paged_decode_attention", out, query, kv_cache, nullptr, block_tables, seq_lens, scale);
+                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
+                            const std::optional<at::Tensor>& semaphores) {
+  decode("paged_decode_attention", out, query, kv_cache, nullptr, block_tables, seq_lens, scale, semaphores);
 }
 
 void paged_decode_attention_fp8(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                                 const at::Tensor& kv_scale, const at::Tensor& block_tables,
-                                const at::Tensor& seq_lens, double scale) {
-  decode("paged_decode_attention_fp8", out, query, kv_cache, &kv_scale, block_tables, seq_lens, scale);
+                                const at::Tensor& seq_lens, double scale, const std::optional<at::Tensor>& semaphores) {
+  decode("paged_decode_attention_fp8", out, query, kv_cache, &kv_scale, block_tables, seq_lens, scale, semaphores);
 }
 
 }  // namespace

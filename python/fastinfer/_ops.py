@@ -236,12 +236,23 @@ def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, cu_seql
 
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
-                           check_indices: bool = True, kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+                           check_indices: bool = True, kv_scale: torch.Tensor | None = None,
+                           semaphores: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence over its seq_lens[b] cached tokens. query: [batch, num_heads, head_dim].
-    An FP8 kv_cache is read as e4m3 * kv_scale ([k_scale, v_scale], fp32)."""
+    An FP8 kv_cache is read as e4m3 * kv_scale ([k_scale, v_scale], fp32).
+    semaphores: int32 [>= batch * num_heads] on query's device, all zero (allocate once with
+    torch.zeros and keep: every launch leaves them zero; not concurrently by two launches). With them
+    the CUDA kernel merges its split-KV partial results in the last CTA of each group of splits
+    instead of a second kernel (FASTINFER_DECODE_MERGE=kernel: the second kernel anyway); the
+    result is the same bit for bit. The CPU ignores them."""
     op = "paged_decode_attention"
     _check_float(op, "query", query, ndim=3)
     fp8 = _check_attention_common(op, query, kv_cache, kv_scale, block_tables, seq_lens, query.shape[0])
+    if semaphores is not None:
+        _check(op, "semaphores", semaphores, ndim=1, dtype=torch.int32, device=query.device, contiguous=True)
+        if semaphores.numel() < query.shape[0] * query.shape[1]:
+            _fail(op, f"semaphores must have >= batch * num_heads = {query.shape[0] * query.shape[1]} elements, "
+                      f"got {semaphores.numel()}")
     if check_indices:
         _check_attention_indices(op, kv_cache, block_tables, seq_lens, min_len=1)
     if out is None:
@@ -249,9 +260,9 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     _check_float(op, "out", out, like=query, ndim=3)
     _check_shape(op, "out", out, query.shape)
     if fp8:
-        _ops.paged_decode_attention_fp8(out, query, kv_cache, kv_scale, block_tables, seq_lens, float(scale))
+        _ops.paged_decode_attention_fp8(out, query, kv_cache, kv_scale, block_tables, seq_lens, float(scale), semaphores)
     else:
-        _ops.paged_decode_attention(out, query, kv_cache, block_tables, seq_lens, float(scale))
+        _ops.paged_decode_attention(out, query, kv_cache, block_tables, seq_lens, float(scale), semaphores)
     return out
 
 

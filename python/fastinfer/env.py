@@ -25,6 +25,8 @@ SETTINGS = {
     "FASTINFER_FP8_SPLIT_K": ("auto", "auto | off",
                               "FP8 GEMM split-K (cluster reduction) when output tiles cannot fill the SMs (off: never)"),
     "FASTINFER_PDL": ("0", "0 | 1", "programmatic dependent launch of the decode-path kernels"),
+    "FASTINFER_DECODE_MERGE": ("auto", "auto | kernel", "split-KV decode attention given semaphores (the decode "
+                               "graphs) merges in its last CTA per group (kernel: a separate merge kernel)"),
     "FASTINFER_DENSE_GEMV": ("1", "1 | 0", "decode projections on dense_gemv (0: cuBLAS); read at import"),
     "FASTINFER_FUSED_NORM": ("1", "1 | 0", "steps of <= 16 tokens add the residual and apply RMSNorm inside the "
                              "dense GEMVs (0: separate fused_add_rms_norm kernels, and no FASTINFER_FUSED_ROPE)"),

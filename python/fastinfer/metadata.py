@@ -30,6 +30,9 @@ class AttnMetadata:
     block_tables: torch.Tensor    # int32 [batch, max_blocks]; unused entries are 0
     logits_indices: torch.Tensor  # int64 [num_logits]; rows of the hidden state that need logits
     is_decode: bool               # every sequence feeds exactly one token
+    # int32 zeros [>= batch * num_heads] for paged_decode_attention's fused split merge (the decode
+    # graphs' static buffer), or None: a merge kernel per layer
+    decode_semaphores: torch.Tensor | None = None
 
     @classmethod
     def build(cls, chunks: list[SeqChunk], block_size: int, num_blocks: int, max_position: int,

@@ -93,6 +93,9 @@ class DecodeGraphs:
         self.dev64 = torch.zeros(3, b, dtype=torch.int64, device=dev)
         self.dev32 = torch.zeros(b * (1 + self.width), dtype=torch.int32, device=dev)
         self.cu_seqlens = torch.arange(b + 1, dtype=torch.int32, device=dev)
+        # decode attention's split-merge semaphores (zeros, left zero by every launch; shared by the layers,
+        # whose launches never overlap): the kernel merges its splits itself, no merge kernel per layer
+        self.semaphores = torch.zeros(b * runner.model.config.num_heads, dtype=torch.int32, device=dev)
         self.rows = torch.arange(b, dtype=torch.int64, device=dev)
         self.np64 = self.host64.numpy()  # cheap element and row writes from Python lists
         self.np_lens, self.np_tables = self._split32(self.host32.numpy())
@@ -117,7 +120,7 @@ class DecodeGraphs:
         lens, tables = self._split32(self.dev32)
         return AttnMetadata(input_ids=self.dev64[0, :b], positions=self.dev64[1, :b], slot_mapping=self.dev64[2, :b],
                             cu_seqlens_q=self.cu_seqlens[:b + 1], seq_lens=lens[:b], block_tables=tables[:b],
-                            logits_indices=self.rows[:b], is_decode=True)
+                            logits_indices=self.rows[:b], is_decode=True, decode_semaphores=self.semaphores)
 
     def bucket(self, batch: int) -> int:
         return next(b for b in self.sizes if b >= batch)

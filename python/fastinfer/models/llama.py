@@ -138,7 +138,8 @@ class LlamaLayer:
         """Attention of rotated queries q [T, H, D] over kv_cache, which holds this step's K / V."""
         if meta.is_decode:
             return ops.paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, self.scale,
-                                              check_indices=False, kv_scale=kv_scale)
+                                              check_indices=False, kv_scale=kv_scale,
+                                              semaphores=meta.decode_semaphores)
         return ops.paged_prefill_attention(q, kv_cache, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables,
                                            self.scale, check_indices=False, kv_scale=kv_scale)
 

@@ -29,7 +29,8 @@
 // scores set to -inf before the exp (never "garbage * 0"); block-table entries past the sequence
 // are never read either. A CTA whose split lies past its sequence's end writes only lse = -inf.
 // With one split the CTA writes out[] directly; otherwise it writes its normalised fp32 output and
-// lse to the workspace and merge.cuh combines the splits.
+// lse to the workspace and merge.cuh combines the splits: a second kernel, or, given semaphores, the
+// last CTA of each group of splits at the end of this one (decode_work.cuh: merge_if_last).
 //
 // Split heuristic (plan_paged_decode): shapes only (batch, kv heads, block_tables.shape[1] *
 // block_size, SM count), so a captured CUDA graph replays with any seq_lens. Splits are added until
@@ -273,7 +274,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
 
   CtaWork w;
-  if (!start_cta<T, kHeadDim, kThreads>(p, plan, partial_lse, w)) return;
+  if (!start_cta<T, kHeadDim, kThreads>(p, plan, partial_o, partial_lse, w)) return;
   const int64_t seq = w.seq;
   const int kv_head = w.kv_head, num_heads = w.num_heads;
   const int begin = w.begin, end = w.end;
@@ -398,7 +399,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
   if (!w.direct && threadIdx.x < num_heads) {
     const attention::SoftmaxStats stats{s.m[threadIdx.x], s.d[threadIdx.x]};
     partial_lse[w.partial_row0 + static_cast<int64_t>(threadIdx.x) * plan.num_splits] = stats.lse();
-  }
+  }  if (fused_merge(p, w)) merge_if_last<T, kHeadDim, kThreads>(p, plan, w, partial_o, partial_lse);
 }
 
 // ---- host side -----------------------------------------------------------------------------------------
@@ -458,7 +459,7 @@ cudaError_t launch_paged_decode(const DecodeParams& p, const DecodePlan& plan, v
     const dim3 grid(plan.num_splits, p.num_kv_heads * plan.num_head_chunks, p.batch);
     FI_CUDA_TRY(launch_kernel(kernel, grid, dim3(kThreads), smem, stream, p, plan, partial_o, partial_lse));
   }
-  if (plan.num_splits == 1) return cudaSuccess;
+  if (plan.num_splits == 1 || p.semaphores != nullptr) return cudaSuccess;  // merged in the kernel (decode_work.cuh)
   return launch_merge_splits<T, kHeadDim>(p, partial_o, partial_lse, plan.num_splits, stream);
 }
 

@@ -37,6 +37,10 @@ struct DecodeParams {
   DType dtype;     // of out and query (and kv_cache unless kv_scale is set)
   int num_sms;     // SMs of the device: the split heuristic's only hardware input
   DecodeKernel kernel;  // zero-initialised: kAuto
+  // nullptr: the splits are merged by a second kernel (merge.cuh). Else int32 [>= batch * num_heads],
+  // zero before the launch and zero after it: the last CTA of each group of splits merges them
+  // (decode_work.cuh: merge_if_last), one launch instead of two.
+  int* semaphores;
 };
 
 // How a launch is cut up. A function of DecodeParams' shapes and num_sms alone, never of the

@@ -4,6 +4,7 @@
 // query heads that share one KV head. Also the empty split's output and the cp.async group wait.
 #pragma once
 #include "fastinfer/attention/decode.h"
+#include "fastinfer/attention/merge.cuh"
 #include "fastinfer/attention/state.cuh"
 #include "fastinfer/common.cuh"
 
@@ -58,16 +59,53 @@ __device__ __forceinline__ void write_empty_split(const DecodeParams& p, const D
   }
 }
 
-// The start of both decode kernels: PDL (common.cuh: wait for the previous kernel, then let the next
-// one launch), the CTA's work, and an empty split written out. False: the CTA has nothing more to do.
+// The fused split-KV merge (p.semaphores set, more than one split): the end of every CTA of both
+// decode kernels, called by all its threads once its partial output and lse are written. The CTAs of
+// one group (sequence, kv head, head chunk: blockIdx.z, blockIdx.y) count themselves on the group's
+// semaphore; the one that arrives last, which knows that every split's partials are written, merges
+// the group's query heads into out[] (merge.cuh: merge_row, the merge kernel's code, so the results
+// are the same bit for bit) and sets the semaphore back to 0 for the next launch. Ordering: every
+// writer fences (__threadfence: its partials visible to the GPU) before the barrier that precedes the
+// count, the last CTA fences after it, and the merge reads through L2 (ld.global.cg), never a stale L1
+// line. The semaphores start at 0 (their owner zeroes them once) and every launch leaves them at 0,
+// so a captured graph replays with no memset. Saves the merge kernel: one launch per layer of a step.
 template <typename T, int kHeadDim, int kThreads>
-__device__ __forceinline__ bool start_cta(const DecodeParams& p, const DecodePlan& plan, float* partial_lse,
-                                          CtaWork& w) {
+__device__ __forceinline__ void merge_if_last(const DecodeParams& p, const DecodePlan& plan, const CtaWork& w,
+                                              const float* partial_o, const float* partial_lse) {
+  __shared__ int is_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* count = p.semaphores + (w.seq * gridDim.y + blockIdx.y);
+    is_last = atomicAdd(count, 1) == plan.num_splits - 1;
+    if (is_last) *count = 0;  // every split of the group has counted itself
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  for (int g = threadIdx.x / kWarpSize; g < w.num_heads; g += kThreads / kWarpSize) {
+    merge_row<T, kHeadDim>(p, partial_o, partial_lse, plan.num_splits, w.seq, w.first_head + g,
+                           threadIdx.x % kWarpSize);
+  }
+}
+
+// Whether a CTA ends with merge_if_last.
+__device__ __forceinline__ bool fused_merge(const DecodeParams& p, const CtaWork& w) {
+  return !w.direct && p.semaphores != nullptr;
+}
+
+// The start of both decode kernels: PDL (common.cuh: wait for the previous kernel, then let the next
+// one launch), the CTA's work, and an empty split written out (and counted, with the fused merge).
+// False: the CTA has nothing more to do.
+template <typename T, int kHeadDim, int kThreads>
+__device__ __forceinline__ bool start_cta(const DecodeParams& p, const DecodePlan& plan, const float* partial_o,
+                                          float* partial_lse, CtaWork& w) {
   pdl_wait();
   pdl_launch_dependents();
   w = cta_work(p, plan);
   if (w.begin < w.end) return true;
   write_empty_split<T, kHeadDim, kThreads>(p, plan, w, partial_lse);
+  if (fused_merge(p, w)) merge_if_last<T, kHeadDim, kThreads>(p, plan, w, partial_o, partial_lse);
   return false;
 }
 

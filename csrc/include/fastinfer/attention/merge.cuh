@@ -8,7 +8,9 @@
 // Layout (workspace, fp32): partial_o [batch, num_heads, num_splits, head_dim], then
 // partial_lse [batch, num_heads, num_splits].
 // Parallelisation: one warp per (b, h) row, each lane owning head_dim / 32 consecutive features
-// (one 8- or 16-byte load per split); 4 rows per CTA.
+// (one 8- or 16-byte load per split); 4 rows per CTA. With DecodeParams.semaphores the same per-row
+// merge runs instead at the end of the decode kernel, in the last CTA of each group of splits
+// (decode_work.cuh: merge_if_last), and this kernel is not launched.
 // Cost: reads num_splits * (head_dim + 1) * 4 bytes per row; the plan keeps splits long enough that
 // this stays a few percent of the KV bytes the splits read.
 #pragma once
@@ -22,37 +24,33 @@ namespace decode {
 constexpr int kMergeThreads = 128;
 constexpr int kMergeRowsPerCta = kMergeThreads / kWarpSize;
 
+// 8 or 16 bytes of a split's partial output, through L2 only (ld.global.cg): in the fused merge
+// (decode_work.cuh: merge_if_last) other CTAs of the same launch wrote them, and L1 is not coherent.
 template <int kN>
 __device__ __forceinline__ void load_floats(float (&dst)[kN], const float* src) {
   static_assert(kN == 2 || kN == 4, "a lane loads 8 or 16 bytes");
   if constexpr (kN == 4) {
-    const float4 v = *reinterpret_cast<const float4*>(src);
+    const float4 v = __ldcg(reinterpret_cast<const float4*>(src));
     dst[0] = v.x, dst[1] = v.y, dst[2] = v.z, dst[3] = v.w;
   } else {
-    const float2 v = *reinterpret_cast<const float2*>(src);
+    const float2 v = __ldcg(reinterpret_cast<const float2*>(src));
     dst[0] = v.x, dst[1] = v.y;
   }
 }
 
+// Merges row (seq, head) of the workspace into out[seq, head]: one warp, lane owning head_dim / 32
+// consecutive features. The merge kernel's body and the fused merge's (merge_if_last).
 template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(kMergeThreads)
-    merge_splits_kernel(const DecodeParams p, const float* __restrict__ partial_o,
-                        const float* __restrict__ partial_lse, int num_splits) {
+__device__ __forceinline__ void merge_row(const DecodeParams& p, const float* partial_o, const float* partial_lse,
+                                          int num_splits, int64_t seq, int64_t head, int lane) {
   constexpr int kPerLane = kHeadDim / kWarpSize;
-  pdl_wait();  // common.cuh: PDL (FASTINFER_PDL=1)
-  pdl_launch_dependents();
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeRowsPerCta + threadIdx.x / kWarpSize;
-  if (row >= static_cast<int64_t>(p.batch) * p.num_heads) return;
-  const int64_t seq = row / p.num_heads;
-  const int64_t head = row % p.num_heads;
-
+  const int64_t row = seq * p.num_heads + head;
   const float* lse = partial_lse + row * num_splits;
   const float* o = partial_o + row * num_splits * kHeadDim + lane * kPerLane;
   attention::AttentionState<kPerLane> state;
   state.init();
   for (int s = 0; s < num_splits; ++s) {
-    const float lse_s = lse[s];
+    const float lse_s = __ldcg(lse + s);
     if (lse_s == attention::neg_inf()) continue;  // an empty split: its o was never written
     float o_s[kPerLane];
     load_floats(o_s, o + static_cast<int64_t>(s) * kHeadDim);
@@ -61,6 +59,18 @@ __global__ void __launch_bounds__(kMergeThreads)
   T* dst = static_cast<T*>(p.out) + seq * p.out_batch_stride + head * p.out_head_stride + lane * kPerLane;
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) dst[i] = from_float<T>(state.normalized(i));
+}
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kMergeThreads)
+    merge_splits_kernel(const DecodeParams p, const float* __restrict__ partial_o,
+                        const float* __restrict__ partial_lse, int num_splits) {
+  pdl_wait();  // common.cuh: PDL (FASTINFER_PDL=1)
+  pdl_launch_dependents();
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeRowsPerCta + threadIdx.x / kWarpSize;
+  if (row >= static_cast<int64_t>(p.batch) * p.num_heads) return;
+  merge_row<T, kHeadDim>(p, partial_o, partial_lse, num_splits, row / p.num_heads, row % p.num_heads,
+                         threadIdx.x % kWarpSize);
 }
 
 template <typename T, int kHeadDim>
