@@ -195,6 +195,32 @@ else
   record pytest skip 0 "build failed"
 fi
 
+# ---- isolation: model-level failures again with the decode-step fusions off -----------------------
+# The default decode path fuses RMSNorm / rotary into the GEMVs and the split merge into attention
+# (models/llama.py, decode_work.cuh). Should a model-level test fail, the same tests rerun with all
+# three off: if they pass, the fusions are to blame, and this one GPU run already says so.
+if [[ -f "$OUT/tests.json" ]] && ((build_rc == 0)) && ((BUDGET - (SECONDS - START) >= 60)); then
+  mapfile -t isolate < <("$PY" - "$OUT/tests.json" <<'EOF'
+import json, sys
+model_files = ("tests/test_e2e_cuda.py", "tests/test_generate.py", "tests/test_decode_graphs.py",
+               "tests/test_forward_kernels_cuda.py", "tests/test_engine.py", "tests/test_llm.py",
+               "tests/test_spec_engine.py", "tests/test_smollm2.py")
+failed = [n for n, t in json.load(open(sys.argv[1]))["tests"].items()
+          if t["outcome"] not in ("passed", "skipped") and n.startswith(model_files)]
+print("\n".join(failed[:20]))
+EOF
+)
+  if ((${#isolate[@]} > 0)) && [[ -n "${isolate[0]}" ]]; then
+    section "isolation: ${#isolate[@]} failed model test(s) with FASTINFER_FUSED_NORM=0 FASTINFER_DECODE_MERGE=kernel"
+    t0=$SECONDS
+    iso_rc=0
+    FASTINFER_FUSED_NORM=0 FASTINFER_DECODE_MERGE=kernel timeout -k 10 "$(limit 90)" \
+      "$PY" -m pytest -q -p no:cacheprovider "${isolate[@]}" > "$OUT/isolate.log" 2>&1 || iso_rc=$?
+    tail -n 15 "$OUT/isolate.log"
+    record isolate "$iso_rc" $((SECONDS - t0)) "${#isolate[@]} failed model test(s) rerun with the fusions off (isolate.log)"
+  fi
+fi
+
 # ---- C++ microbenchmarks: bench_*.cu, kernel objects + cudart, no torch ---------------------------
 # The package above is built without them (a bench compile error must not cost the tests); here the
 # same build dir is reconfigured with FASTINFER_BUILD_BENCH=ON, so only bench/*.cu are compiled.
