@@ -13,7 +13,9 @@ sm_90a wgmma kernel (FASTINFER_PREFILL_KERNEL=wgmma; on other GPUs that setting 
 kernel, and the row says so).
 Decode: one query token per sequence, 32 / 8 heads, D128: B64 ctx 4096 and B8 ctx 8192. SDPA flash
 gets a [B, H, 1, D] query and contiguous [B, H_kv, ctx, D] K/V. fastinfer runs its default
-tensor-core decode kernel and, as a second row, the CUDA-core one (FASTINFER_DECODE_KERNEL=cuda_cores). Bytes = K and V of the context (the
+tensor-core decode kernel, as a second row the CUDA-core one (FASTINFER_DECODE_KERNEL=cuda_cores) and, as a
+third, the tensor-core kernel merging its splits itself (semaphores, as in the decode graphs; no merge
+kernel). Bytes = K and V of the context (the
 unexpanded KV heads, whatever an implementation reads), as TB/s and as a fraction of the
 device-to-device copy bandwidth measured in the same run.
 A backend that fails on a shape is reported as "n/a (error)" and listed in the notes.
@@ -33,6 +35,7 @@ DTYPE = torch.bfloat16
 BLOCK = 16
 OURS = "fastinfer paged"
 OURS_CUDA_CORES = "fastinfer paged, CUDA-core decode"  # FASTINFER_DECODE_KERNEL=cuda_cores, for comparison
+OURS_FUSED_MERGE = "fastinfer paged, split merge in-kernel"  # semaphores given, as the decode graphs do
 OURS_64_ROWS = "fastinfer paged, 64-row tiles"  # FASTINFER_PREFILL_BLOCK_M=64 (the default here is 128)
 OURS_WGMMA = "fastinfer paged, wgmma (sm_90a)"  # FASTINFER_PREFILL_KERNEL=wgmma
 SDPA = {"SDPA flash": SDPBackend.FLASH_ATTENTION, "SDPA cuDNN": SDPBackend.CUDNN_ATTENTION}
@@ -148,15 +151,17 @@ def decode_rows(ops, args, flush, copy_gbps: float, errors: list) -> list[dict]:
         scale = d ** -0.5
         ops.paged_decode_attention(q3, cache, tables, lens, scale)  # validates the indices once
 
-        def ours(kernel):
+        def ours(kernel, fused_merge=False):
             def make():  # the op reads FASTINFER_DECODE_KERNEL at each call; measure() times one impl at a time
                 os.environ["FASTINFER_DECODE_KERNEL"] = kernel
                 out = torch.empty_like(q3)
-                return (lambda: ops.paged_decode_attention(q3, cache, tables, lens, scale, out=out,
-                                                           check_indices=False).reshape(b, h, 1, d)), "paged"
+                sem = torch.zeros(b * h, dtype=torch.int32, device="cuda") if fused_merge else None
+                return (lambda: ops.paged_decode_attention(q3, cache, tables, lens, scale, out=out, check_indices=False,
+                                                           semaphores=sem).reshape(b, h, 1, d)), "paged"
             return make
 
         impls = {OURS: ours("tensor_cores"), OURS_CUDA_CORES: ours("cuda_cores"),
+                 OURS_FUSED_MERGE: ours("tensor_cores", fused_merge=True),
                  "SDPA flash": lambda: sdpa_call(SDPA["SDPA flash"], q, k, v, False)}
         label = f"B{b} H{h}/{hkv} ctx{ctx} D{d}"
         nbytes = 2 * 2 * b * hkv * ctx * d
