@@ -78,12 +78,13 @@ void decode(const char* kOp, at::Tensor& out, const at::Tensor& query, const at:
               ", heads ", p.num_heads, "/", p.num_kv_heads, ", head_dim ", p.head_dim, ", block_size ", p.block_size,
               ", max_blocks ", p.max_blocks, ")");
   // The fused merge (decode_work.cuh: merge_if_last) unless FASTINFER_DECODE_MERGE=kernel.
-  if (semaphores.has_value() && env_choice(kOp, "FASTINFER_DECODE_MERGE", {"auto", "kernel"}) == 0) {
+  const bool merge_kernel = env_choice(kOp, "FASTINFER_DECODE_MERGE", {"auto", "kernel"}) == 1;
+  if (semaphores.has_value()) {
     TORCH_CHECK(semaphores->scalar_type() == at::kInt && semaphores->is_contiguous() &&
                     semaphores->device() == query.device() && semaphores->numel() >= query.size(0) * query.size(1),
                 "fastinfer.", kOp, ": semaphores must be a contiguous int32 tensor of >= batch * num_heads = ",
                 query.size(0) * query.size(1), " zeros on ", query.device());
-    p.semaphores = semaphores->data_ptr<int32_t>();
+    if (!merge_kernel) p.semaphores = semaphores->data_ptr<int32_t>();
   }
   at::Tensor workspace;
   if (plan.workspace_bytes > 0) {

@@ -399,7 +399,8 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
   if (!w.direct && threadIdx.x < num_heads) {
     const attention::SoftmaxStats stats{s.m[threadIdx.x], s.d[threadIdx.x]};
     partial_lse[w.partial_row0 + static_cast<int64_t>(threadIdx.x) * plan.num_splits] = stats.lse();
-  }  if (fused_merge(p, w)) merge_if_last<T, kHeadDim, kThreads>(p, plan, w, partial_o, partial_lse);
+  }
+  if (fused_merge(p, w)) merge_if_last<T, kHeadDim, kThreads>(p, plan, w, partial_o, partial_lse);
 }
 
 // ---- host side -----------------------------------------------------------------------------------------

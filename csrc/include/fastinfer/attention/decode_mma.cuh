@@ -227,7 +227,8 @@ __global__ void __launch_bounds__(kThreads, 3)
       const int row = lane / 4 + 8 * i;
       if (row < w.num_heads) partial_lse[w.partial_row0 + static_cast<int64_t>(row) * plan.num_splits] = lse[i];
     }
-  }  if (fused_merge(p, w)) merge_if_last<T, kHeadDim, kThreads>(p, plan, w, partial_o, partial_lse);
+  }
+  if (fused_merge(p, w)) merge_if_last<T, kHeadDim, kThreads>(p, plan, w, partial_o, partial_lse);
 }
 
 template <typename T, typename C, int kHeadDim>

@@ -64,7 +64,7 @@ __device__ __forceinline__ void write_empty_split(const DecodeParams& p, const D
 // one group (sequence, kv head, head chunk: blockIdx.z, blockIdx.y) count themselves on the group's
 // semaphore; the one that arrives last, which knows that every split's partials are written, merges
 // the group's query heads into out[] (merge.cuh: merge_row, the merge kernel's code, so the results
-// are the same bit for bit) and sets the semaphore back to 0 for the next launch. Ordering: every
+// are the same bit for bit); its count wraps the semaphore back to 0 for the next launch. Ordering: every
 // writer fences (__threadfence: its partials visible to the GPU) before the barrier that precedes the
 // count, the last CTA fences after it, and the merge reads through L2 (ld.global.cg), never a stale L1
 // line. The semaphores start at 0 (their owner zeroes them once) and every launch leaves them at 0,
@@ -76,9 +76,11 @@ __device__ __forceinline__ void merge_if_last(const DecodeParams& p, const Decod
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
-    int* count = p.semaphores + (w.seq * gridDim.y + blockIdx.y);
-    is_last = atomicAdd(count, 1) == plan.num_splits - 1;
-    if (is_last) *count = 0;  // every split of the group has counted itself
+    // atomicInc wraps to 0 after num_splits - 1: the last arrival leaves the count at 0 by itself,
+    // and a count left wrong (a foreign buffer, an aborted launch) is back at 0 after one launch.
+    auto* count = reinterpret_cast<unsigned*>(p.semaphores) + (w.seq * gridDim.y + blockIdx.y);
+    const unsigned last = static_cast<unsigned>(plan.num_splits - 1);
+    is_last = atomicInc(count, last) == last;
   }
   __syncthreads();
   if (!is_last) return;
