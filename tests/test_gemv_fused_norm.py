@@ -37,11 +37,16 @@ EPS = 1e-5
 
 
 def draw(shape, device, gen, scale=1.0, dtype=torch.float32):
-    return (torch.randn(shape, generator=gen) * scale).to(dtype).to(device)
+    """Drawn where gen lives (the tests' generators live on their device: the GPU shapes reach 1 GB)."""
+    return (torch.randn(shape, generator=gen, device=gen.device) * scale).to(dtype).to(device)
+
+
+def make_gen(device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def add_residual_inputs(m, n, k, dtype, device, bias, seed):
-    gen = torch.Generator().manual_seed(seed)
+    gen = make_gen(device, seed)
     x = draw((m, k), device, gen, dtype=dtype)
     weight = draw((n, k), device, gen, k ** -0.5, dtype)
     b = draw((n,), device, gen, dtype=dtype) if bias else None
@@ -68,7 +73,7 @@ def check_add_residual(x, weight, b, residual):
 
 def norm_inputs(m, n, k, dtype, device, bias, seed, silu_mul=False):
     """x (a residual stream of a few units), its sq_sums, norm weight, W, bias."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = make_gen(device, seed)
     x = draw((m, k), device, gen, 3.0, dtype)
     norm_w = (1 + draw((k,), device, gen, 0.3)).to(dtype)
     weight = draw((n, k), device, gen, (4.0 if silu_mul else 1.0) * k ** -0.5, dtype)
@@ -137,7 +142,7 @@ def test_chain_matches_the_unfused_layer(device):
     dense_gemv + fused_add_rms_norm + dense_gemv_silu_mul: a decode layer's second half."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     m, h, f = 5, 256, 96
-    gen = torch.Generator().manual_seed(2)
+    gen = make_gen(device, 2)
     attn, w_o = draw((m, h), device, gen, dtype=dtype), draw((h, h), device, gen, h ** -0.5, dtype)
     w_gu = draw((2 * f, h), device, gen, 4 * h ** -0.5, dtype)
     norm_w = (1 + draw((h,), device, gen, 0.3)).to(dtype)
@@ -234,15 +239,15 @@ def test_rms_norm_gemv_errors_name_the_argument(change, match):
 
 def rope_inputs(m, heads, kv_heads, d, k, dtype, device, bias, norm, seed, block_size=16, num_blocks=8):
     """x, W, bias, positions, cos_sin, a NaN-poisoned cache, slots (one -1), sq_sums, norm weight."""
-    gen = torch.Generator().manual_seed(seed)
+    gen, host_gen = make_gen(device, seed), torch.Generator().manual_seed(seed)
     n = (heads + 2 * kv_heads) * d
     x = draw((m, k), device, gen, 3.0 if norm else 1.0, dtype)
     weight = draw((n, k), device, gen, k ** -0.5, dtype)
     b = draw((n,), device, gen, dtype=dtype) if bias else None
-    positions = torch.randint(0, 500, (m,), generator=gen).to(device)
+    positions = torch.randint(0, 500, (m,), generator=host_gen).to(device)
     cos_sin = cos_sin_cache(d, 512, 10000.0, None, device)
     kv_cache = torch.full((num_blocks, 2, block_size, kv_heads, d), float("nan"), dtype=dtype, device=device)
-    slots = torch.randperm(num_blocks * block_size, generator=gen)[:m]
+    slots = torch.randperm(num_blocks * block_size, generator=host_gen)[:m]
     if m > 1:
         slots[m // 2] = -1  # a padding row: computed, not cached
     sq_sums = group_sq_sums(x).float() if norm else None
