@@ -65,6 +65,24 @@ def test_greedy_speculation_matches_plain_greedy(target, draft, method, k, batch
         assert engine.scheduler.num_preemptions > 0
 
 
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_greedy_speculation_on_the_fused_decode_path(monkeypatch, target, draft, method):
+    """The decode GEMV forced on the CPU: draft steps and verify steps of <= 16 tokens take the
+    fused-norm / rotary path (models/llama.py), and greedy output is still plain greedy's."""
+    from fastinfer import ops
+    from fastinfer.models import linear as linear_mod
+    prompts = repetitive_prompts(4, seed=9)
+    expected, _ = run(target, prompts, 24, num_blocks=256)
+    monkeypatch.setattr(linear_mod, "use_dense_gemv", lambda device, n, k, dtype: 1 <= n <= ops.GEMV_MAX_M)
+    calls = []
+    real = ops.dense_gemv_rope_cache
+    monkeypatch.setattr(ops, "dense_gemv_rope_cache", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    spec = {"method": method, "num_tokens": 3, **({"model": draft} if method == "draft" else {})}
+    got, _ = run(target, prompts, 24, num_blocks=256, speculative=spec)
+    assert got == expected
+    assert any(n > 4 for n in calls), "no verify step (several tokens per sequence) took the fused path"
+
+
 def test_draft_equal_to_target_accepts_everything(target):
     prompts = repetitive_prompts(4, seed=9)
     _, engine = run(target, prompts, 16, num_blocks=128,
