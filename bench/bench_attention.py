@@ -154,6 +154,7 @@ def decode_rows(ops, args, flush, copy_gbps: float, errors: list) -> list[dict]:
         def ours(kernel, fused_merge=False):
             def make():  # the op reads FASTINFER_DECODE_KERNEL at each call; measure() times one impl at a time
                 os.environ["FASTINFER_DECODE_KERNEL"] = kernel
+                os.environ["FASTINFER_DECODE_MERGE"] = "auto"  # with semaphores: the in-kernel merge
                 out = torch.empty_like(q3)
                 sem = torch.zeros(b * h, dtype=torch.int32, device="cuda") if fused_merge else None
                 return (lambda: ops.paged_decode_attention(q3, cache, tables, lens, scale, out=out, check_indices=False,
@@ -175,6 +176,7 @@ def decode_rows(ops, args, flush, copy_gbps: float, errors: list) -> list[dict]:
         del q, k, v, cache
         torch.cuda.empty_cache()
     os.environ.pop("FASTINFER_DECODE_KERNEL", None)
+    os.environ.pop("FASTINFER_DECODE_MERGE", None)
     return rows
 
 

@@ -59,6 +59,19 @@ TINY = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_l
             num_key_value_heads=2, head_dim=64, max_position_embeddings=2048)
 
 
+# The kernel settings a fastinfer row depends on, at their defaults; a variant overrides some of them.
+PINNED = {"FASTINFER_PDL": "0", "FASTINFER_FUSED_NORM": "1", "FASTINFER_FUSED_ROPE": "1", "FASTINFER_DECODE_MERGE": "auto"}
+
+
+def restore_env(saved: dict) -> None:
+    """Back to the caller's values of the PINNED settings (unset where they were unset)."""
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -342,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     roofline: dict[str, dict[int, float]] = {}
     offline = []
     max_batch = max(args.batches)
+    saved_env = {name: os.environ.get(name) for name in PINNED}
     # SIGINT (gpu_check's time limit) stops the measuring, not the report: what was measured is written.
     try:
         # HF peers first: they need the HF object, which is freed before fastinfer sizes its KV pools.
@@ -388,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 impl = f"fastinfer {q}{suffix}"
                 max_len = args.prompt_len + args.steps + warm + 8
-                os.environ.update({"FASTINFER_PDL": "0", **env})  # read at every launch / every forward
+                # read at every launch / forward: every row pins all four (the defaults, then its own)
+                os.environ.update({**PINNED, **env})
                 try:
                     blocks = max_batch * -(-max_len // 16) + 64
                     llm = LLM(loaded[q], num_blocks=blocks, max_num_seqs=max_batch, max_model_len=max_len,
@@ -409,8 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                     except Exception as exc:
                         record(impl, b, error=f"{type(exc).__name__}: {exc}")
                 del llm
-                for name in ("FASTINFER_PDL", *env):
-                    os.environ.pop(name, None)
+                restore_env(saved_env)
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -434,8 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         errors.append("interrupted (SIGINT, e.g. gpu_check's time limit): the rows are what was measured by then")
         print("ERROR", errors[-1])
-        for name in ("FASTINFER_PDL", "FASTINFER_FUSED_NORM", "FASTINFER_DECODE_MERGE"):
-            os.environ.pop(name, None)
+        restore_env(saved_env)
 
     hf_rates = {(r["impl"], r["batch"]): r.get("tok_s") for r in rows}
     for r in rows:

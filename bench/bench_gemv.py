@@ -13,10 +13,11 @@ decode needs ~88% at M = 32 (cuBLAS: ~67%). At M = 16 / 32 x is 1 / 2 x the W by
 reads (from L1 / L2, not DRAM): see the x-traffic note in csrc/include/fastinfer/gemm/gemv.cuh.
 Fused norms (models/llama.py, steps of <= 16 tokens): the q/k/v and gate / up rows also time
 rms_norm_dense_gemv (the RMSNorm applied while x is loaded; gate / up with its SwiGLU epilogue)
-against the pair it replaces, rms_norm then dense_gemv; the o and down rows dense_gemv_add_residual
-against dense_gemv then fused_add_rms_norm; and at qkv, dense_gemv_rope_cache (norm prologue, rotary and
-the KV-cache write in the epilogue) against rms_norm, dense_gemv and rotary_embedding_and_cache.
-"vs unfused" = the unfused ops' time / the fused kernel's.
+against dense_gemv on x normalized beforehand (what the prologue costs); the o and down rows
+dense_gemv_add_residual against dense_gemv then fused_add_rms_norm (the norm kernel that goes); and
+at qkv, dense_gemv_rope_cache (norm prologue, rotary and the KV-cache write in the epilogue) against
+rms_norm_dense_gemv then rotary_embedding_and_cache (what the epilogue saves). "vs unfused" = the
+unfused ops' time / the fused kernel's; "max |diff| vs unfused" a sanity check of the fused output.
 Timing and L2 flushing: see bench/common.py.
 """
 from __future__ import annotations
@@ -31,17 +32,20 @@ TOKENS = (1, 2, 4, 8, 16, 32)
 DTYPE = torch.bfloat16
 CUBLAS, OURS = "torch.matmul (cuBLAS)", "fastinfer dense_gemv"
 EPS = 1e-5
-# shape -> [(fused impl, the unfused ops it replaces)] for steps of <= 16 tokens (ops.GEMV_NORM_MAX_M)
-NORM_IMPLS = {"qkv": [("fastinfer rms_norm_dense_gemv", "rms_norm + dense_gemv"),
-                      ("fastinfer dense_gemv_rope_cache (+ norm)", "rms_norm + dense_gemv + rotary_embedding_and_cache")],
-              "gate_up": [("fastinfer rms_norm_dense_gemv (SwiGLU)", "rms_norm + dense_gemv_silu_mul")],
+# shape -> [(fused impl, the unfused ops it stands for)] for steps of <= 16 tokens (ops.GEMV_NORM_MAX_M).
+# Each RMSNorm kernel is counted once: on the o / down side (the norm kernel that disappears); the q/k/v
+# and gate / up pairs run their GEMV on x normalized beforehand (the prologue's cost alone); the rotary
+# row's pair is the norm-prologue GEMV then rotary_embedding_and_cache (the epilogue's saving alone).
+NORM_IMPLS = {"qkv": [("fastinfer rms_norm_dense_gemv", "dense_gemv (x normalized beforehand)"),
+                      ("fastinfer dense_gemv_rope_cache (+ norm)", "rms_norm_dense_gemv + rotary_embedding_and_cache")],
+              "gate_up": [("fastinfer rms_norm_dense_gemv (SwiGLU)", "dense_gemv_silu_mul (x normalized beforehand)")],
               "o": [("fastinfer dense_gemv_add_residual", "dense_gemv + fused_add_rms_norm")],
               "down": [("fastinfer dense_gemv_add_residual", "dense_gemv + fused_add_rms_norm")]}
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # Llama-3-8B: qkv N = (32 + 2 x 8) x 128 = 6144
 
 
 def norm_impls(ops, name: str, weight: torch.Tensor, x: torch.Tensor, g: torch.Generator) -> dict:
-    """The fused kernels of this projection and the unfused ops they replace, as fn(x) for this x."""
+    """The fused kernels of this projection and the unfused ops they stand for, as fn(x) for this x."""
     m = x.shape[0]
     if name not in NORM_IMPLS or m > ops.GEMV_NORM_MAX_M:
         return {}
@@ -54,17 +58,18 @@ def norm_impls(ops, name: str, weight: torch.Tensor, x: torch.Tensor, g: torch.G
         def unfused_residual(x):
             hidden = ops.dense_gemv(x, weight)
             ops.fused_add_rms_norm(hidden, residual, norm_w, EPS)
-            return hidden
-        return {fused: lambda x: ops.dense_gemv_add_residual(x, weight, residual), pair: unfused_residual}
+            return residual
+        def fused_residual(x):
+            ops.dense_gemv_add_residual(x, weight, residual)
+            return residual
+        return {fused: fused_residual, pair: unfused_residual}
     # x: the residual stream; its sums of squares per 16 columns, as the previous projection leaves them
     sums = x.float().pow(2).reshape(m, -1, ops.SQ_SUM_GROUP).sum(-1)
     norm_w = torch.ones(k, dtype=DTYPE, device="cuda")
+    normed = ops.rms_norm(x, norm_w, EPS)
     silu = name == "gate_up"
-
-    def unfused_norm(x):
-        normed = ops.rms_norm(x, norm_w, EPS)
-        return ops.dense_gemv_silu_mul(normed, weight) if silu else ops.dense_gemv(normed, weight)
-    impls = {fused: lambda x: ops.rms_norm_dense_gemv(x, sums, norm_w, EPS, weight, silu_mul=silu), pair: unfused_norm}
+    impls = {fused: lambda x: ops.rms_norm_dense_gemv(x, sums, norm_w, EPS, weight, silu_mul=silu),
+             pair: lambda x: ops.dense_gemv_silu_mul(normed, weight) if silu else ops.dense_gemv(normed, weight)}
     if name == "qkv" and n == (HEADS + 2 * KV_HEADS) * HEAD_DIM:  # + rotary and the KV-cache write of a decode step
         from fastinfer.models.rope import cos_sin_cache
         (rope_fused, rope_pair), = more
@@ -74,7 +79,7 @@ def norm_impls(ops, name: str, weight: torch.Tensor, x: torch.Tensor, g: torch.G
         slots = torch.arange(m, device="cuda") * 16
 
         def unfused_rope(x):
-            qkv = unfused_norm(x)
+            qkv = ops.rms_norm_dense_gemv(x, sums, norm_w, EPS, weight)
             q, kk, v = qkv.split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], dim=-1)
             q = q.view(m, HEADS, HEAD_DIM)
             ops.rotary_embedding_and_cache(positions, q, kk.view(m, KV_HEADS, HEAD_DIM), v.view(m, KV_HEADS, HEAD_DIM),
@@ -97,10 +102,10 @@ def run_shape(ops, name: str, k: int, n: int, tokens, args, flush, copy_gbps: fl
         reference = x.float() @ weight.float().t()
         fused = norm_impls(ops, name, weight, x, g)
         impls = {**plain, **fused}
-        times = {}
+        times, outputs = {}, {}
         for impl, fn in impls.items():
             try:
-                out = fn(x)
+                out = outputs[impl] = fn(x).clone()
                 err = float((out.float() - reference).abs().max()) if impl in plain else None
                 t = common.time_cuda(lambda: fn(x), warmup=args.warmup, iters=args.iters, flush=flush)
             except Exception as exc:  # report and carry on: one failure must not hide the other rows
@@ -118,12 +123,17 @@ def run_shape(ops, name: str, k: int, n: int, tokens, args, flush, copy_gbps: fl
             for r in rows[-len(times):]:
                 if r["impl"] == fused_impl and pair in times:
                     r["vs_unfused"] = times[pair] / r["us"]
+                    # a sanity check, not a tolerance: o / down compare residuals after many timed calls
+                    a, b = outputs[fused_impl], outputs[pair]
+                    if name not in ("o", "down") and a.shape == b.shape:
+                        r["diff_vs_unfused"] = float((a.float() - b.float()).abs().max())
     return rows
 
 
 COLUMNS = [("shape", "shape (K->N)", ""), ("m", "M", "d"), ("impl", "impl", ""), ("us", "time (us)", ".1f"),
            ("gbps", "GB/s", ".0f"), ("frac_copy", "of copy BW", ".1%"), ("vs_cublas", "vs cuBLAS", ".2f"),
-           ("vs_unfused", "vs unfused", ".2f"), ("max_abs_err", "max abs err vs fp32", ".2e")]
+           ("vs_unfused", "vs unfused", ".2f"), ("max_abs_err", "max abs err vs fp32", ".2e"),
+           ("diff_vs_unfused", "max |diff| vs unfused", ".1e")]
 
 
 def main(argv: list[str] | None = None) -> int:

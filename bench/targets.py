@@ -122,9 +122,10 @@ def spec_verify_fraction(b: dict):
 
 
 def _e2e_bf16_graphed(b: dict, batch: int, key: str) -> dict | None:
-    """The best graphed bf16 fastinfer row (plain, + PDL or unfused) at `batch` with a figure for `key`."""
+    """The best graphed bf16 fastinfer row (plain or + PDL: what a setting gives users; not the diagnostic
+    "unfused" row) at `batch` with a figure for `key`."""
     rows = [r for r in _rows(b, "e2e") if r.get("batch") == batch and str(r.get("impl", "")).startswith("fastinfer bf16")
-            and "eager" not in str(r.get("impl")) and _num(r.get(key))]
+            and "eager" not in str(r.get("impl")) and "unfused" not in str(r.get("impl")) and _num(r.get(key))]
     return max(rows, key=lambda r: r[key]) if rows else None
 
 

@@ -131,7 +131,9 @@ def test_cuda_graph_logits_match_eager_step(max_model_len):
         got = runner.run(chunks)
         assert runner.graphs.num_steps == step + 1
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
-        assert torch.equal(got.argmax(-1), want.argmax(-1))
+        top2 = want.topk(2, dim=-1).values
+        decided = (top2[:, 0] - top2[:, 1]) > 0.1  # rows whose choice bf16 noise cannot flip
+        assert torch.equal(got.argmax(-1)[decided], want.argmax(-1)[decided])
         torch.cuda.synchronize()
         assert not runner.graphs.semaphores.any()
 

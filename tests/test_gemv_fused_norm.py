@@ -195,6 +195,8 @@ def _add_residual_args() -> dict:
     (dict(residual=torch.randn(2, 39)), "residual must have shape"),
     (dict(residual=torch.randn(2, 40, dtype=torch.float16)), "residual must have dtype"),
     (dict(residual=torch.randn(40, 2).t()), "residual .*contiguous"),
+    (dict(residual=torch.randn(1, 40).expand(2, 40)), "residual rows must be contiguous and distinct"),
+    (dict(residual=None), "residual must be a torch.Tensor"),
     (dict(sq_sums=torch.empty(2, 2)), "sq_sums must have shape"),
     (dict(sq_sums=torch.empty(2, 3, dtype=torch.float64)), "sq_sums must have dtype"),
     (dict(x=torch.randn(33, 64), residual=torch.randn(33, 40)), "x must have 1 to 32 rows"),
@@ -340,6 +342,7 @@ def _rope_args(**change) -> dict:
     (dict(sq_sums=torch.rand(2, 3)), r"sq_sums must be \[M = 2, ceil\(K / 16\) = 4\]"),
     (dict(bias=torch.randn(63)), "bias must have shape"),
     (dict(out=torch.empty(2, 2, 16).transpose(0, 1)), "out must have"),
+    (dict(out=torch.empty(1, 2, 16).expand(2, 2, 16)), "out must have contiguous heads and distinct rows"),
     (dict(kv_cache=torch.zeros(0, 2, 16, 1, 16)), "kv_cache must have blocks"),
 ])
 def test_rope_cache_errors_name_the_argument(change, match):
@@ -466,8 +469,15 @@ def test_cuda_agrees_with_cpu():
     torch.testing.assert_close(gpu_sums, cpu_sums, rtol=1e-3, atol=1e-3)
 
 
+def assert_same_choices(got: torch.Tensor, want: torch.Tensor, margin: float = 0.1) -> None:
+    """argmax equal on every row whose top two logits (in want) are more than margin apart."""
+    top2 = want.float().topk(2, dim=-1).values
+    decided = (top2[:, 0] - top2[:, 1]) > margin
+    assert torch.equal(got.argmax(-1)[decided], want.argmax(-1)[decided])
+
+
 @pytest.mark.cuda
-def test_cuda_model_step_runs_two_norm_kernels_and_no_cache_write():
+def test_cuda_model_step_runs_two_norm_kernels_and_no_cache_write(monkeypatch):
     """A decode step of the fused path runs the first layer's and the final RMSNorm only and no rotary /
     KV-write kernel, and its logits agree with the unfused path's (FASTINFER_FUSED_NORM=0)."""
     import os
@@ -485,14 +495,11 @@ def test_cuda_model_step_runs_two_norm_kernels_and_no_cache_write():
     decode = [SeqChunk([6], len(p), t) for p, t in zip(prompts, tables)]  # rewrites the same slots each time
     logits = {}
     for fused in ("1", "0"):
-        os.environ["FASTINFER_FUSED_NORM"] = fused
-        try:
-            names = kernel_names(lambda: logits.__setitem__(fused, runner.run(decode).clone()))
-        finally:
-            os.environ.pop("FASTINFER_FUSED_NORM", None)
+        monkeypatch.setenv("FASTINFER_FUSED_NORM", fused)
+        names = kernel_names(lambda: logits.__setitem__(fused, runner.run(decode).clone()))
         norms = [n for n in names if "rms_norm" in n]
         assert len(norms) == (2 if fused == "1" else 2 * 4 + 1), (fused, names)
         cache_writes = [n for n in names if "cache" in n]  # kv::reshape_and_cache_kernel (rotary + KV write)
         assert len(cache_writes) == (0 if fused == "1" else 4), (fused, names)
     torch.testing.assert_close(logits["1"], logits["0"], rtol=0.05, atol=0.05)
-    assert torch.equal(logits["1"].argmax(-1), logits["0"].argmax(-1))
+    assert_same_choices(logits["1"], logits["0"])

@@ -154,9 +154,10 @@ def dense_gemv_add_residual(x: torch.Tensor, weight: torch.Tensor, residual: tor
     if bias is not None:
         _check(op, "bias", bias, ndim=1, dtype=x.dtype, device=x.device, contiguous=True)
         _check_shape(op, "bias", bias, (n,))
+    _check(op, "residual", residual, ndim=2, dtype=x.dtype, device=x.device)
     _check_gemv_out(op, residual, x, weight, (m, n), name="residual")  # residual takes dense_gemv's out
-    if residual.stride(1) != 1:
-        _fail(op, "residual rows must be contiguous (stride 1 along N)")
+    if residual.stride(1) != 1 or (m > 1 and residual.stride(0) < n):
+        _fail(op, "residual rows must be contiguous and distinct (stride 1 along N, rows >= N apart)")
     if residual.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
         _fail(op, "residual must not share memory with x (the kernel writes it while other CTAs read x)")
     shape = (m, sq_sum_groups(n))
@@ -265,8 +266,9 @@ def dense_gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, positions: torc
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
     _check_float(op, "out", out, like=x, ndim=3)
     _check_shape(op, "out", out, shape)
-    if out.stride(2) != 1 or out.stride(1) != head_dim:
-        _fail(op, f"out must have contiguous heads (strides (*, {head_dim}, 1)), got {out.stride()}")
+    if out.stride(2) != 1 or out.stride(1) != head_dim or (m > 1 and out.stride(0) < num_heads * head_dim):
+        _fail(op, f"out must have contiguous heads and distinct rows (strides (>= {num_heads * head_dim}, "
+                  f"{head_dim}, 1)), got {out.stride()}")
     _check_gemv_out(op, out.view(m, num_heads * head_dim), x, weight, (m, num_heads * head_dim))
     inputs = [x, positions, slot_mapping] + ([sq_sums] if sq_sums is not None else [])
     storages = {t.untyped_storage().data_ptr() for t in inputs}
