@@ -131,15 +131,23 @@ def sq_sum_groups(n: int) -> int:
     return -(-n // SQ_SUM_GROUP)
 
 
-def _check_sq_sums_in(op: str, sq_sums: torch.Tensor, x: torch.Tensor) -> None:
-    """The sums of squares of x's rows an RMSNorm prologue reads: float32 [M, ceil(K / 16)]."""
+def _check_norm_prologue(op: str, x: torch.Tensor, sq_sums: torch.Tensor, norm_weight: torch.Tensor) -> None:
+    """The RMSNorm prologue's inputs: x of <= 16 rows, the sums of squares of its rows (float32
+    [M, ceil(K / 16)]) and the norm weight [K]."""
     m, k = x.shape
+    if m > GEMV_NORM_MAX_M:
+        _fail(op, f"x must have 1 to {GEMV_NORM_MAX_M} rows (M) with the RMSNorm prologue, got {m}: use rms_norm "
+                  f"then the plain op")
     _check(op, "sq_sums", sq_sums, ndim=2, dtype=torch.float32, device=x.device)
     if tuple(sq_sums.shape) != (m, sq_sum_groups(k)):
         _fail(op, f"sq_sums must be [M = {m}, ceil(K / {SQ_SUM_GROUP}) = {sq_sum_groups(k)}] (dense_gemv_add_residual's "
                   f"output for x), got {tuple(sq_sums.shape)}")
     if sq_sums.stride(1) != 1:
         _fail(op, "sq_sums rows must be contiguous")
+    _check(op, "norm_weight", norm_weight, ndim=1, dtype=x.dtype, device=x.device, contiguous=True)
+    _check_shape(op, "norm_weight", norm_weight, (k,))
+    if norm_weight.device.type == "cuda" and norm_weight.data_ptr() % 16:
+        _fail(op, "norm_weight must start on a 16-byte boundary on CUDA")
 
 
 def dense_gemv_add_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
@@ -183,14 +191,8 @@ def rms_norm_dense_gemv(x: torch.Tensor, sq_sums: torch.Tensor, norm_weight: tor
     1 / rms = rsqrt(sum(sq_sums[m]) / K + eps) needs no pass over x. The second half of a decode
     step's residual add + RMSNorm, in the q/k/v or gate / up projection's prologue."""
     op = "rms_norm_dense_gemv"
-    m, k, n = _check_gemv_operands(op, x, weight)
-    if m > GEMV_NORM_MAX_M:
-        _fail(op, f"x must have 1 to {GEMV_NORM_MAX_M} rows (M), got {m}: use rms_norm then dense_gemv")
-    _check_sq_sums_in(op, sq_sums, x)
-    _check(op, "norm_weight", norm_weight, ndim=1, dtype=x.dtype, device=x.device, contiguous=True)
-    _check_shape(op, "norm_weight", norm_weight, (k,))
-    if norm_weight.device.type == "cuda" and norm_weight.data_ptr() % 16:
-        _fail(op, "norm_weight must start on a 16-byte boundary on CUDA")
+    m, _, n = _check_gemv_operands(op, x, weight)
+    _check_norm_prologue(op, x, sq_sums, norm_weight)
     if silu_mul:
         if n == 0 or n % 16:
             _fail(op, f"weight must have 2 F rows ([gate; up]) with F a positive multiple of 8, got {n} rows")
@@ -220,7 +222,7 @@ def dense_gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, positions: torc
     cos_sin_cache [max_position, D] (rotary over the whole head), D a multiple of 16."""
     from ._ops import _check_kv_cache
     op = "dense_gemv_rope_cache"
-    m, k, n = _check_gemv_operands(op, x, weight)
+    m, _, n = _check_gemv_operands(op, x, weight)
     if isinstance(kv_cache, torch.Tensor) and kv_cache.dtype == FP8:
         _fail(op, "kv_cache must hold x's dtype: an FP8 cache takes rotary_embedding_and_cache with kv_scale")
     _check_kv_cache(op, kv_cache, x, None)
@@ -254,13 +256,7 @@ def dense_gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, positions: torc
     if (sq_sums is None) != (norm_weight is None):
         _fail(op, "sq_sums and norm_weight come together (the RMSNorm prologue) or not at all")
     if sq_sums is not None:
-        if m > GEMV_NORM_MAX_M:
-            _fail(op, f"x must have 1 to {GEMV_NORM_MAX_M} rows (M) with the RMSNorm prologue, got {m}")
-        _check_sq_sums_in(op, sq_sums, x)
-        _check(op, "norm_weight", norm_weight, ndim=1, dtype=x.dtype, device=x.device, contiguous=True)
-        _check_shape(op, "norm_weight", norm_weight, (k,))
-        if norm_weight.device.type == "cuda" and norm_weight.data_ptr() % 16:
-            _fail(op, "norm_weight must start on a 16-byte boundary on CUDA")
+        _check_norm_prologue(op, x, sq_sums, norm_weight)
     shape = (m, num_heads, head_dim)
     if out is None:
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
