@@ -32,6 +32,8 @@ fp8 (per-channel e4m3, the sm_90a GEMM); the eager baseline and the offline run 
 short mode (bench/gpu_check.sh): 4 batch sizes, 16 timed steps, HF eager at batches 1 and 32 only,
 no torch.compile peer, 200 offline requests. full mode: 64 steps, HF eager and compile at 1 and 32
 (--hf-batches), 1000 requests; minutes of compilation. --tiny: a 2-layer small model (CPU smoke test).
+Profile (GPU): for the plain and the "unfused" bf16 engines, 4 graphed batch-1 decode steps under
+torch.profiler: kernels per step, their summed time against the step's GPU span, the top kernels.
 Writes the JSON fragment, and a PNG chart (tokens/s against batch, with the roofline) beside it.
 Where matplotlib is missing (the GPU machine), the fragment keeps what the chart needs (rows and the
 roofline) and `python bench/bench_e2e.py --chart-from PATH/e2e.json` draws it later, on any machine
@@ -148,6 +150,53 @@ def fastinfer_decode(llm, batch: int, prompt_len: int, steps: int, warm: int) ->
         engine.pop_finished(rid)
     return {"seconds": seconds, "tok_s": batch * steps / seconds, "tpot_ms": 1e3 * seconds / steps,
             "graph_steps": graphed}
+
+
+def summarize_kernels(kernels: list[tuple[str, float, float]], steps: int, top: int = 12) -> dict:
+    """Per decode step, from (name, start us, end us) of every GPU kernel of `steps` steps: how many,
+    their summed time, the GPU span (first start to last end, gaps included) and the kernels that
+    take the most time (names without template arguments or parameter lists)."""
+    if not kernels:
+        return {"kernels_per_step": 0}
+    busy = sum(end - start for _, start, end in kernels)
+    span = max(end for _, _, end in kernels) - min(start for _, start, _ in kernels)
+    groups: dict[str, list[float]] = {}
+    for name, start, end in kernels:
+        short = name.split("<")[0].split("(")[0].strip()
+        short = short.replace("void ", "", 1) if short.startswith("void ") else short
+        groups.setdefault(short, []).append(end - start)
+    ranked = sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return {"kernels_per_step": len(kernels) / steps, "kernel_us_per_step": busy / steps,
+            "span_us_per_step": span / steps, "busy": busy / span if span > 0 else None,
+            "top": [{"kernel": k, "per_step": len(v) / steps, "us_per_step": sum(v) / steps} for k, v in ranked]}
+
+
+def profile_decode(llm, prompt_len: int, steps: int = 4) -> dict:
+    """One sequence decoding: the kernels of `steps` graphed steps under torch.profiler (what a
+    batch-1 step spends its time on, and how many launches it makes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fastinfer.sampling_params import SamplingParams
+    engine = llm.engine
+    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+    engine.add_request("profile", random_prompts(1, prompt_len, engine.loaded.model.config.vocab_size, seed=7)[0],
+                       params)
+    seq = engine.requests["profile"].seqs[0]
+    while not seq.output_token_ids:
+        engine.step()
+    for _ in range(2):
+        engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    engine.abort("profile")
+    engine.pop_finished("profile")
+    kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA
+               and not e.name.lower().startswith(("memcpy", "memset"))]
+    return summarize_kernels(kernels, steps)
 
 
 def offline_throughput(llm, num_requests: int, seed: int = 0) -> dict:
@@ -356,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     offline = []
     max_batch = max(args.batches)
     saved_env = {name: os.environ.get(name) for name in PINNED}
+    profiles: dict[str, dict] = {}  # impl -> summarize_kernels of a batch-1 graphed step
     # SIGINT (gpu_check's time limit) stops the measuring, not the report: what was measured is written.
     try:
         # HF peers first: they need the HF object, which is freed before fastinfer sizes its KV pools.
@@ -412,6 +462,11 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as exc:
                     record(impl, max_batch, error=f"LLM: {type(exc).__name__}: {exc}")
                     continue
+                if q == "bf16" and suffix in ("", " unfused") and device.type == "cuda":
+                    try:  # what one graphed batch-1 step launches and spends its time on
+                        profiles[impl] = profile_decode(llm, args.prompt_len)
+                    except Exception as exc:
+                        errors.append(f"profile {impl}: {type(exc).__name__}: {exc}")
                 for b in batches:
                     try:
                         r = fastinfer_decode(llm, b, args.prompt_len, args.steps, warm)
@@ -473,8 +528,18 @@ def main(argv: list[str] | None = None) -> int:
               f"{o['out_tok_s']:.0f} output tok/s, {o['total_tok_s']:.0f} total tok/s, TTFT p50 {o['ttft_ms_median']:.0f} "
               f"ms / p90 {o['ttft_ms_p90']:.0f} ms, TPOT p50 {o['tpot_ms_median']:.1f} ms / p90 {o['tpot_ms_p90']:.1f} ms"
               for o in offline]
+    for impl, prof in profiles.items():
+        if not prof.get("kernels_per_step"):
+            notes.append(f"profile {impl}: the profiler saw no kernels of the graph replays")
+            continue
+        notes.append(f"profile {impl}, batch 1: {prof['kernels_per_step']:.0f} kernels per step, "
+                     f"{prof['kernel_us_per_step']:.0f} us of kernels in a {prof['span_us_per_step']:.0f} us GPU span "
+                     f"({prof['busy']:.0%} busy); most time: " + ", ".join(
+                         f"{t['kernel']} {t['us_per_step']:.0f} us ({t['per_step']:.0f}x)" for t in prof["top"][:6]))
+        print(notes[-1])
     notes += [f"ERROR {e}" for e in errors]
     extra = {"copy": copy, "errors": errors, "offline": offline, "offline_columns": [list(c) for c in OFFLINE_COLUMNS],
+             "profiles": profiles,
              "mode": args.mode, "chart": chart.name if problem is None else None,
              "roofline": {q: {str(b): v for b, v in curve.items()} for q, curve in roofline.items()}}
     if device.type == "cuda":

@@ -63,3 +63,18 @@ def test_bench_e2e_writes_what_it_measured_when_interrupted(tmp_path, monkeypatc
     frag = json.loads(out.read_text())
     assert [(r["impl"], r["batch"]) for r in frag["rows"]] == [("fastinfer bf16", 1)]
     assert any("interrupted" in e for e in frag["errors"])
+
+
+def test_summarize_kernels():
+    """The batch-1 profile's arithmetic (the profiling itself needs a GPU): per-step counts, busy time
+    against the GPU span, kernels grouped by name without template arguments, most time first."""
+    kernels = [("void fastinfer::gemv::dense_gemv_kernel<__nv_bfloat16, 1, true>(fastinfer::DenseGemvParams)", 0, 10),
+               ("void fastinfer::gemv::dense_gemv_kernel<__nv_bfloat16, 1, false>(fastinfer::DenseGemvParams)", 12, 20),
+               ("at::native::index_select_kernel", 20, 21),
+               ("void fastinfer::gemv::dense_gemv_kernel<__nv_bfloat16, 1, true>(fastinfer::DenseGemvParams)", 30, 40)]
+    s = bench_e2e.summarize_kernels(kernels, steps=2)
+    assert s["kernels_per_step"] == 2 and s["kernel_us_per_step"] == 14.5 and s["span_us_per_step"] == 20
+    assert s["busy"] == pytest.approx(29 / 40)
+    assert s["top"][0] == {"kernel": "fastinfer::gemv::dense_gemv_kernel", "per_step": 1.5, "us_per_step": 14.0}
+    assert s["top"][1]["kernel"] == "at::native::index_select_kernel"
+    assert bench_e2e.summarize_kernels([], steps=3) == {"kernels_per_step": 0}
