@@ -138,6 +138,24 @@ def test_cuda_graph_logits_match_eager_step(max_model_len):
         assert not runner.graphs.semaphores.any()
 
 
+@pytest.mark.cuda
+def test_eager_decode_step_merges_in_kernel(monkeypatch):
+    """An eager decode step gets the runner's semaphores: its logits equal those of the same step with
+    the merge kernel (FASTINFER_DECODE_MERGE=kernel; the same merge code, so bf16 noise at most), and
+    the semaphores stay zero."""
+    hf = make_hf_model("llama", seed=6, head_dim=128, hidden_size=256, num_attention_heads=4, num_key_value_heads=1,
+                       max_position_embeddings=4096)
+    runner = ModelRunner(get_loaded(hf, dtype=torch.bfloat16, device="cuda").model, num_blocks=96, block_size=16)
+    prompts = make_prompts(3, seed=2, lo=300, hi=390)  # long enough for several decode splits
+    tables = [list(range(i * 25, i * 25 + 25)) for i in range(3)]
+    runner.run([SeqChunk(p, 0, t) for p, t in zip(prompts, tables)])
+    chunks = [SeqChunk([9], len(p), t) for p, t in zip(prompts, tables)]
+    fused = runner.run(chunks).clone()
+    assert runner._semaphores is not None and not runner._semaphores.any()
+    monkeypatch.setenv("FASTINFER_DECODE_MERGE", "kernel")
+    torch.testing.assert_close(fused, runner.run(chunks), rtol=2e-2, atol=2e-2)
+
+
 # ---- pipelined decode (step n + 1 launched before step n is read back) --------------------------
 
 def run_engine(loaded, prompts, params, **config):

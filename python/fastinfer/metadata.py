@@ -31,7 +31,7 @@ class AttnMetadata:
     logits_indices: torch.Tensor  # int64 [num_logits]; rows of the hidden state that need logits
     is_decode: bool               # every sequence feeds exactly one token
     # int32 zeros [>= batch * num_heads] for paged_decode_attention's fused split merge (the decode
-    # graphs' static buffer), or None: a merge kernel per layer
+    # graphs' static buffer, or the runner's for eager steps), or None: a merge kernel per layer
     decode_semaphores: torch.Tensor | None = None
 
     @classmethod

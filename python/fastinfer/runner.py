@@ -35,6 +35,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.kv_caches = model.make_kv_caches(num_blocks, block_size, kv_cache_dtype)
         self.graphs: DecodeGraphs | None = None
+        self._semaphores: torch.Tensor | None = None  # eager decode steps' split-merge semaphores (CUDA)
 
     @property
     def device(self) -> torch.device:
@@ -64,7 +65,22 @@ class ModelRunner:
                                   self.model.config.max_position_embeddings, self.device)
         if input_ids is not None:
             meta.input_ids = input_ids
+        if meta.is_decode:
+            meta.decode_semaphores = self.decode_semaphores(len(chunks))
         return self.model.forward(meta, self.kv_caches)
+
+    def decode_semaphores(self, batch: int) -> torch.Tensor | None:
+        """Zeroed int32 semaphores for an eager decode step of `batch` sequences (decode attention
+        merges its splits in-kernel with them; every launch leaves them zero), grown on demand; None on
+        the CPU, and inside a caller's CUDA-graph capture (no allocation there: the merge kernel runs)."""
+        need = batch * self.model.config.num_heads
+        if self.device.type != "cuda":
+            return None
+        if self._semaphores is None or self._semaphores.numel() < need:
+            if torch.cuda.is_current_stream_capturing():
+                return None
+            self._semaphores = torch.zeros(max(need, 1024), dtype=torch.int32, device=self.device)
+        return self._semaphores
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy one block's K and V in every layer (copy-on-write of a shared partial block)."""
