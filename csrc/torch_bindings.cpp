@@ -7,6 +7,8 @@
 #include "cpu/ops.h"
 
 TORCH_LIBRARY(fastinfer, m) {
+  // out [T, H] = weight[input_ids]; sq_sums [T, ceil(H / 16)]: each row's sums of squares per 16 columns.
+  m.def("embedding(Tensor(a!) out, Tensor(b!)? sq_sums, Tensor input_ids, Tensor weight) -> ()");
   m.def("rms_norm(Tensor(a!) out, Tensor input, Tensor weight, float eps) -> ()");
   m.def("fused_add_rms_norm(Tensor(a!) input, Tensor(b!) residual, Tensor weight, float eps) -> ()");
   m.def("rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor cos_sin_cache) -> ()");
@@ -68,6 +70,7 @@ TORCH_LIBRARY(fastinfer, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {
+  m.impl("embedding", &fastinfer::cpu::embedding);
   m.impl("rms_norm", &fastinfer::cpu::rms_norm);
   m.impl("fused_add_rms_norm", &fastinfer::cpu::fused_add_rms_norm);
   m.impl("rotary_embedding", &fastinfer::cpu::rotary_embedding);

@@ -41,6 +41,12 @@ void gemv_rows(T* out, int64_t out_stride, const T* x, int64_t x_stride, const T
 }  // namespace
 
 void dense_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  if (out.scalar_type() != x.scalar_type()) {  // float32 out: the values rounded to x's dtype, widened
+    at::Tensor rounded = at::empty({x.size(0), weight.size(0)}, x.options());
+    dense_gemv(rounded, x, weight, bias);
+    out.copy_(rounded);
+    return;
+  }
   const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
   TORCH_CHECK(weight.size(1) == k && weight.is_contiguous() && out.size(0) == m && out.size(1) == n &&
                   (!bias.has_value() || (bias->numel() == n && bias->is_contiguous())),

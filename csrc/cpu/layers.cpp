@@ -1,9 +1,13 @@
-// CPU reference: RMSNorm (+ fused residual add), NeoX rotary embedding, SiLU-and-mul.
+// CPU reference: token embedding (+ sums of squares), RMSNorm (+ fused residual add), NeoX rotary
+// embedding, SiLU-and-mul.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
+#include <optional>
 
 #include "cpu/ops.h"
 
@@ -44,6 +48,34 @@ void rms_norm_rows(T* out, int64_t out_stride, const T* in, int64_t in_stride, T
 }
 
 }  // namespace
+
+// out[t] = weight[ids[t]]; sq_sums[t, g] = the fp32 sum of out[t, 16 g ..]^2 in column order. An id
+// outside the table (callers validate) gives a NaN row, as the CUDA kernel does.
+void embedding(at::Tensor& out, const std::optional<at::Tensor>& sq_sums, const at::Tensor& input_ids,
+               const at::Tensor& weight) {
+  const int64_t tokens = input_ids.size(0), vocab = weight.size(0), hidden = weight.size(1);
+  TORCH_CHECK(out.size(0) == tokens && out.size(1) == hidden && out.stride(1) == 1 && weight.is_contiguous() &&
+                  (!sq_sums.has_value() || (sq_sums->size(0) == tokens && sq_sums->size(1) == (hidden + 15) / 16 &&
+                                            sq_sums->stride(1) == 1)),
+              "embedding: inconsistent shapes (validate with fastinfer.ops.embedding)");
+  const int64_t* ids = input_ids.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "embedding", [&] {
+    for (int64_t t = 0; t < tokens; ++t) {
+      const bool valid = ids[t] >= 0 && ids[t] < vocab;
+      const scalar_t* row = weight.data_ptr<scalar_t>() + (valid ? ids[t] : 0) * hidden;
+      scalar_t* dst = out.data_ptr<scalar_t>() + t * out.stride(0);
+      for (int64_t g = 0; g * 16 < hidden; ++g) {
+        float sum = 0.0f;
+        for (int64_t col = g * 16; col < std::min(hidden, g * 16 + 16); ++col) {
+          const scalar_t v = valid ? row[col] : static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN());
+          dst[col] = v;
+          sum += static_cast<float>(v) * static_cast<float>(v);
+        }
+        if (sq_sums.has_value()) sq_sums->data_ptr<float>()[t * sq_sums->stride(0) + g] = sum;
+      }
+    }
+  });
+}
 
 void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double eps) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "rms_norm", [&] {

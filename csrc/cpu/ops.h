@@ -7,6 +7,8 @@
 
 namespace fastinfer::cpu {
 
+void embedding(at::Tensor& out, const std::optional<at::Tensor>& sq_sums, const at::Tensor& input_ids,
+               const at::Tensor& weight);
 void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double eps);
 void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double eps);
 void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,

@@ -18,9 +18,11 @@ DenseGemvParams make_params(const char* op, at::Tensor& out, const at::Tensor& x
                             const std::optional<at::Tensor>& bias, bool swiglu, int64_t query_cols = -1) {
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               op, " on CUDA takes float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type() &&
+  // out may be float32 for the plain epilogue (rounded to x's dtype, then widened: the fp32 logits)
+  const bool out_fp32 = out.scalar_type() == at::kFloat && !swiglu && query_cols < 0;
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && (out.scalar_type() == x.scalar_type() || out_fp32) &&
                   (!bias.has_value() || bias->scalar_type() == x.scalar_type()),
-              op, ": x, weight, bias and out must share one dtype");
+              op, ": x, weight and bias must share one dtype, and out too (or float32 for a plain projection)");
   // out: N columns, N / 2 (swiglu) or the query's (the rotary epilogue writes only q there).
   const int64_t out_cols = query_cols >= 0 ? query_cols : swiglu ? weight.size(0) / 2 : weight.size(0);
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && out.dim() == 2 && weight.size(1) == x.size(1) &&
@@ -49,6 +51,7 @@ DenseGemvParams make_params(const char* op, at::Tensor& out, const at::Tensor& x
   p.out_stride = out.stride(0);
   p.dtype = to_dtype(x, op);
   p.swiglu = swiglu;
+  p.out_fp32 = out_fp32;
   return p;
 }
 
@@ -69,6 +72,7 @@ void dense_gemv_add_residual(at::Tensor& residual, at::Tensor& sq_sums, const at
                              const std::optional<at::Tensor>& bias) {
   const c10::cuda::CUDAGuard guard(x.device());
   const char* op = "dense_gemv_add_residual";
+  TORCH_CHECK(residual.scalar_type() == x.scalar_type(), op, ": residual must have x's dtype");
   DenseGemvParams p = make_params(op, residual, x, weight, bias, false);  // residual has out's shape
   TORCH_CHECK(sq_sums.scalar_type() == at::kFloat && sq_sums.dim() == 2 && sq_sums.size(0) == x.size(0) &&
                   sq_sums.size(1) == (weight.size(0) + kGemvSqSumGroup - 1) / kGemvSqSumGroup &&

@@ -1,6 +1,8 @@
 // CUDA bindings of the fused small layers: tensors -> Params, current stream, launch.
 #include <torch/library.h>
 
+#include <optional>
+
 #include "fastinfer/layers/layers.h"
 #include "common.h"  // csrc/torch/common.h
 
@@ -31,6 +33,37 @@ void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight
 
 void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double eps) {
   rms_norm_impl(input, input, &residual, weight, eps, "fused_add_rms_norm");
+}
+
+void embedding(at::Tensor& out, const std::optional<at::Tensor>& sq_sums, const at::Tensor& input_ids,
+               const at::Tensor& weight) {
+  const char* op = "embedding";
+  TORCH_CHECK(input_ids.scalar_type() == at::kLong && input_ids.dim() == 1 && input_ids.is_contiguous() &&
+                  weight.dim() == 2 && weight.is_contiguous() && out.dim() == 2 && out.stride(1) == 1 &&
+                  out.size(0) == input_ids.size(0) && out.size(1) == weight.size(1) &&
+                  out.scalar_type() == weight.scalar_type(),
+              "fastinfer.embedding: inconsistent arguments (validate with fastinfer.ops.embedding)");
+  TORCH_CHECK(input_ids.device() == out.device() && weight.device() == out.device(),
+              "fastinfer.embedding: every tensor must be on ", out.device());
+  if (sq_sums.has_value()) {
+    TORCH_CHECK(sq_sums->scalar_type() == at::kFloat && sq_sums->dim() == 2 && sq_sums->stride(1) == 1 &&
+                    sq_sums->size(0) == out.size(0) && sq_sums->size(1) == (out.size(1) + 15) / 16 &&
+                    sq_sums->device() == out.device(),
+                "fastinfer.embedding: sq_sums must be float32 [num_tokens, ceil(hidden / 16)] on ", out.device());
+  }
+  const c10::cuda::CUDAGuard guard(out.device());
+  EmbeddingParams p{};
+  p.out = out.data_ptr();
+  p.sq_sums = sq_sums.has_value() ? sq_sums->data_ptr<float>() : nullptr;
+  p.ids = input_ids.data_ptr<int64_t>();
+  p.weight = weight.data_ptr();
+  p.num_tokens = input_ids.size(0);
+  p.vocab = weight.size(0);
+  p.hidden = weight.size(1);
+  p.out_stride = out.stride(0);
+  p.sq_sums_stride = sq_sums.has_value() ? sq_sums->stride(0) : 0;
+  p.dtype = to_dtype(out, op);
+  check_launch(launch_embedding(p, stream_of(out)), op);
 }
 
 void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
@@ -71,6 +104,7 @@ void silu_and_mul(at::Tensor& out, const at::Tensor& input) {
 }  // namespace fastinfer::torch_glue
 
 TORCH_LIBRARY_IMPL(fastinfer, CUDA, m) {
+  m.impl("embedding", &fastinfer::torch_glue::embedding);
   m.impl("rms_norm", &fastinfer::torch_glue::rms_norm);
   m.impl("fused_add_rms_norm", &fastinfer::torch_glue::fused_add_rms_norm);
   m.impl("rotary_embedding", &fastinfer::torch_glue::rotary_embedding);

@@ -39,6 +39,33 @@ def _check_kv_cache(op: str, kv_cache, like: torch.Tensor, kv_scale) -> bool:
 
 # ---- layers ---------------------------------------------------------------------------------------
 
+def embedding(input_ids: torch.Tensor, weight: torch.Tensor, return_sq_sums: bool = False,
+              check_indices: bool = True, out: torch.Tensor | None = None):
+    """out [num_tokens, hidden] = weight[input_ids] (weight [vocab, hidden], contiguous). With
+    return_sq_sums also float32 [num_tokens, ceil(hidden / 16)]: each row's sums of squares over 16
+    columns, which rms_norm_dense_gemv takes for the first layer's RMSNorm; returns (out, sq_sums).
+    check_indices=False skips the host-side range check of input_ids (the engine validates prompts)."""
+    op = "embedding"
+    _check(op, "input_ids", input_ids, ndim=1, dtype=torch.int64, contiguous=True)
+    _check_float(op, "weight", weight, ndim=2)
+    _check(op, "weight", weight, device=input_ids.device, contiguous=True)
+    num_tokens, (vocab, hidden) = input_ids.shape[0], weight.shape
+    if check_indices and num_tokens:
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab:
+            _fail(op, f"input_ids must lie in [0, {vocab}) (the vocabulary), got [{lo}, {hi}]")
+    if out is None:
+        out = torch.empty(num_tokens, hidden, dtype=weight.dtype, device=weight.device)
+    _check_float(op, "out", out, like=weight, ndim=2)
+    _check_shape(op, "out", out, (num_tokens, hidden))
+    if out.stride(1) != 1:
+        _fail(op, "out rows must be contiguous")
+    sq_sums = torch.empty(num_tokens, -(-hidden // 16), dtype=torch.float32, device=weight.device) \
+        if return_sq_sums else None
+    _ops.embedding(out, sq_sums, input_ids, weight)
+    return (out, sq_sums) if return_sq_sums else out
+
+
 def rms_norm(input: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """out = input * rsqrt(mean(input^2) + eps) * weight, per row. input: [num_tokens, hidden]."""
     op = "rms_norm"
@@ -362,8 +389,9 @@ def speculative_verify(draft_token_ids: torch.Tensor, num_draft_tokens: torch.Te
 # CUDA (models/linear.py: use_dense_gemv); dense_gemv_add_residual, rms_norm_dense_gemv and
 # dense_gemv_rope_cache the same with the residual add + RMSNorm and the rotary + KV write fused in
 # (models/llama.py: fuse_norms).
-MODEL_OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "reshape_and_cache",
-                  "rotary_embedding_and_cache", "paged_prefill_attention", "paged_decode_attention", "dense_gemv",
+MODEL_OP_NAMES = ("embedding", "rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul",
+                  "reshape_and_cache", "rotary_embedding_and_cache", "paged_prefill_attention", "paged_decode_attention",
+                  "dense_gemv",
                   "dense_gemv_silu_mul", "dense_gemv_add_residual", "rms_norm_dense_gemv", "dense_gemv_rope_cache")
 OP_NAMES = MODEL_OP_NAMES + ("speculative_verify", "int4_linear") + FP8_OP_NAMES
 

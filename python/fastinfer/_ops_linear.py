@@ -86,11 +86,16 @@ def _check_gemv_operands(op: str, x: torch.Tensor, weight: torch.Tensor) -> tupl
 
 
 def _check_gemv_out(op: str, out: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
-                    shape: tuple[int, int], name: str = "out") -> torch.Tensor:
-    """out (allocated when None) of the given shape, then the CUDA kernel's 16-byte alignments."""
+                    shape: tuple[int, int], name: str = "out", out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """out (allocated when None) of the given shape, in x's dtype or (out_dtype=torch.float32, a plain
+    projection: each output rounded to x's dtype, then widened) float32; then the CUDA kernel's
+    16-byte alignments."""
+    if out_dtype not in (None, x.dtype, torch.float32):
+        _fail(op, f"out_dtype must be None (x's dtype) or torch.float32, got {out_dtype}")
     if out is None:
-        out = torch.empty(shape, dtype=x.dtype, device=x.device)
-    _check_float(op, name, out, like=x, ndim=2)
+        out = torch.empty(shape, dtype=out_dtype or x.dtype, device=x.device)
+    _check(op, name, out, ndim=2, dtype=(x.dtype, torch.float32) if out_dtype is None else out_dtype or x.dtype,
+           device=x.device)
     _check_shape(op, name, out, shape)
     _check_aligned_rows(op, "x", x)
     if weight.device.type == "cuda" and weight.data_ptr() % 16:
@@ -99,16 +104,17 @@ def _check_gemv_out(op: str, out: torch.Tensor | None, x: torch.Tensor, weight: 
 
 
 def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """out [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N]) for 1 <= M <= 32, K a multiple of 8:
     the weight-streaming kernel of decode steps. fp32 accumulation, one rounding to x's dtype;
-    float16 / bfloat16 on CUDA (any float dtype on the CPU). x and out rows may be strided."""
+    float16 / bfloat16 on CUDA (any float dtype on the CPU). x and out rows may be strided.
+    out_dtype=torch.float32 (or a float32 out): the rounded values widened, dense_gemv(...).float()."""
     op = "dense_gemv"
     m, _, n = _check_gemv_operands(op, x, weight)
     if bias is not None:
         _check(op, "bias", bias, ndim=1, dtype=x.dtype, device=x.device, contiguous=True)
         _check_shape(op, "bias", bias, (n,))
-    out = _check_gemv_out(op, out, x, weight, (m, n))
+    out = _check_gemv_out(op, out, x, weight, (m, n), out_dtype=out_dtype)
     _ops.dense_gemv(out, x, weight, bias)
     return out
 
@@ -121,7 +127,7 @@ def dense_gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor
     m, _, n = _check_gemv_operands(op, x, weight)
     if n == 0 or n % 16:
         _fail(op, f"weight must have 2 F rows ([gate; up]) with F a positive multiple of 8, got {n} rows")
-    out = _check_gemv_out(op, out, x, weight, (m, n // 2))
+    out = _check_gemv_out(op, out, x, weight, (m, n // 2), out_dtype=x.dtype)
     _ops.dense_gemv_silu_mul(out, x, weight)
     return out
 
@@ -163,7 +169,7 @@ def dense_gemv_add_residual(x: torch.Tensor, weight: torch.Tensor, residual: tor
         _check(op, "bias", bias, ndim=1, dtype=x.dtype, device=x.device, contiguous=True)
         _check_shape(op, "bias", bias, (n,))
     _check(op, "residual", residual, ndim=2, dtype=x.dtype, device=x.device)
-    _check_gemv_out(op, residual, x, weight, (m, n), name="residual")  # residual takes dense_gemv's out
+    _check_gemv_out(op, residual, x, weight, (m, n), name="residual", out_dtype=x.dtype)  # dense_gemv's out
     if residual.stride(1) != 1 or (m > 1 and residual.stride(0) < n):
         _fail(op, "residual rows must be contiguous and distinct (stride 1 along N, rows >= N apart)")
     if residual.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
@@ -183,13 +189,14 @@ def dense_gemv_add_residual(x: torch.Tensor, weight: torch.Tensor, residual: tor
 
 def rms_norm_dense_gemv(x: torch.Tensor, sq_sums: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                         weight: torch.Tensor, bias: torch.Tensor | None = None, silu_mul: bool = False,
-                        out: torch.Tensor | None = None) -> torch.Tensor:
+                        out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """dense_gemv(rms_norm(x, norm_weight, eps), weight, bias), or with silu_mul
     dense_gemv_silu_mul(rms_norm(x, norm_weight, eps), weight), in one kernel that normalizes x as it
     loads it: x [M <= 16, K] is a residual stream and sq_sums [M, groups] float32 the sums of squares
     of its rows over groups of columns (what dense_gemv_add_residual returned when it wrote x), so
     1 / rms = rsqrt(sum(sq_sums[m]) / K + eps) needs no pass over x. The second half of a decode
-    step's residual add + RMSNorm, in the q/k/v or gate / up projection's prologue."""
+    step's residual add + RMSNorm, in the q/k/v or gate / up projection's prologue (and the final
+    norm in the LM head's: out_dtype=torch.float32 as dense_gemv takes it, not with silu_mul)."""
     op = "rms_norm_dense_gemv"
     m, _, n = _check_gemv_operands(op, x, weight)
     _check_norm_prologue(op, x, sq_sums, norm_weight)
@@ -198,10 +205,13 @@ def rms_norm_dense_gemv(x: torch.Tensor, sq_sums: torch.Tensor, norm_weight: tor
             _fail(op, f"weight must have 2 F rows ([gate; up]) with F a positive multiple of 8, got {n} rows")
         if bias is not None:
             _fail(op, "bias must be None with silu_mul")
+        if out_dtype not in (None, x.dtype):
+            _fail(op, f"out_dtype must be None (x's dtype) with silu_mul, got {out_dtype}")
     elif bias is not None:
         _check(op, "bias", bias, ndim=1, dtype=x.dtype, device=x.device, contiguous=True)
         _check_shape(op, "bias", bias, (n,))
-    out = _check_gemv_out(op, out, x, weight, (m, n // 2 if silu_mul else n))
+    out = _check_gemv_out(op, out, x, weight, (m, n // 2 if silu_mul else n),
+                          out_dtype=x.dtype if silu_mul else out_dtype)
     if out.untyped_storage().data_ptr() in (x.untyped_storage().data_ptr(), sq_sums.untyped_storage().data_ptr()):
         _fail(op, "out must not share memory with x or sq_sums")
     _ops.rms_norm_dense_gemv(out, x, sq_sums, norm_weight, float(eps), weight, bias, bool(silu_mul))
@@ -265,7 +275,7 @@ def dense_gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, positions: torc
     if out.stride(2) != 1 or out.stride(1) != head_dim or (m > 1 and out.stride(0) < num_heads * head_dim):
         _fail(op, f"out must have contiguous heads and distinct rows (strides (>= {num_heads * head_dim}, "
                   f"{head_dim}, 1)), got {out.stride()}")
-    _check_gemv_out(op, out.view(m, num_heads * head_dim), x, weight, (m, num_heads * head_dim))
+    _check_gemv_out(op, out.view(m, num_heads * head_dim), x, weight, (m, num_heads * head_dim), out_dtype=x.dtype)
     inputs = [x, positions, slot_mapping] + ([sq_sums] if sq_sums is not None else [])
     storages = {t.untyped_storage().data_ptr() for t in inputs}
     if out.untyped_storage().data_ptr() in storages | {kv_cache.untyped_storage().data_ptr()} \

@@ -7,7 +7,9 @@ tokens on CUDA, the LM head too), FP8 (quantization="fp8") or 4-bit (a QuantConf
 awq / gguf); models/linear.py decides which. Everything else is a fastinfer op.
 
 Fused norms (LlamaForCausalLM.fuse_norms): a step of <= 16 tokens whose projections all take the
-dense GEMV runs no RMSNorm kernel after the first layer's. The o and down projections add their
+dense GEMV runs no RMSNorm kernel. The embedding op leaves the rows' sums of squares per 16 columns
+for the first layer, the final norm runs in the LM head (when every row needs logits, which also
+gives fp32 logits without a gather or a cast), and in between the o and down projections add their
 output to the residual stream in their epilogue (ops.dense_gemv_add_residual, which also leaves the
 new residual's sums of squares per 16 columns), and the q/k/v and gate / up projections normalize
 the residual as they load it (ops.rms_norm_dense_gemv): 4 kernels per layer instead of 6 around
@@ -22,7 +24,6 @@ import os
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 
 from .. import _ops as ops
 from .._checks import FP8
@@ -83,24 +84,19 @@ class LlamaLayer:
         hidden = self.down(gate_up_silu_mul(self.gate_up, hidden))  # silu_and_mul(gate_up(hidden)), fused on decode
         return hidden, residual
 
-    def forward_fused(self, residual: torch.Tensor, sq_sums: torch.Tensor | None, normed: torch.Tensor | None,
-                      kv_cache: torch.Tensor, meta: AttnMetadata, cos_sin: torch.Tensor) -> torch.Tensor:
+    def forward_fused(self, residual: torch.Tensor, sq_sums: torch.Tensor, kv_cache: torch.Tensor,
+                      meta: AttnMetadata, cos_sin: torch.Tensor) -> torch.Tensor:
         """forward() with the residual adds and RMSNorms inside the GEMVs (the module docstring):
-        residual [T, hidden] is updated in place; returns the sums of squares of its new rows. The
-        first layer takes its input norm's output as normed (no sums exist yet), the others sq_sums."""
-        x, norm_weight = (normed, None) if sq_sums is None else (residual, self.input_norm)
+        residual [T, hidden] with the sums of squares of its rows per 16 columns (sq_sums: from the
+        embedding or the previous layer) is updated in place; returns the sums of its new rows."""
         if kv_cache.dtype != FP8 and self.head_dim % 16 == 0 and cos_sin.shape[1] == self.head_dim \
                 and fused_rope_enabled():
-            q = ops.dense_gemv_rope_cache(x, self.qkv.weight, meta.positions, cos_sin, kv_cache, meta.slot_mapping,
-                                          self.num_heads, self.qkv.bias, sq_sums, norm_weight, self.eps,
-                                          check_indices=False)
+            q = ops.dense_gemv_rope_cache(residual, self.qkv.weight, meta.positions, cos_sin, kv_cache,
+                                          meta.slot_mapping, self.num_heads, self.qkv.bias, sq_sums, self.input_norm,
+                                          self.eps, check_indices=False)
             attn = self.attend_rotated(q, kv_cache, meta, None)
         else:
-            if sq_sums is None:
-                qkv = self.qkv(normed)
-            else:
-                qkv = ops.rms_norm_dense_gemv(residual, sq_sums, self.input_norm, self.eps, self.qkv.weight,
-                                              self.qkv.bias)
+            qkv = ops.rms_norm_dense_gemv(residual, sq_sums, self.input_norm, self.eps, self.qkv.weight, self.qkv.bias)
             attn = self.attend(qkv, kv_cache, meta, cos_sin)
         sq_sums = ops.dense_gemv_add_residual(attn.reshape(attn.shape[0], self.q_size), self.o_proj.weight, residual,
                                               self.o_proj.bias)
@@ -172,31 +168,33 @@ class LlamaForCausalLM:
     @torch.inference_mode()
     def forward(self, meta: AttnMetadata, kv_caches: list[torch.Tensor]) -> torch.Tensor:
         """fp32 logits [num_logits, vocab] for the rows in meta.logits_indices."""
-        hidden = F.embedding(meta.input_ids, self.embed)
-        if self.fuse_norms(hidden):
-            residual, eps = hidden, self.config.rms_norm_eps  # F.embedding's output, updated in place
-            normed, sq_sums = ops.rms_norm(hidden, self.layers[0].input_norm, eps), None
+        t, eps = meta.input_ids.shape[0], self.config.rms_norm_eps
+        if self.fuse_norms(t):
+            # the embedding rows and their sums of squares: the first layer's norm runs in its q/k/v GEMV
+            residual, sq_sums = ops.embedding(meta.input_ids, self.embed, return_sq_sums=True, check_indices=False)
             for layer, kv_cache in zip(self.layers, kv_caches):
-                sq_sums = layer.forward_fused(residual, sq_sums, normed, kv_cache, meta, self.cos_sin)
+                sq_sums = layer.forward_fused(residual, sq_sums, kv_cache, meta, self.cos_sin)
+            if meta.logits_indices.shape[0] == t:  # every row (increasing indices): the final norm in the LM head
+                return ops.rms_norm_dense_gemv(residual, sq_sums, self.norm, eps, self.lm_head, out_dtype=torch.float32)
             hidden = ops.rms_norm(residual, self.norm, eps)
         else:
-            residual = None
+            hidden, residual = ops.embedding(meta.input_ids, self.embed, check_indices=False), None
             for layer, kv_cache in zip(self.layers, kv_caches):
                 hidden, residual = layer.forward(hidden, residual, kv_cache, meta, self.cos_sin)
-            ops.fused_add_rms_norm(hidden, residual, self.norm, self.config.rms_norm_eps)
+            ops.fused_add_rms_norm(hidden, residual, self.norm, eps)
         return dense_linear(hidden[meta.logits_indices], self.lm_head).float()
 
-    def fuse_norms(self, hidden: torch.Tensor) -> bool:
-        """Whether this step runs the layers' forward_fused (the module docstring): FASTINFER_FUSED_NORM
-        is not 0, at most ops.GEMV_NORM_MAX_M tokens, every projection dense and on the decode GEMV.
-        Checked at every call: GPTQ calibration swaps projections for recorders (quant/gptq.py)."""
-        t, h = hidden.shape
-        if not (1 <= t <= ops.GEMV_NORM_MAX_M and fused_norms_enabled()):
+    def fuse_norms(self, num_tokens: int) -> bool:
+        """Whether a step of num_tokens runs the layers' forward_fused (the module docstring):
+        FASTINFER_FUSED_NORM is not 0, at most ops.GEMV_NORM_MAX_M tokens, every projection (the LM head
+        too) dense and on the decode GEMV. Checked at every call: GPTQ calibration swaps projections for
+        recorders (quant/gptq.py)."""
+        if not (1 <= num_tokens <= ops.GEMV_NORM_MAX_M and fused_norms_enabled()):
             return False
         cfg = self.config
-        return (all(_linear.use_dense_gemv(hidden.device, t, k, hidden.dtype)
-                    for k in (h, cfg.num_heads * cfg.head_dim, cfg.intermediate_size))
-                and all(layer.fusable_norms for layer in self.layers))
+        return (all(_linear.use_dense_gemv(self.device, num_tokens, k, self.dtype)
+                    for k in (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.intermediate_size))
+                and self.lm_head.dtype == self.dtype and all(layer.fusable_norms for layer in self.layers))
 
     # ---- weights ---------------------------------------------------------------------------------
 

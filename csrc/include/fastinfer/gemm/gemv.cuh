@@ -64,7 +64,10 @@
 // gaps gone); bench_gemv.py times each fused kernel against the pair it replaces and bench_e2e.py the
 // step with and without (FASTINFER_FUSED_NORM=0). M <= 16 only (kGemvNormMaxM): with 4 x tiles
 // the prologue's registers (norm weight, 1 / rms per tile) made ptxas spill, so batches of 17..32
-// keep the separate norm kernels. 4 more kernels (kNorm x 1, 2 tiles x 2 dtypes), no spills. With
+// keep the separate norm kernels. The first layer's sums come from the embedding kernel
+// (layers/embedding.cuh) and the final norm runs in the LM head's prologue, whose out_fp32 epilogue
+// stores float(round(x W^T)), the fp32 logits with no cast kernel after them. 4 more kernels (kNorm x
+// 1, 2 tiles x 2 dtypes), no spills. With
 // one tile, kNorm's K loop is not unrolled (~120 registers; SASS: 8 W + 4 x + 4 norm-weight loads,
 // then 8 mmas): 4 KiB of W in flight per warp, 64 KiB per SM, against the ~30 KiB needed (below).
 //
@@ -438,7 +441,11 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams
       squares[m][n - row0] = updated * updated;
       continue;
     }
-    static_cast<T*>(p.out)[m * p.out_stride + n] = from_float<T>(sum);
+    if (p.out_fp32) {
+      static_cast<float*>(p.out)[m * p.out_stride + n] = to_float(from_float<T>(sum));
+    } else {
+      static_cast<T*>(p.out)[m * p.out_stride + n] = from_float<T>(sum);
+    }
   }
   if (add_residual) {
     __syncthreads();
@@ -471,6 +478,7 @@ inline cudaError_t launch_dense_gemv_impl(const DenseGemvParams& p, cudaStream_t
   if (p.m < 0 || p.m > kGemvMaxM || p.n < 0 || p.k <= 0 || p.k % gemv::kVecElems != 0 ||
       p.x_stride % gemv::kVecElems != 0 || !aligned16(p.x) || !aligned16(p.weight) ||
       (p.swiglu && (p.n % gemv::kTileN != 0 || p.bias != nullptr)) ||
+      (p.out_fp32 && (p.swiglu || p.residual != nullptr || p.rope)) ||
       (p.residual != nullptr && (p.swiglu || p.sq_sums_out == nullptr)) ||
       (p.rope &&
        (p.swiglu || p.residual != nullptr || p.kv_cache == nullptr || p.head_dim <= 0 || p.head_dim % gemv::kTileN != 0 || p.num_heads <= 0 ||

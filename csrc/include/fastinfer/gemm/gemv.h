@@ -30,6 +30,9 @@ struct DenseGemvParams {
   // out [M, F] = silu(round(x @ gate^T)) * round(x @ up^T), rounded once more: bit for bit
   // silu_and_mul(dense_gemv(x, W)).
   bool swiglu;
+  // out holds float32 (the plain epilogue only): each output rounded to dtype, then widened, i.e.
+  // dense_gemv(...).float() in one pass (the LM head's fp32 logits).
+  bool out_fp32;
   // Residual epilogue (dense_gemv_add_residual), when residual != nullptr: out is not written;
   // residual[m, n] = round(residual[m, n] + round(x @ W^T + bias)), and
   // sq_sums_out[m * sq_sums_out_stride + n / 16] = the fp32 sum of residual[m, n']^2 (the new,

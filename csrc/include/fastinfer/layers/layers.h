@@ -1,4 +1,4 @@
-// Params and launchers of the fused small layers (RMSNorm, rotary embedding, SiLU-and-mul).
+// Params and launchers of the fused small layers (RMSNorm, rotary embedding, SiLU-and-mul, embedding).
 // Host-compiler safe: the bindings include this; the kernels live in the matching .cuh files.
 // Strides are in elements; the last dimension of every tensor is contiguous.
 #pragma once
@@ -49,5 +49,17 @@ struct SiluMulParams {
   DType dtype;
 };
 cudaError_t launch_silu_and_mul(const SiluMulParams& p, cudaStream_t stream);
+
+// out[t] = weight[ids[t]]; sq_sums (or nullptr) [t, g] = sum of out[t, 16 g .. 16 g + 15]^2 in fp32
+struct EmbeddingParams {
+  void* out;            // [num_tokens, hidden], rows out_stride apart
+  float* sq_sums;       // [num_tokens, ceil(hidden / 16)], rows sq_sums_stride apart, or nullptr
+  const int64_t* ids;   // [num_tokens]
+  const void* weight;   // [vocab, hidden], contiguous
+  int64_t num_tokens, vocab, hidden;
+  int64_t out_stride, sq_sums_stride;
+  DType dtype;
+};
+cudaError_t launch_embedding(const EmbeddingParams& p, cudaStream_t stream);
 
 }  // namespace fastinfer
