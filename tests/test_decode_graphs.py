@@ -23,6 +23,33 @@ def loaded():
     return get_loaded(make_hf_model("llama", seed=11))
 
 
+def test_token_ids_outside_the_vocabulary_are_refused(loaded):
+    """The embedding kernel runs unchecked (a bad id would give a NaN row): both the eager and the
+    static path check the ids on the host and raise, as F.embedding did."""
+    runner = ModelRunner(loaded.model, num_blocks=8, block_size=16)
+    vocab = loaded.model.config.vocab_size
+    with pytest.raises(ValueError, match=f"token id {vocab} is outside the vocabulary"):
+        runner.run([SeqChunk([5, vocab, 7], 0, [0], all_logits=True)])
+    runner.enable_decode_graphs([2], max_model_len=64, capture=False)
+    with pytest.raises(ValueError, match="token id -1 is outside the vocabulary"):
+        runner.run([SeqChunk([-1], 3, [1])])
+
+
+def test_dropping_an_engine_frees_its_kv_cache_at_once(loaded):
+    """runner.graphs holds the runner weakly: no reference cycle keeps the KV pool (and on a GPU the
+    graph pool) alive until the cycle collector runs (fastinfer.generate makes one engine per call)."""
+    import gc
+    import weakref
+    engine = Engine(loaded, EngineConfig(num_blocks=8, decode_graphs=True, graph_sizes=[2]))
+    cache = weakref.ref(engine.runner.kv_caches[0])
+    gc.disable()
+    try:
+        del engine
+        assert cache() is None
+    finally:
+        gc.enable()
+
+
 def test_default_graph_sizes():
     assert default_graph_sizes(1) == [1]
     assert default_graph_sizes(8) == [1, 2, 4, 8]

@@ -42,6 +42,7 @@ void gemv_rows(T* out, int64_t out_stride, const T* x, int64_t x_stride, const T
 
 void dense_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   if (out.scalar_type() != x.scalar_type()) {  // float32 out: the values rounded to x's dtype, widened
+    TORCH_CHECK(out.scalar_type() == at::kFloat, "dense_gemv: out must have x's dtype or float32");
     at::Tensor rounded = at::empty({x.size(0), weight.size(0)}, x.options());
     dense_gemv(rounded, x, weight, bias);
     out.copy_(rounded);

@@ -54,7 +54,9 @@ void rms_norm_rows(T* out, int64_t out_stride, const T* in, int64_t in_stride, T
 void embedding(at::Tensor& out, const std::optional<at::Tensor>& sq_sums, const at::Tensor& input_ids,
                const at::Tensor& weight) {
   const int64_t tokens = input_ids.size(0), vocab = weight.size(0), hidden = weight.size(1);
-  TORCH_CHECK(out.size(0) == tokens && out.size(1) == hidden && out.stride(1) == 1 && weight.is_contiguous() &&
+  TORCH_CHECK(input_ids.dim() == 1 && input_ids.is_contiguous() && input_ids.scalar_type() == at::kLong &&
+                  out.size(0) == tokens && out.size(1) == hidden && out.stride(1) == 1 && weight.is_contiguous() &&
+                  out.scalar_type() == weight.scalar_type() &&
                   (!sq_sums.has_value() || (sq_sums->size(0) == tokens && sq_sums->size(1) == (hidden + 15) / 16 &&
                                             sq_sums->stride(1) == 1)),
               "embedding: inconsistent shapes (validate with fastinfer.ops.embedding)");

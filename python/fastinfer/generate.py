@@ -116,13 +116,15 @@ def _decode_loop(loaded: LoadedModel, rows: list[list[int]], padded_rows: list[l
     block_size = 16
     num_blocks = sum(-(-(len(r) + settings.max_new_tokens) // block_size) for r in rows)
     on_gpu = loaded.model.device.type == "cuda"
-    # On a GPU the decode steps replay one CUDA graph (a bucket of all the rows: finished rows become
-    # padding) sized to this call's longest sequence, and step n + 1 launches before step n is read back.
+    # On a GPU the decode steps replay CUDA graphs (batch buckets up to all the rows, sized to this call's
+    # longest sequence; captured only when there are a few decode steps to run), and step n + 1 launches
+    # before step n is read back.
     engine = Engine(loaded, EngineConfig(num_blocks=num_blocks, block_size=block_size, max_num_seqs=len(rows),
                                          max_num_batched_tokens=max(8192, max(map(len, rows))),
                                          max_model_len=max(map(len, rows)) + settings.max_new_tokens,
-                                         enable_prefix_caching=False, decode_graphs=on_gpu,
-                                         graph_sizes=[len(rows)], pipelined_decode=on_gpu))
+                                         enable_prefix_caching=False,
+                                         decode_graphs=on_gpu and settings.max_new_tokens > 2,
+                                         pipelined_decode=on_gpu))
     # HF semantics: EOS ids end a row (after min_new_tokens); the model config's EOS plays no part.
     params = replace(settings.sampling, max_tokens=settings.max_new_tokens, min_tokens=settings.min_new_tokens,
                      stop_token_ids=list(settings.eos_token_ids), ignore_eos=True)

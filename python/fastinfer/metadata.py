@@ -30,15 +30,20 @@ class AttnMetadata:
     block_tables: torch.Tensor    # int32 [batch, max_blocks]; unused entries are 0
     logits_indices: torch.Tensor  # int64 [num_logits]; rows of the hidden state that need logits
     is_decode: bool               # every sequence feeds exactly one token
+    logits_all_rows: bool = False  # logits_indices is arange(num_tokens): every row, in order
     # int32 zeros [>= batch * num_heads] for paged_decode_attention's fused split merge (the decode
     # graphs' static buffer, or the runner's for eager steps), or None: a merge kernel per layer
     decode_semaphores: torch.Tensor | None = None
 
     @classmethod
     def build(cls, chunks: list[SeqChunk], block_size: int, num_blocks: int, max_position: int,
-              device: torch.device | str = "cpu") -> "AttnMetadata":
+              device: torch.device | str = "cpu", vocab_size: int | None = None) -> "AttnMetadata":
         if not chunks:
             raise ValueError("a step needs at least one sequence")
+        if vocab_size is not None:  # the embedding kernel runs unchecked: ids are checked here, on the host
+            bad = next((t for c in chunks for t in c.token_ids if not 0 <= t < vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
         input_ids, positions, slots, cu, lens, logits_idx = [], [], [], [0], [], []
         max_blocks = max(len(c.block_table) for c in chunks)
         tables = torch.zeros(len(chunks), max(max_blocks, 1), dtype=torch.int32)
@@ -72,6 +77,7 @@ class AttnMetadata:
             seq_lens=to(lens, torch.int32), block_tables=tables.to(device, non_blocking=True),
             logits_indices=to(logits_idx, torch.int64),
             is_decode=all(len(c.token_ids) == 1 for c in chunks),
+            logits_all_rows=len(logits_idx) == len(input_ids),  # increasing and distinct: arange
         )
 
     @property

@@ -9,6 +9,8 @@ max_model_len, fixes one plan that serves every context length. Prefill and mixe
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .metadata import AttnMetadata, SeqChunk
@@ -62,7 +64,8 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.accepts(chunks):
             return self.graphs.run(chunks, input_ids)
         meta = AttnMetadata.build(chunks, self.block_size, self.num_blocks,
-                                  self.model.config.max_position_embeddings, self.device)
+                                  self.model.config.max_position_embeddings, self.device,
+                                  vocab_size=self.model.config.vocab_size)
         if input_ids is not None:
             meta.input_ids = input_ids
         if meta.is_decode:
@@ -94,7 +97,9 @@ class DecodeGraphs:
     def __init__(self, runner: ModelRunner, sizes: list[int], max_model_len: int, capture: bool):
         if not sizes or any(b < 1 for b in sizes):
             raise ValueError(f"graph batch sizes must be positive, got {sizes}")
-        self.runner, self.capture = runner, capture
+        # a weak reference: runner.graphs -> self -> runner would be a cycle that keeps the KV caches and
+        # the graph pool alive after an engine is dropped, until the cycle collector happens to run
+        self.runner, self.capture = weakref.proxy(runner), capture
         self.sizes = sorted(set(sizes))
         self.max_batch = self.sizes[-1]
         self.max_len = min(max_model_len, runner.model.config.max_position_embeddings)
@@ -136,7 +141,8 @@ class DecodeGraphs:
         lens, tables = self._split32(self.dev32)
         return AttnMetadata(input_ids=self.dev64[0, :b], positions=self.dev64[1, :b], slot_mapping=self.dev64[2, :b],
                             cu_seqlens_q=self.cu_seqlens[:b + 1], seq_lens=lens[:b], block_tables=tables[:b],
-                            logits_indices=self.rows[:b], is_decode=True, decode_semaphores=self.semaphores)
+                            logits_indices=self.rows[:b], is_decode=True, logits_all_rows=True,
+                            decode_semaphores=self.semaphores)
 
     def bucket(self, batch: int) -> int:
         return next(b for b in self.sizes if b >= batch)
@@ -160,8 +166,11 @@ class DecodeGraphs:
         if self.copied is not None:
             self.copied.synchronize()  # the previous step's copies have left the staging buffers
         np64, lens, tables, widest = self.np64, self.np_lens, self.np_tables, 0
+        vocab = self.runner.model.config.vocab_size
         for i, c in enumerate(chunks):
             table, p = c.block_table, c.start
+            if input_ids is None and not 0 <= c.token_ids[0] < vocab:  # the embedding kernel runs unchecked
+                raise ValueError(f"token id {c.token_ids[0]} is outside the vocabulary [0, {vocab})")
             if p >= self.max_len:
                 raise ValueError(f"sequence {i} reaches position {p}, beyond max_model_len={self.max_len}")
             if p >= len(table) * bs:

@@ -174,7 +174,7 @@ class LlamaForCausalLM:
             residual, sq_sums = ops.embedding(meta.input_ids, self.embed, return_sq_sums=True, check_indices=False)
             for layer, kv_cache in zip(self.layers, kv_caches):
                 sq_sums = layer.forward_fused(residual, sq_sums, kv_cache, meta, self.cos_sin)
-            if meta.logits_indices.shape[0] == t:  # every row (increasing indices): the final norm in the LM head
+            if meta.logits_all_rows:  # the final norm in the LM head, fp32 logits of every row, in order
                 return ops.rms_norm_dense_gemv(residual, sq_sums, self.norm, eps, self.lm_head, out_dtype=torch.float32)
             hidden = ops.rms_norm(residual, self.norm, eps)
         else:
