@@ -5,36 +5,21 @@ Every public op checks dtypes, devices, shapes, strides and index ranges here an
 input that can index out of bounds. Index checks (slots, block tables) read the index tensors on
 the host; the model runner validates its metadata once per step and passes ``check_indices=False``
 to skip the per-layer device sync. The FP8 ops live in _ops_fp8.py, the 4-bit and decode-sized
-dense linear ops in _ops_linear.py; both are re-exported here.
+dense linear ops in _ops_linear.py, speculative_verify in _ops_spec.py; all are re-exported here.
 """
 from __future__ import annotations
 
 import torch
 
 from . import _C  # noqa: F401  (loads the extension: registers torch.ops.fastinfer.*)
-from ._checks import FLOAT_DTYPES, FP8, _check, _check_float, _check_shape, _fail, _ops
+from ._checks import (FLOAT_DTYPES, FP8, _check, _check_float, _check_kv_cache,  # noqa: F401
+                      _check_positions_in, _check_shape, _check_slots_in, _fail, _ops)
 from ._ops_fp8 import (FP8_MAX, FP8_MIN_SCALE, FP8_OP_NAMES, fp8_linear,  # noqa: F401  (re-exported)
                        fp8_quantize_per_tensor, fp8_quantize_per_token, fp8_scaled_mm)
 from ._ops_linear import (GEMV_MAX_M, GEMV_NORM_MAX_M, INT4_GROUP_SIZES, SQ_SUM_GROUP,  # noqa: F401  (re-exported)
                           dense_gemv, dense_gemv_add_residual, dense_gemv_rope_cache, dense_gemv_silu_mul, int4_linear,
                           rms_norm_dense_gemv, sq_sum_groups)
-
-
-def _check_kv_cache(op: str, kv_cache, like: torch.Tensor, kv_scale) -> bool:
-    """True for an FP8 cache (float8_e4m3fn, with kv_scale = fp32 [k_scale, v_scale] on its device)."""
-    _check(op, "kv_cache", kv_cache, ndim=5, dtype=(like.dtype, FP8), device=like.device, contiguous=True)
-    if kv_cache.shape[1] != 2:
-        _fail(op, f"kv_cache must be [num_blocks, 2, block_size, num_kv_heads, head_dim], got {tuple(kv_cache.shape)}")
-    bs = kv_cache.shape[2]
-    if bs <= 0 or bs & (bs - 1):
-        _fail(op, f"kv_cache block_size must be a power of two, got {bs}")
-    fp8 = kv_cache.dtype == FP8
-    if fp8:
-        _check(op, "kv_scale", kv_scale, ndim=1, dtype=torch.float32, device=like.device, contiguous=True)
-        _check_shape(op, "kv_scale", kv_scale, (2,))
-    elif kv_scale is not None:
-        _fail(op, f"kv_scale is only for a {FP8} kv_cache, got a {kv_cache.dtype} one")
-    return fp8
+from ._ops_spec import SPEC_MAX_VOCAB, speculative_verify  # noqa: F401  (re-exported)
 
 
 # ---- layers ---------------------------------------------------------------------------------------
@@ -60,7 +45,7 @@ def embedding(input_ids: torch.Tensor, weight: torch.Tensor, return_sq_sums: boo
     _check_shape(op, "out", out, (num_tokens, hidden))
     if out.stride(1) != 1:
         _fail(op, "out rows must be contiguous")
-    sq_sums = torch.empty(num_tokens, -(-hidden // 16), dtype=torch.float32, device=weight.device) \
+    sq_sums = torch.empty(num_tokens, sq_sum_groups(hidden), dtype=torch.float32, device=weight.device) \
         if return_sq_sums else None
     _ops.embedding(out, sq_sums, input_ids, weight)
     return (out, sq_sums) if return_sq_sums else out
@@ -113,10 +98,8 @@ def _check_rotary(op: str, positions, query, key, cos_sin_cache, check_indices: 
     rotary_dim = cos_sin_cache.shape[1]
     if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
         _fail(op, f"cos_sin_cache rotary_dim must be even and in (0, head_dim={head_dim}], got {rotary_dim}")
-    if check_indices and num_tokens:
-        lo, hi = int(positions.min()), int(positions.max())
-        if lo < 0 or hi >= cos_sin_cache.shape[0]:
-            _fail(op, f"positions must lie in [0, {cos_sin_cache.shape[0]}) (the cos_sin_cache length), got [{lo}, {hi}]")
+    if check_indices:
+        _check_positions_in(op, positions, cos_sin_cache)
 
 
 def silu_and_mul(input: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -171,11 +154,8 @@ def _check_cache_write(op: str, key, value, kv_cache, slot_mapping, check_indice
         _fail(op, f"kv_cache heads/head_dim {tuple(kv_cache.shape[3:])} do not match key's {tuple(key.shape[1:])}")
     _check(op, "slot_mapping", slot_mapping, ndim=1, dtype=torch.int64, device=key.device)
     _check_shape(op, "slot_mapping", slot_mapping, (key.shape[0],))
-    if check_indices and slot_mapping.numel():
-        num_slots = kv_cache.shape[0] * kv_cache.shape[2]
-        lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
-        if lo < -1 or hi >= num_slots:
-            _fail(op, f"slot_mapping values must be -1 or in [0, {num_slots}), got [{lo}, {hi}]")
+    if check_indices:
+        _check_slots_in(op, slot_mapping, kv_cache)
     return fp8
 
 
@@ -293,93 +273,6 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     return out
 
 
-# ---- speculative decoding -------------------------------------------------------------------------
-
-# Largest vocabulary of speculative_verify: the CUDA kernel's chunk table (kMaxVocab in
-# csrc/include/fastinfer/spec/verify_math.h).
-SPEC_MAX_VOCAB = 1 << 20
-
-
-def _check_spec_indices(op: str, draft_token_ids, num_draft_tokens, vocab: int) -> None:
-    """Host-side: each count in [0, k], each id in use (position < its count) in [0, vocab)."""
-    k = draft_token_ids.shape[1]
-    counts = num_draft_tokens.cpu()
-    if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > k):
-        _fail(op, f"num_draft_tokens must lie in [0, k={k}], got [{int(counts.min())}, {int(counts.max())}]")
-    in_use = draft_token_ids.cpu()[torch.arange(k) < counts[:, None].to(torch.int64)]
-    if in_use.numel() and (int(in_use.min()) < 0 or int(in_use.max()) >= vocab):
-        _fail(op, f"draft_token_ids in use must lie in [0, {vocab}) (the vocabulary), "
-                  f"got [{int(in_use.min())}, {int(in_use.max())}]")
-
-
-def _check_spec_uniforms(op: str, uniform_accept, uniform_sample, greedy: bool, batch: int, k: int, like) -> None:
-    """Both required unless greedy (then ignored, but checked when given)."""
-    for name, t, shape in [("uniform_accept", uniform_accept, (batch, k)),
-                           ("uniform_sample", uniform_sample, (batch,))]:
-        if t is None:
-            if not greedy:
-                _fail(op, f"{name} is required unless greedy, got None")
-            continue
-        _check(op, name, t, ndim=len(shape), dtype=torch.float32, device=like.device, contiguous=True)
-        _check_shape(op, name, t, shape)
-
-
-def speculative_verify(draft_token_ids: torch.Tensor, num_draft_tokens: torch.Tensor, target_probs: torch.Tensor,
-                       draft_probs: torch.Tensor | None = None, uniform_accept: torch.Tensor | None = None,
-                       uniform_sample: torch.Tensor | None = None, greedy: bool = False,
-                       output_token_ids: torch.Tensor | None = None, num_accepted: torch.Tensor | None = None,
-                       check_indices: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Verify k_b <= k proposed tokens per request; returns (output_token_ids, num_accepted).
-
-    draft_token_ids int64 [B, k]: request b proposes draft_token_ids[b, :num_draft_tokens[b]];
-        later entries are ignored (pad with -1).
-    num_draft_tokens int32 [B], each in [0, k].
-    target_probs fp32 [B, k + 1, V]: the target's processed probabilities at every proposed
-        position, then the bonus position (row k_b is request b's bonus row).
-    draft_probs fp32 [B, k, V], or None: the draft is a point mass on each proposal (n-gram).
-    uniform_accept fp32 [B, k] and uniform_sample fp32 [B], U[0, 1): the randomness of the accept
-        tests and of the residual / bonus draw (inverse CDF); required unless greedy.
-    greedy: accept while the proposal is argmax(target_probs) (first index on ties), then emit the
-        target argmax; draft_probs and the uniforms are ignored.
-    Rule: accept x_i with probability min(1, p(x_i) / q(x_i)); at the first rejection draw from
-    norm(max(0, p - q)) (from p if that has no mass); if all k_b are accepted, draw the bonus
-    token from p at position k_b. Probabilities are sanitized first (NaN, negative -> 0, > 1 -> 1).
-    Returns output_token_ids int64 [B, k + 1] (the num_accepted[b] accepted proposals, the one
-    residual / bonus token, then -1) and num_accepted int32 [B]; num_accepted + 1 tokens are
-    emitted. check_indices=False skips the host sync of the count / id range checks (CUDA graphs).
-    """
-    op = "speculative_verify"
-    _check(op, "target_probs", target_probs, ndim=3, dtype=torch.float32)
-    device = target_probs.device
-    _check(op, "draft_token_ids", draft_token_ids, ndim=2, dtype=torch.int64, device=device, contiguous=True)
-    batch, k = draft_token_ids.shape
-    vocab = target_probs.shape[2]
-    if not 1 <= vocab <= SPEC_MAX_VOCAB:
-        _fail(op, f"target_probs vocabulary must lie in [1, {SPEC_MAX_VOCAB}], got {vocab}")
-    _check_shape(op, "target_probs", target_probs, (batch, k + 1, vocab))
-    _check(op, "num_draft_tokens", num_draft_tokens, ndim=1, dtype=torch.int32, device=device, contiguous=True)
-    _check_shape(op, "num_draft_tokens", num_draft_tokens, (batch,))
-    if draft_probs is not None:
-        _check(op, "draft_probs", draft_probs, ndim=3, dtype=torch.float32, device=device)
-        _check_shape(op, "draft_probs", draft_probs, (batch, k, vocab))
-    if not isinstance(greedy, bool):
-        _fail(op, f"greedy must be a bool, got {type(greedy).__name__}")
-    _check_spec_uniforms(op, uniform_accept, uniform_sample, greedy, batch, k, target_probs)
-    if output_token_ids is None:
-        output_token_ids = torch.empty(batch, k + 1, dtype=torch.int64, device=device)
-    if num_accepted is None:
-        num_accepted = torch.empty(batch, dtype=torch.int32, device=device)
-    _check(op, "output_token_ids", output_token_ids, ndim=2, dtype=torch.int64, device=device, contiguous=True)
-    _check_shape(op, "output_token_ids", output_token_ids, (batch, k + 1))
-    _check(op, "num_accepted", num_accepted, ndim=1, dtype=torch.int32, device=device, contiguous=True)
-    _check_shape(op, "num_accepted", num_accepted, (batch,))
-    if check_indices:
-        _check_spec_indices(op, draft_token_ids, num_draft_tokens, vocab)
-    _ops.speculative_verify(output_token_ids, num_accepted, draft_token_ids, num_draft_tokens, target_probs,
-                            draft_probs, uniform_accept, uniform_sample, greedy)
-    return output_token_ids, num_accepted
-
-
 # ---- fake (meta) implementations: every op writes its outputs in place and returns nothing --------
 
 # MODEL_OP_NAMES: what the default (unquantized) model runs; a device is used by default only when
@@ -391,8 +284,8 @@ def speculative_verify(draft_token_ids: torch.Tensor, num_draft_tokens: torch.Te
 # (models/llama.py: fuse_norms).
 MODEL_OP_NAMES = ("embedding", "rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul",
                   "reshape_and_cache", "rotary_embedding_and_cache", "paged_prefill_attention", "paged_decode_attention",
-                  "dense_gemv",
-                  "dense_gemv_silu_mul", "dense_gemv_add_residual", "rms_norm_dense_gemv", "dense_gemv_rope_cache")
+                  "dense_gemv", "dense_gemv_silu_mul", "dense_gemv_add_residual", "rms_norm_dense_gemv",
+                  "dense_gemv_rope_cache")
 OP_NAMES = MODEL_OP_NAMES + ("speculative_verify", "int4_linear") + FP8_OP_NAMES
 
 

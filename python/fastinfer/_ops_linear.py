@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import FP8, _check, _check_float, _check_shape, _fail, _ops
+from ._checks import (FP8, _check, _check_float, _check_kv_cache, _check_positions_in, _check_shape,
+                      _check_slots_in, _fail, _ops)
 
 
 # ---- 4-bit weight-only linear --------------------------------------------------------------------
@@ -230,7 +231,6 @@ def dense_gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, positions: torc
     the rotated q (out, [M, num_heads, D] with contiguous heads). weight: [(num_heads + 2 num_kv_heads)
     D, K]; kv_cache a 16-bit cache of x's dtype (not FP8) whose num_kv_heads and D it takes;
     cos_sin_cache [max_position, D] (rotary over the whole head), D a multiple of 16."""
-    from ._ops import _check_kv_cache
     op = "dense_gemv_rope_cache"
     m, _, n = _check_gemv_operands(op, x, weight)
     if isinstance(kv_cache, torch.Tensor) and kv_cache.dtype == FP8:
@@ -256,13 +256,8 @@ def dense_gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, positions: torc
     _check(op, "slot_mapping", slot_mapping, ndim=1, dtype=torch.int64, device=x.device, contiguous=True)
     _check_shape(op, "slot_mapping", slot_mapping, (m,))
     if check_indices:
-        lo, hi = int(positions.min()), int(positions.max())
-        if lo < 0 or hi >= cos_sin_cache.shape[0]:
-            _fail(op, f"positions must lie in [0, {cos_sin_cache.shape[0]}) (the cos_sin_cache length), got [{lo}, {hi}]")
-        num_slots = kv_cache.shape[0] * kv_cache.shape[2]
-        lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
-        if lo < -1 or hi >= num_slots:
-            _fail(op, f"slot_mapping values must be -1 or in [0, {num_slots}), got [{lo}, {hi}]")
+        _check_positions_in(op, positions, cos_sin_cache)
+        _check_slots_in(op, slot_mapping, kv_cache)
     if (sq_sums is None) != (norm_weight is None):
         _fail(op, "sq_sums and norm_weight come together (the RMSNorm prologue) or not at all")
     if sq_sums is not None:

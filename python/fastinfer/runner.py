@@ -73,9 +73,10 @@ class ModelRunner:
         return self.model.forward(meta, self.kv_caches)
 
     def decode_semaphores(self, batch: int) -> torch.Tensor | None:
-        """Zeroed int32 semaphores for an eager decode step of `batch` sequences (decode attention
-        merges its splits in-kernel with them; every launch leaves them zero), grown on demand; None on
-        the CPU, and inside a caller's CUDA-graph capture (no allocation there: the merge kernel runs)."""
+        """Zeroed int32 semaphores for a decode step of `batch` sequences, eager or graphed (decode
+        attention merges its splits in-kernel with them; every launch leaves them zero, and the steps of
+        one runner never overlap, so all layers and steps share them), grown on demand; None on the
+        CPU, and inside a caller's CUDA-graph capture (no allocation there: the merge kernel runs)."""
         need = batch * self.model.config.num_heads
         if self.device.type != "cuda":
             return None
@@ -114,9 +115,9 @@ class DecodeGraphs:
         self.dev64 = torch.zeros(3, b, dtype=torch.int64, device=dev)
         self.dev32 = torch.zeros(b * (1 + self.width), dtype=torch.int32, device=dev)
         self.cu_seqlens = torch.arange(b + 1, dtype=torch.int32, device=dev)
-        # decode attention's split-merge semaphores (zeros, left zero by every launch; shared by the layers,
-        # whose launches never overlap): the kernel merges its splits itself, no merge kernel per layer
-        self.semaphores = torch.zeros(b * runner.model.config.num_heads, dtype=torch.int32, device=dev)
+        # the runner's decode-attention semaphores, sized for the largest bucket now (not during capture);
+        # the graphs keep this buffer even if eager steps later grow the runner's
+        self.semaphores = runner.decode_semaphores(b)
         self.rows = torch.arange(b, dtype=torch.int64, device=dev)
         self.np64 = self.host64.numpy()  # cheap element and row writes from Python lists
         self.np_lens, self.np_tables = self._split32(self.host32.numpy())
