@@ -189,3 +189,26 @@ def fp8_dequantize_kv(kv_cache: torch.Tensor, kv_scale: torch.Tensor, dtype: tor
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T (+ bias [N]) in ``dtype``, as torch.nn.Linear computes it."""
     return torch.nn.functional.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+
+
+def chi_square_pvalue(counts: torch.Tensor, expected_probs: torch.Tensor, min_expected: float = 5.0) -> float:
+    """p-value of Pearson's chi-square test of the counts against the expected probabilities.
+
+    Bins expecting fewer than min_expected draws (where the chi-square approximation is unreliable)
+    are merged into one. Computed with torch alone (chi2's survival function is the regularized upper
+    incomplete gamma Q(df / 2, stat / 2)): the GPU check machine has no scipy, and its CUDA tests
+    import this module. tests/test_sampling.py checks it against scipy.stats.chisquare where scipy is.
+    """
+    counts = counts.double().cpu()
+    expected = expected_probs.double().cpu() * counts.sum()
+    large = expected >= min_expected
+    observed = torch.cat([counts[large], counts[~large].sum().reshape(1)])
+    expected = torch.cat([expected[large], expected[~large].sum().reshape(1)])
+    if expected[-1] == 0:
+        observed, expected = observed[:-1], expected[:-1]
+    expected = expected * (observed.sum() / expected.sum())  # exact totals, as scipy requires
+    stat = ((observed - expected) ** 2 / expected).sum()
+    dof = observed.numel() - 1
+    if dof < 1:
+        return 1.0
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat / 2))

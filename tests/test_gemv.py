@@ -142,6 +142,19 @@ def test_errors_name_the_argument(change, match):
         ops.dense_gemv(**{**_valid_args(), **change})
 
 
+def test_out_must_not_overlap_x_or_weight():
+    """Every CTA reads all of x while the others store their columns: in place would read outputs."""
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="out must not share memory with x or weight"):
+        ops.dense_gemv(x, torch.randn(64, 64), out=x)
+    weight = torch.randn(16, 16)
+    with pytest.raises(ValueError, match="out must not share memory with x or weight"):
+        ops.dense_gemv(torch.randn(1, 16), weight, out=weight[:1])
+    buf = torch.randn(4, 32)
+    with pytest.raises(ValueError, match="out must not share memory with x or weight"):
+        ops.dense_gemv_silu_mul(buf[:2], torch.randn(64, 32), out=buf[2:])
+
+
 # ---- the model's dispatch --------------------------------------------------------------------------------
 
 CUDA = torch.device("cuda")  # a device object only: no GPU needed to ask the decision

@@ -228,6 +228,12 @@ def test_int4_linear_errors_name_the_argument(change, match):
         ops.int4_linear(**{**_valid_args(), **change})
 
 
+def test_int4_linear_out_must_not_overlap_x():
+    buf = torch.randn(4, 128)
+    with pytest.raises(ValueError, match="out must not share memory with x"):
+        ops.int4_linear(**{**_valid_args(), "x": buf[:2], "out": buf[2:]})
+
+
 def test_packed_int4_shape_property():
     p = PackedInt4(torch.zeros(3, 8 * 128, dtype=torch.int32), torch.zeros(4, 192), 32)
     assert p.shape == (192, 128)

@@ -5,7 +5,8 @@ import re
 
 import pytest
 import torch
-from scipy.stats import chisquare
+
+import reference as ref
 
 from fastinfer.sampling import make_generator, process_logits, sample
 from fastinfer.sampling_params import SamplingParams
@@ -15,7 +16,6 @@ logits_process = pytest.importorskip("transformers.generation.logits_process")
 kProbAtol = 1e-6
 kNumDraws = 100_000
 kMinPValue = 1e-3
-kMinExpectedCount = 5.0  # chi-square is unreliable below this; smaller bins are merged
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -75,17 +75,6 @@ def draw_counts(logits_row, params, num_draws, seen=(), suppress=None, seeded=Fa
                     None if suppress is None else [suppress] * num_draws, generators)
     return torch.bincount(tokens, minlength=logits_row.shape[0]).double()
 
-
-def chi_square_pvalue(counts, expected_probs):
-    """p-value of the observed counts against the expected probabilities (tiny bins merged)."""
-    expected = expected_probs.double() * counts.sum()
-    large = expected >= kMinExpectedCount
-    observed = torch.cat([counts[large], counts[~large].sum().reshape(1)])
-    expected = torch.cat([expected[large], expected[~large].sum().reshape(1)])
-    if expected[-1] == 0:
-        observed, expected = observed[:-1], expected[:-1]
-    expected *= observed.sum() / expected.sum()  # exact totals for scipy's check
-    return chisquare(observed.numpy(), expected.numpy()).pvalue
 
 
 # ----------------------------------------------------------------------------- HF parity
@@ -180,7 +169,7 @@ def test_draws_follow_processed_distribution(kwargs):
     torch.manual_seed(1234)
     counts = draw_counts(logits, params, kNumDraws, seen, suppress)
     assert counts[expected == 0].sum() == 0, "a masked token was drawn"
-    assert chi_square_pvalue(counts, expected) > kMinPValue
+    assert ref.chi_square_pvalue(counts, expected) > kMinPValue
 
 
 def test_seeded_draws_follow_processed_distribution():
@@ -190,7 +179,7 @@ def test_seeded_draws_follow_processed_distribution():
     expected = expected[0].double().softmax(-1)
     counts = draw_counts(logits, params, 20_000, seeded=True)
     assert counts[expected == 0].sum() == 0
-    assert chi_square_pvalue(counts, expected) > kMinPValue
+    assert ref.chi_square_pvalue(counts, expected) > kMinPValue
 
 
 # ----------------------------------------------------------------------------- seeds
@@ -365,3 +354,28 @@ def test_cuda_sampling_never_syncs_the_host():
         torch.cuda.set_sync_debug_mode("default")
     assert ids.device.type == "cuda" and ids.shape == (6,)
     assert int(ids[0]) == int(logits[0].masked_fill(torch.arange(vocab, device=device) == 0, -1e30).argmax())
+
+
+def test_chi_square_pvalue_matches_scipy():
+    """reference.chi_square_pvalue (torch only: the GPU machine has no scipy) equals scipy's test."""
+    stats = pytest.importorskip("scipy.stats")
+    gen = torch.Generator().manual_seed(0)
+    for bins, draws in [(2, 50), (7, 1000), (100, 100_000), (1000, 20_000)]:
+        probs = torch.rand(bins, generator=gen, dtype=torch.float64) ** 3
+        probs /= probs.sum()
+        counts = torch.bincount(torch.multinomial(probs, draws, replacement=True, generator=gen),
+                                minlength=bins).double()
+        # scipy on the same merged bins (those expecting < 5 draws pooled into one)
+        expected = probs * draws
+        large = expected >= 5.0
+        obs = torch.cat([counts[large], counts[~large].sum().reshape(1)])
+        exp = torch.cat([expected[large], expected[~large].sum().reshape(1)])
+        if exp[-1] == 0:
+            obs, exp = obs[:-1], exp[:-1]
+        exp = exp * (obs.sum() / exp.sum())
+        want = stats.chisquare(obs.numpy(), exp.numpy()).pvalue
+        got = ref.chi_square_pvalue(counts, probs)
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-300), (bins, draws)
+    # a clearly wrong distribution is rejected
+    counts = torch.tensor([600.0, 400.0])
+    assert ref.chi_square_pvalue(counts, torch.tensor([0.5, 0.5])) < 1e-9

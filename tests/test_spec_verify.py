@@ -6,14 +6,14 @@ import math
 
 import pytest
 import torch
-from scipy.stats import chisquare
+
+import reference as ref
 
 from fastinfer import ops
 from fastinfer.spec import verify
 
 kNumDraws = 100_000
 kMinPValue = 1e-3
-kMinExpectedCount = 5.0  # chi-square is unreliable below this; smaller bins are merged
 kFixedOne = 2 ** 32  # 32.32 fixed point: the op's documented CDF grid (spec/verify_math.h)
 kTiny = torch.finfo(torch.float32).tiny
 
@@ -141,17 +141,6 @@ def run_op(case, greedy=False):
     return ops.speculative_verify(**case, greedy=greedy)
 
 
-def chi_square_pvalue(counts: torch.Tensor, expected_probs: torch.Tensor) -> float:
-    """p-value of the counts against the expected probabilities (bins expecting < 5 merged)."""
-    expected = expected_probs.double() * counts.sum()
-    large = expected >= kMinExpectedCount
-    observed = torch.cat([counts[large], counts[~large].sum().reshape(1)])
-    expected = torch.cat([expected[large], expected[~large].sum().reshape(1)])
-    if expected[-1] == 0:
-        observed, expected = observed[:-1], expected[:-1]
-    expected *= observed.sum() / expected.sum()
-    return chisquare(observed.numpy(), expected.numpy()).pvalue
-
 
 # ----------------------------------------------------------------------------- (a) exact parity
 
@@ -246,7 +235,7 @@ def test_first_token_follows_target(device, name):
                 uniform_sample=torch.rand(kNumDraws, generator=gen))
     tokens, _ = run_op(to_device(case, device))
     counts = torch.bincount(tokens[:, 0].cpu(), minlength=vocab).double()
-    pvalue = chi_square_pvalue(counts, p)
+    pvalue = ref.chi_square_pvalue(counts, p)
     print(f"first token, {name}: chi-square p-value {pvalue:.4f}")
     assert pvalue > kMinPValue
 
@@ -294,7 +283,7 @@ def test_first_two_tokens_follow_target_jointly(device, point_mass):
     t_rows = torch.stack([p2[first[again]], bonus.expand(int(again.sum()), vocab)], dim=1)
     second[again] = step(t_rows, q2[first[again]][:, None], gen, device, point_mass)[0][:, 0]
     counts = torch.bincount(first * vocab + second, minlength=vocab * vocab).double()
-    pvalue = chi_square_pvalue(counts, (p1[:, None] * p2).reshape(-1))
+    pvalue = ref.chi_square_pvalue(counts, (p1[:, None] * p2).reshape(-1))
     print(f"first two tokens, {'point mass' if point_mass else 'draft probs'}: chi-square p-value {pvalue:.4f}")
     assert pvalue > kMinPValue
 

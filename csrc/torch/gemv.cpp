@@ -36,6 +36,10 @@ DenseGemvParams make_params(const char* op, at::Tensor& out, const at::Tensor& x
                   (!bias.has_value() || bias->is_contiguous()),
               op, ": weight and bias must be contiguous, x and out rows contiguous");
   TORCH_CHECK(weight.size(0) <= std::numeric_limits<int>::max(), op, ": too many weight rows");
+  // Every CTA reads all of x while others store their columns: an out overlapping x (or weight,
+  // bias) would be read after it was written.
+  TORCH_CHECK(!out.is_alias_of(x) && !out.is_alias_of(weight) && (!bias.has_value() || !out.is_alias_of(*bias)),
+              op, ": out must not share memory with x, weight or bias");
   TORCH_CHECK(weight.device() == x.device() && out.device() == x.device() &&
                   (!bias.has_value() || bias->device() == x.device()),
               op, ": every tensor must be on x's device (", x.device(), ")");

@@ -2,6 +2,7 @@
 // when the build has the Hopper kernels (FASTINFER_HAS_SM90); python/fastinfer/_ops.py validates.
 #include <torch/library.h>
 
+#include <limits>
 #include <optional>
 
 #include "common.h"  // csrc/torch/common.h
@@ -25,6 +26,30 @@ void int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight
               "int4_linear on CUDA takes float16 or bfloat16 x, got ", x.scalar_type());
   TORCH_CHECK(qweight.is_contiguous() && scales.is_contiguous() && (!offsets || offsets->is_contiguous()),
               "int4_linear: qweight, scales, zeros / mins must be contiguous");
+  // The Python wrapper (fastinfer.ops.int4_linear) names the argument; these keep a direct
+  // torch.ops.fastinfer.int4_linear call from reading or writing out of bounds.
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && qweight.dim() == 2 && scales.dim() == 2,
+              "int4_linear: x, out, qweight and scales must be 2-D (validate with fastinfer.ops.int4_linear)");
+  const int64_t m = x.size(0), k = x.size(1), n = out.size(1);
+  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128, "int4_linear: group_size must be 32, 64 or 128");
+  TORCH_CHECK(k > 0 && k % 64 == 0 && k % group_size == 0 && k <= std::numeric_limits<int>::max() &&
+                  n % 64 == 0 && n <= std::numeric_limits<int>::max(),
+              "int4_linear: K must be a positive multiple of 64 and of group_size, N a multiple of 64");
+  TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.size(0) == n / 64 && qweight.size(1) == 8 * k,
+              "int4_linear: qweight must be int32 [N / 64, 8 K] = [", n / 64, ", ", 8 * k, "]");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&scales, offsets}) {
+    if (t == nullptr) continue;
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == k / group_size && t->size(1) == n && t->scalar_type() == x.scalar_type(),
+                "int4_linear: scales, zeros and mins must be [K / group_size, N] = [", k / group_size, ", ", n,
+                "] in x's dtype");
+  }
+  TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.size(0) == m && x.stride(1) == 1 && out.stride(1) == 1,
+              "int4_linear: out must be [M, N] in x's dtype; x and out rows contiguous");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&out, &qweight, &scales, offsets}) {
+    TORCH_CHECK(t == nullptr || t->device() == x.device(), "int4_linear: every tensor must be on x's device (",
+                x.device(), ")");
+  }
+  TORCH_CHECK(!out.is_alias_of(x), "int4_linear: out must not share memory with x");
   check_aligned(x, "x");
   check_aligned(out, "out");
   check_aligned(qweight, "qweight");
@@ -36,9 +61,9 @@ void int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight
   p.qweight = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
   p.scales = scales.data_ptr();
   p.offsets = offsets ? offsets->data_ptr() : nullptr;
-  p.m = x.size(0);
-  p.k = static_cast<int>(x.size(1));
-  p.n = static_cast<int>(out.size(1));
+  p.m = m;
+  p.k = static_cast<int>(k);
+  p.n = static_cast<int>(n);
   p.group_size = static_cast<int>(group_size);
   p.x_stride = x.stride(0);
   p.out_stride = out.stride(0);

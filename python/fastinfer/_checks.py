@@ -30,6 +30,15 @@ def _check(op: str, name: str, t, *, ndim: int | None = None, dtype=None, device
         _fail(op, f"{name} must have a contiguous last dimension, got strides {t.stride()}")
 
 
+def _shares_memory(t: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether t and any of others live in the same storage (tensors with no elements never do: an
+    empty tensor's storage may be a shared null)."""
+    if t.numel() == 0:
+        return False
+    ptr = t.untyped_storage().data_ptr()
+    return any(o is not None and o.numel() > 0 and o.untyped_storage().data_ptr() == ptr for o in others)
+
+
 def _check_shape(op: str, name: str, t: torch.Tensor, shape: tuple) -> None:
     if tuple(t.shape) != tuple(shape):
         _fail(op, f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import (FP8, _check, _check_float, _check_kv_cache, _check_positions_in, _check_shape,
-                      _check_slots_in, _fail, _ops)
+                      _check_slots_in, _fail, _ops, _shares_memory)
 
 
 # ---- 4-bit weight-only linear --------------------------------------------------------------------
@@ -52,6 +52,8 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gr
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     _check_float(op, "out", out, like=x, ndim=2)
     _check_shape(op, "out", out, (m, n))
+    if _shares_memory(out, x):
+        _fail(op, "out must not share memory with x")
     _check_aligned_rows(op, "x", x)
     _check_aligned_rows(op, "out", out)
     _ops.int4_linear(out, x, qweight, scales, zeros, mins, int(group_size))
@@ -98,6 +100,9 @@ def _check_gemv_out(op: str, out: torch.Tensor | None, x: torch.Tensor, weight: 
     _check(op, name, out, ndim=2, dtype=(x.dtype, torch.float32) if out_dtype is None else out_dtype or x.dtype,
            device=x.device)
     _check_shape(op, name, out, shape)
+    if _shares_memory(out, x, weight):
+        # every CTA reads all of x while the others store their columns
+        _fail(op, f"{name} must not share memory with x or weight")
     _check_aligned_rows(op, "x", x)
     if weight.device.type == "cuda" and weight.data_ptr() % 16:
         _fail(op, "weight must start on a 16-byte boundary on CUDA")
@@ -173,7 +178,7 @@ def dense_gemv_add_residual(x: torch.Tensor, weight: torch.Tensor, residual: tor
     _check_gemv_out(op, residual, x, weight, (m, n), name="residual", out_dtype=x.dtype)  # dense_gemv's out
     if residual.stride(1) != 1 or (m > 1 and residual.stride(0) < n):
         _fail(op, "residual rows must be contiguous and distinct (stride 1 along N, rows >= N apart)")
-    if residual.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+    if _shares_memory(residual, x):
         _fail(op, "residual must not share memory with x (the kernel writes it while other CTAs read x)")
     shape = (m, sq_sum_groups(n))
     if sq_sums is None:
@@ -182,7 +187,7 @@ def dense_gemv_add_residual(x: torch.Tensor, weight: torch.Tensor, residual: tor
     _check_shape(op, "sq_sums", sq_sums, shape)
     if sq_sums.stride(1) != 1 or (m > 1 and sq_sums.stride(0) < shape[1]):
         _fail(op, "sq_sums rows must be contiguous and distinct")
-    if sq_sums.untyped_storage().data_ptr() in (x.untyped_storage().data_ptr(), residual.untyped_storage().data_ptr()):
+    if _shares_memory(sq_sums, x, residual):
         _fail(op, "sq_sums must not share memory with x or residual")
     _ops.dense_gemv_add_residual(residual, sq_sums, x, weight, bias)
     return sq_sums
@@ -213,7 +218,7 @@ def rms_norm_dense_gemv(x: torch.Tensor, sq_sums: torch.Tensor, norm_weight: tor
         _check_shape(op, "bias", bias, (n,))
     out = _check_gemv_out(op, out, x, weight, (m, n // 2 if silu_mul else n),
                           out_dtype=x.dtype if silu_mul else out_dtype)
-    if out.untyped_storage().data_ptr() in (x.untyped_storage().data_ptr(), sq_sums.untyped_storage().data_ptr()):
+    if _shares_memory(out, x, sq_sums):
         _fail(op, "out must not share memory with x or sq_sums")
     _ops.rms_norm_dense_gemv(out, x, sq_sums, norm_weight, float(eps), weight, bias, bool(silu_mul))
     return out
@@ -272,9 +277,7 @@ def dense_gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, positions: torc
                   f"{head_dim}, 1)), got {out.stride()}")
     _check_gemv_out(op, out.view(m, num_heads * head_dim), x, weight, (m, num_heads * head_dim), out_dtype=x.dtype)
     inputs = [x, positions, slot_mapping] + ([sq_sums] if sq_sums is not None else [])
-    storages = {t.untyped_storage().data_ptr() for t in inputs}
-    if out.untyped_storage().data_ptr() in storages | {kv_cache.untyped_storage().data_ptr()} \
-            or kv_cache.untyped_storage().data_ptr() in storages:
+    if _shares_memory(out, kv_cache, *inputs) or _shares_memory(kv_cache, *inputs):
         _fail(op, "out and kv_cache must not share memory with each other or with x, positions, slot_mapping, sq_sums")
     _ops.dense_gemv_rope_cache(out, kv_cache, x, weight, bias, positions, cos_sin_cache, slot_mapping, sq_sums,
                                norm_weight, float(eps))

@@ -76,8 +76,10 @@ __device__ __forceinline__ void merge_if_last(const DecodeParams& p, const Decod
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
-    // atomicInc wraps to 0 after num_splits - 1: the last arrival leaves the count at 0 by itself,
-    // and a count left wrong (a foreign buffer, an aborted launch) is back at 0 after one launch.
+    // atomicInc wraps to 0 after num_splits - 1: the last arrival leaves the count at 0 by itself.
+    // Contract: the count is 0 when a launch starts and no other launch uses it meanwhile. A count
+    // left wrong (a foreign buffer, an aborted launch) does not heal: counting modulo num_splits, a
+    // start at k merges k arrivals early in every later launch, and k >= num_splits never merges.
     auto* count = reinterpret_cast<unsigned*>(p.semaphores) + (w.seq * gridDim.y + blockIdx.y);
     const unsigned last = static_cast<unsigned>(plan.num_splits - 1);
     is_last = atomicInc(count, last) == last;
