@@ -18,8 +18,11 @@
 #                     measure in seconds).
 # GPU_CHECK_E2E_ARGS  extra arguments of bench_e2e.py, e.g. "--mode full" (HF static cache + torch.compile,
 #                     1000 offline requests: a visit of its own, GPU_CHECK_BENCH=e2e GPU_CHECK_BENCH_LIMIT_S=500).
+# GPU_CHECK_SANITIZE  compute-sanitizer tools run over bench/sanitize_tests.txt at the end, with the time
+#                     left (default memcheck; e.g. "memcheck racecheck synccheck"; empty: none).
 # GPU_CHECK_BENCH     the benchmarks to run, in order, e.g. "attention e2e" (names: bench_<name>.py and
-#                     prefill_cpp / decode_cpp); default all, by priority: $BENCH_ORDER then the rest.
+#                     prefill_cpp / decode_cpp); default all, by priority: $BENCH_ORDER then the rest;
+#                     "none": no benchmark (e.g. a visit for GPU_CHECK_SANITIZE alone).
 #
 # Exit status: nonzero when the build, the spill check, the env check (CUDA kernels built, a GPU
 # visible, the installed package imported) or the tests failed. Benchmarks are reported, not judged.
@@ -287,6 +290,31 @@ for name in $SELECTED; do
   timeout -s INT -k 15 "$(limit "$bench_limit")" "$PY" "$script" --out "$OUT/bench/$name.json" "${extra[@]}" 2>&1 \
     | tee "$OUT/bench/$name.log" || bench_rc=$?
   record "bench:$name" "$bench_rc" $((SECONDS - t0))
+done
+
+# ---- compute-sanitizer over a small selection of the cuda tests (bench/sanitize_tests.txt) --------
+# memcheck (out-of-bounds and misaligned accesses), and on request racecheck (shared-memory hazards),
+# synccheck (barrier misuse), initcheck. Each tool's findings go to sanitize-<tool>.log, pytest's
+# output to sanitize-<tool>.pytest.log; exit 86 = the tool reported errors. Last, with what is left.
+SANITIZE_TOOLS=${GPU_CHECK_SANITIZE-memcheck}
+SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+for tool in $SANITIZE_TOOLS; do
+  step="sanitize:$tool"
+  if ((build_rc != 0)); then record "$step" skip 0 "build failed"; continue; fi
+  if [[ ! -x "$SANITIZER" ]]; then record "$step" skip 0 "compute-sanitizer not found"; continue; fi
+  if ((BUDGET - (SECONDS - START) < 60)); then record "$step" skip 0 "no time left"; continue; fi
+  section "compute-sanitizer --tool $tool"
+  mapfile -t sanitize_ids < <(grep -v '^#' bench/sanitize_tests.txt | grep .)
+  t0=$SECONDS
+  san_rc=0
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT -k 15 "$(limit 150)" "$SANITIZER" --tool "$tool" \
+    --target-processes all --error-exitcode 86 --print-limit 100 --log-file "$OUT/sanitize-$tool.log" \
+    "$PY" -m pytest -q -p no:cacheprovider -m cuda "${sanitize_ids[@]}" > "$OUT/sanitize-$tool.pytest.log" 2>&1 \
+    || san_rc=$?
+  tail -n 3 "$OUT/sanitize-$tool.pytest.log"
+  summary=$(grep -h "ERROR SUMMARY" "$OUT/sanitize-$tool.log" 2>/dev/null | sort | uniq -c | tr -s ' ' | paste -sd ';' -)
+  record "$step" "$san_rc" $((SECONDS - t0)) \
+    "${#sanitize_ids[@]} tests; $(tail -n 1 "$OUT/sanitize-$tool.pytest.log" | tr -d '=' | xargs); ${summary:-no summary}"
 done
 
 # ---- report --------------------------------------------------------------------------------------

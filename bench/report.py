@@ -196,6 +196,12 @@ def build_report(out: Path, commit: str, date: str) -> dict:
             benchmarks[frag.stem] = {"error": f"unreadable: {exc}"}
     checks = {"build": build_ok, "spills": spill_summary(kernels, build_ok)["ok"] if build_ok else None,
               "env": _ok(steps.get("env")), "tests": tests_ok}
+    # compute-sanitizer (gpu_check.sh GPU_CHECK_SANITIZE): judged only where a tool ran to the end; exit
+    # 86 = it reported errors, another nonzero exit = a test under it failed. A run cut by the time
+    # limit or skipped says nothing either way.
+    sanitized = [s for name, s in steps.items() if name.startswith("sanitize:") and s["rc"] not in ("skip", 124, 137)]
+    if sanitized:
+        checks["sanitizer"] = all(s["rc"] == 0 for s in sanitized)
     card = card_info()
     return {
         "date": date, "commit": commit, "card": card, "card_slug": slug(card["name"]),

@@ -44,3 +44,41 @@ def test_common_frame(tmp_path, monkeypatch, capsys):
     assert "| a | 1.2 |" in capsys.readouterr().out  # the table is printed
     assert common.finish(str(tmp_path / "x.json"), name="demo", title="Demo", columns=columns, rows=[],
                          notes=[], errors=[]) == 0
+
+
+def _sanitize_ids() -> list[str]:
+    lines = (BENCH / "sanitize_tests.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def test_sanitize_list_names_existing_cuda_tests():
+    """gpu_check.sh runs bench/sanitize_tests.txt under compute-sanitizer with -m cuda: every id must
+    still collect (a renamed test or parameter would otherwise drop out silently) and be cuda-marked."""
+    ids = _sanitize_ids()
+    assert len(ids) == len(set(ids)) >= 30
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "-m", "cuda", *ids], cwd=BENCH.parent, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    collected = [line for line in proc.stdout.splitlines() if line.startswith("tests/")]
+    assert sorted(collected) == sorted(ids), sorted(set(collected) ^ set(ids))
+
+
+@pytest.mark.parametrize("rc, verdict", [(0, True), (86, False), (1, False), (124, None), ("skip", None)])
+def test_report_judges_the_sanitizer_only_when_it_ran(tmp_path, rc, verdict):
+    import json
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "steps.tsv").write_text(f"build\t0\t60\t\nenv\t0\t2\t\npytest\t0\t9\t\nsanitize:memcheck\t{rc}\t50\tnote\n")
+    (out / "build.log").write_text(
+        "ptxas info    : Compiling entry function '_Z6kernelv' for 'sm_90a'\n"
+        "ptxas info    : Function properties for _Z6kernelv\n"
+        "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+        "ptxas info    : Used 32 registers, used 1 barriers, 1024 bytes smem, 352 bytes cmem[0]\n")
+    subprocess.run([sys.executable, str(BENCH / "report.py"), "--out", str(out)], capture_output=True, text=True,
+                   timeout=120)
+    checks = json.loads((out / "report.json").read_text())["checks"]
+    assert checks.get("sanitizer") is verdict
+    md = (out / "report.md").read_text()
+    assert "sanitize:memcheck" in md
+    if verdict is False:
+        assert "FAIL: sanitizer" in md
