@@ -11,6 +11,7 @@
 # COMMIT  the commit this tree is, used when the tree is not a git checkout (a copied working tree).
 # GPU_CHECK_BUDGET_S  seconds all steps may take together (default 420); GPU_CHECK_CLEAN=1: fresh build dir.
 # GPU_CHECK_TESTS=0   skip pytest (a second visit that only benchmarks).
+# GPU_CHECK_TEST_SHARDS  pytest processes run at once on the GPU (default 3; 1: one process).
 # GPU_CHECK_REUSE_BUILD=1  keep the CUDA objects of an earlier run in build/gpu_check (a second visit on a
 #                     warm machine: the install takes seconds, but there is no ptxas report this time).
 # GPU_CHECK_BENCH_LIMIT_S  seconds one Python benchmark may take (default 150, e2e 240; within the budget).
@@ -193,7 +194,10 @@ elif ((build_rc == 0)); then
   done
   # --test-timeout: a hung kernel costs its test and 120 s, not the rest of the run (pytest-timeout,
   # which the GPU machine's image has; without it there is no per-test limit, and run_tests says so).
-  "$PY" bench/run_tests.py --out "$OUT" --budget-s "$(limit 200)" --test-timeout 120 -- \
+  # --shards: pytest processes at once on the one GPU (each every n-th test, in this priority order):
+  # a small test's time is mostly the host's, and the machine has 16 cores.
+  "$PY" bench/run_tests.py --out "$OUT" --budget-s "$(limit 200)" --test-timeout 120 \
+    --shards "${GPU_CHECK_TEST_SHARDS:-3}" -- \
     -m cuda -q -rs --durations=25 -p no:cacheprovider "${test_files[@]}" 2>&1 | tee "$OUT/pytest.log" || test_rc=$?
   record pytest "$test_rc" $((SECONDS - t0)) "$(grep '^==== run_tests: .* run(s)' "$OUT/pytest.log" | tail -n 1 | cut -c 17-)"
 else

@@ -8,6 +8,12 @@ pytest-timeout ending a hung test: --test-timeout), pytest runs again on the tes
 while the budget lasts and each run makes progress. Each run writes DIR/pytest-<n>.xml; the merged
 outcome of every test goes to DIR/tests.json (read by report.py).
 
+--shards N runs N such loops at once, shard i on every N-th test of the collection order (so each
+shard keeps the priority order of the files as given), with its own ledger (tests-<i>.ledger), xml
+(pytest-<i>-<n>.xml) and output (pytest-shard<i>.log, printed when all are done). A GPU visit is
+minutes long and most of a small test's time is the host's (inputs, references, Python): several
+processes on one GPU get through more of the suite than one.
+
 Exit status: 0 all tests that ran passed or were skipped; 5 none ran; 124 the budget ran out first;
 1 otherwise (a failure, an error, a crash).
 """
@@ -20,6 +26,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -31,8 +38,8 @@ MAX_RUNS = 8
 RERUN_BELOW_S = 15  # no new pytest process with less time than this left
 
 
-def _run_once(cmd: list[str], env: dict, seconds: float) -> int:
-    proc = subprocess.Popen(cmd, env=env)
+def _run_once(cmd: list[str], env: dict, seconds: float, log=None) -> int:
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT if log is not None else None)
     try:
         return proc.wait(timeout=max(seconds, 1))
     except subprocess.TimeoutExpired:
@@ -60,26 +67,14 @@ def summarize(tests: dict[str, dict], runs: list[dict]) -> dict:
             "runs": runs, "tests": tests}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--budget-s", type=float, default=200)
-    parser.add_argument("--test-timeout", type=float, default=0,
-                        help="seconds one test may take (pytest-timeout, thread method: the process ends and "
-                             "the rest run again); 0: none")
-    parser.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: pytest's arguments")
-    args = parser.parse_args(argv)
-    pytest_args = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
-    if args.test_timeout > 0:
-        if importlib.util.find_spec("pytest_timeout") is None:
-            print("run_tests: pytest-timeout is not installed; no per-test time limit", flush=True)
-        else:
-            pytest_args = [f"--timeout={args.test_timeout:g}", "--timeout-method=thread", *pytest_args]
-    args.out.mkdir(parents=True, exist_ok=True)
-    ledger = args.out / "tests.ledger"
+def _run_shard(pytest_args: list[str], out: Path, tag: str, deadline: float, env: dict,
+               log=None) -> tuple[list[dict], dict[str, dict]]:
+    """pytest, run again past a test that broke the CUDA context or killed the process, while the time
+    lasts and each run makes progress. tag "" (one shard): tests.ledger, pytest-<n>.xml; else
+    tests-<tag>.ledger, pytest-<tag>-<n>.xml. log: a file for pytest's output (else ours)."""
+    ledger = out / (f"tests-{tag}.ledger" if tag else "tests.ledger")
     ledger.unlink(missing_ok=True)
-    env = {**os.environ, "FASTINFER_TEST_LEDGER": str(ledger)}
-    deadline = time.monotonic() + args.budget_s
+    env = {**env, "FASTINFER_TEST_LEDGER": str(ledger)}
     runs: list[dict] = []
     while len(runs) < MAX_RUNS:
         left = deadline - time.monotonic()
@@ -87,15 +82,18 @@ def main(argv: list[str] | None = None) -> int:
             break
         before = read_ledger(str(ledger))
         n = len(runs) + 1
-        cmd = [sys.executable, "-m", "pytest", *pytest_args, f"--junitxml={args.out / f'pytest-{n}.xml'}"]
+        xml = out / (f"pytest-{tag}-{n}.xml" if tag else f"pytest-{n}.xml")
+        cmd = [sys.executable, "-m", "pytest", *pytest_args, f"--junitxml={xml}"]
         if runs:
-            print(f"\n==== run_tests: pytest run {n}, on the tests not yet started ({left:.0f} s left)", flush=True)
+            print(f"\n==== run_tests{f' shard {tag}' if tag else ''}: pytest run {n}, on the tests not yet started "
+                  f"({left:.0f} s left)", flush=True, file=log)
         t0 = time.monotonic()
-        rc = _run_once(cmd, env, left)
+        rc = _run_once(cmd, env, left, log)
         after = read_ledger(str(ledger))
         started = len(after) - len(before)
         died_in = [t for t, v in after.items() if v["outcome"] == "crashed" and t not in before]
-        runs.append({"rc": rc, "seconds": round(time.monotonic() - t0, 1), "tests_started": started})
+        runs.append({"rc": rc, "seconds": round(time.monotonic() - t0, 1), "tests_started": started,
+                     **({"shard": tag} if tag else {})})
         # A broken context, a signal, or a test that started and never ended (the process died in it:
         # pytest-timeout's thread method ends a hung test with exit status 1).
         broke = rc == EXIT_CUDA_BROKEN or rc < 0 or rc > 128 or bool(died_in)
@@ -106,6 +104,80 @@ def main(argv: list[str] | None = None) -> int:
         last = tests[next(reversed(tests))]
         if last["outcome"] == "crashed":
             last.update(outcome="interrupted", message="stopped by the time budget")
+    return runs, tests
+
+
+def _is_target(arg: str) -> bool:
+    """A test file, directory or node id among pytest's arguments (the rest are options and values)."""
+    return not arg.startswith("-") and os.path.exists(arg.split("::")[0])
+
+
+def _collect(pytest_args: list[str], env: dict, seconds: float) -> list[str] | None:
+    """The node ids pytest would run, in its order; None if collection failed."""
+    args = [a for a in pytest_args if a not in ("-q", "-qq", "--quiet", "-v", "-vv", "--verbose")]  # one -q: ids
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", *args],
+                              env=env, capture_output=True, text=True, timeout=max(seconds, 1))
+    except subprocess.TimeoutExpired:
+        return None
+    if proc.returncode not in (0, 5):
+        print(f"run_tests: collection failed (exit {proc.returncode}); one shard\n{proc.stdout[-3000:]}", flush=True)
+        return None
+    return [line.strip() for line in proc.stdout.splitlines() if "::" in line and not line.startswith(" ")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--budget-s", type=float, default=200)
+    parser.add_argument("--test-timeout", type=float, default=0,
+                        help="seconds one test may take (pytest-timeout, thread method: the process ends and "
+                             "the rest run again); 0: none")
+    parser.add_argument("--shards", type=int, default=1,
+                        help="pytest processes at once, each on every n-th test in collection order (its own "
+                             "ledger, xml and log pytest-shard<i>.log; CPU threads split between them)")
+    parser.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: pytest's arguments")
+    args = parser.parse_args(argv)
+    pytest_args = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
+    if args.test_timeout > 0:
+        if importlib.util.find_spec("pytest_timeout") is None:
+            print("run_tests: pytest-timeout is not installed; no per-test time limit", flush=True)
+        else:
+            pytest_args = [f"--timeout={args.test_timeout:g}", "--timeout-method=thread", *pytest_args]
+    args.out.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + args.budget_s
+    env = dict(os.environ)
+    shards: list[list[str]] = []
+    if args.shards > 1:
+        ids = _collect(pytest_args, env, 0.25 * args.budget_s)
+        if ids:
+            options = [a for a in pytest_args if not _is_target(a)]
+            shards = [options + ids[i::args.shards] for i in range(min(args.shards, len(ids)))]
+    if len(shards) <= 1:
+        runs, tests = _run_shard(pytest_args, args.out, "", deadline, env)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // len(shards))
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        print(f"==== run_tests: {len(shards)} shards of {len(ids)} tests at once ({threads} CPU threads each); "
+              f"their output: pytest-shard<i>.log", flush=True)
+        results: list = [None] * len(shards)
+
+        def work(i: int) -> None:
+            with open(args.out / f"pytest-shard{i}.log", "w") as log:
+                results[i] = _run_shard(shards[i], args.out, str(i), deadline, env, log)
+
+        workers = [threading.Thread(target=work, args=(i,)) for i in range(len(shards))]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        runs, tests = [], {}
+        for i, (shard_runs, shard_tests) in enumerate(results):
+            runs += shard_runs
+            tests.update(shard_tests)
+            log = (args.out / f"pytest-shard{i}.log").read_text(errors="replace").splitlines()
+            print(f"\n==== shard {i}: {len(shard_tests)} tests, pytest exit {[r['rc'] for r in shard_runs]}; "
+                  f"end of pytest-shard{i}.log:", *log[-15:], sep="\n", flush=True)
     summary = summarize(tests, runs)
     (args.out / "tests.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"\n==== run_tests: {len(runs)} pytest run(s), exit {[r['rc'] for r in runs]}: "
@@ -113,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
           + (f", {summary['interrupted']} interrupted" if summary["interrupted"] else ""))
     for failure in summary["failures"]:
         print("  ", failure)
-    if runs[-1]["rc"] == 124:
+    if any(r["rc"] == 124 for r in runs):
         return 124
     if summary["failed"] or summary["errors"] or summary["crashed"] or any(
             r["rc"] not in (0, 5, EXIT_CUDA_BROKEN) for r in runs):

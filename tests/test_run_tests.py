@@ -135,3 +135,24 @@ def test_the_budget_interrupts_rather_than_crashes(tmp_path):
     assert outcomes == {"test_first": "passed", "test_hangs": "interrupted"}, log
     assert rc == 124 and len(summary["runs"]) == 1
 
+
+
+def test_shards_run_at_once_and_merge(tmp_path):
+    """--shards 2: every test runs once in one of two pytest loops (each going on past the broken
+    context and the abort in its share), and tests.json merges both."""
+    rc, summary, log = _run(tmp_path, extra=("--shards", "2"), FASTINFER_TEST_FAKE_CUDA_FAULT="test_fault")
+    outcomes = {nodeid.split("::")[-1]: t["outcome"] for nodeid, t in summary["tests"].items()}
+    assert outcomes == {"test_a": "passed", "test_fault": "error", "test_fails": "failed",
+                        "test_abort": "crashed", "test_skipped": "skipped", "test_last": "passed"}, log
+    assert rc == 1
+    assert {r["shard"] for r in summary["runs"]} == {"0", "1"}, summary["runs"]
+    out = tmp_path / "out"
+    assert (out / "pytest-shard0.log").exists() and (out / "pytest-shard1.log").exists()
+    assert "2 shards of 6 tests at once" in log and "==== shard 1:" in log
+
+
+def test_shards_fall_back_to_one_run_when_collection_fails(tmp_path):
+    rc, summary, log = _run(tmp_path, extra=("--shards", "3"), suite="import nonexistent_module\n")
+    assert "collection failed" in log
+    assert "shards of" not in log
+    assert rc != 0
