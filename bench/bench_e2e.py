@@ -262,6 +262,12 @@ def hf_decode(model, batch: int, prompt_len: int, steps: int, compiled: bool) ->
         return time.perf_counter() - t0
     run(1 + steps)  # warm-up (and, compiled, the compilation for this batch size)
     if compiled:
+        # transformers compiles the forward by itself only where it judges it can (a CUDA device, a
+        # compilable cache; GenerationMixin._valid_auto_compile_criteria) and keeps the result in
+        # _compiled_call: without it this row would be an uncompiled static cache under a compiled name.
+        if getattr(model, "_compiled_call", None) is None:
+            raise RuntimeError("transformers did not compile the forward (no model._compiled_call after a "
+                               "static-cache generate): not a compiled peer")
         run(1 + steps)
     # The decode time is a difference of two timings: the faster of two runs of each, interleaved, so
     # that host noise (a busy CPU) does not make it small or negative.
