@@ -192,8 +192,8 @@ elif ((build_rc == 0)); then
   for f in $TEST_ORDER tests/test_*.py; do
     [[ -e "$f" && " ${test_files[*]} " != *" $f "* ]] && test_files+=("$f")
   done
-  # --test-timeout: a hung kernel costs its test and 120 s, not the rest of the run (pytest-timeout,
-  # which the GPU machine's image has; without it there is no per-test limit, and run_tests says so).
+  # --test-timeout: a hung kernel costs its test and 120 s, not the rest of the run (the ledger plugin's
+  # watchdog ends the process; run_tests.py goes on after the test).
   # --shards: pytest processes at once on the one GPU (each every n-th test, in this priority order):
   # a small test's time is mostly the host's, and the machine has 16 cores.
   "$PY" bench/run_tests.py --out "$OUT" --budget-s "$(limit 200)" --test-timeout 120 \

@@ -3,8 +3,8 @@
     python bench/run_tests.py --out DIR --budget-s 200 -- -m cuda -q tests
 
 Runs pytest with FASTINFER_TEST_LEDGER=DIR/tests.ledger (tests/ledger_plugin.py); when pytest stops
-because a test broke the CUDA context (exit 3) or the process died during a test (a signal, or
-pytest-timeout ending a hung test: --test-timeout), pytest runs again on the tests not yet started,
+because a test broke the CUDA context (exit 3) or the process died during a test (a signal, or the
+watchdog ending a test past --test-timeout), pytest runs again on the tests not yet started,
 while the budget lasts and each run makes progress. Each run writes DIR/pytest-<n>.xml; the merged
 outcome of every test goes to DIR/tests.json (read by report.py).
 
@@ -20,7 +20,6 @@ Exit status: 0 all tests that ran passed or were skipped; 5 none ran; 124 the bu
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import signal
@@ -94,8 +93,8 @@ def _run_shard(pytest_args: list[str], out: Path, tag: str, deadline: float, env
         died_in = [t for t, v in after.items() if v["outcome"] == "crashed" and t not in before]
         runs.append({"rc": rc, "seconds": round(time.monotonic() - t0, 1), "tests_started": started,
                      **({"shard": tag} if tag else {})})
-        # A broken context, a signal, or a test that started and never ended (the process died in it:
-        # pytest-timeout's thread method ends a hung test with exit status 1).
+        # A broken context or a test past its time (exit 3), a signal, or a test that started and never
+        # ended (the process died in it).
         broke = rc == EXIT_CUDA_BROKEN or rc < 0 or rc > 128 or bool(died_in)
         if not broke or started == 0 or rc == 124:
             break
@@ -131,22 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--budget-s", type=float, default=200)
     parser.add_argument("--test-timeout", type=float, default=0,
-                        help="seconds one test may take (pytest-timeout, thread method: the process ends and "
-                             "the rest run again); 0: none")
+                        help="seconds one test may take (the ledger plugin's watchdog: the test fails, the "
+                             "process ends and the rest run again); 0: none")
     parser.add_argument("--shards", type=int, default=1,
                         help="pytest processes at once, each on every n-th test in collection order (its own "
                              "ledger, xml and log pytest-shard<i>.log; CPU threads split between them)")
     parser.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: pytest's arguments")
     args = parser.parse_args(argv)
     pytest_args = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
-    if args.test_timeout > 0:
-        if importlib.util.find_spec("pytest_timeout") is None:
-            print("run_tests: pytest-timeout is not installed; no per-test time limit", flush=True)
-        else:
-            pytest_args = [f"--timeout={args.test_timeout:g}", "--timeout-method=thread", *pytest_args]
     args.out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.budget_s
     env = dict(os.environ)
+    if args.test_timeout > 0:  # the ledger plugin's watchdog (tests/ledger_plugin.py)
+        env["FASTINFER_TEST_TIMEOUT_S"] = f"{args.test_timeout:g}"
     shards: list[list[str]] = []
     if args.shards > 1:
         ids = _collect(pytest_args, env, 0.25 * args.budget_s)

@@ -14,16 +14,23 @@ bench/run_tests.py reruns pytest while it stops that way (or crashes) and merges
 The conftest imports these hooks; `-p ledger_plugin` registers them elsewhere (its own tests).
 FASTINFER_TEST_FAKE_CUDA_FAULT=<text> treats tests whose id contains <text> as breaking the context
 (to test all this without a GPU).
+
+FASTINFER_TEST_TIMEOUT_S=<s> (with the ledger): a test still running after s seconds (setup to
+teardown; a kernel that never returns looks like this) is written to the ledger as failed, "timed
+out", and a watchdog thread ends the process with exit status 3, so that bench/run_tests.py goes on
+after it. Its own, not pytest-timeout: the GPU machine's image has no pytest-timeout.
 """
 from __future__ import annotations
 
 import os
 import re
+import sys
+import threading
 
 import pytest
 
 EXIT_CUDA_BROKEN = 3
-_state: dict = {"broken": None, "outcomes": {}}
+_state: dict = {"broken": None, "outcomes": {}, "watchdog": None}
 
 
 def _ledger_path() -> str | None:
@@ -95,9 +102,23 @@ def pytest_collection_modifyitems(config, items):
         items[:] = keep
 
 
+def _time_out(path: str, nodeid: str, seconds: float) -> None:
+    message = f"timed out after {seconds:g} s (FASTINFER_TEST_TIMEOUT_S): the process was ended"
+    append(path, "end", nodeid, "failed", message)
+    sys.stderr.write(f"\n{nodeid}: {message}\n")
+    sys.stderr.flush()
+    os._exit(EXIT_CUDA_BROKEN)  # from this thread: the main one may be blocked in a kernel that never returns
+
+
 def pytest_runtest_logstart(nodeid, location):
     if (path := _ledger_path()) is not None:
         append(path, "start", nodeid)
+        seconds = float(os.environ.get("FASTINFER_TEST_TIMEOUT_S") or 0)
+        if seconds > 0:
+            watchdog = threading.Timer(seconds, _time_out, args=(path, nodeid, seconds))
+            watchdog.daemon = True
+            watchdog.start()
+            _state["watchdog"] = watchdog
 
 
 def _message(report) -> str:
@@ -127,6 +148,9 @@ def pytest_runtest_logfinish(nodeid, location):
     path = _ledger_path()
     if path is None:
         return
+    if _state["watchdog"] is not None:
+        _state["watchdog"].cancel()
+        _state["watchdog"] = None
     outcome, message = _state["outcomes"].pop(nodeid, ("passed", ""))
     append(path, "end", nodeid, outcome, message)
     if _state["broken"] is not None:
