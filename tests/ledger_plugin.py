@@ -68,9 +68,8 @@ def _device_error(nodeid: str) -> str | None:
     fake = os.environ.get("FASTINFER_TEST_FAKE_CUDA_FAULT")
     if fake and fake in nodeid:
         return "FASTINFER_TEST_FAKE_CUDA_FAULT"
-    import torch
-
-    if not torch.cuda.is_initialized():
+    torch = sys.modules.get("torch")  # not imported: no CUDA work to check (and no import to wait for)
+    if torch is None or not torch.cuda.is_initialized():
         return None
     try:
         torch.cuda.synchronize()
