@@ -15,7 +15,8 @@ on a GPU also with FASTINFER_PDL=1 (programmatic dependent launch, csrc/include/
 off by default until this row shows it helps) and, at batches <= 16, "unfused": FASTINFER_FUSED_NORM=0
 and FASTINFER_DECODE_MERGE=kernel (a kernel per residual add + RMSNorm, per rotary + KV write and
 per split-KV merge instead of their fusion into the GEMVs and the attention kernel: what the fusions
-save). HF runs
+save). Order (a time limit keeps what came first): each format's graphed row, then bf16's PDL,
+unfused and eager rows, then the offline run. HF runs
 model.generate for 1 and for 1 + steps new tokens (min_new_tokens = max), each twice, and the
 difference of the faster runs is its decode time: eager (dynamic cache), and in full mode static cache + torch.compile
 (generate compiles the forward itself when the cache is static: transformers' automatic compilation
@@ -432,42 +433,45 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-        for q in args.quant:
+        # Rows in priority order, should gpu_check's time limit cut the run short: the plain graphed
+        # row of every weight format first (issue targets: bf16's roofline fraction, INT4 against bf16),
+        # then bf16's diagnostic variants: programmatic dependent launch (common.cuh; off by default
+        # until measured here), no fusions (norms and rotary into the GEMVs, models/llama.py, batches
+        # <= 16 only; the split merge into decode attention), eager; then the offline run (bf16).
+        unfused = {"FASTINFER_FUSED_NORM": "0", "FASTINFER_DECODE_MERGE": "kernel"}
+        plan = [(q, "", False, {}) for q in args.quant]
+        if "bf16" in args.quant:
+            plan += [("bf16", " + PDL", False, {"FASTINFER_PDL": "1"}), ("bf16", " unfused", False, unfused),
+                     ("bf16", " eager", True, {})]
+        last_use = {q: max(i for i, row in enumerate(plan) if row[0] == q) for q in args.quant}
+        for i, (q, suffix, eager, env) in enumerate(plan):
             model = loaded[q].model
-            weights = read_bytes(model)
-            cfg = model.config
-            kv_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize
-            context = args.prompt_len + warm + args.steps // 2  # mean context over the timed steps
-            if bw:
-                roofline[q] = {b: b * bw / (weights + b * context * kv_token) for b in args.batches}
-            notes.append(f"fastinfer {q}: {weights / 1e9:.2f} GB of weights read per decode step")
-            # (name suffix, enforce_eager, environment): graphs; for bf16 on a GPU also graphs with programmatic
-            # dependent launch of the decode-path kernels (common.cuh; off by default until measured here),
-            # graphs without the fusions (norms and rotary into the GEMVs, models/llama.py, batches <= 16
-            # only; the split merge into decode attention) and the eager baseline.
-            variants = [("", False, {})]
-            if q == "bf16":
-                unfused = {"FASTINFER_FUSED_NORM": "0", "FASTINFER_DECODE_MERGE": "kernel"}
-                variants += [(" + PDL", False, {"FASTINFER_PDL": "1"}), (" unfused", False, unfused),
-                             (" eager", True, {})]
-            for suffix, eager, env in variants:
-                if env and device.type != "cuda":
-                    continue
-                batches = [b for b in args.batches if b <= 16] if "FASTINFER_FUSED_NORM" in env else args.batches
-                if not batches:
-                    continue
-                impl = f"fastinfer {q}{suffix}"
-                max_len = args.prompt_len + args.steps + warm + 8
-                # read at every launch / forward: every row pins all four (the defaults, then its own)
-                os.environ.update({**PINNED, **env})
-                try:
-                    blocks = max_batch * -(-max_len // 16) + 64
-                    llm = LLM(loaded[q], num_blocks=blocks, max_num_seqs=max_batch, max_model_len=max_len,
-                              max_num_batched_tokens=max(8192, args.prompt_len), enforce_eager=eager,
-                              cuda_graph_sizes=sorted(set(batches)))
-                except Exception as exc:
-                    record(impl, max_batch, error=f"LLM: {type(exc).__name__}: {exc}")
-                    continue
+            if not suffix:  # the format's first row
+                weights = read_bytes(model)
+                cfg = model.config
+                kv_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize
+                context = args.prompt_len + warm + args.steps // 2  # mean context over the timed steps
+                if bw:
+                    roofline[q] = {b: b * bw / (weights + b * context * kv_token) for b in args.batches}
+                notes.append(f"fastinfer {q}: {weights / 1e9:.2f} GB of weights read per decode step")
+            batches = [b for b in args.batches if b <= 16] if "FASTINFER_FUSED_NORM" in env else args.batches
+            if (env and device.type != "cuda") or not batches:
+                if i == last_use[q] and not (q == "bf16" and args.requests):
+                    loaded[q] = None
+                continue
+            impl = f"fastinfer {q}{suffix}"
+            max_len = args.prompt_len + args.steps + warm + 8
+            # read at every launch / forward: every row pins all four (the defaults, then its own)
+            os.environ.update({**PINNED, **env})
+            llm = None
+            try:
+                blocks = max_batch * -(-max_len // 16) + 64
+                llm = LLM(loaded[q], num_blocks=blocks, max_num_seqs=max_batch, max_model_len=max_len,
+                          max_num_batched_tokens=max(8192, args.prompt_len), enforce_eager=eager,
+                          cuda_graph_sizes=sorted(set(batches)))
+            except Exception as exc:
+                record(impl, max_batch, error=f"LLM: {type(exc).__name__}: {exc}")
+            if llm is not None:
                 if q == "bf16" and suffix in ("", " unfused") and device.type == "cuda":
                     try:  # what one graphed batch-1 step launches and spends its time on
                         profiles[impl] = profile_decode(llm, args.prompt_len)
@@ -485,24 +489,31 @@ def main(argv: list[str] | None = None) -> int:
                     except Exception as exc:
                         record(impl, b, error=f"{type(exc).__name__}: {exc}")
                 del llm
-                restore_env(saved_env)
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            if args.requests and q == "bf16":
-                try:
-                    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 2 << 30
-                    blocks = int(0.6 * free) // (16 * kv_token)
-                    llm = LLM(loaded[q], num_blocks=blocks, max_num_seqs=256, max_model_len=2048)
-                    r = offline_throughput(llm, args.requests)
-                    offline.append({"impl": f"fastinfer {q}", **r})
-                    print(f"offline: {r['requests']} requests in {r['seconds']:.1f} s, {r['out_tok_s']:.0f} output tok/s")
-                    del llm
-                except Exception as exc:
-                    errors.append(f"offline {q}: {type(exc).__name__}: {exc}")
-                    print("ERROR", errors[-1])
+            restore_env(saved_env)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if i == last_use[q] and not (q == "bf16" and args.requests):
+                loaded[q] = None  # done with this format (bf16 stays for the offline run)
             del model
-            loaded[q] = None
+            gc.collect()
+        if args.requests and "bf16" in args.quant:
+            model = loaded["bf16"].model
+            cfg = model.config
+            kv_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize
+            try:
+                free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 2 << 30
+                blocks = int(0.6 * free) // (16 * kv_token)
+                llm = LLM(loaded["bf16"], num_blocks=blocks, max_num_seqs=256, max_model_len=2048)
+                r = offline_throughput(llm, args.requests)
+                offline.append({"impl": "fastinfer bf16", **r})
+                print(f"offline: {r['requests']} requests in {r['seconds']:.1f} s, {r['out_tok_s']:.0f} output tok/s")
+                del llm
+            except Exception as exc:
+                errors.append(f"offline bf16: {type(exc).__name__}: {exc}")
+                print("ERROR", errors[-1])
+            del model
+            loaded["bf16"] = None
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
