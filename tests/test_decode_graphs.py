@@ -123,7 +123,13 @@ def test_cuda_graph_decode_matches_eager(dtype):
     hf = make_hf_model("llama", seed=4, head_dim=64, hidden_size=256, num_attention_heads=4,
                        num_key_value_heads=2, intermediate_size=512)
     loaded = get_loaded(hf, dtype=dtype, device="cuda")
-    prompts = make_prompts(11, seed=9, lo=3, hi=90)
+    # Contexts stay within 128 keys (prompts <= 80 + 40 tokens), so that the graphs' decode-attention
+    # plan (fixed by the bucket and max_model_len 512: splits of 128 keys, the later ones empty) sums
+    # every key in the order of the eager steps' plan (one split): the same bits, so bf16 greedy
+    # tokens can be compared exactly. (Past 128 keys the graph would merge two splits where the eager
+    # step runs one: a last-bit difference that may flip a near-tie; test_cuda_graph_logits_match_eager_step
+    # covers that case within bf16 noise.)
+    prompts = make_prompts(11, seed=9, lo=3, hi=80)
     params = SamplingParams(max_tokens=40, **GREEDY)
     want, _ = run_engine(loaded, prompts, [params] * 11, num_blocks=128, max_num_seqs=16)  # eager, unpipelined
     for eager in (True, False):
