@@ -69,11 +69,8 @@ def test_report_judges_the_sanitizer_only_when_it_ran(tmp_path, rc, verdict):
     out = tmp_path / "out"
     out.mkdir()
     (out / "steps.tsv").write_text(f"build\t0\t60\t\nenv\t0\t2\t\npytest\t0\t9\t\nsanitize:memcheck\t{rc}\t50\tnote\n")
-    (out / "build.log").write_text(
-        "ptxas info    : Compiling entry function '_Z6kernelv' for 'sm_90a'\n"
-        "ptxas info    : Function properties for _Z6kernelv\n"
-        "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
-        "ptxas info    : Used 32 registers, used 1 barriers, 1024 bytes smem, 352 bytes cmem[0]\n")
+    from test_run_tests import CLEAN_PTXAS_LOG
+    (out / "build.log").write_text(CLEAN_PTXAS_LOG)
     subprocess.run([sys.executable, str(BENCH / "report.py"), "--out", str(out)], capture_output=True, text=True,
                    timeout=120)
     checks = json.loads((out / "report.json").read_text())["checks"]

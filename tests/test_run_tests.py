@@ -12,6 +12,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# A build log with one kernel and no spills (report.py's spill check passes on it).
+CLEAN_PTXAS_LOG = ("ptxas info    : Compiling entry function '_Z6kernelv' for 'sm_90a'\n"
+                   "ptxas info    : Function properties for _Z6kernelv\n"
+                   "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+                   "ptxas info    : Used 32 registers, used 1 barriers, 1024 bytes smem, 352 bytes cmem[0]\n")
+
 SUITE = '''
 import os
 import pytest
@@ -91,11 +97,7 @@ def test_report_lists_every_outcome(tmp_path):
     rc, summary, log = _run(tmp_path, FASTINFER_TEST_FAKE_CUDA_FAULT="test_fault")
     out = tmp_path / "out"
     (out / "steps.tsv").write_text(f"build\t0\t60\t\nenv\t0\t2\t\npytest\t{rc}\t9\t\n")
-    (out / "build.log").write_text(
-        "ptxas info    : Compiling entry function '_Z6kernelv' for 'sm_90a'\n"
-        "ptxas info    : Function properties for _Z6kernelv\n"
-        "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
-        "ptxas info    : Used 32 registers, used 1 barriers, 1024 bytes smem, 352 bytes cmem[0]\n")
+    (out / "build.log").write_text(CLEAN_PTXAS_LOG)
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), "--out", str(out)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr
