@@ -8,8 +8,9 @@ watchdog ending a test past --test-timeout), pytest runs again on the tests not 
 while the budget lasts and each run makes progress. Each run writes DIR/pytest-<n>.xml; the merged
 outcome of every test goes to DIR/tests.json (read by report.py).
 
---shards N runs N such loops at once, shard i on every N-th test of the collection order (so each
-shard keeps the priority order of the files as given), with its own ledger (tests-<i>.ledger), xml
+--shards N runs N such loops at once, shard i on every N-th selected test from the i-th (the ledger
+plugin picks them, FASTINFER_TEST_SHARD=i/N, after -m / -k; each shard keeps the priority order of
+the files as given and the same tests in every rerun), with its own ledger (tests-<i>.ledger), xml
 (pytest-<i>-<n>.xml) and output (pytest-shard<i>.log, printed when all are done). A GPU visit is
 minutes long and most of a small test's time is the host's (inputs, references, Python): several
 processes on one GPU get through more of the suite than one.
@@ -106,25 +107,6 @@ def _run_shard(pytest_args: list[str], out: Path, tag: str, deadline: float, env
     return runs, tests
 
 
-def _is_target(arg: str) -> bool:
-    """A test file, directory or node id among pytest's arguments (the rest are options and values)."""
-    return not arg.startswith("-") and os.path.exists(arg.split("::")[0])
-
-
-def _collect(pytest_args: list[str], env: dict, seconds: float) -> list[str] | None:
-    """The node ids pytest would run, in its order; None if collection failed."""
-    args = [a for a in pytest_args if a not in ("-q", "-qq", "--quiet", "-v", "-vv", "--verbose")]  # one -q: ids
-    try:
-        proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", *args],
-                              env=env, capture_output=True, text=True, timeout=max(seconds, 1))
-    except subprocess.TimeoutExpired:
-        return None
-    if proc.returncode not in (0, 5):
-        print(f"run_tests: collection failed (exit {proc.returncode}); one shard\n{proc.stdout[-3000:]}", flush=True)
-        return None
-    return [line.strip() for line in proc.stdout.splitlines() if "::" in line and not line.startswith(" ")]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -133,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds one test may take (the ledger plugin's watchdog: the test fails, the "
                              "process ends and the rest run again); 0: none")
     parser.add_argument("--shards", type=int, default=1,
-                        help="pytest processes at once, each on every n-th test in collection order (its own "
-                             "ledger, xml and log pytest-shard<i>.log; CPU threads split between them)")
+                        help="pytest processes at once, each on every n-th selected test (FASTINFER_TEST_SHARD, "
+                             "tests/ledger_plugin.py; its own ledger, xml and log pytest-shard<i>.log; CPU threads "
+                             "split between them)")
     parser.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: pytest's arguments")
     args = parser.parse_args(argv)
     pytest_args = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
@@ -143,26 +126,25 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     if args.test_timeout > 0:  # the ledger plugin's watchdog (tests/ledger_plugin.py)
         env["FASTINFER_TEST_TIMEOUT_S"] = f"{args.test_timeout:g}"
-    shards: list[list[str]] = []
-    if args.shards > 1:
-        ids = _collect(pytest_args, env, 0.25 * args.budget_s)
-        if ids:
-            options = [a for a in pytest_args if not _is_target(a)]
-            shards = [options + ids[i::args.shards] for i in range(min(args.shards, len(ids)))]
-    if len(shards) <= 1:
+    if args.shards <= 1:
         runs, tests = _run_shard(pytest_args, args.out, "", deadline, env)
     else:
-        threads = max(1, (os.cpu_count() or 1) // len(shards))
+        threads = max(1, (os.cpu_count() or 1) // args.shards)
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        print(f"==== run_tests: {len(shards)} shards of {len(ids)} tests at once ({threads} CPU threads each); "
-              f"their output: pytest-shard<i>.log", flush=True)
-        results: list = [None] * len(shards)
+        print(f"==== run_tests: {args.shards} shards at once ({threads} CPU threads each; FASTINFER_TEST_SHARD, "
+              f"tests/ledger_plugin.py); their output: pytest-shard<i>.log", flush=True)
+        results: list = [None] * args.shards
 
         def work(i: int) -> None:
-            with open(args.out / f"pytest-shard{i}.log", "w") as log:
-                results[i] = _run_shard(shards[i], args.out, str(i), deadline, env, log)
+            shard_env = {**env, "FASTINFER_TEST_SHARD": f"{i}/{args.shards}"}
+            try:
+                with open(args.out / f"pytest-shard{i}.log", "w") as log:
+                    results[i] = _run_shard(pytest_args, args.out, str(i), deadline, shard_env, log)
+            except Exception as exc:  # noqa: BLE001 - a shard that cannot run is reported, not fatal
+                print(f"run_tests: shard {i} failed to run: {type(exc).__name__}: {exc}", flush=True)
+                results[i] = ([{"rc": 1, "seconds": 0.0, "tests_started": 0, "shard": str(i)}], {})
 
-        workers = [threading.Thread(target=work, args=(i,)) for i in range(len(shards))]
+        workers = [threading.Thread(target=work, args=(i,)) for i in range(args.shards)]
         for w in workers:
             w.start()
         for w in workers:
@@ -171,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, (shard_runs, shard_tests) in enumerate(results):
             runs += shard_runs
             tests.update(shard_tests)
-            log = (args.out / f"pytest-shard{i}.log").read_text(errors="replace").splitlines()
+            path = args.out / f"pytest-shard{i}.log"
+            log = path.read_text(errors="replace").splitlines() if path.exists() else []
             print(f"\n==== shard {i}: {len(shard_tests)} tests, pytest exit {[r['rc'] for r in shard_runs]}; "
                   f"end of pytest-shard{i}.log:", *log[-15:], sep="\n", flush=True)
     summary = summarize(tests, runs)

@@ -12,7 +12,8 @@ import torch
 import fastinfer
 # Crash-tolerant GPU runs (FASTINFER_TEST_LEDGER, bench/run_tests.py); inert when the variable is unset.
 from ledger_plugin import (  # noqa: F401 - hooks and an autouse fixture, registered by being here
-    _cuda_context_check, pytest_runtest_logfinish, pytest_runtest_logreport, pytest_runtest_logstart)
+    _cuda_context_check, pytest_runtest_logfinish, pytest_runtest_logreport, pytest_runtest_logstart,
+    pytest_sessionfinish)
 from ledger_plugin import pytest_collection_modifyitems as _skip_done_tests
 
 
@@ -31,6 +32,7 @@ def _sm90_skip_reason() -> str | None:
     return reason
 
 
+@pytest.hookimpl(trylast=True)  # after -m / -k selection: the ledger plugin's shard is of the selected tests
 def pytest_collection_modifyitems(config, items):
     cuda_reason, sm90_reason = _cuda_skip_reason(), _sm90_skip_reason()
     for item in items:

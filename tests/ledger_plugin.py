@@ -90,14 +90,31 @@ def _cuda_context_check(request):
         raise RuntimeError(f"the CUDA context is broken after this test: {error}")
 
 
+def _shard(items: list) -> list:
+    """FASTINFER_TEST_SHARD=i/n (bench/run_tests.py --shards): every n-th test from the i-th, of the
+    tests selected so far (after -m and -k: this hook runs last), so that n processes split a run."""
+    spec = os.environ.get("FASTINFER_TEST_SHARD")
+    if not spec:
+        return items
+    i, n = (int(x) for x in spec.split("/"))
+    if not 0 <= i < n:
+        raise pytest.UsageError(f"FASTINFER_TEST_SHARD={spec!r}: need i/n with 0 <= i < n")
+    return items[i::n]
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
+    """Runs after pytest's own selection (-m, -k, --deselect): this process's shard, then, with a
+    ledger, the tests not yet started (a rerun goes on after the ones a previous run reached; the shard
+    is taken first, so that it stays the same set in every rerun)."""
+    keep = _shard(items)
     path = _ledger_path()
-    if path is None:
-        return
-    done = read_ledger(path)
-    keep = [item for item in items if item.nodeid not in done]
+    if path is not None:
+        done = read_ledger(path)
+        keep = [item for item in keep if item.nodeid not in done]
     if len(keep) != len(items):
-        config.hook.pytest_deselected(items=[item for item in items if item.nodeid in done])
+        kept = set(map(id, keep))
+        config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept])
         items[:] = keep
 
 
@@ -141,6 +158,14 @@ def pytest_runtest_logreport(report):
             outcomes[report.nodeid] = outcome
     elif report.skipped and previous[0] == "passed":
         outcomes[report.nodeid] = ("skipped", _message(report))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A test interrupted (SIGINT: run_tests' deadline) never reaches logfinish: its watchdog must not
+    fire while pytest writes its summary and xml."""
+    if _state["watchdog"] is not None:
+        _state["watchdog"].cancel()
+        _state["watchdog"] = None
 
 
 def pytest_runtest_logfinish(nodeid, location):

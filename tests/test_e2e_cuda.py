@@ -80,12 +80,14 @@ CPU_CASES = {
 
 
 def make_hf_llama(config_kwargs: dict, seed: int, device: torch.device, successor_logit: float = SUCCESSOR_LOGIT):
-    """An fp32 HF LlamaForCausalLM with the peaked random init described in the module docstring."""
+    """An fp32 HF LlamaForCausalLM with the peaked random init described in the module docstring,
+    drawn on the CPU and then moved: the same weights on every device (a CUDA generator draws other
+    numbers), so the GPU cases are the models test_gpu_cases_are_well_conditioned checks."""
     cfg = transformers.LlamaConfig(**config_kwargs, max_position_embeddings=1024, rope_theta=10000.0,
                                    rms_norm_eps=1e-5, tie_word_embeddings=False)
-    with torch.device(device):
+    with torch.device("cpu"):
         model = transformers.LlamaForCausalLM(cfg).eval()
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -100,9 +102,9 @@ def make_hf_llama(config_kwargs: dict, seed: int, device: torch.device, successo
         # lm_head row successor[t] points along token t's embedding: the residual stream carries
         # the current token's embedding, which lifts one "next token" well above the rest.
         embed = model.model.embed_tokens.weight
-        successor = torch.randperm(cfg.vocab_size, generator=gen, device=device)
+        successor = torch.randperm(cfg.vocab_size, generator=gen)
         model.lm_head.weight[successor] += embed * (successor_logit / (EMBED_STD * cfg.hidden_size))
-    return model
+    return model.to(device)
 
 
 def random_prompts(lengths: list[int], vocab: int, seed: int) -> list[list[int]]:

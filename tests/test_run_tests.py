@@ -43,13 +43,14 @@ def test_last():
 '''
 
 
-def _run(tmp_path: Path, budget: float = 120, suite: str = SUITE, extra: tuple = (), **env) -> tuple[int, dict, str]:
+def _run(tmp_path: Path, budget: float = 120, suite: str = SUITE, extra: tuple = (), pytest_extra: tuple = (),
+         **env) -> tuple[int, dict, str]:
     (tmp_path / "suite").mkdir()
     (tmp_path / "suite" / "test_suite.py").write_text(suite)
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run_tests.py"), "--out", str(out), "--budget-s", str(budget), *extra,
-         "--", "-p", "ledger_plugin", "-p", "no:cacheprovider", "-q", "suite"],
+         "--", "-p", "ledger_plugin", "-p", "no:cacheprovider", "-q", *pytest_extra, "suite"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
              **env})
@@ -151,11 +152,33 @@ def test_shards_run_at_once_and_merge(tmp_path):
     assert {r["shard"] for r in summary["runs"]} == {"0", "1"}, summary["runs"]
     out = tmp_path / "out"
     assert (out / "pytest-shard0.log").exists() and (out / "pytest-shard1.log").exists()
-    assert "2 shards of 6 tests at once" in log and "==== shard 1:" in log
+    assert "2 shards at once" in log and "==== shard 1:" in log
 
 
-def test_shards_fall_back_to_one_run_when_collection_fails(tmp_path):
-    rc, summary, log = _run(tmp_path, extra=("--shards", "3"), suite="import nonexistent_module\n")
-    assert "collection failed" in log
-    assert "shards of" not in log
-    assert rc != 0
+MARKED = """
+import pytest
+
+@pytest.mark.keep
+def test_k1(): pass
+
+def test_other1(): pass
+
+@pytest.mark.keep
+def test_k2(): pass
+
+def test_other2(): pass
+
+@pytest.mark.keep
+def test_k3(): pass
+
+@pytest.mark.keep
+def test_k4(): pass
+"""
+
+
+def test_shards_split_the_selected_tests(tmp_path):
+    """The shard is taken after -m: two shards run two of the four selected tests each, none twice."""
+    rc, summary, log = _run(tmp_path, suite=MARKED, extra=("--shards", "2"), pytest_extra=("-m", "keep"))
+    assert rc == 0, log
+    assert sorted(n.split("::")[-1] for n in summary["tests"]) == ["test_k1", "test_k2", "test_k3", "test_k4"], log
+    assert sorted((r["shard"], r["tests_started"]) for r in summary["runs"]) == [("0", 2), ("1", 2)], log
