@@ -79,3 +79,16 @@ def test_report_judges_the_sanitizer_only_when_it_ran(tmp_path, rc, verdict):
     assert "sanitize:memcheck" in md
     if verdict is False:
         assert "FAIL: sanitizer" in md
+
+
+@pytest.mark.parametrize("script", ["gpu_check.sh", "mirror_check.sh"])
+def test_shell_scripts_parse(script):
+    proc = subprocess.run(["bash", "-n", str(BENCH / script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_mirror_check_reads_gpu_checks_test_order():
+    """mirror_check.sh collects the files gpu_check.sh tests, from gpu_check's TEST_ORDER."""
+    gpu_check = (BENCH / "gpu_check.sh").read_text()
+    assert 'TEST_ORDER="' in gpu_check
+    assert "sed -n '/^TEST_ORDER=\"/,/\"$/p' bench/gpu_check.sh" in (BENCH / "mirror_check.sh").read_text()
