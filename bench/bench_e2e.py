@@ -75,6 +75,12 @@ def restore_env(saved: dict) -> None:
             os.environ[name] = value
 
 
+def kv_bytes_per_token(model) -> int:
+    """KV-cache bytes one token of one sequence takes (all layers, K and V) in the model's dtype."""
+    cfg = model.config
+    return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -444,26 +450,14 @@ def main(argv: list[str] | None = None) -> int:
             plan += [("bf16", " + PDL", False, {"FASTINFER_PDL": "1"}), ("bf16", " unfused", False, unfused),
                      ("bf16", " eager", True, {})]
         last_use = {q: max(i for i, row in enumerate(plan) if row[0] == q) for q in args.quant}
-        for i, (q, suffix, eager, env) in enumerate(plan):
-            model = loaded[q].model
-            if not suffix:  # the format's first row
-                weights = read_bytes(model)
-                cfg = model.config
-                kv_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize
-                context = args.prompt_len + warm + args.steps // 2  # mean context over the timed steps
-                if bw:
-                    roofline[q] = {b: b * bw / (weights + b * context * kv_token) for b in args.batches}
-                notes.append(f"fastinfer {q}: {weights / 1e9:.2f} GB of weights read per decode step")
-            batches = [b for b in args.batches if b <= 16] if "FASTINFER_FUSED_NORM" in env else args.batches
-            if (env and device.type != "cuda") or not batches:
-                if i == last_use[q] and not (q == "bf16" and args.requests):
-                    loaded[q] = None
-                continue
+        max_len = args.prompt_len + args.steps + warm + 8
+
+        def measure(q: str, suffix: str, eager: bool, env: dict, batches: list[int]) -> None:
+            """One row: an engine on format q with the row's settings, its profile (bf16 plain and
+            unfused), decode tokens/s at each batch; the caller's settings restored after it."""
             impl = f"fastinfer {q}{suffix}"
-            max_len = args.prompt_len + args.steps + warm + 8
             # read at every launch / forward: every row pins all four (the defaults, then its own)
             os.environ.update({**PINNED, **env})
-            llm = None
             try:
                 blocks = max_batch * -(-max_len // 16) + 64
                 llm = LLM(loaded[q], num_blocks=blocks, max_num_seqs=max_batch, max_model_len=max_len,
@@ -471,39 +465,53 @@ def main(argv: list[str] | None = None) -> int:
                           cuda_graph_sizes=sorted(set(batches)))
             except Exception as exc:
                 record(impl, max_batch, error=f"LLM: {type(exc).__name__}: {exc}")
-            if llm is not None:
-                if q == "bf16" and suffix in ("", " unfused") and device.type == "cuda":
-                    try:  # what one graphed batch-1 step launches and spends its time on
-                        profiles[impl] = profile_decode(llm, args.prompt_len)
-                    except Exception as exc:
-                        errors.append(f"profile {impl}: {type(exc).__name__}: {exc}")
-                for b in batches:
-                    try:
-                        r = fastinfer_decode(llm, b, args.prompt_len, args.steps, warm)
-                        if bw:
-                            r["roofline_tok_s"] = roofline[q][b]
-                            r["of_roofline"] = r["tok_s"] / roofline[q][b]
-                        if not eager and device.type == "cuda" and r["graph_steps"] != args.steps:
-                            r["note"] = f"only {r['graph_steps']} of {args.steps} steps replayed a graph"
-                        record(impl, b, r)
-                    except Exception as exc:
-                        record(impl, b, error=f"{type(exc).__name__}: {exc}")
-                del llm
+                restore_env(saved_env)
+                return
+            if q == "bf16" and suffix in ("", " unfused") and device.type == "cuda":
+                try:  # what one graphed batch-1 step launches and spends its time on
+                    profiles[impl] = profile_decode(llm, args.prompt_len)
+                except Exception as exc:
+                    errors.append(f"profile {impl}: {type(exc).__name__}: {exc}")
+            for b in batches:
+                try:
+                    r = fastinfer_decode(llm, b, args.prompt_len, args.steps, warm)
+                    if bw:
+                        r["roofline_tok_s"] = roofline[q][b]
+                        r["of_roofline"] = r["tok_s"] / roofline[q][b]
+                    if not eager and device.type == "cuda" and r["graph_steps"] != args.steps:
+                        r["note"] = f"only {r['graph_steps']} of {args.steps} steps replayed a graph"
+                    record(impl, b, r)
+                except Exception as exc:
+                    record(impl, b, error=f"{type(exc).__name__}: {exc}")
+            del llm
             restore_env(saved_env)
+            free_memory()
+
+        def free_memory() -> None:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+
+        for i, (q, suffix, eager, env) in enumerate(plan):
+            if not suffix:  # the format's first row
+                model = loaded[q].model
+                weights = read_bytes(model)
+                context = args.prompt_len + warm + args.steps // 2  # mean context over the timed steps
+                if bw:
+                    roofline[q] = {b: b * bw / (weights + b * context * kv_bytes_per_token(model))
+                                   for b in args.batches}
+                notes.append(f"fastinfer {q}: {weights / 1e9:.2f} GB of weights read per decode step")
+                del model
+            batches = [b for b in args.batches if b <= 16] if "FASTINFER_FUSED_NORM" in env else args.batches
+            if batches and not (env and device.type != "cuda"):
+                measure(q, suffix, eager, env, batches)
             if i == last_use[q] and not (q == "bf16" and args.requests):
                 loaded[q] = None  # done with this format (bf16 stays for the offline run)
-            del model
-            gc.collect()
+                free_memory()
         if args.requests and "bf16" in args.quant:
-            model = loaded["bf16"].model
-            cfg = model.config
-            kv_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize
             try:
                 free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 2 << 30
-                blocks = int(0.6 * free) // (16 * kv_token)
+                blocks = int(0.6 * free) // (16 * kv_bytes_per_token(loaded["bf16"].model))
                 llm = LLM(loaded["bf16"], num_blocks=blocks, max_num_seqs=256, max_model_len=2048)
                 r = offline_throughput(llm, args.requests)
                 offline.append({"impl": "fastinfer bf16", **r})
@@ -512,11 +520,8 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:
                 errors.append(f"offline bf16: {type(exc).__name__}: {exc}")
                 print("ERROR", errors[-1])
-            del model
             loaded["bf16"] = None
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            free_memory()
     except KeyboardInterrupt:
         errors.append("interrupted (SIGINT, e.g. gpu_check's time limit): the rows are what was measured by then")
         print("ERROR", errors[-1])

@@ -160,21 +160,23 @@ def pytest_runtest_logreport(report):
         outcomes[report.nodeid] = ("skipped", _message(report))
 
 
-def pytest_sessionfinish(session, exitstatus):
-    """A test interrupted (SIGINT: run_tests' deadline) never reaches logfinish: its watchdog must not
-    fire while pytest writes its summary and xml."""
+def _disarm() -> None:
     if _state["watchdog"] is not None:
         _state["watchdog"].cancel()
         _state["watchdog"] = None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A test interrupted (SIGINT: run_tests' deadline) never reaches logfinish: its watchdog must not
+    fire while pytest writes its summary and xml."""
+    _disarm()
 
 
 def pytest_runtest_logfinish(nodeid, location):
     path = _ledger_path()
     if path is None:
         return
-    if _state["watchdog"] is not None:
-        _state["watchdog"].cancel()
-        _state["watchdog"] = None
+    _disarm()
     outcome, message = _state["outcomes"].pop(nodeid, ("passed", ""))
     append(path, "end", nodeid, outcome, message)
     if _state["broken"] is not None:

@@ -178,8 +178,6 @@ def dense_gemv_add_residual(x: torch.Tensor, weight: torch.Tensor, residual: tor
     _check_gemv_out(op, residual, x, weight, (m, n), name="residual", out_dtype=x.dtype)  # dense_gemv's out
     if residual.stride(1) != 1 or (m > 1 and residual.stride(0) < n):
         _fail(op, "residual rows must be contiguous and distinct (stride 1 along N, rows >= N apart)")
-    if _shares_memory(residual, x):
-        _fail(op, "residual must not share memory with x (the kernel writes it while other CTAs read x)")
     shape = (m, sq_sum_groups(n))
     if sq_sums is None:
         sq_sums = torch.empty(shape, dtype=torch.float32, device=x.device)
@@ -218,7 +216,7 @@ def rms_norm_dense_gemv(x: torch.Tensor, sq_sums: torch.Tensor, norm_weight: tor
         _check_shape(op, "bias", bias, (n,))
     out = _check_gemv_out(op, out, x, weight, (m, n // 2 if silu_mul else n),
                           out_dtype=x.dtype if silu_mul else out_dtype)
-    if _shares_memory(out, x, sq_sums):
+    if _shares_memory(out, sq_sums):  # (x: _check_gemv_out)
         _fail(op, "out must not share memory with x or sq_sums")
     _ops.rms_norm_dense_gemv(out, x, sq_sums, norm_weight, float(eps), weight, bias, bool(silu_mul))
     return out
