@@ -101,16 +101,6 @@ __device__ __forceinline__ uint32_t broadcast_half(const uint32_t (&v)[4], int j
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
-// 16 bytes, bypassing L1. Weights are read once: mark them first to leave L2 when streaming.
-__device__ __forceinline__ void cp_async16_stream(void* dst, const void* src) {
-  asm volatile(
-      "{\n"
-      "  .reg .b64 policy;\n"
-      "  createpolicy.fractional.L2::evict_first.b64 policy, 1.0;\n"
-      "  cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, policy;\n"
-      "}\n" ::"r"(smem_addr(dst)),
-      "l"(src));
-}
 // 16 bytes, or 16 zero bytes when !valid (rows past M).
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid = true) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
@@ -169,7 +159,6 @@ __device__ __forceinline__ uint32_t dequant_pair(uint32_t word, typename Traits<
 struct Shape {
   int total_stages;   // K / 64
   int group_shift;    // log2(group_size)
-  bool stream_hint;   // weights read once (m_blocks == 1): evict them from L2 first
 };
 
 template <typename T, int MT, Int4Mode kMode>
@@ -223,11 +212,9 @@ __global__ void __launch_bounds__(kThreads, Config<MT>::kMinBlocks) w4a16_kernel
   auto load_stage = [&](int stage, uint8_t* s) {
     if (b_active) {
       const uint32_t* src = b_src + static_cast<int64_t>(stage) * kWarpsK * L::kWordsPerStep;
-      if (shape.stream_hint) {
-        cp_async16_stream(s + b_dst, src);
-      } else {
-        cp_async16(s + b_dst, src);
-      }
+      // (Plain cp.async: the L2::cache_hint form with an evict_first policy wrote to another CTA's
+      // shared memory in these cluster launches on an H200, compute-sanitizer memcheck, 2026-11-28.)
+      cp_async16(s + b_dst, src);
     }
 #pragma unroll
     for (int i = 0; i < kAIters; ++i) {
@@ -402,7 +389,7 @@ cudaError_t launch_tiles(const W4A16Params& p, int m_blocks, cudaStream_t stream
   const int n_tiles = ceil_div(p.n, kTileN);
   const int64_t tiles = static_cast<int64_t>(n_tiles) * m_blocks;
   const int64_t slots = static_cast<int64_t>(p.num_sms) * (occ.blocks_per_sm > 0 ? occ.blocks_per_sm : 1);
-  Shape shape{p.k / kStageK, __builtin_ctz(p.group_size), m_blocks == 1};
+  Shape shape{p.k / kStageK, __builtin_ctz(p.group_size)};
   // Split K over a cluster only while the tiles leave SMs idle; never more splits than stages.
   int splits = tiles >= slots ? 1 : static_cast<int>(slots / tiles);
   splits = max(1, min(splits, min(kMaxSplits, shape.total_stages)));
