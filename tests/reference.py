@@ -158,13 +158,18 @@ FP8_MIN_SCALE = 1.0 / (448.0 * 512.0)
 
 def fp8_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """e4m3(clamp(x / scale, +-448)); scale broadcasts against x (e.g. [M, 1] per row, [1] per tensor)."""
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    q = (x.detach().float().cpu() / torch.as_tensor(scale).detach().float().cpu()).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q.to(x.device)  # divided on the CPU: IEEE quotients (see fp8_dynamic_scale)
 
 
 def fp8_dynamic_scale(x: torch.Tensor, dim: int | None) -> torch.Tensor:
-    """fp32 max(amax / 448, floor) over `dim` (None: the whole tensor, shape [1])."""
-    amax = x.float().abs().amax() if dim is None else x.float().abs().amax(dim)
-    return torch.clamp(amax / FP8_MAX, min=FP8_MIN_SCALE).reshape(-1)
+    """fp32 max(amax / 448, floor) over `dim` (None: the whole tensor, shape [1]), on x's device.
+
+    Divided on the CPU: torch's CUDA tensor / scalar multiplies by the reciprocal, which can differ
+    from the IEEE quotient of the contract (fp8.h) in the last bit."""
+    xf = x.detach().float().cpu()
+    amax = xf.abs().amax() if dim is None else xf.abs().amax(dim)
+    return torch.clamp(amax / FP8_MAX, min=FP8_MIN_SCALE).reshape(-1).to(x.device)
 
 
 def fp8_scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,

@@ -180,7 +180,7 @@ def test_opcheck():
 
 def test_unsupported_head_dim_is_a_clear_error():
     args = make_case([5], [5], 4, 2, 96, 16, torch.bfloat16)
-    with pytest.raises(RuntimeError, match="head_dim 64 and 128, got 96"):
+    with pytest.raises(ValueError, match="head_dim 64 and 128, got 96"):
         ops.paged_prefill_attention(*args)
 
 

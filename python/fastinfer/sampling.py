@@ -65,7 +65,9 @@ def id_mask(id_lists: list[list[int]], vocab_size: int, device: torch.device) ->
     """BoolTensor `[B, V]`: True where the token id appears in that row's list."""
     rows, cols = _scatter_index(id_lists, vocab_size, device)
     mask = torch.zeros(len(id_lists), vocab_size + 1, dtype=torch.bool, device=device)
-    mask[rows, cols] = True
+    # scatter_ with a scalar, not mask[rows, cols] = True: that setitem copies a CPU scalar tensor to
+    # the GPU, a host sync (torch.cuda.set_sync_debug_mode("error") raised on it on an H200)
+    mask.view(-1).scatter_(0, rows * (vocab_size + 1) + cols, True)
     return mask[:, :vocab_size]
 
 
@@ -203,7 +205,7 @@ def _exponential_noise(probs, params, generators):
         noise.exponential_()
     elif default_rows:
         rows = to_device(default_rows, torch.long, probs.device)
-        noise[rows] = torch.empty(len(default_rows), probs.shape[1], device=probs.device).exponential_()
+        noise.index_copy_(0, rows, torch.empty(len(default_rows), probs.shape[1], device=probs.device).exponential_())
     for row, (p, generator) in enumerate(zip(params, generators)):
         if generator is not None and not p.greedy:
             noise[row].exponential_(generator=generator)
