@@ -127,11 +127,23 @@ def random_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[
 
 # ---- fastinfer --------------------------------------------------------------------------------------
 
+def prefill_steps(batch: int, prompt_len: int) -> int:
+    """Engine steps that prefill `batch` prompts under bench_e2e's token budget (see measure())."""
+    return -(-batch * prompt_len // token_budget(prompt_len))
+
+
+def token_budget(prompt_len: int) -> int:
+    return max(8192, prompt_len)
+
+
 def fastinfer_decode(llm, batch: int, prompt_len: int, steps: int, warm: int) -> dict:
     from fastinfer.sampling_params import SamplingParams
     engine = llm.engine
     vocab = engine.loaded.model.config.vocab_size
-    params = SamplingParams(max_tokens=steps + warm + 4, temperature=0.0, ignore_eos=True)
+    # headroom: a sequence prefilled in an earlier chunk of the token budget decodes while the rest
+    # prefill, so sequences start the timed steps with different output lengths (max_len allows it)
+    params = SamplingParams(max_tokens=steps + warm + 4 + prefill_steps(batch, prompt_len), temperature=0.0,
+                            ignore_eos=True)
     ids = [f"decode-{batch}-{i}" for i in range(batch)]
     for rid, prompt in zip(ids, random_prompts(batch, prompt_len, vocab, seed=batch)):
         engine.add_request(rid, prompt, params)
@@ -143,6 +155,7 @@ def fastinfer_decode(llm, batch: int, prompt_len: int, steps: int, warm: int) ->
     graphs = engine.runner.graphs
     replays = graphs.num_steps if graphs is not None else 0
     device = engine.runner.device
+    before = [len(s.output_token_ids) for s in seqs]
     sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -150,7 +163,7 @@ def fastinfer_decode(llm, batch: int, prompt_len: int, steps: int, warm: int) ->
     sync(device)
     seconds = time.perf_counter() - t0
     graphed = (graphs.num_steps - replays) if graphs is not None else 0
-    if any(len(s.output_token_ids) != 1 + warm + steps for s in seqs):
+    if any(len(s.output_token_ids) != n + steps for s, n in zip(seqs, before)):
         raise RuntimeError("a timed step was not a decode step of every sequence (preempted or finished early)")
     for rid in ids:
         engine.abort(rid)
@@ -450,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
             plan += [("bf16", " + PDL", False, {"FASTINFER_PDL": "1"}), ("bf16", " unfused", False, unfused),
                      ("bf16", " eager", True, {})]
         last_use = {q: max(i for i, row in enumerate(plan) if row[0] == q) for q in args.quant}
-        max_len = args.prompt_len + args.steps + warm + 8
+        max_len = args.prompt_len + args.steps + warm + 8 + prefill_steps(max_batch, args.prompt_len)
 
         def measure(q: str, suffix: str, eager: bool, env: dict, batches: list[int]) -> None:
             """One row: an engine on format q with the row's settings, its profile (bf16 plain and
@@ -461,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 blocks = max_batch * -(-max_len // 16) + 64
                 llm = LLM(loaded[q], num_blocks=blocks, max_num_seqs=max_batch, max_model_len=max_len,
-                          max_num_batched_tokens=max(8192, args.prompt_len), enforce_eager=eager,
+                          max_num_batched_tokens=token_budget(args.prompt_len), enforce_eager=eager,
                           cuda_graph_sizes=sorted(set(batches)))
             except Exception as exc:
                 record(impl, max_batch, error=f"LLM: {type(exc).__name__}: {exc}")

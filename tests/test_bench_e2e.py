@@ -78,3 +78,16 @@ def test_summarize_kernels():
     assert s["top"][0] == {"kernel": "fastinfer::gemv::dense_gemv_kernel", "per_step": 1.5, "us_per_step": 14.0}
     assert s["top"][1]["kernel"] == "at::native::index_select_kernel"
     assert bench_e2e.summarize_kernels([], steps=3) == {"kernels_per_step": 0}
+
+
+@pytest.mark.slow
+def test_bench_e2e_batch_prefilled_over_several_steps(tmp_path):
+    """6 prompts of 1500 tokens take two steps of the 8192-token budget: the first chunk's sequences
+    decode while the rest prefill. The timed steps must still count as decode steps of every sequence
+    (the H200 run of 2026-11-28 lost its batch-128 rows to this)."""
+    out = tmp_path / "e2e.json"
+    rc = bench_e2e.main(["--tiny", "--device", "cpu", "--out", str(out), "--batches", "6", "--no-hf",
+                         "--quant", "bf16", "--steps", "4", "--requests", "1", "--prompt-len", "1500"])
+    frag = json.loads(out.read_text())
+    assert rc == 0 and frag["errors"] == []
+    assert {(r["impl"], r["batch"]) for r in frag["rows"]} == {("fastinfer bf16", 6), ("fastinfer bf16 eager", 6)}
