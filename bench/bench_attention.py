@@ -33,7 +33,7 @@ import common
 
 DTYPE = torch.bfloat16
 BLOCK = 16
-OURS = "fastinfer paged"
+OURS = "fastinfer paged"  # prefill: the mma kernel (FASTINFER_PREFILL_KERNEL=mma); decode: the default
 OURS_CUDA_CORES = "fastinfer paged, CUDA-core decode"  # FASTINFER_DECODE_KERNEL=cuda_cores, for comparison
 OURS_FUSED_MERGE = "fastinfer paged, split merge in-kernel"  # semaphores given, as the decode graphs do
 OURS_64_ROWS = "fastinfer paged, 64-row tiles"  # FASTINFER_PREFILL_BLOCK_M=64 (the default here is 128)
@@ -122,7 +122,8 @@ def prefill_rows(ops, args, flush, errors: list) -> list[dict]:
             return make
 
         wgmma_name = OURS_WGMMA if torch.cuda.get_device_capability() == (9, 0) else OURS_WGMMA + " = default here"
-        impls = {OURS: ours("auto"), OURS_64_ROWS: ours("64"), wgmma_name: ours("auto", "wgmma"),
+        # every kernel named (auto is wgmma at head_dim 128 on Hopper): OURS is the mma kernel
+        impls = {OURS: ours("auto", "mma"), OURS_64_ROWS: ours("64"), wgmma_name: ours("auto", "wgmma"),
                  **{n: (lambda be=be: sdpa_call(be, q, k, v, True)) for n, be in SDPA.items()}}
         label = f"B{b} H{h}/{hkv} S{s} D{d}"
         flops = 2 * 2 * b * h * s * s * d / 2

@@ -84,10 +84,12 @@ void prefill(const char* kOp, at::Tensor& out, const at::Tensor& query, const at
   // auto (0): 128 query rows per CTA when the sequences average >= 128 rows, else 64
   constexpr int kBlockM[] = {0, 64, 128};
   p.block_m = kBlockM[env_choice(kOp, "FASTINFER_PREFILL_BLOCK_M", {"auto", "64", "128"})];
-  // auto = mma (the FlashAttention-2 kernel of prefill.cuh) until a GPU report shows which is faster;
   // wgmma = the sm_90a kernel of prefill_sm90.cuh wherever it applies (a bf16 / fp16 plain cache on an
-  // sm_90 GPU, in a build with 90a), mma elsewhere.
-  const bool wgmma = env_choice(kOp, "FASTINFER_PREFILL_KERNEL", {"auto", "mma", "wgmma"}) == 2;
+  // sm_90 GPU, in a build with 90a), mma (the FlashAttention-2 kernel of prefill.cuh) elsewhere.
+  // auto = wgmma at head_dim 128, mma at 64: on an H200 (bench/results/2026-11-28-h200-visit1) wgmma
+  // ran B4 H32/8 S4096 D128 at 235 TFLOP/s against mma's 213, and D64 at 199 against mma's 202.
+  const int kernel = env_choice(kOp, "FASTINFER_PREFILL_KERNEL", {"auto", "mma", "wgmma"});
+  const bool wgmma = kernel == 2 || (kernel == 0 && head_dim == 128);
 #ifdef FASTINFER_HAS_SM90  // launch_paged_prefill_wgmma exists only in builds with 90a
   if (wgmma && wgmma_applies(query, kv_scale_ptr)) {
     check_launch(launch_paged_prefill_wgmma(p, stream_of(query)), kOp);

@@ -18,8 +18,8 @@ SETTINGS = {
                                   "query rows per CTA of the prefill kernel (auto = 128 when sequences "
                                   "average >= 128 rows)"),
     "FASTINFER_PREFILL_KERNEL": ("auto", "auto | mma | wgmma",
-                                 "prefill attention kernel for bf16 / fp16 over a plain cache (auto = mma; "
-                                 "wgmma = the sm_90a kernel, Hopper only)"),
+                                 "prefill attention kernel for bf16 / fp16 over a plain cache (auto = wgmma at "
+                                 "head_dim 128 on Hopper, else mma; wgmma = the sm_90a kernel, Hopper only)"),
     "FASTINFER_FP8_GEMM_TILE": ("128x128", "128x128 | 128x256",
                                 "FP8 GEMM output tiles for M > 64"),
     "FASTINFER_FP8_SPLIT_K": ("auto", "auto | off",
