@@ -7,8 +7,8 @@ out[M, N] = x[M, K] @ w[N, K]^T. Implementations, all on the same fp8 inputs (bf
   fastinfer tensor    the same kernel with per-tensor scales
   fastinfer linear    fastinfer.ops.fp8_linear: per-token quantization of bf16 x + the GEMM
   ... 128x256         M > 64: the same with 128 x 256 tiles (FASTINFER_FP8_GEMM_TILE)
-  ... no split-K      M <= 64: the same without splitting K (FASTINFER_FP8_SPLIT_K=off: fewer SMs
-                      stream the weights, no cluster reduction at the end)
+  ... split-K on      M <= 64: the same splitting K wherever the output tiles leave SMs idle
+                      (FASTINFER_FP8_SPLIT_K=on; the default splits only M <= 16 with K >= 8192)
   _scaled_mm tensor   torch._scaled_mm, per-tensor scales (cuBLAS)
   _scaled_mm rowwise  torch._scaled_mm, row-wise scales
   bf16 cuBLAS         F.linear on the bf16 operands
@@ -53,9 +53,9 @@ def quantized(ops, d: dict) -> dict:
 def implementations(ops, d: dict, q: dict) -> dict:
     xr, wr, sxr, swr = q["row"]
     xt, wt, sxt, swt = q["tensor"]
-    wide = {  # M <= 64: without split-K too (FASTINFER_FP8_SPLIT_K); M > 64: the 128 x 256 tiles too
-        "fastinfer rowwise no split-K": lambda: ops.fp8_scaled_mm(xr, wr, sxr, swr),
-        "fastinfer tensor no split-K": lambda: ops.fp8_scaled_mm(xt, wt, sxt, swt)} if d["x"].shape[0] <= 64 else {
+    wide = {  # M <= 64: split-K forced too (FASTINFER_FP8_SPLIT_K=on); M > 64: the 128 x 256 tiles too
+        "fastinfer rowwise split-K on": lambda: ops.fp8_scaled_mm(xr, wr, sxr, swr),
+        "fastinfer tensor split-K on": lambda: ops.fp8_scaled_mm(xt, wt, sxt, swt)} if d["x"].shape[0] <= 64 else {
         "fastinfer rowwise 128x256": lambda: ops.fp8_scaled_mm(xr, wr, sxr, swr),
         "fastinfer tensor 128x256": lambda: ops.fp8_scaled_mm(xt, wt, sxt, swt)}
     return {
@@ -71,12 +71,12 @@ def implementations(ops, d: dict, q: dict) -> dict:
 
 PEER = {"fastinfer rowwise": "_scaled_mm rowwise", "fastinfer linear": "_scaled_mm rowwise",
         "fastinfer tensor": "_scaled_mm tensor", "fastinfer rowwise 128x256": "_scaled_mm rowwise",
-        "fastinfer tensor 128x256": "_scaled_mm tensor", "fastinfer rowwise no split-K": "_scaled_mm rowwise",
-        "fastinfer tensor no split-K": "_scaled_mm tensor"}
+        "fastinfer tensor 128x256": "_scaled_mm tensor", "fastinfer rowwise split-K on": "_scaled_mm rowwise",
+        "fastinfer tensor split-K on": "_scaled_mm tensor"}
 GRANULARITY = {"fastinfer rowwise": "row", "fastinfer linear": "row", "_scaled_mm rowwise": "row",
                "fastinfer tensor": "tensor", "_scaled_mm tensor": "tensor", "fastinfer rowwise 128x256": "row",
-               "fastinfer tensor 128x256": "tensor", "fastinfer rowwise no split-K": "row",
-               "fastinfer tensor no split-K": "tensor"}
+               "fastinfer tensor 128x256": "tensor", "fastinfer rowwise split-K on": "row",
+               "fastinfer tensor split-K on": "tensor"}
 
 
 def mean_rel_err(out: torch.Tensor, a, b, sa, sb) -> float:
@@ -91,7 +91,7 @@ def run_shape(ops, shape: str, m: int, k: int, n: int, args, flush, copy_gbps: f
     for impl, fn in implementations(ops, d, q).items():
         # the op reads these settings at every call: set for the timing of one impl at a time
         os.environ["FASTINFER_FP8_GEMM_TILE"] = "128x256" if impl.endswith("128x256") else "128x128"
-        os.environ["FASTINFER_FP8_SPLIT_K"] = "off" if impl.endswith("no split-K") else "auto"
+        os.environ["FASTINFER_FP8_SPLIT_K"] = "on" if impl.endswith("split-K on") else "auto"
         t = common.time_cuda(fn, warmup=args.warmup, iters=args.iters, flush=flush)
         weight_bytes = n * k * (2 if impl == "bf16 cuBLAS" else 1)
         row = {"shape": shape, "M": m, "impl": impl, "us": t["us"], "tflops": 2 * m * n * k / (t["us"] * 1e6),

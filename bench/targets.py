@@ -68,8 +68,8 @@ def fp8_big(b: dict):
 
 
 def fp8_small_m(b: dict):
-    """The rowwise variant (split-K by default, or FASTINFER_FP8_SPLIT_K=off) with the best worst case."""
-    variants = ("fastinfer rowwise", "fastinfer rowwise no split-K")
+    """The rowwise variant (the default, or FASTINFER_FP8_SPLIT_K=on) with the best worst case."""
+    variants = ("fastinfer rowwise", "fastinfer rowwise split-K on")
     rows = [r for r in _rows(b, "fp8") if r.get("shape") != "8192^3" and _num(r.get("M")) is not None
             and r["M"] <= 64 and r.get("impl") in variants and _num(r.get("vs_bf16"))]
     if not rows:

@@ -93,7 +93,8 @@ def fp8_operands(m, n, k, scales, device, gen):
 # On the sm_90a kernel: M <= 64 swaps operands (tiles of 8/16/32/64 tokens), larger M uses 128 x 128
 # tiles (or 128 x 256 with FASTINFER_FP8_GEMM_TILE=128x256: the `fp8_tile` fixture runs both);
 # K = 208 leaves a partial k-tile, N = 37 odd columns; (64, 256, 4096) and (113, 72, 2048) split K
-# (swapped and not); (300, 520, 384) has N past one and a half 256-wide tiles.
+# (swapped and not: the sweep sets FASTINFER_FP8_SPLIT_K=on); (300, 520, 384) has N past one and a half
+# 256-wide tiles.
 SHAPES = [(1, 24, 64), (7, 40, 208), (16, 128, 256), (33, 37, 96), (64, 256, 4096), (113, 72, 2048),
           (200, 136, 512), (300, 520, 384)]
 
@@ -113,9 +114,10 @@ def fp8_tile(request, monkeypatch, gemm_device):
 @pytest.mark.parametrize("m,n,k", SHAPES)
 @pytest.mark.parametrize("out_dtype", [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16"),
                                        pytest.param(torch.float32, id="fp32")])
-def test_fp8_scaled_mm(gemm_device, gen, out_dtype, m, n, k, scales, bias, fp8_tile):
+def test_fp8_scaled_mm(monkeypatch, gemm_device, gen, out_dtype, m, n, k, scales, bias, fp8_tile):
     if gemm_device.type == "cuda" and out_dtype == torch.float32:
         pytest.skip("the CUDA GEMM writes bf16 or fp16")
+    monkeypatch.setenv("FASTINFER_FP8_SPLIT_K", "on")  # split wherever tiles leave SMs idle (auto: rarely)
     if fp8_tile != "128x128" and m <= 64:
         pytest.skip("M <= 64 takes the swapped tiles whatever FASTINFER_FP8_GEMM_TILE says")
     a, b, sa, sb = fp8_operands(m, n, k, scales, gemm_device, gen)
@@ -256,15 +258,15 @@ def test_bad_input_raises_value_error(op, arg, what, mutate):
 @pytest.mark.cuda
 @pytest.mark.sm90
 @pytest.mark.parametrize("scales", ["tensor", "row"])
-@pytest.mark.parametrize("m,n,k", [(1, 512, 4096), (7, 256, 2048), (33, 1024, 14336), (64, 256, 4096),
+@pytest.mark.parametrize("m,n,k", [(1, 512, 4096), (16, 512, 8192), (7, 256, 2048), (33, 1024, 14336), (64, 256, 4096),
                                    (113, 72, 2048)])
 def test_fp8_scaled_mm_without_split_k(monkeypatch, gen, m, n, k, scales):
-    """FASTINFER_FP8_SPLIT_K=off: shapes that split K by default (few output tiles, long K) run as one
-    launch, within the same tolerance of the reference as the split launch."""
+    """Shapes whose output tiles leave SMs idle, split (FASTINFER_FP8_SPLIT_K=on), as auto decides
+    (split only at M <= 16 with K >= 8192) and unsplit (off): each within tolerance of the reference."""
     a, b, sa, sb = fp8_operands(m, n, k, scales, "cuda", gen)
     same = ref.fp8_scaled_mm(a, b, sa, sb, None, torch.float32).to(torch.bfloat16)
     wide = ref.fp8_scaled_mm(a, b, sa, sb, None, torch.float64)
-    for split_k in ("auto", "off"):
+    for split_k in ("on", "auto", "off"):
         monkeypatch.setenv("FASTINFER_FP8_SPLIT_K", split_k)
         assert_within_tolerance(ops.fp8_scaled_mm(a, b, sa, sb), same, wide)
 
@@ -272,7 +274,7 @@ def test_fp8_scaled_mm_without_split_k(monkeypatch, gen, m, n, k, scales):
 @pytest.mark.cuda
 @pytest.mark.sm90
 @pytest.mark.parametrize("variable, value, choices", [("FASTINFER_FP8_GEMM_TILE", "256x128", "128x128 or 128x256"),
-                                                      ("FASTINFER_FP8_SPLIT_K", "never", "auto or off")])
+                                                      ("FASTINFER_FP8_SPLIT_K", "never", "auto, off or on")])
 def test_unknown_fp8_setting_is_refused(monkeypatch, gen, variable, value, choices):
     a, b, sa, sb = fp8_operands(100, 64, 128, "row", "cuda", gen)
     monkeypatch.setenv(variable, value)

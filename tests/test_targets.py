@@ -77,13 +77,13 @@ def test_misses_and_missing_benchmarks():
 def test_fp8_small_m_takes_the_variant_with_the_best_worst_case():
     def frag(split, unsplit):
         rows = [{"shape": s, "M": m, "impl": impl, "vs_bf16": v}
-                for impl, by_shape in (("fastinfer rowwise", split), ("fastinfer rowwise no split-K", unsplit))
+                for impl, by_shape in (("fastinfer rowwise", split), ("fastinfer rowwise split-K on", unsplit))
                 for (s, m), v in by_shape.items()]
         return {"fp8": {"rows": rows}}
     split = {("o 4096->4096", 1): 1.9, ("down 14336->4096", 16): 1.6}
     unsplit = {("o 4096->4096", 1): 1.85, ("down 14336->4096", 16): 1.82}
     small = {k[1]: t for k, t in verdicts(frag(split, unsplit)).items()}["FP8 GEMM Llama-3-8B shapes, M <= 64"]
-    assert small["verdict"] == "met" and "no split-K" in small["measured"] and "1.82x" in small["measured"]
+    assert small["verdict"] == "met" and "split-K on" in small["measured"] and "1.82x" in small["measured"]
     unsplit[("o 4096->4096", 1)] = 1.5
     small = {k[1]: t for k, t in verdicts(frag(split, unsplit)).items()}["FP8 GEMM Llama-3-8B shapes, M <= 64"]
     assert small["verdict"] == "MISSED" and "1.60x" in small["measured"]

@@ -22,8 +22,9 @@ SETTINGS = {
                                  "head_dim 128 on Hopper, else mma; wgmma = the sm_90a kernel, Hopper only)"),
     "FASTINFER_FP8_GEMM_TILE": ("128x128", "128x128 | 128x256",
                                 "FP8 GEMM output tiles for M > 64"),
-    "FASTINFER_FP8_SPLIT_K": ("auto", "auto | off",
-                              "FP8 GEMM split-K (cluster reduction) when output tiles cannot fill the SMs (off: never)"),
+    "FASTINFER_FP8_SPLIT_K": ("auto", "auto | off | on",
+                              "FP8 GEMM split-K (cluster reduction) when output tiles cannot fill the SMs (auto: "
+                              "only M <= 16 with K >= 8192, measured faster there; off: never; on: always)"),
     "FASTINFER_PDL": ("0", "0 | 1", "programmatic dependent launch of the decode-path kernels"),
     "FASTINFER_DECODE_MERGE": ("auto", "auto | kernel", "split-KV decode attention given semaphores (the decode "
                                "graphs) merges in its last CTA per group (kernel: a separate merge kernel)"),

@@ -44,11 +44,13 @@ struct Fp8GemmParams {
   // M > 64: 128 x 256 output tiles instead of 128 x 128 (the default; zero-initialised false); both
   // promote wgmma's partial sums into fp32 every 128 of K.
   bool wide_tiles;
-  // Never split K (zero-initialised false: split when output tiles alone cannot fill the SMs). A split
-  // launch runs clusters of CTAs and reduces through distributed shared memory; a decode-sized GEMM
-  // that does not split streams its weights from fewer SMs. bench/bench_fp8.py runs both.
-  bool no_split_k;
+  // Split K over a thread-block cluster when output tiles alone cannot fill the SMs: kSplitKAuto
+  // (zero-initialised) only where that measured faster (M <= 16 and K >= 8192), kSplitKOff never,
+  // kSplitKOn wherever the tiles leave SMs idle. A split launch reduces through distributed shared
+  // memory; one that does not split streams its weights from fewer SMs. bench/bench_fp8.py runs both.
+  int split_k;
 };
+constexpr int kSplitKAuto = 0, kSplitKOff = 1, kSplitKOn = 2;  // Fp8GemmParams::split_k
 // sm_90a only (built when FASTINFER_HAS_SM90). cudaErrorInvalidValue for unsupported parameters.
 // One kernel launch, no workspace (split K reduces inside a thread-block cluster).
 cudaError_t launch_fp8_gemm_sm90(const Fp8GemmParams& p, cudaStream_t stream);

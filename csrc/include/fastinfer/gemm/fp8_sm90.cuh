@@ -395,7 +395,7 @@ const ClusterLimits& cluster_limits() {
   return limits;
 }
 
-// limits: nullptr (never split: p.no_split_k) or the resident-cluster counts. A split schedule has
+// limits: nullptr (never split) or the resident-cluster counts. A split schedule has
 // tiles * splits <= num_sms CTAs, one unit each, and at most as many clusters (tiles) as fit at once,
 // so it runs in a single wave.
 template <class Cfg>
@@ -415,7 +415,11 @@ Schedule make_schedule(const Fp8GemmParams& p, const ClusterLimits* limits) {
 
 template <class Cfg, typename OutT>
 cudaError_t run(const Fp8GemmParams& p, cudaStream_t stream) {
-  const Schedule s = make_schedule<Cfg>(p, p.no_split_k ? nullptr : &cluster_limits<Cfg, OutT>());
+  // auto splits only M <= 16 by K >= 8192: on an H200 (bench/results/2026-11-28-h200-visit1) splitting
+  // sped the down projection 14336 -> 4096 up by 2-6% at M 1 and 16, and slowed it by 4% at M 64,
+  // qkv / o (K 4096) by 0-11% at M 1-16 and 28-40% at M 64.
+  const bool split = p.split_k == kSplitKOn || (p.split_k == kSplitKAuto && p.M <= 16 && p.K >= 8192);
+  const Schedule s = make_schedule<Cfg>(p, split ? &cluster_limits<Cfg, OutT>() : nullptr);
   CUtensorMap map_x, map_y;
   FI_CUDA_TRY(make_tensor_map(&map_x, Cfg::kSwapAB ? p.b : p.a, Cfg::kSwapAB ? p.N : p.M, p.K, Cfg::kBlockP));
   FI_CUDA_TRY(make_tensor_map(&map_y, Cfg::kSwapAB ? p.a : p.b, Cfg::kSwapAB ? p.M : p.N, p.K, Cfg::kBlockQ));
