@@ -163,10 +163,9 @@ CUDA = torch.device("cuda")  # a device object only: no GPU needed to ask the de
 @pytest.mark.parametrize("device, m, k, dtype, expected", [
     (CUDA, 1, 4096, torch.bfloat16, True),
     (CUDA, 8, 14336, torch.float16, True),
-    (CUDA, 9, 4096, torch.bfloat16, True),       # two x tiles
-    (CUDA, 16, 4096, torch.float16, True),
-    (CUDA, 17, 14336, torch.bfloat16, True),     # four x tiles
-    (CUDA, 32, 4096, torch.bfloat16, True),      # batch-32 decode
+    (CUDA, 9, 4096, torch.bfloat16, False),      # cuBLAS measured faster from here (DENSE_GEMV_MAX_TOKENS)
+    (CUDA, 16, 4096, torch.float16, False),
+    (CUDA, 32, 4096, torch.bfloat16, False),     # batch-32 decode
     (CUDA, 33, 4096, torch.bfloat16, False),     # prefill / larger batches: cuBLAS
     (CUDA, 0, 4096, torch.bfloat16, False),
     (CUDA, 4, 4100, torch.bfloat16, False),      # rows not 16-byte multiples

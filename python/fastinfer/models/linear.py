@@ -88,13 +88,18 @@ GEMV_DTYPES = (torch.float16, torch.bfloat16)
 # FASTINFER_DENSE_GEMV=0 sends every dense projection to F.linear (cuBLAS): a switch to tell a
 # GEMV problem from anything else on a GPU.
 DENSE_GEMV_ENABLED = os.environ.get("FASTINFER_DENSE_GEMV", "1") != "0"
+# Steps of at most this many tokens take the decode GEMV (the kernel takes up to ops.GEMV_MAX_M = 32).
+# On an H200 (bench/results/2026-11-28-h200-visit1, bench_gemv, Llama-3-8B shapes) it beat cuBLAS by
+# 5-16% on qkv / o / down up to M = 8 and tied on gate_up; at M = 16 gate_up took 76 us against
+# cuBLAS's 68, at M = 32 97 against 70 (batch-32 decode steps took longer than batch-128 ones).
+DENSE_GEMV_MAX_TOKENS = 8
 
 
 def use_dense_gemv(device: torch.device, num_tokens: int, in_features: int, dtype: torch.dtype) -> bool:
     """Whether a dense projection of x [num_tokens, in_features] runs fastinfer's decode GEMV: on
-    CUDA, for 1..ops.GEMV_MAX_M (32) tokens, 16-byte rows (in_features % 8 == 0) and a 16-bit dtype. Everything
-    else (prefill, the CPU, fp32) takes F.linear."""
-    return (DENSE_GEMV_ENABLED and device.type == "cuda" and 1 <= num_tokens <= ops.GEMV_MAX_M
+    CUDA, for 1..DENSE_GEMV_MAX_TOKENS (8) tokens, 16-byte rows (in_features % 8 == 0) and a 16-bit
+    dtype. Everything else (prefill, larger batches, the CPU, fp32) takes F.linear."""
+    return (DENSE_GEMV_ENABLED and device.type == "cuda" and 1 <= num_tokens <= DENSE_GEMV_MAX_TOKENS
             and in_features % 8 == 0 and dtype in GEMV_DTYPES)
 
 

@@ -2,12 +2,12 @@
 
 Weights are fused at load time: q/k/v projections into one [(H + 2 Hkv) D, hidden] matrix and
 gate/up into one [2 F, hidden] matrix, so a layer runs two GEMMs where HF runs five. Each
-projection is dense (torch GEMM, cuBLAS on GPU; fastinfer's dense_gemv for decode steps of <= 32
+projection is dense (torch GEMM, cuBLAS on GPU; fastinfer's dense_gemv for decode steps of <= 8
 tokens on CUDA, the LM head too), FP8 (quantization="fp8") or 4-bit (a QuantConfig: int4 / gptq /
 awq / gguf); models/linear.py decides which. Everything else is a fastinfer op.
 
-Fused norms (LlamaForCausalLM.fuse_norms): a step of <= 16 tokens whose projections all take the
-dense GEMV runs no RMSNorm kernel. The embedding op leaves the rows' sums of squares per 16 columns
+Fused norms (LlamaForCausalLM.fuse_norms): a step whose projections all take the dense GEMV (<= 8
+tokens; the norm prologue would take 16) runs no RMSNorm kernel. The embedding op leaves the rows' sums of squares per 16 columns
 for the first layer, the final norm runs in the LM head (when every row needs logits, which also
 gives fp32 logits without a gather or a cast), and in between the o and down projections add their
 output to the residual stream in their epilogue (ops.dense_gemv_add_residual, which also leaves the

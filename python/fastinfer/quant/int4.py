@@ -179,11 +179,13 @@ def group_params(w: torch.Tensor, mode: str, scale_dtype: torch.dtype):
     convention): the range is widened to include 0, s = (max - min) / 15, z = round(-min / s);
     mins (Q4_1's): s = (max - min) / 15, m = min."""
     lo, hi = w.amin(-1), w.amax(-1)
+    # Divisors as tensors: torch's CUDA tensor / Python scalar multiplies by the reciprocal, which can
+    # round differently from the CPU's division (a GPU-quantized checkpoint must equal the CPU's).
     if mode == "symmetric":
-        return (torch.maximum(lo.abs(), hi.abs()) / 7).to(scale_dtype), None, None
+        return (torch.maximum(lo.abs(), hi.abs()) / torch.full_like(hi, 7.0)).to(scale_dtype), None, None
     if mode == "zeros":
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-    scales = ((hi - lo) / MAX_CODE).to(scale_dtype)
+    scales = ((hi - lo) / torch.full_like(hi, float(MAX_CODE))).to(scale_dtype)
     if mode == "zeros":
         return scales, torch.round(-lo / _nonzero(scales)).clamp(0, MAX_CODE).to(scale_dtype), None
     return scales, None, lo.to(scale_dtype)

@@ -153,8 +153,8 @@ __device__ __forceinline__ void epilogue(const float (&acc)[Cfg::kBlockQ / 2], c
       if (m[0] >= p.M || n[0] >= p.N) continue;  // pairs share the row (or column) that can overflow
       const bool pair = m[1] < p.M && n[1] < p.N;
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        v[e] *= p.scale_a[p.scale_a_per_token ? m[e] : 0] * p.scale_b[p.scale_b_per_channel ? n[e] : 0];
+      for (int e = 0; e < 2; ++e) {  // not the scales of an element past M or N (memcheck: a read past them)
+        if (e == 0 || pair) v[e] *= p.scale_a[p.scale_a_per_token ? m[e] : 0] * p.scale_b[p.scale_b_per_channel ? n[e] : 0];
       }
       if (bias != nullptr) {
         v[0] += to_float(bias[n[0]]);
