@@ -8,7 +8,7 @@
 #
 # OUT     where results go (build.log, env.txt, tests.json, pytest-<n>.xml, bench/*.json, report.{json,md}). Unset:
 #         bench/results/tmp-<date>, and the report is also copied to bench/results/<date>-<card>.{json,md}.
-# COMMIT  the commit this tree is, used when the tree is not a git checkout (a copied working tree).
+# COMMIT  the commit this tree is (named in the report; git is asked only when it is unset).
 # GPU_CHECK_BUDGET_S  seconds all steps may take together (default 420); GPU_CHECK_CLEAN=1: fresh build dir.
 # GPU_CHECK_TESTS=0   skip pytest (a second visit that only benchmarks).
 # GPU_CHECK_TEST_SHARDS  pytest processes run at once on the GPU (default 3; 1: one process).
@@ -71,7 +71,10 @@ limit() {
   echo "$left"
 }
 
-commit_id() {  # git when this tree is a checkout of its own, else $COMMIT, else "unknown"
+commit_id() {  # $COMMIT when given, else git when this tree is a checkout of its own, else "unknown"
+  # ($COMMIT first: the device tool's copy of the tree carried a .git from earlier in the session, so
+  # git named an older commit, "-dirty", on 2026-11-28)
+  if [[ -n "${COMMIT:-}" ]]; then echo "$COMMIT"; return; fi
   local top
   if top=$(git -C "$REPO" rev-parse --show-toplevel 2>/dev/null) && [[ "$top" -ef "$REPO" ]]; then
     local sha
@@ -79,7 +82,7 @@ commit_id() {  # git when this tree is a checkout of its own, else $COMMIT, else
     if [[ -n "$(git -C "$REPO" status --porcelain 2>/dev/null)" ]]; then sha="$sha-dirty"; fi
     echo "$sha"
   else
-    echo "${COMMIT:-unknown}"
+    echo unknown
   fi
 }
 COMMIT_ID=$(commit_id)
