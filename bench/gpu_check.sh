@@ -22,7 +22,7 @@
 # GPU_CHECK_SANITIZE  compute-sanitizer tools run over bench/sanitize_tests.txt at the end, with the time
 #                     left (default memcheck; e.g. "memcheck racecheck synccheck"; empty: none).
 # GPU_CHECK_BENCH     the benchmarks to run, in order, e.g. "attention e2e" (names: bench_<name>.py and
-#                     prefill_cpp / decode_cpp); default all, by priority: $BENCH_ORDER then the rest;
+#                     prefill_cpp / decode_cpp / stream_cpp); default all, by priority: $BENCH_ORDER then the rest;
 #                     "none": no benchmark (e.g. a visit for GPU_CHECK_SANITIZE alone).
 #
 # Exit status: nonzero when the build, the spill check, the env check (CUDA kernels built, a GPU
@@ -44,7 +44,7 @@ BUILD_DIR=build/gpu_check
 BUDGET=${GPU_CHECK_BUDGET_S:-420}
 # Kernel benchmarks that settle issue targets in seconds first; e2e (minutes: it builds an 8B model
 # four ways) takes what is left after them, then the diagnostic ones.
-BENCH_ORDER="prefill_cpp decode_cpp attention fp8_kv spec_verify int4 fp8 e2e gemv layers"
+BENCH_ORDER="prefill_cpp decode_cpp attention fp8_kv spec_verify int4 fp8 e2e gemv layers stream_cpp"
 TEST_ORDER="tests/test_ops.py tests/test_e2e_cuda.py tests/test_forward_kernels_cuda.py tests/test_sampling.py
   tests/test_generate.py tests/test_decode_graphs.py tests/test_spec_verify.py tests/test_gemv.py tests/test_gemv_fused_norm.py tests/test_int4.py tests/test_fp8.py tests/test_fp8_kv.py
   tests/test_attention_prefill_cuda.py tests/test_attention_decode_cuda.py tests/test_attention_fp8_cuda.py"
@@ -238,7 +238,7 @@ fi
 # same build dir is reconfigured with FASTINFER_BUILD_BENCH=ON, so only bench/*.cu are compiled.
 section "C++ microbenchmarks (log: $OUT/bench_build.log)"
 cpp_build_rc=skip
-if ! selected prefill_cpp && ! selected decode_cpp; then
+if ! selected prefill_cpp && ! selected decode_cpp && ! selected stream_cpp; then
   record build:bench skip 0 "not selected"
 elif ((build_rc != 0)); then
   record build:bench skip 0 "build failed"
@@ -249,7 +249,7 @@ else
   t0=$SECONDS
   cpp_build_rc=0
   { timeout -k 10 "$(limit 60)" cmake -S . -B "$BUILD_DIR" -DFASTINFER_BUILD_BENCH=ON &&
-    timeout -k 10 "$(limit 150)" cmake --build "$BUILD_DIR" --target bench_prefill bench_decode; } \
+    timeout -k 10 "$(limit 150)" cmake --build "$BUILD_DIR" --target bench_prefill bench_decode bench_stream; } \
     > "$OUT/bench_build.log" 2>&1 || cpp_build_rc=$?
   record build:bench "$cpp_build_rc" $((SECONDS - t0))
   if ((cpp_build_rc != 0)); then
@@ -257,7 +257,7 @@ else
     tail -n 30 "$OUT/bench_build.log"
   fi
 fi
-for name in prefill decode; do
+for name in prefill decode stream; do
   step="bench:${name}_cpp"
   selected "${name}_cpp" || continue
   if [[ "$cpp_build_rc" != 0 ]]; then

@@ -36,11 +36,11 @@ def test_cpp_benchmarks_build_and_start():
 
     try:
         run("-S", str(ROOT), "-B", str(BUILD), "-DFASTINFER_BUILD_BENCH=ON", timeout=300)
-        run("--build", str(BUILD), "--target", "bench_prefill", "bench_decode", timeout=1200)
+        run("--build", str(BUILD), "--target", "bench_prefill", "bench_decode", "bench_stream", timeout=1200)
     finally:  # the developer's setting back (CI's is OFF)
         subprocess.run([cmake(), "-S", str(ROOT), "-B", str(BUILD), f"-DFASTINFER_BUILD_BENCH={before}"],
                        capture_output=True, timeout=300)
-    for name in ("bench_prefill", "bench_decode"):
+    for name in ("bench_prefill", "bench_decode", "bench_stream"):
         binary = BUILD / name
         assert binary.exists(), name
         if torch.cuda.is_available():
