@@ -17,7 +17,8 @@ HF_DEFAULTS: dict[str, Any] = {
     "temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": None, "repetition_penalty": 1.0,
     "num_return_sequences": 1, "eos_token_id": None, "pad_token_id": None,
 }
-# Unsupported features, allowed only at these neutral values.
+# Unsupported features, allowed only at these neutral values (HF no-ops; see NEUTRAL_ALSO for the keys
+# with a second one).
 NEUTRAL: dict[str, Any] = {
     "num_beams": 1, "num_beam_groups": 1, "early_stopping": False, "typical_p": 1.0, "epsilon_cutoff": 0.0,
     "eta_cutoff": 0.0, "length_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
@@ -30,6 +31,14 @@ NEUTRAL: dict[str, Any] = {
     "watermarking_config": None, "max_time": None, "prompt_lookup_num_tokens": None, "dola_layers": None,
     "top_h": None, "token_healing": False, "low_memory": None, "use_mtp": None,
 }
+# Other values that are no-ops in HF too: classifier-free guidance at scale 1, contrastive search
+# with alpha 0, low_memory off; generate()'s logits_processor / stopping_criteria lists when empty.
+NEUTRAL_ALSO: dict[str, tuple] = {"guidance_scale": (1.0,), "penalty_alpha": (0.0,), "low_memory": (False,),
+                                  "logits_processor": ([],), "stopping_criteria": ([],)}
+# Keys whose explicit None keyword means "none" in HF (generation_config.update(**kwargs) sets it),
+# not "unset": eos_token_id=None turns stopping on EOS off even where the model has an EOS.
+NONE_OVERRIDES = ("eos_token_id", "pad_token_id")
+_EXPLICIT_NONE = object()
 # Accepted and without effect here (caching and compilation are fastinfer's own business).
 IGNORED = {"use_cache", "cache_implementation", "cache_config", "max_cache_len", "bos_token_id",
            "decoder_start_token_id", "transformers_version", "_from_model_config", "compile_config",
@@ -45,16 +54,24 @@ class GenerationSettings:
     min_new_tokens: int
     sampling: SamplingParams      # per-row sampling; n handled by the caller (num_return_sequences)
     eos_token_ids: list[int]
-    pad_token_id: int
+    pad_token_id: int | None      # HF's: None when neither given nor in the configs (no mask inferred)
     num_return_sequences: int
 
+    @property
+    def fill_token_id(self) -> int:
+        """What finished rows of the output are padded with."""
+        return self.pad_token_id if self.pad_token_id is not None else 0
 
-def _layer(source: dict | None, where: str, merged: dict) -> None:
+
+def _layer(source: dict | None, where: str, merged: dict, explicit_none: bool = False) -> None:
     for key, value in (source or {}).items():
+        if value is None and explicit_none and key in NONE_OVERRIDES:
+            merged[key] = _EXPLICIT_NONE
+            continue
         if value is None or key in IGNORED:
             continue
-        if key in NEUTRAL:
-            if value != NEUTRAL[key]:
+        if key in NEUTRAL or key in NEUTRAL_ALSO:
+            if not (value == NEUTRAL.get(key) or any(value == v for v in NEUTRAL_ALSO.get(key, ()))):
                 raise ValueError(f"generate(): {key}={value!r} is not supported by fastinfer (from {where})")
             continue
         if key not in HF_DEFAULTS:
@@ -63,42 +80,52 @@ def _layer(source: dict | None, where: str, merged: dict) -> None:
 
 
 def resolve(model_defaults: dict | None, generation_config, kwargs: dict, prompt_width: int,
-            config_eos: list[int], config_pad: int | None) -> GenerationSettings:
+            config_eos: list[int], config_pad: int | None, max_position: int | None = None) -> GenerationSettings:
     merged = dict(HF_DEFAULTS)
     _layer({k: v for k, v in (model_defaults or {}).items() if k in HF_DEFAULTS or k in NEUTRAL},
            "the model's generation config", merged)
     if generation_config is not None:
         gc = generation_config if isinstance(generation_config, dict) else generation_config.to_dict()
         _layer(gc, "generation_config", merged)
-    _layer(kwargs, "keyword arguments", merged)
+    _layer(kwargs, "keyword arguments", merged, explicit_none=True)
 
     if merged["max_new_tokens"] is not None:
         max_new = merged["max_new_tokens"]
+    elif kwargs.get("max_length") is None and merged["max_length"] == HF_DEFAULTS["max_length"]:
+        # HF (_prepare_generated_length): the default max_length of 20 means 20 new tokens, the total
+        # capped at max_position_embeddings
+        total = merged["max_length"] + prompt_width
+        max_new = (min(total, max_position) if max_position is not None else total) - prompt_width
     else:
         max_new = merged["max_length"] - prompt_width
-    if not isinstance(max_new, int) or max_new < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new!r} "
+    if not isinstance(max_new, int) or max_new < 1:  # HF raises too: nothing would be generated
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new!r} "
                          f"(max_length={merged['max_length']}, prompt width {prompt_width})")
     min_new = merged["min_new_tokens"]
     if min_new is None:
         min_new = max(0, (merged["min_length"] or 0) - prompt_width)
     if not isinstance(min_new, int) or min_new < 0:
         raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new!r}")
+    min_new = min(min_new, max_new)  # HF warns and generates max_new_tokens, EOS suppressed throughout
 
     eos = merged["eos_token_id"]
-    eos = config_eos if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    if eos is _EXPLICIT_NONE:
+        eos = []
+    else:
+        eos = config_eos if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     pad = merged["pad_token_id"]
-    if pad is None:
-        pad = config_pad if config_pad is not None else (eos[0] if eos else 0)
+    if pad is _EXPLICIT_NONE or pad is None:
+        pad = config_pad if pad is None and config_pad is not None else (eos[0] if eos else None)
     n = merged["num_return_sequences"]
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"num_return_sequences must be an integer >= 1, got {n!r}")
 
     temperature, top_k = merged["temperature"], merged["top_k"]
-    if temperature is not None and temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if merged["do_sample"]:  # greedy ignores the warpers, whatever their values (as HF)
+        if temperature is not None and temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
     if n > 1 and not merged["do_sample"]:  # as HF: n greedy copies would be identical
         raise ValueError(f"num_return_sequences={n} needs do_sample=True (greedy rows would be identical)")
     if merged["do_sample"] and temperature == 0:
@@ -110,5 +137,5 @@ def resolve(model_defaults: dict | None, generation_config, kwargs: dict, prompt
             max_tokens=None)
     else:  # greedy: HF ignores the sampling warpers, keeps the penalties
         sampling = SamplingParams(temperature=0.0, repetition_penalty=float(merged["repetition_penalty"]),
-                                  top_p=float(merged["top_p"]), max_tokens=None)
+                                  max_tokens=None)
     return GenerationSettings(max_new, min_new, sampling, eos, pad, n)

@@ -46,7 +46,9 @@ def get_loaded(model, dtype=None, device=None, quantization: str | None = None, 
     return entry[1]
 
 
-def _prompts(input_ids, attention_mask, pad_token_id, eos_ids, vocab_size) -> list[list[int]]:
+def _prompts(input_ids, attention_mask, pad_token_id, eos_ids, vocab_size) -> tuple[list[list[int]], list[tuple[int, ...]]]:
+    """The prompts (the tokens the mask keeps), and per row the masked-out tokens after its first kept
+    one, which HF's repetition penalty still counts (it skips only the left padding)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError("input_ids must be an integer torch.Tensor [batch, length]")
     if input_ids.dim() == 1:
@@ -60,7 +62,7 @@ def _prompts(input_ids, attention_mask, pad_token_id, eos_ids, vocab_size) -> li
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
     if tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
-    prompts = []
+    prompts, holes = [], []
     for row, (ids, mask) in enumerate(zip(input_ids.tolist(), attention_mask.bool().tolist())):
         prompt = [t for t, m in zip(ids, mask) if m]
         if not prompt:
@@ -69,7 +71,9 @@ def _prompts(input_ids, attention_mask, pad_token_id, eos_ids, vocab_size) -> li
         if bad:
             raise ValueError(f"prompt {row} has token id {bad[0]} outside the vocabulary [0, {vocab_size})")
         prompts.append(prompt)
-    return prompts
+        first = mask.index(True)
+        holes.append(tuple(t for t, m in zip(ids[first:], mask[first:]) if not m and 0 <= t < vocab_size))
+    return prompts, holes
 
 
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -78,12 +82,16 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     loaded = get_loaded(model, kwargs.pop("dtype", None), kwargs.pop("device", None), kwargs.pop("quantization", None))
     cfg = loaded.model.config
     input_ids = input_ids if input_ids.dim() == 2 else input_ids[None]
-    settings = gen_config.resolve(loaded.generation_defaults, generation_config, kwargs, input_ids.shape[1],
-                                  cfg.eos_token_id, cfg.pad_token_id)
-    prompts = _prompts(input_ids, attention_mask, settings.pad_token_id, settings.eos_token_ids, cfg.vocab_size)
+    # An HF model's generation_config as it is now (HF reads it at every call), else the loaded one's
+    hf_gen = None if isinstance(model, (LoadedModel, str, Path)) else getattr(model, "generation_config", None)
+    defaults = hf_gen.to_dict() if hf_gen is not None else loaded.generation_defaults
+    settings = gen_config.resolve(defaults, generation_config, kwargs, input_ids.shape[1],
+                                  cfg.eos_token_id, cfg.pad_token_id, cfg.max_position_embeddings)
+    prompts, holes = _prompts(input_ids, attention_mask, settings.pad_token_id, settings.eos_token_ids,
+                              cfg.vocab_size)
     n = settings.num_return_sequences
     rows = [p for p in prompts for _ in range(n)]
-    padded_rows = [r for r in input_ids.tolist() for _ in range(n)]
+    hole_rows = [h for h in holes for _ in range(n)]
     longest = max(map(len, rows)) + settings.max_new_tokens
     if longest > cfg.max_model_len:
         why = (f" (its sliding_window: fastinfer runs full attention, so a sequence must fit the window)"
@@ -94,18 +102,18 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         if len(rows) != 1:
             raise ValueError("streamer supports a single sequence (batch 1, num_return_sequences 1)")
         streamer.put(input_ids.cpu())
-    new_tokens = _decode_loop(loaded, rows, padded_rows, settings, streamer)
+    new_tokens = _decode_loop(loaded, rows, hole_rows, settings, streamer)
     if streamer is not None:
         streamer.end()
     width = max(map(len, new_tokens), default=0)
-    out = torch.full((len(rows), input_ids.shape[1] + width), settings.pad_token_id, dtype=torch.long)
+    out = torch.full((len(rows), input_ids.shape[1] + width), settings.fill_token_id, dtype=torch.long)
     out[:, :input_ids.shape[1]] = input_ids.cpu().repeat_interleave(n, dim=0)
     for i, toks in enumerate(new_tokens):
         out[i, input_ids.shape[1]:input_ids.shape[1] + len(toks)] = torch.tensor(toks, dtype=torch.long)
     return out.to(input_ids.device)
 
 
-def _decode_loop(loaded: LoadedModel, rows: list[list[int]], padded_rows: list[list[int]],
+def _decode_loop(loaded: LoadedModel, rows: list[list[int]], hole_rows: list[tuple[int, ...]],
                  settings: gen_config.GenerationSettings, streamer) -> list[list[int]]:
     """Run every row as a request of the continuous-batching engine. Returns the new tokens."""
     from dataclasses import replace
@@ -128,8 +136,8 @@ def _decode_loop(loaded: LoadedModel, rows: list[list[int]], padded_rows: list[l
     # HF semantics: EOS ids end a row (after min_new_tokens); the model config's EOS plays no part.
     params = replace(settings.sampling, max_tokens=settings.max_new_tokens, min_tokens=settings.min_new_tokens,
                      stop_token_ids=list(settings.eos_token_ids), ignore_eos=True)
-    for i, (row, padded) in enumerate(zip(rows, padded_rows)):
-        engine.add_request(str(i), row, params, extra_seen_ids=tuple(padded[:len(padded) - len(row)]))
+    for i, (row, holes) in enumerate(zip(rows, hole_rows)):
+        engine.add_request(str(i), row, params, extra_seen_ids=holes)
     outputs: list[list[int]] = [[] for _ in rows]
     while engine.has_unfinished():
         for out in engine.step():

@@ -31,7 +31,7 @@ class Sequence:
         self.params = params
         self.generator = generator
         self.arrival = arrival                  # admission order: preemption takes the newest first
-        self.extra_seen_ids = extra_seen_ids    # counted by the repetition penalty (HF's padding)
+        self.extra_seen_ids = extra_seen_ids    # counted by the repetition penalty (HF's masked-out prompt tokens)
         self.status = SeqStatus.WAITING
         self.block_table: list[int] = []
         self.num_computed_tokens = 0            # tokens whose KV is in the cache
