@@ -92,6 +92,7 @@ class BlockManager:
         """Room to place seq's cached prefix plus num_tokens new tokens."""
         hits = self._prefix_hits(seq)
         reusable_free = sum(1 for b in hits if self.ref_counts[b] == 0)  # taken out of `cached`
+        num_tokens = min(num_tokens, len(seq) - len(hits) * self.block_size)  # the cached prefix is not recomputed
         needed = seq.num_blocks_for(len(hits) * self.block_size + num_tokens, self.block_size) - len(hits)
         return needed <= self.num_available - reusable_free
 
@@ -112,7 +113,10 @@ class BlockManager:
             h = self.block_hash[block]
             seq.block_hashes.append(h)
         seq.num_hashed_blocks = len(hits)
-        seq.num_computed_tokens = seq.num_prefix_hit_tokens = len(hits) * self.block_size
+        seq.num_computed_tokens = len(hits) * self.block_size
+        if not seq.admitted:  # the first admission's prompt hits; a recompute's hits on its own output are not
+            seq.admitted = True
+            seq.num_prefix_hit_tokens = min(seq.num_computed_tokens, len(seq.prompt_token_ids))
         self.grow(seq, num_tokens)
 
     def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
@@ -136,6 +140,10 @@ class BlockManager:
             if self.ref_counts[block] == 0:
                 self._unregister(block)
                 self.free.append(block)
+
+    def can_fork(self, parent: Sequence) -> bool:
+        """Room for fork(parent, ...): it takes a new block when the parent has one past its full ones."""
+        return parent.num_computed_tokens // self.block_size >= len(parent.block_table) or self.num_available >= 1
 
     def fork(self, parent: Sequence, child: Sequence) -> int | None:
         """Child shares parent's full blocks. Returns the parent's partial last block, which the

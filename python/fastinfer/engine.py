@@ -56,6 +56,8 @@ class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig):
         cfg = loaded.model.config
         self.loaded, self.config, self.tokenizer = loaded, config, loaded.tokenizer
+        if config.max_model_len is not None and config.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1 (or None: the model's), got {config.max_model_len}")
         self.max_model_len = min(config.max_model_len or cfg.max_model_len, cfg.max_model_len)
         if config.max_model_len is not None and config.max_model_len > cfg.max_model_len:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's {cfg.max_model_len}")
@@ -80,7 +82,10 @@ class Engine:
         if self.proposer is not None:
             k = self.proposer.k
             self.scheduler.lookahead = lambda seq: lookahead(seq, k, self.max_model_len)
-        self.eos_ids = set(cfg.eos_token_id)
+        # config.json's EOS ids and generation_config's (Llama-3-Instruct ends turns with <|eot_id|> there),
+        # as vLLM and HF's generate stop on both
+        gen_eos = (loaded.generation_defaults or {}).get("eos_token_id")
+        self.eos_ids = set(cfg.eos_token_id) | set([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
         self.requests: dict[str, _Request] = {}
         self._arrivals = itertools.count()
         self.num_prompt_tokens = self.num_output_tokens = 0
@@ -93,6 +98,8 @@ class Engine:
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer; this model has none, pass token ids")
             return self.tokenizer(prompt)["input_ids"]
+        if not isinstance(prompt, (list, tuple)):
+            raise ValueError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
         return list(prompt)
 
     def validate(self, token_ids: list[int], params: SamplingParams) -> None:
@@ -110,19 +117,38 @@ class Engine:
         if need > self.config.num_blocks:
             raise ValueError(f"the request needs {need} KV blocks at its longest but the pool holds "
                              f"{self.config.num_blocks}; raise num_blocks or lower max_tokens")
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise ValueError(f"logprobs must be <= the vocabulary size {vocab}, got {params.logprobs}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer to match text; this model has none "
+                             "(use stop_token_ids)")
+
+    def check_request(self, prompt: str | list[int], params: SamplingParams | None) -> tuple[list[int], SamplingParams]:
+        """The prompt's token ids and the params the request will run with (max_tokens filled in), or
+        a ValueError naming what is wrong; no state changes (LLM checks a whole batch with it first)."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if self.proposer is not None and params.logprobs is not None:
+            raise ValueError("logprobs are not supported with speculative decoding")
+        token_ids = self.tokenize(prompt)
+        if params.max_tokens is None:
+            room = self.max_model_len - len(token_ids)
+            if params.min_tokens > room > 0:
+                raise ValueError(f"min_tokens={params.min_tokens} exceeds the {room} tokens left after the "
+                                 f"prompt ({len(token_ids)} tokens) within max_model_len={self.max_model_len}")
+            params = replace(params, max_tokens=max(1, room))
+        else:
+            params = replace(params)  # checked again: a SamplingParams may have been changed after construction
+        self.validate(token_ids, params)
+        return token_ids, params
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                     extra_seen_ids: tuple[int, ...] = ()) -> None:
         """Queue a request; a bad one raises ValueError here and never reaches the others."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        params = params or SamplingParams()
-        if self.proposer is not None and params.logprobs is not None:
-            raise ValueError("logprobs are not supported with speculative decoding")
-        token_ids = self.tokenize(prompt)
-        if params.max_tokens is None:
-            params = replace(params, max_tokens=max(1, self.max_model_len - len(token_ids)))
-        self.validate(token_ids, params)
+        token_ids, params = self.check_request(prompt, params)
         gen = make_generator(params.seed, self.runner.device)
         seq = Sequence(request_id, 0, token_ids, params, gen, next(self._arrivals), extra_seen_ids)
         self.requests[request_id] = _Request(request_id, prompt if isinstance(prompt, str) else None,
@@ -144,6 +170,12 @@ class Engine:
         return self.scheduler.has_unfinished()
 
     def pop_finished(self, request_id: str) -> RequestOutput:
+        """The finished (or aborted) request's output, removed from the engine."""
+        req = self.requests.get(request_id)
+        if req is None:
+            raise ValueError(f"unknown request_id {request_id!r}")
+        if not all(s.is_finished for s in req.seqs):
+            raise ValueError(f"request {request_id!r} has not finished (abort it first)")
         return self._output(self.requests.pop(request_id))
 
     # ---- one step ----------------------------------------------------------------------------------
@@ -321,11 +353,17 @@ class Engine:
                                      make_generator(_child_seed(seq.params.seed, k), self.runner.device),
                                      seq.arrival, seq.extra_seen_ids)
                     child.forked = True
-                    partial = self.blocks.fork(seq, child)
-                    if partial is not None:
-                        self.runner.copy_block(partial, child.block_table[-1])
-                    child.status = SeqStatus.RUNNING
-                    self.scheduler.running.append(child)
+                    if (len(self.scheduler.running) < self.config.max_num_seqs
+                            and self.blocks.can_fork(seq)):
+                        partial = self.blocks.fork(seq, child)
+                        if partial is not None:
+                            self.runner.copy_block(partial, child.block_table[-1])
+                        child.status = SeqStatus.RUNNING
+                        self.scheduler.running.append(child)
+                    else:  # no room (a free block, a batch slot): it samples its first token now and
+                        # waits with no KV, to be computed again when admitted, as a preempted one
+                        child.status = SeqStatus.WAITING
+                        self.scheduler.waiting.appendleft(child)
                     req.seqs.append(child)
                     rows.append(child)
                     index.append(i)

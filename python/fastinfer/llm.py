@@ -109,6 +109,9 @@ class LLM:
     def _requests(self, prompts, sampling_params) -> tuple[list, list[SamplingParams]]:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise ValueError(f"prompts must be a str, a list of token ids or a list of prompts, "
+                             f"got {type(prompts).__name__}")
         prompts = list(prompts)
         if not prompts:
             raise ValueError("prompts is empty")
@@ -122,22 +125,30 @@ class LLM:
             try:
                 if not isinstance(p, SamplingParams):
                     raise ValueError(f"expected SamplingParams, got {type(p).__name__}")
-                ids = self.engine.tokenize(prompt)
-                if p.max_tokens is not None:
-                    self.engine.validate(ids, p)
-                else:
-                    self.engine.validate(ids, SamplingParams(max_tokens=max(1, self.engine.max_model_len - len(ids))))
+                self.engine.check_request(prompt, p)  # the checks add_request makes, nothing queued
             except ValueError as e:
                 raise ValueError(f"prompts[{i}]: {e}") from None
         return prompts, params
 
     def _submit(self, prompts, params) -> list[str]:
         ids = []
-        for prompt, p in zip(prompts, params):
-            rid = str(next(self._ids))
-            self.engine.add_request(rid, prompt, p)
-            ids.append(rid)
+        try:
+            for prompt, p in zip(prompts, params):
+                rid = str(next(self._ids))
+                self.engine.add_request(rid, prompt, p)
+                ids.append(rid)
+        except BaseException:
+            self._release(ids)  # none of this call's requests stays queued
+            raise
         return ids
+
+    def _release(self, ids) -> None:
+        """Abort and drop requests of this LLM's call that are still in the engine (an exception, a
+        stream closed early): nothing is left to run in, or leak from, a later call."""
+        for rid in ids:
+            if rid in self.engine.requests:
+                self.engine.abort(rid)
+                self.engine.pop_finished(rid)
 
     def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -148,21 +159,24 @@ class LLM:
         bar = _progress(len(ids)) if use_tqdm else None
         start, tokens0 = time.perf_counter(), (self.engine.num_prompt_tokens, self.engine.num_output_tokens)
         results: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished():
-            for out in self.engine.step():
-                if out.finished and out.request_id in pending:
-                    pending.discard(out.request_id)
-                    results[out.request_id] = self.engine.pop_finished(out.request_id)
-                    if bar is not None:
-                        elapsed = max(time.perf_counter() - start, 1e-9)
-                        postfix = (f"in: {(self.engine.num_prompt_tokens - tokens0[0]) / elapsed:.0f} tok/s, "
-                                   f"out: {(self.engine.num_output_tokens - tokens0[1]) / elapsed:.0f} tok/s")
-                        if self.engine.proposer is not None:
-                            postfix += f", accept len: {self.engine.spec_stats.mean_acceptance_length:.2f}"
-                        bar.set_postfix_str(postfix)
-                        bar.update(1)
-        if bar is not None:
-            bar.close()
+        try:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.finished and out.request_id in pending:
+                        pending.discard(out.request_id)
+                        results[out.request_id] = self.engine.pop_finished(out.request_id)
+                        if bar is not None:
+                            elapsed = max(time.perf_counter() - start, 1e-9)
+                            postfix = (f"in: {(self.engine.num_prompt_tokens - tokens0[0]) / elapsed:.0f} tok/s, "
+                                       f"out: {(self.engine.num_output_tokens - tokens0[1]) / elapsed:.0f} tok/s")
+                            if self.engine.proposer is not None:
+                                postfix += f", accept len: {self.engine.spec_stats.mean_acceptance_length:.2f}"
+                            bar.set_postfix_str(postfix)
+                            bar.update(1)
+        finally:
+            self._release(pending)
+            if bar is not None:
+                bar.close()
         return [results[r] for r in ids]
 
     def stream(self, prompts, sampling_params=None) -> Iterator[StreamDelta]:
@@ -170,20 +184,33 @@ class LLM:
         prompts, params = self._requests(prompts, sampling_params)
         ids = self._submit(prompts, params)
         position = {r: i for i, r in enumerate(ids)}
+        # text that may be the start of a stop string is held back until the sequence finishes (the
+        # engine cuts a matched stop string from the final text)
+        hold = {r: max(map(len, p.stop or [""])) - 1 if p.stop else 0 for r, p in zip(ids, params)}
         sent: dict[tuple[str, int], tuple[int, int, bool]] = {}
-        while self.engine.has_unfinished():
-            for out in self.engine.step():
-                for c in out.outputs:
-                    n_text, n_tok, done = sent.get((out.request_id, c.index), (0, 0, False))
-                    if done:
+        pending = set(ids)
+        try:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.request_id not in pending:
                         continue
-                    text = c.text if c.finished else c.text.rstrip("\ufffd")  # hold back partial UTF-8
-                    if len(text) > n_text or len(c.token_ids) > n_tok or c.finished:
-                        sent[(out.request_id, c.index)] = (len(text), len(c.token_ids), c.finished)
-                        yield StreamDelta(position[out.request_id], c.index, text[n_text:],
-                                          c.token_ids[n_tok:], c.finish_reason)
-                if out.finished:
-                    self.engine.pop_finished(out.request_id)
+                    for c in out.outputs:
+                        n_text, n_tok, done = sent.get((out.request_id, c.index), (0, 0, False))
+                        if done:
+                            continue
+                        text = c.text
+                        if not c.finished:
+                            text = text.rstrip("\ufffd")  # hold back partial UTF-8
+                            text = text[:max(n_text, len(text) - hold[out.request_id])]
+                        if len(text) > n_text or len(c.token_ids) > n_tok or c.finished:
+                            sent[(out.request_id, c.index)] = (len(text), len(c.token_ids), c.finished)
+                            yield StreamDelta(position[out.request_id], c.index, text[n_text:],
+                                              c.token_ids[n_tok:], c.finish_reason)
+                    if out.finished:
+                        pending.discard(out.request_id)
+                        self.engine.pop_finished(out.request_id)
+        finally:  # a stream closed early (a client gone) or an error: its requests stop and are dropped
+            self._release(pending)
 
     @property
     def speculative_stats(self):

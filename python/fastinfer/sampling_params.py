@@ -36,6 +36,9 @@ def _check_bool(name: str, value) -> None:
         raise ValueError(f"{name} must be a bool, got {value!r}")
 
 
+# Temperatures below this sample greedily (logits / T would overflow fp32 toward inf, then NaN).
+kGreedyTemperature = 1e-5
+
 @dataclass(slots=True)
 class SamplingParams:
     n: int = 1
@@ -102,4 +105,5 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        # as vLLM (_SAMPLING_EPS): a temperature this small is argmax; dividing by it would overflow
+        return self.temperature < kGreedyTemperature or self.top_k == 1
