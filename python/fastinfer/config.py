@@ -76,8 +76,11 @@ class ModelConfig:
                              f"{', '.join(SUPPORTED_ARCHITECTURES)}")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}; only 'silu' is supported")
-        if cfg.get("mlp_bias"):
+        if cfg.get("mlp_bias") and arch == "LlamaForCausalLM":  # Qwen2 / Mistral's HF code has no MLP bias
             raise ValueError("unsupported mlp_bias=True")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if not isinstance(cfg.get(key), int) or cfg[key] < 1:
+                raise ValueError(f"config: {key} must be a positive integer, got {cfg.get(key)!r}")
         heads = cfg["num_attention_heads"]
         rope_theta, rope_scaling = _rope(cfg)
         from .quant.fp8 import parse_quantization_config
@@ -97,7 +100,9 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
+            # as HF's modeling code: Qwen2 always has q/k/v biases, Mistral never, Llama per the flag
+            attention_bias={"Qwen2ForCausalLM": True, "MistralForCausalLM": False}.get(
+                arch, bool(cfg.get("attention_bias", False))),
             sliding_window=_sliding_window(cfg, arch),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
@@ -135,11 +140,19 @@ def _rope(cfg: dict) -> tuple[float, dict | None]:
     merged.pop("rope_theta", None)
     merged.pop("type", None)
     merged["rope_type"] = rope_type
+    if rope_type == "llama3":  # HF's standardize_rope_params fills this in
+        merged.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings", 2048))
+    required = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}.get(rope_type, ())
+    for key in required:
+        if not isinstance(merged.get(key), (int, float)):
+            raise ValueError(f"config: {rope_type} rope scaling needs a number {key!r}, got {merged.get(key)!r}")
     return theta, merged
 
 
 def _sliding_window(cfg: dict, arch: str) -> int | None:
     window = cfg.get("sliding_window")
+    if arch == "LlamaForCausalLM":  # HF's Llama has no sliding window, whatever the config holds
+        return None
     if arch == "Qwen2ForCausalLM" and not cfg.get("use_sliding_window", False):
         return None
     return int(window) if window else None

@@ -21,6 +21,9 @@ def checkpoint_files(directory: Path) -> list[Path]:
         if missing:
             raise FileNotFoundError(f"{index} names missing shard(s): {missing}")
         return files
+    single = directory / "model.safetensors"
+    if single.exists():  # what HF reads; other *.safetensors beside it (consolidated.*, old exports) are not
+        return [single]
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
@@ -30,11 +33,16 @@ def checkpoint_files(directory: Path) -> list[Path]:
 
 
 def iter_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of every shard; a truncated or corrupt file is a ValueError."""
+    """(name, tensor) for every tensor of every shard; a truncated or corrupt file is a ValueError, and
+    so is a tensor name in two files (which one to use would be a guess)."""
+    seen: dict[str, Path] = {}
     for path in checkpoint_files(directory):
         try:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
+                    if name in seen:
+                        raise ValueError(f"weight {name!r} is in both {seen[name].name} and {path.name}")
+                    seen[name] = path
                     yield name, f.get_tensor(name)
         except (OSError, RuntimeError, Exception) as e:  # safetensors raises SafetensorError
             if isinstance(e, ValueError) and str(e).startswith("weight"):

@@ -64,7 +64,8 @@ class LlamaLayer:
         self.scale = d ** -0.5
         self.input_norm = empty(h)
         self.qkv = linear(h, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = linear(self.q_size, h)
+        # HF's Llama biases o_proj too under attention_bias; Qwen2's q/k/v biases leave it without
+        self.o_proj = linear(self.q_size, h, bias=cfg.attention_bias and cfg.architecture == "LlamaForCausalLM")
         self.post_attn_norm = empty(h)
         self.gate_up = linear(h, 2 * cfg.intermediate_size)
         self.down = linear(cfg.intermediate_size, h)
@@ -206,6 +207,7 @@ class LlamaForCausalLM:
         targets, kv_scales = self._weight_targets(), self._kv_scale_targets()
         fp8_parts = fp8.Fp8Parts(self.config.fp8_weight_block_size)
         filled: set[str] = set()
+        tied_head = None  # a tied model's lm_head.weight, if the checkpoint stores one (see below)
         for name, tensor in weights:
             module, _, leaf = name.rpartition(".")
             dest = targets.get(name, targets.get(module + ".weight"))
@@ -222,8 +224,18 @@ class LlamaForCausalLM:
             elif name in targets:
                 _copy_weight(name, tensor, dest)
                 filled.add(name)
-            elif not (name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.config.tie_word_embeddings)):
+            elif name == "lm_head.weight" and self.config.tie_word_embeddings:
+                tied_head = tensor if is_dense_tensor else tied_head  # (a 4-bit copy: the embedding rules)
+            elif not name.endswith("rotary_emb.inv_freq"):
                 raise ValueError(f"unexpected weight {name!r} for {self.config.architecture}")
+        if tied_head is not None:  # as transformers 5 loads a tied config
+            if "model.embed_tokens.weight" not in filled:  # the shared matrix stored under lm_head only
+                _copy_weight("lm_head.weight", tied_head, self.embed)
+                filled.add("model.embed_tokens.weight")
+            elif not torch.equal(tied_head.to(self.embed.device, self.embed.dtype), self.embed):
+                # a distinct lm_head in a "tied" checkpoint: transformers 5 keeps it (untied), so do we
+                self.lm_head = torch.empty_like(self.embed)
+                _copy_weight("lm_head.weight", tied_head, self.lm_head)
         fp8_parts.check_complete()
         missing = sorted(set(targets) - filled)
         if missing:
@@ -249,6 +261,8 @@ class LlamaForCausalLM:
                 t[p + "self_attn.k_proj.bias"] = layer.qkv.bias[q:q + kv]
                 t[p + "self_attn.v_proj.bias"] = layer.qkv.bias[q + kv:]
             t[p + "self_attn.o_proj.weight"] = layer.o_proj.rows()
+            if layer.o_proj.bias is not None:
+                t[p + "self_attn.o_proj.bias"] = layer.o_proj.bias
             t[p + "mlp.gate_proj.weight"] = layer.gate_up.rows(0, ffn)
             t[p + "mlp.up_proj.weight"] = layer.gate_up.rows(ffn)
             t[p + "mlp.down_proj.weight"] = layer.down.rows()
