@@ -326,7 +326,8 @@ def test_sampling_params_defaults_and_normalisation():
     params = SamplingParams(stop="###", stop_token_ids=(2,))
     assert params.stop == ["###"] and params.stop_token_ids == [2]
     assert not params.greedy
-    assert SamplingParams(temperature=0).greedy and SamplingParams(top_k=1).greedy
+    # only temperature 0 is argmax; top_k = 1 samples among tied maxima, as HF's and vLLM's top-k keep ties
+    assert SamplingParams(temperature=0).greedy and not SamplingParams(top_k=1).greedy
     assert SamplingParams(max_tokens=None, min_tokens=100).min_tokens == 100
 
 

@@ -36,8 +36,10 @@ NEUTRAL: dict[str, Any] = {
 NEUTRAL_ALSO: dict[str, tuple] = {"guidance_scale": (1.0,), "penalty_alpha": (0.0,), "low_memory": (False,),
                                   "logits_processor": ([],), "stopping_criteria": ([],)}
 # Keys whose explicit None keyword means "none" in HF (generation_config.update(**kwargs) sets it),
-# not "unset": eos_token_id=None turns stopping on EOS off even where the model has an EOS.
-NONE_OVERRIDES = ("eos_token_id", "pad_token_id")
+# not "unset": eos_token_id=None turns stopping on EOS off even where the model has an EOS, top_k=None
+# builds no top-k warper even where the model's config sets one; the value each then takes here.
+NONE_OVERRIDES = {"eos_token_id": None, "pad_token_id": None, "max_new_tokens": None, "min_new_tokens": None,
+                  "top_k": 0, "temperature": 1.0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
 _EXPLICIT_NONE = object()
 # Accepted and without effect here (caching and compilation are fastinfer's own business).
 IGNORED = {"use_cache", "cache_implementation", "cache_config", "max_cache_len", "bos_token_id",
@@ -88,6 +90,9 @@ def resolve(model_defaults: dict | None, generation_config, kwargs: dict, prompt
         gc = generation_config if isinstance(generation_config, dict) else generation_config.to_dict()
         _layer(gc, "generation_config", merged)
     _layer(kwargs, "keyword arguments", merged, explicit_none=True)
+    for key, off in NONE_OVERRIDES.items():  # eos / pad keep the marker: resolved below
+        if merged[key] is _EXPLICIT_NONE and key not in ("eos_token_id", "pad_token_id"):
+            merged[key] = off
 
     if merged["max_new_tokens"] is not None:
         max_new = merged["max_new_tokens"]
@@ -132,7 +137,8 @@ def resolve(model_defaults: dict | None, generation_config, kwargs: dict, prompt
         raise ValueError("temperature must be > 0 when do_sample=True (use do_sample=False for greedy)")
     if merged["do_sample"]:
         sampling = SamplingParams(
-            temperature=float(temperature), top_k=int(top_k or 0), top_p=float(merged["top_p"]),
+            # top_p 0 keeps one token in HF (min_tokens_to_keep); SamplingParams takes (0, 1]
+            temperature=float(temperature), top_k=int(top_k or 0), top_p=max(float(merged["top_p"]), 1e-9),
             min_p=float(merged["min_p"] or 0.0), repetition_penalty=float(merged["repetition_penalty"]),
             max_tokens=None)
     else:  # greedy: HF ignores the sampling warpers, keeps the penalties

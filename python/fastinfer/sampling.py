@@ -13,7 +13,7 @@ from itertools import chain
 
 import torch
 
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, kTinyTemperature
 
 kNegInf = float("-inf")
 # exponential_ may return exactly 0; the clamp keeps masked tokens (prob 0) at score 0
@@ -167,8 +167,12 @@ def _apply_warpers(logits, params):
     vocab_size = logits.shape[1]
     sampling = [p for p in params if not p.greedy]
     if any(p.temperature != 1.0 for p in sampling):
-        temperature = [1.0 if p.greedy else p.temperature for p in params]
+        temperature = [1.0 if p.greedy else max(p.temperature, kTinyTemperature) for p in params]
         logits = logits / _row_values(temperature, logits)
+        if any(p.temperature < kTinyTemperature for p in sampling):  # the T -> 0 limit: the tied maxima
+            tiny = to_device([not p.greedy and p.temperature < kTinyTemperature for p in params], torch.bool,
+                             logits.device).unsqueeze(1)
+            logits = logits.masked_fill(tiny & (logits < logits.amax(dim=-1, keepdim=True)), kNegInf)
     if any(p.top_k > 0 for p in sampling):
         top_k = [0 if p.greedy else min(max(p.top_k, 0), vocab_size) for p in params]
         top_k_rows = to_device(top_k, torch.long, logits.device)

@@ -36,8 +36,10 @@ def _check_bool(name: str, value) -> None:
         raise ValueError(f"{name} must be a bool, got {value!r}")
 
 
-# Temperatures below this sample greedily (logits / T would overflow fp32 toward inf, then NaN).
-kGreedyTemperature = 1e-5
+# Temperatures below this are not divided by (logits of magnitude up to ~1e8 / T would overflow fp32 to
+# inf, then NaN): such a row samples among its tied maxima, the T -> 0 limit (sampling.py). Above it the
+# logits are divided as HF does.
+kTinyTemperature = 1e-30
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -105,5 +107,6 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        # as vLLM (_SAMPLING_EPS): a temperature this small is argmax; dividing by it would overflow
-        return self.temperature < kGreedyTemperature or self.top_k == 1
+        """Argmax, first index on ties. Only temperature 0: top_k = 1 or a tiny temperature still sample
+        among tied maxima, as HF's warpers do (ties are common in bf16 logits)."""
+        return self.temperature == 0
