@@ -214,6 +214,9 @@ class LlamaForCausalLM:
             is_dense_tensor = isinstance(tensor, torch.Tensor)
             fp8_layer = isinstance(dest, LinearRows) and dest.is_fp8
             if name in kv_scales:
+                if tensor.numel() != 1:
+                    raise ValueError(f"{name} has shape {tuple(tensor.shape)}: one k / v scale per layer is "
+                                     f"supported (kv_cache_scheme strategy 'tensor'), not per head")
                 kv_scales[name].copy_(tensor.reshape(1))
             elif fp8_layer and is_dense_tensor and (leaf in fp8.AUX_NAMES or tensor.dtype == FP8):
                 if fp8_parts.add(module, leaf, tensor, dest):
@@ -226,6 +229,9 @@ class LlamaForCausalLM:
                 filled.add(name)
             elif name == "lm_head.weight" and self.config.tie_word_embeddings:
                 tied_head = tensor if is_dense_tensor else tied_head  # (a 4-bit copy: the embedding rules)
+            elif (leaf == "bias" and self.quant is not None and module + ".weight" in targets and is_dense_tensor
+                  and not bool(tensor.any())):
+                pass  # the all-zero bias buffers AutoGPTQ saved for bias-free layers (vLLM skips them too)
             elif not name.endswith("rotary_emb.inv_freq"):
                 raise ValueError(f"unexpected weight {name!r} for {self.config.architecture}")
         if tied_head is not None:  # as transformers 5 loads a tied config

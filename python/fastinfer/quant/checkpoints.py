@@ -42,14 +42,40 @@ def checkpoint_quant_config(config: dict) -> QuantConfig | None:
         raise ValueError(f"{method} group_size={group_size} is not supported (supported: {GROUP_SIZES}; "
                          f"-1 means one group per row)")
     if method == "gptq":
-        if qc.get("checkpoint_format", "gptq") not in ("gptq", "gptq_v2"):
-            raise ValueError(f"GPTQ checkpoint_format {qc['checkpoint_format']!r} is not supported (gptq, gptq_v2)")
+        fmt = gptq_format(qc)
+        if fmt not in ("gptq", "gptq_v2"):
+            raise ValueError(f"GPTQ checkpoint_format / format {fmt!r} is not supported (gptq, gptq_v2)")
+        _refuse_dense_modules(method, qc)
         return QuantConfig("gptq", group_size, "symmetric" if qc.get("sym", True) else "zeros")
-    if str(qc.get("version", "gemm")).lower() != "gemm":
-        raise ValueError(f"AWQ version {qc['version']!r} is not supported (only 'gemm')")
+    fmt = _one_of(qc, "version", "format", "gemm")  # AutoAWQ's version, transformers 5's format
+    if fmt != "gemm":
+        raise ValueError(f"AWQ version / format {fmt!r} is not supported (only 'gemm')")
+    _refuse_dense_modules(method, qc)
     if not qc.get("zero_point", True):
         raise ValueError("AWQ checkpoints without zero points (zero_point=false) are not supported")
     return QuantConfig("awq", group_size, "zeros")
+
+
+def _one_of(qc: dict, old: str, new: str, default: str) -> str:
+    """A field two spellings name (an older library's and transformers 5's): they must agree."""
+    a, b = qc.get(old), qc.get(new)
+    if a is not None and b is not None and str(a).lower() != str(b).lower():
+        raise ValueError(f"quantization_config {old}={a!r} and {new}={b!r} disagree")
+    return str(a if a is not None else b if b is not None else default).lower()
+
+
+def gptq_format(qc: dict) -> str:
+    """gptq (v1: zero points stored minus one) or gptq_v2: checkpoint_format (AutoGPTQ) or format (GPTQModel,
+    transformers 5)."""
+    return _one_of(qc, "checkpoint_format", "format", "gptq")
+
+
+def _refuse_dense_modules(method: str, qc: dict) -> None:
+    """Projections the checkpoint keeps unquantized would be re-quantized here (round-to-nearest): refuse."""
+    for key in ("modules_to_not_convert", "modules_in_block_to_quantize", "dynamic"):
+        if qc.get(key):
+            raise ValueError(f"{method} quantization_config {key}={qc[key]!r}: checkpoints that leave some "
+                             f"projections unquantized (or quantize them differently) are not supported")
 
 
 def convert_checkpoint(weights: Iterable[tuple[str, torch.Tensor]], config: dict) -> Iterator[tuple[str, object]]:
@@ -57,7 +83,7 @@ def convert_checkpoint(weights: Iterable[tuple[str, torch.Tensor]], config: dict
     parts of each quantized layer (any order, any shard) become one `<layer>.weight` QuantizedWeight."""
     quant = checkpoint_quant_config(config)
     qc = config["quantization_config"]
-    zero_offset = 1 if quant.method == "gptq" and qc.get("checkpoint_format", "gptq") == "gptq" else 0
+    zero_offset = 1 if quant.method == "gptq" and gptq_format(qc) == "gptq" else 0
     parts = _PARTS[quant.method]
     pending: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in weights:
@@ -109,7 +135,9 @@ def gptq_weight(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
             raise ValueError(f"{layer}: act-order GPTQ (desc_act=True with reordered groups, see g_idx) is not "
                              f"supported; re-quantize with desc_act=False")
     codes = _nibbles(qweight).permute(0, 2, 1).reshape(k, n)  # word row i, nibble j -> k = 8 i + j
-    zeros = _nibbles(qzeros).reshape(groups, n) + zero_offset
+    if zero_offset:  # v1 stores z - 1 per nibble as one 32-bit subtraction (GPTQModel: z = 0 borrows): add back
+        qzeros = ((qzeros.to(torch.int64) & 0xFFFFFFFF) + 0x11111111 * zero_offset) & 0xFFFFFFFF
+    zeros = _nibbles(qzeros).reshape(groups, n)
     if bool((zeros == SYMMETRIC_ZERO).all()):
         return QuantizedWeight(codes.t().to(torch.uint8), scales.t(), group_size)
     return QuantizedWeight(codes.t().to(torch.uint8), scales.t(), group_size, zeros=zeros.t().to(scales.dtype))
