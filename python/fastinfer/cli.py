@@ -24,7 +24,7 @@ def _generate(args) -> int:
     streamer = None
     if not args.no_stream:
         from transformers import TextStreamer
-        streamer = TextStreamer(tok, skip_prompt=args.chat)
+        streamer = TextStreamer(tok, skip_prompt=args.chat, skip_special_tokens=True)  # as --no-stream prints
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0)
     if args.temperature > 0:
         kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
@@ -55,6 +55,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="4-bit projections (gguf: a .gguf file's Q4_0 / Q4_1 weights run natively) or fp8")
     g.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
     args = parser.parse_args(argv)
+    if args.command == "generate":  # checked whether or not they take effect (greedy ignores them)
+        bad = ((not args.temperature >= 0 and f"--temperature (temperature) must be >= 0, got {args.temperature}")
+               or (not 0 < args.top_p <= 1 and f"--top-p (top_p) must be in (0, 1], got {args.top_p}")
+               or (args.top_k < 0 and f"--top-k (top_k) must be >= 0, got {args.top_k}"))
+        if bad:
+            print(f"error: {bad}", file=sys.stderr)
+            return 2
     if args.command == "env":
         from .env import env
         print(env())

@@ -417,7 +417,14 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
         if self.tokenizer is not None and not isinstance(stop_reason, str):  # a stop string cut the text already
+            searched = len(seq.text)
             detokenize(self.tokenizer, seq, final=True)  # characters held back for an incomplete UTF-8 tail
+            if len(seq.output_token_ids) >= seq.params.min_tokens:  # ... may complete a stop string
+                for stop in seq.params.stop or ():
+                    at = seq.text.find(stop, max(0, searched - len(stop) + 1))
+                    if at >= 0:
+                        seq.text, reason, stop_reason = seq.text[:at], "stop", stop
+                        break
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self.scheduler.finish(seq)
 

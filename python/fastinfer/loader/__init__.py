@@ -55,7 +55,10 @@ def load_model(source, dtype=None, device=None, quantization: str | None = None)
     are quantized on load, fastinfer.quant.fp8)."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
-    device = torch.device(device) if device is not None else None
+    try:
+        device = torch.device(device) if device is not None else None
+    except RuntimeError as e:
+        raise ValueError(f"device {device!r} is not a torch device: {e}") from None
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.suffix == ".gguf":
