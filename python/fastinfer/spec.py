@@ -14,12 +14,13 @@ from . import _ops as ops
 
 
 def draw_uniforms(batch_size: int, k: int, generators: list[torch.Generator | None] | None,
-                  device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+                  device: torch.device | str, counts: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """U[0, 1) fp32 (uniform_accept [B, k], uniform_sample [B]) for speculative_verify.
 
-    Request b draws its k + 1 numbers from generators[b] (which must live on `device`), so its
-    tokens do not depend on the rest of the batch; requests without a generator share one draw
-    from torch's default generator.
+    Request b draws its numbers from generators[b] (which must live on `device`): counts[b] + 1 of
+    them (its own proposal count, default k: the accept uniforms it uses, then the sample one), so
+    its tokens do not depend on the rest of the batch (not even on how long the other requests'
+    proposals are); requests without a generator share one draw from torch's default generator.
     """
     if generators is not None and len(generators) != batch_size:
         raise ValueError(f"generators must have one entry per request ({batch_size}), got {len(generators)}")
@@ -33,7 +34,11 @@ def draw_uniforms(batch_size: int, k: int, generators: list[torch.Generator | No
         uniforms[rows] = torch.rand(len(default_rows), k + 1, device=device)
     for b, generator in enumerate(generators):
         if generator is not None:
-            uniforms[b] = torch.rand(k + 1, generator=generator, device=device)
+            n = k if counts is None else counts[b]
+            r = torch.rand(n + 1, generator=generator, device=device)
+            uniforms[b, :n] = r[:n]
+            uniforms[b, n:k] = 0.0  # past its proposals: never read
+            uniforms[b, k] = r[n]
     fresh = torch.contiguous_format  # new, densely strided tensors, even for a batch of one
     return uniforms[:, :k].clone(memory_format=fresh), uniforms[:, k].clone(memory_format=fresh)
 
@@ -45,6 +50,7 @@ def verify(
     draft_probs: torch.Tensor | None = None,  # [B, k, V] fp32, or None: point mass on the proposal
     generators: list[torch.Generator | None] | None = None,
     greedy: bool = False,
+    num_draft_host: list[int] | None = None,  # num_draft_tokens on the host: seeded rows draw only what they use
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [B, k + 1] int64 padded with -1, num_accepted [B] int32); num_accepted + 1 emitted.
 
@@ -57,6 +63,6 @@ def verify(
     if greedy:
         return ops.speculative_verify(draft_token_ids, num_draft_tokens, target_probs, greedy=True)
     batch_size, k = draft_token_ids.shape
-    uniform_accept, uniform_sample = draw_uniforms(batch_size, k, generators, target_probs.device)
+    uniform_accept, uniform_sample = draw_uniforms(batch_size, k, generators, target_probs.device, num_draft_host)
     return ops.speculative_verify(draft_token_ids, num_draft_tokens, target_probs, draft_probs,
                                   uniform_accept, uniform_sample)

@@ -35,7 +35,10 @@ class SpecStats:
 
 
 def lookahead(seq: Sequence, k: int, max_model_len: int) -> int:
-    """Proposals worth making for seq: within k, the remaining max_tokens and the context."""
+    """Proposals worth making for seq: within k, the remaining max_tokens and the context; none for an
+    n > 1 request not yet forked (its first token comes from _expand_forks, which splits it)."""
+    if seq.params.n > 1 and not seq.forked:
+        return 0
     remaining = seq.params.max_tokens - len(seq.output_token_ids) - 1
     return max(0, min(k, remaining, max_model_len - len(seq)))
 
@@ -79,7 +82,7 @@ def verify_rows(logits: torch.Tensor, seqs: list[Sequence], proposals: list[list
         sel = torch.tensor(idx, device=probs.device)
         dp = None if draft_probs is None or greedy else draft_probs[sel, :max(k_max, 1)]
         tokens, accepted = verify(drafts.to(probs.device), num.to(probs.device), probs[sel, :k_max + 1], dp,
-                                  [seqs[i].generator for i in idx], greedy)
+                                  [seqs[i].generator for i in idx], greedy, num.tolist())
         for r, i in enumerate(idx):
             emitted[i] = tokens[r, :int(accepted[r]) + 1].tolist()
     return emitted
