@@ -20,11 +20,8 @@ from models import make_hf_model
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-# 4-bit projections need whole 64-row strips and K a multiple of 64 (and of the group).
-SHAPE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
-PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-PROMPT = [5, 17, 33, 2, 99, 250, 7, 64, 128, 11, 3, 300, 41]
+# 4-bit projections need whole 64-row strips and K a multiple of 64 (and of the group): the loader tests' model
+from test_quant_loaders import PROJECTIONS, PROMPT, SHAPE  # noqa: E402
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ gemm: nibble i of a word holds column 8 c + ORDER[i]
 
 

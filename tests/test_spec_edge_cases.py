@@ -12,24 +12,12 @@ import pytest
 import torch
 
 from fastinfer.engine import Engine, EngineConfig
-from fastinfer.generate import get_loaded
 from fastinfer.llm import LLM
 from fastinfer.sampling_params import SamplingParams
-from models import make_hf_model
 from test_engine import make_prompts
 
 pytest.importorskip("transformers")
-GREEDY = dict(temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def target():
-    return get_loaded(make_hf_model("llama", seed=21))
-
-
-@pytest.fixture(scope="module")
-def draft():
-    return get_loaded(make_hf_model("llama", seed=22, num_hidden_layers=1))
+from test_spec_engine import GREEDY, draft, target  # noqa: E402,F401  (the same models and fixtures)
 
 
 class CharTokenizer:

@@ -407,11 +407,9 @@ class Engine:
                 return self._finish(seq, "stop", None)
             if tok in (p.stop_token_ids or ()):
                 return self._finish(seq, "stop", tok)
-            for stop in p.stop or ():
-                at = seq.text.find(stop, max(0, searched - len(stop) + 1))  # only text that can hold a new match
-                if at >= 0:
-                    seq.text = seq.text[:at]
-                    return self._finish(seq, "stop", stop)
+            stop = _cut_at_stop(seq, searched)
+            if stop is not None:
+                return self._finish(seq, "stop", stop)
         if len(seq.output_token_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
             self._finish(seq, "length", None)
 
@@ -420,11 +418,9 @@ class Engine:
             searched = len(seq.text)
             detokenize(self.tokenizer, seq, final=True)  # characters held back for an incomplete UTF-8 tail
             if len(seq.output_token_ids) >= seq.params.min_tokens:  # ... may complete a stop string
-                for stop in seq.params.stop or ():
-                    at = seq.text.find(stop, max(0, searched - len(stop) + 1))
-                    if at >= 0:
-                        seq.text, reason, stop_reason = seq.text[:at], "stop", stop
-                        break
+                stop = _cut_at_stop(seq, searched)
+                if stop is not None:
+                    reason, stop_reason = "stop", stop
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self.scheduler.finish(seq)
 
@@ -435,6 +431,17 @@ class Engine:
                                                          or req.seqs[0].finish_reason == "abort")
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, done,
                              req.seqs[0].num_prefix_hit_tokens)
+
+
+def _cut_at_stop(seq: Sequence, searched: int) -> str | None:
+    """The first of seq's stop strings in its text past `searched` characters (only text that can hold a
+    new match): the text is cut there and the string returned; None when there is none."""
+    for stop in seq.params.stop or ():
+        at = seq.text.find(stop, max(0, searched - len(stop) + 1))
+        if at >= 0:
+            seq.text = seq.text[:at]
+            return stop
+    return None
 
 
 def _child_seed(seed: int | None, index: int) -> int | None:
