@@ -14,6 +14,8 @@ Timing and L2 flushing: see bench/common.py.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 import common
@@ -23,6 +25,18 @@ TOKENS = (1, 4, 16, 64, 256)
 GROUP = 128
 DTYPE = torch.bfloat16
 BF16, TORCH_INT4, OURS = "torch bf16 (cuBLAS)", "torch _weight_int4pack_mm", "fastinfer int4_linear"
+# The default (auto) kernel choice above, and each CUDA kernel forced at every M (FASTINFER_INT4_KERNEL).
+VARIANTS = {"fastinfer int4_linear [small]": "small", "fastinfer int4_linear [tiles]": "tiles"}
+
+
+def with_kernel(fn, kernel: str):
+    def run(x):
+        os.environ["FASTINFER_INT4_KERNEL"] = kernel
+        try:
+            return fn(x)
+        finally:
+            del os.environ["FASTINFER_INT4_KERNEL"]
+    return run
 TORCH_INNER_K_TILES = 8
 
 
@@ -54,6 +68,9 @@ def run_shape(ops, name: str, k: int, n: int, tokens, args, flush, copy_gbps: fl
                     BF16: n * k * 2}
     impls = {BF16: lambda x: torch.matmul(x, dense.t()),
              OURS: lambda x: ops.int4_linear(x, p.qweight, p.scales, GROUP, mins=p.mins)}
+    for label, kernel in VARIANTS.items():
+        impls[label] = with_kernel(impls[OURS], kernel)
+        weight_bytes[label] = weight_bytes[OURS]
     try:
         tw, tsz = torch_int4_operands(codes, scales, mins)
         impls[TORCH_INT4] = lambda x: torch.ops.aten._weight_int4pack_mm(x, tw, GROUP, tsz)

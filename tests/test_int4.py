@@ -149,7 +149,7 @@ def check_against_reference(ours: torch.Tensor, x: torch.Tensor, w: QuantizedWei
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
 @pytest.mark.parametrize("m", NUM_ROWS)
-def test_int4_linear_matches_fp32_matmul(device, m, group_size, mode, dtype):
+def test_int4_linear_matches_fp32_matmul(device, int4_kernel, m, group_size, mode, dtype):
     if device.type == "cuda" and dtype == torch.float32:
         pytest.skip("the CUDA kernel takes 16-bit activations")
     gen = torch.Generator().manual_seed(m * 1000 + group_size)
@@ -160,7 +160,7 @@ def test_int4_linear_matches_fp32_matmul(device, m, group_size, mode, dtype):
 
 
 @pytest.mark.parametrize("n, k", [(64, 64), (576, 576), (960, 576), (576, 1536), (320, 14336)])
-def test_int4_linear_shapes(device, n, k):
+def test_int4_linear_shapes(device, int4_kernel, n, k):
     """Odd strip counts (N / 128 not whole), K of one stage, a long K (split along K on a GPU)."""
     dtype = torch.float16
     gen = torch.Generator().manual_seed(n + k)
@@ -171,7 +171,7 @@ def test_int4_linear_shapes(device, n, k):
 
 
 @pytest.mark.parametrize("m", [1, 16, 64, 257])
-def test_int4_linear_many_tiles_is_deterministic(device, m):
+def test_int4_linear_many_tiles_is_deterministic(device, int4_kernel, m):
     """N = 4096: a GPU splits K for small M and not for large M; both reductions are deterministic."""
     gen = torch.Generator().manual_seed(m)
     w = random_weight(4096, 1024, 128, "symmetric", gen)
@@ -181,7 +181,7 @@ def test_int4_linear_many_tiles_is_deterministic(device, m):
     assert torch.equal(first, run_int4_linear(x, w))
 
 
-def test_int4_linear_strided_rows_and_out(device):
+def test_int4_linear_strided_rows_and_out(device, int4_kernel):
     dtype = torch.bfloat16
     gen = torch.Generator().manual_seed(5)
     w = random_weight(128, 256, 64, "zeros", gen)

@@ -400,8 +400,20 @@ cudaError_t launch_tiles(const W4A16Params& p, int m_blocks, cudaStream_t stream
   return cudaLaunchKernelEx(&launch.config, w4a16_kernel<T, MT, kMode>, p, shape);
 }
 
+}  // namespace w4a16
+}  // namespace fastinfer
+
+#include "fastinfer/gemm/w4a16_small.cuh"
+
+namespace fastinfer {
+namespace w4a16 {
+
 template <typename T, Int4Mode kMode>
 cudaError_t launch_mode(const W4A16Params& p, cudaStream_t stream) {
+  const bool small = p.kernel == Int4Kernel::kSmall || (p.kernel == Int4Kernel::kAuto && p.m <= 16);
+  if (small) {
+    return p.m <= 8 ? small::launch_small<T, 1, kMode>(p, stream) : small::launch_small<T, 2, kMode>(p, stream);
+  }
   // Fewest CTAs along M at <= 64 rows each, then the fewest 16-row tiles that cover their share.
   const int64_t m_blocks = ceil_div<int64_t>(p.m, 64);
   const int mt = static_cast<int>(ceil_div<int64_t>(ceil_div<int64_t>(p.m, m_blocks), 16));

@@ -65,6 +65,7 @@ struct W4A16Params {
   Int4Mode mode;
   DType dtype;                // of out, x, scales, offsets: kFloat16 or kBFloat16
   int num_sms;                // SMs of the device: the split-K heuristic's only hardware input
+  Int4Kernel kernel;          // which CUDA kernel (FASTINFER_INT4_KERNEL); kAuto by default
 };
 
 // cudaErrorInvalidValue for shapes or dtypes the kernel does not support. Never synchronizes.

@@ -1,0 +1,259 @@
+// W4A16 for decode-sized M (1..16 rows of x): the GEMV formulation of the same packed weights.
+//
+// Why a second kernel. The tile kernel (w4a16.cuh) stages 4 KiB of codes per CTA per pipeline
+// stage through shared memory with a barrier per stage and multiplies x as the 16-row A operand, so
+// at M = 1 fifteen of the sixteen rows of every mma are padding. On an H200 it read the
+// down-projection's 4-bit bytes at 24% of copy bandwidth (31 us at M = 1..16, bf16 cuBLAS 41 us;
+// bench/results/2026-11-28-h200-visit2). This kernel is the dense GEMV's design (gemm/gemv.cuh)
+// applied to 4-bit codes:
+//
+// - Operands swapped: out^T = W x^T. The dequantized weights are the mma's A operand (16 output
+//   columns), x^T the B operand (8 tokens per n8 tile, NT tiles: M <= 8 -> 1, <= 16 -> 2). The
+//   packed layout needs no change: a lane's B fragments of n8 tiles 2i and 2i + 1 (registers b0, b1
+//   of each) are exactly its A fragment of the m16 tile i = {b0(2i), b0(2i+1), b1(2i), b1(2i+1)}.
+//   Half the mmas of the tile kernel at M <= 8.
+// - No shared-memory staging and no barrier in the K loop. A warp owns one chunk of kChunk
+//   consecutive k16 steps of its CTA's strip at a time (kChunk x 512 contiguous bytes) and issues all
+//   of the chunk's loads (codes: ld.global.nc.L1::no_allocate, 16 bytes a lane a step; the chunk's
+//   group parameters and x: ld.global.nc through L1) before its first mma. The 8 warps of a CTA take
+//   consecutive chunks, so a CTA reads 8 x kChunk x 512 contiguous bytes per round.
+// - Group parameters are loaded once per pair of steps (32 k: the smallest group), so the code
+//   needs no group-size template: for groups 64 / 128 the repeated loads hit the same L1 line.
+// - Split-K over a thread-block cluster (S <= 8 CTAs on one strip), reduced through distributed
+//   shared memory in a fixed order as in the tile kernel: deterministic, no workspace.
+//
+// Bytes in flight: a warp has kChunk x 512 bytes of codes outstanding at a time (4 KiB at NT = 1);
+// 2-3 CTAs of 8 warps per SM give 64-96 KiB per SM against the ~30 KiB Little's law asks for.
+// Roofline (down-projection 14336 -> 4096, group 128): 29.4 MB of codes + 0.9 MB of scales, 7.1 us
+// at 4.28 TB/s; the issue's 3x of bf16 cuBLAS (41 us) is 13.6 us, 53% of copy bandwidth.
+#pragma once
+
+namespace fastinfer {
+namespace w4a16 {
+namespace small {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * kWarpSize;
+constexpr int kRedStride = L::kStripN + 4;  // fp32 partial tile row (one token): +4 spreads lanes over banks
+
+template <int NT>
+struct SmallConfig {
+  static constexpr int kTokens = 8 * NT;
+  static constexpr int kChunk = NT == 1 ? 8 : 4;  // k16 steps a warp loads before it computes
+  static constexpr int kPairs = kChunk / 2;       // group-parameter loads per chunk (one per 32 k)
+  static constexpr int kSliceFloats = kTokens * kRedStride;
+  static constexpr int kSmemBytes = kWarps * kSliceFloats * 4;
+};
+
+// 16 bytes read once: bypass L1, ask L2 for the surrounding 256 bytes.
+__device__ __forceinline__ uint4 load_stream16(const void* ptr) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(ptr));
+  return v;
+}
+// Read-only data several warps share (group parameters, x): cached in L1.
+__device__ __forceinline__ uint4 load_cached16(const void* ptr) {
+  uint4 v;
+  asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(ptr));
+  return v;
+}
+__device__ __forceinline__ uint32_t load_cached4(const void* ptr) {
+  uint32_t v;
+  asm volatile("ld.global.nc.u32 %0, [%1];\n" : "=r"(v) : "l"(ptr));
+  return v;
+}
+
+template <typename T, int NT, Int4Mode kMode>
+__global__ void __launch_bounds__(kThreads, 2) w4a16_small_kernel(const W4A16Params p, const int group_shift) {
+  using Cfg = SmallConfig<NT>;
+  using T2 = typename Traits<T>::T2;
+  constexpr bool kHasOffsets = kMode != Int4Mode::kSymmetric;
+  constexpr int kChunk = Cfg::kChunk;
+  extern __shared__ __align__(16) float red[];
+
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int g = lane / 4, c = lane % 4;
+  const int split = blockIdx.x, num_splits = gridDim.x, strip = blockIdx.y;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.z) * Cfg::kTokens;
+  const int k_steps = p.k / L::kStepK;
+  const int chunks = (k_steps + kChunk - 1) / kChunk;
+  const int chunk_begin = static_cast<int>(static_cast<int64_t>(split) * chunks / num_splits);
+  const int chunk_end = static_cast<int>(static_cast<int64_t>(split + 1) * chunks / num_splits);
+
+  const uint32_t* codes_base = p.qweight + static_cast<int64_t>(strip) * k_steps * L::kWordsPerStep + lane * L::kWordsPerLane;
+  const T* scales = static_cast<const T*>(p.scales) + strip * L::kStripN + 8 * g;  // + group * N
+  const T* offsets = static_cast<const T*>(p.offsets) + strip * L::kStripN + 8 * g;
+  const T* x = static_cast<const T*>(p.x);
+  const T* x_row[NT];
+  bool x_valid[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int64_t token = m0 + nt * 8 + g;
+    x_valid[nt] = token < p.m;
+    x_row[nt] = x + (x_valid[nt] ? token : 0) * p.x_stride + 2 * c;
+  }
+
+  float acc[NT][4][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[nt][i][e] = 0.0f;
+
+  for (int chunk = chunk_begin + warp; chunk < chunk_end; chunk += kWarps) {
+    const int step0 = chunk * kChunk;
+    uint4 codes[kChunk];
+    uint4 scale8[Cfg::kPairs], offset8[Cfg::kPairs];
+    uint32_t xb[kChunk][NT][2];
+    // ---- every load of the chunk first ----
+#pragma unroll
+    for (int u = 0; u < kChunk; ++u) {
+      const int step = step0 + u;
+      const bool live = step < k_steps;  // only the last chunk of K can be partial (K % 64 == 0)
+      codes[u] = live ? load_stream16(codes_base + static_cast<int64_t>(step) * L::kWordsPerStep) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const T* src = x_row[nt] + step * L::kStepK;
+        xb[u][nt][0] = live && x_valid[nt] ? load_cached4(src) : 0u;
+        xb[u][nt][1] = live && x_valid[nt] ? load_cached4(src + 8) : 0u;
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < Cfg::kPairs; ++q) {
+      const int step = min(step0 + 2 * q, k_steps - 1);
+      const int64_t group_off = ((static_cast<int64_t>(step) * L::kStepK) >> group_shift) * p.n;
+      scale8[q] = load_cached16(scales + group_off);
+      if constexpr (kHasOffsets) offset8[q] = load_cached16(offsets + group_off);
+      else offset8[q] = make_uint4(0, 0, 0, 0);
+    }
+    // ---- then its mmas ----
+#pragma unroll
+    for (int u = 0; u < kChunk; ++u) {
+      if (step0 + u >= k_steps) break;  // warp-uniform
+      const uint4 s8 = scale8[u / 2], o8 = offset8[u / 2];
+      const uint32_t scale_words[4] = {s8.x, s8.y, s8.z, s8.w};
+      const uint32_t offset_words[4] = {o8.x, o8.y, o8.z, o8.w};
+      const uint32_t words[4] = {codes[u].x, codes[u].y, codes[u].z, codes[u].w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // m16 tile i: strip columns 16 i .. 16 i + 15 = n8 tiles 2i, 2i + 1
+        uint32_t a[4];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int j = 2 * i + h;
+          const T2 scale = as_pair<T2>(broadcast_half(scale_words, j));
+          T2 offset;
+          if constexpr (kMode == Int4Mode::kSymmetric) {
+            offset = as_pair<T2>(Traits<T>::kMagicSym);
+          } else if constexpr (kMode == Int4Mode::kZeros) {
+            offset = __hadd2(as_pair<T2>(broadcast_half(offset_words, j)), as_pair<T2>(Traits<T>::kMagic));
+          } else {
+            offset = as_pair<T2>(broadcast_half(offset_words, j));
+          }
+          a[h] = dequant_pair<T, kMode>(words[i] >> (8 * h), scale, offset);          // rows g (+8 h), k 2c, 2c+1
+          a[2 + h] = dequant_pair<T, kMode>(words[i] >> (8 * h + 4), scale, offset);  // k 2c+8, 2c+9
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mma_16816<T>(acc[nt][i], a, xb[u][nt][0], xb[u][nt][1]);
+      }
+    }
+  }
+
+  // ---- the 8 warps' k-partials -> slice 0, in warp order ----
+  float* slice = red + warp * Cfg::kSliceFloats;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = 16 * i + g + (e >= 2 ? 8 : 0), token = nt * 8 + 2 * c + (e & 1);
+        slice[token * kRedStride + col] = acc[nt][i][e];
+      }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < Cfg::kTokens * L::kStripN; idx += kThreads) {
+    const int at = (idx / L::kStripN) * kRedStride + idx % L::kStripN;
+    float sum = red[at];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) sum += red[w * Cfg::kSliceFloats + at];
+    red[at] = sum;  // each element has one owner thread: no hazard
+  }
+
+  // ---- the cluster's split-K partials -> out ----
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int tokens = static_cast<int>(min(static_cast<int64_t>(Cfg::kTokens), p.m - m0));
+  T* out = static_cast<T*>(p.out) + m0 * p.out_stride + strip * L::kStripN;
+  for (int idx = rank * kThreads + static_cast<int>(threadIdx.x); idx < tokens * L::kStripN; idx += num_splits * kThreads) {
+    const int token = idx / L::kStripN, col = idx % L::kStripN;
+    float sum = 0.0f;
+    for (int r = 0; r < num_splits; ++r) sum += cluster.map_shared_rank(red, r)[token * kRedStride + col];
+    out[token * p.out_stride + col] = from_float<T>(sum);
+  }
+  cluster.sync();  // no CTA leaves while another still reads its shared memory
+}
+
+// Occupancy and cluster facts of one instantiation, queried once per process (see launch_tiles).
+template <typename T, int NT, Int4Mode kMode>
+cudaError_t query_small(Occupancy* occ) {
+  using Cfg = SmallConfig<NT>;
+  auto kernel = w4a16_small_kernel<T, NT, kMode>;
+  if (Cfg::kSmemBytes > 48 * 1024) {
+    FI_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
+  }
+  FI_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ->blocks_per_sm, kernel, kThreads, Cfg::kSmemBytes));
+  for (int splits = 1; splits <= kMaxSplits; ++splits) {
+    occ->splits_ok[splits] = splits == 1 || max_active_clusters(kernel, kThreads, Cfg::kSmemBytes, splits) > 0;
+  }
+  return cudaSuccess;
+}
+
+// Splits of K per strip: the count that minimizes (waves of CTAs) x (chunk rounds per CTA), the
+// fewest on ties. A round is one chunk for each of a CTA's 8 warps.
+inline int choose_small_splits(int strips, int m_blocks, int chunks, int64_t slots, const Occupancy& occ) {
+  int best = 1;
+  int64_t best_cost = -1;
+  for (int s = 1; s <= kMaxSplits && s <= chunks; ++s) {
+    if (!occ.splits_ok[s]) continue;
+    const int64_t ctas = static_cast<int64_t>(strips) * m_blocks * s;
+    const int64_t waves = (ctas + slots - 1) / slots;
+    const int64_t rounds = (ceil_div(chunks, s) + kWarps - 1) / kWarps;
+    const int64_t cost = waves * rounds;
+    if (best_cost < 0 || cost < best_cost) best = s, best_cost = cost;
+  }
+  return best;
+}
+
+template <typename T, int NT, Int4Mode kMode>
+cudaError_t launch_small(const W4A16Params& p, cudaStream_t stream) {
+  using Cfg = SmallConfig<NT>;
+  static Occupancy occ{};
+  static std::atomic<int> state{0};
+  if (state.load(std::memory_order_acquire) == 0) {
+    Occupancy fresh{};
+    FI_CUDA_TRY((query_small<T, NT, kMode>(&fresh)));
+    occ = fresh;
+    state.store(1, std::memory_order_release);
+  } else if (Cfg::kSmemBytes > 48 * 1024) {
+    FI_CUDA_TRY((cudaFuncSetAttribute(w4a16_small_kernel<T, NT, kMode>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      Cfg::kSmemBytes)));
+  }
+  const int strips = p.n / L::kStripN;
+  const int64_t m_blocks = ceil_div<int64_t>(p.m, Cfg::kTokens);
+  if (m_blocks > 65535 || strips > 65535) return cudaErrorInvalidValue;
+  const int chunks = ceil_div(p.k / L::kStepK, Cfg::kChunk);
+  const int64_t slots = static_cast<int64_t>(p.num_sms) * (occ.blocks_per_sm > 0 ? occ.blocks_per_sm : 1);
+  const int splits = choose_small_splits(strips, static_cast<int>(m_blocks), chunks, slots, occ);
+  ClusterLaunch launch(dim3(splits, strips, static_cast<unsigned>(m_blocks)), kThreads, Cfg::kSmemBytes, stream, splits);
+  launch.config.numAttrs = 1;  // a cluster launch even for 1 split: the kernel's cluster.sync() always runs
+  return cudaLaunchKernelEx(&launch.config, w4a16_small_kernel<T, NT, kMode>, p, __builtin_ctz(p.group_size));
+}
+
+}  // namespace small
+}  // namespace w4a16
+}  // namespace fastinfer
