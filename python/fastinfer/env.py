@@ -29,6 +29,9 @@ SETTINGS = {
                               "int4_linear's CUDA kernel (auto: the GEMV kernel for <= 16 rows of x, the tile "
                               "kernel above; tiles / small: that kernel at every M)"),
     "FASTINFER_PDL": ("0", "0 | 1", "programmatic dependent launch of the decode-path kernels"),
+    "FASTINFER_DECODE_SPLITS": ("waves", "waves | target",
+                                "how decode attention splits contexts (waves: fewest waves x tiles per split for "
+                                "the kernel's resident CTAs per SM; target: split until 6 (3) CTAs per SM exist)"),
     "FASTINFER_DECODE_MERGE": ("auto", "auto | kernel", "split-KV decode attention given semaphores (the decode "
                                "graphs) merges in its last CTA per group (kernel: a separate merge kernel)"),
     "FASTINFER_DENSE_GEMV": ("1", "1 | 0", "decode projections on dense_gemv (0: cuBLAS); read at import"),
