@@ -38,7 +38,8 @@ OURS_CUDA_CORES = "fastinfer paged, CUDA-core decode"  # FASTINFER_DECODE_KERNEL
 OURS_FUSED_MERGE = "fastinfer paged, split merge in-kernel"  # semaphores given, as the decode graphs do
 OURS_TARGET_SPLITS = "fastinfer paged, old split rule"  # FASTINFER_DECODE_SPLITS=target, for comparison
 OURS_64_ROWS = "fastinfer paged, 64-row tiles"  # FASTINFER_PREFILL_BLOCK_M=64 (the default here is 128)
-OURS_WGMMA = "fastinfer paged, wgmma (sm_90a)"  # FASTINFER_PREFILL_KERNEL=wgmma
+OURS_WGMMA = "fastinfer paged, wgmma (sm_90a)"  # FASTINFER_PREFILL_KERNEL=wgmma (ping-pong schedule)
+OURS_WGMMA_SERIAL = "fastinfer paged, wgmma serial (sm_90a)"  # FASTINFER_PREFILL_KERNEL=wgmma_serial
 SDPA = {"SDPA flash": SDPBackend.FLASH_ATTENTION, "SDPA cuDNN": SDPBackend.CUDNN_ATTENTION}
 PREFILL = [(4, 32, 8, 4096, 128), (4, 32, 32, 4096, 128), (1, 32, 8, 1024, 128)]  # B, H, H_kv, S, D
 DECODE = [(64, 32, 8, 4096, 128), (8, 32, 8, 8192, 128)]  # B, H, H_kv, ctx, D
@@ -125,6 +126,7 @@ def prefill_rows(ops, args, flush, errors: list) -> list[dict]:
         wgmma_name = OURS_WGMMA if torch.cuda.get_device_capability() == (9, 0) else OURS_WGMMA + " = default here"
         # every kernel named (auto is wgmma at head_dim 128 on Hopper): OURS is the mma kernel
         impls = {OURS: ours("auto", "mma"), OURS_64_ROWS: ours("64"), wgmma_name: ours("auto", "wgmma"),
+                 OURS_WGMMA_SERIAL: ours("auto", "wgmma_serial"),
                  **{n: (lambda be=be: sdpa_call(be, q, k, v, True)) for n, be in SDPA.items()}}
         label = f"B{b} H{h}/{hkv} S{s} D{d}"
         flops = 2 * 2 * b * h * s * s * d / 2

@@ -17,9 +17,10 @@ SETTINGS = {
     "FASTINFER_PREFILL_BLOCK_M": ("auto", "auto | 64 | 128",
                                   "query rows per CTA of the prefill kernel (auto = 128 when sequences "
                                   "average >= 128 rows)"),
-    "FASTINFER_PREFILL_KERNEL": ("auto", "auto | mma | wgmma",
+    "FASTINFER_PREFILL_KERNEL": ("auto", "auto | mma | wgmma | wgmma_serial",
                                  "prefill attention kernel for bf16 / fp16 over a plain cache (auto = wgmma at "
-                                 "head_dim 128 on Hopper, else mma; wgmma = the sm_90a kernel, Hopper only)"),
+                                 "head_dim 128 on Hopper, else mma; wgmma = the sm_90a kernel, Hopper only, "
+                                 "ping-pong schedule; wgmma_serial = its earlier serial schedule)"),
     "FASTINFER_FP8_GEMM_TILE": ("128x128", "128x128 | 128x256",
                                 "FP8 GEMM output tiles for M > 64"),
     "FASTINFER_FP8_SPLIT_K": ("auto", "auto | off | on",
