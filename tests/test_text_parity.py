@@ -15,6 +15,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+pytest.importorskip("gguf")  # fastinfer.loader.gguf needs it (the GPU machine has none)
 
 from fastinfer.detokenize import detokenize  # noqa: E402
 from fastinfer.loader.gguf import default_model_path  # noqa: E402
