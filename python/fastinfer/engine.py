@@ -162,7 +162,7 @@ class Engine:
         for seq in req.seqs:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
-                self.scheduler.finish(seq)
+                self._finish_seq(seq)
 
     def has_unfinished(self) -> bool:
         if self._inflight is not None and not self.scheduler.has_unfinished():
@@ -326,17 +326,21 @@ class Engine:
         emitted = verify_rows(logits, seqs, props, draft_probs, [self._stop_ids(s) for s in seqs])
         for seq, prop, toks in zip(seqs, props, emitted):
             accepted = len(toks) - 1
-            self.spec_stats.num_steps += 1
-            self.spec_stats.num_proposed += len(prop)
-            self.spec_stats.num_accepted += accepted
-            self.spec_stats.num_emitted += len(toks)
             seq.num_computed_tokens += accepted  # the fed token was counted; rejected slots are dropped
             self.blocks.trim(seq)
             self.proposer.rollback(seq)
+            kept = 0
             for tok in toks:
                 self._append_token(seq, tok)
+                kept += 1
                 if seq.is_finished:
                     break
+            # statistics of what the sequence took: a stop (EOS, stop id / string) inside the run
+            # discards the tokens after it, and the proposals there were never needed
+            self.spec_stats.num_steps += 1
+            self.spec_stats.num_proposed += min(len(prop), kept)
+            self.spec_stats.num_accepted += min(accepted, kept)
+            self.spec_stats.num_emitted += kept
 
     def _expand_forks(self, ready: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
         """A request with n > 1 splits into n sequences once its prompt is computed; they share the
@@ -422,7 +426,12 @@ class Engine:
                 if stop is not None:
                     reason, stop_reason = "stop", stop
         seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self._finish_seq(seq)
+
+    def _finish_seq(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
+        if self.proposer is not None:
+            self.proposer.release(seq)  # its per-sequence state (the draft's generator)
 
     def _output(self, req: _Request) -> RequestOutput:
         outs = [CompletionOutput(s.index, s.text, list(s.output_token_ids), s.finish_reason, s.stop_reason,

@@ -41,6 +41,9 @@ class NgramProposer:
     def rollback(self, seq: Sequence) -> None:
         pass
 
+    def release(self, seq: Sequence) -> None:
+        pass
+
 
 class DraftModelProposer:
     """A smaller model with the same tokenizer proposes k tokens autoregressively. Its KV cache
@@ -87,11 +90,19 @@ class DraftModelProposer:
         return proposals, out
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
+        """The draft's sampler for seq: seeded from the seed of seq's own completion (the one its target
+        generator has: params.seed, or the engine's child seed for sibling `index` of an n > 1
+        request), so that siblings do not draw the same numbers."""
         if seq.seq_id not in self.generators:
-            seed = seq.params.seed
+            from .engine import _child_seed
+            seed = seq.params.seed if seq.index == 0 else _child_seed(seq.params.seed, seq.index)
             self.generators[seq.seq_id] = make_generator(None if seed is None else seed ^ 0x5DEECE66D,
                                                          self.runner.device)
         return self.generators[seq.seq_id]
+
+    def release(self, seq: Sequence) -> None:
+        """seq has finished (or was aborted): drop its per-sequence state."""
+        self.generators.pop(seq.seq_id, None)
 
     def rollback(self, seq: Sequence) -> None:
         """The draft's cache is valid only up to what the target accepted."""

@@ -218,7 +218,9 @@ class LlamaForCausalLM:
                     raise ValueError(f"{name} has shape {tuple(tensor.shape)}: one k / v scale per layer is "
                                      f"supported (kv_cache_scheme strategy 'tensor'), not per head")
                 kv_scales[name].copy_(tensor.reshape(1))
-            elif fp8_layer and is_dense_tensor and (leaf in fp8.AUX_NAMES or tensor.dtype == FP8):
+            elif (fp8_layer or isinstance(dest, torch.Tensor)) and is_dense_tensor \
+                    and (leaf in fp8.AUX_NAMES or tensor.dtype == FP8):
+                # an FP8 projection's parts, or an FP8 lm_head (kept dense: dequantized)
                 if fp8_parts.add(module, leaf, tensor, dest):
                     filled.add(module + ".weight")
             elif isinstance(dest, (LinearRows, Int4Rows)) and leaf in fp8.AUX_NAMES:

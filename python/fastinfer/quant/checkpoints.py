@@ -32,6 +32,8 @@ def checkpoint_quant_config(config: dict) -> QuantConfig | None:
     if not qc:
         return None
     method = str(qc.get("quant_method", "")).lower()
+    if method in ("fp8", "compressed-tensors"):  # read by quant.fp8 (ModelConfig.quantization)
+        return None
     if method not in _PARTS:
         raise ValueError(f"quantization_config quant_method {method!r} is not supported (supported: gptq, awq)")
     bits = qc.get("bits", qc.get("w_bit"))

@@ -16,7 +16,9 @@ fastinfer's FP8 linear layer holds an e4m3 weight [out, in] with one fp32 scale 
   `input_scale` (static activation scales) is ignored: activations are always quantized per token
   on the fly, which is at least as accurate. Modules a checkpoint leaves unquantized ("ignore",
   "modules_to_not_convert") arrive in bf16 and are quantized on load like any bf16 weight;
-  embeddings and lm_head always stay in the model dtype.
+  embeddings and lm_head always stay in the model dtype (an FP8 one is dequantized, w = q * scale).
+  A compressed-tensors config that quantizes only the KV cache (kv_cache_scheme, no config_groups)
+  loads as a dense model.
   KV-cache scales: `self_attn.k_scale` / `self_attn.v_scale` fill the layer's kv_scale, used when
   the KV cache is FP8 (kv_cache_dtype="fp8"); without them both scales are 1.0.
 """
@@ -47,7 +49,14 @@ def parse_quantization_config(qc: dict | None) -> tuple[str | None, tuple[int, i
     if method == "compressed-tensors":
         groups = list((qc.get("config_groups") or {}).values())
         if not groups:
-            raise ValueError("compressed-tensors quantization_config has no config_groups")
+            kv = qc.get("kv_cache_scheme")
+            if not kv:
+                raise ValueError("compressed-tensors quantization_config has no config_groups")
+            # only the KV cache is quantized: dense weights, the k_scale / v_scale tensors fill kv_scale
+            if kv.get("num_bits") != 8 or kv.get("type") != "float":
+                raise ValueError(f"unsupported compressed-tensors kv_cache_scheme {kv.get('type')}{kv.get('num_bits')}: "
+                                 "fastinfer's FP8 KV cache takes float 8-bit scales")
+            return None, None
         block = None
         for g in groups:
             w = g.get("weights") or {}
@@ -95,15 +104,34 @@ def load_fp8_rows(name: str, dest_weight: torch.Tensor, dest_scale: torch.Tensor
         dest_weight.copy_(weight)
         dest_scale.copy_(scale.reshape(n))
     elif scale.dim() == 2:        # per block: dequantize, then per channel
+        quantize_rows(dest_weight, dest_scale, dequantize(name, weight, scales, block_size))
+    else:
+        raise ValueError(f"{name}: unsupported weight scale shape {tuple(scale.shape)} for a [{n}, {k}] weight "
+                         f"(per tensor, per output channel or per 2-D block are supported)")
+
+
+def dequantize(name: str, weight: torch.Tensor, scales: dict[str, torch.Tensor],
+               block_size: tuple[int, int] | None) -> torch.Tensor:
+    """w = q * scale, fp32 [N, K], of an FP8 checkpoint weight (e4m3) and its weight_scale or
+    weight_scale_inv: per tensor, per output channel or per 2-D block. What a layer fastinfer keeps
+    in the model dtype (lm_head, embeddings) holds when the checkpoint quantized it."""
+    if weight.dtype != FP8:
+        raise ValueError(f"weight {name!r} has dtype {weight.dtype}; an FP8 checkpoint weight must be {FP8}")
+    n, k = weight.shape
+    scale = scales.get("weight_scale", scales.get("weight_scale_inv")).to(torch.float32)
+    w = weight.to(torch.float32)
+    if scale.numel() == 1:
+        return w * scale.reshape(())
+    if scale.numel() == n and (scale.dim() == 1 or tuple(scale.shape) == (n, 1)):
+        return w * scale.reshape(n, 1)
+    if scale.dim() == 2:
         bn, bk = block_size or (-(-n // scale.shape[0]), -(-k // scale.shape[1]))
         if scale.shape != (-(-n // bn), -(-k // bk)):
             raise ValueError(f"{name}: block scales of shape {tuple(scale.shape)} do not tile [{n}, {k}] in "
                              f"{bn}x{bk} blocks")
-        full = scale.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
-        quantize_rows(dest_weight, dest_scale, weight.to(torch.float32) * full)
-    else:
-        raise ValueError(f"{name}: unsupported weight scale shape {tuple(scale.shape)} for a [{n}, {k}] weight "
-                         f"(per tensor, per output channel or per 2-D block are supported)")
+        return w * scale.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+    raise ValueError(f"{name}: unsupported weight scale shape {tuple(scale.shape)} for a [{n}, {k}] weight "
+                     f"(per tensor, per output channel or per 2-D block are supported)")
 
 
 class Fp8Parts:
@@ -115,7 +143,8 @@ class Fp8Parts:
 
     def add(self, module: str, leaf: str, tensor: torch.Tensor, rows) -> bool:
         """Stash `module.leaf`; True once the module's weight and scale are both in and written to
-        rows (a models.linear.LinearRows)."""
+        rows: a models.linear.LinearRows (FP8), or a plain tensor that fastinfer keeps in the model
+        dtype (an FP8-quantized lm_head), which takes the dequantized weight."""
         if leaf in IGNORED_NAMES:
             return False
         parts = self.pending.setdefault(module, {})
@@ -125,10 +154,14 @@ class Fp8Parts:
         del self.pending[module]
         name = module + ".weight"
         weight = parts.pop("weight")
-        if tuple(weight.shape) != tuple(rows.weight.shape):
-            raise ValueError(f"weight {name!r} has shape {tuple(weight.shape)}, expected {tuple(rows.weight.shape)}")
+        dest = rows if isinstance(rows, torch.Tensor) else rows.weight
+        if tuple(weight.shape) != tuple(dest.shape):
+            raise ValueError(f"weight {name!r} has shape {tuple(weight.shape)}, expected {tuple(dest.shape)}")
         with torch.no_grad():
-            load_fp8_rows(name, rows.weight, rows.weight_scale, weight, parts, self.block_size)
+            if isinstance(rows, torch.Tensor):
+                rows.copy_(dequantize(name, weight, parts, self.block_size))
+            else:
+                load_fp8_rows(name, rows.weight, rows.weight_scale, weight, parts, self.block_size)
         return True
 
     def check_complete(self) -> None:
