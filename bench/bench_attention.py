@@ -36,10 +36,8 @@ BLOCK = 16
 OURS = "fastinfer paged"  # prefill: the mma kernel (FASTINFER_PREFILL_KERNEL=mma); decode: the default
 OURS_CUDA_CORES = "fastinfer paged, CUDA-core decode"  # FASTINFER_DECODE_KERNEL=cuda_cores, for comparison
 OURS_FUSED_MERGE = "fastinfer paged, split merge in-kernel"  # semaphores given, as the decode graphs do
-OURS_TARGET_SPLITS = "fastinfer paged, old split rule"  # FASTINFER_DECODE_SPLITS=target, for comparison
 OURS_64_ROWS = "fastinfer paged, 64-row tiles"  # FASTINFER_PREFILL_BLOCK_M=64 (the default here is 128)
-OURS_WGMMA = "fastinfer paged, wgmma (sm_90a)"  # FASTINFER_PREFILL_KERNEL=wgmma (ping-pong schedule)
-OURS_WGMMA_SERIAL = "fastinfer paged, wgmma serial (sm_90a)"  # FASTINFER_PREFILL_KERNEL=wgmma_serial
+OURS_WGMMA = "fastinfer paged, wgmma (sm_90a)"  # FASTINFER_PREFILL_KERNEL=wgmma
 SDPA = {"SDPA flash": SDPBackend.FLASH_ATTENTION, "SDPA cuDNN": SDPBackend.CUDNN_ATTENTION}
 PREFILL = [(4, 32, 8, 4096, 128), (4, 32, 32, 4096, 128), (1, 32, 8, 1024, 128)]  # B, H, H_kv, S, D
 DECODE = [(64, 32, 8, 4096, 128), (8, 32, 8, 8192, 128)]  # B, H, H_kv, ctx, D
@@ -126,7 +124,6 @@ def prefill_rows(ops, args, flush, errors: list) -> list[dict]:
         wgmma_name = OURS_WGMMA if torch.cuda.get_device_capability() == (9, 0) else OURS_WGMMA + " = default here"
         # every kernel named (auto is wgmma at head_dim 128 on Hopper): OURS is the mma kernel
         impls = {OURS: ours("auto", "mma"), OURS_64_ROWS: ours("64"), wgmma_name: ours("auto", "wgmma"),
-                 OURS_WGMMA_SERIAL: ours("auto", "wgmma_serial"),
                  **{n: (lambda be=be: sdpa_call(be, q, k, v, True)) for n, be in SDPA.items()}}
         label = f"B{b} H{h}/{hkv} S{s} D{d}"
         flops = 2 * 2 * b * h * s * s * d / 2
@@ -155,10 +152,9 @@ def decode_rows(ops, args, flush, copy_gbps: float, errors: list) -> list[dict]:
         scale = d ** -0.5
         ops.paged_decode_attention(q3, cache, tables, lens, scale)  # validates the indices once
 
-        def ours(kernel, fused_merge=False, splits="waves"):
+        def ours(kernel, fused_merge=False):
             def make():  # the op reads FASTINFER_DECODE_KERNEL at each call; measure() times one impl at a time
                 os.environ["FASTINFER_DECODE_KERNEL"] = kernel
-                os.environ["FASTINFER_DECODE_SPLITS"] = splits
                 os.environ["FASTINFER_DECODE_MERGE"] = "auto"  # with semaphores: the in-kernel merge
                 out = torch.empty_like(q3)
                 sem = torch.zeros(b * h, dtype=torch.int32, device="cuda") if fused_merge else None
@@ -168,7 +164,6 @@ def decode_rows(ops, args, flush, copy_gbps: float, errors: list) -> list[dict]:
 
         impls = {OURS: ours("tensor_cores"), OURS_CUDA_CORES: ours("cuda_cores"),
                  OURS_FUSED_MERGE: ours("tensor_cores", fused_merge=True),
-                 OURS_TARGET_SPLITS: ours("tensor_cores", splits="target"),
                  "SDPA flash": lambda: sdpa_call(SDPA["SDPA flash"], q, k, v, False)}
         label = f"B{b} H{h}/{hkv} ctx{ctx} D{d}"
         nbytes = 2 * 2 * b * hkv * ctx * d
@@ -183,7 +178,6 @@ def decode_rows(ops, args, flush, copy_gbps: float, errors: list) -> list[dict]:
         torch.cuda.empty_cache()
     os.environ.pop("FASTINFER_DECODE_KERNEL", None)
     os.environ.pop("FASTINFER_DECODE_MERGE", None)
-    os.environ.pop("FASTINFER_DECODE_SPLITS", None)
     return rows
 
 

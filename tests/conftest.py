@@ -102,7 +102,7 @@ def prefill_block_m(request, monkeypatch) -> str:
 
 # The CUDA prefill kernels of a 16-bit query over a plain cache: the mma.sync kernel with 64- and
 # 128-row tiles, and the sm_90a wgmma kernel (FASTINFER_PREFILL_KERNEL=wgmma).
-PREFILL_VARIANTS = ["64", "128", "wgmma", "wgmma_serial"]
+PREFILL_VARIANTS = ["64", "128", "wgmma"]
 
 
 def wgmma_prefill_runs() -> bool:
@@ -119,9 +119,9 @@ def prefill_variant(request, monkeypatch) -> str:
     """Sets FASTINFER_PREFILL_KERNEL (mma or wgmma) and, for mma, FASTINFER_PREFILL_BLOCK_M; the
     wgmma variant is skipped where that kernel would not run (it would repeat an mma run)."""
     variant = select_variant(request, monkeypatch, "FASTINFER_PREFILL_BLOCK_M", PREFILL_VARIANTS)
-    if variant.startswith("wgmma"):
+    if variant == "wgmma":
         monkeypatch.delenv("FASTINFER_PREFILL_BLOCK_M")
         if not wgmma_prefill_runs():
             pytest.skip("the wgmma prefill kernel needs an sm_90 GPU and a build for 90a")
-    monkeypatch.setenv("FASTINFER_PREFILL_KERNEL", variant if variant.startswith("wgmma") else "mma")
+    monkeypatch.setenv("FASTINFER_PREFILL_KERNEL", "wgmma" if variant == "wgmma" else "mma")
     return variant

@@ -70,7 +70,6 @@ void decode(const char* kOp, at::Tensor& out, const at::Tensor& query, const at:
   // auto: tensor cores for bf16 / fp16 queries (the choices' order is DecodeKernel's)
   p.kernel = static_cast<DecodeKernel>(
       env_choice(kOp, "FASTINFER_DECODE_KERNEL", {"auto", "cuda_cores", "tensor_cores"}));
-  p.split_rule = static_cast<DecodeSplitRule>(env_choice(kOp, "FASTINFER_DECODE_SPLITS", {"waves", "target"}));
   const cudaError_t err = cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, query.get_device());
   TORCH_CHECK(err == cudaSuccess, "fastinfer.", kOp, ": cudaDeviceGetAttribute failed: ", cudaGetErrorString(err));
 

@@ -88,10 +88,8 @@ void prefill(const char* kOp, at::Tensor& out, const at::Tensor& query, const at
   // sm_90 GPU, in a build with 90a), mma (the FlashAttention-2 kernel of prefill.cuh) elsewhere.
   // auto = wgmma at head_dim 128, mma at 64: on an H200 (bench/results/2026-11-28-h200-visit1) wgmma
   // ran B4 H32/8 S4096 D128 at 235 TFLOP/s against mma's 213, and D64 at 199 against mma's 202.
-  // wgmma_serial = the same kernel with the earlier consumer schedule (no ping-pong), for comparison.
-  const int kernel = env_choice(kOp, "FASTINFER_PREFILL_KERNEL", {"auto", "mma", "wgmma", "wgmma_serial"});
-  const bool wgmma = kernel >= 2 || (kernel == 0 && head_dim == 128);
-  p.wgmma_serial = kernel == 3;
+  const int kernel = env_choice(kOp, "FASTINFER_PREFILL_KERNEL", {"auto", "mma", "wgmma"});
+  const bool wgmma = kernel == 2 || (kernel == 0 && head_dim == 128);
 #ifdef FASTINFER_HAS_SM90  // launch_paged_prefill_wgmma exists only in builds with 90a
   if (wgmma && wgmma_applies(query, kv_scale_ptr)) {
     check_launch(launch_paged_prefill_wgmma(p, stream_of(query)), kOp);

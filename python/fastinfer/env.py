@@ -17,10 +17,9 @@ SETTINGS = {
     "FASTINFER_PREFILL_BLOCK_M": ("auto", "auto | 64 | 128",
                                   "query rows per CTA of the prefill kernel (auto = 128 when sequences "
                                   "average >= 128 rows)"),
-    "FASTINFER_PREFILL_KERNEL": ("auto", "auto | mma | wgmma | wgmma_serial",
+    "FASTINFER_PREFILL_KERNEL": ("auto", "auto | mma | wgmma",
                                  "prefill attention kernel for bf16 / fp16 over a plain cache (auto = wgmma at "
-                                 "head_dim 128 on Hopper, else mma; wgmma = the sm_90a kernel, Hopper only, "
-                                 "ping-pong schedule; wgmma_serial = its earlier serial schedule)"),
+                                 "head_dim 128 on Hopper, else mma; wgmma = the sm_90a kernel, Hopper only)"),
     "FASTINFER_FP8_GEMM_TILE": ("128x128", "128x128 | 128x256",
                                 "FP8 GEMM output tiles for M > 64"),
     "FASTINFER_FP8_SPLIT_K": ("auto", "auto | off | on",
@@ -30,9 +29,6 @@ SETTINGS = {
                               "int4_linear's CUDA kernel (auto: the GEMV kernel for <= 16 rows of x, the tile "
                               "kernel above; tiles / small: that kernel at every M)"),
     "FASTINFER_PDL": ("0", "0 | 1", "programmatic dependent launch of the decode-path kernels"),
-    "FASTINFER_DECODE_SPLITS": ("waves", "waves | target",
-                                "how decode attention splits contexts (waves: fewest waves x tiles per split for "
-                                "the kernel's resident CTAs per SM; target: split until 6 (3) CTAs per SM exist)"),
     "FASTINFER_DECODE_MERGE": ("auto", "auto | kernel", "split-KV decode attention given semaphores (the decode "
                                "graphs) merges in its last CTA per group (kernel: a separate merge kernel)"),
     "FASTINFER_DENSE_GEMV": ("1", "1 | 0", "decode projections on dense_gemv (0: cuBLAS); read at import"),

@@ -58,7 +58,6 @@
 #include <cuda_fp8.h>
 
 #include <algorithm>
-#include <atomic>
 #include <type_traits>
 
 #include "fastinfer/attention/decode.h"
@@ -406,78 +405,6 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
 
 // ---- host side -----------------------------------------------------------------------------------------
 
-// CTAs of one decode kernel that an SM holds at once (occupancy API), cached per kernel and dynamic
-// shared-memory size (a process is assumed to drive one GPU model, as everywhere in fastinfer). 1 when
-// the query fails (the plan is then the old "target CTAs" one's worst case, never wrong).
-template <typename Kernel>
-int resident_ctas(Kernel* kernel, int threads, size_t smem, std::atomic<int>& cache) {
-  const int cached = cache.load(std::memory_order_relaxed);
-  if (cached > 0) return cached;
-  int blocks = 0;
-  const bool ok = (smem <= 48 * 1024 || cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                            static_cast<int>(smem)) == cudaSuccess) &&
-                  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem) == cudaSuccess;
-  if (!ok) {
-    (void)cudaGetLastError();  // an answer for the plan, not an error for the next launch
-    return 1;
-  }
-  cache.store(std::max(1, blocks), std::memory_order_relaxed);
-  return std::max(1, blocks);
-}
-
-template <typename T, typename C, int kHeadDim>
-int resident_ctas_of(bool tensor_cores, int heads_per_cta) {
-  if constexpr (!std::is_same_v<T, float>) {
-    if (tensor_cores) {
-      static std::atomic<int> cache{0};
-      return resident_ctas(mma::paged_decode_mma_kernel<T, C, kHeadDim>, mma::kThreads,
-                           mma::Geometry<C, kHeadDim>::kSmemBytes, cache);
-    }
-  }
-  static std::atomic<int> caches[kMaxHeadsPerCta + 1];
-  return resident_ctas(paged_decode_kernel<T, C, kHeadDim>, kThreads, Geometry<C, kHeadDim>::smem_bytes(heads_per_cta),
-                       caches[std::min(heads_per_cta, kMaxHeadsPerCta)]);
-}
-
-template <typename T, typename C>
-int resident_ctas_for_dim(const DecodeParams& p, bool tensor_cores, int heads_per_cta) {
-  return p.head_dim == 64 ? resident_ctas_of<T, C, 64>(tensor_cores, heads_per_cta)
-                          : resident_ctas_of<T, C, 128>(tensor_cores, heads_per_cta);
-}
-
-// Resident CTAs per SM of the kernel launch_paged_decode_attention_impl will run for p.
-inline int decode_resident_ctas(const DecodeParams& p, bool tensor_cores, int heads_per_cta) {
-  if (p.kv_scale != nullptr) {
-    return p.dtype == DType::kFloat16 ? resident_ctas_for_dim<__half, __nv_fp8_e4m3>(p, tensor_cores, heads_per_cta)
-                                      : resident_ctas_for_dim<__nv_bfloat16, __nv_fp8_e4m3>(p, tensor_cores, heads_per_cta);
-  }
-  switch (p.dtype) {
-    case DType::kFloat32: return resident_ctas_for_dim<float, float>(p, tensor_cores, heads_per_cta);
-    case DType::kFloat16: return resident_ctas_for_dim<__half, __half>(p, tensor_cores, heads_per_cta);
-    case DType::kBFloat16: return resident_ctas_for_dim<__nv_bfloat16, __nv_bfloat16>(p, tensor_cores, heads_per_cta);
-  }
-  return 1;
-}
-
-// Splits of every (sequence, kv head, head chunk)'s context. The CTAs run in waves of `slots` =
-// SMs x resident CTAs; with equal contexts (the plan only knows the longest) a launch takes about
-// waves x tiles per split, so the plan takes the split count that minimizes that product, the fewest
-// on ties, never below min_tiles tiles per split. (The earlier rule, "split until target x SMs CTAs
-// exist", left partial last waves: B64 x 8 KV heads at ctx 4096 ran 1024 CTAs on 396 slots, 2.6
-// waves of which the last ran 60% full; B8 at ctx 8192 ran 832 CTAs, 2.1 waves.)
-inline int choose_decode_splits(int64_t ctas, int max_tiles, int min_tiles, int64_t slots) {
-  const int max_splits = std::max(1, max_tiles / min_tiles);
-  int best = 1;
-  int64_t best_cost = -1;
-  for (int s = 1; s <= max_splits; ++s) {
-    const int64_t waves = ceil_div<int64_t>(ctas * s, slots);
-    const int64_t cost = waves * ceil_div(max_tiles, s);
-    if (best_cost < 0 || cost < best_cost) best = s, best_cost = cost;
-    if (waves > 1 && ceil_div(max_tiles, s) <= 1) break;  // more splits cannot shorten a split
-  }
-  return best;
-}
-
 inline cudaError_t plan_paged_decode_impl(const DecodeParams& p, DecodePlan* plan) {
   const bool valid = p.batch >= 0 && p.num_heads > 0 && p.num_kv_heads > 0 && p.num_heads % p.num_kv_heads == 0 &&
                      decode_head_dim_supported(p.head_dim) && p.block_size > 0 &&
@@ -496,15 +423,9 @@ inline cudaError_t plan_paged_decode_impl(const DecodeParams& p, DecodePlan* pla
   const int64_t ctas = std::max<int64_t>(1, static_cast<int64_t>(p.batch) * p.num_kv_heads * chunks);
   // A split writes heads * head_dim * 4 bytes of partial output: big groups get longer splits.
   const int min_tiles = tensor_cores ? mma::kMinSplitTiles : std::max(kMinSplitTiles, ceil_div(heads_per_cta, 4));
-  int splits;
-  if (p.split_rule == DecodeSplitRule::kTarget) {  // the earlier rule, kept for comparison (FASTINFER_DECODE_SPLITS)
-    const int target = tensor_cores ? mma::kTargetCtasPerSm : kTargetCtasPerSm;
-    const int64_t wanted = ceil_div<int64_t>(static_cast<int64_t>(target) * p.num_sms, ctas);
-    splits = static_cast<int>(std::min<int64_t>(wanted, std::max(1, max_tiles / min_tiles)));
-  } else {
-    const int64_t slots = static_cast<int64_t>(p.num_sms) * decode_resident_ctas(p, tensor_cores, heads_per_cta);
-    splits = choose_decode_splits(ctas, max_tiles, min_tiles, slots);
-  }
+  const int target = tensor_cores ? mma::kTargetCtasPerSm : kTargetCtasPerSm;
+  const int64_t wanted = ceil_div<int64_t>(static_cast<int64_t>(target) * p.num_sms, ctas);
+  const int splits = static_cast<int>(std::min<int64_t>(wanted, std::max(1, max_tiles / min_tiles)));
   const int tiles_per_split = ceil_div(max_tiles, splits);
 
   plan->num_splits = ceil_div(max_tiles, tiles_per_split);  // drop splits that would always be empty

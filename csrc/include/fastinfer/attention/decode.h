@@ -16,11 +16,6 @@ namespace fastinfer {
 // (decode.cuh), which kCudaCores selects for every dtype (a comparison point for benchmarks and tests).
 enum class DecodeKernel : int { kAuto = 0, kCudaCores = 1, kTensorCores = 2 };
 
-// How the plan splits contexts: kWaves (default) minimizes waves of CTAs x tiles per split given the
-// kernel's resident CTAs per SM; kTarget is the earlier rule (split until a fixed CTA count per SM
-// exists), kept as a comparison point (FASTINFER_DECODE_SPLITS=target).
-enum class DecodeSplitRule : int { kWaves = 0, kTarget = 1 };
-
 // out[b, h] = softmax(scale * q[b, h] . K[b, 0:seq_lens[b]]) @ V[b, 0:seq_lens[b]], with query head
 // h reading KV head h / (num_heads / num_kv_heads) through block_tables[b].
 struct DecodeParams {
@@ -46,11 +41,10 @@ struct DecodeParams {
   // zero before the launch and zero after it: the last CTA of each group of splits merges them
   // (decode_work.cuh: merge_if_last), one launch instead of two.
   int* semaphores;
-  DecodeSplitRule split_rule;  // zero-initialised: kWaves
 };
 
-// How a launch is cut up. A function of DecodeParams' shapes, num_sms and the chosen kernel's
-// occupancy (resident CTAs per SM, a property of the GPU model) alone, never of the seq_lens values (they live on the device), so one plan serves every replay of a captured CUDA
+// How a launch is cut up. A function of DecodeParams' shapes and num_sms alone, never of the
+// seq_lens values (they live on the device), so one plan serves every replay of a captured CUDA
 // graph; splits past a sequence's end write an empty state that the merge skips.
 struct DecodePlan {
   int num_splits;          // CTAs along the context of one (sequence, kv head); 1 = no merge step

@@ -40,9 +40,6 @@ struct PrefillParams {
   // nullptr, or fp32 [num_tokens, num_heads] contiguous: each query row's natural-log softmax
   // denominator log(sum over visible keys of exp(scale * q . k)) (k = k_scale * k8 for an e4m3 cache).
   float* lse;
-  // The sm_90a kernel's consumer schedule (prefill_sm90.cuh): false (zero-initialised) = ping-pong
-  // with the next tile's S = Q K^T issued before this tile's softmax; true = the earlier serial loop.
-  bool wgmma_serial;
 };
 
 // Head dims the kernels are compiled for; anything else is refused with cudaErrorInvalidValue.

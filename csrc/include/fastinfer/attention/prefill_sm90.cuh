@@ -61,8 +61,7 @@ constexpr int kRowBytes = 128;        // one swizzled row of a column block: 64 
 constexpr int kAtom = 1024;           // 8 rows x 128 bytes: the swizzle period and the tiles' alignment
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 x 40 + 256 x 232 <= 64 Ki registers
 constexpr int kFullArrivals = kWarpgroup;               // every producer thread, after its own copies
-constexpr int kEmptyArrivals = kConsumers * 4;          // one per consumer warp (serial schedule)
-constexpr int kEmptyArrivalsPingpong = kConsumers * kWarpgroup;  // every consumer thread (ping-pong)
+constexpr int kEmptyArrivals = kConsumers * 4;          // one per consumer warp
 
 template <int kHeadDim>
 struct Smem {
@@ -129,25 +128,7 @@ __device__ __forceinline__ void load_kv(uint8_t* tile, const T* cache_head, cons
   }
 }
 
-// Consumer schedules. Serial: per key tile, S = Q K^T, wait, softmax, O += P V, wait; the two
-// consumers wait on the same `full` barriers, so they tend to run their softmax at the same time and
-// leave the tensor cores idle meanwhile. Ping-pong (FlashAttention-3's two steps): (1) within a
-// warpgroup, iteration n issues S_n = Q K_n^T and O += P_{n-1} V_{n-1} together, waits for S_n only,
-// and runs softmax n while P_{n-1} V_{n-1} is still on the tensor cores (the rescale of O waits for
-// it); (2) between the warpgroups, named barriers hand the tensor cores over in turn (consumer c
-// syncs on barrier kTurnBarrier + c before it issues, then arrives on the other's), so one
-// warpgroup's softmax overlaps the other's matrix products. Registers: S (64) + P (32) + O (64 at
-// D = 128) live at once, within the 232 a consumer has.
-constexpr int kTurnBarrier = 3;  // named barriers 3 and 4 (0: __syncthreads, 1-2: a consumer's own)
-
-__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-
-template <typename T, int kHeadDim, bool kPingpong>
+template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kThreadsWs, 1) paged_prefill_wgmma_kernel(const PrefillParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = Smem<kHeadDim>;
@@ -174,8 +155,8 @@ __global__ void __launch_bounds__(kThreadsWs, 1) paged_prefill_wgmma_kernel(cons
     for (int i = 0; i < kStages; ++i) {
       ptx::mbarrier_init(&full_k[i], kFullArrivals);
       ptx::mbarrier_init(&full_v[i], kFullArrivals);
-      ptx::mbarrier_init(&empty_k[i], kPingpong ? kEmptyArrivalsPingpong : kEmptyArrivals);
-      ptx::mbarrier_init(&empty_v[i], kPingpong ? kEmptyArrivalsPingpong : kEmptyArrivals);
+      ptx::mbarrier_init(&empty_k[i], kEmptyArrivals);
+      ptx::mbarrier_init(&empty_v[i], kEmptyArrivals);
     }
     ptx::fence_mbarrier_init(ptx::sem_release, ptx::scope_cluster);
   }
@@ -267,182 +248,70 @@ __global__ void __launch_bounds__(kThreadsWs, 1) paged_prefill_wgmma_kernel(cons
   OnlineSoftmax<kKeyBlocks, kDimBlocks> softmax;
   softmax.init();
 
-  if constexpr (kPingpong) {
-    // No wgmma is in flight across a branch (ptxas serializes every wgmma of a function where one is,
-    // C7518): the tiles this warpgroup multiplies (n < my_tiles; `needed` of the serial loop is
-    // monotone in n) run in a branch-free steady-state loop, the first tile and the drain are peeled,
-    // and every thread arrives on the `empty` barriers (no lane-0 branch).
-    const int my_tiles = has_rows ? min(num_kv_tiles, wg_last_pos / kRows + 1) : 0;
-    const int turn = kTurnBarrier + consumer, other_turn = kTurnBarrier + 1 - consumer;
-    uint32_t pa[kRows / 16][4];  // P_{n-1} as the A fragments of the k-steps of O += P V
-    auto issue_s = [&](float (&sc)[kKeyBlocks][4], int s) {
+  for (int n = 0; n < num_kv_tiles; ++n) {
+    const int s = n % kStages;
+    const uint32_t parity = (n / kStages) & 1;
+    const int key0 = n * kRows;
+    const bool needed = has_rows && key0 <= wg_last_pos;  // uniform over the warpgroup
+    float sc[kKeyBlocks][4];
+
+    wait_barrier(&full_k[s], parity);
+    if (needed) {
       const uint32_t k_base = smem_base + L::kK + s * L::kTileBytes;
       wgmma::fence_operands(sc);
       wgmma::fence();
 #pragma unroll
       for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+        // 16 elements = 32 bytes of each row: column block kk / 4, offset 32 (kk % 4) inside it.
         const uint32_t offset = (kk / 4) * L::kBlockBytes + (kk % 4) * 32;
         wgmma::mma_ss<kRows, T>(sc, wgmma::smem_desc_sw128(q_base + offset, 16, kAtom),
-                                wgmma::smem_desc_sw128(k_base + offset, 16, kAtom), kk > 0);
+                                wgmma::smem_desc_sw128(k_base + offset, 16, kAtom),
+                                kk > 0);
       }
       wgmma::commit_group();
-    };
-    auto issue_pv = [&](int s) {
-      const uint32_t v_base = smem_base + L::kV + s * L::kTileBytes;
-      wgmma::fence_operands(o);
-      wgmma::fence_operands(pa);
-      wgmma::fence();
-#pragma unroll
-      for (int kk = 0; kk < kRows / 16; ++kk) {
-        wgmma::mma_rs_tb<kHeadDim, T>(o, pa[kk],
-                                      wgmma::smem_desc_sw128(v_base + kk * 16 * kRowBytes, L::kBlockBytes, kAtom), 1);
-      }
-      wgmma::commit_group();
-    };
-    auto mask_and_softmax = [&](float (&sc)[kKeyBlocks][4], int key0, float (&correction)[2]) {
-      const bool diagonal = key0 + kRows - 1 > warp_first_pos;
+      wgmma::wait_group<0>();
+      wgmma::fence_operands(sc);
+    }
+    __syncwarp();
+    if (lane == 0) ptx::mbarrier_arrive(&empty_k[s]);
+
+    uint32_t pa[kRows / 16][4];  // P as the A fragments of the k-steps of O += P V
+    if (needed) {
+      const bool diagonal = key0 + kRows - 1 > warp_first_pos;  // some key here is later than some row
 #pragma unroll
       for (int nb = 0; nb < kKeyBlocks; ++nb) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
+          sc[nb][j] *= scale_log2;
           const int key = key0 + nb * 8 + (lane % 4) * 2 + j % 2;
-          sc[nb][j] = diagonal && key > row_pos + (j / 2) * 8 ? -INFINITY : sc[nb][j] * scale_log2;
+          if (diagonal && key > row_pos + (j / 2) * 8) sc[nb][j] = -INFINITY;
         }
       }
-      softmax.update_scores(sc, correction);
-    };
-    auto parity_of = [](int n) { return static_cast<uint32_t>((n / kStages) & 1); };
-
-    if (consumer == 1) named_barrier_arrive(other_turn, 2 * kWarpgroup);  // consumer 0 issues first
-    if (my_tiles > 0) {  // tile 0: S only
-      float sc[kKeyBlocks][4], correction[2];
-      wait_barrier(&full_k[0], 0);
-      named_barrier_sync(turn, 2 * kWarpgroup);
-      issue_s(sc, 0);
-      named_barrier_arrive(other_turn, 2 * kWarpgroup);
-      wgmma::wait_group<0>();
-      wgmma::fence_operands(sc);
-      ptx::mbarrier_arrive(&empty_k[0]);
-      mask_and_softmax(sc, 0, correction);
+      softmax.update(sc, o);
 #pragma unroll
       for (int kk = 0; kk < kRows / 16; ++kk) c_to_a_fragment<T>(pa[kk], sc[2 * kk], sc[2 * kk + 1]);
     }
-    for (int n = 1; n < my_tiles; ++n) {  // steady state: S_n and P_{n-1} V_{n-1} in one turn
-      const int s = n % kStages, prev_s = (n - 1) % kStages;
-      float sc[kKeyBlocks][4], correction[2];
-      wait_barrier(&full_k[s], parity_of(n));
-      wait_barrier(&full_v[prev_s], parity_of(n - 1));
-      named_barrier_sync(turn, 2 * kWarpgroup);
-      issue_s(sc, s);
-      issue_pv(prev_s);
-      named_barrier_arrive(other_turn, 2 * kWarpgroup);
-      wgmma::wait_group<1>();  // S_n done; P_{n-1} V_{n-1} may still run
-      wgmma::fence_operands(sc);
-      ptx::mbarrier_arrive(&empty_k[s]);
-      mask_and_softmax(sc, n * kRows, correction);
-      wgmma::wait_group<0>();  // P_{n-1} V_{n-1} done: O may be rescaled, P and V_{n-1} reused
+
+    wait_barrier(&full_v[s], parity);
+    if (needed) {
+      const uint32_t v_base = smem_base + L::kV + s * L::kTileBytes;
       wgmma::fence_operands(o);
-      wgmma::fence_operands(pa);
-      ptx::mbarrier_arrive(&empty_v[prev_s]);
-      decltype(softmax)::rescale(o, correction);
+      wgmma::fence_operands(pa);  // packed before the fence
+      wgmma::fence();
 #pragma unroll
-      for (int kk = 0; kk < kRows / 16; ++kk) c_to_a_fragment<T>(pa[kk], sc[2 * kk], sc[2 * kk + 1]);
+      for (int kk = 0; kk < kRows / 16; ++kk) {
+        // Keys 16 kk .. 16 kk + 15: two 8-row groups from 16 kk * 128 bytes on; head_dim blocks of 64
+        // columns kBlockBytes apart (the leading byte offset), 8-key groups kAtom apart (the stride).
+        wgmma::mma_rs_tb<kHeadDim, T>(o, pa[kk],
+                                      wgmma::smem_desc_sw128(v_base + kk * 16 * kRowBytes, L::kBlockBytes, kAtom), 1);
+      }
+      wgmma::commit_group();
+      wgmma::wait_group<0>();
+      wgmma::fence_operands(o);
+      wgmma::fence_operands(pa);  // read by the wgmma until here
     }
-    // Drain: the last P V (in the first turn after my_tiles), then turns without math; K_n and V_{n-1}
-    // released as they land.
-    for (int n = my_tiles; n < num_kv_tiles; ++n) {  // my_tiles = 0: a warpgroup without rows takes every turn here
-      const int s = n % kStages, prev_s = (n + kStages - 1) % kStages;
-      wait_barrier(&full_k[s], parity_of(n));
-      if (n > 0) wait_barrier(&full_v[prev_s], parity_of(n - 1));
-      named_barrier_sync(turn, 2 * kWarpgroup);
-      if (n > 0 && n == my_tiles) {
-        issue_pv(prev_s);
-        wgmma::wait_group<0>();
-        wgmma::fence_operands(o);
-        wgmma::fence_operands(pa);
-      }
-      named_barrier_arrive(other_turn, 2 * kWarpgroup);
-      ptx::mbarrier_arrive(&empty_k[s]);
-      if (n > 0) ptx::mbarrier_arrive(&empty_v[prev_s]);
-    }
-    if (num_kv_tiles > 0) {  // V of the last tile (and its P V when this warpgroup needed every tile)
-      const int last_s = (num_kv_tiles - 1) % kStages;
-      wait_barrier(&full_v[last_s], parity_of(num_kv_tiles - 1));
-      if (my_tiles == num_kv_tiles) {  // >= 1 here
-        issue_pv(last_s);
-        wgmma::wait_group<0>();
-        wgmma::fence_operands(o);
-        wgmma::fence_operands(pa);
-      }
-      ptx::mbarrier_arrive(&empty_v[last_s]);
-    }
-    if (consumer == 0) named_barrier_sync(turn, 2 * kWarpgroup);  // consumer 1's last hand-over
-  } else {
-    for (int n = 0; n < num_kv_tiles; ++n) {
-      const int s = n % kStages;
-      const uint32_t parity = (n / kStages) & 1;
-      const int key0 = n * kRows;
-      const bool needed = has_rows && key0 <= wg_last_pos;  // uniform over the warpgroup
-      float sc[kKeyBlocks][4];
-
-      wait_barrier(&full_k[s], parity);
-      if (needed) {
-        const uint32_t k_base = smem_base + L::kK + s * L::kTileBytes;
-        wgmma::fence_operands(sc);
-        wgmma::fence();
-  #pragma unroll
-        for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-          // 16 elements = 32 bytes of each row: column block kk / 4, offset 32 (kk % 4) inside it.
-          const uint32_t offset = (kk / 4) * L::kBlockBytes + (kk % 4) * 32;
-          wgmma::mma_ss<kRows, T>(sc, wgmma::smem_desc_sw128(q_base + offset, 16, kAtom),
-                                  wgmma::smem_desc_sw128(k_base + offset, 16, kAtom),
-                                  kk > 0);
-        }
-        wgmma::commit_group();
-        wgmma::wait_group<0>();
-        wgmma::fence_operands(sc);
-      }
-      __syncwarp();
-      if (lane == 0) ptx::mbarrier_arrive(&empty_k[s]);
-
-      uint32_t pa[kRows / 16][4];  // P as the A fragments of the k-steps of O += P V
-      if (needed) {
-        const bool diagonal = key0 + kRows - 1 > warp_first_pos;  // some key here is later than some row
-  #pragma unroll
-        for (int nb = 0; nb < kKeyBlocks; ++nb) {
-  #pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            sc[nb][j] *= scale_log2;
-            const int key = key0 + nb * 8 + (lane % 4) * 2 + j % 2;
-            if (diagonal && key > row_pos + (j / 2) * 8) sc[nb][j] = -INFINITY;
-          }
-        }
-        softmax.update(sc, o);
-  #pragma unroll
-        for (int kk = 0; kk < kRows / 16; ++kk) c_to_a_fragment<T>(pa[kk], sc[2 * kk], sc[2 * kk + 1]);
-      }
-
-      wait_barrier(&full_v[s], parity);
-      if (needed) {
-        const uint32_t v_base = smem_base + L::kV + s * L::kTileBytes;
-        wgmma::fence_operands(o);
-        wgmma::fence_operands(pa);  // packed before the fence
-        wgmma::fence();
-  #pragma unroll
-        for (int kk = 0; kk < kRows / 16; ++kk) {
-          // Keys 16 kk .. 16 kk + 15: two 8-row groups from 16 kk * 128 bytes on; head_dim blocks of 64
-          // columns kBlockBytes apart (the leading byte offset), 8-key groups kAtom apart (the stride).
-          wgmma::mma_rs_tb<kHeadDim, T>(o, pa[kk],
-                                        wgmma::smem_desc_sw128(v_base + kk * 16 * kRowBytes, L::kBlockBytes, kAtom), 1);
-        }
-        wgmma::commit_group();
-        wgmma::wait_group<0>();
-        wgmma::fence_operands(o);
-        wgmma::fence_operands(pa);  // read by the wgmma until here
-      }
-      __syncwarp();
-      if (lane == 0) ptx::mbarrier_arrive(&empty_v[s]);
-    }
+    __syncwarp();
+    if (lane == 0) ptx::mbarrier_arrive(&empty_v[s]);
   }
 
   if (!has_rows) return;
@@ -469,7 +338,7 @@ template <typename T, int kHeadDim>
 cudaError_t launch(const PrefillParams& p, cudaStream_t stream) {
   const int64_t max_tiles = (p.num_tokens + static_cast<int64_t>(kRows - 1) * p.batch) / kRows;
   if (max_tiles > INT_MAX) return cudaErrorInvalidValue;
-  auto kernel = p.wgmma_serial ? paged_prefill_wgmma_kernel<T, kHeadDim, false> : paged_prefill_wgmma_kernel<T, kHeadDim, true>;
+  auto kernel = paged_prefill_wgmma_kernel<T, kHeadDim>;
   constexpr int kSmem = Smem<kHeadDim>::kBytes;
   FI_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
   kernel<<<dim3(static_cast<unsigned>(max_tiles), p.num_heads), kThreadsWs, kSmem, stream>>>(p);

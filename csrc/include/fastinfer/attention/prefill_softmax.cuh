@@ -27,9 +27,8 @@ struct OnlineSoftmax {
   }
 
   // scores[kKeyBlocks][4] (scaled, -inf where masked) become the unnormalised probabilities
-  // exp2(score - max); correction[i] is the factor the output accumulator's row i must be rescaled by
-  // (rescale(), kept separate so a caller can run this while the previous P V is still in flight).
-  __device__ __forceinline__ void update_scores(float (&scores)[kKeyBlocks][4], float (&correction)[2]) {
+  // exp2(score - max); the output accumulator is rescaled to the new max.
+  __device__ __forceinline__ void update(float (&scores)[kKeyBlocks][4], float (&out)[kDimBlocks][4]) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       float new_max = row_max[i];
@@ -42,7 +41,7 @@ struct OnlineSoftmax {
       // A row that has seen only masked keys keeps max -inf; subtracting 0 instead keeps
       // exp2(-inf - base) = 0 rather than exp2(-inf + inf) = NaN.
       const float base = new_max == -INFINITY ? 0.0f : new_max;
-      correction[i] = exp2f(row_max[i] - base);
+      const float correction = exp2f(row_max[i] - base);
       row_max[i] = new_max;
       float sum = 0.0f;
 #pragma unroll
@@ -51,26 +50,13 @@ struct OnlineSoftmax {
         scores[nb][2 * i + 1] = exp2f(scores[nb][2 * i + 1] - base);
         sum += scores[nb][2 * i] + scores[nb][2 * i + 1];
       }
-      row_sum[i] = row_sum[i] * correction[i] + sum;
-    }
-  }
-
-  __device__ __forceinline__ static void rescale(float (&out)[kDimBlocks][4], const float (&correction)[2]) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
+      row_sum[i] = row_sum[i] * correction + sum;
 #pragma unroll
       for (int db = 0; db < kDimBlocks; ++db) {
-        out[db][2 * i] *= correction[i];
-        out[db][2 * i + 1] *= correction[i];
+        out[db][2 * i] *= correction;
+        out[db][2 * i + 1] *= correction;
       }
     }
-  }
-
-  // update_scores, then the output accumulator rescaled to the new max.
-  __device__ __forceinline__ void update(float (&scores)[kKeyBlocks][4], float (&out)[kDimBlocks][4]) {
-    float correction[2];
-    update_scores(scores, correction);
-    rescale(out, correction);
   }
 
   // The denominator of row i (l / 4 or l / 4 + 8): the quad's shares summed.
