@@ -4,8 +4,9 @@
 # transformers 5.17, scikit-build-core 1.1.0, pytest; and none of scipy, pytest-timeout, gguf,
 # matplotlib), the package built into it as gpu_check.sh builds it, then
 #   1. `python -m fastinfer env` (the CUDA kernels built for sm_90a),
-#   2. collection of gpu_check's cuda tests (a module that imports a missing package would stop the
-#      whole GPU run: it happened with scipy),
+#   2. collection of gpu_check's cuda tests and of bench/sanitize_tests.txt's ids (a module that
+#      imports a missing package would stop the whole GPU run: it happened with scipy, then gguf;
+#      a stale sanitizer id stopped memcheck),
 #   3. bench/run_tests.py --shards 3 over them (every test skips here: the machinery runs end to end),
 #   4. with MIRROR_FULL=1, the whole CPU suite (tests needing gguf / matplotlib fail: not on the GPU).
 #
@@ -54,6 +55,12 @@ echo "==== collect the cuda tests"
 "$PY" -m pytest --collect-only -q -p no:cacheprovider -m cuda "${files[@]}" > "$OUT/collect.log" 2>&1 \
   || { tail -n 30 "$OUT/collect.log"; echo "mirror_check: collection failed"; exit 1; }
 tail -n 1 "$OUT/collect.log"
+
+echo "==== collect the sanitizer's tests (bench/sanitize_tests.txt: ids go stale when a test gains a parameter)"
+mapfile -t sanitize_ids < <(grep -v '^#' bench/sanitize_tests.txt | grep -v '^[[:space:]]*$')
+"$PY" -m pytest --collect-only -q -p no:cacheprovider "${sanitize_ids[@]}" > "$OUT/collect-sanitize.log" 2>&1 \
+  || { grep -i "not found\|error" "$OUT/collect-sanitize.log" | head -n 20; echo "mirror_check: stale sanitizer ids"; exit 1; }
+tail -n 1 "$OUT/collect-sanitize.log"
 
 echo "==== run_tests.py --shards 3 (every test skips without a GPU)"
 rc=0

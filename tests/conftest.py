@@ -86,7 +86,7 @@ INT4_KERNELS = ["small", "tiles"]
 @pytest.fixture(params=INT4_KERNELS)
 def int4_kernel(request, monkeypatch) -> str:
     """The CUDA int4_linear kernel a test runs (FASTINFER_INT4_KERNEL), forced at every M: the GEMV
-    kernel (auto's choice for <= 16 rows) and the tile kernel (auto's choice above)."""
+    kernel (auto's choice for <= 8 rows) and the tile kernel (auto's choice above)."""
     return select_variant(request, monkeypatch, "FASTINFER_INT4_KERNEL", INT4_KERNELS)
 
 

@@ -26,7 +26,7 @@ SETTINGS = {
                               "FP8 GEMM split-K (cluster reduction) when output tiles cannot fill the SMs (auto: "
                               "only M <= 16 with K >= 8192, measured faster there; off: never; on: always)"),
     "FASTINFER_INT4_KERNEL": ("auto", "auto | tiles | small",
-                              "int4_linear's CUDA kernel (auto: the GEMV kernel for <= 16 rows of x, the tile "
+                              "int4_linear's CUDA kernel (auto: the GEMV kernel for <= 8 rows of x, the tile "
                               "kernel above; tiles / small: that kernel at every M)"),
     "FASTINFER_PDL": ("0", "0 | 1", "programmatic dependent launch of the decode-path kernels"),
     "FASTINFER_DECODE_MERGE": ("auto", "auto | kernel", "split-KV decode attention given semaphores (the decode "

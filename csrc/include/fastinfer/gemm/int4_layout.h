@@ -21,7 +21,7 @@ enum class Int4Mode : int {
   kMins = 2,       // w = q * s + m
 };
 
-// Which CUDA kernel runs int4_linear: auto = the GEMV kernel (w4a16_small.cuh) for M <= 16 rows of x,
+// Which CUDA kernel runs int4_linear: auto = the GEMV kernel (w4a16_small.cuh) for M <= 8 rows of x,
 // the tile kernel (w4a16.cuh) above; tiles / small force one at every M.
 enum class Int4Kernel : int { kAuto = 0, kTiles = 1, kSmall = 2 };
 

@@ -410,7 +410,10 @@ namespace w4a16 {
 
 template <typename T, Int4Mode kMode>
 cudaError_t launch_mode(const W4A16Params& p, cudaStream_t stream) {
-  const bool small = p.kernel == Int4Kernel::kSmall || (p.kernel == Int4Kernel::kAuto && p.m <= 16);
+  // auto: the GEMV kernel up to 8 rows (one n8 tile of x^T). On an H200 (bench/results visit 4) it
+  // ran qkv at M = 1 in 13.0 us against the tile kernel's 19.2 and the down projection in 26.2 against
+  // 30.8, but at M = 16 (two x tiles) it lost: qkv 24.7 vs 20.3 us, down 34.3 vs 31.6.
+  const bool small = p.kernel == Int4Kernel::kSmall || (p.kernel == Int4Kernel::kAuto && p.m <= 8);
   if (small) {
     return p.m <= 8 ? small::launch_small<T, 1, kMode>(p, stream) : small::launch_small<T, 2, kMode>(p, stream);
   }
