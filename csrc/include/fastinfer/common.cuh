@@ -74,8 +74,10 @@ __device__ __forceinline__ float block_reduce_sum(float v) {
 // of that kernel has called pdl_launch_dependents(); it then runs up to its pdl_wait(), which returns
 // when the previous kernel has completed and its memory is visible. Every kernel launched this way
 // calls pdl_wait() before it reads or writes anything another kernel touches (the GEMV first asks L2
-// for its first weights, which no kernel writes), then pdl_launch_dependents(): so at most the next
-// kernel waits resident, and the gap between two kernels' launches is hidden. Without the attribute
+// for its first weights, which no kernel writes). The GEMV and the decode attention kernels call
+// pdl_launch_dependents() after their main loops (every CTA of the grid has then been scheduled, so
+// the next kernel's CTAs, resident and waiting, take only slots this grid no longer needs); the short
+// one-wave kernels (RMSNorm, rotary / KV write, embedding, merge) right after pdl_wait(). Without the attribute
 // (FASTINFER_PDL unset or 0, the default until measured on a GPU: bench/bench_e2e.py) both are no-ops.
 // Read at every launch, so a test or a benchmark can compare the two in one process.
 inline bool pdl_requested() {

@@ -372,6 +372,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
       accumulate_pv<C, G>(o, s, p_offset, k_tile + G::kTileBytes, chunk, part, parts, valid);
     }
   }
+  pdl_launch_dependents();  // PDL: every tile read; the next kernel may take this SM's free slots
   cp_async_wait<0>();
   __syncthreads();  // the stages are idle now: reuse them to sum the key partitions
 

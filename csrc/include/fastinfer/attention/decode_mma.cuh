@@ -179,6 +179,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   }
 
   // ---- merge the four warps' (m, l, o): o = sum_w o_w 2^(m_w - M) / L, L = sum_w l_w 2^(m_w - M)
+  pdl_launch_dependents();  // PDL: every tile read; the next kernel may take this SM's free slots
   cp_async_wait<0>();  // only empty groups can be pending; the ring becomes the merge scratch
   float row_l[2];
 #pragma unroll

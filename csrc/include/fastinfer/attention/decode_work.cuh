@@ -98,14 +98,12 @@ __device__ __forceinline__ bool fused_merge(const DecodeParams& p, const CtaWork
   return !w.direct && p.semaphores != nullptr;
 }
 
-// The start of both decode kernels: PDL (common.cuh: wait for the previous kernel, then let the next
-// one launch), the CTA's work, and an empty split written out (and counted, with the fused merge).
+// The start of both decode kernels: PDL (common.cuh: wait for the previous kernel), the CTA's work, and an empty split written out (and counted, with the fused merge).
 // False: the CTA has nothing more to do.
 template <typename T, int kHeadDim, int kThreads>
 __device__ __forceinline__ bool start_cta(const DecodeParams& p, const DecodePlan& plan, const float* partial_o,
                                           float* partial_lse, CtaWork& w) {
-  pdl_wait();
-  pdl_launch_dependents();
+  pdl_wait();  // the dependents are triggered after the K/V loop (the kernels' end_of_main_loop), or on exit
   w = cta_work(p, plan);
   if (w.begin < w.end) return true;
   write_empty_split<T, kHeadDim, kThreads>(p, plan, w, partial_lse);
