@@ -26,8 +26,7 @@ GROUP = 128
 DTYPE = torch.bfloat16
 BF16, TORCH_INT4, OURS = "torch bf16 (cuBLAS)", "torch _weight_int4pack_mm", "fastinfer int4_linear"
 # The default (auto) kernel choice above, and each CUDA kernel forced at every M (FASTINFER_INT4_KERNEL).
-VARIANTS = {"fastinfer int4_linear [small]": "small", "fastinfer int4_linear [small_pipelined]": "small_pipelined",
-            "fastinfer int4_linear [tiles]": "tiles"}
+VARIANTS = {"fastinfer int4_linear [small]": "small", "fastinfer int4_linear [tiles]": "tiles"}
 
 
 def with_kernel(fn, kernel: str):

@@ -25,10 +25,9 @@ SETTINGS = {
     "FASTINFER_FP8_SPLIT_K": ("auto", "auto | off | on",
                               "FP8 GEMM split-K (cluster reduction) when output tiles cannot fill the SMs (auto: "
                               "only M <= 16 with K >= 8192, measured faster there; off: never; on: always)"),
-    "FASTINFER_INT4_KERNEL": ("auto", "auto | tiles | small | small_pipelined",
+    "FASTINFER_INT4_KERNEL": ("auto", "auto | tiles | small",
                               "int4_linear's CUDA kernel (auto: the GEMV kernel for <= 8 rows of x, the tile "
-                              "kernel above; tiles / small: that kernel at every M; small_pipelined: the GEMV kernel with "
-                              "the next chunk's loads issued before this chunk's arithmetic)"),
+                              "kernel above; tiles / small: that kernel at every M)"),
     "FASTINFER_PDL": ("0", "0 | 1", "programmatic dependent launch of the decode-path kernels"),
     "FASTINFER_DECODE_MERGE": ("auto", "auto | kernel", "split-KV decode attention given semaphores (the decode "
                                "graphs) merges in its last CTA per group (kernel: a separate merge kernel)"),

@@ -22,8 +22,7 @@ enum class Int4Mode : int {
 };
 
 // Which CUDA kernel runs int4_linear: auto = the GEMV kernel (w4a16_small.cuh) for M <= 8 rows of x,
-// the tile kernel (w4a16.cuh) above; tiles / small / small_pipelined (the GEMV kernel with register
-// double buffering) force one at every M.
-enum class Int4Kernel : int { kAuto = 0, kTiles = 1, kSmall = 2, kSmallPipelined = 3 };
+// the tile kernel (w4a16.cuh) above; tiles / small force one at every M.
+enum class Int4Kernel : int { kAuto = 0, kTiles = 1, kSmall = 2 };
 
 }  // namespace fastinfer

@@ -36,13 +36,10 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * kWarpSize;
 constexpr int kRedStride = L::kStripN + 4;  // fp32 partial tile row (one token): +4 spreads lanes over banks
 
-template <int NT, bool kPipelined = false>
+template <int NT>
 struct SmallConfig {
   static constexpr int kTokens = 8 * NT;
-  // k16 steps a warp loads before it computes. Pipelined: two register buffers of half the size,
-  // the next chunk's loads issued before this chunk's arithmetic (the same bytes in flight, but
-  // never none while the warp computes).
-  static constexpr int kChunk = kPipelined ? (NT == 1 ? 4 : 2) : (NT == 1 ? 8 : 4);
+  static constexpr int kChunk = NT == 1 ? 8 : 4;  // k16 steps a warp loads before it computes
   static constexpr int kPairs = kChunk / 2;       // group-parameter loads per chunk (one per 32 k)
   static constexpr int kSliceFloats = kTokens * kRedStride;
   static constexpr int kSmemBytes = kWarps * kSliceFloats * 4;
@@ -70,18 +67,9 @@ __device__ __forceinline__ uint32_t load_cached4(const void* ptr) {
   return v;
 }
 
-// One chunk's operands as loaded: codes, x^T fragments, group parameters (one per pair of steps).
-template <int NT, int kChunk>
-struct ChunkRegs {
-  uint4 codes[kChunk];
-  uint4 scale8[kChunk / 2], offset8[kChunk / 2];
-  uint32_t xb[kChunk][NT][2];
-};
-
-template <typename T, int NT, Int4Mode kMode, bool kPipelined>
-__global__ void __launch_bounds__(kThreads, NT == 2 && kPipelined ? 1 : 2)  // NT 2 pipelined: 4 bytes spilled at 128
-    w4a16_small_kernel(const W4A16Params p, const int group_shift) {
-  using Cfg = SmallConfig<NT, kPipelined>;
+template <typename T, int NT, Int4Mode kMode>
+__global__ void __launch_bounds__(kThreads, 2) w4a16_small_kernel(const W4A16Params p, const int group_shift) {
+  using Cfg = SmallConfig<NT>;
   using T2 = typename Traits<T>::T2;
   constexpr bool kHasOffsets = kMode != Int4Mode::kSymmetric;
   constexpr int kChunk = Cfg::kChunk;
@@ -117,39 +105,40 @@ __global__ void __launch_bounds__(kThreads, NT == 2 && kPipelined ? 1 : 2)  // N
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[nt][i][e] = 0.0f;
 
-  using Regs = ChunkRegs<NT, kChunk>;
-  auto load_chunk = [&](int chunk, Regs& r) {
+  for (int chunk = chunk_begin + warp; chunk < chunk_end; chunk += kWarps) {
     const int step0 = chunk * kChunk;
+    uint4 codes[kChunk];
+    uint4 scale8[Cfg::kPairs], offset8[Cfg::kPairs];
+    uint32_t xb[kChunk][NT][2];
+    // ---- every load of the chunk first ----
 #pragma unroll
     for (int u = 0; u < kChunk; ++u) {
       const int step = step0 + u;
       const bool live = step < k_steps;  // only the last chunk of K can be partial (K % 64 == 0)
-      r.codes[u] = live ? load_stream16(codes_base + static_cast<int64_t>(step) * L::kWordsPerStep) : make_uint4(0, 0, 0, 0);
+      codes[u] = live ? load_stream16(codes_base + static_cast<int64_t>(step) * L::kWordsPerStep) : make_uint4(0, 0, 0, 0);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const T* src = x_row[nt] + step * L::kStepK;
-        r.xb[u][nt][0] = live && x_valid[nt] ? load_cached4(src) : 0u;
-        r.xb[u][nt][1] = live && x_valid[nt] ? load_cached4(src + 8) : 0u;
+        xb[u][nt][0] = live && x_valid[nt] ? load_cached4(src) : 0u;
+        xb[u][nt][1] = live && x_valid[nt] ? load_cached4(src + 8) : 0u;
       }
     }
 #pragma unroll
-    for (int q = 0; q < kChunk / 2; ++q) {
+    for (int q = 0; q < Cfg::kPairs; ++q) {
       const int step = min(step0 + 2 * q, k_steps - 1);
       const int64_t group_off = ((static_cast<int64_t>(step) * L::kStepK) >> group_shift) * p.n;
-      r.scale8[q] = load_cached16(scales + group_off);
-      if constexpr (kHasOffsets) r.offset8[q] = load_cached16(offsets + group_off);
-      else r.offset8[q] = make_uint4(0, 0, 0, 0);
+      scale8[q] = load_cached16(scales + group_off);
+      if constexpr (kHasOffsets) offset8[q] = load_cached16(offsets + group_off);
+      else offset8[q] = make_uint4(0, 0, 0, 0);
     }
-  };
-  auto compute_chunk = [&](int chunk, const Regs& r) {
-    const int step0 = chunk * kChunk;
+    // ---- then its mmas ----
 #pragma unroll
     for (int u = 0; u < kChunk; ++u) {
       if (step0 + u >= k_steps) break;  // warp-uniform
-      const uint4 s8 = r.scale8[u / 2], o8 = r.offset8[u / 2];
+      const uint4 s8 = scale8[u / 2], o8 = offset8[u / 2];
       const uint32_t scale_words[4] = {s8.x, s8.y, s8.z, s8.w};
       const uint32_t offset_words[4] = {o8.x, o8.y, o8.z, o8.w};
-      const uint32_t words[4] = {r.codes[u].x, r.codes[u].y, r.codes[u].z, r.codes[u].w};
+      const uint32_t words[4] = {codes[u].x, codes[u].y, codes[u].z, codes[u].w};
 #pragma unroll
       for (int i = 0; i < 4; ++i) {  // m16 tile i: strip columns 16 i .. 16 i + 15 = n8 tiles 2i, 2i + 1
         uint32_t a[4];
@@ -169,30 +158,8 @@ __global__ void __launch_bounds__(kThreads, NT == 2 && kPipelined ? 1 : 2)  // N
           a[2 + h] = dequant_pair<T, kMode>(words[i] >> (8 * h + 4), scale, offset);  // k 2c+8, 2c+9
         }
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) mma_16816<T>(acc[nt][i], a, r.xb[u][nt][0], r.xb[u][nt][1]);
+        for (int nt = 0; nt < NT; ++nt) mma_16816<T>(acc[nt][i], a, xb[u][nt][0], xb[u][nt][1]);
       }
-    }
-  };
-
-  if constexpr (kPipelined) {
-    // Two register buffers, swapped by unrolling the loop twice (an indexed pair would go to local memory).
-    Regs even, odd;
-    int chunk = chunk_begin + warp;
-    if (chunk < chunk_end) load_chunk(chunk, even);
-    while (chunk < chunk_end) {
-      if (chunk + kWarps < chunk_end) load_chunk(chunk + kWarps, odd);
-      compute_chunk(chunk, even);
-      chunk += kWarps;
-      if (chunk >= chunk_end) break;
-      if (chunk + kWarps < chunk_end) load_chunk(chunk + kWarps, even);
-      compute_chunk(chunk, odd);
-      chunk += kWarps;
-    }
-  } else {
-    for (int chunk = chunk_begin + warp; chunk < chunk_end; chunk += kWarps) {
-      Regs r;
-      load_chunk(chunk, r);  // every load of the chunk first, then its mmas
-      compute_chunk(chunk, r);
     }
   }
 
@@ -232,10 +199,10 @@ __global__ void __launch_bounds__(kThreads, NT == 2 && kPipelined ? 1 : 2)  // N
 }
 
 // Occupancy and cluster facts of one instantiation, queried once per process (see launch_tiles).
-template <typename T, int NT, Int4Mode kMode, bool kPipelined>
+template <typename T, int NT, Int4Mode kMode>
 cudaError_t query_small(Occupancy* occ) {
-  using Cfg = SmallConfig<NT, kPipelined>;
-  auto kernel = w4a16_small_kernel<T, NT, kMode, kPipelined>;
+  using Cfg = SmallConfig<NT>;
+  auto kernel = w4a16_small_kernel<T, NT, kMode>;
   if (Cfg::kSmemBytes > 48 * 1024) {
     FI_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
   }
@@ -262,18 +229,18 @@ inline int choose_small_splits(int strips, int m_blocks, int chunks, int64_t slo
   return best;
 }
 
-template <typename T, int NT, Int4Mode kMode, bool kPipelined>
+template <typename T, int NT, Int4Mode kMode>
 cudaError_t launch_small(const W4A16Params& p, cudaStream_t stream) {
-  using Cfg = SmallConfig<NT, kPipelined>;
+  using Cfg = SmallConfig<NT>;
   static Occupancy occ{};
   static std::atomic<int> state{0};
   if (state.load(std::memory_order_acquire) == 0) {
     Occupancy fresh{};
-    FI_CUDA_TRY((query_small<T, NT, kMode, kPipelined>(&fresh)));
+    FI_CUDA_TRY((query_small<T, NT, kMode>(&fresh)));
     occ = fresh;
     state.store(1, std::memory_order_release);
   } else if (Cfg::kSmemBytes > 48 * 1024) {
-    FI_CUDA_TRY((cudaFuncSetAttribute(w4a16_small_kernel<T, NT, kMode, kPipelined>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    FI_CUDA_TRY((cudaFuncSetAttribute(w4a16_small_kernel<T, NT, kMode>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       Cfg::kSmemBytes)));
   }
   const int strips = p.n / L::kStripN;
@@ -284,7 +251,7 @@ cudaError_t launch_small(const W4A16Params& p, cudaStream_t stream) {
   const int splits = choose_small_splits(strips, static_cast<int>(m_blocks), chunks, slots, occ);
   ClusterLaunch launch(dim3(splits, strips, static_cast<unsigned>(m_blocks)), kThreads, Cfg::kSmemBytes, stream, splits);
   launch.config.numAttrs = 1;  // a cluster launch even for 1 split: the kernel's cluster.sync() always runs
-  return cudaLaunchKernelEx(&launch.config, w4a16_small_kernel<T, NT, kMode, kPipelined>, p, __builtin_ctz(p.group_size));
+  return cudaLaunchKernelEx(&launch.config, w4a16_small_kernel<T, NT, kMode>, p, __builtin_ctz(p.group_size));
 }
 
 }  // namespace small
