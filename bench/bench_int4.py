@@ -26,16 +26,23 @@ GROUP = 128
 DTYPE = torch.bfloat16
 BF16, TORCH_INT4, OURS = "torch bf16 (cuBLAS)", "torch _weight_int4pack_mm", "fastinfer int4_linear"
 # The default (auto) kernel choice above, and each CUDA kernel forced at every M (FASTINFER_INT4_KERNEL).
-VARIANTS = {"fastinfer int4_linear [small]": "small", "fastinfer int4_linear [tiles]": "tiles"}
+VARIANTS = {"fastinfer int4_linear [small]": "small", "fastinfer int4_linear [small_deferred]": "small_deferred",
+            "fastinfer int4_linear [small_deferred, overhead splits]": "small_deferred+overhead",
+            "fastinfer int4_linear [tiles]": "tiles"}
 
 
 def with_kernel(fn, kernel: str):
+    """fn with FASTINFER_INT4_KERNEL = kernel (and, for "name+overhead", FASTINFER_INT4_SPLITS=overhead)."""
+    name, _, splits = kernel.partition("+")
+    settings = {"FASTINFER_INT4_KERNEL": name, **({"FASTINFER_INT4_SPLITS": splits} if splits else {})}
+
     def run(x):
-        os.environ["FASTINFER_INT4_KERNEL"] = kernel
+        os.environ.update(settings)
         try:
             return fn(x)
         finally:
-            del os.environ["FASTINFER_INT4_KERNEL"]
+            for key in settings:
+                del os.environ[key]
     return run
 TORCH_INNER_K_TILES = 8
 

@@ -80,7 +80,7 @@ def decode_kernel(request, monkeypatch) -> str:
     return select_variant(request, monkeypatch, "FASTINFER_DECODE_KERNEL", DECODE_KERNELS)
 
 
-INT4_KERNELS = ["small", "tiles"]
+INT4_KERNELS = ["small", "tiles", "small_deferred"]
 
 
 @pytest.fixture(params=INT4_KERNELS)

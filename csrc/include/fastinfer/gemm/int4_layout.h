@@ -22,7 +22,8 @@ enum class Int4Mode : int {
 };
 
 // Which CUDA kernel runs int4_linear: auto = the GEMV kernel (w4a16_small.cuh) for M <= 8 rows of x,
-// the tile kernel (w4a16.cuh) above; tiles / small force one at every M.
-enum class Int4Kernel : int { kAuto = 0, kTiles = 1, kSmall = 2 };
+// the tile kernel (w4a16.cuh) above; tiles / small force one at every M; small_deferred is the GEMV
+// kernel multiplying by the biased codes and applying the group parameters to the sums (kDeferScales).
+enum class Int4Kernel : int { kAuto = 0, kTiles = 1, kSmall = 2, kSmallDeferred = 3 };
 
 }  // namespace fastinfer

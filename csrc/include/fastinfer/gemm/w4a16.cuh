@@ -413,9 +413,13 @@ cudaError_t launch_mode(const W4A16Params& p, cudaStream_t stream) {
   // auto: the GEMV kernel up to 8 rows (one n8 tile of x^T). On an H200 (bench/results visit 4) it
   // ran qkv at M = 1 in 13.0 us against the tile kernel's 19.2 and the down projection in 26.2 against
   // 30.8, but at M = 16 (two x tiles) it lost: qkv 24.7 vs 20.3 us, down 34.3 vs 31.6.
-  const bool small = p.kernel == Int4Kernel::kSmall || (p.kernel == Int4Kernel::kAuto && p.m <= 8);
+  const bool deferred = p.kernel == Int4Kernel::kSmallDeferred;
+  const bool small = deferred || p.kernel == Int4Kernel::kSmall || (p.kernel == Int4Kernel::kAuto && p.m <= 8);
+  if (small && deferred) {
+    return p.m <= 8 ? small::launch_small<T, 1, kMode, true>(p, stream) : small::launch_small<T, 2, kMode, true>(p, stream);
+  }
   if (small) {
-    return p.m <= 8 ? small::launch_small<T, 1, kMode>(p, stream) : small::launch_small<T, 2, kMode>(p, stream);
+    return p.m <= 8 ? small::launch_small<T, 1, kMode, false>(p, stream) : small::launch_small<T, 2, kMode, false>(p, stream);
   }
   // Fewest CTAs along M at <= 64 rows each, then the fewest 16-row tiles that cover their share.
   const int64_t m_blocks = ceil_div<int64_t>(p.m, 64);

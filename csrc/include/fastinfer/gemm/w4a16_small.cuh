@@ -36,10 +36,11 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * kWarpSize;
 constexpr int kRedStride = L::kStripN + 4;  // fp32 partial tile row (one token): +4 spreads lanes over banks
 
-template <int NT>
+template <int NT, bool kDeferScales = false>
 struct SmallConfig {
   static constexpr int kTokens = 8 * NT;
-  static constexpr int kChunk = NT == 1 ? 8 : 4;  // k16 steps a warp loads before it computes
+  // k16 steps a warp loads before it computes (deferred scales at NT = 2: 2, the sums' registers)
+  static constexpr int kChunk = NT == 1 ? 8 : (kDeferScales ? 2 : 4);
   static constexpr int kPairs = kChunk / 2;       // group-parameter loads per chunk (one per 32 k)
   static constexpr int kSliceFloats = kTokens * kRedStride;
   static constexpr int kSmemBytes = kWarps * kSliceFloats * 4;
@@ -67,9 +68,17 @@ __device__ __forceinline__ uint32_t load_cached4(const void* ptr) {
   return v;
 }
 
-template <typename T, int NT, Int4Mode kMode>
+// kDeferScales: the mma multiplies x by the biased codes (magic + q, one LOP3 per pair, exact in T)
+// instead of dequantized weights, and the group's parameters are applied to the fp32 sums once per
+// group (or per chunk, whichever ends first): with s, z, m of a column and X = the sum of x over the
+// group's k (one extra mma by an all-ones A),
+//   sum x w = s (sum x (magic + q) - (magic + z) X)          zeros (symmetric: z = 8)
+//   sum x w = s (sum x (magic + q) - magic X) + m X           mins
+// Half the dequantization instructions per weight, and no rounding of w to T (the fp32 sums carry
+// the magic offset: 128 (bf16) or 1024 (fp16) times X, far inside fp32's precision).
+template <typename T, int NT, Int4Mode kMode, bool kDeferScales>
 __global__ void __launch_bounds__(kThreads, 2) w4a16_small_kernel(const W4A16Params p, const int group_shift) {
-  using Cfg = SmallConfig<NT>;
+  using Cfg = SmallConfig<NT, kDeferScales>;
   using T2 = typename Traits<T>::T2;
   constexpr bool kHasOffsets = kMode != Int4Mode::kSymmetric;
   constexpr int kChunk = Cfg::kChunk;
@@ -98,12 +107,20 @@ __global__ void __launch_bounds__(kThreads, 2) w4a16_small_kernel(const W4A16Par
   }
 
   float acc[NT][4][4];
+  float raw[NT][4][4];  // kDeferScales: the current group's sums of x (magic + q)
+  float xsum[NT][4];    // kDeferScales: the current group's sums of x (every row the same)
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
+  for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[nt][i][e] = 0.0f;
+      for (int e = 0; e < 4; ++e) acc[nt][i][e] = raw[nt][i][e] = 0.0f;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) xsum[nt][e] = 0.0f;
+  }
+  const int group_steps = (1 << group_shift) / L::kStepK;  // 2, 4 or 8 k16 steps per group
+  constexpr uint32_t kOnes = std::is_same_v<T, __half> ? 0x3c003c00u : 0x3f803f80u;  // (1, 1) in T
+  const uint32_t ones[4] = {kOnes, kOnes, kOnes, kOnes};
 
   for (int chunk = chunk_begin + warp; chunk < chunk_end; chunk += kWarps) {
     const int step0 = chunk * kChunk;
@@ -125,6 +142,7 @@ __global__ void __launch_bounds__(kThreads, 2) w4a16_small_kernel(const W4A16Par
     }
 #pragma unroll
     for (int q = 0; q < Cfg::kPairs; ++q) {
+      if constexpr (kDeferScales) break;  // loaded where a group's sums are scaled (fewer live registers)
       const int step = min(step0 + 2 * q, k_steps - 1);
       const int64_t group_off = ((static_cast<int64_t>(step) * L::kStepK) >> group_shift) * p.n;
       scale8[q] = load_cached16(scales + group_off);
@@ -135,30 +153,83 @@ __global__ void __launch_bounds__(kThreads, 2) w4a16_small_kernel(const W4A16Par
 #pragma unroll
     for (int u = 0; u < kChunk; ++u) {
       if (step0 + u >= k_steps) break;  // warp-uniform
-      const uint4 s8 = scale8[u / 2], o8 = offset8[u / 2];
-      const uint32_t scale_words[4] = {s8.x, s8.y, s8.z, s8.w};
-      const uint32_t offset_words[4] = {o8.x, o8.y, o8.z, o8.w};
       const uint32_t words[4] = {codes[u].x, codes[u].y, codes[u].z, codes[u].w};
+      if constexpr (kDeferScales) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {  // m16 tile i: strip columns 16 i .. 16 i + 15 = n8 tiles 2i, 2i + 1
-        uint32_t a[4];
+        for (int i = 0; i < 4; ++i) {
+          uint32_t a[4];
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int j = 2 * i + h;
-          const T2 scale = as_pair<T2>(broadcast_half(scale_words, j));
-          T2 offset;
-          if constexpr (kMode == Int4Mode::kSymmetric) {
-            offset = as_pair<T2>(Traits<T>::kMagicSym);
-          } else if constexpr (kMode == Int4Mode::kZeros) {
-            offset = __hadd2(as_pair<T2>(broadcast_half(offset_words, j)), as_pair<T2>(Traits<T>::kMagic));
-          } else {
-            offset = as_pair<T2>(broadcast_half(offset_words, j));
+          for (int h = 0; h < 2; ++h) {
+            a[h] = and_or<0x000f000fu, Traits<T>::kMagic>(words[i] >> (8 * h));          // magic + q, exact
+            a[2 + h] = and_or<0x000f000fu, Traits<T>::kMagic>(words[i] >> (8 * h + 4));
           }
-          a[h] = dequant_pair<T, kMode>(words[i] >> (8 * h), scale, offset);          // rows g (+8 h), k 2c, 2c+1
-          a[2 + h] = dequant_pair<T, kMode>(words[i] >> (8 * h + 4), scale, offset);  // k 2c+8, 2c+9
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mma_16816<T>(raw[nt][i], a, xb[u][nt][0], xb[u][nt][1]);
         }
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) mma_16816<T>(acc[nt][i], a, xb[u][nt][0], xb[u][nt][1]);
+        for (int nt = 0; nt < NT; ++nt) mma_16816<T>(xsum[nt], ones, xb[u][nt][0], xb[u][nt][1]);
+        // The group (or this warp's run of consecutive steps) ends here: apply its parameters.
+        const int step = step0 + u;
+        if (u == kChunk - 1 || (step + 1) % group_steps == 0 || step + 1 == k_steps) {  // warp-uniform
+          constexpr float kMagicValue = std::is_same_v<T, __half> ? 1024.0f : 128.0f;
+          const int64_t group_off = ((static_cast<int64_t>(step) * L::kStepK) >> group_shift) * p.n;
+          const uint4 gs8 = load_cached16(scales + group_off);
+          const uint4 go8 = kHasOffsets ? load_cached16(offsets + group_off) : make_uint4(0, 0, 0, 0);
+          const uint32_t scale_words[4] = {gs8.x, gs8.y, gs8.z, gs8.w};
+          const uint32_t offset_words[4] = {go8.x, go8.y, go8.z, go8.w};
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int j = 2 * i + (e >= 2 ? 1 : 0);  // n8 tile: the column's scale / offset index
+              const T2 s2 = as_pair<T2>(broadcast_half(scale_words, j));
+              const float sc = to_float(s2.x);
+              float bias;  // what the sums of x (magic + q) carry beyond q - z (times X), or m - magic s
+              if constexpr (kMode == Int4Mode::kSymmetric) {
+                bias = -(kMagicValue + 8.0f) * sc;
+              } else if constexpr (kMode == Int4Mode::kZeros) {
+                bias = -(kMagicValue + to_float(as_pair<T2>(broadcast_half(offset_words, j)).x)) * sc;
+              } else {
+                bias = to_float(as_pair<T2>(broadcast_half(offset_words, j)).x) - kMagicValue * sc;
+              }
+#pragma unroll
+              for (int nt = 0; nt < NT; ++nt) {
+                const float xs = xsum[nt][e & 1];
+                acc[nt][i][e] = fmaf(sc, raw[nt][i][e], fmaf(bias, xs, acc[nt][i][e]));
+                raw[nt][i][e] = 0.0f;
+              }
+            }
+          }
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) xsum[nt][e] = 0.0f;
+        }
+      } else {
+        const uint4 s8 = scale8[u / 2], o8 = offset8[u / 2];
+        const uint32_t scale_words[4] = {s8.x, s8.y, s8.z, s8.w};
+        const uint32_t offset_words[4] = {o8.x, o8.y, o8.z, o8.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {  // m16 tile i: strip columns 16 i .. 16 i + 15 = n8 tiles 2i, 2i + 1
+          uint32_t a[4];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int j = 2 * i + h;
+            const T2 scale = as_pair<T2>(broadcast_half(scale_words, j));
+            T2 offset;
+            if constexpr (kMode == Int4Mode::kSymmetric) {
+              offset = as_pair<T2>(Traits<T>::kMagicSym);
+            } else if constexpr (kMode == Int4Mode::kZeros) {
+              offset = __hadd2(as_pair<T2>(broadcast_half(offset_words, j)), as_pair<T2>(Traits<T>::kMagic));
+            } else {
+              offset = as_pair<T2>(broadcast_half(offset_words, j));
+            }
+            a[h] = dequant_pair<T, kMode>(words[i] >> (8 * h), scale, offset);          // rows g (+8 h), k 2c, 2c+1
+            a[2 + h] = dequant_pair<T, kMode>(words[i] >> (8 * h + 4), scale, offset);  // k 2c+8, 2c+9
+          }
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mma_16816<T>(acc[nt][i], a, xb[u][nt][0], xb[u][nt][1]);
+        }
       }
     }
   }
@@ -199,10 +270,10 @@ __global__ void __launch_bounds__(kThreads, 2) w4a16_small_kernel(const W4A16Par
 }
 
 // Occupancy and cluster facts of one instantiation, queried once per process (see launch_tiles).
-template <typename T, int NT, Int4Mode kMode>
+template <typename T, int NT, Int4Mode kMode, bool kDeferScales>
 cudaError_t query_small(Occupancy* occ) {
-  using Cfg = SmallConfig<NT>;
-  auto kernel = w4a16_small_kernel<T, NT, kMode>;
+  using Cfg = SmallConfig<NT, kDeferScales>;
+  auto kernel = w4a16_small_kernel<T, NT, kMode, kDeferScales>;
   if (Cfg::kSmemBytes > 48 * 1024) {
     FI_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
   }
@@ -213,9 +284,13 @@ cudaError_t query_small(Occupancy* occ) {
   return cudaSuccess;
 }
 
-// Splits of K per strip: the count that minimizes (waves of CTAs) x (chunk rounds per CTA), the
-// fewest on ties. A round is one chunk for each of a CTA's 8 warps.
-inline int choose_small_splits(int strips, int m_blocks, int chunks, int64_t slots, const Occupancy& occ) {
+// Splits of K per strip: the count that minimizes (waves of CTAs) x (chunk rounds per CTA +
+// overhead_rounds), the fewest on ties. A round is one chunk for each of a CTA's 8 warps;
+// overhead_rounds (W4A16Params::split_overhead_rounds, FASTINFER_INT4_SPLITS) prices a CTA's start
+// and its reduction epilogue. With 0, gate_up (448 strips, 32 chunks) at M = 1 ran 1792 CTAs of one
+// round each (7 waves; visit 4: 44 us, the tile kernel 40); with 1 it runs 448 CTAs of 4 rounds.
+inline int choose_small_splits(int strips, int m_blocks, int chunks, int64_t slots, const Occupancy& occ,
+                               int overhead_rounds) {
   int best = 1;
   int64_t best_cost = -1;
   for (int s = 1; s <= kMaxSplits && s <= chunks; ++s) {
@@ -223,24 +298,24 @@ inline int choose_small_splits(int strips, int m_blocks, int chunks, int64_t slo
     const int64_t ctas = static_cast<int64_t>(strips) * m_blocks * s;
     const int64_t waves = (ctas + slots - 1) / slots;
     const int64_t rounds = (ceil_div(chunks, s) + kWarps - 1) / kWarps;
-    const int64_t cost = waves * rounds;
+    const int64_t cost = waves * (rounds + overhead_rounds);
     if (best_cost < 0 || cost < best_cost) best = s, best_cost = cost;
   }
   return best;
 }
 
-template <typename T, int NT, Int4Mode kMode>
+template <typename T, int NT, Int4Mode kMode, bool kDeferScales>
 cudaError_t launch_small(const W4A16Params& p, cudaStream_t stream) {
-  using Cfg = SmallConfig<NT>;
+  using Cfg = SmallConfig<NT, kDeferScales>;
   static Occupancy occ{};
   static std::atomic<int> state{0};
   if (state.load(std::memory_order_acquire) == 0) {
     Occupancy fresh{};
-    FI_CUDA_TRY((query_small<T, NT, kMode>(&fresh)));
+    FI_CUDA_TRY((query_small<T, NT, kMode, kDeferScales>(&fresh)));
     occ = fresh;
     state.store(1, std::memory_order_release);
   } else if (Cfg::kSmemBytes > 48 * 1024) {
-    FI_CUDA_TRY((cudaFuncSetAttribute(w4a16_small_kernel<T, NT, kMode>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    FI_CUDA_TRY((cudaFuncSetAttribute(w4a16_small_kernel<T, NT, kMode, kDeferScales>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       Cfg::kSmemBytes)));
   }
   const int strips = p.n / L::kStripN;
@@ -248,10 +323,10 @@ cudaError_t launch_small(const W4A16Params& p, cudaStream_t stream) {
   if (m_blocks > 65535 || strips > 65535) return cudaErrorInvalidValue;
   const int chunks = ceil_div(p.k / L::kStepK, Cfg::kChunk);
   const int64_t slots = static_cast<int64_t>(p.num_sms) * (occ.blocks_per_sm > 0 ? occ.blocks_per_sm : 1);
-  const int splits = choose_small_splits(strips, static_cast<int>(m_blocks), chunks, slots, occ);
+  const int splits = choose_small_splits(strips, static_cast<int>(m_blocks), chunks, slots, occ, p.split_overhead_rounds);
   ClusterLaunch launch(dim3(splits, strips, static_cast<unsigned>(m_blocks)), kThreads, Cfg::kSmemBytes, stream, splits);
   launch.config.numAttrs = 1;  // a cluster launch even for 1 split: the kernel's cluster.sync() always runs
-  return cudaLaunchKernelEx(&launch.config, w4a16_small_kernel<T, NT, kMode>, p, __builtin_ctz(p.group_size));
+  return cudaLaunchKernelEx(&launch.config, w4a16_small_kernel<T, NT, kMode, kDeferScales>, p, __builtin_ctz(p.group_size));
 }
 
 }  // namespace small
