@@ -33,6 +33,7 @@ import common
 
 DTYPE = torch.bfloat16
 BLOCK = 16
+BIG_BLOCK = 256  # prefill rows also run on a cache of 256-token blocks: how much the block table costs
 OURS = "fastinfer paged"  # prefill: the mma kernel (FASTINFER_PREFILL_KERNEL=mma); decode: the default
 OURS_CUDA_CORES = "fastinfer paged, CUDA-core decode"  # FASTINFER_DECODE_KERNEL=cuda_cores, for comparison
 OURS_FUSED_MERGE = "fastinfer paged, split merge in-kernel"  # semaphores given, as the decode graphs do
@@ -44,15 +45,15 @@ DECODE = [(64, 32, 8, 4096, 128), (8, 32, 8, 8192, 128)]  # B, H, H_kv, ctx, D
 NA = "n/a (error)"
 
 
-def paged_cache(k: torch.Tensor, v: torch.Tensor):
-    """[B, H_kv, S, D] K and V -> (kv_cache [B * S / BLOCK, 2, BLOCK, H_kv, D], block_tables [B, S / BLOCK])
-    with sequence b in blocks b * S / BLOCK onwards (a contiguous block table)."""
+def paged_cache(k: torch.Tensor, v: torch.Tensor, block: int = BLOCK):
+    """[B, H_kv, S, D] K and V -> (kv_cache [B * S / block, 2, block, H_kv, D], block_tables [B, S / block])
+    with sequence b in blocks b * S / block onwards (a contiguous block table)."""
     b, hkv, s, d = k.shape
-    blocks = -(-s // BLOCK)
-    pad = blocks * BLOCK - s
+    blocks = -(-s // block)
+    pad = blocks * block - s
     kv = torch.stack([k, v], dim=1).transpose(2, 3)  # [B, 2, S, H_kv, D]
-    kv = F.pad(kv, (0, 0, 0, 0, 0, pad)).reshape(b, 2, blocks, BLOCK, hkv, d)
-    cache = kv.permute(0, 2, 1, 3, 4, 5).reshape(b * blocks, 2, BLOCK, hkv, d).contiguous()
+    kv = F.pad(kv, (0, 0, 0, 0, 0, pad)).reshape(b, 2, blocks, block, hkv, d)
+    cache = kv.permute(0, 2, 1, 3, 4, 5).reshape(b * blocks, 2, block, hkv, d).contiguous()
     tables = torch.arange(b * blocks, dtype=torch.int32, device=k.device).reshape(b, blocks)
     return cache, tables
 
@@ -112,18 +113,24 @@ def prefill_rows(ops, args, flush, errors: list) -> list[dict]:
         scale = d ** -0.5
         ops.paged_prefill_attention(q_tok, cache, cu, lens, tables, scale, out=out)  # validates the indices once
 
-        def ours(block_m, kernel="mma"):
+        big_block = min(BIG_BLOCK, s)  # diagnosis: the same kernels with 16x fewer block-table lookups
+        cache_big, tables_big = paged_cache(k, v, big_block)
+
+        def ours(block_m, kernel="mma", big=False):
             def make():  # the op reads these settings at each call; measure() times one impl at a time
                 os.environ["FASTINFER_PREFILL_BLOCK_M"] = block_m
                 os.environ["FASTINFER_PREFILL_KERNEL"] = kernel
                 out_m = torch.empty_like(q_tok)
-                return (lambda: ops.paged_prefill_attention(q_tok, cache, cu, lens, tables, scale, out=out_m,
+                kv, tab = (cache_big, tables_big) if big else (cache, tables)
+                return (lambda: ops.paged_prefill_attention(q_tok, kv, cu, lens, tab, scale, out=out_m,
                                                             check_indices=False).reshape(b, s, h, d).transpose(1, 2)), "paged"
             return make
 
         wgmma_name = OURS_WGMMA if torch.cuda.get_device_capability() == (9, 0) else OURS_WGMMA + " = default here"
         # every kernel named (auto is wgmma at head_dim 128 on Hopper): OURS is the mma kernel
         impls = {OURS: ours("auto", "mma"), OURS_64_ROWS: ours("64"), wgmma_name: ours("auto", "wgmma"),
+                 f"{wgmma_name}, block {big_block}": ours("auto", "wgmma", big=True),
+                 f"{OURS}, block {big_block}": ours("auto", "mma", big=True),
                  **{n: (lambda be=be: sdpa_call(be, q, k, v, True)) for n, be in SDPA.items()}}
         label = f"B{b} H{h}/{hkv} S{s} D{d}"
         flops = 2 * 2 * b * h * s * s * d / 2
@@ -133,7 +140,7 @@ def prefill_rows(ops, args, flush, errors: list) -> list[dict]:
             rows.append({"kind": "prefill", "shape": label, "impl": name, "kv": mode,
                          "us": t["us"] if t else NA, "tflops": flops / (t["us"] * 1e-6) / 1e12 if t else None,
                          "speedup": t["us"] / base["us"] if t and base else None, "max_diff": diff})
-        del q, k, v, cache, q_tok, out
+        del q, k, v, cache, q_tok, out, cache_big
         torch.cuda.empty_cache()
     os.environ.pop("FASTINFER_PREFILL_BLOCK_M", None)
     os.environ.pop("FASTINFER_PREFILL_KERNEL", None)
