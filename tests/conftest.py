@@ -86,7 +86,8 @@ INT4_KERNELS = ["small", "tiles", "small_deferred"]
 @pytest.fixture(params=INT4_KERNELS)
 def int4_kernel(request, monkeypatch) -> str:
     """The CUDA int4_linear kernel a test runs (FASTINFER_INT4_KERNEL), forced at every M: the GEMV
-    kernel (auto's choice for <= 8 rows) and the tile kernel (auto's choice above)."""
+    kernel dequantizing each weight, the tile kernel (auto's choice above 8 rows) and the GEMV kernel
+    with deferred scales (auto's choice up to 8 rows)."""
     return select_variant(request, monkeypatch, "FASTINFER_INT4_KERNEL", INT4_KERNELS)
 
 

@@ -26,12 +26,13 @@ SETTINGS = {
                               "FP8 GEMM split-K (cluster reduction) when output tiles cannot fill the SMs (auto: "
                               "only M <= 16 with K >= 8192, measured faster there; off: never; on: always)"),
     "FASTINFER_INT4_KERNEL": ("auto", "auto | tiles | small | small_deferred",
-                              "int4_linear's CUDA kernel (auto: the GEMV kernel for <= 8 rows of x, the tile "
-                              "kernel above; tiles / small: that kernel at every M; small_deferred: the GEMV kernel "
-                              "applying the group scales to fp32 sums of x times the raw codes)"),
-    "FASTINFER_INT4_SPLITS": ("rounds", "rounds | overhead",
-                              "split-K of int4_linear's GEMV kernel: fewest waves x chunk rounds per CTA (rounds), "
-                              "or with one round added per CTA for its start and reduction (overhead)"),
+                              "int4_linear's CUDA kernel (auto: the GEMV kernel with deferred scales for <= 8 "
+                              "rows of x, the tile kernel above; tiles / small: that kernel at every M; "
+                              "small_deferred: the GEMV kernel applying the group scales to fp32 sums of x times "
+                              "the raw codes)"),
+    "FASTINFER_INT4_SPLITS": ("overhead", "overhead | rounds",
+                              "split-K of int4_linear's GEMV kernel: fewest waves x (chunk rounds per CTA + one for "
+                              "its start and reduction) (overhead), or without that round (rounds, the earlier rule)"),
     "FASTINFER_PDL": ("0", "0 | 1", "programmatic dependent launch of the decode-path kernels"),
     "FASTINFER_DECODE_MERGE": ("auto", "auto | kernel", "split-KV decode attention given semaphores (the decode "
                                "graphs) merges in its last CTA per group (kernel: a separate merge kernel)"),

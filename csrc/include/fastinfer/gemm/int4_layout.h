@@ -21,9 +21,10 @@ enum class Int4Mode : int {
   kMins = 2,       // w = q * s + m
 };
 
-// Which CUDA kernel runs int4_linear: auto = the GEMV kernel (w4a16_small.cuh) for M <= 8 rows of x,
-// the tile kernel (w4a16.cuh) above; tiles / small force one at every M; small_deferred is the GEMV
-// kernel multiplying by the biased codes and applying the group parameters to the sums (kDeferScales).
+// Which CUDA kernel runs int4_linear: auto = the GEMV kernel (w4a16_small.cuh) with deferred scales
+// (multiplying by the biased codes, the group parameters applied to the fp32 sums) for M <= 8 rows
+// of x, the tile kernel (w4a16.cuh) above; tiles / small (the GEMV kernel dequantizing each weight) /
+// small_deferred force one at every M.
 enum class Int4Kernel : int { kAuto = 0, kTiles = 1, kSmall = 2, kSmallDeferred = 3 };
 
 }  // namespace fastinfer

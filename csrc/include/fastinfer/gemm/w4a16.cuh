@@ -410,11 +410,13 @@ namespace w4a16 {
 
 template <typename T, Int4Mode kMode>
 cudaError_t launch_mode(const W4A16Params& p, cudaStream_t stream) {
-  // auto: the GEMV kernel up to 8 rows (one n8 tile of x^T). On an H200 (bench/results visit 4) it
-  // ran qkv at M = 1 in 13.0 us against the tile kernel's 19.2 and the down projection in 26.2 against
-  // 30.8, but at M = 16 (two x tiles) it lost: qkv 24.7 vs 20.3 us, down 34.3 vs 31.6.
-  const bool deferred = p.kernel == Int4Kernel::kSmallDeferred;
-  const bool small = deferred || p.kernel == Int4Kernel::kSmall || (p.kernel == Int4Kernel::kAuto && p.m <= 8);
+  // auto: the GEMV kernel with deferred scales up to 8 rows (one n8 tile of x^T), the tile kernel above.
+  // On an H200 (bench/results visit 6, with the default split rule "overhead") the four Llama-3-8B
+  // projections at M = 1 took 13.3 + 13.5 + 34.0 + 27.6 = 88.4 us, against 96.0 for the plain GEMV
+  // kernel with the earlier split rule and 106.4 for the tile kernel; at M = 16 the tile kernel wins
+  // (qkv 20.2, down 32.0 us against 20.8 and 50.6).
+  const bool deferred = p.kernel == Int4Kernel::kSmallDeferred || (p.kernel == Int4Kernel::kAuto && p.m <= 8);
+  const bool small = deferred || p.kernel == Int4Kernel::kSmall;
   if (small && deferred) {
     return p.m <= 8 ? small::launch_small<T, 1, kMode, true>(p, stream) : small::launch_small<T, 2, kMode, true>(p, stream);
   }

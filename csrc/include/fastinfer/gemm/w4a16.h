@@ -66,7 +66,7 @@ struct W4A16Params {
   DType dtype;                // of out, x, scales, offsets: kFloat16 or kBFloat16
   int num_sms;                // SMs of the device: the split-K heuristic's only hardware input
   Int4Kernel kernel;          // which CUDA kernel (FASTINFER_INT4_KERNEL); kAuto by default
-  int split_overhead_rounds;  // the GEMV kernel's split-K cost model (w4a16_small.cuh); 0 by default
+  int split_overhead_rounds;  // the GEMV kernel's split-K cost model (w4a16_small.cuh): 1 from the binding
 };
 
 // cudaErrorInvalidValue for shapes or dtypes the kernel does not support. Never synchronizes.
