@@ -7,9 +7,11 @@
 //     symmetric   w = (q - 8) * s          (GPTQ sym, GGUF Q4_0)            zeros, mins = nullptr
 //     zeros       w = (q - z) * s          (AWQ / GPTQ asym; z integer 0..15, stored as a float)
 //     mins        w = q * s + m            (GGUF Q4_1)
-// s, z, m have the activations' dtype. The CPU reference evaluates w in fp32; the CUDA kernel in the
-// activation dtype ((q - z) exact, then one rounding of the product, or one fused q * s + m), which
-// is the rounding a bf16 / fp16 model applies to its dequantized weights anyway.
+// s, z, m have the activations' dtype. The CPU reference evaluates w in fp32; the CUDA tile kernel
+// and the plain GEMV kernel in the activation dtype ((q - z) exact, then one rounding of the
+// product, or one fused q * s + m), which is the rounding a bf16 / fp16 model applies to its
+// dequantized weights anyway; the GEMV kernel with deferred scales (auto at M <= 8) never rounds w:
+// it applies s, z, m to fp32 sums of x times the codes (w4a16_small.cuh).
 //
 // ---- Packed layout (requires N % 64 == 0, K % 64 == 0, K % group_size == 0) --------------------
 // The kernel computes with mma.sync.m16n8k16 where W^T [K, N] is the B operand. A B fragment for

@@ -19,13 +19,15 @@
 //   consecutive chunks, so a CTA reads 8 x kChunk x 512 contiguous bytes per round.
 // - Group parameters are loaded once per pair of steps (32 k: the smallest group), so the code
 //   needs no group-size template: for groups 64 / 128 the repeated loads hit the same L1 line.
+//   With kDeferScales (auto's choice) they are loaded where a group's sums are scaled instead.
 // - Split-K over a thread-block cluster (S <= 8 CTAs on one strip), reduced through distributed
-//   shared memory in a fixed order as in the tile kernel: deterministic, no workspace.
+//   shared memory in a fixed order as in the tile kernel: deterministic, no workspace. S minimizes
+//   waves x (rounds of chunks per CTA + one round for the CTA's start and reduction).
 //
-// Bytes in flight: a warp has kChunk x 512 bytes of codes outstanding at a time (4 KiB at NT = 1);
-// 2-3 CTAs of 8 warps per SM give 64-96 KiB per SM against the ~30 KiB Little's law asks for.
-// Roofline (down-projection 14336 -> 4096, group 128): 29.4 MB of codes + 0.9 MB of scales, 7.1 us
-// at 4.28 TB/s; the issue's 3x of bf16 cuBLAS (41 us) is 13.6 us, 53% of copy bandwidth.
+// Measured (H200, bench/results visits 4-6): at M = 1 qkv 13.0-13.5 us, o 13.5-13.8, down 26-28,
+// gate_up 34.0 (1.5-2.0x bf16 cuBLAS); the tile kernel is faster from M = 9 on. Neither register
+// double buffering nor the deferred scales' halving of the executed instructions made it faster;
+// the per-CTA overhead term in the split rule did (gate_up 44.7 -> 34.0 us). bench/PERF_NOTES.md.
 #pragma once
 
 namespace fastinfer {
