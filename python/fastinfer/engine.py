@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -10,7 +10,9 @@ from .block_manager import BlockManager
 from .detokenize import detokenize
 from .loader import LoadedModel
 from .metadata import SeqChunk
-from .outputs import CompletionOutput, RequestOutput
+from .outputs import CompletionOutput, Logprob, RequestOutput
+from .request_checks import (_Request, check_params, fill_max_tokens, new_request, tokenize_prompt,
+                             validate_request)
 from .runner import ModelRunner, default_graph_sizes
 from .sampling import make_generator, sample, to_device
 from .sampling_params import SamplingParams
@@ -41,15 +43,6 @@ class _InFlight:
     tokens: torch.Tensor       # int64 [B] on the device: the sampled tokens (the next step's input)
     host: torch.Tensor         # their copy on the host (pinned on a GPU), valid once `ready` is reached
     ready: torch.cuda.Event | None
-
-
-@dataclass
-class _Request:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seqs: list[Sequence]
 
 
 class Engine:
@@ -94,52 +87,21 @@ class Engine:
 
     # ---- requests ----------------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer; this model has none, pass token ids")
-            return self.tokenizer(prompt)["input_ids"]
-        if not isinstance(prompt, (list, tuple)):
-            raise ValueError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
-        return list(prompt)
+        return tokenize_prompt(self.tokenizer, prompt)
 
     def validate(self, token_ids: list[int], params: SamplingParams) -> None:
-        vocab = self.loaded.model.config.vocab_size
-        if not token_ids:
-            raise ValueError("prompt is empty")
-        bad = next((t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt has token id {bad!r} outside the vocabulary [0, {vocab})")
-        total = len(token_ids) + (params.max_tokens or 0)
-        if len(token_ids) >= self.max_model_len or total > self.max_model_len:
-            raise ValueError(f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                             f"max_model_len={self.max_model_len}")
-        need = -(-max(total, len(token_ids) + 1) // self.config.block_size)
-        if need > self.config.num_blocks:
-            raise ValueError(f"the request needs {need} KV blocks at its longest but the pool holds "
-                             f"{self.config.num_blocks}; raise num_blocks or lower max_tokens")
-        if params.logprobs is not None and params.logprobs > vocab:
-            raise ValueError(f"logprobs must be <= the vocabulary size {vocab}, got {params.logprobs}")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer to match text; this model has none "
-                             "(use stop_token_ids)")
+        validate_request(token_ids, params, vocab_size=self.loaded.model.config.vocab_size,
+                         max_model_len=self.max_model_len, block_size=self.config.block_size,
+                         num_blocks=self.config.num_blocks, tokenizer=self.tokenizer)
 
     def check_request(self, prompt: str | list[int], params: SamplingParams | None) -> tuple[list[int], SamplingParams]:
         """The prompt's token ids and the params the request will run with (max_tokens filled in), or
         a ValueError naming what is wrong; no state changes (LLM checks a whole batch with it first)."""
-        params = SamplingParams() if params is None else params
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        if self.proposer is not None and params.logprobs is not None:
-            raise ValueError("logprobs are not supported with speculative decoding")
+        params = check_params(params, speculative=self.proposer is not None)
         token_ids = self.tokenize(prompt)
-        if params.max_tokens is None:
-            room = self.max_model_len - len(token_ids)
-            if params.min_tokens > room > 0:
-                raise ValueError(f"min_tokens={params.min_tokens} exceeds the {room} tokens left after the "
-                                 f"prompt ({len(token_ids)} tokens) within max_model_len={self.max_model_len}")
-            params = replace(params, max_tokens=max(1, room))
-        else:
-            params = replace(params)  # checked again: a SamplingParams may have been changed after construction
+        if params.truncate_prompt_tokens is not None:  # vLLM: the prompt's last k tokens
+            token_ids = token_ids[-params.truncate_prompt_tokens:]
+        params = fill_max_tokens(token_ids, params, self.max_model_len)
         self.validate(token_ids, params)
         return token_ids, params
 
@@ -149,11 +111,9 @@ class Engine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         token_ids, params = self.check_request(prompt, params)
-        gen = make_generator(params.seed, self.runner.device)
-        seq = Sequence(request_id, 0, token_ids, params, gen, next(self._arrivals), extra_seen_ids)
-        self.requests[request_id] = _Request(request_id, prompt if isinstance(prompt, str) else None,
-                                             token_ids, params, [seq])
-        self.scheduler.add(seq)
+        req = new_request(request_id, prompt, token_ids, params, self.runner.device, self._arrivals, extra_seen_ids)
+        self.requests[request_id] = req
+        self.scheduler.add(req.seqs[0])
 
     def abort(self, request_id: str) -> None:
         req = self.requests.get(request_id)
@@ -382,13 +342,20 @@ class Engine:
                         [s.generator for s in rows]).tolist()
         want_logprobs = [i for i, s in enumerate(rows) if s.logprobs is not None]
         logprobs = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
-        for j, i in enumerate(want_logprobs):
+        for j, i in enumerate(want_logprobs):  # vLLM's shape: {token id: Logprob}, sampled token first
             seq, k = rows[i], rows[i].params.logprobs
-            top = torch.topk(logprobs[j], k) if k else None
-            entry = {tokens[i]: float(logprobs[j, tokens[i]])}
-            if top is not None:
-                entry.update(zip(top.indices.tolist(), top.values.tolist()))
-            seq.logprobs.append(entry)
+            sampled = float(logprobs[j, tokens[i]])
+            ids, values = [tokens[i]], [sampled]
+            ranks = [int((logprobs[j] >= sampled).sum())]  # vLLM counts ties as ahead
+            if k:
+                top = torch.topk(logprobs[j], k)
+                ids += top.indices.tolist()
+                values += top.values.tolist()
+                ranks += range(1, k + 1)
+            decode = self.tokenizer is not None and seq.params.detokenize
+            seq.logprobs.append({t: Logprob(v, r, self.tokenizer.decode([t]) if decode else None)
+                                 for t, v, r in zip(ids, values, ranks)})
+            seq.cumulative_logprob += sampled
         for seq, tok in zip(rows, tokens):
             self._append_token(seq, tok)
 
@@ -404,7 +371,7 @@ class Engine:
     def _check_stop(self, seq: Sequence, tok: int) -> None:
         p = seq.params
         searched = len(seq.text)
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and p.detokenize:
             detokenize(self.tokenizer, seq)
         if len(seq.output_token_ids) > p.min_tokens - 1:
             if not p.ignore_eos and tok in self.eos_ids:
@@ -418,7 +385,8 @@ class Engine:
             self._finish(seq, "length", None)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
-        if self.tokenizer is not None and not isinstance(stop_reason, str):  # a stop string cut the text already
+        if (self.tokenizer is not None and seq.params.detokenize
+                and not isinstance(stop_reason, str)):  # a stop string cut the text already
             searched = len(seq.text)
             detokenize(self.tokenizer, seq, final=True)  # characters held back for an incomplete UTF-8 tail
             if len(seq.output_token_ids) >= seq.params.min_tokens:  # ... may complete a stop string
@@ -435,7 +403,7 @@ class Engine:
 
     def _output(self, req: _Request) -> RequestOutput:
         outs = [CompletionOutput(s.index, s.text, list(s.output_token_ids), s.finish_reason, s.stop_reason,
-                                 s.logprobs) for s in sorted(req.seqs, key=lambda s: s.index)]
+                                 s.logprobs, s.cumulative_logprob) for s in sorted(req.seqs, key=lambda s: s.index)]
         done = all(s.is_finished for s in req.seqs) and (req.params.n == 1 or req.seqs[0].forked
                                                          or req.seqs[0].finish_reason == "abort")
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, done,
@@ -448,7 +416,7 @@ def _cut_at_stop(seq: Sequence, searched: int) -> str | None:
     for stop in seq.params.stop or ():
         at = seq.text.find(stop, max(0, searched - len(stop) + 1))
         if at >= 0:
-            seq.text = seq.text[:at]
+            seq.text = seq.text[:at + len(stop) if seq.params.include_stop_str_in_output else at]
             return stop
     return None
 

@@ -17,24 +17,25 @@ HF_DEFAULTS: dict[str, Any] = {
     "temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": None, "repetition_penalty": 1.0,
     "num_return_sequences": 1, "eos_token_id": None, "pad_token_id": None,
 }
-# Unsupported features, allowed only at these neutral values (HF no-ops; see NEUTRAL_ALSO for the keys
-# with a second one).
-NEUTRAL: dict[str, Any] = {
-    "num_beams": 1, "num_beam_groups": 1, "early_stopping": False, "typical_p": 1.0, "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0, "length_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
-    "encoder_repetition_penalty": 1.0, "bad_words_ids": None, "force_words_ids": None, "constraints": None,
-    "forced_bos_token_id": None, "forced_eos_token_id": None, "suppress_tokens": None,
-    "begin_suppress_tokens": None, "sequence_bias": None, "stop_strings": None, "diversity_penalty": 0.0,
-    "penalty_alpha": None, "guidance_scale": None, "output_scores": False, "output_logits": False,
-    "output_attentions": False, "output_hidden_states": False, "return_dict_in_generate": False,
-    "renormalize_logits": False, "remove_invalid_values": False, "exponential_decay_length_penalty": None,
-    "watermarking_config": None, "max_time": None, "prompt_lookup_num_tokens": None, "dola_layers": None,
-    "top_h": None, "token_healing": False, "low_memory": None, "use_mtp": None,
+# Unsupported features, allowed only at these neutral values (HF no-ops): the default first, then any
+# other value that is a no-op in HF too (classifier-free guidance at scale 1, contrastive search with
+# alpha 0, low_memory off; generate()'s logits_processor / stopping_criteria lists when empty).
+NEUTRAL: dict[str, tuple] = {
+    "num_beams": (1,), "num_beam_groups": (1,), "early_stopping": (False,), "typical_p": (1.0,),
+    "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,), "length_penalty": (1.0,), "no_repeat_ngram_size": (0,),
+    "encoder_no_repeat_ngram_size": (0,), "encoder_repetition_penalty": (1.0,), "bad_words_ids": (None,),
+    "force_words_ids": (None,), "constraints": (None,), "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
+    "sequence_bias": (None,), "stop_strings": (None,), "diversity_penalty": (0.0,), "penalty_alpha": (None, 0.0),
+    "guidance_scale": (None, 1.0), "output_scores": (False,), "output_logits": (False,),
+    "output_attentions": (False,), "output_hidden_states": (False,), "return_dict_in_generate": (False,),
+    "renormalize_logits": (False,), "remove_invalid_values": (False,), "exponential_decay_length_penalty": (None,),
+    "watermarking_config": (None,), "max_time": (None,), "prompt_lookup_num_tokens": (None,),
+    "dola_layers": (None,), "top_h": (None,), "token_healing": (False,), "low_memory": (None, False),
+    "use_mtp": (None,), "logits_processor": (None, []), "stopping_criteria": (None, []),
 }
-# Other values that are no-ops in HF too: classifier-free guidance at scale 1, contrastive search
-# with alpha 0, low_memory off; generate()'s logits_processor / stopping_criteria lists when empty.
-NEUTRAL_ALSO: dict[str, tuple] = {"guidance_scale": (1.0,), "penalty_alpha": (0.0,), "low_memory": (False,),
-                                  "logits_processor": ([],), "stopping_criteria": ([],)}
+# generate()'s own arguments, not GenerationConfig fields: not read from the model's generation config.
+GENERATE_ONLY = {"logits_processor", "stopping_criteria"}
 # Keys whose explicit None keyword means "none" in HF (generation_config.update(**kwargs) sets it),
 # not "unset": eos_token_id=None turns stopping on EOS off even where the model has an EOS, top_k=None
 # builds no top-k warper even where the model's config sets one; the value each then takes here.
@@ -72,8 +73,8 @@ def _layer(source: dict | None, where: str, merged: dict, explicit_none: bool = 
             continue
         if value is None or key in IGNORED:
             continue
-        if key in NEUTRAL or key in NEUTRAL_ALSO:
-            if not (value == NEUTRAL.get(key) or any(value == v for v in NEUTRAL_ALSO.get(key, ()))):
+        if key in NEUTRAL:
+            if not any(value == v for v in NEUTRAL[key]):
                 raise ValueError(f"generate(): {key}={value!r} is not supported by fastinfer (from {where})")
             continue
         if key not in HF_DEFAULTS:
@@ -84,8 +85,8 @@ def _layer(source: dict | None, where: str, merged: dict, explicit_none: bool = 
 def resolve(model_defaults: dict | None, generation_config, kwargs: dict, prompt_width: int,
             config_eos: list[int], config_pad: int | None, max_position: int | None = None) -> GenerationSettings:
     merged = dict(HF_DEFAULTS)
-    _layer({k: v for k, v in (model_defaults or {}).items() if k in HF_DEFAULTS or k in NEUTRAL},
-           "the model's generation config", merged)
+    _layer({k: v for k, v in (model_defaults or {}).items()
+            if k in HF_DEFAULTS or (k in NEUTRAL and k not in GENERATE_ONLY)}, "the model's generation config", merged)
     if generation_config is not None:
         gc = generation_config if isinstance(generation_config, dict) else generation_config.to_dict()
         _layer(gc, "generation_config", merged)

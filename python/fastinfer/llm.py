@@ -106,8 +106,20 @@ class LLM:
         return int(blocks)
 
     # ---- generation --------------------------------------------------------------------------------
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What generate() uses when given no SamplingParams, as vLLM's (generation_config="auto"): the
+        model's generation config's non-default repetition_penalty, temperature, top_k, top_p, min_p and
+        max_new_tokens (as max_tokens) over SamplingParams()' defaults."""
+        from .gen_config import HF_DEFAULTS
+        gen, diff = self.loaded.generation_defaults or {}, {}
+        for key in ("repetition_penalty", "temperature", "top_k", "top_p", "min_p", "max_new_tokens"):
+            value = gen.get(key)
+            if value is not None and value != HF_DEFAULTS.get(key):
+                diff["max_tokens" if key == "max_new_tokens" else key] = value
+        return SamplingParams(**diff)
+
     def _requests(self, prompts, sampling_params) -> tuple[list, list[SamplingParams]]:
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)):
             raise ValueError(f"prompts must be a str, a list of token ids or a list of prompts, "
@@ -115,8 +127,14 @@ class LLM:
         prompts = list(prompts)
         if not prompts:
             raise ValueError("prompts is empty")
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, dict):
+                try:
+                    prompts[i] = _from_prompt_dict(prompt)
+                except ValueError as e:
+                    raise ValueError(f"prompts[{i}]: {e}") from None
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params or SamplingParams()] * len(prompts)
+            params = [sampling_params or self.get_default_sampling_params()] * len(prompts)
         else:
             params = list(sampling_params)
             if len(params) != len(prompts):
@@ -151,12 +169,14 @@ class LLM:
                 self.engine.pop_finished(rid)
 
     def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """One RequestOutput per prompt, in input order."""
+                 use_tqdm=True) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in input order. prompts: a str, a list of token ids, a
+        vLLM prompt dict ({"prompt": str} or {"prompt_token_ids": [...]}) or a list of these.
+        use_tqdm: a bool or, as in vLLM, a tqdm-like class to build the progress bar with."""
         prompts, params = self._requests(prompts, sampling_params)
         ids = self._submit(prompts, params)
         pending = set(ids)
-        bar = _progress(len(ids)) if use_tqdm else None
+        bar = _progress(len(ids), use_tqdm if callable(use_tqdm) else None) if use_tqdm else None
         start, tokens0 = time.perf_counter(), (self.engine.num_prompt_tokens, self.engine.num_output_tokens)
         results: dict[str, RequestOutput] = {}
         try:
@@ -199,11 +219,11 @@ class LLM:
                         if done:
                             continue
                         text = c.text
-                        if not c.finished:
+                        if not c.finished():
                             text = text.rstrip("\ufffd")  # hold back partial UTF-8
                             text = text[:max(n_text, len(text) - hold[out.request_id])]
-                        if len(text) > n_text or len(c.token_ids) > n_tok or c.finished:
-                            sent[(out.request_id, c.index)] = (len(text), len(c.token_ids), c.finished)
+                        if len(text) > n_text or len(c.token_ids) > n_tok or c.finished():
+                            sent[(out.request_id, c.index)] = (len(text), len(c.token_ids), c.finished())
                             yield StreamDelta(position[out.request_id], c.index, text[n_text:],
                                               c.token_ids[n_tok:], c.finish_reason)
                     if out.finished:
@@ -222,6 +242,25 @@ class LLM:
         return self.engine.blocks.prefix_hit_rate
 
 
-def _progress(total: int):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)
+def _progress(total: int, factory=None):
+    if factory is None:
+        from tqdm.auto import tqdm as factory
+    return factory(total=total, desc="Processed prompts", dynamic_ncols=True)
+
+
+def _from_prompt_dict(prompt: dict):
+    """vLLM's TextPrompt {"prompt": str} / TokensPrompt {"prompt_token_ids": [...]} -> the str or the
+    list of ids; a key fastinfer does not act on (multi_modal_data, ...) is an error naming it."""
+    key = "prompt_token_ids" if "prompt_token_ids" in prompt else "prompt"
+    extra = sorted(str(k) for k, v in prompt.items() if k != key and v is not None
+                   and not (key == "prompt_token_ids" and k == "prompt"))
+    if extra:
+        raise ValueError(f"prompt dict key(s) {extra} not supported (only 'prompt' or 'prompt_token_ids')")
+    if key not in prompt:
+        raise ValueError("a prompt dict needs a 'prompt' or a 'prompt_token_ids' key")
+    value = prompt[key]
+    if key == "prompt" and not isinstance(value, str):
+        raise ValueError(f"prompt dict's 'prompt' must be a str, got {type(value).__name__}")
+    if key == "prompt_token_ids" and not isinstance(value, (list, tuple)):
+        raise ValueError(f"prompt dict's 'prompt_token_ids' must be a list of ints, got {type(value).__name__}")
+    return value if isinstance(value, str) else list(value)

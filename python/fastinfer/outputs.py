@@ -4,6 +4,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+class Logprob(float):
+    """One token's log probability, as vLLM's ``Logprob``: ``.logprob``, ``.rank`` (1 = the most
+    likely token; ties count as ahead) and ``.decoded_token`` (None without a tokenizer or with
+    detokenize=False). A float subclass, so that code treating the entries as plain floats works."""
+    __slots__ = ("rank", "decoded_token")
+
+    def __new__(cls, logprob: float, rank: int | None = None, decoded_token: str | None = None):
+        self = super().__new__(cls, logprob)
+        self.rank, self.decoded_token = rank, decoded_token
+        return self
+
+    @property
+    def logprob(self) -> float:
+        return float(self)
+
+    def __repr__(self) -> str:
+        return f"Logprob(logprob={float(self)!r}, rank={self.rank!r}, decoded_token={self.decoded_token!r})"
+
+
 @dataclass
 class CompletionOutput:
     index: int                         # which of the request's n completions
@@ -11,10 +30,10 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None          # 'stop' | 'length' | 'abort' | None while running
     stop_reason: str | int | None = None   # the stop string or stop token that ended it
-    logprobs: list[dict[int, float]] | None = None  # per token: sampled and top-`logprobs` ids
+    logprobs: list[dict[int, Logprob]] | None = None  # per token: sampled and top-`logprobs` ids
+    cumulative_logprob: float | None = None  # sum of the sampled tokens' logprobs (with logprobs only)
 
-    @property
-    def finished(self) -> bool:
+    def finished(self) -> bool:  # a method, as vLLM's CompletionOutput.finished()
         return self.finish_reason is not None
 
 
@@ -26,3 +45,4 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0         # prompt tokens served from the prefix cache
+    prompt_logprobs: None = None       # vLLM's field; prompt_logprobs are not supported (always None)

@@ -59,6 +59,14 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    # vLLM's fields, same meaning
+    # True: a matched stop string stays at the end of the text (a stop token's text always shows unless special)
+    include_stop_str_in_output: bool = False
+    detokenize: bool = True               # False: no text (""), no stop strings, no decoded logprob tokens
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens
+    # accepted at vLLM's defaults only: True is what a fast tokenizer's decode does; no prompt logprobs
+    spaces_between_special_tokens: bool = True
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, 1)
@@ -86,6 +94,16 @@ class SamplingParams:
         _check_bool("ignore_eos", self.ignore_eos)
         _check_optional_int("logprobs", self.logprobs, 0)
         _check_bool("skip_special_tokens", self.skip_special_tokens)
+        _check_bool("include_stop_str_in_output", self.include_stop_str_in_output)
+        _check_bool("detokenize", self.detokenize)
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings need detokenize=True (they are matched against the text)")
+        _check_optional_int("truncate_prompt_tokens", self.truncate_prompt_tokens, 1)
+        if self.spaces_between_special_tokens is not True:
+            raise ValueError(f"spaces_between_special_tokens={self.spaces_between_special_tokens!r} is not "
+                             f"supported (only the default True)")
+        if self.prompt_logprobs is not None:
+            raise ValueError(f"prompt_logprobs={self.prompt_logprobs!r} is not supported (only None)")
 
     @staticmethod
     def _validated_stop(stop) -> list[str] | None:

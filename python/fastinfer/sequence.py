@@ -43,6 +43,7 @@ class Sequence:
         self.text = ""                          # detokenized output (engine with a tokenizer)
         self.prefix_offset = self.read_offset = 0  # incremental detokenization window (Detokenizer)
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob: float | None = 0.0 if params.logprobs is not None else None
         self.num_prefix_hit_tokens = 0         # prompt tokens served from the prefix cache at first admission
         self.admitted = False                   # allocated blocks at least once (a later allocation is a recompute)
         self.forked = False                     # True once an n > 1 request has split into n sequences

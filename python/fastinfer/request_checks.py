@@ -1,0 +1,86 @@
+"""A submitted request's checks and tokenization, and the structures it is queued with (engine.py's add_request).
+
+Functions of the values they check (the engine passes its current ones): nothing here holds state."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+import torch
+
+from .sampling import make_generator
+from .sampling_params import SamplingParams
+from .sequence import Sequence
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+
+
+def tokenize_prompt(tokenizer, prompt: str | list[int]) -> list[int]:
+    """A text prompt's token ids (it needs a tokenizer), or a copy of the token ids given."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer; this model has none, pass token ids")
+        return tokenizer(prompt)["input_ids"]
+    if not isinstance(prompt, (list, tuple)):
+        raise ValueError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+    return list(prompt)
+
+
+def validate_request(token_ids: list[int], params: SamplingParams, *, vocab_size: int, max_model_len: int,
+                     block_size: int, num_blocks: int, tokenizer) -> None:
+    """ValueError unless the prompt's ids are in the vocabulary and the request fits the model's length,
+    the KV pool and what the model can do (logprobs within the vocabulary, stop strings with a tokenizer)."""
+    if not token_ids:
+        raise ValueError("prompt is empty")
+    bad = next((t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"prompt has token id {bad!r} outside the vocabulary [0, {vocab_size})")
+    total = len(token_ids) + (params.max_tokens or 0)
+    if len(token_ids) >= max_model_len or total > max_model_len:
+        raise ValueError(f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                         f"max_model_len={max_model_len}")
+    need = -(-max(total, len(token_ids) + 1) // block_size)
+    if need > num_blocks:
+        raise ValueError(f"the request needs {need} KV blocks at its longest but the pool holds "
+                         f"{num_blocks}; raise num_blocks or lower max_tokens")
+    if params.logprobs is not None and params.logprobs > vocab_size:
+        raise ValueError(f"logprobs must be <= the vocabulary size {vocab_size}, got {params.logprobs}")
+    if params.stop and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer to match text; this model has none "
+                         "(use stop_token_ids)")
+
+
+def check_params(params: SamplingParams | None, *, speculative: bool) -> SamplingParams:
+    """The request's params (the defaults for None), checked before its prompt is tokenized."""
+    params = SamplingParams() if params is None else params
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+    if speculative and params.logprobs is not None:
+        raise ValueError("logprobs are not supported with speculative decoding")
+    return params
+
+
+def fill_max_tokens(token_ids: list[int], params: SamplingParams, max_model_len: int) -> SamplingParams:
+    """A copy of params with max_tokens filled in (when None: the room left after the prompt)."""
+    if params.max_tokens is None:
+        room = max_model_len - len(token_ids)
+        if params.min_tokens > room > 0:
+            raise ValueError(f"min_tokens={params.min_tokens} exceeds the {room} tokens left after the "
+                             f"prompt ({len(token_ids)} tokens) within max_model_len={max_model_len}")
+        return replace(params, max_tokens=max(1, room))
+    return replace(params)  # checked again: a SamplingParams may have been changed after construction
+
+
+def new_request(request_id: str, prompt: str | list[int], token_ids: list[int], params: SamplingParams,
+                device: torch.device, arrivals: Iterator[int], extra_seen_ids: tuple[int, ...]) -> _Request:
+    """A checked request with its first sequence (n > 1 forks the others once its prompt is computed)."""
+    gen = make_generator(params.seed, device)
+    seq = Sequence(request_id, 0, token_ids, params, gen, next(arrivals), extra_seen_ids)
+    return _Request(request_id, prompt if isinstance(prompt, str) else None, token_ids, params, [seq])
