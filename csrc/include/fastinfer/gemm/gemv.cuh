@@ -172,26 +172,9 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a
 #endif
 }
 
-// Loads and mmas are volatile asm so that the PTX keeps their program order (all loads of a chunk,
-// then its mmas); the SASS order is ptxas's, see "Registers" above.
-
-// 16 bytes of a read-once stream: bypass L1, ask L2 to fetch the surrounding 256 bytes.
-__device__ __forceinline__ uint4 load_stream(const void* ptr) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(ptr));
-  return v;
-}
-
-// 16 bytes of x, which every CTA reads: cached in L1.
-__device__ __forceinline__ uint4 load_shared_input(const void* ptr) {
-  uint4 v;
-  asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(ptr));
-  return v;
-}
+// Loads (common.cuh: load_stream for W, load_shared_input for x) and mmas are volatile asm so that
+// the PTX keeps their program order (all loads of a chunk, then its mmas); the SASS order is
+// ptxas's, see "Registers" above.
 
 // x^T tiles (n8 B operands) a warp multiplies by each 16-row W fragment: M = 1..8 -> 1, 9..16 -> 2,
 // 17..32 -> 4. Host and device agree through this one function.

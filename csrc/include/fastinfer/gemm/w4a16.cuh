@@ -358,18 +358,22 @@ struct Occupancy {
   int splits_ok[kMaxSplits + 1];  // 1 when a cluster of that many CTAs can be scheduled
 };
 
-template <typename T, int MT, Int4Mode kMode>
-cudaError_t query_occupancy(Occupancy* occ) {
-  using C = Config<MT>;
-  auto kernel = w4a16_kernel<T, MT, kMode>;
-  if (C::kSmemBytes > 48 * 1024) {
-    FI_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
+// Resident CTAs per SM and the schedulable cluster sizes of `kernel` (both W4A16 kernels).
+template <typename Kernel>
+cudaError_t query_kernel_occupancy(Kernel kernel, int threads, int smem_bytes, Occupancy* occ) {
+  if (smem_bytes > 48 * 1024) {
+    FI_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
   }
-  FI_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ->blocks_per_sm, kernel, kThreads, C::kSmemBytes));
+  FI_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ->blocks_per_sm, kernel, threads, smem_bytes));
   for (int splits = 1; splits <= kMaxSplits; ++splits) {
-    occ->splits_ok[splits] = splits == 1 || max_active_clusters(kernel, kThreads, C::kSmemBytes, splits) > 0;
+    occ->splits_ok[splits] = splits == 1 || max_active_clusters(kernel, threads, smem_bytes, splits) > 0;
   }
   return cudaSuccess;
+}
+
+template <typename T, int MT, Int4Mode kMode>
+cudaError_t query_occupancy(Occupancy* occ) {
+  return query_kernel_occupancy(w4a16_kernel<T, MT, kMode>, kThreads, Config<MT>::kSmemBytes, occ);
 }
 
 template <typename T, int MT, Int4Mode kMode>

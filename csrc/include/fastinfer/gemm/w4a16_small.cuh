@@ -48,28 +48,6 @@ struct SmallConfig {
   static constexpr int kSmemBytes = kWarps * kSliceFloats * 4;
 };
 
-// 16 bytes read once: bypass L1, ask L2 for the surrounding 256 bytes.
-__device__ __forceinline__ uint4 load_stream16(const void* ptr) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(ptr));
-  return v;
-}
-// Read-only data several warps share (group parameters, x): cached in L1.
-__device__ __forceinline__ uint4 load_cached16(const void* ptr) {
-  uint4 v;
-  asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(ptr));
-  return v;
-}
-__device__ __forceinline__ uint32_t load_cached4(const void* ptr) {
-  uint32_t v;
-  asm volatile("ld.global.nc.u32 %0, [%1];\n" : "=r"(v) : "l"(ptr));
-  return v;
-}
-
 // kDeferScales: the mma multiplies x by the biased codes (magic + q, one LOP3 per pair, exact in T)
 // instead of dequantized weights, and the group's parameters are applied to the fp32 sums once per
 // group (or per chunk, whichever ends first): with s, z, m of a column and X = the sum of x over the
@@ -134,12 +112,12 @@ __global__ void __launch_bounds__(kThreads, 2) w4a16_small_kernel(const W4A16Par
     for (int u = 0; u < kChunk; ++u) {
       const int step = step0 + u;
       const bool live = step < k_steps;  // only the last chunk of K can be partial (K % 64 == 0)
-      codes[u] = live ? load_stream16(codes_base + static_cast<int64_t>(step) * L::kWordsPerStep) : make_uint4(0, 0, 0, 0);
+      codes[u] = live ? load_stream(codes_base + static_cast<int64_t>(step) * L::kWordsPerStep) : make_uint4(0, 0, 0, 0);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const T* src = x_row[nt] + step * L::kStepK;
-        xb[u][nt][0] = live && x_valid[nt] ? load_cached4(src) : 0u;
-        xb[u][nt][1] = live && x_valid[nt] ? load_cached4(src + 8) : 0u;
+        xb[u][nt][0] = live && x_valid[nt] ? load_shared_input4(src) : 0u;
+        xb[u][nt][1] = live && x_valid[nt] ? load_shared_input4(src + 8) : 0u;
       }
     }
 #pragma unroll
@@ -147,8 +125,8 @@ __global__ void __launch_bounds__(kThreads, 2) w4a16_small_kernel(const W4A16Par
       if constexpr (kDeferScales) break;  // loaded where a group's sums are scaled (fewer live registers)
       const int step = min(step0 + 2 * q, k_steps - 1);
       const int64_t group_off = ((static_cast<int64_t>(step) * L::kStepK) >> group_shift) * p.n;
-      scale8[q] = load_cached16(scales + group_off);
-      if constexpr (kHasOffsets) offset8[q] = load_cached16(offsets + group_off);
+      scale8[q] = load_shared_input(scales + group_off);
+      if constexpr (kHasOffsets) offset8[q] = load_shared_input(offsets + group_off);
       else offset8[q] = make_uint4(0, 0, 0, 0);
     }
     // ---- then its mmas ----
@@ -175,8 +153,8 @@ __global__ void __launch_bounds__(kThreads, 2) w4a16_small_kernel(const W4A16Par
         if (u == kChunk - 1 || (step + 1) % group_steps == 0 || step + 1 == k_steps) {  // warp-uniform
           constexpr float kMagicValue = std::is_same_v<T, __half> ? 1024.0f : 128.0f;
           const int64_t group_off = ((static_cast<int64_t>(step) * L::kStepK) >> group_shift) * p.n;
-          const uint4 gs8 = load_cached16(scales + group_off);
-          const uint4 go8 = kHasOffsets ? load_cached16(offsets + group_off) : make_uint4(0, 0, 0, 0);
+          const uint4 gs8 = load_shared_input(scales + group_off);
+          const uint4 go8 = kHasOffsets ? load_shared_input(offsets + group_off) : make_uint4(0, 0, 0, 0);
           const uint32_t scale_words[4] = {gs8.x, gs8.y, gs8.z, gs8.w};
           const uint32_t offset_words[4] = {go8.x, go8.y, go8.z, go8.w};
 #pragma unroll
@@ -274,16 +252,8 @@ __global__ void __launch_bounds__(kThreads, 2) w4a16_small_kernel(const W4A16Par
 // Occupancy and cluster facts of one instantiation, queried once per process (see launch_tiles).
 template <typename T, int NT, Int4Mode kMode, bool kDeferScales>
 cudaError_t query_small(Occupancy* occ) {
-  using Cfg = SmallConfig<NT, kDeferScales>;
-  auto kernel = w4a16_small_kernel<T, NT, kMode, kDeferScales>;
-  if (Cfg::kSmemBytes > 48 * 1024) {
-    FI_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
-  }
-  FI_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ->blocks_per_sm, kernel, kThreads, Cfg::kSmemBytes));
-  for (int splits = 1; splits <= kMaxSplits; ++splits) {
-    occ->splits_ok[splits] = splits == 1 || max_active_clusters(kernel, kThreads, Cfg::kSmemBytes, splits) > 0;
-  }
-  return cudaSuccess;
+  return query_kernel_occupancy(w4a16_small_kernel<T, NT, kMode, kDeferScales>, kThreads,
+                                SmallConfig<NT, kDeferScales>::kSmemBytes, occ);
 }
 
 // Splits of K per strip: the count that minimizes (waves of CTAs) x (chunk rounds per CTA +
