@@ -95,7 +95,7 @@ def load_fp8_rows(name: str, dest_weight: torch.Tensor, dest_scale: torch.Tensor
     """dest <- an FP8 checkpoint weight [N, K] (e4m3) and its weight_scale or weight_scale_inv."""
     if weight.dtype != FP8:
         raise ValueError(f"weight {name!r} has dtype {weight.dtype}; an FP8 checkpoint weight must be {FP8}")
-    n, k = weight.shape
+    n = weight.shape[0]
     scale = scales.get("weight_scale", scales.get("weight_scale_inv")).to(torch.float32)
     if scale.numel() == 1:        # per tensor: the same scale on every row
         dest_weight.copy_(weight)
@@ -103,11 +103,8 @@ def load_fp8_rows(name: str, dest_weight: torch.Tensor, dest_scale: torch.Tensor
     elif scale.numel() == n and (scale.dim() == 1 or tuple(scale.shape) == (n, 1)):  # per channel
         dest_weight.copy_(weight)
         dest_scale.copy_(scale.reshape(n))
-    elif scale.dim() == 2:        # per block: dequantize, then per channel
+    else:                         # per block: dequantize, then per channel (dequantize refuses other shapes)
         quantize_rows(dest_weight, dest_scale, dequantize(name, weight, scales, block_size))
-    else:
-        raise ValueError(f"{name}: unsupported weight scale shape {tuple(scale.shape)} for a [{n}, {k}] weight "
-                         f"(per tensor, per output channel or per 2-D block are supported)")
 
 
 def dequantize(name: str, weight: torch.Tensor, scales: dict[str, torch.Tensor],

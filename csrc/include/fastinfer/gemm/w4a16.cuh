@@ -71,12 +71,16 @@ struct Traits<__half> {
   using T2 = __half2;
   static constexpr uint32_t kMagic = 0x64006400u;      // half2(1024, 1024): 1024 + q is exact for q < 1024
   static constexpr uint32_t kMagicSym = 0x64086408u;   // half2(1032, 1032) = magic + 8
+  static constexpr float kMagicValue = 1024.0f;
+  static constexpr uint32_t kOnes = 0x3c003c00u;       // half2(1, 1)
 };
 template <>
 struct Traits<__nv_bfloat16> {
   using T2 = __nv_bfloat162;
   static constexpr uint32_t kMagic = 0x43004300u;      // bf162(128, 128): 128 + q is exact for q < 128
   static constexpr uint32_t kMagicSym = 0x43084308u;   // bf162(136, 136)
+  static constexpr float kMagicValue = 128.0f;
+  static constexpr uint32_t kOnes = 0x3f803f80u;       // bf162(1, 1)
 };
 
 template <typename T2>
@@ -420,11 +424,10 @@ cudaError_t launch_mode(const W4A16Params& p, cudaStream_t stream) {
   // kernel with the earlier split rule and 106.4 for the tile kernel; at M = 16 the tile kernel wins
   // (qkv 20.2, down 32.0 us against 20.8 and 50.6).
   const bool deferred = p.kernel == Int4Kernel::kSmallDeferred || (p.kernel == Int4Kernel::kAuto && p.m <= 8);
-  const bool small = deferred || p.kernel == Int4Kernel::kSmall;
-  if (small && deferred) {
+  if (deferred) {
     return p.m <= 8 ? small::launch_small<T, 1, kMode, true>(p, stream) : small::launch_small<T, 2, kMode, true>(p, stream);
   }
-  if (small) {
+  if (p.kernel == Int4Kernel::kSmall) {
     return p.m <= 8 ? small::launch_small<T, 1, kMode, false>(p, stream) : small::launch_small<T, 2, kMode, false>(p, stream);
   }
   // Fewest CTAs along M at <= 64 rows each, then the fewest 16-row tiles that cover their share.

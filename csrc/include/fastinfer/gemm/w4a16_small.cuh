@@ -99,8 +99,13 @@ __global__ void __launch_bounds__(kThreads, 2) w4a16_small_kernel(const W4A16Par
     for (int e = 0; e < 4; ++e) xsum[nt][e] = 0.0f;
   }
   const int group_steps = (1 << group_shift) / L::kStepK;  // 2, 4 or 8 k16 steps per group
-  constexpr uint32_t kOnes = std::is_same_v<T, __half> ? 0x3c003c00u : 0x3f803f80u;  // (1, 1) in T
-  const uint32_t ones[4] = {kOnes, kOnes, kOnes, kOnes};
+  const uint32_t ones[4] = {Traits<T>::kOnes, Traits<T>::kOnes, Traits<T>::kOnes, Traits<T>::kOnes};
+  // Group row of `step`'s scales and offsets (zeros or minimums; 0 without): 8 per lane, one 16-byte load each.
+  auto load_group = [&](int step, uint4& scale8, uint4& offset8) {
+    const int64_t group_off = ((static_cast<int64_t>(step) * L::kStepK) >> group_shift) * p.n;
+    scale8 = load_shared_input(scales + group_off);
+    offset8 = kHasOffsets ? load_shared_input(offsets + group_off) : make_uint4(0, 0, 0, 0);
+  };
 
   for (int chunk = chunk_begin + warp; chunk < chunk_end; chunk += kWarps) {
     const int step0 = chunk * kChunk;
@@ -120,14 +125,9 @@ __global__ void __launch_bounds__(kThreads, 2) w4a16_small_kernel(const W4A16Par
         xb[u][nt][1] = live && x_valid[nt] ? load_shared_input4(src + 8) : 0u;
       }
     }
+    if constexpr (!kDeferScales) {  // (deferred: loaded where a group's sums are scaled, fewer live registers)
 #pragma unroll
-    for (int q = 0; q < Cfg::kPairs; ++q) {
-      if constexpr (kDeferScales) break;  // loaded where a group's sums are scaled (fewer live registers)
-      const int step = min(step0 + 2 * q, k_steps - 1);
-      const int64_t group_off = ((static_cast<int64_t>(step) * L::kStepK) >> group_shift) * p.n;
-      scale8[q] = load_shared_input(scales + group_off);
-      if constexpr (kHasOffsets) offset8[q] = load_shared_input(offsets + group_off);
-      else offset8[q] = make_uint4(0, 0, 0, 0);
+      for (int q = 0; q < Cfg::kPairs; ++q) load_group(min(step0 + 2 * q, k_steps - 1), scale8[q], offset8[q]);
     }
     // ---- then its mmas ----
 #pragma unroll
@@ -151,10 +151,9 @@ __global__ void __launch_bounds__(kThreads, 2) w4a16_small_kernel(const W4A16Par
         // The group (or this warp's run of consecutive steps) ends here: apply its parameters.
         const int step = step0 + u;
         if (u == kChunk - 1 || (step + 1) % group_steps == 0 || step + 1 == k_steps) {  // warp-uniform
-          constexpr float kMagicValue = std::is_same_v<T, __half> ? 1024.0f : 128.0f;
-          const int64_t group_off = ((static_cast<int64_t>(step) * L::kStepK) >> group_shift) * p.n;
-          const uint4 gs8 = load_shared_input(scales + group_off);
-          const uint4 go8 = kHasOffsets ? load_shared_input(offsets + group_off) : make_uint4(0, 0, 0, 0);
+          constexpr float kMagicValue = Traits<T>::kMagicValue;
+          uint4 gs8, go8;
+          load_group(step, gs8, go8);
           const uint32_t scale_words[4] = {gs8.x, gs8.y, gs8.z, gs8.w};
           const uint32_t offset_words[4] = {go8.x, go8.y, go8.z, go8.w};
 #pragma unroll
