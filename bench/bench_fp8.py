@@ -9,6 +9,7 @@ out[M, N] = x[M, K] @ w[N, K]^T. Implementations, all on the same fp8 inputs (bf
   ... 128x256         M > 64: the same with 128 x 256 tiles (FASTINFER_FP8_GEMM_TILE)
   ... split-K on      M <= 64: the same splitting K wherever the output tiles leave SMs idle
                       (FASTINFER_FP8_SPLIT_K=on; the default splits only M <= 16 with K >= 8192)
+  ... gemv            M <= 16: the mma.sync decode GEMV instead of wgmma (FASTINFER_FP8_GEMV=on)
   _scaled_mm tensor   torch._scaled_mm, per-tensor scales (cuBLAS)
   _scaled_mm rowwise  torch._scaled_mm, row-wise scales
   bf16 cuBLAS         F.linear on the bf16 operands
@@ -58,7 +59,12 @@ def implementations(ops, d: dict, q: dict) -> dict:
         "fastinfer tensor split-K on": lambda: ops.fp8_scaled_mm(xt, wt, sxt, swt)} if d["x"].shape[0] <= 64 else {
         "fastinfer rowwise 128x256": lambda: ops.fp8_scaled_mm(xr, wr, sxr, swr),
         "fastinfer tensor 128x256": lambda: ops.fp8_scaled_mm(xt, wt, sxt, swt)}
+    gemv = {  # FASTINFER_FP8_GEMV=on (the GEMV takes M <= 16 only)
+        "fastinfer rowwise gemv": lambda: ops.fp8_scaled_mm(xr, wr, sxr, swr),
+        "fastinfer tensor gemv": lambda: ops.fp8_scaled_mm(xt, wt, sxt, swt),
+        "fastinfer linear gemv": lambda: ops.fp8_linear(d["x"], wr, swr)} if d["x"].shape[0] <= 16 else {}
     return {
+        **gemv,
         "fastinfer rowwise": lambda: ops.fp8_scaled_mm(xr, wr, sxr, swr),
         "fastinfer tensor": lambda: ops.fp8_scaled_mm(xt, wt, sxt, swt),
         **wide,
@@ -72,11 +78,13 @@ def implementations(ops, d: dict, q: dict) -> dict:
 PEER = {"fastinfer rowwise": "_scaled_mm rowwise", "fastinfer linear": "_scaled_mm rowwise",
         "fastinfer tensor": "_scaled_mm tensor", "fastinfer rowwise 128x256": "_scaled_mm rowwise",
         "fastinfer tensor 128x256": "_scaled_mm tensor", "fastinfer rowwise split-K on": "_scaled_mm rowwise",
-        "fastinfer tensor split-K on": "_scaled_mm tensor"}
+        "fastinfer tensor split-K on": "_scaled_mm tensor", "fastinfer rowwise gemv": "_scaled_mm rowwise",
+        "fastinfer tensor gemv": "_scaled_mm tensor", "fastinfer linear gemv": "_scaled_mm rowwise"}
 GRANULARITY = {"fastinfer rowwise": "row", "fastinfer linear": "row", "_scaled_mm rowwise": "row",
                "fastinfer tensor": "tensor", "_scaled_mm tensor": "tensor", "fastinfer rowwise 128x256": "row",
                "fastinfer tensor 128x256": "tensor", "fastinfer rowwise split-K on": "row",
-               "fastinfer tensor split-K on": "tensor"}
+               "fastinfer tensor split-K on": "tensor", "fastinfer rowwise gemv": "row",
+               "fastinfer tensor gemv": "tensor", "fastinfer linear gemv": "row"}
 
 
 def mean_rel_err(out: torch.Tensor, a, b, sa, sb) -> float:
@@ -92,6 +100,7 @@ def run_shape(ops, shape: str, m: int, k: int, n: int, args, flush, copy_gbps: f
         # the op reads these settings at every call: set for the timing of one impl at a time
         os.environ["FASTINFER_FP8_GEMM_TILE"] = "128x256" if impl.endswith("128x256") else "128x128"
         os.environ["FASTINFER_FP8_SPLIT_K"] = "on" if impl.endswith("split-K on") else "auto"
+        os.environ["FASTINFER_FP8_GEMV"] = "on" if impl.endswith("gemv") else "off"
         t = common.time_cuda(fn, warmup=args.warmup, iters=args.iters, flush=flush)
         weight_bytes = n * k * (2 if impl == "bf16 cuBLAS" else 1)
         row = {"shape": shape, "M": m, "impl": impl, "us": t["us"], "tflops": 2 * m * n * k / (t["us"] * 1e6),
@@ -101,6 +110,7 @@ def run_shape(ops, shape: str, m: int, k: int, n: int, args, flush, copy_gbps: f
         rows.append(row)
     os.environ.pop("FASTINFER_FP8_GEMM_TILE", None)
     os.environ.pop("FASTINFER_FP8_SPLIT_K", None)
+    os.environ.pop("FASTINFER_FP8_GEMV", None)
     by_impl = {r["impl"]: r for r in rows}
     for r in rows:
         r["vs_bf16"] = by_impl["bf16 cuBLAS"]["us"] / r["us"]

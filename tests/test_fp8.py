@@ -271,10 +271,74 @@ def test_fp8_scaled_mm_without_split_k(monkeypatch, gen, m, n, k, scales):
         assert_within_tolerance(ops.fp8_scaled_mm(a, b, sa, sb), same, wide)
 
 
+# The decode GEMV (gemm/fp8_gemv.cuh, FASTINFER_FP8_GEMV=on, M <= 16): M 1 / 8 one n8 tile of tokens,
+# 9 / 16 two; N = 37 leaves a partial 16-row CTA, K = 16 / 208 / 4096 + 16 partial 256-k chunks (208:
+# a chunk with steps in and out of the row), 14336 the down projection's K; 17 takes the wgmma kernel.
+GEMV_SHAPES = [(1, 16, 16), (1, 4096, 4096), (3, 37, 208), (8, 96, 4096 + 16), (9, 48, 14336), (16, 200, 1024),
+               (17, 64, 512)]
+
+
+@pytest.mark.cuda
+@pytest.mark.sm90
+@pytest.mark.parametrize("out_dtype", [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("scales", ["tensor", "row"])
+@pytest.mark.parametrize("m,n,k", GEMV_SHAPES)
+def test_fp8_gemv(monkeypatch, gen, m, n, k, scales, bias, out_dtype):
+    """Within tolerance of the reference, written into a NaN-poisoned wider buffer whose other columns
+    it must leave alone (out's row stride > N), and bitwise the same rows as the GEMV at M = 1: a
+    token's output does not depend on the other tokens of the batch (nor on the tile count)."""
+    monkeypatch.setenv("FASTINFER_FP8_GEMV", "on")
+    a, b, sa, sb = fp8_operands(m, n, k, scales, "cuda", gen)
+    bias_t = randn(n, dtype=out_dtype, device="cuda", gen=gen) if bias else None
+    wide = torch.full((m, n + 24), float("nan"), dtype=out_dtype, device="cuda")
+    out = ops.fp8_scaled_mm(a, b, sa, sb, bias_t, out_dtype=out_dtype, out=wide[:, 8:8 + n])
+    assert wide[:, :8].isnan().all() and wide[:, 8 + n:].isnan().all(), "wrote outside out"
+    same = ref.fp8_scaled_mm(a, b, sa, sb, bias_t, torch.float32).to(out_dtype)
+    assert_within_tolerance(out, same, ref.fp8_scaled_mm(a, b, sa, sb, bias_t, torch.float64))
+    if m <= 16:
+        for row in sorted({0, m // 2, m - 1}):
+            alone = ops.fp8_scaled_mm(a[row:row + 1].contiguous(), b, sa[row:row + 1] if scales == "row" else sa, sb,
+                                      bias_t, out_dtype=out_dtype)
+            assert torch.equal(alone[0], out[row]), f"row {row} differs from the same token alone"
+
+
+@pytest.mark.cuda
+@pytest.mark.sm90
+@pytest.mark.parametrize("scales", ["tensor", "row"])
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (16, 14336, 4096), (4, 4096, 14336)])
+def test_fp8_gemv_error_vs_torch_scaled_mm(monkeypatch, gen, m, n, k, scales):
+    """Issue 7's accuracy line for the GEMV: mean relative error at most 3x torch._scaled_mm's."""
+    monkeypatch.setenv("FASTINFER_FP8_GEMV", "on")
+    a, b, sa, sb = fp8_operands(m, n, k, scales, "cuda", gen)
+    reference = ref.fp8_scaled_mm(a, b, sa, sb, None, torch.float32)
+    ours = ops.fp8_scaled_mm(a, b, sa, sb)
+    theirs = torch._scaled_mm(a, b.T, sa.reshape(-1, 1) if scales == "row" else sa[0],
+                              sb.reshape(1, -1) if scales == "row" else sb[0], out_dtype=torch.bfloat16)
+
+    def mean_rel(x):
+        return ((x.float() - reference).abs().sum() / reference.abs().sum()).item()
+    assert mean_rel(ours) <= 3 * mean_rel(theirs), (mean_rel(ours), mean_rel(theirs))
+
+
+@pytest.mark.cuda
+@pytest.mark.sm90
+def test_fp8_gemv_propagates_nan_to_its_token_only(monkeypatch, gen):
+    """A NaN in one token's activations makes that token's outputs NaN and no other's (the zeroed B
+    columns of absent tokens and the other tokens' columns never mix with it)."""
+    monkeypatch.setenv("FASTINFER_FP8_GEMV", "on")
+    a, b, sa, sb = fp8_operands(5, 64, 512, "row", "cuda", gen)
+    a = a.clone()
+    a[2, 300] = float("nan")
+    out = ops.fp8_scaled_mm(a, b, sa, sb)
+    assert out[2].isnan().all() and not out[[0, 1, 3, 4]].isnan().any()
+
+
 @pytest.mark.cuda
 @pytest.mark.sm90
 @pytest.mark.parametrize("variable, value, choices", [("FASTINFER_FP8_GEMM_TILE", "256x128", "128x128 or 128x256"),
-                                                      ("FASTINFER_FP8_SPLIT_K", "never", "auto, off or on")])
+                                                      ("FASTINFER_FP8_SPLIT_K", "never", "auto, off or on"),
+                                                      ("FASTINFER_FP8_GEMV", "auto", "off or on")])
 def test_unknown_fp8_setting_is_refused(monkeypatch, gen, variable, value, choices):
     a, b, sa, sb = fp8_operands(100, 64, 128, "row", "cuda", gen)
     monkeypatch.setenv(variable, value)

@@ -62,6 +62,19 @@ def test_fp8_gemm_is_qgmma_fed_by_tma(sass):
         assert not re.search(r"\b(LDL|STL)\b", body), f"local memory (spills) in {name}"
 
 
+def test_fp8_gemv_unpacks_e4m3_into_hmma(sass):
+    """sm_90 has no native FP8 mma.sync: the decode GEMV's m16n8k32.e4m3 becomes F2FP unpacks to f16
+    and HMMA.16816.F32 (what fp8_gemv.cuh's accuracy and instruction-budget notes rest on), its
+    weights are streamed past L1 (LDG ... NA), and nothing spills."""
+    kernels = kernels_named(sass, "fp8_gemv_kernel")
+    assert len(kernels) == 4, sorted(kernels)  # 1 or 2 token tiles x bf16 / fp16 output
+    for name, body in kernels.items():
+        assert "F2FP.F16.E4M3.UNPACK_B" in body and "HMMA.16816.F32" in body, name
+        assert "QGMMA" not in body and "QMMA" not in body, name
+        assert re.search(r"LDG\.E\.NA\S*\.128", body), f"no streaming 16-byte weight loads in {name}"
+        assert not re.search(r"\b(LDL|STL)\b", body), f"local memory (spills) in {name}"
+
+
 def test_wgmma_prefill_is_hgmma(sass):
     kernels = kernels_named(sass, "paged_prefill_wgmma_kernel")
     assert len(kernels) == 4, sorted(kernels)  # bf16 / fp16 x head_dim 64 / 128

@@ -49,8 +49,12 @@ struct Fp8GemmParams {
   // kSplitKOn wherever the tiles leave SMs idle. A split launch reduces through distributed shared
   // memory; one that does not split streams its weights from fewer SMs. bench/bench_fp8.py runs both.
   int split_k;
+  // M <= kFp8GemvMaxM: the mma.sync GEMV kernel (gemm/fp8_gemv.cuh: N / 16 CTAs streaming the weight)
+  // instead of the wgmma one. Off by default until measured (FASTINFER_FP8_GEMV=on).
+  bool gemv;
 };
 constexpr int kSplitKAuto = 0, kSplitKOff = 1, kSplitKOn = 2;  // Fp8GemmParams::split_k
+constexpr int kFp8GemvMaxM = 16;
 // sm_90a only (built when FASTINFER_HAS_SM90). cudaErrorInvalidValue for unsupported parameters.
 // One kernel launch, no workspace (split K reduces inside a thread-block cluster).
 cudaError_t launch_fp8_gemm_sm90(const Fp8GemmParams& p, cudaStream_t stream);

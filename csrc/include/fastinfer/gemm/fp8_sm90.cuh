@@ -43,6 +43,7 @@
 
 #include "fastinfer/common.cuh"
 #include "fastinfer/gemm/fp8.h"
+#include "fastinfer/gemm/fp8_gemv.cuh"
 #include "fastinfer/gemm/wgmma_fp8.cuh"
 
 namespace fastinfer {
@@ -454,6 +455,13 @@ inline cudaError_t launch_fp8_gemm_sm90_impl(const Fp8GemmParams& p, cudaStream_
   if (p.K <= 0 || p.K % 16 || p.num_sms <= 0 || reinterpret_cast<uintptr_t>(p.a) % 16 ||
       reinterpret_cast<uintptr_t>(p.b) % 16) {
     return cudaErrorInvalidValue;
+  }
+  if (p.gemv && p.M <= kFp8GemvMaxM) {
+    switch (p.out_dtype) {
+      case DType::kBFloat16: return fp8gemv::run<__nv_bfloat16>(p, stream);
+      case DType::kFloat16: return fp8gemv::run<__half>(p, stream);
+      default: return cudaErrorInvalidValue;
+    }
   }
   return fp8gemm::with_config(p, [&]<class Cfg>() {
     switch (p.out_dtype) {
