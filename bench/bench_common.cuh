@@ -1,8 +1,8 @@
 // Shared pieces of the C++ microbenchmarks (bench/bench_prefill.cu, bench/bench_decode.cu): CUDA
 // runtime only, no torch. They follow the contract of bench/common.py for the Python benchmarks:
 //   - exit 2 with one line on stderr when they cannot run (no GPU, not a Hopper GPU),
-//   - timing: cudaEvents around each launch, the L2 cache flushed (a 256 MB write) before every
-//     timed launch, the median of the launches reported,
+//   - timing: cudaEvents around each launch, the L2 cache flushed (a 256 MB write, or a read with
+//     FASTINFER_BENCH_FLUSH=read) before every timed launch, the median of the launches reported,
 //   - results as one JSON fragment (--json PATH) that bench/report.py renders: name, title, device,
 //     notes, columns [key, header, Python format spec], rows.
 #pragma once
@@ -180,24 +180,73 @@ struct Timing {
   int iters;
 };
 
-// Median / min / max device time of launch() in microseconds. The L2 flush (a memset of 256 MB)
-// runs before every timed launch and also keeps the GPU busy while the host queues the launch, so
-// host launch overhead is not counted.
+// Median / min / max device time of launch() in microseconds. The L2 flush runs before every timed
+// launch and also keeps the GPU busy while the host queues the launch, so host launch overhead is
+// not counted. FASTINFER_BENCH_FLUSH picks how (bench/common.py reads the same variable):
+//   write (default)  a memset of 256 MB: L2 ends full of dirty lines of the flush buffer, which are
+//                    written back to DRAM while the timed kernel runs (the suspect of the ~9 us per
+//                    call that bench/PERF_NOTES.md fits to every small kernel),
+//   read             a kernel reading 256 MB: L2 ends full of clean lines, nothing to write back,
+//                    and the timed kernel's operands are still not in L2.
 inline const Buffer& l2_flush_buffer() {
   static Buffer flush(kL2FlushBytes);  // one for the whole run
   return flush;
 }
 
+// -1: FASTINFER_BENCH_FLUSH decides; 0 / 1: write / read (a benchmark timing both in one run).
+inline int l2_flush_override = -1;
+
+inline bool l2_flush_reads() {
+  if (l2_flush_override >= 0) return l2_flush_override == 1;
+  const char* mode = std::getenv("FASTINFER_BENCH_FLUSH");
+  if (mode == nullptr || *mode == '\0' || std::strcmp(mode, "write") == 0) return false;
+  if (std::strcmp(mode, "read") == 0) return true;
+  std::fprintf(stderr, "FASTINFER_BENCH_FLUSH must be write or read, got '%s'\n", mode);
+  std::exit(1);
+}
+
+// For the notes of a results table.
+inline const char* l2_flush_description() {
+  return l2_flush_reads() ? "L2 flushed (256 MB read) before each" : "L2 flushed (256 MB write) before each";
+}
+
+// Reads every 16-byte word of the flush buffer; the xor is stored only when it equals a value no
+// 0-filled buffer produces, so the loads cannot be dropped and nothing is written.
+__global__ void l2_read_flush_kernel(const uint4* data, size_t words, unsigned* sink) {
+  unsigned acc = 0;
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < words; i += size_t{gridDim.x} * blockDim.x) {
+    const uint4 v = data[i];
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x9e3779b9u) *sink = acc;
+}
+
+inline void l2_flush(int i) {
+  const Buffer& flush = l2_flush_buffer();
+  if (!l2_flush_reads()) {
+    BENCH_CHECK(cudaMemsetAsync(flush.get(), i & 0xff, flush.bytes()));
+    return;
+  }
+  static Buffer sink(sizeof(unsigned));
+  static const bool zeroed = [&] {  // the flush buffer is read as zeros
+    BENCH_CHECK(cudaMemset(flush.get(), 0, flush.bytes()));
+    return true;
+  }();
+  (void)zeroed;
+  l2_read_flush_kernel<<<1024, 256>>>(static_cast<const uint4*>(flush.get()), flush.bytes() / sizeof(uint4),
+                                      static_cast<unsigned*>(sink.get()));
+  BENCH_CHECK(cudaGetLastError());
+}
+
 template <typename Launch>
 Timing time_cuda(Launch&& launch, const Args& args) {
-  const Buffer& flush = l2_flush_buffer();
   for (int i = 0; i < args.warmup; ++i) launch();
   BENCH_CHECK(cudaGetLastError());
   std::vector<cudaEvent_t> ev(2 * args.iters);
   for (auto& e : ev) BENCH_CHECK(cudaEventCreate(&e));
   BENCH_CHECK(cudaDeviceSynchronize());
   for (int i = 0; i < args.iters; ++i) {
-    BENCH_CHECK(cudaMemsetAsync(flush.get(), i & 0xff, flush.bytes()));
+    l2_flush(i);
     BENCH_CHECK(cudaEventRecord(ev[2 * i]));
     launch();
     BENCH_CHECK(cudaEventRecord(ev[2 * i + 1]));

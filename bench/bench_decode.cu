@@ -136,7 +136,7 @@ int main(int argc, char** argv) {
       copy_note,
       "fastinfer plan_paged_decode + launch_paged_decode_attention from C++ (no torch): bf16, random paged KV cache "
       "with a shuffled block table; bytes = K and V of the context; median of " + std::to_string(args.iters) +
-      " launches, L2 flushed (256 MB write) before each"};
+      " launches, " + bench::l2_flush_description()};
   if (nonfinite) notes.push_back("ERROR: " + std::to_string(nonfinite) + " non-finite output values");
   if (!args.json.empty()) {
     write_fragment(args.json, "decode_cpp", "Paged decode attention, C++ microbenchmark (bf16, 32/8 heads, D128)", dev,

@@ -139,7 +139,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> notes = {
       "fastinfer launch_paged_prefill_attention (mma) and launch_paged_prefill_wgmma (sm_90a) from C++ (no torch): bf16, causal, random paged KV cache with a "
       "shuffled block table; median of " + std::to_string(args.iters) +
-      " launches, L2 flushed (256 MB write) before each; FLOPs 2*2*B*H*S*S*D/2 for a whole causal prompt, exact "
+      " launches, " + bench::l2_flush_description() + "; FLOPs 2*2*B*H*S*S*D/2 for a whole causal prompt, exact "
       "visible-key count for a chunk"};
   if (nonfinite) notes.push_back("ERROR: " + std::to_string(nonfinite) + " non-finite output values");
   if (!args.json.empty()) {

@@ -15,6 +15,9 @@
 //                    partial last wave, no per-tile CTA start)
 //   contiguous       the same, each CTA one contiguous range of tiles
 //   linear           grid-stride 16-byte loads over the whole weight, 8 in flight per thread
+//   ..., read flush  dense_gemv and linear again with the L2 flushed by a 256 MB read instead of the
+//                    write (or the other way round under FASTINFER_BENCH_FLUSH=read): whether the
+//                    ~9 us every call pays is the write-back of the write flush's dirty lines
 // Each read pattern adds the weight's 32-bit words (wrapping) into one counter; all of them must
 // give the same sum (each word read exactly once), or the row is marked wrong. GB/s counts the
 // weight bytes once; "of copy" divides by the device-to-device copy rate (read + write) of the
@@ -173,12 +176,22 @@ int main(int argc, char** argv) {
     p.x_stride = s.k;
     p.out_stride = s.n;
     p.dtype = fastinfer::DType::kBFloat16;
-    const Timing gemv = time_cuda([&] { BENCH_CHECK(fastinfer::launch_dense_gemv(p, nullptr)); }, args);
+    const auto launch_gemv = [&] { BENCH_CHECK(fastinfer::launch_dense_gemv(p, nullptr)); };
+    const Timing gemv = time_cuda(launch_gemv, args);
     const unsigned long long nonfinite = count_nonfinite_bf16(out);
 
-    const Result linear = run([&] { linear_kernel<<<4 * sms, kThreads>>>(w.get<uint4>(),
-                                                                             static_cast<int64_t>(bytes / 16), sp); },
-                              sum, args);
+    const auto launch_linear = [&] {
+      linear_kernel<<<4 * sms, kThreads>>>(w.get<uint4>(), static_cast<int64_t>(bytes / 16), sp);
+    };
+    const Result linear = run(launch_linear, sum, args);
+    // The same two under the other flush (PERF_NOTES: is the ~9 us per call the write-back of the
+    // flush's dirty lines?), then back to the mode of the run.
+    const bool flush_reads = l2_flush_reads();
+    l2_flush_override = flush_reads ? 0 : 1;
+    const Timing gemv_other = time_cuda(launch_gemv, args);
+    const Result linear_other = run(launch_linear, sum, args);
+    l2_flush_override = -1;
+    const std::string other = flush_reads ? ", write flush" : ", read flush";
     const std::pair<const char*, Result> reads[] = {
         {"tiles", run([&] { tiles_kernel<<<tiles, kThreads>>>(wp, s.k, sp); }, sum, args)},
         {"persistent", run([&] { persistent_kernel<<<resident, kThreads>>>(wp, s.k, tiles, sp); }, sum, args)},
@@ -199,6 +212,11 @@ int main(int argc, char** argv) {
       const long long grid = std::string(name) == "tiles" ? tiles : std::string(name) == "linear" ? 4LL * sms : resident;
       row(name, r.t, Value(std::string(ok ? "sum ok" : "SUM DIFFERS")), grid);
     }
+    row(("dense_gemv M=1" + other).c_str(), gemv_other, Value(std::string(count_nonfinite_bf16(out) ? "NON-FINITE" : "finite")),
+        tiles);
+    const bool other_ok = linear_other.sum == linear.sum;
+    all_ok = all_ok && other_ok;
+    row(("linear" + other).c_str(), linear_other.t, Value(std::string(other_ok ? "sum ok" : "SUM DIFFERS")), 4LL * sms);
   }
 
   const std::vector<Column> cols = {
@@ -212,7 +230,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> notes = {
       note, "tiles = the GEMV's loads without its arithmetic; persistent / contiguous = the same tiles over 2 CTAs "
             "per SM; linear = grid-stride 16-byte loads; median of " + std::to_string(args.iters) +
-            " launches, L2 flushed (256 MB write) before each"};
+            " launches, " + bench::l2_flush_description()};
   if (!all_ok) notes.push_back("ERROR: a read pattern's word sum differs from linear's (a word read twice or never)");
   if (!args.json.empty()) {
     write_fragment(args.json, "stream_cpp", "Weight stream: dense_gemv against its access pattern alone (C++)", dev,

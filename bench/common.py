@@ -8,7 +8,11 @@ Contract with bench/gpu_check.sh and bench/report.py: every benchmark script
 
 Timing (`time_cuda`): CUDA events around each call, warmup first, the L2 cache flushed before every
 timed call (a 256 MB write, larger than the 50 MB L2 of an H100/H200) so that every call reads its
-operands from HBM, as it does inside a model; the median of the calls is reported. The flush also
+operands from HBM, as it does inside a model; the median of the calls is reported.
+FASTINFER_BENCH_FLUSH=read flushes by reading 256 MB instead: the write leaves L2 full of dirty lines
+that are written back while the timed call runs (bench/PERF_NOTES.md suspects them of the ~9 us every
+small kernel pays in these tables); after the read L2 holds clean lines only. The C++ benchmarks
+(bench/bench_common.cuh) read the same variable, and `finish` records the mode in the notes. The flush also
 keeps the GPU busy while the host queues the timed call, so a call's launch overhead on the host
 (Python validation, several torch launches) is not counted: the numbers are device time, which is
 what a CUDA-graph decode step pays.
@@ -53,14 +57,38 @@ def require_cuda_build():
 
 # ---- timing ---------------------------------------------------------------------------------------
 
-class L2Flusher:
-    """Writes a buffer larger than L2 so that the next kernel finds none of its operands there."""
+FLUSH_MODES = ("write", "read")
 
-    def __init__(self, nbytes: int = L2_FLUSH_BYTES, device: str = "cuda"):
-        self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+def flush_mode() -> str:
+    """FASTINFER_BENCH_FLUSH: write (default) or read; anything else is refused."""
+    mode = os.environ.get("FASTINFER_BENCH_FLUSH") or "write"
+    if mode not in FLUSH_MODES:
+        raise SystemExit(f"FASTINFER_BENCH_FLUSH must be write or read, got {mode!r}")
+    return mode
+
+
+def flush_note() -> str:
+    return f"L2 flushed before every timed call by a 256 MB {flush_mode()} (FASTINFER_BENCH_FLUSH)"
+
+
+class L2Flusher:
+    """Writes (or, mode "read", reads) a buffer larger than L2 so that the next kernel finds none of
+    its operands there."""
+
+    def __init__(self, nbytes: int = L2_FLUSH_BYTES, device: str = "cuda", mode: str | None = None):
+        self.mode = mode or flush_mode()
+        if self.mode not in FLUSH_MODES:
+            raise ValueError(f"L2Flusher mode must be write or read, got {self.mode!r}")
+        self.buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        self.words = self.buffer.view(torch.int64)
+        self.sink = torch.zeros((), dtype=torch.int64, device=device)
 
     def __call__(self) -> None:
-        self.buffer.fill_(0)
+        if self.mode == "write":
+            self.buffer.fill_(0)
+        else:  # one reduction over every byte; writes 8 bytes
+            torch.sum(self.words, dim=0, out=self.sink)
 
 
 def time_cuda(fn: Callable[[], object], *, warmup: int = 5, iters: int = 30,
@@ -127,7 +155,7 @@ def finish(out, *, name: str, title: str, columns, rows: list[dict], notes: Sequ
     print(markdown_table(columns, rows))
     out = out or default_out(name)
     write_fragment(out, name=name, title=title, columns=columns, rows=rows,
-                   notes=[*notes, *(f"ERROR {e}" for e in errors)],
+                   notes=[*notes, flush_note(), *(f"ERROR {e}" for e in errors)],
                    extra={"copy": copy, "errors": errors, **(extra or {})})
     print(f"wrote {out}")
     return 1 if errors else 0

@@ -24,6 +24,8 @@
 # GPU_CHECK_BENCH     the benchmarks to run, in order, e.g. "attention e2e" (names: bench_<name>.py and
 #                     prefill_cpp / decode_cpp / stream_cpp); default all, by priority: $BENCH_ORDER then the rest;
 #                     "none": no benchmark (e.g. a visit for GPU_CHECK_SANITIZE alone).
+# FASTINFER_BENCH_FLUSH  read: every benchmark flushes L2 by reading 256 MB instead of writing it
+#                     (bench/common.py); stream_cpp times dense_gemv and a plain read under both in any case.
 #
 # Exit status: nonzero when the build, the spill check, the env check (CUDA kernels built, a GPU
 # visible, the installed package imported) or the tests failed. Benchmarks are reported, not judged.

@@ -30,6 +30,7 @@ def test_common_frame(tmp_path, monkeypatch, capsys):
     sys.path.insert(0, str(BENCH))
     import common
     monkeypatch.setattr(common, "device_info", lambda: {"name": "fake", "capability": "sm_90", "sms": 132})
+    monkeypatch.delenv("FASTINFER_BENCH_FLUSH", raising=False)
     args = common.parser("demo", "Demo benchmark.\n\nmore", iters=7, warmup=2).parse_args([])
     assert (args.out, args.iters, args.warmup) == (None, 7, 2)
     monkeypatch.setenv("OUT", str(tmp_path))
@@ -39,11 +40,17 @@ def test_common_frame(tmp_path, monkeypatch, capsys):
     assert rc == 1
     import json
     frag = json.loads((tmp_path / "bench" / "demo.json").read_text())
-    assert frag["notes"] == ["a note", "ERROR a: boom"] and frag["errors"] == ["a: boom"]
+    assert frag["notes"] == ["a note", common.flush_note(), "ERROR a: boom"] and frag["errors"] == ["a: boom"]
+    assert "256 MB write" in common.flush_note()
     assert frag["copy"] == {"gbps": 4000.0} and frag["device"]["name"] == "fake"
     assert "| a | 1.2 |" in capsys.readouterr().out  # the table is printed
     assert common.finish(str(tmp_path / "x.json"), name="demo", title="Demo", columns=columns, rows=[],
                          notes=[], errors=[]) == 0
+    monkeypatch.setenv("FASTINFER_BENCH_FLUSH", "read")  # the other flush, named in the notes
+    assert common.flush_mode() == "read" and "256 MB read" in common.flush_note()
+    monkeypatch.setenv("FASTINFER_BENCH_FLUSH", "dirty")
+    with pytest.raises(SystemExit, match="FASTINFER_BENCH_FLUSH must be write or read, got 'dirty'"):
+        common.flush_mode()
 
 
 def _sanitize_ids() -> list[str]:
