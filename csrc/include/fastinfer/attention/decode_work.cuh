@@ -23,8 +23,21 @@ struct CtaWork {
   int num_heads;            // query heads of the CTA, >= 1 (the plan)
   int begin, end;           // context tokens of the split; begin >= end: the split is empty
   bool direct;              // one split: write out[] here, no merge step
+  int used_splits;          // fused merge: the splits holding tokens of this sequence (the rest exit)
   int64_t partial_row0;     // workspace row of (seq, first_head, split); head g adds g * num_splits
 };
+
+// With the fused merge (p.semaphores set) a launch plans num_splits for the block table's width (so
+// that a captured graph replays with any seq_lens), but only the first ceil(seq_len / split_tokens)
+// splits of a sequence hold tokens. Those alone take part: the others exit at once (no -inf lse to
+// write, no count on the semaphore), the last of the used splits merges only them, and a sequence
+// that fits one split writes out[] directly with no workspace round trip and no merge. At batch 1
+// with a 8192-token table and a 150-token context that is 2 of 64 splits per KV head (visit 5's
+// profile: 8.7 us per layer, 512 CTAs of which 496 only wrote -inf and counted). Without semaphores
+// (the separate merge kernel reads every split) the empty splits still write lse = -inf.
+__device__ __forceinline__ bool dynamic_splits(const DecodeParams& p, const DecodePlan& plan) {
+  return p.semaphores != nullptr && plan.num_splits > 1;
+}
 
 __device__ __forceinline__ CtaWork cta_work(const DecodeParams& p, const DecodePlan& plan) {
   CtaWork w;
@@ -39,7 +52,8 @@ __device__ __forceinline__ CtaWork cta_work(const DecodeParams& p, const DecodeP
   const int seq_len = min(max(p.seq_lens[w.seq], 0), capacity);  // defensive: never index past the table
   w.begin = split * plan.split_tokens;
   w.end = min(seq_len, w.begin + plan.split_tokens);
-  w.direct = plan.num_splits == 1;
+  w.used_splits = seq_len == 0 ? 0 : (seq_len + plan.split_tokens - 1) / plan.split_tokens;
+  w.direct = plan.num_splits == 1 || (dynamic_splits(p, plan) && w.used_splits <= 1);
   w.partial_row0 = (w.seq * p.num_heads + w.first_head) * plan.num_splits + split;
   return w;
 }
@@ -60,9 +74,9 @@ __device__ __forceinline__ void write_empty_split(const DecodeParams& p, const D
 }
 
 // The fused split-KV merge (p.semaphores set, more than one split): the end of every CTA of both
-// decode kernels, called by all its threads once its partial output and lse are written. The CTAs of
-// one group (sequence, kv head, head chunk: blockIdx.z, blockIdx.y) count themselves on the group's
-// semaphore; the one that arrives last, which knows that every split's partials are written, merges
+// decode kernels, called by all its threads once its partial output and lse are written. The used CTAs
+// of one group (sequence, kv head, head chunk: blockIdx.z, blockIdx.y) count themselves on the group's
+// semaphore; the one that arrives last, which knows that every used split's partials are written, merges
 // the group's query heads into out[] (merge.cuh: merge_row, the merge kernel's code, so the results
 // are the same bit for bit); its count wraps the semaphore back to 0 for the next launch. Ordering: every
 // writer fences (__threadfence: its partials visible to the GPU) before the barrier that precedes the
@@ -81,14 +95,14 @@ __device__ __forceinline__ void merge_if_last(const DecodeParams& p, const Decod
     // left wrong (a foreign buffer, an aborted launch) does not heal: counting modulo num_splits, a
     // start at k merges k arrivals early in every later launch, and k >= num_splits never merges.
     auto* count = reinterpret_cast<unsigned*>(p.semaphores) + (w.seq * gridDim.y + blockIdx.y);
-    const unsigned last = static_cast<unsigned>(plan.num_splits - 1);
+    const unsigned last = static_cast<unsigned>(w.used_splits - 1);  // >= 1: one used split is direct
     is_last = atomicInc(count, last) == last;
   }
   __syncthreads();
   if (!is_last) return;
   __threadfence();
   for (int g = threadIdx.x / kWarpSize; g < w.num_heads; g += kThreads / kWarpSize) {
-    merge_row<T, kHeadDim>(p, partial_o, partial_lse, plan.num_splits, w.seq, w.first_head + g,
+    merge_row<T, kHeadDim>(p, partial_o, partial_lse, plan.num_splits, w.used_splits, w.seq, w.first_head + g,
                            threadIdx.x % kWarpSize);
   }
 }
@@ -106,6 +120,7 @@ __device__ __forceinline__ bool start_cta(const DecodeParams& p, const DecodePla
   pdl_wait();  // the dependents are triggered after the K/V loop (the kernels' end_of_main_loop), or on exit
   w = cta_work(p, plan);
   if (w.begin < w.end) return true;
+  if (dynamic_splits(p, plan) && blockIdx.x > 0) return false;  // an unused split (split 0 of an empty sequence writes zeros: direct)
   write_empty_split<T, kHeadDim, kThreads>(p, plan, w, partial_lse);
   if (fused_merge(p, w)) merge_if_last<T, kHeadDim, kThreads>(p, plan, w, partial_o, partial_lse);
   return false;

@@ -39,17 +39,18 @@ __device__ __forceinline__ void load_floats(float (&dst)[kN], const float* src) 
 }
 
 // Merges row (seq, head) of the workspace into out[seq, head]: one warp, lane owning head_dim / 32
-// consecutive features. The merge kernel's body and the fused merge's (merge_if_last).
+// consecutive features. The merge kernel's body and the fused merge's (merge_if_last). A row holds
+// num_splits entries; the first used_splits are read (the fused merge: the splits with tokens).
 template <typename T, int kHeadDim>
 __device__ __forceinline__ void merge_row(const DecodeParams& p, const float* partial_o, const float* partial_lse,
-                                          int num_splits, int64_t seq, int64_t head, int lane) {
+                                          int num_splits, int used_splits, int64_t seq, int64_t head, int lane) {
   constexpr int kPerLane = kHeadDim / kWarpSize;
   const int64_t row = seq * p.num_heads + head;
   const float* lse = partial_lse + row * num_splits;
   const float* o = partial_o + row * num_splits * kHeadDim + lane * kPerLane;
   attention::AttentionState<kPerLane> state;
   state.init();
-  for (int s = 0; s < num_splits; ++s) {
+  for (int s = 0; s < used_splits; ++s) {
     const float lse_s = __ldcg(lse + s);
     if (lse_s == attention::neg_inf()) continue;  // an empty split: its o was never written
     float o_s[kPerLane];
@@ -69,7 +70,7 @@ __global__ void __launch_bounds__(kMergeThreads)
   pdl_launch_dependents();
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeRowsPerCta + threadIdx.x / kWarpSize;
   if (row >= static_cast<int64_t>(p.batch) * p.num_heads) return;
-  merge_row<T, kHeadDim>(p, partial_o, partial_lse, num_splits, row / p.num_heads, row % p.num_heads,
+  merge_row<T, kHeadDim>(p, partial_o, partial_lse, num_splits, num_splits, row / p.num_heads, row % p.num_heads,
                          threadIdx.x % kWarpSize);
 }
 
