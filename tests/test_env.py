@@ -25,3 +25,17 @@ def test_env_lists_every_op():
 def test_pdl_launch_counter_exists():
     from fastinfer import _C
     assert isinstance(_C.pdl_launches(), int) and _C.pdl_launches() >= 0
+
+
+def test_every_variable_the_extension_reads_is_listed():
+    """Each FASTINFER_* variable the C++ / CUDA sources read (getenv, env_choice) is in SETTINGS, so
+    `python -m fastinfer env` and the GPU reports show every kernel choice in effect."""
+    import re
+    from pathlib import Path
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    read = set()
+    for path in csrc.rglob("*"):
+        if path.suffix in (".h", ".cuh", ".cpp", ".cu"):
+            read |= set(re.findall(r'"(FASTINFER_[A-Z0-9_]+)"', path.read_text()))
+    assert read, "no FASTINFER_* variables found under csrc/"
+    assert read <= set(SETTINGS), sorted(read - set(SETTINGS))

@@ -25,6 +25,9 @@ SETTINGS = {
     "FASTINFER_FP8_SPLIT_K": ("auto", "auto | off | on",
                               "FP8 GEMM split-K (cluster reduction) when output tiles cannot fill the SMs (auto: "
                               "only M <= 16 with K >= 8192, measured faster there; off: never; on: always)"),
+    "FASTINFER_FP8_GEMV": ("off", "off | on",
+                           "FP8 GEMM for M <= 16 on the mma.sync decode GEMV (gemm/fp8_gemv.cuh) instead of wgmma "
+                           "(off until measured on a GPU)"),
     "FASTINFER_INT4_KERNEL": ("auto", "auto | tiles | small | small_deferred",
                               "int4_linear's CUDA kernel (auto: the GEMV kernel with deferred scales for <= 8 "
                               "rows of x, the tile kernel above; tiles / small: that kernel at every M; "
