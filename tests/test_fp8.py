@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import reference as ref
-from fastinfer import ops
+from fastinfer import _C, ops
 from test_ops import DTYPES, assert_within_tolerance, randn, replace, strided_rows, to, to_meta
 
 # The GEMM's CUDA kernel exists for Hopper only: its GPU runs are marked sm90.
@@ -32,20 +32,31 @@ def assert_bits_equal(ours: torch.Tensor, expected: torch.Tensor) -> None:
 
 # ---- quantization --------------------------------------------------------------------------------
 
+# Row layouts of the quantization input: "strided" rows start 24 elements into a wider buffer (16-byte
+# aligned for every dtype), "misaligned" 4 elements in (8 bytes for 16-bit dtypes: not 16-byte aligned).
+ROW_PAD = {"contiguous": 0, "strided": 24, "misaligned": 4}
+
+
 def activations(num_tokens, hidden, layout, dtype, device, gen):
-    """Rows of very different magnitude, an outlier, and an all-zero row (the scale floor)."""
-    x = strided_rows(num_tokens, hidden, layout, dtype=torch.float32, device="cpu", gen=gen)
-    x = x * torch.logspace(-3, 2, num_tokens)[:, None]
+    """Rows of very different magnitude, an outlier, and an all-zero row (the scale floor), laid out
+    as `layout` says (a column slice of a wider buffer on the device: the rows keep its stride)."""
+    x = torch.randn(num_tokens, hidden, generator=gen) * torch.logspace(-3, 2, num_tokens)[:, None]
     x[0, hidden // 2] = 3000.0
     if num_tokens > 2:
         x[2] = 0.0
-    return x.to(dtype).to(device)
+    pad = ROW_PAD[layout]
+    buf = torch.zeros(num_tokens, hidden + pad, dtype=dtype, device=device)
+    buf[:, pad:] = x.to(dtype)
+    out = buf[:, pad:]
+    assert out.is_contiguous() == (pad == 0 or num_tokens == 1)
+    return out
 
 
 # The CUDA kernel keeps a row in registers when its start is 16-byte aligned, its length a whole
 # number of 16-byte vectors and at most 8 vectors a thread (16384 16-bit / 8192 fp32 values): 64 and
-# 4112 do (both layouts: "strided" starts rows 24 elements in), 4100 does for fp32 only, 20000 never.
-@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+# 4112 do (contiguous and strided rows; misaligned rows of 16-bit dtypes do not), 4100 does for fp32
+# only, 20000 never. Other rows take the loop that re-reads the row.
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "misaligned"])
 @pytest.mark.parametrize("hidden", [64, 4100, 4096 + 16, 20000])
 @pytest.mark.parametrize("num_tokens", [1, 7, 113])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -71,6 +82,12 @@ def test_fp8_quantize_per_tensor(device, gen, dtype, num_tokens, static):
     expected_scale = (scale if static else ref.fp8_dynamic_scale(x, dim=None)).cpu()
     assert torch.equal(used.cpu(), expected_scale)
     assert_bits_equal(q, ref.fp8_quantize(x, expected_scale.to(device)))
+
+
+def test_fp8_quantize_rows_without_columns(device):
+    """[M, 0]: nothing to read (the CUDA kernel must not load from an empty row), the scale floor."""
+    q, scales = ops.fp8_quantize_per_token(torch.empty(3, 0, dtype=torch.bfloat16, device=device))
+    assert q.shape == (3, 0) and torch.equal(scales.cpu(), torch.full((3,), ref.FP8_MIN_SCALE))
 
 
 def test_fp8_quantize_propagates_nan(device):
@@ -292,10 +309,13 @@ def test_fp8_gemv(monkeypatch, gen, m, n, k, scales, bias, out_dtype):
     it must leave alone (out's row stride > N), and bitwise the same rows as the GEMV at M = 1: a
     token's output does not depend on the other tokens of the batch (nor on the tile count)."""
     monkeypatch.setenv("FASTINFER_FP8_GEMV", "on")
+    monkeypatch.setenv("FASTINFER_PDL", "1")  # the GEMV's launch carries PDL, the wgmma kernel's does not
     a, b, sa, sb = fp8_operands(m, n, k, scales, "cuda", gen)
     bias_t = randn(n, dtype=out_dtype, device="cuda", gen=gen) if bias else None
     wide = torch.full((m, n + 24), float("nan"), dtype=out_dtype, device="cuda")
+    launches = _C.pdl_launches()
     out = ops.fp8_scaled_mm(a, b, sa, sb, bias_t, out_dtype=out_dtype, out=wide[:, 8:8 + n])
+    assert (_C.pdl_launches() > launches) == (m <= 16), "the GEMV ran where it should not, or not where it should"
     assert wide[:, :8].isnan().all() and wide[:, 8 + n:].isnan().all(), "wrote outside out"
     same = ref.fp8_scaled_mm(a, b, sa, sb, bias_t, torch.float32).to(out_dtype)
     assert_within_tolerance(out, same, ref.fp8_scaled_mm(a, b, sa, sb, bias_t, torch.float64))

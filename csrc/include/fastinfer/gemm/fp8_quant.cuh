@@ -12,7 +12,7 @@
 // written per token, pure bandwidth; at M = 16 ~200 KiB, well under a microsecond of HBM time.
 //
 // Per-token rows keep their values in registers between the two passes (kCacheVecs 16-byte vectors
-// a thread, rows of up to 32768 bf16 elements whose start and length allow 16-byte loads): every load
+// a thread, rows of up to 16384 16-bit / 8192 fp32 elements whose start and length allow 16-byte loads): every load
 // of a thread is issued before the first is used, the amax is reduced, and each vector is converted
 // and stored as 8 (4 for fp32) bytes. Other rows take a loop that re-reads the row (from L1 / L2) for
 // the second pass, one element per thread and step. That loop was the only path before, and at M = 1
@@ -87,7 +87,8 @@ constexpr int kCacheVecs = 8;  // 16-byte vectors a thread holds between the pas
 template <typename T>
 __device__ __forceinline__ bool row_fits_registers(const T* row, const __nv_fp8_storage_t* out, int cols) {
   constexpr int kVec = kVecBytes / sizeof(T);
-  return reinterpret_cast<uintptr_t>(row) % kVecBytes == 0 && reinterpret_cast<uintptr_t>(out) % kVec == 0 &&
+  // cols > 0: an empty row's data pointer may be null, and the path loads unconditionally.
+  return cols > 0 && reinterpret_cast<uintptr_t>(row) % kVecBytes == 0 && reinterpret_cast<uintptr_t>(out) % kVec == 0 &&
          cols % kVec == 0 && cols <= kThreads * kVec * kCacheVecs;
 }
 
