@@ -92,7 +92,7 @@ void fp8_scaled_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, co
           const float* w = b_float.data() + n * K;
           float acc = 0.0f;
           for (int64_t k = 0; k < K; ++k) acc += a_row[k] * w[k];
-          float y = acc * (row_scale * sb[per_channel ? n : 0]);
+          float y = acc * row_scale * sb[per_channel ? n : 0];  // (acc * scale_a) * scale_b: gemm/fp8.h, as the CUDA kernels
           if (bias_ptr != nullptr) y += static_cast<float>(bias_ptr[n]);
           o[n] = static_cast<scalar_t>(y);
         }
