@@ -1,4 +1,6 @@
-"""Engine: add_request / abort / step / has_unfinished over the scheduler, block manager and runner."""
+"""Engine: add_request / abort / step / has_unfinished over the scheduler, block manager and runner.
+
+A request's checks are in request_checks.py, stop conditions in stopping.py, speculative steps in spec_decode.py."""
 from __future__ import annotations
 
 import itertools
@@ -7,7 +9,6 @@ from dataclasses import dataclass
 import torch
 
 from .block_manager import BlockManager
-from .detokenize import detokenize
 from .loader import LoadedModel
 from .metadata import SeqChunk
 from .outputs import CompletionOutput, Logprob, RequestOutput
@@ -16,9 +17,10 @@ from .request_checks import (_Request, check_params, fill_max_tokens, new_reques
 from .runner import ModelRunner, default_graph_sizes
 from .sampling import make_generator, sample, to_device
 from .sampling_params import SamplingParams
-from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence, SeqStatus
-from .spec_decode import SpecStats, lookahead, verify_rows
+from .spec_decode import SpecStats, lookahead, propose, verify_step
+from .stopping import check_stop, stop_ids
 
 
 @dataclass(slots=True)
@@ -160,7 +162,7 @@ class Engine:
             self.num_prompt_tokens += sum(s.num_computed_tokens < len(s.prompt_token_ids) for s in seqs)  # 1-token prompts
             self._inflight = self._launch_decode(seqs, None)
             return self._step_pipelined()
-        proposals, draft_probs = self._propose(batch)
+        proposals, draft_probs = propose(self.proposer, batch)
         chunks = []
         for i, s in enumerate(batch):
             seq, start = s.seq, s.seq.num_computed_tokens
@@ -190,7 +192,10 @@ class Engine:
             seqs, row_logits = self._expand_forks(ready, logits[torch.tensor(ready_rows, device=logits.device)])
             self._sample_and_append(seqs, row_logits)
         if spec:
-            self._verify(batch, spec, proposals, draft_probs, torch.cat(spec_rows))
+            spec_seqs = [batch[i].seq for i in spec]
+            verify_step(torch.cat(spec_rows), spec_seqs, [proposals[i] for i in spec], draft_probs,
+                        [stop_ids(s.params, self.eos_ids) for s in spec_seqs], blocks=self.blocks,
+                        proposer=self.proposer, append_token=self._append_token, stats=self.spec_stats)
         for i, s in enumerate(batch):
             if not s.seq.is_finished:
                 self.blocks.register_full_blocks(s.seq)
@@ -267,41 +272,6 @@ class Engine:
                 self.blocks.register_full_blocks(seq)
         return [self._output(self.requests[r]) for r in touched if r in self.requests]
 
-    def _propose(self, batch: list[ScheduledSeq]) -> tuple[dict[int, list[int]], torch.Tensor | None]:
-        """Proposals for the decode sequences scheduled with lookahead, keyed by batch index."""
-        if self.proposer is None:
-            return {}, None
-        cand = [i for i, s in enumerate(batch) if s.seq.num_uncomputed_tokens == 1 and s.num_tokens > 1]
-        if not cand:
-            return {}, None
-        props, probs = self.proposer.propose([batch[i].seq for i in cand], [batch[i].num_tokens - 1 for i in cand])
-        keep = {i: p for i, p in zip(cand, props) if p}
-        if probs is not None:
-            probs = probs[torch.tensor([j for j, i in enumerate(cand) if i in keep], device=probs.device)]
-        return keep, probs
-
-    def _verify(self, batch, spec: list[int], proposals: dict[int, list[int]], draft_probs, logits) -> None:
-        seqs = [batch[i].seq for i in spec]
-        props = [proposals[i] for i in spec]
-        emitted = verify_rows(logits, seqs, props, draft_probs, [self._stop_ids(s) for s in seqs])
-        for seq, prop, toks in zip(seqs, props, emitted):
-            accepted = len(toks) - 1
-            seq.num_computed_tokens += accepted  # the fed token was counted; rejected slots are dropped
-            self.blocks.trim(seq)
-            self.proposer.rollback(seq)
-            kept = 0
-            for tok in toks:
-                self._append_token(seq, tok)
-                kept += 1
-                if seq.is_finished:
-                    break
-            # statistics of what the sequence took: a stop (EOS, stop id / string) inside the run
-            # discards the tokens after it, and the proposals there were never needed
-            self.spec_stats.num_steps += 1
-            self.spec_stats.num_proposed += min(len(prop), kept)
-            self.spec_stats.num_accepted += min(accepted, kept)
-            self.spec_stats.num_emitted += kept
-
     def _expand_forks(self, ready: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
         """A request with n > 1 splits into n sequences once its prompt is computed; they share the
         prompt's full blocks and each samples its own first token from the same logits."""
@@ -334,7 +304,8 @@ class Engine:
         return rows, logits[torch.tensor(index, device=logits.device)] if rows else logits
 
     def _sample_and_append(self, rows: list[Sequence], logits: torch.Tensor) -> None:
-        suppress = [sorted(self._stop_ids(s)) if len(s.output_token_ids) < s.params.min_tokens else [] for s in rows]
+        suppress = [sorted(stop_ids(s.params, self.eos_ids)) if len(s.output_token_ids) < s.params.min_tokens else []
+                    for s in rows]
         # the prompt + output lists only when a repetition penalty reads them (O(length) per row)
         penalised = any(s.params.repetition_penalty != 1.0 for s in rows)
         seen = [list(s.extra_seen_ids) + s.all_token_ids if penalised else [] for s in rows]
@@ -362,39 +333,10 @@ class Engine:
     def _append_token(self, seq: Sequence, tok: int) -> None:
         seq.output_token_ids.append(tok)
         self.num_output_tokens += 1
-        self._check_stop(seq, tok)
-
-    def _stop_ids(self, seq: Sequence) -> set[int]:
-        ids = set(seq.params.stop_token_ids or ())
-        return ids if seq.params.ignore_eos else ids | self.eos_ids
-
-    def _check_stop(self, seq: Sequence, tok: int) -> None:
-        p = seq.params
-        searched = len(seq.text)
-        if self.tokenizer is not None and p.detokenize:
-            detokenize(self.tokenizer, seq)
-        if len(seq.output_token_ids) > p.min_tokens - 1:
-            if not p.ignore_eos and tok in self.eos_ids:
-                return self._finish(seq, "stop", None)
-            if tok in (p.stop_token_ids or ()):
-                return self._finish(seq, "stop", tok)
-            stop = _cut_at_stop(seq, searched)
-            if stop is not None:
-                return self._finish(seq, "stop", stop)
-        if len(seq.output_token_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
-            self._finish(seq, "length", None)
-
-    def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
-        if (self.tokenizer is not None and seq.params.detokenize
-                and not isinstance(stop_reason, str)):  # a stop string cut the text already
-            searched = len(seq.text)
-            detokenize(self.tokenizer, seq, final=True)  # characters held back for an incomplete UTF-8 tail
-            if len(seq.output_token_ids) >= seq.params.min_tokens:  # ... may complete a stop string
-                stop = _cut_at_stop(seq, searched)
-                if stop is not None:
-                    reason, stop_reason = "stop", stop
-        seq.finish_reason, seq.stop_reason = reason, stop_reason
-        self._finish_seq(seq)
+        stop = check_stop(seq, tok, eos_ids=self.eos_ids, tokenizer=self.tokenizer, max_model_len=self.max_model_len)
+        if stop is not None:
+            seq.finish_reason, seq.stop_reason = stop
+            self._finish_seq(seq)
 
     def _finish_seq(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
@@ -408,17 +350,6 @@ class Engine:
                                                          or req.seqs[0].finish_reason == "abort")
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, done,
                              req.seqs[0].num_prefix_hit_tokens)
-
-
-def _cut_at_stop(seq: Sequence, searched: int) -> str | None:
-    """The first of seq's stop strings in its text past `searched` characters (only text that can hold a
-    new match): the text is cut there and the string returned; None when there is none."""
-    for stop in seq.params.stop or ():
-        at = seq.text.find(stop, max(0, searched - len(stop) + 1))
-        if at >= 0:
-            seq.text = seq.text[:at + len(stop) if seq.params.include_stop_str_in_output else at]
-            return stop
-    return None
 
 
 def _child_seed(seed: int | None, index: int) -> int | None:

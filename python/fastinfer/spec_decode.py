@@ -6,14 +6,20 @@ proposals; the target's logits at those k + 1 positions go through the same proc
 sampling (penalties see the proposals before each position) and `spec.verify` accepts a prefix
 and emits one more token. The sequence's computed length then advances by 1 + accepted; the KV
 written for rejected proposals is simply overwritten later, and blocks beyond it are released.
+
+`propose` and `verify_step` are engine.py's step around that forward; like the rest, functions of the
+values they are passed (the engine's proposer, block manager, statistics): nothing here holds state.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
+from .block_manager import BlockManager
 from .sampling import process_logits
+from .scheduler import ScheduledSeq
 from .sequence import Sequence
 
 
@@ -86,3 +92,44 @@ def verify_rows(logits: torch.Tensor, seqs: list[Sequence], proposals: list[list
         for r, i in enumerate(idx):
             emitted[i] = tokens[r, :int(accepted[r]) + 1].tolist()
     return emitted
+
+
+def propose(proposer, batch: list[ScheduledSeq]) -> tuple[dict[int, list[int]], torch.Tensor | None]:
+    """Proposals for the decode sequences scheduled with lookahead, keyed by batch index, and the
+    draft's probabilities of those kept (rows in key order; None for a proposer without them)."""
+    if proposer is None:
+        return {}, None
+    cand = [i for i, s in enumerate(batch) if s.seq.num_uncomputed_tokens == 1 and s.num_tokens > 1]
+    if not cand:
+        return {}, None
+    props, probs = proposer.propose([batch[i].seq for i in cand], [batch[i].num_tokens - 1 for i in cand])
+    keep = {i: p for i, p in zip(cand, props) if p}
+    if probs is not None:
+        probs = probs[torch.tensor([j for j, i in enumerate(cand) if i in keep], device=probs.device)]
+    return keep, probs
+
+
+def verify_step(logits: torch.Tensor, seqs: list[Sequence], proposals: list[list[int]],
+                draft_probs: torch.Tensor | None, stop_ids: list[set[int]], *, blocks: BlockManager, proposer,
+                append_token: Callable[[Sequence, int], None], stats: SpecStats) -> None:
+    """Verify each seq's proposals (logits: its k_i + 1 rows, in order), roll its KV in the target's
+    and the draft's cache back to what was accepted, and append the emitted tokens with append_token
+    (which may finish the sequence: the tokens after a stop are dropped); stats counts what it took."""
+    emitted = verify_rows(logits, seqs, proposals, draft_probs, stop_ids)
+    for seq, prop, toks in zip(seqs, proposals, emitted):
+        accepted = len(toks) - 1
+        seq.num_computed_tokens += accepted  # the fed token was counted; rejected slots are dropped
+        blocks.trim(seq)
+        proposer.rollback(seq)
+        kept = 0
+        for tok in toks:
+            append_token(seq, tok)
+            kept += 1
+            if seq.is_finished:
+                break
+        # statistics of what the sequence took: a stop (EOS, stop id / string) inside the run
+        # discards the tokens after it, and the proposals there were never needed
+        stats.num_steps += 1
+        stats.num_proposed += min(len(prop), kept)
+        stats.num_accepted += min(accepted, kept)
+        stats.num_emitted += kept

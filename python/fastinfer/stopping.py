@@ -1,0 +1,62 @@
+"""When a sequence stops (engine.py's _append_token): EOS, stop token ids, stop strings, max_tokens and
+the context length, and the text it ends with.
+
+Functions of the values they check (the engine passes its current ones): nothing here holds state.
+They detokenize and cut seq.text; finishing the sequence in the scheduler is the engine's."""
+from __future__ import annotations
+
+from .detokenize import detokenize
+from .sampling_params import SamplingParams
+from .sequence import Sequence
+
+
+def stop_ids(params: SamplingParams, eos_ids: set[int]) -> set[int]:
+    """The token ids that end a sequence with these params (suppressed while below min_tokens)."""
+    ids = set(params.stop_token_ids or ())
+    return ids if params.ignore_eos else ids | eos_ids
+
+
+def check_stop(seq: Sequence, tok: int, *, eos_ids: set[int], tokenizer,
+               max_model_len: int) -> tuple[str, int | str | None] | None:
+    """seq's (finish_reason, stop_reason) when `tok`, just appended to its output, ends it, else None.
+    Detokenizes the new token first (with a tokenizer and params.detokenize) to match stop strings."""
+    p = seq.params
+    searched = len(seq.text)
+    if tokenizer is not None and p.detokenize:
+        detokenize(tokenizer, seq)
+    if len(seq.output_token_ids) > p.min_tokens - 1:
+        if not p.ignore_eos and tok in eos_ids:
+            return final_reason(seq, "stop", None, tokenizer)
+        if tok in (p.stop_token_ids or ()):
+            return final_reason(seq, "stop", tok, tokenizer)
+        stop = cut_at_stop(seq, searched)
+        if stop is not None:
+            return final_reason(seq, "stop", stop, tokenizer)
+    if len(seq.output_token_ids) >= p.max_tokens or len(seq) >= max_model_len:
+        return final_reason(seq, "length", None, tokenizer)
+    return None
+
+
+def final_reason(seq: Sequence, reason: str, stop_reason: int | str | None,
+                 tokenizer) -> tuple[str, int | str | None]:
+    """The (finish_reason, stop_reason) seq finishes with, after the text's last characters are flushed."""
+    if (tokenizer is not None and seq.params.detokenize
+            and not isinstance(stop_reason, str)):  # a stop string cut the text already
+        searched = len(seq.text)
+        detokenize(tokenizer, seq, final=True)  # characters held back for an incomplete UTF-8 tail
+        if len(seq.output_token_ids) >= seq.params.min_tokens:  # ... may complete a stop string
+            stop = cut_at_stop(seq, searched)
+            if stop is not None:
+                reason, stop_reason = "stop", stop
+    return reason, stop_reason
+
+
+def cut_at_stop(seq: Sequence, searched: int) -> str | None:
+    """The first of seq's stop strings in its text past `searched` characters (only text that can hold a
+    new match): the text is cut there and the string returned; None when there is none."""
+    for stop in seq.params.stop or ():
+        at = seq.text.find(stop, max(0, searched - len(stop) + 1))
+        if at >= 0:
+            seq.text = seq.text[:at + len(stop) if seq.params.include_stop_str_in_output else at]
+            return stop
+    return None
