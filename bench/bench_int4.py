@@ -28,7 +28,7 @@ BF16, TORCH_INT4, OURS = "torch bf16 (cuBLAS)", "torch _weight_int4pack_mm", "fa
 # The default (auto) kernel choice above, and each CUDA kernel forced at every M (FASTINFER_INT4_KERNEL).
 VARIANTS = {"fastinfer int4_linear [small]": "small", "fastinfer int4_linear [small_deferred]": "small_deferred",
             "fastinfer int4_linear [small_deferred, earlier split rule]": "small_deferred+rounds",
-            "fastinfer int4_linear [tiles]": "tiles"}
+            "fastinfer int4_linear [tiles]": "tiles", "fastinfer int4_linear [small_streamk]": "small_streamk"}
 
 
 def with_kernel(fn, kernel: str):

@@ -80,14 +80,14 @@ def decode_kernel(request, monkeypatch) -> str:
     return select_variant(request, monkeypatch, "FASTINFER_DECODE_KERNEL", DECODE_KERNELS)
 
 
-INT4_KERNELS = ["small", "tiles", "small_deferred"]
+INT4_KERNELS = ["small", "tiles", "small_deferred", "small_streamk"]
 
 
 @pytest.fixture(params=INT4_KERNELS)
 def int4_kernel(request, monkeypatch) -> str:
     """The CUDA int4_linear kernel a test runs (FASTINFER_INT4_KERNEL), forced at every M: the GEMV
     kernel dequantizing each weight, the tile kernel (auto's choice above 8 rows) and the GEMV kernel
-    with deferred scales (auto's choice up to 8 rows)."""
+    with deferred scales (auto's choice up to 8 rows), and that kernel on a stream-K grid (<= 8 rows)."""
     return select_variant(request, monkeypatch, "FASTINFER_INT4_KERNEL", INT4_KERNELS)
 
 

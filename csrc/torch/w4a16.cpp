@@ -1,9 +1,15 @@
 // CUDA binding of int4_linear: tensors -> W4A16Params, current stream, launch. Registered only
 // when the build has the Hopper kernels (FASTINFER_HAS_SM90); python/fastinfer/_ops.py validates.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <torch/library.h>
 
 #include <limits>
+#include <mutex>
 #include <optional>
+#include <unordered_map>
+#include <utility>
 
 #include "common.h"  // csrc/torch/common.h
 #include "fastinfer/gemm/w4a16.h"
@@ -15,6 +21,29 @@ namespace {
 void check_aligned(const at::Tensor& t, const char* name) {
   TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "int4_linear: ", name,
               " must start on a 16-byte boundary");
+}
+
+// The stream-K kernel's workspace (w4a16_small.cuh): one per device, made on the first small_streamk
+// call and kept for the process (its flags are 0 between launches). Allocating it inside a CUDA-graph
+// capture would tie it to the graph's memory pool, so the first call must be eager (the engine's
+// warm-up steps are). Launches on two streams of one device at once would share it: not supported.
+constexpr int kStreamKSlotsPerSm = 4;
+constexpr int64_t kStreamKPieceFloats = 8 * 64;  // tokens x strip columns
+
+std::pair<at::Tensor, at::Tensor> streamk_workspace(const at::Tensor& x, int num_sms) {
+  static std::mutex mutex;
+  static std::unordered_map<int, std::pair<at::Tensor, at::Tensor>> workspaces;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = workspaces.find(x.get_device());
+  if (found != workspaces.end()) return found->second;
+  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+              "int4_linear: FASTINFER_INT4_KERNEL=small_streamk needs one call outside CUDA-graph capture first "
+              "(it allocates its workspace then)");
+  const int64_t capacity = static_cast<int64_t>(num_sms) * kStreamKSlotsPerSm;
+  auto pair = std::make_pair(at::empty({capacity * kStreamKPieceFloats}, x.options().dtype(at::kFloat)),
+                             at::zeros({capacity}, x.options().dtype(at::kInt)));
+  workspaces.emplace(x.get_device(), pair);
+  return pair;
 }
 
 void int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -69,11 +98,18 @@ void int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight
   p.out_stride = out.stride(0);
   p.mode = zeros.has_value() ? Int4Mode::kZeros : mins.has_value() ? Int4Mode::kMins : Int4Mode::kSymmetric;
   p.dtype = to_dtype(x, "int4_linear");
-  p.kernel = static_cast<Int4Kernel>(env_choice("int4_linear", "FASTINFER_INT4_KERNEL", {"auto", "tiles", "small", "small_deferred"}));
+  p.kernel = static_cast<Int4Kernel>(
+      env_choice("int4_linear", "FASTINFER_INT4_KERNEL", {"auto", "tiles", "small", "small_deferred", "small_streamk"}));
   // overhead (default, one round per CTA added to the split-K cost) or rounds (none): visit 6
   p.split_overhead_rounds = env_choice("int4_linear", "FASTINFER_INT4_SPLITS", {"overhead", "rounds"}) == 0 ? 1 : 0;
   const cudaError_t err = cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, x.get_device());
   check_launch(err, "int4_linear (SM count)");
+  if (p.kernel == Int4Kernel::kSmallStreamK && m <= 8) {
+    const auto [partials, flags] = streamk_workspace(x, p.num_sms);
+    p.streamk_partials = partials.data_ptr<float>();
+    p.streamk_flags = flags.data_ptr<int>();
+    p.streamk_capacity = static_cast<int>(flags.numel());
+  }
   check_launch(launch_w4a16_gemm(p, stream_of(x)), "int4_linear");
 }
 

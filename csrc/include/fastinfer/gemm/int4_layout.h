@@ -25,6 +25,6 @@ enum class Int4Mode : int {
 // (multiplying by the biased codes, the group parameters applied to the fp32 sums) for M <= 8 rows
 // of x, the tile kernel (w4a16.cuh) above; tiles / small (the GEMV kernel dequantizing each weight) /
 // small_deferred force one at every M.
-enum class Int4Kernel : int { kAuto = 0, kTiles = 1, kSmall = 2, kSmallDeferred = 3 };
+enum class Int4Kernel : int { kAuto = 0, kTiles = 1, kSmall = 2, kSmallDeferred = 3, kSmallStreamK = 4 };
 
 }  // namespace fastinfer

@@ -56,22 +56,23 @@ struct SmallConfig {
 //   sum x w = s (sum x (magic + q) - magic X) + m X           mins
 // Half the dequantization instructions per weight, and no rounding of w to T (the fp32 sums carry
 // the magic offset: 128 (bf16) or 1024 (fp16) times X, far inside fp32's precision).
+//
+// strip_sums is the K loop and the sum over the CTA's warps, for one strip and a range of its chunks;
+// w4a16_small_kernel (split-K over a cluster) and w4a16_streamk_kernel (below) differ in how they cut
+// the work and combine the pieces. The sums of the strip's tokens m0 .. m0 + kTokens - 1 end in slice
+// 0 of red, red[token * kRedStride + col]; the caller synchronizes before reading them (or before
+// strip_sums runs again).
 template <typename T, int NT, Int4Mode kMode, bool kDeferScales>
-__global__ void __launch_bounds__(kThreads, 2) w4a16_small_kernel(const W4A16Params p, const int group_shift) {
+__device__ __forceinline__ void strip_sums(const W4A16Params& p, const int group_shift, const int strip,
+                                           const int64_t m0, const int chunk_begin, const int chunk_end, float* red) {
   using Cfg = SmallConfig<NT, kDeferScales>;
   using T2 = typename Traits<T>::T2;
   constexpr bool kHasOffsets = kMode != Int4Mode::kSymmetric;
   constexpr int kChunk = Cfg::kChunk;
-  extern __shared__ __align__(16) float red[];
 
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int g = lane / 4, c = lane % 4;
-  const int split = blockIdx.x, num_splits = gridDim.x, strip = blockIdx.y;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.z) * Cfg::kTokens;
   const int k_steps = p.k / L::kStepK;
-  const int chunks = (k_steps + kChunk - 1) / kChunk;
-  const int chunk_begin = static_cast<int>(static_cast<int64_t>(split) * chunks / num_splits);
-  const int chunk_end = static_cast<int>(static_cast<int64_t>(split + 1) * chunks / num_splits);
 
   const uint32_t* codes_base = p.qweight + static_cast<int64_t>(strip) * k_steps * L::kWordsPerStep + lane * L::kWordsPerLane;
   const T* scales = static_cast<const T*>(p.scales) + strip * L::kStripN + 8 * g;  // + group * N
@@ -232,6 +233,19 @@ __global__ void __launch_bounds__(kThreads, 2) w4a16_small_kernel(const W4A16Par
     for (int w = 1; w < kWarps; ++w) sum += red[w * Cfg::kSliceFloats + at];
     red[at] = sum;  // each element has one owner thread: no hazard
   }
+}
+
+template <typename T, int NT, Int4Mode kMode, bool kDeferScales>
+__global__ void __launch_bounds__(kThreads, 2) w4a16_small_kernel(const W4A16Params p, const int group_shift) {
+  using Cfg = SmallConfig<NT, kDeferScales>;
+  extern __shared__ __align__(16) float red[];
+  const int split = blockIdx.x, num_splits = gridDim.x, strip = blockIdx.y;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.z) * Cfg::kTokens;
+  const int k_steps = p.k / L::kStepK;
+  const int chunks = (k_steps + Cfg::kChunk - 1) / Cfg::kChunk;
+  const int chunk_begin = static_cast<int>(static_cast<int64_t>(split) * chunks / num_splits);
+  const int chunk_end = static_cast<int>(static_cast<int64_t>(split + 1) * chunks / num_splits);
+  strip_sums<T, NT, kMode, kDeferScales>(p, group_shift, strip, m0, chunk_begin, chunk_end, red);
 
   // ---- the cluster's split-K partials -> out ----
   cg::cluster_group cluster = cg::this_cluster();
@@ -298,6 +312,109 @@ cudaError_t launch_small(const W4A16Params& p, cudaStream_t stream) {
   ClusterLaunch launch(dim3(splits, strips, static_cast<unsigned>(m_blocks)), kThreads, Cfg::kSmemBytes, stream, splits);
   launch.config.numAttrs = 1;  // a cluster launch even for 1 split: the kernel's cluster.sync() always runs
   return cudaLaunchKernelEx(&launch.config, w4a16_small_kernel<T, NT, kMode, kDeferScales>, p, __builtin_ctz(p.group_size));
+}
+
+// ---- stream-K (FASTINFER_INT4_KERNEL=small_streamk; M <= 8, deferred scales) ----------------------
+//
+// Why. The split rule above prices whole waves: gate_up at M = 1 (448 strips of 32 chunks) runs 448
+// CTAs of 4 rounds on 264 slots, 2 waves, the second 70% full: 10 round-times for 6.8 of work. Here a
+// persistent grid (one CTA per slot) cuts the strips' chunks, in strip order, into equal contiguous
+// ranges, one per CTA, so every slot streams the same number of bytes whatever the shape.
+//
+// A range covers the tail of one strip, whole strips, and the head of another. A strip wholly
+// inside a range is stored by its CTA. A strip cut between CTAs b < b' < ... : b holds its first
+// chunks (the last piece of b's range) and stores it; each later CTA holds a piece that is the first
+// of its own range, which it computes first, writes to its workspace row (partials[cta]) and marks
+// done (flags[cta] = 1, release). b, at the end of its range, waits for those flags (acquire), adds the
+// pieces in CTA order to its own sums (deterministic), stores, and sets the flags back to 0, so the
+// workspace is ready for the next launch (a captured graph replays with no memset). Nobody waits for
+// a CTA that is itself waiting (a piece a CTA hands over is always its first), and the grid is never
+// larger than what is resident at once, so the waits end.
+//
+// Workspace: W4A16Params::streamk_partials (kTokens x 64 fp32 per CTA) and streamk_flags (int per
+// CTA, zero at rest), for up to streamk_capacity CTAs; one launch at a time may use them (the torch
+// binding keeps one pair per device: launches on two streams at once would share it).
+// Predicted (H200, visit 6 numbers): gate_up M = 1 34.0 -> ~27 us (the second wave's idle 30% and
+// one CTA start per slot instead of per strip), down 27.6 -> ~25, qkv / o ~13 -> ~11-12.
+__device__ __forceinline__ int load_acquire_gpu(const int* ptr) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(ptr) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void store_release_gpu(int* ptr, int v) {
+  asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(ptr), "r"(v) : "memory");
+}
+
+template <typename T, Int4Mode kMode>
+__global__ void __launch_bounds__(kThreads, 2) w4a16_streamk_kernel(const W4A16Params p, const int group_shift) {
+  using Cfg = SmallConfig<1, true>;
+  constexpr int kPieceFloats = Cfg::kTokens * L::kStripN;
+  extern __shared__ __align__(16) float red[];
+  const int chunks = (p.k / L::kStepK + Cfg::kChunk - 1) / Cfg::kChunk;
+  const int64_t total = static_cast<int64_t>(p.n / L::kStripN) * chunks;
+  const int ctas = static_cast<int>(gridDim.x), cta = static_cast<int>(blockIdx.x);
+  const auto range_begin = [&](int b) { return static_cast<int64_t>(b) * total / ctas; };
+  const int64_t end = range_begin(cta + 1);
+  const int tokens = static_cast<int>(min(static_cast<int64_t>(Cfg::kTokens), p.m));  // M <= 8: m0 = 0
+  for (int64_t at = range_begin(cta); at < end;) {
+    const int strip = static_cast<int>(at / chunks);
+    const int64_t strip_begin = static_cast<int64_t>(strip) * chunks, strip_end = strip_begin + chunks;
+    const int c0 = static_cast<int>(at - strip_begin), c1 = static_cast<int>(min(end, strip_end) - strip_begin);
+    at = min(end, strip_end);
+    strip_sums<T, 1, kMode, true>(p, group_shift, strip, 0, c0, c1, red);
+    __syncthreads();
+    if (c0 > 0) {  // a later piece of a strip an earlier CTA stores: hand it over
+      float* mine = p.streamk_partials + static_cast<int64_t>(cta) * kPieceFloats;
+      for (int idx = threadIdx.x; idx < tokens * L::kStripN; idx += kThreads) {
+        mine[idx] = red[(idx / L::kStripN) * kRedStride + idx % L::kStripN];
+      }
+      __threadfence();
+      __syncthreads();
+      if (threadIdx.x == 0) store_release_gpu(p.streamk_flags + cta, 1);
+    } else {  // the strip's first chunks: add the later pieces (CTAs cta + 1 .., in order), store
+      for (int other = cta + 1; other < ctas && range_begin(other) < strip_end; ++other) {
+        if (threadIdx.x == 0) {
+          while (load_acquire_gpu(p.streamk_flags + other) == 0) __nanosleep(100);
+        }
+        __syncthreads();
+        const float* theirs = p.streamk_partials + static_cast<int64_t>(other) * kPieceFloats;
+        for (int idx = threadIdx.x; idx < tokens * L::kStripN; idx += kThreads) {
+          red[(idx / L::kStripN) * kRedStride + idx % L::kStripN] += __ldcg(theirs + idx);
+        }
+        if (threadIdx.x == 0) p.streamk_flags[other] = 0;  // read by the next launch only
+      }
+      T* out = static_cast<T*>(p.out) + strip * L::kStripN;
+      for (int idx = threadIdx.x; idx < tokens * L::kStripN; idx += kThreads) {
+        const int token = idx / L::kStripN, col = idx % L::kStripN;
+        out[token * p.out_stride + col] = from_float<T>(red[token * kRedStride + col]);
+      }
+    }
+    __syncthreads();  // red is rewritten by the next piece
+  }
+}
+
+template <typename T, Int4Mode kMode>
+cudaError_t launch_streamk(const W4A16Params& p, cudaStream_t stream) {
+  using Cfg = SmallConfig<1, true>;
+  static Occupancy occ{};
+  static std::atomic<int> state{0};
+  if (state.load(std::memory_order_acquire) == 0) {
+    Occupancy fresh{};
+    FI_CUDA_TRY(query_kernel_occupancy(w4a16_streamk_kernel<T, kMode>, kThreads, Cfg::kSmemBytes, &fresh));
+    occ = fresh;
+    state.store(1, std::memory_order_release);
+  }
+  if (p.m > Cfg::kTokens || p.streamk_partials == nullptr || p.streamk_flags == nullptr || p.streamk_capacity <= 0) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t chunks = ceil_div(p.k / L::kStepK, Cfg::kChunk);
+  const int64_t total = static_cast<int64_t>(p.n / L::kStripN) * chunks;
+  const int64_t slots = static_cast<int64_t>(p.num_sms) * (occ.blocks_per_sm > 0 ? occ.blocks_per_sm : 1);
+  const int ctas = static_cast<int>(std::min({slots, total, static_cast<int64_t>(p.streamk_capacity)}));
+  // A plain launch: the kernel has no pdl_wait (FASTINFER_PDL must not start it before x is written).
+  w4a16_streamk_kernel<T, kMode><<<ctas, kThreads, Cfg::kSmemBytes, stream>>>(p, __builtin_ctz(p.group_size));
+  return cudaGetLastError();
 }
 
 }  // namespace small
