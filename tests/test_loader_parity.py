@@ -78,15 +78,16 @@ def test_bias_flags_the_architecture_ignores(tmp_path, variant, flags):
 
 def test_tied_config_with_a_distinct_lm_head_matches_hf(tmp_path):
     """tie_word_embeddings=true but the checkpoint ships an lm_head.weight different from the embedding:
-    transformers 5 does not tie them (it warns and uses lm_head.weight); fastinfer silently drops
-    lm_head.weight and computes the logits with the embedding."""
+    transformers 5 does not tie them (it warns and uses lm_head.weight); so does fastinfer, with a
+    warning naming both (it used to drop lm_head.weight and compute the logits with the embedding)."""
     make_hf_model("llama-tied").save_pretrained(tmp_path)
     gen = torch.Generator().manual_seed(0)
     edit_tensors(tmp_path, lambda t: t.__setitem__(
         "lm_head.weight", 0.5 * torch.randn(t["model.embed_tokens.weight"].shape, generator=gen)))
     hf = hf_from_dir(tmp_path)
     assert not torch.equal(hf.lm_head.weight, hf.model.embed_tokens.weight)  # HF used the stored lm_head
-    assert_logits_match(tmp_path, hf)
+    with pytest.warns(UserWarning, match="tie_word_embeddings=True but the checkpoint's lm_head.weight"):
+        assert_logits_match(tmp_path, hf)
 
 
 def test_tied_checkpoint_storing_only_lm_head_loads_like_hf(tmp_path):

@@ -21,6 +21,7 @@ attention.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Iterable
 
 import torch
@@ -203,11 +204,14 @@ class LlamaForCausalLM:
         """Copy HF-named tensors into the fused parameters; every parameter must be filled exactly.
         FP8 layers take float weights (quantized here) or FP8 ones with their scales (quant/fp8.py);
         4-bit layers take float weights (round-to-nearest) or a QuantizedWeight (packed as copied);
-        a dense or FP8 layer takes a QuantizedWeight dequantized."""
+        a dense or FP8 layer takes a QuantizedWeight dequantized. The LM head is never quantized: an
+        FP8 or 4-bit one is dequantized, and a tied model's (tie_word_embeddings) is the embedding
+        unless the checkpoint stores a different one (_load_tied_head)."""
         targets, kv_scales = self._weight_targets(), self._kv_scale_targets()
         fp8_parts = fp8.Fp8Parts(self.config.fp8_weight_block_size)
         filled: set[str] = set()
-        tied_head = None  # a tied model's lm_head.weight, if the checkpoint stores one (see below)
+        tied = self.config.tie_word_embeddings
+        tied_head: dict[str, object] = {}  # a tied model's lm_head.* tensors, if the checkpoint stores any
         for name, tensor in weights:
             module, _, leaf = name.rpartition(".")
             dest = targets.get(name, targets.get(module + ".weight"))
@@ -218,6 +222,12 @@ class LlamaForCausalLM:
                     raise ValueError(f"{name} has shape {tuple(tensor.shape)}: one k / v scale per layer is "
                                      f"supported (kv_cache_scheme strategy 'tensor'), not per head")
                 kv_scales[name].copy_(tensor.reshape(1))
+            elif tied and module == "lm_head":  # resolved once the embedding is in (any order, any shard)
+                if leaf in ("weight",) + fp8.AUX_NAMES:
+                    tied_head[leaf] = tensor
+                elif not (leaf == "bias" and self.quant is not None and is_dense_tensor and not bool(tensor.any())):
+                    raise ValueError(f"unexpected weight {name!r} for {self.config.architecture} (its lm_head "
+                                     f"has no {leaf}; config.json has tie_word_embeddings=True)")
             elif (fp8_layer or isinstance(dest, torch.Tensor)) and is_dense_tensor \
                     and (leaf in fp8.AUX_NAMES or tensor.dtype == FP8):
                 # an FP8 projection's parts, or an FP8 lm_head (kept dense: dequantized)
@@ -229,25 +239,53 @@ class LlamaForCausalLM:
             elif name in targets:
                 _copy_weight(name, tensor, dest)
                 filled.add(name)
-            elif name == "lm_head.weight" and self.config.tie_word_embeddings:
-                tied_head = tensor if is_dense_tensor else tied_head  # (a 4-bit copy: the embedding rules)
             elif (leaf == "bias" and self.quant is not None and module + ".weight" in targets and is_dense_tensor
                   and not bool(tensor.any())):
                 pass  # the all-zero bias buffers AutoGPTQ saved for bias-free layers (vLLM skips them too)
             elif not name.endswith("rotary_emb.inv_freq"):
                 raise ValueError(f"unexpected weight {name!r} for {self.config.architecture}")
-        if tied_head is not None:  # as transformers 5 loads a tied config
-            if "model.embed_tokens.weight" not in filled:  # the shared matrix stored under lm_head only
-                _copy_weight("lm_head.weight", tied_head, self.embed)
-                filled.add("model.embed_tokens.weight")
-            elif not torch.equal(tied_head.to(self.embed.device, self.embed.dtype), self.embed):
-                # a distinct lm_head in a "tied" checkpoint: transformers 5 keeps it (untied), so do we
-                self.lm_head = torch.empty_like(self.embed)
-                _copy_weight("lm_head.weight", tied_head, self.lm_head)
+        if tied_head:
+            self._load_tied_head(tied_head, filled)
         fp8_parts.check_complete()
         missing = sorted(set(targets) - filled)
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} weight(s), e.g. {missing[:3]}")
+
+    def _load_tied_head(self, parts: dict[str, object], filled: set[str]) -> None:
+        """The lm_head.* tensors a tied checkpoint (tie_word_embeddings=True) stores, as transformers 5
+        loads them: the head's values are the stored weight, dequantized when FP8 (weight_scale or
+        weight_scale_inv; input_scale is ignored) or 4-bit (a QuantizedWeight), in the model dtype.
+        Without model.embed_tokens.weight they are the shared matrix; equal to the embedding, the
+        two stay one tensor; different, the head is untied and holds them (with a warning)."""
+        name = "lm_head.weight"
+        weight = parts.get("weight")
+        scales = {k: v for k, v in parts.items() if k in fp8.SCALE_NAMES}
+        if weight is None:
+            if scales:
+                raise ValueError(f"lm_head has a weight scale ({', '.join('lm_head.' + k for k in scales)}) but no "
+                                 f"{name} (config.json has tie_word_embeddings=True)")
+            return  # an input_scale alone: nothing the model uses
+        if tuple(weight.shape) != tuple(self.embed.shape):
+            raise ValueError(f"weight {name!r} has shape {tuple(weight.shape)}, expected {tuple(self.embed.shape)} "
+                             f"(the embedding's: config.json has tie_word_embeddings=True)")
+        if isinstance(weight, QuantizedWeight):
+            head, stored = weight.dequantize(torch.float32), "4-bit, dequantized"
+        elif scales or weight.dtype == FP8:
+            if not scales:
+                raise ValueError(f"FP8 weight {name} came without its scale (weight_scale or weight_scale_inv)")
+            head = fp8.dequantize(name, weight, scales, self.config.fp8_weight_block_size)
+            stored = "FP8, dequantized"
+        else:
+            head, stored = weight, "dense"
+        if "model.embed_tokens.weight" not in filled:  # the shared matrix stored under lm_head only
+            _copy_weight(name, head, self.embed)
+            filled.add("model.embed_tokens.weight")
+        elif not torch.equal(head.to(self.embed.device, self.embed.dtype), self.embed):
+            warnings.warn(f"config.json has tie_word_embeddings=True but the checkpoint's {name} ({stored}) differs "
+                          f"from model.embed_tokens.weight: the LM head is that stored {name}, untied from the "
+                          f"embedding (as transformers loads it)", stacklevel=3)
+            self.lm_head = torch.empty_like(self.embed)
+            _copy_weight(name, head, self.lm_head)
 
     def _weight_targets(self) -> dict[str, torch.Tensor | LinearRows | Int4Rows]:
         """HF name -> the (view of the) fastinfer tensor, or the rows of a projection, it fills."""

@@ -17,6 +17,9 @@ fastinfer's FP8 linear layer holds an e4m3 weight [out, in] with one fp32 scale 
   on the fly, which is at least as accurate. Modules a checkpoint leaves unquantized ("ignore",
   "modules_to_not_convert") arrive in bf16 and are quantized on load like any bf16 weight;
   embeddings and lm_head always stay in the model dtype (an FP8 one is dequantized, w = q * scale).
+  With tie_word_embeddings the head is the embedding; an lm_head such a checkpoint stores anyway
+  (FP8 or not) is dequantized and used if it differs, as transformers does, with a warning
+  (models/llama.py LlamaForCausalLM._load_tied_head).
   A compressed-tensors config that quantizes only the KV cache (kv_cache_scheme, no config_groups)
   loads as a dense model.
   KV-cache scales: `self_attn.k_scale` / `self_attn.v_scale` fill the layer's kv_scale, used when
