@@ -18,6 +18,7 @@ dense_gemv_add_residual against dense_gemv then fused_add_rms_norm (the norm ker
 at qkv, dense_gemv_rope_cache (norm prologue, rotary and the KV-cache write in the epilogue) against
 rms_norm_dense_gemv then rotary_embedding_and_cache (what the epilogue saves). "vs unfused" = the
 unfused ops' time / the fused kernel's; "max |diff| vs unfused" a sanity check of the fused output.
+"..., preload": the q/k/v and gate / up prologue kernels with FASTINFER_GEMV_NORM_PRELOAD=on.
 Timing and L2 flushing: see bench/common.py.
 """
 from __future__ import annotations
@@ -41,7 +42,25 @@ NORM_IMPLS = {"qkv": [("fastinfer rms_norm_dense_gemv", "dense_gemv (x normalize
               "gate_up": [("fastinfer rms_norm_dense_gemv (SwiGLU)", "dense_gemv_silu_mul (x normalized beforehand)")],
               "o": [("fastinfer dense_gemv_add_residual", "dense_gemv + fused_add_rms_norm")],
               "down": [("fastinfer dense_gemv_add_residual", "dense_gemv + fused_add_rms_norm")]}
+# The same prologue kernels with FASTINFER_GEMV_NORM_PRELOAD=on (the first weight chunk loaded before the
+# prologue; gemv.cuh kPreload), against the same unfused pair.
+PRELOAD_IMPLS = {"qkv": [("fastinfer rms_norm_dense_gemv, preload", "dense_gemv (x normalized beforehand)")],
+                 "gate_up": [("fastinfer rms_norm_dense_gemv (SwiGLU), preload",
+                              "dense_gemv_silu_mul (x normalized beforehand)")]}
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # Llama-3-8B: qkv N = (32 + 2 x 8) x 128 = 6144
+
+
+def with_preload(fn):
+    """fn with FASTINFER_GEMV_NORM_PRELOAD=on (read by the op at every call)."""
+    import os
+
+    def run(x):
+        os.environ["FASTINFER_GEMV_NORM_PRELOAD"] = "on"
+        try:
+            return fn(x)
+        finally:
+            del os.environ["FASTINFER_GEMV_NORM_PRELOAD"]
+    return run
 
 
 def norm_impls(ops, name: str, weight: torch.Tensor, x: torch.Tensor, g: torch.Generator) -> dict:
@@ -70,6 +89,8 @@ def norm_impls(ops, name: str, weight: torch.Tensor, x: torch.Tensor, g: torch.G
     silu = name == "gate_up"
     impls = {fused: lambda x: ops.rms_norm_dense_gemv(x, sums, norm_w, EPS, weight, silu_mul=silu),
              pair: lambda x: ops.dense_gemv_silu_mul(normed, weight) if silu else ops.dense_gemv(normed, weight)}
+    for preload_impl, _ in PRELOAD_IMPLS.get(name, []):
+        impls[preload_impl] = with_preload(impls[fused])
     if name == "qkv" and n == (HEADS + 2 * KV_HEADS) * HEAD_DIM:  # + rotary and the KV-cache write of a decode step
         from fastinfer.models.rope import cos_sin_cache
         (rope_fused, rope_pair), = more
@@ -119,7 +140,7 @@ def run_shape(ops, name: str, k: int, n: int, tokens, args, flush, copy_gbps: fl
                          "bytes": nbytes, "gbps": bw, "frac_copy": bw / copy_gbps, "max_abs_err": err})
         for r in rows[-len(times):]:
             r["vs_cublas"] = times[CUBLAS] / r["us"] if CUBLAS in times else None
-        for fused_impl, pair in NORM_IMPLS.get(name, []) if fused else []:
+        for fused_impl, pair in NORM_IMPLS.get(name, []) + PRELOAD_IMPLS.get(name, []) if fused else []:
             for r in rows[-len(times):]:
                 if r["impl"] == fused_impl and pair in times:
                     r["vs_unfused"] = times[pair] / r["us"]

@@ -138,6 +138,28 @@ def test_many_splits(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_sequences_give_zeros(dtype):
+    """seq_len 0 (only with check_indices=False): zeros, with the merge kernel and with the fused merge
+    (decode_work.cuh: split 0 writes them directly, the unused splits exit), the other rows as usual."""
+    args = make_case([0, 5, 0, 300], 8, 2, 128, 16, dtype, extra_blocks=100)
+    query, kv_cache, block_tables, lens, scale = args
+    lens = lens.clone()
+    lens[0] = lens[2] = 0
+    merged = ops.paged_decode_attention(query, kv_cache, block_tables, lens, scale, check_indices=False)
+    semaphores = torch.zeros(query.shape[0] * query.shape[1], dtype=torch.int32, device=CUDA)
+    fused = ops.paged_decode_attention(query, kv_cache, block_tables, lens, scale, semaphores=semaphores,
+                                       check_indices=False)
+    assert not merged[[0, 2]].any() and not fused[[0, 2]].any()
+    assert not semaphores.any()
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(fused, merged, rtol=eps, atol=1e-6)
+    rows = [1, 3]
+    ref_args = (query[rows], kv_cache, block_tables[rows], lens[rows], scale)
+    assert_within_tolerance(merged[rows], ref.paged_decode_attention(*ref_args, dtype),
+                            ref.paged_decode_attention(*ref_args, ref_dtype(dtype)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_one_split(dtype):
     """Few splits both ways: a table of 144 keys (one split: 5 CUDA-core tiles, 3 tensor-core tiles), and
     batch x kv heads = 3 x SMs (one split on CUDA cores, two on tensor cores)."""

@@ -374,9 +374,11 @@ ROPE_SHAPES = [  # (M, heads, kv_heads, head_dim, K, mode): Llama-3-8B, Qwen2-st
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("preload", ["off", "on"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m, heads, kv_heads, d, k, mode", ROPE_SHAPES)
-def test_rope_cache_cuda(m, heads, kv_heads, d, k, mode, dtype):
+def test_rope_cache_cuda(monkeypatch, m, heads, kv_heads, d, k, mode, dtype, preload):
+    monkeypatch.setenv("FASTINFER_GEMV_NORM_PRELOAD", preload)  # (only the "norm" modes have a prologue)
     args = rope_inputs(m, heads, kv_heads, d, k, dtype, "cuda", "bias" in mode, "norm" in mode, seed=m + heads + d,
                        num_blocks=max(8, m))
     check_rope(args, heads, device_exact=False)
@@ -507,6 +509,30 @@ def test_rms_norm_gemv_cuda(m, n, k, mode, dtype):
     out = check_rms_norm_gemv(x, sq_sums, norm_w, weight, b, silu_mul)
     again = ops.rms_norm_dense_gemv(x, sq_sums, norm_w, EPS, weight, b, silu_mul=silu_mul)
     assert torch.equal(out, again), "two runs differ"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m, n, k, mode", NORM_SHAPES)
+def test_rms_norm_gemv_preload_is_bitwise_the_same(monkeypatch, m, n, k, mode, dtype):
+    """FASTINFER_GEMV_NORM_PRELOAD=on loads the first W chunk before the RMSNorm prologue (gemv.cuh
+    kPreload): the same arithmetic in the same order, so bit for bit the default kernel's output.
+    (The rotary + KV-cache form runs under both in test_rope_cache_cuda.)"""
+    silu_mul = mode == "silu_mul"
+    x, sq_sums, norm_w, weight, b = norm_inputs(m, n, k, dtype, "cuda", mode == "bias", seed=m * 5 + n, silu_mul=silu_mul)
+    outs = {}
+    for preload in ("off", "on"):
+        monkeypatch.setenv("FASTINFER_GEMV_NORM_PRELOAD", preload)
+        outs[preload] = ops.rms_norm_dense_gemv(x, sq_sums, norm_w, EPS, weight, b, silu_mul=silu_mul)
+    assert torch.equal(outs["on"], outs["off"])
+
+
+@pytest.mark.cuda
+def test_rms_norm_gemv_preload_setting_is_checked(monkeypatch):
+    x, sq_sums, norm_w, weight, b = norm_inputs(2, 64, 256, torch.bfloat16, "cuda", False, seed=3)
+    monkeypatch.setenv("FASTINFER_GEMV_NORM_PRELOAD", "yes")
+    with pytest.raises(RuntimeError, match="FASTINFER_GEMV_NORM_PRELOAD must be off or on, got 'yes'"):
+        ops.rms_norm_dense_gemv(x, sq_sums, norm_w, EPS, weight, b)
 
 
 @pytest.mark.cuda

@@ -193,16 +193,18 @@ def test_int4_linear_strided_rows_and_out(device, int4_kernel):
 
 @pytest.mark.cuda
 @pytest.mark.sm90
+@pytest.mark.parametrize("m", [3, 8])
 @pytest.mark.parametrize("n, k", [(4096, 1024), (28672 // 4, 4096), (4096, 14336)])
-def test_int4_streamk_graph_replays(monkeypatch, n, k):
-    """FASTINFER_INT4_KERNEL=small_streamk (w4a16_small.cuh): strips cut between CTAs hand their pieces
-    over through a workspace whose flags every launch leaves at 0. An eager call (it allocates the
-    workspace), then a captured graph replayed with new activations, must equal eager calls each time,
-    bit for bit (the same fixed-order sums), and the reference."""
+def test_int4_streamk_graph_replays(monkeypatch, n, k, m):
+    """FASTINFER_INT4_KERNEL=small_streamk (w4a16_small.cuh): strips cut between CTAs are summed by the
+    last of their CTAs to arrive, through a workspace whose counters every launch leaves at 0. Eager
+    calls (the first allocates the workspace), then a captured graph replayed with new activations, must
+    equal the eager calls each time, bit for bit (the same fixed-order sums), and the reference; M = 3
+    and M = 8 (every token row of the kernel's n8 tile)."""
     monkeypatch.setenv("FASTINFER_INT4_KERNEL", "small_streamk")
     gen = torch.Generator().manual_seed(n + k)
     w = random_weight(n, k, 128, "zeros", gen)
-    xs = [torch.randn(3, k, generator=gen).to(torch.bfloat16).cuda() for _ in range(3)]
+    xs = [torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda() for _ in range(3)]
     p = pack(w.to(torch.bfloat16))  # on the GPU once: nothing but the op inside the capture
     qweight, scales, zeros = p.qweight.cuda(), p.scales.cuda(), p.zeros.cuda()
 
@@ -211,7 +213,7 @@ def test_int4_streamk_graph_replays(monkeypatch, n, k):
     eager = [linear(v) for v in xs]
     check_against_reference(eager[0], xs[0], w)
     x = xs[0].clone()
-    out = torch.empty(3, n, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         linear(x, out=out)

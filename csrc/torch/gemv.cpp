@@ -110,6 +110,7 @@ void set_norm(const char* op, DenseGemvParams& p, const at::Tensor& x, const at:
   p.sq_sums_in_stride = sq_sums.stride(0);
   p.sq_groups = static_cast<int>(sq_sums.size(1));
   p.eps = static_cast<float>(eps);
+  p.norm_preload = env_choice(op, "FASTINFER_GEMV_NORM_PRELOAD", {"off", "on"}) == 1;
 }
 
 void rms_norm_dense_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& sq_sums, const at::Tensor& norm_weight,

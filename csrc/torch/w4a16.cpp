@@ -24,7 +24,8 @@ void check_aligned(const at::Tensor& t, const char* name) {
 }
 
 // The stream-K kernel's workspace (w4a16_small.cuh): one per device, made on the first small_streamk
-// call and kept for the process (its flags are 0 between launches). Allocating it inside a CUDA-graph
+// call and kept for the process (its counters are 0 between launches; deliberately never freed, so no
+// destructor runs after the caching allocator's at exit). Allocating it inside a CUDA-graph
 // capture would tie it to the graph's memory pool, so the first call must be eager (the engine's
 // warm-up steps are). Launches on two streams of one device at once would share it: not supported.
 constexpr int kStreamKSlotsPerSm = 4;
@@ -32,7 +33,7 @@ constexpr int64_t kStreamKPieceFloats = 8 * 64;  // tokens x strip columns
 
 std::pair<at::Tensor, at::Tensor> streamk_workspace(const at::Tensor& x, int num_sms) {
   static std::mutex mutex;
-  static std::unordered_map<int, std::pair<at::Tensor, at::Tensor>> workspaces;
+  static auto& workspaces = *new std::unordered_map<int, std::pair<at::Tensor, at::Tensor>>();
   const std::lock_guard<std::mutex> lock(mutex);
   const auto found = workspaces.find(x.get_device());
   if (found != workspaces.end()) return found->second;
@@ -40,7 +41,7 @@ std::pair<at::Tensor, at::Tensor> streamk_workspace(const at::Tensor& x, int num
               "int4_linear: FASTINFER_INT4_KERNEL=small_streamk needs one call outside CUDA-graph capture first "
               "(it allocates its workspace then)");
   const int64_t capacity = static_cast<int64_t>(num_sms) * kStreamKSlotsPerSm;
-  auto pair = std::make_pair(at::empty({capacity * kStreamKPieceFloats}, x.options().dtype(at::kFloat)),
+  auto pair = std::make_pair(at::empty({capacity * 2 * kStreamKPieceFloats}, x.options().dtype(at::kFloat)),
                              at::zeros({capacity}, x.options().dtype(at::kInt)));
   workspaces.emplace(x.get_device(), pair);
   return pair;
@@ -104,11 +105,11 @@ void int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight
   p.split_overhead_rounds = env_choice("int4_linear", "FASTINFER_INT4_SPLITS", {"overhead", "rounds"}) == 0 ? 1 : 0;
   const cudaError_t err = cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, x.get_device());
   check_launch(err, "int4_linear (SM count)");
-  if (p.kernel == Int4Kernel::kSmallStreamK && m <= 8) {
-    const auto [partials, flags] = streamk_workspace(x, p.num_sms);
+  if (p.kernel == Int4Kernel::kSmallStreamK && m > 0 && m <= 8) {
+    const auto [partials, counters] = streamk_workspace(x, p.num_sms);
     p.streamk_partials = partials.data_ptr<float>();
-    p.streamk_flags = flags.data_ptr<int>();
-    p.streamk_capacity = static_cast<int>(flags.numel());
+    p.streamk_counters = reinterpret_cast<unsigned*>(counters.data_ptr<int>());
+    p.streamk_capacity = static_cast<int>(counters.numel());
   }
   check_launch(launch_w4a16_gemm(p, stream_of(x)), "int4_linear");
 }

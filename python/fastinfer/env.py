@@ -41,6 +41,9 @@ SETTINGS = {
     "FASTINFER_DECODE_MERGE": ("auto", "auto | kernel", "split-KV decode attention given semaphores (the decode "
                                "graphs) merges in its last CTA per group (kernel: a separate merge kernel)"),
     "FASTINFER_DENSE_GEMV": ("1", "1 | 0", "decode projections on dense_gemv (0: cuBLAS); read at import"),
+    "FASTINFER_GEMV_NORM_PRELOAD": ("off", "off | on",
+                                    "the RMSNorm-prologue GEMVs load their first weight chunk before the prologue "
+                                    "(on) instead of an L2 prefetch; same results, off until measured"),
     "FASTINFER_FUSED_NORM": ("1", "1 | 0", "steps of <= 16 tokens add the residual and apply RMSNorm inside the "
                              "dense GEMVs (0: separate fused_add_rms_norm kernels, and no FASTINFER_FUSED_ROPE)"),
     "FASTINFER_FUSED_ROPE": ("1", "1 | 0", "with FASTINFER_FUSED_NORM, the q/k/v GEMV also applies rotary and writes "

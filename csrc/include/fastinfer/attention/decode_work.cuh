@@ -90,10 +90,10 @@ __device__ __forceinline__ void merge_if_last(const DecodeParams& p, const Decod
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
-    // atomicInc wraps to 0 after num_splits - 1: the last arrival leaves the count at 0 by itself.
+    // atomicInc wraps to 0 after used_splits - 1: the last arrival leaves the count at 0 by itself.
     // Contract: the count is 0 when a launch starts and no other launch uses it meanwhile. A count
-    // left wrong (a foreign buffer, an aborted launch) does not heal: counting modulo num_splits, a
-    // start at k merges k arrivals early in every later launch, and k >= num_splits never merges.
+    // left wrong (a foreign buffer, an aborted launch) does not heal: counting modulo used_splits, a
+    // start at k merges k arrivals early in later launches, and k >= used_splits never merges.
     auto* count = reinterpret_cast<unsigned*>(p.semaphores) + (w.seq * gridDim.y + blockIdx.y);
     const unsigned last = static_cast<unsigned>(w.used_splits - 1);  // >= 1: one used split is direct
     is_last = atomicInc(count, last) == last;
@@ -112,8 +112,10 @@ __device__ __forceinline__ bool fused_merge(const DecodeParams& p, const CtaWork
   return !w.direct && p.semaphores != nullptr;
 }
 
-// The start of both decode kernels: PDL (common.cuh: wait for the previous kernel), the CTA's work, and an empty split written out (and counted, with the fused merge).
-// False: the CTA has nothing more to do.
+// The start of both decode kernels: PDL (common.cuh: wait for the previous kernel), the CTA's work, and
+// an empty split written out (lse = -inf for the merge kernel, or zeros into out[] when it is the only
+// split). With the fused merge an empty split is unused and simply returns (dynamic_splits), so it
+// never counts on a semaphore. False: the CTA has nothing more to do.
 template <typename T, int kHeadDim, int kThreads>
 __device__ __forceinline__ bool start_cta(const DecodeParams& p, const DecodePlan& plan, const float* partial_o,
                                           float* partial_lse, CtaWork& w) {
@@ -122,7 +124,6 @@ __device__ __forceinline__ bool start_cta(const DecodeParams& p, const DecodePla
   if (w.begin < w.end) return true;
   if (dynamic_splits(p, plan) && blockIdx.x > 0) return false;  // an unused split (split 0 of an empty sequence writes zeros: direct)
   write_empty_split<T, kHeadDim, kThreads>(p, plan, w, partial_lse);
-  if (fused_merge(p, w)) merge_if_last<T, kHeadDim, kThreads>(p, plan, w, partial_o, partial_lse);
   return false;
 }
 

@@ -215,12 +215,11 @@ struct NormState {
   float inv_rms[kTiles];
 };
 
-template <typename T, int kTiles, bool kPartial, bool kNorm>
-__device__ __forceinline__ void chunk_mma(Acc<kTiles>& acc, const T* w_lo, const T* w_hi,
-                                          const T* const (&x_rows)[kTiles], unsigned has_x, int64_t k0,
-                                          int64_t k_left, const NormState<T, kTiles>& norm) {
+// The chunk's W pieces, rows g and g + 8 (zeros past a partial chunk's row end).
+template <typename T, bool kPartial>
+__device__ __forceinline__ void load_w_chunk(uint4 (&wl)[kStepsPerChunk], uint4 (&wh)[kStepsPerChunk], const T* w_lo,
+                                             const T* w_hi, int64_t k0, int64_t k_left) {
   const uint4 zero = make_uint4(0, 0, 0, 0);
-  uint4 wl[kStepsPerChunk], wh[kStepsPerChunk], xv[kStepsPerChunk][kTiles];
 #pragma unroll
   for (int s = 0; s < kStepsPerChunk; ++s) {
     const bool in_row = !kPartial || s * kStepK < k_left;
@@ -228,6 +227,16 @@ __device__ __forceinline__ void chunk_mma(Acc<kTiles>& acc, const T* w_lo, const
     wl[s] = in_row ? load_stream(w_lo + k) : zero;
     wh[s] = in_row ? load_stream(w_hi + k) : zero;
   }
+}
+
+// The rest of a chunk once its W is loaded: x of every tile (normalized with kNorm), then the mmas.
+template <typename T, int kTiles, bool kPartial, bool kNorm>
+__device__ __forceinline__ void chunk_mma_loaded(Acc<kTiles>& acc, const uint4 (&wl)[kStepsPerChunk],
+                                                 const uint4 (&wh)[kStepsPerChunk], const T* const (&x_rows)[kTiles],
+                                                 unsigned has_x, int64_t k0, int64_t k_left,
+                                                 const NormState<T, kTiles>& norm) {
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  uint4 xv[kStepsPerChunk][kTiles];
 #pragma unroll
   for (int s = 0; s < kStepsPerChunk; ++s) {
     const bool in_row = !kPartial || s * kStepK < k_left;
@@ -256,8 +265,26 @@ __device__ __forceinline__ void chunk_mma(Acc<kTiles>& acc, const T* w_lo, const
   }
 }
 
-template <typename T, int kTiles, bool kNorm>
+template <typename T, int kTiles, bool kPartial, bool kNorm>
+__device__ __forceinline__ void chunk_mma(Acc<kTiles>& acc, const T* w_lo, const T* w_hi,
+                                          const T* const (&x_rows)[kTiles], unsigned has_x, int64_t k0,
+                                          int64_t k_left, const NormState<T, kTiles>& norm) {
+  uint4 wl[kStepsPerChunk], wh[kStepsPerChunk];
+  load_w_chunk<T, kPartial>(wl, wh, w_lo, w_hi, k0, k_left);
+  chunk_mma_loaded<T, kTiles, kPartial, kNorm>(acc, wl, wh, x_rows, has_x, k0, k_left, norm);
+}
+
+// kPreload (kNorm only; DenseGemvParams::norm_preload, FASTINFER_GEMV_NORM_PRELOAD=on): the warp's
+// first chunk of W is loaded into registers before the RMSNorm prologue instead of only being asked of
+// L2, so the prologue's dependent reads (the sums of squares, a reduction, a barrier) overlap the
+// weights' DRAM latency rather than preceding it. Why: bench_gemv (H200, visit 4) timed the prologue
+// at +1.8 us on qkv (384 CTAs, 1.5 waves) and +4.1 us on gate_up (1792 CTAs, ~7 waves) against the
+// same GEMV on x normalized beforehand: about one such latency per wave of CTAs, ~190 us of a 4.8 ms
+// batch-1 step. Predicted: most of it back (qkv ~20.8, gate_up ~68.5 us). 32 more registers live
+// across the prologue, which needs few.
+template <typename T, int kTiles, bool kNorm, bool kPreload = false>
 __global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams p) {
+  static_assert(kNorm || !kPreload, "the preload only moves W ahead of the RMSNorm prologue");
   // Each warp's 16 x 8 tiles in D-fragment order: partial[warp][tile][lane].
   __shared__ float4 partial[kWarps][kTiles][kWarpSize];
   // RMSNorm prologue: 1 / rms of each x row. Residual epilogue: squares of the CTA's new residuals.
@@ -299,7 +326,10 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams
   // PDL (common.cuh, FASTINFER_PDL=1): ask L2 for this warp's first chunk of W, which no kernel
   // writes, while the kernel before this one may still be running; then wait for it (x is its output).
   const int64_t num_full = p.k / kChunkK;
-  if (warp < num_full) {
+  uint4 first_wl[kStepsPerChunk], first_wh[kStepsPerChunk];  // kPreload: chunk `warp`'s W
+  if constexpr (kPreload) {
+    if (warp < num_full) load_w_chunk<T, false>(first_wl, first_wh, w_lo, w_hi, warp * kChunkK, 0);
+  } else if (warp < num_full) {
 #pragma unroll
     for (int s = 0; s < kStepsPerChunk; ++s) {
       asm volatile("prefetch.global.L2 [%0];\n" ::"l"(w_lo + warp * kChunkK + s * kStepK));
@@ -333,6 +363,12 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams
 #pragma unroll
       for (int j = 0; j < 4; ++j) acc.v[a][t][j] = 0.f;
   int64_t chunk = warp;
+  if constexpr (kPreload) {
+    if (chunk < num_full) {
+      chunk_mma_loaded<T, kTiles, false, kNorm>(acc, first_wl, first_wh, x_rows, has_x, chunk * kChunkK, 0, norm);
+      chunk += kWarps;
+    }
+  }
   for (; chunk < num_full; chunk += kWarps) {
     chunk_mma<T, kTiles, false, kNorm>(acc, w_lo, w_hi, x_rows, has_x, chunk * kChunkK, 0, norm);
   }
@@ -451,9 +487,14 @@ cudaError_t launch_typed(const DenseGemvParams& p, cudaStream_t stream) {
   const unsigned tiles = static_cast<unsigned>(ceil_div(p.n, kTileN));
   const bool norm = p.norm_weight != nullptr;
   if (norm && tiles_for(p.m) > 2) return cudaErrorInvalidValue;  // kGemvNormMaxM (also checked by the caller)
-  const auto kernel = tiles_for(p.m) == 1   ? (norm ? dense_gemv_kernel<T, 1, true> : dense_gemv_kernel<T, 1, false>)
-                      : tiles_for(p.m) == 2 ? (norm ? dense_gemv_kernel<T, 2, true> : dense_gemv_kernel<T, 2, false>)
-                                            : dense_gemv_kernel<T, 4, false>;  // norm: M <= kGemvNormMaxM
+  const bool pre = norm && p.norm_preload;
+  const auto kernel = tiles_for(p.m) == 1
+                          ? (pre ? dense_gemv_kernel<T, 1, true, true>
+                                 : norm ? dense_gemv_kernel<T, 1, true> : dense_gemv_kernel<T, 1, false>)
+                      : tiles_for(p.m) == 2
+                          ? (pre ? dense_gemv_kernel<T, 2, true, true>
+                                 : norm ? dense_gemv_kernel<T, 2, true> : dense_gemv_kernel<T, 2, false>)
+                          : dense_gemv_kernel<T, 4, false>;  // norm: M <= kGemvNormMaxM
   return launch_kernel(kernel, dim3(tiles), dim3(kThreads), 0, stream, p);
 }
 

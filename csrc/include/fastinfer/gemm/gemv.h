@@ -50,6 +50,7 @@ struct DenseGemvParams {
   int64_t sq_sums_in_stride;
   int sq_groups;
   float eps;
+  bool norm_preload;         // load the first W chunk before the prologue (gemv.cuh kPreload); same results
   // Rotary + KV-cache epilogue (dense_gemv_rope_cache), when rope is set: W = [Wq; Wk; Wv],
   // N = (num_heads + 2 num_kv_heads) head_dim rows (head_dim % 16 == 0, rotary over the whole head,
   // bias allowed, not with swiglu or residual). Each output is rounded to dtype, then query and key

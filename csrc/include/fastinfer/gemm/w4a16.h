@@ -69,10 +69,10 @@ struct W4A16Params {
   int num_sms;                // SMs of the device: the split-K heuristic's only hardware input
   Int4Kernel kernel;          // which CUDA kernel (FASTINFER_INT4_KERNEL); kAuto by default
   int split_overhead_rounds;  // the GEMV kernel's split-K cost model (w4a16_small.cuh): 1 from the binding
-  // kSmallStreamK at M <= 8 (w4a16_small.cuh, stream-K): fp32 [capacity, 8 * 64] pieces and int [capacity]
-  // flags, all 0 before the first launch (each launch leaves them 0); one launch at a time.
+  // kSmallStreamK at M <= 8 (w4a16_small.cuh, stream-K): fp32 [capacity, 2, 8 * 64] pieces and unsigned
+  // [capacity] counters, 0 before the first launch (each launch leaves them 0); one launch at a time.
   float* streamk_partials;
-  int* streamk_flags;
+  unsigned* streamk_counters;
   int streamk_capacity;       // CTAs the workspace holds; the grid is at most this
 };
 

@@ -318,45 +318,39 @@ cudaError_t launch_small(const W4A16Params& p, cudaStream_t stream) {
 //
 // Why. The split rule above prices whole waves: gate_up at M = 1 (448 strips of 32 chunks) runs 448
 // CTAs of 4 rounds on 264 slots, 2 waves, the second 70% full: 10 round-times for 6.8 of work. Here a
-// persistent grid (one CTA per slot) cuts the strips' chunks, in strip order, into equal contiguous
-// ranges, one per CTA, so every slot streams the same number of bytes whatever the shape.
+// grid of one CTA per slot cuts the strips' chunks, in strip order, into equal contiguous ranges,
+// one per CTA, so every slot streams the same number of bytes whatever the shape.
 //
 // A range covers the tail of one strip, whole strips, and the head of another. A strip wholly
-// inside a range is stored by its CTA. A strip cut between CTAs b < b' < ... : b holds its first
-// chunks (the last piece of b's range) and stores it; each later CTA holds a piece that is the first
-// of its own range, which it computes first, writes to its workspace row (partials[cta]) and marks
-// done (flags[cta] = 1, release). b, at the end of its range, waits for those flags (acquire), adds the
-// pieces in CTA order to its own sums (deterministic), stores, and sets the flags back to 0, so the
-// workspace is ready for the next launch (a captured graph replays with no memset). Nobody waits for
-// a CTA that is itself waiting (a piece a CTA hands over is always its first), and the grid is never
-// larger than what is resident at once, so the waits end.
+// inside a range is stored by its CTA. A strip cut between CTAs first .. last: each of them writes
+// its piece to the workspace (partials[cta][0] for the piece that begins its range, [1] for the one
+// that ends it: a CTA has at most one of each), fences, and counts itself on counters[first] (no
+// other cut strip begins in that CTA's range); the last to arrive, which then knows every piece is
+// written, adds them in CTA order (deterministic) and stores, as the decode kernels' fused merge does
+// (attention/decode_work.cuh: merge_if_last). No CTA ever waits for another, so the grid needs no
+// co-residency, and atomicInc's wrap leaves every counter at 0 for the next launch (a captured graph
+// replays with no memset). The fp32 sums go through L2 twice more per cut strip (2 KiB a piece).
 //
-// Workspace: W4A16Params::streamk_partials (kTokens x 64 fp32 per CTA) and streamk_flags (int per
-// CTA, zero at rest), for up to streamk_capacity CTAs; one launch at a time may use them (the torch
-// binding keeps one pair per device: launches on two streams at once would share it).
-// Predicted (H200, visit 6 numbers): gate_up M = 1 34.0 -> ~27 us (the second wave's idle 30% and
-// one CTA start per slot instead of per strip), down 27.6 -> ~25, qkv / o ~13 -> ~11-12.
-__device__ __forceinline__ int load_acquire_gpu(const int* ptr) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(ptr) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void store_release_gpu(int* ptr, int v) {
-  asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(ptr), "r"(v) : "memory");
-}
-
+// Workspace: W4A16Params::streamk_partials (2 pieces of kTokens x 64 fp32 per CTA) and
+// streamk_counters (unsigned per CTA, zero at rest), for up to streamk_capacity CTAs; one launch at a
+// time may use them (the torch binding keeps one pair per device: launches on two streams at once
+// would share it). Predicted (H200, visit 6 numbers): gate_up M = 1 34.0 -> ~27 us (the second wave's
+// idle 30% and one CTA start per slot instead of per strip), down 27.6 -> ~25, qkv / o ~13 -> ~11-12.
 template <typename T, Int4Mode kMode>
 __global__ void __launch_bounds__(kThreads, 2) w4a16_streamk_kernel(const W4A16Params p, const int group_shift) {
   using Cfg = SmallConfig<1, true>;
   constexpr int kPieceFloats = Cfg::kTokens * L::kStripN;
   extern __shared__ __align__(16) float red[];
+  __shared__ bool is_last;
   const int chunks = (p.k / L::kStepK + Cfg::kChunk - 1) / Cfg::kChunk;
   const int64_t total = static_cast<int64_t>(p.n / L::kStripN) * chunks;
   const int ctas = static_cast<int>(gridDim.x), cta = static_cast<int>(blockIdx.x);
   const auto range_begin = [&](int b) { return static_cast<int64_t>(b) * total / ctas; };
+  // The CTA whose range holds chunk u: the largest b with range_begin(b) <= u.
+  const auto cta_of = [&](int64_t u) { return static_cast<int>(((u + 1) * ctas + total - 1) / total - 1); };
   const int64_t end = range_begin(cta + 1);
   const int tokens = static_cast<int>(min(static_cast<int64_t>(Cfg::kTokens), p.m));  // M <= 8: m0 = 0
+  const auto red_at = [](int idx) { return (idx / L::kStripN) * kRedStride + idx % L::kStripN; };
   for (int64_t at = range_begin(cta); at < end;) {
     const int strip = static_cast<int>(at / chunks);
     const int64_t strip_begin = static_cast<int64_t>(strip) * chunks, strip_end = strip_begin + chunks;
@@ -364,33 +358,36 @@ __global__ void __launch_bounds__(kThreads, 2) w4a16_streamk_kernel(const W4A16P
     at = min(end, strip_end);
     strip_sums<T, 1, kMode, true>(p, group_shift, strip, 0, c0, c1, red);
     __syncthreads();
-    if (c0 > 0) {  // a later piece of a strip an earlier CTA stores: hand it over
-      float* mine = p.streamk_partials + static_cast<int64_t>(cta) * kPieceFloats;
+    T* out = static_cast<T*>(p.out) + strip * L::kStripN;
+    if (c0 == 0 && c1 == chunks) {  // the whole strip
       for (int idx = threadIdx.x; idx < tokens * L::kStripN; idx += kThreads) {
-        mine[idx] = red[(idx / L::kStripN) * kRedStride + idx % L::kStripN];
+        out[(idx / L::kStripN) * p.out_stride + idx % L::kStripN] = from_float<T>(red[red_at(idx)]);
       }
+    } else {
+      const int first = cta_of(strip_begin), last = cta_of(strip_end - 1);
+      const auto piece = [&](int b) {  // b's piece of this strip: the end of b's range unless b > first
+        return p.streamk_partials + (static_cast<int64_t>(b) * 2 + (b > first ? 0 : 1)) * kPieceFloats;
+      };
+      float* mine = piece(cta);
+      for (int idx = threadIdx.x; idx < tokens * L::kStripN; idx += kThreads) mine[idx] = red[red_at(idx)];
       __threadfence();
       __syncthreads();
-      if (threadIdx.x == 0) store_release_gpu(p.streamk_flags + cta, 1);
-    } else {  // the strip's first chunks: add the later pieces (CTAs cta + 1 .., in order), store
-      for (int other = cta + 1; other < ctas && range_begin(other) < strip_end; ++other) {
-        if (threadIdx.x == 0) {
-          while (load_acquire_gpu(p.streamk_flags + other) == 0) __nanosleep(100);
-        }
-        __syncthreads();
-        const float* theirs = p.streamk_partials + static_cast<int64_t>(other) * kPieceFloats;
-        for (int idx = threadIdx.x; idx < tokens * L::kStripN; idx += kThreads) {
-          red[(idx / L::kStripN) * kRedStride + idx % L::kStripN] += __ldcg(theirs + idx);
-        }
-        if (threadIdx.x == 0) p.streamk_flags[other] = 0;  // read by the next launch only
+      if (threadIdx.x == 0) {
+        // atomicInc wraps to 0 after last - first arrivals: the count is back at 0 for the next launch.
+        is_last = atomicInc(p.streamk_counters + first, static_cast<unsigned>(last - first)) ==
+                  static_cast<unsigned>(last - first);
       }
-      T* out = static_cast<T*>(p.out) + strip * L::kStripN;
-      for (int idx = threadIdx.x; idx < tokens * L::kStripN; idx += kThreads) {
-        const int token = idx / L::kStripN, col = idx % L::kStripN;
-        out[token * p.out_stride + col] = from_float<T>(red[token * kRedStride + col]);
+      __syncthreads();
+      if (is_last) {
+        __threadfence();
+        for (int idx = threadIdx.x; idx < tokens * L::kStripN; idx += kThreads) {
+          float sum = 0.0f;
+          for (int b = first; b <= last; ++b) sum += __ldcg(piece(b) + idx);  // CTA order
+          out[(idx / L::kStripN) * p.out_stride + idx % L::kStripN] = from_float<T>(sum);
+        }
       }
     }
-    __syncthreads();  // red is rewritten by the next piece
+    __syncthreads();  // red (and is_last) are rewritten by the next piece
   }
 }
 
@@ -405,7 +402,7 @@ cudaError_t launch_streamk(const W4A16Params& p, cudaStream_t stream) {
     occ = fresh;
     state.store(1, std::memory_order_release);
   }
-  if (p.m > Cfg::kTokens || p.streamk_partials == nullptr || p.streamk_flags == nullptr || p.streamk_capacity <= 0) {
+  if (p.m > Cfg::kTokens || p.streamk_partials == nullptr || p.streamk_counters == nullptr || p.streamk_capacity <= 0) {
     return cudaErrorInvalidValue;
   }
   const int64_t chunks = ceil_div(p.k / L::kStepK, Cfg::kChunk);
@@ -413,6 +410,7 @@ cudaError_t launch_streamk(const W4A16Params& p, cudaStream_t stream) {
   const int64_t slots = static_cast<int64_t>(p.num_sms) * (occ.blocks_per_sm > 0 ? occ.blocks_per_sm : 1);
   const int ctas = static_cast<int>(std::min({slots, total, static_cast<int64_t>(p.streamk_capacity)}));
   // A plain launch: the kernel has no pdl_wait (FASTINFER_PDL must not start it before x is written).
+  // Nothing waits inside it, so the grid may exceed what is resident at once (it never does here).
   w4a16_streamk_kernel<T, kMode><<<ctas, kThreads, Cfg::kSmemBytes, stream>>>(p, __builtin_ctz(p.group_size));
   return cudaGetLastError();
 }
