@@ -15,8 +15,9 @@ on a GPU also with FASTINFER_PDL=1 (programmatic dependent launch, csrc/include/
 off by default until this row shows it helps) and, at batches <= 16, "unfused": FASTINFER_FUSED_NORM=0
 and FASTINFER_DECODE_MERGE=kernel (a kernel per residual add + RMSNorm, per rotary + KV write and
 per split-KV merge instead of their fusion into the GEMVs and the attention kernel: what the fusions
-save). Order (a time limit keeps what came first): each format's graphed row, then bf16's PDL,
-unfused and eager rows, then the offline run. HF runs
+save). Order (a time limit keeps what came first): each format's graphed row, then the variants not
+yet measured (VARIANT_ROWS: bf16 with the RMSNorm-prologue preload, int4 on the stream-K GEMV, fp8 on
+the decode GEMV), then bf16's PDL, unfused and eager rows, then the offline run. HF runs
 model.generate for 1 and for 1 + steps new tokens (min_new_tokens = max), each twice, and the
 difference of the faster runs is its decode time: eager (dynamic cache), and in full mode static cache + torch.compile
 (generate compiles the forward itself when the cache is static: transformers' automatic compilation
@@ -63,7 +64,12 @@ TINY = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_l
 
 
 # The kernel settings a fastinfer row depends on, at their defaults; a variant overrides some of them.
-PINNED = {"FASTINFER_PDL": "0", "FASTINFER_FUSED_NORM": "1", "FASTINFER_FUSED_ROPE": "1", "FASTINFER_DECODE_MERGE": "auto"}
+PINNED = {"FASTINFER_PDL": "0", "FASTINFER_FUSED_NORM": "1", "FASTINFER_FUSED_ROPE": "1", "FASTINFER_DECODE_MERGE": "auto",
+          "FASTINFER_GEMV_NORM_PRELOAD": "off", "FASTINFER_INT4_KERNEL": "auto", "FASTINFER_FP8_GEMV": "off"}
+# Kernel variants written but not yet measured (bench/PERF_NOTES.md), one row each after the plain rows.
+VARIANT_ROWS = [("bf16", " + norm preload", {"FASTINFER_GEMV_NORM_PRELOAD": "on"}),
+                ("int4", " stream-K", {"FASTINFER_INT4_KERNEL": "small_streamk"}),
+                ("fp8", " GEMV", {"FASTINFER_FP8_GEMV": "on"})]
 
 
 def restore_env(saved: dict) -> None:
@@ -459,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         # <= 16 only; the split merge into decode attention), eager; then the offline run (bf16).
         unfused = {"FASTINFER_FUSED_NORM": "0", "FASTINFER_DECODE_MERGE": "kernel"}
         plan = [(q, "", False, {}) for q in args.quant]
+        plan += [(q, suffix, False, env) for q, suffix, env in VARIANT_ROWS if q in args.quant]
         if "bf16" in args.quant:
             plan += [("bf16", " + PDL", False, {"FASTINFER_PDL": "1"}), ("bf16", " unfused", False, unfused),
                      ("bf16", " eager", True, {})]
@@ -469,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             """One row: an engine on format q with the row's settings, its profile (bf16 plain and
             unfused), decode tokens/s at each batch; the caller's settings restored after it."""
             impl = f"fastinfer {q}{suffix}"
-            # read at every launch / forward: every row pins all four (the defaults, then its own)
+            # read at every launch / forward: every row pins them all (the defaults, then its own)
             os.environ.update({**PINNED, **env})
             try:
                 blocks = max_batch * -(-max_len // 16) + 64
