@@ -150,16 +150,20 @@ def test_fp8_scaled_mm(monkeypatch, gemm_device, gen, out_dtype, m, n, k, scales
 
 @pytest.mark.cuda
 @pytest.mark.sm90
-@pytest.mark.parametrize("tile", ["128x128", "128x256"])
+@pytest.mark.parametrize("kernel", ["wgmma 128x128", "wgmma 128x256", "gemv"])
 @pytest.mark.parametrize("scales", ["tensor", "row"])
-@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (16, 14336, 4096), (256, 4096, 14336), (1000, 3008, 1024),
-                                   (2048, 2048, 8192)])
-def test_fp8_scaled_mm_error_vs_torch_scaled_mm(monkeypatch, gen, m, n, k, scales, tile):
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (4, 4096, 14336), (16, 14336, 4096), (256, 4096, 14336),
+                                   (1000, 3008, 1024), (2048, 2048, 8192)])
+def test_fp8_scaled_mm_error_vs_torch_scaled_mm(monkeypatch, gen, m, n, k, scales, kernel):
     """Issue 7: mean relative error at most 3x torch._scaled_mm's against fp32 of the same inputs, for
-    both tile shapes of M > 64 (128 x 256 runs each k-tile as two m64n128 halves, each promoted)."""
-    if tile != "128x128" and m <= 64:
+    both tile shapes of M > 64 (128 x 256 runs each k-tile as two m64n128 halves, each promoted) and
+    for the decode GEMV (FASTINFER_FP8_GEMV=on, M <= 16)."""
+    if kernel == "wgmma 128x256" and m <= 64:
         pytest.skip("M <= 64 takes the swapped tiles whatever FASTINFER_FP8_GEMM_TILE says")
-    monkeypatch.setenv("FASTINFER_FP8_GEMM_TILE", tile)
+    if kernel == "gemv" and m > 16:
+        pytest.skip("the GEMV takes M <= 16")
+    monkeypatch.setenv("FASTINFER_FP8_GEMM_TILE", "128x256" if kernel == "wgmma 128x256" else "128x128")
+    monkeypatch.setenv("FASTINFER_FP8_GEMV", "on" if kernel == "gemv" else "off")
     a, b, sa, sb = fp8_operands(m, n, k, scales, "cuda", gen)
     reference = ref.fp8_scaled_mm(a, b, sa, sb, None, torch.float32)
     ours = ops.fp8_scaled_mm(a, b, sa, sb)
@@ -324,24 +328,6 @@ def test_fp8_gemv(monkeypatch, gen, m, n, k, scales, bias, out_dtype):
             alone = ops.fp8_scaled_mm(a[row:row + 1].contiguous(), b, sa[row:row + 1] if scales == "row" else sa, sb,
                                       bias_t, out_dtype=out_dtype)
             assert torch.equal(alone[0], out[row]), f"row {row} differs from the same token alone"
-
-
-@pytest.mark.cuda
-@pytest.mark.sm90
-@pytest.mark.parametrize("scales", ["tensor", "row"])
-@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (16, 14336, 4096), (4, 4096, 14336)])
-def test_fp8_gemv_error_vs_torch_scaled_mm(monkeypatch, gen, m, n, k, scales):
-    """Issue 7's accuracy line for the GEMV: mean relative error at most 3x torch._scaled_mm's."""
-    monkeypatch.setenv("FASTINFER_FP8_GEMV", "on")
-    a, b, sa, sb = fp8_operands(m, n, k, scales, "cuda", gen)
-    reference = ref.fp8_scaled_mm(a, b, sa, sb, None, torch.float32)
-    ours = ops.fp8_scaled_mm(a, b, sa, sb)
-    theirs = torch._scaled_mm(a, b.T, sa.reshape(-1, 1) if scales == "row" else sa[0],
-                              sb.reshape(1, -1) if scales == "row" else sb[0], out_dtype=torch.bfloat16)
-
-    def mean_rel(x):
-        return ((x.float() - reference).abs().sum() / reference.abs().sum()).item()
-    assert mean_rel(ours) <= 3 * mean_rel(theirs), (mean_rel(ours), mean_rel(theirs))
 
 
 @pytest.mark.cuda
