@@ -137,6 +137,17 @@ def test_many_splits(dtype):
     check([7, 1, 129, 3000], 4, 1, 128, 16, dtype, extra_blocks=1024 - 189)
 
 
+@pytest.mark.parametrize("ctas_per_sm", ["2", "12"])
+def test_split_target_setting(monkeypatch, ctas_per_sm):
+    """FASTINFER_DECODE_CTAS_PER_SM moves the split heuristic's target (fewer / more splits than the
+    default): the same results within tolerance, fused merge included; an unknown value is refused."""
+    monkeypatch.setenv("FASTINFER_DECODE_CTAS_PER_SM", ctas_per_sm)
+    check([7, 1, 129, 3000], 8, 2, 128, 16, torch.bfloat16, extra_blocks=300)
+    monkeypatch.setenv("FASTINFER_DECODE_CTAS_PER_SM", "5")
+    with pytest.raises(RuntimeError, match="FASTINFER_DECODE_CTAS_PER_SM must be auto, 2, 3, 4, 6, 8 or 12"):
+        check([7], 8, 2, 128, 16, torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_empty_sequences_give_zeros(dtype):
     """seq_len 0 (only with check_indices=False): zeros, with the merge kernel and with the fused merge

@@ -72,6 +72,9 @@ void decode(const char* kOp, at::Tensor& out, const at::Tensor& query, const at:
       env_choice(kOp, "FASTINFER_DECODE_KERNEL", {"auto", "cuda_cores", "tensor_cores"}));
   const cudaError_t err = cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, query.get_device());
   TORCH_CHECK(err == cudaSuccess, "fastinfer.", kOp, ": cudaDeviceGetAttribute failed: ", cudaGetErrorString(err));
+  // The split heuristic's target (auto: the kernel's own); bench_fp8_kv.py sweeps it per kernel and cache dtype.
+  static constexpr int kCtasPerSm[] = {0, 2, 3, 4, 6, 8, 12};
+  p.target_ctas_per_sm = kCtasPerSm[env_choice(kOp, "FASTINFER_DECODE_CTAS_PER_SM", {"auto", "2", "3", "4", "6", "8", "12"})];
 
   DecodePlan plan{};
   TORCH_CHECK(plan_paged_decode(p, &plan) == cudaSuccess, "fastinfer.", kOp, ": unsupported shape (batch ", p.batch,

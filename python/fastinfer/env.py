@@ -14,6 +14,9 @@ from . import _C, _ops
 SETTINGS = {
     "FASTINFER_DECODE_KERNEL": ("auto", "auto | tensor_cores | cuda_cores",
                                 "paged decode attention for bf16 / fp16 queries (auto = tensor cores)"),
+    "FASTINFER_DECODE_CTAS_PER_SM": ("auto", "auto | 2 | 3 | 4 | 6 | 8 | 12",
+                                     "paged decode attention: split the context until about this many CTAs per SM "
+                                     "exist (auto: the kernel's own, 3 CUDA cores / 6 tensor cores)"),
     "FASTINFER_PREFILL_BLOCK_M": ("auto", "auto | 64 | 128",
                                   "query rows per CTA of the prefill kernel (auto = 128 when sequences "
                                   "average >= 128 rows)"),

@@ -424,7 +424,8 @@ inline cudaError_t plan_paged_decode_impl(const DecodeParams& p, DecodePlan* pla
   const int64_t ctas = std::max<int64_t>(1, static_cast<int64_t>(p.batch) * p.num_kv_heads * chunks);
   // A split writes heads * head_dim * 4 bytes of partial output: big groups get longer splits.
   const int min_tiles = tensor_cores ? mma::kMinSplitTiles : std::max(kMinSplitTiles, ceil_div(heads_per_cta, 4));
-  const int target = tensor_cores ? mma::kTargetCtasPerSm : kTargetCtasPerSm;
+  const int target = p.target_ctas_per_sm > 0 ? p.target_ctas_per_sm
+                                              : tensor_cores ? mma::kTargetCtasPerSm : kTargetCtasPerSm;
   const int64_t wanted = ceil_div<int64_t>(static_cast<int64_t>(target) * p.num_sms, ctas);
   const int splits = static_cast<int>(std::min<int64_t>(wanted, std::max(1, max_tiles / min_tiles)));
   const int tiles_per_split = ceil_div(max_tiles, splits);

@@ -37,6 +37,9 @@ struct DecodeParams {
   DType dtype;     // of out and query (and kv_cache unless kv_scale is set)
   int num_sms;     // SMs of the device: the split heuristic's only hardware input
   DecodeKernel kernel;  // zero-initialised: kAuto
+  // The split heuristic's CTAs per SM (FASTINFER_DECODE_CTAS_PER_SM); 0 (zero-initialised): the
+  // kernel's default (decode.cuh kTargetCtasPerSm, decode_mma.cuh mma::kTargetCtasPerSm).
+  int target_ctas_per_sm;
   // nullptr: the splits are merged by a second kernel (merge.cuh). Else int32 [>= batch * num_heads],
   // zero before the launch and zero after it: the last CTA of each group of splits merges them
   // (decode_work.cuh: merge_if_last), one launch instead of two.
