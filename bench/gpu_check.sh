@@ -24,6 +24,10 @@
 # GPU_CHECK_BENCH     the benchmarks to run, in order, e.g. "attention e2e" (names: bench_<name>.py and
 #                     prefill_cpp / decode_cpp / stream_cpp); default all, by priority: $BENCH_ORDER then the rest;
 #                     "none": no benchmark (e.g. a visit for GPU_CHECK_SANITIZE alone).
+# GPU_CHECK_NCU       Nsight Compute profiles, after the benchmarks (default none): targets of
+#                     bench/ncu_targets.py, e.g. "prefill decode_fp8 int4_m64"; one kernel launch each,
+#                     sections SpeedOfLight, Occupancy, SchedulerStats, WarpStateStats, MemoryWorkloadAnalysis,
+#                     LaunchStats, into ncu-<target>.txt (~20-40 s a target).
 # FASTINFER_BENCH_FLUSH  read: every benchmark flushes L2 by reading 256 MB instead of writing it
 #                     (bench/common.py); stream_cpp times dense_gemv and a plain read under both in any case.
 #
@@ -301,6 +305,26 @@ for name in $SELECTED; do
   timeout -s INT -k 15 "$(limit "$bench_limit")" "$PY" "$script" --out "$OUT/bench/$name.json" "${extra[@]}" 2>&1 \
     | tee "$OUT/bench/$name.log" || bench_rc=$?
   record "bench:$name" "$bench_rc" $((SECONDS - t0))
+done
+
+# ---- Nsight Compute: one launch of each named kernel (bench/ncu_targets.py), for the stall reasons ----
+NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+for target in ${GPU_CHECK_NCU:-}; do
+  step="ncu:$target"
+  if ((build_rc != 0)); then record "$step" skip 0 "build failed"; continue; fi
+  if [[ ! -x "$NCU" ]]; then record "$step" skip 0 "ncu not found"; continue; fi
+  if ((BUDGET - (SECONDS - START) < 60)); then record "$step" skip 0 "no time left"; continue; fi
+  section "ncu $target"
+  kernel=$("$PY" -c "import sys; sys.path.insert(0, 'bench'); import ncu_targets as t; print(t.KERNELS['$target'])" \
+    2>/dev/null) || { record "$step" 1 0 "unknown target"; continue; }
+  t0=$SECONDS
+  ncu_rc=0
+  timeout -s INT -k 15 "$(limit 90)" "$NCU" --target-processes all -k "regex:$kernel" -s 3 -c 1 \
+    --section SpeedOfLight --section Occupancy --section SchedulerStats --section WarpStateStats \
+    --section MemoryWorkloadAnalysis --section LaunchStats \
+    "$PY" bench/ncu_targets.py "$target" > "$OUT/ncu-$target.txt" 2>&1 || ncu_rc=$?
+  tail -n 5 "$OUT/ncu-$target.txt" || true
+  record "$step" "$ncu_rc" $((SECONDS - t0)) "kernel ~ $kernel"
 done
 
 # ---- compute-sanitizer over a small selection of the cuda tests (bench/sanitize_tests.txt) --------

@@ -99,3 +99,24 @@ def test_mirror_check_reads_gpu_checks_test_order():
     gpu_check = (BENCH / "gpu_check.sh").read_text()
     assert 'TEST_ORDER="' in gpu_check
     assert "sed -n '/^TEST_ORDER=\"/,/\"$/p' bench/gpu_check.sh" in (BENCH / "mirror_check.sh").read_text()
+
+
+def test_ncu_targets_cannot_run_here_and_lays_out_its_cache(tmp_path):
+    """bench/ncu_targets.py (gpu_check's GPU_CHECK_NCU step): exit 2 without a GPU build, 1 for an unknown
+    target; its paged cache holds token t of sequence b in block tables[b, t // 16], row t % 16."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the script would run")
+    run = lambda *a: subprocess.run([sys.executable, str(BENCH / "ncu_targets.py"), *a], cwd=BENCH,  # noqa: E731
+                                    capture_output=True, text=True, timeout=300)
+    assert run("prefill").returncode == 2
+    assert run("nonsense").returncode == 1
+    sys.path.insert(0, str(BENCH))
+    import ncu_targets
+    k, v = torch.randn(2, 3, 40, 8), torch.randn(2, 3, 40, 8)
+    with pytest.raises(RuntimeError):  # 40 is not a whole number of 16-token blocks
+        ncu_targets.paged(k, v)
+    k, v = k[:, :, :32], v[:, :, :32]
+    cache, tables = ncu_targets.paged(k, v)
+    for b, t in ((0, 0), (1, 17), (1, 31)):
+        assert torch.equal(cache[tables[b, t // 16], 0, t % 16], k[b, :, t])
+        assert torch.equal(cache[tables[b, t // 16], 1, t % 16], v[b, :, t])
