@@ -2,12 +2,15 @@
 
 Precedence (as in transformers): explicit keyword > ``generation_config`` argument > the model's
 own generation config > transformers' global defaults. A keyword fastinfer does not implement is
-an error unless it holds the neutral (default) value: nothing is silently ignored.
+an error unless it holds the neutral (default) value, or is a sampling warper while do_sample is
+False (HF builds no warper then): nothing that would change the output is silently ignored.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from .sampling_params import SamplingParams
 
@@ -34,13 +37,22 @@ NEUTRAL: dict[str, tuple] = {
     "dola_layers": (None,), "top_h": (None,), "token_healing": (False,), "low_memory": (None, False),
     "use_mtp": (None,), "logits_processor": (None, []), "stopping_criteria": (None, []),
 }
+# Empty token lists build processors that change nothing in HF (SuppressTokens[AtBegin]LogitsProcessor([])).
+NEUTRAL["suppress_tokens"] += ([],)
+NEUTRAL["begin_suppress_tokens"] += ([],)
+# Sampling warpers fastinfer does not implement: HF builds them only when do_sample is True, so with
+# greedy decoding any value is a no-op; with sampling only the neutral values are accepted.
+SAMPLING_ONLY = {"typical_p", "epsilon_cutoff", "eta_cutoff", "top_h"}
 # generate()'s own arguments, not GenerationConfig fields: not read from the model's generation config.
 GENERATE_ONLY = {"logits_processor", "stopping_criteria"}
 # Keys whose explicit None keyword means "none" in HF (generation_config.update(**kwargs) sets it),
 # not "unset": eos_token_id=None turns stopping on EOS off even where the model has an EOS, top_k=None
 # builds no top-k warper even where the model's config sets one; the value each then takes here.
+# do_sample=None is falsy in HF (greedy, whatever the model's config says); min_length=None builds no
+# MinLengthLogitsProcessor.
 NONE_OVERRIDES = {"eos_token_id": None, "pad_token_id": None, "max_new_tokens": None, "min_new_tokens": None,
-                  "top_k": 0, "temperature": 1.0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
+                  "top_k": 0, "temperature": 1.0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
+                  "do_sample": False, "min_length": 0}
 _EXPLICIT_NONE = object()
 # Accepted and without effect here (caching and compilation are fastinfer's own business).
 IGNORED = {"use_cache", "cache_implementation", "cache_config", "max_cache_len", "bos_token_id",
@@ -48,7 +60,8 @@ IGNORED = {"use_cache", "cache_implementation", "cache_config", "max_cache_len",
            "disable_compile", "is_assistant", "num_assistant_tokens", "num_assistant_tokens_schedule",
            "assistant_confidence_threshold", "assistant_lookbehind", "target_lookbehind", "assistant_early_exit",
            "assistant_ensemble_weight", "speculation_type", "max_matching_ngram_size", "prefill_chunk_size",
-           "continuous_batching_config", "tokenizer", "_commit_hash", "trust_remote_code", "generation_kwargs"}
+           "continuous_batching_config", "tokenizer", "_commit_hash", "trust_remote_code", "generation_kwargs",
+           "synced_gpus"}
 
 
 @dataclass
@@ -66,10 +79,19 @@ class GenerationSettings:
         return self.pad_token_id if self.pad_token_id is not None else 0
 
 
-def _layer(source: dict | None, where: str, merged: dict, explicit_none: bool = False) -> None:
+def _layer(source: dict | None, where: str, merged: dict, explicit_none: bool = False,
+           sampling_only: dict | None = None) -> None:
     for key, value in (source or {}).items():
         if value is None and explicit_none and key in NONE_OVERRIDES:
             merged[key] = _EXPLICIT_NONE
+            continue
+        if key in SAMPLING_ONLY and sampling_only is not None:
+            if value is None and explicit_none:  # HF: the keyword's None turns the warper off
+                sampling_only.pop(key, None)
+            elif value is not None and not any(value == v for v in NEUTRAL[key]):
+                sampling_only[key] = (value, where)  # checked once do_sample is known
+            elif value is not None:
+                sampling_only.pop(key, None)
             continue
         if value is None or key in IGNORED:
             continue
@@ -82,22 +104,43 @@ def _layer(source: dict | None, where: str, merged: dict, explicit_none: bool = 
         merged[key] = value
 
 
+def _token_ids(value, name: str, minimum: int | None = 0) -> list[int]:
+    """An HF special-token argument (an int, a list / tuple of ints, or a LongTensor) as a list of ids."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype.is_floating_point or value.dtype == torch.bool or value.dim() > 1:
+            raise ValueError(f"{name} must be an int, a list of ints or a 1-D integer tensor, got {value!r}")
+        value = value.tolist()
+    ids = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"{name} must be an int, a list of ints or a 1-D integer tensor, got {value!r}")
+    if minimum is not None and any(i < minimum for i in ids):
+        raise ValueError(f"{name} must hold token ids >= {minimum}, got {value!r} (HF warns and never stops on "
+                         f"a negative id; fastinfer refuses it)")
+    return list(ids)
+
+
 def resolve(model_defaults: dict | None, generation_config, kwargs: dict, prompt_width: int,
             config_eos: list[int], config_pad: int | None, max_position: int | None = None) -> GenerationSettings:
+    """config_eos / config_pad: the model config's, used only where no layer sets eos / pad."""
     merged = dict(HF_DEFAULTS)
-    _layer({k: v for k, v in (model_defaults or {}).items()
-            if k in HF_DEFAULTS or (k in NEUTRAL and k not in GENERATE_ONLY)}, "the model's generation config", merged)
+    sampling_only: dict[str, tuple] = {}
+    model_layer = {k: v for k, v in (model_defaults or {}).items()
+                   if k in HF_DEFAULTS or (k in NEUTRAL and k not in GENERATE_ONLY)}
+    _layer(model_layer, "the model's generation config", merged, sampling_only=sampling_only)
+    gc = None
     if generation_config is not None:
         gc = generation_config if isinstance(generation_config, dict) else generation_config.to_dict()
-        _layer(gc, "generation_config", merged)
-    _layer(kwargs, "keyword arguments", merged, explicit_none=True)
+        _layer(gc, "generation_config", merged, sampling_only=sampling_only)
+    _layer(kwargs, "keyword arguments", merged, explicit_none=True, sampling_only=sampling_only)
+    # HF (generate's has_default_max_length): max_length set in no layer at all, even to 20, means "20 new"
+    default_max_length = all((layer or {}).get("max_length") is None for layer in (model_layer, gc, kwargs))
     for key, off in NONE_OVERRIDES.items():  # eos / pad keep the marker: resolved below
         if merged[key] is _EXPLICIT_NONE and key not in ("eos_token_id", "pad_token_id"):
             merged[key] = off
 
     if merged["max_new_tokens"] is not None:
         max_new = merged["max_new_tokens"]
-    elif kwargs.get("max_length") is None and merged["max_length"] == HF_DEFAULTS["max_length"]:
+    elif default_max_length:
         # HF (_prepare_generated_length): the default max_length of 20 means 20 new tokens, the total
         # capped at max_position_embeddings
         total = merged["max_length"] + prompt_width
@@ -118,10 +161,15 @@ def resolve(model_defaults: dict | None, generation_config, kwargs: dict, prompt
     if eos is _EXPLICIT_NONE:
         eos = []
     else:
-        eos = config_eos if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        eos = list(config_eos or []) if eos is None else _token_ids(eos, "eos_token_id")
     pad = merged["pad_token_id"]
     if pad is _EXPLICIT_NONE or pad is None:
         pad = config_pad if pad is None and config_pad is not None else (eos[0] if eos else None)
+    else:
+        pad_ids = _token_ids(pad, "pad_token_id", minimum=None)  # any int: HF fills finished rows with it
+        if isinstance(pad, (list, tuple)) or len(pad_ids) != 1:
+            raise ValueError(f"pad_token_id must be a single token id, got {pad!r}")
+        pad = pad_ids[0]
     n = merged["num_return_sequences"]
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"num_return_sequences must be an integer >= 1, got {n!r}")
@@ -132,6 +180,9 @@ def resolve(model_defaults: dict | None, generation_config, kwargs: dict, prompt
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if top_k is not None and top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if merged["do_sample"] and sampling_only:
+        key, (value, where) = next(iter(sampling_only.items()))
+        raise ValueError(f"generate(): {key}={value!r} is not supported by fastinfer with do_sample=True (from {where})")
     if n > 1 and not merged["do_sample"]:  # as HF: n greedy copies would be identical
         raise ValueError(f"num_return_sequences={n} needs do_sample=True (greedy rows would be identical)")
     if merged["do_sample"] and temperature == 0:

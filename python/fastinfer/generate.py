@@ -70,23 +70,41 @@ def _prompts(input_ids, attention_mask, pad_token_id, eos_ids, vocab_size) -> tu
         bad = [t for t in prompt if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"prompt {row} has token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+        if not mask[-1]:  # HF runs the last column (a pad) as the query of the first new token
+            raise ValueError(f"prompt {row} is right-padded (its attention_mask ends with 0): decoder-only "
+                             f"generation needs left padding (tokenizer.padding_side='left'); HF generates from "
+                             f"the pad token there (it warns), which fastinfer does not reproduce")
         prompts.append(prompt)
         first = mask.index(True)
         holes.append(tuple(t for t, m in zip(ids[first:], mask[first:]) if not m and 0 <= t < vocab_size))
     return prompts, holes
 
 
-def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
              generation_config=None, streamer=None, **kwargs) -> torch.LongTensor:
-    """Greedy or sampled generation with HF semantics; ``model`` is an HF model, a path or a LoadedModel."""
+    """Greedy or sampled generation with HF semantics; ``model`` is an HF model, a path or a LoadedModel.
+    The prompts may also come as ``inputs=`` (HF's name for its first argument)."""
+    if "inputs" in kwargs:
+        if input_ids is not None:
+            raise ValueError("generate(): pass the prompts once, as input_ids or as inputs, not both")
+        input_ids = kwargs.pop("inputs")
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"input_ids must be an integer torch.Tensor [batch, length], got {type(input_ids).__name__}")
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise ValueError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__} (HF's second "
+                         f"positional argument is generation_config: pass it as generation_config=...)")
     loaded = get_loaded(model, kwargs.pop("dtype", None), kwargs.pop("device", None), kwargs.pop("quantization", None))
     cfg = loaded.model.config
     input_ids = input_ids if input_ids.dim() == 2 else input_ids[None]
     # An HF model's generation_config as it is now (HF reads it at every call), else the loaded one's
     hf_gen = None if isinstance(model, (LoadedModel, str, Path)) else getattr(model, "generation_config", None)
     defaults = hf_gen.to_dict() if hf_gen is not None else loaded.generation_defaults
+    # HF takes eos / pad from the generation config alone; the model config's count only where there is
+    # none (a checkpoint without generation_config.json, whose generation config HF builds from config.json)
+    from_config = hf_gen is None and not defaults
     settings = gen_config.resolve(defaults, generation_config, kwargs, input_ids.shape[1],
-                                  cfg.eos_token_id, cfg.pad_token_id, cfg.max_position_embeddings)
+                                  cfg.eos_token_id if from_config else [], cfg.pad_token_id if from_config else None,
+                                  cfg.max_position_embeddings)
     prompts, holes = _prompts(input_ids, attention_mask, settings.pad_token_id, settings.eos_token_ids,
                               cfg.vocab_size)
     n = settings.num_return_sequences
