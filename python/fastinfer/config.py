@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,9 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "half": torch.float16,
            "float": torch.float32}
+# The rotary table is [max_position_embeddings, head_dim] fp32, built when the model is: a corrupt
+# max_position_embeddings must not ask for terabytes. 2**24 positions is far past any supported model.
+MAX_POSITION_EMBEDDINGS = 1 << 24
 
 
 def parse_dtype(value, field_name: str = "dtype") -> torch.dtype:
@@ -51,8 +55,12 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ValueError(f"config: {name} must be a positive integer, got {value!r}")
+        if self.max_position_embeddings > MAX_POSITION_EMBEDDINGS:
+            raise ValueError(f"config: max_position_embeddings = {self.max_position_embeddings} is implausibly large "
+                             f"(at most {MAX_POSITION_EMBEDDINGS} positions are supported; its rotary table alone "
+                             f"would take {self.max_position_embeddings * self.head_dim * 4 / 2**30:.0f} GiB)")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"config: num_attention_heads ({self.num_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_kv_heads})")
@@ -68,7 +76,11 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "ModelConfig":
+        if not isinstance(cfg, dict):
+            raise ValueError(f"config must be a JSON object, got {type(cfg).__name__}")
         archs = cfg.get("architectures") or []
+        if not isinstance(archs, (list, tuple)) or not all(isinstance(a, str) for a in archs):
+            raise ValueError(f"config: architectures must be a list of class names, got {archs!r}")
         arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                                        "qwen2": "Qwen2ForCausalLM"}.get(cfg.get("model_type"), None)
         if arch not in SUPPORTED_ARCHITECTURES:
@@ -79,13 +91,34 @@ class ModelConfig:
         if cfg.get("mlp_bias") and arch == "LlamaForCausalLM":  # Qwen2 / Mistral's HF code has no MLP bias
             raise ValueError("unsupported mlp_bias=True")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            if not isinstance(cfg.get(key), int) or cfg[key] < 1:
+            if not _is_int(cfg.get(key)) or cfg[key] < 1:
                 raise ValueError(f"config: {key} must be a positive integer, got {cfg.get(key)!r}")
         heads = cfg["num_attention_heads"]
+        # null means "not set" (the HF default); any other value must be a positive integer
+        kv_heads = _optional_positive_int(cfg, "num_key_value_heads", heads)
+        head_dim = cfg.get("head_dim")
+        if head_dim is None:
+            if cfg["hidden_size"] % heads:
+                raise ValueError(f"config: hidden_size ({cfg['hidden_size']}) must be a multiple of "
+                                 f"num_attention_heads ({heads}) when config.json gives no head_dim")
+            head_dim = cfg["hidden_size"] // heads
+        elif not _is_int(head_dim) or head_dim < 1:
+            raise ValueError(f"config: head_dim must be a positive integer, got {head_dim!r}")
         rope_theta, rope_scaling = _rope(cfg)
+        eps = cfg.get("rms_norm_eps", 1e-6)
+        if not _is_number(eps) or not 0 <= eps < math.inf:
+            raise ValueError(f"config: rms_norm_eps must be a non-negative number, got {eps!r}")
+        qc = cfg.get("quantization_config")
+        if qc and not isinstance(qc, dict):
+            raise ValueError(f"config: quantization_config must be a JSON object, got {qc!r}")
         from .quant.fp8 import parse_quantization_config
-        quantization, block_size = parse_quantization_config(cfg.get("quantization_config"))
+        quantization, block_size = parse_quantization_config(qc)
         eos = cfg.get("eos_token_id")
+        if not (eos is None or _is_int(eos) or (isinstance(eos, (list, tuple)) and all(_is_int(e) for e in eos))):
+            raise ValueError(f"config: eos_token_id must be an integer or a list of integers, got {eos!r}")
+        for key in ("bos_token_id", "pad_token_id"):
+            if cfg.get(key) is not None and not _is_int(cfg[key]):
+                raise ValueError(f"config: {key} must be an integer or null, got {cfg[key]!r}")
         return cls(
             architecture=arch,
             vocab_size=cfg["vocab_size"],
@@ -93,9 +126,9 @@ class ModelConfig:
             intermediate_size=cfg["intermediate_size"],
             num_layers=cfg["num_hidden_layers"],
             num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(eps),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
@@ -115,20 +148,55 @@ class ModelConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)
+        cfg = read_json(path, "config.json")
         try:
-            cfg = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no config.json at {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_hf(cfg)
+            return cls.from_hf(cfg)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+def read_json(path: Path, what: str):
+    """A JSON file's value; a missing file is a FileNotFoundError, an unreadable one a ValueError naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {what} at {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: not UTF-8 text ({e})") from None
+    except OSError as e:  # a directory, unreadable, ...
+        raise ValueError(f"cannot read {what} {path}: {e}") from None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _optional_positive_int(cfg: dict, key: str, default: int) -> int:
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"config: {key} must be a positive integer, got {value!r}")
+    return value
 
 
 def _rope(cfg: dict) -> tuple[float, dict | None]:
     """rope_theta and rope scaling from either spelling: 4.x rope_theta + rope_scaling, 5.x rope_parameters."""
+    for key in ("rope_parameters", "rope_scaling"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise ValueError(f"config: {key} must be a JSON object or null, got {cfg[key]!r}")
     params = dict(cfg.get("rope_parameters") or {})
     scaling = dict(cfg.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    if not _is_number(theta) or not 0 < theta < math.inf:
+        raise ValueError(f"config: rope_theta must be a positive number, got {theta!r}")
+    theta = float(theta)
     merged = {**scaling, **params}
     rope_type = merged.get("rope_type", merged.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -142,10 +210,13 @@ def _rope(cfg: dict) -> tuple[float, dict | None]:
     merged["rope_type"] = rope_type
     if rope_type == "llama3":  # HF's standardize_rope_params fills this in
         merged.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings", 2048))
-    required = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}.get(rope_type, ())
+    required = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                  "original_max_position_embeddings")}.get(rope_type, ())
     for key in required:
         if not isinstance(merged.get(key), (int, float)):
             raise ValueError(f"config: {rope_type} rope scaling needs a number {key!r}, got {merged.get(key)!r}")
+        if not _is_number(merged[key]) or not 0 < merged[key] < math.inf:
+            raise ValueError(f"config: {rope_type} rope scaling {key!r} must be a positive number, got {merged[key]!r}")
     return theta, merged
 
 
@@ -155,4 +226,12 @@ def _sliding_window(cfg: dict, arch: str) -> int | None:
         return None
     if arch == "Qwen2ForCausalLM" and not cfg.get("use_sliding_window", False):
         return None
-    return int(window) if window else None
+    if not window:
+        return None
+    try:
+        window = int(window)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"config: sliding_window must be a positive integer or null, got {window!r}") from None
+    if window < 1:
+        raise ValueError(f"config: sliding_window must be a positive integer or null, got {window!r}")
+    return window

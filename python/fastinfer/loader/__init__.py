@@ -9,18 +9,17 @@ becoming floats ("gguf"), and "int4" quantizes dense weights with round-to-neare
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config import ModelConfig, parse_dtype
+from ..config import ModelConfig, parse_dtype, read_json
 from ..models.llama import LlamaForCausalLM
 from ..models.linear import QUANTIZATIONS
 from ..quant.linear import QuantConfig
-from .safetensors import iter_safetensors
+from .safetensors import read_tensors, scan_safetensors
 
 
 @dataclass
@@ -96,25 +95,53 @@ def _dense_kind(cfg: ModelConfig, quantization: str | None) -> str | QuantConfig
 
 
 def _from_directory(path: Path, dtype, device, quantization) -> LoadedModel:
-    cfg = ModelConfig.from_file(path / "config.json")
-    raw = json.loads((path / "config.json").read_text())
-    weights = iter_safetensors(path)
+    """Everything that can be checked cheaply (config.json, the safetensors headers, the generation
+    config and the tokenizer) is checked before the model is allocated and any weight is read."""
+    cfg_path = path / "config.json"
+    raw = read_json(cfg_path, "config.json")
     from ..quant.checkpoints import checkpoint_quant_config, convert_checkpoint
-    stored = None if cfg.quantization == "fp8" else checkpoint_quant_config(raw)
+    try:
+        cfg = ModelConfig.from_hf(raw)
+        stored = None if cfg.quantization == "fp8" else checkpoint_quant_config(raw)
+    except ValueError as e:
+        raise ValueError(f"{cfg_path}: {e}") from None
     stored_method = stored.method if stored is not None else cfg.quantization
     if stored_method is not None and quantization not in (None, stored_method):
         raise ValueError(f"{path} is a {stored_method} checkpoint; it cannot load with quantization={quantization!r}")
-    if stored is not None:
-        weights, kind = convert_checkpoint(weights, raw), stored
-    elif quantization in ("gptq", "awq", "gguf"):
+    if stored is None and quantization in ("gptq", "awq", "gguf"):
         raise ValueError(f"quantization={quantization!r}, but {path}/config.json has no {quantization} "
                          f"quantization_config (a .gguf file is needed for 'gguf')")
-    else:
-        kind = _dense_kind(cfg, quantization)
-    model = _build(cfg, dtype, device, weights, kind)
+    kind = stored if stored is not None else _dense_kind(cfg, quantization)
+    shards = scan_safetensors(path)
+    _check_checkpoint_size(cfg, cfg_path, [file for file, _ in shards])
+    weights = read_tensors(shards)
+    if stored is not None:
+        weights = convert_checkpoint(weights, raw)
     gen_file = path / "generation_config.json"
-    defaults = json.loads(gen_file.read_text()) if gen_file.exists() else {}
-    return LoadedModel(model, _tokenizer_from_dir(path), defaults)
+    defaults = read_json(gen_file, "generation_config.json") if gen_file.exists() else {}
+    if not isinstance(defaults, dict):
+        raise ValueError(f"{gen_file} must hold a JSON object, got {type(defaults).__name__}")
+    tokenizer = _tokenizer_from_dir(path)
+    model = _build(cfg, dtype, device, weights, kind)
+    return LoadedModel(model, tokenizer, defaults)
+
+
+def _check_checkpoint_size(cfg: ModelConfig, cfg_path: Path, files: list[Path]) -> None:
+    """Refuse a config.json whose model could not be filled from these files, before allocating it:
+    every supported format stores at least 4 bits per projection / embedding weight, so a model of
+    more than 2 weights per stored byte is missing weights (or its config.json is corrupt, e.g. a
+    num_hidden_layers of 10**9 that would otherwise allocate until the process dies)."""
+    q_rows, kv_rows = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    h = cfg.hidden_size
+    per_layer = h * (2 * q_rows + 2 * kv_rows) + 3 * h * cfg.intermediate_size
+    needed = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2) + cfg.num_layers * per_layer
+    stored = sum(f.stat().st_size for f in files)
+    if needed > 2 * stored:
+        raise ValueError(f"{cfg_path} describes a model of {needed:,} weights (vocab_size={cfg.vocab_size}, "
+                         f"hidden_size={h}, intermediate_size={cfg.intermediate_size}, num_hidden_layers="
+                         f"{cfg.num_layers}, num_attention_heads={cfg.num_heads}, num_key_value_heads="
+                         f"{cfg.num_kv_heads}, head_dim={cfg.head_dim}), but the checkpoint's safetensors "
+                         f"files hold only {stored:,} bytes: config.json does not match the checkpoint")
 
 
 def _from_hf_model(hf_model, dtype, device, quantization) -> LoadedModel:
@@ -141,10 +168,10 @@ def _from_gguf(path: Path, dtype, device, quantization) -> LoadedModel:
         raise ValueError(f"{path} is a GGUF file; quantization={quantization!r} needs a {quantization} checkpoint directory")
     if quantization == "gguf":
         from ..quant.gguf import read_gguf_int4
-        cfg_dict, state_dict, tokenizer, quant = read_gguf_int4(path, target)
+        cfg_dict, state_dict, tokenizer, quant = read_gguf_int4(path, target, validate=ModelConfig.from_hf)
     else:
         from .gguf import read_gguf
-        cfg_dict, state_dict, tokenizer = read_gguf(path, target)
+        cfg_dict, state_dict, tokenizer = read_gguf(path, target, validate=ModelConfig.from_hf)
         quant = None
     cfg = ModelConfig.from_hf(cfg_dict)
     if quant is None:
@@ -157,4 +184,10 @@ def _tokenizer_from_dir(path: Path):
     if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(path))
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (ImportError, OSError):  # a missing optional library (sentencepiece, ...) or file says so itself
+        raise
+    except Exception as e:  # a corrupt tokenizer.json / tokenizer_config.json: JSONDecodeError, KeyError, ...
+        raise ValueError(f"{path}: cannot load the tokenizer (tokenizer.json / tokenizer_config.json / "
+                         f"tokenizer.model): {type(e).__name__}: {e}") from None

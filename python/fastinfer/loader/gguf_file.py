@@ -22,6 +22,7 @@ import gguf
 import numpy as np
 
 SUPPORTED_VERSIONS = (2, 3)
+_MAX_ARRAY_NESTING = 8  # arrays of arrays of ... (llama.cpp writes at most 2 levels); deeper is corrupt
 _MAGIC = b"GGUF"
 _SCALAR_FORMATS = {  # GGUFValueType -> struct format
     gguf.GGUFValueType.UINT8: "<B", gguf.GGUFValueType.INT8: "<b", gguf.GGUFValueType.UINT16: "<H",
@@ -78,18 +79,20 @@ class _Cursor:
         except UnicodeDecodeError:
             raise self.fail("string is not UTF-8") from None
 
-    def value(self, value_type: int) -> Any:
+    def value(self, value_type: int, depth: int = 0) -> Any:
         if value_type in _SCALAR_FORMATS:
             return self.unpack(_SCALAR_FORMATS[value_type])[0]
         if value_type == gguf.GGUFValueType.STRING:
             return self.string()
         if value_type == gguf.GGUFValueType.ARRAY:
+            if depth >= _MAX_ARRAY_NESTING:
+                raise self.fail(f"arrays nested more than {_MAX_ARRAY_NESTING} deep")
             item_type, count = self.unpack("<IQ")
             if count > len(self.buf) - self.pos:  # every item takes at least one byte
                 raise self.fail(f"array of {count} items runs past the end")
             if item_type in _SCALAR_FORMATS:
                 return list(self.unpack(f"<{count}{_SCALAR_FORMATS[item_type][1]}"))
-            return [self.value(item_type) for _ in range(count)]
+            return [self.value(item_type, depth + 1) for _ in range(count)]
         raise self.fail(f"unknown metadata value type {value_type}")
 
 
@@ -124,7 +127,9 @@ def open_gguf(path: str | Path) -> GGUFFile:
         dims = cur.unpack(f"<{n_dims}Q")
         qtype, offset = cur.unpack("<IQ")
         table.append((name, tuple(reversed(dims)), qtype, offset))
-    alignment = int(metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
+    alignment = metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment < 1:
+        raise ValueError(f"{path}: general.alignment must be a positive integer, got {alignment!r}")
     data_start = -(-cur.pos // alignment) * alignment
     tensors = {name: _tensor_view(path, buf, name, shape, qtype, data_start + offset)
                for name, shape, qtype, offset in table}

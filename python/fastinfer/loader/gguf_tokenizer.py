@@ -78,11 +78,14 @@ def build_tokenizer(metadata: dict[str, Any], path: Path):
     add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
     backend.post_processor = _post_processor(special["bos"] if add_bos else None,
                                              special["eos"] if add_eos else None, vocab)
+    chat_template = metadata.get("tokenizer.chat_template")
+    if chat_template is not None and not isinstance(chat_template, str):
+        raise ValueError(f"{path}: tokenizer.chat_template must be a string, got {type(chat_template).__name__}")
     context_length = metadata.get(f"{metadata.get('general.architecture')}.context_length")
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         **{f"{name}_token": token for name, token in special.items() if token is not None},
-        chat_template=metadata.get("tokenizer.chat_template"),
+        chat_template=chat_template,
         clean_up_tokenization_spaces=False,
         model_max_length=int(context_length) if context_length else int(1e30),
     )

@@ -38,10 +38,10 @@ def checkpoint_quant_config(config: dict) -> QuantConfig | None:
         raise ValueError(f"quantization_config quant_method {method!r} is not supported (supported: gptq, awq)")
     bits = qc.get("bits", qc.get("w_bit"))
     if bits != 4:
-        raise ValueError(f"{method} checkpoints with bits={bits} are not supported (only 4-bit)")
+        raise ValueError(f"{method} checkpoints with bits={bits!r} are not supported (only 4-bit)")
     group_size = qc.get("group_size", qc.get("q_group_size"))
     if group_size not in GROUP_SIZES:
-        raise ValueError(f"{method} group_size={group_size} is not supported (supported: {GROUP_SIZES}; "
+        raise ValueError(f"{method} group_size={group_size!r} is not supported (supported: {GROUP_SIZES}; "
                          f"-1 means one group per row)")
     if method == "gptq":
         fmt = gptq_format(qc)

@@ -50,9 +50,10 @@ def parse_quantization_config(qc: dict | None) -> tuple[str | None, tuple[int, i
             raise ValueError(f"unsupported fp8 format {qc.get('fmt')!r}; fastinfer loads e4m3 checkpoints")
         return "fp8", _block_size(qc.get("weight_block_size"))
     if method == "compressed-tensors":
-        groups = list((qc.get("config_groups") or {}).values())
+        groups = _mapping(qc.get("config_groups") or {}, "config_groups")
+        groups = [_mapping(g, f"config_groups.{name}") for name, g in groups.items()]
         if not groups:
-            kv = qc.get("kv_cache_scheme")
+            kv = _mapping(qc.get("kv_cache_scheme") or {}, "kv_cache_scheme")
             if not kv:
                 raise ValueError("compressed-tensors quantization_config has no config_groups")
             # only the KV cache is quantized: dense weights, the k_scale / v_scale tensors fill kv_scale
@@ -62,7 +63,7 @@ def parse_quantization_config(qc: dict | None) -> tuple[str | None, tuple[int, i
             return None, None
         block = None
         for g in groups:
-            w = g.get("weights") or {}
+            w = _mapping(g.get("weights") or {}, "config_groups weights")
             if w.get("num_bits") != 8 or w.get("type") != "float":
                 raise ValueError(f"unsupported compressed-tensors weights {w.get('type')}{w.get('num_bits')}: "
                                  "fastinfer loads FP8 (type float, 8 bits) compressed-tensors checkpoints")
@@ -78,12 +79,22 @@ def parse_quantization_config(qc: dict | None) -> tuple[str | None, tuple[int, i
                      f"FP8 checkpoints, and 4-bit {' and '.join(FOUR_BIT_METHODS)} checkpoints")
 
 
+def _mapping(value, name: str) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"quantization_config {name} must be a JSON object, got {value!r}")
+    return value
+
+
 def _block_size(value) -> tuple[int, int] | None:
     if value is None:
         return None
-    if len(value) != 2 or any(int(v) <= 0 for v in value):
+    try:
+        sizes = [int(v) for v in value] if isinstance(value, (list, tuple)) else []
+    except (TypeError, ValueError, OverflowError):
+        sizes = []
+    if len(sizes) != 2 or any(v <= 0 for v in sizes):
         raise ValueError(f"weight_block_size must be two positive integers, got {value!r}")
-    return int(value[0]), int(value[1])
+    return sizes[0], sizes[1]
 
 
 def quantize_rows(dest_weight: torch.Tensor, dest_scale: torch.Tensor, weight: torch.Tensor) -> None:

@@ -12,7 +12,7 @@ import gguf
 import numpy as np
 import torch
 
-from ..loader.gguf import dequantize, gguf_config, hf_tensor_map, open_gguf, unpermute_rows
+from ..loader.gguf import checked_config, dequantize, hf_tensor_map, open_gguf, unpermute_rows
 from ..loader.gguf_tokenizer import build_tokenizer
 from .int4 import QuantizedWeight
 from .linear import QuantConfig
@@ -45,11 +45,11 @@ def unpermute_weight(weight: QuantizedWeight, num_heads: int) -> QuantizedWeight
                            part(weight.mins))
 
 
-def read_gguf_int4(path: str | Path, dtype: torch.dtype = torch.float32):
+def read_gguf_int4(path: str | Path, dtype: torch.dtype = torch.float32, validate=None):
     """Like loader.gguf.read_gguf, but the seven projections of every layer stay 4-bit:
     (config, state dict with QuantizedWeight projections, tokenizer, QuantConfig)."""
     file = open_gguf(path)
-    config = gguf_config(file, dtype)
+    config = checked_config(file, dtype, validate)
     tensors = hf_tensor_map(file, config)
     projections = [name for name in tensors if name.endswith(_PROJECTIONS)]
     other = sorted({tensors[n].qtype.name for n in projections} - {t.name for t in _Q4})
@@ -58,6 +58,7 @@ def read_gguf_int4(path: str | Path, dtype: torch.dtype = torch.float32):
         raise ValueError(f"{file.path}: quantization='gguf' runs Q4_0 / Q4_1 projections natively, but {example} "
                          f"is {tensors[example].qtype.name} (types {other}); load without quantization to "
                          f"dequantize instead")
+    tokenizer = build_tokenizer(file.metadata, file.path)
     heads = {"self_attn.q_proj.weight": config["num_attention_heads"],
              "self_attn.k_proj.weight": config["num_key_value_heads"]}
     state = {}
@@ -70,4 +71,4 @@ def read_gguf_int4(path: str | Path, dtype: torch.dtype = torch.float32):
             state[name] = dequantize(tensor, dtype)
     all_q4_0 = all(tensors[n].qtype == gguf.GGMLQuantizationType.Q4_0 for n in projections)
     quant = QuantConfig("gguf", GGUF_GROUP_SIZE, "symmetric" if all_q4_0 else "mins")
-    return config, state, build_tokenizer(file.metadata, file.path), quant
+    return config, state, tokenizer, quant
