@@ -1,6 +1,7 @@
 """Engine: add_request / abort / step / has_unfinished over the scheduler, block manager and runner.
 
-A request's checks are in request_checks.py, stop conditions in stopping.py, speculative steps in spec_decode.py."""
+A request's checks are in request_checks.py, stop conditions in stopping.py, speculative steps in spec_decode.py,
+pipelined decode steps in pipelined_decode.py."""
 from __future__ import annotations
 
 import itertools
@@ -12,10 +13,11 @@ from .block_manager import BlockManager
 from .loader import LoadedModel
 from .metadata import SeqChunk
 from .outputs import CompletionOutput, Logprob, RequestOutput
+from .pipelined_decode import InFlight, can_pipeline, launch_decode, read_back
 from .request_checks import (_Request, check_params, fill_max_tokens, new_request, tokenize_prompt,
                              validate_request)
 from .runner import ModelRunner, default_graph_sizes
-from .sampling import make_generator, sample, to_device
+from .sampling import make_generator, sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence, SeqStatus
@@ -36,15 +38,6 @@ class EngineConfig:
     decode_graphs: bool = False           # decode steps from static buffers: CUDA graphs on a GPU (runner.py)
     graph_sizes: list[int] | None = None  # their batch-size buckets; default runner.default_graph_sizes
     pipelined_decode: bool = False        # launch decode step n+1 before step n's tokens reach the host
-
-
-@dataclass
-class _InFlight:
-    """A decode step launched but not yet read back: its sequences (in row order) and their tokens."""
-    seqs: list[Sequence]
-    tokens: torch.Tensor       # int64 [B] on the device: the sampled tokens (the next step's input)
-    host: torch.Tensor         # their copy on the host (pinned on a GPU), valid once `ready` is reached
-    ready: torch.cuda.Event | None
 
 
 class Engine:
@@ -84,7 +77,7 @@ class Engine:
         self.requests: dict[str, _Request] = {}
         self._arrivals = itertools.count()
         self.num_prompt_tokens = self.num_output_tokens = 0
-        self._inflight: _InFlight | None = None
+        self._inflight: InFlight | None = None
         self.num_pipelined_steps = 0  # decode steps launched before the previous one was read back
 
     # ---- requests ----------------------------------------------------------------------------------
@@ -160,7 +153,7 @@ class Engine:
         if (len(batch) == len(self.scheduler.running) and all(s.num_tokens == 1 and s.seq.num_uncomputed_tokens == 1
                                                               for s in batch) and self._can_pipeline(seqs, 0)):
             self.num_prompt_tokens += sum(s.num_computed_tokens < len(s.prompt_token_ids) for s in seqs)  # 1-token prompts
-            self._inflight = self._launch_decode(seqs, None)
+            self._inflight = launch_decode(seqs, None, runner=self.runner, blocks=self.blocks)
             return self._step_pipelined()
         proposals, draft_probs = propose(self.proposer, batch)
         chunks = []
@@ -204,72 +197,21 @@ class Engine:
         touched = {s.seq.request_id for s in batch}
         return [self._output(self.requests[r]) for r in touched if r in self.requests]
 
-    # ---- pipelined decode ----------------------------------------------------------------------------
+    # ---- pipelined decode (pipelined_decode.py) ----------------------------------------------------
     def _can_pipeline(self, seqs: list[Sequence], pending: int) -> bool:
-        """Whether a decode step of seqs may be launched (and sampled) on the device while each
-        still has `pending` sampled tokens the host has not seen: the step's inputs and sampling
-        must not depend on their values, and none may be certain to stop before it."""
-        if not self.config.pipelined_decode or self.proposer is not None or self.scheduler.waiting:
-            return False
-        if len(seqs) != len(self.scheduler.running) or any(a is not b for a, b in zip(seqs, self.scheduler.running)):
-            return False
-        for s in seqs:
-            p, out = s.params, len(s.output_token_ids) + pending
-            if (s.is_finished or p.logprobs is not None or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-                    or p.frequency_penalty != 0.0 or (p.n > 1 and not s.forked) or out < p.min_tokens
-                    or (pending and (out >= p.max_tokens or len(s) + pending >= self.max_model_len))):
-                return False
-        if pending:
-            need = sum(self.blocks.blocks_needed(s, 1) for s in seqs)
-            return need <= self.blocks.num_available
-        return True
-
-    def _launch_decode(self, seqs: list[Sequence], prev: _InFlight | None) -> _InFlight:
-        """Run a decode step of seqs and sample it on the device; with prev, each sequence feeds its
-        token of prev (still on the device) at the position after its known tokens."""
-        chunks = []
-        for seq in seqs:
-            if prev is not None:
-                self.blocks.grow(seq, 1)
-            start = seq.num_computed_tokens
-            token = [0] if prev is not None else seq.token_slice(start, start + 1)
-            chunks.append(SeqChunk(token, start, seq.block_table))
-        input_ids = None
-        if prev is not None:  # prev's rows of these sequences (some of prev's may have stopped)
-            input_ids = prev.tokens
-            if len(seqs) != len(prev.seqs):
-                row = {id(s): i for i, s in enumerate(prev.seqs)}
-                input_ids = prev.tokens[to_device([row[id(s)] for s in seqs], torch.long, prev.tokens.device)]
-        logits = self.runner.run(chunks, input_ids=input_ids)
-        tokens = sample(logits, [s.params for s in seqs], [[] for _ in seqs], [s.output_token_ids for s in seqs],
-                        None, [s.generator for s in seqs])
-        for seq in seqs:
-            seq.num_computed_tokens += 1
-        if tokens.device.type == "cuda":
-            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            host.copy_(tokens, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(tokens.device))  # the copy's stream, not the current device's
-        else:
-            host, ready = tokens, None
-        if prev is not None:
-            self.num_pipelined_steps += 1
-        return _InFlight(seqs, tokens, host, ready)
+        return (self.config.pipelined_decode and self.proposer is None
+                and can_pipeline(seqs, pending, scheduler=self.scheduler, blocks=self.blocks,
+                                 max_model_len=self.max_model_len))
 
     def _step_pipelined(self) -> list[RequestOutput]:
+        """Launch the step after the one in flight (when it may be), then read that one back."""
         cur = self._inflight
         live = [s for s in cur.seqs if not s.is_finished]
-        self._inflight = self._launch_decode(live, cur) if live and self._can_pipeline(live, 1) else None
-        if cur.ready is not None:
-            cur.ready.synchronize()
-        touched = set()  # requests this step advanced: not those whose sequences all stopped meanwhile
-        for seq, tok in zip(cur.seqs, cur.host.tolist()):
-            if seq.is_finished:
-                continue  # stopped (or aborted) after this step was launched
-            touched.add(seq.request_id)
-            self._append_token(seq, tok)
-            if not seq.is_finished:
-                self.blocks.register_full_blocks(seq)
+        self._inflight = (launch_decode(live, cur, runner=self.runner, blocks=self.blocks)
+                          if live and self._can_pipeline(live, 1) else None)
+        if self._inflight is not None:
+            self.num_pipelined_steps += 1
+        touched = read_back(cur, append_token=self._append_token, blocks=self.blocks)
         return [self._output(self.requests[r]) for r in touched if r in self.requests]
 
     def _expand_forks(self, ready: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
