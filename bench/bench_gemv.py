@@ -50,19 +50,6 @@ PRELOAD_IMPLS = {"qkv": [("fastinfer rms_norm_dense_gemv, preload", "dense_gemv 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # Llama-3-8B: qkv N = (32 + 2 x 8) x 128 = 6144
 
 
-def with_preload(fn):
-    """fn with FASTINFER_GEMV_NORM_PRELOAD=on (read by the op at every call)."""
-    import os
-
-    def run(x):
-        os.environ["FASTINFER_GEMV_NORM_PRELOAD"] = "on"
-        try:
-            return fn(x)
-        finally:
-            del os.environ["FASTINFER_GEMV_NORM_PRELOAD"]
-    return run
-
-
 def norm_impls(ops, name: str, weight: torch.Tensor, x: torch.Tensor, g: torch.Generator) -> dict:
     """The fused kernels of this projection and the unfused ops they stand for, as fn(x) for this x."""
     m = x.shape[0]
@@ -90,7 +77,7 @@ def norm_impls(ops, name: str, weight: torch.Tensor, x: torch.Tensor, g: torch.G
     impls = {fused: lambda x: ops.rms_norm_dense_gemv(x, sums, norm_w, EPS, weight, silu_mul=silu),
              pair: lambda x: ops.dense_gemv_silu_mul(normed, weight) if silu else ops.dense_gemv(normed, weight)}
     for preload_impl, _ in PRELOAD_IMPLS.get(name, []):
-        impls[preload_impl] = with_preload(impls[fused])
+        impls[preload_impl] = common.with_env(impls[fused], {"FASTINFER_GEMV_NORM_PRELOAD": "on"})
     if name == "qkv" and n == (HEADS + 2 * KV_HEADS) * HEAD_DIM:  # + rotary and the KV-cache write of a decode step
         from fastinfer.models.rope import cos_sin_cache
         (rope_fused, rope_pair), = more

@@ -14,7 +14,6 @@ Timing and L2 flushing: see bench/common.py.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -34,16 +33,7 @@ VARIANTS = {"fastinfer int4_linear [small]": "small", "fastinfer int4_linear [sm
 def with_kernel(fn, kernel: str):
     """fn with FASTINFER_INT4_KERNEL = kernel (and, for "name+overhead", FASTINFER_INT4_SPLITS=overhead)."""
     name, _, splits = kernel.partition("+")
-    settings = {"FASTINFER_INT4_KERNEL": name, **({"FASTINFER_INT4_SPLITS": splits} if splits else {})}
-
-    def run(x):
-        os.environ.update(settings)
-        try:
-            return fn(x)
-        finally:
-            for key in settings:
-                del os.environ[key]
-    return run
+    return common.with_env(fn, {"FASTINFER_INT4_KERNEL": name, **({"FASTINFER_INT4_SPLITS": splits} if splits else {})})
 TORCH_INNER_K_TILES = 8
 
 

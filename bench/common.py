@@ -111,6 +111,19 @@ def time_cuda(fn: Callable[[], object], *, warmup: int = 5, iters: int = 30,
             "iters": iters}
 
 
+def with_env(fn: Callable, settings: dict[str, str]) -> Callable:
+    """fn with these environment variables set for the call (the ops read their kernel-variant settings
+    at every call), removed afterwards."""
+    def run(*args, **kwargs):
+        os.environ.update(settings)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for key in settings:
+                os.environ.pop(key, None)
+    return run
+
+
 def gbps(nbytes: int, us: float) -> float:
     return nbytes / (us * 1e-6) / 1e9
 

@@ -17,6 +17,20 @@ from ledger_plugin import (  # noqa: F401 - hooks and an autouse fixture, regist
 from ledger_plugin import pytest_collection_modifyitems as _skip_done_tests
 
 
+@pytest.fixture
+def quiet_transformers():
+    """transformers' warnings and log messages silenced for a test that provokes them on purpose
+    (right padding, sampling flags on greedy runs, ...: comparisons with HF generate)."""
+    import warnings
+
+    from transformers import logging
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.set_verbosity_error()
+        yield
+        logging.set_verbosity_warning()
+
+
 def _cuda_skip_reason() -> str | None:
     if not fastinfer.ops._C.with_cuda:
         return "fastinfer was built without CUDA"

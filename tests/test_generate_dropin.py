@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import warnings
 
 import pytest
 import torch
@@ -20,14 +19,8 @@ transformers = pytest.importorskip("transformers")
 PAD = 0
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    # HF warns about right padding, greedy with sampling flags, negative EOS ...: expected here.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        transformers.logging.set_verbosity_error()
-        yield
-        transformers.logging.set_verbosity_warning()
+# HF warns about right padding, greedy with sampling flags, negative EOS ...: expected here.
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,6 @@ fixed); the others add parity coverage that tests/test_generate.py does not have
 """
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -18,14 +16,8 @@ transformers = pytest.importorskip("transformers")
 PAD = 0
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    # HF warns about default max_length, unfeasible min lengths, pad == eos ...: expected here.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        transformers.logging.set_verbosity_error()
-        yield
-        transformers.logging.set_verbosity_warning()
+# HF warns about default max_length, unfeasible min lengths, pad == eos ...: expected here.
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
 
 def hf(model, ids, **kw):
