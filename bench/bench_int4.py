@@ -24,16 +24,30 @@ TOKENS = (1, 4, 16, 64, 256)
 GROUP = 128
 DTYPE = torch.bfloat16
 BF16, TORCH_INT4, OURS = "torch bf16 (cuBLAS)", "torch _weight_int4pack_mm", "fastinfer int4_linear"
-# The default (auto) kernel choice above, and each CUDA kernel forced at every M (FASTINFER_INT4_KERNEL).
-VARIANTS = {"fastinfer int4_linear [small]": "small", "fastinfer int4_linear [small_deferred]": "small_deferred",
-            "fastinfer int4_linear [small_deferred, earlier split rule]": "small_deferred+rounds",
-            "fastinfer int4_linear [tiles]": "tiles", "fastinfer int4_linear [small_streamk]": "small_streamk"}
+# The default (auto) kernel choice above, and each CUDA kernel forced at every M (FASTINFER_INT4_KERNEL),
+# with the settings each variant changes (python/fastinfer/env.py describes them).
+VARIANTS = {
+    "fastinfer int4_linear [slot waves]": {"FASTINFER_INT4_WAVES": "slots"},  # the default before 2026-11-28
+    "fastinfer int4_linear [small]": {"FASTINFER_INT4_KERNEL": "small"},
+    "fastinfer int4_linear [small_deferred]": {"FASTINFER_INT4_KERNEL": "small_deferred"},
+    "fastinfer int4_linear [small_deferred, earlier split rule]": {"FASTINFER_INT4_KERNEL": "small_deferred",
+                                                                   "FASTINFER_INT4_SPLITS": "rounds",
+                                                                   "FASTINFER_INT4_WAVES": "slots"},
+    "fastinfer int4_linear [tiles]": {"FASTINFER_INT4_KERNEL": "tiles"},
+    "fastinfer int4_linear [tiles, slot waves]": {"FASTINFER_INT4_KERNEL": "tiles", "FASTINFER_INT4_WAVES": "slots"},
+    "fastinfer int4_linear [small_streamk]": {"FASTINFER_INT4_KERNEL": "small_streamk"},
+}
 
 
-def with_kernel(fn, kernel: str):
-    """fn with FASTINFER_INT4_KERNEL = kernel (and, for "name+overhead", FASTINFER_INT4_SPLITS=overhead)."""
-    name, _, splits = kernel.partition("+")
-    return common.with_env(fn, {"FASTINFER_INT4_KERNEL": name, **({"FASTINFER_INT4_SPLITS": splits} if splits else {})})
+def launch_plan(fastinfer) -> str:
+    """The last int4_linear launch: kernel, splits per cluster, waves / resident clusters of that size."""
+    info = fastinfer._C.int4_last_launch()
+    if not info or info["kernel"] == "none":
+        return ""
+    resident = info["resident"][info["splits"] - 1]
+    return f"{info['kernel']} s{info['splits']} {info['ctas']} CTAs, {info['waves']} w of {resident}"
+
+
 TORCH_INNER_K_TILES = 8
 
 
@@ -57,16 +71,16 @@ def torch_int4_operands(codes: torch.Tensor, scales: torch.Tensor, mins: torch.T
     return weight, scales_and_zeros
 
 
-def run_shape(ops, name: str, k: int, n: int, tokens, args, flush, copy_gbps: float, errors: list) -> list[dict]:
+def run_shape(fastinfer, name: str, k: int, n: int, tokens, args, flush, copy_gbps: float, errors: list) -> list[dict]:
     from fastinfer.quant.int4 import QuantizedWeight, pack
     codes, scales, mins, dense = make_weight(k, n, seed=k + n)
     p = pack(QuantizedWeight(codes, scales, GROUP, mins=mins))
     weight_bytes = {OURS: n * k // 2 + 2 * (k // GROUP) * n * 2, TORCH_INT4: n * k // 2 + 2 * (k // GROUP) * n * 2,
                     BF16: n * k * 2}
     impls = {BF16: lambda x: torch.matmul(x, dense.t()),
-             OURS: lambda x: ops.int4_linear(x, p.qweight, p.scales, GROUP, mins=p.mins)}
-    for label, kernel in VARIANTS.items():
-        impls[label] = with_kernel(impls[OURS], kernel)
+             OURS: lambda x: fastinfer.ops.int4_linear(x, p.qweight, p.scales, GROUP, mins=p.mins)}
+    for label, settings in VARIANTS.items():
+        impls[label] = common.with_env(impls[OURS], settings)
         weight_bytes[label] = weight_bytes[OURS]
     try:
         tw, tsz = torch_int4_operands(codes, scales, mins)
@@ -81,6 +95,7 @@ def run_shape(ops, name: str, k: int, n: int, tokens, args, flush, copy_gbps: fl
         for impl, fn in impls.items():
             try:
                 out = fn(x)
+                plan = launch_plan(fastinfer) if impl.startswith(OURS) else ""
                 err = float((out.float() - reference).abs().sum() / reference.abs().sum())
                 t = common.time_cuda(lambda: fn(x), warmup=args.warmup, iters=args.iters, flush=flush)
             except Exception as exc:
@@ -91,7 +106,8 @@ def run_shape(ops, name: str, k: int, n: int, tokens, args, flush, copy_gbps: fl
             bw = common.gbps(nbytes, t["us"])
             times[impl] = t["us"]
             rows.append({"shape": f"{name} {k}->{n}", "m": m, "impl": impl, "us": t["us"], "min_us": t["min_us"],
-                         "bytes": nbytes, "gbps": bw, "frac_copy": bw / copy_gbps, "rel_err": err})
+                         "bytes": nbytes, "gbps": bw, "frac_copy": bw / copy_gbps, "rel_err": err,
+                         "plan": plan})
         for r in rows[-len(times):]:
             r["vs_bf16"] = times[BF16] / r["us"] if BF16 in times else None
             r["vs_torch_int4"] = times[TORCH_INT4] / r["us"] if TORCH_INT4 in times else None
@@ -100,7 +116,8 @@ def run_shape(ops, name: str, k: int, n: int, tokens, args, flush, copy_gbps: fl
 
 COLUMNS = [("shape", "shape (K->N)", ""), ("m", "M", "d"), ("impl", "impl", ""), ("us", "time (us)", ".1f"),
            ("gbps", "GB/s", ".0f"), ("frac_copy", "of copy BW", ".1%"), ("vs_bf16", "vs bf16", ".2f"),
-           ("vs_torch_int4", "vs torch int4", ".2f"), ("rel_err", "mean rel err vs fp32", ".1e")]
+           ("vs_torch_int4", "vs torch int4", ".2f"), ("rel_err", "mean rel err vs fp32", ".1e"),
+           ("plan", "launch (kernel, splits, CTAs, waves of resident clusters)", "")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, errors = [], []
     for name, (k, n) in SHAPES.items():
-        rows += run_shape(fastinfer.ops, name, k, n, args.m, args, flush, copy["gbps"], errors)
+        rows += run_shape(fastinfer, name, k, n, args.m, args, flush, copy["gbps"], errors)
         torch.cuda.empty_cache()
     notes = [f"device-to-device copy {copy['gbps']:.0f} GB/s (read + write); bf16 activations, group 128 "
              f"scales + minimums; L2 flushed before each of {args.iters} calls; Llama-3-8B projection shapes"]

@@ -2,6 +2,11 @@
 // initialisers of this shared library); the module itself only carries build facts.
 #include <Python.h>
 
+#include "fastinfer/gemm/split_plan.h"
+#ifdef FASTINFER_HAS_SM90
+#include "fastinfer/gemm/w4a16.h"
+#endif
+
 #ifndef FASTINFER_CUDA_ARCHS
 #define FASTINFER_CUDA_ARCHS ""
 #endif
@@ -27,8 +32,67 @@ static PyObject* pdl_launches(PyObject*, PyObject*) {
 #endif
 }
 
+// plan_int4_splits(units, items, items_per_round, overhead_rounds, resident, by_clusters) -> (splits, waves,
+// rounds, cost): gemm/split_plan.h's rule, which the W4A16 launchers apply to the occupancy API's
+// counts; resident[s - 1] = clusters of s CTAs resident at once (resident[0] = CTA slots), up to 8.
+static PyObject* plan_int4_splits(PyObject*, PyObject* args) {
+  long long units = 0;
+  int items = 0, per_round = 0, overhead = 0, by_clusters = 1;
+  PyObject* resident = nullptr;
+  if (!PyArg_ParseTuple(args, "LiiiOp", &units, &items, &per_round, &overhead, &resident, &by_clusters)) return nullptr;
+  PyObject* seq = PySequence_Fast(resident, "plan_int4_splits: resident must be a sequence of ints");
+  if (seq == nullptr) return nullptr;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  if (n < 1 || n > fastinfer::split_plan::kMaxSplits) {
+    Py_DECREF(seq);
+    PyErr_SetString(PyExc_ValueError, "plan_int4_splits: resident must hold 1 to 8 counts");
+    return nullptr;
+  }
+  fastinfer::split_plan::Residency r{};
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    r.clusters[i + 1] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq, i));
+  }
+  Py_DECREF(seq);
+  if (PyErr_Occurred()) return nullptr;
+  if (units < 0 || items < 1 || per_round < 1 || overhead < 0 || r.clusters[1] < 1) {
+    PyErr_SetString(PyExc_ValueError,
+                    "plan_int4_splits: units >= 0, items >= 1, items_per_round >= 1, overhead_rounds >= 0 and "
+                    "resident[0] (CTA slots) >= 1");
+    return nullptr;
+  }
+  const auto plan = fastinfer::split_plan::choose_splits(units, items, per_round, overhead, r, by_clusters != 0);
+  return Py_BuildValue("(iLLL)", plan.splits, static_cast<long long>(plan.waves), static_cast<long long>(plan.rounds),
+                       static_cast<long long>(plan.cost));
+}
+
+// int4_last_launch() -> dict of the last int4_linear launch's plan (kernel, splits, ctas, waves, units,
+// items, items_per_round, resident: clusters of 1..8 CTAs resident at once), or None in a build without
+// the Hopper kernels.
+static PyObject* int4_last_launch(PyObject*, PyObject*) {
+#ifdef FASTINFER_HAS_SM90
+  const fastinfer::Int4LaunchInfo info = fastinfer::w4a16_last_launch();
+  static const char* kNames[] = {"none", "tiles", "small", "streamk"};
+  const char* name = info.kernel >= 0 && info.kernel <= 3 ? kNames[info.kernel] : "none";
+  PyObject* resident = PyList_New(fastinfer::split_plan::kMaxSplits);
+  if (resident == nullptr) return nullptr;
+  for (int s = 1; s <= fastinfer::split_plan::kMaxSplits; ++s) {
+    PyList_SET_ITEM(resident, s - 1, PyLong_FromLongLong(info.resident[s]));
+  }
+  return Py_BuildValue("{s:s,s:i,s:L,s:L,s:L,s:i,s:i,s:N}", "kernel", name, "splits", info.splits, "ctas",
+                       static_cast<long long>(info.ctas), "waves", static_cast<long long>(info.waves), "units",
+                       static_cast<long long>(info.units), "items", info.items, "items_per_round",
+                       info.items_per_round, "resident", resident);
+#else
+  Py_RETURN_NONE;
+#endif
+}
+
 static PyMethodDef fastinfer_methods[] = {
     {"pdl_launches", pdl_launches, METH_NOARGS, "kernel launches with the PDL attribute so far (FASTINFER_PDL=1)"},
+    {"plan_int4_splits", plan_int4_splits, METH_VARARGS,
+     "the W4A16 split-K rule (gemm/split_plan.h): (units, items, items_per_round, overhead_rounds, resident, "
+     "by_clusters) -> (splits, waves, rounds, cost)"},
+    {"int4_last_launch", int4_last_launch, METH_NOARGS, "the last int4_linear launch's plan, or None without sm_90a"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -103,6 +103,8 @@ void int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight
       env_choice("int4_linear", "FASTINFER_INT4_KERNEL", {"auto", "tiles", "small", "small_deferred", "small_streamk"}));
   // overhead (default, one round per CTA added to the split-K cost) or rounds (none): visit 6
   p.split_overhead_rounds = env_choice("int4_linear", "FASTINFER_INT4_SPLITS", {"overhead", "rounds"}) == 0 ? 1 : 0;
+  // clusters (default): waves counted in resident clusters of each split size; slots: in CTA slots (visit 6)
+  p.waves_by_clusters = env_choice("int4_linear", "FASTINFER_INT4_WAVES", {"clusters", "slots"}) == 0;
   const cudaError_t err = cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, x.get_device());
   check_launch(err, "int4_linear (SM count)");
   if (p.kernel == Int4Kernel::kSmallStreamK && m > 0 && m <= 8) {

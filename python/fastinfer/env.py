@@ -40,6 +40,10 @@ SETTINGS = {
     "FASTINFER_INT4_SPLITS": ("overhead", "overhead | rounds",
                               "split-K of int4_linear's GEMV kernel: fewest waves x (chunk rounds per CTA + one for "
                               "its start and reduction) (overhead), or without that round (rounds, the earlier rule)"),
+    "FASTINFER_INT4_WAVES": ("clusters", "clusters | slots",
+                             "split-K waves of int4_linear priced in resident thread-block clusters of each split "
+                             "size (clusters), or in CTA slots alone (slots, the rule before; uneven GPCs hold "
+                             "fewer clusters than slots / splits)"),
     "FASTINFER_PDL": ("0", "0 | 1", "programmatic dependent launch of the decode-path kernels"),
     "FASTINFER_DECODE_MERGE": ("auto", "auto | kernel", "split-KV decode attention given semaphores (the decode "
                                "graphs) merges in its last CTA per group (kernel: a separate merge kernel)"),

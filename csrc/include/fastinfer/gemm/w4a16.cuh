@@ -31,6 +31,7 @@
 #include <type_traits>
 
 #include "fastinfer/common.cuh"
+#include "fastinfer/gemm/split_plan.h"
 #include "fastinfer/gemm/w4a16.h"
 
 namespace fastinfer {
@@ -49,7 +50,7 @@ constexpr int kStageBBytes = kWarpsN * kWarpsK * kStepBytes;  // 4 KiB of codes 
 constexpr int kParamRowBytes = kTileN * 2;                 // one group row of 128 16-bit scales
 constexpr int kStageParamBytes = 2 * kParamRowBytes;       // <= 2 group rows per stage (group 32)
 constexpr int kAccStride = kTileN + 8;                     // fp32 epilogue tile row: +8 keeps float2 stores conflict-free
-constexpr int kMaxSplits = 8;                              // portable thread-block cluster size
+constexpr int kMaxSplits = split_plan::kMaxSplits;         // portable thread-block cluster size
 
 template <int MT>
 struct Config {
@@ -360,20 +361,41 @@ __global__ void __launch_bounds__(kThreads, Config<MT>::kMinBlocks) w4a16_kernel
 // the GPU model; a process is assumed to drive one GPU model).
 struct Occupancy {
   int blocks_per_sm;
-  int splits_ok[kMaxSplits + 1];  // 1 when a cluster of that many CTAs can be scheduled
+  int clusters[kMaxSplits + 1];  // [s >= 2]: clusters of s CTAs resident at once, 0 = unschedulable
 };
 
-// Resident CTAs per SM and the schedulable cluster sizes of `kernel` (both W4A16 kernels).
+// Resident CTAs per SM and resident clusters per size of `kernel` (both W4A16 kernels).
 template <typename Kernel>
 cudaError_t query_kernel_occupancy(Kernel kernel, int threads, int smem_bytes, Occupancy* occ) {
   if (smem_bytes > 48 * 1024) {
     FI_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
   }
   FI_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ->blocks_per_sm, kernel, threads, smem_bytes));
-  for (int splits = 1; splits <= kMaxSplits; ++splits) {
-    occ->splits_ok[splits] = splits == 1 || max_active_clusters(kernel, threads, smem_bytes, splits) > 0;
+  occ->clusters[0] = occ->clusters[1] = 0;
+  for (int splits = 2; splits <= kMaxSplits; ++splits) {
+    occ->clusters[splits] = max_active_clusters(kernel, threads, smem_bytes, splits);
   }
   return cudaSuccess;
+}
+
+// What split_plan::choose_splits needs: every CTA slot for 1 split, the queried counts above it.
+inline split_plan::Residency residency(const Occupancy& occ, int num_sms) {
+  split_plan::Residency r{};
+  r.clusters[1] = static_cast<int64_t>(num_sms) * (occ.blocks_per_sm > 0 ? occ.blocks_per_sm : 1);
+  for (int s = 2; s <= kMaxSplits; ++s) r.clusters[s] = occ.clusters[s];
+  return r;
+}
+
+// The plan of the last W4A16 launch in this process (fastinfer._C.int4_last_launch(): the benchmark
+// prints it beside each row, the cuda tests check it). Written by the launching host thread.
+void record_launch(const Int4LaunchInfo& info);
+
+inline Int4LaunchInfo launch_info(int kernel, int splits, int64_t waves, int64_t units, int items, int items_per_round,
+                                  const split_plan::Residency& r) {
+  static_assert(sizeof(Int4LaunchInfo{}.resident) == sizeof(r.clusters), "one count per cluster size");
+  Int4LaunchInfo info{kernel, splits, units * splits, waves, units, items, items_per_round, {}};
+  for (int s = 0; s <= kMaxSplits; ++s) info.resident[s] = r.clusters[s];
+  return info;
 }
 
 template <typename T, int MT, Int4Mode kMode>
@@ -399,10 +421,23 @@ cudaError_t launch_tiles(const W4A16Params& p, int m_blocks, cudaStream_t stream
   const int64_t tiles = static_cast<int64_t>(n_tiles) * m_blocks;
   const int64_t slots = static_cast<int64_t>(p.num_sms) * (occ.blocks_per_sm > 0 ? occ.blocks_per_sm : 1);
   Shape shape{p.k / kStageK, __builtin_ctz(p.group_size)};
-  // Split K over a cluster only while the tiles leave SMs idle; never more splits than stages.
-  int splits = tiles >= slots ? 1 : static_cast<int>(slots / tiles);
-  splits = max(1, min(splits, min(kMaxSplits, shape.total_stages)));
-  while (splits > 1 && !occ.splits_ok[splits]) --splits;
+  int splits;
+  int64_t waves;
+  const split_plan::Residency r = residency(occ, p.num_sms);
+  if (p.waves_by_clusters) {
+    // Fewest waves of resident clusters x (stages per CTA + the start / reduction overhead); see split_plan.h.
+    const split_plan::Plan plan = split_plan::choose_splits(tiles, shape.total_stages, 1, p.split_overhead_rounds, r, true);
+    splits = plan.splits;
+    waves = plan.waves;
+  } else {
+    // FASTINFER_INT4_WAVES=slots, the rule measured through visit 6: split K over a cluster only while
+    // the tiles leave CTA slots idle; never more splits than stages.
+    splits = tiles >= slots ? 1 : static_cast<int>(slots / tiles);
+    splits = max(1, min(splits, min(kMaxSplits, shape.total_stages)));
+    while (splits > 1 && r.clusters[splits] <= 0) --splits;
+    waves = splits == 1 ? ceil_div<int64_t>(tiles, slots) : ceil_div<int64_t>(tiles, r.clusters[splits]);
+  }
+  record_launch(launch_info(Int4LaunchInfo::kTiles, splits, waves, tiles, shape.total_stages, 1, r));
 
   ClusterLaunch launch(dim3(splits, m_blocks, n_tiles), kThreads, C::kSmemBytes, stream, splits);
   launch.config.numAttrs = 1;  // a cluster launch even for 1 split: the kernel's cluster.sync() always runs

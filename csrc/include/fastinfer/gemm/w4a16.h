@@ -68,13 +68,27 @@ struct W4A16Params {
   DType dtype;                // of out, x, scales, offsets: kFloat16 or kBFloat16
   int num_sms;                // SMs of the device: the split-K heuristic's only hardware input
   Int4Kernel kernel;          // which CUDA kernel (FASTINFER_INT4_KERNEL); kAuto by default
-  int split_overhead_rounds;  // the GEMV kernel's split-K cost model (w4a16_small.cuh): 1 from the binding
+  int split_overhead_rounds;  // split-K cost model (gemm/split_plan.h): 1 from the binding
+  bool waves_by_clusters;     // price waves by resident clusters (default) or CTA slots (FASTINFER_INT4_WAVES)
   // kSmallStreamK at M <= 8 (w4a16_small.cuh, stream-K): fp32 [capacity, 2, 8 * 64] pieces and unsigned
   // [capacity] counters, 0 before the first launch (each launch leaves them 0); one launch at a time.
   float* streamk_partials;
   unsigned* streamk_counters;
   int streamk_capacity;       // CTAs the workspace holds; the grid is at most this
 };
+
+// What the last launch ran (fastinfer._C.int4_last_launch()); kernel kNone before the first launch.
+struct Int4LaunchInfo {
+  enum Kernel : int { kNone = 0, kTiles = 1, kSmall = 2, kStreamK = 3 };
+  int kernel;
+  int splits;                 // CTAs per output unit (one cluster; 1 for stream-K)
+  int64_t ctas;               // grid size
+  int64_t waves;              // ceil(units / resident clusters of that size) (or of CTA slots, FASTINFER_INT4_WAVES=slots)
+  int64_t units;              // output units (tiles, or strips x row blocks) the split-K plan cut
+  int items, items_per_round; // k work items per unit (stages or chunks) and per CTA round
+  int64_t resident[9];        // [s]: clusters of s CTAs resident at once ([1]: CTA slots; 0 = unschedulable)
+};
+Int4LaunchInfo w4a16_last_launch();
 
 // cudaErrorInvalidValue for shapes or dtypes the kernel does not support. Never synchronizes.
 cudaError_t launch_w4a16_gemm(const W4A16Params& p, cudaStream_t stream);

@@ -269,25 +269,11 @@ cudaError_t query_small(Occupancy* occ) {
                                 SmallConfig<NT, kDeferScales>::kSmemBytes, occ);
 }
 
-// Splits of K per strip: the count that minimizes (waves of CTAs) x (chunk rounds per CTA +
-// overhead_rounds), the fewest on ties. A round is one chunk for each of a CTA's 8 warps;
-// overhead_rounds (W4A16Params::split_overhead_rounds, FASTINFER_INT4_SPLITS) prices a CTA's start
-// and its reduction epilogue. With 0, gate_up (448 strips, 32 chunks) at M = 1 ran 1792 CTAs of one
-// round each (7 waves; visit 4: 44 us, the tile kernel 40); with 1 it runs 448 CTAs of 4 rounds.
-inline int choose_small_splits(int strips, int m_blocks, int chunks, int64_t slots, const Occupancy& occ,
-                               int overhead_rounds) {
-  int best = 1;
-  int64_t best_cost = -1;
-  for (int s = 1; s <= kMaxSplits && s <= chunks; ++s) {
-    if (!occ.splits_ok[s]) continue;
-    const int64_t ctas = static_cast<int64_t>(strips) * m_blocks * s;
-    const int64_t waves = (ctas + slots - 1) / slots;
-    const int64_t rounds = (ceil_div(chunks, s) + kWarps - 1) / kWarps;
-    const int64_t cost = waves * (rounds + overhead_rounds);
-    if (best_cost < 0 || cost < best_cost) best = s, best_cost = cost;
-  }
-  return best;
-}
+// Splits of K per strip: split_plan::choose_splits over strips x row blocks, chunks in rounds of one
+// chunk per warp, overhead_rounds (W4A16Params::split_overhead_rounds, FASTINFER_INT4_SPLITS) for a
+// CTA's start and its reduction epilogue. With 0, gate_up (448 strips, 32 chunks) at M = 1 ran 1792
+// CTAs of one round each (7 waves; visit 4: 44 us, the tile kernel 40); with 1 it runs 448 CTAs of 4
+// rounds.
 
 template <typename T, int NT, Int4Mode kMode, bool kDeferScales>
 cudaError_t launch_small(const W4A16Params& p, cudaStream_t stream) {
@@ -307,8 +293,12 @@ cudaError_t launch_small(const W4A16Params& p, cudaStream_t stream) {
   const int64_t m_blocks = ceil_div<int64_t>(p.m, Cfg::kTokens);
   if (m_blocks > 65535 || strips > 65535) return cudaErrorInvalidValue;
   const int chunks = ceil_div(p.k / L::kStepK, Cfg::kChunk);
-  const int64_t slots = static_cast<int64_t>(p.num_sms) * (occ.blocks_per_sm > 0 ? occ.blocks_per_sm : 1);
-  const int splits = choose_small_splits(strips, static_cast<int>(m_blocks), chunks, slots, occ, p.split_overhead_rounds);
+  const int64_t units = static_cast<int64_t>(strips) * m_blocks;
+  const split_plan::Residency r = residency(occ, p.num_sms);
+  const split_plan::Plan plan =
+      split_plan::choose_splits(units, chunks, kWarps, p.split_overhead_rounds, r, p.waves_by_clusters);
+  const int splits = plan.splits;
+  record_launch(launch_info(Int4LaunchInfo::kSmall, splits, plan.waves, units, chunks, kWarps, r));
   ClusterLaunch launch(dim3(splits, strips, static_cast<unsigned>(m_blocks)), kThreads, Cfg::kSmemBytes, stream, splits);
   launch.config.numAttrs = 1;  // a cluster launch even for 1 split: the kernel's cluster.sync() always runs
   return cudaLaunchKernelEx(&launch.config, w4a16_small_kernel<T, NT, kMode, kDeferScales>, p, __builtin_ctz(p.group_size));
@@ -409,6 +399,11 @@ cudaError_t launch_streamk(const W4A16Params& p, cudaStream_t stream) {
   const int64_t total = static_cast<int64_t>(p.n / L::kStripN) * chunks;
   const int64_t slots = static_cast<int64_t>(p.num_sms) * (occ.blocks_per_sm > 0 ? occ.blocks_per_sm : 1);
   const int ctas = static_cast<int>(std::min({slots, total, static_cast<int64_t>(p.streamk_capacity)}));
+  split_plan::Residency r{};
+  r.clusters[1] = slots;
+  Int4LaunchInfo info = launch_info(Int4LaunchInfo::kStreamK, 1, 1, ctas, static_cast<int>(chunks), 1, r);
+  info.units = total;  // (strip, chunk) items, cut into ctas equal ranges
+  record_launch(info);
   // A plain launch: the kernel has no pdl_wait (FASTINFER_PDL must not start it before x is written).
   // Nothing waits inside it, so the grid may exceed what is resident at once (it never does here).
   w4a16_streamk_kernel<T, kMode><<<ctas, kThreads, Cfg::kSmemBytes, stream>>>(p, __builtin_ctz(p.group_size));
