@@ -10,12 +10,13 @@ what a model would have to materialise). FLOPs: 2*2*B*H*S*S*D/2 (causal). "fasti
 row's time / fastinfer's time on the same shape. fastinfer runs its default (128 query rows per CTA
 for these shapes), as a second row 64-row tiles (FASTINFER_PREFILL_BLOCK_M=64) and, as a third, the
 sm_90a wgmma kernel (FASTINFER_PREFILL_KERNEL=wgmma; on other GPUs that setting runs the default
-kernel, and the row says so).
+kernel, and the row says so); the mma and wgmma kernels also run with FASTINFER_ATTN_TABLE=per_copy
+(", per-copy table reads": a block-table read before every 16-byte copy, the loads before 2026-11-28).
 Decode: one query token per sequence, 32 / 8 heads, D128: B64 ctx 4096 and B8 ctx 8192. SDPA flash
 gets a [B, H, 1, D] query and contiguous [B, H_kv, ctx, D] K/V. fastinfer runs its default
 tensor-core decode kernel, as a second row the CUDA-core one (FASTINFER_DECODE_KERNEL=cuda_cores) and, as a
 third, the tensor-core kernel merging its splits itself (semaphores, as in the decode graphs; no merge
-kernel). Bytes = K and V of the context (the
+kernel), and the tensor-core kernel with per-copy table reads. Bytes = K and V of the context (the
 unexpanded KV heads, whatever an implementation reads), as TB/s and as a fraction of the
 device-to-device copy bandwidth measured in the same run.
 A backend that fails on a shape is reported as "n/a (error)" and listed in the notes.
@@ -33,7 +34,7 @@ import common
 
 DTYPE = torch.bfloat16
 BLOCK = 16
-BIG_BLOCK = 256  # prefill rows also run on a cache of 256-token blocks: how much the block table costs
+PER_COPY = ", per-copy table reads"  # FASTINFER_ATTN_TABLE=per_copy: the block-table loads before 2026-11-28
 OURS = "fastinfer paged"  # prefill: the mma kernel (FASTINFER_PREFILL_KERNEL=mma); decode: the default
 OURS_CUDA_CORES = "fastinfer paged, CUDA-core decode"  # FASTINFER_DECODE_KERNEL=cuda_cores, for comparison
 OURS_FUSED_MERGE = "fastinfer paged, split merge in-kernel"  # semaphores given, as the decode graphs do
@@ -113,24 +114,20 @@ def prefill_rows(ops, args, flush, errors: list) -> list[dict]:
         scale = d ** -0.5
         ops.paged_prefill_attention(q_tok, cache, cu, lens, tables, scale, out=out)  # validates the indices once
 
-        big_block = min(BIG_BLOCK, s)  # diagnosis: the same kernels with 16x fewer block-table lookups
-        cache_big, tables_big = paged_cache(k, v, big_block)
-
-        def ours(block_m, kernel="mma", big=False):
+        def ours(block_m, kernel="mma", table="shuffle"):
             def make():  # the op reads these settings at each call; measure() times one impl at a time
                 os.environ["FASTINFER_PREFILL_BLOCK_M"] = block_m
                 os.environ["FASTINFER_PREFILL_KERNEL"] = kernel
+                os.environ["FASTINFER_ATTN_TABLE"] = table
                 out_m = torch.empty_like(q_tok)
-                kv, tab = (cache_big, tables_big) if big else (cache, tables)
-                return (lambda: ops.paged_prefill_attention(q_tok, kv, cu, lens, tab, scale, out=out_m,
+                return (lambda: ops.paged_prefill_attention(q_tok, cache, cu, lens, tables, scale, out=out_m,
                                                             check_indices=False).reshape(b, s, h, d).transpose(1, 2)), "paged"
             return make
 
         wgmma_name = OURS_WGMMA if torch.cuda.get_device_capability() == (9, 0) else OURS_WGMMA + " = default here"
         # every kernel named (auto is wgmma at head_dim 128 on Hopper): OURS is the mma kernel
         impls = {OURS: ours("auto", "mma"), OURS_64_ROWS: ours("64"), wgmma_name: ours("auto", "wgmma"),
-                 f"{wgmma_name}, block {big_block}": ours("auto", "wgmma", big=True),
-                 f"{OURS}, block {big_block}": ours("auto", "mma", big=True),
+                 wgmma_name + PER_COPY: ours("auto", "wgmma", "per_copy"), OURS + PER_COPY: ours("auto", "mma", "per_copy"),
                  **{n: (lambda be=be: sdpa_call(be, q, k, v, True)) for n, be in SDPA.items()}}
         label = f"B{b} H{h}/{hkv} S{s} D{d}"
         flops = 2 * 2 * b * h * s * s * d / 2
@@ -140,10 +137,10 @@ def prefill_rows(ops, args, flush, errors: list) -> list[dict]:
             rows.append({"kind": "prefill", "shape": label, "impl": name, "kv": mode,
                          "us": t["us"] if t else NA, "tflops": flops / (t["us"] * 1e-6) / 1e12 if t else None,
                          "speedup": t["us"] / base["us"] if t and base else None, "max_diff": diff})
-        del q, k, v, cache, q_tok, out, cache_big
+        del q, k, v, cache, q_tok, out
         torch.cuda.empty_cache()
-    os.environ.pop("FASTINFER_PREFILL_BLOCK_M", None)
-    os.environ.pop("FASTINFER_PREFILL_KERNEL", None)
+    for key in ("FASTINFER_PREFILL_BLOCK_M", "FASTINFER_PREFILL_KERNEL", "FASTINFER_ATTN_TABLE"):
+        os.environ.pop(key, None)
     return rows
 
 
@@ -159,9 +156,10 @@ def decode_rows(ops, args, flush, copy_gbps: float, errors: list) -> list[dict]:
         scale = d ** -0.5
         ops.paged_decode_attention(q3, cache, tables, lens, scale)  # validates the indices once
 
-        def ours(kernel, fused_merge=False):
+        def ours(kernel, fused_merge=False, table="shuffle"):
             def make():  # the op reads FASTINFER_DECODE_KERNEL at each call; measure() times one impl at a time
                 os.environ["FASTINFER_DECODE_KERNEL"] = kernel
+                os.environ["FASTINFER_ATTN_TABLE"] = table
                 os.environ["FASTINFER_DECODE_MERGE"] = "auto"  # with semaphores: the in-kernel merge
                 out = torch.empty_like(q3)
                 sem = torch.zeros(b * h, dtype=torch.int32, device="cuda") if fused_merge else None
@@ -170,7 +168,7 @@ def decode_rows(ops, args, flush, copy_gbps: float, errors: list) -> list[dict]:
             return make
 
         impls = {OURS: ours("tensor_cores"), OURS_CUDA_CORES: ours("cuda_cores"),
-                 OURS_FUSED_MERGE: ours("tensor_cores", fused_merge=True),
+                 OURS_FUSED_MERGE: ours("tensor_cores", fused_merge=True), OURS + PER_COPY: ours("tensor_cores", table="per_copy"),
                  "SDPA flash": lambda: sdpa_call(SDPA["SDPA flash"], q, k, v, False)}
         label = f"B{b} H{h}/{hkv} ctx{ctx} D{d}"
         nbytes = 2 * 2 * b * hkv * ctx * d
@@ -183,8 +181,8 @@ def decode_rows(ops, args, flush, copy_gbps: float, errors: list) -> list[dict]:
                          "speedup": t["us"] / base["us"] if t and base else None, "max_diff": diff})
         del q, k, v, cache
         torch.cuda.empty_cache()
-    os.environ.pop("FASTINFER_DECODE_KERNEL", None)
-    os.environ.pop("FASTINFER_DECODE_MERGE", None)
+    for key in ("FASTINFER_DECODE_KERNEL", "FASTINFER_DECODE_MERGE", "FASTINFER_ATTN_TABLE"):
+        os.environ.pop(key, None)
     return rows
 
 

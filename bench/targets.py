@@ -29,7 +29,7 @@ def _best(rows: list[dict], key: str, prefix: str = "fastinfer") -> dict | None:
 
 def prefill_vs_flash(b: dict):
     rows = [r for r in _rows(b, "attention") if r.get("kind") == "prefill" and r.get("shape") == "B4 H32/8 S4096 D128"]
-    # the ", block 256" rows are a diagnosis on a cache of 256-token blocks, not the engine's 16
+    # reports before 2026-11-28 had ", block 256" rows: a diagnosis on 256-token blocks, not the engine's 16
     ours = _best([r for r in rows if ", block " not in str(r.get("impl", ""))], "tflops")
     flash = next((r for r in rows if r.get("impl") == "SDPA flash" and _num(r.get("tflops"))), None)
     if ours is None or flash is None:

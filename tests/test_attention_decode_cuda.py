@@ -105,11 +105,22 @@ def test_lengths(dtype, seq_len):
     check([seq_len], 8, 2, 128, 16, dtype, layout="contiguous")
 
 
-@pytest.mark.parametrize("block_size", [1, 8, 128])
+@pytest.mark.parametrize("block_size", [1, 2, 4, 8, 128, 256])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_other_block_sizes(dtype, block_size):
     """Any power of two works: the kernel only indexes through the block table."""
     check([1, 33, 300], 8, 2, 64, block_size, dtype)
+
+
+@pytest.mark.parametrize("block_size", [2, 4, 16, 64, 256])
+def test_table_reads_per_copy_give_the_same_bits(monkeypatch, block_size):
+    """The tensor-core kernel's block-table reads (prefill_tiles.cuh: once per tile and warp, shuffled
+    to the copies; FASTINFER_ATTN_TABLE=per_copy: before every copy) fill the same tiles: equal bits."""
+    args = make_case([1, 33, 300, 1023], 32, 8, 128, block_size, torch.bfloat16, extra_blocks=5)
+    shuffled = ops.paged_decode_attention(*args)
+    monkeypatch.setenv("FASTINFER_ATTN_TABLE", "per_copy")
+    per_copy = ops.paged_decode_attention(*args)
+    assert torch.isfinite(shuffled).all() and torch.equal(shuffled, per_copy)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -230,3 +230,20 @@ def test_opcheck_cuda(op):
         for k in ("out", "query"):
             args[k] = args[k][:2]
     opcheck_fp8(op, args)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("block_size", [2, 4, 16, 256])
+def test_table_reads_per_copy_give_the_same_bits_fp8(monkeypatch, block_size):
+    """An e4m3 cache through both block-table read forms (FASTINFER_ATTN_TABLE): equal bits, decode
+    (tensor-core kernel) and prefill."""
+    monkeypatch.setenv("FASTINFER_DECODE_KERNEL", "tensor_cores")
+    case = make_fp8_case(PREFILL_LENS, 8, 2, 128, block_size, torch.bfloat16, (0.02, 0.03), "cuda",
+                         q_rows=sum(PREFILL_Q_LENS))
+    decode_case = make_fp8_case(DECODE_LENS, 8, 2, 128, block_size, torch.bfloat16, (0.02, 0.03), "cuda",
+                                extra_blocks=4)
+    first = (run_prefill(case, PREFILL_Q_LENS)[0], run_decode(decode_case)[0])
+    monkeypatch.setenv("FASTINFER_ATTN_TABLE", "per_copy")
+    second = (run_prefill(case, PREFILL_Q_LENS)[0], run_decode(decode_case)[0])
+    for a, b in zip(first, second):
+        assert torch.isfinite(a).all() and torch.equal(a, b)

@@ -142,6 +142,27 @@ def test_ignores_nan_padding(dtype, block_size):
     assert torch.isfinite(poisoned).all() and torch.equal(poisoned, clean)
 
 
+@pytest.mark.parametrize("block_size", [1, 2, 4, 8, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_block_sizes_where_table_reads_change(dtype, block_size):
+    """prefill_tiles.cuh reads a key tile's block-table entries once per warp and shuffles them to the
+    copies for blocks >= 4 keys (32 blocks per 128-key tile at 4), reads per copy below that (1, 2), and
+    takes one entry per tile when blocks are at least a tile long (128, 256)."""
+    check(*RAGGED, 8, 2, 128, block_size, dtype)
+
+
+@pytest.mark.parametrize("block_size", [2, 4, 16, 64, 256])
+def test_table_reads_per_copy_give_the_same_bits(monkeypatch, block_size):
+    """FASTINFER_ATTN_TABLE=per_copy (a global read before every copy, the loads before 2026-11-28)
+    fills the same tiles as the shuffled entries, so the outputs are equal bit for bit; the poisoned
+    unused slots stay unread either way (zero-filled copies)."""
+    args = make_case([7, 113, 1, 50, 300], [7, 20, 1, 50, 131], 8, 2, 128, block_size, torch.bfloat16)
+    shuffled = ops.paged_prefill_attention(*args)
+    monkeypatch.setenv("FASTINFER_ATTN_TABLE", "per_copy")
+    per_copy = ops.paged_prefill_attention(*args)
+    assert torch.isfinite(shuffled).all() and torch.equal(shuffled, per_copy)
+
+
 @pytest.mark.parametrize("split", [1, 63, 64, 128, 300])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_chunked_prefill_matches_full_prefill(dtype, split):
@@ -194,7 +215,8 @@ def test_misaligned_query_is_a_clear_error():
 
 @pytest.mark.own_block_m
 @pytest.mark.parametrize("variable, value, choices", [("FASTINFER_PREFILL_BLOCK_M", "96", "auto, 64 or 128"),
-                                                      ("FASTINFER_PREFILL_KERNEL", "fa3", "auto, mma or wgmma")])
+                                                      ("FASTINFER_PREFILL_KERNEL", "fa3", "auto, mma or wgmma"),
+                                                      ("FASTINFER_ATTN_TABLE", "once", "shuffle or per_copy")])
 def test_unknown_setting_is_refused(monkeypatch, variable, value, choices):
     args = make_case([70], [70], 4, 2, 64, 16, torch.bfloat16)
     monkeypatch.setenv(variable, value)

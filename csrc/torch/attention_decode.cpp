@@ -74,6 +74,8 @@ void decode(const char* kOp, at::Tensor& out, const at::Tensor& query, const at:
   TORCH_CHECK(err == cudaSuccess, "fastinfer.", kOp, ": cudaDeviceGetAttribute failed: ", cudaGetErrorString(err));
   // The split heuristic's target (auto: the kernel's own); bench_fp8_kv.py sweeps it per kernel and cache dtype.
   static constexpr int kCtasPerSm[] = {0, 2, 3, 4, 6, 8, 12};
+  // shuffle (default): block-table entries read once per key tile per warp; per_copy: before every copy
+  p.table_per_copy = env_choice(kOp, "FASTINFER_ATTN_TABLE", {"shuffle", "per_copy"});
   p.target_ctas_per_sm = kCtasPerSm[env_choice(kOp, "FASTINFER_DECODE_CTAS_PER_SM", {"auto", "2", "3", "4", "6", "8", "12"})];
 
   DecodePlan plan{};

@@ -83,6 +83,8 @@ void prefill(const char* kOp, at::Tensor& out, const at::Tensor& query, const at
   p.dtype = to_dtype(query, kOp);
   // auto (0): 128 query rows per CTA when the sequences average >= 128 rows, else 64
   constexpr int kBlockM[] = {0, 64, 128};
+  // shuffle (default): block-table entries read once per key tile per warp; per_copy: before every copy
+  p.table_per_copy = env_choice(kOp, "FASTINFER_ATTN_TABLE", {"shuffle", "per_copy"});
   p.block_m = kBlockM[env_choice(kOp, "FASTINFER_PREFILL_BLOCK_M", {"auto", "64", "128"})];
   // wgmma = the sm_90a kernel of prefill_sm90.cuh wherever it applies (a bf16 / fp16 plain cache on an
   // sm_90 GPU, in a build with 90a), mma (the FlashAttention-2 kernel of prefill.cuh) elsewhere.

@@ -23,6 +23,10 @@ SETTINGS = {
     "FASTINFER_PREFILL_KERNEL": ("auto", "auto | mma | wgmma",
                                  "prefill attention kernel for bf16 / fp16 over a plain cache (auto = wgmma at "
                                  "head_dim 128 on Hopper, else mma; wgmma = the sm_90a kernel, Hopper only)"),
+    "FASTINFER_ATTN_TABLE": ("shuffle", "shuffle | per_copy",
+                             "K / V block-table reads of the prefill and tensor-core decode kernels: once per key tile "
+                             "and warp, handed to the copies by shuffles (shuffle; block sizes >= 4), or one global "
+                             "read before every 16-byte copy (per_copy, the loads before 2026-11-28)"),
     "FASTINFER_FP8_GEMM_TILE": ("128x128", "128x128 | 128x256",
                                 "FP8 GEMM output tiles for M > 64"),
     "FASTINFER_FP8_SPLIT_K": ("auto", "auto | off | on",

@@ -44,6 +44,9 @@ struct DecodeParams {
   // zero before the launch and zero after it: the last CTA of each group of splits merges them
   // (decode_work.cuh: merge_if_last), one launch instead of two.
   int* semaphores;
+  // The tensor-core kernel's K / V block-table reads (prefill.h: PrefillParams::table_per_copy): 0 =
+  // once per tile per warp, shuffled to the copies; 1 = before every copy (FASTINFER_ATTN_TABLE=per_copy).
+  int table_per_copy;
 };
 
 // How a launch is cut up. A function of DecodeParams' shapes and num_sms alone, never of the

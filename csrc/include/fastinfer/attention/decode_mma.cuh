@@ -106,6 +106,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   const C* cache_head = static_cast<const C*>(p.kv_cache) + static_cast<int64_t>(w.kv_head) * kHeadDim;
   const int32_t* block_table = p.block_tables + w.seq * p.block_table_stride;
   const int num_tiles = ceil_div(w.end - w.begin, kTileKeys);
+  const bool by_shuffle = prefill::tables_by_shuffle(block_shift, p.table_per_copy);  // key0: whole tiles (plan)
 
   // Tile t's K and V into ring stage t % kStages, one commit group per call (empty past the end).
   auto issue = [&](int tile) {
@@ -114,14 +115,16 @@ __global__ void __launch_bounds__(kThreads, 3)
       const int key0 = w.begin + tile * kTileKeys;
       if constexpr (kFp8) {
         const uint8_t* cache8 = reinterpret_cast<const uint8_t*>(cache_head);
-        prefill::load_kv_tile_fp8<kHeadDim>(stage, cache8, block_table, block_shift, token_stride, 0, key0, w.end);
-        prefill::load_kv_tile_fp8<kHeadDim>(stage + G::kTileElems, cache8, block_table, block_shift, token_stride, 1,
-                                            key0, w.end);
+        prefill::load_kv_tile_fp8<kHeadDim>(stage, cache8, block_table, by_shuffle, block_shift, token_stride, 0, key0,
+                                            w.end);
+        prefill::load_kv_tile_fp8<kHeadDim>(stage + G::kTileElems, cache8, block_table, by_shuffle, block_shift,
+                                            token_stride, 1, key0, w.end);
       } else {
         T* tile_k = reinterpret_cast<T*>(stage);
-        prefill::load_kv_tile<T, kHeadDim>(tile_k, cache_head, block_table, block_shift, token_stride, 0, key0, w.end);
-        prefill::load_kv_tile<T, kHeadDim>(tile_k + G::kTileElems, cache_head, block_table, block_shift, token_stride,
-                                           1, key0, w.end);
+        prefill::load_kv_tile<T, kHeadDim>(tile_k, cache_head, block_table, by_shuffle, block_shift, token_stride, 0,
+                                           key0, w.end);
+        prefill::load_kv_tile<T, kHeadDim>(tile_k + G::kTileElems, cache_head, block_table, by_shuffle, block_shift,
+                                           token_stride, 1, key0, w.end);
       }
     }
     prefill::cp_async_commit();

@@ -8,7 +8,8 @@
 //
 // CTA = 128 query rows of one (sequence, head), 3 warpgroups (384 threads, one CTA per SM):
 //   warpgroup 0, producer (40 registers after setmaxnreg): per key tile n, 16-byte cp.async of
-//     K_n then V_n (128 keys each) through the block table into stage n % kStages of a ring (3
+//     K_n then V_n (128 keys each) through the block table (its entries for the tile read once per
+//     warp and shuffled to the copies, prefill_tiles.cuh) into stage n % kStages of a ring (3
 //     stages at D = 128, 4 at D = 64), zero-filling keys >= key_end (never read: unused slots may
 //     hold NaN, and 0 * NaN = NaN); each thread waits for its own copies two groups behind the
 //     newest (cp.async.wait_group 2), fences them for the async proxy (wgmma reads shared memory
@@ -104,14 +105,31 @@ __device__ __forceinline__ void warpgroup_barrier(int id) {
 }
 
 // Keys [key0, key0 + 128) of K (kv = 0) or V (kv = 1) into a swizzled tile, by the 128 producer
-// threads (t = 0 .. 127; 16 consecutive threads copy one 256-byte key row at D = 128).
+// threads (t = 0 .. 127; 16 consecutive threads copy one 256-byte key row at D = 128). Keys >= key_end
+// are zero-filled by the copy itself (src-size 0), never read: unused slots may hold NaN.
+// by_shuffle (prefill_tiles.cuh: tables_by_shuffle): each row's block-table entry comes from `entry`
+// of lane row >> block_shift (tile_table_entry), else from a global read before each copy.
 template <typename T, int kHeadDim>
-__device__ __forceinline__ void load_kv(uint8_t* tile, const T* cache_head, const int32_t* block_table,
-                                        int block_shift, int64_t token_stride, int kv, int key0, int key_end,
+__device__ __forceinline__ void load_kv(uint8_t* tile, const T* cache_head, const int32_t* block_table, bool by_shuffle,
+                                        int entry, int block_shift, int64_t token_stride, int kv, int key0, int key_end,
                                         int t) {
   constexpr int kChunks = kHeadDim / kChunk;
   const int block_mask = (1 << block_shift) - 1;
   const int64_t block_stride = (token_stride << block_shift) * 2;  // one block: K and V halves
+  if (by_shuffle) {
+#pragma unroll 8
+    for (int it = 0; it < kRows * kChunks / kWarpgroup; ++it) {
+      const int i = it * kWarpgroup + t;
+      const int r = i / kChunks, c = i % kChunks;
+      const int key = key0 + r;
+      const int64_t block = row_block(entry, r, block_shift);  // every lane shuffles, valid or not
+      const int64_t slot = (kv << block_shift) + (key & block_mask);
+      const bool valid = key < key_end;
+      cp_async_16_zfill(tile + tile_offset(r, c),
+                        valid ? cache_head + block * block_stride + slot * token_stride + c * kChunk : cache_head, valid);
+    }
+    return;
+  }
 #pragma unroll 4
   for (int it = 0; it < kRows * kChunks / kWarpgroup; ++it) {
     const int i = it * kWarpgroup + t;
@@ -185,18 +203,22 @@ __global__ void __launch_bounds__(kThreadsWs, 1) paged_prefill_wgmma_kernel(cons
         ptx::mbarrier_arrive(announced % 2 == 0 ? &full_k[tile % kStages] : &full_v[tile % kStages]);
       }
     };
+    const bool by_shuffle = tables_by_shuffle(block_shift, p.table_per_copy);  // uniform
+    const int lane = t % kWarpSize;
     for (int n = 0; n < num_kv_tiles; ++n) {
       const int s = n % kStages;
       const uint32_t parity = ((n / kStages) & 1) ^ 1;  // a fresh barrier counts as released once
+      // K_n and V_n share the tile's entries; the read flies while this thread waits for the stage.
+      const int entry = by_shuffle ? tile_table_entry<kRows>(block_table, block_shift, n * kRows, key_end, lane) : 0;
       wait_barrier(&empty_k[s], parity);
-      load_kv<T, kHeadDim>(smem + L::kK + s * L::kTileBytes, cache_head, block_table, block_shift, token_stride, 0,
-                           n * kRows, key_end, t);
+      load_kv<T, kHeadDim>(smem + L::kK + s * L::kTileBytes, cache_head, block_table, by_shuffle, entry, block_shift,
+                           token_stride, 0, n * kRows, key_end, t);
       cp_async_commit();
       cp_async_wait<kLag>();
       announce_landed(2 * n - kLag);
       wait_barrier(&empty_v[s], parity);
-      load_kv<T, kHeadDim>(smem + L::kV + s * L::kTileBytes, cache_head, block_table, block_shift, token_stride, 1,
-                           n * kRows, key_end, t);
+      load_kv<T, kHeadDim>(smem + L::kV + s * L::kTileBytes, cache_head, block_table, by_shuffle, entry, block_shift,
+                           token_stride, 1, n * kRows, key_end, t);
       cp_async_commit();
       cp_async_wait<kLag>();
       announce_landed(2 * n + 1 - kLag);

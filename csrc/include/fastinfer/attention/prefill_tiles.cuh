@@ -33,6 +33,43 @@ __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* global_s
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem_dst)), "l"(global_src)
                : "memory");
 }
+// 16 bytes, or (valid false) 16 zero bytes and nothing read: src-size 0 (global_src must still be a
+// valid address; callers pass the tensor's base).
+__device__ __forceinline__ void cp_async_16_zfill(void* smem_dst, const void* global_src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem_dst)), "l"(global_src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+
+// ---- block tables, read once per key tile ----------------------------------------------------------
+// Why: a table read right before each cp.async cannot be hoisted (the copies are asm volatile with a
+// memory clobber), so every 16-byte copy waited for its own global load: the SASS of both prefill
+// kernels had one LDG -> LDGSTS chain per copy, 32 per thread per 128-key K+V tile. Instead lane l of a
+// warp reads the entry of the tile's l-th block once, and each copy takes its entry with a shuffle.
+// Valid for block sizes >= 4 (a 128-key tile spans at most 32 blocks); tables_by_shuffle says when.
+__device__ __forceinline__ bool tables_by_shuffle(int block_shift, int table_per_copy) {
+  return block_shift >= 2 && table_per_copy == 0;
+}
+
+// This lane's entry: block (key0 >> block_shift) + lane of the table, or 0 past the blocks that hold
+// keys < key_end (never used: those keys are zero-filled, not read). key0 is a multiple of kTileKeys.
+template <int kTileKeys>
+__device__ __forceinline__ int tile_table_entry(const int32_t* block_table, int block_shift, int key0, int key_end,
+                                                int lane) {
+  static_assert(kTileKeys <= 128 && kTileKeys % 32 == 0, "at most 32 blocks of >= 4 keys per tile");
+  const int first = key0 >> block_shift;
+  // A tile lies inside one block when blocks are at least as long (both are powers of two).
+  const int blocks = block_shift >= 7 ? 1 : max(1, kTileKeys >> block_shift);
+  const int used = ((key_end - 1) >> block_shift) + 1;
+  return lane < blocks && first + lane < used ? block_table[first + lane] : 0;
+}
+
+// The table entry of tile row r (key key0 + r) from the lanes' entries: lane r >> block_shift holds it
+// (always < 32 for block_shift >= 2 and r < 128). Called by every lane of the warp.
+__device__ __forceinline__ int64_t row_block(int entry, int r, int block_shift) {
+  return __shfl_sync(kFullMask, entry, r >> block_shift);
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
@@ -104,14 +141,30 @@ __device__ __forceinline__ int swizzle(int row, int chunk) {
 }
 
 // Keys [key0, key0 + kKeys) of K (kv = 0) or V (kv = 1) into a tile; keys >= key_end are zeroed, never
-// read (their slots may be unwritten, and their block-table entries meaningless).
+// read (their slots may be unwritten, and their block-table entries meaningless). Called by every
+// thread of the CTA (the shuffles need whole warps); by_shuffle: tables_by_shuffle above.
 template <typename T, int kHeadDim, int kKeys = kBlockN>
-__device__ __forceinline__ void load_kv_tile(T* tile, const T* cache_head, const int32_t* block_table,
+__device__ __forceinline__ void load_kv_tile(T* tile, const T* cache_head, const int32_t* block_table, bool by_shuffle,
                                              int block_shift, int64_t token_stride, int kv, int key0,
                                              int key_end) {
   constexpr int kChunks = kHeadDim / kChunk;
   const int block_mask = (1 << block_shift) - 1;
   const int64_t block_stride = (token_stride << block_shift) * 2;  // one block: K and V halves
+  if (by_shuffle) {
+    const int entry = tile_table_entry<kKeys>(block_table, block_shift, key0, key_end, threadIdx.x % kWarpSize);
+#pragma unroll
+    for (int it = 0; it < kKeys * kChunks / kThreads; ++it) {
+      const int i = it * kThreads + threadIdx.x;
+      const int r = i / kChunks, c = i % kChunks;
+      const int key = key0 + r;
+      const int64_t block = row_block(entry, r, block_shift);
+      const int64_t slot = (kv << block_shift) + (key & block_mask);
+      const bool valid = key < key_end;
+      cp_async_16_zfill(tile + swizzle<kHeadDim>(r, c),
+                        valid ? cache_head + block * block_stride + slot * token_stride + c * kChunk : cache_head, valid);
+    }
+    return;
+  }
 #pragma unroll
   for (int it = 0; it < kKeys * kChunks / kThreads; ++it) {
     const int i = it * kThreads + threadIdx.x;
@@ -133,11 +186,26 @@ __device__ __forceinline__ void load_kv_tile(T* tile, const T* cache_head, const
 // Chunk i of the tile is always copied by thread i % kThreads, which later converts it itself.
 template <int kHeadDim, int kKeys = kBlockN>
 __device__ __forceinline__ void load_kv_tile_fp8(uint8_t* stage, const uint8_t* cache_head, const int32_t* block_table,
-                                                 int block_shift, int64_t token_stride, int kv, int key0,
-                                                 int key_end) {
+                                                 bool by_shuffle, int block_shift, int64_t token_stride, int kv,
+                                                 int key0, int key_end) {
   constexpr int kChunks = kHeadDim / 16;
   const int block_mask = (1 << block_shift) - 1;
   const int64_t block_stride = (token_stride << block_shift) * 2;
+  if (by_shuffle) {
+    const int entry = tile_table_entry<kKeys>(block_table, block_shift, key0, key_end, threadIdx.x % kWarpSize);
+#pragma unroll
+    for (int it = 0; it < kKeys * kChunks / kThreads; ++it) {
+      const int i = it * kThreads + threadIdx.x;
+      const int r = i / kChunks, c = i % kChunks;
+      const int key = key0 + r;
+      const int64_t block = row_block(entry, r, block_shift);
+      const int64_t slot = (kv << block_shift) + (key & block_mask);
+      const bool valid = key < key_end;
+      cp_async_16_zfill(stage + r * kHeadDim + c * 16,
+                        valid ? cache_head + block * block_stride + slot * token_stride + c * 16 : cache_head, valid);
+    }
+    return;
+  }
 #pragma unroll
   for (int it = 0; it < kKeys * kChunks / kThreads; ++it) {
     const int i = it * kThreads + threadIdx.x;
