@@ -105,45 +105,15 @@ __device__ __forceinline__ void warpgroup_barrier(int id) {
 }
 
 // Keys [key0, key0 + 128) of K (kv = 0) or V (kv = 1) into a swizzled tile, by the 128 producer
-// threads (t = 0 .. 127; 16 consecutive threads copy one 256-byte key row at D = 128). Keys >= key_end
-// are zero-filled by the copy itself (src-size 0), never read: unused slots may hold NaN.
-// by_shuffle (prefill_tiles.cuh: tables_by_shuffle): each row's block-table entry comes from `entry`
-// of lane row >> block_shift (tile_table_entry), else from a global read before each copy.
+// threads (t = 0 .. 127; 16 consecutive threads copy one 256-byte key row at D = 128): prefill_tiles.cuh's
+// copy_kv_rows (keys >= key_end zero-filled, never read: unused slots may hold NaN).
 template <typename T, int kHeadDim>
 __device__ __forceinline__ void load_kv(uint8_t* tile, const T* cache_head, const int32_t* block_table, bool by_shuffle,
                                         int entry, int block_shift, int64_t token_stride, int kv, int key0, int key_end,
                                         int t) {
-  constexpr int kChunks = kHeadDim / kChunk;
-  const int block_mask = (1 << block_shift) - 1;
-  const int64_t block_stride = (token_stride << block_shift) * 2;  // one block: K and V halves
-  if (by_shuffle) {
-#pragma unroll 8
-    for (int it = 0; it < kRows * kChunks / kWarpgroup; ++it) {
-      const int i = it * kWarpgroup + t;
-      const int r = i / kChunks, c = i % kChunks;
-      const int key = key0 + r;
-      const int64_t block = row_block(entry, r, block_shift);  // every lane shuffles, valid or not
-      const int64_t slot = (kv << block_shift) + (key & block_mask);
-      const bool valid = key < key_end;
-      cp_async_16_zfill(tile + tile_offset(r, c),
-                        valid ? cache_head + block * block_stride + slot * token_stride + c * kChunk : cache_head, valid);
-    }
-    return;
-  }
-#pragma unroll 4
-  for (int it = 0; it < kRows * kChunks / kWarpgroup; ++it) {
-    const int i = it * kWarpgroup + t;
-    const int r = i / kChunks, c = i % kChunks;
-    const int key = key0 + r;
-    uint8_t* dst = tile + tile_offset(r, c);
-    if (key < key_end) {
-      const int64_t block = block_table[key >> block_shift];
-      const int64_t slot = (kv << block_shift) + (key & block_mask);
-      cp_async_16(dst, cache_head + block * block_stride + slot * token_stride + c * kChunk);
-    } else {
-      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-    }
-  }
+  auto dst = [](int r, int c) { return static_cast<int>(tile_offset(r, c)); };
+  copy_kv_rows<kWarpgroup, kRows, kHeadDim / kChunk>(tile, dst, cache_head, block_table, by_shuffle, entry, block_shift,
+                                                     token_stride, kv, key0, key_end, t);
 }
 
 template <typename T, int kHeadDim>

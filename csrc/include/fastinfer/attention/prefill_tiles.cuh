@@ -140,45 +140,62 @@ __device__ __forceinline__ int swizzle(int row, int chunk) {
   return row * kHeadDim + ((chunk ^ (row & 7)) * kChunk);
 }
 
-// Keys [key0, key0 + kKeys) of K (kv = 0) or V (kv = 1) into a tile; keys >= key_end are zeroed, never
-// read (their slots may be unwritten, and their block-table entries meaningless). Called by every
-// thread of the CTA (the shuffles need whole warps); by_shuffle: tables_by_shuffle above.
-template <typename T, int kHeadDim, int kKeys = kBlockN>
-__device__ __forceinline__ void load_kv_tile(T* tile, const T* cache_head, const int32_t* block_table, bool by_shuffle,
-                                             int block_shift, int64_t token_stride, int kv, int key0,
-                                             int key_end) {
-  constexpr int kChunks = kHeadDim / kChunk;
+// Keys [key0, key0 + kKeys) of K (kv = 0) or V (kv = 1): 16-byte chunk c (of kChunks per key row) of
+// tile row r goes to smem + dst_offset(r, c) bytes, from element c * 16 / sizeof(E) of the key's row in
+// the cache. Thread t of kNumThreads copies the chunks t, t + kNumThreads, ... (every thread of the
+// group calls this: the shuffles need whole warps). Keys >= key_end are zeroed and never read (their
+// slots may be unwritten, their block-table entries meaningless). by_shuffle (tables_by_shuffle):
+// the entries come from `entry` (tile_table_entry of this lane), else from a global read per copy.
+template <int kNumThreads, int kKeys, int kChunks, typename E, typename DstOffset>
+__device__ __forceinline__ void copy_kv_rows(uint8_t* smem, DstOffset dst_offset, const E* cache_head,
+                                             const int32_t* block_table, bool by_shuffle, int entry, int block_shift,
+                                             int64_t token_stride, int kv, int key0, int key_end, int t) {
+  constexpr int kChunkElems = 16 / sizeof(E);
+  static_assert(kKeys * kChunks % kNumThreads == 0, "whole rounds of copies");
   const int block_mask = (1 << block_shift) - 1;
   const int64_t block_stride = (token_stride << block_shift) * 2;  // one block: K and V halves
   if (by_shuffle) {
-    const int entry = tile_table_entry<kKeys>(block_table, block_shift, key0, key_end, threadIdx.x % kWarpSize);
-#pragma unroll
-    for (int it = 0; it < kKeys * kChunks / kThreads; ++it) {
-      const int i = it * kThreads + threadIdx.x;
+#pragma unroll 8
+    for (int it = 0; it < kKeys * kChunks / kNumThreads; ++it) {
+      const int i = it * kNumThreads + t;
       const int r = i / kChunks, c = i % kChunks;
       const int key = key0 + r;
-      const int64_t block = row_block(entry, r, block_shift);
+      const int64_t block = row_block(entry, r, block_shift);  // every lane shuffles, valid or not
       const int64_t slot = (kv << block_shift) + (key & block_mask);
       const bool valid = key < key_end;
-      cp_async_16_zfill(tile + swizzle<kHeadDim>(r, c),
-                        valid ? cache_head + block * block_stride + slot * token_stride + c * kChunk : cache_head, valid);
+      cp_async_16_zfill(smem + dst_offset(r, c),
+                        valid ? cache_head + block * block_stride + slot * token_stride + c * kChunkElems : cache_head,
+                        valid);
     }
     return;
   }
-#pragma unroll
-  for (int it = 0; it < kKeys * kChunks / kThreads; ++it) {
-    const int i = it * kThreads + threadIdx.x;
+#pragma unroll 4
+  for (int it = 0; it < kKeys * kChunks / kNumThreads; ++it) {
+    const int i = it * kNumThreads + t;
     const int r = i / kChunks, c = i % kChunks;
     const int key = key0 + r;
-    T* dst = tile + swizzle<kHeadDim>(r, c);
+    uint8_t* dst = smem + dst_offset(r, c);
     if (key < key_end) {
       const int64_t block = block_table[key >> block_shift];
       const int64_t slot = (kv << block_shift) + (key & block_mask);
-      cp_async_16(dst, cache_head + block * block_stride + slot * token_stride + c * kChunk);
+      cp_async_16(dst, cache_head + block * block_stride + slot * token_stride + c * kChunkElems);
     } else {
       *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
     }
   }
+}
+
+// Keys [key0, key0 + kKeys) of K (kv = 0) or V (kv = 1) into a swizzled [kKeys][kHeadDim] tile, by every
+// thread of the CTA.
+template <typename T, int kHeadDim, int kKeys = kBlockN>
+__device__ __forceinline__ void load_kv_tile(T* tile, const T* cache_head, const int32_t* block_table, bool by_shuffle,
+                                             int block_shift, int64_t token_stride, int kv, int key0,
+                                             int key_end) {
+  const int entry = by_shuffle ? tile_table_entry<kKeys>(block_table, block_shift, key0, key_end, threadIdx.x % kWarpSize) : 0;
+  auto dst = [](int r, int c) { return swizzle<kHeadDim>(r, c) * static_cast<int>(sizeof(T)); };
+  copy_kv_rows<kThreads, kKeys, kHeadDim / kChunk>(reinterpret_cast<uint8_t*>(tile), dst, cache_head, block_table,
+                                                   by_shuffle, entry, block_shift, token_stride, kv, key0, key_end,
+                                                   threadIdx.x);
 }
 
 // FP8 cache: keys [key0, key0 + kKeys) of K (kv = 0) or V (kv = 1) as raw e4m3 into the unswizzled
@@ -188,38 +205,10 @@ template <int kHeadDim, int kKeys = kBlockN>
 __device__ __forceinline__ void load_kv_tile_fp8(uint8_t* stage, const uint8_t* cache_head, const int32_t* block_table,
                                                  bool by_shuffle, int block_shift, int64_t token_stride, int kv,
                                                  int key0, int key_end) {
-  constexpr int kChunks = kHeadDim / 16;
-  const int block_mask = (1 << block_shift) - 1;
-  const int64_t block_stride = (token_stride << block_shift) * 2;
-  if (by_shuffle) {
-    const int entry = tile_table_entry<kKeys>(block_table, block_shift, key0, key_end, threadIdx.x % kWarpSize);
-#pragma unroll
-    for (int it = 0; it < kKeys * kChunks / kThreads; ++it) {
-      const int i = it * kThreads + threadIdx.x;
-      const int r = i / kChunks, c = i % kChunks;
-      const int key = key0 + r;
-      const int64_t block = row_block(entry, r, block_shift);
-      const int64_t slot = (kv << block_shift) + (key & block_mask);
-      const bool valid = key < key_end;
-      cp_async_16_zfill(stage + r * kHeadDim + c * 16,
-                        valid ? cache_head + block * block_stride + slot * token_stride + c * 16 : cache_head, valid);
-    }
-    return;
-  }
-#pragma unroll
-  for (int it = 0; it < kKeys * kChunks / kThreads; ++it) {
-    const int i = it * kThreads + threadIdx.x;
-    const int r = i / kChunks, c = i % kChunks;
-    const int key = key0 + r;
-    uint8_t* dst = stage + r * kHeadDim + c * 16;
-    if (key < key_end) {
-      const int64_t block = block_table[key >> block_shift];
-      const int64_t slot = (kv << block_shift) + (key & block_mask);
-      cp_async_16(dst, cache_head + block * block_stride + slot * token_stride + c * 16);
-    } else {
-      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-    }
-  }
+  const int entry = by_shuffle ? tile_table_entry<kKeys>(block_table, block_shift, key0, key_end, threadIdx.x % kWarpSize) : 0;
+  auto dst = [](int r, int c) { return r * kHeadDim + c * 16; };
+  copy_kv_rows<kThreads, kKeys, kHeadDim / 16>(stage, dst, cache_head, block_table, by_shuffle, entry, block_shift,
+                                               token_stride, kv, key0, key_end, threadIdx.x);
 }
 
 // Two e4m3 values (low byte first) -> one register of two T, exactly.
