@@ -112,12 +112,20 @@ def test_other_block_sizes(dtype, block_size):
     check([1, 33, 300], 8, 2, 64, block_size, dtype)
 
 
-@pytest.mark.parametrize("block_size", [2, 4, 16, 64, 256])
-def test_table_reads_per_copy_give_the_same_bits(monkeypatch, block_size):
+@pytest.mark.own_decode_kernel
+@pytest.mark.parametrize("ctas_per_sm", ["auto", "12"])
+@pytest.mark.parametrize("block_size", [2, 4, 8, 16, 32, 64, 128, 256, 1024])
+def test_table_reads_per_copy_give_the_same_bits(monkeypatch, block_size, ctas_per_sm):
     """The tensor-core kernel's block-table reads (prefill_tiles.cuh: once per tile and warp, shuffled
-    to the copies; FASTINFER_ATTN_TABLE=per_copy: before every copy) fill the same tiles: equal bits."""
-    args = make_case([1, 33, 300, 1023], 32, 8, 128, block_size, torch.bfloat16, extra_blocks=5)
+    to the copies; FASTINFER_ATTN_TABLE=per_copy: before every copy) fill the same tiles: equal bits.
+    Lengths end mid-block and mid-tile; 12 CTAs per SM cuts the contexts into short splits, several of
+    them inside one block when blocks are long."""
+    monkeypatch.setenv("FASTINFER_DECODE_KERNEL", "tensor_cores")
+    monkeypatch.setenv("FASTINFER_DECODE_CTAS_PER_SM", ctas_per_sm)
+    args = make_case([3000, 1025, 129, 1, 33], 32, 8, 128, block_size, torch.bfloat16, extra_blocks=5)
     shuffled = ops.paged_decode_attention(*args)
+    assert_within_tolerance(shuffled, ref.paged_decode_attention(*args, torch.bfloat16),
+                            ref.paged_decode_attention(*args, ref_dtype(torch.bfloat16)))
     monkeypatch.setenv("FASTINFER_ATTN_TABLE", "per_copy")
     per_copy = ops.paged_decode_attention(*args)
     assert torch.isfinite(shuffled).all() and torch.equal(shuffled, per_copy)

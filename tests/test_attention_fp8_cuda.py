@@ -233,10 +233,10 @@ def test_opcheck_cuda(op):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("block_size", [2, 4, 16, 256])
-def test_table_reads_per_copy_give_the_same_bits_fp8(monkeypatch, block_size):
+@pytest.mark.parametrize("block_size", [2, 4, 16, 128, 256])
+def test_table_reads_per_copy_give_the_same_bits_fp8(monkeypatch, block_size, prefill_block_m):
     """An e4m3 cache through both block-table read forms (FASTINFER_ATTN_TABLE): equal bits, decode
-    (tensor-core kernel) and prefill."""
+    (tensor-core kernel) and prefill (both row tiles: 64 keys per tile, and 32 at 128 rows)."""
     monkeypatch.setenv("FASTINFER_DECODE_KERNEL", "tensor_cores")
     case = make_fp8_case(PREFILL_LENS, 8, 2, 128, block_size, torch.bfloat16, (0.02, 0.03), "cuda",
                          q_rows=sum(PREFILL_Q_LENS))

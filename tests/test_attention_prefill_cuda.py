@@ -143,7 +143,7 @@ def test_ignores_nan_padding(dtype, block_size):
 
 
 @pytest.mark.parametrize("block_size", [1, 2, 4, 8, 128, 256])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_block_sizes_where_table_reads_change(dtype, block_size):
     """prefill_tiles.cuh reads a key tile's block-table entries once per warp and shuffles them to the
     copies for blocks >= 4 keys (32 blocks per 128-key tile at 4), reads per copy below that (1, 2), and
@@ -151,7 +151,7 @@ def test_block_sizes_where_table_reads_change(dtype, block_size):
     check(*RAGGED, 8, 2, 128, block_size, dtype)
 
 
-@pytest.mark.parametrize("block_size", [2, 4, 16, 64, 256])
+@pytest.mark.parametrize("block_size", [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024])
 def test_table_reads_per_copy_give_the_same_bits(monkeypatch, block_size):
     """FASTINFER_ATTN_TABLE=per_copy (a global read before every copy, the loads before 2026-11-28)
     fills the same tiles as the shuffled entries, so the outputs are equal bit for bit; the poisoned

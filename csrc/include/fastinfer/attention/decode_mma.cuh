@@ -113,18 +113,19 @@ __global__ void __launch_bounds__(kThreads, 3)
     if (tile < num_tiles) {
       unsigned char* stage = ring + (tile % G::kStages) * G::kStageBytes;
       const int key0 = w.begin + tile * kTileKeys;
+      const int entry = prefill::lane_table_entry(block_table, by_shuffle, block_shift, key0, w.end);  // K and V
       if constexpr (kFp8) {
         const uint8_t* cache8 = reinterpret_cast<const uint8_t*>(cache_head);
-        prefill::load_kv_tile_fp8<kHeadDim>(stage, cache8, block_table, by_shuffle, block_shift, token_stride, 0, key0,
-                                            w.end);
-        prefill::load_kv_tile_fp8<kHeadDim>(stage + G::kTileElems, cache8, block_table, by_shuffle, block_shift,
-                                            token_stride, 1, key0, w.end);
+        prefill::load_kv_tile_fp8<kHeadDim>(stage, cache8, block_table, by_shuffle, entry, block_shift, token_stride,
+                                            0, key0, w.end);
+        prefill::load_kv_tile_fp8<kHeadDim>(stage + G::kTileElems, cache8, block_table, by_shuffle, entry,
+                                            block_shift, token_stride, 1, key0, w.end);
       } else {
         T* tile_k = reinterpret_cast<T*>(stage);
-        prefill::load_kv_tile<T, kHeadDim>(tile_k, cache_head, block_table, by_shuffle, block_shift, token_stride, 0,
-                                           key0, w.end);
-        prefill::load_kv_tile<T, kHeadDim>(tile_k + G::kTileElems, cache_head, block_table, by_shuffle, block_shift,
-                                           token_stride, 1, key0, w.end);
+        prefill::load_kv_tile<T, kHeadDim>(tile_k, cache_head, block_table, by_shuffle, entry, block_shift,
+                                           token_stride, 0, key0, w.end);
+        prefill::load_kv_tile<T, kHeadDim>(tile_k + G::kTileElems, cache_head, block_table, by_shuffle, entry,
+                                           block_shift, token_stride, 1, key0, w.end);
       }
     }
     prefill::cp_async_commit();
@@ -239,6 +240,8 @@ template <typename T, typename C, int kHeadDim>
 cudaError_t launch(const DecodeParams& p, const DecodePlan& plan, float* partial_o, float* partial_lse,
                    cudaStream_t stream) {
   constexpr size_t kSmem = Geometry<C, kHeadDim>::kSmemBytes;
+  // Splits start on whole tiles: the shuffled block-table reads (prefill_tiles.cuh) rely on it.
+  if (plan.split_tokens % kTileKeys != 0) return cudaErrorInvalidValue;
   auto* kernel = paged_decode_mma_kernel<T, C, kHeadDim>;
   FI_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem)));
   const dim3 grid(plan.num_splits, p.num_kv_heads * plan.num_head_chunks, p.batch);

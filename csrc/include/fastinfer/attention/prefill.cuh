@@ -144,12 +144,13 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_mma_kernel(const Pr
   // K (kv = 0) or V (kv = 1) tile starting at key0 into `tile`: directly, or for an e4m3 cache into
   // the staging tile, which finish_tile (after this thread's cp.async wait) converts into `tile`.
   auto start_tile = [&](T* tile, int kv, int key0) {
+    const int entry = lane_table_entry<kKeys>(block_table, by_shuffle, block_shift, key0, key_end);
     if constexpr (kFp8) {
       load_kv_tile_fp8<kHeadDim, kKeys>(stage, reinterpret_cast<const uint8_t*>(cache_head), block_table, by_shuffle,
-                                        block_shift, token_stride, kv, key0, key_end);
+                                        entry, block_shift, token_stride, kv, key0, key_end);
     } else {
-      load_kv_tile<T, kHeadDim, kKeys>(tile, cache_head, block_table, by_shuffle, block_shift, token_stride, kv, key0,
-                                       key_end);
+      load_kv_tile<T, kHeadDim, kKeys>(tile, cache_head, block_table, by_shuffle, entry, block_shift, token_stride, kv,
+                                       key0, key_end);
     }
   };
   auto finish_tile = [&](T* tile) {

@@ -40,7 +40,7 @@ struct PrefillParams {
   // nullptr, or fp32 [num_tokens, num_heads] contiguous: each query row's natural-log softmax
   // denominator log(sum over visible keys of exp(scale * q . k)) (k = k_scale * k8 for an e4m3 cache).
   float* lse;
-  // K / V block-table reads: 0 (zero-initialised) = once per 128-key tile per warp, handed to the
+  // K / V block-table reads: 0 (zero-initialised) = once per key tile per warp, handed to the
   // lanes by shuffles (block sizes >= 4; smaller ones always read per copy); 1 = one global read
   // before every 16-byte copy, the loads up to visit 6 (FASTINFER_ATTN_TABLE=per_copy).
   int table_per_copy;

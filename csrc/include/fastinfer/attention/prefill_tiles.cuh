@@ -34,7 +34,7 @@ __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* global_s
                : "memory");
 }
 // 16 bytes, or (valid false) 16 zero bytes and nothing read: src-size 0 (global_src must still be a
-// valid address; callers pass the tensor's base).
+// valid address; callers pass their cache head's base).
 __device__ __forceinline__ void cp_async_16_zfill(void* smem_dst, const void* global_src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem_dst)), "l"(global_src),
                "r"(valid ? 16 : 0)
@@ -52,14 +52,16 @@ __device__ __forceinline__ bool tables_by_shuffle(int block_shift, int table_per
 }
 
 // This lane's entry: block (key0 >> block_shift) + lane of the table, or 0 past the blocks that hold
-// keys < key_end (never used: those keys are zero-filled, not read). key0 is a multiple of kTileKeys.
+// keys < key_end (never used: those keys are zero-filled, not read). Requires key0 % min(kTileKeys,
+// block_size) == 0, so that (key0 + r) >> block_shift == (key0 >> block_shift) + (r >> block_shift):
+// the callers' key0 is a whole number of tiles (decode: split_tokens is, checked in mma::launch).
 template <int kTileKeys>
 __device__ __forceinline__ int tile_table_entry(const int32_t* block_table, int block_shift, int key0, int key_end,
                                                 int lane) {
   static_assert(kTileKeys <= 128 && kTileKeys % 32 == 0, "at most 32 blocks of >= 4 keys per tile");
   const int first = key0 >> block_shift;
-  // A tile lies inside one block when blocks are at least as long (both are powers of two).
-  const int blocks = block_shift >= 7 ? 1 : max(1, kTileKeys >> block_shift);
+  // A tile lies inside one block when blocks are at least as long (both are powers of two; shift <= 30).
+  const int blocks = max(1, kTileKeys >> block_shift);
   const int used = ((key_end - 1) >> block_shift) + 1;
   return lane < blocks && first + lane < used ? block_table[first + lane] : 0;
 }
@@ -185,13 +187,19 @@ __device__ __forceinline__ void copy_kv_rows(uint8_t* smem, DstOffset dst_offset
   }
 }
 
+// This thread's lane entry for the tile at key0 (tile_table_entry), or 0 when the entries are read per copy.
+template <int kKeys = kBlockN>
+__device__ __forceinline__ int lane_table_entry(const int32_t* block_table, bool by_shuffle, int block_shift, int key0,
+                                                int key_end) {
+  return by_shuffle ? tile_table_entry<kKeys>(block_table, block_shift, key0, key_end, threadIdx.x % kWarpSize) : 0;
+}
+
 // Keys [key0, key0 + kKeys) of K (kv = 0) or V (kv = 1) into a swizzled [kKeys][kHeadDim] tile, by every
-// thread of the CTA.
+// thread of the CTA; entry: lane_table_entry of the same tile (K and V share it).
 template <typename T, int kHeadDim, int kKeys = kBlockN>
 __device__ __forceinline__ void load_kv_tile(T* tile, const T* cache_head, const int32_t* block_table, bool by_shuffle,
-                                             int block_shift, int64_t token_stride, int kv, int key0,
+                                             int entry, int block_shift, int64_t token_stride, int kv, int key0,
                                              int key_end) {
-  const int entry = by_shuffle ? tile_table_entry<kKeys>(block_table, block_shift, key0, key_end, threadIdx.x % kWarpSize) : 0;
   auto dst = [](int r, int c) { return swizzle<kHeadDim>(r, c) * static_cast<int>(sizeof(T)); };
   copy_kv_rows<kThreads, kKeys, kHeadDim / kChunk>(reinterpret_cast<uint8_t*>(tile), dst, cache_head, block_table,
                                                    by_shuffle, entry, block_shift, token_stride, kv, key0, key_end,
@@ -203,9 +211,8 @@ __device__ __forceinline__ void load_kv_tile(T* tile, const T* cache_head, const
 // Chunk i of the tile is always copied by thread i % kThreads, which later converts it itself.
 template <int kHeadDim, int kKeys = kBlockN>
 __device__ __forceinline__ void load_kv_tile_fp8(uint8_t* stage, const uint8_t* cache_head, const int32_t* block_table,
-                                                 bool by_shuffle, int block_shift, int64_t token_stride, int kv,
-                                                 int key0, int key_end) {
-  const int entry = by_shuffle ? tile_table_entry<kKeys>(block_table, block_shift, key0, key_end, threadIdx.x % kWarpSize) : 0;
+                                                 bool by_shuffle, int entry, int block_shift, int64_t token_stride,
+                                                 int kv, int key0, int key_end) {
   auto dst = [](int r, int c) { return r * kHeadDim + c * 16; };
   copy_kv_rows<kThreads, kKeys, kHeadDim / 16>(stage, dst, cache_head, block_table, by_shuffle, entry, block_shift,
                                                token_stride, kv, key0, key_end, threadIdx.x);
