@@ -131,6 +131,10 @@ __device__ __forceinline__ __half to_out<__half>(float v) { return __float2half_
 
 // Scales, bias and the store of one consumer thread's accumulators (wgmma's D fragment: register
 // 4j + 2h + e holds row 16 warp + lane / 4 + 8 h, column 8 j + 2 (lane % 4) + e of the 64 x Q tile).
+// The thread's two P rows keep their scale for the whole tile, and each pair of Q columns is read once
+// for both rows, all through the read-only path (ld.global.nc): an ordinary load after a store to out
+// cannot be moved above it (they might alias), so the SASS had ~7 loads per stored pair, each waiting
+// behind the previous pair's store. Same products as out = acc * (scale_a[m] * scale_b[n]) + bias[n].
 template <class Cfg, typename OutT>
 __device__ __forceinline__ void epilogue(const float (&acc)[Cfg::kBlockQ / 2], const Fp8GemmParams& p, const Unit& w,
                                          int consumer) {
@@ -139,11 +143,35 @@ __device__ __forceinline__ void epilogue(const float (&acc)[Cfg::kBlockQ / 2], c
   const int64_t q0 = static_cast<int64_t>(w.q) * Cfg::kBlockQ + (lane % 4) * 2;
   OutT* out = static_cast<OutT*>(p.out);
   const OutT* bias = static_cast<const OutT*>(p.bias);
+  // P side: rows of a (tokens) unless swapped, then rows of b (channels); Q side the other.
+  const int64_t p_size = Cfg::kSwapAB ? p.N : p.M, q_size = Cfg::kSwapAB ? p.M : p.N;
+  const float* p_scales = Cfg::kSwapAB ? p.scale_b : p.scale_a;
+  const float* q_scales = Cfg::kSwapAB ? p.scale_a : p.scale_b;
+  const bool p_per_row = Cfg::kSwapAB ? p.scale_b_per_channel : p.scale_a_per_token;
+  const bool q_per_row = Cfg::kSwapAB ? p.scale_a_per_token : p.scale_b_per_channel;
+  float p_scale[2], p_bias[2] = {0.0f, 0.0f};  // p_bias: the bias of channel pp when swapped
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t pp = p0 + 8 * h;
+    p_scale[h] = pp < p_size ? __ldg(p_scales + (p_per_row ? pp : 0)) : 0.0f;  // never read past the edge
+    if (Cfg::kSwapAB && bias != nullptr && pp < p_size) p_bias[h] = to_float(__ldg(bias + pp));
+  }
 #pragma unroll
   for (int j = 0; j < Cfg::kBlockQ / 8; ++j) {
+    const int64_t qq = q0 + 8 * j;
+    if (qq >= q_size) continue;  // the pair's first column (or token) is past the edge: so is the second
+    const bool pair_q = qq + 1 < q_size;
+    float q_scale[2], q_bias[2] = {0.0f, 0.0f};  // q_bias: the bias of channels qq, qq + 1 unless swapped
+    q_scale[0] = __ldg(q_scales + (q_per_row ? qq : 0));
+    q_scale[1] = pair_q ? __ldg(q_scales + (q_per_row ? qq + 1 : 0)) : 0.0f;
+    if (!Cfg::kSwapAB && bias != nullptr) {
+      q_bias[0] = to_float(__ldg(bias + qq));
+      if (pair_q) q_bias[1] = to_float(__ldg(bias + qq + 1));
+    }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int64_t pp = p0 + 8 * h, qq = q0 + 8 * j;
+      const int64_t pp = p0 + 8 * h;
+      if (pp >= p_size) continue;
       float v[2] = {acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]};
       int64_t m[2], n[2];
 #pragma unroll
@@ -151,23 +179,22 @@ __device__ __forceinline__ void epilogue(const float (&acc)[Cfg::kBlockQ / 2], c
         m[e] = Cfg::kSwapAB ? qq + e : pp;
         n[e] = Cfg::kSwapAB ? pp : qq + e;
       }
-      if (m[0] >= p.M || n[0] >= p.N) continue;  // pairs share the row (or column) that can overflow
-      const bool pair = m[1] < p.M && n[1] < p.N;
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {  // not the scales of an element past M or N (memcheck: a read past them)
-        if (e == 0 || pair) v[e] *= p.scale_a[p.scale_a_per_token ? m[e] : 0] * p.scale_b[p.scale_b_per_channel ? n[e] : 0];
+      for (int e = 0; e < 2; ++e) {
+        const float sa = Cfg::kSwapAB ? q_scale[e] : p_scale[h], sb = Cfg::kSwapAB ? p_scale[h] : q_scale[e];
+        v[e] *= sa * sb;
       }
-      if (bias != nullptr) {
-        v[0] += to_float(bias[n[0]]);
-        if (pair) v[1] += to_float(bias[n[1]]);
+      if (bias != nullptr) {  // bias[n[e]]: n = qq + e unless swapped, else pp
+        v[0] += Cfg::kSwapAB ? p_bias[h] : q_bias[0];
+        if (pair_q) v[1] += Cfg::kSwapAB ? p_bias[h] : q_bias[1];
       }
       OutT* dst = out + m[0] * p.out_stride + n[0];
-      if (!Cfg::kSwapAB && pair && reinterpret_cast<uintptr_t>(dst) % (2 * sizeof(OutT)) == 0) {
+      if (!Cfg::kSwapAB && pair_q && reinterpret_cast<uintptr_t>(dst) % (2 * sizeof(OutT)) == 0) {
         OutT two[2] = {to_out<OutT>(v[0]), to_out<OutT>(v[1])};
         *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(two);
       } else {
         *dst = to_out<OutT>(v[0]);
-        if (pair) out[m[1] * p.out_stride + n[1]] = to_out<OutT>(v[1]);
+        if (pair_q) out[m[1] * p.out_stride + n[1]] = to_out<OutT>(v[1]);
       }
     }
   }
