@@ -205,9 +205,8 @@ def test_seeded_sampling_is_reproducible_with_speculation(target, draft):
 @pytest.mark.parametrize("kind", ["ngram", "draft"])
 def test_seeded_request_does_not_depend_on_the_rest_of_the_batch(target, draft, kind):
     """Without speculation a seeded request's tokens are the same alone or batched with others
-    (per-row generators). With speculation spec.draw_uniforms is documented to keep that, but
-    verify_rows pads every row to the batch's longest proposal and draws k_max + 1 uniforms from each
-    row's generator, so how many numbers a request consumes depends on its neighbours."""
+    (per-row generators); with speculation too (an earlier verify_rows drew k_max + 1 uniforms from
+    each row's generator, so what a request consumed depended on its neighbours' proposals)."""
     mine = (list(range(40, 47)) * 5)[:30]
     others = repetitive(6, seed=10)
     sp = SamplingParams(max_tokens=16, temperature=0.9, seed=7, ignore_eos=True)
@@ -324,3 +323,36 @@ def test_seeded_n_completions_are_not_copies_with_a_draft_model(target, draft):
     got, engine = run(target, [prompt], params, spec_cfg("self", target, draft))
     assert engine.spec_stats.acceptance_rate == 1.0
     assert len({tuple(c[0]) for c in got[0]}) == 3, [c[0] for c in got[0]]
+
+
+# ---- seeded sampling: randomness keyed by output position (sampling.TokenStream) ----------------
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_seeded_sampling_gives_the_same_tokens_with_and_without_speculation(target, draft, k):
+    """A seeded row draws the noise of output position t from (seed, t), and speculation emits at t
+    that same draw (spec_decode.coupled_verify; the draft proposes with it too), so the tokens are
+    the ones sampling alone gives, for the n-gram proposer, a draft model and the target as its own
+    draft, with penalties, top-k / top-p and n > 1 siblings (each its own child seed)."""
+    prompts = repetitive(5, seed=15)
+    params = [SamplingParams(max_tokens=14, temperature=0.9, seed=200 + i, ignore_eos=True) for i in range(3)]
+    params.append(SamplingParams(max_tokens=14, temperature=1.1, top_k=12, top_p=0.9, seed=9,
+                                 repetition_penalty=1.2, presence_penalty=0.3, ignore_eos=True))
+    params.append(SamplingParams(n=2, max_tokens=10, temperature=1.0, seed=31, ignore_eos=True))
+    assert_same_with_speculation(target, draft, prompts, params, k=k)
+
+
+@pytest.mark.parametrize("kind", ["ngram", "draft"])
+def test_seeded_request_is_the_same_when_the_token_budget_cuts_its_proposals(target, draft, kind):
+    """With a 9-token step budget the scheduler gives a decode sequence fewer proposals than k
+    whenever the others took the budget first, so how many proposals a request gets depends on its
+    neighbours; its tokens must not (they did when the verify step drew its uniforms in sequence)."""
+    mine = (list(range(40, 47)) * 5)[:30]
+    others = repetitive(5, seed=16)
+    sp = SamplingParams(max_tokens=16, temperature=0.9, seed=7, ignore_eos=True)
+    rest = [SamplingParams(max_tokens=16, temperature=0.8, seed=50 + i, ignore_eos=True) for i in range(len(others))]
+    plain, _ = run(target, [mine], sp)
+    spec = spec_cfg(kind, target, draft, k=5)
+    alone, _ = run(target, [mine], sp, spec)
+    batched, engine = run(target, [mine] + others, [sp] + rest, spec, max_num_batched_tokens=9)
+    assert alone[0] == plain[0] and batched[0] == plain[0]
+    assert engine.spec_stats.num_proposed > 0

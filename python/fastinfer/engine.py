@@ -17,7 +17,7 @@ from .pipelined_decode import InFlight, can_pipeline, launch_decode, read_back
 from .request_checks import (_Request, check_params, fill_max_tokens, new_request, tokenize_prompt,
                              validate_request)
 from .runner import ModelRunner, default_graph_sizes
-from .sampling import make_generator, sample
+from .sampling import make_stream, sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence, SeqStatus
@@ -226,7 +226,7 @@ class Engine:
                 req = self.requests[seq.request_id]
                 for k in range(1, seq.params.n):
                     child = Sequence(seq.request_id, k, seq.prompt_token_ids, seq.params,
-                                     make_generator(_child_seed(seq.params.seed, k), self.runner.device),
+                                     make_stream(_child_seed(seq.params.seed, k), self.runner.device),
                                      seq.arrival, seq.extra_seen_ids)
                     child.forked = True
                     if (len(self.scheduler.running) < self.config.max_num_seqs

@@ -75,8 +75,10 @@ def launch_decode(seqs: list[Sequence], prev: InFlight | None, *, runner: ModelR
             row = {id(s): i for i, s in enumerate(prev.seqs)}
             input_ids = prev.tokens[to_device([row[id(s)] for s in seqs], torch.long, prev.tokens.device)]
     logits = runner.run(chunks, input_ids=input_ids)
+    # the output position being sampled: prev's token (in flight) is not in output_token_ids yet
+    in_flight = 1 if prev is not None else 0
     tokens = sample(logits, [s.params for s in seqs], [[] for _ in seqs], [s.output_token_ids for s in seqs],
-                    None, [s.generator for s in seqs])
+                    None, [s.generator for s in seqs], [len(s.output_token_ids) + in_flight for s in seqs])
     for seq in seqs:
         seq.num_computed_tokens += 1
     if tokens.device.type == "cuda":

@@ -10,7 +10,7 @@ import torch
 
 from .metadata import SeqChunk
 from .runner import ModelRunner
-from .sampling import make_generator, process_logits, sample
+from .sampling import process_logits, sample
 from .sequence import Sequence
 
 
@@ -55,7 +55,6 @@ class DraftModelProposer:
     def __init__(self, draft_model, num_tokens: int, num_blocks: int, block_size: int):
         self.k = num_tokens
         self.runner = ModelRunner(draft_model, num_blocks, block_size)
-        self.generators: dict[int, torch.Generator | None] = {}
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> tuple[list[list[int]], torch.Tensor]:
         """Proposals per seq and the draft's processed probabilities, fp32 [B, max k, V]."""
@@ -75,8 +74,10 @@ class DraftModelProposer:
             seen = [list(s.extra_seen_ids) + s.all_token_ids + proposals[i] for s, i in zip(rows, live)]
             outs = [s.output_token_ids + proposals[i] for s, i in zip(rows, live)]
             params = [s.params for s in rows]
-            gens = [self._generator(s) for s in rows]
-            tokens = sample(logits, params, seen, outs, None, gens).tolist()
+            # a seeded sequence proposes position t with its own TokenStream noise of t, the draw the target
+            # samples t with (spec_decode.coupled_verify); the rest use the default generator
+            gens = [s.generator for s in rows]
+            tokens = sample(logits, params, seen, outs, None, gens, [len(out) for out in outs]).tolist()
             p = torch.softmax(process_logits(logits, params, seen, outs), dim=-1)
             for j, i in enumerate(live):
                 proposals[i].append(tokens[j])
@@ -89,20 +90,8 @@ class DraftModelProposer:
                 out[i, :len(rows)] = torch.stack(rows)
         return proposals, out
 
-    def _generator(self, seq: Sequence) -> torch.Generator | None:
-        """The draft's sampler for seq: seeded from the seed of seq's own completion (the one its target
-        generator has: params.seed, or the engine's child seed for sibling `index` of an n > 1
-        request), so that siblings do not draw the same numbers."""
-        if seq.seq_id not in self.generators:
-            from .engine import _child_seed
-            seed = seq.params.seed if seq.index == 0 else _child_seed(seq.params.seed, seq.index)
-            self.generators[seq.seq_id] = make_generator(None if seed is None else seed ^ 0x5DEECE66D,
-                                                         self.runner.device)
-        return self.generators[seq.seq_id]
-
     def release(self, seq: Sequence) -> None:
-        """seq has finished (or was aborted): drop its per-sequence state."""
-        self.generators.pop(seq.seq_id, None)
+        """seq has finished (or was aborted): nothing is kept per sequence (its cache is the target's blocks)."""
 
     def rollback(self, seq: Sequence) -> None:
         """The draft's cache is valid only up to what the target accepted."""

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-from .sampling import make_generator
+from .sampling import make_stream
 from .sampling_params import SamplingParams
 from .sequence import Sequence
 
@@ -81,6 +81,6 @@ def fill_max_tokens(token_ids: list[int], params: SamplingParams, max_model_len:
 def new_request(request_id: str, prompt: str | list[int], token_ids: list[int], params: SamplingParams,
                 device: torch.device, arrivals: Iterator[int], extra_seen_ids: tuple[int, ...]) -> _Request:
     """A checked request with its first sequence (n > 1 forks the others once its prompt is computed)."""
-    gen = make_generator(params.seed, device)
+    gen = make_stream(params.seed, device)
     seq = Sequence(request_id, 0, token_ids, params, gen, next(arrivals), extra_seen_ids)
     return _Request(request_id, prompt if isinstance(prompt, str) else None, token_ids, params, [seq])

@@ -30,6 +30,35 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
     return generator
 
 
+class TokenStream:
+    """A seeded sequence's randomness, keyed by output position: the draw for its t-th output token
+    comes from a generator seeded with (seed, t), whatever came before. So the tokens of a seeded
+    request do not depend on how its tokens were grouped into steps: on the rest of the batch, on
+    preemption, or on speculative decoding (which samples position t with this same draw, see
+    spec_decode.verify_rows, and accepts a proposal only when it equals that sample)."""
+
+    def __init__(self, seed: int, device: torch.device | str):
+        self.seed = seed
+        self.generator = torch.Generator(device=device)
+
+    def at(self, position: int) -> torch.Generator:
+        """The generator for output position `position`, freshly seeded (one object, reseeded)."""
+        self.generator.manual_seed(hash((self.seed, position)) & (2**63 - 1))
+        return self.generator
+
+
+def make_stream(seed: int | None, device: torch.device | str) -> TokenStream | None:
+    """The TokenStream of a request with `seed`, or None (the default generator) without one."""
+    return None if seed is None else TokenStream(seed, device)
+
+
+def position_noise(stream: TokenStream, position: int, row: torch.Tensor) -> torch.Tensor:
+    """row (a [V] fp32 view) filled with the Exp(1) noise of output position `position` of stream,
+    clamped as the sampler clamps it: sample's draw for that position, exactly."""
+    row.exponential_(generator=stream.at(position))
+    return row.clamp_min_(kMinExponential)
+
+
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A host list as a tensor on `device` without a host sync: torch.tensor(values, device=cuda)
     copies from pageable memory and waits for the stream to drain, which would stall the engine's
@@ -199,8 +228,9 @@ def process_logits(
     return _apply_warpers(logits, params)
 
 
-def _exponential_noise(probs, params, generators):
-    """Exp(1) noise `[B, V]`: seeded rows from their own generator, the rest in one call."""
+def _exponential_noise(probs, params, generators, positions):
+    """Exp(1) noise `[B, V]`: seeded rows from their own generator (a TokenStream at the row's
+    output position, or a plain torch.Generator drawn in sequence), the rest in one call."""
     noise = torch.ones_like(probs)
     generators = generators or [None] * len(params)
     default_rows = [i for i, (p, g) in enumerate(zip(params, generators))
@@ -212,7 +242,8 @@ def _exponential_noise(probs, params, generators):
         noise.index_copy_(0, rows, torch.empty(len(default_rows), probs.shape[1], device=probs.device).exponential_())
     for row, (p, generator) in enumerate(zip(params, generators)):
         if generator is not None and not p.greedy:
-            noise[row].exponential_(generator=generator)
+            g = generator.at(positions[row]) if isinstance(generator, TokenStream) else generator
+            noise[row].exponential_(generator=g)
     return noise.clamp_min_(kMinExponential)
 
 
@@ -222,9 +253,11 @@ def sample(
     seen_ids: list[list[int]],
     output_ids: list[list[int]],
     suppress_ids: list[list[int]] | None = None,
-    generators: list[torch.Generator | None] | None = None,
+    generators: list[TokenStream | torch.Generator | None] | None = None,
+    positions: list[int] | None = None,
 ) -> torch.Tensor:
-    """Next token per row, LongTensor `[B]`; see `process_logits` for the arguments.
+    """Next token per row, LongTensor `[B]`; see `process_logits` for the arguments. A TokenStream
+    row draws the noise of its output position: positions[row], by default len(output_ids[row]).
 
     Greedy rows take the first argmax. Sampling rows use the exponential race:
     argmax(p / E) with E ~ Exp(1) i.i.d. picks token i with probability p_i, and
@@ -236,7 +269,11 @@ def sample(
     if all(is_greedy):
         return processed.argmax(dim=-1)
     probs = torch.softmax(processed, dim=-1)
-    sampled = (probs / _exponential_noise(probs, params, generators)).argmax(dim=-1)
+    if positions is None:
+        positions = [len(out) for out in output_ids]
+    elif len(positions) != len(params):
+        raise ValueError(f"positions must have one entry per row ({len(params)}), got {len(positions)}")
+    sampled = (probs / _exponential_noise(probs, params, generators, positions)).argmax(dim=-1)
     if not any(is_greedy):
         return sampled
     greedy_rows = to_device(is_greedy, torch.bool, logits.device)

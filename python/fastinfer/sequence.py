@@ -4,9 +4,12 @@ from __future__ import annotations
 import enum
 import itertools
 
-import torch
+from typing import TYPE_CHECKING
 
 from .sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from .sampling import TokenStream
 
 
 class SeqStatus(enum.Enum):
@@ -22,14 +25,14 @@ class Sequence:
     """One completion of one request. ``n > 1`` requests fork into several after their prefill."""
 
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
-                 generator: torch.Generator | None, arrival: int, extra_seen_ids: tuple[int, ...] = ()):
+                 generator: TokenStream | None, arrival: int, extra_seen_ids: tuple[int, ...] = ()):
         self.seq_id = next(_ids)
         self.request_id = request_id
         self.index = index                      # which of the request's n completions
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.params = params
-        self.generator = generator
+        self.generator = generator             # seeded: randomness keyed by output position (sampling.TokenStream)
         self.arrival = arrival                  # admission order: preemption takes the newest first
         self.extra_seen_ids = extra_seen_ids    # counted by the repetition penalty (HF's masked-out prompt tokens)
         self.status = SeqStatus.WAITING

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from .block_manager import BlockManager
-from .sampling import process_logits
+from .sampling import TokenStream, position_noise, process_logits
 from .scheduler import ScheduledSeq
 from .sequence import Sequence
 
@@ -70,15 +70,45 @@ def target_probs(logits: torch.Tensor, seqs: list[Sequence], proposals: list[lis
     return padded
 
 
+def coupled_verify(probs: torch.Tensor, seqs: list[Sequence], proposals: list[list[int]]) -> list[list[int]]:
+    """Seeded rows: the token at each output position is the sampler's own draw there, argmax(p / E)
+    with E the sequence's TokenStream noise of that position, and a proposal is accepted when it
+    equals that draw (emitted: the draws up to and including the first mismatch, or the bonus).
+    Emitted tokens are then exactly what sampling without speculation gives, whatever the proposals
+    (so whatever the batch and its token budget). For a proposal that is a point mass (n-gram) this is
+    the usual rule: it is accepted with probability p(x). The draft model proposes with the same
+    noise (proposers.py), argmax(q / E): a Gumbel-max coupling, exact for p but accepting less often
+    than min(1, p / q) when q differs from p."""
+    vocab = probs.shape[-1]
+    emitted = []
+    for i, (seq, props) in enumerate(zip(seqs, proposals)):
+        n, pos0 = len(props), len(seq.output_token_ids)
+        noise = torch.empty(n + 1, vocab, device=probs.device)
+        for j in range(n + 1):
+            position_noise(seq.generator, pos0 + j, noise[j])
+        draws = (probs[i, :n + 1] / noise).argmax(dim=-1).tolist()
+        accepted = 0
+        while accepted < n and draws[accepted] == props[accepted]:
+            accepted += 1
+        emitted.append(draws[:accepted + 1])
+    return emitted
+
+
 def verify_rows(logits: torch.Tensor, seqs: list[Sequence], proposals: list[list[int]],
                 draft_probs: torch.Tensor | None, stop_ids: list[set[int]]) -> list[list[int]]:
-    """Emitted tokens per seq (accepted proposals, then the residual or bonus token)."""
+    """Emitted tokens per seq (accepted proposals, then the residual or bonus token): greedy rows by
+    the longest prefix equal to the target's argmax, seeded rows by coupled_verify, the rest by the
+    rejection rule of spec.verify (min(1, p / q), residual sample)."""
     from .spec import verify
     k_max = max(map(len, proposals))
     probs = target_probs(logits, seqs, proposals, stop_ids)
     emitted: list[list[int]] = [[] for _ in seqs]
+    seeded = [i for i, s in enumerate(seqs) if not s.params.greedy and isinstance(s.generator, TokenStream)]
+    for i, toks in zip(seeded, coupled_verify(probs[seeded] if seeded else probs[:0], [seqs[i] for i in seeded],
+                                              [proposals[i] for i in seeded])):
+        emitted[i] = toks
     for greedy in (True, False):
-        idx = [i for i, s in enumerate(seqs) if s.params.greedy == greedy]
+        idx = [i for i, s in enumerate(seqs) if s.params.greedy == greedy and i not in seeded]
         if not idx:
             continue
         drafts = torch.full((len(idx), max(k_max, 1)), -1, dtype=torch.int64)
@@ -88,7 +118,7 @@ def verify_rows(logits: torch.Tensor, seqs: list[Sequence], proposals: list[list
         sel = torch.tensor(idx, device=probs.device)
         dp = None if draft_probs is None or greedy else draft_probs[sel, :max(k_max, 1)]
         tokens, accepted = verify(drafts.to(probs.device), num.to(probs.device), probs[sel, :k_max + 1], dp,
-                                  [seqs[i].generator for i in idx], greedy, num.tolist())
+                                  None, greedy, num.tolist())
         for r, i in enumerate(idx):
             emitted[i] = tokens[r, :int(accepted[r]) + 1].tolist()
     return emitted
