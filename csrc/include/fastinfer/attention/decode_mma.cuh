@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   const C* cache_head = static_cast<const C*>(p.kv_cache) + static_cast<int64_t>(w.kv_head) * kHeadDim;
   const int32_t* block_table = p.block_tables + w.seq * p.block_table_stride;
   const int num_tiles = ceil_div(w.end - w.begin, kTileKeys);
-  const bool by_shuffle = prefill::tables_by_shuffle(block_shift, p.table_per_copy);  // key0: whole tiles (plan)
+  const bool by_shuffle = prefill::tables_by_shuffle(block_shift, p.table_per_copy, token_stride);  // key0: whole tiles (plan)
 
   // Tile t's K and V into ring stage t % kStages, one commit group per call (empty past the end).
   auto issue = [&](int tile) {

@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_mma_kernel(const Pr
   const int64_t token_stride = static_cast<int64_t>(p.num_kv_heads) * kHeadDim;
   const C* cache_head = static_cast<const C*>(p.kv_cache) + static_cast<int64_t>(kv_head) * kHeadDim;
   const int32_t* block_table = p.block_tables + qt.seq * p.block_table_stride;
-  const bool by_shuffle = tables_by_shuffle(block_shift, p.table_per_copy);
+  const bool by_shuffle = tables_by_shuffle(block_shift, p.table_per_copy, token_stride);
   const float scale_log2 = p.scale * kLog2e * (kFp8 ? p.kv_scale[0] : 1.0f);  // k_scale folded in
   // K (kv = 0) or V (kv = 1) tile starting at key0 into `tile`: directly, or for an e4m3 cache into
   // the staging tile, which finish_tile (after this thread's cp.async wait) converts into `tile`.

@@ -81,7 +81,7 @@ struct Smem {
 
 // Byte offset of 16-byte chunk c of row r (r < 128) in a swizzled tile.
 __device__ __forceinline__ uint32_t tile_offset(int r, int c) {
-  return (c / 8) * (kRows * kRowBytes) + r * kRowBytes + (((c % 8) ^ (r % 8)) << 4);
+  return (c >> 3) * (kRows * kRowBytes) + r * kRowBytes + (((c ^ r) & 7) << 4);  // bit ops: (r + 8 k) & 7 folds
 }
 
 __device__ __forceinline__ void wait_barrier(uint64_t* bar, uint32_t parity) {
@@ -173,7 +173,7 @@ __global__ void __launch_bounds__(kThreadsWs, 1) paged_prefill_wgmma_kernel(cons
         ptx::mbarrier_arrive(announced % 2 == 0 ? &full_k[tile % kStages] : &full_v[tile % kStages]);
       }
     };
-    const bool by_shuffle = tables_by_shuffle(block_shift, p.table_per_copy);  // uniform
+    const bool by_shuffle = tables_by_shuffle(block_shift, p.table_per_copy, token_stride);  // uniform
     const int lane = t % kWarpSize;
     for (int n = 0; n < num_kv_tiles; ++n) {
       const int s = n % kStages;

@@ -47,8 +47,9 @@ __device__ __forceinline__ void cp_async_16_zfill(void* smem_dst, const void* gl
 // kernels had one LDG -> LDGSTS chain per copy, 32 per thread per 128-key K+V tile. Instead lane l of a
 // warp reads the entry of the tile's l-th block once, and each copy takes its entry with a shuffle.
 // Valid for block sizes >= 4 (a 128-key tile spans at most 32 blocks); tables_by_shuffle says when.
-__device__ __forceinline__ bool tables_by_shuffle(int block_shift, int table_per_copy) {
-  return block_shift >= 2 && table_per_copy == 0;
+// Also requires one block's elements (K and V halves) to fit an int: the shuffled path's offsets.
+__device__ __forceinline__ bool tables_by_shuffle(int block_shift, int table_per_copy, int64_t token_stride) {
+  return block_shift >= 2 && table_per_copy == 0 && (token_stride << block_shift) * 2 <= 0x7fffffff;
 }
 
 // This lane's entry: block (key0 >> block_shift) + lane of the table, or 0 past the blocks that hold
@@ -157,17 +158,26 @@ __device__ __forceinline__ void copy_kv_rows(uint8_t* smem, DstOffset dst_offset
   const int block_mask = (1 << block_shift) - 1;
   const int64_t block_stride = (token_stride << block_shift) * 2;  // one block: K and V halves
   if (by_shuffle) {
+    // Offsets inside a block in 32 bits (tables_by_shuffle checked that a block's elements fit an
+    // int), one 32 x 32 -> 64-bit product per copy for the block: ~1/3 of the 64-bit address math.
+    const E* head = cache_head + static_cast<int64_t>(kv << block_shift) * token_stride;  // this half of each block
+    const int token_stride32 = static_cast<int>(token_stride), block_stride32 = static_cast<int>(block_stride);
+    // Thread t copies chunk t % kChunks of rows t / kChunks + kRowsPerRound * it: written out so that
+    // the row's swizzle term and the chunk's offset stay per-thread constants.
+    constexpr int kRowsPerRound = kNumThreads / kChunks;
+    static_assert(kNumThreads % kChunks == 0, "whole rows per round");
+    const int c = t % kChunks, r0 = t / kChunks;
+    const E* head_c = head + c * kChunkElems;
 #pragma unroll 8
-    for (int it = 0; it < kKeys * kChunks / kNumThreads; ++it) {
-      const int i = it * kNumThreads + t;
-      const int r = i / kChunks, c = i % kChunks;
+    for (int it = 0; it < kKeys / kRowsPerRound; ++it) {
+      const int r = r0 + it * kRowsPerRound;
       const int key = key0 + r;
-      const int64_t block = row_block(entry, r, block_shift);  // every lane shuffles, valid or not
-      const int64_t slot = (kv << block_shift) + (key & block_mask);
+      const int block = static_cast<int>(row_block(entry, r, block_shift));  // every lane shuffles, valid or not
       const bool valid = key < key_end;
-      cp_async_16_zfill(smem + dst_offset(r, c),
-                        valid ? cache_head + block * block_stride + slot * token_stride + c * kChunkElems : cache_head,
-                        valid);
+      // block ids are >= 0: unsigned 32 x 32 -> 64 (one IMAD.WIDE.U32; the signed form compiled to four)
+      const uint64_t offset = static_cast<uint64_t>(static_cast<uint32_t>(block)) * static_cast<uint32_t>(block_stride32) +
+                              static_cast<uint32_t>((key & block_mask) * token_stride32);
+      cp_async_16_zfill(smem + dst_offset(r, c), valid ? head_c + offset : cache_head, valid);
     }
     return;
   }
