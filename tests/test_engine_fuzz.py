@@ -120,8 +120,6 @@ def matches_prefix(got, want):
     return any(w[1][:len(got)] == got for w in want)
 
 
-SPEC_SEEDED_STRICT = False
-
 # ---- the fuzz test -------------------------------------------------------------------------------
 
 def fuzz(loaded, seed: int, prefix_caching: bool, pipelined: bool = False, num_requests: int = 22,
@@ -185,7 +183,7 @@ def fuzz(loaded, seed: int, prefix_caching: bool, pipelined: bool = False, num_r
     for rid, p, kw in reqs:
         got = results[rid]
         assert got.finished and got.prompt_token_ids == p
-        loose = spec is not None and kw["temperature"] > 0 and not SPEC_SEEDED_STRICT
+        loose = spec is not None and kw["temperature"] > 0 and kw.get("seed") is None
         if rid in aborted and loose:
             assert all(c.finish_reason in ("abort", "stop", "length") for c in got.outputs)
         elif rid in aborted:
@@ -195,8 +193,9 @@ def fuzz(loaded, seed: int, prefix_caching: bool, pipelined: bool = False, num_r
                 if c.finish_reason != "abort":
                     assert (c.index, c.token_ids, c.finish_reason, c.stop_reason) in oracle[rid]
         elif loose:
-            # the tokens a sampled verify step draws depend on how many proposals it got, which the
-            # token budget and free blocks (i.e. the batch) bound: only the shape is compared
+            # an unseeded sampled request under speculation: its tokens come from the default generator,
+            # shared with the batch, so only the shape is compared (seeded ones are compared exactly:
+            # sampling.TokenStream keys their draws by output position, speculation or not)
             assert [(i, len(t) <= kw["max_tokens"]) for i, t, _, _ in summary(got)] == \
                 [(i, True) for i, *_ in oracle[rid]]
         else:

@@ -312,10 +312,9 @@ def test_logprobs_refused_with_speculation(target, draft):
 
 
 def test_seeded_n_completions_are_not_copies_with_a_draft_model(target, draft):
-    """n = 3 with a seed: each completion samples on its own generator, so the three differ, with
-    draft == target (every proposal accepted) as without speculation. (DraftModelProposer seeds the
-    draft's sampler from params.seed alone, the same stream for every sibling; the siblings' own
-    first / bonus tokens keep them apart here.)"""
+    """n = 3 with a seed: each completion samples on its own TokenStream (a child seed per sibling), so
+    the three differ, with draft == target (every proposal accepted) as without speculation; the
+    draft proposes with each sibling's own stream."""
     prompt = repetitive(1, seed=14)[0]
     params = SamplingParams(n=3, max_tokens=12, temperature=1.5, seed=5, ignore_eos=True)
     plain, _ = run(target, [prompt], params)

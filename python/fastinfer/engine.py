@@ -17,7 +17,7 @@ from .pipelined_decode import InFlight, can_pipeline, launch_decode, read_back
 from .request_checks import (_Request, check_params, fill_max_tokens, new_request, tokenize_prompt,
                              validate_request)
 from .runner import ModelRunner, default_graph_sizes
-from .sampling import make_stream, sample
+from .sampling import make_stream, mix_seed, sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence, SeqStatus
@@ -283,7 +283,7 @@ class Engine:
     def _finish_seq(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
         if self.proposer is not None:
-            self.proposer.release(seq)  # its per-sequence state (the draft's generator)
+            self.proposer.release(seq)  # any per-sequence state the proposer keeps
 
     def _output(self, req: _Request) -> RequestOutput:
         outs = [CompletionOutput(s.index, s.text, list(s.output_token_ids), s.finish_reason, s.stop_reason,
@@ -295,4 +295,5 @@ class Engine:
 
 
 def _child_seed(seed: int | None, index: int) -> int | None:
-    return None if seed is None else hash((seed, index)) & (2**63 - 1)
+    """The seed of completion `index` (> 0) of an n > 1 request: its own TokenStream."""
+    return None if seed is None else mix_seed(seed, -1 - index)  # negative keys: never an output position

@@ -30,6 +30,23 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
     return generator
 
 
+_MASK64 = 2**64 - 1
+
+
+def _splitmix64(x: int) -> int:
+    """SplitMix64's finalizer: a bijection of 64-bit integers that spreads every input bit."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def mix_seed(seed: int, key: int) -> int:
+    """A 63-bit seed derived from (seed, key), the same in every process and Python version (hash()
+    of a tuple is neither documented stable nor free of collisions: ints hash modulo 2**61 - 1)."""
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ _splitmix64((key + 0x632BE59BD9B4E019) & _MASK64)) >> 1
+
+
 class TokenStream:
     """A seeded sequence's randomness, keyed by output position: the draw for its t-th output token
     comes from a generator seeded with (seed, t), whatever came before. So the tokens of a seeded
@@ -43,7 +60,7 @@ class TokenStream:
 
     def at(self, position: int) -> torch.Generator:
         """The generator for output position `position`, freshly seeded (one object, reseeded)."""
-        self.generator.manual_seed(hash((self.seed, position)) & (2**63 - 1))
+        self.generator.manual_seed(mix_seed(self.seed, position))
         return self.generator
 
 

@@ -80,17 +80,25 @@ def coupled_verify(probs: torch.Tensor, seqs: list[Sequence], proposals: list[li
     noise (proposers.py), argmax(q / E): a Gumbel-max coupling, exact for p but accepting less often
     than min(1, p / q) when q differs from p."""
     vocab = probs.shape[-1]
-    emitted = []
-    for i, (seq, props) in enumerate(zip(seqs, proposals)):
-        n, pos0 = len(props), len(seq.output_token_ids)
-        noise = torch.empty(n + 1, vocab, device=probs.device)
-        for j in range(n + 1):
-            position_noise(seq.generator, pos0 + j, noise[j])
-        draws = (probs[i, :n + 1] / noise).argmax(dim=-1).tolist()
+    counts = [len(props) + 1 for props in proposals]
+    noise = torch.empty(sum(counts), vocab, device=probs.device)
+    rows, row = [], 0
+    for i, (seq, n) in enumerate(zip(seqs, counts)):
+        pos0 = len(seq.output_token_ids)
+        for j in range(n):
+            position_noise(seq.generator, pos0 + j, noise[row + j])
+        rows.extend((i, j) for j in range(n))
+        row += n
+    index = torch.tensor(rows, dtype=torch.long).to(probs.device)
+    draws = (probs[index[:, 0], index[:, 1]] / noise).argmax(dim=-1).tolist()  # one sync for the batch
+    emitted, row = [], 0
+    for props, n in zip(proposals, counts):
+        mine = draws[row:row + n]
         accepted = 0
-        while accepted < n and draws[accepted] == props[accepted]:
+        while accepted < n - 1 and mine[accepted] == props[accepted]:
             accepted += 1
-        emitted.append(draws[:accepted + 1])
+        emitted.append(mine[:accepted + 1])
+        row += n
     return emitted
 
 
@@ -103,12 +111,19 @@ def verify_rows(logits: torch.Tensor, seqs: list[Sequence], proposals: list[list
     k_max = max(map(len, proposals))
     probs = target_probs(logits, seqs, proposals, stop_ids)
     emitted: list[list[int]] = [[] for _ in seqs]
-    seeded = [i for i, s in enumerate(seqs) if not s.params.greedy and isinstance(s.generator, TokenStream)]
-    for i, toks in zip(seeded, coupled_verify(probs[seeded] if seeded else probs[:0], [seqs[i] for i in seeded],
-                                              [proposals[i] for i in seeded])):
-        emitted[i] = toks
+    for s in seqs:
+        if s.generator is not None and not isinstance(s.generator, TokenStream):
+            raise TypeError(f"sequence {s.seq_id}: a seeded sequence carries a sampling.TokenStream, got "
+                            f"{type(s.generator).__name__}")
+    seeded = [i for i, s in enumerate(seqs) if not s.params.greedy and s.generator is not None]
+    if seeded:
+        sel = torch.tensor(seeded, dtype=torch.long).to(probs.device)
+        for i, toks in zip(seeded, coupled_verify(probs[sel], [seqs[i] for i in seeded],
+                                                  [proposals[i] for i in seeded])):
+            emitted[i] = toks
+    seeded_set = set(seeded)
     for greedy in (True, False):
-        idx = [i for i, s in enumerate(seqs) if s.params.greedy == greedy and i not in seeded]
+        idx = [i for i, s in enumerate(seqs) if s.params.greedy == greedy and i not in seeded_set]
         if not idx:
             continue
         drafts = torch.full((len(idx), max(k_max, 1)), -1, dtype=torch.int64)
