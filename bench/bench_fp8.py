@@ -10,6 +10,8 @@ out[M, N] = x[M, K] @ w[N, K]^T. Implementations, all on the same fp8 inputs (bf
   ... split-K on      M <= 64: the same splitting K wherever the output tiles leave SMs idle
                       (FASTINFER_FP8_SPLIT_K=on; the default splits only M <= 16 with K >= 8192)
   ... gemv            M <= 16: the mma.sync decode GEMV instead of wgmma (FASTINFER_FP8_GEMV=on)
+  ... overlap         per-tensor, the next k-tile's wgmma issued before the last one's promotion
+                      (FASTINFER_FP8_PROMOTE=overlap; 128-column tiles, so the default tile at M > 64)
   _scaled_mm tensor   torch._scaled_mm, per-tensor scales (cuBLAS)
   _scaled_mm rowwise  torch._scaled_mm, row-wise scales
   bf16 cuBLAS         F.linear on the bf16 operands
@@ -67,6 +69,7 @@ def implementations(ops, d: dict, q: dict) -> dict:
         **gemv,
         "fastinfer rowwise": lambda: ops.fp8_scaled_mm(xr, wr, sxr, swr),
         "fastinfer tensor": lambda: ops.fp8_scaled_mm(xt, wt, sxt, swt),
+        "fastinfer tensor overlap": lambda: ops.fp8_scaled_mm(xt, wt, sxt, swt),  # FASTINFER_FP8_PROMOTE=overlap
         **wide,
         "fastinfer linear": lambda: ops.fp8_linear(d["x"], wr, swr),
         "_scaled_mm tensor": lambda: torch._scaled_mm(xt, wt.T, sxt[0], swt[0], out_dtype=torch.bfloat16),
@@ -79,12 +82,13 @@ PEER = {"fastinfer rowwise": "_scaled_mm rowwise", "fastinfer linear": "_scaled_
         "fastinfer tensor": "_scaled_mm tensor", "fastinfer rowwise 128x256": "_scaled_mm rowwise",
         "fastinfer tensor 128x256": "_scaled_mm tensor", "fastinfer rowwise split-K on": "_scaled_mm rowwise",
         "fastinfer tensor split-K on": "_scaled_mm tensor", "fastinfer rowwise gemv": "_scaled_mm rowwise",
-        "fastinfer tensor gemv": "_scaled_mm tensor", "fastinfer linear gemv": "_scaled_mm rowwise"}
+        "fastinfer tensor gemv": "_scaled_mm tensor", "fastinfer linear gemv": "_scaled_mm rowwise",
+        "fastinfer tensor overlap": "_scaled_mm tensor"}
 GRANULARITY = {"fastinfer rowwise": "row", "fastinfer linear": "row", "_scaled_mm rowwise": "row",
                "fastinfer tensor": "tensor", "_scaled_mm tensor": "tensor", "fastinfer rowwise 128x256": "row",
                "fastinfer tensor 128x256": "tensor", "fastinfer rowwise split-K on": "row",
                "fastinfer tensor split-K on": "tensor", "fastinfer rowwise gemv": "row",
-               "fastinfer tensor gemv": "tensor", "fastinfer linear gemv": "row"}
+               "fastinfer tensor gemv": "tensor", "fastinfer linear gemv": "row", "fastinfer tensor overlap": "tensor"}
 
 
 def mean_rel_err(out: torch.Tensor, a, b, sa, sb) -> float:
@@ -101,6 +105,7 @@ def run_shape(ops, shape: str, m: int, k: int, n: int, args, flush, copy_gbps: f
         os.environ["FASTINFER_FP8_GEMM_TILE"] = "128x256" if impl.endswith("128x256") else "128x128"
         os.environ["FASTINFER_FP8_SPLIT_K"] = "on" if impl.endswith("split-K on") else "auto"
         os.environ["FASTINFER_FP8_GEMV"] = "on" if impl.endswith("gemv") else "off"
+        os.environ["FASTINFER_FP8_PROMOTE"] = "overlap" if impl.endswith("overlap") else "serial"
         t = common.time_cuda(fn, warmup=args.warmup, iters=args.iters, flush=flush)
         weight_bytes = n * k * (2 if impl == "bf16 cuBLAS" else 1)
         row = {"shape": shape, "M": m, "impl": impl, "us": t["us"], "tflops": 2 * m * n * k / (t["us"] * 1e6),
@@ -111,6 +116,7 @@ def run_shape(ops, shape: str, m: int, k: int, n: int, args, flush, copy_gbps: f
     os.environ.pop("FASTINFER_FP8_GEMM_TILE", None)
     os.environ.pop("FASTINFER_FP8_SPLIT_K", None)
     os.environ.pop("FASTINFER_FP8_GEMV", None)
+    os.environ.pop("FASTINFER_FP8_PROMOTE", None)
     by_impl = {r["impl"]: r for r in rows}
     for r in rows:
         r["vs_bf16"] = by_impl["bf16 cuBLAS"]["us"] / r["us"]

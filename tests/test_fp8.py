@@ -150,6 +150,29 @@ def test_fp8_scaled_mm(monkeypatch, gemm_device, gen, out_dtype, m, n, k, scales
 
 @pytest.mark.cuda
 @pytest.mark.sm90
+@pytest.mark.parametrize("split_k", ["auto", "on"])
+@pytest.mark.parametrize("m,n,k", [(1, 256, 128), (7, 136, 256), (64, 520, 384), (65, 136, 128), (113, 264, 256),
+                                   (200, 136, 640), (300, 520, 1024), (16, 4096, 14336)])
+def test_fp8_overlapped_promotion_gives_the_same_bits(monkeypatch, gen, m, n, k, split_k):
+    """FASTINFER_FP8_PROMOTE=overlap issues k-tile t + 1's wgmma before promoting t's sums: the same
+    sums added in the same order, so the output equals the serial loop's bit for bit; 1, 2, 3, 5 and 8
+    k-tiles per unit (odd and even counts end the two-tile loop differently), swapped small-M tiles,
+    split-K units (shorter k ranges), edge tiles, bias and per-token / per-channel scales."""
+    monkeypatch.setenv("FASTINFER_FP8_SPLIT_K", split_k)
+    a = (randn(m, k, dtype=torch.float32, device="cuda", gen=gen) * 2).to(torch.float8_e4m3fn)
+    b = (randn(n, k, dtype=torch.float32, device="cuda", gen=gen) * 2).to(torch.float8_e4m3fn)
+    sa = torch.rand(m, device="cuda") + 0.5
+    sb = torch.rand(n, device="cuda") + 0.5
+    bias = randn(n, dtype=torch.bfloat16, device="cuda", gen=gen)
+    monkeypatch.setenv("FASTINFER_FP8_PROMOTE", "serial")
+    serial = ops.fp8_scaled_mm(a, b, sa, sb, bias, out_dtype=torch.bfloat16)
+    monkeypatch.setenv("FASTINFER_FP8_PROMOTE", "overlap")
+    overlap = ops.fp8_scaled_mm(a, b, sa, sb, bias, out_dtype=torch.bfloat16)
+    assert torch.isfinite(serial).all() and torch.equal(serial, overlap)
+
+
+@pytest.mark.cuda
+@pytest.mark.sm90
 @pytest.mark.parametrize("kernel", ["wgmma 128x128", "wgmma 128x256", "gemv"])
 @pytest.mark.parametrize("scales", ["tensor", "row"])
 @pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (4, 4096, 14336), (16, 14336, 4096), (256, 4096, 14336),

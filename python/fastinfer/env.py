@@ -32,6 +32,9 @@ SETTINGS = {
     "FASTINFER_FP8_SPLIT_K": ("auto", "auto | off | on",
                               "FP8 GEMM split-K (cluster reduction) when output tiles cannot fill the SMs (auto: "
                               "only M <= 16 with K >= 8192, measured faster there; off: never; on: always)"),
+    "FASTINFER_FP8_PROMOTE": ("serial", "serial | overlap",
+                              "FP8 GEMM (128-column tiles): promote a k-tile's wgmma sums after waiting for them "
+                              "(serial), or issue the next k-tile into a second accumulator set first (overlap)"),
     "FASTINFER_FP8_GEMV": ("off", "off | on",
                            "FP8 GEMM for M <= 16 on the mma.sync decode GEMV (gemm/fp8_gemv.cuh) instead of wgmma "
                            "(off until measured on a GPU)"),

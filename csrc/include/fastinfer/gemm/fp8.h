@@ -52,6 +52,11 @@ struct Fp8GemmParams {
   // M <= kFp8GemvMaxM: the mma.sync GEMV kernel (gemm/fp8_gemv.cuh: N / 16 CTAs streaming the weight)
   // instead of the wgmma one. Off by default until measured (FASTINFER_FP8_GEMV=on).
   bool gemv;
+  // 128-column tiles (and the swapped small-M ones): issue k-tile t's wgmma into a second accumulator
+  // set before waiting for t - 1's and promoting it (wgmma.wait_group 1), so a warpgroup keeps the
+  // tensor cores fed across k-tiles; false (zero-initialised): wait for each k-tile, then promote.
+  // Off by default until measured (FASTINFER_FP8_PROMOTE=overlap).
+  bool overlap_promotion;
 };
 constexpr int kSplitKAuto = 0, kSplitKOff = 1, kSplitKOn = 2;  // Fp8GemmParams::split_k
 constexpr int kFp8GemvMaxM = 16;

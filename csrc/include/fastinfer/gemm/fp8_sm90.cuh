@@ -258,6 +258,68 @@ __device__ __forceinline__ void reduce_split_k(const float (&acc)[Cfg::kBlockQ /
   cluster_barrier();
 }
 
+// The K loop of one unit with the promotion overlapped (Fp8GemmParams::overlap_promotion, 128-column
+// tiles only: two 64-register accumulator sets beside acc). k-tiles alternate between `part` and
+// `part2`: after issuing k-tile t, the warpgroup waits only for t - 1's group (wait_group 1), adds it
+// into acc and releases its stage, while t runs on the tensor cores. The sums and their order are
+// those of the serial loop (each k-tile's wgmma chain starts from zero and is added to acc in k order).
+template <class Cfg, class Mma>
+__device__ __forceinline__ void mainloop_overlapped(float (&acc)[Cfg::kBlockQ / 2], float (&part)[Mma::kRegs],
+                                                    uint8_t* smem, uint64_t* full, uint64_t* empty, int& stage,
+                                                    uint32_t& phase, const Unit& w, int consumer, int lane) {
+  static_assert(Cfg::kHalves == 1 && Mma::kRegs == Cfg::kBlockQ / 2, "one wgmma per k-step covers the tile");
+  float part2[Mma::kRegs];
+  // Issue k-tile (stage) into dst; returns the stage it used and advances the ring.
+  auto issue = [&](float (&dst)[Mma::kRegs]) {
+    wait_barrier(&full[stage], phase);
+    const uint8_t* x = smem + stage * Cfg::kStageBytes + consumer * 64 * kBlockK;
+    const uint8_t* y = smem + stage * Cfg::kStageBytes + Cfg::kXBytes;
+    const uint64_t desc_x = smem_desc(x), desc_y = smem_desc(y);
+#pragma unroll
+    for (int i = 0; i < Mma::kRegs; ++i) wgmma::fence_operand(dst[i]);
+    wgmma::fence();
+#pragma unroll
+    for (int k = 0; k < kBlockK / kMmaK; ++k) Mma::run(dst, desc_x + 2 * k, desc_y + 2 * k, k > 0);
+    wgmma::commit_group();
+    const int used = stage;
+    if (++stage == Cfg::kStages) {
+      stage = 0;
+      phase ^= 1;
+    }
+    return used;
+  };
+  // After the wait: src's k-tile into acc, and its stage back to the producer.
+  auto retire = [&](float (&src)[Mma::kRegs], int used) {
+#pragma unroll
+    for (int i = 0; i < Mma::kRegs; ++i) wgmma::fence_operand(src[i]);
+#pragma unroll
+    for (int i = 0; i < Mma::kRegs; ++i) acc[i] += src[i];
+    __syncwarp();
+    if (lane == 0) ptx::mbarrier_arrive(&empty[used]);
+  };
+  int kt = w.k_begin;
+  if (kt == w.k_end) return;
+  int pending = issue(part);  // k-tile k_begin in part
+  for (++kt; kt + 1 < w.k_end; kt += 2) {  // two k-tiles per trip: the arrays' roles stay compile-time
+    const int a = issue(part2);
+    wgmma::wait_group<1>();
+    retire(part, pending);
+    pending = issue(part);
+    wgmma::wait_group<1>();
+    retire(part2, a);
+  }
+  if (kt < w.k_end) {  // one k-tile left: into part2, then both drained in order
+    const int a = issue(part2);
+    wgmma::wait_group<1>();
+    retire(part, pending);
+    wgmma::wait_group<0>();
+    retire(part2, a);
+  } else {
+    wgmma::wait_group<0>();
+    retire(part, pending);
+  }
+}
+
 template <class Cfg, typename OutT>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_y,
@@ -325,7 +387,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     const Unit w = unit_at(s, u);
 #pragma unroll
     for (int i = 0; i < Cfg::kBlockQ / 2; ++i) acc[i] = 0.0f;
-    for (int kt = w.k_begin; kt < w.k_end; ++kt) {
+    bool overlapped = false;
+    if constexpr (Cfg::kHalves == 1) {
+      if (p.overlap_promotion) {  // uniform over the grid
+        mainloop_overlapped<Cfg, Mma>(acc, part, smem, full, empty, stage, phase, w, consumer, lane);
+        overlapped = true;
+      }
+    }
+    for (int kt = w.k_begin; kt < (overlapped ? w.k_begin : w.k_end); ++kt) {
       wait_barrier(&full[stage], phase);
       const uint8_t* x = smem + stage * Cfg::kStageBytes + consumer * 64 * kBlockK;
       const uint8_t* y = smem + stage * Cfg::kStageBytes + Cfg::kXBytes;
