@@ -32,14 +32,17 @@ static PyObject* pdl_launches(PyObject*, PyObject*) {
 #endif
 }
 
-// plan_int4_splits(units, items, items_per_round, overhead_rounds, resident, by_clusters) -> (splits, waves,
-// rounds, cost): gemm/split_plan.h's rule, which the W4A16 launchers apply to the occupancy API's
+// plan_int4_splits(units, items, items_per_round, overhead_rounds, resident, by_clusters[, max_splits]) ->
+// (splits, waves, rounds, cost): gemm/split_plan.h's rule, which the W4A16 launchers apply to the occupancy API's
 // counts; resident[s - 1] = clusters of s CTAs resident at once (resident[0] = CTA slots), up to 8.
 static PyObject* plan_int4_splits(PyObject*, PyObject* args) {
   long long units = 0;
-  int items = 0, per_round = 0, overhead = 0, by_clusters = 1;
+  int items = 0, per_round = 0, overhead = 0, by_clusters = 1, max_splits = fastinfer::split_plan::kMaxSplits;
   PyObject* resident = nullptr;
-  if (!PyArg_ParseTuple(args, "LiiiOp", &units, &items, &per_round, &overhead, &resident, &by_clusters)) return nullptr;
+  if (!PyArg_ParseTuple(args, "LiiiOp|i", &units, &items, &per_round, &overhead, &resident, &by_clusters,
+                        &max_splits)) {
+    return nullptr;
+  }
   PyObject* seq = PySequence_Fast(resident, "plan_int4_splits: resident must be a sequence of ints");
   if (seq == nullptr) return nullptr;
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
@@ -51,16 +54,24 @@ static PyObject* plan_int4_splits(PyObject*, PyObject* args) {
   fastinfer::split_plan::Residency r{};
   for (Py_ssize_t i = 0; i < n; ++i) {
     r.clusters[i + 1] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq, i));
+    if (r.clusters[i + 1] == -1 && PyErr_Occurred()) {  // the first bad count: stop calling the C API
+      Py_DECREF(seq);
+      return nullptr;
+    }
   }
   Py_DECREF(seq);
-  if (PyErr_Occurred()) return nullptr;
-  if (units < 0 || items < 1 || per_round < 1 || overhead < 0 || r.clusters[1] < 1) {
+  constexpr long long kMaxCount = 1LL << 40;  // keeps units * splits and the ceil divisions far from overflow
+  bool counts_ok = true;
+  for (int i = 1; i <= fastinfer::split_plan::kMaxSplits; ++i) counts_ok = counts_ok && r.clusters[i] <= kMaxCount;
+  if (units < 0 || units > kMaxCount || items < 1 || per_round < 1 || overhead < 0 || r.clusters[1] < 1 ||
+      !counts_ok || max_splits < 1) {
     PyErr_SetString(PyExc_ValueError,
-                    "plan_int4_splits: units >= 0, items >= 1, items_per_round >= 1, overhead_rounds >= 0 and "
-                    "resident[0] (CTA slots) >= 1");
+                    "plan_int4_splits: 0 <= units <= 2**40, items >= 1, items_per_round >= 1, overhead_rounds >= 0, "
+                    "1 <= resident[0] (CTA slots), resident counts <= 2**40 and max_splits >= 1");
     return nullptr;
   }
-  const auto plan = fastinfer::split_plan::choose_splits(units, items, per_round, overhead, r, by_clusters != 0);
+  const auto plan =
+      fastinfer::split_plan::choose_splits(units, items, per_round, overhead, r, by_clusters != 0, max_splits);
   return Py_BuildValue("(iLLL)", plan.splits, static_cast<long long>(plan.waves), static_cast<long long>(plan.rounds),
                        static_cast<long long>(plan.cost));
 }
@@ -76,7 +87,12 @@ static PyObject* int4_last_launch(PyObject*, PyObject*) {
   PyObject* resident = PyList_New(fastinfer::split_plan::kMaxSplits);
   if (resident == nullptr) return nullptr;
   for (int s = 1; s <= fastinfer::split_plan::kMaxSplits; ++s) {
-    PyList_SET_ITEM(resident, s - 1, PyLong_FromLongLong(info.resident[s]));
+    PyObject* count = PyLong_FromLongLong(info.resident[s]);
+    if (count == nullptr) {
+      Py_DECREF(resident);
+      return nullptr;
+    }
+    PyList_SET_ITEM(resident, s - 1, count);
   }
   return Py_BuildValue("{s:s,s:i,s:L,s:L,s:L,s:i,s:i,s:N}", "kernel", name, "splits", info.splits, "ctas",
                        static_cast<long long>(info.ctas), "waves", static_cast<long long>(info.waves), "units",
@@ -91,7 +107,7 @@ static PyMethodDef fastinfer_methods[] = {
     {"pdl_launches", pdl_launches, METH_NOARGS, "kernel launches with the PDL attribute so far (FASTINFER_PDL=1)"},
     {"plan_int4_splits", plan_int4_splits, METH_VARARGS,
      "the W4A16 split-K rule (gemm/split_plan.h): (units, items, items_per_round, overhead_rounds, resident, "
-     "by_clusters) -> (splits, waves, rounds, cost)"},
+     "by_clusters[, max_splits]) -> (splits, waves, rounds, cost)"},
     {"int4_last_launch", int4_last_launch, METH_NOARGS, "the last int4_linear launch's plan, or None without sm_90a"},
     {nullptr, nullptr, 0, nullptr},
 };

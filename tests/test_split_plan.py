@@ -24,8 +24,9 @@ def gpc_residency(ctas_per_sm: int, gpcs=GPCS) -> list[int]:
     return [sum(g * ctas_per_sm // s for g in gpcs) for s in range(1, 9)]
 
 
-def plan(units, items, per_round, overhead, resident, by_clusters=True):
-    splits, waves, rounds, cost = _C.plan_int4_splits(units, items, per_round, overhead, resident, by_clusters)
+def plan(units, items, per_round, overhead, resident, by_clusters=True, max_splits=8):
+    splits, waves, rounds, cost = _C.plan_int4_splits(units, items, per_round, overhead, resident, by_clusters,
+                                                      max_splits)
     return {"splits": splits, "waves": waves, "rounds": rounds, "cost": cost}
 
 
@@ -57,8 +58,14 @@ def test_gpc_model_holds_fewer_clusters_than_slots_allow():
     assert gpc_residency(2)[7] == 31 < 264 // 8
 
 
+def tile_bound(units: int, slots: int) -> int:
+    """The tile kernel's bound on splits (w4a16.cuh launch_tiles): none once its tiles fill the slots."""
+    return 1 if units >= slots else min(8, slots // units)
+
+
 def test_down_projection_at_m64_fits_one_wave_of_clusters():
-    """The case behind the rule: 32 tiles of 224 stages (14336 -> 4096, M = 64, one CTA per SM)."""
+    """The case behind the rule: 32 tiles of 224 stages (14336 -> 4096, M = 64, one CTA per SM). The tile
+    kernel, bounded by slots / tiles = 4, takes 3 splits in one wave where slot pricing took 4 in two."""
     resident = gpc_residency(1)
     # Slot pricing takes 4 splits (132 / 32): 32 clusters of 4 but only 31 resident, so two waves.
     assert plan(32, 224, 1, 1, resident, by_clusters=False)["splits"] == 4
@@ -68,11 +75,13 @@ def test_down_projection_at_m64_fits_one_wave_of_clusters():
     assert model_cost(32, 224, 1, 1, resident, 3) == 75 + 1
     chosen = plan(32, 224, 1, 1, resident)
     assert (chosen["splits"], chosen["waves"], chosen["cost"]) == (7, 2, 2 * (32 + 1))
+    bounded = plan(32, 224, 1, 1, resident, max_splits=tile_bound(32, 132))
+    assert (bounded["splits"], bounded["waves"], bounded["cost"]) == (3, 1, 75 + 1)
 
 
 def test_down_projection_at_m16_two_ctas_per_sm():
     resident = gpc_residency(2)  # the 16-row tile kernel: two CTAs per SM
-    chosen = plan(32, 224, 1, 1, resident)
+    chosen = plan(32, 224, 1, 1, resident, max_splits=tile_bound(32, 264))
     assert chosen["waves"] == 1 and chosen["splits"] == 7  # 35 clusters of 7 fit; 31 of 8 do not
     assert model_cost(32, 224, 1, 1, resident, 8) == 2 * (28 + 1)
 
@@ -122,6 +131,15 @@ def test_cluster_pricing_never_models_worse_than_slot_pricing():
                 model_cost(units, items, per_round, 1, resident, old)
 
 
+def test_tile_kernel_never_splits_once_its_tiles_fill_the_slots():
+    """The review's cases: M = 128-1024 tiles that the unbounded model would split on gains of a few
+    percent (e.g. 1024-row gate_up: 2 splits for 1815 vs 1820) keep one CTA per tile."""
+    resident = gpc_residency(1)
+    for tiles, stages in ((192, 64), (448, 64), (1792, 64), (132, 224)):
+        assert plan(tiles, stages, 1, 1, resident, max_splits=tile_bound(tiles, 132))["splits"] == 1
+    assert plan(48, 64, 1, 1, resident, max_splits=tile_bound(48, 132))["splits"] <= 2
+
+
 @pytest.mark.parametrize("args, match", [
     ((-1, 8, 1, 1, [132], True), "units"),
     ((4, 0, 1, 1, [132], True), "items"),
@@ -131,6 +149,10 @@ def test_cluster_pricing_never_models_worse_than_slot_pricing():
     ((4, 8, 1, 1, [], True), "resident"),
     ((4, 8, 1, 1, [1] * 9, True), "resident"),
     ((4, 8, 1, 1, 132, True), "resident"),
+    ((2**41, 8, 1, 1, [132], True), "units"),
+    ((4, 8, 1, 1, [132, 2**41], True), "resident"),
+    ((4, 8, 1, 1, [132, "x"], True), "int"),
+    ((4, 8, 1, 1, [132], True, 0), "max_splits"),
 ])
 def test_plan_rejects_bad_arguments_by_name(args, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -167,7 +189,8 @@ def test_launch_follows_the_plan_on_the_device(monkeypatch, kernel, waves, m, k,
     assert resident[0] > 0 and all(c >= 0 for c in resident)
     assert info["ctas"] == info["units"] * info["splits"]
     if info["kernel"] == "small" or waves == "clusters":
-        expected = plan(info["units"], info["items"], info["items_per_round"], 1, resident, waves == "clusters")
+        bound = tile_bound(info["units"], resident[0]) if info["kernel"] == "tiles" else 8
+        expected = plan(info["units"], info["items"], info["items_per_round"], 1, resident, waves == "clusters", bound)
         assert (info["splits"], info["waves"]) == (expected["splits"], expected["waves"])
     # Cluster pricing, and the tile kernel's earlier rule, count whole waves of resident clusters.
     s = info["splits"]

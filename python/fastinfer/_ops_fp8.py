@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import FLOAT_DTYPES, FP8, _check, _check_float, _check_shape, _fail, _ops
+from ._checks import FLOAT_DTYPES, FP8, _check, _check_float, _check_shape, _fail, _ops, _shares_memory
 
 FP8_MAX = 448.0
 FP8_MIN_SCALE = 1.0 / (448.0 * 512.0)
@@ -99,6 +99,9 @@ def fp8_scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale
     if bias is not None:
         _check(op, "bias", bias, ndim=1, dtype=out.dtype, device=a.device, contiguous=True)
         _check_shape(op, "bias", bias, (n,))
+    # the CUDA kernel reads its inputs through the read-only cache: out must not overlap any of them
+    if _shares_memory(out, a, b, scale_a, scale_b, bias):
+        _fail(op, "out must not share memory with a, b, scale_a, scale_b or bias")
     _ops.fp8_scaled_mm(out, a, b, scale_a, scale_b, bias)
     return out
 

@@ -45,8 +45,9 @@ SETTINGS = {
                               "the raw codes; small_streamk: the same GEMV on a persistent grid with equal "
                               "stream-K ranges of chunks for <= 8 rows, small_deferred above)"),
     "FASTINFER_INT4_SPLITS": ("overhead", "overhead | rounds",
-                              "split-K of int4_linear's GEMV kernel: fewest waves x (chunk rounds per CTA + one for "
-                              "its start and reduction) (overhead), or without that round (rounds, the earlier rule)"),
+                              "split-K cost of int4_linear's kernels: fewest waves x (rounds per CTA + one for its "
+                              "start and reduction) (overhead), or without that round (rounds, the GEMV kernel's "
+                              "earlier rule); a round is 8 chunks (GEMV kernel) or one 64-deep stage (tile kernel)"),
     "FASTINFER_INT4_WAVES": ("clusters", "clusters | slots",
                              "split-K waves of int4_linear priced in resident thread-block clusters of each split "
                              "size (clusters), or in CTA slots alone (slots, the rule before; uneven GPCs hold "

@@ -134,7 +134,8 @@ __device__ __forceinline__ __half to_out<__half>(float v) { return __float2half_
 // The thread's two P rows keep their scale for the whole tile, and each pair of Q columns is read once
 // for both rows, all through the read-only path (ld.global.nc): an ordinary load after a store to out
 // cannot be moved above it (they might alias), so the SASS had ~7 loads per stored pair, each waiting
-// behind the previous pair's store. Same products as out = acc * (scale_a[m] * scale_b[n]) + bias[n].
+// behind the previous pair's store. Same roundings as before: rn(rn(acc * rn(scale_a[m] * scale_b[n]))
+// + bias[n]) (with the bias loaded first the compiler fused multiply and add for half the elements).
 template <class Cfg, typename OutT>
 __device__ __forceinline__ void epilogue(const float (&acc)[Cfg::kBlockQ / 2], const Fp8GemmParams& p, const Unit& w,
                                          int consumer) {
@@ -182,7 +183,7 @@ __device__ __forceinline__ void epilogue(const float (&acc)[Cfg::kBlockQ / 2], c
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const float sa = Cfg::kSwapAB ? q_scale[e] : p_scale[h], sb = Cfg::kSwapAB ? p_scale[h] : q_scale[e];
-        v[e] *= sa * sb;
+        v[e] = __fmul_rn(v[e], sa * sb);  // never contracted with the bias add into an FMA (the earlier rounding)
       }
       if (bias != nullptr) {  // bias[n[e]]: n = qq + e unless swapped, else pp
         v[0] += Cfg::kSwapAB ? p_bias[h] : q_bias[0];

@@ -38,17 +38,19 @@ struct Plan {
 // items_per_round: items one CTA finishes per round (8 warps x 1 chunk for the GEMV kernel, 1 stage
 // for the tile kernel); overhead_rounds: the price of a CTA's start and split-K reduction, in rounds.
 // Returns the split count with the least cost among the schedulable ones (never more than items),
-// the fewest splits on ties; splits = 1 is always schedulable.
+// the fewest splits on ties; splits = 1 is always schedulable (and always allowed).
 //
 // by_clusters = false prices waves by CTA slots alone, ceil(units x splits / clusters[1]) (the GEMV
 // kernel's rule before resident clusters were counted; FASTINFER_INT4_WAVES=slots), still skipping
 // sizes that cannot be scheduled.
+// max_splits (<= kMaxSplits) bounds the choice: the tile kernel passes slots / units, splitting only
+// while its tiles leave CTA slots idle and never into more CTAs than slots (its earlier rule's bound).
 inline Plan choose_splits(int64_t units, int items, int items_per_round, int overhead_rounds, const Residency& r,
-                          bool by_clusters) {
+                          bool by_clusters, int max_splits = kMaxSplits) {
   auto ceil_div = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
   const int64_t slots = r.clusters[1] > 0 ? r.clusters[1] : 1;
   Plan best{1, 0, 0, -1};
-  for (int s = 1; s <= kMaxSplits && s <= items; ++s) {
+  for (int s = 1; s <= kMaxSplits && s <= max_splits && s <= items; ++s) {
     if (s > 1 && r.clusters[s] <= 0) continue;
     const int64_t waves = units <= 0 ? 0 : s == 1 || !by_clusters ? ceil_div(units * s, slots) : ceil_div(units, r.clusters[s]);
     const int64_t rounds = ceil_div(ceil_div(items, s), items_per_round > 0 ? items_per_round : 1);

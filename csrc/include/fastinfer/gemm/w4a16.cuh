@@ -425,8 +425,13 @@ cudaError_t launch_tiles(const W4A16Params& p, int m_blocks, cudaStream_t stream
   int64_t waves;
   const split_plan::Residency r = residency(occ, p.num_sms);
   if (p.waves_by_clusters) {
-    // Fewest waves of resident clusters x (stages per CTA + the start / reduction overhead); see split_plan.h.
-    const split_plan::Plan plan = split_plan::choose_splits(tiles, shape.total_stages, 1, p.split_overhead_rounds, r, true);
+    // Split only while the tiles leave CTA slots idle, into at most slots / tiles CTAs each (the earlier
+    // rule's bound), choosing the count by waves of resident clusters x (stages per CTA + the start /
+    // reduction overhead): split_plan.h. Unbounded, the model split shapes the earlier rule never did
+    // (M = 128-192) on modelled gains of a few percent (review, 2026-11-28).
+    const int bound = tiles >= slots ? 1 : static_cast<int>(std::min<int64_t>(kMaxSplits, slots / tiles));
+    const split_plan::Plan plan =
+        split_plan::choose_splits(tiles, shape.total_stages, 1, p.split_overhead_rounds, r, true, bound);
     splits = plan.splits;
     waves = plan.waves;
   } else {
@@ -437,11 +442,11 @@ cudaError_t launch_tiles(const W4A16Params& p, int m_blocks, cudaStream_t stream
     while (splits > 1 && r.clusters[splits] <= 0) --splits;
     waves = splits == 1 ? ceil_div<int64_t>(tiles, slots) : ceil_div<int64_t>(tiles, r.clusters[splits]);
   }
-  record_launch(launch_info(Int4LaunchInfo::kTiles, splits, waves, tiles, shape.total_stages, 1, r));
-
   ClusterLaunch launch(dim3(splits, m_blocks, n_tiles), kThreads, C::kSmemBytes, stream, splits);
   launch.config.numAttrs = 1;  // a cluster launch even for 1 split: the kernel's cluster.sync() always runs
-  return cudaLaunchKernelEx(&launch.config, w4a16_kernel<T, MT, kMode>, p, shape);
+  FI_CUDA_TRY(cudaLaunchKernelEx(&launch.config, w4a16_kernel<T, MT, kMode>, p, shape));
+  record_launch(launch_info(Int4LaunchInfo::kTiles, splits, waves, tiles, shape.total_stages, 1, r));
+  return cudaSuccess;
 }
 
 }  // namespace w4a16

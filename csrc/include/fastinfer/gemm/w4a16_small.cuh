@@ -298,10 +298,12 @@ cudaError_t launch_small(const W4A16Params& p, cudaStream_t stream) {
   const split_plan::Plan plan =
       split_plan::choose_splits(units, chunks, kWarps, p.split_overhead_rounds, r, p.waves_by_clusters);
   const int splits = plan.splits;
-  record_launch(launch_info(Int4LaunchInfo::kSmall, splits, plan.waves, units, chunks, kWarps, r));
   ClusterLaunch launch(dim3(splits, strips, static_cast<unsigned>(m_blocks)), kThreads, Cfg::kSmemBytes, stream, splits);
   launch.config.numAttrs = 1;  // a cluster launch even for 1 split: the kernel's cluster.sync() always runs
-  return cudaLaunchKernelEx(&launch.config, w4a16_small_kernel<T, NT, kMode, kDeferScales>, p, __builtin_ctz(p.group_size));
+  FI_CUDA_TRY(cudaLaunchKernelEx(&launch.config, w4a16_small_kernel<T, NT, kMode, kDeferScales>, p,
+                                 __builtin_ctz(p.group_size)));
+  record_launch(launch_info(Int4LaunchInfo::kSmall, splits, plan.waves, units, chunks, kWarps, r));
+  return cudaSuccess;
 }
 
 // ---- stream-K (FASTINFER_INT4_KERNEL=small_streamk; M <= 8, deferred scales) ----------------------
@@ -401,13 +403,15 @@ cudaError_t launch_streamk(const W4A16Params& p, cudaStream_t stream) {
   const int ctas = static_cast<int>(std::min({slots, total, static_cast<int64_t>(p.streamk_capacity)}));
   split_plan::Residency r{};
   r.clusters[1] = slots;
-  Int4LaunchInfo info = launch_info(Int4LaunchInfo::kStreamK, 1, 1, ctas, static_cast<int>(chunks), 1, r);
-  info.units = total;  // (strip, chunk) items, cut into ctas equal ranges
-  record_launch(info);
+
   // A plain launch: the kernel has no pdl_wait (FASTINFER_PDL must not start it before x is written).
   // Nothing waits inside it, so the grid may exceed what is resident at once (it never does here).
   w4a16_streamk_kernel<T, kMode><<<ctas, kThreads, Cfg::kSmemBytes, stream>>>(p, __builtin_ctz(p.group_size));
-  return cudaGetLastError();
+  FI_CUDA_TRY(cudaGetLastError());
+  Int4LaunchInfo info = launch_info(Int4LaunchInfo::kStreamK, 1, 1, ctas, static_cast<int>(chunks), 1, r);
+  info.units = total;  // (strip, chunk) items, cut into ctas equal ranges
+  record_launch(info);
+  return cudaSuccess;
 }
 
 }  // namespace small
