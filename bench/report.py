@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 import common
+import ab
 import targets
 
 # ---- ptxas -v ------------------------------------------------------------------------------------
@@ -209,6 +210,7 @@ def build_report(out: Path, commit: str, date: str) -> dict:
         "build": {"kernels": kernels, **spill_summary(kernels, build_ok)},
         "fastinfer_env": json.loads(env_path.read_text()) if env_path.is_file() else None,
         "tests": tests, "benchmarks": benchmarks, "targets": targets.evaluate(benchmarks),
+        "ab": ab.compare(benchmarks),
     }
 
 
@@ -243,6 +245,11 @@ def render_markdown(report: dict) -> str:
              f"| commit | {report['commit']} |", f"| date | {report['date']} |", "",
              "## Issue targets (from this run's benchmarks; bench/targets.py)", ""]
     lines.append(common.markdown_table(TARGET_COLUMNS, report.get("targets") or []))
+    if report.get("ab"):
+        lines += ["", "## Settings A/B (variant speed / baseline speed per shape, same run; bench/ab.py)", "",
+                  "A \"new default\" row compares the default with its earlier form (revert it if it loses); a "
+                  "\"switch\" row compares a candidate setting with the default (flip it if it wins).", ""]
+        lines.append(common.markdown_table(ab.COLUMNS, report["ab"]))
     lines += ["", "## Steps", ""]
     lines.append(common.markdown_table(STEP_COLUMNS, [
         {"step": name, "result": _step_result(name, s["rc"]), "seconds": s["seconds"], "note": s["note"]}

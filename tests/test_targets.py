@@ -101,3 +101,42 @@ def test_report_shows_the_targets(tmp_path):
     assert "## Issue targets" in md and "| 5 | prefill bf16 causal B4 H32/8 S4096 D128 |" in md
     report = json.loads((out / "report.json").read_text())
     assert len(report["targets"]) == len(targets.TARGETS)
+
+
+import ab  # noqa: E402  (bench/ab.py)
+
+
+def test_settings_ab_pairs_each_shape_and_says_who_won():
+    """bench/ab.py: per pair, the variant's speed over the baseline's on each shape both were timed on
+    (time metrics inverted, throughput metrics not), worst / median / best and the win count; pairs
+    the run did not time are "not measured", never a figure."""
+    int4 = [{"shape": "down 14336->4096", "m": m, "impl": impl, "us": us}
+            for m, slot, cluster in ((16, 32.0, 22.0), (64, 73.6, 50.0), (256, 127.8, 130.0))
+            for impl, us in (("fastinfer int4_linear [slot waves]", slot), ("fastinfer int4_linear", cluster))]
+    int4.append({"shape": "o 4096->4096", "m": 64, "impl": "fastinfer int4_linear", "us": 20.0})  # no pair
+    e2e = [{"impl": "fastinfer bf16", "batch": 1, "tok_s": 200.0}, {"impl": "fastinfer bf16 + norm preload", "batch": 1,
+                                                                     "tok_s": 210.0}]
+    rows = {r["what"]: r for r in ab.compare({"int4": {"rows": int4}, "e2e": {"rows": e2e}})}
+    waves = rows["new default: INT4 split-K waves priced in resident clusters"]
+    assert waves["shapes"] == 3 and waves["wins"] == "2 of 3"
+    assert abs(waves["worst"] - 127.8 / 130.0) < 1e-9 and abs(waves["best"] - 73.6 / 50.0) < 1e-9
+    assert waves["worst_at"] == "shape down 14336->4096, m 256"
+    preload = rows["switch FASTINFER_GEMV_NORM_PRELOAD=on, end to end"]
+    assert preload["wins"] == "1 of 1" and abs(preload["best"] - 1.05) < 1e-9
+    assert rows["switch FASTINFER_FP8_PROMOTE=overlap"]["wins"] == "not measured"
+    assert len(rows) == len(ab.PAIRS)  # one distinct line per pair
+
+
+def test_report_shows_the_settings_ab(tmp_path):
+    out = tmp_path / "out"
+    (out / "bench").mkdir(parents=True)
+    frag = {"title": "int4", "columns": [], "rows": [
+        {"shape": "down", "m": 64, "impl": "fastinfer int4_linear [slot waves]", "us": 73.6},
+        {"shape": "down", "m": 64, "impl": "fastinfer int4_linear", "us": 50.0}]}
+    (out / "bench" / "int4.json").write_text(json.dumps(frag))
+    (out / "steps.tsv").write_text("build\t0\t60\t\n")
+    subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), "--out", str(out)], capture_output=True,
+                   text=True, timeout=120)
+    md = (out / "report.md").read_text()
+    assert "## Settings A/B" in md and "| new default: INT4 split-K waves priced in resident clusters | int4 | 1 |" in md
+    assert json.loads((out / "report.json").read_text())["ab"][2]["wins"] == "1 of 1"
