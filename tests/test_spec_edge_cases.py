@@ -355,3 +355,18 @@ def test_seeded_request_is_the_same_when_the_token_budget_cuts_its_proposals(tar
     batched, engine = run(target, [mine] + others, [sp] + rest, spec, max_num_batched_tokens=9)
     assert alone[0] == plain[0] and batched[0] == plain[0]
     assert engine.spec_stats.num_proposed > 0
+
+
+def test_draft_suppresses_stop_tokens_below_min_tokens_as_the_target_does(target, draft):
+    """The target never draws a stop token before min_tokens; the draft model now suppresses it too,
+    so with the target as its own draft (greedy) every proposal is accepted even where the model's
+    favourite token is a stop token (before: the draft proposed it and the target rejected it)."""
+    prompts = repetitive(3, seed=17)
+    plain, _ = run(target, prompts, SamplingParams(max_tokens=12, **GREEDY))
+    stops = sorted({out[0][0][2] for out in plain})  # a token each greedy run emits third
+    params = SamplingParams(max_tokens=12, min_tokens=10, stop_token_ids=stops, **GREEDY)
+    expected, _ = run(target, prompts, params)
+    assert all(out[0][0][2] not in stops for out in expected)  # suppressed: the runs differ from plain
+    got, engine = run(target, prompts, params, spec_cfg("self", target, draft, k=4))
+    assert got == expected
+    assert engine.spec_stats.num_proposed > 0 and engine.spec_stats.acceptance_rate == 1.0

@@ -136,9 +136,9 @@ def test_different_k_per_request_in_one_step(target, draft, method):
         if engine.proposer is not None:
             real = engine.proposer.propose
 
-            def spy(seqs, ks):
+            def spy(seqs, ks, stop_ids=None):
                 ks_seen.append(list(ks))
-                return real(seqs, ks)
+                return real(seqs, ks, stop_ids)
             engine.proposer.propose = spy
         done = {}
         while engine.has_unfinished():

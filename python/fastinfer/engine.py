@@ -155,7 +155,7 @@ class Engine:
             self.num_prompt_tokens += sum(s.num_computed_tokens < len(s.prompt_token_ids) for s in seqs)  # 1-token prompts
             self._inflight = launch_decode(seqs, None, runner=self.runner, blocks=self.blocks)
             return self._step_pipelined()
-        proposals, draft_probs = propose(self.proposer, batch)
+        proposals, draft_probs = propose(self.proposer, batch, lambda seq: stop_ids(seq.params, self.eos_ids))
         chunks = []
         for i, s in enumerate(batch):
             seq, start = s.seq, s.seq.num_computed_tokens

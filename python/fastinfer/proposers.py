@@ -25,7 +25,8 @@ class NgramProposer:
             raise ValueError(f"speculative ngram sizes need 1 <= prompt_lookup_min <= prompt_lookup_max, got {min_n}, {max_n}")
         self.k, self.min_n, self.max_n = num_tokens, min_n, max_n
 
-    def propose(self, seqs: list[Sequence], ks: list[int]) -> tuple[list[list[int]], None]:
+    def propose(self, seqs: list[Sequence], ks: list[int],
+                stop_ids: list[set[int]] | None = None) -> tuple[list[list[int]], None]:
         return [self._lookup(s.all_token_ids, k) for s, k in zip(seqs, ks)], None
 
     def _lookup(self, tokens: list[int], k: int) -> list[int]:
@@ -56,8 +57,12 @@ class DraftModelProposer:
         self.k = num_tokens
         self.runner = ModelRunner(draft_model, num_blocks, block_size)
 
-    def propose(self, seqs: list[Sequence], ks: list[int]) -> tuple[list[list[int]], torch.Tensor]:
-        """Proposals per seq and the draft's processed probabilities, fp32 [B, max k, V]."""
+    def propose(self, seqs: list[Sequence], ks: list[int],
+                stop_ids: list[set[int]] | None = None) -> tuple[list[list[int]], torch.Tensor]:
+        """Proposals per seq and the draft's processed probabilities, fp32 [B, max k, V]. stop_ids[i]:
+        seq i's stop tokens, suppressed while its output (with the proposals so far) is shorter than
+        min_tokens, as the target suppresses them (spec_decode.target_probs): a proposal the target
+        cannot draw is never made."""
         proposals: list[list[int]] = [[] for _ in seqs]
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
         for step in range(max(ks, default=0)):
@@ -74,11 +79,13 @@ class DraftModelProposer:
             seen = [list(s.extra_seen_ids) + s.all_token_ids + proposals[i] for s, i in zip(rows, live)]
             outs = [s.output_token_ids + proposals[i] for s, i in zip(rows, live)]
             params = [s.params for s in rows]
+            suppress = [sorted(stop_ids[i]) if stop_ids is not None and len(out) < s.params.min_tokens else []
+                        for s, i, out in zip(rows, live, outs)]
             # a seeded sequence proposes position t with its own TokenStream noise of t, the draw the target
             # samples t with (spec_decode.coupled_verify); the rest use the default generator
             gens = [s.generator for s in rows]
-            tokens = sample(logits, params, seen, outs, None, gens, [len(out) for out in outs]).tolist()
-            p = torch.softmax(process_logits(logits, params, seen, outs), dim=-1)
+            tokens = sample(logits, params, seen, outs, suppress, gens, [len(out) for out in outs]).tolist()
+            p = torch.softmax(process_logits(logits, params, seen, outs, suppress), dim=-1)
             for j, i in enumerate(live):
                 proposals[i].append(tokens[j])
                 probs[i].append(p[j])

@@ -139,7 +139,8 @@ def verify_rows(logits: torch.Tensor, seqs: list[Sequence], proposals: list[list
     return emitted
 
 
-def propose(proposer, batch: list[ScheduledSeq]) -> tuple[dict[int, list[int]], torch.Tensor | None]:
+def propose(proposer, batch: list[ScheduledSeq],
+            stops: Callable[[Sequence], set[int]] | None = None) -> tuple[dict[int, list[int]], torch.Tensor | None]:
     """Proposals for the decode sequences scheduled with lookahead, keyed by batch index, and the
     draft's probabilities of those kept (rows in key order; None for a proposer without them)."""
     if proposer is None:
@@ -147,7 +148,9 @@ def propose(proposer, batch: list[ScheduledSeq]) -> tuple[dict[int, list[int]], 
     cand = [i for i, s in enumerate(batch) if s.seq.num_uncomputed_tokens == 1 and s.num_tokens > 1]
     if not cand:
         return {}, None
-    props, probs = proposer.propose([batch[i].seq for i in cand], [batch[i].num_tokens - 1 for i in cand])
+    seqs = [batch[i].seq for i in cand]
+    props, probs = proposer.propose(seqs, [batch[i].num_tokens - 1 for i in cand],
+                                    None if stops is None else [stops(s) for s in seqs])
     keep = {i: p for i, p in zip(cand, props) if p}
     if probs is not None:
         probs = probs[torch.tensor([j for j, i in enumerate(cand) if i in keep], device=probs.device)]
