@@ -10,7 +10,7 @@ import torch
 
 from .metadata import SeqChunk
 from .runner import ModelRunner
-from .sampling import process_logits, sample
+from .sampling import draw, process_logits
 from .sequence import Sequence
 
 
@@ -84,8 +84,9 @@ class DraftModelProposer:
             # a seeded sequence proposes position t with its own TokenStream noise of t, the draw the target
             # samples t with (spec_decode.coupled_verify); the rest use the default generator
             gens = [s.generator for s in rows]
-            tokens = sample(logits, params, seen, outs, suppress, gens, [len(out) for out in outs]).tolist()
-            p = torch.softmax(process_logits(logits, params, seen, outs, suppress), dim=-1)
+            processed = process_logits(logits, params, seen, outs, suppress)
+            p = torch.softmax(processed, dim=-1)
+            tokens = draw(processed, params, gens, [len(out) for out in outs], p).tolist()
             for j, i in enumerate(live):
                 proposals[i].append(tokens[j])
                 probs[i].append(p[j])

@@ -259,8 +259,10 @@ def _exponential_noise(probs, params, generators, positions):
         noise.index_copy_(0, rows, torch.empty(len(default_rows), probs.shape[1], device=probs.device).exponential_())
     for row, (p, generator) in enumerate(zip(params, generators)):
         if generator is not None and not p.greedy:
-            g = generator.at(positions[row]) if isinstance(generator, TokenStream) else generator
-            noise[row].exponential_(generator=g)
+            if isinstance(generator, TokenStream):
+                position_noise(generator, positions[row], noise[row])
+            else:
+                noise[row].exponential_(generator=generator)
     return noise.clamp_min_(kMinExponential)
 
 
@@ -281,17 +283,28 @@ def sample(
     needs no host sync (unlike a cumulative-sum search with a CPU-side draw).
     """
     _check_batch(logits, params, seen_ids, output_ids, suppress_ids, generators)
-    processed = process_logits(logits, params, seen_ids, output_ids, suppress_ids)
-    is_greedy = [p.greedy for p in params]
-    if all(is_greedy):
-        return processed.argmax(dim=-1)
-    probs = torch.softmax(processed, dim=-1)
     if positions is None:
         positions = [len(out) for out in output_ids]
     elif len(positions) != len(params):
         raise ValueError(f"positions must have one entry per row ({len(params)}), got {len(positions)}")
+    return draw(process_logits(logits, params, seen_ids, output_ids, suppress_ids), params, generators, positions)
+
+
+def draw(
+    processed: torch.Tensor,  # [B, V] float32, process_logits' output
+    params: list[SamplingParams],
+    generators: list[TokenStream | torch.Generator | None] | None,
+    positions: list[int],
+    probs: torch.Tensor | None = None,  # softmax(processed) when the caller has it already
+) -> torch.Tensor:
+    """sample's draw from already processed logits (a caller that also needs the probabilities, as the
+    draft proposer does, processes them once)."""
+    is_greedy = [p.greedy for p in params]
+    if all(is_greedy):
+        return processed.argmax(dim=-1)
+    probs = torch.softmax(processed, dim=-1) if probs is None else probs
     sampled = (probs / _exponential_noise(probs, params, generators, positions)).argmax(dim=-1)
     if not any(is_greedy):
         return sampled
-    greedy_rows = to_device(is_greedy, torch.bool, logits.device)
+    greedy_rows = to_device(is_greedy, torch.bool, processed.device)
     return torch.where(greedy_rows, processed.argmax(dim=-1), sampled)

@@ -395,35 +395,37 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         overlapped = true;
       }
     }
-    for (int kt = w.k_begin; kt < (overlapped ? w.k_begin : w.k_end); ++kt) {
-      wait_barrier(&full[stage], phase);
-      const uint8_t* x = smem + stage * Cfg::kStageBytes + consumer * 64 * kBlockK;
-      const uint8_t* y = smem + stage * Cfg::kStageBytes + Cfg::kXBytes;
-      const uint64_t desc_x = smem_desc(x), desc_y = smem_desc(y);
+    if (!overlapped) {  // the serial loop: wait for each k-tile, then promote
+      for (int kt = w.k_begin; kt < w.k_end; ++kt) {
+        wait_barrier(&full[stage], phase);
+        const uint8_t* x = smem + stage * Cfg::kStageBytes + consumer * 64 * kBlockK;
+        const uint8_t* y = smem + stage * Cfg::kStageBytes + Cfg::kXBytes;
+        const uint64_t desc_x = smem_desc(x), desc_y = smem_desc(y);
 #pragma unroll
-      for (int half = 0; half < Cfg::kHalves; ++half) {
-        // Half h reads Y rows 128 h .. : 128 rows x 128 B = 16 KiB further, + 1024 in the >> 4 address.
-        const uint64_t desc_y_half = desc_y + half * ((128 * kBlockK) >> 4);
+        for (int half = 0; half < Cfg::kHalves; ++half) {
+          // Half h reads Y rows 128 h .. : 128 rows x 128 B = 16 KiB further, + 1024 in the >> 4 address.
+          const uint64_t desc_y_half = desc_y + half * ((128 * kBlockK) >> 4);
 #pragma unroll
-        for (int i = 0; i < Mma::kRegs; ++i) wgmma::fence_operand(part[i]);
-        wgmma::fence();
+          for (int i = 0; i < Mma::kRegs; ++i) wgmma::fence_operand(part[i]);
+          wgmma::fence();
 #pragma unroll
-        for (int k = 0; k < kBlockK / kMmaK; ++k) {
-          Mma::run(part, desc_x + 2 * k, desc_y_half + 2 * k, k > 0);  // +32 bytes of K = +2 in the >> 4 address
+          for (int k = 0; k < kBlockK / kMmaK; ++k) {  // +32 bytes of K = +2 in the >> 4 address
+            Mma::run(part, desc_x + 2 * k, desc_y_half + 2 * k, k > 0);
+          }
+          wgmma::commit_group();
+          wgmma::wait_group<0>();
+#pragma unroll
+          for (int i = 0; i < Mma::kRegs; ++i) wgmma::fence_operand(part[i]);
+          // Register 4 j + 2 h + e of a half is column 8 j + .. of it: acc's layout for the whole tile.
+#pragma unroll
+          for (int i = 0; i < Mma::kRegs; ++i) acc[half * Mma::kRegs + i] += part[i];
         }
-        wgmma::commit_group();
-        wgmma::wait_group<0>();
-#pragma unroll
-        for (int i = 0; i < Mma::kRegs; ++i) wgmma::fence_operand(part[i]);
-        // Register 4 j + 2 h + e of a half is column 8 j + .. of it: acc's layout for the whole tile.
-#pragma unroll
-        for (int i = 0; i < Mma::kRegs; ++i) acc[half * Mma::kRegs + i] += part[i];
-      }
-      __syncwarp();
-      if (lane == 0) ptx::mbarrier_arrive(&empty[stage]);
-      if (++stage == Cfg::kStages) {
-        stage = 0;
-        phase ^= 1;
+        __syncwarp();
+        if (lane == 0) ptx::mbarrier_arrive(&empty[stage]);
+        if (++stage == Cfg::kStages) {
+          stage = 0;
+          phase ^= 1;
+        }
       }
     }
     if (s.splits == 1) {
