@@ -12,6 +12,8 @@ out[M, N] = x[M, K] @ w[N, K]^T. Implementations, all on the same fp8 inputs (bf
   ... gemv            M <= 16: the mma.sync decode GEMV instead of wgmma (FASTINFER_FP8_GEMV=on)
   ... overlap         per-tensor, the next k-tile's wgmma issued before the last one's promotion
                       (FASTINFER_FP8_PROMOTE=overlap; 128-column tiles, so the default tile at M > 64)
+  ... multicast       M > 64: 2-CTA clusters sharing each weight tile by TMA multicast
+                      (FASTINFER_FP8_MULTICAST=on; timed last of a shape's rows)
   _scaled_mm tensor   torch._scaled_mm, per-tensor scales (cuBLAS)
   _scaled_mm rowwise  torch._scaled_mm, row-wise scales
   bf16 cuBLAS         F.linear on the bf16 operands
@@ -65,6 +67,10 @@ def implementations(ops, d: dict, q: dict) -> dict:
         "fastinfer rowwise gemv": lambda: ops.fp8_scaled_mm(xr, wr, sxr, swr),
         "fastinfer tensor gemv": lambda: ops.fp8_scaled_mm(xt, wt, sxt, swt),
         "fastinfer linear gemv": lambda: ops.fp8_linear(d["x"], wr, swr)} if d["x"].shape[0] <= 16 else {}
+    multicast = {  # FASTINFER_FP8_MULTICAST=on (M > 64; applies with an even number of 128-row tiles)
+        "fastinfer tensor multicast": lambda: ops.fp8_scaled_mm(xt, wt, sxt, swt),
+        "fastinfer tensor 128x256 multicast": lambda: ops.fp8_scaled_mm(xt, wt, sxt, swt),
+        "fastinfer rowwise 128x256 multicast": lambda: ops.fp8_scaled_mm(xr, wr, sxr, swr)} if d["x"].shape[0] > 64 else {}
     return {
         **gemv,
         "fastinfer rowwise": lambda: ops.fp8_scaled_mm(xr, wr, sxr, swr),
@@ -75,6 +81,7 @@ def implementations(ops, d: dict, q: dict) -> dict:
         "_scaled_mm tensor": lambda: torch._scaled_mm(xt, wt.T, sxt[0], swt[0], out_dtype=torch.bfloat16),
         "_scaled_mm rowwise": lambda: torch._scaled_mm(xr, wr.T, sxr[:, None], swr[None, :], out_dtype=torch.bfloat16),
         "bf16 cuBLAS": lambda: F.linear(d["x"], d["w"]),
+        **multicast,
     }
 
 
@@ -83,12 +90,16 @@ PEER = {"fastinfer rowwise": "_scaled_mm rowwise", "fastinfer linear": "_scaled_
         "fastinfer tensor 128x256": "_scaled_mm tensor", "fastinfer rowwise split-K on": "_scaled_mm rowwise",
         "fastinfer tensor split-K on": "_scaled_mm tensor", "fastinfer rowwise gemv": "_scaled_mm rowwise",
         "fastinfer tensor gemv": "_scaled_mm tensor", "fastinfer linear gemv": "_scaled_mm rowwise",
-        "fastinfer tensor overlap": "_scaled_mm tensor"}
+        "fastinfer tensor overlap": "_scaled_mm tensor",
+        "fastinfer tensor multicast": "_scaled_mm tensor", "fastinfer tensor 128x256 multicast": "_scaled_mm tensor",
+        "fastinfer rowwise 128x256 multicast": "_scaled_mm rowwise"}
 GRANULARITY = {"fastinfer rowwise": "row", "fastinfer linear": "row", "_scaled_mm rowwise": "row",
                "fastinfer tensor": "tensor", "_scaled_mm tensor": "tensor", "fastinfer rowwise 128x256": "row",
                "fastinfer tensor 128x256": "tensor", "fastinfer rowwise split-K on": "row",
                "fastinfer tensor split-K on": "tensor", "fastinfer rowwise gemv": "row",
-               "fastinfer tensor gemv": "tensor", "fastinfer linear gemv": "row", "fastinfer tensor overlap": "tensor"}
+               "fastinfer tensor gemv": "tensor", "fastinfer linear gemv": "row", "fastinfer tensor overlap": "tensor",
+               "fastinfer tensor multicast": "tensor", "fastinfer tensor 128x256 multicast": "tensor",
+               "fastinfer rowwise 128x256 multicast": "row"}
 
 
 def mean_rel_err(out: torch.Tensor, a, b, sa, sb) -> float:
@@ -102,7 +113,8 @@ def run_shape(ops, shape: str, m: int, k: int, n: int, args, flush, copy_gbps: f
     rows = []
     for impl, fn in implementations(ops, d, q).items():
         # the op reads these settings at every call: set for the timing of one impl at a time
-        os.environ["FASTINFER_FP8_GEMM_TILE"] = "128x256" if impl.endswith("128x256") else "128x128"
+        os.environ["FASTINFER_FP8_GEMM_TILE"] = "128x256" if "128x256" in impl else "128x128"
+        os.environ["FASTINFER_FP8_MULTICAST"] = "on" if impl.endswith("multicast") else "off"
         os.environ["FASTINFER_FP8_SPLIT_K"] = "on" if impl.endswith("split-K on") else "auto"
         os.environ["FASTINFER_FP8_GEMV"] = "on" if impl.endswith("gemv") else "off"
         os.environ["FASTINFER_FP8_PROMOTE"] = "overlap" if impl.endswith("overlap") else "serial"
@@ -117,6 +129,7 @@ def run_shape(ops, shape: str, m: int, k: int, n: int, args, flush, copy_gbps: f
     os.environ.pop("FASTINFER_FP8_SPLIT_K", None)
     os.environ.pop("FASTINFER_FP8_GEMV", None)
     os.environ.pop("FASTINFER_FP8_PROMOTE", None)
+    os.environ.pop("FASTINFER_FP8_MULTICAST", None)
     by_impl = {r["impl"]: r for r in rows}
     for r in rows:
         r["vs_bf16"] = by_impl["bf16 cuBLAS"]["us"] / r["us"]

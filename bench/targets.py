@@ -141,6 +141,23 @@ def e2e_vs_compile(b: dict):
     best = _e2e_bf16_graphed(b, 32, "vs_hf_compile")
     if best is None:
         return "not measured (HF static cache + compile runs in bench_e2e --mode full)", None
+    text = f"{best['vs_hf_compile']:.2f}x HF static+compile ({best['impl']})"
+    if _num(best.get("roofline_tok_s")) and _num(best.get("tok_s")):
+        # the most any bf16 implementation can reach: the weight-bandwidth roofline over HF's tokens/s
+        ceiling = best["roofline_tok_s"] / (best["tok_s"] / best["vs_hf_compile"])
+        text += f"; the bf16 roofline allows {ceiling:.2f}x"
+    return text, best["vs_hf_compile"] >= 3.0
+
+
+def e2e_vs_compile_quantized(b: dict):
+    """Issue 9's batch-32 line names no weight format (its batch-1 line says bf16): the best graphed
+    fastinfer row with INT4 or FP8 weights, against the same bf16 HF static cache + compile."""
+    rows = [r for r in _rows(b, "e2e") if r.get("batch") == 32 and _num(r.get("vs_hf_compile"))
+            and str(r.get("impl", "")).startswith(("fastinfer int4", "fastinfer fp8"))
+            and "eager" not in str(r.get("impl"))]
+    if not rows:
+        return "not measured (HF static cache + compile runs in bench_e2e --mode full)", None
+    best = max(rows, key=lambda r: r["vs_hf_compile"])
     return f"{best['vs_hf_compile']:.2f}x HF static+compile ({best['impl']})", best["vs_hf_compile"] >= 3.0
 
 
@@ -156,6 +173,7 @@ TARGETS: list[tuple[int, str, str, Judge]] = [
     (8, "speculative_verify, B16 k4, Llama-3-8B step", "< 5% of the target step", spec_verify_fraction),
     (9, "batch-1 bf16 decode, Llama-3-8B shape", ">= 85% of weight-bandwidth roofline", e2e_roofline),
     (9, "batch-32 bf16 decode", ">= 3x HF static cache + torch.compile", e2e_vs_compile),
+    (9, "batch-32 decode, INT4 / FP8 weights", ">= 3x HF static cache + torch.compile (bf16)", e2e_vs_compile_quantized),
 ]
 
 

@@ -4,6 +4,7 @@
 
 #include "fastinfer/gemm/split_plan.h"
 #ifdef FASTINFER_HAS_SM90
+#include "fastinfer/gemm/fp8.h"
 #include "fastinfer/gemm/w4a16.h"
 #endif
 
@@ -103,12 +104,28 @@ static PyObject* int4_last_launch(PyObject*, PyObject*) {
 #endif
 }
 
+// fp8_last_launch() -> dict of the last fp8_scaled_mm launch (kernel "wgmma" / "gemv", tile, swapped,
+// splits, grid, cluster, multicast, units), or None in a build without the Hopper kernels.
+static PyObject* fp8_last_launch(PyObject*, PyObject*) {
+#ifdef FASTINFER_HAS_SM90
+  const fastinfer::Fp8LaunchInfo info = fastinfer::fp8_last_launch();
+  static const char* kNames[] = {"none", "wgmma", "gemv"};
+  const char* name = info.kernel >= 0 && info.kernel <= 2 ? kNames[info.kernel] : "none";
+  return Py_BuildValue("{s:s,s:(ii),s:O,s:i,s:i,s:i,s:O,s:i}", "kernel", name, "tile", info.block_p, info.block_q,
+                       "swapped", info.swapped ? Py_True : Py_False, "splits", info.splits, "grid", info.grid,
+                       "cluster", info.cluster, "multicast", info.multicast ? Py_True : Py_False, "units", info.units);
+#else
+  Py_RETURN_NONE;
+#endif
+}
+
 static PyMethodDef fastinfer_methods[] = {
     {"pdl_launches", pdl_launches, METH_NOARGS, "kernel launches with the PDL attribute so far (FASTINFER_PDL=1)"},
     {"plan_int4_splits", plan_int4_splits, METH_VARARGS,
      "the W4A16 split-K rule (gemm/split_plan.h): (units, items, items_per_round, overhead_rounds, resident, "
      "by_clusters[, max_splits]) -> (splits, waves, rounds, cost)"},
     {"int4_last_launch", int4_last_launch, METH_NOARGS, "the last int4_linear launch's plan, or None without sm_90a"},
+    {"fp8_last_launch", fp8_last_launch, METH_NOARGS, "the last fp8_scaled_mm launch, or None without sm_90a"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -171,6 +171,92 @@ def test_fp8_overlapped_promotion_gives_the_same_bits(monkeypatch, gen, m, n, k,
     assert torch.isfinite(serial).all() and torch.equal(serial, overlap)
 
 
+# FASTINFER_FP8_MULTICAST=on, checked in a child process: a cluster whose barriers were miscounted
+# would hang rather than fail, and the timeout turns that into this test's failure instead of the
+# whole session's. Each case: (M, N, K, tile, promote, per-row scales, bias, out dtype, multicast
+# expected): even and odd numbers of 128-row tiles (odd: the plain launch, same bits), a last weight
+# tile whose second half is partly past N (multicast) or wholly (the plain launch), K not a multiple
+# of 128, several pair units per cluster (the persistent loop), the overlapped promotion, fp16 output.
+MULTICAST_CASES = [
+    (256, 512, 512, "128x128", "serial", False, False, "bfloat16", True),
+    (256, 512, 512, "128x256", "serial", True, True, "bfloat16", True),
+    (1024, 1200, 1040, "128x256", "serial", True, True, "bfloat16", True),
+    (1024, 1040, 1040, "128x256", "serial", True, True, "bfloat16", False),
+    (640, 1040, 1024, "128x128", "overlap", True, False, "float16", False),
+    (768, 840, 272, "128x128", "overlap", False, True, "bfloat16", True),
+    (4096, 4096, 2048, "128x256", "serial", True, False, "bfloat16", True),
+    (4096, 3072, 1024, "128x128", "serial", False, True, "float16", True),
+    (300, 136, 640, "128x256", "serial", True, True, "bfloat16", False),
+]
+
+MULTICAST_CHILD = r"""
+import json, os, sys
+import torch
+from fastinfer import _C, ops
+cases = json.loads(sys.argv[1])
+g = torch.Generator(device="cuda").manual_seed(7)
+results = []
+for m, n, k, tile, promote, rows, bias, dtype, _ in cases:
+    os.environ["FASTINFER_FP8_GEMM_TILE"] = tile
+    os.environ["FASTINFER_FP8_PROMOTE"] = promote
+    out_dtype = getattr(torch, dtype)
+    a = (torch.randn(m, k, generator=g, device="cuda") * 2).to(torch.float8_e4m3fn)
+    b = (torch.randn(n, k, generator=g, device="cuda") * 2).to(torch.float8_e4m3fn)
+    sa = torch.rand(m if rows else 1, generator=g, device="cuda") + 0.5
+    sb = torch.rand(n if rows else 1, generator=g, device="cuda") + 0.5
+    bias_t = torch.randn(n, generator=g, device="cuda").to(out_dtype) if bias else None
+    outs, launches = [], []
+    for flag in ("off", "on"):
+        os.environ["FASTINFER_FP8_MULTICAST"] = flag
+        outs.append(ops.fp8_scaled_mm(a, b, sa, sb, bias_t, out_dtype=out_dtype))
+        torch.cuda.synchronize()
+        launches.append(_C.fp8_last_launch())
+    results.append({"equal": bool(torch.equal(outs[0], outs[1])), "finite": bool(torch.isfinite(outs[0]).all()),
+                    "off": launches[0], "on": launches[1]})
+print("RESULTS " + json.dumps(results))
+"""
+
+
+@pytest.mark.cuda
+@pytest.mark.sm90
+def test_fp8_multicast_gives_the_same_bits():
+    """FASTINFER_FP8_MULTICAST=on: 2-CTA clusters share each weight tile by TMA multicast; every stage's
+    shared memory holds what a plain CTA's would, so the outputs are equal bit for bit, and the launch
+    record says multicast ran exactly where it applies (an even number of 128-row tiles)."""
+    import json
+    import subprocess
+    import sys
+    try:
+        done = subprocess.run([sys.executable, "-c", MULTICAST_CHILD, json.dumps(MULTICAST_CASES)],
+                              capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the multicast FP8 GEMM did not finish within 240 s (a hang: barrier counts or phases)")
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULTS "))
+    results = json.loads(line[len("RESULTS "):])
+    for case, r in zip(MULTICAST_CASES, results):
+        m, n, k, tile, promote, rows, bias, dtype, expect = case
+        assert r["finite"] and r["equal"], (case, r)
+        assert r["off"]["kernel"] == r["on"]["kernel"] == "wgmma", (case, r)
+        assert not r["off"]["multicast"] and r["off"]["cluster"] == 1, (case, r)
+        assert r["on"]["multicast"] is expect, (case, r)
+        assert r["on"]["tile"] == [128, int(tile.split("x")[1])], (case, r)
+        if expect:
+            assert r["on"]["cluster"] == 2 and r["on"]["grid"] % 2 == 0 and 0 < r["on"]["grid"] <= r["off"]["grid"] + 1
+        else:
+            assert r["on"]["cluster"] == 1 and r["on"]["grid"] == r["off"]["grid"], (case, r)
+
+
+def test_fp8_last_launch_is_reported_in_every_build():
+    """fastinfer._C.fp8_last_launch(): None without the sm_90a kernels, else a dict (kernel 'none' before
+    the first launch)."""
+    info = _C.fp8_last_launch()
+    if info is None:
+        return
+    assert set(info) == {"kernel", "tile", "swapped", "splits", "grid", "cluster", "multicast", "units"}
+    assert info["kernel"] in ("none", "wgmma", "gemv")
+
+
 @pytest.mark.cuda
 @pytest.mark.sm90
 @pytest.mark.parametrize("kernel", ["wgmma 128x128", "wgmma 128x256", "gemv"])

@@ -62,6 +62,20 @@ def test_fp8_gemm_is_qgmma_fed_by_tma(sass):
         assert not re.search(r"\b(LDL|STL)\b", body), f"local memory (spills) in {name}"
 
 
+def test_fp8_gemm_multicast_path(sass):
+    """FASTINFER_FP8_MULTICAST: the Y half is a multicast TMA load, and the consumers' arrivals on the
+    peer CTA's barrier (SYNCS...RED) are not fenced GPU-wide: `.release.cluster` on that arrive compiles
+    to MEMBAR.ALL.GPU, a fence per warp and k-tile in the main loop (fp8_sm90.cuh, arrive_remote)."""
+    for name, body in kernels_named(sass, "fp8_gemm_kernel").items():
+        assert "UTMALDG.2D.MULTICAST" in body, name
+        lines = [line for line in body.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", line)]
+        remote = [i for i, line in enumerate(lines) if "SYNCS.ARRIVE.TRANS64.RED" in line]
+        assert remote, f"no arrival on the peer's barrier in {name}"
+        for i in remote:
+            window = " ".join(lines[max(0, i - 6):i])
+            assert "MEMBAR.ALL.GPU" not in window, f"GPU-wide fence before the remote arrive in {name}"
+
+
 def test_fp8_gemv_unpacks_e4m3_into_hmma(sass):
     """sm_90 has no native FP8 mma.sync: the decode GEMV's m16n8k32.e4m3 becomes F2FP unpacks to f16
     and HMMA.16816.F32 (what fp8_gemv.cuh's accuracy and instruction-budget notes rest on), its

@@ -140,3 +140,26 @@ def test_report_shows_the_settings_ab(tmp_path):
     md = (out / "report.md").read_text()
     assert "## Settings A/B" in md and "| new default: INT4 split-K waves priced in resident clusters | int4 | 1 |" in md
     assert json.loads((out / "report.json").read_text())["ab"][2]["wins"] == "1 of 1"
+
+
+def test_batch32_targets_bf16_and_quantized():
+    """Issue 9's batch-32 line: the bf16 row says what the bf16 roofline allows (3x HF compile can lie
+    above it), and a second row judges the INT4 / FP8 runs against the same bf16 HF baseline (eager
+    and unfused rows never count)."""
+    def frag(rows):
+        return {"e2e": {"rows": rows}}
+    rows = [{"impl": "fastinfer bf16", "batch": 32, "tok_s": 5700.0, "vs_hf_compile": 1.71, "roofline_tok_s": 8600.0},
+            {"impl": "fastinfer fp8", "batch": 32, "tok_s": 10500.0, "vs_hf_compile": 3.15},
+            {"impl": "fastinfer int4", "batch": 32, "tok_s": 6000.0, "vs_hf_compile": 1.8},
+            {"impl": "fastinfer int4 eager", "batch": 32, "tok_s": 20000.0, "vs_hf_compile": 6.0},
+            {"impl": "fastinfer fp8", "batch": 1, "tok_s": 400.0, "vs_hf_compile": 9.0}]
+    v = {k[1]: t for k, t in verdicts(frag(rows)).items()}
+    bf16 = v["batch-32 bf16 decode"]
+    assert bf16["verdict"] == "MISSED" and "roofline allows 2.58x" in bf16["measured"], bf16
+    quant = v["batch-32 decode, INT4 / FP8 weights"]
+    assert quant["verdict"] == "met" and "3.15x" in quant["measured"] and "fastinfer fp8" in quant["measured"], quant
+    rows[1]["vs_hf_compile"] = 2.9
+    assert {k[1]: t for k, t in verdicts(frag(rows)).items()}["batch-32 decode, INT4 / FP8 weights"]["verdict"] == "MISSED"
+    assert v["batch-1 bf16 decode, Llama-3-8B shape"]["verdict"] == "not measured"
+    assert {k[1]: t for k, t in verdicts(frag([])).items()}["batch-32 decode, INT4 / FP8 weights"]["verdict"] == \
+        "not measured"

@@ -72,6 +72,7 @@ void fp8_scaled_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, co
   p.split_k = env_choice("fp8_scaled_mm", "FASTINFER_FP8_SPLIT_K", {"auto", "off", "on"});  // kSplitK* order
   p.gemv = env_choice("fp8_scaled_mm", "FASTINFER_FP8_GEMV", {"off", "on"}) == 1;
   p.overlap_promotion = env_choice("fp8_scaled_mm", "FASTINFER_FP8_PROMOTE", {"serial", "overlap"}) == 1;
+  p.multicast = env_choice("fp8_scaled_mm", "FASTINFER_FP8_MULTICAST", {"off", "on"}) == 1;
   check_launch(launch_fp8_gemm_sm90(p, stream_of(a)), "fp8_scaled_mm");
 }
 #endif

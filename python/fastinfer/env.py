@@ -35,6 +35,10 @@ SETTINGS = {
     "FASTINFER_FP8_PROMOTE": ("serial", "serial | overlap",
                               "FP8 GEMM (128-column tiles): promote a k-tile's wgmma sums after waiting for them "
                               "(serial), or issue the next k-tile into a second accumulator set first (overlap)"),
+    "FASTINFER_FP8_MULTICAST": ("off", "off | on",
+                                "FP8 GEMM for M > 64: 2-CTA clusters on vertically adjacent tiles sharing each weight "
+                                "tile by TMA multicast (half the weight bytes from L2 per CTA; same bits; off until "
+                                "measured on a GPU)"),
     "FASTINFER_FP8_GEMV": ("off", "off | on",
                            "FP8 GEMM for M <= 16 on the mma.sync decode GEMV (gemm/fp8_gemv.cuh) instead of wgmma "
                            "(off until measured on a GPU)"),

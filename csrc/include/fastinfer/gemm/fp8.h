@@ -57,7 +57,27 @@ struct Fp8GemmParams {
   // tensor cores fed across k-tiles; false (zero-initialised): wait for each k-tile, then promote.
   // Off by default until measured (FASTINFER_FP8_PROMOTE=overlap).
   bool overlap_promotion;
+  // M > 64 without a split and with an even number of 128-row tiles: 2-CTA clusters on vertically
+  // adjacent tiles, each CTA loading half of their shared weight tile by TMA multicast into both
+  // (fp8_sm90.cuh: the same shared-memory image, so the same bits). Off by default until measured
+  // (FASTINFER_FP8_MULTICAST=on).
+  bool multicast;
 };
+
+// What the last fp8_scaled_mm launch ran (fastinfer._C.fp8_last_launch()); kernel kNone before the first.
+struct Fp8LaunchInfo {
+  enum Kernel : int { kNone = 0, kWgmma = 1, kGemv = 2 };
+  int kernel;
+  int block_p, block_q;  // output tile: P rows (of a, or of b when swapped) x Q
+  bool swapped;          // M <= 64: the weights on wgmma's M side
+  int splits;            // CTAs per tile (split K)
+  int grid;              // CTAs launched
+  int cluster;           // CTAs per cluster (1: none)
+  bool multicast;
+  int units;             // work units (tiles x splits)
+};
+Fp8LaunchInfo fp8_last_launch();
+void fp8_record_launch(const Fp8LaunchInfo& info);  // by the launchers (sm_90a unit)
 constexpr int kSplitKAuto = 0, kSplitKOff = 1, kSplitKOn = 2;  // Fp8GemmParams::split_k
 constexpr int kFp8GemvMaxM = 16;
 // sm_90a only (built when FASTINFER_HAS_SM90). cudaErrorInvalidValue for unsupported parameters.

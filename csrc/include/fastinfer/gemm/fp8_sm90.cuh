@@ -18,6 +18,8 @@
 //     accumulate, so summing all of K inside wgmma loses accuracy that torch._scaled_mm (cuBLAS,
 //     without fast accumulation) keeps; promoting every 128 of K stays as accurate.
 //   Epilogue: scales (per token x per channel, or per tensor), bias, bf16, straight from registers.
+// Multicast (Fp8GemmParams::multicast, off by default): 2-CTA clusters on vertically adjacent tiles
+//   that load one shared Y tile half each, by TMA multicast into both CTAs (see multicast_unit).
 // Work units: output tiles in a grouped raster (kGroup tiles of P share each sweep over Q, so the
 // CTAs running together reuse Y panels from L2), times a split of K when tiles alone cannot fill
 // the SMs (decode shapes such as N = 4096, K = 14336). A split launch has one CTA per (tile, split),
@@ -86,6 +88,9 @@ struct Config {
 // How the output is cut into work units; shared by host (grid size) and device (unit -> tile).
 struct Schedule {
   int tiles_p, tiles_q, splits, k_tiles;
+  // Fp8GemmParams::multicast in effect (splits == 1, tiles_p even, unswapped tiles): the grid is made of
+  // 2-CTA clusters, each walking units of two P-tiles that share one Q-tile (multicast_unit below).
+  int multicast;
   __host__ __device__ int num_units() const { return tiles_p * tiles_q * splits; }
 };
 
@@ -108,6 +113,67 @@ __device__ __forceinline__ Unit unit_at(const Schedule& s, int u) {
   w.k_begin = static_cast<int>(static_cast<int64_t>(split) * s.k_tiles / s.splits);
   w.k_end = static_cast<int>(static_cast<int64_t>(split + 1) * s.k_tiles / s.splits);
   return w;
+}
+
+// ---- TMA multicast over a 2-CTA cluster (Fp8GemmParams::multicast) --------------------------------
+// The two CTAs of a cluster take P-tiles 2 i and 2 i + 1 of one Q column at a time: the same Y tile
+// (the weights' kBlockQ x 128 bytes per k-tile, 2/3 of a 128 x 256 tile's stage) feeds both. Each
+// producer loads its own X tile and half of the Y tile, the latter multicast into the same offset of
+// both CTAs' shared memory and completing on both CTAs' `full` barriers (each expects a whole stage:
+// X + two Y halves). A stage may be overwritten only when the consumers of both CTAs are done with it,
+// so each consumer warp releases it on its own and on the peer's `empty` barrier (16 arrivals per
+// phase instead of 8). The shared-memory image of every stage, and so every wgmma and every sum, is
+// the one a CTA without multicast builds: the outputs are equal bit for bit. Halves the L2 -> SM
+// bytes of Y: per 128 x 256 k-tile 32 KiB instead of 48 KiB a CTA.
+// Pair unit u of the cluster: the unit_at of the schedule with tiles_p / 2 rows of pairs, then this
+// CTA's P-tile of the pair.
+__device__ __forceinline__ Unit multicast_unit(const Schedule& s, int u, int rank) {
+  Schedule pairs = s;
+  pairs.tiles_p = s.tiles_p / 2;
+  Unit w = unit_at(pairs, u);
+  w.p = 2 * w.p + rank;
+  return w;
+}
+
+// This CTA's units (persistent loop): u = first, first + stride, ... < count. With multicast, units
+// are pairs and the loop runs per cluster (both CTAs walk the same sequence, in the same order).
+struct Walk {
+  int first, stride, count, rank;
+  __device__ __forceinline__ Unit unit(const Schedule& s, int u) const {
+    return s.multicast ? multicast_unit(s, u, rank) : unit_at(s, u);
+  }
+};
+__device__ __forceinline__ Walk make_walk(const Schedule& s) {
+  if (!s.multicast) return Walk{static_cast<int>(blockIdx.x), static_cast<int>(gridDim.x), s.num_units(), 0};
+  // Clusters of 2 along x: CTA rank blockIdx.x % 2 of cluster blockIdx.x / 2.
+  return Walk{static_cast<int>(blockIdx.x) / 2, static_cast<int>(gridDim.x) / 2, s.num_units() / 2,
+              static_cast<int>(blockIdx.x) % 2};
+}
+
+// The peer CTA's copy of a shared-memory barrier (mapa), and an arrival on it with the default
+// semantics (release at CTA scope), as CUTLASS's ClusterBarrier::arrive(cta_id) does: what it orders is
+// this warp's finished reads of the stage (its wgmmas were waited for) before the peer's TMA rewrites it.
+// (.release.cluster compiles to MEMBAR.ALL.GPU before every arrival, SASS 2026-11-28: a GPU-wide fence
+// per warp and k-tile.)
+__device__ __forceinline__ uint32_t peer_barrier(uint64_t* bar, int peer_rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
+               : "=r"(remote)
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar))), "r"(peer_rank));
+  return remote;
+}
+__device__ __forceinline__ void arrive_remote(uint32_t remote_bar) {
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(remote_bar) : "memory");
+}
+
+// A consumer warp is done with stage `stage`: one arrival (lane 0) on this CTA's `empty` barrier and,
+// with multicast, on the peer's (whose producer writes half of this CTA's Y tile).
+__device__ __forceinline__ void release_stage(uint64_t* empty, int stage, bool multicast, int peer_rank, int lane) {
+  __syncwarp();
+  if (lane == 0) {
+    ptx::mbarrier_arrive(&empty[stage]);
+    if (multicast) arrive_remote(peer_barrier(&empty[stage], peer_rank));
+  }
 }
 
 // wgmma matrix descriptor of a K-major tile with 128-byte swizzle: start address (>> 4), leading
@@ -267,7 +333,8 @@ __device__ __forceinline__ void reduce_split_k(const float (&acc)[Cfg::kBlockQ /
 template <class Cfg, class Mma>
 __device__ __forceinline__ void mainloop_overlapped(float (&acc)[Cfg::kBlockQ / 2], float (&part)[Mma::kRegs],
                                                     uint8_t* smem, uint64_t* full, uint64_t* empty, int& stage,
-                                                    uint32_t& phase, const Unit& w, int consumer, int lane) {
+                                                    uint32_t& phase, const Unit& w, int consumer, int lane,
+                                                    bool multicast, int peer) {
   static_assert(Cfg::kHalves == 1 && Mma::kRegs == Cfg::kBlockQ / 2, "one wgmma per k-step covers the tile");
   float part2[Mma::kRegs];
   // Issue k-tile (stage) into dst; returns the stage it used and advances the ring.
@@ -295,8 +362,7 @@ __device__ __forceinline__ void mainloop_overlapped(float (&acc)[Cfg::kBlockQ / 
     for (int i = 0; i < Mma::kRegs; ++i) wgmma::fence_operand(src[i]);
 #pragma unroll
     for (int i = 0; i < Mma::kRegs; ++i) acc[i] += src[i];
-    __syncwarp();
-    if (lane == 0) ptx::mbarrier_arrive(&empty[used]);
+    release_stage(empty, used, multicast, peer, lane);
   };
   int kt = w.k_begin;
   if (kt == w.k_end) return;
@@ -333,23 +399,31 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + Cfg::kStages * Cfg::kStageBytes);
   uint64_t* empty = full + kMaxStages;
   const int warpgroup = threadIdx.x / kWarpgroup;
+  const bool multicast = s.multicast != 0;  // uniform over the grid
+  const Walk walk = make_walk(s);
+  const int peer = walk.rank ^ 1;  // with multicast: the other CTA of the cluster
 
   if (threadIdx.x == 0) {
     for (int i = 0; i < Cfg::kStages; ++i) {
-      ptx::mbarrier_init(&full[i], 1);                       // the producer's arrive_expect_tx
-      ptx::mbarrier_init(&empty[i], Cfg::kConsumers * 4);    // one arrival per consumer warp
+      ptx::mbarrier_init(&full[i], 1);  // the producer's arrive_expect_tx
+      // One arrival per consumer warp, of this CTA and with multicast also of the peer.
+      ptx::mbarrier_init(&empty[i], Cfg::kConsumers * 4 * (multicast ? 2 : 1));
     }
-    ptx::fence_mbarrier_init(ptx::sem_release, ptx::scope_cluster);  // visible to the TMA unit
+    ptx::fence_mbarrier_init(ptx::sem_release, ptx::scope_cluster);  // visible to the TMA unit (and the peer)
   }
-  __syncthreads();
+  if (multicast) {
+    cluster_barrier();  // both CTAs' barriers exist before either multicasts into or arrives on the other
+  } else {
+    __syncthreads();
+  }
 
   if (warpgroup == 0) {  // producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
     if (threadIdx.x == 0) {
       int stage = 0;
       uint32_t phase = 0;
-      for (int u = blockIdx.x; u < s.num_units(); u += gridDim.x) {
-        const Unit w = unit_at(s, u);
+      for (int u = walk.first; u < walk.count; u += walk.stride) {
+        const Unit w = walk.unit(s, u);
         for (int kt = w.k_begin; kt < w.k_end; ++kt) {
           wait_barrier(&empty[stage], phase ^ 1);  // a fresh barrier counts as released once
           ptx::mbarrier_arrive_expect_tx(ptx::sem_release, ptx::scope_cta, ptx::space_shared, &full[stage],
@@ -358,8 +432,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
           const int32_t x_coords[2] = {kt * kBlockK, w.p * Cfg::kBlockP};
           const int32_t y_coords[2] = {kt * kBlockK, w.q * Cfg::kBlockQ};
           ptx::cp_async_bulk_tensor(ptx::space_cluster, ptx::space_global, x, &map_x, x_coords, &full[stage]);
-          ptx::cp_async_bulk_tensor(ptx::space_cluster, ptx::space_global, x + Cfg::kXBytes, &map_y, y_coords,
-                                    &full[stage]);
+          if (multicast) {  // this CTA's half of the Y tile (map_y's box: kBlockQ / 2 rows), into both CTAs
+            constexpr int kHalfRows = Cfg::kBlockQ / 2;
+            const int32_t half_coords[2] = {kt * kBlockK, w.q * Cfg::kBlockQ + walk.rank * kHalfRows};
+            ptx::cp_async_bulk_tensor(ptx::space_cluster, ptx::space_global, x + Cfg::kXBytes + walk.rank * kHalfRows * kBlockK,
+                                      &map_y, half_coords, &full[stage], static_cast<uint16_t>(0b11));
+          } else {
+            ptx::cp_async_bulk_tensor(ptx::space_cluster, ptx::space_global, x + Cfg::kXBytes, &map_y, y_coords,
+                                      &full[stage]);
+          }
           if (++stage == Cfg::kStages) {
             stage = 0;
             phase ^= 1;
@@ -370,6 +451,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     if (s.splits > 1) {  // the cluster barriers of the split-K reduction count every thread
       __syncwarp();
       cluster_barrier();
+      cluster_barrier();
+    }
+    if (multicast) {  // the last barrier of a multicast kernel (below): every thread of both CTAs
+      __syncwarp();
       cluster_barrier();
     }
     return;
@@ -384,14 +469,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   float acc[Cfg::kBlockQ / 2], part[Mma::kRegs];
 #pragma unroll
   for (int i = 0; i < Mma::kRegs; ++i) part[i] = 0.0f;
-  for (int u = blockIdx.x; u < s.num_units(); u += gridDim.x) {
-    const Unit w = unit_at(s, u);
+  for (int u = walk.first; u < walk.count; u += walk.stride) {
+    const Unit w = walk.unit(s, u);
 #pragma unroll
     for (int i = 0; i < Cfg::kBlockQ / 2; ++i) acc[i] = 0.0f;
     bool overlapped = false;
     if constexpr (Cfg::kHalves == 1) {
       if (p.overlap_promotion) {  // uniform over the grid
-        mainloop_overlapped<Cfg, Mma>(acc, part, smem, full, empty, stage, phase, w, consumer, lane);
+        mainloop_overlapped<Cfg, Mma>(acc, part, smem, full, empty, stage, phase, w, consumer, lane, multicast, peer);
         overlapped = true;
       }
     }
@@ -420,8 +505,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #pragma unroll
           for (int i = 0; i < Mma::kRegs; ++i) acc[half * Mma::kRegs + i] += part[i];
         }
-        __syncwarp();
-        if (lane == 0) ptx::mbarrier_arrive(&empty[stage]);
+        release_stage(empty, stage, multicast, peer, lane);
         if (++stage == Cfg::kStages) {
           stage = 0;
           phase ^= 1;
@@ -434,6 +518,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       reduce_split_k<Cfg, OutT>(acc, smem, p, w, consumer, s.splits);
     }
   }
+  // Multicast: neither CTA exits while the other may still arrive on its barriers (the peer's last
+  // releases) or write into its shared memory.
+  if (multicast) cluster_barrier();
 #else
   __trap();  // built for sm_90a only; launch_fp8_gemm_sm90 never launches it elsewhere
 #endif
@@ -510,6 +597,7 @@ Schedule make_schedule(const Fp8GemmParams& p, const ClusterLimits* limits) {
   int splits = limits == nullptr ? 1 : std::max(1, std::min({by_sms, by_k, kMaxSplits}));
   while (splits > 1 && tiles > limits->max_clusters[splits]) --splits;
   s.splits = splits;
+  s.multicast = 0;
   return s;
 }
 
@@ -519,15 +607,32 @@ cudaError_t run(const Fp8GemmParams& p, cudaStream_t stream) {
   // sped the down projection 14336 -> 4096 up by 2-6% at M 1 and 16, and slowed it by 4% at M 64,
   // qkv / o (K 4096) by 0-11% at M 1-16 and 28-40% at M 64.
   const bool split = p.split_k == kSplitKOn || (p.split_k == kSplitKAuto && p.M <= 16 && p.K >= 8192);
-  const Schedule s = make_schedule<Cfg>(p, split ? &cluster_limits<Cfg, OutT>() : nullptr);
+  Schedule s = make_schedule<Cfg>(p, split ? &cluster_limits<Cfg, OutT>() : nullptr);
+  // Multicast (p.multicast): unswapped tiles only (swapped, Y is the few rows of activations: little to
+  // share), no split, an even number of P-tiles (each cluster takes two), 2-CTA clusters resident, and
+  // no Y half wholly past the matrix (the last Y tile's second half holds a row of it: every TMA box
+  // of the kernel then overlaps the tensor, as without multicast).
+  const int y_tail = p.N % Cfg::kBlockQ;
+  const int pair_clusters = p.multicast && !Cfg::kSwapAB && s.splits == 1 && s.tiles_p % 2 == 0 &&
+                                    (y_tail == 0 || y_tail > Cfg::kBlockQ / 2)
+                                ? cluster_limits<Cfg, OutT>().max_clusters[2]
+                                : 0;
+  s.multicast = pair_clusters > 0 ? 1 : 0;
   CUtensorMap map_x, map_y;
   FI_CUDA_TRY(make_tensor_map(&map_x, Cfg::kSwapAB ? p.b : p.a, Cfg::kSwapAB ? p.N : p.M, p.K, Cfg::kBlockP));
-  FI_CUDA_TRY(make_tensor_map(&map_y, Cfg::kSwapAB ? p.a : p.b, Cfg::kSwapAB ? p.M : p.N, p.K, Cfg::kBlockQ));
+  FI_CUDA_TRY(make_tensor_map(&map_y, Cfg::kSwapAB ? p.a : p.b, Cfg::kSwapAB ? p.M : p.N, p.K,
+                              s.multicast ? Cfg::kBlockQ / 2 : Cfg::kBlockQ));
   auto* kernel = fp8_gemm_kernel<Cfg, OutT>;
   FI_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
-  // Persistent (one CTA per SM at most) without a split; one CTA per unit, clusters of `splits`, with.
-  const int grid = s.splits > 1 ? s.num_units() : std::min(s.num_units(), p.num_sms);
-  const ClusterLaunch launch(dim3(static_cast<unsigned>(grid)), Cfg::kThreads, Cfg::kSmemBytes, stream, s.splits);
+  // Persistent (one CTA per SM at most) without a split; one CTA per unit, clusters of `splits`, with;
+  // persistent 2-CTA clusters, as many as are resident at once (GPCs are uneven), with multicast.
+  const int grid = s.multicast    ? 2 * std::min(s.num_units() / 2, pair_clusters)
+                   : s.splits > 1 ? s.num_units()
+                                  : std::min(s.num_units(), p.num_sms);
+  const int cluster = s.multicast ? 2 : s.splits;
+  const ClusterLaunch launch(dim3(static_cast<unsigned>(grid)), Cfg::kThreads, Cfg::kSmemBytes, stream, cluster);
+  fp8_record_launch(Fp8LaunchInfo{Fp8LaunchInfo::kWgmma, Cfg::kBlockP, Cfg::kBlockQ, Cfg::kSwapAB, s.splits, grid, cluster,
+                              s.multicast != 0, s.num_units()});
   FI_CUDA_TRY(cudaLaunchKernelEx(&launch.config, kernel, map_x, map_y, p, s));
   return cudaSuccess;
 }
