@@ -181,11 +181,16 @@ def fastinfer_decode(llm, batch: int, prompt_len: int, steps: int, warm: int) ->
 def summarize_kernels(kernels: list[tuple[str, float, float]], steps: int, top: int = 12) -> dict:
     """Per decode step, from (name, start us, end us) of every GPU kernel of `steps` steps: how many,
     their summed time, the GPU span (first start to last end, gaps included) and the kernels that
-    take the most time (names without template arguments or parameter lists)."""
+    take the most time (names without template arguments or parameter lists). Also the gaps between
+    consecutive kernels (start minus the previous kernel's end, in start order): without PDL each
+    kernel starts after the last one ends; with FASTINFER_PDL=1 a dependent kernel may start while
+    its predecessor runs (a negative gap), and its measured time then includes its wait."""
     if not kernels:
         return {"kernels_per_step": 0}
     busy = sum(end - start for _, start, end in kernels)
     span = max(end for _, _, end in kernels) - min(start for _, start, _ in kernels)
+    ordered = sorted(kernels, key=lambda k: k[1])
+    gaps = [b[1] - a[2] for a, b in zip(ordered, ordered[1:])]
     groups: dict[str, list[float]] = {}
     for name, start, end in kernels:
         short = name.split("<")[0].split("(")[0].strip()
@@ -194,6 +199,8 @@ def summarize_kernels(kernels: list[tuple[str, float, float]], steps: int, top: 
     ranked = sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:top]
     return {"kernels_per_step": len(kernels) / steps, "kernel_us_per_step": busy / steps,
             "span_us_per_step": span / steps, "busy": busy / span if span > 0 else None,
+            "gap_us_mean": sum(gaps) / len(gaps) if gaps else None,
+            "overlapped": sum(g < 0 for g in gaps) / len(gaps) if gaps else None,
             "top": [{"kernel": k, "per_step": len(v) / steps, "us_per_step": sum(v) / steps} for k, v in ranked]}
 
 
@@ -487,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
                 record(impl, max_batch, error=f"LLM: {type(exc).__name__}: {exc}")
                 restore_env(saved_env)
                 return
-            if q == "bf16" and suffix in ("", " unfused") and device.type == "cuda":
+            if q == "bf16" and suffix in ("", " unfused", " + PDL") and device.type == "cuda":
                 try:  # what one graphed batch-1 step launches and spends its time on
                     profiles[impl] = profile_decode(llm, args.prompt_len)
                 except Exception as exc:
@@ -576,7 +583,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         notes.append(f"profile {impl}, batch 1: {prof['kernels_per_step']:.0f} kernels per step, "
                      f"{prof['kernel_us_per_step']:.0f} us of kernels in a {prof['span_us_per_step']:.0f} us GPU span "
-                     f"({prof['busy']:.0%} busy); most time: " + ", ".join(
+                     f"({prof['busy']:.0%} busy"
+                     + (f"; gaps between kernels: mean {prof['gap_us_mean']:.2f} us, {prof['overlapped']:.0%} "
+                        f"overlapping the previous kernel" if prof.get("gap_us_mean") is not None else "")
+                     + "); most time: " + ", ".join(
                          f"{t['kernel']} {t['us_per_step']:.0f} us ({t['per_step']:.0f}x)" for t in prof["top"][:6]))
         print(notes[-1])
     notes += [f"ERROR {e}" for e in errors]

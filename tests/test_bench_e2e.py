@@ -77,6 +77,10 @@ def test_summarize_kernels():
     assert s["busy"] == pytest.approx(29 / 40)
     assert s["top"][0] == {"kernel": "fastinfer::gemv::dense_gemv_kernel", "per_step": 1.5, "us_per_step": 14.0}
     assert s["top"][1]["kernel"] == "at::native::index_select_kernel"
+    assert s["gap_us_mean"] == pytest.approx((2 + 0 + 9) / 3) and s["overlapped"] == 0
+    # PDL: a dependent kernel that starts before its predecessor ends shows as a negative gap
+    pdl = bench_e2e.summarize_kernels([("a", 0, 10), ("b", 8, 20), ("c", 21, 25)], steps=1)
+    assert pdl["gap_us_mean"] == pytest.approx((-2 + 1) / 2) and pdl["overlapped"] == pytest.approx(0.5)
     assert bench_e2e.summarize_kernels([], steps=3) == {"kernels_per_step": 0}
 
 
