@@ -187,6 +187,13 @@ MULTICAST_CASES = [
     (4096, 4096, 2048, "128x256", "serial", True, False, "bfloat16", True),
     (4096, 3072, 1024, "128x128", "serial", False, True, "float16", True),
     (300, 136, 640, "128x256", "serial", True, True, "bfloat16", False),
+    # the overlapped loop with the ring wrapping and several units per cluster: odd (17) and even (16)
+    # k-tile counts end its two-tile loop differently
+    (4096, 4096, 2176, "128x128", "overlap", True, True, "bfloat16", True),
+    (2048, 2048, 2048, "128x128", "overlap", False, False, "bfloat16", True),
+    # the rank-1 CTA's last X tile partly past M (tiles_p = 8)
+    (1000, 2048, 1024, "128x256", "serial", True, True, "bfloat16", True),
+    (1000, 1024, 640, "128x128", "overlap", True, False, "float16", True),
 ]
 
 MULTICAST_CHILD = r"""

@@ -145,9 +145,13 @@ struct Walk {
 };
 __device__ __forceinline__ Walk make_walk(const Schedule& s) {
   if (!s.multicast) return Walk{static_cast<int>(blockIdx.x), static_cast<int>(gridDim.x), s.num_units(), 0};
-  // Clusters of 2 along x: CTA rank blockIdx.x % 2 of cluster blockIdx.x / 2.
-  return Walk{static_cast<int>(blockIdx.x) / 2, static_cast<int>(gridDim.x) / 2, s.num_units() / 2,
-              static_cast<int>(blockIdx.x) % 2};
+  // The cluster's index, the number of clusters and this CTA's rank in its cluster, as the hardware
+  // numbers them (what the multicast mask and mapa refer to), not derived from blockIdx.
+  unsigned cluster, clusters, rank;
+  asm("mov.u32 %0, %%clusterid.x;\n" : "=r"(cluster));
+  asm("mov.u32 %0, %%nclusterid.x;\n" : "=r"(clusters));
+  asm("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+  return Walk{static_cast<int>(cluster), static_cast<int>(clusters), s.num_units() / 2, static_cast<int>(rank)};
 }
 
 // The peer CTA's copy of a shared-memory barrier (mapa), and an arrival on it with the default
@@ -520,7 +524,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   }
   // Multicast: neither CTA exits while the other may still arrive on its barriers (the peer's last
   // releases) or write into its shared memory.
-  if (multicast) cluster_barrier();
+  if (multicast) {
+    __syncwarp();
+    cluster_barrier();
+  }
 #else
   __trap();  // built for sm_90a only; launch_fp8_gemm_sm90 never launches it elsewhere
 #endif
@@ -631,9 +638,9 @@ cudaError_t run(const Fp8GemmParams& p, cudaStream_t stream) {
                                   : std::min(s.num_units(), p.num_sms);
   const int cluster = s.multicast ? 2 : s.splits;
   const ClusterLaunch launch(dim3(static_cast<unsigned>(grid)), Cfg::kThreads, Cfg::kSmemBytes, stream, cluster);
-  fp8_record_launch(Fp8LaunchInfo{Fp8LaunchInfo::kWgmma, Cfg::kBlockP, Cfg::kBlockQ, Cfg::kSwapAB, s.splits, grid, cluster,
-                              s.multicast != 0, s.num_units()});
   FI_CUDA_TRY(cudaLaunchKernelEx(&launch.config, kernel, map_x, map_y, p, s));
+  fp8_record_launch(Fp8LaunchInfo{Fp8LaunchInfo::kWgmma, Cfg::kBlockP, Cfg::kBlockQ, Cfg::kSwapAB, s.splits, grid, cluster,
+                                  s.multicast != 0, s.num_units()});
   return cudaSuccess;
 }
 
