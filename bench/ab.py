@@ -24,6 +24,8 @@ PAIRS = [
      "new default: INT4 split-K waves priced in resident clusters"),
     ("int4", ("shape", "m"), "fastinfer int4_linear", "fastinfer int4_linear [small_streamk]", "us", False,
      "switch FASTINFER_INT4_KERNEL=small_streamk (M <= 8)"),
+    ("int4", ("shape", "m"), "fastinfer int4_linear", "fastinfer int4_linear [wgmma]", "us", False,
+     "switch FASTINFER_INT4_KERNEL=wgmma (every M; a default candidate above 8 rows)"),
     ("fp8", ("shape", "M"), "fastinfer tensor", "fastinfer tensor overlap", "us", False,
      "switch FASTINFER_FP8_PROMOTE=overlap"),
     ("fp8", ("shape", "M"), "fastinfer tensor", "fastinfer tensor multicast", "us", False,
@@ -44,6 +46,8 @@ PAIRS = [
      "switch FASTINFER_GEMV_NORM_PRELOAD=on, end to end"),
     ("e2e", ("batch",), "fastinfer int4", "fastinfer int4 stream-K", "tok_s", True,
      "switch FASTINFER_INT4_KERNEL=small_streamk, end to end"),
+    ("e2e", ("batch",), "fastinfer int4", "fastinfer int4 wgmma", "tok_s", True,
+     "switch FASTINFER_INT4_KERNEL=wgmma, end to end (every M: expect batch 1 / 8 slower)"),
     ("e2e", ("batch",), "fastinfer fp8", "fastinfer fp8 GEMV", "tok_s", True, "switch FASTINFER_FP8_GEMV=on, end to end"),
 ]
 

@@ -36,6 +36,8 @@ VARIANTS = {
     "fastinfer int4_linear [tiles]": {"FASTINFER_INT4_KERNEL": "tiles"},
     "fastinfer int4_linear [tiles, slot waves]": {"FASTINFER_INT4_KERNEL": "tiles", "FASTINFER_INT4_WAVES": "slots"},
     "fastinfer int4_linear [small_streamk]": {"FASTINFER_INT4_KERNEL": "small_streamk"},
+    # the sm_90a warpgroup-MMA kernel (w4a16_wgmma.cuh; written without a GPU, 2026-11-28), last
+    "fastinfer int4_linear [wgmma]": {"FASTINFER_INT4_KERNEL": "wgmma"},
 }
 
 

@@ -83,8 +83,8 @@ static PyObject* plan_int4_splits(PyObject*, PyObject* args) {
 static PyObject* int4_last_launch(PyObject*, PyObject*) {
 #ifdef FASTINFER_HAS_SM90
   const fastinfer::Int4LaunchInfo info = fastinfer::w4a16_last_launch();
-  static const char* kNames[] = {"none", "tiles", "small", "streamk"};
-  const char* name = info.kernel >= 0 && info.kernel <= 3 ? kNames[info.kernel] : "none";
+  static const char* kNames[] = {"none", "tiles", "small", "streamk", "wgmma"};
+  const char* name = info.kernel >= 0 && info.kernel <= 4 ? kNames[info.kernel] : "none";
   PyObject* resident = PyList_New(fastinfer::split_plan::kMaxSplits);
   if (resident == nullptr) return nullptr;
   for (int s = 1; s <= fastinfer::split_plan::kMaxSplits; ++s) {

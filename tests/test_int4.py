@@ -285,3 +285,83 @@ def test_rtn_and_pack_on_the_gpu_equal_the_cpu(mode):
         assert (a is None) == (b is None), name
         if a is not None:
             assert torch.equal(a, b.cpu()), name
+
+
+# ---- FASTINFER_INT4_KERNEL=wgmma (sm_90a warpgroup MMA, w4a16_wgmma.cuh), in a child process --------
+# A new mbarrier pipeline whose byte counts were wrong would hang rather than fail: the cases run in
+# a child with a timeout, so a hang costs this test, not the session. Each case checks the output
+# against the fp64 reference (check_against_reference) and that the wgmma kernel is what launched.
+WGMMA_CASES = (
+    # (m, n, k, group, mode, dtype): the reference sweep (BN 64: M <= 64; BN 128 above, several row blocks)
+    [(m, 192, 512, g, mode, dt) for m in (1, 7, 16, 17, 64, 65, 130, 257) for g in GROUP_SIZES for mode in MODES
+     for dt in ("float16", "bfloat16")]
+    # odd strip counts (the last CTA has one strip), one stage of K, a long K (split over a cluster)
+    + [(m, n, k, 32, "mins", "float16") for n, k in ((64, 64), (576, 576), (960, 576), (576, 1536), (320, 14336))
+       for m in (1, 5, 33, 100)]
+    # Llama-3-8B shapes where the tiles leave SMs idle (split K) and where they do not
+    + [(64, 4096, 14336, 128, "mins", "bfloat16"), (16, 7168, 4096, 128, "zeros", "bfloat16"),
+       (256, 4096, 4096, 128, "symmetric", "bfloat16"), (64, 6144, 4096, 64, "zeros", "float16")]
+)
+
+WGMMA_CHILD = r"""
+import json, os, sys
+sys.path.insert(0, sys.argv[2])
+import torch
+os.environ["FASTINFER_INT4_KERNEL"] = "wgmma"
+from fastinfer import _C
+from test_int4 import check_against_reference, random_weight, run_int4_linear
+results = []
+for m, n, k, group, mode, dtype in json.loads(sys.argv[1]):
+    gen = torch.Generator().manual_seed(m * 7 + n + k + group)
+    try:
+        w = random_weight(n, k, group, mode, gen)
+        x = torch.randn(m, k, generator=gen).to(getattr(torch, dtype)).cuda()
+        first = run_int4_linear(x, w)
+        info = _C.int4_last_launch()
+        check_against_reference(first, x, w)
+        again = run_int4_linear(x, w)
+        torch.cuda.synchronize()
+        error = None if torch.equal(first, again) else "not deterministic"
+    except Exception as exc:
+        info, error = None, f"{type(exc).__name__}: {str(exc)[:300]}"
+    results.append({"error": error, "info": info})
+# strided rows of x and out (x's rows 640 bytes apart, 128 bytes in; out 16 bytes in)
+try:
+    gen = torch.Generator().manual_seed(5)
+    w = random_weight(128, 256, 64, "zeros", gen)
+    x = torch.randn(9, 256 + 64, generator=gen).to(torch.bfloat16).cuda()[:, 64:]
+    out = torch.full((9, 128 + 8), float("nan"), dtype=torch.bfloat16, device="cuda")[:, 8:]
+    run_int4_linear(x, w, out=out)
+    check_against_reference(out, x, w)
+    results.append({"error": None, "info": _C.int4_last_launch()})
+except Exception as exc:
+    results.append({"error": f"strided: {type(exc).__name__}: {str(exc)[:300]}", "info": None})
+print("RESULTS " + json.dumps(results))
+"""
+
+
+@pytest.mark.cuda
+@pytest.mark.sm90
+def test_int4_wgmma_kernel_matches_the_reference():
+    """FASTINFER_INT4_KERNEL=wgmma: the dequantized weights as wgmma's register A operand, x by TMA;
+    every group size, mode and dtype, M across both tile widths, odd strip counts, split K over a
+    cluster (deterministic: two runs give the same bits), strided x and out."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    try:
+        done = subprocess.run([sys.executable, "-c", WGMMA_CHILD, json.dumps(WGMMA_CASES), str(Path(__file__).parent)],
+                              capture_output=True, text=True, timeout=420)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the wgmma W4A16 kernel did not finish within 420 s (a hang: barrier byte counts or phases)")
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("RESULTS "))[len("RESULTS "):])
+    failures = [(case, r["error"]) for case, r in zip(WGMMA_CASES + [("strided",)], results) if r["error"]]
+    assert not failures, failures[:10]
+    for case, r in zip(WGMMA_CASES + [("strided",)], results):
+        info = r["info"]
+        assert info["kernel"] == "wgmma" and info["ctas"] == info["units"] * info["splits"], (case, info)
+        assert 1 <= info["splits"] <= 8
+    split = [r["info"]["splits"] for case, r in zip(WGMMA_CASES, results) if case[:3] == (64, 4096, 14336)]
+    assert split and split[0] > 1, "the down projection at M = 64 (32 tiles) should split K"

@@ -76,6 +76,22 @@ def test_fp8_gemm_multicast_path(sass):
             assert "MEMBAR.ALL.GPU" not in window, f"GPU-wide fence before the remote arrive in {name}"
 
 
+def test_int4_wgmma_is_hgmma_with_register_a(sass):
+    """FASTINFER_INT4_KERNEL=wgmma (w4a16_wgmma.cuh): the dequantized weights are wgmma's A operand from
+    registers (HGMMA ... Rd, Ra, gdesc), x comes by TMA and the codes and parameters by bulk copies,
+    and the fragments are read from shared memory with LDS (not generic loads)."""
+    kernels = kernels_named(sass, "w4a16_wgmma_kernel")
+    assert len(kernels) == 12, sorted(kernels)  # fp16 / bf16 x 3 modes x BN 64 / 128
+    for name, body in kernels.items():
+        bn = "128" if "Li128E" in name else "64"
+        hgmma = re.findall(r"HGMMA\.64x(\d+)x16\.F32\S*\s+R\d+,\s+R\d+,\s+gdesc", body)
+        assert hgmma and set(hgmma) == {bn}, (name, hgmma)
+        for instruction in ("UTMALDG.2D", "UBLKCP", "LDS", "USETMAXREG"):
+            assert instruction in body, f"{instruction} missing in {name}"
+        main_loop = body[:body.index("BAR.SYNC.DEFER_BLOCKING 0x1")] if "BAR.SYNC.DEFER_BLOCKING 0x1" in body else body
+        assert not re.search(r"\bLD\.E\b", main_loop), f"generic loads in the K loop of {name}"
+
+
 def test_fp8_gemv_unpacks_e4m3_into_hmma(sass):
     """sm_90 has no native FP8 mma.sync: the decode GEMV's m16n8k32.e4m3 becomes F2FP unpacks to f16
     and HMMA.16816.F32 (what fp8_gemv.cuh's accuracy and instruction-budget notes rest on), its

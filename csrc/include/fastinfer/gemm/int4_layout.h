@@ -24,7 +24,8 @@ enum class Int4Mode : int {
 // Which CUDA kernel runs int4_linear: auto = the GEMV kernel (w4a16_small.cuh) with deferred scales
 // (multiplying by the biased codes, the group parameters applied to the fp32 sums) for M <= 8 rows
 // of x, the tile kernel (w4a16.cuh) above; tiles / small (the GEMV kernel dequantizing each weight) /
-// small_deferred force one at every M.
-enum class Int4Kernel : int { kAuto = 0, kTiles = 1, kSmall = 2, kSmallDeferred = 3, kSmallStreamK = 4 };
+// small_deferred force one at every M; small_streamk: stream-K GEMV at M <= 8; wgmma: the sm_90a
+// warpgroup-MMA kernel (w4a16_wgmma.cuh) at every M.
+enum class Int4Kernel : int { kAuto = 0, kTiles = 1, kSmall = 2, kSmallDeferred = 3, kSmallStreamK = 4, kWgmma = 5 };
 
 }  // namespace fastinfer

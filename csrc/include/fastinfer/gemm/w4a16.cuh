@@ -452,6 +452,10 @@ cudaError_t launch_tiles(const W4A16Params& p, int m_blocks, cudaStream_t stream
 }  // namespace w4a16
 }  // namespace fastinfer
 
+// The dispatch below names every kernel of both W4A16 units, so including it instantiates all of
+// them: the warpgroup-MMA unit (w4a16_wgmma.cuh, which uses the helpers above) defines
+// FASTINFER_W4A16_HELPERS_ONLY to compile its own kernels alone.
+#ifndef FASTINFER_W4A16_HELPERS_ONLY
 #include "fastinfer/gemm/w4a16_small.cuh"
 
 namespace fastinfer {
@@ -464,6 +468,7 @@ cudaError_t launch_mode(const W4A16Params& p, cudaStream_t stream) {
   // projections at M = 1 took 13.3 + 13.5 + 34.0 + 27.6 = 88.4 us, against 96.0 for the plain GEMV
   // kernel with the earlier split rule and 106.4 for the tile kernel; at M = 16 the tile kernel wins
   // (qkv 20.2, down 32.0 us against 20.8 and 50.6).
+  if (p.kernel == Int4Kernel::kWgmma) return launch_w4a16_wgmma(p, stream);  // w4a16_wgmma.cu
   if (p.kernel == Int4Kernel::kSmallStreamK && p.m <= 8) return small::launch_streamk<T, kMode>(p, stream);
   const bool deferred = p.kernel == Int4Kernel::kSmallDeferred || p.kernel == Int4Kernel::kSmallStreamK ||
                         (p.kernel == Int4Kernel::kAuto && p.m <= 8);
@@ -514,3 +519,4 @@ inline cudaError_t launch_w4a16_gemm_impl(const W4A16Params& p, cudaStream_t str
 }
 
 }  // namespace fastinfer
+#endif  // FASTINFER_W4A16_HELPERS_ONLY

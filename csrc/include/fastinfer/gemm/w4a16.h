@@ -79,7 +79,7 @@ struct W4A16Params {
 
 // What the last launch ran (fastinfer._C.int4_last_launch()); kernel kNone before the first launch.
 struct Int4LaunchInfo {
-  enum Kernel : int { kNone = 0, kTiles = 1, kSmall = 2, kStreamK = 3 };
+  enum Kernel : int { kNone = 0, kTiles = 1, kSmall = 2, kStreamK = 3, kWgmma = 4 };
   int kernel;
   int splits;                 // CTAs per output unit (one cluster; 1 for stream-K)
   int64_t ctas;               // grid size
@@ -92,5 +92,8 @@ Int4LaunchInfo w4a16_last_launch();
 
 // cudaErrorInvalidValue for shapes or dtypes the kernel does not support. Never synchronizes.
 cudaError_t launch_w4a16_gemm(const W4A16Params& p, cudaStream_t stream);
+// The warpgroup-MMA kernel (Int4Kernel::kWgmma; w4a16_wgmma.cuh, its own translation unit), shape
+// checks already done by launch_w4a16_gemm.
+cudaError_t launch_w4a16_wgmma(const W4A16Params& p, cudaStream_t stream);
 
 }  // namespace fastinfer
