@@ -301,7 +301,13 @@ WGMMA_CASES = (
     # Llama-3-8B shapes where the tiles leave SMs idle (split K) and where they do not
     + [(64, 4096, 14336, 128, "mins", "bfloat16"), (16, 7168, 4096, 128, "zeros", "bfloat16"),
        (256, 4096, 4096, 128, "symmetric", "bfloat16"), (64, 6144, 4096, 64, "zeros", "float16")]
+    # several stages per CTA after the split (the second register set, the ring wrapping its 6 slots)
+    + [(m, 192, 4096, g, mode, "bfloat16") for m in (17, 130) for g in GROUP_SIZES for mode in MODES]
 )
+# Tiles that fill the SMs (no split: the prefill regime; the direct store of both strips, one strip in
+# the last tile for N / 64 odd): (m, n, k, group, mode, dtype).
+WGMMA_UNSPLIT = [(300, 8192, 1024, 64, "zeros", "bfloat16"), (48, 17408, 512, 32, "symmetric", "float16"),
+                 (300, 8256, 1024, 128, "mins", "bfloat16")]
 
 WGMMA_CHILD = r"""
 import json, os, sys
@@ -351,17 +357,23 @@ def test_int4_wgmma_kernel_matches_the_reference():
     import sys
     from pathlib import Path
     try:
-        done = subprocess.run([sys.executable, "-c", WGMMA_CHILD, json.dumps(WGMMA_CASES), str(Path(__file__).parent)],
+        done = subprocess.run([sys.executable, "-c", WGMMA_CHILD, json.dumps(WGMMA_CASES + WGMMA_UNSPLIT),
+                               str(Path(__file__).parent)],
                               capture_output=True, text=True, timeout=420)
     except subprocess.TimeoutExpired:
         pytest.fail("the wgmma W4A16 kernel did not finish within 420 s (a hang: barrier byte counts or phases)")
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("RESULTS "))[len("RESULTS "):])
-    failures = [(case, r["error"]) for case, r in zip(WGMMA_CASES + [("strided",)], results) if r["error"]]
+    cases = WGMMA_CASES + WGMMA_UNSPLIT + [("strided",)]
+    failures = [(case, r["error"]) for case, r in zip(cases, results) if r["error"]]
     assert not failures, failures[:10]
-    for case, r in zip(WGMMA_CASES + [("strided",)], results):
+    for case, r in zip(cases, results):
         info = r["info"]
         assert info["kernel"] == "wgmma" and info["ctas"] == info["units"] * info["splits"], (case, info)
         assert 1 <= info["splits"] <= 8
-    split = [r["info"]["splits"] for case, r in zip(WGMMA_CASES, results) if case[:3] == (64, 4096, 14336)]
-    assert split and split[0] > 1, "the down projection at M = 64 (32 tiles) should split K"
+        if case in WGMMA_UNSPLIT:
+            assert info["splits"] == 1 and info["units"] >= torch.cuda.get_device_properties(0).multi_processor_count, \
+                (case, info)
+    split = [r["info"]["splits"] for case, r in zip(cases, results) if case[:3] == (64, 4096, 14336)]
+    if torch.cuda.get_device_properties(0).multi_processor_count >= 64:  # a whole Hopper, not a MIG slice
+        assert split and split[0] > 1, "the down projection at M = 64 (32 tiles) should split K"

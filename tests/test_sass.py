@@ -90,6 +90,26 @@ def test_int4_wgmma_is_hgmma_with_register_a(sass):
             assert instruction in body, f"{instruction} missing in {name}"
         main_loop = body[:body.index("BAR.SYNC.DEFER_BLOCKING 0x1")] if "BAR.SYNC.DEFER_BLOCKING 0x1" in body else body
         assert not re.search(r"\bLD\.E\b", main_loop), f"generic loads in the K loop of {name}"
+        # The next stage's fragments go to the other register set while a stage's wgmmas run: nothing may
+        # write an in-flight HGMMA's A registers before its WARPGROUP.DEPBAR (PTX's rule; ptxas honours it
+        # today, this keeps a future compiler or edit from silently breaking it).
+        lines = [line for line in body.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", line)]
+        i = 0
+        while i < len(lines):
+            if "HGMMA" not in lines[i]:
+                i += 1
+                continue
+            in_flight, j = set(), i
+            while j < len(lines) and "WARPGROUP.DEPBAR" not in lines[j]:
+                a = re.search(r"HGMMA\S*\s+R\d+,\s+R(\d+),", lines[j])
+                if a:
+                    in_flight |= set(range(int(a.group(1)), int(a.group(1)) + 4))
+                else:
+                    w = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s+R(\d+)", lines[j])
+                    assert not (w and not re.match(r"(ST|SYNCS|BAR|BRA|RED|ATOM|WARPGROUP)", w.group(1))
+                                and int(w.group(2)) in in_flight), f"{name}: writes an in-flight A register: {lines[j]}"
+                j += 1
+            i = j + 1
 
 
 def test_fp8_gemv_unpacks_e4m3_into_hmma(sass):

@@ -357,7 +357,7 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 inline cudaError_t make_x_map(CUtensorMap* map, const W4A16Params& p, int box_rows) {
   const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
   if (encode == nullptr) return cudaErrorNotSupported;
-  if (reinterpret_cast<uintptr_t>(p.x) % 16 != 0) return cudaErrorInvalidValue;
+  if (reinterpret_cast<uintptr_t>(p.x) % 16 != 0 || p.x_stride < p.k) return cudaErrorInvalidValue;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(p.k) * 2, static_cast<cuuint64_t>(p.m)};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(p.x_stride) * 2};
   const cuuint32_t box[2] = {static_cast<cuuint32_t>(kStageK * 2), static_cast<cuuint32_t>(box_rows)};
@@ -385,6 +385,7 @@ cudaError_t launch(const W4A16Params& p, cudaStream_t stream) {
   const int64_t m_blocks = ceil_div<int64_t>(p.m, BN);
   if (m_blocks > 65535) return cudaErrorInvalidValue;  // grid.y
   const int n_tiles = ceil_div(p.n, kTileN);
+  if (n_tiles > 65535) return cudaErrorInvalidValue;  // grid.z
   const int64_t tiles = static_cast<int64_t>(n_tiles) * m_blocks;
   const int64_t slots = static_cast<int64_t>(p.num_sms) * (occ.blocks_per_sm > 0 ? occ.blocks_per_sm : 1);
   const Shape shape{p.k / kStageK, __builtin_ctz(p.group_size)};
