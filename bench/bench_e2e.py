@@ -481,8 +481,9 @@ def main(argv: list[str] | None = None) -> int:
         max_len = args.prompt_len + args.steps + warm + 8 + prefill_steps(max_batch, args.prompt_len)
 
         def measure(q: str, suffix: str, eager: bool, env: dict, batches: list[int]) -> None:
-            """One row: an engine on format q with the row's settings, its profile (bf16 plain and
-            unfused), decode tokens/s at each batch; the caller's settings restored after it."""
+            """One row: an engine on format q with the row's settings, its profile (bf16 plain, unfused
+            and + PDL, int4 and fp8 plain), decode tokens/s at each batch; the caller's settings restored
+            after it."""
             impl = f"fastinfer {q}{suffix}"
             # read at every launch / forward: every row pins them all (the defaults, then its own)
             os.environ.update({**PINNED, **env})
@@ -495,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
                 record(impl, max_batch, error=f"LLM: {type(exc).__name__}: {exc}")
                 restore_env(saved_env)
                 return
-            if q == "bf16" and suffix in ("", " unfused", " + PDL") and device.type == "cuda":
+            # bf16 plain, unfused and + PDL; int4 and fp8 plain (where their steps spend the time)
+            if (suffix in ("", " unfused", " + PDL") if q == "bf16" else suffix == "") and device.type == "cuda":
                 try:  # what one graphed batch-1 step launches and spends its time on
                     profiles[impl] = profile_decode(llm, args.prompt_len)
                 except Exception as exc:
