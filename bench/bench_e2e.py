@@ -34,8 +34,9 @@ fp8 (per-channel e4m3, the sm_90a GEMM); the eager baseline and the offline run 
 short mode (bench/gpu_check.sh): 4 batch sizes, 16 timed steps, HF eager at batches 1 and 32 only,
 no torch.compile peer, 200 offline requests. full mode: 64 steps, HF eager and compile at 1 and 32
 (--hf-batches), 1000 requests; minutes of compilation. --tiny: a 2-layer small model (CPU smoke test).
-Profile (GPU): for the plain and the "unfused" bf16 engines, 4 graphed batch-1 decode steps under
-torch.profiler: kernels per step, their summed time against the step's GPU span, the top kernels.
+Profile (GPU): for the plain, "unfused" and "+ PDL" bf16 engines and the plain int4 and fp8 ones, 4
+graphed batch-1 decode steps under torch.profiler: kernels per step, their summed time against the
+step's GPU span, the gaps between consecutive kernels, the top kernels.
 Writes the JSON fragment, and a PNG chart (tokens/s against batch, with the roofline) beside it.
 Where matplotlib is missing (the GPU machine), the fragment keeps what the chart needs (rows and the
 roofline) and `python bench/bench_e2e.py --chart-from PATH/e2e.json` draws it later, on any machine
