@@ -20,6 +20,8 @@ PAIRS = [
      "fastinfer paged, wgmma (sm_90a)", "us", False, "new default: shuffled block-table reads, wgmma prefill"),
     ("attention", ("kind", "shape"), "fastinfer paged, per-copy table reads", "fastinfer paged", "us", False,
      "new default: shuffled block-table reads, mma prefill / tensor-core decode"),
+    ("attention", ("kind", "shape"), "fastinfer paged, wgmma (sm_90a)", "fastinfer paged, wgmma (sm_90a), TMA K/V", "us",
+     False, "switch FASTINFER_ATTN_KV_LOAD=tma (wgmma prefill)"),
     ("int4", ("shape", "m"), "fastinfer int4_linear [slot waves]", "fastinfer int4_linear", "us", False,
      "new default: INT4 split-K waves priced in resident clusters"),
     ("int4", ("shape", "m"), "fastinfer int4_linear", "fastinfer int4_linear [small_streamk]", "us", False,

@@ -11,7 +11,8 @@ row's time / fastinfer's time on the same shape. fastinfer runs its default (128
 for these shapes), as a second row 64-row tiles (FASTINFER_PREFILL_BLOCK_M=64) and, as a third, the
 sm_90a wgmma kernel (FASTINFER_PREFILL_KERNEL=wgmma; on other GPUs that setting runs the default
 kernel, and the row says so); the mma and wgmma kernels also run with FASTINFER_ATTN_TABLE=per_copy
-(", per-copy table reads": a block-table read before every 16-byte copy, the loads before 2026-11-28).
+(", per-copy table reads": a block-table read before every 16-byte copy, the loads before 2026-11-28),
+and the wgmma kernel once more with FASTINFER_ATTN_KV_LOAD=tma (", TMA K/V": whole key tiles as TMA boxes).
 Decode: one query token per sequence, 32 / 8 heads, D128: B64 ctx 4096 and B8 ctx 8192. SDPA flash
 gets a [B, H, 1, D] query and contiguous [B, H_kv, ctx, D] K/V. fastinfer runs its default
 tensor-core decode kernel, as a second row the CUDA-core one (FASTINFER_DECODE_KERNEL=cuda_cores) and, as a
@@ -35,6 +36,7 @@ import common
 DTYPE = torch.bfloat16
 BLOCK = 16
 PER_COPY = ", per-copy table reads"  # FASTINFER_ATTN_TABLE=per_copy: the block-table loads before 2026-11-28
+TMA_KV = ", TMA K/V"  # FASTINFER_ATTN_KV_LOAD=tma: the sm_90a prefill's K / V tiles by TMA (not a default yet)
 OURS = "fastinfer paged"  # prefill: the mma kernel (FASTINFER_PREFILL_KERNEL=mma); decode: the default
 OURS_CUDA_CORES = "fastinfer paged, CUDA-core decode"  # FASTINFER_DECODE_KERNEL=cuda_cores, for comparison
 OURS_FUSED_MERGE = "fastinfer paged, split merge in-kernel"  # semaphores given, as the decode graphs do
@@ -114,11 +116,12 @@ def prefill_rows(ops, args, flush, errors: list) -> list[dict]:
         scale = d ** -0.5
         ops.paged_prefill_attention(q_tok, cache, cu, lens, tables, scale, out=out)  # validates the indices once
 
-        def ours(block_m, kernel="mma", table="shuffle"):
+        def ours(block_m, kernel="mma", table="shuffle", kv_load="cp_async"):
             def make():  # the op reads these settings at each call; measure() times one impl at a time
                 os.environ["FASTINFER_PREFILL_BLOCK_M"] = block_m
                 os.environ["FASTINFER_PREFILL_KERNEL"] = kernel
                 os.environ["FASTINFER_ATTN_TABLE"] = table
+                os.environ["FASTINFER_ATTN_KV_LOAD"] = kv_load
                 out_m = torch.empty_like(q_tok)
                 return (lambda: ops.paged_prefill_attention(q_tok, cache, cu, lens, tables, scale, out=out_m,
                                                             check_indices=False).reshape(b, s, h, d).transpose(1, 2)), "paged"
@@ -128,6 +131,7 @@ def prefill_rows(ops, args, flush, errors: list) -> list[dict]:
         # every kernel named (auto is wgmma at head_dim 128 on Hopper): OURS is the mma kernel
         impls = {OURS: ours("auto", "mma"), OURS_64_ROWS: ours("64"), wgmma_name: ours("auto", "wgmma"),
                  wgmma_name + PER_COPY: ours("auto", "wgmma", "per_copy"), OURS + PER_COPY: ours("auto", "mma", "per_copy"),
+                 wgmma_name + TMA_KV: ours("auto", "wgmma", "shuffle", "tma"),
                  **{n: (lambda be=be: sdpa_call(be, q, k, v, True)) for n, be in SDPA.items()}}
         label = f"B{b} H{h}/{hkv} S{s} D{d}"
         flops = 2 * 2 * b * h * s * s * d / 2
@@ -139,7 +143,7 @@ def prefill_rows(ops, args, flush, errors: list) -> list[dict]:
                          "speedup": t["us"] / base["us"] if t and base else None, "max_diff": diff})
         del q, k, v, cache, q_tok, out
         torch.cuda.empty_cache()
-    for key in ("FASTINFER_PREFILL_BLOCK_M", "FASTINFER_PREFILL_KERNEL", "FASTINFER_ATTN_TABLE"):
+    for key in ("FASTINFER_PREFILL_BLOCK_M", "FASTINFER_PREFILL_KERNEL", "FASTINFER_ATTN_TABLE", "FASTINFER_ATTN_KV_LOAD"):
         os.environ.pop(key, None)
     return rows
 

@@ -264,3 +264,62 @@ def test_wgmma_agrees_with_mma_closely(monkeypatch, head_dim, dtype):
     assert torch.isfinite(outs["wgmma"]).all()
     assert (outs["mma"] - outs["wgmma"]).abs().max().item() < 2e-2
     assert torch.equal(outs["auto"], outs["wgmma" if head_dim == 128 else "mma"])
+
+
+# FASTINFER_ATTN_KV_LOAD=tma (the sm_90a kernel's K / V by TMA boxes), checked in a child process: a
+# wrong byte count would hang the kernel, and the timeout turns that into this test's failure. Each
+# case against the cp.async loads: the same tiles, so equal bits; unused slots hold NaN (make_case
+# poisons them), so a last tile loaded whole instead of zero-filled shows as non-finite output.
+# (seq_lens, q_lens, heads, kv heads, head_dim, block_size, dtype): block sizes below 8 (cp.async
+# anyway), 8-1024 (boxes of 8-128 rows, one box per tile from 128 on), contexts that end on a tile
+# (the last tile by TMA too) and inside one, chunks continuing a context, both head dims and dtypes.
+TMA_CASES = [
+    ([7, 113, 1, 50, 300], [7, 20, 1, 50, 131], 8, 2, 128, bs, "bfloat16") for bs in (4, 8, 16, 32, 64, 128, 256, 1024)
+] + [
+    ([256, 384, 128], [256, 130, 128], 8, 8, 128, 16, "float16"),
+    ([256, 640, 129], [200, 640, 129], 4, 1, 64, 16, "bfloat16"),
+    ([1000, 3, 512], [1000, 3, 100], 8, 2, 64, 32, "float16"),
+    ([4096], [4096], 32, 8, 128, 16, "bfloat16"),
+]
+
+TMA_CHILD = r"""
+import json, os, sys
+sys.path.insert(0, sys.argv[2])
+import torch
+os.environ["FASTINFER_PREFILL_KERNEL"] = "wgmma"
+from fastinfer import ops
+from test_attention_prefill_cuda import make_case
+results = []
+for seq_lens, q_lens, heads, kv_heads, head_dim, block_size, dtype in json.loads(sys.argv[1]):
+    args = make_case(seq_lens, q_lens, heads, kv_heads, head_dim, block_size, getattr(torch, dtype))
+    outs = []
+    for load in ("cp_async", "tma"):
+        os.environ["FASTINFER_ATTN_KV_LOAD"] = load
+        outs.append(ops.paged_prefill_attention(*args))
+        torch.cuda.synchronize()
+    results.append({"equal": bool(torch.equal(outs[0], outs[1])), "finite": bool(torch.isfinite(outs[1]).all())})
+print("RESULTS " + json.dumps(results))
+"""
+
+
+@pytest.mark.own_block_m
+@pytest.mark.sm90
+def test_kv_by_tma_gives_the_same_bits():
+    """FASTINFER_ATTN_KV_LOAD=tma: whole key tiles arrive as TMA boxes of a block's rows, the last tile of
+    a sequence (keys past its length) by zero-filling cp.async as before; every output equals the
+    cp.async kernel's bit for bit, NaN-poisoned unused slots included."""
+    if not wgmma_prefill_runs():
+        pytest.skip("the sm_90a prefill kernel does not run here")
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    try:
+        done = subprocess.run([sys.executable, "-c", TMA_CHILD, json.dumps(TMA_CASES), str(Path(__file__).parent)],
+                              capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the TMA prefill did not finish within 300 s (a hang: the boxes' bytes or the barrier phases)")
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("RESULTS "))[len("RESULTS "):])
+    bad = [(case, r) for case, r in zip(TMA_CASES, results) if not (r["equal"] and r["finite"])]
+    assert not bad, bad

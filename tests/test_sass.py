@@ -135,6 +135,7 @@ def test_wgmma_prefill_is_hgmma(sass):
         # S = Q K^T: head_dim / 16 wgmma of 128 keys; O += P V: 8 wgmma (128 keys / 16), N = head_dim, V transposed
         assert hgmma.count("128") >= head_dim // 16 and len(transposed) == 8, (name, hgmma)
         assert "USETMAXREG" in body and "LDGSTS" in body, name
+        assert "UTMALDG.5D" in body, f"no TMA K / V loads (FASTINFER_ATTN_KV_LOAD=tma) in {name}"
         assert not re.search(r"\b(LDL|STL)\b", body), f"local memory (spills) in {name}"
 
 

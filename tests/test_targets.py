@@ -139,7 +139,8 @@ def test_report_shows_the_settings_ab(tmp_path):
                    text=True, timeout=120)
     md = (out / "report.md").read_text()
     assert "## Settings A/B" in md and "| new default: INT4 split-K waves priced in resident clusters | int4 | 1 |" in md
-    assert json.loads((out / "report.json").read_text())["ab"][2]["wins"] == "1 of 1"
+    ab = {r["what"]: r for r in json.loads((out / "report.json").read_text())["ab"]}
+    assert ab["new default: INT4 split-K waves priced in resident clusters"]["wins"] == "1 of 1"
 
 
 def test_batch32_targets_bf16_and_quantized():

@@ -85,6 +85,9 @@ void prefill(const char* kOp, at::Tensor& out, const at::Tensor& query, const at
   constexpr int kBlockM[] = {0, 64, 128};
   // shuffle (default): block-table entries read once per key tile per warp; per_copy: before every copy
   p.table_per_copy = env_choice(kOp, "FASTINFER_ATTN_TABLE", {"shuffle", "per_copy"});
+  // cp_async (default): the sm_90a prefill's producer copies K / V in 16-byte pieces; tma: TMA boxes
+  p.kv_tma = env_choice(kOp, "FASTINFER_ATTN_KV_LOAD", {"cp_async", "tma"});
+  p.num_blocks = kv_cache.size(0);
   p.block_m = kBlockM[env_choice(kOp, "FASTINFER_PREFILL_BLOCK_M", {"auto", "64", "128"})];
   // wgmma = the sm_90a kernel of prefill_sm90.cuh wherever it applies (a bf16 / fp16 plain cache on an
   // sm_90 GPU, in a build with 90a), mma (the FlashAttention-2 kernel of prefill.cuh) elsewhere.

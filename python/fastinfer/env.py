@@ -27,6 +27,10 @@ SETTINGS = {
                              "K / V block-table reads of the prefill and tensor-core decode kernels: once per key tile "
                              "and warp, handed to the copies by shuffles (shuffle; block sizes >= 4), or one global "
                              "read before every 16-byte copy (per_copy, the loads before 2026-11-28)"),
+    "FASTINFER_ATTN_KV_LOAD": ("cp_async", "cp_async | tma",
+                               "K / V loads of the sm_90a prefill kernel: 16-byte cp.async by its producer warpgroup "
+                               "(cp_async), or TMA boxes of a block's rows issued by one thread (tma; block sizes >= 8; "
+                               "a sequence's last key tile still by cp.async; off until measured)"),
     "FASTINFER_FP8_GEMM_TILE": ("128x128", "128x128 | 128x256",
                                 "FP8 GEMM output tiles for M > 64"),
     "FASTINFER_FP8_SPLIT_K": ("auto", "auto | off | on",

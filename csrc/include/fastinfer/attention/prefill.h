@@ -44,6 +44,12 @@ struct PrefillParams {
   // lanes by shuffles (block sizes >= 4; smaller ones always read per copy); 1 = one global read
   // before every 16-byte copy, the loads up to visit 6 (FASTINFER_ATTN_TABLE=per_copy).
   int table_per_copy;
+  // The sm_90a kernel's K / V loads (FASTINFER_ATTN_KV_LOAD): 0 (zero-initialised) = 16-byte cp.async by
+  // the producer warpgroup; 1 = TMA boxes of a block's rows (one producer thread issues them; the last
+  // key tile of a sequence, which holds keys past its length, still by cp.async, zero-filling them).
+  // TMA applies to block sizes >= 8 with num_blocks set; other calls keep cp.async.
+  int kv_tma;
+  int64_t num_blocks;  // kv_cache.size(0): the TMA map's extent (0: unknown, no TMA)
 };
 
 // Head dims the kernels are compiled for; anything else is refused with cudaErrorInvalidValue.

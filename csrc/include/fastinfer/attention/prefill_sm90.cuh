@@ -35,13 +35,25 @@
 // D = 128: Q 32 KiB + 3 x (K 32 + V 32) KiB = 224 KiB (of 227); D = 64: 16 + 4 x 32 KiB = 144 KiB.
 // Grid and tile lookup as prefill.cuh (grid.x bounds the 128-row tiles of the ragged batch, each CTA
 // finds its (sequence, tile) with locate_tile, longest-context tiles first; blockIdx.y = head).
+// K / V by TMA (PrefillParams::kv_tma, FASTINFER_ATTN_KV_LOAD=tma; block sizes >= 8): a 5-D tensor map
+// over the cache [blocks][K, V][block rows][kv heads][head_dim] gives boxes of (64 dims x min(block, 128)
+// rows) of one block, kv head and half, which land in the tile exactly as the swizzled cp.async copies
+// do (a box of >= 8 rows starts on a swizzle atom). One lane of the producer's warp 0 issues a tile's
+// boxes (the block ids from tile_table_entry, one read per lane, shuffled) after an arrive_expect_tx
+// of the tile's bytes on its `full` barrier (count 1 in this mode); the tile of a sequence that holds
+// keys past its length is still copied by all 128 producer threads with cp.async, zero-filling them
+// (a block's unused slots may hold NaN), which then arrive once through thread 0. Same shared-memory
+// images as the cp.async mode, so the same bits (tested). The point: one thread's ~32 TMA issues per
+// tile instead of ~20 instructions for each of the 128 threads' 32 16-byte copies.
 // Not covered here (prefill.cuh runs them): fp32, an e4m3 cache, other head dims, GPUs other than
 // sm_90.
 #pragma once
 #include <cuda/ptx>
 
+#include <algorithm>
 #include <climits>
 
+#include "fastinfer/tma.cuh"
 #include "fastinfer/attention/prefill_softmax.cuh"
 #include "fastinfer/attention/prefill_tiles.cuh"  // locate_tile, cp.async, pack2, rows_are_16_byte_aligned
 #include "fastinfer/gemm/wgmma_16bit.cuh"
@@ -117,7 +129,8 @@ __device__ __forceinline__ void load_kv(uint8_t* tile, const T* cache_head, cons
 }
 
 template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(kThreadsWs, 1) paged_prefill_wgmma_kernel(const PrefillParams p) {
+__global__ void __launch_bounds__(kThreadsWs, 1)
+    paged_prefill_wgmma_kernel(const __grid_constant__ CUtensorMap kv_map, const PrefillParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = Smem<kHeadDim>;
   constexpr int kStages = L::kStages;
@@ -140,9 +153,10 @@ __global__ void __launch_bounds__(kThreadsWs, 1) paged_prefill_wgmma_kernel(cons
   const int num_kv_tiles = ceil_div(key_end, kRows);
 
   if (threadIdx.x == 0) {
+    const int full_arrivals = p.kv_tma ? 1 : kFullArrivals;  // TMA mode: one arrive_expect_tx (or thread 0)
     for (int i = 0; i < kStages; ++i) {
-      ptx::mbarrier_init(&full_k[i], kFullArrivals);
-      ptx::mbarrier_init(&full_v[i], kFullArrivals);
+      ptx::mbarrier_init(&full_k[i], full_arrivals);
+      ptx::mbarrier_init(&full_v[i], full_arrivals);
       ptx::mbarrier_init(&empty_k[i], kEmptyArrivals);
       ptx::mbarrier_init(&empty_v[i], kEmptyArrivals);
     }
@@ -175,6 +189,62 @@ __global__ void __launch_bounds__(kThreadsWs, 1) paged_prefill_wgmma_kernel(cons
     };
     const bool by_shuffle = tables_by_shuffle(block_shift, p.table_per_copy, token_stride);  // uniform
     const int lane = t % kWarpSize;
+    if (p.kv_tma) {  // uniform; the host set it only for block sizes >= 8
+      const int warp = t / kWarpSize;
+      const int box_rows = min(p.block_size, kRows), boxes = kRows / box_rows;
+      const int block_mask = p.block_size - 1;
+      for (int n = 0; n < num_kv_tiles; ++n) {
+        const int s = n % kStages;
+        const uint32_t parity = ((n / kStages) & 1) ^ 1;  // a fresh barrier counts as released once
+        const int key0 = n * kRows;
+        // Lane b: the table entry of the tile's b-th block (<= 16 blocks of >= 8 keys; one for blocks
+        // of >= 128 keys). Warp 0 only (warps 1-3 join for the last tile below).
+        const int entry = warp == 0 ? tile_table_entry<kRows>(block_table, block_shift, key0, key_end, lane) : 0;
+        if (key0 + kRows <= key_end) {  // every key of the tile exists: whole boxes by TMA
+          if (warp != 0) continue;
+#pragma unroll
+          for (int kv = 0; kv < 2; ++kv) {
+            uint64_t* full = kv ? &full_v[s] : &full_k[s];
+            wait_barrier(kv ? &empty_v[s] : &empty_k[s], parity);
+            if (lane == 0) {
+              ptx::mbarrier_arrive_expect_tx(ptx::sem_release, ptx::scope_cta, ptx::space_shared, full,
+                                             static_cast<uint32_t>(L::kTileBytes));
+            }
+            uint8_t* tile = smem + (kv ? L::kV : L::kK) + s * L::kTileBytes;
+            for (int b = 0; b < boxes; ++b) {
+              const int block = __shfl_sync(kFullMask, entry, b);
+              if (lane == 0) {
+                const int offset = (key0 + b * box_rows) & block_mask;
+#pragma unroll
+                for (int cb = 0; cb < kHeadDim / 64; ++cb) {
+                  const int32_t coords[5] = {cb * 64, kv_head, offset, kv, block};
+                  ptx::cp_async_bulk_tensor(ptx::space_cluster, ptx::space_global,
+                                            tile + cb * L::kBlockBytes + b * box_rows * kRowBytes, &kv_map, coords,
+                                            full);
+                }
+              }
+            }
+          }
+        } else {  // the last tile, with keys past key_end: cp.async by all 128 threads, zero-filled
+          // Only warp 0 waits on `empty` (it alone has walked every earlier phase: a parity wait more
+          // than one phase ahead could pass early); the others wait for it at a named barrier.
+          const int all_entry = by_shuffle ? tile_table_entry<kRows>(block_table, block_shift, key0, key_end, lane) : 0;
+#pragma unroll
+          for (int kv = 0; kv < 2; ++kv) {
+            if (warp == 0) wait_barrier(kv ? &empty_v[s] : &empty_k[s], parity);
+            asm volatile("bar.sync 3, %0;\n" ::"n"(kWarpgroup) : "memory");  // the producer's warps
+            load_kv<T, kHeadDim>(smem + (kv ? L::kV : L::kK) + s * L::kTileBytes, cache_head, block_table, by_shuffle,
+                                 all_entry, block_shift, token_stride, kv, key0, key_end, t);
+            cp_async_commit();
+            cp_async_wait<0>();
+            fence_proxy_async_smem();
+            asm volatile("bar.sync 3, %0;\n" ::"n"(kWarpgroup) : "memory");  // every copy landed and fenced
+            if (t == 0) ptx::mbarrier_arrive(kv ? &full_v[s] : &full_k[s]);
+          }
+        }
+      }
+      return;
+    }
     for (int n = 0; n < num_kv_tiles; ++n) {
       const int s = n % kStages;
       const uint32_t parity = ((n / kStages) & 1) ^ 1;  // a fresh barrier counts as released once
@@ -326,6 +396,24 @@ __global__ void __launch_bounds__(kThreadsWs, 1) paged_prefill_wgmma_kernel(cons
 #endif
 }
 
+// The cache [num_blocks][2][block_size][num_kv_heads][head_dim] (16-bit elements) as a 5-D tensor map,
+// innermost first, read in boxes of (64 dims, 1 kv head, min(block_size, 128) rows, 1 half, 1 block)
+// with the 128-byte swizzle.
+inline cudaError_t make_kv_map(CUtensorMap* map, const PrefillParams& p) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tma::encoder();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const cuuint64_t d = static_cast<cuuint64_t>(p.head_dim), h = static_cast<cuuint64_t>(p.num_kv_heads),
+                   b = static_cast<cuuint64_t>(p.block_size);
+  const cuuint64_t dims[5] = {d, h, b, 2, static_cast<cuuint64_t>(p.num_blocks)};
+  const cuuint64_t strides[4] = {d * 2, h * d * 2, b * h * d * 2, 2 * b * h * d * 2};  // bytes, dims 1..4
+  const cuuint32_t box[5] = {64, 1, static_cast<cuuint32_t>(std::min(p.block_size, kRows)), 1, 1};
+  const cuuint32_t element_strides[5] = {1, 1, 1, 1, 1};
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 5, const_cast<void*>(p.kv_cache), dims, strides, box,
+                            element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
 template <typename T, int kHeadDim>
 cudaError_t launch(const PrefillParams& p, cudaStream_t stream) {
   const int64_t max_tiles = (p.num_tokens + static_cast<int64_t>(kRows - 1) * p.batch) / kRows;
@@ -333,7 +421,12 @@ cudaError_t launch(const PrefillParams& p, cudaStream_t stream) {
   auto kernel = paged_prefill_wgmma_kernel<T, kHeadDim>;
   constexpr int kSmem = Smem<kHeadDim>::kBytes;
   FI_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-  kernel<<<dim3(static_cast<unsigned>(max_tiles), p.num_heads), kThreadsWs, kSmem, stream>>>(p);
+  // TMA where asked and possible: boxes of >= 8 rows (whole swizzle atoms), a known block count.
+  PrefillParams q = p;
+  CUtensorMap map{};
+  q.kv_tma = p.kv_tma && p.block_size >= 8 && p.num_blocks > 0 && p.num_blocks <= INT_MAX ? 1 : 0;
+  if (q.kv_tma) FI_CUDA_TRY(make_kv_map(&map, q));
+  kernel<<<dim3(static_cast<unsigned>(max_tiles), p.num_heads), kThreadsWs, kSmem, stream>>>(map, q);
   return cudaGetLastError();
 }
 

@@ -44,6 +44,7 @@
 #include <cuda/ptx>
 
 #include "fastinfer/common.cuh"
+#include "fastinfer/tma.cuh"
 #include "fastinfer/gemm/fp8.h"
 #include "fastinfer/gemm/fp8_gemv.cuh"
 #include "fastinfer/gemm/wgmma_fp8.cuh"
@@ -535,25 +536,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
 // ---- host ----------------------------------------------------------------------------------------
 
-// cuTensorMapEncodeTiled through the runtime's driver entry point (no link against libcuda).
-inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult status;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &status) !=
-            cudaSuccess ||
-        status != cudaDriverEntryPointSuccess) {
-      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
-  }();
-  return fn;
-}
-
 // A [rows, K] e4m3 matrix read in [box_rows x 128-byte] boxes with 128-byte swizzle; rows and K
 // beyond the matrix read as zeros (they add nothing to the dot products).
 inline cudaError_t make_tensor_map(CUtensorMap* map, const void* ptr, int64_t rows, int K, int box_rows) {
-  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tma::encoder();
   if (encode == nullptr) return cudaErrorNotSupported;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(rows)};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(K)};

@@ -32,11 +32,9 @@
 // accumulation in wgmma's order; results are not bitwise those of the mma.sync kernels.
 // Off by default until measured (FASTINFER_INT4_KERNEL=wgmma).
 #pragma once
-#include <cuda.h>           // CUtensorMap (types only)
-#include <cudaTypedefs.h>   // PFN_cuTensorMapEncodeTiled_v12000
-
 #include <cuda/ptx>
 
+#include "fastinfer/tma.cuh"
 #define FASTINFER_W4A16_HELPERS_ONLY  // the tile kernel's helpers, not its dispatch (w4a16.cuh)
 #include "fastinfer/gemm/w4a16.cuh"
 #include "fastinfer/gemm/wgmma_16bit.cuh"
@@ -338,24 +336,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ---- host ----------------------------------------------------------------------------------------
 
-inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult status;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &status) !=
-            cudaSuccess ||
-        status != cudaDriverEntryPointSuccess) {
-      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
-  }();
-  return fn;
-}
-
 // x [M, K] (16-bit, rows x_stride elements apart) as bytes: [BN rows x 128 bytes] boxes, 128-byte swizzle,
 // rows past M (and nothing else: K % 64 == 0) read as zeros.
 inline cudaError_t make_x_map(CUtensorMap* map, const W4A16Params& p, int box_rows) {
-  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tma::encoder();
   if (encode == nullptr) return cudaErrorNotSupported;
   if (reinterpret_cast<uintptr_t>(p.x) % 16 != 0 || p.x_stride < p.k) return cudaErrorInvalidValue;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(p.k) * 2, static_cast<cuuint64_t>(p.m)};
