@@ -4,6 +4,7 @@
 
 #include "fastinfer/gemm/split_plan.h"
 #ifdef FASTINFER_HAS_SM90
+#include "fastinfer/attention/prefill.h"
 #include "fastinfer/gemm/fp8.h"
 #include "fastinfer/gemm/w4a16.h"
 #endif
@@ -119,6 +120,15 @@ static PyObject* fp8_last_launch(PyObject*, PyObject*) {
 #endif
 }
 
+// prefill_tma_launches() -> launches of the sm_90a prefill that loaded K / V by TMA (0 without sm_90a).
+static PyObject* prefill_tma_launches(PyObject*, PyObject*) {
+#ifdef FASTINFER_HAS_SM90
+  return PyLong_FromLongLong(fastinfer::prefill_tma_launch_count());
+#else
+  return PyLong_FromLongLong(0);
+#endif
+}
+
 static PyMethodDef fastinfer_methods[] = {
     {"pdl_launches", pdl_launches, METH_NOARGS, "kernel launches with the PDL attribute so far (FASTINFER_PDL=1)"},
     {"plan_int4_splits", plan_int4_splits, METH_VARARGS,
@@ -126,6 +136,8 @@ static PyMethodDef fastinfer_methods[] = {
      "by_clusters[, max_splits]) -> (splits, waves, rounds, cost)"},
     {"int4_last_launch", int4_last_launch, METH_NOARGS, "the last int4_linear launch's plan, or None without sm_90a"},
     {"fp8_last_launch", fp8_last_launch, METH_NOARGS, "the last fp8_scaled_mm launch, or None without sm_90a"},
+    {"prefill_tma_launches", prefill_tma_launches, METH_NOARGS,
+     "launches of the sm_90a prefill that loaded K / V by TMA (FASTINFER_ATTN_KV_LOAD=tma)"},
     {nullptr, nullptr, 0, nullptr},
 };
 

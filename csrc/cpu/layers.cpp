@@ -149,4 +149,23 @@ void silu_and_mul(at::Tensor& out, const at::Tensor& input) {
   });
 }
 
+void argmax_rows(at::Tensor& out, const at::Tensor& input) {
+  const int64_t rows = input.size(0), cols = input.size(1);
+  const float* in = input.data_ptr<float>();
+  int64_t* o = out.data_ptr<int64_t>();
+  const int64_t is = input.stride(0), os = out.stride(0);
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = in + r * is;
+      int64_t best = 0;
+      for (int64_t i = 1; i < cols; ++i) {
+        const float v = row[i], b = row[best];
+        if (std::isnan(b)) break;  // the first NaN wins
+        if (std::isnan(v) || v > b) best = i;
+      }
+      o[r * os] = best;
+    }
+  });
+}
+
 }  // namespace fastinfer::cpu

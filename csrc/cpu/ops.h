@@ -14,6 +14,8 @@ void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tenso
 void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
                       const at::Tensor& cos_sin_cache);
 void silu_and_mul(at::Tensor& out, const at::Tensor& input);
+// out[r] (int64) = index of the first maximum of fp32 row r, or of its first NaN: torch.argmax(dim=-1).
+void argmax_rows(at::Tensor& out, const at::Tensor& input);
 // Exactly rotary_embedding(positions, query, key, cos_sin_cache), then reshape_and_cache (or
 // reshape_and_cache_fp8 when kv_scale is given) of the rotated key and value.
 void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,

@@ -100,6 +100,18 @@ void silu_and_mul(at::Tensor& out, const at::Tensor& input) {
   check_launch(launch_silu_and_mul(p, stream_of(input)), "silu_and_mul");
 }
 
+void argmax_rows(at::Tensor& out, const at::Tensor& input) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  ArgmaxParams p{};
+  p.out = out.data_ptr<int64_t>();
+  p.input = input.data_ptr<float>();
+  p.rows = input.size(0);
+  p.cols = input.size(1);
+  p.out_stride = out.stride(0);
+  p.input_stride = input.stride(0);
+  check_launch(launch_argmax_rows(p, stream_of(input)), "argmax_rows");
+}
+
 }  // namespace
 }  // namespace fastinfer::torch_glue
 
@@ -109,4 +121,5 @@ TORCH_LIBRARY_IMPL(fastinfer, CUDA, m) {
   m.impl("fused_add_rms_norm", &fastinfer::torch_glue::fused_add_rms_norm);
   m.impl("rotary_embedding", &fastinfer::torch_glue::rotary_embedding);
   m.impl("silu_and_mul", &fastinfer::torch_glue::silu_and_mul);
+  m.impl("argmax_rows", &fastinfer::torch_glue::argmax_rows);
 }

@@ -117,6 +117,21 @@ def silu_and_mul(input: torch.Tensor, out: torch.Tensor | None = None) -> torch.
     return out
 
 
+def argmax_rows(input: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.argmax(input, dim=-1) of fp32 rows: the index of each row's first maximum (of its first NaN
+    if it has one), int64 [rows]. The greedy sampler's token pick: on a GPU one CTA per row."""
+    op = "argmax_rows"
+    _check(op, "input", input, ndim=2, dtype=torch.float32)
+    if input.shape[1] == 0:
+        _fail(op, "input must have at least one column")
+    if out is None:
+        out = torch.empty(input.shape[0], dtype=torch.int64, device=input.device)
+    _check(op, "out", out, ndim=1, dtype=torch.int64, device=input.device)
+    _check_shape(op, "out", out, (input.shape[0],))
+    _ops.argmax_rows(out, input)
+    return out
+
+
 # ---- paged KV cache -------------------------------------------------------------------------------
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,

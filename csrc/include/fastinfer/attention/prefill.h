@@ -64,5 +64,7 @@ cudaError_t launch_paged_prefill_attention(const PrefillParams& p, cudaStream_t 
 // (FASTINFER_HAS_SM90 in the bindings) and run only on an sm_90 GPU: bf16 / fp16 query and cache (no
 // kv_scale), head_dim 64 or 128; other inputs get cudaErrorInvalidValue (block_m is not read).
 cudaError_t launch_paged_prefill_wgmma(const PrefillParams& p, cudaStream_t stream);
+// Launches of it that loaded K / V by TMA (PrefillParams::kv_tma in effect), process-wide.
+long long prefill_tma_launch_count();
 
 }  // namespace fastinfer

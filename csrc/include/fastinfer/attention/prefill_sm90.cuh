@@ -44,13 +44,16 @@
 // keys past its length is still copied by all 128 producer threads with cp.async, zero-filling them
 // (a block's unused slots may hold NaN), which then arrive once through thread 0. Same shared-memory
 // images as the cp.async mode, so the same bits (tested). The point: one thread's ~32 TMA issues per
-// tile instead of ~20 instructions for each of the 128 threads' 32 16-byte copies.
+// tile instead of ~20 instructions for each of the 128 threads' 32 16-byte copies. (Full tiles take
+// their block ids from one read per lane whatever FASTINFER_ATTN_TABLE says; a table entry out of the
+// cache's range reads zeros by TMA where a copy would fault: the op validates indices unless told not to.)
 // Not covered here (prefill.cuh runs them): fp32, an e4m3 cache, other head dims, GPUs other than
 // sm_90.
 #pragma once
 #include <cuda/ptx>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 
 #include "fastinfer/tma.cuh"
@@ -228,6 +231,7 @@ __global__ void __launch_bounds__(kThreadsWs, 1)
         } else {  // the last tile, with keys past key_end: cp.async by all 128 threads, zero-filled
           // Only warp 0 waits on `empty` (it alone has walked every earlier phase: a parity wait more
           // than one phase ahead could pass early); the others wait for it at a named barrier.
+          // (Warp 0 reads its entries again rather than keep `entry`: reusing it made ptxas spill at D = 64.)
           const int all_entry = by_shuffle ? tile_table_entry<kRows>(block_table, block_shift, key0, key_end, lane) : 0;
 #pragma unroll
           for (int kv = 0; kv < 2; ++kv) {
@@ -396,6 +400,10 @@ __global__ void __launch_bounds__(kThreadsWs, 1)
 #endif
 }
 
+// Launches that loaded K / V by TMA (fastinfer._C.prefill_tma_launches(): the tests check that the
+// setting took effect, not only that the results agree).
+inline std::atomic<long long> tma_launches{0};
+
 // The cache [num_blocks][2][block_size][num_kv_heads][head_dim] (16-bit elements) as a 5-D tensor map,
 // innermost first, read in boxes of (64 dims, 1 kv head, min(block_size, 128) rows, 1 half, 1 block)
 // with the 128-byte swizzle.
@@ -425,9 +433,11 @@ cudaError_t launch(const PrefillParams& p, cudaStream_t stream) {
   PrefillParams q = p;
   CUtensorMap map{};
   q.kv_tma = p.kv_tma && p.block_size >= 8 && p.num_blocks > 0 && p.num_blocks <= INT_MAX ? 1 : 0;
-  if (q.kv_tma) FI_CUDA_TRY(make_kv_map(&map, q));
+  if (q.kv_tma && make_kv_map(&map, q) != cudaSuccess) q.kv_tma = 0;  // no encoder in the driver: cp.async
   kernel<<<dim3(static_cast<unsigned>(max_tiles), p.num_heads), kThreadsWs, kSmem, stream>>>(map, q);
-  return cudaGetLastError();
+  const cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess && q.kv_tma) tma_launches.fetch_add(1, std::memory_order_relaxed);
+  return err;
 }
 
 }  // namespace sm90

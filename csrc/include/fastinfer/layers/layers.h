@@ -50,6 +50,15 @@ struct SiluMulParams {
 };
 cudaError_t launch_silu_and_mul(const SiluMulParams& p, cudaStream_t stream);
 
+// out[r] = index of the first maximum of fp32 row r (of its first NaN if any): torch.argmax(dim=-1).
+struct ArgmaxParams {
+  int64_t* out;         // [rows], out_stride apart
+  const float* input;   // [rows, cols], rows input_stride apart, last dim contiguous
+  int64_t rows, cols;
+  int64_t out_stride, input_stride;
+};
+cudaError_t launch_argmax_rows(const ArgmaxParams& p, cudaStream_t stream);
+
 // out[t] = weight[ids[t]]; sq_sums (or nullptr) [t, g] = sum of out[t, 16 g .. 16 g + 15]^2 in fp32
 struct EmbeddingParams {
   void* out;            // [num_tokens, hidden], rows out_stride apart
