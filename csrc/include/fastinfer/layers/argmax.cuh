@@ -5,8 +5,8 @@
 // Why a kernel: torch's reduction took 27 us for one 128256-wide row of logits on an H200 (visit 5's
 // batch-1 profile: at::native::reduce_kernel, ~0.6% of the step), one CTA streaming 512 KB. Here one
 // CTA of 1024 threads per row reads it with 16-byte loads, 8 in flight per thread: ~3-4 us.
-// Each thread keeps (value, index) in index order, so a strict > (or NaN first) keeps the first
-// maximum; the warp and CTA combine with the same order, comparing indices on ties.
+// Values become unsigned keys in torch's order (order_key); each thread walks its elements in index
+// order, so a strict > keeps the first maximum; the warp and CTA compare indices on equal keys.
 #pragma once
 #include <cstdint>
 
@@ -18,88 +18,92 @@ namespace argmax {
 
 constexpr int kThreads = 1024;
 
-struct Best {
-  float v;
-  int64_t i;
-};
-
-// Whether (a) comes first in torch.argmax's order against (b): NaN first, then larger, then lower index.
-__device__ __forceinline__ bool before(float av, int64_t ai, float bv, int64_t bi) {
-  const bool an = av != av, bn = bv != bv;
-  if (an || bn) return an && (!bn || ai < bi);
-  return av > bv || (av == bv && ai < bi);
+// A float as an unsigned key in torch.argmax's order: larger values larger keys, -0.0 as +0.0 (they
+// compare equal), every NaN the largest key. One unsigned compare per element, and ties (equal keys)
+// keep the lower index. No real value maps to key 0 (that pattern is a NaN's), the initial best.
+__device__ __forceinline__ uint32_t order_key(float v) {
+  uint32_t b = __float_as_uint(v);
+  b = b == 0x80000000u ? 0u : b;                           // -0.0 -> +0.0
+  const uint32_t k = (b & 0x80000000u) ? ~b : b | 0x80000000u;  // sign-magnitude -> unsigned order
+  return v != v ? 0xFFFFFFFFu : k;
 }
 
-__device__ __forceinline__ void take(Best& best, float v, int64_t i) {
-  if (before(v, i, best.v, best.i)) best = Best{v, i};
+struct Best {
+  uint32_t k;
+  int32_t i;
+};
+
+__device__ __forceinline__ void take(Best& best, uint32_t k, int32_t i) {
+  if (k > best.k || (k == best.k && i < best.i)) best = Best{k, i};
+}
+
+// In index order within a thread, a strict > suffices (a later equal key never replaces).
+__device__ __forceinline__ void take_next(Best& best, float v, int32_t i) {
+  const uint32_t k = order_key(v);
+  if (k > best.k) best = Best{k, i};
 }
 
 __global__ void __launch_bounds__(kThreads) argmax_rows_kernel(const ArgmaxParams p) {
   const float* row = p.input + static_cast<int64_t>(blockIdx.x) * p.input_stride;
-  Best best{-INFINITY, INT64_MAX};
+  const int32_t cols = static_cast<int32_t>(p.cols);
+  Best best{0u, INT32_MAX};
   // Head: elements before the first 16-byte boundary; then float4 loads; then the tail.
-  const int64_t misalign = static_cast<int64_t>((16 - (reinterpret_cast<uintptr_t>(row) & 15)) / 4 & 3);
-  const int64_t head = p.cols < misalign ? p.cols : misalign;
-  for (int64_t i = threadIdx.x; i < head; i += kThreads) take(best, row[i], i);
-  const int64_t vecs = (p.cols - head) / 4;
+  const int32_t misalign = static_cast<int32_t>((16 - (reinterpret_cast<uintptr_t>(row) & 15)) / 4 & 3);
+  const int32_t head = cols < misalign ? cols : misalign;
+  if (threadIdx.x < head) take_next(best, row[threadIdx.x], threadIdx.x);
+  const int32_t vecs = (cols - head) / 4;
   const float4* body = reinterpret_cast<const float4*>(row + head);
-  int64_t v = threadIdx.x;
+  int32_t v = threadIdx.x;
   for (; v + 7 * kThreads < vecs; v += 8 * kThreads) {  // 8 loads in flight, then their elements in order
     float4 x[8];
 #pragma unroll
     for (int u = 0; u < 8; ++u) x[u] = __ldg(body + v + u * kThreads);
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
-      const int64_t i = head + 4 * (v + u * kThreads);
-      take(best, x[u].x, i);
-      take(best, x[u].y, i + 1);
-      take(best, x[u].z, i + 2);
-      take(best, x[u].w, i + 3);
+      const int32_t i = head + 4 * (v + u * kThreads);
+      take_next(best, x[u].x, i);
+      take_next(best, x[u].y, i + 1);
+      take_next(best, x[u].z, i + 2);
+      take_next(best, x[u].w, i + 3);
     }
   }
   for (; v < vecs; v += kThreads) {
     const float4 x = __ldg(body + v);
-    const int64_t i = head + 4 * v;
-    take(best, x.x, i);
-    take(best, x.y, i + 1);
-    take(best, x.z, i + 2);
-    take(best, x.w, i + 3);
+    const int32_t i = head + 4 * v;
+    take_next(best, x.x, i);
+    take_next(best, x.y, i + 1);
+    take_next(best, x.z, i + 2);
+    take_next(best, x.w, i + 3);
   }
-  for (int64_t i = head + 4 * vecs + threadIdx.x; i < p.cols; i += kThreads) take(best, row[i], i);
+  for (int32_t i = head + 4 * vecs + threadIdx.x; i < cols; i += kThreads) take_next(best, row[i], i);
 
-  // Warp, then CTA: the order is total, so the combination order does not matter.
+  // Warp, then CTA (keys and indices compared as in take: a total order, any combination order).
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) {
-    const float ov = __shfl_xor_sync(kFullMask, best.v, offset);
-    const int64_t oi = __shfl_xor_sync(kFullMask, best.i, offset);
-    take(best, ov, oi);
+    take(best, __shfl_xor_sync(kFullMask, best.k, offset), __shfl_xor_sync(kFullMask, best.i, offset));
   }
-  __shared__ float vals[kThreads / kWarpSize];
-  __shared__ int64_t idxs[kThreads / kWarpSize];
+  __shared__ uint32_t keys[kThreads / kWarpSize];
+  __shared__ int32_t idxs[kThreads / kWarpSize];
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   if (lane == 0) {
-    vals[warp] = best.v;
+    keys[warp] = best.k;
     idxs[warp] = best.i;
   }
   __syncthreads();
   if (warp == 0) {
-    best = Best{vals[lane], idxs[lane]};  // kThreads / 32 == 32 warps: one per lane
+    best = Best{keys[lane], idxs[lane]};  // kThreads / 32 == 32 warps: one per lane
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2) {
-      const float ov = __shfl_xor_sync(kFullMask, best.v, offset);
-      const int64_t oi = __shfl_xor_sync(kFullMask, best.i, offset);
-      take(best, ov, oi);
+      take(best, __shfl_xor_sync(kFullMask, best.k, offset), __shfl_xor_sync(kFullMask, best.i, offset));
     }
-    // An all -inf row keeps index INT64_MAX only if it had no elements (cols > 0 is checked): every
-    // element beats the initial (-inf, INT64_MAX) on the index tie-break.
-    if (lane == 0) p.out[static_cast<int64_t>(blockIdx.x) * p.out_stride] = best.i;
+    if (lane == 0) p.out[static_cast<int64_t>(blockIdx.x) * p.out_stride] = best.i;  // cols >= 1: a real index
   }
 }
 
 }  // namespace argmax
 
 inline cudaError_t launch_argmax_rows_impl(const ArgmaxParams& p, cudaStream_t stream) {
-  if (p.rows < 0 || p.cols <= 0 || p.rows > 0x7fffffff) return cudaErrorInvalidValue;
+  if (p.rows < 0 || p.cols <= 0 || p.cols > 0x7fffffff - 4096 || p.rows > 0x7fffffff) return cudaErrorInvalidValue;
   if (p.rows == 0) return cudaSuccess;
   argmax::argmax_rows_kernel<<<static_cast<unsigned>(p.rows), argmax::kThreads, 0, stream>>>(p);
   return cudaGetLastError();
