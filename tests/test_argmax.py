@@ -26,6 +26,9 @@ def rows_with_edge_cases(cols: int, gen: torch.Generator) -> torch.Tensor:
     x[7, cols // 7] = float("inf")
     x[8, cols - 1] = 1e30
     x[9, :] = torch.arange(cols, dtype=torch.float32).flip(0)  # the maximum at column 0
+    x[10] = -1.0 - x[10].abs()  # a zero maximum: -0.0 first, then +0.0 (equal: the first wins)
+    x[10, cols // 2] = -0.0
+    x[10, cols - 1] = 0.0
     return x
 
 
