@@ -13,6 +13,8 @@ fourth. The shapes are the ones the issues measure (bench/PERF_NOTES.md says wha
   int4_m1      int4_linear GEMV kernel (auto), M 1, gate_up 4096 -> 28672         (issue 6: 3x bf16)
   fp8_gemm     fp8_scaled_mm 8192^3, per-tensor scales                            (issue 7: >= _scaled_mm)
   gemv_norm    rms_norm_dense_gemv (SwiGLU), M 1, gate_up 4096 -> 28672           (issue 9: the prologue)
+  int4_wgmma   int4_linear on the wgmma kernel (FASTINFER_INT4_KERNEL=wgmma), M 64, down 14336 -> 4096
+  fp8_multicast  fp8_scaled_mm 8192^3 per-tensor, 128 x 256 tiles in multicast clusters (FASTINFER_FP8_MULTICAST=on)
 
 Runs on the GPU only; prints one line per call. Exit 2 when it cannot run (bench/common.py's contract).
 """
@@ -27,7 +29,7 @@ import common
 
 KERNELS = {"prefill": "paged_prefill_wgmma", "decode_bf16": "paged_decode_mma", "decode_fp8": "paged_decode_mma",
            "int4_m64": "w4a16_kernel", "int4_m1": "w4a16_small", "fp8_gemm": "fp8_gemm_kernel",
-           "gemv_norm": "dense_gemv"}
+           "gemv_norm": "dense_gemv", "int4_wgmma": "w4a16_wgmma_kernel", "fp8_multicast": "fp8_gemm_kernel"}
 CALLS = 4
 
 
@@ -71,12 +73,17 @@ def target_fn(ops, name: str):
                                                   kv_scale=kv_scale)
     if name.startswith("int4"):
         from fastinfer.quant.int4 import pack, quantize_rtn
-        m, k, n = (64, 14336, 4096) if name == "int4_m64" else (1, 4096, 28672)
+        if name == "int4_wgmma":
+            os.environ["FASTINFER_INT4_KERNEL"] = "wgmma"
+        m, k, n = (64, 14336, 4096) if name in ("int4_m64", "int4_wgmma") else (1, 4096, 28672)
         w = torch.randn(n, k, generator=g, device="cuda", dtype=bf16) * k ** -0.5
         p = pack(quantize_rtn(w, 128, "zeros"))
         x = torch.randn(m, k, generator=g, device="cuda", dtype=bf16)
         return lambda: ops.int4_linear(x, p.qweight, p.scales, 128, zeros=p.zeros)
-    if name == "fp8_gemm":
+    if name.startswith("fp8"):
+        if name == "fp8_multicast":
+            os.environ["FASTINFER_FP8_MULTICAST"] = "on"
+            os.environ["FASTINFER_FP8_GEMM_TILE"] = "128x256"
         n = 8192
         a, sa = ops.fp8_quantize_per_tensor(torch.randn(n, n, generator=g, device="cuda", dtype=bf16))
         b_, sb = ops.fp8_quantize_per_tensor(torch.randn(n, n, generator=g, device="cuda", dtype=bf16))
