@@ -14,6 +14,8 @@ out[M, N] = x[M, K] @ w[N, K]^T. Implementations, all on the same fp8 inputs (bf
                       (FASTINFER_FP8_PROMOTE=overlap; 128-column tiles, so the default tile at M > 64)
   ... multicast       M > 64: 2-CTA clusters sharing each weight tile by TMA multicast
                       (FASTINFER_FP8_MULTICAST=on; timed last of a shape's rows)
+  ... pingpong        per-tensor, the two consumer warpgroups' wgmma issues alternated
+                      (FASTINFER_FP8_PROMOTE=pingpong; timed last)
   _scaled_mm tensor   torch._scaled_mm, per-tensor scales (cuBLAS)
   _scaled_mm rowwise  torch._scaled_mm, row-wise scales
   bf16 cuBLAS         F.linear on the bf16 operands
@@ -71,6 +73,9 @@ def implementations(ops, d: dict, q: dict) -> dict:
         "fastinfer tensor multicast": lambda: ops.fp8_scaled_mm(xt, wt, sxt, swt),
         "fastinfer tensor 128x256 multicast": lambda: ops.fp8_scaled_mm(xt, wt, sxt, swt),
         "fastinfer rowwise 128x256 multicast": lambda: ops.fp8_scaled_mm(xr, wr, sxr, swr)} if d["x"].shape[0] > 64 else {}
+    pingpong = {"fastinfer tensor pingpong": lambda: ops.fp8_scaled_mm(xt, wt, sxt, swt)}  # FASTINFER_FP8_PROMOTE=pingpong
+    if d["x"].shape[0] > 64:
+        pingpong["fastinfer tensor 128x256 pingpong"] = lambda: ops.fp8_scaled_mm(xt, wt, sxt, swt)
     return {
         **gemv,
         "fastinfer rowwise": lambda: ops.fp8_scaled_mm(xr, wr, sxr, swr),
@@ -82,6 +87,7 @@ def implementations(ops, d: dict, q: dict) -> dict:
         "_scaled_mm rowwise": lambda: torch._scaled_mm(xr, wr.T, sxr[:, None], swr[None, :], out_dtype=torch.bfloat16),
         "bf16 cuBLAS": lambda: F.linear(d["x"], d["w"]),
         **multicast,
+        **pingpong,
     }
 
 
@@ -92,14 +98,16 @@ PEER = {"fastinfer rowwise": "_scaled_mm rowwise", "fastinfer linear": "_scaled_
         "fastinfer tensor gemv": "_scaled_mm tensor", "fastinfer linear gemv": "_scaled_mm rowwise",
         "fastinfer tensor overlap": "_scaled_mm tensor",
         "fastinfer tensor multicast": "_scaled_mm tensor", "fastinfer tensor 128x256 multicast": "_scaled_mm tensor",
-        "fastinfer rowwise 128x256 multicast": "_scaled_mm rowwise"}
+        "fastinfer rowwise 128x256 multicast": "_scaled_mm rowwise", "fastinfer tensor pingpong": "_scaled_mm tensor",
+        "fastinfer tensor 128x256 pingpong": "_scaled_mm tensor"}
 GRANULARITY = {"fastinfer rowwise": "row", "fastinfer linear": "row", "_scaled_mm rowwise": "row",
                "fastinfer tensor": "tensor", "_scaled_mm tensor": "tensor", "fastinfer rowwise 128x256": "row",
                "fastinfer tensor 128x256": "tensor", "fastinfer rowwise split-K on": "row",
                "fastinfer tensor split-K on": "tensor", "fastinfer rowwise gemv": "row",
                "fastinfer tensor gemv": "tensor", "fastinfer linear gemv": "row", "fastinfer tensor overlap": "tensor",
                "fastinfer tensor multicast": "tensor", "fastinfer tensor 128x256 multicast": "tensor",
-               "fastinfer rowwise 128x256 multicast": "row"}
+               "fastinfer rowwise 128x256 multicast": "row", "fastinfer tensor pingpong": "tensor",
+               "fastinfer tensor 128x256 pingpong": "tensor"}
 
 
 def mean_rel_err(out: torch.Tensor, a, b, sa, sb) -> float:
@@ -117,7 +125,8 @@ def run_shape(ops, shape: str, m: int, k: int, n: int, args, flush, copy_gbps: f
         os.environ["FASTINFER_FP8_MULTICAST"] = "on" if impl.endswith("multicast") else "off"
         os.environ["FASTINFER_FP8_SPLIT_K"] = "on" if impl.endswith("split-K on") else "auto"
         os.environ["FASTINFER_FP8_GEMV"] = "on" if impl.endswith("gemv") else "off"
-        os.environ["FASTINFER_FP8_PROMOTE"] = "overlap" if impl.endswith("overlap") else "serial"
+        os.environ["FASTINFER_FP8_PROMOTE"] = ("overlap" if impl.endswith("overlap") else
+                                               "pingpong" if impl.endswith("pingpong") else "serial")
         t = common.time_cuda(fn, warmup=args.warmup, iters=args.iters, flush=flush)
         weight_bytes = n * k * (2 if impl == "bf16 cuBLAS" else 1)
         row = {"shape": shape, "M": m, "impl": impl, "us": t["us"], "tflops": 2 * m * n * k / (t["us"] * 1e6),

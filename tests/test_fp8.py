@@ -472,3 +472,57 @@ def test_unknown_fp8_setting_is_refused(monkeypatch, gen, variable, value, choic
     monkeypatch.setenv(variable, value)
     with pytest.raises(RuntimeError, match=f"{variable} must be {choices}"):
         ops.fp8_scaled_mm(a, b, sa, sb)
+
+
+# FASTINFER_FP8_PROMOTE=pingpong (the consumers' wgmma issues alternated by named barriers), in a child
+# process for the same reason as multicast: a barrier left waiting would hang. Cases: (M, N, K, tile,
+# per-row scales, split K, multicast): both tile widths (two halves a k-tile at 128 x 256), swapped
+# small-M tiles, split K (one unit per CTA), several units per CTA, with multicast.
+PINGPONG_CASES = [
+    (256, 512, 512, "128x128", False, "auto", "off"), (1024, 1200, 1040, "128x256", True, "auto", "off"),
+    (16, 4096, 14336, "128x128", True, "auto", "off"), (64, 520, 384, "128x128", False, "on", "off"),
+    (4096, 4096, 2048, "128x256", True, "auto", "on"), (300, 136, 640, "128x128", True, "auto", "off"),
+    (2048, 2048, 2176, "128x128", False, "auto", "on"),
+]
+
+PINGPONG_CHILD = r"""
+import json, os, sys
+import torch
+from fastinfer import ops
+g = torch.Generator(device="cuda").manual_seed(11)
+results = []
+for m, n, k, tile, rows, split, multicast in json.loads(sys.argv[1]):
+    os.environ.update({"FASTINFER_FP8_GEMM_TILE": tile, "FASTINFER_FP8_SPLIT_K": split,
+                       "FASTINFER_FP8_MULTICAST": multicast})
+    a = (torch.randn(m, k, generator=g, device="cuda") * 2).to(torch.float8_e4m3fn)
+    b = (torch.randn(n, k, generator=g, device="cuda") * 2).to(torch.float8_e4m3fn)
+    sa = torch.rand(m if rows else 1, generator=g, device="cuda") + 0.5
+    sb = torch.rand(n if rows else 1, generator=g, device="cuda") + 0.5
+    bias = torch.randn(n, generator=g, device="cuda").to(torch.bfloat16)
+    outs = []
+    for promote in ("serial", "pingpong"):
+        os.environ["FASTINFER_FP8_PROMOTE"] = promote
+        outs.append(ops.fp8_scaled_mm(a, b, sa, sb, bias, out_dtype=torch.bfloat16))
+        torch.cuda.synchronize()
+    results.append({"equal": bool(torch.equal(outs[0], outs[1])), "finite": bool(torch.isfinite(outs[0]).all())})
+print("RESULTS " + json.dumps(results))
+"""
+
+
+@pytest.mark.cuda
+@pytest.mark.sm90
+def test_fp8_pingpong_gives_the_same_bits():
+    """FASTINFER_FP8_PROMOTE=pingpong only orders the two consumer warpgroups' wgmma issues: the same sums
+    in the same order per warpgroup, so the outputs equal the serial loop's bit for bit."""
+    import json
+    import subprocess
+    import sys
+    try:
+        done = subprocess.run([sys.executable, "-c", PINGPONG_CHILD, json.dumps(PINGPONG_CASES)],
+                              capture_output=True, text=True, timeout=100)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the ping-pong FP8 GEMM did not finish within 100 s (a hang: the named barriers' counts)")
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("RESULTS "))[len("RESULTS "):])
+    bad = [(case, r) for case, r in zip(PINGPONG_CASES, results) if not (r["equal"] and r["finite"])]
+    assert not bad, bad

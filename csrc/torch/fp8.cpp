@@ -71,7 +71,9 @@ void fp8_scaled_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, co
   p.wide_tiles = env_choice("fp8_scaled_mm", "FASTINFER_FP8_GEMM_TILE", {"128x128", "128x256"}) == 1;
   p.split_k = env_choice("fp8_scaled_mm", "FASTINFER_FP8_SPLIT_K", {"auto", "off", "on"});  // kSplitK* order
   p.gemv = env_choice("fp8_scaled_mm", "FASTINFER_FP8_GEMV", {"off", "on"}) == 1;
-  p.overlap_promotion = env_choice("fp8_scaled_mm", "FASTINFER_FP8_PROMOTE", {"serial", "overlap"}) == 1;
+  const int promote = env_choice("fp8_scaled_mm", "FASTINFER_FP8_PROMOTE", {"serial", "overlap", "pingpong"});
+  p.overlap_promotion = promote == 1;
+  p.pingpong = promote == 2;
   p.multicast = env_choice("fp8_scaled_mm", "FASTINFER_FP8_MULTICAST", {"off", "on"}) == 1;
   check_launch(launch_fp8_gemm_sm90(p, stream_of(a)), "fp8_scaled_mm");
 }

@@ -36,9 +36,11 @@ SETTINGS = {
     "FASTINFER_FP8_SPLIT_K": ("auto", "auto | off | on",
                               "FP8 GEMM split-K (cluster reduction) when output tiles cannot fill the SMs (auto: "
                               "only M <= 16 with K >= 8192, measured faster there; off: never; on: always)"),
-    "FASTINFER_FP8_PROMOTE": ("serial", "serial | overlap",
-                              "FP8 GEMM (128-column tiles): promote a k-tile's wgmma sums after waiting for them "
-                              "(serial), or issue the next k-tile into a second accumulator set first (overlap)"),
+    "FASTINFER_FP8_PROMOTE": ("serial", "serial | overlap | pingpong",
+                              "FP8 GEMM: promote a k-tile's wgmma sums after waiting for them (serial), or (128-column "
+                              "tiles) issue the next k-tile into a second accumulator set first (overlap), or keep the "
+                              "two consumer warpgroups' issues in alternation so one promotes while the other's run "
+                              "(pingpong; any tile); same results"),
     "FASTINFER_FP8_MULTICAST": ("off", "off | on",
                                 "FP8 GEMM for M > 64: 2-CTA clusters on vertically adjacent tiles sharing each weight "
                                 "tile by TMA multicast (half the weight bytes from L2 per CTA; same bits; off until "

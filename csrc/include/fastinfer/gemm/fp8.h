@@ -62,6 +62,12 @@ struct Fp8GemmParams {
   // (fp8_sm90.cuh: the same shared-memory image, so the same bits). Off by default until measured
   // (FASTINFER_FP8_MULTICAST=on).
   bool multicast;
+  // The serial promotion loop with the two consumer warpgroups' wgmma issues in a fixed alternation
+  // (named barriers): consumer 0's k-tile (half), then consumer 1's, then consumer 0's next. Without it
+  // both wait on the same `full` barrier and issue together, so their wgmmas may finish together and
+  // both promote while the tensor cores idle. Same sums, same bits. Off by default until measured
+  // (FASTINFER_FP8_PROMOTE=pingpong; takes precedence over the overlapped loop).
+  bool pingpong;
 };
 
 // What the last fp8_scaled_mm launch ran (fastinfer._C.fp8_last_launch()); kernel kNone before the first.

@@ -272,6 +272,16 @@ __device__ __forceinline__ void epilogue(const float (&acc)[Cfg::kBlockQ / 2], c
   }
 }
 
+// Named barriers of the two consumer warpgroups (256 threads; id 1 is the split-K reduction's): the
+// ping-pong order of their wgmma issues (Fp8GemmParams::pingpong).
+constexpr int kPingBarrier = 2, kPongBarrier = 3;
+__device__ __forceinline__ void named_barrier_sync(int id) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(2 * kWarpgroup) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(2 * kWarpgroup) : "memory");
+}
+
 // barrier.cluster (arrive.release + wait.acquire): every thread of every CTA of the cluster, each warp
 // converged (.aligned); orders shared-memory writes before other CTAs' distributed shared-memory reads.
 __device__ __forceinline__ void cluster_barrier() {
@@ -471,6 +481,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int lane = threadIdx.x % kWarpSize;
   int stage = 0;
   uint32_t phase = 0;
+  const bool pingpong = p.pingpong;  // uniform over the grid
+  bool first_issue = true;
   float acc[Cfg::kBlockQ / 2], part[Mma::kRegs];
 #pragma unroll
   for (int i = 0; i < Mma::kRegs; ++i) part[i] = 0.0f;
@@ -480,7 +492,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     for (int i = 0; i < Cfg::kBlockQ / 2; ++i) acc[i] = 0.0f;
     bool overlapped = false;
     if constexpr (Cfg::kHalves == 1) {
-      if (p.overlap_promotion) {  // uniform over the grid
+      if (p.overlap_promotion && !pingpong) {  // uniform over the grid
         mainloop_overlapped<Cfg, Mma>(acc, part, smem, full, empty, stage, phase, w, consumer, lane, multicast, peer);
         overlapped = true;
       }
@@ -497,12 +509,24 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
           const uint64_t desc_y_half = desc_y + half * ((128 * kBlockK) >> 4);
 #pragma unroll
           for (int i = 0; i < Mma::kRegs; ++i) wgmma::fence_operand(part[i]);
+          // Ping-pong (p.pingpong): consumer 1 issues after consumer 0's issue of the same half, consumer 0
+          // after consumer 1's previous one, so the tensor cores take one warpgroup's wgmmas, then the
+          // other's, and each promotes while the other's run.
+          if (pingpong) {
+            if (consumer == 1) {
+              named_barrier_sync(kPingBarrier);
+            } else if (!first_issue) {
+              named_barrier_sync(kPongBarrier);
+            }
+            first_issue = false;
+          }
           wgmma::fence();
 #pragma unroll
           for (int k = 0; k < kBlockK / kMmaK; ++k) {  // +32 bytes of K = +2 in the >> 4 address
             Mma::run(part, desc_x + 2 * k, desc_y_half + 2 * k, k > 0);
           }
           wgmma::commit_group();
+          if (pingpong) named_barrier_arrive(consumer == 0 ? kPingBarrier : kPongBarrier);
           wgmma::wait_group<0>();
 #pragma unroll
           for (int i = 0; i < Mma::kRegs; ++i) wgmma::fence_operand(part[i]);
@@ -516,6 +540,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
           phase ^= 1;
         }
       }
+    }
+    if (pingpong && consumer == 0 && u + walk.stride >= walk.count) {
+      named_barrier_sync(kPongBarrier);  // consumer 1's last arrival: no barrier is left half-arrived
     }
     if (s.splits == 1) {
       epilogue<Cfg, OutT>(acc, p, w, consumer);
