@@ -66,11 +66,14 @@ TINY = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_l
 
 # The kernel settings a fastinfer row depends on, at their defaults; a variant overrides some of them.
 PINNED = {"FASTINFER_PDL": "0", "FASTINFER_FUSED_NORM": "1", "FASTINFER_FUSED_ROPE": "1", "FASTINFER_DECODE_MERGE": "auto",
-          "FASTINFER_GEMV_NORM_PRELOAD": "off", "FASTINFER_INT4_KERNEL": "auto", "FASTINFER_FP8_GEMV": "off"}
+          "FASTINFER_GEMV_NORM_PRELOAD": "off", "FASTINFER_INT4_KERNEL": "auto", "FASTINFER_FP8_GEMV": "off",
+          "FASTINFER_FP8_MULTICAST": "off", "FASTINFER_FP8_PROMOTE": "serial", "FASTINFER_ATTN_KV_LOAD": "cp_async",
+          "FASTINFER_ARGMAX": "kernel"}
 # Kernel variants written but not yet measured (bench/PERF_NOTES.md), one row each after the plain rows.
 VARIANT_ROWS = [("bf16", " + norm preload", {"FASTINFER_GEMV_NORM_PRELOAD": "on"}),
                 ("int4", " stream-K", {"FASTINFER_INT4_KERNEL": "small_streamk"}),
                 ("int4", " wgmma", {"FASTINFER_INT4_KERNEL": "wgmma"}),
+                ("bf16", " + torch argmax", {"FASTINFER_ARGMAX": "torch"}),
                 ("fp8", " GEMV", {"FASTINFER_FP8_GEMV": "on"})]
 
 
@@ -202,6 +205,8 @@ def summarize_kernels(kernels: list[tuple[str, float, float]], steps: int, top: 
     return {"kernels_per_step": len(kernels) / steps, "kernel_us_per_step": busy / steps,
             "span_us_per_step": span / steps, "busy": busy / span if span > 0 else None,
             "gap_us_mean": sum(gaps) / len(gaps) if gaps else None,
+            # the median too: the gaps between the profiled steps (host work, the sampler) are few but long
+            "gap_us_median": statistics.median(gaps) if gaps else None,
             "overlapped": sum(g < 0 for g in gaps) / len(gaps) if gaps else None,
             "top": [{"kernel": k, "per_step": len(v) / steps, "us_per_step": sum(v) / steps} for k, v in ranked]}
 
@@ -588,7 +593,8 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f"profile {impl}, batch 1: {prof['kernels_per_step']:.0f} kernels per step, "
                      f"{prof['kernel_us_per_step']:.0f} us of kernels in a {prof['span_us_per_step']:.0f} us GPU span "
                      f"({prof['busy']:.0%} busy"
-                     + (f"; gaps between kernels: mean {prof['gap_us_mean']:.2f} us, {prof['overlapped']:.0%} "
+                     + (f"; gaps between kernels: median {prof['gap_us_median']:.2f} us, mean {prof['gap_us_mean']:.2f} us, "
+                        f"{prof['overlapped']:.0%} "
                         f"overlapping the previous kernel" if prof.get("gap_us_mean") is not None else "")
                      + "); most time: " + ", ".join(
                          f"{t['kernel']} {t['us_per_step']:.0f} us ({t['per_step']:.0f}x)" for t in prof["top"][:6]))

@@ -13,9 +13,10 @@ out[M, N] = x[M, K] @ w[N, K]^T. Implementations, all on the same fp8 inputs (bf
   ... overlap         per-tensor, the next k-tile's wgmma issued before the last one's promotion
                       (FASTINFER_FP8_PROMOTE=overlap; 128-column tiles, so the default tile at M > 64)
   ... multicast       M > 64: 2-CTA clusters sharing each weight tile by TMA multicast
-                      (FASTINFER_FP8_MULTICAST=on; timed last of a shape's rows)
+                      (FASTINFER_FP8_MULTICAST=on)
   ... pingpong        per-tensor, the two consumer warpgroups' wgmma issues alternated
-                      (FASTINFER_FP8_PROMOTE=pingpong; timed last)
+                      (FASTINFER_FP8_PROMOTE=pingpong)
+  (the multicast and pingpong rows, written without a GPU, are timed after the peers of their shape)
   _scaled_mm tensor   torch._scaled_mm, per-tensor scales (cuBLAS)
   _scaled_mm rowwise  torch._scaled_mm, row-wise scales
   bf16 cuBLAS         F.linear on the bf16 operands

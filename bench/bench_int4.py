@@ -81,14 +81,14 @@ def run_shape(fastinfer, name: str, k: int, n: int, tokens, args, flush, copy_gb
                     BF16: n * k * 2}
     impls = {BF16: lambda x: torch.matmul(x, dense.t()),
              OURS: lambda x: fastinfer.ops.int4_linear(x, p.qweight, p.scales, GROUP, mins=p.mins)}
-    for label, settings in VARIANTS.items():
-        impls[label] = common.with_env(impls[OURS], settings)
-        weight_bytes[label] = weight_bytes[OURS]
-    try:
+    try:  # the peer before the variants: the new kernels come last (a broken context costs only them)
         tw, tsz = torch_int4_operands(codes, scales, mins)
         impls[TORCH_INT4] = lambda x: torch.ops.aten._weight_int4pack_mm(x, tw, GROUP, tsz)
     except Exception as exc:  # an older / newer torch without this format: report, keep going
         errors.append(f"{name}: torch int4 setup: {type(exc).__name__}: {exc}")
+    for label, settings in VARIANTS.items():
+        impls[label] = common.with_env(impls[OURS], settings)
+        weight_bytes[label] = weight_bytes[OURS]
     rows, dense_t = [], dense.float().t()
     for m in tokens:
         x = torch.randn(m, k, device="cuda", dtype=torch.float32).to(DTYPE)

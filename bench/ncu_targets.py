@@ -14,7 +14,7 @@ fourth. The shapes are the ones the issues measure (bench/PERF_NOTES.md says wha
   fp8_gemm     fp8_scaled_mm 8192^3, per-tensor scales                            (issue 7: >= _scaled_mm)
   gemv_norm    rms_norm_dense_gemv (SwiGLU), M 1, gate_up 4096 -> 28672           (issue 9: the prologue)
   int4_wgmma   int4_linear on the wgmma kernel (FASTINFER_INT4_KERNEL=wgmma), M 64, down 14336 -> 4096
-  fp8_multicast  fp8_scaled_mm 8192^3 per-tensor, 128 x 256 tiles in multicast clusters (FASTINFER_FP8_MULTICAST=on)
+  fp8_multicast  the fp8_gemm target in multicast clusters (FASTINFER_FP8_MULTICAST=on): only that differs
 
 Runs on the GPU only; prints one line per call. Exit 2 when it cannot run (bench/common.py's contract).
 """
@@ -81,9 +81,8 @@ def target_fn(ops, name: str):
         x = torch.randn(m, k, generator=g, device="cuda", dtype=bf16)
         return lambda: ops.int4_linear(x, p.qweight, p.scales, 128, zeros=p.zeros)
     if name.startswith("fp8"):
-        if name == "fp8_multicast":
+        if name == "fp8_multicast":  # the fp8_gemm target's launch (default 128 x 128 tiles) plus multicast
             os.environ["FASTINFER_FP8_MULTICAST"] = "on"
-            os.environ["FASTINFER_FP8_GEMM_TILE"] = "128x256"
         n = 8192
         a, sa = ops.fp8_quantize_per_tensor(torch.randn(n, n, generator=g, device="cuda", dtype=bf16))
         b_, sb = ops.fp8_quantize_per_tensor(torch.randn(n, n, generator=g, device="cuda", dtype=bf16))

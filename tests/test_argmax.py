@@ -71,3 +71,18 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="input must have 2 dimensions"):
         ops.argmax_rows(torch.zeros(3))
     assert ops.argmax_rows(torch.zeros(0, 5)).shape == (0,)
+
+
+@pytest.mark.cuda
+def test_sampler_setting_picks_torch_or_the_kernel(monkeypatch):
+    """FASTINFER_ARGMAX=torch: the sampler's pick by torch.argmax (the earlier form), same indices; any
+    other value than kernel / torch is refused by name."""
+    x = rows_with_edge_cases(5000, torch.Generator().manual_seed(3)).cuda()
+    picks = {}
+    for choice in ("kernel", "torch"):
+        monkeypatch.setenv("FASTINFER_ARGMAX", choice)
+        picks[choice] = _argmax(x)
+    assert torch.equal(picks["kernel"], picks["torch"])
+    monkeypatch.setenv("FASTINFER_ARGMAX", "fast")
+    with pytest.raises(ValueError, match="FASTINFER_ARGMAX"):
+        _argmax(x)

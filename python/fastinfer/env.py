@@ -31,6 +31,9 @@ SETTINGS = {
                                "K / V loads of the sm_90a prefill kernel: 16-byte cp.async by its producer warpgroup "
                                "(cp_async), or TMA boxes of a block's rows issued by one thread (tma; block sizes >= 8; "
                                "a sequence's last key tile still by cp.async; off until measured)"),
+    "FASTINFER_ARGMAX": ("kernel", "kernel | torch",
+                         "the sampler's argmax over fp32 logits on a GPU: fastinfer's argmax_rows (kernel; one CTA per "
+                         "row, written 2026-11-28) or torch.argmax (torch, the earlier pick); same indices"),
     "FASTINFER_FP8_GEMM_TILE": ("128x128", "128x128 | 128x256",
                                 "FP8 GEMM output tiles for M > 64"),
     "FASTINFER_FP8_SPLIT_K": ("auto", "auto | off | on",
@@ -44,7 +47,8 @@ SETTINGS = {
     "FASTINFER_FP8_MULTICAST": ("off", "off | on",
                                 "FP8 GEMM for M > 64: 2-CTA clusters on vertically adjacent tiles sharing each weight "
                                 "tile by TMA multicast (half the weight bytes from L2 per CTA; same bits; off until "
-                                "measured on a GPU)"),
+                                "measured on a GPU). Applies without split K, with an even number of 128-row tiles "
+                                "and no weight-tile half wholly past N; other calls run the plain launch"),
     "FASTINFER_FP8_GEMV": ("off", "off | on",
                            "FP8 GEMM for M <= 16 on the mma.sync decode GEMV (gemm/fp8_gemv.cuh) instead of wgmma "
                            "(off until measured on a GPU)"),

@@ -9,6 +9,7 @@ ever selected with a host-side mask.
 """
 from __future__ import annotations
 
+import os
 from itertools import chain
 
 import torch
@@ -296,7 +297,10 @@ def _argmax(x: torch.Tensor) -> torch.Tensor:
     128256-wide row of logits on an H200 (visit 5's batch-1 profile, ~0.6% of the step)."""
     if x.is_cuda and x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] > 0 and x.stride(1) == 1:
         from . import _C, _ops
-        if _C.with_cuda:
+        choice = os.environ.get("FASTINFER_ARGMAX", "kernel")
+        if choice not in ("kernel", "torch"):
+            raise ValueError(f"FASTINFER_ARGMAX must be kernel or torch, got {choice!r}")
+        if _C.with_cuda and choice == "kernel":  # torch: the pick before 2026-11-28, one setting away
             return _ops.argmax_rows(x)
     return x.argmax(dim=-1)
 
