@@ -53,7 +53,7 @@ PAIRS = [
     ("e2e", ("batch",), "fastinfer int4", "fastinfer int4 stream-K", "tok_s", True,
      "switch FASTINFER_INT4_KERNEL=small_streamk, end to end"),
     ("e2e", ("batch",), "fastinfer int4", "fastinfer int4 wgmma", "tok_s", True,
-     "switch FASTINFER_INT4_KERNEL=wgmma, end to end (every M: expect batch 1 / 8 slower)"),
+     "switch FASTINFER_INT4_KERNEL=auto_wgmma (wgmma above 8 rows), end to end"),
     ("e2e", ("batch",), "fastinfer fp8", "fastinfer fp8 GEMV", "tok_s", True, "switch FASTINFER_FP8_GEMV=on, end to end"),
     ("e2e", ("batch",), "fastinfer bf16 + torch argmax", "fastinfer bf16", "tok_s", True,
      "new default: argmax_rows for the sampler's pick (FASTINFER_ARGMAX), end to end"),

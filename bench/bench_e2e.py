@@ -17,7 +17,7 @@ and FASTINFER_DECODE_MERGE=kernel (a kernel per residual add + RMSNorm, per rota
 per split-KV merge instead of their fusion into the GEMVs and the attention kernel: what the fusions
 save). Order (a time limit keeps what came first): each format's graphed row, then the variants not
 yet measured (VARIANT_ROWS: bf16 with the RMSNorm-prologue preload, int4 on the stream-K GEMV, int4
-on the warpgroup-MMA kernel at every batch, fp8 on the decode GEMV), then bf16's PDL, unfused and eager rows, then the offline run. HF runs
+on the warpgroup-MMA kernel above 8 rows (auto_wgmma), fp8 on the decode GEMV), then bf16's PDL, unfused and eager rows, then the offline run. HF runs
 model.generate for 1 and for 1 + steps new tokens (min_new_tokens = max), each twice, and the
 difference of the faster runs is its decode time: eager (dynamic cache), and in full mode static cache + torch.compile
 (generate compiles the forward itself when the cache is static: transformers' automatic compilation
@@ -72,7 +72,7 @@ PINNED = {"FASTINFER_PDL": "0", "FASTINFER_FUSED_NORM": "1", "FASTINFER_FUSED_RO
 # Kernel variants written but not yet measured (bench/PERF_NOTES.md), one row each after the plain rows.
 VARIANT_ROWS = [("bf16", " + norm preload", {"FASTINFER_GEMV_NORM_PRELOAD": "on"}),
                 ("int4", " stream-K", {"FASTINFER_INT4_KERNEL": "small_streamk"}),
-                ("int4", " wgmma", {"FASTINFER_INT4_KERNEL": "wgmma"}),
+                ("int4", " wgmma", {"FASTINFER_INT4_KERNEL": "auto_wgmma"}),
                 ("bf16", " + torch argmax", {"FASTINFER_ARGMAX": "torch"}),
                 ("fp8", " GEMV", {"FASTINFER_FP8_GEMV": "on"})]
 

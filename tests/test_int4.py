@@ -331,6 +331,17 @@ for m, n, k, group, mode, dtype in json.loads(sys.argv[1]):
     except Exception as exc:
         info, error = None, f"{type(exc).__name__}: {str(exc)[:300]}"
     results.append({"error": error, "info": info})
+# auto_wgmma: auto's GEMV up to 8 rows, the wgmma kernel above
+os.environ["FASTINFER_INT4_KERNEL"] = "auto_wgmma"
+picked = {}
+for m in (4, 8, 9, 16):
+    gen = torch.Generator().manual_seed(m)
+    w = random_weight(256, 512, 128, "zeros", gen)
+    x = torch.randn(m, 512, generator=gen).to(torch.bfloat16).cuda()
+    check_against_reference(run_int4_linear(x, w), x, w)
+    picked[m] = _C.int4_last_launch()["kernel"]
+os.environ["FASTINFER_INT4_KERNEL"] = "wgmma"
+print("AUTO_WGMMA " + json.dumps(picked))
 # strided rows of x and out (x's rows 640 bytes apart, 128 bytes in; out 16 bytes in)
 try:
     gen = torch.Generator().manual_seed(5)
@@ -374,6 +385,8 @@ def test_int4_wgmma_kernel_matches_the_reference():
         if case in WGMMA_UNSPLIT:
             assert info["splits"] == 1 and info["units"] >= torch.cuda.get_device_properties(0).multi_processor_count, \
                 (case, info)
+    picked = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("AUTO_WGMMA "))[len("AUTO_WGMMA "):])
+    assert picked == {"4": "small", "8": "small", "9": "wgmma", "16": "wgmma"}, picked
     split = [r["info"]["splits"] for case, r in zip(cases, results) if case[:3] == (64, 4096, 14336)]
     if torch.cuda.get_device_properties(0).multi_processor_count >= 64:  # a whole Hopper, not a MIG slice
         assert split and split[0] > 1, "the down projection at M = 64 (32 tiles) should split K"

@@ -100,7 +100,7 @@ void int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight
   p.mode = zeros.has_value() ? Int4Mode::kZeros : mins.has_value() ? Int4Mode::kMins : Int4Mode::kSymmetric;
   p.dtype = to_dtype(x, "int4_linear");
   p.kernel = static_cast<Int4Kernel>(
-      env_choice("int4_linear", "FASTINFER_INT4_KERNEL", {"auto", "tiles", "small", "small_deferred", "small_streamk", "wgmma"}));
+      env_choice("int4_linear", "FASTINFER_INT4_KERNEL", {"auto", "tiles", "small", "small_deferred", "small_streamk", "wgmma", "auto_wgmma"}));
   // overhead (default, one round per CTA added to the split-K cost) or rounds (none): visit 6
   p.split_overhead_rounds = env_choice("int4_linear", "FASTINFER_INT4_SPLITS", {"overhead", "rounds"}) == 0 ? 1 : 0;
   // clusters (default): waves counted in resident clusters of each split size; slots: in CTA slots (visit 6)

@@ -52,13 +52,13 @@ SETTINGS = {
     "FASTINFER_FP8_GEMV": ("off", "off | on",
                            "FP8 GEMM for M <= 16 on the mma.sync decode GEMV (gemm/fp8_gemv.cuh) instead of wgmma "
                            "(off until measured on a GPU)"),
-    "FASTINFER_INT4_KERNEL": ("auto", "auto | tiles | small | small_deferred | small_streamk | wgmma",
+    "FASTINFER_INT4_KERNEL": ("auto", "auto | tiles | small | small_deferred | small_streamk | wgmma | auto_wgmma",
                               "int4_linear's CUDA kernel (auto: the GEMV kernel with deferred scales for <= 8 "
                               "rows of x, the tile kernel above; tiles / small: that kernel at every M; "
                               "small_deferred: the GEMV kernel applying the group scales to fp32 sums of x times "
                               "the raw codes; small_streamk: the same GEMV on a persistent grid with equal "
                               "stream-K ranges of chunks for <= 8 rows, small_deferred above; wgmma: the sm_90a warpgroup-MMA "
-                              "kernel at every M, off until measured)"),
+                              "kernel at every M, off until measured; auto_wgmma: auto up to 8 rows, wgmma above)"),
     "FASTINFER_INT4_SPLITS": ("overhead", "overhead | rounds",
                               "split-K cost of int4_linear's kernels: fewest waves x (rounds per CTA + one for its "
                               "start and reduction) (overhead), or without that round (rounds, the GEMV kernel's "

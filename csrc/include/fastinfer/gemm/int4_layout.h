@@ -25,7 +25,10 @@ enum class Int4Mode : int {
 // (multiplying by the biased codes, the group parameters applied to the fp32 sums) for M <= 8 rows
 // of x, the tile kernel (w4a16.cuh) above; tiles / small (the GEMV kernel dequantizing each weight) /
 // small_deferred force one at every M; small_streamk: stream-K GEMV at M <= 8; wgmma: the sm_90a
-// warpgroup-MMA kernel (w4a16_wgmma.cuh) at every M.
-enum class Int4Kernel : int { kAuto = 0, kTiles = 1, kSmall = 2, kSmallDeferred = 3, kSmallStreamK = 4, kWgmma = 5 };
+// warpgroup-MMA kernel (w4a16_wgmma.cuh) at every M; auto_wgmma: auto's GEMV up to 8 rows, wgmma above
+// (the candidate default the end-to-end benchmark times).
+enum class Int4Kernel : int {
+  kAuto = 0, kTiles = 1, kSmall = 2, kSmallDeferred = 3, kSmallStreamK = 4, kWgmma = 5, kAutoWgmma = 6
+};
 
 }  // namespace fastinfer

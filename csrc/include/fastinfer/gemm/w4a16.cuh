@@ -468,10 +468,12 @@ cudaError_t launch_mode(const W4A16Params& p, cudaStream_t stream) {
   // projections at M = 1 took 13.3 + 13.5 + 34.0 + 27.6 = 88.4 us, against 96.0 for the plain GEMV
   // kernel with the earlier split rule and 106.4 for the tile kernel; at M = 16 the tile kernel wins
   // (qkv 20.2, down 32.0 us against 20.8 and 50.6).
-  if (p.kernel == Int4Kernel::kWgmma) return launch_w4a16_wgmma(p, stream);  // w4a16_wgmma.cu
+  if (p.kernel == Int4Kernel::kWgmma || (p.kernel == Int4Kernel::kAutoWgmma && p.m > 8)) {
+    return launch_w4a16_wgmma(p, stream);  // w4a16_wgmma.cu
+  }
   if (p.kernel == Int4Kernel::kSmallStreamK && p.m <= 8) return small::launch_streamk<T, kMode>(p, stream);
   const bool deferred = p.kernel == Int4Kernel::kSmallDeferred || p.kernel == Int4Kernel::kSmallStreamK ||
-                        (p.kernel == Int4Kernel::kAuto && p.m <= 8);
+                        ((p.kernel == Int4Kernel::kAuto || p.kernel == Int4Kernel::kAutoWgmma) && p.m <= 8);
   if (deferred) {
     return p.m <= 8 ? small::launch_small<T, 1, kMode, true>(p, stream) : small::launch_small<T, 2, kMode, true>(p, stream);
   }
