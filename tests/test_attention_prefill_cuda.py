@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import reference as ref
+from child import run_child
 from conftest import wgmma_prefill_runs
 from fastinfer import ops
 from test_ops import (BLOCK_SIZES, DTYPES, HEAD_DIMS, HEADS, assert_lse_close, assert_within_tolerance, build_paged_kv,
@@ -313,17 +314,7 @@ def test_kv_by_tma_gives_the_same_bits():
     cp.async kernel's bit for bit, NaN-poisoned unused slots included."""
     if not wgmma_prefill_runs():
         pytest.skip("the sm_90a prefill kernel does not run here")
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-    try:
-        done = subprocess.run([sys.executable, "-c", TMA_CHILD, json.dumps(TMA_CASES), str(Path(__file__).parent)],
-                              capture_output=True, text=True, timeout=100)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the TMA prefill did not finish within 100 s (a hang: the boxes' bytes or the barrier phases)")
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("RESULTS "))[len("RESULTS "):])
+    results = run_child(TMA_CHILD, TMA_CASES, "the TMA prefill")
     bad = [(case, r) for case, r in zip(TMA_CASES, results) if not (r["equal"] and r["finite"])]
     assert not bad, bad
     for case, r in zip(TMA_CASES, results):  # TMA ran where it applies (block sizes >= 8), and only there

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import reference as ref
+from child import run_child
 from fastinfer import _C, ops
 from test_ops import DTYPES, assert_within_tolerance, randn, replace, strided_rows, to, to_meta
 
@@ -171,10 +172,8 @@ def test_fp8_overlapped_promotion_gives_the_same_bits(monkeypatch, gen, m, n, k,
     assert torch.isfinite(serial).all() and torch.equal(serial, overlap)
 
 
-# FASTINFER_FP8_MULTICAST=on, checked in a child process: a cluster whose barriers were miscounted
-# would hang rather than fail, and the timeout turns that into this test's failure instead of the
-# whole session's (100 s: under bench/gpu_check.sh's 120 s per test, whose watchdog would otherwise end
-# pytest first and leave the child's hung kernel running). Each case: (M, N, K, tile, promote, per-row scales, bias, out dtype, multicast
+# FASTINFER_FP8_MULTICAST=on, checked in a child process (tests/child.py: a cluster whose barriers were
+# miscounted would hang rather than fail). Each case: (M, N, K, tile, promote, per-row scales, bias, out dtype, multicast
 # expected): even and odd numbers of 128-row tiles (odd: the plain launch, same bits), a last weight
 # tile whose second half is partly past N (multicast) or wholly (the plain launch), K not a multiple
 # of 128, several pair units per cluster (the persistent loop), the overlapped promotion, fp16 output.
@@ -231,17 +230,7 @@ def test_fp8_multicast_gives_the_same_bits():
     """FASTINFER_FP8_MULTICAST=on: 2-CTA clusters share each weight tile by TMA multicast; every stage's
     shared memory holds what a plain CTA's would, so the outputs are equal bit for bit, and the launch
     record says multicast ran exactly where it applies (an even number of 128-row tiles)."""
-    import json
-    import subprocess
-    import sys
-    try:
-        done = subprocess.run([sys.executable, "-c", MULTICAST_CHILD, json.dumps(MULTICAST_CASES)],
-                              capture_output=True, text=True, timeout=100)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the multicast FP8 GEMM did not finish within 100 s (a hang: barrier counts or phases)")
-    assert done.returncode == 0, done.stderr[-3000:]
-    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULTS "))
-    results = json.loads(line[len("RESULTS "):])
+    results = run_child(MULTICAST_CHILD, MULTICAST_CASES, "the multicast FP8 GEMM")
     for case, r in zip(MULTICAST_CASES, results):
         m, n, k, tile, promote, rows, bias, dtype, expect = case
         assert r["finite"] and r["equal"], (case, r)
@@ -514,15 +503,6 @@ print("RESULTS " + json.dumps(results))
 def test_fp8_pingpong_gives_the_same_bits():
     """FASTINFER_FP8_PROMOTE=pingpong only orders the two consumer warpgroups' wgmma issues: the same sums
     in the same order per warpgroup, so the outputs equal the serial loop's bit for bit."""
-    import json
-    import subprocess
-    import sys
-    try:
-        done = subprocess.run([sys.executable, "-c", PINGPONG_CHILD, json.dumps(PINGPONG_CASES)],
-                              capture_output=True, text=True, timeout=100)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the ping-pong FP8 GEMM did not finish within 100 s (a hang: the named barriers' counts)")
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("RESULTS "))[len("RESULTS "):])
+    results = run_child(PINGPONG_CHILD, PINGPONG_CASES, "the ping-pong FP8 GEMM")
     bad = [(case, r) for case, r in zip(PINGPONG_CASES, results) if not (r["equal"] and r["finite"])]
     assert not bad, bad

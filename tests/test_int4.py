@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from child import run_child
 from fastinfer import ops
 from fastinfer.quant.int4 import (GROUP_SIZES, PackedInt4, QuantizedWeight, pack, permute_group_params,
                                   quantize_rtn, unpack, unpermute_group_params)
@@ -363,18 +364,8 @@ def test_int4_wgmma_kernel_matches_the_reference():
     """FASTINFER_INT4_KERNEL=wgmma: the dequantized weights as wgmma's register A operand, x by TMA;
     every group size, mode and dtype, M across both tile widths, odd strip counts, split K over a
     cluster (deterministic: two runs give the same bits), strided x and out."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-    try:
-        done = subprocess.run([sys.executable, "-c", WGMMA_CHILD, json.dumps(WGMMA_CASES + WGMMA_UNSPLIT),
-                               str(Path(__file__).parent)],
-                              capture_output=True, text=True, timeout=100)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the wgmma W4A16 kernel did not finish within 100 s (a hang: barrier byte counts or phases)")
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("RESULTS "))[len("RESULTS "):])
+    out = run_child(WGMMA_CHILD, WGMMA_CASES + WGMMA_UNSPLIT, "the wgmma W4A16 kernel", tags=("RESULTS", "AUTO_WGMMA"))
+    results, picked = out["RESULTS"], out["AUTO_WGMMA"]
     cases = WGMMA_CASES + WGMMA_UNSPLIT + [("strided",)]
     failures = [(case, r["error"]) for case, r in zip(cases, results) if r["error"]]
     assert not failures, failures[:10]
@@ -385,7 +376,6 @@ def test_int4_wgmma_kernel_matches_the_reference():
         if case in WGMMA_UNSPLIT:
             assert info["splits"] == 1 and info["units"] >= torch.cuda.get_device_properties(0).multi_processor_count, \
                 (case, info)
-    picked = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("AUTO_WGMMA "))[len("AUTO_WGMMA "):])
     assert picked == {"4": "small", "8": "small", "9": "wgmma", "16": "wgmma"}, picked
     split = [r["info"]["splits"] for case, r in zip(cases, results) if case[:3] == (64, 4096, 14336)]
     if torch.cuda.get_device_properties(0).multi_processor_count >= 64:  # a whole Hopper, not a MIG slice
