@@ -19,6 +19,9 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 VENV=${MIRROR_VENV:-build/mirror-venv}
 OUT=${OUT:-build/mirror-out}
+# absolute: later steps run from $OUT (a relative venv path broke `python -m fastinfer env` there)
+case $VENV in /*) ;; *) VENV="$REPO/$VENV" ;; esac
+case $OUT in /*) ;; *) OUT="$REPO/$OUT" ;; esac
 mkdir -p "$OUT"
 
 if [[ ! -x "$VENV/bin/python" ]]; then

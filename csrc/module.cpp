@@ -112,9 +112,10 @@ static PyObject* fp8_last_launch(PyObject*, PyObject*) {
   const fastinfer::Fp8LaunchInfo info = fastinfer::fp8_last_launch();
   static const char* kNames[] = {"none", "wgmma", "gemv"};
   const char* name = info.kernel >= 0 && info.kernel <= 2 ? kNames[info.kernel] : "none";
-  return Py_BuildValue("{s:s,s:(ii),s:O,s:i,s:i,s:i,s:O,s:i}", "kernel", name, "tile", info.block_p, info.block_q,
+  return Py_BuildValue("{s:s,s:(ii),s:O,s:i,s:i,s:i,s:O,s:i,s:O}", "kernel", name, "tile", info.block_p, info.block_q,
                        "swapped", info.swapped ? Py_True : Py_False, "splits", info.splits, "grid", info.grid,
-                       "cluster", info.cluster, "multicast", info.multicast ? Py_True : Py_False, "units", info.units);
+                       "cluster", info.cluster, "multicast", info.multicast ? Py_True : Py_False, "units", info.units,
+                       "pingpong", info.pingpong ? Py_True : Py_False);
 #else
   Py_RETURN_NONE;
 #endif

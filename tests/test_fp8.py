@@ -250,7 +250,7 @@ def test_fp8_last_launch_is_reported_in_every_build():
     info = _C.fp8_last_launch()
     if info is None:
         return
-    assert set(info) == {"kernel", "tile", "swapped", "splits", "grid", "cluster", "multicast", "units"}
+    assert set(info) == {"kernel", "tile", "swapped", "splits", "grid", "cluster", "multicast", "units", "pingpong"}
     assert info["kernel"] in ("none", "wgmma", "gemv")
 
 
@@ -469,7 +469,7 @@ def test_unknown_fp8_setting_is_refused(monkeypatch, gen, variable, value, choic
 # small-M tiles, split K (one unit per CTA), several units per CTA, with multicast.
 PINGPONG_CASES = [
     (256, 512, 512, "128x128", False, "auto", "off"), (1024, 1200, 1040, "128x256", True, "auto", "off"),
-    (16, 4096, 14336, "128x128", True, "auto", "off"), (64, 520, 384, "128x128", False, "on", "off"),
+    (16, 4096, 14336, "128x128", True, "auto", "off"), (64, 520, 2048, "128x128", False, "on", "off"),
     (4096, 4096, 2048, "128x256", True, "auto", "on"), (300, 136, 640, "128x128", True, "auto", "off"),
     (2048, 2048, 2176, "128x128", False, "auto", "on"),
 ]
@@ -477,7 +477,7 @@ PINGPONG_CASES = [
 PINGPONG_CHILD = r"""
 import json, os, sys
 import torch
-from fastinfer import ops
+from fastinfer import _C, ops
 g = torch.Generator(device="cuda").manual_seed(11)
 results = []
 for m, n, k, tile, rows, split, multicast in json.loads(sys.argv[1]):
@@ -488,12 +488,14 @@ for m, n, k, tile, rows, split, multicast in json.loads(sys.argv[1]):
     sa = torch.rand(m if rows else 1, generator=g, device="cuda") + 0.5
     sb = torch.rand(n if rows else 1, generator=g, device="cuda") + 0.5
     bias = torch.randn(n, generator=g, device="cuda").to(torch.bfloat16)
-    outs = []
+    outs, launches = [], []
     for promote in ("serial", "pingpong"):
         os.environ["FASTINFER_FP8_PROMOTE"] = promote
         outs.append(ops.fp8_scaled_mm(a, b, sa, sb, bias, out_dtype=torch.bfloat16))
         torch.cuda.synchronize()
-    results.append({"equal": bool(torch.equal(outs[0], outs[1])), "finite": bool(torch.isfinite(outs[0]).all())})
+        launches.append(_C.fp8_last_launch())
+    results.append({"equal": bool(torch.equal(outs[0], outs[1])), "finite": bool(torch.isfinite(outs[0]).all()),
+                    "serial": launches[0], "pingpong": launches[1]})
 print("RESULTS " + json.dumps(results))
 """
 
@@ -506,3 +508,11 @@ def test_fp8_pingpong_gives_the_same_bits():
     results = run_child(PINGPONG_CHILD, PINGPONG_CASES, "the ping-pong FP8 GEMM")
     bad = [(case, r) for case, r in zip(PINGPONG_CASES, results) if not (r["equal"] and r["finite"])]
     assert not bad, bad
+    for case, r in zip(PINGPONG_CASES, results):  # what ran: the order asked for, the split and multicast as set
+        m, n, k, tile, rows, split, multicast = case
+        assert r["pingpong"]["pingpong"] and not r["serial"]["pingpong"], (case, r)
+        assert r["pingpong"]["kernel"] == "wgmma", (case, r)
+        if split == "on":
+            assert r["pingpong"]["splits"] > 1, (case, r)
+        if multicast == "on":
+            assert r["pingpong"]["multicast"], (case, r)

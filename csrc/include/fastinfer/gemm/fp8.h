@@ -81,6 +81,7 @@ struct Fp8LaunchInfo {
   int cluster;           // CTAs per cluster (1: none)
   bool multicast;
   int units;             // work units (tiles x splits)
+  bool pingpong;         // the consumers' alternated issue order (Fp8GemmParams::pingpong)
 };
 Fp8LaunchInfo fp8_last_launch();
 void fp8_record_launch(const Fp8LaunchInfo& info);  // by the launchers (sm_90a unit)

@@ -195,7 +195,7 @@ cudaError_t run(const Fp8GemmParams& p, cudaStream_t stream) {
   const auto kernel = tiles_for(p.M) == 1 ? fp8_gemv_kernel<OutT, 1> : fp8_gemv_kernel<OutT, 2>;
   FI_CUDA_TRY(launch_kernel(kernel, grid, dim3(kThreads), 0, stream, p));
   fp8_record_launch(Fp8LaunchInfo{Fp8LaunchInfo::kGemv, kTileN, 8 * tiles_for(p.M), true, 1,
-                                  static_cast<int>(grid.x), 1, false, static_cast<int>(grid.x)});
+                                  static_cast<int>(grid.x), 1, false, static_cast<int>(grid.x), false});
   return cudaSuccess;
 }
 

@@ -653,7 +653,7 @@ cudaError_t run(const Fp8GemmParams& p, cudaStream_t stream) {
   const ClusterLaunch launch(dim3(static_cast<unsigned>(grid)), Cfg::kThreads, Cfg::kSmemBytes, stream, cluster);
   FI_CUDA_TRY(cudaLaunchKernelEx(&launch.config, kernel, map_x, map_y, p, s));
   fp8_record_launch(Fp8LaunchInfo{Fp8LaunchInfo::kWgmma, Cfg::kBlockP, Cfg::kBlockQ, Cfg::kSwapAB, s.splits, grid, cluster,
-                                  s.multicast != 0, s.num_units()});
+                                  s.multicast != 0, s.num_units(), p.pingpong});
   return cudaSuccess;
 }
 
