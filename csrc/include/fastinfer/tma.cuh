@@ -6,6 +6,8 @@
 #include <cudaTypedefs.h>   // PFN_cuTensorMapEncodeTiled_v12000
 #include <cuda_runtime_api.h>
 
+#include <cstdint>
+
 namespace fastinfer {
 namespace tma {
 
@@ -21,6 +23,24 @@ inline PFN_cuTensorMapEncodeTiled_v12000 encoder() {
     return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
   }();
   return fn;
+}
+
+// A row-major matrix of bytes (rows of row_bytes, stride_bytes apart; 16-byte aligned base and stride) read
+// in boxes of 128 bytes x box_rows with the 128-byte swizzle, the shared-memory layout wgmma's K-major
+// descriptors take; rows and columns past the matrix read as zeros. The FP8 GEMM's operands (e4m3, one
+// byte an element) and the W4A16 wgmma kernel's activations (16-bit, two) both load through it.
+inline cudaError_t encode_rows_sw128(CUtensorMap* map, const void* ptr, int64_t row_bytes, int64_t rows,
+                                     int64_t stride_bytes, int box_rows) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = encoder();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(row_bytes), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(stride_bytes)};
+  const cuuint32_t box[2] = {128, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(ptr), dims, strides, box,
+                            element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
 }  // namespace tma

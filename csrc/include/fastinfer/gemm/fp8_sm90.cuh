@@ -566,16 +566,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 // A [rows, K] e4m3 matrix read in [box_rows x 128-byte] boxes with 128-byte swizzle; rows and K
 // beyond the matrix read as zeros (they add nothing to the dot products).
 inline cudaError_t make_tensor_map(CUtensorMap* map, const void* ptr, int64_t rows, int K, int box_rows) {
-  const PFN_cuTensorMapEncodeTiled_v12000 encode = tma::encoder();
-  if (encode == nullptr) return cudaErrorNotSupported;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(K)};
-  const cuuint32_t box[2] = {static_cast<cuuint32_t>(kBlockK), static_cast<cuuint32_t>(box_rows)};
-  const cuuint32_t element_strides[2] = {1, 1};
-  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(ptr), dims, strides, box,
-                            element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+  static_assert(kBlockK == 128, "one 128-byte swizzle row per k-tile");
+  return tma::encode_rows_sw128(map, ptr, K, rows, K, box_rows);
 }
 
 // How many clusters of each size (2 .. kMaxSplits) can be resident at once for this kernel (one CTA

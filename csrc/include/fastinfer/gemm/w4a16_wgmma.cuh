@@ -252,34 +252,25 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Stage it's fragments are dequantized while stage it - 1's wgmmas run. Two trips per loop pass keep
   // the register sets' roles compile-time (a0: even iterations, a1: odd).
   wait_barrier(&full[stage], phase);
+  // Iteration it: issue its wgmmas (fragments in `cur`), dequantize iteration it + 1 into `next` while
+  // they run, then wait for them and release their stage.
+  auto iteration = [&](int it, uint32_t (&cur)[kSteps][4], uint32_t (&next)[kSteps][4]) {
+    const int s = stage;
+    issue(cur, s);
+    advance();
+    if (it + 1 < num_iters) {
+      wait_barrier(&full[stage], phase);
+      dequant_stage<T, BN, kMode>(next, stage_ptr(stage), strip, warp, lane, (stage_begin + it + 1) * kStageK,
+                                  shape.group_shift);
+    }
+    wgmma::wait_group<0>();
+    wgmma::fence_operands(acc);
+    release(s);
+  };
   dequant_stage<T, BN, kMode>(a0, stage_ptr(stage), strip, warp, lane, stage_begin * kStageK, shape.group_shift);
   for (int it = 0; it < num_iters; it += 2) {
-    {
-      const int cur = stage;
-      issue(a0, cur);
-      advance();
-      if (it + 1 < num_iters) {
-        wait_barrier(&full[stage], phase);
-        dequant_stage<T, BN, kMode>(a1, stage_ptr(stage), strip, warp, lane, (stage_begin + it + 1) * kStageK,
-                                    shape.group_shift);
-      }
-      wgmma::wait_group<0>();
-      wgmma::fence_operands(acc);
-      release(cur);
-    }
-    if (it + 1 < num_iters) {
-      const int cur = stage;
-      issue(a1, cur);
-      advance();
-      if (it + 2 < num_iters) {
-        wait_barrier(&full[stage], phase);
-        dequant_stage<T, BN, kMode>(a0, stage_ptr(stage), strip, warp, lane, (stage_begin + it + 2) * kStageK,
-                                    shape.group_shift);
-      }
-      wgmma::wait_group<0>();
-      wgmma::fence_operands(acc);
-      release(cur);
-    }
+    iteration(it, a0, a1);
+    if (it + 1 < num_iters) iteration(it + 1, a1, a0);
   }
 
   // acc[j][2 h + e]: weight column 16 warp + lane / 4 + 8 h of the strip, token 8 j + 2 (lane % 4) + e.
@@ -339,17 +330,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 // x [M, K] (16-bit, rows x_stride elements apart) as bytes: [BN rows x 128 bytes] boxes, 128-byte swizzle,
 // rows past M (and nothing else: K % 64 == 0) read as zeros.
 inline cudaError_t make_x_map(CUtensorMap* map, const W4A16Params& p, int box_rows) {
-  const PFN_cuTensorMapEncodeTiled_v12000 encode = tma::encoder();
-  if (encode == nullptr) return cudaErrorNotSupported;
+  static_assert(kStageK * 2 == 128, "one 128-byte swizzle row of x per stage");
   if (reinterpret_cast<uintptr_t>(p.x) % 16 != 0 || p.x_stride < p.k) return cudaErrorInvalidValue;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(p.k) * 2, static_cast<cuuint64_t>(p.m)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(p.x_stride) * 2};
-  const cuuint32_t box[2] = {static_cast<cuuint32_t>(kStageK * 2), static_cast<cuuint32_t>(box_rows)};
-  const cuuint32_t element_strides[2] = {1, 1};
-  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(p.x), dims, strides, box,
-                            element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+  return tma::encode_rows_sw128(map, p.x, static_cast<int64_t>(p.k) * 2, p.m, p.x_stride * 2, box_rows);
 }
 
 template <typename T, int BN, Int4Mode kMode>
