@@ -1,15 +1,30 @@
-// The driver's cuTensorMapEncodeTiled, reached through the runtime's entry-point query (no link
-// against libcuda), shared by the kernels that load through TMA tensor maps (the FP8 GEMM, the W4A16
-// wgmma kernel, the sm_90a prefill's K / V). nullptr when the driver does not provide it.
+// The sm_90a kernels' shared TMA and mbarrier helpers: the mbarrier wait and the cluster barrier, and
+// the driver's cuTensorMapEncodeTiled reached through the runtime's entry-point query (no link against
+// libcuda; nullptr when the driver does not provide it) with the 2-D map the FP8 GEMM and the W4A16
+// wgmma kernel load through (the sm_90a prefill encodes its own 5-D map of the paged cache).
 #pragma once
 #include <cuda.h>           // CUtensorMap and its enums (types only: the driver is reached at run time)
 #include <cudaTypedefs.h>   // PFN_cuTensorMapEncodeTiled_v12000
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <cuda/ptx>
 
 namespace fastinfer {
 namespace tma {
+
+// Spin until phase `parity` of a shared-memory mbarrier has completed (the TMA loads' and the
+// consumers' handshake in the sm_90a kernels).
+__device__ __forceinline__ void wait_barrier(uint64_t* bar, uint32_t parity) {
+  while (!cuda::ptx::mbarrier_try_wait_parity(bar, parity)) {
+  }
+}
+
+// barrier.cluster (arrive.release + wait.acquire): every thread of every CTA of the cluster, each warp
+// converged (.aligned); orders shared-memory writes before other CTAs' distributed shared-memory reads.
+__device__ __forceinline__ void cluster_barrier() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
 
 inline PFN_cuTensorMapEncodeTiled_v12000 encoder() {
   static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {

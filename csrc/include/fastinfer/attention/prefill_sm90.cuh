@@ -99,10 +99,7 @@ __device__ __forceinline__ uint32_t tile_offset(int r, int c) {
   return (c >> 3) * (kRows * kRowBytes) + r * kRowBytes + (((c ^ r) & 7) << 4);  // bit ops: (r + 8 k) & 7 folds
 }
 
-__device__ __forceinline__ void wait_barrier(uint64_t* bar, uint32_t parity) {
-  while (!ptx::mbarrier_try_wait_parity(bar, parity)) {
-  }
-}
+using tma::wait_barrier;
 
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {

@@ -188,10 +188,7 @@ __device__ __forceinline__ uint64_t smem_desc(const void* smem) {
   return wgmma::smem_desc_sw128(static_cast<uint32_t>(__cvta_generic_to_shared(smem)), 16, kSwizzleAtom);
 }
 
-__device__ __forceinline__ void wait_barrier(uint64_t* bar, uint32_t parity) {
-  while (!ptx::mbarrier_try_wait_parity(bar, parity)) {
-  }
-}
+using tma::wait_barrier;
 
 template <typename OutT>
 __device__ __forceinline__ OutT to_out(float v);
@@ -282,11 +279,7 @@ __device__ __forceinline__ void named_barrier_arrive(int id) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(2 * kWarpgroup) : "memory");
 }
 
-// barrier.cluster (arrive.release + wait.acquire): every thread of every CTA of the cluster, each warp
-// converged (.aligned); orders shared-memory writes before other CTAs' distributed shared-memory reads.
-__device__ __forceinline__ void cluster_barrier() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
+using tma::cluster_barrier;
 
 // Split K (s.splits > 1, one unit per CTA, the tile's splits one cluster): both consumer warpgroups
 // write their fp32 partial sums into this CTA's shared memory (the pipeline ring, drained: every TMA

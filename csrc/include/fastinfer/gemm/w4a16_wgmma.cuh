@@ -79,10 +79,8 @@ struct Shape {
   int group_shift;   // log2(group_size)
 };
 
-__device__ __forceinline__ void wait_barrier(uint64_t* bar, uint32_t parity) {
-  while (!ptx::mbarrier_try_wait_parity(bar, parity)) {
-  }
-}
+using tma::cluster_barrier;
+using tma::wait_barrier;
 
 // A 32-bit shared-memory load at a shared-window address. volatile: it stays after the mbarrier wait
 // that makes the stage's bytes visible (a plain C++ load through the aligned generic pointer compiled to
@@ -93,9 +91,6 @@ __device__ __forceinline__ uint32_t lds32(uint32_t address) {
   return v;
 }
 
-__device__ __forceinline__ void cluster_barrier() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
 
 // The A fragments (4 k16 steps x 4 registers) of this warp's 16 weight columns of its strip for one
 // stage: word `warp` of each lane's 16 bytes, dequantized with the column's group parameters.
