@@ -18,10 +18,14 @@
 //   ..., read flush  dense_gemv and linear again with the L2 flushed by a 256 MB read instead of the
 //                    write (or the other way round under FASTINFER_BENCH_FLUSH=read): whether the
 //                    ~9 us every call pays is the write-back of the write flush's dirty lines
+// and a chain of a step's GEMVs (4 layers of q/k/v, o, gate / up, down) without and with the L2
+// prefetch of each next weight (gemv.cuh, "L2 prefetch across kernels").
 // Each read pattern adds the weight's 32-bit words (wrapping) into one counter; all of them must
 // give the same sum (each word read exactly once), or the row is marked wrong. GB/s counts the
 // weight bytes once; "of copy" divides by the device-to-device copy rate (read + write) of the
 // same run. Timing: bench/bench_common.cuh (L2 flushed before every launch, median).
+#include <memory>
+
 #include "bench_common.cuh"
 #include "fastinfer/gemm/gemv.h"
 
@@ -143,6 +147,21 @@ Result run(Launch&& launch, const Buffer& sum, const Args& args) {
   return {t, host};
 }
 
+// dense_gemv at M = 1 over a bf16 W of shape s.
+fastinfer::DenseGemvParams gemv_params(void* out, const void* x, const void* w, const Shape& s) {
+  fastinfer::DenseGemvParams p{};
+  p.out = out;
+  p.x = x;
+  p.weight = w;
+  p.m = 1;
+  p.n = s.n;
+  p.k = s.k;
+  p.x_stride = s.k;
+  p.out_stride = s.n;
+  p.dtype = fastinfer::DType::kBFloat16;
+  return p;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -166,16 +185,7 @@ int main(int argc, char** argv) {
     const int tiles = s.n / kTileRows;
     const int resident = std::min(tiles, 2 * sms);
 
-    fastinfer::DenseGemvParams p{};
-    p.out = out.get();
-    p.x = x.get();
-    p.weight = w.get();
-    p.m = 1;
-    p.n = s.n;
-    p.k = s.k;
-    p.x_stride = s.k;
-    p.out_stride = s.n;
-    p.dtype = fastinfer::DType::kBFloat16;
+    const fastinfer::DenseGemvParams p = gemv_params(out.get(), x.get(), w.get(), s);
     const auto launch_gemv = [&] { BENCH_CHECK(fastinfer::launch_dense_gemv(p, nullptr)); };
     const Timing gemv = time_cuda(launch_gemv, args);
     const unsigned long long nonfinite = count_nonfinite_bf16(out);
@@ -219,6 +229,74 @@ int main(int argc, char** argv) {
     row(("linear" + other).c_str(), linear_other.t, Value(std::string(other_ok ? "sum ok" : "SUM DIFFERS")), 4LL * sms);
   }
 
+  // The GEMVs of a batch-1 step back to back (gemv.cuh, "L2 prefetch across kernels"): 4 Llama-3-8B
+  // layers of q/k/v, o, gate / up (SwiGLU) and down on distinct weights (1.74 GB, so nothing stays in
+  // L2 from one chain to the next), one stream, the L2 flushed once before each chain. Without and with
+  // each kernel asking L2 for the next weight's first bytes as it finishes; the outputs of every
+  // prefetch budget must equal the plain chain's bit for bit.
+  {
+    constexpr int kLayers = 4;
+    const Shape chain_shapes[] = {kShapes[0], kShapes[1], kShapes[2], kShapes[3]};
+    std::vector<std::unique_ptr<Buffer>> weights, outs;
+    double chain_bytes = 0;
+    int64_t max_k = 0;
+    for (int l = 0; l < kLayers; ++l) {
+      for (const Shape& s : chain_shapes) {
+        weights.push_back(std::make_unique<Buffer>(static_cast<size_t>(2 * s.n * s.k)));
+        fill_uniform_bf16(*weights.back(), 100 + weights.size(), -0.05f, 0.05f);
+        outs.push_back(std::make_unique<Buffer>(static_cast<size_t>(s.n) * 2));
+        chain_bytes += 2.0 * s.n * s.k;
+        max_k = std::max(max_k, s.k);
+      }
+    }
+    Buffer x(static_cast<size_t>(max_k) * 2);
+    fill_uniform_bf16(x, 23);
+    const int kernels = static_cast<int>(weights.size());
+    const auto launch_chain = [&](int64_t budget) {
+      for (int i = 0; i < kernels; ++i) {
+        const Shape& s = chain_shapes[i % 4];
+        fastinfer::DenseGemvParams p = gemv_params(outs[i]->get(), x.get(), weights[i]->get(), s);
+        p.swiglu = i % 4 == 2;  // gate_up
+        if (p.swiglu) p.out_stride = s.n / 2;
+        if (budget > 0 && i + 1 < kernels) {
+          const Shape& next = chain_shapes[(i + 1) % 4];
+          p.prefetch = weights[i + 1]->get();
+          p.prefetch_rows = next.n;
+          p.prefetch_row_bytes = 2 * next.k;
+          p.prefetch_budget = budget;
+          p.prefetch_swiglu = (i + 1) % 4 == 2;
+          p.num_sms = sms;
+        }
+        BENCH_CHECK(fastinfer::launch_dense_gemv(p, nullptr));
+      }
+    };
+    const auto snapshot = [&] {
+      std::vector<std::vector<char>> host;
+      for (const auto& o : outs) {
+        host.emplace_back(o->bytes());
+        BENCH_CHECK(cudaMemcpy(host.back().data(), o->get(), o->bytes(), cudaMemcpyDeviceToHost));
+      }
+      return host;
+    };
+    const Timing plain = time_cuda([&] { launch_chain(0); }, args);
+    const auto plain_out = snapshot();
+    char shape[64];
+    std::snprintf(shape, sizeof shape, "chain: %d layers x 4 GEMVs", kLayers);
+    const auto chain_row = [&](const std::string& impl, const Timing& t, const std::string& check) {
+      const double gbps = chain_bytes / (t.us * 1e-6) / 1e9;
+      rows.push_back({{"shape", std::string(shape)}, {"impl", impl}, {"grid", static_cast<long long>(kernels)},
+                       {"us", t.us}, {"min_us", t.min_us}, {"gbps", gbps}, {"of_copy", gbps / copy.gbps},
+                       {"vs_gemv", plain.us / t.us}, {"check", check}});
+    };
+    chain_row("dense_gemv chain", plain, "reference");
+    for (const int64_t mb : {4, 8, 16, 32}) {
+      const Timing t = time_cuda([&] { launch_chain(mb << 20); }, args);
+      const bool same = snapshot() == plain_out;
+      all_ok = all_ok && same;
+      chain_row("dense_gemv chain, L2 prefetch " + std::to_string(mb) + " MB", t, same ? "same bits" : "OUTPUT DIFFERS");
+    }
+  }
+
   const std::vector<Column> cols = {
       {"shape", "shape (bf16 W [N, K])", ""}, {"impl", "impl", ""},           {"grid", "CTAs", "d"},
       {"us", "time (us)", ".1f"},             {"min_us", "min (us)", ".1f"},  {"gbps", "GB/s", ".0f"},
@@ -231,7 +309,11 @@ int main(int argc, char** argv) {
       note, "tiles = the GEMV's loads without its arithmetic; persistent / contiguous = the same tiles over 2 CTAs "
             "per SM; linear = grid-stride 16-byte loads; median of " + std::to_string(args.iters) +
             " launches, " + bench::l2_flush_description()};
-  if (!all_ok) notes.push_back("ERROR: a read pattern's word sum differs from linear's (a word read twice or never)");
+  notes.push_back("chain rows: 16 dense_gemv launches (4 Llama-3-8B layers, gate_up as SwiGLU) timed as one, the "
+                  "L2 flushed before each chain; 'vs dense_gemv' is the plain chain's time over the row's; "
+                  "'L2 prefetch N MB': each kernel asks L2 for ~N MB of the next weight's first bytes as it finishes");
+  if (!all_ok) notes.push_back("ERROR: a read pattern's word sum differs from linear's (a word read twice or never), "
+                               "or a prefetching chain's outputs differ from the plain chain's");
   if (!args.json.empty()) {
     write_fragment(args.json, "stream_cpp", "Weight stream: dense_gemv against its access pattern alone (C++)", dev,
                    notes, cols, rows, {{"copy", {{"bytes", copy.bytes}, {"us", copy.us}, {"gbps", copy.gbps}}}});

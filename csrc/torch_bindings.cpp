@@ -58,16 +58,20 @@ TORCH_LIBRARY(fastinfer, m) {
   // sums of squares per 16 columns. rms_norm_dense_gemv: dense_gemv (or, silu_mul, dense_gemv_silu_mul)
   // of rms_norm(x, norm_weight, eps), with x's sums of squares taken from sq_sums.
   m.def(
-      "dense_gemv_add_residual(Tensor(a!) residual, Tensor(b!) sq_sums, Tensor x, Tensor weight, Tensor? bias) -> ()");
+      "dense_gemv_add_residual(Tensor(a!) residual, Tensor(b!) sq_sums, Tensor x, Tensor weight, Tensor? bias, "
+      "Tensor? prefetch=None, int prefetch_bytes=0, bool prefetch_swiglu=False) -> ()");
   m.def(
       "rms_norm_dense_gemv(Tensor(a!) out, Tensor x, Tensor sq_sums, Tensor norm_weight, float eps, Tensor weight, "
-      "Tensor? bias, bool silu_mul) -> ()");
+      "Tensor? bias, bool silu_mul, Tensor? prefetch=None, int prefetch_bytes=0, bool prefetch_swiglu=False) -> ()");
   // The q/k/v projection of a decode step with rotary_embedding_and_cache in its epilogue (and, given
   // sq_sums and norm_weight, rms_norm_dense_gemv's prologue): query [M, H, D] receives the rotated q.
   m.def(
       "dense_gemv_rope_cache(Tensor(a!) query, Tensor(b!) kv_cache, Tensor x, Tensor weight, Tensor? bias, "
       "Tensor positions, Tensor cos_sin_cache, Tensor slot_mapping, Tensor? sq_sums, Tensor? norm_weight, "
-      "float eps) -> ()");
+      "float eps, Tensor? prefetch=None, int prefetch_bytes=0, bool prefetch_swiglu=False) -> ()");
+  // The last three take the next GEMV's weight (prefetch) to ask L2 for, about prefetch_bytes of it, as
+  // they finish (a hint: results do not change; the CPU ignores it). prefetch_swiglu: that GEMV is the
+  // SwiGLU one.
 }
 
 TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {

@@ -177,12 +177,17 @@ def test_opcheck(device, m):
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     x, weight, b, residual = add_residual_inputs(m, 40, 64, dtype, device, True, seed=4)
     sq_sums = torch.empty(m, 3, dtype=torch.float32, device=device)
+    nxt = torch.randn(48, 64, dtype=dtype, device=device)  # a next weight to prefetch (gemv.cuh)
     torch.library.opcheck(torch.ops.fastinfer.dense_gemv_add_residual.default, (residual, sq_sums, x, weight, b))
+    torch.library.opcheck(torch.ops.fastinfer.dense_gemv_add_residual.default,
+                          (residual, sq_sums, x, weight, b, nxt, 4096, True))
     x, sq_sums, norm_w, weight, b = norm_inputs(m, 32, 64, dtype, device, True, seed=5)
     for silu_mul, bias, cols in ((False, b, 32), (True, None, 16)):
         out = torch.empty(m, cols, dtype=dtype, device=device)
         torch.library.opcheck(torch.ops.fastinfer.rms_norm_dense_gemv.default,
                               (out, x, sq_sums, norm_w, EPS, weight, bias, silu_mul))
+        torch.library.opcheck(torch.ops.fastinfer.rms_norm_dense_gemv.default,
+                              (out, x, sq_sums, norm_w, EPS, weight, bias, silu_mul, nxt, 1 << 20, False))
 
 
 # ---- input validation -----------------------------------------------------------------------------------
@@ -365,6 +370,9 @@ def test_rope_cache_opcheck(device):
     q = torch.empty(3, 2, 16, dtype=dtype, device=device)
     torch.library.opcheck(torch.ops.fastinfer.dense_gemv_rope_cache.default,
                           (q, kv_cache.nan_to_num(0.0), x, weight, b, positions, cos_sin, slots, sq_sums, norm_w, EPS))
+    torch.library.opcheck(torch.ops.fastinfer.dense_gemv_rope_cache.default,
+                          (q, kv_cache.nan_to_num(0.0), x, weight, b, positions, cos_sin, slots, sq_sums, norm_w, EPS,
+                           weight, 8192, False))
 
 
 ROPE_SHAPES = [  # (M, heads, kv_heads, head_dim, K, mode): Llama-3-8B, Qwen2-style bias, head_dim 64
@@ -588,3 +596,148 @@ def test_cuda_model_step_runs_no_norm_and_no_cache_write_kernel(monkeypatch):
             assert 1 + 4 * 5 + 1 <= len(names) <= 1 + 4 * 6 + 1, names
     torch.testing.assert_close(logits["1"], logits["0"], rtol=0.05, atol=0.05)
     assert_same_choices(logits["1"], logits["0"])
+
+
+# ---- L2 prefetch of the next GEMV's weight (gemv.cuh, "L2 prefetch across kernels") ------------------------
+# A hint: the three fused-path GEMVs take the next GEMV's weight and ask L2 for its first bytes as they
+# finish. No result may change (bitwise, every op and mode, on the GPU), bad arguments are named before
+# any kernel runs, and the model hands each GEMV the weight of the GEMV that actually runs next.
+
+def _prefetch_cases(n_rows: int, k: int, dtype, device):
+    """Next weights and budgets: none, a few bytes (under 16 per row: nothing issued), a budget capped
+    by the row, one that needs more rows than the next GEMV's first wave, and SwiGLU pairs."""
+    w = torch.randn(n_rows, k, dtype=dtype, device=device)
+    return [None, ops.GemvPrefetch(w, 8), ops.GemvPrefetch(w, 1 << 20), ops.GemvPrefetch(w, 1 << 30),
+            ops.GemvPrefetch(w, 4096, swiglu=True), ops.GemvPrefetch(w[:, :8].contiguous(), 1 << 20)]
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(prefetch=(torch.randn(16, 64), 1024, False)), "prefetch must be a GemvPrefetch"),
+    (dict(prefetch=ops.GemvPrefetch(torch.randn(16, 64), -1)), r"prefetch.nbytes must be an int >= 0"),
+    (dict(prefetch=ops.GemvPrefetch(torch.randn(16, 64), 1.5)), r"prefetch.nbytes must be an int >= 0"),
+    (dict(prefetch=ops.GemvPrefetch(torch.randn(16, 64), True)), r"prefetch.nbytes must be an int >= 0"),
+    (dict(prefetch=ops.GemvPrefetch(torch.randn(16, 64), 64, swiglu=1)), r"prefetch.swiglu must be a bool"),
+    (dict(prefetch=ops.GemvPrefetch(torch.randn(64), 64)), r"prefetch.weight must have 2 dimensions"),
+    (dict(prefetch=ops.GemvPrefetch(torch.randn(16, 64, dtype=torch.float16), 64)), r"prefetch.weight must have dtype"),
+    (dict(prefetch=ops.GemvPrefetch(torch.randn(64, 16).t(), 64)), r"prefetch.weight must be contiguous"),
+    (dict(prefetch=ops.GemvPrefetch(torch.randn(15, 64), 64, swiglu=True)), r"even number of rows"),
+    (dict(prefetch=ops.GemvPrefetch("w", 64)), r"prefetch.weight must be a torch.Tensor"),
+])
+@pytest.mark.parametrize("op", ["add_residual", "rms_norm", "rope"])
+def test_prefetch_errors_name_the_argument(op, change, match):
+    if op == "add_residual":
+        call = lambda: ops.dense_gemv_add_residual(**{**_add_residual_args(), **change})  # noqa: E731
+    elif op == "rms_norm":
+        call = lambda: ops.rms_norm_dense_gemv(**{**_norm_args(), **change})  # noqa: E731
+    else:
+        x, weight, b, positions, cos_sin, kv_cache, slots, sq_sums, norm_w = rope_inputs(
+            2, 2, 1, 16, 64, torch.float32, "cpu", False, True, seed=4)
+        call = lambda: ops.dense_gemv_rope_cache(x, weight, positions, cos_sin, kv_cache, slots, 2,  # noqa: E731
+                                                 sq_sums=sq_sums, norm_weight=norm_w, **change)
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def check_prefetch_changes_nothing(device, dtype, m, n, k, seed):
+    """Every fused-path op, every prefetch case: the outputs of the call without a prefetch, bit for bit."""
+    cases = _prefetch_cases(24, k, dtype, device)
+    x, weight, b, residual = add_residual_inputs(m, n, k, dtype, device, True, seed=seed)
+    outs = []
+    for pf in cases:
+        res = residual.clone()
+        sums = ops.dense_gemv_add_residual(x, weight, res, b, prefetch=pf)
+        outs.append((res, sums))
+    assert all(torch.equal(r, outs[0][0]) and torch.equal(s, outs[0][1]) for r, s in outs), "add_residual"
+    for silu_mul in (False, True):
+        x, sq_sums, norm_w, weight, b = norm_inputs(m, 2 * n, k, dtype, device, not silu_mul, seed=seed + 1,
+                                                    silu_mul=silu_mul)
+        outs = [ops.rms_norm_dense_gemv(x, sq_sums, norm_w, EPS, weight, b, silu_mul=silu_mul, prefetch=pf)
+                for pf in cases]
+        assert all(torch.equal(o, outs[0]) for o in outs), f"rms_norm_dense_gemv silu_mul={silu_mul}"
+    x, weight, b, positions, cos_sin, kv_cache, slots, sq_sums, norm_w = rope_inputs(
+        m, 4, 2, 64, k, dtype, device, True, True, seed=seed + 2, num_blocks=max(8, m))
+    outs = []
+    for pf in cases:
+        cache = kv_cache.clone()
+        q = ops.dense_gemv_rope_cache(x, weight, positions, cos_sin, cache, slots, 4, b, sq_sums, norm_w, EPS,
+                                      prefetch=pf)
+        outs.append((q, cache))
+    assert all(torch.equal(q, outs[0][0]) and torch.equal(c.nan_to_num(7.0), outs[0][1].nan_to_num(7.0))
+               for q, c in outs), "dense_gemv_rope_cache"
+
+
+def test_prefetch_changes_nothing_cpu():
+    check_prefetch_changes_nothing(torch.device("cpu"), torch.float32, 3, 40, 72, seed=1)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m, n, k", [(1, 4096, 4096), (3, 40, 72), (8, 2048, 14336), (16, 130, 1000)])
+def test_prefetch_changes_nothing_cuda(m, n, k, dtype):
+    check_prefetch_changes_nothing(torch.device("cuda"), dtype, m, n, k, seed=m + n)
+
+
+def test_prefetch_setting_is_checked(monkeypatch):
+    from fastinfer.models.llama import gemv_prefetch_bytes
+    monkeypatch.delenv("FASTINFER_GEMV_PREFETCH_MB", raising=False)
+    assert gemv_prefetch_bytes() == 0
+    monkeypatch.setenv("FASTINFER_GEMV_PREFETCH_MB", "8")
+    assert gemv_prefetch_bytes() == 8 << 20
+    monkeypatch.setenv("FASTINFER_GEMV_PREFETCH_MB", "0.5")
+    assert gemv_prefetch_bytes() == 1 << 19
+    for bad in ("-1", "lots", "4096", "nan"):
+        monkeypatch.setenv("FASTINFER_GEMV_PREFETCH_MB", bad)
+        with pytest.raises(ValueError, match="FASTINFER_GEMV_PREFETCH_MB"):
+            gemv_prefetch_bytes()
+
+
+@pytest.mark.parametrize("all_rows", [True, False], ids=["lm_head_fused", "lm_head_gathered"])
+def test_model_prefetches_the_weight_that_runs_next(monkeypatch, all_rows):
+    """With the decode GEMV forced on the CPU and FASTINFER_GEMV_PREFETCH_MB=2, every fused-path GEMV's
+    prefetch is the weight of the GEMV the step runs next (the LM head after the last layer), with twice
+    the budget across attention and the SwiGLU flag exactly before gate / up; greedy output unchanged."""
+    from fastinfer.generate import get_loaded
+    transformers = pytest.importorskip("transformers")  # noqa: F841
+    model = make_hf_model("llama", seed=7, head_dim=16)
+    ids, mask = left_padded_batch([6, 3], model.config.vocab_size, 0, seed=4)
+    kw = dict(max_new_tokens=6, do_sample=False, eos_token_id=None)
+    monkeypatch.setattr(linear_mod, "use_dense_gemv", lambda device, n, k, dtype: 1 <= n <= ops.GEMV_MAX_M)
+    outputs = {}
+    for mb in ("0", "2"):
+        monkeypatch.setenv("FASTINFER_GEMV_PREFETCH_MB", mb)
+        outputs[mb] = fastinfer.generate(model, ids, attention_mask=mask, pad_token_id=0, **kw)
+    assert torch.equal(outputs["2"], outputs["0"])
+
+    loaded = get_loaded(model, dtype=torch.float32).model
+    calls = []  # (weight, prefetch) of every GEMV, in launch order
+    for name in ("rms_norm_dense_gemv", "dense_gemv_rope_cache", "dense_gemv_add_residual", "dense_gemv"):
+        real = getattr(ops, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            weight = a[4] if _name == "rms_norm_dense_gemv" else a[1]
+            calls.append((_name, weight, k.get("prefetch")))
+            return _real(*a, **k)
+        monkeypatch.setattr(ops, name, spy)
+    from fastinfer.metadata import SeqChunk
+    from fastinfer.runner import ModelRunner
+    runner = ModelRunner(loaded, num_blocks=8, block_size=16)
+    prefill = [SeqChunk([5, 9, 2], 0, [1])]
+    if all_rows:  # a decode step: every row's logits, the final norm in the LM head's GEMV
+        runner.run(prefill)
+        calls.clear()
+        runner.run([SeqChunk([6], 3, [1])])
+    else:  # a 3-token prefill: the last row's logits, the final norm then the LM head (dense_gemv) on it
+        runner.run(prefill)
+    layers = loaded.layers
+    expected_weights = [w for layer in layers for w in (layer.qkv.weight, layer.o_proj.weight, layer.gate_up.weight,
+                                                        layer.down.weight)] + [loaded.lm_head]
+    assert len(calls) == len(expected_weights), [c[0] for c in calls]
+    assert all(c[1] is w for c, w in zip(calls, expected_weights)), [c[0] for c in calls]
+    assert calls[-1][0] == ("rms_norm_dense_gemv" if all_rows else "dense_gemv")
+    budget = 2 << 20
+    for i, (name, weight, pf) in enumerate(calls[:-1]):
+        assert pf is not None, (i, name)
+        assert pf.weight is expected_weights[i + 1], (i, name)
+        assert pf.nbytes == (2 * budget if i % 4 == 0 else budget), (i, name)
+        assert pf.swiglu == (i % 4 == 1), (i, name)
+    assert calls[-1][2] is None  # the LM head: nothing after it in the step

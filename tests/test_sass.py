@@ -147,3 +147,16 @@ def test_no_kernel_touches_local_memory(sass):
     assert not spilling, spilling
     attention = [n for n in sass if "prefill" in n or "decode" in n]
     assert len(attention) >= 20, sorted(sass)  # the attention kernels are among those checked
+
+
+def test_dense_gemv_prefetches_the_next_weight_after_its_k_loop(sass):
+    """gemv.cuh, "L2 prefetch across kernels": each decode GEMV kernel has one bulk L2 prefetch
+    (UBLKPF.L2), placed after every HMMA of its K loop (the prefetch is issued as a warp finishes)."""
+    gemvs = kernels_named(sass, "dense_gemv_kernel")
+    assert len(gemvs) == 14, sorted(gemvs)  # {1, 2 tiles} x {plain, norm, norm + preload} + 4 tiles, x 2 dtypes
+    for name, body in gemvs.items():
+        lines = [line for line in body.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", line)]
+        prefetches = [i for i, line in enumerate(lines) if "UBLKPF.L2" in line]
+        mmas = [i for i, line in enumerate(lines) if "HMMA" in line]
+        assert len(prefetches) == 1 and mmas, f"{len(prefetches)} UBLKPF.L2, {len(mmas)} HMMA in {name}"
+        assert prefetches[0] > max(mmas), f"the prefetch precedes an HMMA in {name}"

@@ -71,7 +71,8 @@ constexpr int64_t kSqSumGroup = 16;  // kGemvSqSumGroup in gemm/gemv.h
 // residual[m, n] = round(residual + round(x @ W^T + bias)); sq_sums[m, j] = sum over columns
 // 16 j .. 16 j + 15 (in order) of the new residual squared, in fp32.
 void dense_gemv_add_residual(at::Tensor& residual, at::Tensor& sq_sums, const at::Tensor& x, const at::Tensor& weight,
-                             const std::optional<at::Tensor>& bias) {
+                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& /*prefetch*/,
+                             int64_t /*prefetch_bytes*/, bool /*prefetch_swiglu*/) {
   const int64_t m = x.size(0), n = weight.size(0);
   const int64_t groups = (n + kSqSumGroup - 1) / kSqSumGroup;
   TORCH_CHECK(residual.size(0) == m && residual.size(1) == n && residual.stride(1) == 1 && sq_sums.size(0) == m &&
@@ -100,7 +101,9 @@ void dense_gemv_add_residual(at::Tensor& residual, at::Tensor& sq_sums, const at
 // dense_gemv (silu_mul: dense_gemv_silu_mul) of x' = round(x * inv_rms * norm_weight), rms_norm's
 // formula with inv_rms[m] = 1 / sqrt(sum_j sq_sums[m, j] / K + eps) (the sums in index order).
 void rms_norm_dense_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& sq_sums, const at::Tensor& norm_weight,
-                         double eps, const at::Tensor& weight, const std::optional<at::Tensor>& bias, bool silu_mul) {
+                         double eps, const at::Tensor& weight, const std::optional<at::Tensor>& bias, bool silu_mul,
+                         const std::optional<at::Tensor>& /*prefetch*/, int64_t /*prefetch_bytes*/,
+                         bool /*prefetch_swiglu*/) {
   const int64_t m = x.size(0), k = x.size(1);
   TORCH_CHECK(sq_sums.size(0) == m && sq_sums.stride(1) == 1 && sq_sums.scalar_type() == at::kFloat &&
                   norm_weight.numel() == k && norm_weight.is_contiguous() && (!silu_mul || !bias.has_value()),
@@ -133,14 +136,15 @@ void dense_gemv_rope_cache(at::Tensor& query, at::Tensor& kv_cache, const at::Te
                            const std::optional<at::Tensor>& bias, const at::Tensor& positions,
                            const at::Tensor& cos_sin_cache, const at::Tensor& slot_mapping,
                            const std::optional<at::Tensor>& sq_sums, const std::optional<at::Tensor>& norm_weight,
-                           double eps) {
+                           double eps, const std::optional<at::Tensor>& /*prefetch*/, int64_t /*prefetch_bytes*/,
+                           bool /*prefetch_swiglu*/) {
   const int64_t m = x.size(0), heads = query.size(1), head_dim = query.size(2), kv_heads = kv_cache.size(3);
   TORCH_CHECK(query.size(0) == m && weight.size(0) == (heads + 2 * kv_heads) * head_dim &&
                   sq_sums.has_value() == norm_weight.has_value(),
               "dense_gemv_rope_cache: inconsistent shapes (validate with fastinfer.ops.dense_gemv_rope_cache)");
   at::Tensor qkv = at::empty({m, weight.size(0)}, x.options());
   if (sq_sums.has_value()) {
-    rms_norm_dense_gemv(qkv, x, *sq_sums, *norm_weight, eps, weight, bias, false);
+    rms_norm_dense_gemv(qkv, x, *sq_sums, *norm_weight, eps, weight, bias, false, std::nullopt, 0, false);
   } else {
     dense_gemv(qkv, x, weight, bias);
   }

@@ -36,15 +36,20 @@ void int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight
 // out [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N]); x / out rows may be strided.
 void dense_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 void dense_gemv_silu_mul(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight);
+// The prefetch arguments of the last three (the next GEMV's weight for the CUDA kernel to ask L2 for)
+// are a hint and change nothing here.
 void dense_gemv_add_residual(at::Tensor& residual, at::Tensor& sq_sums, const at::Tensor& x, const at::Tensor& weight,
-                             const std::optional<at::Tensor>& bias);
+                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& prefetch,
+                             int64_t prefetch_bytes, bool prefetch_swiglu);
 void rms_norm_dense_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& sq_sums, const at::Tensor& norm_weight,
-                         double eps, const at::Tensor& weight, const std::optional<at::Tensor>& bias, bool silu_mul);
+                         double eps, const at::Tensor& weight, const std::optional<at::Tensor>& bias, bool silu_mul,
+                         const std::optional<at::Tensor>& prefetch, int64_t prefetch_bytes, bool prefetch_swiglu);
 void dense_gemv_rope_cache(at::Tensor& query, at::Tensor& kv_cache, const at::Tensor& x, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, const at::Tensor& positions,
                            const at::Tensor& cos_sin_cache, const at::Tensor& slot_mapping,
                            const std::optional<at::Tensor>& sq_sums, const std::optional<at::Tensor>& norm_weight,
-                           double eps);
+                           double eps,
+                           const std::optional<at::Tensor>& prefetch, int64_t prefetch_bytes, bool prefetch_swiglu);
 
 void speculative_verify(at::Tensor& output_token_ids, at::Tensor& num_accepted, const at::Tensor& draft_token_ids,
                         const at::Tensor& num_draft_tokens, const at::Tensor& target_probs,

@@ -1,6 +1,7 @@
 // CUDA binding of dense_gemv, dense_gemv_silu_mul (its SwiGLU epilogue), dense_gemv_add_residual (its
 // residual epilogue), rms_norm_dense_gemv (its RMSNorm prologue) and dense_gemv_rope_cache (its rotary +
-// KV-cache epilogue): tensors -> DenseGemvParams, current stream, launch.
+// KV-cache epilogue): tensors -> DenseGemvParams, current stream, launch. The last three, the GEMVs of
+// a fused decode layer, take the next GEMV's weight to prefetch into L2 (gemv.cuh).
 // python/fastinfer/_ops.py validates; the checks here are the second line of defence.
 #include <torch/library.h>
 
@@ -59,6 +60,30 @@ DenseGemvParams make_params(const char* op, at::Tensor& out, const at::Tensor& x
   return p;
 }
 
+// The L2 prefetch of the next GEMV's weight (gemv.h; a hint, no result changes): its checks, then the
+// fields. budget 0 or no tensor: none.
+void set_prefetch(const char* op, DenseGemvParams& p, const at::Tensor& x, const std::optional<at::Tensor>& prefetch,
+                  int64_t budget, bool swiglu) {
+  TORCH_CHECK(budget >= 0, op, ": prefetch_bytes must be >= 0, got ", budget);
+  if (!prefetch.has_value() || budget == 0) return;
+  const at::Tensor& w = *prefetch;
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.element_size() == 2 && w.device() == x.device() &&
+                  (w.size(1) * 2) % 16 == 0 && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0 &&
+                  (!swiglu || w.size(0) % 2 == 0),
+              op, ": prefetch must be a contiguous 16-bit 2-D weight on x's device, 16-byte aligned rows",
+              swiglu ? " and an even number of rows (prefetch_swiglu)" : "");
+  TORCH_CHECK(w.size(0) <= std::numeric_limits<int>::max() / 2, op, ": prefetch has too many rows");
+  int num_sms = 0;
+  const cudaError_t err = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, x.get_device());
+  TORCH_CHECK(err == cudaSuccess, op, ": cudaDeviceGetAttribute: ", cudaGetErrorString(err));
+  p.prefetch = w.data_ptr();
+  p.prefetch_rows = w.size(0);
+  p.prefetch_row_bytes = w.size(1) * 2;
+  p.prefetch_budget = budget;
+  p.prefetch_swiglu = swiglu;
+  p.num_sms = num_sms;
+}
+
 void dense_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   const c10::cuda::CUDAGuard guard(x.device());
   const DenseGemvParams p = make_params("dense_gemv", out, x, weight, bias, false);
@@ -73,7 +98,8 @@ void dense_gemv_silu_mul(at::Tensor& out, const at::Tensor& x, const at::Tensor&
 }
 
 void dense_gemv_add_residual(at::Tensor& residual, at::Tensor& sq_sums, const at::Tensor& x, const at::Tensor& weight,
-                             const std::optional<at::Tensor>& bias) {
+                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& prefetch,
+                             int64_t prefetch_bytes, bool prefetch_swiglu) {
   const c10::cuda::CUDAGuard guard(x.device());
   const char* op = "dense_gemv_add_residual";
   TORCH_CHECK(residual.scalar_type() == x.scalar_type(), op, ": residual must have x's dtype");
@@ -90,6 +116,7 @@ void dense_gemv_add_residual(at::Tensor& residual, at::Tensor& sq_sums, const at
   p.residual_stride = residual.stride(0);
   p.sq_sums_out = sq_sums.data_ptr<float>();
   p.sq_sums_out_stride = sq_sums.stride(0);
+  set_prefetch(op, p, x, prefetch, prefetch_bytes, prefetch_swiglu);
   check_launch(launch_dense_gemv(p, stream_of(x)), op);
 }
 
@@ -114,12 +141,14 @@ void set_norm(const char* op, DenseGemvParams& p, const at::Tensor& x, const at:
 }
 
 void rms_norm_dense_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& sq_sums, const at::Tensor& norm_weight,
-                         double eps, const at::Tensor& weight, const std::optional<at::Tensor>& bias, bool silu_mul) {
+                         double eps, const at::Tensor& weight, const std::optional<at::Tensor>& bias, bool silu_mul,
+                         const std::optional<at::Tensor>& prefetch, int64_t prefetch_bytes, bool prefetch_swiglu) {
   const c10::cuda::CUDAGuard guard(x.device());
   const char* op = "rms_norm_dense_gemv";
   DenseGemvParams p = make_params(op, out, x, weight, bias, silu_mul);
   set_norm(op, p, x, sq_sums, norm_weight, eps);
   TORCH_CHECK(!out.is_alias_of(sq_sums), op, ": out must not share memory with x or sq_sums");  // x: make_params
+  set_prefetch(op, p, x, prefetch, prefetch_bytes, prefetch_swiglu);
   // cudaErrorInvalidValue here also means a norm_weight not 16-byte aligned.
   check_launch(launch_dense_gemv(p, stream_of(x)), op);
 }
@@ -128,7 +157,8 @@ void dense_gemv_rope_cache(at::Tensor& query, at::Tensor& kv_cache, const at::Te
                            const std::optional<at::Tensor>& bias, const at::Tensor& positions,
                            const at::Tensor& cos_sin_cache, const at::Tensor& slot_mapping,
                            const std::optional<at::Tensor>& sq_sums, const std::optional<at::Tensor>& norm_weight,
-                           double eps) {
+                           double eps, const std::optional<at::Tensor>& prefetch, int64_t prefetch_bytes,
+                           bool prefetch_swiglu) {
   const c10::cuda::CUDAGuard guard(x.device());
   const char* op = "dense_gemv_rope_cache";
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && query.stride(1) == query.size(2) && query.size(0) == x.size(0),
@@ -169,6 +199,7 @@ void dense_gemv_rope_cache(at::Tensor& query, at::Tensor& kv_cache, const at::Te
   p.num_kv_heads = static_cast<int>(kv_heads);
   p.head_dim = static_cast<int>(head_dim);
   p.block_size = static_cast<int>(kv_cache.size(2));
+  set_prefetch(op, p, x, prefetch, prefetch_bytes, prefetch_swiglu);
   check_launch(launch_dense_gemv(p, stream_of(x)), op);
 }
 

@@ -6,6 +6,8 @@ dense_gemv_silu_mul: decode-sized (M <= 32) dense projections that stream the we
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ._checks import (FP8, _check, _check_float, _check_kv_cache, _check_positions_in, _check_shape,
@@ -138,6 +140,35 @@ def dense_gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor
     return out
 
 
+class GemvPrefetch(NamedTuple):
+    """The next GEMV's weight for a decode GEMV to ask L2 for as it finishes (gemv.cuh, "L2 prefetch
+    across kernels"): about nbytes of the first bytes of the rows that GEMV's first wave of CTAs reads
+    (swiglu: it is the fused gate / up GEMV, which reads gate and up rows in pairs). A hint for the
+    CUDA kernel: no result changes, and the CPU ignores it."""
+    weight: torch.Tensor
+    nbytes: int
+    swiglu: bool = False
+
+
+def _prefetch_args(op: str, x: torch.Tensor, prefetch: GemvPrefetch | None) -> tuple:
+    """The op's (prefetch, prefetch_bytes, prefetch_swiglu) arguments, checked."""
+    if prefetch is None:
+        return None, 0, False
+    if not isinstance(prefetch, GemvPrefetch):
+        _fail(op, f"prefetch must be a GemvPrefetch or None, got {type(prefetch).__name__}")
+    weight, nbytes, swiglu = prefetch
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        _fail(op, f"prefetch.nbytes must be an int >= 0, got {nbytes!r}")
+    if not isinstance(swiglu, bool):
+        _fail(op, f"prefetch.swiglu must be a bool, got {swiglu!r}")
+    _check(op, "prefetch.weight", weight, ndim=2, dtype=x.dtype, device=x.device, contiguous=True)
+    if weight.device.type == "cuda" and (weight.shape[1] % 8 or weight.data_ptr() % 16):
+        _fail(op, f"prefetch.weight rows must start on 16-byte boundaries on CUDA, got shape {tuple(weight.shape)}")
+    if swiglu and weight.shape[0] % 2:
+        _fail(op, f"prefetch.weight must have an even number of rows ([gate; up]) with swiglu, got {weight.shape[0]}")
+    return weight, nbytes, swiglu
+
+
 def sq_sum_groups(n: int) -> int:
     """Columns of the sq_sums that dense_gemv_add_residual writes for N = n outputs: ceil(n / 16)."""
     return -(-n // SQ_SUM_GROUP)
@@ -163,12 +194,14 @@ def _check_norm_prologue(op: str, x: torch.Tensor, sq_sums: torch.Tensor, norm_w
 
 
 def dense_gemv_add_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
-                            bias: torch.Tensor | None = None, sq_sums: torch.Tensor | None = None) -> torch.Tensor:
+                            bias: torch.Tensor | None = None, sq_sums: torch.Tensor | None = None,
+                            prefetch: GemvPrefetch | None = None) -> torch.Tensor:
     """residual [M, N] += x [M, K] @ weight [N, K]^T (+ bias) in place (the projection's output and
     the sum each rounded to x's dtype, as dense_gemv then the add of fused_add_rms_norm store them),
     and returns sq_sums: float32 [M, ceil(N / 16)], the sums of squares of the new residual over each
     16 consecutive columns, which rms_norm_dense_gemv turns into the next RMSNorm's 1 / rms. The
-    first half of a decode step's residual add + RMSNorm, in the o / down projection's epilogue."""
+    first half of a decode step's residual add + RMSNorm, in the o / down projection's epilogue.
+    prefetch: the next GEMV's weight to ask L2 for (GemvPrefetch; no result changes)."""
     op = "dense_gemv_add_residual"
     m, _, n = _check_gemv_operands(op, x, weight)
     if bias is not None:
@@ -187,20 +220,22 @@ def dense_gemv_add_residual(x: torch.Tensor, weight: torch.Tensor, residual: tor
         _fail(op, "sq_sums rows must be contiguous and distinct")
     if _shares_memory(sq_sums, x, residual):
         _fail(op, "sq_sums must not share memory with x or residual")
-    _ops.dense_gemv_add_residual(residual, sq_sums, x, weight, bias)
+    _ops.dense_gemv_add_residual(residual, sq_sums, x, weight, bias, *_prefetch_args(op, x, prefetch))
     return sq_sums
 
 
 def rms_norm_dense_gemv(x: torch.Tensor, sq_sums: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                         weight: torch.Tensor, bias: torch.Tensor | None = None, silu_mul: bool = False,
-                        out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                        out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                        prefetch: GemvPrefetch | None = None) -> torch.Tensor:
     """dense_gemv(rms_norm(x, norm_weight, eps), weight, bias), or with silu_mul
     dense_gemv_silu_mul(rms_norm(x, norm_weight, eps), weight), in one kernel that normalizes x as it
     loads it: x [M <= 16, K] is a residual stream and sq_sums [M, groups] float32 the sums of squares
     of its rows over groups of columns (what dense_gemv_add_residual returned when it wrote x), so
     1 / rms = rsqrt(sum(sq_sums[m]) / K + eps) needs no pass over x. The second half of a decode
     step's residual add + RMSNorm, in the q/k/v or gate / up projection's prologue (and the final
-    norm in the LM head's: out_dtype=torch.float32 as dense_gemv takes it, not with silu_mul)."""
+    norm in the LM head's: out_dtype=torch.float32 as dense_gemv takes it, not with silu_mul).
+    prefetch: the next GEMV's weight to ask L2 for (GemvPrefetch; no result changes)."""
     op = "rms_norm_dense_gemv"
     m, _, n = _check_gemv_operands(op, x, weight)
     _check_norm_prologue(op, x, sq_sums, norm_weight)
@@ -218,7 +253,8 @@ def rms_norm_dense_gemv(x: torch.Tensor, sq_sums: torch.Tensor, norm_weight: tor
                           out_dtype=x.dtype if silu_mul else out_dtype)
     if _shares_memory(out, sq_sums):  # (x: _check_gemv_out)
         _fail(op, "out must not share memory with x or sq_sums")
-    _ops.rms_norm_dense_gemv(out, x, sq_sums, norm_weight, float(eps), weight, bias, bool(silu_mul))
+    _ops.rms_norm_dense_gemv(out, x, sq_sums, norm_weight, float(eps), weight, bias, bool(silu_mul),
+                             *_prefetch_args(op, x, prefetch))
     return out
 
 
@@ -226,14 +262,16 @@ def dense_gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, positions: torc
                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int,
                           bias: torch.Tensor | None = None, sq_sums: torch.Tensor | None = None,
                           norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
-                          check_indices: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+                          check_indices: bool = True, out: torch.Tensor | None = None,
+                          prefetch: GemvPrefetch | None = None) -> torch.Tensor:
     """The q/k/v projection of a decode step with rotary and the KV-cache write in its epilogue:
     qkv = dense_gemv(x, weight, bias) (or, given sq_sums and norm_weight, rms_norm_dense_gemv's
     normalized x), split into q [M, num_heads, D], k and v [M, num_kv_heads, D], then
     rotary_embedding_and_cache(positions, q, k, v, cos_sin_cache, kv_cache, slot_mapping). Returns
     the rotated q (out, [M, num_heads, D] with contiguous heads). weight: [(num_heads + 2 num_kv_heads)
     D, K]; kv_cache a 16-bit cache of x's dtype (not FP8) whose num_kv_heads and D it takes;
-    cos_sin_cache [max_position, D] (rotary over the whole head), D a multiple of 16."""
+    cos_sin_cache [max_position, D] (rotary over the whole head), D a multiple of 16. prefetch: the
+    next GEMV's weight to ask L2 for (GemvPrefetch; no result changes)."""
     op = "dense_gemv_rope_cache"
     m, _, n = _check_gemv_operands(op, x, weight)
     if isinstance(kv_cache, torch.Tensor) and kv_cache.dtype == FP8:
@@ -278,5 +316,5 @@ def dense_gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, positions: torc
     if _shares_memory(out, kv_cache, *inputs) or _shares_memory(kv_cache, *inputs):
         _fail(op, "out and kv_cache must not share memory with each other or with x, positions, slot_mapping, sq_sums")
     _ops.dense_gemv_rope_cache(out, kv_cache, x, weight, bias, positions, cos_sin_cache, slot_mapping, sq_sums,
-                               norm_weight, float(eps))
+                               norm_weight, float(eps), *_prefetch_args(op, x, prefetch))
     return out

@@ -71,6 +71,11 @@ SETTINGS = {
     "FASTINFER_DECODE_MERGE": ("auto", "auto | kernel", "split-KV decode attention given semaphores (the decode "
                                "graphs) merges in its last CTA per group (kernel: a separate merge kernel)"),
     "FASTINFER_DENSE_GEMV": ("1", "1 | 0", "decode projections on dense_gemv (0: cuBLAS); read at import"),
+    "FASTINFER_GEMV_PREFETCH_MB": ("0", "0 | MB (e.g. 4, 8, 16)",
+                                   "on the fused decode path (<= 8 tokens, dense 16-bit weights) each GEMV asks L2 "
+                                   "for about this many MB of the next GEMV's weight as it finishes, twice that "
+                                   "across attention (gemv.cuh, 'L2 prefetch across kernels'); read at each forward; "
+                                   "same results; 0 (off) until measured on a GPU"),
     "FASTINFER_GEMV_NORM_PRELOAD": ("off", "off | on",
                                     "the RMSNorm-prologue GEMVs load their first weight chunk before the prologue "
                                     "(on) instead of an L2 prefetch; same results, off until measured"),

@@ -50,6 +50,21 @@ def fused_rope_enabled() -> bool:
     return os.environ.get("FASTINFER_FUSED_ROPE", "1") != "0"
 
 
+def gemv_prefetch_bytes() -> int:
+    """FASTINFER_GEMV_PREFETCH_MB (default 0: off; read at every forward, so a CUDA graph keeps what it
+    was captured with): on the fused path each GEMV asks L2 for about this many MB of the next GEMV's
+    weight as it finishes, twice that across attention (csrc/include/fastinfer/gemm/gemv.cuh, "L2
+    prefetch across kernels"). A hint: results do not change."""
+    value = os.environ.get("FASTINFER_GEMV_PREFETCH_MB", "0")
+    try:
+        mb = float(value)
+    except ValueError:
+        mb = -1.0
+    if not (0.0 <= mb <= 1024.0):
+        raise ValueError(f"FASTINFER_GEMV_PREFETCH_MB must be a number of MB in [0, 1024], got {value!r}")
+    return int(mb * (1 << 20))
+
+
 class LlamaLayer:
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
                  kind: str | QuantConfig | None = None):
@@ -87,24 +102,36 @@ class LlamaLayer:
         return hidden, residual
 
     def forward_fused(self, residual: torch.Tensor, sq_sums: torch.Tensor, kv_cache: torch.Tensor,
-                      meta: AttnMetadata, cos_sin: torch.Tensor) -> torch.Tensor:
+                      meta: AttnMetadata, cos_sin: torch.Tensor, next_weight: torch.Tensor | None = None,
+                      prefetch_bytes: int = 0) -> torch.Tensor:
         """forward() with the residual adds and RMSNorms inside the GEMVs (the module docstring):
         residual [T, hidden] with the sums of squares of its rows per 16 columns (sq_sums: from the
-        embedding or the previous layer) is updated in place; returns the sums of its new rows."""
+        embedding or the previous layer) is updated in place; returns the sums of its new rows.
+        prefetch_bytes > 0: each GEMV asks L2 for that many bytes of the next one's weight as it
+        finishes (twice as many across attention; the down projection's next is next_weight, the
+        next layer's q/k/v or the LM head); no result changes."""
+        def prefetch(weight: torch.Tensor | None, swiglu: bool = False, scale: int = 1):
+            if not prefetch_bytes or weight is None:
+                return None
+            return ops.GemvPrefetch(weight, scale * prefetch_bytes, swiglu)
+
+        to_o = prefetch(self.o_proj.weight, scale=2)  # attention runs in between and reads little
         if kv_cache.dtype != FP8 and self.head_dim % 16 == 0 and cos_sin.shape[1] == self.head_dim \
                 and fused_rope_enabled():
             q = ops.dense_gemv_rope_cache(residual, self.qkv.weight, meta.positions, cos_sin, kv_cache,
                                           meta.slot_mapping, self.num_heads, self.qkv.bias, sq_sums, self.input_norm,
-                                          self.eps, check_indices=False)
+                                          self.eps, check_indices=False, prefetch=to_o)
             attn = self.attend_rotated(q, kv_cache, meta, None)
         else:
-            qkv = ops.rms_norm_dense_gemv(residual, sq_sums, self.input_norm, self.eps, self.qkv.weight, self.qkv.bias)
+            qkv = ops.rms_norm_dense_gemv(residual, sq_sums, self.input_norm, self.eps, self.qkv.weight, self.qkv.bias,
+                                          prefetch=to_o)
             attn = self.attend(qkv, kv_cache, meta, cos_sin)
         sq_sums = ops.dense_gemv_add_residual(attn.reshape(attn.shape[0], self.q_size), self.o_proj.weight, residual,
-                                              self.o_proj.bias)
+                                              self.o_proj.bias, prefetch=prefetch(self.gate_up.weight, swiglu=True))
         act = ops.rms_norm_dense_gemv(residual, sq_sums, self.post_attn_norm, self.eps, self.gate_up.weight,
-                                      silu_mul=True)
-        return ops.dense_gemv_add_residual(act, self.down.weight, residual, self.down.bias)
+                                      silu_mul=True, prefetch=prefetch(self.down.weight))
+        return ops.dense_gemv_add_residual(act, self.down.weight, residual, self.down.bias,
+                                           prefetch=prefetch(next_weight))
 
     @property
     def fusable_norms(self) -> bool:
@@ -174,8 +201,11 @@ class LlamaForCausalLM:
         if self.fuse_norms(t):
             # the embedding rows and their sums of squares: the first layer's norm runs in its q/k/v GEMV
             residual, sq_sums = ops.embedding(meta.input_ids, self.embed, return_sq_sums=True, check_indices=False)
-            for layer, kv_cache in zip(self.layers, kv_caches):
-                sq_sums = layer.forward_fused(residual, sq_sums, kv_cache, meta, self.cos_sin)
+            budget = gemv_prefetch_bytes()
+            # each layer's down projection prefetches the next layer's q/k/v weight, the last one the LM head's
+            next_weights = [layer.qkv.weight for layer in self.layers[1:]] + [self.lm_head]
+            for layer, kv_cache, next_weight in zip(self.layers, kv_caches, next_weights):
+                sq_sums = layer.forward_fused(residual, sq_sums, kv_cache, meta, self.cos_sin, next_weight, budget)
             if meta.logits_all_rows:  # the final norm in the LM head, fp32 logits of every row, in order
                 return ops.rms_norm_dense_gemv(residual, sq_sums, self.norm, eps, self.lm_head, out_dtype=torch.float32)
             hidden = ops.rms_norm(residual, self.norm, eps)

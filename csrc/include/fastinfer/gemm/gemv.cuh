@@ -128,13 +128,35 @@
 // Small N has few CTAs (N / 16): at N = 4096 that is 256 CTAs, ~2 per SM, still all the bytes in
 // flight above; below N ~ 2048 (fewer CTAs than SMs) the kernel is correct but cannot fill the machine
 // (there is no split-K across CTAs).
+//
+// L2 prefetch across kernels (DenseGemvParams::prefetch; FASTINFER_GEMV_PREFETCH_MB, models/llama.py).
+// A graphed batch-1 step of an 8B model runs 129 GEMVs back to back; visit 5 timed them at 4403 us
+// for 15.0 GB, 3.41 TB/s, against ~4.06 TB/s that the same loads reach on a 1 GB stream: ~5.5 us per
+// kernel beyond its bytes. Each kernel starts with DRAM idle (launch, first loads' latency) and ends
+// with it idle (the last CTAs' last loads drain, the cross-warp sum and the epilogue), and the decode
+// attention kernel between the q/k/v and o projections reads next to nothing. Weights are constant, so
+// the next GEMV's first bytes can be asked of L2 before that kernel starts: with a plan (PrefetchPlan,
+// built at launch), the CTAs of this grid's last wave, as each warp leaves its K loop, issue
+// cp.async.bulk.prefetch.L2 (sm_90; nothing on older targets) for the first `bytes` of each row the
+// next GEMV's first wave reads (its CTAs stream their 16 rows front to back), spread over the CTAs so
+// the requests start with the first CTA to finish. DRAM then works through this kernel's tail, the
+// launch gap and the next kernel's start, whose first loads hit L2. Only last-wave CTAs issue: a
+// multi-wave kernel's earlier waves would have the lines evicted by the waves after them. Results are
+// unchanged (a prefetch moves no data a thread sees). Predicted (H200, batch 1, 8 MB per GEMV
+// boundary and 16 MB across attention): ~2-3 us per GEMV and ~4 us per attention, ~0.35-0.5 ms of a
+// 4.79 ms step (74.5% -> 80-83% of the roofline); no gain if the L2 drops the prefetched lines before
+// use (the next GEMV's own reads would then show it in bench_e2e's profile: unchanged kernel times).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <mutex>
 #include <type_traits>
+#include <unordered_map>
 
 #include "fastinfer/common.cuh"
 #include "fastinfer/gemm/gemv.h"
@@ -274,6 +296,36 @@ __device__ __forceinline__ void chunk_mma(Acc<kTiles>& acc, const T* w_lo, const
   chunk_mma_loaded<T, kTiles, kPartial, kNorm>(acc, wl, wh, x_rows, has_x, k0, k_left, norm);
 }
 
+// The L2 prefetch of the next GEMV's weight ("L2 prefetch across kernels" above), as launched: rows
+// [0, rows) and, for a SwiGLU next GEMV, [second, second + rows) of the next weight, the first `bytes`
+// of each (a multiple of 16). base == nullptr: none.
+struct PrefetchPlan {
+  const char* base;
+  int64_t row_bytes;   // between rows of the next weight
+  int rows;            // per range
+  int second;          // first row of the second range; < 0: one range
+  int bytes;           // asked of L2 from the start of each row
+  int first_cta;       // CTAs blockIdx.x >= first_cta issue the prefetches: this grid's last wave
+};
+
+__device__ __forceinline__ void l2_prefetch_bulk(const void* ptr, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(ptr), "r"(bytes));
+#endif
+}
+
+// One warp's share of the plan: item i (a row) goes to CTA i % ctas of the issuing ones, so every
+// CTA issues a few and the first to finish starts the stream.
+__device__ __forceinline__ void issue_prefetch(const PrefetchPlan& pf) {
+  const int ctas = static_cast<int>(gridDim.x) - pf.first_cta;
+  const int items = pf.second < 0 ? pf.rows : 2 * pf.rows;
+  for (int i = static_cast<int>(blockIdx.x) - pf.first_cta + static_cast<int>(threadIdx.x) * ctas; i < items;
+       i += ctas * kThreads) {
+    const int64_t row = i < pf.rows ? i : pf.second + (i - pf.rows);
+    l2_prefetch_bulk(pf.base + row * pf.row_bytes, static_cast<uint32_t>(pf.bytes));
+  }
+}
+
 // kPreload (kNorm only; DenseGemvParams::norm_preload, FASTINFER_GEMV_NORM_PRELOAD=on): the warp's
 // first chunk of W is loaded into registers before the RMSNorm prologue instead of only being asked of
 // L2, so the prologue's dependent reads (the sums of squares, a reduction, a barrier) overlap the
@@ -283,7 +335,7 @@ __device__ __forceinline__ void chunk_mma(Acc<kTiles>& acc, const T* w_lo, const
 // batch-1 step. Predicted: most of it back (qkv ~20.8, gate_up ~68.5 us). 32 more registers live
 // across the prologue, which needs few.
 template <typename T, int kTiles, bool kNorm, bool kPreload = false>
-__global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams p) {
+__global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams p, PrefetchPlan pf) {
   static_assert(kNorm || !kPreload, "the preload only moves W ahead of the RMSNorm prologue");
   // Each warp's 16 x 8 tiles in D-fragment order: partial[warp][tile][lane].
   __shared__ float4 partial[kWarps][kTiles][kWarpSize];
@@ -380,6 +432,7 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams
   // then been scheduled, so its CTAs cannot take slots this grid still needs: triggering at the start,
   // as first written, measured 5.55 ms per batch-1 step against 4.77 without PDL, visit 3).
   pdl_launch_dependents();
+  if (pf.base != nullptr && static_cast<int>(blockIdx.x) >= pf.first_cta) issue_prefetch(pf);
 #pragma unroll
   for (int t = 0; t < kTiles; ++t) {
     const auto& a0 = acc.v[0][t];
@@ -482,6 +535,54 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams
 
 static_assert(kTileN == kGemvSqSumGroup, "the residual epilogue writes one sum of squares per CTA");
 
+// Resident CTAs per SM of one instantiation, queried once per process (every instantiation asks for
+// 2 by __launch_bounds__; the query says what ptxas's registers allow). 2 if the query fails.
+template <typename Kernel>
+int blocks_per_sm(Kernel kernel) {
+  static std::mutex mutex;
+  static std::unordered_map<const void*, int> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto it = cache.find(reinterpret_cast<const void*>(kernel));
+  if (it != cache.end()) return it->second;
+  int blocks = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0) != cudaSuccess || blocks <= 0) {
+    (void)cudaGetLastError();  // a failed query is not the launch's error
+    blocks = 2;
+  }
+  cache.emplace(reinterpret_cast<const void*>(kernel), blocks);
+  return blocks;
+}
+
+// The prefetch plan of a launch of `tiles` CTAs of `kernel` (p.prefetch set): the next GEMV (assumed
+// to fit as many CTAs per SM as this one) reads rows 16 b .. 16 b + 15 in CTA b (SwiGLU: gate rows
+// 8 b .. 8 b + 7 and the up rows F + 8 b ..; rotary: a permutation within the same 16), so its first
+// wave reads rows [0, 16 w) (SwiGLU: [0, 8 w) and [F, F + 8 w)). Each row gets budget / rows bytes,
+// rounded down to 256 (to 16 below 256), at most the row and 512 KiB; none when under 16 bytes.
+template <typename Kernel>
+PrefetchPlan plan_prefetch(const DenseGemvParams& p, Kernel kernel, unsigned tiles) {
+  PrefetchPlan pf{};
+  if (p.num_sms <= 0 || p.prefetch_budget <= 0 || p.prefetch_rows <= 0 || p.prefetch_row_bytes <= 0) return pf;
+  const int64_t slots = static_cast<int64_t>(p.num_sms) * blocks_per_sm(kernel);
+  const int64_t next_wave = std::min<int64_t>(ceil_div(p.prefetch_rows, static_cast<int64_t>(kTileN)), slots);
+  const int64_t half = p.prefetch_rows / 2;
+  const int64_t rows = p.prefetch_swiglu ? std::min<int64_t>(half, next_wave * (kTileN / 2))
+                                         : std::min<int64_t>(p.prefetch_rows, next_wave * kTileN);
+  const int64_t items = p.prefetch_swiglu ? 2 * rows : rows;
+  if (rows <= 0) return pf;
+  int64_t bytes = p.prefetch_budget / items;
+  bytes = bytes >= 256 ? bytes / 256 * 256 : bytes / 16 * 16;
+  // at most the row, and under 1 MiB (the instruction's size field counts 16-byte units in 16 bits)
+  bytes = std::min({bytes, p.prefetch_row_bytes / 16 * 16, int64_t{1} << 19});
+  if (bytes < 16) return pf;
+  pf.base = static_cast<const char*>(p.prefetch);
+  pf.row_bytes = p.prefetch_row_bytes;
+  pf.rows = static_cast<int>(rows);
+  pf.second = p.prefetch_swiglu ? static_cast<int>(half) : -1;
+  pf.bytes = static_cast<int>(bytes);
+  pf.first_cta = static_cast<int>(std::max<int64_t>(0, static_cast<int64_t>(tiles) - slots));
+  return pf;
+}
+
 template <typename T>
 cudaError_t launch_typed(const DenseGemvParams& p, cudaStream_t stream) {
   const unsigned tiles = static_cast<unsigned>(ceil_div(p.n, kTileN));
@@ -495,7 +596,8 @@ cudaError_t launch_typed(const DenseGemvParams& p, cudaStream_t stream) {
                           ? (pre ? dense_gemv_kernel<T, 2, true, true>
                                  : norm ? dense_gemv_kernel<T, 2, true> : dense_gemv_kernel<T, 2, false>)
                           : dense_gemv_kernel<T, 4, false>;  // norm: M <= kGemvNormMaxM
-  return launch_kernel(kernel, dim3(tiles), dim3(kThreads), 0, stream, p);
+  const PrefetchPlan pf = p.prefetch != nullptr ? plan_prefetch(p, kernel, tiles) : PrefetchPlan{};
+  return launch_kernel(kernel, dim3(tiles), dim3(kThreads), 0, stream, p, pf);
 }
 
 }  // namespace gemv
@@ -512,7 +614,10 @@ inline cudaError_t launch_dense_gemv_impl(const DenseGemvParams& p, cudaStream_t
         p.num_kv_heads <= 0 || p.block_size <= 0 || p.positions == nullptr || p.cos_sin_cache == nullptr ||
         p.slot_mapping == nullptr || static_cast<int64_t>(p.n) != static_cast<int64_t>(p.num_heads + 2 * p.num_kv_heads) * p.head_dim)) ||
       (p.norm_weight != nullptr && (p.m > kGemvNormMaxM || p.sq_sums_in == nullptr || p.sq_groups <= 0 ||
-                                    !aligned16(p.norm_weight)))) {
+                                    !aligned16(p.norm_weight))) ||
+      (p.prefetch != nullptr && (!aligned16(p.prefetch) || p.prefetch_row_bytes % 16 != 0 || p.prefetch_rows < 0 ||
+                                 p.prefetch_rows > std::numeric_limits<int>::max() / 2 || p.prefetch_budget < 0 ||
+                                 (p.prefetch_swiglu && p.prefetch_rows % 2 != 0)))) {
     return cudaErrorInvalidValue;
   }
   if (p.m == 0 || p.n == 0) return cudaSuccess;

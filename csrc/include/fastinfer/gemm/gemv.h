@@ -63,6 +63,18 @@ struct DenseGemvParams {
   const float* cos_sin_cache;   // [max_position, head_dim]: cos then sin, head_dim / 2 each
   const int64_t* slot_mapping;  // [M]
   int num_heads, num_kv_heads, head_dim, block_size;
+  // L2 prefetch of the next GEMV's weight (gemv.cuh, "L2 prefetch across kernels"): a hint that changes
+  // no result. When prefetch != nullptr, this grid's last wave of CTAs, as each warp leaves its K loop,
+  // asks L2 for the first bytes of the rows the next dense GEMV's first wave will read, about
+  // prefetch_budget bytes in all. The next weight is [prefetch_rows, prefetch_row_bytes / 2] 16-bit,
+  // contiguous, 16-byte aligned; prefetch_swiglu: the next GEMV is the SwiGLU one (its CTAs read
+  // gate and up rows in pairs). num_sms (> 0 with a prefetch) sizes the waves.
+  const void* prefetch;
+  int64_t prefetch_rows;
+  int64_t prefetch_row_bytes;
+  int64_t prefetch_budget;
+  bool prefetch_swiglu;
+  int num_sms;
 };
 
 constexpr int kGemvSqSumGroup = 16;  // columns per sum of squares of the residual epilogue (a CTA's rows)
