@@ -2,7 +2,11 @@
 // initialisers of this shared library); the module itself only carries build facts.
 #include <Python.h>
 
+#include "fastinfer/gemm/gemv_prefetch.h"
 #include "fastinfer/gemm/split_plan.h"
+#ifdef FASTINFER_WITH_CUDA
+#include "fastinfer/gemm/gemv.h"
+#endif
 #ifdef FASTINFER_HAS_SM90
 #include "fastinfer/attention/prefill.h"
 #include "fastinfer/gemm/fp8.h"
@@ -105,6 +109,36 @@ static PyObject* int4_last_launch(PyObject*, PyObject*) {
 #endif
 }
 
+// plan_gemv_prefetch(next_rows, row_bytes, budget, swiglu, slots, tiles) -> (rows, second, bytes, first_cta):
+// gemm/gemv_prefetch.h's rule (the decode GEMV's L2 prefetch of the next GEMV's weight); rows 0: none.
+static PyObject* plan_gemv_prefetch(PyObject*, PyObject* args) {
+  long long next_rows = 0, row_bytes = 0, budget = 0, slots = 0, tiles = 0;
+  int swiglu = 0;
+  if (!PyArg_ParseTuple(args, "LLLpLL", &next_rows, &row_bytes, &budget, &swiglu, &slots, &tiles)) return nullptr;
+  constexpr long long kMax = 1LL << 40;
+  if (next_rows < 0 || next_rows > (1LL << 30) || row_bytes < 0 || row_bytes > kMax || budget < 0 || budget > kMax ||
+      slots < 0 || slots > (1LL << 30) || tiles < 0 || tiles > (1LL << 30)) {
+    PyErr_SetString(PyExc_ValueError, "plan_gemv_prefetch: counts must be >= 0 (rows, slots, tiles <= 2**30)");
+    return nullptr;
+  }
+  static const char kAny = 0;  // any non-null address: the rule only needs to know there is a weight
+  const fastinfer::GemvPrefetchPlan pf =
+      fastinfer::plan_gemv_prefetch(&kAny, next_rows, row_bytes, budget, swiglu != 0, slots, tiles);
+  return Py_BuildValue("(iiii)", pf.base ? pf.rows : 0, pf.second, pf.bytes, pf.first_cta);
+}
+
+// gemv_last_prefetch() -> dict of the last decode-GEMV launch given a prefetch (rows, second, bytes,
+// first_cta, tiles, slots; rows 0: its plan was empty), or None in a CPU-only build.
+static PyObject* gemv_last_prefetch(PyObject*, PyObject*) {
+#ifdef FASTINFER_WITH_CUDA
+  const fastinfer::GemvPrefetchInfo info = fastinfer::gemv_last_prefetch();
+  return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i}", "rows", info.rows, "second", info.second, "bytes", info.bytes,
+                       "first_cta", info.first_cta, "tiles", info.tiles, "slots", info.slots);
+#else
+  Py_RETURN_NONE;
+#endif
+}
+
 // fp8_last_launch() -> dict of the last fp8_scaled_mm launch (kernel "wgmma" / "gemv", tile, swapped,
 // splits, grid, cluster, multicast, units), or None in a build without the Hopper kernels.
 static PyObject* fp8_last_launch(PyObject*, PyObject*) {
@@ -137,6 +171,11 @@ static PyMethodDef fastinfer_methods[] = {
      "by_clusters[, max_splits]) -> (splits, waves, rounds, cost)"},
     {"int4_last_launch", int4_last_launch, METH_NOARGS, "the last int4_linear launch's plan, or None without sm_90a"},
     {"fp8_last_launch", fp8_last_launch, METH_NOARGS, "the last fp8_scaled_mm launch, or None without sm_90a"},
+    {"plan_gemv_prefetch", plan_gemv_prefetch, METH_VARARGS,
+     "the decode GEMV's L2 prefetch rule (gemm/gemv_prefetch.h): (next_rows, row_bytes, budget, swiglu, slots, "
+     "tiles) -> (rows, second, bytes, first_cta)"},
+    {"gemv_last_prefetch", gemv_last_prefetch, METH_NOARGS,
+     "the last decode-GEMV launch given a prefetch: its plan, or None in a CPU-only build"},
     {"prefill_tma_launches", prefill_tma_launches, METH_NOARGS,
      "launches of the sm_90a prefill that loaded K / V by TMA (FASTINFER_ATTN_KV_LOAD=tma)"},
     {nullptr, nullptr, 0, nullptr},

@@ -30,6 +30,12 @@ TORCH_LIBRARY(fastinfer, m) {
   // FP8 e4m3 (csrc/include/fastinfer/fp8.h). scale_a: [1] or [M]; scale_b: [1] or [N]; kv_scale: [2].
   m.def("fp8_quantize_per_token(Tensor(a!) out, Tensor(b!) scales, Tensor input) -> ()");
   m.def("fp8_quantize_per_tensor(Tensor(a!) out, Tensor(b!) scale, Tensor input, bool dynamic) -> ()");
+  // rms_norm / fused_add_rms_norm's add (residual) or silu_and_mul, then fp8_quantize_per_token of the
+  // result, in one kernel: out e4m3, scales fp32 [rows].
+  m.def(
+      "rms_norm_quant_fp8(Tensor(a!) out, Tensor(b!) scales, Tensor input, Tensor(c!)? residual, Tensor weight, "
+      "float eps) -> ()");
+  m.def("silu_and_mul_quant_fp8(Tensor(a!) out, Tensor(b!) scales, Tensor input) -> ()");
   m.def("fp8_scaled_mm(Tensor(a!) out, Tensor a, Tensor b, Tensor scale_a, Tensor scale_b, Tensor? bias) -> ()");
   m.def(
       "reshape_and_cache_fp8(Tensor key, Tensor value, Tensor(a!) kv_cache, Tensor slot_mapping, "
@@ -87,6 +93,8 @@ TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {
   m.impl("paged_decode_attention", &fastinfer::cpu::paged_decode_attention);
   m.impl("fp8_quantize_per_token", &fastinfer::cpu::fp8_quantize_per_token);
   m.impl("fp8_quantize_per_tensor", &fastinfer::cpu::fp8_quantize_per_tensor);
+  m.impl("rms_norm_quant_fp8", &fastinfer::cpu::rms_norm_quant_fp8);
+  m.impl("silu_and_mul_quant_fp8", &fastinfer::cpu::silu_and_mul_quant_fp8);
   m.impl("fp8_scaled_mm", &fastinfer::cpu::fp8_scaled_mm);
   m.impl("reshape_and_cache_fp8", &fastinfer::cpu::reshape_and_cache_fp8);
   m.impl("paged_prefill_attention_fp8", &fastinfer::cpu::paged_prefill_attention_fp8);

@@ -516,3 +516,83 @@ def test_fp8_pingpong_gives_the_same_bits():
             assert r["pingpong"]["splits"] > 1, (case, r)
         if multicast == "on":
             assert r["pingpong"]["multicast"], (case, r)
+
+
+# ---- FP8 inputs emitted by the norm and SwiGLU kernels -------------------------------------------------
+# rms_norm_quant_fp8 and silu_and_mul_quant_fp8 are defined as the 16-bit op followed by
+# fp8_quantize_per_token of its output: compared bit for bit with that composition on the same device
+# (whose parts are tested against the references above and in test_ops.py).
+
+@pytest.mark.parametrize("residual", [False, True], ids=["norm", "add+norm"])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("hidden", [64, 4096, 4100, 20000])
+@pytest.mark.parametrize("num_tokens", [1, 7, 113])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_quant_fp8_is_the_composition(device, gen, dtype, num_tokens, hidden, layout, residual):
+    x = activations(num_tokens, hidden, layout, dtype, device, gen)
+    weight = (1 + 0.3 * torch.randn(hidden, generator=gen)).to(dtype).to(device)
+    res = (torch.randn(num_tokens, hidden, generator=gen) * 2).to(dtype).to(device) if residual else None
+    x_before = x.clone()
+    if residual:
+        want_res, normed = res.clone(), x.clone()
+        ops.fused_add_rms_norm(normed, want_res, weight, 1e-5)
+    else:
+        normed = ops.rms_norm(x, weight, 1e-5)
+    want_q, want_scales = ops.fp8_quantize_per_token(normed)
+    q, scales = ops.rms_norm_quant_fp8(x, weight, 1e-5, residual=res)
+    assert_bits_equal(q, want_q)
+    assert torch.equal(scales, want_scales)
+    assert torch.equal(x, x_before), "input must be left as it was"
+    if residual:
+        assert torch.equal(res, want_res), "residual must hold input + residual, as fused_add_rms_norm leaves it"
+
+
+@pytest.mark.parametrize("d", [16, 5000, 14336, 20000])
+@pytest.mark.parametrize("num_tokens", [1, 7, 113])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_quant_fp8_is_the_composition(device, gen, dtype, num_tokens, d):
+    x = (torch.randn(num_tokens, 2 * d, generator=gen) * 3).to(dtype).to(device)
+    if num_tokens > 2:
+        x[2, d:] = 0  # an all-zero output row: the scale floor
+    want_q, want_scales = ops.fp8_quantize_per_token(ops.silu_and_mul(x))
+    q, scales = ops.silu_and_mul_quant_fp8(x)
+    assert_bits_equal(q, want_q)
+    assert torch.equal(scales, want_scales)
+    if num_tokens > 2:
+        assert scales[2] == ref.FP8_MIN_SCALE
+
+
+def test_fused_fp8_producers_propagate_nan(device):
+    x = torch.ones(3, 64, dtype=torch.bfloat16, device=device)
+    x[1, 5] = float("nan")
+    q, scales = ops.rms_norm_quant_fp8(x, torch.ones(64, dtype=torch.bfloat16, device=device), 1e-5)
+    assert not torch.isnan(scales[0]) and torch.isnan(scales[1]) and q[1].float().isnan().all()
+    q, scales = ops.silu_and_mul_quant_fp8(x)
+    assert not torch.isnan(scales[0]) and torch.isnan(scales[1])
+
+
+def test_fused_fp8_producers_opcheck(device):
+    x = torch.randn(5, 64, dtype=torch.bfloat16, device=device)
+    w = torch.randn(64, dtype=torch.bfloat16, device=device)
+    q, s = torch.empty(5, 64, dtype=ref.FP8, device=device), torch.empty(5, device=device)
+    for residual in (None, x.clone()):
+        opcheck_fp8("rms_norm_quant_fp8", dict(out=q, scales=s, input=x, residual=residual, weight=w, eps=1e-5))
+    opcheck_fp8("silu_and_mul_quant_fp8", dict(out=q[:, :32].contiguous(), scales=s, input=x))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda x, w: ops.rms_norm_quant_fp8(x.float(), w, 1e-5), "weight must have dtype"),
+    (lambda x, w: ops.rms_norm_quant_fp8(x, w[:32], 1e-5), "weight must have shape"),
+    (lambda x, w: ops.rms_norm_quant_fp8(x, w, 1e-5, residual=x[:2].clone()), "residual must have shape"),
+    (lambda x, w: ops.rms_norm_quant_fp8(x, w, 1e-5, residual=x), "residual must not share memory"),
+    (lambda x, w: ops.rms_norm_quant_fp8(x[:, :0], w[:0], 1e-5), "at least one column"),
+    (lambda x, w: ops.rms_norm_quant_fp8(x, w, 1e-5, out=torch.empty(4, 64)), "out must have dtype"),
+    (lambda x, w: ops.rms_norm_quant_fp8(x, w, 1e-5, scales=torch.empty(3)), "scales must have shape"),
+    (lambda x, w: ops.silu_and_mul_quant_fp8(x[:, :63]), "must be even and positive"),
+    (lambda x, w: ops.silu_and_mul_quant_fp8(x, out=torch.empty(4, 64, dtype=ref.FP8)), "out must have shape"),
+    (lambda x, w: ops.silu_and_mul_quant_fp8(x.int()), "input must have dtype"),
+])
+def test_fused_fp8_producers_name_the_bad_argument(call, match):
+    x, w = torch.randn(4, 64, dtype=torch.bfloat16), torch.ones(64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=match):
+        call(x, w)

@@ -260,3 +260,38 @@ def test_smollm2_perplexity_with_fp8_kv_cache_within_1_percent():
     plain = perplexity(loaded, ids, window=512)
     fp8 = perplexity(loaded, ids, window=512, kv_cache_dtype="fp8")
     assert abs(fp8 - plain) / plain < 0.01, (fp8, plain)
+
+
+def fused_quant_logits_and_calls(loaded, monkeypatch, setting: str, ids=PROMPT) -> tuple[torch.Tensor, list[str]]:
+    """All-row logits of one prefill with FASTINFER_FP8_FUSED_QUANT=setting, and the FP8 producer ops it called."""
+    from fastinfer import _ops_fp8, ops
+    calls = []
+    # fp8_linear calls its module's fp8_quantize_per_token; the model calls the fused ops through ops
+    for module, name in ((_ops_fp8, "fp8_quantize_per_token"), (ops, "rms_norm_quant_fp8"),
+                         (ops, "silu_and_mul_quant_fp8")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    monkeypatch.setenv("FASTINFER_FP8_FUSED_QUANT", setting)
+    try:
+        return fastinfer_logits(loaded, ids), calls
+    finally:
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.sm90])])
+def test_fused_fp8_quantization_in_the_layers_is_bit_exact(tmp_path, hf_pair, monkeypatch, device):
+    """FASTINFER_FP8_FUSED_QUANT (default 1): an FP8 layer's norms and SwiGLU emit the GEMMs' FP8
+    inputs (rms_norm_quant_fp8 x 2, silu_and_mul_quant_fp8), leaving fp8_quantize_per_token only for the
+    attention output (o_proj): 4 ops a layer become 4 with 3 of them fused into the kernels before, and
+    the logits are the unfused path's bit for bit."""
+    model, _ = hf_pair
+    write_checkpoint(tmp_path, model)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    loaded = fastinfer.load_model(tmp_path, dtype=dtype, device=device, quantization="fp8")
+    layers = len(loaded.model.layers)
+    fused, fused_calls = fused_quant_logits_and_calls(loaded, monkeypatch, "1")
+    plain, plain_calls = fused_quant_logits_and_calls(loaded, monkeypatch, "0")
+    assert torch.equal(fused, plain)
+    assert plain_calls == ["fp8_quantize_per_token"] * 4 * layers
+    assert sorted(fused_calls) == sorted(["rms_norm_quant_fp8"] * 2 * layers + ["silu_and_mul_quant_fp8"] * layers
+                                         + ["fp8_quantize_per_token"] * layers)

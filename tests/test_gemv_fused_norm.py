@@ -604,11 +604,14 @@ def test_cuda_model_step_runs_no_norm_and_no_cache_write_kernel(monkeypatch):
 # any kernel runs, and the model hands each GEMV the weight of the GEMV that actually runs next.
 
 def _prefetch_cases(n_rows: int, k: int, dtype, device):
-    """Next weights and budgets: none, a few bytes (under 16 per row: nothing issued), a budget capped
-    by the row, one that needs more rows than the next GEMV's first wave, and SwiGLU pairs."""
+    """Next weights and budgets: none, a few bytes (under 16 per row: nothing issued), budgets capped by
+    the row, SwiGLU pairs, 16-byte rows, and a next weight of more rows than its GEMV's first wave
+    reads on any GPU (16 x 2 x 132 SMs = 4224 < 8192; plain and SwiGLU)."""
     w = torch.randn(n_rows, k, dtype=dtype, device=device)
+    tall = torch.randn(8192, 64, dtype=dtype, device=device)
     return [None, ops.GemvPrefetch(w, 8), ops.GemvPrefetch(w, 1 << 20), ops.GemvPrefetch(w, 1 << 30),
-            ops.GemvPrefetch(w, 4096, swiglu=True), ops.GemvPrefetch(w[:, :8].contiguous(), 1 << 20)]
+            ops.GemvPrefetch(w, 4096, swiglu=True), ops.GemvPrefetch(w[:, :8].contiguous(), 1 << 20),
+            ops.GemvPrefetch(tall, 1 << 20), ops.GemvPrefetch(tall, 1 << 30, swiglu=True)]
 
 
 @pytest.mark.parametrize("change, match", [
@@ -675,6 +678,43 @@ def test_prefetch_changes_nothing_cpu():
 @pytest.mark.parametrize("m, n, k", [(1, 4096, 4096), (3, 40, 72), (8, 2048, 14336), (16, 130, 1000)])
 def test_prefetch_changes_nothing_cuda(m, n, k, dtype):
     check_prefetch_changes_nothing(torch.device("cuda"), dtype, m, n, k, seed=m + n)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_prefetch_plan_is_made_at_launch(swiglu):
+    """A GEMV given a prefetch plans it from the device's resident CTAs (fastinfer._C.gemv_last_prefetch):
+    the plan gemm/gemv_prefetch.h's rule gives for those counts, and not an empty one for Llama-3-8B's o -> gate_up."""
+    from fastinfer import _C
+    x, weight, b, residual = add_residual_inputs(1, 4096, 4096, torch.bfloat16, "cuda", False, seed=3)
+    nxt = torch.randn(28672, 4096, dtype=torch.bfloat16, device="cuda")
+    ops.dense_gemv_add_residual(x, weight, residual, prefetch=ops.GemvPrefetch(nxt, 8 << 20, swiglu=swiglu))
+    info = _C.gemv_last_prefetch()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert info["tiles"] == 256 and info["slots"] >= sms and info["slots"] % sms == 0, info
+    want = _C.plan_gemv_prefetch(28672, 8192, 8 << 20, swiglu, info["slots"], info["tiles"])
+    assert (info["rows"], info["second"], info["bytes"], info["first_cta"]) == want
+    assert info["rows"] > 0 and info["bytes"] >= 1024
+
+
+@pytest.mark.parametrize("args, want", [
+    # (next_rows, row_bytes, budget, swiglu, slots, tiles) -> (rows, second, bytes, first_cta)
+    ((4096, 8192, 8 << 20, False, 264, 384), (4096, -1, 2048, 264)),       # qkv -> o: o fits one wave; qkv's last 120 CTAs
+    ((28672, 8192, 8 << 20, True, 264, 256), (2112, 14336, 2048, 0)),      # o -> gate_up: 264 CTAs x 8 gate + 8 up rows
+    ((4096, 28672, 8 << 20, False, 264, 1792), (4096, -1, 2048, 1584)),    # gate_up -> down: its last 208 CTAs
+    ((6144, 8192, 16 << 20, False, 264, 256), (4224, -1, 4096, 0)),        # down -> qkv: qkv's first wave, 16 MB
+    ((6144, 8192, 8 << 20, False, 264, 528), (4224, -1, 2048, 264)),       # a grid of whole waves: the last one
+    ((6144, 8192, 1 << 40, False, 264, 10), (4224, -1, 8192, 0)),          # capped by the row
+    ((64, 16, 1 << 20, False, 264, 10), (64, -1, 16, 0)),                  # 16-byte rows
+    ((64, 8192, 64 * 100, False, 264, 10), (64, -1, 96, 0)),               # under 256 a row: multiples of 16
+    ((6144, 8192, 4224 * 15, False, 264, 10), (0, -1, 0, 0)),              # under 16 bytes a row: none
+    ((6144, 1 << 22, 1 << 40, False, 264, 10), (4224, -1, 1 << 19, 0)),    # the instruction's 512 KiB cap
+    ((4096, 8192, 8 << 20, False, 0, 384), (0, -1, 0, 0)),                 # no slots known: none
+])
+def test_prefetch_plan(args, want):
+    """gemm/gemv_prefetch.h: which rows of the next weight, how many bytes of each, which CTAs issue."""
+    from fastinfer import _C
+    assert _C.plan_gemv_prefetch(*args) == want
 
 
 def test_prefetch_setting_is_checked(monkeypatch):

@@ -8,6 +8,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <cmath>
 #include <optional>
@@ -99,6 +100,25 @@ void fp8_scaled_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, co
       }
     });
   });
+}
+
+// The fused FP8 producers' spec: the 16-bit op, then fp8_quantize_per_token of its output.
+void rms_norm_quant_fp8(at::Tensor& out, at::Tensor& scales, const at::Tensor& input,
+                        const std::optional<at::Tensor>& residual, const at::Tensor& weight, double eps) {
+  at::Tensor normed = input.clone(at::MemoryFormat::Contiguous);
+  if (residual.has_value()) {
+    at::Tensor res = *residual;  // the same storage: updated in place
+    fused_add_rms_norm(normed, res, weight, eps);
+  } else {
+    rms_norm(normed, input, weight, eps);
+  }
+  fp8_quantize_per_token(out, scales, normed);
+}
+
+void silu_and_mul_quant_fp8(at::Tensor& out, at::Tensor& scales, const at::Tensor& input) {
+  at::Tensor act = at::empty({input.size(0), input.size(1) / 2}, input.options());
+  silu_and_mul(act, input);
+  fp8_quantize_per_token(out, scales, act);
 }
 
 }  // namespace fastinfer::cpu

@@ -60,6 +60,11 @@ void speculative_verify(at::Tensor& output_token_ids, at::Tensor& num_accepted, 
 // FP8 (csrc/include/fastinfer/fp8.h): quantization, scaled matmul, FP8 KV cache.
 void fp8_quantize_per_token(at::Tensor& out, at::Tensor& scales, const at::Tensor& input);
 void fp8_quantize_per_tensor(at::Tensor& out, at::Tensor& scale, const at::Tensor& input, bool dynamic);
+// rms_norm (with residual: fused_add_rms_norm's add, residual updated, input untouched) or
+// silu_and_mul, then fp8_quantize_per_token of the 16-bit result, which is not kept.
+void rms_norm_quant_fp8(at::Tensor& out, at::Tensor& scales, const at::Tensor& input,
+                        const std::optional<at::Tensor>& residual, const at::Tensor& weight, double eps);
+void silu_and_mul_quant_fp8(at::Tensor& out, at::Tensor& scales, const at::Tensor& input);
 void fp8_scaled_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_a,
                    const at::Tensor& scale_b, const std::optional<at::Tensor>& bias);
 void reshape_and_cache_fp8(const at::Tensor& key, const at::Tensor& value, at::Tensor& kv_cache,

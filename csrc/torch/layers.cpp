@@ -27,6 +27,65 @@ void rms_norm_impl(at::Tensor& out, const at::Tensor& input, at::Tensor* residua
   check_launch(launch_rms_norm(p, stream_of(input)), op);
 }
 
+// rms_norm_quant_fp8 / silu_and_mul_quant_fp8's FP8 outputs: e4m3 rows of `cols`, fp32 scales [rows].
+void check_fp8_out(const char* op, const at::Tensor& out, const at::Tensor& scales, const at::Tensor& input,
+                   int64_t cols) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat8_e4m3fn && out.dim() == 2 && out.size(0) == input.size(0) &&
+                  out.size(1) == cols && out.stride(1) == 1 && out.device() == input.device(),
+              op, ": out must be float8_e4m3fn [", input.size(0), ", ", cols, "] with contiguous rows on ",
+              input.device());
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 1 && scales.size(0) == input.size(0) &&
+                  scales.is_contiguous() && scales.device() == input.device(),
+              op, ": scales must be a contiguous float32 [", input.size(0), "] on ", input.device());
+  TORCH_CHECK(input.dim() == 2 && input.stride(1) == 1, op, ": input rows must be contiguous");
+}
+
+void rms_norm_quant_fp8(at::Tensor& out, at::Tensor& scales, const at::Tensor& input,
+                        const std::optional<at::Tensor>& residual, const at::Tensor& weight, double eps) {
+  const char* op = "rms_norm_quant_fp8";
+  check_fp8_out(op, out, scales, input, input.size(1));
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == input.size(1) && weight.is_contiguous() &&
+                  weight.scalar_type() == input.scalar_type() && weight.device() == input.device(),
+              op, ": weight must be a contiguous [hidden] in input's dtype on its device");
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == input.sizes() && residual->stride(1) == 1 &&
+                    residual->scalar_type() == input.scalar_type() && residual->device() == input.device(),
+                op, ": residual must be like input, rows contiguous");
+  }
+  const c10::cuda::CUDAGuard guard(input.device());
+  RMSNormParams p{};
+  p.input = input.data_ptr();
+  p.residual = residual.has_value() ? residual->data_ptr() : nullptr;
+  p.weight = weight.data_ptr();
+  p.num_tokens = input.size(0);
+  p.hidden = static_cast<int>(input.size(1));
+  p.input_stride = input.stride(0);
+  p.residual_stride = residual.has_value() ? residual->stride(0) : 0;
+  p.eps = static_cast<float>(eps);
+  p.dtype = to_dtype(input, op);
+  p.fp8_out = out.data_ptr();
+  p.fp8_scales = scales.data_ptr<float>();
+  p.fp8_out_stride = out.stride(0);
+  check_launch(launch_rms_norm(p, stream_of(input)), op);
+}
+
+void silu_and_mul_quant_fp8(at::Tensor& out, at::Tensor& scales, const at::Tensor& input) {
+  const char* op = "silu_and_mul_quant_fp8";
+  TORCH_CHECK(input.dim() == 2 && input.size(1) % 2 == 0, op, ": input must be [rows, 2 d]");
+  check_fp8_out(op, out, scales, input, input.size(1) / 2);
+  const c10::cuda::CUDAGuard guard(input.device());
+  SiluMulParams p{};
+  p.input = input.data_ptr();
+  p.num_tokens = input.size(0);
+  p.d = static_cast<int>(input.size(1) / 2);
+  p.input_stride = input.stride(0);
+  p.dtype = to_dtype(input, op);
+  p.fp8_out = out.data_ptr();
+  p.fp8_scales = scales.data_ptr<float>();
+  p.fp8_out_stride = out.stride(0);
+  check_launch(launch_silu_and_mul(p, stream_of(input)), op);
+}
+
 void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double eps) {
   rms_norm_impl(out, input, nullptr, weight, eps, "rms_norm");
 }
@@ -122,4 +181,6 @@ TORCH_LIBRARY_IMPL(fastinfer, CUDA, m) {
   m.impl("rotary_embedding", &fastinfer::torch_glue::rotary_embedding);
   m.impl("silu_and_mul", &fastinfer::torch_glue::silu_and_mul);
   m.impl("argmax_rows", &fastinfer::torch_glue::argmax_rows);
+  m.impl("rms_norm_quant_fp8", &fastinfer::torch_glue::rms_norm_quant_fp8);
+  m.impl("silu_and_mul_quant_fp8", &fastinfer::torch_glue::silu_and_mul_quant_fp8);
 }

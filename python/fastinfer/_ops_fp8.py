@@ -15,7 +15,8 @@ FP8_MIN_SCALE = 1.0 / (448.0 * 512.0)
 # The GEMM reads rows of a and b with TMA, whose global strides must be multiples of 16 bytes.
 FP8_K_ALIGN = 16
 FP8_OP_NAMES = ("fp8_quantize_per_token", "fp8_quantize_per_tensor", "fp8_scaled_mm", "reshape_and_cache_fp8",
-                "paged_prefill_attention_fp8", "paged_decode_attention_fp8")
+                "paged_prefill_attention_fp8", "paged_decode_attention_fp8", "rms_norm_quant_fp8",
+                "silu_and_mul_quant_fp8")
 
 
 def _check_fp8_out(op: str, out, input: torch.Tensor) -> torch.Tensor:
@@ -40,6 +41,60 @@ def fp8_quantize_per_token(input: torch.Tensor, out: torch.Tensor | None = None,
     _check(op, "scales", scales, ndim=1, dtype=torch.float32, device=input.device, contiguous=True)
     _check_shape(op, "scales", scales, (input.shape[0],))
     _ops.fp8_quantize_per_token(out, scales, input)
+    return out, scales
+
+
+def _fp8_outputs(op: str, input: torch.Tensor, cols: int, out, scales) -> tuple[torch.Tensor, torch.Tensor]:
+    """The e4m3 [rows, cols] and fp32 [rows] outputs of the fused producers, made or checked."""
+    rows = input.shape[0]
+    if out is None:
+        out = torch.empty(rows, cols, dtype=FP8, device=input.device)
+    _check(op, "out", out, ndim=2, dtype=FP8, device=input.device, contiguous=True)
+    _check_shape(op, "out", out, (rows, cols))
+    if scales is None:
+        scales = torch.empty(rows, dtype=torch.float32, device=input.device)
+    _check(op, "scales", scales, ndim=1, dtype=torch.float32, device=input.device, contiguous=True)
+    _check_shape(op, "scales", scales, (rows,))
+    return out, scales
+
+
+def rms_norm_quant_fp8(input: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                       out: torch.Tensor | None = None,
+                       scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8_quantize_per_token(rms_norm(input, weight, eps)) in one kernel; with residual, the add of
+    fused_add_rms_norm first (residual += input, in place) and the norm of the new residual, input left
+    as it is. The 16-bit normalized rows are not kept: (e4m3 [T, hidden], fp32 scales [T]), bit for
+    bit what the two ops give. The q/k/v and gate / up inputs of an FP8 layer."""
+    op = "rms_norm_quant_fp8"
+    _check_float(op, "input", input, ndim=2)
+    if input.shape[1] == 0:
+        _fail(op, "input must have at least one column (hidden)")
+    _check(op, "weight", weight, ndim=1, dtype=input.dtype, device=input.device, contiguous=True)
+    _check_shape(op, "weight", weight, (input.shape[1],))
+    if residual is not None:
+        _check_float(op, "residual", residual, like=input, ndim=2)
+        _check_shape(op, "residual", residual, input.shape)
+        if _shares_memory(residual, input, weight):
+            _fail(op, "residual must not share memory with input or weight")
+    out, scales = _fp8_outputs(op, input, input.shape[1], out, scales)
+    if _shares_memory(scales, input, residual):
+        _fail(op, "scales must not share memory with input or residual")
+    _ops.rms_norm_quant_fp8(out, scales, input, residual, weight, float(eps))
+    return out, scales
+
+
+def silu_and_mul_quant_fp8(input: torch.Tensor, out: torch.Tensor | None = None,
+                           scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8_quantize_per_token(silu_and_mul(input)) in one kernel, input [T, 2 d] ([gate | up]):
+    (e4m3 [T, d], fp32 scales [T]), bit for bit the two ops'. The down projection's input of an FP8 layer."""
+    op = "silu_and_mul_quant_fp8"
+    _check_float(op, "input", input, ndim=2)
+    if input.shape[1] % 2 or input.shape[1] == 0:
+        _fail(op, f"input's last dimension must be even and positive ([gate | up]), got {input.shape[1]}")
+    out, scales = _fp8_outputs(op, input, input.shape[1] // 2, out, scales)
+    if _shares_memory(scales, input):
+        _fail(op, "scales must not share memory with input")
+    _ops.silu_and_mul_quant_fp8(out, scales, input)
     return out, scales
 
 

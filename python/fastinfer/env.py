@@ -71,6 +71,10 @@ SETTINGS = {
     "FASTINFER_DECODE_MERGE": ("auto", "auto | kernel", "split-KV decode attention given semaphores (the decode "
                                "graphs) merges in its last CTA per group (kernel: a separate merge kernel)"),
     "FASTINFER_DENSE_GEMV": ("1", "1 | 0", "decode projections on dense_gemv (0: cuBLAS); read at import"),
+    "FASTINFER_FP8_FUSED_QUANT": ("1", "1 | 0",
+                                  "FP8 layers: the RMSNorms and the SwiGLU emit the next GEMM's per-token FP8 input "
+                                  "in the same kernel (rms_norm_quant_fp8, silu_and_mul_quant_fp8; same bits); 0: "
+                                  "the 16-bit op, then fp8_quantize_per_token (read at each forward)"),
     "FASTINFER_GEMV_PREFETCH_MB": ("0", "0 | MB (e.g. 4, 8, 16)",
                                    "on the fused decode path (<= 8 tokens, dense 16-bit weights) each GEMV asks L2 "
                                    "for about this many MB of the next GEMV's weight as it finishes, twice that "

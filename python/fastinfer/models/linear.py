@@ -67,6 +67,11 @@ class Linear:
             return dense_linear(x, self.weight, self.bias)
         return ops.fp8_linear(x, self.weight, self.weight_scale, self.bias)
 
+    def fp8_mm(self, q: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """An FP8 layer on an input already quantized per token (q e4m3, fp32 scales [T]): what
+        self(x) computes after its own fp8_quantize_per_token."""
+        return ops.fp8_scaled_mm(q, self.weight, scales, self.weight_scale, self.bias, out_dtype=out_dtype)
+
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         """silu_and_mul(self(x)) for a fused [gate; up] projection. A dense, bias-free layer whose
         x takes the decode GEMV (use_dense_gemv) runs it with the SwiGLU in the GEMV's epilogue

@@ -50,6 +50,13 @@ def fused_rope_enabled() -> bool:
     return os.environ.get("FASTINFER_FUSED_ROPE", "1") != "0"
 
 
+def fp8_fused_quant_enabled() -> bool:
+    """FASTINFER_FP8_FUSED_QUANT (default 1; read at every forward): an FP8 layer's norms and SwiGLU
+    emit its GEMMs' FP8 inputs themselves (ops.rms_norm_quant_fp8, ops.silu_and_mul_quant_fp8: same
+    bits as the op, then fp8_quantize_per_token); 0 runs the two ops."""
+    return os.environ.get("FASTINFER_FP8_FUSED_QUANT", "1") != "0"
+
+
 def gemv_prefetch_bytes() -> int:
     """FASTINFER_GEMV_PREFETCH_MB (default 0: off; read at every forward, so a CUDA graph keeps what it
     was captured with): on the fused path each GEMV asks L2 for about this many MB of the next GEMV's
@@ -91,6 +98,8 @@ class LlamaLayer:
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
                 meta: AttnMetadata, cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # hidden, residual: [num_tokens, hidden_size]
+        if self.fp8_quant_fusable and fp8_fused_quant_enabled():
+            return self.forward_fp8(hidden, residual, kv_cache, meta, cos_sin)
         if residual is None:
             residual = hidden
             hidden = ops.rms_norm(hidden, self.input_norm, self.eps)
@@ -132,6 +141,28 @@ class LlamaLayer:
                                       silu_mul=True, prefetch=prefetch(self.down.weight))
         return ops.dense_gemv_add_residual(act, self.down.weight, residual, self.down.bias,
                                            prefetch=prefetch(next_weight))
+
+    def forward_fp8(self, hidden: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
+                    meta: AttnMetadata, cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward() of a layer whose q/k/v, gate / up and down projections are FP8: the two norms and
+        the SwiGLU write their GEMMs' per-token FP8 inputs directly (one kernel each instead of the op
+        and fp8_quantize_per_token), the same bits as forward(). hidden is not normalized in place."""
+        dtype = hidden.dtype
+        if residual is None:
+            residual = hidden
+            q, scales = ops.rms_norm_quant_fp8(hidden, self.input_norm, self.eps)
+        else:
+            q, scales = ops.rms_norm_quant_fp8(hidden, self.input_norm, self.eps, residual=residual)
+        hidden = self.o_proj_out(self.attend(self.qkv.fp8_mm(q, scales, dtype), kv_cache, meta, cos_sin))
+        q, scales = ops.rms_norm_quant_fp8(hidden, self.post_attn_norm, self.eps, residual=residual)
+        q, scales = ops.silu_and_mul_quant_fp8(self.gate_up.fp8_mm(q, scales, dtype))
+        return self.down.fp8_mm(q, scales, dtype), residual
+
+    @property
+    def fp8_quant_fusable(self) -> bool:
+        """Whether forward_fp8 can run this layer: FP8 q/k/v, gate / up and down (o_proj quantizes the
+        attention output itself, whatever it is)."""
+        return all(isinstance(p, Linear) and p.weight_scale is not None for p in (self.qkv, self.gate_up, self.down))
 
     @property
     def fusable_norms(self) -> bool:

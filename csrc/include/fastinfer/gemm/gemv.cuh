@@ -136,14 +136,14 @@
 // with it idle (the last CTAs' last loads drain, the cross-warp sum and the epilogue), and the decode
 // attention kernel between the q/k/v and o projections reads next to nothing. Weights are constant, so
 // the next GEMV's first bytes can be asked of L2 before that kernel starts: with a plan (PrefetchPlan,
-// built at launch), the CTAs of this grid's last wave, as each warp leaves its K loop, issue
+// gemm/gemv_prefetch.h, built at launch), the CTAs of this grid's last wave, as their warps leave the K loop, issue
 // cp.async.bulk.prefetch.L2 (sm_90; nothing on older targets) for the first `bytes` of each row the
 // next GEMV's first wave reads (its CTAs stream their 16 rows front to back), spread over the CTAs so
 // the requests start with the first CTA to finish. DRAM then works through this kernel's tail, the
 // launch gap and the next kernel's start, whose first loads hit L2. Only last-wave CTAs issue: a
 // multi-wave kernel's earlier waves would have the lines evicted by the waves after them. Results are
 // unchanged (a prefetch moves no data a thread sees). Predicted (H200, batch 1, 8 MB per GEMV
-// boundary and 16 MB across attention): ~2-3 us per GEMV and ~4 us per attention, ~0.35-0.5 ms of a
+// boundary and 16 MB across attention): ~2-3 us per GEMV and ~3 us more per attention, ~0.35-0.5 ms of a
 // 4.79 ms step (74.5% -> 80-83% of the roofline); no gain if the L2 drops the prefetched lines before
 // use (the next GEMV's own reads would then show it in bench_e2e's profile: unchanged kernel times).
 #pragma once
@@ -160,6 +160,7 @@
 
 #include "fastinfer/common.cuh"
 #include "fastinfer/gemm/gemv.h"
+#include "fastinfer/gemm/gemv_prefetch.h"
 #include "fastinfer/layers/rope.cuh"
 
 namespace fastinfer {
@@ -296,31 +297,22 @@ __device__ __forceinline__ void chunk_mma(Acc<kTiles>& acc, const T* w_lo, const
   chunk_mma_loaded<T, kTiles, kPartial, kNorm>(acc, wl, wh, x_rows, has_x, k0, k_left, norm);
 }
 
-// The L2 prefetch of the next GEMV's weight ("L2 prefetch across kernels" above), as launched: rows
-// [0, rows) and, for a SwiGLU next GEMV, [second, second + rows) of the next weight, the first `bytes`
-// of each (a multiple of 16). base == nullptr: none.
-struct PrefetchPlan {
-  const char* base;
-  int64_t row_bytes;   // between rows of the next weight
-  int rows;            // per range
-  int second;          // first row of the second range; < 0: one range
-  int bytes;           // asked of L2 from the start of each row
-  int first_cta;       // CTAs blockIdx.x >= first_cta issue the prefetches: this grid's last wave
-};
+using PrefetchPlan = GemvPrefetchPlan;  // gemm/gemv_prefetch.h
 
 __device__ __forceinline__ void l2_prefetch_bulk(const void* ptr, uint32_t bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(ptr), "r"(bytes));
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(__cvta_generic_to_global(ptr)), "r"(bytes));
 #endif
 }
 
-// One warp's share of the plan: item i (a row) goes to CTA i % ctas of the issuing ones, so every
-// CTA issues a few and the first to finish starts the stream.
+// One warp's share of the plan: item i (a row) goes to CTA i % ctas of the issuing ones and, within
+// it, to warp (i / ctas) % 8 first, so every CTA and each of its warps issues a few (a handful per
+// lane-serial loop: the instruction takes uniform operands) and the first warp to finish starts the stream.
 __device__ __forceinline__ void issue_prefetch(const PrefetchPlan& pf) {
   const int ctas = static_cast<int>(gridDim.x) - pf.first_cta;
   const int items = pf.second < 0 ? pf.rows : 2 * pf.rows;
-  for (int i = static_cast<int>(blockIdx.x) - pf.first_cta + static_cast<int>(threadIdx.x) * ctas; i < items;
-       i += ctas * kThreads) {
+  const int slot = static_cast<int>(threadIdx.x % kWarpSize) * kWarps + static_cast<int>(threadIdx.x / kWarpSize);
+  for (int i = static_cast<int>(blockIdx.x) - pf.first_cta + slot * ctas; i < items; i += ctas * kThreads) {
     const int64_t row = i < pf.rows ? i : pf.second + (i - pf.rows);
     l2_prefetch_bulk(pf.base + row * pf.row_bytes, static_cast<uint32_t>(pf.bytes));
   }
@@ -553,33 +545,15 @@ int blocks_per_sm(Kernel kernel) {
   return blocks;
 }
 
-// The prefetch plan of a launch of `tiles` CTAs of `kernel` (p.prefetch set): the next GEMV (assumed
-// to fit as many CTAs per SM as this one) reads rows 16 b .. 16 b + 15 in CTA b (SwiGLU: gate rows
-// 8 b .. 8 b + 7 and the up rows F + 8 b ..; rotary: a permutation within the same 16), so its first
-// wave reads rows [0, 16 w) (SwiGLU: [0, 8 w) and [F, F + 8 w)). Each row gets budget / rows bytes,
-// rounded down to 256 (to 16 below 256), at most the row and 512 KiB; none when under 16 bytes.
+// The prefetch plan of a launch of `tiles` CTAs of `kernel` (p.prefetch set): gemv_prefetch.h's rule
+// with the occupancy API's resident CTAs of this kernel. Recorded for gemv_last_prefetch().
 template <typename Kernel>
 PrefetchPlan plan_prefetch(const DenseGemvParams& p, Kernel kernel, unsigned tiles) {
-  PrefetchPlan pf{};
-  if (p.num_sms <= 0 || p.prefetch_budget <= 0 || p.prefetch_rows <= 0 || p.prefetch_row_bytes <= 0) return pf;
-  const int64_t slots = static_cast<int64_t>(p.num_sms) * blocks_per_sm(kernel);
-  const int64_t next_wave = std::min<int64_t>(ceil_div(p.prefetch_rows, static_cast<int64_t>(kTileN)), slots);
-  const int64_t half = p.prefetch_rows / 2;
-  const int64_t rows = p.prefetch_swiglu ? std::min<int64_t>(half, next_wave * (kTileN / 2))
-                                         : std::min<int64_t>(p.prefetch_rows, next_wave * kTileN);
-  const int64_t items = p.prefetch_swiglu ? 2 * rows : rows;
-  if (rows <= 0) return pf;
-  int64_t bytes = p.prefetch_budget / items;
-  bytes = bytes >= 256 ? bytes / 256 * 256 : bytes / 16 * 16;
-  // at most the row, and under 1 MiB (the instruction's size field counts 16-byte units in 16 bits)
-  bytes = std::min({bytes, p.prefetch_row_bytes / 16 * 16, int64_t{1} << 19});
-  if (bytes < 16) return pf;
-  pf.base = static_cast<const char*>(p.prefetch);
-  pf.row_bytes = p.prefetch_row_bytes;
-  pf.rows = static_cast<int>(rows);
-  pf.second = p.prefetch_swiglu ? static_cast<int>(half) : -1;
-  pf.bytes = static_cast<int>(bytes);
-  pf.first_cta = static_cast<int>(std::max<int64_t>(0, static_cast<int64_t>(tiles) - slots));
+  const int64_t slots = p.num_sms > 0 ? static_cast<int64_t>(p.num_sms) * blocks_per_sm(kernel) : 0;
+  const PrefetchPlan pf = plan_gemv_prefetch(p.prefetch, p.prefetch_rows, p.prefetch_row_bytes, p.prefetch_budget,
+                                             p.prefetch_swiglu, slots, tiles);
+  gemv_record_prefetch(GemvPrefetchInfo{pf.rows, pf.second, pf.bytes, pf.first_cta, static_cast<int>(tiles),
+                                        static_cast<int>(slots)});
   return pf;
 }
 

@@ -81,6 +81,14 @@ constexpr int kGemvSqSumGroup = 16;  // columns per sum of squares of the residu
 // Rows of x the RMSNorm prologue takes: with 4 x tiles (M > 16) its registers would spill.
 constexpr int kGemvNormMaxM = 16;
 
+// The prefetch plan of the last launch given a prefetch (fastinfer._C.gemv_last_prefetch(): the cuda
+// tests check that one was made and what it holds). rows == 0: the plan was empty.
+struct GemvPrefetchInfo {
+  int rows, second, bytes, first_cta, tiles, slots;
+};
+GemvPrefetchInfo gemv_last_prefetch();
+void gemv_record_prefetch(const GemvPrefetchInfo& info);  // by the launcher (csrc/cuda/gemv.cu)
+
 // cudaErrorInvalidValue for shapes, alignments or dtypes the kernel does not support. Never
 // synchronizes; M == 0 or N == 0 launches nothing.
 cudaError_t launch_dense_gemv(const DenseGemvParams& p, cudaStream_t stream);

@@ -22,6 +22,13 @@ struct RMSNormParams {
   int64_t out_stride, input_stride, residual_stride;
   float eps;
   DType dtype;
+  // FP8 output (rms_norm_quant_fp8), when fp8_out != nullptr: the rounded normalized rows are not
+  // stored (out unused; the fused add leaves input as it was) but quantized per token as
+  // fp8_quantize_per_token would quantize them: fp8_out e4m3 [num_tokens, hidden] (rows fp8_out_stride
+  // apart), fp8_scales fp32 [num_tokens].
+  void* fp8_out;
+  float* fp8_scales;
+  int64_t fp8_out_stride;
 };
 cudaError_t launch_rms_norm(const RMSNormParams& p, cudaStream_t stream);
 
@@ -47,6 +54,10 @@ struct SiluMulParams {
   int d;
   int64_t out_stride, input_stride;
   DType dtype;
+  // FP8 output (silu_and_mul_quant_fp8), when fp8_out != nullptr: as RMSNormParams' (out unused).
+  void* fp8_out;
+  float* fp8_scales;
+  int64_t fp8_out_stride;
 };
 cudaError_t launch_silu_and_mul(const SiluMulParams& p, cudaStream_t stream);
 

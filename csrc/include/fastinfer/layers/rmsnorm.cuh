@@ -7,9 +7,18 @@
 // Parallelisation: one block per token row; threads stride over the hidden dimension, so each
 // warp reads contiguous 128-byte segments. The second pass re-reads the row from L1/L2.
 // Roofline (decode, hidden 4096, bf16): 8 KiB read + 8 KiB written per token, pure bandwidth.
+//
+// FP8 output (kQuant: rms_norm_quant_fp8, p.fp8_out). An FP8 layer quantizes the normalized rows per
+// token before its q/k/v and gate / up GEMMs: a second kernel per norm that re-reads the rows. With
+// kQuant the same CTA finishes the job: the normalized values (rounded to T, exactly what would be
+// stored) give the row's amax (a second block reduction), then each is computed again and quantized
+// with gemm/fp8_quant_math.cuh's formula, so the bytes and scales equal fp8_quantize_per_token of the
+// unfused kernel's output bit for bit. The values are recomputed rather than kept (any hidden size;
+// the row is in L1 / L2). One launch less per norm, and no [T, hidden] 16-bit row written and read back.
 #pragma once
 #include "fastinfer/common.cuh"
 #include "fastinfer/dispatch.cuh"
+#include "fastinfer/gemm/fp8_quant_math.cuh"
 #include "fastinfer/layers/layers.h"
 
 namespace fastinfer {
@@ -17,7 +26,13 @@ namespace rmsnorm {
 
 constexpr int kMaxThreads = 1024;
 
-template <typename T, bool kFusedAdd>
+// One normalized element, rounded to the storage dtype (the unfused output and the FP8 path's input).
+template <typename T>
+__device__ __forceinline__ T normalized(T x, float inv_rms, T w) {
+  return from_float<T>(to_float(x) * inv_rms * to_float(w));
+}
+
+template <typename T, bool kFusedAdd, bool kQuant = false>
 __global__ void rms_norm_kernel(RMSNormParams p) {
   pdl_wait();  // common.cuh: PDL (FASTINFER_PDL=1)
   pdl_launch_dependents();
@@ -39,8 +54,20 @@ __global__ void rms_norm_kernel(RMSNormParams p) {
   }
   const float inv_rms = rsqrtf(block_reduce_sum(sum_sq) / p.hidden + p.eps);
   const T* src = kFusedAdd ? res : in;
-  for (int i = threadIdx.x; i < p.hidden; i += blockDim.x) {
-    out[i] = from_float<T>(to_float(src[i]) * inv_rms * to_float(w[i]));
+  if constexpr (kQuant) {
+    // Each thread reads back only what it wrote in the loop above (same i), so no barrier is needed.
+    float amax = 0.0f;
+    for (int i = threadIdx.x; i < p.hidden; i += blockDim.x) {
+      amax = fp8q::nan_max(amax, fabsf(to_float(normalized(src[i], inv_rms, w[i]))));
+    }
+    const float scale = fp8q::dynamic_scale(fp8q::block_reduce_max(amax));
+    if (threadIdx.x == 0) p.fp8_scales[row] = scale;
+    auto* q = static_cast<__nv_fp8_storage_t*>(p.fp8_out) + row * p.fp8_out_stride;
+    for (int i = threadIdx.x; i < p.hidden; i += blockDim.x) {
+      q[i] = fp8q::quantize(to_float(normalized(src[i], inv_rms, w[i])), scale);
+    }
+  } else {
+    for (int i = threadIdx.x; i < p.hidden; i += blockDim.x) out[i] = normalized(src[i], inv_rms, w[i]);
   }
 }
 
@@ -51,7 +78,11 @@ inline cudaError_t launch_rms_norm_impl(const RMSNormParams& p, cudaStream_t str
   int threads = ((p.hidden + kWarpSize - 1) / kWarpSize) * kWarpSize;
   threads = threads > rmsnorm::kMaxThreads ? rmsnorm::kMaxThreads : threads;
   return FI_DISPATCH_DTYPE(p.dtype, T, [&] {
-    const auto kernel = p.residual != nullptr ? rmsnorm::rms_norm_kernel<T, true> : rmsnorm::rms_norm_kernel<T, false>;
+    const bool quant = p.fp8_out != nullptr;
+    const auto kernel = p.residual != nullptr ? (quant ? rmsnorm::rms_norm_kernel<T, true, true>
+                                                       : rmsnorm::rms_norm_kernel<T, true, false>)
+                                              : (quant ? rmsnorm::rms_norm_kernel<T, false, true>
+                                                       : rmsnorm::rms_norm_kernel<T, false, false>);
     return launch_kernel(kernel, dim3(static_cast<unsigned>(p.num_tokens)), dim3(threads), 0, stream, p);
   });
 }

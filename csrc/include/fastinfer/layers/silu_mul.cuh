@@ -2,9 +2,17 @@
 //
 // Parallelisation: a 2-D grid, x over tokens and y over chunks of the row, so that even one
 // decode token spreads over many SMs. Pure bandwidth: 2d elements read, d written per token.
+//
+// FP8 output (silu_and_mul_quant_fp8, p.fp8_out): the FP8 down projection quantizes this output per
+// token. One CTA per token row computes each value (rounded to T, as stored unfused), reduces the
+// row's amax, then computes each again and quantizes it with gemm/fp8_quant_math.cuh's formula: the bytes
+// and scales of fp8_quantize_per_token on the unfused output, bit for bit, in one launch.
 #pragma once
+#include <algorithm>
+
 #include "fastinfer/common.cuh"
 #include "fastinfer/dispatch.cuh"
+#include "fastinfer/gemm/fp8_quant_math.cuh"
 #include "fastinfer/layers/layers.h"
 
 namespace fastinfer {
@@ -12,20 +20,51 @@ namespace silu_mul {
 
 constexpr int kThreads = 256;
 
+constexpr int kMaxRowThreads = 1024;
+
+// silu(gate) * up, rounded to T: the one formula of both kernels.
+template <typename T>
+__device__ __forceinline__ T silu_mul_value(T gate_t, T up_t) {
+  const float gate = to_float(gate_t);
+  return from_float<T>(gate / (1.0f + __expf(-gate)) * to_float(up_t));
+}
+
 template <typename T>
 __global__ void silu_and_mul_kernel(SiluMulParams p) {
   const int64_t t = blockIdx.x;
   const int i = blockIdx.y * blockDim.x + threadIdx.x;
   if (i >= p.d) return;
   const T* in = static_cast<const T*>(p.input) + t * p.input_stride;
-  const float gate = to_float(in[i]);
-  const float up = to_float(in[p.d + i]);
-  static_cast<T*>(p.out)[t * p.out_stride + i] = from_float<T>(gate / (1.0f + __expf(-gate)) * up);
+  static_cast<T*>(p.out)[t * p.out_stride + i] = silu_mul_value(in[i], in[p.d + i]);
+}
+
+// One CTA per token row: amax of the row's values, then the values again, quantized.
+template <typename T>
+__global__ void silu_and_mul_quant_kernel(SiluMulParams p) {
+  const int64_t t = blockIdx.x;
+  const T* in = static_cast<const T*>(p.input) + t * p.input_stride;
+  float amax = 0.0f;
+  for (int i = threadIdx.x; i < p.d; i += blockDim.x) {
+    amax = fp8q::nan_max(amax, fabsf(to_float(silu_mul_value(in[i], in[p.d + i]))));
+  }
+  const float scale = fp8q::dynamic_scale(fp8q::block_reduce_max(amax));
+  if (threadIdx.x == 0) p.fp8_scales[t] = scale;
+  auto* q = static_cast<__nv_fp8_storage_t*>(p.fp8_out) + t * p.fp8_out_stride;
+  for (int i = threadIdx.x; i < p.d; i += blockDim.x) q[i] = fp8q::quantize(to_float(silu_mul_value(in[i], in[p.d + i])), scale);
 }
 
 }  // namespace silu_mul
 
 inline cudaError_t launch_silu_and_mul_impl(const SiluMulParams& p, cudaStream_t stream) {
+  if (p.fp8_out != nullptr) {
+    if (p.num_tokens == 0) return cudaSuccess;
+    if (p.d <= 0 || p.fp8_scales == nullptr) return cudaErrorInvalidValue;
+    const int threads = std::min(ceil_div(p.d, kWarpSize) * kWarpSize, silu_mul::kMaxRowThreads);
+    return FI_DISPATCH_DTYPE(p.dtype, T, [&] {
+      silu_mul::silu_and_mul_quant_kernel<T><<<static_cast<unsigned>(p.num_tokens), threads, 0, stream>>>(p);
+      return cudaGetLastError();
+    });
+  }
   if (p.num_tokens == 0 || p.d == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(p.num_tokens), ceil_div(p.d, silu_mul::kThreads));
   return FI_DISPATCH_DTYPE(p.dtype, T, [&] {
