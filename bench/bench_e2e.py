@@ -18,7 +18,8 @@ per split-KV merge instead of their fusion into the GEMVs and the attention kern
 save). Order (a time limit keeps what came first): each format's graphed row, then the variants not
 yet measured (VARIANT_ROWS: bf16 with each GEMV prefetching the next one's weight into L2 (8 MB; 16 MB
 last), bf16 with the RMSNorm-prologue preload, int4 on the stream-K GEMV, int4 on the warpgroup-MMA
-kernel above 8 rows (auto_wgmma), fp8 on the decode GEMV), then bf16's PDL, unfused and eager rows,
+kernel above 8 rows (auto_wgmma), fp8 on the decode GEMV, fp8 with a quantization kernel per GEMM again
+instead of the norms / SwiGLU emitting FP8), then bf16's PDL, unfused and eager rows,
 then the offline run. HF runs
 model.generate for 1 and for 1 + steps new tokens (min_new_tokens = max), each twice, and the
 difference of the faster runs is its decode time: eager (dynamic cache), and in full mode static cache + torch.compile
@@ -70,7 +71,7 @@ TINY = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_l
 PINNED = {"FASTINFER_PDL": "0", "FASTINFER_FUSED_NORM": "1", "FASTINFER_FUSED_ROPE": "1", "FASTINFER_DECODE_MERGE": "auto",
           "FASTINFER_GEMV_NORM_PRELOAD": "off", "FASTINFER_INT4_KERNEL": "auto", "FASTINFER_FP8_GEMV": "off",
           "FASTINFER_FP8_MULTICAST": "off", "FASTINFER_FP8_PROMOTE": "serial", "FASTINFER_ATTN_KV_LOAD": "cp_async",
-          "FASTINFER_ARGMAX": "kernel", "FASTINFER_GEMV_PREFETCH_MB": "0"}
+          "FASTINFER_ARGMAX": "kernel", "FASTINFER_GEMV_PREFETCH_MB": "0", "FASTINFER_FP8_FUSED_QUANT": "1"}
 # Kernel variants written but not yet measured (bench/PERF_NOTES.md), one row each after the plain rows.
 VARIANT_ROWS = [("bf16", " + L2 prefetch 8 MB", {"FASTINFER_GEMV_PREFETCH_MB": "8"}),
                 ("bf16", " + norm preload", {"FASTINFER_GEMV_NORM_PRELOAD": "on"}),
@@ -78,6 +79,7 @@ VARIANT_ROWS = [("bf16", " + L2 prefetch 8 MB", {"FASTINFER_GEMV_PREFETCH_MB": "
                 ("int4", " wgmma", {"FASTINFER_INT4_KERNEL": "auto_wgmma"}),
                 ("bf16", " + torch argmax", {"FASTINFER_ARGMAX": "torch"}),
                 ("fp8", " GEMV", {"FASTINFER_FP8_GEMV": "on"}),
+                ("fp8", " unfused quant", {"FASTINFER_FP8_FUSED_QUANT": "0"}),
                 ("bf16", " + L2 prefetch 16 MB", {"FASTINFER_GEMV_PREFETCH_MB": "16"})]
 
 

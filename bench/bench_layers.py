@@ -104,6 +104,20 @@ def setup_mlp(T: int, seed: int) -> State:
     return {"x": _randn(_gen(seed), T, 2 * FFN), "out": torch.empty(T, FFN, dtype=DTYPE, device="cuda")}
 
 
+TWO_OPS = "fastinfer two ops"
+
+
+def eager_quant(y: torch.Tensor) -> tuple:
+    """Per-token e4m3 quantization in torch eager: (values, fp32 scales)."""
+    scales = (y.float().abs().amax(-1) / 448.0).clamp_min(1.0 / (448.0 * 512.0))
+    return (y.float() / scales[:, None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scales
+
+
+def fused_add_then_quant(ops, s: State) -> tuple:
+    ops.fused_add_rms_norm(s["x"], s["residual"], s["weight"], EPS)
+    return ops.fp8_quantize_per_token(s["x"])
+
+
 def make_cases(ops) -> list[Case]:
     def fused_add_eager(s: State) -> tuple:
         s["residual"] = s["residual"] + s["x"]
@@ -142,6 +156,18 @@ def make_cases(ops) -> list[Case]:
         # read k, v [T, 8, 128] + one int64 slot per token, write both into the cache
         Case("reshape_and_cache", setup_qkv, lambda T: 4 * T * NUM_KV_HEADS * HEAD_DIM * ELEM + 8 * T,
              {"fastinfer": cache_ours, EAGER: eager_reshape_and_cache}),
+        # An FP8 layer's GEMM inputs: read x, residual [T, H] + weight [H]; write residual [T, H], e4m3 [T, H],
+        # fp32 scales [T]. "fastinfer" is the one kernel (the model's default), "two ops" what it replaced.
+        Case("fused_add_rms_norm -> fp8", setup_norm, lambda T: (3 * T * HIDDEN + HIDDEN) * ELEM + T * HIDDEN + 4 * T, {
+            "fastinfer": lambda s: (*ops.rms_norm_quant_fp8(s["x"], s["weight"], EPS, residual=s["residual"]),
+                                    s["residual"]),
+            TWO_OPS: lambda s: (*fused_add_then_quant(ops, s), s["residual"]),
+            EAGER: lambda s: (*eager_quant(fused_add_eager(s)[0]), s["residual"])}),
+        # read x [T, 2 * ffn]; write e4m3 [T, ffn], fp32 scales [T]
+        Case("silu_and_mul -> fp8", setup_mlp, lambda T: 2 * T * FFN * ELEM + T * FFN + 4 * T, {
+            "fastinfer": lambda s: ops.silu_and_mul_quant_fp8(s["x"]),
+            TWO_OPS: lambda s: ops.fp8_quantize_per_token(ops.silu_and_mul(s["x"], out=s["out"])),
+            EAGER: lambda s: eager_quant(F.silu(s["x"][:, :FFN]) * s["x"][:, FFN:])}),
     ]
 
 
