@@ -48,9 +48,10 @@ OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-$(command -v python || command -v python3)}
 BUILD_DIR=build/gpu_check
 BUDGET=${GPU_CHECK_BUDGET_S:-420}
-# Kernel benchmarks that settle issue targets in seconds first; e2e (minutes: it builds an 8B model
-# four ways) takes what is left after them, then the diagnostic ones.
-BENCH_ORDER="prefill_cpp decode_cpp attention fp8_kv spec_verify int4 fp8 e2e gemv layers stream_cpp"
+# Kernel benchmarks that settle issue targets in seconds first (stream_cpp among them: its GEMV chain
+# rows decide FASTINFER_GEMV_PREFETCH_MB, issue 9); e2e (minutes: it builds an 8B model four ways) takes
+# what is left after them, then the diagnostic ones.
+BENCH_ORDER="prefill_cpp decode_cpp stream_cpp attention fp8_kv spec_verify int4 fp8 e2e gemv layers"
 TEST_ORDER="tests/test_ops.py tests/test_e2e_cuda.py tests/test_forward_kernels_cuda.py tests/test_sampling.py
   tests/test_generate.py tests/test_decode_graphs.py tests/test_spec_verify.py tests/test_gemv.py tests/test_gemv_fused_norm.py tests/test_int4.py tests/test_fp8.py tests/test_fp8_kv.py
   tests/test_attention_prefill_cuda.py tests/test_attention_decode_cuda.py tests/test_attention_fp8_cuda.py"
