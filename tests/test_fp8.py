@@ -562,6 +562,33 @@ def test_silu_and_mul_quant_fp8_is_the_composition(device, gen, dtype, num_token
         assert scales[2] == ref.FP8_MIN_SCALE
 
 
+def test_fused_fp8_producers_reject_shared_outputs():
+    """scales or out in the memory of an input would be written while other CTAs read it."""
+    x = torch.randn(64, 64)
+    w = torch.ones(64)
+    with pytest.raises(ValueError, match="scales must not share memory"):
+        ops.rms_norm_quant_fp8(x, w, 1e-5, scales=w)
+    with pytest.raises(ValueError, match="scales must not share memory"):
+        inp = torch.randn(64, 128)
+        ops.silu_and_mul_quant_fp8(inp, scales=inp[0, :64])
+    buf = torch.randn(2, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="out must not share memory"):
+        ops.rms_norm_quant_fp8(buf, torch.ones(64, dtype=torch.bfloat16), 1e-5, out=buf.view(ref.FP8).view(-1)[:128].view(2, 64))
+
+
+@pytest.mark.parametrize("op", ["norm", "add+norm", "silu"])
+def test_fused_fp8_producers_with_no_rows(device, op):
+    x = torch.empty(0, 64, dtype=torch.bfloat16, device=device)
+    if op == "silu":
+        q, scales = ops.silu_and_mul_quant_fp8(x)
+        assert q.shape == (0, 32)
+    else:
+        q, scales = ops.rms_norm_quant_fp8(x, torch.ones(64, dtype=torch.bfloat16, device=device), 1e-5,
+                                           residual=x.clone() if op == "add+norm" else None)
+        assert q.shape == (0, 64)
+    assert scales.shape == (0,)
+
+
 def test_fused_fp8_producers_propagate_nan(device):
     x = torch.ones(3, 64, dtype=torch.bfloat16, device=device)
     x[1, 5] = float("nan")

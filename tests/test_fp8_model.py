@@ -262,6 +262,9 @@ def test_smollm2_perplexity_with_fp8_kv_cache_within_1_percent():
     assert abs(fp8 - plain) / plain < 0.01, (fp8, plain)
 
 
+CUDA_DIMS = dict(head_dim=64, hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=512)
+
+
 def fused_quant_logits_and_calls(loaded, monkeypatch, setting: str, ids=PROMPT) -> tuple[torch.Tensor, list[str]]:
     """All-row logits of one prefill with FASTINFER_FP8_FUSED_QUANT=setting, and the FP8 producer ops it called."""
     from fastinfer import _ops_fp8, ops
@@ -272,8 +275,12 @@ def fused_quant_logits_and_calls(loaded, monkeypatch, setting: str, ids=PROMPT) 
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     monkeypatch.setenv("FASTINFER_FP8_FUSED_QUANT", setting)
-    try:
-        return fastinfer_logits(loaded, ids), calls
+    try:  # a prefill (every row's logits), then a decode step on its cache
+        runner = ModelRunner(loaded.model, num_blocks=4, block_size=16)
+        table = [3, 0, 2, 1][:-(-(len(ids) + 1) // 16)]
+        prefill = runner.run([SeqChunk(ids, 0, table, all_logits=True)])
+        decode = runner.run([SeqChunk([7], len(ids), table)])
+        return torch.cat([prefill, decode]), calls
     finally:
         monkeypatch.undo()
 
@@ -282,9 +289,11 @@ def fused_quant_logits_and_calls(loaded, monkeypatch, setting: str, ids=PROMPT) 
 def test_fused_fp8_quantization_in_the_layers_is_bit_exact(tmp_path, hf_pair, monkeypatch, device):
     """FASTINFER_FP8_FUSED_QUANT (default 1): an FP8 layer's norms and SwiGLU emit the GEMMs' FP8
     inputs (rms_norm_quant_fp8 x 2, silu_and_mul_quant_fp8), leaving fp8_quantize_per_token only for the
-    attention output (o_proj): 4 ops a layer become 4 with 3 of them fused into the kernels before, and
-    the logits are the unfused path's bit for bit."""
+    attention output (o_proj), and the logits of a prefill and a decode step are the unfused path's
+    bit for bit."""
     model, _ = hf_pair
+    if device == "cuda":  # the CUDA attention kernels take head_dim 64 / 128
+        model = make_hf_model(model.config.model_type, seed=2, **CUDA_DIMS)
     write_checkpoint(tmp_path, model)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     loaded = fastinfer.load_model(tmp_path, dtype=dtype, device=device, quantization="fp8")
@@ -292,6 +301,28 @@ def test_fused_fp8_quantization_in_the_layers_is_bit_exact(tmp_path, hf_pair, mo
     fused, fused_calls = fused_quant_logits_and_calls(loaded, monkeypatch, "1")
     plain, plain_calls = fused_quant_logits_and_calls(loaded, monkeypatch, "0")
     assert torch.equal(fused, plain)
-    assert plain_calls == ["fp8_quantize_per_token"] * 4 * layers
-    assert sorted(fused_calls) == sorted(["rms_norm_quant_fp8"] * 2 * layers + ["silu_and_mul_quant_fp8"] * layers
-                                         + ["fp8_quantize_per_token"] * layers)
+    steps = 2  # the prefill and the decode step
+    assert plain_calls == ["fp8_quantize_per_token"] * 4 * layers * steps
+    assert sorted(fused_calls) == sorted((["rms_norm_quant_fp8"] * 2 + ["silu_and_mul_quant_fp8"]
+                                          + ["fp8_quantize_per_token"]) * layers * steps)
+
+
+@pytest.mark.cuda
+@pytest.mark.sm90
+@pytest.mark.parametrize("variant", ["llama", "qwen2"])
+def test_graphed_fp8_decoding_with_fused_quantization_is_the_same(tmp_path, monkeypatch, variant):
+    """CUDA graphs captured with FASTINFER_FP8_FUSED_QUANT=1 (the fused producer kernels inside the
+    graph) give the same greedy tokens as graphs captured with the two ops."""
+    model = make_hf_model(variant, seed=4, **CUDA_DIMS)
+    write_checkpoint(tmp_path, model)
+    params = fastinfer.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = [PROMPT, PROMPT[:5], PROMPT[3:]]
+    got = {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv("FASTINFER_FP8_FUSED_QUANT", setting)
+        llm = fastinfer.LLM(str(tmp_path), dtype=torch.bfloat16, device="cuda", quantization="fp8",
+                            kv_cache_memory_bytes=64 << 20)
+        got[setting] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert llm.engine.runner.graphs.num_steps > 5
+        del llm
+    assert got["1"] == got["0"]

@@ -30,6 +30,8 @@ void rms_norm_impl(at::Tensor& out, const at::Tensor& input, at::Tensor* residua
 // rms_norm_quant_fp8 / silu_and_mul_quant_fp8's FP8 outputs: e4m3 rows of `cols`, fp32 scales [rows].
 void check_fp8_out(const char* op, const at::Tensor& out, const at::Tensor& scales, const at::Tensor& input,
                    int64_t cols) {
+  TORCH_CHECK(input.dim() == 2 && input.stride(1) == 1, op, ": input must be 2-D with contiguous rows");
+  TORCH_CHECK(cols > 0, op, ": rows must have at least one element");
   TORCH_CHECK(out.scalar_type() == at::kFloat8_e4m3fn && out.dim() == 2 && out.size(0) == input.size(0) &&
                   out.size(1) == cols && out.stride(1) == 1 && out.device() == input.device(),
               op, ": out must be float8_e4m3fn [", input.size(0), ", ", cols, "] with contiguous rows on ",
@@ -37,12 +39,12 @@ void check_fp8_out(const char* op, const at::Tensor& out, const at::Tensor& scal
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 1 && scales.size(0) == input.size(0) &&
                   scales.is_contiguous() && scales.device() == input.device(),
               op, ": scales must be a contiguous float32 [", input.size(0), "] on ", input.device());
-  TORCH_CHECK(input.dim() == 2 && input.stride(1) == 1, op, ": input rows must be contiguous");
 }
 
 void rms_norm_quant_fp8(at::Tensor& out, at::Tensor& scales, const at::Tensor& input,
                         const std::optional<at::Tensor>& residual, const at::Tensor& weight, double eps) {
   const char* op = "rms_norm_quant_fp8";
+  TORCH_CHECK(input.dim() == 2, op, ": input must be [num_tokens, hidden]");
   check_fp8_out(op, out, scales, input, input.size(1));
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == input.size(1) && weight.is_contiguous() &&
                   weight.scalar_type() == input.scalar_type() && weight.device() == input.device(),
@@ -71,7 +73,7 @@ void rms_norm_quant_fp8(at::Tensor& out, at::Tensor& scales, const at::Tensor& i
 
 void silu_and_mul_quant_fp8(at::Tensor& out, at::Tensor& scales, const at::Tensor& input) {
   const char* op = "silu_and_mul_quant_fp8";
-  TORCH_CHECK(input.dim() == 2 && input.size(1) % 2 == 0, op, ": input must be [rows, 2 d]");
+  TORCH_CHECK(input.dim() == 2 && input.size(1) % 2 == 0 && input.size(1) > 0, op, ": input must be [rows, 2 d], d >= 1");
   check_fp8_out(op, out, scales, input, input.size(1) / 2);
   const c10::cuda::CUDAGuard guard(input.device());
   SiluMulParams p{};

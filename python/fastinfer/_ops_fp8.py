@@ -77,8 +77,10 @@ def rms_norm_quant_fp8(input: torch.Tensor, weight: torch.Tensor, eps: float, re
         if _shares_memory(residual, input, weight):
             _fail(op, "residual must not share memory with input or weight")
     out, scales = _fp8_outputs(op, input, input.shape[1], out, scales)
-    if _shares_memory(scales, input, residual):
-        _fail(op, "scales must not share memory with input or residual")
+    if _shares_memory(scales, input, residual, weight, out):
+        _fail(op, "scales must not share memory with input, residual, weight or out")
+    if _shares_memory(out, input, residual, weight):
+        _fail(op, "out must not share memory with input, residual or weight")
     _ops.rms_norm_quant_fp8(out, scales, input, residual, weight, float(eps))
     return out, scales
 
@@ -92,8 +94,10 @@ def silu_and_mul_quant_fp8(input: torch.Tensor, out: torch.Tensor | None = None,
     if input.shape[1] % 2 or input.shape[1] == 0:
         _fail(op, f"input's last dimension must be even and positive ([gate | up]), got {input.shape[1]}")
     out, scales = _fp8_outputs(op, input, input.shape[1] // 2, out, scales)
-    if _shares_memory(scales, input):
-        _fail(op, "scales must not share memory with input")
+    if _shares_memory(scales, input, out):
+        _fail(op, "scales must not share memory with input or out")
+    if _shares_memory(out, input):
+        _fail(op, "out must not share memory with input")
     _ops.silu_and_mul_quant_fp8(out, scales, input)
     return out, scales
 

@@ -8,13 +8,14 @@
 // warp reads contiguous 128-byte segments. The second pass re-reads the row from L1/L2.
 // Roofline (decode, hidden 4096, bf16): 8 KiB read + 8 KiB written per token, pure bandwidth.
 //
-// FP8 output (kQuant: rms_norm_quant_fp8, p.fp8_out). An FP8 layer quantizes the normalized rows per
-// token before its q/k/v and gate / up GEMMs: a second kernel per norm that re-reads the rows. With
-// kQuant the same CTA finishes the job: the normalized values (rounded to T, exactly what would be
-// stored) give the row's amax (a second block reduction), then each is computed again and quantized
-// with gemm/fp8_quant_math.cuh's formula, so the bytes and scales equal fp8_quantize_per_token of the
-// unfused kernel's output bit for bit. The values are recomputed rather than kept (any hidden size;
-// the row is in L1 / L2). One launch less per norm, and no [T, hidden] 16-bit row written and read back.
+// FP8 output (rms_norm_quant_kernel: rms_norm_quant_fp8, p.fp8_out). An FP8 layer quantizes the
+// normalized rows per token before its q/k/v and gate / up GEMMs: a second kernel per norm that
+// re-reads the rows. Here the same CTA finishes the job: the normalized values (rounded to T, exactly
+// what would be stored) give the row's amax (a second block reduction) and are quantized with
+// gemm/fp8_quant_math.cuh's formula, so the bytes and scales equal fp8_quantize_per_token of the
+// unfused kernel's output bit for bit. Rows of up to kCache x 1024 elements stay in registers (every
+// load issued first); longer ones recompute the values from L1 / L2. One launch less per norm, and no
+// [T, hidden] 16-bit row written and read back.
 #pragma once
 #include "fastinfer/common.cuh"
 #include "fastinfer/dispatch.cuh"
@@ -32,7 +33,7 @@ __device__ __forceinline__ T normalized(T x, float inv_rms, T w) {
   return from_float<T>(to_float(x) * inv_rms * to_float(w));
 }
 
-template <typename T, bool kFusedAdd, bool kQuant = false>
+template <typename T, bool kFusedAdd>
 __global__ void rms_norm_kernel(RMSNormParams p) {
   pdl_wait();  // common.cuh: PDL (FASTINFER_PDL=1)
   pdl_launch_dependents();
@@ -54,21 +55,85 @@ __global__ void rms_norm_kernel(RMSNormParams p) {
   }
   const float inv_rms = rsqrtf(block_reduce_sum(sum_sq) / p.hidden + p.eps);
   const T* src = kFusedAdd ? res : in;
-  if constexpr (kQuant) {
-    // Each thread reads back only what it wrote in the loop above (same i), so no barrier is needed.
+  for (int i = threadIdx.x; i < p.hidden; i += blockDim.x) out[i] = normalized(src[i], inv_rms, w[i]);
+}
+
+// Values a thread of the FP8 kernel keeps in registers between its passes: rows of up to kCache x
+// 1024 elements (Llama hidden sizes up to 8192); longer rows recompute them from L1 / L2 instead. A
+// 1024-thread CTA has 64 registers a thread (__launch_bounds__ below).
+constexpr int kCache = 8;
+
+// rms_norm_kernel's arithmetic (the same threads, the same sum of squares in the same order, the same
+// rounded values), then the row's amax, scale and e4m3 values (p.fp8_out; gemm/fp8_quant_math.cuh).
+template <typename T, bool kFusedAdd>
+__global__ void __launch_bounds__(kMaxThreads, 1) rms_norm_quant_kernel(RMSNormParams p) {
+  pdl_wait();
+  pdl_launch_dependents();
+  const int64_t row = blockIdx.x;
+  const T* in = static_cast<const T*>(p.input) + row * p.input_stride;
+  T* res = kFusedAdd ? static_cast<T*>(p.residual) + row * p.residual_stride : nullptr;
+  const T* w = static_cast<const T*>(p.weight);
+  auto* q = static_cast<__nv_fp8_storage_t*>(p.fp8_out) + row * p.fp8_out_stride;
+  const int n = p.hidden, step = static_cast<int>(blockDim.x);
+
+  if (n <= kCache * step) {  // uniform over the CTA
+    // Every load first (clamped to element 0 past the row, then ignored), then the arithmetic.
+    T xs[kCache], rs[kCache], ws[kCache];
+#pragma unroll
+    for (int j = 0; j < kCache; ++j) {
+      const int i = threadIdx.x + j * step;
+      const int at = i < n ? i : 0;
+      xs[j] = in[at];
+      if constexpr (kFusedAdd) rs[j] = res[at];
+      ws[j] = w[at];
+    }
+    float v[kCache];
+    float sum_sq = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kCache; ++j) {
+      const int i = threadIdx.x + j * step;
+      float x = to_float(xs[j]);
+      if constexpr (kFusedAdd) {
+        const T r = from_float<T>(x + to_float(rs[j]));
+        if (i < n) res[i] = r;
+        x = to_float(r);
+      }
+      v[j] = x;
+      if (i < n) sum_sq += x * x;
+    }
+    const float inv_rms = rsqrtf(block_reduce_sum(sum_sq) / n + p.eps);
     float amax = 0.0f;
-    for (int i = threadIdx.x; i < p.hidden; i += blockDim.x) {
-      amax = fp8q::nan_max(amax, fabsf(to_float(normalized(src[i], inv_rms, w[i]))));
+#pragma unroll
+    for (int j = 0; j < kCache; ++j) {
+      v[j] = to_float(from_float<T>(v[j] * inv_rms * to_float(ws[j])));  // normalized(), on the cached values
+      if (threadIdx.x + j * step < n) amax = fp8q::nan_max(amax, fabsf(v[j]));
     }
     const float scale = fp8q::dynamic_scale(fp8q::block_reduce_max(amax));
     if (threadIdx.x == 0) p.fp8_scales[row] = scale;
-    auto* q = static_cast<__nv_fp8_storage_t*>(p.fp8_out) + row * p.fp8_out_stride;
-    for (int i = threadIdx.x; i < p.hidden; i += blockDim.x) {
-      q[i] = fp8q::quantize(to_float(normalized(src[i], inv_rms, w[i])), scale);
+#pragma unroll
+    for (int j = 0; j < kCache; ++j) {
+      const int i = threadIdx.x + j * step;
+      if (i < n) q[i] = fp8q::quantize(v[j], scale);
     }
-  } else {
-    for (int i = threadIdx.x; i < p.hidden; i += blockDim.x) out[i] = normalized(src[i], inv_rms, w[i]);
+    return;
   }
+  float sum_sq = 0.0f;
+  for (int i = threadIdx.x; i < n; i += step) {
+    float x = to_float(in[i]);
+    if constexpr (kFusedAdd) {
+      const T r = from_float<T>(x + to_float(res[i]));
+      res[i] = r;
+      x = to_float(r);
+    }
+    sum_sq += x * x;
+  }
+  const float inv_rms = rsqrtf(block_reduce_sum(sum_sq) / n + p.eps);
+  const T* src = kFusedAdd ? res : in;  // each thread reads back only what it wrote (same i)
+  float amax = 0.0f;
+  for (int i = threadIdx.x; i < n; i += step) amax = fp8q::nan_max(amax, fabsf(to_float(normalized(src[i], inv_rms, w[i]))));
+  const float scale = fp8q::dynamic_scale(fp8q::block_reduce_max(amax));
+  if (threadIdx.x == 0) p.fp8_scales[row] = scale;
+  for (int i = threadIdx.x; i < n; i += step) q[i] = fp8q::quantize(to_float(normalized(src[i], inv_rms, w[i])), scale);
 }
 
 }  // namespace rmsnorm
@@ -79,10 +144,10 @@ inline cudaError_t launch_rms_norm_impl(const RMSNormParams& p, cudaStream_t str
   threads = threads > rmsnorm::kMaxThreads ? rmsnorm::kMaxThreads : threads;
   return FI_DISPATCH_DTYPE(p.dtype, T, [&] {
     const bool quant = p.fp8_out != nullptr;
-    const auto kernel = p.residual != nullptr ? (quant ? rmsnorm::rms_norm_kernel<T, true, true>
-                                                       : rmsnorm::rms_norm_kernel<T, true, false>)
-                                              : (quant ? rmsnorm::rms_norm_kernel<T, false, true>
-                                                       : rmsnorm::rms_norm_kernel<T, false, false>);
+    const auto kernel = p.residual != nullptr ? (quant ? rmsnorm::rms_norm_quant_kernel<T, true>
+                                                       : rmsnorm::rms_norm_kernel<T, true>)
+                                              : (quant ? rmsnorm::rms_norm_quant_kernel<T, false>
+                                                       : rmsnorm::rms_norm_kernel<T, false>);
     return launch_kernel(kernel, dim3(static_cast<unsigned>(p.num_tokens)), dim3(threads), 0, stream, p);
   });
 }
