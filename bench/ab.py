@@ -73,7 +73,23 @@ PAIRS = [
 
 COLUMNS = [("what", "setting", ""), ("benchmark", "benchmark", ""), ("shapes", "shapes", "d"),
            ("worst", "worst", ".3f"), ("median", "median", ".3f"), ("best", "best", ".3f"), ("wins", "variant wins", ""),
-           ("worst_at", "worst at", "")]
+           ("worst_at", "worst at", ""), ("reading", "first reading", "")]
+
+# A first reading of a pair, for the session that decides (not a decision: a median within ~2% is
+# run-to-run noise, and a setting may be worth a per-shape rule where it wins only on some shapes).
+NOISE = 0.02
+
+
+def reading(what: str, worst: float, median: float) -> str:
+    if what.startswith("new default"):  # the variant is the default now, the baseline its earlier form
+        if median < 1 - NOISE:
+            return "revert"
+        return "keep" if worst >= 1 - 2 * NOISE else "keep; check its worst shape"
+    if median >= 1 + NOISE:  # a candidate switch
+        return "flip on" if worst >= 1 - NOISE else "flip on where it wins (per-shape rule)"
+    if median <= 1.0:
+        return "leave off" if worst < 1 + NOISE else "leave off (noise)"
+    return "noise: leave off" if worst < 1 + NOISE else "flip on (small gain everywhere)"
 
 
 def _num(x) -> float | None:
@@ -102,7 +118,8 @@ def compare(benchmarks: dict) -> list[dict]:
             row.update(worst=worst[0], median=statistics.median(speeds), best=max(speeds),
                        wins=f"{sum(s > 1.0 for s in speeds)} of {len(speeds)}",
                        worst_at=", ".join(f"{k} {v}" for k, v in zip(keys, worst[1])))
+            row["reading"] = reading(what, row["worst"], row["median"])
         else:
-            row.update(wins="not measured")
+            row.update(wins="not measured", reading="-")
         out.append(row)
     return out

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 import targets  # noqa: E402
@@ -125,6 +127,23 @@ def test_settings_ab_pairs_each_shape_and_says_who_won():
     assert preload["wins"] == "1 of 1" and abs(preload["best"] - 1.05) < 1e-9
     assert rows["switch FASTINFER_FP8_PROMOTE=overlap"]["wins"] == "not measured"
     assert len(rows) == len(ab.PAIRS)  # one distinct line per pair
+    assert waves["reading"] == "keep"  # a default: median 1.33, worst 0.98
+    assert preload["reading"] == "flip on"
+    assert rows["switch FASTINFER_FP8_PROMOTE=overlap"]["reading"] == "-"
+
+
+@pytest.mark.parametrize("what, worst, median, want", [
+    ("new default: x", 0.90, 0.95, "revert"),
+    ("new default: x", 0.99, 1.00, "keep"),
+    ("new default: x", 0.90, 1.10, "keep; check its worst shape"),
+    ("switch X=on", 0.99, 1.10, "flip on"),
+    ("switch X=on", 0.80, 1.10, "flip on where it wins (per-shape rule)"),
+    ("switch X=on", 0.90, 0.99, "leave off"),
+    ("switch X=on", 1.005, 1.01, "noise: leave off"),
+    ("switch X=on", 1.03, 1.01, "flip on (small gain everywhere)"),
+])
+def test_ab_first_reading(what, worst, median, want):
+    assert ab.reading(what, worst, median) == want
 
 
 def test_report_shows_the_settings_ab(tmp_path):
