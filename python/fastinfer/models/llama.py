@@ -16,7 +16,12 @@ the residual as they load it (ops.rms_norm_dense_gemv): 4 kernels per layer inst
 attention, the same roundings as the unfused ops (the sum of squares is added in another order).
 Over a 16-bit cache with rotary over whole heads, the q/k/v projection also rotates q and k and
 writes k and v to the cache in its epilogue (ops.dense_gemv_rope_cache): 3 kernels per layer around
-attention.
+attention. With FASTINFER_GEMV_PREFETCH_MB set, each of these GEMVs also asks L2 for the first bytes of
+the next one's weight as it finishes (gemv_prefetch_bytes; off until measured on a GPU).
+
+FP8 layers (LlamaLayer.forward_fp8): the two norms and the SwiGLU emit the per-token FP8 inputs of the
+GEMMs after them (ops.rms_norm_quant_fp8, ops.silu_and_mul_quant_fp8), the same bits as the 16-bit op
+followed by fp8_quantize_per_token; only o_proj quantizes its input (the attention output) itself.
 """
 from __future__ import annotations
 
