@@ -196,32 +196,44 @@ MULTICAST_CASES = [
     (1000, 1024, 640, "128x128", "overlap", True, False, "float16", True),
 ]
 
-MULTICAST_CHILD = r"""
+# One child script for the same-bits checks of FP8 GEMM settings: per case (m, n, k, per-row scales,
+# bias, out dtype, settings held fixed) the GEMM runs once per value of the setting under test, and the
+# child reports whether the outputs are equal and finite and what each launch ran (fp8_last_launch).
+FP8_AB_CHILD = r"""
 import json, os, sys
 import torch
 from fastinfer import _C, ops
-cases = json.loads(sys.argv[1])
-g = torch.Generator(device="cuda").manual_seed(7)
+spec = json.loads(sys.argv[1])
+g = torch.Generator(device="cuda").manual_seed(spec["seed"])
 results = []
-for m, n, k, tile, promote, rows, bias, dtype, _ in cases:
-    os.environ["FASTINFER_FP8_GEMM_TILE"] = tile
-    os.environ["FASTINFER_FP8_PROMOTE"] = promote
-    out_dtype = getattr(torch, dtype)
+for case in spec["cases"]:
+    os.environ.update(case["env"])
+    m, n, k = case["m"], case["n"], case["k"]
+    out_dtype = getattr(torch, case["dtype"])
     a = (torch.randn(m, k, generator=g, device="cuda") * 2).to(torch.float8_e4m3fn)
     b = (torch.randn(n, k, generator=g, device="cuda") * 2).to(torch.float8_e4m3fn)
-    sa = torch.rand(m if rows else 1, generator=g, device="cuda") + 0.5
-    sb = torch.rand(n if rows else 1, generator=g, device="cuda") + 0.5
-    bias_t = torch.randn(n, generator=g, device="cuda").to(out_dtype) if bias else None
+    sa = torch.rand(m if case["rows"] else 1, generator=g, device="cuda") + 0.5
+    sb = torch.rand(n if case["rows"] else 1, generator=g, device="cuda") + 0.5
+    bias = torch.randn(n, generator=g, device="cuda").to(out_dtype) if case["bias"] else None
     outs, launches = [], []
-    for flag in ("off", "on"):
-        os.environ["FASTINFER_FP8_MULTICAST"] = flag
-        outs.append(ops.fp8_scaled_mm(a, b, sa, sb, bias_t, out_dtype=out_dtype))
+    for value in spec["values"]:
+        os.environ[spec["variable"]] = value
+        outs.append(ops.fp8_scaled_mm(a, b, sa, sb, bias, out_dtype=out_dtype))
         torch.cuda.synchronize()
         launches.append(_C.fp8_last_launch())
     results.append({"equal": bool(torch.equal(outs[0], outs[1])), "finite": bool(torch.isfinite(outs[0]).all()),
-                    "off": launches[0], "on": launches[1]})
+                    "launches": launches})
 print("RESULTS " + json.dumps(results))
 """
+
+
+def run_fp8_ab(variable: str, values: tuple[str, str], cases: list[dict], seed: int, what: str) -> list[dict]:
+    """FP8_AB_CHILD over cases (dicts: m, n, k, rows, bias, dtype, env); per case {"equal", "finite",
+    values[0]: launch, values[1]: launch}."""
+    results = run_child(FP8_AB_CHILD, {"seed": seed, "variable": variable, "values": list(values), "cases": cases},
+                        what)
+    return [{"equal": r["equal"], "finite": r["finite"], values[0]: r["launches"][0], values[1]: r["launches"][1]}
+            for r in results]
 
 
 @pytest.mark.cuda
@@ -230,7 +242,10 @@ def test_fp8_multicast_gives_the_same_bits():
     """FASTINFER_FP8_MULTICAST=on: 2-CTA clusters share each weight tile by TMA multicast; every stage's
     shared memory holds what a plain CTA's would, so the outputs are equal bit for bit, and the launch
     record says multicast ran exactly where it applies (an even number of 128-row tiles)."""
-    results = run_child(MULTICAST_CHILD, MULTICAST_CASES, "the multicast FP8 GEMM")
+    cases = [dict(m=m, n=n, k=k, rows=rows, bias=bias, dtype=dtype,
+                  env={"FASTINFER_FP8_GEMM_TILE": tile, "FASTINFER_FP8_PROMOTE": promote})
+             for m, n, k, tile, promote, rows, bias, dtype, _ in MULTICAST_CASES]
+    results = run_fp8_ab("FASTINFER_FP8_MULTICAST", ("off", "on"), cases, 7, "the multicast FP8 GEMM")
     for case, r in zip(MULTICAST_CASES, results):
         m, n, k, tile, promote, rows, bias, dtype, expect = case
         assert r["finite"] and r["equal"], (case, r)
@@ -474,38 +489,16 @@ PINGPONG_CASES = [
     (2048, 2048, 2176, "128x128", False, "auto", "on"),
 ]
 
-PINGPONG_CHILD = r"""
-import json, os, sys
-import torch
-from fastinfer import _C, ops
-g = torch.Generator(device="cuda").manual_seed(11)
-results = []
-for m, n, k, tile, rows, split, multicast in json.loads(sys.argv[1]):
-    os.environ.update({"FASTINFER_FP8_GEMM_TILE": tile, "FASTINFER_FP8_SPLIT_K": split,
-                       "FASTINFER_FP8_MULTICAST": multicast})
-    a = (torch.randn(m, k, generator=g, device="cuda") * 2).to(torch.float8_e4m3fn)
-    b = (torch.randn(n, k, generator=g, device="cuda") * 2).to(torch.float8_e4m3fn)
-    sa = torch.rand(m if rows else 1, generator=g, device="cuda") + 0.5
-    sb = torch.rand(n if rows else 1, generator=g, device="cuda") + 0.5
-    bias = torch.randn(n, generator=g, device="cuda").to(torch.bfloat16)
-    outs, launches = [], []
-    for promote in ("serial", "pingpong"):
-        os.environ["FASTINFER_FP8_PROMOTE"] = promote
-        outs.append(ops.fp8_scaled_mm(a, b, sa, sb, bias, out_dtype=torch.bfloat16))
-        torch.cuda.synchronize()
-        launches.append(_C.fp8_last_launch())
-    results.append({"equal": bool(torch.equal(outs[0], outs[1])), "finite": bool(torch.isfinite(outs[0]).all()),
-                    "serial": launches[0], "pingpong": launches[1]})
-print("RESULTS " + json.dumps(results))
-"""
-
-
 @pytest.mark.cuda
 @pytest.mark.sm90
 def test_fp8_pingpong_gives_the_same_bits():
     """FASTINFER_FP8_PROMOTE=pingpong only orders the two consumer warpgroups' wgmma issues: the same sums
     in the same order per warpgroup, so the outputs equal the serial loop's bit for bit."""
-    results = run_child(PINGPONG_CHILD, PINGPONG_CASES, "the ping-pong FP8 GEMM")
+    cases = [dict(m=m, n=n, k=k, rows=rows, bias=True, dtype="bfloat16",
+                  env={"FASTINFER_FP8_GEMM_TILE": tile, "FASTINFER_FP8_SPLIT_K": split,
+                       "FASTINFER_FP8_MULTICAST": multicast})
+             for m, n, k, tile, rows, split, multicast in PINGPONG_CASES]
+    results = run_fp8_ab("FASTINFER_FP8_PROMOTE", ("serial", "pingpong"), cases, 11, "the ping-pong FP8 GEMM")
     bad = [(case, r) for case, r in zip(PINGPONG_CASES, results) if not (r["equal"] and r["finite"])]
     assert not bad, bad
     for case, r in zip(PINGPONG_CASES, results):  # what ran: the order asked for, the split and multicast as set
