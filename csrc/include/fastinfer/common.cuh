@@ -125,21 +125,32 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 // that FASTINFER_PDL=1 is in effect, not only that results agree).
 inline std::atomic<long long> pdl_launches{0};
 
+// compute(kernel), once per kernel and process, behind a lock: a fact of a loaded kernel (its PTX
+// version, its occupancy). Each call site (its Compute type) keeps its own cache; a process is assumed to
+// drive one GPU model.
+template <typename Value, typename Kernel, typename Compute>
+Value cached_per_kernel(Kernel kernel, Compute compute) {
+  static std::mutex mutex;
+  static std::unordered_map<const void*, Value> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto it = cache.find(reinterpret_cast<const void*>(kernel));
+  if (it != cache.end()) return it->second;
+  const Value value = compute(kernel);
+  cache.emplace(reinterpret_cast<const void*>(kernel), value);
+  return value;
+}
+
 // Whether `kernel`, as loaded on the current device, executes griddepcontrol: its PTX must target
 // sm_90 or newer. A kernel JIT-compiled from compute_80 PTX (a "80;90a" build on a GPU the sm_90a code
 // does not run on) has pdl_wait compiled out, so it must never get the attribute. Cached per kernel.
 template <typename Kernel>
 bool pdl_capable(Kernel* kernel) {
-  static std::mutex mutex;
-  static std::unordered_map<const void*, bool> capable;
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto it = capable.find(reinterpret_cast<const void*>(kernel));
-  if (it != capable.end()) return it->second;
-  cudaFuncAttributes attributes{};
-  const bool ok = cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess && attributes.ptxVersion >= 90;
-  if (!ok) (void)cudaGetLastError();  // a failed query is not the launch's error
-  capable.emplace(reinterpret_cast<const void*>(kernel), ok);
-  return ok;
+  return cached_per_kernel<bool>(kernel, [](Kernel* k) {
+    cudaFuncAttributes attributes{};
+    const bool ok = cudaFuncGetAttributes(&attributes, k) == cudaSuccess && attributes.ptxVersion >= 90;
+    if (!ok) (void)cudaGetLastError();  // a failed query is not the launch's error
+    return ok;
+  });
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when pdl_requested() and the

@@ -150,13 +150,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <mutex>
 #include <type_traits>
-#include <unordered_map>
 
 #include "fastinfer/common.cuh"
 #include "fastinfer/gemm/gemv.h"
@@ -531,18 +528,14 @@ static_assert(kTileN == kGemvSqSumGroup, "the residual epilogue writes one sum o
 // 2 by __launch_bounds__; the query says what ptxas's registers allow). 2 if the query fails.
 template <typename Kernel>
 int blocks_per_sm(Kernel kernel) {
-  static std::mutex mutex;
-  static std::unordered_map<const void*, int> cache;
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto it = cache.find(reinterpret_cast<const void*>(kernel));
-  if (it != cache.end()) return it->second;
-  int blocks = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0) != cudaSuccess || blocks <= 0) {
-    (void)cudaGetLastError();  // a failed query is not the launch's error
-    blocks = 2;
-  }
-  cache.emplace(reinterpret_cast<const void*>(kernel), blocks);
-  return blocks;
+  return cached_per_kernel<int>(kernel, [](Kernel k) {
+    int blocks = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, k, kThreads, 0) != cudaSuccess || blocks <= 0) {
+      (void)cudaGetLastError();  // a failed query is not the launch's error
+      blocks = 2;
+    }
+    return blocks;
+  });
 }
 
 // The prefetch plan of a launch of `tiles` CTAs of `kernel` (p.prefetch set): gemv_prefetch.h's rule
