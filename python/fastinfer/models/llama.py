@@ -26,7 +26,6 @@ followed by fp8_quantize_per_token; only o_proj quantizes its input (the attenti
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Iterable
 
 import torch
@@ -35,11 +34,10 @@ from .. import _ops as ops
 from .._checks import FP8
 from ..config import ModelConfig
 from ..metadata import AttnMetadata
-from ..quant import fp8
-from ..quant.int4 import QuantizedWeight
-from ..quant.linear import Int4Rows, QuantConfig
+from ..quant.linear import QuantConfig
 from . import linear as _linear
-from .linear import Linear, LinearRows, dense_linear, gate_up_silu_mul, linear_kind, make_linear
+from . import llama_weights
+from .linear import Linear, dense_linear, gate_up_silu_mul, linear_kind, make_linear
 from .rope import cos_sin_cache
 
 
@@ -264,129 +262,10 @@ class LlamaForCausalLM:
                     for k in (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.intermediate_size))
                 and self.lm_head.dtype == self.dtype and all(layer.fusable_norms for layer in self.layers))
 
-    # ---- weights ---------------------------------------------------------------------------------
-
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors into the fused parameters; every parameter must be filled exactly.
-        FP8 layers take float weights (quantized here) or FP8 ones with their scales (quant/fp8.py);
-        4-bit layers take float weights (round-to-nearest) or a QuantizedWeight (packed as copied);
-        a dense or FP8 layer takes a QuantizedWeight dequantized. The LM head is never quantized: an
-        FP8 or 4-bit one is dequantized, and a tied model's (tie_word_embeddings) is the embedding
-        unless the checkpoint stores a different one (_load_tied_head)."""
-        targets, kv_scales = self._weight_targets(), self._kv_scale_targets()
-        fp8_parts = fp8.Fp8Parts(self.config.fp8_weight_block_size)
-        filled: set[str] = set()
-        tied = self.config.tie_word_embeddings
-        tied_head: dict[str, object] = {}  # a tied model's lm_head.* tensors, if the checkpoint stores any
-        for name, tensor in weights:
-            module, _, leaf = name.rpartition(".")
-            dest = targets.get(name, targets.get(module + ".weight"))
-            is_dense_tensor = isinstance(tensor, torch.Tensor)
-            fp8_layer = isinstance(dest, LinearRows) and dest.is_fp8
-            if name in kv_scales:
-                if tensor.numel() != 1:
-                    raise ValueError(f"{name} has shape {tuple(tensor.shape)}: one k / v scale per layer is "
-                                     f"supported (kv_cache_scheme strategy 'tensor'), not per head")
-                kv_scales[name].copy_(tensor.reshape(1))
-            elif tied and module == "lm_head":  # resolved once the embedding is in (any order, any shard)
-                if leaf in ("weight",) + fp8.AUX_NAMES:
-                    tied_head[leaf] = tensor
-                elif not (leaf == "bias" and self.quant is not None and is_dense_tensor and not bool(tensor.any())):
-                    raise ValueError(f"unexpected weight {name!r} for {self.config.architecture} (its lm_head "
-                                     f"has no {leaf}; config.json has tie_word_embeddings=True)")
-            elif (fp8_layer or isinstance(dest, torch.Tensor)) and is_dense_tensor \
-                    and (leaf in fp8.AUX_NAMES or tensor.dtype == FP8):
-                # an FP8 projection's parts, or an FP8 lm_head (kept dense: dequantized)
-                if fp8_parts.add(module, leaf, tensor, dest):
-                    filled.add(module + ".weight")
-            elif isinstance(dest, (LinearRows, Int4Rows)) and leaf in fp8.AUX_NAMES:
-                raise ValueError(f"{name!r} belongs to an FP8 checkpoint but its layer is not FP8 (config.json has "
-                                 f"no FP8 quantization_config: load with quantization='fp8')")
-            elif name in targets:
-                _copy_weight(name, tensor, dest)
-                filled.add(name)
-            elif (leaf == "bias" and self.quant is not None and module + ".weight" in targets and is_dense_tensor
-                  and not bool(tensor.any())):
-                pass  # the all-zero bias buffers AutoGPTQ saved for bias-free layers (vLLM skips them too)
-            elif not name.endswith("rotary_emb.inv_freq"):
-                raise ValueError(f"unexpected weight {name!r} for {self.config.architecture}")
-        if tied_head:
-            self._load_tied_head(tied_head, filled)
-        fp8_parts.check_complete()
-        missing = sorted(set(targets) - filled)
-        if missing:
-            raise ValueError(f"checkpoint is missing {len(missing)} weight(s), e.g. {missing[:3]}")
-
-    def _load_tied_head(self, parts: dict[str, object], filled: set[str]) -> None:
-        """The lm_head.* tensors a tied checkpoint (tie_word_embeddings=True) stores, as transformers 5
-        loads them: the head's values are the stored weight, dequantized when FP8 (weight_scale or
-        weight_scale_inv; input_scale is ignored) or 4-bit (a QuantizedWeight), in the model dtype.
-        Without model.embed_tokens.weight they are the shared matrix; equal to the embedding, the
-        two stay one tensor; different, the head is untied and holds them (with a warning)."""
-        name = "lm_head.weight"
-        weight = parts.get("weight")
-        scales = {k: v for k, v in parts.items() if k in fp8.SCALE_NAMES}
-        if weight is None:
-            if scales:
-                raise ValueError(f"lm_head has a weight scale ({', '.join('lm_head.' + k for k in scales)}) but no "
-                                 f"{name} (config.json has tie_word_embeddings=True)")
-            return  # an input_scale alone: nothing the model uses
-        if tuple(weight.shape) != tuple(self.embed.shape):
-            raise ValueError(f"weight {name!r} has shape {tuple(weight.shape)}, expected {tuple(self.embed.shape)} "
-                             f"(the embedding's: config.json has tie_word_embeddings=True)")
-        if isinstance(weight, QuantizedWeight):
-            head, stored = weight.dequantize(torch.float32), "4-bit, dequantized"
-        elif scales or weight.dtype == FP8:
-            if not scales:
-                raise ValueError(f"FP8 weight {name} came without its scale (weight_scale or weight_scale_inv)")
-            head = fp8.dequantize(name, weight, scales, self.config.fp8_weight_block_size)
-            stored = "FP8, dequantized"
-        else:
-            head, stored = weight, "dense"
-        if "model.embed_tokens.weight" not in filled:  # the shared matrix stored under lm_head only
-            _copy_weight(name, head, self.embed)
-            filled.add("model.embed_tokens.weight")
-        elif not torch.equal(head.to(self.embed.device, self.embed.dtype), self.embed):
-            warnings.warn(f"config.json has tie_word_embeddings=True but the checkpoint's {name} ({stored}) differs "
-                          f"from model.embed_tokens.weight: the LM head is that stored {name}, untied from the "
-                          f"embedding (as transformers loads it)", stacklevel=3)
-            self.lm_head = torch.empty_like(self.embed)
-            _copy_weight(name, head, self.lm_head)
-
-    def _weight_targets(self) -> dict[str, torch.Tensor | LinearRows | Int4Rows]:
-        """HF name -> the (view of the) fastinfer tensor, or the rows of a projection, it fills."""
-        t: dict[str, torch.Tensor | LinearRows | Int4Rows] = {"model.embed_tokens.weight": self.embed,
-                                                   "model.norm.weight": self.norm}
-        if not self.config.tie_word_embeddings:
-            t["lm_head.weight"] = self.lm_head
-        for i, layer in enumerate(self.layers):
-            p = f"model.layers.{i}."
-            q, kv = layer.q_size, layer.kv_size
-            ffn = layer.gate_up.out_features // 2
-            t[p + "input_layernorm.weight"] = layer.input_norm
-            t[p + "post_attention_layernorm.weight"] = layer.post_attn_norm
-            t[p + "self_attn.q_proj.weight"] = layer.qkv.rows(0, q)
-            t[p + "self_attn.k_proj.weight"] = layer.qkv.rows(q, q + kv)
-            t[p + "self_attn.v_proj.weight"] = layer.qkv.rows(q + kv)
-            if layer.qkv.bias is not None:
-                t[p + "self_attn.q_proj.bias"] = layer.qkv.bias[:q]
-                t[p + "self_attn.k_proj.bias"] = layer.qkv.bias[q:q + kv]
-                t[p + "self_attn.v_proj.bias"] = layer.qkv.bias[q + kv:]
-            t[p + "self_attn.o_proj.weight"] = layer.o_proj.rows()
-            if layer.o_proj.bias is not None:
-                t[p + "self_attn.o_proj.bias"] = layer.o_proj.bias
-            t[p + "mlp.gate_proj.weight"] = layer.gate_up.rows(0, ffn)
-            t[p + "mlp.up_proj.weight"] = layer.gate_up.rows(ffn)
-            t[p + "mlp.down_proj.weight"] = layer.down.rows()
-        return t
-
-    def _kv_scale_targets(self) -> dict[str, torch.Tensor]:
-        """Optional FP8 KV-cache scales a checkpoint may ship (compressed-tensors kv_cache_scheme)."""
-        t = {}
-        for i, layer in enumerate(self.layers):
-            t[f"model.layers.{i}.self_attn.k_scale"] = layer.kv_scale[0:1]
-            t[f"model.layers.{i}.self_attn.v_scale"] = layer.kv_scale[1:2]
-        return t
+        """Copy HF-named tensors into the fused parameters; every parameter must be filled exactly
+        (models/llama_weights.py)."""
+        llama_weights.load_weights(self, weights)
 
     def make_kv_caches(self, num_blocks: int, block_size: int, kv_cache_dtype: str | None = None) -> list[torch.Tensor]:
         """One [num_blocks, 2, block_size, num_kv_heads, head_dim] cache per layer.
@@ -398,28 +277,6 @@ class LlamaForCausalLM:
         shape = (num_blocks, 2, block_size, cfg.num_kv_heads, cfg.head_dim)
         dtype = kv_cache_storage_dtype(kv_cache_dtype, self.dtype, self.device)
         return [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.num_layers)]
-
-
-def _copy_weight(name: str, tensor: torch.Tensor | QuantizedWeight, dest: torch.Tensor | LinearRows | Int4Rows) -> None:
-    """A checkpoint tensor into its destination: into an FP8 layer's rows it is quantized, into a
-    4-bit layer's rows packed (a QuantizedWeight) or quantized (round-to-nearest); a QuantizedWeight
-    into a dense or FP8 layer is dequantized first."""
-    if tuple(tensor.shape) != tuple(dest.shape):
-        raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
-    if isinstance(tensor, torch.Tensor) and tensor.dtype == FP8:
-        raise ValueError(f"weight {name!r} is {FP8} but its layer is not FP8 (load the checkpoint with its "
-                         f"quantization_config or quantization='fp8')")
-    with torch.no_grad():
-        if isinstance(dest, Int4Rows):
-            dest.copy_(tensor)
-            return
-        target = dest.weight if isinstance(dest, LinearRows) else dest
-        if isinstance(tensor, QuantizedWeight):  # a 4-bit checkpoint into a dense or FP8 model
-            tensor = tensor.dequantize(target.dtype if target.dtype != FP8 else torch.float32)
-        if isinstance(dest, LinearRows) and dest.is_fp8:
-            fp8.quantize_rows(dest.weight, dest.weight_scale, tensor)
-        else:
-            target.copy_(tensor)
 
 
 KV_CACHE_DTYPES = ("auto", "fp8")
