@@ -9,22 +9,40 @@
 namespace fastinfer::torch_glue {
 namespace {
 
-void rms_norm_impl(at::Tensor& out, const at::Tensor& input, at::Tensor* residual, const at::Tensor& weight,
-                   double eps, const char* op) {
-  const c10::cuda::CUDAGuard guard(input.device());
+// The fields every RMSNorm launch shares; the caller sets the output (16-bit out, or the FP8 pair).
+RMSNormParams rms_norm_params(const at::Tensor& input, const at::Tensor* residual, const at::Tensor& weight,
+                              double eps, const char* op) {
   RMSNormParams p{};
-  p.out = out.data_ptr();
   p.input = input.data_ptr();
   p.residual = residual ? residual->data_ptr() : nullptr;
   p.weight = weight.data_ptr();
   p.num_tokens = input.size(0);
   p.hidden = static_cast<int>(input.size(1));
-  p.out_stride = out.stride(0);
   p.input_stride = input.stride(0);
   p.residual_stride = residual ? residual->stride(0) : 0;
   p.eps = static_cast<float>(eps);
   p.dtype = to_dtype(input, op);
+  return p;
+}
+
+void rms_norm_impl(at::Tensor& out, const at::Tensor& input, at::Tensor* residual, const at::Tensor& weight,
+                   double eps, const char* op) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  RMSNormParams p = rms_norm_params(input, residual, weight, eps, op);
+  p.out = out.data_ptr();
+  p.out_stride = out.stride(0);
   check_launch(launch_rms_norm(p, stream_of(input)), op);
+}
+
+// The fields every SiLU-and-mul launch shares (input [rows, 2 d]); the caller sets the output.
+SiluMulParams silu_mul_params(const at::Tensor& input, const char* op) {
+  SiluMulParams p{};
+  p.input = input.data_ptr();
+  p.num_tokens = input.size(0);
+  p.d = static_cast<int>(input.size(1) / 2);
+  p.input_stride = input.stride(0);
+  p.dtype = to_dtype(input, op);
+  return p;
 }
 
 // rms_norm_quant_fp8 / silu_and_mul_quant_fp8's FP8 outputs: e4m3 rows of `cols`, fp32 scales [rows].
@@ -55,16 +73,7 @@ void rms_norm_quant_fp8(at::Tensor& out, at::Tensor& scales, const at::Tensor& i
                 op, ": residual must be like input, rows contiguous");
   }
   const c10::cuda::CUDAGuard guard(input.device());
-  RMSNormParams p{};
-  p.input = input.data_ptr();
-  p.residual = residual.has_value() ? residual->data_ptr() : nullptr;
-  p.weight = weight.data_ptr();
-  p.num_tokens = input.size(0);
-  p.hidden = static_cast<int>(input.size(1));
-  p.input_stride = input.stride(0);
-  p.residual_stride = residual.has_value() ? residual->stride(0) : 0;
-  p.eps = static_cast<float>(eps);
-  p.dtype = to_dtype(input, op);
+  RMSNormParams p = rms_norm_params(input, residual.has_value() ? &*residual : nullptr, weight, eps, op);
   p.fp8_out = out.data_ptr();
   p.fp8_scales = scales.data_ptr<float>();
   p.fp8_out_stride = out.stride(0);
@@ -76,12 +85,7 @@ void silu_and_mul_quant_fp8(at::Tensor& out, at::Tensor& scales, const at::Tenso
   TORCH_CHECK(input.dim() == 2 && input.size(1) % 2 == 0 && input.size(1) > 0, op, ": input must be [rows, 2 d], d >= 1");
   check_fp8_out(op, out, scales, input, input.size(1) / 2);
   const c10::cuda::CUDAGuard guard(input.device());
-  SiluMulParams p{};
-  p.input = input.data_ptr();
-  p.num_tokens = input.size(0);
-  p.d = static_cast<int>(input.size(1) / 2);
-  p.input_stride = input.stride(0);
-  p.dtype = to_dtype(input, op);
+  SiluMulParams p = silu_mul_params(input, op);
   p.fp8_out = out.data_ptr();
   p.fp8_scales = scales.data_ptr<float>();
   p.fp8_out_stride = out.stride(0);
@@ -150,14 +154,10 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor
 
 void silu_and_mul(at::Tensor& out, const at::Tensor& input) {
   const c10::cuda::CUDAGuard guard(input.device());
-  SiluMulParams p{};
-  p.out = out.data_ptr();
-  p.input = input.data_ptr();
-  p.num_tokens = input.size(0);
+  SiluMulParams p = silu_mul_params(input, "silu_and_mul");
   p.d = static_cast<int>(out.size(1));
+  p.out = out.data_ptr();
   p.out_stride = out.stride(0);
-  p.input_stride = input.stride(0);
-  p.dtype = to_dtype(input, "silu_and_mul");
   check_launch(launch_silu_and_mul(p, stream_of(input)), "silu_and_mul");
 }
 
