@@ -17,7 +17,7 @@ and FASTINFER_DECODE_MERGE=kernel (a kernel per residual add + RMSNorm, per rota
 per split-KV merge instead of their fusion into the GEMVs and the attention kernel: what the fusions
 save). Order (a time limit keeps what came first): each format's graphed row, then the variants not
 yet measured (VARIANT_ROWS: bf16 with each GEMV prefetching the next one's weight into L2 (8 MB; 16 MB
-last), bf16 with the RMSNorm-prologue preload, int4 on the stream-K GEMV, int4 on the warpgroup-MMA
+last), fp8 decode steps on the fused GEMVs with e4m3 weights and 16-bit activations (W8A16), bf16 with the RMSNorm-prologue preload, int4 on the stream-K GEMV, int4 on the warpgroup-MMA
 kernel above 8 rows (auto_wgmma), fp8 on the decode GEMV, fp8 with a quantization kernel per GEMM again
 instead of the norms / SwiGLU emitting FP8), then bf16's PDL, unfused and eager rows,
 then the offline run. HF runs
@@ -37,7 +37,7 @@ fp8 (per-channel e4m3, the sm_90a GEMM); the eager baseline and the offline run 
 short mode (bench/gpu_check.sh): 4 batch sizes, 16 timed steps, HF eager at batches 1 and 32 only,
 no torch.compile peer, 200 offline requests. full mode: 64 steps, HF eager and compile at 1 and 32
 (--hf-batches), 1000 requests; minutes of compilation. --tiny: a 2-layer small model (CPU smoke test).
-Profile (GPU): for the plain, "unfused" and "+ PDL" bf16 engines and the plain int4 and fp8 ones, 4
+Profile (GPU): for the plain, "unfused" and "+ PDL" bf16 engines, the plain int4 and fp8 ones and fp8 W8A16, 4
 graphed batch-1 decode steps under torch.profiler: kernels per step, their summed time against the
 step's GPU span, the gaps between consecutive kernels, the top kernels.
 Writes the JSON fragment, and a PNG chart (tokens/s against batch, with the roofline) beside it.
@@ -71,9 +71,11 @@ TINY = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_l
 PINNED = {"FASTINFER_PDL": "0", "FASTINFER_FUSED_NORM": "1", "FASTINFER_FUSED_ROPE": "1", "FASTINFER_DECODE_MERGE": "auto",
           "FASTINFER_GEMV_NORM_PRELOAD": "off", "FASTINFER_INT4_KERNEL": "auto", "FASTINFER_FP8_GEMV": "off",
           "FASTINFER_FP8_MULTICAST": "off", "FASTINFER_FP8_PROMOTE": "serial", "FASTINFER_ATTN_KV_LOAD": "cp_async",
-          "FASTINFER_ARGMAX": "kernel", "FASTINFER_GEMV_PREFETCH_MB": "0", "FASTINFER_FP8_FUSED_QUANT": "1"}
+          "FASTINFER_ARGMAX": "kernel", "FASTINFER_GEMV_PREFETCH_MB": "0", "FASTINFER_FP8_FUSED_QUANT": "1",
+          "FASTINFER_FP8_DECODE": "w8a8"}
 # Kernel variants written but not yet measured (bench/PERF_NOTES.md), one row each after the plain rows.
 VARIANT_ROWS = [("bf16", " + L2 prefetch 8 MB", {"FASTINFER_GEMV_PREFETCH_MB": "8"}),
+                ("fp8", " W8A16 decode", {"FASTINFER_FP8_DECODE": "w8a16"}),
                 ("bf16", " + norm preload", {"FASTINFER_GEMV_NORM_PRELOAD": "on"}),
                 ("int4", " stream-K", {"FASTINFER_INT4_KERNEL": "small_streamk"}),
                 ("int4", " wgmma", {"FASTINFER_INT4_KERNEL": "auto_wgmma"}),
@@ -509,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
                 restore_env(saved_env)
                 return
             # bf16 plain, unfused and + PDL; int4 and fp8 plain (where their steps spend the time)
-            if (suffix in ("", " unfused", " + PDL", " + L2 prefetch 8 MB") if q == "bf16" else suffix == "") \
+            if (suffix in ("", " unfused", " + PDL", " + L2 prefetch 8 MB") if q == "bf16"
+                else suffix in ("", " W8A16 decode") if q == "fp8" else suffix == "") \
                     and device.type == "cuda":
                 try:  # what one graphed batch-1 step launches and spends its time on
                     profiles[impl] = profile_decode(llm, args.prompt_len)

@@ -19,6 +19,10 @@ at qkv, dense_gemv_rope_cache (norm prologue, rotary and the KV-cache write in t
 rms_norm_dense_gemv then rotary_embedding_and_cache (what the epilogue saves). "vs unfused" = the
 unfused ops' time / the fused kernel's; "max |diff| vs unfused" a sanity check of the fused output.
 "..., preload": the q/k/v and gate / up prologue kernels with FASTINFER_GEMV_NORM_PRELOAD=on.
+FP8 weights (M <= 16): "fastinfer dense_gemv W8A16" (the weight per-row e4m3, x bf16: what
+FASTINFER_FP8_DECODE=w8a16 runs) and "fastinfer fp8_linear (W8A8)" (x quantized per token, then the FP8
+GEMM: what an FP8 model's decode step runs by default), both counting N K weight bytes; their error
+column is against an fp32 product with the dequantized e4m3 weight.
 Timing and L2 flushing: see bench/common.py.
 """
 from __future__ import annotations
@@ -32,6 +36,8 @@ SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "dow
 TOKENS = (1, 2, 4, 8, 16, 32)
 DTYPE = torch.bfloat16
 CUBLAS, OURS = "torch.matmul (cuBLAS)", "fastinfer dense_gemv"
+W8A16, W8A8 = "fastinfer dense_gemv W8A16", "fastinfer fp8_linear (W8A8)"
+FP8_MAX_M = 16  # ops.GEMV_FP8_MAX_M
 EPS = 1e-5
 # shape -> [(fused impl, the unfused ops it stands for)] for steps of <= 16 tokens (ops.GEMV_NORM_MAX_M).
 # Each RMSNorm kernel is counted once: on the o / down side (the norm kernel that disappears); the q/k/v
@@ -104,23 +110,29 @@ def run_shape(ops, name: str, k: int, n: int, tokens, args, flush, copy_gbps: fl
     g = torch.Generator(device="cuda").manual_seed(k + n)
     weight = (torch.randn(n, k, generator=g, device="cuda") * k ** -0.5).to(DTYPE)
     plain = {CUBLAS: lambda x: torch.matmul(x, weight.t()), OURS: lambda x: ops.dense_gemv(x, weight)}
+    scale = (weight.float().abs().amax(dim=1) / 448.0).clamp(min=1e-12)
+    w8 = (weight.float() / scale[:, None]).to(torch.float8_e4m3fn)
+    fp8 = {W8A16: lambda x: ops.dense_gemv(x, w8, weight_scale=scale),
+           W8A8: lambda x: ops.fp8_linear(x, w8, scale)}
     rows = []
     for m in tokens:
         x = torch.randn(m, k, generator=g, device="cuda").to(DTYPE)
         reference = x.float() @ weight.float().t()
         fused = norm_impls(ops, name, weight, x, g)
-        impls = {**plain, **fused}
+        impls = {**plain, **fused, **(fp8 if m <= FP8_MAX_M else {})}
         times, outputs = {}, {}
         for impl, fn in impls.items():
             try:
                 out = outputs[impl] = fn(x).clone()
                 err = float((out.float() - reference).abs().max()) if impl in plain else None
+                if impl in fp8:
+                    err = float((out.float() - x.float() @ (w8.float() * scale[:, None]).t()).abs().max())
                 t = common.time_cuda(lambda: fn(x), warmup=args.warmup, iters=args.iters, flush=flush)
             except Exception as exc:  # report and carry on: one failure must not hide the other rows
                 errors.append(f"{name} M={m} {impl}: {type(exc).__name__}: {exc}")
                 print(f"ERROR {errors[-1]}")
                 continue
-            nbytes = 2 * n * k + 2 * m * (k + n)
+            nbytes = (1 if impl in fp8 else 2) * n * k + 2 * m * (k + n)
             bw = common.gbps(nbytes, t["us"])
             times[impl] = t["us"]
             rows.append({"shape": f"{name} {k}->{n}", "m": m, "impl": impl, "us": t["us"], "min_us": t["min_us"],

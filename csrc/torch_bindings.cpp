@@ -56,25 +56,28 @@ TORCH_LIBRARY(fastinfer, m) {
       "int4_linear(Tensor(a!) out, Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? mins, "
       "int group_size) -> ()");
   // Decode-sized dense linear: out [M <= 32, N] = x [M, K] @ weight [N, K]^T (+ bias [N]).
-  m.def("dense_gemv(Tensor(a!) out, Tensor x, Tensor weight, Tensor? bias) -> ()");
+  // Every op of this family takes weight_scale: weight is then e4m3 and each output row's sum is
+  // multiplied by its fp32 scale (W8A16; gemm/gemv.cuh, "FP8 weights").
+  m.def("dense_gemv(Tensor(a!) out, Tensor x, Tensor weight, Tensor? bias, Tensor? weight_scale=None) -> ()");
   // Fused gate / up projection: out [M, F] = silu(x @ weight[:F]^T) * (x @ weight[F:]^T), weight [2 F, K].
-  m.def("dense_gemv_silu_mul(Tensor(a!) out, Tensor x, Tensor weight) -> ()");
+  m.def("dense_gemv_silu_mul(Tensor(a!) out, Tensor x, Tensor weight, Tensor? weight_scale=None) -> ()");
   // A decode step's residual add + RMSNorm, split across the GEMVs around it. dense_gemv_add_residual:
   // residual [M, N] += x @ weight^T (+ bias), and sq_sums [M, ceil(N / 16)] fp32 = the new residual's
   // sums of squares per 16 columns. rms_norm_dense_gemv: dense_gemv (or, silu_mul, dense_gemv_silu_mul)
   // of rms_norm(x, norm_weight, eps), with x's sums of squares taken from sq_sums.
   m.def(
       "dense_gemv_add_residual(Tensor(a!) residual, Tensor(b!) sq_sums, Tensor x, Tensor weight, Tensor? bias, "
-      "Tensor? prefetch=None, int prefetch_bytes=0, bool prefetch_swiglu=False) -> ()");
+      "Tensor? prefetch=None, int prefetch_bytes=0, bool prefetch_swiglu=False, Tensor? weight_scale=None) -> ()");
   m.def(
       "rms_norm_dense_gemv(Tensor(a!) out, Tensor x, Tensor sq_sums, Tensor norm_weight, float eps, Tensor weight, "
-      "Tensor? bias, bool silu_mul, Tensor? prefetch=None, int prefetch_bytes=0, bool prefetch_swiglu=False) -> ()");
+      "Tensor? bias, bool silu_mul, Tensor? prefetch=None, int prefetch_bytes=0, bool prefetch_swiglu=False, "
+      "Tensor? weight_scale=None) -> ()");
   // The q/k/v projection of a decode step with rotary_embedding_and_cache in its epilogue (and, given
   // sq_sums and norm_weight, rms_norm_dense_gemv's prologue): query [M, H, D] receives the rotated q.
   m.def(
       "dense_gemv_rope_cache(Tensor(a!) query, Tensor(b!) kv_cache, Tensor x, Tensor weight, Tensor? bias, "
       "Tensor positions, Tensor cos_sin_cache, Tensor slot_mapping, Tensor? sq_sums, Tensor? norm_weight, "
-      "float eps, Tensor? prefetch=None, int prefetch_bytes=0, bool prefetch_swiglu=False) -> ()");
+      "float eps, Tensor? prefetch=None, int prefetch_bytes=0, bool prefetch_swiglu=False, Tensor? weight_scale=None) -> ()");
   // The last three take the next GEMV's weight (prefetch) to ask L2 for, about prefetch_bytes of it, as
   // they finish (a hint: results do not change; the CPU ignores it). prefetch_swiglu: that GEMV is the
   // SwiGLU one.

@@ -262,13 +262,13 @@ def rope_inputs(m, heads, kv_heads, d, k, dtype, device, bias, norm, seed, block
     return x, weight, b, positions, cos_sin, kv_cache, slots.to(device), sq_sums, norm_w
 
 
-def rope_unfused(x, weight, b, positions, cos_sin, kv_cache, slots, sq_sums, norm_w, heads):
-    """The same step on the unfused ops: returns (q, cache)."""
+def rope_unfused(x, weight, b, positions, cos_sin, kv_cache, slots, sq_sums, norm_w, heads, weight_scale=None):
+    """The same step on the unfused ops: returns (q, cache). weight_scale: an FP8 weight's (test_gemv_fp8.py)."""
     kv_heads, d = kv_cache.shape[3], kv_cache.shape[4]
     if sq_sums is None:
-        qkv = ops.dense_gemv(x, weight, b)
+        qkv = ops.dense_gemv(x, weight, b, weight_scale=weight_scale)
     else:
-        qkv = ops.rms_norm_dense_gemv(x, sq_sums, norm_w, EPS, weight, b)
+        qkv = ops.rms_norm_dense_gemv(x, sq_sums, norm_w, EPS, weight, b, weight_scale=weight_scale)
     q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
     q, k, v = q.view(-1, heads, d), k.view(-1, kv_heads, d), v.view(-1, kv_heads, d)
     cache = kv_cache.clone()
@@ -292,12 +292,16 @@ def rope_reference(x, weight, b, positions, cos_sin, kv_cache, slots, norm_w, he
     return q, cache
 
 
-def check_rope(args, heads, device_exact: bool):
+def check_rope(args, heads, device_exact: bool, weight_scale=None):
+    """weight_scale: args' weight is e4m3 with these row scales (test_gemv_fp8.py), the reference's
+    weight its dequantized values."""
     x, weight, b, positions, cos_sin, kv_cache, slots, sq_sums, norm_w = args
     cache = kv_cache.clone()
-    q = ops.dense_gemv_rope_cache(x, weight, positions, cos_sin, cache, slots, heads, b, sq_sums, norm_w, EPS)
-    q_unfused, cache_unfused = rope_unfused(*args, heads)
-    q_ref, cache_ref = rope_reference(x, weight, b, positions, cos_sin, kv_cache, slots, norm_w, heads)
+    q = ops.dense_gemv_rope_cache(x, weight, positions, cos_sin, cache, slots, heads, b, sq_sums, norm_w, EPS,
+                                  weight_scale=weight_scale)
+    q_unfused, cache_unfused = rope_unfused(*args, heads, weight_scale=weight_scale)
+    w64 = weight.double() if weight_scale is None else weight.double() * weight_scale.double()[:, None]
+    q_ref, cache_ref = rope_reference(x, w64, b, positions, cos_sin, kv_cache, slots, norm_w, heads)
     written = ~torch.isnan(cache_ref)
     assert torch.equal(torch.isnan(cache), ~written), "cache slots written != the slot_mapping's"
     for ours, unfused, expected in ((q, q_unfused, q_ref), (cache[written], cache_unfused[written], cache_ref[written])):

@@ -153,10 +153,25 @@ def test_dense_gemv_prefetches_the_next_weight_after_its_k_loop(sass):
     """gemv.cuh, "L2 prefetch across kernels": each decode GEMV kernel has one bulk L2 prefetch
     (UBLKPF.L2), placed after every HMMA of its K loop (the prefetch is issued as a warp finishes)."""
     gemvs = kernels_named(sass, "dense_gemv_kernel")
-    assert len(gemvs) == 14, sorted(gemvs)  # {1, 2 tiles} x {plain, norm, norm + preload} + 4 tiles, x 2 dtypes
+    # ({1, 2 tiles} x {plain, norm, norm + preload} + 4 tiles + FP8 weights {1, 2 tiles} x {plain, norm}) x 2 dtypes
+    assert len(gemvs) == 22, sorted(gemvs)
     for name, body in gemvs.items():
         lines = [line for line in body.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", line)]
         prefetches = [i for i, line in enumerate(lines) if "UBLKPF.L2" in line]
         mmas = [i for i, line in enumerate(lines) if "HMMA" in line]
         assert len(prefetches) == 1 and mmas, f"{len(prefetches)} UBLKPF.L2, {len(mmas)} HMMA in {name}"
         assert prefetches[0] > max(mmas), f"the prefetch precedes an HMMA in {name}"
+
+
+def test_dense_gemv_fp8_weights_convert_in_registers(sass):
+    """gemv.cuh, "FP8 weights": the W8A16 kernels (template flag kFp8, the last) stream e4m3 weights past
+    L1 and convert them with integer ops and one 2-element multiply per pair (HMUL2; bf16: .BF16_V2),
+    not through F2FP; the x pairs are byte-permuted (PRMT) to match; the mmas stay HMMA.16816.F32."""
+    kernels = {name: body for name, body in kernels_named(sass, "dense_gemv_kernel").items()
+               if re.search(r"Lb[01]ELb[01]ELb1EEEv", name)}
+    assert len(kernels) == 8, sorted(kernels)  # {1, 2 tiles} x {plain, norm} x {bf16, fp16}
+    for name, body in kernels.items():
+        assert "HMMA.16816.F32" in body and "PRMT" in body, name
+        assert ("HMUL2.BF16_V2" if "bfloat16" in name else "HMUL2") in body, name
+        assert "F2FP" not in body.replace("F2FP.BF16.F32.PACK_AB", "").replace("F2FP.F16.F32.PACK_AB", ""), name
+        assert re.search(r"LDG\.E\.NA\S*\.128", body), f"no streaming 16-byte weight loads in {name}"

@@ -33,23 +33,28 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
                             const std::optional<at::Tensor>& semaphores);
 void int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                  const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& mins, int64_t group_size);
-// out [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N]); x / out rows may be strided.
-void dense_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
-void dense_gemv_silu_mul(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight);
+// out [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N]); x / out rows may be strided. weight_scale
+// (every op of the family): weight is e4m3 and each row's sum is multiplied by weight_scale[n] (W8A16).
+void dense_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                const std::optional<at::Tensor>& weight_scale);
+void dense_gemv_silu_mul(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& weight_scale);
 // The prefetch arguments of the last three (the next GEMV's weight for the CUDA kernel to ask L2 for)
 // are a hint and change nothing here.
 void dense_gemv_add_residual(at::Tensor& residual, at::Tensor& sq_sums, const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& prefetch,
-                             int64_t prefetch_bytes, bool prefetch_swiglu);
+                             int64_t prefetch_bytes, bool prefetch_swiglu, const std::optional<at::Tensor>& weight_scale);
 void rms_norm_dense_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& sq_sums, const at::Tensor& norm_weight,
                          double eps, const at::Tensor& weight, const std::optional<at::Tensor>& bias, bool silu_mul,
-                         const std::optional<at::Tensor>& prefetch, int64_t prefetch_bytes, bool prefetch_swiglu);
+                         const std::optional<at::Tensor>& prefetch, int64_t prefetch_bytes, bool prefetch_swiglu,
+                         const std::optional<at::Tensor>& weight_scale);
 void dense_gemv_rope_cache(at::Tensor& query, at::Tensor& kv_cache, const at::Tensor& x, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, const at::Tensor& positions,
                            const at::Tensor& cos_sin_cache, const at::Tensor& slot_mapping,
                            const std::optional<at::Tensor>& sq_sums, const std::optional<at::Tensor>& norm_weight,
                            double eps,
-                           const std::optional<at::Tensor>& prefetch, int64_t prefetch_bytes, bool prefetch_swiglu);
+                           const std::optional<at::Tensor>& prefetch, int64_t prefetch_bytes, bool prefetch_swiglu,
+                           const std::optional<at::Tensor>& weight_scale);
 
 void speculative_verify(at::Tensor& output_token_ids, at::Tensor& num_accepted, const at::Tensor& draft_token_ids,
                         const at::Tensor& num_draft_tokens, const at::Tensor& target_probs,

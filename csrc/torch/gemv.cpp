@@ -15,13 +15,25 @@ namespace fastinfer::torch_glue {
 namespace {
 
 // The checks and Params the ops share; out has N columns (dense_gemv), N / 2 (swiglu) or query_cols.
+// weight_scale: weight is e4m3 [N, K] with one fp32 scale per row (gemv.cuh, "FP8 weights").
 DenseGemvParams make_params(const char* op, at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, bool swiglu, int64_t query_cols = -1) {
+                            const std::optional<at::Tensor>& bias, bool swiglu,
+                            const std::optional<at::Tensor>& weight_scale, int64_t query_cols = -1) {
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               op, " on CUDA takes float16 or bfloat16, got ", x.scalar_type());
   // out may be float32 for the plain epilogue (rounded to x's dtype, then widened: the fp32 logits)
   const bool out_fp32 = out.scalar_type() == at::kFloat && !swiglu && query_cols < 0;
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && (out.scalar_type() == x.scalar_type() || out_fp32) &&
+  const bool fp8 = weight_scale.has_value();
+  if (fp8) {
+    TORCH_CHECK(weight.scalar_type() == at::kFloat8_e4m3fn, op, ": with weight_scale, weight must be float8_e4m3fn");
+    TORCH_CHECK(weight_scale->scalar_type() == at::kFloat && weight_scale->dim() == 1 &&
+                    weight_scale->size(0) == weight.size(0) && weight_scale->is_contiguous() &&
+                    weight_scale->device() == x.device(),
+                op, ": weight_scale must be a contiguous float32 [N] on x's device");
+    TORCH_CHECK(x.size(0) <= kGemvFp8MaxM && x.size(1) % 16 == 0,
+                op, ": FP8 weights take at most ", kGemvFp8MaxM, " rows of x and K a multiple of 16");
+  }
+  TORCH_CHECK((fp8 || weight.scalar_type() == x.scalar_type()) && (out.scalar_type() == x.scalar_type() || out_fp32) &&
                   (!bias.has_value() || bias->scalar_type() == x.scalar_type()),
               op, ": x, weight and bias must share one dtype, and out too (or float32 for a plain projection)");
   // out: N columns, N / 2 (swiglu) or the query's (the rotary epilogue writes only q there).
@@ -57,6 +69,7 @@ DenseGemvParams make_params(const char* op, at::Tensor& out, const at::Tensor& x
   p.dtype = to_dtype(x, op);
   p.swiglu = swiglu;
   p.out_fp32 = out_fp32;
+  p.weight_scale = fp8 ? weight_scale->data_ptr<float>() : nullptr;
   return p;
 }
 
@@ -67,10 +80,11 @@ void set_prefetch(const char* op, DenseGemvParams& p, const at::Tensor& x, const
   TORCH_CHECK(budget >= 0, op, ": prefetch_bytes must be >= 0, got ", budget);
   if (!prefetch.has_value() || budget == 0) return;
   const at::Tensor& w = *prefetch;
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.element_size() == 2 && w.device() == x.device() &&
-                  (w.size(1) * 2) % 16 == 0 && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0 &&
-                  (!swiglu || w.size(0) % 2 == 0),
-              op, ": prefetch must be a contiguous 16-bit 2-D weight on x's device, 16-byte aligned rows",
+  const int64_t row_bytes = w.dim() == 2 ? w.size(1) * w.element_size() : 0;
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && (w.element_size() == 2 || w.element_size() == 1) &&
+                  w.device() == x.device() && row_bytes % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0 && (!swiglu || w.size(0) % 2 == 0),
+              op, ": prefetch must be a contiguous 16-bit or 8-bit 2-D weight on x's device, 16-byte aligned rows",
               swiglu ? " and an even number of rows (prefetch_swiglu)" : "");
   TORCH_CHECK(w.size(0) <= std::numeric_limits<int>::max() / 2, op, ": prefetch has too many rows");
   int num_sms = 0;
@@ -78,32 +92,35 @@ void set_prefetch(const char* op, DenseGemvParams& p, const at::Tensor& x, const
   TORCH_CHECK(err == cudaSuccess, op, ": cudaDeviceGetAttribute: ", cudaGetErrorString(err));
   p.prefetch = w.data_ptr();
   p.prefetch_rows = w.size(0);
-  p.prefetch_row_bytes = w.size(1) * 2;
+  p.prefetch_row_bytes = row_bytes;
   p.prefetch_budget = budget;
   p.prefetch_swiglu = swiglu;
   p.num_sms = num_sms;
 }
 
-void dense_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+void dense_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                const std::optional<at::Tensor>& weight_scale) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const DenseGemvParams p = make_params("dense_gemv", out, x, weight, bias, false);
+  const DenseGemvParams p = make_params("dense_gemv", out, x, weight, bias, false, weight_scale);
   // cudaErrorInvalidValue here means K % 8, x's row stride or an unaligned x / weight (16-byte loads).
   check_launch(launch_dense_gemv(p, stream_of(x)), "dense_gemv");
 }
 
-void dense_gemv_silu_mul(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight) {
+void dense_gemv_silu_mul(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& weight_scale) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const DenseGemvParams p = make_params("dense_gemv_silu_mul", out, x, weight, std::nullopt, true);
+  const DenseGemvParams p = make_params("dense_gemv_silu_mul", out, x, weight, std::nullopt, true, weight_scale);
   check_launch(launch_dense_gemv(p, stream_of(x)), "dense_gemv_silu_mul");
 }
 
 void dense_gemv_add_residual(at::Tensor& residual, at::Tensor& sq_sums, const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& prefetch,
-                             int64_t prefetch_bytes, bool prefetch_swiglu) {
+                             int64_t prefetch_bytes, bool prefetch_swiglu,
+                             const std::optional<at::Tensor>& weight_scale) {
   const c10::cuda::CUDAGuard guard(x.device());
   const char* op = "dense_gemv_add_residual";
   TORCH_CHECK(residual.scalar_type() == x.scalar_type(), op, ": residual must have x's dtype");
-  DenseGemvParams p = make_params(op, residual, x, weight, bias, false);  // residual has out's shape
+  DenseGemvParams p = make_params(op, residual, x, weight, bias, false, weight_scale);  // residual has out's shape
   TORCH_CHECK(sq_sums.scalar_type() == at::kFloat && sq_sums.dim() == 2 && sq_sums.size(0) == x.size(0) &&
                   sq_sums.size(1) == (weight.size(0) + kGemvSqSumGroup - 1) / kGemvSqSumGroup &&
                   sq_sums.stride(1) == 1 && (sq_sums.size(0) == 1 || sq_sums.stride(0) >= sq_sums.size(1)) &&
@@ -142,10 +159,11 @@ void set_norm(const char* op, DenseGemvParams& p, const at::Tensor& x, const at:
 
 void rms_norm_dense_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& sq_sums, const at::Tensor& norm_weight,
                          double eps, const at::Tensor& weight, const std::optional<at::Tensor>& bias, bool silu_mul,
-                         const std::optional<at::Tensor>& prefetch, int64_t prefetch_bytes, bool prefetch_swiglu) {
+                         const std::optional<at::Tensor>& prefetch, int64_t prefetch_bytes, bool prefetch_swiglu,
+                         const std::optional<at::Tensor>& weight_scale) {
   const c10::cuda::CUDAGuard guard(x.device());
   const char* op = "rms_norm_dense_gemv";
-  DenseGemvParams p = make_params(op, out, x, weight, bias, silu_mul);
+  DenseGemvParams p = make_params(op, out, x, weight, bias, silu_mul, weight_scale);
   set_norm(op, p, x, sq_sums, norm_weight, eps);
   TORCH_CHECK(!out.is_alias_of(sq_sums), op, ": out must not share memory with x or sq_sums");  // x: make_params
   set_prefetch(op, p, x, prefetch, prefetch_bytes, prefetch_swiglu);
@@ -158,7 +176,7 @@ void dense_gemv_rope_cache(at::Tensor& query, at::Tensor& kv_cache, const at::Te
                            const at::Tensor& cos_sin_cache, const at::Tensor& slot_mapping,
                            const std::optional<at::Tensor>& sq_sums, const std::optional<at::Tensor>& norm_weight,
                            double eps, const std::optional<at::Tensor>& prefetch, int64_t prefetch_bytes,
-                           bool prefetch_swiglu) {
+                           bool prefetch_swiglu, const std::optional<at::Tensor>& weight_scale) {
   const c10::cuda::CUDAGuard guard(x.device());
   const char* op = "dense_gemv_rope_cache";
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && query.stride(1) == query.size(2) && query.size(0) == x.size(0),
@@ -180,7 +198,7 @@ void dense_gemv_rope_cache(at::Tensor& query, at::Tensor& kv_cache, const at::Te
                 op, ": positions and slot_mapping must be contiguous int64 [M] on x's device");
   }
   at::Tensor out2d = query.view({query.size(0), heads * head_dim});
-  DenseGemvParams p = make_params(op, out2d, x, weight, bias, false, heads * head_dim);
+  DenseGemvParams p = make_params(op, out2d, x, weight, bias, false, weight_scale, heads * head_dim);
   TORCH_CHECK(sq_sums.has_value() == norm_weight.has_value(), op, ": sq_sums and norm_weight come together");
   if (sq_sums.has_value()) set_norm(op, p, x, *sq_sums, *norm_weight, eps);
   for (const at::Tensor* input : {&x, &positions, &slot_mapping}) {

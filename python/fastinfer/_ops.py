@@ -17,7 +17,7 @@ from ._checks import (FLOAT_DTYPES, FP8, _check, _check_float, _check_kv_cache, 
 from ._ops_fp8 import (FP8_MAX, FP8_MIN_SCALE, FP8_OP_NAMES, fp8_linear,  # noqa: F401  (re-exported)
                        fp8_quantize_per_tensor, fp8_quantize_per_token, fp8_scaled_mm, rms_norm_quant_fp8,
                        silu_and_mul_quant_fp8)
-from ._ops_linear import (GEMV_MAX_M, GEMV_NORM_MAX_M, INT4_GROUP_SIZES, SQ_SUM_GROUP,  # noqa: F401  (re-exported)
+from ._ops_linear import (GEMV_FP8_MAX_M, GEMV_MAX_M, GEMV_NORM_MAX_M, INT4_GROUP_SIZES, SQ_SUM_GROUP,  # noqa: F401  (re-exported)
                           GemvPrefetch, dense_gemv, dense_gemv_add_residual, dense_gemv_rope_cache, dense_gemv_silu_mul, int4_linear,
                           rms_norm_dense_gemv, sq_sum_groups)
 from ._ops_spec import SPEC_MAX_VOCAB, speculative_verify  # noqa: F401  (re-exported)

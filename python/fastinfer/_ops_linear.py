@@ -66,6 +66,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gr
 
 GEMV_MAX_M = 32  # rows of x the kernel takes (kGemvMaxM in csrc/include/fastinfer/gemm/gemv.h)
 GEMV_NORM_MAX_M = 16  # rows of x rms_norm_dense_gemv takes (kGemvNormMaxM)
+GEMV_FP8_MAX_M = 16  # rows of x the ops take with FP8 weights (kGemvFp8MaxM)
 SQ_SUM_GROUP = 16  # columns per sum of squares of dense_gemv_add_residual (kGemvSqSumGroup)
 
 
@@ -80,13 +81,28 @@ def _check_gemv_x(op: str, x: torch.Tensor) -> None:
         _fail(op, f"x's last dimension K must be a positive multiple of 8 (16-byte rows), got {k}")
 
 
-def _check_gemv_operands(op: str, x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int]:
-    """x [M, K] and weight [N, K] of the decode GEMV; returns (M, K, N)."""
+def _check_gemv_operands(op: str, x: torch.Tensor, weight: torch.Tensor,
+                         weight_scale: torch.Tensor | None = None) -> tuple[int, int, int]:
+    """x [M, K] and weight [N, K] of the decode GEMV; returns (M, K, N). With weight_scale, weight is
+    float8_e4m3fn and weight_scale float32 [N] (W8A16: each row's sum times its scale), M <= 16 and K a
+    multiple of 16."""
     _check_gemv_x(op, x)
     m, k = x.shape
-    _check(op, "weight", weight, ndim=2, dtype=x.dtype, device=x.device, contiguous=True)
+    if weight_scale is None:
+        if isinstance(weight, torch.Tensor) and weight.dtype == FP8:
+            _fail(op, "weight is float8_e4m3fn: pass its per-row float32 scales as weight_scale")
+        _check(op, "weight", weight, ndim=2, dtype=x.dtype, device=x.device, contiguous=True)
+    else:
+        _check(op, "weight", weight, ndim=2, dtype=FP8, device=x.device, contiguous=True)
+        if m > GEMV_FP8_MAX_M:
+            _fail(op, f"x must have 1 to {GEMV_FP8_MAX_M} rows (M) with FP8 weights, got {m}: use fp8_linear")
+        if k % 16:
+            _fail(op, f"x's last dimension K must be a multiple of 16 with FP8 weights, got {k}")
     n = weight.shape[0]
     _check_shape(op, "weight", weight, (n, k))
+    if weight_scale is not None:
+        _check(op, "weight_scale", weight_scale, ndim=1, dtype=torch.float32, device=x.device, contiguous=True)
+        _check_shape(op, "weight_scale", weight_scale, (n,))
     return m, k, n
 
 
@@ -112,31 +128,35 @@ def _check_gemv_out(op: str, out: torch.Tensor | None, x: torch.Tensor, weight: 
 
 
 def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+               weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """out [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N]) for 1 <= M <= 32, K a multiple of 8:
     the weight-streaming kernel of decode steps. fp32 accumulation, one rounding to x's dtype;
     float16 / bfloat16 on CUDA (any float dtype on the CPU). x and out rows may be strided.
-    out_dtype=torch.float32 (or a float32 out): the rounded values widened, dense_gemv(...).float()."""
+    out_dtype=torch.float32 (or a float32 out): the rounded values widened, dense_gemv(...).float().
+    weight_scale (float32 [N]; every op of this family takes it): weight is float8_e4m3fn and out =
+    round(x @ float(weight)^T * weight_scale + bias), x kept in its dtype (W8A16; M <= 16, K % 16 == 0)."""
     op = "dense_gemv"
-    m, _, n = _check_gemv_operands(op, x, weight)
+    m, _, n = _check_gemv_operands(op, x, weight, weight_scale)
     if bias is not None:
         _check(op, "bias", bias, ndim=1, dtype=x.dtype, device=x.device, contiguous=True)
         _check_shape(op, "bias", bias, (n,))
     out = _check_gemv_out(op, out, x, weight, (m, n), out_dtype=out_dtype)
-    _ops.dense_gemv(out, x, weight, bias)
+    _ops.dense_gemv(out, x, weight, bias, weight_scale)
     return out
 
 
-def dense_gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def dense_gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
+                        weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """out [M, F] = silu(x @ weight[:F]^T) * (x @ weight[F:]^T): the fused gate / up projection of a
     decode step, weight [2 F, K] (gate rows, then up rows), F a multiple of 8, no bias. Bit for bit
     silu_and_mul(dense_gemv(x, weight)) (each half rounded to x's dtype before the SwiGLU)."""
     op = "dense_gemv_silu_mul"
-    m, _, n = _check_gemv_operands(op, x, weight)
+    m, _, n = _check_gemv_operands(op, x, weight, weight_scale)
     if n == 0 or n % 16:
         _fail(op, f"weight must have 2 F rows ([gate; up]) with F a positive multiple of 8, got {n} rows")
     out = _check_gemv_out(op, out, x, weight, (m, n // 2), out_dtype=x.dtype)
-    _ops.dense_gemv_silu_mul(out, x, weight)
+    _ops.dense_gemv_silu_mul(out, x, weight, weight_scale)
     return out
 
 
@@ -161,8 +181,8 @@ def _prefetch_args(op: str, x: torch.Tensor, prefetch: GemvPrefetch | None) -> t
         _fail(op, f"prefetch.nbytes must be an int >= 0, got {nbytes!r}")
     if not isinstance(swiglu, bool):
         _fail(op, f"prefetch.swiglu must be a bool, got {swiglu!r}")
-    _check(op, "prefetch.weight", weight, ndim=2, dtype=x.dtype, device=x.device, contiguous=True)
-    if weight.device.type == "cuda" and (weight.shape[1] % 8 or weight.data_ptr() % 16):
+    _check(op, "prefetch.weight", weight, ndim=2, dtype=(x.dtype, FP8), device=x.device, contiguous=True)
+    if weight.device.type == "cuda" and ((weight.shape[1] * weight.element_size()) % 16 or weight.data_ptr() % 16):
         _fail(op, f"prefetch.weight rows must start on 16-byte boundaries on CUDA, got shape {tuple(weight.shape)}")
     if swiglu and weight.shape[0] % 2:
         _fail(op, f"prefetch.weight must have an even number of rows ([gate; up]) with swiglu, got {weight.shape[0]}")
@@ -195,7 +215,8 @@ def _check_norm_prologue(op: str, x: torch.Tensor, sq_sums: torch.Tensor, norm_w
 
 def dense_gemv_add_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
                             bias: torch.Tensor | None = None, sq_sums: torch.Tensor | None = None,
-                            prefetch: GemvPrefetch | None = None) -> torch.Tensor:
+                            prefetch: GemvPrefetch | None = None,
+                            weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """residual [M, N] += x [M, K] @ weight [N, K]^T (+ bias) in place (the projection's output and
     the sum each rounded to x's dtype, as dense_gemv then the add of fused_add_rms_norm store them),
     and returns sq_sums: float32 [M, ceil(N / 16)], the sums of squares of the new residual over each
@@ -203,7 +224,7 @@ def dense_gemv_add_residual(x: torch.Tensor, weight: torch.Tensor, residual: tor
     first half of a decode step's residual add + RMSNorm, in the o / down projection's epilogue.
     prefetch: the next GEMV's weight to ask L2 for (GemvPrefetch; no result changes)."""
     op = "dense_gemv_add_residual"
-    m, _, n = _check_gemv_operands(op, x, weight)
+    m, _, n = _check_gemv_operands(op, x, weight, weight_scale)
     if bias is not None:
         _check(op, "bias", bias, ndim=1, dtype=x.dtype, device=x.device, contiguous=True)
         _check_shape(op, "bias", bias, (n,))
@@ -220,14 +241,15 @@ def dense_gemv_add_residual(x: torch.Tensor, weight: torch.Tensor, residual: tor
         _fail(op, "sq_sums rows must be contiguous and distinct")
     if _shares_memory(sq_sums, x, residual):
         _fail(op, "sq_sums must not share memory with x or residual")
-    _ops.dense_gemv_add_residual(residual, sq_sums, x, weight, bias, *_prefetch_args(op, x, prefetch))
+    _ops.dense_gemv_add_residual(residual, sq_sums, x, weight, bias, *_prefetch_args(op, x, prefetch), weight_scale)
     return sq_sums
 
 
 def rms_norm_dense_gemv(x: torch.Tensor, sq_sums: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                         weight: torch.Tensor, bias: torch.Tensor | None = None, silu_mul: bool = False,
                         out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-                        prefetch: GemvPrefetch | None = None) -> torch.Tensor:
+                        prefetch: GemvPrefetch | None = None,
+                        weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """dense_gemv(rms_norm(x, norm_weight, eps), weight, bias), or with silu_mul
     dense_gemv_silu_mul(rms_norm(x, norm_weight, eps), weight), in one kernel that normalizes x as it
     loads it: x [M <= 16, K] is a residual stream and sq_sums [M, groups] float32 the sums of squares
@@ -237,7 +259,7 @@ def rms_norm_dense_gemv(x: torch.Tensor, sq_sums: torch.Tensor, norm_weight: tor
     norm in the LM head's: out_dtype=torch.float32 as dense_gemv takes it, not with silu_mul).
     prefetch: the next GEMV's weight to ask L2 for (GemvPrefetch; no result changes)."""
     op = "rms_norm_dense_gemv"
-    m, _, n = _check_gemv_operands(op, x, weight)
+    m, _, n = _check_gemv_operands(op, x, weight, weight_scale)
     _check_norm_prologue(op, x, sq_sums, norm_weight)
     if silu_mul:
         if n == 0 or n % 16:
@@ -254,7 +276,7 @@ def rms_norm_dense_gemv(x: torch.Tensor, sq_sums: torch.Tensor, norm_weight: tor
     if _shares_memory(out, sq_sums):  # (x: _check_gemv_out)
         _fail(op, "out must not share memory with x or sq_sums")
     _ops.rms_norm_dense_gemv(out, x, sq_sums, norm_weight, float(eps), weight, bias, bool(silu_mul),
-                             *_prefetch_args(op, x, prefetch))
+                             *_prefetch_args(op, x, prefetch), weight_scale)
     return out
 
 
@@ -263,7 +285,8 @@ def dense_gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, positions: torc
                           bias: torch.Tensor | None = None, sq_sums: torch.Tensor | None = None,
                           norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
                           check_indices: bool = True, out: torch.Tensor | None = None,
-                          prefetch: GemvPrefetch | None = None) -> torch.Tensor:
+                          prefetch: GemvPrefetch | None = None,
+                          weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The q/k/v projection of a decode step with rotary and the KV-cache write in its epilogue:
     qkv = dense_gemv(x, weight, bias) (or, given sq_sums and norm_weight, rms_norm_dense_gemv's
     normalized x), split into q [M, num_heads, D], k and v [M, num_kv_heads, D], then
@@ -273,7 +296,7 @@ def dense_gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, positions: torc
     cos_sin_cache [max_position, D] (rotary over the whole head), D a multiple of 16. prefetch: the
     next GEMV's weight to ask L2 for (GemvPrefetch; no result changes)."""
     op = "dense_gemv_rope_cache"
-    m, _, n = _check_gemv_operands(op, x, weight)
+    m, _, n = _check_gemv_operands(op, x, weight, weight_scale)
     if isinstance(kv_cache, torch.Tensor) and kv_cache.dtype == FP8:
         _fail(op, "kv_cache must hold x's dtype: an FP8 cache takes rotary_embedding_and_cache with kv_scale")
     _check_kv_cache(op, kv_cache, x, None)
@@ -316,5 +339,5 @@ def dense_gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, positions: torc
     if _shares_memory(out, kv_cache, *inputs) or _shares_memory(kv_cache, *inputs):
         _fail(op, "out and kv_cache must not share memory with each other or with x, positions, slot_mapping, sq_sums")
     _ops.dense_gemv_rope_cache(out, kv_cache, x, weight, bias, positions, cos_sin_cache, slot_mapping, sq_sums,
-                               norm_weight, float(eps), *_prefetch_args(op, x, prefetch))
+                               norm_weight, float(eps), *_prefetch_args(op, x, prefetch), weight_scale)
     return out

@@ -22,6 +22,10 @@ the next one's weight as it finishes (gemv_prefetch_bytes; off until measured on
 FP8 layers (LlamaLayer.forward_fp8): the two norms and the SwiGLU emit the per-token FP8 inputs of the
 GEMMs after them (ops.rms_norm_quant_fp8, ops.silu_and_mul_quant_fp8), the same bits as the 16-bit op
 followed by fp8_quantize_per_token; only o_proj quantizes its input (the attention output) itself.
+With FASTINFER_FP8_DECODE=w8a16 (off until measured on a GPU), decode steps of FP8 layers take the fused
+path above instead, the GEMVs reading the e4m3 weights with 16-bit activations (W8A16: each row's sum
+times its scale; ops.dense_gemv's weight_scale): 3 kernels a layer instead of ~10, and no activation
+quantization (prefill keeps W8A8).
 """
 from __future__ import annotations
 
@@ -58,6 +62,19 @@ def fp8_fused_quant_enabled() -> bool:
     emit its GEMMs' FP8 inputs themselves (ops.rms_norm_quant_fp8, ops.silu_and_mul_quant_fp8: same
     bits as the op, then fp8_quantize_per_token); 0 runs the two ops."""
     return os.environ.get("FASTINFER_FP8_FUSED_QUANT", "1") != "0"
+
+
+FP8_DECODE_MODES = ("w8a8", "w8a16")
+
+
+def fp8_decode_mode() -> str:
+    """FASTINFER_FP8_DECODE (default w8a8; read at every forward, so a CUDA graph keeps what it was
+    captured with): w8a16 runs the decode steps of FP8 layers on the fused GEMV path (forward_fused) with
+    the e4m3 weights converted in the kernel and x kept 16-bit; w8a8 quantizes x per token (forward_fp8)."""
+    value = os.environ.get("FASTINFER_FP8_DECODE", "w8a8")
+    if value not in FP8_DECODE_MODES:
+        raise ValueError(f"FASTINFER_FP8_DECODE must be one of {', '.join(FP8_DECODE_MODES)}, got {value!r}")
+    return value
 
 
 def gemv_prefetch_bytes() -> int:
@@ -128,22 +145,25 @@ class LlamaLayer:
             return ops.GemvPrefetch(weight, scale * prefetch_bytes, swiglu)
 
         to_o = prefetch(self.o_proj.weight, scale=2)  # attention runs in between and reads little
+        qkv_w, o_w, gate_up_w, down_w = self.qkv, self.o_proj, self.gate_up, self.down  # FP8: W8A16 (weight_scale)
         if kv_cache.dtype != FP8 and self.head_dim % 16 == 0 and cos_sin.shape[1] == self.head_dim \
                 and fused_rope_enabled():
-            q = ops.dense_gemv_rope_cache(residual, self.qkv.weight, meta.positions, cos_sin, kv_cache,
-                                          meta.slot_mapping, self.num_heads, self.qkv.bias, sq_sums, self.input_norm,
-                                          self.eps, check_indices=False, prefetch=to_o)
+            q = ops.dense_gemv_rope_cache(residual, qkv_w.weight, meta.positions, cos_sin, kv_cache,
+                                          meta.slot_mapping, self.num_heads, qkv_w.bias, sq_sums, self.input_norm,
+                                          self.eps, check_indices=False, prefetch=to_o, weight_scale=qkv_w.weight_scale)
             attn = self.attend_rotated(q, kv_cache, meta, None)
         else:
-            qkv = ops.rms_norm_dense_gemv(residual, sq_sums, self.input_norm, self.eps, self.qkv.weight, self.qkv.bias,
-                                          prefetch=to_o)
+            qkv = ops.rms_norm_dense_gemv(residual, sq_sums, self.input_norm, self.eps, qkv_w.weight, qkv_w.bias,
+                                          prefetch=to_o, weight_scale=qkv_w.weight_scale)
             attn = self.attend(qkv, kv_cache, meta, cos_sin)
-        sq_sums = ops.dense_gemv_add_residual(attn.reshape(attn.shape[0], self.q_size), self.o_proj.weight, residual,
-                                              self.o_proj.bias, prefetch=prefetch(self.gate_up.weight, swiglu=True))
-        act = ops.rms_norm_dense_gemv(residual, sq_sums, self.post_attn_norm, self.eps, self.gate_up.weight,
-                                      silu_mul=True, prefetch=prefetch(self.down.weight))
-        return ops.dense_gemv_add_residual(act, self.down.weight, residual, self.down.bias,
-                                           prefetch=prefetch(next_weight))
+        sq_sums = ops.dense_gemv_add_residual(attn.reshape(attn.shape[0], self.q_size), o_w.weight, residual,
+                                              o_w.bias, prefetch=prefetch(gate_up_w.weight, swiglu=True),
+                                              weight_scale=o_w.weight_scale)
+        act = ops.rms_norm_dense_gemv(residual, sq_sums, self.post_attn_norm, self.eps, gate_up_w.weight,
+                                      silu_mul=True, prefetch=prefetch(down_w.weight),
+                                      weight_scale=gate_up_w.weight_scale)
+        return ops.dense_gemv_add_residual(act, down_w.weight, residual, down_w.bias,
+                                           prefetch=prefetch(next_weight), weight_scale=down_w.weight_scale)
 
     def forward_fp8(self, hidden: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
                     meta: AttnMetadata, cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,10 +189,16 @@ class LlamaLayer:
 
     @property
     def fusable_norms(self) -> bool:
-        """Whether forward_fused can run this layer: dense 16-bit projections, gate / up without bias."""
+        """Whether forward_fused can run this layer: dense 16-bit projections (or, with
+        FASTINFER_FP8_DECODE=w8a16, FP8 ones with K % 16 == 0), gate / up without bias."""
         projections = (self.qkv, self.o_proj, self.gate_up, self.down)
-        return (all(isinstance(p, Linear) and p.weight_scale is None for p in projections)
-                and self.gate_up.bias is None and self.gate_up.out_features % 16 == 0
+        if not all(isinstance(p, Linear) for p in projections):
+            return False
+        fp8 = [p.weight_scale is not None for p in projections]
+        if any(fp8) and not (all(fp8) and fp8_decode_mode() == "w8a16"
+                             and all(p.in_features % 16 == 0 for p in projections)):
+            return False
+        return (self.gate_up.bias is None and self.gate_up.out_features % 16 == 0
                 and all(p.in_features % 8 == 0 for p in projections))
 
     def attention(self, hidden: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata,

@@ -146,6 +146,28 @@
 // boundary and 16 MB across attention): ~2-3 us per GEMV and ~3 us more per attention, ~0.35-0.5 ms of a
 // 4.79 ms step (74.5% -> 80-83% of the roofline); no gain if the L2 drops the prefetched lines before
 // use (the next GEMV's own reads would then show it in bench_e2e's profile: unchanged kernel times).
+//
+// FP8 weights (W8A16: DenseGemvParams::weight_scale, template kFp8; M <= 16). A decode step of an FP8
+// model reads half the weight bytes of a 16-bit one, but the W8A8 path (fp8_linear: a quantization
+// kernel, then the FP8 GEMM; forward_fp8 in models/llama.py) runs ~10 kernels a layer, and on an H200 a
+// batch-1 step of the Llama-3-8B shape took 4.13 ms against bf16's 4.79 (visit 4): 1.16x for half the
+// bytes. This variant keeps every fusion above (RMSNorm prologue, SwiGLU / residual / rotary + cache
+// epilogues: 3 kernels a layer) and reads e4m3 rows: x stays 16-bit, each weight is converted exactly
+// to T in registers (e4m3 values are all bf16 / fp16 values), the mma sums x * w in fp32, and the
+// epilogue multiplies each row's sum by its fp32 scale before the bias and the roundings: out[m, n] =
+// round(sum_k x[m, k] float(W[n, k]) * scale[n] + bias[n]). No activation quantization, so it is more
+// accurate than W8A8 (x keeps its 8 / 11 significant bits instead of e4m3's 4). A lane's 16-byte piece is
+// now 16 k: per 64-k step it loads 16 bytes of each of its two rows and two 16-byte pieces of x per
+// tile, converts each weight word into two pairs (e4m3x2_high_to: mask, shift, one 2-element multiply
+// by 2^(bias(T) - 7); ~9 instructions per 4 weights, PRMT for x's matching pairs) and issues 4 mmas per
+// tile. Chunks of 4 steps (256 k, 4 KiB of weights per warp in flight) with one x tile, 2 steps with
+// two. SASS (bf16, one tile, nvcc 13.0): ~376 instructions per 4 KiB warp-chunk against ~60 for the
+// 16-bit kernel; at 4 TB/s an SM must take a 4 KiB chunk every ~256 cycles, so ~1.5 of its 4 issue
+// slots per cycle go to it: it should stay memory-bound, with less slack to hide latency (fewer
+// bytes in flight while a warp converts). Predicted (H200): each GEMV near dense_gemv's time for the
+// same number of bytes, i.e. about half its 16-bit time on large shapes; a batch-1 FP8 step 4.13 ->
+// ~2.9 ms (7 GB of e4m3 weights + the bf16 LM head at dense_gemv's measured 3.41 TB/s, plus attention),
+// batch 8 ~3.0 ms. FASTINFER_FP8_DECODE=w8a16 selects it (models/llama.py); bench_e2e times it.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -227,6 +249,13 @@ __device__ __forceinline__ uint32_t normalize_pair(uint32_t x, uint32_t w, float
   return y;
 }
 
+// rms_norm's formula on a 16-byte piece of x (8 elements) with the norm weight's piece w.
+template <typename T>
+__device__ __forceinline__ uint4 normalize_piece(const uint4& x, const uint4& w, float inv_rms) {
+  return make_uint4(normalize_pair<T>(x.x, w.x, inv_rms), normalize_pair<T>(x.y, w.y, inv_rms),
+                    normalize_pair<T>(x.z, w.z, inv_rms), normalize_pair<T>(x.w, w.w, inv_rms));
+}
+
 // The RMSNorm prologue's per-lane state (kNorm): the norm weight at the lane's 8 c offset, and the
 // 1 / rms of x row 8 t + g for each tile t (0 past M).
 template <typename T, int kTiles>
@@ -268,10 +297,7 @@ __device__ __forceinline__ void chunk_mma_loaded(Acc<kTiles>& acc, const uint4 (
       // Unconditional load (lanes past M read row 0: the same sectors as the lanes of row 0), then a
       // select: a conditional load here became a branch that ptxas would not hoist the next loads over.
       uint4 v = kPartial && !in_row ? zero : load_shared_input(x_rows[t] + k);
-      if constexpr (kNorm) {
-        v = make_uint4(normalize_pair<T>(v.x, nw.x, norm.inv_rms[t]), normalize_pair<T>(v.y, nw.y, norm.inv_rms[t]),
-                       normalize_pair<T>(v.z, nw.z, norm.inv_rms[t]), normalize_pair<T>(v.w, nw.w, norm.inv_rms[t]));
-      }
+      if constexpr (kNorm) v = normalize_piece<T>(v, nw, norm.inv_rms[t]);
       xv[s][t] = (has_x >> t) & 1u ? v : zero;
     }
   }
@@ -292,6 +318,113 @@ __device__ __forceinline__ void chunk_mma(Acc<kTiles>& acc, const T* w_lo, const
   uint4 wl[kStepsPerChunk], wh[kStepsPerChunk];
   load_w_chunk<T, kPartial>(wl, wh, w_lo, w_hi, k0, k_left);
   chunk_mma_loaded<T, kTiles, kPartial, kNorm>(acc, wl, wh, x_rows, has_x, k0, k_left, norm);
+}
+
+// ---- FP8 weights (kFp8; see "FP8 weights" above) ----
+constexpr int kFp8VecElems = 16;                    // 16-byte loads of e4m3 weights: 16 k
+constexpr int kFp8StepK = 4 * kFp8VecElems;         // k per step: 4 lanes (c) x 16, four mmas
+// Steps per chunk: 4 with one x tile (4 KiB of weights per warp in flight, as the 16-bit kernel), 2 with
+// two (an FP8 step's x is two 16-byte loads per tile: 4 steps x 2 tiles would not fit 128 registers).
+template <int kTiles>
+constexpr int kFp8Steps = kTiles == 1 ? 4 : 2;
+template <int kTiles>
+constexpr int kFp8ChunkK = kFp8StepK * kFp8Steps<kTiles>;
+
+// Two e4m3 values, the high bytes of v's 16-bit halves, -> two T, exactly. The sign stays in bit 15;
+// exponent and mantissa (bits 14..8) move down into T's fields (by 4 for bf16's 8 exponent bits, by 1 for
+// fp16's 5), which reads as the same value times 2^(7 - bias(T)), subnormals included (e4m3 exponent 0
+// lands on T's exponent 0); one exact multiply by 2^(bias(T) - 7) = 2^120 (bf16) or 2^8 (fp16) undoes it,
+// a 2-element FMA with -0 so zeros keep their sign. e4m3's NaN code (S.1111.111) would read as 480: the
+// FP8 weights of this package come from saturating quantizers and carry none.
+template <typename T>
+__device__ __forceinline__ uint32_t e4m3x2_high_to(uint32_t v) {
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  const uint32_t bits = (v & 0x80008000u) | ((v & 0x7F007F00u) >> (kBf16 ? 4 : 1));
+  uint32_t out;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (kBf16) {
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(out) : "r"(bits), "r"(0x7B807B80u), "r"(0x80008000u));
+  } else {
+    asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(out) : "r"(bits), "r"(0x5C005C00u), "r"(0x80008000u));
+  }
+#else
+  out = bits;  // never launched below sm_80 (mma_16816 traps there)
+#endif
+  return out;
+}
+
+// The four e4m3 of word w (k, k + 1, k + 2, k + 3 in its bytes 0..3) as the pairs {k, k + 2} (even) and
+// {k + 1, k + 3} (odd): the byte order that needs no byte permute on the weights.
+template <typename T>
+__device__ __forceinline__ uint32_t e4m3_even(uint32_t w) { return e4m3x2_high_to<T>(w << 8); }
+template <typename T>
+__device__ __forceinline__ uint32_t e4m3_odd(uint32_t w) { return e4m3x2_high_to<T>(w); }
+
+// The chunk's e4m3 pieces of rows g and g + 8: kFp8Steps 16-byte loads each (zeros past the row's end).
+template <int kSteps, bool kPartial>
+__device__ __forceinline__ void load_w_chunk_fp8(uint4 (&wl)[kSteps], uint4 (&wh)[kSteps], const uint8_t* w_lo,
+                                                 const uint8_t* w_hi, int64_t k0, int64_t k_left) {
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int s = 0; s < kSteps; ++s) {
+    const bool in_row = !kPartial || s * kFp8StepK < k_left;
+    const int64_t k = k0 + s * kFp8StepK;
+    wl[s] = in_row ? load_stream(w_lo + k) : zero;
+    wh[s] = in_row ? load_stream(w_hi + k) : zero;
+  }
+}
+
+// One FP8 chunk starting at k0: the weights, then x of every tile (16 k per lane and step: two 16-byte
+// loads, normalized with kNorm), then 4 mmas per step and tile. Step s, lane c covers k0 + 64 s + 16 c ..
+// + 15; word q of a weight piece (k 4 q .. 4 q + 3 of those) feeds mma q as {even, odd} of rows g and
+// g + 8 (mma k 2 c, 2 c + 1 <-> 4 q, 4 q + 2; 2 c + 8, 2 c + 9 <-> 4 q + 1, 4 q + 3), and x words 2 q and
+// 2 q + 1 (k 4 q .. 4 q + 3) are byte-permuted into the same pairs. As in the 16-bit kernel the map from
+// the mma's k to memory is shared by A and B, so the sum is exact as written. Unlike the 16-bit kernel,
+// x rows past M are not replaced by zeros: their lanes multiply x row 0 (finite data; 0 after the
+// RMSNorm prologue, whose 1 / rms is 0 there) into D columns m >= M, which no epilogue stores, and the
+// 32 selects a chunk would cost are ~8% of its instructions.
+template <typename T, int kTiles, bool kPartial, bool kNorm>
+__device__ __forceinline__ void chunk_mma_fp8(Acc<kTiles>& acc, const uint8_t* w_lo, const uint8_t* w_hi,
+                                              const T* const (&x_rows)[kTiles], int64_t k0,
+                                              int64_t k_left, const NormState<T, kTiles>& norm) {
+  constexpr int kSteps = kFp8Steps<kTiles>;
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  uint4 wl[kSteps], wh[kSteps];
+  load_w_chunk_fp8<kSteps, kPartial>(wl, wh, w_lo, w_hi, k0, k_left);
+  uint4 xv[kSteps][kTiles][2];
+#pragma unroll
+  for (int s = 0; s < kSteps; ++s) {
+    const bool in_row = !kPartial || s * kFp8StepK < k_left;
+    const int64_t k = k0 + s * kFp8StepK;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint4 nw = zero;
+      if constexpr (kNorm) nw = kPartial && !in_row ? zero : load_shared_input(norm.weight + k + h * kVecElems);
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) {
+        uint4 v = kPartial && !in_row ? zero : load_shared_input(x_rows[t] + k + h * kVecElems);
+        if constexpr (kNorm) v = normalize_piece<T>(v, nw, norm.inv_rms[t]);
+        xv[s][t][h] = v;  // rows past M: row 0's values (see above), in D columns that are never stored
+      }
+    }
+  }
+#pragma unroll
+  for (int s = 0; s < kSteps; ++s) {
+    const uint32_t lo[4] = {wl[s].x, wl[s].y, wl[s].z, wl[s].w};
+    const uint32_t hi[4] = {wh[s].x, wh[s].y, wh[s].z, wh[s].w};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const uint32_t a0 = e4m3_even<T>(lo[q]), a1 = e4m3_even<T>(hi[q]);
+      const uint32_t a2 = e4m3_odd<T>(lo[q]), a3 = e4m3_odd<T>(hi[q]);
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) {
+        const uint4& xh = xv[s][t][q / 2];
+        const uint32_t x0 = q % 2 == 0 ? xh.x : xh.z, x1 = q % 2 == 0 ? xh.y : xh.w;  // k 4 q .. 4 q + 3
+        mma_16816<T>(acc.v[q % kAccSets<kTiles>][t], a0, a1, a2, a3, __byte_perm(x0, x1, 0x5410),
+                     __byte_perm(x0, x1, 0x7632));
+      }
+    }
+  }
 }
 
 using PrefetchPlan = GemvPrefetchPlan;  // gemm/gemv_prefetch.h
@@ -323,9 +456,15 @@ __device__ __forceinline__ void issue_prefetch(const PrefetchPlan& pf) {
 // same GEMV on x normalized beforehand: about one such latency per wave of CTAs, ~190 us of a 4.8 ms
 // batch-1 step. Predicted: most of it back (qkv ~20.8, gate_up ~68.5 us). 32 more registers live
 // across the prologue, which needs few.
-template <typename T, int kTiles, bool kNorm, bool kPreload = false>
+template <typename T, int kTiles, bool kNorm, bool kPreload = false, bool kFp8 = false>
 __global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams p, PrefetchPlan pf) {
   static_assert(kNorm || !kPreload, "the preload only moves W ahead of the RMSNorm prologue");
+  static_assert(!kFp8 || (!kPreload && kTiles <= 2), "FP8 weights: M <= kGemvFp8MaxM, no preload variant");
+  using WT = std::conditional_t<kFp8, uint8_t, T>;              // a weight element: 16-bit or e4m3
+  constexpr int kLaneK = kFp8 ? kFp8VecElems : kVecElems;       // k of one lane's 16-byte weight piece
+  constexpr int kChunk = kFp8 ? kFp8ChunkK<kTiles> : kChunkK;   // k per warp chunk
+  constexpr int kSteps = kFp8 ? kFp8Steps<kTiles> : kStepsPerChunk;
+  constexpr int kStep = kFp8 ? kFp8StepK : kStepK;
   // Each warp's 16 x 8 tiles in D-fragment order: partial[warp][tile][lane].
   __shared__ float4 partial[kWarps][kTiles][kWarpSize];
   // RMSNorm prologue: 1 / rms of each x row. Residual epilogue: squares of the CTA's new residuals.
@@ -352,29 +491,29 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams
   const int rope_row = rope ? rope_head() * p.head_dim + rope_d0() + g : 0;
   const int64_t row_lo = p.swiglu ? gate_row : rope ? rope_row : min(row0 + g, p.n - 1);
   const int64_t row_hi = p.swiglu ? p.n / 2 + gate_row : rope ? rope_row + p.head_dim / 2 : min(row0 + g + 8, p.n - 1);
-  const T* weight = static_cast<const T*>(p.weight);
-  const T* w_lo = weight + row_lo * p.k + kVecElems * c;
-  const T* w_hi = weight + row_hi * p.k + kVecElems * c;
+  const WT* weight = static_cast<const WT*>(p.weight);
+  const WT* w_lo = weight + row_lo * p.k + kLaneK * c;
+  const WT* w_hi = weight + row_hi * p.k + kLaneK * c;
   const T* x_rows[kTiles];
   unsigned has_x = 0;  // bit t: B column g of tile t = x row 8 t + g exists (zero beyond M)
 #pragma unroll
   for (int t = 0; t < kTiles; ++t) {
     const int row = 8 * t + g;
     has_x |= (row < p.m ? 1u : 0u) << t;
-    x_rows[t] = static_cast<const T*>(p.x) + (row < p.m ? row : 0) * p.x_stride + kVecElems * c;
+    x_rows[t] = static_cast<const T*>(p.x) + (row < p.m ? row : 0) * p.x_stride + kLaneK * c;
   }
 
   // PDL (common.cuh, FASTINFER_PDL=1): ask L2 for this warp's first chunk of W, which no kernel
   // writes, while the kernel before this one may still be running; then wait for it (x is its output).
-  const int64_t num_full = p.k / kChunkK;
+  const int64_t num_full = p.k / kChunk;
   uint4 first_wl[kStepsPerChunk], first_wh[kStepsPerChunk];  // kPreload: chunk `warp`'s W
   if constexpr (kPreload) {
     if (warp < num_full) load_w_chunk<T, false>(first_wl, first_wh, w_lo, w_hi, warp * kChunkK, 0);
   } else if (warp < num_full) {
 #pragma unroll
-    for (int s = 0; s < kStepsPerChunk; ++s) {
-      asm volatile("prefetch.global.L2 [%0];\n" ::"l"(w_lo + warp * kChunkK + s * kStepK));
-      asm volatile("prefetch.global.L2 [%0];\n" ::"l"(w_hi + warp * kChunkK + s * kStepK));
+    for (int s = 0; s < kSteps; ++s) {
+      asm volatile("prefetch.global.L2 [%0];\n" ::"l"(w_lo + warp * kChunk + s * kStep));
+      asm volatile("prefetch.global.L2 [%0];\n" ::"l"(w_hi + warp * kChunk + s * kStep));
     }
   }
   pdl_wait();
@@ -391,7 +530,7 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams
       if (lane == 0) inv_rms_s[m] = rsqrtf(sum / static_cast<float>(p.k) + p.eps);
     }
     __syncthreads();
-    norm.weight = static_cast<const T*>(p.norm_weight) + kVecElems * c;
+    norm.weight = static_cast<const T*>(p.norm_weight) + kLaneK * c;
 #pragma unroll
     for (int t = 0; t < kTiles; ++t) norm.inv_rms[t] = 8 * t + g < p.m ? inv_rms_s[8 * t + g] : 0.f;
   }
@@ -410,12 +549,22 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams
       chunk += kWarps;
     }
   }
-  for (; chunk < num_full; chunk += kWarps) {
-    chunk_mma<T, kTiles, false, kNorm>(acc, w_lo, w_hi, x_rows, has_x, chunk * kChunkK, 0, norm);
-  }
-  if (chunk == num_full && p.k % kChunkK != 0) {  // the partial last chunk falls to this warp
-    const int64_t k0 = chunk * kChunkK;
-    chunk_mma<T, kTiles, true, kNorm>(acc, w_lo, w_hi, x_rows, has_x, k0, p.k - k0 - kVecElems * c, norm);
+  if constexpr (kFp8) {
+    for (; chunk < num_full; chunk += kWarps) {
+      chunk_mma_fp8<T, kTiles, false, kNorm>(acc, w_lo, w_hi, x_rows, chunk * kChunk, 0, norm);
+    }
+    if (chunk == num_full && p.k % kChunk != 0) {  // the partial last chunk falls to this warp
+      const int64_t k0 = chunk * kChunk;
+      chunk_mma_fp8<T, kTiles, true, kNorm>(acc, w_lo, w_hi, x_rows, k0, p.k - k0 - kLaneK * c, norm);
+    }
+  } else {
+    for (; chunk < num_full; chunk += kWarps) {
+      chunk_mma<T, kTiles, false, kNorm>(acc, w_lo, w_hi, x_rows, has_x, chunk * kChunkK, 0, norm);
+    }
+    if (chunk == num_full && p.k % kChunkK != 0) {  // the partial last chunk falls to this warp
+      const int64_t k0 = chunk * kChunkK;
+      chunk_mma<T, kTiles, true, kNorm>(acc, w_lo, w_hi, x_rows, has_x, k0, p.k - k0 - kVecElems * c, norm);
+    }
   }
   // PDL: the next kernel may launch once every CTA is past its K loop (all of this grid's CTAs have
   // then been scheduled, so its CTAs cannot take slots this grid still needs: triggering at the start,
@@ -448,6 +597,14 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams
     for (int w = 0; w < kWarps; ++w) sum += flat[w * kValuesPerWarp + i];  // fixed order
     return sum;
   };
+  // The sum of value i, which belongs to weight row n: times that row's scale with FP8 weights.
+  const auto row_sum = [&](int i, int64_t n) {
+    if constexpr (kFp8) {
+      return warp_sum(i) * p.weight_scale[n];
+    } else {
+      return warp_sum(i);
+    }
+  };
   for (int i = threadIdx.x; i < kValuesPerWarp; i += kThreads) {
     const int src = (i % (kWarpSize * 4)) / 4, j = i % 4, t = i / (kWarpSize * 4);
     const int m = 8 * t + 2 * (src % 4) + (j % 2);
@@ -459,8 +616,8 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams
       const int head = rope_head(), half = p.head_dim / 2, d = rope_d0() + src / 4;
       const int64_t n_lo = static_cast<int64_t>(head) * p.head_dim + d;
       const T* bias = static_cast<const T*>(p.bias);
-      const float x1 = to_float(from_float<T>(warp_sum(i) + (bias ? to_float(bias[n_lo]) : 0.f)));
-      const float x2 = to_float(from_float<T>(warp_sum(i + 2) + (bias ? to_float(bias[n_lo + half]) : 0.f)));
+      const float x1 = to_float(from_float<T>(row_sum(i, n_lo) + (bias ? to_float(bias[n_lo]) : 0.f)));
+      const float x2 = to_float(from_float<T>(row_sum(i + 2, n_lo + half) + (bias ? to_float(bias[n_lo + half]) : 0.f)));
       T out1 = from_float<T>(x1), out2 = from_float<T>(x2);
       if (head < p.num_heads + p.num_kv_heads) {  // query or key: rotate
         const float* cos = p.cos_sin_cache + p.positions[m] * p.head_dim;
@@ -487,15 +644,16 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gemv_kernel(DenseGemvParams
       // Value j < 2 is gate row g (output column 8 b + g), value j + 2 the up row paired with it. Each
       // is rounded to T first and the product once more: silu_mul.cuh's formula on dense_gemv's output.
       if (j >= 2) continue;
-      const float gate = to_float(from_float<T>(warp_sum(i)));
-      const float up = to_float(from_float<T>(warp_sum(i + 2)));
+      const int64_t gate_n = static_cast<int64_t>(blockIdx.x) * (kTileN / 2) + src / 4;
+      const float gate = to_float(from_float<T>(row_sum(i, gate_n)));
+      const float up = to_float(from_float<T>(row_sum(i + 2, p.n / 2 + gate_n)));
       static_cast<T*>(p.out)[m * p.out_stride + blockIdx.x * (kTileN / 2) + src / 4] =
           from_float<T>(gate / (1.0f + __expf(-gate)) * up);
       continue;
     }
     const int n = row0 + src / 4 + (j >= 2 ? 8 : 0);
     if (n >= p.n) continue;
-    float sum = warp_sum(i);
+    float sum = row_sum(i, n);
     if (p.bias != nullptr) sum += to_float(static_cast<const T*>(p.bias)[n]);
     if (add_residual) {
       // fused_add_rms_norm's first half on this output: residual + round(x @ W^T), rounded.
@@ -556,6 +714,14 @@ cudaError_t launch_typed(const DenseGemvParams& p, cudaStream_t stream) {
   const bool norm = p.norm_weight != nullptr;
   if (norm && tiles_for(p.m) > 2) return cudaErrorInvalidValue;  // kGemvNormMaxM (also checked by the caller)
   const bool pre = norm && p.norm_preload;
+  if (p.weight_scale != nullptr) {  // FP8 weights: M <= 16 (checked by the caller), no preload variant
+    const auto kernel = tiles_for(p.m) == 1 ? (norm ? dense_gemv_kernel<T, 1, true, false, true>
+                                                    : dense_gemv_kernel<T, 1, false, false, true>)
+                                            : (norm ? dense_gemv_kernel<T, 2, true, false, true>
+                                                    : dense_gemv_kernel<T, 2, false, false, true>);
+    const PrefetchPlan pf = p.prefetch != nullptr ? plan_prefetch(p, kernel, tiles) : PrefetchPlan{};
+    return launch_kernel(kernel, dim3(tiles), dim3(kThreads), 0, stream, p, pf);
+  }
   const auto kernel = tiles_for(p.m) == 1
                           ? (pre ? dense_gemv_kernel<T, 1, true, true>
                                  : norm ? dense_gemv_kernel<T, 1, true> : dense_gemv_kernel<T, 1, false>)
@@ -572,6 +738,7 @@ cudaError_t launch_typed(const DenseGemvParams& p, cudaStream_t stream) {
 inline cudaError_t launch_dense_gemv_impl(const DenseGemvParams& p, cudaStream_t stream) {
   const auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   if (p.m < 0 || p.m > kGemvMaxM || p.n < 0 || p.k <= 0 || p.k % gemv::kVecElems != 0 ||
+      (p.weight_scale != nullptr && (p.m > kGemvFp8MaxM || p.k % gemv::kFp8VecElems != 0)) ||
       p.x_stride % gemv::kVecElems != 0 || !aligned16(p.x) || !aligned16(p.weight) ||
       (p.swiglu && (p.n % gemv::kTileN != 0 || p.bias != nullptr)) ||
       (p.out_fp32 && (p.swiglu || p.residual != nullptr || p.rope)) ||

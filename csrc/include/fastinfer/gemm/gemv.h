@@ -26,6 +26,10 @@ struct DenseGemvParams {
   int64_t k;            // multiple of 8 (16-byte rows)
   int64_t x_stride, out_stride;
   DType dtype;          // of out, x, weight, bias: kFloat16 or kBFloat16
+  // FP8 weights (W8A16; gemv.cuh, "FP8 weights"), when weight_scale != nullptr: weight is e4m3 [N, K]
+  // (K % 16 == 0, M <= kGemvFp8MaxM) and every output is round(x @ float(W[n])^T * weight_scale[n] (+ bias)),
+  // the sum taken over the exactly converted e4m3 values; the epilogues then proceed as for 16-bit weights.
+  const float* weight_scale;  // [N] fp32, one scale per weight row
   // SwiGLU epilogue (dense_gemv_silu_mul): W = [gate; up] with N = 2 F rows (F % 8 == 0, no bias);
   // out [M, F] = silu(round(x @ gate^T)) * round(x @ up^T), rounded once more: bit for bit
   // silu_and_mul(dense_gemv(x, W)).
@@ -66,8 +70,8 @@ struct DenseGemvParams {
   // L2 prefetch of the next GEMV's weight (gemv.cuh, "L2 prefetch across kernels"): a hint that changes
   // no result. When prefetch != nullptr, this grid's last wave of CTAs, as each warp leaves its K loop,
   // asks L2 for the first bytes of the rows the next dense GEMV's first wave will read, about
-  // prefetch_budget bytes in all. The next weight is [prefetch_rows, prefetch_row_bytes / 2] 16-bit,
-  // contiguous, 16-byte aligned; prefetch_swiglu: the next GEMV is the SwiGLU one (its CTAs read
+  // prefetch_budget bytes in all. The next weight is [prefetch_rows, prefetch_row_bytes] bytes (16-bit or
+  // e4m3 elements), contiguous, 16-byte aligned; prefetch_swiglu: the next GEMV is the SwiGLU one (its CTAs read
   // gate and up rows in pairs). num_sms (> 0 with a prefetch) sizes the waves.
   const void* prefetch;
   int64_t prefetch_rows;
@@ -76,6 +80,9 @@ struct DenseGemvParams {
   bool prefetch_swiglu;
   int num_sms;
 };
+
+// Rows of x the FP8-weight kernels take (one or two x tiles; FP8 x tiles are twice as many registers).
+constexpr int kGemvFp8MaxM = 16;
 
 constexpr int kGemvSqSumGroup = 16;  // columns per sum of squares of the residual epilogue (a CTA's rows)
 // Rows of x the RMSNorm prologue takes: with 4 x tiles (M > 16) its registers would spill.
