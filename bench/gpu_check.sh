@@ -53,7 +53,8 @@ BUDGET=${GPU_CHECK_BUDGET_S:-420}
 # what is left after them, then the diagnostic ones.
 BENCH_ORDER="prefill_cpp decode_cpp stream_cpp attention fp8_kv spec_verify int4 fp8 e2e gemv layers"
 TEST_ORDER="tests/test_ops.py tests/test_e2e_cuda.py tests/test_forward_kernels_cuda.py tests/test_sampling.py
-  tests/test_generate.py tests/test_decode_graphs.py tests/test_spec_verify.py tests/test_gemv.py tests/test_gemv_fused_norm.py tests/test_int4.py tests/test_fp8.py tests/test_fp8_kv.py
+  tests/test_generate.py tests/test_decode_graphs.py tests/test_spec_verify.py tests/test_gemv.py tests/test_gemv_fused_norm.py tests/test_gemv_fp8.py tests/test_int4.py tests/test_fp8.py
+  tests/test_fp8_model.py tests/test_fp8_kv.py
   tests/test_attention_prefill_cuda.py tests/test_attention_decode_cuda.py tests/test_attention_fp8_cuda.py"
 if [[ -n "${GPU_CHECK_BENCH:-}" ]]; then
   SELECTED=" $GPU_CHECK_BENCH "
