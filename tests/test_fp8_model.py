@@ -221,6 +221,7 @@ def test_llm_with_fp8_weights_and_kv_cache(tmp_path, hf_pair):
     ("bitsandbytes", "unsupported quantization method 'bitsandbytes'"),
     ("group-scales", "unsupported weight scale shape"),
     ("e5m2", "e4m3"),
+    ("nan-codes", "holds e4m3 NaN codes"),
 ])
 def test_bad_fp8_checkpoints(tmp_path, what, match):
     model = make_hf_model("llama")
@@ -241,6 +242,10 @@ def test_bad_fp8_checkpoints(tmp_path, what, match):
         edit = lambda t: (fp8_tensors(t, channel_scales), t.__setitem__(key + "_scale", torch.ones(160, 2, 2)))  # noqa: E731
     elif what == "e5m2":
         config = {"quant_method": "fp8", "fmt": "e5m2"}
+    elif what == "nan-codes":
+        def edit(t):
+            fp8_tensors(t, channel_scales)
+            t[key].view(torch.uint8)[3, 5] = 0xFF
     write_checkpoint(tmp_path, model, config, edit)
     with pytest.raises(ValueError, match=match):
         fastinfer.load_model(tmp_path, torch.float32, "cpu")

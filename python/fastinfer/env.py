@@ -76,8 +76,9 @@ SETTINGS = {
                                   "in the same kernel (rms_norm_quant_fp8, silu_and_mul_quant_fp8; same bits); 0: "
                                   "the 16-bit op, then fp8_quantize_per_token (read at each forward)"),
     "FASTINFER_FP8_DECODE": ("w8a8", "w8a8 | w8a16",
-                             "decode steps (<= 8 tokens) of FP8 layers: x quantized per token for the FP8 GEMM "
-                             "(w8a8), or the fused decode GEMVs reading the e4m3 weights with 16-bit x (w8a16: "
+                             "decode steps (<= 8 tokens, FASTINFER_FUSED_NORM=1, K % 16 == 0) of FP8 layers: x quantized "
+                             "per token for the FP8 GEMM (w8a8), or the fused decode GEMVs reading the e4m3 weights "
+                             "with 16-bit x (w8a16: "
                              "3 kernels a layer, no activation quantization; gemv.cuh 'FP8 weights'); read at each "
                              "forward; off until measured on a GPU"),
     "FASTINFER_GEMV_PREFETCH_MB": ("0", "0 | MB (e.g. 4, 8, 16)",

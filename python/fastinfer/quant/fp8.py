@@ -111,6 +111,9 @@ def load_fp8_rows(name: str, dest_weight: torch.Tensor, dest_scale: torch.Tensor
         raise ValueError(f"weight {name!r} has dtype {weight.dtype}; an FP8 checkpoint weight must be {FP8}")
     n = weight.shape[0]
     scale = scales.get("weight_scale", scales.get("weight_scale_inv")).to(torch.float32)
+    if ((weight.view(torch.uint8) & 0x7F) == 0x7F).any():
+        # e4m3's NaN codes: W8A8 would give NaN outputs, the W8A16 decode GEMV +-480 (gemv.cuh)
+        raise ValueError(f"weight {name!r} holds e4m3 NaN codes (0x7F / 0xFF): the checkpoint is corrupt")
     if scale.numel() == 1:        # per tensor: the same scale on every row
         dest_weight.copy_(weight)
         dest_scale.copy_(scale.reshape(1).expand(n))

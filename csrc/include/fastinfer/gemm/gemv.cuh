@@ -334,8 +334,9 @@ constexpr int kFp8ChunkK = kFp8StepK * kFp8Steps<kTiles>;
 // exponent and mantissa (bits 14..8) move down into T's fields (by 4 for bf16's 8 exponent bits, by 1 for
 // fp16's 5), which reads as the same value times 2^(7 - bias(T)), subnormals included (e4m3 exponent 0
 // lands on T's exponent 0); one exact multiply by 2^(bias(T) - 7) = 2^120 (bf16) or 2^8 (fp16) undoes it,
-// a 2-element FMA with -0 so zeros keep their sign. e4m3's NaN code (S.1111.111) would read as 480: the
-// FP8 weights of this package come from saturating quantizers and carry none.
+// a 2-element FMA with -0 so zeros keep their sign. e4m3's NaN code (S.1111.111) would read as +-480: the
+// quantizers of this package saturate, and loading an FP8 checkpoint rejects weights holding NaN codes
+// (quant/fp8.py load_fp8_rows).
 template <typename T>
 __device__ __forceinline__ uint32_t e4m3x2_high_to(uint32_t v) {
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
