@@ -15,6 +15,8 @@ fourth. The shapes are the ones the issues measure (bench/PERF_NOTES.md says wha
   gemv_norm    rms_norm_dense_gemv (SwiGLU), M 1, gate_up 4096 -> 28672           (issue 9: the prologue)
   int4_wgmma   int4_linear on the wgmma kernel (FASTINFER_INT4_KERNEL=wgmma), M 64, down 14336 -> 4096
   fp8_multicast  the fp8_gemm target in multicast clusters (FASTINFER_FP8_MULTICAST=on): only that differs
+  gemv_w8a16   rms_norm_dense_gemv (SwiGLU) with e4m3 weights, M 1, gate_up 4096 -> 28672 (the W8A16 decode
+               path: issue-bound or memory-bound? compare with gemv_norm)
 
 Runs on the GPU only; prints one line per call. Exit 2 when it cannot run (bench/common.py's contract).
 """
@@ -29,7 +31,8 @@ import common
 
 KERNELS = {"prefill": "paged_prefill_wgmma", "decode_bf16": "paged_decode_mma", "decode_fp8": "paged_decode_mma",
            "int4_m64": "w4a16_kernel", "int4_m1": "w4a16_small", "fp8_gemm": "fp8_gemm_kernel",
-           "gemv_norm": "dense_gemv", "int4_wgmma": "w4a16_wgmma_kernel", "fp8_multicast": "fp8_gemm_kernel"}
+           "gemv_norm": "dense_gemv", "int4_wgmma": "w4a16_wgmma_kernel", "fp8_multicast": "fp8_gemm_kernel",
+           "gemv_w8a16": "dense_gemv"}
 CALLS = 4
 
 
@@ -87,12 +90,16 @@ def target_fn(ops, name: str):
         a, sa = ops.fp8_quantize_per_tensor(torch.randn(n, n, generator=g, device="cuda", dtype=bf16))
         b_, sb = ops.fp8_quantize_per_tensor(torch.randn(n, n, generator=g, device="cuda", dtype=bf16))
         return lambda: ops.fp8_scaled_mm(a, b_, sa, sb)
-    if name == "gemv_norm":
+    if name in ("gemv_norm", "gemv_w8a16"):
         k, n = 4096, 28672
         x = torch.randn(1, k, generator=g, device="cuda", dtype=bf16)
         sums = x.float().pow(2).reshape(1, -1, ops.SQ_SUM_GROUP).sum(-1)
         norm_w = torch.ones(k, dtype=bf16, device="cuda")
         w = torch.randn(n, k, generator=g, device="cuda", dtype=bf16) * k ** -0.5
+        if name == "gemv_w8a16":
+            scale = w.float().abs().amax(dim=1) / 448.0
+            w8 = (w.float() / scale[:, None]).to(torch.float8_e4m3fn)
+            return lambda: ops.rms_norm_dense_gemv(x, sums, norm_w, 1e-5, w8, silu_mul=True, weight_scale=scale)
         return lambda: ops.rms_norm_dense_gemv(x, sums, norm_w, 1e-5, w, silu_mul=True)
     raise SystemExit(f"ncu_targets.py: unknown target {name!r}; targets: {', '.join(KERNELS)}")
 
