@@ -15,6 +15,9 @@
 //                    partial last wave, no per-tile CTA start)
 //   contiguous       the same, each CTA one contiguous range of tiles
 //   linear           grid-stride 16-byte loads over the whole weight, 8 in flight per thread
+//   dense_gemv W8A16 the decode GEMV on the same shape with e4m3 weights (DenseGemvParams::weight_scale:
+//                    half the bytes, converted in registers); GB/s counts its N K bytes, and "vs
+//                    dense_gemv" is the 16-bit GEMV's time over its (2.0 would be the bytes' ratio)
 //   ..., read flush  dense_gemv and linear again with the L2 flushed by a 256 MB read instead of the
 //                    write (or the other way round under FASTINFER_BENCH_FLUSH=read): whether the
 //                    ~9 us every call pays is the write-back of the write flush's dirty lines
@@ -147,6 +150,18 @@ Result run(Launch&& launch, const Buffer& sum, const Args& args) {
   return {t, host};
 }
 
+// e4m3 codes from a hash of the index, the exponent's top bit cleared (& 0xB7: |w| <= 1.875, never the
+// NaN code S.1111.111).
+__global__ void fill_e4m3_kernel(uint8_t* w, size_t n) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n; i += gridDim.x * static_cast<size_t>(blockDim.x)) {
+    w[i] = static_cast<uint8_t>(((static_cast<uint32_t>(i) * 2654435761u) >> 24) & 0xB7u);
+  }
+}
+
+__global__ void fill_float_kernel(float* x, size_t n, float value) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n; i += gridDim.x * static_cast<size_t>(blockDim.x)) x[i] = value;
+}
+
 // dense_gemv at M = 1 over a bf16 W of shape s.
 fastinfer::DenseGemvParams gemv_params(void* out, const void* x, const void* w, const Shape& s) {
   fastinfer::DenseGemvParams p{};
@@ -216,6 +231,20 @@ int main(int argc, char** argv) {
                        {"vs_gemv", gemv.us / t.us}, {"check", std::move(check)}});
     };
     row("dense_gemv M=1", gemv, Value(std::string(nonfinite ? "NON-FINITE" : "finite")), tiles);
+    {  // the same GEMV with e4m3 weights (W8A16): half the bytes
+      Buffer w8(static_cast<size_t>(bytes / 2)), scale(static_cast<size_t>(s.n) * 4);
+      fill_e4m3_kernel<<<4 * sms, 256>>>(w8.get<uint8_t>(), static_cast<size_t>(bytes / 2));
+      fill_float_kernel<<<4 * sms, 256>>>(scale.get<float>(), static_cast<size_t>(s.n), 1.0f / 448.0f);
+      BENCH_CHECK(cudaGetLastError());
+      fastinfer::DenseGemvParams p8 = gemv_params(out.get(), x.get(), w8.get(), s);
+      p8.weight_scale = scale.get<float>();
+      const Timing t8 = time_cuda([&] { BENCH_CHECK(fastinfer::launch_dense_gemv(p8, nullptr)); }, args);
+      const double gbps = bytes / 2 / (t8.us * 1e-6) / 1e9;
+      rows.push_back({{"shape", std::string(s.name)}, {"impl", std::string("dense_gemv W8A16 M=1")}, {"grid", tiles},
+                      {"us", t8.us}, {"min_us", t8.min_us}, {"gbps", gbps}, {"of_copy", gbps / copy.gbps},
+                      {"vs_gemv", gemv.us / t8.us},
+                      {"check", Value(std::string(count_nonfinite_bf16(out) ? "NON-FINITE" : "finite"))}});
+    }
     for (const auto& [name, r] : reads) {
       const bool ok = r.sum == linear.sum;
       all_ok = all_ok && ok;
