@@ -87,3 +87,67 @@ def test_bad_requests_fail_before_anything_runs(llm, prompts, params, match):
 def test_sampling_params_validated_on_construction(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+# ---- LLM.chat (vLLM's chat API) ----------------------------------------------------------------------
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_chat_renders_the_template_and_generates(llm):
+    """The model's chat template (SmolLM2's, from the GGUF), tokenized as HF's apply_chat_template does;
+    the output's prompt is the rendered text, and the tokens are generate()'s on those ids."""
+    params = SamplingParams(temperature=0, max_tokens=10)
+    out = llm.chat(QUESTION, params, use_tqdm=False)[0]
+    expected_ids = llm.tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True)
+    expected_ids = expected_ids if isinstance(expected_ids, list) else expected_ids["input_ids"]  # (a BatchEncoding)
+    assert out.prompt_token_ids == list(expected_ids)
+    assert out.prompt.startswith("<|im_start|>") and out.prompt.endswith("<|im_start|>assistant\n")
+    assert "Paris" in out.outputs[0].text
+    plain = llm.generate({"prompt_token_ids": list(expected_ids)}, params, use_tqdm=False)[0]
+    assert plain.outputs[0].token_ids == out.outputs[0].token_ids
+
+
+def test_chat_batches_conversations_with_their_own_params(llm):
+    conversations = [QUESTION, [{"role": "system", "content": "Answer in one word."}, *QUESTION]]
+    params = [SamplingParams(temperature=0, max_tokens=4), SamplingParams(temperature=0, max_tokens=2)]
+    outs = llm.chat(conversations, params, use_tqdm=False)
+    assert len(outs) == 2 and len(outs[0].outputs[0].token_ids) == 4 and len(outs[1].outputs[0].token_ids) <= 2
+    assert "Answer in one word." in outs[1].prompt and "Answer in one word." not in outs[0].prompt
+
+
+def test_chat_continue_final_message_and_custom_template(llm):
+    partial = [*QUESTION, {"role": "assistant", "content": "The capital of France is"}]
+    out = llm.chat(partial, SamplingParams(temperature=0, max_tokens=3), use_tqdm=False,
+                   add_generation_prompt=False, continue_final_message=True)[0]
+    assert out.prompt.endswith("The capital of France is") and "Paris" in out.outputs[0].text
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{{ suffix }}"
+    out = llm.chat(QUESTION, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False, chat_template=template,
+                   add_generation_prompt=False, chat_template_kwargs={"suffix": "assistant:"})[0]
+    assert out.prompt == "user: What is the capital of France?\nassistant:"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(messages=[]), "messages must be a non-empty list"),
+    (dict(messages="hello"), "messages must be a non-empty list"),
+    (dict(messages=[{"role": "user"}]), r"messages\[0\]\['content'\] must be a str"),
+    (dict(messages=[{"role": 1, "content": "x"}]), r"messages\[0\]\['role'\] must be a str"),
+    (dict(messages=[QUESTION, ["not a dict"]]), r"messages\[1\]\[0\] must be a dict"),
+    (dict(messages=[QUESTION, []]), r"messages\[1\] must be a non-empty list"),
+    (dict(messages=QUESTION, continue_final_message=True), "cannot both be set"),
+    (dict(messages=QUESTION, chat_template_kwargs=["x"]), "chat_template_kwargs must be a dict"),
+    (dict(messages=QUESTION, chat_template="{{ raise_exception('no system role') }}"),
+     r"messages\[0\]: the chat template could not render it: .*no system role"),
+    (dict(messages=QUESTION, sampling_params=SamplingParams(max_tokens=10**6)), r"prompts\[0\]"),
+])
+def test_chat_bad_input_fails_before_anything_runs(llm, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        llm.chat(**kwargs, use_tqdm=False)
+    assert not llm.engine.has_unfinished()
+
+
+def test_chat_needs_a_tokenizer():
+    from models import make_hf_model
+    llm = LLM(make_hf_model("llama"), kv_cache_memory_bytes=8 << 20)  # an HF model object: no tokenizer
+    with pytest.raises(ValueError, match="chat needs a tokenizer"):
+        llm.chat(QUESTION, use_tqdm=False)

@@ -3,7 +3,7 @@
 README.md is parsed when the tests are collected, so an edited or added example is tested as it
 stands. Placeholder checkpoints (``path/to/...``) are replaced, by string replacement of the path
 literal only, with a tiny random Llama saved as safetensors next to a byte-level tokenizer (so text
-round-trips); everything else runs verbatim: python blocks by ``exec`` in a fresh namespace, shell
+round-trips) with a small chat template; everything else runs verbatim: python blocks by ``exec`` in a fresh namespace, shell
 commands in a subprocess from the repository root. An example is run or skipped by one of the rules
 below, and an example that no rule covers fails, so a new example cannot go untested unnoticed.
 Where the README states a result (the shape of ``fastinfer.generate``'s output, "as model.generate",
@@ -134,6 +134,9 @@ def checkpoint(tmp_path_factory) -> Path:
     bpe.decoder = decoders.ByteLevel()
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>",
                                                eos_token="</s>")
+    # a chat template, as instruction-tuned checkpoints ship (the README's llm.chat example)
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
     model = make_hf_model("llama", seed=0, vocab_size=len(tok), pad_token_id=0, bos_token_id=1, eos_token_id=2)
     path = tmp_path_factory.mktemp("readme_checkpoint")
     model.save_pretrained(path)

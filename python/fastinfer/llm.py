@@ -199,6 +199,42 @@ class LLM:
                 bar.close()
         return [results[r] for r in ids]
 
+    def chat(self, messages, sampling_params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm=True,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """vLLM's LLM.chat: one conversation (a list of {"role": ..., "content": str} messages) or a list of
+        them, each rendered with the tokenizer's chat template (or chat_template, a Jinja string),
+        tokenized without adding special tokens (the template writes them) and generated as generate()
+        does. add_generation_prompt: end with the assistant turn's header; continue_final_message: leave
+        the last message open for the model to continue (not with add_generation_prompt).
+        chat_template_kwargs: extra variables for the template. Each RequestOutput's prompt is the
+        rendered text. Every conversation is checked before any runs."""
+        tok = self.tokenizer
+        if tok is None:
+            raise ValueError("chat needs a tokenizer: this model was loaded without one (use generate with token ids)")
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message cannot both be set: the first "
+                             "starts a new assistant turn, the second continues the last message")
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+            raise ValueError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
+        conversations = _conversations(messages)
+        texts, ids = [], []
+        for i, conversation in enumerate(conversations):
+            try:
+                text = tok.apply_chat_template(conversation, chat_template=chat_template, tokenize=False,
+                                               add_generation_prompt=add_generation_prompt,
+                                               continue_final_message=continue_final_message,
+                                               **(chat_template_kwargs or {}))
+            except Exception as e:  # no template, a Jinja error, a template's own raise_exception
+                raise ValueError(f"messages[{i}]: the chat template could not render it: {type(e).__name__}: {e}") \
+                    from None
+            texts.append(text)
+            ids.append(list(tok(text, add_special_tokens=False)["input_ids"]))
+        outs = self.generate([{"prompt_token_ids": t} for t in ids], sampling_params, use_tqdm=use_tqdm)
+        for out, text in zip(outs, texts):
+            out.prompt = text
+        return outs
+
     def stream(self, prompts, sampling_params=None) -> Iterator[StreamDelta]:
         """Yield incremental text per request and completion as the engine produces it."""
         prompts, params = self._requests(prompts, sampling_params)
@@ -246,6 +282,26 @@ def _progress(total: int, factory=None):
     if factory is None:
         from tqdm.auto import tqdm as factory
     return factory(total=total, desc="Processed prompts", dynamic_ncols=True)
+
+
+def _conversations(messages) -> list[list[dict]]:
+    """LLM.chat's messages: one conversation (a list of message dicts) or a list of conversations,
+    each message a dict with str "role" and str "content" (other keys go to the template as they are)."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError(f"messages must be a non-empty list of message dicts, or of such lists, got {messages!r:.80}")
+    conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+    for i, conversation in enumerate(conversations):
+        if not isinstance(conversation, (list, tuple)) or not conversation:
+            raise ValueError(f"messages[{i}] must be a non-empty list of message dicts, got {conversation!r:.80}")
+        for j, message in enumerate(conversation):
+            where = f"messages[{i}][{j}]" if len(conversations) > 1 or not isinstance(messages[0], dict) \
+                else f"messages[{j}]"
+            if not isinstance(message, dict):
+                raise ValueError(f"{where} must be a dict with 'role' and 'content', got {type(message).__name__}")
+            for key in ("role", "content"):
+                if not isinstance(message.get(key), str):
+                    raise ValueError(f"{where}['{key}'] must be a str, got {message.get(key)!r:.80}")
+    return [list(c) for c in conversations]
 
 
 def _from_prompt_dict(prompt: dict):
