@@ -137,7 +137,7 @@ def test_unsupported_vllm_fields_fail_naming_the_field(with_tok):
     """Fields fastinfer does not implement fail loudly at non-default values; vLLM's defaults pass."""
     SamplingParams(prompt_logprobs=None, spaces_between_special_tokens=True, detokenize=True,
                    include_stop_str_in_output=False, truncate_prompt_tokens=None)
-    for field, value in [("prompt_logprobs", 1), ("spaces_between_special_tokens", False),
+    for field, value in [("prompt_logprobs", -1), ("spaces_between_special_tokens", False),
                          ("truncate_prompt_tokens", 0), ("include_stop_str_in_output", 1)]:
         with pytest.raises(ValueError, match=field):
             SamplingParams(**{field: value})

@@ -76,8 +76,9 @@ class BlockManager:
         self.block_hash[block] = None
 
     def _prefix_hits(self, seq: Sequence) -> list[int]:
-        """Cached blocks holding the longest reusable prefix of seq's tokens."""
-        if not self.enable_prefix_caching:
+        """Cached blocks holding the longest reusable prefix of seq's tokens (none for a sequence that still
+        needs its prompt logprobs: cached tokens would get no logits)."""
+        if not self.enable_prefix_caching or seq.needs_prompt_logprobs:
             return []
         tokens, bs, hits, h = seq.all_token_ids, self.block_size, [], None
         for i in range((len(tokens) - 1) // bs):

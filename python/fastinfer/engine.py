@@ -165,7 +165,8 @@ class Engine:
             else:
                 n = min(s.num_tokens, seq.num_uncomputed_tokens)
                 chunks.append(SeqChunk(seq.token_slice(start, start + n), start, seq.block_table,
-                                       need_logits=start + n == len(seq)))
+                                       need_logits=start + n == len(seq),
+                                       all_logits=seq.needs_prompt_logprobs and start < len(seq.prompt_token_ids) - 1))
         logits = self.runner.run(chunks)
         ready, ready_rows, spec, spec_rows, row = [], [], [], [], 0
         for i, (s, chunk) in enumerate(zip(batch, chunks)):
@@ -177,9 +178,12 @@ class Engine:
             if i in proposals:
                 spec.append(i)
                 spec_rows.append(logits[row:row + rows])
-            elif rows:
-                ready.append(s.seq)
-                ready_rows.append(row)
+            else:
+                if chunk.all_logits:  # a prompt chunk of a request with prompt_logprobs
+                    self._prompt_logprobs(s.seq, chunk.start, logits[row:row + rows])
+                if chunk.need_logits:
+                    ready.append(s.seq)
+                    ready_rows.append(row + rows - 1)
             row += rows
         if ready:
             seqs, row_logits = self._expand_forks(ready, logits[torch.tensor(ready_rows, device=logits.device)])
@@ -229,6 +233,7 @@ class Engine:
                                      make_stream(_child_seed(seq.params.seed, k), self.runner.device),
                                      seq.arrival, seq.extra_seen_ids)
                     child.forked = True
+                    child.prompt_logprobs = None  # the request's are seq's (computed before the fork)
                     if (len(self.scheduler.running) < self.config.max_num_seqs
                             and self.blocks.can_fork(seq)):
                         partial = self.blocks.fork(seq, child)
@@ -272,6 +277,28 @@ class Engine:
         for seq, tok in zip(rows, tokens):
             self._append_token(seq, tok)
 
+    def _prompt_logprobs(self, seq: Sequence, start: int, rows: torch.Tensor) -> None:
+        """Row j of a prompt chunk starting at `start` predicts prompt position start + j + 1: that token's
+        logprob and rank and the top prompt_logprobs ones, as vLLM's prompt_logprobs entries."""
+        prompt, k = seq.prompt_token_ids, seq.params.prompt_logprobs
+        positions = [p for p in range(start + 1, start + rows.shape[0] + 1) if p < len(prompt)]
+        if not positions:
+            return
+        logprobs = torch.log_softmax(rows[:len(positions)].float(), dim=-1)
+        targets = torch.tensor([prompt[p] for p in positions], device=logprobs.device)
+        chosen = logprobs.gather(1, targets[:, None])
+        ranks = (logprobs >= chosen).sum(dim=1).tolist()  # vLLM counts ties as ahead
+        chosen = chosen[:, 0].tolist()
+        top_ids, top_values = [[]] * len(positions), [[]] * len(positions)
+        if k:
+            top = torch.topk(logprobs, k)
+            top_ids, top_values = top.indices.tolist(), top.values.tolist()
+        decode = self.tokenizer is not None and seq.params.detokenize
+        for j, p in enumerate(positions):  # the prompt token first, as the sampled one in `logprobs`
+            ids, values = [prompt[p]] + top_ids[j], [chosen[j]] + top_values[j]
+            seq.prompt_logprobs[p] = {t: Logprob(v, r, self.tokenizer.decode([t]) if decode else None)
+                                      for t, v, r in zip(ids, values, [ranks[j], *range(1, k + 1)])}
+
     def _append_token(self, seq: Sequence, tok: int) -> None:
         seq.output_token_ids.append(tok)
         self.num_output_tokens += 1
@@ -290,8 +317,12 @@ class Engine:
                                  s.logprobs, s.cumulative_logprob) for s in sorted(req.seqs, key=lambda s: s.index)]
         done = all(s.is_finished for s in req.seqs) and (req.params.n == 1 or req.seqs[0].forked
                                                          or req.seqs[0].finish_reason == "abort")
+        first = req.seqs[0]
+        prompt_logprobs = None
+        if first.prompt_logprobs is not None and not first.needs_prompt_logprobs:
+            prompt_logprobs = [None] + [first.prompt_logprobs[p] for p in range(1, len(req.prompt_token_ids))]
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, done,
-                             req.seqs[0].num_prefix_hit_tokens)
+                             first.num_prefix_hit_tokens, prompt_logprobs)
 
 
 def _child_seed(seed: int | None, index: int) -> int | None:

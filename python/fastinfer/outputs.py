@@ -45,4 +45,7 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0         # prompt tokens served from the prefix cache
-    prompt_logprobs: None = None       # vLLM's field; prompt_logprobs are not supported (always None)
+    # SamplingParams(prompt_logprobs=k): per prompt token, None for the first, then {token id: Logprob}
+    # holding that token and the k most likely ones given the tokens before it (as vLLM); set once the
+    # whole prompt is computed
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

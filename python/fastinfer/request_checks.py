@@ -52,6 +52,8 @@ def validate_request(token_ids: list[int], params: SamplingParams, *, vocab_size
                          f"{num_blocks}; raise num_blocks or lower max_tokens")
     if params.logprobs is not None and params.logprobs > vocab_size:
         raise ValueError(f"logprobs must be <= the vocabulary size {vocab_size}, got {params.logprobs}")
+    if params.prompt_logprobs is not None and params.prompt_logprobs > vocab_size:
+        raise ValueError(f"prompt_logprobs must be <= the vocabulary size {vocab_size}, got {params.prompt_logprobs}")
     if params.stop and tokenizer is None:
         raise ValueError("stop strings need a tokenizer to match text; this model has none "
                          "(use stop_token_ids)")

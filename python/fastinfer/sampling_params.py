@@ -64,8 +64,10 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     detokenize: bool = True               # False: no text (""), no stop strings, no decoded logprob tokens
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens
-    # accepted at vLLM's defaults only: True is what a fast tokenizer's decode does; no prompt logprobs
+    # accepted at vLLM's default only: True is what a fast tokenizer's decode does
     spaces_between_special_tokens: bool = True
+    # per prompt token, its logprob and the k most likely tokens' given the tokens before it
+    # (RequestOutput.prompt_logprobs; such a request takes no prefix-cache hits until they are computed)
     prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
@@ -102,8 +104,7 @@ class SamplingParams:
         if self.spaces_between_special_tokens is not True:
             raise ValueError(f"spaces_between_special_tokens={self.spaces_between_special_tokens!r} is not "
                              f"supported (only the default True)")
-        if self.prompt_logprobs is not None:
-            raise ValueError(f"prompt_logprobs={self.prompt_logprobs!r} is not supported (only None)")
+        _check_optional_int("prompt_logprobs", self.prompt_logprobs, 0)
 
     @staticmethod
     def _validated_stop(stop) -> list[str] | None:

@@ -46,6 +46,8 @@ class Sequence:
         self.text = ""                          # detokenized output (engine with a tokenizer)
         self.prefix_offset = self.read_offset = 0  # incremental detokenization window (Detokenizer)
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        # prompt position -> {token id: Logprob} (SamplingParams.prompt_logprobs; positions 1 .. len - 1)
+        self.prompt_logprobs: dict[int, dict] | None = {} if params.prompt_logprobs is not None else None
         self.cumulative_logprob: float | None = 0.0 if params.logprobs is not None else None
         self.num_prefix_hit_tokens = 0         # prompt tokens served from the prefix cache at first admission
         self.admitted = False                   # allocated blocks at least once (a later allocation is a recompute)
@@ -64,6 +66,11 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked for and not all computed: its prompt chunks need every row's logits."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids) - 1
 
     @property
     def num_uncomputed_tokens(self) -> int:
