@@ -141,7 +141,7 @@ def test_unsupported_vllm_fields_fail_naming_the_field(with_tok):
                          ("truncate_prompt_tokens", 0), ("include_stop_str_in_output", 1)]:
         with pytest.raises(ValueError, match=field):
             SamplingParams(**{field: value})
-    for field in ("best_of", "logits_processors", "logit_bias", "guided_decoding"):
+    for field in ("best_of", "logits_processors", "guided_decoding"):
         with pytest.raises((TypeError, ValueError), match=field):
             SamplingParams(**{field: 2})
     out = LLM(with_tok, num_blocks=64).generate("hello", SamplingParams(max_tokens=2, **GREEDY), use_tqdm=False)[0]
@@ -264,3 +264,56 @@ def test_use_tqdm_accepts_a_tqdm_class(loaded):
 
     LLM(loaded, num_blocks=64).generate([[5, 6], [7, 8]], SamplingParams(max_tokens=2, **GREEDY), use_tqdm=Bar)
     assert len(made) == 1 and (made[0].total, made[0].n) == (2, 2)
+
+
+# ---- logit_bias, allowed_token_ids ----------------------------------------------------------------
+
+def test_allowed_token_ids_restrict_every_token(with_tok):
+    """vLLM's allowed_token_ids: the other ids' logits are -inf, greedy and sampled, one id or several."""
+    llm = LLM(with_tok, num_blocks=64)
+    allowed = [3, 7, 11]
+    for params in (SamplingParams(max_tokens=8, allowed_token_ids=allowed, **GREEDY),
+                   SamplingParams(max_tokens=8, allowed_token_ids=allowed, temperature=1.5, seed=2, ignore_eos=True)):
+        out = llm.generate(["hello"], params, use_tqdm=False)[0].outputs[0]
+        assert len(out.token_ids) == 8 and set(out.token_ids) <= set(allowed)
+    one = llm.generate(["hello"], SamplingParams(max_tokens=4, allowed_token_ids=[5], **GREEDY), use_tqdm=False)
+    assert one[0].outputs[0].token_ids == [5] * 4
+
+
+def test_logit_bias_shifts_the_logits(with_tok):
+    """A bias of -100 on the greedy token makes the runner-up win; +100 on any token makes it win; the
+    processed logits are the raw ones plus the bias (before the penalties and warpers)."""
+    llm = LLM(with_tok, num_blocks=64)
+    free = greedy_free(llm, max_tokens=1).token_ids[0]
+    logits = torch.randn(2, 40)
+    biased = process_logits(logits, [SamplingParams(logit_bias={3: 2.5, 7: -1.0}), SamplingParams()],
+                            [[], []], [[], []])
+    expected = logits.clone()
+    expected[0, 3] += 2.5
+    expected[0, 7] -= 1.0
+    torch.testing.assert_close(biased, expected)
+    pushed = llm.generate(["hello"], SamplingParams(max_tokens=3, logit_bias={9: 100.0}, **GREEDY), use_tqdm=False)
+    assert pushed[0].outputs[0].token_ids == [9, 9, 9]
+    demoted = llm.generate(["hello"], SamplingParams(max_tokens=1, logit_bias={free: -100.0}, **GREEDY),
+                           use_tqdm=False)[0].outputs[0].token_ids[0]
+    assert demoted != free
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(logit_bias=[1, 2]), "logit_bias must be None or a dict"),
+    (dict(logit_bias={-1: 1.0}), "logit_bias must be None or a dict"),
+    (dict(logit_bias={1: float("nan")}), "logit_bias must be None or a dict"),
+    (dict(allowed_token_ids=[]), "allowed_token_ids must be None or a non-empty list"),
+    (dict(allowed_token_ids=[1, "a"]), "allowed_token_ids must be None or a non-empty list"),
+])
+def test_logit_bias_and_allowed_ids_validated(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_logit_bias_and_allowed_ids_outside_the_vocabulary_fail_the_request(with_tok):
+    llm = LLM(with_tok, num_blocks=64)
+    vocab = llm.loaded.model.config.vocab_size
+    for kwargs in (dict(logit_bias={vocab: 1.0}), dict(allowed_token_ids=[0, vocab + 3])):
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            llm.generate(["hello"], SamplingParams(max_tokens=2, **kwargs), use_tqdm=False)

@@ -52,6 +52,10 @@ def validate_request(token_ids: list[int], params: SamplingParams, *, vocab_size
                          f"{num_blocks}; raise num_blocks or lower max_tokens")
     if params.logprobs is not None and params.logprobs > vocab_size:
         raise ValueError(f"logprobs must be <= the vocabulary size {vocab_size}, got {params.logprobs}")
+    for name, ids in (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ())):
+        bad = [i for i in ids if i >= vocab_size]
+        if bad:
+            raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
     if params.prompt_logprobs is not None and params.prompt_logprobs > vocab_size:
         raise ValueError(f"prompt_logprobs must be <= the vocabulary size {vocab_size}, got {params.prompt_logprobs}")
     if params.stop and tokenizer is None:

@@ -194,8 +194,19 @@ def _check_batch(logits, params, seen_ids, output_ids, suppress_ids, generators=
 
 
 def _apply_penalties(logits, params, seen_ids, output_ids, suppress_ids):
-    """Repetition, presence/frequency penalties and suppression: every row, greedy or not."""
+    """allowed_token_ids and logit_bias (vLLM's order), then repetition, presence/frequency penalties and
+    suppression: every row, greedy or not."""
     vocab_size, device = logits.shape[1], logits.device
+    if any(p.allowed_token_ids is not None for p in params):
+        restricted = to_device([p.allowed_token_ids is not None for p in params], torch.bool, device).unsqueeze(1)
+        allowed = id_mask([p.allowed_token_ids or [] for p in params], vocab_size, device)
+        logits = logits.masked_fill(restricted & ~allowed, kNegInf)
+    if any(p.logit_bias for p in params):
+        rows, cols = _scatter_index([list(p.logit_bias or ()) for p in params], vocab_size, device)
+        values = to_device([b for p in params for b in (p.logit_bias or {}).values()], torch.float32, device)
+        bias = torch.zeros(len(params), vocab_size + 1, dtype=torch.float32, device=device)
+        bias.view(-1).index_add_(0, rows * (vocab_size + 1) + cols, values)
+        logits = logits + bias[:, :vocab_size]
     if any(p.repetition_penalty != 1.0 for p in params):
         penalty = _row_values([p.repetition_penalty for p in params], logits)
         logits = apply_repetition_penalty(logits, penalty, id_mask(seen_ids, vocab_size, device))

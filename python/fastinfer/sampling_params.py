@@ -69,6 +69,10 @@ class SamplingParams:
     # per prompt token, its logprob and the k most likely tokens' given the tokens before it
     # (RequestOutput.prompt_logprobs; such a request takes no prefix-cache hits until they are computed)
     prompt_logprobs: int | None = None
+    # {token id: bias} added to that token's logit before penalties and sampling (greedy too)
+    logit_bias: dict[int, float] | None = None
+    # only these token ids may be generated (the others' logits are -inf), e.g. a classifier's labels
+    allowed_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, 1)
@@ -105,6 +109,17 @@ class SamplingParams:
             raise ValueError(f"spaces_between_special_tokens={self.spaces_between_special_tokens!r} is not "
                              f"supported (only the default True)")
         _check_optional_int("prompt_logprobs", self.prompt_logprobs, 0)
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or not all(
+                    _is_int(t) and t >= 0 and _is_number(b) and math.isfinite(b) for t, b in self.logit_bias.items()):
+                raise ValueError(f"logit_bias must be None or a dict of token id (int >= 0) -> finite number, "
+                                 f"got {self.logit_bias!r:.120}")
+            self.logit_bias = {t: float(b) for t, b in self.logit_bias.items()}
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if not isinstance(ids, (list, tuple)) or not ids or not all(_is_int(i) and i >= 0 for i in ids):
+                raise ValueError(f"allowed_token_ids must be None or a non-empty list of ints >= 0, got {ids!r:.120}")
+            self.allowed_token_ids = list(ids)
 
     @staticmethod
     def _validated_stop(stop) -> list[str] | None:
