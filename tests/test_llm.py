@@ -151,3 +151,31 @@ def test_chat_needs_a_tokenizer():
     llm = LLM(make_hf_model("llama"), kv_cache_memory_bytes=8 << 20)  # an HF model object: no tokenizer
     with pytest.raises(ValueError, match="chat needs a tokenizer"):
         llm.chat(QUESTION, use_tqdm=False)
+
+
+def test_tokenizer_argument_and_vllm_signature(tmp_path):
+    """LLM(tokenizer=...) as vLLM: a local tokenizer directory or object for a model that has none (an HF
+    model object), so text prompts and chat work; tensor_parallel_size 1 only; trust_remote_code accepted."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from models import make_hf_model
+    vocab = {c: i for i, c in enumerate(["<s>", "</s>"] + list("abcdefghijklmnopqrstuvwxyz "))}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    tok.save_pretrained(tmp_path)
+    model = make_hf_model("llama")
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    for given in (str(tmp_path), tok):
+        llm = LLM(model, kv_cache_memory_bytes=8 << 20, tokenizer=given, trust_remote_code=True)
+        out = llm.generate("hello world", params, use_tqdm=False)[0]
+        assert out.prompt_token_ids == tok("hello world")["input_ids"] and len(out.outputs[0].token_ids) == 3
+        assert llm.chat([{"role": "user", "content": "hi"}], params, use_tqdm=False)[0].prompt == "hi "
+    assert LLM(model, kv_cache_memory_bytes=8 << 20).tokenizer is None  # the cached model kept its own (none)
+    with pytest.raises(ValueError, match="is not a directory"):
+        LLM(model, kv_cache_memory_bytes=8 << 20, tokenizer=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="tokenizer must be a directory or a tokenizer"):
+        LLM(model, kv_cache_memory_bytes=8 << 20, tokenizer=42)
+    with pytest.raises(ValueError, match="tensor_parallel_size=2"):
+        LLM(model, tensor_parallel_size=2)

@@ -1,9 +1,11 @@
 """``LLM``: the offline batch API (vLLM-style) over the continuous-batching engine."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence as Seq
 
 import torch
@@ -32,7 +34,8 @@ class LLM:
                  kv_cache_memory_bytes: int | None = None, block_size: int = 16, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192, enable_prefix_caching: bool = True,
                  speculative: dict | None = None, quantization: str | None = None, kv_cache_dtype: str = "auto",
-                 enforce_eager: bool = False, cuda_graph_sizes: list[int] | None = None):
+                 enforce_eager: bool = False, cuda_graph_sizes: list[int] | None = None, tokenizer=None,
+                 tensor_parallel_size: int = 1, trust_remote_code: bool = False):
         """quantization: None (the checkpoint's own format), "int4" (round-to-nearest at load),
         "gptq", "awq" or "gguf" (4-bit projections on the fused W4A16 kernel), or "fp8" (e4m3
         linear weights with per-channel scales, activations quantized per token; a bf16/fp32
@@ -42,7 +45,14 @@ class LLM:
         max(cuda_graph_sizes) sequences (default: buckets up to max_num_seqs) replay CUDA graphs
         captured here; enforce_eager=True runs every step eagerly. On a GPU, decode steps are
         also pipelined (the next launched before the host reads the last one's tokens, see
-        Engine.step)."""
+        Engine.step). tokenizer: a local tokenizer directory or a tokenizer object (HF's or any with
+        __call__ -> {"input_ids"} and decode) instead of the model's (an HF model object has none).
+        tensor_parallel_size: 1 only (one GPU); trust_remote_code: accepted for vLLM's signature, no
+        effect (fastinfer runs its own model code and never imports a checkpoint's)."""
+        if tensor_parallel_size != 1:
+            raise ValueError(f"tensor_parallel_size={tensor_parallel_size!r}: fastinfer runs a model on one GPU (only 1)")
+        if not isinstance(trust_remote_code, bool):
+            raise ValueError(f"trust_remote_code must be a bool, got {trust_remote_code!r}")
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if num_blocks is not None and num_blocks < 1:
@@ -52,6 +62,8 @@ class LLM:
             raise ValueError(f"cuda_graph_sizes must be a non-empty list of positive ints, got {cuda_graph_sizes!r}")
         self.kv_cache_dtype = kv_cache_dtype
         self.loaded = get_loaded(model, dtype, device, quantization)
+        if tokenizer is not None:  # a copy: the cached LoadedModel keeps its own
+            self.loaded = dataclasses.replace(self.loaded, tokenizer=_load_tokenizer(tokenizer))
         m = self.loaded.model
         kv_cache_storage_dtype(kv_cache_dtype, m.dtype, m.device)  # an unknown or unsupported name fails here
         if num_blocks is None:
@@ -282,6 +294,24 @@ def _progress(total: int, factory=None):
     if factory is None:
         from tqdm.auto import tqdm as factory
     return factory(total=total, desc="Processed prompts", dynamic_ncols=True)
+
+
+def _load_tokenizer(tokenizer):
+    """LLM's tokenizer argument: a tokenizer object, or a local directory for transformers.AutoTokenizer
+    (no download: this package never reaches a model hub)."""
+    if isinstance(tokenizer, (str, Path)):
+        path = Path(tokenizer)
+        if not path.is_dir():
+            raise ValueError(f"tokenizer={str(tokenizer)!r} is not a directory (a local tokenizer; no hub downloads)")
+        try:
+            from transformers import AutoTokenizer
+            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except Exception as e:
+            raise ValueError(f"tokenizer={str(tokenizer)!r} could not be loaded: {type(e).__name__}: {e}") from None
+    if not (callable(tokenizer) and callable(getattr(tokenizer, "decode", None))):
+        raise ValueError(f"tokenizer must be a directory or a tokenizer (callable, with decode), got "
+                         f"{type(tokenizer).__name__}")
+    return tokenizer
 
 
 def _conversations(messages) -> list[list[dict]]:
