@@ -116,6 +116,18 @@ def test_chat_batches_conversations_with_their_own_params(llm):
     assert "Answer in one word." in outs[1].prompt and "Answer in one word." not in outs[0].prompt
 
 
+def test_chat_content_parts_and_kwargs_override(llm):
+    """OpenAI-style text parts are joined with newlines (vLLM's string format); chat_template_kwargs win
+    over the named arguments, as vLLM merges them."""
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is the capital"},
+                                          {"type": "text", "text": "of France?"}]}]
+    params = SamplingParams(temperature=0, max_tokens=1)
+    out = llm.chat(parts, params, use_tqdm=False)[0]
+    assert "What is the capital\nof France?" in out.prompt
+    out = llm.chat(QUESTION, params, use_tqdm=False, chat_template_kwargs={"add_generation_prompt": False})[0]
+    assert not out.prompt.endswith("<|im_start|>assistant\n")
+
+
 def test_chat_continue_final_message_and_custom_template(llm):
     partial = [*QUESTION, {"role": "assistant", "content": "The capital of France is"}]
     out = llm.chat(partial, SamplingParams(temperature=0, max_tokens=3), use_tqdm=False,
@@ -131,13 +143,15 @@ def test_chat_continue_final_message_and_custom_template(llm):
     (dict(messages=[]), "messages must be a non-empty list"),
     (dict(messages="hello"), "messages must be a non-empty list"),
     (dict(messages=[{"role": "user"}]), r"messages\[0\]\['content'\] must be a str"),
+    (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]),
+     r"messages\[0\]\['content'\] parts must be"),
     (dict(messages=[{"role": 1, "content": "x"}]), r"messages\[0\]\['role'\] must be a str"),
     (dict(messages=[QUESTION, ["not a dict"]]), r"messages\[1\]\[0\] must be a dict"),
     (dict(messages=[QUESTION, []]), r"messages\[1\] must be a non-empty list"),
     (dict(messages=QUESTION, continue_final_message=True), "cannot both be set"),
     (dict(messages=QUESTION, chat_template_kwargs=["x"]), "chat_template_kwargs must be a dict"),
     (dict(messages=QUESTION, chat_template="{{ raise_exception('no system role') }}"),
-     r"messages\[0\]: the chat template could not render it: .*no system role"),
+     r"conversation 0: the chat template could not render it: .*no system role"),
     (dict(messages=QUESTION, sampling_params=SamplingParams(max_tokens=10**6)), r"prompts\[0\]"),
 ])
 def test_chat_bad_input_fails_before_anything_runs(llm, kwargs, match):

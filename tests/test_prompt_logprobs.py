@@ -112,3 +112,20 @@ def test_prompt_logprobs_on_the_gpu():
         assert abs(entry[PROMPT[p]].logprob - ref[p - 1, PROMPT[p]].item()) < 0.05
         top1 = [t for t, v in entry.items() if v.rank == 1]
         assert not top1 or top1[0] == int(ref[p - 1].argmax()) or ref[p - 1].topk(2).values.diff().abs().item() < 0.02
+
+
+def test_all_row_logits_are_capped_per_step(model, monkeypatch):
+    """Sequences computing prompt logprobs feed at most PROMPT_LOGPROBS_ROWS tokens per step between them
+    (fp32 [tokens, vocab] logits): a long prompt is chunked further, the results unchanged."""
+    from fastinfer import scheduler
+    monkeypatch.setattr(scheduler, "PROMPT_LOGPROBS_ROWS", 5)
+    llm = LLM(model, kv_cache_memory_bytes=8 << 20, enable_prefix_caching=False)
+    seen = []
+    real = llm.engine.runner.run
+    llm.engine.runner.run = lambda chunks: seen.append(sum(len(c.token_ids) for c in chunks if c.all_logits)) \
+        or real(chunks)
+    outs = llm.generate([{"prompt_token_ids": PROMPT}, {"prompt_token_ids": PROMPT[::-1]}],
+                        SamplingParams(max_tokens=2, prompt_logprobs=1, **GREEDY), use_tqdm=False)
+    assert max(seen) == 5
+    check_against_hf(model, PROMPT, outs[0].prompt_logprobs, 1)
+    check_against_hf(model, PROMPT[::-1], outs[1].prompt_logprobs, 1)

@@ -303,12 +303,25 @@ def test_logit_bias_shifts_the_logits(with_tok):
     (dict(logit_bias=[1, 2]), "logit_bias must be None or a dict"),
     (dict(logit_bias={-1: 1.0}), "logit_bias must be None or a dict"),
     (dict(logit_bias={1: float("nan")}), "logit_bias must be None or a dict"),
+    (dict(logit_bias={1: 1e39}), "logit_bias must be None or a dict"),
+    (dict(logit_bias={1: float("inf")}), "logit_bias must be None or a dict"),
     (dict(allowed_token_ids=[]), "allowed_token_ids must be None or a non-empty list"),
     (dict(allowed_token_ids=[1, "a"]), "allowed_token_ids must be None or a non-empty list"),
 ])
 def test_logit_bias_and_allowed_ids_validated(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
+
+
+def test_logit_bias_minus_inf_bans_and_allowed_stop_only_with_min_tokens_fails(with_tok):
+    llm = LLM(with_tok, num_blocks=64)
+    free = greedy_free(llm, max_tokens=1).token_ids[0]
+    banned = llm.generate(["hello"], SamplingParams(max_tokens=4, logit_bias={free: float("-inf")}, **GREEDY),
+                          use_tqdm=False)[0].outputs[0].token_ids
+    assert free not in banned
+    with pytest.raises(ValueError, match="allowed_token_ids holds only stop tokens"):
+        llm.generate(["hello"], SamplingParams(max_tokens=4, min_tokens=2, allowed_token_ids=[5], stop_token_ids=[5]),
+                     use_tqdm=False)
 
 
 def test_logit_bias_and_allowed_ids_outside_the_vocabulary_fail_the_request(with_tok):

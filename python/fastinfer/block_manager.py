@@ -102,7 +102,7 @@ class BlockManager:
         Sets seq.num_computed_tokens to the number of tokens served from the cache."""
         assert not seq.block_table
         hits = self._prefix_hits(seq)
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and not seq.needs_prompt_logprobs:  # (such a sequence does not look)
             self.num_prefix_queries += (len(seq) - 1) // self.block_size
             self.num_prefix_hits += len(hits)
         h = None

@@ -98,6 +98,10 @@ class Engine:
             token_ids = token_ids[-params.truncate_prompt_tokens:]
         params = fill_max_tokens(token_ids, params, self.max_model_len)
         self.validate(token_ids, params)
+        if (params.allowed_token_ids is not None and params.min_tokens > 0
+                and set(params.allowed_token_ids) <= stop_ids(params, self.eos_ids)):
+            raise ValueError("allowed_token_ids holds only stop tokens, which min_tokens suppresses: no token could "
+                             "be generated")
         return token_ids, params
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
@@ -284,15 +288,19 @@ class Engine:
         positions = [p for p in range(start + 1, start + rows.shape[0] + 1) if p < len(prompt)]
         if not positions:
             return
-        logprobs = torch.log_softmax(rows[:len(positions)].float(), dim=-1)
-        targets = torch.tensor([prompt[p] for p in positions], device=logprobs.device)
-        chosen = logprobs.gather(1, targets[:, None])
-        ranks = (logprobs >= chosen).sum(dim=1).tolist()  # vLLM counts ties as ahead
-        chosen = chosen[:, 0].tolist()
-        top_ids, top_values = [[]] * len(positions), [[]] * len(positions)
-        if k:
-            top = torch.topk(logprobs, k)
-            top_ids, top_values = top.indices.tolist(), top.values.tolist()
+        targets = torch.tensor([prompt[p] for p in positions], device=rows.device)
+        chosen, ranks, top_ids, top_values = [], [], [], []
+        for lo in range(0, len(positions), 256):  # slices: the fp32 temporaries stay ~128 MB at 128k tokens
+            logprobs = torch.log_softmax(rows[lo:min(lo + 256, len(positions))].float(), dim=-1)
+            picked = logprobs.gather(1, targets[lo:lo + logprobs.shape[0], None])
+            ranks += (logprobs >= picked).sum(dim=1).tolist()  # vLLM counts ties as ahead
+            chosen += picked[:, 0].tolist()
+            if k:
+                top = torch.topk(logprobs, k)
+                top_ids += top.indices.tolist()
+                top_values += top.values.tolist()
+        if not k:
+            top_ids = top_values = [[]] * len(positions)
         decode = self.tokenizer is not None and seq.params.detokenize
         for j, p in enumerate(positions):  # the prompt token first, as the sampled one in `logprobs`
             ids, values = [prompt[p]] + top_ids[j], [chosen[j]] + top_values[j]

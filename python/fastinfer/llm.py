@@ -223,23 +223,28 @@ class LLM:
         rendered text. Every conversation is checked before any runs."""
         tok = self.tokenizer
         if tok is None:
-            raise ValueError("chat needs a tokenizer: this model was loaded without one (use generate with token ids)")
+            raise ValueError("chat needs a tokenizer: this model was loaded without one (pass LLM(..., tokenizer=...) "
+                             "or use generate with token ids)")
+        if not callable(getattr(tok, "apply_chat_template", None)):
+            raise ValueError(f"chat needs a tokenizer with apply_chat_template; {type(tok).__name__} has none")
         if add_generation_prompt and continue_final_message:
             raise ValueError("add_generation_prompt and continue_final_message cannot both be set: the first "
                              "starts a new assistant turn, the second continues the last message")
         if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
             raise ValueError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
         conversations = _conversations(messages)
+        # vLLM's merge: chat_template_kwargs may override the named arguments
+        kwargs = dict(chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                      continue_final_message=continue_final_message)
+        kwargs.update(chat_template_kwargs or {})
+        kwargs["tokenize"] = False
         texts, ids = [], []
         for i, conversation in enumerate(conversations):
             try:
-                text = tok.apply_chat_template(conversation, chat_template=chat_template, tokenize=False,
-                                               add_generation_prompt=add_generation_prompt,
-                                               continue_final_message=continue_final_message,
-                                               **(chat_template_kwargs or {}))
+                text = tok.apply_chat_template(conversation, **kwargs)
             except Exception as e:  # no template, a Jinja error, a template's own raise_exception
-                raise ValueError(f"messages[{i}]: the chat template could not render it: {type(e).__name__}: {e}") \
-                    from None
+                raise ValueError(f"conversation {i}: the chat template could not render it: {type(e).__name__}: "
+                                 f"{e}") from None
             texts.append(text)
             ids.append(list(tok(text, add_special_tokens=False)["input_ids"]))
         outs = self.generate([{"prompt_token_ids": t} for t in ids], sampling_params, use_tqdm=use_tqdm)
@@ -316,7 +321,9 @@ def _load_tokenizer(tokenizer):
 
 def _conversations(messages) -> list[list[dict]]:
     """LLM.chat's messages: one conversation (a list of message dicts) or a list of conversations,
-    each message a dict with str "role" and str "content" (other keys go to the template as they are)."""
+    each message a dict with a str "role" and a "content" that is a str, a list of OpenAI-style text
+    parts ({"type": "text", "text": str}, joined with newlines as vLLM does for text-only templates) or,
+    for a message carrying tool_calls, None; other keys go to the template as they are."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError(f"messages must be a non-empty list of message dicts, or of such lists, got {messages!r:.80}")
     conversations = [messages] if isinstance(messages[0], dict) else list(messages)
@@ -328,10 +335,18 @@ def _conversations(messages) -> list[list[dict]]:
                 else f"messages[{j}]"
             if not isinstance(message, dict):
                 raise ValueError(f"{where} must be a dict with 'role' and 'content', got {type(message).__name__}")
-            for key in ("role", "content"):
-                if not isinstance(message.get(key), str):
-                    raise ValueError(f"{where}['{key}'] must be a str, got {message.get(key)!r:.80}")
-    return [list(c) for c in conversations]
+            if not isinstance(message.get("role"), str):
+                raise ValueError(f"{where}['role'] must be a str, got {message.get('role')!r:.80}")
+            content = message.get("content")
+            if isinstance(content, list):
+                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                           for p in content):
+                    raise ValueError(f"{where}['content'] parts must be {{'type': 'text', 'text': str}} (fastinfer "
+                                     f"runs text models), got {content!r:.80}")
+            elif not (isinstance(content, str) or (content is None and message.get("tool_calls"))):
+                raise ValueError(f"{where}['content'] must be a str or a list of text parts, got {content!r:.80}")
+    return [[{**m, "content": "\n".join(p["text"] for p in m["content"])} if isinstance(m.get("content"), list) else m
+             for m in c] for c in conversations]
 
 
 def _from_prompt_dict(prompt: dict):

@@ -109,11 +109,12 @@ class SamplingParams:
             raise ValueError(f"spaces_between_special_tokens={self.spaces_between_special_tokens!r} is not "
                              f"supported (only the default True)")
         _check_optional_int("prompt_logprobs", self.prompt_logprobs, 0)
-        if self.logit_bias is not None:
+        if self.logit_bias is not None:  # -inf bans a token; finite values within fp32's reach of any logit
             if not isinstance(self.logit_bias, dict) or not all(
-                    _is_int(t) and t >= 0 and _is_number(b) and math.isfinite(b) for t, b in self.logit_bias.items()):
-                raise ValueError(f"logit_bias must be None or a dict of token id (int >= 0) -> finite number, "
-                                 f"got {self.logit_bias!r:.120}")
+                    _is_int(t) and t >= 0 and _is_number(b) and (-1e4 <= b <= 1e4 or b == -math.inf)
+                    for t, b in self.logit_bias.items()):
+                raise ValueError(f"logit_bias must be None or a dict of token id (int >= 0) -> a number in "
+                                 f"[-1e4, 1e4] or -inf, got {self.logit_bias!r:.120}")
             self.logit_bias = {t: float(b) for t, b in self.logit_bias.items()}
         if self.allowed_token_ids is not None:
             ids = self.allowed_token_ids

@@ -6,6 +6,9 @@ Per step, within ``max_num_batched_tokens`` tokens and ``max_num_seqs`` sequence
    (its blocks freed, its tokens recomputed later: preemption by recompute);
 2. then waiting sequences in arrival order (preempted ones first), each feeding as much of its
    prompt as the remaining budget allows (chunked prefill), admitted only if its blocks fit.
+A sequence still computing its prompt logprobs returns a logits row per token (fp32 [tokens, vocab]:
+4 GB for 8192 tokens of a 128k vocabulary), so such sequences feed at most PROMPT_LOGPROBS_ROWS tokens
+per step between them (chunked further; the others are not limited by it).
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from dataclasses import dataclass
 
 from .block_manager import BlockManager
 from .sequence import Sequence, SeqStatus
+
+PROMPT_LOGPROBS_ROWS = 1024  # all-row logits per step (sequences computing their prompt logprobs)
 
 
 @dataclass(slots=True)
@@ -53,6 +58,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         preemptions_before = self.num_preemptions
         scheduled: list[ScheduledSeq] = []
+        logit_rows = PROMPT_LOGPROBS_ROWS
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -60,6 +66,12 @@ class Scheduler:
             if num == 1:
                 num += self.lookahead(seq)
             num = min(num, budget)
+            if seq.needs_prompt_logprobs:
+                num = min(num, logit_rows)
+                if num == 0:  # this step's all-row logits are spent: it continues next step
+                    i += 1
+                    continue
+                logit_rows -= num
             while not self.blocks.can_grow(seq, num):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -76,12 +88,17 @@ class Scheduler:
             return scheduled  # memory is short: admitting more would only be preempted again
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            num = min(len(seq), budget)  # an upper bound: prefix hits lower it
+            cap = logit_rows if seq.needs_prompt_logprobs else budget
+            if cap == 0:
+                break
+            num = min(len(seq), budget, cap)  # an upper bound: prefix hits lower it
             if not self.blocks.can_allocate(seq, num):
                 break
             self.waiting.popleft()
             self.blocks.allocate(seq, 0)
-            num = min(seq.num_uncomputed_tokens, budget)
+            num = min(seq.num_uncomputed_tokens, budget, cap)
+            if seq.needs_prompt_logprobs:
+                logit_rows -= num
             self.blocks.grow(seq, num)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
