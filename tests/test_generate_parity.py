@@ -298,7 +298,7 @@ def test_prompt_up_to_max_position_matches_hf_and_beyond_raises_clearly():
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(no_repeat_ngram_size=2), dict(bad_words_ids=[[5]]), dict(return_dict_in_generate=True),
+    dict(bad_words_ids=[[5]]), dict(return_dict_in_generate=True),
     dict(output_scores=True), dict(output_logits=True), dict(suppress_tokens=[5]), dict(begin_suppress_tokens=[5]),
     dict(sequence_bias={(5,): -1.0}), dict(force_words_ids=[[5]]), dict(forced_eos_token_id=3), dict(max_time=5.0),
     dict(stop_strings=["x"]), dict(renormalize_logits=True), dict(exponential_decay_length_penalty=(2, 1.5)),
@@ -337,3 +337,38 @@ def test_sampling_top_k_1_equals_greedy():
     expected = hf(model, ids, attention_mask=mask, do_sample=False, **base)
     assert torch.equal(hf(model, ids, attention_mask=mask, do_sample=True, top_k=1, **base), expected)
     assert torch.equal(fastinfer.generate(model, ids, attention_mask=mask, do_sample=True, top_k=1, **base), expected)
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2"])
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_no_repeat_ngram_size_matches_hf(variant, size):
+    """HF's no_repeat_ngram_size (NoRepeatNGramLogitsProcessor over the whole padded row, prompt and left
+    padding included): greedy output token for token on a left-padded batch; the ban changes the output."""
+    model = make_hf_model(variant, seed=5)
+    ids, mask = left_padded_batch([5, 17, 1, 9], model.config.vocab_size, PAD, seed=2)
+    kw = dict(max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=PAD, no_repeat_ngram_size=size)
+    ours = fastinfer.generate(model, ids, attention_mask=mask, **kw)
+    assert torch.equal(ours, hf(model, ids, attention_mask=mask, **kw))
+    kw["no_repeat_ngram_size"] = 0
+    assert not torch.equal(ours, fastinfer.generate(model, ids, attention_mask=mask, **kw))
+
+
+def test_no_repeat_ngram_size_in_the_batch_api():
+    """SamplingParams(no_repeat_ngram_size=n) in LLM.generate: no n-gram of prompt + output occurs twice;
+    refused with speculative decoding (its proposals would need the ban at every position)."""
+    from fastinfer import LLM, SamplingParams
+    model = make_hf_model("llama", seed=5)
+    llm = LLM(model, kv_cache_memory_bytes=8 << 20)
+    prompt = [5, 17, 3, 5, 17, 8]
+    for n in (2, 3):
+        out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True,
+                                                                         no_repeat_ngram_size=n), use_tqdm=False)
+        seq = prompt + out[0].outputs[0].token_ids
+        grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+        new = grams[len(prompt) - n + 1:]  # the n-grams that end in an output token
+        assert len(set(new)) == len(new) and not set(new) & set(grams[:len(prompt) - n + 1])
+    with pytest.raises(ValueError, match="no_repeat_ngram_size must be an int >= 0"):
+        SamplingParams(no_repeat_ngram_size=-1)
+    spec = LLM(model, kv_cache_memory_bytes=8 << 20, speculative={"method": "ngram", "num_tokens": 2})
+    with pytest.raises(ValueError, match="no_repeat_ngram_size is not supported with speculative decoding"):
+        spec.generate([prompt], SamplingParams(no_repeat_ngram_size=2), use_tqdm=False)

@@ -22,7 +22,7 @@ from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence, SeqStatus
 from .spec_decode import SpecStats, lookahead, propose, verify_step
-from .stopping import check_stop, stop_ids
+from .stopping import check_stop, ngram_bans, stop_ids
 
 
 @dataclass(slots=True)
@@ -105,12 +105,13 @@ class Engine:
         return token_ids, params
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    extra_seen_ids: tuple[int, ...] = ()) -> None:
+                    extra_seen_ids: tuple[int, ...] = (), ngram_history: list[int] | None = None) -> None:
         """Queue a request; a bad one raises ValueError here and never reaches the others."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         token_ids, params = self.check_request(prompt, params)
-        req = new_request(request_id, prompt, token_ids, params, self.runner.device, self._arrivals, extra_seen_ids)
+        req = new_request(request_id, prompt, token_ids, params, self.runner.device, self._arrivals, extra_seen_ids,
+                          ngram_history)
         self.requests[request_id] = req
         self.scheduler.add(req.seqs[0])
 
@@ -236,6 +237,7 @@ class Engine:
                     child = Sequence(seq.request_id, k, seq.prompt_token_ids, seq.params,
                                      make_stream(_child_seed(seq.params.seed, k), self.runner.device),
                                      seq.arrival, seq.extra_seen_ids)
+                    child.ngram_history = seq.ngram_history
                     child.forked = True
                     child.prompt_logprobs = None  # the request's are seq's (computed before the fork)
                     if (len(self.scheduler.running) < self.config.max_num_seqs
@@ -257,6 +259,10 @@ class Engine:
     def _sample_and_append(self, rows: list[Sequence], logits: torch.Tensor) -> None:
         suppress = [sorted(stop_ids(s.params, self.eos_ids)) if len(s.output_token_ids) < s.params.min_tokens else []
                     for s in rows]
+        for i, s in enumerate(rows):  # HF's no_repeat_ngram_size: the tokens that would repeat an n-gram
+            if s.params.no_repeat_ngram_size:
+                history = (s.ngram_history if s.ngram_history is not None else s.prompt_token_ids) + s.output_token_ids
+                suppress[i] = suppress[i] + ngram_bans(history, s.params.no_repeat_ngram_size)
         # the prompt + output lists only when a repetition penalty reads them (O(length) per row)
         penalised = any(s.params.repetition_penalty != 1.0 for s in rows)
         seen = [list(s.extra_seen_ids) + s.all_token_ids if penalised else [] for s in rows]

@@ -18,6 +18,7 @@ from .sampling_params import SamplingParams
 HF_DEFAULTS: dict[str, Any] = {
     "max_length": 20, "max_new_tokens": None, "min_length": 0, "min_new_tokens": None, "do_sample": False,
     "temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": None, "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
     "num_return_sequences": 1, "eos_token_id": None, "pad_token_id": None,
 }
 # Unsupported features, allowed only at these neutral values (HF no-ops): the default first, then any
@@ -25,7 +26,7 @@ HF_DEFAULTS: dict[str, Any] = {
 # alpha 0, low_memory off; generate()'s logits_processor / stopping_criteria lists when empty).
 NEUTRAL: dict[str, tuple] = {
     "num_beams": (1,), "num_beam_groups": (1,), "early_stopping": (False,), "typical_p": (1.0,),
-    "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,), "length_penalty": (1.0,), "no_repeat_ngram_size": (0,),
+    "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,), "length_penalty": (1.0,),
     "encoder_no_repeat_ngram_size": (0,), "encoder_repetition_penalty": (1.0,), "bad_words_ids": (None,),
     "force_words_ids": (None,), "constraints": (None,), "forced_bos_token_id": (None,),
     "forced_eos_token_id": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
@@ -187,13 +188,16 @@ def resolve(model_defaults: dict | None, generation_config, kwargs: dict, prompt
         raise ValueError(f"num_return_sequences={n} needs do_sample=True (greedy rows would be identical)")
     if merged["do_sample"] and temperature == 0:
         raise ValueError("temperature must be > 0 when do_sample=True (use do_sample=False for greedy)")
+    ngram = merged["no_repeat_ngram_size"] or 0  # HF: None or 0 builds no processor
+    if not isinstance(ngram, int) or isinstance(ngram, bool) or ngram < 0:
+        raise ValueError(f"no_repeat_ngram_size must be an integer >= 0, got {ngram!r}")
     if merged["do_sample"]:
         sampling = SamplingParams(
             # top_p 0 keeps one token in HF (min_tokens_to_keep); SamplingParams takes (0, 1]
             temperature=float(temperature), top_k=int(top_k or 0), top_p=max(float(merged["top_p"]), 1e-9),
             min_p=float(merged["min_p"] or 0.0), repetition_penalty=float(merged["repetition_penalty"]),
-            max_tokens=None)
+            no_repeat_ngram_size=ngram, max_tokens=None)
     else:  # greedy: HF ignores the sampling warpers, keeps the penalties
         sampling = SamplingParams(temperature=0.0, repetition_penalty=float(merged["repetition_penalty"]),
-                                  max_tokens=None)
+                                  no_repeat_ngram_size=ngram, max_tokens=None)
     return GenerationSettings(max_new, min_new, sampling, eos, pad, n)

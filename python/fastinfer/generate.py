@@ -120,7 +120,9 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         if len(rows) != 1:
             raise ValueError("streamer supports a single sequence (batch 1, num_return_sequences 1)")
         streamer.put(input_ids.cpu())
-    new_tokens = _decode_loop(loaded, rows, hole_rows, settings, streamer)
+    # no_repeat_ngram_size looks at HF's whole row, left padding and masked tokens included
+    full_rows = [r for r in input_ids.tolist() for _ in range(n)] if settings.sampling.no_repeat_ngram_size else None
+    new_tokens = _decode_loop(loaded, rows, hole_rows, settings, streamer, full_rows)
     if streamer is not None:
         streamer.end()
     width = max(map(len, new_tokens), default=0)
@@ -132,7 +134,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
 
 
 def _decode_loop(loaded: LoadedModel, rows: list[list[int]], hole_rows: list[tuple[int, ...]],
-                 settings: gen_config.GenerationSettings, streamer) -> list[list[int]]:
+                 settings: gen_config.GenerationSettings, streamer, full_rows: list[list[int]] | None = None) -> list[list[int]]:
     """Run every row as a request of the continuous-batching engine. Returns the new tokens."""
     from dataclasses import replace
 
@@ -155,7 +157,8 @@ def _decode_loop(loaded: LoadedModel, rows: list[list[int]], hole_rows: list[tup
     params = replace(settings.sampling, max_tokens=settings.max_new_tokens, min_tokens=settings.min_new_tokens,
                      stop_token_ids=list(settings.eos_token_ids), ignore_eos=True)
     for i, (row, holes) in enumerate(zip(rows, hole_rows)):
-        engine.add_request(str(i), row, params, extra_seen_ids=holes)
+        engine.add_request(str(i), row, params, extra_seen_ids=holes,
+                           ngram_history=full_rows[i] if full_rows is not None else None)
     outputs: list[list[int]] = [[] for _ in rows]
     while engine.has_unfinished():
         for out in engine.step():

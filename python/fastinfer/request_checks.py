@@ -70,6 +70,8 @@ def check_params(params: SamplingParams | None, *, speculative: bool) -> Samplin
         raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
     if speculative and params.logprobs is not None:
         raise ValueError("logprobs are not supported with speculative decoding")
+    if speculative and params.no_repeat_ngram_size:
+        raise ValueError("no_repeat_ngram_size is not supported with speculative decoding")
     return params
 
 
@@ -85,8 +87,10 @@ def fill_max_tokens(token_ids: list[int], params: SamplingParams, max_model_len:
 
 
 def new_request(request_id: str, prompt: str | list[int], token_ids: list[int], params: SamplingParams,
-                device: torch.device, arrivals: Iterator[int], extra_seen_ids: tuple[int, ...]) -> _Request:
+                device: torch.device, arrivals: Iterator[int], extra_seen_ids: tuple[int, ...],
+                ngram_history: list[int] | None = None) -> _Request:
     """A checked request with its first sequence (n > 1 forks the others once its prompt is computed)."""
     gen = make_stream(params.seed, device)
     seq = Sequence(request_id, 0, token_ids, params, gen, next(arrivals), extra_seen_ids)
+    seq.ngram_history = ngram_history
     return _Request(request_id, prompt if isinstance(prompt, str) else None, token_ids, params, [seq])

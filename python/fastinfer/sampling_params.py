@@ -73,6 +73,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     # only these token ids may be generated (the others' logits are -inf), e.g. a classifier's labels
     allowed_token_ids: list[int] | None = None
+    # HF's no_repeat_ngram_size (not a vLLM field): no n-gram of this size occurs twice in prompt + output
+    # (a token that would complete one already seen gets -inf); 0: off. Not with speculative decoding.
+    no_repeat_ngram_size: int = 0
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, 1)
@@ -116,6 +119,7 @@ class SamplingParams:
                 raise ValueError(f"logit_bias must be None or a dict of token id (int >= 0) -> a number in "
                                  f"[-1e4, 1e4] or -inf, got {self.logit_bias!r:.120}")
             self.logit_bias = {t: float(b) for t, b in self.logit_bias.items()}
+        _check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
         if self.allowed_token_ids is not None:
             ids = self.allowed_token_ids
             if not isinstance(ids, (list, tuple)) or not ids or not all(_is_int(i) and i >= 0 for i in ids):

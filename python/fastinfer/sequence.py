@@ -35,6 +35,7 @@ class Sequence:
         self.generator = generator             # seeded: randomness keyed by output position (sampling.TokenStream)
         self.arrival = arrival                  # admission order: preemption takes the newest first
         self.extra_seen_ids = extra_seen_ids    # counted by the repetition penalty (HF's masked-out prompt tokens)
+        self.ngram_history: list[int] | None = None  # no_repeat_ngram_size's prompt (HF's padded row), else the prompt
         self.status = SeqStatus.WAITING
         self.block_table: list[int] = []
         self.num_computed_tokens = 0            # tokens whose KV is in the cache

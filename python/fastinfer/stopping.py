@@ -10,6 +10,15 @@ from .sampling_params import SamplingParams
 from .sequence import Sequence
 
 
+def ngram_bans(tokens: list[int], n: int) -> list[int]:
+    """HF's NoRepeatNGramLogitsProcessor for one row: the tokens that follow an earlier occurrence of the
+    row's last n - 1 tokens (with n = 1, every token seen), i.e. that would make an n-gram occur twice."""
+    if n < 1 or len(tokens) + 1 < n:
+        return []
+    prefix = tokens[len(tokens) - (n - 1):] if n > 1 else []
+    return [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tokens[i:i + n - 1] == prefix]
+
+
 def stop_ids(params: SamplingParams, eos_ids: set[int]) -> set[int]:
     """The token ids that end a sequence with these params (suppressed while below min_tokens)."""
     ids = set(params.stop_token_ids or ())
