@@ -298,8 +298,8 @@ def test_prompt_up_to_max_position_matches_hf_and_beyond_raises_clearly():
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(bad_words_ids=[[5]]), dict(return_dict_in_generate=True),
-    dict(output_scores=True), dict(output_logits=True), dict(suppress_tokens=[5]), dict(begin_suppress_tokens=[5]),
+    dict(return_dict_in_generate=True),
+    dict(output_scores=True), dict(output_logits=True), dict(begin_suppress_tokens=[5]),
     dict(sequence_bias={(5,): -1.0}), dict(force_words_ids=[[5]]), dict(forced_eos_token_id=3), dict(max_time=5.0),
     dict(stop_strings=["x"]), dict(renormalize_logits=True), dict(exponential_decay_length_penalty=(2, 1.5)),
     dict(do_sample=True, typical_p=0.5), dict(do_sample=True, epsilon_cutoff=1e-3), dict(do_sample=True, eta_cutoff=1e-3),
@@ -372,3 +372,45 @@ def test_no_repeat_ngram_size_in_the_batch_api():
     spec = LLM(model, kv_cache_memory_bytes=8 << 20, speculative={"method": "ngram", "num_tokens": 2})
     with pytest.raises(ValueError, match="no_repeat_ngram_size is not supported with speculative decoding"):
         spec.generate([prompt], SamplingParams(no_repeat_ngram_size=2), use_tqdm=False)
+    with pytest.raises(ValueError, match="bad_words_ids is not supported with speculative decoding"):
+        spec.generate([prompt], SamplingParams(bad_words_ids=[[3, 4]]), use_tqdm=False)
+    with pytest.raises(ValueError, match="bad_words_ids must be None or a list of non-empty lists"):
+        SamplingParams(bad_words_ids=[[]])
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True,
+                                                                     bad_words_ids=[[17, 3], [8]]), use_tqdm=False)
+    seq = prompt + out[0].outputs[0].token_ids
+    new = seq[len(prompt) - 1:]
+    assert 8 not in new[1:] and all(new[i:i + 2] != [17, 3] for i in range(len(new) - 1))
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2"])
+@pytest.mark.parametrize("case", ["bad_words", "suppress", "all_three", "eos_bad_word"])
+def test_bad_words_and_suppress_tokens_match_hf(variant, case):
+    """HF's bad_words_ids (one-token words banned always, longer ones when the row ends with the rest; a
+    one-token word that is an EOS id is dropped) and suppress_tokens: greedy output equals HF's on a
+    left-padded batch, the words taken from the unconstrained output so that the bans bite."""
+    model = make_hf_model(variant, seed=5)
+    ids, mask = left_padded_batch([5, 17, 1, 9], model.config.vocab_size, PAD, seed=2)
+    base = fastinfer.generate(model, ids, attention_mask=mask, pad_token_id=PAD, max_new_tokens=12, eos_token_id=None)
+    toks = base[:, ids.shape[1]:].tolist()
+    bad = [[toks[0][0]], toks[1][2:4], toks[2][3:6], [2]]
+    kw = {"bad_words": dict(bad_words_ids=bad), "suppress": dict(suppress_tokens=[toks[3][0], toks[0][5]]),
+          "all_three": dict(bad_words_ids=bad, suppress_tokens=[7], no_repeat_ngram_size=2),
+          "eos_bad_word": dict(bad_words_ids=[[1], [toks[0][1]]], eos_token_id=1)}[case]
+    kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=PAD, **{"eos_token_id": None, **kw})
+    ours = fastinfer.generate(model, ids, attention_mask=mask, **kw)
+    assert torch.equal(ours, hf(model, ids, attention_mask=mask, **kw))
+    assert not torch.equal(ours[:, :base.shape[1]], base)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(bad_words_ids=[[]]), "bad_words_ids must be a list of non-empty lists"),
+    (dict(bad_words_ids=[5]), "bad_words_ids must be a list of non-empty lists"),
+    (dict(bad_words_ids=[[5, -1]]), "bad_words_ids must be a list of non-empty lists"),
+    (dict(suppress_tokens=[-3]), "suppress_tokens must"),
+    (dict(bad_words_ids=[[10 ** 6, 5]]), "bad_words_ids has token ids outside the vocabulary"),
+])
+def test_bad_words_and_suppress_tokens_validated(kwargs, match):
+    model = make_hf_model("llama", seed=6)
+    with pytest.raises(ValueError, match=match):
+        fastinfer.generate(model, torch.tensor([[5, 6, 7]]), max_new_tokens=2, **kwargs)

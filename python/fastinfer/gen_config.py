@@ -18,7 +18,7 @@ from .sampling_params import SamplingParams
 HF_DEFAULTS: dict[str, Any] = {
     "max_length": 20, "max_new_tokens": None, "min_length": 0, "min_new_tokens": None, "do_sample": False,
     "temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": None, "repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
+    "no_repeat_ngram_size": 0, "bad_words_ids": None, "suppress_tokens": None,
     "num_return_sequences": 1, "eos_token_id": None, "pad_token_id": None,
 }
 # Unsupported features, allowed only at these neutral values (HF no-ops): the default first, then any
@@ -27,9 +27,9 @@ HF_DEFAULTS: dict[str, Any] = {
 NEUTRAL: dict[str, tuple] = {
     "num_beams": (1,), "num_beam_groups": (1,), "early_stopping": (False,), "typical_p": (1.0,),
     "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,), "length_penalty": (1.0,),
-    "encoder_no_repeat_ngram_size": (0,), "encoder_repetition_penalty": (1.0,), "bad_words_ids": (None,),
+    "encoder_no_repeat_ngram_size": (0,), "encoder_repetition_penalty": (1.0,),
     "force_words_ids": (None,), "constraints": (None,), "forced_bos_token_id": (None,),
-    "forced_eos_token_id": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
+    "forced_eos_token_id": (None,), "begin_suppress_tokens": (None,),
     "sequence_bias": (None,), "stop_strings": (None,), "diversity_penalty": (0.0,), "penalty_alpha": (None, 0.0),
     "guidance_scale": (None, 1.0), "output_scores": (False,), "output_logits": (False,),
     "output_attentions": (False,), "output_hidden_states": (False,), "return_dict_in_generate": (False,),
@@ -38,8 +38,7 @@ NEUTRAL: dict[str, tuple] = {
     "dola_layers": (None,), "top_h": (None,), "token_healing": (False,), "low_memory": (None, False),
     "use_mtp": (None,), "logits_processor": (None, []), "stopping_criteria": (None, []),
 }
-# Empty token lists build processors that change nothing in HF (SuppressTokens[AtBegin]LogitsProcessor([])).
-NEUTRAL["suppress_tokens"] += ([],)
+# Empty token lists build processors that change nothing in HF (SuppressTokensAtBeginLogitsProcessor([])).
 NEUTRAL["begin_suppress_tokens"] += ([],)
 # Sampling warpers fastinfer does not implement: HF builds them only when do_sample is True, so with
 # greedy decoding any value is a no-op; with sampling only the neutral values are accepted.
@@ -188,6 +187,21 @@ def resolve(model_defaults: dict | None, generation_config, kwargs: dict, prompt
         raise ValueError(f"num_return_sequences={n} needs do_sample=True (greedy rows would be identical)")
     if merged["do_sample"] and temperature == 0:
         raise ValueError("temperature must be > 0 when do_sample=True (use do_sample=False for greedy)")
+    # HF's NoBadWordsLogitsProcessor drops one-token bad words that are an EOS id; SuppressTokens does not.
+    # One-token bans (static) become a -inf logit_bias, which pipelined decode keeps; longer ones depend on
+    # the row's last tokens (bad_words_ids). Ids past the vocabulary are refused (HF never matches them).
+    bad = merged["bad_words_ids"]
+    if bad is not None and (not isinstance(bad, (list, tuple)) or not all(
+            isinstance(w, (list, tuple)) and w and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                        for t in w) for w in bad)):
+        raise ValueError(f"bad_words_ids must be a list of non-empty lists of token ids >= 0, got {bad!r:.120}")
+    bad = [list(w) for w in bad or () if not (len(w) == 1 and w[0] in eos)]
+    suppressed = merged["suppress_tokens"] or []
+    suppressed = _token_ids(suppressed, "suppress_tokens") if not isinstance(suppressed, list) else suppressed
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in suppressed):
+        raise ValueError(f"suppress_tokens must be a list of token ids >= 0, got {suppressed!r:.120}")
+    banned = {w[0]: float("-inf") for w in bad if len(w) == 1} | {t: float("-inf") for t in suppressed}
+    longer = [w for w in bad if len(w) > 1] or None
     ngram = merged["no_repeat_ngram_size"] or 0  # HF: None or 0 builds no processor
     if not isinstance(ngram, int) or isinstance(ngram, bool) or ngram < 0:
         raise ValueError(f"no_repeat_ngram_size must be an integer >= 0, got {ngram!r}")
@@ -196,8 +210,9 @@ def resolve(model_defaults: dict | None, generation_config, kwargs: dict, prompt
             # top_p 0 keeps one token in HF (min_tokens_to_keep); SamplingParams takes (0, 1]
             temperature=float(temperature), top_k=int(top_k or 0), top_p=max(float(merged["top_p"]), 1e-9),
             min_p=float(merged["min_p"] or 0.0), repetition_penalty=float(merged["repetition_penalty"]),
-            no_repeat_ngram_size=ngram, max_tokens=None)
+            no_repeat_ngram_size=ngram, bad_words_ids=longer, logit_bias=banned or None, max_tokens=None)
     else:  # greedy: HF ignores the sampling warpers, keeps the penalties
         sampling = SamplingParams(temperature=0.0, repetition_penalty=float(merged["repetition_penalty"]),
-                                  no_repeat_ngram_size=ngram, max_tokens=None)
+                                  no_repeat_ngram_size=ngram, bad_words_ids=longer, logit_bias=banned or None,
+                                  max_tokens=None)
     return GenerationSettings(max_new, min_new, sampling, eos, pad, n)

@@ -120,8 +120,9 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         if len(rows) != 1:
             raise ValueError("streamer supports a single sequence (batch 1, num_return_sequences 1)")
         streamer.put(input_ids.cpu())
-    # no_repeat_ngram_size looks at HF's whole row, left padding and masked tokens included
-    full_rows = [r for r in input_ids.tolist() for _ in range(n)] if settings.sampling.no_repeat_ngram_size else None
+    # no_repeat_ngram_size and bad_words_ids look at HF's whole row, left padding and masked tokens included
+    full_rows = ([r for r in input_ids.tolist() for _ in range(n)]
+                 if settings.sampling.no_repeat_ngram_size or settings.sampling.bad_words_ids else None)
     new_tokens = _decode_loop(loaded, rows, hole_rows, settings, streamer, full_rows)
     if streamer is not None:
         streamer.end()

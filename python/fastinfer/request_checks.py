@@ -52,7 +52,9 @@ def validate_request(token_ids: list[int], params: SamplingParams, *, vocab_size
                          f"{num_blocks}; raise num_blocks or lower max_tokens")
     if params.logprobs is not None and params.logprobs > vocab_size:
         raise ValueError(f"logprobs must be <= the vocabulary size {vocab_size}, got {params.logprobs}")
-    for name, ids in (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ())):
+    bad_word_ids = [t for w in params.bad_words_ids or () for t in w]
+    for name, ids in (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ()),
+                      ("bad_words_ids", bad_word_ids)):
         bad = [i for i in ids if i >= vocab_size]
         if bad:
             raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
@@ -72,6 +74,8 @@ def check_params(params: SamplingParams | None, *, speculative: bool) -> Samplin
         raise ValueError("logprobs are not supported with speculative decoding")
     if speculative and params.no_repeat_ngram_size:
         raise ValueError("no_repeat_ngram_size is not supported with speculative decoding")
+    if speculative and params.bad_words_ids:
+        raise ValueError("bad_words_ids is not supported with speculative decoding")
     return params
 
 

@@ -76,6 +76,10 @@ class SamplingParams:
     # HF's no_repeat_ngram_size (not a vLLM field): no n-gram of this size occurs twice in prompt + output
     # (a token that would complete one already seen gets -inf); 0: off. Not with speculative decoding.
     no_repeat_ngram_size: int = 0
+    # HF's bad_words_ids (not a vLLM field): token sequences that must not be generated; the last token of
+    # one gets -inf whenever prompt + output end with the rest of it (a single token: always). EOS ids are
+    # not filtered here (fastinfer.generate drops [eos] entries as HF does). Not with speculative decoding.
+    bad_words_ids: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, 1)
@@ -120,6 +124,13 @@ class SamplingParams:
                                  f"[-1e4, 1e4] or -inf, got {self.logit_bias!r:.120}")
             self.logit_bias = {t: float(b) for t, b in self.logit_bias.items()}
         _check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
+        if self.bad_words_ids is not None:
+            words = self.bad_words_ids
+            if not isinstance(words, (list, tuple)) or not all(
+                    isinstance(w, (list, tuple)) and w and all(_is_int(t) and t >= 0 for t in w) for w in words):
+                raise ValueError(f"bad_words_ids must be None or a list of non-empty lists of token ids >= 0, got "
+                                 f"{words!r:.120}")
+            self.bad_words_ids = [list(w) for w in words]
         if self.allowed_token_ids is not None:
             ids = self.allowed_token_ids
             if not isinstance(ids, (list, tuple)) or not ids or not all(_is_int(i) and i >= 0 for i in ids):

@@ -19,6 +19,12 @@ def ngram_bans(tokens: list[int], n: int) -> list[int]:
     return [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tokens[i:i + n - 1] == prefix]
 
 
+def bad_word_bans(tokens: list[int], bad_words: list[list[int]] | None) -> list[int]:
+    """HF's NoBadWordsLogitsProcessor for one row: the last token of each bad word whose other tokens end
+    the row (a one-token bad word: always)."""
+    return [w[-1] for w in bad_words or () if len(w) == 1 or (len(w) - 1 <= len(tokens) and tokens[len(tokens) - len(w) + 1:] == w[:-1])]
+
+
 def stop_ids(params: SamplingParams, eos_ids: set[int]) -> set[int]:
     """The token ids that end a sequence with these params (suppressed while below min_tokens)."""
     ids = set(params.stop_token_ids or ())
