@@ -204,6 +204,11 @@ _PARAM_ROWS: OrderedDict = OrderedDict()
 _PARAM_ROWS_MAX = 64
 
 
+def _host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without a host sync (pinned + non_blocking, as to_device)."""
+    return t.to(device) if device.type != "cuda" else t.pin_memory().to(device, non_blocking=True)
+
+
 def _param_rows(p: SamplingParams, vocab_size: int, device: torch.device) -> tuple:
     key = (id(p), vocab_size, str(device))
     entry = _PARAM_ROWS.get(key)
@@ -212,11 +217,11 @@ def _param_rows(p: SamplingParams, vocab_size: int, device: torch.device) -> tup
         if p.allowed_token_ids is not None:
             allowed = torch.zeros(vocab_size, dtype=torch.bool)
             allowed[torch.tensor(p.allowed_token_ids, dtype=torch.long)] = True
-            allowed = allowed.to(device)
+            allowed = _host_to(allowed, device)
         if p.logit_bias:
             bias = torch.zeros(vocab_size, dtype=torch.float32)
             bias[torch.tensor(list(p.logit_bias), dtype=torch.long)] = torch.tensor(list(p.logit_bias.values()))
-            bias = bias.to(device)
+            bias = _host_to(bias, device)
         entry = (p, allowed, bias)
         _PARAM_ROWS[key] = entry
         while len(_PARAM_ROWS) > _PARAM_ROWS_MAX:
