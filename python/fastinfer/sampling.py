@@ -78,14 +78,18 @@ def position_noise(stream: TokenStream, position: int, row: torch.Tensor) -> tor
     return row.clamp_min_(kMinExponential)
 
 
+def host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without a host sync: a copy from pageable memory waits for the stream
+    to drain, which would stall the engine's pipelined decode until the step it just launched has
+    finished. Pinned + non_blocking does not wait (the pinned block is kept until the copy has run)."""
+    return t.to(device) if device.type != "cuda" else t.pin_memory().to(device, non_blocking=True)
+
+
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list as a tensor on `device` without a host sync: torch.tensor(values, device=cuda)
-    copies from pageable memory and waits for the stream to drain, which would stall the engine's
-    pipelined decode until the step it just launched has finished. Pinned + non_blocking does not
-    wait (the pinned block is kept until the copy has run)."""
+    """A host list as a tensor on `device` without a host sync (host_to)."""
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+    return host_to(torch.tensor(values, dtype=dtype), device)
 
 
 def _row_values(values: list[float], like: torch.Tensor) -> torch.Tensor:
@@ -103,10 +107,7 @@ def _scatter_index(id_lists: list[list[int]], vocab_size: int, device: torch.dev
     rows = torch.repeat_interleave(torch.arange(len(id_lists)), lengths)
     cols = torch.tensor(list(chain.from_iterable(id_lists)), dtype=torch.long)
     cols = torch.where((cols < 0) | (cols >= vocab_size), vocab_size, cols)
-    if device.type != "cuda":
-        return rows.to(device), cols.to(device)
-    # pinned + non_blocking: no host sync (see to_device)
-    return rows.pin_memory().to(device, non_blocking=True), cols.pin_memory().to(device, non_blocking=True)
+    return host_to(rows, device), host_to(cols, device)
 
 
 def id_mask(id_lists: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -194,41 +195,37 @@ def _check_batch(logits, params, seen_ids, output_ids, suppress_ids, generators=
                              f"got {len(value)}")
 
 
-# SamplingParams -> (its allowed-ids mask, its dense logit_bias row), [V] tensors on the logits' device,
-# built once per params object: a request's rows are sampled every step with the same object, and a long
-# id list costs ~50 ns an id to turn into a tensor (64k allowed ids x 32 rows: ~0.1 s a step), plus the
-# copy. A step then stacks B cached rows on the device. Keyed by (id(params), V, device) with the object
-# kept alive beside its rows, so an id is not reused while its entry exists; the oldest entries go first
-# (64 entries: at most ~40 MB for a 128k vocabulary). Only params that set these options get an entry.
+# (allowed ids, logit_bias items, V, device) -> (the allowed-ids mask, the dense logit_bias row), [V]
+# tensors on the logits' device, built once per distinct content: a long id list costs ~50 ns an id to
+# turn into a tensor (64k allowed ids x 32 rows: ~0.1 s a step), plus the copy, and a step then only
+# stacks B cached rows on the device. Keyed by content, not by SamplingParams object: every request runs
+# with its own copy of the params it was given (request_checks.fill_max_tokens), so requests sharing a
+# list share its rows. The oldest entries go first (64: at most ~40 MB for a 128k vocabulary).
 _PARAM_ROWS: OrderedDict = OrderedDict()
 _PARAM_ROWS_MAX = 64
 
 
-def _host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device` without a host sync (pinned + non_blocking, as to_device)."""
-    return t.to(device) if device.type != "cuda" else t.pin_memory().to(device, non_blocking=True)
-
-
 def _param_rows(p: SamplingParams, vocab_size: int, device: torch.device) -> tuple:
-    key = (id(p), vocab_size, str(device))
+    allowed_ids = tuple(p.allowed_token_ids) if p.allowed_token_ids is not None else None
+    bias_items = tuple(p.logit_bias.items()) if p.logit_bias else None
+    key = (allowed_ids, bias_items, vocab_size, str(device))
     entry = _PARAM_ROWS.get(key)
-    if entry is None or entry[0] is not p:
+    if entry is None:
         allowed = bias = None
-        if p.allowed_token_ids is not None:
+        if allowed_ids is not None:
             allowed = torch.zeros(vocab_size, dtype=torch.bool)
-            allowed[torch.tensor(p.allowed_token_ids, dtype=torch.long)] = True
-            allowed = _host_to(allowed, device)
-        if p.logit_bias:
+            allowed[torch.tensor(allowed_ids, dtype=torch.long)] = True
+            allowed = host_to(allowed, device)
+        if bias_items is not None:
             bias = torch.zeros(vocab_size, dtype=torch.float32)
-            bias[torch.tensor(list(p.logit_bias), dtype=torch.long)] = torch.tensor(list(p.logit_bias.values()))
-            bias = _host_to(bias, device)
-        entry = (p, allowed, bias)
-        _PARAM_ROWS[key] = entry
+            bias[torch.tensor([t for t, _ in bias_items], dtype=torch.long)] = torch.tensor([b for _, b in bias_items])
+            bias = host_to(bias, device)
+        entry = _PARAM_ROWS[key] = (allowed, bias)
         while len(_PARAM_ROWS) > _PARAM_ROWS_MAX:
             _PARAM_ROWS.popitem(last=False)
     else:
         _PARAM_ROWS.move_to_end(key)
-    return entry[1], entry[2]
+    return entry
 
 
 def _apply_penalties(logits, params, seen_ids, output_ids, suppress_ids):
