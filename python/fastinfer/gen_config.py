@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, is_token_sequences
 
 # transformers' GenerationConfig._get_default_generation_params (5.x), for the keys that matter here.
 HF_DEFAULTS: dict[str, Any] = {
@@ -191,9 +191,7 @@ def resolve(model_defaults: dict | None, generation_config, kwargs: dict, prompt
     # One-token bans (static) become a -inf logit_bias, which pipelined decode keeps; longer ones depend on
     # the row's last tokens (bad_words_ids). Ids past the vocabulary are refused (HF never matches them).
     bad = merged["bad_words_ids"]
-    if bad is not None and (not isinstance(bad, (list, tuple)) or not all(
-            isinstance(w, (list, tuple)) and w and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                                                        for t in w) for w in bad)):
+    if bad is not None and not is_token_sequences(bad):
         raise ValueError(f"bad_words_ids must be a list of non-empty lists of token ids >= 0, got {bad!r:.120}")
     bad = [list(w) for w in bad or () if not (len(w) == 1 and w[0] in eos)]
     suppressed = merged["suppress_tokens"] or []

@@ -31,6 +31,12 @@ def _check_number(name: str, value, low: float, high: float, rule: str) -> None:
         raise ValueError(f"{name} must be {rule}, got {value!r}")
 
 
+def is_token_sequences(words) -> bool:
+    """A list of non-empty lists of token ids >= 0 (bad_words_ids; gen_config checks HF's argument with it)."""
+    return isinstance(words, (list, tuple)) and all(
+        isinstance(w, (list, tuple)) and w and all(_is_int(t) and t >= 0 for t in w) for w in words)
+
+
 def _check_bool(name: str, value) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be a bool, got {value!r}")
@@ -126,8 +132,7 @@ class SamplingParams:
         _check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
         if self.bad_words_ids is not None:
             words = self.bad_words_ids
-            if not isinstance(words, (list, tuple)) or not all(
-                    isinstance(w, (list, tuple)) and w and all(_is_int(t) and t >= 0 for t in w) for w in words):
+            if not is_token_sequences(words):
                 raise ValueError(f"bad_words_ids must be None or a list of non-empty lists of token ids >= 0, got "
                                  f"{words!r:.120}")
             self.bad_words_ids = [list(w) for w in words]
