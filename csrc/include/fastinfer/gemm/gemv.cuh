@@ -383,7 +383,9 @@ __device__ __forceinline__ void load_w_chunk_fp8(uint4 (&wl)[kSteps], uint4 (&wh
 // the mma's k to memory is shared by A and B, so the sum is exact as written. Unlike the 16-bit kernel,
 // x rows past M are not replaced by zeros: their lanes multiply x row 0 (finite data; 0 after the
 // RMSNorm prologue, whose 1 / rms is 0 there) into D columns m >= M, which no epilogue stores, and the
-// 32 selects a chunk would cost are ~8% of its instructions.
+// 32 selects a chunk would cost are ~8% of its instructions. Its x loop repeats chunk_mma_loaded's shape
+// on purpose: a shared helper for both changed the SASS of the measured 16-bit kernels (instruction counts
+// and scheduling), which only a GPU run could clear.
 template <typename T, int kTiles, bool kPartial, bool kNorm>
 __device__ __forceinline__ void chunk_mma_fp8(Acc<kTiles>& acc, const uint8_t* w_lo, const uint8_t* w_hi,
                                               const T* const (&x_rows)[kTiles], int64_t k0,
