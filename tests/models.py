@@ -16,6 +16,7 @@ VARIANTS = {
     "llama-mha-hd32": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 2, "num_attention_heads": 2}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}),  # head_dim * heads != hidden, as Qwen3's
 }
 
 

@@ -91,7 +91,7 @@ CT_CONFIG = {"quant_method": "compressed-tensors", "format": "float-quantized", 
                                                                  "dynamic": True}}}}
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
 def hf_pair(request):
     """(the float HF model, the same model with fp8-emulating projections)."""
     model = make_hf_model(request.param)
@@ -188,7 +188,8 @@ def test_fp8_kv_cache_in_the_model(tmp_path, hf_pair):
     model, _ = hf_pair
     loaded = fastinfer.load_model(model, torch.float32, "cpu")
     caches = loaded.model.make_kv_caches(4, 16, "fp8")
-    assert caches[0].dtype == ref.FP8 and caches[0].shape == (4, 2, 16, model.config.num_key_value_heads, 16)
+    head_dim = loaded.model.config.head_dim
+    assert caches[0].dtype == ref.FP8 and caches[0].shape == (4, 2, 16, model.config.num_key_value_heads, head_dim)
     plain, fp8 = fastinfer_logits(loaded), fastinfer_logits(loaded, kv_cache_dtype="fp8")
     assert not torch.equal(plain, fp8)
     assert (plain - fp8).abs().max() < 0.1 * plain.abs().max()

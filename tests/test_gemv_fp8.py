@@ -363,7 +363,7 @@ def decode_logits(loaded, ids, before_decode=None) -> torch.Tensor:
 
 @pytest.mark.cuda
 @pytest.mark.sm90
-@pytest.mark.parametrize("variant", ["llama", "qwen2"])
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen3"])
 def test_w8a16_decode_step_on_the_gpu(tmp_path, monkeypatch, variant):
     """A bf16 decode step with FASTINFER_FP8_DECODE=w8a16 runs the fused W8A16 GEMVs (4 a layer with a
     weight_scale, no activation quantization) and its logits are the CPU fp32 W8A16 path's as closely

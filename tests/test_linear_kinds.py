@@ -53,9 +53,11 @@ def test_unsupported_combinations_are_value_errors(tmp_path):
         LlamaForCausalLM(cfg, torch.float32, "cpu", QuantConfig("int4", 128, "zeros"))
 
 
-def test_int4_projection_with_bias_matches_hf():
-    """Qwen2's q/k/v carry a bias: the 4-bit qkv adds it after the W4A16 GEMM."""
-    hf = make_hf_model("qwen2", seed=9, **SHAPE)
+@pytest.mark.parametrize("variant, flags", [("qwen2", {}), ("qwen3", {"attention_bias": True})])
+def test_int4_projection_with_bias_matches_hf(variant, flags):
+    """Qwen2's q/k/v carry a bias (Qwen3's q/k/v and o with attention_bias, and its q / k heads are
+    normalized after the 4-bit projection): the 4-bit projection adds it after the W4A16 GEMM."""
+    hf = make_hf_model(variant, seed=9, **{**SHAPE, **flags})
     loaded = fastinfer.load_model(hf, quantization="int4")
     assert isinstance(loaded.model.layers[0].qkv, Int4Linear) and loaded.model.layers[0].qkv.bias is not None
     with torch.no_grad():

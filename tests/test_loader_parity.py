@@ -67,10 +67,12 @@ def test_llama_attention_bias_matches_hf(tmp_path):
 
 
 @pytest.mark.parametrize("variant, flags", [("qwen2", {"attention_bias": False}), ("mistral", {"attention_bias": True}),
-                                            ("qwen2", {"mlp_bias": True}), ("mistral", {"mlp_bias": True})])
+                                            ("qwen2", {"mlp_bias": True}), ("mistral", {"mlp_bias": True}),
+                                            ("qwen3", {"mlp_bias": True})])
 def test_bias_flags_the_architecture_ignores(tmp_path, variant, flags):
     """Qwen2 always has q/k/v biases and no MLP bias, Mistral never has a bias: HF's modeling code for
-    them never reads attention_bias / mlp_bias, fastinfer's config does (and then refuses the checkpoint)."""
+    them never reads attention_bias / mlp_bias (nor Qwen3's mlp_bias), fastinfer's config does (and then refuses
+    the checkpoint)."""
     hf = make_hf_model(variant, **flags)
     hf.save_pretrained(tmp_path)
     assert_logits_match(tmp_path, hf)
@@ -179,6 +181,9 @@ def test_llama_ignores_a_stray_sliding_window():
     ("mistral", {"head_dim": 32, "rope_theta": 777.0}),
     ("qwen2", {"head_dim": 32, "rms_norm_eps": 0.3}),
     ("qwen2", {"tie_word_embeddings": True}),
+    ("qwen3", {}),                           # q_norm / k_norm over each head, head_dim * heads != hidden_size
+    ("qwen3", {"attention_bias": True}),     # q, k, v and o biased, as Llama
+    ("qwen3", {"tie_word_embeddings": True, "head_dim": 16}),  # Qwen3-0.6B style
     ("llama3-rope", {"tie_word_embeddings": True}),   # Llama 3.2 style
 ], ids=lambda x: x if isinstance(x, str) else "-".join(map(str, x)))
 def test_config_variants_from_a_directory_match_hf(tmp_path, variant, overrides):

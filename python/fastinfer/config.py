@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "half": torch.float16,
@@ -44,6 +44,7 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool
     sliding_window: int | None = None
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each q / k head (weights [head_dim]) before rotary
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
@@ -82,7 +83,7 @@ class ModelConfig:
         if not isinstance(archs, (list, tuple)) or not all(isinstance(a, str) for a in archs):
             raise ValueError(f"config: architectures must be a list of class names, got {archs!r}")
         arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                                       "qwen2": "Qwen2ForCausalLM"}.get(cfg.get("model_type"), None)
+                                       "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(cfg.get("model_type"), None)
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unsupported architecture {arch or cfg.get('model_type')!r}; fastinfer supports "
                              f"{', '.join(SUPPORTED_ARCHITECTURES)}")
@@ -133,10 +134,11 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            # as HF's modeling code: Qwen2 always has q/k/v biases, Mistral never, Llama per the flag
+            # as HF's modeling code: Qwen2 always has q/k/v biases, Mistral never, Llama and Qwen3 per the flag
             attention_bias={"Qwen2ForCausalLM": True, "MistralForCausalLM": False}.get(
                 arch, bool(cfg.get("attention_bias", False))),
             sliding_window=_sliding_window(cfg, arch),
+            qk_norm=arch == "Qwen3ForCausalLM",
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
             pad_token_id=cfg.get("pad_token_id"),
@@ -224,7 +226,7 @@ def _sliding_window(cfg: dict, arch: str) -> int | None:
     window = cfg.get("sliding_window")
     if arch == "LlamaForCausalLM":  # HF's Llama has no sliding window, whatever the config holds
         return None
-    if arch == "Qwen2ForCausalLM" and not cfg.get("use_sliding_window", False):
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not cfg.get("use_sliding_window", False):
         return None
     if not window:
         return None

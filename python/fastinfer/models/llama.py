@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2) on fastinfer ops and the paged KV cache.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) on fastinfer ops and the paged KV cache.
 
 Weights are fused at load time: q/k/v projections into one [(H + 2 Hkv) D, hidden] matrix and
 gate/up into one [2 F, hidden] matrix, so a layer runs two GEMMs where HF runs five. Each
@@ -107,8 +107,11 @@ class LlamaLayer:
         self.scale = d ** -0.5
         self.input_norm = empty(h)
         self.qkv = linear(h, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        # HF's Llama biases o_proj too under attention_bias; Qwen2's q/k/v biases leave it without
-        self.o_proj = linear(self.q_size, h, bias=cfg.attention_bias and cfg.architecture == "LlamaForCausalLM")
+        # HF's Llama and Qwen3 bias o_proj too under attention_bias; Qwen2's q/k/v biases leave it without
+        self.o_proj = linear(self.q_size, h, bias=cfg.attention_bias and cfg.architecture != "Qwen2ForCausalLM")
+        # Qwen3: RMSNorm weights over each q and k head, applied before rotary (attend)
+        self.q_norm = empty(d) if cfg.qk_norm else None
+        self.k_norm = empty(d) if cfg.qk_norm else None
         self.post_attn_norm = empty(h)
         self.gate_up = linear(h, 2 * cfg.intermediate_size)
         self.down = linear(cfg.intermediate_size, h)
@@ -147,7 +150,7 @@ class LlamaLayer:
         to_o = prefetch(self.o_proj.weight, scale=2)  # attention runs in between and reads little
         qkv_w, o_w, gate_up_w, down_w = self.qkv, self.o_proj, self.gate_up, self.down  # FP8: W8A16 (weight_scale)
         if kv_cache.dtype != FP8 and self.head_dim % 16 == 0 and cos_sin.shape[1] == self.head_dim \
-                and fused_rope_enabled():
+                and self.q_norm is None and fused_rope_enabled():
             q = ops.dense_gemv_rope_cache(residual, qkv_w.weight, meta.positions, cos_sin, kv_cache,
                                           meta.slot_mapping, self.num_heads, qkv_w.bias, sq_sums, self.input_norm,
                                           self.eps, check_indices=False, prefetch=to_o, weight_scale=qkv_w.weight_scale)
@@ -207,9 +210,13 @@ class LlamaLayer:
 
     def attend(self, qkv: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata,
                cos_sin: torch.Tensor) -> torch.Tensor:
-        """Rotary, KV-cache write and attention of the q/k/v projection's output qkv [T, (H + 2 Hkv) D]."""
+        """Rotary, KV-cache write and attention of the q/k/v projection's output qkv [T, (H + 2 Hkv) D]
+        (Qwen3: each q and k head RMS-normalized first, as HF's q_norm / k_norm)."""
         t = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.q_norm is not None:  # rows of one head each: [T * H, D] (a copy: q and k are column slices)
+            q = ops.rms_norm(q.reshape(t * self.num_heads, self.head_dim), self.q_norm, self.eps)
+            k = ops.rms_norm(k.reshape(t * self.num_kv_heads, self.head_dim), self.k_norm, self.eps)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)

@@ -124,6 +124,9 @@ def weight_targets(model: LlamaForCausalLM) -> dict[str, torch.Tensor | LinearRo
             t[p + "self_attn.q_proj.bias"] = layer.qkv.bias[:q]
             t[p + "self_attn.k_proj.bias"] = layer.qkv.bias[q:q + kv]
             t[p + "self_attn.v_proj.bias"] = layer.qkv.bias[q + kv:]
+        if layer.q_norm is not None:
+            t[p + "self_attn.q_norm.weight"] = layer.q_norm
+            t[p + "self_attn.k_norm.weight"] = layer.k_norm
         t[p + "self_attn.o_proj.weight"] = layer.o_proj.rows()
         if layer.o_proj.bias is not None:
             t[p + "self_attn.o_proj.bias"] = layer.o_proj.bias
