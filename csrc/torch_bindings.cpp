@@ -15,10 +15,13 @@ TORCH_LIBRARY(fastinfer, m) {
   m.def("silu_and_mul(Tensor(a!) out, Tensor input) -> ()");
   m.def("argmax_rows(Tensor(a!) out, Tensor input) -> ()");
   m.def("reshape_and_cache(Tensor key, Tensor value, Tensor(a!) kv_cache, Tensor slot_mapping) -> ()");
-  // rotary_embedding then reshape_and_cache (or reshape_and_cache_fp8 with kv_scale) in one pass.
+  // rotary_embedding then reshape_and_cache (or reshape_and_cache_fp8 with kv_scale) in one pass;
+  // with q_norm / k_norm (Qwen3), each query / key head is first RMS-normalized in place (rms_norm
+  // over head_dim with those weights and norm_eps).
   m.def(
       "rotary_embedding_and_cache(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor value, "
-      "Tensor cos_sin_cache, Tensor(c!) kv_cache, Tensor slot_mapping, Tensor? kv_scale=None) -> ()");
+      "Tensor cos_sin_cache, Tensor(c!) kv_cache, Tensor slot_mapping, Tensor? kv_scale=None, "
+      "Tensor? q_norm=None, Tensor? k_norm=None, float norm_eps=0.0) -> ()");
   m.def(
       "paged_prefill_attention(Tensor(a!) out, Tensor query, Tensor kv_cache, Tensor cu_seqlens_q, "
       "Tensor seq_lens, Tensor block_tables, float scale, Tensor(b!)? lse=None) -> ()");

@@ -197,6 +197,75 @@ def test_rotary_embedding_and_cache_equals_the_two_ops(device, gen, dtype, num_t
     assert not torch.equal(results[1][0], qkv) or num_tokens == 0
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("heads", [(8, 2), (5, 1), (40, 8)], ids=["8x2", "5x1", "40x8"])  # 40x8: Qwen3-14B
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("num_tokens", NUM_TOKENS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_embedding_and_cache_with_head_norms(device, gen, dtype, num_tokens, head_dim, heads, fp8):
+    """q_norm / k_norm (Qwen3): every query and key head RMS-normalized with its weights, then rotated,
+    then K / V cached, on views into one fused qkv tensor with padding slots. Against the fp32 reference
+    (HF's q_norm then rotary) under DESIGN's rule; on the CPU, bit for bit rms_norm of each head then the
+    fused op without norms; V copied unchanged."""
+    if fp8 and dtype == torch.float32 and device.type == "cuda":
+        pytest.skip("no fp32 queries over an FP8 cache on CUDA")
+    kw = dict(dtype=dtype, device=device, gen=gen)
+    (num_heads, num_kv_heads), block_size, eps, max_position = heads, 16, 1e-6, 4096
+    num_blocks = -(-num_tokens // block_size) + 2
+    qkv = randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, scale=3.0, **kw)
+    q_norm, k_norm = (1.0 + randn(head_dim, scale=0.3, **kw)), (1.0 + randn(head_dim, scale=0.3, **kw))
+    positions = torch.randint(max_position, (num_tokens,), generator=gen)
+    cos_sin_cache, inv_freq = make_cos_sin(head_dim, max_position, 1000000.0, device)
+    cos, sin = (t.to(device) for t in ref.rope_cos_sin(positions, inv_freq))
+    positions = positions.to(device)
+    slot_mapping = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slot_mapping[1::4] = -1
+    slot_mapping = slot_mapping.to(device)
+    cache_dtype = torch.float8_e4m3fn if fp8 else dtype
+    cache = torch.full((num_blocks, 2, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype,
+                       device=device).to(cache_dtype)
+    kv_scale = torch.tensor([0.05, 0.02], device=device) if fp8 else None
+
+    def split(t):
+        return t[:, :num_heads], t[:, num_heads:num_heads + num_kv_heads], t[:, num_heads + num_kv_heads:]
+
+    ours, ours_cache = qkv.clone(), cache.clone()
+    q, k, v = split(ours)
+    ops.rotary_embedding_and_cache(positions, q, k, v, cos_sin_cache, ours_cache, slot_mapping, kv_scale=kv_scale,
+                                   q_norm=q_norm, k_norm=k_norm, norm_eps=eps)
+
+    def reference(t, weight, dtype_):
+        n, h, d = t.shape
+        normed = ref.rms_norm(t.reshape(n * h, d), weight, eps, dtype_).to(dtype_).reshape(n, h, d)
+        return ref.rotary_embedding(normed, cos, sin, dtype_)
+    q0, k0, v0 = split(qkv)
+    for got, t, w in ((q, q0, q_norm), (k, k0, k_norm)):
+        assert_within_tolerance(got, reference(t, w, dtype), reference(t, w, ref_dtype(dtype)))
+    assert torch.equal(v, v0)
+    written = slot_mapping >= 0
+    flat = ours_cache.view(num_blocks * 2, block_size, num_kv_heads, head_dim)
+    blocks, offsets = slot_mapping[written] // block_size, slot_mapping[written] % block_size
+    k_cached, v_cached = flat[2 * blocks, offsets], flat[2 * blocks + 1, offsets]
+    if fp8:
+        assert torch.equal(k_cached.view(torch.uint8), ref.fp8_quantize(k[written].float(), kv_scale[0]).view(torch.uint8))
+        assert torch.equal(v_cached.view(torch.uint8), ref.fp8_quantize(v[written].float(), kv_scale[1]).view(torch.uint8))
+    else:
+        assert torch.equal(k_cached, k[written]) and torch.equal(v_cached, v[written])
+    unwritten = torch.ones(num_blocks * block_size, dtype=torch.bool)
+    unwritten[slot_mapping[written].cpu()] = False
+    assert ours_cache.view(num_blocks, 2, block_size, -1).float().isnan().transpose(1, 2).reshape(
+        num_blocks * block_size, -1)[unwritten.to(device)].all()
+    if device.type == "cpu":  # the op is the composition, bit for bit
+        composed, composed_cache = qkv.clone(), cache.clone()
+        cq, ck, cv = split(composed)
+        cq.copy_(ops.rms_norm(cq.reshape(-1, head_dim), q_norm, eps).view_as(cq))
+        ck.copy_(ops.rms_norm(ck.reshape(-1, head_dim), k_norm, eps).view_as(ck))
+        ops.rotary_embedding_and_cache(positions, cq, ck, cv, cos_sin_cache, composed_cache, slot_mapping,
+                                       kv_scale=kv_scale)
+        assert torch.equal(composed, ours)
+        assert torch.equal(composed_cache.view(torch.uint8), ours_cache.view(torch.uint8))
+
+
 # ---- attention -----------------------------------------------------------------------------------
 # TODO(issue 5, CUDA attention kernels): paged_prefill_attention and paged_decode_attention only have
 # CPU implementations; when the CUDA kernels land, these tests take the `device` fixture like the
@@ -432,9 +501,20 @@ def test_opcheck_attention(op):
     torch.library.opcheck(getattr(torch.ops.fastinfer, op).default, (), valid_args(op, "cpu"))
 
 
+def test_opcheck_rotary_cache_with_head_norms(device):
+    args = valid_args("rotary_embedding_and_cache", device)
+    w = torch.linspace(0.5, 1.5, 64, device=device)
+    torch.library.opcheck(torch.ops.fastinfer.rotary_embedding_and_cache.default, (),
+                          {**args, "q_norm": w, "k_norm": w.flip(0), "norm_eps": 1e-6})
+
+
 def test_opcheck_prefill_with_lse():
     args = {**valid_args("paged_prefill_attention", "cpu"), "lse": torch.empty(23, 4)}
     torch.library.opcheck(torch.ops.fastinfer.paged_prefill_attention.default, (), args)
+
+
+def ones_like_query(args, n):
+    return torch.ones(n, dtype=args["query"].dtype, device=args["query"].device)
 
 
 def replace(name, fn):
@@ -506,6 +586,13 @@ LAYER_CASES = [
     ("rotary_embedding_and_cache", "value", "shape", replace("value", drop_row)),
     ("rotary_embedding_and_cache", "kv_cache", "dtype", replace("kv_cache", to(torch.float16))),
     ("rotary_embedding_and_cache", "slot_mapping", "beyond-cache", set_item("slot_mapping", 1, 64)),
+    ("rotary_embedding_and_cache", "q_norm", "alone", lambda a: a.update(q_norm=ones_like_query(a, 64))),
+    ("rotary_embedding_and_cache", "q_norm", "shape", lambda a: a.update(q_norm=ones_like_query(a, 32),
+                                                                         k_norm=ones_like_query(a, 64))),
+    ("rotary_embedding_and_cache", "k_norm", "dtype", lambda a: a.update(
+        q_norm=ones_like_query(a, 64), k_norm=ones_like_query(a, 64).half())),
+    ("rotary_embedding_and_cache", "norm_eps", "negative", lambda a: a.update(
+        q_norm=ones_like_query(a, 64), k_norm=ones_like_query(a, 64), norm_eps=-1.0)),
 ]
 
 ATTENTION_CASES = [

@@ -175,7 +175,8 @@ void dense_gemv_rope_cache(at::Tensor& query, at::Tensor& kv_cache, const at::Te
   at::Tensor q = qkv.narrow(1, 0, heads * head_dim).view({m, heads, head_dim});
   at::Tensor k = qkv.narrow(1, heads * head_dim, kv_heads * head_dim).view({m, kv_heads, head_dim});
   at::Tensor v = qkv.narrow(1, (heads + kv_heads) * head_dim, kv_heads * head_dim).view({m, kv_heads, head_dim});
-  rotary_embedding_and_cache(positions, q, k, v, cos_sin_cache, kv_cache, slot_mapping, std::nullopt);
+  rotary_embedding_and_cache(positions, q, k, v, cos_sin_cache, kv_cache, slot_mapping, std::nullopt, std::nullopt,
+                             std::nullopt, 0.0);
   query.copy_(q);
 }
 

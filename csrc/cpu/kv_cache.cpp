@@ -61,7 +61,14 @@ void reshape_and_cache_fp8(const at::Tensor& key, const at::Tensor& value, at::T
 
 void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
                                 const at::Tensor& value, const at::Tensor& cos_sin_cache, at::Tensor& kv_cache,
-                                const at::Tensor& slot_mapping, const std::optional<at::Tensor>& kv_scale) {
+                                const at::Tensor& slot_mapping, const std::optional<at::Tensor>& kv_scale,
+                                const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
+                                double norm_eps) {
+  TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "rotary_embedding_and_cache: q_norm and k_norm go together");
+  if (q_norm.has_value()) {
+    rms_norm_heads(query, *q_norm, norm_eps);
+    rms_norm_heads(key, *k_norm, norm_eps);
+  }
   rotary_embedding(positions, query, key, cos_sin_cache);
   if (kv_scale.has_value()) {
     reshape_and_cache_fp8(key, value, kv_cache, slot_mapping, *kv_scale);

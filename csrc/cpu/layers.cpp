@@ -96,6 +96,27 @@ void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tenso
   });
 }
 
+void rms_norm_heads(at::Tensor& x, const at::Tensor& weight, double eps) {
+  const int64_t tokens = x.size(0), heads = x.size(1), head_dim = x.size(2);
+  TORCH_CHECK(x.stride(2) == 1 && weight.dim() == 1 && weight.size(0) == head_dim && weight.is_contiguous() &&
+                  weight.scalar_type() == x.scalar_type(),
+              "rms_norm_heads: x must be [tokens, heads, head_dim] contiguous in its last dimension, weight a "
+              "contiguous [head_dim] of its dtype");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm_heads", [&] {
+    scalar_t* base = x.data_ptr<scalar_t>();
+    const scalar_t* w = weight.data_ptr<scalar_t>();
+    const int64_t ts = x.stride(0), hs = x.stride(1);
+    at::parallel_for(0, tokens, kRowsPerTask, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        for (int64_t h = 0; h < heads; ++h) {
+          scalar_t* row = base + t * ts + h * hs;
+          rms_norm_row<scalar_t>(row, row, nullptr, w, head_dim, static_cast<float>(eps));
+        }
+      }
+    });
+  });
+}
+
 void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
                       const at::Tensor& cos_sin_cache) {
   const int64_t num_tokens = query.size(0);

@@ -16,11 +16,17 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor
 void silu_and_mul(at::Tensor& out, const at::Tensor& input);
 // out[r] (int64) = index of the first maximum of fp32 row r, or of its first NaN: torch.argmax(dim=-1).
 void argmax_rows(at::Tensor& out, const at::Tensor& input);
-// Exactly rotary_embedding(positions, query, key, cos_sin_cache), then reshape_and_cache (or
-// reshape_and_cache_fp8 when kv_scale is given) of the rotated key and value.
+// In place: each [t, h] row of x [num_tokens, heads, head_dim] (last dimension contiguous) becomes
+// rms_norm(row, weight [head_dim], eps), rms_norm's arithmetic.
+void rms_norm_heads(at::Tensor& x, const at::Tensor& weight, double eps);
+// Exactly rms_norm_heads of query and key (given q_norm and k_norm), rotary_embedding(positions, query,
+// key, cos_sin_cache), then reshape_and_cache (or reshape_and_cache_fp8 when kv_scale is given) of the
+// rotated key and value.
 void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
                                 const at::Tensor& value, const at::Tensor& cos_sin_cache, at::Tensor& kv_cache,
-                                const at::Tensor& slot_mapping, const std::optional<at::Tensor>& kv_scale);
+                                const at::Tensor& slot_mapping, const std::optional<at::Tensor>& kv_scale,
+                                const std::optional<at::Tensor>& q_norm = std::nullopt,
+                                const std::optional<at::Tensor>& k_norm = std::nullopt, double norm_eps = 0.0);
 void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& kv_cache,
                        const at::Tensor& slot_mapping);
 // lse (optional): fp32 [num_tokens, num_heads], contiguous: per query row and head, the natural log of

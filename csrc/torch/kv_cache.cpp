@@ -14,6 +14,9 @@ struct FusedRotary {
   const at::Tensor& positions;
   at::Tensor& query;
   const at::Tensor& cos_sin_cache;
+  const std::optional<at::Tensor>& q_norm;  // both or neither: per-head RMSNorm weights [head_dim]
+  const std::optional<at::Tensor>& k_norm;
+  double norm_eps;
 };
 
 void write_cache(const char* op, const at::Tensor& key, const at::Tensor& value, at::Tensor& kv_cache,
@@ -55,6 +58,13 @@ void write_cache(const char* op, const at::Tensor& key, const at::Tensor& value,
                     cs.size(1) % 2 == 0 && cs.size(1) > 0 && cs.size(1) <= key.size(2),
                 "fastinfer.", op, ": cos_sin_cache must be a contiguous float32 [max_position, rotary_dim] with an "
                 "even rotary_dim <= head_dim on ", key.device());
+    TORCH_CHECK(rotary->q_norm.has_value() == rotary->k_norm.has_value(), "fastinfer.", op,
+                ": q_norm and k_norm go together");
+    for (const auto* w : {&rotary->q_norm, &rotary->k_norm}) {
+      TORCH_CHECK(!w->has_value() || ((*w)->dim() == 1 && (*w)->size(0) == key.size(2) && (*w)->is_contiguous() &&
+                                      (*w)->scalar_type() == key.scalar_type() && (*w)->device() == key.device()),
+                  "fastinfer.", op, ": q_norm / k_norm must be contiguous [head_dim] of key's dtype on ", key.device());
+    }
   }
   const c10::cuda::CUDAGuard guard(key.device());
   ReshapeAndCacheParams p{};
@@ -66,6 +76,11 @@ void write_cache(const char* op, const at::Tensor& key, const at::Tensor& value,
     p.rotary_dim = static_cast<int>(rotary->cos_sin_cache.size(1));
     p.query_token_stride = rotary->query.stride(0);
     p.query_head_stride = rotary->query.stride(1);
+    if (rotary->q_norm.has_value()) {
+      p.q_norm = rotary->q_norm->data_ptr();
+      p.k_norm = rotary->k_norm->data_ptr();
+      p.norm_eps = static_cast<float>(rotary->norm_eps);
+    }
   }
   p.key = key.data_ptr();
   p.value = value.data_ptr();
@@ -96,8 +111,9 @@ void reshape_and_cache_fp8(const at::Tensor& key, const at::Tensor& value, at::T
 
 void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query, at::Tensor& key, const at::Tensor& value,
                                 const at::Tensor& cos_sin_cache, at::Tensor& kv_cache, const at::Tensor& slot_mapping,
-                                const std::optional<at::Tensor>& kv_scale) {
-  const FusedRotary rotary{positions, query, cos_sin_cache};
+                                const std::optional<at::Tensor>& kv_scale, const std::optional<at::Tensor>& q_norm,
+                                const std::optional<at::Tensor>& k_norm, double norm_eps) {
+  const FusedRotary rotary{positions, query, cos_sin_cache, q_norm, k_norm, norm_eps};
   write_cache("rotary_embedding_and_cache", key, value, kv_cache, slot_mapping,
               kv_scale.has_value() ? &*kv_scale : nullptr, &rotary);
 }

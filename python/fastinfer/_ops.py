@@ -9,6 +9,8 @@ dense linear ops in _ops_linear.py, speculative_verify in _ops_spec.py; all are 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _C  # noqa: F401  (loads the extension: registers torch.ops.fastinfer.*)
@@ -150,14 +152,26 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
 
 def rotary_embedding_and_cache(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                               check_indices: bool = True, kv_scale: torch.Tensor | None = None) -> None:
+                               check_indices: bool = True, kv_scale: torch.Tensor | None = None,
+                               q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
+                               norm_eps: float = 0.0) -> None:
     """rotary_embedding(positions, query, key, cos_sin_cache) then reshape_and_cache(key, value, ...)
-    in one kernel: query and key are rotated in place, the rotated key and value are cached."""
+    in one kernel: query and key are rotated in place, the rotated key and value are cached.
+    q_norm, k_norm ([head_dim] weights, Qwen3's): each query / key head is first replaced by
+    rms_norm(head, q_norm or k_norm, norm_eps), in place."""
     op = "rotary_embedding_and_cache"
     _check_rotary(op, positions, query, key, cos_sin_cache, check_indices)
     fp8 = _check_cache_write(op, key, value, kv_cache, slot_mapping, check_indices, kv_scale)
+    if (q_norm is None) != (k_norm is None):
+        _fail(op, "q_norm and k_norm must be given together (per-head RMSNorm weights of query and key)")
+    if q_norm is not None:
+        for name, w in (("q_norm", q_norm), ("k_norm", k_norm)):
+            _check(op, name, w, ndim=1, dtype=query.dtype, device=query.device, contiguous=True)
+            _check_shape(op, name, w, (query.shape[2],))
+        if not (isinstance(norm_eps, (int, float)) and 0 <= norm_eps < math.inf):
+            _fail(op, f"norm_eps must be a finite number >= 0, got {norm_eps!r}")
     _ops.rotary_embedding_and_cache(positions, query, key, value, cos_sin_cache, kv_cache, slot_mapping,
-                                    kv_scale if fp8 else None)
+                                    kv_scale if fp8 else None, q_norm, k_norm, float(norm_eps))
 
 
 def _check_cache_write(op: str, key, value, kv_cache, slot_mapping, check_indices: bool, kv_scale) -> bool:

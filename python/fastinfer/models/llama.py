@@ -16,8 +16,10 @@ the residual as they load it (ops.rms_norm_dense_gemv): 4 kernels per layer inst
 attention, the same roundings as the unfused ops (the sum of squares is added in another order).
 Over a 16-bit cache with rotary over whole heads, the q/k/v projection also rotates q and k and
 writes k and v to the cache in its epilogue (ops.dense_gemv_rope_cache): 3 kernels per layer around
-attention. With FASTINFER_GEMV_PREFETCH_MB set, each of these GEMVs also asks L2 for the first bytes of
-the next one's weight as it finishes (gemv_prefetch_bytes; off until measured on a GPU).
+attention. Qwen3 normalizes each q / k head before rotary, which that epilogue does not: its q/k/v
+GEMV is followed by ops.rotary_embedding_and_cache with q_norm / k_norm (norms, rotary, KV write: one
+kernel). With FASTINFER_GEMV_PREFETCH_MB set, each of these GEMVs also asks L2 for the first bytes of the
+next one's weight as it finishes (gemv_prefetch_bytes; off until measured on a GPU).
 
 FP8 layers (LlamaLayer.forward_fp8): the two norms and the SwiGLU emit the per-token FP8 inputs of the
 GEMMs after them (ops.rms_norm_quant_fp8, ops.silu_and_mul_quant_fp8), the same bits as the 16-bit op
@@ -211,18 +213,16 @@ class LlamaLayer:
     def attend(self, qkv: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata,
                cos_sin: torch.Tensor) -> torch.Tensor:
         """Rotary, KV-cache write and attention of the q/k/v projection's output qkv [T, (H + 2 Hkv) D]
-        (Qwen3: each q and k head RMS-normalized first, as HF's q_norm / k_norm)."""
+        (Qwen3: each q and k head RMS-normalized first in the same kernel, as HF's q_norm / k_norm)."""
         t = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.q_norm is not None:  # rows of one head each: [T * H, D] (a copy: q and k are column slices)
-            q = ops.rms_norm(q.reshape(t * self.num_heads, self.head_dim), self.q_norm, self.eps)
-            k = ops.rms_norm(k.reshape(t * self.num_kv_heads, self.head_dim), self.k_norm, self.eps)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         kv_scale = self.kv_scale if kv_cache.dtype == FP8 else None
         ops.rotary_embedding_and_cache(meta.positions, q, k, v, cos_sin, kv_cache, meta.slot_mapping,
-                                       check_indices=False, kv_scale=kv_scale)
+                                       check_indices=False, kv_scale=kv_scale, q_norm=self.q_norm,
+                                       k_norm=self.k_norm, norm_eps=self.eps)
         return self.attend_rotated(q, kv_cache, meta, kv_scale)
 
     def attend_rotated(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata,

@@ -14,6 +14,7 @@
 #include "fastinfer/common.cuh"
 #include "fastinfer/dispatch.cuh"
 #include "fastinfer/kv/kv.h"
+#include "fastinfer/layers/rmsnorm_math.cuh"
 #include "fastinfer/layers/rope.cuh"
 
 namespace fastinfer {
@@ -31,8 +32,29 @@ __device__ __forceinline__ auto cache_element(T x, float scale) {
   }
 }
 
-// kRope: rotate query and key in place first (every token, padding too, as rotary_embedding does),
-// then write the rotated key: one launch and one pass over key instead of two.
+// Per-head RMSNorm of one token's query and key heads in place (p.q_norm / p.k_norm: Qwen3), a warp
+// per head: rms_norm_kernel's formula over head_dim (the sum of squares in another order).
+template <typename T>
+__device__ __forceinline__ void norm_heads(const ReshapeAndCacheParams& p, T* q, T* k) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int num_warps = blockDim.x / kWarpSize;
+  for (int h = warp; h < p.num_heads + p.num_kv_heads; h += num_warps) {
+    const bool is_q = h < p.num_heads;
+    T* x = is_q ? q + h * p.query_head_stride : k + (h - p.num_heads) * p.key_head_stride;
+    const T* w = static_cast<const T*>(is_q ? p.q_norm : p.k_norm);
+    float sum_sq = 0.0f;
+    for (int d = lane; d < p.head_dim; d += kWarpSize) {
+      const float v = to_float(x[d]);
+      sum_sq += v * v;
+    }
+    const float inv_rms = rsqrtf(warp_reduce_sum(sum_sq) / p.head_dim + p.norm_eps);
+    for (int d = lane; d < p.head_dim; d += kWarpSize) x[d] = rmsnorm::normalized(x[d], inv_rms, w[d]);
+  }
+}
+
+// kRope: rotate query and key in place first (every token, padding too, as rotary_embedding does;
+// with p.q_norm set, each head RMS-normalized before), then write the rotated key: one launch and one
+// pass over key instead of two (four with the norms).
 template <typename T, bool kFp8, bool kRope>
 __global__ void reshape_and_cache_kernel(ReshapeAndCacheParams p) {
   pdl_wait();  // common.cuh: PDL (FASTINFER_PDL=1)
@@ -40,9 +62,14 @@ __global__ void reshape_and_cache_kernel(ReshapeAndCacheParams p) {
   using C = decltype(cache_element<T, kFp8>(T{}, 1.0f));
   const int64_t t = blockIdx.x;
   if constexpr (kRope) {
-    rope::rotate_token(static_cast<T*>(p.query) + t * p.query_token_stride, static_cast<T*>(p.key) + t * p.key_token_stride,
-                       p.cos_sin_cache + p.positions[t] * p.rotary_dim, p.rotary_dim, p.num_heads, p.num_kv_heads,
-                       p.query_head_stride, p.key_head_stride);
+    T* q = static_cast<T*>(p.query) + t * p.query_token_stride;
+    T* k = static_cast<T*>(p.key) + t * p.key_token_stride;
+    if (p.q_norm != nullptr) {  // uniform over the grid
+      norm_heads<T>(p, q, k);
+      __syncthreads();  // the rotation pairs elements other warps normalized
+    }
+    rope::rotate_token(q, k, p.cos_sin_cache + p.positions[t] * p.rotary_dim, p.rotary_dim, p.num_heads,
+                       p.num_kv_heads, p.query_head_stride, p.key_head_stride);
     __syncthreads();  // the copy below reads key elements other threads rotated
   }
   const int64_t slot = p.slot_mapping[t];

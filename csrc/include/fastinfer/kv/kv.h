@@ -30,6 +30,12 @@ struct ReshapeAndCacheParams {
   void* query;                  // [num_tokens, num_heads, head_dim]
   int num_heads, rotary_dim;
   int64_t query_token_stride, query_head_stride;
+  // Optional per-head RMSNorm before the rotary (Qwen3's q_norm / k_norm; needs positions set): each
+  // query and key head x becomes x * rsqrt(mean(x^2) + norm_eps) * weight, rounded once to dtype as
+  // layers.h's RMSNorm rounds, in place. Both [head_dim] in dtype, or both nullptr.
+  const void* q_norm;
+  const void* k_norm;
+  float norm_eps;
 };
 cudaError_t launch_reshape_and_cache(const ReshapeAndCacheParams& p, cudaStream_t stream);
 

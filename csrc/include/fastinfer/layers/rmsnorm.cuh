@@ -21,17 +21,12 @@
 #include "fastinfer/dispatch.cuh"
 #include "fastinfer/gemm/fp8_quant_math.cuh"
 #include "fastinfer/layers/layers.h"
+#include "fastinfer/layers/rmsnorm_math.cuh"
 
 namespace fastinfer {
 namespace rmsnorm {
 
 constexpr int kMaxThreads = 1024;
-
-// One normalized element, rounded to the storage dtype (the unfused output and the FP8 path's input).
-template <typename T>
-__device__ __forceinline__ T normalized(T x, float inv_rms, T w) {
-  return from_float<T>(to_float(x) * inv_rms * to_float(w));
-}
 
 template <typename T, bool kFusedAdd>
 __global__ void rms_norm_kernel(RMSNormParams p) {
