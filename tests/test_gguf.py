@@ -336,8 +336,15 @@ def test_tiny_llama3_rope_freqs(tmp_path):
 
 
 def test_other_architecture(tmp_path):
+    write_tiny_llama(tmp_path / "phi.gguf", arch="phi3")
+    with pytest.raises(ValueError, match="architecture 'phi3' is not supported; GGUF files of 'llama', 'qwen2', 'qwen3'"):
+        read_gguf(tmp_path / "phi.gguf")
+
+
+def test_qwen2_gguf_without_its_biases_is_refused(tmp_path):
+    """HF's Qwen2 always has q / k / v biases: a qwen2 GGUF without them names what is missing."""
     write_tiny_llama(tmp_path / "qwen.gguf", arch="qwen2")
-    with pytest.raises(ValueError, match="architecture 'qwen2' is not supported"):
+    with pytest.raises(ValueError, match=r"missing.*self_attn.q_proj.bias"):
         read_gguf(tmp_path / "qwen.gguf")
 
 

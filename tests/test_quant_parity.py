@@ -453,18 +453,28 @@ def _to_gguf_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf_llama(path, qtypes, tied: bool = False, seed: int = 0):
-    """A 2-layer llama GGUF, projection i stored as qtypes(name); returns the HF state dict of the
-    values the file holds (gguf.quants.dequantize of the stored blocks, rows in HF order)."""
+# Qwen3 at head_dim 128: transformers' GGUF reader leaves Qwen3Config's default head_dim (128), so
+# its cross-check needs that size.
+QWEN3_GGUF_DIMS = dict(layers=2, hidden=256, heads=2, kv_heads=1, head_dim=128, ffn=256)
+
+
+def write_gguf_llama(path, qtypes, tied: bool = False, seed: int = 0, arch: str = "llama", bias: bool = False):
+    """A 2-layer GGUF of `arch` (llama, qwen2, qwen3) as llama.cpp's converter writes it, projection i
+    stored as qtypes(name); returns the HF state dict of the values the file holds (gguf.quants.dequantize
+    of the stored blocks, rows in HF order). Qwen2 always has q / k / v biases, Qwen3 q / k / v / o ones
+    when `bias`, and q / k head norms; only llama's q / k rows are interleaved."""
     gguf = pytest.importorskip("gguf")
-    d, gen = GGUF_DIMS, torch.Generator().manual_seed(seed)
+    d, gen = (QWEN3_GGUF_DIMS if arch == "qwen3" else GGUF_DIMS), torch.Generator().manual_seed(seed)
     tokens = _gguf_tokens()
     h, f, hd = d["hidden"], d["ffn"], d["head_dim"]
     shapes = {"self_attn.q_proj": (d["heads"] * hd, h), "self_attn.k_proj": (d["kv_heads"] * hd, h),
               "self_attn.v_proj": (d["kv_heads"] * hd, h), "self_attn.o_proj": (h, d["heads"] * hd),
               "mlp.gate_proj": (f, h), "mlp.up_proj": (f, h), "mlp.down_proj": (h, f)}
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(d["layers"])
+    if arch == "qwen3":
+        writer.add_key_length(hd)
+        writer.add_value_length(hd)
     writer.add_context_length(256)
     writer.add_embedding_length(h)
     writer.add_feed_forward_length(f)
@@ -473,7 +483,7 @@ def write_gguf_llama(path, qtypes, tied: bool = False, seed: int = 0):
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_rope_freq_base(10000.0)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre("default" if arch == "llama" else "qwen2")
     writer.add_token_list(tokens)
     writer.add_token_types([3, 3] + [1] * (len(tokens) - 2))
     writer.add_token_merges(["Ġ t", "h e"])
@@ -494,7 +504,16 @@ def write_gguf_llama(path, qtypes, tied: bool = False, seed: int = 0):
                 writer.add_tensor(gname, state[name].numpy())
                 continue
             w = 0.2 * torch.randn(*shapes[ours], generator=gen)
-            heads = {"attn_q": d["heads"], "attn_k": d["kv_heads"]}.get(theirs)
+            biased = (arch == "qwen2" and theirs in ("attn_q", "attn_k", "attn_v")) or (arch == "qwen3" and bias
+                                                                                     and theirs.startswith("attn_"))
+            if biased:
+                state[f"model.layers.{i}.{ours}.bias"] = 0.1 * torch.randn(shapes[ours][0], generator=gen)
+                writer.add_tensor(f"blk.{i}.{theirs}.bias", state[f"model.layers.{i}.{ours}.bias"].numpy())
+            if arch == "qwen3" and theirs in ("attn_q", "attn_k"):
+                norm = 1 + 0.2 * torch.randn(hd, generator=gen)
+                state[f"model.layers.{i}.{ours.replace('_proj', '_norm')}.weight"] = norm
+                writer.add_tensor(f"blk.{i}.{theirs}_norm.weight", norm.numpy())
+            heads = {"attn_q": d["heads"], "attn_k": d["kv_heads"]}.get(theirs) if arch == "llama" else None
             stored = _to_gguf_rows(w, heads) if heads else w
             kind = gguf.GGMLQuantizationType[qtypes(name)]
             blocks = gguf.quants.quantize(stored.numpy(), kind)
@@ -510,12 +529,15 @@ def write_gguf_llama(path, qtypes, tied: bool = False, seed: int = 0):
     return state
 
 
-def hf_from_state(state: dict, tied: bool):
-    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, head_dim=64,
-                                   max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0,
-                                   tie_word_embeddings=tied)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
+def hf_from_state(state: dict, tied: bool, arch: str = "llama", bias: bool = False):
+    d = QWEN3_GGUF_DIMS if arch == "qwen3" else GGUF_DIMS
+    name = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[arch]
+    cfg = getattr(transformers, f"{name}Config")(
+        vocab_size=320, hidden_size=d["hidden"], intermediate_size=d["ffn"], num_hidden_layers=2,
+        num_attention_heads=d["heads"], num_key_value_heads=d["kv_heads"], head_dim=d["head_dim"],
+        max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=tied,
+        **({"attention_bias": bias} if arch == "qwen3" else {}))
+    hf = getattr(transformers, f"{name}ForCausalLM")(cfg).eval()
     missing = set(hf.state_dict()) - set(state) - ({"lm_head.weight"} if tied else set())
     assert not missing, missing
     hf.load_state_dict(state, strict=False)
@@ -535,6 +557,39 @@ def test_gguf_q4_runs_4bit_and_matches_its_blocks(tmp_path, case):
     assert model.quant.method == "gguf" and model.quant.mode == ("mins" if case == "mixed" else "symmetric")
     assert model.config.tie_word_embeddings is tied
     torch.testing.assert_close(run_logits(model), hf_logits(hf_from_state(state, tied)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch, bias", [("qwen2", True), ("qwen3", False), ("qwen3", True)],
+                         ids=["qwen2", "qwen3", "qwen3-bias"])
+def test_gguf_qwen_runs_4bit_and_dequantized(tmp_path, arch, bias):
+    """Qwen2 / Qwen3 GGUFs (rows as HF has them, biases and Qwen3's q / k head norms as F32 tensors):
+    quantization="gguf" runs the Q4 projections as 4-bit, the plain load dequantizes them; both give
+    the logits of HF's class on the values the file holds; the tokenizer takes the qwen2 pre-tokenizer."""
+    state = write_gguf_llama(tmp_path / "m.gguf", lambda n: "Q4_1" if "mlp" in n else "Q4_0", tied=arch == "qwen3",
+                             seed=16, arch=arch, bias=bias)
+    hf = hf_logits(hf_from_state(state, arch == "qwen3", arch, bias))
+    four_bit = fastinfer.load_model(tmp_path / "m.gguf", dtype=torch.float32, device="cpu", quantization="gguf")
+    assert four_bit.model.config.architecture == f"Qwen{arch[-1]}ForCausalLM" and four_bit.model.quant.mode == "mins"
+    assert (four_bit.model.layers[0].o_proj.bias is not None) == (arch == "qwen3" and bias)
+    torch.testing.assert_close(run_logits(four_bit.model), hf, rtol=1e-4, atol=1e-4)
+    dense = fastinfer.load_model(tmp_path / "m.gguf", dtype=torch.float32, device="cpu")
+    assert dense.model.quant is None
+    torch.testing.assert_close(run_logits(dense.model), hf, rtol=1e-4, atol=1e-4)
+    assert dense.tokenizer.decode(dense.tokenizer("the tt")["input_ids"]) == "the tt"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_gguf_logits_match_transformers_gguf_reader(tmp_path, arch):
+    """An independent reading of the same file: transformers' own GGUF loader (its tensor renames and
+    llama's q / k un-permutation) gives the logits fastinfer's dequantized load gives."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    # (transformers reads no attention_bias for a Qwen3 GGUF: its biased variant is checked above only)
+    write_gguf_llama(tmp_path / "m.gguf", lambda n: "Q8_0", seed=17, arch=arch)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf",
+                                                               dtype=torch.float32).eval()
+    ours = fastinfer.load_model(tmp_path / "m.gguf", dtype=torch.float32, device="cpu").model
+    torch.testing.assert_close(run_logits(ours), hf_logits(theirs), rtol=1e-4, atol=1e-4)
 
 
 def test_gguf_other_projection_types_refused_for_gguf_but_dequantized_otherwise(tmp_path):

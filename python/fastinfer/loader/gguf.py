@@ -1,11 +1,13 @@
-"""Llama GGUF files (llama.cpp's format) as an HF config dict, an HF state dict and a tokenizer.
+"""Llama, Qwen2 and Qwen3 GGUF files (llama.cpp's format) as an HF config dict, an HF state dict and a
+tokenizer.
 
     config, state_dict, tokenizer = read_gguf(default_model_path(), torch.bfloat16)
 
 Weights are dequantized with `gguf.quants.dequantize` (one small function, `dequantize`, so an INT4
 path can take the raw Q4_0/Q4_1 blocks from `hf_tensor_map` instead). llama.cpp's converter
 interleaves the rows of attn_q / attn_k within each head (its rope rotates adjacent pairs, HF's
-rotates the two halves); `unpermute_rows` undoes that.
+rotates the two halves); `unpermute_rows` undoes that. Its Qwen2 / Qwen3 converters write q / k as HF
+has them (llama.cpp runs NeoX-style rope for those architectures), so their rows stay as stored.
 """
 from __future__ import annotations
 
@@ -34,7 +36,10 @@ _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
 _LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
                 "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
                 "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-                "ffn_down": "mlp.down_proj"}
+                "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+# general.architecture -> (HF class, model_type, whether llama.cpp interleaved the q / k rows)
+_ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama", True), "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
+                  "qwen3": ("Qwen3ForCausalLM", "qwen3", False)}
 # Llama 3.1+ GGUFs store their rope scaling as per-frequency divisors in this tensor; these are the
 # llama3 parameters every Llama 3.x checkpoint uses, checked against the tensor before use.
 _ROPE_FREQS = "rope_freqs.weight"
@@ -107,7 +112,14 @@ def unpermute_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
             .transpose(1, 2).reshape(weight.shape))
 
 
+def interleaved_qk(config: dict) -> bool:
+    """Whether this GGUF's q / k rows are llama.cpp's interleave (`unpermute_rows` restores HF's order)."""
+    return _ARCHITECTURES[config["model_type"]][2]
+
+
 def _to_hf_layout(weight: torch.Tensor, name: str, config: dict) -> torch.Tensor:
+    if not interleaved_qk(config):
+        return weight
     if name.endswith("self_attn.q_proj.weight"):
         return unpermute_rows(weight, config["num_attention_heads"])
     if name.endswith("self_attn.k_proj.weight"):
@@ -116,37 +128,42 @@ def _to_hf_layout(weight: torch.Tensor, name: str, config: dict) -> torch.Tensor
 
 
 def gguf_config(file: GGUFFile, dtype: torch.dtype = torch.float32) -> dict:
-    """The HF LlamaForCausalLM config.json a llama GGUF was converted from."""
+    """The HF config.json (LlamaForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM) a GGUF was converted from."""
     meta, path = file.metadata, file.path
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{path}: architecture {arch!r} is not supported; only 'llama' GGUF files are")
+    if arch not in _ARCHITECTURES:
+        raise ValueError(f"{path}: architecture {arch!r} is not supported; GGUF files of "
+                         f"{', '.join(map(repr, _ARCHITECTURES))} are")
+    hf_class, model_type, _ = _ARCHITECTURES[arch]
 
     def need(key: str, kind: type = int, default=None) -> int | float:
-        value = meta.get(f"llama.{key}", default)
+        value = meta.get(f"{arch}.{key}", default)
         if value is None:
-            raise ValueError(f"{path}: metadata key llama.{key} is missing")
+            raise ValueError(f"{path}: metadata key {arch}.{key} is missing")
         if isinstance(value, list):
-            raise ValueError(f"{path}: llama.{key} varies per layer, which is not supported")
+            raise ValueError(f"{path}: {arch}.{key} varies per layer, which is not supported")
         allowed = (int, float) if kind is float else (int,)
         if isinstance(value, bool) or not isinstance(value, allowed) or value <= 0:
-            raise ValueError(f"{path}: llama.{key} must be a positive {kind.__name__}, got {value!r}")
+            raise ValueError(f"{path}: {arch}.{key} must be a positive {kind.__name__}, got {value!r}")
         return value
 
     hidden, heads, layers = need("embedding_length"), need("attention.head_count"), need("block_count")
     if layers > len(file.tensors):  # each layer has 9 tensors: a corrupt count must not drive a huge loop
-        raise ValueError(f"{path}: llama.block_count = {layers}, but the file has only {len(file.tensors)} tensors")
+        raise ValueError(f"{path}: {arch}.block_count = {layers}, but the file has only {len(file.tensors)} tensors")
     kv_heads = need("attention.head_count_kv", default=heads)
     head_dim = need("attention.key_length", default=hidden // heads)
     for key in ("attention.value_length", "rope.dimension_count"):
         if need(key, default=head_dim) != head_dim:
-            raise ValueError(f"{path}: llama.{key} = {meta[f'llama.{key}']} differs from head_dim {head_dim} "
+            raise ValueError(f"{path}: {arch}.{key} = {meta[f'{arch}.{key}']} differs from head_dim {head_dim} "
                              f"(partial rotary or split head sizes are not supported)")
     if "token_embd.weight" not in file.tensors:
         raise ValueError(f"{path}: tensor 'token_embd.weight' is missing")
+    # Qwen2 always has q / k / v biases (HF's class does); Qwen3 has q / k / v / o biases when its
+    # attention_bias was set, which the converter leaves only in the tensors
+    attention_bias = {"qwen2": True, "qwen3": "blk.0.attn_q.bias" in file.tensors}.get(arch, False)
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [hf_class],
+        "model_type": model_type,
         "vocab_size": file.tensors["token_embd.weight"].shape[0],
         "hidden_size": hidden,
         "intermediate_size": need("feed_forward_length"),
@@ -157,13 +174,13 @@ def gguf_config(file: GGUFFile, dtype: torch.dtype = torch.float32) -> dict:
         "max_position_embeddings": need("context_length"),
         "rms_norm_eps": _float32(need("attention.layer_norm_rms_epsilon", float)),
         "rope_theta": _float32(need("rope.freq_base", float, 10000.0)),
-        "rope_scaling": _rope_scaling(file, head_dim),
+        "rope_scaling": _rope_scaling(file, head_dim, arch),
         "tie_word_embeddings": "output.weight" not in file.tensors,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
         "hidden_act": "silu",
-        "attention_bias": False,
+        "attention_bias": attention_bias,
         "mlp_bias": False,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
@@ -174,18 +191,20 @@ def _float32(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _rope_scaling(file: GGUFFile, head_dim: int) -> dict | None:
+def _rope_scaling(file: GGUFFile, head_dim: int, arch: str = "llama") -> dict | None:
     meta, path = file.metadata, file.path
-    kind = meta.get("llama.rope.scaling.type", "linear" if "llama.rope.scale_linear" in meta else "none")
-    factor = meta.get("llama.rope.scaling.factor", meta.get("llama.rope.scale_linear", 1.0))
+    kind = meta.get(f"{arch}.rope.scaling.type", "linear" if f"{arch}.rope.scale_linear" in meta else "none")
+    factor = meta.get(f"{arch}.rope.scaling.factor", meta.get(f"{arch}.rope.scale_linear", 1.0))
     if _ROPE_FREQS in file.tensors:
+        if arch != "llama":
+            raise ValueError(f"{path}: {_ROPE_FREQS} in a {arch!r} GGUF is not supported")
         if kind != "none":
             raise ValueError(f"{path}: both {_ROPE_FREQS} and rope scaling type {kind!r}")
         return _llama3_rope_scaling(file, head_dim)
     if kind == "none":
         return None
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 <= factor < math.inf:
-        raise ValueError(f"{path}: llama.rope.scaling.factor must be a positive number, got {factor!r}")
+        raise ValueError(f"{path}: {arch}.rope.scaling.factor must be a positive number, got {factor!r}")
     factor = factor or 1.0  # llama.cpp reads a factor of 0 as "not set"
     if kind == "linear" and factor == 1.0:
         return None
@@ -196,8 +215,8 @@ def _rope_scaling(file: GGUFFile, head_dim: int) -> dict | None:
         for gguf_key, hf_key in (("original_context_length", "original_max_position_embeddings"),
                                  ("attn_factor", "attention_factor"), ("yarn_beta_fast", "beta_fast"),
                                  ("yarn_beta_slow", "beta_slow")):
-            if f"llama.rope.scaling.{gguf_key}" in meta:
-                value = meta[f"llama.rope.scaling.{gguf_key}"]
+            if f"{arch}.rope.scaling.{gguf_key}" in meta:
+                value = meta[f"{arch}.rope.scaling.{gguf_key}"]
                 scaling[hf_key] = _float32(value) if isinstance(value, float) else value
         return scaling
     raise ValueError(f"{path}: rope scaling type {kind!r} is not supported (supported: none, linear, yarn)")
@@ -244,7 +263,7 @@ def hf_tensor_map(file: GGUFFile, config: dict) -> dict[str, GGUFTensor]:
     if missing:
         raise ValueError(f"{file.path}: {len(missing)} tensor(s) missing, e.g. {missing[:3]}")
     if unexpected:
-        raise ValueError(f"{file.path}: unexpected tensor(s) for a llama model: {unexpected[:5]}")
+        raise ValueError(f"{file.path}: unexpected tensor(s) for a {config['model_type']} model: {unexpected[:5]}")
     return found
 
 
@@ -269,6 +288,13 @@ def _expected_shapes(config: dict) -> dict[str, list[int]]:
              "self_attn.v_proj.weight": [kv_rows, hidden], "self_attn.o_proj.weight": [hidden, q_rows],
              "mlp.gate_proj.weight": [ffn, hidden], "mlp.up_proj.weight": [ffn, hidden],
              "mlp.down_proj.weight": [hidden, ffn]}
+    if config["attention_bias"]:  # as HF's classes: Qwen2 biases q / k / v, Llama and Qwen3 o too
+        layer.update({"self_attn.q_proj.bias": [q_rows], "self_attn.k_proj.bias": [kv_rows],
+                      "self_attn.v_proj.bias": [kv_rows]})
+        if config["model_type"] != "qwen2":
+            layer["self_attn.o_proj.bias"] = [hidden]
+    if config["model_type"] == "qwen3":
+        layer.update({"self_attn.q_norm.weight": [head_dim], "self_attn.k_norm.weight": [head_dim]})
     for i in range(config["num_hidden_layers"]):
         shapes.update({f"model.layers.{i}.{key}": shape for key, shape in layer.items()})
     return shapes

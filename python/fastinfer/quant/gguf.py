@@ -12,7 +12,7 @@ import gguf
 import numpy as np
 import torch
 
-from ..loader.gguf import checked_config, dequantize, hf_tensor_map, open_gguf, unpermute_rows
+from ..loader.gguf import checked_config, dequantize, hf_tensor_map, interleaved_qk, open_gguf, unpermute_rows
 from ..loader.gguf_tokenizer import build_tokenizer
 from .int4 import QuantizedWeight
 from .linear import QuantConfig
@@ -60,7 +60,7 @@ def read_gguf_int4(path: str | Path, dtype: torch.dtype = torch.float32, validat
                          f"dequantize instead")
     tokenizer = build_tokenizer(file.metadata, file.path)
     heads = {"self_attn.q_proj.weight": config["num_attention_heads"],
-             "self_attn.k_proj.weight": config["num_key_value_heads"]}
+             "self_attn.k_proj.weight": config["num_key_value_heads"]} if interleaved_qk(config) else {}
     state = {}
     for name, tensor in tensors.items():
         if name in projections:
