@@ -303,7 +303,8 @@ def test_prompt_up_to_max_position_matches_hf_and_beyond_raises_clearly():
     dict(sequence_bias={(5,): -1.0}), dict(force_words_ids=[[5]]), dict(forced_eos_token_id=3), dict(max_time=5.0),
     dict(stop_strings=["x"]), dict(renormalize_logits=True), dict(exponential_decay_length_penalty=(2, 1.5)),
     dict(do_sample=True, typical_p=0.5), dict(do_sample=True, epsilon_cutoff=1e-3), dict(do_sample=True, eta_cutoff=1e-3),
-    dict(do_sample=True, top_h=0.5), dict(penalty_alpha=0.6, top_k=4), dict(num_beams=2, num_return_sequences=2),
+    dict(do_sample=True, top_h=0.5), dict(penalty_alpha=0.6, top_k=4),
+    dict(num_beam_groups=2, num_beams=2, diversity_penalty=0.5),
     dict(logits_processor=[transformers.MinLengthLogitsProcessor(5, 2)]),
     dict(stopping_criteria=[transformers.MaxLengthCriteria(3)]),
     dict(prefix_allowed_tokens_fn=lambda b, ids: [5]), dict(negative_prompt_ids=torch.tensor([[5]])),
@@ -312,7 +313,8 @@ def test_prompt_up_to_max_position_matches_hf_and_beyond_raises_clearly():
 def test_unsupported_hf_arguments_raise(kwargs):
     model = make_hf_model("llama", seed=6)
     ids = torch.tensor([[5, 6, 7]])
-    with pytest.raises(ValueError, match=next(k for k in kwargs if k not in ("do_sample", "top_k", "num_return_sequences"))):
+    with pytest.raises(ValueError, match=next(k for k in kwargs if k not in ("do_sample", "top_k", "num_return_sequences",
+                                                                           "num_beams"))):
         fastinfer.generate(model, ids, max_new_tokens=2, **kwargs)
 
 

@@ -20,13 +20,13 @@ HF_DEFAULTS: dict[str, Any] = {
     "temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": None, "repetition_penalty": 1.0,
     "no_repeat_ngram_size": 0, "bad_words_ids": None, "suppress_tokens": None,
     "num_return_sequences": 1, "eos_token_id": None, "pad_token_id": None,
+    "num_beams": 1, "length_penalty": 1.0, "early_stopping": False,
 }
 # Unsupported features, allowed only at these neutral values (HF no-ops): the default first, then any
 # other value that is a no-op in HF too (classifier-free guidance at scale 1, contrastive search with
 # alpha 0, low_memory off; generate()'s logits_processor / stopping_criteria lists when empty).
 NEUTRAL: dict[str, tuple] = {
-    "num_beams": (1,), "num_beam_groups": (1,), "early_stopping": (False,), "typical_p": (1.0,),
-    "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,), "length_penalty": (1.0,),
+    "num_beam_groups": (1,), "typical_p": (1.0,), "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,),
     "encoder_no_repeat_ngram_size": (0,), "encoder_repetition_penalty": (1.0,),
     "force_words_ids": (None,), "constraints": (None,), "forced_bos_token_id": (None,),
     "forced_eos_token_id": (None,), "begin_suppress_tokens": (None,),
@@ -72,6 +72,9 @@ class GenerationSettings:
     eos_token_ids: list[int]
     pad_token_id: int | None      # HF's: None when neither given nor in the configs (no mask inferred)
     num_return_sequences: int
+    num_beams: int = 1            # > 1: beam search (beam_search.py), greedy only
+    length_penalty: float = 1.0   # beam search: a finished beam's score is its logprob sum / length ** this
+    early_stopping: bool | str = False  # beam search: True, False (HF's heuristic) or "never"
 
     @property
     def fill_token_id(self) -> int:
@@ -183,8 +186,21 @@ def resolve(model_defaults: dict | None, generation_config, kwargs: dict, prompt
     if merged["do_sample"] and sampling_only:
         key, (value, where) = next(iter(sampling_only.items()))
         raise ValueError(f"generate(): {key}={value!r} is not supported by fastinfer with do_sample=True (from {where})")
-    if n > 1 and not merged["do_sample"]:  # as HF: n greedy copies would be identical
-        raise ValueError(f"num_return_sequences={n} needs do_sample=True (greedy rows would be identical)")
+    beams, length_penalty, early_stopping = merged["num_beams"], merged["length_penalty"], merged["early_stopping"]
+    if not isinstance(beams, int) or isinstance(beams, bool) or beams < 1:
+        raise ValueError(f"num_beams must be an integer >= 1, got {beams!r}")
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) or length_penalty != length_penalty:
+        raise ValueError(f"length_penalty must be a number, got {length_penalty!r}")
+    if early_stopping not in (True, False, "never") or not isinstance(early_stopping, (bool, str)):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    if beams > 1 and merged["do_sample"]:
+        raise ValueError(f"num_beams={beams} with do_sample=True (beam sampling) is not supported by fastinfer; "
+                         f"beam search runs with do_sample=False")
+    if beams > 1 and n > beams:  # as HF
+        raise ValueError(f"num_return_sequences ({n}) must be <= num_beams ({beams})")
+    if n > 1 and not merged["do_sample"] and beams == 1:  # as HF: n greedy copies would be identical
+        raise ValueError(f"num_return_sequences={n} needs do_sample=True or num_beams >= {n} (greedy rows would be "
+                         f"identical)")
     if merged["do_sample"] and temperature == 0:
         raise ValueError("temperature must be > 0 when do_sample=True (use do_sample=False for greedy)")
     # HF's NoBadWordsLogitsProcessor drops one-token bad words that are an EOS id; SuppressTokens does not.
@@ -213,4 +229,4 @@ def resolve(model_defaults: dict | None, generation_config, kwargs: dict, prompt
         sampling = SamplingParams(temperature=0.0, repetition_penalty=float(merged["repetition_penalty"]),
                                   no_repeat_ngram_size=ngram, bad_words_ids=longer, logit_bias=banned or None,
                                   max_tokens=None)
-    return GenerationSettings(max_new, min_new, sampling, eos, pad, n)
+    return GenerationSettings(max_new, min_new, sampling, eos, pad, n, beams, float(length_penalty), early_stopping)

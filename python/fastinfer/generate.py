@@ -107,7 +107,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
                                   cfg.max_position_embeddings)
     prompts, holes = _prompts(input_ids, attention_mask, settings.pad_token_id, settings.eos_token_ids,
                               cfg.vocab_size)
-    n = settings.num_return_sequences
+    n = settings.num_return_sequences if settings.num_beams == 1 else 1
     rows = [p for p in prompts for _ in range(n)]
     hole_rows = [h for h in holes for _ in range(n)]
     longest = max(map(len, rows)) + settings.max_new_tokens
@@ -116,6 +116,11 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
                if cfg.sliding_window is not None and cfg.sliding_window < cfg.max_position_embeddings else "")
         raise ValueError(f"prompt + max_new_tokens = {longest} tokens exceeds the model's maximum length "
                          f"{cfg.max_model_len}{why}")
+    if settings.num_beams > 1:  # HF's beam search (beam_search.py)
+        if streamer is not None:
+            raise ValueError("streamer cannot be used with beam search (num_beams > 1), as in HF")
+        from .beam_search import beam_search
+        return beam_search(loaded, input_ids, prompts, holes, settings)
     if streamer is not None:
         if len(rows) != 1:
             raise ValueError("streamer supports a single sequence (batch 1, num_return_sequences 1)")

@@ -1,0 +1,136 @@
+"""Beam search (HF's num_beams > 1) in fastinfer.generate against HF transformers' own beam search.
+
+HF and fastinfer run the same random fp32 model on the same left-padded batch; the outputs must be
+equal token for token, shapes and fill values included. EOS ids are taken from the tokens the beams
+produce without them, so that beams really finish early and the finished-beam bookkeeping (length
+penalty, early stopping, the fill after a returned sequence's end) decides the result; each such case
+also checks that the EOS ids change the output.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastinfer
+from fastinfer import beam_search as bs
+from fastinfer import gen_config
+from fastinfer.generate import _prompts, get_loaded
+from fastinfer.runner import ModelRunner
+from models import left_padded_batch, make_hf_model
+
+transformers = pytest.importorskip("transformers")
+
+PAD = 0
+
+
+def hf(model, ids, mask, **kw):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, **kw)
+
+
+def frequent_tokens(model, ids, mask, count: int, **kw) -> list[int]:
+    """The `count` tokens HF's beam search with these settings and no EOS returns most often (EOS
+    candidates that bite)."""
+    out = hf(model, ids, mask, **{**kw, "eos_token_id": None})
+    values, counts = out[:, ids.shape[1]:].flatten().unique(return_counts=True)
+    return values[counts.argsort(descending=True)][:count].tolist()
+
+
+CASES = {
+    "plain": dict(num_beams=3),
+    "eos-n2": dict(num_beams=4, num_return_sequences=2, eos=2),
+    "eos-lp0.5-early": dict(num_beams=2, length_penalty=0.5, early_stopping=True, eos=1, pad_token_id=2),
+    "eos-lp2-never": dict(num_beams=3, length_penalty=2.0, early_stopping="never", eos=1),
+    "eos-lp-neg": dict(num_beams=3, length_penalty=-1.0, eos=2),
+    "processors": dict(num_beams=3, repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=5, eos=2),
+    "bans": dict(num_beams=3, bad_words_ids=[[7, 8], [9]], suppress_tokens=[10], eos=1),
+    "pad0-fill": dict(num_beams=3, num_return_sequences=3, eos=3, pad_token_id=0),
+    "pad5-fill": dict(num_beams=3, num_return_sequences=3, eos=3, pad_token_id=5),
+}
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_beam_search_matches_hf(variant, case):
+    model = make_hf_model(variant, seed=5)
+    ids, mask = left_padded_batch([5, 17, 1, 9], model.config.vocab_size, PAD, seed=2)
+    kw = dict(CASES[case])
+    eos = kw.pop("eos", 0)
+    kw = dict(max_new_tokens=20, do_sample=False, **{"pad_token_id": PAD, **kw})
+    kw["eos_token_id"] = frequent_tokens(model, ids, mask, eos, **kw) if eos else None
+    expected = hf(model, ids, mask, **kw)
+    ours = fastinfer.generate(model, ids, attention_mask=mask, **kw)
+    assert ours.shape == expected.shape and torch.equal(ours, expected)
+    if eos:  # the EOS ids bite: without them the beams come out otherwise
+        free = fastinfer.generate(model, ids, attention_mask=mask, **{**kw, "eos_token_id": None})
+        assert free.shape != ours.shape or not torch.equal(free, ours), "the EOS ids changed nothing"
+
+
+def test_beam_search_differs_from_greedy_and_returns_beams_best_first():
+    model = make_hf_model("llama", seed=5)
+    ids, mask = left_padded_batch([5, 17, 1, 9], model.config.vocab_size, PAD, seed=2)
+    kw = dict(max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=PAD)
+    greedy = fastinfer.generate(model, ids, attention_mask=mask, **kw)
+    beams = fastinfer.generate(model, ids, attention_mask=mask, num_beams=4, num_return_sequences=4, **kw)
+    assert beams.shape == (16, greedy.shape[1])
+    assert not torch.equal(beams[::4], greedy)  # beam search finds other sequences than greedy here
+    assert len({tuple(r) for r in beams[:4].tolist()}) == 4  # distinct beams per prompt
+
+
+def test_decode_steps_from_static_buffers_give_the_same_beams():
+    """The GPU path's static decode buffers (one graph bucket of batch * num_beams rows), run eagerly
+    on the CPU: same output as the plain path."""
+    model = make_hf_model("llama", seed=5)
+    ids, mask = left_padded_batch([5, 17, 1], model.config.vocab_size, PAD, seed=2)
+    kw = dict(max_new_tokens=14, do_sample=False, eos_token_id=[3, 4], pad_token_id=PAD, num_beams=3)
+    expected = hf(model, ids, mask, **kw)
+    loaded = get_loaded(model)
+    settings = gen_config.resolve({}, None, dict(kw), ids.shape[1], [], None, loaded.model.config.max_position_embeddings)
+    prompts, holes = _prompts(ids, mask, PAD, [3, 4], loaded.model.config.vocab_size)
+    ours = bs.beam_search(loaded, ids, prompts, holes, settings, decode_graphs=True)
+    assert torch.equal(ours, expected)
+
+
+def test_blocks_are_shared_and_copied_on_write():
+    model = get_loaded(make_hf_model("llama", seed=1)).model
+    runner = ModelRunner(model, 8, 16)
+    pool = bs._Blocks(runner)
+    parent = [pool.take(), pool.take()]          # 32 positions: the second block half full
+    child = pool.share(parent)
+    assert pool.refs[parent[0]] == 2 and pool.refs[parent[1]] == 2
+    for cache in runner.kv_caches:
+        cache[parent[1]].normal_()
+    copies = []
+    pool.writable(child, 20, copies)             # inside the shared second block: copied
+    assert child[0] == parent[0] and child[1] != parent[1] and copies == [(parent[1], child[1])]
+    bs._copy_blocks(runner, copies)
+    assert all(torch.equal(c[child[1]], c[parent[1]]) for c in runner.kv_caches)
+    copies = []
+    pool.writable(child, 21, copies)             # now its own: written in place
+    pool.writable(child, 32, copies)             # a block boundary: a new block
+    assert copies == [] and len(child) == 3
+    pool.release(parent)
+    pool.release(child)
+    assert sorted(pool.free) == list(range(8)) and not any(pool.refs)
+
+
+def test_beam_search_refuses_a_streamer():
+    model = make_hf_model("llama", seed=6)
+    with pytest.raises(ValueError, match="streamer cannot be used with beam search"):
+        fastinfer.generate(model, torch.tensor([[5, 6, 7]]), max_new_tokens=3, num_beams=2, streamer=object())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", ["llama", "qwen3"])
+def test_beam_search_matches_hf_on_the_gpu(variant):
+    """The GPU path (CUDA kernels, beams' copy-on-write blocks, one decode graph) in fp32 against HF's
+    beam search on the same GPU, with EOS ids that end beams early."""
+    model = make_hf_model(variant, seed=7, hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=64, intermediate_size=512).cuda()
+    ids, mask = left_padded_batch([5, 17, 1, 33], model.config.vocab_size, PAD, seed=3)
+    ids, mask = ids.cuda(), mask.cuda()
+    kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=PAD, num_beams=4, num_return_sequences=2)
+    kw["eos_token_id"] = frequent_tokens(model, ids, mask, 2, **kw)
+    expected = hf(model, ids, mask, **kw)
+    ours = fastinfer.generate(model, ids, attention_mask=mask, **kw)
+    assert ours.device == ids.device and torch.equal(ours, expected)
