@@ -27,12 +27,17 @@ def make_hf_model(variant: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(cfg).eval()
     # Random init (std 0.02) gives near-uniform logits; larger weights make greedy choices decisive.
+    # Every 1-D parameter (biases, the layers' RMSNorm weights) is N(0, 0.1), except Qwen3's q / k head
+    # norms: 1 + N(0, 0.1), so that attention is not near uniform and a head norm applied with the wrong
+    # weights changes the tokens, not only the logits' last digits.
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.2 if p.shape[0] != cfg.vocab_size else 0.5)
-            elif "norm" not in str(p):
+            else:
                 p.normal_(0, 0.1)
+                if name.endswith(("q_norm.weight", "k_norm.weight")):
+                    p.add_(1.0)
     return model
 
 

@@ -87,8 +87,15 @@ def test_decode_steps_from_static_buffers_give_the_same_beams():
     loaded = get_loaded(model)
     settings = gen_config.resolve({}, None, dict(kw), ids.shape[1], [], None, loaded.model.config.max_position_embeddings)
     prompts, holes = _prompts(ids, mask, PAD, [3, 4], loaded.model.config.vocab_size)
-    ours = bs.beam_search(loaded, ids, prompts, holes, settings, decode_graphs=True)
+    runners = []
+    real = ModelRunner.enable_decode_graphs
+    ModelRunner.enable_decode_graphs = lambda self, *a, **k: (runners.append(self), real(self, *a, **k))[1]
+    try:
+        ours = bs.beam_search(loaded, ids, prompts, holes, settings, decode_graphs=True)
+    finally:
+        ModelRunner.enable_decode_graphs = real
     assert torch.equal(ours, expected)
+    assert runners and runners[0].graphs.num_steps > 0, "the static decode path did not run"
 
 
 def test_blocks_are_shared_and_copied_on_write():

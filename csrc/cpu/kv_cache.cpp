@@ -65,7 +65,12 @@ void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query, 
                                 const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
                                 double norm_eps) {
   TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "rotary_embedding_and_cache: q_norm and k_norm go together");
-  if (q_norm.has_value()) {
+  if (q_norm.has_value()) {  // the positions are checked before anything is written
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    for (int64_t t = 0; t < positions.numel(); ++t) {
+      TORCH_CHECK(pos[t] >= 0 && pos[t] < cos_sin_cache.size(0), "rotary_embedding_and_cache: positions[", t,
+                  "] = ", pos[t], " outside the cos_sin_cache of ", cos_sin_cache.size(0), " positions");
+    }
     rms_norm_heads(query, *q_norm, norm_eps);
     rms_norm_heads(key, *k_norm, norm_eps);
   }

@@ -98,10 +98,11 @@ void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tenso
 
 void rms_norm_heads(at::Tensor& x, const at::Tensor& weight, double eps) {
   const int64_t tokens = x.size(0), heads = x.size(1), head_dim = x.size(2);
-  TORCH_CHECK(x.stride(2) == 1 && weight.dim() == 1 && weight.size(0) == head_dim && weight.is_contiguous() &&
-                  weight.scalar_type() == x.scalar_type(),
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && weight.dim() == 1 && weight.size(0) == head_dim &&
+                  weight.is_contiguous() && weight.scalar_type() == x.scalar_type() && weight.device() == x.device() &&
+                  std::isfinite(eps) && eps >= 0,
               "rms_norm_heads: x must be [tokens, heads, head_dim] contiguous in its last dimension, weight a "
-              "contiguous [head_dim] of its dtype");
+              "contiguous [head_dim] of its dtype and device, eps finite and >= 0");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm_heads", [&] {
     scalar_t* base = x.data_ptr<scalar_t>();
     const scalar_t* w = weight.data_ptr<scalar_t>();

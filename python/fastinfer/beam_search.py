@@ -117,8 +117,11 @@ def beam_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], holes
     beam_indices = running_beam_indices.clone()
 
     longest = max(map(len, prompts)) + max_new
-    blocks_per_beam = -(-longest // BLOCK_SIZE)
-    runner = ModelRunner(model, batch * num_beams * blocks_per_beam + 1, BLOCK_SIZE)
+    # a prompt's full blocks are shared by its beams and never written again; from its partial block on,
+    # each beam may come to own every block (copied or appended)
+    num_blocks = sum(len(p) // BLOCK_SIZE + num_beams * (-(-(len(p) + max_new) // BLOCK_SIZE) - len(p) // BLOCK_SIZE)
+                     for p in prompts)
+    runner = ModelRunner(model, num_blocks + 1, BLOCK_SIZE)
     pool = _Blocks(runner)
     if decode_graphs if decode_graphs is not None else (device.type == "cuda" and max_new > 2):
         runner.enable_decode_graphs([batch * num_beams], longest)
