@@ -27,7 +27,11 @@ def test_rope_spellings_agree():
 
 @pytest.mark.parametrize("change, match", [
     ({"architectures": ["GPT2LMHeadModel"]}, "GPT2LMHeadModel"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, "longrope"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "beta_fast": "fast"}}, "beta_fast"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 0}},
+     "original_max_position_embeddings"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "truncate": "no"}}, "truncate"),
     ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "dynamic"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"num_key_value_heads": 3}, "num_key_value_heads"),

@@ -217,7 +217,6 @@ def test_half_checkpoint_loads_into_fp32_like_hf(tmp_path, stored):
 @pytest.mark.parametrize("rope", [
     {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
      "original_max_position_embeddings": 64},
-    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
     {"type": "dynamic", "factor": 2.0},
 ])
 def test_unsupported_rope_types_are_refused_at_load(tmp_path, rope):
@@ -225,6 +224,27 @@ def test_unsupported_rope_types_are_refused_at_load(tmp_path, rope):
     edit_config(tmp_path, lambda c: c.__setitem__("rope_parameters", {**rope, "rope_theta": 1e4}))
     with pytest.raises(ValueError, match=rope.get("rope_type", rope.get("type"))):
         fastinfer.load_model(tmp_path)
+
+
+@pytest.mark.parametrize("variant, rope, top_level", [
+    ("qwen3", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}, {}),
+    ("llama", {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 16,
+               "attention_factor": 1.3}, {}),
+    ("qwen2", {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128, "mscale": 0.7,
+               "mscale_all_dim": 1.0, "truncate": False}, {}),
+    ("llama", {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 999}, {"original_max_position_embeddings": 128}),
+    ("mistral", {"type": "yarn", "factor": 4.0}, {}),  # 4.x spelling, original = max_position_embeddings
+], ids=["qwen3", "attention_factor", "mscale-untruncated", "top-level-original-null-factor", "v4-default-original"])
+def test_yarn_rope_matches_hf(tmp_path, variant, rope, top_level):
+    """YaRN (Qwen2.5 / Qwen3 long-context configs): the blended frequencies and the attention factor on
+    cos / sin, HF's defaults and its precedence (a top-level original_max_position_embeddings wins; a null
+    factor is max_position_embeddings / original), over positions past the original context."""
+    make_hf_model(variant, rope_theta=10000.0).save_pretrained(tmp_path)
+    edit_config(tmp_path, lambda c: c.update(rope_parameters={**rope, "rope_theta": 10000.0}, **top_level))
+    hf = hf_from_dir(tmp_path)
+    assert hf.model.rotary_emb.rope_type == "yarn"
+    ids = list(range(5, 300, 2))  # 148 positions: past every original context above
+    torch.testing.assert_close(fi_logits(fastinfer.load_model(tmp_path), ids), hf_logits(hf, ids), rtol=0, atol=ATOL)
 
 
 def test_untied_checkpoint_without_lm_head_names_it(tmp_path):

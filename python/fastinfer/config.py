@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "half": torch.float16,
            "float": torch.float32}
@@ -210,16 +210,38 @@ def _rope(cfg: dict) -> tuple[float, dict | None]:
     merged.pop("rope_theta", None)
     merged.pop("type", None)
     merged["rope_type"] = rope_type
-    if rope_type == "llama3":  # HF's standardize_rope_params fills this in
+    if rope_type in ("llama3", "yarn"):  # as HF's standardize_rope_params: a top-level value wins
+        if cfg.get("original_max_position_embeddings") is not None:
+            merged["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
         merged.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings", 2048))
+    if rope_type == "yarn":
+        _yarn_params(merged, cfg)
     required = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                                                  "original_max_position_embeddings")}.get(rope_type, ())
+                                                  "original_max_position_embeddings"),
+                "yarn": ("factor", "original_max_position_embeddings")}.get(rope_type, ())
     for key in required:
         if not isinstance(merged.get(key), (int, float)):
             raise ValueError(f"config: {rope_type} rope scaling needs a number {key!r}, got {merged.get(key)!r}")
         if not _is_number(merged[key]) or not 0 < merged[key] < math.inf:
             raise ValueError(f"config: {rope_type} rope scaling {key!r} must be a positive number, got {merged[key]!r}")
     return theta, merged
+
+
+def _yarn_params(merged: dict, cfg: dict) -> None:
+    """YaRN's optional fields checked (numbers, or null for HF's defaults); a null factor becomes
+    max_position_embeddings / original_max_position_embeddings, as HF computes it."""
+    old_len = merged.get("original_max_position_embeddings")
+    if not _is_number(old_len) or not 0 < old_len < math.inf:
+        raise ValueError(f"config: yarn rope scaling 'original_max_position_embeddings' must be a positive number, "
+                         f"got {old_len!r}")
+    if merged.get("factor") is None:
+        merged["factor"] = cfg.get("max_position_embeddings", 2048) / old_len
+    for key in ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+        value = merged.get(key)
+        if value is not None and (not _is_number(value) or not -math.inf < value < math.inf):
+            raise ValueError(f"config: yarn rope scaling {key!r} must be a number or null, got {value!r}")
+    if not isinstance(merged.get("truncate", True), bool):
+        raise ValueError(f"config: yarn rope scaling 'truncate' must be true or false, got {merged['truncate']!r}")
 
 
 def _sliding_window(cfg: dict, arch: str) -> int | None:

@@ -1,4 +1,5 @@
-"""Rotary cos/sin cache. Rope scaling (linear, Llama-3) only changes inv_freq, never the kernel."""
+"""Rotary cos/sin cache. Rope scaling (linear, Llama-3, YaRN) only changes inv_freq (and, for YaRN, scales
+cos / sin by its attention factor, as HF does), never the kernel."""
 from __future__ import annotations
 
 import math
@@ -14,6 +15,8 @@ def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.
         inv_freq = inv_freq / float(scaling["factor"])
     elif rope_type == "llama3":
         inv_freq = _llama3(inv_freq, scaling)
+    elif rope_type == "yarn":
+        inv_freq = _yarn(head_dim, theta, scaling)
     elif rope_type != "default":
         raise ValueError(f"unsupported rope type {rope_type!r}")
     return inv_freq
@@ -32,9 +35,52 @@ def _llama3(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     return torch.where(is_medium, blended, scaled)
 
 
+def _yarn(head_dim: int, theta: float, s: dict) -> torch.Tensor:
+    """YaRN (HF's _compute_yarn_parameters): each frequency a blend of the original (extrapolation) and
+    divided by factor (interpolation), by a linear ramp over the dimensions between the correction range
+    of beta_fast / beta_slow rotations in the original context."""
+    factor, old_len = float(s["factor"]), s["original_max_position_embeddings"]
+    beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return (head_dim * math.log(old_len / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # HF: no singular ramp
+    ramp = torch.clamp((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2).to(dtype=torch.float) / head_dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    extrapolation_factor = 1 - ramp
+    return interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor
+
+
+def attention_scaling(scaling: dict | None) -> float:
+    """The factor HF multiplies cos and sin by: YaRN's attention factor (given, or from factor, mscale and
+    mscale_all_dim as HF infers it), 1 otherwise."""
+    if (scaling or {}).get("rope_type") != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+
+    def get_mscale(scale, mscale=1):
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+    factor, mscale, mscale_all_dim = float(scaling["factor"]), scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim))
+    return get_mscale(factor)
+
+
 def cos_sin_cache(head_dim: int, max_position: int, theta: float, scaling: dict | None,
                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """fp32 [max_position, head_dim]: row p = [cos(p * inv_freq) | sin(p * inv_freq)]."""
+    """fp32 [max_position, head_dim]: row p = [cos(p * inv_freq) | sin(p * inv_freq)] (times YaRN's
+    attention factor)."""
     inv_freq = inv_frequencies(head_dim, theta, scaling)
     freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
-    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device)
+    scale = attention_scaling(scaling)
+    cos, sin = freqs.cos(), freqs.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return torch.cat([cos, sin], dim=-1).to(device)
