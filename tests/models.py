@@ -17,6 +17,10 @@ VARIANTS = {
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}),  # head_dim * heads != hidden, as Qwen3's
+    # fused qkv / gate_up checkpoints; Phi-4-mini's partial rotary (the first 3/4 of each head)
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
+    "phi3-partial": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+                                                       "partial_rotary_factor": 0.75}),
 }
 
 

@@ -34,6 +34,9 @@ def test_rope_spellings_agree():
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "truncate": "no"}}, "truncate"),
     ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "dynamic"),
     ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5 for this architecture"),
+    ({"architectures": ["Phi3ForCausalLM"], "partial_rotary_factor": 1.5}, "partial_rotary_factor must be"),
+    ({"architectures": ["Phi3ForCausalLM"], "partial_rotary_factor": 0.35}, "rotary dimension"),  # 16 x 0.35: 5
     ({"num_key_value_heads": 3}, "num_key_value_heads"),
     ({"hidden_size": 0}, "hidden_size"),
     ({"torch_dtype": "int8"}, "dtype"),

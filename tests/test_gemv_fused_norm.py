@@ -454,7 +454,7 @@ def test_lm_head_norm_with_fp32_logits(device):
 # ---- the model -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant, rope", [("llama", "1"), ("qwen2", "1"), ("llama-tied", "1"), ("llama", "0"),
-                                           ("qwen2", "0"), ("qwen3", "1")])
+                                           ("qwen2", "0"), ("qwen3", "1"), ("phi3", "1"), ("phi3-partial", "1")])
 def test_model_fused_norms_greedy_matches_hf(monkeypatch, variant, rope):
     """With the decode GEMV forced on the CPU, steps of <= 16 tokens take the fused path (the spies see
     it: with FASTINFER_FUSED_ROPE=0 the rotary stays a separate op, and so it does for Qwen3, whose q / k
@@ -474,7 +474,8 @@ def test_model_fused_norms_greedy_matches_hf(monkeypatch, variant, rope):
         monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     ours = fastinfer.generate(model, ids, attention_mask=mask, pad_token_id=0, **kw)
     assert "rms_norm_dense_gemv" in calls, "the fused path did not run"
-    assert ("dense_gemv_rope_cache" in calls) == (rope == "1" and variant != "qwen3")
+    # Qwen3's head norms and a partial rotary keep the rotary + KV write kernel
+    assert ("dense_gemv_rope_cache" in calls) == (rope == "1" and variant not in ("qwen3", "phi3-partial"))
     assert torch.equal(ours, expected)
 
 

@@ -53,16 +53,18 @@ def test_unsupported_combinations_are_value_errors(tmp_path):
         LlamaForCausalLM(cfg, torch.float32, "cpu", QuantConfig("int4", 128, "zeros"))
 
 
-@pytest.mark.parametrize("variant, flags", [("qwen2", {}), ("qwen3", {"attention_bias": True})])
+@pytest.mark.parametrize("variant, flags", [("qwen2", {}), ("qwen3", {"attention_bias": True}), ("phi3", {})])
 def test_int4_projection_with_bias_matches_hf(variant, flags):
     """Qwen2's q/k/v carry a bias (Qwen3's q/k/v and o with attention_bias, and its q / k heads are
-    normalized after the 4-bit projection): the 4-bit projection adds it after the W4A16 GEMM."""
+    normalized after the 4-bit projection): the 4-bit projection adds it after the W4A16 GEMM. Phi-3's
+    fused qkv_proj / gate_up_proj quantize row by row like the split ones."""
     hf = make_hf_model(variant, seed=9, **{**SHAPE, **flags})
     loaded = fastinfer.load_model(hf, quantization="int4")
-    assert isinstance(loaded.model.layers[0].qkv, Int4Linear) and loaded.model.layers[0].qkv.bias is not None
+    assert isinstance(loaded.model.layers[0].qkv, Int4Linear)
+    assert (loaded.model.layers[0].qkv.bias is not None) == (variant != "phi3")
     with torch.no_grad():
         for name, param in hf.named_parameters():
-            if name.endswith(tuple(f"{p}.weight" for p in PROJECTIONS)):
+            if name.endswith(tuple(f"{p}.weight" for p in PROJECTIONS + ("self_attn.qkv_proj", "mlp.gate_up_proj"))):
                 param.copy_(quantize_rtn(param, 128, "zeros").dequantize())
     assert_matches_hf(loaded.model, hf)
 

@@ -184,6 +184,9 @@ def test_llama_ignores_a_stray_sliding_window():
     ("qwen3", {}),                           # q_norm / k_norm over each head, head_dim * heads != hidden_size
     ("qwen3", {"attention_bias": True}),     # q, k, v and o biased, as Llama
     ("qwen3", {"tie_word_embeddings": True, "head_dim": 16}),  # Qwen3-0.6B style
+    ("phi3", {}),                            # qkv_proj / gate_up_proj stored fused
+    ("phi3", {"partial_rotary_factor": 0.5}),  # 4.x spelling: top-level; rotates the first half of a head
+    ("phi3-partial", {"rope_theta": 250000.0}),
     ("llama3-rope", {"tie_word_embeddings": True}),   # Llama 3.2 style
 ], ids=lambda x: x if isinstance(x, str) else "-".join(map(str, x)))
 def test_config_variants_from_a_directory_match_hf(tmp_path, variant, overrides):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "Phi3ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "half": torch.float16,
@@ -45,6 +46,7 @@ class ModelConfig:
     attention_bias: bool
     sliding_window: int | None = None
     qk_norm: bool = False  # Qwen3: an RMSNorm over each q / k head (weights [head_dim]) before rotary
+    rotary_dim: int | None = None  # features of each head rotary rotates (Phi-3's partial_rotary_factor); None: all
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
@@ -67,6 +69,10 @@ class ModelConfig:
                              f"num_key_value_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"config: head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.rotary_dim is not None and not (_is_int(self.rotary_dim) and 0 < self.rotary_dim <= self.head_dim
+                                                and self.rotary_dim % 2 == 0):
+            raise ValueError(f"config: the rotary dimension (head_dim x partial_rotary_factor) must be an even integer "
+                             f"in (0, head_dim = {self.head_dim}], got {self.rotary_dim!r}")
 
     @property
     def max_model_len(self) -> int:
@@ -83,7 +89,8 @@ class ModelConfig:
         if not isinstance(archs, (list, tuple)) or not all(isinstance(a, str) for a in archs):
             raise ValueError(f"config: architectures must be a list of class names, got {archs!r}")
         arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                                       "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(cfg.get("model_type"), None)
+                                       "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                                       "phi3": "Phi3ForCausalLM"}.get(cfg.get("model_type"), None)
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unsupported architecture {arch or cfg.get('model_type')!r}; fastinfer supports "
                              f"{', '.join(SUPPORTED_ARCHITECTURES)}")
@@ -105,7 +112,7 @@ class ModelConfig:
             head_dim = cfg["hidden_size"] // heads
         elif not _is_int(head_dim) or head_dim < 1:
             raise ValueError(f"config: head_dim must be a positive integer, got {head_dim!r}")
-        rope_theta, rope_scaling = _rope(cfg)
+        rope_theta, rope_scaling, partial = _rope(cfg, partial_rotary=arch == "Phi3ForCausalLM")
         eps = cfg.get("rms_norm_eps", 1e-6)
         if not _is_number(eps) or not 0 <= eps < math.inf:
             raise ValueError(f"config: rms_norm_eps must be a non-negative number, got {eps!r}")
@@ -134,11 +141,14 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            # as HF's modeling code: Qwen2 always has q/k/v biases, Mistral never, Llama and Qwen3 per the flag
-            attention_bias={"Qwen2ForCausalLM": True, "MistralForCausalLM": False}.get(
+            # as HF's modeling code: Qwen2 always has q/k/v biases, Mistral and Phi-3 never, Llama and Qwen3 per
+            # the flag
+            attention_bias={"Qwen2ForCausalLM": True, "MistralForCausalLM": False, "Phi3ForCausalLM": False}.get(
                 arch, bool(cfg.get("attention_bias", False))),
             sliding_window=_sliding_window(cfg, arch),
             qk_norm=arch == "Qwen3ForCausalLM",
+            # as HF's rope init: int(head_dim * partial_rotary_factor)
+            rotary_dim=None if partial == 1.0 else int(head_dim * partial),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
             pad_token_id=cfg.get("pad_token_id"),
@@ -188,8 +198,10 @@ def _optional_positive_int(cfg: dict, key: str, default: int) -> int:
     return value
 
 
-def _rope(cfg: dict) -> tuple[float, dict | None]:
-    """rope_theta and rope scaling from either spelling: 4.x rope_theta + rope_scaling, 5.x rope_parameters."""
+def _rope(cfg: dict, partial_rotary: bool = False) -> tuple[float, dict | None, float]:
+    """rope_theta, rope scaling and partial_rotary_factor from either spelling: 4.x rope_theta + rope_scaling
+    (+ partial_rotary_factor), 5.x rope_parameters. partial_rotary: the architecture rotates only the first
+    features of a head (Phi-3); elsewhere a factor other than 1 is refused."""
     for key in ("rope_parameters", "rope_scaling"):
         if cfg.get(key) is not None and not isinstance(cfg[key], dict):
             raise ValueError(f"config: {key} must be a JSON object or null, got {cfg[key]!r}")
@@ -203,10 +215,16 @@ def _rope(cfg: dict) -> tuple[float, dict | None]:
     rope_type = merged.get("rope_type", merged.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"unsupported rope type {rope_type!r}; fastinfer supports {', '.join(SUPPORTED_ROPE_TYPES)}")
-    if cfg.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"unsupported partial_rotary_factor {cfg['partial_rotary_factor']}")
+    partial = merged.pop("partial_rotary_factor", None)
+    partial = cfg.get("partial_rotary_factor", 1.0) if partial is None else partial
+    partial = 1.0 if partial is None else partial
+    if not _is_number(partial) or not 0 < partial <= 1:
+        raise ValueError(f"config: partial_rotary_factor must be a number in (0, 1], got {partial!r}")
+    if partial != 1.0 and not partial_rotary:
+        raise ValueError(f"unsupported partial_rotary_factor {partial} for this architecture")
+    partial = float(partial)
     if rope_type == "default":
-        return theta, None
+        return theta, None, partial
     merged.pop("rope_theta", None)
     merged.pop("type", None)
     merged["rope_type"] = rope_type
@@ -224,7 +242,7 @@ def _rope(cfg: dict) -> tuple[float, dict | None]:
             raise ValueError(f"config: {rope_type} rope scaling needs a number {key!r}, got {merged.get(key)!r}")
         if not _is_number(merged[key]) or not 0 < merged[key] < math.inf:
             raise ValueError(f"config: {rope_type} rope scaling {key!r} must be a positive number, got {merged[key]!r}")
-    return theta, merged
+    return theta, merged, partial
 
 
 def _yarn_params(merged: dict, cfg: dict) -> None:

@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) on fastinfer ops and the paged KV cache.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3) on fastinfer ops and the paged KV cache.
 
 Weights are fused at load time: q/k/v projections into one [(H + 2 Hkv) D, hidden] matrix and
 gate/up into one [2 F, hidden] matrix, so a layer runs two GEMMs where HF runs five. Each
@@ -258,7 +258,8 @@ class LlamaForCausalLM:
         self.layers = [LlamaLayer(cfg, self.dtype, self.device, kind) for _ in range(cfg.num_layers)]
         self.norm = torch.empty(cfg.hidden_size, dtype=self.dtype, device=self.device)
         self.lm_head = self.embed if cfg.tie_word_embeddings else torch.empty_like(self.embed)
-        self.cos_sin = cos_sin_cache(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
+        # [max_position, rotary_dim]: Phi-3's partial rotary rotates the first rotary_dim features of a head
+        self.cos_sin = cos_sin_cache(cfg.rotary_dim or cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
                                      cfg.rope_scaling, self.device)
 
     @torch.inference_mode()

@@ -117,9 +117,12 @@ def weight_targets(model: LlamaForCausalLM) -> dict[str, torch.Tensor | LinearRo
         ffn = layer.gate_up.out_features // 2
         t[p + "input_layernorm.weight"] = layer.input_norm
         t[p + "post_attention_layernorm.weight"] = layer.post_attn_norm
-        t[p + "self_attn.q_proj.weight"] = layer.qkv.rows(0, q)
-        t[p + "self_attn.k_proj.weight"] = layer.qkv.rows(q, q + kv)
-        t[p + "self_attn.v_proj.weight"] = layer.qkv.rows(q + kv)
+        if model.config.architecture == "Phi3ForCausalLM":  # stored fused, in fastinfer's order
+            t[p + "self_attn.qkv_proj.weight"] = layer.qkv.rows()
+        else:
+            t[p + "self_attn.q_proj.weight"] = layer.qkv.rows(0, q)
+            t[p + "self_attn.k_proj.weight"] = layer.qkv.rows(q, q + kv)
+            t[p + "self_attn.v_proj.weight"] = layer.qkv.rows(q + kv)
         if layer.qkv.bias is not None:
             t[p + "self_attn.q_proj.bias"] = layer.qkv.bias[:q]
             t[p + "self_attn.k_proj.bias"] = layer.qkv.bias[q:q + kv]
@@ -130,8 +133,11 @@ def weight_targets(model: LlamaForCausalLM) -> dict[str, torch.Tensor | LinearRo
         t[p + "self_attn.o_proj.weight"] = layer.o_proj.rows()
         if layer.o_proj.bias is not None:
             t[p + "self_attn.o_proj.bias"] = layer.o_proj.bias
-        t[p + "mlp.gate_proj.weight"] = layer.gate_up.rows(0, ffn)
-        t[p + "mlp.up_proj.weight"] = layer.gate_up.rows(ffn)
+        if model.config.architecture == "Phi3ForCausalLM":
+            t[p + "mlp.gate_up_proj.weight"] = layer.gate_up.rows()
+        else:
+            t[p + "mlp.gate_proj.weight"] = layer.gate_up.rows(0, ffn)
+            t[p + "mlp.up_proj.weight"] = layer.gate_up.rows(ffn)
         t[p + "mlp.down_proj.weight"] = layer.down.rows()
     return t
 
