@@ -141,3 +141,45 @@ def test_beam_search_matches_hf_on_the_gpu(variant):
     expected = hf(model, ids, mask, **kw)
     ours = fastinfer.generate(model, ids, attention_mask=mask, **kw)
     assert ours.device == ids.device and torch.equal(ours, expected)
+
+
+def test_return_dict_with_scores_matches_hf():
+    """return_dict_in_generate with output_scores / output_logits: HF's GenerateBeamDecoderOnlyOutput, its
+    sequences, beam_indices equal, sequences_scores and every step's processed log-probs (scores) and raw
+    logits equal to fp32 rounding."""
+    model = make_hf_model("qwen2", seed=5)
+    ids, mask = left_padded_batch([5, 17, 1], model.config.vocab_size, PAD, seed=2)
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=PAD, num_beams=3, num_return_sequences=2,
+              repetition_penalty=1.2, no_repeat_ngram_size=2, return_dict_in_generate=True, output_scores=True,
+              output_logits=True)
+    kw["eos_token_id"] = frequent_tokens(model, ids, mask, 2, **{k: v for k, v in kw.items()
+                                                                 if k not in ("return_dict_in_generate", "output_scores",
+                                                                              "output_logits")})
+    expected = hf(model, ids, mask, **kw)
+    ours = fastinfer.generate(model, ids, attention_mask=mask, **kw)
+    assert type(ours) is type(expected)
+    assert torch.equal(ours.sequences, expected.sequences) and torch.equal(ours.beam_indices, expected.beam_indices)
+    torch.testing.assert_close(ours.sequences_scores, expected.sequences_scores, rtol=1e-5, atol=1e-5)
+    assert len(ours.scores) == len(expected.scores) == len(ours.logits) == len(expected.logits)
+    for a, b in zip(ours.scores + ours.logits, expected.scores + expected.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    plain = fastinfer.generate(model, ids, attention_mask=mask, **{**kw, "output_scores": False, "output_logits": False})
+    assert plain.scores is None and plain.logits is None and plain.sequences_scores is None
+    assert torch.equal(plain.sequences, expected.sequences)
+
+
+def test_return_dict_without_beams():
+    """Greedy / sampled: return_dict_in_generate gives HF's GenerateDecoderOnlyOutput with the sequences;
+    their per-step scores are refused (finished rows stop computing here, HF keeps scoring them)."""
+    model = make_hf_model("llama", seed=5)
+    ids, mask = left_padded_batch([5, 9], model.config.vocab_size, PAD, seed=2)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    out = fastinfer.generate(model, ids, attention_mask=mask, return_dict_in_generate=True, **kw)
+    expected = hf(model, ids, mask, return_dict_in_generate=True, **kw)
+    assert type(out) is type(expected) and torch.equal(out.sequences, expected.sequences) and out.scores is None
+    with pytest.raises(ValueError, match="output_scores=True is supported by fastinfer with beam search"):
+        fastinfer.generate(model, ids, attention_mask=mask, return_dict_in_generate=True, output_scores=True, **kw)
+    # without return_dict_in_generate HF ignores output_scores: so does fastinfer
+    assert torch.equal(fastinfer.generate(model, ids, attention_mask=mask, output_scores=True, **kw), expected.sequences)
+    with pytest.raises(ValueError, match="return_dict_in_generate must be True or False"):
+        fastinfer.generate(model, ids, attention_mask=mask, return_dict_in_generate="yes", **kw)

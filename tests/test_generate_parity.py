@@ -298,8 +298,8 @@ def test_prompt_up_to_max_position_matches_hf_and_beyond_raises_clearly():
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(return_dict_in_generate=True),
-    dict(output_scores=True), dict(output_logits=True), dict(begin_suppress_tokens=[5]),
+    dict(return_dict_in_generate=True, output_scores=True), dict(return_dict_in_generate=True, output_logits=True),
+    dict(begin_suppress_tokens=[5]),
     dict(sequence_bias={(5,): -1.0}), dict(force_words_ids=[[5]]), dict(forced_eos_token_id=3), dict(max_time=5.0),
     dict(stop_strings=["x"]), dict(renormalize_logits=True), dict(exponential_decay_length_penalty=(2, 1.5)),
     dict(do_sample=True, typical_p=0.5), dict(do_sample=True, epsilon_cutoff=1e-3), dict(do_sample=True, eta_cutoff=1e-3),
@@ -314,7 +314,7 @@ def test_unsupported_hf_arguments_raise(kwargs):
     model = make_hf_model("llama", seed=6)
     ids = torch.tensor([[5, 6, 7]])
     with pytest.raises(ValueError, match=next(k for k in kwargs if k not in ("do_sample", "top_k", "num_return_sequences",
-                                                                           "num_beams"))):
+                                                                           "num_beams", "return_dict_in_generate"))):
         fastinfer.generate(model, ids, max_new_tokens=2, **kwargs)
 
 

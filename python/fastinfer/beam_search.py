@@ -88,7 +88,9 @@ def output_fill_value(settings: gen_config.GenerationSettings) -> int:
 def beam_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], holes: list[tuple[int, ...]],
                 settings: gen_config.GenerationSettings, decode_graphs: bool | None = None) -> torch.Tensor:
     """HF's output: LongTensor [batch * num_return_sequences, width + generated] on input_ids' device,
-    the best num_return_sequences finished beams of each prompt, best first. decode_graphs (default: on
+    the best num_return_sequences finished beams of each prompt, best first; with
+    settings.return_dict, HF's GenerateBeamDecoderOnlyOutput (sequences, sequences_scores and scores with
+    output_scores, logits with output_logits, beam_indices). decode_graphs (default: on
     a GPU, for more than 2 new tokens): decode steps from the runner's static buffers, one CUDA graph
     on a GPU (on the CPU the same static path runs eagerly: how the tests check it)."""
     model = loaded.model
@@ -147,11 +149,16 @@ def beam_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], holes
     for table in tables:
         beam_tables += [table] + [pool.share(table) for _ in range(num_beams - 1)]
 
+    all_scores, raw_logits = [], []
     cur_len = width
     while True:
         step = cur_len - width  # new tokens so far
         log_probs = _processed_log_probs(logits, running_sequences, prompts, holes, settings, params, width,
                                          cur_len, num_beams)
+        if settings.output_logits:
+            raw_logits.append(logits.clone())
+        if settings.output_scores:
+            all_scores.append(log_probs.clone())
         log_probs = log_probs.view(batch, num_beams, vocab) + running_beam_scores[:, :, None]
         log_probs = log_probs.reshape(batch, -1)
 
@@ -231,7 +238,26 @@ def beam_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], holes
     sequences = sequences[:, :n].reshape(batch * n, max_length)
     beam_indices = beam_indices[:, :n].reshape(batch * n, max_new)
     generated = int(((beam_indices + 1).bool()).sum(dim=1).max())
-    return sequences[:, :width + generated].to(input_ids.device)
+    sequences = sequences[:, :width + generated].to(input_ids.device)
+    if not settings.return_dict:
+        return sequences
+    out = input_ids.device
+    return beam_output(sequences=sequences,
+                       sequences_scores=beam_scores[:, :n].reshape(-1).to(out) if settings.output_scores else None,
+                       scores=tuple(s.to(out) for s in all_scores) if settings.output_scores else None,
+                       logits=tuple(s.to(out) for s in raw_logits) if settings.output_logits else None,
+                       beam_indices=beam_indices[:, :generated].to(out))
+
+
+def beam_output(**fields):
+    """transformers' GenerateBeamDecoderOnlyOutput when transformers is installed (what HF returns), else
+    a plain object with the same fields."""
+    try:
+        from transformers.generation import GenerateBeamDecoderOnlyOutput
+    except ImportError:
+        from types import SimpleNamespace
+        return SimpleNamespace(attentions=None, hidden_states=None, cache=None, **fields)
+    return GenerateBeamDecoderOnlyOutput(**fields)
 
 
 def _gather_beams(tensor: torch.Tensor, beam_indices: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ HF_DEFAULTS: dict[str, Any] = {
     "no_repeat_ngram_size": 0, "bad_words_ids": None, "suppress_tokens": None,
     "num_return_sequences": 1, "eos_token_id": None, "pad_token_id": None,
     "num_beams": 1, "length_penalty": 1.0, "early_stopping": False,
+    "return_dict_in_generate": False, "output_scores": False, "output_logits": False,
 }
 # Unsupported features, allowed only at these neutral values (HF no-ops): the default first, then any
 # other value that is a no-op in HF too (classifier-free guidance at scale 1, contrastive search with
@@ -31,8 +32,7 @@ NEUTRAL: dict[str, tuple] = {
     "force_words_ids": (None,), "constraints": (None,), "forced_bos_token_id": (None,),
     "forced_eos_token_id": (None,), "begin_suppress_tokens": (None,),
     "sequence_bias": (None,), "stop_strings": (None,), "diversity_penalty": (0.0,), "penalty_alpha": (None, 0.0),
-    "guidance_scale": (None, 1.0), "output_scores": (False,), "output_logits": (False,),
-    "output_attentions": (False,), "output_hidden_states": (False,), "return_dict_in_generate": (False,),
+    "guidance_scale": (None, 1.0), "output_attentions": (False,), "output_hidden_states": (False,),
     "renormalize_logits": (False,), "remove_invalid_values": (False,), "exponential_decay_length_penalty": (None,),
     "watermarking_config": (None,), "max_time": (None,), "prompt_lookup_num_tokens": (None,),
     "dola_layers": (None,), "top_h": (None,), "token_healing": (False,), "low_memory": (None, False),
@@ -75,6 +75,9 @@ class GenerationSettings:
     num_beams: int = 1            # > 1: beam search (beam_search.py), greedy only
     length_penalty: float = 1.0   # beam search: a finished beam's score is its logprob sum / length ** this
     early_stopping: bool | str = False  # beam search: True, False (HF's heuristic) or "never"
+    return_dict: bool = False     # return_dict_in_generate: HF's output object instead of the tensor
+    output_scores: bool = False   # with return_dict (beam search only): the processed log-probs per step
+    output_logits: bool = False   # with return_dict (beam search only): the raw logits per step
 
     @property
     def fill_token_id(self) -> int:
@@ -193,6 +196,15 @@ def resolve(model_defaults: dict | None, generation_config, kwargs: dict, prompt
         raise ValueError(f"length_penalty must be a number, got {length_penalty!r}")
     if early_stopping not in (True, False, "never") or not isinstance(early_stopping, (bool, str)):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    flags = {key: merged[key] for key in ("return_dict_in_generate", "output_scores", "output_logits")}
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be True or False, got {value!r}")
+    if flags["return_dict_in_generate"] and beams == 1 and (flags["output_scores"] or flags["output_logits"]):
+        which = "output_scores" if flags["output_scores"] else "output_logits"
+        raise ValueError(f"generate(): {which}=True is supported by fastinfer with beam search (num_beams > 1) only; "
+                         f"greedy and sampled rows stop computing once finished, so HF's per-step scores of "
+                         f"finished rows do not exist here")
     if beams > 1 and merged["do_sample"]:
         raise ValueError(f"num_beams={beams} with do_sample=True (beam sampling) is not supported by fastinfer; "
                          f"beam search runs with do_sample=False")
@@ -229,4 +241,7 @@ def resolve(model_defaults: dict | None, generation_config, kwargs: dict, prompt
         sampling = SamplingParams(temperature=0.0, repetition_penalty=float(merged["repetition_penalty"]),
                                   no_repeat_ngram_size=ngram, bad_words_ids=longer, logit_bias=banned or None,
                                   max_tokens=None)
-    return GenerationSettings(max_new, min_new, sampling, eos, pad, n, beams, float(length_penalty), early_stopping)
+    return GenerationSettings(max_new, min_new, sampling, eos, pad, n, beams, float(length_penalty), early_stopping,
+                              flags["return_dict_in_generate"],
+                              flags["return_dict_in_generate"] and flags["output_scores"],
+                              flags["return_dict_in_generate"] and flags["output_logits"])

@@ -136,7 +136,20 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     out[:, :input_ids.shape[1]] = input_ids.cpu().repeat_interleave(n, dim=0)
     for i, toks in enumerate(new_tokens):
         out[i, input_ids.shape[1]:input_ids.shape[1] + len(toks)] = torch.tensor(toks, dtype=torch.long)
-    return out.to(input_ids.device)
+    out = out.to(input_ids.device)
+    return _decoder_output(out) if settings.return_dict else out
+
+
+def _decoder_output(sequences: torch.Tensor):
+    """return_dict_in_generate=True without scores: transformers' GenerateDecoderOnlyOutput (or a plain
+    object with its fields when transformers is not installed)."""
+    try:
+        from transformers.generation import GenerateDecoderOnlyOutput
+    except ImportError:
+        from types import SimpleNamespace
+        return SimpleNamespace(sequences=sequences, scores=None, logits=None, attentions=None, hidden_states=None,
+                               cache=None)
+    return GenerateDecoderOnlyOutput(sequences=sequences)
 
 
 def _decode_loop(loaded: LoadedModel, rows: list[list[int]], hole_rows: list[tuple[int, ...]],
