@@ -141,8 +141,11 @@ def test_unsupported_vllm_fields_fail_naming_the_field(with_tok):
                          ("truncate_prompt_tokens", 0), ("include_stop_str_in_output", 1)]:
         with pytest.raises(ValueError, match=field):
             SamplingParams(**{field: value})
-    for field in ("best_of", "logits_processors", "guided_decoding"):
+    for field in ("best_of", "logits_processors"):
         with pytest.raises((TypeError, ValueError), match=field):
+            SamplingParams(**{field: 2})
+    for field in ("structured_outputs", "guided_decoding"):  # supported (tests/test_structured.py): typed
+        with pytest.raises(ValueError, match=field):
             SamplingParams(**{field: 2})
     out = LLM(with_tok, num_blocks=64).generate("hello", SamplingParams(max_tokens=2, **GREEDY), use_tqdm=False)[0]
     assert out.prompt_logprobs is None

@@ -15,6 +15,7 @@ from .llm import LLM
 from .loader import load_model
 from .outputs import CompletionOutput, RequestOutput
 from .sampling_params import SamplingParams
+from .structured import GuidedDecodingParams, StructuredOutputsParams
 
-__all__ = ["__version__", "CompletionOutput", "env", "generate", "LLM", "load_model", "ops", "RequestOutput",
-           "SamplingParams"]
+__all__ = ["__version__", "CompletionOutput", "env", "generate", "GuidedDecodingParams", "LLM", "load_model", "ops",
+           "RequestOutput", "SamplingParams", "StructuredOutputsParams"]

@@ -79,6 +79,8 @@ class Engine:
         self.num_prompt_tokens = self.num_output_tokens = 0
         self._inflight: InFlight | None = None
         self.num_pipelined_steps = 0  # decode steps launched before the previous one was read back
+        self._guides: dict = {}       # structured outputs: (pattern, stop ids) -> structured.TokenGuide
+        self._vocabulary = None       # ... the tokenizer's token texts, built at the first such request
 
     # ---- requests ----------------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -98,6 +100,8 @@ class Engine:
             token_ids = token_ids[-params.truncate_prompt_tokens:]
         params = fill_max_tokens(token_ids, params, self.max_model_len)
         self.validate(token_ids, params)
+        if params.structured_outputs is not None:
+            self._guide(params)  # compiled (and cached) now: a bad constraint fails before anything runs
         if (params.allowed_token_ids is not None and params.min_tokens > 0
                 and set(params.allowed_token_ids) <= stop_ids(params, self.eos_ids)):
             raise ValueError("allowed_token_ids holds only stop tokens, which min_tokens suppresses: no token could "
@@ -112,8 +116,22 @@ class Engine:
         token_ids, params = self.check_request(prompt, params)
         req = new_request(request_id, prompt, token_ids, params, self.runner.device, self._arrivals, extra_seen_ids,
                           ngram_history)
+        if params.structured_outputs is not None:
+            req.seqs[0].guide = self._guide(params)
         self.requests[request_id] = req
         self.scheduler.add(req.seqs[0])
+
+    def _guide(self, params: SamplingParams):
+        """The structured-outputs token automaton of params (cached per pattern and stop tokens)."""
+        from .structured import TokenGuide, Vocabulary
+        stops = frozenset(stop_ids(params, self.eos_ids)) if not params.ignore_eos else frozenset(self.eos_ids)
+        key = (params.structured_outputs.pattern, stops)
+        guide = self._guides.get(key)
+        if guide is None:
+            if self._vocabulary is None:
+                self._vocabulary = Vocabulary(self.tokenizer, self.loaded.model.config.vocab_size)
+            guide = self._guides[key] = TokenGuide(key[0], self._vocabulary, set(stops))
+        return guide
 
     def abort(self, request_id: str) -> None:
         req = self.requests.get(request_id)
@@ -238,6 +256,7 @@ class Engine:
                                      make_stream(_child_seed(seq.params.seed, k), self.runner.device),
                                      seq.arrival, seq.extra_seen_ids)
                     child.ngram_history = seq.ngram_history
+                    child.guide = seq.guide
                     child.forked = True
                     child.prompt_logprobs = None  # the request's are seq's (computed before the fork)
                     if (len(self.scheduler.running) < self.config.max_num_seqs
@@ -267,6 +286,11 @@ class Engine:
         # the prompt + output lists only when a repetition penalty reads them (O(length) per row)
         penalised = any(s.params.repetition_penalty != 1.0 for s in rows)
         seen = [list(s.extra_seen_ids) + s.all_token_ids if penalised else [] for s in rows]
+        guided = [i for i, s in enumerate(rows) if s.guide is not None]
+        if guided:  # structured outputs: only the tokens the automaton allows from each row's state
+            masks = torch.stack([self._guide_mask(rows[i]) for i in guided])
+            index = torch.tensor(guided, device=logits.device)
+            logits = logits.index_put((index,), logits[index].masked_fill(~masks, float("-inf")))
         tokens = sample(logits, [s.params for s in rows], seen, [s.output_token_ids for s in rows], suppress,
                         [s.generator for s in rows]).tolist()
         want_logprobs = [i for i, s in enumerate(rows) if s.logprobs is not None]
@@ -287,6 +311,15 @@ class Engine:
             seq.cumulative_logprob += sampled
         for seq, tok in zip(rows, tokens):
             self._append_token(seq, tok)
+
+    def _guide_mask(self, seq: Sequence) -> torch.Tensor:
+        """The allowed-token mask of seq's automaton state, after advancing it over the tokens appended since."""
+        if seq.guide_state is None:
+            seq.guide_state = seq.guide.initial
+        while seq.guide_pos < len(seq.output_token_ids):
+            seq.guide_state = seq.guide.next_state(seq.guide_state, seq.output_token_ids[seq.guide_pos])
+            seq.guide_pos += 1
+        return seq.guide.mask(seq.guide_state, self.runner.device)
 
     def _prompt_logprobs(self, seq: Sequence, start: int, rows: torch.Tensor) -> None:
         """Row j of a prompt chunk starting at `start` predicts prompt position start + j + 1: that token's

@@ -60,6 +60,9 @@ def validate_request(token_ids: list[int], params: SamplingParams, *, vocab_size
             raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
     if params.prompt_logprobs is not None and params.prompt_logprobs > vocab_size:
         raise ValueError(f"prompt_logprobs must be <= the vocabulary size {vocab_size}, got {params.prompt_logprobs}")
+    if params.structured_outputs is not None and tokenizer is None:
+        raise ValueError("structured_outputs need a tokenizer (the constraint is on the text); this model has none: "
+                         "give LLM(..., tokenizer=...)")
     if params.stop and tokenizer is None:
         raise ValueError("stop strings need a tokenizer to match text; this model has none "
                          "(use stop_token_ids)")
@@ -76,6 +79,11 @@ def check_params(params: SamplingParams | None, *, speculative: bool) -> Samplin
         raise ValueError("no_repeat_ngram_size is not supported with speculative decoding")
     if speculative and params.bad_words_ids:
         raise ValueError("bad_words_ids is not supported with speculative decoding")
+    if speculative and params.structured_outputs is not None:
+        raise ValueError("structured_outputs are not supported with speculative decoding")
+    if params.structured_outputs is not None and params.min_tokens:
+        raise ValueError("min_tokens is not supported with structured_outputs (the structure decides where the "
+                         "output may end)")
     return params
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .structured import StructuredOutputsParams
+
 kMaxSeed = 2**64  # torch.Generator.manual_seed accepts seeds below this
 
 
@@ -86,6 +88,10 @@ class SamplingParams:
     # one gets -inf whenever prompt + output end with the rest of it (a single token: always). EOS ids are
     # not filtered here (fastinfer.generate drops [eos] entries as HF does). Not with speculative decoding.
     bad_words_ids: list[list[int]] | None = None
+    # vLLM's structured outputs: the output matches a JSON schema, a regex or one of a list of strings
+    # (fastinfer.structured). guided_decoding is vLLM's earlier name for the same field.
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_decoding: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, 1)
@@ -136,6 +142,16 @@ class SamplingParams:
                 raise ValueError(f"bad_words_ids must be None or a list of non-empty lists of token ids >= 0, got "
                                  f"{words!r:.120}")
             self.bad_words_ids = [list(w) for w in words]
+        if self.guided_decoding is not None:
+            if not isinstance(self.guided_decoding, StructuredOutputsParams):
+                raise ValueError(f"guided_decoding must be a fastinfer.GuidedDecodingParams, got "
+                                 f"{type(self.guided_decoding).__name__}")
+            if self.structured_outputs is not None and self.structured_outputs is not self.guided_decoding:
+                raise ValueError("give structured_outputs or guided_decoding (its earlier name), not both")
+            self.structured_outputs = self.guided_decoding
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs must be a fastinfer.StructuredOutputsParams, got "
+                             f"{type(self.structured_outputs).__name__}")
         if self.allowed_token_ids is not None:
             ids = self.allowed_token_ids
             if not isinstance(ids, (list, tuple)) or not ids or not all(_is_int(i) and i >= 0 for i in ids):

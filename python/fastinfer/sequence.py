@@ -36,6 +36,9 @@ class Sequence:
         self.arrival = arrival                  # admission order: preemption takes the newest first
         self.extra_seen_ids = extra_seen_ids    # counted by the repetition penalty (HF's masked-out prompt tokens)
         self.ngram_history: list[int] | None = None  # no_repeat_ngram_size's prompt (HF's padded row), else the prompt
+        self.guide = None                       # structured outputs: its structured.TokenGuide
+        self.guide_state: int | None = None     # ... the state after output_token_ids[:guide_pos] (None: initial)
+        self.guide_pos = 0
         self.status = SeqStatus.WAITING
         self.block_table: list[int] = []
         self.num_computed_tokens = 0            # tokens whose KV is in the cache
