@@ -36,6 +36,7 @@ def test_rope_spellings_agree():
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5 for this architecture"),
     ({"architectures": ["Phi3ForCausalLM"], "partial_rotary_factor": 1.5}, "partial_rotary_factor must be"),
+    ({"architectures": ["Phi3ForCausalLM"], "rope_scaling": {"type": "yarn", "factor": 2.0}}, "longrope"),
     ({"architectures": ["Phi3ForCausalLM"], "partial_rotary_factor": 0.35}, "rotary dimension"),  # 16 x 0.35: 5
     ({"num_key_value_heads": 3}, "num_key_value_heads"),
     ({"hidden_size": 0}, "hidden_size"),

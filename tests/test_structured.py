@@ -191,3 +191,83 @@ def test_refused_combinations(smollm_llm):
     with pytest.raises(ValueError, match="structured_outputs"):
         smollm_llm.generate(["x"], SamplingParams(structured_outputs=StructuredOutputsParams(regex=r"(?<=a)b")),
                             use_tqdm=False)
+
+
+def test_string_pattern_is_grouped_and_kept_inside_the_string():
+    schema = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^x|y$"}, "b": {"type": "integer"}},
+              "required": ["a", "b"]}
+    pattern = json_schema_regex(schema)
+    assert re.fullmatch(pattern, '{"a": "x", "b": 1}') and re.fullmatch(pattern, '{"a": "y", "b": 1}')
+    assert not re.fullmatch(pattern, '{"a": "x}') and not re.fullmatch(pattern, '{y", "b": 1}')
+    assert re.fullmatch(json_schema_regex({"type": "string", "pattern": r"^cost\$$"}), '"cost$"')
+    for bad in (r"^.+$", "a\n?", r'a"b'):
+        with pytest.raises(ValueError, match="quote, a backslash or a control character"):
+            json_schema_regex({"type": "string", "pattern": bad})
+    both = json_schema_regex({"type": ["string", "null"], "maxLength": 2})  # each type takes its own keywords
+    assert re.fullmatch(both, '"ab"') and re.fullmatch(both, "null") and not re.fullmatch(both, '"abc"')
+    assert StructuredOutputsParams(regex="^ab$").pattern == "ab"  # anchors: whole outputs match anyway
+
+
+class _SentencePiece(_Tokenizer):
+    """SentencePiece-style pieces (▁ = a space, <0xHH> byte fallback); strip_first: the decoder drops the
+    leading space of the first piece (Llama / Mistral) or keeps it (Gemma)."""
+
+    def __init__(self, texts, strip_first, special=(), added_special=()):
+        super().__init__(texts, special)
+        self.strip_first = strip_first
+        self.added_tokens_decoder = {i: type("Added", (), {"special": True})() for i in added_special}
+
+    def convert_tokens_to_string(self, tokens):
+        out = "".join(chr(int(t[3:5], 16)) if re.fullmatch(r"<0x[0-9A-F]{2}>", t) else t.replace("\u2581", " ")
+                      for t in tokens)
+        return out[1:] if self.strip_first and out.startswith(" ") else out
+
+
+@pytest.mark.parametrize("strip_first", [True, False])
+def test_vocabulary_texts_of_sentencepiece_pieces(strip_first):
+    texts = ["<s>", "</s>", "a", "\u2581hello", "hello", "<0x41>", "\u2581", "<|fim|>", "b"]
+    vocab = Vocabulary(_SentencePiece(texts, strip_first, special=[0, 1], added_special=[7]), len(texts))
+    assert vocab.texts == [None, None, "a", " hello", "hello", "A", " ", None, "b"]
+    guide = TokenGuide(r" hello(A| b)", vocab, {1})
+    first = set(torch.nonzero(guide.mask(guide.initial, torch.device("cpu"))).flatten().tolist())
+    assert first == {3, 6}  # "▁hello", or "▁" then "hello"; never the special <|fim|>
+
+
+def test_patterns_no_token_can_produce_are_refused_and_dead_branches_pruned(smollm_llm):
+    """SmolLM2's byte-level vocabulary holds 😀 only as byte pieces: a constraint that needs it is refused
+    at submission; one where it is an alternative never goes down that branch."""
+    with pytest.raises(ValueError, match="no output the tokenizer can produce matches the constraint"):
+        smollm_llm.generate(["x"], SamplingParams(structured_outputs=StructuredOutputsParams(choice=["\U0001F600"])),
+                            use_tqdm=False)
+    so = StructuredOutputsParams(regex="a(\U0001F600|b)c")
+    outs = smollm_llm.generate(["x", "y"], SamplingParams(max_tokens=8, temperature=1.0, seed=1, structured_outputs=so),
+                               use_tqdm=False)
+    assert [o.outputs[0].text for o in outs] == ["abc", "abc"]
+
+
+def test_stop_tokens_and_ignore_eos(smollm_llm):
+    """ignore_eos keeps the request's own stop_token_ids (allowed, and stopping, where the structure is
+    complete); with no stop token left, a finished structure ends the sequence ("stop") right after its
+    last character."""
+    nl = smollm_llm.engine.tokenizer.convert_tokens_to_ids("\u010a")  # byte-level "\n"
+    choice = StructuredOutputsParams(choice=["yes", "no"])
+    out = smollm_llm.generate(["x"], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, stop_token_ids=[nl],
+                                                    structured_outputs=choice), use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == nl and out.text[:-1] in ("yes", "no")
+    out = smollm_llm.generate(["x"], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True,
+                                                    structured_outputs=choice), use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason is None and out.text in ("yes", "no")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(allowed_token_ids=[5]), "allowed_token_ids is not supported with structured_outputs"),
+    (dict(bad_words_ids=[[5]]), "bad_words_ids is not supported with structured_outputs"),
+    (dict(logit_bias={5: float("-inf")}), "logit_bias with -inf is not supported with structured_outputs"),
+])
+def test_restrictions_that_could_empty_a_row_are_refused(smollm_llm, kwargs, match):
+    so = StructuredOutputsParams(choice=["yes", "no"])
+    with pytest.raises(ValueError, match=match):
+        smollm_llm.generate(["x"], SamplingParams(structured_outputs=so, **kwargs), use_tqdm=False)
+    ok = smollm_llm.generate(["x"], SamplingParams(max_tokens=4, structured_outputs=so, logit_bias={5: 2.0}),
+                             use_tqdm=False)[0].outputs[0]
+    assert ok.text in ("yes", "no")

@@ -213,6 +213,9 @@ def _rope(cfg: dict, partial_rotary: bool = False) -> tuple[float, dict | None, 
     theta = float(theta)
     merged = {**scaling, **params}
     rope_type = merged.get("rope_type", merged.get("type", "default"))
+    if partial_rotary and rope_type in ("yarn", "su", "longrope"):  # HF's Phi3Config reads su / yarn as longrope
+        raise ValueError(f"unsupported rope type {rope_type!r} for Phi-3 (HF runs it as longrope, which fastinfer "
+                         f"does not implement)")
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"unsupported rope type {rope_type!r}; fastinfer supports {', '.join(SUPPORTED_ROPE_TYPES)}")
     partial = merged.pop("partial_rotary_factor", None)

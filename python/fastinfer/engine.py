@@ -124,7 +124,7 @@ class Engine:
     def _guide(self, params: SamplingParams):
         """The structured-outputs token automaton of params (cached per pattern and stop tokens)."""
         from .structured import TokenGuide, Vocabulary
-        stops = frozenset(stop_ids(params, self.eos_ids)) if not params.ignore_eos else frozenset(self.eos_ids)
+        stops = frozenset(stop_ids(params, self.eos_ids))
         key = (params.structured_outputs.pattern, stops)
         guide = self._guides.get(key)
         if guide is None:
@@ -276,6 +276,12 @@ class Engine:
         return rows, logits[torch.tensor(index, device=logits.device)] if rows else logits
 
     def _sample_and_append(self, rows: list[Sequence], logits: torch.Tensor) -> None:
+        if any(s.guide is not None for s in rows):  # structured outputs: a row no token continues ends here
+            keep = [i for i, s in enumerate(rows) if s.guide is None or self._guide_continues(s)]
+            if len(keep) < len(rows):
+                rows, logits = [rows[i] for i in keep], logits[torch.tensor(keep, dtype=torch.long, device=logits.device)]
+                if not rows:
+                    return
         suppress = [sorted(stop_ids(s.params, self.eos_ids)) if len(s.output_token_ids) < s.params.min_tokens else []
                     for s in rows]
         for i, s in enumerate(rows):  # HF's no_repeat_ngram_size and bad_words_ids: history-dependent bans
@@ -320,6 +326,18 @@ class Engine:
             seq.guide_state = seq.guide.next_state(seq.guide_state, seq.output_token_ids[seq.guide_pos])
             seq.guide_pos += 1
         return seq.guide.mask(seq.guide_state, self.runner.device)
+
+    def _guide_continues(self, seq: Sequence) -> bool:
+        """False, with seq finished, when no token continues its structure: "stop" if its output is
+        complete, else "abort" (structured.TokenGuide)."""
+        self._guide_mask(seq)
+        if seq.guide.can_continue(seq.guide_state):
+            return True
+        complete = seq.guide.accepts(seq.guide_state)
+        seq.finish_reason = "stop" if complete else "abort"
+        seq.stop_reason = None if complete else "structured_outputs: no token of the vocabulary continues the structure"
+        self._finish_seq(seq)
+        return False
 
     def _prompt_logprobs(self, seq: Sequence, start: int, rows: torch.Tensor) -> None:
         """Row j of a prompt chunk starting at `start` predicts prompt position start + j + 1: that token's

@@ -81,9 +81,17 @@ def check_params(params: SamplingParams | None, *, speculative: bool) -> Samplin
         raise ValueError("bad_words_ids is not supported with speculative decoding")
     if speculative and params.structured_outputs is not None:
         raise ValueError("structured_outputs are not supported with speculative decoding")
-    if params.structured_outputs is not None and params.min_tokens:
-        raise ValueError("min_tokens is not supported with structured_outputs (the structure decides where the "
-                         "output may end)")
+    if params.structured_outputs is not None:
+        if params.min_tokens:
+            raise ValueError("min_tokens is not supported with structured_outputs (the structure decides where the "
+                             "output may end)")
+        # each could forbid every token the structure allows at some point (the row would have no token)
+        for name, conflict in (("allowed_token_ids", params.allowed_token_ids is not None),
+                               ("bad_words_ids", bool(params.bad_words_ids)),
+                               ("logit_bias with -inf", any(b == float("-inf") for b in (params.logit_bias or {}).values()))):
+            if conflict:
+                raise ValueError(f"{name} is not supported with structured_outputs (put the restriction in the "
+                                 f"constraint instead)")
     return params
 
 

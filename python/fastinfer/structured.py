@@ -10,8 +10,12 @@ decode step costs a lookup and a masked_fill of the allowed tokens' mask. A toke
 whole characters (a piece of a multi-byte UTF-8 character) or is a special token is never allowed.
 
 The engine applies the mask to the row's logits before sampling (greedy too), and advances the
-sequence's state with each token it appends. Such sequences are not pipelined (the next mask depends
-on the token just sampled); speculative decoding and min_tokens are refused with them.
+sequence's state with each token it appends. A sequence from whose state no token continues ends there:
+"stop" when its output is complete (the structure is finished and no stop token is allowed, e.g. with
+ignore_eos), "abort" otherwise (a rare tokenizer gap; its stop_reason says so). Such sequences are not
+pipelined (the next mask depends on the token just sampled); speculative decoding, min_tokens,
+allowed_token_ids, bad_words_ids and -inf logit_bias entries (which could forbid every token the
+structure allows) are refused with them.
 """
 from __future__ import annotations
 
@@ -38,6 +42,9 @@ _FORMATS["date-time"] = _FORMATS["date"] + "T" + _FORMATS["time"]
 _ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
                 "readOnly", "writeOnly"}
 _MAX_REF_DEPTH = 16
+# each type's keywords (a type list passes each member its own)
+_TYPE_KEYWORDS = {"string": {"minLength", "maxLength", "pattern", "format"}, "array": {"items", "minItems", "maxItems"},
+                  "object": {"properties", "required", "additionalProperties"}}
 
 
 @dataclass
@@ -84,7 +91,7 @@ class StructuredOutputsParams:
         elif self.regex is not None:
             if not isinstance(self.regex, str):
                 raise ValueError(f"structured_outputs: regex must be a str, got {self.regex!r:.80}")
-            self._pattern = self.regex
+            self._pattern = _strip_anchors(self.regex)  # the whole output matches anyway
         else:
             if (not isinstance(self.choice, (list, tuple)) or not self.choice
                     or not all(isinstance(c, str) and c for c in self.choice)):
@@ -104,6 +111,34 @@ class StructuredOutputsParams:
 
 
 GuidedDecodingParams = StructuredOutputsParams  # vLLM's earlier name
+
+
+def _strip_anchors(pattern: str) -> str:
+    """pattern without a leading ^ and an unescaped trailing $ (matches are whole outputs / whole JSON
+    strings anyway; the automaton library does not take anchors)."""
+    if pattern.startswith("^"):
+        pattern = pattern[1:]
+    if pattern.endswith("$"):
+        backslashes = len(pattern[:-1]) - len(pattern[:-1].rstrip("\\"))
+        if backslashes % 2 == 0:
+            pattern = pattern[:-1]
+    return pattern
+
+
+def _check_json_string_pattern(pattern: str) -> None:
+    """A string schema's pattern may only produce characters a JSON string holds unescaped."""
+    try:
+        import interegular
+        fsm = interegular.parse_pattern(pattern).to_fsm()
+        plain = interegular.parse_pattern(r'[^"\\\x00-\x1f]*').to_fsm()
+        outside = not (fsm - plain).empty()
+    except ImportError:
+        return  # checked again when the automaton is built (which needs interegular)
+    except Exception as e:
+        raise ValueError(f"structured_outputs: string pattern {pattern!r} cannot be compiled: {e}") from None
+    if outside:
+        raise ValueError(f"structured_outputs: string pattern {pattern!r} can produce a quote, a backslash or a "
+                         f"control character, which a JSON string must escape; not supported")
 
 
 # ---- JSON schema -> regular expression ---------------------------------------------------------------
@@ -155,7 +190,11 @@ class _Schema:
         if isinstance(kind, list):
             if not kind:
                 raise ValueError("structured_outputs: type must not be an empty list")
-            return "(?:" + "|".join(self.regex({**s, "type": k}, depth) for k in kind) + ")"
+            unknown = set(s) - {"type"} - set().union(*_TYPE_KEYWORDS.values())
+            if unknown:
+                raise ValueError(f"structured_outputs: JSON schema keyword(s) {sorted(unknown)} not supported here")
+            return "(?:" + "|".join(self.regex({key: v for key, v in s.items() if key in _TYPE_KEYWORDS.get(k, ())}
+                                               | {"type": k}, depth) for k in kind) + ")"
         method = {"object": self._object, "array": self._array, "string": self._string}.get(kind)
         if method is not None:
             return method(s, depth)
@@ -185,7 +224,9 @@ class _Schema:
         if "pattern" in s:
             if len(s) > 2:
                 raise ValueError("structured_outputs: a string pattern with other string keywords is not supported")
-            return '"' + s["pattern"].removeprefix("^").removesuffix("$") + '"'
+            inner = _strip_anchors(s["pattern"])
+            _check_json_string_pattern(inner)
+            return f'"(?:{inner})"'
         if "format" in s:
             if s["format"] not in _FORMATS or len(s) > 2:
                 raise ValueError(f"structured_outputs: string format {s['format']!r} is not supported (supported: "
@@ -248,16 +289,26 @@ def _count(value) -> bool:
 # ---- token automaton ------------------------------------------------------------------------------------
 
 class Vocabulary:
-    """Each token id's text (None: a special token, or not whole characters), grouped by length as arrays
-    of code points for TokenGuide's walks."""
+    """Each token id's text as it appears inside an output (None: a special token, or not whole
+    characters), grouped by length as arrays of code points for TokenGuide's walks.
+
+    A token's text is what it adds after another token: decode(anchor, token) minus decode(anchor), so
+    SentencePiece's leading-space marker counts whatever the tokenizer's decoder does with a first token,
+    and byte-fallback tokens (<0x41>) are their character."""
 
     def __init__(self, tokenizer, vocab_size: int):
         self.size = vocab_size
         special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        special |= {i for i, tok in added.items() if getattr(tok, "special", False)}
+        vocab = tokenizer.get_vocab()
+        anchor = next((t for t in ("a", "x", "0") if t in vocab), None) or next(
+            t for t, i in vocab.items() if i not in special)
+        prefix = tokenizer.convert_tokens_to_string([anchor])
         texts: list[str | None] = [None] * vocab_size
-        for token, i in tokenizer.get_vocab().items():
+        for token, i in vocab.items():
             if 0 <= i < vocab_size and i not in special:
-                texts[i] = _token_text(tokenizer, token)
+                texts[i] = _token_text(tokenizer, anchor, prefix, token)
         self.texts = texts
         by_length: dict[int, list[int]] = {}
         for i, text in enumerate(texts):
@@ -267,19 +318,25 @@ class Vocabulary:
                          np.array([[ord(c) for c in texts[i]] for i in ids], dtype=np.int64).reshape(len(ids), length))
                         for length, ids in sorted(by_length.items())]
         self.max_code = max((int(codes.max()) for _, codes in self.buckets), default=0)
+        self.chars = {c for text in texts if text for c in text}
 
 
-def _token_text(tokenizer, token: str) -> str | None:
-    text = tokenizer.convert_tokens_to_string([token])
-    if "\ufffd" in text and "\ufffd" not in token:
-        return None  # a piece of a multi-byte character
-    if token.startswith("\u2581") or token == "<0x20>":  # SentencePiece: the leading space it drops
-        text = " " + text
-    return text
+def _token_text(tokenizer, anchor: str, prefix: str, token: str) -> str | None:
+    text = tokenizer.convert_tokens_to_string([anchor, token])
+    if not text.startswith(prefix):
+        return None
+    text = text[len(prefix):]
+    return None if "\ufffd" in text else text  # U+FFFD: a piece of a multi-byte character
 
 
 class TokenGuide:
-    """The token automaton of one regular expression over one vocabulary (see the module docstring)."""
+    """The token automaton of one regular expression over one vocabulary (see the module docstring).
+
+    Characters no token can produce whole (an emoji a byte-level vocabulary holds only as byte pieces)
+    are removed from the character automaton first, and so are the states from which the pattern can
+    then no longer be completed: a pattern that needs such a character is refused here, and no token
+    leads into a state that could not be finished. mask() of a state from which no token continues is
+    all False: the engine ends such a sequence ("stop" when the output is complete, else "abort")."""
 
     def __init__(self, pattern: str, vocab: Vocabulary, stop_ids: set[int]):
         try:
@@ -295,19 +352,33 @@ class TokenGuide:
         index = {s: i for i, s in enumerate(states)}
         dead = len(states)
         symbols = max(fsm.alphabet.values(), default=-1) + 1
-        table = np.full((dead + 1, symbols + 1), dead, dtype=np.int64)  # column `symbols`: a char it never takes
+        # the symbols some token can produce: a character of the alphabet seen whole in a token's text, or
+        # anything_else when a token's text has a character outside the alphabet
+        named = {ch: sym for ch, sym in fsm.alphabet.items() if ch is not anything_else}
+        producible = {sym for ch, sym in named.items() if ch in vocab.chars}
+        if anything_else in fsm.alphabet and any(c not in named for c in vocab.chars):
+            producible.add(fsm.alphabet[anything_else])
+        table = np.full((dead + 1, symbols + 1), dead, dtype=np.int32)  # column `symbols`: a char it never takes
         for state, moves in fsm.map.items():
             for symbol, target in moves.items():
-                table[index[state], symbol] = index[target]
+                if symbol in producible:
+                    table[index[state], symbol] = index[target]
+        finals = {index[s] for s in fsm.finals}
+        live = _live_states(table, finals, dead)
+        table[~np.isin(table, list(live))] = dead  # nothing leads where the pattern cannot be completed
+        initial = index[fsm.initial]
+        if initial not in live:
+            missing = sorted(ch for ch in named if ch not in vocab.chars)
+            raise ValueError(f"structured_outputs: no output the tokenizer can produce matches the constraint "
+                             f"(characters no token holds whole: {missing[:10]!r})")
         other = fsm.alphabet[anything_else] if anything_else in fsm.alphabet else symbols
         lut = np.full(vocab.max_code + 1, other, dtype=np.int64)
-        for ch, symbol in fsm.alphabet.items():
-            if ch is not anything_else and ord(ch) <= vocab.max_code:
+        for ch, symbol in named.items():
+            if ord(ch) <= vocab.max_code:
                 lut[ord(ch)] = symbol
         self.table, self.dead, self.vocab = table, dead, vocab
         self.buckets = [(ids, lut[codes]) for ids, codes in vocab.buckets]
-        self.initial = index[fsm.initial]
-        self.finals = {index[s] for s in fsm.finals}
+        self.initial, self.finals = initial, finals
         self.stop_ids = sorted(i for i in stop_ids if 0 <= i < vocab.size)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._masks: dict[tuple[int, str], torch.Tensor] = {}
@@ -315,23 +386,21 @@ class TokenGuide:
     def _walk(self, state: int) -> tuple[np.ndarray, np.ndarray]:
         entry = self._cache.get(state)
         if entry is None:
-            nxt = np.full(self.vocab.size, self.dead, dtype=np.int64)
+            nxt = np.full(self.vocab.size, self.dead, dtype=np.int32)
             for ids, syms in self.buckets:
-                cur = np.full(len(ids), state, dtype=np.int64)
+                cur = np.full(len(ids), state, dtype=np.int32)
                 for pos in range(syms.shape[1]):
                     cur = self.table[cur, syms[:, pos]]
                 nxt[ids] = cur
             allowed = nxt != self.dead
             if state in self.finals:
                 allowed[self.stop_ids] = True
-            if not allowed.any():  # a dead end (cannot happen from a reachable state; kept safe): let it stop
-                allowed[self.stop_ids] = True
             entry = self._cache[state] = (allowed, nxt)
         return entry
 
     def next_state(self, state: int, token: int) -> int:
         nxt = int(self._walk(state)[1][token])
-        return state if nxt == self.dead else nxt  # a stop token (or a forced one) leaves the state as it is
+        return state if nxt == self.dead else nxt  # a stop token leaves the state as it is
 
     def mask(self, state: int, device: torch.device) -> torch.Tensor:
         """bool [vocab]: the tokens allowed from `state`, on `device` (cached)."""
@@ -341,5 +410,23 @@ class TokenGuide:
             m = self._masks[key] = torch.from_numpy(self._walk(state)[0]).to(device)
         return m
 
+    def can_continue(self, state: int) -> bool:
+        return bool(self._walk(state)[0].any())
+
     def accepts(self, state: int) -> bool:
         return state in self.finals
+
+
+def _live_states(table: np.ndarray, finals: set[int], dead: int) -> set[int]:
+    """The states from which a final state is reachable."""
+    preds: dict[int, set[int]] = {}
+    for state in range(dead):
+        for target in set(table[state].tolist()) - {dead}:
+            preds.setdefault(target, set()).add(state)
+    live, frontier = set(finals), list(finals)
+    while frontier:
+        for p in preds.get(frontier.pop(), ()):
+            if p not in live:
+                live.add(p)
+                frontier.append(p)
+    return live
