@@ -86,7 +86,8 @@ def output_fill_value(settings: gen_config.GenerationSettings) -> int:
 
 
 def beam_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], holes: list[tuple[int, ...]],
-                settings: gen_config.GenerationSettings, decode_graphs: bool | None = None) -> torch.Tensor:
+                settings: gen_config.GenerationSettings, decode_graphs: bool | None = None,
+                stop_strings=None) -> torch.Tensor:
     """HF's output: LongTensor [batch * num_return_sequences, width + generated] on input_ids' device,
     the best num_return_sequences finished beams of each prompt, best first; with
     settings.return_dict, HF's GenerateBeamDecoderOnlyOutput (sequences, sequences_scores and scores with
@@ -172,8 +173,11 @@ def beam_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], holes
         batch_offset = torch.arange(batch, device=device).view(-1, 1) * num_beams
         topk_running_beam_indices[:, :, step] = (topk_current_beam_indices + batch_offset).to(torch.int32)
 
-        # stopping criteria: an EOS id, or the length limit
+        # stopping criteria: an EOS id, a stop string (HF's stop_strings), or the length limit
         hits = torch.isin(topk_ids, eos_tensor) if eos else torch.zeros_like(topk_ids, dtype=torch.bool)
+        if stop_strings is not None:
+            candidates = topk_running_sequences[:, :, :cur_len + 1].tolist()
+            hits = hits | torch.tensor([[stop_strings.hit(c) for c in row] for row in candidates], device=device)
         if cur_len + 1 >= max_length:
             hits = torch.ones_like(hits)
 

@@ -21,7 +21,7 @@ HF_DEFAULTS: dict[str, Any] = {
     "no_repeat_ngram_size": 0, "bad_words_ids": None, "suppress_tokens": None,
     "num_return_sequences": 1, "eos_token_id": None, "pad_token_id": None,
     "num_beams": 1, "length_penalty": 1.0, "early_stopping": False,
-    "return_dict_in_generate": False, "output_scores": False, "output_logits": False,
+    "return_dict_in_generate": False, "output_scores": False, "output_logits": False, "stop_strings": None,
 }
 # Unsupported features, allowed only at these neutral values (HF no-ops): the default first, then any
 # other value that is a no-op in HF too (classifier-free guidance at scale 1, contrastive search with
@@ -31,7 +31,7 @@ NEUTRAL: dict[str, tuple] = {
     "encoder_no_repeat_ngram_size": (0,), "encoder_repetition_penalty": (1.0,),
     "force_words_ids": (None,), "constraints": (None,), "forced_bos_token_id": (None,),
     "forced_eos_token_id": (None,), "begin_suppress_tokens": (None,),
-    "sequence_bias": (None,), "stop_strings": (None,), "diversity_penalty": (0.0,), "penalty_alpha": (None, 0.0),
+    "sequence_bias": (None,), "diversity_penalty": (0.0,), "penalty_alpha": (None, 0.0),
     "guidance_scale": (None, 1.0), "output_attentions": (False,), "output_hidden_states": (False,),
     "renormalize_logits": (False,), "remove_invalid_values": (False,), "exponential_decay_length_penalty": (None,),
     "watermarking_config": (None,), "max_time": (None,), "prompt_lookup_num_tokens": (None,),
@@ -78,6 +78,7 @@ class GenerationSettings:
     return_dict: bool = False     # return_dict_in_generate: HF's output object instead of the tensor
     output_scores: bool = False   # with return_dict (beam search only): the processed log-probs per step
     output_logits: bool = False   # with return_dict (beam search only): the raw logits per step
+    stop_strings: list[str] | None = None  # HF's stop_strings (hf_stop_strings.py; needs generate's tokenizer=)
 
     @property
     def fill_token_id(self) -> int:
@@ -196,6 +197,12 @@ def resolve(model_defaults: dict | None, generation_config, kwargs: dict, prompt
         raise ValueError(f"length_penalty must be a number, got {length_penalty!r}")
     if early_stopping not in (True, False, "never") or not isinstance(early_stopping, (bool, str)):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    stop_strings = merged["stop_strings"]
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    if stop_strings is not None and (not isinstance(stop_strings, (list, tuple)) or not stop_strings
+                                     or not all(isinstance(x, str) and x for x in stop_strings)):
+        raise ValueError(f"stop_strings must be a non-empty string or a list of them, got {merged['stop_strings']!r}")
     flags = {key: merged[key] for key in ("return_dict_in_generate", "output_scores", "output_logits")}
     for key, value in flags.items():
         if not isinstance(value, bool):
@@ -244,4 +251,5 @@ def resolve(model_defaults: dict | None, generation_config, kwargs: dict, prompt
     return GenerationSettings(max_new, min_new, sampling, eos, pad, n, beams, float(length_penalty), early_stopping,
                               flags["return_dict_in_generate"],
                               flags["return_dict_in_generate"] and flags["output_scores"],
-                              flags["return_dict_in_generate"] and flags["output_logits"])
+                              flags["return_dict_in_generate"] and flags["output_logits"],
+                              list(stop_strings) if stop_strings else None)

@@ -93,6 +93,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         raise ValueError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__} (HF's second "
                          f"positional argument is generation_config: pass it as generation_config=...)")
+    tokenizer = kwargs.pop("tokenizer", None)  # HF's: what stop_strings are matched with
     loaded = get_loaded(model, kwargs.pop("dtype", None), kwargs.pop("device", None), kwargs.pop("quantization", None))
     cfg = loaded.model.config
     input_ids = input_ids if input_ids.dim() == 2 else input_ids[None]
@@ -107,6 +108,12 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
                                   cfg.max_position_embeddings)
     prompts, holes = _prompts(input_ids, attention_mask, settings.pad_token_id, settings.eos_token_ids,
                               cfg.vocab_size)
+    stops = None
+    if settings.stop_strings:
+        if tokenizer is None:  # as HF: the strings are matched on the tokenizer's token texts
+            raise ValueError("generate(): stop_strings need the tokenizer: pass tokenizer=... as with HF's generate")
+        from .hf_stop_strings import StopStrings
+        stops = StopStrings(tokenizer, settings.stop_strings)
     n = settings.num_return_sequences if settings.num_beams == 1 else 1
     rows = [p for p in prompts for _ in range(n)]
     hole_rows = [h for h in holes for _ in range(n)]
@@ -120,15 +127,16 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         if streamer is not None:
             raise ValueError("streamer cannot be used with beam search (num_beams > 1), as in HF")
         from .beam_search import beam_search
-        return beam_search(loaded, input_ids, prompts, holes, settings)
+        return beam_search(loaded, input_ids, prompts, holes, settings, stop_strings=stops)
     if streamer is not None:
         if len(rows) != 1:
             raise ValueError("streamer supports a single sequence (batch 1, num_return_sequences 1)")
         streamer.put(input_ids.cpu())
     # no_repeat_ngram_size and bad_words_ids look at HF's whole row, left padding and masked tokens included
-    full_rows = ([r for r in input_ids.tolist() for _ in range(n)]
-                 if settings.sampling.no_repeat_ngram_size or settings.sampling.bad_words_ids else None)
-    new_tokens = _decode_loop(loaded, rows, hole_rows, settings, streamer, full_rows)
+    padded = [r for r in input_ids.tolist() for _ in range(n)]
+    full_rows = padded if settings.sampling.no_repeat_ngram_size or settings.sampling.bad_words_ids else None
+    new_tokens = _decode_loop(loaded, rows, hole_rows, settings, streamer, full_rows,
+                              (stops, padded) if stops is not None else None)
     if streamer is not None:
         streamer.end()
     width = max(map(len, new_tokens), default=0)
@@ -153,8 +161,11 @@ def _decoder_output(sequences: torch.Tensor):
 
 
 def _decode_loop(loaded: LoadedModel, rows: list[list[int]], hole_rows: list[tuple[int, ...]],
-                 settings: gen_config.GenerationSettings, streamer, full_rows: list[list[int]] | None = None) -> list[list[int]]:
-    """Run every row as a request of the continuous-batching engine. Returns the new tokens."""
+                 settings: gen_config.GenerationSettings, streamer, full_rows: list[list[int]] | None = None,
+                 stop_strings=None) -> list[list[int]]:
+    """Run every row as a request of the continuous-batching engine. Returns the new tokens.
+    stop_strings: (hf_stop_strings.StopStrings, HF's padded rows): a row ends at the token that completes
+    one (its request is aborted; tokens a pipelined step made after it are dropped)."""
     from dataclasses import replace
 
     from .engine import Engine, EngineConfig
@@ -179,10 +190,35 @@ def _decode_loop(loaded: LoadedModel, rows: list[list[int]], hole_rows: list[tup
         engine.add_request(str(i), row, params, extra_seen_ids=holes,
                            ngram_history=full_rows[i] if full_rows is not None else None)
     outputs: list[list[int]] = [[] for _ in rows]
+    # stop strings (HF): with EOS ids a row that completes one ends there (HF pads it); without, HF does not
+    # pad finished rows, so every row runs until all have completed one, the output as wide as the last
+    hit: list[int | None] = [None] * len(rows)   # the output length at which each row completed a stop string
+    width: int | None = None                      # without EOS ids: every row's length, once all have hit
+    done = [False] * len(rows)
     while engine.has_unfinished():
         for out in engine.step():
-            row, tokens = int(out.request_id), out.outputs[0].token_ids
+            row, tokens = int(out.request_id), list(out.outputs[0].token_ids)
+            if done[row]:
+                continue
+            if stop_strings is not None:
+                matcher, padded = stop_strings
+                for k in range(len(outputs[row]), len(tokens)):
+                    if hit[row] is None and matcher.hit(padded[row] + tokens[:k + 1]):
+                        hit[row] = k + 1
+                if settings.eos_token_ids and hit[row] is not None:
+                    tokens, done[row] = tokens[:hit[row]], True
+                    engine.abort(out.request_id)
+                elif not settings.eos_token_ids and width is None and all(h is not None for h in hit):
+                    width = max(hit)
+                if width is not None and len(tokens) >= width:
+                    tokens, done[row] = tokens[:width], True
+                    engine.abort(out.request_id)
             if streamer is not None and len(tokens) > len(outputs[row]):
                 streamer.put(torch.tensor(tokens[len(outputs[row]):]))
             outputs[row] = tokens
+        if width is not None:  # rows already past the common width stop too
+            for row in range(len(rows)):
+                if not done[row] and len(outputs[row]) >= width:
+                    outputs[row], done[row] = outputs[row][:width], True
+                    engine.abort(str(row))
     return outputs
