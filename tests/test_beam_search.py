@@ -183,3 +183,27 @@ def test_return_dict_without_beams():
     assert torch.equal(fastinfer.generate(model, ids, attention_mask=mask, output_scores=True, **kw), expected.sequences)
     with pytest.raises(ValueError, match="return_dict_in_generate must be True or False"):
         fastinfer.generate(model, ids, attention_mask=mask, return_dict_in_generate="yes", **kw)
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen3"])
+@pytest.mark.parametrize("case", [
+    dict(num_beams=3),                                                        # HF's default top_k 50
+    dict(num_beams=4, num_return_sequences=2, eos=2, temperature=0.7, top_k=20),
+    dict(num_beams=3, top_p=0.8, min_p=0.05, repetition_penalty=1.2, top_k=0),
+], ids=["defaults", "eos-temperature-topk", "topp-minp-penalty"])
+def test_beam_sampling_matches_hf_under_the_same_seed(variant, case):
+    """do_sample=True with num_beams: HF's warpers (keeping #EOS + 1 tokens) and torch.multinomial from the
+    global generator, so torch.manual_seed before each run gives HF's output; another seed another one."""
+    model = make_hf_model(variant, seed=5)
+    ids, mask = left_padded_batch([5, 17, 1, 9], model.config.vocab_size, PAD, seed=2)
+    kw = dict(case)
+    eos = kw.pop("eos", 0)
+    kw = dict(max_new_tokens=16, do_sample=True, pad_token_id=PAD, **kw)
+    kw["eos_token_id"] = frequent_tokens(model, ids, mask, eos, **{**kw, "do_sample": False}) if eos else None
+    torch.manual_seed(11)
+    expected = hf(model, ids, mask, **kw)
+    torch.manual_seed(11)
+    ours = fastinfer.generate(model, ids, attention_mask=mask, **kw)
+    assert torch.equal(ours, expected)
+    torch.manual_seed(12)
+    assert not torch.equal(fastinfer.generate(model, ids, attention_mask=mask, **kw), ours)

@@ -109,7 +109,6 @@ def test_streamer_receives_prompt_then_each_token():
     (dict(top_p=1.5, do_sample=True), "top_p"),
     (dict(top_k=-1, do_sample=True), "top_k"),
     (dict(num_beams=0), "num_beams"),
-    (dict(num_beams=2, do_sample=True), "num_beams=2 with do_sample=True"),
     (dict(num_beams=2, num_return_sequences=3), r"num_return_sequences \(3\) must be <= num_beams \(2\)"),
     (dict(num_beams=2, early_stopping="sometimes"), "early_stopping"),
     (dict(num_beams=2, length_penalty="long"), "length_penalty"),

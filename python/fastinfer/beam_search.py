@@ -1,4 +1,4 @@
-"""Beam search for ``fastinfer.generate`` (HF's ``num_beams > 1``, ``do_sample=False``).
+"""Beam search for ``fastinfer.generate`` (HF's ``num_beams > 1``; with ``do_sample=True`` HF's beam sampling).
 
 The selection is HF transformers' vectorized beam search (``GenerationMixin._beam_search``, 5.x) step
 for step, on tensors of the same shapes: every step keeps the top ``max(2, 1 + #EOS) * num_beams``
@@ -7,6 +7,9 @@ those log-probs, plus the beam's running score), moves the best of them that hit
 limit into the finished set (score = sum / new-length ** length_penalty), continues with the best
 ``num_beams`` others, and stops by HF's rules (``early_stopping`` True / False / "never"). Given the
 same logits it picks the same tokens, ties included (the same torch.topk calls on the same layouts).
+Beam sampling draws the continuations instead (HF's warpers on the log-probs: temperature, top-k, top-p,
+min-p, each keeping at least #EOS + 1 tokens; then torch.multinomial over all beams' accumulated
+scores, from torch's global generator as HF does, so a torch.manual_seed before either gives the same).
 
 What is fastinfer's own is the KV cache: each prompt is prefilled once, and its beams are block
 tables over one paged cache. A beam that continues another shares all of its blocks (reference
@@ -100,7 +103,11 @@ def beam_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], holes
     vocab = model.config.vocab_size
     device = model.device
     max_length = width + max_new
-    params = settings.sampling  # greedy: the penalties and bans only (HF's processors)
+    params = settings.sampling
+    do_sample = not params.greedy
+    if do_sample:  # HF's processors come from the params, its warpers are applied here (_hf_warpers)
+        from dataclasses import replace
+        params = replace(params, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
     length_penalty, early_stopping = settings.length_penalty, settings.early_stopping
 
     beams_to_keep = max(2, 1 + len(eos)) * num_beams
@@ -156,6 +163,8 @@ def beam_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], holes
         step = cur_len - width  # new tokens so far
         log_probs = _processed_log_probs(logits, running_sequences, prompts, holes, settings, params, width,
                                          cur_len, num_beams)
+        if do_sample:
+            log_probs = _hf_warpers(log_probs, settings.sampling, len(eos) + 1 if eos else 2)
         if settings.output_logits:
             raw_logits.append(logits.clone())
         if settings.output_scores:
@@ -164,7 +173,13 @@ def beam_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], holes
         log_probs = log_probs.reshape(batch, -1)
 
         # top-k continuations over all beams of a prompt (HF's _get_top_k_continuations)
-        topk_log_probs, topk_indices = torch.topk(log_probs, k=beams_to_keep)
+        if do_sample:
+            topk_indices = torch.multinomial(torch.softmax(log_probs, dim=-1), num_samples=beams_to_keep)
+            topk_log_probs = torch.gather(log_probs, 1, topk_indices)
+            topk_log_probs, order = topk_log_probs.sort(dim=-1, descending=True)
+            topk_indices = topk_indices.gather(-1, order)
+        else:
+            topk_log_probs, topk_indices = torch.topk(log_probs, k=beams_to_keep)
         topk_current_beam_indices = topk_indices // vocab
         topk_running_beam_indices = _gather_beams(running_beam_indices, topk_current_beam_indices)
         topk_running_sequences = _gather_beams(running_sequences, topk_current_beam_indices)
@@ -262,6 +277,28 @@ def beam_output(**fields):
         from types import SimpleNamespace
         return SimpleNamespace(attentions=None, hidden_states=None, cache=None, **fields)
     return GenerateBeamDecoderOnlyOutput(**fields)
+
+
+def _hf_warpers(scores: torch.Tensor, p, min_keep: int) -> torch.Tensor:
+    """HF's sampling warpers in its order and arithmetic (TemperatureLogitsWarper, TopKLogitsWarper,
+    TopPLogitsWarper, MinPLogitsWarper), each keeping at least min_keep tokens."""
+    ninf = -float("inf")
+    if p.temperature != 1.0:
+        scores = scores / p.temperature
+    if p.top_k > 0:
+        k = min(max(p.top_k, min_keep), scores.size(-1))
+        scores = scores.masked_fill(scores < torch.topk(scores, k)[0][..., -1, None], ninf)
+    if p.top_p < 1.0:
+        sorted_logits, sorted_indices = torch.sort(scores, descending=False)
+        remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - p.top_p)
+        remove[..., -min_keep:] = 0
+        scores = scores.masked_fill(remove.scatter(1, sorted_indices, remove), ninf)
+    if p.min_p > 0.0:
+        probs = torch.softmax(scores, dim=-1)
+        remove = probs < p.min_p * probs.amax(dim=-1, keepdim=True)
+        remove.scatter_(-1, torch.topk(probs, min(min_keep, probs.shape[-1]), dim=-1).indices, False)
+        scores = scores.masked_fill(remove, ninf)
+    return scores
 
 
 def _gather_beams(tensor: torch.Tensor, beam_indices: torch.Tensor) -> torch.Tensor:

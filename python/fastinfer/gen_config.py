@@ -212,9 +212,6 @@ def resolve(model_defaults: dict | None, generation_config, kwargs: dict, prompt
         raise ValueError(f"generate(): {which}=True is supported by fastinfer with beam search (num_beams > 1) only; "
                          f"greedy and sampled rows stop computing once finished, so HF's per-step scores of "
                          f"finished rows do not exist here")
-    if beams > 1 and merged["do_sample"]:
-        raise ValueError(f"num_beams={beams} with do_sample=True (beam sampling) is not supported by fastinfer; "
-                         f"beam search runs with do_sample=False")
     if beams > 1 and n > beams:  # as HF
         raise ValueError(f"num_return_sequences ({n}) must be <= num_beams ({beams})")
     if n > 1 and not merged["do_sample"] and beams == 1:  # as HF: n greedy copies would be identical
