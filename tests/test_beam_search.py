@@ -169,20 +169,47 @@ def test_return_dict_with_scores_matches_hf():
 
 
 def test_return_dict_without_beams():
-    """Greedy / sampled: return_dict_in_generate gives HF's GenerateDecoderOnlyOutput with the sequences;
-    their per-step scores are refused (finished rows stop computing here, HF keeps scoring them)."""
+    """Greedy / sampled: return_dict_in_generate gives HF's GenerateDecoderOnlyOutput with the sequences
+    (the engine's path); without return_dict_in_generate HF ignores output_scores, and so does fastinfer."""
     model = make_hf_model("llama", seed=5)
     ids, mask = left_padded_batch([5, 9], model.config.vocab_size, PAD, seed=2)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=PAD, eos_token_id=None)
     out = fastinfer.generate(model, ids, attention_mask=mask, return_dict_in_generate=True, **kw)
     expected = hf(model, ids, mask, return_dict_in_generate=True, **kw)
     assert type(out) is type(expected) and torch.equal(out.sequences, expected.sequences) and out.scores is None
-    with pytest.raises(ValueError, match="output_scores=True is supported by fastinfer with beam search"):
-        fastinfer.generate(model, ids, attention_mask=mask, return_dict_in_generate=True, output_scores=True, **kw)
-    # without return_dict_in_generate HF ignores output_scores: so does fastinfer
     assert torch.equal(fastinfer.generate(model, ids, attention_mask=mask, output_scores=True, **kw), expected.sequences)
     with pytest.raises(ValueError, match="return_dict_in_generate must be True or False"):
         fastinfer.generate(model, ids, attention_mask=mask, return_dict_in_generate="yes", **kw)
+
+
+@pytest.mark.parametrize("case", [
+    dict(do_sample=False),
+    dict(do_sample=False, eos=2, repetition_penalty=1.3, min_new_tokens=2, no_repeat_ngram_size=2),
+    dict(do_sample=True, temperature=0.8, top_k=30, eos=2, num_return_sequences=2),
+    dict(do_sample=True, top_p=0.9, min_p=0.02),
+], ids=["greedy", "greedy-eos-processors", "sampled-eos-n2", "sampled-topp-minp"])
+def test_scores_without_beams_match_hf(case):
+    """output_scores / output_logits without beams: HF's loop step for step (every row every step, finished
+    rows fed pad tokens with EOS ids), so the sequences are HF's (sampled ones under the same
+    torch.manual_seed) and each step's processed scores and raw logits equal to fp32 rounding."""
+    model = make_hf_model("llama", seed=5)
+    ids, mask = left_padded_batch([5, 17, 1, 9], model.config.vocab_size, PAD, seed=2)
+    kw = dict(case)
+    eos = kw.pop("eos", 0)
+    free = fastinfer.generate(model, ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                              pad_token_id=PAD)
+    kw = dict(max_new_tokens=12, pad_token_id=PAD, return_dict_in_generate=True, output_scores=True,
+              output_logits=True, eos_token_id=[int(free[0, 20]), int(free[2, 22])][:eos] or None, **kw)
+    torch.manual_seed(3)
+    expected = hf(model, ids, mask, **kw)
+    torch.manual_seed(3)
+    ours = fastinfer.generate(model, ids, attention_mask=mask, **kw)
+    assert type(ours) is type(expected) and torch.equal(ours.sequences, expected.sequences)
+    assert len(ours.scores) == len(expected.scores) == len(ours.logits) == ours.sequences.shape[1] - ids.shape[1]
+    for a, b in zip(ours.scores + ours.logits, expected.scores + expected.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    if eos:  # some row ended on an EOS and was padded after it, while the others ran on
+        assert (ours.sequences[:, -1] == PAD).any()
 
 
 @pytest.mark.parametrize("variant", ["llama", "qwen3"])

@@ -298,7 +298,6 @@ def test_prompt_up_to_max_position_matches_hf_and_beyond_raises_clearly():
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(return_dict_in_generate=True, output_scores=True), dict(return_dict_in_generate=True, output_logits=True),
     dict(begin_suppress_tokens=[5]),
     dict(sequence_bias={(5,): -1.0}), dict(force_words_ids=[[5]]), dict(forced_eos_token_id=3), dict(max_time=5.0),
     dict(stop_strings=["x"]), dict(renormalize_logits=True), dict(exponential_decay_length_penalty=(2, 1.5)),

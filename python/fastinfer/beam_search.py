@@ -137,22 +137,8 @@ def beam_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], holes
         runner.enable_decode_graphs([batch * num_beams], longest)
 
     # prefill each prompt once; its beams start as num_beams references to its blocks
-    tables: list[list[int]] = []
-    logits_rows = []
-    start = 0
-    while start < batch:
-        stop, tokens = start, 0
-        while stop < batch and (stop == start or tokens + len(prompts[stop]) <= _PREFILL_TOKENS):
-            tokens += len(prompts[stop])
-            stop += 1
-        chunks = []
-        for prompt in prompts[start:stop]:
-            table = [pool.take() for _ in range(-(-len(prompt) // BLOCK_SIZE))]
-            chunks.append(SeqChunk(prompt, 0, table))
-            tables.append(table)
-        logits_rows.append(runner.run(chunks).float().clone())
-        start = stop
-    logits = torch.cat(logits_rows).repeat_interleave(num_beams, dim=0)
+    tables, logits = _prefill(runner, pool, prompts)
+    logits = logits.repeat_interleave(num_beams, dim=0)
     beam_tables = []
     for table in tables:
         beam_tables += [table] + [pool.share(table) for _ in range(num_beams - 1)]
@@ -279,6 +265,25 @@ def beam_output(**fields):
     return GenerateBeamDecoderOnlyOutput(**fields)
 
 
+def _prefill(runner: ModelRunner, pool: _Blocks, prompts: list[list[int]]) -> tuple[list[list[int]], torch.Tensor]:
+    """Each prompt computed into blocks of its own (prompts whole, up to about _PREFILL_TOKENS a run):
+    their block tables and the fp32 logits of their last positions [len(prompts), vocab]."""
+    tables, logits_rows, start = [], [], 0
+    while start < len(prompts):
+        stop, tokens = start, 0
+        while stop < len(prompts) and (stop == start or tokens + len(prompts[stop]) <= _PREFILL_TOKENS):
+            tokens += len(prompts[stop])
+            stop += 1
+        chunks = []
+        for prompt in prompts[start:stop]:
+            table = [pool.take() for _ in range(-(-len(prompt) // BLOCK_SIZE))]
+            chunks.append(SeqChunk(prompt, 0, table))
+            tables.append(table)
+        logits_rows.append(runner.run(chunks).float().clone())
+        start = stop
+    return tables, torch.cat(logits_rows)
+
+
 def _hf_warpers(scores: torch.Tensor, p, min_keep: int) -> torch.Tensor:
     """HF's sampling warpers in its order and arithmetic (TemperatureLogitsWarper, TopKLogitsWarper,
     TopPLogitsWarper, MinPLogitsWarper), each keeping at least min_keep tokens."""
@@ -308,12 +313,12 @@ def _gather_beams(tensor: torch.Tensor, beam_indices: torch.Tensor) -> torch.Ten
 
 
 def _processed_log_probs(logits, running_sequences, prompts, holes, settings, params, width, cur_len,
-                         num_beams) -> torch.Tensor:
-    """log_softmax of each beam's logits, then HF's processors on those log-probs: the repetition
-    penalty (the prompt without its left padding, the masked tokens after it, the beam's tokens), the
-    n-gram and bad-word bans over the whole padded row, min_new_tokens' EOS ban, suppress_tokens and
-    one-token bad words (params.logit_bias)."""
-    log_probs = torch.log_softmax(logits, dim=-1)
+                         num_beams, log_softmax: bool = True) -> torch.Tensor:
+    """log_softmax of each beam's logits (log_softmax=False: the logits themselves, HF's _sample), then
+    HF's processors on them: the repetition penalty (the prompt without its left padding, the masked
+    tokens after it, the beam's tokens), the n-gram and bad-word bans over the whole padded row,
+    min_new_tokens' EOS ban, suppress_tokens and one-token bad words (params.logit_bias)."""
+    log_probs = torch.log_softmax(logits, dim=-1) if log_softmax else logits
     rows = running_sequences.shape[0] * num_beams
     step = cur_len - width
     generated = running_sequences[:, :, width:cur_len].reshape(rows, step).tolist()
@@ -329,3 +334,83 @@ def _processed_log_probs(logits, running_sequences, prompts, holes, settings, pa
     seen = [list(holes[row // num_beams]) + prompts[row // num_beams] + generated[row] if penalised else []
             for row in range(rows)]
     return process_logits(log_probs, [params] * rows, seen, generated, suppress)
+
+
+def sample_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], holes: list[tuple[int, ...]],
+                  settings: gen_config.GenerationSettings, stop_strings=None, streamer=None):
+    """HF's greedy / sampling loop (GenerationMixin._sample) step for step, for what the engine does not
+    give: return_dict_in_generate with output_scores / output_logits. Every row runs every step, as in
+    HF: a finished row is fed pad tokens (with EOS ids; without, it keeps generating) and still gets
+    scores. Processors on the logits, then with do_sample HF's warpers and torch.multinomial from the
+    global generator (so a torch.manual_seed gives HF's tokens), else argmax. Returns HF's
+    GenerateDecoderOnlyOutput (sequences, scores, logits)."""
+    model = loaded.model
+    n = settings.num_return_sequences
+    batch, width = input_ids.shape[0] * n, input_ids.shape[1]
+    max_new, eos, pad = settings.max_new_tokens, settings.eos_token_ids, settings.fill_token_id
+    vocab, device = model.config.vocab_size, model.device
+    params = settings.sampling
+    do_sample = not params.greedy
+    if do_sample:
+        from dataclasses import replace
+        params = replace(params, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
+    prompts = [p for p in prompts for _ in range(n)]
+    holes = [h for h in holes for _ in range(n)]
+    sequences = torch.full((batch, width + max_new), pad, dtype=torch.long, device=device)
+    sequences[:, :width] = input_ids.to(device).repeat_interleave(n, dim=0)
+    eos_tensor = torch.tensor(eos, dtype=torch.long, device=device)
+
+    longest = max(map(len, prompts)) + max_new
+    runner = ModelRunner(model, sum(-(-(len(p) + max_new) // BLOCK_SIZE) for p in prompts) + 1, BLOCK_SIZE)
+    pool = _Blocks(runner)
+    if device.type == "cuda" and max_new > 2:
+        runner.enable_decode_graphs([batch], longest)
+    tables, logits = _prefill(runner, pool, prompts)
+    unfinished = torch.ones(batch, dtype=torch.long, device=device)
+    scores, raw = [], []
+    cur_len = width
+    while True:
+        step = cur_len - width
+        next_scores = _processed_log_probs(logits, sequences[:, None, :], prompts, holes, settings, params, width,
+                                           cur_len, 1, log_softmax=False)
+        if do_sample:
+            next_scores = _hf_warpers(next_scores, settings.sampling, 1)
+        if settings.output_scores:
+            scores.append(next_scores)
+        if settings.output_logits:
+            raw.append(logits.clone())
+        if do_sample:
+            next_tokens = torch.multinomial(torch.softmax(next_scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            next_tokens = torch.argmax(next_scores, dim=-1)
+        if eos:  # HF pads finished rows only when it has an EOS stopping criterion
+            next_tokens = next_tokens * unfinished + pad * (1 - unfinished)
+        sequences[:, cur_len] = next_tokens
+        cur_len += 1
+        if streamer is not None:
+            streamer.put(next_tokens.cpu())
+        done = torch.isin(next_tokens, eos_tensor) if eos else torch.zeros_like(unfinished, dtype=torch.bool)
+        if stop_strings is not None:
+            rows = sequences[:, :cur_len].tolist()
+            done = done | torch.tensor([stop_strings.hit(r) for r in rows], device=device)
+        if cur_len >= width + max_new:
+            done = torch.ones_like(done)
+        unfinished = unfinished & ~done
+        if not bool(unfinished.any()):
+            break
+        chunks, copies = [], []
+        for row, (table, token) in enumerate(zip(tables, next_tokens.tolist())):
+            position = len(prompts[row]) + step
+            pool.writable(table, position, copies)
+            chunks.append(SeqChunk([token], position, table))
+        _copy_blocks(runner, copies)
+        logits = runner.run(chunks).float()
+    out = input_ids.device
+    try:
+        from transformers.generation import GenerateDecoderOnlyOutput
+    except ImportError:
+        from types import SimpleNamespace as GenerateDecoderOnlyOutput
+    return GenerateDecoderOnlyOutput(
+        sequences=sequences[:, :cur_len].to(out),
+        scores=tuple(s.to(out) for s in scores) if settings.output_scores else None,
+        logits=tuple(s.to(out) for s in raw) if settings.output_logits else None)

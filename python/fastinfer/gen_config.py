@@ -76,8 +76,8 @@ class GenerationSettings:
     length_penalty: float = 1.0   # beam search: a finished beam's score is its logprob sum / length ** this
     early_stopping: bool | str = False  # beam search: True, False (HF's heuristic) or "never"
     return_dict: bool = False     # return_dict_in_generate: HF's output object instead of the tensor
-    output_scores: bool = False   # with return_dict (beam search only): the processed log-probs per step
-    output_logits: bool = False   # with return_dict (beam search only): the raw logits per step
+    output_scores: bool = False   # with return_dict: the processed scores per step (HF's loops, beam_search.py)
+    output_logits: bool = False   # with return_dict: the raw logits per step
     stop_strings: list[str] | None = None  # HF's stop_strings (hf_stop_strings.py; needs generate's tokenizer=)
 
     @property
@@ -207,11 +207,6 @@ def resolve(model_defaults: dict | None, generation_config, kwargs: dict, prompt
     for key, value in flags.items():
         if not isinstance(value, bool):
             raise ValueError(f"{key} must be True or False, got {value!r}")
-    if flags["return_dict_in_generate"] and beams == 1 and (flags["output_scores"] or flags["output_logits"]):
-        which = "output_scores" if flags["output_scores"] else "output_logits"
-        raise ValueError(f"generate(): {which}=True is supported by fastinfer with beam search (num_beams > 1) only; "
-                         f"greedy and sampled rows stop computing once finished, so HF's per-step scores of "
-                         f"finished rows do not exist here")
     if beams > 1 and n > beams:  # as HF
         raise ValueError(f"num_return_sequences ({n}) must be <= num_beams ({beams})")
     if n > 1 and not merged["do_sample"] and beams == 1:  # as HF: n greedy copies would be identical

@@ -128,6 +128,17 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
             raise ValueError("streamer cannot be used with beam search (num_beams > 1), as in HF")
         from .beam_search import beam_search
         return beam_search(loaded, input_ids, prompts, holes, settings, stop_strings=stops)
+    if settings.return_dict and (settings.output_scores or settings.output_logits):
+        # HF's per-step scores: every row every step, finished ones too (HF's loop, beam_search.py)
+        if streamer is not None and len(rows) != 1:
+            raise ValueError("streamer supports a single sequence (batch 1, num_return_sequences 1)")
+        from .beam_search import sample_search
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        out = sample_search(loaded, input_ids, prompts, holes, settings, stop_strings=stops, streamer=streamer)
+        if streamer is not None:
+            streamer.end()
+        return out
     if streamer is not None:
         if len(rows) != 1:
             raise ValueError("streamer supports a single sequence (batch 1, num_return_sequences 1)")
