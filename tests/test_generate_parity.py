@@ -307,7 +307,7 @@ def test_prompt_up_to_max_position_matches_hf_and_beyond_raises_clearly():
     dict(logits_processor=[transformers.MinLengthLogitsProcessor(5, 2)]),
     dict(stopping_criteria=[transformers.MaxLengthCriteria(3)]),
     dict(prefix_allowed_tokens_fn=lambda b, ids: [5]), dict(negative_prompt_ids=torch.tensor([[5]])),
-    dict(assistant_model=object()), dict(custom_generate="x"), dict(position_ids=torch.tensor([[0, 1, 2]])),
+    dict(custom_generate="x"), dict(position_ids=torch.tensor([[0, 1, 2]])),
 ], ids=lambda kw: "-".join(kw))
 def test_unsupported_hf_arguments_raise(kwargs):
     model = make_hf_model("llama", seed=6)

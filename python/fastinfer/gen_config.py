@@ -22,6 +22,7 @@ HF_DEFAULTS: dict[str, Any] = {
     "num_return_sequences": 1, "eos_token_id": None, "pad_token_id": None,
     "num_beams": 1, "length_penalty": 1.0, "early_stopping": False,
     "return_dict_in_generate": False, "output_scores": False, "output_logits": False, "stop_strings": None,
+    "prompt_lookup_num_tokens": None, "max_matching_ngram_size": None, "num_assistant_tokens": None,
 }
 # Unsupported features, allowed only at these neutral values (HF no-ops): the default first, then any
 # other value that is a no-op in HF too (classifier-free guidance at scale 1, contrastive search with
@@ -34,7 +35,7 @@ NEUTRAL: dict[str, tuple] = {
     "sequence_bias": (None,), "diversity_penalty": (0.0,), "penalty_alpha": (None, 0.0),
     "guidance_scale": (None, 1.0), "output_attentions": (False,), "output_hidden_states": (False,),
     "renormalize_logits": (False,), "remove_invalid_values": (False,), "exponential_decay_length_penalty": (None,),
-    "watermarking_config": (None,), "max_time": (None,), "prompt_lookup_num_tokens": (None,),
+    "watermarking_config": (None,), "max_time": (None,),
     "dola_layers": (None,), "top_h": (None,), "token_healing": (False,), "low_memory": (None, False),
     "use_mtp": (None,), "logits_processor": (None, []), "stopping_criteria": (None, []),
 }
@@ -57,9 +58,9 @@ _EXPLICIT_NONE = object()
 # Accepted and without effect here (caching and compilation are fastinfer's own business).
 IGNORED = {"use_cache", "cache_implementation", "cache_config", "max_cache_len", "bos_token_id",
            "decoder_start_token_id", "transformers_version", "_from_model_config", "compile_config",
-           "disable_compile", "is_assistant", "num_assistant_tokens", "num_assistant_tokens_schedule",
+           "disable_compile", "is_assistant", "num_assistant_tokens_schedule",
            "assistant_confidence_threshold", "assistant_lookbehind", "target_lookbehind", "assistant_early_exit",
-           "assistant_ensemble_weight", "speculation_type", "max_matching_ngram_size", "prefill_chunk_size",
+           "assistant_ensemble_weight", "speculation_type", "prefill_chunk_size",
            "continuous_batching_config", "tokenizer", "_commit_hash", "trust_remote_code", "generation_kwargs",
            "synced_gpus"}
 
@@ -79,6 +80,11 @@ class GenerationSettings:
     output_scores: bool = False   # with return_dict: the processed scores per step (HF's loops, beam_search.py)
     output_logits: bool = False   # with return_dict: the raw logits per step
     stop_strings: list[str] | None = None  # HF's stop_strings (hf_stop_strings.py; needs generate's tokenizer=)
+    # HF's assisted generation as fastinfer's speculative decoding: prompt lookup (k tokens, n-grams up to
+    # max_matching_ngram_size) or generate's assistant_model (num_assistant_tokens a step)
+    prompt_lookup_num_tokens: int | None = None
+    max_matching_ngram_size: int | None = None
+    num_assistant_tokens: int | None = None
 
     @property
     def fill_token_id(self) -> int:
@@ -203,6 +209,10 @@ def resolve(model_defaults: dict | None, generation_config, kwargs: dict, prompt
     if stop_strings is not None and (not isinstance(stop_strings, (list, tuple)) or not stop_strings
                                      or not all(isinstance(x, str) and x for x in stop_strings)):
         raise ValueError(f"stop_strings must be a non-empty string or a list of them, got {merged['stop_strings']!r}")
+    for key in ("prompt_lookup_num_tokens", "max_matching_ngram_size", "num_assistant_tokens"):
+        value = merged[key]
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
     flags = {key: merged[key] for key in ("return_dict_in_generate", "output_scores", "output_logits")}
     for key, value in flags.items():
         if not isinstance(value, bool):
@@ -244,4 +254,5 @@ def resolve(model_defaults: dict | None, generation_config, kwargs: dict, prompt
                               flags["return_dict_in_generate"],
                               flags["return_dict_in_generate"] and flags["output_scores"],
                               flags["return_dict_in_generate"] and flags["output_logits"],
-                              list(stop_strings) if stop_strings else None)
+                              list(stop_strings) if stop_strings else None, merged["prompt_lookup_num_tokens"],
+                              merged["max_matching_ngram_size"], merged["num_assistant_tokens"])

@@ -94,6 +94,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         raise ValueError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__} (HF's second "
                          f"positional argument is generation_config: pass it as generation_config=...)")
     tokenizer = kwargs.pop("tokenizer", None)  # HF's: what stop_strings are matched with
+    assistant = kwargs.pop("assistant_model", None)  # HF's assisted generation: a draft model
     loaded = get_loaded(model, kwargs.pop("dtype", None), kwargs.pop("device", None), kwargs.pop("quantization", None))
     cfg = loaded.model.config
     input_ids = input_ids if input_ids.dim() == 2 else input_ids[None]
@@ -108,6 +109,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
                                   cfg.max_position_embeddings)
     prompts, holes = _prompts(input_ids, attention_mask, settings.pad_token_id, settings.eos_token_ids,
                               cfg.vocab_size)
+    speculative = _speculative(assistant, settings)
     stops = None
     if settings.stop_strings:
         if tokenizer is None:  # as HF: the strings are matched on the tokenizer's token texts
@@ -123,6 +125,10 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
                if cfg.sliding_window is not None and cfg.sliding_window < cfg.max_position_embeddings else "")
         raise ValueError(f"prompt + max_new_tokens = {longest} tokens exceeds the model's maximum length "
                          f"{cfg.max_model_len}{why}")
+    if speculative is not None and (settings.num_beams > 1 or settings.output_scores or settings.output_logits):
+        raise ValueError("generate(): assisted generation (assistant_model / prompt_lookup_num_tokens) runs greedy "
+                         "or sampled decoding without per-step scores here; not with num_beams > 1 or "
+                         "output_scores / output_logits")
     if settings.num_beams > 1:  # HF's beam search (beam_search.py)
         if streamer is not None:
             raise ValueError("streamer cannot be used with beam search (num_beams > 1), as in HF")
@@ -147,7 +153,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     padded = [r for r in input_ids.tolist() for _ in range(n)]
     full_rows = padded if settings.sampling.no_repeat_ngram_size or settings.sampling.bad_words_ids else None
     new_tokens = _decode_loop(loaded, rows, hole_rows, settings, streamer, full_rows,
-                              (stops, padded) if stops is not None else None)
+                              (stops, padded) if stops is not None else None, speculative)
     if streamer is not None:
         streamer.end()
     width = max(map(len, new_tokens), default=0)
@@ -171,9 +177,24 @@ def _decoder_output(sequences: torch.Tensor):
     return GenerateDecoderOnlyOutput(sequences=sequences)
 
 
+def _speculative(assistant, settings: gen_config.GenerationSettings) -> dict | None:
+    """HF's assisted generation as the engine's speculative decoding (its output distribution, and
+    greedy output, are the model's own): assistant_model -> a draft model proposing num_assistant_tokens
+    (default 4) a step; prompt_lookup_num_tokens -> n-gram prompt lookup (n-grams of up to
+    max_matching_ngram_size tokens, HF's default 2)."""
+    if assistant is not None and settings.prompt_lookup_num_tokens is not None:
+        raise ValueError("generate(): give assistant_model or prompt_lookup_num_tokens, not both (as HF)")
+    if assistant is not None:
+        return {"method": "draft", "model": assistant, "num_tokens": settings.num_assistant_tokens or 4}
+    if settings.prompt_lookup_num_tokens is not None:
+        return {"method": "ngram", "num_tokens": settings.prompt_lookup_num_tokens, "prompt_lookup_min": 1,
+                "prompt_lookup_max": settings.max_matching_ngram_size or 2}
+    return None
+
+
 def _decode_loop(loaded: LoadedModel, rows: list[list[int]], hole_rows: list[tuple[int, ...]],
                  settings: gen_config.GenerationSettings, streamer, full_rows: list[list[int]] | None = None,
-                 stop_strings=None) -> list[list[int]]:
+                 stop_strings=None, speculative: dict | None = None) -> list[list[int]]:
     """Run every row as a request of the continuous-batching engine. Returns the new tokens.
     stop_strings: (hf_stop_strings.StopStrings, HF's padded rows): a row ends at the token that completes
     one (its request is aborted; tokens a pipelined step made after it are dropped)."""
@@ -193,7 +214,7 @@ def _decode_loop(loaded: LoadedModel, rows: list[list[int]], hole_rows: list[tup
                                          max_model_len=max(map(len, rows)) + settings.max_new_tokens,
                                          enable_prefix_caching=False,
                                          decode_graphs=on_gpu and settings.max_new_tokens > 2,
-                                         pipelined_decode=on_gpu))
+                                         pipelined_decode=on_gpu, speculative=speculative))
     # HF semantics: EOS ids end a row (after min_new_tokens); the model config's EOS plays no part.
     params = replace(settings.sampling, max_tokens=settings.max_new_tokens, min_tokens=settings.min_new_tokens,
                      stop_token_ids=list(settings.eos_token_ids), ignore_eos=True)
