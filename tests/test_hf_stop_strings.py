@@ -80,3 +80,41 @@ def test_stop_strings_with_a_streamer(setup):
                                   stop_strings=stop, tokenizer=tok, pad_token_id=tok.pad_token_id)
     assert torch.equal(out, expected) and out.shape[1] < row.shape[1] + 12
     assert torch.cat([p.flatten() for p in rec.puts[1:]]).tolist() == out[0, row.shape[1]:].tolist()
+
+
+def test_ids_the_tokenizer_lacks_never_match(setup):
+    """A model vocabulary padded past the tokenizer's (Qwen-style): such an id, in the prompt or generated,
+    matches nothing and no match crosses it, as HF's dummy row."""
+    tok, _, _, _ = setup
+    model = make_hf_model("llama", seed=3, vocab_size=len(tok) + 64, eos_token_id=2, bos_token_id=1)
+    hello = tok.convert_tokens_to_ids("Hello")
+    ids = torch.tensor([[hello, len(tok) + 10, 300, hello]])
+    kw = dict(max_new_tokens=10, do_sample=False, eos_token_id=[2], pad_token_id=len(tok) + 5, tokenizer=tok)
+    free = fastinfer.generate(model, ids, **{k: v for k, v in kw.items() if k != "tokenizer"})
+    for stops in (["Hello"], [tok.decode(free[0, 4:6])[1:4]]):
+        with torch.no_grad():
+            expected = model.generate(ids, attention_mask=torch.ones_like(ids), stop_strings=stops, **kw)
+        assert torch.equal(fastinfer.generate(model, ids, stop_strings=stops, **kw), expected), stops
+
+
+def test_strings_no_token_can_end_are_refused():
+    """A WordPiece vocabulary without the character: HF refuses the string, and so does fastinfer."""
+    tokenizers = pytest.importorskip("tokenizers")
+    letters = list("abcdef")
+    vocab = {t: i for i, t in enumerate(["[UNK]", "[PAD]"] + letters + [f"##{c}" for c in letters])}
+    wp = tokenizers.Tokenizer(tokenizers.models.WordPiece(vocab, unk_token="[UNK]"))
+    wp.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    wp.decoder = tokenizers.decoders.WordPiece()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=wp, unk_token="[UNK]", pad_token="[PAD]")
+    model = make_hf_model("llama", seed=3, vocab_size=len(tok))
+    ids = torch.tensor([[2, 3]])
+    kw = dict(max_new_tokens=3, do_sample=False, eos_token_id=None, stop_strings=["\u2603"], tokenizer=tok)
+    with pytest.raises(ValueError):
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+    with pytest.raises(ValueError, match="no token of this tokenizer can end"):
+        fastinfer.generate(model, ids, **kw)
+    kw["stop_strings"] = ["cd"]  # endable: accepted, HF's output
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+    assert torch.equal(fastinfer.generate(model, ids, **kw), expected)

@@ -177,7 +177,7 @@ def beam_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], holes
         # stopping criteria: an EOS id, a stop string (HF's stop_strings), or the length limit
         hits = torch.isin(topk_ids, eos_tensor) if eos else torch.zeros_like(topk_ids, dtype=torch.bool)
         if stop_strings is not None:
-            candidates = topk_running_sequences[:, :, :cur_len + 1].tolist()
+            candidates = topk_running_sequences[:, :, max(0, cur_len + 1 - 4 * stop_strings.longest - 8):cur_len + 1].tolist()
             hits = hits | torch.tensor([[stop_strings.hit(c) for c in row] for row in candidates], device=device)
         if cur_len + 1 >= max_length:
             hits = torch.ones_like(hits)
@@ -390,8 +390,8 @@ def sample_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], hol
         if streamer is not None:
             streamer.put(next_tokens.cpu())
         done = torch.isin(next_tokens, eos_tensor) if eos else torch.zeros_like(unfinished, dtype=torch.bool)
-        if stop_strings is not None:
-            rows = sequences[:, :cur_len].tolist()
+        if stop_strings is not None:  # the rows' last tokens: enough for any match's window
+            rows = sequences[:, max(0, cur_len - 4 * stop_strings.longest - 8):cur_len].tolist()
             done = done | torch.tensor([stop_strings.hit(r) for r in rows], device=device)
         if cur_len >= width + max_new:
             done = torch.ones_like(done)

@@ -234,8 +234,9 @@ def _decode_loop(loaded: LoadedModel, rows: list[list[int]], hole_rows: list[tup
                 continue
             if stop_strings is not None:
                 matcher, padded = stop_strings
+                tail = 4 * matcher.longest + 8  # tokens enough for any match's window
                 for k in range(len(outputs[row]), len(tokens)):
-                    if hit[row] is None and matcher.hit(padded[row] + tokens[:k + 1]):
+                    if hit[row] is None and matcher.hit(padded[row][-tail:] + tokens[max(0, k + 1 - tail):k + 1]):
                         hit[row] = k + 1
                 if settings.eos_token_ids and hit[row] is not None:
                     tokens, done[row] = tokens[:hit[row]], True

@@ -77,18 +77,37 @@ class StopStrings:
             # HF's StopStringCriteria fails here too (its "substring not found")
             raise ValueError(f"stop_strings: this tokenizer does not round-trip the text {_STATIC_PREFIX!r}, which "
                              f"HF's stop-string matching needs to find each token's text")
-        self._texts: dict[int, str | bytes] = {}
+        self._texts: dict[int, str | bytes | None] = {}
+        self.vocab_size = len(tokenizer)
+        if self.mode is None:  # a byte-level or byte-fallback vocabulary can end any string; others are checked
+            self._check_endable()
 
-    def text(self, token_id: int) -> str | bytes:
-        text = self._texts.get(token_id)
-        if text is None:
-            token = self.tokenizer.convert_ids_to_tokens(token_id)
+    def _check_endable(self) -> None:
+        """As HF, refuse stop strings no token can end (a token overlapping the string's last character)."""
+        texts = [t for t in (self.text(i) for i in range(self.vocab_size)) if t]
+        for stop in self.stops:
+            if not any(_can_end(t, stop) for t in texts):
+                raise ValueError(f"stop_strings: no token of this tokenizer can end {stop!r} (HF refuses it too: "
+                                 f"it could never match)")
+
+    def text(self, token_id: int) -> str | bytes | None:
+        """The token's clean text; None for an id the tokenizer does not have (a model vocabulary padded
+        past the tokenizer's): HF gives those a row that never matches, and a match never crosses them."""
+        if token_id in self._texts:
+            return self._texts[token_id]
+        token = self.tokenizer.convert_ids_to_tokens(token_id) if 0 <= token_id < self.vocab_size else None
+        text = None
+        if token is not None:
             text = self._as_bytes(token) if self.mode else None
             if text is None:
                 full = self.tokenizer.convert_tokens_to_string(self.base_tokens + [token])
-                text = full[full.index(_STATIC_PREFIX) + len(_STATIC_PREFIX):]
+                at = full.find(_STATIC_PREFIX)
+                if at < 0:
+                    raise ValueError(f"stop_strings: this tokenizer does not decode token {token!r} after the text "
+                                     f"{_STATIC_PREFIX!r} (HF's stop-string matching fails on it too)")
+                text = full[at + len(_STATIC_PREFIX):]
                 text = text.encode("utf-8") if self.mode else text
-            self._texts[token_id] = text
+        self._texts[token_id] = text
         return text
 
     def _as_bytes(self, token: str) -> bytes | None:
@@ -103,16 +122,31 @@ class StopStrings:
 
     def hit(self, row: list[int]) -> bool:
         """Whether a stop string occurs in the row's text overlapping its last token."""
-        if not row:
+        if not row or self.text(row[-1]) is None:
             return False
         parts = [self.text(row[-1])]
         need = self.longest - 1 + len(parts[0])
         have = len(parts[0])
         i = len(row) - 2
         while have < need and i >= 0:  # the window: the last token and longest - 1 units before it
-            parts.append(self.text(row[i]))
-            have += len(parts[-1])
+            text = self.text(row[i])
+            if text is None:  # an unknown id: nothing matches across it
+                break
+            parts.append(text)
+            have += len(text)
             i -= 1
         tail = parts[0][:0].join(reversed(parts))
         last = len(parts[0])  # each string's window: the last token and len(string) - 1 units before it
         return any(stop in tail[max(0, len(tail) - last - len(stop) + 1):] for stop in self.stops)
+
+
+def _can_end(token, stop) -> bool:
+    """Whether `token` can be the last token of a match of `stop`: placed at some offset, it covers the
+    string's last character and agrees with it where they overlap."""
+    for offset in range(1 - len(token), len(stop)):  # the token's start relative to the string's
+        if offset + len(token) < len(stop):
+            continue
+        lo = max(0, offset)
+        if stop[lo:] == token[lo - offset:lo - offset + len(stop) - lo]:
+            return True
+    return False
