@@ -271,3 +271,19 @@ def test_restrictions_that_could_empty_a_row_are_refused(smollm_llm, kwargs, mat
     ok = smollm_llm.generate(["x"], SamplingParams(max_tokens=4, structured_outputs=so, logit_bias={5: 2.0}),
                              use_tqdm=False)[0].outputs[0]
     assert ok.text in ("yes", "no")
+
+
+def test_automaton_caches_are_bounded(monkeypatch):
+    """A long structure walks many states: the per-state arrays are an LRU, and a state dropped from it is
+    walked again with the same result."""
+    texts = ["<eos>", "a", "b", "ab"]
+    vocab = Vocabulary(_Tokenizer(texts, special=[0]), len(texts))
+    guide = TokenGuide("[ab]{0,40}", vocab, {0})
+    monkeypatch.setattr(guide, "max_cached_states", 4)
+    state, seen = guide.initial, []
+    for _ in range(20):
+        seen.append((state, guide.mask(state, torch.device("cpu")).clone()))
+        state = guide.next_state(state, 3)  # "ab"
+    assert len(guide._cache) <= 4 and len(guide._masks) <= 4
+    for s, m in seen:
+        assert torch.equal(guide.mask(s, torch.device("cpu")), m)

@@ -126,11 +126,14 @@ class Engine:
         from .structured import TokenGuide, Vocabulary
         stops = frozenset(stop_ids(params, self.eos_ids))
         key = (params.structured_outputs.pattern, stops)
-        guide = self._guides.get(key)
+        guide = self._guides.pop(key, None)  # re-inserted last: the least recently used are dropped first
         if guide is None:
             if self._vocabulary is None:
                 self._vocabulary = Vocabulary(self.tokenizer, self.loaded.model.config.vocab_size)
-            guide = self._guides[key] = TokenGuide(key[0], self._vocabulary, set(stops))
+            guide = TokenGuide(key[0], self._vocabulary, set(stops))
+        self._guides[key] = guide
+        while len(self._guides) > 32:  # running sequences keep theirs (seq.guide)
+            self._guides.pop(next(iter(self._guides)))
         return guide
 
     def abort(self, request_id: str) -> None:

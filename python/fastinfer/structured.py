@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -380,12 +381,17 @@ class TokenGuide:
         self.buckets = [(ids, lut[codes]) for ids, codes in vocab.buckets]
         self.initial, self.finals = initial, finals
         self.stop_ids = sorted(i for i in stop_ids if 0 <= i < vocab.size)
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._masks: dict[tuple[int, str], torch.Tensor] = {}
+        # per state: (allowed [V] bool, next state [V] int32), ~5 bytes a token: least recently used first out
+        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._masks: OrderedDict[tuple[int, str], torch.Tensor] = OrderedDict()
+
+    max_cached_states = 256  # ~160 MB of host arrays (and 32 MB of device masks) at a 128k vocabulary
 
     def _walk(self, state: int) -> tuple[np.ndarray, np.ndarray]:
         entry = self._cache.get(state)
-        if entry is None:
+        if entry is not None:
+            self._cache.move_to_end(state)
+        else:
             nxt = np.full(self.vocab.size, self.dead, dtype=np.int32)
             for ids, syms in self.buckets:
                 cur = np.full(len(ids), state, dtype=np.int32)
@@ -396,6 +402,8 @@ class TokenGuide:
             if state in self.finals:
                 allowed[self.stop_ids] = True
             entry = self._cache[state] = (allowed, nxt)
+            while len(self._cache) > self.max_cached_states:
+                self._cache.popitem(last=False)
         return entry
 
     def next_state(self, state: int, token: int) -> int:
@@ -406,8 +414,12 @@ class TokenGuide:
         """bool [vocab]: the tokens allowed from `state`, on `device` (cached)."""
         key = (state, str(device))
         m = self._masks.get(key)
-        if m is None:
+        if m is not None:
+            self._masks.move_to_end(key)
+        else:
             m = self._masks[key] = torch.from_numpy(self._walk(state)[0]).to(device)
+            while len(self._masks) > self.max_cached_states:
+                self._masks.popitem(last=False)
         return m
 
     def can_continue(self, state: int) -> bool:
