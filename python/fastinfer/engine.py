@@ -297,7 +297,7 @@ class Engine:
         seen = [list(s.extra_seen_ids) + s.all_token_ids if penalised else [] for s in rows]
         guided = [i for i, s in enumerate(rows) if s.guide is not None]
         if guided:  # structured outputs: only the tokens the automaton allows from each row's state
-            masks = torch.stack([self._guide_mask(rows[i]) for i in guided])
+            masks = torch.stack([rows[i].guide.mask(rows[i].guide_state, self.runner.device) for i in guided])
             index = torch.tensor(guided, device=logits.device)
             logits = logits.index_put((index,), logits[index].masked_fill(~masks, float("-inf")))
         tokens = sample(logits, [s.params for s in rows], seen, [s.output_token_ids for s in rows], suppress,
@@ -321,19 +321,14 @@ class Engine:
         for seq, tok in zip(rows, tokens):
             self._append_token(seq, tok)
 
-    def _guide_mask(self, seq: Sequence) -> torch.Tensor:
-        """The allowed-token mask of seq's automaton state, after advancing it over the tokens appended since."""
+    def _guide_continues(self, seq: Sequence) -> bool:
+        """Advance seq's automaton state over the tokens appended since; False, with seq finished, when no
+        token continues its structure: "stop" if its output is complete, else "abort" (structured.TokenGuide)."""
         if seq.guide_state is None:
             seq.guide_state = seq.guide.initial
         while seq.guide_pos < len(seq.output_token_ids):
             seq.guide_state = seq.guide.next_state(seq.guide_state, seq.output_token_ids[seq.guide_pos])
             seq.guide_pos += 1
-        return seq.guide.mask(seq.guide_state, self.runner.device)
-
-    def _guide_continues(self, seq: Sequence) -> bool:
-        """False, with seq finished, when no token continues its structure: "stop" if its output is
-        complete, else "abort" (structured.TokenGuide)."""
-        self._guide_mask(seq)
         if seq.guide.can_continue(seq.guide_state):
             return True
         complete = seq.guide.accepts(seq.guide_state)

@@ -138,7 +138,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         # HF's per-step scores: every row every step, finished ones too (HF's loop, beam_search.py)
         if streamer is not None and len(rows) != 1:
             raise ValueError("streamer supports a single sequence (batch 1, num_return_sequences 1)")
-        from .beam_search import sample_search
+        from .sample_search import sample_search
         if streamer is not None:
             streamer.put(input_ids.cpu())
         out = sample_search(loaded, input_ids, prompts, holes, settings, stop_strings=stops, streamer=streamer)
@@ -162,19 +162,10 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     for i, toks in enumerate(new_tokens):
         out[i, input_ids.shape[1]:input_ids.shape[1] + len(toks)] = torch.tensor(toks, dtype=torch.long)
     out = out.to(input_ids.device)
-    return _decoder_output(out) if settings.return_dict else out
-
-
-def _decoder_output(sequences: torch.Tensor):
-    """return_dict_in_generate=True without scores: transformers' GenerateDecoderOnlyOutput (or a plain
-    object with its fields when transformers is not installed)."""
-    try:
-        from transformers.generation import GenerateDecoderOnlyOutput
-    except ImportError:
-        from types import SimpleNamespace
-        return SimpleNamespace(sequences=sequences, scores=None, logits=None, attentions=None, hidden_states=None,
-                               cache=None)
-    return GenerateDecoderOnlyOutput(sequences=sequences)
+    if settings.return_dict:
+        from .hf_decoding import hf_output
+        return hf_output("GenerateDecoderOnlyOutput", sequences=out)
+    return out
 
 
 def _speculative(assistant, settings: gen_config.GenerationSettings) -> dict | None:

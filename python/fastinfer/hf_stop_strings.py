@@ -50,16 +50,10 @@ def _matching_mode(tokenizer) -> str | None:
 
 
 def _byte_decoder() -> dict[str, int]:
-    """GPT-2's printable spelling of the 256 bytes, inverted."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
+    """GPT-2's printable spelling of the 256 bytes, inverted (HF's table: stop strings need an HF tokenizer,
+    so transformers is installed)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    return {ch: b for b, ch in bytes_to_unicode().items()}
 
 
 class StopStrings:
