@@ -24,12 +24,14 @@ TORCH_LIBRARY(fastinfer, m) {
       "Tensor? q_norm=None, Tensor? k_norm=None, float norm_eps=0.0) -> ()");
   m.def(
       "paged_prefill_attention(Tensor(a!) out, Tensor query, Tensor kv_cache, Tensor cu_seqlens_q, "
-      "Tensor seq_lens, Tensor block_tables, float scale, Tensor(b!)? lse=None) -> ()");
+      "Tensor seq_lens, Tensor block_tables, float scale, Tensor(b!)? lse=None, int window=0) -> ()");
+  // window > 0: sliding-window attention, a query at position p sees keys (p - window, p] (HF's
+  // sliding_window); 0: full causal attention.
   // semaphores: int32 [>= batch * num_heads] zeros, left zero; with them the CUDA kernel merges its
   // split-KV partials itself instead of launching a merge kernel (python/fastinfer/_ops.py).
   m.def(
       "paged_decode_attention(Tensor(a!) out, Tensor query, Tensor kv_cache, Tensor block_tables, "
-      "Tensor seq_lens, float scale, Tensor(b!)? semaphores=None) -> ()");
+      "Tensor seq_lens, float scale, Tensor(b!)? semaphores=None, int window=0) -> ()");
   // FP8 e4m3 (csrc/include/fastinfer/fp8.h). scale_a: [1] or [M]; scale_b: [1] or [N]; kv_scale: [2].
   m.def("fp8_quantize_per_token(Tensor(a!) out, Tensor(b!) scales, Tensor input) -> ()");
   m.def("fp8_quantize_per_tensor(Tensor(a!) out, Tensor(b!) scale, Tensor input, bool dynamic) -> ()");
@@ -45,10 +47,11 @@ TORCH_LIBRARY(fastinfer, m) {
       "Tensor kv_scale) -> ()");
   m.def(
       "paged_prefill_attention_fp8(Tensor(a!) out, Tensor query, Tensor kv_cache, Tensor kv_scale, "
-      "Tensor cu_seqlens_q, Tensor seq_lens, Tensor block_tables, float scale, Tensor(b!)? lse=None) -> ()");
+      "Tensor cu_seqlens_q, Tensor seq_lens, Tensor block_tables, float scale, Tensor(b!)? lse=None, "
+      "int window=0) -> ()");
   m.def(
       "paged_decode_attention_fp8(Tensor(a!) out, Tensor query, Tensor kv_cache, Tensor kv_scale, "
-      "Tensor block_tables, Tensor seq_lens, float scale, Tensor(b!)? semaphores=None) -> ()");
+      "Tensor block_tables, Tensor seq_lens, float scale, Tensor(b!)? semaphores=None, int window=0) -> ()");
   // Speculative decoding: accept a prefix of each request's proposals, then emit one more token
   // (python/fastinfer/_ops.py: speculative_verify documents the arguments).
   m.def(

@@ -85,12 +85,23 @@ def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -
     return keys, values
 
 
+def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int = 0) -> torch.Tensor:
+    """[q, k] bool: key position k_pos[j] is visible to query position q_pos[i]: causal, and with a
+    sliding window (> 0) only the last `window` positions, HF's sliding_window_overlay
+    (kv_idx > q_idx - window)."""
+    ok = k_pos[None, :] <= q_pos[:, None]
+    if window:
+        ok &= k_pos[None, :] > q_pos[:, None] - window
+    return ok
+
+
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
-              dtype: torch.dtype) -> torch.Tensor:
+              dtype: torch.dtype, window: int = 0) -> torch.Tensor:
     """Causal masked-softmax attention of the LAST q_len positions of a seq_len context.
 
     query: [q_len, num_heads, head_dim]; key, value: [seq_len, num_kv_heads, head_dim].
-    Query j sits at position seq_len - q_len + j and sees keys 0 ..= that position.
+    Query j sits at position seq_len - q_len + j and sees keys 0 ..= that position (with a window,
+    only the last `window` of them).
     """
     q_len, num_heads, _ = query.shape
     seq_len, num_kv_heads, _ = key.shape
@@ -101,14 +112,14 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale
     scores = torch.matmul(q, k.transpose(1, 2)) * scale                      # [H, q_len, seq_len]
     q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
     k_pos = torch.arange(seq_len, device=query.device)
-    scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    scores = scores.masked_fill(~visible(q_pos, k_pos, window), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.matmul(probs, v).transpose(0, 1)                             # [q_len, H, D]
 
 
 def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                             seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
-                            dtype: torch.dtype) -> torch.Tensor:
+                            dtype: torch.dtype, window: int = 0) -> torch.Tensor:
     """query: [num_tokens, num_heads, head_dim], sequence b owning rows cu_seqlens_q[b]:[b+1]."""
     out = torch.zeros(query.shape, dtype=dtype, device=query.device)
     cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
@@ -116,12 +127,13 @@ def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, cu_seql
         if cu[b + 1] == cu[b]:
             continue
         key, value = gather_kv(kv_cache, block_tables[b], seq_len)
-        out[cu[b]:cu[b + 1]] = attention(query[cu[b]:cu[b + 1]], key, value, scale, dtype)
+        out[cu[b]:cu[b + 1]] = attention(query[cu[b]:cu[b + 1]], key, value, scale, dtype, window)
     return out
 
 
 def paged_prefill_lse(query: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                      seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+                      seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                      window: int = 0) -> torch.Tensor:
     """log(sum over visible keys of exp(scale * q . k)) per query row and head, in fp64:
     [num_tokens, num_heads] (rows of empty sequences do not exist; every row sees key 0)."""
     lse = torch.full(query.shape[:2], float("nan"), dtype=torch.float64, device=query.device)
@@ -137,16 +149,17 @@ def paged_prefill_lse(query: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q:
         scores = torch.matmul(q, k.transpose(1, 2)) * scale
         q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
         k_pos = torch.arange(seq_len, device=query.device)
-        scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+        scores = scores.masked_fill(~visible(q_pos, k_pos, window), float("-inf"))
         lse[cu[b]:cu[b + 1]] = torch.logsumexp(scores, dim=-1).transpose(0, 1)
     return lse
 
 
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                           seq_lens: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+                           seq_lens: torch.Tensor, scale: float, dtype: torch.dtype,
+                           window: int = 0) -> torch.Tensor:
     """One query token per sequence, query: [batch, num_heads, head_dim]."""
     cu_seqlens_q = torch.arange(query.shape[0] + 1, dtype=torch.int32)
-    return paged_prefill_attention(query, kv_cache, cu_seqlens_q, seq_lens, block_tables, scale, dtype)
+    return paged_prefill_attention(query, kv_cache, cu_seqlens_q, seq_lens, block_tables, scale, dtype, window)
 
 
 # ---- FP8 e4m3 (the format: csrc/include/fastinfer/fp8.h) ------------------------------------------

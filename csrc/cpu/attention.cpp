@@ -5,6 +5,9 @@
 // j sits at position seq_lens[b] - q_len + j and sees keys 0 .. that position. Chunked prefill and
 // prefix-cache hits are the case q_len < seq_len. Decode is q_len = 1 for every sequence.
 // Query head h reads KV head h / (num_heads / num_kv_heads).
+// window > 0 (sliding-window attention, Mistral / Phi-3 / Qwen2's sliding layers): a query at position
+// p sees only keys p - window < j <= p, as HF's sliding_window_overlay (kv_idx > q_idx - window);
+// window 0 is full causal attention. Every block-table entry of the context must still be valid.
 //
 // FP8 KV cache (the *_fp8 ops): the cache holds e4m3 values and kv_scale = [k_scale, v_scale], so
 // K = k_scale * k8 and V = v_scale * v8. The scales are folded where they cost nothing: scores are
@@ -32,12 +35,13 @@ struct PagedKV {
   float k_scale = 1.0f, v_scale = 1.0f;
 };
 
-// One query row attends to keys [0, num_keys) of one sequence: softmax(q.k * scale) @ v in fp32;
-// lse (if not null) receives log(sum_j exp(q.k_j * scale)).
+// One query row attends to keys [first_key, num_keys) of one sequence: softmax(q.k * scale) @ v in
+// fp32; lse (if not null) receives log(sum_j exp(q.k_j * scale)) over those keys.
 // T: the query / output dtype; C: the cache's (T, or e4m3 for an FP8 cache).
 template <typename T, typename C>
 void attend_row(T* out, float* lse, const T* q, const PagedKV& kv, const int32_t* block_table, int64_t kv_head,
-                int64_t num_keys, float scale, std::vector<float>& scores, std::vector<float>& acc) {
+                int64_t first_key, int64_t num_keys, float scale, std::vector<float>& scores,
+                std::vector<float>& acc) {
   const int64_t D = kv.head_dim, row = kv.num_kv_heads * D;
   const C* cache = static_cast<const C*>(kv.cache);
   const float score_scale = scale * kv.k_scale;
@@ -47,7 +51,7 @@ void attend_row(T* out, float* lse, const T* q, const PagedKV& kv, const int32_t
   };
   scores.resize(num_keys);
   float max_score = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < num_keys; ++j) {
+  for (int64_t j = first_key; j < num_keys; ++j) {
     const C* k = key_at(j);
     float dot = 0.0f;
     for (int64_t d = 0; d < D; ++d) dot += static_cast<float>(q[d]) * load_float(k[d]);
@@ -56,7 +60,7 @@ void attend_row(T* out, float* lse, const T* q, const PagedKV& kv, const int32_t
   }
   acc.assign(D, 0.0f);
   float denom = 0.0f;
-  for (int64_t j = 0; j < num_keys; ++j) {
+  for (int64_t j = first_key; j < num_keys; ++j) {
     const float p = std::exp(scores[j] - max_score);
     denom += p;
     const C* v = key_at(j) + kv.block_size * row;
@@ -65,6 +69,9 @@ void attend_row(T* out, float* lse, const T* q, const PagedKV& kv, const int32_t
   for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(acc[d] / denom * kv.v_scale);
   if (lse != nullptr) *lse = max_score + std::log(denom);
 }
+
+// The first key a query at position `position` sees.
+int64_t window_start(int64_t position, int64_t window) { return window > 0 ? std::max<int64_t>(0, position - window + 1) : 0; }
 
 PagedKV paged_kv(const at::Tensor& kv_cache, const at::Tensor* kv_scale) {
   PagedKV kv{kv_cache.data_ptr(), kv_cache.size(2), kv_cache.size(3), kv_cache.size(4), kv_cache.size(0)};
@@ -100,7 +107,8 @@ void check_block_table(const int32_t* block_table, int64_t num_keys, const Paged
 
 void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor* kv_scale,
              const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, const at::Tensor& block_tables,
-             double scale, const std::optional<at::Tensor>& lse) {
+             double scale, const std::optional<at::Tensor>& lse, int64_t window) {
+  TORCH_CHECK(window >= 0, "paged_prefill_attention: window must be >= 0 (0: full attention), got ", window);
   const PagedKV kv = paged_kv(kv_cache, kv_scale);
   const int64_t batch = seq_lens.size(0), heads = query.size(1), group = heads / kv.num_kv_heads;
   const int32_t* cu = cu_seqlens_q.data_ptr<int32_t>();
@@ -135,14 +143,16 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cach
         attend_row<T, C>(out.data_ptr<T>() + r * out.stride(0) + h * out.stride(1),
                          lse_data != nullptr ? lse_data + i : nullptr,  // i = r * heads + h
                          query.data_ptr<T>() + r * query.stride(0) + h * query.stride(1), kv,
-                         tables + b * table_stride, h / group, position + 1, static_cast<float>(scale), scores, acc);
+                         tables + b * table_stride, h / group, window_start(position, window), position + 1,
+                         static_cast<float>(scale), scores, acc);
       }
     });
   });
 }
 
 void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor* kv_scale,
-            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window) {
+  TORCH_CHECK(window >= 0, "paged_decode_attention: window must be >= 0 (0: full attention), got ", window);
   const PagedKV kv = paged_kv(kv_cache, kv_scale);
   const int64_t batch = query.size(0), heads = query.size(1), group = heads / kv.num_kv_heads;
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
@@ -160,7 +170,8 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache
         const int64_t b = i / heads, h = i % heads;
         attend_row<T, C>(out.data_ptr<T>() + b * out.stride(0) + h * out.stride(1), nullptr,
                          query.data_ptr<T>() + b * query.stride(0) + h * query.stride(1), kv,
-                         tables + b * table_stride, h / group, lens[b], static_cast<float>(scale), scores, acc);
+                         tables + b * table_stride, h / group, window_start(lens[b] - 1, window), lens[b],
+                         static_cast<float>(scale), scores, acc);
       }
     });
   });
@@ -170,28 +181,31 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache
 
 void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                              const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
-                             const at::Tensor& block_tables, double scale, const std::optional<at::Tensor>& lse) {
-  prefill(out, query, kv_cache, nullptr, cu_seqlens_q, seq_lens, block_tables, scale, lse);
+                             const at::Tensor& block_tables, double scale, const std::optional<at::Tensor>& lse,
+                             int64_t window) {
+  prefill(out, query, kv_cache, nullptr, cu_seqlens_q, seq_lens, block_tables, scale, lse, window);
 }
 
 void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                             const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
-                            const std::optional<at::Tensor>& /*semaphores: the CPU has no splits to merge*/) {
-  decode(out, query, kv_cache, nullptr, block_tables, seq_lens, scale);
+                            const std::optional<at::Tensor>& /*semaphores: the CPU has no splits to merge*/,
+                            int64_t window) {
+  decode(out, query, kv_cache, nullptr, block_tables, seq_lens, scale, window);
 }
 
 void paged_prefill_attention_fp8(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                                  const at::Tensor& kv_scale, const at::Tensor& cu_seqlens_q,
                                  const at::Tensor& seq_lens, const at::Tensor& block_tables, double scale,
-                                 const std::optional<at::Tensor>& lse) {
-  prefill(out, query, kv_cache, &kv_scale, cu_seqlens_q, seq_lens, block_tables, scale, lse);
+                                 const std::optional<at::Tensor>& lse, int64_t window) {
+  prefill(out, query, kv_cache, &kv_scale, cu_seqlens_q, seq_lens, block_tables, scale, lse, window);
 }
 
 void paged_decode_attention_fp8(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                                 const at::Tensor& kv_scale, const at::Tensor& block_tables,
                                 const at::Tensor& seq_lens, double scale,
-                                const std::optional<at::Tensor>& /*semaphores: the CPU has no splits to merge*/) {
-  decode(out, query, kv_cache, &kv_scale, block_tables, seq_lens, scale);
+                                const std::optional<at::Tensor>& /*semaphores: the CPU has no splits to merge*/,
+                                int64_t window) {
+  decode(out, query, kv_cache, &kv_scale, block_tables, seq_lens, scale, window);
 }
 
 }  // namespace fastinfer::cpu

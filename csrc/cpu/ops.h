@@ -31,12 +31,14 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
                        const at::Tensor& slot_mapping);
 // lse (optional): fp32 [num_tokens, num_heads], contiguous: per query row and head, the natural log of
 // the softmax denominator, log(sum over visible keys of exp(scale * q . k)).
+// window > 0: sliding-window attention, a query at position p sees keys (p - window, p] (attention.cpp).
 void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                              const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
-                             const at::Tensor& block_tables, double scale, const std::optional<at::Tensor>& lse);
+                             const at::Tensor& block_tables, double scale, const std::optional<at::Tensor>& lse,
+                             int64_t window);
 void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                             const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
-                            const std::optional<at::Tensor>& semaphores);
+                            const std::optional<at::Tensor>& semaphores, int64_t window);
 void int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                  const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& mins, int64_t group_size);
 // out [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N]); x / out rows may be strided. weight_scale
@@ -83,9 +85,10 @@ void reshape_and_cache_fp8(const at::Tensor& key, const at::Tensor& value, at::T
 void paged_prefill_attention_fp8(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                                  const at::Tensor& kv_scale, const at::Tensor& cu_seqlens_q,
                                  const at::Tensor& seq_lens, const at::Tensor& block_tables, double scale,
-                                 const std::optional<at::Tensor>& lse);
+                                 const std::optional<at::Tensor>& lse, int64_t window);
 void paged_decode_attention_fp8(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                                 const at::Tensor& kv_scale, const at::Tensor& block_tables,
-                                const at::Tensor& seq_lens, double scale, const std::optional<at::Tensor>& semaphores);
+                                const at::Tensor& seq_lens, double scale, const std::optional<at::Tensor>& semaphores,
+                                int64_t window);
 
 }  // namespace fastinfer::cpu

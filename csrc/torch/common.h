@@ -45,6 +45,10 @@ inline int env_choice(const char* op, const char* name, std::initializer_list<co
   TORCH_CHECK(false, "fastinfer.", op, ": environment variable ", name, " must be ", listed, ", got '", value, "'");
 }
 
+// An attention op's window (>= 0, checked) as the kernels' int: any window of 2^30 keys or more covers
+// every context a launch allows, so it is full attention (0).
+inline int window_param(int64_t window) { return window >= (int64_t{1} << 30) ? 0 : static_cast<int>(window); }
+
 inline void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "fastinfer.", op, " CUDA launch failed: ", cudaGetErrorString(err));
 }

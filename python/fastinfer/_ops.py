@@ -213,6 +213,15 @@ def _check_attention_common(op: str, query, kv_cache, kv_scale, block_tables, se
     return fp8
 
 
+def _check_window(op: str, window) -> int:
+    """An attention op's sliding window as the kernels' int: None -> 0 (full attention)."""
+    if window is None:
+        return 0
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        _fail(op, f"window must be a non-negative integer or None (0 / None: full attention), got {window!r}")
+    return window
+
+
 def _check_attention_indices(op: str, kv_cache, block_tables, seq_lens, min_len: int) -> None:
     """Host-side: each sequence's length fits its table, and every block it uses exists."""
     lens = seq_lens.cpu()
@@ -233,7 +242,7 @@ def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, cu_seql
                             seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                             out: torch.Tensor | None = None, check_indices: bool = True,
                             kv_scale: torch.Tensor | None = None, return_lse: bool = False,
-                            lse: torch.Tensor | None = None):
+                            lse: torch.Tensor | None = None, window: int | None = None):
     """Causal varlen attention over the paged cache (K/V already written for every position).
 
     query: [num_tokens, num_heads, head_dim]; sequence b owns rows cu_seqlens_q[b]:cu_seqlens_q[b+1],
@@ -242,8 +251,11 @@ def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, cu_seql
     return_lse (or an `lse` tensor to fill): also the log-sum-exp of each row's scaled scores,
     log(sum_j exp(scale * q . k_j)) over its visible keys, fp32 [num_tokens, num_heads] (what merging
     the outputs of attention over disjoint key ranges needs); then returns (out, lse).
+    window (sliding-window attention, HF's ``sliding_window``): a query at position p sees only keys
+    p - window < j <= p; None or 0: all keys up to p.
     """
     op = "paged_prefill_attention"
+    window = _check_window(op, window)
     _check_float(op, "query", query, ndim=3)
     _check(op, "cu_seqlens_q", cu_seqlens_q, ndim=1, dtype=torch.int32, device=query.device)
     batch = cu_seqlens_q.shape[0] - 1
@@ -269,24 +281,28 @@ def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, cu_seql
         _check_shape(op, "lse", lse, query.shape[:2])
     if fp8:
         _ops.paged_prefill_attention_fp8(out, query, kv_cache, kv_scale, cu_seqlens_q, seq_lens, block_tables,
-                                         float(scale), lse)
+                                         float(scale), lse, window)
     else:
-        _ops.paged_prefill_attention(out, query, kv_cache, cu_seqlens_q, seq_lens, block_tables, float(scale), lse)
+        _ops.paged_prefill_attention(out, query, kv_cache, cu_seqlens_q, seq_lens, block_tables, float(scale), lse,
+                                     window)
     return (out, lse) if lse is not None else out
 
 
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
                            check_indices: bool = True, kv_scale: torch.Tensor | None = None,
-                           semaphores: torch.Tensor | None = None) -> torch.Tensor:
+                           semaphores: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
     """One query token per sequence over its seq_lens[b] cached tokens. query: [batch, num_heads, head_dim].
     An FP8 kv_cache is read as e4m3 * kv_scale ([k_scale, v_scale], fp32).
     semaphores: int32 [>= batch * num_heads] on query's device, all zero (allocate once with
     torch.zeros and keep: every launch leaves them zero; not concurrently by two launches). With them
     the CUDA kernel merges its split-KV partial results in the last CTA of each group of splits
     instead of a second kernel (FASTINFER_DECODE_MERGE=kernel: the second kernel anyway); the
-    result is the same bit for bit. The CPU ignores them."""
+    result is the same bit for bit. The CPU ignores them.
+    window (sliding-window attention): each query sees only its sequence's last `window` keys; None or
+    0: all of them."""
     op = "paged_decode_attention"
+    window = _check_window(op, window)
     _check_float(op, "query", query, ndim=3)
     fp8 = _check_attention_common(op, query, kv_cache, kv_scale, block_tables, seq_lens, query.shape[0])
     if semaphores is not None:
@@ -301,9 +317,10 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     _check_float(op, "out", out, like=query, ndim=3)
     _check_shape(op, "out", out, query.shape)
     if fp8:
-        _ops.paged_decode_attention_fp8(out, query, kv_cache, kv_scale, block_tables, seq_lens, float(scale), semaphores)
+        _ops.paged_decode_attention_fp8(out, query, kv_cache, kv_scale, block_tables, seq_lens, float(scale), semaphores,
+                                        window)
     else:
-        _ops.paged_decode_attention(out, query, kv_cache, block_tables, seq_lens, float(scale), semaphores)
+        _ops.paged_decode_attention(out, query, kv_cache, block_tables, seq_lens, float(scale), semaphores, window)
     return out
 
 

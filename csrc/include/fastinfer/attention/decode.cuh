@@ -274,7 +274,8 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
 
   CtaWork w;
-  if (!start_cta<T, kHeadDim, kThreads>(p, plan, partial_o, partial_lse, w)) return;
+  // Keys are copied one by one through the table: a split may start at any key (its sliding window's).
+  if (!start_cta<T, kHeadDim, kThreads, 1>(p, plan, partial_o, partial_lse, w)) return;
   const int64_t seq = w.seq;
   const int kv_head = w.kv_head, num_heads = w.num_heads;
   const int begin = w.begin, end = w.end;
@@ -409,7 +410,8 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
 inline cudaError_t plan_paged_decode_impl(const DecodeParams& p, DecodePlan* plan) {
   const bool valid = p.batch >= 0 && p.num_heads > 0 && p.num_kv_heads > 0 && p.num_heads % p.num_kv_heads == 0 &&
                      decode_head_dim_supported(p.head_dim) && p.block_size > 0 &&
-                     (p.block_size & (p.block_size - 1)) == 0 && p.max_blocks >= 0 && p.num_sms > 0 &&
+                     (p.block_size & (p.block_size - 1)) == 0 && p.max_blocks >= 0 && p.num_sms > 0 && p.window >= 0 &&
+                     p.window < (1 << 30) &&
                      static_cast<int64_t>(p.max_blocks) * p.block_size <= 0x7fffffff - mma::kTileKeys;
   if (!valid || plan == nullptr) return cudaErrorInvalidValue;
   const bool tensor_cores = p.dtype != DType::kFloat32 && p.kernel != DecodeKernel::kCudaCores;
@@ -420,7 +422,11 @@ inline cudaError_t plan_paged_decode_impl(const DecodeParams& p, DecodePlan* pla
   chunks = ceil_div(group, heads_per_cta);  // every chunk non-empty
   if (static_cast<int64_t>(p.num_kv_heads) * chunks > 65535 || p.batch > 65535) return cudaErrorInvalidValue;
 
-  const int max_tiles = std::max(1, ceil_div(p.max_blocks * p.block_size, tile_tokens));
+  // Keys one sequence's splits can cover: the table's, or with a sliding window its keys plus the first
+  // split's alignment (< a tile; decode_work.cuh: cta_work).
+  int plan_keys = p.max_blocks * p.block_size;
+  if (p.window > 0) plan_keys = std::min(plan_keys, p.window + tile_tokens - 1);
+  const int max_tiles = std::max(1, ceil_div(plan_keys, tile_tokens));
   const int64_t ctas = std::max<int64_t>(1, static_cast<int64_t>(p.batch) * p.num_kv_heads * chunks);
   // A split writes heads * head_dim * 4 bytes of partial output: big groups get longer splits.
   const int min_tiles = tensor_cores ? mma::kMinSplitTiles : std::max(kMinSplitTiles, ceil_div(heads_per_cta, 4));

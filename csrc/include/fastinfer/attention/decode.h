@@ -16,8 +16,9 @@ namespace fastinfer {
 // (decode.cuh), which kCudaCores selects for every dtype (a comparison point for benchmarks and tests).
 enum class DecodeKernel : int { kAuto = 0, kCudaCores = 1, kTensorCores = 2 };
 
-// out[b, h] = softmax(scale * q[b, h] . K[b, 0:seq_lens[b]]) @ V[b, 0:seq_lens[b]], with query head
-// h reading KV head h / (num_heads / num_kv_heads) through block_tables[b].
+// out[b, h] = softmax(scale * q[b, h] . K[b, lo:seq_lens[b]]) @ V[b, lo:seq_lens[b]], with query head
+// h reading KV head h / (num_heads / num_kv_heads) through block_tables[b]; lo = 0, or with a sliding
+// window max(0, seq_lens[b] - window).
 struct DecodeParams {
   void* out;                    // [batch, num_heads, head_dim]
   const void* query;            // [batch, num_heads, head_dim]
@@ -34,6 +35,9 @@ struct DecodeParams {
   int block_size;  // a power of two
   int max_blocks;  // block_tables.shape[1]: max_blocks * block_size is the longest context a launch plans for
   float scale;     // softmax scale, usually head_dim ** -0.5
+  // > 0: sliding-window attention, the query (position seq_len - 1) sees its last `window` keys; 0
+  // (zero-initialised): all of them. The plan then covers min(table, window + a tile) keys per sequence.
+  int window;
   DType dtype;     // of out and query (and kv_cache unless kv_scale is set)
   int num_sms;     // SMs of the device: the split heuristic's only hardware input
   DecodeKernel kernel;  // zero-initialised: kAuto

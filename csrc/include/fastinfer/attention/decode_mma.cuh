@@ -89,7 +89,9 @@ __global__ void __launch_bounds__(kThreads, 3)
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
 
   CtaWork w;
-  if (!start_cta<T, kHeadDim, kThreads>(p, plan, partial_o, partial_lse, w)) return;
+  // Splits start on whole 64-key tiles (the shuffled table reads): keys of the first tile below a
+  // sliding window's first key score -inf below.
+  if (!start_cta<T, kHeadDim, kThreads, kTileKeys>(p, plan, partial_o, partial_lse, w)) return;
 
   // The CTA's query heads as the 16 rows of sQ (element loads: any head stride works).
   {
@@ -175,7 +177,8 @@ __global__ void __launch_bounds__(kThreads, 3)
     for (int nb = 0; nb < 2; ++nb) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        s[0][nb][j] = key_base + nb * 8 + j % 2 < w.end ? s[0][nb][j] * scale_log2 : -INFINITY;
+        const int key = key_base + nb * 8 + j % 2;
+        s[0][nb][j] = key < w.end && key >= w.lo ? s[0][nb][j] * scale_log2 : -INFINITY;
       }
     }
     softmax.update(s[0], o[0]);

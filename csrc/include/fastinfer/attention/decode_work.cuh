@@ -22,6 +22,7 @@ struct CtaWork {
   int first_head;           // global index of the CTA's first query head
   int num_heads;            // query heads of the CTA, >= 1 (the plan)
   int begin, end;           // context tokens of the split; begin >= end: the split is empty
+  int lo;                   // first key the query sees (0, or seq_len - window); keys below it score -inf
   bool direct;              // one split: write out[] here, no merge step
   int used_splits;          // fused merge: the splits holding tokens of this sequence (the rest exit)
   int64_t partial_row0;     // workspace row of (seq, first_head, split); head g adds g * num_splits
@@ -39,6 +40,11 @@ __device__ __forceinline__ bool dynamic_splits(const DecodeParams& p, const Deco
   return p.semaphores != nullptr && plan.num_splits > 1;
 }
 
+// kKeyAlign: the alignment of a split's first key the kernel needs (a power of two): the splits of a
+// sequence cover [base, seq_len) from base = lo rounded down to it, so with a sliding window the
+// keys [base, lo) of the first split are read (they are the sequence's own, valid keys) and masked
+// by a kernel with kKeyAlign > 1; with kKeyAlign = 1 the first split starts at lo itself.
+template <int kKeyAlign>
 __device__ __forceinline__ CtaWork cta_work(const DecodeParams& p, const DecodePlan& plan) {
   CtaWork w;
   const int split = blockIdx.x;
@@ -50,9 +56,12 @@ __device__ __forceinline__ CtaWork cta_work(const DecodeParams& p, const DecodeP
   w.num_heads = min(plan.heads_per_cta, group - head_chunk * plan.heads_per_cta);
   const int capacity = p.max_blocks * p.block_size;  // fits an int (plan)
   const int seq_len = min(max(p.seq_lens[w.seq], 0), capacity);  // defensive: never index past the table
-  w.begin = split * plan.split_tokens;
+  // seq_len - window < 2^30 + 2^30 (the binding's bounds): no overflow, nor in base + the plan's splits
+  w.lo = p.window > 0 ? max(0, seq_len - p.window) : 0;
+  const int base = w.lo & ~(kKeyAlign - 1);
+  w.begin = base + split * plan.split_tokens;
   w.end = min(seq_len, w.begin + plan.split_tokens);
-  w.used_splits = seq_len == 0 ? 0 : (seq_len + plan.split_tokens - 1) / plan.split_tokens;
+  w.used_splits = seq_len == 0 ? 0 : (seq_len - base + plan.split_tokens - 1) / plan.split_tokens;
   w.direct = plan.num_splits == 1 || (dynamic_splits(p, plan) && w.used_splits <= 1);
   w.partial_row0 = (w.seq * p.num_heads + w.first_head) * plan.num_splits + split;
   return w;
@@ -116,11 +125,11 @@ __device__ __forceinline__ bool fused_merge(const DecodeParams& p, const CtaWork
 // an empty split written out (lse = -inf for the merge kernel, or zeros into out[] when it is the only
 // split). With the fused merge an empty split is unused and simply returns (dynamic_splits), so it
 // never counts on a semaphore. False: the CTA has nothing more to do.
-template <typename T, int kHeadDim, int kThreads>
+template <typename T, int kHeadDim, int kThreads, int kKeyAlign>
 __device__ __forceinline__ bool start_cta(const DecodeParams& p, const DecodePlan& plan, const float* partial_o,
                                           float* partial_lse, CtaWork& w) {
   pdl_wait();  // the dependents are triggered after the K/V loop (the kernels' end_of_main_loop), or on exit
-  w = cta_work(p, plan);
+  w = cta_work<kKeyAlign>(p, plan);
   if (w.begin < w.end) return true;
   if (dynamic_splits(p, plan) && blockIdx.x > 0) return false;  // an unused split (split 0 of an empty sequence writes zeros: direct)
   write_empty_split<T, kHeadDim, kThreads>(p, plan, w, partial_lse);

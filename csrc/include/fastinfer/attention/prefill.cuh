@@ -36,7 +36,8 @@
 //   transpose: B of Q K^T is K row-major), V feeds ldmatrix.trans; P goes from the S accumulators
 //   straight into A fragments (the m16n8 C layout of two key blocks is the m16k16 A layout).
 //   Causal masking runs only on tiles that reach past the warp's first query position; tiles past
-//   its last query position are never loaded.
+//   its last query position are never loaded. A sliding window (p.window > 0) masks the keys of a
+//   tile below some row's window the same way, and the tiles below the first row's are never loaded.
 // FP8 KV cache (p.kv_scale != nullptr, query / out bf16 or fp16): the cache holds float8_e4m3fn,
 //   K = k_scale * k8 and V = v_scale * v8 (kv_scale = [k_scale, v_scale] read on the device). The
 //   same mma kernel, with one more shared buffer of N x D bytes that K/V tiles are copied into
@@ -133,6 +134,10 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_mma_kernel(const Pr
   const int64_t row0 = qt.row0;                          // the tile's first query row in the batch
   const int num_rows = qt.num_rows, first_pos = qt.first_pos, key_end = qt.key_end;
   const int num_kv_tiles = ceil_div(key_end, kKeys);
+  // Sliding window: no row sees a key below first_pos - window + 1, so the tiles before its tile are skipped
+  // (window 2^30: none, and no key is ever below a row's window).
+  const int window = p.window > 0 ? p.window : (1 << 30);
+  const int kv_tile0 = max(0, first_pos - window + 1) / kKeys;
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int block_shift = __ffs(p.block_size) - 1;
@@ -158,7 +163,7 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_mma_kernel(const Pr
   };
 
   load_query_tile<T, kHeadDim, kBlockM>(sQ, p, row0, num_rows, head);
-  start_tile(sK, 0, 0);
+  start_tile(sK, 0, kv_tile0 * kKeys);
   cp_async_commit();
   cp_async_wait_all();
   finish_tile(sK);
@@ -191,7 +196,7 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_mma_kernel(const Pr
   // of its row block; row block mb of the warp starts at tile row q_row0 + 16 mb.
   const int row_pos = first_pos + q_row0 + lane / 4;  // position of this lane's first row
 
-  for (int n = 0; n < num_kv_tiles; ++n) {
+  for (int n = kv_tile0; n < num_kv_tiles; ++n) {
     const int key0 = n * kKeys;
     start_tile(sV, 1, key0);  // FP8: this thread's staging chunks were converted into sK already
     cp_async_commit();
@@ -203,15 +208,26 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_mma_kernel(const Pr
       compute_scores_smem_q<T, kHeadDim, kMB, kNB>(s, sQ, q_row0, sK, lane);
     }
     const bool diagonal = key0 + kKeys - 1 > first_pos + q_row0;  // some key here is later than some row
+    // some key here is below some row's sliding window (never without a window)
+    const bool below_window = key0 <= first_pos + q_row0 + kWarpRows - 1 - window;
 #pragma unroll
     for (int mb = 0; mb < kMB; ++mb) {
 #pragma unroll
       for (int nb = 0; nb < kNB; ++nb) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          s[mb][nb][j] *= scale_log2;
-          const int key = key0 + nb * 8 + (lane % 4) * 2 + j % 2;
-          if (diagonal && key > row_pos + mb * 16 + (j / 2) * 8) s[mb][nb][j] = -INFINITY;
+        for (int j = 0; j < 4; ++j) s[mb][nb][j] *= scale_log2;
+      }
+    }
+    if (diagonal || below_window) {  // uniform over the warp
+#pragma unroll
+      for (int mb = 0; mb < kMB; ++mb) {
+#pragma unroll
+        for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int key = key0 + nb * 8 + (lane % 4) * 2 + j % 2, pos = row_pos + mb * 16 + (j / 2) * 8;
+            if (key > pos || key <= pos - window) s[mb][nb][j] = -INFINITY;
+          }
         }
       }
     }
@@ -295,6 +311,7 @@ __global__ void __launch_bounds__(kThreads) paged_prefill_fp32_kernel(const Pref
   const int seq = sequence_of(p.cu_seqlens_q, p.batch, token);
   const int q_begin = p.cu_seqlens_q[seq], q_len = p.cu_seqlens_q[seq + 1] - q_begin;
   const int num_keys = p.seq_lens[seq] - q_len + static_cast<int>(token - q_begin) + 1;
+  const int first_key = p.window > 0 ? max(0, num_keys - p.window) : 0;  // sliding window
   const int block_shift = __ffs(p.block_size) - 1, block_mask = p.block_size - 1;
   const int64_t token_stride = static_cast<int64_t>(p.num_kv_heads) * kHeadDim;
   const int64_t block_stride = (token_stride << block_shift) * 2;
@@ -310,7 +327,7 @@ __global__ void __launch_bounds__(kThreads) paged_prefill_fp32_kernel(const Pref
     acc[i] = 0.0f;
   }
   float row_max = -INFINITY, row_sum = 0.0f;
-  for (int key = 0; key < num_keys; ++key) {
+  for (int key = first_key; key < num_keys; ++key) {
     const float* k = cache_head + block_table[key >> block_shift] * block_stride + (key & block_mask) * token_stride;
     const float* v = k + (token_stride << block_shift);
     float dot = 0.0f;
@@ -325,7 +342,7 @@ __global__ void __launch_bounds__(kThreads) paged_prefill_fp32_kernel(const Pref
     for (int i = 0; i < kPerLane; ++i) acc[i] = acc[i] * correction + prob * v[lane + i * kWarpSize];
   }
   float* out = static_cast<float*>(p.out) + token * p.out_token_stride + head * p.out_head_stride;
-  const float inv_sum = 1.0f / row_sum;  // num_keys >= 1: key 0 is always visible
+  const float inv_sum = 1.0f / row_sum;  // the row's own key is always visible
   if (p.lse != nullptr && lane == 0) p.lse[token * p.num_heads + head] = (row_max + __log2f(row_sum)) * kLn2;
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) out[lane + i * kWarpSize] = acc[i] * inv_sum;

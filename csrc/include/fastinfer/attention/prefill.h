@@ -4,7 +4,8 @@
 // Causal attention of a ragged batch of query rows over the paged KV cache (the CPU reference,
 // csrc/cpu/attention.cpp, is the spec): sequence b owns query rows cu_seqlens_q[b] ..
 // cu_seqlens_q[b+1]; they are the LAST q_len tokens of a seq_lens[b]-token context already in the
-// cache, so query j sits at position seq_lens[b] - q_len + j and sees keys 0 ..= that position.
+// cache, so query j sits at position seq_lens[b] - q_len + j and sees keys 0 ..= that position (with
+// a sliding window W > 0: keys position - W + 1 ..= position, HF's sliding_window).
 // Query head h reads KV head h / (num_heads / num_kv_heads). Strides are in elements.
 #pragma once
 #include <cuda_runtime_api.h>
@@ -33,6 +34,7 @@ struct PrefillParams {
   int64_t out_token_stride, out_head_stride;
   int64_t block_table_stride;
   float scale;                  // softmax scale (usually head_dim^-0.5)
+  int window;                   // > 0: sliding window of that many keys; 0 (zero-initialised): full causal
   DType dtype;                  // of query and out (and kv_cache unless kv_scale is set)
   // Query rows per CTA of the bf16 / fp16 kernel: 64, 128, or 0 (zero-initialised) = 128 when the
   // sequences average >= 128 query rows, else 64. Anything else: cudaErrorInvalidValue.

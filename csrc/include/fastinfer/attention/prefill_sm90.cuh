@@ -150,7 +150,12 @@ __global__ void __launch_bounds__(kThreadsWs, 1)
   const int kv_head = head / (p.num_heads / p.num_kv_heads);
   const int64_t row0 = qt.row0;  // the tile's first query row in the batch
   const int num_rows = qt.num_rows, first_pos = qt.first_pos, key_end = qt.key_end;
-  const int num_kv_tiles = ceil_div(key_end, kRows);
+  // Key tiles kv_tile0 + n, n < num_kv_tiles: with a sliding window the tiles below the first row's
+  // window are skipped (window 2^30: none, and no key is ever below a row's window). Stages, parities
+  // and copy groups count n.
+  const int window = p.window > 0 ? p.window : (1 << 30);
+  const int kv_tile0 = max(0, first_pos - window + 1) / kRows;
+  const int num_kv_tiles = ceil_div(key_end, kRows) - kv_tile0;
 
   if (threadIdx.x == 0) {
     const int full_arrivals = p.kv_tma ? 1 : kFullArrivals;  // TMA mode: one arrive_expect_tx (or thread 0)
@@ -196,7 +201,7 @@ __global__ void __launch_bounds__(kThreadsWs, 1)
       for (int n = 0; n < num_kv_tiles; ++n) {
         const int s = n % kStages;
         const uint32_t parity = ((n / kStages) & 1) ^ 1;  // a fresh barrier counts as released once
-        const int key0 = n * kRows;
+        const int key0 = (kv_tile0 + n) * kRows;
         // Lane b: the table entry of the tile's b-th block (<= 16 blocks of >= 8 keys; one for blocks
         // of >= 128 keys). Warp 0 only (warps 1-3 join for the last tile below).
         const int entry = warp == 0 ? tile_table_entry<kRows>(block_table, block_shift, key0, key_end, lane) : 0;
@@ -250,16 +255,17 @@ __global__ void __launch_bounds__(kThreadsWs, 1)
       const int s = n % kStages;
       const uint32_t parity = ((n / kStages) & 1) ^ 1;  // a fresh barrier counts as released once
       // K_n and V_n share the tile's entries; the read flies while this thread waits for the stage.
-      const int entry = by_shuffle ? tile_table_entry<kRows>(block_table, block_shift, n * kRows, key_end, lane) : 0;
+      const int key0 = (kv_tile0 + n) * kRows;
+      const int entry = by_shuffle ? tile_table_entry<kRows>(block_table, block_shift, key0, key_end, lane) : 0;
       wait_barrier(&empty_k[s], parity);
       load_kv<T, kHeadDim>(smem + L::kK + s * L::kTileBytes, cache_head, block_table, by_shuffle, entry, block_shift,
-                           token_stride, 0, n * kRows, key_end, t);
+                           token_stride, 0, key0, key_end, t);
       cp_async_commit();
       cp_async_wait<kLag>();
       announce_landed(2 * n - kLag);
       wait_barrier(&empty_v[s], parity);
       load_kv<T, kHeadDim>(smem + L::kV + s * L::kTileBytes, cache_head, block_table, by_shuffle, entry, block_shift,
-                           token_stride, 1, n * kRows, key_end, t);
+                           token_stride, 1, key0, key_end, t);
       cp_async_commit();
       cp_async_wait<kLag>();
       announce_landed(2 * n + 1 - kLag);
@@ -276,6 +282,7 @@ __global__ void __launch_bounds__(kThreadsWs, 1)
   const int wg_row0 = consumer * 64;                 // this warpgroup's first row in the tile
   const bool has_rows = wg_row0 < num_rows;
   const int wg_last_pos = first_pos + wg_row0 + 63;  // position of its last row
+  const int wg_window0 = first_pos + wg_row0 - window + 1;  // the first key its first row sees (may be < 0)
   const int warp_first_pos = first_pos + wg_row0 + warp * 16;
   const int row_pos = warp_first_pos + lane / 4;     // this lane's first row (the second is + 8)
 
@@ -314,8 +321,9 @@ __global__ void __launch_bounds__(kThreadsWs, 1)
   for (int n = 0; n < num_kv_tiles; ++n) {
     const int s = n % kStages;
     const uint32_t parity = (n / kStages) & 1;
-    const int key0 = n * kRows;
-    const bool needed = has_rows && key0 <= wg_last_pos;  // uniform over the warpgroup
+    const int key0 = (kv_tile0 + n) * kRows;
+    // uniform over the warpgroup: some row of it sees some key of the tile
+    const bool needed = has_rows && key0 <= wg_last_pos && key0 + kRows - 1 >= wg_window0;
     float sc[kKeyBlocks][4];
 
     wait_barrier(&full_k[s], parity);
@@ -341,13 +349,20 @@ __global__ void __launch_bounds__(kThreadsWs, 1)
     uint32_t pa[kRows / 16][4];  // P as the A fragments of the k-steps of O += P V
     if (needed) {
       const bool diagonal = key0 + kRows - 1 > warp_first_pos;  // some key here is later than some row
+      const bool below_window = key0 <= warp_first_pos + 15 - window;  // some key below some row's window
 #pragma unroll
       for (int nb = 0; nb < kKeyBlocks; ++nb) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          sc[nb][j] *= scale_log2;
-          const int key = key0 + nb * 8 + (lane % 4) * 2 + j % 2;
-          if (diagonal && key > row_pos + (j / 2) * 8) sc[nb][j] = -INFINITY;
+        for (int j = 0; j < 4; ++j) sc[nb][j] *= scale_log2;
+      }
+      if (diagonal || below_window) {  // uniform over the warp
+#pragma unroll
+        for (int nb = 0; nb < kKeyBlocks; ++nb) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int key = key0 + nb * 8 + (lane % 4) * 2 + j % 2, pos = row_pos + (j / 2) * 8;
+            if (key > pos || key <= pos - window) sc[nb][j] = -INFINITY;
+          }
         }
       }
       softmax.update(sc, o);
