@@ -160,8 +160,8 @@ def test_incomplete_rope_parameters_are_a_value_error_naming_the_field(tmp_path,
 
 
 def test_llama_ignores_a_stray_sliding_window():
-    """HF's Llama has no sliding window (the key is ignored); fastinfer caps a Llama's max_model_len at
-    it and refuses a generation HF runs with full attention."""
+    """HF's Llama has no sliding window (the key is ignored): fastinfer runs it with full attention past
+    the stray window, as HF does."""
     hf = make_hf_model("llama", sliding_window=16)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]])
     kw = dict(max_new_tokens=20, do_sample=False, eos_token_id=None)

@@ -45,6 +45,9 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool
     sliding_window: int | None = None
+    # the layers whose attention has the sliding window (Qwen2 / Qwen3's layer_types or max_window_layers);
+    # None: every layer, when sliding_window is set
+    sliding_window_layers: tuple[int, ...] | None = None
     qk_norm: bool = False  # Qwen3: an RMSNorm over each q / k head (weights [head_dim]) before rotary
     rotary_dim: int | None = None  # features of each head rotary rotates (Phi-3's partial_rotary_factor); None: all
     bos_token_id: int | None = None
@@ -76,10 +79,16 @@ class ModelConfig:
 
     @property
     def max_model_len(self) -> int:
-        """Longest sequence this model runs correctly: attention here is full (no sliding window)."""
-        if self.sliding_window is not None:
-            return min(self.max_position_embeddings, self.sliding_window)
+        """Longest sequence this model runs: its max_position_embeddings (sliding windows included)."""
         return self.max_position_embeddings
+
+    def attention_window(self, layer: int) -> int:
+        """Layer `layer`'s sliding window (a query at p sees keys p - window < j <= p), 0 for full attention."""
+        if self.sliding_window is None:
+            return 0
+        if self.sliding_window_layers is not None and layer not in self.sliding_window_layers:
+            return 0
+        return self.sliding_window
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "ModelConfig":
@@ -127,6 +136,7 @@ class ModelConfig:
         for key in ("bos_token_id", "pad_token_id"):
             if cfg.get(key) is not None and not _is_int(cfg[key]):
                 raise ValueError(f"config: {key} must be an integer or null, got {cfg[key]!r}")
+        window, window_layers = _sliding_window(cfg, arch)
         return cls(
             architecture=arch,
             vocab_size=cfg["vocab_size"],
@@ -145,7 +155,8 @@ class ModelConfig:
             # the flag
             attention_bias={"Qwen2ForCausalLM": True, "MistralForCausalLM": False, "Phi3ForCausalLM": False}.get(
                 arch, bool(cfg.get("attention_bias", False))),
-            sliding_window=_sliding_window(cfg, arch),
+            sliding_window=window,
+            sliding_window_layers=window_layers,
             qk_norm=arch == "Qwen3ForCausalLM",
             # as HF's rope init: int(head_dim * partial_rotary_factor)
             rotary_dim=None if partial == 1.0 else int(head_dim * partial),
@@ -265,18 +276,38 @@ def _yarn_params(merged: dict, cfg: dict) -> None:
         raise ValueError(f"config: yarn rope scaling 'truncate' must be true or false, got {merged['truncate']!r}")
 
 
-def _sliding_window(cfg: dict, arch: str) -> int | None:
+def _sliding_window(cfg: dict, arch: str) -> tuple[int | None, tuple[int, ...] | None]:
+    """(window, the layers that have it: None for all) as HF's modeling code reads the config: Llama has no
+    sliding window whatever the config holds; Mistral and Phi-3 apply sliding_window to every layer; Qwen2 /
+    Qwen3 only under use_sliding_window, to the layers layer_types names "sliding_attention" (by default
+    those from max_window_layers on)."""
     window = cfg.get("sliding_window")
     if arch == "LlamaForCausalLM":  # HF's Llama has no sliding window, whatever the config holds
-        return None
-    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not cfg.get("use_sliding_window", False):
-        return None
+        return None, None
+    qwen = arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
+    if qwen and not cfg.get("use_sliding_window", False):
+        return None, None
     if not window:
-        return None
+        return None, None
     try:
         window = int(window)
     except (TypeError, ValueError, OverflowError):
         raise ValueError(f"config: sliding_window must be a positive integer or null, got {window!r}") from None
     if window < 1:
         raise ValueError(f"config: sliding_window must be a positive integer or null, got {window!r}")
-    return window
+    if not qwen:
+        return window, None
+    layers = cfg["num_hidden_layers"]
+    types = cfg.get("layer_types")
+    if types is None:
+        first = cfg.get("max_window_layers", 28)  # HF's Qwen2Config / Qwen3Config default
+        if not _is_int(first) or first < 0:
+            raise ValueError(f"config: max_window_layers must be a non-negative integer, got {first!r}")
+        sliding = tuple(i for i in range(layers) if i >= first)
+    else:
+        if (not isinstance(types, (list, tuple)) or len(types) != layers
+                or any(t not in ("sliding_attention", "full_attention") for t in types)):
+            raise ValueError(f"config: layer_types must list 'sliding_attention' or 'full_attention' for each of the "
+                             f"{layers} layers, got {types!r}")
+        sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    return (window, sliding) if sliding else (None, None)

@@ -121,10 +121,8 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     hole_rows = [h for h in holes for _ in range(n)]
     longest = max(map(len, rows)) + settings.max_new_tokens
     if longest > cfg.max_model_len:
-        why = (f" (its sliding_window: fastinfer runs full attention, so a sequence must fit the window)"
-               if cfg.sliding_window is not None and cfg.sliding_window < cfg.max_position_embeddings else "")
         raise ValueError(f"prompt + max_new_tokens = {longest} tokens exceeds the model's maximum length "
-                         f"{cfg.max_model_len}{why}")
+                         f"{cfg.max_model_len}")
     if speculative is not None and (settings.num_beams > 1 or settings.output_scores or settings.output_logits):
         raise ValueError("generate(): assisted generation (assistant_model / prompt_lookup_num_tokens) runs greedy "
                          "or sampled decoding without per-step scores here; not with num_beams > 1 or "

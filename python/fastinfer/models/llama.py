@@ -96,7 +96,8 @@ def gemv_prefetch_bytes() -> int:
 
 class LlamaLayer:
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-                 kind: str | QuantConfig | None = None):
+                 kind: str | QuantConfig | None = None, window: int = 0):
+        """window: this layer's sliding window (ModelConfig.attention_window), 0 for full attention."""
         def empty(*shape):
             return torch.empty(shape, dtype=dtype, device=device)
 
@@ -107,6 +108,7 @@ class LlamaLayer:
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         self.eps = cfg.rms_norm_eps
         self.scale = d ** -0.5
+        self.window = window
         self.input_norm = empty(h)
         self.qkv = linear(h, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         # HF's Llama and Qwen3 bias o_proj too under attention_bias; Qwen2's q/k/v biases leave it without
@@ -231,9 +233,9 @@ class LlamaLayer:
         if meta.is_decode:
             return ops.paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, self.scale,
                                               check_indices=False, kv_scale=kv_scale,
-                                              semaphores=meta.decode_semaphores)
+                                              semaphores=meta.decode_semaphores, window=self.window)
         return ops.paged_prefill_attention(q, kv_cache, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables,
-                                           self.scale, check_indices=False, kv_scale=kv_scale)
+                                           self.scale, check_indices=False, kv_scale=kv_scale, window=self.window)
 
     def o_proj_out(self, attn: torch.Tensor) -> torch.Tensor:
         return self.o_proj(attn.reshape(attn.shape[0], self.q_size))
@@ -255,7 +257,8 @@ class LlamaForCausalLM:
         self.device = torch.device(device)
         self.quantization = kind.method if isinstance(kind, QuantConfig) else kind  # None, "fp8" or a 4-bit method
         self.embed = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, device=self.device)
-        self.layers = [LlamaLayer(cfg, self.dtype, self.device, kind) for _ in range(cfg.num_layers)]
+        self.layers = [LlamaLayer(cfg, self.dtype, self.device, kind, window=cfg.attention_window(i))
+                       for i in range(cfg.num_layers)]
         self.norm = torch.empty(cfg.hidden_size, dtype=self.dtype, device=self.device)
         self.lm_head = self.embed if cfg.tie_word_embeddings else torch.empty_like(self.embed)
         # [max_position, rotary_dim]: Phi-3's partial rotary rotates the first rotary_dim features of a head
