@@ -299,14 +299,13 @@ def test_prompt_up_to_max_position_matches_hf_and_beyond_raises_clearly():
 
 @pytest.mark.parametrize("kwargs", [
     dict(begin_suppress_tokens=[5]),
-    dict(sequence_bias={(5,): -1.0}), dict(force_words_ids=[[5]]), dict(forced_eos_token_id=3), dict(max_time=5.0),
+    dict(sequence_bias={(5,): -1.0}), dict(force_words_ids=[[5]]), dict(forced_eos_token_id=3),
     dict(stop_strings=["x"]), dict(renormalize_logits=True), dict(exponential_decay_length_penalty=(2, 1.5)),
     dict(do_sample=True, typical_p=0.5), dict(do_sample=True, epsilon_cutoff=1e-3), dict(do_sample=True, eta_cutoff=1e-3),
     dict(do_sample=True, top_h=0.5), dict(penalty_alpha=0.6, top_k=4),
     dict(num_beam_groups=2, num_beams=2, diversity_penalty=0.5),
-    dict(logits_processor=[transformers.MinLengthLogitsProcessor(5, 2)]),
-    dict(stopping_criteria=[transformers.MaxLengthCriteria(3)]),
-    dict(prefix_allowed_tokens_fn=lambda b, ids: [5]), dict(negative_prompt_ids=torch.tensor([[5]])),
+    dict(stopping_criteria=[transformers.MaxLengthCriteria(3)]),  # duplicates HF's own (test_generate_hooks.py)
+    dict(negative_prompt_ids=torch.tensor([[5]])),
     dict(custom_generate="x"), dict(position_ids=torch.tensor([[0, 1, 2]])),
 ], ids=lambda kw: "-".join(kw))
 def test_unsupported_hf_arguments_raise(kwargs):

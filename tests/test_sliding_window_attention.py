@@ -123,7 +123,7 @@ def test_decode(device, decode_kernels, dtype, extra_blocks, window):
 
 
 @pytest.mark.parametrize("window", [1, 33, 129, 1000])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_prefill_fp8_cache(device, prefill_block_m, dtype, window):
     """An e4m3 cache (the mma kernel, both tile heights): against the reference over the same cache
     dequantized (test_fp8_kv's rule)."""
@@ -134,7 +134,7 @@ def test_prefill_fp8_cache(device, prefill_block_m, dtype, window):
 
 
 @pytest.mark.parametrize("window", [1, 33, 129, 1000])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_decode_fp8_cache(device, decode_kernels, dtype, window):
     args = decode_case(DECODE_LENS, dtype, device, fp8=True, extra_blocks=300)
     out = ops.paged_decode_attention(*args, kv_scale=kv_scale(device), window=window)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from . import gen_config
+from . import gen_config, hf_hooks
 from .hf_decoding import (BLOCK_SIZE, Blocks, copy_blocks, hf_output, hf_warpers, prefill, processed_scores,
                           processor_params)
 from .metadata import SeqChunk
@@ -59,6 +59,8 @@ def beam_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], holes
     top_num_beam_mask = torch.cat((torch.ones(num_beams, dtype=torch.bool),
                                    torch.zeros(beams_to_keep - num_beams, dtype=torch.bool))).to(device)
     eos_tensor = torch.tensor(eos, dtype=torch.long, device=device)
+    stops = hf_hooks.Stops(settings) if settings.stopping_criteria or settings.max_time is not None else None
+    hooked = bool(settings.logits_processor) or settings.prefix_allowed_tokens_fn is not None
     fill = output_fill_value(settings)
     running_sequences = torch.full((batch, num_beams, max_length), fill, dtype=torch.long, device=device)
     running_sequences[:, :, :width] = input_ids.to(device)[:, None, :]
@@ -94,6 +96,9 @@ def beam_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], holes
         step = cur_len - width  # new tokens so far
         log_probs = processed_scores(logits, running_sequences, prompts, holes, settings, params, width,
                                      cur_len, num_beams)
+        if hooked:  # generate()'s logits_processor / prefix_allowed_tokens_fn on HF's flat running rows
+            log_probs = hf_hooks.process(settings, running_sequences[:, :, :cur_len].reshape(batch * num_beams, -1),
+                                         log_probs, num_beams)
         if do_sample:
             log_probs = hf_warpers(log_probs, settings.sampling, len(eos) + 1 if eos else 2)
         if settings.output_logits:
@@ -124,6 +129,9 @@ def beam_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], holes
         if stop_strings is not None:
             candidates = topk_running_sequences[:, :, max(0, cur_len + 1 - 4 * stop_strings.longest - 8):cur_len + 1].tolist()
             hits = hits | torch.tensor([[stop_strings.hit(c) for c in row] for row in candidates], device=device)
+        if stops is not None:  # generate()'s stopping_criteria / max_time on the flat candidates, as HF
+            flat = topk_running_sequences[:, :, :cur_len + 1].reshape(batch * beams_to_keep, -1)
+            hits = hits | stops(flat, tuple(all_scores) if settings.output_scores else None).view(batch, beams_to_keep)
         if cur_len + 1 >= max_length:
             hits = torch.ones_like(hits)
 

@@ -23,10 +23,11 @@ HF_DEFAULTS: dict[str, Any] = {
     "num_beams": 1, "length_penalty": 1.0, "early_stopping": False,
     "return_dict_in_generate": False, "output_scores": False, "output_logits": False, "stop_strings": None,
     "prompt_lookup_num_tokens": None, "max_matching_ngram_size": None, "num_assistant_tokens": None,
+    "max_time": None, "logits_processor": None, "stopping_criteria": None, "prefix_allowed_tokens_fn": None,
 }
 # Unsupported features, allowed only at these neutral values (HF no-ops): the default first, then any
 # other value that is a no-op in HF too (classifier-free guidance at scale 1, contrastive search with
-# alpha 0, low_memory off; generate()'s logits_processor / stopping_criteria lists when empty).
+# alpha 0, low_memory off).
 NEUTRAL: dict[str, tuple] = {
     "num_beam_groups": (1,), "typical_p": (1.0,), "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,),
     "encoder_no_repeat_ngram_size": (0,), "encoder_repetition_penalty": (1.0,),
@@ -35,9 +36,9 @@ NEUTRAL: dict[str, tuple] = {
     "sequence_bias": (None,), "diversity_penalty": (0.0,), "penalty_alpha": (None, 0.0),
     "guidance_scale": (None, 1.0), "output_attentions": (False,), "output_hidden_states": (False,),
     "renormalize_logits": (False,), "remove_invalid_values": (False,), "exponential_decay_length_penalty": (None,),
-    "watermarking_config": (None,), "max_time": (None,),
+    "watermarking_config": (None,),
     "dola_layers": (None,), "top_h": (None,), "token_healing": (False,), "low_memory": (None, False),
-    "use_mtp": (None,), "logits_processor": (None, []), "stopping_criteria": (None, []),
+    "use_mtp": (None,),
 }
 # Empty token lists build processors that change nothing in HF (SuppressTokensAtBeginLogitsProcessor([])).
 NEUTRAL["begin_suppress_tokens"] += ([],)
@@ -45,7 +46,7 @@ NEUTRAL["begin_suppress_tokens"] += ([],)
 # greedy decoding any value is a no-op; with sampling only the neutral values are accepted.
 SAMPLING_ONLY = {"typical_p", "epsilon_cutoff", "eta_cutoff", "top_h"}
 # generate()'s own arguments, not GenerationConfig fields: not read from the model's generation config.
-GENERATE_ONLY = {"logits_processor", "stopping_criteria"}
+GENERATE_ONLY = {"logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn"}
 # Keys whose explicit None keyword means "none" in HF (generation_config.update(**kwargs) sets it),
 # not "unset": eos_token_id=None turns stopping on EOS off even where the model has an EOS, top_k=None
 # builds no top-k warper even where the model's config sets one; the value each then takes here.
@@ -53,7 +54,7 @@ GENERATE_ONLY = {"logits_processor", "stopping_criteria"}
 # MinLengthLogitsProcessor.
 NONE_OVERRIDES = {"eos_token_id": None, "pad_token_id": None, "max_new_tokens": None, "min_new_tokens": None,
                   "top_k": 0, "temperature": 1.0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
-                  "do_sample": False, "min_length": 0}
+                  "do_sample": False, "min_length": 0, "max_time": None}
 _EXPLICIT_NONE = object()
 # Accepted and without effect here (caching and compilation are fastinfer's own business).
 IGNORED = {"use_cache", "cache_implementation", "cache_config", "max_cache_len", "bos_token_id",
@@ -85,6 +86,18 @@ class GenerationSettings:
     prompt_lookup_num_tokens: int | None = None
     max_matching_ngram_size: int | None = None
     num_assistant_tokens: int | None = None
+    # generate()'s logits_processor / stopping_criteria lists (HF objects or any callables of (input_ids,
+    # scores)), prefix_allowed_tokens_fn and max_time: HF's own loops run them (hf_hooks.py)
+    logits_processor: tuple = ()
+    stopping_criteria: tuple = ()
+    prefix_allowed_tokens_fn: Any = None
+    max_time: float | None = None
+
+    @property
+    def hf_hooks(self) -> bool:
+        """Whether the caller hooked into HF's loop: custom processors / criteria, a prefix constraint, max_time."""
+        return bool(self.logits_processor or self.stopping_criteria or self.prefix_allowed_tokens_fn is not None
+                    or self.max_time is not None)
 
     @property
     def fill_token_id(self) -> int:
@@ -138,7 +151,7 @@ def resolve(model_defaults: dict | None, generation_config, kwargs: dict, prompt
     merged = dict(HF_DEFAULTS)
     sampling_only: dict[str, tuple] = {}
     model_layer = {k: v for k, v in (model_defaults or {}).items()
-                   if k in HF_DEFAULTS or (k in NEUTRAL and k not in GENERATE_ONLY)}
+                   if (k in HF_DEFAULTS or k in NEUTRAL) and k not in GENERATE_ONLY}
     _layer(model_layer, "the model's generation config", merged, sampling_only=sampling_only)
     gc = None
     if generation_config is not None:
@@ -250,9 +263,55 @@ def resolve(model_defaults: dict | None, generation_config, kwargs: dict, prompt
         sampling = SamplingParams(temperature=0.0, repetition_penalty=float(merged["repetition_penalty"]),
                                   no_repeat_ngram_size=ngram, bad_words_ids=longer, logit_bias=banned or None,
                                   max_tokens=None)
+    hooks = _hooks(merged, eos, stop_strings, ngram)
     return GenerationSettings(max_new, min_new, sampling, eos, pad, n, beams, float(length_penalty), early_stopping,
                               flags["return_dict_in_generate"],
                               flags["return_dict_in_generate"] and flags["output_scores"],
                               flags["return_dict_in_generate"] and flags["output_logits"],
                               list(stop_strings) if stop_strings else None, merged["prompt_lookup_num_tokens"],
-                              merged["max_matching_ngram_size"], merged["num_assistant_tokens"])
+                              merged["max_matching_ngram_size"], merged["num_assistant_tokens"], **hooks)
+
+
+def _hooks(merged: dict, eos: list[int], stop_strings, ngram: int) -> dict:
+    """generate()'s logits_processor / stopping_criteria / prefix_allowed_tokens_fn and max_time, checked.
+    HF merges a custom processor or criterion into the list it builds, the custom one replacing a built
+    one of the same type; fastinfer builds its own equivalents, so such a duplicate is refused by name."""
+    hooks = {}
+    for key in ("logits_processor", "stopping_criteria"):
+        value = merged[key]
+        if value is None:
+            hooks[key] = ()
+            continue
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") or not all(callable(f) for f in value):
+            raise ValueError(f"{key} must be a list of callables (HF LogitsProcessor / StoppingCriteria objects), "
+                             f"got {value!r:.120}")
+        hooks[key] = tuple(value)
+    fn = merged["prefix_allowed_tokens_fn"]
+    if fn is not None and not callable(fn):
+        raise ValueError(f"prefix_allowed_tokens_fn must be a callable (batch_id, input_ids) -> allowed token ids, "
+                         f"got {fn!r:.120}")
+    hooks["prefix_allowed_tokens_fn"] = fn
+    max_time = merged["max_time"]
+    if max_time is not None and (isinstance(max_time, bool) or not isinstance(max_time, (int, float))
+                                 or not 0 <= max_time < float("inf")):
+        raise ValueError(f"max_time must be a number of seconds >= 0 or None, got {max_time!r}")
+    hooks["max_time"] = None if max_time is None else float(max_time)
+    built = {  # what HF's _get_logits_processor / _get_stopping_criteria build for these settings
+        "RepetitionPenaltyLogitsProcessor": merged["repetition_penalty"] not in (None, 1.0),
+        "NoRepeatNGramLogitsProcessor": ngram > 0,
+        "NoBadWordsLogitsProcessor": merged["bad_words_ids"] is not None,
+        "MinLengthLogitsProcessor": bool(eos) and bool(merged["min_length"]),
+        "MinNewTokensLengthLogitsProcessor": bool(eos) and bool(merged["min_new_tokens"]),
+        "SuppressTokensLogitsProcessor": merged["suppress_tokens"] is not None,
+        "PrefixConstrainedLogitsProcessor": fn is not None,
+        "MaxLengthCriteria": True, "EosTokenCriteria": bool(eos), "StopStringCriteria": bool(stop_strings),
+        "MaxTimeCriteria": max_time is not None,
+    }
+    for key in ("logits_processor", "stopping_criteria"):
+        for f in hooks[key]:
+            name = type(f).__name__
+            if built.get(name):
+                raise ValueError(f"generate(): the {name} in {key} would replace the one HF builds from this call's "
+                                 f"generation settings; fastinfer builds its own, so it takes one of the two: drop "
+                                 f"the custom one or the setting it duplicates")
+    return hooks

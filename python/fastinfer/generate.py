@@ -123,17 +123,20 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     if longest > cfg.max_model_len:
         raise ValueError(f"prompt + max_new_tokens = {longest} tokens exceeds the model's maximum length "
                          f"{cfg.max_model_len}")
-    if speculative is not None and (settings.num_beams > 1 or settings.output_scores or settings.output_logits):
+    if speculative is not None and (settings.num_beams > 1 or settings.output_scores or settings.output_logits
+                                    or settings.hf_hooks):
         raise ValueError("generate(): assisted generation (assistant_model / prompt_lookup_num_tokens) runs greedy "
-                         "or sampled decoding without per-step scores here; not with num_beams > 1 or "
-                         "output_scores / output_logits")
+                         "or sampled decoding without per-step scores here; not with num_beams > 1, "
+                         "output_scores / output_logits, logits_processor, stopping_criteria, "
+                         "prefix_allowed_tokens_fn or max_time")
     if settings.num_beams > 1:  # HF's beam search (beam_search.py)
         if streamer is not None:
             raise ValueError("streamer cannot be used with beam search (num_beams > 1), as in HF")
         from .beam_search import beam_search
         return beam_search(loaded, input_ids, prompts, holes, settings, stop_strings=stops)
-    if settings.return_dict and (settings.output_scores or settings.output_logits):
-        # HF's per-step scores: every row every step, finished ones too (HF's loop, beam_search.py)
+    if (settings.return_dict and (settings.output_scores or settings.output_logits)) or settings.hf_hooks:
+        # HF's per-step scores, or the caller's processors / criteria on HF's padded rows: every row every
+        # step, finished ones too (HF's loop, sample_search.py)
         if streamer is not None and len(rows) != 1:
             raise ValueError("streamer supports a single sequence (batch 1, num_return_sequences 1)")
         from .sample_search import sample_search
@@ -142,7 +145,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         out = sample_search(loaded, input_ids, prompts, holes, settings, stop_strings=stops, streamer=streamer)
         if streamer is not None:
             streamer.end()
-        return out
+        return out if settings.return_dict else out.sequences
     if streamer is not None:
         if len(rows) != 1:
             raise ValueError("streamer supports a single sequence (batch 1, num_return_sequences 1)")

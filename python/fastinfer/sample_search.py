@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import gen_config
+from . import gen_config, hf_hooks
 from .hf_decoding import (BLOCK_SIZE, Blocks, copy_blocks, hf_output, hf_warpers, prefill, processed_scores,
                           processor_params)
 from .metadata import SeqChunk
@@ -19,7 +19,8 @@ def sample_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], hol
     HF: a finished row is fed pad tokens (with EOS ids; without, it keeps generating) and still gets
     scores. Processors on the logits, then with do_sample HF's warpers and torch.multinomial from the
     global generator (so a torch.manual_seed gives HF's tokens), else argmax. Returns HF's
-    GenerateDecoderOnlyOutput (sequences, scores, logits)."""
+    GenerateDecoderOnlyOutput (sequences, scores, logits). Also the loop of generate()'s logits_processor /
+    stopping_criteria / prefix_allowed_tokens_fn / max_time (hf_hooks.py), which see HF's padded rows."""
     model = loaded.model
     n = settings.num_return_sequences
     batch, width = input_ids.shape[0] * n, input_ids.shape[1]
@@ -32,6 +33,10 @@ def sample_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], hol
     sequences = torch.full((batch, width + max_new), pad, dtype=torch.long, device=device)
     sequences[:, :width] = input_ids.to(device).repeat_interleave(n, dim=0)
     eos_tensor = torch.tensor(eos, dtype=torch.long, device=device)
+    stops = hf_hooks.Stops(settings) if settings.stopping_criteria or settings.max_time is not None else None
+    # HF pads finished rows when some stopping criterion has an eos_token_id (its EosTokenCriteria, or a custom one)
+    pads_finished = bool(eos) or any(hasattr(c, "eos_token_id") for c in settings.stopping_criteria)
+    hooked = bool(settings.logits_processor) or settings.prefix_allowed_tokens_fn is not None
 
     longest = max(map(len, prompts)) + max_new
     runner = ModelRunner(model, sum(-(-(len(p) + max_new) // BLOCK_SIZE) for p in prompts) + 1, BLOCK_SIZE)
@@ -46,6 +51,8 @@ def sample_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], hol
         step = cur_len - width
         next_scores = processed_scores(logits, sequences[:, None, :], prompts, holes, settings, params, width,
                                        cur_len, 1, log_softmax=False)
+        if hooked:
+            next_scores = hf_hooks.process(settings, sequences[:, :cur_len], next_scores, 1)
         if do_sample:
             next_scores = hf_warpers(next_scores, settings.sampling, 1)
         if settings.output_scores:
@@ -56,7 +63,7 @@ def sample_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], hol
             next_tokens = torch.multinomial(torch.softmax(next_scores, dim=-1), num_samples=1).squeeze(1)
         else:
             next_tokens = torch.argmax(next_scores, dim=-1)
-        if eos:  # HF pads finished rows only when it has an EOS stopping criterion
+        if pads_finished:  # HF pads finished rows only when it has an EOS stopping criterion
             next_tokens = next_tokens * unfinished + pad * (1 - unfinished)
         sequences[:, cur_len] = next_tokens
         cur_len += 1
@@ -66,6 +73,8 @@ def sample_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], hol
         if stop_strings is not None:  # the rows' last tokens: enough for any match's window
             rows = sequences[:, max(0, cur_len - 4 * stop_strings.longest - 8):cur_len].tolist()
             done = done | torch.tensor([stop_strings.hit(r) for r in rows], device=device)
+        if stops is not None:
+            done = done | stops(sequences[:, :cur_len], tuple(scores) if settings.output_scores else None)
         if cur_len >= width + max_new:
             done = torch.ones_like(done)
         unfinished = unfinished & ~done

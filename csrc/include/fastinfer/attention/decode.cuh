@@ -13,7 +13,8 @@
 // domain (q is premultiplied by scale * log2 e once, in shared memory); all accumulation is fp32.
 //
 // Parallelisation: a CTA (128 threads) owns one (sequence, kv head, split): the split's context
-// tokens [split * split_tokens, ...) and every query head of the kv head (up to 32; larger groups
+// tokens [base + split * split_tokens, ...) (base 0, or with a sliding window its first key: decode_work.cuh)
+// and every query head of the kv head (up to 32; larger groups
 // are spread over head chunks), so each K/V byte is read from global memory once per split. It walks
 // the split in tiles of 32 keys, double-buffered in shared memory by 16-byte cp.async copies (one
 // tile in flight while the previous one is computed; rows padded by 16 bytes so that both access

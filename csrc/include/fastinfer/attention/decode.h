@@ -36,7 +36,8 @@ struct DecodeParams {
   int max_blocks;  // block_tables.shape[1]: max_blocks * block_size is the longest context a launch plans for
   float scale;     // softmax scale, usually head_dim ** -0.5
   // > 0: sliding-window attention, the query (position seq_len - 1) sees its last `window` keys; 0
-  // (zero-initialised): all of them. The plan then covers min(table, window + a tile) keys per sequence.
+  // (zero-initialised): all of them. The plan then covers min(table, window + a key tile - 1) keys per
+  // sequence (decode_work.cuh: a split starts on a whole key tile).
   int window;
   DType dtype;     // of out and query (and kv_cache unless kv_scale is set)
   int num_sms;     // SMs of the device: the split heuristic's only hardware input

@@ -29,8 +29,8 @@ struct CtaWork {
 };
 
 // With the fused merge (p.semaphores set) a launch plans num_splits for the block table's width (so
-// that a captured graph replays with any seq_lens), but only the first ceil(seq_len / split_tokens)
-// splits of a sequence hold tokens. Those alone take part: the others exit at once (no -inf lse to
+// that a captured graph replays with any seq_lens), but only the first ceil((seq_len - base) / split_tokens)
+// splits of a sequence hold tokens (base: 0, or a sliding window's first key rounded down, cta_work). Those alone take part: the others exit at once (no -inf lse to
 // write, no count on the semaphore), the last of the used splits merges only them, and a sequence
 // that fits one split writes out[] directly with no workspace round trip and no merge. At batch 1
 // with a 8192-token table and a 150-token context that is 2 of 64 splits per KV head (visit 5's
@@ -43,7 +43,9 @@ __device__ __forceinline__ bool dynamic_splits(const DecodeParams& p, const Deco
 // kKeyAlign: the alignment of a split's first key the kernel needs (a power of two): the splits of a
 // sequence cover [base, seq_len) from base = lo rounded down to it, so with a sliding window the
 // keys [base, lo) of the first split are read (they are the sequence's own, valid keys) and masked
-// by a kernel with kKeyAlign > 1; with kKeyAlign = 1 the first split starts at lo itself.
+// by a kernel with kKeyAlign > 1 (P = 0 times their V: finite only because every block-table entry of
+// the context must stay valid, attention.cpp's contract; freeing blocks below a window would need
+// those keys zero-filled instead); with kKeyAlign = 1 the first split starts at lo itself.
 template <int kKeyAlign>
 __device__ __forceinline__ CtaWork cta_work(const DecodeParams& p, const DecodePlan& plan) {
   CtaWork w;

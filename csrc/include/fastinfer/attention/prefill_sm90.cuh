@@ -23,8 +23,10 @@
 //       O[64 x D] += P V_n      8 wgmma m64nDk16, P from registers (the S accumulators rounded to
 //       16 bits are the A fragments), V from shared memory read MN-major (transposed: V rows are
 //       keys, head_dim contiguous, as the cache stores them).
-//     A consumer whose rows cannot see a tile (its last row precedes the tile's first key) or that
-//     has no rows (a short last tile) still waits for and releases the stage, and skips the math.
+//     A consumer whose rows cannot see a tile (its last row precedes the tile's first key, or with a
+//     sliding window the tile's last key precedes its first row's window) or that has no rows (a
+//     short last tile) still waits for and releases the stage, and skips the math. With a window the
+//     key tiles start at the CTA's first row's window (the tiles below it are neither loaded nor read).
 //   Epilogue: O / row sum, rounded, stored from registers (4 bytes per thread and row block).
 // Shared memory: Q, K and V tiles are [D / 64 column blocks][128 rows][128 bytes] with the 128-byte
 // swizzle (16-byte chunk c of row r stored at chunk c ^ (r % 8) of its 128-byte row, atoms of 8 rows

@@ -443,7 +443,7 @@ __device__ __forceinline__ bool locate_query_tile(const PrefillParams& p, int t,
 // Parameters no prefill kernel takes (block_m is the mma kernel's own).
 inline bool invalid_shape(const PrefillParams& p) {
   return p.batch <= 0 || p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads != 0 || p.num_heads > 65535 ||
-         p.block_size <= 0 || (p.block_size & (p.block_size - 1)) != 0;
+         p.block_size <= 0 || (p.block_size & (p.block_size - 1)) != 0 || p.window < 0 || p.window >= (1 << 30);
 }
 
 // The 16-byte cp.async / vector stores of the tensor-core kernel need 16-byte aligned rows.

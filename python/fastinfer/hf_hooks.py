@@ -1,0 +1,49 @@
+"""What a caller of fastinfer.generate hooks into HF's decoding loop, applied as HF applies it: generate()'s
+``logits_processor`` list (after HF's own processors, before its sampling warpers), ``prefix_allowed_tokens_fn``
+(HF's PrefixConstrainedLogitsProcessor), ``stopping_criteria`` and ``max_time`` (HF's MaxTimeCriteria).
+sample_search.py and beam_search.py call these with HF's tensors (the padded rows so far, the scores)."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from . import gen_config
+
+
+def process(settings: gen_config.GenerationSettings, input_ids: torch.Tensor, scores: torch.Tensor,
+            num_beams: int) -> torch.Tensor:
+    """scores [rows, vocab] of input_ids [rows, length] (rows = batch x num_beams, a prompt's beams
+    adjacent) after the prefix constraint and the custom processors, in HF's order: the constraint sits
+    among HF's built processors (it only adds -inf, so its place among fastinfer's equivalents, which
+    run before, changes nothing), the custom ones follow them."""
+    fn = settings.prefix_allowed_tokens_fn
+    if fn is not None:  # HF's PrefixConstrainedLogitsProcessor
+        mask = torch.full_like(scores, float("-inf"))
+        for row in range(input_ids.shape[0]):
+            allowed = fn(row // num_beams, input_ids[row])
+            if len(allowed) == 0:
+                raise ValueError(f"prefix_allowed_tokens_fn returned an empty list for batch ID {row // num_beams}: "
+                                 f"the constraint is unsatisfiable")
+            mask[row, allowed] = 0
+        scores = scores + mask
+    for processor in settings.logits_processor:
+        scores = processor(input_ids, scores)
+    return scores
+
+
+class Stops:
+    """HF's StoppingCriteriaList for the custom criteria and max_time: a bool per row of input_ids."""
+
+    def __init__(self, settings: gen_config.GenerationSettings):
+        self.criteria = settings.stopping_criteria
+        self.max_time = settings.max_time
+        self.started = time.time()  # HF's MaxTimeCriteria: from when generate() builds it, before the prefill
+
+    def __call__(self, input_ids: torch.Tensor, scores) -> torch.Tensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for criterion in self.criteria:
+            done = done | criterion(input_ids, scores)
+        if self.max_time is not None and time.time() - self.started > self.max_time:
+            done = torch.ones_like(done)
+        return done
