@@ -16,6 +16,7 @@ from .loader import load_model
 from .outputs import CompletionOutput, RequestOutput
 from .sampling_params import SamplingParams
 from .structured import GuidedDecodingParams, StructuredOutputsParams
+from .vllm_beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 
-__all__ = ["__version__", "CompletionOutput", "env", "generate", "GuidedDecodingParams", "LLM", "load_model", "ops",
+__all__ = ["__version__", "BeamSearchOutput", "BeamSearchParams", "BeamSearchSequence", "CompletionOutput", "env", "generate", "GuidedDecodingParams", "LLM", "load_model", "ops",
            "RequestOutput", "SamplingParams", "StructuredOutputsParams"]

@@ -211,6 +211,12 @@ class LLM:
                 bar.close()
         return [results[r] for r in ids]
 
+    def beam_search(self, prompts, params, use_tqdm: bool = False):
+        """vLLM's LLM.beam_search: one BeamSearchOutput per prompt, its best params.beam_width sequences
+        (prompt + generated tokens, cumulative logprob, text), best first (vllm_beam_search.py)."""
+        from .vllm_beam_search import beam_search
+        return beam_search(self, prompts, params, use_tqdm)
+
     def chat(self, messages, sampling_params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm=True,
              chat_template: str | None = None, add_generation_prompt: bool = True,
              continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
