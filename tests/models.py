@@ -21,6 +21,10 @@ VARIANTS = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
     "phi3-partial": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
                                                        "partial_rotary_factor": 0.75}),
+    # Granite's four multipliers, far from 1, with a tied LM head (as Granite 3.x)
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"embedding_multiplier": 6.0, "residual_multiplier": 0.5,
+                                                        "attention_multiplier": 0.09, "logits_scaling": 4.0,
+                                                        "tie_word_embeddings": True}),
 }
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                           "Phi3ForCausalLM")
+                           "Phi3ForCausalLM", "GraniteForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "half": torch.float16,
@@ -50,6 +50,14 @@ class ModelConfig:
     sliding_window_layers: tuple[int, ...] | None = None
     qk_norm: bool = False  # Qwen3: an RMSNorm over each q / k head (weights [head_dim]) before rotary
     rotary_dim: int | None = None  # features of each head rotary rotates (Phi-3's partial_rotary_factor); None: all
+    # Granite's scalars (HF's GraniteForCausalLM; 1 / None elsewhere): the embedding rows are multiplied by
+    # embedding_multiplier, each layer's attention and MLP outputs by residual_multiplier before their residual
+    # add, the attention scores by attention_multiplier (instead of head_dim ** -0.5), the logits divided by
+    # logits_scaling
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
@@ -99,13 +107,14 @@ class ModelConfig:
             raise ValueError(f"config: architectures must be a list of class names, got {archs!r}")
         arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                                        "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                                       "phi3": "Phi3ForCausalLM"}.get(cfg.get("model_type"), None)
+                                       "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM"}.get(
+                                           cfg.get("model_type"), None)
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unsupported architecture {arch or cfg.get('model_type')!r}; fastinfer supports "
                              f"{', '.join(SUPPORTED_ARCHITECTURES)}")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}; only 'silu' is supported")
-        if cfg.get("mlp_bias") and arch == "LlamaForCausalLM":  # Qwen2 / Mistral's HF code has no MLP bias
+        if cfg.get("mlp_bias") and arch in ("LlamaForCausalLM", "GraniteForCausalLM"):  # Qwen2 / Mistral's HF code has none
             raise ValueError("unsupported mlp_bias=True")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if not _is_int(cfg.get(key)) or cfg[key] < 1:
@@ -137,6 +146,7 @@ class ModelConfig:
             if cfg.get(key) is not None and not _is_int(cfg[key]):
                 raise ValueError(f"config: {key} must be an integer or null, got {cfg[key]!r}")
         window, window_layers = _sliding_window(cfg, arch)
+        granite = _granite_scalars(cfg) if arch == "GraniteForCausalLM" else {}
         return cls(
             architecture=arch,
             vocab_size=cfg["vocab_size"],
@@ -166,6 +176,7 @@ class ModelConfig:
             dtype=parse_dtype(cfg.get("dtype") or cfg.get("torch_dtype") or "float32", "config dtype"),
             quantization=quantization,
             fp8_weight_block_size=block_size,
+            **granite,
         )
 
     @classmethod
@@ -282,7 +293,7 @@ def _sliding_window(cfg: dict, arch: str) -> tuple[int | None, tuple[int, ...] |
     Qwen3 only under use_sliding_window, to the layers layer_types names "sliding_attention" (by default
     those from max_window_layers on)."""
     window = cfg.get("sliding_window")
-    if arch == "LlamaForCausalLM":  # HF's Llama has no sliding window, whatever the config holds
+    if arch in ("LlamaForCausalLM", "GraniteForCausalLM"):  # HF's have no sliding window, whatever the config holds
         return None, None
     qwen = arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
     if qwen and not cfg.get("use_sliding_window", False):
@@ -311,3 +322,17 @@ def _sliding_window(cfg: dict, arch: str) -> tuple[int | None, tuple[int, ...] |
                              f"{layers} layers, got {types!r}")
         sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
     return (window, sliding) if sliding else (None, None)
+
+
+def _granite_scalars(cfg: dict) -> dict:
+    """GraniteConfig's four multipliers (HF's defaults: 1.0), each a finite number; the attention and
+    logits ones non-zero."""
+    out = {}
+    for key in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"):
+        value = cfg.get(key, 1.0)
+        nonzero = key in ("attention_multiplier", "logits_scaling")
+        if not _is_number(value) or not -math.inf < value < math.inf or (nonzero and value == 0):
+            raise ValueError(f"config: {key} must be a finite number{' other than 0' if nonzero else ''}, got {value!r}")
+        out[key] = float(value)
+    return out
+

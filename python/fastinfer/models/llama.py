@@ -107,7 +107,8 @@ class LlamaLayer:
         self.q_size, self.kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         self.eps = cfg.rms_norm_eps
-        self.scale = d ** -0.5
+        # Granite's attention_multiplier replaces the usual scale
+        self.scale = cfg.attention_multiplier if cfg.attention_multiplier is not None else d ** -0.5
         self.window = window
         self.input_norm = empty(h)
         self.qkv = linear(h, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
@@ -278,14 +279,20 @@ class LlamaForCausalLM:
             for layer, kv_cache, next_weight in zip(self.layers, kv_caches, next_weights):
                 sq_sums = layer.forward_fused(residual, sq_sums, kv_cache, meta, self.cos_sin, next_weight, budget)
             if meta.logits_all_rows:  # the final norm in the LM head, fp32 logits of every row, in order
-                return ops.rms_norm_dense_gemv(residual, sq_sums, self.norm, eps, self.lm_head, out_dtype=torch.float32)
+                return self._scaled(ops.rms_norm_dense_gemv(residual, sq_sums, self.norm, eps, self.lm_head,
+                                                            out_dtype=torch.float32))
             hidden = ops.rms_norm(residual, self.norm, eps)
         else:
             hidden, residual = ops.embedding(meta.input_ids, self.embed, check_indices=False), None
             for layer, kv_cache in zip(self.layers, kv_caches):
                 hidden, residual = layer.forward(hidden, residual, kv_cache, meta, self.cos_sin)
             ops.fused_add_rms_norm(hidden, residual, self.norm, eps)
-        return dense_linear(hidden[meta.logits_indices], self.lm_head).float()
+        return self._scaled(dense_linear(hidden[meta.logits_indices], self.lm_head).float())
+
+    def _scaled(self, logits: torch.Tensor) -> torch.Tensor:
+        """Granite's logits / logits_scaling (in fp32: HF divides its model-dtype logits)."""
+        s = self.config.logits_scaling
+        return logits if s == 1.0 else logits.div_(s)
 
     def fuse_norms(self, num_tokens: int) -> bool:
         """Whether a step of num_tokens runs the layers' forward_fused (the module docstring):
@@ -302,7 +309,14 @@ class LlamaForCausalLM:
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into the fused parameters; every parameter must be filled exactly
         (models/llama_weights.py)."""
+        cfg = self.config
+        if cfg.residual_multiplier != 1.0:  # Granite: folded into the projections that feed the residual adds
+            weights = llama_weights.residual_scaled(weights, cfg.residual_multiplier)
         llama_weights.load_weights(self, weights)
+        if cfg.embedding_multiplier != 1.0:  # Granite: the embedding rows scaled as HF scales them (one rounding)
+            if self.lm_head is self.embed:  # tied: the LM head keeps the unscaled rows
+                self.lm_head = self.embed.clone()
+            self.embed.mul_(cfg.embedding_multiplier)
 
     def make_kv_caches(self, num_blocks: int, block_size: int, kv_cache_dtype: str | None = None) -> list[torch.Tensor]:
         """One [num_blocks, 2, block_size, num_kv_heads, head_dim] cache per layer.

@@ -69,6 +69,20 @@ def load_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Ten
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} weight(s), e.g. {missing[:3]}")
 
+def residual_scaled(weights: Iterable[tuple[str, torch.Tensor]], multiplier: float):
+    """Granite's residual_multiplier folded into o_proj (weight and bias) and down_proj: HF multiplies their
+    outputs by it before each residual add; the product is taken here in fp32 and rounded once to the
+    checkpoint's dtype (the outputs then differ from HF's in rounding only). Needs float weights."""
+    for name, tensor in weights:
+        if name.endswith(("self_attn.o_proj.weight", "self_attn.o_proj.bias", "mlp.down_proj.weight")):
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.dtype == FP8:
+                raise ValueError(f"{name}: Granite's residual_multiplier is folded into o_proj / down_proj, which "
+                                 f"needs float weights; a pre-quantized Granite checkpoint is not supported (load "
+                                 f"the float one, with quantization='fp8' or 'int4' to quantize it)")
+            tensor = (tensor.float() * multiplier).to(tensor.dtype)
+        yield name, tensor
+
+
 def load_tied_head(model: LlamaForCausalLM, parts: dict[str, object], filled: set[str]) -> None:
     """The lm_head.* tensors a tied checkpoint (tie_word_embeddings=True) stores, as transformers 5
     loads them: the head's values are the stored weight, dequantized when FP8 (weight_scale or
