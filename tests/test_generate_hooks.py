@@ -150,3 +150,75 @@ def test_a_custom_processor_of_a_type_hf_does_not_build_here_is_accepted():
     ours, expected = both(model, ids, mask, max_new_tokens=10, do_sample=False, eos_token_id=None,
                           logits_processor=[transformers.RepetitionPenaltyLogitsProcessor(3.0)])
     assert torch.equal(ours, expected)
+
+
+class BanInPlace(transformers.LogitsProcessor):
+    """The common in-place pattern: scores[:, ids] = -inf; return scores."""
+
+    def __call__(self, input_ids, scores):
+        scores[:, 100:200] = float("-inf")
+        return scores
+
+
+@pytest.mark.parametrize("kw", [dict(do_sample=False), dict(do_sample=True, top_k=5),
+                                dict(do_sample=False, return_dict_in_generate=True, output_logits=True)],
+                         ids=["greedy", "sampled", "raw-logits"])
+def test_a_processor_editing_scores_in_place(kw):
+    """HF hands processors an ordinary tensor (its raw logits, which an in-place edit changes too)."""
+    model = make_hf_model("llama", seed=9)
+    ids, mask = left_padded_batch([5, 11], model.config.vocab_size, PAD, seed=9)
+    kw = dict(max_new_tokens=8, eos_token_id=None, logits_processor=[BanInPlace()], **kw)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, pad_token_id=PAD, **kw)
+    torch.manual_seed(3)
+    ours = fastinfer.generate(model, ids, attention_mask=mask, pad_token_id=PAD, **kw)
+    if kw.get("return_dict_in_generate"):
+        assert torch.equal(ours.sequences, expected.sequences)
+        for a, b in zip(ours.logits, expected.logits):
+            assert torch.equal(a.isinf(), b.isinf())  # the in-place ban shows in both raw logits
+        return
+    assert torch.equal(ours, expected)
+
+
+def test_prefix_constraint_sees_prompt_ids_with_several_samples():
+    """HF's constraint groups a prompt's num_return_sequences samples: batch_id is the prompt's index."""
+    model = make_hf_model("llama", seed=10)
+    ids, mask = left_padded_batch([6, 9], model.config.vocab_size, PAD, seed=10)
+    seen = set()
+
+    def fn(batch_id, sent):
+        seen.add(batch_id)
+        return allowed_tokens(batch_id, sent)
+    kw = dict(max_new_tokens=6, do_sample=True, num_return_sequences=2, eos_token_id=None, prefix_allowed_tokens_fn=fn)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, pad_token_id=PAD, **kw)
+    torch.manual_seed(4)
+    assert torch.equal(fastinfer.generate(model, ids, attention_mask=mask, pad_token_id=PAD, **kw), expected)
+    assert seen == {0, 1}
+
+
+def test_unsatisfiable_prefix_step_forces_the_allowed_tokens_as_hf():
+    """Where the min-length EOS ban leaves no allowed token, HF forces the allowed ones (score 0)."""
+    model = make_hf_model("llama", seed=11)
+    ids, mask = left_padded_batch([5], model.config.vocab_size, PAD, seed=11)
+    kw = dict(max_new_tokens=6, do_sample=False, min_new_tokens=3, eos_token_id=[9],
+              prefix_allowed_tokens_fn=lambda b, sent: [9, 11] if len(sent) % 2 else [9])
+    ours, expected = both(model, ids, mask, **kw)
+    assert torch.equal(ours, expected)
+
+
+def test_prefix_constraint_with_suppress_tokens_and_extra_argument_processors_are_refused():
+    model = make_hf_model("llama", seed=12)
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(ValueError, match="prefix_allowed_tokens_fn with suppress_tokens"):
+        fastinfer.generate(model, ids, max_new_tokens=2, suppress_tokens=[4],
+                           prefix_allowed_tokens_fn=lambda b, s: [5])
+
+    class ThreeArgs(transformers.LogitsProcessor):
+        def __call__(self, input_ids, scores, cur_len=0):
+            return scores
+    with pytest.raises(ValueError, match="arguments beyond"):
+        fastinfer.generate(model, ids, max_new_tokens=2, logits_processor=[ThreeArgs()])
+

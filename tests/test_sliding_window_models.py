@@ -68,6 +68,9 @@ def test_config_without_a_window():
     ({"layer_types": ["sliding_attention", "chunked_attention", "full_attention"]}, "layer_types"),
     ({"max_window_layers": -1}, "max_window_layers"),
     ({"sliding_window": -4}, "sliding_window"),
+    ({"sliding_window": 0}, "sliding_window"),  # HF's mask would hide every key
+    ({"sliding_window": None, "layer_types": ["sliding_attention", "full_attention", "full_attention"]},
+     "sliding_window is null"),
 ])
 def test_bad_window_configs_name_the_field(change, match):
     cfg = dict(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,

@@ -298,13 +298,16 @@ def _sliding_window(cfg: dict, arch: str) -> tuple[int | None, tuple[int, ...] |
     qwen = arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
     if qwen and not cfg.get("use_sliding_window", False):
         return None, None
-    if not window:
+    if window is None:
+        types = cfg.get("layer_types")
+        if qwen and isinstance(types, (list, tuple)) and "sliding_attention" in types:  # HF fails on it
+            raise ValueError("config: layer_types names sliding_attention layers but sliding_window is null")
         return None, None
     try:
         window = int(window)
     except (TypeError, ValueError, OverflowError):
         raise ValueError(f"config: sliding_window must be a positive integer or null, got {window!r}") from None
-    if window < 1:
+    if window < 1:  # 0 included: HF's mask would hide every key
         raise ValueError(f"config: sliding_window must be a positive integer or null, got {window!r}")
     if not qwen:
         return window, None

@@ -7,6 +7,7 @@ False (HF builds no warper then): nothing that would change the output is silent
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -300,7 +301,8 @@ def _hooks(merged: dict, eos: list[int], stop_strings, ngram: int) -> dict:
         "RepetitionPenaltyLogitsProcessor": merged["repetition_penalty"] not in (None, 1.0),
         "NoRepeatNGramLogitsProcessor": ngram > 0,
         "NoBadWordsLogitsProcessor": merged["bad_words_ids"] is not None,
-        "MinLengthLogitsProcessor": bool(eos) and bool(merged["min_length"]),
+        # HF sets min_length = width + min_new_tokens whenever min_new_tokens is given, 0 included
+        "MinLengthLogitsProcessor": bool(eos) and (bool(merged["min_length"]) or merged["min_new_tokens"] is not None),
         "MinNewTokensLengthLogitsProcessor": bool(eos) and bool(merged["min_new_tokens"]),
         "SuppressTokensLogitsProcessor": merged["suppress_tokens"] is not None,
         "PrefixConstrainedLogitsProcessor": fn is not None,
@@ -310,8 +312,24 @@ def _hooks(merged: dict, eos: list[int], stop_strings, ngram: int) -> dict:
     for key in ("logits_processor", "stopping_criteria"):
         for f in hooks[key]:
             name = type(f).__name__
-            if built.get(name):
-                raise ValueError(f"generate(): the {name} in {key} would replace the one HF builds from this call's "
-                                 f"generation settings; fastinfer builds its own, so it takes one of the two: drop "
-                                 f"the custom one or the setting it duplicates")
+            if built.get(name) and type(f).__module__.startswith("transformers."):
+                raise ValueError(f"generate(): the {name} in {key} would replace the one HF builds from the "
+                                 f"generation settings (this call's or the model's generation config); fastinfer "
+                                 f"builds its own, so it takes one of the two: drop the custom one or neutralize the "
+                                 f"setting it duplicates")
+            if key == "logits_processor" and _parameter_count(f) > 2:
+                raise ValueError(f"generate(): the {name} in logits_processor takes arguments beyond (input_ids, "
+                                 f"scores), which HF cannot pass it either")
+    if fn is not None and merged["suppress_tokens"]:
+        raise ValueError("generate(): prefix_allowed_tokens_fn with suppress_tokens is not supported (HF applies "
+                         "the constraint's fallback for an unsatisfiable step before suppress_tokens)")
     return hooks
+
+
+def _parameter_count(f) -> int:
+    """Parameters of f.__call__ as HF's LogitsProcessorList counts them (0 when inspect cannot tell)."""
+    try:
+        return len(inspect.signature(f.__call__).parameters)
+    except (TypeError, ValueError):
+        return 0
+

@@ -12,21 +12,26 @@ from . import gen_config
 
 
 def process(settings: gen_config.GenerationSettings, input_ids: torch.Tensor, scores: torch.Tensor,
-            num_beams: int) -> torch.Tensor:
-    """scores [rows, vocab] of input_ids [rows, length] (rows = batch x num_beams, a prompt's beams
-    adjacent) after the prefix constraint and the custom processors, in HF's order: the constraint sits
-    among HF's built processors (it only adds -inf, so its place among fastinfer's equivalents, which
-    run before, changes nothing), the custom ones follow them."""
+            group: int) -> torch.Tensor:
+    """scores [rows, vocab] of input_ids [rows, length] after the prefix constraint and the custom
+    processors, in HF's order. rows: a prompt's `group` rows adjacent (its beams, or its
+    num_return_sequences samples: HF's max(num_beams, num_return_sequences)). HF runs the constraint after
+    its penalties, n-gram / bad-word bans and min-length EOS bans, before suppress_tokens; fastinfer's
+    equivalents of those all run before it here, which is the same unless suppress_tokens are set
+    (refused with a constraint, gen_config). The custom processors follow."""
     fn = settings.prefix_allowed_tokens_fn
     if fn is not None:  # HF's PrefixConstrainedLogitsProcessor
         mask = torch.full_like(scores, float("-inf"))
         for row in range(input_ids.shape[0]):
-            allowed = fn(row // num_beams, input_ids[row])
+            allowed = fn(row // group, input_ids[row])
             if len(allowed) == 0:
-                raise ValueError(f"prefix_allowed_tokens_fn returned an empty list for batch ID {row // num_beams}: "
+                raise ValueError(f"prefix_allowed_tokens_fn returned an empty list for batch ID {row // group}: "
                                  f"the constraint is unsatisfiable")
             mask[row, allowed] = 0
         scores = scores + mask
+        # HF: where every row of a prompt has only -inf left, the allowed tokens are forced with score 0
+        stuck = scores.amax(dim=-1).isneginf().view(-1, group).all(dim=-1, keepdim=True)
+        scores = torch.where(stuck.repeat_interleave(group, dim=0), mask, scores)
     for processor in settings.logits_processor:
         scores = processor(input_ids, scores)
     return scores

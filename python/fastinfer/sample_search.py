@@ -44,6 +44,8 @@ def sample_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], hol
     if device.type == "cuda" and max_new > 2:
         runner.enable_decode_graphs([batch], longest)
     tables, logits = prefill(runner, pool, prompts)
+    if hooked:  # a normal tensor (not an inference one) that the caller's processors may edit in place, as HF's
+        logits = logits.clone()
     unfinished = torch.ones(batch, dtype=torch.long, device=device)
     scores, raw = [], []
     cur_len = width
@@ -51,8 +53,8 @@ def sample_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], hol
         step = cur_len - width
         next_scores = processed_scores(logits, sequences[:, None, :], prompts, holes, settings, params, width,
                                        cur_len, 1, log_softmax=False)
-        if hooked:
-            next_scores = hf_hooks.process(settings, sequences[:, :cur_len], next_scores, 1)
+        if hooked:  # a prompt's n samples are one group of HF's prefix constraint
+            next_scores = hf_hooks.process(settings, sequences[:, :cur_len], next_scores, n)
         if do_sample:
             next_scores = hf_warpers(next_scores, settings.sampling, 1)
         if settings.output_scores:
@@ -87,6 +89,8 @@ def sample_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], hol
             chunks.append(SeqChunk([token], position, table))
         copy_blocks(runner, copies)
         logits = runner.run(chunks).float()
+        if hooked:
+            logits = logits.clone()
     out = input_ids.device
     return hf_output("GenerateDecoderOnlyOutput", sequences=sequences[:, :cur_len].to(out),
                      scores=tuple(s.to(out) for s in scores) if settings.output_scores else None,
