@@ -21,6 +21,12 @@ VARIANTS = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
     "phi3-partial": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
                                                        "partial_rotary_factor": 0.75}),
+    # sparse MoE: Mixtral (4 experts, top 2, renormalized), Qwen3-MoE (a dense first layer, top 3 of 5 without
+    # renormalization, router weights rounded to the model dtype)
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"head_dim": 32, "num_experts": 5, "num_experts_per_tok": 3,
+                                                           "moe_intermediate_size": 48, "mlp_only_layers": [0],
+                                                           "norm_topk_prob": False}),
     # Granite's four multipliers, far from 1, with a tied LM head (as Granite 3.x)
     "granite": ("GraniteConfig", "GraniteForCausalLM", {"embedding_multiplier": 6.0, "residual_multiplier": 0.5,
                                                         "attention_multiplier": 0.09, "logits_scaling": 4.0,

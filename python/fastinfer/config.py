@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                           "Phi3ForCausalLM", "GraniteForCausalLM")
+                           "Phi3ForCausalLM", "GraniteForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "half": torch.float16,
@@ -54,6 +54,13 @@ class ModelConfig:
     # embedding_multiplier, each layer's attention and MLP outputs by residual_multiplier before their residual
     # add, the attention scores by attention_multiplier (instead of head_dim ** -0.5), the logits divided by
     # logits_scaling
+    # sparse MoE MLPs (Mixtral, Qwen3-MoE; models/moe.py): the layers that have one, their experts, the
+    # experts each token runs, the experts' intermediate size, whether the top-k weights are renormalized
+    moe_layers: tuple[int, ...] = ()
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     attention_multiplier: float | None = None
@@ -107,7 +114,8 @@ class ModelConfig:
             raise ValueError(f"config: architectures must be a list of class names, got {archs!r}")
         arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                                        "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                                       "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM"}.get(
+                                       "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
+                                       "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}.get(
                                            cfg.get("model_type"), None)
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unsupported architecture {arch or cfg.get('model_type')!r}; fastinfer supports "
@@ -147,6 +155,7 @@ class ModelConfig:
                 raise ValueError(f"config: {key} must be an integer or null, got {cfg[key]!r}")
         window, window_layers = _sliding_window(cfg, arch)
         granite = _granite_scalars(cfg) if arch == "GraniteForCausalLM" else {}
+        moe = _moe(cfg, arch)
         return cls(
             architecture=arch,
             vocab_size=cfg["vocab_size"],
@@ -163,11 +172,12 @@ class ModelConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             # as HF's modeling code: Qwen2 always has q/k/v biases, Mistral and Phi-3 never, Llama and Qwen3 per
             # the flag
-            attention_bias={"Qwen2ForCausalLM": True, "MistralForCausalLM": False, "Phi3ForCausalLM": False}.get(
+            attention_bias={"Qwen2ForCausalLM": True, "MistralForCausalLM": False, "Phi3ForCausalLM": False,
+                            "MixtralForCausalLM": False}.get(
                 arch, bool(cfg.get("attention_bias", False))),
             sliding_window=window,
             sliding_window_layers=window_layers,
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             # as HF's rope init: int(head_dim * partial_rotary_factor)
             rotary_dim=None if partial == 1.0 else int(head_dim * partial),
             bos_token_id=cfg.get("bos_token_id"),
@@ -177,6 +187,7 @@ class ModelConfig:
             quantization=quantization,
             fp8_weight_block_size=block_size,
             **granite,
+            **moe,
         )
 
     @classmethod
@@ -295,7 +306,7 @@ def _sliding_window(cfg: dict, arch: str) -> tuple[int | None, tuple[int, ...] |
     window = cfg.get("sliding_window")
     if arch in ("LlamaForCausalLM", "GraniteForCausalLM"):  # HF's have no sliding window, whatever the config holds
         return None, None
-    qwen = arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
+    qwen = arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
     if qwen and not cfg.get("use_sliding_window", False):
         return None, None
     if window is None:
@@ -338,4 +349,34 @@ def _granite_scalars(cfg: dict) -> dict:
             raise ValueError(f"config: {key} must be a finite number{' other than 0' if nonzero else ''}, got {value!r}")
         out[key] = float(value)
     return out
+
+
+def _moe(cfg: dict, arch: str) -> dict:
+    """The MoE fields as HF's Mixtral / Qwen3-MoE read their configs: Mixtral's every layer has
+    num_local_experts experts of intermediate_size, renormalized top-k weights; Qwen3-MoE's layers not in
+    mlp_only_layers whose (index + 1) is a multiple of decoder_sparse_step have num_experts experts of
+    moe_intermediate_size (the rest a dense MLP of intermediate_size), renormalized under norm_topk_prob."""
+    if arch not in ("MixtralForCausalLM", "Qwen3MoeForCausalLM"):
+        return {}
+    layers = cfg["num_hidden_layers"]
+    mixtral = arch == "MixtralForCausalLM"
+    # transformers 5 writes either model's count as num_local_experts (num_experts is an alias of it)
+    key = "num_experts" if cfg.get("num_experts") is not None else "num_local_experts"
+    experts = _optional_positive_int(cfg, key, 8 if mixtral else 128)
+    top_k = _optional_positive_int(cfg, "num_experts_per_tok", 2 if mixtral else 8)
+    if top_k > experts:
+        raise ValueError(f"config: num_experts_per_tok ({top_k}) exceeds the number of experts ({experts})")
+    if mixtral:
+        return dict(moe_layers=tuple(range(layers)), num_experts=experts, num_experts_per_tok=top_k,
+                    moe_intermediate_size=cfg["intermediate_size"], norm_topk_prob=True)
+    step = _optional_positive_int(cfg, "decoder_sparse_step", 1)
+    dense = cfg.get("mlp_only_layers") or []
+    if not isinstance(dense, (list, tuple)) or not all(_is_int(i) for i in dense):
+        raise ValueError(f"config: mlp_only_layers must be a list of layer indices, got {dense!r}")
+    norm = cfg.get("norm_topk_prob", False)
+    if not isinstance(norm, bool):
+        raise ValueError(f"config: norm_topk_prob must be true or false, got {norm!r}")
+    return dict(moe_layers=tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0),
+                num_experts=experts, num_experts_per_tok=top_k,
+                moe_intermediate_size=_optional_positive_int(cfg, "moe_intermediate_size", 768), norm_topk_prob=norm)
 

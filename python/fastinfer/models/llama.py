@@ -44,6 +44,7 @@ from ..quant.linear import QuantConfig
 from . import linear as _linear
 from . import llama_weights
 from .linear import Linear, dense_linear, gate_up_silu_mul, linear_kind, make_linear
+from .moe import MoE
 from .rope import cos_sin_cache
 
 
@@ -96,8 +97,9 @@ def gemv_prefetch_bytes() -> int:
 
 class LlamaLayer:
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-                 kind: str | QuantConfig | None = None, window: int = 0):
-        """window: this layer's sliding window (ModelConfig.attention_window), 0 for full attention."""
+                 kind: str | QuantConfig | None = None, window: int = 0, moe: bool = False):
+        """window: this layer's sliding window (ModelConfig.attention_window), 0 for full attention; moe:
+        a sparse mixture-of-experts MLP (models/moe.py) instead of the dense one."""
         def empty(*shape):
             return torch.empty(shape, dtype=dtype, device=device)
 
@@ -118,8 +120,10 @@ class LlamaLayer:
         self.q_norm = empty(d) if cfg.qk_norm else None
         self.k_norm = empty(d) if cfg.qk_norm else None
         self.post_attn_norm = empty(h)
-        self.gate_up = linear(h, 2 * cfg.intermediate_size)
-        self.down = linear(cfg.intermediate_size, h)
+        # a MoE layer has no dense MLP (gate_up / down None: neither fused path takes it)
+        self.moe = MoE(cfg, dtype, device) if moe else None
+        self.gate_up = None if moe else linear(h, 2 * cfg.intermediate_size)
+        self.down = None if moe else linear(cfg.intermediate_size, h)
         # [k_scale, v_scale] of an FP8 KV cache (unused otherwise); see make_kv_caches.
         self.kv_scale = torch.ones(2, dtype=torch.float32, device=device)
 
@@ -135,6 +139,8 @@ class LlamaLayer:
             ops.fused_add_rms_norm(hidden, residual, self.input_norm, self.eps)
         hidden = self.o_proj_out(self.attention(hidden, kv_cache, meta, cos_sin))
         ops.fused_add_rms_norm(hidden, residual, self.post_attn_norm, self.eps)
+        if self.moe is not None:
+            return self.moe(hidden), residual
         hidden = self.down(gate_up_silu_mul(self.gate_up, hidden))  # silu_and_mul(gate_up(hidden)), fused on decode
         return hidden, residual
 
@@ -249,6 +255,9 @@ class LlamaForCausalLM:
         linear layers; a float checkpoint is quantized while loading) or a QuantConfig (4-bit
         projections; fastinfer.load_model builds it from "int4" / "gptq" / "awq" / "gguf")."""
         kind = linear_kind(quantization if quantization is not None else cfg.quantization)
+        if cfg.moe_layers and kind is not None:
+            raise ValueError(f"{cfg.architecture}: quantization ({getattr(kind, 'method', kind)!r}) of mixture-of-experts "
+                             f"models is not supported yet; load it unquantized")
         if cfg.quantization == "fp8" and kind != "fp8":
             raise ValueError(f"the checkpoint is FP8 (config.json quantization_config); it cannot load with "
                              f"quantization={getattr(kind, 'method', kind)!r}")
@@ -258,8 +267,9 @@ class LlamaForCausalLM:
         self.device = torch.device(device)
         self.quantization = kind.method if isinstance(kind, QuantConfig) else kind  # None, "fp8" or a 4-bit method
         self.embed = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, device=self.device)
-        self.layers = [LlamaLayer(cfg, self.dtype, self.device, kind, window=cfg.attention_window(i))
-                       for i in range(cfg.num_layers)]
+        self.layers = [LlamaLayer(cfg, self.dtype, self.device, kind, window=cfg.attention_window(i),
+                                  moe=i in cfg.moe_layers) for i in range(cfg.num_layers)]
+        self.has_moe = bool(cfg.moe_layers)  # data-dependent expert routing: no CUDA graph (runner.py)
         self.norm = torch.empty(cfg.hidden_size, dtype=self.dtype, device=self.device)
         self.lm_head = self.embed if cfg.tie_word_embeddings else torch.empty_like(self.embed)
         # [max_position, rotary_dim]: Phi-3's partial rotary rotates the first rotary_dim features of a head

@@ -65,6 +65,9 @@ def load_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Ten
     if tied_head:
         load_tied_head(model, tied_head, filled)
     fp8_parts.check_complete()
+    for group in moe_alternatives(model):  # a MoE tensor comes fused (HF 5.x) or per expert (checkpoints)
+        if any(set(names) <= filled for names in group):
+            filled.update(name for names in group for name in names)
     missing = sorted(set(targets) - filled)
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} weight(s), e.g. {missing[:3]}")
@@ -128,7 +131,6 @@ def weight_targets(model: LlamaForCausalLM) -> dict[str, torch.Tensor | LinearRo
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
         q, kv = layer.q_size, layer.kv_size
-        ffn = layer.gate_up.out_features // 2
         t[p + "input_layernorm.weight"] = layer.input_norm
         t[p + "post_attention_layernorm.weight"] = layer.post_attn_norm
         if model.config.architecture == "Phi3ForCausalLM":  # stored fused, in fastinfer's order
@@ -147,13 +149,58 @@ def weight_targets(model: LlamaForCausalLM) -> dict[str, torch.Tensor | LinearRo
         t[p + "self_attn.o_proj.weight"] = layer.o_proj.rows()
         if layer.o_proj.bias is not None:
             t[p + "self_attn.o_proj.bias"] = layer.o_proj.bias
+        if layer.moe is not None:
+            t.update(moe_targets(model, i))
+            continue
         if model.config.architecture == "Phi3ForCausalLM":
             t[p + "mlp.gate_up_proj.weight"] = layer.gate_up.rows()
         else:
+            ffn = layer.gate_up.out_features // 2
             t[p + "mlp.gate_proj.weight"] = layer.gate_up.rows(0, ffn)
             t[p + "mlp.up_proj.weight"] = layer.gate_up.rows(ffn)
         t[p + "mlp.down_proj.weight"] = layer.down.rows()
     return t
+
+
+def _moe_names(model: LlamaForCausalLM, i: int) -> tuple[str, list[tuple[str, str, str]]]:
+    """Layer i's router name and per-expert (gate, up, down) names in the checkpoint's spelling: Mixtral's
+    block_sparse_moe.experts.j.w1 / w3 / w2, Qwen3-MoE's mlp.experts.j.gate_proj / up_proj / down_proj."""
+    p = f"model.layers.{i}."
+    if model.config.architecture == "MixtralForCausalLM":
+        e = p + "block_sparse_moe."
+        return e + "gate.weight", [(f"{e}experts.{j}.w1.weight", f"{e}experts.{j}.w3.weight", f"{e}experts.{j}.w2.weight")
+                                   for j in range(model.config.num_experts)]
+    e = p + "mlp."
+    return e + "gate.weight", [(f"{e}experts.{j}.gate_proj.weight", f"{e}experts.{j}.up_proj.weight",
+                                f"{e}experts.{j}.down_proj.weight") for j in range(model.config.num_experts)]
+
+
+def moe_targets(model: LlamaForCausalLM, i: int) -> dict[str, torch.Tensor]:
+    """Layer i's MoE tensors under both spellings: HF 5.x's fused mlp.gate / mlp.experts.gate_up_proj /
+    mlp.experts.down_proj, and the checkpoints' per-expert ones (views of the same storage)."""
+    moe, f = model.layers[i].moe, model.config.moe_intermediate_size
+    p = f"model.layers.{i}.mlp."
+    router, experts = _moe_names(model, i)
+    t = {p + "gate.weight": moe.router, router: moe.router, p + "experts.gate_up_proj": moe.gate_up,
+         p + "experts.down_proj": moe.down}
+    for j, (gate, up, down) in enumerate(experts):
+        t[gate], t[up], t[down] = moe.gate_up[j, :f], moe.gate_up[j, f:], moe.down[j]
+    return t
+
+
+def moe_alternatives(model: LlamaForCausalLM) -> list[list[list[str]]]:
+    """Per MoE tensor, the alternative sets of names that fill it whole."""
+    groups = []
+    for i, layer in enumerate(model.layers):
+        if layer.moe is None:
+            continue
+        p = f"model.layers.{i}.mlp."
+        router, experts = _moe_names(model, i)
+        groups.append([[p + "gate.weight"], [router]])
+        groups.append([[p + "experts.gate_up_proj"], [n for gate, up, _ in experts for n in (gate, up)]])
+        groups.append([[p + "experts.down_proj"], [down for _, _, down in experts]])
+    return groups
+
 
 def kv_scale_targets(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
     """Optional FP8 KV-cache scales a checkpoint may ship (compressed-tensors kv_cache_scheme)."""

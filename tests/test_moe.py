@@ -1,0 +1,102 @@
+"""Sparse mixture-of-experts models (Mixtral, Qwen3-MoE) against HF transformers, CPU fp32: logits, greedy
+and beam search, both weight spellings (transformers 5's fused experts in memory, the per-expert tensors
+checkpoints store), the engine's chunked prefill / prefix cache / preemption."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastinfer
+from fastinfer.config import ModelConfig
+from fastinfer.generate import get_loaded
+from fastinfer.llm import LLM
+from fastinfer.sampling_params import SamplingParams
+from models import left_padded_batch, make_hf_model
+from test_loader_parity import edit_tensors, fi_logits, hf_logits
+
+transformers = pytest.importorskip("transformers")
+PAD = 0
+PROMPT = [5, 17, 33, 2, 99, 250, 7, 64, 128, 11, 3, 300, 41, 8, 19, 77, 23]
+CASES = [("mixtral", {}), ("mixtral", {"num_experts_per_tok": 1}), ("qwen3-moe", {}),
+         ("qwen3-moe", {"norm_topk_prob": True, "decoder_sparse_step": 2, "mlp_only_layers": []})]
+IDS = ["mixtral", "mixtral-top1", "qwen3-moe", "qwen3-moe-renormalized-every-2nd"]
+
+
+@pytest.mark.parametrize("variant, overrides", CASES, ids=IDS)
+def test_logits_match_hf(variant, overrides):
+    model = make_hf_model(variant, seed=1, **overrides)
+    torch.testing.assert_close(fi_logits(get_loaded(model), PROMPT), hf_logits(model, PROMPT), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant, overrides", CASES[::2], ids=IDS[::2])
+def test_config_reads_the_moe_layers_as_hf(variant, overrides):
+    model = make_hf_model(variant, **overrides)
+    cfg = ModelConfig.from_hf(model.config.to_dict())
+    hf_moe = [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+    assert list(cfg.moe_layers) == hf_moe and cfg.num_experts == model.config.num_local_experts
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
+def test_a_checkpoint_dir_with_per_expert_tensors(tmp_path, variant):
+    """save_pretrained writes each expert's tensors apart (Mixtral's w1 / w3 / w2, Qwen3-MoE's gate / up /
+    down_proj), as the published checkpoints do: the same logits as the fused in-memory weights."""
+    model = make_hf_model(variant, seed=2)
+    model.save_pretrained(tmp_path)
+    loaded = fastinfer.load_model(tmp_path)
+    assert torch.equal(fi_logits(loaded, PROMPT), fi_logits(get_loaded(model), PROMPT))
+    ids, mask = left_padded_batch([5, 17, 1, 9], model.config.vocab_size, PAD, seed=2)
+    kw = dict(max_new_tokens=16, do_sample=False, eos_token_id=None)
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, pad_token_id=PAD, **kw)
+    assert torch.equal(fastinfer.generate(str(tmp_path), ids, attention_mask=mask, pad_token_id=PAD, **kw), expected)
+
+
+def test_a_missing_expert_is_named(tmp_path):
+    make_hf_model("mixtral").save_pretrained(tmp_path)
+    edit_tensors(tmp_path, lambda t: t.pop("model.layers.1.block_sparse_moe.experts.3.w2.weight"))
+    with pytest.raises(ValueError, match="missing"):
+        fastinfer.load_model(tmp_path)
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
+def test_beam_search_matches_hf(variant):
+    model = make_hf_model(variant, seed=3)
+    ids, mask = left_padded_batch([9, 20], model.config.vocab_size, PAD, seed=3)
+    kw = dict(max_new_tokens=10, do_sample=False, num_beams=3, eos_token_id=[5])
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, pad_token_id=PAD, **kw)
+    assert torch.equal(fastinfer.generate(model, ids, attention_mask=mask, pad_token_id=PAD, **kw), expected)
+
+
+def test_engine_chunked_prefill_prefix_cache_and_preemption_match_hf():
+    model = make_hf_model("qwen3-moe", seed=4)
+    gen = torch.Generator().manual_seed(4)
+    shared = torch.randint(3, model.config.vocab_size, (40,), generator=gen).tolist()
+    prompts = [shared + torch.randint(3, model.config.vocab_size, (n,), generator=gen).tolist() for n in (1, 9)]
+    prompts += [torch.randint(3, model.config.vocab_size, (n,), generator=gen).tolist() for n in (3, 60, 33)]
+    expected = []
+    for p in prompts:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                 pad_token_id=PAD)
+        expected.append(out[0, len(p):].tolist())
+    llm = LLM(get_loaded(model), num_blocks=7, block_size=16, max_num_seqs=4, max_num_batched_tokens=16)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert llm.engine.scheduler.num_preemptions > 0 and llm.prefix_cache_hit_rate > 0
+
+
+@pytest.mark.parametrize("quantization", ["fp8", "int4"])
+def test_quantization_is_refused_by_name(quantization):
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        fastinfer.load_model(make_hf_model("mixtral"), quantization=quantization)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"num_experts_per_tok": 9}, "num_experts_per_tok"), ({"mlp_only_layers": "0"}, "mlp_only_layers"),
+    ({"decoder_sparse_step": 0}, "decoder_sparse_step"), ({"norm_topk_prob": "yes"}, "norm_topk_prob"),
+])
+def test_bad_moe_configs_name_the_field(change, match):
+    cfg = {**make_hf_model("qwen3-moe").config.to_dict(), **change}
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_hf(cfg)
