@@ -7,8 +7,8 @@ down[e] @ (silu(gate) * up)(gate_up[e] @ x), scaled by the token's weight for e,
 the output in ascending expert order (HF's index_add_ order).
 
 Correct, not fast: which experts run depends on the data, so a step reads the routing back to the host
-(no CUDA graph can hold it: decode graphs are off for such models, runner.py) and each expert is a
-separate GEMM. Weights: router [E, hidden], gate_up [E, 2 F, hidden] (gate rows first), down [E, hidden, F],
+(once per layer: how many pairs each expert takes; no CUDA graph can hold that, so decode graphs are off
+for such models, runner.py) and each expert is a separate GEMM over its tokens. Weights: router [E, hidden], gate_up [E, 2 F, hidden] (gate rows first), down [E, hidden, F],
 HF 5.x's fused expert layout; per-expert checkpoint tensors are copied into their slices (llama_weights).
 """
 from __future__ import annotations
@@ -39,8 +39,18 @@ class MoE:
         if self.round_weights:
             weights = weights.to(hidden.dtype)
         out = torch.zeros_like(hidden)
-        for e in torch.unique(experts).tolist():  # ascending, as HF's loop over the experts hit
-            tokens, slot = torch.where(experts == e)
+        # the (token, slot) pairs grouped by expert, ascending (HF's loop over the experts hit); one read
+        # back of the group sizes per layer
+        flat = experts.flatten()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.router.shape[0]).tolist()
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            pairs = order[start:start + count]
+            start += count
+            tokens, slot = pairs // self.top_k, pairs % self.top_k
             act = ops.silu_and_mul(F.linear(hidden[tokens], self.gate_up[e]))
             y = F.linear(act, self.down[e]) * weights[tokens, slot, None]
             out.index_add_(0, tokens, y.to(out.dtype))
