@@ -84,6 +84,10 @@ TORCH_LIBRARY(fastinfer, m) {
       "dense_gemv_rope_cache(Tensor(a!) query, Tensor(b!) kv_cache, Tensor x, Tensor weight, Tensor? bias, "
       "Tensor positions, Tensor cos_sin_cache, Tensor slot_mapping, Tensor? sq_sums, Tensor? norm_weight, "
       "float eps, Tensor? prefetch=None, int prefetch_bytes=0, bool prefetch_swiglu=False, Tensor? weight_scale=None) -> ()");
+  // Mixture-of-experts decode GEMVs, the expert of each (token, expert) pair read on the device: out[p] =
+  // dense_gemv(x[p / x_group], weight[expert_ids[p]]) (or dense_gemv_silu_mul's with silu_mul), weight
+  // [E, N, K]. Bit for bit those ops with M = 1 (gemm/moe_gemv.h).
+  m.def("moe_gemv(Tensor(a!) out, Tensor x, Tensor weight, Tensor expert_ids, int x_group, bool silu_mul) -> ()");
   // The last three take the next GEMV's weight (prefetch) to ask L2 for, about prefetch_bytes of it, as
   // they finish (a hint: results do not change; the CPU ignores it). prefetch_swiglu: that GEMV is the
   // SwiGLU one.
@@ -112,6 +116,7 @@ TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {
   m.impl("int4_linear", &fastinfer::cpu::int4_linear);
   m.impl("dense_gemv", &fastinfer::cpu::dense_gemv);
   m.impl("dense_gemv_silu_mul", &fastinfer::cpu::dense_gemv_silu_mul);
+  m.impl("moe_gemv", &fastinfer::cpu::moe_gemv);
   m.impl("dense_gemv_add_residual", &fastinfer::cpu::dense_gemv_add_residual);
   m.impl("rms_norm_dense_gemv", &fastinfer::cpu::rms_norm_dense_gemv);
   m.impl("dense_gemv_rope_cache", &fastinfer::cpu::dense_gemv_rope_cache);

@@ -180,4 +180,24 @@ void dense_gemv_rope_cache(at::Tensor& query, at::Tensor& kv_cache, const at::Te
   query.copy_(q);
 }
 
+// moe_gemv's spec: each pair's row through dense_gemv (or dense_gemv_silu_mul) on its expert's weight.
+void moe_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_ids,
+              int64_t x_group, bool silu_mul) {
+  TORCH_CHECK(weight.dim() == 3 && expert_ids.scalar_type() == at::kInt && x_group >= 1 &&
+                  x.size(0) * x_group == expert_ids.size(0) && out.size(0) == expert_ids.size(0),
+              "moe_gemv: inconsistent shapes or dtypes (validate with fastinfer.ops.moe_gemv)");
+  const int32_t* ids = expert_ids.data_ptr<int32_t>();
+  for (int64_t p = 0; p < expert_ids.size(0); ++p) {
+    TORCH_CHECK(ids[p] >= 0 && ids[p] < weight.size(0), "moe_gemv: expert_ids[", p, "] = ", ids[p],
+                " outside [0, ", weight.size(0), ")");
+    const at::Tensor row = x.narrow(0, p / x_group, 1);
+    at::Tensor dst = out.narrow(0, p, 1);
+    if (silu_mul) {
+      dense_gemv_silu_mul(dst, row, weight[ids[p]], std::nullopt);
+    } else {
+      dense_gemv(dst, row, weight[ids[p]], std::nullopt, std::nullopt);
+    }
+  }
+}
+
 }  // namespace fastinfer::cpu

@@ -47,12 +47,14 @@ class ModelRunner:
         """Run decode steps of up to max(sizes) sequences from static buffers, padded to a bucket.
         capture (default: on CUDA) records one CUDA graph per bucket now; without it the same static
         path runs eagerly (how the CPU tests check the padding and the buffers)."""
-        if capture is None:  # a MoE model's expert routing reads the step's data back: no graph can hold it
-            capture = self.device.type == "cuda" and not getattr(self.model, "has_moe", False)
+        safe = getattr(self.model, "decode_graph_safe", lambda batch: True)(max(sizes))
+        if capture is None:  # a step that reads its data back (MoE routing off the moe_gemv path) cannot be one
+            capture = self.device.type == "cuda" and safe
         if capture and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
-        if capture and getattr(self.model, "has_moe", False):
-            raise ValueError("a mixture-of-experts model's decode steps cannot be captured in a CUDA graph")
+        if capture and not safe:
+            raise ValueError(f"decode steps of {max(sizes)} sequences read the step's data back (mixture-of-experts "
+                             f"routing off the moe_gemv path): they cannot be captured in a CUDA graph")
         self.graphs = DecodeGraphs(self, sizes, max_model_len, capture)
 
     def run(self, chunks: list[SeqChunk], input_ids: torch.Tensor | None = None) -> torch.Tensor:

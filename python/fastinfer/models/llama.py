@@ -269,7 +269,7 @@ class LlamaForCausalLM:
         self.embed = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, device=self.device)
         self.layers = [LlamaLayer(cfg, self.dtype, self.device, kind, window=cfg.attention_window(i),
                                   moe=i in cfg.moe_layers) for i in range(cfg.num_layers)]
-        self.has_moe = bool(cfg.moe_layers)  # data-dependent expert routing: no CUDA graph (runner.py)
+        self.has_moe = bool(cfg.moe_layers)  # data-dependent expert routing (runner.py: decode_graph_safe)
         self.norm = torch.empty(cfg.hidden_size, dtype=self.dtype, device=self.device)
         self.lm_head = self.embed if cfg.tie_word_embeddings else torch.empty_like(self.embed)
         # [max_position, rotary_dim]: Phi-3's partial rotary rotates the first rotary_dim features of a head
@@ -303,6 +303,12 @@ class LlamaForCausalLM:
         """Granite's logits / logits_scaling (in fp32: HF divides its model-dtype logits)."""
         s = self.config.logits_scaling
         return logits if s == 1.0 else logits.div_(s)
+
+    def decode_graph_safe(self, batch: int) -> bool:
+        """Whether decode steps of up to `batch` sequences avoid host syncs, so a CUDA graph can hold them:
+        always, except MoE layers whose routing reads the step's data back (models/moe.py: the moe_gemv
+        path does not)."""
+        return all(layer.moe is None or layer.moe.gemv_ok(batch, self.device, self.dtype) for layer in self.layers)
 
     def fuse_norms(self, num_tokens: int) -> bool:
         """Whether a step of num_tokens runs the layers' forward_fused (the module docstring):

@@ -1,0 +1,107 @@
+// The MoE decode GEMV (gemm/moe_gemv.h): dense_gemv's one-x-tile kernel (gemm/gemv.cuh) with the CTA's
+// weight, x row and output row chosen by its pair, blockIdx.y, and the pair's expert id read from device
+// memory. grid (N / 16 row tiles (swiglu: N / 16 pairs of 8 gate and 8 up rows), P); block 8 warps. The
+// K loop is gemv.cuh's chunk_mma (8 warps split K into 128-k chunks, all loads of a chunk before its
+// mmas), B column 0 holding the x row and columns 1..7 zero; the partial 16 x 8 tiles of the warps are
+// summed in warp order and column 0 stored: each output is dense_gemv(x[row], W[e]) with M = 1, the same
+// expression (so the same bits), and the swiglu epilogue is its silu_mul one.
+// Cost: a pair reads its expert's rows once; pairs that share an expert (batch > 1) read them again
+// (L2 may serve the repeats). At batch 1 a Mixtral layer reads its two experts' 3 x 117 MB... once.
+#pragma once
+#include "fastinfer/gemm/gemv.cuh"
+#include "fastinfer/gemm/moe_gemv.h"
+
+namespace fastinfer {
+namespace moe_gemv {
+
+using gemv::kThreads;
+using gemv::kTileN;
+using gemv::kWarps;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2) moe_gemv_kernel(const MoeGemvParams p) {
+  __shared__ float4 partial[kWarps][kWarpSize];
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int g = lane / 4, c = lane % 4;
+  const int pair = blockIdx.y;
+  pdl_wait();  // x (and the expert ids) come from the kernels before
+  const int64_t expert = p.expert_ids[pair];
+  const T* weight = static_cast<const T*>(p.weight) + expert * p.n * p.k;
+  // dense_gemv's row choice: tile rows, or with swiglu gate row 8 b + g and its up row F + 8 b + g
+  const int row0 = blockIdx.x * kTileN, gate_row = blockIdx.x * (kTileN / 2) + g;
+  const int64_t row_lo = p.swiglu ? gate_row : min(row0 + g, p.n - 1);
+  const int64_t row_hi = p.swiglu ? p.n / 2 + gate_row : min(row0 + g + 8, p.n - 1);
+  const T* w_lo = weight + row_lo * p.k + gemv::kVecElems * c;
+  const T* w_hi = weight + row_hi * p.k + gemv::kVecElems * c;
+  const T* x_rows[1] = {static_cast<const T*>(p.x) + (pair / p.x_group) * p.x_stride + gemv::kVecElems * c};
+  const unsigned has_x = g == 0 ? 1u : 0u;  // B column g = x row g: only row 0 exists
+  const gemv::NormState<T, 1> norm{};
+
+  gemv::Acc<1> acc;
+#pragma unroll
+  for (int a = 0; a < gemv::kAccSets<1>; ++a)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc.v[a][0][j] = 0.f;
+  const int64_t num_full = p.k / gemv::kChunkK;
+  int64_t chunk = warp;
+  for (; chunk < num_full; chunk += kWarps) {
+    gemv::chunk_mma<T, 1, false, false>(acc, w_lo, w_hi, x_rows, has_x, chunk * gemv::kChunkK, 0, norm);
+  }
+  if (chunk == num_full && p.k % gemv::kChunkK != 0) {  // the partial last chunk falls to this warp
+    const int64_t k0 = chunk * gemv::kChunkK;
+    gemv::chunk_mma<T, 1, true, false>(acc, w_lo, w_hi, x_rows, has_x, k0, p.k - k0 - gemv::kVecElems * c, norm);
+  }
+  pdl_launch_dependents();
+  const auto& a0 = acc.v[0][0];
+  const auto& a1 = acc.v[gemv::kAccSets<1> - 1][0];
+  partial[warp][lane] = make_float4(a0[0] + a1[0], a0[1] + a1[1], a0[2] + a1[2], a0[3] + a1[3]);
+  __syncthreads();
+
+  // Column 0 of D: lanes 4 g' (c = 0), values 0 (row g') and 2 (row g' + 8), as dense_gemv's epilogue
+  // reads them (value i of a warp: lane i / 4, element i % 4), summed over the warps in warp order.
+  const float* flat = reinterpret_cast<const float*>(&partial[0][0]);
+  const auto warp_sum = [&](int i) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += flat[w * kWarpSize * 4 + i];
+    return sum;
+  };
+  if (threadIdx.x >= 16) return;
+  const int src = threadIdx.x % 8 * 4, hi = threadIdx.x / 8;  // lane 4 g' of D row g' (+ 8 when hi)
+  T* out = static_cast<T*>(p.out) + pair * p.out_stride;
+  if (p.swiglu) {
+    if (hi) return;
+    const int64_t gate_n = static_cast<int64_t>(blockIdx.x) * (kTileN / 2) + src / 4;
+    const float gate = to_float(from_float<T>(warp_sum(src * 4)));
+    const float up = to_float(from_float<T>(warp_sum(src * 4 + 2)));
+    out[gate_n] = from_float<T>(gate / (1.0f + __expf(-gate)) * up);
+    return;
+  }
+  const int n = row0 + src / 4 + (hi ? 8 : 0);
+  if (n < p.n) out[n] = from_float<T>(warp_sum(src * 4 + (hi ? 2 : 0)));
+}
+
+template <typename T>
+cudaError_t launch_typed(const MoeGemvParams& p, cudaStream_t stream) {
+  const unsigned tiles = static_cast<unsigned>(p.swiglu ? p.n / kTileN : ceil_div(p.n, kTileN));
+  return launch_kernel(moe_gemv_kernel<T>, dim3(tiles, static_cast<unsigned>(p.pairs)), dim3(kThreads), 0, stream, p);
+}
+
+}  // namespace moe_gemv
+
+inline cudaError_t launch_moe_gemv_impl(const MoeGemvParams& p, cudaStream_t stream) {
+  const auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  if (p.pairs < 0 || p.pairs > 65535 || p.x_group < 1 || p.n <= 0 || p.k <= 0 || p.k % gemv::kVecElems != 0 ||
+      p.x_stride % gemv::kVecElems != 0 || !aligned16(p.x) || !aligned16(p.weight) || p.expert_ids == nullptr ||
+      (p.swiglu && p.n % gemv::kTileN != 0)) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.pairs == 0) return cudaSuccess;
+  switch (p.dtype) {
+    case DType::kBFloat16: return moe_gemv::launch_typed<__nv_bfloat16>(p, stream);
+    case DType::kFloat16: return moe_gemv::launch_typed<__half>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace fastinfer
