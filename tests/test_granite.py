@@ -89,3 +89,14 @@ def test_bad_multipliers_name_the_field(key, value):
 
 def test_registered_as_a_variant():
     assert "granite" in VARIANTS  # test_generate.py's batched greedy parity runs it too
+
+
+def test_bf16_logits_are_rounded_after_the_scaling_as_hfs():
+    """HF divides its bf16 logits by logits_scaling and rounds: fastinfer's logits are bf16 values too,
+    close to HF's (a non-power-of-two scaling, where the rounding shows)."""
+    model = make_hf_model("granite", seed=6, logits_scaling=3.0).to(torch.bfloat16)
+    ours = fi_logits(get_loaded(model), PROMPT)
+    assert torch.equal(ours, ours.to(torch.bfloat16).float())
+    theirs = hf_logits(model, PROMPT)
+    assert (ours - theirs).abs().max() <= 0.05 * theirs.abs().max()
+

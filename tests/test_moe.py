@@ -100,3 +100,36 @@ def test_bad_moe_configs_name_the_field(change, match):
     cfg = {**make_hf_model("qwen3-moe").config.to_dict(), **change}
     with pytest.raises(ValueError, match=match):
         ModelConfig.from_hf(cfg)
+
+
+def test_qwen3_moe_sliding_window_covers_every_layer():
+    """HF's Qwen3-MoE has no layer_types / max_window_layers: under use_sliding_window every layer is windowed."""
+    model = make_hf_model("qwen3-moe", seed=5, use_sliding_window=True, sliding_window=4, max_window_layers=2)
+    cfg = ModelConfig.from_hf(model.config.to_dict())
+    assert [cfg.attention_window(i) for i in range(2)] == [4, 4]
+    torch.testing.assert_close(fi_logits(get_loaded(model), PROMPT), hf_logits(model, PROMPT), rtol=0, atol=1e-5)
+
+
+def test_norm_topk_prob_null_is_false():
+    cfg = {**make_hf_model("qwen3-moe").config.to_dict(), "norm_topk_prob": None}
+    assert ModelConfig.from_hf(cfg).norm_topk_prob is False
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
+def test_bf16_moe_output_equals_hfs_default_experts_path(variant):
+    """transformers 5's default experts path (grouped_mm) sums a token's weighted expert outputs in fp32
+    and rounds once; so does fastinfer. Checked on one MoE block in bf16 with HF's own expert outputs
+    (the block's SwiGLU rounds once where HF's rounds twice, as fastinfer's dense MLP does)."""
+    from fastinfer.models.moe import MoE
+    model = make_hf_model(variant, seed=8).to(torch.bfloat16)
+    block = model.model.layers[1].mlp
+    loaded = get_loaded(model).model
+    ours = loaded.layers[1].moe
+    assert isinstance(ours, MoE)
+    x = torch.randn(64, model.config.hidden_size, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    with torch.no_grad():
+        expected = block(x[None])[0] if not isinstance(block(x[None]), tuple) else block(x[None])[0][0]
+    got = ours(x)
+    # the same routing and combine: differences come only from the SwiGLU's rounding
+    assert (got.float() - expected.float()).abs().max() <= 0.02 * expected.float().abs().max()
+

@@ -72,6 +72,7 @@ def test_silu_mul_equals_dense_gemv_silu_mul_per_pair(device, dtype, shape):
     (lambda a: {**a, "x_group": 0}, "x_group"),
     (lambda a: {**a, "silu_mul": True, "weight": a["weight"][:, :40].contiguous()}, "with silu_mul"),
     (lambda a: {**a, "x": a["x"][:, :60]}, "K"),
+    (lambda a: {**a, "weight": a["weight"][:, :0].contiguous()}, "rows per expert"),
 ])
 def test_bad_input_is_a_value_error_naming_it(mutate, match):
     x, weight, ids = case("cpu", torch.float32, 3, 2, 4, 64, 128)

@@ -87,3 +87,21 @@ def test_bad_prompts_and_params_type():
         llm.beam_search([[5, 6]], fastinfer.SamplingParams())
     with pytest.raises(ValueError, match="prompts"):
         llm.beam_search([], BeamSearchParams(beam_width=2, max_tokens=2))
+
+
+def test_a_beam_at_the_length_limit_finishes_whatever_else_runs():
+    """Beams that reach max_model_len are finished as they are: a prompt's result does not depend on the
+    other prompts of the call."""
+    hf = make_hf_model("llama", seed=6)
+    llm = LLM(get_loaded(hf), num_blocks=32, max_model_len=12)
+    params = BeamSearchParams(beam_width=2, max_tokens=8, ignore_eos=True)
+    alone = llm.beam_search([[5, 6, 7, 8, 9, 10, 11, 12]], params)[0]
+    together = llm.beam_search([[5, 6, 7, 8, 9, 10, 11, 12], [40, 41]], params)[0]
+    assert [s.tokens for s in alone.sequences] == [s.tokens for s in together.sequences]
+    assert all(len(s.tokens) == 12 for s in alone.sequences)
+
+
+def test_length_penalty_must_be_finite():
+    with pytest.raises(ValueError, match="length_penalty"):
+        BeamSearchParams(beam_width=2, max_tokens=2, length_penalty=float("inf"))
+

@@ -1,5 +1,5 @@
 // CUDA binding of moe_gemv (gemm/moe_gemv.h): tensors -> MoeGemvParams, current stream, launch.
-// python/fastinfer/_ops_linear.py validates; the checks here are the second line of defence.
+// python/fastinfer/_ops_moe.py validates; the checks here are the second line of defence.
 #include <torch/library.h>
 
 #include <limits>

@@ -33,7 +33,9 @@ def moe_gemv(x: torch.Tensor, weight: torch.Tensor, expert_ids: torch.Tensor, x_
     if pairs != x.shape[0] * x_group or pairs > MOE_GEMV_MAX_PAIRS:
         _fail(op, f"expert_ids must have x.shape[0] * x_group = {x.shape[0] * x_group} entries (at most "
                   f"{MOE_GEMV_MAX_PAIRS}), got {pairs}")
-    if silu_mul and (n == 0 or n % 16):
+    if n == 0 or n >= 65535 * 16:
+        _fail(op, f"weight must have 1 to {65535 * 16 - 1} rows per expert (N), got {n}")
+    if silu_mul and n % 16:
         _fail(op, f"with silu_mul, weight needs 2 F rows per expert ([gate; up]), F a multiple of 8; got N = {n}")
     if check_indices and pairs and (int(expert_ids.min()) < 0 or int(expert_ids.max()) >= experts):
         _fail(op, f"expert_ids must lie in [0, {experts}), got [{int(expert_ids.min())}, {int(expert_ids.max())}]")

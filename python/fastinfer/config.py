@@ -299,16 +299,17 @@ def _yarn_params(merged: dict, cfg: dict) -> None:
 
 
 def _sliding_window(cfg: dict, arch: str) -> tuple[int | None, tuple[int, ...] | None]:
-    """(window, the layers that have it: None for all) as HF's modeling code reads the config: Llama has no
-    sliding window whatever the config holds; Mistral and Phi-3 apply sliding_window to every layer; Qwen2 /
-    Qwen3 only under use_sliding_window, to the layers layer_types names "sliding_attention" (by default
-    those from max_window_layers on)."""
+    """(window, the layers that have it: None for all) as HF's modeling code reads the config: Llama and
+    Granite have no sliding window whatever the config holds; Mistral, Mixtral and Phi-3 apply
+    sliding_window to every layer, Qwen3-MoE too under use_sliding_window; Qwen2 / Qwen3 only under
+    use_sliding_window, to the layers layer_types names "sliding_attention" (by default those from
+    max_window_layers on)."""
     window = cfg.get("sliding_window")
     if arch in ("LlamaForCausalLM", "GraniteForCausalLM"):  # HF's have no sliding window, whatever the config holds
         return None, None
-    qwen = arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
-    if qwen and not cfg.get("use_sliding_window", False):
-        return None, None
+    qwen = arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM")  # windowed layers from layer_types / max_window_layers
+    if (qwen or arch == "Qwen3MoeForCausalLM") and not cfg.get("use_sliding_window", False):
+        return None, None  # Qwen3-MoE under use_sliding_window: every layer, as Mistral
     if window is None:
         types = cfg.get("layer_types")
         if qwen and isinstance(types, (list, tuple)) and "sliding_attention" in types:  # HF fails on it
@@ -373,7 +374,7 @@ def _moe(cfg: dict, arch: str) -> dict:
     dense = cfg.get("mlp_only_layers") or []
     if not isinstance(dense, (list, tuple)) or not all(_is_int(i) for i in dense):
         raise ValueError(f"config: mlp_only_layers must be a list of layer indices, got {dense!r}")
-    norm = cfg.get("norm_topk_prob", False)
+    norm = cfg.get("norm_topk_prob") or False  # HF: null is False
     if not isinstance(norm, bool):
         raise ValueError(f"config: norm_topk_prob must be true or false, got {norm!r}")
     return dict(moe_layers=tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0),

@@ -46,15 +46,20 @@ class ModelRunner:
     def enable_decode_graphs(self, sizes: list[int], max_model_len: int, capture: bool | None = None) -> None:
         """Run decode steps of up to max(sizes) sequences from static buffers, padded to a bucket.
         capture (default: on CUDA) records one CUDA graph per bucket now; without it the same static
-        path runs eagerly (how the CPU tests check the padding and the buffers)."""
-        safe = getattr(self.model, "decode_graph_safe", lambda batch: True)(max(sizes))
-        if capture is None:  # a step that reads its data back (MoE routing off the moe_gemv path) cannot be one
-            capture = self.device.type == "cuda" and safe
+        path runs eagerly (how the CPU tests check the padding and the buffers). A step that reads its data
+        back (a MoE model's routing off the moe_gemv path, models/moe.py) cannot be a graph: only the
+        buckets whose steps avoid that are kept (larger batches run the plain eager path)."""
+        safe = getattr(self.model, "decode_graph_safe", lambda batch: True)
+        kept = [s for s in sizes if s >= 1 and safe(s)]
+        if capture is None:
+            capture = self.device.type == "cuda" and bool(kept)
         if capture and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
-        if capture and not safe:
-            raise ValueError(f"decode steps of {max(sizes)} sequences read the step's data back (mixture-of-experts "
-                             f"routing off the moe_gemv path): they cannot be captured in a CUDA graph")
+        if capture and len(kept) < len(sizes):
+            sizes = kept
+        if not sizes:
+            raise ValueError(f"decode steps of these batch sizes read the step's data back (mixture-of-experts routing "
+                             f"off the moe_gemv path): they cannot be captured in a CUDA graph")
         self.graphs = DecodeGraphs(self, sizes, max_model_len, capture)
 
     def run(self, chunks: list[SeqChunk], input_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -36,8 +36,8 @@ class BeamSearchParams:
                 not 0 <= self.temperature < float("inf"):
             raise ValueError(f"BeamSearchParams.temperature must be a number >= 0, got {self.temperature!r}")
         if isinstance(self.length_penalty, bool) or not isinstance(self.length_penalty, (int, float)) or \
-                self.length_penalty != self.length_penalty:
-            raise ValueError(f"BeamSearchParams.length_penalty must be a number, got {self.length_penalty!r}")
+                not -float("inf") < self.length_penalty < float("inf"):
+            raise ValueError(f"BeamSearchParams.length_penalty must be a finite number, got {self.length_penalty!r}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"BeamSearchParams.ignore_eos must be True or False, got {self.ignore_eos!r}")
 
@@ -88,8 +88,11 @@ def beam_search(llm, prompts, params: BeamSearchParams, use_tqdm: bool = False) 
     live = [[BeamSearchSequence(tokens=engine.tokenize(p))] for p in prompts]
     completed: list[list[BeamSearchSequence]] = [[] for _ in prompts]
     for _ in range(params.max_tokens):
-        # a beam that has reached the model's length limit cannot be extended: vLLM drops it
-        batch = [(i, beam) for i, beams in enumerate(live) for beam in beams if len(beam.tokens) < engine.max_model_len]
+        # a beam that has reached the model's length limit cannot be extended: it is finished as it is
+        for i, beams in enumerate(live):
+            completed[i] += [beam for beam in beams if len(beam.tokens) >= engine.max_model_len]
+            live[i] = [beam for beam in beams if len(beam.tokens) < engine.max_model_len]
+        batch = [(i, beam) for i, beams in enumerate(live) for beam in beams]
         if not batch:
             break
         results = llm.generate([beam.tokens for _, beam in batch], step_params, use_tqdm=use_tqdm)

@@ -140,7 +140,7 @@ class LlamaLayer:
         hidden = self.o_proj_out(self.attention(hidden, kv_cache, meta, cos_sin))
         ops.fused_add_rms_norm(hidden, residual, self.post_attn_norm, self.eps)
         if self.moe is not None:
-            return self.moe(hidden), residual
+            return self.moe(hidden, decode=meta.is_decode), residual
         hidden = self.down(gate_up_silu_mul(self.gate_up, hidden))  # silu_and_mul(gate_up(hidden)), fused on decode
         return hidden, residual
 
@@ -269,7 +269,6 @@ class LlamaForCausalLM:
         self.embed = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, device=self.device)
         self.layers = [LlamaLayer(cfg, self.dtype, self.device, kind, window=cfg.attention_window(i),
                                   moe=i in cfg.moe_layers) for i in range(cfg.num_layers)]
-        self.has_moe = bool(cfg.moe_layers)  # data-dependent expert routing (runner.py: decode_graph_safe)
         self.norm = torch.empty(cfg.hidden_size, dtype=self.dtype, device=self.device)
         self.lm_head = self.embed if cfg.tie_word_embeddings else torch.empty_like(self.embed)
         # [max_position, rotary_dim]: Phi-3's partial rotary rotates the first rotary_dim features of a head
@@ -300,15 +299,20 @@ class LlamaForCausalLM:
         return self._scaled(dense_linear(hidden[meta.logits_indices], self.lm_head).float())
 
     def _scaled(self, logits: torch.Tensor) -> torch.Tensor:
-        """Granite's logits / logits_scaling (in fp32: HF divides its model-dtype logits)."""
+        """Granite's logits / logits_scaling. HF divides its model-dtype logits (the LM head's output, which
+        these fp32 logits hold exactly) and rounds the quotient to that dtype: so does this."""
         s = self.config.logits_scaling
-        return logits if s == 1.0 else logits.div_(s)
+        if s == 1.0:
+            return logits
+        logits.div_(s)
+        return logits if self.dtype == torch.float32 else logits.to(self.dtype).float()
 
     def decode_graph_safe(self, batch: int) -> bool:
         """Whether decode steps of up to `batch` sequences avoid host syncs, so a CUDA graph can hold them:
         always, except MoE layers whose routing reads the step's data back (models/moe.py: the moe_gemv
         path does not)."""
-        return all(layer.moe is None or layer.moe.gemv_ok(batch, self.device, self.dtype) for layer in self.layers)
+        return all(layer.moe is None or layer.moe.gemv_ok(batch, self.device, self.dtype, decode=True)
+                   for layer in self.layers)
 
     def fuse_norms(self, num_tokens: int) -> bool:
         """Whether a step of num_tokens runs the layers' forward_fused (the module docstring):

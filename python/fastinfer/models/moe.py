@@ -2,17 +2,19 @@
 
 Router: logits = x @ router^T in the model dtype, softmax in fp32, the top num_experts_per_tok experts
 per token, their weights renormalized to sum 1 when norm_topk_prob (Mixtral always; Qwen3-MoE per its
-config) and, for Qwen3-MoE, rounded to the model dtype. Each expert e runs SwiGLU on its tokens:
-down[e] @ (silu(gate) * up)(gate_up[e] @ x), scaled by the token's weight for e, the products added into
-the output in ascending expert order (HF's index_add_ order).
+config) and, for Qwen3-MoE, rounded to the model dtype. Each (token, slot) pair runs its expert's SwiGLU,
+y = down[e] @ (silu(gate) * up)(gate_up[e] @ x), and the token's output is round(sum over its slots, in
+slot order, of y * weight): transformers 5's default experts path (grouped_mm: the products summed by
+.sum(dim=1) over [tokens, top_k, hidden], fp32 accumulation, one rounding), reproduced here with the same
+tensor shapes and the same reduction.
 
-Two paths. Decode steps on a GPU (up to MOE_GEMV_MAX_PAIRS (token, expert) pairs, 16-bit weights) run
+Two ways to get y. Decode steps on a GPU (up to MOE_GEMV_DECODE_PAIRS pairs, 16-bit weights) run
 ops.moe_gemv: one kernel for every pair's gate / up projection with the SwiGLU epilogue, one for the down
-projections, the expert ids read on the device, then the pairs' weighted outputs added in HF's order: no
-host sync, so such steps can be CUDA graphs (runner.py). Everything else (prefill, the CPU unless forced)
-groups the pairs by expert, one read-back of the group sizes per layer, and runs each expert as a GEMM
-over its tokens. Weights: router [E, hidden], gate_up [E, 2 F, hidden] (gate rows first), down [E, hidden, F],
-HF 5.x's fused expert layout; per-expert checkpoint tensors are copied into their slices (llama_weights).
+projections, the expert ids read on the device: no host sync, so such steps can be CUDA graphs
+(runner.py). Everything else (prefill, larger batches, the CPU unless forced) groups the pairs by expert,
+one read-back of the group sizes per layer, and runs each expert as a GEMM over its tokens. Weights:
+router [E, hidden], gate_up [E, 2 F, hidden] (gate rows first), down [E, hidden, F], HF 5.x's fused expert
+layout; per-expert checkpoint tensors are copied into their slices (llama_weights).
 """
 from __future__ import annotations
 
@@ -24,13 +26,14 @@ import torch.nn.functional as F
 from .. import _ops as ops
 from ..config import ModelConfig
 
-MOE_GEMV_MAX_PAIRS = 256  # decode steps of up to this many (token, expert) pairs take ops.moe_gemv
+MOE_GEMV_DECODE_PAIRS = 256  # decode steps of up to this many (token, expert) pairs take ops.moe_gemv
 
 
 def use_moe_gemv(device: torch.device, pairs: int, dtype: torch.dtype) -> bool:
-    """Whether a step of `pairs` (token, expert) pairs runs ops.moe_gemv: on CUDA, 16-bit weights, at most
-    MOE_GEMV_MAX_PAIRS pairs, unless FASTINFER_MOE_GEMV=0 (read at every call; tests force it on the CPU)."""
-    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and 1 <= pairs <= MOE_GEMV_MAX_PAIRS
+    """Whether a decode step of `pairs` (token, expert) pairs runs ops.moe_gemv: on CUDA, 16-bit weights, at
+    most MOE_GEMV_DECODE_PAIRS pairs, unless FASTINFER_MOE_GEMV=0 (read when a step runs; a captured decode
+    graph keeps the path it was captured with). Tests force it on the CPU."""
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and 1 <= pairs <= MOE_GEMV_DECODE_PAIRS
             and os.environ.get("FASTINFER_MOE_GEMV", "1") != "0")
 
 
@@ -43,8 +46,9 @@ class MoE:
         self.gate_up = torch.empty(e, 2 * f, h, dtype=dtype, device=device)
         self.down = torch.empty(e, h, f, dtype=dtype, device=device)
 
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [T, hidden] (normalized) -> the MoE output [T, hidden] in its dtype."""
+    def __call__(self, hidden: torch.Tensor, decode: bool = False) -> torch.Tensor:
+        """hidden [T, hidden] (normalized) -> the MoE output [T, hidden] in its dtype. decode: a decode step
+        (one token per sequence), which may take ops.moe_gemv."""
         logits = F.linear(hidden, self.router)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
@@ -52,44 +56,39 @@ class MoE:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         if self.round_weights:
             weights = weights.to(hidden.dtype)
-        if self.gemv_ok(hidden.shape[0], hidden.device, hidden.dtype):
-            return self._decode(hidden, weights, experts)
-        out = torch.zeros_like(hidden)
-        # the (token, slot) pairs grouped by expert, ascending (HF's loop over the experts hit); one read
-        # back of the group sizes per layer
+        t = hidden.shape[0]
+        if self.gemv_ok(t, hidden.device, hidden.dtype, decode):
+            y = self._pairs_by_gemv(hidden, experts)
+        else:
+            y = self._pairs_by_expert(hidden, experts)
+        # HF's combine: each pair's output times its weight (fp32 for Mixtral's weights), summed over the
+        # token's slots by .sum(dim=1), rounded once
+        return (y.view(t, self.top_k, -1) * weights[:, :, None]).sum(dim=1).to(hidden.dtype)
+
+    def gemv_ok(self, tokens: int, device: torch.device, dtype: torch.dtype, decode: bool) -> bool:
+        """Whether a step of `tokens` runs the graph-safe path (ops.moe_gemv): decode steps only."""
+        f, k = self.down.shape[2], self.gate_up.shape[2]
+        return decode and use_moe_gemv(device, tokens * self.top_k, dtype) and f % 8 == 0 and k % 8 == 0
+
+    def _pairs_by_gemv(self, hidden: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """y [T * top_k, hidden] in (token, slot) order: two ops.moe_gemv launches, no host sync."""
+        ids = experts.flatten().to(torch.int32)
+        act = ops.moe_gemv(hidden, self.gate_up, ids, x_group=self.top_k, silu_mul=True, check_indices=False)
+        return ops.moe_gemv(act, self.down, ids, check_indices=False)
+
+    def _pairs_by_expert(self, hidden: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """y [T * top_k, hidden] in (token, slot) order: the pairs grouped by expert (one argsort and one
+        read-back of the group sizes), a GEMM per expert over its tokens."""
         flat = experts.flatten()
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.router.shape[0]).tolist()
+        y = torch.empty(flat.shape[0], hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
         start = 0
         for e, count in enumerate(counts):
             if count == 0:
                 continue
             pairs = order[start:start + count]
             start += count
-            tokens, slot = pairs // self.top_k, pairs % self.top_k
-            act = ops.silu_and_mul(F.linear(hidden[tokens], self.gate_up[e]))
-            y = F.linear(act, self.down[e]) * weights[tokens, slot, None]
-            out.index_add_(0, tokens, y.to(out.dtype))
-        return out
-
-    def gemv_ok(self, tokens: int, device: torch.device, dtype: torch.dtype) -> bool:
-        """Whether a step of `tokens` runs the graph-safe decode path (ops.moe_gemv)."""
-        f, k = self.down.shape[2], self.gate_up.shape[2]
-        return use_moe_gemv(device, tokens * self.top_k, dtype) and f % 8 == 0 and k % 8 == 0
-
-    def _decode(self, hidden: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """Every pair's expert in two ops.moe_gemv launches, then the weighted outputs of each token
-        added as HF's index_add_ does: its experts in ascending order, each product rounded to the
-        output dtype and added in it."""
-        t = hidden.shape[0]
-        ids = experts.flatten().to(torch.int32)
-        act = ops.moe_gemv(hidden, self.gate_up, ids, x_group=self.top_k, silu_mul=True, check_indices=False)
-        y = ops.moe_gemv(act, self.down, ids, check_indices=False).view(t, self.top_k, -1)
-        order = torch.argsort(experts, dim=1, stable=True)
-        y = y.gather(1, order[:, :, None].expand(-1, -1, y.shape[2]))
-        weights = weights.gather(1, order)
-        out = (y[:, 0] * weights[:, 0, None]).to(hidden.dtype)
-        for s in range(1, self.top_k):
-            out = out + (y[:, s] * weights[:, s, None]).to(hidden.dtype)
-        return out
-
+            act = ops.silu_and_mul(F.linear(hidden[pairs // self.top_k], self.gate_up[e]))
+            y[pairs] = F.linear(act, self.down[e])
+        return y

@@ -1,12 +1,13 @@
 // The MoE decode GEMV (gemm/moe_gemv.h): dense_gemv's one-x-tile kernel (gemm/gemv.cuh) with the CTA's
-// weight, x row and output row chosen by its pair, blockIdx.y, and the pair's expert id read from device
-// memory. grid (N / 16 row tiles (swiglu: N / 16 pairs of 8 gate and 8 up rows), P); block 8 warps. The
+// weight, x row and output row chosen by its pair, blockIdx.x, and the pair's expert id read from device
+// memory. grid (P, N / 16 row tiles (swiglu: N / 16 pairs of 8 gate and 8 up rows)); block 8 warps. The
+// pairs vary fastest, so the pairs that share an expert read each of its row tiles at about the same
+// time: the repeats come from L2, not DRAM. The
 // K loop is gemv.cuh's chunk_mma (8 warps split K into 128-k chunks, all loads of a chunk before its
 // mmas), B column 0 holding the x row and columns 1..7 zero; the partial 16 x 8 tiles of the warps are
 // summed in warp order and column 0 stored: each output is dense_gemv(x[row], W[e]) with M = 1, the same
 // expression (so the same bits), and the swiglu epilogue is its silu_mul one.
-// Cost: a pair reads its expert's rows once; pairs that share an expert (batch > 1) read them again
-// (L2 may serve the repeats). At batch 1 a Mixtral layer reads its two experts' 3 x 117 MB... once.
+// Cost: every pair streams its expert's rows; at batch 1 that is each selected expert once.
 #pragma once
 #include "fastinfer/gemm/gemv.cuh"
 #include "fastinfer/gemm/moe_gemv.h"
@@ -23,12 +24,12 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gemv_kernel(const MoeGemvPara
   __shared__ float4 partial[kWarps][kWarpSize];
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int g = lane / 4, c = lane % 4;
-  const int pair = blockIdx.y;
+  const int pair = blockIdx.x, tile = blockIdx.y;
   pdl_wait();  // x (and the expert ids) come from the kernels before
   const int64_t expert = p.expert_ids[pair];
   const T* weight = static_cast<const T*>(p.weight) + expert * p.n * p.k;
   // dense_gemv's row choice: tile rows, or with swiglu gate row 8 b + g and its up row F + 8 b + g
-  const int row0 = blockIdx.x * kTileN, gate_row = blockIdx.x * (kTileN / 2) + g;
+  const int row0 = tile * kTileN, gate_row = tile * (kTileN / 2) + g;
   const int64_t row_lo = p.swiglu ? gate_row : min(row0 + g, p.n - 1);
   const int64_t row_hi = p.swiglu ? p.n / 2 + gate_row : min(row0 + g + 8, p.n - 1);
   const T* w_lo = weight + row_lo * p.k + gemv::kVecElems * c;
@@ -71,7 +72,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gemv_kernel(const MoeGemvPara
   T* out = static_cast<T*>(p.out) + pair * p.out_stride;
   if (p.swiglu) {
     if (hi) return;
-    const int64_t gate_n = static_cast<int64_t>(blockIdx.x) * (kTileN / 2) + src / 4;
+    const int64_t gate_n = static_cast<int64_t>(tile) * (kTileN / 2) + src / 4;
     const float gate = to_float(from_float<T>(warp_sum(src * 4)));
     const float up = to_float(from_float<T>(warp_sum(src * 4 + 2)));
     out[gate_n] = from_float<T>(gate / (1.0f + __expf(-gate)) * up);
@@ -84,14 +85,14 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gemv_kernel(const MoeGemvPara
 template <typename T>
 cudaError_t launch_typed(const MoeGemvParams& p, cudaStream_t stream) {
   const unsigned tiles = static_cast<unsigned>(p.swiglu ? p.n / kTileN : ceil_div(p.n, kTileN));
-  return launch_kernel(moe_gemv_kernel<T>, dim3(tiles, static_cast<unsigned>(p.pairs)), dim3(kThreads), 0, stream, p);
+  return launch_kernel(moe_gemv_kernel<T>, dim3(static_cast<unsigned>(p.pairs), tiles), dim3(kThreads), 0, stream, p);
 }
 
 }  // namespace moe_gemv
 
 inline cudaError_t launch_moe_gemv_impl(const MoeGemvParams& p, cudaStream_t stream) {
   const auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  if (p.pairs < 0 || p.pairs > 65535 || p.x_group < 1 || p.n <= 0 || p.k <= 0 || p.k % gemv::kVecElems != 0 ||
+  if (p.pairs < 0 || p.pairs > 65535 || p.x_group < 1 || p.n <= 0 || p.n / gemv::kTileN >= 65535 || p.k <= 0 || p.k % gemv::kVecElems != 0 ||
       p.x_stride % gemv::kVecElems != 0 || !aligned16(p.x) || !aligned16(p.weight) || p.expert_ids == nullptr ||
       (p.swiglu && p.n % gemv::kTileN != 0)) {
     return cudaErrorInvalidValue;

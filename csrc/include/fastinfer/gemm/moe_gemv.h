@@ -20,9 +20,9 @@ struct MoeGemvParams {
   const void* x;              // [P / x_group, K], rows x_stride elements apart (x_stride % 8 == 0, 16-byte aligned)
   const void* weight;         // [E, N, K] contiguous, 16-byte aligned
   const int32_t* expert_ids;  // [P], each in [0, E) (not checked on the device)
-  int pairs;                  // P, 0 .. 65535
+  int pairs;                  // P, 0 .. 65535 (the grid's x extent allows more; the binding's limit)
   int x_group;                // >= 1
-  int n;                      // rows of one expert's weight (even, % 16 == 0 with swiglu)
+  int n;                      // rows of one expert's weight (% 16 == 0 with swiglu), < 65535 x 16
   int64_t k;                  // multiple of 8
   int64_t x_stride, out_stride;
   bool swiglu;
