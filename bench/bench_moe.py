@@ -1,0 +1,110 @@
+"""One mixture-of-experts MLP (models/moe.py) in decode steps: the moe_gemv path against the per-expert path, bf16.
+
+    python bench/bench_moe.py [--out PATH] [--iters N] [--tokens 1 4 16]
+
+Shapes: Mixtral-8x7B (8 experts, top 2, hidden 4096, expert FFN 14336) and Qwen3-30B-A3B (128 experts,
+top 8, hidden 2048, expert FFN 768). Rows: "moe_gemv" (the decode path: two ops.moe_gemv launches, expert
+ids on the device, graph-safe), "per-expert GEMMs" (FASTINFER_MOE_GEMV=0: the pairs grouped by expert, a
+host read-back of the group sizes, a cuBLAS GEMM per expert hit), and "moe_gemv, CUDA graph" (the decode
+path replayed from a graph, as decode steps run). Router and combine are included in every row. Bytes: the
+weights of the distinct experts the step's routing selects (3 H F x 2 bytes each) plus the router; GB/s =
+those bytes / median time, and that as a fraction of the device-to-device copy bandwidth measured in the
+same run. "vs per-expert" = the per-expert path's time / this time. Timing and L2 flushing: bench/common.py.
+"""
+from __future__ import annotations
+
+import torch
+
+import common
+
+SHAPES = {"mixtral-8x7b": (8, 2, 4096, 14336), "qwen3-30b-a3b": (128, 8, 2048, 768)}  # (E, top_k, H, F)
+TOKENS = (1, 4, 16)
+DTYPE = torch.bfloat16
+GEMV, EXPERT, GRAPH = "moe_gemv", "per-expert GEMMs", "moe_gemv, CUDA graph"
+
+
+def make_moe(experts: int, top_k: int, hidden: int, ffn: int, g: torch.Generator):
+    from fastinfer.config import ModelConfig
+    from fastinfer.models.moe import MoE
+    cfg = ModelConfig(architecture="MixtralForCausalLM", vocab_size=32, hidden_size=hidden, intermediate_size=ffn,
+                      num_layers=1, num_heads=1, num_kv_heads=1, head_dim=64, rms_norm_eps=1e-5, rope_theta=1e4,
+                      rope_scaling=None, max_position_embeddings=64, tie_word_embeddings=False, attention_bias=False,
+                      moe_layers=(0,), num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=ffn)
+    moe = MoE(cfg, DTYPE, torch.device("cuda"))
+    for t in (moe.router, moe.gate_up, moe.down):
+        t.copy_((torch.randn(t.shape, generator=g, device="cuda") * t.shape[-1] ** -0.5).to(DTYPE))
+    return moe
+
+
+def graphed(fn, x: torch.Tensor):
+    """fn(x) captured once in a CUDA graph; the returned callable replays it."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(x)  # warm up outside the capture (lazy initialisation)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(x)
+    return graph.replay
+
+
+def run_shape(name: str, shape, tokens, args, flush, copy_gbps: float, errors: list) -> list[dict]:
+    experts, top_k, hidden, ffn = shape
+    g = torch.Generator(device="cuda").manual_seed(experts + hidden)
+    moe = make_moe(experts, top_k, hidden, ffn, g)
+    rows = []
+    for t in tokens:
+        x = torch.randn(t, hidden, generator=g, device="cuda").to(DTYPE)
+        with torch.no_grad():
+            ids = torch.topk(torch.softmax((x @ moe.router.t()).float(), dim=-1), top_k).indices
+        distinct = int(torch.unique(ids).numel())
+        nbytes = distinct * 3 * hidden * ffn * 2 + experts * hidden * 2
+        impls = {GEMV: lambda x: moe(x, decode=True),
+                 EXPERT: common.with_env(lambda x: moe(x, decode=True), {"FASTINFER_MOE_GEMV": "0"})}
+        times, outputs = {}, {}
+        for impl, fn in list(impls.items()) + [(GRAPH, None)]:
+            try:
+                if impl == GRAPH:
+                    replay = graphed(impls[GEMV], x)
+                    t_us = common.time_cuda(replay, warmup=args.warmup, iters=args.iters, flush=flush)
+                else:
+                    outputs[impl] = fn(x).clone()
+                    t_us = common.time_cuda(lambda: fn(x), warmup=args.warmup, iters=args.iters, flush=flush)
+            except Exception as exc:  # report and carry on: one failure must not hide the other rows
+                errors.append(f"{name} tokens={t} {impl}: {type(exc).__name__}: {exc}")
+                print(f"ERROR {errors[-1]}")
+                continue
+            bw = common.gbps(nbytes, t_us["us"])
+            times[impl] = t_us["us"]
+            rows.append({"shape": name, "tokens": t, "experts_hit": distinct, "impl": impl, "us": t_us["us"],
+                         "bytes": nbytes, "gbps": bw, "frac_copy": bw / copy_gbps})
+        for r in rows[-len(times):]:
+            r["vs_expert"] = times[EXPERT] / r["us"] if EXPERT in times else None
+            if r["impl"] == GEMV and EXPERT in outputs and GEMV in outputs:
+                r["diff_vs_expert"] = float((outputs[GEMV].float() - outputs[EXPERT].float()).abs().max())
+    return rows
+
+
+COLUMNS = [("shape", "shape", ""), ("tokens", "tokens", "d"), ("experts_hit", "experts hit", "d"), ("impl", "impl", ""),
+           ("us", "time (us)", ".1f"), ("gbps", "GB/s", ".0f"), ("frac_copy", "of copy BW", ".1%"),
+           ("vs_expert", "vs per-expert", ".2f"), ("diff_vs_expert", "max |diff| vs per-expert", ".1e")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = common.parser("moe", __doc__, iters=30, warmup=5)
+    parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
+    args = parser.parse_args(argv)
+    _, flush, copy = common.start()
+    rows, errors = [], []
+    for name, shape in SHAPES.items():
+        rows += run_shape(name, shape, args.tokens, args, flush, copy["gbps"], errors)
+        torch.cuda.empty_cache()
+    notes = [f"device-to-device copy {copy['gbps']:.0f} GB/s (read + write); bf16; L2 flushed before each of "
+             f"{args.iters} calls; bytes = the distinct experts' weights the routing selects + the router"]
+    return common.finish(args.out, name="moe", title="MoE decode step: moe_gemv vs per-expert GEMMs (bf16)",
+                         columns=COLUMNS, rows=rows, notes=notes, errors=errors, copy=copy)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
