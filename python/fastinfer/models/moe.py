@@ -8,11 +8,14 @@ slot order, of y * weight): transformers 5's default experts path (grouped_mm: t
 .sum(dim=1) over [tokens, top_k, hidden], fp32 accumulation, one rounding), reproduced here with the same
 tensor shapes and the same reduction.
 
-Two ways to get y. Decode steps on a GPU (up to MOE_GEMV_DECODE_PAIRS pairs, 16-bit weights) run
+Three ways to get y. Decode steps on a GPU (up to MOE_GEMV_DECODE_PAIRS pairs, 16-bit weights) run
 ops.moe_gemv: one kernel for every pair's gate / up projection with the SwiGLU epilogue, one for the down
 projections, the expert ids read on the device: no host sync, so such steps can be CUDA graphs
-(runner.py). Everything else (prefill, larger batches, the CPU unless forced) groups the pairs by expert,
-one read-back of the group sizes per layer, and runs each expert as a GEMM over its tokens. Weights:
+(runner.py). Everything else takes HF's default path where torch has it (torch._grouped_mm: the CPU, and
+bf16 on an sm_90+ GPU): the pairs sorted by expert, group offsets from a histogram (no host sync), one
+grouped GEMM for gate / up, SwiGLU as HF's (silu(gate) * up, two roundings), one for down: the same ops as
+transformers on the same device, so the same values. Otherwise the pairs are grouped by expert with one
+read-back of the group sizes per layer and each expert runs as a GEMM over its tokens. Weights:
 router [E, hidden], gate_up [E, 2 F, hidden] (gate rows first), down [E, hidden, F], HF 5.x's fused expert
 layout; per-expert checkpoint tensors are copied into their slices (llama_weights).
 """
@@ -37,6 +40,16 @@ def use_moe_gemv(device: torch.device, pairs: int, dtype: torch.dtype) -> bool:
             and os.environ.get("FASTINFER_MOE_GEMV", "1") != "0")
 
 
+def grouped_mm_ok(hidden: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm runs here: torch has it, and the CPU, or bf16 on an sm_90+ GPU."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if hidden.device.type == "cpu":
+        return True
+    return (hidden.device.type == "cuda" and hidden.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(hidden.device) >= (9, 0))
+
+
 class MoE:
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
         e, h, f = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
@@ -59,6 +72,8 @@ class MoE:
         t = hidden.shape[0]
         if self.gemv_ok(t, hidden.device, hidden.dtype, decode):
             y = self._pairs_by_gemv(hidden, experts)
+        elif grouped_mm_ok(hidden):
+            y = self._pairs_grouped(hidden, experts)
         else:
             y = self._pairs_by_expert(hidden, experts)
         # HF's combine: each pair's output times its weight (fp32 for Mixtral's weights), summed over the
@@ -75,6 +90,20 @@ class MoE:
         ids = experts.flatten().to(torch.int32)
         act = ops.moe_gemv(hidden, self.gate_up, ids, x_group=self.top_k, silu_mul=True, check_indices=False)
         return ops.moe_gemv(act, self.down, ids, check_indices=False)
+
+    def _pairs_grouped(self, hidden: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """y [T * top_k, hidden] in (token, slot) order, as transformers' grouped_mm experts path computes it."""
+        flat = experts.flatten()
+        sorted_ids, perm = torch.sort(flat)
+        counts_in = sorted_ids.float() if hidden.device.type == "cpu" else sorted_ids.int()
+        counts = torch.histc(counts_in, bins=self.router.shape[0], min=0, max=self.router.shape[0] - 1)
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        gate, up = torch._grouped_mm(hidden[perm // self.top_k], self.gate_up.transpose(-2, -1),
+                                     offs=offsets).chunk(2, dim=-1)
+        out = torch._grouped_mm(F.silu(gate) * up, self.down.transpose(-2, -1), offs=offsets)
+        y = torch.empty_like(out)
+        y[perm] = out
+        return y
 
     def _pairs_by_expert(self, hidden: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """y [T * top_k, hidden] in (token, slot) order: the pairs grouped by expert (one argsort and one
