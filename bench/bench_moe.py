@@ -6,7 +6,9 @@ Shapes: Mixtral-8x7B (8 experts, top 2, hidden 4096, expert FFN 14336) and Qwen3
 top 8, hidden 2048, expert FFN 768). Rows: "moe_gemv" (the decode path: two ops.moe_gemv launches, expert
 ids on the device, graph-safe), "per-expert GEMMs" (FASTINFER_MOE_GEMV=0: the pairs grouped by expert, a
 host read-back of the group sizes, a cuBLAS GEMM per expert hit), and "moe_gemv, CUDA graph" (the decode
-path replayed from a graph, as decode steps run). Router and combine are included in every row. Bytes: the
+path replayed from a graph, as decode steps run) and "grouped_mm (HF's path)" (torch._grouped_mm over the
+pairs sorted by expert: what prefill and steps past the moe_gemv limit run in bf16 on sm_90). Router and
+combine are included in every row. Bytes: the
 weights of the distinct experts the step's routing selects (3 H F x 2 bytes each) plus the router; GB/s =
 those bytes / median time, and that as a fraction of the device-to-device copy bandwidth measured in the
 same run. "vs per-expert" = the per-expert path's time / this time. Timing and L2 flushing: bench/common.py.
@@ -20,7 +22,22 @@ import common
 SHAPES = {"mixtral-8x7b": (8, 2, 4096, 14336), "qwen3-30b-a3b": (128, 8, 2048, 768)}  # (E, top_k, H, F)
 TOKENS = (1, 4, 16)
 DTYPE = torch.bfloat16
-GEMV, EXPERT, GRAPH = "moe_gemv", "per-expert GEMMs", "moe_gemv, CUDA graph"
+GEMV, EXPERT, GRAPH, GROUPED = "moe_gemv", "per-expert GEMMs", "moe_gemv, CUDA graph", "grouped_mm (HF's path)"
+
+
+def forced(moe, gemv: bool, grouped: bool):
+    """moe(x, decode=True) with models/moe.py's path choice fixed for the call."""
+    from fastinfer.models import moe as moe_mod
+
+    def run(x):
+        saved = moe_mod.use_moe_gemv, moe_mod.grouped_mm_ok
+        moe_mod.use_moe_gemv = lambda device, pairs, dtype: gemv
+        moe_mod.grouped_mm_ok = lambda hidden: grouped
+        try:
+            return moe(x, decode=True)
+        finally:
+            moe_mod.use_moe_gemv, moe_mod.grouped_mm_ok = saved
+    return run
 
 
 def make_moe(experts: int, top_k: int, hidden: int, ffn: int, g: torch.Generator):
@@ -60,8 +77,7 @@ def run_shape(name: str, shape, tokens, args, flush, copy_gbps: float, errors: l
             ids = torch.topk(torch.softmax((x @ moe.router.t()).float(), dim=-1), top_k).indices
         distinct = int(torch.unique(ids).numel())
         nbytes = distinct * 3 * hidden * ffn * 2 + experts * hidden * 2
-        impls = {GEMV: lambda x: moe(x, decode=True),
-                 EXPERT: common.with_env(lambda x: moe(x, decode=True), {"FASTINFER_MOE_GEMV": "0"})}
+        impls = {GEMV: forced(moe, True, False), EXPERT: forced(moe, False, False), GROUPED: forced(moe, False, True)}
         times, outputs = {}, {}
         for impl, fn in list(impls.items()) + [(GRAPH, None)]:
             try:
