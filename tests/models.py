@@ -24,6 +24,10 @@ VARIANTS = {
     # sparse MoE: Mixtral (4 experts, top 2, renormalized), Qwen3-MoE (a dense first layer, top 3 of 5 without
     # renormalization, router weights rounded to the model dtype)
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    # Qwen2-MoE: routed experts (top 2 of 4) plus a sigmoid-gated shared expert, q/k/v biases
+    "qwen2-moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2,
+                                                           "moe_intermediate_size": 48,
+                                                           "shared_expert_intermediate_size": 80}),
     "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"head_dim": 32, "num_experts": 5, "num_experts_per_tok": 3,
                                                            "moe_intermediate_size": 48, "mlp_only_layers": [0],
                                                            "norm_topk_prob": False}),

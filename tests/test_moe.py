@@ -18,8 +18,10 @@ transformers = pytest.importorskip("transformers")
 PAD = 0
 PROMPT = [5, 17, 33, 2, 99, 250, 7, 64, 128, 11, 3, 300, 41, 8, 19, 77, 23]
 CASES = [("mixtral", {}), ("mixtral", {"num_experts_per_tok": 1}), ("qwen3-moe", {}),
-         ("qwen3-moe", {"norm_topk_prob": True, "decoder_sparse_step": 2, "mlp_only_layers": []})]
-IDS = ["mixtral", "mixtral-top1", "qwen3-moe", "qwen3-moe-renormalized-every-2nd"]
+         ("qwen3-moe", {"norm_topk_prob": True, "decoder_sparse_step": 2, "mlp_only_layers": []}),
+         ("qwen2-moe", {}), ("qwen2-moe", {"mlp_only_layers": [1], "norm_topk_prob": True, "qkv_bias": False})]
+IDS = ["mixtral", "mixtral-top1", "qwen3-moe", "qwen3-moe-renormalized-every-2nd", "qwen2-moe",
+       "qwen2-moe-dense-last-renormalized-unbiased"]
 
 
 @pytest.mark.parametrize("variant, overrides", CASES, ids=IDS)
@@ -33,10 +35,11 @@ def test_config_reads_the_moe_layers_as_hf(variant, overrides):
     model = make_hf_model(variant, **overrides)
     cfg = ModelConfig.from_hf(model.config.to_dict())
     hf_moe = [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
-    assert list(cfg.moe_layers) == hf_moe and cfg.num_experts == model.config.num_local_experts
+    experts = getattr(model.config, "num_local_experts", None) or model.config.num_experts
+    assert list(cfg.moe_layers) == hf_moe and cfg.num_experts == experts
 
 
-@pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe"])
 def test_a_checkpoint_dir_with_per_expert_tensors(tmp_path, variant):
     """save_pretrained writes each expert's tensors apart (Mixtral's w1 / w3 / w2, Qwen3-MoE's gate / up /
     down_proj), as the published checkpoints do: the same logits as the fused in-memory weights."""
@@ -58,7 +61,7 @@ def test_a_missing_expert_is_named(tmp_path):
         fastinfer.load_model(tmp_path)
 
 
-@pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe"])
 def test_beam_search_matches_hf(variant):
     model = make_hf_model(variant, seed=3)
     ids, mask = left_padded_batch([9, 20], model.config.vocab_size, PAD, seed=3)
@@ -115,7 +118,7 @@ def test_norm_topk_prob_null_is_false():
     assert ModelConfig.from_hf(cfg).norm_topk_prob is False
 
 
-@pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe"])
 def test_bf16_moe_output_equals_hfs_default_experts_path(variant):
     """Off the decode GEMV, fastinfer runs transformers 5's default experts path (grouped_mm) with the same
     torch ops: one MoE block in bf16 gives HF's values bit for bit (its config says grouped_mm)."""
@@ -133,7 +136,7 @@ def test_bf16_moe_output_equals_hfs_default_experts_path(variant):
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe"])
 def test_the_per_expert_path_matches_hf(monkeypatch, variant):
     """Where torch._grouped_mm does not run (fp16 / fp32 on a GPU, GPUs before sm_90): a GEMM per expert."""
     from fastinfer.models import moe as moe_mod

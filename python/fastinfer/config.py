@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                           "Phi3ForCausalLM", "GraniteForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM")
+                           "Phi3ForCausalLM", "GraniteForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
+                           "Qwen3MoeForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "half": torch.float16,
@@ -61,6 +62,7 @@ class ModelConfig:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a gated dense expert every token also runs
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     attention_multiplier: float | None = None
@@ -115,7 +117,8 @@ class ModelConfig:
         arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                                        "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                                        "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
-                                       "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}.get(
+                                       "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                                       "qwen3_moe": "Qwen3MoeForCausalLM"}.get(
                                            cfg.get("model_type"), None)
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unsupported architecture {arch or cfg.get('model_type')!r}; fastinfer supports "
@@ -173,7 +176,7 @@ class ModelConfig:
             # as HF's modeling code: Qwen2 always has q/k/v biases, Mistral and Phi-3 never, Llama and Qwen3 per
             # the flag
             attention_bias={"Qwen2ForCausalLM": True, "MistralForCausalLM": False, "Phi3ForCausalLM": False,
-                            "MixtralForCausalLM": False}.get(
+                            "MixtralForCausalLM": False, "Qwen2MoeForCausalLM": bool(cfg.get("qkv_bias", True))}.get(
                 arch, bool(cfg.get("attention_bias", False))),
             sliding_window=window,
             sliding_window_layers=window_layers,
@@ -307,7 +310,8 @@ def _sliding_window(cfg: dict, arch: str) -> tuple[int | None, tuple[int, ...] |
     window = cfg.get("sliding_window")
     if arch in ("LlamaForCausalLM", "GraniteForCausalLM"):  # HF's have no sliding window, whatever the config holds
         return None, None
-    qwen = arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM")  # windowed layers from layer_types / max_window_layers
+    # windowed layers from layer_types / max_window_layers
+    qwen = arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM")
     if (qwen or arch == "Qwen3MoeForCausalLM") and not cfg.get("use_sliding_window", False):
         return None, None  # Qwen3-MoE under use_sliding_window: every layer, as Mistral
     if window is None:
@@ -353,11 +357,12 @@ def _granite_scalars(cfg: dict) -> dict:
 
 
 def _moe(cfg: dict, arch: str) -> dict:
-    """The MoE fields as HF's Mixtral / Qwen3-MoE read their configs: Mixtral's every layer has
-    num_local_experts experts of intermediate_size, renormalized top-k weights; Qwen3-MoE's layers not in
-    mlp_only_layers whose (index + 1) is a multiple of decoder_sparse_step have num_experts experts of
-    moe_intermediate_size (the rest a dense MLP of intermediate_size), renormalized under norm_topk_prob."""
-    if arch not in ("MixtralForCausalLM", "Qwen3MoeForCausalLM"):
+    """The MoE fields as HF's Mixtral / Qwen2-MoE / Qwen3-MoE read their configs: Mixtral's every layer has
+    num_local_experts experts of intermediate_size, renormalized top-k weights; Qwen2-MoE's and Qwen3-MoE's
+    layers not in mlp_only_layers whose (index + 1) is a multiple of decoder_sparse_step have num_experts
+    experts of moe_intermediate_size (the rest a dense MLP of intermediate_size), renormalized under
+    norm_topk_prob, and Qwen2-MoE's also a shared expert of shared_expert_intermediate_size."""
+    if arch not in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
         return {}
     layers = cfg["num_hidden_layers"]
     mixtral = arch == "MixtralForCausalLM"
@@ -377,7 +382,11 @@ def _moe(cfg: dict, arch: str) -> dict:
     norm = cfg.get("norm_topk_prob") or False  # HF: null is False
     if not isinstance(norm, bool):
         raise ValueError(f"config: norm_topk_prob must be true or false, got {norm!r}")
+    qwen2 = arch == "Qwen2MoeForCausalLM"
     return dict(moe_layers=tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0),
                 num_experts=experts, num_experts_per_tok=top_k,
-                moe_intermediate_size=_optional_positive_int(cfg, "moe_intermediate_size", 768), norm_topk_prob=norm)
+                moe_intermediate_size=_optional_positive_int(cfg, "moe_intermediate_size", 1408 if qwen2 else 768),
+                norm_topk_prob=norm,
+                shared_expert_intermediate_size=_optional_positive_int(cfg, "shared_expert_intermediate_size", 5632)
+                if qwen2 else 0)
 

@@ -115,7 +115,8 @@ class LlamaLayer:
         self.input_norm = empty(h)
         self.qkv = linear(h, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         # HF's Llama and Qwen3 bias o_proj too under attention_bias; Qwen2's q/k/v biases leave it without
-        self.o_proj = linear(self.q_size, h, bias=cfg.attention_bias and cfg.architecture != "Qwen2ForCausalLM")
+        self.o_proj = linear(self.q_size, h, bias=cfg.attention_bias
+                             and cfg.architecture not in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM"))
         # Qwen3: RMSNorm weights over each q and k head, applied before rotary (attend)
         self.q_norm = empty(d) if cfg.qk_norm else None
         self.k_norm = empty(d) if cfg.qk_norm else None

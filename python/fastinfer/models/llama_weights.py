@@ -185,6 +185,10 @@ def moe_targets(model: LlamaForCausalLM, i: int) -> dict[str, torch.Tensor]:
          p + "experts.down_proj": moe.down}
     for j, (gate, up, down) in enumerate(experts):
         t[gate], t[up], t[down] = moe.gate_up[j, :f], moe.gate_up[j, f:], moe.down[j]
+    if moe.shared is not None:  # Qwen2-MoE
+        for name, tensor in zip(("shared_expert.gate_proj.weight", "shared_expert.up_proj.weight",
+                                 "shared_expert.down_proj.weight", "shared_expert_gate.weight"), moe.shared):
+            t[p + name] = tensor
     return t
 
 

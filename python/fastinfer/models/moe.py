@@ -54,10 +54,16 @@ class MoE:
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
         e, h, f = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
-        self.round_weights = cfg.architecture == "Qwen3MoeForCausalLM"  # HF casts them to the model dtype
+        # HF casts the Qwen routers' weights to the model dtype
+        self.round_weights = cfg.architecture in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
         self.router = torch.empty(e, h, dtype=dtype, device=device)
         self.gate_up = torch.empty(e, 2 * f, h, dtype=dtype, device=device)
         self.down = torch.empty(e, h, f, dtype=dtype, device=device)
+        s = cfg.shared_expert_intermediate_size  # Qwen2-MoE's shared expert: HF's MLP, gated by sigmoid(x @ g^T)
+        self.shared = None if not s else [torch.empty(s, h, dtype=dtype, device=device),  # gate_proj
+                                          torch.empty(s, h, dtype=dtype, device=device),  # up_proj
+                                          torch.empty(h, s, dtype=dtype, device=device),  # down_proj
+                                          torch.empty(1, h, dtype=dtype, device=device)]  # shared_expert_gate
 
     def __call__(self, hidden: torch.Tensor, decode: bool = False) -> torch.Tensor:
         """hidden [T, hidden] (normalized) -> the MoE output [T, hidden] in its dtype. decode: a decode step
@@ -78,7 +84,12 @@ class MoE:
             y = self._pairs_by_expert(hidden, experts)
         # HF's combine: each pair's output times its weight (fp32 for Mixtral's weights), summed over the
         # token's slots by .sum(dim=1), rounded once
-        return (y.view(t, self.top_k, -1) * weights[:, :, None]).sum(dim=1).to(hidden.dtype)
+        out = (y.view(t, self.top_k, -1) * weights[:, :, None]).sum(dim=1).to(hidden.dtype)
+        if self.shared is not None:  # Qwen2-MoE, as HF: the routed output plus the gated shared expert's
+            gate, up, down, gate_w = self.shared
+            shared = F.linear(F.silu(F.linear(hidden, gate)) * F.linear(hidden, up), down)
+            out = out + torch.sigmoid(F.linear(hidden, gate_w)) * shared
+        return out
 
     def gemv_ok(self, tokens: int, device: torch.device, dtype: torch.dtype, decode: bool) -> bool:
         """Whether a step of `tokens` runs the graph-safe path (ops.moe_gemv): decode steps only."""
