@@ -7,6 +7,12 @@ first when free blocks run out) and in use (ref count > 0). free + cached + in u
 The hash of block i chains the hash of block i - 1 with block i's tokens, so a hit on block i
 implies the whole prefix matches. A prompt's last token is never served from the cache (its logits
 are needed), so at most (len - 1) // block_size leading blocks hit.
+
+Sliding-window models (window > 0: every layer's attention sees only its last `window` keys) release a
+running sequence's leading blocks once no query of it can read them again: the blocks wholly below
+(next position - window + 1) rounded down to RELEASE_ALIGN (the largest key tile an attention kernel
+rounds a window's start down to). Their table entries stay as they were (never read, so any valid id
+does); seq.num_released_blocks counts them, and only the entries after it hold references.
 """
 from __future__ import annotations
 
@@ -15,14 +21,19 @@ from collections import OrderedDict
 from .sequence import Sequence
 
 
+RELEASE_ALIGN = 128  # keys: the sm_90a prefill's key tile (decode kernels round to 64, the CPU not at all)
+
+
 def chain_hash(prev: int | None, tokens: list[int]) -> int:
     return hash((prev, tuple(tokens)))
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, window: int = 0):
+        """window > 0: release blocks below every sequence's sliding window (the module docstring)."""
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.window = window
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
@@ -89,10 +100,19 @@ class BlockManager:
             hits.append(block)
         return hits
 
+    def _released_before(self, num_computed: int) -> int:
+        """Leading blocks of a sequence with num_computed tokens in the cache that no later query reads (0
+        without a window)."""
+        if not self.window:
+            return 0
+        return max(0, num_computed - self.window + 1) // RELEASE_ALIGN * RELEASE_ALIGN // self.block_size
+
     def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
-        """Room to place seq's cached prefix plus num_tokens new tokens."""
+        """Room to place seq's cached prefix plus num_tokens new tokens (prefix hits below its sliding window
+        are not taken: they stay in the cache, unreferenced)."""
         hits = self._prefix_hits(seq)
-        reusable_free = sum(1 for b in hits if self.ref_counts[b] == 0)  # taken out of `cached`
+        skip = self._released_before(len(hits) * self.block_size)
+        reusable_free = sum(1 for b in hits[skip:] if self.ref_counts[b] == 0)  # taken out of `cached`
         num_tokens = min(num_tokens, len(seq) - len(hits) * self.block_size)  # the cached prefix is not recomputed
         needed = seq.num_blocks_for(len(hits) * self.block_size + num_tokens, self.block_size) - len(hits)
         return needed <= self.num_available - reusable_free
@@ -105,15 +125,16 @@ class BlockManager:
         if self.enable_prefix_caching and not seq.needs_prompt_logprobs:  # (such a sequence does not look)
             self.num_prefix_queries += (len(seq) - 1) // self.block_size
             self.num_prefix_hits += len(hits)
-        h = None
-        for block in hits:
-            if self.ref_counts[block] == 0:
-                del self.cached[block]
-            self.ref_counts[block] += 1
+        skip = self._released_before(len(hits) * self.block_size)  # below the window: never read, not taken
+        for i, block in enumerate(hits):
+            if i >= skip:
+                if self.ref_counts[block] == 0:
+                    del self.cached[block]
+                self.ref_counts[block] += 1
             seq.block_table.append(block)
-            h = self.block_hash[block]
-            seq.block_hashes.append(h)
+            seq.block_hashes.append(self.block_hash[block])
         seq.num_hashed_blocks = len(hits)
+        seq.num_released_blocks = skip
         seq.num_computed_tokens = len(hits) * self.block_size
         if not seq.admitted:  # the first admission's prompt hits; a recompute's hits on its own output are not
             seq.admitted = True
@@ -134,7 +155,8 @@ class BlockManager:
 
     def trim(self, seq: Sequence) -> None:
         """Release blocks past seq's computed tokens (speculative slots that were rejected)."""
-        keep = max(seq.num_blocks_for(seq.num_computed_tokens, self.block_size), seq.num_hashed_blocks)
+        keep = max(seq.num_blocks_for(seq.num_computed_tokens, self.block_size), seq.num_hashed_blocks,
+                   seq.num_released_blocks)
         while len(seq.block_table) > keep:
             block = seq.block_table.pop()
             self.ref_counts[block] -= 1
@@ -150,9 +172,10 @@ class BlockManager:
         """Child shares parent's full blocks. Returns the parent's partial last block, which the
         caller copies into the child's own new last block (copy on write); None if there is none."""
         full = parent.num_computed_tokens // self.block_size
-        for block in parent.block_table[:full]:
+        for block in parent.block_table[parent.num_released_blocks:full]:
             self.ref_counts[block] += 1
         child.block_table = parent.block_table[:full]
+        child.num_released_blocks = parent.num_released_blocks
         child.block_hashes = parent.block_hashes[:parent.num_hashed_blocks]
         child.num_hashed_blocks = parent.num_hashed_blocks
         child.num_computed_tokens = parent.num_computed_tokens
@@ -162,7 +185,31 @@ class BlockManager:
         return None
 
     def register_full_blocks(self, seq: Sequence) -> None:
-        """Record the hashes of seq's newly completed blocks, so later prompts can reuse them."""
+        """Record the hashes of seq's newly completed blocks, so later prompts can reuse them; then, with
+        a sliding window, release the blocks no query of seq reads again (after a step's tokens are in)."""
+        self._register(seq)
+        if self.window:
+            self._release_below_window(seq)
+
+    def _release_below_window(self, seq: Sequence) -> None:
+        upto = min(self._released_before(seq.num_computed_tokens), len(seq.block_table))
+        if self.enable_prefix_caching:
+            upto = min(upto, seq.num_hashed_blocks)  # a block is registered before it goes
+        for i in range(seq.num_released_blocks, upto):
+            self._drop(seq.block_table[i])
+        seq.num_released_blocks = max(seq.num_released_blocks, upto)
+
+    def _drop(self, block: int) -> None:
+        """One reference to block less: at none, it is cached (hashed) or free."""
+        self.ref_counts[block] -= 1
+        assert self.ref_counts[block] >= 0
+        if self.ref_counts[block] == 0:
+            if self.block_hash[block] is not None:
+                self.cached[block] = None  # most recent
+            else:
+                self.free.append(block)
+
+    def _register(self, seq: Sequence) -> None:
         if not self.enable_prefix_caching:
             return
         full, bs = seq.num_computed_tokens // self.block_size, self.block_size
@@ -178,16 +225,12 @@ class BlockManager:
             seq.num_hashed_blocks += 1
 
     def free_seq(self, seq: Sequence) -> None:
-        """Release seq's blocks (last first, so a prompt's tail is evicted before its head)."""
-        for block in reversed(seq.block_table):
-            self.ref_counts[block] -= 1
-            assert self.ref_counts[block] >= 0
-            if self.ref_counts[block] == 0:
-                if self.block_hash[block] is not None:
-                    self.cached[block] = None  # most recent; a prompt's head, freed last, outlives its tail
-                else:
-                    self.free.append(block)
+        """Release seq's blocks (last first, so a prompt's tail is evicted before its head); the entries it
+        released already hold no reference."""
+        for block in reversed(seq.block_table[seq.num_released_blocks:]):
+            self._drop(block)  # a prompt's head, dropped last, outlives its tail in the cache
         seq.block_table = []
+        seq.num_released_blocks = 0
         seq.block_hashes = []
         seq.num_hashed_blocks = 0
         seq.num_computed_tokens = 0

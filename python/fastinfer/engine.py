@@ -65,7 +65,11 @@ class Engine:
                     raise ValueError(f"the draft model's vocabulary ({draft_vocab}) differs from the target's "
                                      f"({cfg.vocab_size}): it needs the same tokenizer")
                 prefix_caching = False  # reused blocks would lack the draft's KV
-        self.blocks = BlockManager(config.num_blocks, config.block_size, prefix_caching)
+        # Sliding-window models (every layer windowed) release the blocks below each sequence's window; not
+        # with a draft model, whose attention reads the same blocks with its own window
+        windows = [cfg.attention_window(i) for i in range(cfg.num_layers)]
+        window = min(windows) if all(windows) and getattr(self.proposer, "runner", None) is None else 0
+        self.blocks = BlockManager(config.num_blocks, config.block_size, prefix_caching, window)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
         if self.proposer is not None:
             k = self.proposer.k
@@ -89,7 +93,9 @@ class Engine:
     def validate(self, token_ids: list[int], params: SamplingParams) -> None:
         validate_request(token_ids, params, vocab_size=self.loaded.model.config.vocab_size,
                          max_model_len=self.max_model_len, block_size=self.config.block_size,
-                         num_blocks=self.config.num_blocks, tokenizer=self.tokenizer)
+                         num_blocks=self.config.num_blocks, tokenizer=self.tokenizer, window=self.blocks.window,
+                         step_tokens=max(self.config.max_num_batched_tokens,
+                                         1 + (self.proposer.k if self.proposer is not None else 0)))
 
     def check_request(self, prompt: str | list[int], params: SamplingParams | None) -> tuple[list[int], SamplingParams]:
         """The prompt's token ids and the params the request will run with (max_tokens filled in), or

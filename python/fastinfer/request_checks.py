@@ -34,9 +34,11 @@ def tokenize_prompt(tokenizer, prompt: str | list[int]) -> list[int]:
 
 
 def validate_request(token_ids: list[int], params: SamplingParams, *, vocab_size: int, max_model_len: int,
-                     block_size: int, num_blocks: int, tokenizer) -> None:
+                     block_size: int, num_blocks: int, tokenizer, window: int = 0, step_tokens: int = 0) -> None:
     """ValueError unless the prompt's ids are in the vocabulary and the request fits the model's length,
-    the KV pool and what the model can do (logprobs within the vocabulary, stop strings with a tokenizer)."""
+    the KV pool and what the model can do (logprobs within the vocabulary, stop strings with a tokenizer).
+    window > 0 (the block manager releases blocks below a sliding window): a sequence holds at most the
+    blocks of window + RELEASE_ALIGN + step_tokens (the most tokens one step computes for it) keys."""
     if not token_ids:
         raise ValueError("prompt is empty")
     bad = next((t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab_size), None)
@@ -47,6 +49,9 @@ def validate_request(token_ids: list[int], params: SamplingParams, *, vocab_size
         raise ValueError(f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                          f"max_model_len={max_model_len}")
     need = -(-max(total, len(token_ids) + 1) // block_size)
+    if window:
+        from .block_manager import RELEASE_ALIGN
+        need = min(need, -(-(window + RELEASE_ALIGN + step_tokens) // block_size) + 1)
     if need > num_blocks:
         raise ValueError(f"the request needs {need} KV blocks at its longest but the pool holds "
                          f"{num_blocks}; raise num_blocks or lower max_tokens")

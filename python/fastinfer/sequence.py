@@ -44,6 +44,7 @@ class Sequence:
         self.num_computed_tokens = 0            # tokens whose KV is in the cache
         self.draft_computed = 0                 # ... in the draft model's cache (speculative decoding)
         self.num_hashed_blocks = 0              # leading full blocks registered for prefix reuse
+        self.num_released_blocks = 0            # leading entries released below a sliding window (block_manager.py)
         self.block_hashes: list[int] = []
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
