@@ -110,3 +110,60 @@ def test_prefix_hits_below_the_window_are_not_taken(mistral):
     assert engine.blocks.num_in_use <= 4
     done = run(engine, {})
     assert done["second"][0] == hf_tokens(mistral, prompt, 30)
+
+
+@pytest.mark.parametrize("block_size", [4, 16, 256])
+@pytest.mark.parametrize("mode", ["plain", "pipelined+graphs", "ngram"])
+def test_no_step_reads_a_released_block(mistral, monkeypatch, block_size, mode):
+    """Every chunk a step runs needs its sequence's blocks from (its first position - window + 1) rounded
+    down to RELEASE_ALIGN keys on (what the CUDA kernels may read): none of them may be released when the
+    step is launched, nor while a launched decode step may still be in flight (pipelined decode releases
+    after the next step is launched). Checked on every step of mixed traffic: prefix sharing, n = 2,
+    aborts, preemption."""
+    loaded = get_loaded(mistral)
+    spec = {"method": "ngram", "num_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 2}
+    config = EngineConfig(num_blocks=max(12, 1200 // block_size), block_size=block_size, max_num_seqs=4,
+                          max_num_batched_tokens=40, pipelined_decode=mode == "pipelined+graphs",
+                          decode_graphs=mode == "pipelined+graphs", speculative=spec if mode == "ngram" else None)
+    engine = Engine(loaded, config)
+    w, owner, last = engine.blocks.window, {}, {}
+
+    def first_needed(start: int) -> int:  # 128: the sm_90a prefill's key tile, the widest rounding of any kernel
+        return max(0, start - w + 1) // 128 * 128 // block_size
+
+    real_run = engine.runner.run
+
+    def run_checked(chunks, input_ids=None):
+        for chunk in chunks:  # the chunk's table is its sequence's, or a copy of it (speculative steps)
+            seq = next(s for s in engine.scheduler.running
+                       if s.block_table is chunk.block_table or s.block_table == chunk.block_table)
+            assert seq.num_released_blocks <= first_needed(chunk.start), (chunk.start, seq.num_released_blocks)
+            last[id(seq)] = (chunk.start, len(chunk.token_ids))
+            owner[id(seq)] = seq
+        return real_run(chunks, input_ids=input_ids)
+    monkeypatch.setattr(engine.runner, "run", run_checked)
+    real_release = engine.blocks._release_below_window
+
+    def release_checked(seq):
+        real_release(seq)
+        start, n = last.get(id(seq), (None, 0))
+        if n == 1:  # a decode step: it may still be in flight
+            assert seq.num_released_blocks <= first_needed(start), (start, seq.num_released_blocks)
+    monkeypatch.setattr(engine.blocks, "_release_below_window", release_checked)
+
+    shared = prompt_of(90, 10)
+    requests = {"a": (shared + prompt_of(3, 11), SamplingParams(max_tokens=150, **GREEDY)),
+                "b": (shared + prompt_of(4, 12), SamplingParams(max_tokens=120, **GREEDY)),
+                "c": (prompt_of(7, 13) * 5, SamplingParams(n=2, max_tokens=100, temperature=0.8, seed=3,
+                                                            ignore_eos=True)),
+                "d": (prompt_of(20, 14), SamplingParams(max_tokens=200, **GREEDY))}
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    steps = 0
+    while engine.has_unfinished():
+        engine.step()
+        steps += 1
+        if steps == 40:
+            engine.abort("b")
+        engine.blocks.check_invariants()
+    assert steps > 100 and owner

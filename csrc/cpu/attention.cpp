@@ -7,7 +7,8 @@
 // Query head h reads KV head h / (num_heads / num_kv_heads).
 // window > 0 (sliding-window attention, Mistral / Phi-3 / Qwen2's sliding layers): a query at position
 // p sees only keys p - window < j <= p, as HF's sliding_window_overlay (kv_idx > q_idx - window);
-// window 0 is full causal attention. Every block-table entry of the context must still be valid.
+// window 0 is full causal attention. Every block-table entry of the context must be an id in range; with a
+// window, the blocks wholly below it are never read (the engine releases them and leaves stale ids).
 //
 // FP8 KV cache (the *_fp8 ops): the cache holds e4m3 values and kv_scale = [k_scale, v_scale], so
 // K = k_scale * k8 and V = v_scale * v8. The scales are folded where they cost nothing: scores are

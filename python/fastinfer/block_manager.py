@@ -155,8 +155,7 @@ class BlockManager:
 
     def trim(self, seq: Sequence) -> None:
         """Release blocks past seq's computed tokens (speculative slots that were rejected)."""
-        keep = max(seq.num_blocks_for(seq.num_computed_tokens, self.block_size), seq.num_hashed_blocks,
-                   seq.num_released_blocks)
+        keep = max(seq.num_blocks_for(seq.num_computed_tokens, self.block_size), seq.num_hashed_blocks)
         while len(seq.block_table) > keep:
             block = seq.block_table.pop()
             self.ref_counts[block] -= 1
@@ -192,7 +191,9 @@ class BlockManager:
             self._release_below_window(seq)
 
     def _release_below_window(self, seq: Sequence) -> None:
-        upto = min(self._released_before(seq.num_computed_tokens), len(seq.block_table))
+        # one position back: in pipelined decode num_computed_tokens already counts a step in flight, whose
+        # query sits at num_computed_tokens - 1 (pipelined_decode.py)
+        upto = min(self._released_before(seq.num_computed_tokens - 1), len(seq.block_table))
         if self.enable_prefix_caching:
             upto = min(upto, seq.num_hashed_blocks)  # a block is registered before it goes
         for i in range(seq.num_released_blocks, upto):

@@ -68,7 +68,7 @@ class Engine:
         # Sliding-window models (every layer windowed) release the blocks below each sequence's window; not
         # with a draft model, whose attention reads the same blocks with its own window
         windows = [cfg.attention_window(i) for i in range(cfg.num_layers)]
-        window = min(windows) if all(windows) and getattr(self.proposer, "runner", None) is None else 0
+        window = max(windows) if all(windows) and getattr(self.proposer, "runner", None) is None else 0
         self.blocks = BlockManager(config.num_blocks, config.block_size, prefix_caching, window)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
         if self.proposer is not None:
@@ -94,8 +94,8 @@ class Engine:
         validate_request(token_ids, params, vocab_size=self.loaded.model.config.vocab_size,
                          max_model_len=self.max_model_len, block_size=self.config.block_size,
                          num_blocks=self.config.num_blocks, tokenizer=self.tokenizer, window=self.blocks.window,
-                         step_tokens=max(self.config.max_num_batched_tokens,
-                                         1 + (self.proposer.k if self.proposer is not None else 0)))
+                         step_tokens=min(self.config.max_num_batched_tokens, len(token_ids) + (params.max_tokens or 0))
+                         + (self.proposer.k if self.proposer is not None else 0))
 
     def check_request(self, prompt: str | list[int], params: SamplingParams | None) -> tuple[list[int], SamplingParams]:
         """The prompt's token ids and the params the request will run with (max_tokens filled in), or

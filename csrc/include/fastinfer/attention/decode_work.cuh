@@ -43,9 +43,9 @@ __device__ __forceinline__ bool dynamic_splits(const DecodeParams& p, const Deco
 // kKeyAlign: the alignment of a split's first key the kernel needs (a power of two): the splits of a
 // sequence cover [base, seq_len) from base = lo rounded down to it, so with a sliding window the
 // keys [base, lo) of the first split are read (they are the sequence's own, valid keys) and masked
-// by a kernel with kKeyAlign > 1 (P = 0 times their V: finite only because every block-table entry of
-// the context must stay valid, attention.cpp's contract; freeing blocks below a window would need
-// those keys zero-filled instead); with kKeyAlign = 1 the first split starts at lo itself.
+// by a kernel with kKeyAlign > 1 (P = 0 times their V: finite because the engine keeps every block a
+// query's window reaches, rounded down to 128 keys, python/fastinfer/block_manager.py; entries below
+// that may be stale ids, never read); with kKeyAlign = 1 the first split starts at lo itself.
 template <int kKeyAlign>
 __device__ __forceinline__ CtaWork cta_work(const DecodeParams& p, const DecodePlan& plan) {
   CtaWork w;
