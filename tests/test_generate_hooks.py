@@ -222,3 +222,44 @@ def test_prefix_constraint_with_suppress_tokens_and_extra_argument_processors_ar
     with pytest.raises(ValueError, match="arguments beyond"):
         fastinfer.generate(model, ids, max_new_tokens=2, logits_processor=[ThreeArgs()])
 
+
+@pytest.mark.parametrize("warper", [dict(typical_p=0.6), dict(epsilon_cutoff=0.01), dict(eta_cutoff=0.02),
+                                    dict(typical_p=0.8, eta_cutoff=0.01, top_k=30, temperature=0.7)],
+                         ids=["typical", "epsilon", "eta", "all"])
+def test_typical_epsilon_eta_sampling_matches_hf_under_a_seed(warper):
+    """HF's TypicalLogitsWarper / EpsilonLogitsWarper / EtaLogitsWarper after its other warpers; HF's loop
+    draws from torch's global generator, so a seed gives HF's tokens (n = 2 rows per prompt)."""
+    model = make_hf_model("llama", seed=13)
+    ids, mask = left_padded_batch([6, 11], model.config.vocab_size, PAD, seed=13)
+    kw = dict(max_new_tokens=12, do_sample=True, eos_token_id=[5], num_return_sequences=2, **warper)
+    torch.manual_seed(21)
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, pad_token_id=PAD, **kw)
+    torch.manual_seed(21)
+    assert torch.equal(fastinfer.generate(model, ids, attention_mask=mask, pad_token_id=PAD, **kw), expected)
+
+
+def test_typical_beam_sampling_matches_hf():
+    model = make_hf_model("qwen2", seed=14)
+    ids, mask = left_padded_batch([7, 9], model.config.vocab_size, PAD, seed=14)
+    kw = dict(max_new_tokens=8, do_sample=True, num_beams=2, typical_p=0.7, eos_token_id=[4])
+    torch.manual_seed(5)
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, pad_token_id=PAD, **kw)
+    torch.manual_seed(5)
+    assert torch.equal(fastinfer.generate(model, ids, attention_mask=mask, pad_token_id=PAD, **kw), expected)
+
+
+def test_warper_values_hf_skips_or_refuses():
+    model = make_hf_model("llama", seed=15)
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(ValueError, match="typical_p"):
+        fastinfer.generate(model, ids, max_new_tokens=2, do_sample=True, typical_p=0.0)
+    # HF builds no epsilon warper outside (0, 1) and no typical one at 1: plain sampling, the engine's path
+    torch.manual_seed(1)
+    out = fastinfer.generate(model, ids, max_new_tokens=2, do_sample=True, epsilon_cutoff=1.5, typical_p=1.0)
+    assert out.shape == (1, 5)
+    # greedy ignores them, as HF
+    assert torch.equal(fastinfer.generate(model, ids, max_new_tokens=4, do_sample=False, typical_p=0.5, eta_cutoff=0.1),
+                       fastinfer.generate(model, ids, max_new_tokens=4, do_sample=False))
+

@@ -301,7 +301,6 @@ def test_prompt_up_to_max_position_matches_hf_and_beyond_raises_clearly():
     dict(begin_suppress_tokens=[5]),
     dict(sequence_bias={(5,): -1.0}), dict(force_words_ids=[[5]]), dict(forced_eos_token_id=3),
     dict(stop_strings=["x"]), dict(renormalize_logits=True), dict(exponential_decay_length_penalty=(2, 1.5)),
-    dict(do_sample=True, typical_p=0.5), dict(do_sample=True, epsilon_cutoff=1e-3), dict(do_sample=True, eta_cutoff=1e-3),
     dict(do_sample=True, top_h=0.5), dict(penalty_alpha=0.6, top_k=4),
     dict(num_beam_groups=2, num_beams=2, diversity_penalty=0.5),
     dict(stopping_criteria=[transformers.MaxLengthCriteria(3)]),  # duplicates HF's own (test_generate_hooks.py)

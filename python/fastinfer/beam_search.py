@@ -100,7 +100,7 @@ def beam_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], holes
             log_probs = hf_hooks.process(settings, running_sequences[:, :, :cur_len].reshape(batch * num_beams, -1),
                                          log_probs, num_beams)
         if do_sample:
-            log_probs = hf_warpers(log_probs, settings.sampling, len(eos) + 1 if eos else 2)
+            log_probs = hf_warpers(log_probs, settings.sampling, len(eos) + 1 if eos else 2, settings.warpers)
         if settings.output_logits:
             raw_logits.append(logits.clone())
         if settings.output_scores:

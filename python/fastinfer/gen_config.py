@@ -8,7 +8,7 @@ False (HF builds no warper then): nothing that would change the output is silent
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -93,12 +93,16 @@ class GenerationSettings:
     stopping_criteria: tuple = ()
     prefix_allowed_tokens_fn: Any = None
     max_time: float | None = None
+    # HF's TypicalLogitsWarper / EpsilonLogitsWarper / EtaLogitsWarper ("typical_p", "epsilon_cutoff",
+    # "eta_cutoff" -> value) with do_sample, after its other warpers (hf_decoding.hf_warpers)
+    warpers: dict = field(default_factory=dict)
 
     @property
     def hf_hooks(self) -> bool:
-        """Whether the caller hooked into HF's loop: custom processors / criteria, a prefix constraint, max_time."""
+        """Whether HF's loop must run: custom processors / criteria, a prefix constraint, max_time, or the
+        typical / epsilon / eta warpers (which the engine's sampler does not have)."""
         return bool(self.logits_processor or self.stopping_criteria or self.prefix_allowed_tokens_fn is not None
-                    or self.max_time is not None)
+                    or self.max_time is not None or self.warpers)
 
     @property
     def fill_token_id(self) -> int:
@@ -207,6 +211,18 @@ def resolve(model_defaults: dict | None, generation_config, kwargs: dict, prompt
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if top_k is not None and top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {top_k}")
+    warpers = {}  # HF's typical / epsilon / eta warpers, with do_sample (HF's loop runs them: hf_decoding.py)
+    if merged["do_sample"]:
+        for key in ("typical_p", "epsilon_cutoff", "eta_cutoff"):
+            if key in sampling_only:
+                value, where = sampling_only.pop(key)
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"{key} must be a number, got {value!r} (from {where})")
+                if key == "typical_p" and value < 1.0 and not value > 0:  # as HF's TypicalLogitsWarper
+                    raise ValueError(f"`typical_p` has to be a float > 0 and < 1, but is {value} (from {where})")
+                # HF builds them for typical_p < 1 and cutoffs in (0, 1), and skips other values
+                if (value < 1.0) if key == "typical_p" else (0.0 < value < 1.0):
+                    warpers[key] = float(value)
     if merged["do_sample"] and sampling_only:
         key, (value, where) = next(iter(sampling_only.items()))
         raise ValueError(f"generate(): {key}={value!r} is not supported by fastinfer with do_sample=True (from {where})")
@@ -265,6 +281,7 @@ def resolve(model_defaults: dict | None, generation_config, kwargs: dict, prompt
                                   no_repeat_ngram_size=ngram, bad_words_ids=longer, logit_bias=banned or None,
                                   max_tokens=None)
     hooks = _hooks(merged, eos, stop_strings, ngram)
+    hooks["warpers"] = warpers
     return GenerationSettings(max_new, min_new, sampling, eos, pad, n, beams, float(length_penalty), early_stopping,
                               flags["return_dict_in_generate"],
                               flags["return_dict_in_generate"] and flags["output_scores"],

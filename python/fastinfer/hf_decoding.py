@@ -83,9 +83,10 @@ def prefill(runner: ModelRunner, pool: Blocks, prompts: list[list[int]]) -> tupl
     return tables, torch.cat(logits_rows)
 
 
-def hf_warpers(scores: torch.Tensor, p, min_keep: int) -> torch.Tensor:
+def hf_warpers(scores: torch.Tensor, p, min_keep: int, extra: dict | None = None) -> torch.Tensor:
     """HF's sampling warpers in its order and arithmetic (TemperatureLogitsWarper, TopKLogitsWarper,
-    TopPLogitsWarper, MinPLogitsWarper), each keeping at least min_keep tokens."""
+    TopPLogitsWarper, MinPLogitsWarper, then from `extra` TypicalLogitsWarper, EpsilonLogitsWarper,
+    EtaLogitsWarper), each keeping at least min_keep tokens."""
     ninf = -float("inf")
     if p.temperature != 1.0:
         scores = scores / p.temperature
@@ -101,6 +102,29 @@ def hf_warpers(scores: torch.Tensor, p, min_keep: int) -> torch.Tensor:
         probs = torch.softmax(scores, dim=-1)
         remove = probs < p.min_p * probs.amax(dim=-1, keepdim=True)
         remove.scatter_(-1, torch.topk(probs, min(min_keep, probs.shape[-1]), dim=-1).indices, False)
+        scores = scores.masked_fill(remove, ninf)
+    extra = extra or {}
+    if "typical_p" in extra:  # keep the tokens whose surprisal is closest to the entropy, up to that mass
+        normalized = torch.log_softmax(scores, dim=-1)
+        entropy = -(normalized * torch.exp(normalized)).nansum(-1, keepdim=True)
+        shifted, order = torch.sort(torch.abs(-normalized - entropy), descending=False)
+        last = (scores.gather(-1, order).softmax(dim=-1).cumsum(dim=-1) < extra["typical_p"]).sum(dim=1)
+        last.clamp_(max=shifted.shape[-1] - 1)
+        remove = shifted > shifted.gather(1, last.view(-1, 1))
+        remove[..., :min_keep] = 0
+        scores = scores.masked_fill(remove.scatter(1, order, remove), ninf)
+    for key in ("epsilon_cutoff", "eta_cutoff"):
+        if key not in extra:
+            continue
+        probs = scores.softmax(dim=-1)
+        if key == "epsilon_cutoff":
+            cutoff = extra[key]
+        else:  # eta: min(eta, sqrt(eta) exp(-entropy)) per row
+            eta = torch.tensor(extra[key], device=scores.device)
+            entropy = torch.distributions.Categorical(logits=scores).entropy()
+            cutoff = torch.min(eta, torch.sqrt(eta) * torch.exp(-entropy))[..., None]
+        keep_k = min(min_keep, scores.size(-1))
+        remove = (probs < cutoff) & (scores < torch.topk(scores, keep_k)[0][..., -1, None])
         scores = scores.masked_fill(remove, ninf)
     return scores
 

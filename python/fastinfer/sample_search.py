@@ -56,7 +56,7 @@ def sample_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], hol
         if hooked:  # a prompt's n samples are one group of HF's prefix constraint
             next_scores = hf_hooks.process(settings, sequences[:, :cur_len], next_scores, n)
         if do_sample:
-            next_scores = hf_warpers(next_scores, settings.sampling, 1)
+            next_scores = hf_warpers(next_scores, settings.sampling, 1, settings.warpers)
         if settings.output_scores:
             scores.append(next_scores)
         if settings.output_logits:
