@@ -17,7 +17,6 @@ namespace {
 void decode(const char* kOp, at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
             const at::Tensor* kv_scale, const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
             const std::optional<at::Tensor>& semaphores, int64_t window) {
-  TORCH_CHECK(window >= 0, "fastinfer.", kOp, ": window must be >= 0 (0: full attention), got ", window);
   // Second line of defence behind python/fastinfer/_ops.py, which checks all of this with ValueErrors.
   TORCH_CHECK(query.dim() == 3 && out.sizes() == query.sizes() && kv_cache.dim() == 5 && kv_cache.size(1) == 2,
               "fastinfer.", kOp, ": expected query/out [batch, num_heads, head_dim] and kv_cache "
@@ -67,7 +66,7 @@ void decode(const char* kOp, at::Tensor& out, const at::Tensor& query, const at:
   p.block_size = static_cast<int>(kv_cache.size(2));
   p.max_blocks = static_cast<int>(block_tables.size(1));
   p.scale = static_cast<float>(scale);
-  p.window = window_param(window);
+  p.window = window_param(kOp, window);
   p.dtype = to_dtype(query, kOp);
   // auto: tensor cores for bf16 / fp16 queries (the choices' order is DecodeKernel's)
   p.kernel = static_cast<DecodeKernel>(

@@ -32,7 +32,6 @@ bool wgmma_applies(const at::Tensor& query, const float* kv_scale) {
 void prefill(const char* kOp, at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
              const at::Tensor* kv_scale, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
              const at::Tensor& block_tables, double scale, const std::optional<at::Tensor>& lse, int64_t window) {
-  TORCH_CHECK(window >= 0, "fastinfer.", kOp, ": window must be >= 0 (0: full attention), got ", window);
   TORCH_CHECK(query.dim() == 3 && out.dim() == 3 && kv_cache.dim() == 5 && block_tables.dim() == 2, kOp,
               ": query/out must be [num_tokens, num_heads, head_dim], kv_cache 5-d, block_tables 2-d");
   TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1 && kv_cache.is_contiguous() && block_tables.stride(1) == 1,
@@ -81,7 +80,7 @@ void prefill(const char* kOp, at::Tensor& out, const at::Tensor& query, const at
   p.out_head_stride = out.stride(1);
   p.block_table_stride = block_tables.stride(0);
   p.scale = static_cast<float>(scale);
-  p.window = window_param(window);
+  p.window = window_param(kOp, window);
   p.dtype = to_dtype(query, kOp);
   // auto (0): 128 query rows per CTA when the sequences average >= 128 rows, else 64
   constexpr int kBlockM[] = {0, 64, 128};

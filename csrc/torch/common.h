@@ -45,10 +45,13 @@ inline int env_choice(const char* op, const char* name, std::initializer_list<co
   TORCH_CHECK(false, "fastinfer.", op, ": environment variable ", name, " must be ", listed, ", got '", value, "'");
 }
 
-// An attention op's window (>= 0, checked) as the kernels' int: a window of 2^30 keys or more is full
-// attention (0). It covers every decode context (the binding caps tables below 2^30 tokens) and any
+// An attention op's window as the kernels' int, refused (naming the op) when negative: a window of 2^30 keys
+// or more is full attention (0). It covers every decode context (the binding caps tables below 2^30 tokens) and any
 // prefill context a GPU's memory holds (2^30 tokens of one 64-wide 16-bit KV head: 256 GB).
-inline int window_param(int64_t window) { return window >= (int64_t{1} << 30) ? 0 : static_cast<int>(window); }
+inline int window_param(const char* op, int64_t window) {
+  TORCH_CHECK(window >= 0, "fastinfer.", op, ": window must be >= 0 (0: full attention), got ", window);
+  return window >= (int64_t{1} << 30) ? 0 : static_cast<int>(window);
+}
 
 inline void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "fastinfer.", op, " CUDA launch failed: ", cudaGetErrorString(err));

@@ -6,7 +6,7 @@ import torch
 from ._checks import _check, _check_float, _check_shape, _fail, _ops, _shares_memory
 from ._ops_linear import _check_aligned_rows
 
-MOE_GEMV_MAX_PAIRS = 65535  # the CUDA grid's y extent
+MOE_GEMV_MAX_PAIRS = 65535  # the binding's limit on the pairs of one launch
 
 
 def moe_gemv(x: torch.Tensor, weight: torch.Tensor, expert_ids: torch.Tensor, x_group: int = 1,

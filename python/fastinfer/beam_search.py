@@ -59,8 +59,8 @@ def beam_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], holes
     top_num_beam_mask = torch.cat((torch.ones(num_beams, dtype=torch.bool),
                                    torch.zeros(beams_to_keep - num_beams, dtype=torch.bool))).to(device)
     eos_tensor = torch.tensor(eos, dtype=torch.long, device=device)
-    stops = hf_hooks.Stops(settings) if settings.stopping_criteria or settings.max_time is not None else None
-    hooked = bool(settings.logits_processor) or settings.prefix_allowed_tokens_fn is not None
+    stops = hf_hooks.stops_for(settings)
+    hooked = hf_hooks.processes(settings)
     fill = output_fill_value(settings)
     running_sequences = torch.full((batch, num_beams, max_length), fill, dtype=torch.long, device=device)
     running_sequences[:, :, :width] = input_ids.to(device)[:, None, :]

@@ -51,18 +51,18 @@ class ModelConfig:
     sliding_window_layers: tuple[int, ...] | None = None
     qk_norm: bool = False  # Qwen3: an RMSNorm over each q / k head (weights [head_dim]) before rotary
     rotary_dim: int | None = None  # features of each head rotary rotates (Phi-3's partial_rotary_factor); None: all
-    # Granite's scalars (HF's GraniteForCausalLM; 1 / None elsewhere): the embedding rows are multiplied by
-    # embedding_multiplier, each layer's attention and MLP outputs by residual_multiplier before their residual
-    # add, the attention scores by attention_multiplier (instead of head_dim ** -0.5), the logits divided by
-    # logits_scaling
-    # sparse MoE MLPs (Mixtral, Qwen3-MoE; models/moe.py): the layers that have one, their experts, the
-    # experts each token runs, the experts' intermediate size, whether the top-k weights are renormalized
+    # sparse MoE MLPs (Mixtral, Qwen2-MoE, Qwen3-MoE; models/moe.py): the layers that have one, their experts,
+    # the experts each token runs, the experts' intermediate size, whether the top-k weights are renormalized
     moe_layers: tuple[int, ...] = ()
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a gated dense expert every token also runs
+    # Granite's scalars (HF's GraniteForCausalLM; 1 / None elsewhere): the embedding rows are multiplied by
+    # embedding_multiplier, each layer's attention and MLP outputs by residual_multiplier before their residual
+    # add, the attention scores by attention_multiplier (instead of head_dim ** -0.5), the logits divided by
+    # logits_scaling
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     attention_multiplier: float | None = None

@@ -11,6 +11,16 @@ import torch
 from . import gen_config
 
 
+def processes(settings: gen_config.GenerationSettings) -> bool:
+    """Whether `process` has anything to apply: custom processors or a prefix constraint."""
+    return bool(settings.logits_processor) or settings.prefix_allowed_tokens_fn is not None
+
+
+def stops_for(settings: gen_config.GenerationSettings) -> "Stops | None":
+    """The caller's stopping criteria / max_time as one callable, None when there are none."""
+    return Stops(settings) if settings.stopping_criteria or settings.max_time is not None else None
+
+
 def process(settings: gen_config.GenerationSettings, input_ids: torch.Tensor, scores: torch.Tensor,
             group: int) -> torch.Tensor:
     """scores [rows, vocab] of input_ids [rows, length] after the prefix constraint and the custom

@@ -33,10 +33,10 @@ def sample_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], hol
     sequences = torch.full((batch, width + max_new), pad, dtype=torch.long, device=device)
     sequences[:, :width] = input_ids.to(device).repeat_interleave(n, dim=0)
     eos_tensor = torch.tensor(eos, dtype=torch.long, device=device)
-    stops = hf_hooks.Stops(settings) if settings.stopping_criteria or settings.max_time is not None else None
+    stops = hf_hooks.stops_for(settings)
     # HF pads finished rows when some stopping criterion has an eos_token_id (its EosTokenCriteria, or a custom one)
     pads_finished = bool(eos) or any(hasattr(c, "eos_token_id") for c in settings.stopping_criteria)
-    hooked = bool(settings.logits_processor) or settings.prefix_allowed_tokens_fn is not None
+    hooked = hf_hooks.processes(settings)
 
     longest = max(map(len, prompts)) + max_new
     runner = ModelRunner(model, sum(-(-(len(p) + max_new) // BLOCK_SIZE) for p in prompts) + 1, BLOCK_SIZE)

@@ -72,6 +72,7 @@ def load_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Ten
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} weight(s), e.g. {missing[:3]}")
 
+
 def residual_scaled(weights: Iterable[tuple[str, torch.Tensor]], multiplier: float):
     """Granite's residual_multiplier folded into o_proj (weight and bias) and down_proj: HF multiplies their
     outputs by it before each residual add; the product is taken here in fp32 and rounded once to the

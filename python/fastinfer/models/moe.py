@@ -1,4 +1,4 @@
-"""Sparse mixture-of-experts MLP (Mixtral, Qwen3-MoE) as HF transformers computes it.
+"""Sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE) as HF transformers computes it.
 
 Router: logits = x @ router^T in the model dtype, softmax in fp32, the top num_experts_per_tok experts
 per token, their weights renormalized to sum 1 when norm_topk_prob (Mixtral always; Qwen3-MoE per its
@@ -21,6 +21,7 @@ layout; per-expert checkpoint tensors are copied into their slices (llama_weight
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -46,8 +47,12 @@ def grouped_mm_ok(hidden: torch.Tensor) -> bool:
         return False
     if hidden.device.type == "cpu":
         return True
-    return (hidden.device.type == "cuda" and hidden.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(hidden.device) >= (9, 0))
+    return hidden.device.type == "cuda" and hidden.dtype == torch.bfloat16 and _sm90_or_newer(hidden.device.index)
+
+
+@functools.cache
+def _sm90_or_newer(device_index: int | None) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)  # asked once per device, not per layer
 
 
 class MoE:
