@@ -89,12 +89,6 @@ def test_engine_chunked_prefill_prefix_cache_and_preemption_match_hf():
     assert llm.engine.scheduler.num_preemptions > 0 and llm.prefix_cache_hit_rate > 0
 
 
-@pytest.mark.parametrize("quantization", ["fp8", "int4"])
-def test_quantization_is_refused_by_name(quantization):
-    with pytest.raises(ValueError, match="mixture-of-experts"):
-        fastinfer.load_model(make_hf_model("mixtral"), quantization=quantization)
-
-
 @pytest.mark.parametrize("change, match", [
     ({"num_experts_per_tok": 9}, "num_experts_per_tok"), ({"mlp_only_layers": "0"}, "mlp_only_layers"),
     ({"decoder_sparse_step": 0}, "decoder_sparse_step"), ({"norm_topk_prob": "yes"}, "norm_topk_prob"),

@@ -82,7 +82,10 @@ def _build(cfg: ModelConfig, dtype, device, weights, quantization: str | QuantCo
 
 def rtn_config(cfg: ModelConfig) -> QuantConfig:
     """quantization="int4": asymmetric round-to-nearest, the largest group dividing every projection's K."""
-    ks = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim)
+    ks = (cfg.hidden_size, cfg.num_heads * cfg.head_dim)
+    ks += (cfg.intermediate_size,) if len(cfg.moe_layers) < cfg.num_layers else ()  # a dense MLP's down_proj
+    ks += (cfg.moe_intermediate_size,) if cfg.moe_layers else ()                     # the experts' down_proj
+    ks += (cfg.shared_expert_intermediate_size,) if cfg.shared_expert_intermediate_size else ()
     group = next((g for g in (128, 64, 32) if all(k % g == 0 for k in ks)), None)
     if group is None:
         raise ValueError(f"quantization='int4' needs projection input sizes {ks} divisible by 32")

@@ -122,7 +122,7 @@ class LlamaLayer:
         self.k_norm = empty(d) if cfg.qk_norm else None
         self.post_attn_norm = empty(h)
         # a MoE layer has no dense MLP (gate_up / down None: neither fused path takes it)
-        self.moe = MoE(cfg, dtype, device) if moe else None
+        self.moe = MoE(cfg, dtype, device, kind) if moe else None
         self.gate_up = None if moe else linear(h, 2 * cfg.intermediate_size)
         self.down = None if moe else linear(cfg.intermediate_size, h)
         # [k_scale, v_scale] of an FP8 KV cache (unused otherwise); see make_kv_caches.
@@ -256,9 +256,6 @@ class LlamaForCausalLM:
         linear layers; a float checkpoint is quantized while loading) or a QuantConfig (4-bit
         projections; fastinfer.load_model builds it from "int4" / "gptq" / "awq" / "gguf")."""
         kind = linear_kind(quantization if quantization is not None else cfg.quantization)
-        if cfg.moe_layers and kind is not None:
-            raise ValueError(f"{cfg.architecture}: quantization ({getattr(kind, 'method', kind)!r}) of mixture-of-experts "
-                             f"models is not supported yet; load it unquantized")
         if cfg.quantization == "fp8" and kind != "fp8":
             raise ValueError(f"the checkpoint is FP8 (config.json quantization_config); it cannot load with "
                              f"quantization={getattr(kind, 'method', kind)!r}")

@@ -26,6 +26,7 @@ def load_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Ten
     FP8 or 4-bit one is dequantized, and a tied model's (tie_word_embeddings) is the embedding
     unless the checkpoint stores a different one (load_tied_head)."""
     targets, kv_scales = weight_targets(model), kv_scale_targets(model)
+    weights = split_fused_experts(model, weights)
     fp8_parts = fp8.Fp8Parts(model.config.fp8_weight_block_size)
     filled: set[str] = set()
     tied = model.config.tie_word_embeddings
@@ -54,6 +55,12 @@ def load_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Ten
         elif isinstance(dest, (LinearRows, Int4Rows)) and leaf in fp8.AUX_NAMES:
             raise ValueError(f"{name!r} belongs to an FP8 checkpoint but its layer is not FP8 (config.json has "
                              f"no FP8 quantization_config: load with quantization='fp8')")
+        elif name in targets and isinstance(dest, Int4Rows) and is_dense_tensor and model.quant.method != "int4":
+            raise ValueError(f"{name} is stored unquantized in this {model.quant.method} checkpoint, but fastinfer "
+                             f"runs that projection in 4 bits (with the rest of its layer) and does not re-quantize "
+                             f"it: checkpoints that leave projections unquantized (quantization_config "
+                             f"modules_to_not_convert / modules_in_block_to_quantize) load only when those are "
+                             f"layers fastinfer keeps unquantized (embeddings, LM head, MoE routers)")
         elif name in targets:
             copy_weight(name, tensor, dest)
             filled.add(name)
@@ -176,21 +183,53 @@ def _moe_names(model: LlamaForCausalLM, i: int) -> tuple[str, list[tuple[str, st
                                 f"{e}experts.{j}.down_proj.weight") for j in range(model.config.num_experts)]
 
 
-def moe_targets(model: LlamaForCausalLM, i: int) -> dict[str, torch.Tensor]:
-    """Layer i's MoE tensors under both spellings: HF 5.x's fused mlp.gate / mlp.experts.gate_up_proj /
-    mlp.experts.down_proj, and the checkpoints' per-expert ones (views of the same storage)."""
+def moe_targets(model: LlamaForCausalLM, i: int) -> dict[str, torch.Tensor | LinearRows | Int4Rows]:
+    """Layer i's MoE tensors: the checkpoints' per-expert names, and for dense experts HF 5.x's fused mlp.gate /
+    mlp.experts.gate_up_proj / mlp.experts.down_proj too (views of the same storage). Quantized experts take
+    the per-expert names only; split_fused_experts turns fused tensors into those."""
     moe, f = model.layers[i].moe, model.config.moe_intermediate_size
     p = f"model.layers.{i}.mlp."
     router, experts = _moe_names(model, i)
-    t = {p + "gate.weight": moe.router, router: moe.router, p + "experts.gate_up_proj": moe.gate_up,
-         p + "experts.down_proj": moe.down}
-    for j, (gate, up, down) in enumerate(experts):
-        t[gate], t[up], t[down] = moe.gate_up[j, :f], moe.gate_up[j, f:], moe.down[j]
+    t = {p + "gate.weight": moe.router, router: moe.router}
+    if moe.experts is None:
+        t[p + "experts.gate_up_proj"], t[p + "experts.down_proj"] = moe.gate_up, moe.down
+        for j, (gate, up, down) in enumerate(experts):
+            t[gate], t[up], t[down] = moe.gate_up[j, :f], moe.gate_up[j, f:], moe.down[j]
+    else:
+        for (gate, up, down), (gate_up, down_proj) in zip(experts, moe.experts):
+            t[gate], t[up], t[down] = gate_up.rows(0, f), gate_up.rows(f), down_proj.rows()
     if moe.shared is not None:  # Qwen2-MoE
-        for name, tensor in zip(("shared_expert.gate_proj.weight", "shared_expert.up_proj.weight",
-                                 "shared_expert.down_proj.weight", "shared_expert_gate.weight"), moe.shared):
-            t[p + name] = tensor
+        gate, up, down, gate_w = moe.shared
+        t[p + "shared_expert.gate_proj.weight"], t[p + "shared_expert.up_proj.weight"] = gate.rows(), up.rows()
+        t[p + "shared_expert.down_proj.weight"], t[p + "shared_expert_gate.weight"] = down.rows(), gate_w
     return t
+
+
+def split_fused_experts(model: LlamaForCausalLM, weights: Iterable[tuple[str, object]]):
+    """HF 5.x's fused expert tensors (mlp.experts.gate_up_proj [E, 2 F, hidden], down_proj [E, hidden, F], as
+    an in-memory transformers model holds them) as the per-expert tensors a quantized MoE layer takes."""
+    fused = {}
+    for i, layer in enumerate(model.layers):
+        if layer.moe is not None and layer.moe.experts is not None:
+            _, experts = _moe_names(model, i)
+            p = f"model.layers.{i}.mlp.experts."
+            fused[p + "gate_up_proj"] = [(gate, up) for gate, up, _ in experts]
+            fused[p + "down_proj"] = [(down,) for _, _, down in experts]
+    for name, tensor in weights:
+        names = fused.get(name)
+        if names is None:
+            yield name, tensor
+            continue
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3 or tensor.shape[0] != len(names):
+            raise ValueError(f"weight {name!r} has shape {tuple(getattr(tensor, 'shape', ()))}, expected "
+                             f"[{len(names)} experts, rows, columns]")
+        half = tensor.shape[1] // 2
+        for j, parts in enumerate(names):
+            if len(parts) == 2:
+                yield parts[0], tensor[j, :half]
+                yield parts[1], tensor[j, half:]
+            else:
+                yield parts[0], tensor[j]
 
 
 def moe_alternatives(model: LlamaForCausalLM) -> list[list[list[str]]]:

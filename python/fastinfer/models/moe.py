@@ -18,6 +18,13 @@ transformers on the same device, so the same values. Otherwise the pairs are gro
 read-back of the group sizes per layer and each expert runs as a GEMM over its tokens. Weights:
 router [E, hidden], gate_up [E, 2 F, hidden] (gate rows first), down [E, hidden, F], HF 5.x's fused expert
 layout; per-expert checkpoint tensors are copied into their slices (llama_weights).
+
+Quantized experts (a model loaded with an FP8 or 4-bit kind: GPTQ / AWQ / FP8 checkpoints, or quantized at
+load): each expert is a pair of the model's projections of that kind (models/linear.make_linear), gate_up
+[2 F, hidden] and down [hidden, F], in `experts`, and the pairs always take the per-expert path (one
+fastinfer int4_linear / fp8_linear per expert with tokens: a host sync per layer, so such decode steps run
+eagerly, not as graphs). The router and Qwen2-MoE's shared-expert gate stay dense, as in the published
+quantized checkpoints; the shared expert's projections are of the model's kind.
 """
 from __future__ import annotations
 
@@ -29,6 +36,8 @@ import torch.nn.functional as F
 
 from .. import _ops as ops
 from ..config import ModelConfig
+from ..quant.linear import QuantConfig
+from .linear import make_linear
 
 MOE_GEMV_DECODE_PAIRS = 256  # decode steps of up to this many (token, expert) pairs take ops.moe_gemv
 
@@ -56,18 +65,26 @@ def _sm90_or_newer(device_index: int | None) -> bool:
 
 
 class MoE:
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                 kind: str | QuantConfig | None = None):
+        """kind: the model's projection kind (models/linear.py); None keeps the experts dense and stacked."""
         e, h, f = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.num_experts = e
         # HF casts the Qwen routers' weights to the model dtype
         self.round_weights = cfg.architecture in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
         self.router = torch.empty(e, h, dtype=dtype, device=device)
-        self.gate_up = torch.empty(e, 2 * f, h, dtype=dtype, device=device)
-        self.down = torch.empty(e, h, f, dtype=dtype, device=device)
+        self.gate_up = self.down = self.experts = None
+        if kind is None:
+            self.gate_up = torch.empty(e, 2 * f, h, dtype=dtype, device=device)
+            self.down = torch.empty(e, h, f, dtype=dtype, device=device)
+        else:  # one (gate_up, down) pair of projections per expert
+            self.experts = [(make_linear(h, 2 * f, dtype, device, kind), make_linear(f, h, dtype, device, kind))
+                            for _ in range(e)]
         s = cfg.shared_expert_intermediate_size  # Qwen2-MoE's shared expert: HF's MLP, gated by sigmoid(x @ g^T)
-        self.shared = None if not s else [torch.empty(s, h, dtype=dtype, device=device),  # gate_proj
-                                          torch.empty(s, h, dtype=dtype, device=device),  # up_proj
-                                          torch.empty(h, s, dtype=dtype, device=device),  # down_proj
+        self.shared = None if not s else [make_linear(h, s, dtype, device, kind),   # gate_proj
+                                          make_linear(h, s, dtype, device, kind),   # up_proj
+                                          make_linear(s, h, dtype, device, kind),   # down_proj
                                           torch.empty(1, h, dtype=dtype, device=device)]  # shared_expert_gate
 
     def __call__(self, hidden: torch.Tensor, decode: bool = False) -> torch.Tensor:
@@ -83,7 +100,7 @@ class MoE:
         t = hidden.shape[0]
         if self.gemv_ok(t, hidden.device, hidden.dtype, decode):
             y = self._pairs_by_gemv(hidden, experts)
-        elif grouped_mm_ok(hidden):
+        elif self.experts is None and grouped_mm_ok(hidden):
             y = self._pairs_grouped(hidden, experts)
         else:
             y = self._pairs_by_expert(hidden, experts)
@@ -92,12 +109,14 @@ class MoE:
         out = (y.view(t, self.top_k, -1) * weights[:, :, None]).sum(dim=1).to(hidden.dtype)
         if self.shared is not None:  # Qwen2-MoE, as HF: the routed output plus the gated shared expert's
             gate, up, down, gate_w = self.shared
-            shared = F.linear(F.silu(F.linear(hidden, gate)) * F.linear(hidden, up), down)
+            shared = down(F.silu(gate(hidden)) * up(hidden))
             out = out + torch.sigmoid(F.linear(hidden, gate_w)) * shared
         return out
 
     def gemv_ok(self, tokens: int, device: torch.device, dtype: torch.dtype, decode: bool) -> bool:
         """Whether a step of `tokens` runs the graph-safe path (ops.moe_gemv): decode steps only."""
+        if self.experts is not None:
+            return False
         f, k = self.down.shape[2], self.gate_up.shape[2]
         return decode and use_moe_gemv(device, tokens * self.top_k, dtype) and f % 8 == 0 and k % 8 == 0
 
@@ -126,7 +145,7 @@ class MoE:
         read-back of the group sizes), a GEMM per expert over its tokens."""
         flat = experts.flatten()
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.router.shape[0]).tolist()
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         y = torch.empty(flat.shape[0], hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
         start = 0
         for e, count in enumerate(counts):
@@ -134,6 +153,10 @@ class MoE:
                 continue
             pairs = order[start:start + count]
             start += count
-            act = ops.silu_and_mul(F.linear(hidden[pairs // self.top_k], self.gate_up[e]))
-            y[pairs] = F.linear(act, self.down[e])
+            x = hidden[pairs // self.top_k]
+            if self.experts is None:
+                y[pairs] = F.linear(ops.silu_and_mul(F.linear(x, self.gate_up[e])), self.down[e])
+            else:
+                gate_up, down = self.experts[e]
+                y[pairs] = down(ops.silu_and_mul(gate_up(x)))
         return y

@@ -73,11 +73,14 @@ def gptq_format(qc: dict) -> str:
 
 
 def _refuse_dense_modules(method: str, qc: dict) -> None:
-    """Projections the checkpoint keeps unquantized would be re-quantized here (round-to-nearest): refuse."""
-    for key in ("modules_to_not_convert", "modules_in_block_to_quantize", "dynamic"):
-        if qc.get(key):
-            raise ValueError(f"{method} quantization_config {key}={qc[key]!r}: checkpoints that leave some "
-                             f"projections unquantized (or quantize them differently) are not supported")
+    """GPTQModel's per-module `dynamic` rules (other bits or group sizes, or skipped modules): refused.
+    modules_to_not_convert / modules_in_block_to_quantize are accepted: the modules they leave unquantized
+    arrive as plain `weight` tensors, which load where fastinfer keeps the layer unquantized (the MoE
+    routers, Qwen2-MoE's shared-expert gate, embeddings, the LM head) and are refused by name where it runs
+    a 4-bit projection (models/llama_weights.py), never re-quantized."""
+    if qc.get("dynamic"):
+        raise ValueError(f"{method} quantization_config dynamic={qc['dynamic']!r}: checkpoints with per-module "
+                         f"rules (other bits or group sizes, or skipped modules) are not supported")
 
 
 def convert_checkpoint(weights: Iterable[tuple[str, torch.Tensor]], config: dict) -> Iterator[tuple[str, object]]:

@@ -124,12 +124,19 @@ class _HessianRecorder:
         return 2 * self.sum / max(self.rows, 1)
 
 
+def _refuse_moe(model: LlamaForCausalLM) -> None:
+    if model.config.moe_layers:
+        raise ValueError(f"GPTQ calibration of mixture-of-experts models ({model.config.architecture}) is not "
+                         f"supported: load a GPTQ / AWQ checkpoint, or quantize with quantization='int4' (round-to-nearest)")
+
+
 def collect_hessians(model: LlamaForCausalLM, sequences: list[list[int]]) -> dict[tuple[int, str], torch.Tensor]:
     """H = 2 X^T X / n for every projection of a dense model, X its inputs over the sequences."""
     from ..runner import ModelRunner
     if model.quantization is not None:
         raise ValueError(f"collect_hessians needs the dense model (loaded without quantization), "
                          f"got quantization={model.quantization!r}")
+    _refuse_moe(model)
     recorders = {}
     for i, layer in enumerate(model.layers):
         for name in PROJECTIONS:
@@ -151,6 +158,7 @@ def gptq_quantize_model(model: LlamaForCausalLM, hessians: dict[tuple[int, str],
     """A new model sharing the dense model's embeddings and norms, its projections GPTQ-quantized."""
     if model.quantization is not None:
         raise ValueError(f"gptq_quantize_model needs the dense model, got quantization={model.quantization!r}")
+    _refuse_moe(model)
     quant = QuantConfig("gptq", group_size, mode)
     out = LlamaForCausalLM.__new__(LlamaForCausalLM)
     out.__dict__.update(model.__dict__)
