@@ -217,11 +217,7 @@ def test_half_checkpoint_loads_into_fp32_like_hf(tmp_path, stored):
     torch.testing.assert_close(fi_logits(loaded), hf_logits(hf_from_dir(tmp_path)), rtol=0, atol=ATOL)
 
 
-@pytest.mark.parametrize("rope", [
-    {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
-     "original_max_position_embeddings": 64},
-    {"type": "dynamic", "factor": 2.0},
-])
+@pytest.mark.parametrize("rope", [{"type": "dynamic", "factor": 2.0}])  # (longrope: tests/test_longrope.py)
 def test_unsupported_rope_types_are_refused_at_load(tmp_path, rope):
     make_hf_model("llama").save_pretrained(tmp_path)
     edit_config(tmp_path, lambda c: c.__setitem__("rope_parameters", {**rope, "rope_theta": 1e4}))

@@ -23,9 +23,8 @@ from __future__ import annotations
 import torch
 
 from . import gen_config, hf_hooks
-from .hf_decoding import (BLOCK_SIZE, Blocks, copy_blocks, hf_output, hf_warpers, prefill, processed_scores,
+from .hf_decoding import (BLOCK_SIZE, Blocks, copy_blocks, decode_chunk, hf_output, hf_warpers, prefill, processed_scores,
                           processor_params)
-from .metadata import SeqChunk
 from .runner import ModelRunner
 
 def output_fill_value(settings: gen_config.GenerationSettings) -> int:
@@ -188,7 +187,9 @@ def beam_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], holes
         for row, (table, token) in enumerate(zip(beam_tables, next_tokens)):
             position = len(prompts[row // num_beams]) + step
             pool.writable(table, position, copies)
-            chunks.append(SeqChunk([token], position, table))
+            chunks.append(decode_chunk(runner, token, position, table, prompts[row // num_beams],
+                                       lambda row=row: running_sequences[row // num_beams, row % num_beams,
+                                                                         width:cur_len].tolist()))
         copy_blocks(runner, copies)
         logits = runner.run(chunks).float()
 

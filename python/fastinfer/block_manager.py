@@ -24,13 +24,18 @@ from .sequence import Sequence
 RELEASE_ALIGN = 128  # keys: the sm_90a prefill's key tile (decode kernels round to 64, the CPU not at all)
 
 
-def chain_hash(prev: int | None, tokens: list[int]) -> int:
+def chain_hash(prev: int | tuple | None, tokens: list[int]) -> int:
     return hash((prev, tuple(tokens)))
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, window: int = 0):
-        """window > 0: release blocks below every sequence's sliding window (the module docstring)."""
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, window: int = 0,
+                 rope_long_from: int = 0):
+        """window > 0: release blocks below every sequence's sliding window (the module docstring).
+        rope_long_from: a LongRoPE model's ModelConfig.rope_long_from; the KV of a sequence whose prompt is
+        longer was rotated with the long factors from its first token (metadata.rope_rows), so its blocks
+        hash in a chain of their own."""
+        self.rope_long_from = rope_long_from
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.window = window
@@ -91,7 +96,7 @@ class BlockManager:
         needs its prompt logprobs: cached tokens would get no logits)."""
         if not self.enable_prefix_caching or seq.needs_prompt_logprobs:
             return []
-        tokens, bs, hits, h = seq.all_token_ids, self.block_size, [], None
+        tokens, bs, hits, h = seq.all_token_ids, self.block_size, [], self._chain_root(seq)
         for i in range((len(tokens) - 1) // bs):
             h = chain_hash(h, tokens[i * bs:(i + 1) * bs])
             block = self.hash_to_block.get(h)
@@ -99,6 +104,11 @@ class BlockManager:
                 break
             hits.append(block)
         return hits
+
+    def _chain_root(self, seq: Sequence) -> tuple | None:
+        """What a sequence's first block hash chains from: None, or for a LongRoPE prompt past
+        rope_long_from a marker (its cached KV differs from a shorter prompt's of the same tokens)."""
+        return ("long rope",) if self.rope_long_from and seq.rope_prompt_len > self.rope_long_from else None
 
     def _released_before(self, num_computed: int) -> int:
         """Leading blocks of a sequence with num_computed tokens in the cache that no later query reads (0
@@ -216,7 +226,7 @@ class BlockManager:
         full, bs = seq.num_computed_tokens // self.block_size, self.block_size
         while seq.num_hashed_blocks < full:
             i = seq.num_hashed_blocks
-            prev = seq.block_hashes[i - 1] if i else None
+            prev = seq.block_hashes[i - 1] if i else self._chain_root(seq)
             h = chain_hash(prev, seq.token_slice(i * bs, (i + 1) * bs))
             block = seq.block_table[i]
             if h not in self.hash_to_block and self.block_hash[block] is None:

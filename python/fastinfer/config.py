@@ -11,7 +11,7 @@ import torch
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                            "Phi3ForCausalLM", "GraniteForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
                            "Qwen3MoeForCausalLM")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "half": torch.float16,
            "float": torch.float32}
@@ -93,6 +93,28 @@ class ModelConfig:
                                                 and self.rotary_dim % 2 == 0):
             raise ValueError(f"config: the rotary dimension (head_dim x partial_rotary_factor) must be an even integer "
                              f"in (0, head_dim = {self.head_dim}], got {self.rotary_dim!r}")
+
+        if (self.rope_scaling or {}).get("rope_type") == "longrope":
+            half = (self.rotary_dim or self.head_dim) // 2
+            for key in ("short_factor", "long_factor"):
+                if len(self.rope_scaling[key]) != half:
+                    raise ValueError(f"config: longrope rope scaling {key!r} must hold rotary_dim / 2 = {half} numbers, "
+                                     f"got {len(self.rope_scaling[key])}")
+
+    @property
+    def rope_long_from(self) -> int:
+        """LongRoPE: HF rotates with the long factors in a forward whose sequence is longer than this
+        (original_max_position_embeddings), with the short ones otherwise; 0 for every other rope type."""
+        if (self.rope_scaling or {}).get("rope_type") != "longrope":
+            return 0
+        return int(self.rope_scaling["original_max_position_embeddings"])
+
+    @property
+    def rope_recompute_at_switch(self) -> bool:
+        """LongRoPE in HF's Phi3ForCausalLM: generate() drops the cache when a sequence first feeds position
+        original_max_position_embeddings and recomputes it whole with the long factors (its
+        prepare_inputs_for_generation); other architectures keep the short-factor KV they cached."""
+        return bool(self.rope_long_from) and self.architecture == "Phi3ForCausalLM"
 
     @property
     def max_model_len(self) -> int:
@@ -249,9 +271,8 @@ def _rope(cfg: dict, partial_rotary: bool = False) -> tuple[float, dict | None, 
     theta = float(theta)
     merged = {**scaling, **params}
     rope_type = merged.get("rope_type", merged.get("type", "default"))
-    if partial_rotary and rope_type in ("yarn", "su", "longrope"):  # HF's Phi3Config reads su / yarn as longrope
-        raise ValueError(f"unsupported rope type {rope_type!r} for Phi-3 (HF runs it as longrope, which fastinfer "
-                         f"does not implement)")
+    if partial_rotary and rope_type in ("yarn", "su"):  # HF's Phi3Config reads su / yarn as longrope
+        rope_type = "longrope"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"unsupported rope type {rope_type!r}; fastinfer supports {', '.join(SUPPORTED_ROPE_TYPES)}")
     partial = merged.pop("partial_rotary_factor", None)
@@ -267,21 +288,45 @@ def _rope(cfg: dict, partial_rotary: bool = False) -> tuple[float, dict | None, 
     merged.pop("rope_theta", None)
     merged.pop("type", None)
     merged["rope_type"] = rope_type
-    if rope_type in ("llama3", "yarn"):  # as HF's standardize_rope_params: a top-level value wins
+    if rope_type in ("llama3", "yarn", "longrope"):  # as HF's standardize_rope_params: a top-level value wins
         if cfg.get("original_max_position_embeddings") is not None:
             merged["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
         merged.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings", 2048))
     if rope_type == "yarn":
         _yarn_params(merged, cfg)
+    if rope_type == "longrope":
+        _longrope_params(merged, cfg)
     required = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
                                                   "original_max_position_embeddings"),
-                "yarn": ("factor", "original_max_position_embeddings")}.get(rope_type, ())
+                "yarn": ("factor", "original_max_position_embeddings"),
+                "longrope": ("factor", "original_max_position_embeddings")}.get(rope_type, ())
     for key in required:
         if not isinstance(merged.get(key), (int, float)):
             raise ValueError(f"config: {rope_type} rope scaling needs a number {key!r}, got {merged.get(key)!r}")
         if not _is_number(merged[key]) or not 0 < merged[key] < math.inf:
             raise ValueError(f"config: {rope_type} rope scaling {key!r} must be a positive number, got {merged[key]!r}")
     return theta, merged, partial
+
+
+def _longrope_params(merged: dict, cfg: dict) -> None:
+    """LongRoPE (Phi-3 / Phi-3.5 / Phi-4-mini long-context configs): short_factor and long_factor lists of
+    positive numbers (their length, rotary_dim / 2, is checked by ModelConfig), an integer
+    original_max_position_embeddings, optional attention_factor; a null factor becomes
+    max_position_embeddings / original_max_position_embeddings, as HF computes it."""
+    old_len = merged.get("original_max_position_embeddings")
+    if not _is_int(old_len) or not 0 < old_len <= MAX_POSITION_EMBEDDINGS:
+        raise ValueError(f"config: longrope rope scaling 'original_max_position_embeddings' must be a positive "
+                         f"integer (at most {MAX_POSITION_EMBEDDINGS}), got {old_len!r}")
+    for key in ("short_factor", "long_factor"):
+        value = merged.get(key)
+        if not (isinstance(value, list) and value and all(_is_number(x) and 0 < x < math.inf for x in value)):
+            raise ValueError(f"config: longrope rope scaling {key!r} must be a list of positive numbers, got {value!r}")
+    if merged.get("factor") is None:
+        merged["factor"] = cfg.get("max_position_embeddings", 2048) / old_len
+    value = merged.get("attention_factor")
+    if value is not None and (not _is_number(value) or not 0 <= value < math.inf):
+        raise ValueError(f"config: longrope rope scaling 'attention_factor' must be a non-negative number or null, "
+                         f"got {value!r}")
 
 
 def _yarn_params(merged: dict, cfg: dict) -> None:

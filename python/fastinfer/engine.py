@@ -69,11 +69,13 @@ class Engine:
         # with a draft model, whose attention reads the same blocks with its own window
         windows = [cfg.attention_window(i) for i in range(cfg.num_layers)]
         window = max(windows) if all(windows) and getattr(self.proposer, "runner", None) is None else 0
-        self.blocks = BlockManager(config.num_blocks, config.block_size, prefix_caching, window)
+        self.blocks = BlockManager(config.num_blocks, config.block_size, prefix_caching, window, cfg.rope_long_from)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
+        if cfg.rope_recompute_at_switch:
+            self.scheduler.rope_restart_from = cfg.rope_long_from
         if self.proposer is not None:
             k = self.proposer.k
-            self.scheduler.lookahead = lambda seq: lookahead(seq, k, self.max_model_len)
+            self.scheduler.lookahead = lambda seq: lookahead(seq, k, self.max_model_len, self.scheduler.rope_restart_from)
         # config.json's EOS ids and generation_config's (Llama-3-Instruct ends turns with <|eot_id|> there),
         # as vLLM and HF's generate stop on both
         gen_eos = (loaded.generation_defaults or {}).get("eos_token_id")
@@ -193,12 +195,13 @@ class Engine:
             seq, start = s.seq, s.seq.num_computed_tokens
             if i in proposals:
                 chunks.append(SeqChunk(seq.token_slice(start, len(seq)) + proposals[i], start, list(seq.block_table),
-                                       all_logits=True))
+                                       all_logits=True, prompt_len=seq.rope_prompt_len))
             else:
                 n = min(s.num_tokens, seq.num_uncomputed_tokens)
                 chunks.append(SeqChunk(seq.token_slice(start, start + n), start, seq.block_table,
                                        need_logits=start + n == len(seq),
-                                       all_logits=seq.needs_prompt_logprobs and start < len(seq.prompt_token_ids) - 1))
+                                       all_logits=seq.needs_prompt_logprobs and start < len(seq.prompt_token_ids) - 1,
+                                       prompt_len=seq.rope_prompt_len))
         logits = self.runner.run(chunks)
         ready, ready_rows, spec, spec_rows, row = [], [], [], [], 0
         for i, (s, chunk) in enumerate(zip(batch, chunks)):
@@ -237,7 +240,8 @@ class Engine:
     def _can_pipeline(self, seqs: list[Sequence], pending: int) -> bool:
         return (self.config.pipelined_decode and self.proposer is None
                 and can_pipeline(seqs, pending, scheduler=self.scheduler, blocks=self.blocks,
-                                 max_model_len=self.max_model_len))
+                                 max_model_len=self.max_model_len)
+                and not any(self.scheduler.rope_switch_due(s) for s in seqs))
 
     def _step_pipelined(self) -> list[RequestOutput]:
         """Launch the step after the one in flight (when it may be), then read that one back."""

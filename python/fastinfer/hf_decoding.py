@@ -83,6 +83,22 @@ def prefill(runner: ModelRunner, pool: Blocks, prompts: list[list[int]]) -> tupl
     return tables, torch.cat(logits_rows)
 
 
+def decode_chunk(runner: ModelRunner, token: int, position: int, table: list[int], prompt: list[int],
+                 generated) -> SeqChunk:
+    """A decode step's chunk for one row: its token at `position`; on a Phi-3 LongRoPE model
+    (ModelConfig.rope_recompute_at_switch), at a short prompt's first step at original_max_position_embeddings,
+    the row's whole sequence from position 0 (prompt + generated(), the tokens after the prompt up to this
+    one), recomputed with the long factors into the same blocks, as HF's Phi-3 generate drops its cache there.
+    Rows sharing a block hold the same tokens in it, so they rewrite it with the same values."""
+    cfg = runner.model.config
+    limit = cfg.rope_long_from if cfg.rope_recompute_at_switch else 0
+    if limit and position == limit and len(prompt) <= limit:
+        tokens = list(prompt) + list(generated())
+        assert len(tokens) == position + 1, (len(tokens), position)
+        return SeqChunk(tokens, 0, table, prompt_len=len(tokens))
+    return SeqChunk([token], position, table)
+
+
 def hf_warpers(scores: torch.Tensor, p, min_keep: int, extra: dict | None = None) -> torch.Tensor:
     """HF's sampling warpers in its order and arithmetic (TemperatureLogitsWarper, TopKLogitsWarper,
     TopPLogitsWarper, MinPLogitsWarper, then from `extra` TypicalLogitsWarper, EpsilonLogitsWarper,

@@ -35,7 +35,7 @@ class LLM:
                  max_num_batched_tokens: int = 8192, enable_prefix_caching: bool = True,
                  speculative: dict | None = None, quantization: str | None = None, kv_cache_dtype: str = "auto",
                  enforce_eager: bool = False, cuda_graph_sizes: list[int] | None = None, tokenizer=None,
-                 tensor_parallel_size: int = 1, trust_remote_code: bool = False):
+                 tensor_parallel_size: int = 1, trust_remote_code: bool = False, speculative_config: dict | None = None):
         """quantization: None (the checkpoint's own format), "int4" (round-to-nearest at load),
         "gptq", "awq" or "gguf" (4-bit projections on the fused W4A16 kernel), or "fp8" (e4m3
         linear weights with per-channel scales, activations quantized per token; a bf16/fp32
@@ -48,7 +48,12 @@ class LLM:
         Engine.step). tokenizer: a local tokenizer directory or a tokenizer object (HF's or any with
         __call__ -> {"input_ids"} and decode) instead of the model's (an HF model object has none).
         tensor_parallel_size: 1 only (one GPU); trust_remote_code: accepted for vLLM's signature, no
-        effect (fastinfer runs its own model code and never imports a checkpoint's)."""
+        effect (fastinfer runs its own model code and never imports a checkpoint's). speculative_config:
+        vLLM's name for `speculative` (either, not both)."""
+        if speculative_config is not None:
+            if speculative is not None:
+                raise ValueError("give speculative or speculative_config (vLLM's name for it), not both")
+            speculative = speculative_config
         if tensor_parallel_size != 1:
             raise ValueError(f"tensor_parallel_size={tensor_parallel_size!r}: fastinfer runs a model on one GPU (only 1)")
         if not isinstance(trust_remote_code, bool):

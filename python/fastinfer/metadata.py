@@ -18,12 +18,34 @@ class SeqChunk:
     block_table: list[int]     # physical blocks holding positions 0 .. start + num_new - 1
     need_logits: bool = True   # False for a prefill chunk that does not reach the prompt's end
     all_logits: bool = False   # logits for every token of the chunk (prompt logprobs, perplexity)
+    # LongRoPE only (rope_rows): the sequence's prompt length, its tokens at positions below it being prompt
+    # tokens; None: the chunk's end (a chunk holding the whole prompt, or generated tokens only)
+    prompt_len: int | None = None
+
+
+def rope_rows(start: int, end: int, prompt_len: int | None, long_from: int) -> range | list[int]:
+    """The cos_sin table rows of positions start .. end - 1 (models/rope.py). Without LongRoPE (long_from 0)
+    the positions. With it, HF's choice made per token as if its sequence ran alone in HF: a forward over a
+    sequence longer than long_from rotates with the long factors, so a prompt token takes them when the
+    prompt is longer (HF's prefill is one forward), a generated token at p when p + 1 is (a decode step's
+    forward); their rows are long_from + p."""
+    if not long_from:
+        return range(start, end)
+    length = end if prompt_len is None else prompt_len
+    if length > long_from:  # every token of the chunk is long
+        return range(long_from + start, long_from + end)
+    split = min(max(start, long_from), end)  # positions below long_from short, from it on long
+    return range(start, split) if split == end else _concat(range(start, split), range(long_from + split, long_from + end))
+
+
+def _concat(a: range, b: range) -> list[int]:
+    return list(a) + list(b)
 
 
 @dataclass(slots=True)
 class AttnMetadata:
     input_ids: torch.Tensor       # int64 [num_tokens]
-    positions: torch.Tensor       # int64 [num_tokens]
+    positions: torch.Tensor       # int64 [num_tokens]: each token's cos_sin row, its position (LongRoPE: rope_rows)
     slot_mapping: torch.Tensor    # int64 [num_tokens]; block * block_size + offset
     cu_seqlens_q: torch.Tensor    # int32 [batch + 1]
     seq_lens: torch.Tensor        # int32 [batch]; context length after this step
@@ -37,7 +59,9 @@ class AttnMetadata:
 
     @classmethod
     def build(cls, chunks: list[SeqChunk], block_size: int, num_blocks: int, max_position: int,
-              device: torch.device | str = "cpu", vocab_size: int | None = None) -> "AttnMetadata":
+              device: torch.device | str = "cpu", vocab_size: int | None = None,
+              rope_long_from: int = 0) -> "AttnMetadata":
+        """rope_long_from: ModelConfig.rope_long_from (LongRoPE's original_max_position_embeddings, else 0)."""
         if not chunks:
             raise ValueError("a step needs at least one sequence")
         if vocab_size is not None:  # the embedding kernel runs unchecked: ids are checked here, on the host
@@ -60,7 +84,7 @@ class AttnMetadata:
                 raise ValueError(f"sequence {b}'s block table has a block outside [0, {num_blocks})")
             pos = range(c.start, end)
             input_ids += c.token_ids
-            positions += pos
+            positions += rope_rows(c.start, end, c.prompt_len, rope_long_from)
             slots += [c.block_table[p // block_size] * block_size + p % block_size for p in pos]
             cu.append(cu[-1] + n)
             lens.append(end)

@@ -72,7 +72,7 @@ class DraftModelProposer:
                 s = seqs[i]
                 tokens = s.all_token_ids + proposals[i]
                 start = s.draft_computed
-                chunks.append(SeqChunk(tokens[start:], start, list(s.block_table)))
+                chunks.append(SeqChunk(tokens[start:], start, list(s.block_table), prompt_len=s.rope_prompt_len))
                 s.draft_computed = len(tokens)
             logits = self.runner.run(chunks)
             rows = [seqs[i] for i in live]

@@ -13,7 +13,7 @@ import weakref
 
 import torch
 
-from .metadata import AttnMetadata, SeqChunk
+from .metadata import AttnMetadata, SeqChunk, rope_rows
 from .models.llama import LlamaForCausalLM
 
 
@@ -74,7 +74,8 @@ class ModelRunner:
             return self.graphs.run(chunks, input_ids)
         meta = AttnMetadata.build(chunks, self.block_size, self.num_blocks,
                                   self.model.config.max_position_embeddings, self.device,
-                                  vocab_size=self.model.config.vocab_size)
+                                  vocab_size=self.model.config.vocab_size,
+                                  rope_long_from=self.model.config.rope_long_from)
         if input_ids is not None:
             meta.input_ids = input_ids
         if meta.is_decode:
@@ -176,7 +177,7 @@ class DecodeGraphs:
         if self.copied is not None:
             self.copied.synchronize()  # the previous step's copies have left the staging buffers
         np64, lens, tables, widest = self.np64, self.np_lens, self.np_tables, 0
-        vocab = self.runner.model.config.vocab_size
+        vocab, long_from = self.runner.model.config.vocab_size, self.runner.model.config.rope_long_from
         for i, c in enumerate(chunks):
             table, p = c.block_table, c.start
             if input_ids is None and not 0 <= c.token_ids[0] < vocab:  # the embedding kernel runs unchecked
@@ -187,7 +188,8 @@ class DecodeGraphs:
                 raise ValueError(f"sequence {i} needs {p + 1} slots but its block table holds {len(table)} "
                                  f"blocks of {bs}")
             used = table[:p // bs + 1]
-            np64[0, i], np64[1, i], np64[2, i] = c.token_ids[0], p, table[p // bs] * bs + p % bs
+            row = p if not long_from else rope_rows(p, p + 1, c.prompt_len, long_from)[0]  # its cos_sin row
+            np64[0, i], np64[1, i], np64[2, i] = c.token_ids[0], row, table[p // bs] * bs + p % bs
             lens[i] = p + 1
             k, dirty = len(used), self.row_blocks[i]
             tables[i, :k] = used

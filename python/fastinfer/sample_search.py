@@ -6,9 +6,8 @@ from __future__ import annotations
 import torch
 
 from . import gen_config, hf_hooks
-from .hf_decoding import (BLOCK_SIZE, Blocks, copy_blocks, hf_output, hf_warpers, prefill, processed_scores,
+from .hf_decoding import (BLOCK_SIZE, Blocks, copy_blocks, decode_chunk, hf_output, hf_warpers, prefill, processed_scores,
                           processor_params)
-from .metadata import SeqChunk
 from .runner import ModelRunner
 
 
@@ -86,7 +85,8 @@ def sample_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], hol
         for row, (table, token) in enumerate(zip(tables, next_tokens.tolist())):
             position = len(prompts[row]) + step
             pool.writable(table, position, copies)
-            chunks.append(SeqChunk([token], position, table))
+            chunks.append(decode_chunk(runner, token, position, table, prompts[row],
+                                       lambda row=row: sequences[row, width:cur_len].tolist()))
         copy_blocks(runner, copies)
         logits = runner.run(chunks).float()
         if hooked:

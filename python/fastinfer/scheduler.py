@@ -47,6 +47,10 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.lookahead = lambda seq: 0  # speculative proposals a decode step may add (engine sets it)
+        # a Phi-3 LongRoPE model's original_max_position_embeddings (engine sets it; 0: none): a sequence whose
+        # cached KV is short-rotated is recomputed whole once it would feed that position (rope_switch_due)
+        self.rope_restart_from = 0
+        self.num_rope_restarts = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -62,6 +66,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if self.rope_switch_due(seq):
+                self._restart(seq)  # recomputed from the waiting queue's front, with the long factors
+                continue
             num = seq.num_uncomputed_tokens
             if num == 1:
                 num += self.lookahead(seq)
@@ -106,10 +113,25 @@ class Scheduler:
             budget -= num
         return scheduled
 
+    def rope_switch_due(self, seq: Sequence) -> bool:
+        """Whether seq's next token sits at a Phi-3 LongRoPE model's original length or past it while its
+        cached KV was rotated with the short factors (HF's Phi-3 generate recomputes the cache there)."""
+        limit = self.rope_restart_from
+        return bool(limit) and seq.rope_prompt_len <= limit < seq.num_computed_tokens + 1
+
+    def _restart(self, seq: Sequence) -> None:
+        """seq's KV recomputed whole with the long factors: as a preemption (blocks freed, seq at the waiting
+        queue's front), its prompt length for the rotary choice now its length."""
+        self._preempt(seq)
+        self.num_preemptions -= 1
+        self.num_rope_restarts += 1
+
     def _preempt(self, seq: Sequence) -> None:
         """Free seq's blocks; it re-enters the waiting queue at the front and is recomputed."""
         self.running.remove(seq)
         self.blocks.free_seq(seq)
+        if self.rope_restart_from and len(seq) > self.rope_restart_from:  # recomputed past it: long from the start
+            seq.rope_prompt_len = max(seq.rope_prompt_len, len(seq))
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -57,6 +57,10 @@ class Sequence:
         self.num_prefix_hit_tokens = 0         # prompt tokens served from the prefix cache at first admission
         self.admitted = False                   # allocated blocks at least once (a later allocation is a recompute)
         self.forked = False                     # True once an n > 1 request has split into n sequences
+        # LongRoPE (metadata.rope_rows): the length whose one-forward prefill HF's rotary choice sees for the
+        # cached tokens, the prompt's; a Phi-3 sequence crossing original_max_position_embeddings is
+        # recomputed whole with the long factors, as HF's Phi-3 generate does, and this becomes its length then
+        self.rope_prompt_len = len(self.prompt_token_ids)
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -40,12 +40,16 @@ class SpecStats:
         return self.num_emitted / self.num_steps if self.num_steps else 0.0
 
 
-def lookahead(seq: Sequence, k: int, max_model_len: int) -> int:
+def lookahead(seq: Sequence, k: int, max_model_len: int, rope_restart_from: int = 0) -> int:
     """Proposals worth making for seq: within k, the remaining max_tokens and the context; none for an
-    n > 1 request not yet forked (its first token comes from _expand_forks, which splits it)."""
+    n > 1 request not yet forked (its first token comes from _expand_forks, which splits it). rope_restart_from
+    (Scheduler's): a short-rotated sequence proposes no token at that position or past it (it is recomputed
+    with the long factors when it gets there)."""
     if seq.params.n > 1 and not seq.forked:
         return 0
     remaining = seq.params.max_tokens - len(seq.output_token_ids) - 1
+    if rope_restart_from and seq.rope_prompt_len <= rope_restart_from:
+        remaining = min(remaining, rope_restart_from - len(seq))
     return max(0, min(k, remaining, max_model_len - len(seq)))
 
 

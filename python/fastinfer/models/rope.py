@@ -1,5 +1,10 @@
-"""Rotary cos/sin cache. Rope scaling (linear, Llama-3, YaRN) only changes inv_freq (and, for YaRN, scales
-cos / sin by its attention factor, as HF does), never the kernel."""
+"""Rotary cos/sin cache. Rope scaling (linear, Llama-3, YaRN, LongRoPE) only changes inv_freq (and, for YaRN
+and LongRoPE, scales cos / sin by an attention factor, as HF does), never the kernel.
+
+LongRoPE has two sets of frequencies: HF rotates a forward whose sequence is longer than
+original_max_position_embeddings (L0) with the long factors, any other with the short ones. Its table
+holds both: rows 0 .. L0 - 1 the short set at positions 0 .. L0 - 1, rows L0 + p the long set at position p;
+metadata.rope_rows picks each token's row."""
 from __future__ import annotations
 
 import math
@@ -17,6 +22,8 @@ def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.
         inv_freq = _llama3(inv_freq, scaling)
     elif rope_type == "yarn":
         inv_freq = _yarn(head_dim, theta, scaling)
+    elif rope_type == "longrope":
+        inv_freq = _longrope(head_dim, theta, scaling, long=False)
     elif rope_type != "default":
         raise ValueError(f"unsupported rope type {rope_type!r}")
     return inv_freq
@@ -57,13 +64,25 @@ def _yarn(head_dim: int, theta: float, s: dict) -> torch.Tensor:
     return interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor
 
 
+def _longrope(head_dim: int, theta: float, s: dict, long: bool) -> torch.Tensor:
+    """HF's _compute_longrope_parameters: the default frequencies divided by a per-frequency factor, the long
+    or the short list."""
+    factors = torch.tensor(s["long_factor" if long else "short_factor"], dtype=torch.float32)
+    return 1.0 / (factors * theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+
+
 def attention_scaling(scaling: dict | None) -> float:
     """The factor HF multiplies cos and sin by: YaRN's attention factor (given, or from factor, mscale and
-    mscale_all_dim as HF infers it), 1 otherwise."""
-    if (scaling or {}).get("rope_type") != "yarn":
+    mscale_all_dim as HF infers it), LongRoPE's (given, or sqrt(1 + ln(factor) / ln(L0)) for a factor above 1),
+    1 otherwise."""
+    rope_type = (scaling or {}).get("rope_type")
+    if rope_type not in ("yarn", "longrope"):
         return 1.0
     if scaling.get("attention_factor") is not None:
         return float(scaling["attention_factor"])
+    if rope_type == "longrope":
+        factor, old_len = float(scaling["factor"]), scaling["original_max_position_embeddings"]
+        return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old_len))
 
     def get_mscale(scale, mscale=1):
         return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
@@ -75,12 +94,18 @@ def attention_scaling(scaling: dict | None) -> float:
 
 def cos_sin_cache(head_dim: int, max_position: int, theta: float, scaling: dict | None,
                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """fp32 [max_position, head_dim]: row p = [cos(p * inv_freq) | sin(p * inv_freq)] (times YaRN's
-    attention factor)."""
-    inv_freq = inv_frequencies(head_dim, theta, scaling)
-    freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
+    """fp32 [max_position, head_dim]: row p = [cos(p * inv_freq) | sin(p * inv_freq)] (times YaRN's or
+    LongRoPE's attention factor). LongRoPE: [L0 + max_position, head_dim], the short set's L0 rows, then the
+    long set's max_position (the module docstring)."""
     scale = attention_scaling(scaling)
-    cos, sin = freqs.cos(), freqs.sin()
-    if scale != 1.0:
-        cos, sin = cos * scale, sin * scale
-    return torch.cat([cos, sin], dim=-1).to(device)
+
+    def table(inv_freq: torch.Tensor, rows: int) -> torch.Tensor:
+        freqs = torch.outer(torch.arange(rows, dtype=torch.float32), inv_freq)
+        cos, sin = freqs.cos(), freqs.sin()
+        if scale != 1.0:
+            cos, sin = cos * scale, sin * scale
+        return torch.cat([cos, sin], dim=-1)
+    if (scaling or {}).get("rope_type") == "longrope":
+        short = table(_longrope(head_dim, theta, scaling, long=False), scaling["original_max_position_embeddings"])
+        return torch.cat([short, table(_longrope(head_dim, theta, scaling, long=True), max_position)]).to(device)
+    return table(inv_frequencies(head_dim, theta, scaling), max_position).to(device)
