@@ -109,7 +109,7 @@ def test_attention_factor_from_the_length_ratio():
 
 
 @pytest.mark.parametrize("variant", ["phi3", "llama"])
-@pytest.mark.parametrize("n, new", [(24, 20), (40, 10)])
+@pytest.mark.parametrize("n, new", [(24, 20), (31, 6), (32, 6), (33, 6), (40, 10)])
 def test_greedy_crossing_the_boundary_matches_hf(variant, n, new):
     """Prompt 24: short until position 32. There HF's Phi-3 generate drops its cache and recomputes it whole
     with the long factors (prepare_inputs_for_generation); HF's Llama keeps the short-rotated cache and
@@ -121,7 +121,23 @@ def test_greedy_crossing_the_boundary_matches_hf(variant, n, new):
     llm = fastinfer.LLM(hf, num_blocks=40, block_size=4, max_num_batched_tokens=8)  # 8-token prefill chunks
     assert_logprobs_match_hf(hf, llm, [prompt(n, 3)], new)
     restarts = llm.engine.scheduler.num_rope_restarts
-    assert restarts == (1 if variant == "phi3" and n < ORIGINAL else 0) and llm.engine.scheduler.num_preemptions == 0
+    assert restarts == (1 if variant == "phi3" and n <= ORIGINAL else 0) and llm.engine.scheduler.num_preemptions == 0
+
+
+@pytest.mark.parametrize("max_num_seqs", [1, 4])
+def test_n_children_of_a_prompt_at_the_boundary(max_num_seqs):
+    """n = 2 from a 32-token Phi-3 prompt: each child's second token is sampled past position 32; a child that
+    waits for a batch slot is recomputed from scratch, long from its first token, as HF would have it."""
+    hf = longrope_model(seed=9)
+    p = prompt(32, 9)
+    tokens, logprobs = hf_greedy_logprobs(hf, p, 5)
+    llm = fastinfer.LLM(hf, num_blocks=40, block_size=4, max_num_seqs=max_num_seqs)
+    out = llm.generate([p], fastinfer.SamplingParams(n=2, max_tokens=5, temperature=0, ignore_eos=True, logprobs=0),
+                       use_tqdm=False)[0]
+    for child in out.outputs:
+        assert list(child.token_ids) == tokens
+        torch.testing.assert_close(torch.tensor([float(d[t]) for d, t in zip(child.logprobs, tokens)]),
+                                   torch.tensor(logprobs), rtol=0, atol=1e-4)
 
 
 def test_hf_loops_cross_the_boundary_as_hf():
@@ -139,19 +155,41 @@ def test_hf_loops_cross_the_boundary_as_hf():
     torch.testing.assert_close(torch.stack(ours.logits), torch.stack(scored.logits), rtol=0, atol=2e-5)
 
 
-def test_static_decode_path_and_speculation_cross_the_boundary():
-    hf = longrope_model(seed=4)
-    expected = hf_greedy(hf, prompt(26, 4), 16)
-    params = fastinfer.SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    loaded = get_loaded(hf)
-    static = Engine(loaded, EngineConfig(num_blocks=40, block_size=4, decode_graphs=True, graph_sizes=[1, 2]))
-    static.add_request("a", prompt(26, 4), params)
+@pytest.mark.parametrize("variant", ["phi3", "llama"])
+def test_static_decode_path_crosses_the_boundary(variant):
+    """The decode steps' static buffers (DecodeGraphs, run eagerly on the CPU) take the LongRoPE rows too."""
+    hf = longrope_model(variant, seed=4)
+    tokens, logprobs = hf_greedy_logprobs(hf, prompt(26, 4), 16)
+    static = Engine(get_loaded(hf), EngineConfig(num_blocks=40, block_size=4, decode_graphs=True, graph_sizes=[1, 2]))
+    static.add_request("a", prompt(26, 4), fastinfer.SamplingParams(max_tokens=16, temperature=0, ignore_eos=True,
+                                                                     logprobs=0))
     while static.has_unfinished():
         static.step()
-    assert list(static.pop_finished("a").outputs[0].token_ids) == expected and static.runner.graphs.num_steps > 0
-    ngram = fastinfer.LLM(loaded, num_blocks=40, block_size=4,
-                          speculative_config={"method": "ngram", "num_speculative_tokens": 3})
-    assert list(ngram.generate([prompt(26, 4)], params, use_tqdm=False)[0].outputs[0].token_ids) == expected
+    out = static.pop_finished("a").outputs[0]
+    assert list(out.token_ids) == tokens and static.runner.graphs.num_steps > 8
+    torch.testing.assert_close(torch.tensor([float(d[t]) for d, t in zip(out.logprobs, tokens)]),
+                               torch.tensor(logprobs), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["phi3", "llama"])
+def test_ngram_speculation_crosses_the_boundary(variant, monkeypatch):
+    """A repetitive prompt, so that n-gram proposals are made around position 32: greedy output equals HF's; a
+    Phi-3 sequence proposes nothing at 32 or past it until its recompute (spec_decode.lookahead)."""
+    hf = longrope_model(variant, seed=4)
+    p = (prompt(6, 4) * 5)[:27]
+    expected = hf_greedy(hf, p, 16)
+    import fastinfer.engine as engine_module
+    ks = []
+    real = engine_module.lookahead
+    monkeypatch.setattr(engine_module, "lookahead",
+                        lambda seq, *a: ks.append((len(seq), seq.rope_prompt_len, real(seq, *a))) or ks[-1][2])
+    llm = fastinfer.LLM(hf, num_blocks=40, block_size=4, speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    assert list(llm.generate([p], fastinfer.SamplingParams(max_tokens=16, temperature=0, ignore_eos=True),
+                             use_tqdm=False)[0].outputs[0].token_ids) == expected
+    assert llm.speculative_stats.num_proposed > 0
+    if variant == "phi3":  # short-rotated sequences never propose a token at position 32 or past it
+        assert all(length + k <= ORIGINAL for length, rope_len, k in ks if rope_len <= ORIGINAL)
+        assert any(length + k == ORIGINAL and k > 0 for length, rope_len, k in ks if rope_len <= ORIGINAL)
 
 
 def test_prefix_cache_keeps_long_and_short_prompts_apart():
@@ -178,7 +216,8 @@ def test_phi3_reads_su_and_yarn_as_longrope(rope_type):
     hf = longrope_model()
     cfg = hf.config.to_dict()
     cfg["rope_scaling"] = dict(cfg.pop("rope_parameters"), rope_type=rope_type)
-    assert ModelConfig.from_hf(cfg).rope_long_from == ORIGINAL
+    read = ModelConfig.from_hf(cfg)
+    assert read.rope_long_from == ORIGINAL and read == ModelConfig.from_hf(hf.config.to_dict())
 
 
 @pytest.mark.parametrize("change, match", [

@@ -72,12 +72,12 @@ def test_int4_greedy_generation_and_the_engine_match_hf():
     hf = make_hf_model("mixtral", seed=2, **VARIANTS["mixtral"])
     llm = fastinfer.LLM(hf, quantization="int4", num_blocks=16, block_size=4)
     rtn_dequantized(hf, 128)
-    ids = torch.tensor([PROMPT])
-    with torch.no_grad():
-        expected = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None)[0, len(PROMPT):].tolist()
     outs = llm.generate([PROMPT, PROMPT[:7]], fastinfer.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
                         use_tqdm=False)
-    assert list(outs[0].outputs[0].token_ids) == expected
+    for p, out in zip([PROMPT, PROMPT[:7]], outs):
+        with torch.no_grad():
+            expected = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None)
+        assert list(out.outputs[0].token_ids) == expected[0, len(p):].tolist()
 
 
 def write_4bit_moe_checkpoint(path, variant: str, method: str, seed: int):

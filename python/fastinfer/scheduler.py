@@ -95,6 +95,10 @@ class Scheduler:
             return scheduled  # memory is short: admitting more would only be preempted again
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if self.rope_restart_from and len(seq) > self.rope_restart_from:
+                # computed past it from scratch (a preempted or restarted sequence, an n > 1 child that waited
+                # for room): HF's Phi-3 would have recomputed it whole with the long factors by now
+                seq.rope_prompt_len = max(seq.rope_prompt_len, len(seq))
             cap = logit_rows if seq.needs_prompt_logprobs else budget
             if cap == 0:
                 break
@@ -130,8 +134,6 @@ class Scheduler:
         """Free seq's blocks; it re-enters the waiting queue at the front and is recomputed."""
         self.running.remove(seq)
         self.blocks.free_seq(seq)
-        if self.rope_restart_from and len(seq) > self.rope_restart_from:  # recomputed past it: long from the start
-            seq.rope_prompt_len = max(seq.rope_prompt_len, len(seq))
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

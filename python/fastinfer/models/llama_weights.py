@@ -218,6 +218,10 @@ def split_fused_experts(model: LlamaForCausalLM, weights: Iterable[tuple[str, ob
     for name, tensor in weights:
         names = fused.get(name)
         if names is None:
+            base, _, leaf = name.rpartition("_")
+            if fused and leaf in ("scale", "inv") and (base in fused or base.removesuffix("_scale") in fused):
+                raise ValueError(f"{name}: FP8 fused expert tensors (an in-memory transformers FP8 MoE model) are "
+                                 f"not supported; load the checkpoint directory (per-expert tensors) instead")
             yield name, tensor
             continue
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3 or tensor.shape[0] != len(names):
