@@ -88,6 +88,11 @@ TORCH_LIBRARY(fastinfer, m) {
   // dense_gemv(x[p / x_group], weight[expert_ids[p]]) (or dense_gemv_silu_mul's with silu_mul), weight
   // [E, N, K]. Bit for bit those ops with M = 1 (gemm/moe_gemv.h).
   m.def("moe_gemv(Tensor(a!) out, Tensor x, Tensor weight, Tensor expert_ids, int x_group, bool silu_mul) -> ()");
+  // The same for 4-bit experts: out[p] = int4_linear(x[p / x_group], qweight[e], scales[e], zeros / mins[e]) with
+  // e = expert_ids[p], the packed layouts stacked along a leading expert dimension (gemm/moe_w4a16.h).
+  m.def(
+      "moe_int4_linear(Tensor(a!) out, Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? mins, "
+      "Tensor expert_ids, int group_size, int x_group) -> ()");
   // The last three take the next GEMV's weight (prefetch) to ask L2 for, about prefetch_bytes of it, as
   // they finish (a hint: results do not change; the CPU ignores it). prefetch_swiglu: that GEMV is the
   // SwiGLU one.
@@ -117,6 +122,7 @@ TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {
   m.impl("dense_gemv", &fastinfer::cpu::dense_gemv);
   m.impl("dense_gemv_silu_mul", &fastinfer::cpu::dense_gemv_silu_mul);
   m.impl("moe_gemv", &fastinfer::cpu::moe_gemv);
+  m.impl("moe_int4_linear", &fastinfer::cpu::moe_int4_linear);
   m.impl("dense_gemv_add_residual", &fastinfer::cpu::dense_gemv_add_residual);
   m.impl("rms_norm_dense_gemv", &fastinfer::cpu::rms_norm_dense_gemv);
   m.impl("dense_gemv_rope_cache", &fastinfer::cpu::dense_gemv_rope_cache);

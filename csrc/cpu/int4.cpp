@@ -104,4 +104,23 @@ void int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight
   });
 }
 
+// moe_int4_linear's spec (gemm/moe_w4a16.h): each pair's row through int4_linear on its expert's tensors.
+void moe_int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                     const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& mins,
+                     const at::Tensor& expert_ids, int64_t group_size, int64_t x_group) {
+  TORCH_CHECK(qweight.dim() == 3 && scales.dim() == 3 && expert_ids.scalar_type() == at::kInt && x_group >= 1 &&
+                  x.size(0) * x_group == expert_ids.size(0) && out.size(0) == expert_ids.size(0),
+              "moe_int4_linear: inconsistent shapes or dtypes (validate with fastinfer.ops.moe_int4_linear)");
+  const int32_t* ids = expert_ids.data_ptr<int32_t>();
+  for (int64_t p = 0; p < expert_ids.size(0); ++p) {
+    const int64_t e = ids[p];
+    TORCH_CHECK(e >= 0 && e < qweight.size(0), "moe_int4_linear: expert_ids[", p, "] = ", e, " outside [0, ",
+                qweight.size(0), ")");
+    at::Tensor dst = out.narrow(0, p, 1);
+    const std::optional<at::Tensor> z = zeros.has_value() ? std::optional<at::Tensor>((*zeros)[e]) : std::nullopt;
+    const std::optional<at::Tensor> mn = mins.has_value() ? std::optional<at::Tensor>((*mins)[e]) : std::nullopt;
+    int4_linear(dst, x.narrow(0, p / x_group, 1), qweight[e], scales[e], z, mn, group_size);
+  }
+}
+
 }  // namespace fastinfer::cpu

@@ -46,6 +46,9 @@ void int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight
 // out[p] = dense_gemv(x[p / x_group], weight[expert_ids[p]]) (silu_mul: dense_gemv_silu_mul's), weight [E, N, K].
 void moe_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_ids,
               int64_t x_group, bool silu_mul);
+void moe_int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                     const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& mins,
+                     const at::Tensor& expert_ids, int64_t group_size, int64_t x_group);
 void dense_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                 const std::optional<at::Tensor>& weight_scale);
 void dense_gemv_silu_mul(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,

@@ -1,11 +1,14 @@
-// CUDA binding of moe_gemv (gemm/moe_gemv.h): tensors -> MoeGemvParams, current stream, launch.
-// python/fastinfer/_ops_moe.py validates; the checks here are the second line of defence.
+// CUDA bindings of moe_gemv (gemm/moe_gemv.h) and moe_int4_linear (gemm/moe_w4a16.h, only in builds with the
+// Hopper kernels, as int4_linear): tensors -> params, current stream, launch. python/fastinfer/_ops_moe.py
+// validates; the checks here are the second line of defence.
 #include <torch/library.h>
 
 #include <limits>
+#include <optional>
 
 #include "common.h"  // csrc/torch/common.h
 #include "fastinfer/gemm/moe_gemv.h"
+#include "fastinfer/gemm/moe_w4a16.h"
 
 namespace fastinfer::torch_glue {
 namespace {
@@ -50,7 +53,67 @@ void moe_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, co
   check_launch(launch_moe_gemv(p, stream_of(x)), kOp);
 }
 
+#ifdef FASTINFER_HAS_SM90
+void moe_int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                     const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& mins,
+                     const at::Tensor& expert_ids, int64_t group_size, int64_t x_group) {
+  constexpr const char* kOp = "moe_int4_linear";
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, kOp,
+              " on CUDA takes float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(!(zeros.has_value() && mins.has_value()), kOp, ": pass zeros or mins, not both");
+  const at::Tensor* offsets = zeros.has_value() ? &*zeros : mins.has_value() ? &*mins : nullptr;
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && qweight.dim() == 3 && scales.dim() == 3 && expert_ids.dim() == 1 &&
+                  x_group >= 1 && x.size(0) * x_group == expert_ids.size(0) && out.size(0) == expert_ids.size(0),
+              kOp, ": inconsistent shapes (validate with fastinfer.ops.moe_int4_linear)");
+  const int64_t experts = qweight.size(0), k = x.size(1), n = out.size(1);
+  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128, kOp, ": group_size must be 32, 64 or 128");
+  TORCH_CHECK(k > 0 && k % 64 == 0 && k % group_size == 0 && k <= std::numeric_limits<int>::max() && n > 0 &&
+                  n % 64 == 0 && n / 64 <= 65535,
+              kOp, ": K a positive multiple of 64 and of group_size, N a positive multiple of 64");
+  TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.is_contiguous() && qweight.size(1) == n / 64 &&
+                  qweight.size(2) == 8 * k,
+              kOp, ": qweight must be contiguous int32 [E, N / 64, 8 K]");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&scales, offsets}) {
+    if (t == nullptr) continue;
+    TORCH_CHECK(t->is_contiguous() && t->size(0) == experts && t->size(1) == k / group_size && t->size(2) == n &&
+                    t->scalar_type() == x.scalar_type(),
+                kOp, ": scales, zeros and mins must be contiguous [E, K / group_size, N] in x's dtype");
+  }
+  TORCH_CHECK(expert_ids.scalar_type() == at::kInt && expert_ids.is_contiguous() && expert_ids.size(0) <= 65535, kOp,
+              ": expert_ids must be a contiguous int32 tensor of at most 65535 pairs");
+  TORCH_CHECK(out.scalar_type() == x.scalar_type() && x.stride(1) == 1 && out.stride(1) == 1 && x.stride(0) % 8 == 0,
+              kOp, ": out in x's dtype; x and out rows contiguous, x's row stride a multiple of 8");
+  TORCH_CHECK(!out.is_alias_of(x), kOp, ": out must not share memory with x");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&out, &qweight, &scales, offsets, &expert_ids}) {
+    TORCH_CHECK(t == nullptr || t->device() == x.device(), kOp, ": every tensor must be on x's device (", x.device(), ")");
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  MoeW4A16Params p{};
+  p.out = out.data_ptr();
+  p.x = x.data_ptr();
+  p.qweight = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
+  p.scales = scales.data_ptr();
+  p.offsets = offsets ? offsets->data_ptr() : nullptr;
+  p.expert_ids = expert_ids.data_ptr<int32_t>();
+  p.pairs = static_cast<int>(expert_ids.size(0));
+  p.x_group = static_cast<int>(x_group);
+  p.n = static_cast<int>(n);
+  p.k = static_cast<int>(k);
+  p.group_size = static_cast<int>(group_size);
+  p.x_stride = x.stride(0);
+  p.out_stride = out.stride(0);
+  p.mode = zeros.has_value() ? Int4Mode::kZeros : mins.has_value() ? Int4Mode::kMins : Int4Mode::kSymmetric;
+  p.dtype = to_dtype(x, kOp);
+  check_launch(launch_moe_w4a16(p, stream_of(x)), kOp);
+}
+#endif
+
 }  // namespace
 }  // namespace fastinfer::torch_glue
 
-TORCH_LIBRARY_IMPL(fastinfer, CUDA, m) { m.impl("moe_gemv", &fastinfer::torch_glue::moe_gemv); }
+TORCH_LIBRARY_IMPL(fastinfer, CUDA, m) {
+  m.impl("moe_gemv", &fastinfer::torch_glue::moe_gemv);
+#ifdef FASTINFER_HAS_SM90
+  m.impl("moe_int4_linear", &fastinfer::torch_glue::moe_int4_linear);
+#endif
+}

@@ -22,7 +22,7 @@ from ._ops_fp8 import (FP8_MAX, FP8_MIN_SCALE, FP8_OP_NAMES, fp8_linear,  # noqa
 from ._ops_linear import (GEMV_FP8_MAX_M, GEMV_MAX_M, GEMV_NORM_MAX_M, INT4_GROUP_SIZES, SQ_SUM_GROUP,  # noqa: F401  (re-exported)
                           GemvPrefetch, dense_gemv, dense_gemv_add_residual, dense_gemv_rope_cache, dense_gemv_silu_mul, int4_linear,
                           rms_norm_dense_gemv, sq_sum_groups)
-from ._ops_moe import MOE_GEMV_MAX_PAIRS, moe_gemv  # noqa: F401  (re-exported)
+from ._ops_moe import MOE_GEMV_MAX_PAIRS, moe_gemv, moe_int4_linear  # noqa: F401  (re-exported)
 from ._ops_spec import SPEC_MAX_VOCAB, speculative_verify  # noqa: F401  (re-exported)
 
 
@@ -338,7 +338,7 @@ MODEL_OP_NAMES = ("embedding", "rms_norm", "fused_add_rms_norm", "rotary_embeddi
                   "reshape_and_cache", "rotary_embedding_and_cache", "paged_prefill_attention", "paged_decode_attention",
                   "dense_gemv", "dense_gemv_silu_mul", "dense_gemv_add_residual", "rms_norm_dense_gemv",
                   "dense_gemv_rope_cache")
-OP_NAMES = MODEL_OP_NAMES + ("speculative_verify", "int4_linear", "moe_gemv") + FP8_OP_NAMES
+OP_NAMES = MODEL_OP_NAMES + ("speculative_verify", "int4_linear", "moe_gemv", "moe_int4_linear") + FP8_OP_NAMES
 
 
 def _register_fakes() -> None:

@@ -1,10 +1,10 @@
-"""Validated wrapper of the mixture-of-experts decode GEMV (torch.ops.fastinfer.moe_gemv)."""
+"""Validated wrappers of the mixture-of-experts decode GEMVs (torch.ops.fastinfer.moe_gemv, moe_int4_linear)."""
 from __future__ import annotations
 
 import torch
 
 from ._checks import _check, _check_float, _check_shape, _fail, _ops, _shares_memory
-from ._ops_linear import _check_aligned_rows
+from ._ops_linear import INT4_GROUP_SIZES, _check_aligned_rows
 
 MOE_GEMV_MAX_PAIRS = 65535  # the binding's limit on the pairs of one launch
 
@@ -52,4 +52,57 @@ def moe_gemv(x: torch.Tensor, weight: torch.Tensor, expert_ids: torch.Tensor, x_
     if weight.device.type == "cuda" and weight.data_ptr() % 16:
         _fail(op, "weight must start on a 16-byte boundary on CUDA")
     _ops.moe_gemv(out, x, weight, expert_ids, x_group, silu_mul)
+    return out
+
+
+def moe_int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, expert_ids: torch.Tensor,
+                    group_size: int, zeros: torch.Tensor | None = None, mins: torch.Tensor | None = None,
+                    x_group: int = 1, out: torch.Tensor | None = None, check_indices: bool = True) -> torch.Tensor:
+    """moe_gemv for 4-bit experts: out[p] = int4_linear(x[p // x_group], qweight[e], scales[e], group_size,
+    zeros[e] / mins[e]) with e = expert_ids[p], [P, N]. qweight int32 [E, N / 64, 8 K] and scales (zeros, mins)
+    [E, K / group_size, N] in x's dtype: int4_linear's packed layout per expert, stacked; all contiguous.
+    expert_ids int32 [P], P = x.shape[0] * x_group. The ids are read on the device (a CUDA graph can hold
+    the op; sm_90a builds, as int4_linear). check_indices=False skips the host-side range check (a sync)."""
+    op = "moe_int4_linear"
+    _check_float(op, "x", x, ndim=2)
+    if x.device.type == "cuda" and x.dtype == torch.float32:
+        _fail(op, "x must be float16 or bfloat16 on CUDA (the tensor cores take 16-bit inputs), got float32")
+    k = x.shape[1]
+    if group_size not in INT4_GROUP_SIZES:
+        _fail(op, f"group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    if k == 0 or k % 64 or k % group_size:
+        _fail(op, f"x's last dimension K must be a positive multiple of 64 and of group_size={group_size}, got {k}")
+    _check(op, "qweight", qweight, ndim=3, dtype=torch.int32, device=x.device, contiguous=True)
+    experts, n = qweight.shape[0], qweight.shape[1] * 64
+    if experts == 0 or n == 0 or n // 64 > 65535:
+        _fail(op, f"qweight [E, N / 64, 8 K] must hold at least one expert of 64 to {65535 * 64} rows, got "
+                  f"{tuple(qweight.shape)}")
+    _check_shape(op, "qweight", qweight, (experts, n // 64, 8 * k))
+    if zeros is not None and mins is not None:
+        _fail(op, "pass zeros (w = (q - z) s) or mins (w = q s + m), not both")
+    for name, t in (("scales", scales), ("zeros", zeros), ("mins", mins)):
+        if t is not None:
+            _check(op, name, t, ndim=3, dtype=x.dtype, device=x.device, contiguous=True)
+            _check_shape(op, name, t, (experts, k // group_size, n))
+    if isinstance(x_group, bool) or not isinstance(x_group, int) or x_group < 1:
+        _fail(op, f"x_group must be an integer >= 1, got {x_group!r}")
+    _check(op, "expert_ids", expert_ids, ndim=1, dtype=torch.int32, device=x.device, contiguous=True)
+    pairs = expert_ids.shape[0]
+    if pairs != x.shape[0] * x_group or pairs > MOE_GEMV_MAX_PAIRS:
+        _fail(op, f"expert_ids must have x.shape[0] * x_group = {x.shape[0] * x_group} entries (at most "
+                  f"{MOE_GEMV_MAX_PAIRS}), got {pairs}")
+    if check_indices and pairs and (int(expert_ids.min()) < 0 or int(expert_ids.max()) >= experts):
+        _fail(op, f"expert_ids must lie in [0, {experts}), got [{int(expert_ids.min())}, {int(expert_ids.max())}]")
+    if out is None:
+        out = torch.empty((pairs, n), dtype=x.dtype, device=x.device)
+    _check_float(op, "out", out, like=x, ndim=2)
+    _check_shape(op, "out", out, (pairs, n))
+    if _shares_memory(out, x):
+        _fail(op, "out must not share memory with x")
+    _check_aligned_rows(op, "x", x)
+    _check_aligned_rows(op, "out", out)
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("mins", mins)):
+        if t is not None and t.device.type == "cuda" and t.data_ptr() % 16:
+            _fail(op, f"{name} must start on a 16-byte boundary on CUDA")
+    _ops.moe_int4_linear(out, x, qweight, scales, zeros, mins, expert_ids, int(group_size), x_group)
     return out

@@ -21,9 +21,10 @@ layout; per-expert checkpoint tensors are copied into their slices (llama_weight
 
 Quantized experts (a model loaded with an FP8 or 4-bit kind: GPTQ / AWQ / FP8 checkpoints, or quantized at
 load): each expert is a pair of the model's projections of that kind (models/linear.make_linear), gate_up
-[2 F, hidden] and down [hidden, F], in `experts`, and the pairs always take the per-expert path (one
-fastinfer int4_linear / fp8_linear per expert with tokens: a host sync per layer, so such decode steps run
-eagerly, not as graphs). The router and Qwen2-MoE's shared-expert gate stay dense, as in the published
+[2 F, hidden] and down [hidden, F], in `experts`, and the pairs take the per-expert path (one fastinfer
+int4_linear / fp8_linear per expert with tokens: a host sync per layer), except 4-bit decode steps on a GPU:
+their experts' packed tensors are views of stacked ones (Int4Linear.stacked), and ops.moe_int4_linear runs
+every pair's gate / up and down projections as moe_gemv does, graph-safe. FP8 decode steps run eagerly. The router and Qwen2-MoE's shared-expert gate stay dense, as in the published
 quantized checkpoints; the shared expert's projections are of the model's kind.
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 from .. import _ops as ops
 from ..config import ModelConfig
-from ..quant.linear import QuantConfig
+from ..quant.linear import Int4Linear, QuantConfig
 from .linear import make_linear
 
 MOE_GEMV_DECODE_PAIRS = 256  # decode steps of up to this many (token, expert) pairs take ops.moe_gemv
@@ -75,9 +76,14 @@ class MoE:
         self.round_weights = cfg.architecture in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
         self.router = torch.empty(e, h, dtype=dtype, device=device)
         self.gate_up = self.down = self.experts = None
+        self.int4_gate_up = self.int4_down = None  # 4-bit experts: the stacked tensors of ops.moe_int4_linear
         if kind is None:
             self.gate_up = torch.empty(e, 2 * f, h, dtype=dtype, device=device)
             self.down = torch.empty(e, h, f, dtype=dtype, device=device)
+        elif isinstance(kind, QuantConfig):  # per-expert layers over stacked storage
+            gate_up, self.int4_gate_up = Int4Linear.stacked(e, 2 * f, h, kind, dtype, device)
+            down, self.int4_down = Int4Linear.stacked(e, h, f, kind, dtype, device)
+            self.experts = list(zip(gate_up, down))
         else:  # one (gate_up, down) pair of projections per expert
             self.experts = [(make_linear(h, 2 * f, dtype, device, kind), make_linear(f, h, dtype, device, kind))
                             for _ in range(e)]
@@ -99,7 +105,7 @@ class MoE:
             weights = weights.to(hidden.dtype)
         t = hidden.shape[0]
         if self.gemv_ok(t, hidden.device, hidden.dtype, decode):
-            y = self._pairs_by_gemv(hidden, experts)
+            y = self._pairs_by_gemv(hidden, experts) if self.experts is None else self._pairs_by_int4_gemv(hidden, experts)
         elif self.experts is None and grouped_mm_ok(hidden):
             y = self._pairs_grouped(hidden, experts)
         else:
@@ -114,7 +120,10 @@ class MoE:
         return out
 
     def gemv_ok(self, tokens: int, device: torch.device, dtype: torch.dtype, decode: bool) -> bool:
-        """Whether a step of `tokens` runs the graph-safe path (ops.moe_gemv): decode steps only."""
+        """Whether a step of `tokens` runs the graph-safe path (ops.moe_gemv, ops.moe_int4_linear for 4-bit
+        experts): decode steps only; FP8 experts never."""
+        if self.int4_gate_up is not None:
+            return decode and use_moe_gemv(device, tokens * self.top_k, dtype)
         if self.experts is not None:
             return False
         f, k = self.down.shape[2], self.gate_up.shape[2]
@@ -125,6 +134,17 @@ class MoE:
         ids = experts.flatten().to(torch.int32)
         act = ops.moe_gemv(hidden, self.gate_up, ids, x_group=self.top_k, silu_mul=True, check_indices=False)
         return ops.moe_gemv(act, self.down, ids, check_indices=False)
+
+    def _pairs_by_int4_gemv(self, hidden: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """_pairs_by_gemv for 4-bit experts: gate / up (ops.moe_int4_linear), SwiGLU, down; no host sync."""
+        ids = experts.flatten().to(torch.int32)
+        group = self.experts[0][0].quant.group_size
+        qweight, scales, zeros, mins = self.int4_gate_up
+        gate_up = ops.moe_int4_linear(hidden, qweight, scales, ids, group, zeros=zeros, mins=mins,
+                                      x_group=self.top_k, check_indices=False)
+        qweight, scales, zeros, mins = self.int4_down
+        return ops.moe_int4_linear(ops.silu_and_mul(gate_up), qweight, scales, ids, group, zeros=zeros, mins=mins,
+                                   check_indices=False)
 
     def _pairs_grouped(self, hidden: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """y [T * top_k, hidden] in (token, slot) order, as transformers' grouped_mm experts path computes it."""

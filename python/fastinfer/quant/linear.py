@@ -55,6 +55,23 @@ class Int4Linear:
             self.mins = torch.zeros_like(self.scales)
         self.bias = torch.zeros(out_features, dtype=dtype, device=device) if bias else None
 
+    @classmethod
+    def stacked(cls, count: int, out_features: int, in_features: int, quant: QuantConfig, dtype: torch.dtype,
+                device: torch.device | str) -> tuple[list["Int4Linear"], tuple]:
+        """count bias-free layers whose tensors are views of stacked ones (a MoE layer's experts, which
+        ops.moe_int4_linear reads whole): (layers, (qweight [count, N / 64, 8 K], scales [count, G, N],
+        zeros or None, mins or None)); layers[i].qweight is qweight[i], and so on."""
+        first = cls(out_features, in_features, quant, dtype, device)  # its checks; a template for the rest
+        tensors = tuple(None if t is None else t.new_zeros((count,) + tuple(t.shape))
+                        for t in (first.qweight, first.scales, first.zeros, first.mins))
+        layers = []
+        for i in range(count):
+            layer = cls.__new__(cls)
+            layer.__dict__.update(first.__dict__)
+            layer.qweight, layer.scales, layer.zeros, layer.mins = (None if t is None else t[i] for t in tensors)
+            layers.append(layer)
+        return layers, tensors
+
     @property
     def shape(self) -> tuple[int, int]:
         return self.out_features, self.in_features
