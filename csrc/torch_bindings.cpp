@@ -86,8 +86,11 @@ TORCH_LIBRARY(fastinfer, m) {
       "float eps, Tensor? prefetch=None, int prefetch_bytes=0, bool prefetch_swiglu=False, Tensor? weight_scale=None) -> ()");
   // Mixture-of-experts decode GEMVs, the expert of each (token, expert) pair read on the device: out[p] =
   // dense_gemv(x[p / x_group], weight[expert_ids[p]]) (or dense_gemv_silu_mul's with silu_mul), weight
-  // [E, N, K]. Bit for bit those ops with M = 1 (gemm/moe_gemv.h).
-  m.def("moe_gemv(Tensor(a!) out, Tensor x, Tensor weight, Tensor expert_ids, int x_group, bool silu_mul) -> ()");
+  // [E, N, K] (e4m3 with fp32 weight_scale [E, N]: their W8A16 form). Bit for bit those ops with M = 1
+  // (gemm/moe_gemv.h).
+  m.def(
+      "moe_gemv(Tensor(a!) out, Tensor x, Tensor weight, Tensor expert_ids, int x_group, bool silu_mul, "
+      "Tensor? weight_scale=None) -> ()");
   // The same for 4-bit experts: out[p] = int4_linear(x[p / x_group], qweight[e], scales[e], zeros / mins[e]) with
   // e = expert_ids[p], the packed layouts stacked along a leading expert dimension (gemm/moe_w4a16.h).
   m.def(

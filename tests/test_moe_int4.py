@@ -1,5 +1,6 @@
 """ops.moe_int4_linear (each (token, expert) pair of a MoE decode step against its own 4-bit expert, the ids
-read on the device) and the 4-bit MoE decode path built on it (models/moe.py). The op's spec is int4_linear
+read on the device) and the 4-bit MoE decode path built on it (models/moe.py; its GPU case covers FP8 experts'
+moe_gemv path too). The op's spec is int4_linear
 with M = 1 on the pair's expert: equal bit for bit on the CPU; on a GPU (one CTA per pair and strip over all
 of K, where int4_linear may split K) within the int4 tests' bounds of an fp64 reference."""
 from __future__ import annotations
@@ -127,13 +128,15 @@ def test_decode_path_forced_on_the_cpu_equals_the_per_expert_path(monkeypatch, v
 
 @pytest.mark.cuda
 @pytest.mark.sm90
+@pytest.mark.parametrize("quantization", ["int4", "fp8"])
 @pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
-def test_bf16_int4_decode_graphs_agree_with_the_per_expert_path(monkeypatch, variant):
-    """On a GPU the 4-bit decode steps run moe_int4_linear inside CUDA graphs; their logits stay within bf16
-    rounding of the per-expert int4_linear path's (FASTINFER_MOE_GEMV=0, eager)."""
+def test_bf16_quantized_decode_graphs_agree_with_the_per_expert_path(monkeypatch, variant, quantization):
+    """On a GPU the 4-bit / FP8 decode steps run moe_int4_linear / moe_gemv (W8A16) inside CUDA graphs; their
+    logits stay within bf16 (and, for FP8, activation-quantization) rounding of the per-expert int4_linear /
+    fp8_linear path's (FASTINFER_MOE_GEMV=0, eager)."""
     hf = make_hf_model(variant, seed=7, **dict(VARIANTS[variant], hidden_size=256, num_attention_heads=4,
                                                num_key_value_heads=2))
-    loaded = fastinfer.load_model(hf, dtype=torch.bfloat16, device="cuda", quantization="int4")
+    loaded = fastinfer.load_model(hf, dtype=torch.bfloat16, device="cuda", quantization=quantization)
     assert loaded.model.decode_graph_safe(1)
     prompt = torch.randint(3, hf.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(7)).cuda()
     kw = dict(max_new_tokens=16, do_sample=False, eos_token_id=None, return_dict_in_generate=True, output_logits=True)

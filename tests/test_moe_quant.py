@@ -237,3 +237,35 @@ def test_quantized_moe_on_the_gpu_matches_the_cpu(quantization):
     out = fi_logits(gpu, PROMPT).float().cpu()
     assert (out.argmax(-1) == cpu.argmax(-1)).float().mean() >= 0.9
     assert (out.log_softmax(-1) - cpu.log_softmax(-1)).abs().max() < 0.3
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe"])
+def test_fp8_decode_path_forced_on_the_cpu(monkeypatch, variant):
+    """FP8 experts' decode steps through ops.moe_gemv's W8A16 form (as a GPU's, graph-safe): each MoE layer's
+    output equals the pairs computed from the e4m3 weights times their row scales with x unquantized."""
+    from fastinfer.models import moe as moe_mod
+    hf = make_hf_model(variant, seed=10, **VARIANTS[variant])
+    model = fastinfer.load_model(hf, quantization="fp8").model
+    assert not model.decode_graph_safe(3)
+    monkeypatch.setattr(moe_mod, "use_moe_gemv", lambda device, pairs, dtype: 1 <= pairs <= 256)
+    assert model.decode_graph_safe(3)
+    moe = next(layer.moe for layer in model.layers if layer.moe is not None)
+    x = torch.randn(3, moe.router.shape[1], generator=torch.Generator().manual_seed(10))
+    got = moe(x, decode=True)
+    weights, experts = torch.topk(torch.softmax(x @ moe.router.t(), dim=-1), moe.top_k, dim=-1)
+    if moe.norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    gate_up = moe.gate_up.float() * moe.gate_up_scale[:, :, None]
+    down = moe.down.float() * moe.down_scale[:, :, None]
+    expected = torch.zeros_like(x)
+    for t in range(3):
+        for slot in range(moe.top_k):
+            e = int(experts[t, slot])
+            gate, up = (gate_up[e] @ x[t]).chunk(2)
+            expected[t] += weights[t, slot] * (down[e] @ (F.silu(gate) * up))
+    if moe.shared is not None:
+        gate, up, shared_down, gate_w = moe.shared
+        expected += torch.sigmoid(x @ gate_w.t()) * shared_down(F.silu(gate(x)) * up(x))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(moe_mod, "use_moe_gemv", lambda device, pairs, dtype: False)
+    assert (moe(x, decode=True) - expected).abs().max() > 1e-4  # the W8A8 per-expert path quantizes x too

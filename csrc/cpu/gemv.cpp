@@ -180,9 +180,10 @@ void dense_gemv_rope_cache(at::Tensor& query, at::Tensor& kv_cache, const at::Te
   query.copy_(q);
 }
 
-// moe_gemv's spec: each pair's row through dense_gemv (or dense_gemv_silu_mul) on its expert's weight.
+// moe_gemv's spec: each pair's row through dense_gemv (or dense_gemv_silu_mul) on its expert's weight (and its
+// scales: FP8 weights).
 void moe_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_ids,
-              int64_t x_group, bool silu_mul) {
+              int64_t x_group, bool silu_mul, const std::optional<at::Tensor>& weight_scale) {
   TORCH_CHECK(weight.dim() == 3 && expert_ids.scalar_type() == at::kInt && x_group >= 1 &&
                   x.size(0) * x_group == expert_ids.size(0) && out.size(0) == expert_ids.size(0),
               "moe_gemv: inconsistent shapes or dtypes (validate with fastinfer.ops.moe_gemv)");
@@ -192,10 +193,12 @@ void moe_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, co
                 " outside [0, ", weight.size(0), ")");
     const at::Tensor row = x.narrow(0, p / x_group, 1);
     at::Tensor dst = out.narrow(0, p, 1);
+    const std::optional<at::Tensor> scale =
+        weight_scale.has_value() ? std::optional<at::Tensor>((*weight_scale)[ids[p]]) : std::nullopt;
     if (silu_mul) {
-      dense_gemv_silu_mul(dst, row, weight[ids[p]], std::nullopt);
+      dense_gemv_silu_mul(dst, row, weight[ids[p]], scale);
     } else {
-      dense_gemv(dst, row, weight[ids[p]], std::nullopt, std::nullopt);
+      dense_gemv(dst, row, weight[ids[p]], std::nullopt, scale);
     }
   }
 }

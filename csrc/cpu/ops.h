@@ -45,7 +45,8 @@ void int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight
 // (every op of the family): weight is e4m3 and each row's sum is multiplied by weight_scale[n] (W8A16).
 // out[p] = dense_gemv(x[p / x_group], weight[expert_ids[p]]) (silu_mul: dense_gemv_silu_mul's), weight [E, N, K].
 void moe_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_ids,
-              int64_t x_group, bool silu_mul);
+              int64_t x_group, bool silu_mul,
+              const std::optional<at::Tensor>& weight_scale);
 void moe_int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                      const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& mins,
                      const at::Tensor& expert_ids, int64_t group_size, int64_t x_group);

@@ -14,12 +14,19 @@ namespace fastinfer::torch_glue {
 namespace {
 
 void moe_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_ids,
-              int64_t x_group, bool silu_mul) {
+              int64_t x_group, bool silu_mul, const std::optional<at::Tensor>& weight_scale) {
   constexpr const char* kOp = "moe_gemv";
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, kOp,
               " on CUDA takes float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(), kOp,
-              ": x, weight and out must share one dtype");
+  const bool fp8 = weight_scale.has_value();
+  TORCH_CHECK((fp8 ? weight.scalar_type() == at::kFloat8_e4m3fn : weight.scalar_type() == x.scalar_type()) &&
+                  out.scalar_type() == x.scalar_type(),
+              kOp, ": x and out share one dtype, weight too (or float8_e4m3fn with weight_scale)");
+  TORCH_CHECK(!fp8 || (weight_scale->scalar_type() == at::kFloat && weight_scale->is_contiguous() &&
+                       weight_scale->dim() == 2 && weight_scale->size(0) == weight.size(0) &&
+                       weight_scale->size(1) == weight.size(1) && weight_scale->device() == x.device() &&
+                       x.size(1) % 16 == 0),
+              kOp, ": weight_scale must be contiguous float32 [E, N] on x's device, with K a multiple of 16");
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 3 && out.dim() == 2 && expert_ids.dim() == 1 && x_group >= 1 &&
                   weight.size(2) == x.size(1) && out.size(0) == expert_ids.size(0) &&
                   x.size(0) * x_group == expert_ids.size(0) &&
@@ -41,6 +48,7 @@ void moe_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, co
   p.out = out.data_ptr();
   p.x = x.data_ptr();
   p.weight = weight.data_ptr();
+  p.weight_scale = fp8 ? weight_scale->data_ptr<float>() : nullptr;
   p.expert_ids = expert_ids.data_ptr<int32_t>();
   p.pairs = static_cast<int>(expert_ids.size(0));
   p.x_group = static_cast<int>(x_group);

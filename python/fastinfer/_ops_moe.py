@@ -3,27 +3,36 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import _check, _check_float, _check_shape, _fail, _ops, _shares_memory
+from ._checks import FP8, _check, _check_float, _check_shape, _fail, _ops, _shares_memory
 from ._ops_linear import INT4_GROUP_SIZES, _check_aligned_rows
 
 MOE_GEMV_MAX_PAIRS = 65535  # the binding's limit on the pairs of one launch
 
 
 def moe_gemv(x: torch.Tensor, weight: torch.Tensor, expert_ids: torch.Tensor, x_group: int = 1,
-             silu_mul: bool = False, out: torch.Tensor | None = None, check_indices: bool = True) -> torch.Tensor:
+             silu_mul: bool = False, out: torch.Tensor | None = None, check_indices: bool = True,
+             weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Each (token, expert) pair p of a MoE decode step against its own expert:
     out[p] = dense_gemv(x[p // x_group], weight[expert_ids[p]]), [P, N], or with silu_mul
     dense_gemv_silu_mul's [P, N / 2] (weight[e] = [gate; up]). weight [E, N, K] contiguous, expert_ids
     int32 [P] with P = x.shape[0] * x_group (x_group: experts per token for the gate / up projection,
     1 for the down projection, whose rows are the pairs'). The expert ids are read on the device (a CUDA
     graph can hold the op); each output equals dense_gemv's with M = 1 on that expert, bit for bit.
-    check_indices=False skips the host-side range check of expert_ids (a sync) for ids known valid."""
+    check_indices=False skips the host-side range check of expert_ids (a sync) for ids known valid.
+    weight_scale (float32 [E, N]): weight is float8_e4m3fn, each expert's rows scaled as dense_gemv's
+    weight_scale (W8A16, K % 16 == 0)."""
     op = "moe_gemv"
     _check_float(op, "x", x, ndim=2)
     if x.device.type == "cuda" and x.dtype == torch.float32:
         _fail(op, "x must be float16 or bfloat16 on CUDA (the kernel multiplies on the tensor cores), got float32")
-    _check(op, "weight", weight, ndim=3, dtype=x.dtype, device=x.device, contiguous=True)
+    _check(op, "weight", weight, ndim=3, dtype=x.dtype if weight_scale is None else FP8, device=x.device,
+           contiguous=True)
     experts, n, k = weight.shape
+    if weight_scale is not None:
+        _check(op, "weight_scale", weight_scale, ndim=2, dtype=torch.float32, device=x.device, contiguous=True)
+        _check_shape(op, "weight_scale", weight_scale, (experts, n))
+        if k % 16:
+            _fail(op, f"FP8 weights need K a multiple of 16, got {k}")
     if k != x.shape[1] or k == 0 or k % 8:
         _fail(op, f"weight [E, N, K] must have x's K ({x.shape[1]}), a positive multiple of 8; got {tuple(weight.shape)}")
     if isinstance(x_group, bool) or not isinstance(x_group, int) or x_group < 1:
@@ -51,7 +60,7 @@ def moe_gemv(x: torch.Tensor, weight: torch.Tensor, expert_ids: torch.Tensor, x_
     _check_aligned_rows(op, "x", x)
     if weight.device.type == "cuda" and weight.data_ptr() % 16:
         _fail(op, "weight must start on a 16-byte boundary on CUDA")
-    _ops.moe_gemv(out, x, weight, expert_ids, x_group, silu_mul)
+    _ops.moe_gemv(out, x, weight, expert_ids, x_group, silu_mul, weight_scale)
     return out
 
 

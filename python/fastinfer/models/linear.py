@@ -87,6 +87,20 @@ class Linear:
         return LinearRows(self.weight[start:stop], scale)
 
 
+def stacked_fp8_linears(count: int, in_features: int, out_features: int,
+                        device: torch.device) -> tuple[list[Linear], torch.Tensor, torch.Tensor]:
+    """count bias-free FP8 layers whose weights and scales are views of stacked ones (a MoE layer's experts,
+    which ops.moe_gemv reads whole): (layers, e4m3 [count, out, in], fp32 scales [count, out])."""
+    weight = torch.empty(count, out_features, in_features, dtype=FP8, device=device)
+    scale = torch.empty(count, out_features, dtype=torch.float32, device=device)
+    layers = []
+    for i in range(count):
+        layer = Linear.__new__(Linear)
+        layer.weight, layer.weight_scale, layer.bias = weight[i], scale[i], None
+        layers.append(layer)
+    return layers, weight, scale
+
+
 GEMV_DTYPES = (torch.float16, torch.bfloat16)
 
 

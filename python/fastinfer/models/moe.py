@@ -22,9 +22,11 @@ layout; per-expert checkpoint tensors are copied into their slices (llama_weight
 Quantized experts (a model loaded with an FP8 or 4-bit kind: GPTQ / AWQ / FP8 checkpoints, or quantized at
 load): each expert is a pair of the model's projections of that kind (models/linear.make_linear), gate_up
 [2 F, hidden] and down [hidden, F], in `experts`, and the pairs take the per-expert path (one fastinfer
-int4_linear / fp8_linear per expert with tokens: a host sync per layer), except 4-bit decode steps on a GPU:
-their experts' packed tensors are views of stacked ones (Int4Linear.stacked), and ops.moe_int4_linear runs
-every pair's gate / up and down projections as moe_gemv does, graph-safe. FP8 decode steps run eagerly. The router and Qwen2-MoE's shared-expert gate stay dense, as in the published
+int4_linear / fp8_linear per expert with tokens: a host sync per layer), except decode steps on a GPU: the
+experts' tensors are views of stacked ones, and every pair's gate / up and down projections run as the 16-bit
+ones do, graph-safe: ops.moe_int4_linear for 4-bit experts (Int4Linear.stacked), ops.moe_gemv on the e4m3
+weights for FP8 ones (its W8A16 form, weight_scale: x stays 16-bit in decode steps, where prefill's
+fp8_linear quantizes it per token). The router and Qwen2-MoE's shared-expert gate stay dense, as in the published
 quantized checkpoints; the shared expert's projections are of the model's kind.
 """
 from __future__ import annotations
@@ -38,7 +40,7 @@ import torch.nn.functional as F
 from .. import _ops as ops
 from ..config import ModelConfig
 from ..quant.linear import Int4Linear, QuantConfig
-from .linear import make_linear
+from .linear import make_linear, stacked_fp8_linears
 
 MOE_GEMV_DECODE_PAIRS = 256  # decode steps of up to this many (token, expert) pairs take ops.moe_gemv
 
@@ -75,18 +77,21 @@ class MoE:
         # HF casts the Qwen routers' weights to the model dtype
         self.round_weights = cfg.architecture in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
         self.router = torch.empty(e, h, dtype=dtype, device=device)
-        self.gate_up = self.down = self.experts = None
+        # stacked expert weights for ops.moe_gemv: 16-bit, or e4m3 with fp32 row scales [E, rows] (FP8)
+        self.gate_up = self.down = self.gate_up_scale = self.down_scale = None
+        self.experts = None  # quantized experts: (gate_up, down) projections per expert, views of stacked storage
         self.int4_gate_up = self.int4_down = None  # 4-bit experts: the stacked tensors of ops.moe_int4_linear
         if kind is None:
             self.gate_up = torch.empty(e, 2 * f, h, dtype=dtype, device=device)
             self.down = torch.empty(e, h, f, dtype=dtype, device=device)
-        elif isinstance(kind, QuantConfig):  # per-expert layers over stacked storage
+        elif isinstance(kind, QuantConfig):
             gate_up, self.int4_gate_up = Int4Linear.stacked(e, 2 * f, h, kind, dtype, device)
             down, self.int4_down = Int4Linear.stacked(e, h, f, kind, dtype, device)
             self.experts = list(zip(gate_up, down))
-        else:  # one (gate_up, down) pair of projections per expert
-            self.experts = [(make_linear(h, 2 * f, dtype, device, kind), make_linear(f, h, dtype, device, kind))
-                            for _ in range(e)]
+        else:  # "fp8"
+            gate_up, self.gate_up, self.gate_up_scale = stacked_fp8_linears(e, h, 2 * f, device)
+            down, self.down, self.down_scale = stacked_fp8_linears(e, f, h, device)
+            self.experts = list(zip(gate_up, down))
         s = cfg.shared_expert_intermediate_size  # Qwen2-MoE's shared expert: HF's MLP, gated by sigmoid(x @ g^T)
         self.shared = None if not s else [make_linear(h, s, dtype, device, kind),   # gate_proj
                                           make_linear(h, s, dtype, device, kind),   # up_proj
@@ -105,7 +110,8 @@ class MoE:
             weights = weights.to(hidden.dtype)
         t = hidden.shape[0]
         if self.gemv_ok(t, hidden.device, hidden.dtype, decode):
-            y = self._pairs_by_gemv(hidden, experts) if self.experts is None else self._pairs_by_int4_gemv(hidden, experts)
+            y = self._pairs_by_int4_gemv(hidden, experts) if self.int4_gate_up is not None else \
+                self._pairs_by_gemv(hidden, experts)
         elif self.experts is None and grouped_mm_ok(hidden):
             y = self._pairs_grouped(hidden, experts)
         else:
@@ -120,20 +126,20 @@ class MoE:
         return out
 
     def gemv_ok(self, tokens: int, device: torch.device, dtype: torch.dtype, decode: bool) -> bool:
-        """Whether a step of `tokens` runs the graph-safe path (ops.moe_gemv, ops.moe_int4_linear for 4-bit
-        experts): decode steps only; FP8 experts never."""
+        """Whether a step of `tokens` runs the graph-safe path (ops.moe_gemv, W8A16 for FP8 experts;
+        ops.moe_int4_linear for 4-bit ones): decode steps only."""
         if self.int4_gate_up is not None:
             return decode and use_moe_gemv(device, tokens * self.top_k, dtype)
-        if self.experts is not None:
-            return False
         f, k = self.down.shape[2], self.gate_up.shape[2]
-        return decode and use_moe_gemv(device, tokens * self.top_k, dtype) and f % 8 == 0 and k % 8 == 0
+        align = 16 if self.gate_up_scale is not None else 8  # e4m3 rows: 16-byte pieces of 16 k
+        return decode and use_moe_gemv(device, tokens * self.top_k, dtype) and f % align == 0 and k % align == 0
 
     def _pairs_by_gemv(self, hidden: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """y [T * top_k, hidden] in (token, slot) order: two ops.moe_gemv launches, no host sync."""
         ids = experts.flatten().to(torch.int32)
-        act = ops.moe_gemv(hidden, self.gate_up, ids, x_group=self.top_k, silu_mul=True, check_indices=False)
-        return ops.moe_gemv(act, self.down, ids, check_indices=False)
+        act = ops.moe_gemv(hidden, self.gate_up, ids, x_group=self.top_k, silu_mul=True, check_indices=False,
+                           weight_scale=self.gate_up_scale)
+        return ops.moe_gemv(act, self.down, ids, check_indices=False, weight_scale=self.down_scale)
 
     def _pairs_by_int4_gemv(self, hidden: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """_pairs_by_gemv for 4-bit experts: gate / up (ops.moe_int4_linear), SwiGLU, down; no host sync."""
