@@ -39,7 +39,8 @@ void moe_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, co
               kOp, ": weight contiguous, x / out rows contiguous, K and x's row stride multiples of 8");
   TORCH_CHECK(expert_ids.size(0) <= 65535 && weight.size(1) <= std::numeric_limits<int>::max(), kOp,
               ": at most 65535 pairs");
-  TORCH_CHECK(!out.is_alias_of(x) && !out.is_alias_of(weight), kOp, ": out must not share memory with x or weight");
+  TORCH_CHECK(!out.is_alias_of(x) && !out.is_alias_of(weight) && !(fp8 && out.is_alias_of(*weight_scale)), kOp,
+              ": out must not share memory with x, weight or weight_scale");
   for (const at::Tensor* t : {static_cast<const at::Tensor*>(&out), &weight, &expert_ids}) {
     TORCH_CHECK(t->device() == x.device(), kOp, ": every tensor must be on x's device (", x.device(), ")");
   }
@@ -83,7 +84,7 @@ void moe_int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& qwe
               kOp, ": qweight must be contiguous int32 [E, N / 64, 8 K]");
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&scales, offsets}) {
     if (t == nullptr) continue;
-    TORCH_CHECK(t->is_contiguous() && t->size(0) == experts && t->size(1) == k / group_size && t->size(2) == n &&
+    TORCH_CHECK(t->dim() == 3 && t->is_contiguous() && t->size(0) == experts && t->size(1) == k / group_size && t->size(2) == n &&
                     t->scalar_type() == x.scalar_type(),
                 kOp, ": scales, zeros and mins must be contiguous [E, K / group_size, N] in x's dtype");
   }
@@ -91,7 +92,9 @@ void moe_int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& qwe
               ": expert_ids must be a contiguous int32 tensor of at most 65535 pairs");
   TORCH_CHECK(out.scalar_type() == x.scalar_type() && x.stride(1) == 1 && out.stride(1) == 1 && x.stride(0) % 8 == 0,
               kOp, ": out in x's dtype; x and out rows contiguous, x's row stride a multiple of 8");
-  TORCH_CHECK(!out.is_alias_of(x), kOp, ": out must not share memory with x");
+  TORCH_CHECK(!out.is_alias_of(x) && !out.is_alias_of(qweight) && !out.is_alias_of(scales) &&
+                  !(offsets && out.is_alias_of(*offsets)),
+              kOp, ": out must not share memory with x or the weights");
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&out, &qweight, &scales, offsets, &expert_ids}) {
     TORCH_CHECK(t == nullptr || t->device() == x.device(), kOp, ": every tensor must be on x's device (", x.device(), ")");
   }

@@ -53,8 +53,8 @@ def moe_gemv(x: torch.Tensor, weight: torch.Tensor, expert_ids: torch.Tensor, x_
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
     _check(op, "out", out, ndim=2, dtype=x.dtype, device=x.device)
     _check_shape(op, "out", out, shape)
-    if _shares_memory(out, x, weight):
-        _fail(op, "out must not share memory with x or weight")
+    if _shares_memory(out, x, weight, *([weight_scale] if weight_scale is not None else [])):
+        _fail(op, "out must not share memory with x, weight or weight_scale")
     if x.stride(1) != 1 or out.stride(1) != 1:
         _fail(op, "x and out rows must be contiguous (last dimension stride 1)")
     _check_aligned_rows(op, "x", x)
@@ -106,8 +106,8 @@ def moe_int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         out = torch.empty((pairs, n), dtype=x.dtype, device=x.device)
     _check_float(op, "out", out, like=x, ndim=2)
     _check_shape(op, "out", out, (pairs, n))
-    if _shares_memory(out, x):
-        _fail(op, "out must not share memory with x")
+    if _shares_memory(out, x, qweight, scales, *[t for t in (zeros, mins) if t is not None]):
+        _fail(op, "out must not share memory with x or the weights")
     _check_aligned_rows(op, "x", x)
     _check_aligned_rows(op, "out", out)
     for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("mins", mins)):

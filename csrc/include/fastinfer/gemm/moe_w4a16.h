@@ -6,8 +6,10 @@
 // projection, whose input is the token's row, 1 for the down projection, whose input is the pair's row).
 // W[e] is int4_linear's packed layout (gemm/w4a16.h) of one expert, stacked along a leading expert
 // dimension: qweight [E, N / 64, 8 K], scales / zeros / mins [E, K / group_size, N]. Each output row is the
-// small GEMV kernel's strip sums (w4a16_small.cuh, deferred scales, M = 1) over the whole K in one CTA,
-// i.e. int4_linear's unsplit M = 1 result on that expert. Host-compiler safe; the kernel is
+// small GEMV kernel's strip sums (w4a16_small.cuh, deferred scales, M = 1) over the whole K in one CTA: what
+// int4_linear computes at M = 1 when its auto choice runs that kernel without a K split (with a split, or
+// another FASTINFER_INT4_KERNEL, the sums are ordered differently: equal within rounding, not bit for bit;
+// the CPU reference is int4_linear per pair exactly). Host-compiler safe; the kernel is
 // gemm/moe_w4a16.cuh (sm_90a build only, as int4_linear).
 #pragma once
 #include <cuda_runtime_api.h>
