@@ -14,8 +14,8 @@ from .loader import LoadedModel
 from .metadata import SeqChunk
 from .outputs import CompletionOutput, Logprob, RequestOutput
 from .pipelined_decode import InFlight, can_pipeline, launch_decode, read_back
-from .request_checks import (_Request, check_params, fill_max_tokens, new_request, tokenize_prompt,
-                             validate_request)
+from .request_checks import (_Request, check_params, fill_max_tokens, new_request, tokenize_bad_words,
+                             tokenize_prompt, validate_request)
 from .runner import ModelRunner, default_graph_sizes
 from .sampling import make_stream, mix_seed, sample
 from .sampling_params import SamplingParams
@@ -106,7 +106,7 @@ class Engine:
         token_ids = self.tokenize(prompt)
         if params.truncate_prompt_tokens is not None:  # vLLM: the prompt's last k tokens
             token_ids = token_ids[-params.truncate_prompt_tokens:]
-        params = fill_max_tokens(token_ids, params, self.max_model_len)
+        params = tokenize_bad_words(fill_max_tokens(token_ids, params, self.max_model_len), self.tokenizer)
         self.validate(token_ids, params)
         if params.structured_outputs is not None:
             self._guide(params)  # compiled (and cached) now: a bad constraint fails before anything runs
@@ -302,6 +302,8 @@ class Engine:
                 history = (s.ngram_history if s.ngram_history is not None else s.prompt_token_ids) + s.output_token_ids
                 suppress[i] = (suppress[i] + ngram_bans(history, s.params.no_repeat_ngram_size)
                                + bad_word_bans(history, s.params.bad_words_ids))
+            if s.params._bad_words_token_ids:  # vLLM's bad_words: the output alone
+                suppress[i] = suppress[i] + bad_word_bans(s.output_token_ids, s.params._bad_words_token_ids)
         # the prompt + output lists only when a repetition penalty reads them (O(length) per row)
         penalised = any(s.params.repetition_penalty != 1.0 for s in rows)
         seen = [list(s.extra_seen_ids) + s.all_token_ids if penalised else [] for s in rows]

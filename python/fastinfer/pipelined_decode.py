@@ -48,7 +48,7 @@ def can_pipeline(seqs: list[Sequence], pending: int, *, scheduler: Scheduler, bl
     for s in seqs:
         p, out = s.params, len(s.output_token_ids) + pending
         if (s.is_finished or p.logprobs is not None or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-                or p.no_repeat_ngram_size or p.bad_words_ids or p.structured_outputs is not None
+                or p.no_repeat_ngram_size or p.bad_words_ids or p._bad_words_token_ids or p.structured_outputs is not None
                 or p.frequency_penalty != 0.0 or (p.n > 1 and not s.forked) or out < p.min_tokens
                 or (pending and (out >= p.max_tokens or len(s) + pending >= max_model_len))):
             return False

@@ -33,6 +33,39 @@ def tokenize_prompt(tokenizer, prompt: str | list[int]) -> list[int]:
     return list(prompt)
 
 
+def bad_words_token_ids(tokenizer, words: list[str]) -> list[list[int]]:
+    """vLLM's tokenization of SamplingParams.bad_words: each word (leading spaces stripped) without special
+    tokens, and " " + word too when that starts with a different token and has as many tokens (a word
+    inside the text, where tokenizers fold the space into the word's first token)."""
+    if tokenizer is None:
+        raise ValueError("bad_words need a tokenizer (they are words); this model has none: give LLM(..., "
+                         "tokenizer=...) or ban token sequences with bad_words_ids")
+
+    def encode(text: str) -> list[int]:
+        try:
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        except TypeError:  # a tokenizer object without that keyword
+            return list(tokenizer(text)["input_ids"])
+    ids = []
+    for word in words:
+        plain = encode(word.lstrip())
+        if not plain:
+            raise ValueError(f"bad_words: {word!r} tokenizes to no tokens")
+        ids.append(plain)
+        spaced = encode(" " + word.lstrip())
+        if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+            ids.append(spaced)
+    return ids
+
+
+def tokenize_bad_words(params: SamplingParams, tokenizer) -> SamplingParams:
+    """params with vLLM's bad_words tokenized into _bad_words_token_ids (the engine matches them against the
+    output); params itself without bad_words."""
+    if not params.bad_words:
+        return params
+    return replace(params, _bad_words_token_ids=bad_words_token_ids(tokenizer, params.bad_words))
+
+
 def validate_request(token_ids: list[int], params: SamplingParams, *, vocab_size: int, max_model_len: int,
                      block_size: int, num_blocks: int, tokenizer, window: int = 0, step_tokens: int = 0) -> None:
     """ValueError unless the prompt's ids are in the vocabulary and the request fits the model's length,
@@ -58,8 +91,9 @@ def validate_request(token_ids: list[int], params: SamplingParams, *, vocab_size
     if params.logprobs is not None and params.logprobs > vocab_size:
         raise ValueError(f"logprobs must be <= the vocabulary size {vocab_size}, got {params.logprobs}")
     bad_word_ids = [t for w in params.bad_words_ids or () for t in w]
+    bad_word_tokens = [t for w in params._bad_words_token_ids or () for t in w]
     for name, ids in (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ()),
-                      ("bad_words_ids", bad_word_ids)):
+                      ("bad_words_ids", bad_word_ids), ("bad_words (as tokenized)", bad_word_tokens)):
         bad = [i for i in ids if i >= vocab_size]
         if bad:
             raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
@@ -82,8 +116,9 @@ def check_params(params: SamplingParams | None, *, speculative: bool) -> Samplin
         raise ValueError("logprobs are not supported with speculative decoding")
     if speculative and params.no_repeat_ngram_size:
         raise ValueError("no_repeat_ngram_size is not supported with speculative decoding")
-    if speculative and params.bad_words_ids:
-        raise ValueError("bad_words_ids is not supported with speculative decoding")
+    if speculative and (params.bad_words_ids or params.bad_words):
+        raise ValueError(f"{'bad_words_ids' if params.bad_words_ids else 'bad_words'} is not supported with "
+                         f"speculative decoding")
     if speculative and params.structured_outputs is not None:
         raise ValueError("structured_outputs are not supported with speculative decoding")
     if params.structured_outputs is not None:
@@ -92,7 +127,7 @@ def check_params(params: SamplingParams | None, *, speculative: bool) -> Samplin
                              "output may end)")
         # each could forbid every token the structure allows at some point (the row would have no token)
         for name, conflict in (("allowed_token_ids", params.allowed_token_ids is not None),
-                               ("bad_words_ids", bool(params.bad_words_ids)),
+                               ("bad_words_ids", bool(params.bad_words_ids)), ("bad_words", bool(params.bad_words)),
                                ("logit_bias with -inf", any(b == float("-inf") for b in (params.logit_bias or {}).values()))):
             if conflict:
                 raise ValueError(f"{name} is not supported with structured_outputs (put the restriction in the "

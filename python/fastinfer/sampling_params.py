@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .structured import StructuredOutputsParams
 
@@ -88,6 +88,13 @@ class SamplingParams:
     # one gets -inf whenever prompt + output end with the rest of it (a single token: always). EOS ids are
     # not filtered here (fastinfer.generate drops [eos] entries as HF does). Not with speculative decoding.
     bad_words_ids: list[list[int]] | None = None
+    # vLLM's bad_words: words that must not be generated. The engine tokenizes each as vLLM does (the word,
+    # and with a leading space when that starts with another token and has as many) and bans a word's last
+    # token whenever the output ends with the rest of it (a one-token word: always). Matched against the
+    # output only, as vLLM. Needs a tokenizer; not with speculative decoding or structured outputs.
+    bad_words: list[str] | None = None
+    # bad_words tokenized (the engine fills it, as vLLM's private field of the same name)
+    _bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
     # vLLM's structured outputs: the output matches a JSON schema, a regex or one of a list of strings
     # (fastinfer.structured). guided_decoding is vLLM's earlier name for the same field.
     structured_outputs: StructuredOutputsParams | None = None
@@ -142,6 +149,13 @@ class SamplingParams:
                 raise ValueError(f"bad_words_ids must be None or a list of non-empty lists of token ids >= 0, got "
                                  f"{words!r:.120}")
             self.bad_words_ids = [list(w) for w in words]
+        if self.bad_words is not None:
+            words = [self.bad_words] if isinstance(self.bad_words, str) else self.bad_words
+            if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in words):
+                raise ValueError(f"bad_words must be None or a list of words (non-blank strings), got {words!r:.120}")
+            self.bad_words = list(words)
+        if self._bad_words_token_ids is not None and not is_token_sequences(self._bad_words_token_ids):
+            raise ValueError("_bad_words_token_ids must be a list of non-empty lists of token ids >= 0")
         if self.guided_decoding is not None:
             if not isinstance(self.guided_decoding, StructuredOutputsParams):
                 raise ValueError(f"guided_decoding must be a fastinfer.GuidedDecodingParams, got "
