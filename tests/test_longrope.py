@@ -252,3 +252,14 @@ def test_crossing_the_boundary_on_the_gpu(variant):
         got = llm.generate([prompt(n, 8)], fastinfer.SamplingParams(max_tokens=20, temperature=0, ignore_eos=True),
                            use_tqdm=False)[0].outputs[0].token_ids
         assert list(got) == expected[0, n:].tolist()
+
+
+@pytest.mark.parametrize("n", [20, 40])
+def test_with_a_sliding_window(n):
+    """Phi-3's sliding window (12 here) with LongRoPE: the restart at position 32 recomputes a sequence whose
+    blocks below the window were released; logprobs equal HF's."""
+    hf = longrope_model(seed=11, sliding_window=12)
+    llm = fastinfer.LLM(hf, num_blocks=64, block_size=4, max_num_batched_tokens=8)
+    assert llm.engine.blocks.window == 12
+    assert_logprobs_match_hf(hf, llm, [prompt(n, 11)], 16)
+    assert llm.engine.scheduler.num_rope_restarts == (1 if n < ORIGINAL else 0)
