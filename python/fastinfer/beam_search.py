@@ -97,7 +97,7 @@ def beam_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], holes
                                      cur_len, num_beams)
         if hooked:  # generate()'s logits_processor / prefix_allowed_tokens_fn on HF's flat running rows
             log_probs = hf_hooks.process(settings, running_sequences[:, :, :cur_len].reshape(batch * num_beams, -1),
-                                         log_probs, num_beams)
+                                         log_probs, num_beams, max_length)
         if do_sample:
             log_probs = hf_warpers(log_probs, settings.sampling, len(eos) + 1 if eos else 2, settings.warpers)
         if settings.output_logits:

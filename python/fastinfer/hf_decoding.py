@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from . import hf_hooks
 from .metadata import SeqChunk
 from .runner import ModelRunner
 from .sampling import process_logits
@@ -148,11 +149,13 @@ def hf_warpers(scores: torch.Tensor, p, min_keep: int, extra: dict | None = None
 def processed_scores(logits, running_sequences, prompts, holes, settings, params, width, cur_len,
                      num_beams, log_softmax: bool = True) -> torch.Tensor:
     """log_softmax of each beam's logits (log_softmax=False: the logits themselves, HF's _sample), then
-    HF's processors on them: the repetition penalty (the prompt without its left padding, the masked
+    HF's processors on them: sequence_bias, the repetition penalty (the prompt without its left padding, the masked
     tokens after it, the beam's tokens), the n-gram and bad-word bans over the whole padded row,
     min_new_tokens' EOS ban, suppress_tokens and one-token bad words (params.logit_bias)."""
     log_probs = torch.log_softmax(logits, dim=-1) if log_softmax else logits
     rows = running_sequences.shape[0] * num_beams
+    if settings.sequence_bias:  # HF's first processor
+        log_probs = hf_hooks.sequence_bias(settings, running_sequences[:, :, :cur_len].reshape(rows, cur_len), log_probs)
     step = cur_len - width
     generated = running_sequences[:, :, width:cur_len].reshape(rows, step).tolist()
     history_needed = params.no_repeat_ngram_size or params.bad_words_ids

@@ -53,7 +53,7 @@ def sample_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], hol
         next_scores = processed_scores(logits, sequences[:, None, :], prompts, holes, settings, params, width,
                                        cur_len, 1, log_softmax=False)
         if hooked:  # a prompt's n samples are one group of HF's prefix constraint
-            next_scores = hf_hooks.process(settings, sequences[:, :cur_len], next_scores, n)
+            next_scores = hf_hooks.process(settings, sequences[:, :cur_len], next_scores, n, width + max_new)
         if do_sample:
             next_scores = hf_warpers(next_scores, settings.sampling, 1, settings.warpers)
         if settings.output_scores:

@@ -1,0 +1,109 @@
+"""HF generate()'s sequence_bias (SequenceBiasLogitsProcessor), forced_bos_token_id and forced_eos_token_id
+through fastinfer.generate: HF's output token for token (CPU, fp32) on left-padded batches, greedy, seeded
+sampling and beam search; malformed values refused by name."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastinfer
+from models import left_padded_batch, make_hf_model
+
+transformers = pytest.importorskip("transformers")
+PAD = 0
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_hf_model("llama", seed=3)
+
+
+@pytest.fixture(scope="module")
+def batch(model):
+    return left_padded_batch([5, 17, 1, 9], model.config.vocab_size, PAD, seed=3)
+
+
+def both(model, ids, mask, seed=None, **kw):
+    kw = dict(pad_token_id=PAD, max_new_tokens=12, **kw)
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, **kw)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return fastinfer.generate(model, ids, attention_mask=mask, **kw), expected
+
+
+def greedy_tokens(model, ids, mask):
+    return fastinfer.generate(model, ids, attention_mask=mask, pad_token_id=PAD, max_new_tokens=12, do_sample=False,
+                              eos_token_id=None)
+
+
+def test_sequence_bias_greedy_single_and_multi_token(model, batch):
+    ids, mask = batch
+    free = greedy_tokens(model, ids, mask)
+    width = ids.shape[1]
+    a, b = int(free[1, width + 2]), int(free[1, width + 3])
+    # ban row 1's 4th token after its 3rd, push token 7 up everywhere, and a pair no row produces
+    bias = [[[a, b], -100.0], [[7], 4.5], [[300, 301, 302], 50.0]]
+    ours, expected = both(model, ids, mask, do_sample=False, eos_token_id=None, sequence_bias=bias)
+    assert torch.equal(ours, expected) and not torch.equal(ours, free)
+    as_dict = {tuple(ids_): value for ids_, value in bias}  # HF's older dict form
+    assert torch.equal(both(model, ids, mask, do_sample=False, eos_token_id=None, sequence_bias=as_dict)[0], expected)
+
+
+def test_sequence_bias_with_penalties_sampling_and_beams(model, batch):
+    ids, mask = batch
+    bias = [[[11], 3.0], [[12, 13], 8.0]]
+    # HF applies the bias before the repetition penalty: the order shows on a biased token already seen
+    ours, expected = both(model, ids, mask, do_sample=False, eos_token_id=None, sequence_bias=bias,
+                          repetition_penalty=1.8)
+    assert torch.equal(ours, expected)
+    ours, expected = both(model, ids, mask, seed=5, do_sample=True, top_k=20, eos_token_id=[5],
+                          sequence_bias=bias)
+    assert torch.equal(ours, expected)
+    ours, expected = both(model, ids, mask, do_sample=False, num_beams=3, eos_token_id=[5], sequence_bias=bias)
+    assert torch.equal(ours, expected)
+
+
+@pytest.mark.parametrize("forced, eos", [(7, None), ([7, 9], None), (5, [5])])
+def test_forced_eos_token_is_the_last_one(model, batch, forced, eos):
+    ids, mask = batch
+    ours, expected = both(model, ids, mask, do_sample=False, eos_token_id=eos, forced_eos_token_id=forced)
+    assert torch.equal(ours, expected)
+    ours, expected = both(model, ids, mask, do_sample=False, num_beams=2, eos_token_id=eos, forced_eos_token_id=forced)
+    assert torch.equal(ours, expected)
+
+
+def test_forced_bos_token_on_a_one_token_prompt(model):
+    one = torch.tensor([[17], [23]])
+    ours, expected = both(model, one, torch.ones_like(one), do_sample=False, eos_token_id=None, forced_bos_token_id=42)
+    assert torch.equal(ours, expected) and (ours[:, 1] == 42).all()
+    longer = torch.tensor([[17, 18], [23, 24]])  # HF forces it only while the row is 1 token long
+    ours, expected = both(model, longer, torch.ones_like(longer), do_sample=False, eos_token_id=None,
+                          forced_bos_token_id=42)
+    assert torch.equal(ours, expected)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(sequence_bias=[[[1, 2], "a"]]), "sequence_bias"),
+    (dict(sequence_bias=[[[], 1.0]]), "sequence_bias"),
+    (dict(sequence_bias=[[[-1], 1.0]]), "sequence_bias"),
+    (dict(sequence_bias=5), "sequence_bias"),
+    (dict(sequence_bias=[[[400], 1.0]]), "vocabulary size"),
+    (dict(forced_bos_token_id=[1, 2]), "forced_bos_token_id"),
+    (dict(forced_eos_token_id=-3), "forced_eos_token_id"),
+    (dict(forced_eos_token_id=7, suppress_tokens=[7]), "suppress_tokens"),
+])
+def test_bad_values_are_refused(model, batch, kw, match):
+    ids, mask = batch
+    with pytest.raises(ValueError, match=match):
+        fastinfer.generate(model, ids, attention_mask=mask, pad_token_id=PAD, max_new_tokens=4, do_sample=False, **kw)
+
+
+def test_a_custom_duplicate_of_a_built_processor_is_refused(model, batch):
+    ids, mask = batch
+    proc = transformers.generation.logits_process.SequenceBiasLogitsProcessor([[[7], 1.0]])
+    with pytest.raises(ValueError, match="SequenceBiasLogitsProcessor"):
+        fastinfer.generate(model, ids, attention_mask=mask, pad_token_id=PAD, max_new_tokens=4,
+                           sequence_bias=[[[8], 1.0]], logits_processor=transformers.LogitsProcessorList([proc]))
