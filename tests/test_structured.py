@@ -11,6 +11,7 @@ import torch
 
 import fastinfer
 from fastinfer import LLM, SamplingParams, StructuredOutputsParams
+from fastinfer.json_schema import json_object_regex
 from fastinfer.structured import TokenGuide, Vocabulary, json_schema_regex
 from models import make_hf_model, smollm2_tokenizer
 
@@ -64,10 +65,11 @@ def test_unsupported_schemas_name_the_keyword(schema, match):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(), "exactly one of json, regex, choice; got none"),
+    (dict(), "exactly one of json, regex, choice, json_object; got none"),
     (dict(regex="a", choice=["a"]), "got regex, choice"),
+    (dict(regex="a", json_object=True), "got regex, json_object"),
+    (dict(json_object="yes"), "json_object must be True, False or None"),
     (dict(grammar="root ::= 'a'"), "grammar is not supported"),
-    (dict(json_object=True), "json_object is not supported"),
     (dict(regex="(a"), "invalid regular expression"),
     (dict(choice=[]), "choice must be a non-empty list"),
     (dict(json="{not json"), "json is not valid JSON"),
@@ -281,3 +283,30 @@ def test_automaton_caches_are_bounded(monkeypatch):
     assert len(guide._cache) <= 4 and len(guide._masks) <= 4
     for s, m in seen:
         assert torch.equal(guide.mask(s, torch.device("cpu")), m)
+
+
+def test_json_object_regex_bounds_the_nesting():
+    pattern = json_object_regex()
+    good = ['{}', '{"a": 1}', '{"a": {"b": [1, 2, "x"]}}', '{"a":[],"b":{},"c":"x\\"y","d":-1.5e3,"e":true}',
+            '{"a": [{"b": 1}, {}], "c": null}']
+    bad = ['[]', '1', '"x"', '{"a": 1,}', '{a: 1}', '{"a": {"b": {"c": {"d": 1}}}}', '{"a": [[[1]]]}',
+           '{"a": [{"b": []}]}', '{"a": 01}']
+    for doc in good:
+        assert re.fullmatch(pattern, doc), doc
+        assert isinstance(json.loads(doc), dict)
+    for doc in bad:
+        assert not re.fullmatch(pattern, doc), doc
+
+
+def test_engine_json_object_outputs_parse(smollm_llm):
+    """vLLM's json_object: every output (sampled, n = 3) is a JSON object that ends with EOS. The random model
+    would ramble inside a string forever, so a logit_bias pulls it to the quote, colon and brace tokens."""
+    tok = smollm_llm.get_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ['"', ":", "}", "1", "[", "]", "{"]}
+    bias = {ids['"']: 30.0, ids[":"]: 30.0, ids["}"]: 20.0, ids["1"]: 10.0, ids["["]: 15.0, ids["{"]: 15.0, ids["]"]: 20.0}
+    params = SamplingParams(max_tokens=120, temperature=1.0, seed=7, n=3, logit_bias=bias,
+                            structured_outputs=StructuredOutputsParams(json_object=True))
+    for out in smollm_llm.generate(["Describe a cat as JSON:", "Data"], params, use_tqdm=False):
+        for o in out.outputs:
+            assert o.finish_reason == "stop" and o.token_ids[-1] == 2, (o.finish_reason, o.text)
+            assert isinstance(json.loads(o.text), dict), o.text

@@ -88,6 +88,10 @@ class LLM:
     def tokenizer(self):
         return self.loaded.tokenizer
 
+    def get_tokenizer(self):
+        """vLLM's accessor: the tokenizer requests are encoded and decoded with (None without one)."""
+        return self.loaded.tokenizer
+
     def _block_bytes(self, block_size: int) -> int:
         m = self.loaded.model
         cfg = m.config

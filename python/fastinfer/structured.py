@@ -1,5 +1,5 @@
 """Structured outputs (vLLM's ``StructuredOutputsParams``): generation constrained to a regular
-expression, to one of a list of strings, or to a JSON schema.
+expression, to one of a list of strings, to a JSON schema, or to any JSON object (json_object).
 
 Every constraint becomes a regular expression (a JSON schema through json_schema.py), the
 expression a character automaton (the ``interegular`` package), and the automaton a token automaton
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .json_schema import DEFAULT_WHITESPACE, json_schema_regex, strip_anchors
+from .json_schema import DEFAULT_WHITESPACE, json_object_regex, json_schema_regex, strip_anchors
 
 @dataclass
 class StructuredOutputsParams:
@@ -37,8 +37,10 @@ class StructuredOutputsParams:
     false), arrays (items, minItems, maxItems), strings (minLength, maxLength, pattern, format date /
     time / date-time / uuid), integers, numbers, booleans, null, enum, const, anyOf / oneOf, local $ref.
     regex: Python regular-expression syntax, matched in full. choice: the output is one of these strings.
+    json_object=True: any JSON object, its objects and arrays nested at most json_schema.JSON_OBJECT_DEPTH (3)
+    levels deep (the outer object counts; a regular expression needs a bound).
     whitespace_pattern: the regex allowed between JSON tokens (default: at most one space).
-    grammar and json_object are vLLM fields fastinfer does not implement: setting them is an error."""
+    grammar is a vLLM field fastinfer does not implement: setting it is an error."""
     json: dict | str | None = None
     regex: str | None = None
     choice: list[str] | None = None
@@ -50,17 +52,19 @@ class StructuredOutputsParams:
     def __post_init__(self) -> None:
         if self.grammar is not None:
             raise ValueError("structured_outputs: grammar is not supported by fastinfer (use json, regex or choice)")
-        if self.json_object is not None:
-            raise ValueError("structured_outputs: json_object is not supported by fastinfer (give a JSON schema as "
-                             "json=...)")
+        if self.json_object is not None and not isinstance(self.json_object, bool):
+            raise ValueError(f"structured_outputs: json_object must be True, False or None, got {self.json_object!r}")
         given = [name for name in ("json", "regex", "choice") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
         if len(given) != 1:
-            raise ValueError(f"structured_outputs needs exactly one of json, regex, choice; got "
+            raise ValueError(f"structured_outputs needs exactly one of json, regex, choice, json_object; got "
                              f"{', '.join(given) or 'none'}")
         ws = DEFAULT_WHITESPACE if self.whitespace_pattern is None else self.whitespace_pattern
         if not isinstance(ws, str):
             raise ValueError(f"structured_outputs: whitespace_pattern must be a str, got {ws!r}")
-        if self.json is not None:
+        if self.json_object:
+            self._pattern = json_object_regex(ws)
+        elif self.json is not None:
             schema = self.json
             if isinstance(schema, str):
                 try:
