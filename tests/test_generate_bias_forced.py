@@ -1,5 +1,5 @@
-"""HF generate()'s sequence_bias (SequenceBiasLogitsProcessor), forced_bos_token_id and forced_eos_token_id
-through fastinfer.generate: HF's output token for token (CPU, fp32) on left-padded batches, greedy, seeded
+"""HF generate()'s sequence_bias (SequenceBiasLogitsProcessor), forced_bos_token_id, forced_eos_token_id,
+exponential_decay_length_penalty, begin_suppress_tokens and renormalize_logits through fastinfer.generate: HF's output token for token (CPU, fp32) on left-padded batches, greedy, seeded
 sampling and beam search; malformed values refused by name."""
 from __future__ import annotations
 
@@ -85,6 +85,36 @@ def test_forced_bos_token_on_a_one_token_prompt(model):
     assert torch.equal(ours, expected)
 
 
+def test_exponential_decay_length_penalty(model, batch):
+    ids, mask = batch
+    for kw in (dict(do_sample=False), dict(do_sample=False, num_beams=2), dict(do_sample=True, top_k=30)):
+        ours, expected = both(model, ids, mask, seed=6, eos_token_id=[5, 9], exponential_decay_length_penalty=(2, 3.0),
+                              **kw)
+        assert torch.equal(ours, expected), kw
+
+
+def test_begin_suppress_tokens(model, batch):
+    ids, mask = batch
+    free = greedy_tokens(model, ids, mask)
+    first = sorted({int(t) for t in free[:, ids.shape[1]]})
+    ours, expected = both(model, ids, mask, do_sample=False, eos_token_id=None, begin_suppress_tokens=first)
+    assert torch.equal(ours, expected) and not torch.equal(ours, free)
+    assert not set(ours[:, ids.shape[1]].tolist()) & set(first)
+    one = torch.tensor([[17], [23]])  # with a forced BOS on a 1-token prompt HF bans them at the step after it
+    ours, expected = both(model, one, torch.ones_like(one), do_sample=False, eos_token_id=None, forced_bos_token_id=42,
+                          begin_suppress_tokens=first)
+    assert torch.equal(ours, expected)
+
+
+def test_renormalize_logits_changes_the_scores_not_the_tokens(model, batch):
+    ids, mask = batch
+    kw = dict(return_dict_in_generate=True, output_scores=True, eos_token_id=[5], renormalize_logits=True)
+    for extra in (dict(do_sample=False), dict(do_sample=True, top_k=10), dict(do_sample=False, num_beams=2)):
+        ours, expected = both(model, ids, mask, seed=8, **kw, **extra)
+        assert torch.equal(ours.sequences, expected.sequences), extra
+        torch.testing.assert_close(torch.stack(ours.scores), torch.stack(expected.scores), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(sequence_bias=[[[1, 2], "a"]]), "sequence_bias"),
     (dict(sequence_bias=[[[], 1.0]]), "sequence_bias"),
@@ -94,6 +124,10 @@ def test_forced_bos_token_on_a_one_token_prompt(model):
     (dict(forced_bos_token_id=[1, 2]), "forced_bos_token_id"),
     (dict(forced_eos_token_id=-3), "forced_eos_token_id"),
     (dict(forced_eos_token_id=7, suppress_tokens=[7]), "suppress_tokens"),
+    (dict(exponential_decay_length_penalty=(2,)), "exponential_decay_length_penalty"),
+    (dict(exponential_decay_length_penalty=(2, 1.5), eos_token_id=None), "needs an eos_token_id"),
+    (dict(begin_suppress_tokens=[-1]), "begin_suppress_tokens"),
+    (dict(renormalize_logits="yes"), "renormalize_logits"),
 ])
 def test_bad_values_are_refused(model, batch, kw, match):
     ids, mask = batch

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from . import gen_config, hf_hooks
+from . import gen_config, hf_hooks, hf_processors
 from .hf_decoding import (BLOCK_SIZE, Blocks, copy_blocks, decode_chunk, hf_output, hf_warpers, prefill, processed_scores,
                           processor_params)
 from .runner import ModelRunner
@@ -97,9 +97,10 @@ def beam_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], holes
                                      cur_len, num_beams)
         if hooked:  # generate()'s logits_processor / prefix_allowed_tokens_fn on HF's flat running rows
             log_probs = hf_hooks.process(settings, running_sequences[:, :, :cur_len].reshape(batch * num_beams, -1),
-                                         log_probs, num_beams, max_length)
+                                         log_probs, num_beams, width)
         if do_sample:
             log_probs = hf_warpers(log_probs, settings.sampling, len(eos) + 1 if eos else 2, settings.warpers)
+        log_probs = hf_processors.renormalize(settings, log_probs)
         if settings.output_logits:
             raw_logits.append(logits.clone())
         if settings.output_scores:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from . import hf_processors
 from .sampling_params import SamplingParams, is_token_sequences
 
 # transformers' GenerationConfig._get_default_generation_params (5.x), for the keys that matter here.
@@ -26,6 +27,7 @@ HF_DEFAULTS: dict[str, Any] = {
     "prompt_lookup_num_tokens": None, "max_matching_ngram_size": None, "num_assistant_tokens": None,
     "max_time": None, "logits_processor": None, "stopping_criteria": None, "prefix_allowed_tokens_fn": None,
     "sequence_bias": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None, "begin_suppress_tokens": None, "renormalize_logits": False,
 }
 # Unsupported features, allowed only at these neutral values (HF no-ops): the default first, then any
 # other value that is a no-op in HF too (classifier-free guidance at scale 1, contrastive search with
@@ -33,16 +35,13 @@ HF_DEFAULTS: dict[str, Any] = {
 NEUTRAL: dict[str, tuple] = {
     "num_beam_groups": (1,), "typical_p": (1.0,), "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,),
     "encoder_no_repeat_ngram_size": (0,), "encoder_repetition_penalty": (1.0,),
-    "force_words_ids": (None,), "constraints": (None,), "begin_suppress_tokens": (None,),
+    "force_words_ids": (None,), "constraints": (None,),
     "diversity_penalty": (0.0,), "penalty_alpha": (None, 0.0),
     "guidance_scale": (None, 1.0), "output_attentions": (False,), "output_hidden_states": (False,),
-    "renormalize_logits": (False,), "remove_invalid_values": (False,), "exponential_decay_length_penalty": (None,),
-    "watermarking_config": (None,),
+    "remove_invalid_values": (False,), "watermarking_config": (None,),
     "dola_layers": (None,), "top_h": (None,), "token_healing": (False,), "low_memory": (None, False),
     "use_mtp": (None,),
 }
-# Empty token lists build processors that change nothing in HF (SuppressTokensAtBeginLogitsProcessor([])).
-NEUTRAL["begin_suppress_tokens"] += ([],)
 # Sampling warpers fastinfer does not implement: HF builds them only when do_sample is True, so with
 # greedy decoding any value is a no-op; with sampling only the neutral values are accepted.
 SAMPLING_ONLY = {"typical_p", "epsilon_cutoff", "eta_cutoff", "top_h"}
@@ -102,6 +101,12 @@ class GenerationSettings:
     sequence_bias: tuple = ()
     forced_bos_token_id: int | None = None
     forced_eos_token_id: tuple = ()
+    # HF's ExponentialDecayLengthPenalty ((start index, factor)), SuppressTokensAtBeginLogitsProcessor's tokens and
+    # LogitNormalization (renormalize_logits: a log_softmax after every processor and warper; it changes the
+    # scores HF returns, not the tokens, so it alone does not need HF's loop)
+    exponential_decay: tuple | None = None
+    begin_suppress_tokens: tuple = ()
+    renormalize_logits: bool = False
 
     @property
     def hf_hooks(self) -> bool:
@@ -109,7 +114,8 @@ class GenerationSettings:
         epsilon / eta warpers, sequence_bias or a forced BOS / EOS token (which the engine's sampler does not have)."""
         return bool(self.logits_processor or self.stopping_criteria or self.prefix_allowed_tokens_fn is not None
                     or self.max_time is not None or self.warpers or self.sequence_bias
-                    or self.forced_bos_token_id is not None or self.forced_eos_token_id)
+                    or self.forced_bos_token_id is not None or self.forced_eos_token_id
+                    or self.exponential_decay is not None or self.begin_suppress_tokens)
 
     @property
     def fill_token_id(self) -> int:
@@ -289,7 +295,7 @@ def resolve(model_defaults: dict | None, generation_config, kwargs: dict, prompt
                                   max_tokens=None)
     hooks = _hooks(merged, eos, stop_strings, ngram)
     hooks["warpers"] = warpers
-    hooks.update(_forced_and_bias(merged, suppressed))
+    hooks.update(hf_processors.settings_from(merged, eos, suppressed))
     return GenerationSettings(max_new, min_new, sampling, eos, pad, n, beams, float(length_penalty), early_stopping,
                               flags["return_dict_in_generate"],
                               flags["return_dict_in_generate"] and flags["output_scores"],
@@ -334,6 +340,9 @@ def _hooks(merged: dict, eos: list[int], stop_strings, ngram: int) -> dict:
         "SequenceBiasLogitsProcessor": merged["sequence_bias"] is not None,
         "ForcedBOSTokenLogitsProcessor": merged["forced_bos_token_id"] is not None,
         "ForcedEOSTokenLogitsProcessor": merged["forced_eos_token_id"] is not None,
+        "ExponentialDecayLengthPenalty": merged["exponential_decay_length_penalty"] is not None,
+        "SuppressTokensAtBeginLogitsProcessor": merged["begin_suppress_tokens"] is not None,
+        "LogitNormalization": merged["renormalize_logits"] is True,
         "MaxLengthCriteria": True, "EosTokenCriteria": bool(eos), "StopStringCriteria": bool(stop_strings),
         "MaxTimeCriteria": max_time is not None,
     }
@@ -352,38 +361,6 @@ def _hooks(merged: dict, eos: list[int], stop_strings, ngram: int) -> dict:
         raise ValueError("generate(): prefix_allowed_tokens_fn with suppress_tokens is not supported (HF applies "
                          "the constraint's fallback for an unsatisfiable step before suppress_tokens)")
     return hooks
-
-
-def _forced_and_bias(merged: dict, suppressed: list[int]) -> dict:
-    """sequence_bias (HF's list of [token ids, bias] pairs, or its older dict of tuple -> bias) as (ids, bias)
-    pairs, later entries replacing earlier ones as HF's dict does; forced_bos_token_id; forced_eos_token_id
-    (an id or a list of them)."""
-    bias = merged["sequence_bias"]
-    pairs: dict[tuple[int, ...], float] = {}
-    if bias is not None:
-        items = list(bias.items()) if isinstance(bias, dict) else bias
-        if not isinstance(items, (list, tuple)) or not all(isinstance(item, (list, tuple)) and len(item) == 2
-                                                           for item in items):
-            raise ValueError(f"sequence_bias must be a list of [token ids, bias] pairs (or a dict of token-id tuples "
-                             f"to biases), got {bias!r:.120}")
-        for ids, value in items:
-            if not is_token_sequences([ids]) or isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"sequence_bias entries must pair a non-empty list of token ids >= 0 with a number, "
-                                 f"got {[ids, value]!r:.120}")
-            pairs[tuple(ids)] = float(value)
-    bos = merged["forced_bos_token_id"]
-    if bos is not None:
-        bos = _token_ids(bos, "forced_bos_token_id")
-        if len(bos) != 1:
-            raise ValueError(f"forced_bos_token_id must be one token id, got {merged['forced_bos_token_id']!r}")
-        bos = bos[0]
-    forced_eos = () if merged["forced_eos_token_id"] is None else tuple(
-        _token_ids(merged["forced_eos_token_id"], "forced_eos_token_id"))
-    clash = sorted(set(forced_eos) | ({bos} if bos is not None else set())) if suppressed else []
-    clash = [t for t in clash if t in suppressed]
-    if clash:  # HF forces the token, then suppresses it: a row of -inf only
-        raise ValueError(f"generate(): forced_bos_token_id / forced_eos_token_id {clash} also in suppress_tokens")
-    return {"sequence_bias": tuple(pairs.items()), "forced_bos_token_id": bos, "forced_eos_token_id": forced_eos}
 
 
 def _parameter_count(f) -> int:

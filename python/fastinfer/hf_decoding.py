@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from . import hf_hooks
+from . import hf_processors
 from .metadata import SeqChunk
 from .runner import ModelRunner
 from .sampling import process_logits
@@ -155,7 +155,8 @@ def processed_scores(logits, running_sequences, prompts, holes, settings, params
     log_probs = torch.log_softmax(logits, dim=-1) if log_softmax else logits
     rows = running_sequences.shape[0] * num_beams
     if settings.sequence_bias:  # HF's first processor
-        log_probs = hf_hooks.sequence_bias(settings, running_sequences[:, :, :cur_len].reshape(rows, cur_len), log_probs)
+        log_probs = hf_processors.sequence_bias(settings, running_sequences[:, :, :cur_len].reshape(rows, cur_len),
+                                                log_probs)
     step = cur_len - width
     generated = running_sequences[:, :, width:cur_len].reshape(rows, step).tolist()
     history_needed = params.no_repeat_ngram_size or params.bad_words_ids

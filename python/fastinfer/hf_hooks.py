@@ -8,43 +8,13 @@ import time
 
 import torch
 
-from . import gen_config
+from . import gen_config, hf_processors
 
 
 def processes(settings: gen_config.GenerationSettings) -> bool:
-    """Whether `process` has anything to apply: custom processors, a prefix constraint or a forced token."""
+    """Whether `process` has anything to apply: custom processors, a prefix constraint or hf_processors'."""
     return (bool(settings.logits_processor) or settings.prefix_allowed_tokens_fn is not None
-            or settings.forced_bos_token_id is not None or bool(settings.forced_eos_token_id))
-
-
-def sequence_bias(settings: gen_config.GenerationSettings, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """HF's SequenceBiasLogitsProcessor, the first of its processors: one bias tensor (each one-token
-    sequence's bias, then each longer one's on its last token in the rows whose last tokens are the rest of
-    it; a sequence longer than the row is ignored) added to scores once. input_ids: HF's padded rows."""
-    vocab = scores.shape[-1]
-    out_of_range = [t for ids, _ in settings.sequence_bias for t in ids if t >= vocab]
-    if out_of_range:
-        raise ValueError(f"The model vocabulary size is {vocab}, but the following tokens were being biased: "
-                         f"{out_of_range}")
-    bias = torch.zeros_like(scores)
-    single = torch.zeros(vocab, dtype=torch.float, device=scores.device)
-    ones = [(ids[0], b) for ids, b in settings.sequence_bias if len(ids) == 1]
-    if ones:
-        single[[t for t, _ in ones]] = torch.tensor([b for _, b in ones], device=scores.device)
-    bias += single
-    by_prefix: dict[int, list] = {}
-    for ids, b in settings.sequence_bias:
-        if len(ids) > 1:
-            by_prefix.setdefault(len(ids) - 1, []).append((ids, b))
-    for length, group in by_prefix.items():
-        if length > input_ids.shape[1]:
-            continue
-        prefixes = torch.tensor([ids[:-1] for ids, _ in group], device=scores.device)
-        last = torch.tensor([ids[-1] for ids, _ in group], device=scores.device)
-        values = torch.tensor([b for _, b in group], dtype=torch.float, device=scores.device)
-        matching = (input_ids[:, None, -length:] == prefixes).all(dim=-1)
-        bias.index_add_(1, last, torch.where(matching, values, 0.0).to(bias.dtype))
-    return scores + bias
+            or hf_processors.active(settings))
 
 
 def stops_for(settings: gen_config.GenerationSettings) -> "Stops | None":
@@ -53,11 +23,11 @@ def stops_for(settings: gen_config.GenerationSettings) -> "Stops | None":
 
 
 def process(settings: gen_config.GenerationSettings, input_ids: torch.Tensor, scores: torch.Tensor,
-            group: int, max_length: int | None = None) -> torch.Tensor:
-    """scores [rows, vocab] of input_ids [rows, length] after the prefix constraint, the forced BOS / EOS
-    token (max_length: HF's, the padded prompt width plus max_new_tokens) and the custom processors, in HF's
-    order. rows: a prompt's `group` rows adjacent (its beams, or its
-    num_return_sequences samples: HF's max(num_beams, num_return_sequences)). HF runs the constraint after
+            group: int, width: int | None = None) -> torch.Tensor:
+    """scores [rows, vocab] of input_ids [rows, length] after the prefix constraint, hf_processors.apply's
+    (width: the padded prompt's, HF's input length) and the custom processors, in HF's order. rows: a
+    prompt's `group` rows adjacent (its beams, or its num_return_sequences samples: HF's max(num_beams,
+    num_return_sequences)). HF runs the constraint after
     its penalties, n-gram / bad-word bans and min-length EOS bans, before suppress_tokens; fastinfer's
     equivalents of those all run before it here, which is the same unless suppress_tokens are set
     (refused with a constraint, gen_config). The custom processors follow."""
@@ -74,13 +44,8 @@ def process(settings: gen_config.GenerationSettings, input_ids: torch.Tensor, sc
         # HF: where every row of a prompt has only -inf left, the allowed tokens are forced with score 0
         stuck = scores.amax(dim=-1).isneginf().view(-1, group).all(dim=-1, keepdim=True)
         scores = torch.where(stuck.repeat_interleave(group, dim=0), mask, scores)
-    cur_len = input_ids.shape[-1]  # HF's forced BOS / EOS (its processors' order: after the prefix constraint)
-    if settings.forced_bos_token_id is not None and cur_len == 1:
-        scores = torch.full_like(scores, float("-inf"))
-        scores[:, settings.forced_bos_token_id] = 0
-    if settings.forced_eos_token_id and max_length is not None and cur_len == max_length - 1:
-        scores = torch.full_like(scores, float("-inf"))
-        scores[:, list(settings.forced_eos_token_id)] = 0
+    if width is not None:  # HF's forced BOS / EOS, length penalty and first-step bans, after the constraint
+        scores = hf_processors.apply(settings, input_ids, scores, width)
     for processor in settings.logits_processor:
         scores = processor(input_ids, scores)
     return scores

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import gen_config, hf_hooks
+from . import gen_config, hf_hooks, hf_processors
 from .hf_decoding import (BLOCK_SIZE, Blocks, copy_blocks, decode_chunk, hf_output, hf_warpers, prefill, processed_scores,
                           processor_params)
 from .runner import ModelRunner
@@ -53,9 +53,10 @@ def sample_search(loaded, input_ids: torch.Tensor, prompts: list[list[int]], hol
         next_scores = processed_scores(logits, sequences[:, None, :], prompts, holes, settings, params, width,
                                        cur_len, 1, log_softmax=False)
         if hooked:  # a prompt's n samples are one group of HF's prefix constraint
-            next_scores = hf_hooks.process(settings, sequences[:, :cur_len], next_scores, n, width + max_new)
+            next_scores = hf_hooks.process(settings, sequences[:, :cur_len], next_scores, n, width)
         if do_sample:
             next_scores = hf_warpers(next_scores, settings.sampling, 1, settings.warpers)
+        next_scores = hf_processors.renormalize(settings, next_scores)
         if settings.output_scores:
             scores.append(next_scores)
         if settings.output_logits:
