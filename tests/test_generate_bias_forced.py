@@ -1,5 +1,6 @@
 """HF generate()'s sequence_bias (SequenceBiasLogitsProcessor), forced_bos_token_id, forced_eos_token_id,
-exponential_decay_length_penalty, begin_suppress_tokens and renormalize_logits through fastinfer.generate: HF's output token for token (CPU, fp32) on left-padded batches, greedy, seeded
+exponential_decay_length_penalty, begin_suppress_tokens, renormalize_logits and remove_invalid_values through
+fastinfer.generate: HF's output token for token (CPU, fp32) on left-padded batches, greedy, seeded
 sampling and beam search; malformed values refused by name."""
 from __future__ import annotations
 
@@ -115,6 +116,19 @@ def test_renormalize_logits_changes_the_scores_not_the_tokens(model, batch):
         torch.testing.assert_close(torch.stack(ours.scores), torch.stack(expected.scores), rtol=0, atol=1e-5)
 
 
+def test_remove_invalid_values_turns_bans_into_finite_scores(model, batch):
+    """HF's InfNanRemoveLogitsProcessor after the bans and the forced EOS: -inf becomes the float minimum in the
+    scores HF returns; the tokens are unchanged."""
+    ids, mask = batch
+    kw = dict(return_dict_in_generate=True, output_scores=True, eos_token_id=[5], remove_invalid_values=True,
+              min_new_tokens=3, bad_words_ids=[[11]], forced_eos_token_id=5)
+    for extra in (dict(do_sample=False), dict(do_sample=False, num_beams=2)):
+        ours, expected = both(model, ids, mask, **kw, **extra)
+        assert torch.equal(ours.sequences, expected.sequences), extra
+        torch.testing.assert_close(torch.stack(ours.scores), torch.stack(expected.scores), rtol=0, atol=1e-5)
+        assert torch.isfinite(torch.stack(ours.scores)).all()
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(sequence_bias=[[[1, 2], "a"]]), "sequence_bias"),
     (dict(sequence_bias=[[[], 1.0]]), "sequence_bias"),
@@ -128,6 +142,7 @@ def test_renormalize_logits_changes_the_scores_not_the_tokens(model, batch):
     (dict(exponential_decay_length_penalty=(2, 1.5), eos_token_id=None), "needs an eos_token_id"),
     (dict(begin_suppress_tokens=[-1]), "begin_suppress_tokens"),
     (dict(renormalize_logits="yes"), "renormalize_logits"),
+    (dict(remove_invalid_values=True, suppress_tokens=[3]), "remove_invalid_values"),
 ])
 def test_bad_values_are_refused(model, batch, kw, match):
     ids, mask = batch

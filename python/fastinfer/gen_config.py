@@ -28,6 +28,7 @@ HF_DEFAULTS: dict[str, Any] = {
     "max_time": None, "logits_processor": None, "stopping_criteria": None, "prefix_allowed_tokens_fn": None,
     "sequence_bias": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
     "exponential_decay_length_penalty": None, "begin_suppress_tokens": None, "renormalize_logits": False,
+    "remove_invalid_values": False,
 }
 # Unsupported features, allowed only at these neutral values (HF no-ops): the default first, then any
 # other value that is a no-op in HF too (classifier-free guidance at scale 1, contrastive search with
@@ -38,7 +39,7 @@ NEUTRAL: dict[str, tuple] = {
     "force_words_ids": (None,), "constraints": (None,),
     "diversity_penalty": (0.0,), "penalty_alpha": (None, 0.0),
     "guidance_scale": (None, 1.0), "output_attentions": (False,), "output_hidden_states": (False,),
-    "remove_invalid_values": (False,), "watermarking_config": (None,),
+    "watermarking_config": (None,),
     "dola_layers": (None,), "top_h": (None,), "token_healing": (False,), "low_memory": (None, False),
     "use_mtp": (None,),
 }
@@ -107,6 +108,7 @@ class GenerationSettings:
     exponential_decay: tuple | None = None
     begin_suppress_tokens: tuple = ()
     renormalize_logits: bool = False
+    remove_invalid_values: bool = False  # HF's InfNanRemoveLogitsProcessor, after the forced tokens
 
     @property
     def hf_hooks(self) -> bool:
@@ -115,7 +117,7 @@ class GenerationSettings:
         return bool(self.logits_processor or self.stopping_criteria or self.prefix_allowed_tokens_fn is not None
                     or self.max_time is not None or self.warpers or self.sequence_bias
                     or self.forced_bos_token_id is not None or self.forced_eos_token_id
-                    or self.exponential_decay is not None or self.begin_suppress_tokens)
+                    or self.exponential_decay is not None or self.begin_suppress_tokens or self.remove_invalid_values)
 
     @property
     def fill_token_id(self) -> int:
@@ -343,6 +345,7 @@ def _hooks(merged: dict, eos: list[int], stop_strings, ngram: int) -> dict:
         "ExponentialDecayLengthPenalty": merged["exponential_decay_length_penalty"] is not None,
         "SuppressTokensAtBeginLogitsProcessor": merged["begin_suppress_tokens"] is not None,
         "LogitNormalization": merged["renormalize_logits"] is True,
+        "InfNanRemoveLogitsProcessor": merged["remove_invalid_values"] is True,
         "MaxLengthCriteria": True, "EosTokenCriteria": bool(eos), "StopStringCriteria": bool(stop_strings),
         "MaxTimeCriteria": max_time is not None,
     }

@@ -1,7 +1,8 @@
 """HF generate()'s remaining built-in logits processors, as HF computes them, for fastinfer.generate's copies of
 HF's loops (sample_search.py, beam_search.py): SequenceBiasLogitsProcessor (sequence_bias, HF's first
 processor: hf_decoding.processed_scores applies it before the penalties), ForcedBOSTokenLogitsProcessor,
-ForcedEOSTokenLogitsProcessor, ExponentialDecayLengthPenalty and SuppressTokensAtBeginLogitsProcessor (apply:
+ForcedEOSTokenLogitsProcessor, InfNanRemoveLogitsProcessor, ExponentialDecayLengthPenalty and
+SuppressTokensAtBeginLogitsProcessor (apply:
 after the prefix constraint, before generate()'s own processors, in HF's order) and LogitNormalization
 (renormalize, after the warpers). settings_from reads their arguments for gen_config.resolve."""
 from __future__ import annotations
@@ -27,7 +28,8 @@ def settings_from(merged: dict, eos: list[int], suppressed: list[int]) -> dict:
 def active(settings: GenerationSettings) -> bool:
     """Whether `apply` changes anything."""
     return (settings.forced_bos_token_id is not None or bool(settings.forced_eos_token_id)
-            or settings.exponential_decay is not None or bool(settings.begin_suppress_tokens))
+            or settings.exponential_decay is not None or bool(settings.begin_suppress_tokens)
+            or settings.remove_invalid_values)
 
 
 def apply(settings: GenerationSettings, input_ids: torch.Tensor, scores: torch.Tensor, width: int) -> torch.Tensor:
@@ -40,6 +42,11 @@ def apply(settings: GenerationSettings, input_ids: torch.Tensor, scores: torch.T
     if settings.forced_eos_token_id and cur_len == width + settings.max_new_tokens - 1:  # HF's max_length - 1
         scores = torch.full_like(scores, float("-inf"))
         scores[:, list(settings.forced_eos_token_id)] = 0
+    if settings.remove_invalid_values:  # HF's InfNanRemoveLogitsProcessor: NaN -> 0, +-inf -> the finite extremes
+        finfo = torch.finfo(scores.dtype)
+        cleaned = torch.where(scores != scores, 0.0, scores)
+        cleaned = torch.where(scores == float("inf"), finfo.max, cleaned)
+        scores = torch.where(scores == -float("inf"), finfo.min, cleaned)
     if settings.exponential_decay is not None:
         start, factor = settings.exponential_decay
         regulation_start = start + width
@@ -140,9 +147,13 @@ def _decay_and_begin(merged: dict, eos: list[int], forced_bos: int | None) -> di
         decay = (decay[0], float(decay[1]))
     begin = merged["begin_suppress_tokens"]
     begin = () if begin is None else tuple(gen_config._token_ids(begin, "begin_suppress_tokens"))
-    renormalize = merged["renormalize_logits"]
-    if not isinstance(renormalize, bool):
-        raise ValueError(f"renormalize_logits must be True or False, got {renormalize!r}")
+    renormalize, invalid = merged["renormalize_logits"], merged["remove_invalid_values"]
+    for key, value in (("renormalize_logits", renormalize), ("remove_invalid_values", invalid)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be True or False, got {value!r}")
+    if invalid and merged["suppress_tokens"]:  # HF suppresses after it (-inf stays); fastinfer's bans run before
+        raise ValueError("generate(): remove_invalid_values with suppress_tokens is not supported")
     if begin and forced_bos is not None and forced_bos in begin:
         raise ValueError(f"generate(): forced_bos_token_id {forced_bos} also in begin_suppress_tokens")
-    return {"exponential_decay": decay, "begin_suppress_tokens": begin, "renormalize_logits": renormalize}
+    return {"exponential_decay": decay, "begin_suppress_tokens": begin, "renormalize_logits": renormalize,
+            "remove_invalid_values": invalid}
