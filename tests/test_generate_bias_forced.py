@@ -25,7 +25,7 @@ def batch(model):
 
 
 def both(model, ids, mask, seed=None, **kw):
-    kw = dict(pad_token_id=PAD, max_new_tokens=12, **kw)
+    kw = {"pad_token_id": PAD, "max_new_tokens": 12, **kw}
     if seed is not None:
         torch.manual_seed(seed)
     with torch.no_grad():
@@ -101,10 +101,15 @@ def test_begin_suppress_tokens(model, batch):
     ours, expected = both(model, ids, mask, do_sample=False, eos_token_id=None, begin_suppress_tokens=first)
     assert torch.equal(ours, expected) and not torch.equal(ours, free)
     assert not set(ours[:, ids.shape[1]].tolist()) & set(first)
-    one = torch.tensor([[17], [23]])  # with a forced BOS on a 1-token prompt HF bans them at the step after it
+    # with a forced BOS on a 1-token prompt HF bans them at the step after it: ban what that step would take
+    one = torch.tensor([[17], [23]])
+    forced = fastinfer.generate(model, one, attention_mask=torch.ones_like(one), pad_token_id=PAD, max_new_tokens=4,
+                                do_sample=False, eos_token_id=None, forced_bos_token_id=42)
+    after_bos = sorted({int(t) for t in forced[:, 2]} - {42})
     ours, expected = both(model, one, torch.ones_like(one), do_sample=False, eos_token_id=None, forced_bos_token_id=42,
-                          begin_suppress_tokens=first)
-    assert torch.equal(ours, expected)
+                          begin_suppress_tokens=after_bos + [42])  # 42 too: HF forces it first all the same
+    assert torch.equal(ours, expected) and (ours[:, 1] == 42).all()
+    assert not set(ours[:, 2].tolist()) & set(after_bos)
 
 
 def test_renormalize_logits_changes_the_scores_not_the_tokens(model, batch):
@@ -129,8 +134,35 @@ def test_remove_invalid_values_turns_bans_into_finite_scores(model, batch):
         assert torch.isfinite(torch.stack(ours.scores)).all()
 
 
+def test_invalid_values_are_replaced_before_the_length_penalty(model, batch):
+    """HF's order: InfNanRemove turns min_new_tokens' -inf EOS into the float minimum, then the length penalty
+    scales that (to -inf / inf, whatever HF gets): the same returned scores and tokens."""
+    ids, mask = batch
+    kw = dict(return_dict_in_generate=True, output_scores=True, eos_token_id=[5], remove_invalid_values=True,
+              min_new_tokens=6, exponential_decay_length_penalty=(1, 1.5), do_sample=False, max_new_tokens=8)
+    ours, expected = both(model, ids, mask, **kw)
+    assert torch.equal(ours.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(ours.scores), torch.stack(expected.scores), rtol=1e-6, atol=1e-5)
+
+
+def test_settings_from_the_models_generation_config_and_explicit_none(batch):
+    """A model's generation config may carry these (Whisper's carries begin_suppress_tokens); an explicit None
+    keyword turns one off, as HF's generation_config.update does."""
+    ids, mask = batch
+    configured = make_hf_model("llama", seed=3)
+    configured.generation_config.forced_eos_token_id = 7
+    configured.generation_config.sequence_bias = [[[9], 6.0]]
+    for kw in (dict(), dict(forced_eos_token_id=None), dict(sequence_bias=None),
+               dict(forced_eos_token_id=None, sequence_bias=None)):
+        ours, expected = both(configured, ids, mask, do_sample=False, eos_token_id=None, **kw)
+        assert torch.equal(ours, expected), kw
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(sequence_bias=[[[1, 2], "a"]]), "sequence_bias"),
+    (dict(sequence_bias=[[[7], 5]]), "sequence_bias"),          # HF wants float biases
+    (dict(sequence_bias=[[(7, 8), 5.0]]), "sequence_bias"),     # and lists of ids in the list form
+    (dict(sequence_bias=[]), "sequence_bias"),
     (dict(sequence_bias=[[[], 1.0]]), "sequence_bias"),
     (dict(sequence_bias=[[[-1], 1.0]]), "sequence_bias"),
     (dict(sequence_bias=5), "sequence_bias"),

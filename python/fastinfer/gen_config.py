@@ -55,7 +55,10 @@ GENERATE_ONLY = {"logits_processor", "stopping_criteria", "prefix_allowed_tokens
 # MinLengthLogitsProcessor.
 NONE_OVERRIDES = {"eos_token_id": None, "pad_token_id": None, "max_new_tokens": None, "min_new_tokens": None,
                   "top_k": 0, "temperature": 1.0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
-                  "do_sample": False, "min_length": 0, "max_time": None}
+                  "do_sample": False, "min_length": 0, "max_time": None, "suppress_tokens": None,
+                  "bad_words_ids": None, "sequence_bias": None, "forced_bos_token_id": None,
+                  "forced_eos_token_id": None, "exponential_decay_length_penalty": None, "begin_suppress_tokens": None,
+                  "renormalize_logits": False, "remove_invalid_values": False}
 _EXPLICIT_NONE = object()
 # Accepted and without effect here (caching and compilation are fastinfer's own business).
 IGNORED = {"use_cache", "cache_implementation", "cache_config", "max_cache_len", "bos_token_id",

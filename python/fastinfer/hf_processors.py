@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 def settings_from(merged: dict, eos: list[int], suppressed: list[int]) -> dict:
     """GenerationSettings fields from the merged generation arguments (gen_config.resolve), checked."""
     fields = _forced_and_bias(merged, suppressed)
-    fields.update(_decay_and_begin(merged, eos, fields["forced_bos_token_id"]))
+    fields.update(_decay_and_begin(merged, eos))
     return fields
 
 
@@ -109,16 +109,18 @@ def _forced_and_bias(merged: dict, suppressed: list[int]) -> dict:
     bias = merged["sequence_bias"]
     pairs: dict[tuple[int, ...], float] = {}
     if bias is not None:
-        items = list(bias.items()) if isinstance(bias, dict) else bias
-        if not isinstance(items, (list, tuple)) or not all(isinstance(item, (list, tuple)) and len(item) == 2
-                                                           for item in items):
-            raise ValueError(f"sequence_bias must be a list of [token ids, bias] pairs (or a dict of token-id tuples "
-                             f"to biases), got {bias!r:.120}")
+        # HF's SequenceBiasLogitsProcessor._validate_arguments: a non-empty list of [list of ids, float] pairs, or a
+        # dict of non-empty id tuples to floats (ints are not floats there)
+        is_dict = isinstance(bias, dict)
+        items = list(bias.items()) if is_dict else bias
+        ok = isinstance(items, list) and bool(items) and all(
+            isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], tuple if is_dict else list)
+            and is_token_sequences([item[0]]) and isinstance(item[1], float) for item in items)
+        if not ok:
+            raise ValueError(f"sequence_bias must be a non-empty list of [[token ids], float bias] pairs (or a dict of "
+                             f"token-id tuples to float biases), as HF's; got {bias!r:.120}")
         for ids, value in items:
-            if not is_token_sequences([ids]) or isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"sequence_bias entries must pair a non-empty list of token ids >= 0 with a number, "
-                                 f"got {[ids, value]!r:.120}")
-            pairs[tuple(ids)] = float(value)
+            pairs[tuple(ids)] = value
     bos = merged["forced_bos_token_id"]
     if bos is not None:
         bos = gen_config._token_ids(bos, "forced_bos_token_id")
@@ -134,7 +136,7 @@ def _forced_and_bias(merged: dict, suppressed: list[int]) -> dict:
     return {"sequence_bias": tuple(pairs.items()), "forced_bos_token_id": bos, "forced_eos_token_id": forced_eos}
 
 
-def _decay_and_begin(merged: dict, eos: list[int], forced_bos: int | None) -> dict:
+def _decay_and_begin(merged: dict, eos: list[int]) -> dict:
     """exponential_decay_length_penalty ((start index, factor): needs EOS ids, as HF's processor),
     begin_suppress_tokens (ids; an empty list builds nothing) and renormalize_logits (a bool), checked."""
     decay = merged["exponential_decay_length_penalty"]
@@ -153,7 +155,5 @@ def _decay_and_begin(merged: dict, eos: list[int], forced_bos: int | None) -> di
             raise ValueError(f"{key} must be True or False, got {value!r}")
     if invalid and merged["suppress_tokens"]:  # HF suppresses after it (-inf stays); fastinfer's bans run before
         raise ValueError("generate(): remove_invalid_values with suppress_tokens is not supported")
-    if begin and forced_bos is not None and forced_bos in begin:
-        raise ValueError(f"generate(): forced_bos_token_id {forced_bos} also in begin_suppress_tokens")
     return {"exponential_decay": decay, "begin_suppress_tokens": begin, "renormalize_logits": renormalize,
             "remove_invalid_values": invalid}
