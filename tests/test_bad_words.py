@@ -101,3 +101,25 @@ def test_needs_a_tokenizer_and_no_speculation(loaded):  # noqa: F811
 
 def test_a_string_is_one_word():
     assert SamplingParams(bad_words="t3").bad_words == ["t3"]
+
+
+def test_sampled_children_and_preemption_never_generate_a_banned_word(loaded):  # noqa: F811
+    """n = 3 sampled completions of two prompts in a pool small enough to preempt: the token and the pair the
+    same seeded run produces most without bans never appear with them."""
+    from collections import Counter
+    llm = LLM(dataclasses.replace(loaded, tokenizer=WordTokenizer()), num_blocks=12, block_size=4,
+              max_num_batched_tokens=8)
+    base = dict(n=3, max_tokens=16, temperature=1.0, seed=3, ignore_eos=True)
+    prompts = [PROMPT, "t8 t9 t10"]
+    free = [list(o.token_ids) for out in llm.generate(prompts, SamplingParams(**base), use_tqdm=False)
+            for o in out.outputs]
+    token = Counter(t for ids in free for t in ids).most_common(1)[0][0]
+    pairs = Counter((a, b) for ids in free for a, b in zip(ids, ids[1:]) if token not in (a, b))
+    pair = pairs.most_common(1)[0][0]
+    outs = llm.generate(prompts, SamplingParams(**base, bad_words=[f"t{token}", f"t{pair[0]} t{pair[1]}"]),
+                        use_tqdm=False)
+    assert llm.engine.scheduler.num_preemptions > 0
+    for out in outs:
+        for o in out.outputs:
+            ids = list(o.token_ids)
+            assert token not in ids and all(ids[i:i + 2] != list(pair) for i in range(len(ids) - 1)), ids
