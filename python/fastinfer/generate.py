@@ -128,7 +128,9 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         raise ValueError("generate(): assisted generation (assistant_model / prompt_lookup_num_tokens) runs greedy "
                          "or sampled decoding without per-step scores here; not with num_beams > 1, "
                          "output_scores / output_logits, logits_processor, stopping_criteria, "
-                         "prefix_allowed_tokens_fn, max_time or the typical_p / epsilon_cutoff / eta_cutoff warpers")
+                         "prefix_allowed_tokens_fn, max_time, the typical_p / epsilon_cutoff / eta_cutoff warpers, "
+                         "sequence_bias, forced_bos_token_id / forced_eos_token_id, exponential_decay_length_penalty, "
+                         "begin_suppress_tokens or remove_invalid_values")
     if settings.num_beams > 1:  # HF's beam search (beam_search.py)
         if streamer is not None:
             raise ValueError("streamer cannot be used with beam search (num_beams > 1), as in HF")
