@@ -12,7 +12,9 @@ combine are included in every row. 4-bit experts (round-to-nearest layout, group
 codes): "int4 moe_int4_linear" (their decode path: ops.moe_int4_linear for gate / up and for down, SwiGLU
 between, graph-safe), the same from a CUDA graph, and "int4 per-expert int4_linear" (FASTINFER_MOE_GEMV=0: a
 host read-back and an int4_linear per expert hit); their bytes count 4 bits a weight plus the group scales
-and zero points. Bytes: the
+and zero points. FP8 experts (e4m3, per-row scales): "fp8 moe_gemv (W8A16)" (their decode path: moe_gemv on the
+e4m3 weights, graph-safe), its CUDA graph, and "fp8 per-expert fp8_linear" (FASTINFER_MOE_GEMV=0: W8A8 per
+expert hit); 1 byte a weight. "vs per-expert" compares each quantized row with its own per-expert row. Bytes: the
 weights of the distinct experts the step's routing selects (3 H F x 2 bytes each) plus the router; GB/s =
 those bytes / median time, and that as a fraction of the device-to-device copy bandwidth measured in the
 same run. "vs per-expert" = the per-expert path's time / this time. Timing and L2 flushing: bench/common.py.
@@ -27,8 +29,11 @@ SHAPES = {"mixtral-8x7b": (8, 2, 4096, 14336), "qwen3-30b-a3b": (128, 8, 2048, 7
 TOKENS = (1, 4, 16)
 DTYPE = torch.bfloat16
 GEMV, EXPERT, GRAPH, GROUPED = "moe_gemv", "per-expert GEMMs", "moe_gemv, CUDA graph", "grouped_mm (HF's path)"
-INT4, INT4_GRAPH, INT4_EXPERT = "int4 moe_int4_linear", "int4 moe_int4_linear, CUDA graph", "int4 per-expert int4_linear"
 INT4_GROUP = 128
+# the quantized experts' rows: (fused path, the same from a CUDA graph, per-expert path, bytes per weight)
+QUANTIZED = {"int4": ("int4 moe_int4_linear", "int4 moe_int4_linear, CUDA graph", "int4 per-expert int4_linear",
+                      0.5 + 2 * 2 / INT4_GROUP),
+             "fp8": ("fp8 moe_gemv (W8A16)", "fp8 moe_gemv (W8A16), CUDA graph", "fp8 per-expert fp8_linear", 1.0)}
 
 
 def forced(moe, gemv: bool, grouped: bool):
@@ -46,7 +51,7 @@ def forced(moe, gemv: bool, grouped: bool):
     return run
 
 
-def make_moe(experts: int, top_k: int, hidden: int, ffn: int, g: torch.Generator, int4: bool = False):
+def make_moe(experts: int, top_k: int, hidden: int, ffn: int, g: torch.Generator, kind: str | None = None):
     from fastinfer.config import ModelConfig
     from fastinfer.models.moe import MoE
     from fastinfer.quant.linear import QuantConfig
@@ -54,11 +59,15 @@ def make_moe(experts: int, top_k: int, hidden: int, ffn: int, g: torch.Generator
                       num_layers=1, num_heads=1, num_kv_heads=1, head_dim=64, rms_norm_eps=1e-5, rope_theta=1e4,
                       rope_scaling=None, max_position_embeddings=64, tie_word_embeddings=False, attention_bias=False,
                       moe_layers=(0,), num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=ffn)
-    moe = MoE(cfg, DTYPE, torch.device("cuda"), QuantConfig("int4", INT4_GROUP, "zeros") if int4 else None)
+    moe = MoE(cfg, DTYPE, torch.device("cuda"), QuantConfig("int4", INT4_GROUP, "zeros") if kind == "int4" else kind)
     moe.router.copy_((torch.randn(moe.router.shape, generator=g, device="cuda") * hidden ** -0.5).to(DTYPE))
-    if not int4:
+    if kind != "int4":
         for t in (moe.gate_up, moe.down):
-            t.copy_((torch.randn(t.shape, generator=g, device="cuda") * t.shape[-1] ** -0.5).to(DTYPE))
+            w = torch.randn(t.shape, generator=g, device="cuda") * t.shape[-1] ** -0.5
+            t.copy_(w.to(DTYPE) if kind is None else (w * 448 * t.shape[-1] ** 0.5 / 4).clamp(-448, 448).to(t.dtype))
+        if kind == "fp8":  # e4m3 codes of about +-112, scales bringing rows back to ~1 / sqrt(K)
+            moe.gate_up_scale.fill_(4 / (448 * hidden ** 0.5))
+            moe.down_scale.fill_(4 / (448 * ffn ** 0.5))
         return moe
     for (qweight, scales, zeros, _), k in ((moe.int4_gate_up, hidden), (moe.int4_down, ffn)):
         qweight.copy_(torch.randint(-2 ** 31, 2 ** 31 - 1, qweight.shape, generator=g, device="cuda", dtype=torch.int32))
@@ -84,7 +93,7 @@ def run_shape(name: str, shape, tokens, args, flush, copy_gbps: float, errors: l
     experts, top_k, hidden, ffn = shape
     g = torch.Generator(device="cuda").manual_seed(experts + hidden)
     moe = make_moe(experts, top_k, hidden, ffn, g)
-    moe4 = make_moe(experts, top_k, hidden, ffn, g, int4=True) if args.int4 else None
+    quantized = {kind: make_moe(experts, top_k, hidden, ffn, g, kind) for kind in QUANTIZED if kind in args.quantized}
     rows = []
     for t in tokens:
         x = torch.randn(t, hidden, generator=g, device="cuda").to(DTYPE)
@@ -92,17 +101,22 @@ def run_shape(name: str, shape, tokens, args, flush, copy_gbps: float, errors: l
             ids = torch.topk(torch.softmax((x @ moe.router.t()).float(), dim=-1), top_k).indices
         distinct = int(torch.unique(ids).numel())
         nbytes = distinct * 3 * hidden * ffn * 2 + experts * hidden * 2
-        nbytes4 = distinct * 3 * hidden * ffn * (0.5 + 2 * 2 / INT4_GROUP) + experts * hidden * 2
+        sizes, bases = {}, {}  # per row: bytes read, and the per-expert row it is compared with
         impls = {GEMV: forced(moe, True, False), EXPERT: forced(moe, False, False), GROUPED: forced(moe, False, True)}
-        if moe4 is not None:
-            moe4.router.copy_(moe.router)  # the same routing, so the same experts hit
-            impls.update({INT4: forced(moe4, True, False), INT4_EXPERT: forced(moe4, False, False)})
+        graphs = {GRAPH: GEMV}
+        for kind, qmoe in quantized.items():
+            fused, graph, expert, per_weight = QUANTIZED[kind]
+            qmoe.router.copy_(moe.router)  # the same routing, so the same experts hit
+            impls.update({fused: forced(qmoe, True, False), expert: forced(qmoe, False, False)})
+            graphs[graph] = fused
+            for impl in (fused, graph, expert):
+                sizes[impl] = distinct * 3 * hidden * ffn * per_weight + experts * hidden * 2
+                bases[impl] = expert
         times, outputs = {}, {}
-        graphs = [(GRAPH, GEMV)] + ([(INT4_GRAPH, INT4)] if moe4 is not None else [])
-        for impl, fn in list(impls.items()) + graphs:
+        for impl, fn in list(impls.items()) + [(graph, None) for graph in graphs]:
             try:
-                if impl in (GRAPH, INT4_GRAPH):
-                    replay = graphed(impls[dict(graphs)[impl]], x)
+                if impl in graphs:
+                    replay = graphed(impls[graphs[impl]], x)
                     t_us = common.time_cuda(replay, warmup=args.warmup, iters=args.iters, flush=flush)
                 else:
                     outputs[impl] = fn(x).clone()
@@ -111,17 +125,17 @@ def run_shape(name: str, shape, tokens, args, flush, copy_gbps: float, errors: l
                 errors.append(f"{name} tokens={t} {impl}: {type(exc).__name__}: {exc}")
                 print(f"ERROR {errors[-1]}")
                 continue
-            size = nbytes4 if impl.startswith("int4") else nbytes
+            size = sizes.get(impl, nbytes)
             bw = common.gbps(size, t_us["us"])
             times[impl] = t_us["us"]
             rows.append({"shape": name, "tokens": t, "experts_hit": distinct, "impl": impl, "us": t_us["us"],
                          "bytes": size, "gbps": bw, "frac_copy": bw / copy_gbps})
+        fused_rows = [GEMV] + [QUANTIZED[kind][0] for kind in quantized]
         for r in rows[-len(times):]:
-            base = INT4_EXPERT if r["impl"].startswith("int4") else EXPERT
+            base = bases.get(r["impl"], EXPERT)
             r["vs_expert"] = times[base] / r["us"] if base in times else None
-            for fused in (GEMV, INT4):
-                if r["impl"] == fused and base in outputs and fused in outputs:
-                    r["diff_vs_expert"] = float((outputs[fused].float() - outputs[base].float()).abs().max())
+            if r["impl"] in fused_rows and base in outputs and r["impl"] in outputs:
+                r["diff_vs_expert"] = float((outputs[r["impl"]].float() - outputs[base].float()).abs().max())
     return rows
 
 
@@ -133,7 +147,8 @@ COLUMNS = [("shape", "shape", ""), ("tokens", "tokens", "d"), ("experts_hit", "e
 def main(argv: list[str] | None = None) -> int:
     parser = common.parser("moe", __doc__, iters=30, warmup=5)
     parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
-    parser.add_argument("--no-int4", dest="int4", action="store_false", help="skip the 4-bit experts' rows")
+    parser.add_argument("--quantized", nargs="*", default=list(QUANTIZED), choices=list(QUANTIZED),
+                        help="quantized experts to time too (default: int4 fp8; none: --quantized)")
     args = parser.parse_args(argv)
     _, flush, copy = common.start()
     rows, errors = [], []
@@ -142,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     notes = [f"device-to-device copy {copy['gbps']:.0f} GB/s (read + write); bf16; L2 flushed before each of "
              f"{args.iters} calls; bytes = the distinct experts' weights the routing selects + the router"]
-    return common.finish(args.out, name="moe", title="MoE decode step: moe_gemv / moe_int4_linear vs per-expert GEMMs (bf16)",
+    return common.finish(args.out, name="moe", title="MoE decode step: moe_gemv / moe_int4_linear vs per-expert GEMMs",
                          columns=COLUMNS, rows=rows, notes=notes, errors=errors, copy=copy)
 
 
