@@ -224,8 +224,9 @@ def test_prefix_constraint_with_suppress_tokens_and_extra_argument_processors_ar
 
 
 @pytest.mark.parametrize("warper", [dict(typical_p=0.6), dict(epsilon_cutoff=0.01), dict(eta_cutoff=0.02),
-                                    dict(typical_p=0.8, eta_cutoff=0.01, top_k=30, temperature=0.7)],
-                         ids=["typical", "epsilon", "eta", "all"])
+                                    dict(typical_p=0.8, eta_cutoff=0.01, top_k=30, temperature=0.7),
+                                    dict(top_h=0.4), dict(top_h=0.7, temperature=1.5, top_k=40)],
+                         ids=["typical", "epsilon", "eta", "all", "top_h", "top_h-temperature-top_k"])
 def test_typical_epsilon_eta_sampling_matches_hf_under_a_seed(warper):
     """HF's TypicalLogitsWarper / EpsilonLogitsWarper / EtaLogitsWarper after its other warpers; HF's loop
     draws from torch's global generator, so a seed gives HF's tokens (n = 2 rows per prompt)."""
@@ -255,6 +256,8 @@ def test_warper_values_hf_skips_or_refuses():
     ids = torch.tensor([[5, 6, 7]])
     with pytest.raises(ValueError, match="typical_p"):
         fastinfer.generate(model, ids, max_new_tokens=2, do_sample=True, typical_p=0.0)
+    with pytest.raises(ValueError, match="top_h"):
+        fastinfer.generate(model, ids, max_new_tokens=2, do_sample=True, top_h=1.5)
     # HF builds no epsilon warper outside (0, 1) and no typical one at 1: plain sampling, the engine's path
     torch.manual_seed(1)
     out = fastinfer.generate(model, ids, max_new_tokens=2, do_sample=True, epsilon_cutoff=1.5, typical_p=1.0)

@@ -300,7 +300,7 @@ def test_prompt_up_to_max_position_matches_hf_and_beyond_raises_clearly():
 @pytest.mark.parametrize("kwargs", [
     dict(force_words_ids=[[5]]),  # (sequence_bias, forced_bos / eos_token_id: tests/test_generate_bias_forced.py)
     dict(stop_strings=["x"]),
-    dict(do_sample=True, top_h=0.5), dict(penalty_alpha=0.6, top_k=4),
+    dict(penalty_alpha=0.6, top_k=4),
     dict(num_beam_groups=2, num_beams=2, diversity_penalty=0.5),
     dict(stopping_criteria=[transformers.MaxLengthCriteria(3)]),  # duplicates HF's own (test_generate_hooks.py)
     dict(negative_prompt_ids=torch.tensor([[5]])),

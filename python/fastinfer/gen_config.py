@@ -97,7 +97,8 @@ class GenerationSettings:
     prefix_allowed_tokens_fn: Any = None
     max_time: float | None = None
     # HF's TypicalLogitsWarper / EpsilonLogitsWarper / EtaLogitsWarper ("typical_p", "epsilon_cutoff",
-    # "eta_cutoff" -> value) with do_sample, after its other warpers (hf_decoding.hf_warpers)
+    # "eta_cutoff" -> value) with do_sample, after its other warpers, and TopHLogitsWarper ("top_h") after the
+    # temperature (hf_decoding.hf_warpers)
     warpers: dict = field(default_factory=dict)
     # HF's SequenceBiasLogitsProcessor ((token ids, bias) pairs, first of HF's processors) and its forced first /
     # last token (ForcedBOSTokenLogitsProcessor when the padded prompt is 1 token, ForcedEOSTokenLogitsProcessor at
@@ -231,15 +232,17 @@ def resolve(model_defaults: dict | None, generation_config, kwargs: dict, prompt
             raise ValueError(f"top_k must be >= 0, got {top_k}")
     warpers = {}  # HF's typical / epsilon / eta warpers, with do_sample (HF's loop runs them: hf_decoding.py)
     if merged["do_sample"]:
-        for key in ("typical_p", "epsilon_cutoff", "eta_cutoff"):
+        for key in ("typical_p", "epsilon_cutoff", "eta_cutoff", "top_h"):
             if key in sampling_only:
                 value, where = sampling_only.pop(key)
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise ValueError(f"{key} must be a number, got {value!r} (from {where})")
                 if key == "typical_p" and value < 1.0 and not value > 0:  # as HF's TypicalLogitsWarper
                     raise ValueError(f"`typical_p` has to be a float > 0 and < 1, but is {value} (from {where})")
-                # HF builds them for typical_p < 1 and cutoffs in (0, 1), and skips other values
-                if (value < 1.0) if key == "typical_p" else (0.0 < value < 1.0):
+                if key == "top_h" and not 0 < value <= 1:  # as HF's TopHLogitsWarper
+                    raise ValueError(f"`top_h` must be in the range (0, 1], got {value} (from {where})")
+                # HF builds them for typical_p < 1, cutoffs in (0, 1) and any top_h, and skips other values
+                if key == "top_h" or ((value < 1.0) if key == "typical_p" else (0.0 < value < 1.0)):
                     warpers[key] = float(value)
     if merged["do_sample"] and sampling_only:
         key, (value, where) = next(iter(sampling_only.items()))

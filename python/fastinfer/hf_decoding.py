@@ -101,12 +101,22 @@ def decode_chunk(runner: ModelRunner, token: int, position: int, table: list[int
 
 
 def hf_warpers(scores: torch.Tensor, p, min_keep: int, extra: dict | None = None) -> torch.Tensor:
-    """HF's sampling warpers in its order and arithmetic (TemperatureLogitsWarper, TopKLogitsWarper,
-    TopPLogitsWarper, MinPLogitsWarper, then from `extra` TypicalLogitsWarper, EpsilonLogitsWarper,
-    EtaLogitsWarper), each keeping at least min_keep tokens."""
+    """HF's sampling warpers in its order and arithmetic (TemperatureLogitsWarper, from `extra` TopHLogitsWarper,
+    then TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper, then from `extra` TypicalLogitsWarper,
+    EpsilonLogitsWarper, EtaLogitsWarper), each keeping at least min_keep tokens (TopH: at least one, as HF's)."""
     ninf = -float("inf")
+    extra = extra or {}
     if p.temperature != 1.0:
         scores = scores / p.temperature
+    if "top_h" in extra:  # HF's TopHLogitsWarper: of the top 100, the head whose entropy stays within top_h of theirs
+        top_logits, top_idx = torch.topk(scores, min(100, scores.shape[-1]), dim=-1, largest=True, sorted=True)
+        dist = torch.distributions.Categorical(logits=top_logits)
+        probs = dist.probs
+        tau = (dist.entropy() * extra["top_h"]).unsqueeze(-1)
+        selection = torch.cumsum(-probs * torch.log(probs), dim=-1) <= tau
+        selection[:, 0] = True
+        keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(1, top_idx, selection)
+        scores = scores.masked_fill(~keep, ninf)
     if p.top_k > 0:
         k = min(max(p.top_k, min_keep), scores.size(-1))
         scores = scores.masked_fill(scores < torch.topk(scores, k)[0][..., -1, None], ninf)
@@ -120,7 +130,6 @@ def hf_warpers(scores: torch.Tensor, p, min_keep: int, extra: dict | None = None
         remove = probs < p.min_p * probs.amax(dim=-1, keepdim=True)
         remove.scatter_(-1, torch.topk(probs, min(min_keep, probs.shape[-1]), dim=-1).indices, False)
         scores = scores.masked_fill(remove, ninf)
-    extra = extra or {}
     if "typical_p" in extra:  # keep the tokens whose surprisal is closest to the entropy, up to that mass
         normalized = torch.log_softmax(scores, dim=-1)
         entropy = -(normalized * torch.exp(normalized)).nansum(-1, keepdim=True)
