@@ -35,6 +35,11 @@ VARIANTS = {
     "granite": ("GraniteConfig", "GraniteForCausalLM", {"embedding_multiplier": 6.0, "residual_multiplier": 0.5,
                                                         "attention_multiplier": 0.09, "logits_scaling": 4.0,
                                                         "tie_word_embeddings": True}),
+    # Granite-MoE: Granite's multipliers around a Mixtral-style MoE (top 2 of 4, softmax over the top-k logits)
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", {"embedding_multiplier": 6.0, "residual_multiplier": 0.5,
+                                                              "attention_multiplier": 0.09, "logits_scaling": 4.0,
+                                                              "tie_word_embeddings": True, "num_local_experts": 4,
+                                                              "num_experts_per_tok": 2}),
 }
 
 

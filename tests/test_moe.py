@@ -19,9 +19,10 @@ PAD = 0
 PROMPT = [5, 17, 33, 2, 99, 250, 7, 64, 128, 11, 3, 300, 41, 8, 19, 77, 23]
 CASES = [("mixtral", {}), ("mixtral", {"num_experts_per_tok": 1}), ("qwen3-moe", {}),
          ("qwen3-moe", {"norm_topk_prob": True, "decoder_sparse_step": 2, "mlp_only_layers": []}),
-         ("qwen2-moe", {}), ("qwen2-moe", {"mlp_only_layers": [1], "norm_topk_prob": True, "qkv_bias": False})]
+         ("qwen2-moe", {}), ("qwen2-moe", {"mlp_only_layers": [1], "norm_topk_prob": True, "qkv_bias": False}),
+         ("granitemoe", {}), ("granitemoe", {"tie_word_embeddings": False, "num_experts_per_tok": 3})]
 IDS = ["mixtral", "mixtral-top1", "qwen3-moe", "qwen3-moe-renormalized-every-2nd", "qwen2-moe",
-       "qwen2-moe-dense-last-renormalized-unbiased"]
+       "qwen2-moe-dense-last-renormalized-unbiased", "granitemoe", "granitemoe-untied-top3"]
 
 
 @pytest.mark.parametrize("variant, overrides", CASES, ids=IDS)
@@ -34,15 +35,17 @@ def test_logits_match_hf(variant, overrides):
 def test_config_reads_the_moe_layers_as_hf(variant, overrides):
     model = make_hf_model(variant, **overrides)
     cfg = ModelConfig.from_hf(model.config.to_dict())
-    hf_moe = [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+    hf_moe = [i for i, layer in enumerate(model.model.layers)
+              if hasattr(getattr(layer, "block_sparse_moe", None) or layer.mlp, "experts")]
     experts = getattr(model.config, "num_local_experts", None) or model.config.num_experts
     assert list(cfg.moe_layers) == hf_moe and cfg.num_experts == experts
 
 
-@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe", "granitemoe"])
 def test_a_checkpoint_dir_with_per_expert_tensors(tmp_path, variant):
     """save_pretrained writes each expert's tensors apart (Mixtral's w1 / w3 / w2, Qwen3-MoE's gate / up /
-    down_proj), as the published checkpoints do: the same logits as the fused in-memory weights."""
+    down_proj), as the published checkpoints do (Granite-MoE's: router.layer, input_linear, output_linear, fused):
+    the same logits as the in-memory weights."""
     model = make_hf_model(variant, seed=2)
     model.save_pretrained(tmp_path)
     loaded = fastinfer.load_model(tmp_path)
@@ -61,7 +64,7 @@ def test_a_missing_expert_is_named(tmp_path):
         fastinfer.load_model(tmp_path)
 
 
-@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe", "granitemoe"])
 def test_beam_search_matches_hf(variant):
     model = make_hf_model(variant, seed=3)
     ids, mask = left_padded_batch([9, 20], model.config.vocab_size, PAD, seed=3)

@@ -10,7 +10,7 @@ import torch
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                            "Phi3ForCausalLM", "GraniteForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
-                           "Qwen3MoeForCausalLM")
+                           "Qwen3MoeForCausalLM", "GraniteMoeForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "half": torch.float16,
@@ -140,7 +140,7 @@ class ModelConfig:
                                        "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                                        "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
                                        "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                                       "qwen3_moe": "Qwen3MoeForCausalLM"}.get(
+                                       "qwen3_moe": "Qwen3MoeForCausalLM", "granitemoe": "GraniteMoeForCausalLM"}.get(
                                            cfg.get("model_type"), None)
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unsupported architecture {arch or cfg.get('model_type')!r}; fastinfer supports "
@@ -179,7 +179,7 @@ class ModelConfig:
             if cfg.get(key) is not None and not _is_int(cfg[key]):
                 raise ValueError(f"config: {key} must be an integer or null, got {cfg[key]!r}")
         window, window_layers = _sliding_window(cfg, arch)
-        granite = _granite_scalars(cfg) if arch == "GraniteForCausalLM" else {}
+        granite = _granite_scalars(cfg) if arch in ("GraniteForCausalLM", "GraniteMoeForCausalLM") else {}
         moe = _moe(cfg, arch)
         return cls(
             architecture=arch,
@@ -353,7 +353,7 @@ def _sliding_window(cfg: dict, arch: str) -> tuple[int | None, tuple[int, ...] |
     use_sliding_window, to the layers layer_types names "sliding_attention" (by default those from
     max_window_layers on)."""
     window = cfg.get("sliding_window")
-    if arch in ("LlamaForCausalLM", "GraniteForCausalLM"):  # HF's have no sliding window, whatever the config holds
+    if arch in ("LlamaForCausalLM", "GraniteForCausalLM", "GraniteMoeForCausalLM"):  # HF's have no sliding window
         return None, None
     # windowed layers from layer_types / max_window_layers
     qwen = arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM")
@@ -402,15 +402,17 @@ def _granite_scalars(cfg: dict) -> dict:
 
 
 def _moe(cfg: dict, arch: str) -> dict:
-    """The MoE fields as HF's Mixtral / Qwen2-MoE / Qwen3-MoE read their configs: Mixtral's every layer has
+    """The MoE fields as HF's Mixtral / Qwen2-MoE / Qwen3-MoE / Granite-MoE read their configs: Mixtral's (and
+    Granite-MoE's) every layer has
     num_local_experts experts of intermediate_size, renormalized top-k weights; Qwen2-MoE's and Qwen3-MoE's
     layers not in mlp_only_layers whose (index + 1) is a multiple of decoder_sparse_step have num_experts
     experts of moe_intermediate_size (the rest a dense MLP of intermediate_size), renormalized under
     norm_topk_prob, and Qwen2-MoE's also a shared expert of shared_expert_intermediate_size."""
-    if arch not in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
+    if arch not in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "GraniteMoeForCausalLM"):
         return {}
     layers = cfg["num_hidden_layers"]
-    mixtral = arch == "MixtralForCausalLM"
+    # Granite-MoE's router: softmax over the top-k logits, which is Mixtral's renormalized top-k
+    mixtral = arch in ("MixtralForCausalLM", "GraniteMoeForCausalLM")
     # transformers 5 writes either model's count as num_local_experts (num_experts is an alias of it)
     key = "num_experts" if cfg.get("num_experts") is not None else "num_local_experts"
     experts = _optional_positive_int(cfg, key, 8 if mixtral else 128)

@@ -81,11 +81,13 @@ def load_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Ten
 
 
 def residual_scaled(weights: Iterable[tuple[str, torch.Tensor]], multiplier: float):
-    """Granite's residual_multiplier folded into o_proj (weight and bias) and down_proj: HF multiplies their
+    """Granite's residual_multiplier folded into o_proj (weight and bias) and down_proj (Granite-MoE: its experts'
+    down projections, whose weighted sum is the MoE output): HF multiplies their
     outputs by it before each residual add; the product is taken here in fp32 and rounded once to the
     checkpoint's dtype (the outputs then differ from HF's in rounding only). Needs float weights."""
     for name, tensor in weights:
-        if name.endswith(("self_attn.o_proj.weight", "self_attn.o_proj.bias", "mlp.down_proj.weight")):
+        if name.endswith(("self_attn.o_proj.weight", "self_attn.o_proj.bias", "mlp.down_proj.weight",
+                          "block_sparse_moe.output_linear.weight", "block_sparse_moe.experts.down_proj")):
             if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.dtype == FP8:
                 raise ValueError(f"{name}: Granite's residual_multiplier is folded into o_proj / down_proj, which "
                                  f"needs float weights; a pre-quantized Granite checkpoint is not supported (load "
@@ -172,27 +174,44 @@ def weight_targets(model: LlamaForCausalLM) -> dict[str, torch.Tensor | LinearRo
 
 def _moe_names(model: LlamaForCausalLM, i: int) -> tuple[str, list[tuple[str, str, str]]]:
     """Layer i's router name and per-expert (gate, up, down) names in the checkpoint's spelling: Mixtral's
-    block_sparse_moe.experts.j.w1 / w3 / w2, Qwen3-MoE's mlp.experts.j.gate_proj / up_proj / down_proj."""
+    block_sparse_moe.experts.j.w1 / w3 / w2, Qwen3-MoE's mlp.experts.j.gate_proj / up_proj / down_proj (Granite-MoE
+    checkpoints store the experts fused only: its per-expert names are fastinfer's, for split_fused_experts)."""
     p = f"model.layers.{i}."
-    if model.config.architecture == "MixtralForCausalLM":
+    arch = model.config.architecture
+    if arch == "MixtralForCausalLM":
         e = p + "block_sparse_moe."
         return e + "gate.weight", [(f"{e}experts.{j}.w1.weight", f"{e}experts.{j}.w3.weight", f"{e}experts.{j}.w2.weight")
                                    for j in range(model.config.num_experts)]
-    e = p + "mlp."
-    return e + "gate.weight", [(f"{e}experts.{j}.gate_proj.weight", f"{e}experts.{j}.up_proj.weight",
-                                f"{e}experts.{j}.down_proj.weight") for j in range(model.config.num_experts)]
+    e = p + ("block_sparse_moe." if arch == "GraniteMoeForCausalLM" else "mlp.")
+    router = e + ("router.layer.weight" if arch == "GraniteMoeForCausalLM" else "gate.weight")
+    return router, [(f"{e}experts.{j}.gate_proj.weight", f"{e}experts.{j}.up_proj.weight",
+                     f"{e}experts.{j}.down_proj.weight") for j in range(model.config.num_experts)]
+
+
+def _fused_moe_names(model: LlamaForCausalLM, i: int) -> tuple[list[str], list[str], list[str]]:
+    """Layer i's names of the whole router, [E, 2 F, hidden] gate / up and [E, hidden, F] down tensors, each
+    in every spelling that holds it: transformers 5's in-memory names, and the per-expert checkpoints' router
+    (Granite-MoE's checkpoints: router.layer, input_linear, output_linear)."""
+    router, _ = _moe_names(model, i)
+    if model.config.architecture == "GraniteMoeForCausalLM":
+        b = f"model.layers.{i}.block_sparse_moe."
+        return ([b + "router.weight", router], [b + "experts.gate_up_proj", b + "input_linear.weight"],
+                [b + "experts.down_proj", b + "output_linear.weight"])
+    p = f"model.layers.{i}.mlp."
+    return [p + "gate.weight", router], [p + "experts.gate_up_proj"], [p + "experts.down_proj"]
 
 
 def moe_targets(model: LlamaForCausalLM, i: int) -> dict[str, torch.Tensor | LinearRows | Int4Rows]:
-    """Layer i's MoE tensors: the checkpoints' per-expert names, and for dense experts HF 5.x's fused mlp.gate /
-    mlp.experts.gate_up_proj / mlp.experts.down_proj too (views of the same storage). Quantized experts take
-    the per-expert names only; split_fused_experts turns fused tensors into those."""
+    """Layer i's MoE tensors: the checkpoints' per-expert names, and for dense experts the fused ones too
+    (_fused_moe_names: views of the same storage). Quantized experts take the per-expert names only;
+    split_fused_experts turns fused tensors into those."""
     moe, f = model.layers[i].moe, model.config.moe_intermediate_size
     p = f"model.layers.{i}.mlp."
-    router, experts = _moe_names(model, i)
-    t = {p + "gate.weight": moe.router, router: moe.router}
+    _, experts = _moe_names(model, i)
+    routers, gate_ups, downs = _fused_moe_names(model, i)
+    t = {name: moe.router for name in routers}
     if moe.experts is None:
-        t[p + "experts.gate_up_proj"], t[p + "experts.down_proj"] = moe.gate_up, moe.down
+        t.update({name: moe.gate_up for name in gate_ups} | {name: moe.down for name in downs})
         for j, (gate, up, down) in enumerate(experts):
             t[gate], t[up], t[down] = moe.gate_up[j, :f], moe.gate_up[j, f:], moe.down[j]
     else:
@@ -212,9 +231,9 @@ def split_fused_experts(model: LlamaForCausalLM, weights: Iterable[tuple[str, ob
     for i, layer in enumerate(model.layers):
         if layer.moe is not None and layer.moe.experts is not None:
             _, experts = _moe_names(model, i)
-            p = f"model.layers.{i}.mlp.experts."
-            fused[p + "gate_up_proj"] = [(gate, up) for gate, up, _ in experts]
-            fused[p + "down_proj"] = [(down,) for _, _, down in experts]
+            _, gate_ups, downs = _fused_moe_names(model, i)
+            fused.update({name: [(gate, up) for gate, up, _ in experts] for name in gate_ups})
+            fused.update({name: [(down,) for _, _, down in experts] for name in downs})
     for name, tensor in weights:
         names = fused.get(name)
         if names is None:
@@ -242,11 +261,11 @@ def moe_alternatives(model: LlamaForCausalLM) -> list[list[list[str]]]:
     for i, layer in enumerate(model.layers):
         if layer.moe is None:
             continue
-        p = f"model.layers.{i}.mlp."
-        router, experts = _moe_names(model, i)
-        groups.append([[p + "gate.weight"], [router]])
-        groups.append([[p + "experts.gate_up_proj"], [n for gate, up, _ in experts for n in (gate, up)]])
-        groups.append([[p + "experts.down_proj"], [down for _, _, down in experts]])
+        _, experts = _moe_names(model, i)
+        routers, gate_ups, downs = _fused_moe_names(model, i)
+        groups.append([[name] for name in routers])
+        groups.append([[name] for name in gate_ups] + [[n for gate, up, _ in experts for n in (gate, up)]])
+        groups.append([[name] for name in downs] + [[down for _, _, down in experts]])
     return groups
 
 

@@ -1,4 +1,4 @@
-"""Sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE) as HF transformers computes it.
+"""Sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, Granite-MoE) as HF transformers computes it.
 
 Router: logits = x @ router^T in the model dtype, softmax in fp32, the top num_experts_per_tok experts
 per token, their weights renormalized to sum 1 when norm_topk_prob (Mixtral always; Qwen3-MoE per its
@@ -74,8 +74,8 @@ class MoE:
         e, h, f = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.num_experts = e
-        # HF casts the Qwen routers' weights to the model dtype
-        self.round_weights = cfg.architecture in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+        # HF casts the Qwen and Granite-MoE routers' weights to the model dtype
+        self.round_weights = cfg.architecture in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "GraniteMoeForCausalLM")
         self.router = torch.empty(e, h, dtype=dtype, device=device)
         # stacked expert weights for ops.moe_gemv: 16-bit, or e4m3 with fp32 row scales [E, rows] (FP8)
         self.gate_up = self.down = self.gate_up_scale = self.down_scale = None
