@@ -35,19 +35,13 @@ def moe_gemv(x: torch.Tensor, weight: torch.Tensor, expert_ids: torch.Tensor, x_
             _fail(op, f"FP8 weights need K a multiple of 16, got {k}")
     if k != x.shape[1] or k == 0 or k % 8:
         _fail(op, f"weight [E, N, K] must have x's K ({x.shape[1]}), a positive multiple of 8; got {tuple(weight.shape)}")
-    if isinstance(x_group, bool) or not isinstance(x_group, int) or x_group < 1:
-        _fail(op, f"x_group must be an integer >= 1, got {x_group!r}")
-    _check(op, "expert_ids", expert_ids, ndim=1, dtype=torch.int32, device=x.device, contiguous=True)
-    pairs = expert_ids.shape[0]
-    if pairs != x.shape[0] * x_group or pairs > MOE_GEMV_MAX_PAIRS:
-        _fail(op, f"expert_ids must have x.shape[0] * x_group = {x.shape[0] * x_group} entries (at most "
-                  f"{MOE_GEMV_MAX_PAIRS}), got {pairs}")
+    pairs = _check_routing(op, x, expert_ids, x_group)
     if n == 0 or n >= 65535 * 16:
         _fail(op, f"weight must have 1 to {65535 * 16 - 1} rows per expert (N), got {n}")
     if silu_mul and n % 16:
         _fail(op, f"with silu_mul, weight needs 2 F rows per expert ([gate; up]), F a multiple of 8; got N = {n}")
-    if check_indices and pairs and (int(expert_ids.min()) < 0 or int(expert_ids.max()) >= experts):
-        _fail(op, f"expert_ids must lie in [0, {experts}), got [{int(expert_ids.min())}, {int(expert_ids.max())}]")
+    if check_indices:
+        _check_expert_range(op, expert_ids, experts)
     shape = (pairs, n // 2 if silu_mul else n)
     if out is None:
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
@@ -93,15 +87,9 @@ def moe_int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         if t is not None:
             _check(op, name, t, ndim=3, dtype=x.dtype, device=x.device, contiguous=True)
             _check_shape(op, name, t, (experts, k // group_size, n))
-    if isinstance(x_group, bool) or not isinstance(x_group, int) or x_group < 1:
-        _fail(op, f"x_group must be an integer >= 1, got {x_group!r}")
-    _check(op, "expert_ids", expert_ids, ndim=1, dtype=torch.int32, device=x.device, contiguous=True)
-    pairs = expert_ids.shape[0]
-    if pairs != x.shape[0] * x_group or pairs > MOE_GEMV_MAX_PAIRS:
-        _fail(op, f"expert_ids must have x.shape[0] * x_group = {x.shape[0] * x_group} entries (at most "
-                  f"{MOE_GEMV_MAX_PAIRS}), got {pairs}")
-    if check_indices and pairs and (int(expert_ids.min()) < 0 or int(expert_ids.max()) >= experts):
-        _fail(op, f"expert_ids must lie in [0, {experts}), got [{int(expert_ids.min())}, {int(expert_ids.max())}]")
+    pairs = _check_routing(op, x, expert_ids, x_group)
+    if check_indices:
+        _check_expert_range(op, expert_ids, experts)
     if out is None:
         out = torch.empty((pairs, n), dtype=x.dtype, device=x.device)
     _check_float(op, "out", out, like=x, ndim=2)
@@ -115,3 +103,21 @@ def moe_int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
             _fail(op, f"{name} must start on a 16-byte boundary on CUDA")
     _ops.moe_int4_linear(out, x, qweight, scales, zeros, mins, expert_ids, int(group_size), x_group)
     return out
+
+
+def _check_routing(op: str, x: torch.Tensor, expert_ids: torch.Tensor, x_group) -> int:
+    """x_group and expert_ids (int32 [x.shape[0] * x_group], contiguous, on x's device) checked; the pairs."""
+    if isinstance(x_group, bool) or not isinstance(x_group, int) or x_group < 1:
+        _fail(op, f"x_group must be an integer >= 1, got {x_group!r}")
+    _check(op, "expert_ids", expert_ids, ndim=1, dtype=torch.int32, device=x.device, contiguous=True)
+    pairs = expert_ids.shape[0]
+    if pairs != x.shape[0] * x_group or pairs > MOE_GEMV_MAX_PAIRS:
+        _fail(op, f"expert_ids must have x.shape[0] * x_group = {x.shape[0] * x_group} entries (at most "
+                  f"{MOE_GEMV_MAX_PAIRS}), got {pairs}")
+    return pairs
+
+
+def _check_expert_range(op: str, expert_ids: torch.Tensor, experts: int) -> None:
+    """Every id in [0, experts): a host read-back (the kernels do not check)."""
+    if expert_ids.numel() and (int(expert_ids.min()) < 0 or int(expert_ids.max()) >= experts):
+        _fail(op, f"expert_ids must lie in [0, {experts}), got [{int(expert_ids.min())}, {int(expert_ids.max())}]")
