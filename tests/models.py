@@ -35,6 +35,8 @@ VARIANTS = {
     "granite": ("GraniteConfig", "GraniteForCausalLM", {"embedding_multiplier": 6.0, "residual_multiplier": 0.5,
                                                         "attention_multiplier": 0.09, "logits_scaling": 4.0,
                                                         "tie_word_embeddings": True}),
+    # OLMo-2: post-norm layers, q / k RMSNorms over the whole projections
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {"eos_token_id": 2, "pad_token_id": 0}),
     # Granite-MoE: Granite's multipliers around a Mixtral-style MoE (top 2 of 4, softmax over the top-k logits)
     "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", {"embedding_multiplier": 6.0, "residual_multiplier": 0.5,
                                                               "attention_multiplier": 0.09, "logits_scaling": 4.0,

@@ -10,7 +10,7 @@ import torch
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                            "Phi3ForCausalLM", "GraniteForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
-                           "Qwen3MoeForCausalLM", "GraniteMoeForCausalLM")
+                           "Qwen3MoeForCausalLM", "GraniteMoeForCausalLM", "Olmo2ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "half": torch.float16,
@@ -140,7 +140,8 @@ class ModelConfig:
                                        "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                                        "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
                                        "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                                       "qwen3_moe": "Qwen3MoeForCausalLM", "granitemoe": "GraniteMoeForCausalLM"}.get(
+                                       "qwen3_moe": "Qwen3MoeForCausalLM", "granitemoe": "GraniteMoeForCausalLM",
+                                       "olmo2": "Olmo2ForCausalLM"}.get(
                                            cfg.get("model_type"), None)
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unsupported architecture {arch or cfg.get('model_type')!r}; fastinfer supports "
@@ -353,7 +354,7 @@ def _sliding_window(cfg: dict, arch: str) -> tuple[int | None, tuple[int, ...] |
     use_sliding_window, to the layers layer_types names "sliding_attention" (by default those from
     max_window_layers on)."""
     window = cfg.get("sliding_window")
-    if arch in ("LlamaForCausalLM", "GraniteForCausalLM", "GraniteMoeForCausalLM"):  # HF's have no sliding window
+    if arch in ("LlamaForCausalLM", "GraniteForCausalLM", "GraniteMoeForCausalLM", "Olmo2ForCausalLM"):  # no window
         return None, None
     # windowed layers from layer_types / max_window_layers
     qwen = arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM")

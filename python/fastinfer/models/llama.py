@@ -265,8 +265,12 @@ class LlamaForCausalLM:
         self.device = torch.device(device)
         self.quantization = kind.method if isinstance(kind, QuantConfig) else kind  # None, "fp8" or a 4-bit method
         self.embed = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, device=self.device)
-        self.layers = [LlamaLayer(cfg, self.dtype, self.device, kind, window=cfg.attention_window(i),
-                                  moe=i in cfg.moe_layers) for i in range(cfg.num_layers)]
+        layer_class = LlamaLayer
+        if cfg.architecture == "Olmo2ForCausalLM":  # post-norm layers (models/olmo2.py)
+            from .olmo2 import olmo2_layer_class
+            layer_class = olmo2_layer_class()
+        self.layers = [layer_class(cfg, self.dtype, self.device, kind, window=cfg.attention_window(i),
+                                   moe=i in cfg.moe_layers) for i in range(cfg.num_layers)]
         self.norm = torch.empty(cfg.hidden_size, dtype=self.dtype, device=self.device)
         self.lm_head = self.embed if cfg.tie_word_embeddings else torch.empty_like(self.embed)
         # [max_position, rotary_dim]: Phi-3's partial rotary rotates the first rotary_dim features of a head

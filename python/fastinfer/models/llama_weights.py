@@ -141,8 +141,12 @@ def weight_targets(model: LlamaForCausalLM) -> dict[str, torch.Tensor | LinearRo
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
         q, kv = layer.q_size, layer.kv_size
-        t[p + "input_layernorm.weight"] = layer.input_norm
         t[p + "post_attention_layernorm.weight"] = layer.post_attn_norm
+        if hasattr(layer, "post_ff_norm"):  # OLMo-2 (models/olmo2.py): post-norms, q / k norms over the projections
+            t[p + "post_feedforward_layernorm.weight"] = layer.post_ff_norm
+            t[p + "self_attn.q_norm.weight"], t[p + "self_attn.k_norm.weight"] = layer.q_norm_full, layer.k_norm_full
+        else:
+            t[p + "input_layernorm.weight"] = layer.input_norm
         if model.config.architecture == "Phi3ForCausalLM":  # stored fused, in fastinfer's order
             t[p + "self_attn.qkv_proj.weight"] = layer.qkv.rows()
         else:
