@@ -20,9 +20,10 @@ PROMPT = [5, 17, 33, 2, 99, 250, 7, 64, 128, 11, 3, 300, 41, 8, 19, 77, 23]
 CASES = [("mixtral", {}), ("mixtral", {"num_experts_per_tok": 1}), ("qwen3-moe", {}),
          ("qwen3-moe", {"norm_topk_prob": True, "decoder_sparse_step": 2, "mlp_only_layers": []}),
          ("qwen2-moe", {}), ("qwen2-moe", {"mlp_only_layers": [1], "norm_topk_prob": True, "qkv_bias": False}),
-         ("granitemoe", {}), ("granitemoe", {"tie_word_embeddings": False, "num_experts_per_tok": 3})]
+         ("granitemoe", {}), ("granitemoe", {"tie_word_embeddings": False, "num_experts_per_tok": 3,
+                                             "residual_multiplier": 0.22, "embedding_multiplier": 12.0})]
 IDS = ["mixtral", "mixtral-top1", "qwen3-moe", "qwen3-moe-renormalized-every-2nd", "qwen2-moe",
-       "qwen2-moe-dense-last-renormalized-unbiased", "granitemoe", "granitemoe-untied-top3"]
+       "qwen2-moe-dense-last-renormalized-unbiased", "granitemoe", "granitemoe-untied-top3-published-multipliers"]
 
 
 @pytest.mark.parametrize("variant, overrides", CASES, ids=IDS)
@@ -141,3 +142,23 @@ def test_the_per_expert_path_matches_hf(monkeypatch, variant):
     model = make_hf_model(variant, seed=9)
     torch.testing.assert_close(fi_logits(get_loaded(model), PROMPT), hf_logits(model, PROMPT), rtol=0, atol=1e-5)
 
+
+
+def test_granite_moe_per_expert_names_get_the_residual_multiplier(tmp_path):
+    """Granite-MoE checkpoints store the experts fused; the per-expert spelling fastinfer also accepts must fold
+    the residual multiplier into each expert's down projection too."""
+    import safetensors.torch
+    model = make_hf_model("granitemoe", seed=5, residual_multiplier=0.22)
+    model.save_pretrained(tmp_path)
+    tensors = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    for name in [n for n in tensors if n.endswith("block_sparse_moe.input_linear.weight")]:
+        prefix = name.removesuffix("input_linear.weight")
+        gate_up, down = tensors.pop(name), tensors.pop(prefix + "output_linear.weight")
+        half = gate_up.shape[1] // 2
+        for j in range(gate_up.shape[0]):
+            tensors[f"{prefix}experts.{j}.gate_proj.weight"] = gate_up[j, :half].contiguous()
+            tensors[f"{prefix}experts.{j}.up_proj.weight"] = gate_up[j, half:].contiguous()
+            tensors[f"{prefix}experts.{j}.down_proj.weight"] = down[j].contiguous()
+    safetensors.torch.save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    torch.testing.assert_close(fi_logits(fastinfer.load_model(tmp_path), PROMPT), hf_logits(model, PROMPT),
+                               rtol=0, atol=1e-5)

@@ -165,7 +165,9 @@ class ModelConfig:
         elif not _is_int(head_dim) or head_dim < 1:
             raise ValueError(f"config: head_dim must be a positive integer, got {head_dim!r}")
         rope_theta, rope_scaling, partial = _rope(cfg, partial_rotary=arch == "Phi3ForCausalLM")
-        eps = cfg.get("rms_norm_eps", 1e-6)
+        # HF's config classes' defaults when the key is absent
+        eps = cfg.get("rms_norm_eps", 1e-5 if arch in ("Phi3ForCausalLM", "MixtralForCausalLM", "Olmo2ForCausalLM")
+                      else 1e-6)
         if not _is_number(eps) or not 0 <= eps < math.inf:
             raise ValueError(f"config: rms_norm_eps must be a non-negative number, got {eps!r}")
         qc = cfg.get("quantization_config")

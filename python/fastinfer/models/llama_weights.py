@@ -3,6 +3,7 @@ concatenated), FP8 and 4-bit layers quantized or packed as the tensors arrive, a
 once the embedding is in. LlamaForCausalLM.load_weights is the entry point."""
 from __future__ import annotations
 
+import re
 import warnings
 from typing import TYPE_CHECKING, Iterable
 
@@ -80,6 +81,9 @@ def load_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Ten
         raise ValueError(f"checkpoint is missing {len(missing)} weight(s), e.g. {missing[:3]}")
 
 
+_GRANITE_MOE_EXPERT_DOWN = re.compile(r"block_sparse_moe\.experts\.\d+\.down_proj\.weight$")  # per-expert names
+
+
 def residual_scaled(weights: Iterable[tuple[str, torch.Tensor]], multiplier: float):
     """Granite's residual_multiplier folded into o_proj (weight and bias) and down_proj (Granite-MoE: its experts'
     down projections, whose weighted sum is the MoE output): HF multiplies their
@@ -87,7 +91,8 @@ def residual_scaled(weights: Iterable[tuple[str, torch.Tensor]], multiplier: flo
     checkpoint's dtype (the outputs then differ from HF's in rounding only). Needs float weights."""
     for name, tensor in weights:
         if name.endswith(("self_attn.o_proj.weight", "self_attn.o_proj.bias", "mlp.down_proj.weight",
-                          "block_sparse_moe.output_linear.weight", "block_sparse_moe.experts.down_proj")):
+                          "block_sparse_moe.output_linear.weight", "block_sparse_moe.experts.down_proj")) or \
+                _GRANITE_MOE_EXPERT_DOWN.search(name):
             if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.dtype == FP8:
                 raise ValueError(f"{name}: Granite's residual_multiplier is folded into o_proj / down_proj, which "
                                  f"needs float weights; a pre-quantized Granite checkpoint is not supported (load "

@@ -74,6 +74,8 @@ class MoE:
         e, h, f = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.num_experts = e
+        # Granite-MoE's router: a softmax over the top-k logits (Mixtral's renormalized top-k, rounded otherwise)
+        self.softmax_of_topk = cfg.architecture == "GraniteMoeForCausalLM"
         # HF casts the Qwen and Granite-MoE routers' weights to the model dtype
         self.round_weights = cfg.architecture in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "GraniteMoeForCausalLM")
         self.router = torch.empty(e, h, dtype=dtype, device=device)
@@ -102,10 +104,14 @@ class MoE:
         """hidden [T, hidden] (normalized) -> the MoE output [T, hidden] in its dtype. decode: a decode step
         (one token per sequence), which may take ops.moe_gemv."""
         logits = F.linear(hidden, self.router)
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        weights, experts = torch.topk(probs, self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.softmax_of_topk:  # Granite-MoE: the top-k of the fp32 logits, a softmax over those
+            top_logits, experts = torch.topk(logits.float(), self.top_k, dim=-1)
+            weights = torch.softmax(top_logits, dim=-1)
+        else:
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            weights, experts = torch.topk(probs, self.top_k, dim=-1)
+            if self.norm_topk_prob:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
         if self.round_weights:
             weights = weights.to(hidden.dtype)
         t = hidden.shape[0]

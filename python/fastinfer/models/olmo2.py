@@ -6,9 +6,9 @@
 and q / k each RMS-normalized over the whole projection ([heads x head_dim] weights, not per head) before
 rotary. The model's layer loop keeps Llama's pending residual add: a layer returns (its last normed output,
 x_mid), and the next layer (or the final norm, fused_add_rms_norm) adds the two, the one rounding HF's
-`residual + hidden_states` takes. RMSNorm is Llama's formula; HF's OLMo-2 multiplies by the weight before
-rounding to the model dtype, which is the same in fp32 and one rounding apart in 16-bit. The fused decode
-paths (forward_fused, forward_fp8) are Llama's layer layout: never taken here."""
+`residual + hidden_states` takes. fastinfer's rms_norm multiplies by the weight in fp32 and rounds once, as
+HF's Olmo2RMSNorm does (Llama's rounds before the weight). The fused decode paths (forward_fused,
+forward_fp8) are Llama's layer layout: never taken here."""
 from __future__ import annotations
 
 import torch
