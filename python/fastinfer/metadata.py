@@ -35,11 +35,7 @@ def rope_rows(start: int, end: int, prompt_len: int | None, long_from: int) -> r
     if length > long_from:  # every token of the chunk is long
         return range(long_from + start, long_from + end)
     split = min(max(start, long_from), end)  # positions below long_from short, from it on long
-    return range(start, split) if split == end else _concat(range(start, split), range(long_from + split, long_from + end))
-
-
-def _concat(a: range, b: range) -> list[int]:
-    return list(a) + list(b)
+    return [*range(start, split), *range(long_from + split, long_from + end)]
 
 
 @dataclass(slots=True)

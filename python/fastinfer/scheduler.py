@@ -126,17 +126,17 @@ class Scheduler:
     def _restart(self, seq: Sequence) -> None:
         """seq's KV recomputed whole with the long factors: as a preemption (blocks freed, seq at the waiting
         queue's front), its prompt length for the rotary choice now its length."""
-        self._preempt(seq)
-        self.num_preemptions -= 1
+        self._preempt(seq, count=False)
         self.num_rope_restarts += 1
 
-    def _preempt(self, seq: Sequence) -> None:
-        """Free seq's blocks; it re-enters the waiting queue at the front and is recomputed."""
+    def _preempt(self, seq: Sequence, count: bool = True) -> None:
+        """Free seq's blocks; it re-enters the waiting queue at the front and is recomputed. count: a
+        preemption (memory ran short), not a LongRoPE restart."""
         self.running.remove(seq)
         self.blocks.free_seq(seq)
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
-        self.num_preemptions += 1
+        self.num_preemptions += count
 
     def finish(self, seq: Sequence) -> None:
         if seq in self.running:

@@ -25,6 +25,18 @@ def bad_word_bans(tokens: list[int], bad_words: list[list[int]] | None) -> list[
     return [w[-1] for w in bad_words or () if len(w) == 1 or (len(w) - 1 <= len(tokens) and tokens[len(tokens) - len(w) + 1:] == w[:-1])]
 
 
+def history_bans(seq: Sequence) -> list[int]:
+    """The tokens seq's next one may not be by what it holds so far: HF's no_repeat_ngram_size and
+    bad_words_ids over its (HF-padded) prompt + output, vLLM's bad_words over its output alone."""
+    p, bans = seq.params, []
+    if p.no_repeat_ngram_size or p.bad_words_ids:
+        history = (seq.ngram_history if seq.ngram_history is not None else seq.prompt_token_ids) + seq.output_token_ids
+        bans = ngram_bans(history, p.no_repeat_ngram_size) + bad_word_bans(history, p.bad_words_ids)
+    if p._bad_words_token_ids:
+        bans += bad_word_bans(seq.output_token_ids, p._bad_words_token_ids)
+    return bans
+
+
 def stop_ids(params: SamplingParams, eos_ids: set[int]) -> set[int]:
     """The token ids that end a sequence with these params (suppressed while below min_tokens)."""
     ids = set(params.stop_token_ids or ())

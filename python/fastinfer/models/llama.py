@@ -267,8 +267,8 @@ class LlamaForCausalLM:
         self.embed = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, device=self.device)
         layer_class = LlamaLayer
         if cfg.architecture == "Olmo2ForCausalLM":  # post-norm layers (models/olmo2.py)
-            from .olmo2 import olmo2_layer_class
-            layer_class = olmo2_layer_class()
+            from .olmo2 import Olmo2Layer
+            layer_class = Olmo2Layer
         self.layers = [layer_class(cfg, self.dtype, self.device, kind, window=cfg.attention_window(i),
                                    moe=i in cfg.moe_layers) for i in range(cfg.num_layers)]
         self.norm = torch.empty(cfg.hidden_size, dtype=self.dtype, device=self.device)

@@ -81,7 +81,10 @@ def load_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Ten
         raise ValueError(f"checkpoint is missing {len(missing)} weight(s), e.g. {missing[:3]}")
 
 
-_GRANITE_MOE_EXPERT_DOWN = re.compile(r"block_sparse_moe\.experts\.\d+\.down_proj\.weight$")  # per-expert names
+# what feeds a residual add: o_proj (weight, bias), the MLP's down_proj, Granite-MoE's experts' down projections
+# (fused as checkpoints and transformers 5 name them, or per expert)
+_RESIDUAL_FED = re.compile(r"(self_attn\.o_proj\.(weight|bias)|mlp\.down_proj\.weight|block_sparse_moe\."
+                           r"(output_linear\.weight|experts\.down_proj|experts\.\d+\.down_proj\.weight))$")
 
 
 def residual_scaled(weights: Iterable[tuple[str, torch.Tensor]], multiplier: float):
@@ -90,9 +93,7 @@ def residual_scaled(weights: Iterable[tuple[str, torch.Tensor]], multiplier: flo
     outputs by it before each residual add; the product is taken here in fp32 and rounded once to the
     checkpoint's dtype (the outputs then differ from HF's in rounding only). Needs float weights."""
     for name, tensor in weights:
-        if name.endswith(("self_attn.o_proj.weight", "self_attn.o_proj.bias", "mlp.down_proj.weight",
-                          "block_sparse_moe.output_linear.weight", "block_sparse_moe.experts.down_proj")) or \
-                _GRANITE_MOE_EXPERT_DOWN.search(name):
+        if _RESIDUAL_FED.search(name):
             if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.dtype == FP8:
                 raise ValueError(f"{name}: Granite's residual_multiplier is folded into o_proj / down_proj, which "
                                  f"needs float weights; a pre-quantized Granite checkpoint is not supported (load "

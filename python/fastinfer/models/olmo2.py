@@ -17,46 +17,42 @@ from .. import _ops as ops
 from .._checks import FP8
 from ..metadata import AttnMetadata
 from .linear import gate_up_silu_mul
+from .llama import LlamaLayer  # (llama.py imports this module only when it builds an OLMo-2 model)
 
 
-def olmo2_layer_class():
-    from .llama import LlamaLayer
+class Olmo2Layer(LlamaLayer):
+    def __init__(self, cfg, dtype, device, kind=None, window: int = 0, moe: bool = False):
+        super().__init__(cfg, dtype, device, kind, window=window, moe=moe)
+        self.q_norm = self.k_norm = None  # the per-head kind is Qwen3's; OLMo-2's span the projections
+        self.q_norm_full = torch.empty(self.q_size, dtype=dtype, device=device)
+        self.k_norm_full = torch.empty(self.kv_size, dtype=dtype, device=device)
+        self.post_ff_norm = torch.empty(cfg.hidden_size, dtype=dtype, device=device)
 
-    class Olmo2Layer(LlamaLayer):
-        def __init__(self, cfg, dtype, device, kind=None, window: int = 0, moe: bool = False):
-            super().__init__(cfg, dtype, device, kind, window=window, moe=moe)
-            self.q_norm = self.k_norm = None  # the per-head kind is Qwen3's; OLMo-2's span the projections
-            self.q_norm_full = torch.empty(self.q_size, dtype=dtype, device=device)
-            self.k_norm_full = torch.empty(self.kv_size, dtype=dtype, device=device)
-            self.post_ff_norm = torch.empty(cfg.hidden_size, dtype=dtype, device=device)
+    @property
+    def fp8_quant_fusable(self) -> bool:
+        return False
 
-        @property
-        def fp8_quant_fusable(self) -> bool:
-            return False
+    @property
+    def fusable_norms(self) -> bool:
+        return False
 
-        @property
-        def fusable_norms(self) -> bool:
-            return False
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
+                meta: AttnMetadata, cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = hidden if residual is None else hidden + residual
+        attn = self.o_proj_out(self.attention(x, kv_cache, meta, cos_sin))
+        x_mid = x + ops.rms_norm(attn, self.post_attn_norm, self.eps)
+        out = self.down(gate_up_silu_mul(self.gate_up, x_mid)) if self.moe is None else self.moe(
+            x_mid, decode=meta.is_decode)
+        return ops.rms_norm(out, self.post_ff_norm, self.eps), x_mid
 
-        def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
-                    meta: AttnMetadata, cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            x = hidden if residual is None else hidden + residual
-            attn = self.o_proj_out(self.attention(x, kv_cache, meta, cos_sin))
-            x_mid = x + ops.rms_norm(attn, self.post_attn_norm, self.eps)
-            out = self.down(gate_up_silu_mul(self.gate_up, x_mid)) if self.moe is None else self.moe(
-                x_mid, decode=meta.is_decode)
-            return ops.rms_norm(out, self.post_ff_norm, self.eps), x_mid
-
-        def attend(self, qkv: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata,
-                   cos_sin: torch.Tensor) -> torch.Tensor:
-            t = qkv.shape[0]
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = ops.rms_norm(q.contiguous(), self.q_norm_full, self.eps).view(t, self.num_heads, self.head_dim)
-            k = ops.rms_norm(k.contiguous(), self.k_norm_full, self.eps).view(t, self.num_kv_heads, self.head_dim)
-            v = v.view(t, self.num_kv_heads, self.head_dim)
-            kv_scale = self.kv_scale if kv_cache.dtype == FP8 else None
-            ops.rotary_embedding_and_cache(meta.positions, q, k, v, cos_sin, kv_cache, meta.slot_mapping,
-                                           check_indices=False, kv_scale=kv_scale)
-            return self.attend_rotated(q, kv_cache, meta, kv_scale)
-
-    return Olmo2Layer
+    def attend(self, qkv: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata,
+               cos_sin: torch.Tensor) -> torch.Tensor:
+        t = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = ops.rms_norm(q.contiguous(), self.q_norm_full, self.eps).view(t, self.num_heads, self.head_dim)
+        k = ops.rms_norm(k.contiguous(), self.k_norm_full, self.eps).view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        kv_scale = self.kv_scale if kv_cache.dtype == FP8 else None
+        ops.rotary_embedding_and_cache(meta.positions, q, k, v, cos_sin, kv_cache, meta.slot_mapping,
+                                       check_indices=False, kv_scale=kv_scale)
+        return self.attend_rotated(q, kv_cache, meta, kv_scale)
