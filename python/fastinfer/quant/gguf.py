@@ -13,14 +13,13 @@ import numpy as np
 import torch
 
 from ..loader.gguf import checked_config, dequantize, hf_tensor_map, interleaved_qk, open_gguf, unpermute_rows
+from ..loader.gguf_tensors import PROJECTION_SUFFIXES
 from ..loader.gguf_tokenizer import build_tokenizer
 from .int4 import QuantizedWeight
 from .linear import QuantConfig
 
 GGUF_GROUP_SIZE = 32
 _Q4 = {gguf.GGMLQuantizationType.Q4_0: 2, gguf.GGMLQuantizationType.Q4_1: 4}  # bytes before the codes
-_PROJECTIONS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
 
 
 def q4_weight(tensor) -> QuantizedWeight:
@@ -46,12 +45,12 @@ def unpermute_weight(weight: QuantizedWeight, num_heads: int) -> QuantizedWeight
 
 
 def read_gguf_int4(path: str | Path, dtype: torch.dtype = torch.float32, validate=None):
-    """Like loader.gguf.read_gguf, but the seven projections of every layer stay 4-bit:
+    """Like loader.gguf.read_gguf, but every linear projection (experts included; not routers) stays 4-bit:
     (config, state dict with QuantizedWeight projections, tokenizer, QuantConfig)."""
     file = open_gguf(path)
     config = checked_config(file, dtype, validate)
     tensors = hf_tensor_map(file, config)
-    projections = [name for name in tensors if name.endswith(_PROJECTIONS)]
+    projections = [name for name in tensors if name.endswith(PROJECTION_SUFFIXES)]
     other = sorted({tensors[n].qtype.name for n in projections} - {t.name for t in _Q4})
     if other:
         example = next(n for n in projections if tensors[n].qtype.name in other)

@@ -1,0 +1,229 @@
+"""GGUF files of Mixtral (llama with experts), Qwen2-MoE, Qwen3-MoE and Phi-3 (fused qkv / gate_up, partial
+rotary, LongRoPE, sliding window) against the HF models they were written from, CPU fp32.
+
+`write_gguf` plays llama.cpp's convert_hf_to_gguf.py: tensor names from gguf-py's own name map (not fastinfer's),
+llama's q / k rows interleaved, experts stacked [E, rows, K], Qwen2-MoE's shared-expert gate as a vector, the
+metadata keys those converters write.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fastinfer
+from models import left_padded_batch, make_hf_model
+from test_loader_parity import fi_logits, hf_logits
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+from test_gguf import SPECIALS, TOKENS, llama_cpp_permute  # noqa: E402
+
+PROMPT = [5, 17, 33, 2, 99, 250, 7, 64, 128, 11, 3, 200, 41, 8, 19, 77, 23]
+VOCAB = len(TOKENS)
+_ARCH = {"mixtral": "llama", "qwen2-moe": "qwen2moe", "qwen3-moe": "qwen3moe", "phi3": "phi3", "phi3-partial": "phi3"}
+
+
+def write_gguf(model, path, qtype="F32", drop=(), meta=None):
+    """model: a small HF model of one of _ARCH's variants; qtype: the type of every 2-D / 3-D weight."""
+    cfg = model.config
+    arch = {"MixtralForCausalLM": "llama", "Qwen2MoeForCausalLM": "qwen2moe", "Qwen3MoeForCausalLM": "qwen3moe",
+            "Phi3ForCausalLM": "phi3"}[type(model).__name__]
+    arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    names = gguf.get_tensor_name_map(arch_enum, cfg.num_hidden_layers)
+    dense_names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    writer = gguf.GGUFWriter(path, arch)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    rope = cfg.rope_parameters
+    writer.add_rope_freq_base(rope["rope_theta"])
+    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+    if experts:
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(cfg.num_experts_per_tok)
+        if arch != "llama":
+            writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        if arch == "qwen2moe":
+            writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    if arch == "phi3":
+        partial = rope.get("partial_rotary_factor", 1.0)
+        writer.add_rope_dimension_count(int(partial * cfg.hidden_size) // cfg.num_attention_heads)
+        writer.add_sliding_window(cfg.sliding_window or 0)
+        original = getattr(cfg, "original_max_position_embeddings", None) or cfg.max_position_embeddings
+        writer.add_rope_scaling_orig_ctx_len(original)
+        if rope.get("long_factor"):
+            scale = cfg.max_position_embeddings / original
+            writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)))
+            writer.add_tensor("rope_factors_long.weight", np.asarray(rope["long_factor"], np.float32))
+            writer.add_tensor("rope_factors_short.weight", np.asarray(rope["short_factor"], np.float32))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(TOKENS)
+    writer.add_token_types([3] * len(SPECIALS) + [1] * (len(TOKENS) - len(SPECIALS)))
+    writer.add_token_merges(["Ġ t", "h e", "Ġt he"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(0)
+    writer.add_vocab_size(cfg.vocab_size)
+    for key, value in (meta or {}).items():
+        (writer.add_bool if isinstance(value, bool) else writer.add_uint32)(f"{arch}.{key}", value)
+
+    def add(name, tensor):
+        if name in drop:
+            return
+        array = tensor.detach().float().numpy()
+        if array.ndim >= 2 and qtype != "F32":
+            kind = gguf.GGMLQuantizationType[qtype]
+            writer.add_tensor(name, gguf.quants.quantize(array, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(name, array)
+
+    for hf_name, tensor in model.state_dict().items():
+        base, _, suffix = hf_name.rpartition(".")
+        if base.endswith("mlp.experts"):  # transformers 5's fused [E, 2 F, K] gate / up and [E, K, F] down
+            block = f"blk.{hf_name.split('.')[2]}"
+            if suffix == "gate_up_proj":
+                half = tensor.shape[1] // 2
+                add(f"{block}.ffn_gate_exps.weight", tensor[:, :half])
+                add(f"{block}.ffn_up_exps.weight", tensor[:, half:])
+            else:
+                add(f"{block}.ffn_down_exps.weight", tensor)
+            continue
+        # a dense MLP in a MoE model (HF's mlp_only_layers; llama.cpp's MoE graphs have none): llama's names
+        name = names.get_name(base) or dense_names.get_name(base)
+        assert name is not None, hf_name
+        if arch == "llama" and name.endswith(("attn_q", "attn_k")):
+            heads = cfg.num_attention_heads if name.endswith("attn_q") else cfg.num_key_value_heads
+            tensor = llama_cpp_permute(tensor, heads)
+        if name.endswith("ffn_gate_inp_shexp"):
+            tensor = tensor.reshape(-1)  # the converter stores [1, hidden] as a vector
+        add(f"{name}.{suffix}", tensor)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+CASES = {"mixtral": ("mixtral", {}), "qwen2-moe": ("qwen2-moe", {}),
+         "qwen2-moe-dense-last": ("qwen2-moe", {"mlp_only_layers": [1], "qkv_bias": False}),
+         "qwen3-moe": ("qwen3-moe", {"norm_topk_prob": True}),
+         "phi3": ("phi3", {}), "phi3-partial": ("phi3-partial", {}),
+         "phi3-window": ("phi3", {"sliding_window": 6})}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_match_the_hf_model_it_was_written_from(tmp_path, case):
+    variant, overrides = CASES[case]
+    model = make_hf_model(variant, seed=1, vocab_size=VOCAB, **overrides)
+    loaded = fastinfer.load_model(write_gguf(model, tmp_path / "m.gguf"))
+    assert loaded.model.config.architecture == type(model).__name__
+    torch.testing.assert_close(fi_logits(loaded, PROMPT), hf_logits(model, PROMPT), rtol=0, atol=1e-5)
+
+
+def test_config_reads_the_moe_fields(tmp_path):
+    from fastinfer.loader.gguf import gguf_config, open_gguf
+    model = make_hf_model("qwen2-moe", vocab_size=VOCAB, mlp_only_layers=[1])
+    cfg = gguf_config(open_gguf(write_gguf(model, tmp_path / "q.gguf")))
+    assert cfg["architectures"] == ["Qwen2MoeForCausalLM"] and cfg["mlp_only_layers"] == [1]
+    assert (cfg["num_experts"], cfg["num_experts_per_tok"], cfg["moe_intermediate_size"],
+            cfg["shared_expert_intermediate_size"], cfg["norm_topk_prob"]) == (4, 2, 48, 80, False)
+    model = make_hf_model("mixtral", vocab_size=VOCAB)
+    cfg = gguf_config(open_gguf(write_gguf(model, tmp_path / "m.gguf")))
+    assert cfg["model_type"] == "mixtral" and cfg["num_local_experts"] == 4 and cfg["intermediate_size"] == 160
+
+
+def test_router_renormalization_follows_llama_cpp(tmp_path):
+    """llama.cpp renormalizes Qwen3-MoE's top-k weights and not Qwen2-MoE's, unless the file says otherwise
+    ({arch}.expert_weights_norm)."""
+    from fastinfer.loader.gguf import gguf_config, open_gguf
+    for variant, meta, expected in [("qwen3-moe", {}, True), ("qwen2-moe", {}, False),
+                                    ("qwen3-moe", {"expert_weights_norm": False}, False)]:
+        model = make_hf_model(variant, vocab_size=VOCAB)
+        cfg = gguf_config(open_gguf(write_gguf(model, tmp_path / "r.gguf", meta=meta)))
+        assert cfg["norm_topk_prob"] is expected, (variant, meta)
+
+
+def test_phi3_longrope(tmp_path):
+    """Phi-3's LongRoPE factors come from the rope_factors_long / _short tensors: the logits of a prompt past the
+    original context (long factors) and of one within it (short) equal HF's."""
+    from test_longrope import longrope_model, prompt
+    from fastinfer.loader.gguf import gguf_config, open_gguf
+    model = longrope_model(vocab_size=VOCAB)
+    path = write_gguf(model, tmp_path / "l.gguf")
+    scaling = gguf_config(open_gguf(path))["rope_scaling"]
+    rope = model.config.rope_parameters
+    assert scaling == {"rope_type": "longrope", "long_factor": rope["long_factor"], "short_factor": rope["short_factor"],
+                       "original_max_position_embeddings": 32}  # the attention factor HF derives is left to it
+    loaded = fastinfer.load_model(path)
+    for n in (20, 50):
+        ids = [t % VOCAB for t in prompt(n)]
+        torch.testing.assert_close(fi_logits(loaded, ids), hf_logits(model, ids), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
+def test_greedy_generate_from_the_file_equals_hf(tmp_path, variant):
+    # llama.cpp runs every qwen3moe file with renormalized top-k weights (as the published Qwen3-MoE models)
+    model = make_hf_model(variant, seed=2, vocab_size=VOCAB, **({"norm_topk_prob": True} if variant == "qwen3-moe" else {}))
+    path = write_gguf(model, tmp_path / "m.gguf")
+    ids, mask = left_padded_batch([5, 17, 1, 9], VOCAB, 0, seed=2)
+    kw = dict(max_new_tokens=12, do_sample=False, eos_token_id=None)
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, pad_token_id=0, **kw)
+    assert torch.equal(fastinfer.generate(str(path), ids, attention_mask=mask, pad_token_id=0, **kw), expected)
+
+
+@pytest.mark.parametrize("variant, qtype", [("mixtral", "Q4_0"), ("qwen2-moe", "Q4_1"), ("qwen3-moe", "Q4_1"),
+                                            ("phi3", "Q4_0")])
+def test_q4_experts_run_as_4_bit(tmp_path, variant, qtype):
+    """quantization="gguf": every projection (experts and Qwen2-MoE's shared expert included, routers not) stays
+    in its Q4 blocks and gives the dequantized model's logits."""
+    from fastinfer.models.linear import Int4Linear
+    # the packed 4-bit layout takes N and K in multiples of 64
+    sizes = dict(hidden_size=128, intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=128,
+                 head_dim=32)
+    model = make_hf_model(variant, seed=3, vocab_size=VOCAB, **{k: v for k, v in sizes.items() if k != "head_dim" or
+                                                                 variant == "qwen3-moe"})
+    path = write_gguf(model, tmp_path / "q.gguf", qtype=qtype)
+    native, dense = fastinfer.load_model(path, quantization="gguf"), fastinfer.load_model(path)
+    layer = native.model.layers[1]
+    if layer.moe is not None:
+        assert all(isinstance(p, Int4Linear) for pair in layer.moe.experts for p in pair)
+        assert not isinstance(layer.moe.router, Int4Linear)
+    torch.testing.assert_close(fi_logits(native, PROMPT), fi_logits(dense, PROMPT), rtol=0, atol=2e-4)
+
+
+def test_transformers_gguf_reader_agrees(tmp_path):
+    """transformers' own GGUF reader (which follows llama.cpp's layout) builds the same Phi-3 from the file."""
+    model = make_hf_model("phi3", seed=4, vocab_size=VOCAB)
+    write_gguf(model, tmp_path / "p.gguf")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="p.gguf",
+                                                               dtype=torch.float32).eval()
+    torch.testing.assert_close(fi_logits(fastinfer.load_model(tmp_path / "p.gguf"), PROMPT), hf_logits(theirs, PROMPT),
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant, edit, match", [
+    ("mixtral", dict(drop=("blk.1.ffn_gate_inp.weight",)), "every layer has experts"),
+    ("qwen3-moe", dict(drop=("blk.1.ffn_down_exps.weight",)), r"missing.*experts\.0\.down_proj"),
+    ("qwen3-moe", dict(meta={"expert_gating_func": 2}), "expert_gating_func"),
+    ("qwen3-moe", dict(meta={"expert_used_count": 9}), "expert_used_count"),
+    ("phi3", dict(drop=("blk.0.attn_qkv.weight",)), r"missing.*qkv_proj"),
+])
+def test_bad_files_name_what_is_wrong(tmp_path, variant, edit, match):
+    model = make_hf_model(variant, vocab_size=VOCAB)
+    meta = edit.get("meta", {})
+    if "expert_used_count" in meta:  # written by the writer too: rewrite the key it writes
+        model.config.num_experts_per_tok = meta.pop("expert_used_count")
+    with pytest.raises(ValueError, match=match):
+        fastinfer.load_model(write_gguf(model, tmp_path / "bad.gguf", drop=edit.get("drop", ()), meta=meta))
