@@ -26,11 +26,12 @@ VOCAB = len(TOKENS)
 _ARCH = {"mixtral": "llama", "qwen2-moe": "qwen2moe", "qwen3-moe": "qwen3moe", "phi3": "phi3", "phi3-partial": "phi3"}
 
 
-def write_gguf(model, path, qtype="F32", drop=(), meta=None):
-    """model: a small HF model of one of _ARCH's variants; qtype: the type of every 2-D / 3-D weight."""
+def write_gguf(model, path, qtype="F32", drop=(), meta=None, tokenizer=None):
+    """model: a small HF model of one of _ARCH's variants (or Llama); qtype: the type of every 2-D / 3-D weight;
+    tokenizer: the tokenizer.ggml.* metadata (default: test_gguf's byte-level BPE vocabulary)."""
     cfg = model.config
     arch = {"MixtralForCausalLM": "llama", "Qwen2MoeForCausalLM": "qwen2moe", "Qwen3MoeForCausalLM": "qwen3moe",
-            "Phi3ForCausalLM": "phi3"}[type(model).__name__]
+            "Phi3ForCausalLM": "phi3", "LlamaForCausalLM": "llama"}[type(model).__name__]
     arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     names = gguf.get_tensor_name_map(arch_enum, cfg.num_hidden_layers)
     dense_names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
@@ -66,14 +67,23 @@ def write_gguf(model, path, qtype="F32", drop=(), meta=None):
             writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)))
             writer.add_tensor("rope_factors_long.weight", np.asarray(rope["long_factor"], np.float32))
             writer.add_tensor("rope_factors_short.weight", np.asarray(rope["short_factor"], np.float32))
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(TOKENS)
-    writer.add_token_types([3] * len(SPECIALS) + [1] * (len(TOKENS) - len(SPECIALS)))
-    writer.add_token_merges(["Ġ t", "h e", "Ġt he"])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_pad_token_id(0)
+    if tokenizer is None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(TOKENS)
+        writer.add_token_types([3] * len(SPECIALS) + [1] * (len(TOKENS) - len(SPECIALS)))
+        writer.add_token_merges(["Ġ t", "h e", "Ġt he"])
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_pad_token_id(0)
+    else:
+        writer.add_tokenizer_model(tokenizer["tokenizer.ggml.model"])
+        writer.add_token_list(tokenizer["tokenizer.ggml.tokens"])
+        writer.add_token_scores(tokenizer["tokenizer.ggml.scores"])
+        writer.add_token_types(tokenizer["tokenizer.ggml.token_type"])
+        writer.add_bos_token_id(tokenizer["tokenizer.ggml.bos_token_id"])
+        writer.add_eos_token_id(tokenizer["tokenizer.ggml.eos_token_id"])
+        writer.add_unk_token_id(tokenizer["tokenizer.ggml.unknown_token_id"])
     writer.add_vocab_size(cfg.vocab_size)
     for key, value in (meta or {}).items():
         (writer.add_bool if isinstance(value, bool) else writer.add_uint32)(f"{arch}.{key}", value)

@@ -7,16 +7,24 @@ regexes in `llama-vocab.cpp`. We map that name to the same splits in `tokenizers
 
 Built directly with `tokenizers` rather than transformers' GGUF converter, whose module moved and
 changed signature between 4.x and 5.x, and which ignores the "smollm" pre-tokenizer (digits split
-one by one). Only byte-level BPE vocabularies (`tokenizer.ggml.model == "gpt2"`) are supported.
+one by one). Two vocabularies are supported: byte-level BPE (`tokenizer.ggml.model == "gpt2"`) and
+SentencePiece BPE (`"llama"`: Llama 2, Mistral, Mixtral, Phi-3), whose file holds pieces, scores and
+types but no merges. llama.cpp tokenizes the latter as SentencePiece does: a space before the text
+(`tokenizer.ggml.add_space_prefix`, default on) and after every special token, spaces as U+2581, then
+repeatedly the adjacent pair whose merged piece is in the vocabulary with the highest score; a
+character outside it falls back to its UTF-8 bytes (<0xNN> pieces). A BPE whose merges are ranked by
+that score, with byte fallback, does the same.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 _TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED = 3, 4
+_TOKEN_TYPE_NORMAL = 1  # the only SentencePiece pieces a merge produces or consumes (not unknown / byte / unused)
+_SPACE = "\u2581"
 # llama.cpp's regexes for the pre-tokenizer names it writes (llama-vocab.cpp); GPT-2's own regex is
 # what `ByteLevel(use_regex=True)` applies.
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -52,29 +60,20 @@ def build_tokenizer(metadata: dict[str, Any], path: Path):
     from transformers import PreTrainedTokenizerFast
 
     kind = metadata.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ValueError(f"{path}: tokenizer model {kind!r} is not supported; only byte-level BPE ('gpt2') is")
-    pre = metadata.get("tokenizer.ggml.pre", "default")
-    if pre not in _PRE_TOKENIZERS:
-        raise ValueError(f"{path}: pre-tokenizer {pre!r} is not supported; supported: {sorted(_PRE_TOKENIZERS)}")
+    if kind not in ("gpt2", "llama"):
+        raise ValueError(f"{path}: tokenizer model {kind!r} is not supported; byte-level BPE ('gpt2') and "
+                         f"SentencePiece BPE ('llama') are")
     tokens = metadata.get("tokenizer.ggml.tokens")
-    merges = metadata.get("tokenizer.ggml.merges")
-    if not _is_str_list(tokens) or not _is_str_list(merges):
-        raise ValueError(f"{path}: tokenizer.ggml.tokens and tokenizer.ggml.merges must be lists of strings")
+    if not _is_str_list(tokens):
+        raise ValueError(f"{path}: tokenizer.ggml.tokens must be a list of strings")
     vocab = {token: index for index, token in enumerate(tokens)}
-    pairs = [tuple(merge.split(" ", 1)) for merge in merges]
-    bad = [m for m, pair in zip(merges, pairs) if len(pair) != 2 or not all(p in vocab for p in (*pair, "".join(pair)))]
-    if bad:  # `tokenizers` would panic (a BaseException) on these
-        raise ValueError(f"{path}: {len(bad)} merge(s) use tokens outside the vocabulary, e.g. {bad[:3]}")
-    make_pre_tokenizer, ignore_merges = _PRE_TOKENIZERS[pre]
-    backend = Tokenizer(models.BPE(vocab, pairs, ignore_merges=ignore_merges))
-    backend.pre_tokenizer = make_pre_tokenizer()
-    backend.decoder = decoders.ByteLevel()
+    backend = _byte_level_bpe(metadata, path, vocab) if kind == "gpt2" else _sentencepiece_bpe(metadata, path, vocab)
     _add_special_tokens(backend, tokens, metadata.get("tokenizer.ggml.token_type") or [])
 
     special = {name: _token(metadata, tokens, f"tokenizer.ggml.{key}_token_id", path)
                for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))}
-    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
+    # llama.cpp's defaults: SentencePiece vocabularies add BOS unless the file says otherwise
+    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", kind == "llama"))
     add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
     backend.post_processor = _post_processor(special["bos"] if add_bos else None,
                                              special["eos"] if add_eos else None, vocab)
@@ -89,6 +88,54 @@ def build_tokenizer(metadata: dict[str, Any], path: Path):
         clean_up_tokenization_spaces=False,
         model_max_length=int(context_length) if context_length else int(1e30),
     )
+
+
+def _byte_level_bpe(metadata: dict[str, Any], path: Path, vocab: dict[str, int]) -> Tokenizer:
+    pre = metadata.get("tokenizer.ggml.pre", "default")
+    if pre not in _PRE_TOKENIZERS:
+        raise ValueError(f"{path}: pre-tokenizer {pre!r} is not supported; supported: {sorted(_PRE_TOKENIZERS)}")
+    merges = metadata.get("tokenizer.ggml.merges")
+    if not _is_str_list(merges):
+        raise ValueError(f"{path}: tokenizer.ggml.merges must be a list of strings")
+    pairs = [tuple(merge.split(" ", 1)) for merge in merges]
+    bad = [m for m, pair in zip(merges, pairs) if len(pair) != 2 or not all(p in vocab for p in (*pair, "".join(pair)))]
+    if bad:  # `tokenizers` would panic (a BaseException) on these
+        raise ValueError(f"{path}: {len(bad)} merge(s) use tokens outside the vocabulary, e.g. {bad[:3]}")
+    make_pre_tokenizer, ignore_merges = _PRE_TOKENIZERS[pre]
+    backend = Tokenizer(models.BPE(vocab, pairs, ignore_merges=ignore_merges))
+    backend.pre_tokenizer = make_pre_tokenizer()
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _sentencepiece_bpe(metadata: dict[str, Any], path: Path, vocab: dict[str, int]) -> Tokenizer:
+    """SentencePiece BPE as llama.cpp runs it (module docstring): merges ranked by the merged piece's score."""
+    tokens, scores = metadata["tokenizer.ggml.tokens"], metadata.get("tokenizer.ggml.scores")
+    types = metadata.get("tokenizer.ggml.token_type")
+    for key, value in (("scores", scores), ("token_type", types)):
+        if not isinstance(value, list) or len(value) != len(tokens) or \
+                not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"{path}: tokenizer.ggml.{key} must be a list of {len(tokens)} numbers (one per token)")
+    if len(vocab) != len(tokens):
+        raise ValueError(f"{path}: tokenizer.ggml.tokens lists a piece twice")
+    normal = {t for t, kind in zip(tokens, types) if kind == _TOKEN_TYPE_NORMAL}
+    ranked = []  # (-score of the merged piece, its id, left id): best first, ties by id
+    for piece in normal:
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in normal and right in normal:
+                ranked.append((-scores[vocab[piece]], vocab[piece], vocab[left], left, right))
+    ranked.sort()
+    unk = metadata.get("tokenizer.ggml.unknown_token_id")
+    unk_token = tokens[unk] if isinstance(unk, int) and 0 <= unk < len(tokens) else None
+    backend = Tokenizer(models.BPE(vocab, [(left, right) for *_, left, right in ranked], unk_token=unk_token,
+                                   byte_fallback=True, fuse_unk=True))
+    prefix = metadata.get("tokenizer.ggml.add_space_prefix", True)
+    steps = [normalizers.Prepend(_SPACE)] if prefix else []
+    backend.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", _SPACE)])
+    steps = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return backend
 
 
 def _is_str_list(value: Any) -> bool:
