@@ -19,8 +19,11 @@ _path_cache: dict[tuple, LoadedModel] = {}
 
 
 def _fingerprint(hf_model) -> tuple:
-    """Changes when any parameter is replaced or modified in place, so a cached copy is never stale."""
-    return tuple((p.data_ptr(), p._version) for p in hf_model.parameters())
+    """Changes when any parameter is replaced or modified in place (or a PEFT model's adapters are switched,
+    disabled or merged), so a cached copy is never stale."""
+    from .loader.peft import adapter_state, is_peft_model
+    params = tuple((p.data_ptr(), p._version) for p in hf_model.parameters())
+    return (params, adapter_state(hf_model)) if is_peft_model(hf_model) else params
 
 
 def get_loaded(model, dtype=None, device=None, quantization: str | None = None, cache: bool = True) -> LoadedModel:

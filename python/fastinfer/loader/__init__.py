@@ -148,6 +148,7 @@ def _check_checkpoint_size(cfg: ModelConfig, cfg_path: Path, files: list[Path]) 
 
 
 def _from_hf_model(hf_model, dtype, device, quantization) -> LoadedModel:
+    """A transformers model object, or a PEFT LoRA model around one (its adapters merged: loader/peft.py)."""
     cfg_dict = hf_model.config.to_dict()
     cfg = ModelConfig.from_hf(cfg_dict)
     if quantization not in (None, "int4", "fp8"):
@@ -159,7 +160,9 @@ def _from_hf_model(hf_model, dtype, device, quantization) -> LoadedModel:
     if device is None:
         device = next(hf_model.parameters()).device
     kind = _dense_kind(cfg, quantization)
-    model = _build(cfg, dtype, device, hf_model.state_dict().items(), kind)
+    from .peft import is_peft_model, merged_state_dict
+    weights = merged_state_dict(hf_model) if is_peft_model(hf_model) else hf_model.state_dict()
+    model = _build(cfg, dtype, device, weights.items(), kind)
     gen = getattr(hf_model, "generation_config", None)
     return LoadedModel(model, None, gen.to_dict() if gen is not None else {})
 
