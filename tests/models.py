@@ -37,6 +37,14 @@ VARIANTS = {
                                                         "tie_word_embeddings": True}),
     # OLMo-2: post-norm layers, q / k RMSNorms over the whole projections
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {"eos_token_id": 2, "pad_token_id": 0}),
+    # Gemma 3 (text): (1 + w) norms around attention and MLP, per-head q / k norms, GeLU-tanh, a sliding first layer
+    # with its own rope base and a global second one with linear rope scaling, an attention scale from
+    # query_pre_attn_scalar (not head_dim), sqrt(hidden) embedding scale, tied head
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
+        "head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 6, "bos_token_id": 1, "eos_token_id": 2,
+        "pad_token_id": 0, "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}}),
     # Granite-MoE: Granite's multipliers around a Mixtral-style MoE (top 2 of 4, softmax over the top-k logits)
     "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", {"embedding_multiplier": 6.0, "residual_multiplier": 0.5,
                                                               "attention_multiplier": 0.09, "logits_scaling": 4.0,

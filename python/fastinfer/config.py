@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from .config_fields import (MAX_POSITION_EMBEDDINGS, _granite_scalars, _is_int, _is_number, _moe,
+from .config_fields import (MAX_POSITION_EMBEDDINGS, _gemma3, _granite_scalars, _is_int, _is_number, _moe,
                             _optional_positive_int, _rope, _sliding_window)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                            "Phi3ForCausalLM", "GraniteForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
-                           "Qwen3MoeForCausalLM", "GraniteMoeForCausalLM", "Olmo2ForCausalLM")
+                           "Qwen3MoeForCausalLM", "GraniteMoeForCausalLM", "Olmo2ForCausalLM", "Gemma3ForCausalLM")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "half": torch.float16,
            "float": torch.float32}
@@ -66,6 +66,11 @@ class ModelConfig:
     residual_multiplier: float = 1.0
     attention_multiplier: float | None = None
     logits_scaling: float = 1.0
+    # Gemma 3 (models/gemma3.py): the sliding-window layers' own rope (theta, scaling); logits soft-capped as
+    # cap * tanh(logits / cap). Its attention scale and embedding scale use the two Granite fields above.
+    local_rope_theta: float | None = None
+    local_rope_scaling: dict | None = None
+    final_logit_softcapping: float | None = None
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
@@ -140,12 +145,19 @@ class ModelConfig:
                                        "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
                                        "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                                        "qwen3_moe": "Qwen3MoeForCausalLM", "granitemoe": "GraniteMoeForCausalLM",
-                                       "olmo2": "Olmo2ForCausalLM"}.get(
+                                       "olmo2": "Olmo2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}.get(
                                            cfg.get("model_type"), None)
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unsupported architecture {arch or cfg.get('model_type')!r}; fastinfer supports "
                              f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-        if cfg.get("hidden_act", "silu") != "silu":
+        gemma3 = arch == "Gemma3ForCausalLM"
+        if gemma3:
+            from .models.gemma3 import GEMMA3_DEFAULTS
+            cfg = {**GEMMA3_DEFAULTS, **cfg}  # HF's class defaults for what config.json leaves out
+            act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+            if act != "gelu_pytorch_tanh":
+                raise ValueError(f"unsupported hidden_activation {act!r} for Gemma 3; only 'gelu_pytorch_tanh' is supported")
+        elif cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}; only 'silu' is supported")
         if cfg.get("mlp_bias") and arch in ("LlamaForCausalLM", "GraniteForCausalLM"):  # Qwen2 / Mistral's HF code has none
             raise ValueError("unsupported mlp_bias=True")
@@ -163,7 +175,8 @@ class ModelConfig:
             head_dim = cfg["hidden_size"] // heads
         elif not _is_int(head_dim) or head_dim < 1:
             raise ValueError(f"config: head_dim must be a positive integer, got {head_dim!r}")
-        rope_theta, rope_scaling, partial = _rope(cfg, partial_rotary=arch == "Phi3ForCausalLM")
+        rope_theta, rope_scaling, partial = _rope(cfg, partial_rotary=arch == "Phi3ForCausalLM") if not gemma3 \
+            else (0.0, None, 1.0)  # Gemma 3's two rope settings: _gemma3
         # HF's config classes' defaults when the key is absent
         eps = cfg.get("rms_norm_eps", 1e-5 if arch in ("Phi3ForCausalLM", "MixtralForCausalLM", "Olmo2ForCausalLM")
                       else 1e-6)
@@ -183,6 +196,10 @@ class ModelConfig:
         window, window_layers = _sliding_window(cfg, arch)
         granite = _granite_scalars(cfg) if arch in ("GraniteForCausalLM", "GraniteMoeForCausalLM") else {}
         moe = _moe(cfg, arch)
+        if gemma3:
+            moe = _gemma3(cfg)  # (no MoE: the same slot carries Gemma 3's fields)
+            rope_theta, rope_scaling = moe.pop("rope_theta"), moe.pop("rope_scaling")
+            window, window_layers = moe.pop("sliding_window"), moe.pop("sliding_window_layers")
         return cls(
             architecture=arch,
             vocab_size=cfg["vocab_size"],

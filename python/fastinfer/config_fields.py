@@ -209,3 +209,53 @@ def _moe(cfg: dict, arch: str) -> dict:
                 shared_expert_intermediate_size=_optional_positive_int(cfg, "shared_expert_intermediate_size", 5632)
                 if qwen2 else 0)
 
+
+
+def _gemma3(cfg: dict) -> dict:
+    """Gemma 3's fields as HF's Gemma3TextConfig / Gemma3Attention read them (cfg has GEMMA3_DEFAULTS filled in):
+    layer_types (or every sliding_window_pattern-th layer global), the sliding layers' window, two rope settings
+    (rope_parameters keyed by layer type, or the 4.x rope_theta + rope_scaling for the global layers and
+    rope_local_base_freq for the sliding ones), query_pre_attn_scalar ** -0.5 as the attention scale, the
+    embedding scale sqrt(hidden_size), final_logit_softcapping. Attention logit soft-capping (Gemma 2's) and
+    bidirectional attention are refused."""
+    for key in ("attn_logit_softcapping", "use_bidirectional_attention"):
+        if cfg.get(key):
+            raise ValueError(f"config: {key}={cfg[key]!r} is not supported")
+    layers = cfg["num_hidden_layers"]
+    types = cfg.get("layer_types")
+    if types is None:
+        pattern = _optional_positive_int(cfg, "sliding_window_pattern", 6)
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    if (not isinstance(types, (list, tuple)) or len(types) != layers
+            or any(t not in ("sliding_attention", "full_attention") for t in types)):
+        raise ValueError(f"config: layer_types must list 'sliding_attention' or 'full_attention' for each of the "
+                         f"{layers} layers, got {types!r}")
+    window = cfg.get("sliding_window")
+    if window is not None and (not _is_int(window) or window < 1):
+        raise ValueError(f"config: sliding_window must be a positive integer or null, got {window!r}")
+    sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and ("full_attention" in params or "sliding_attention" in params):
+        full, local = dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
+    else:
+        if params is not None:
+            raise ValueError(f"config: Gemma 3's rope_parameters must be keyed by layer type "
+                             f"(full_attention / sliding_attention), got {params!r}")
+        full = dict(cfg.get("rope_scaling") or {})
+        full.setdefault("rope_theta", cfg.get("rope_theta", 1_000_000.0))
+        local = {"rope_theta": cfg.get("rope_local_base_freq", 10_000.0)}
+    full.setdefault("rope_theta", 1_000_000.0)
+    local.setdefault("rope_theta", 10_000.0)
+    length = {"max_position_embeddings": cfg["max_position_embeddings"]}
+    theta, scaling, _ = _rope({**length, "rope_parameters": full})
+    local_theta, local_scaling, _ = _rope({**length, "rope_parameters": local})
+    scalar = cfg.get("query_pre_attn_scalar")
+    cap = cfg.get("final_logit_softcapping")
+    for key, value in (("query_pre_attn_scalar", scalar), ("final_logit_softcapping", 1.0 if cap is None else cap)):
+        if not _is_number(value) or not 0 < value < math.inf:
+            raise ValueError(f"config: {key} must be a positive number, got {value!r}")
+    return dict(rope_theta=theta, rope_scaling=scaling, local_rope_theta=local_theta, local_rope_scaling=local_scaling,
+                sliding_window=window if sliding and window else None,
+                sliding_window_layers=sliding if sliding and window else None,
+                attention_multiplier=scalar ** -0.5, embedding_multiplier=cfg["hidden_size"] ** 0.5,
+                final_logit_softcapping=None if cap is None else float(cap))

@@ -266,16 +266,26 @@ class LlamaForCausalLM:
         self.quantization = kind.method if isinstance(kind, QuantConfig) else kind  # None, "fp8" or a 4-bit method
         self.embed = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, device=self.device)
         layer_class = LlamaLayer
+        self.gemma = cfg.architecture == "Gemma3ForCausalLM"
         if cfg.architecture == "Olmo2ForCausalLM":  # post-norm layers (models/olmo2.py)
             from .olmo2 import Olmo2Layer
             layer_class = Olmo2Layer
+        elif self.gemma:  # Gemma's norms, GeLU and two rope tables (models/gemma3.py)
+            from .gemma3 import Gemma3Layer
+            layer_class = Gemma3Layer
         self.layers = [layer_class(cfg, self.dtype, self.device, kind, window=cfg.attention_window(i),
                                    moe=i in cfg.moe_layers) for i in range(cfg.num_layers)]
-        self.norm = torch.empty(cfg.hidden_size, dtype=self.dtype, device=self.device)
+        # Gemma's final norm weight is 1 + w in fp32 (models/gemma3.py)
+        self.norm = torch.empty(cfg.hidden_size, dtype=torch.float32 if self.gemma else self.dtype, device=self.device)
         self.lm_head = self.embed if cfg.tie_word_embeddings else torch.empty_like(self.embed)
         # [max_position, rotary_dim]: Phi-3's partial rotary rotates the first rotary_dim features of a head
         self.cos_sin = cos_sin_cache(cfg.rotary_dim or cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
                                      cfg.rope_scaling, self.device)
+        if self.gemma:  # the sliding-window layers rotate with their own table
+            local = cos_sin_cache(cfg.head_dim, cfg.max_position_embeddings, cfg.local_rope_theta,
+                                  cfg.local_rope_scaling, self.device)
+            for layer in self.layers:
+                layer.cos_sin = local if layer.window else self.cos_sin
 
     @torch.inference_mode()
     def forward(self, meta: AttnMetadata, kv_caches: list[torch.Tensor]) -> torch.Tensor:
@@ -297,12 +307,20 @@ class LlamaForCausalLM:
             hidden, residual = ops.embedding(meta.input_ids, self.embed, check_indices=False), None
             for layer, kv_cache in zip(self.layers, kv_caches):
                 hidden, residual = layer.forward(hidden, residual, kv_cache, meta, self.cos_sin)
-            ops.fused_add_rms_norm(hidden, residual, self.norm, eps)
+            if self.gemma:
+                from .gemma3 import gemma_norm
+                hidden = gemma_norm(hidden + residual, self.norm, eps)
+            else:
+                ops.fused_add_rms_norm(hidden, residual, self.norm, eps)
         return self._scaled(dense_linear(hidden[meta.logits_indices], self.lm_head).float())
 
     def _scaled(self, logits: torch.Tensor) -> torch.Tensor:
         """Granite's logits / logits_scaling. HF divides its model-dtype logits (the LM head's output, which
         these fp32 logits hold exactly) and rounds the quotient to that dtype: so does this."""
+        cap = self.config.final_logit_softcapping
+        if cap is not None:  # Gemma: cap * tanh(logits / cap), each step in the model dtype as HF's
+            logits = logits.to(self.dtype)
+            return (torch.tanh(logits / cap) * cap).float()
         s = self.config.logits_scaling
         if s == 1.0:
             return logits
@@ -335,10 +353,16 @@ class LlamaForCausalLM:
         if cfg.residual_multiplier != 1.0:  # Granite: folded into the projections that feed the residual adds
             weights = llama_weights.residual_scaled(weights, cfg.residual_multiplier)
         llama_weights.load_weights(self, weights)
-        if cfg.embedding_multiplier != 1.0:  # Granite: the embedding rows scaled as HF scales them (one rounding)
+        multiplier = cfg.embedding_multiplier
+        if self.gemma:  # HF's embed_scale buffer: sqrt(hidden) in fp32, rounded to the model dtype
+            multiplier = torch.tensor(multiplier, dtype=torch.float32).to(self.dtype).item()
+            with torch.no_grad():
+                for norm in [self.norm] + [t for layer in self.layers for t in layer.norm_targets("").values()]:
+                    norm.add_(1.0)  # Gemma's norms scale by 1 + w (fp32)
+        if multiplier != 1.0:  # Granite, Gemma: the embedding rows scaled as HF scales them (one rounding)
             if self.lm_head is self.embed:  # tied: the LM head keeps the unscaled rows
                 self.lm_head = self.embed.clone()
-            self.embed.mul_(cfg.embedding_multiplier)
+            self.embed.mul_(multiplier)
 
     def make_kv_caches(self, num_blocks: int, block_size: int, kv_cache_dtype: str | None = None) -> list[torch.Tensor]:
         """One [num_blocks, 2, block_size, num_kv_heads, head_dim] cache per layer.

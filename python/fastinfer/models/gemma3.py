@@ -1,0 +1,89 @@
+"""Gemma 3's decoder layer (HF's Gemma3ForCausalLM, the text model): Llama's projections and paged attention with
+
+    x_mid = x + post_attention_layernorm(o_proj(attention(input_layernorm(x))))
+    x_out = x_mid + post_feedforward_layernorm(down(gelu_tanh(gate(h)) * up(h))),  h = pre_feedforward_layernorm(x_mid)
+
+every norm Gemma's: x * rsqrt(mean(x^2) + eps) * (1 + w), computed in fp32 and rounded once (gemma_norm: HF's own
+torch ops in HF's order, with 1 + w kept in fp32 as HF computes it; a 16-bit 1 + w would lose Gemma's small
+weights); q and k normalized per head the same way before rotary; attention scaled by
+query_pre_attn_scalar ** -0.5; the sliding-window layers rotate with their own rope table (rope_local_base_freq),
+the global ones with rope_theta and its scaling. The embedding rows are scaled by sqrt(hidden_size) rounded to
+the model dtype, and the logits soft-capped (cap * tanh(logits / cap)) when final_logit_softcapping is set: both
+in LlamaForCausalLM. The norms and the GeLU are torch ops (on a GPU too); the fused decode paths are never taken.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _ops as ops
+from .._checks import FP8
+from ..metadata import AttnMetadata
+from .llama import LlamaLayer  # (llama.py imports this module only when it builds a Gemma 3 model)
+
+# HF's Gemma3TextConfig defaults, for the keys a config.json may leave out
+GEMMA3_DEFAULTS = {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 4096, "tie_word_embeddings": True,
+                   "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "bos_token_id": 2, "eos_token_id": 1,
+                   "pad_token_id": 0}
+
+
+def gemma_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's Gemma3RMSNorm with weight = 1 + w already in fp32."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).type_as(x)
+
+
+class Gemma3Layer(LlamaLayer):
+    def __init__(self, cfg, dtype, device, kind=None, window: int = 0, moe: bool = False):
+        super().__init__(cfg, dtype, device, kind, window=window, moe=moe)
+        if moe:
+            raise ValueError("Gemma 3 has no mixture-of-experts layers")
+
+        def f32(n: int) -> torch.Tensor:
+            return torch.empty(n, dtype=torch.float32, device=device)
+        h, d = cfg.hidden_size, cfg.head_dim
+        # 1 + w, in fp32, once loaded (LlamaForCausalLM.load_weights adds the 1)
+        self.input_norm, self.post_attn_norm, self.pre_ff_norm, self.post_ff_norm = f32(h), f32(h), f32(h), f32(h)
+        self.q_norm_gemma, self.k_norm_gemma = f32(d), f32(d)
+        self.q_norm = self.k_norm = None  # the fused op's per-head norms are Qwen3's (weights as stored)
+        self.cos_sin: torch.Tensor | None = None  # this layer's rope table (local or global), set by the model
+
+    def norm_targets(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {prefix + "input_layernorm.weight": self.input_norm,
+                prefix + "post_attention_layernorm.weight": self.post_attn_norm,
+                prefix + "pre_feedforward_layernorm.weight": self.pre_ff_norm,
+                prefix + "post_feedforward_layernorm.weight": self.post_ff_norm,
+                prefix + "self_attn.q_norm.weight": self.q_norm_gemma,
+                prefix + "self_attn.k_norm.weight": self.k_norm_gemma}
+
+    @property
+    def fp8_quant_fusable(self) -> bool:
+        return False
+
+    @property
+    def fusable_norms(self) -> bool:
+        return False
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
+                meta: AttnMetadata, cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (post-feedforward-normed MLP output, x_mid): the next layer, or the final norm, adds them (HF's
+        `residual + hidden_states`, one rounding)."""
+        x = hidden if residual is None else hidden + residual
+        normed = gemma_norm(x, self.input_norm, self.eps)
+        attn = self.o_proj_out(self.attention(normed, kv_cache, meta, self.cos_sin))
+        x_mid = x + gemma_norm(attn, self.post_attn_norm, self.eps)
+        gate, up = self.gate_up(gemma_norm(x_mid, self.pre_ff_norm, self.eps)).chunk(2, dim=-1)
+        out = self.down(F.gelu(gate, approximate="tanh") * up)
+        return gemma_norm(out, self.post_ff_norm, self.eps), x_mid
+
+    def attend(self, qkv: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata,
+               cos_sin: torch.Tensor) -> torch.Tensor:
+        t = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = gemma_norm(q.reshape(t, self.num_heads, self.head_dim), self.q_norm_gemma, self.eps)
+        k = gemma_norm(k.reshape(t, self.num_kv_heads, self.head_dim), self.k_norm_gemma, self.eps)
+        v = v.contiguous().view(t, self.num_kv_heads, self.head_dim)
+        kv_scale = self.kv_scale if kv_cache.dtype == FP8 else None
+        ops.rotary_embedding_and_cache(meta.positions, q, k, v, cos_sin, kv_cache, meta.slot_mapping,
+                                       check_indices=False, kv_scale=kv_scale)
+        return self.attend_rotated(q, kv_cache, meta, kv_scale)

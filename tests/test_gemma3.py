@@ -1,0 +1,101 @@
+"""Gemma 3 (HF's Gemma3ForCausalLM, the text model) against HF transformers, CPU fp32: logits, greedy and beam
+search, the engine's chunked prefill / prefix cache / preemption past the sliding window, 4.x configs, int4 / fp8
+at load, and what is refused."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import fastinfer
+from fastinfer.config import ModelConfig
+from fastinfer.generate import get_loaded
+from models import left_padded_batch, make_hf_model
+from test_loader_parity import fi_logits, hf_logits
+from test_moe import assert_engine_matches_hf
+
+transformers = pytest.importorskip("transformers")
+PAD = 0
+PROMPT = [5, 17, 33, 2, 99, 250, 7, 64, 128, 11, 3, 300, 41, 8, 19, 77, 23]  # longer than the window (6)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"final_logit_softcapping": 3.0}, {"tie_word_embeddings": False},
+                                       {"attention_bias": True, "num_key_value_heads": 4},
+                                       {"layer_types": ["full_attention", "sliding_attention"], "sliding_window": 3}],
+                         ids=["default", "softcapped", "untied", "biased-mha", "global-then-narrow-window"])
+def test_logits_match_hf(overrides):
+    model = make_hf_model("gemma3", seed=1, **overrides)
+    torch.testing.assert_close(fi_logits(get_loaded(model), PROMPT), hf_logits(model, PROMPT), rtol=0, atol=2e-5)
+
+
+def test_each_gemma_feature_matters():
+    """The reference is sensitive to what this port reproduces: with any one of them off, the logits move."""
+    model = make_hf_model("gemma3", seed=1)
+    expected = hf_logits(model, PROMPT)
+    cfg = ModelConfig.from_hf(model.config.to_dict())
+    assert cfg.sliding_window == 6 and cfg.sliding_window_layers == (0,)
+    assert cfg.attention_multiplier == 24 ** -0.5 and cfg.local_rope_theta == 10_000.0
+    assert cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    for change in ({"query_pre_attn_scalar": 16}, {"sliding_window": 60},
+                   {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                                        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}}):
+        other = make_hf_model("gemma3", seed=1, **change)
+        assert (fi_logits(get_loaded(other), PROMPT) - expected).abs().max() > 1e-3, change
+
+
+def test_greedy_and_beam_search_match_hf():
+    model = make_hf_model("gemma3", seed=2)
+    ids, mask = left_padded_batch([5, 17, 1, 9], model.config.vocab_size, PAD, seed=2)
+    for kw in (dict(max_new_tokens=16, do_sample=False), dict(max_new_tokens=10, do_sample=False, num_beams=3)):
+        with torch.no_grad():
+            expected = model.generate(ids, attention_mask=mask, pad_token_id=PAD, eos_token_id=None, **kw)
+        got = fastinfer.generate(model, ids, attention_mask=mask, pad_token_id=PAD, eos_token_id=None, **kw)
+        assert torch.equal(got, expected), kw
+
+
+def test_engine_chunked_prefill_prefix_cache_and_preemption_match_hf():
+    assert_engine_matches_hf(make_hf_model("gemma3", seed=4))
+
+
+def test_a_checkpoint_with_a_4x_config(tmp_path):
+    """A config.json as the published Gemma 3 checkpoints write it (transformers 4.x: rope_theta + rope_scaling for
+    the global layers, rope_local_base_freq, sliding_window_pattern, defaults left out) loads as HF loads it."""
+    model = make_hf_model("gemma3", seed=3, layer_types=None, sliding_window_pattern=2)
+    model.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    for key in ("rope_parameters", "layer_types", "head_dim"):
+        raw.pop(key, None)
+    raw.update(rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, sliding_window_pattern=2, head_dim=16,
+               rope_scaling={"rope_type": "linear", "factor": 2.0})
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert hf.config.layer_types == ["sliding_attention", "full_attention"]
+    torch.testing.assert_close(fi_logits(fastinfer.load_model(tmp_path), PROMPT), hf_logits(hf, PROMPT),
+                               rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("quantization", ["int4", "fp8"])
+def test_quantized_at_load(quantization):
+    """The projections quantized on load: top-1 tokens of a teacher-forced prompt agree with HF's float model on
+    most positions (the quantization error alone moves the rest)."""
+    model = make_hf_model("gemma3", seed=5, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=32)
+    loaded = fastinfer.load_model(model, quantization=quantization)
+    ours, theirs = fi_logits(loaded, PROMPT), hf_logits(model, PROMPT)
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.8
+    assert (ours - theirs).abs().max() < 0.2 * theirs.abs().max()
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+    ({"hidden_activation": "gelu"}, "hidden_activation"),
+    ({"layer_types": ["full_attention"]}, "layer_types"),
+    ({"query_pre_attn_scalar": 0}, "query_pre_attn_scalar"),
+    ({"architectures": ["Gemma3ForConditionalGeneration"]}, "unsupported architecture"),
+])
+def test_bad_configs_name_the_field(change, match):
+    cfg = make_hf_model("gemma3").config.to_dict()
+    cfg.update(change)
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_hf(cfg)
