@@ -26,9 +26,10 @@ VOCAB = len(TOKENS)
 _ARCH = {"mixtral": "llama", "qwen2-moe": "qwen2moe", "qwen3-moe": "qwen3moe", "phi3": "phi3", "phi3-partial": "phi3"}
 
 
-def write_gguf(model, path, qtype="F32", drop=(), meta=None, tokenizer=None):
+def write_gguf(model, path, qtype="F32", drop=(), meta=None, tokenizer=None, split_experts=False, skip_keys=()):
     """model: a small HF model of one of _ARCH's variants (or Llama); qtype: the type of every 2-D / 3-D weight;
-    tokenizer: the tokenizer.ggml.* metadata (default: test_gguf's byte-level BPE vocabulary)."""
+    tokenizer: the tokenizer.ggml.* metadata (default: test_gguf's byte-level BPE vocabulary); split_experts: one
+    tensor per expert (blk.N.ffn_gate.J.weight, early Mixtral files); skip_keys: metadata keys left out."""
     cfg = model.config
     arch = {"MixtralForCausalLM": "llama", "Qwen2MoeForCausalLM": "qwen2moe", "Qwen3MoeForCausalLM": "qwen3moe",
             "Phi3ForCausalLM": "phi3", "LlamaForCausalLM": "llama"}[type(model).__name__]
@@ -36,6 +37,8 @@ def write_gguf(model, path, qtype="F32", drop=(), meta=None, tokenizer=None):
     names = gguf.get_tensor_name_map(arch_enum, cfg.num_hidden_layers)
     dense_names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
     writer = gguf.GGUFWriter(path, arch)
+    add_key = writer.add_key_value
+    writer.add_key_value = lambda key, *a, **k: None if key.removeprefix(f"{arch}.") in skip_keys else add_key(key, *a, **k)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
@@ -102,12 +105,14 @@ def write_gguf(model, path, qtype="F32", drop=(), meta=None, tokenizer=None):
         base, _, suffix = hf_name.rpartition(".")
         if base.endswith("mlp.experts"):  # transformers 5's fused [E, 2 F, K] gate / up and [E, K, F] down
             block = f"blk.{hf_name.split('.')[2]}"
-            if suffix == "gate_up_proj":
-                half = tensor.shape[1] // 2
-                add(f"{block}.ffn_gate_exps.weight", tensor[:, :half])
-                add(f"{block}.ffn_up_exps.weight", tensor[:, half:])
-            else:
-                add(f"{block}.ffn_down_exps.weight", tensor)
+            half = tensor.shape[1] // 2
+            parts = {"gate": tensor[:, :half], "up": tensor[:, half:]} if suffix == "gate_up_proj" else {"down": tensor}
+            for part, stacked in parts.items():
+                if split_experts:
+                    for j, expert in enumerate(stacked):
+                        add(f"{block}.ffn_{part}.{j}.weight", expert)
+                else:
+                    add(f"{block}.ffn_{part}_exps.weight", stacked)
             continue
         # a dense MLP in a MoE model (HF's mlp_only_layers; llama.cpp's MoE graphs have none): llama's names
         name = names.get_name(base) or dense_names.get_name(base)
@@ -151,6 +156,17 @@ def test_config_reads_the_moe_fields(tmp_path):
     model = make_hf_model("mixtral", vocab_size=VOCAB)
     cfg = gguf_config(open_gguf(write_gguf(model, tmp_path / "m.gguf")))
     assert cfg["model_type"] == "mixtral" and cfg["num_local_experts"] == 4 and cfg["intermediate_size"] == 160
+
+
+def test_early_files(tmp_path):
+    """Early llama.cpp files: Mixtral with one tensor per expert (blk.N.ffn_gate.J), Qwen-MoE without
+    expert_feed_forward_length (llama.cpp then sizes the experts feed_forward_length / expert_used_count)."""
+    model = make_hf_model("mixtral", seed=6, vocab_size=VOCAB)
+    loaded = fastinfer.load_model(write_gguf(model, tmp_path / "m.gguf", split_experts=True))
+    torch.testing.assert_close(fi_logits(loaded, PROMPT), hf_logits(model, PROMPT), rtol=0, atol=1e-5)
+    model = make_hf_model("qwen2-moe", seed=6, vocab_size=VOCAB, intermediate_size=96)  # 96 / top-2 = 48
+    loaded = fastinfer.load_model(write_gguf(model, tmp_path / "q.gguf", skip_keys=("expert_feed_forward_length",)))
+    torch.testing.assert_close(fi_logits(loaded, PROMPT), hf_logits(model, PROMPT), rtol=0, atol=1e-5)
 
 
 def test_router_renormalization_follows_llama_cpp(tmp_path):

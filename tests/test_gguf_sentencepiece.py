@@ -31,15 +31,17 @@ def trained(tmp_path_factory):
     spm.SentencePieceTrainer.train(input=str(folder / "text.txt"), model_prefix=str(folder / "m"), vocab_size=1000,
                                    model_type="bpe", byte_fallback=True, split_digits=True,
                                    normalization_rule_name="identity", remove_extra_whitespaces=False,
-                                   add_dummy_prefix=True, allow_whitespace_only_pieces=True, minloglevel=2)
+                                   add_dummy_prefix=True, allow_whitespace_only_pieces=True, minloglevel=2,
+                                   user_defined_symbols=["<|user|>", "<|end|>"])
     processor = spm.SentencePieceProcessor(model_file=str(folder / "m.model"))
     return processor, text
 
 
 def gguf_metadata(processor, **extra) -> dict:
-    types = []
+    types = []  # the chat markers as llama.cpp's Phi-3 converter marks added special tokens: control
     for i in range(processor.get_piece_size()):
-        types.append(2 if processor.is_unknown(i) else 3 if processor.is_control(i) else
+        types.append(2 if processor.is_unknown(i) else 3 if processor.is_control(i) or
+                     processor.id_to_piece(i) in ("<|user|>", "<|end|>") else
                      5 if processor.is_unused(i) else 6 if processor.is_byte(i) else 1)
     return {"general.architecture": "llama", "tokenizer.ggml.model": "llama",
             "tokenizer.ggml.tokens": [processor.id_to_piece(i) for i in range(processor.get_piece_size())],
@@ -90,6 +92,30 @@ def test_file_flags(trained, tmp_path):
     tok = build_tokenizer(gguf_metadata(processor), tmp_path / "x.gguf")
     ids = tok("</s>Elizabeth", add_special_tokens=False).input_ids
     assert ids == [processor.eos_id()] + processor.encode("Elizabeth")
+
+
+def test_phi3_special_tokens_swallow_the_whitespace_after_them(trained, tmp_path):
+    """llama.cpp strips the whitespace after Phi-3's special tokens (by general.name); other models keep it."""
+    processor, _ = trained
+    text = "<|user|>\nHello<|end|>\n"
+    user, end = processor.piece_to_id("<|user|>"), processor.piece_to_id("<|end|>")
+    phi3 = build_tokenizer(gguf_metadata(processor, **{"general.name": "Phi 3 Mini 4k Instruct".replace(" 3", "-3")}),
+                           tmp_path / "x.gguf")
+    assert phi3(text, add_special_tokens=False).input_ids == [user] + processor.encode("Hello") + [end]
+    other = build_tokenizer(gguf_metadata(processor, **{"general.name": "Llama 2"}), tmp_path / "x.gguf")
+    assert other(text, add_special_tokens=False).input_ids == \
+        [user] + processor.encode("\nHello") + [end] + processor.encode("\n")
+
+
+def test_special_ids_default_as_llama_cpp(trained, tmp_path):
+    """A SentencePiece file without special ids: BOS 1, EOS 2, UNK 0, as llama.cpp assumes."""
+    processor, _ = trained
+    meta = gguf_metadata(processor)
+    for key in ("bos", "eos", "unknown"):
+        del meta[f"tokenizer.ggml.{key}_token_id"]
+    tok = build_tokenizer(meta, tmp_path / "x.gguf")
+    assert (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (1, 2, 0)
+    assert tok("Elizabeth").input_ids[0] == 1
 
 
 @pytest.mark.parametrize("change, match", [

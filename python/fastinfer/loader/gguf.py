@@ -180,8 +180,8 @@ def gguf_config(file: GGUFFile, dtype: torch.dtype = torch.float32) -> dict:
         "rope_theta": _float32(need("rope.freq_base", float, 10000.0)),
         "rope_scaling": _rope_scaling(file, head_dim, arch, rope_dims),
         "tie_word_embeddings": "output.weight" not in file.tensors,
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "bos_token_id": _special_id(meta, "bos"),
+        "eos_token_id": _special_id(meta, "eos"),
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
         "hidden_act": "silu",
         "attention_bias": attention_bias,
@@ -196,7 +196,9 @@ def gguf_config(file: GGUFFile, dtype: torch.dtype = torch.float32) -> dict:
         window = meta.get("phi3.attention.sliding_window", 0)
         if isinstance(window, bool) or not isinstance(window, int) or window < 0:
             raise ValueError(f"{path}: phi3.attention.sliding_window must be a non-negative integer, got {window!r}")
-        config["sliding_window"] = window or None  # the converter writes 0 for none (Phi-4-mini)
+        # the converter writes 0 for none (Phi-4-mini). Kept as HF's Phi-3 applies it (Phi-3-mini-4k's 2047), which
+        # the model was trained with; llama.cpp (and transformers' GGUF reader) run Phi-3 files without it
+        config["sliding_window"] = window or None
         if "phi3.rope.scaling.original_context_length" in meta:
             config["original_max_position_embeddings"] = need("rope.scaling.original_context_length")
     if model_type in MOE_MODEL_TYPES:
@@ -204,6 +206,13 @@ def gguf_config(file: GGUFFile, dtype: torch.dtype = torch.float32) -> dict:
     else:
         config["intermediate_size"] = need("feed_forward_length")
     return config
+
+
+def _special_id(meta: dict, key: str) -> int | None:
+    """tokenizer.ggml.<key>_token_id, or llama.cpp's default for a SentencePiece vocabulary (BOS 1, EOS 2)."""
+    from .gguf_tokenizer import SPM_SPECIAL_DEFAULTS
+    name = f"tokenizer.ggml.{key}_token_id"
+    return meta.get(name, SPM_SPECIAL_DEFAULTS.get(name) if meta.get("tokenizer.ggml.model") == "llama" else None)
 
 
 def _moe_config(file: GGUFFile, arch: str, model_type: str, need, layers: int) -> dict:
@@ -219,7 +228,9 @@ def _moe_config(file: GGUFFile, arch: str, model_type: str, need, layers: int) -
     norm = meta.get(f"{arch}.expert_weights_norm", _NORM_TOPK[model_type])
     if not isinstance(norm, bool):
         raise ValueError(f"{path}: {arch}.expert_weights_norm must be a boolean, got {norm!r}")
-    ffn = need("expert_feed_forward_length", default=meta.get(f"{arch}.feed_forward_length"))
+    # without the key llama.cpp sizes Qwen's experts n_ff / n_expert_used (early Qwen1.5-MoE files); Mixtral's are n_ff
+    dense_ffn = need("feed_forward_length")
+    ffn = need("expert_feed_forward_length", default=dense_ffn if model_type == "mixtral" else dense_ffn // used)
     moe_layers = moe_layer_indices(file, layers)
     if model_type == "mixtral":
         if len(moe_layers) != layers or not norm:
@@ -228,7 +239,7 @@ def _moe_config(file: GGUFFile, arch: str, model_type: str, need, layers: int) -
                              f"(llama.expert_weights_norm = {norm})")
         return {"num_local_experts": experts, "num_experts_per_tok": used, "intermediate_size": ffn}
     config = {"num_experts": experts, "num_experts_per_tok": used, "moe_intermediate_size": ffn,
-              "intermediate_size": need("feed_forward_length", default=ffn), "norm_topk_prob": norm,
+              "intermediate_size": dense_ffn, "norm_topk_prob": norm,
               "decoder_sparse_step": 1, "mlp_only_layers": [i for i in range(layers) if i not in moe_layers]}
     if model_type == "qwen2_moe":
         shared = file.tensors.get(f"blk.{moe_layers[0]}.ffn_gate_shexp.weight") if moe_layers else None

@@ -6,6 +6,7 @@
     blk.N.ffn_up (phi3)                            mlp.gate_up_proj (gate rows, then up rows)
     blk.N.ffn_gate_inp                             the router: block_sparse_moe.gate (Mixtral) / mlp.gate (Qwen MoE)
     blk.N.ffn_{gate,up,down}_exps [E, rows, K]     expert j's w1 / w3 / w2 (Mixtral) or gate_proj / up_proj / down_proj
+    blk.N.ffn_{gate,up,down}.J                     expert J's w1 / w3 / w2 in early Mixtral files
     blk.N.ffn_{gate,up,down}_shexp                 Qwen2-MoE's mlp.shared_expert.*
     blk.N.ffn_gate_inp_shexp [hidden]              Qwen2-MoE's mlp.shared_expert_gate [1, hidden]
 
@@ -106,6 +107,10 @@ def _hf_name(gguf_name: str, config: dict) -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     parts = gguf_name.split(".")
+    if (len(parts) == 5 and parts[0] == "blk" and parts[1].isdigit() and parts[3].isdigit()
+            and f"{parts[2]}_exps" in _EXPERT_PARTS and config["model_type"] == "mixtral"):
+        # early llama.cpp Mixtral files: one tensor per expert, blk.N.ffn_gate.J.weight
+        return _expert_names(config, int(parts[1]), int(parts[3]))[_EXPERT_PARTS[f"{parts[2]}_exps"]]
     if not (len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit()):
         return None
     if parts[2] == "ffn_gate_inp":

@@ -25,6 +25,9 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 _TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED = 3, 4
 _TOKEN_TYPE_NORMAL = 1  # the only SentencePiece pieces a merge produces or consumes (not unknown / byte / unused)
 _SPACE = "\u2581"
+# llama.cpp's special token ids of a SentencePiece vocabulary when the file gives none
+SPM_SPECIAL_DEFAULTS = {"tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+                        "tokenizer.ggml.unknown_token_id": 0}
 # llama.cpp's regexes for the pre-tokenizer names it writes (llama-vocab.cpp); GPT-2's own regex is
 # what `ByteLevel(use_regex=True)` applies.
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -67,8 +70,13 @@ def build_tokenizer(metadata: dict[str, Any], path: Path):
     if not _is_str_list(tokens):
         raise ValueError(f"{path}: tokenizer.ggml.tokens must be a list of strings")
     vocab = {token: index for index, token in enumerate(tokens)}
+    if kind == "llama":  # llama.cpp's special ids for SentencePiece vocabularies where the file names none
+        metadata = {**SPM_SPECIAL_DEFAULTS, **metadata}
     backend = _byte_level_bpe(metadata, path, vocab) if kind == "gpt2" else _sentencepiece_bpe(metadata, path, vocab)
-    _add_special_tokens(backend, tokens, metadata.get("tokenizer.ggml.token_type") or [])
+    # llama.cpp strips the whitespace after Phi-3's special tokens (it goes by general.name: nothing else says so)
+    name = str(metadata.get("general.name", "")).lower()
+    rstrip = kind == "llama" and ("phi-3" in name or "phi3" in name)
+    _add_special_tokens(backend, tokens, metadata.get("tokenizer.ggml.token_type") or [], rstrip)
 
     special = {name: _token(metadata, tokens, f"tokenizer.ggml.{key}_token_id", path)
                for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))}
@@ -119,7 +127,11 @@ def _sentencepiece_bpe(metadata: dict[str, Any], path: Path, vocab: dict[str, in
     if len(vocab) != len(tokens):
         raise ValueError(f"{path}: tokenizer.ggml.tokens lists a piece twice")
     normal = {t for t, kind in zip(tokens, types) if kind == _TOKEN_TYPE_NORMAL}
-    ranked = []  # (-score of the merged piece, its id, left id): best first, ties by id
+    # (-score of the merged piece, its id, left id): best first, equal scores by id. llama.cpp breaks equal scores
+    # by position instead, which no merge ranking can do; equal scores come from vocabularies its converter took
+    # from a tokenizer.json (placeholder scores of -1000), whose ids follow the BPE's own merge order: ranking by
+    # id keeps that tokenizer's merges, which is what the model was trained with.
+    ranked = []
     for piece in normal:
         for cut in range(1, len(piece)):
             left, right = piece[:cut], piece[cut:]
@@ -142,14 +154,17 @@ def _is_str_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
-def _add_special_tokens(backend: Tokenizer, tokens: list[str], token_types: list[int]) -> None:
+def _add_special_tokens(backend: Tokenizer, tokens: list[str], token_types: list[int], rstrip: bool = False) -> None:
     """Control tokens (<|im_start|>) become special, user-defined ones plain added tokens: both are
-    matched whole in the text, as llama.cpp does, instead of being cut into byte pieces."""
+    matched whole in the text, as llama.cpp does, instead of being cut into byte pieces. rstrip (Phi-3):
+    each also swallows the whitespace after it, except <unk>, <s> and <|endoftext|> (llama-vocab.cpp)."""
     typed = list(zip(tokens, token_types))
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t, kind in typed if kind == _TOKEN_TYPE_CONTROL])
-    backend.add_tokens([AddedToken(t, special=False, normalized=False)
-                        for t, kind in typed if kind == _TOKEN_TYPE_USER_DEFINED])
+
+    def added(token: str, special: bool) -> AddedToken:
+        return AddedToken(token, special=special, normalized=False,
+                          rstrip=rstrip and token not in ("<unk>", "<s>", "<|endoftext|>"))
+    backend.add_special_tokens([added(t, True) for t, kind in typed if kind == _TOKEN_TYPE_CONTROL])
+    backend.add_tokens([added(t, False) for t, kind in typed if kind == _TOKEN_TYPE_USER_DEFINED])
 
 
 def _token(metadata: dict[str, Any], tokens: list[str], key: str, path: Path) -> str | None:
