@@ -363,3 +363,28 @@ def test_raw_blocks_and_bad_dtype(tmp_path):
     assert q.qtype == gguf.GGMLQuantizationType.Q4_1 and q.data.shape == (64, 2 * 20)  # 2 blocks per row
     with pytest.raises(ValueError, match="dtype"):
         read_gguf(tmp_path / "tiny.gguf", torch.int8)
+
+
+def test_stream_and_types_without_a_dequantizer(tmp_path):
+    """stream=True yields the same tensors one at a time; a tensor type the gguf package cannot dequantize is
+    named before any tensor is dequantized."""
+    write_tiny_llama(tmp_path / "tiny.gguf")
+    config, state, _ = read_gguf(tmp_path / "tiny.gguf")
+    streamed = read_gguf(tmp_path / "tiny.gguf", stream=True)[1]
+    assert not isinstance(streamed, dict)
+    assert all(torch.equal(tensor, state[name]) for name, tensor in streamed)
+
+    class Writer(gguf.GGUFWriter):  # blk.1's v projection stored as Q8_1, which gguf-py does not dequantize
+        def add_tensor(self, name, tensor, *args, **kwargs):
+            if name == "blk.1.attn_v.weight":
+                kind = gguf.GGMLQuantizationType.Q8_1
+                blocks = np.zeros((tensor.shape[0], tensor.shape[1] // 32 * gguf.GGML_QUANT_SIZES[kind][1]), np.uint8)
+                return super().add_tensor(name, blocks, raw_dtype=kind)
+            return super().add_tensor(name, tensor, *args, **kwargs)
+    gguf_writer, gguf.GGUFWriter = gguf.GGUFWriter, Writer
+    try:
+        write_tiny_llama(tmp_path / "q81.gguf", qtype="F32")
+    finally:
+        gguf.GGUFWriter = gguf_writer
+    with pytest.raises(ValueError, match=r"q81.gguf: tensor 'blk.1.attn_v.weight'"):
+        read_gguf(tmp_path / "q81.gguf", stream=True)

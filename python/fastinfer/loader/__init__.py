@@ -174,15 +174,15 @@ def _from_gguf(path: Path, dtype, device, quantization) -> LoadedModel:
         raise ValueError(f"{path} is a GGUF file; quantization={quantization!r} needs a {quantization} checkpoint directory")
     if quantization == "gguf":
         from ..quant.gguf import read_gguf_int4
-        cfg_dict, state_dict, tokenizer, quant = read_gguf_int4(path, target, validate=ModelConfig.from_hf)
+        cfg_dict, weights, tokenizer, quant = read_gguf_int4(path, target, validate=ModelConfig.from_hf, stream=True)
     else:
         from .gguf import read_gguf
-        cfg_dict, state_dict, tokenizer = read_gguf(path, target, validate=ModelConfig.from_hf)
+        cfg_dict, weights, tokenizer = read_gguf(path, target, validate=ModelConfig.from_hf, stream=True)
         quant = None
     cfg = ModelConfig.from_hf(cfg_dict)
     if quant is None:
         quant = _dense_kind(cfg, quantization)
-    model = _build(cfg, target, device, state_dict.items(), quant)
+    model = _build(cfg, target, device, weights, quant)  # tensors dequantized one at a time as they are copied
     return LoadedModel(model, tokenizer, {"eos_token_id": cfg.eos_token_id})
 
 

