@@ -58,21 +58,88 @@ def test_engine_chunked_prefill_prefix_cache_and_preemption_match_hf():
     assert_engine_matches_hf(make_hf_model("gemma3", seed=4))
 
 
-def test_a_checkpoint_with_a_4x_config(tmp_path):
-    """A config.json as the published Gemma 3 checkpoints write it (transformers 4.x: rope_theta + rope_scaling for
-    the global layers, rope_local_base_freq, sliding_window_pattern, defaults left out) loads as HF loads it."""
+ROPE_FORMS = {  # config.json rope spellings, each read as HF 5 reads it
+    # the published checkpoints' (transformers 4.x): rope_theta + rope_scaling for the global layers,
+    # rope_local_base_freq for the sliding ones
+    "4.x": dict(rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+                rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    # a 4.x rope_scaling beside rope_parameters keyed by layer type: merged into the global layers' entry
+    "keyed+scaling": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                           "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+                          rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    # keyed entries without thetas: the top-level rope_theta / rope_local_base_freq fill them
+    "keyed+thetas": dict(rope_parameters={"full_attention": {"rope_type": "default"},
+                                          "sliding_attention": {"rope_type": "default"}},
+                         rope_theta=5000.0, rope_local_base_freq=777.0),
+    # a legacy "type" key beside HF's default rope_type: HF applies no scaling, nor does fastinfer
+    "legacy-type": dict(rope_scaling={"type": "linear", "factor": 2.0}),
+}
+
+
+@pytest.mark.parametrize("form", ROPE_FORMS)
+def test_a_checkpoints_config_json_is_read_as_hf_reads_it(tmp_path, form):
+    """config.json as checkpoints write it (rope spellings above, sliding_window_pattern instead of layer_types,
+    defaults left out): fastinfer's logits equal those of HF's model loaded from the same directory."""
     model = make_hf_model("gemma3", seed=3, layer_types=None, sliding_window_pattern=2)
     model.save_pretrained(tmp_path)
     raw = json.loads((tmp_path / "config.json").read_text())
-    for key in ("rope_parameters", "layer_types", "head_dim"):
+    for key in ("rope_parameters", "layer_types", "head_dim", "query_pre_attn_scalar"):
         raw.pop(key, None)
-    raw.update(rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, sliding_window_pattern=2, head_dim=16,
-               rope_scaling={"rope_type": "linear", "factor": 2.0})
+    raw.update(sliding_window_pattern=2, head_dim=16, **ROPE_FORMS[form])
     (tmp_path / "config.json").write_text(json.dumps(raw))
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert hf.config.layer_types == ["sliding_attention", "full_attention"]
     torch.testing.assert_close(fi_logits(fastinfer.load_model(tmp_path), PROMPT), hf_logits(hf, PROMPT),
                                rtol=0, atol=2e-5)
+
+
+def multimodal_model(seed=6):
+    """A small Gemma3ForConditionalGeneration (Gemma 3 4B / 12B / 27B's class): a vision tower around the text
+    model."""
+    text = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, sliding_window=6, query_pre_attn_scalar=24,
+                layer_types=["sliding_attention", "full_attention"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2 if p.dim() > 1 else 0.1)
+    return model
+
+
+def test_the_text_model_of_a_multimodal_checkpoint(tmp_path):
+    """Gemma3ForConditionalGeneration in memory and saved: its text model's logits and greedy tokens, as HF's
+    model computes them for text-only input; the vision tower's tensors are skipped."""
+    model = multimodal_model()
+    with torch.no_grad():
+        expected = model(torch.tensor([PROMPT])).logits[0].float()
+    torch.testing.assert_close(fi_logits(get_loaded(model), PROMPT), expected, rtol=0, atol=2e-5)
+    model.save_pretrained(tmp_path)
+    torch.testing.assert_close(fi_logits(fastinfer.load_model(tmp_path), PROMPT), expected, rtol=0, atol=2e-5)
+    with torch.no_grad():
+        tokens = model.generate(torch.tensor([PROMPT]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                pad_token_id=PAD)
+    assert torch.equal(fastinfer.generate(str(tmp_path), torch.tensor([PROMPT]), max_new_tokens=8, do_sample=False,
+                                          eos_token_id=None, pad_token_id=PAD), tokens)
+
+
+def test_norm_weights_round_to_the_model_dtype():
+    """HF keeps Gemma's norm weights w in the model dtype and computes 1 + w in fp32: an fp32 model loaded in bf16
+    gets 1 + bf16(w), not 1 + w."""
+    model = make_hf_model("gemma3", seed=1)
+    layer = fastinfer.load_model(model, dtype=torch.bfloat16).model.layers[0]
+    w = model.model.layers[0].input_layernorm.weight.detach()
+    assert torch.equal(layer.input_norm, 1.0 + w.to(torch.bfloat16).float())
+
+
+def test_head_dim_256_is_refused_on_a_gpu_before_loading():
+    from fastinfer.models.llama import LlamaForCausalLM
+    cfg = ModelConfig.from_hf(make_hf_model("gemma3").config.to_dict())
+    with pytest.raises(ValueError, match="head_dim 16: .* device='cpu'"):
+        LlamaForCausalLM(cfg, torch.bfloat16, "cuda")
 
 
 @pytest.mark.parametrize("quantization", ["int4", "fp8"])
@@ -92,7 +159,8 @@ def test_quantized_at_load(quantization):
     ({"hidden_activation": "gelu"}, "hidden_activation"),
     ({"layer_types": ["full_attention"]}, "layer_types"),
     ({"query_pre_attn_scalar": 0}, "query_pre_attn_scalar"),
-    ({"architectures": ["Gemma3ForConditionalGeneration"]}, "unsupported architecture"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "longrope", "rope_theta": 1e6, "factor": 2.0,
+                                             "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}}}, "LongRoPE"),
 ])
 def test_bad_configs_name_the_field(change, match):
     cfg = make_hf_model("gemma3").config.to_dict()

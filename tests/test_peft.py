@@ -63,7 +63,23 @@ def test_adapter_switching_disabling_and_merging(tmp_path):
         torch.testing.assert_close(fi_logits(get_loaded(model), PROMPT), hf_logits(model.get_base_model(), PROMPT))
     model.merge_adapter()
     assert_matches_peft(model)
+    with model.disable_adapter():  # PEFT's forward takes the merged deltas out again (fastinfer is asked first)
+        assert_matches_peft(model)
+    model.merge_adapter()
     model.unmerge_adapter()
+    assert_matches_peft(model)
+
+
+def test_adapter_scale_changes_are_followed():
+    """set_scale and rescale_adapter_scale change no parameter, only the layers' scaling: the cached copy follows."""
+    from peft.helpers import rescale_adapter_scale
+    model = lora_model()
+    assert_matches_peft(model)
+    with rescale_adapter_scale(model, 0.5):
+        assert_matches_peft(model)
+    for _, module in model.named_modules():
+        if hasattr(module, "set_scale") and hasattr(module, "lora_A"):
+            module.set_scale("default", 0.25)
     assert_matches_peft(model)
 
 
@@ -85,6 +101,9 @@ def test_an_adapter_saved_and_loaded_from_its_directory(tmp_path):
     (lambda: lora_model(use_dora=True), "LoRA variant"),
     (lambda: lora_model(lora_bias=True), "lora_bias"),
     (lambda: peft.get_peft_model(make_hf_model("llama"), peft.IA3Config(task_type="CAUSAL_LM")), "is IA3"),
+    (lambda: lora_model(target_modules=["q_proj"], trainable_token_indices=[3, 5]), "trainable tokens"),
+    (lambda: peft.get_peft_model(make_hf_model("llama"), peft.LoraConfig(target_modules=["q_proj"]), mixed=True),
+     "PeftMixedModel"),
 ])
 def test_what_the_merge_does_not_cover_is_refused(make, match):
     with pytest.raises(ValueError, match=match):

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .config_fields import (MAX_POSITION_EMBEDDINGS, _gemma3, _granite_scalars, _is_int, _is_number, _moe,
-                            _optional_positive_int, _rope, _sliding_window)
+                            _optional_positive_int, _rope, _sliding_window, gemma3_text_config)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                            "Phi3ForCausalLM", "GraniteForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
@@ -71,6 +71,9 @@ class ModelConfig:
     local_rope_theta: float | None = None
     local_rope_scaling: dict | None = None
     final_logit_softcapping: float | None = None
+    # a multimodal checkpoint whose text model this is (Gemma3ForConditionalGeneration): its weights are renamed and
+    # the vision tower's skipped as they load (models/gemma3.py, text_weights)
+    text_of_multimodal: bool = False
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
@@ -140,6 +143,9 @@ class ModelConfig:
         archs = cfg.get("architectures") or []
         if not isinstance(archs, (list, tuple)) or not all(isinstance(a, str) for a in archs):
             raise ValueError(f"config: architectures must be a list of class names, got {archs!r}")
+        multimodal = (archs[:1] == ["Gemma3ForConditionalGeneration"]) or (not archs and cfg.get("model_type") == "gemma3")
+        if multimodal:  # Gemma 3 4B / 12B / 27B: the text model inside (models/gemma3.py, text_weights)
+            cfg, archs = gemma3_text_config(cfg), ["Gemma3ForCausalLM"]
         arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                                        "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                                        "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
@@ -154,7 +160,7 @@ class ModelConfig:
         if gemma3:
             from .models.gemma3 import GEMMA3_DEFAULTS
             cfg = {**GEMMA3_DEFAULTS, **cfg}  # HF's class defaults for what config.json leaves out
-            act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+            act = cfg.get("hidden_activation") or "gelu_pytorch_tanh"  # HF's Gemma 3 reads this key only
             if act != "gelu_pytorch_tanh":
                 raise ValueError(f"unsupported hidden_activation {act!r} for Gemma 3; only 'gelu_pytorch_tanh' is supported")
         elif cfg.get("hidden_act", "silu") != "silu":
@@ -232,6 +238,7 @@ class ModelConfig:
             fp8_weight_block_size=block_size,
             **granite,
             **moe,
+            text_of_multimodal=multimodal,
         )
 
     @classmethod

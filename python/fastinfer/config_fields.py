@@ -234,18 +234,25 @@ def _gemma3(cfg: dict) -> dict:
     if window is not None and (not _is_int(window) or window < 1):
         raise ValueError(f"config: sliding_window must be a positive integer or null, got {window!r}")
     sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    # HF's Gemma3TextConfig.convert_rope_params_to_dict, in its order: rope_parameters keyed by layer type (or the
+    # defaults), a 4.x rope_scaling merged into the global layers' entry, then rope_theta / rope_local_base_freq
+    # where an entry has no theta (a legacy "type" key beside the default "rope_type" changes nothing, as in HF)
     params = cfg.get("rope_parameters")
-    if isinstance(params, dict) and ("full_attention" in params or "sliding_attention" in params):
-        full, local = dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
-    else:
-        if params is not None:
-            raise ValueError(f"config: Gemma 3's rope_parameters must be keyed by layer type "
-                             f"(full_attention / sliding_attention), got {params!r}")
-        full = dict(cfg.get("rope_scaling") or {})
-        full.setdefault("rope_theta", cfg.get("rope_theta", 1_000_000.0))
-        local = {"rope_theta": cfg.get("rope_local_base_freq", 10_000.0)}
-    full.setdefault("rope_theta", 1_000_000.0)
-    local.setdefault("rope_theta", 10_000.0)
+    if params is not None and not (isinstance(params, dict) and set(params) <= {"full_attention", "sliding_attention"}):
+        raise ValueError(f"config: Gemma 3's rope_parameters must be keyed by layer type "
+                         f"(full_attention / sliding_attention), got {params!r}")
+    params = params or {}
+    full = dict(params.get("full_attention") or {"rope_type": "default"})
+    local = dict(params.get("sliding_attention") or {"rope_type": "default"})
+    scaling = cfg.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        raise ValueError(f"config: rope_scaling must be a JSON object or null, got {scaling!r}")
+    full.update(scaling or {})
+    full.setdefault("rope_theta", cfg.get("rope_theta", 1_000_000.0))
+    local.setdefault("rope_theta", cfg.get("rope_local_base_freq", 10_000.0))
+    for entry in (full, local):
+        if entry.get("rope_type", entry.get("type")) in ("longrope", "su"):
+            raise ValueError("config: LongRoPE in Gemma 3's rope_parameters is not supported")
     length = {"max_position_embeddings": cfg["max_position_embeddings"]}
     theta, scaling, _ = _rope({**length, "rope_parameters": full})
     local_theta, local_scaling, _ = _rope({**length, "rope_parameters": local})
@@ -259,3 +266,19 @@ def _gemma3(cfg: dict) -> dict:
                 sliding_window_layers=sliding if sliding and window else None,
                 attention_multiplier=scalar ** -0.5, embedding_multiplier=cfg["hidden_size"] ** 0.5,
                 final_logit_softcapping=None if cap is None else float(cap))
+
+
+def gemma3_text_config(cfg: dict) -> dict:
+    """The text model's config of a Gemma3ForConditionalGeneration checkpoint: its text_config, with what the
+    wrapper's config holds for the whole model (tie_word_embeddings, special token ids, dtype) where the text
+    config does not say."""
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        raise ValueError(f"config: a Gemma3ForConditionalGeneration config needs a text_config object, got {text!r}")
+    text = dict(text)
+    for key in ("tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "dtype", "torch_dtype",
+                "quantization_config"):
+        if key in cfg and text.get(key) is None:
+            text[key] = cfg[key]
+    text["architectures"], text["model_type"] = ["Gemma3ForCausalLM"], "gemma3_text"
+    return text

@@ -160,7 +160,8 @@ def _from_hf_model(hf_model, dtype, device, quantization) -> LoadedModel:
     if device is None:
         device = next(hf_model.parameters()).device
     kind = _dense_kind(cfg, quantization)
-    from .peft import is_peft_model, merged_state_dict
+    from .peft import is_peft_model, merged_state_dict, refuse_unmergeable
+    refuse_unmergeable(hf_model)
     weights = merged_state_dict(hf_model) if is_peft_model(hf_model) else hf_model.state_dict()
     model = _build(cfg, dtype, device, weights.items(), kind)
     gen = getattr(hf_model, "generation_config", None)

@@ -6,9 +6,10 @@ they replace.
     W' = W + sum over active adapters a of  get_delta_weight(a)     (PEFT's own: B_a @ A_a * scaling_a)
 
 PEFT's unmerged forward computes x W^T + (x A^T B^T) s, so the merged weights give its outputs to rounding.
-An adapter that is disabled (`with model.disable_adapter():`), already merged into the base weights
-(`merge_adapter()`), or not active contributes nothing. What is refused, by name: adapters other than LoRA,
-LoRA variants (DoRA, ...), LoRA biases, and LoRA on modules other than linear layers and embeddings.
+An adapter that is disabled (`with model.disable_adapter():`, merged ones then taken out again, as PEFT's forward
+unmerges them), already merged into the base weights (`merge_adapter()`), or not active contributes nothing. What is refused, by name: adapters other than LoRA,
+LoRA variants (DoRA, ...), LoRA biases, LoRA on modules other than linear layers and embeddings, trainable
+tokens, PeftMixedModel, and adapters loaded into a transformers model with load_adapter().
 
 PEFT is never imported: these are PEFT's public module attributes (lora_A / lora_B, base_layer, merged,
 disable_adapters, active_adapters, get_delta_weight; ModulesToSaveWrapper's original_module / modules_to_save).
@@ -24,8 +25,20 @@ def is_peft_model(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
+def refuse_unmergeable(model) -> None:
+    """Adapter setups this module does not merge, named (before they fail as unexpected weight names)."""
+    if type(model).__name__ == "PeftMixedModel":
+        raise ValueError("a PeftMixedModel (mixed adapter types) is not supported; use a PeftModel of LoRA adapters")
+    if getattr(model, "_hf_peft_config_loaded", False):
+        raise ValueError("adapters loaded into a transformers model with load_adapter() are not supported: load them "
+                         "with peft.PeftModel.from_pretrained(model, adapter) instead")
+
+
 def check_peft_model(model) -> None:
     """Refuse adapter kinds the merge does not cover, before anything is computed."""
+    for _, module in model.get_base_model().named_modules():
+        if hasattr(module, "token_adapter"):
+            raise ValueError("PEFT trainable tokens (LoraConfig trainable_token_indices) are not supported")
     for name, config in model.peft_config.items():
         kind = str(getattr(getattr(config, "peft_type", None), "value", getattr(config, "peft_type", None)))
         if kind != "LORA":
@@ -39,8 +52,10 @@ def adapter_state(model) -> tuple:
     state = []
     for _, module in model.get_base_model().named_modules():
         if hasattr(module, "lora_A") or hasattr(module, "modules_to_save"):
+            # set_scale / rescale_adapter_scale change scaling without touching a parameter
             state.append((tuple(module.active_adapters), bool(module.disable_adapters),
-                          bool(getattr(module, "merged", False))))
+                          tuple(getattr(module, "merged_adapters", ())),
+                          tuple(sorted(getattr(module, "scaling", {}).items()))))
     return tuple(state)
 
 
@@ -80,10 +95,13 @@ def _merged_lora(path: str, module) -> dict[str, torch.Tensor]:
     state = {"weight": weight}
     if getattr(base_layer, "bias", None) is not None:
         state["bias"] = base_layer.bias
-    if module.disable_adapters or module.merged:  # merged: base_layer already holds the deltas
+    merged = list(getattr(module, "merged_adapters", ()))
+    if module.merged and not module.disable_adapters:  # base_layer holds the deltas; PEFT then runs it alone
         return state
+    # disabled: PEFT unmerges what was merged and runs the base layer; otherwise the active adapters' deltas
+    adapters, sign = (merged, -1.0) if module.disable_adapters else (module.active_adapters, 1.0)
     delta = None
-    for adapter in module.active_adapters:
+    for adapter in adapters:
         if adapter not in module.lora_A and adapter not in getattr(module, "lora_embedding_A", {}):
             continue  # this layer is not adapted by that adapter
         variant = getattr(module, "lora_variant", {}).get(adapter) or getattr(module, "use_dora", {}).get(adapter)
@@ -97,5 +115,5 @@ def _merged_lora(path: str, module) -> dict[str, torch.Tensor]:
     if delta is not None:
         if tuple(delta.shape) != tuple(weight.shape):
             raise ValueError(f"{path}: the LoRA delta has shape {tuple(delta.shape)}, the weight {tuple(weight.shape)}")
-        state["weight"] = (weight.to(torch.float32) + delta).to(weight.dtype)
+        state["weight"] = (weight.to(torch.float32) + sign * delta).to(weight.dtype)
     return state

@@ -27,6 +27,22 @@ GEMMA3_DEFAULTS = {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_windo
                    "pad_token_id": 0}
 
 
+def text_weights(weights):
+    """A Gemma3ForConditionalGeneration's tensors as its text model's names: transformers 5's
+    model.language_model.* and 4.x checkpoints' language_model.model.* become model.*, language_model.lm_head
+    lm_head; the vision tower's and the projector's are skipped."""
+    for name, tensor in weights:
+        for old, new in (("model.language_model.", "model."), ("language_model.model.", "model."),
+                         ("language_model.lm_head.", "lm_head.")):
+            if name.startswith(old):
+                yield new + name[len(old):], tensor
+                break
+        else:
+            if not name.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                                    "model.multi_modal_projector.")):
+                yield name, tensor
+
+
 def gemma_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """HF's Gemma3RMSNorm with weight = 1 + w already in fp32."""
     xf = x.float()

@@ -264,6 +264,9 @@ class LlamaForCausalLM:
         self.dtype = dtype or cfg.dtype
         self.device = torch.device(device)
         self.quantization = kind.method if isinstance(kind, QuantConfig) else kind  # None, "fp8" or a 4-bit method
+        if self.device.type == "cuda" and cfg.head_dim not in (64, 128):
+            raise ValueError(f"head_dim {cfg.head_dim}: fastinfer's CUDA attention kernels support head_dim 64 and 128; "
+                             f"this model runs on the CPU only (load it with device='cpu')")
         self.embed = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, device=self.device)
         layer_class = LlamaLayer
         self.gemma = cfg.architecture == "Gemma3ForCausalLM"
@@ -350,6 +353,9 @@ class LlamaForCausalLM:
         """Copy HF-named tensors into the fused parameters; every parameter must be filled exactly
         (models/llama_weights.py)."""
         cfg = self.config
+        if cfg.text_of_multimodal:  # Gemma 3 4B+: the text model's tensors, renamed
+            from .gemma3 import text_weights
+            weights = text_weights(weights)
         if cfg.residual_multiplier != 1.0:  # Granite: folded into the projections that feed the residual adds
             weights = llama_weights.residual_scaled(weights, cfg.residual_multiplier)
         llama_weights.load_weights(self, weights)
@@ -358,7 +364,8 @@ class LlamaForCausalLM:
             multiplier = torch.tensor(multiplier, dtype=torch.float32).to(self.dtype).item()
             with torch.no_grad():
                 for norm in [self.norm] + [t for layer in self.layers for t in layer.norm_targets("").values()]:
-                    norm.add_(1.0)  # Gemma's norms scale by 1 + w (fp32)
+                    # HF keeps w in the model dtype and computes 1 + w in fp32
+                    norm.copy_(norm.to(self.dtype)).add_(1.0)
         if multiplier != 1.0:  # Granite, Gemma: the embedding rows scaled as HF scales them (one rounding)
             if self.lm_head is self.embed:  # tied: the LM head keeps the unscaled rows
                 self.lm_head = self.embed.clone()
