@@ -333,3 +333,24 @@ def test_logit_bias_and_allowed_ids_outside_the_vocabulary_fail_the_request(with
     for kwargs in (dict(logit_bias={vocab: 1.0}), dict(allowed_token_ids=[0, vocab + 3])):
         with pytest.raises(ValueError, match="outside the vocabulary"):
             llm.generate(["hello"], SamplingParams(max_tokens=2, **kwargs), use_tqdm=False)
+
+
+def test_vllm_engine_arguments(loaded):
+    """LLM(seed=) seeds the draws of requests without their own seed, so two LLMs built with the same seed sample
+    the same tokens; vLLM's enable_chunked_prefill=True / swap_space / disable_log_stats / tokenizer_mode="auto"
+    are accepted, what fastinfer cannot honour is refused by name."""
+    params = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
+
+    def sampled(seed):
+        llm = LLM(loaded, seed=seed, enable_chunked_prefill=True, swap_space=4, disable_log_stats=False,
+                  tokenizer_mode="auto")
+        return llm.generate([[5, 6, 7]] * 3, params, use_tqdm=False)
+
+    first, again, other = sampled(123), sampled(123), sampled(7)
+    tokens = [o.outputs[0].token_ids for o in first]
+    assert tokens == [o.outputs[0].token_ids for o in again]
+    assert tokens != [o.outputs[0].token_ids for o in other]
+    for kwargs, match in [({"enable_chunked_prefill": False}, "enable_chunked_prefill"), ({"seed": "1"}, "seed"),
+                          ({"swap_space": -1}, "swap_space"), ({"tokenizer_mode": "slow"}, "tokenizer_mode")]:
+        with pytest.raises(ValueError, match=match):
+            LLM(loaded, **kwargs)

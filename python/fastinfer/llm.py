@@ -14,6 +14,7 @@ from .engine import Engine, EngineConfig
 from .generate import get_loaded
 from .models.llama import kv_cache_storage_dtype
 from .outputs import RequestOutput
+from .request_checks import check_vllm_engine_args
 from .sampling_params import SamplingParams
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
@@ -35,7 +36,9 @@ class LLM:
                  max_num_batched_tokens: int = 8192, enable_prefix_caching: bool = True,
                  speculative: dict | None = None, quantization: str | None = None, kv_cache_dtype: str = "auto",
                  enforce_eager: bool = False, cuda_graph_sizes: list[int] | None = None, tokenizer=None,
-                 tensor_parallel_size: int = 1, trust_remote_code: bool = False, speculative_config: dict | None = None):
+                 tensor_parallel_size: int = 1, trust_remote_code: bool = False, speculative_config: dict | None = None,
+                 seed: int | None = None, enable_chunked_prefill: bool | None = None, swap_space: float | None = None,
+                 disable_log_stats: bool = True, tokenizer_mode: str = "auto"):
         """quantization: None (the checkpoint's own format), "int4" (round-to-nearest at load),
         "gptq", "awq" or "gguf" (4-bit projections on the fused W4A16 kernel), or "fp8" (e4m3
         linear weights with per-channel scales, activations quantized per token; a bf16/fp32
@@ -49,7 +52,9 @@ class LLM:
         __call__ -> {"input_ids"} and decode) instead of the model's (an HF model object has none).
         tensor_parallel_size: 1 only (one GPU); trust_remote_code: accepted for vLLM's signature, no
         effect (fastinfer runs its own model code and never imports a checkpoint's). speculative_config:
-        vLLM's name for `speculative` (either, not both)."""
+        vLLM's name for `speculative` (either, not both). seed, enable_chunked_prefill, swap_space,
+        disable_log_stats, tokenizer_mode: vLLM's, see request_checks.check_vllm_engine_args."""
+        check_vllm_engine_args(seed, enable_chunked_prefill, swap_space, disable_log_stats, tokenizer_mode)
         if speculative_config is not None:
             if speculative is not None:
                 raise ValueError("give speculative or speculative_config (vLLM's name for it), not both")
@@ -80,6 +85,8 @@ class LLM:
                                                        graph_sizes=cuda_graph_sizes,
                                                        pipelined_decode=m.device.type == "cuda"))
         self._ids = itertools.count()
+        if seed is not None:  # vLLM's global seed, set last (nothing above draws after it): the CPU and every GPU
+            torch.manual_seed(seed)
 
     def _use_graphs(self, enforce_eager: bool) -> bool:
         return not enforce_eager and self.loaded.model.device.type == "cuda"

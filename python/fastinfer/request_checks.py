@@ -154,3 +154,23 @@ def new_request(request_id: str, prompt: str | list[int], token_ids: list[int], 
     seq = Sequence(request_id, 0, token_ids, params, gen, next(arrivals), extra_seen_ids)
     seq.ngram_history = ngram_history
     return _Request(request_id, prompt if isinstance(prompt, str) else None, token_ids, params, [seq])
+
+
+def check_vllm_engine_args(seed, enable_chunked_prefill, swap_space, disable_log_stats, tokenizer_mode) -> None:
+    """vLLM LLM() arguments a ported script passes, checked: seed (LLM seeds torch's generators with it once built,
+    as vLLM seeds its global state: the random draws of requests without their own seed); prefill is always chunked
+    (enable_chunked_prefill=False is refused); swap_space is accepted with no effect (a preempted sequence is
+    recomputed, never swapped to host memory); disable_log_stats has no effect (fastinfer logs no stats);
+    tokenizer_mode "auto" only."""
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+    if enable_chunked_prefill is not None and enable_chunked_prefill is not True:
+        raise ValueError(f"enable_chunked_prefill={enable_chunked_prefill!r}: fastinfer always chunks prefill "
+                         f"(max_num_batched_tokens per step); only True or None")
+    if swap_space is not None and (isinstance(swap_space, bool) or not isinstance(swap_space, (int, float))
+                                   or swap_space < 0):
+        raise ValueError(f"swap_space must be a non-negative number of GiB, got {swap_space!r}")
+    if not isinstance(disable_log_stats, bool):
+        raise ValueError(f"disable_log_stats must be a bool, got {disable_log_stats!r}")
+    if tokenizer_mode != "auto":
+        raise ValueError(f"tokenizer_mode={tokenizer_mode!r}: only 'auto' (the checkpoint's tokenizer, or tokenizer=)")
