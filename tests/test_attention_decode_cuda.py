@@ -323,3 +323,30 @@ def test_both_kernels_agree_closely(monkeypatch):
         monkeypatch.setenv("FASTINFER_DECODE_KERNEL", kernel)
         outs[kernel] = ops.paged_decode_attention(*args).float()
     assert (outs["tensor_cores"] - outs["cuda_cores"]).abs().max().item() < 2e-2
+
+
+# head_dim 256 (Gemma 3): the CUDA-core kernel (the tensor-core one has 64 / 128), bf16 / fp16 over a 16-bit cache
+D256_DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
+
+
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("num_heads,num_kv_heads", HEADS + [(40, 1)])
+@pytest.mark.parametrize("dtype", D256_DTYPES)
+def test_head_dim_256_sweep(dtype, num_heads, num_kv_heads, block_size):
+    check(SEQ_LENS, num_heads, num_kv_heads, 256, block_size, dtype)
+
+
+@pytest.mark.parametrize("seq_len", [1, 31, 33, 129, 4097])
+@pytest.mark.parametrize("dtype", D256_DTYPES)
+def test_head_dim_256_lengths_and_the_fused_merge(dtype, seq_len):
+    args = make_case([seq_len, 65], 8, 4, 256, 16, dtype, extra_blocks=3)
+    expected = ops.paged_decode_attention(*args)
+    assert_within_tolerance(expected, ref.paged_decode_attention(*args, dtype),
+                            ref.paged_decode_attention(*args, ref_dtype(dtype)))
+    check_fused_merge(args, expected)
+
+
+def test_head_dim_256_refuses_fp32():
+    args = make_case([7], 4, 2, 256, 16, torch.float32)
+    with pytest.raises(ValueError, match="head_dim 256 runs on CUDA with bfloat16 / float16"):
+        ops.paged_decode_attention(*args)

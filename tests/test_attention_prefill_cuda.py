@@ -319,3 +319,39 @@ def test_kv_by_tma_gives_the_same_bits():
     assert not bad, bad
     for case, r in zip(TMA_CASES, results):  # TMA ran where it applies (block sizes >= 8), and only there
         assert r["tma"] == [0, 1 if case[5] >= 8 else 0], (case, r)
+
+
+# head_dim 256 (Gemma 3): bf16 / fp16 over a 16-bit cache, 64-row tiles of 32 keys with Q read from shared memory
+D256_DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("num_heads,num_kv_heads", HEADS)
+@pytest.mark.parametrize("dtype", D256_DTYPES)
+def test_head_dim_256_sweep(dtype, num_heads, num_kv_heads, block_size):
+    check(*RAGGED, num_heads, num_kv_heads, 256, block_size, dtype)
+
+
+@pytest.mark.parametrize("seq_len,q_len", [(1, 1), (33, 33), (129, 129), (1023, 1023), (1023, 63), (4097, 1000)])
+@pytest.mark.parametrize("dtype", D256_DTYPES)
+def test_head_dim_256_lengths(dtype, seq_len, q_len):
+    check([seq_len], [q_len], 8, 4, 256, 16, dtype, layout="contiguous")
+
+
+@pytest.mark.parametrize("dtype", D256_DTYPES)
+def test_head_dim_256_many_sequences_and_forced_kernels(monkeypatch, dtype):
+    """70 ragged sequences; FASTINFER_PREFILL_KERNEL=wgmma (64 / 128 only) and block_m 128 still run the 64-row
+    mma.sync kernel at head_dim 256."""
+    gen = torch.Generator().manual_seed(8)
+    seq_lens = torch.randint(1, 300, (70,), generator=gen)
+    q_lens = (torch.rand(70, generator=gen) * (seq_lens + 1)).long().clamp(max=seq_lens)
+    for kernel in ("auto", "wgmma"):
+        monkeypatch.setenv("FASTINFER_PREFILL_KERNEL", kernel)
+        monkeypatch.setenv("FASTINFER_PREFILL_BLOCK_M", "128")
+        check(seq_lens.tolist(), q_lens.tolist(), 8, 1, 256, 32, dtype)
+
+
+def test_head_dim_256_refuses_fp32_and_an_fp8_cache():
+    args = make_case([7], [7], 4, 2, 256, 16, torch.float32)
+    with pytest.raises(ValueError, match="head_dim 256 runs on CUDA with bfloat16 / float16"):
+        ops.paged_prefill_attention(*args)

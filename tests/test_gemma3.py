@@ -135,11 +135,16 @@ def test_norm_weights_round_to_the_model_dtype():
     assert torch.equal(layer.input_norm, 1.0 + w.to(torch.bfloat16).float())
 
 
-def test_head_dim_256_is_refused_on_a_gpu_before_loading():
+def test_head_dims_the_gpu_kernels_lack_are_refused_before_loading():
+    """On CUDA: head_dim 64 / 128, and 256 in bf16 / fp16 (the attention kernels); anything else is refused when
+    the model is built, before any weight is read (on a machine without a GPU as well)."""
     from fastinfer.models.llama import LlamaForCausalLM
     cfg = ModelConfig.from_hf(make_hf_model("gemma3").config.to_dict())
-    with pytest.raises(ValueError, match="head_dim 16: .* device='cpu'"):
+    with pytest.raises(ValueError, match="head_dim 16 in torch.bfloat16: .*device='cpu'"):
         LlamaForCausalLM(cfg, torch.bfloat16, "cuda")
+    cfg = ModelConfig.from_hf(make_hf_model("gemma3", head_dim=256).config.to_dict())
+    with pytest.raises(ValueError, match="head_dim 256 in torch.float32: .*256 in bfloat16 / float16"):
+        LlamaForCausalLM(cfg, torch.float32, "cuda")
 
 
 @pytest.mark.parametrize("quantization", ["int4", "fp8"])
@@ -167,3 +172,23 @@ def test_bad_configs_name_the_field(change, match):
     cfg.update(change)
     with pytest.raises(ValueError, match=match):
         ModelConfig.from_hf(cfg)
+
+
+@pytest.mark.cuda
+def test_head_dim_256_on_the_gpu():
+    """Gemma 3's head_dim 256 in bf16 on the GPU (the 256 prefill / decode kernels): the prompt's top-1 tokens
+    agree with HF's fp32 forward, and each greedy token the engine decodes is HF's top-1 on the same prefix, or
+    within bf16's reach of it (0.05 in logprob)."""
+    model = make_hf_model("gemma3", seed=8, hidden_size=512, intermediate_size=512, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=256)
+    expected = hf_logits(model, PROMPT)
+    loaded = fastinfer.load_model(model, dtype=torch.bfloat16, device="cuda")
+    ours = fi_logits(loaded, PROMPT).float().cpu()
+    assert (ours.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+    assert (ours.log_softmax(-1) - expected.log_softmax(-1)).abs().max() < 0.3
+    llm = fastinfer.LLM(loaded, max_num_seqs=4)
+    out = llm.generate([PROMPT], fastinfer.SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0].token_ids
+    logprobs = hf_logits(model, PROMPT + out).log_softmax(-1)[len(PROMPT) - 1:-1]
+    chosen = logprobs.gather(1, torch.tensor(out)[:, None])[:, 0]
+    assert (logprobs.max(-1).values - chosen).max() < 0.05

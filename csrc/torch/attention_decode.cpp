@@ -34,7 +34,9 @@ void decode(const char* kOp, at::Tensor& out, const at::Tensor& query, const at:
               "contiguous in their last dimension");
   const int64_t head_dim = query.size(2);
   TORCH_CHECK(decode_head_dim_supported(static_cast<int>(head_dim)), "fastinfer.", kOp,
-              ": the CUDA kernel supports head_dim 64 and 128, got ", head_dim);
+              ": the CUDA kernel supports head_dim 64, 128 and 256, got ", head_dim);
+  TORCH_CHECK(head_dim != 256 || (kv_scale_ptr == nullptr && query.scalar_type() != at::kFloat), "fastinfer.", kOp,
+              ": head_dim 256 runs with bfloat16 / float16 queries over a 16-bit cache only");
   TORCH_CHECK(kv_cache.size(4) == head_dim && kv_cache.size(3) > 0 && query.size(1) % kv_cache.size(3) == 0,
               "fastinfer.", kOp,
               ": kv_cache [.., num_kv_heads, head_dim] must match query (heads a multiple of num_kv_heads)");

@@ -1,7 +1,7 @@
 // CUDA bindings of paged_prefill_attention over a plain or an FP8 (e4m3 + kv_scale) cache:
 // tensors -> PrefillParams, current stream, launch.
 // _ops.py has validated shapes, dtypes, devices and indices; the checks here cover what only the
-// CUDA kernel needs (head_dim 64 / 128, 16-byte aligned rows) and turn them into clear messages.
+// CUDA kernel needs (head_dim 64 / 128 / 256, 16-byte aligned rows) and turn them into clear messages.
 #include <torch/library.h>
 
 #include "fastinfer/attention/prefill.h"
@@ -46,7 +46,9 @@ void prefill(const char* kOp, at::Tensor& out, const at::Tensor& query, const at
   const float* kv_scale_ptr = check_kv_cache_dtype(kOp, query, kv_cache, kv_scale);
   const int64_t head_dim = query.size(2);
   TORCH_CHECK(prefill_supports_head_dim(static_cast<int>(head_dim)), kOp,
-              ": the CUDA kernel supports head_dim 64 and 128, got ", head_dim);
+              ": the CUDA kernel supports head_dim 64, 128 and 256, got ", head_dim);
+  TORCH_CHECK(head_dim != 256 || (kv_scale_ptr == nullptr && query.scalar_type() != at::kFloat), kOp,
+              ": head_dim 256 runs with bfloat16 / float16 queries over a 16-bit cache only");
   if (query.scalar_type() != at::kFloat) {
     TORCH_CHECK(is_16_byte_aligned(query) && is_16_byte_aligned(out) &&
                     reinterpret_cast<uintptr_t>(kv_cache.data_ptr()) % 16 == 0,
@@ -95,7 +97,7 @@ void prefill(const char* kOp, at::Tensor& out, const at::Tensor& query, const at
   // auto = wgmma at head_dim 128, mma at 64: on an H200 (bench/results/2026-11-28-h200-visit1) wgmma
   // ran B4 H32/8 S4096 D128 at 235 TFLOP/s against mma's 213, and D64 at 199 against mma's 202.
   const int kernel = env_choice(kOp, "FASTINFER_PREFILL_KERNEL", {"auto", "mma", "wgmma"});
-  const bool wgmma = kernel == 2 || (kernel == 0 && head_dim == 128);
+  const bool wgmma = (kernel == 2 && head_dim <= 128) || (kernel == 0 && head_dim == 128);  // 64 / 128 only
 #ifdef FASTINFER_HAS_SM90  // launch_paged_prefill_wgmma exists only in builds with 90a
   if (wgmma && wgmma_applies(query, kv_scale_ptr)) {
     check_launch(launch_paged_prefill_wgmma(p, stream_of(query)), kOp);

@@ -197,10 +197,13 @@ def _check_attention_common(op: str, query, kv_cache, kv_scale, block_tables, se
     if fp8 and query.device.type == "cuda" and query.dtype not in (torch.bfloat16, torch.float16):
         _fail(op, f"query must be torch.bfloat16 or torch.float16 over an {FP8} kv_cache on CUDA, got {query.dtype}")
     heads, head_dim = query.shape[1], query.shape[2]
-    if query.device.type == "cuda" and head_dim not in (64, 128):
+    if query.device.type == "cuda" and head_dim not in (64, 128, 256):
         # (checked here, not only in C++: a C++ error on this path once took a test process down on
         # an H200, inside torch's backtrace capture)
-        _fail(op, f"the CUDA kernels support head_dim 64 and 128, got {head_dim} (query.shape[2])")
+        _fail(op, f"the CUDA kernels support head_dim 64, 128 and 256, got {head_dim} (query.shape[2])")
+    if query.device.type == "cuda" and head_dim == 256 and (fp8 or query.dtype == torch.float32):
+        _fail(op, f"head_dim 256 runs on CUDA with bfloat16 / float16 queries over a 16-bit kv_cache only, got "
+                  f"{query.dtype} over {kv_cache.dtype}")
     num_kv_heads = kv_cache.shape[3]
     if kv_cache.shape[4] != head_dim:
         _fail(op, f"kv_cache head_dim {kv_cache.shape[4]} does not match query's {head_dim}")

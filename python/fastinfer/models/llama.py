@@ -264,9 +264,11 @@ class LlamaForCausalLM:
         self.dtype = dtype or cfg.dtype
         self.device = torch.device(device)
         self.quantization = kind.method if isinstance(kind, QuantConfig) else kind  # None, "fp8" or a 4-bit method
-        if self.device.type == "cuda" and cfg.head_dim not in (64, 128):
-            raise ValueError(f"head_dim {cfg.head_dim}: fastinfer's CUDA attention kernels support head_dim 64 and 128; "
-                             f"this model runs on the CPU only (load it with device='cpu')")
+        if self.device.type == "cuda" and (cfg.head_dim not in (64, 128, 256) or (
+                cfg.head_dim == 256 and self.dtype == torch.float32)):
+            raise ValueError(f"head_dim {cfg.head_dim} in {self.dtype}: fastinfer's CUDA attention kernels support "
+                             f"head_dim 64 and 128, and 256 in bfloat16 / float16; load it with dtype=torch.bfloat16 "
+                             f"or device='cpu'")
         self.embed = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, device=self.device)
         layer_class = LlamaLayer
         self.gemma = cfg.architecture == "Gemma3ForCausalLM"
@@ -380,6 +382,7 @@ class LlamaForCausalLM:
         cfg = self.config
         shape = (num_blocks, 2, block_size, cfg.num_kv_heads, cfg.head_dim)
         dtype = kv_cache_storage_dtype(kv_cache_dtype, self.dtype, self.device)
+        check_kv_cache_head_dim(kv_cache_dtype, cfg.head_dim, self.device)
         return [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.num_layers)]
 
 
@@ -396,3 +399,9 @@ def kv_cache_storage_dtype(kv_cache_dtype: str | None, model_dtype: torch.dtype,
         # The CUDA attention kernels over an e4m3 cache exist for bf16 / fp16 queries only.
         raise ValueError(f"kv_cache_dtype='fp8' on CUDA needs a bfloat16 or float16 model, got {model_dtype}")
     return FP8
+
+
+def check_kv_cache_head_dim(kv_cache_dtype: str | None, head_dim: int, device: torch.device) -> None:
+    """The CUDA attention kernels read an e4m3 cache at head_dim 64 and 128 only."""
+    if kv_cache_dtype == "fp8" and device.type == "cuda" and head_dim not in (64, 128):
+        raise ValueError(f"kv_cache_dtype='fp8' on CUDA needs head_dim 64 or 128, got {head_dim}")

@@ -415,7 +415,8 @@ inline cudaError_t plan_paged_decode_impl(const DecodeParams& p, DecodePlan* pla
                      p.window < (1 << 30) &&
                      static_cast<int64_t>(p.max_blocks) * p.block_size <= 0x7fffffff - mma::kTileKeys;
   if (!valid || plan == nullptr) return cudaErrorInvalidValue;
-  const bool tensor_cores = p.dtype != DType::kFloat32 && p.kernel != DecodeKernel::kCudaCores;
+  // the tensor-core kernel exists for head_dim 64 / 128; 256 takes the CUDA-core one
+  const bool tensor_cores = p.dtype != DType::kFloat32 && p.kernel != DecodeKernel::kCudaCores && p.head_dim <= 128;
   const int tile_tokens = tensor_cores ? mma::kTileKeys : kTileTokens;
   const int group = p.num_heads / p.num_kv_heads;
   int chunks = ceil_div(group, tensor_cores ? mma::kRows : kMaxHeadsPerCta);
@@ -455,7 +456,7 @@ cudaError_t launch_paged_decode(const DecodeParams& p, const DecodePlan& plan, v
   float* partial_lse =
       plan.num_splits == 1 ? nullptr
                            : partial_o + static_cast<size_t>(p.batch) * p.num_heads * plan.num_splits * kHeadDim;
-  if constexpr (!std::is_same_v<T, float>) {
+  if constexpr (!std::is_same_v<T, float> && kHeadDim <= 128) {
     if (plan.tensor_cores) {
       FI_CUDA_TRY((mma::launch<T, C, kHeadDim>(p, plan, partial_o, partial_lse, stream)));
     }
@@ -479,6 +480,9 @@ cudaError_t launch_paged_decode_for_dtype(const DecodeParams& p, const DecodePla
   switch (p.head_dim) {
     case 64: return launch_paged_decode<T, C, 64>(p, plan, workspace, stream);
     case 128: return launch_paged_decode<T, C, 128>(p, plan, workspace, stream);
+    case 256:  // bf16 / fp16 query and cache only (few instantiations; fp32 would spill)
+      if constexpr (std::is_same_v<T, C> && !std::is_same_v<T, float>) return launch_paged_decode<T, C, 256>(p, plan, workspace, stream);
+      else return cudaErrorInvalidValue;
   }
   return cudaErrorInvalidValue;  // unreachable after the plan's check; never a fallback
 }

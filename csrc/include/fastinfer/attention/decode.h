@@ -66,8 +66,9 @@ struct DecodePlan {
   size_t workspace_bytes;  // fp32 partial outputs + log-sum-exps of the splits; 0 when num_splits == 1
 };
 
-// Head dims with a compiled kernel; anything else is refused with cudaErrorInvalidValue.
-inline bool decode_head_dim_supported(int head_dim) { return head_dim == 64 || head_dim == 128; }
+// Head dims with a compiled kernel; anything else is refused with cudaErrorInvalidValue. head_dim 256 (Gemma 3)
+// runs the CUDA-core kernel, bf16 / fp16 only (fp32 or an e4m3 cache at 256 is refused).
+inline bool decode_head_dim_supported(int head_dim) { return head_dim == 64 || head_dim == 128 || head_dim == 256; }
 
 // Fills *plan; cudaErrorInvalidValue for parameters the kernel does not support.
 cudaError_t plan_paged_decode(const DecodeParams& p, DecodePlan* plan);

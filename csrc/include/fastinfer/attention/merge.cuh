@@ -24,12 +24,16 @@ namespace decode {
 constexpr int kMergeThreads = 128;
 constexpr int kMergeRowsPerCta = kMergeThreads / kWarpSize;
 
-// 8 or 16 bytes of a split's partial output, through L2 only (ld.global.cg): in the fused merge
-// (decode_work.cuh: merge_if_last) other CTAs of the same launch wrote them, and L1 is not coherent.
+// 8, 16 or 32 bytes (head_dim 64, 128, 256) of a split's partial output, through L2 only (ld.global.cg): in the
+// fused merge (decode_work.cuh: merge_if_last) other CTAs of the same launch wrote them, and L1 is not coherent.
 template <int kN>
 __device__ __forceinline__ void load_floats(float (&dst)[kN], const float* src) {
-  static_assert(kN == 2 || kN == 4, "a lane loads 8 or 16 bytes");
-  if constexpr (kN == 4) {
+  static_assert(kN == 2 || kN == 4 || kN == 8, "a lane loads 8, 16 or 32 bytes");
+  if constexpr (kN == 8) {
+    const float4 a = __ldcg(reinterpret_cast<const float4*>(src));
+    const float4 b = __ldcg(reinterpret_cast<const float4*>(src) + 1);
+    dst[0] = a.x, dst[1] = a.y, dst[2] = a.z, dst[3] = a.w, dst[4] = b.x, dst[5] = b.y, dst[6] = b.z, dst[7] = b.w;
+  } else if constexpr (kN == 4) {
     const float4 v = __ldcg(reinterpret_cast<const float4*>(src));
     dst[0] = v.x, dst[1] = v.y, dst[2] = v.z, dst[3] = v.w;
   } else {

@@ -75,9 +75,15 @@ namespace prefill {
 template <int kMB>
 constexpr int block_m() { return 64 * kMB; }
 // Keys per K / V tile: 64, or 32 for 128-row tiles at head_dim 128 (as FlashAttention-2 picks for
-// that shape), which keeps the two row blocks' scores and outputs (32 + 128 registers) from spilling.
+// that shape), which keeps the two row blocks' scores and outputs (32 + 128 registers) from spilling,
+// and 32 at head_dim 256 (64-row tiles only: a warp's 16 rows x 256 outputs are 128 registers).
 template <int kHeadDim, int kMB>
-constexpr int block_n() { return kMB == 2 && kHeadDim == 128 ? 32 : kBlockN; }
+constexpr int block_n() { return (kMB == 2 && kHeadDim == 128) || kHeadDim == 256 ? 32 : kBlockN; }
+// Whether a warp keeps its Q fragments in registers (64-row tiles up to head_dim 128) or reads them from
+// shared memory at each head-dim step (128-row tiles, and head_dim 256, whose 64 fragment registers the
+// outputs need).
+template <int kHeadDim, int kMB>
+constexpr bool q_in_registers() { return kMB == 1 && kHeadDim <= 128; }
 
 // Q, K, V tiles of T; for an e4m3 cache (C of 1 byte) also the staging tile the copies land in.
 template <typename T, typename C, int kHeadDim, int kMB>
@@ -170,10 +176,11 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_mma_kernel(const Pr
   __syncthreads();
 
   const int q_row0 = warp * kWarpRows;  // this warp's first row in the tile
-  // kMB = 1: the warp's 16 query rows as A fragments, one per 16-wide head-dim step (see ldmatrix_x4:
+  // q_in_registers: the warp's 16 query rows as A fragments, one per 16-wide head-dim step (see ldmatrix_x4:
   // matrices (rows +0..7, d +0..7), (rows +8..15, d +0..7), (rows +0..7, d +8..15), (+8..15, +8..15)).
-  uint32_t q_frag[kMB == 1 ? kHeadDim / 16 : 1][4];
-  if constexpr (kMB == 1) {
+  constexpr bool kQRegs = q_in_registers<kHeadDim, kMB>();
+  uint32_t q_frag[kQRegs ? kHeadDim / 16 : 1][4];
+  if constexpr (kQRegs) {
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
       ldmatrix_x4(q_frag[kk], sQ + swizzle<kHeadDim>(q_row0 + lane % 16, kk * 2 + lane / 16));
@@ -202,7 +209,7 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_mma_kernel(const Pr
     cp_async_commit();
 
     float s[kMB][kNB][4];
-    if constexpr (kMB == 1) {
+    if constexpr (kQRegs) {
       compute_scores<T, kHeadDim>(s[0], q_frag, sK, lane);
     } else {
       compute_scores_smem_q<T, kHeadDim, kMB, kNB>(s, sQ, q_row0, sK, lane);
@@ -241,7 +248,7 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_mma_kernel(const Pr
     }
 #pragma unroll
     for (int mb = 0; mb < kMB; ++mb) softmax[mb].update(s[mb], o[mb]);
-    if constexpr (kMB == 1) {
+    if constexpr (kQRegs) {  // 64-key tiles
       accumulate_pv<T, kHeadDim>(o[0], s[0], sV, lane);
     } else {
       accumulate_pv_blocks<T, kHeadDim, kMB, kNB>(o, s, sV, lane);
@@ -251,8 +258,8 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_mma_kernel(const Pr
     __syncthreads();  // K_{n+1} landed; every warp is done reading sV
   }
 
-  // Normalise, stage this warp's rows in its own rows of sQ (kMB = 2: every warp read all of its own
-  // rows, and only those, for the last time before the loop's last barrier), then write 16-byte
+  // Normalise, stage this warp's rows in its own rows of sQ (Q from shared memory: every warp read all of
+  // its own rows, and only those, for the last time before the loop's last barrier), then write 16-byte
   // chunks of the rows that exist.
   const float v_scale = kFp8 ? p.kv_scale[1] : 1.0f;
 #pragma unroll
@@ -368,8 +375,12 @@ cudaError_t launch_mma_tiles(const PrefillParams& p, cudaStream_t stream) {
 // prompt, not a decode-sized chunk or a speculative verify); 64-row tiles otherwise.
 template <typename T, typename C, int kHeadDim>
 cudaError_t launch_mma(const PrefillParams& p, cudaStream_t stream) {
-  const bool rows128 = p.block_m == 128 || (p.block_m == 0 && p.num_tokens >= int64_t{128} * p.batch);
-  return rows128 ? launch_mma_tiles<T, C, kHeadDim, 2>(p, stream) : launch_mma_tiles<T, C, kHeadDim, 1>(p, stream);
+  if constexpr (kHeadDim == 256) {  // 64-row tiles only (two row blocks' outputs would be 256 registers)
+    return launch_mma_tiles<T, C, kHeadDim, 1>(p, stream);
+  } else {
+    const bool rows128 = p.block_m == 128 || (p.block_m == 0 && p.num_tokens >= int64_t{128} * p.batch);
+    return rows128 ? launch_mma_tiles<T, C, kHeadDim, 2>(p, stream) : launch_mma_tiles<T, C, kHeadDim, 1>(p, stream);
+  }
 }
 
 template <int kHeadDim>
@@ -382,20 +393,28 @@ cudaError_t launch_fp32(const PrefillParams& p, cudaStream_t stream) {
 
 template <int kHeadDim>
 cudaError_t launch_for_head_dim(const PrefillParams& p, cudaStream_t stream) {
-  if (p.kv_scale != nullptr) {  // an e4m3 cache: bf16 / fp16 queries only (few instantiations)
+  if constexpr (kHeadDim == 256) {  // bf16 / fp16 query and cache only (few instantiations)
+    if (p.kv_scale == nullptr && p.dtype == DType::kFloat16) return launch_mma<__half, __half, kHeadDim>(p, stream);
+    if (p.kv_scale == nullptr && p.dtype == DType::kBFloat16) {
+      return launch_mma<__nv_bfloat16, __nv_bfloat16, kHeadDim>(p, stream);
+    }
+    return cudaErrorInvalidValue;
+  } else {
+    if (p.kv_scale != nullptr) {  // an e4m3 cache: bf16 / fp16 queries only (few instantiations)
+      switch (p.dtype) {
+        case DType::kFloat16: return launch_mma<__half, __nv_fp8_e4m3, kHeadDim>(p, stream);
+        case DType::kBFloat16: return launch_mma<__nv_bfloat16, __nv_fp8_e4m3, kHeadDim>(p, stream);
+        case DType::kFloat32: break;
+      }
+      return cudaErrorInvalidValue;
+    }
     switch (p.dtype) {
-      case DType::kFloat16: return launch_mma<__half, __nv_fp8_e4m3, kHeadDim>(p, stream);
-      case DType::kBFloat16: return launch_mma<__nv_bfloat16, __nv_fp8_e4m3, kHeadDim>(p, stream);
-      case DType::kFloat32: break;
+      case DType::kFloat32: return launch_fp32<kHeadDim>(p, stream);
+      case DType::kFloat16: return launch_mma<__half, __half, kHeadDim>(p, stream);
+      case DType::kBFloat16: return launch_mma<__nv_bfloat16, __nv_bfloat16, kHeadDim>(p, stream);
     }
     return cudaErrorInvalidValue;
   }
-  switch (p.dtype) {
-    case DType::kFloat32: return launch_fp32<kHeadDim>(p, stream);
-    case DType::kFloat16: return launch_mma<__half, __half, kHeadDim>(p, stream);
-    case DType::kBFloat16: return launch_mma<__nv_bfloat16, __nv_bfloat16, kHeadDim>(p, stream);
-  }
-  return cudaErrorInvalidValue;
 }
 
 }  // namespace prefill
@@ -409,6 +428,7 @@ inline cudaError_t launch_paged_prefill_attention_impl(const PrefillParams& p, c
   switch (p.head_dim) {
     case 64: return prefill::launch_for_head_dim<64>(p, stream);
     case 128: return prefill::launch_for_head_dim<128>(p, stream);
+    case 256: return prefill::launch_for_head_dim<256>(p, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -54,8 +54,9 @@ struct PrefillParams {
   int64_t num_blocks;  // kv_cache.size(0): the TMA map's extent (0: unknown, no TMA)
 };
 
-// Head dims the kernels are compiled for; anything else is refused with cudaErrorInvalidValue.
-inline bool prefill_supports_head_dim(int head_dim) { return head_dim == 64 || head_dim == 128; }
+// Head dims the kernels are compiled for; anything else is refused with cudaErrorInvalidValue. head_dim 256
+// (Gemma 3): bf16 / fp16 query and cache only (fp32 or an e4m3 cache at 256 is refused too).
+inline bool prefill_supports_head_dim(int head_dim) { return head_dim == 64 || head_dim == 128 || head_dim == 256; }
 
 // The bf16/fp16 tensor-core kernel copies 16-byte chunks: query, out and kv_cache must start on
 // 16-byte boundaries and their token / head strides must be multiples of 8 elements. Unmet:
