@@ -202,7 +202,7 @@ def test_opcheck():
 
 def test_unsupported_head_dim_is_a_clear_error():
     args = make_case([5], [5], 4, 2, 96, 16, torch.bfloat16)
-    with pytest.raises(ValueError, match="head_dim 64 and 128, got 96"):
+    with pytest.raises(ValueError, match="head_dim 64, 128 and 256, got 96"):
         ops.paged_prefill_attention(*args)
 
 
@@ -355,3 +355,7 @@ def test_head_dim_256_refuses_fp32_and_an_fp8_cache():
     args = make_case([7], [7], 4, 2, 256, 16, torch.float32)
     with pytest.raises(ValueError, match="head_dim 256 runs on CUDA with bfloat16 / float16"):
         ops.paged_prefill_attention(*args)
+    query, kv_cache, *rest = make_case([7], [7], 4, 2, 256, 16, torch.bfloat16, poison=False)
+    with pytest.raises(ValueError, match="head_dim 256 runs on CUDA .* 16-bit kv_cache only"):
+        ops.paged_prefill_attention(query, kv_cache.to(torch.float8_e4m3fn), *rest,
+                                    kv_scale=torch.ones(2, device=CUDA))

@@ -124,6 +124,25 @@ def test_decode(device, decode_kernels, dtype, extra_blocks, window):
 
 @pytest.mark.parametrize("window", [1, 33, 129, 1000])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_head_dim_256(device, dtype, window):
+    """Gemma 3's head_dim 256 (on CUDA: the 32-key prefill tiles, the CUDA-core decode kernel): windows, the
+    log-sum-exp, the fused split merge."""
+    args = prefill_case(*LONG, dtype, device, num_heads=4, num_kv_heads=2, head_dim=256, block_size=32)
+    check(ops.paged_prefill_attention, ref.paged_prefill_attention, args, window)
+    out, lse = ops.paged_prefill_attention(*args, window=window, return_lse=True)
+    assert_lse_close(lse, ref.paged_prefill_lse(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args),
+                                                window=window))
+    args = decode_case(DECODE_LENS, dtype, device, head_dim=256, extra_blocks=300)
+    ours = check(ops.paged_decode_attention, ref.paged_decode_attention, args, window)
+    if device.type == "cuda":
+        semaphores = torch.zeros(args[0].shape[0] * args[0].shape[1], dtype=torch.int32, device=device)
+        fused = ops.paged_decode_attention(*args, window=window, semaphores=semaphores)
+        torch.testing.assert_close(fused, ours, rtol=torch.finfo(ours.dtype).eps, atol=1e-6)
+        assert not semaphores.any()
+
+
+@pytest.mark.parametrize("window", [1, 33, 129, 1000])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_prefill_fp8_cache(device, prefill_block_m, dtype, window):
     """An e4m3 cache (the mma kernel, both tile heights): against the reference over the same cache
     dequantized (test_fp8_kv's rule)."""

@@ -1,4 +1,4 @@
-// Instantiates paged decode attention (every dtype x head_dim 64/128, plus the split merge) behind
+// Instantiates paged decode attention (every dtype x head_dim 64/128, bf16 / fp16 x 256, plus the split merge) behind
 // the non-template plan and launcher of attention/decode.h.
 #include "fastinfer/attention/decode.cuh"
 

@@ -266,9 +266,9 @@ class LlamaForCausalLM:
         self.quantization = kind.method if isinstance(kind, QuantConfig) else kind  # None, "fp8" or a 4-bit method
         if self.device.type == "cuda" and (cfg.head_dim not in (64, 128, 256) or (
                 cfg.head_dim == 256 and self.dtype == torch.float32)):
+            hint = "dtype=torch.bfloat16 or device='cpu'" if cfg.head_dim == 256 else "device='cpu'"
             raise ValueError(f"head_dim {cfg.head_dim} in {self.dtype}: fastinfer's CUDA attention kernels support "
-                             f"head_dim 64 and 128, and 256 in bfloat16 / float16; load it with dtype=torch.bfloat16 "
-                             f"or device='cpu'")
+                             f"head_dim 64 and 128, and 256 in bfloat16 / float16; load this model with {hint}")
         self.embed = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, device=self.device)
         layer_class = LlamaLayer
         self.gemma = cfg.architecture == "Gemma3ForCausalLM"

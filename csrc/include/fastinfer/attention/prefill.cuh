@@ -17,7 +17,9 @@
 //   mma instead of one (shared-memory traffic per mma 192 instead of 256 bytes in S = Q K^T, 128
 //   instead of 256 in P V), Q fragments are read from shared memory at each head-dim step, and at
 //   head_dim 128 the K/V tiles hold 32 keys (the two blocks' outputs take 128 registers). The
-//   launcher takes 128 rows when the sequences average >= 128 query rows.
+//   launcher takes 128 rows when the sequences average >= 128 query rows. head_dim 256 (Gemma 3, bf16 /
+//   fp16 over a 16-bit cache): 64 rows only, 32-key tiles, Q fragments read from shared memory (the
+//   warp's 16 x 256 outputs take 128 registers), (64 + 2 * 32) * 256 * 2 = 64 KiB of shared memory.
 //   grid = (query tiles of the whole ragged batch, H). The host cannot
 //   know the tiles per sequence without a sync, so grid.x is the bound (M = 64 or 128 rows)
 //   sum_b ceil(q_len_b / M) <= (num_tokens + (M - 1) * batch) / M, and each CTA finds its (sequence,
@@ -118,7 +120,8 @@ __device__ __forceinline__ void load_query_tile(T* sQ, const PrefillParams& p, i
 // row blocks per warp (64 or 128 query rows per CTA, see block_m).
 // Min. 1 CTA per SM in the launch bounds: without it ptxas held the head_dim 64 kernel to 128
 // registers and spilled 8 bytes. With it (sm_90a, nvcc 13.0): 172-180 registers at 64 rows and
-// D = 64 (3 CTAs of 128 threads per SM), 243-254 at D = 128 or 128 rows (2 CTAs per SM), no spills.
+// D = 64 (3 CTAs of 128 threads per SM), 243-254 at D = 128 or 128 rows (2 CTAs per SM), 244 at
+// D = 256 (64 rows, Q from shared memory), no spills.
 template <typename T, typename C, int kHeadDim, int kMB>
 __global__ void __launch_bounds__(kThreads, 1) paged_prefill_mma_kernel(const PrefillParams p) {
   constexpr int kBlockM = block_m<kMB>();

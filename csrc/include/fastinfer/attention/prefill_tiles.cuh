@@ -314,8 +314,8 @@ __device__ __forceinline__ void accumulate_pv(float (&o)[kHeadDim / 8][4], const
 }
 
 // S (kMB row blocks x 8 kNB keys per warp) = Q K_tile^T with Q's A fragments read from sQ at every
-// 16-wide head-dim step (the 128-row prefill tiles and the tensor-core decode kernel; the 64-row
-// prefill keeps them in registers: compute_scores). Rows q_row0 + 16 mb of sQ, keys 0 .. 8 kNB - 1 of
+// 16-wide head-dim step (the 128-row prefill tiles, the 64-row ones at head_dim 256 and the tensor-core
+// decode kernel; the 64-row prefill up to head_dim 128 keeps them in registers: compute_scores). Rows q_row0 + 16 mb of sQ, keys 0 .. 8 kNB - 1 of
 // sK: a caller's key offset that is a multiple of 8 rows may be folded into sK (the swizzle only
 // depends on row % 8).
 template <typename T, int kHeadDim, int kMB, int kNB>
