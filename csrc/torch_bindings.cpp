@@ -24,14 +24,16 @@ TORCH_LIBRARY(fastinfer, m) {
       "Tensor? q_norm=None, Tensor? k_norm=None, float norm_eps=0.0) -> ()");
   m.def(
       "paged_prefill_attention(Tensor(a!) out, Tensor query, Tensor kv_cache, Tensor cu_seqlens_q, "
-      "Tensor seq_lens, Tensor block_tables, float scale, Tensor(b!)? lse=None, int window=0) -> ()");
+      "Tensor seq_lens, Tensor block_tables, float scale, Tensor(b!)? lse=None, int window=0, "
+      "float softcap=0.0) -> ()");
   // window > 0: sliding-window attention, a query at position p sees keys (p - window, p] (HF's
-  // sliding_window); 0: full causal attention.
+  // sliding_window); 0: full causal attention. softcap > 0: each score s = scale * q.k becomes
+  // softcap * tanh(s / softcap) before the mask and softmax (Gemma 2's attn_logit_softcapping); 0: none.
   // semaphores: int32 [>= batch * num_heads] zeros, left zero; with them the CUDA kernel merges its
   // split-KV partials itself instead of launching a merge kernel (python/fastinfer/_ops.py).
   m.def(
       "paged_decode_attention(Tensor(a!) out, Tensor query, Tensor kv_cache, Tensor block_tables, "
-      "Tensor seq_lens, float scale, Tensor(b!)? semaphores=None, int window=0) -> ()");
+      "Tensor seq_lens, float scale, Tensor(b!)? semaphores=None, int window=0, float softcap=0.0) -> ()");
   // FP8 e4m3 (csrc/include/fastinfer/fp8.h). scale_a: [1] or [M]; scale_b: [1] or [N]; kv_scale: [2].
   m.def("fp8_quantize_per_token(Tensor(a!) out, Tensor(b!) scales, Tensor input) -> ()");
   m.def("fp8_quantize_per_tensor(Tensor(a!) out, Tensor(b!) scale, Tensor input, bool dynamic) -> ()");
@@ -48,10 +50,11 @@ TORCH_LIBRARY(fastinfer, m) {
   m.def(
       "paged_prefill_attention_fp8(Tensor(a!) out, Tensor query, Tensor kv_cache, Tensor kv_scale, "
       "Tensor cu_seqlens_q, Tensor seq_lens, Tensor block_tables, float scale, Tensor(b!)? lse=None, "
-      "int window=0) -> ()");
+      "int window=0, float softcap=0.0) -> ()");
   m.def(
       "paged_decode_attention_fp8(Tensor(a!) out, Tensor query, Tensor kv_cache, Tensor kv_scale, "
-      "Tensor block_tables, Tensor seq_lens, float scale, Tensor(b!)? semaphores=None, int window=0) -> ()");
+      "Tensor block_tables, Tensor seq_lens, float scale, Tensor(b!)? semaphores=None, int window=0, "
+      "float softcap=0.0) -> ()");
   // Speculative decoding: accept a prefix of each request's proposals, then emit one more token
   // (python/fastinfer/_ops.py: speculative_verify documents the arguments).
   m.def(

@@ -45,6 +45,11 @@ VARIANTS = {
         "pad_token_id": 0, "layer_types": ["sliding_attention", "full_attention"],
         "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
                             "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}}),
+    # Gemma 2: Gemma 3's layer without q / k norms, one rope table, every other layer sliding, attention scores and
+    # logits soft-capped (caps small enough to matter at these weights)
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {
+        "head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 6, "bos_token_id": 1, "eos_token_id": 2,
+        "pad_token_id": 0, "attn_logit_softcapping": 3.0, "final_logit_softcapping": 5.0}),
     # Granite-MoE: Granite's multipliers around a Mixtral-style MoE (top 2 of 4, softmax over the top-k logits)
     "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", {"embedding_multiplier": 6.0, "residual_multiplier": 0.5,
                                                               "attention_multiplier": 0.09, "logits_scaling": 4.0,

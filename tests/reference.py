@@ -96,7 +96,7 @@ def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int = 0) -> torch.
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
-              dtype: torch.dtype, window: int = 0) -> torch.Tensor:
+              dtype: torch.dtype, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """Causal masked-softmax attention of the LAST q_len positions of a seq_len context.
 
     query: [q_len, num_heads, head_dim]; key, value: [seq_len, num_kv_heads, head_dim].
@@ -110,6 +110,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale
     k = key.to(dtype).repeat_interleave(group, dim=1).transpose(0, 1)         # [H, seq_len, D]
     v = value.to(dtype).repeat_interleave(group, dim=1).transpose(0, 1)
     scores = torch.matmul(q, k.transpose(1, 2)) * scale                      # [H, q_len, seq_len]
+    if softcap:  # Gemma 2's attn_logit_softcapping
+        scores = torch.tanh(scores / softcap) * softcap
     q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
     k_pos = torch.arange(seq_len, device=query.device)
     scores = scores.masked_fill(~visible(q_pos, k_pos, window), float("-inf"))
@@ -119,7 +121,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale
 
 def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                             seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
-                            dtype: torch.dtype, window: int = 0) -> torch.Tensor:
+                            dtype: torch.dtype, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """query: [num_tokens, num_heads, head_dim], sequence b owning rows cu_seqlens_q[b]:[b+1]."""
     out = torch.zeros(query.shape, dtype=dtype, device=query.device)
     cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
@@ -127,14 +129,15 @@ def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, cu_seql
         if cu[b + 1] == cu[b]:
             continue
         key, value = gather_kv(kv_cache, block_tables[b], seq_len)
-        out[cu[b]:cu[b + 1]] = attention(query[cu[b]:cu[b + 1]], key, value, scale, dtype, window)
+        out[cu[b]:cu[b + 1]] = attention(query[cu[b]:cu[b + 1]], key, value, scale, dtype, window, softcap)
     return out
 
 
 def paged_prefill_lse(query: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                       seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
-                      window: int = 0) -> torch.Tensor:
-    """log(sum over visible keys of exp(scale * q . k)) per query row and head, in fp64:
+                      window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+    """log(sum over visible keys of exp(scale * q . k)) per query row and head, in fp64 (soft-capped scores with
+    softcap):
     [num_tokens, num_heads] (rows of empty sequences do not exist; every row sees key 0)."""
     lse = torch.full(query.shape[:2], float("nan"), dtype=torch.float64, device=query.device)
     cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
@@ -147,6 +150,8 @@ def paged_prefill_lse(query: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q:
         q = query[cu[b]:cu[b + 1]].double().transpose(0, 1)                          # [H, q_len, D]
         k = key.double().repeat_interleave(group, dim=1).transpose(0, 1)             # [H, seq_len, D]
         scores = torch.matmul(q, k.transpose(1, 2)) * scale
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
         q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
         k_pos = torch.arange(seq_len, device=query.device)
         scores = scores.masked_fill(~visible(q_pos, k_pos, window), float("-inf"))
@@ -156,10 +161,11 @@ def paged_prefill_lse(query: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q:
 
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, dtype: torch.dtype,
-                           window: int = 0) -> torch.Tensor:
+                           window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """One query token per sequence, query: [batch, num_heads, head_dim]."""
     cu_seqlens_q = torch.arange(query.shape[0] + 1, dtype=torch.int32)
-    return paged_prefill_attention(query, kv_cache, cu_seqlens_q, seq_lens, block_tables, scale, dtype, window)
+    return paged_prefill_attention(query, kv_cache, cu_seqlens_q, seq_lens, block_tables, scale, dtype, window,
+                                   softcap)
 
 
 # ---- FP8 e4m3 (the format: csrc/include/fastinfer/fp8.h) ------------------------------------------

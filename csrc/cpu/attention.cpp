@@ -36,12 +36,13 @@ struct PagedKV {
   float k_scale = 1.0f, v_scale = 1.0f;
 };
 
-// One query row attends to keys [first_key, num_keys) of one sequence: softmax(q.k * scale) @ v in
-// fp32; lse (if not null) receives log(sum_j exp(q.k_j * scale)) over those keys.
+// One query row attends to keys [first_key, num_keys) of one sequence: softmax(s) @ v in fp32 with
+// s_j = q.k_j * scale, soft-capped to softcap * tanh(s_j / softcap) when softcap > 0 (Gemma 2); lse (if not
+// null) receives log(sum_j exp(s_j)) over those keys.
 // T: the query / output dtype; C: the cache's (T, or e4m3 for an FP8 cache).
 template <typename T, typename C>
 void attend_row(T* out, float* lse, const T* q, const PagedKV& kv, const int32_t* block_table, int64_t kv_head,
-                int64_t first_key, int64_t num_keys, float scale, std::vector<float>& scores,
+                int64_t first_key, int64_t num_keys, float scale, float softcap, std::vector<float>& scores,
                 std::vector<float>& acc) {
   const int64_t D = kv.head_dim, row = kv.num_kv_heads * D;
   const C* cache = static_cast<const C*>(kv.cache);
@@ -57,6 +58,7 @@ void attend_row(T* out, float* lse, const T* q, const PagedKV& kv, const int32_t
     float dot = 0.0f;
     for (int64_t d = 0; d < D; ++d) dot += static_cast<float>(q[d]) * load_float(k[d]);
     scores[j] = dot * score_scale;
+    if (softcap > 0.0f) scores[j] = softcap * std::tanh(scores[j] / softcap);  // Gemma 2
     max_score = std::max(max_score, scores[j]);
   }
   acc.assign(D, 0.0f);
@@ -108,8 +110,9 @@ void check_block_table(const int32_t* block_table, int64_t num_keys, const Paged
 
 void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor* kv_scale,
              const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, const at::Tensor& block_tables,
-             double scale, const std::optional<at::Tensor>& lse, int64_t window) {
+             double scale, const std::optional<at::Tensor>& lse, int64_t window, double softcap) {
   TORCH_CHECK(window >= 0, "paged_prefill_attention: window must be >= 0 (0: full attention), got ", window);
+  TORCH_CHECK(softcap >= 0, "paged_prefill_attention: softcap must be >= 0 (0: none), got ", softcap);
   const PagedKV kv = paged_kv(kv_cache, kv_scale);
   const int64_t batch = seq_lens.size(0), heads = query.size(1), group = heads / kv.num_kv_heads;
   const int32_t* cu = cu_seqlens_q.data_ptr<int32_t>();
@@ -145,15 +148,16 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cach
                          lse_data != nullptr ? lse_data + i : nullptr,  // i = r * heads + h
                          query.data_ptr<T>() + r * query.stride(0) + h * query.stride(1), kv,
                          tables + b * table_stride, h / group, window_start(position, window), position + 1,
-                         static_cast<float>(scale), scores, acc);
+                         static_cast<float>(scale), static_cast<float>(softcap), scores, acc);
       }
     });
   });
 }
 
 void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor* kv_scale,
-            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window) {
+            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window, double softcap) {
   TORCH_CHECK(window >= 0, "paged_decode_attention: window must be >= 0 (0: full attention), got ", window);
+  TORCH_CHECK(softcap >= 0, "paged_decode_attention: softcap must be >= 0 (0: none), got ", softcap);
   const PagedKV kv = paged_kv(kv_cache, kv_scale);
   const int64_t batch = query.size(0), heads = query.size(1), group = heads / kv.num_kv_heads;
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
@@ -172,7 +176,7 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache
         attend_row<T, C>(out.data_ptr<T>() + b * out.stride(0) + h * out.stride(1), nullptr,
                          query.data_ptr<T>() + b * query.stride(0) + h * query.stride(1), kv,
                          tables + b * table_stride, h / group, window_start(lens[b] - 1, window), lens[b],
-                         static_cast<float>(scale), scores, acc);
+                         static_cast<float>(scale), static_cast<float>(softcap), scores, acc);
       }
     });
   });
@@ -183,30 +187,30 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache
 void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                              const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
                              const at::Tensor& block_tables, double scale, const std::optional<at::Tensor>& lse,
-                             int64_t window) {
-  prefill(out, query, kv_cache, nullptr, cu_seqlens_q, seq_lens, block_tables, scale, lse, window);
+                             int64_t window, double softcap) {
+  prefill(out, query, kv_cache, nullptr, cu_seqlens_q, seq_lens, block_tables, scale, lse, window, softcap);
 }
 
 void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                             const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
                             const std::optional<at::Tensor>& /*semaphores: the CPU has no splits to merge*/,
-                            int64_t window) {
-  decode(out, query, kv_cache, nullptr, block_tables, seq_lens, scale, window);
+                            int64_t window, double softcap) {
+  decode(out, query, kv_cache, nullptr, block_tables, seq_lens, scale, window, softcap);
 }
 
 void paged_prefill_attention_fp8(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                                  const at::Tensor& kv_scale, const at::Tensor& cu_seqlens_q,
                                  const at::Tensor& seq_lens, const at::Tensor& block_tables, double scale,
-                                 const std::optional<at::Tensor>& lse, int64_t window) {
-  prefill(out, query, kv_cache, &kv_scale, cu_seqlens_q, seq_lens, block_tables, scale, lse, window);
+                                 const std::optional<at::Tensor>& lse, int64_t window, double softcap) {
+  prefill(out, query, kv_cache, &kv_scale, cu_seqlens_q, seq_lens, block_tables, scale, lse, window, softcap);
 }
 
 void paged_decode_attention_fp8(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                                 const at::Tensor& kv_scale, const at::Tensor& block_tables,
                                 const at::Tensor& seq_lens, double scale,
                                 const std::optional<at::Tensor>& /*semaphores: the CPU has no splits to merge*/,
-                                int64_t window) {
-  decode(out, query, kv_cache, &kv_scale, block_tables, seq_lens, scale, window);
+                                int64_t window, double softcap) {
+  decode(out, query, kv_cache, &kv_scale, block_tables, seq_lens, scale, window, softcap);
 }
 
 }  // namespace fastinfer::cpu

@@ -35,10 +35,10 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
 void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                              const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
                              const at::Tensor& block_tables, double scale, const std::optional<at::Tensor>& lse,
-                             int64_t window);
+                             int64_t window, double softcap);
 void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                             const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
-                            const std::optional<at::Tensor>& semaphores, int64_t window);
+                            const std::optional<at::Tensor>& semaphores, int64_t window, double softcap);
 void int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                  const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& mins, int64_t group_size);
 // out [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N]); x / out rows may be strided. weight_scale
@@ -92,10 +92,10 @@ void reshape_and_cache_fp8(const at::Tensor& key, const at::Tensor& value, at::T
 void paged_prefill_attention_fp8(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                                  const at::Tensor& kv_scale, const at::Tensor& cu_seqlens_q,
                                  const at::Tensor& seq_lens, const at::Tensor& block_tables, double scale,
-                                 const std::optional<at::Tensor>& lse, int64_t window);
+                                 const std::optional<at::Tensor>& lse, int64_t window, double softcap);
 void paged_decode_attention_fp8(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                                 const at::Tensor& kv_scale, const at::Tensor& block_tables,
                                 const at::Tensor& seq_lens, double scale, const std::optional<at::Tensor>& semaphores,
-                                int64_t window);
+                                int64_t window, double softcap);
 
 }  // namespace fastinfer::cpu

@@ -2,6 +2,7 @@
 // tensors -> DecodeParams, plan, workspace, launch.
 // The workspace (split partials) comes from torch's caching allocator on the current stream, so the
 // op also works inside CUDA-graph capture (the graph's private pool holds it).
+#include <cmath>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -16,7 +17,7 @@ namespace {
 // kOp names the op in messages; kv_scale nullptr for the plain op.
 void decode(const char* kOp, at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
             const at::Tensor* kv_scale, const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
-            const std::optional<at::Tensor>& semaphores, int64_t window) {
+            const std::optional<at::Tensor>& semaphores, int64_t window, double softcap) {
   // Second line of defence behind python/fastinfer/_ops.py, which checks all of this with ValueErrors.
   TORCH_CHECK(query.dim() == 3 && out.sizes() == query.sizes() && kv_cache.dim() == 5 && kv_cache.size(1) == 2,
               "fastinfer.", kOp, ": expected query/out [batch, num_heads, head_dim] and kv_cache "
@@ -73,6 +74,10 @@ void decode(const char* kOp, at::Tensor& out, const at::Tensor& query, const at:
   // auto: tensor cores for bf16 / fp16 queries (the choices' order is DecodeKernel's)
   p.kernel = static_cast<DecodeKernel>(
       env_choice(kOp, "FASTINFER_DECODE_KERNEL", {"auto", "cuda_cores", "tensor_cores"}));
+  TORCH_CHECK(softcap >= 0 && std::isfinite(softcap), "fastinfer.", kOp,
+              ": softcap must be a finite number >= 0 (0: none), got ", softcap);
+  p.softcap = static_cast<float>(softcap);
+  if (softcap > 0) p.kernel = DecodeKernel::kCudaCores;  // the kernel that applies it
   const cudaError_t err = cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, query.get_device());
   TORCH_CHECK(err == cudaSuccess, "fastinfer.", kOp, ": cudaDeviceGetAttribute failed: ", cudaGetErrorString(err));
   // The split heuristic's target (auto: the kernel's own); bench_fp8_kv.py sweeps it per kernel and cache dtype.
@@ -105,16 +110,17 @@ void decode(const char* kOp, at::Tensor& out, const at::Tensor& query, const at:
 
 void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                             const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
-                            const std::optional<at::Tensor>& semaphores, int64_t window) {
-  decode("paged_decode_attention", out, query, kv_cache, nullptr, block_tables, seq_lens, scale, semaphores, window);
+                            const std::optional<at::Tensor>& semaphores, int64_t window, double softcap) {
+  decode("paged_decode_attention", out, query, kv_cache, nullptr, block_tables, seq_lens, scale, semaphores, window,
+         softcap);
 }
 
 void paged_decode_attention_fp8(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                                 const at::Tensor& kv_scale, const at::Tensor& block_tables,
                                 const at::Tensor& seq_lens, double scale, const std::optional<at::Tensor>& semaphores,
-                                int64_t window) {
+                                int64_t window, double softcap) {
   decode("paged_decode_attention_fp8", out, query, kv_cache, &kv_scale, block_tables, seq_lens, scale, semaphores,
-         window);
+         window, softcap);
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 // tensors -> PrefillParams, current stream, launch.
 // _ops.py has validated shapes, dtypes, devices and indices; the checks here cover what only the
 // CUDA kernel needs (head_dim 64 / 128 / 256, 16-byte aligned rows) and turn them into clear messages.
+#include <cmath>
 #include <torch/library.h>
 
 #include "fastinfer/attention/prefill.h"
@@ -31,7 +32,8 @@ bool wgmma_applies(const at::Tensor& query, const float* kv_scale) {
 // kOp names the op in messages; kv_scale nullptr for the plain op.
 void prefill(const char* kOp, at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
              const at::Tensor* kv_scale, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
-             const at::Tensor& block_tables, double scale, const std::optional<at::Tensor>& lse, int64_t window) {
+             const at::Tensor& block_tables, double scale, const std::optional<at::Tensor>& lse, int64_t window,
+             double softcap) {
   TORCH_CHECK(query.dim() == 3 && out.dim() == 3 && kv_cache.dim() == 5 && block_tables.dim() == 2, kOp,
               ": query/out must be [num_tokens, num_heads, head_dim], kv_cache 5-d, block_tables 2-d");
   TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1 && kv_cache.is_contiguous() && block_tables.stride(1) == 1,
@@ -83,6 +85,9 @@ void prefill(const char* kOp, at::Tensor& out, const at::Tensor& query, const at
   p.block_table_stride = block_tables.stride(0);
   p.scale = static_cast<float>(scale);
   p.window = window_param(kOp, window);
+  TORCH_CHECK(softcap >= 0 && std::isfinite(softcap), kOp, ": softcap must be a finite number >= 0 (0: none), got ",
+              softcap);
+  p.softcap = static_cast<float>(softcap);
   p.dtype = to_dtype(query, kOp);
   // auto (0): 128 query rows per CTA when the sequences average >= 128 rows, else 64
   constexpr int kBlockM[] = {0, 64, 128};
@@ -97,7 +102,8 @@ void prefill(const char* kOp, at::Tensor& out, const at::Tensor& query, const at
   // auto = wgmma at head_dim 128, mma at 64: on an H200 (bench/results/2026-11-28-h200-visit1) wgmma
   // ran B4 H32/8 S4096 D128 at 235 TFLOP/s against mma's 213, and D64 at 199 against mma's 202.
   const int kernel = env_choice(kOp, "FASTINFER_PREFILL_KERNEL", {"auto", "mma", "wgmma"});
-  const bool wgmma = (kernel == 2 && head_dim <= 128) || (kernel == 0 && head_dim == 128);  // 64 / 128 only
+  // 64 / 128 only, and without soft-capping (the mma.sync kernel applies it)
+  const bool wgmma = ((kernel == 2 && head_dim <= 128) || (kernel == 0 && head_dim == 128)) && softcap == 0;
 #ifdef FASTINFER_HAS_SM90  // launch_paged_prefill_wgmma exists only in builds with 90a
   if (wgmma && wgmma_applies(query, kv_scale_ptr)) {
     check_launch(launch_paged_prefill_wgmma(p, stream_of(query)), kOp);
@@ -112,17 +118,17 @@ void prefill(const char* kOp, at::Tensor& out, const at::Tensor& query, const at
 void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                              const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
                              const at::Tensor& block_tables, double scale, const std::optional<at::Tensor>& lse,
-                             int64_t window) {
+                             int64_t window, double softcap) {
   prefill("paged_prefill_attention", out, query, kv_cache, nullptr, cu_seqlens_q, seq_lens, block_tables, scale,
-          lse, window);
+          lse, window, softcap);
 }
 
 void paged_prefill_attention_fp8(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                                  const at::Tensor& kv_scale, const at::Tensor& cu_seqlens_q,
                                  const at::Tensor& seq_lens, const at::Tensor& block_tables, double scale,
-                                 const std::optional<at::Tensor>& lse, int64_t window) {
+                                 const std::optional<at::Tensor>& lse, int64_t window, double softcap) {
   prefill("paged_prefill_attention_fp8", out, query, kv_cache, &kv_scale, cu_seqlens_q, seq_lens, block_tables,
-          scale, lse, window);
+          scale, lse, window, softcap);
 }
 
 }  // namespace

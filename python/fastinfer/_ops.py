@@ -226,6 +226,15 @@ def _check_window(op: str, window) -> int:
     return window
 
 
+def _check_softcap(op: str, softcap) -> float:
+    """An attention op's score soft-cap (Gemma 2): None / 0 -> 0.0 (none), else a finite positive number."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 <= softcap < math.inf:
+        _fail(op, f"softcap must be a finite number >= 0 or None (0 / None: no soft-capping), got {softcap!r}")
+    return float(softcap)
+
+
 def _check_attention_indices(op: str, kv_cache, block_tables, seq_lens, min_len: int) -> None:
     """Host-side: each sequence's length fits its table, and every block it uses exists."""
     lens = seq_lens.cpu()
@@ -246,7 +255,8 @@ def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, cu_seql
                             seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                             out: torch.Tensor | None = None, check_indices: bool = True,
                             kv_scale: torch.Tensor | None = None, return_lse: bool = False,
-                            lse: torch.Tensor | None = None, window: int | None = None):
+                            lse: torch.Tensor | None = None, window: int | None = None,
+                            softcap: float | None = None):
     """Causal varlen attention over the paged cache (K/V already written for every position).
 
     query: [num_tokens, num_heads, head_dim]; sequence b owns rows cu_seqlens_q[b]:cu_seqlens_q[b+1],
@@ -257,9 +267,12 @@ def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, cu_seql
     the outputs of attention over disjoint key ranges needs); then returns (out, lse).
     window (sliding-window attention, HF's ``sliding_window``): a query at position p sees only keys
     p - window < j <= p; None or 0: all keys up to p.
+    softcap (Gemma 2's attn_logit_softcapping): each score s = scale * q . k becomes softcap * tanh(s / softcap)
+    before the softmax (and in the log-sum-exp); None or 0: none. On a GPU the mma.sync kernel runs then.
     """
     op = "paged_prefill_attention"
     window = _check_window(op, window)
+    softcap = _check_softcap(op, softcap)
     _check_float(op, "query", query, ndim=3)
     _check(op, "cu_seqlens_q", cu_seqlens_q, ndim=1, dtype=torch.int32, device=query.device)
     batch = cu_seqlens_q.shape[0] - 1
@@ -285,17 +298,18 @@ def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, cu_seql
         _check_shape(op, "lse", lse, query.shape[:2])
     if fp8:
         _ops.paged_prefill_attention_fp8(out, query, kv_cache, kv_scale, cu_seqlens_q, seq_lens, block_tables,
-                                         float(scale), lse, window)
+                                         float(scale), lse, window, softcap)
     else:
         _ops.paged_prefill_attention(out, query, kv_cache, cu_seqlens_q, seq_lens, block_tables, float(scale), lse,
-                                     window)
+                                     window, softcap)
     return (out, lse) if lse is not None else out
 
 
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
                            check_indices: bool = True, kv_scale: torch.Tensor | None = None,
-                           semaphores: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
+                           semaphores: torch.Tensor | None = None, window: int | None = None,
+                           softcap: float | None = None) -> torch.Tensor:
     """One query token per sequence over its seq_lens[b] cached tokens. query: [batch, num_heads, head_dim].
     An FP8 kv_cache is read as e4m3 * kv_scale ([k_scale, v_scale], fp32).
     semaphores: int32 [>= batch * num_heads] on query's device, all zero (allocate once with
@@ -304,9 +318,10 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     instead of a second kernel (FASTINFER_DECODE_MERGE=kernel: the second kernel anyway); the
     result is the same bit for bit. The CPU ignores them.
     window (sliding-window attention): each query sees only its sequence's last `window` keys; None or
-    0: all of them."""
+    0: all of them. softcap: as paged_prefill_attention's (on a GPU the CUDA-core kernel runs then)."""
     op = "paged_decode_attention"
     window = _check_window(op, window)
+    softcap = _check_softcap(op, softcap)
     _check_float(op, "query", query, ndim=3)
     fp8 = _check_attention_common(op, query, kv_cache, kv_scale, block_tables, seq_lens, query.shape[0])
     if semaphores is not None:
@@ -322,9 +337,10 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     _check_shape(op, "out", out, query.shape)
     if fp8:
         _ops.paged_decode_attention_fp8(out, query, kv_cache, kv_scale, block_tables, seq_lens, float(scale), semaphores,
-                                        window)
+                                        window, softcap)
     else:
-        _ops.paged_decode_attention(out, query, kv_cache, block_tables, seq_lens, float(scale), semaphores, window)
+        _ops.paged_decode_attention(out, query, kv_cache, block_tables, seq_lens, float(scale), semaphores, window,
+                                    softcap)
     return out
 
 

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import torch
 
-from .config_fields import (MAX_POSITION_EMBEDDINGS, _gemma3, _granite_scalars, _is_int, _is_number, _moe,
+from .config_fields import (MAX_POSITION_EMBEDDINGS, _gemma, _granite_scalars, _is_int, _is_number, _moe,
                             _optional_positive_int, _rope, _sliding_window, gemma3_text_config)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                            "Phi3ForCausalLM", "GraniteForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
-                           "Qwen3MoeForCausalLM", "GraniteMoeForCausalLM", "Olmo2ForCausalLM", "Gemma3ForCausalLM")
+                           "Qwen3MoeForCausalLM", "GraniteMoeForCausalLM", "Olmo2ForCausalLM", "Gemma2ForCausalLM",
+                           "Gemma3ForCausalLM")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "half": torch.float16,
            "float": torch.float32}
@@ -66,13 +67,15 @@ class ModelConfig:
     residual_multiplier: float = 1.0
     attention_multiplier: float | None = None
     logits_scaling: float = 1.0
-    # Gemma 3 (models/gemma3.py): the sliding-window layers' own rope (theta, scaling); logits soft-capped as
-    # cap * tanh(logits / cap). Its attention scale and embedding scale use the two Granite fields above.
+    # Gemma 2 / 3 (models/gemma.py): Gemma 3's sliding-window layers' own rope (theta, scaling); logits soft-capped
+    # as cap * tanh(logits / cap); Gemma 2's attention scores the same way. Their attention scale and embedding
+    # scale use the two Granite fields above.
     local_rope_theta: float | None = None
     local_rope_scaling: dict | None = None
     final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None
     # a multimodal checkpoint whose text model this is (Gemma3ForConditionalGeneration): its weights are renamed and
-    # the vision tower's skipped as they load (models/gemma3.py, text_weights)
+    # the vision tower's skipped as they load (models/gemma.py, text_weights)
     text_of_multimodal: bool = False
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
@@ -144,25 +147,27 @@ class ModelConfig:
         if not isinstance(archs, (list, tuple)) or not all(isinstance(a, str) for a in archs):
             raise ValueError(f"config: architectures must be a list of class names, got {archs!r}")
         multimodal = (archs[:1] == ["Gemma3ForConditionalGeneration"]) or (not archs and cfg.get("model_type") == "gemma3")
-        if multimodal:  # Gemma 3 4B / 12B / 27B: the text model inside (models/gemma3.py, text_weights)
+        if multimodal:  # Gemma 3 4B / 12B / 27B: the text model inside (models/gemma.py, text_weights)
             cfg, archs = gemma3_text_config(cfg), ["Gemma3ForCausalLM"]
         arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                                        "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                                        "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
                                        "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                                        "qwen3_moe": "Qwen3MoeForCausalLM", "granitemoe": "GraniteMoeForCausalLM",
-                                       "olmo2": "Olmo2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}.get(
+                                       "olmo2": "Olmo2ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                                       "gemma3_text": "Gemma3ForCausalLM"}.get(
                                            cfg.get("model_type"), None)
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unsupported architecture {arch or cfg.get('model_type')!r}; fastinfer supports "
                              f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-        gemma3 = arch == "Gemma3ForCausalLM"
-        if gemma3:
-            from .models.gemma3 import GEMMA3_DEFAULTS
-            cfg = {**GEMMA3_DEFAULTS, **cfg}  # HF's class defaults for what config.json leaves out
-            act = cfg.get("hidden_activation") or "gelu_pytorch_tanh"  # HF's Gemma 3 reads this key only
+        gemma = arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+        if gemma:
+            from .models.gemma import GEMMA2_DEFAULTS, GEMMA3_DEFAULTS
+            # HF's class defaults for what config.json leaves out
+            cfg = {**(GEMMA2_DEFAULTS if arch == "Gemma2ForCausalLM" else GEMMA3_DEFAULTS), **cfg}
+            act = cfg.get("hidden_activation") or "gelu_pytorch_tanh"  # HF's Gemma reads this key only
             if act != "gelu_pytorch_tanh":
-                raise ValueError(f"unsupported hidden_activation {act!r} for Gemma 3; only 'gelu_pytorch_tanh' is supported")
+                raise ValueError(f"unsupported hidden_activation {act!r} for Gemma; only 'gelu_pytorch_tanh' is supported")
         elif cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}; only 'silu' is supported")
         if cfg.get("mlp_bias") and arch in ("LlamaForCausalLM", "GraniteForCausalLM"):  # Qwen2 / Mistral's HF code has none
@@ -181,8 +186,8 @@ class ModelConfig:
             head_dim = cfg["hidden_size"] // heads
         elif not _is_int(head_dim) or head_dim < 1:
             raise ValueError(f"config: head_dim must be a positive integer, got {head_dim!r}")
-        rope_theta, rope_scaling, partial = _rope(cfg, partial_rotary=arch == "Phi3ForCausalLM") if not gemma3 \
-            else (0.0, None, 1.0)  # Gemma 3's two rope settings: _gemma3
+        rope_theta, rope_scaling, partial = _rope(cfg, partial_rotary=arch == "Phi3ForCausalLM") if not gemma \
+            else (0.0, None, 1.0)  # Gemma's rope settings: _gemma
         # HF's config classes' defaults when the key is absent
         eps = cfg.get("rms_norm_eps", 1e-5 if arch in ("Phi3ForCausalLM", "MixtralForCausalLM", "Olmo2ForCausalLM")
                       else 1e-6)
@@ -202,8 +207,8 @@ class ModelConfig:
         window, window_layers = _sliding_window(cfg, arch)
         granite = _granite_scalars(cfg) if arch in ("GraniteForCausalLM", "GraniteMoeForCausalLM") else {}
         moe = _moe(cfg, arch)
-        if gemma3:
-            moe = _gemma3(cfg)  # (no MoE: the same slot carries Gemma 3's fields)
+        if gemma:
+            moe = _gemma(cfg, arch)  # (no MoE: the same slot carries Gemma's fields)
             rope_theta, rope_scaling = moe.pop("rope_theta"), moe.pop("rope_scaling")
             window, window_layers = moe.pop("sliding_window"), moe.pop("sliding_window_layers")
         return cls(

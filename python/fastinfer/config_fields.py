@@ -211,20 +211,23 @@ def _moe(cfg: dict, arch: str) -> dict:
 
 
 
-def _gemma3(cfg: dict) -> dict:
-    """Gemma 3's fields as HF's Gemma3TextConfig / Gemma3Attention read them (cfg has GEMMA3_DEFAULTS filled in):
+def _gemma(cfg: dict, arch: str) -> dict:
+    """Gemma 2's and Gemma 3's fields as HF's Gemma2Config / Gemma3TextConfig and their attention read them (cfg
+    has the class defaults filled in). Gemma 2: every other layer sliding (layer_types, else layers 0, 2, ...),
+    one rope setting, the attention scores soft-capped (attn_logit_softcapping, null: none). Gemma 3:
     layer_types (or every sliding_window_pattern-th layer global), the sliding layers' window, two rope settings
     (rope_parameters keyed by layer type, or the 4.x rope_theta + rope_scaling for the global layers and
     rope_local_base_freq for the sliding ones), query_pre_attn_scalar ** -0.5 as the attention scale, the
-    embedding scale sqrt(hidden_size), final_logit_softcapping. Attention logit soft-capping (Gemma 2's) and
+    embedding scale sqrt(hidden_size), final_logit_softcapping. Gemma 3 with attention soft-capping and
     bidirectional attention are refused."""
-    for key in ("attn_logit_softcapping", "use_bidirectional_attention"):
+    gemma2 = arch == "Gemma2ForCausalLM"
+    for key in ("use_bidirectional_attention",) + (() if gemma2 else ("attn_logit_softcapping",)):
         if cfg.get(key):
             raise ValueError(f"config: {key}={cfg[key]!r} is not supported")
     layers = cfg["num_hidden_layers"]
     types = cfg.get("layer_types")
     if types is None:
-        pattern = _optional_positive_int(cfg, "sliding_window_pattern", 6)
+        pattern = 2 if gemma2 else _optional_positive_int(cfg, "sliding_window_pattern", 6)
         types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
     if (not isinstance(types, (list, tuple)) or len(types) != layers
             or any(t not in ("sliding_attention", "full_attention") for t in types)):
@@ -234,6 +237,21 @@ def _gemma3(cfg: dict) -> dict:
     if window is not None and (not _is_int(window) or window < 1):
         raise ValueError(f"config: sliding_window must be a positive integer or null, got {window!r}")
     sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    caps = {}
+    for key in ("final_logit_softcapping",) + (("attn_logit_softcapping",) if gemma2 else ()):
+        cap = cfg.get(key)
+        if cap is not None and (not _is_number(cap) or not 0 < cap < math.inf):
+            raise ValueError(f"config: {key} must be a positive number or null, got {cap!r}")
+        caps[key] = None if cap is None else float(cap)
+    scalar = cfg.get("query_pre_attn_scalar")
+    if not _is_number(scalar) or not 0 < scalar < math.inf:
+        raise ValueError(f"config: query_pre_attn_scalar must be a positive number, got {scalar!r}")
+    common = dict(sliding_window=window if sliding and window else None,
+                  sliding_window_layers=sliding if sliding and window else None,
+                  attention_multiplier=scalar ** -0.5, embedding_multiplier=cfg["hidden_size"] ** 0.5, **caps)
+    if gemma2:  # one rope setting for every layer
+        theta, scaling, _ = _rope(cfg)
+        return dict(rope_theta=theta, rope_scaling=scaling, **common)
     # HF's Gemma3TextConfig.convert_rope_params_to_dict, in its order: rope_parameters keyed by layer type (or the
     # defaults), a 4.x rope_scaling merged into the global layers' entry, then rope_theta / rope_local_base_freq
     # where an entry has no theta (a legacy "type" key beside the default "rope_type" changes nothing, as in HF)
@@ -256,16 +274,8 @@ def _gemma3(cfg: dict) -> dict:
     length = {"max_position_embeddings": cfg["max_position_embeddings"]}
     theta, scaling, _ = _rope({**length, "rope_parameters": full})
     local_theta, local_scaling, _ = _rope({**length, "rope_parameters": local})
-    scalar = cfg.get("query_pre_attn_scalar")
-    cap = cfg.get("final_logit_softcapping")
-    for key, value in (("query_pre_attn_scalar", scalar), ("final_logit_softcapping", 1.0 if cap is None else cap)):
-        if not _is_number(value) or not 0 < value < math.inf:
-            raise ValueError(f"config: {key} must be a positive number, got {value!r}")
     return dict(rope_theta=theta, rope_scaling=scaling, local_rope_theta=local_theta, local_rope_scaling=local_scaling,
-                sliding_window=window if sliding and window else None,
-                sliding_window_layers=sliding if sliding and window else None,
-                attention_multiplier=scalar ** -0.5, embedding_multiplier=cfg["hidden_size"] ** 0.5,
-                final_logit_softcapping=None if cap is None else float(cap))
+                **common)
 
 
 def gemma3_text_config(cfg: dict) -> dict:

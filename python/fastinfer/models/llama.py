@@ -112,6 +112,7 @@ class LlamaLayer:
         # Granite's attention_multiplier replaces the usual scale
         self.scale = cfg.attention_multiplier if cfg.attention_multiplier is not None else d ** -0.5
         self.window = window
+        self.softcap = cfg.attn_logit_softcapping or 0.0  # Gemma 2's attention score cap (0: none)
         self.input_norm = empty(h)
         self.qkv = linear(h, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         # HF's Llama and Qwen3 bias o_proj too under attention_bias; Qwen2's q/k/v biases leave it without
@@ -241,9 +242,11 @@ class LlamaLayer:
         if meta.is_decode:
             return ops.paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, self.scale,
                                               check_indices=False, kv_scale=kv_scale,
-                                              semaphores=meta.decode_semaphores, window=self.window)
+                                              semaphores=meta.decode_semaphores, window=self.window,
+                                              softcap=self.softcap)
         return ops.paged_prefill_attention(q, kv_cache, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables,
-                                           self.scale, check_indices=False, kv_scale=kv_scale, window=self.window)
+                                           self.scale, check_indices=False, kv_scale=kv_scale, window=self.window,
+                                           softcap=self.softcap)
 
     def o_proj_out(self, attn: torch.Tensor) -> torch.Tensor:
         return self.o_proj(attn.reshape(attn.shape[0], self.q_size))
@@ -271,24 +274,24 @@ class LlamaForCausalLM:
                              f"head_dim 64 and 128, and 256 in bfloat16 / float16; load this model with {hint}")
         self.embed = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, device=self.device)
         layer_class = LlamaLayer
-        self.gemma = cfg.architecture == "Gemma3ForCausalLM"
+        self.gemma = cfg.architecture in ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
         if cfg.architecture == "Olmo2ForCausalLM":  # post-norm layers (models/olmo2.py)
             from .olmo2 import Olmo2Layer
             layer_class = Olmo2Layer
-        elif self.gemma:  # Gemma's norms, GeLU and two rope tables (models/gemma3.py)
-            from .gemma3 import Gemma3Layer
-            layer_class = Gemma3Layer
+        elif self.gemma:  # Gemma's norms, GeLU, Gemma 3's two rope tables, Gemma 2's score cap (models/gemma.py)
+            from .gemma import GemmaLayer
+            layer_class = GemmaLayer
         self.layers = [layer_class(cfg, self.dtype, self.device, kind, window=cfg.attention_window(i),
                                    moe=i in cfg.moe_layers) for i in range(cfg.num_layers)]
-        # Gemma's final norm weight is 1 + w in fp32 (models/gemma3.py)
+        # Gemma's final norm weight is 1 + w in fp32 (models/gemma.py)
         self.norm = torch.empty(cfg.hidden_size, dtype=torch.float32 if self.gemma else self.dtype, device=self.device)
         self.lm_head = self.embed if cfg.tie_word_embeddings else torch.empty_like(self.embed)
         # [max_position, rotary_dim]: Phi-3's partial rotary rotates the first rotary_dim features of a head
         self.cos_sin = cos_sin_cache(cfg.rotary_dim or cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
                                      cfg.rope_scaling, self.device)
-        if self.gemma:  # the sliding-window layers rotate with their own table
-            local = cos_sin_cache(cfg.head_dim, cfg.max_position_embeddings, cfg.local_rope_theta,
-                                  cfg.local_rope_scaling, self.device)
+        if self.gemma:  # Gemma 3's sliding-window layers rotate with their own table
+            local = self.cos_sin if cfg.local_rope_theta is None else cos_sin_cache(
+                cfg.head_dim, cfg.max_position_embeddings, cfg.local_rope_theta, cfg.local_rope_scaling, self.device)
             for layer in self.layers:
                 layer.cos_sin = local if layer.window else self.cos_sin
 
@@ -313,7 +316,7 @@ class LlamaForCausalLM:
             for layer, kv_cache in zip(self.layers, kv_caches):
                 hidden, residual = layer.forward(hidden, residual, kv_cache, meta, self.cos_sin)
             if self.gemma:
-                from .gemma3 import gemma_norm
+                from .gemma import gemma_norm
                 hidden = gemma_norm(hidden + residual, self.norm, eps)
             else:
                 ops.fused_add_rms_norm(hidden, residual, self.norm, eps)
@@ -356,7 +359,7 @@ class LlamaForCausalLM:
         (models/llama_weights.py)."""
         cfg = self.config
         if cfg.text_of_multimodal:  # Gemma 3 4B+: the text model's tensors, renamed
-            from .gemma3 import text_weights
+            from .gemma import text_weights
             weights = text_weights(weights)
         if cfg.residual_multiplier != 1.0:  # Granite: folded into the projections that feed the residual adds
             weights = llama_weights.residual_scaled(weights, cfg.residual_multiplier)

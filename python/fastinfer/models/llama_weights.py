@@ -148,7 +148,7 @@ def weight_targets(model: LlamaForCausalLM) -> dict[str, torch.Tensor | LinearRo
         p = f"model.layers.{i}."
         q, kv = layer.q_size, layer.kv_size
         t[p + "post_attention_layernorm.weight"] = layer.post_attn_norm
-        if hasattr(layer, "norm_targets"):  # Gemma 3 (models/gemma3.py): four norms, per-head q / k norms
+        if hasattr(layer, "norm_targets"):  # Gemma 2 / 3 (models/gemma.py): four norms (Gemma 3: per-head q / k norms)
             t.update(layer.norm_targets(p))
         elif hasattr(layer, "post_ff_norm"):  # OLMo-2 (models/olmo2.py): post-norms, q / k norms over the projections
             t[p + "post_feedforward_layernorm.weight"] = layer.post_ff_norm

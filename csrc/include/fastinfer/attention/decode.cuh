@@ -197,7 +197,7 @@ __device__ __forceinline__ void unpack16<__nv_fp8_e4m3>(const uint4& raw, float 
 // Keys j >= valid (past the split's end) score -inf, so their probability is exactly 0.
 template <typename C, int kHeadDim>  // C: the cache element
 __device__ __forceinline__ void score_tile(const Smem& s, const unsigned char* k_tile, int num_heads, int valid,
-                                           int warp, int lane) {
+                                           int warp, int lane, float cap_log2) {
   using G = Geometry<C, kHeadDim>;
   const unsigned char* k_row = k_tile + lane * G::kRowBytes;
   for (int g = warp; g < num_heads; g += kWarps) {
@@ -216,7 +216,10 @@ __device__ __forceinline__ void score_tile(const Smem& s, const unsigned char* k
         acc[3] = fmaf(qv.w, k[4 * v + 3], acc[3]);
       }
     }
-    const float score = lane < valid ? (acc[0] + acc[1]) + (acc[2] + acc[3]) : attention::neg_inf();
+    float score = (acc[0] + acc[1]) + (acc[2] + acc[3]);  // log2 units: q was scaled by scale * log2 e
+    // Gemma 2's soft-capping, cap * tanh(s / cap) in natural units, is the same formula in log2 units
+    if (cap_log2 > 0.0f) score = cap_log2 * tanhf(score / cap_log2);
+    score = lane < valid ? score : attention::neg_inf();
     // Only this warp touches head g's (m, d): read by all lanes here, written by lane 0 below after
     // the shuffles, which every lane reaches only once its read has returned.
     attention::SoftmaxStats stats{s.m[g], s.d[g]};
@@ -366,7 +369,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
     fetch_blocks(tile + kStages - 1, blocks);
     const unsigned char* k_tile = s.stages + (tile % kStages) * G::kStageBytes;
     const int valid = min(kTileTokens, end - begin - tile * kTileTokens);  // keys of this tile in the split
-    score_tile<C, kHeadDim>(s, k_tile, num_heads, valid, warp, lane);
+    score_tile<C, kHeadDim>(s, k_tile, num_heads, valid, warp, lane, p.softcap * attention::kLog2e);
     issue_copies(tile + kStages - 1, blocks);  // into the stage tile - 1 used
     cp_async_commit();                         // possibly empty: keeps the group count uniform
     __syncthreads();                           // probabilities and alpha of every head are in s

@@ -39,6 +39,9 @@ struct DecodeParams {
   // (zero-initialised): all of them. The plan then covers min(table, window + a key tile - 1) keys per
   // sequence (decode_work.cuh: a split starts on a whole key tile).
   int window;
+  // > 0: scores s = scale q.k become softcap tanh(s / softcap) (Gemma 2), in the CUDA-core kernel only (the
+  // plan takes it then); 0 (zero-initialised): none
+  float softcap;
   DType dtype;     // of out and query (and kv_cache unless kv_scale is set)
   int num_sms;     // SMs of the device: the split heuristic's only hardware input
   DecodeKernel kernel;  // zero-initialised: kAuto

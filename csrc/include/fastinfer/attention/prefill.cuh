@@ -155,6 +155,9 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_mma_kernel(const Pr
   const int32_t* block_table = p.block_tables + qt.seq * p.block_table_stride;
   const bool by_shuffle = tables_by_shuffle(block_shift, p.table_per_copy, token_stride);
   const float scale_log2 = p.scale * kLog2e * (kFp8 ? p.kv_scale[0] : 1.0f);  // k_scale folded in
+  // Gemma 2's soft-capping: s = scale q.k -> cap tanh(s / cap), in log2 units cap_log2 tanh(raw * to_capped)
+  const float cap_log2 = p.softcap * kLog2e;
+  const float to_capped = p.softcap > 0.0f ? scale_log2 / cap_log2 : 0.0f;
   // K (kv = 0) or V (kv = 1) tile starting at key0 into `tile`: directly, or for an e4m3 cache into
   // the staging tile, which finish_tile (after this thread's cp.async wait) converts into `tile`.
   auto start_tile = [&](T* tile, int kv, int key0) {
@@ -225,7 +228,9 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_mma_kernel(const Pr
 #pragma unroll
       for (int nb = 0; nb < kNB; ++nb) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) s[mb][nb][j] *= scale_log2;
+        for (int j = 0; j < 4; ++j) {
+          s[mb][nb][j] = cap_log2 > 0.0f ? cap_log2 * tanhf(s[mb][nb][j] * to_capped) : s[mb][nb][j] * scale_log2;
+        }
       }
     }
     if (diagonal || below_window) {  // uniform over the warp
@@ -344,6 +349,7 @@ __global__ void __launch_bounds__(kThreads) paged_prefill_fp32_kernel(const Pref
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) dot += q_reg[i] * k[lane + i * kWarpSize];
     dot = warp_reduce_sum(dot);
+    if (p.softcap > 0.0f) dot = p.softcap * kLog2e * tanhf(dot / (p.softcap * kLog2e));  // Gemma 2 (log2 units)
     const float new_max = fmaxf(row_max, dot);
     const float correction = exp2f(row_max - new_max), prob = exp2f(dot - new_max);
     row_max = new_max;

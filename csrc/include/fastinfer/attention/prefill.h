@@ -35,6 +35,8 @@ struct PrefillParams {
   int64_t block_table_stride;
   float scale;                  // softmax scale (usually head_dim^-0.5)
   int window;                   // > 0: sliding window of that many keys; 0 (zero-initialised): full causal
+  float softcap;                // > 0: scores s = scale q.k become softcap tanh(s / softcap) (Gemma 2); the
+                                // mma.sync and fp32 kernels only (not launch_paged_prefill_wgmma); 0: none
   DType dtype;                  // of query and out (and kv_cache unless kv_scale is set)
   // Query rows per CTA of the bf16 / fp16 kernel: 64, 128, or 0 (zero-initialised) = 128 when the
   // sequences average >= 128 query rows, else 64. Anything else: cudaErrorInvalidValue.

@@ -1,4 +1,5 @@
-"""Gemma 3's decoder layer (HF's Gemma3ForCausalLM, the text model): Llama's projections and paged attention with
+"""Gemma 2's and Gemma 3's decoder layers (HF's Gemma2ForCausalLM, Gemma3ForCausalLM: the text model): Llama's
+projections and paged attention with
 
     x_mid = x + post_attention_layernorm(o_proj(attention(input_layernorm(x))))
     x_out = x_mid + post_feedforward_layernorm(down(gelu_tanh(gate(h)) * up(h))),  h = pre_feedforward_layernorm(x_mid)
@@ -10,6 +11,9 @@ query_pre_attn_scalar ** -0.5; the sliding-window layers rotate with their own r
 the global ones with rope_theta and its scaling. The embedding rows are scaled by sqrt(hidden_size) rounded to
 the model dtype, and the logits soft-capped (cap * tanh(logits / cap)) when final_logit_softcapping is set: both
 in LlamaForCausalLM. The norms and the GeLU are torch ops (on a GPU too); the fused decode paths are never taken.
+
+Gemma 2 is the same layer without the q / k norms, with one rope table for every layer and its attention scores
+soft-capped, cap * tanh(s / cap) (attn_logit_softcapping: the attention ops' softcap).
 """
 from __future__ import annotations
 
@@ -21,10 +25,12 @@ from .._checks import FP8
 from ..metadata import AttnMetadata
 from .llama import LlamaLayer  # (llama.py imports this module only when it builds a Gemma 3 model)
 
-# HF's Gemma3TextConfig defaults, for the keys a config.json may leave out
+# HF's Gemma3TextConfig / Gemma2Config defaults, for the keys a config.json may leave out
 GEMMA3_DEFAULTS = {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 4096, "tie_word_embeddings": True,
                    "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "bos_token_id": 2, "eos_token_id": 1,
                    "pad_token_id": 0}
+GEMMA2_DEFAULTS = {**GEMMA3_DEFAULTS, "max_position_embeddings": 8192, "attn_logit_softcapping": 50.0,
+                   "final_logit_softcapping": 30.0}
 
 
 def text_weights(weights):
@@ -49,28 +55,31 @@ def gemma_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tenso
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).type_as(x)
 
 
-class Gemma3Layer(LlamaLayer):
+class GemmaLayer(LlamaLayer):
     def __init__(self, cfg, dtype, device, kind=None, window: int = 0, moe: bool = False):
         super().__init__(cfg, dtype, device, kind, window=window, moe=moe)
         if moe:
-            raise ValueError("Gemma 3 has no mixture-of-experts layers")
+            raise ValueError("Gemma has no mixture-of-experts layers")
 
         def f32(n: int) -> torch.Tensor:
             return torch.empty(n, dtype=torch.float32, device=device)
         h, d = cfg.hidden_size, cfg.head_dim
         # 1 + w, in fp32, once loaded (LlamaForCausalLM.load_weights adds the 1)
         self.input_norm, self.post_attn_norm, self.pre_ff_norm, self.post_ff_norm = f32(h), f32(h), f32(h), f32(h)
-        self.q_norm_gemma, self.k_norm_gemma = f32(d), f32(d)
+        # Gemma 3's per-head q / k norms (Gemma 2 has none)
+        self.q_norm_gemma, self.k_norm_gemma = (f32(d), f32(d)) if cfg.architecture == "Gemma3ForCausalLM" else (None, None)
         self.q_norm = self.k_norm = None  # the fused op's per-head norms are Qwen3's (weights as stored)
         self.cos_sin: torch.Tensor | None = None  # this layer's rope table (local or global), set by the model
 
     def norm_targets(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {prefix + "input_layernorm.weight": self.input_norm,
-                prefix + "post_attention_layernorm.weight": self.post_attn_norm,
-                prefix + "pre_feedforward_layernorm.weight": self.pre_ff_norm,
-                prefix + "post_feedforward_layernorm.weight": self.post_ff_norm,
-                prefix + "self_attn.q_norm.weight": self.q_norm_gemma,
-                prefix + "self_attn.k_norm.weight": self.k_norm_gemma}
+        t = {prefix + "input_layernorm.weight": self.input_norm,
+             prefix + "post_attention_layernorm.weight": self.post_attn_norm,
+             prefix + "pre_feedforward_layernorm.weight": self.pre_ff_norm,
+             prefix + "post_feedforward_layernorm.weight": self.post_ff_norm}
+        if self.q_norm_gemma is not None:
+            t[prefix + "self_attn.q_norm.weight"] = self.q_norm_gemma
+            t[prefix + "self_attn.k_norm.weight"] = self.k_norm_gemma
+        return t
 
     @property
     def fp8_quant_fusable(self) -> bool:
@@ -96,8 +105,9 @@ class Gemma3Layer(LlamaLayer):
                cos_sin: torch.Tensor) -> torch.Tensor:
         t = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = gemma_norm(q.reshape(t, self.num_heads, self.head_dim), self.q_norm_gemma, self.eps)
-        k = gemma_norm(k.reshape(t, self.num_kv_heads, self.head_dim), self.k_norm_gemma, self.eps)
+        q, k = q.reshape(t, self.num_heads, self.head_dim), k.reshape(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm_gemma is not None:  # Gemma 3
+            q, k = gemma_norm(q, self.q_norm_gemma, self.eps), gemma_norm(k, self.k_norm_gemma, self.eps)
         v = v.contiguous().view(t, self.num_kv_heads, self.head_dim)
         kv_scale = self.kv_scale if kv_cache.dtype == FP8 else None
         ops.rotary_embedding_and_cache(meta.positions, q, k, v, cos_sin, kv_cache, meta.slot_mapping,
