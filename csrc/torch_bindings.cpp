@@ -13,6 +13,8 @@ TORCH_LIBRARY(fastinfer, m) {
   m.def("fused_add_rms_norm(Tensor(a!) input, Tensor(b!) residual, Tensor weight, float eps) -> ()");
   m.def("rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor cos_sin_cache) -> ()");
   m.def("silu_and_mul(Tensor(a!) out, Tensor input) -> ()");
+  // gelu_tanh(gate) * up (Gemma's MLP), silu_and_mul's layout and rounding
+  m.def("gelu_tanh_and_mul(Tensor(a!) out, Tensor input) -> ()");
   m.def("argmax_rows(Tensor(a!) out, Tensor input) -> ()");
   m.def("reshape_and_cache(Tensor key, Tensor value, Tensor(a!) kv_cache, Tensor slot_mapping) -> ()");
   // rotary_embedding then reshape_and_cache (or reshape_and_cache_fp8 with kv_scale) in one pass;
@@ -110,6 +112,7 @@ TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {
   m.impl("fused_add_rms_norm", &fastinfer::cpu::fused_add_rms_norm);
   m.impl("rotary_embedding", &fastinfer::cpu::rotary_embedding);
   m.impl("silu_and_mul", &fastinfer::cpu::silu_and_mul);
+  m.impl("gelu_tanh_and_mul", &fastinfer::cpu::gelu_tanh_and_mul);
   m.impl("argmax_rows", &fastinfer::cpu::argmax_rows);
   m.impl("reshape_and_cache", &fastinfer::cpu::reshape_and_cache);
   m.impl("rotary_embedding_and_cache", &fastinfer::cpu::rotary_embedding_and_cache);

@@ -60,6 +60,21 @@ def silu_and_mul(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
+def gelu_tanh_and_mul(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x: [num_tokens, 2 d] = [gate | up] -> gelu_tanh(gate) * up (Gemma's MLP), [num_tokens, d]."""
+    gate, up = x.to(dtype).chunk(2, dim=-1)
+    return torch.nn.functional.gelu(gate, approximate="tanh") * up
+
+
+def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """HF's Gemma RMSNorm with weight = 1 + w (fp32): the arithmetic in fp32 (or ``dtype`` if wider), one
+    rounding to x's dtype when ``dtype`` is fp32; in ``dtype`` otherwise (the wide reference)."""
+    wide = torch.promote_types(dtype, torch.float32)
+    xf = x.to(wide)
+    out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(wide)
+    return out.to(x.dtype) if dtype == torch.float32 else out
+
+
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                       slot_mapping: torch.Tensor) -> torch.Tensor:
     """Returns a copy of kv_cache [num_blocks, 2, block_size, num_kv_heads, head_dim] with token t's

@@ -134,6 +134,41 @@ def test_silu_and_mul(device, gen, dtype, num_tokens, d, layout):
     assert torch.equal(ops.silu_and_mul(x), out)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("d", [64, 5504])
+@pytest.mark.parametrize("num_tokens", NUM_TOKENS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu_tanh_and_mul(device, gen, dtype, num_tokens, d, layout):
+    kw = dict(dtype=dtype, device=device, gen=gen)
+    x = strided_rows(num_tokens, 2 * d, layout, scale=3.0, **kw)
+    out = strided_rows(num_tokens, d, layout, **kw)
+    ops.gelu_tanh_and_mul(x, out=out)
+    assert_within_tolerance(out, ref.gelu_tanh_and_mul(x, dtype), ref.gelu_tanh_and_mul(x, ref_dtype(dtype)))
+    assert torch.equal(ops.gelu_tanh_and_mul(x), out)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("hidden", [128, 4100])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")])
+def test_rms_norm_fp32_weight(device, gen, dtype, hidden, fused):
+    """A 16-bit input with an fp32 weight (Gemma's 1 + w): the weight is not rounded to the input's dtype; against
+    HF's Gemma RMSNorm (fp32 arithmetic, one rounding) and an fp64 reference. With the weight rounded first the
+    results differ (the small w of 1 + w is what rounding loses)."""
+    x = strided_rows(7, hidden, "strided", dtype=dtype, device=device, gen=gen)
+    residual = strided_rows(7, hidden, "strided", dtype=dtype, device=device, gen=gen)
+    weight = randn(hidden, scale=0.01, dtype=torch.float32, device=device, gen=gen) + 1
+    if fused:
+        ours, new_residual = x.clone(), residual.clone()
+        ops.fused_add_rms_norm(ours, new_residual, weight, 1e-6)
+        assert torch.equal(new_residual, x + residual)
+        x = x + residual
+    else:
+        ours = ops.rms_norm(x, weight, 1e-6)
+    assert_within_tolerance(ours, ref.gemma_rms_norm(x, weight, 1e-6, torch.float32),
+                            ref.gemma_rms_norm(x, weight, 1e-6, torch.float64))
+    assert not torch.equal(ours, ops.rms_norm(x, weight.to(dtype), 1e-6))
+
+
 # ---- paged KV write ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layout", ["contiguous", "qkv"])

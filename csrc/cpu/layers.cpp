@@ -17,8 +17,8 @@ namespace {
 
 constexpr int64_t kRowsPerTask = 16;
 
-template <typename T>
-void rms_norm_row(T* out, const T* in, T* residual, const T* weight, int64_t hidden, float eps) {
+template <typename T, typename W>  // W: the weight's type, T or float (Gemma's 1 + w, kept in fp32)
+void rms_norm_row(T* out, const T* in, T* residual, const W* weight, int64_t hidden, float eps) {
   float sum_sq = 0.0f;
   for (int64_t i = 0; i < hidden; ++i) {
     float x = static_cast<float>(in[i]);
@@ -36,9 +36,9 @@ void rms_norm_row(T* out, const T* in, T* residual, const T* weight, int64_t hid
   }
 }
 
-template <typename T>
+template <typename T, typename W>
 void rms_norm_rows(T* out, int64_t out_stride, const T* in, int64_t in_stride, T* residual,
-                   int64_t res_stride, const T* weight, int64_t rows, int64_t hidden, float eps) {
+                   int64_t res_stride, const W* weight, int64_t rows, int64_t hidden, float eps) {
   at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       rms_norm_row(out + r * out_stride, in + r * in_stride,
@@ -79,20 +79,28 @@ void embedding(at::Tensor& out, const std::optional<at::Tensor>& sq_sums, const 
   });
 }
 
+// weight in the input's dtype, or fp32 (the product is taken in fp32 either way: an fp32 weight is not
+// rounded first; Gemma's 1 + w).
 void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double eps) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "rms_norm", [&] {
-    rms_norm_rows<scalar_t>(out.data_ptr<scalar_t>(), out.stride(0), input.data_ptr<scalar_t>(),
-                            input.stride(0), nullptr, 0, weight.data_ptr<scalar_t>(), input.size(0),
-                            input.size(1), static_cast<float>(eps));
+    auto run = [&](const auto* w) {
+      rms_norm_rows<scalar_t>(out.data_ptr<scalar_t>(), out.stride(0), input.data_ptr<scalar_t>(), input.stride(0),
+                              nullptr, 0, w, input.size(0), input.size(1), static_cast<float>(eps));
+    };
+    if (weight.scalar_type() == at::kFloat) run(weight.data_ptr<float>());
+    else run(weight.data_ptr<scalar_t>());
   });
 }
 
 void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double eps) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_add_rms_norm", [&] {
     scalar_t* in = input.data_ptr<scalar_t>();
-    rms_norm_rows<scalar_t>(in, input.stride(0), in, input.stride(0), residual.data_ptr<scalar_t>(),
-                            residual.stride(0), weight.data_ptr<scalar_t>(), input.size(0),
-                            input.size(1), static_cast<float>(eps));
+    auto run = [&](const auto* w) {
+      rms_norm_rows<scalar_t>(in, input.stride(0), in, input.stride(0), residual.data_ptr<scalar_t>(),
+                              residual.stride(0), w, input.size(0), input.size(1), static_cast<float>(eps));
+    };
+    if (weight.scalar_type() == at::kFloat) run(weight.data_ptr<float>());
+    else run(weight.data_ptr<scalar_t>());
   });
 }
 
@@ -165,6 +173,28 @@ void silu_and_mul(at::Tensor& out, const at::Tensor& input) {
           const float gate = static_cast<float>(in[r * is + i]);
           const float up = static_cast<float>(in[r * is + d + i]);
           o[r * os + i] = static_cast<scalar_t>(gate / (1.0f + std::exp(-gate)) * up);
+        }
+      }
+    });
+  });
+}
+
+// gelu_tanh(gate) * up in fp32, rounded once (silu_and_mul's rounding), gelu_tanh(x) = 0.5 x (1 + tanh(sqrt(2 / pi)
+// (x + 0.044715 x^3))): Gemma's MLP (HF's gelu_pytorch_tanh).
+void gelu_tanh_and_mul(at::Tensor& out, const at::Tensor& input) {
+  const int64_t rows = input.size(0), d = out.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "gelu_tanh_and_mul", [&] {
+    const scalar_t* in = input.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const int64_t is = input.stride(0), os = out.stride(0);
+    constexpr float kSqrt2OverPi = 0.7978845608028654f;
+    at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        for (int64_t i = 0; i < d; ++i) {
+          const float gate = static_cast<float>(in[r * is + i]);
+          const float up = static_cast<float>(in[r * is + d + i]);
+          const float act = 0.5f * gate * (1.0f + std::tanh(kSqrt2OverPi * (gate + 0.044715f * gate * gate * gate)));
+          o[r * os + i] = static_cast<scalar_t>(act * up);
         }
       }
     });

@@ -14,6 +14,7 @@ void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tenso
 void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
                       const at::Tensor& cos_sin_cache);
 void silu_and_mul(at::Tensor& out, const at::Tensor& input);
+void gelu_tanh_and_mul(at::Tensor& out, const at::Tensor& input);
 // out[r] (int64) = index of the first maximum of fp32 row r, or of its first NaN: torch.argmax(dim=-1).
 void argmax_rows(at::Tensor& out, const at::Tensor& input);
 // In place: each [t, h] row of x [num_tokens, heads, head_dim] (last dimension contiguous) becomes

@@ -22,6 +22,7 @@ RMSNormParams rms_norm_params(const at::Tensor& input, const at::Tensor* residua
   p.residual_stride = residual ? residual->stride(0) : 0;
   p.eps = static_cast<float>(eps);
   p.dtype = to_dtype(input, op);
+  p.weight_fp32 = weight.scalar_type() == at::kFloat;
   return p;
 }
 
@@ -161,6 +162,16 @@ void silu_and_mul(at::Tensor& out, const at::Tensor& input) {
   check_launch(launch_silu_and_mul(p, stream_of(input)), "silu_and_mul");
 }
 
+void gelu_tanh_and_mul(at::Tensor& out, const at::Tensor& input) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  SiluMulParams p = silu_mul_params(input, "gelu_tanh_and_mul");
+  p.d = static_cast<int>(out.size(1));
+  p.out = out.data_ptr();
+  p.out_stride = out.stride(0);
+  p.activation = 1;
+  check_launch(launch_silu_and_mul(p, stream_of(input)), "gelu_tanh_and_mul");
+}
+
 void argmax_rows(at::Tensor& out, const at::Tensor& input) {
   const c10::cuda::CUDAGuard guard(input.device());
   ArgmaxParams p{};
@@ -182,6 +193,7 @@ TORCH_LIBRARY_IMPL(fastinfer, CUDA, m) {
   m.impl("fused_add_rms_norm", &fastinfer::torch_glue::fused_add_rms_norm);
   m.impl("rotary_embedding", &fastinfer::torch_glue::rotary_embedding);
   m.impl("silu_and_mul", &fastinfer::torch_glue::silu_and_mul);
+  m.impl("gelu_tanh_and_mul", &fastinfer::torch_glue::gelu_tanh_and_mul);
   m.impl("argmax_rows", &fastinfer::torch_glue::argmax_rows);
   m.impl("rms_norm_quant_fp8", &fastinfer::torch_glue::rms_norm_quant_fp8);
   m.impl("silu_and_mul_quant_fp8", &fastinfer::torch_glue::silu_and_mul_quant_fp8);

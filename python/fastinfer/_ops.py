@@ -56,10 +56,11 @@ def embedding(input_ids: torch.Tensor, weight: torch.Tensor, return_sq_sums: boo
 
 
 def rms_norm(input: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """out = input * rsqrt(mean(input^2) + eps) * weight, per row. input: [num_tokens, hidden]."""
+    """out = input * rsqrt(mean(input^2) + eps) * weight, per row, in fp32 and rounded once. input: [num_tokens,
+    hidden]; weight: [hidden] in input's dtype, or fp32 (not rounded to input's dtype: Gemma's 1 + w)."""
     op = "rms_norm"
     _check_float(op, "input", input, ndim=2)
-    _check_float(op, "weight", weight, like=input, ndim=1)
+    _check(op, "weight", weight, ndim=1, dtype=(input.dtype, torch.float32), device=input.device, contiguous=True)
     _check_shape(op, "weight", weight, (input.shape[1],))
     if out is None:
         out = torch.empty_like(input, memory_format=torch.contiguous_format)
@@ -70,12 +71,13 @@ def rms_norm(input: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.T
 
 
 def fused_add_rms_norm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
-    """In place: residual += input; input = rms_norm(residual) * weight. Both [num_tokens, hidden]."""
+    """In place: residual += input; input = rms_norm(residual) * weight. Both [num_tokens, hidden]; weight as
+    rms_norm's (input's dtype or fp32)."""
     op = "fused_add_rms_norm"
     _check_float(op, "input", input, ndim=2)
     _check_float(op, "residual", residual, like=input, ndim=2)
     _check_shape(op, "residual", residual, input.shape)
-    _check_float(op, "weight", weight, like=input, ndim=1)
+    _check(op, "weight", weight, ndim=1, dtype=(input.dtype, torch.float32), device=input.device, contiguous=True)
     _check_shape(op, "weight", weight, (input.shape[1],))
     _ops.fused_add_rms_norm(input, residual, weight, float(eps))
 
@@ -118,6 +120,22 @@ def silu_and_mul(input: torch.Tensor, out: torch.Tensor | None = None) -> torch.
     _check_float(op, "out", out, like=input, ndim=2)
     _check_shape(op, "out", out, shape)
     _ops.silu_and_mul(out, input)
+    return out
+
+
+def gelu_tanh_and_mul(input: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out = gelu_tanh(input[:, :d]) * input[:, d:] (Gemma's MLP: HF's gelu_pytorch_tanh), in fp32, rounded once.
+    input: [num_tokens, 2 d]."""
+    op = "gelu_tanh_and_mul"
+    _check_float(op, "input", input, ndim=2)
+    if input.shape[1] % 2:
+        _fail(op, f"input's last dimension must be even ([gate | up]), got {input.shape[1]}")
+    shape = (input.shape[0], input.shape[1] // 2)
+    if out is None:
+        out = torch.empty(shape, dtype=input.dtype, device=input.device)
+    _check_float(op, "out", out, like=input, ndim=2)
+    _check_shape(op, "out", out, shape)
+    _ops.gelu_tanh_and_mul(out, input)
     return out
 
 

@@ -55,6 +55,18 @@ __device__ __forceinline__ uint32_t load_shared_input4(const void* ptr) {
   return v;
 }
 
+// tanh(x) to ~1e-7 absolute. The build's --use_fast_math turns tanhf into tanh.approx.f32 (~2^-11
+// relative), too coarse for attention scores and GeLU outputs compared at fp32 tolerances: a short odd
+// series near 0, 1 - 2 / (e^(2|x|) + 1) elsewhere (exp2 overflowing to inf gives 1), the sign of x.
+__device__ __forceinline__ float tanh_accurate(float x) {
+  const float a = fabsf(x);
+  if (a < 0.25f) {  // x - x^3/3 + 2x^5/15 - 17x^7/315: the next term is below 1e-8 there
+    const float x2 = x * x;
+    return x * (1.0f + x2 * (-1.0f / 3.0f + x2 * (2.0f / 15.0f + x2 * (-17.0f / 315.0f))));
+  }
+  return copysignf(1.0f - 2.0f / (exp2f(2.8853900817779268f * a) + 1.0f), x);  // 2 log2(e) |x|
+}
+
 // Storage type -> fp32 and back. All arithmetic happens in fp32.
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }

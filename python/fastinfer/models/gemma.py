@@ -4,13 +4,13 @@ projections and paged attention with
     x_mid = x + post_attention_layernorm(o_proj(attention(input_layernorm(x))))
     x_out = x_mid + post_feedforward_layernorm(down(gelu_tanh(gate(h)) * up(h))),  h = pre_feedforward_layernorm(x_mid)
 
-every norm Gemma's: x * rsqrt(mean(x^2) + eps) * (1 + w), computed in fp32 and rounded once (gemma_norm: HF's own
-torch ops in HF's order, with 1 + w kept in fp32 as HF computes it; a 16-bit 1 + w would lose Gemma's small
-weights); q and k normalized per head the same way before rotary; attention scaled by
-query_pre_attn_scalar ** -0.5; the sliding-window layers rotate with their own rope table (rope_local_base_freq),
+every norm Gemma's: x * rsqrt(mean(x^2) + eps) * (1 + w), computed in fp32 and rounded once (ops.rms_norm /
+fused_add_rms_norm with 1 + w kept in fp32, as HF computes it: a 16-bit 1 + w would lose Gemma's small weights);
+q and k normalized per head the same way before rotary; the MLP's GeLU-tanh and product in ops.gelu_tanh_and_mul;
+attention scaled by query_pre_attn_scalar ** -0.5; the sliding-window layers rotate with their own rope table (rope_local_base_freq),
 the global ones with rope_theta and its scaling. The embedding rows are scaled by sqrt(hidden_size) rounded to
 the model dtype, and the logits soft-capped (cap * tanh(logits / cap)) when final_logit_softcapping is set: both
-in LlamaForCausalLM. The norms and the GeLU are torch ops (on a GPU too); the fused decode paths are never taken.
+in LlamaForCausalLM. The fused decode paths (norms inside the GEMVs) are never taken.
 
 Gemma 2 is the same layer without the q / k norms, with one rope table for every layer and its attention scores
 soft-capped, cap * tanh(s / cap) (attn_logit_softcapping: the attention ops' softcap).
@@ -18,12 +18,11 @@ soft-capped, cap * tanh(s / cap) (attn_logit_softcapping: the attention ops' sof
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import _ops as ops
 from .._checks import FP8
 from ..metadata import AttnMetadata
-from .llama import LlamaLayer  # (llama.py imports this module only when it builds a Gemma 3 model)
+from .llama import LlamaLayer  # (llama.py imports this module only when it builds a Gemma model)
 
 # HF's Gemma3TextConfig / Gemma2Config defaults, for the keys a config.json may leave out
 GEMMA3_DEFAULTS = {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 4096, "tie_word_embeddings": True,
@@ -47,12 +46,6 @@ def text_weights(weights):
             if not name.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
                                     "model.multi_modal_projector.")):
                 yield name, tensor
-
-
-def gemma_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF's Gemma3RMSNorm with weight = 1 + w already in fp32."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).type_as(x)
 
 
 class GemmaLayer(LlamaLayer):
@@ -92,22 +85,26 @@ class GemmaLayer(LlamaLayer):
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
                 meta: AttnMetadata, cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (post-feedforward-normed MLP output, x_mid): the next layer, or the final norm, adds them (HF's
-        `residual + hidden_states`, one rounding)."""
-        x = hidden if residual is None else hidden + residual
-        normed = gemma_norm(x, self.input_norm, self.eps)
+        `residual + hidden_states`, one rounding: fused_add_rms_norm's add)."""
+        if residual is None:  # the embedding rows: x
+            residual, normed = hidden, ops.rms_norm(hidden, self.input_norm, self.eps)
+        else:  # residual becomes x = the previous layer's x_mid + its output, hidden its input norm
+            normed = hidden
+            ops.fused_add_rms_norm(normed, residual, self.input_norm, self.eps)
         attn = self.o_proj_out(self.attention(normed, kv_cache, meta, self.cos_sin))
-        x_mid = x + gemma_norm(attn, self.post_attn_norm, self.eps)
-        gate, up = self.gate_up(gemma_norm(x_mid, self.pre_ff_norm, self.eps)).chunk(2, dim=-1)
-        out = self.down(F.gelu(gate, approximate="tanh") * up)
-        return gemma_norm(out, self.post_ff_norm, self.eps), x_mid
+        post = ops.rms_norm(attn, self.post_attn_norm, self.eps)
+        ops.fused_add_rms_norm(post, residual, self.pre_ff_norm, self.eps)  # residual: x_mid; post: its norm
+        out = self.down(ops.gelu_tanh_and_mul(self.gate_up(post)))
+        return ops.rms_norm(out, self.post_ff_norm, self.eps), residual
 
     def attend(self, qkv: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata,
                cos_sin: torch.Tensor) -> torch.Tensor:
         t = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = q.reshape(t, self.num_heads, self.head_dim), k.reshape(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm_gemma is not None:  # Gemma 3
-            q, k = gemma_norm(q, self.q_norm_gemma, self.eps), gemma_norm(k, self.k_norm_gemma, self.eps)
+        if self.q_norm_gemma is not None:  # Gemma 3: each head normalized (rows of head_dim)
+            q = ops.rms_norm(q.reshape(-1, self.head_dim), self.q_norm_gemma, self.eps).view(t, self.num_heads, -1)
+            k = ops.rms_norm(k.reshape(-1, self.head_dim), self.k_norm_gemma, self.eps).view(t, self.num_kv_heads, -1)
         v = v.contiguous().view(t, self.num_kv_heads, self.head_dim)
         kv_scale = self.kv_scale if kv_cache.dtype == FP8 else None
         ops.rotary_embedding_and_cache(meta.positions, q, k, v, cos_sin, kv_cache, meta.slot_mapping,

@@ -315,11 +315,7 @@ class LlamaForCausalLM:
             hidden, residual = ops.embedding(meta.input_ids, self.embed, check_indices=False), None
             for layer, kv_cache in zip(self.layers, kv_caches):
                 hidden, residual = layer.forward(hidden, residual, kv_cache, meta, self.cos_sin)
-            if self.gemma:
-                from .gemma import gemma_norm
-                hidden = gemma_norm(hidden + residual, self.norm, eps)
-            else:
-                ops.fused_add_rms_norm(hidden, residual, self.norm, eps)
+            ops.fused_add_rms_norm(hidden, residual, self.norm, eps)  # (Gemma's norm weight: fp32 1 + w)
         return self._scaled(dense_linear(hidden[meta.logits_indices], self.lm_head).float())
 
     def _scaled(self, logits: torch.Tensor) -> torch.Tensor:

@@ -218,7 +218,7 @@ __device__ __forceinline__ void score_tile(const Smem& s, const unsigned char* k
     }
     float score = (acc[0] + acc[1]) + (acc[2] + acc[3]);  // log2 units: q was scaled by scale * log2 e
     // Gemma 2's soft-capping, cap * tanh(s / cap) in natural units, is the same formula in log2 units
-    if (cap_log2 > 0.0f) score = cap_log2 * tanhf(score / cap_log2);
+    if (cap_log2 > 0.0f) score = cap_log2 * tanh_accurate(score / cap_log2);
     score = lane < valid ? score : attention::neg_inf();
     // Only this warp touches head g's (m, d): read by all lanes here, written by lane 0 below after
     // the shuffles, which every lane reaches only once its read has returned.
@@ -419,7 +419,9 @@ inline cudaError_t plan_paged_decode_impl(const DecodeParams& p, DecodePlan* pla
                      static_cast<int64_t>(p.max_blocks) * p.block_size <= 0x7fffffff - mma::kTileKeys;
   if (!valid || plan == nullptr) return cudaErrorInvalidValue;
   // the tensor-core kernel exists for head_dim 64 / 128; 256 takes the CUDA-core one
-  const bool tensor_cores = p.dtype != DType::kFloat32 && p.kernel != DecodeKernel::kCudaCores && p.head_dim <= 128;
+  // (nor softcap: only the CUDA-core kernel applies it)
+  const bool tensor_cores = p.dtype != DType::kFloat32 && p.kernel != DecodeKernel::kCudaCores && p.head_dim <= 128 &&
+                            p.softcap == 0.0f;
   const int tile_tokens = tensor_cores ? mma::kTileKeys : kTileTokens;
   const int group = p.num_heads / p.num_kv_heads;
   int chunks = ceil_div(group, tensor_cores ? mma::kRows : kMaxHeadsPerCta);

@@ -229,7 +229,7 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_mma_kernel(const Pr
       for (int nb = 0; nb < kNB; ++nb) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          s[mb][nb][j] = cap_log2 > 0.0f ? cap_log2 * tanhf(s[mb][nb][j] * to_capped) : s[mb][nb][j] * scale_log2;
+          s[mb][nb][j] = cap_log2 > 0.0f ? cap_log2 * tanh_accurate(s[mb][nb][j] * to_capped) : s[mb][nb][j] * scale_log2;
         }
       }
     }
@@ -349,7 +349,7 @@ __global__ void __launch_bounds__(kThreads) paged_prefill_fp32_kernel(const Pref
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) dot += q_reg[i] * k[lane + i * kWarpSize];
     dot = warp_reduce_sum(dot);
-    if (p.softcap > 0.0f) dot = p.softcap * kLog2e * tanhf(dot / (p.softcap * kLog2e));  // Gemma 2 (log2 units)
+    if (p.softcap > 0.0f) dot = p.softcap * kLog2e * tanh_accurate(dot / (p.softcap * kLog2e));  // Gemma 2 (log2 units)
     const float new_max = fmaxf(row_max, dot);
     const float correction = exp2f(row_max - new_max), prob = exp2f(dot - new_max);
     row_max = new_max;

@@ -461,7 +461,8 @@ cudaError_t launch(const PrefillParams& p, cudaStream_t stream) {
 // (the caller runs launch_paged_prefill_attention for those).
 inline cudaError_t launch_paged_prefill_wgmma_impl(const PrefillParams& p, cudaStream_t stream) {
   if (p.num_tokens == 0 || p.num_heads == 0) return cudaSuccess;
-  if (p.kv_scale != nullptr || prefill::invalid_shape(p)) return cudaErrorInvalidValue;
+  // no e4m3 cache, no soft-capping (the mma.sync kernel of prefill.cuh applies it)
+  if (p.kv_scale != nullptr || p.softcap != 0.0f || prefill::invalid_shape(p)) return cudaErrorInvalidValue;
   if (!prefill::rows_are_16_byte_aligned(p)) return cudaErrorMisalignedAddress;
   const bool d128 = p.head_dim == 128;
   if (!d128 && p.head_dim != 64) return cudaErrorInvalidValue;

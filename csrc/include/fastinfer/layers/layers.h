@@ -22,6 +22,7 @@ struct RMSNormParams {
   int64_t out_stride, input_stride, residual_stride;
   float eps;
   DType dtype;
+  bool weight_fp32;      // weight is fp32 (Gemma's 1 + w) for a 16-bit input; not with fp8_out
   // FP8 output (rms_norm_quant_fp8), when fp8_out != nullptr: the rounded normalized rows are not
   // stored (out unused; the fused add leaves input as it was) but quantized per token as
   // fp8_quantize_per_token would quantize them: fp8_out e4m3 [num_tokens, hidden] (rows fp8_out_stride
@@ -54,6 +55,7 @@ struct SiluMulParams {
   int d;
   int64_t out_stride, input_stride;
   DType dtype;
+  int activation;     // 0 (zero-initialised): silu; 1: gelu_tanh (gelu_tanh_and_mul; not with fp8_out)
   // FP8 output (silu_and_mul_quant_fp8), when fp8_out != nullptr: as RMSNormParams' (out unused).
   void* fp8_out;
   float* fp8_scales;

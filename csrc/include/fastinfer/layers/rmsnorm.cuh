@@ -28,7 +28,7 @@ namespace rmsnorm {
 
 constexpr int kMaxThreads = 1024;
 
-template <typename T, bool kFusedAdd>
+template <typename T, bool kFusedAdd, typename W = T>  // W: the weight's type (float: Gemma's fp32 1 + w)
 __global__ void rms_norm_kernel(RMSNormParams p) {
   pdl_wait();  // common.cuh: PDL (FASTINFER_PDL=1)
   pdl_launch_dependents();
@@ -36,7 +36,7 @@ __global__ void rms_norm_kernel(RMSNormParams p) {
   const T* in = static_cast<const T*>(p.input) + row * p.input_stride;
   T* out = static_cast<T*>(p.out) + row * p.out_stride;
   T* res = kFusedAdd ? static_cast<T*>(p.residual) + row * p.residual_stride : nullptr;
-  const T* w = static_cast<const T*>(p.weight);
+  const W* w = static_cast<const W*>(p.weight);
 
   float sum_sq = 0.0f;
   for (int i = threadIdx.x; i < p.hidden; i += blockDim.x) {
@@ -139,6 +139,18 @@ inline cudaError_t launch_rms_norm_impl(const RMSNormParams& p, cudaStream_t str
   if (p.num_tokens == 0) return cudaSuccess;
   int threads = ((p.hidden + kWarpSize - 1) / kWarpSize) * kWarpSize;
   threads = threads > rmsnorm::kMaxThreads ? rmsnorm::kMaxThreads : threads;
+  if (p.weight_fp32 && p.dtype != DType::kFloat32) {  // Gemma's fp32 1 + w over a 16-bit input (no FP8 output)
+    if (p.fp8_out != nullptr) return cudaErrorInvalidValue;
+    auto launch = [&](auto kernel) {
+      return launch_kernel(kernel, dim3(static_cast<unsigned>(p.num_tokens)), dim3(threads), 0, stream, p);
+    };
+    if (p.dtype == DType::kBFloat16) {
+      return p.residual != nullptr ? launch(rmsnorm::rms_norm_kernel<__nv_bfloat16, true, float>)
+                                   : launch(rmsnorm::rms_norm_kernel<__nv_bfloat16, false, float>);
+    }
+    return p.residual != nullptr ? launch(rmsnorm::rms_norm_kernel<__half, true, float>)
+                                 : launch(rmsnorm::rms_norm_kernel<__half, false, float>);
+  }
   return FI_DISPATCH_DTYPE(p.dtype, T, [&] {
     const bool quant = p.fp8_out != nullptr;
     const auto kernel = p.residual != nullptr ? (quant ? rmsnorm::rms_norm_quant_kernel<T, true>

@@ -7,8 +7,8 @@ namespace fastinfer {
 namespace rmsnorm {
 
 // One normalized element, rounded to the storage dtype (the unfused output and the FP8 path's input).
-template <typename T>
-__device__ __forceinline__ T normalized(T x, float inv_rms, T w) {
+template <typename T, typename W = T>  // W: T, or float for Gemma's fp32 1 + w
+__device__ __forceinline__ T normalized(T x, float inv_rms, W w) {
   return from_float<T>(to_float(x) * inv_rms * to_float(w));
 }
 

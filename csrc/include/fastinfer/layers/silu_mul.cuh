@@ -29,13 +29,23 @@ __device__ __forceinline__ T silu_mul_value(T gate_t, T up_t) {
   return from_float<T>(gate / (1.0f + __expf(-gate)) * to_float(up_t));
 }
 
+// gelu_tanh(gate) * up, rounded to T (Gemma's MLP, HF's gelu_pytorch_tanh); tanh_accurate (common.cuh), not
+// fast math's tanh.approx.
 template <typename T>
+__device__ __forceinline__ T gelu_tanh_mul_value(T gate_t, T up_t) {
+  const float gate = to_float(gate_t);
+  const float act = 0.5f * gate * (1.0f + tanh_accurate(0.7978845608028654f * (gate + 0.044715f * gate * gate * gate)));
+  return from_float<T>(act * to_float(up_t));
+}
+
+template <typename T, bool kGelu = false>
 __global__ void silu_and_mul_kernel(SiluMulParams p) {
   const int64_t t = blockIdx.x;
   const int i = blockIdx.y * blockDim.x + threadIdx.x;
   if (i >= p.d) return;
   const T* in = static_cast<const T*>(p.input) + t * p.input_stride;
-  static_cast<T*>(p.out)[t * p.out_stride + i] = silu_mul_value(in[i], in[p.d + i]);
+  static_cast<T*>(p.out)[t * p.out_stride + i] =
+      kGelu ? gelu_tanh_mul_value(in[i], in[p.d + i]) : silu_mul_value(in[i], in[p.d + i]);
 }
 
 // Values a thread keeps in registers between the two passes: rows of up to kCache x 1024 (Llama's
@@ -87,6 +97,7 @@ __global__ void __launch_bounds__(kMaxRowThreads, 1) silu_and_mul_quant_kernel(S
 
 inline cudaError_t launch_silu_and_mul_impl(const SiluMulParams& p, cudaStream_t stream) {
   if (p.fp8_out != nullptr) {
+    if (p.activation != 0) return cudaErrorInvalidValue;  // silu only
     if (p.num_tokens == 0) return cudaSuccess;
     if (p.d <= 0 || p.fp8_scales == nullptr) return cudaErrorInvalidValue;
     const int threads = std::min(ceil_div(p.d, kWarpSize) * kWarpSize, silu_mul::kMaxRowThreads);
@@ -98,7 +109,11 @@ inline cudaError_t launch_silu_and_mul_impl(const SiluMulParams& p, cudaStream_t
   if (p.num_tokens == 0 || p.d == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(p.num_tokens), ceil_div(p.d, silu_mul::kThreads));
   return FI_DISPATCH_DTYPE(p.dtype, T, [&] {
-    silu_mul::silu_and_mul_kernel<T><<<grid, silu_mul::kThreads, 0, stream>>>(p);
+    if (p.activation == 1) {
+      silu_mul::silu_and_mul_kernel<T, true><<<grid, silu_mul::kThreads, 0, stream>>>(p);
+    } else {
+      silu_mul::silu_and_mul_kernel<T><<<grid, silu_mul::kThreads, 0, stream>>>(p);
+    }
     return cudaGetLastError();
   });
 }
