@@ -375,7 +375,7 @@ MODEL_OP_NAMES = ("embedding", "rms_norm", "fused_add_rms_norm", "rotary_embeddi
                   "reshape_and_cache", "rotary_embedding_and_cache", "paged_prefill_attention", "paged_decode_attention",
                   "dense_gemv", "dense_gemv_silu_mul", "dense_gemv_add_residual", "rms_norm_dense_gemv",
                   "dense_gemv_rope_cache")
-OP_NAMES = MODEL_OP_NAMES + ("speculative_verify", "int4_linear", "moe_gemv", "moe_int4_linear") + FP8_OP_NAMES
+OP_NAMES = MODEL_OP_NAMES + ("speculative_verify", "int4_linear", "moe_gemv", "moe_int4_linear", "gelu_tanh_and_mul") + FP8_OP_NAMES
 
 
 def _register_fakes() -> None:
