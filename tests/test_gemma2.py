@@ -12,8 +12,9 @@ import torch
 import fastinfer
 from fastinfer.config import ModelConfig
 from fastinfer.generate import get_loaded
-from models import left_padded_batch, make_hf_model
+from models import make_hf_model
 from test_loader_parity import fi_logits, hf_logits
+from test_gemma3 import assert_bf16_on_the_gpu_tracks_hf, assert_greedy_and_beams_match_hf
 from test_moe import assert_engine_matches_hf
 
 transformers = pytest.importorskip("transformers")
@@ -42,13 +43,7 @@ def test_the_attention_cap_matters():
 
 
 def test_greedy_and_beam_search_match_hf():
-    model = make_hf_model("gemma2", seed=2)
-    ids, mask = left_padded_batch([5, 17, 1, 9], model.config.vocab_size, PAD, seed=2)
-    for kw in (dict(max_new_tokens=16, do_sample=False), dict(max_new_tokens=10, do_sample=False, num_beams=3)):
-        with torch.no_grad():
-            expected = model.generate(ids, attention_mask=mask, pad_token_id=PAD, eos_token_id=None, **kw)
-        got = fastinfer.generate(model, ids, attention_mask=mask, pad_token_id=PAD, eos_token_id=None, **kw)
-        assert torch.equal(got, expected), kw
+    assert_greedy_and_beams_match_hf(make_hf_model("gemma2", seed=2))
 
 
 def test_engine_chunked_prefill_prefix_cache_and_preemption_match_hf():
@@ -95,15 +90,5 @@ def test_on_the_gpu():
     """bf16 on the GPU (the capped mma.sync prefill and CUDA-core decode, head_dim 256): the prompt's top-1 tokens
     agree with HF's fp32 forward, and each greedy token the engine decodes is HF's top-1 on the same prefix or
     within bf16's reach of it."""
-    model = make_hf_model("gemma2", seed=8, hidden_size=512, intermediate_size=512, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=256)
-    expected = hf_logits(model, PROMPT)
-    loaded = fastinfer.load_model(model, dtype=torch.bfloat16, device="cuda")
-    ours = fi_logits(loaded, PROMPT).float().cpu()
-    assert (ours.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
-    out = fastinfer.LLM(loaded, max_num_seqs=4).generate(
-        [PROMPT], fastinfer.SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
-        use_tqdm=False)[0].outputs[0].token_ids
-    logprobs = hf_logits(model, PROMPT + out).log_softmax(-1)[len(PROMPT) - 1:-1]
-    chosen = logprobs.gather(1, torch.tensor(out)[:, None])[:, 0]
-    assert (logprobs.max(-1).values - chosen).max() < 0.05
+    assert_bf16_on_the_gpu_tracks_hf(make_hf_model("gemma2", seed=8, hidden_size=512, intermediate_size=512,
+                                                    num_attention_heads=4, num_key_value_heads=2, head_dim=256))

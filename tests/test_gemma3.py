@@ -45,7 +45,10 @@ def test_each_gemma_feature_matters():
 
 
 def test_greedy_and_beam_search_match_hf():
-    model = make_hf_model("gemma3", seed=2)
+    assert_greedy_and_beams_match_hf(make_hf_model("gemma3", seed=2))
+
+
+def assert_greedy_and_beams_match_hf(model):
     ids, mask = left_padded_batch([5, 17, 1, 9], model.config.vocab_size, PAD, seed=2)
     for kw in (dict(max_new_tokens=16, do_sample=False), dict(max_new_tokens=10, do_sample=False, num_beams=3)):
         with torch.no_grad():
@@ -179,8 +182,11 @@ def test_head_dim_256_on_the_gpu():
     """Gemma 3's head_dim 256 in bf16 on the GPU (the 256 prefill / decode kernels): the prompt's top-1 tokens
     agree with HF's fp32 forward, and each greedy token the engine decodes is HF's top-1 on the same prefix, or
     within bf16's reach of it (0.05 in logprob)."""
-    model = make_hf_model("gemma3", seed=8, hidden_size=512, intermediate_size=512, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=256)
+    assert_bf16_on_the_gpu_tracks_hf(make_hf_model("gemma3", seed=8, hidden_size=512, intermediate_size=512,
+                                                    num_attention_heads=4, num_key_value_heads=2, head_dim=256))
+
+
+def assert_bf16_on_the_gpu_tracks_hf(model):
     expected = hf_logits(model, PROMPT)
     loaded = fastinfer.load_model(model, dtype=torch.bfloat16, device="cuda")
     ours = fi_logits(loaded, PROMPT).float().cpu()

@@ -110,7 +110,11 @@ def _check_rotary(op: str, positions, query, key, cos_sin_cache, check_indices: 
 
 def silu_and_mul(input: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """out = silu(input[:, :d]) * input[:, d:]. input: [num_tokens, 2 d]."""
-    op = "silu_and_mul"
+    return _act_and_mul("silu_and_mul", input, out)
+
+
+def _act_and_mul(op: str, input: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """silu_and_mul / gelu_tanh_and_mul: input [num_tokens, 2 d] = [gate | up] -> out [num_tokens, d]."""
     _check_float(op, "input", input, ndim=2)
     if input.shape[1] % 2:
         _fail(op, f"input's last dimension must be even ([gate | up]), got {input.shape[1]}")
@@ -119,24 +123,14 @@ def silu_and_mul(input: torch.Tensor, out: torch.Tensor | None = None) -> torch.
         out = torch.empty(shape, dtype=input.dtype, device=input.device)
     _check_float(op, "out", out, like=input, ndim=2)
     _check_shape(op, "out", out, shape)
-    _ops.silu_and_mul(out, input)
+    getattr(_ops, op)(out, input)
     return out
 
 
 def gelu_tanh_and_mul(input: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """out = gelu_tanh(input[:, :d]) * input[:, d:] (Gemma's MLP: HF's gelu_pytorch_tanh), in fp32, rounded once.
     input: [num_tokens, 2 d]."""
-    op = "gelu_tanh_and_mul"
-    _check_float(op, "input", input, ndim=2)
-    if input.shape[1] % 2:
-        _fail(op, f"input's last dimension must be even ([gate | up]), got {input.shape[1]}")
-    shape = (input.shape[0], input.shape[1] // 2)
-    if out is None:
-        out = torch.empty(shape, dtype=input.dtype, device=input.device)
-    _check_float(op, "out", out, like=input, ndim=2)
-    _check_shape(op, "out", out, shape)
-    _ops.gelu_tanh_and_mul(out, input)
-    return out
+    return _act_and_mul("gelu_tanh_and_mul", input, out)
 
 
 def argmax_rows(input: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
