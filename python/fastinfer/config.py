@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from .config_fields import (MAX_POSITION_EMBEDDINGS, _gemma, _granite_scalars, _is_int, _is_number, _moe,
-                            _optional_positive_int, _rope, _sliding_window, gemma3_text_config)
+                            _optional_positive_int, _rope, _sliding_window, multimodal_text_config,
+                            multimodal_wrapper)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                            "Phi3ForCausalLM", "GraniteForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
@@ -74,8 +75,8 @@ class ModelConfig:
     local_rope_scaling: dict | None = None
     final_logit_softcapping: float | None = None
     attn_logit_softcapping: float | None = None
-    # a multimodal checkpoint whose text model this is (Gemma3ForConditionalGeneration): its weights are renamed and
-    # the vision tower's skipped as they load (models/gemma.py, text_weights)
+    # a multimodal checkpoint whose text model this is (config_fields.MULTIMODAL_WRAPPERS): its weights are renamed
+    # and the vision tower's skipped as they load (llama_weights.text_weights)
     text_of_multimodal: bool = False
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
@@ -146,9 +147,10 @@ class ModelConfig:
         archs = cfg.get("architectures") or []
         if not isinstance(archs, (list, tuple)) or not all(isinstance(a, str) for a in archs):
             raise ValueError(f"config: architectures must be a list of class names, got {archs!r}")
-        multimodal = (archs[:1] == ["Gemma3ForConditionalGeneration"]) or (not archs and cfg.get("model_type") == "gemma3")
-        if multimodal:  # Gemma 3 4B / 12B / 27B: the text model inside (models/gemma.py, text_weights)
-            cfg, archs = gemma3_text_config(cfg), ["Gemma3ForCausalLM"]
+        wrapper = multimodal_wrapper(cfg, archs)
+        multimodal = wrapper is not None
+        if multimodal:  # Gemma 3 4B+, Mistral Small 3.1+: the text model inside (llama_weights.text_weights)
+            cfg, archs = multimodal_text_config(cfg, wrapper), []
         arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                                        "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                                        "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",

@@ -278,17 +278,31 @@ def _gemma(cfg: dict, arch: str) -> dict:
                 **common)
 
 
-def gemma3_text_config(cfg: dict) -> dict:
-    """The text model's config of a Gemma3ForConditionalGeneration checkpoint: its text_config, with what the
-    wrapper's config holds for the whole model (tie_word_embeddings, special token ids, dtype) where the text
-    config does not say."""
+# multimodal checkpoints whose text model fastinfer runs (the vision tower skipped): class -> model_type, and
+# model_type -> the model_type of its text_config when that does not say
+MULTIMODAL_WRAPPERS = {"Gemma3ForConditionalGeneration": "gemma3", "Mistral3ForConditionalGeneration": "mistral3"}
+_TEXT_MODEL_TYPES = {"gemma3": "gemma3_text", "mistral3": "mistral"}
+
+
+def multimodal_wrapper(cfg: dict, archs) -> str | None:
+    """The multimodal wrapper's model_type when cfg is one of MULTIMODAL_WRAPPERS' configs, else None."""
+    if archs:
+        return MULTIMODAL_WRAPPERS.get(archs[0])
+    return cfg.get("model_type") if cfg.get("model_type") in _TEXT_MODEL_TYPES else None
+
+
+def multimodal_text_config(cfg: dict, wrapper: str) -> dict:
+    """The text model's config of a multimodal checkpoint (Gemma 3 4B+, Mistral Small 3.1+): its text_config,
+    with what the wrapper's config holds for the whole model (tie_word_embeddings, special token ids, dtype,
+    quantization) where the text config does not say; its class from its model_type."""
     text = cfg.get("text_config")
     if not isinstance(text, dict):
-        raise ValueError(f"config: a Gemma3ForConditionalGeneration config needs a text_config object, got {text!r}")
+        raise ValueError(f"config: a {wrapper} (multimodal) config needs a text_config object, got {text!r}")
     text = dict(text)
     for key in ("tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "dtype", "torch_dtype",
                 "quantization_config"):
         if key in cfg and text.get(key) is None:
             text[key] = cfg[key]
-    text["architectures"], text["model_type"] = ["Gemma3ForCausalLM"], "gemma3_text"
+    text["model_type"] = text.get("model_type") or _TEXT_MODEL_TYPES[wrapper]
+    text.pop("architectures", None)  # the class follows from model_type
     return text

@@ -32,22 +32,6 @@ GEMMA2_DEFAULTS = {**GEMMA3_DEFAULTS, "max_position_embeddings": 8192, "attn_log
                    "final_logit_softcapping": 30.0}
 
 
-def text_weights(weights):
-    """A Gemma3ForConditionalGeneration's tensors as its text model's names: transformers 5's
-    model.language_model.* and 4.x checkpoints' language_model.model.* become model.*, language_model.lm_head
-    lm_head; the vision tower's and the projector's are skipped."""
-    for name, tensor in weights:
-        for old, new in (("model.language_model.", "model."), ("language_model.model.", "model."),
-                         ("language_model.lm_head.", "lm_head.")):
-            if name.startswith(old):
-                yield new + name[len(old):], tensor
-                break
-        else:
-            if not name.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
-                                    "model.multi_modal_projector.")):
-                yield name, tensor
-
-
 class GemmaLayer(LlamaLayer):
     def __init__(self, cfg, dtype, device, kind=None, window: int = 0, moe: bool = False):
         super().__init__(cfg, dtype, device, kind, window=window, moe=moe)

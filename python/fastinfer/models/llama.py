@@ -354,9 +354,8 @@ class LlamaForCausalLM:
         """Copy HF-named tensors into the fused parameters; every parameter must be filled exactly
         (models/llama_weights.py)."""
         cfg = self.config
-        if cfg.text_of_multimodal:  # Gemma 3 4B+: the text model's tensors, renamed
-            from .gemma import text_weights
-            weights = text_weights(weights)
+        if cfg.text_of_multimodal:  # a multimodal checkpoint: its text model's tensors, renamed
+            weights = llama_weights.text_weights(weights)
         if cfg.residual_multiplier != 1.0:  # Granite: folded into the projections that feed the residual adds
             weights = llama_weights.residual_scaled(weights, cfg.residual_multiplier)
         llama_weights.load_weights(self, weights)

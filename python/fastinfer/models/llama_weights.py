@@ -138,6 +138,22 @@ def load_tied_head(model: LlamaForCausalLM, parts: dict[str, object], filled: se
         model.lm_head = torch.empty_like(model.embed)
         copy_weight(name, head, model.lm_head)
 
+def text_weights(weights):
+    """A multimodal checkpoint's tensors (config_fields.MULTIMODAL_WRAPPERS) as its text model's names:
+    transformers 5's model.language_model.* and 4.x checkpoints' language_model.model.* become model.*,
+    language_model.lm_head lm_head; the vision tower's and the projector's are skipped."""
+    for name, tensor in weights:
+        for old, new in (("model.language_model.", "model."), ("language_model.model.", "model."),
+                         ("language_model.lm_head.", "lm_head.")):
+            if name.startswith(old):
+                yield new + name[len(old):], tensor
+                break
+        else:
+            if not name.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                                    "model.multi_modal_projector.")):
+                yield name, tensor
+
+
 def weight_targets(model: LlamaForCausalLM) -> dict[str, torch.Tensor | LinearRows | Int4Rows]:
     """HF name -> the (view of the) fastinfer tensor, or the rows of a projection, it fills."""
     t: dict[str, torch.Tensor | LinearRows | Int4Rows] = {"model.embed_tokens.weight": model.embed,
