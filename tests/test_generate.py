@@ -137,7 +137,7 @@ def test_bad_prompts():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen3", "phi3-partial", "granite", "mixtral", "qwen2-moe", "qwen3-moe",
-                                     "granitemoe", "olmo2", "gemma3"])
+                                     "granitemoe", "olmo2", "gemma2", "gemma3"])
 def test_greedy_matches_hf_on_the_gpu(variant):
     """The GPU path end to end (CUDA kernels, decode GEMV, pipelined decode) in fp32 against HF's
     generate on the same GPU, left-padded batch, with EOS stops."""
