@@ -198,3 +198,15 @@ def assert_bf16_on_the_gpu_tracks_hf(model):
     logprobs = hf_logits(model, PROMPT + out).log_softmax(-1)[len(PROMPT) - 1:-1]
     chosen = logprobs.gather(1, torch.tensor(out)[:, None])[:, 0]
     assert (logprobs.max(-1).values - chosen).max() < 0.05
+
+
+@pytest.mark.parametrize("variant", ["gemma2", "gemma3"])
+def test_bf16_greedy_tokens_equal_hfs(variant):
+    """bf16 on the CPU: Gemma's fp32 1 + w norms, the embedding scale rounded to bf16 and the soft-caps in bf16 as
+    HF's, so the greedy tokens of a padded batch equal HF's own bf16 run."""
+    model = make_hf_model(variant, seed=2).to(torch.bfloat16)
+    ids, mask = left_padded_batch([5, 17, 1, 9], model.config.vocab_size, PAD, seed=2)
+    kw = dict(max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=PAD)
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, **kw)
+    assert torch.equal(fastinfer.generate(model, ids, attention_mask=mask, **kw), expected)
