@@ -1,5 +1,6 @@
-"""GGUF files of Mixtral (llama with experts), Qwen2-MoE, Qwen3-MoE and Phi-3 (fused qkv / gate_up, partial
-rotary, LongRoPE, sliding window) against the HF models they were written from, CPU fp32.
+"""GGUF files of Mixtral (llama with experts), Qwen2-MoE, Qwen3-MoE, Phi-3 (fused qkv / gate_up, partial rotary,
+LongRoPE, sliding window), Granite and Granite-MoE (their four multipliers) against the HF models they were written
+from, CPU fp32.
 
 `write_gguf` plays llama.cpp's convert_hf_to_gguf.py: tensor names from gguf-py's own name map (not fastinfer's),
 llama's q / k rows interleaved, experts stacked [E, rows, K], Qwen2-MoE's shared-expert gate as a vector, the
@@ -32,7 +33,8 @@ def write_gguf(model, path, qtype="F32", drop=(), meta=None, tokenizer=None, spl
     tensor per expert (blk.N.ffn_gate.J.weight, early Mixtral files); skip_keys: metadata keys left out."""
     cfg = model.config
     arch = {"MixtralForCausalLM": "llama", "Qwen2MoeForCausalLM": "qwen2moe", "Qwen3MoeForCausalLM": "qwen3moe",
-            "Phi3ForCausalLM": "phi3", "LlamaForCausalLM": "llama"}[type(model).__name__]
+            "Phi3ForCausalLM": "phi3", "LlamaForCausalLM": "llama", "GraniteForCausalLM": "granite",
+            "GraniteMoeForCausalLM": "granitemoe"}[type(model).__name__]
     arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     names = gguf.get_tensor_name_map(arch_enum, cfg.num_hidden_layers)
     dense_names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
@@ -55,10 +57,15 @@ def write_gguf(model, path, qtype="F32", drop=(), meta=None, tokenizer=None, spl
     if experts:
         writer.add_expert_count(experts)
         writer.add_expert_used_count(cfg.num_experts_per_tok)
-        if arch != "llama":
+        if arch not in ("llama", "granitemoe"):
             writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
         if arch == "qwen2moe":
             writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    if arch.startswith("granite"):  # the converter's names for Granite's multipliers
+        writer.add_attention_scale(cfg.attention_multiplier)
+        writer.add_embedding_scale(cfg.embedding_multiplier)
+        writer.add_residual_scale(cfg.residual_multiplier)
+        writer.add_logit_scale(cfg.logits_scaling)
     if arch == "phi3":
         partial = rope.get("partial_rotary_factor", 1.0)
         writer.add_rope_dimension_count(int(partial * cfg.hidden_size) // cfg.num_attention_heads)
@@ -103,7 +110,7 @@ def write_gguf(model, path, qtype="F32", drop=(), meta=None, tokenizer=None, spl
 
     for hf_name, tensor in model.state_dict().items():
         base, _, suffix = hf_name.rpartition(".")
-        if base.endswith("mlp.experts"):  # transformers 5's fused [E, 2 F, K] gate / up and [E, K, F] down
+        if base.endswith(("mlp.experts", "block_sparse_moe.experts")):  # transformers 5's fused [E, 2 F, K] / [E, K, F]
             block = f"blk.{hf_name.split('.')[2]}"
             half = tensor.shape[1] // 2
             parts = {"gate": tensor[:, :half], "up": tensor[:, half:]} if suffix == "gate_up_proj" else {"down": tensor}
@@ -115,9 +122,10 @@ def write_gguf(model, path, qtype="F32", drop=(), meta=None, tokenizer=None, spl
                     add(f"{block}.ffn_{part}_exps.weight", stacked)
             continue
         # a dense MLP in a MoE model (HF's mlp_only_layers; llama.cpp's MoE graphs have none): llama's names
-        name = names.get_name(base) or dense_names.get_name(base)
+        # (transformers 5 names Granite-MoE's router block_sparse_moe.router, checkpoints ...router.layer)
+        name = names.get_name(base) or names.get_name(base + ".layer") or dense_names.get_name(base)
         assert name is not None, hf_name
-        if arch == "llama" and name.endswith(("attn_q", "attn_k")):
+        if arch in ("llama", "granite", "granitemoe") and name.endswith(("attn_q", "attn_k")):
             heads = cfg.num_attention_heads if name.endswith("attn_q") else cfg.num_key_value_heads
             tensor = llama_cpp_permute(tensor, heads)
         if name.endswith("ffn_gate_inp_shexp"):
@@ -134,6 +142,8 @@ CASES = {"mixtral": ("mixtral", {}), "qwen2-moe": ("qwen2-moe", {}),
          "qwen2-moe-dense-last": ("qwen2-moe", {"mlp_only_layers": [1], "qkv_bias": False}),
          "qwen3-moe": ("qwen3-moe", {"norm_topk_prob": True}),
          "phi3": ("phi3", {}), "phi3-partial": ("phi3-partial", {}),
+         "granite": ("granite", {"tie_word_embeddings": False}), "granite-tied": ("granite", {}),
+         "granitemoe": ("granitemoe", {"residual_multiplier": 0.22, "embedding_multiplier": 12.0}),
          "phi3-window": ("phi3", {"sliding_window": 6})}
 
 
@@ -227,6 +237,16 @@ def test_q4_experts_run_as_4_bit(tmp_path, variant, qtype):
         assert all(isinstance(p, Int4Linear) for pair in layer.moe.experts for p in pair)
         assert not isinstance(layer.moe.router, Int4Linear)
     torch.testing.assert_close(fi_logits(native, PROMPT), fi_logits(dense, PROMPT), rtol=0, atol=2e-4)
+
+
+def test_granite_q4_files_dequantize(tmp_path):
+    """Granite folds its residual multiplier into o_proj / down_proj, which 4-bit weights cannot take: a Q4 Granite
+    file loads dequantized, and quantization='gguf' is refused by name."""
+    model = make_hf_model("granitemoe", seed=3, vocab_size=VOCAB, hidden_size=128, intermediate_size=128)
+    path = write_gguf(model, tmp_path / "g.gguf", qtype="Q4_1")
+    assert fastinfer.load_model(path).model.layers[0].moe is not None
+    with pytest.raises(ValueError, match="residual_multiplier"):
+        fastinfer.load_model(path, quantization="gguf")
 
 
 def test_transformers_gguf_reader_agrees(tmp_path):

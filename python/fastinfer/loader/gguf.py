@@ -1,11 +1,11 @@
-"""Llama (and Mixtral), Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE and Phi-3 GGUF files (llama.cpp's format) as an
-HF config dict, an HF state dict and a tokenizer.
+"""Llama (and Mixtral), Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE, Phi-3, Granite and Granite-MoE GGUF files (llama.cpp's
+format) as an HF config dict, an HF state dict and a tokenizer.
 
     config, state_dict, tokenizer = read_gguf(default_model_path(), torch.bfloat16)
 
 Weights are dequantized with `gguf.quants.dequantize` (one small function, `dequantize`, so an INT4
 path can take the raw Q4_0/Q4_1 blocks from `hf_tensor_map` instead). llama.cpp's converter
-interleaves the rows of attn_q / attn_k within each head for the llama architecture (its rope rotates
+interleaves the rows of attn_q / attn_k within each head for the llama and granite architectures (its rope rotates
 adjacent pairs, HF's rotates the two halves); `unpermute_rows` undoes that. Its other converters write
 q / k as HF has them (llama.cpp runs NeoX-style rope there), so their rows stay as stored. A llama file
 with experts ({arch}.expert_count) is Mixtral; gguf_tensors.py maps the tensor names.
@@ -35,11 +35,13 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # general.architecture -> (HF class, model_type); a llama file with experts is _MIXTRAL
 _ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
                   "qwen3": ("Qwen3ForCausalLM", "qwen3"), "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe"),
-                  "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"), "phi3": ("Phi3ForCausalLM", "phi3")}
+                  "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"), "phi3": ("Phi3ForCausalLM", "phi3"),
+                  "granite": ("GraniteForCausalLM", "granite"), "granitemoe": ("GraniteMoeForCausalLM", "granitemoe")}
 _MIXTRAL = ("MixtralForCausalLM", "mixtral")
-_INTERLEAVED = ("llama", "mixtral")  # model types whose q / k rows llama.cpp's converter interleaved
+# model types whose q / k rows llama.cpp's converter interleaved (its LlamaModel lineage: Granite's too)
+_INTERLEAVED = ("llama", "mixtral", "granite", "granitemoe")
 # whether llama.cpp's graph renormalizes the top-k router weights, when {arch}.expert_weights_norm is absent
-_NORM_TOPK = {"mixtral": True, "qwen2_moe": False, "qwen3_moe": True}
+_NORM_TOPK = {"mixtral": True, "qwen2_moe": False, "qwen3_moe": True, "granitemoe": True}
 # Llama 3.1+ GGUFs store their rope scaling as per-frequency divisors in this tensor; these are the
 # llama3 parameters every Llama 3.x checkpoint uses, checked against the tensor before use.
 _ROPE_FREQS = "rope_freqs.weight"
@@ -203,6 +205,10 @@ def gguf_config(file: GGUFFile, dtype: torch.dtype = torch.float32) -> dict:
     }
     if model_type == "qwen2_moe":
         config["qkv_bias"] = has_bias
+    if arch in ("granite", "granitemoe"):  # Granite's four multipliers (llama.cpp requires them)
+        for key, hf_key in (("attention.scale", "attention_multiplier"), ("embedding_scale", "embedding_multiplier"),
+                            ("residual_scale", "residual_multiplier"), ("logit_scale", "logits_scaling")):
+            config[hf_key] = _float32(need(key, float))
     if rope_dims != head_dim:
         config["partial_rotary_factor"] = rope_dims / head_dim
     if arch == "phi3":
@@ -243,13 +249,14 @@ def _moe_config(file: GGUFFile, arch: str, model_type: str, need, layers: int) -
         raise ValueError(f"{path}: {arch}.expert_weights_norm must be a boolean, got {norm!r}")
     # without the key llama.cpp sizes Qwen's experts n_ff / n_expert_used (early Qwen1.5-MoE files); Mixtral's are n_ff
     dense_ffn = need("feed_forward_length")
-    ffn = need("expert_feed_forward_length", default=dense_ffn if model_type == "mixtral" else dense_ffn // used)
+    ffn = need("expert_feed_forward_length",
+               default=dense_ffn if model_type in ("mixtral", "granitemoe") else dense_ffn // used)
     moe_layers = moe_layer_indices(file, layers)
-    if model_type == "mixtral":
+    if model_type in ("mixtral", "granitemoe"):
         if len(moe_layers) != layers or not norm:
-            raise ValueError(f"{path}: a llama file with experts loads as Mixtral, whose every layer has experts "
+            raise ValueError(f"{path}: a {arch} file with experts loads as {model_type}, whose every layer has experts "
                              f"(routers found in {len(moe_layers)} of {layers} layers) and renormalized top-k weights "
-                             f"(llama.expert_weights_norm = {norm})")
+                             f"({arch}.expert_weights_norm = {norm})")
         return {"num_local_experts": experts, "num_experts_per_tok": used, "intermediate_size": ffn}
     config = {"num_experts": experts, "num_experts_per_tok": used, "moe_intermediate_size": ffn,
               "intermediate_size": dense_ffn, "norm_topk_prob": norm,

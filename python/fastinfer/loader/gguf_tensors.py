@@ -4,8 +4,10 @@
     blk.N.attn_qkv                                 self_attn.qkv_proj (Phi-3: q, k, v rows stacked, as HF has them)
     blk.N.ffn_gate / ffn_up / ffn_down             mlp.gate_proj / up_proj / down_proj
     blk.N.ffn_up (phi3)                            mlp.gate_up_proj (gate rows, then up rows)
-    blk.N.ffn_gate_inp                             the router: block_sparse_moe.gate (Mixtral) / mlp.gate (Qwen MoE)
+    blk.N.ffn_gate_inp                             the router: block_sparse_moe.gate (Mixtral) / mlp.gate (Qwen MoE) /
+                                                   block_sparse_moe.router.layer (Granite-MoE)
     blk.N.ffn_{gate,up,down}_exps [E, rows, K]     expert j's w1 / w3 / w2 (Mixtral) or gate_proj / up_proj / down_proj
+                                                   (Qwen MoE: mlp.experts.j, Granite-MoE: block_sparse_moe.experts.j)
     blk.N.ffn_{gate,up,down}.J                     expert J's w1 / w3 / w2 in early Mixtral files
     blk.N.ffn_{gate,up,down}_shexp                 Qwen2-MoE's mlp.shared_expert.*
     blk.N.ffn_gate_inp_shexp [hidden]              Qwen2-MoE's mlp.shared_expert_gate [1, hidden]
@@ -22,7 +24,7 @@ ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_s
 # HF names that are linear projections (4-bit under quantization="gguf"); routers and norms are not
 PROJECTION_SUFFIXES = tuple(f".{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj",
                                                       "up_proj", "down_proj", "gate_up_proj", "w1", "w2", "w3"))
-MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "granitemoe")
 
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
                  "output_norm.weight": "model.norm.weight",
@@ -38,7 +40,7 @@ _EXPERT_PARTS = {"ffn_gate_exps": 0, "ffn_up_exps": 1, "ffn_down_exps": 2}
 
 
 def _moe_prefix(config: dict) -> str:
-    return "block_sparse_moe" if config["model_type"] == "mixtral" else "mlp"
+    return "block_sparse_moe" if config["model_type"] in ("mixtral", "granitemoe") else "mlp"
 
 
 def _expert_names(config: dict, i: int, j: int) -> tuple[str, str, str]:
@@ -46,7 +48,7 @@ def _expert_names(config: dict, i: int, j: int) -> tuple[str, str, str]:
     if config["model_type"] == "mixtral":
         e = f"model.layers.{i}.block_sparse_moe.experts.{j}."
         return e + "w1.weight", e + "w3.weight", e + "w2.weight"
-    e = f"model.layers.{i}.mlp.experts.{j}."
+    e = f"model.layers.{i}.{_moe_prefix(config)}.experts.{j}."  # Qwen's mlp., Granite-MoE's block_sparse_moe.
     return e + "gate_proj.weight", e + "up_proj.weight", e + "down_proj.weight"
 
 
@@ -113,8 +115,9 @@ def _hf_name(gguf_name: str, config: dict) -> str | None:
         return _expert_names(config, int(parts[1]), int(parts[3]))[_EXPERT_PARTS[f"{parts[2]}_exps"]]
     if not (len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit()):
         return None
-    if parts[2] == "ffn_gate_inp":
-        return f"model.layers.{parts[1]}.{_moe_prefix(config)}.gate.{parts[3]}"
+    if parts[2] == "ffn_gate_inp":  # the router: Granite-MoE's router.layer, the others' gate
+        router = "router.layer" if config["model_type"] == "granitemoe" else "gate"
+        return f"model.layers.{parts[1]}.{_moe_prefix(config)}.{router}.{parts[3]}"
     if parts[2] == "ffn_up" and config["model_type"] == "phi3":
         return f"model.layers.{parts[1]}.mlp.gate_up_proj.{parts[3]}"
     if parts[2] in _LAYER_NAMES:
@@ -162,8 +165,10 @@ def expected_shapes(config: dict) -> dict[str, list[int]]:
 def _moe_shapes(config: dict, i: int) -> dict[str, list[int]]:
     hidden = config["hidden_size"]
     experts = config.get("num_local_experts", config.get("num_experts"))
-    f = config["intermediate_size"] if config["model_type"] == "mixtral" else config["moe_intermediate_size"]
-    shapes = {f"model.layers.{i}.{_moe_prefix(config)}.gate.weight": [experts, hidden]}
+    mixtral_like = config["model_type"] in ("mixtral", "granitemoe")
+    f = config["intermediate_size"] if mixtral_like else config["moe_intermediate_size"]
+    router = "router.layer" if config["model_type"] == "granitemoe" else "gate"
+    shapes = {f"model.layers.{i}.{_moe_prefix(config)}.{router}.weight": [experts, hidden]}
     for j in range(experts):
         gate, up, down = _expert_names(config, i, j)
         shapes.update({gate: [f, hidden], up: [f, hidden], down: [hidden, f]})
