@@ -34,7 +34,8 @@ def write_gguf(model, path, qtype="F32", drop=(), meta=None, tokenizer=None, spl
     cfg = model.config
     arch = {"MixtralForCausalLM": "llama", "Qwen2MoeForCausalLM": "qwen2moe", "Qwen3MoeForCausalLM": "qwen3moe",
             "Phi3ForCausalLM": "phi3", "LlamaForCausalLM": "llama", "GraniteForCausalLM": "granite",
-            "GraniteMoeForCausalLM": "granitemoe"}[type(model).__name__]
+            "GraniteMoeForCausalLM": "granitemoe", "Gemma2ForCausalLM": "gemma2",
+            "Gemma3ForCausalLM": "gemma3"}[type(model).__name__]
     arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     names = gguf.get_tensor_name_map(arch_enum, cfg.num_hidden_layers)
     dense_names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
@@ -52,7 +53,16 @@ def write_gguf(model, path, qtype="F32", drop=(), meta=None, tokenizer=None, spl
     writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     rope = cfg.rope_parameters
+    rope = rope.get("full_attention", rope)  # Gemma 3's: the global layers' (llama.cpp fixes the sliding ones')
     writer.add_rope_freq_base(rope["rope_theta"])
+    if rope.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["factor"])
+    if arch.startswith("gemma"):  # llama.cpp derives the layer pattern, the scale and Gemma 3's local rope base
+        writer.add_sliding_window(cfg.sliding_window)
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(cfg, key, None) is not None:
+                getattr(writer, f"add_{key}")(getattr(cfg, key))
     experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
     if experts:
         writer.add_expert_count(experts)
@@ -130,6 +140,8 @@ def write_gguf(model, path, qtype="F32", drop=(), meta=None, tokenizer=None, spl
             tensor = llama_cpp_permute(tensor, heads)
         if name.endswith("ffn_gate_inp_shexp"):
             tensor = tensor.reshape(-1)  # the converter stores [1, hidden] as a vector
+        if arch.startswith("gemma") and name.endswith("norm"):
+            tensor = tensor + 1  # the converter stores Gemma's 1 + w
         add(f"{name}.{suffix}", tensor)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -144,6 +156,10 @@ CASES = {"mixtral": ("mixtral", {}), "qwen2-moe": ("qwen2-moe", {}),
          "phi3": ("phi3", {}), "phi3-partial": ("phi3-partial", {}),
          "granite": ("granite", {"tie_word_embeddings": False}), "granite-tied": ("granite", {}),
          "granitemoe": ("granitemoe", {"residual_multiplier": 0.22, "embedding_multiplier": 12.0}),
+         # llama.cpp's Gemma: every second (Gemma 2) / sixth (Gemma 3) layer global, query_pre_attn_scalar = head_dim
+         "gemma2": ("gemma2", {"query_pre_attn_scalar": 16}),
+         "gemma3": ("gemma3", {"query_pre_attn_scalar": 16, "num_hidden_layers": 6, "layer_types": None,
+                               "sliding_window_pattern": 6}),
          "phi3-window": ("phi3", {"sliding_window": 6})}
 
 

@@ -1,5 +1,5 @@
-"""Llama (and Mixtral), Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE, Phi-3, Granite and Granite-MoE GGUF files (llama.cpp's
-format) as an HF config dict, an HF state dict and a tokenizer.
+"""Llama (and Mixtral), Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE, Phi-3, Granite, Granite-MoE, Gemma 2 and Gemma 3 GGUF
+files (llama.cpp's format) as an HF config dict, an HF state dict and a tokenizer.
 
     config, state_dict, tokenizer = read_gguf(default_model_path(), torch.bfloat16)
 
@@ -36,7 +36,11 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
                   "qwen3": ("Qwen3ForCausalLM", "qwen3"), "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe"),
                   "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"), "phi3": ("Phi3ForCausalLM", "phi3"),
-                  "granite": ("GraniteForCausalLM", "granite"), "granitemoe": ("GraniteMoeForCausalLM", "granitemoe")}
+                  "granite": ("GraniteForCausalLM", "granite"), "granitemoe": ("GraniteMoeForCausalLM", "granitemoe"),
+                  "gemma2": ("Gemma2ForCausalLM", "gemma2"), "gemma3": ("Gemma3ForCausalLM", "gemma3_text")}
+# llama.cpp's Gemma 27B models (told apart by layer count, as llama-model.cpp does) scale attention by
+# (hidden / heads) ** -0.5 instead of head_dim ** -0.5: HF's query_pre_attn_scalar
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 _MIXTRAL = ("MixtralForCausalLM", "mixtral")
 # model types whose q / k rows llama.cpp's converter interleaved (its LlamaModel lineage: Granite's too)
 _INTERLEAVED = ("llama", "mixtral", "granite", "granitemoe")
@@ -78,8 +82,16 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, validate=Non
     tensors = hf_tensor_map(file, config)
     tokenizer = build_tokenizer(file.metadata, file.path)
     check_dequantizable(file, tensors.values())
-    items = ((name, _to_hf_layout(dequantize(tensor, dtype), name, config)) for name, tensor in tensors.items())
+    items = ((name, _to_hf_layout(dequantize_hf(tensor, name, config, dtype), name, config))
+             for name, tensor in tensors.items())
     return config, (items if stream else dict(items)), tokenizer
+
+
+def dequantize_hf(tensor: GGUFTensor, name: str, config: dict, dtype: torch.dtype) -> torch.Tensor:
+    """dequantize, except Gemma's norms: llama.cpp stores 1 + w; w (HF's) is taken in fp32, then rounded."""
+    if config["model_type"] in ("gemma2", "gemma3_text") and name.endswith("norm.weight"):
+        return (dequantize(tensor, torch.float32) - 1.0).to(dtype)
+    return dequantize(tensor, dtype)
 
 
 def check_dequantizable(file: GGUFFile, tensors) -> None:
@@ -211,6 +223,8 @@ def gguf_config(file: GGUFFile, dtype: torch.dtype = torch.float32) -> dict:
             config[hf_key] = _float32(need(key, float))
     if rope_dims != head_dim:
         config["partial_rotary_factor"] = rope_dims / head_dim
+    if arch in ("gemma2", "gemma3"):
+        config.update(_gemma_config(file, arch, need, hidden, heads, layers, head_dim))
     if arch == "phi3":
         window = meta.get("phi3.attention.sliding_window", 0)
         if isinstance(window, bool) or not isinstance(window, int) or window < 0:
@@ -224,6 +238,32 @@ def gguf_config(file: GGUFFile, dtype: torch.dtype = torch.float32) -> dict:
         config.update(_moe_config(file, arch, model_type, need, layers))
     else:
         config["intermediate_size"] = need("feed_forward_length")
+    return config
+
+
+def _gemma_config(file: GGUFFile, arch: str, need, hidden: int, heads: int, layers: int, head_dim: int) -> dict:
+    """Gemma 2 / 3 as llama.cpp runs their files: every second (Gemma 2) or sixth (Gemma 3) layer global unless the
+    file gives attention.sliding_window_pattern, Gemma 3's sliding layers on rope base 10000, the soft-caps the file
+    names (Gemma 2's defaults otherwise), query_pre_attn_scalar from the model size."""
+    meta = file.metadata
+    config = {"hidden_activation": "gelu_pytorch_tanh", "sliding_window": need("attention.sliding_window"),
+              "query_pre_attn_scalar": hidden // heads if layers == _GEMMA_27B_LAYERS[arch] else head_dim}
+    pattern = meta.get(f"{arch}.attention.sliding_window_pattern", 2 if arch == "gemma2" else 6)
+    if isinstance(pattern, list):
+        if len(pattern) != layers or not all(isinstance(v, bool) for v in pattern):
+            raise ValueError(f"{file.path}: {arch}.attention.sliding_window_pattern must be {layers} booleans")
+        config["layer_types"] = ["sliding_attention" if v else "full_attention" for v in pattern]
+    elif isinstance(pattern, int) and not isinstance(pattern, bool) and pattern > 0:
+        config["layer_types"] = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    else:
+        raise ValueError(f"{file.path}: {arch}.attention.sliding_window_pattern must be a positive integer or booleans")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if f"{arch}.{key}" in meta:
+            config[key] = _float32(need(key, float))
+        elif arch == "gemma3":
+            config[key] = None
+    if arch == "gemma3":  # the global layers' rope (and its scaling) as 4.x configs give it, the sliding ones' base
+        config["rope_local_base_freq"] = 10000.0
     return config
 
 

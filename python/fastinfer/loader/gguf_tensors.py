@@ -37,6 +37,9 @@ _LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_laye
                 "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
                 "ffn_down_shexp": "mlp.shared_expert.down_proj", "ffn_gate_inp_shexp": "mlp.shared_expert_gate"}
 _EXPERT_PARTS = {"ffn_gate_exps": 0, "ffn_up_exps": 1, "ffn_down_exps": 2}
+# Gemma's four norms a layer: ffn_norm is the pre-feedforward one there (the post-attention norm has its own name)
+_GEMMA_NORMS = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+                "post_ffw_norm": "post_feedforward_layernorm"}
 
 
 def _moe_prefix(config: dict) -> str:
@@ -120,6 +123,8 @@ def _hf_name(gguf_name: str, config: dict) -> str | None:
         return f"model.layers.{parts[1]}.{_moe_prefix(config)}.{router}.{parts[3]}"
     if parts[2] == "ffn_up" and config["model_type"] == "phi3":
         return f"model.layers.{parts[1]}.mlp.gate_up_proj.{parts[3]}"
+    if config["model_type"] in ("gemma2", "gemma3_text") and parts[2] in _GEMMA_NORMS:
+        return f"model.layers.{parts[1]}.{_GEMMA_NORMS[parts[2]]}.{parts[3]}"
     if parts[2] in _LAYER_NAMES:
         return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
     return None
@@ -134,6 +139,8 @@ def expected_shapes(config: dict) -> dict[str, list[int]]:
     if not config["tie_word_embeddings"]:
         shapes["lm_head.weight"] = [config["vocab_size"], hidden]
     attention = {"input_layernorm.weight": [hidden], "post_attention_layernorm.weight": [hidden]}
+    if model_type in ("gemma2", "gemma3_text"):
+        attention.update({"pre_feedforward_layernorm.weight": [hidden], "post_feedforward_layernorm.weight": [hidden]})
     if model_type == "phi3":
         attention["self_attn.qkv_proj.weight"] = [q_rows + 2 * kv_rows, hidden]
     else:
@@ -145,7 +152,7 @@ def expected_shapes(config: dict) -> dict[str, list[int]]:
                           "self_attn.v_proj.bias": [kv_rows]})
         if model_type not in ("qwen2", "qwen2_moe"):
             attention["self_attn.o_proj.bias"] = [hidden]
-    if model_type in ("qwen3", "qwen3_moe"):
+    if model_type in ("qwen3", "qwen3_moe", "gemma3_text"):
         attention.update({"self_attn.q_norm.weight": [head_dim], "self_attn.k_norm.weight": [head_dim]})
     if model_type == "phi3":
         dense = {"mlp.gate_up_proj.weight": [2 * ffn, hidden], "mlp.down_proj.weight": [hidden, ffn]}

@@ -12,7 +12,7 @@ import gguf
 import numpy as np
 import torch
 
-from ..loader.gguf import (check_dequantizable, checked_config, dequantize, hf_tensor_map, interleaved_qk,
+from ..loader.gguf import (check_dequantizable, checked_config, dequantize_hf, hf_tensor_map, interleaved_qk,
                             open_gguf, unpermute_rows)
 from ..loader.gguf_tensors import PROJECTION_SUFFIXES
 from ..loader.gguf_tokenizer import build_tokenizer
@@ -65,7 +65,7 @@ def read_gguf_int4(path: str | Path, dtype: torch.dtype = torch.float32, validat
 
     def converted(name: str, tensor):
         if name not in projections:
-            return dequantize(tensor, dtype)
+            return dequantize_hf(tensor, name, config, dtype)
         weight = q4_weight(tensor)
         suffix = name.split(".", 3)[-1]
         return unpermute_weight(weight, heads[suffix]) if suffix in heads else weight
