@@ -289,3 +289,71 @@ def test_bad_files_name_what_is_wrong(tmp_path, variant, edit, match):
         model.config.num_experts_per_tok = meta.pop("expert_used_count")
     with pytest.raises(ValueError, match=match):
         fastinfer.load_model(write_gguf(model, tmp_path / "bad.gguf", drop=edit.get("drop", ()), meta=meta))
+
+
+def test_llama_cpp_defaults_and_spellings(tmp_path):
+    """What llama.cpp reads leniently, read the same way: a Gemma 2 file without attention.sliding_window (files made
+    before the key: 4096), a Gemma 3 one without it (no sliding layers; then no final logit cap either, which
+    llama.cpp applies only to models without them), Granite's optional scales (attention: head_dim ** -0.5,
+    embedding / residual: 1), one head_count_kv per layer when all equal."""
+    from fastinfer.loader.gguf import gguf_config, open_gguf
+
+    def config(variant, name, skip=(), meta=None, **overrides):
+        model = make_hf_model(variant, vocab_size=VOCAB, **overrides)
+        return gguf_config(open_gguf(write_gguf(model, tmp_path / name, skip_keys=skip, meta=meta)))
+
+    assert config("gemma2", "g2.gguf", ("attention.sliding_window",))["sliding_window"] == 4096
+    cfg = config("gemma3", "g3.gguf", ("attention.sliding_window",), final_logit_softcapping=5.0)
+    assert cfg["sliding_window"] is None and cfg["final_logit_softcapping"] == 5.0
+    assert config("gemma3", "g3w.gguf", final_logit_softcapping=5.0)["final_logit_softcapping"] is None
+    cfg = config("granite", "gr.gguf", ("attention.scale", "embedding_scale", "residual_scale"))
+    assert (cfg["attention_multiplier"], cfg["embedding_multiplier"], cfg["residual_multiplier"]) == (0.25, 1.0, 1.0)
+    assert cfg["logits_scaling"] == 4.0
+    model = make_hf_model("llama", vocab_size=VOCAB)
+    path = write_gguf(model, tmp_path / "kv.gguf", skip_keys=("attention.head_count_kv",))
+    _add_key(path, "llama.attention.head_count_kv", [2, 2])
+    assert gguf_config(open_gguf(path))["num_key_value_heads"] == 2
+
+
+def _add_key(path, key, values):
+    """Rewrite a GGUF file with one more metadata key (an array of uint32)."""
+    from fastinfer.loader.gguf import open_gguf
+    file = open_gguf(path)
+    writer = gguf.GGUFWriter(str(path) + ".tmp", file.metadata["general.architecture"])
+    reader = gguf.GGUFReader(path)
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        writer.add_key_value(field.name, field.contents(), field.types[0],
+                             field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
+    writer.add_array(key, values)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, tensor.data, raw_shape=list(reversed(tensor.shape.tolist())),
+                          raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    import os
+    os.replace(str(path) + ".tmp", path)
+
+
+def test_gemma_norm_multipliers_are_the_files(tmp_path):
+    """A Gemma GGUF stores 1 + w (fp32); loaded in bf16, each norm multiplier is that stored value exactly (llama.cpp's),
+    not 1 + w with w rounded to bf16 (HF's, for a checkpoint)."""
+    from fastinfer.loader.gguf import dequantize, open_gguf
+    model = make_hf_model("gemma3", vocab_size=VOCAB, query_pre_attn_scalar=16)
+    path = write_gguf(model, tmp_path / "g.gguf")
+    stored = dequantize(open_gguf(path).tensors["blk.0.attn_norm.weight"])
+    layer = fastinfer.load_model(path, dtype=torch.bfloat16).model.layers[0]
+    assert torch.equal(layer.input_norm, stored)
+
+
+def test_granite_refact_pre_tokenizer(tmp_path):
+    """llama.cpp's converter marks Granite's vocabulary `refact`: split as starcoder (digits one by one)."""
+    from fastinfer.loader.gguf_tokenizer import build_tokenizer
+    from test_gguf import TOKENS
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "refact", "tokenizer.ggml.tokens": TOKENS,
+            "tokenizer.ggml.merges": ["Ġ t", "h e", "Ġt he"], "tokenizer.ggml.token_type": [3] * 3 + [1] * (VOCAB - 3)}
+    tok = build_tokenizer(meta, tmp_path / "x.gguf")
+    assert tok.convert_ids_to_tokens(tok("a 123").input_ids) == ["a", "Ġ", "1", "2", "3"]

@@ -78,6 +78,9 @@ class ModelConfig:
     # a multimodal checkpoint whose text model this is (config_fields.MULTIMODAL_WRAPPERS): its weights are renamed
     # and the vision tower's skipped as they load (llama_weights.text_weights)
     text_of_multimodal: bool = False
+    # Gemma's norm multipliers 1 + w as loaded (a GGUF's, llama.cpp's), instead of with w rounded to the model dtype
+    # first (HF keeps w in it); set by the GGUF reader
+    exact_norm_weights: bool = False
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
@@ -246,6 +249,7 @@ class ModelConfig:
             **granite,
             **moe,
             text_of_multimodal=multimodal,
+            exact_norm_weights=bool(cfg.get("_gguf_norms", False)),
         )
 
     @classmethod

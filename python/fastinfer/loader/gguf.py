@@ -88,9 +88,10 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, validate=Non
 
 
 def dequantize_hf(tensor: GGUFTensor, name: str, config: dict, dtype: torch.dtype) -> torch.Tensor:
-    """dequantize, except Gemma's norms: llama.cpp stores 1 + w; w (HF's) is taken in fp32, then rounded."""
+    """dequantize, except Gemma's norms: llama.cpp stores v = 1 + w; w = v - 1 in fp32 (exact), kept fp32 so that the
+    model's 1 + w is v again, the multiplier llama.cpp uses (config _gguf_norms)."""
     if config["model_type"] in ("gemma2", "gemma3_text") and name.endswith("norm.weight"):
-        return (dequantize(tensor, torch.float32) - 1.0).to(dtype)
+        return dequantize(tensor, torch.float32) - 1.0
     return dequantize(tensor, dtype)
 
 
@@ -167,6 +168,8 @@ def gguf_config(file: GGUFFile, dtype: torch.dtype = torch.float32) -> dict:
         value = meta.get(f"{arch}.{key}", default)
         if value is None:
             raise ValueError(f"{path}: metadata key {arch}.{key} is missing")
+        if isinstance(value, list) and value and all(v == value[0] for v in value):
+            value = value[0]  # one value per layer, all the same (Granite 4 dense files' head_count_kv)
         if isinstance(value, list):
             raise ValueError(f"{path}: {arch}.{key} varies per layer, which is not supported")
         allowed = (int, float) if kind is float else (int,)
@@ -217,10 +220,12 @@ def gguf_config(file: GGUFFile, dtype: torch.dtype = torch.float32) -> dict:
     }
     if model_type == "qwen2_moe":
         config["qkv_bias"] = has_bias
-    if arch in ("granite", "granitemoe"):  # Granite's four multipliers (llama.cpp requires them)
-        for key, hf_key in (("attention.scale", "attention_multiplier"), ("embedding_scale", "embedding_multiplier"),
-                            ("residual_scale", "residual_multiplier"), ("logit_scale", "logits_scaling")):
-            config[hf_key] = _float32(need(key, float))
+    if arch in ("granite", "granitemoe"):  # Granite's multipliers; llama.cpp's defaults for the optional three
+        for key, hf_key, default in (("attention.scale", "attention_multiplier", head_dim ** -0.5),
+                                     ("embedding_scale", "embedding_multiplier", 1.0),
+                                     ("residual_scale", "residual_multiplier", 1.0), ("logit_scale", "logits_scaling", None)):
+            config[hf_key] = _float32(need(key, float, default)) if f"{arch}.{key}" in meta or default is None \
+                else default
     if rope_dims != head_dim:
         config["partial_rotary_factor"] = rope_dims / head_dim
     if arch in ("gemma2", "gemma3"):
@@ -246,8 +251,13 @@ def _gemma_config(file: GGUFFile, arch: str, need, hidden: int, heads: int, laye
     file gives attention.sliding_window_pattern, Gemma 3's sliding layers on rope base 10000, the soft-caps the file
     names (Gemma 2's defaults otherwise), query_pre_attn_scalar from the model size."""
     meta = file.metadata
-    config = {"hidden_activation": "gelu_pytorch_tanh", "sliding_window": need("attention.sliding_window"),
-              "query_pre_attn_scalar": hidden // heads if layers == _GEMMA_27B_LAYERS[arch] else head_dim}
+    # Gemma 2 files from before the key: llama.cpp's 4096; Gemma 3 without one (or 0): no sliding window
+    window = meta.get(f"{arch}.attention.sliding_window", 4096 if arch == "gemma2" else 0)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"{file.path}: {arch}.attention.sliding_window must be a non-negative integer, got {window!r}")
+    config = {"hidden_activation": "gelu_pytorch_tanh", "sliding_window": window or None,
+              "query_pre_attn_scalar": hidden // heads if layers == _GEMMA_27B_LAYERS[arch] else head_dim,
+              "_gguf_norms": True}  # models/llama.py: Gemma's norm multipliers as stored (llama.cpp's), not rounded
     pattern = meta.get(f"{arch}.attention.sliding_window_pattern", 2 if arch == "gemma2" else 6)
     if isinstance(pattern, list):
         if len(pattern) != layers or not all(isinstance(v, bool) for v in pattern):
@@ -262,6 +272,8 @@ def _gemma_config(file: GGUFFile, arch: str, need, hidden: int, heads: int, laye
             config[key] = _float32(need(key, float))
         elif arch == "gemma3":
             config[key] = None
+    if arch == "gemma3" and window:  # llama.cpp caps Gemma 3's logits only without sliding layers (gemma3.cpp)
+        config["final_logit_softcapping"] = None
     if arch == "gemma3":  # the global layers' rope (and its scaling) as 4.x configs give it, the sliding ones' base
         config["rope_local_base_freq"] = 10000.0
     return config

@@ -52,6 +52,7 @@ _PRE_TOKENIZERS = {
     "gpt2": (lambda: _byte_level(), False),
     "smollm": (lambda: _byte_level(digits=True), False),
     "starcoder": (lambda: _byte_level(digits=True), False),
+    "refact": (lambda: _byte_level(digits=True), False),  # Granite's; llama.cpp splits it as starcoder
     "llama-bpe": (lambda: _byte_level(_LLAMA3_SPLIT), True),
     "llama3": (lambda: _byte_level(_LLAMA3_SPLIT), True),
     "qwen2": (lambda: _byte_level(_QWEN2_SPLIT), False),

@@ -364,8 +364,10 @@ class LlamaForCausalLM:
             multiplier = torch.tensor(multiplier, dtype=torch.float32).to(self.dtype).item()
             with torch.no_grad():
                 for norm in [self.norm] + [t for layer in self.layers for t in layer.norm_targets("").values()]:
-                    # HF keeps w in the model dtype and computes 1 + w in fp32
-                    norm.copy_(norm.to(self.dtype)).add_(1.0)
+                    # HF keeps w in the model dtype and computes 1 + w in fp32 (a GGUF's: as stored)
+                    if not cfg.exact_norm_weights:
+                        norm.copy_(norm.to(self.dtype))
+                    norm.add_(1.0)
         if multiplier != 1.0:  # Granite, Gemma: the embedding rows scaled as HF scales them (one rounding)
             if self.lm_head is self.embed:  # tied: the LM head keeps the unscaled rows
                 self.lm_head = self.embed.clone()
