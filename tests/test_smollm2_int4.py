@@ -21,13 +21,13 @@ def path():
 def test_q4_1_projections_never_become_floats(path, monkeypatch):
     import gguf
 
-    import fastinfer.quant.gguf as quant_gguf
-    plain = quant_gguf.dequantize
+    import fastinfer.loader.gguf as loader_gguf  # every dequantization of the 4-bit reader goes through it
+    plain = loader_gguf.dequantize
 
     def guarded(tensor, dtype=torch.float32):
         assert tensor.qtype not in (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1), tensor.name
         return plain(tensor, dtype)
-    monkeypatch.setattr(quant_gguf, "dequantize", guarded)
+    monkeypatch.setattr(loader_gguf, "dequantize", guarded)
     model = fastinfer.load_model(path, device="cpu", quantization="gguf").model
     assert model.quant.group_size == 32 and model.quant.mode == "mins"
     for layer in model.layers:

@@ -20,7 +20,8 @@ import gguf
 import numpy as np
 import torch
 
-from .gguf_file import GGUFFile, GGUFTensor, open_gguf
+from .gguf_file import GGUFFile, GGUFTensor, dequantize, float32_value as _float32, open_gguf
+from .gguf_rope import rope_scaling
 from .gguf_tensors import MOE_MODEL_TYPES, hf_tensor_map, moe_layer_indices
 from .gguf_tokenizer import build_tokenizer
 
@@ -46,11 +47,6 @@ _MIXTRAL = ("MixtralForCausalLM", "mixtral")
 _INTERLEAVED = ("llama", "mixtral", "granite", "granitemoe")
 # whether llama.cpp's graph renormalizes the top-k router weights, when {arch}.expert_weights_norm is absent
 _NORM_TOPK = {"mixtral": True, "qwen2_moe": False, "qwen3_moe": True, "granitemoe": True}
-# Llama 3.1+ GGUFs store their rope scaling as per-frequency divisors in this tensor; these are the
-# llama3 parameters every Llama 3.x checkpoint uses, checked against the tensor before use.
-_ROPE_FREQS = "rope_freqs.weight"
-_LONGROPE = ("rope_factors_long.weight", "rope_factors_short.weight")  # Phi-3's, long first
-_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
 def default_model_path() -> Path:
@@ -118,12 +114,6 @@ def checked_config(file: GGUFFile, dtype: torch.dtype, validate=None) -> dict:
         except ValueError as e:
             raise ValueError(f"{file.path}: {e}") from None
     return config
-
-
-def dequantize(tensor: GGUFTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The tensor's values in `dtype`, in GGUF row order, shape `tensor.shape`."""
-    values = gguf.quants.dequantize(tensor.data, tensor.qtype)  # float32, or a read-only view for F32
-    return torch.from_numpy(np.require(values, np.float32, ["C", "W"])).reshape(tensor.shape).to(dtype)
 
 
 def unpermute_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -208,7 +198,7 @@ def gguf_config(file: GGUFFile, dtype: torch.dtype = torch.float32) -> dict:
         "max_position_embeddings": need("context_length"),
         "rms_norm_eps": _float32(need("attention.layer_norm_rms_epsilon", float)),
         "rope_theta": _float32(need("rope.freq_base", float, 10000.0)),
-        "rope_scaling": _rope_scaling(file, head_dim, arch, rope_dims),
+        "rope_scaling": rope_scaling(file, head_dim, arch, rope_dims),
         "tie_word_embeddings": "output.weight" not in file.tensors,
         "bos_token_id": _special_id(meta, "bos"),
         "eos_token_id": _special_id(meta, "eos"),
@@ -318,91 +308,3 @@ def _moe_config(file: GGUFFile, arch: str, model_type: str, need, layers: int) -
         config["shared_expert_intermediate_size"] = need(
             "expert_shared_feed_forward_length", default=shared.shape[0] if shared is not None else None)
     return config
-
-
-def _float32(value: float) -> float:
-    """GGUF stores floats as float32: 1e-5 arrives as 9.9999997e-06; keep the decimal it was written as."""
-    return float(str(np.float32(value)))
-
-
-def _rope_scaling(file: GGUFFile, head_dim: int, arch: str = "llama", rope_dims: int | None = None) -> dict | None:
-    meta, path = file.metadata, file.path
-    if any(name in file.tensors for name in _LONGROPE):
-        if arch != "phi3":
-            raise ValueError(f"{path}: LongRoPE factors ({', '.join(_LONGROPE)}) in a {arch!r} GGUF are not supported")
-        return _longrope_scaling(file, rope_dims or head_dim)
-    kind = meta.get(f"{arch}.rope.scaling.type", "linear" if f"{arch}.rope.scale_linear" in meta else "none")
-    factor = meta.get(f"{arch}.rope.scaling.factor", meta.get(f"{arch}.rope.scale_linear", 1.0))
-    if _ROPE_FREQS in file.tensors:
-        if arch != "llama":
-            raise ValueError(f"{path}: {_ROPE_FREQS} in a {arch!r} GGUF is not supported")
-        if kind != "none":
-            raise ValueError(f"{path}: both {_ROPE_FREQS} and rope scaling type {kind!r}")
-        return _llama3_rope_scaling(file, head_dim)
-    if kind == "none":
-        return None
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 <= factor < math.inf:
-        raise ValueError(f"{path}: {arch}.rope.scaling.factor must be a positive number, got {factor!r}")
-    factor = factor or 1.0  # llama.cpp reads a factor of 0 as "not set"
-    if kind == "linear" and factor == 1.0:
-        return None
-    if kind == "linear":
-        return {"rope_type": "linear", "factor": _float32(factor)}
-    if kind == "yarn":
-        scaling = {"rope_type": "yarn", "factor": _float32(factor)}
-        for gguf_key, hf_key in (("original_context_length", "original_max_position_embeddings"),
-                                 ("attn_factor", "attention_factor"), ("yarn_beta_fast", "beta_fast"),
-                                 ("yarn_beta_slow", "beta_slow")):
-            if f"{arch}.rope.scaling.{gguf_key}" in meta:
-                value = meta[f"{arch}.rope.scaling.{gguf_key}"]
-                scaling[hf_key] = _float32(value) if isinstance(value, float) else value
-        return scaling
-    raise ValueError(f"{path}: rope scaling type {kind!r} is not supported (supported: none, linear, yarn)")
-
-
-def _longrope_scaling(file: GGUFFile, rope_dims: int) -> dict:
-    """Phi-3's LongRoPE: the per-frequency long / short factors the converter stored as tensors (HF reads them
-    as float32 too, so nothing is lost), the original context length, and llama.cpp's attention factor, kept
-    only where it differs from the one HF derives from the two lengths."""
-    meta, path = file.metadata, file.path
-    factors = {}
-    for name in _LONGROPE:
-        tensor = file.tensors.get(name)
-        if tensor is None or list(tensor.shape) != [rope_dims // 2]:
-            raise ValueError(f"{path}: LongRoPE needs {' and '.join(_LONGROPE)} of shape [{rope_dims // 2}] "
-                             f"(rope dimensions / 2), got {None if tensor is None else list(tensor.shape)} for {name}")
-        factors[name] = [_float32(v) for v in dequantize(tensor).tolist()]
-    original = meta.get("phi3.rope.scaling.original_context_length")
-    length = meta.get("phi3.context_length")
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (original, length)):
-        raise ValueError(f"{path}: LongRoPE needs positive integers phi3.context_length and "
-                         f"phi3.rope.scaling.original_context_length, got {length!r} and {original!r}")
-    scaling = {"rope_type": "longrope", "long_factor": factors[_LONGROPE[0]],
-               "short_factor": factors[_LONGROPE[1]], "original_max_position_embeddings": original}
-    stored = meta.get("phi3.rope.scaling.attn_factor")
-    scale = length / original
-    derived = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
-    if isinstance(stored, (int, float)) and not isinstance(stored, bool) and abs(stored - derived) > 1e-6 * derived:
-        scaling["attention_factor"] = _float32(stored)
-    return scaling
-
-
-def _llama3_rope_scaling(file: GGUFFile, head_dim: int) -> dict:
-    """Recover HF's llama3 rope_scaling from the divisors the converter wrote, or refuse."""
-    theta = float(file.metadata.get("llama.rope.freq_base", 10000.0))
-    tensor = file.tensors[_ROPE_FREQS]
-    if list(tensor.shape) != [head_dim // 2]:  # checked before head_dim sizes anything below
-        raise ValueError(f"{file.path}: {_ROPE_FREQS} has shape {list(tensor.shape)}, expected [{head_dim // 2}] "
-                         f"(head_dim {head_dim} / 2)")
-    stored = dequantize(tensor).double()  # [head_dim / 2]
-    scaling = {"rope_type": "llama3", "factor": float(stored.max()), **_LLAMA3_ROPE}
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    wavelen = 2 * math.pi / inv_freq
-    old_len, low, high = (scaling[k] for k in ("original_max_position_embeddings", "low_freq_factor",
-                                               "high_freq_factor"))
-    smooth = ((old_len / wavelen - low) / (high - low)).clamp(0, 1)
-    expected = 1 / ((1 - smooth) / scaling["factor"] + smooth)
-    if stored.shape != expected.shape or not torch.allclose(stored, expected, rtol=1e-3):
-        raise ValueError(f"{file.path}: {_ROPE_FREQS} does not match llama3 rope scaling with "
-                         f"{_LLAMA3_ROPE}; custom per-frequency rope factors are not supported")
-    return {k: _float32(v) if isinstance(v, float) else v for k, v in scaling.items()}

@@ -20,6 +20,7 @@ from typing import Any
 
 import gguf
 import numpy as np
+import torch
 
 SUPPORTED_VERSIONS = (2, 3)
 _MAX_ARRAY_NESTING = 8  # arrays of arrays of ... (llama.cpp writes at most 2 levels); deeper is corrupt
@@ -154,3 +155,14 @@ def _tensor_view(path: Path, buf, name: str, shape: tuple[int, ...], qtype_id: i
                          f"{len(buf)} bytes (truncated?)")
     data = np.frombuffer(buf, dtype=np.uint8, count=nbytes, offset=start).reshape(byte_shape)
     return GGUFTensor(name, qtype, shape, data)
+
+
+def dequantize(tensor: GGUFTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The tensor's values in `dtype`, in GGUF row order, shape `tensor.shape`."""
+    values = gguf.quants.dequantize(tensor.data, tensor.qtype)  # float32, or a read-only view for F32
+    return torch.from_numpy(np.require(values, np.float32, ["C", "W"])).reshape(tensor.shape).to(dtype)
+
+
+def float32_value(value: float) -> float:
+    """GGUF stores floats as float32: 1e-5 arrives as 9.9999997e-06; keep the decimal it was written as."""
+    return float(str(np.float32(value)))
