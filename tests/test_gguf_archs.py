@@ -1,6 +1,6 @@
 """GGUF files of Mixtral (llama with experts), Qwen2-MoE, Qwen3-MoE, Phi-3 (fused qkv / gate_up, partial rotary,
-LongRoPE, sliding window), Granite and Granite-MoE (their four multipliers) against the HF models they were written
-from, CPU fp32.
+LongRoPE, sliding window), Granite and Granite-MoE (their four multipliers), Gemma 2 / 3 and OLMo-2 against the HF
+models they were written from, CPU fp32.
 
 `write_gguf` plays llama.cpp's convert_hf_to_gguf.py: tensor names from gguf-py's own name map (not fastinfer's),
 llama's q / k rows interleaved, experts stacked [E, rows, K], Qwen2-MoE's shared-expert gate as a vector, the
@@ -35,7 +35,7 @@ def write_gguf(model, path, qtype="F32", drop=(), meta=None, tokenizer=None, spl
     arch = {"MixtralForCausalLM": "llama", "Qwen2MoeForCausalLM": "qwen2moe", "Qwen3MoeForCausalLM": "qwen3moe",
             "Phi3ForCausalLM": "phi3", "LlamaForCausalLM": "llama", "GraniteForCausalLM": "granite",
             "GraniteMoeForCausalLM": "granitemoe", "Gemma2ForCausalLM": "gemma2",
-            "Gemma3ForCausalLM": "gemma3"}[type(model).__name__]
+            "Gemma3ForCausalLM": "gemma3", "Olmo2ForCausalLM": "olmo2"}[type(model).__name__]
     arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     names = gguf.get_tensor_name_map(arch_enum, cfg.num_hidden_layers)
     dense_names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
@@ -158,6 +158,7 @@ CASES = {"mixtral": ("mixtral", {}), "qwen2-moe": ("qwen2-moe", {}),
          "granitemoe": ("granitemoe", {"residual_multiplier": 0.22, "embedding_multiplier": 12.0}),
          # llama.cpp's Gemma: every second (Gemma 2) / sixth (Gemma 3) layer global, query_pre_attn_scalar = head_dim
          "gemma2": ("gemma2", {"query_pre_attn_scalar": 16}),
+         "olmo2": ("olmo2", {}),
          "gemma3": ("gemma3", {"query_pre_attn_scalar": 16, "num_hidden_layers": 6, "layer_types": None,
                                "sliding_window_pattern": 6}),
          "phi3-window": ("phi3", {"sliding_window": 6})}
@@ -281,6 +282,7 @@ def test_transformers_gguf_reader_agrees(tmp_path):
     ("qwen3-moe", dict(meta={"expert_gating_func": 2}), "expert_gating_func"),
     ("qwen3-moe", dict(meta={"expert_used_count": 9}), "expert_used_count"),
     ("phi3", dict(drop=("blk.0.attn_qkv.weight",)), r"missing.*qkv_proj"),
+    ("olmo2", dict(meta={"attention.sliding_window": 4096}), "OLMo-3"),
 ])
 def test_bad_files_name_what_is_wrong(tmp_path, variant, edit, match):
     model = make_hf_model(variant, vocab_size=VOCAB)

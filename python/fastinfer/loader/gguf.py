@@ -1,5 +1,5 @@
-"""Llama (and Mixtral), Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE, Phi-3, Granite, Granite-MoE, Gemma 2 and Gemma 3 GGUF
-files (llama.cpp's format) as an HF config dict, an HF state dict and a tokenizer.
+"""Llama (and Mixtral), Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE, Phi-3, Granite, Granite-MoE, Gemma 2, Gemma 3 and OLMo-2
+GGUF files (llama.cpp's format) as an HF config dict, an HF state dict and a tokenizer.
 
     config, state_dict, tokenizer = read_gguf(default_model_path(), torch.bfloat16)
 
@@ -38,7 +38,8 @@ _ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCau
                   "qwen3": ("Qwen3ForCausalLM", "qwen3"), "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe"),
                   "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"), "phi3": ("Phi3ForCausalLM", "phi3"),
                   "granite": ("GraniteForCausalLM", "granite"), "granitemoe": ("GraniteMoeForCausalLM", "granitemoe"),
-                  "gemma2": ("Gemma2ForCausalLM", "gemma2"), "gemma3": ("Gemma3ForCausalLM", "gemma3_text")}
+                  "gemma2": ("Gemma2ForCausalLM", "gemma2"), "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
+                  "olmo2": ("Olmo2ForCausalLM", "olmo2")}
 # llama.cpp's Gemma 27B models (told apart by layer count, as llama-model.cpp does) scale attention by
 # (hidden / heads) ** -0.5 instead of head_dim ** -0.5: HF's query_pre_attn_scalar
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
@@ -220,6 +221,8 @@ def gguf_config(file: GGUFFile, dtype: torch.dtype = torch.float32) -> dict:
         config["partial_rotary_factor"] = rope_dims / head_dim
     if arch in ("gemma2", "gemma3"):
         config.update(_gemma_config(file, arch, need, hidden, heads, layers, head_dim))
+    if arch == "olmo2" and "olmo2.attention.sliding_window" in meta:  # OLMo-3's files share the architecture name
+        raise ValueError(f"{path}: an olmo2 file with a sliding window (OLMo-3) is not supported")
     if arch == "phi3":
         window = meta.get("phi3.attention.sliding_window", 0)
         if isinstance(window, bool) or not isinstance(window, int) or window < 0:

@@ -40,6 +40,7 @@ _EXPERT_PARTS = {"ffn_gate_exps": 0, "ffn_up_exps": 1, "ffn_down_exps": 2}
 # Gemma's four norms a layer: ffn_norm is the pre-feedforward one there (the post-attention norm has its own name)
 _GEMMA_NORMS = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
                 "post_ffw_norm": "post_feedforward_layernorm"}
+_POST_NORMS = {"post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}  # OLMo-2
 
 
 def _moe_prefix(config: dict) -> str:
@@ -125,6 +126,8 @@ def _hf_name(gguf_name: str, config: dict) -> str | None:
         return f"model.layers.{parts[1]}.mlp.gate_up_proj.{parts[3]}"
     if config["model_type"] in ("gemma2", "gemma3_text") and parts[2] in _GEMMA_NORMS:
         return f"model.layers.{parts[1]}.{_GEMMA_NORMS[parts[2]]}.{parts[3]}"
+    if config["model_type"] == "olmo2" and parts[2] in _POST_NORMS:
+        return f"model.layers.{parts[1]}.{_POST_NORMS[parts[2]]}.{parts[3]}"
     if parts[2] in _LAYER_NAMES:
         return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
     return None
@@ -139,6 +142,9 @@ def expected_shapes(config: dict) -> dict[str, list[int]]:
     if not config["tie_word_embeddings"]:
         shapes["lm_head.weight"] = [config["vocab_size"], hidden]
     attention = {"input_layernorm.weight": [hidden], "post_attention_layernorm.weight": [hidden]}
+    if model_type == "olmo2":  # post-norms only, q / k norms over the whole projections
+        attention = {"post_attention_layernorm.weight": [hidden], "post_feedforward_layernorm.weight": [hidden],
+                     "self_attn.q_norm.weight": [q_rows], "self_attn.k_norm.weight": [kv_rows]}
     if model_type in ("gemma2", "gemma3_text"):
         attention.update({"pre_feedforward_layernorm.weight": [hidden], "post_feedforward_layernorm.weight": [hidden]})
     if model_type == "phi3":
