@@ -354,3 +354,11 @@ def test_vllm_engine_arguments(loaded):
                           ({"swap_space": -1}, "swap_space"), ({"tokenizer_mode": "slow"}, "tokenizer_mode")]:
         with pytest.raises(ValueError, match=match):
             LLM(loaded, **kwargs)
+
+
+def test_per_request_adapters_and_priorities_are_refused_by_name(loaded):
+    llm = LLM(loaded)
+    with pytest.raises(ValueError, match="lora_request: per-request LoRA adapters are not supported"):
+        llm.generate([[5, 6]], SamplingParams(max_tokens=2), use_tqdm=False, lora_request=object())
+    with pytest.raises(ValueError, match="priority"):
+        llm.generate([[5, 6]], SamplingParams(max_tokens=2), use_tqdm=False, priority=[1])

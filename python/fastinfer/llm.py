@@ -14,7 +14,7 @@ from .engine import Engine, EngineConfig
 from .generate import get_loaded
 from .models.llama import kv_cache_storage_dtype
 from .outputs import RequestOutput
-from .request_checks import check_vllm_engine_args
+from .request_checks import check_vllm_engine_args, refuse_vllm_request_args
 from .sampling_params import SamplingParams
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
@@ -197,10 +197,12 @@ class LLM:
                 self.engine.pop_finished(rid)
 
     def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm=True) -> list[RequestOutput]:
+                 use_tqdm=True, lora_request=None, priority=None) -> list[RequestOutput]:
         """One RequestOutput per prompt, in input order. prompts: a str, a list of token ids, a
         vLLM prompt dict ({"prompt": str} or {"prompt_token_ids": [...]}) or a list of these.
-        use_tqdm: a bool or, as in vLLM, a tqdm-like class to build the progress bar with."""
+        use_tqdm: a bool or, as in vLLM, a tqdm-like class to build the progress bar with. lora_request and
+        priority (vLLM's) must be None: per-request adapters and priority scheduling are not implemented."""
+        refuse_vllm_request_args(lora_request, priority)
         prompts, params = self._requests(prompts, sampling_params)
         ids = self._submit(prompts, params)
         pending = set(ids)

@@ -156,6 +156,16 @@ def new_request(request_id: str, prompt: str | list[int], token_ids: list[int], 
     return _Request(request_id, prompt if isinstance(prompt, str) else None, token_ids, params, [seq])
 
 
+def refuse_vllm_request_args(lora_request, priority) -> None:
+    """vLLM's LLM.generate arguments fastinfer does not implement, refused by name instead of ignored."""
+    if lora_request is not None:
+        raise ValueError("lora_request: per-request LoRA adapters are not supported; load the adapter with "
+                         "peft.PeftModel.from_pretrained(base, adapter) and pass that model to LLM (merged)")
+    if priority is not None:
+        raise ValueError("priority: priority scheduling is not supported (requests are served first come, first "
+                         "served)")
+
+
 def check_vllm_engine_args(seed, enable_chunked_prefill, swap_space, disable_log_stats, tokenizer_mode) -> None:
     """vLLM LLM() arguments a ported script passes, checked: seed (LLM seeds torch's generators with it once built,
     as vLLM seeds its global state: the random draws of requests without their own seed); prefill is always chunked
