@@ -48,7 +48,8 @@ def test_smollm2_config(smollm):
         "head_dim": 64, "intermediate_size": 1536, "vocab_size": 49152, "max_position_embeddings": 8192}
     assert config["rope_theta"] == 100000.0 and config["rms_norm_eps"] == 1e-5
     assert config["rope_scaling"] is None and config["tie_word_embeddings"] is True
-    assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
+    # EOS <|im_end|> (2) first, then <|endoftext|> (0), which llama.cpp also ends generation on
+    assert (config["bos_token_id"], config["eos_token_id"]) == (1, [2, 0])
     assert config["attention_bias"] is False and config["mlp_bias"] is False
     assert config["torch_dtype"] == "float32"
 
@@ -388,3 +389,15 @@ def test_stream_and_types_without_a_dequantizer(tmp_path):
         gguf.GGUFWriter = gguf_writer
     with pytest.raises(ValueError, match=r"q81.gguf: tensor 'blk.1.attn_v.weight'"):
         read_gguf(tmp_path / "q81.gguf", stream=True)
+
+
+def test_end_of_generation_ids_as_llama_cpp():
+    """Generation stops where llama.cpp's does: EOS first, then the file's EOT / EOM ids and the end-of-turn tokens
+    llama.cpp recognizes by their text (Gemma's <end_of_turn>, Phi-3's <|end|>)."""
+    from fastinfer.loader.gguf import _end_of_generation
+    tokens = ["<pad>", "<eos>", "<bos>", "hello", "<end_of_turn>", "<|end|>", "<|eot_id|>"]
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.eos_token_id": 1,
+            "tokenizer.ggml.eot_token_id": 6}
+    assert _end_of_generation(meta) == [1, 6, 4, 5]
+    assert _end_of_generation({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a"],
+                               "tokenizer.ggml.eos_token_id": 0}) == 0

@@ -18,8 +18,7 @@ EDGE_CASES = ["", " ", "  hi", "hello  world", "\n\nx", "a\tb", "end  ", "Élan,
               "emoji 🙂 here", "12345 and 6.78", "It is a truth universally acknowledged"]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def train(tmp_path_factory, dummy_prefix: bool):
     from text_data import novel
     try:
         text = novel()[:300_000]
@@ -27,14 +26,19 @@ def trained(tmp_path_factory):
         pytest.skip(f"the test text is not available: {e}")
     folder = tmp_path_factory.mktemp("spm")
     (folder / "text.txt").write_text(text, encoding="utf-8")
-    # Llama's trainer settings: BPE, byte fallback, digits split, spaces kept as they are
+    # Llama's trainer settings: BPE, byte fallback, digits split, spaces kept as they are (Gemma's: no dummy prefix)
     spm.SentencePieceTrainer.train(input=str(folder / "text.txt"), model_prefix=str(folder / "m"), vocab_size=1000,
                                    model_type="bpe", byte_fallback=True, split_digits=True,
                                    normalization_rule_name="identity", remove_extra_whitespaces=False,
-                                   add_dummy_prefix=True, allow_whitespace_only_pieces=True, minloglevel=2,
+                                   add_dummy_prefix=dummy_prefix, allow_whitespace_only_pieces=True, minloglevel=2,
                                    user_defined_symbols=["<|user|>", "<|end|>"])
     processor = spm.SentencePieceProcessor(model_file=str(folder / "m.model"))
     return processor, text
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return train(tmp_path_factory, dummy_prefix=True)
 
 
 def gguf_metadata(processor, **extra) -> dict:
@@ -67,6 +71,17 @@ def test_ids_and_text_equal_sentencepieces(trained, tmp_path):
         expected = processor.encode(s)
         assert tok(s, add_special_tokens=False).input_ids == expected, repr(s)
         assert tok(s).input_ids == [processor.bos_id()] + expected, repr(s)  # llama.cpp adds BOS by default
+        assert tok.decode(expected) == processor.decode(expected), repr(s)
+
+
+def test_a_vocabulary_without_the_prefix_space(tmp_path_factory, tmp_path):
+    """Gemma's SentencePiece model adds no dummy prefix and llama.cpp's converter writes add_space_prefix = false
+    for it: trained that way, ids and text still equal sentencepiece's."""
+    processor, text = train(tmp_path_factory, dummy_prefix=False)
+    tok = build_tokenizer(gguf_metadata(processor, **{"tokenizer.ggml.add_space_prefix": False}), tmp_path / "x.gguf")
+    for s in samples(text, 100):
+        expected = processor.encode(s)
+        assert tok(s, add_special_tokens=False).input_ids == expected, repr(s)
         assert tok.decode(expected) == processor.decode(expected), repr(s)
 
 

@@ -75,7 +75,7 @@ class LLM:
         if tokenizer is not None:  # a copy: the cached LoadedModel keeps its own
             self.loaded = dataclasses.replace(self.loaded, tokenizer=_load_tokenizer(tokenizer))
         m = self.loaded.model
-        kv_cache_storage_dtype(kv_cache_dtype, m.dtype, m.device)  # an unknown or unsupported name fails here
+        kv_cache_storage_dtype(kv_cache_dtype, m.dtype, m.device, m.config.head_dim)  # unknown / unsupported: fails here
         if num_blocks is None:
             num_blocks = self._size_kv_pool(block_size, gpu_memory_utilization, kv_cache_memory_bytes,
                                             max_num_batched_tokens, max_model_len)
@@ -102,7 +102,7 @@ class LLM:
     def _block_bytes(self, block_size: int) -> int:
         m = self.loaded.model
         cfg = m.config
-        itemsize = kv_cache_storage_dtype(self.kv_cache_dtype, m.dtype, m.device).itemsize
+        itemsize = kv_cache_storage_dtype(self.kv_cache_dtype, m.dtype, m.device, cfg.head_dim).itemsize
         return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * itemsize
 
     def _size_kv_pool(self, block_size, utilization, budget, max_tokens, max_model_len) -> int:

@@ -202,7 +202,7 @@ def gguf_config(file: GGUFFile, dtype: torch.dtype = torch.float32) -> dict:
         "rope_scaling": rope_scaling(file, head_dim, arch, rope_dims),
         "tie_word_embeddings": "output.weight" not in file.tensors,
         "bos_token_id": _special_id(meta, "bos"),
-        "eos_token_id": _special_id(meta, "eos"),
+        "eos_token_id": _end_of_generation(meta),
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
         "hidden_act": "silu",
         "attention_bias": attention_bias,
@@ -270,6 +270,22 @@ def _gemma_config(file: GGUFFile, arch: str, need, hidden: int, heads: int, laye
     if arch == "gemma3":  # the global layers' rope (and its scaling) as 4.x configs give it, the sliding ones' base
         config["rope_local_base_freq"] = 10000.0
     return config
+
+
+# llama.cpp ends generation on these tokens besides EOS / EOT / EOM ids (llama-vocab.cpp, found by their text)
+_EOG_TEXTS = {"<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>", "<|endoftext|>",
+              "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>"}
+
+
+def _end_of_generation(meta: dict) -> list[int] | int | None:
+    """The ids generation stops on, as llama.cpp's: EOS first, the file's EOT / EOM ids, and the end-of-turn tokens
+    it recognizes by their text (Gemma's <end_of_turn>, Phi-3's <|end|>, ...): an instruct file's chat turns end."""
+    ids = [i for key in ("eos", "eot", "eom") if (i := _special_id(meta, key)) is not None]
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list):
+        ids += [i for i, text in enumerate(tokens) if text in _EOG_TEXTS]
+    ids = [i for n, i in enumerate(ids) if i not in ids[:n] and isinstance(i, int)]
+    return ids if len(ids) > 1 else (ids[0] if ids else None)
 
 
 def _special_id(meta: dict, key: str) -> int | None:

@@ -32,6 +32,18 @@ GEMMA2_DEFAULTS = {**GEMMA3_DEFAULTS, "max_position_embeddings": 8192, "attn_log
                    "final_logit_softcapping": 30.0}
 
 
+def finish_gemma_weights(model) -> float:
+    """After loading: each norm weight w becomes its multiplier 1 + w in fp32 (HF keeps w in the model dtype and
+    computes 1 + w in fp32; a GGUF's stored 1 + w is kept exactly: ModelConfig.exact_norm_weights); returns the
+    embedding scale as HF's embed_scale buffer holds it, sqrt(hidden) in fp32 rounded to the model dtype."""
+    with torch.no_grad():
+        for norm in [model.norm] + [t for layer in model.layers for t in layer.norm_targets("").values()]:
+            if not model.config.exact_norm_weights:
+                norm.copy_(norm.to(model.dtype))
+            norm.add_(1.0)
+    return torch.tensor(model.config.embedding_multiplier, dtype=torch.float32).to(model.dtype).item()
+
+
 class GemmaLayer(LlamaLayer):
     def __init__(self, cfg, dtype, device, kind=None, window: int = 0, moe: bool = False):
         super().__init__(cfg, dtype, device, kind, window=window, moe=moe)

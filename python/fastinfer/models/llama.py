@@ -319,8 +319,9 @@ class LlamaForCausalLM:
         return self._scaled(dense_linear(hidden[meta.logits_indices], self.lm_head).float())
 
     def _scaled(self, logits: torch.Tensor) -> torch.Tensor:
-        """Granite's logits / logits_scaling. HF divides its model-dtype logits (the LM head's output, which
-        these fp32 logits hold exactly) and rounds the quotient to that dtype: so does this."""
+        """Gemma's cap * tanh(logits / cap), or Granite's logits / logits_scaling. HF computes both on its model-dtype
+        logits (the LM head's output, which these fp32 logits hold exactly), rounding each step to that dtype: so
+        does this."""
         cap = self.config.final_logit_softcapping
         if cap is not None:  # Gemma: cap * tanh(logits / cap), each step in the model dtype as HF's
             logits = logits.to(self.dtype)
@@ -360,14 +361,9 @@ class LlamaForCausalLM:
             weights = llama_weights.residual_scaled(weights, cfg.residual_multiplier)
         llama_weights.load_weights(self, weights)
         multiplier = cfg.embedding_multiplier
-        if self.gemma:  # HF's embed_scale buffer: sqrt(hidden) in fp32, rounded to the model dtype
-            multiplier = torch.tensor(multiplier, dtype=torch.float32).to(self.dtype).item()
-            with torch.no_grad():
-                for norm in [self.norm] + [t for layer in self.layers for t in layer.norm_targets("").values()]:
-                    # HF keeps w in the model dtype and computes 1 + w in fp32 (a GGUF's: as stored)
-                    if not cfg.exact_norm_weights:
-                        norm.copy_(norm.to(self.dtype))
-                    norm.add_(1.0)
+        if self.gemma:  # norms to 1 + w, the embedding scale rounded (models/gemma.py)
+            from .gemma import finish_gemma_weights
+            multiplier = finish_gemma_weights(self)
         if multiplier != 1.0:  # Granite, Gemma: the embedding rows scaled as HF scales them (one rounding)
             if self.lm_head is self.embed:  # tied: the LM head keeps the unscaled rows
                 self.lm_head = self.embed.clone()
@@ -381,16 +377,17 @@ class LlamaForCausalLM:
         """
         cfg = self.config
         shape = (num_blocks, 2, block_size, cfg.num_kv_heads, cfg.head_dim)
-        dtype = kv_cache_storage_dtype(kv_cache_dtype, self.dtype, self.device)
-        check_kv_cache_head_dim(kv_cache_dtype, cfg.head_dim, self.device)
+        dtype = kv_cache_storage_dtype(kv_cache_dtype, self.dtype, self.device, cfg.head_dim)
         return [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.num_layers)]
 
 
 KV_CACHE_DTYPES = ("auto", "fp8")
 
 
-def kv_cache_storage_dtype(kv_cache_dtype: str | None, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The cache tensors' dtype for a kv_cache_dtype name ("auto"/None: the model's dtype)."""
+def kv_cache_storage_dtype(kv_cache_dtype: str | None, model_dtype: torch.dtype, device: torch.device,
+                           head_dim: int = 128) -> torch.dtype:
+    """The cache tensors' dtype for a kv_cache_dtype name ("auto"/None: the model's dtype); on CUDA an e4m3 cache
+    needs a 16-bit model and head_dim 64 or 128 (the attention kernels that read one)."""
     if kv_cache_dtype in (None, "auto"):
         return model_dtype
     if kv_cache_dtype != "fp8":
@@ -398,10 +395,6 @@ def kv_cache_storage_dtype(kv_cache_dtype: str | None, model_dtype: torch.dtype,
     if device.type == "cuda" and model_dtype not in (torch.bfloat16, torch.float16):
         # The CUDA attention kernels over an e4m3 cache exist for bf16 / fp16 queries only.
         raise ValueError(f"kv_cache_dtype='fp8' on CUDA needs a bfloat16 or float16 model, got {model_dtype}")
-    return FP8
-
-
-def check_kv_cache_head_dim(kv_cache_dtype: str | None, head_dim: int, device: torch.device) -> None:
-    """The CUDA attention kernels read an e4m3 cache at head_dim 64 and 128 only."""
-    if kv_cache_dtype == "fp8" and device.type == "cuda" and head_dim not in (64, 128):
+    if device.type == "cuda" and head_dim not in (64, 128):
         raise ValueError(f"kv_cache_dtype='fp8' on CUDA needs head_dim 64 or 128, got {head_dim}")
+    return FP8
