@@ -280,6 +280,9 @@ _EOG_TEXTS = {"<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "
 def _end_of_generation(meta: dict) -> list[int] | int | None:
     """The ids generation stops on, as llama.cpp's: EOS first, the file's EOT / EOM ids, and the end-of-turn tokens
     it recognizes by their text (Gemma's <end_of_turn>, Phi-3's <|end|>, ...): an instruct file's chat turns end."""
+    eos = _special_id(meta, "eos")
+    if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int)):
+        return eos  # as stored: the config check names tokenizer.ggml.eos_token_id's bad value
     ids = [i for key in ("eos", "eot", "eom") if (i := _special_id(meta, key)) is not None]
     tokens = meta.get("tokenizer.ggml.tokens")
     if isinstance(tokens, list):
