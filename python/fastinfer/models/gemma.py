@@ -45,6 +45,8 @@ def finish_gemma_weights(model) -> float:
 
 
 class GemmaLayer(LlamaLayer):
+    llama_block = False  # its own norm placement: the fused Llama forwards do not apply
+
     def __init__(self, cfg, dtype, device, kind=None, window: int = 0, moe: bool = False):
         super().__init__(cfg, dtype, device, kind, window=window, moe=moe)
         if moe:
@@ -69,14 +71,6 @@ class GemmaLayer(LlamaLayer):
             t[prefix + "self_attn.q_norm.weight"] = self.q_norm_gemma
             t[prefix + "self_attn.k_norm.weight"] = self.k_norm_gemma
         return t
-
-    @property
-    def fp8_quant_fusable(self) -> bool:
-        return False
-
-    @property
-    def fusable_norms(self) -> bool:
-        return False
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
                 meta: AttnMetadata, cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -197,18 +197,23 @@ class LlamaLayer:
         q, scales = ops.silu_and_mul_quant_fp8(self.gate_up.fp8_mm(q, scales, dtype))
         return self.down.fp8_mm(q, scales, dtype), residual
 
+    # A subclass whose forward is not Llama's block (Gemma 2/3, OLMo-2: other norm placements) sets this;
+    # the fused forwards below compose Llama's block and then never run it.
+    llama_block = True
+
     @property
     def fp8_quant_fusable(self) -> bool:
         """Whether forward_fp8 can run this layer: FP8 q/k/v, gate / up and down (o_proj quantizes the
         attention output itself, whatever it is)."""
-        return all(isinstance(p, Linear) and p.weight_scale is not None for p in (self.qkv, self.gate_up, self.down))
+        return self.llama_block and all(isinstance(p, Linear) and p.weight_scale is not None
+                                        for p in (self.qkv, self.gate_up, self.down))
 
     @property
     def fusable_norms(self) -> bool:
         """Whether forward_fused can run this layer: dense 16-bit projections (or, with
         FASTINFER_FP8_DECODE=w8a16, FP8 ones with K % 16 == 0), gate / up without bias."""
         projections = (self.qkv, self.o_proj, self.gate_up, self.down)
-        if not all(isinstance(p, Linear) for p in projections):
+        if not self.llama_block or not all(isinstance(p, Linear) for p in projections):
             return False
         fp8 = [p.weight_scale is not None for p in projections]
         if any(fp8) and not (all(fp8) and fp8_decode_mode() == "w8a16"

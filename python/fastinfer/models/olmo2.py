@@ -21,20 +21,14 @@ from .llama import LlamaLayer  # (llama.py imports this module only when it buil
 
 
 class Olmo2Layer(LlamaLayer):
+    llama_block = False  # its own norm placement: the fused Llama forwards do not apply
+
     def __init__(self, cfg, dtype, device, kind=None, window: int = 0, moe: bool = False):
         super().__init__(cfg, dtype, device, kind, window=window, moe=moe)
         self.q_norm = self.k_norm = None  # the per-head kind is Qwen3's; OLMo-2's span the projections
         self.q_norm_full = torch.empty(self.q_size, dtype=dtype, device=device)
         self.k_norm_full = torch.empty(self.kv_size, dtype=dtype, device=device)
         self.post_ff_norm = torch.empty(cfg.hidden_size, dtype=dtype, device=device)
-
-    @property
-    def fp8_quant_fusable(self) -> bool:
-        return False
-
-    @property
-    def fusable_norms(self) -> bool:
-        return False
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
                 meta: AttnMetadata, cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
