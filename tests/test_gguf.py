@@ -235,6 +235,17 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TOKENS = SPECIALS + _byte_alphabet() + ["Ġt", "he", "Ġthe"]
 
 
+def add_tiny_vocab(writer) -> None:
+    """The tiny byte-level BPE vocabulary (TOKENS, three merges, bos 1, eos 2) as GGUF tokenizer metadata."""
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(TOKENS)
+    writer.add_token_types([3] * len(SPECIALS) + [1] * (len(TOKENS) - len(SPECIALS)))
+    writer.add_token_merges(["Ġ t", "h e", "Ġt he"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+
+
 def write_tiny_llama(path, arch="llama", skip=(), untied=True, rope_freqs=None, qtype="Q4_1"):
     """A 2-layer llama GGUF in llama.cpp's layout; returns the HF state dict it was made from."""
     gen = torch.Generator().manual_seed(1)
@@ -265,13 +276,7 @@ def write_tiny_llama(path, arch="llama", skip=(), untied=True, rope_freqs=None, 
     writer.add_head_count_kv(TINY["kv_heads"])
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_rope_freq_base(500000.0)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(TOKENS)
-    writer.add_token_types([3] * len(SPECIALS) + [1] * (len(TOKENS) - len(SPECIALS)))
-    writer.add_token_merges(["Ġ t", "h e", "Ġt he"])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
+    add_tiny_vocab(writer)
     writer.add_add_bos_token(True)
     writer.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
     for name, weight in hf.items():

@@ -20,7 +20,7 @@ from test_loader_parity import fi_logits, hf_logits
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
-from test_gguf import SPECIALS, TOKENS, llama_cpp_permute  # noqa: E402
+from test_gguf import TOKENS, add_tiny_vocab, llama_cpp_permute  # noqa: E402
 
 PROMPT = [5, 17, 33, 2, 99, 250, 7, 64, 128, 11, 3, 200, 41, 8, 19, 77, 23]
 VOCAB = len(TOKENS)
@@ -88,13 +88,7 @@ def write_gguf(model, path, qtype="F32", drop=(), meta=None, tokenizer=None, spl
             writer.add_tensor("rope_factors_long.weight", np.asarray(rope["long_factor"], np.float32))
             writer.add_tensor("rope_factors_short.weight", np.asarray(rope["short_factor"], np.float32))
     if tokenizer is None:
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("default")
-        writer.add_token_list(TOKENS)
-        writer.add_token_types([3] * len(SPECIALS) + [1] * (len(TOKENS) - len(SPECIALS)))
-        writer.add_token_merges(["Ġ t", "h e", "Ġt he"])
-        writer.add_bos_token_id(1)
-        writer.add_eos_token_id(2)
+        add_tiny_vocab(writer)
         writer.add_pad_token_id(0)
     else:
         writer.add_tokenizer_model(tokenizer["tokenizer.ggml.model"])
