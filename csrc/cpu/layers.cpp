@@ -161,9 +161,11 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor
   });
 }
 
-void silu_and_mul(at::Tensor& out, const at::Tensor& input) {
+// act(gate) * up in fp32, rounded once to the input's dtype: the gated MLP activations below.
+template <typename Act>
+void gated_activation(at::Tensor& out, const at::Tensor& input, Act act) {
   const int64_t rows = input.size(0), d = out.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "silu_and_mul", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "gated_activation", [&] {
     const scalar_t* in = input.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     const int64_t is = input.stride(0), os = out.stride(0);
@@ -172,32 +174,22 @@ void silu_and_mul(at::Tensor& out, const at::Tensor& input) {
         for (int64_t i = 0; i < d; ++i) {
           const float gate = static_cast<float>(in[r * is + i]);
           const float up = static_cast<float>(in[r * is + d + i]);
-          o[r * os + i] = static_cast<scalar_t>(gate / (1.0f + std::exp(-gate)) * up);
+          o[r * os + i] = static_cast<scalar_t>(act(gate) * up);
         }
       }
     });
   });
 }
 
-// gelu_tanh(gate) * up in fp32, rounded once (silu_and_mul's rounding), gelu_tanh(x) = 0.5 x (1 + tanh(sqrt(2 / pi)
-// (x + 0.044715 x^3))): Gemma's MLP (HF's gelu_pytorch_tanh).
+void silu_and_mul(at::Tensor& out, const at::Tensor& input) {
+  gated_activation(out, input, [](float gate) { return gate / (1.0f + std::exp(-gate)); });
+}
+
+// gelu_tanh(x) = 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))): Gemma's MLP (HF's gelu_pytorch_tanh).
 void gelu_tanh_and_mul(at::Tensor& out, const at::Tensor& input) {
-  const int64_t rows = input.size(0), d = out.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "gelu_tanh_and_mul", [&] {
-    const scalar_t* in = input.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    const int64_t is = input.stride(0), os = out.stride(0);
+  gated_activation(out, input, [](float gate) {
     constexpr float kSqrt2OverPi = 0.7978845608028654f;
-    at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        for (int64_t i = 0; i < d; ++i) {
-          const float gate = static_cast<float>(in[r * is + i]);
-          const float up = static_cast<float>(in[r * is + d + i]);
-          const float act = 0.5f * gate * (1.0f + std::tanh(kSqrt2OverPi * (gate + 0.044715f * gate * gate * gate)));
-          o[r * os + i] = static_cast<scalar_t>(act * up);
-        }
-      }
-    });
+    return 0.5f * gate * (1.0f + std::tanh(kSqrt2OverPi * (gate + 0.044715f * gate * gate * gate)));
   });
 }
 
